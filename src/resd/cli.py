@@ -1,0 +1,131 @@
+"""Command line: `resd train`, `resd envs`, `resd env-check`.
+
+resd train --config configs/demo.yaml lr=1e-5 env_args.n_train=64
+resd train --config configs/demo.yaml --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from resd.config import ConfigError, TrainConfig, load_config
+
+
+def _print_config_help() -> None:
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        print(f"{f.name:28s} {default!r}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        _print_config_help()
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    from resd.trainer import Trainer  # heavy imports only once the config is known to be good
+
+    trainer = Trainer(cfg, resume=args.resume)
+    summary = trainer.train()
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    print(f"\nrun directory: {summary['run_dir']}  ({summary['steps']} steps)")
+    if before and after:
+        print(f"{'metric':14s} {'before':>8s} {'after':>8s}")
+        for key in ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k"):
+            print(f"{key:14s} {before[key]:8.3f} {after[key]:8.3f}")
+        print(f"(k = {int(after['k'])} samples per item, {int(after['items'])} test items)")
+    print(f"playbook: {summary['run_dir']}/playbook.md")
+    return 0
+
+
+def cmd_envs(args: argparse.Namespace) -> int:
+    from resd.envs import BUILTIN_ENVS, resolve_env_class
+
+    for name in BUILTIN_ENVS:
+        try:
+            description = resolve_env_class(name).description
+        except ValueError as exc:
+            description = f"(unavailable: {exc})"
+        print(f"{name:14s} {description}")
+    return 0
+
+
+def cmd_env_check(args: argparse.Namespace) -> int:
+    """Score every reference answer (all must reach 1.0) and show a few prompts and feedback."""
+    from resd.config import apply_overrides
+    from resd.envs import make_env
+    from resd.evaluation import safe_score
+
+    env_args = apply_overrides({}, args.overrides)
+    env = make_env(args.env, env_args)
+    items = list(env.train_items()) + list(env.test_items())
+    with_ref = [it for it in items if it.reference is not None]
+    bad = []
+    for it in with_ref:
+        s = safe_score(env, it, it.reference or "")
+        if s.reward < 1.0 or s.score < 1.0:
+            bad.append((it.id, s))
+    print(f"{args.env}: {len(env.train_items())} train / {len(env.test_items())} test items; "
+          f"{len(with_ref)} reference answers, {len(with_ref) - len(bad)} score 1.0")  # fmt: skip
+    for item_id, s in bad[:10]:
+        print(f"  FAIL {item_id}: reward={s.reward} score={s.score} feedback={s.feedback[:200]!r}")
+    for it in items[: args.samples]:
+        wrong = safe_score(env, it, "I am not sure.")
+        print(
+            f"\n--- {it.id}\n{it.prompt_text[:600]}\n[feedback on a non-answer] {wrong.feedback[:600]}"
+        )
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resd", description="Reflection-Enhanced Self-Distillation"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (RESD or a baseline)")
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the run's last checkpoint"
+    )
+    train.add_argument(
+        "--help-config", action="store_true", help="list every config key and its default"
+    )
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides (nested: env_args.path=...)"
+    )
+    train.set_defaults(fn=cmd_train)
+
+    envs = sub.add_parser("envs", help="list built-in environments")
+    envs.set_defaults(fn=cmd_envs)
+
+    check = sub.add_parser("env-check", help="score reference answers and show sample feedback")
+    check.add_argument("env")
+    check.add_argument("overrides", nargs="*", help="environment arguments as key=value")
+    check.add_argument("--samples", type=int, default=3)
+    check.set_defaults(fn=cmd_env_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # keep our own progress bar readable
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"resd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Run configuration: one flat dataclass, loaded from YAML and `key=value` overrides.
+
+Every field can be set in the YAML file or on the command line (`lr=1e-5`,
+`env_args.path=data.jsonl`). Unknown keys and values of the wrong type stop the run
+before anything is loaded, with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message always starts with the field's name."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "smollm2-135m"  # HF id, local folder, or a bundled alias
+    dtype: str = "float32"  # weights; float32 master weights + bf16 autocast is the CPU default
+    autocast: str | None = "auto"  # bf16 autocast for forwards ("none" to disable)
+    device: str = "auto"
+    # task
+    env: str = "arithmetic"  # built-in name or "package.module:Class"
+    env_args: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "resd"
+    # schedule (spec §5): batches of prompts, K inner on-policy updates per batch
+    steps: int | None = None  # cap on optimizer steps; None = one pass over the train items
+    batch_size: int = 8
+    rollouts_per_prompt: int = 1
+    inner_updates: int = 4
+    micro_batch_size: int = 4  # sequences per forward/backward
+    generation_batch_size: int = 16
+    # Sampling runs on a copy of the policy in this dtype, synced after every optimizer
+    # step (as a vLLM engine would be); null samples from the fp32 training weights.
+    generation_dtype: str | None = "bfloat16"
+    shuffle: bool = True
+    # sampling
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 0.95
+    # optimizer
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    # self-distillation loss (spec §2)
+    alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: JSD
+    topk: int | None = 100  # None = full vocabulary
+    add_tail: bool = True
+    min_ratio: float | None = 0.2
+    max_ratio: float | None = None
+    success_weighting: bool = False
+    success_weight_alpha: float = 1.0
+    success_weight_beta: float = 1.0
+    teacher: str = "ema"  # ema | base | live
+    teacher_update_rate: float = 1e-4
+    teacher_template: str | None = None  # file path or literal template; None = generic
+    max_teacher_prompt_tokens: int = 3072
+    # reflection and curation (spec §3)
+    reflection_max_new_tokens: int = 256
+    curation_max_new_tokens: int = 256
+    max_reflections_per_step: int | None = None  # bound the reflection cost of a step
+    # Text that opens the reflector's / curator's answer, so small models start inside
+    # the JSON object instead of chatting; "" disables (e.g. for models that must think first).
+    reflection_prefill: str = '{\n  "reasoning": "'
+    curation_prefill: str = '{\n  "operations": [\n    {"type": "'
+    # playbook (spec §4)
+    playbook_init: str | None = None  # playbook.md / playbook.json to start from
+    playbook_max_entries: int = 120  # M_max
+    playbook_prune_every: int = 4  # F
+    playbook_policy: str = "staleness"  # staleness | prioritized
+    playbook_max_tokens: int = 1024  # budget of the copy rendered into prompts
+    # evaluation
+    eval_every: int = 0  # 0 = only before and after training
+    eval_samples: int = 4
+    eval_items: int | None = None  # None = whole test split
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_max_new_tokens: int | None = None  # None = max_new_tokens
+    # run directory
+    seed: int = 0
+    output_dir: str = "runs/resd"
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_samples: int = 4  # rollouts per step written to samples.jsonl
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ["batch_size", "rollouts_per_prompt", "inner_updates", "micro_batch_size",
+                    "generation_batch_size", "max_new_tokens", "max_prompt_tokens", "eval_samples",
+                    "reflection_max_new_tokens", "curation_max_new_tokens", "playbook_max_entries",
+                    "playbook_prune_every", "keep_checkpoints"]  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in [
+            "steps",
+            "topk",
+            "eval_items",
+            "max_reflections_per_step",
+            "eval_max_new_tokens",
+        ]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1 or null, got {value}")
+        for name in [
+            "eval_every",
+            "save_every",
+            "warmup_steps",
+            "log_samples",
+            "lr",
+            "weight_decay",
+        ]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.top_p <= 1.0 or not 0.0 < self.eval_top_p <= 1.0:
+            raise ConfigError("top_p: must be in (0, 1]")
+        if self.temperature < 0 or self.eval_temperature < 0:
+            raise ConfigError("temperature: must be >= 0")
+        if not 0.0 <= self.teacher_update_rate <= 1.0:
+            raise ConfigError(
+                f"teacher_update_rate: must be in [0, 1], got {self.teacher_update_rate}"
+            )
+        choices = {"teacher": ("ema", "base", "live"), "playbook_policy": ("staleness", "prioritized"),
+                   "dtype": ("float32", "bfloat16", "float16"),
+                   "generation_dtype": ("float32", "bfloat16", "float16", None)}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ["min_ratio", "max_ratio"]:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0 or null, got {value}")
+        from resd.algorithms import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(
+                f"algorithm: unknown {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Coerce what YAML gives into the field's declared type, or fail naming the field."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Command-line values are YAML scalars: `1e-5`, `true`, `null`, `[a, b]`."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads 1e-5 as a string; numbers without a dot are still numbers to us.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides take the form key=value")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        target = data
+        for part in parts[:-1]:
+            nested = target.get(part)
+            target[part] = dict(nested) if isinstance(nested, dict) else {}
+            target = target[part]
+        target[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def build_config(data: dict[str, Any]) -> TrainConfig:
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown config key (known keys: see `resd train --help-config`)"
+        )
+    values = {name: _check_type(name, value, _HINTS[name]) for name, value in data.items()}
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config: file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of keys to values")
+        data = loaded
+    return build_config(apply_overrides(data, overrides or []))

@@ -1,0 +1,49 @@
+"""Built-in environments and the loader for user environments (`module.path:ClassName`)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from resd.envs.base import Environment, Item, Score
+
+# Built-ins are imported lazily so that `import resd` stays cheap and one broken
+# optional dependency cannot take the others down.
+BUILTIN_ENVS: dict[str, str] = {
+    "arithmetic": "resd.envs.arithmetic:ArithmeticEnv",
+    "manufactoria": "resd.envs.manufactoria:ManufactoriaEnv",
+    "ifeval": "resd.envs.ifeval:IFEvalEnv",
+    "code": "resd.envs.code:CodeEnv",
+    "qa": "resd.envs.qa:QAEnv",
+}
+
+
+def resolve_env_class(spec: str) -> type[Environment]:
+    """Turn a built-in name or an import path `pkg.module:Class` into a class."""
+    target = BUILTIN_ENVS.get(spec, spec)
+    if ":" not in target:
+        known = ", ".join(sorted(BUILTIN_ENVS))
+        raise ValueError(f"env: unknown environment {spec!r}; use one of {known} or 'module:Class'")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"env: cannot import module {module_name!r} for {spec!r}: {exc}") from exc
+    try:
+        cls = getattr(module, attr)
+    except AttributeError as exc:
+        raise ValueError(f"env: module {module_name!r} has no attribute {attr!r}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ValueError(f"env: {spec!r} is not a subclass of resd.envs.Environment")
+    return cls
+
+
+def make_env(spec: str, env_args: dict[str, Any] | None = None) -> Environment:
+    cls = resolve_env_class(spec)
+    try:
+        return cls(**(env_args or {}))
+    except TypeError as exc:
+        raise ValueError(f"env_args: {exc}") from exc
+
+
+__all__ = ["BUILTIN_ENVS", "Environment", "Item", "Score", "make_env", "resolve_env_class"]

@@ -1,0 +1,96 @@
+"""A small arithmetic task that the bundled 135M model solves some of the time.
+
+It exists for the demo and the tests: cheap to score, with a success rate that starts
+low but not at zero, and two checks per answer (the format and the value) so partial
+credit and feedback are meaningful.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from resd.envs.base import Environment, Item, Score
+
+_ANSWER = re.compile(r"answer\s*[:=]\s*\$?\s*(-?\d[\d,]*)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+class ArithmeticEnv(Environment):
+    name = "arithmetic"
+    description = "One-line integer arithmetic; the answer goes on a line 'Answer: <number>'"
+    task_hint = "integer arithmetic with a fixed answer format"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        n_train: int = 256,
+        n_test: int = 64,
+        ops: str = "+-*",
+        max_operand: int = 20,
+        reveal_answer: bool = True,
+    ) -> None:
+        bad = set(ops) - set(_OPS)
+        if not ops or bad:
+            raise ValueError(f"env_args.ops: use characters from '+-*', got {ops!r}")
+        if max_operand < 1:
+            raise ValueError("env_args.max_operand: must be >= 1")
+        self.reveal_answer = reveal_answer
+        rng = random.Random(seed)
+        seen: set[tuple[int, str, int]] = set()
+        items: list[Item] = []
+        while len(items) < n_train + n_test and len(seen) < len(ops) * (max_operand + 1) ** 2:
+            a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
+            if op == "*":
+                a, b = a % 13, b % 13
+            if (a, op, b) in seen:
+                continue
+            seen.add((a, op, b))
+            value = _OPS[op](a, b)
+            question = f"What is {a} {op} {b}?"
+            items.append(
+                Item(
+                    id=f"arithmetic/{a}{op}{b}",
+                    messages=[
+                        {
+                            "role": "user",
+                            "content": f"{question} End your reply with a line of the form 'Answer: <number>'.",
+                        }
+                    ],
+                    meta={"a": a, "b": b, "op": op, "value": value, "question": question},
+                    reference=f"{a} {op} {b} = {value}.\nAnswer: {value}",
+                )
+            )
+        self._test, self._train = items[:n_test], items[n_test:]
+
+    def train_items(self) -> list[Item]:
+        return self._train
+
+    def test_items(self) -> list[Item]:
+        return self._test
+
+    def score(self, item: Item, response: str) -> Score:
+        value, question = item.meta["value"], item.meta["question"]
+        marked = _ANSWER.findall(response)
+        if marked:
+            given, format_ok = int(marked[-1].replace(",", "")), True
+        else:
+            numbers = _NUMBER.findall(response)
+            given, format_ok = (int(numbers[-1]) if numbers else None), False
+        value_ok = given == value
+        notes = []
+        if not format_ok:
+            notes.append(
+                "The reply has no line 'Answer: <number>'; the final answer must be given that way."
+            )
+        if given is None:
+            notes.append("No number was found in the reply.")
+        elif not value_ok:
+            direction = "too high" if given > value else "too low"
+            fact = f"{question[8:-1]} = {value}" if self.reveal_answer else f"it is {direction}"
+            notes.append(f"The final answer {given} is wrong: {fact}.")
+        reward = float(format_ok and value_ok)
+        return Score(
+            reward=reward, score=0.5 * format_ok + 0.5 * value_ok, feedback=" ".join(notes)
+        )

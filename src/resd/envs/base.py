@@ -1,0 +1,78 @@
+"""The environment protocol: what a task must provide for RESD to learn from it.
+
+An environment hands out *items* (a chat prompt plus whatever the verifier needs) and
+turns a model response into a `Score`: a sparse success bit, a partial credit and a
+feedback text. The feedback text is the whole point of RESD: it is what the teacher
+and the reflector read, so environments should say *what* went wrong, with the
+measured facts, not just that something did.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class Item:
+    """One prompt. `messages` is what the student sees; `meta` is for the verifier only."""
+
+    id: str
+    messages: list[dict[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    # A reference answer, if the task has one: used by SDFT as the demonstration and by
+    # `resd env-check` to prove the verifier accepts a correct answer.
+    reference: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        """The user-visible task text (last user message), used in reflection prompts."""
+        users = [m["content"] for m in self.messages if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+
+@dataclass
+class Score:
+    reward: float  # 1.0 iff the response fully solves the item, else 0.0
+    score: float  # partial credit in [0, 1] (e.g. fraction of tests passed)
+    feedback: str  # rich text for the teacher and the reflector; "" when nothing to say
+
+    def __post_init__(self) -> None:
+        self.reward = float(self.reward)
+        self.score = min(1.0, max(0.0, float(self.score)))
+
+
+class Environment(ABC):
+    """Subclass this (about 20 lines) to train on your own task.
+
+    Items must be deterministic for a given constructor seed so that runs are
+    reproducible and resumable: the trainer stores only a cursor into `train_items()`.
+    """
+
+    name: ClassVar[str] = "custom"
+    description: ClassVar[str] = ""
+    # What the teacher is told the task is about; used by the default teacher template.
+    task_hint: ClassVar[str] = ""
+
+    @abstractmethod
+    def train_items(self) -> list[Item]: ...
+
+    @abstractmethod
+    def test_items(self) -> list[Item]: ...
+
+    @abstractmethod
+    def score(self, item: Item, response: str) -> Score: ...
+
+
+def split_items(
+    items: list[Item], test_fraction: float, seed: int
+) -> tuple[list[Item], list[Item]]:
+    """Deterministic shuffled train/test split, shared by generator-based environments."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(len(items) * test_fraction)) if items else 0
+    test = [items[i] for i in order[:n_test]]
+    train = [items[i] for i in order[n_test:]]
+    return train, test

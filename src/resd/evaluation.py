@@ -1,0 +1,89 @@
+"""Validation metrics (spec §6): per-task and per-test-case accuracy, mean@k and best@k.
+
+per-task accuracy   : the reward (all tests pass) of a sample;
+per-test-case acc.  : the partial score (fraction of tests passed) of a sample;
+mean@k / best@k     : over k samples per item, the mean / the best, averaged over items.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from resd.envs.base import Environment, Item, Score
+from resd.generation import chat_prompt_ids, generate
+
+log = logging.getLogger(__name__)
+
+
+def aggregate(outcomes: Sequence[Sequence[Score]]) -> dict[str, float]:
+    """Pure metric arithmetic over `outcomes[item][sample]`."""
+    if not outcomes or any(len(o) == 0 for o in outcomes):
+        raise ValueError("aggregate: need at least one sample for every item")
+    n = len(outcomes)
+    k = len(outcomes[0])
+
+    def over_items(fn: Callable[[Sequence[Score]], float]) -> float:
+        return sum(fn(o) for o in outcomes) / n
+
+    return {
+        "task_mean@k": over_items(lambda o: sum(s.reward for s in o) / len(o)),
+        "task_best@k": over_items(lambda o: max(s.reward for s in o)),
+        "case_mean@k": over_items(lambda o: sum(s.score for s in o) / len(o)),
+        "case_best@k": over_items(lambda o: max(s.score for s in o)),
+        "k": float(k),
+        "items": float(n),
+    }
+
+
+def safe_score(env: Environment, item: Item, response: str) -> Score:
+    """An environment that raises must not kill a training run: count it as a failure."""
+    try:
+        return env.score(item, response)
+    except Exception as exc:
+        log.warning("environment raised while scoring %s: %r", item.id, exc)
+        return Score(0.0, 0.0, f"The checker failed on this response: {type(exc).__name__}: {exc}")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    env: Environment,
+    items: Sequence[Item],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    max_prompt_tokens: int,
+    autocast: str | None = "auto",
+    prompt_messages: Callable[[Item], list[dict[str, str]]] | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """Sample k answers per item and score them; returns metrics and per-sample records."""
+    build = prompt_messages or (lambda item: item.messages)
+    prompts = [chat_prompt_ids(tokenizer, build(item), max_prompt_tokens) for item in items]
+    flat = [p for p in prompts for _ in range(samples)]
+    gens = generate(
+        model, tokenizer, flat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        batch_size=batch_size, autocast=autocast,
+    )  # fmt: skip
+    outcomes: list[list[Score]] = []
+    records: list[dict] = []
+    for i, item in enumerate(items):
+        scores = []
+        for j in range(samples):
+            gen = gens[i * samples + j]
+            s = safe_score(env, item, gen.text)
+            scores.append(s)
+            records.append(
+                {
+                    "item": item.id,
+                    "sample": j,
+                    "response": gen.text,
+                    "reward": s.reward,
+                    "score": s.score,
+                }
+            )
+        outcomes.append(scores)
+    return aggregate(outcomes), records

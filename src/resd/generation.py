@@ -1,0 +1,135 @@
+"""Batched sampling with transformers: rollouts, reflections, curation and evaluation.
+
+One function serves every generation pass so they share the same padding, EOS and
+truncation rules. Prompts are sorted by length before batching so little compute is
+spent on padding, and results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from resd.models import autocast_context
+
+_THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
+
+
+def strip_thinking(text: str) -> str:
+    """Remove `<think>…</think>` reasoning (and an unterminated trailing one).
+
+    Reflection prompts and teacher contexts show the model's *answer*, not its
+    scratchpad (spec §3): the scratchpad is long and would crowd out the feedback.
+    A lone `</think>` (templates that open the block in the prompt) cuts everything
+    before it.
+    """
+    text = _THINK.sub("", text)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text.strip()
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # sampled tokens, cut after the first EOS (the EOS is kept)
+    text: str  # decoded without special tokens
+    finished: bool  # True if it stopped on EOS, False if it hit max_new_tokens
+
+
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    max_tokens: int | None = None,
+) -> list[int]:
+    """Apply the chat template and tokenize; over-long prompts keep their end.
+
+    Keeping the end preserves the generation prompt (the assistant header), without
+    which the model would not answer at all.
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[-max_tokens:]
+    return ids
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    cfg = model.generation_config.eos_token_id
+    ids.update(cfg if isinstance(cfg, list) else ([cfg] if cfg is not None else []))
+    return sorted(ids)
+
+
+def left_pad(
+    sequences: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to a rectangle: returns input ids and the attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    autocast: str | None = "auto",
+) -> list[Generation]:
+    """Sample one continuation per prompt. Seed torch's RNG before calling for repeatability."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    sampling = temperature > 0
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            input_ids, attention_mask = left_pad([prompts[i] for i in chunk], pad_id, device)
+            with autocast_context(device, autocast):
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sampling,
+                    temperature=temperature if sampling else None,
+                    top_p=top_p if sampling else None,
+                    top_k=0 if sampling else None,
+                    eos_token_id=eos,
+                    pad_token_id=pad_id,
+                )
+            new_tokens = out[:, input_ids.shape[1] :].tolist()
+            for row, i in enumerate(chunk):
+                results[i] = _cut_at_eos(new_tokens[row], eos, tokenizer)
+    finally:
+        model.train(was_training)
+    return [r for r in results if r is not None]
+
+
+def _cut_at_eos(
+    tokens: list[int], eos: list[int], tokenizer: PreTrainedTokenizerBase
+) -> Generation:
+    eos_set = set(eos)
+    for pos, tok in enumerate(tokens):
+        if tok in eos_set:
+            kept = tokens[: pos + 1]
+            return Generation(kept, tokenizer.decode(kept, skip_special_tokens=True), True)
+    return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), False)

@@ -1,0 +1,139 @@
+"""Losses: the self-distillation divergence (spec §2) and its batch-level helpers.
+
+Everything here is a pure function of tensors so it can be unit-tested against
+hand-computed values and against TRL, and reused by every algorithm configuration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def tail_logprob(logp: torch.Tensor, in_support: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside the support, computed without cancellation.
+
+    The obvious log(1 − Σ_topk p) cancels catastrophically in fp32 when the top-k holds
+    nearly all the mass (then it is log(0) → −inf, or NaN after rounding past 1). Summing
+    the excluded probabilities directly (a logsumexp over the complement) is exact to
+    rounding and stays finite; log-probs are floored at −1e4 so that even a vocabulary
+    with −inf logits gives a finite tail and finite gradients.
+    """
+    floored = logp.clamp(min=-1e4)
+    return floored.masked_fill(in_support, float("-inf")).logsumexp(dim=-1, keepdim=True)
+
+
+def _support_logprobs(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, topk: int | None, add_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Restrict both full-vocabulary distributions to the student's top-k (+ tail)."""
+    if topk is None or topk >= student_logp.shape[-1]:
+        return student_logp, teacher_logp
+    ids = student_logp.detach().topk(topk, dim=-1).indices
+    s = student_logp.gather(-1, ids)
+    t = teacher_logp.gather(-1, ids)
+    if add_tail:
+        in_support = torch.zeros_like(student_logp, dtype=torch.bool).scatter_(-1, ids, True)
+        s_tail = tail_logprob(student_logp, in_support)
+        t_tail = tail_logprob(teacher_logp, in_support)
+        return torch.cat([s, s_tail], dim=-1), torch.cat([t, t_tail], dim=-1)
+    return s - torch.logsumexp(s, -1, keepdim=True), t - torch.logsumexp(t, -1, keepdim=True)
+
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed over the last axis, with 0·log0 = 0."""
+    p = p_logp.exp()
+    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """The α-family of the spec: 0 → KL(T‖S), 1 → KL(S‖T), between → generalised JSD."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return _kl(teacher_logp, student_logp)
+    if alpha == 1.0:
+        return _kl(student_logp, teacher_logp)
+    mix = torch.logsumexp(
+        torch.stack([student_logp + math.log(1 - alpha), teacher_logp + math.log(alpha)]), dim=0
+    )
+    return (1 - alpha) * _kl(student_logp, mix) + alpha * _kl(teacher_logp, mix)
+
+
+def self_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    topk: int | None = 100,
+    add_tail: bool = True,
+    min_ratio: float | None = 0.2,
+    max_ratio: float | None = None,
+) -> torch.Tensor:
+    """Per-token self-distillation loss, shape `[..., T]`, no reduction.
+
+    Both logit tensors are `[..., T, V]` and already aligned: position t holds the
+    next-token distribution for response token t. The teacher is treated as a
+    constant (its logits are detached). Order of operations follows the released
+    code: normalise over the full vocabulary, gather the student's top-k, append the
+    tail bucket, clip the teacher's log-probs against the detached student's
+    element-wise without renormalising, then take the divergence.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} "
+            f"vs {tuple(teacher_logits.shape)}"
+        )
+    # At least fp32 for the softmax (bf16 logits lose the tail), float64 stays float64.
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s_logp = F.log_softmax(student_logits.to(dtype), dim=-1)
+    t_logp = F.log_softmax(teacher_logits.detach().to(dtype), dim=-1)
+    s, t = _support_logprobs(s_logp, t_logp, topk, add_tail)
+    if min_ratio is not None:
+        t = torch.maximum(t, s.detach() + math.log(min_ratio))
+    if max_ratio is not None:
+        t = torch.minimum(t, s.detach() + math.log(max_ratio))
+    return divergence(s, t, alpha)
+
+
+def sampled_token_loss(
+    student_logp_tokens: torch.Tensor, teacher_logp_tokens: torch.Tensor
+) -> torch.Tensor:
+    """Policy-gradient form with the teacher's per-token advantage log π_T − log π_θ.
+
+    Cheapest mode: needs only the log-probs of the sampled tokens (spec §2, last
+    bullet). Its gradient matches the reverse-KL estimator on the sampled token.
+    """
+    advantage = (teacher_logp_tokens - student_logp_tokens).detach()
+    return -advantage * student_logp_tokens
+
+
+def success_rate_weights(
+    rewards: torch.Tensor, alpha: float = 1.0, beta: float = 1.0
+) -> torch.Tensor:
+    """Per-sample weights that up-weight rare successes (spec §3 step 8).
+
+    With batch success rate s clamped to [1/B, 1 − 1/B]: successes get (1 − s)^α,
+    failures s^β, then the weights are normalised to mean 1. All-fail or all-succeed
+    batches get weight 1 everywhere: there is nothing to re-balance.
+    """
+    success = rewards > 0.5
+    n = rewards.numel()
+    if n == 0 or bool(success.all()) or not bool(success.any()):
+        return torch.ones_like(rewards, dtype=torch.float32)
+    s = success.float().mean().clamp(1.0 / n, 1.0 - 1.0 / n)
+    w = torch.where(success, (1 - s) ** alpha, s**beta).float()
+    return w / w.mean()
+
+
+def masked_token_mean(
+    token_loss: torch.Tensor, mask: torch.Tensor, denominator: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token-mean over unmasked positions; `denominator` lets micro-batches share one."""
+    total = (token_loss * mask).sum()
+    denom = mask.sum() if denominator is None else denominator
+    return total / max(float(denom), 1.0)

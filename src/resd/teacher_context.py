@@ -1,0 +1,95 @@
+"""The teacher's privileged context (spec §3 step 7) and the solution buffer.
+
+The teacher is the same network as the student, shown material the student never
+sees: the playbook, its own previous attempt, the environment's feedback, the
+reflection and, when one exists, a successful attempt. Its next-token distributions
+over the student's response then carry that knowledge into the loss.
+
+A template is plain text with `{slot}` markers; each non-empty slot is rendered as a
+titled block wrapped in a tag, empty slots render as nothing. Text inserted into a
+slot is escaped so that a reply containing `</feedback>` cannot close our block early.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resd.templating import clip, fill, slots
+
+SLOT_TITLES: dict[str, str] = {
+    "prompt": "Task",
+    "playbook": "Playbook of lessons from earlier tasks",
+    "previous_trial": "Your previous attempt",
+    "feedback": "Feedback on the previous attempt",
+    "reflection": "Reflection on the previous attempt",
+    "successful_trial": "A successful attempt",
+}
+
+DEFAULT_TEMPLATE = """Solve the task below. Use the material that follows it: lessons from earlier tasks, your previous attempt, what went wrong with it and, if available, an attempt that succeeded. Then write your own complete answer to the task.
+
+{prompt}{playbook}{previous_trial}{feedback}{reflection}{successful_trial}
+Now answer the task."""
+
+MAX_SLOT_CHARS = 6000
+_OWN_TAGS = re.compile(r"<(/?)(" + "|".join(SLOT_TITLES) + r")>", re.IGNORECASE)
+
+
+def _escape(text: str) -> str:
+    """Defuse our own block tags inside untrusted text (`</playbook>` -> `<\\/playbook>`)."""
+    return _OWN_TAGS.sub(lambda m: f"<\\{m.group(1)}{m.group(2)}>", text)
+
+
+def _block(name: str, text: str) -> str:
+    text = (text or "").strip()
+    if not text:
+        return ""
+    return f"\n## {SLOT_TITLES[name]}\n<{name}>\n{clip(_escape(text), MAX_SLOT_CHARS)}\n</{name}>\n"
+
+
+@dataclass
+class TeacherTemplate:
+    text: str = DEFAULT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(slots(self.text)) - set(SLOT_TITLES))
+        if unknown:
+            raise ValueError(
+                f"teacher_template: unknown slots {unknown}; known: {sorted(SLOT_TITLES)}"
+            )
+        if "prompt" not in slots(self.text):
+            raise ValueError("teacher_template: the template must contain the {prompt} slot")
+
+    @classmethod
+    def from_config(cls, value: str | None) -> TeacherTemplate:
+        """None -> default; an existing file path -> its contents; else the literal text."""
+        if not value:
+            return cls()
+        path = Path(value)
+        if len(value) < 4096 and "\n" not in value and path.is_file():
+            return cls(path.read_text())
+        return cls(value)
+
+    def render(self, **values: str) -> str:
+        blocks = {name: _block(name, values.get(name, "")) for name in SLOT_TITLES}
+        return fill(self.text, blocks)
+
+
+@dataclass
+class SolutionBuffer:
+    """First successful response per prompt (spec §3 step 4), keyed by item id."""
+
+    solutions: dict[str, str] = field(default_factory=dict)
+
+    def add(self, key: str, response: str) -> bool:
+        if key in self.solutions or not response.strip():
+            return False
+        self.solutions[key] = response
+        return True
+
+    def get(self, key: str) -> str | None:
+        return self.solutions.get(key)
+
+    def __len__(self) -> int:
+        return len(self.solutions)

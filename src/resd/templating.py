@@ -1,0 +1,42 @@
+"""Literal slot filling for prompt templates.
+
+Model replies and environment feedback routinely contain braces, `{prompt}` or text
+that looks like our own section markers. `str.format` would choke on the braces, and
+repeated `replace` calls would substitute into text inserted by an earlier slot.
+`fill` scans the *template* once and never looks at inserted text again.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+def slots(template: str) -> list[str]:
+    return _SLOT.findall(template)
+
+
+def fill(template: str, values: dict[str, str], *, strict: bool = True) -> str:
+    """Replace `{name}` slots by `values[name]` in one pass over the template.
+
+    Unknown slots raise (strict) or stay as written. Braces that do not form a slot
+    (JSON examples in a prompt) are left alone, so templates need no escaping.
+    """
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in values:
+            return values[name]
+        if strict:
+            raise KeyError(f"template slot {{{name}}} has no value")
+        return match.group(0)
+
+    return _SLOT.sub(sub, template)
+
+
+def clip(text: str, max_chars: int) -> str:
+    """Bound untrusted text (huge outputs must not blow up a prompt), marking the cut."""
+    if len(text) <= max_chars:
+        return text
+    return text[: max_chars - 20].rstrip() + "\n…[truncated]"

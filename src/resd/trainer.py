@@ -1,0 +1,578 @@
+"""The training loop: every algorithm (RESD, its ablations, SDPO, SDPO+ss) runs here.
+
+One step (spec §3), for a batch of prompts and their fresh rollouts:
+
+    rollout → feedback → [prune] → reflect + tag → curate → [prune] → teacher prompts
+    → teacher and student score the response → self-distillation loss → AdamW → EMA
+
+The algorithm (`algorithms.py`) only switches parts of this on and off. The stream
+of prompts is a single pass in batches; each batch is used for `inner_updates` steps,
+each with fresh on-policy rollouts. Steps are seeded from (seed, step), so a resumed
+run replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from resd.algorithms import get_algorithm
+from resd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_jsonl
+from resd.config import TrainConfig
+from resd.envs import make_env
+from resd.envs.base import Item, Score
+from resd.evaluation import evaluate, safe_score
+from resd.generation import Generation, chat_prompt_ids, generate, left_pad, strip_thinking
+from resd.losses import self_distillation_loss, success_rate_weights
+from resd.models import DTYPES, autocast_context, load_model, load_tokenizer
+from resd.parsing import extract_bullet_tags
+from resd.playbook import Playbook
+from resd.reflection import (
+    Reflection,
+    curation_messages,
+    parse_operations,
+    parse_reflection,
+    parse_tags,
+    reflection_messages,
+    success_tag_messages,
+)
+from resd.teacher import Teacher
+from resd.teacher_context import SolutionBuffer, TeacherTemplate
+
+log = logging.getLogger(__name__)
+PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
+COUNTERS = (
+    "reflections",
+    "reflection_parse_failures",
+    "reflection_loose_parses",
+    "tag_parse_failures",
+    "curation_parse_failures",
+    "tags_applied",
+    "ops_applied",
+    "ops_skipped",
+)
+
+
+@dataclass
+class Rollout:
+    item: Item
+    prompt_ids: list[int]
+    gen: Generation
+    score: Score
+    reflection: Reflection | None = None
+    teacher_prompt: str = ""
+    teacher_ids: list[int] = field(default_factory=list)
+    reflection_reply: str = ""
+    curation_reply: str = ""
+    distill: bool = False
+    token_losses: list[float] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return self.score.reward >= 0.5
+
+    @property
+    def response(self) -> str:
+        return strip_thinking(self.gen.text)
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
+def response_logits(model, sequences: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
+    """Next-token logits `[B, width, V]` for the last `width` tokens of each sequence.
+
+    Sequences are left-padded, so every response ends in the last column and a
+    response of length r occupies the last r positions of the returned window.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(sequences, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1
+    )
+    return out.logits[:, :-1]
+
+
+def right_aligned_mask(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
+    cols = torch.arange(width, device=device)
+    return (cols[None, :] >= width - torch.tensor(lengths, device=device)[:, None]).float()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.algo = get_algorithm(cfg.algorithm)
+        self.run_dir = Path(cfg.output_dir)
+        self._seed(cfg.seed)
+        self.env = make_env(cfg.env, cfg.env_args)
+        self.train_items = list(self.env.train_items())
+        if not self.train_items:
+            raise ValueError(f"env: {cfg.env!r} has no training items")
+        if cfg.shuffle:
+            random.Random(cfg.seed).shuffle(self.train_items)
+        self.test_items = list(self.env.test_items())[: cfg.eval_items]
+        self.n_batches = math.ceil(len(self.train_items) / cfg.batch_size)
+        self.total_steps = min(cfg.steps or 10**12, self.n_batches * cfg.inner_updates)
+
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"output_dir: {self.run_dir} already holds a run; pass --resume to continue it "
+                "or choose another output_dir"
+            )
+        model_source = str(checkpoint / "model") if checkpoint else cfg.model
+        self.tokenizer = load_tokenizer(model_source, cfg.max_prompt_tokens + cfg.max_new_tokens)
+        self.model = load_model(model_source, dtype=cfg.dtype, device=cfg.device)
+        self.model.train()
+        self.device = next(self.model.parameters()).device
+        if cfg.teacher == "base" and checkpoint:
+            base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            self.teacher = Teacher(base, "base")
+        else:
+            self.teacher = Teacher(self.model, cfg.teacher, cfg.teacher_update_rate)
+        self.generator = self.model
+        if (
+            cfg.generation_dtype
+            and DTYPES[cfg.generation_dtype] != next(self.model.parameters()).dtype
+        ):
+            self.generator = copy.deepcopy(self.model).to(DTYPES[cfg.generation_dtype]).eval()
+            self.generator.requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        )
+        self.template = TeacherTemplate.from_config(cfg.teacher_template)
+        self.playbook = Playbook.load(cfg.playbook_init) if cfg.playbook_init else Playbook()
+        self.buffer = SolutionBuffer()
+        self.step = 0
+        self.totals: Counter[str] = Counter()
+        self.pad_id = self.tokenizer.pad_token_id
+        if checkpoint:
+            self._restore(checkpoint)
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if self.step == 0 and self.test_items:
+            self._evaluate()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"{cfg.algorithm}",
+            disable=not cfg.progress,
+        )
+        last: dict[str, Any] = {}
+        while self.step < self.total_steps:
+            batch_index = self.step // cfg.inner_updates
+            items = self.train_items[
+                batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size
+            ]
+            last = self.train_step(items)
+            self._append("metrics.jsonl", last)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}", reward=f"{last['reward']:.2f}", score=f"{last['score']:.2f}",
+                playbook=last["playbook_size"], s=f"{last['time_step']:.1f}",
+            )  # fmt: skip
+            done = self.step >= self.total_steps
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not done and self.test_items:
+                self._evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                self.save()
+        bar.close()
+        evals = self._read_jsonl("eval.jsonl")
+        if self.test_items and (not evals or evals[-1]["step"] != self.step):
+            self._evaluate()
+            evals = self._read_jsonl("eval.jsonl")
+        summary = {"steps": self.step, "run_dir": str(self.run_dir), "last": last}
+        if evals:
+            summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def save(self) -> Path:
+        self.playbook.save(self.run_dir)
+        state = {
+            "cursor": {
+                "batch": self.step // self.cfg.inner_updates,
+                "inner": self.step % self.cfg.inner_updates,
+            },
+            "playbook": self.playbook.to_dict(),
+            "buffer": self.buffer.solutions,
+            "totals": dict(self.totals),
+            "config": self.cfg.to_dict(),
+        }
+        return save_checkpoint(
+            self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+            teacher_model=self.teacher.copy, optimizer=self.optimizer, state=state,
+            keep=self.cfg.keep_checkpoints,
+        )  # fmt: skip
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, teacher_model=self.teacher.copy if self.cfg.teacher != "base" else None,
+                                optimizer=self.optimizer)  # fmt: skip
+        self.step = int(state["step"])
+        self.playbook = Playbook.from_dict(state["playbook"])
+        self.buffer = SolutionBuffer(dict(state["buffer"]))
+        self.totals = Counter(state.get("totals", {}))
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+            truncate_jsonl(self.run_dir / name, self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- one step ---------------------------------------------------------------------
+    def train_step(self, items: list[Item]) -> dict[str, Any]:
+        cfg, algo = self.cfg, self.algo
+        step = self.step + 1
+        self._seed(cfg.seed * 1_000_003 + step)
+        timer, counts = PhaseTimer(), Counter()
+        start = time.perf_counter()
+        size_before = len(self.playbook)
+
+        with timer("rollout"):
+            prompts = [
+                chat_prompt_ids(self.tokenizer, it.messages, cfg.max_prompt_tokens) for it in items
+            ]
+            flat = [
+                (it, p)
+                for it, p in zip(items, prompts, strict=True)
+                for _ in range(cfg.rollouts_per_prompt)
+            ]
+            gens = self._generate([p for _, p in flat], cfg.max_new_tokens)
+        with timer("feedback"):
+            rollouts = [
+                Rollout(it, p, g, safe_score(self.env, it, g.text))
+                for (it, p), g in zip(flat, gens, strict=True)
+            ]
+
+        removed: list[str] = []
+        if algo.playbook and step % cfg.playbook_prune_every == 0:
+            removed += self.playbook.concise(step, policy=cfg.playbook_policy, seed=cfg.seed + step)
+        with timer("reflect"):
+            if algo.reflection:
+                self._reflect(rollouts, step, counts)
+            if algo.playbook and len(self.playbook):
+                self._tag_successes(rollouts, step, counts)
+        added: list[str] = []
+        with timer("curate"):
+            if algo.playbook:
+                added = self._curate(rollouts, step, counts)
+                if len(self.playbook) > cfg.playbook_max_entries:
+                    removed += self.playbook.concise(
+                        step,
+                        policy=cfg.playbook_policy,
+                        max_entries=cfg.playbook_max_entries,
+                        seed=cfg.seed + step,
+                    )
+        for r in rollouts:
+            if r.success and algo.solution_buffer:
+                self.buffer.add(r.item.id, r.response)
+
+        self._build_teacher_prompts(rollouts)
+        loss, tokens, grad_norm = self._update(rollouts, timer)
+        self.step = step
+
+        n = len(rollouts)
+        self.totals.update(counts)
+        metrics = {
+            "step": step,
+            "batch": (step - 1) // cfg.inner_updates,
+            "inner": (step - 1) % cfg.inner_updates,
+            "lr": self._lr(step),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "reward": sum(r.score.reward for r in rollouts) / n,
+            "score": sum(r.score.score for r in rollouts) / n,
+            "success_rate": sum(r.success for r in rollouts) / n,
+            "distilled": sum(r.distill for r in rollouts),
+            "tokens": tokens,
+            "response_tokens": sum(len(r.gen.token_ids) for r in rollouts) / n,
+            "truncated": sum(not r.gen.finished for r in rollouts) / n,
+            "playbook_size": len(self.playbook),
+            "playbook_added": len(added),
+            "playbook_removed": len(set(removed)),
+            "playbook_size_before": size_before,
+            "buffer_size": len(self.buffer),
+            **{k: counts.get(k, 0) for k in COUNTERS},
+            **{f"time_{p}": round(s, 4) for p, s in timer.seconds.items()},
+            "time_step": round(time.perf_counter() - start, 4),
+        }
+        self._log_samples(rollouts, step)
+        return metrics
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        cfg = self.cfg
+        return generate(
+            self.generator, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, batch_size=cfg.generation_batch_size, autocast=cfg.autocast,
+        )  # fmt: skip
+
+    def _generate_replies(
+        self, prompts: list[list[int]], prefill: str, max_new_tokens: int
+    ) -> list[str]:
+        """Generate replies that start with `prefill`; the returned text includes it."""
+        prefix = self.tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else []
+        gens = self._generate([p + prefix for p in prompts], max_new_tokens)
+        return [prefill + g.text for g in gens]
+
+    def _playbook_text(self) -> str:
+        return self.playbook.render(
+            max_tokens=self.cfg.playbook_max_tokens,
+            count_tokens=self._count_tokens,
+            include_empty=False,
+        )
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, self.cfg.max_teacher_prompt_tokens)
+
+    def _reflect(self, rollouts: list[Rollout], step: int, counts: Counter) -> None:
+        """REFLECT on every failed rollout, all in one batched generation call."""
+        failed = [r for r in rollouts if r.score.score < 1.0][: self.cfg.max_reflections_per_step]
+        if not failed:
+            return
+        playbook_text = self._playbook_text() if self.algo.playbook else ""
+        prompts = [
+            self._chat(
+                reflection_messages(r.item.prompt_text, r.response, r.score.feedback, playbook_text)
+            )
+            for r in failed
+        ]
+        replies = self._generate_replies(
+            prompts, self.cfg.reflection_prefill, self.cfg.reflection_max_new_tokens
+        )
+        for r, reply in zip(failed, replies, strict=True):
+            counts["reflections"] += 1
+            r.reflection_reply = reply
+            r.reflection = parse_reflection(reply)
+            if r.reflection is None:
+                counts["reflection_parse_failures"] += 1
+                tags = extract_bullet_tags(None, reply)  # regex fallback
+            else:
+                counts["reflection_loose_parses"] += r.reflection.loose
+                tags = r.reflection.bullet_tags
+            if self.algo.playbook:
+                counts["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in tags)
+
+    def _tag_successes(self, rollouts: list[Rollout], step: int, counts: Counter) -> None:
+        wins = [r for r in rollouts if r.success]
+        if not wins:
+            return
+        playbook_text = self._playbook_text()
+        prompts = [
+            self._chat(success_tag_messages(r.item.prompt_text, r.response, playbook_text))
+            for r in wins
+        ]
+        for reply in self._generate_replies(prompts, "", self.cfg.reflection_max_new_tokens):
+            tags = parse_tags(reply)
+            if tags is None:
+                counts["tag_parse_failures"] += 1
+                continue
+            counts["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in tags)
+
+    def _curate(self, rollouts: list[Rollout], step: int, counts: Counter) -> list[str]:
+        """CURATE: every curator sees the same playbook snapshot; operations apply in order."""
+        if self.algo.reflection:
+            sources = [(r, r.reflection.as_text()) for r in rollouts if r.reflection is not None]
+        else:  # ablation: curate straight from the environment's feedback
+            sources = [(r, f"Feedback on a failed attempt: {r.score.feedback}") for r in rollouts
+                       if not r.success and r.score.feedback]  # fmt: skip
+        if not sources:
+            return []
+        playbook_text = self._playbook_text()
+        stats = self.playbook.stats()
+        prompts = [
+            self._chat(curation_messages(stats, text, playbook_text, r.item.prompt_text))
+            for r, text in sources
+        ]
+        added: list[str] = []
+        replies = self._generate_replies(
+            prompts, self.cfg.curation_prefill, self.cfg.curation_max_new_tokens
+        )
+        for (r, _), reply in zip(sources, replies, strict=True):
+            r.curation_reply = reply
+            ops = parse_operations(reply)
+            if ops is None:
+                counts["curation_parse_failures"] += 1
+                continue
+            report = self.playbook.apply_operations(ops, step)
+            counts["ops_applied"] += report.applied
+            counts["ops_skipped"] += report.skipped
+            added += report.added
+        return added
+
+    def _build_teacher_prompts(self, rollouts: list[Rollout]) -> None:
+        """Fill the teacher template per rollout and decide which rollouts are distilled."""
+        algo = self.algo
+        playbook_text = self._playbook_text() if algo.playbook else ""
+        peers: dict[str, str] = {}
+        for r in rollouts:
+            if r.success:
+                peers.setdefault(r.item.id, r.response)
+        for r in rollouts:
+            solution = ""
+            if r.success and algo.distill_successes:
+                solution = r.response
+            elif algo.solution_buffer and self.buffer.get(r.item.id):
+                solution = self.buffer.get(r.item.id) or ""
+            elif algo.peer_solution and self.cfg.rollouts_per_prompt > 1 and not r.success:
+                solution = peers.get(r.item.id, "")
+            feedback = r.score.feedback if algo.feedback else ""
+            reflection = r.reflection.as_text() if r.reflection else ""
+            r.distill = bool(feedback.strip() or reflection or solution) and bool(r.gen.token_ids)
+            if r.success and not algo.distill_successes:
+                r.distill = False
+            r.teacher_prompt = self.template.render(
+                prompt=r.item.prompt_text,
+                playbook=playbook_text,
+                previous_trial=r.response if algo.previous_trial else "",
+                feedback=feedback,
+                reflection=reflection,
+                successful_trial=solution,
+            )
+            system = [m for m in r.item.messages if m.get("role") == "system"]
+            r.teacher_ids = self._chat([*system, {"role": "user", "content": r.teacher_prompt}])
+
+    def _update(self, rollouts: list[Rollout], timer: PhaseTimer) -> tuple[float, int, float]:
+        """One optimizer step on the token-mean self-distillation loss of the batch."""
+        cfg = self.cfg
+        rows = [r for r in rollouts if r.distill]
+        total_tokens = sum(len(r.gen.token_ids) for r in rows)
+        if total_tokens == 0:
+            return 0.0, 0, 0.0
+        rewards = torch.tensor([r.score.reward for r in rollouts])
+        weights = success_rate_weights(rewards, cfg.success_weight_alpha, cfg.success_weight_beta) \
+            if cfg.success_weighting else torch.ones(len(rollouts))  # fmt: skip
+        weight_of = {id(r): float(w) for r, w in zip(rollouts, weights, strict=True)}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        teacher_model = self.teacher.module(self.model)
+        for start in range(0, len(rows), cfg.micro_batch_size):
+            micro = rows[start : start + cfg.micro_batch_size]
+            lengths = [len(r.gen.token_ids) for r in micro]
+            width = max(lengths)
+            with timer("teacher"), torch.no_grad(), autocast_context(self.device, cfg.autocast):
+                t_logits = response_logits(teacher_model, [r.teacher_ids + r.gen.token_ids for r in micro],
+                                           width, self.pad_id)  # fmt: skip
+            with timer("update"):
+                with autocast_context(self.device, cfg.autocast):
+                    s_logits = response_logits(self.model, [r.prompt_ids + r.gen.token_ids for r in micro],
+                                               width, self.pad_id)  # fmt: skip
+                token_loss = self_distillation_loss(
+                    s_logits, t_logits, alpha=cfg.alpha, topk=cfg.topk, add_tail=cfg.add_tail,
+                    min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio,
+                )  # fmt: skip
+                mask = right_aligned_mask(lengths, width, self.device)
+                w = torch.tensor([weight_of[id(r)] for r in micro], device=self.device)[:, None]
+                loss = (token_loss * mask * w).sum() / total_tokens
+                loss.backward()
+                loss_sum += loss.item()
+                for row, r in enumerate(micro):
+                    r.token_losses = (
+                        token_loss[row, width - lengths[row] :].detach().float().tolist()
+                    )
+        with timer("update"):
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr(self.step + 1)
+            self.optimizer.step()
+            self.teacher.update(self.model)
+            self._sync_generator()
+        return loss_sum, total_tokens, grad_norm
+
+    # ---- helpers ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _sync_generator(self) -> None:
+        """Push the new weights to the sampling copy (spec §3 step 9)."""
+        if self.generator is self.model:
+            return
+        for g, p in zip(self.generator.parameters(), self.model.parameters(), strict=True):
+            g.copy_(p)
+
+    def _lr(self, step: int) -> float:
+        if self.cfg.warmup_steps and step <= self.cfg.warmup_steps:
+            return self.cfg.lr * step / self.cfg.warmup_steps
+        return self.cfg.lr
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _evaluate(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._seed(cfg.seed * 7919 + self.step)
+        metrics, records = evaluate(
+            self.generator, self.tokenizer, self.env, self.test_items, samples=cfg.eval_samples,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p, batch_size=cfg.generation_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
+            autocast=cfg.autocast,
+        )  # fmt: skip
+        row = {"step": self.step, **metrics}
+        self._append("eval.jsonl", row)
+        with (self.run_dir / f"eval-step-{self.step:06d}.jsonl").open("w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        log.info("eval at step %d: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
+        return row
+
+    def _log_samples(self, rollouts: list[Rollout], step: int) -> None:
+        for r in rollouts[: self.cfg.log_samples]:
+            self._append(
+                "samples.jsonl",
+                {
+                    "step": step,
+                    "item": r.item.id,
+                    "prompt": r.item.prompt_text,
+                    "response": r.gen.text,
+                    "reward": r.score.reward,
+                    "score": r.score.score,
+                    "feedback": r.score.feedback,
+                    "reflection": r.reflection.as_text() if r.reflection else None,
+                    "reflection_reply": r.reflection_reply,
+                    "curation_reply": r.curation_reply,
+                    "teacher_prompt": r.teacher_prompt,
+                    "distilled": r.distill,
+                    "tokens": [self.tokenizer.decode([t]) for t in r.gen.token_ids],
+                    "token_losses": [round(x, 5) for x in r.token_losses],
+                },
+            )
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / name).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        path = self.run_dir / name
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

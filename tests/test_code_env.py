@@ -1,0 +1,361 @@
+"""CodeEnv: extraction, exact scores and feedback, the built-in problems, JSONL loading."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from resd.envs import make_env
+from resd.envs.code import CodeEnv, extract_code, load_problems, normalize_tests, values_match
+from resd.envs.code_problems import PROBLEMS
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox targets Linux")
+
+
+def fenced(code: str) -> str:
+    return f"Here is my solution.\n\n```python\n{code}\n```\n"
+
+
+@pytest.fixture(scope="module")
+def env() -> CodeEnv:
+    return CodeEnv(timeout_s=2)  # 0.5 s per test case keeps the timeout tests quick
+
+
+@pytest.fixture(scope="module")
+def two_sum(env):
+    items = env.train_items() + env.test_items()
+    return next(it for it in items if it.id == "code/two_sum")
+
+
+# -- extraction ----------------------------------------------------------------------------
+
+
+def test_extract_code_takes_the_last_python_block_after_thinking():
+    response = (
+        "<think>```python\nthinking = 1\n```</think>\n"
+        "First try:\n```python\nx = 1\n```\nBetter:\n```Python\nx = 2\n```\nDone."
+    )
+    assert extract_code(response) == "x = 2\n"
+
+
+def test_extract_code_fallbacks():
+    assert extract_code("no code here") is None
+    assert extract_code("```python\n\n```") is None
+    assert extract_code("```\nplain = True\n```") == "plain = True\n"
+    assert extract_code("```js\nlet a\n```\n```py\nb = 1\n```") == "b = 1\n"
+    # ran out of tokens inside the block: still extracted, so the error is reported
+    assert extract_code("```python\ndef f(:\n") == "def f(:\n"
+    # the opening <think> was part of the prompt
+    assert extract_code("```python\nno = 1\n```</think>```python\nyes = 1\n```") == "yes = 1\n"
+    # reasoning that never ended contains no answer
+    assert extract_code("<think>```python\nx = 1\n```") is None
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+
+def test_correct_answer(env, two_sum):
+    score = env.score(two_sum, two_sum.reference)
+    assert (score.reward, score.score) == (1.0, 1.0)
+    assert score.feedback == "All 5 tests passed."
+
+
+def test_wrong_answer_lists_failing_calls(env, two_sum):
+    score = env.score(two_sum, fenced("def two_sum(nums, target):\n    return [0, 1]"))
+    assert score.reward == 0.0
+    assert score.score == pytest.approx(2 / 5)
+    fb = score.feedback
+    assert fb.startswith("Passed 2/5 tests.")
+    assert "Test 2: two_sum([3, 2, 4], 6)\n  expected: [1, 2]\n  got:      [0, 1]" in fb
+    assert "Test 5: two_sum([0, 4, 3, 0], 0)" in fb
+    assert "Test 1:" not in fb and "Test 3:" not in fb  # passing cases are not listed
+
+
+def test_erroring_answer_shows_trimmed_traceback(env, two_sum):
+    code = (
+        "def two_sum(nums, target):\n    return helper(nums)\n\ndef helper(xs):\n    return xs[99]"
+    )
+    score = env.score(two_sum, fenced(code))
+    assert (score.reward, score.score) == (0.0, 0.0)
+    fb = score.feedback
+    assert "raised IndexError: list index out of range" in fb
+    assert 'File "solution.py", line 5, in helper' in fb
+    assert "(same traceback as test 1)" in fb  # repeated tracebacks are not repeated
+    assert "resd_cases" not in fb and "<string>" not in fb  # no harness frames
+    assert "... and 2 more failing tests." in fb
+
+
+def test_one_crashing_case_does_not_hide_the_others(env, two_sum):
+    code = """
+def two_sum(nums, target):
+    if target == 0:
+        raise ValueError("zero target")
+    seen = {}
+    for j, x in enumerate(nums):
+        if target - x in seen:
+            return [seen[target - x], j]
+        seen[x] = j
+"""
+    score = env.score(two_sum, fenced(code))
+    assert score.score == pytest.approx(4 / 5)
+    assert "Test 5: two_sum([0, 4, 3, 0], 0)\n  raised ValueError: zero target" in score.feedback
+
+
+def test_looping_case_times_out_alone(env, two_sum):
+    code = """
+def two_sum(nums, target):
+    while target == 0:
+        pass
+    return [0, 1]
+"""
+    score = env.score(two_sum, fenced(code))
+    assert score.score == pytest.approx(2 / 5)
+    assert "Test 5: two_sum([0, 4, 3, 0], 0)\n  timed out (limit 0.5 s per test)" in score.feedback
+
+
+def test_code_that_never_finishes_loading(env, two_sum):
+    score = env.score(two_sum, fenced("while True:\n    pass"))
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert "Timed out while loading the code" in score.feedback
+
+
+def test_catching_the_timeout_does_not_help(two_sum):
+    code = """
+def two_sum(nums, target):
+    while True:
+        try:
+            while True:
+                pass
+        except BaseException:
+            pass
+"""
+    score = CodeEnv(timeout_s=1).score(two_sum, fenced(code))
+    assert score.score == 0.0
+    assert "Test 1: two_sum([2, 7, 11, 15], 9)\n  still running when the program was killed" in (
+        score.feedback
+    )
+    assert "Tests 2, 3, 4, 5 were not run" in score.feedback
+
+
+@pytest.mark.parametrize(
+    ("response", "expected_text"),
+    [
+        ("I would use a hash map.", "No code block found"),
+        (fenced("def two_sum(nums, target:\n    pass"), "SyntaxError"),
+        (
+            fenced("def twosum(nums, target):\n    return [0, 1]"),
+            "does not define a function named `two_sum` (functions defined: twosum)",
+        ),
+        (
+            fenced("import os\ndef two_sum(nums, target):\n    os._exit(0)"),
+            "were not run: the program ended (exited with status 0)",
+        ),
+        (fenced("import sys\ndef two_sum(nums, target):\n    sys.exit(1)"), "raised SystemExit: 1"),
+        (
+            fenced("import os\ndef two_sum(nums, target):\n    os.system('ls')"),
+            "PermissionError: sandbox",
+        ),
+        (
+            fenced("def two_sum(nums, target):\n    return [0] * (10**10)"),
+            "MemoryError (memory limit 512 MB)",
+        ),
+    ],
+    ids=["no-code", "syntax", "missing", "os._exit", "sys.exit", "os.system", "memory"],
+)
+def test_failure_modes_have_specific_feedback(env, two_sum, response, expected_text):
+    score = env.score(two_sum, response)
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert expected_text in score.feedback
+
+
+def test_printed_output_appears_in_feedback(env, two_sum):
+    code = "def two_sum(nums, target):\n    print('debug', nums)\n    return [9, 9]"
+    score = env.score(two_sum, fenced(code))
+    assert "printed: debug [2, 7, 11, 15]" in score.feedback
+
+
+def test_fake_result_lines_do_not_count(env, two_sum):
+    # The harness's marker carries a random nonce, and expected values never enter the
+    # sandbox, so printing "passed" records achieves nothing.
+    code = """
+import json, os, sys
+def two_sum(nums, target):
+    for i in range(5):
+        record = {"i": i, "status": "ok", "got": [0, 1], "passed": True}
+        sys.__stdout__.write('@@resd-case-0000@@ ' + json.dumps(record) + '\\n')
+    print(os.listdir('.'))  # the marker's file is already gone
+    return None
+"""
+    score = env.score(two_sum, fenced(code))
+    assert score.score == 0.0
+    assert "printed: ['" in score.feedback and "resd_cases.json" not in score.feedback
+
+
+def test_feedback_is_capped(two_sum):
+    env = CodeEnv(timeout_s=2, max_feedback_cases=5, max_feedback_chars=300)
+    score = env.score(two_sum, fenced("def two_sum(nums, target):\n    return 'x' * 1000"))
+    assert len(score.feedback) <= 300 and score.feedback.endswith("(truncated)")
+
+
+# -- comparison of values ------------------------------------------------------------------
+
+
+def test_values_match_rules():
+    assert values_match(0.1 + 0.2, 0.3)
+    assert values_match([1, 2], (1, 2))
+    assert values_match({"a": [1.0]}, {"a": (1,)})
+    assert values_match(float("nan"), float("nan"))
+    assert values_match({1, 2}, {2, 1})
+    assert values_match(None, None)
+    assert not values_match(True, 1) and not values_match(0, False)
+    assert not values_match([1, 2], [2, 1])
+    assert not values_match(1.0, 1.01)
+    assert not values_match("a", "A")
+
+
+def test_return_types_survive_the_trip(tmp_path):
+    problems = [
+        {"prompt": "p", "entry_point": "f", "tests": [{"args": [], "expected": exp}]}
+        for exp in ([1, 2], None, {"k": [1.5]}, 2**200, "text")
+    ]
+    bodies = ["(1, 2)", "None", "{'k': (1.5,)}", "2**200", "'text'"]
+    path = tmp_path / "types.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in problems))
+    env = CodeEnv(path=str(path), test_fraction=0.0)
+    items = sorted(env.train_items() + env.test_items(), key=lambda it: it.id)
+    for item, body in zip(items, bodies, strict=True):
+        score = env.score(item, fenced(f"def f():\n    return {body}"))
+        assert score.reward == 1.0, (body, score.feedback)
+
+
+def test_large_return_values_are_compared_by_digest(tmp_path):
+    path = tmp_path / "big.jsonl"
+    tests = [{"args": [50_000], "expected": list(range(50_000))}]
+    path.write_text(json.dumps({"prompt": "p", "entry_point": "f", "tests": tests}))
+    env = CodeEnv(path=str(path))
+    (item,) = env.train_items() + env.test_items()
+    assert env.score(item, fenced("def f(n):\n    return list(range(n))")).reward == 1.0
+    wrong = env.score(item, fenced("def f(n):\n    return list(range(1, n + 1))"))
+    assert wrong.reward == 0.0 and "<large value" in wrong.feedback
+
+
+# -- built-in problems ---------------------------------------------------------------------
+
+
+def test_builtin_problem_set_is_well_formed():
+    assert len(PROBLEMS) >= 40
+    assert len({p.name for p in PROBLEMS}) == len(PROBLEMS)
+    assert {p.difficulty for p in PROBLEMS} == {"easy", "medium", "hard"}
+    for p in PROBLEMS:
+        assert len(p.tests) >= 4, p.name
+        assert f"`{p.entry_point}(" in p.prompt, p.name
+        json.dumps(p.tests)  # plain JSON, so items can be logged and exported
+
+
+def test_every_builtin_reference_passes_all_its_tests():
+    env = CodeEnv(timeout_s=5)
+    items = env.train_items() + env.test_items()
+    assert len(items) == len(PROBLEMS)
+    failures = {}
+    for item in items:
+        score = env.score(item, item.reference)
+        if score.reward != 1.0:
+            failures[item.id] = score.feedback
+    assert failures == {}
+
+
+def test_split_and_difficulty_filter():
+    a, b = CodeEnv(seed=3), CodeEnv(seed=3)
+    assert [i.id for i in a.test_items()] == [i.id for i in b.test_items()]
+    train_ids = {i.id for i in a.train_items()}
+    test_ids = {i.id for i in a.test_items()}
+    assert not train_ids & test_ids
+    assert len(test_ids) == round(len(PROBLEMS) * 0.25)
+    hard = CodeEnv(difficulty="hard", test_fraction=0.5)
+    assert {i.meta["difficulty"] for i in hard.train_items() + hard.test_items()} == {"hard"}
+    both = CodeEnv(difficulty=["easy", "medium"])
+    assert len(both.train_items() + both.test_items()) == sum(
+        p.difficulty != "hard" for p in PROBLEMS
+    )
+    with pytest.raises(ValueError, match="difficulty"):
+        CodeEnv(difficulty="impossible")
+
+
+def test_registry_builds_the_env():
+    env = make_env("code", {"difficulty": "easy"})
+    assert isinstance(env, CodeEnv) and env.name == "code"
+    item = env.train_items()[0]
+    assert "```python" in item.prompt_text and item.reference.startswith("```python\n")
+
+
+# -- JSON-lines problems -------------------------------------------------------------------
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+def test_jsonl_call_and_assert_formats(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {
+                "id": "add",
+                "prompt": "Write add(a, b).",
+                "entry_point": "add",
+                "tests": [
+                    {"args": [1, 2], "expected": 3},
+                    {"args": [2], "kwargs": {"b": 0}, "expected": 2},
+                ],
+                "reference": "def add(a, b):\n    return a + b\n",
+            },
+            {
+                "id": "mul",
+                "prompt": "Write mul(a, b).",
+                "entry_point": "mul",
+                "tests": "import math\nassert mul(2, 3) == 6\nassert mul(0, 5) == 0\n"
+                "assert math.isclose(mul(0.5, 0.5), 0.25)",
+            },
+            {
+                "id": "neg",
+                "prompt": "Write neg(x).",
+                "entry_point": "neg",
+                "tests": "def check(candidate):\n    assert candidate(1) == -1\n"
+                "    for x in range(3):\n        assert candidate(x) == -x\n\ncheck(neg)\n",
+            },
+        ],
+    )
+    env = CodeEnv(path=path, test_fraction=0.0)
+    items = {it.id: it for it in env.train_items() + env.test_items()}
+    add, mul, neg = items["code/add"], items["code/mul"], items["code/neg"]
+
+    assert env.score(add, add.reference).reward == 1.0
+    half = env.score(add, fenced("def add(a, b):\n    return a - b"))
+    assert half.score == 0.5 and "Test 1: add(1, 2)\n  expected: 3\n  got:      -1" in half.feedback
+
+    assert len(mul.meta["tests"]) == 3 and mul.meta["prologue"] == "import math"
+    assert env.score(mul, fenced("def mul(a, b):\n    return a * b")).reward == 1.0
+    wrong = env.score(mul, fenced("def mul(a, b):\n    return a**b"))
+    assert wrong.score == pytest.approx(1 / 3)
+    assert "Test 1: assert mul(2, 3) == 6\n  expected: 6\n  got:      8" in wrong.feedback
+    assert "Test 3: assert math.isclose(mul(0.5, 0.5), 0.25)\n  failed: AssertionError" in (
+        wrong.feedback
+    )
+
+    assert len(neg.meta["tests"]) == 2  # the assert and the loop
+    assert env.score(neg, fenced("def neg(x):\n    return -x")).reward == 1.0
+    assert env.score(neg, fenced("def neg(x):\n    return x")).score == 0.0
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    good = {"prompt": "p", "entry_point": "f", "tests": [{"args": [], "expected": 1}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, {"prompt": "p", "tests": []}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key\(s\) entry_point"):
+        load_problems(path)
+    with pytest.raises(ValueError, match="expected"):
+        normalize_tests([{"args": [1]}])
+    with pytest.raises(ValueError, match="no assert"):
+        normalize_tests("x = 1")

@@ -1,0 +1,499 @@
+"""The IFEval environment: all 25 verifiers, strict vs loose, feedback facts, the loader
+on real records, and the seeded prompt generator."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from resd.envs import make_env
+from resd.envs.base import Item, Score
+from resd.envs.ifeval import (
+    CONFLICTS,
+    INSTRUCTION_IDS,
+    IFEvalEnv,
+    build_reference,
+    check_instruction,
+    detect_language,
+    evaluate_instructions,
+    explain_instruction,
+    generate_items,
+    load_ifeval_records,
+    strip_think,
+)
+from resd.envs.ifeval_checks import clean_kwargs, count_sentences, split_sentences
+
+IFEVAL_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval_100.parquet"
+needs_data = pytest.mark.skipif(
+    not IFEVAL_100.exists(), reason="shared/data/ifeval_100.parquet absent"
+)
+
+SPANISH = (
+    "Este tema merece una mirada atenta desde varios lados. Los detalles importan porque "
+    "cambian la forma de toda la historia."
+)
+
+# (instruction id, kwargs, a response that follows it, one that does not, a fact the
+# failure message must state)
+CASES = [
+    ("keywords:existence", {"keywords": ["ocean", "Moon"]}, "The OCEAN mirrors the moon.",
+     "The sea is calm.", "missing keywords: 'ocean', 'Moon'"),
+    ("keywords:frequency", {"keyword": "war", "frequency": 3, "relation": "at least"},
+     "War, war and more war.", "One war only.", "'war' appears 1 time, need at least 3"),
+    ("keywords:frequency", {"keyword": "war", "frequency": 2, "relation": "less than"},
+     "One war only.", "War and war.", "'war' appears 2 times, need fewer than 2"),
+    ("keywords:forbidden_words", {"forbidden_words": ["rock", "stone"]}, "Rocky hills.",
+     "A rock and a Rock.", "used forbidden words: 'rock' (2x)"),
+    ("keywords:letter_frequency", {"letter": "o", "let_frequency": 3, "let_relation": "less than"},
+     "A cat sat.", "Oh no, look!", "letter 'o' appears 4 times, need fewer than 3"),
+    ("language:response_language", {"language": "es"}, SPANISH,
+     "This answer is written in English and it is not in Spanish.",
+     "looks like English (en), need Spanish (es)"),
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"},
+     "One. Two.", "One. Two! Three? Four.", "4 sentences, need fewer than 3"),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 3}, "a\n***\nb\n***\nc",
+     "a\n***\nb", "2 paragraphs separated by ***, need exactly 3"),
+    ("length_constraints:number_words", {"num_words": 5, "relation": "at least"},
+     "one two three four five", "one two", "2 words, need at least 5"),
+    ("length_constraints:nth_paragraph_first_word",
+     {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"},
+     "First part.\n\nHowever, the second.", "First part.\n\nBut the second.",
+     "paragraph 2 starts with 'but', need 'however'"),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2},
+     "Dear [name], see you at [address].", "Dear [name].", "found 1 placeholder"),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi.\n\nP.S. Bye.",
+     "Hi. Bye.", "no postscript starting with 'P.S.'"),
+    ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "Hi.\nP.P.S. Bye.",
+     "Hi.\nP.S. Bye.", "no postscript starting with 'P.P.S'"),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "Intro\n* a\n* b",
+     "* a\n* b\n- c", "found 3 markdown bullet points"),
+    ("detectable_format:constrained_response", {}, "My answer is no.", "Yes.",
+     "contains none of the options"),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2},
+     "*one* and **two**", "*one* and ** **", "found 1 highlighted section"),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2},
+     "Section 1\nfoo\nSection 2\nbar", "Section 1\nfoo", "found 1 section header"),
+    ("detectable_format:json_format", {}, '```json\n{"a": 1}\n```', '{"a": 1,}',
+     "not valid JSON"),
+    ("detectable_format:title", {}, "<<My Title>>\nText.", "<< >> no title.", "no title"),
+    ("combination:two_responses", {}, "Answer A.\n******\nAnswer B.",
+     "Answer A.\n******\nAnswer A.", "the two responses are identical"),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Write a poem."},
+     "write a poem. Roses are red.", "Sure: Write a poem.",
+     "does not start with the request repeated word for word"),
+    ("startend:end_checker", {"end_phrase": "Any other questions?"},
+     '"Done. Any other questions?"', "Any other questions? Bye.",
+     "need it to end with exactly 'Any other questions?'"),
+    ("startend:quotation", {}, '  "hello"  ', "hello", "must be wrapped in double quotation"),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"},
+     "NASA and the USA.", "Only NASA here.", "1 all-capital word (e.g. 'NASA'), need at least 2"),
+    ("change_case:english_capital", {}, "THIS IS ALL IN CAPITALS AND IT IS ENGLISH.",
+     "THIS IS mostly CAPITALS.", "found 6 lowercase letters (first near: "),
+    ("change_case:english_lowercase", {}, "this is all lowercase and it is english.",
+     "this is Not lowercase.", "found 1 capital letter"),
+    ("punctuation:no_comma", {}, "No commas here.", "One, two, three.",
+     "found 2 commas (first near: 'One, two, three.')"),
+]  # fmt: skip
+
+
+def test_cases_cover_all_25_instruction_ids():
+    assert len(INSTRUCTION_IDS) == 25
+    assert {case[0] for case in CASES} == set(INSTRUCTION_IDS)
+
+
+@pytest.mark.parametrize(("iid", "kwargs", "good", "bad", "fact"), CASES)
+def test_verifier_accepts_good_and_rejects_bad_with_measured_fact(iid, kwargs, good, bad, fact):
+    assert check_instruction(iid, kwargs, good)
+    result = explain_instruction(iid, kwargs, bad)
+    assert result.ok is False
+    assert result.instruction_id == iid
+    assert fact in result.message
+
+
+@pytest.mark.parametrize("iid", INSTRUCTION_IDS)
+def test_empty_response_fails_every_instruction(iid):
+    kwargs = next(case[1] for case in CASES if case[0] == iid)
+    result = explain_instruction(iid, kwargs, "  \n ")
+    assert not result.ok
+    assert "empty" in result.message
+
+
+def test_pass_messages_state_the_measurement():
+    assert explain_instruction(
+        "length_constraints:number_words",
+        {"num_words": 300, "relation": "at least"},
+        "word " * 312,
+    ) == ("length_constraints:number_words", True, "312 words, need at least 300")
+    message = explain_instruction("punctuation:no_comma", {}, "x " * 40 + "a, b").message
+    assert message.startswith("found 1 comma (first near: '...")
+
+
+def test_edge_semantics_follow_the_benchmark():
+    # A *** divider at the very start or end opens no paragraph; an empty middle one fails.
+    assert check_instruction(
+        "length_constraints:number_paragraphs", {"num_paragraphs": 2}, "***\na\n***\nb\n***"
+    )
+    empty = explain_instruction(
+        "length_constraints:number_paragraphs", {"num_paragraphs": 3}, "a\n***\n***\nb"
+    )
+    assert not empty.ok and "paragraph 2 between *** dividers is empty" in empty.message
+    # Keyword frequency counts substrings; forbidden words only whole words.
+    kw = {"keyword": "art", "frequency": 2, "relation": "at least"}
+    assert check_instruction("keywords:frequency", kw, "Art is smart.")
+    assert check_instruction("keywords:forbidden_words", {"forbidden_words": ["art"]}, "smart")
+    # Bold **x** counts as one highlight, not three.
+    assert not check_instruction(
+        "detectable_format:number_highlighted_sections", {"num_highlights": 2}, "**bold** text"
+    )
+    # A horizontal rule line starting with '-' counts as a bullet, as in the benchmark.
+    assert not check_instruction(
+        "detectable_format:number_bullet_lists", {"num_bullets": 1}, "* a\n---"
+    )
+    # The section splitter is case sensitive.
+    kw = {"section_spliter": "SECTION", "num_sections": 1}
+    assert not check_instruction("detectable_format:multiple_sections", kw, "Section 1\ntext")
+    # Letters and postscript markers are matched case-insensitively.
+    kw = {"letter": "A", "let_frequency": 2, "let_relation": "at least"}
+    assert check_instruction("keywords:letter_frequency", kw, "a A")
+    assert check_instruction(
+        "detectable_content:postscript", {"postscript_marker": "P.S."}, "text\np.s. later"
+    )
+
+
+def test_loose_mode_forgives_intro_outro_lines_and_markdown():
+    quoted = 'Sure, here it is:\n"the answer"'
+    strict = explain_instruction("startend:quotation", {}, quoted)
+    loose = explain_instruction("startend:quotation", {}, quoted, strict=False)
+    assert not strict.ok and loose.ok and "first line removed" in loose.message
+
+    ending = "Done. Any other questions?\nHope this helps!"
+    kw = {"end_phrase": "Any other questions?"}
+    assert not check_instruction("startend:end_checker", kw, ending)
+    assert check_instruction("startend:end_checker", kw, ending, strict=False)
+
+    bold = "Intro line.\n\n**However** the second."
+    kw = {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"}
+    assert not check_instruction("length_constraints:nth_paragraph_first_word", kw, bold)
+    result = explain_instruction(
+        "length_constraints:nth_paragraph_first_word", kw, bold, strict=False
+    )
+    assert result.ok and "'*' removed" in result.message
+
+    fenced = 'Here is the JSON:\n{"a": 1}'
+    assert not check_instruction("detectable_format:json_format", {}, fenced)
+    assert check_instruction("detectable_format:json_format", {}, fenced, strict=False)
+
+    # A comma only in the chatty first line is forgiven; one in the middle is not.
+    assert check_instruction(
+        "punctuation:no_comma", {}, "Sure, here:\nno commas\nbye", strict=False
+    )
+    middle = explain_instruction("punctuation:no_comma", {}, "a\nb, c\nd", strict=False)
+    assert not middle.ok and middle.message.startswith("found 1 comma")
+
+
+def test_none_kwargs_json_strings_and_bad_ids():
+    padded = {key: None for key in ("num_words", "keywords", "language", "relation")}
+    padded.update({"num_words": 2.0, "relation": "At  Least"})
+    assert check_instruction("length_constraints:number_words", padded, "two words")
+    assert clean_kwargs(json.dumps(padded)) == {"num_words": 2.0, "relation": "At  Least"}
+    assert clean_kwargs({"x": float("nan"), "y": None}) == {}
+    assert check_instruction("punctuation:no_comma", {k: None for k in "abc"}, "ok")
+    assert check_instruction("punctuation:no_comma", None, "ok")
+    with pytest.raises(ValueError, match="keywords:nonexistent"):
+        check_instruction("keywords:nonexistent", {}, "text")
+    with pytest.raises(ValueError, match=r"length_constraints:number_words.*num_words"):
+        check_instruction("length_constraints:number_words", {"relation": "at least"}, "x")
+    with pytest.raises(ValueError, match="relation"):
+        check_instruction(
+            "length_constraints:number_words", {"num_words": 3, "relation": "about"}, "x"
+        )
+    # repeat_prompt falls back to the prompt when the record omits prompt_to_repeat.
+    assert check_instruction("combination:repeat_prompt", {}, "Say hi. Hi!", prompt="Say hi.")
+
+
+def test_evaluate_instructions_pairs_ids_with_kwargs():
+    results = evaluate_instructions(
+        ["punctuation:no_comma", "keywords:existence"], [None, {"keywords": ["cat"]}], "a, dog"
+    )
+    assert [(r.instruction_id, r.ok) for r in results] == [
+        ("punctuation:no_comma", False),
+        ("keywords:existence", False),
+    ]
+    with pytest.raises(ValueError, match="2 instruction ids but 1 kwargs"):
+        evaluate_instructions(["punctuation:no_comma", "startend:quotation"], [{}], "x")
+
+
+def test_sentence_splitter():
+    text = (
+        "Dr. Smith met Mr. Jones, e.g. at 3.14 p.m. today! Was it fun? 1. First item.\n"
+        "2. Second item\n<<title>>\nThe end... 日本語です。次の文。"
+    )
+    assert split_sentences(text) == [
+        "Dr. Smith met Mr. Jones, e.g. at 3.14 p.m. today!",
+        "Was it fun?",
+        "1. First item.",
+        "2. Second item <<title>> The end...",
+        "日本語です。",
+        "次の文。",
+    ]
+    assert count_sentences("no final punctuation") == 1
+    assert count_sentences("*** --- 42.") == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        ("en", "The weather was nice and we went to the park with the children."),
+        ("es", SPANISH),
+        ("pt", "Os detalhes são importantes porque mudam toda a história do país."),
+        ("fr", "Les détails comptent parce qu'ils changent toute l'histoire de la ville."),
+        ("de", "Die meisten Menschen sehen zuerst die Oberfläche und erst später die Tiefe."),
+        ("it", "I dettagli contano perché cambiano tutta la storia della città."),
+        ("ru", "Большинство людей сначала видят поверхность и только потом глубину."),
+        ("uk", "Ця тема заслуговує на уважний погляд з різних боків і це важливо."),
+        ("bg", "Тази тема заслужава внимателен поглед и това е много важно за нас."),
+        ("hi", "यह विषय कई नज़रियों से देखने लायक है और इसका इतिहास लंबा है।"),
+        ("mr", "हा विषय अनेक बाजूंनी पाहण्यासारखा आहे आणि तो महत्त्वाचा आहे."),
+        ("ne", "यो विषय धेरै कोणबाट हेर्न लायक छ र यो महत्त्वपूर्ण पनि छ।"),
+        ("ar", "هذا الموضوع يستحق نظرة متأنية من عدة جوانب."),
+        ("fa", "این موضوع ارزش یک نگاه دقیق از چند جهت را دارد."),
+        ("ur", "یہ موضوع کئی پہلوؤں سے دیکھنے کے قابل ہے اور اس کی تاریخ لمبی ہے۔"),
+        ("ja", "このテーマはいろいろな角度から見る価値があります。"),
+        ("zh", "这个题目值得从多个角度仔细研究。"),
+        ("ko", "이 주제는 여러 방향에서 살펴볼 가치가 있습니다."),
+        ("kn", "ಈ ವಿಷಯವು ಹಲವು ದೃಷ್ಟಿಕೋನಗಳಿಂದ ನೋಡಲು ಯೋಗ್ಯವಾಗಿದೆ."),
+        ("pa", "ਇਹ ਵਿਸ਼ਾ ਕਈ ਪਾਸਿਆਂ ਤੋਂ ਦੇਖਣ ਯੋਗ ਹੈ।"),
+        ("th", "หัวข้อนี้ควรค่าแก่การมองอย่างละเอียด"),
+        ("fi", "Tämä aihe ansaitsee tarkan katseen ja se on myös tärkeä."),
+        ("vi", "Chủ đề này đáng được xem xét kỹ từ nhiều phía và rất quan trọng."),
+    ],
+)
+def test_language_detection(code, text):
+    assert detect_language(text) == code
+
+
+def test_language_detection_edges():
+    assert detect_language("12345 !!!") is None
+    assert detect_language("HELLO THERE, THIS IS A TEST OF THE SYSTEM.") == "en"
+    # Uppercase Spanish is not English, so english_capital must fail on language.
+    result = explain_instruction("change_case:english_capital", {}, SPANISH.upper())
+    assert not result.ok and "need English" in result.message
+
+
+# ----------------------------------------------------------------------- loader
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+PADDED = {"num_words": None, "relation": None, "keywords": None, "end_phrase": None}
+FLAT = [
+    {
+        "key": 0,
+        "prompt": "[Draft] Write without commas.",  # text that merely starts like JSON
+        "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
+        "kwargs": [PADDED, dict(PADDED, num_words=3, relation="at least")],
+    },
+    {
+        "key": 8,
+        "prompt": "Quote me.",
+        "instruction_id_list": ["startend:quotation"],
+        "kwargs": [PADDED],
+    },
+]
+
+
+def _check_flat(records) -> None:
+    assert [r.key for r in records] == ["0", "8"]
+    assert records[0].kwargs == [{}, {"num_words": 3, "relation": "at least"}]
+    assert records[0].messages == [{"role": "user", "content": "[Draft] Write without commas."}]
+    assert records[1].kwargs == [{}]
+
+
+def test_loader_reads_parquet_jsonl_and_json_lists(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(FLAT), tmp_path / "data.parquet")
+    _check_flat(load_ifeval_records(tmp_path / "data.parquet"))
+    _check_flat(load_ifeval_records(_write_jsonl(tmp_path / "data.jsonl", FLAT)))
+    (tmp_path / "data.json").write_text(json.dumps(FLAT), encoding="utf-8")
+    _check_flat(load_ifeval_records(tmp_path / "data.json"))
+    # kwargs as JSON strings: per instruction, or the whole list at once.
+    per_item = [dict(row, kwargs=[json.dumps(kw) for kw in row["kwargs"]]) for row in FLAT]
+    _check_flat(load_ifeval_records(_write_jsonl(tmp_path / "a.jsonl", per_item)))
+    whole = [dict(row, kwargs=json.dumps(row["kwargs"])) for row in FLAT]
+    _check_flat(load_ifeval_records(_write_jsonl(tmp_path / "b.jsonl", whole)))
+
+
+def test_loader_reads_the_verl_layout(tmp_path):
+    truth = {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [PADDED]}
+    row = {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "reward_model": {"ground_truth": json.dumps(truth), "style": "rule"},
+        "extra_info": {"index": "42"},
+    }
+    (record,) = load_ifeval_records(_write_jsonl(tmp_path / "verl.jsonl", [row]))
+    assert (record.key, record.prompt, record.kwargs) == ("42", "Hi", [{}])
+    assert [m["role"] for m in record.messages] == ["system", "user"]
+
+
+def test_loader_rejects_unknown_ids_and_mismatched_kwargs(tmp_path):
+    row = {"key": 1, "prompt": "p", "instruction_id_list": ["x:y"], "kwargs": [{}]}
+    with pytest.raises(ValueError, match=r"record 1.*'x:y'"):
+        load_ifeval_records(_write_jsonl(tmp_path / "a.jsonl", [row]))
+    row = dict(row, instruction_id_list=["punctuation:no_comma"], kwargs=[{}, {}])
+    with pytest.raises(ValueError, match="1 instruction ids but 2 kwargs"):
+        load_ifeval_records(_write_jsonl(tmp_path / "b.jsonl", [row]))
+    row = {"key": 3, "prompt": "p", "instruction_id_list": ["length_constraints:number_words"]}
+    with pytest.raises(ValueError, match=r"record 3.*missing keyword argument.*num_words"):
+        load_ifeval_records(_write_jsonl(tmp_path / "c.jsonl", [row]))
+    with pytest.raises(ValueError, match="no instruction_id_list"):
+        load_ifeval_records(_write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p"}]))
+
+
+@needs_data
+def test_real_ifeval_records_load_and_score():
+    records = load_ifeval_records(IFEVAL_100)
+    assert len(records) == 100
+    assert all(set(r.instruction_id_list) <= set(INSTRUCTION_IDS) for r in records)
+    assert all(None not in kw.values() for r in records for kw in r.kwargs)
+    assert {"num_highlights": 3} in records[0].kwargs
+    env = IFEvalEnv(path=str(IFEVAL_100), n_train=4)
+    test = env.test_items()
+    assert len(test) == 100 and len(env.train_items()) == 4
+    dummy = "Sure, here is my answer.\nIt has a comma, *one highlight* and P.S. nothing else."
+    for item in test:
+        for strict in (True, False):
+            env.strict = strict
+            score = env.score(item, dummy)
+            assert isinstance(score, Score)
+            assert 0.0 <= score.score <= 1.0 and score.reward in (0.0, 1.0)
+            assert (score.reward == 1.0) == (score.score == 1.0)
+    # Generated training prompts never reuse an evaluation prompt.
+    real = {item.prompt_text for item in test}
+    assert not real & {item.prompt_text for item in generate_items(200, seed=3)}
+
+
+# ----------------------------------------------------------------- environment
+
+
+def _item(ids, kwargs, prompt="Do it.") -> Item:
+    return Item(
+        id="t",
+        messages=[{"role": "user", "content": prompt}],
+        meta={"instruction_id_list": ids, "kwargs": kwargs},
+    )
+
+
+def test_score_reward_fraction_and_feedback():
+    env = IFEvalEnv(n_train=0, n_test=0)
+    item = _item(
+        ["punctuation:no_comma", "length_constraints:number_words", "keywords:existence"],
+        [{}, {"num_words": 300, "relation": "at least"}, {"keywords": ["cat"]}],
+    )
+    score = env.score(item, "<think>plan, plan</think>\nA cat, a bird, a fish.")
+    assert score.reward == 0.0 and score.score == pytest.approx(1 / 3)
+    lines = score.feedback.splitlines()
+    assert lines[0] == "Followed 1 of 3 instructions. Violated:"
+    assert lines[1].startswith("- punctuation:no_comma (do not use any commas): ")
+    assert lines[1].endswith("found 2 commas (first near: 'A cat, a bird, a fish.')")
+    assert lines[2].endswith("(at least 300 words): 6 words, need at least 300")
+    assert len(lines) == 3  # the instruction that passed is not listed
+    missing = env.score(item, "a dog. " * 300).feedback
+    assert "missing keywords: 'cat'" in missing and "no_comma" not in missing
+
+    ok = env.score(_item(["punctuation:no_comma"], [{}]), "<think>a, b</think>No commas.")
+    assert (ok.reward, ok.score, ok.feedback) == (1.0, 1.0, "All 1 instructions followed.")
+    empty = env.score(_item(["punctuation:no_comma"], [{}]), "<think>unfinished, thought")
+    assert empty.reward == 0.0 and "empty" in empty.feedback
+
+
+def test_strip_think():
+    assert strip_think("<think>a</think>\n\nanswer") == "answer"
+    assert strip_think("reasoning</think>answer") == "answer"
+    assert strip_think("<think>never closed") == ""
+    assert strip_think("  plain  ") == "  plain  "
+
+
+def test_strict_flag_changes_the_score():
+    item = _item(["startend:quotation"], [{}])
+    response = 'Here you go:\n"quoted answer"'
+    assert IFEvalEnv(n_train=0, n_test=0).score(item, response).reward == 0.0
+    assert IFEvalEnv(n_train=0, n_test=0, strict=False).score(item, response).reward == 1.0
+
+
+def test_generator_is_deterministic_and_splits_topics():
+    env_a, env_b = (
+        IFEvalEnv(seed=5, n_train=40, n_test=20),
+        IFEvalEnv(seed=5, n_train=40, n_test=20),
+    )
+    prompts = [i.prompt_text for i in env_a.train_items()]
+    assert prompts == [i.prompt_text for i in env_b.train_items()]
+    assert [i.meta for i in env_a.test_items()] == [i.meta for i in env_b.test_items()]
+    assert prompts != [i.prompt_text for i in IFEvalEnv(seed=6, n_train=40).train_items()]
+    train_topics = {i.meta["topic"] for i in generate_items(300, seed=1)}
+    test_topics = {i.meta["topic"] for i in generate_items(100, seed=1, split="test")}
+    assert train_topics and test_topics and not train_topics & test_topics
+    assert len(set(prompts)) == len(prompts)
+    assert len({i.id for i in env_a.train_items() + env_a.test_items()}) == 60
+
+
+def test_generated_constraints_are_compatible_and_satisfiable():
+    items = generate_items(400, seed=0)
+    seen = set()
+    for item in items:
+        ids, kwargs = item.meta["instruction_id_list"], item.meta["kwargs"]
+        assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids)
+        seen.update(ids)
+        for a, b in combinations(ids, 2):
+            assert b not in CONFLICTS[a], (a, b)
+        # The constraints are stated in the prompt with their parameters.
+        for kw in kwargs:
+            for value in kw.values():
+                if isinstance(value, int):
+                    assert str(value) in item.prompt_text
+        # The template reference satisfies every constraint, so the combination is sound.
+        assert IFEvalEnv(n_train=0, n_test=0).score(item, item.reference).reward == 1.0
+    assert seen == set(INSTRUCTION_IDS)
+    assert {len(i.meta["instruction_id_list"]) for i in items} == {1, 2, 3}
+    # Some contradictory pairs the conflict table must rule out.
+    assert "change_case:english_capital" in CONFLICTS["change_case:english_lowercase"]
+    assert "combination:two_responses" in CONFLICTS["length_constraints:number_paragraphs"]
+    assert "detectable_format:json_format" in CONFLICTS["detectable_format:title"]
+    assert len(generate_items(50, seed=2, max_constraints=1)[0].meta["instruction_id_list"]) == 1
+
+
+def test_reference_builder_meets_each_constraint_alone_and_respects_case():
+    kwargs = {case[0]: case[1] for case in CASES}
+    kwargs["language:response_language"] = {"language": "ja"}
+    # The builder meets "fewer than" letter counts only for the rare letters it avoids.
+    kwargs["keywords:letter_frequency"] = {
+        "letter": "z",
+        "let_frequency": 2,
+        "let_relation": "less than",
+    }
+    for iid in INSTRUCTION_IDS:
+        reference = build_reference([iid], [kwargs[iid]])
+        assert check_instruction(iid, kwargs[iid], reference), (iid, reference)
+    combo = ["change_case:english_lowercase", "detectable_format:title", "keywords:existence"]
+    text = build_reference(combo, [{}, {}, {"keywords": ["river"]}])
+    assert text == text.lower() and "<<" in text and "river" in text
+
+
+def test_env_registry_and_argument_checks(tmp_path):
+    env = make_env("ifeval", {"seed": 1, "n_train": 3, "n_test": 2, "references": False})
+    assert isinstance(env, IFEvalEnv) and env.name == "ifeval" and env.description
+    assert env.task_hint
+    assert len(env.train_items()) == 3 and len(env.test_items()) == 2
+    assert all(item.reference is None for item in env.train_items())
+    assert all(item.messages[0]["role"] == "user" for item in env.train_items())
+    with pytest.raises(ValueError, match="max_constraints"):
+        IFEvalEnv(max_constraints=4)
+    with pytest.raises(FileNotFoundError):
+        IFEvalEnv(path=str(tmp_path / "missing.jsonl"))

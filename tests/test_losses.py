@@ -1,0 +1,189 @@
+"""The self-distillation loss against hand-computed values and against TRL's helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from resd.losses import (
+    masked_token_mean,
+    sampled_token_loss,
+    self_distillation_loss,
+    success_rate_weights,
+)
+
+
+def softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+S = [0.0, 1.0, 2.0, -1.0]
+T = [2.0, 1.0, 0.0, 0.5]
+
+
+def loss(alpha, **kw):
+    s = torch.tensor([[S]], dtype=torch.float64)
+    t = torch.tensor([[T]], dtype=torch.float64)
+    return self_distillation_loss(s, t, alpha=alpha, **kw).item()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.5, 0.25])
+def test_full_vocabulary_matches_hand_computation(alpha):
+    p, q = softmax(S), softmax(T)
+    if alpha == 0.0:
+        expected = kl(q, p)  # forward KL(teacher || student)
+    elif alpha == 1.0:
+        expected = kl(p, q)  # reverse KL(student || teacher)
+    else:
+        m = [(1 - alpha) * a + alpha * b for a, b in zip(p, q, strict=True)]
+        expected = (1 - alpha) * kl(p, m) + alpha * kl(q, m)
+    assert loss(alpha, topk=None, min_ratio=None) == pytest.approx(expected, rel=1e-9)
+
+
+def test_forward_and_reverse_differ():
+    assert loss(0.0, topk=None, min_ratio=None) != pytest.approx(
+        loss(1.0, topk=None, min_ratio=None)
+    )
+
+
+def test_topk_with_tail_bucket():
+    p, q = softmax(S), softmax(T)
+    top = sorted(range(4), key=lambda i: -p[i])[:2]  # student's top-2: ids 2, 1
+    ps = [p[i] for i in top] + [1 - sum(p[i] for i in top)]
+    qs = [q[i] for i in top] + [1 - sum(q[i] for i in top)]
+    assert loss(1.0, topk=2, add_tail=True, min_ratio=None) == pytest.approx(kl(ps, qs), rel=1e-9)
+    assert loss(0.0, topk=2, add_tail=True, min_ratio=None) == pytest.approx(kl(qs, ps), rel=1e-9)
+
+
+def test_topk_without_tail_renormalises():
+    p, q = softmax(S), softmax(T)
+    top = [2, 1]
+    ps = [p[i] / sum(p[j] for j in top) for i in top]
+    qs = [q[i] / sum(q[j] for j in top) for i in top]
+    assert loss(1.0, topk=2, add_tail=False, min_ratio=None) == pytest.approx(kl(ps, qs), rel=1e-9)
+
+
+def test_min_ratio_floors_teacher_without_renormalising():
+    p, q = softmax(S), softmax(T)
+    q_clipped = [max(b, 0.2 * a) for a, b in zip(p, q, strict=True)]
+    assert q_clipped != q  # the example must actually clip something
+    assert loss(1.0, topk=None, min_ratio=0.2) == pytest.approx(kl(p, q_clipped), rel=1e-9)
+
+
+def test_max_ratio_caps_teacher():
+    p, q = softmax(S), softmax(T)
+    q_capped = [min(b, 1.5 * a) for a, b in zip(p, q, strict=True)]
+    assert q_capped != q
+    assert loss(1.0, topk=None, min_ratio=None, max_ratio=1.5) == pytest.approx(
+        kl(p, q_capped), rel=1e-9
+    )
+
+
+def test_identical_distributions_give_zero():
+    x = torch.randn(2, 5, 50)
+    for alpha in (0.0, 0.5, 1.0):
+        out = self_distillation_loss(x, x.clone(), alpha=alpha, topk=10)
+        assert out.shape == (2, 5)
+        assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)
+
+
+def test_never_nan_when_topk_holds_all_mass():
+    s = torch.full((1, 3, 32), -1e4)
+    s[..., 0] = 1e4  # the top-1 token holds all the probability
+    t = torch.randn(1, 3, 32)
+    s.requires_grad_(True)
+    for alpha in (0.0, 0.5, 1.0):
+        out = self_distillation_loss(s, t, alpha=alpha, topk=1, add_tail=True)
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+        assert torch.isfinite(s.grad).all()
+        s.grad = None
+
+
+def test_tail_is_accurate_where_naive_fp32_cancels():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 128, generator=g) * 3, torch.randn(4, 128, generator=g) * 3
+    exact = self_distillation_loss(s.double(), t.double(), alpha=0.0, topk=100, min_ratio=None)
+    fp32 = self_distillation_loss(s, t, alpha=0.0, topk=100, min_ratio=None)
+    torch.testing.assert_close(fp32.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_minus_inf_logits_stay_finite():
+    s = torch.randn(1, 2, 16, requires_grad=True)
+    t = torch.randn(1, 2, 16)
+    t[..., 8:] = float("-inf")  # a teacher that masks half the vocabulary
+    out = self_distillation_loss(s, t, alpha=0.5, topk=4)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
+
+
+def test_bf16_inputs_and_gradient_flows_only_to_student():
+    s = torch.randn(2, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(2, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = self_distillation_loss(s, t, alpha=1.0, topk=8)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_success_rate_weights():
+    w = success_rate_weights(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[0] > w[1]  # the rare success is up-weighted
+    assert w[0] / w[1] == pytest.approx((1 - 0.25) / 0.25)
+    assert torch.equal(success_rate_weights(torch.zeros(4)), torch.ones(4))
+    assert torch.equal(success_rate_weights(torch.ones(3)), torch.ones(3))
+
+
+def test_masked_token_mean():
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert masked_token_mean(losses, mask).item() == pytest.approx((2 + 3 + 4) / 3)
+    assert masked_token_mean(losses, mask, denominator=9).item() == pytest.approx(1.0)
+
+
+# ---- TRL as an oracle (test-only dependency) -------------------------------------------
+trl_sdpo = pytest.importorskip("trl.experimental.sdpo.loss_utils")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.3])
+@pytest.mark.parametrize("add_tail", [True, False])
+@pytest.mark.parametrize("topk", [1, 5, 100])
+def test_topk_matches_trl(alpha, add_tail, topk):
+    # Moderate logits: where the tail is tiny, TRL's log(1 - sum) loses digits in fp32
+    # (see test_tail_is_accurate_where_naive_fp32_cancels) and the oracle is the one off.
+    g = torch.Generator().manual_seed(topk * 10 + int(alpha * 10) + add_tail)
+    s = torch.randn(3, 7, 128, generator=g)
+    t = torch.randn(3, 7, 128, generator=g)
+    ours = self_distillation_loss(s, t, alpha=alpha, topk=topk, add_tail=add_tail, min_ratio=None)
+    theirs = trl_sdpo.compute_topk_self_distillation_loss(
+        s, t, distillation_topk=topk, distillation_alpha=alpha, distillation_add_tail=add_tail
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_full_vocabulary_matches_trl(alpha):
+    s, t = torch.randn(2, 5, 64) * 2, torch.randn(2, 5, 64) * 2
+    ours = self_distillation_loss(s, t, alpha=alpha, topk=None, min_ratio=None)
+    theirs = trl_sdpo.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_token_matches_trl():
+    s, t = torch.randn(2, 6, 40), torch.randn(2, 6, 40)
+    ids = torch.randint(0, 40, (2, 6))
+    s_tok = torch.log_softmax(s, -1).gather(-1, ids[..., None])[..., 0]
+    t_tok = torch.log_softmax(t, -1).gather(-1, ids[..., None])[..., 0]
+    theirs = trl_sdpo.compute_sampled_token_self_distillation_loss(
+        s, t, ids, distillation_alpha=1.0
+    )
+    torch.testing.assert_close(sampled_token_loss(s_tok, t_tok), theirs, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,580 @@
+"""Manufactoria: interpreter, parser errors, generated problems, scoring and loading."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from resd.envs import make_env
+from resd.envs.manufactoria import (
+    LOOP_REASON,
+    MAX_VISITS,
+    NO_PROGRAM_MESSAGE,
+    ManufactoriaEnv,
+    ParseError,
+    Problem,
+    TestCase,
+    extract_program,
+    generate_problems,
+    load_problems,
+    parse,
+    run,
+    save_problems,
+    score_program,
+    score_response,
+)
+from resd.envs.manufactoria_problems import FAMILIES, LEVELS
+
+STARTS_WITH_R = """\
+START start:
+    NEXT first
+
+# B and EMPTY are not written, so they go to NONE and reject
+PULLER_RB first:
+    [R] end
+
+END end
+"""
+
+
+def fenced(program: str) -> str:
+    return f"Here is my program.\n```manufactoria\n{program}\n```\n"
+
+
+# --------------------------------------------------------------------------- interpreter
+
+
+def test_spec_example_accepts_and_removes_the_pulled_symbol():
+    result = run(STARTS_WITH_R, "RBB")
+    assert result.accepted
+    assert result.tape == "BB"
+    assert result.reason == ""
+    assert result.path == ["start", "first", "end"]
+    assert result.loop_node is None
+    assert result.front_symbol is None
+
+
+def test_unwritten_branch_goes_to_none_and_keeps_the_symbol():
+    result = run(STARTS_WITH_R, "BR")
+    assert not result.accepted
+    assert result.tape == "BR"  # a branch to NONE removes nothing
+    assert result.path == ["start", "first"]
+    assert result.front_symbol == "B"
+    assert "[B]" in result.reason and "NONE" in result.reason
+    assert "not written" in result.reason
+
+
+def test_empty_tape_takes_the_empty_branch():
+    result = run(STARTS_WITH_R, "")
+    assert not result.accepted
+    assert result.front_symbol == ""
+    assert "[EMPTY]" in result.reason
+    accept_empty = "START start:\n NEXT p\nPULLER_RB p:\n [EMPTY] end\nEND end"
+    assert run(accept_empty, "").accepted
+    assert not run(accept_empty, "R").accepted
+
+
+def test_explicit_none_target_is_not_reported_as_unwritten():
+    program = "START start:\n  NEXT p\nPULLER_RB p:\n  [R] NONE\n  [B] end\nEND end"
+    result = run(program, "RB")
+    assert not result.accepted
+    assert "NONE" in result.reason and "not written" not in result.reason
+    assert run(program, "BR").accepted
+    next_none = run("START start:\n NEXT NONE\nEND end", "R")
+    assert not next_none.accepted and "NEXT" in next_none.reason
+
+
+def test_painters_append_at_the_back():
+    program = """
+    START start:
+        NEXT take
+    PULLER_RB take:
+        [R] blue
+    PAINTER_BLUE blue:
+        NEXT green
+    PAINTER_GREEN green:
+        NEXT yellow
+    PAINTER_YELLOW yellow:
+        NEXT red
+    PAINTER_RED red:
+        NEXT end
+    END end
+    """
+    result = run(program, "RR")
+    assert result.accepted
+    assert result.tape == "RBGYR"
+    assert result.path == ["start", "take", "blue", "green", "yellow", "red", "end"]
+
+
+def test_four_colour_pullers():
+    # PULLER_RB sends Y/G to [EMPTY] without removing them; PULLER_YG then removes Y.
+    program = """
+    START start:
+        NEXT rb
+    PULLER_RB rb:
+        [R] end
+        [EMPTY] yg
+    PULLER_YG yg:
+        [Y] end
+        [EMPTY] empty
+    PAINTER_GREEN empty:
+        NEXT end
+    END end
+    """
+    assert run(program, "YR").tape == "R"
+    assert run(program, "RY").tape == "Y"
+    on_g = run(program, "GR")
+    assert not on_g.accepted and on_g.front_symbol == "G" and on_g.path == ["start", "rb", "yg"]
+    on_b = run(program, "B")
+    assert not on_b.accepted and on_b.front_symbol == "B"
+    assert run(program, "").tape == "G"  # truly empty: both pullers take [EMPTY]
+    # PULLER_YG on an R front: the [EMPTY] branch, nothing removed.
+    yg_first = "START start:\n NEXT yg\nPULLER_YG yg:\n [EMPTY] end\nEND end"
+    assert run(yg_first, "RB").tape == "RB"
+
+
+def test_infinite_loop_stops_at_the_visit_limit_and_names_the_node():
+    result = run("START start:\n  NEXT spin\nPAINTER_RED spin:\n  NEXT spin\nEND end", "B")
+    assert not result.accepted
+    assert result.reason == LOOP_REASON
+    assert result.loop_node == "spin"
+    assert len(result.path) == MAX_VISITS == 1000
+    assert result.tape == "B" + "R" * 999  # start once, then 999 paints
+    assert result.front_symbol == "B"
+    # A two-node cycle that reads nothing: the loop node is one of the cycle's nodes.
+    cycle = "START start:\n NEXT a\nPULLER_RB a:\n [EMPTY] b\nPULLER_YG b:\n [EMPTY] a\nEND end"
+    looped = run(cycle, "")
+    assert looped.reason == LOOP_REASON and looped.loop_node in {"a", "b"}
+
+
+def test_visit_limit_boundary_is_exactly_1000_visits():
+    # start + (n + 1) visits of `eat` + end = n + 3 visits.
+    eat = "START start:\n NEXT eat\nPULLER_RB eat:\n [R] eat\n [EMPTY] end\nEND end"
+    program = parse(eat)
+    fits = program.run("R" * 997)
+    assert fits.accepted and fits.steps == 1000
+    too_long = program.run("R" * 998)
+    assert not too_long.accepted and too_long.reason == LOOP_REASON
+    assert too_long.steps == 1000 and too_long.loop_node == "end"
+
+
+def test_comments_free_indentation_and_forward_references():
+    program = parse(
+        """
+        # leading comment
+                START start:   # trailing comment
+        NEXT node_2
+          END end
+          PULLER_RB   node_2 :
+                  [B] end   # accept on B
+              [R]   node_2
+        """
+    )
+    assert program.run("RRB").accepted
+    assert not program.run("RR").accepted
+    assert run(program, "B").accepted  # run() takes an already parsed program too
+
+
+def test_tapes_must_use_the_four_colours():
+    with pytest.raises(ValueError, match="symbols"):
+        run(STARTS_WITH_R, "RX")
+
+
+# --------------------------------------------------------------------------- parse errors
+
+PARSE_ERRORS = [
+    ("START start:\n NEXT a\nPULER_RB a:\n [R] end\nEND end", 3, "unknown node type"),
+    ("START start:\n NEXT a\npuller_rb a:\n [R] end\nEND end", 3, "upper-case"),
+    ("PULLER_RB a:\n [R] end\nEND end", 1, "missing START"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n [R] a\n", 4, "missing END"),
+    ("START start:\n NEXT nowhere\nEND end", 2, "undefined node 'nowhere'"),
+    (
+        "START start:\n NEXT a\nPULLER_RB a:\n [R] end\n [B] gone\nEND end",
+        5,
+        "undefined node 'gone'",
+    ),
+    (
+        "START start:\n NEXT a\nPULLER_RB a:\n [R] end\nPULLER_YG a:\n [Y] end\nEND end",
+        5,
+        "duplicate",
+    ),
+    ("START start:\n NEXT end\nEND end:", 3, "END takes no colon"),
+    ("START start:\n NEXT a\nPULLER_RB a\n [R] end\nEND end", 3, "missing ':'"),
+    ("START start\n NEXT end\nEND end", 1, "missing ':'"),
+    ("START begin:\n NEXT end\nEND end", 1, "must be 'start'"),
+    ("START start:\n NEXT end\nEND finish", 3, "must be 'end'"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n [Y] end\nEND end", 4, "no [Y] branch"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n [r] end\nEND end", 4, "upper-case"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n [R]\nEND end", 4, "needs a target"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n [R] end a\nEND end", 4, "bad target"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n R end\nEND end", 4, "unknown node type"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n [R end\nEND end", 4, "bad branch line"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n [R] end\n [R] a\nEND end", 5, "written twice"),
+    ("START start:\n NEXT a\nPULLER_RB a:\n NEXT end\nEND end", 4, "not NEXT"),
+    ("START start:\n NEXT p\nPAINTER_RED p:\n [R] end\nEND end", 4, "not branch lines"),
+    ("START start:\n NEXT end\n NEXT end\nEND end", 3, "more than one NEXT"),
+    ("START start:\n NEXT: end\nEND end", 2, "NEXT takes no colon"),
+    ("NEXT a\nSTART start:\n NEXT end\nEND end", 1, "outside any node"),
+    ("START start:\n NEXT end\nEND end\n NEXT start", 4, "END node takes no"),
+    ("START start:\n  # no NEXT here\nEND end", 1, "has no NEXT line"),
+    ("START start:\n NEXT NONE\nPAINTER_RED NONE:\n NEXT end\nEND end", 3, "reserved"),
+    ("START start:\n NEXT end\nPAINTER_RED end:\n NEXT end", 3, "reserved"),
+    ("START start:\n NEXT a\nPAINTER_RED a-b:\n NEXT end\nEND end", 3, "bad node header"),
+]
+
+
+@pytest.mark.parametrize(("source", "line", "fragment"), PARSE_ERRORS)
+def test_parse_errors_carry_the_line_number(source: str, line: int, fragment: str):
+    with pytest.raises(ParseError) as info:
+        parse(source)
+    assert info.value.line == line
+    assert fragment in str(info.value)
+    assert str(info.value).startswith(f"line {line}:")
+    assert isinstance(info.value, ValueError)
+
+
+def test_run_raises_parse_error_for_malformed_program():
+    with pytest.raises(ParseError):
+        run("END end", "R")
+
+
+# --------------------------------------------------------------------------- problems
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_reference_solution_passes_all_its_tests(seed: int):
+    problems = generate_problems(seed, n_per_level=4)
+    assert {p.family for p in problems} == set(FAMILIES)
+    assert {p.level for p in problems} == set(LEVELS)
+    for problem in problems:
+        assert problem.solution is not None
+        result = score_program(problem.solution, problem.test_cases)
+        assert result.reward == 1.0, (problem.name, result.feedback)
+
+
+def test_generated_problems_are_well_formed():
+    problems = generate_problems(0, n_per_level=6)
+    assert len({p.name for p in problems}) == len(problems)
+    for problem in problems:
+        tests = problem.test_cases
+        inputs = [t.input for t in tests]
+        assert "" in inputs, problem.name  # the empty tape is always an edge case
+        assert len(set(inputs)) == len(inputs)
+        allowed = set("RB") if problem.family == "prepend_sequence" else set(problem.colors)
+        assert set("".join(inputs)) <= allowed, problem.name
+        assert problem.colors == LEVELS[problem.level].colors
+        if problem.family in ("append_sequence", "prepend_sequence"):
+            assert all(t.check_output and t.expected_accepted for t in tests)
+        else:
+            verdicts = {t.expected_accepted for t in tests}
+            assert verdicts == {True, False}, problem.name
+            assert not any(t.check_output for t in tests)
+    four_colour = [p for p in problems if p.level >= 3 and p.family == "contains_substring"]
+    assert any(set("YG") & set(t.input) for p in four_colour for t in p.test_cases)
+
+
+def test_tests_tell_problems_of_one_family_apart():
+    """A reference for one pattern must fail another pattern's tests (near misses work)."""
+    groups: dict[tuple[str, int], list[Problem]] = defaultdict(list)
+    for problem in generate_problems(3, n_per_level=4):
+        groups[(problem.family, problem.level)].append(problem)
+    for group in groups.values():
+        for mine in group:
+            for other in group:
+                if other is not mine:
+                    assert other.solution is not None
+                    score = score_program(other.solution, mine.test_cases)
+                    assert score.reward == 0.0, (mine.name, other.name)
+
+
+def test_generation_is_deterministic_and_independent_of_the_selection():
+    first = [p.to_dict() for p in generate_problems(5, n_per_level=3)]
+    again = [p.to_dict() for p in generate_problems(5, n_per_level=3)]
+    assert first == again
+    other = [p.to_dict() for p in generate_problems(6, n_per_level=3)]
+    assert first != other
+    only = [p.to_dict() for p in generate_problems(5, families=["ends_with"], n_per_level=3)]
+    assert only == [p for p in first if p["family"] == "ends_with"]
+
+
+def test_small_levels_run_out_of_distinct_patterns():
+    problems = generate_problems(0, families="starts_with", levels=1, n_per_level=50)
+    # Two colours, length 1-2: R, B, RR, RB, BR, BB.
+    assert sorted(p.name for p in problems) == sorted(
+        f"starts_with_{w}_2c" for w in ["R", "B", "RR", "RB", "BR", "BB"]
+    )
+
+
+def test_unknown_family_or_level_is_rejected():
+    with pytest.raises(ValueError, match="families"):
+        generate_problems(0, families=["nope"])
+    with pytest.raises(ValueError, match="levels"):
+        generate_problems(0, levels=[9])
+
+
+# --------------------------------------------------------------------------- scoring
+
+STARTS_WITH_R_TESTS = [
+    TestCase("", False),
+    TestCase("R", True),
+    TestCase("B", False),
+    TestCase("RB", True),
+    TestCase("BRB", False),
+    TestCase("RRR", True),
+]
+
+
+def test_correct_answer_gets_full_reward_and_no_feedback():
+    score = score_response(fenced(STARTS_WITH_R), STARTS_WITH_R_TESTS)
+    assert (score.reward, score.score, score.feedback) == (1.0, 1.0, "")
+
+
+def test_wrong_answer_lists_the_two_shortest_failures():
+    accept_all = "START start:\n    NEXT end\nEND end"
+    score = score_response(fenced(accept_all), STARTS_WITH_R_TESTS)
+    assert score.reward == 0.0
+    assert score.score == pytest.approx(3 / 6)
+    fb = score.feedback
+    assert fb.startswith("Passed 3/6 tests. 3 failed; showing 2")
+    assert fb.count("Input:") == 2
+    assert "Input: (empty tape)\n" in fb and "Input: B\n" in fb
+    assert "BRB" not in fb  # the longest failing input is left out
+    assert "Actual:   accepted" in fb and "Expected: rejected" in fb
+    assert "start -> end" in fb
+
+
+def test_failure_debug_block_shows_trace_reason_and_front_symbol():
+    starts_with_b = "START start:\n NEXT first\nPULLER_RB first:\n [B] end\nEND end"
+    score = score_response(fenced(starts_with_b), STARTS_WITH_R_TESTS)
+    assert score.score == pytest.approx(1 / 6)  # only the empty tape is right
+    fb = score.feedback
+    assert fb.index("Input: R\n") < fb.index("Input: B\n")  # equal length: test order
+    assert "last 2 of 2 visited nodes: start -> first -> NONE" in fb
+    assert "rejection reason: [R] branch of PULLER_RB 'first' leads to NONE" in fb
+    assert "front tape symbol at rejection: R" in fb
+    assert "infinite loop" not in fb
+
+
+def test_infinite_loops_are_listed_before_shorter_failures():
+    contains_b = [
+        TestCase("", False),
+        TestCase("R", False),
+        TestCase("B", True),
+        TestCase("RR", False),
+        TestCase("RRRB", True),
+        TestCase("BRRR", True),
+    ]
+    program = """
+    START start:
+        NEXT first
+    PULLER_RB first:
+        [R] end
+        [B] spin
+    PAINTER_RED spin:
+        NEXT spin
+    END end
+    """
+    score = score_response(fenced(program), contains_b)
+    assert score.score == pytest.approx(2 / 6)
+    fb = score.feedback
+    assert "infinite loops first" in fb
+    assert fb.count("Input:") == 2
+    assert "Input: B\n" in fb and "Input: BRRR\n" in fb
+    assert "Input: R\n" not in fb and "Input: RR\n" not in fb
+    assert f"rejection reason: {LOOP_REASON}" in fb
+    assert "infinite loop detected at node: spin" in fb
+    assert "last 15 of 1000 visited nodes: ... -> spin -> spin" in fb
+
+
+def test_feedback_is_capped_at_2000_characters():
+    long_id = "a_very_long_node_name_that_fills_the_trace_quickly"
+    program = f"START start:\n NEXT {long_id}\nPAINTER_RED {long_id}:\n NEXT {long_id}\nEND end"
+    score = score_response(fenced(program), [TestCase("", True), TestCase("B", True)])
+    assert len(score.feedback) <= 2000
+    assert score.feedback.endswith("(feedback truncated)")
+
+
+def test_transformation_tests_compare_the_final_tape():
+    tests = [TestCase("", True, "BR", True), TestCase("R", True, "RBR", True)]
+    paint_b = "START start:\n NEXT b\nPAINTER_BLUE b:\n NEXT end\nEND end"
+    score = score_response(fenced(paint_b), tests)
+    assert score.score == 0.0
+    assert "Actual:   accepted, final tape B\n" in score.feedback
+    assert "Expected: accepted, final tape BR\n" in score.feedback
+    good = "START start:\n NEXT b\nPAINTER_BLUE b:\n NEXT r\nPAINTER_RED r:\n NEXT end\nEND end"
+    assert score_response(fenced(good), tests).reward == 1.0
+
+
+def test_acceptance_tests_ignore_the_final_tape():
+    tests = [TestCase("R", True, "something else", False), TestCase("B", False, "B", True)]
+    paints = "START start:\n NEXT p\nPULLER_RB p:\n [R] g\nPAINTER_GREEN g:\n NEXT end\nEND end"
+    assert score_response(fenced(paints), tests).reward == 1.0
+
+
+def test_parse_error_feedback_names_the_line():
+    broken = "START start:\n    NEXT first\nPULLER_RB first\n    [R] end\nEND end"
+    score = score_response(fenced(broken), STARTS_WITH_R_TESTS)
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert score.feedback.startswith("Parse error on line 3: missing ':'")
+    assert "3 | PULLER_RB first" in score.feedback
+    assert "all 6 tests failed" in score.feedback
+
+
+def test_missing_fence_gets_the_format_message():
+    score = score_response(STARTS_WITH_R, STARTS_WITH_R_TESTS)
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert score.feedback == NO_PROGRAM_MESSAGE
+    assert "```manufactoria" in score.feedback
+
+
+def test_truncated_answers_get_their_own_message():
+    cut_block = "Answer:\n```manufactoria\nSTART start:\n    NEXT fi"
+    assert "truncated" in score_response(cut_block, STARTS_WITH_R_TESTS).feedback
+    cut_thinking = "<think>I should pull R first and then"
+    assert "truncated" in score_response(cut_thinking, STARTS_WITH_R_TESTS).feedback
+
+
+def test_extraction_prefers_manufactoria_block_then_last_block():
+    other = "```python\nprint('not this')\n```\n"
+    assert extract_program(fenced("A") + other).program == "A"
+    assert extract_program(fenced("A") + fenced("B")).program == "B"  # models revise
+    plain = f"```\n{STARTS_WITH_R}```"
+    assert score_response(plain, STARTS_WITH_R_TESTS).reward == 1.0
+
+
+def test_thinking_is_stripped_before_extraction():
+    wrong = "START start:\n NEXT end\nEND end"
+    response = f"<think>draft:\n{fenced(wrong)}</think>\n{fenced(STARTS_WITH_R)}"
+    assert score_response(response, STARTS_WITH_R_TESTS).reward == 1.0
+    only_in_thinking = f"<think>{fenced(STARTS_WITH_R)}</think>\nDone."
+    assert score_response(only_in_thinking, STARTS_WITH_R_TESTS).feedback == NO_PROGRAM_MESSAGE
+    # Chat templates may open <think> in the prompt: only the closing tag is generated.
+    assert (
+        score_response(
+            f"draft {fenced(wrong)}</think>{fenced(STARTS_WITH_R)}", STARTS_WITH_R_TESTS
+        ).reward
+        == 1.0
+    )
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def _write_jsonl(path: Path, rows: list[object]) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+
+
+def test_loader_reads_the_public_schema(tmp_path: Path):
+    tests = [t.to_dict() for t in STARTS_WITH_R_TESTS]
+    rows = [
+        {
+            "name": "starts_r",
+            "description": "Accept tapes starting with R.",
+            "test_cases": tests,
+            "solution": STARTS_WITH_R,
+        },
+        {
+            "name": "yellow_end",
+            "description": "Append Y.",
+            "test_cases": json.dumps(
+                [
+                    {
+                        "input": "R",
+                        "expected_output": "RY",
+                        "expected_accepted": True,
+                        "check_output": True,
+                    }
+                ]
+            ),
+        },
+    ]
+    path = tmp_path / "problems.jsonl"
+    _write_jsonl(path, rows)
+    problems = load_problems(path)
+    assert [p.name for p in problems] == ["starts_r", "yellow_end"]
+    assert problems[0].test_cases == STARTS_WITH_R_TESTS
+    assert problems[0].colors == "RB" and problems[1].colors == "RBYG"
+    assert problems[1].solution is None
+    assert problems[1].test_cases == [TestCase("R", True, "RY", True)]
+
+    env = ManufactoriaEnv(path=str(path), test_fraction=0.5)
+    items = {item.id: item for item in env.train_items() + env.test_items()}
+    assert set(items) == {"manufactoria/starts_r", "manufactoria/yellow_end"}
+    starts_r = items["manufactoria/starts_r"]
+    assert starts_r.reference is not None and starts_r.reference.startswith("```manufactoria\n")
+    assert env.score(starts_r, starts_r.reference).reward == 1.0
+    assert items["manufactoria/yellow_end"].reference is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '{"name": "a", "description": "d", "test_cases": [{"input": "", '
+            '"expected_accepted": false}]}\n{not json',
+            ":2: invalid JSON",
+        ),
+        ('{"name": "a", "test_cases": []}', "missing keys"),
+        ('{"name": "a", "description": "d", "test_cases": []}', "no test cases"),
+        (
+            '{"name": "a", "description": "d", "test_cases": [{"input": "X", "expected_accepted": true}]}',
+            "R, B, Y, G",
+        ),
+    ],
+)
+def test_loader_reports_bad_lines(tmp_path: Path, content: str, message: str):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_problems(path)
+
+
+def test_saved_problems_load_back_unchanged(tmp_path: Path):
+    problems = generate_problems(
+        2, families=["contains_substring", "prepend_sequence"], n_per_level=2
+    )
+    path = tmp_path / "generated.jsonl"
+    save_problems(problems, path)
+    loaded = load_problems(path)
+    assert [p.to_dict() for p in loaded] == [p.to_dict() for p in problems]
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_environment_items_and_scoring():
+    env = ManufactoriaEnv(seed=0, n_per_level=2, test_fraction=0.25)
+    train, test = env.train_items(), env.test_items()
+    ids = [item.id for item in train + test]
+    assert len(ids) == len(set(ids)) and all(i.startswith("manufactoria/") for i in ids)
+    assert set(ids) == {f"manufactoria/{p.name}" for p in generate_problems(0, n_per_level=2)}
+    again = ManufactoriaEnv(seed=0, n_per_level=2, test_fraction=0.25)
+    assert [i.id for i in again.train_items()] == [i.id for i in train]
+    assert len(test) == round(len(ids) * 0.25)
+    item = train[0]
+    assert [m["role"] for m in item.messages] == ["system", "user"]
+    assert "PULLER_RB" in item.messages[0]["content"] and "NONE" in item.messages[0]["content"]
+    assert "```manufactoria" in item.prompt_text
+    assert item.meta["test_cases"] and "expected_accepted" in item.meta["test_cases"][0]
+    for each in train + test:
+        assert each.reference is not None
+        assert env.score(each, each.reference).reward == 1.0, each.id
+    assert env.score(item, "no program here").feedback == NO_PROGRAM_MESSAGE
+    assert ManufactoriaEnv.name == "manufactoria"
+    assert ManufactoriaEnv.description and ManufactoriaEnv.task_hint
+
+
+def test_environment_split_sizes_and_registry():
+    env = make_env(
+        "manufactoria", {"seed": 1, "families": "contains_substring", "n_train": 60, "n_test": 12}
+    )
+    assert isinstance(env, ManufactoriaEnv)
+    assert len(env.train_items()) == 60 and len(env.test_items()) == 12
+    train_ids = {i.id for i in env.train_items()}
+    assert not train_ids & {i.id for i in env.test_items()}
+    assert all(i.meta["family"] == "contains_substring" for i in env.train_items())
+    with pytest.raises(ValueError):
+        ManufactoriaEnv(families=["no_such_family"])

@@ -1,0 +1,179 @@
+"""QAEnv: answer extraction, normalised exact match, FiNER-style list credit, feedback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from resd.envs import make_env
+from resd.envs.qa import QAEnv, extract_answer, normalize_answer
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"id": "capital", "question": "What is the capital of France?", "answer": "Paris"},
+            {
+                "id": "tower",
+                "question": "Which landmark is 330 m tall?",
+                "answer": "The Eiffel Tower",
+                "aliases": ["Tour Eiffel"],
+            },
+            {"id": "num", "question": "2 + 2?", "answer": 4},
+            {
+                "id": "tags",
+                "question": "Tag the entities: revenue 5M, net loss 2M, cash 1M, debt 3M.",
+                "answer": ["Revenues", "NetIncomeLoss", "Cash", "LongTermDebt"],
+            },
+        ],
+    )
+
+
+def items_by_id(env: QAEnv) -> dict:
+    return {it.id.rsplit("/", 1)[1]: it for it in env.train_items() + env.test_items()}
+
+
+def test_missing_path_names_env_args_path():
+    with pytest.raises(ValueError, match=r"env_args\.path"):
+        QAEnv()
+    with pytest.raises(ValueError, match="no such file"):
+        QAEnv(path="/nonexistent/qa.jsonl")
+
+
+def test_bad_lines_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n{"question": "no answer"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        QAEnv(path=str(path))
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        ("  The Eiffel-Tower!! ", "eiffel tower"),
+        ("An apple, a day", "apple day"),
+        ("PARIS.", "paris"),
+        ("Ｆｕｌｌ　width", "full width"),
+        ("theory", "theory"),  # articles only as whole words
+        (4, "4"),
+    ],
+)
+def test_normalize_answer(raw, normalised):
+    assert normalize_answer(raw) == normalised
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "explicit"),
+    [
+        ("Let me think.\nAnswer: Paris", "Paris", True),
+        ("**Answer:** Paris", "Paris", True),
+        ("**Final answer: Paris**", "Paris", True),
+        ("Answer: wrong\nOn reflection...\nAnswer: Paris", "Paris", True),
+        ("<think>Answer: Lyon</think>\nAnswer: Paris", "Paris", True),
+        ("so it is \\boxed{Paris}.", "Paris", True),
+        ("I believe\n\nParis\n", "Paris", False),
+        ("", "", False),
+    ],
+)
+def test_extract_answer(response, answer, explicit):
+    assert extract_answer(response) == (answer, explicit)
+
+
+def test_prompts_say_how_to_answer(data):
+    items = items_by_id(QAEnv(path=data))
+    assert "'Answer: <answer>'" in items["capital"].prompt_text
+    assert "Answer with 4 items" in items["tags"].prompt_text
+    assert items["tags"].reference == "Answer: Revenues, NetIncomeLoss, Cash, LongTermDebt"
+
+
+def test_references_score_full_marks(data):
+    env = QAEnv(path=data)
+    for item in env.train_items() + env.test_items():
+        score = env.score(item, item.reference)
+        assert (score.reward, score.score, score.feedback) == (1.0, 1.0, "")
+
+
+def test_scalar_exact_match_with_normalisation_and_aliases(data):
+    env = QAEnv(path=data)
+    items = items_by_id(env)
+    assert env.score(items["capital"], "Answer: paris.").reward == 1.0
+    assert env.score(items["tower"], "Answer: eiffel tower").reward == 1.0
+    assert env.score(items["tower"], "Answer: the Tour  Eiffel").reward == 1.0
+    assert env.score(items["num"], "Answer: 4").reward == 1.0
+    wrong = env.score(items["capital"], "Answer: Lyon")
+    assert (wrong.reward, wrong.score) == (0.0, 0.0)
+    assert wrong.feedback == 'Incorrect. You answered "Lyon"; the correct answer is "Paris".'
+
+
+def test_scalar_feedback_without_reveal(data):
+    env = QAEnv(path=data, reveal_answer=False)
+    wrong = env.score(items_by_id(env)["capital"], "I think it is\nLyon")
+    assert wrong.feedback == (
+        "No 'Answer:' line found; the last line was used. "
+        'Incorrect: "Lyon" is not the expected answer.'
+    )
+    assert "Paris" not in wrong.feedback
+
+
+def test_list_answers_get_partial_credit_per_position(data):
+    env = QAEnv(path=data)
+    tags = items_by_id(env)["tags"]
+    score = env.score(tags, "Answer: revenues, Cash, cash, LongTermDebt")
+    assert score.reward == 0.0 and score.score == 0.75
+    assert score.feedback == (
+        '3 of 4 positions correct.\nPosition 2: you answered "Cash"; correct is "NetIncomeLoss".'
+    )
+
+
+def test_list_answers_with_wrong_length(data):
+    env = QAEnv(path=data)
+    tags = items_by_id(env)["tags"]
+    short = env.score(tags, "Answer: Revenues, NetIncomeLoss")
+    assert short.score == 0.5
+    assert "You gave 2 items; 4 were expected." in short.feedback
+    assert 'Position 3: you answered nothing; correct is "Cash".' in short.feedback
+    long = env.score(tags, "Answer: Revenues, NetIncomeLoss, Cash, LongTermDebt, Extra")
+    assert (long.reward, long.score) == (0.0, 1.0)  # every position right, but one too many
+    assert "You gave 5 items" in long.feedback
+    assert env.score(tags, "no idea").score == 0.0
+
+
+def test_list_feedback_without_reveal_names_positions_only(data):
+    env = QAEnv(path=data, reveal_answer=False)
+    tags = items_by_id(env)["tags"]
+    score = env.score(tags, "Answer: Revenues, Cash, Cash, Debt")
+    assert score.score == 0.5
+    assert 'Position 2 is wrong (you answered "Cash").' in score.feedback
+    assert 'Position 4 is wrong (you answered "Debt").' in score.feedback
+    assert "NetIncomeLoss" not in score.feedback and "LongTermDebt" not in score.feedback
+
+
+def test_custom_separator(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"question": "q", "answer": ["a, b", "c"]}])
+    env = QAEnv(path=path, separator=";")
+    (item,) = env.train_items() + env.test_items()
+    assert env.score(item, "Answer: a, b; c").reward == 1.0
+    assert item.reference == "Answer: a, b; c"
+
+
+def test_split_is_deterministic_and_test_path_is_honoured(tmp_path, data):
+    ids = lambda items: [it.id for it in items]  # noqa: E731
+    a, b = QAEnv(path=data, seed=1), QAEnv(path=data, seed=1)
+    assert ids(a.train_items()) == ids(b.train_items())
+    assert len(a.test_items()) == 1 and len(a.train_items()) == 3
+    test_file = write_jsonl(tmp_path / "test.jsonl", [{"question": "q?", "answer": "x"}])
+    c = QAEnv(path=data, test_path=test_file)
+    assert len(c.train_items()) == 4 and ids(c.test_items()) == ["qa/test/1"]
+
+
+def test_registry_builds_the_env(data):
+    env = make_env("qa", {"path": data, "reveal_answer": False})
+    assert isinstance(env, QAEnv) and env.name == "qa" and env.reveal_answer is False

@@ -1,0 +1,408 @@
+"""Adversarial tests of resd.sandbox: every attack must fail inside its limits and leave
+the host (this test process, files outside the work dir, the process table) unharmed."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from resd.sandbox import SandboxResult, run_python
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox targets Linux")
+
+TIMEOUT = 1.5  # small limits keep the adversarial suite fast
+
+
+def run(code: str, **kwargs) -> SandboxResult:
+    kwargs.setdefault("timeout_s", TIMEOUT)
+    return run_python(textwrap.dedent(code), **kwargs)
+
+
+def group_members(pid: int) -> list[int]:
+    """Live processes whose process group or session is the sandbox's."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
+        if state != "Z" and pid in (pgrp, session):
+            found.append(int(entry))
+    return found
+
+
+def assert_group_gone(pid: int, within_s: float = 2.0) -> None:
+    """SIGKILL is delivered asynchronously: allow killed processes a moment to exit."""
+    deadline = time.monotonic() + within_s
+    while group_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert group_members(pid) == []
+
+
+def assert_contained(result: SandboxResult) -> None:
+    assert not result.ok
+    assert_group_gone(result.pid)
+    os.kill(os.getpid(), 0)  # and we are still here
+
+
+# -- ordinary behaviour --------------------------------------------------------------------
+
+
+def test_runs_a_program_and_cleans_up_its_directory():
+    result = run("import os; print('hello'); print(os.getcwd())")
+    assert result.ok and result.returncode == 0 and not result.timed_out
+    out, cwd = result.stdout.splitlines()
+    assert out == "hello"
+    assert not os.path.exists(cwd)
+    assert {"rlimits", "audit"} <= set(result.isolation)
+    assert result.stderr == ""
+
+
+def test_stdin_files_and_exit_status():
+    result = run(
+        "import helper, sys\nprint(helper.X + input())\nsys.exit(3)",
+        stdin="world\n",
+        files={"helper.py": "X = 'hello '\n"},
+    )
+    assert result.stdout == "hello world\n"
+    assert result.returncode == 3 and not result.ok
+    assert "exited with status 3" in result.describe()
+
+
+def test_traceback_points_at_user_code_only():
+    result = run("def f():\n    return 1 / 0\nf()\n")
+    assert result.returncode == 1
+    assert 'File "main.py", line 2, in f' in result.stderr
+    assert "ZeroDivisionError" in result.stderr
+    assert "<string>" not in result.stderr
+
+
+def test_environment_is_minimal():
+    result = run("import json, os; print(json.dumps(dict(os.environ)))")
+    env = json.loads(result.stdout)
+    assert set(env) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL"}
+    assert env["HOME"] == env["TMPDIR"]
+
+
+def test_threads_and_temp_files_still_work():
+    code = """
+    import tempfile, threading
+    out = []
+    t = threading.Thread(target=out.append, args=(1,))
+    t.start(); t.join()
+    with tempfile.NamedTemporaryFile("w", delete=False) as f:
+        f.write("x")
+    print(out, open(f.name).read())
+    """
+    result = run(code)
+    assert result.ok, result.stderr
+    assert result.stdout == "[1] x\n"
+
+
+# -- resource exhaustion -------------------------------------------------------------------
+
+
+def test_infinite_loop_is_killed_at_the_timeout():
+    start = time.monotonic()
+    result = run("while True:\n    pass\n", timeout_s=1)
+    assert result.timed_out and result.returncode == -9
+    assert time.monotonic() - start < 3
+    assert "timed out" in result.describe()
+    assert_contained(result)
+
+
+def test_loop_after_closing_stdout_is_still_killed():
+    result = run("import os\nos.close(1)\nos.close(2)\nwhile True:\n    pass\n", timeout_s=1)
+    assert result.timed_out
+    assert_contained(result)
+
+
+def test_partial_output_survives_a_timeout():
+    result = run("import sys\nprint('progress', flush=True)\nwhile True:\n    pass\n", timeout_s=1)
+    assert result.timed_out and result.stdout == "progress\n"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import os\nwhile True:\n    os.fork()\n",
+        "import subprocess\nwhile True:\n    subprocess.Popen(['python3', '-c', 'pass'])\n",
+        "import os\nos.system(':(){ :|:& };:')\n",
+        "import multiprocessing as mp\nwhile True:\n    mp.Process(target=print).start()\n",
+        "import os\nos.execv('/bin/sh', ['sh', '-c', 'echo escaped'])\n",
+        "import pty\npty.fork()\n",
+    ],
+    ids=["os.fork", "subprocess", "os.system", "multiprocessing", "exec", "pty"],
+)
+def test_fork_bombs_fail_immediately(code):
+    result = run(code)
+    assert not result.timed_out, "process creation should fail at once, not run until killed"
+    assert "PermissionError" in result.stderr
+    assert "escaped" not in result.stdout
+    assert_contained(result)
+
+
+def test_kernel_filter_stops_fork_when_the_python_guard_is_bypassed():
+    # Re-importing the builtin module restores the fork_exec the prelude replaced:
+    # the Python-level guard is bypassed and only seccomp stands in the way.
+    code = """
+    import os, subprocess, sys
+    del sys.modules['_posixsubprocess']
+    import _posixsubprocess
+    r, w = os.pipe()
+    try:
+        pid = _posixsubprocess.fork_exec(
+            [b'/bin/true'], [b'/bin/true'], True, (), None, None, -1, -1, -1, -1, -1, -1,
+            r, w, False, False, False, None, None, None, -1, None, False)
+        print('forked', pid)
+    except OSError as exc:
+        print('blocked', exc.errno)
+    """
+    probe = run("pass")
+    if "seccomp" not in probe.isolation:
+        pytest.skip("seccomp is not available here")
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the fork_exec signature used here is that of Python 3.11")
+    result = run(code)
+    assert result.stdout.strip() == "blocked 1", result.stderr
+    assert_group_gone(result.pid)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "x = bytearray(10 * 2**30)\n",  # 10 GB at once
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n",  # creeping up
+    ],
+    ids=["10GB", "gradual"],
+)
+def test_memory_bombs_hit_the_limit(code):
+    result = run(code, memory_mb=256)
+    assert not result.timed_out
+    assert "MemoryError" in result.stderr
+    assert_contained(result)
+
+
+def test_huge_stdout_is_capped_without_costing_host_memory():
+    code = """
+    import sys
+    block = b'x' * 2**20
+    for _ in range(100):
+        sys.stdout.buffer.write(block)
+    sys.stdout.buffer.write(b'\\nEND\\n')
+    """
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    result = run(code, timeout_s=10, max_output_bytes=64 * 1024)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert result.ok and result.output_truncated
+    assert len(result.stdout) < 64 * 1024 + 200
+    assert result.stdout.startswith("xxx") and result.stdout.endswith("END\n")
+    assert "bytes omitted" in result.stdout
+    assert grown_mb < 50
+
+
+def test_big_files_hit_the_file_size_limit():
+    code = "with open('big', 'wb') as f:\n    f.write(b'x' * 8 * 2**20)\n"
+    result = run(code, max_file_mb=1)
+    assert not result.ok and "File too large" in result.stderr
+
+
+# -- the host's files ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "open(TARGET, 'w').write('pwned')",
+        "os.close(os.open(TARGET, os.O_WRONLY | os.O_CREAT))",
+        "import pathlib; pathlib.Path(TARGET).write_text('pwned')",
+        "import shutil; open('local', 'w').write('x'); shutil.copy('local', TARGET)",
+        "os.symlink(os.path.dirname(TARGET), 'link'); "
+        "open(os.path.join('link', os.path.basename(TARGET)), 'w')",
+        "os.chdir('/'); open(TARGET.lstrip('/'), 'w')",
+        "os.mkdir(TARGET)",
+        "open('a', 'w').close(); d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
+        "os.rename('a', os.path.basename(TARGET), dst_dir_fd=d)",
+    ],
+    ids=["open", "os.open", "pathlib", "shutil.copy", "symlink", "relative", "mkdir", "dir_fd"],
+)
+def test_writes_outside_the_work_dir_are_refused(tmp_path, attack):
+    target = tmp_path / "created_by_sandbox"
+    result = run(f"import os\nTARGET = {str(target)!r}\n{attack}\n")
+    assert "PermissionError" in result.stderr, result.stderr
+    assert not target.exists()
+    assert_contained(result)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "os.remove(SENTINEL)",
+        "os.unlink(SENTINEL)",
+        "import shutil; shutil.rmtree(os.path.dirname(SENTINEL))",
+        "os.rename(SENTINEL, 'stolen')",
+        "os.replace(SENTINEL, SENTINEL + '.moved')",
+        "open(SENTINEL, 'w')",
+        "os.truncate(SENTINEL, 0)",
+        "os.chmod(SENTINEL, 0)",
+        "import pathlib; pathlib.Path(SENTINEL).unlink()",
+        "fd = os.open(SENTINEL, os.O_RDONLY); os.fchmod(fd, 0)",
+    ],
+    ids=[
+        "remove",
+        "unlink",
+        "rmtree",
+        "rename",
+        "replace",
+        "truncate-open",
+        "truncate",
+        "chmod",
+        "pathlib",
+        "fchmod",
+    ],
+)
+def test_files_outside_the_work_dir_cannot_be_deleted_or_damaged(tmp_path, attack):
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("precious")
+    mode = sentinel.stat().st_mode
+    result = run(f"import os\nSENTINEL = {str(sentinel)!r}\n{attack}\n")
+    assert "PermissionError" in result.stderr, result.stderr
+    assert sentinel.read_text() == "precious"
+    assert sentinel.stat().st_mode == mode
+    assert_contained(result)
+
+
+def test_reading_is_allowed_but_the_work_dir_is_private(tmp_path):
+    readable = tmp_path / "data.txt"
+    readable.write_text("shared input")
+    result = run(f"print(open({str(readable)!r}).read())")
+    assert result.stdout == "shared input\n"
+
+
+# -- other processes and the network -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "os.kill(os.getppid(), 0)",
+        "os.kill(1, 0)",
+        "os.killpg(os.getpgid(os.getppid()), 0)",
+        "import signal; signal.pidfd_send_signal(os.pidfd_open(os.getppid()), 0)",
+        "import ctypes; ctypes.CDLL(None).kill(os.getppid(), 0)",
+    ],
+    ids=["kill", "kill-init", "killpg", "pidfd", "ctypes"],
+)
+def test_signalling_other_processes_is_refused(attack):
+    # Signal 0 only probes permission, so a regression cannot hurt the test runner.
+    result = run(f"import os\n{attack}\nprint('ALLOWED')\n")
+    assert "ALLOWED" not in result.stdout
+    assert "PermissionError" in result.stderr, result.stderr
+    assert_contained(result)
+
+
+def test_killing_the_parent_leaves_the_parent_alive():
+    # The real thing, SIGKILL to the parent, from inside a throwaway parent process so
+    # that a regression fails this test instead of killing the whole test session.
+    driver = textwrap.dedent(
+        """
+        import json
+        from resd.sandbox import run_python
+        r = run_python("import os, signal\\nos.kill(os.getppid(), signal.SIGKILL)\\n",
+                       timeout_s=2)
+        print(json.dumps({"ok": r.ok, "stderr": r.stderr}))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(
+        [sys.executable, "-c", driver], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert proc.returncode == 0, f"the parent died: {proc.returncode} {proc.stderr}"
+    report = json.loads(proc.stdout)
+    assert not report["ok"] and "PermissionError" in report["stderr"]
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "import socket; socket.create_connection(('1.1.1.1', 53), timeout=1)",
+        "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
+        "import socket; socket.getaddrinfo('example.com', 80)",
+        "import urllib.request; urllib.request.urlopen('http://example.com', timeout=1)",
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/var/run/docker.sock')",
+    ],
+    ids=["tcp", "udp", "dns", "http", "unix-socket"],
+)
+def test_network_access_is_refused(attack):
+    result = run(attack + "\nprint('CONNECTED')\n")
+    assert "CONNECTED" not in result.stdout
+    assert "PermissionError" in result.stderr, result.stderr
+    assert_contained(result)
+
+
+def test_network_namespace_has_no_usable_interface():
+    probe = run("pass")
+    if "netns" not in probe.isolation:
+        pytest.skip("network namespaces are not available here")
+    # /proc/self/net reflects the process's own namespace (unlike /sys/class/net).
+    code = "lines = open('/proc/self/net/dev').read().splitlines()[2:]\n"
+    code += "print(sorted(line.split(':')[0].strip() for line in lines))"
+    result = run(code)
+    assert result.stdout.strip() in ("['lo']", "[]"), result.stdout
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "import gc; gc.get_objects()",
+        "import ctypes; ctypes.pythonapi.Py_GetVersion",
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
+    ],
+    ids=["gc", "ctypes", "setrlimit"],
+)
+def test_guard_escape_hatches_are_closed(attack):
+    result = run(attack)
+    assert "PermissionError" in result.stderr, result.stderr
+    assert_contained(result)
+
+
+# -- process-group cleanup -----------------------------------------------------------------
+
+
+def test_leftover_children_are_killed_when_the_program_exits():
+    code = """
+    import subprocess, sys
+    for _ in range(3):
+        subprocess.Popen(['sleep', '30'])  # holds our stdout open, too
+    print('spawned')
+    """
+    start = time.monotonic()
+    result = run(code, allow_subprocess=True, timeout_s=10)
+    assert result.stdout == "spawned\n" and result.returncode == 0
+    assert time.monotonic() - start < 5, "must not wait for the children"
+    assert_group_gone(result.pid)
+
+
+def test_whole_group_is_killed_on_timeout():
+    code = """
+    import subprocess
+    for _ in range(3):
+        subprocess.Popen(['sleep', '30'])
+    while True:
+        pass
+    """
+    result = run(code, allow_subprocess=True, timeout_s=1)
+    assert result.timed_out
+    assert_group_gone(result.pid)

@@ -1,0 +1,236 @@
+"""End to end: a tiny local model through every phase, algorithm switches, and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from resd.config import apply_overrides, build_config
+from resd.trainer import PHASES, Trainer
+
+TESTS = Path(__file__).resolve().parent
+SEED_PLAYBOOK = (
+    "## Strategies & Insights\n[strat-00001] helpful=2 harmful=0 :: Keep replies short.\n"
+)
+# A random tiny model cannot write JSON. The prefill feature (text that opens every
+# reflector/curator reply) lets it "answer" with a complete object, so the real parsing,
+# tagging and curation paths run; whatever the model appends is ignored by the parser.
+PREFILLS = {
+    "reflection_prefill": '{"error_identification": "odd length", "key_insight": "count the characters",'
+    ' "bullet_tags": [{"id": "strat-00001", "tag": "helpful"}, {"id": "ghost-00009", "tag": "harmful"}]}',
+    "curation_prefill": '{"operations": [{"type": "ADD", "section": "Common Mistakes to Avoid",'
+    ' "content": "Count the characters of a reply before sending it."}]}',
+}
+
+
+def config(tiny_model_dir: Path, out: Path, *extra: str):
+    (out.parent / "seed-playbook.md").write_text(SEED_PLAYBOOK)
+    return build_config(apply_overrides(
+        PREFILLS,
+        [
+            f"model={tiny_model_dir}", f"output_dir={out}", "env=toy_envs:ParityEnv", "steps=4",
+            "batch_size=4", "inner_updates=2", "max_new_tokens=12", "reflection_max_new_tokens=12",
+            "curation_max_new_tokens=12", "eval_samples=2", "lr=1e-2", "warmup_steps=0", "progress=false",
+            f"playbook_init={out.parent / 'seed-playbook.md'}", "teacher_update_rate=0.5",
+            *extra,
+        ],
+    ))  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
+    cfg = config(
+        tiny_model_dir, tmp_path / "run", "save_every=2", "eval_every=2", "playbook_prune_every=100"
+    )
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.train()
+    run = tmp_path / "run"
+
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [(m["batch"], m["inner"]) for m in metrics] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for m in metrics:
+        assert set(f"time_{p}" for p in PHASES) <= set(m)
+        assert m["time_rollout"] > 0 and m["time_update"] > 0 and m["time_teacher"] > 0
+        failures = round((1 - m["success_rate"]) * 4)
+        assert m["reflections"] == failures  # every failed rollout is reflected on
+        if failures:
+            assert m["time_reflect"] > 0 and m["time_curate"] > 0
+            assert m["reflection_parse_failures"] == 0 and m["tags_applied"] >= failures
+        assert m["distilled"] >= failures and m["loss"] > 0
+    samples = read_jsonl(run / "samples.jsonl")
+    assert {
+        "prompt",
+        "response",
+        "feedback",
+        "reflection",
+        "teacher_prompt",
+        "reward",
+        "token_losses",
+    } <= set(samples[0])
+    failed = [s for s in samples if s["reward"] == 0]
+    assert failed and all("<feedback>" in s["teacher_prompt"] for s in failed)
+    assert all(
+        "<playbook>" in s["teacher_prompt"] and "Keep replies short." in s["teacher_prompt"]
+        for s in samples
+    )
+    assert all(len(s["token_losses"]) == len(s["tokens"]) for s in samples if s["distilled"])
+
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert {"task_mean@k", "task_best@k", "case_mean@k", "case_best@k"} <= set(evals[0])
+    assert summary["eval_before"]["step"] == 0 and summary["eval_after"]["step"] == 4
+    assert (run / "playbook.md").read_text().startswith("## Strategies")
+    playbook_md = (run / "playbook.md").read_text()
+    assert (
+        "[err-00002] helpful=0 harmful=0 :: Count the characters of a reply before sending it."
+        in playbook_md
+    )
+    assert sum(m["playbook_added"] for m in metrics) == 1  # later identical ADDs are de-duplicated
+    helpful = int(playbook_md.split("[strat-00001] helpful=")[1].split()[0])
+    assert helpful == 2 + sum(round((1 - m["success_rate"]) * 4) for m in metrics)
+    assert json.loads((run / "playbook.json").read_text())["entries"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    changed = any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert changed
+    # the EMA teacher moved toward the student but is not the student
+    t, s = trainer.teacher.copy.state_dict(), trainer.model.state_dict()
+    assert any(not torch.equal(t[k], s[k]) for k in s)
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(cfg)
+
+
+def one_step(tiny_model_dir, tmp_path, algorithm, *extra):
+    trainer = Trainer(
+        config(tiny_model_dir, tmp_path / algorithm, f"algorithm={algorithm}", *extra)
+    )
+    items = trainer.train_items[:4]
+    metrics = trainer.train_step(items)
+    return trainer, metrics, read_jsonl(tmp_path / algorithm / "samples.jsonl")
+
+
+def test_sdpo_skips_self_successes_and_sdpo_ss_does_not(tiny_model_dir, tmp_path):
+    extra = ("rollouts_per_prompt=2", "log_samples=8", "max_new_tokens=9")
+    _, m_sdpo, s_sdpo = one_step(tiny_model_dir, tmp_path, "sdpo", *extra)
+    _, m_ss, s_ss = one_step(tiny_model_dir, tmp_path, "sdpo_ss", *extra)
+    # Same seed, same step: identical rollouts for both algorithms.
+    assert [s["response"] for s in s_sdpo] == [s["response"] for s in s_ss]
+    successes = sum(s["reward"] == 1 for s in s_sdpo)
+    assert 0 < successes < 8, "the toy task should give a mix of outcomes"
+    assert m_sdpo["distilled"] == 8 - successes
+    assert m_ss["distilled"] == 8
+    assert all(not s["distilled"] for s in s_sdpo if s["reward"] == 1)
+    for (
+        s
+    ) in s_sdpo:  # SDPO's teacher sees feedback, never a playbook, reflection or its own attempt
+        assert (
+            "<playbook>" not in s["teacher_prompt"]
+            and "<previous_trial>" not in s["teacher_prompt"]
+        )
+    assert m_sdpo["reflections"] == 0 and m_sdpo["playbook_size"] == 1
+    # With N = 2, a failed rollout whose sibling succeeded sees the sibling as a solution.
+    by_item: dict[str, list[dict]] = {}
+    for s in s_sdpo:
+        by_item.setdefault(s["item"], []).append(s)
+    mixed = [g for g in by_item.values() if {x["reward"] for x in g} == {0.0, 1.0}]
+    for group in mixed:
+        fail = next(x for x in group if x["reward"] == 0)
+        win = next(x for x in group if x["reward"] == 1)
+        assert (
+            "<successful_trial>" in fail["teacher_prompt"]
+            and win["response"].strip() in fail["teacher_prompt"]
+        )
+
+
+def test_resd_no_playbook_never_renders_a_playbook(tiny_model_dir, tmp_path):
+    _, metrics, samples = one_step(tiny_model_dir, tmp_path, "resd_no_playbook")
+    assert all("<playbook>" not in s["teacher_prompt"] for s in samples)
+    assert metrics["reflections"] == round((1 - metrics["success_rate"]) * 4)
+
+
+def test_solution_buffer_reaches_later_inner_steps(tiny_model_dir, tmp_path):
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "buf", "log_samples=8", "batch_size=8"))
+    items = trainer.train_items[:8]
+    for _ in range(2):
+        trainer.train_step(items)
+    samples = read_jsonl(tmp_path / "buf" / "samples.jsonl")
+    solved = {s["item"] for s in samples if s["step"] == 1 and s["reward"] == 1}
+    assert solved, "the toy task should give at least one success in a batch of 8"
+    second = [s for s in samples if s["step"] == 2 and s["item"] in solved]
+    assert all("<successful_trial>" in s["teacher_prompt"] for s in second)
+    assert len(trainer.buffer) >= len(solved)
+
+
+def _run_cli(out: Path, tiny_model_dir: Path, *extra: str) -> subprocess.Popen:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / "seed-playbook.md").write_text(SEED_PLAYBOOK)
+    (out.parent / "prefills.yaml").write_text(json.dumps(PREFILLS))  # JSON is YAML
+    args = [
+        sys.executable, "-m", "resd.cli", "train", "--config", str(out.parent / "prefills.yaml"),
+        f"model={tiny_model_dir}", f"output_dir={out}",
+        "env=toy_envs:ParityEnv", "steps=4", "batch_size=4", "inner_updates=2", "max_new_tokens=48",
+        "reflection_max_new_tokens=32", "curation_max_new_tokens=32", "eval_samples=1", "lr=1e-2",
+        "warmup_steps=1", "save_every=1", "keep_checkpoints=5", "progress=false", "teacher_update_rate=0.3",
+        f"playbook_init={out.parent / 'seed-playbook.md'}", *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    full = _run_cli(tmp_path / "a" / "full", tiny_model_dir)
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
+
+    out = tmp_path / "b" / "killed"
+    proc = _run_cli(out, tiny_model_dir)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000002").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step-000004").exists()
+
+    resumed = _run_cli(out, tiny_model_dir, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+
+    a, b = tmp_path / "a" / "full", out
+    assert json.loads((a / "playbook.json").read_text()) == json.loads(
+        (b / "playbook.json").read_text()
+    )
+    state_a = json.loads((a / "checkpoints" / "step-000004" / "state.json").read_text())
+    state_b = json.loads((b / "checkpoints" / "step-000004" / "state.json").read_text())
+    for key in ("cursor", "playbook", "buffer", "step"):
+        assert state_a[key] == state_b[key], key
+    assert [m["step"] for m in read_jsonl(b / "metrics.jsonl")] == [1, 2, 3, 4]
+    losses_a = [m["loss"] for m in read_jsonl(a / "metrics.jsonl")]
+    losses_b = [m["loss"] for m in read_jsonl(b / "metrics.jsonl")]
+    assert losses_a == pytest.approx(losses_b, rel=1e-4)
+    wa = load_file(a / "checkpoints" / "step-000004" / "model" / "model.safetensors")
+    wb = load_file(b / "checkpoints" / "step-000004" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    ta = load_file(a / "checkpoints" / "step-000004" / "teacher.safetensors")
+    tb = load_file(b / "checkpoints" / "step-000004" / "teacher.safetensors")
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,36 @@
+"""Environments for trainer tests: random tiny models succeed on them about half the time."""
+
+from __future__ import annotations
+
+from resd.envs.base import Environment, Item, Score
+
+
+class ParityEnv(Environment):
+    """Success iff the response has an even number of characters; says so in feedback."""
+
+    name = "parity"
+    description = "test-only: even-length replies succeed"
+
+    def __init__(self, n_train: int = 16, n_test: int = 4) -> None:
+        def make(i: int) -> Item:
+            return Item(
+                f"parity/{i}", [{"role": "user", "content": f"Task {i}: reply."}], reference="ab"
+            )
+
+        self._train = [make(i) for i in range(n_train)]
+        self._test = [make(1000 + i) for i in range(n_test)]
+
+    def train_items(self) -> list[Item]:
+        return self._train
+
+    def test_items(self) -> list[Item]:
+        return self._test
+
+    def score(self, item: Item, response: str) -> Score:
+        even = len(response) % 2 == 0
+        fb = (
+            ""
+            if even
+            else f"The reply has {len(response)} characters, an odd number; it needs an even number."
+        )
+        return Score(float(even), 1.0 if even else 0.5, fb)
