@@ -284,7 +284,23 @@ def test_files_outside_the_work_dir_cannot_be_deleted_or_damaged(tmp_path, attac
     assert_contained(result)
 
 
-def test_reading_is_allowed_but_the_work_dir_is_private(tmp_path):
+def test_cleanup_does_not_follow_planted_symlinks(tmp_path):
+    host_dir = tmp_path / "host"
+    host_dir.mkdir(mode=0o755)
+    code = f"""
+    import os
+    os.symlink({str(host_dir)!r}, 'link')
+    os.makedirs('deep/er')
+    os.chmod('deep', 0)
+    print(os.getcwd())
+    """
+    result = run(code)
+    assert result.ok, result.stderr
+    assert not os.path.exists(result.stdout.strip())
+    assert host_dir.is_dir() and (host_dir.stat().st_mode & 0o777) == 0o755
+
+
+def test_reading_outside_the_work_dir_is_allowed(tmp_path):
     readable = tmp_path / "data.txt"
     readable.write_text("shared input")
     result = run(f"print(open({str(readable)!r}).read())")
@@ -350,6 +366,13 @@ def test_network_access_is_refused(attack):
     assert "CONNECTED" not in result.stdout
     assert "PermissionError" in result.stderr, result.stderr
     assert_contained(result)
+
+
+def test_network_can_be_allowed_for_trusted_code():
+    result = run(
+        "import socket\nsocket.socket(socket.AF_INET).close()\nprint('ok')", allow_network=True
+    )
+    assert result.ok and "netns" not in result.isolation
 
 
 def test_network_namespace_has_no_usable_interface():

@@ -15,7 +15,9 @@ Kernel-enforced (always, on Linux):
     * resource limits: RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space, i.e. memory),
       RLIMIT_FSIZE (largest file it may write), RLIMIT_NOFILE, RLIMIT_CORE=0 and
       RLIMIT_NPROC. RLIMIT_NPROC is *not* enforced for root and counts every process of
-      the user (not just the sandbox's), so it is only a backstop;
+      the user (not just the sandbox's), so it is only a backstop. The child sets the
+      limits itself before any user code runs, rather than a `preexec_fn`, which runs
+      Python between fork and exec and can deadlock a multi-threaded trainer;
     * stdout/stderr are streamed and capped in the parent: the head and the tail are
       kept, the middle is dropped, so 100 MB of output costs the host no memory;
     * a minimal environment (PATH, HOME and TMPDIR pointing at the work dir, a UTF-8
@@ -44,8 +46,9 @@ while a deliberate exploit of the interpreter could get past it:
       the hook list) and sub-interpreters are refused.
 
 Not covered: disk usage by many files (each file is capped by RLIMIT_FSIZE, but not
-their number), reading files the user may read, CPU contention with the host, and
-attacks on the kernel itself. Run training as an unprivileged user or in a container
+their number), reading files the user may read, Unix-domain sockets on the filesystem
+(refused by the Python guard only), CPU contention with the host, and attacks on the
+kernel itself. Run training as an unprivileged user or in a container
 when the stakes are higher than a research box.
 """
 
@@ -124,7 +127,11 @@ _RESD_SYSCALLS = {
         setrlimit=164, prlimit64=261)),
 }
 
-def _resd_seccomp(allow_subprocess):
+# A classic-BPF program over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
+# Instructions are (code, jump-if-true, jump-if-false, k). Each rule reads
+# "if nr == N: <block that always returns>"; every syscall without a rule is allowed,
+# so the filter only narrows what a plain Python program never needs.
+def _resd_seccomp(allow_subprocess, allow_network):
     machine = _os.uname().machine
     if machine not in _RESD_SYSCALLS:
         return False
@@ -163,7 +170,8 @@ def _resd_seccomp(allow_subprocess):
     for name in ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open",
                  "pidfd_send_signal", "setrlimit"):
         rule(name, deny)
-    rule("socket", only_if_arg0_in([1]))  # AF_UNIX only
+    if not allow_network:
+        rule("socket", only_if_arg0_in([1]))  # AF_UNIX only
     # prlimit64 is also how libc *reads* limits: allow it only without a new limit
     rule("prlimit64", [(LD, 0, 0, arg_lo(2)), (JEQ, 0, 2, 0), (LD, 0, 0, arg_hi(2)),
                        (JEQ, 1, 0, 0), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)])
@@ -185,7 +193,7 @@ def _resd_seccomp(allow_subprocess):
     except (OSError, AttributeError):
         return False
 
-def _resd_guard(workdir, allow_subprocess):
+def _resd_guard(workdir, allow_subprocess, allow_network):
     import stat as _stat
     root = _os.path.realpath(workdir)
     devices = {"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty"}
@@ -245,12 +253,15 @@ def _resd_guard(workdir, allow_subprocess):
         "gc.get_referents": "gc introspection", "resource.setrlimit": "changing rlimits",
         "resource.prlimit": "changing rlimits",
         "cpython.PyInterpreterState_New": "creating sub-interpreters",
-        "socket.getaddrinfo": "DNS", "socket.gethostbyname": "DNS",
-        "socket.gethostbyname_ex": "DNS", "socket.gethostbyaddr": "DNS",
-        "socket.getnameinfo": "DNS", "socket.connect": "network access",
-        "socket.bind": "network access", "socket.sendto": "network access",
-        "socket.sendmsg": "network access",
     }
+    if not allow_network:
+        denied_events.update({
+            "socket.getaddrinfo": "DNS", "socket.gethostbyname": "DNS",
+            "socket.gethostbyname_ex": "DNS", "socket.gethostbyaddr": "DNS",
+            "socket.getnameinfo": "DNS", "socket.connect": "network access",
+            "socket.bind": "network access", "socket.sendto": "network access",
+            "socket.sendmsg": "network access",
+        })
     denied_modules = {"_xxsubinterpreters", "_interpreters", "_testcapi", "_testinternalcapi",
                       "_ctypes"}
 
@@ -285,7 +296,7 @@ def _resd_guard(workdir, allow_subprocess):
                 target = args[0] if event == "os.kill" else -args[0]
                 if not same_group(target):
                     deny("signalling other processes")
-            elif event == "socket.__new__":
+            elif event == "socket.__new__" and not allow_network:
                 if args[1] != 1:  # AF_UNIX, e.g. asyncio's self-pipe
                     deny("network access")
             elif event in denied_events:
@@ -315,11 +326,11 @@ def _resd_main():
     _sys.argv[:] = [cfg["main"]]
     _resd_limits(cfg["rlimits"])
     active = ["rlimits"]
-    if cfg["isolate_network"] and _resd_unshare_net():
+    if not cfg["allow_network"] and _resd_unshare_net():
         active.append("netns")
-    if cfg["seccomp"] and _resd_seccomp(cfg["allow_subprocess"]):
+    if cfg["seccomp"] and _resd_seccomp(cfg["allow_subprocess"], cfg["allow_network"]):
         active.append("seccomp")
-    _resd_guard(cfg["workdir"], cfg["allow_subprocess"])
+    _resd_guard(cfg["workdir"], cfg["allow_subprocess"], cfg["allow_network"])
     active.append("audit")
     _os.write(2, (cfg["mark"] + _json.dumps(active) + "\n").encode())
     _sys.path.insert(0, cfg["workdir"])
@@ -484,8 +495,8 @@ def run_python(
     files: Mapping[str, str | bytes] | None = None,
     max_file_mb: int = 16,
     max_processes: int = 64,
-    isolate_network: bool = True,
     allow_subprocess: bool = False,
+    allow_network: bool = False,
 ) -> SandboxResult:
     """Run `code` as a Python program in a fresh, limited child process.
 
@@ -501,9 +512,10 @@ def run_python(
             the work dir is on `sys.path`, so `.py` files there are importable.
         max_file_mb: largest file the program may write (RLIMIT_FSIZE).
         max_processes: RLIMIT_NPROC; see the module docstring for why it is a backstop.
-        isolate_network: try to run in an empty network namespace.
         allow_subprocess: let the program start processes (only for trusted code: the
             fork guards are lifted; the group is still killed at the end).
+        allow_network: let the program use the network (only for trusted code: no
+            network namespace, no socket guards).
 
     Never raises for anything the program does; raises only for bad arguments or if the
     interpreter cannot be started at all.
@@ -547,7 +559,7 @@ def run_python(
             "main": _MAIN_FILE,
             "workdir": workdir,
             "rlimits": rlimits,
-            "isolate_network": isolate_network,
+            "allow_network": allow_network,
             "seccomp": True,
             "allow_subprocess": allow_subprocess,
             "mark": _ISOLATION_MARK,

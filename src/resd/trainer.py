@@ -241,7 +241,7 @@ class Trainer:
         self.playbook = Playbook.from_dict(state["playbook"])
         self.buffer = SolutionBuffer(dict(state["buffer"]))
         self.totals = Counter(state.get("totals", {}))
-        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl"):
             truncate_jsonl(self.run_dir / name, self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -323,6 +323,12 @@ class Trainer:
             "time_step": round(time.perf_counter() - start, 4),
         }
         self._log_samples(rollouts, step)
+        if algo.playbook:
+            self._append(
+                "playbook_history.jsonl",
+                {"step": step, "size": len(self.playbook), "sections": self.playbook.section_counts(),
+                 "added": added, "removed": sorted(set(removed))},
+            )  # fmt: skip
         return metrics
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:

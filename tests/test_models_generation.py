@@ -1,0 +1,86 @@
+"""Model loading (including the bundled GGUF model), batched generation and scoring alignment."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from resd.generation import chat_prompt_ids, generate, strip_thinking
+from resd.models import load_model, load_tokenizer, materialize_bundled
+from resd.trainer import response_logits, right_aligned_mask
+
+
+def test_strip_thinking():
+    assert strip_thinking("<think>plan</think>Answer: 3") == "Answer: 3"
+    assert strip_thinking("a<think>x</think>b<think>y</think>c") == "abc"
+    assert strip_thinking("<think>never closed") == ""
+    assert strip_thinking("template opened it</think> final") == "final"
+    assert strip_thinking("no thinking") == "no thinking"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 9, 4)]
+    batched = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, batch_size=3)
+    for prompt, got in zip(prompts, batched, strict=True):
+        alone = generate(model, tok, [prompt], max_new_tokens=10, temperature=0.0)[0]
+        assert got.token_ids == alone.token_ids  # left padding and positions are right
+        assert len(got.token_ids) <= 10
+        assert got.finished == (tok.eos_token_id in got.token_ids)
+        if got.finished:
+            assert got.token_ids[-1] == tok.eos_token_id  # cut right after the first EOS
+
+
+def test_sampling_is_seeded(tiny):
+    model, tok = tiny
+    prompt = [chat_prompt_ids(tok, [{"role": "user", "content": "hello"}])] * 3
+    torch.manual_seed(5)
+    a = generate(model, tok, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    torch.manual_seed(5)
+    b = generate(model, tok, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_prompt_truncation_keeps_the_generation_prompt(tiny):
+    _, tok = tiny
+    full = chat_prompt_ids(tok, [{"role": "user", "content": "word " * 200}])
+    cut = chat_prompt_ids(tok, [{"role": "user", "content": "word " * 200}], max_tokens=16)
+    assert len(cut) == 16 and cut == full[-16:]
+
+
+def test_response_logits_align_with_a_plain_forward(tiny):
+    model, _ = tiny
+    model.eval()
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    resp_lens = [3, 1, 2]
+    width = max(resp_lens)
+    with torch.no_grad():
+        batched = response_logits(model, seqs, width, pad_id=1)
+        mask = right_aligned_mask(resp_lens, width, batched.device)
+        for row, (seq, r) in enumerate(zip(seqs, resp_lens, strict=True)):
+            alone = model(input_ids=torch.tensor([seq])).logits[0]
+            # logits predicting the last r tokens sit at positions len-r-1 .. len-2
+            expected = alone[len(seq) - r - 1 : len(seq) - 1]
+            torch.testing.assert_close(batched[row, width - r :], expected, atol=1e-4, rtol=1e-4)
+            assert mask[row].tolist() == [0.0] * (width - r) + [1.0] * r
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")
+def test_bundled_model_alias_converts_once(tmp_path, monkeypatch):
+    path = materialize_bundled("smollm2-135m")  # shared user cache: converted at most once per machine
+    stamp = (path / "config.json").stat().st_mtime
+    assert materialize_bundled("smollm2-135m") == path
+    assert (path / "config.json").stat().st_mtime == stamp
+    assert list(path.glob("*.safetensors"))
+    tok = load_tokenizer("smollm2-135m")
+    assert tok.model_max_length == 8192  # not the GGUF's 1e30
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "Hi"}])
+    assert tok.decode(ids).rstrip().endswith("assistant")
