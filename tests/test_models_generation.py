@@ -74,7 +74,9 @@ def test_response_logits_align_with_a_plain_forward(tiny):
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")
 def test_bundled_model_alias_converts_once(tmp_path, monkeypatch):
-    path = materialize_bundled("smollm2-135m")  # shared user cache: converted at most once per machine
+    path = materialize_bundled(
+        "smollm2-135m"
+    )  # shared user cache: converted at most once per machine
     stamp = (path / "config.json").stat().st_mtime
     assert materialize_bundled("smollm2-135m") == path
     assert (path / "config.json").stat().st_mtime == stamp

@@ -234,3 +234,31 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path
     tb = load_file(b / "checkpoints" / "step-000004" / "teacher.safetensors")
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("env", "env_args"),
+    [
+        ("manufactoria", "env_args={n_train: 4, n_test: 2}"),
+        ("ifeval", "env_args={n_train: 4, n_test: 2}"),
+        ("code", "env_args={timeout_s: 2}"),
+        ("arithmetic", "env_args={n_train: 4, n_test: 2}"),
+    ],
+)
+def test_trainer_runs_on_every_builtin_environment(tiny_model_dir, tmp_path, env, env_args):
+    cfg = config(tiny_model_dir, tmp_path / env, f"env={env}", env_args, "steps=1", "eval_items=2",
+                 "eval_samples=1", "inner_updates=1")  # fmt: skip
+    summary = Trainer(cfg).train()
+    assert summary["steps"] == 1 and summary["eval_after"]["items"] == 2
+    sample = read_jsonl(tmp_path / env / "samples.jsonl")[0]
+    assert sample["feedback"]  # a random model's reply always earns feedback
+
+
+def test_trainer_runs_on_qa(tiny_model_dir, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"Q{i}?", "answer": f"A{i}"}) + "\n" for i in range(8))
+    )
+    cfg = config(tiny_model_dir, tmp_path / "qa", "env=qa", f"env_args.path={data}", "steps=1",
+                 "inner_updates=1", "eval_samples=1")  # fmt: skip
+    assert Trainer(cfg).train()["steps"] == 1

@@ -34,3 +34,10 @@ class ParityEnv(Environment):
             else f"The reply has {len(response)} characters, an odd number; it needs an even number."
         )
         return Score(float(even), 1.0 if even else 0.5, fb)
+
+
+class ConstantEnv(ParityEnv):
+    """Every reply fails the same way: all rewards equal, so GRPO has nothing to learn."""
+
+    def score(self, item: Item, response: str) -> Score:
+        return Score(0.0, 0.0, "Always wrong.")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 
 _NAME = re.compile(r"^step-(\d{6})$")
 
@@ -57,7 +56,7 @@ def save_checkpoint(
     *,
     model,
     tokenizer,
-    teacher_model: torch.nn.Module | None,
+    teachers: dict[str, Any],
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int = 2,
@@ -70,8 +69,8 @@ def save_checkpoint(
     try:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
-        if teacher_model is not None:
-            save_model(teacher_model, str(tmp / "teacher.safetensors"))
+        for name, teacher in teachers.items():  # teacher weights, reference model, ...
+            teacher.save(tmp / f"{name}.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state()["torch"], tmp / "rng_torch.pt")
         payload = dict(state, step=step, python_rng=random.getstate())
@@ -87,11 +86,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, *, teacher_model: torch.nn.Module | None, optimizer: torch.optim.Optimizer
+    path: Path, *, teachers: dict[str, Any], optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore teacher, optimizer and RNG in place (the student is loaded from `path/model`)."""
-    if teacher_model is not None:
-        load_model(teacher_model, str(path / "teacher.safetensors"))
+    """Restore teachers, optimizer and RNG in place (the student is loaded from `path/model`)."""
+    for name, teacher in teachers.items():
+        teacher.load(path / f"{name}.safetensors")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = json.loads((path / "state.json").read_text())
     set_rng_state(

@@ -64,8 +64,22 @@ class TrainConfig:
     success_weighting: bool = False
     success_weight_alpha: float = 1.0
     success_weight_beta: float = 1.0
-    teacher: str = "ema"  # ema | base | live
+    distillation_mode: str = "topk"  # topk (see topk/add_tail) | full | sampled
+    distillation_weight: float | None = None  # λ in (1 − λ)·PG + λ·SD; null = the algorithm's
+    is_clip: float | None = 2.0  # per-token importance weight cap against the rollout policy
+    update_epochs: int = 1  # optimizer passes over one batch of rollouts
+    teacher: str = "ema"  # ema | base | live | trust_region
     teacher_update_rate: float = 1e-4
+    trust_region_weight: float = 0.5  # trust_region teacher: (1 − w)·base + w·current logits
+    # policy gradient (grpo, or any algorithm with distillation_weight < 1)
+    pg_reward: str = "reward"  # reward (0/1) | score (partial credit)
+    pg_scale_std: bool = True
+    pg_clip_low: float = 0.2
+    pg_clip_high: float = 0.28
+    kl_coef: float = 0.0  # k3 KL to the initial model
+    # parameter-efficient training: {r: 16, alpha: 32, target_modules: [q_proj, v_proj], dropout: 0.0}
+    lora: dict[str, Any] | None = None
+    student_playbook: bool = False  # also show the playbook in the student's own prompt
     teacher_template: str | None = None  # file path or literal template; None = generic
     max_teacher_prompt_tokens: int = 3072
     # reflection and curation (spec §3)
@@ -101,7 +115,7 @@ class TrainConfig:
         positive = ["batch_size", "rollouts_per_prompt", "inner_updates", "micro_batch_size",
                     "generation_batch_size", "max_new_tokens", "max_prompt_tokens", "eval_samples",
                     "reflection_max_new_tokens", "curation_max_new_tokens", "playbook_max_entries",
-                    "playbook_prune_every", "keep_checkpoints"]  # fmt: skip
+                    "playbook_prune_every", "keep_checkpoints", "update_epochs"]  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -135,13 +149,15 @@ class TrainConfig:
             raise ConfigError(
                 f"teacher_update_rate: must be in [0, 1], got {self.teacher_update_rate}"
             )
-        choices = {"teacher": ("ema", "base", "live"), "playbook_policy": ("staleness", "prioritized"),
+        choices = {"teacher": ("ema", "base", "live", "trust_region"),
+                   "playbook_policy": ("staleness", "prioritized"),
+                   "distillation_mode": ("topk", "full", "sampled"), "pg_reward": ("reward", "score"),
                    "dtype": ("float32", "bfloat16", "float16"),
                    "generation_dtype": ("float32", "bfloat16", "float16", None)}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ["min_ratio", "max_ratio"]:
+        for name in ["min_ratio", "max_ratio", "is_clip"]:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 or null, got {value}")

@@ -137,3 +137,62 @@ def masked_token_mean(
     total = (token_loss * mask).sum()
     denom = mask.sum() if denominator is None else denominator
     return total / max(float(denom), 1.0)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_std: bool = True
+) -> torch.Tensor:
+    """GRPO advantages: reward minus its group mean, optionally over the group std.
+
+    Rollouts come grouped, `group_size` consecutive ones per prompt. A group of one has
+    no baseline of its own; then the whole batch is the group (so a mixed objective at
+    N = 1 still gets a signal).
+    """
+    rewards = rewards.float()
+    grouped = rewards.view(1, -1) if group_size <= 1 else rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_std and grouped.shape[1] > 1:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def policy_gradient_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """Per-token PPO-clipped policy-gradient loss with optional k3 KL to a reference.
+
+    `logp`, `old_logp`, `ref_logp`: `[B, T]` log-probs of the sampled tokens;
+    `advantages`: `[B]` or `[B, T]`. Asymmetric clipping (0.2 / 0.28) follows the
+    released GRPO settings.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = -torch.minimum(ratio * advantages, clipped * advantages)
+    if kl_coef and ref_logp is not None:
+        delta = ref_logp - logp
+        loss = loss + kl_coef * (torch.exp(delta) - delta - 1)
+    return loss
+
+
+def importance_weight(
+    logp: torch.Tensor, old_logp: torch.Tensor, clip: float | None
+) -> torch.Tensor:
+    """min(π_θ / π_old, clip), detached: the off-policy correction of spec §2."""
+    if clip is None:
+        return torch.ones_like(logp)
+    return torch.exp((logp - old_logp).detach().clamp(-20, 20)).clamp(max=clip)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log π(token) for the given ids, `[B, T]`, in at least fp32."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, token_ids[..., None])[..., 0]

@@ -8,8 +8,8 @@ is also written to `plots/` beside the report, for slides and papers.
 
 Model text (prompts, responses, reflections, playbook entries) is untrusted: it may
 contain HTML such as `<script>`. Every piece of text goes through `esc()` (directly or
-through `table()`, `pre()`, `details()`) before it reaches the page; the only raw HTML
-is the markup built in this module.
+through `table()`, `pre()`, `details()`, whose text arguments are never markup) before
+it reaches the page; the only raw HTML is the markup built in this module.
 
 The module reads top to bottom:
   1. reading a run directory (everything but a config or metrics file is optional)
@@ -299,7 +299,7 @@ def _figure(rows: int, cols: int, width: float, height: float):
     """
     try:
         from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise ImportError(
             "resd report needs matplotlib; install it with: pip install resd[report]"
         ) from exc
@@ -315,9 +315,7 @@ def _png(fig) -> bytes:
 
 def _samples_axis(ax, per_step: int) -> None:
     """A second x axis on top: samples drawn = step × samples per step."""
-    axis = ax.secondary_xaxis(
-        "top", functions=(lambda s: s * per_step, lambda n: n / per_step)
-    )
+    axis = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda n: n / per_step))
     axis.set_xlabel("samples drawn")
 
 
@@ -441,7 +439,9 @@ def plot_comparison(
     Each algorithm is its mean over seeds with a shaded min/max band; colours are fixed
     by the algorithm's position in `groups`, so they match across figures.
     """
-    keys = tuple(k for k in keys if any(series(_rows(r, source), k)[0] for g in groups.values() for r in g))
+    keys = tuple(
+        k for k in keys if any(series(_rows(r, source), k)[0] for g in groups.values() for r in g)
+    )
     if not keys:
         return None
     fig, axes = _figure(len(keys), 2, 12.0, 3.4 * len(keys))
@@ -449,9 +449,7 @@ def plot_comparison(
         for col, axis in enumerate(("step", "samples")):
             ax = axes[row][col]
             for i, (algorithm, runs) in enumerate(groups.items()):
-                band = group_curve(
-                    algorithm, runs, key, source=source, axis=axis, smooth=smooth
-                )
+                band = group_curve(algorithm, runs, key, source=source, axis=axis, smooth=smooth)
                 if not band.x:
                     continue
                 label = f"{algorithm} (n={band.runs})"
@@ -466,10 +464,6 @@ def plot_comparison(
 
 
 # ---- 4. HTML helpers -------------------------------------------------------------------
-class Raw(str):
-    """Markup built by this module; `table()` inserts it as is instead of escaping it."""
-
-
 def esc(text: Any) -> str:
     """HTML-escape anything (quotes too, so the result is safe inside attributes)."""
     return html.escape("" if text is None else str(text), quote=True)
@@ -489,12 +483,10 @@ def _fmt(value: Any) -> str:
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A table of plain values: every cell is formatted and escaped, none is markup."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>"
-        + "".join(f"<td>{c if isinstance(c, Raw) else esc(_fmt(c))}</td>" for c in row)
-        + "</tr>"
-        for row in rows
+        "<tr>" + "".join(f"<td>{esc(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -552,7 +544,7 @@ summary { cursor: pointer; font-weight: 600; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #555; }
-.missing { color: #888; font-style: italic; }
+.missing, .empty { color: #888; font-style: italic; }
 .tokens { font-family: ui-monospace, monospace; white-space: pre-wrap;
           word-break: break-word; border: 1px solid #ddd; padding: 0.6em;
           line-height: 1.7; }
@@ -771,7 +763,7 @@ def section_examples(run: Run) -> str:
         for key, label, opened in EXAMPLE_FIELDS:
             text = s.get(key)
             if text in (None, ""):
-                parts.append(f"<p class='missing'>{esc(label)}: none</p>")
+                parts.append(f'<p class="empty">{esc(label)}: (empty)</p>')
                 continue
             summary = f"{label} ({len(str(text))} chars)"
             parts.append(details(summary, pre(text), opened=opened))
@@ -945,10 +937,10 @@ def comparison_report(path: Path, runs: list[Run], sink: PlotSink) -> str:
         curves.append(not_recorded("evaluation (no eval.jsonl in any run)"))
     learning = section("learning", "2. Learning curves", "".join(curves))
 
-    extra = _read_json(path / "comparison.json")
+    extra = path / "comparison.json"
     meta = (
-        details("comparison.json", pre(json.dumps(extra, indent=1)))
-        if extra is not None
+        details("comparison.json", pre(extra.read_text(errors="replace")))
+        if extra.exists()
         else not_recorded("comparison.json")
     )
     hint = (

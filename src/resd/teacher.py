@@ -1,43 +1,131 @@
 """Teacher weights: which parameters score the student's response in the privileged context.
 
-- `ema`  : a slowly moving average of the student, θ_T ← (1 − r)·θ_T + r·θ after each
-           optimizer step (RESD: r = 1e-4; SDPO default 0.05; SDFT 0.01). Stable
-           targets, but at tiny r it is almost the base model (spec §8).
-- `base` : the initial weights, frozen.
-- `live` : the current student itself under no_grad; no extra memory.
+- `ema`          : a slowly moving average of the student, θ_T ← (1 − r)·θ_T + r·θ after each
+                   optimizer step (RESD: r = 1e-4; SDPO default 0.05; SDFT 0.01). Stable
+                   targets, but at tiny r it is almost the base model (spec §8).
+- `base`         : the initial weights, frozen.
+- `live`         : the current student itself under no_grad; no extra memory.
+- `trust_region` : logits (1 − w)·base + w·current: a teacher that can move, but only so far.
+
+With LoRA, no second copy of the base weights is ever made: the `base` teacher is the
+student with its adapter disabled, and the `ema` teacher is a second set of adapter
+tensors that is swapped in for the teacher's forward pass.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-TEACHER_KINDS = ("ema", "base", "live")
+TEACHER_KINDS = ("ema", "base", "live", "trust_region")
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 class Teacher:
-    def __init__(self, student: nn.Module, kind: str = "ema", update_rate: float = 1e-4) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        kind: str = "ema",
+        update_rate: float = 1e-4,
+        mix_weight: float = 0.5,
+    ) -> None:
         if kind not in TEACHER_KINDS:
             raise ValueError(f"teacher: expected one of {TEACHER_KINDS}, got {kind!r}")
         if not 0.0 <= update_rate <= 1.0:
             raise ValueError(f"teacher_update_rate: must be in [0, 1], got {update_rate}")
+        if not 0.0 <= mix_weight <= 1.0:
+            raise ValueError(f"trust_region_weight: must be in [0, 1], got {mix_weight}")
         self.kind = kind
         self.update_rate = update_rate
-        self.copy: nn.Module | None = None
-        if kind != "live":
+        self.mix_weight = mix_weight
+        self.lora = is_peft(student)
+        self.copy: nn.Module | None = None  # a full frozen model (non-LoRA ema/base/trust_region)
+        self.adapter: dict[str, torch.Tensor] = {}  # the EMA adapter tensors (LoRA ema)
+        if self.lora:
+            if kind == "ema":
+                self.adapter = {
+                    n: p.detach().clone() for n, p in adapter_parameters(student).items()
+                }
+        elif kind != "live":
             self.copy = copy.deepcopy(student)
             self.copy.requires_grad_(False)
             self.copy.eval()
 
-    def module(self, student: nn.Module) -> nn.Module:
-        return student if self.copy is None else self.copy
+    @torch.no_grad()
+    def logits(
+        self, student: nn.Module, forward: Callable[[nn.Module], torch.Tensor]
+    ) -> torch.Tensor:
+        """Run `forward(model)` with the teacher's weights and return its logits."""
+        if self.kind == "live":
+            return forward(student)
+        if self.kind == "trust_region":
+            base = self._base_logits(student, forward)
+            return torch.lerp(base.float(), forward(student).float(), self.mix_weight)
+        if self.kind == "base":
+            return self._base_logits(student, forward)
+        if self.lora:
+            with self._swapped_adapter(student):
+                return forward(student)
+        return forward(self.copy)
+
+    def _base_logits(
+        self, student: nn.Module, forward: Callable[[nn.Module], torch.Tensor]
+    ) -> torch.Tensor:
+        if self.lora:
+            with student.disable_adapter():
+                return forward(student)
+        return forward(self.copy)
+
+    @contextmanager
+    def _swapped_adapter(self, student: nn.Module) -> Iterator[None]:
+        params = adapter_parameters(student)
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            for n, p in params.items():
+                p.data.copy_(self.adapter[n])
+            yield
+        finally:
+            for n, p in params.items():
+                p.data.copy_(saved[n])
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """Call after every optimizer step."""
-        if self.kind != "ema" or self.copy is None:
+        if self.kind != "ema":
             return
+        if self.lora:
+            for n, p in adapter_parameters(student).items():
+                self.adapter[n].lerp_(p.detach().to(self.adapter[n].dtype), self.update_rate)
+            return
+        assert self.copy is not None
         for t, s in zip(self.copy.parameters(), student.parameters(), strict=True):
             t.lerp_(s.detach().to(t.dtype), self.update_rate)
+
+    def save(self, path: Path) -> None:
+        """Store what cannot be rebuilt from the student: the EMA adapter or the frozen copy."""
+        if self.adapter:
+            save_file({n: t.contiguous() for n, t in self.adapter.items()}, str(path))
+        elif self.copy is not None:
+            save_model(self.copy, str(path))  # handles tied embeddings
+
+    def load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        if self.adapter:
+            for n, t in load_file(str(path)).items():
+                self.adapter[n].copy_(t)
+        elif self.copy is not None:
+            load_model(self.copy, str(path))

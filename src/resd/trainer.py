@@ -36,7 +36,15 @@ from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.evaluation import evaluate, safe_score
 from resd.generation import Generation, chat_prompt_ids, generate, left_pad, strip_thinking
-from resd.losses import self_distillation_loss, success_rate_weights
+from resd.losses import (
+    group_advantages,
+    importance_weight,
+    policy_gradient_loss,
+    sampled_token_loss,
+    self_distillation_loss,
+    success_rate_weights,
+    token_logprobs,
+)
 from resd.models import DTYPES, autocast_context, load_model, load_tokenizer
 from resd.parsing import extract_bullet_tags
 from resd.playbook import Playbook
@@ -144,21 +152,23 @@ class Trainer:
                 f"output_dir: {self.run_dir} already holds a run; pass --resume to continue it "
                 "or choose another output_dir"
             )
-        model_source = str(checkpoint / "model") if checkpoint else cfg.model
-        self.tokenizer = load_tokenizer(model_source, cfg.max_prompt_tokens + cfg.max_new_tokens)
-        self.model = load_model(model_source, dtype=cfg.dtype, device=cfg.device)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
+        self.model = self._load_student(checkpoint)
         self.model.train()
         self.device = next(self.model.parameters()).device
-        if cfg.teacher == "base" and checkpoint:
-            base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-            self.teacher = Teacher(base, "base")
-        else:
-            self.teacher = Teacher(self.model, cfg.teacher, cfg.teacher_update_rate)
+        self.distillation_weight = (
+            self.algo.distillation_weight
+            if cfg.distillation_weight is None
+            else cfg.distillation_weight
+        )
+        # A resumed run restores base/EMA/trust-region weights from the checkpoint.
+        self.teacher = Teacher(
+            self.model, cfg.teacher, cfg.teacher_update_rate, cfg.trust_region_weight
+        )
+        self.reference = Teacher(self.model, "base") if cfg.kl_coef > 0 else None
         self.generator = self.model
-        if (
-            cfg.generation_dtype
-            and DTYPES[cfg.generation_dtype] != next(self.model.parameters()).dtype
-        ):
+        param_dtype = next(self.model.parameters()).dtype
+        if cfg.generation_dtype and DTYPES[cfg.generation_dtype] != param_dtype and not cfg.lora:
             self.generator = copy.deepcopy(self.model).to(DTYPES[cfg.generation_dtype]).eval()
             self.generator.requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -173,6 +183,26 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         if checkpoint:
             self._restore(checkpoint)
+
+    def _load_student(self, checkpoint: Path | None):
+        """The policy: a full model, or a base model with a LoRA adapter (PEFT)."""
+        cfg = self.cfg
+        if not cfg.lora:
+            source = str(checkpoint / "model") if checkpoint else cfg.model
+            return load_model(source, dtype=cfg.dtype, device=cfg.device)
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        if checkpoint:
+            return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
+        lora = LoraConfig(
+            r=int(cfg.lora.get("r", 16)),
+            lora_alpha=int(cfg.lora.get("alpha", 32)),
+            lora_dropout=float(cfg.lora.get("dropout", 0.0)),
+            target_modules=cfg.lora.get("target_modules", "all-linear"),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(base, lora)
 
     # ---- lifecycle --------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -230,13 +260,18 @@ class Trainer:
         }
         return save_checkpoint(
             self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-            teacher_model=self.teacher.copy, optimizer=self.optimizer, state=state,
+            teachers=self._teachers(), optimizer=self.optimizer, state=state,
             keep=self.cfg.keep_checkpoints,
         )  # fmt: skip
 
+    def _teachers(self) -> dict[str, Teacher]:
+        return {
+            "teacher": self.teacher,
+            **({"reference": self.reference} if self.reference else {}),
+        }
+
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, teacher_model=self.teacher.copy if self.cfg.teacher != "base" else None,
-                                optimizer=self.optimizer)  # fmt: skip
+        state = load_checkpoint(path, teachers=self._teachers(), optimizer=self.optimizer)
         self.step = int(state["step"])
         self.playbook = Playbook.from_dict(state["playbook"])
         self.buffer = SolutionBuffer(dict(state["buffer"]))
@@ -256,7 +291,8 @@ class Trainer:
 
         with timer("rollout"):
             prompts = [
-                chat_prompt_ids(self.tokenizer, it.messages, cfg.max_prompt_tokens) for it in items
+                chat_prompt_ids(self.tokenizer, self._student_messages(it), cfg.max_prompt_tokens)
+                for it in items
             ]
             flat = [
                 (it, p)
@@ -294,7 +330,7 @@ class Trainer:
                 self.buffer.add(r.item.id, r.response)
 
         self._build_teacher_prompts(rollouts)
-        loss, tokens, grad_norm = self._update(rollouts, timer)
+        update = self._update(rollouts, timer)
         self.step = step
 
         n = len(rollouts)
@@ -304,13 +340,11 @@ class Trainer:
             "batch": (step - 1) // cfg.inner_updates,
             "inner": (step - 1) % cfg.inner_updates,
             "lr": self._lr(step),
-            "loss": loss,
-            "grad_norm": grad_norm,
+            **update,
             "reward": sum(r.score.reward for r in rollouts) / n,
             "score": sum(r.score.score for r in rollouts) / n,
             "success_rate": sum(r.success for r in rollouts) / n,
             "distilled": sum(r.distill for r in rollouts),
-            "tokens": tokens,
             "response_tokens": sum(len(r.gen.token_ids) for r in rollouts) / n,
             "truncated": sum(not r.gen.finished for r in rollouts) / n,
             "playbook_size": len(self.playbook),
@@ -330,6 +364,20 @@ class Trainer:
                  "added": added, "removed": sorted(set(removed))},
             )  # fmt: skip
         return metrics
+
+    def _student_messages(self, item: Item) -> list[dict[str, str]]:
+        """The student's prompt: the item's messages, plus the playbook if `student_playbook`.
+
+        RESD's student never sees the playbook (the lessons must be distilled into the
+        weights); showing it is the deployment-time option ACE uses.
+        """
+        if not (self.cfg.student_playbook and self.algo.playbook and len(self.playbook)):
+            return item.messages
+        lessons = f"Lessons from earlier tasks:\n{self._playbook_text()}\n\n"
+        messages = [dict(m) for m in item.messages]
+        last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+        messages[last_user]["content"] = lessons + messages[last_user]["content"]
+        return messages
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
         cfg = self.cfg
@@ -444,7 +492,9 @@ class Trainer:
                 peers.setdefault(r.item.id, r.response)
         for r in rollouts:
             solution = ""
-            if r.success and algo.distill_successes:
+            if algo.demonstration:
+                solution = r.item.reference or ""
+            elif r.success and algo.distill_successes:
                 solution = r.response
             elif algo.solution_buffer and self.buffer.get(r.item.id):
                 solution = self.buffer.get(r.item.id) or ""
@@ -466,53 +516,162 @@ class Trainer:
             system = [m for m in r.item.messages if m.get("role") == "system"]
             r.teacher_ids = self._chat([*system, {"role": "user", "content": r.teacher_prompt}])
 
-    def _update(self, rollouts: list[Rollout], timer: PhaseTimer) -> tuple[float, int, float]:
-        """One optimizer step on the token-mean self-distillation loss of the batch."""
+    def _update(self, rollouts: list[Rollout], timer: PhaseTimer) -> dict[str, float]:
+        """Optimizer step(s) on (1 − λ)·policy-gradient + λ·self-distillation, token-mean each.
+
+        Self-distillation covers the rollouts marked `distill`; the policy gradient (GRPO,
+        or a mixed objective) covers all rollouts with group-normalised advantages.
+        """
+        cfg, lam = self.cfg, self.distillation_weight
+        sd_rows = {id(r) for r in rollouts if r.distill and r.gen.token_ids} if lam > 0 else set()
+        pg_rows = {id(r) for r in rollouts if r.gen.token_ids} if lam < 1 else set()
+        rows = [r for r in rollouts if id(r) in sd_rows | pg_rows]
+        sd_tokens = sum(len(r.gen.token_ids) for r in rows if id(r) in sd_rows)
+        pg_tokens = sum(len(r.gen.token_ids) for r in rows if id(r) in pg_rows)
+        out = {"loss": 0.0, "sd_loss": 0.0, "pg_loss": 0.0, "tokens": sd_tokens, "grad_norm": 0.0}
+        if not rows or (sd_tokens + pg_tokens) == 0:
+            return out
+        per_sample = {}
+        if sd_rows:
+            rewards = torch.tensor([r.score.reward for r in rollouts])
+            weights = (
+                success_rate_weights(rewards, cfg.success_weight_alpha, cfg.success_weight_beta)
+                if cfg.success_weighting
+                else torch.ones(len(rollouts))
+            )
+            per_sample["weight"] = {id(r): float(w) for r, w in zip(rollouts, weights, strict=True)}
+        if pg_rows:
+            values = [
+                r.score.reward if cfg.pg_reward == "reward" else r.score.score for r in rollouts
+            ]
+            adv = group_advantages(torch.tensor(values), cfg.rollouts_per_prompt, cfg.pg_scale_std)
+            per_sample["advantage"] = {id(r): float(a) for r, a in zip(rollouts, adv, strict=True)}
+        micro_batches = [
+            rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)
+        ]
+        old_logps = self._old_logprobs(micro_batches) if cfg.update_epochs > 1 else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for epoch in range(cfg.update_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            totals = {"sd_loss": 0.0, "pg_loss": 0.0}
+            for index, micro in enumerate(micro_batches):
+                old = old_logps[index] if old_logps is not None else None
+                sd, pg = self._micro_batch_loss(
+                    micro,
+                    sd_rows,
+                    pg_rows,
+                    per_sample,
+                    old,
+                    sd_tokens,
+                    pg_tokens,
+                    timer,
+                    record=epoch == 0,
+                )
+                with timer("update"):
+                    ((1 - lam) * pg + lam * sd).backward()
+                totals["sd_loss"] += sd.item()
+                totals["pg_loss"] += pg.item()
+            with timer("update"):
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._lr(self.step + 1)
+                self.optimizer.step()
+                self.teacher.update(self.model)
+                self._sync_generator()
+        out.update(
+            totals,
+            grad_norm=grad_norm,
+            loss=(1 - lam) * totals["pg_loss"] + lam * totals["sd_loss"],
+        )
+        return out
+
+    def _micro_batch_loss(
+        self,
+        micro: list[Rollout],
+        sd_rows: set[int],
+        pg_rows: set[int],
+        per_sample: dict[str, dict[int, float]],
+        old_logp: torch.Tensor | None,
+        sd_tokens: int,
+        pg_tokens: int,
+        timer: PhaseTimer,
+        record: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed SD and PG token losses of one micro-batch, each divided by its batch token count."""
         cfg = self.cfg
-        rows = [r for r in rollouts if r.distill]
-        total_tokens = sum(len(r.gen.token_ids) for r in rows)
-        if total_tokens == 0:
-            return 0.0, 0, 0.0
-        rewards = torch.tensor([r.score.reward for r in rollouts])
-        weights = success_rate_weights(rewards, cfg.success_weight_alpha, cfg.success_weight_beta) \
-            if cfg.success_weighting else torch.ones(len(rollouts))  # fmt: skip
-        weight_of = {id(r): float(w) for r, w in zip(rollouts, weights, strict=True)}
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        teacher_model = self.teacher.module(self.model)
-        for start in range(0, len(rows), cfg.micro_batch_size):
-            micro = rows[start : start + cfg.micro_batch_size]
+        lengths = [len(r.gen.token_ids) for r in micro]
+        width = max(lengths)
+        mask = right_aligned_mask(lengths, width, self.device)
+        token_ids = left_pad([r.gen.token_ids for r in micro], 0, self.device)[0]
+        zero = torch.zeros((), device=self.device)
+        is_sd = torch.tensor(
+            [id(r) in sd_rows for r in micro], device=self.device, dtype=torch.float32
+        )
+        is_pg = torch.tensor(
+            [id(r) in pg_rows for r in micro], device=self.device, dtype=torch.float32
+        )
+
+        t_logits = None
+        if sd_tokens and bool(is_sd.any()):
+            with timer("teacher"), autocast_context(self.device, cfg.autocast):
+                teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
+                t_logits = self.teacher.logits(
+                    self.model, lambda m: response_logits(m, teacher_seqs, width, self.pad_id)
+                )
+        with timer("update"):
+            with autocast_context(self.device, cfg.autocast):
+                s_logits = response_logits(self.model, [r.prompt_ids + r.gen.token_ids for r in micro],
+                                           width, self.pad_id)  # fmt: skip
+            logp = token_logprobs(s_logits, token_ids)
+            old = logp.detach() if old_logp is None else old_logp
+            sd_loss = pg_loss = zero
+            if t_logits is not None:
+                if cfg.distillation_mode == "sampled":
+                    tok = sampled_token_loss(logp, token_logprobs(t_logits, token_ids))
+                else:
+                    topk = None if cfg.distillation_mode == "full" else cfg.topk
+                    tok = self_distillation_loss(s_logits, t_logits, alpha=cfg.alpha, topk=topk,
+                                                 add_tail=cfg.add_tail, min_ratio=cfg.min_ratio,
+                                                 max_ratio=cfg.max_ratio)  # fmt: skip
+                tok = tok * importance_weight(logp, old, cfg.is_clip)
+                w = torch.tensor([per_sample["weight"][id(r)] for r in micro], device=self.device)
+                sd_loss = (tok * mask * (w * is_sd)[:, None]).sum() / max(sd_tokens, 1)
+                if record:
+                    for row, r in enumerate(micro):
+                        if id(r) in sd_rows:
+                            r.token_losses = (
+                                tok[row, width - lengths[row] :].detach().float().tolist()
+                            )
+            if pg_tokens and bool(is_pg.any()):
+                adv = torch.tensor(
+                    [per_sample["advantage"][id(r)] for r in micro], device=self.device
+                )
+                ref = None
+                if self.reference is not None:
+                    with torch.no_grad(), autocast_context(self.device, cfg.autocast):
+                        seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
+                        ref_logits = self.reference.logits(
+                            self.model, lambda m: response_logits(m, seqs, width, self.pad_id)
+                        )
+                    ref = token_logprobs(ref_logits, token_ids)
+                tok = policy_gradient_loss(logp, old, adv, clip_low=cfg.pg_clip_low, clip_high=cfg.pg_clip_high,
+                                           ref_logp=ref, kl_coef=cfg.kl_coef)  # fmt: skip
+                pg_loss = (tok * mask * is_pg[:, None]).sum() / max(pg_tokens, 1)
+        return sd_loss, pg_loss
+
+    @torch.no_grad()
+    def _old_logprobs(self, micro_batches: list[list[Rollout]]) -> list[torch.Tensor]:
+        """Log-probs of the rollout policy, needed once several updates reuse one batch."""
+        result = []
+        for micro in micro_batches:
             lengths = [len(r.gen.token_ids) for r in micro]
             width = max(lengths)
-            with timer("teacher"), torch.no_grad(), autocast_context(self.device, cfg.autocast):
-                t_logits = response_logits(teacher_model, [r.teacher_ids + r.gen.token_ids for r in micro],
-                                           width, self.pad_id)  # fmt: skip
-            with timer("update"):
-                with autocast_context(self.device, cfg.autocast):
-                    s_logits = response_logits(self.model, [r.prompt_ids + r.gen.token_ids for r in micro],
-                                               width, self.pad_id)  # fmt: skip
-                token_loss = self_distillation_loss(
-                    s_logits, t_logits, alpha=cfg.alpha, topk=cfg.topk, add_tail=cfg.add_tail,
-                    min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio,
-                )  # fmt: skip
-                mask = right_aligned_mask(lengths, width, self.device)
-                w = torch.tensor([weight_of[id(r)] for r in micro], device=self.device)[:, None]
-                loss = (token_loss * mask * w).sum() / total_tokens
-                loss.backward()
-                loss_sum += loss.item()
-                for row, r in enumerate(micro):
-                    r.token_losses = (
-                        token_loss[row, width - lengths[row] :].detach().float().tolist()
-                    )
-        with timer("update"):
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr(self.step + 1)
-            self.optimizer.step()
-            self.teacher.update(self.model)
-            self._sync_generator()
-        return loss_sum, total_tokens, grad_norm
+            token_ids = left_pad([r.gen.token_ids for r in micro], 0, self.device)[0]
+            with autocast_context(self.device, self.cfg.autocast):
+                logits = response_logits(self.model, [r.prompt_ids + r.gen.token_ids for r in micro],
+                                         width, self.pad_id)  # fmt: skip
+            result.append(token_logprobs(logits, token_ids))
+        return result
 
     # ---- helpers ----------------------------------------------------------------------
     @torch.no_grad()
@@ -540,7 +699,7 @@ class Trainer:
             self.generator, self.tokenizer, self.env, self.test_items, samples=cfg.eval_samples,
             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=cfg.eval_temperature,
             top_p=cfg.eval_top_p, batch_size=cfg.generation_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-            autocast=cfg.autocast,
+            autocast=cfg.autocast, prompt_messages=self._student_messages,
         )  # fmt: skip
         row = {"step": self.step, **metrics}
         self._append("eval.jsonl", row)

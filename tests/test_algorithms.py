@@ -1,0 +1,187 @@
+"""Each algorithm's distinguishing behaviour, LoRA, teacher kinds, and TRL's GRPO loss as oracle."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from resd.algorithms import ALGORITHMS
+from resd.losses import group_advantages, policy_gradient_loss
+from resd.teacher import Teacher
+from resd.trainer import Trainer
+from test_trainer import config, read_jsonl
+
+
+def step(tiny_model_dir, tmp_path, name: str, *extra: str, steps: int = 1):
+    trainer = Trainer(config(tiny_model_dir, tmp_path / name, *extra))
+    items = trainer.train_items[: trainer.cfg.batch_size]
+    metrics = [trainer.train_step(items) for _ in range(steps)]
+    return trainer, metrics[-1], read_jsonl(tmp_path / name / "samples.jsonl")
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_trains(tiny_model_dir, tmp_path, name):
+    _trainer, m, _ = step(
+        tiny_model_dir, tmp_path, name, f"algorithm={name}", "rollouts_per_prompt=2"
+    )
+    assert m["loss"] == m["loss"]  # not NaN
+    assert m["grad_norm"] > 0 or m["tokens"] == 0
+
+
+def test_sdft_teacher_sees_the_demonstration(tiny_model_dir, tmp_path):
+    _, m, samples = step(tiny_model_dir, tmp_path, "sdft", "algorithm=sdft")
+    assert m["distilled"] == 4 and m["reflections"] == 0
+    for s in samples:
+        assert "<successful_trial>\nab\n</successful_trial>" in s["teacher_prompt"]
+        assert "<feedback>" not in s["teacher_prompt"] and "<playbook>" not in s["teacher_prompt"]
+
+
+def test_grpo_equal_rewards_give_zero_advantage_and_no_update(tiny_model_dir, tmp_path):
+    assert torch.equal(group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 2), torch.zeros(4))
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4, scale_std=False)
+    assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    _trainer, m, _ = step(
+        tiny_model_dir, tmp_path, "grpo0", "algorithm=grpo", "env=toy_envs:ConstantEnv",
+        "rollouts_per_prompt=4", "weight_decay=0",
+    )  # fmt: skip
+    assert m["pg_loss"] == 0.0 and m["grad_norm"] == 0.0 and m["time_teacher"] == 0.0
+    assert m["distilled"] == 0
+
+
+def test_grpo_learns_from_mixed_groups_without_a_teacher(tiny_model_dir, tmp_path):
+    _trainer, m, _ = step(
+        tiny_model_dir, tmp_path, "grpo", "algorithm=grpo", "rollouts_per_prompt=4"
+    )
+    assert 0 < m["success_rate"] < 1
+    assert m["grad_norm"] > 0 and m["sd_loss"] == 0.0 and m["time_teacher"] == 0.0
+
+
+def test_mixed_objective_combines_both_losses(tiny_model_dir, tmp_path):
+    _, m, _ = step(
+        tiny_model_dir, tmp_path, "mixed", "distillation_weight=0.5", "rollouts_per_prompt=2"
+    )
+    assert m["sd_loss"] > 0 and m["pg_loss"] != 0
+    assert m["loss"] == pytest.approx(0.5 * m["sd_loss"] + 0.5 * m["pg_loss"])
+
+
+@pytest.mark.parametrize("mode", ["full", "sampled"])
+def test_distillation_modes(tiny_model_dir, tmp_path, mode):
+    _, m, samples = step(tiny_model_dir, tmp_path, mode, f"distillation_mode={mode}")
+    assert m["sd_loss"] == m["sd_loss"] and m["grad_norm"] > 0
+    assert all(len(s["token_losses"]) == len(s["tokens"]) for s in samples if s["distilled"])
+
+
+def test_several_update_epochs_take_several_optimizer_steps(tiny_model_dir, tmp_path):
+    trainer, _m, _ = step(tiny_model_dir, tmp_path, "epochs", "update_epochs=3", "is_clip=2.0")
+    states = list(trainer.optimizer.state.values())
+    assert states and all(int(s["step"]) == 3 for s in states)
+
+
+def test_student_playbook_is_shown_only_when_asked(tiny_model_dir, tmp_path):
+    hidden = Trainer(config(tiny_model_dir, tmp_path / "hidden"))
+    shown = Trainer(config(tiny_model_dir, tmp_path / "shown", "student_playbook=true"))
+    item = hidden.train_items[0]
+    assert hidden._student_messages(item) == item.messages
+    text = shown._student_messages(item)[-1]["content"]
+    assert text.startswith("Lessons from earlier tasks:") and "Keep replies short." in text
+    assert item.messages[-1]["content"] in text and "Lessons" not in item.messages[-1]["content"]
+
+
+def test_trust_region_teacher_mixes_base_and_current_logits(tiny_model_dir):
+    from resd.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    teacher = Teacher(model, "trust_region", mix_weight=0.25)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = model(input_ids=ids).logits.detach()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    current = model(input_ids=ids).logits.detach()
+    mixed = teacher.logits(model, lambda m: m(input_ids=ids).logits)
+    torch.testing.assert_close(mixed, 0.75 * base + 0.25 * current, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    trainer, _m, _ = step(
+        tiny_model_dir, tmp_path, "lora", "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+        "teacher=ema", "teacher_update_rate=0.5", "save_every=1",
+    )  # fmt: skip
+    teacher = trainer.teacher
+    assert teacher.lora and teacher.copy is None  # no second copy of the base weights
+    assert teacher.adapter and all("lora_" in name for name in teacher.adapter)
+    n_base = sum(p.numel() for p in trainer.model.parameters())
+    assert sum(t.numel() for t in teacher.adapter.values()) < 0.2 * n_base
+    student = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(teacher.adapter[n], student[n]) for n in teacher.adapter)
+    assert trainer.generator is trainer.model
+    # a LoRA run saves a loadable PEFT adapter
+    ckpt = trainer.save()
+    assert (ckpt / "model" / "adapter_config.json").exists()
+    from resd.models import load_model
+
+    loaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(ckpt / "model"))
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+    # and resumes with the teacher adapter intact
+    resumed = Trainer(trainer.cfg, resume=True)
+    assert resumed.step == 1
+    for n, t in teacher.adapter.items():
+        torch.testing.assert_close(resumed.teacher.adapter[n], t)
+
+
+def test_kl_reference_term(tiny_model_dir, tmp_path):
+    trainer, m, _ = step(
+        tiny_model_dir, tmp_path, "kl", "algorithm=grpo", "rollouts_per_prompt=4", "kl_coef=0.1"
+    )
+    assert trainer.reference is not None and m["grad_norm"] > 0
+    assert json.loads(json.dumps(m))  # metrics stay JSON-serialisable
+
+
+# ---- TRL's GRPO loss as the oracle ---------------------------------------------------------
+grpo_module = pytest.importorskip("trl.trainer.grpo_trainer")
+
+
+def trl_grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, low, high, beta):
+    """Call TRL's own GRPOTrainer._compute_loss on given log-probs ('bnpo' = token-mean)."""
+    identity = SimpleNamespace(
+        gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
+        sync_gradients=True,
+    )  # fmt: skip
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        beta=beta, loss_type="bnpo", epsilon_low=low, epsilon_high=high, use_vllm=False,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        accelerator=identity, _metrics=defaultdict(lambda: defaultdict(list)),
+    )  # fmt: skip
+    batch, width = logp.shape
+    inputs = {
+        "prompt_ids": torch.zeros(batch, 2, dtype=torch.long), "prompt_mask": torch.ones(batch, 2),
+        "completion_ids": torch.zeros(batch, width, dtype=torch.long), "completion_mask": mask,
+        "advantages": advantages, "old_per_token_logps": old_logp, "ref_per_token_logps": ref_logp,
+    }  # fmt: skip
+    return grpo_module.GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_grpo_token_loss_matches_trl(beta):
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(4, 6, generator=g) * 3
+    old = logp + 0.4 * torch.randn(4, 6, generator=g)  # ratios on both sides of the clip range
+    ref = logp + 0.3 * torch.randn(4, 6, generator=g)
+    adv = torch.tensor([1.5, -0.5, 0.0, -1.0])
+    mask = (torch.rand(4, 6, generator=g) > 0.2).float()
+    ours = policy_gradient_loss(
+        logp, old, adv, clip_low=0.2, clip_high=0.28, ref_logp=ref, kl_coef=beta
+    )
+    ours = (ours * mask).sum() / mask.sum()
+    theirs = trl_grpo_loss(logp, old, ref, adv, mask, low=0.2, high=0.28, beta=beta)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
