@@ -86,3 +86,32 @@ def test_bundled_model_alias_converts_once(tmp_path, monkeypatch):
     assert tok.padding_side == "left" and tok.pad_token is not None
     ids = chat_prompt_ids(tok, [{"role": "user", "content": "Hi"}])
     assert tok.decode(ids).rstrip().endswith("assistant")
+
+
+def test_row_seeded_sampling_does_not_depend_on_batching(tiny):
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "y " * n}]) for n in (2, 7, 3, 5)]
+    seeds = [11, 22, 33, 44]
+    together = generate(model, tok, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=seeds, batch_size=4)
+    apart = [
+        generate(model, tok, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=[s])[0]
+        for p, s in zip(prompts, seeds, strict=True)
+    ]
+    assert [g.token_ids for g in together] == [g.token_ids for g in apart]
+    other = generate(model, tok, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=[1, 2, 3, 4])
+    assert [g.token_ids for g in other] != [g.token_ids for g in together]
+
+
+def test_row_seeded_sampler_matches_the_distribution():
+    from resd.generation import RowSeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits, -1)[0]
+    counts = torch.zeros(4)
+    sampler = RowSeededSampler([0], temperature=1.0, top_p=1.0, device=torch.device("cpu"))
+    for _ in range(4000):
+        counts[sampler(None, logits).argmax()] += 1
+    torch.testing.assert_close(counts / 4000, probs, atol=0.03, rtol=0)
+    nucleus = RowSeededSampler([0], temperature=1.0, top_p=0.7, device=torch.device("cpu"))
+    picks = {int(nucleus(None, logits).argmax()) for _ in range(500)}
+    assert picks == {0, 1}  # p(0)=0.64 < 0.7, so the nucleus is {0, 1}

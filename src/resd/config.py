@@ -66,6 +66,9 @@ class TrainConfig:
     success_weight_beta: float = 1.0
     distillation_mode: str = "topk"  # topk (see topk/add_tail) | full | sampled
     distillation_weight: float | None = None  # λ in (1 − λ)·PG + λ·SD; null = the algorithm's
+    # Apply the output head to this many positions at a time (activation-checkpointed), so
+    # full-vocabulary logits of the batch never exist at once; null = one pass.
+    loss_chunk_size: int | None = None
     is_clip: float | None = 2.0  # per-token importance weight cap against the rollout policy
     update_epochs: int = 1  # optimizer passes over one batch of rollouts
     teacher: str = "ema"  # ema | base | live | trust_region
@@ -110,6 +113,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_samples: int = 4  # rollouts per step written to samples.jsonl
     progress: bool = True
+    # Mirror numeric metrics to experiment trackers (metrics.jsonl stays the record):
+    # any of "tensorboard", "wandb"; needs `pip install resd[logging]`.
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         positive = ["batch_size", "rollouts_per_prompt", "inner_updates", "micro_batch_size",
@@ -161,6 +167,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 or null, got {value}")
+        self.report_to = _check_report_to(self.report_to)
         from resd.algorithms import ALGORITHMS
 
         if self.algorithm not in ALGORITHMS:
@@ -170,6 +177,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+REPORT_TO = ("tensorboard", "wandb")
+
+
+def _check_report_to(value: Any) -> list[str]:
+    """`report_to=tensorboard` and `report_to=tensorboard,wandb` on the command line are
+    strings; YAML gives a list. Either way the result is a list of known tracker names."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"report_to: expected a list of tracker names, got {value!r}")
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"report_to: unknown tracker {unknown[0]!r}; choose from {REPORT_TO}")
+    return list(dict.fromkeys(names))  # drop repeats, keep the order
 
 
 _HINTS = typing.get_type_hints(TrainConfig)

@@ -11,7 +11,12 @@ import re
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from resd.models import autocast_context
 
@@ -30,6 +35,43 @@ def strip_thinking(text: str) -> str:
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     return text.strip()
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Temperature + top-p sampling where each row draws from its own seeded stream.
+
+    HF's sampler draws every row from one global RNG, so a row's sample depends on
+    which other rows share its batch. That breaks two things we want: a data-parallel
+    run (rows spread over processes) reproducing a one-process run, and resumed runs
+    reproducing uninterrupted ones whatever the batching. Here each row adds Gumbel
+    noise from its own generator to the filtered log-probabilities and greedy decoding
+    takes the argmax, which is an exact sample from the filtered distribution.
+    """
+
+    def __init__(
+        self, seeds: list[int], temperature: float, top_p: float, device: torch.device
+    ) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = [
+            torch.Generator(device="cpu").manual_seed(int(s) % (2**63)) for s in seeds
+        ]
+        self.device = device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_logp, order = logp.sort(dim=-1, descending=True)
+            # keep a token if the mass strictly before it is below top_p (the top token always stays)
+            before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
+            drop = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
+            logp = logp.masked_fill(drop, float("-inf"))
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(
+            self.device
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return logp + gumbel
 
 
 @dataclass
@@ -88,8 +130,15 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 8,
     autocast: str | None = "auto",
+    seeds: list[int] | None = None,
 ) -> list[Generation]:
-    """Sample one continuation per prompt. Seed torch's RNG before calling for repeatability."""
+    """Sample one continuation per prompt.
+
+    With `seeds` (one per prompt), each row's sample depends only on its prompt and its
+    seed, not on batching; without, seed torch's RNG before calling for repeatability.
+    """
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError("generate: need one seed per prompt")
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -104,15 +153,22 @@ def generate(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([prompts[i] for i in chunk], pad_id, device)
+            row_seeded = sampling and seeds is not None
+            processors = LogitsProcessorList(
+                [RowSeededSampler([seeds[i] for i in chunk], temperature, top_p, device)]
+                if row_seeded
+                else []
+            )
             with autocast_context(device, autocast):
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens,
-                    do_sample=sampling,
-                    temperature=temperature if sampling else None,
-                    top_p=top_p if sampling else None,
-                    top_k=0 if sampling else None,
+                    do_sample=sampling and not row_seeded,
+                    temperature=temperature if sampling and not row_seeded else None,
+                    top_p=top_p if sampling and not row_seeded else None,
+                    top_k=0 if sampling and not row_seeded else None,
+                    logits_processor=processors,
                     eos_token_id=eos,
                     pad_token_id=pad_id,
                 )

@@ -7,6 +7,7 @@ hand-computed values and against TRL, and reused by every algorithm configuratio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -196,3 +197,58 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     """log π(token) for the given ids, `[B, T]`, in at least fp32."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, token_ids[..., None])[..., 0]
+
+
+def chunked_token_losses(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    token_ids: torch.Tensor,
+    *,
+    chunk_size: int,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.nn.Module | None = None,
+    token_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-token distillation loss and sampled-token log-probs without full logits.
+
+    The naive path materialises `[B, T, V]` logits for student and teacher and then
+    several fp32 copies of them (log-softmax, top-k, mixture); for a 150k vocabulary at
+    32 × 1024 tokens that is tens of GiB. Here the output head is applied to `chunk_size`
+    positions at a time inside activation checkpointing, so at most one chunk of logits
+    exists at once, in the forward pass and again in the backward pass.
+
+    `token_loss(student_logits, teacher_logits, token_ids, student_token_logp)` gives the
+    per-token loss of one chunk; it is only called when teacher states are given.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def head(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        logits = module(h)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def chunk_fn(s_h: torch.Tensor, ids: torch.Tensor, t_h: torch.Tensor | None):
+        s_logits = head(student_head, s_h)
+        logp = token_logprobs(s_logits, ids)
+        if t_h is None or token_loss is None:
+            return logp, logp.new_zeros(())
+        with torch.no_grad():
+            t_logits = head(teacher_head or student_head, t_h)
+        return logp, token_loss(s_logits, t_logits, ids, logp)
+
+    logps, losses = [], []
+    for start in range(0, student_hidden.shape[1], chunk_size):
+        sl = slice(start, start + chunk_size)
+        t_h = teacher_hidden[:, sl] if teacher_hidden is not None else None
+        logp, loss = checkpoint(
+            chunk_fn, student_hidden[:, sl], token_ids[:, sl], t_h, use_reentrant=False
+        )
+        logps.append(logp)
+        losses.append(loss)
+    logp = torch.cat(logps, dim=1)
+    if teacher_hidden is None or token_loss is None:
+        return None, logp
+    return torch.cat(losses, dim=1), logp

@@ -81,6 +81,10 @@ class Teacher:
                 return forward(student)
         return forward(self.copy)
 
+    def head(self, student: nn.Module) -> nn.Module:
+        """The output layer that turns the teacher's hidden states into logits."""
+        return (self.copy or student).get_output_embeddings()
+
     def _base_logits(
         self, student: nn.Module, forward: Callable[[nn.Module], torch.Tensor]
     ) -> torch.Tensor:

@@ -14,6 +14,7 @@ run replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -32,11 +33,13 @@ from tqdm.auto import tqdm
 from resd.algorithms import get_algorithm
 from resd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_jsonl
 from resd.config import TrainConfig
+from resd.distributed import Distributed
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.evaluation import evaluate, safe_score
 from resd.generation import Generation, chat_prompt_ids, generate, left_pad, strip_thinking
 from resd.losses import (
+    chunked_token_losses,
     group_advantages,
     importance_weight,
     policy_gradient_loss,
@@ -80,6 +83,7 @@ class Rollout:
     prompt_ids: list[int]
     gen: Generation
     score: Score
+    index: int = 0  # position in the step's global rollout list (across ranks)
     reflection: Reflection | None = None
     teacher_prompt: str = ""
     teacher_ids: list[int] = field(default_factory=list)
@@ -125,6 +129,17 @@ def response_logits(model, sequences: list[list[int]], width: int, pad_id: int) 
     return out.logits[:, :-1]
 
 
+def response_hidden(model, sequences: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
+    """Final hidden states `[B, width, H]` that predict the last `width` tokens (no output head)."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(sequences, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(
+        input_ids=ids, attention_mask=mask, position_ids=positions
+    ).last_hidden_state
+    return hidden[:, -width - 1 : -1]
+
+
 def right_aligned_mask(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
     cols = torch.arange(width, device=device)
     return (cols[None, :] >= width - torch.tensor(lengths, device=device)[:, None]).float()
@@ -133,6 +148,7 @@ def right_aligned_mask(lengths: list[int], width: int, device: torch.device) -> 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
+        self.dist = Distributed()
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
@@ -189,10 +205,10 @@ class Trainer:
         cfg = self.cfg
         if not cfg.lora:
             source = str(checkpoint / "model") if checkpoint else cfg.model
-            return load_model(source, dtype=cfg.dtype, device=cfg.device)
+            return load_model(source, dtype=cfg.dtype, device=self.dist.device(cfg.device))
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        base = load_model(cfg.model, dtype=cfg.dtype, device=self.dist.device(cfg.device))
         if checkpoint:
             return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
         lora = LoraConfig(
@@ -206,16 +222,23 @@ class Trainer:
 
     # ---- lifecycle --------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        """Run to the end of the stream (or `steps`), evaluating and checkpointing on schedule.
+
+        Under data parallelism only rank 0 writes files and evaluates; the others wait.
+        """
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            )
         if self.step == 0 and self.test_items:
             self._evaluate()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            desc=f"{cfg.algorithm}",
-            disable=not cfg.progress,
+            desc=cfg.algorithm,
+            disable=not (cfg.progress and main),
         )
         last: dict[str, Any] = {}
         while self.step < self.total_steps:
@@ -243,10 +266,20 @@ class Trainer:
         summary = {"steps": self.step, "run_dir": str(self.run_dir), "last": last}
         if evals:
             summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.dist.barrier()
         return summary
 
     def save(self) -> Path:
+        """Checkpoint (rank 0 writes; every rank returns the checkpoint's path)."""
+        path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
+        if self.dist.is_main:
+            path = self._write_checkpoint()
+        self.dist.barrier()
+        return path
+
+    def _write_checkpoint(self) -> Path:
         self.playbook.save(self.run_dir)
         state = {
             "cursor": {
@@ -282,6 +315,12 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------
     def train_step(self, items: list[Item]) -> dict[str, Any]:
+        """One inner iteration on `items` (the global batch); returns the step's metrics.
+
+        Under data parallelism each rank works on its share of the rollouts; results
+        that change shared state are gathered and applied in global order (see
+        `distributed.py`), so every rank ends the step in the same state.
+        """
         cfg, algo = self.cfg, self.algo
         step = self.step + 1
         self._seed(cfg.seed * 1_000_003 + step)
@@ -290,63 +329,82 @@ class Trainer:
         size_before = len(self.playbook)
 
         with timer("rollout"):
-            prompts = [
-                chat_prompt_ids(self.tokenizer, self._student_messages(it), cfg.max_prompt_tokens)
-                for it in items
-            ]
-            flat = [
-                (it, p)
-                for it, p in zip(items, prompts, strict=True)
-                for _ in range(cfg.rollouts_per_prompt)
-            ]
-            gens = self._generate([p for _, p in flat], cfg.max_new_tokens)
+            flat = [it for it in items for _ in range(cfg.rollouts_per_prompt)]
+            mine = self.dist.shard(flat)
+            prompts = {id(it): chat_prompt_ids(self.tokenizer, self._student_messages(it), cfg.max_prompt_tokens)
+                       for it in items}  # fmt: skip
+            gens = self._generate([prompts[id(flat[g])] for g in mine], cfg.max_new_tokens,
+                                  [self._row_seed(step, "rollout", g) for g in mine])  # fmt: skip
         with timer("feedback"):
             rollouts = [
-                Rollout(it, p, g, safe_score(self.env, it, g.text))
-                for (it, p), g in zip(flat, gens, strict=True)
+                Rollout(
+                    flat[g],
+                    prompts[id(flat[g])],
+                    gen,
+                    safe_score(self.env, flat[g], gen.text),
+                    index=g,
+                )
+                for g, gen in zip(mine, gens, strict=True)
             ]
+        outcomes = self.dist.gather_indexed(
+            [(r.index, (r.item.id, r.score.reward, r.score.score)) for r in rollouts]
+        )
 
         removed: list[str] = []
         if algo.playbook and step % cfg.playbook_prune_every == 0:
             removed += self.playbook.concise(step, policy=cfg.playbook_policy, seed=cfg.seed + step)
         with timer("reflect"):
+            tags: list[tuple[int, list[tuple[str, str]]]] = []
             if algo.reflection:
-                self._reflect(rollouts, step, counts)
+                failed = [g for g, o in enumerate(outcomes) if o[2] < 1.0][
+                    : cfg.max_reflections_per_step
+                ]
+                tags += self._reflect(rollouts, set(failed), step, counts)
             if algo.playbook and len(self.playbook):
-                self._tag_successes(rollouts, step, counts)
+                tags += [(len(flat) + i, t) for i, t in self._tag_successes(rollouts, step, counts)]
+            if algo.playbook:
+                for pairs in self.dist.gather_indexed(tags):
+                    counts["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in pairs)
         added: list[str] = []
         with timer("curate"):
             if algo.playbook:
-                added = self._curate(rollouts, step, counts)
+                for ops in self.dist.gather_indexed(self._curate(rollouts, step, counts)):
+                    report = self.playbook.apply_operations(ops, step)
+                    counts["ops_applied"] += report.applied
+                    counts["ops_skipped"] += report.skipped
+                    added += report.added
                 if len(self.playbook) > cfg.playbook_max_entries:
-                    removed += self.playbook.concise(
-                        step,
-                        policy=cfg.playbook_policy,
-                        max_entries=cfg.playbook_max_entries,
-                        seed=cfg.seed + step,
-                    )
-        for r in rollouts:
-            if r.success and algo.solution_buffer:
-                self.buffer.add(r.item.id, r.response)
+                    removed += self.playbook.concise(step, policy=cfg.playbook_policy,
+                                                     max_entries=cfg.playbook_max_entries, seed=cfg.seed + step)  # fmt: skip
+        wins = self.dist.gather_indexed(
+            [(r.index, (r.item.id, r.response)) for r in rollouts if r.success]
+        )
+        if algo.solution_buffer:
+            for item_id, response in wins:
+                self.buffer.add(item_id, response)
 
-        self._build_teacher_prompts(rollouts)
-        update = self._update(rollouts, timer)
+        self._build_teacher_prompts(rollouts, peers=dict(reversed(wins)))
+        update = self._update(rollouts, outcomes, timer)
         self.step = step
 
-        n = len(rollouts)
+        counts = Counter({k: int(self.dist.sum(counts.get(k, 0))) for k in COUNTERS})
         self.totals.update(counts)
+        stats = self.dist.gather_indexed(
+            [(r.index, (r.distill, len(r.gen.token_ids), r.gen.finished)) for r in rollouts]
+        )
+        n = len(outcomes)
         metrics = {
             "step": step,
             "batch": (step - 1) // cfg.inner_updates,
             "inner": (step - 1) % cfg.inner_updates,
             "lr": self._lr(step),
             **update,
-            "reward": sum(r.score.reward for r in rollouts) / n,
-            "score": sum(r.score.score for r in rollouts) / n,
-            "success_rate": sum(r.success for r in rollouts) / n,
-            "distilled": sum(r.distill for r in rollouts),
-            "response_tokens": sum(len(r.gen.token_ids) for r in rollouts) / n,
-            "truncated": sum(not r.gen.finished for r in rollouts) / n,
+            "reward": sum(o[1] for o in outcomes) / n,
+            "score": sum(o[2] for o in outcomes) / n,
+            "success_rate": sum(o[1] >= 0.5 for o in outcomes) / n,
+            "distilled": sum(s[0] for s in stats),
+            "response_tokens": sum(s[1] for s in stats) / n,
+            "truncated": sum(not s[2] for s in stats) / n,
             "playbook_size": len(self.playbook),
             "playbook_added": len(added),
             "playbook_removed": len(set(removed)),
@@ -357,13 +415,18 @@ class Trainer:
             "time_step": round(time.perf_counter() - start, 4),
         }
         self._log_samples(rollouts, step)
-        if algo.playbook:
+        if algo.playbook and self.dist.is_main:
             self._append(
                 "playbook_history.jsonl",
                 {"step": step, "size": len(self.playbook), "sections": self.playbook.section_counts(),
                  "added": added, "removed": sorted(set(removed))},
             )  # fmt: skip
         return metrics
+
+    def _row_seed(self, step: int, phase: str, index: int) -> int:
+        """A seed per (run seed, step, phase, global rollout index): sampling is batch-invariant."""
+        digest = hashlib.blake2b(f"{self.cfg.seed}/{step}/{phase}/{index}".encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "little") >> 1
 
     def _student_messages(self, item: Item) -> list[dict[str, str]]:
         """The student's prompt: the item's messages, plus the playbook if `student_playbook`.
@@ -379,19 +442,21 @@ class Trainer:
         messages[last_user]["content"] = lessons + messages[last_user]["content"]
         return messages
 
-    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+    def _generate(
+        self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]
+    ) -> list[Generation]:
         cfg = self.cfg
         return generate(
             self.generator, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, batch_size=cfg.generation_batch_size, autocast=cfg.autocast,
+            top_p=cfg.top_p, batch_size=cfg.generation_batch_size, autocast=cfg.autocast, seeds=seeds,
         )  # fmt: skip
 
     def _generate_replies(
-        self, prompts: list[list[int]], prefill: str, max_new_tokens: int
+        self, prompts: list[list[int]], prefill: str, max_new_tokens: int, seeds: list[int]
     ) -> list[str]:
         """Generate replies that start with `prefill`; the returned text includes it."""
         prefix = self.tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else []
-        gens = self._generate([p + prefix for p in prompts], max_new_tokens)
+        gens = self._generate([p + prefix for p in prompts], max_new_tokens, seeds)
         return [prefill + g.text for g in gens]
 
     def _playbook_text(self) -> str:
@@ -407,11 +472,16 @@ class Trainer:
     def _chat(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages, self.cfg.max_teacher_prompt_tokens)
 
-    def _reflect(self, rollouts: list[Rollout], step: int, counts: Counter) -> None:
-        """REFLECT on every failed rollout, all in one batched generation call."""
-        failed = [r for r in rollouts if r.score.score < 1.0][: self.cfg.max_reflections_per_step]
+    def _reflect(
+        self, rollouts: list[Rollout], chosen: set[int], step: int, counts: Counter
+    ) -> list[tuple[int, list[tuple[str, str]]]]:
+        """REFLECT on this rank's failed rollouts among `chosen`, in one batched call.
+
+        Returns the bullet tags per rollout index; the caller applies them in global order.
+        """
+        failed = [r for r in rollouts if r.index in chosen]
         if not failed:
-            return
+            return []
         playbook_text = self._playbook_text() if self.algo.playbook else ""
         prompts = [
             self._chat(
@@ -419,40 +489,49 @@ class Trainer:
             )
             for r in failed
         ]
+        seeds = [self._row_seed(step, "reflect", r.index) for r in failed]
         replies = self._generate_replies(
-            prompts, self.cfg.reflection_prefill, self.cfg.reflection_max_new_tokens
+            prompts, self.cfg.reflection_prefill, self.cfg.reflection_max_new_tokens, seeds
         )
+        tags = []
         for r, reply in zip(failed, replies, strict=True):
             counts["reflections"] += 1
             r.reflection_reply = reply
             r.reflection = parse_reflection(reply)
             if r.reflection is None:
                 counts["reflection_parse_failures"] += 1
-                tags = extract_bullet_tags(None, reply)  # regex fallback
+                tags.append((r.index, extract_bullet_tags(None, reply)))  # regex fallback
             else:
                 counts["reflection_loose_parses"] += r.reflection.loose
-                tags = r.reflection.bullet_tags
-            if self.algo.playbook:
-                counts["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in tags)
+                tags.append((r.index, r.reflection.bullet_tags))
+        return tags
 
-    def _tag_successes(self, rollouts: list[Rollout], step: int, counts: Counter) -> None:
+    def _tag_successes(
+        self, rollouts: list[Rollout], step: int, counts: Counter
+    ) -> list[tuple[int, list[tuple[str, str]]]]:
         wins = [r for r in rollouts if r.success]
         if not wins:
-            return
+            return []
         playbook_text = self._playbook_text()
         prompts = [
             self._chat(success_tag_messages(r.item.prompt_text, r.response, playbook_text))
             for r in wins
         ]
-        for reply in self._generate_replies(prompts, "", self.cfg.reflection_max_new_tokens):
-            tags = parse_tags(reply)
-            if tags is None:
+        seeds = [self._row_seed(step, "tag", r.index) for r in wins]
+        tags = []
+        for r, reply in zip(wins, self._generate_replies(prompts, "", self.cfg.reflection_max_new_tokens, seeds),
+                            strict=True):  # fmt: skip
+            parsed = parse_tags(reply)
+            if parsed is None:
                 counts["tag_parse_failures"] += 1
-                continue
-            counts["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in tags)
+            else:
+                tags.append((r.index, parsed))
+        return tags
 
-    def _curate(self, rollouts: list[Rollout], step: int, counts: Counter) -> list[str]:
-        """CURATE: every curator sees the same playbook snapshot; operations apply in order."""
+    def _curate(
+        self, rollouts: list[Rollout], step: int, counts: Counter
+    ) -> list[tuple[int, list[dict]]]:
+        """CURATE: every curator sees the same playbook snapshot; the caller applies in order."""
         if self.algo.reflection:
             sources = [(r, r.reflection.as_text()) for r in rollouts if r.reflection is not None]
         else:  # ablation: curate straight from the environment's feedback
@@ -466,30 +545,27 @@ class Trainer:
             self._chat(curation_messages(stats, text, playbook_text, r.item.prompt_text))
             for r, text in sources
         ]
-        added: list[str] = []
+        seeds = [self._row_seed(step, "curate", r.index) for r, _ in sources]
         replies = self._generate_replies(
-            prompts, self.cfg.curation_prefill, self.cfg.curation_max_new_tokens
+            prompts, self.cfg.curation_prefill, self.cfg.curation_max_new_tokens, seeds
         )
+        operations = []
         for (r, _), reply in zip(sources, replies, strict=True):
             r.curation_reply = reply
             ops = parse_operations(reply)
             if ops is None:
                 counts["curation_parse_failures"] += 1
-                continue
-            report = self.playbook.apply_operations(ops, step)
-            counts["ops_applied"] += report.applied
-            counts["ops_skipped"] += report.skipped
-            added += report.added
-        return added
+            else:
+                operations.append((r.index, ops))
+        return operations
 
-    def _build_teacher_prompts(self, rollouts: list[Rollout]) -> None:
-        """Fill the teacher template per rollout and decide which rollouts are distilled."""
+    def _build_teacher_prompts(self, rollouts: list[Rollout], peers: dict[str, str]) -> None:
+        """Fill the teacher template per rollout and decide which rollouts are distilled.
+
+        `peers` maps an item id to a successful response for it from this step (any rank).
+        """
         algo = self.algo
         playbook_text = self._playbook_text() if algo.playbook else ""
-        peers: dict[str, str] = {}
-        for r in rollouts:
-            if r.success:
-                peers.setdefault(r.item.id, r.response)
         for r in rollouts:
             solution = ""
             if algo.demonstration:
@@ -516,39 +592,40 @@ class Trainer:
             system = [m for m in r.item.messages if m.get("role") == "system"]
             r.teacher_ids = self._chat([*system, {"role": "user", "content": r.teacher_prompt}])
 
-    def _update(self, rollouts: list[Rollout], timer: PhaseTimer) -> dict[str, float]:
+    def _update(
+        self, rollouts: list[Rollout], outcomes: list[tuple[str, float, float]], timer: PhaseTimer
+    ) -> dict[str, float]:
         """Optimizer step(s) on (1 − λ)·policy-gradient + λ·self-distillation, token-mean each.
 
         Self-distillation covers the rollouts marked `distill`; the policy gradient (GRPO,
         or a mixed objective) covers all rollouts with group-normalised advantages.
+        `outcomes` (item id, reward, score) covers the whole global batch, so batch-level
+        quantities (success-rate weights, advantages, token counts) are the same on
+        every rank and the same as in a one-process run.
         """
         cfg, lam = self.cfg, self.distillation_weight
         sd_rows = {id(r) for r in rollouts if r.distill and r.gen.token_ids} if lam > 0 else set()
         pg_rows = {id(r) for r in rollouts if r.gen.token_ids} if lam < 1 else set()
         rows = [r for r in rollouts if id(r) in sd_rows | pg_rows]
-        sd_tokens = sum(len(r.gen.token_ids) for r in rows if id(r) in sd_rows)
-        pg_tokens = sum(len(r.gen.token_ids) for r in rows if id(r) in pg_rows)
+        sd_tokens = int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if id(r) in sd_rows)))
+        pg_tokens = int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if id(r) in pg_rows)))
         out = {"loss": 0.0, "sd_loss": 0.0, "pg_loss": 0.0, "tokens": sd_tokens, "grad_norm": 0.0}
-        if not rows or (sd_tokens + pg_tokens) == 0:
+        if sd_tokens + pg_tokens == 0:
             return out
-        per_sample = {}
-        if sd_rows:
-            rewards = torch.tensor([r.score.reward for r in rollouts])
-            weights = (
-                success_rate_weights(rewards, cfg.success_weight_alpha, cfg.success_weight_beta)
-                if cfg.success_weighting
-                else torch.ones(len(rollouts))
-            )
-            per_sample["weight"] = {id(r): float(w) for r, w in zip(rollouts, weights, strict=True)}
-        if pg_rows:
-            values = [
-                r.score.reward if cfg.pg_reward == "reward" else r.score.score for r in rollouts
-            ]
-            adv = group_advantages(torch.tensor(values), cfg.rollouts_per_prompt, cfg.pg_scale_std)
-            per_sample["advantage"] = {id(r): float(a) for r, a in zip(rollouts, adv, strict=True)}
-        micro_batches = [
-            rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)
-        ]
+        rewards = torch.tensor([o[1] for o in outcomes])
+        weights = (
+            success_rate_weights(rewards, cfg.success_weight_alpha, cfg.success_weight_beta)
+            if cfg.success_weighting
+            else torch.ones(len(outcomes))
+        )
+        values = torch.tensor([o[1] if cfg.pg_reward == "reward" else o[2] for o in outcomes])
+        advantages = group_advantages(values, cfg.rollouts_per_prompt, cfg.pg_scale_std)
+        per_sample = {
+            "weight": {id(r): float(weights[r.index]) for r in rollouts},
+            "advantage": {id(r): float(advantages[r.index]) for r in rollouts},
+        }
+        size = cfg.micro_batch_size
+        micro_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         old_logps = self._old_logprobs(micro_batches) if cfg.update_epochs > 1 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         for epoch in range(cfg.update_epochs):
@@ -556,28 +633,21 @@ class Trainer:
             totals = {"sd_loss": 0.0, "pg_loss": 0.0}
             for index, micro in enumerate(micro_batches):
                 old = old_logps[index] if old_logps is not None else None
-                sd, pg = self._micro_batch_loss(
-                    micro,
-                    sd_rows,
-                    pg_rows,
-                    per_sample,
-                    old,
-                    sd_tokens,
-                    pg_tokens,
-                    timer,
-                    record=epoch == 0,
-                )
+                sd, pg = self._micro_batch_loss(micro, sd_rows, pg_rows, per_sample, old, sd_tokens, pg_tokens,
+                                                timer, record=epoch == 0)  # fmt: skip
                 with timer("update"):
                     ((1 - lam) * pg + lam * sd).backward()
                 totals["sd_loss"] += sd.item()
                 totals["pg_loss"] += pg.item()
             with timer("update"):
+                self.dist.all_reduce_gradients(params)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 for group in self.optimizer.param_groups:
                     group["lr"] = self._lr(self.step + 1)
                 self.optimizer.step()
                 self.teacher.update(self.model)
                 self._sync_generator()
+        totals = {k: self.dist.sum(v) for k, v in totals.items()}
         out.update(
             totals,
             grad_norm=grad_norm,
@@ -611,28 +681,16 @@ class Trainer:
             [id(r) in pg_rows for r in micro], device=self.device, dtype=torch.float32
         )
 
-        t_logits = None
-        if sd_tokens and bool(is_sd.any()):
-            with timer("teacher"), autocast_context(self.device, cfg.autocast):
-                teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
-                t_logits = self.teacher.logits(
-                    self.model, lambda m: response_logits(m, teacher_seqs, width, self.pad_id)
-                )
+        want_sd = bool(sd_tokens) and bool(is_sd.any())
+        teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
+        student_seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
+        sd_loss = pg_loss = zero
+        tok, logp = self._token_losses(
+            student_seqs, teacher_seqs if want_sd else None, token_ids, width, timer
+        )
         with timer("update"):
-            with autocast_context(self.device, cfg.autocast):
-                s_logits = response_logits(self.model, [r.prompt_ids + r.gen.token_ids for r in micro],
-                                           width, self.pad_id)  # fmt: skip
-            logp = token_logprobs(s_logits, token_ids)
             old = logp.detach() if old_logp is None else old_logp
-            sd_loss = pg_loss = zero
-            if t_logits is not None:
-                if cfg.distillation_mode == "sampled":
-                    tok = sampled_token_loss(logp, token_logprobs(t_logits, token_ids))
-                else:
-                    topk = None if cfg.distillation_mode == "full" else cfg.topk
-                    tok = self_distillation_loss(s_logits, t_logits, alpha=cfg.alpha, topk=topk,
-                                                 add_tail=cfg.add_tail, min_ratio=cfg.min_ratio,
-                                                 max_ratio=cfg.max_ratio)  # fmt: skip
+            if tok is not None:
                 tok = tok * importance_weight(logp, old, cfg.is_clip)
                 w = torch.tensor([per_sample["weight"][id(r)] for r in micro], device=self.device)
                 sd_loss = (tok * mask * (w * is_sd)[:, None]).sum() / max(sd_tokens, 1)
@@ -649,15 +707,67 @@ class Trainer:
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad(), autocast_context(self.device, cfg.autocast):
-                        seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
                         ref_logits = self.reference.logits(
-                            self.model, lambda m: response_logits(m, seqs, width, self.pad_id)
+                            self.model,
+                            lambda m: response_logits(m, student_seqs, width, self.pad_id),
                         )
                     ref = token_logprobs(ref_logits, token_ids)
                 tok = policy_gradient_loss(logp, old, adv, clip_low=cfg.pg_clip_low, clip_high=cfg.pg_clip_high,
                                            ref_logp=ref, kl_coef=cfg.kl_coef)  # fmt: skip
                 pg_loss = (tok * mask * is_pg[:, None]).sum() / max(pg_tokens, 1)
         return sd_loss, pg_loss
+
+    def _token_losses(
+        self,
+        student_seqs: list[list[int]],
+        teacher_seqs: list[list[int]] | None,
+        token_ids: torch.Tensor,
+        width: int,
+        timer: PhaseTimer,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Per-token distillation loss (None without teacher sequences) and student log-probs.
+
+        Two paths with the same result: full logits for both models (simple, fastest
+        for small vocabularies), or hidden states with the output head applied chunk by
+        chunk (`loss_chunk_size`), which keeps peak memory flat in the vocabulary size.
+        """
+        cfg = self.cfg
+
+        def sd_token_loss(s_logits, t_logits, ids, s_logp):
+            if cfg.distillation_mode == "sampled":
+                return sampled_token_loss(s_logp, token_logprobs(t_logits, ids))
+            topk = None if cfg.distillation_mode == "full" else cfg.topk
+            return self_distillation_loss(s_logits, t_logits, alpha=cfg.alpha, topk=topk, add_tail=cfg.add_tail,
+                                          min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)  # fmt: skip
+
+        if cfg.loss_chunk_size:
+            t_hidden = None
+            if teacher_seqs is not None:
+                with timer("teacher"), autocast_context(self.device, cfg.autocast):
+                    t_hidden = self.teacher.logits(
+                        self.model, lambda m: response_hidden(m, teacher_seqs, width, self.pad_id)
+                    )
+            with timer("update"), autocast_context(self.device, cfg.autocast):
+                s_hidden = response_hidden(self.model, student_seqs, width, self.pad_id)
+                softcap = getattr(self.model.config, "final_logit_softcapping", None)
+                return chunked_token_losses(
+                    s_hidden, self.model.get_output_embeddings(), token_ids, chunk_size=cfg.loss_chunk_size,
+                    teacher_hidden=t_hidden, teacher_head=self.teacher.head(self.model),
+                    token_loss=sd_token_loss, softcap=softcap,
+                )  # fmt: skip
+        t_logits = None
+        if teacher_seqs is not None:
+            with timer("teacher"), autocast_context(self.device, cfg.autocast):
+                t_logits = self.teacher.logits(
+                    self.model, lambda m: response_logits(m, teacher_seqs, width, self.pad_id)
+                )
+        with timer("update"):
+            with autocast_context(self.device, cfg.autocast):
+                s_logits = response_logits(self.model, student_seqs, width, self.pad_id)
+            logp = token_logprobs(s_logits, token_ids)
+            if t_logits is None:
+                return None, logp
+            return sd_token_loss(s_logits, t_logits, token_ids, logp), logp
 
     @torch.no_grad()
     def _old_logprobs(self, micro_batches: list[list[Rollout]]) -> list[torch.Tensor]:
@@ -692,7 +802,16 @@ class Trainer:
         random.seed(seed)
         torch.manual_seed(seed)
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self) -> dict[str, Any] | None:
+        """Evaluate on rank 0 (the others wait): the test split is small next to training."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        row = self._evaluate_main()
+        self.dist.barrier()
+        return row
+
+    def _evaluate_main(self) -> dict[str, Any]:
         cfg = self.cfg
         self._seed(cfg.seed * 7919 + self.step)
         metrics, records = evaluate(
@@ -710,28 +829,26 @@ class Trainer:
         return row
 
     def _log_samples(self, rollouts: list[Rollout], step: int) -> None:
-        for r in rollouts[: self.cfg.log_samples]:
-            self._append(
-                "samples.jsonl",
-                {
-                    "step": step,
-                    "item": r.item.id,
-                    "prompt": r.item.prompt_text,
-                    "response": r.gen.text,
-                    "reward": r.score.reward,
-                    "score": r.score.score,
-                    "feedback": r.score.feedback,
-                    "reflection": r.reflection.as_text() if r.reflection else None,
-                    "reflection_reply": r.reflection_reply,
-                    "curation_reply": r.curation_reply,
-                    "teacher_prompt": r.teacher_prompt,
-                    "distilled": r.distill,
-                    "tokens": [self.tokenizer.decode([t]) for t in r.gen.token_ids],
-                    "token_losses": [round(x, 5) for x in r.token_losses],
-                },
-            )
+        """The first `log_samples` rollouts of the global batch, with everything the report shows."""
+        rows = [
+            (r.index, {
+                "step": step, "item": r.item.id, "prompt": r.item.prompt_text, "response": r.gen.text,
+                "reward": r.score.reward, "score": r.score.score, "feedback": r.score.feedback,
+                "reflection": r.reflection.as_text() if r.reflection else None,
+                "reflection_reply": r.reflection_reply, "curation_reply": r.curation_reply,
+                "teacher_prompt": r.teacher_prompt, "distilled": r.distill,
+                "tokens": [self.tokenizer.decode([t]) for t in r.gen.token_ids],
+                "token_losses": [round(x, 5) for x in r.token_losses],
+            })
+            for r in rollouts
+            if r.index < self.cfg.log_samples
+        ]  # fmt: skip
+        for row in self.dist.gather_indexed(rows):
+            self._append("samples.jsonl", row)
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / name).open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -1,0 +1,3 @@
+from resd.cli import main
+
+raise SystemExit(main())

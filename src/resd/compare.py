@@ -1,0 +1,482 @@
+"""`resd compare`: several algorithms × several seeds, same data, same evaluation.
+
+    resd compare --config configs/demo.yaml --algorithms resd,sdpo,sdpo_ss,grpo \\
+        --seeds 0,1,2 --algorithm-args grpo:rollouts_per_prompt=8 --out runs/cmp steps=40
+
+Every run is `resd train` on the base config plus the command line's `key=value`
+overrides, then the algorithm's own overrides (`--algorithm-args ALGO:key=value`,
+repeatable), and finally `algorithm=`, `seed=` and `output_dir=<out>/<algo>-seed<k>`,
+which nothing can override.
+
+Fairness. For a given seed index every algorithm sees the same prompts in the same
+order: the trainer shuffles the training items with `random.Random(cfg.seed)` and cuts
+the result into consecutive batches of `batch_size`, and the environment's own items
+come from `env_args` (its `seed` included), which all runs share. The evaluation
+schedule (`eval_every`, `eval_items`, `eval_samples`, ...) and the model are shared too.
+An algorithm override of a key that changes the data order or the evaluation (see
+`SHARED_KEYS`) is allowed, since a study may want it, but it is flagged in the output.
+Drawing more rollouts per prompt (GRPO's N = 8) keeps the prompts the same and is what
+the "samples drawn" axis accounts for.
+
+Samples drawn = prompts × rollouts per prompt, summed over steps: the interaction budget.
+Each step draws fresh rollouts for its batch, so a run with K inner updates draws its
+batch K times. A metrics row's `rollouts` count is used where the trainer records one
+(exact also for a short last batch); otherwise batch_size × rollouts_per_prompt.
+
+Isolation and restarts. Each run is its own `python -m resd.cli train` process, with its
+output in `<run>/train.log`, so an exception, an out-of-memory kill or a segfault fails
+that run only; it is recorded with its error and the others go on. Running the same
+command again skips finished runs (those with `summary.json`), resumes unfinished ones
+from their last checkpoint (`--resume`), and retries the others from scratch.
+
+Outputs in `<out>/`: `comparison.json` (every run: config, status, error, eval curve with
+steps and samples drawn, final metrics; every algorithm: mean / std / min / max over its
+finished seeds, and its mean curve), `plots/accuracy.png` (accuracy against steps and
+against samples drawn, mean line and min-max band over seeds) and `report.html`
+(`resd report` on the comparison directory); the plots need matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from resd.config import ConfigError, TrainConfig, load_config
+
+log = logging.getLogger(__name__)
+
+EVAL_KEYS = ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
+# Keys that must match across algorithms for a like-for-like comparison.
+SHARED_KEYS = frozenset(
+    {"model", "env", "env_args", "seed", "shuffle", "batch_size", "inner_updates", "steps",
+     "eval_every", "eval_items", "eval_samples", "eval_temperature", "eval_top_p",
+     "eval_max_new_tokens"}
+)  # fmt: skip
+# What the trainer leaves in a run directory that a fresh start must not append to.
+TRAINER_LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl", "playbook_history.jsonl")
+RUN_CONFIG = "compare-config.yaml"  # the resolved config the run was started with
+ERROR_LINES = 20  # lines of train.log kept as a failed run's error
+
+
+@dataclass
+class RunSpec:
+    """One (algorithm, seed) cell of the comparison."""
+
+    algorithm: str
+    seed: int
+    path: Path
+    overrides: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+# ---- planning ------------------------------------------------------------------------------
+def parse_csv(text: str, what: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValueError(f"{what}: expected a comma-separated list, got {text!r}")
+    return values
+
+
+def parse_algorithm_args(items: list[str]) -> dict[str, list[str]]:
+    """["grpo:rollouts_per_prompt=8", "grpo:lr=1e-6"] → {"grpo": [...two overrides...]}."""
+    by_algorithm: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        algorithm, sep, override = item.partition(":")
+        if not sep or not algorithm.strip() or "=" not in override:
+            raise ValueError(f"--algorithm-args: expected ALGORITHM:key=value, got {item!r}")
+        by_algorithm[algorithm.strip()].append(override.strip())
+    return dict(by_algorithm)
+
+
+def plan_runs(
+    algorithms: list[str],
+    seeds: list[int],
+    out: Path,
+    overrides: list[str],
+    algorithm_args: dict[str, list[str]],
+) -> list[RunSpec]:
+    """The runs, seed-major (all algorithms at seed 0 first): after an interruption, the
+    finished part is a complete comparison over fewer seeds."""
+    stray = sorted(set(algorithm_args) - set(algorithms))
+    if stray:
+        raise ValueError(f"--algorithm-args: {stray[0]!r} is not in --algorithms")
+    specs = []
+    for seed in seeds:
+        for algorithm in algorithms:
+            path = out / f"{algorithm}-seed{seed}"
+            fixed = [f"algorithm={algorithm}", f"seed={seed}", f"output_dir={path}"]
+            specs.append(
+                RunSpec(
+                    algorithm, seed, path, [*overrides, *algorithm_args.get(algorithm, []), *fixed]
+                )
+            )
+    return specs
+
+
+def unshared_overrides(algorithm_args: dict[str, list[str]]) -> list[str]:
+    """Algorithm overrides that make that algorithm's data or evaluation differ."""
+    flagged = []
+    for algorithm, items in algorithm_args.items():
+        for item in items:
+            key = item.partition("=")[0].split(".")[0].strip()
+            if key in SHARED_KEYS:
+                flagged.append(f"{algorithm}:{item}")
+    return flagged
+
+
+# ---- reading a run -------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run may be cut
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """As `resd.checkpoint.latest_checkpoint(...) is not None`, without importing torch."""
+    return any(run_dir.glob("checkpoints/step-*/state.json"))
+
+
+def samples_per_step(config: dict[str, Any]) -> int:
+    """Rollouts one step draws from the config: batch_size × rollouts_per_prompt."""
+    batch = config.get("batch_size") or TrainConfig.batch_size
+    rollouts = config.get("rollouts_per_prompt") or TrainConfig.rollouts_per_prompt
+    return int(batch) * int(rollouts)
+
+
+def cumulative_samples(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[int, int]:
+    """Samples drawn up to and including each step (step 0: none)."""
+    per_step = samples_per_step(config)
+    drawn, total = {0: 0}, 0
+    for row in sorted(metrics, key=lambda m: m.get("step", 0)):
+        rollouts = row.get("rollouts")
+        total += int(rollouts) if isinstance(rollouts, int | float) else per_step
+        drawn[int(row["step"])] = total
+    return drawn
+
+
+def eval_curve(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every evaluation of a run with its step and the samples drawn by then."""
+    drawn = cumulative_samples(_read_jsonl(run_dir / "metrics.jsonl"), config)
+    per_step = samples_per_step(config)
+    curve = []
+    for row in _read_jsonl(run_dir / "eval.jsonl"):
+        step = int(row.get("step", 0))
+        point = {"step": step, "samples_drawn": drawn.get(step, step * per_step)}
+        point.update({k: row[k] for k in (*EVAL_KEYS, "k", "items") if k in row})
+        curve.append(point)
+    return curve
+
+
+def error_tail(log_path: Path, lines: int = ERROR_LINES) -> str:
+    """The end of a failed run's log: the traceback or `resd: error: ...` line."""
+    if not log_path.exists():
+        return ""
+    text = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    return "\n".join(text[-lines:])
+
+
+def run_record(spec: RunSpec, config: dict[str, Any] | None) -> dict[str, Any]:
+    """What comparison.json says about one run, read from its directory."""
+    config = config or {}
+    summary_path = spec.path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    metrics = _read_jsonl(spec.path / "metrics.jsonl")
+    curve = eval_curve(spec.path, config) if config else []
+    drawn = cumulative_samples(metrics, config) if config else {0: 0}
+    steps = int(summary.get("steps", metrics[-1]["step"] if metrics else 0))
+    return {
+        "name": spec.name,
+        "algorithm": spec.algorithm,
+        "seed": spec.seed,
+        "dir": str(spec.path),
+        "status": "finished" if summary else "pending",
+        "skipped": False,
+        "returncode": None,
+        "error": None,
+        "log": str(spec.path / "train.log"),
+        "overrides": spec.overrides,
+        "config": config or None,
+        "samples_per_step": samples_per_step(config) if config else None,
+        "steps": steps,
+        "samples_drawn": drawn.get(steps, max(drawn.values())),
+        "eval": curve,
+        "final": {k: curve[-1][k] for k in (*EVAL_KEYS, "step", "samples_drawn") if k in curve[-1]}
+        if curve
+        else None,
+    }
+
+
+# ---- running -------------------------------------------------------------------------------
+def launch(spec: RunSpec, cfg: TrainConfig, *, python: str = sys.executable) -> int:
+    """Run `resd train` for one spec in its own process; returns its exit code.
+
+    The resolved config is written to the run directory and passed as the only config,
+    so what comparison.json records is exactly what ran, even if the base config file
+    changes before a re-run resumes it.
+    """
+    spec.path.mkdir(parents=True, exist_ok=True)
+    config_file = spec.path / RUN_CONFIG
+    config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    command = [python, "-m", "resd.cli", "train", "--config", str(config_file)]
+    if has_checkpoint(spec.path):
+        command.append("--resume")
+    else:  # a run that died before its first checkpoint starts over, with clean logs
+        for name in TRAINER_LOGS:
+            (spec.path / name).unlink(missing_ok=True)
+        for stale in spec.path.glob("eval-step-*.jsonl"):
+            stale.unlink()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with (spec.path / "train.log").open("a") as log_file:
+        log_file.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(command)}\n")
+        log_file.flush()
+        proc = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    return proc.returncode
+
+
+def execute(spec: RunSpec, base_config: str | None) -> dict[str, Any]:
+    """Run (or skip, or resume) one spec and describe the outcome."""
+    try:
+        cfg = load_config(base_config, spec.overrides)
+    except ConfigError as exc:  # nothing to launch: record why
+        record = run_record(spec, None)
+        record.update(status="failed", error=str(exc))
+        return record
+    if (spec.path / "summary.json").exists():
+        record = run_record(spec, cfg.to_dict())
+        record["skipped"] = True
+        return record
+    resumed = has_checkpoint(spec.path)
+    print(f"[compare] {spec.name}: {'resuming' if resumed else 'starting'}", flush=True)
+    start = time.perf_counter()
+    code = launch(spec, cfg)
+    record = run_record(spec, cfg.to_dict())
+    record.update(returncode=code, time_s=round(time.perf_counter() - start, 1))
+    if code != 0 or record["status"] != "finished":
+        record.update(status="failed", error=error_tail(spec.path / "train.log"))
+    print(f"[compare] {spec.name}: {record['status']} ({record['time_s']} s)", flush=True)
+    return record
+
+
+# ---- aggregating ---------------------------------------------------------------------------
+def spread(values: list[float]) -> dict[str, float] | None:
+    """mean, population std, min, max and n of some values; None for none."""
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per algorithm, over its finished seeds: final metrics and the curve by step.
+
+    Seeds of one algorithm share the evaluation schedule, so curves align on the step;
+    where one seed evaluated at a step the others did not, that point has a smaller n.
+    """
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[run["algorithm"]].append(run)
+    out = {}
+    for algorithm, members in groups.items():
+        done = [r for r in members if r["status"] == "finished"]
+        final = {
+            key: spread([r["final"][key] for r in done if r["final"] and key in r["final"]])
+            for key in EVAL_KEYS
+        }
+        points: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for run in done:
+            for point in run["eval"]:
+                points[point["step"]].append(point)
+        curve = [
+            {
+                "step": step,
+                "samples_drawn": spread([p["samples_drawn"] for p in pts]),
+                **{k: spread([p[k] for p in pts if k in p]) for k in EVAL_KEYS},
+            }
+            for step, pts in sorted(points.items())
+        ]
+        out[algorithm] = {
+            "runs": len(members),
+            "finished": len(done),
+            "failed": [r["name"] for r in members if r["status"] == "failed"],
+            "seeds": [r["seed"] for r in done],
+            "final": final,
+            "samples_drawn": spread([r["samples_drawn"] for r in done]),
+            "curve": curve,
+        }
+    return out
+
+
+def write_comparison(out: Path, payload: dict[str, Any], runs: list[dict[str, Any]]) -> Path:
+    path = out / "comparison.json"
+    data = {**payload, "runs": runs, "algorithms": summarize(runs)}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path
+
+
+# ---- plots ---------------------------------------------------------------------------------
+def plot_accuracy(algorithms: dict[str, dict[str, Any]], keys: tuple[str, ...] = EVAL_KEYS):
+    """PNG bytes: one row per metric; columns against step and against samples drawn.
+
+    Line: mean over seeds; band: min to max over seeds (when there are several).
+    """
+    from resd.report import _figure, _png  # matplotlib only here
+
+    keys = tuple(k for k in keys if any(p.get(k) for a in algorithms.values() for p in a["curve"]))
+    if not keys:
+        return None
+    fig, axes = _figure(len(keys), 2, 12.0, 3.4 * len(keys))
+    for row, key in enumerate(keys):
+        for col, (axis, label) in enumerate((("step", "step"), ("samples", "samples drawn"))):
+            ax = axes[row][col]
+            for i, (algorithm, info) in enumerate(algorithms.items()):
+                pts = [p for p in info["curve"] if p.get(key)]
+                if not pts:
+                    continue
+                xs = [p["step"] if axis == "step" else p["samples_drawn"]["mean"] for p in pts]
+                mean = [p[key]["mean"] for p in pts]
+                ax.plot(
+                    xs, mean, color=f"C{i}", marker="o", label=f"{algorithm} (n={info['finished']})"
+                )
+                if info["finished"] > 1:
+                    lo, hi = [p[key]["min"] for p in pts], [p[key]["max"] for p in pts]
+                    ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
+            ax.set(title=f"{key} vs {label}", xlabel=label, ylim=(-0.02, 1.02))
+            ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def write_plots(out: Path, algorithms: dict[str, dict[str, Any]]) -> list[Path]:
+    """accuracy.png and the HTML report; skipped with a note when matplotlib is missing."""
+    try:
+        png = plot_accuracy(algorithms)
+    except ImportError as exc:
+        print(f"[compare] no plots: {exc}", file=sys.stderr)
+        return []
+    written = []
+    if png:
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        (out / "plots" / "accuracy.png").write_bytes(png)
+        written.append(out / "plots" / "accuracy.png")
+    from resd.report import build_report
+
+    with contextlib.suppress(FileNotFoundError):  # no run produced a run directory
+        written.append(build_report(out))
+    return written
+
+
+# ---- the command ---------------------------------------------------------------------------
+def format_table(algorithms: dict[str, dict[str, Any]]) -> str:
+    def cell(s: dict[str, float] | None) -> str:
+        return "-" if s is None else f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+    header = f"{'algorithm':18s} {'done':>5s} " + " ".join(f"{k:>21s}" for k in EVAL_KEYS)
+    lines = [header + f" {'samples drawn':>14s}"]
+    for algorithm, info in algorithms.items():
+        drawn = "-" if info["samples_drawn"] is None else f"{info['samples_drawn']['mean']:.0f}"
+        lines.append(
+            f"{algorithm:18s} {info['finished']:>2d}/{info['runs']:<2d} "
+            + " ".join(f"{cell(info['final'][k]):>21s}" for k in EVAL_KEYS)
+            + f" {drawn:>14s}"
+        )
+    return "\n".join(lines)
+
+
+def run_comparison(
+    base_config: str | None,
+    algorithms: list[str],
+    seeds: list[int],
+    out: str | Path,
+    overrides: list[str] | None = None,
+    algorithm_args: dict[str, list[str]] | None = None,
+    *,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Run every (algorithm, seed) and write comparison.json; returns its content."""
+    out = Path(out)
+    algorithm_args = algorithm_args or {}
+    specs = plan_runs(algorithms, seeds, out, list(overrides or []), algorithm_args)
+    flagged = unshared_overrides(algorithm_args)
+    for item in flagged:
+        print(f"[compare] note: {item} changes data or evaluation for that algorithm only")
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "base_config": base_config,
+        "overrides": list(overrides or []),
+        "algorithm_args": algorithm_args,
+        "algorithms_requested": algorithms,
+        "seeds": seeds,
+        "unshared_overrides": flagged,
+        "fairness": "for a seed index, every algorithm shuffles the training items with "
+        "random.Random(seed) and shares env_args, model and evaluation settings",
+    }
+    runs = [run_record(spec, None) for spec in specs]
+    write_comparison(out, payload, runs)
+    for i, spec in enumerate(specs):
+        runs[i] = execute(spec, base_config)
+        write_comparison(out, payload, runs)  # progress is visible while later runs train
+    data = json.loads((out / "comparison.json").read_text())
+    if plots:
+        write_plots(out, data["algorithms"])
+    return data
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    seeds = [int(s) for s in parse_csv(args.seeds, "--seeds")]
+    data = run_comparison(
+        args.config, parse_csv(args.algorithms, "--algorithms"), seeds, args.out, args.overrides,
+        parse_algorithm_args(args.algorithm_args), plots=not args.no_plots,
+    )  # fmt: skip
+    print("\nfinal evaluation, mean [min, max] over finished seeds:")
+    print(format_table(data["algorithms"]))
+    failed = [r for r in data["runs"] if r["status"] == "failed"]
+    for run in failed:
+        last = (run["error"] or "").splitlines()[-1:] or ["?"]
+        print(f"FAILED {run['name']}: {last[0]}  (log: {run['log']})")
+    print(f"\ncomparison: {Path(args.out) / 'comparison.json'}")
+    return 1 if failed else 0
+
+
+def add_compare_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register `resd compare --config FILE --algorithms A,B --seeds 0,1 --out DIR [k=v ...]`."""
+    parser = subparsers.add_parser(
+        "compare", help="train several algorithms over several seeds and compare them"
+    )
+    parser.add_argument("--config", help="base YAML config shared by every run")
+    parser.add_argument("--algorithms", required=True, help="comma-separated, e.g. resd,sdpo")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--out", required=True, help="comparison directory")
+    parser.add_argument(
+        "--algorithm-args", action="append", default=[], metavar="ALGO:KEY=VALUE",
+        help="an override for one algorithm only (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true", help="skip plots and report.html")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    parser.set_defaults(fn=cmd_compare)
+    return parser

@@ -1,0 +1,410 @@
+"""`resd continual`: train on a sequence of tasks and measure what is kept and forgotten.
+
+    resd continual --config configs/continual.yaml [key=value ...]
+
+The config is an ordinary training config (every TrainConfig key; `key=value` overrides
+apply to it) plus:
+
+    stages:                       # trained in order, each from the previous stage's model
+      - {env: arithmetic, env_args: {n_train: 64}, steps: 20}
+      - {name: factory, env: manufactoria, steps: 40, lr: 1.0e-5}   # any TrainConfig key
+    heldout:                      # evaluated at every row, never trained on
+      - {name: ifeval, env: ifeval, env_args: {path: ../shared/data/ifeval_100.parquet}}
+    eval_all_tasks: false         # true: every row evaluates every stage's task
+
+A stage's keys override the base config for that stage only; its `env_args` replace the
+base's (they belong to another environment). A held-out suite may also set evaluation
+keys (`eval_items`, `eval_samples`, `eval_max_new_tokens`, ...).
+
+Stage k (1-based) trains in `<output_dir>/stage-<k>-<name>/` starting from stage k−1's
+final model, the `model/` folder of its last checkpoint (for a LoRA stage, the adapter
+merged into its base, since a LoRA run starts from a full model), and from its playbook
+(`playbook_init` = its `playbook.json`): what the playbook learnt is carried forward
+like the weights.
+
+Evaluation rows: "before" (the base model) and one after each stage. A row evaluates the
+tasks seen so far (row 0: the first stage's task, the base reference) and every held-out
+suite, with the evaluation code of `resd eval` and the settings of the stage that
+introduced the task, at the same seed in every row: differences between rows are the
+model's, not the sampler's. The accuracy of the matrix is the per-test-case mean@k
+(`case_mean@k`); the per-task mean@k is kept beside it.
+
+Metrics over the matrix acc[s][i] (row s = after stage s, task i; spec-free standard
+definitions, Chaudhry et al. 2018 / Lopez-Paz & Ranzato 2017):
+  forgetting         = mean over tasks i < T of (max over stages s < T of acc[s][i]) − acc[T][i]
+  backward transfer  = mean over tasks i < T of acc[T][i] − acc[i][i]
+Forgetting ≥ 0 means accuracy lost since its best; BWT < 0 means later training hurt.
+
+Everything lands in `<output_dir>/continual.json` and a table is printed. Re-running the
+same command reuses finished stages (`summary.json`), resumes interrupted ones from their
+last checkpoint, and reuses finished evaluation rows (`evals/row-<k>.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from resd.config import ConfigError, TrainConfig, apply_overrides, build_config
+from resd.eval_cli import EvalSettings, evaluate_env, is_adapter, load_policy, merge_adapter
+
+log = logging.getLogger(__name__)
+
+ACCURACY = "case_mean@k"  # the matrix entry (spec §6 reports per-test-case accuracy)
+ALSO_KEPT = "task_mean@k"
+# Keys a held-out suite may set for its evaluation (besides name, env, env_args).
+HELDOUT_EVAL_KEYS = frozenset(
+    {"eval_items", "eval_samples", "eval_temperature", "eval_top_p", "eval_max_new_tokens",
+     "max_new_tokens", "max_prompt_tokens"}
+)  # fmt: skip
+Matrix = Sequence[Sequence[float | None]]
+
+
+# ---- the metric arithmetic ------------------------------------------------------------------
+def forgetting(acc: Matrix) -> float | None:
+    """Average forgetting over tasks 0..T−2 of a T×T matrix acc[stage][task] (0-based,
+    after each training stage; None = not evaluated).
+
+    For task i: the best accuracy at any earlier stage (s < T−1) minus the final one.
+    Stages before task i was trained are normally not evaluated (None) and so don't count.
+    None when there is no earlier task with both numbers.
+    """
+    last = len(acc) - 1
+    drops = []
+    for i in range(last):
+        final = acc[last][i]
+        earlier = [acc[s][i] for s in range(last) if acc[s][i] is not None]
+        if final is not None and earlier:
+            drops.append(max(earlier) - final)
+    return sum(drops) / len(drops) if drops else None
+
+
+def backward_transfer(acc: Matrix) -> float | None:
+    """BWT over tasks 0..T−2: mean of acc[T−1][i] − acc[i][i] (final minus just-learnt)."""
+    last = len(acc) - 1
+    diffs = [
+        acc[last][i] - acc[i][i]
+        for i in range(last)
+        if acc[last][i] is not None and acc[i][i] is not None
+    ]
+    return sum(diffs) / len(diffs) if diffs else None
+
+
+# ---- the plan -------------------------------------------------------------------------------
+@dataclass
+class Suite:
+    """Something to evaluate: a stage's task or a held-out suite."""
+
+    name: str
+    env: str
+    env_args: dict[str, Any]
+    settings: EvalSettings
+
+
+@dataclass
+class Stage:
+    name: str
+    config: TrainConfig  # model / playbook_init / output_dir are filled in when it runs
+    suite: Suite
+
+
+@dataclass
+class ContinualPlan:
+    base: TrainConfig
+    stages: list[Stage]
+    heldout: list[Suite]
+    eval_all_tasks: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.base.output_dir)
+
+    def row_suites(self, row: int) -> list[Suite]:
+        """What row `row` evaluates (0 = before training, k = after stage k)."""
+        seen = len(self.stages) if self.eval_all_tasks else max(row, 1)
+        return [stage.suite for stage in self.stages[:seen]] + self.heldout
+
+
+def slug(text: str) -> str:
+    """A name safe for a directory: `toy_envs:ParityEnv` → `toy_envs-ParityEnv`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _mapping_list(data: dict[str, Any], key: str, required: bool) -> list[dict[str, Any]]:
+    value = data.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{key}: expected a non-empty list of mappings, got {value!r}")
+    return [dict(v) for v in value]
+
+
+def _prefixed(prefix: str, exc: ConfigError) -> ConfigError:
+    return ConfigError(f"{prefix}.{exc}")
+
+
+def build_plan(data: dict[str, Any], overrides: list[str] | None = None) -> ContinualPlan:
+    """Validate a continual config (a parsed YAML mapping) into stages and suites."""
+    data = dict(data)
+    stages_raw = _mapping_list(data, "stages", required=True)
+    heldout_raw = _mapping_list(data, "heldout", required=False)
+    eval_all = data.pop("eval_all_tasks", False)
+    if not isinstance(eval_all, bool):
+        raise ConfigError(f"eval_all_tasks: expected true/false, got {eval_all!r}")
+    data.pop("stages")
+    data.pop("heldout", None)
+    base_data = apply_overrides(data, overrides or [])
+    base = build_config(base_data)
+
+    names: set[str] = set()
+    stages = []
+    for k, raw in enumerate(stages_raw):
+        name = _unique(slug(str(raw.pop("name", None) or raw.get("env", base.env))), names)
+        stage_data = {**base_data, **raw}
+        if "env" in raw and "env_args" not in raw:
+            stage_data["env_args"] = {}
+        try:
+            cfg = build_config(stage_data)
+        except ConfigError as exc:
+            raise _prefixed(f"stages[{k}]", exc) from None
+        suite = Suite(name, cfg.env, cfg.env_args, EvalSettings.from_config(cfg))
+        stages.append(Stage(name, cfg, suite))
+
+    heldout = []
+    for k, raw in enumerate(heldout_raw):
+        if "env" not in raw:
+            raise ConfigError(f"heldout[{k}].env: missing")
+        extra = sorted(set(raw) - {"name", "env", "env_args"} - HELDOUT_EVAL_KEYS)
+        if extra:
+            raise ConfigError(f"heldout[{k}].{extra[0]}: unknown key for a held-out suite")
+        name = _unique(slug(str(raw.get("name") or raw["env"])), names)
+        eval_keys = {key: raw[key] for key in HELDOUT_EVAL_KEYS if key in raw}
+        try:
+            cfg = build_config({**base_data, **eval_keys})
+        except ConfigError as exc:
+            raise _prefixed(f"heldout[{k}]", exc) from None
+        env_args = raw.get("env_args") or {}
+        if not isinstance(env_args, dict):
+            raise ConfigError(f"heldout[{k}].env_args: expected a mapping, got {env_args!r}")
+        heldout.append(Suite(name, str(raw["env"]), env_args, EvalSettings.from_config(cfg)))
+    return ContinualPlan(base, stages, heldout, eval_all, raw=data)
+
+
+def load_plan(path: str | Path, overrides: list[str] | None = None) -> ContinualPlan:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of keys to values")
+    return build_plan(data, overrides)
+
+
+# ---- running --------------------------------------------------------------------------------
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _last_checkpoint_model(run_dir: Path) -> Path:
+    from resd.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"continual: {run_dir} finished without a checkpoint")
+    return checkpoint / "model"
+
+
+def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playbook: str | None):
+    """Train one stage (or reuse / resume it); returns (final full model, playbook, info)."""
+    from resd.checkpoint import latest_checkpoint
+    from resd.trainer import Trainer
+
+    run_dir = plan.out / f"stage-{index}-{stage.name}"
+    data = stage.config.to_dict() | {
+        "model": model,
+        "playbook_init": playbook,
+        "output_dir": str(run_dir),
+    }
+    cfg = build_config(data)
+    if not (run_dir / "summary.json").exists():
+        resume = latest_checkpoint(run_dir) is not None
+        print(f"[continual] stage {index} ({stage.name}): {'resuming' if resume else 'training'}")
+        trainer = Trainer(cfg, resume=resume)
+        trainer.train()
+        del trainer
+        _free_memory()
+    final = _last_checkpoint_model(run_dir)
+    if is_adapter(final):  # a LoRA run continues from a full model: merge once, keep it
+        merged = run_dir / "merged-model"
+        if not (merged / "config.json").exists():
+            merge_adapter(final, merged, base_model=model)
+        final = merged
+    new_playbook = run_dir / "playbook.json"
+    info = {
+        "name": stage.name,
+        "env": cfg.env,
+        "env_args": cfg.env_args,
+        "dir": str(run_dir),
+        "model_in": model,
+        "model_out": str(final),
+        "playbook_in": playbook,
+        "config": cfg.to_dict(),
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+    }
+    return str(final), str(new_playbook) if new_playbook.exists() else playbook, info
+
+
+def evaluate_row(plan: ContinualPlan, row: int, model: str) -> dict[str, dict[str, Any]]:
+    """Evaluate `model` on the row's suites; cached in `evals/row-<k>.json`."""
+    from resd.envs import make_env
+
+    cache = plan.out / "evals" / f"row-{row}.json"
+    results: dict[str, dict[str, Any]] = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [s for s in plan.row_suites(row) if s.name not in results]
+    if not todo:
+        return results
+    base = plan.base
+    dtype = base.generation_dtype or base.dtype  # sample as the trainer's sampling copy does
+    policy, tokenizer = load_policy(model, dtype=dtype, device=base.device)
+    for suite in todo:
+        print(f"[continual] row {row}: evaluating {suite.name}")
+        result = evaluate_env(policy, tokenizer, make_env(suite.env, suite.env_args), suite.settings)
+        samples = plan.out / "evals" / f"row-{row}-{suite.name}.jsonl"
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        samples.write_text("".join(json.dumps(r) + "\n" for r in result["samples"]))
+        results[suite.name] = {"metrics": result["metrics"], "per_item": result["per_item"]}
+        cache.write_text(json.dumps(results, indent=1))  # a kill loses one suite at most
+    del policy
+    _free_memory()
+    return results
+
+
+def _matrix(rows: list[dict[str, dict[str, Any]]], names: list[str], key: str):
+    return [[row[n]["metrics"][key] if n in row else None for n in names] for row in rows]
+
+
+def summarize(plan: ContinualPlan, rows: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The matrices and their metrics, from the evaluation rows done so far."""
+    tasks = [stage.name for stage in plan.stages]
+    heldout = [suite.name for suite in plan.heldout]
+    out: dict[str, Any] = {
+        "accuracy_key": ACCURACY,
+        "rows": ["before", *(f"stage-{k}-{n}" for k, n in enumerate(tasks, 1))][: len(rows)],
+        "tasks": tasks,
+        "heldout": heldout,
+        "metrics": {},
+    }
+    for key, suffix in ((ACCURACY, ""), (ALSO_KEPT, "_task")):
+        acc = _matrix(rows, tasks, key)
+        out[f"accuracy{suffix}"] = acc
+        out[f"heldout_accuracy{suffix}"] = _matrix(rows, heldout, key)
+        trained = acc[1:]  # rows after each stage: square once every stage has run
+        done = len(trained) == len(tasks)
+        out["metrics"][key] = {
+            "forgetting": forgetting(trained) if done else None,
+            "backward_transfer": backward_transfer(trained) if done else None,
+            "heldout_change": {
+                name: rows[-1][name]["metrics"][key] - rows[0][name]["metrics"][key]
+                for name in heldout
+                if len(rows) > 1 and name in rows[0] and name in rows[-1]
+            },
+        }
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The accuracy matrix (case_mean@k) with held-out suites after a bar, and metrics."""
+    names = result["tasks"] + result["heldout"]
+    width = max(10, *(len(n) for n in names))
+    label = max(8, *(len(r) for r in result["rows"]))
+    head = " ".join(f"{n:>{width}s}" for n in result["tasks"])
+    if result["heldout"]:
+        head += " | " + " ".join(f"{n:>{width}s}" for n in result["heldout"])
+    lines = [f"accuracy = {result['accuracy_key']} (rows: after each stage)", f"{'':{label}s} {head}"]
+
+    def cells(values: list[float | None]) -> str:
+        return " ".join(f"{'-':>{width}s}" if v is None else f"{v:{width}.4f}" for v in values)
+
+    for i, row in enumerate(result["rows"]):
+        line = f"{row:{label}s} {cells(result['accuracy'][i])}"
+        if result["heldout"]:
+            line += " | " + cells(result["heldout_accuracy"][i])
+        lines.append(line)
+    metrics = result["metrics"][result["accuracy_key"]]
+    for name, value in (("forgetting", metrics["forgetting"]),
+                        ("backward transfer", metrics["backward_transfer"])):  # fmt: skip
+        lines.append(f"{name}: {'n/a (one task)' if value is None else f'{value:+.4f}'}")
+    for name, change in metrics["heldout_change"].items():
+        lines.append(f"held-out {name}: {change:+.4f} from before to the last stage")
+    return "\n".join(lines)
+
+
+def run_continual(plan: ContinualPlan) -> dict[str, Any]:
+    """Train every stage in order, evaluate every row, write continual.json."""
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "continual-config.yaml").write_text(
+        yaml.safe_dump(
+            {**plan.base.to_dict(), "stages": [s.config.to_dict() for s in plan.stages]},
+            sort_keys=False,
+        )
+    )
+    model, playbook = plan.base.model, plan.base.playbook_init
+    rows = [evaluate_row(plan, 0, model)]
+    stages: list[dict[str, Any]] = []
+
+    def write() -> dict[str, Any]:
+        result = {"stages": stages, **summarize(plan, rows), "evaluations": rows}
+        (out / "continual.json").write_text(json.dumps(result, indent=1))
+        return result
+
+    write()
+    for k, stage in enumerate(plan.stages, 1):
+        model, playbook, info = train_stage(stage, k, plan, model, playbook)
+        stages.append(info)
+        rows.append(evaluate_row(plan, k, model))
+        write()
+    return write()
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    plan = load_plan(args.config, args.overrides)
+    result = run_continual(plan)
+    print("\n" + format_table(result))
+    print(f"\ncontinual: {plan.out / 'continual.json'}")
+    return 0
+
+
+def add_continual_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register `resd continual --config FILE [key=value ...]`."""
+    parser = subparsers.add_parser(
+        "continual", help="train on a sequence of tasks; report forgetting and transfer"
+    )
+    parser.add_argument("--config", required=True, help="YAML: a training config + stages")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
+    parser.set_defaults(fn=cmd_continual)
+    return parser

@@ -1,0 +1,294 @@
+"""`resd eval`: accuracy of any model or checkpoint on an environment's test split.
+
+    resd eval --model Qwen/Qwen3-0.6B --env manufactoria --samples 4 --out base.json
+    resd eval --model runs/x/checkpoints/step-000100/model --env arithmetic n_test=64
+    resd eval --model runs/lora/checkpoints/step-000100/model --base-model Qwen/Qwen3-0.6B ...
+
+The metrics are the trainer's (spec §6, `resd.evaluation`): per-task accuracy (all tests
+pass) and per-test-case accuracy (fraction of tests passed), each as mean@k and best@k
+over k samples per item at the evaluation temperature, plus the same four numbers per
+item, so that one can see *which* problems a method solves.
+
+A checkpoint's `model/` folder is either a full Hugging Face model or, for a LoRA run, a
+PEFT adapter (it holds `adapter_config.json`). An adapter is applied to its base model
+(recorded in the adapter config, or `--base-model`) in float32 and merged, and only then
+cast to the sampling dtype: merging in bfloat16 would round the small LoRA update away.
+
+Sampling runs in bfloat16 by default, like the trainer's sampling copy, so that `resd eval`
+on a checkpoint reproduces the numbers the run logged for the same seed and settings.
+The loading and evaluation functions here are reused by `resd continual`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resd.config import TrainConfig, apply_overrides
+from resd.envs import Environment, make_env
+from resd.envs.base import Score
+
+METRIC_ROWS = (("per-task", "task"), ("per-test-case", "case"))
+
+
+@dataclass
+class EvalSettings:
+    """How to sample for evaluation; the defaults are TrainConfig's (spec §5)."""
+
+    samples: int = 4  # k
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 1024
+    items: int | None = None  # the first N test items; None = the whole test split
+    batch_size: int = 16
+    seed: int = 0
+    autocast: str | None = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "max_new_tokens", "max_prompt_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.items is not None and self.items < 1:
+            raise ValueError(f"items: must be >= 1 or unset, got {self.items}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> EvalSettings:
+        """The settings the trainer evaluates a run with (`Trainer._evaluate`)."""
+        return cls(
+            samples=cfg.eval_samples,
+            temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            items=cfg.eval_items,
+            batch_size=cfg.generation_batch_size,
+            seed=cfg.seed,
+            autocast=cfg.autocast,
+        )
+
+
+# ---- loading ------------------------------------------------------------------------------
+def is_adapter(path: str | Path) -> bool:
+    """A PEFT adapter folder (what a LoRA run saves as a checkpoint's `model/`)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base_model(path: str | Path, base_model: str | None = None) -> str:
+    """The model an adapter was trained on: `base_model` if given, else its config's."""
+    if base_model:
+        return base_model
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"model: adapter {path} does not name its base model; pass --base-model")
+    return str(base)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file()
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "bfloat16",
+    device: str = "auto",
+):
+    """(model, tokenizer) for a model id, a full HF folder or a PEFT adapter folder.
+
+    An adapter is merged into its base in float32 (see the module docstring), so the
+    result is always a plain transformers model in `dtype`, in eval mode.
+    """
+    from resd.models import DTYPES, load_model, load_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    path = str(path)
+    if not is_adapter(path):
+        model = load_model(path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(path)
+    else:
+        from peft import PeftModel
+
+        base = adapter_base_model(path, base_model)
+        model = PeftModel.from_pretrained(load_model(base, dtype="float32", device=device), path)
+        model = model.merge_and_unload().to(DTYPES[dtype])
+        # Checkpoints save the tokenizer beside the adapter; a bare adapter may not.
+        tokenizer = load_tokenizer(path if _has_tokenizer(Path(path)) else base)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def merge_adapter(path: str | Path, out: str | Path, *, base_model: str | None = None) -> Path:
+    """Write adapter + base as one full float32 HF folder (with tokenizer) to `out`.
+
+    A LoRA run can only start from a full model, so a continual-learning stage that
+    follows a LoRA stage starts from the merged model (and trains a fresh adapter).
+    """
+    model, tokenizer = load_policy(path, base_model=base_model, dtype="float32", device="cpu")
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---- evaluating ---------------------------------------------------------------------------
+def per_item_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """mean@k / best@k of each item, from `evaluate`'s per-sample records, in item order."""
+    from resd.evaluation import aggregate
+
+    by_item: dict[str, list[Score]] = {}
+    for rec in records:
+        by_item.setdefault(rec["item"], []).append(Score(rec["reward"], rec["score"], ""))
+    rows = []
+    for item, scores in by_item.items():
+        metrics = aggregate([scores])
+        rows.append(
+            {
+                "item": item,
+                "rewards": [s.reward for s in scores],
+                "scores": [s.score for s in scores],
+                **{key: metrics[key] for key in metrics if "@" in key},
+            }
+        )
+    return rows
+
+
+def evaluate_env(model, tokenizer, env: Environment, settings: EvalSettings) -> dict[str, Any]:
+    """Sample k answers per test item and score them: aggregate, per-item and per-sample."""
+    import torch
+
+    from resd.evaluation import evaluate
+
+    items = list(env.test_items())[: settings.items]
+    if not items:
+        raise ValueError(f"env: {type(env).__name__} has no test items")
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    metrics, records = evaluate(
+        model, tokenizer, env, items, samples=settings.samples,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        top_p=settings.top_p, batch_size=settings.batch_size,
+        max_prompt_tokens=settings.max_prompt_tokens, autocast=settings.autocast,
+    )  # fmt: skip
+    return {"metrics": metrics, "per_item": per_item_metrics(records), "samples": records}
+
+
+def evaluate_model(
+    model_path: str | Path,
+    env: str,
+    env_args: dict[str, Any] | None = None,
+    settings: EvalSettings | None = None,
+    *,
+    base_model: str | None = None,
+    dtype: str = "bfloat16",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Load a model or checkpoint and evaluate it on `env`; the JSON `resd eval` writes."""
+    settings = settings or EvalSettings()
+    environment = make_env(env, env_args)  # a bad env fails before the model is loaded
+    model, tokenizer = load_policy(model_path, base_model=base_model, dtype=dtype, device=device)
+    adapter = is_adapter(model_path)
+    result = evaluate_env(model, tokenizer, environment, settings)
+    return {
+        "model": str(model_path),
+        "adapter": adapter,
+        "base_model": adapter_base_model(model_path, base_model) if adapter else None,
+        "dtype": dtype,
+        "env": env,
+        "env_args": env_args or {},
+        "settings": dataclasses.asdict(settings),
+        **result,
+    }
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """The four numbers as a small table: accuracy kind × (mean@k, best@k)."""
+    lines = [f"{'accuracy':16s} {'mean@k':>8s} {'best@k':>8s}"]
+    for label, prefix in METRIC_ROWS:
+        mean, best = metrics[f"{prefix}_mean@k"], metrics[f"{prefix}_best@k"]
+        lines.append(f"{label:16s} {mean:8.4f} {best:8.4f}")
+    lines.append(f"(k = {int(metrics['k'])} samples per item, {int(metrics['items'])} test items)")
+    return "\n".join(lines)
+
+
+def format_per_item(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'item':32s} {'task mean':>9s} {'task best':>9s} {'case mean':>9s} {'case best':>9s}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{str(row['item'])[:32]:32s} {row['task_mean@k']:9.3f} {row['task_best@k']:9.3f} "
+            f"{row['case_mean@k']:9.3f} {row['case_best@k']:9.3f}"
+        )
+    return "\n".join(lines)
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    settings = EvalSettings(
+        samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        items=args.items, batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    env_args = apply_overrides({}, args.env_args)
+    result = evaluate_model(
+        args.model, args.env, env_args, settings,
+        base_model=args.base_model, dtype=args.dtype, device=args.device,
+    )  # fmt: skip
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    source = (
+        f"{args.model} (adapter on {result['base_model']})" if result["adapter"] else args.model
+    )
+    print(f"model: {source}\nenv:   {args.env} {json.dumps(env_args) if env_args else ''}")
+    print(f"T = {settings.temperature}, top-p = {settings.top_p}, seed = {settings.seed}\n")
+    print(format_metrics(result["metrics"]))
+    if args.per_item:
+        print("\n" + format_per_item(result["per_item"]))
+    if args.out:
+        print(f"\nwritten: {args.out}")
+    return 0
+
+
+def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register `resd eval --model M --env E [key=value ...]`."""
+    defaults = EvalSettings.from_config(TrainConfig())
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a model or checkpoint on an environment's test split"
+    )
+    parser.add_argument(
+        "--model", required=True, help="HF id, model folder, or checkpoint model/ (LoRA too)"
+    )
+    parser.add_argument("--env", required=True, help="built-in name or module:Class")
+    parser.add_argument("env_args", nargs="*", help="environment arguments as key=value")
+    parser.add_argument(
+        "--base-model", default=None, help="base of a LoRA adapter (default: its config's)"
+    )
+    parser.add_argument("--samples", type=int, default=defaults.samples, help="k per item")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    parser.add_argument("--items", type=int, default=None, help="first N test items (default: all)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="write the full result as JSON here")
+    parser.add_argument("--per-item", action="store_true", help="also print every item")
+    parser.set_defaults(fn=cmd_eval)
+    return parser

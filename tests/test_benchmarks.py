@@ -1,0 +1,52 @@
+"""The step-time benchmark runs end to end on a tiny random model (`--smoke`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "step_time.py"
+OURS = ["resd", "sdpo", "sdpo_ss", "grpo"]
+TRL = ["trl_sdpo", "trl_grpo"]
+
+
+def test_step_time_smoke(tmp_path):
+    has_trl = importlib.util.find_spec("trl") is not None
+    out = tmp_path / "step_time.json"
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--repeats", "1", "--out", str(out)]
+    if not has_trl:
+        cmd.append("--skip-trl")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    methods = report["methods"]
+    expected = OURS + (TRL if has_trl else [])
+    assert sorted(methods) == sorted(expected)
+    for name in expected:
+        res = methods[name]
+        assert "error" not in res, (name, res.get("error"))
+        assert res["median"]["step"] > 0, name
+        assert res["median"]["rollout"] > 0, name
+        assert len(res["steps"]) == 2 and res["steps"][0]["warmup"], name  # 1 warm-up + 1 timed
+        assert res["rollouts_per_step"] == res["prompts_per_step"] * res["n"], name
+        for step in res["steps"]:
+            assert step["forwards"]["student_grad"] >= 1, name
+    assert methods["grpo"]["n"] == report["settings"]["grpo_n"] > 1
+    assert all(methods[m]["n"] == 1 for m in ["resd", "sdpo", "sdpo_ss"])
+    # every method saw the same prompts: one list in the report, used by all
+    assert len(report["settings"]["prompts"]) == 2
+    assert report["ratios"]["resd_over_sdpo"] > 0
+    if has_trl:
+        assert methods["trl_sdpo"]["n"] == 1
+        assert methods["trl_grpo"]["n"] == methods["grpo"]["n"]
+        assert report["ratios"]["sdpo_over_trl_sdpo"] > 0
+        # the SDPO teacher really ran on both sides
+        assert all(s["forwards"]["teacher"] >= 1 for s in methods["trl_sdpo"]["steps"])
+        assert all(s["forwards"]["teacher"] >= 1 for s in methods["sdpo"]["steps"])
+    # the table is the last thing printed
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("|")
