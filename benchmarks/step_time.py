@@ -23,6 +23,7 @@ The table is printed last; the JSON (`--out`) holds every step and the settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -117,8 +118,27 @@ class ForwardCounter:
             h.remove()
 
 
+def cpu_snapshot() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, CPU seconds used by this process) so far."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = float("nan")
+    t = os.times()
+    return busy, t.user + t.system
+
+
+def others_cores(before: tuple[float, float], after: tuple[float, float], wall: float) -> float:
+    """Cores' worth of CPU that other processes used during `wall` seconds: the noise gauge."""
+    if wall <= 0:
+        return 0.0
+    return max((after[0] - before[0]) - (after[1] - before[1]), 0.0) / wall
+
+
 def median_phases(steps: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [*PHASES, "step"]
+    keys = [*PHASES, "step", "others_cores"]
     return {k: statistics.median(s[k] for s in steps) for k in keys if all(k in s for s in steps)}
 
 
@@ -160,9 +180,10 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
     steps = []
     try:
         for index, items in enumerate(batches):
-            begin = time.perf_counter()
+            cpu_before, begin = cpu_snapshot(), time.perf_counter()
             m = trainer.train_step(items)
             wall = time.perf_counter() - begin
+            busy = others_cores(cpu_before, cpu_snapshot(), wall)
             forwards = counter.take()
             rows = []
             if samples.exists():
@@ -180,6 +201,7 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
                 "other": max(wall - sum(phases.values()), 0.0),
                 "step": wall,
                 "trainer_time_step": m["time_step"],
+                "others_cores": busy,
                 "rollouts": len(items) * n,
                 "completion_tokens_mean": m["response_tokens"],
                 "teacher_prompt_tokens_mean": (
@@ -248,6 +270,7 @@ class _Clock:
         self.extra: dict[str, list[float]] = defaultdict(list)
         self.begins: list[float] = []
         self.ends: list[float] = []
+        self.cpu: list[tuple[float, float]] = []
         self.per_step: list[dict[str, Any]] = []
         self.counter = ForwardCounter()
 
@@ -269,10 +292,13 @@ def _make_callback(clock: _Clock):
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if not clock.cpu:
+                clock.cpu.append(cpu_snapshot())
             clock.begins.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
             clock.ends.append(time.perf_counter())
+            clock.cpu.append(cpu_snapshot())
             clock.per_step.append(
                 {
                     "phases": dict(clock.current),
@@ -454,6 +480,7 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
                 **phases,
                 "step": wall,
                 "step_begin_to_end": clock.ends[index] - clock.begins[index],
+                "others_cores": others_cores(clock.cpu[index], clock.cpu[index + 1], wall),
                 "rollouts": args.batch_size * n,
                 "completion_tokens_mean": _mean(extra.get("completion_tokens")),
                 "teacher_prompt_tokens_mean": _mean(extra.get("teacher_prompt_tokens")),
@@ -468,6 +495,11 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
         )
         print(f"  [{kind}] step {index}{' (warm-up)' if index == 0 else ''}: {wall:.2f}s  "
               + " ".join(f"{p}={phases[p]:.2f}" for p in PHASES), flush=True)  # fmt: skip
+    if kind == "trl_sdpo":
+        specific = {"distillation_mode": config.distillation_mode, "topk": config.distillation_topk,
+                    "teacher": config.teacher_model_kind}  # fmt: skip
+    else:
+        specific = {"loss_type": config.loss_type, "beta": config.beta}
     del trainer, model
     gc.collect()
     return {
@@ -485,15 +517,7 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
             "per_device_train_batch_size": args.batch_size,
             "gradient_accumulation_steps": n,
             "generation_batch_size": config.generation_batch_size,
-            **(
-                {
-                    "distillation_mode": config.distillation_mode,
-                    "topk": config.distillation_topk,
-                    "teacher": config.teacher_model_kind,
-                }
-                if kind == "trl_sdpo"
-                else {"loss_type": config.loss_type, "beta": config.beta}
-            ),  # fmt: skip
+            **specific,
         },
         "steps": steps,
     }
@@ -546,6 +570,7 @@ def table(results: dict[str, dict[str, Any]], grpo_n: int) -> str:
         "step s",
         "÷ sdpo",
         "÷ TRL same N",
+        "others' cores",
     ]
     lines = []
     sdpo = results.get("sdpo", {}).get("median", {}).get("step")
@@ -554,7 +579,7 @@ def table(results: dict[str, dict[str, Any]], grpo_n: int) -> str:
         if res is None:
             continue
         if "median" not in res:
-            lines.append([name, "", "", "", *["" for _ in PHASES], "FAILED", "", ""])
+            lines.append([name, "", "", "", *["" for _ in PHASES], "FAILED", "", "", ""])
             continue
         med = res["median"]
         trl_peer = "trl_grpo" if res["n"] == grpo_n and grpo_n != 1 else "trl_sdpo"
@@ -571,6 +596,7 @@ def table(results: dict[str, dict[str, Any]], grpo_n: int) -> str:
                 f"{med['step']:.2f}",
                 f"{med['step'] / sdpo:.2f}" if sdpo else "-",
                 f"{med['step'] / peer:.2f}" if peer else "-",
+                f"{med['others_cores']:.2f}",
             ]
         )
     widths = [
@@ -635,14 +661,12 @@ def machine() -> dict[str, Any]:
         info["trl"] = trl.__version__
     except ImportError:
         info["trl"] = None
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         info["cpu_model"] = next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
     return info
 
 

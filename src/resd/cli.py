@@ -1,7 +1,15 @@
-"""Command line: `resd train`, `resd envs`, `resd env-check`.
+"""Command line: `resd train`, `resd envs`, `resd env-check`, `resd eval`, `resd compare`,
+`resd continual`, `resd report`.
 
 resd train --config configs/demo.yaml lr=1e-5 env_args.n_train=64
 resd train --config configs/demo.yaml --resume
+resd eval --model runs/x/checkpoints/step-000040/model --env arithmetic --samples 4
+resd compare --config configs/demo.yaml --algorithms resd,sdpo --seeds 0,1 --out runs/cmp
+resd continual --config configs/continual.yaml
+resd report runs/cmp
+
+The subcommands beyond train/envs/env-check live in their own modules, each with an
+`add_<name>_subcommand(subparsers)`; this file only registers them.
 """
 
 from __future__ import annotations
@@ -11,7 +19,11 @@ import dataclasses
 import logging
 import sys
 
+from resd.compare import add_compare_subcommand
 from resd.config import ConfigError, TrainConfig, load_config
+from resd.continual import add_continual_subcommand
+from resd.eval_cli import add_eval_subcommand
+from resd.report import add_report_subcommand
 
 
 def _print_config_help() -> None:
@@ -109,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", help="environment arguments as key=value")
     check.add_argument("--samples", type=int, default=3)
     check.set_defaults(fn=cmd_env_check)
+
+    add_eval_subcommand(sub)
+    add_compare_subcommand(sub)
+    add_continual_subcommand(sub)
+    add_report_subcommand(sub)
     return parser
 
 

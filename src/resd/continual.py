@@ -31,7 +31,7 @@ model's, not the sampler's. The accuracy of the matrix is the per-test-case mean
 
 Metrics over the matrix acc[s][i] (row s = after stage s, task i; spec-free standard
 definitions, Chaudhry et al. 2018 / Lopez-Paz & Ranzato 2017):
-  forgetting         = mean over tasks i < T of (max over stages s < T of acc[s][i]) − acc[T][i]
+  forgetting         = mean over tasks i < T of (max over i ≤ s < T of acc[s][i]) − acc[T][i]
   backward transfer  = mean over tasks i < T of acc[T][i] − acc[i][i]
 Forgetting ≥ 0 means accuracy lost since its best; BWT < 0 means later training hurt.
 
@@ -55,6 +55,7 @@ from typing import Any
 import yaml
 
 from resd.config import ConfigError, TrainConfig, apply_overrides, build_config
+from resd.envs import Environment, make_env
 from resd.eval_cli import EvalSettings, evaluate_env, is_adapter, load_policy, merge_adapter
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,17 @@ def forgetting(acc: Matrix) -> float | None:
     """Average forgetting over tasks 0..T−2 of a T×T matrix acc[stage][task] (0-based,
     after each training stage; None = not evaluated).
 
-    For task i: the best accuracy at any earlier stage (s < T−1) minus the final one.
-    Stages before task i was trained are normally not evaluated (None) and so don't count.
-    None when there is no earlier task with both numbers.
+    For task i: the best accuracy it had from the stage that trained it up to the one
+    before the last (i ≤ s < T−1), minus its final accuracy. Stages before task i was
+    trained do not count even when evaluated (`eval_all_tasks`): forgetting is about
+    what was learnt, not about what the base model happened to know. None when no
+    earlier task has both numbers.
     """
     last = len(acc) - 1
     drops = []
     for i in range(last):
         final = acc[last][i]
-        earlier = [acc[s][i] for s in range(last) if acc[s][i] is not None]
+        earlier = [acc[s][i] for s in range(i, last) if acc[s][i] is not None]
         if final is not None and earlier:
             drops.append(max(earlier) - final)
     return sum(drops) / len(drops) if drops else None
@@ -108,6 +111,13 @@ class Suite:
     env: str
     env_args: dict[str, Any]
     settings: EvalSettings
+    _instance: Environment | None = field(default=None, repr=False)
+
+    def environment(self) -> Environment:
+        """Built once: every row evaluates the very same items."""
+        if self._instance is None:
+            self._instance = make_env(self.env, self.env_args)
+        return self._instance
 
 
 @dataclass
@@ -123,7 +133,6 @@ class ContinualPlan:
     stages: list[Stage]
     heldout: list[Suite]
     eval_all_tasks: bool = False
-    raw: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -205,7 +214,7 @@ def build_plan(data: dict[str, Any], overrides: list[str] | None = None) -> Cont
         if not isinstance(env_args, dict):
             raise ConfigError(f"heldout[{k}].env_args: expected a mapping, got {env_args!r}")
         heldout.append(Suite(name, str(raw["env"]), env_args, EvalSettings.from_config(cfg)))
-    return ContinualPlan(base, stages, heldout, eval_all, raw=data)
+    return ContinualPlan(base, stages, heldout, eval_all)
 
 
 def load_plan(path: str | Path, overrides: list[str] | None = None) -> ContinualPlan:
@@ -280,8 +289,6 @@ def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playb
 
 def evaluate_row(plan: ContinualPlan, row: int, model: str) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on the row's suites; cached in `evals/row-<k>.json`."""
-    from resd.envs import make_env
-
     cache = plan.out / "evals" / f"row-{row}.json"
     results: dict[str, dict[str, Any]] = json.loads(cache.read_text()) if cache.exists() else {}
     todo = [s for s in plan.row_suites(row) if s.name not in results]
@@ -289,10 +296,11 @@ def evaluate_row(plan: ContinualPlan, row: int, model: str) -> dict[str, dict[st
         return results
     base = plan.base
     dtype = base.generation_dtype or base.dtype  # sample as the trainer's sampling copy does
-    policy, tokenizer = load_policy(model, dtype=dtype, device=base.device)
+    longest = max(s.settings.max_prompt_tokens + s.settings.max_new_tokens for s in todo)
+    policy, tokenizer = load_policy(model, dtype=dtype, device=base.device, max_length=longest)
     for suite in todo:
         print(f"[continual] row {row}: evaluating {suite.name}")
-        result = evaluate_env(policy, tokenizer, make_env(suite.env, suite.env_args), suite.settings)
+        result = evaluate_env(policy, tokenizer, suite.environment(), suite.settings)
         samples = plan.out / "evals" / f"row-{row}-{suite.name}.jsonl"
         samples.parent.mkdir(parents=True, exist_ok=True)
         samples.write_text("".join(json.dumps(r) + "\n" for r in result["samples"]))
@@ -344,7 +352,10 @@ def format_table(result: dict[str, Any]) -> str:
     head = " ".join(f"{n:>{width}s}" for n in result["tasks"])
     if result["heldout"]:
         head += " | " + " ".join(f"{n:>{width}s}" for n in result["heldout"])
-    lines = [f"accuracy = {result['accuracy_key']} (rows: after each stage)", f"{'':{label}s} {head}"]
+    lines = [
+        f"accuracy = {result['accuracy_key']} (rows: after each stage)",
+        f"{'':{label}s} {head}",
+    ]
 
     def cells(values: list[float | None]) -> str:
         return " ".join(f"{'-':>{width}s}" if v is None else f"{v:{width}.4f}" for v in values)
@@ -366,6 +377,8 @@ def format_table(result: dict[str, Any]) -> str:
 def run_continual(plan: ContinualPlan) -> dict[str, Any]:
     """Train every stage in order, evaluate every row, write continual.json."""
     out = plan.out
+    for suite in [stage.suite for stage in plan.stages] + plan.heldout:
+        suite.environment()  # a bad env or data path fails now, not after hours of training
     out.mkdir(parents=True, exist_ok=True)
     (out / "continual-config.yaml").write_text(
         yaml.safe_dump(

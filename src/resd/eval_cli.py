@@ -103,11 +103,14 @@ def load_policy(
     base_model: str | None = None,
     dtype: str = "bfloat16",
     device: str = "auto",
+    max_length: int | None = None,
 ):
     """(model, tokenizer) for a model id, a full HF folder or a PEFT adapter folder.
 
     An adapter is merged into its base in float32 (see the module docstring), so the
-    result is always a plain transformers model in `dtype`, in eval mode.
+    result is always a plain transformers model in `dtype`, in eval mode. `max_length`
+    (prompt + new tokens) replaces the tokenizer's saved limit: a checkpoint stores the
+    training run's, which may be shorter than what an evaluation asks for.
     """
     from resd.models import DTYPES, load_model, load_tokenizer
 
@@ -116,7 +119,7 @@ def load_policy(
     path = str(path)
     if not is_adapter(path):
         model = load_model(path, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, max_length)
     else:
         from peft import PeftModel
 
@@ -124,7 +127,7 @@ def load_policy(
         model = PeftModel.from_pretrained(load_model(base, dtype="float32", device=device), path)
         model = model.merge_and_unload().to(DTYPES[dtype])
         # Checkpoints save the tokenizer beside the adapter; a bare adapter may not.
-        tokenizer = load_tokenizer(path if _has_tokenizer(Path(path)) else base)
+        tokenizer = load_tokenizer(path if _has_tokenizer(Path(path)) else base, max_length)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -198,7 +201,10 @@ def evaluate_model(
     """Load a model or checkpoint and evaluate it on `env`; the JSON `resd eval` writes."""
     settings = settings or EvalSettings()
     environment = make_env(env, env_args)  # a bad env fails before the model is loaded
-    model, tokenizer = load_policy(model_path, base_model=base_model, dtype=dtype, device=device)
+    model, tokenizer = load_policy(
+        model_path, base_model=base_model, dtype=dtype, device=device,
+        max_length=settings.max_prompt_tokens + settings.max_new_tokens,
+    )  # fmt: skip
     adapter = is_adapter(model_path)
     result = evaluate_env(model, tokenizer, environment, settings)
     return {

@@ -44,34 +44,58 @@ class RowSeededSampler(LogitsProcessor):
     which other rows share its batch. That breaks two things we want: a data-parallel
     run (rows spread over processes) reproducing a one-process run, and resumed runs
     reproducing uninterrupted ones whatever the batching. Here each row adds Gumbel
-    noise from its own generator to the filtered log-probabilities and greedy decoding
-    takes the argmax, which is an exact sample from the filtered distribution.
+    noise from its own generator to its filtered log-probabilities and takes the argmax
+    (an exact sample from the filtered distribution); the returned scores are −inf
+    everywhere but the chosen token, so greedy decoding emits it.
+
+    Cost: the nucleus is found among the top `candidates` tokens (a partial sort), and
+    only those get noise; a row whose top candidates hold less than `top_p` of the
+    mass falls back to the whole vocabulary, so the result is exact either way.
     """
 
     def __init__(
-        self, seeds: list[int], temperature: float, top_p: float, device: torch.device
+        self,
+        seeds: list[int],
+        temperature: float,
+        top_p: float,
+        device: torch.device,
+        candidates: int = 1024,
     ) -> None:
         self.temperature = temperature
         self.top_p = top_p
+        self.candidates = candidates
         self.generators = [
             torch.Generator(device="cpu").manual_seed(int(s) % (2**63)) for s in seeds
         ]
         self.device = device
 
+    def _pick(self, row: int, logp: torch.Tensor) -> int:
+        """Sample one token id from a 1-D log-prob vector with the row's generator.
+
+        The noise is indexed by token id, not by rank, so tiny numeric differences
+        between batch layouts cannot reassign noise between near-tied tokens.
+        """
+        vocab = logp.shape[-1]
+        noise = torch.rand(vocab, generator=self.generators[row]).to(logp.device)
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1 - 1e-7)))
+        if self.top_p >= 1.0:
+            return int((logp + gumbel).argmax())
+        k = min(self.candidates, vocab)
+        top_logp, top_ids = logp.topk(k)
+        probs = top_logp.exp()
+        if k < vocab and float(probs.sum()) < self.top_p:
+            top_logp, top_ids = logp.sort(descending=True)  # rare: a very flat distribution
+            probs = top_logp.exp()
+        keep = (probs.cumsum(0) - probs) < self.top_p  # the top token always stays
+        scored = (top_logp + gumbel[top_ids]).masked_fill(~keep, float("-inf"))
+        return int(top_ids[scored.argmax()])
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_logp, order = logp.sort(dim=-1, descending=True)
-            # keep a token if the mass strictly before it is below top_p (the top token always stays)
-            before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
-            drop = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
-            logp = logp.masked_fill(drop, float("-inf"))
-        vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(
-            self.device
-        )
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        return logp + gumbel
+        out = torch.full_like(scores, float("-inf"))
+        for row in range(scores.shape[0]):
+            out[row, self._pick(row, logp[row])] = 0.0
+        return out
 
 
 @dataclass
@@ -131,6 +155,7 @@ def generate(
     batch_size: int = 8,
     autocast: str | None = "auto",
     seeds: list[int] | None = None,
+    sort_by_length: bool = True,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -144,7 +169,9 @@ def generate(
     device = next(model.parameters()).device
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = list(range(len(prompts)))
+    if sort_by_length:  # similar lengths share a batch: less padding, fewer wasted FLOPs
+        order.sort(key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()

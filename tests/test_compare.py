@@ -1,0 +1,171 @@
+"""`resd compare`: planning, samples-drawn arithmetic, isolation of a failing run, re-runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from resd.compare import (
+    RunSpec,
+    cumulative_samples,
+    eval_curve,
+    execute,
+    launch,
+    parse_algorithm_args,
+    plan_runs,
+    run_comparison,
+    spread,
+    unshared_overrides,
+)
+
+TESTS = Path(__file__).resolve().parent
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_algorithm_args_and_plan():
+    args = parse_algorithm_args(["grpo:rollouts_per_prompt=8", "grpo:lr=1e-6", "sdpo:batch_size=4"])
+    assert args == {"grpo": ["rollouts_per_prompt=8", "lr=1e-6"], "sdpo": ["batch_size=4"]}
+    for bad in ("grpo", "grpo:lr", ":lr=1"):
+        with pytest.raises(ValueError, match="ALGORITHM:key=value"):
+            parse_algorithm_args([bad])
+    specs = plan_runs(["sdpo", "grpo"], [0, 1], Path("out"), ["steps=3"], args)
+    assert [s.name for s in specs] == ["sdpo-seed0", "grpo-seed0", "sdpo-seed1", "grpo-seed1"]
+    grpo = specs[3]
+    # base overrides, then the algorithm's, then what no override may change
+    assert grpo.overrides == ["steps=3", "rollouts_per_prompt=8", "lr=1e-6", "algorithm=grpo",
+                              "seed=1", f"output_dir={Path('out') / 'grpo-seed1'}"]  # fmt: skip
+    assert unshared_overrides(args) == ["sdpo:batch_size=4"]  # changes sdpo's data order
+    with pytest.raises(ValueError, match="not in --algorithms"):
+        plan_runs(["sdpo"], [0], Path("out"), [], {"grpo": ["lr=1"]})
+
+
+def test_samples_drawn_arithmetic(tmp_path):
+    config = {"batch_size": 4, "rollouts_per_prompt": 8}
+    metrics = [{"step": s} for s in (1, 2, 3)]
+    assert cumulative_samples(metrics, config) == {0: 0, 1: 32, 2: 64, 3: 96}
+    # a recorded rollout count wins (a short last batch draws fewer)
+    metrics[2]["rollouts"] = 16
+    assert cumulative_samples(metrics, config)[3] == 80
+    assert cumulative_samples([{"step": 1}], {})[1] == 8  # TrainConfig defaults: 8 × 1
+
+    write_jsonl(tmp_path / "metrics.jsonl", metrics)
+    write_jsonl(tmp_path / "eval.jsonl", [{"step": 0, "case_mean@k": 0.1, "k": 2.0},
+                                          {"step": 3, "case_mean@k": 0.4, "k": 2.0}])  # fmt: skip
+    (tmp_path / "metrics.jsonl").open("a").write('{"step": 4, "cut by a ki')  # a killed run
+    curve = eval_curve(tmp_path, config)
+    assert curve == [
+        {"step": 0, "samples_drawn": 0, "case_mean@k": 0.1, "k": 2.0},
+        {"step": 3, "samples_drawn": 80, "case_mean@k": 0.4, "k": 2.0},
+    ]
+    assert spread([1.0, 3.0]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 2}
+    assert spread([]) is None
+
+
+def test_a_bad_config_is_recorded_without_launching(tmp_path):
+    spec = RunSpec("sdpo", 0, tmp_path / "sdpo-seed0", ["lr=fast", "algorithm=sdpo"])
+    record = execute(spec, None)
+    assert record["status"] == "failed" and record["error"].startswith("lr:")
+    assert not spec.path.exists()
+
+
+def test_compare_runs_isolates_failures_and_skips_finished_runs(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # The runs are subprocesses: one thread each is faster for a tiny model on a shared CPU.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "env": "toy_envs:ParityEnv",
+        "env_args": {"n_train": 8, "n_test": 2}, "batch_size": 2, "inner_updates": 1,
+        "max_new_tokens": 8, "eval_samples": 1, "eval_every": 1, "lr": 1e-2, "warmup_steps": 0,
+        "progress": False, "generation_dtype": None, "log_samples": 8,
+    }))  # fmt: skip
+    out = tmp_path / "cmp"
+    algorithm_args = parse_algorithm_args(["grpo:rollouts_per_prompt=2", "resd:env=no_such_env"])
+    data = run_comparison(
+        str(base), ["sdpo", "grpo", "resd"], [0], out, ["steps=2"], algorithm_args
+    )
+
+    runs = {r["name"]: r for r in data["runs"]}
+    assert set(runs) == {"sdpo-seed0", "grpo-seed0", "resd-seed0"}
+    failed = runs["resd-seed0"]
+    assert failed["status"] == "failed" and failed["returncode"] != 0
+    assert "unknown environment 'no_such_env'" in failed["error"]
+    assert "no_such_env" in (out / "resd-seed0" / "train.log").read_text()
+    sdpo, grpo = runs["sdpo-seed0"], runs["grpo-seed0"]
+    assert sdpo["status"] == grpo["status"] == "finished" and not sdpo["skipped"]
+    # samples drawn = prompts × rollouts per step, cumulative; evaluations every step
+    assert (sdpo["samples_per_step"], grpo["samples_per_step"]) == (2, 4)
+    assert [(p["step"], p["samples_drawn"]) for p in sdpo["eval"]] == [(0, 0), (1, 2), (2, 4)]
+    assert [(p["step"], p["samples_drawn"]) for p in grpo["eval"]] == [(0, 0), (1, 4), (2, 8)]
+    assert (sdpo["samples_drawn"], grpo["samples_drawn"]) == (4, 8)
+    assert grpo["final"]["step"] == 2 and grpo["final"]["samples_drawn"] == 8
+    assert grpo["config"]["rollouts_per_prompt"] == 2 and grpo["config"]["seed"] == 0
+    assert "case_mean@k" in sdpo["final"]
+
+    summary = data["algorithms"]
+    assert summary["grpo"]["finished"] == 1 and summary["grpo"]["seeds"] == [0]
+    assert summary["grpo"]["samples_drawn"]["mean"] == 8
+    final = summary["sdpo"]["final"]["case_mean@k"]
+    assert final["n"] == 1 and final["mean"] == sdpo["final"]["case_mean@k"] and final["std"] == 0
+    assert [p["step"] for p in summary["sdpo"]["curve"]] == [0, 1, 2]
+    assert summary["resd"]["finished"] == 0 and summary["resd"]["failed"] == ["resd-seed0"]
+    assert json.loads((out / "comparison.json").read_text())["runs"] == data["runs"]
+    if importlib.util.find_spec("matplotlib"):  # plots are optional (resd[report])
+        assert (out / "plots" / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+        assert (out / "report.html").exists()
+
+    # Fairness: at a given seed both algorithms train on the same prompts in the same order.
+    def prompts(run: str) -> list[str]:
+        rows = [json.loads(x) for x in (out / run / "samples.jsonl").read_text().splitlines()]
+        return list(dict.fromkeys(r["item"] for r in rows if r["step"] == 1))
+
+    assert prompts("sdpo-seed0") == prompts("grpo-seed0")
+
+    # Re-running skips finished runs untouched (failed ones would be retried; leaving the
+    # failing algorithm out saves launching it again).
+    metrics = [out / run / "metrics.jsonl" for run in ("sdpo-seed0", "grpo-seed0")]
+    mtimes = [m.stat().st_mtime_ns for m in metrics]
+    again = run_comparison(
+        str(base), ["sdpo", "grpo"], [0], out, ["steps=2"], {"grpo": ["rollouts_per_prompt=2"]},
+        plots=False,
+    )  # fmt: skip
+    runs = {r["name"]: r for r in again["runs"]}
+    assert set(runs) == {"sdpo-seed0", "grpo-seed0"}
+    assert runs["sdpo-seed0"]["skipped"] and runs["grpo-seed0"]["skipped"]
+    assert runs["grpo-seed0"]["eval"] == grpo["eval"] and runs["grpo-seed0"]["status"] == "finished"
+    assert [m.stat().st_mtime_ns for m in metrics] == mtimes
+
+
+def test_launch_resumes_from_a_checkpoint_or_starts_clean(tmp_path):
+    """The command line a run is launched with; `echo` stands in for python."""
+    from resd.config import build_config
+
+    spec = RunSpec("sdpo", 0, tmp_path / "run", [])
+    cfg = build_config({"algorithm": "sdpo", "output_dir": str(spec.path)})
+    spec.path.mkdir()
+    write_jsonl(spec.path / "metrics.jsonl", [{"step": 1}])  # died before any checkpoint
+    (spec.path / "eval-step-000000.jsonl").write_text("{}\n")
+    assert launch(spec, cfg, python="echo") == 0
+    log = (spec.path / "train.log").read_text()
+    assert "resd.cli train --config" in log and "--resume" not in log
+    assert not (spec.path / "metrics.jsonl").exists()  # a fresh start must not append
+    assert not list(spec.path.glob("eval-step-*.jsonl"))
+    assert yaml.safe_load((spec.path / "compare-config.yaml").read_text()) == cfg.to_dict()
+
+    ckpt = spec.path / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    write_jsonl(spec.path / "metrics.jsonl", [{"step": 1}, {"step": 2}])
+    assert launch(spec, cfg, python="echo") == 0
+    assert (spec.path / "train.log").read_text().rstrip().endswith("--resume")
+    assert (spec.path / "metrics.jsonl").exists()  # the trainer truncates on resume

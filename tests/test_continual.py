@@ -1,0 +1,171 @@
+"""Continual learning: forgetting / BWT arithmetic, config validation, a 2-stage run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from resd.cli import main
+from resd.config import ConfigError
+from resd.continual import backward_transfer, build_plan, forgetting, load_plan
+
+# Reflector / curator replies a random tiny model cannot write: prefilled (see test_trainer).
+PREFILLS = {
+    "reflection_prefill": '{"error_identification": "odd length", "key_insight": "count"}',
+    "curation_prefill": '{"operations": [{"type": "ADD", "section": "Common Mistakes to Avoid",'
+    ' "content": "Count the characters of a reply before sending it."}]}',
+}
+
+
+# ---- arithmetic on hand-made matrices: acc[stage][task] after each stage -----------------------
+def test_forgetting_and_bwt_on_a_lower_triangular_matrix():
+    acc = [
+        [0.5, None, None],
+        [0.3, 0.8, None],
+        [0.2, 0.6, 0.9],
+    ]
+    # task 0: best 0.5, final 0.2 → 0.3; task 1: best 0.8, final 0.6 → 0.2
+    assert forgetting(acc) == pytest.approx(0.25)
+    # task 0: 0.2 − 0.5; task 1: 0.6 − 0.8
+    assert backward_transfer(acc) == pytest.approx(-0.25)
+
+
+def test_forgetting_takes_the_best_earlier_stage_not_the_first():
+    acc = [
+        [0.4, 0.1, 0.0],
+        [0.7, 0.5, 0.1],  # task 0 improved after stage 1 (positive transfer) ...
+        [0.6, 0.5, 0.9],  # ... then dropped a little
+    ]
+    # task 0: max(0.4, 0.7) − 0.6 = 0.1; task 1: max over s ≥ 1 only (0.5) − 0.5 = 0
+    assert forgetting(acc) == pytest.approx(0.05)
+    # BWT: (0.6 − 0.4) + (0.5 − 0.5), halved: positive = later stages helped task 0
+    assert backward_transfer(acc) == pytest.approx(0.1)
+
+
+def test_metrics_without_earlier_tasks_or_numbers():
+    assert forgetting([[0.5]]) is None and backward_transfer([[0.5]]) is None
+    assert forgetting([[None, None], [0.3, 0.4]]) is None
+    assert backward_transfer([[None, None], [0.3, 0.4]]) is None
+    no_forgetting = [[0.5, None], [0.9, 0.4]]
+    assert forgetting(no_forgetting) == pytest.approx(-0.4)  # it got better: negative
+    assert backward_transfer(no_forgetting) == pytest.approx(0.4)
+
+
+# ---- config validation ----------------------------------------------------------------------
+def test_plan_merges_stage_overrides_and_names_bad_fields():
+    plan = build_plan(
+        {"lr": 1e-5, "env_args": {"n_train": 3},
+         "stages": [{"env": "arithmetic", "steps": 2}, {"name": "more", "lr": 1e-4},
+                    {"env": "arithmetic", "env_args": {"n_train": 5}}],
+         "heldout": [{"env": "arithmetic", "eval_items": 3}]},
+        ["steps=7"],
+    )  # fmt: skip
+    names = [s.name for s in plan.stages]
+    assert names == ["arithmetic", "more", "arithmetic-2"]
+    first, second, third = (s.config for s in plan.stages)
+    assert first.steps == 2 and first.env_args == {} and first.lr == 1e-5
+    assert second.steps == 7 and second.lr == 1e-4 and second.env_args == {"n_train": 3}
+    assert third.env_args == {"n_train": 5}
+    assert plan.heldout[0].name == "arithmetic-3" and plan.heldout[0].settings.items == 3
+    assert [s.name for s in plan.row_suites(0)] == ["arithmetic", "arithmetic-3"]
+    assert [s.name for s in plan.row_suites(2)] == ["arithmetic", "more", "arithmetic-3"]
+
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.lr:"):
+        build_plan({"stages": [{"env": "arithmetic"}, {"lr": "fast"}]})
+    with pytest.raises(ConfigError, match=r"^heldout\[0\]\.steps: unknown key"):
+        build_plan({"stages": [{}], "heldout": [{"env": "ifeval", "steps": 3}]})
+    with pytest.raises(ConfigError, match=r"^stages:"):
+        build_plan({"stages": []})
+    with pytest.raises(ConfigError, match=r"^learning_rate:"):
+        build_plan({"stages": [{}]}, ["learning_rate=1"])
+
+
+# ---- a 2-stage run with the tiny model ------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """A tiny model gains nothing from threads; on a shared CPU they only wait for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_stage_run(tiny_model_dir, tmp_path, shared_data_dir, capsys, one_thread):
+    ifeval = shared_data_dir / "ifeval_100.parquet"
+    if not ifeval.exists():
+        pytest.skip("shared IFEval data not present")
+    out = tmp_path / "cl"
+    config = {
+        **PREFILLS,
+        "model": str(tiny_model_dir), "output_dir": str(out), "algorithm": "resd",
+        "batch_size": 2, "inner_updates": 1, "steps": 1, "max_new_tokens": 8,
+        "reflection_max_new_tokens": 8, "curation_max_new_tokens": 8, "eval_samples": 2,
+        "lr": 1e-2, "warmup_steps": 0, "progress": False, "generation_dtype": None,
+        "max_prompt_tokens": 64,  # IFEval prompts are long for the tiny tokenizer
+        "stages": [
+            {"name": "parity", "env": "toy_envs:ParityEnv", "env_args": {"n_train": 4, "n_test": 2}},
+            {"env": "arithmetic", "env_args": {"n_train": 4, "n_test": 2}, "steps": 2},
+        ],
+        "heldout": [{"name": "ifeval", "env": "ifeval", "env_args": {"path": str(ifeval)},
+                     "eval_items": 2, "eval_samples": 1}],
+    }  # fmt: skip
+    path = tmp_path / "continual.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["continual", "--config", str(path), "seed=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "forgetting:" in printed and "backward transfer:" in printed and "ifeval" in printed
+
+    result = json.loads((out / "continual.json").read_text())
+    assert result["rows"] == ["before", "stage-1-parity", "stage-2-arithmetic"]
+    assert result["tasks"] == ["parity", "arithmetic"] and result["heldout"] == ["ifeval"]
+    acc = result["accuracy"]
+    # before: the first task only; after stage 1: the tasks seen so far; after 2: both
+    assert acc[0][1] is None and acc[1][1] is None and acc[0][0] is not None
+    assert all(v is not None for v in acc[2])
+    assert all(row[0] is not None for row in result["heldout_accuracy"])
+    assert (
+        result["accuracy_task"][2][1]
+        == result["evaluations"][2]["arithmetic"]["metrics"]["task_mean@k"]
+    )
+    metrics = result["metrics"]["case_mean@k"]
+    assert metrics["forgetting"] == pytest.approx(forgetting(acc[1:]))
+    assert metrics["backward_transfer"] == pytest.approx(acc[2][0] - acc[1][0])
+    assert set(metrics["heldout_change"]) == {"ifeval"}
+    assert result["metrics"]["task_mean@k"]["backward_transfer"] is not None
+
+    # Stage 2 starts from stage 1's last checkpoint and carries its playbook forward.
+    stage1, stage2 = (Path(s["dir"]) for s in result["stages"])
+    assert stage1.name == "stage-1-parity" and stage2.name == "stage-2-arithmetic"
+    assert result["stages"][0]["model_in"] == str(tiny_model_dir)
+    assert result["stages"][1]["model_in"] == str(stage1 / "checkpoints" / "step-000001" / "model")
+    assert result["stages"][1]["playbook_in"] == str(stage1 / "playbook.json")
+    assert (
+        result["stages"][1]["config"]["seed"] == 3 and result["stages"][1]["config"]["steps"] == 2
+    )
+    lesson = "Count the characters of a reply before sending it."
+    for stage in (stage1, stage2):
+        contents = [
+            e["content"] for e in json.loads((stage / "playbook.json").read_text())["entries"]
+        ]
+        assert lesson in contents
+    assert json.loads((stage2 / "summary.json").read_text())["steps"] == 2
+    assert (out / "evals" / "row-2-ifeval.jsonl").exists()
+
+    # Re-running reuses the finished stages and evaluations.
+    mtimes = [(s / "metrics.jsonl").stat().st_mtime_ns for s in (stage1, stage2)]
+    assert main(["continual", "--config", str(path), "seed=3"]) == 0
+    assert [(s / "metrics.jsonl").stat().st_mtime_ns for s in (stage1, stage2)] == mtimes
+    assert json.loads((out / "continual.json").read_text())["accuracy"] == acc
+
+
+def test_load_plan_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config: file not found"):
+        load_plan(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_plan(tmp_path / "list.yaml")
