@@ -137,6 +137,21 @@ def others_cores(before: tuple[float, float], after: tuple[float, float], wall: 
     return max((after[0] - before[0]) - (after[1] - before[1]), 0.0) / wall
 
 
+def wait_for_quiet(max_wait: float, threshold: float = 0.15, window: float = 2.0) -> float:
+    """On a shared machine, wait (up to `max_wait` s) until other processes use < `threshold`
+    cores over a `window`-second sample. Never part of a timed interval; 0 disables."""
+    if max_wait <= 0:
+        return 0.0
+    start = time.perf_counter()
+    while True:
+        before = cpu_snapshot()
+        time.sleep(window)
+        busy = others_cores(before, cpu_snapshot(), window)
+        waited = time.perf_counter() - start
+        if busy < threshold or waited >= max_wait:
+            return waited
+
+
 def median_phases(steps: list[dict[str, Any]]) -> dict[str, float]:
     keys = [*PHASES, "step", "others_cores"]
     return {k: statistics.median(s[k] for s in steps) for k in keys if all(k in s for s in steps)}
@@ -180,6 +195,7 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
     steps = []
     try:
         for index, items in enumerate(batches):
+            waited = wait_for_quiet(args.quiet_wait)
             cpu_before, begin = cpu_snapshot(), time.perf_counter()
             m = trainer.train_step(items)
             wall = time.perf_counter() - begin
@@ -202,6 +218,7 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
                 "step": wall,
                 "trainer_time_step": m["time_step"],
                 "others_cores": busy,
+                "quiet_wait_s": waited,
                 "rollouts": len(items) * n,
                 "completion_tokens_mean": m["response_tokens"],
                 "teacher_prompt_tokens_mean": (
@@ -268,7 +285,9 @@ class _Clock:
     def __init__(self) -> None:
         self.current: dict[str, float] = defaultdict(float)
         self.extra: dict[str, list[float]] = defaultdict(list)
-        self.begins: list[float] = []
+        self.begins: list[float] = []  # on_step_begin
+        self.starts: list[float] = []  # where each step's interval starts
+        self.waits: list[float] = []
         self.ends: list[float] = []
         self.cpu: list[tuple[float, float]] = []
         self.per_step: list[dict[str, Any]] = []
@@ -287,13 +306,15 @@ class _Clock:
         return timed
 
 
-def _make_callback(clock: _Clock):
+def _make_callback(clock: _Clock, quiet_wait: float):
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if not clock.cpu:
+            if not clock.starts:  # the first step: nothing before it to wait behind
+                clock.waits.append(wait_for_quiet(quiet_wait))
                 clock.cpu.append(cpu_snapshot())
+                clock.starts.append(time.perf_counter())
             clock.begins.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):

@@ -69,6 +69,12 @@ def test_samples_drawn_arithmetic(tmp_path):
     assert spread([]) is None
 
 
+def test_an_unknown_algorithm_stops_the_comparison(tmp_path):
+    with pytest.raises(ValueError, match="--algorithms: unknown 'ppo'"):
+        run_comparison(None, ["sdpo", "ppo"], [0], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_a_bad_config_is_recorded_without_launching(tmp_path):
     spec = RunSpec("sdpo", 0, tmp_path / "sdpo-seed0", ["lr=fast", "algorithm=sdpo"])
     record = execute(spec, None)

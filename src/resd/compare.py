@@ -224,10 +224,15 @@ def run_record(spec: RunSpec, config: dict[str, Any] | None) -> dict[str, Any]:
         "steps": steps,
         "samples_drawn": drawn.get(steps, max(drawn.values())),
         "eval": curve,
-        "final": {k: curve[-1][k] for k in (*EVAL_KEYS, "step", "samples_drawn") if k in curve[-1]}
-        if curve
-        else None,
+        "final": final_point(curve),
     }
+
+
+def final_point(curve: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last evaluation (for a finished run: the one after training), or None."""
+    if not curve:
+        return None
+    return {k: curve[-1][k] for k in (*EVAL_KEYS, "step", "samples_drawn") if k in curve[-1]}
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -266,7 +271,9 @@ def execute(spec: RunSpec, base_config: str | None) -> dict[str, Any]:
         record.update(status="failed", error=str(exc))
         return record
     if (spec.path / "summary.json").exists():
-        record = run_record(spec, cfg.to_dict())
+        ran = spec.path / RUN_CONFIG  # what it ran with, should the base config have changed
+        config = yaml.safe_load(ran.read_text()) if ran.exists() else cfg.to_dict()
+        record = run_record(spec, config)
         record["skipped"] = True
         return record
     resumed = has_checkpoint(spec.path)
@@ -419,7 +426,15 @@ def run_comparison(
     plots: bool = True,
 ) -> dict[str, Any]:
     """Run every (algorithm, seed) and write comparison.json; returns its content."""
+    from resd.algorithms import ALGORITHMS
+
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:  # a typo should stop the study, not become a failed run
+        raise ValueError(
+            f"--algorithms: unknown {unknown[0]!r}; choose from {', '.join(ALGORITHMS)}"
+        )
     out = Path(out)
+    algorithms, seeds = list(dict.fromkeys(algorithms)), list(dict.fromkeys(seeds))
     algorithm_args = algorithm_args or {}
     specs = plan_runs(algorithms, seeds, out, list(overrides or []), algorithm_args)
     flagged = unshared_overrides(algorithm_args)

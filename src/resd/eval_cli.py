@@ -14,8 +14,10 @@ PEFT adapter (it holds `adapter_config.json`). An adapter is applied to its base
 (recorded in the adapter config, or `--base-model`) in float32 and merged, and only then
 cast to the sampling dtype: merging in bfloat16 would round the small LoRA update away.
 
-Sampling runs in bfloat16 by default, like the trainer's sampling copy, so that `resd eval`
-on a checkpoint reproduces the numbers the run logged for the same seed and settings.
+Sampling runs in bfloat16 by default, like the trainer's sampling copy, so a checkpoint is
+judged at the precision it was trained to sample at (`--dtype float32` for the master
+weights). The prompts are the items' own messages: a run trained with
+`student_playbook=true` showed the student its playbook, which is not reproduced here.
 The loading and evaluation functions here are reused by `resd continual`.
 """
 
