@@ -280,18 +280,31 @@ def _bf16_supported() -> bool:
 
 
 class _Clock:
-    """Phase seconds accumulated by method wrappers, cut into optimizer steps by callbacks."""
+    """Phase seconds accumulated by method wrappers, cut into optimizer steps by callbacks.
+
+    Step k's interval runs from `starts[k]` to `ends[k]` (its `on_step_end`). The first
+    step starts at its `on_step_begin`; every later one starts right where the previous
+    one's `on_step_end` callback returned, so the time the Trainer spends between optimizer
+    steps (logging, fetching the next batch) is counted. Only the optional wait for a quiet
+    machine, done inside that callback, is left out.
+    """
 
     def __init__(self) -> None:
         self.current: dict[str, float] = defaultdict(float)
         self.extra: dict[str, list[float]] = defaultdict(list)
         self.begins: list[float] = []  # on_step_begin
-        self.starts: list[float] = []  # where each step's interval starts
-        self.waits: list[float] = []
+        self.starts: list[float] = []
         self.ends: list[float] = []
-        self.cpu: list[tuple[float, float]] = []
+        self.cpu_starts: list[tuple[float, float]] = []
+        self.cpu_ends: list[tuple[float, float]] = []
+        self.waits: list[float] = []
         self.per_step: list[dict[str, Any]] = []
         self.counter = ForwardCounter()
+
+    def start(self, quiet_wait: float) -> None:
+        self.waits.append(wait_for_quiet(quiet_wait))
+        self.cpu_starts.append(cpu_snapshot())
+        self.starts.append(time.perf_counter())
 
     def wrap(self, fn: Callable, phase: str | Callable[..., str | None]) -> Callable:
         def timed(*a, **k):
@@ -311,15 +324,13 @@ def _make_callback(clock: _Clock, quiet_wait: float):
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if not clock.starts:  # the first step: nothing before it to wait behind
-                clock.waits.append(wait_for_quiet(quiet_wait))
-                clock.cpu.append(cpu_snapshot())
-                clock.starts.append(time.perf_counter())
+            if not clock.starts:
+                clock.start(quiet_wait)
             clock.begins.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
             clock.ends.append(time.perf_counter())
-            clock.cpu.append(cpu_snapshot())
+            clock.cpu_ends.append(cpu_snapshot())
             clock.per_step.append(
                 {
                     "phases": dict(clock.current),
@@ -329,6 +340,8 @@ def _make_callback(clock: _Clock, quiet_wait: float):
             )
             clock.current.clear()
             clock.extra.clear()
+            if state.global_step < state.max_steps:
+                clock.start(quiet_wait)
 
     return StepClock()
 
@@ -469,7 +482,9 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
     trainer._calculate_rewards = clock.wrap(trainer._calculate_rewards, "feedback")
     trainer._prepare_inputs = clock.wrap(trainer._prepare_inputs, "_prepare")
     clock.counter.watch(trainer.model, "student", split_by_grad=True)
-    trainer.add_callback(_make_callback(clock))  # last: its on_step_end follows the EMA sync
+    trainer.add_callback(
+        _make_callback(clock, args.quiet_wait)
+    )  # last: its on_step_end follows the EMA sync
     setup = time.perf_counter() - start
 
     try:
@@ -479,7 +494,7 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
     steps = []
     for index, record in enumerate(clock.per_step):
         ph = record["phases"]
-        wall = clock.ends[index] - (clock.ends[index - 1] if index else clock.begins[0])
+        wall = clock.ends[index] - clock.starts[index]
         prepare = ph.get("_prepare", 0.0)
         named_in_prepare = ph.get("rollout", 0.0) + ph.get("feedback", 0.0) + ph.get("other", 0.0)
         phases = {
@@ -501,7 +516,8 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
                 **phases,
                 "step": wall,
                 "step_begin_to_end": clock.ends[index] - clock.begins[index],
-                "others_cores": others_cores(clock.cpu[index], clock.cpu[index + 1], wall),
+                "others_cores": others_cores(clock.cpu_starts[index], clock.cpu_ends[index], wall),
+                "quiet_wait_s": clock.waits[index],
                 "rollouts": args.batch_size * n,
                 "completion_tokens_mean": _mean(extra.get("completion_tokens")),
                 "teacher_prompt_tokens_mean": _mean(extra.get("teacher_prompt_tokens")),
@@ -641,6 +657,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="extra TrainConfig override key=value (repeatable)")  # fmt: skip
     p.add_argument("--grpo-n", type=int, default=None, help="rollouts per prompt for GRPO (8)")
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="shared machine: before each step wait up to this many seconds for other "
+                   "processes to go idle (never inside a timed interval); 0 = off")  # fmt: skip
     p.add_argument("--skip-trl", action="store_true", help="only our trainer")
     p.add_argument("--smoke", action="store_true", help="tiny random local model, a few seconds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.json"))
@@ -759,6 +778,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens,
             "grpo_n": args.grpo_n,
             "repeats": args.repeats,
+            "quiet_wait_s": args.quiet_wait,
             "warmup_steps": 1,
             "statistic": "median over timed steps",
             "env": cfg.env,

@@ -59,7 +59,7 @@ def test_plan_merges_stage_overrides_and_names_bad_fields():
     plan = build_plan(
         {"lr": 1e-5, "env_args": {"n_train": 3},
          "stages": [{"env": "arithmetic", "steps": 2}, {"name": "more", "lr": 1e-4},
-                    {"env": "arithmetic", "env_args": {"n_train": 5}}],
+                    {"env": "arithmetic", "env_args": {"n_train": 5}, "playbook_init": None}],
          "heldout": [{"env": "arithmetic", "eval_items": 3}]},
         ["steps=7"],
     )  # fmt: skip
@@ -69,6 +69,8 @@ def test_plan_merges_stage_overrides_and_names_bad_fields():
     assert first.steps == 2 and first.env_args == {} and first.lr == 1e-5
     assert second.steps == 7 and second.lr == 1e-4 and second.env_args == {"n_train": 3}
     assert third.env_args == {"n_train": 5}
+    # only a stage that sets playbook_init itself opts out of carrying the playbook on
+    assert [s.own_playbook for s in plan.stages] == [False, False, True]
     assert plan.heldout[0].name == "arithmetic-3" and plan.heldout[0].settings.items == 3
     assert [s.name for s in plan.row_suites(0)] == ["arithmetic", "arithmetic-3"]
     assert [s.name for s in plan.row_suites(2)] == ["arithmetic", "more", "arithmetic-3"]

@@ -262,3 +262,17 @@ def test_trainer_runs_on_qa(tiny_model_dir, tmp_path):
     cfg = config(tiny_model_dir, tmp_path / "qa", "env=qa", f"env_args.path={data}", "steps=1",
                  "inner_updates=1", "eval_samples=1")  # fmt: skip
     assert Trainer(cfg).train()["steps"] == 1
+
+
+def test_report_to_tensorboard_mirrors_train_and_eval_metrics(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tiny_model_dir, tmp_path / "tb", "steps=2", "inner_updates=1", "eval_samples=1",
+                 "report_to=[tensorboard]")  # fmt: skip
+    Trainer(cfg).train()
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/reward", "eval/case_mean@k"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]

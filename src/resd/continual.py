@@ -13,7 +13,8 @@ apply to it) plus:
     eval_all_tasks: false         # true: every row evaluates every stage's task
 
 A stage's keys override the base config for that stage only; its `env_args` replace the
-base's (they belong to another environment). A held-out suite may also set evaluation
+base's (they belong to another environment); `model` and `output_dir` are set by the
+chain, and so is `playbook_init` unless the stage sets it (null: start empty). A held-out suite may also set evaluation
 keys (`eval_items`, `eval_samples`, `eval_max_new_tokens`, ...).
 
 Stage k (1-based) trains in `<output_dir>/stage-<k>-<name>/` starting from stage k−1's
@@ -125,6 +126,8 @@ class Stage:
     name: str
     config: TrainConfig  # model / playbook_init / output_dir are filled in when it runs
     suite: Suite
+    # The stage sets playbook_init itself (null: start empty) instead of carrying one on.
+    own_playbook: bool = False
 
 
 @dataclass
@@ -195,7 +198,7 @@ def build_plan(data: dict[str, Any], overrides: list[str] | None = None) -> Cont
         except ConfigError as exc:
             raise _prefixed(f"stages[{k}]", exc) from None
         suite = Suite(name, cfg.env, cfg.env_args, EvalSettings.from_config(cfg))
-        stages.append(Stage(name, cfg, suite))
+        stages.append(Stage(name, cfg, suite, own_playbook="playbook_init" in raw))
 
     heldout = []
     for k, raw in enumerate(heldout_raw):
@@ -252,6 +255,8 @@ def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playb
     from resd.checkpoint import latest_checkpoint
     from resd.trainer import Trainer
 
+    if stage.own_playbook:
+        playbook = stage.config.playbook_init
     run_dir = plan.out / f"stage-{index}-{stage.name}"
     data = stage.config.to_dict() | {
         "model": model,

@@ -62,6 +62,7 @@ from resd.reflection import (
 )
 from resd.teacher import Teacher
 from resd.teacher_context import SolutionBuffer, TeacherTemplate
+from resd.tracking import Tracker
 
 log = logging.getLogger(__name__)
 PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
@@ -199,6 +200,11 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         if checkpoint:
             self._restore(checkpoint)
+        # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
+        self.tracker = Tracker(
+            self.run_dir, cfg.report_to if self.dist.is_main else [], cfg.to_dict(),
+            resume_step=self.step if checkpoint else None,
+        )  # fmt: skip
 
     def _load_student(self, checkpoint: Path | None):
         """The policy: a full model, or a base model with a LoRA adapter (PEFT)."""
@@ -248,6 +254,7 @@ class Trainer:
             ]
             last = self.train_step(items)
             self._append("metrics.jsonl", last)
+            self.tracker.log(last, self.step, prefix="train")
             bar.update(1)
             bar.set_postfix(
                 loss=f"{last['loss']:.4f}", reward=f"{last['reward']:.2f}", score=f"{last['score']:.2f}",
@@ -268,6 +275,7 @@ class Trainer:
             summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.tracker.close()
         self.dist.barrier()
         return summary
 
@@ -402,6 +410,7 @@ class Trainer:
             "reward": sum(o[1] for o in outcomes) / n,
             "score": sum(o[2] for o in outcomes) / n,
             "success_rate": sum(o[1] >= 0.5 for o in outcomes) / n,
+            "rollouts": n,
             "distilled": sum(s[0] for s in stats),
             "response_tokens": sum(s[1] for s in stats) / n,
             "truncated": sum(not s[2] for s in stats) / n,
@@ -822,6 +831,7 @@ class Trainer:
         )  # fmt: skip
         row = {"step": self.step, **metrics}
         self._append("eval.jsonl", row)
+        self.tracker.log(metrics, self.step, prefix="eval")
         with (self.run_dir / f"eval-step-{self.step:06d}.jsonl").open("w") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
