@@ -40,23 +40,12 @@ import yaml
 
 from resd.config import TrainConfig
 from resd.playbook import SECTIONS
+from resd.schema import COUNTERS as RUN_COUNTERS
+from resd.schema import PHASES
 
 log = logging.getLogger(__name__)
 
-# As `resd.trainer.PHASES` / `COUNTERS`; not imported from there because the trainer
-# pulls in torch, and a report must be buildable on a laptop without it.
-PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
-COUNTERS = (
-    "distilled",
-    "reflections",
-    "reflection_parse_failures",
-    "reflection_loose_parses",
-    "tag_parse_failures",
-    "curation_parse_failures",
-    "tags_applied",
-    "ops_applied",
-    "ops_skipped",
-)
+COUNTERS = ("distilled", *RUN_COUNTERS)
 EVAL_KEYS = ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
 TRAIN_KEYS = ("reward", "score", "success_rate")
 CONFIG_HIGHLIGHTS = (

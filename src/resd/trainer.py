@@ -60,22 +60,12 @@ from resd.reflection import (
     reflection_messages,
     success_tag_messages,
 )
+from resd.schema import COUNTERS, PHASES
 from resd.teacher import Teacher
 from resd.teacher_context import SolutionBuffer, TeacherTemplate
 from resd.tracking import Tracker
 
 log = logging.getLogger(__name__)
-PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
-COUNTERS = (
-    "reflections",
-    "reflection_parse_failures",
-    "reflection_loose_parses",
-    "tag_parse_failures",
-    "curation_parse_failures",
-    "tags_applied",
-    "ops_applied",
-    "ops_skipped",
-)
 
 
 @dataclass
