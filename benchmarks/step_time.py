@@ -210,6 +210,8 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
                 for r in rows if r["step"] == m["step"] and r["teacher_prompt"]
             ]  # fmt: skip
             phases = {p: float(m[f"time_{p}"]) for p in PHASES if p != "other"}
+            counters = ("reflection_parse_failures", "curation_parse_failures", "ops_applied",
+                        "ops_skipped")  # fmt: skip
             step = {
                 "index": index,
                 "warmup": index == 0,
@@ -229,7 +231,9 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
                 "distilled": m["distilled"],
                 "reflections": m["reflections"],
                 "success_rate": m["success_rate"],
+                "truncated": m["truncated"],
                 "playbook_size": m["playbook_size"],
+                **{c: m[c] for c in counters if c in m},
                 "forwards": {
                     "sampling": forwards.get("sampler", 0) + forwards.get("student_nograd", 0),
                     "teacher": forwards.get("teacher", 0),
@@ -369,6 +373,9 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
         scores = [safe_score(env, items[i], t) for i, t in zip(item_id, texts, strict=True)]
         feedback[:] = [s.feedback for s in scores]
         clock.extra["completion_tokens"].extend(len(ids) for ids in completion_ids)
+        clock.extra["truncated"].extend(
+            float(len(ids) >= args.max_new_tokens and ids[-1] not in eos) for ids in completion_ids
+        )
         clock.extra["reward"].extend(s.reward for s in scores)
         return [s.reward for s in scores]
 
@@ -405,6 +412,9 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    eos = {tokenizer.eos_token_id}
+    declared = model.generation_config.eos_token_id
+    eos.update(declared if isinstance(declared, list) else [declared])
     dataset = Dataset.from_list(rows)
 
     start = time.perf_counter()
@@ -523,6 +533,7 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
                 "teacher_prompt_tokens_mean": _mean(extra.get("teacher_prompt_tokens")),
                 "distilled": sum(extra.get("distilled", [])) if kind == "trl_sdpo" else 0,
                 "success_rate": _mean(extra.get("reward")),
+                "truncated": _mean(extra.get("truncated")),
                 "forwards": {
                     "sampling": fw.get("student_nograd", 0),
                     "teacher": fw.get("teacher", 0),

@@ -169,8 +169,10 @@ class Trainer:
             else cfg.distillation_weight
         )
         # A resumed run restores base/EMA/trust-region weights from the checkpoint.
+        # A pure policy-gradient run (grpo) never queries a teacher: do not copy the model.
+        teacher_kind = cfg.teacher if self.distillation_weight > 0 else "live"
         self.teacher = Teacher(
-            self.model, cfg.teacher, cfg.teacher_update_rate, cfg.trust_region_weight
+            self.model, teacher_kind, cfg.teacher_update_rate, cfg.trust_region_weight
         )
         self.reference = Teacher(self.model, "base") if cfg.kl_coef > 0 else None
         self.generator = self.model
