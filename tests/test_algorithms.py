@@ -26,7 +26,7 @@ def step(tiny_model_dir, tmp_path, name: str, *extra: str, steps: int = 1):
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_trains(tiny_model_dir, tmp_path, name):
     _trainer, m, _ = step(
-        tiny_model_dir, tmp_path, name, f"algorithm={name}", "rollouts_per_prompt=2"
+        tiny_model_dir, tmp_path, name, f"algorithm={name}", "rollouts_per_prompt=2", steps=2
     )
     assert m["loss"] == m["loss"]  # not NaN
     assert m["grad_norm"] > 0 or m["tokens"] == 0
@@ -62,7 +62,9 @@ def test_grpo_learns_from_mixed_groups_without_a_teacher(tiny_model_dir, tmp_pat
 
 def test_mixed_objective_combines_both_losses(tiny_model_dir, tmp_path):
     _, pure, _ = step(tiny_model_dir, tmp_path, "pure", "rollouts_per_prompt=2")
-    _, mixed, _ = step(tiny_model_dir, tmp_path, "mixed", "distillation_weight=0.5", "rollouts_per_prompt=2")
+    _, mixed, _ = step(
+        tiny_model_dir, tmp_path, "mixed", "distillation_weight=0.5", "rollouts_per_prompt=2"
+    )
     assert mixed["success_rate"] == pure["success_rate"]  # same seeds, same rollouts
     assert mixed["sd_loss"] == pytest.approx(pure["sd_loss"])
     assert mixed["loss"] == pytest.approx(0.5 * mixed["sd_loss"] + 0.5 * mixed["pg_loss"])

@@ -17,6 +17,13 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     row = result["rows"][0]
     assert result["device"] == "cpu" and row["model"] == "tiny"
-    for key in ("gen_tok_s_b2", "gen_tok_s_b4", "teacher_tok_s", "time_update", "time_step", "train_tflops"):
+    for key in (
+        "gen_tok_s_b2",
+        "gen_tok_s_b4",
+        "teacher_tok_s",
+        "time_update",
+        "time_step",
+        "train_tflops",
+    ):
         assert row[key] > 0, key
     assert row["time_step"] >= row["time_update"] + row["time_teacher"]

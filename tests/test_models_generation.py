@@ -92,13 +92,24 @@ def test_row_seeded_sampling_does_not_depend_on_batching(tiny):
     model, tok = tiny
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "y " * n}]) for n in (2, 7, 3, 5)]
     seeds = [11, 22, 33, 44]
-    together = generate(model, tok, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=seeds, batch_size=4)
+    together = generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=12,
+        temperature=1.0,
+        top_p=0.9,
+        seeds=seeds,
+        batch_size=4,
+    )
     apart = [
         generate(model, tok, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=[s])[0]
         for p, s in zip(prompts, seeds, strict=True)
     ]
     assert [g.token_ids for g in together] == [g.token_ids for g in apart]
-    other = generate(model, tok, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=[1, 2, 3, 4])
+    other = generate(
+        model, tok, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=[1, 2, 3, 4]
+    )
     assert [g.token_ids for g in other] != [g.token_ids for g in together]
 
 

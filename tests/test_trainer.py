@@ -276,3 +276,22 @@ def test_report_to_tensorboard_mirrors_train_and_eval_metrics(tiny_model_dir, tm
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/reward", "eval/case_mean@k"} <= tags
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def test_trainer_survives_hostile_code(tiny_model_dir, tmp_path):
+    """Infinite loops, fork bombs, 10 GB allocations, 100 MB of output, killing the parent,
+    network access and writes outside the sandbox: each is scored as a failure with
+    feedback, and training goes on."""
+    import os
+
+    from toy_envs import HOSTILE_PROGRAMS
+
+    cfg = config(tiny_model_dir, tmp_path / "hostile", "env=toy_envs:HostileCodeEnv",
+                 "env_args={timeout_s: 2, memory_mb: 256}", f"batch_size={len(HOSTILE_PROGRAMS)}", "log_samples=7",
+                 "steps=1", "inner_updates=1", "eval_items=1", "eval_samples=1")  # fmt: skip
+    summary = Trainer(cfg).train()
+    assert summary["steps"] == 1
+    samples = read_jsonl(tmp_path / "hostile" / "samples.jsonl")
+    assert len(samples) == len(HOSTILE_PROGRAMS)
+    assert all(s["reward"] == 0.0 and s["feedback"] for s in samples)
+    assert not os.path.exists("/tmp/resd-hostile-was-here")

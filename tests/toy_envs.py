@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from resd.envs.base import Environment, Item, Score
+from resd.envs.code import CodeEnv
 
 
 class ParityEnv(Environment):
@@ -41,3 +42,25 @@ class ConstantEnv(ParityEnv):
 
     def score(self, item: Item, response: str) -> Score:
         return Score(0.0, 0.0, "Always wrong.")
+
+
+HOSTILE_PROGRAMS = [
+    "def f():\n    while True:\n        pass\nwhile True:\n    pass\n",
+    "import os\nwhile True:\n    os.fork()\n",
+    "x = bytearray(10 * 1024**3)\n",
+    "print('x' * (100 * 1024**2))\n",
+    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
+    "import socket\nsocket.create_connection(('127.0.0.1', 9))\n",
+    "open('/tmp/resd-hostile-was-here', 'w').write('x')\n",
+]
+
+
+class HostileCodeEnv(CodeEnv):
+    """A code environment whose 'answers' are attacks, whatever the model wrote."""
+
+    calls = 0
+
+    def score(self, item: Item, response: str) -> Score:
+        program = HOSTILE_PROGRAMS[HostileCodeEnv.calls % len(HOSTILE_PROGRAMS)]
+        HostileCodeEnv.calls += 1
+        return super().score(item, f"```python\n{program}```")
