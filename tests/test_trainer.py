@@ -295,3 +295,26 @@ def test_trainer_survives_hostile_code(tiny_model_dir, tmp_path):
     assert len(samples) == len(HOSTILE_PROGRAMS)
     assert all(s["reward"] == 0.0 and s["feedback"] for s in samples)
     assert not os.path.exists("/tmp/resd-hostile-was-here")
+
+
+def test_report_from_a_tiny_model_run(tiny_model_dir, tmp_path):
+    """`resd report` on a real run: an HTML file whose embedded images all decode."""
+    import base64
+    import io
+    import re
+
+    from matplotlib.image import imread
+
+    from resd.report import build_report
+
+    cfg = config(tiny_model_dir, tmp_path / "rep", "steps=2", "inner_updates=1", "eval_samples=1",
+                 "playbook_prune_every=100")  # fmt: skip
+    Trainer(cfg).train()
+    html = build_report(tmp_path / "rep").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) >= 3
+    for data in images:
+        assert imread(io.BytesIO(base64.b64decode(data)), format="png").size > 0
+    assert "Count the characters of a reply before sending it." in html  # the final playbook
+    assert html.count('class="tok"') > 0 or 'title="loss' in html  # the token-level loss view
+    assert "<script" not in html
