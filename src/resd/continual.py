@@ -55,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from resd.config import ConfigError, TrainConfig, apply_overrides, build_config
+from resd.config import ConfigError, TrainConfig, apply_overrides, build_config, read_yaml_mapping
 from resd.envs import Environment, make_env
 from resd.eval_cli import EvalSettings, evaluate_env, is_adapter, load_policy, merge_adapter
 
@@ -221,15 +221,7 @@ def build_plan(data: dict[str, Any], overrides: list[str] | None = None) -> Cont
 
 
 def load_plan(path: str | Path, overrides: list[str] | None = None) -> ContinualPlan:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config: file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must hold a mapping of keys to values")
-    return build_plan(data, overrides)
+    return build_plan(read_yaml_mapping(path), overrides)
 
 
 # ---- running --------------------------------------------------------------------------------
