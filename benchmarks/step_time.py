@@ -357,6 +357,7 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
 
     from resd.envs import make_env
     from resd.evaluation import safe_score
+    from resd.generation import eos_token_ids
     from resd.models import resolve_model_path
 
     n = rollouts_per_prompt(kind, args.grpo_n)
@@ -412,10 +413,17 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    eos = {tokenizer.eos_token_id}
-    declared = model.generation_config.eos_token_id
-    eos.update(declared if isinstance(declared, list) else [declared])
+    eos = set(eos_token_ids(model, tokenizer))
     dataset = Dataset.from_list(rows)
+
+    def build_trl_trainer(trainer_cls, config, model=model):
+        return trainer_cls(
+            model=model,
+            reward_funcs=arithmetic_reward,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
     start = time.perf_counter()
     if kind == "trl_sdpo":
@@ -438,13 +446,7 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
             success_reward_threshold=1.0,
             max_prompt_length=cfg.max_prompt_tokens,
         )
-        trainer = SDPOTrainer(
-            model=model,
-            reward_funcs=arithmetic_reward,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
+        trainer = build_trl_trainer(SDPOTrainer, config)
         # TRL reads privileged context from a static dataset column; our environment's
         # feedback depends on the rollout, so hand the teacher-context builder the
         # feedback the reward function just computed for these very rollouts.
@@ -481,13 +483,7 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
             scale_rewards="group" if cfg.pg_scale_std else "none",
             loss_type="dapo",  # token-mean over the whole accumulated batch, like ours
         )
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=arithmetic_reward,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
+        trainer = build_trl_trainer(GRPOTrainer, config)
         trainer._generate = clock.wrap(trainer._generate, "rollout")
     trainer._calculate_rewards = clock.wrap(trainer._calculate_rewards, "feedback")
     trainer._prepare_inputs = clock.wrap(trainer._prepare_inputs, "_prepare")
