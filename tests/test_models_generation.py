@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from resd.generation import chat_prompt_ids, generate, strip_thinking
+from resd.generation import chat_prompt_ids, generate
 from resd.models import load_model, load_tokenizer, materialize_bundled
+from resd.templating import strip_thinking
 from resd.trainer import response_logits, right_aligned_mask
 
 

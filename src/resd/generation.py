@@ -7,7 +7,6 @@ spent on padding, and results come back in the caller's order.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -19,22 +18,6 @@ from transformers import (
 )
 
 from resd.models import autocast_context
-
-_THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
-
-
-def strip_thinking(text: str) -> str:
-    """Remove `<think>…</think>` reasoning (and an unterminated trailing one).
-
-    Reflection prompts and teacher contexts show the model's *answer*, not its
-    scratchpad (spec §3): the scratchpad is long and would crowd out the feedback.
-    A lone `</think>` (templates that open the block in the prompt) cuts everything
-    before it.
-    """
-    text = _THINK.sub("", text)
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    return text.strip()
 
 
 class RowSeededSampler(LogitsProcessor):

@@ -1,4 +1,4 @@
-"""Literal slot filling for prompt templates.
+"""Text handling for prompts: literal slot filling, clipping, reasoning removal.
 
 Model replies and environment feedback routinely contain braces, `{prompt}` or text
 that looks like our own section markers. `str.format` would choke on the braces, and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+_THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 _SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
@@ -40,3 +41,17 @@ def clip(text: str, max_chars: int) -> str:
     if len(text) <= max_chars:
         return text
     return text[: max_chars - 20].rstrip() + "\n…[truncated]"
+
+
+def strip_thinking(text: str) -> str:
+    """Remove `<think>…</think>` reasoning (and an unterminated trailing one).
+
+    Reflection prompts and teacher contexts show the model's *answer*, not its
+    scratchpad (spec §3): the scratchpad is long and would crowd out the feedback.
+    A lone `</think>` (templates that open the block in the prompt) cuts everything
+    before it.
+    """
+    text = _THINK.sub("", text)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text.strip()

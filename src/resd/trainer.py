@@ -37,7 +37,7 @@ from resd.distributed import Distributed
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.evaluation import evaluate, safe_score
-from resd.generation import Generation, chat_prompt_ids, generate, left_pad, strip_thinking
+from resd.generation import Generation, chat_prompt_ids, generate, left_pad
 from resd.losses import (
     chunked_token_losses,
     group_advantages,
@@ -63,6 +63,7 @@ from resd.reflection import (
 from resd.schema import COUNTERS, PHASES
 from resd.teacher import Teacher
 from resd.teacher_context import SolutionBuffer, TeacherTemplate
+from resd.templating import strip_thinking
 from resd.tracking import Tracker
 
 log = logging.getLogger(__name__)

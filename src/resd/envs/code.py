@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
 from resd.sandbox import SandboxResult, run_python
+from resd.templating import strip_thinking
 
 __all__ = ["CodeEnv", "extract_code", "load_problems", "normalize_tests", "values_match"]
 
@@ -398,11 +399,7 @@ def extract_code(response: str) -> str | None:
     block (the model ran out of tokens) counts, so the feedback can point at the syntax
     error instead of only saying that no code was found.
     """
-    text = re.sub(r"<think>.*?</think>", "", response, flags=re.S)
-    if "</think>" in text:  # the opening tag was part of the prompt
-        text = text.rsplit("</think>", 1)[1]
-    if "<think>" in text:  # reasoning never finished
-        text = text.split("<think>", 1)[0]
+    text = strip_thinking(response)
     blocks: list[tuple[str, list[str]]] = []
     current: list[str] | None = None
     for line in text.splitlines():
