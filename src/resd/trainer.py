@@ -42,6 +42,7 @@ from resd.losses import (
     chunked_token_losses,
     group_advantages,
     importance_weight,
+    masked_token_mean,
     policy_gradient_loss,
     sampled_token_loss,
     self_distillation_loss,
@@ -628,7 +629,7 @@ class Trainer:
         }
         size = cfg.micro_batch_size
         micro_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-        old_logps = self._old_logprobs(micro_batches) if cfg.update_epochs > 1 else None
+        old_logps = self._old_logprobs(micro_batches, timer) if cfg.update_epochs > 1 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         for epoch in range(cfg.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -695,7 +696,7 @@ class Trainer:
             if tok is not None:
                 tok = tok * importance_weight(logp, old, cfg.is_clip)
                 w = torch.tensor([per_sample["weight"][id(r)] for r in micro], device=self.device)
-                sd_loss = (tok * mask * (w * is_sd)[:, None]).sum() / max(sd_tokens, 1)
+                sd_loss = masked_token_mean(tok * w[:, None], mask * is_sd[:, None], sd_tokens)
                 if record:
                     for row, r in enumerate(micro):
                         if id(r) in sd_rows:
@@ -716,7 +717,7 @@ class Trainer:
                     ref = token_logprobs(ref_logits, token_ids)
                 tok = policy_gradient_loss(logp, old, adv, clip_low=cfg.pg_clip_low, clip_high=cfg.pg_clip_high,
                                            ref_logp=ref, kl_coef=cfg.kl_coef)  # fmt: skip
-                pg_loss = (tok * mask * is_pg[:, None]).sum() / max(pg_tokens, 1)
+                pg_loss = masked_token_mean(tok, mask * is_pg[:, None], pg_tokens)
         return sd_loss, pg_loss
 
     def _token_losses(
@@ -771,18 +772,19 @@ class Trainer:
                 return None, logp
             return sd_token_loss(s_logits, t_logits, token_ids, logp), logp
 
-    @torch.no_grad()
-    def _old_logprobs(self, micro_batches: list[list[Rollout]]) -> list[torch.Tensor]:
+    def _old_logprobs(
+        self, micro_batches: list[list[Rollout]], timer: PhaseTimer
+    ) -> list[torch.Tensor]:
         """Log-probs of the rollout policy, needed once several updates reuse one batch."""
         result = []
-        for micro in micro_batches:
-            lengths = [len(r.gen.token_ids) for r in micro]
-            width = max(lengths)
-            token_ids = left_pad([r.gen.token_ids for r in micro], 0, self.device)[0]
-            with autocast_context(self.device, self.cfg.autocast):
-                logits = response_logits(self.model, [r.prompt_ids + r.gen.token_ids for r in micro],
-                                         width, self.pad_id)  # fmt: skip
-            result.append(token_logprobs(logits, token_ids))
+        with torch.no_grad():
+            for micro in micro_batches:
+                lengths = [len(r.gen.token_ids) for r in micro]
+                token_ids = left_pad([r.gen.token_ids for r in micro], 0, self.device)[0]
+                seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
+                result.append(
+                    self._token_losses(seqs, None, token_ids, max(lengths), PhaseTimer())[1]
+                )
         return result
 
     # ---- helpers ----------------------------------------------------------------------
