@@ -189,6 +189,7 @@ class Trainer:
         self.template = TeacherTemplate.from_config(cfg.teacher_template)
         self.playbook = Playbook.load(cfg.playbook_init) if cfg.playbook_init else Playbook()
         self.buffer = SolutionBuffer()
+        self._rendered_playbook = ("", "")  # (full text, budgeted text) cache
         self.step = 0
         self.totals: Counter[str] = Counter()
         self.pad_id = self.tokenizer.pad_token_id
@@ -463,11 +464,21 @@ class Trainer:
         return [prefill + g.text for g in gens]
 
     def _playbook_text(self) -> str:
-        return self.playbook.render(
-            max_tokens=self.cfg.playbook_max_tokens,
-            count_tokens=self._count_tokens,
-            include_empty=False,
-        )
+        """The playbook as prompts show it, under the token budget.
+
+        A step asks for it several times (reflection, tagging, curation, teacher and,
+        with `student_playbook`, every student prompt); fitting the budget tokenizes each
+        entry, so the result is reused until the playbook's text changes.
+        """
+        key = self.playbook.render()
+        if self._rendered_playbook[0] != key:
+            text = self.playbook.render(
+                max_tokens=self.cfg.playbook_max_tokens,
+                count_tokens=self._count_tokens,
+                include_empty=False,
+            )
+            self._rendered_playbook = (key, text)
+        return self._rendered_playbook[1]
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
