@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "step_time.py"
 OURS = ["resd", "sdpo", "sdpo_ss", "grpo"]
@@ -50,3 +52,22 @@ def test_step_time_smoke(tmp_path):
         assert all(s["forwards"]["teacher"] >= 1 for s in methods["sdpo"]["steps"])
     # the table is the last thing printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("|")
+
+
+def test_sharding_memory_benchmark_smoke(tmp_path):
+    """FSDP over 2 processes holds half the policy/teacher/optimizer bytes per rank."""
+    out = tmp_path / "sharding.json"
+    script = ROOT / "benchmarks" / "sharding_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {(r["strategy"], r["processes"]): r for r in json.loads(out.read_text())["runs"]}
+    single, replicated, sharded = runs["ddp", 1], runs["ddp", 2], runs["fsdp", 2]
+    for key in ("params", "grads", "optimizer", "teacher"):
+        assert replicated["rank0"]["gib"][key] == pytest.approx(single["rank0"]["gib"][key])
+        for rank in sharded["ranks"]:
+            assert rank["gib"][key] == pytest.approx(single["rank0"]["gib"][key] / 2, rel=0.05)
+    # The sampling copy stays whole: every rank samples on its own.
+    assert sharded["rank0"]["gib"]["generator"] == pytest.approx(
+        single["rank0"]["gib"]["generator"]
+    )

@@ -32,6 +32,11 @@ def test_yaml_and_overrides(tmp_path):
         ("env_args=3", "env_args"),
         ("playbook_policy=lru", "playbook_policy"),
         ("min_ratio=-1", "min_ratio"),
+        ("strategy=zero3", "strategy"),
+        ("generation_backend=sglang", "generation_backend"),
+        ("generation_cache=paged", "generation_cache"),
+        ("generation_compile=true", "generation_compile"),
+        ("vllm_args=0.3", "vllm_args"),
         ("lr", "lr"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Data parallelism: 2 CPU processes (gloo, via `accelerate launch`) reproduce a 1-process run."""
+"""Data parallelism: 2 CPU processes (gloo, via `accelerate launch`) reproduce a 1-process run,
+with full replicas (ddp) and with sharded parameters (fsdp), and checkpoints move between them."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
+from resd.config import ConfigError
+from resd.distributed import Distributed, resolve_strategy
 from test_trainer import PREFILLS, SEED_PLAYBOOK, TESTS, read_jsonl
 
 pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
                                 reason="accelerate launcher not installed")  # fmt: skip
 
 
-def run(tmp_path: Path, tiny_model_dir: Path, name: str, processes: int) -> Path:
+ROOT = TESTS.parent
+
+
+def run(
+    tmp_path: Path, tiny_model_dir: Path, name: str, processes: int, *,
+    launch_config: str | None = None, resume: bool = False, **overrides,
+) -> Path:  # fmt: skip
     (tmp_path / "seed.md").write_text(SEED_PLAYBOOK)
     cfg = {
         **PREFILLS, "model": str(tiny_model_dir), "env": "toy_envs:ParityEnv", "steps": 4, "batch_size": 4,
@@ -25,27 +35,41 @@ def run(tmp_path: Path, tiny_model_dir: Path, name: str, processes: int) -> Path
         "curation_max_new_tokens": 10, "generation_dtype": "float32", "autocast": "none", "lr": 0.01,
         "warmup_steps": 0, "progress": False, "eval_samples": 1, "teacher_update_rate": 0.3,
         "micro_batch_size": 1, "playbook_init": str(tmp_path / "seed.md"), "output_dir": str(tmp_path / name),
-        "playbook_prune_every": 100,
+        "playbook_prune_every": 100, **overrides,
     }  # fmt: skip
     (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg))
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes",
-                str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch"]
+    if launch_config:
+        launcher += ["--config_file", str(ROOT / launch_config)]
+    elif processes > 1:
+        launcher.append("--multi_gpu")  # torchrun-style processes; gloo when there is no GPU
+    # No `--cpu`: with it, accelerate starts a single process and leaves the rest to MPI.
+    launcher += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no"]  # fmt: skip
     cmd = [*launcher, "-m", "resd", "train", "--config", str(tmp_path / f"{name}.yaml")]
+    if resume:
+        cmd.append("--resume")
     env = dict(
         os.environ,
         PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         OMP_NUM_THREADS="1",
     )
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / f"{name}.log").write_text(done.stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / name
 
 
-def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
-    one = run(tmp_path, tiny_model_dir, "one", 1)
-    two = run(tmp_path, tiny_model_dir, "two", 2)
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> Path:
+    """The reference: a 1-process run with the global batch the multi-process runs split."""
+    return run(tmp_path_factory.mktemp("one"), tiny_model_dir, "one", 1, save_every=2)
+
+
+def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> None:
     m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    assert [m["step"] for m in m2] == [1, 2, 3, 4]  # written once, by rank 0
+    assert [m["step"] for m in m2] == (steps or [1, 2, 3, 4])  # written once, by rank 0
+    m1 = [m for m in m1 if m["step"] in [m["step"] for m in m2]]
     for a, b in zip(m1, m2, strict=True):
         assert (a["reward"], a["distilled"], a["playbook_size"]) == (
             b["reward"],
@@ -60,4 +84,48 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     assert json.loads((two / "playbook.json").read_text())["entries"]
     samples1, samples2 = read_jsonl(one / "samples.jsonl"), read_jsonl(two / "samples.jsonl")
     assert [s["response"] for s in samples1] == [s["response"] for s in samples2]
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000004"]
+
+
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path, one_process):
+    two = run(tmp_path, tiny_model_dir, "two", 2, save_every=2)
+    assert_same_run(one_process, two)
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["strategy"], summary["world_size"]) == ("ddp", 2)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
+    tiny_model_dir, tmp_path, one_process
+):
+    """Launched with the shipped accelerate FSDP config (`strategy: auto` follows it): the
+    sharded run reproduces the replicated one, and its checkpoint, holding full tensors and
+    name-keyed optimizer state, resumes in one process to the same end."""
+    sharded = run(tmp_path, tiny_model_dir, "fsdp", 2, launch_config="configs/accelerate/fsdp.yaml",
+                  save_every=2)  # fmt: skip
+    assert_same_run(one_process, sharded)
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert (summary["strategy"], summary["world_size"]) == ("fsdp", 2)
+    with safe_open(str(sharded / "checkpoints/step-000004/teacher.safetensors"), "pt") as f:
+        assert f.get_tensor("model.norm.weight").shape == (32,)  # full tensors, not shards
+    # Continue the sharded run from step 2 in a single process.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sharded, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-000004")
+    run(tmp_path, tiny_model_dir, "resumed", 1, resume=True, save_every=2)
+    assert_same_run(one_process, resumed)
+
+
+def test_strategy_follows_the_accelerate_config(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert resolve_strategy("auto") == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolve_strategy("auto") == "fsdp"
+    assert resolve_strategy("ddp") == "ddp"  # an explicit choice wins
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"^strategy: DeepSpeed is not supported"):
+        resolve_strategy("auto")
+
+
+def test_a_single_process_ignores_the_strategy():
+    assert not Distributed("fsdp").sharded  # nothing to shard over: plain training

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 _NAME = re.compile(r"^step-(\d{6})$")
 
@@ -50,28 +51,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors refuses tensors that share memory (tied embeddings): keep one name each."""
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = t.detach().contiguous()
+    save_file(unique, str(path))
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
     *,
     model,
     tokenizer,
-    teachers: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor] | None,
+    teacher_states: dict[str, dict[str, torch.Tensor]],
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write everything needed to resume; `state` must be JSON-serialisable."""
+    """Write everything needed to resume; `state` must be JSON-serialisable.
+
+    Tensors come in as full (unsharded) state dicts, gathered by the caller, so the
+    layout does not depend on how the run was distributed; `model_state` None means
+    the model is whole and saves itself.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        model.save_pretrained(tmp / "model")
+        if model_state is None:
+            model.save_pretrained(tmp / "model")
+        else:
+            model.save_pretrained(tmp / "model", state_dict=model_state)
         tokenizer.save_pretrained(tmp / "model")
-        for name, teacher in teachers.items():  # teacher weights, reference model, ...
-            teacher.save(tmp / f"{name}.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, tensors in teacher_states.items():  # teacher weights, reference model, ...
+            save_tensors(tmp / f"{name}.safetensors", tensors)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state()["torch"], tmp / "rng_torch.pt")
         payload = dict(state, step=step, python_rng=random.getstate())
         (tmp / "state.json").write_text(json.dumps(payload))
@@ -85,13 +108,15 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path, *, teachers: dict[str, Any], optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore teachers, optimizer and RNG in place (the student is loaded from `path/model`)."""
+def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """Restore teachers and RNG in place; returns (run state, full optimizer state).
+
+    The student is loaded from `path/model` by the caller, and the optimizer state is
+    loaded by it too, since under FSDP that must wait until the model is sharded.
+    """
     for name, teacher in teachers.items():
         teacher.load(path / f"{name}.safetensors")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     state = json.loads((path / "state.json").read_text())
     set_rng_state(
         {
@@ -99,7 +124,7 @@ def load_checkpoint(
             "torch": torch.load(path / "rng_torch.pt", weights_only=True),
         }
     )
-    return state
+    return state, optimizer_state
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:

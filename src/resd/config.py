@@ -42,6 +42,14 @@ class TrainConfig:
     # Sampling runs on a copy of the policy in this dtype, synced after every optimizer
     # step (as a vLLM engine would be); null samples from the fp32 training weights.
     generation_dtype: str | None = "bfloat16"
+    # Who samples: "transformers" (HF generate on that copy) or "vllm" (`pip install
+    # resd[vllm]`, GPU only; weights pushed to the engine after every optimizer step).
+    generation_backend: str = "transformers"
+    # transformers backend on GPU: a pre-allocated KV cache ("static") lets `torch.compile`
+    # capture the decode step once; both only pay off for long, repeated decoding.
+    generation_cache: str | None = None  # null = dynamic cache | static
+    generation_compile: bool = False
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM(...)
     shuffle: bool = True
     # sampling
     max_prompt_tokens: int = 1024
@@ -113,6 +121,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_samples: int = 4  # rollouts per step written to samples.jsonl
     progress: bool = True
+    # Data parallelism under `accelerate launch` / `torchrun`: "ddp" keeps a full replica
+    # per process; "fsdp" shards parameters, gradients and optimizer state (FSDP2, like
+    # ZeRO-3) and samples from a full bf16 copy; "auto" follows accelerate's config.
+    strategy: str = "auto"
+    fsdp_reshard_after_forward: bool = (
+        True  # false: keep layers gathered until backward (ZeRO-2-like)
+    )
     # Mirror numeric metrics to experiment trackers (metrics.jsonl stays the record):
     # any of "tensorboard", "wandb"; needs `pip install resd[logging]`.
     report_to: list[str] = field(default_factory=list)
@@ -159,10 +174,17 @@ class TrainConfig:
                    "playbook_policy": ("staleness", "prioritized"),
                    "distillation_mode": ("topk", "full", "sampled"), "pg_reward": ("reward", "score"),
                    "dtype": ("float32", "bfloat16", "float16"),
-                   "generation_dtype": ("float32", "bfloat16", "float16", None)}  # fmt: skip
+                   "generation_dtype": ("float32", "bfloat16", "float16", None),
+                   "generation_backend": ("transformers", "vllm"), "generation_cache": (None, "static"),
+                   "strategy": ("auto", "ddp", "fsdp")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.generation_compile and self.generation_cache != "static":
+            raise ConfigError(
+                "generation_compile: needs generation_cache: static (decoding is compiled "
+                "against a pre-allocated cache)"
+            )
         for name in ["min_ratio", "max_ratio", "is_clip"]:
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -1,7 +1,7 @@
 """Data parallelism over processes, for `accelerate launch` / `torchrun`.
 
-Every rank holds the full model, its own share of the prompts and the same playbook.
-What must agree across ranks is made to agree explicitly:
+Every rank holds its own share of the prompts and the same playbook. What must agree
+across ranks is made to agree explicitly:
 
 - results that change shared state (bullet tags, curator operations, new solutions)
   are gathered and applied on every rank in the order of the global rollout index, so
@@ -9,20 +9,71 @@ What must agree across ranks is made to agree explicitly:
 - gradients are summed across ranks after each backward pass (the loss on each rank is
   already divided by the *global* token count), so every rank takes the same step.
 
+Two strategies for the weights:
+
+- `ddp`: every rank holds the full model and optimizer; gradients are summed by hand
+  after the backward passes (one all-reduce per step, whatever the micro-batch count);
+- `fsdp`: the policy, its teacher/reference copies, gradients and optimizer state are
+  sharded over ranks with FSDP2 (`fully_shard`, one unit per decoder layer), which is
+  what ZeRO-3 does. Sampling never touches the shards: each rank samples from a full
+  copy in the generation dtype, refreshed one gathered tensor at a time after every
+  optimizer step. Forward and backward passes are collective under FSDP, so every
+  rank runs the same number of them (see `Trainer._update`).
+
+Checkpoints hold full (unsharded) tensors either way, so a run saved under one
+strategy or world size resumes under any other.
+
 Without a launcher (no WORLD_SIZE in the environment) this is a no-op.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from resd.config import ConfigError
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_strategy(requested: str) -> str:
+    """`auto` follows the accelerate config the run was launched with.
+
+    `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports
+    ACCELERATE_USE_FSDP; a DeepSpeed config exports ACCELERATE_USE_DEEPSPEED, which
+    this trainer does not implement, and silently ignoring it would replicate a model
+    the user meant to shard.
+    """
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(
+            "strategy: DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml "
+            "(FSDP2 full sharding, as ZeRO-3; fsdp_reshard_after_forward=false is ZeRO-2-like)"
+        )
+    if requested != "auto":
+        return requested
+    return "fsdp" if _env_flag("ACCELERATE_USE_FSDP") else "ddp"
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective under FSDP), or `t` itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 class Distributed:
-    def __init__(self) -> None:
+    def __init__(self, strategy: str = "auto") -> None:
+        self.strategy = resolve_strategy(strategy)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -31,10 +82,17 @@ class Distributed:
             if backend == "nccl":
                 torch.cuda.set_device(self.local_rank)
             dist.init_process_group(backend=backend)
+            # A process group left open at exit can abort the interpreter (gloo's threads).
+            atexit.register(self.close)
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are split over ranks: forwards/backwards are collective calls."""
+        return self.enabled and self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -69,14 +127,104 @@ class Distributed:
         dist.all_reduce(t)
         return float(t.item())
 
-    def all_reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+    def max(self, value: int) -> int:
         if not self.enabled:
+            return value
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def all_reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum gradients over ranks (FSDP already reduce-scatters them in backward)."""
+        if not self.enabled or self.sharded:
             return
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    # ---- sharding (strategy "fsdp") ------------------------------------------------------
+    def shard_model(self, model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
+        """Shard `model` in place, one FSDP unit per decoder layer plus the root.
+
+        Gradients are summed, not averaged, over ranks: each rank's loss is already
+        divided by the global token count, as under `ddp`.
+        """
+        if not self.sharded:
+            return model
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        layer_types = set(getattr(model, "_no_split_modules", None) or [])
+        base = getattr(model, "get_base_model", lambda: model)()
+        layer_types |= set(getattr(base, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+        if not layers:
+            raise ConfigError(
+                f"strategy: fsdp needs the model's decoder layer class (`_no_split_modules`), "
+                f"which {type(model).__name__} does not declare"
+            )
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, reshard_after_forward=reshard_after_forward)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        return model
+
+    def full_parameters(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) for every parameter, gathered one at a time.
+
+        Under FSDP each gather is a collective, so every rank must drain the iterator.
+        """
+        for name, param in model.named_parameters():
+            yield name, full_tensor(param.detach())
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict on rank 0 (None elsewhere); collective when sharded."""
+        if not self.sharded:
+            return model.state_dict() if self.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        return state if self.is_main else None
+
+    def full_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any] | None:
+        """The optimizer state keyed by parameter name, on rank 0 (None elsewhere).
+
+        Names rather than positions, and full tensors rather than shards, so that any
+        strategy and world size can load it; collective when sharded.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        # Every rank calls in: with a process group up, the state-dict helpers communicate.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.sharded)
+        state = get_optimizer_state_dict(model, optimizer, options=options)
+        return state if self.is_main else None
+
+    def load_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """Load a state from `full_optimizer_state` (every rank passes the same one)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )

@@ -175,17 +175,20 @@ def evaluate_env(model, tokenizer, env: Environment, settings: EvalSettings) -> 
     import torch
 
     from resd.evaluation import evaluate
+    from resd.generation import TransformersSampler
 
     items = list(env.test_items())[: settings.items]
     if not items:
         raise ValueError(f"env: {type(env).__name__} has no test items")
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
+    sampler = TransformersSampler(
+        model, tokenizer, batch_size=settings.batch_size, autocast=settings.autocast
+    )
     metrics, records = evaluate(
-        model, tokenizer, env, items, samples=settings.samples,
+        sampler, tokenizer, env, items, samples=settings.samples,
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_p=settings.top_p, batch_size=settings.batch_size,
-        max_prompt_tokens=settings.max_prompt_tokens, autocast=settings.autocast,
+        top_p=settings.top_p, max_prompt_tokens=settings.max_prompt_tokens,
     )  # fmt: skip
     return {"metrics": metrics, "per_item": per_item_metrics(records), "samples": records}
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from resd.envs.base import Environment, Item, Score
-from resd.generation import chat_prompt_ids, generate
+from resd.generation import chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def safe_score(env: Environment, item: Item, response: str) -> Score:
 
 
 def evaluate(
-    model,
+    sampler,
     tokenizer,
     env: Environment,
     items: Sequence[Item],
@@ -55,19 +55,19 @@ def evaluate(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    batch_size: int,
     max_prompt_tokens: int,
-    autocast: str | None = "auto",
     prompt_messages: Callable[[Item], list[dict[str, str]]] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Sample k answers per item and score them; returns metrics and per-sample records."""
+    """Sample k answers per item and score them; returns metrics and per-sample records.
+
+    `sampler` is any generation backend (`resd.generation.TransformersSampler`, vLLM).
+    """
     build = prompt_messages or (lambda item: item.messages)
     prompts = [chat_prompt_ids(tokenizer, build(item), max_prompt_tokens) for item in items]
     flat = [p for p in prompts for _ in range(samples)]
-    gens = generate(
-        model, tokenizer, flat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, autocast=autocast,
-    )  # fmt: skip
+    gens = sampler.generate(
+        flat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+    )
     outcomes: list[list[Score]] = []
     records: list[dict] = []
     for i, item in enumerate(items):

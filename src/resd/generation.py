@@ -7,10 +7,12 @@ spent on padding, and results come back in the caller's order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import (
+    CompileConfig,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
@@ -126,6 +128,48 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
+CACHE_IMPLEMENTATIONS = (None, "static")
+
+# Accelerators where transformers compiles on its own; elsewhere (CPU) it must be told to.
+_AUTO_COMPILE_DEVICES = ("cuda", "xpu")
+
+
+def decode_options(
+    device: torch.device, cache_implementation: str | None, compile: bool
+) -> dict[str, object]:
+    """Extra `model.generate` keyword arguments for the KV cache and compilation.
+
+    Defaults give `{}` so the default path is exactly the plain call. transformers 5.x
+    compiles the decode step by itself whenever a static cache is used on a GPU, so
+    `compile=False` has to say `disable_compile=True` explicitly; on CPU it never
+    compiles unless the `CompileConfig` is flagged to (`_compile_all_devices`, which
+    transformers documents as meant for testing). Prefill stays eager either way: only
+    the one-token decode step has the fixed shapes that make compiling pay.
+    """
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"generate: cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, "
+            f"got {cache_implementation!r}"
+        )
+    if compile and cache_implementation != "static":
+        raise ValueError(
+            "generate: compile=True needs cache_implementation='static' "
+            "(a growing dynamic cache changes shapes every step, so nothing is compiled)"
+        )
+    if cache_implementation is None:
+        return {}
+    options: dict[str, object] = {"cache_implementation": cache_implementation}
+    if not compile:
+        options["disable_compile"] = True
+        return options
+    config = CompileConfig()  # inductor, reduce-overhead (CUDA graphs on GPU), fullgraph off
+    if device.type not in _AUTO_COMPILE_DEVICES:
+        config.mode = "default"  # CUDA graphs do not exist here
+        config._compile_all_devices = True
+    options["compile_config"] = config
+    return options
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -139,17 +183,26 @@ def generate(
     autocast: str | None = "auto",
     seeds: list[int] | None = None,
     sort_by_length: bool = True,
+    cache_implementation: str | None = None,
+    compile: bool = False,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
     With `seeds` (one per prompt), each row's sample depends only on its prompt and its
     seed, not on batching; without, seed torch's RNG before calling for repeatability.
+
+    `cache_implementation="static"` pre-allocates the KV cache (batch × longest prompt +
+    `max_new_tokens`) instead of growing it every step; `compile=True` (static cache
+    only) has transformers `torch.compile` the decode step, whose shapes the static cache
+    keeps fixed. Both leave the tokens unchanged up to floating-point rounding (exactly
+    equal in float32; in bf16 a near-tie can flip); see `decode_options`.
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("generate: need one seed per prompt")
     if not prompts:
         return []
     device = next(model.parameters()).device
+    extra = decode_options(device, cache_implementation, compile)
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     order = list(range(len(prompts)))
@@ -181,21 +234,74 @@ def generate(
                     logits_processor=processors,
                     eos_token_id=eos,
                     pad_token_id=pad_id,
+                    **extra,
                 )
             new_tokens = out[:, input_ids.shape[1] :].tolist()
             for row, i in enumerate(chunk):
-                results[i] = _cut_at_eos(new_tokens[row], eos, tokenizer)
+                results[i] = cut_at_eos(new_tokens[row], eos, tokenizer)
     finally:
         model.train(was_training)
     return [r for r in results if r is not None]
 
 
-def _cut_at_eos(
-    tokens: list[int], eos: list[int], tokenizer: PreTrainedTokenizerBase
-) -> Generation:
+def cut_at_eos(tokens: list[int], eos: list[int], tokenizer: PreTrainedTokenizerBase) -> Generation:
+    """Build a `Generation` from raw sampled tokens: cut after the first EOS, keep the EOS.
+
+    Shared by every backend so they agree on the schema: a batch row keeps padding after
+    its EOS, and vLLM may report extra stop tokens; both end up cut the same way.
+    """
     eos_set = set(eos)
     for pos, tok in enumerate(tokens):
         if tok in eos_set:
             kept = tokens[: pos + 1]
             return Generation(kept, tokenizer.decode(kept, skip_special_tokens=True), True)
     return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), False)
+
+
+class TransformersSampler:
+    """Sampling from a model held in this process: the policy itself or a synced copy.
+
+    The trainer talks to every backend through `generate` and `load_weights`, so the
+    vLLM backend (`resd.vllm_backend`) is a drop-in replacement with the same outputs.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int = 8,
+        autocast: str | None = "auto",
+        cache_implementation: str | None = None,
+        compile: bool = False,
+    ) -> None:
+        # fail at construction, not at the first rollout, on a bad cache/compile pair
+        decode_options(next(model.parameters()).device, cache_implementation, compile)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.autocast = autocast
+        self.cache_implementation = cache_implementation
+        self.compile = compile
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seeds: list[int] | None = None,
+    ) -> list[Generation]:
+        return generate(
+            self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, batch_size=self.batch_size, autocast=self.autocast, seeds=seeds,
+            cache_implementation=self.cache_implementation, compile=self.compile,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new policy weights in, by parameter name (the copy was made from the policy)."""
+        params = dict(self.model.named_parameters())
+        for name, tensor in weights:
+            params[name].copy_(tensor)

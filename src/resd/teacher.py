@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file
 from torch import nn
 
 TEACHER_KINDS = ("ema", "base", "live", "trust_region")
@@ -118,18 +118,25 @@ class Teacher:
         for t, s in zip(self.copy.parameters(), student.parameters(), strict=True):
             t.lerp_(s.detach().to(t.dtype), self.update_rate)
 
-    def save(self, path: Path) -> None:
-        """Store what cannot be rebuilt from the student: the EMA adapter or the frozen copy."""
-        if self.adapter:
-            save_file({n: t.contiguous() for n, t in self.adapter.items()}, str(path))
-        elif self.copy is not None:
-            save_model(self.copy, str(path))  # handles tied embeddings
-
     def load(self, path: Path) -> None:
+        """Restore what cannot be rebuilt from the student (saved by the trainer's checkpoint).
+
+        Call before the copy is sharded: the file holds full tensors.
+        """
         if not path.exists():
             return
         if self.adapter:
             for n, t in load_file(str(path)).items():
                 self.adapter[n].copy_(t)
         elif self.copy is not None:
-            load_model(self.copy, str(path))
+            # Tied weights may be stored under one name or under both.
+            tensors = load_file(str(path))
+            result = self.copy.load_state_dict(tensors, strict=False)
+            state = self.copy.state_dict()
+            loaded = {state[k].data_ptr() for k in tensors if k in state}
+            missing = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]
+            if result.unexpected_keys or missing:
+                raise ValueError(
+                    f"{path}: does not fit the model (missing {missing[:3]}, "
+                    f"unexpected {result.unexpected_keys[:3]})"
+                )

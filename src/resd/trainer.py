@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from resd.algorithms import get_algorithm
 from resd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_jsonl
-from resd.config import TrainConfig
-from resd.distributed import Distributed
+from resd.config import ConfigError, TrainConfig
+from resd.distributed import Distributed, full_tensor
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.evaluation import evaluate, safe_score
-from resd.generation import Generation, chat_prompt_ids, generate, left_pad
+from resd.generation import Generation, TransformersSampler, chat_prompt_ids, left_pad
 from resd.losses import (
     chunked_token_losses,
     group_advantages,
@@ -49,7 +49,7 @@ from resd.losses import (
     success_rate_weights,
     token_logprobs,
 )
-from resd.models import DTYPES, autocast_context, load_model, load_tokenizer
+from resd.models import DTYPES, autocast_context, load_model, load_tokenizer, resolve_model_path
 from resd.parsing import extract_bullet_tags
 from resd.playbook import Playbook
 from resd.reflection import (
@@ -62,7 +62,7 @@ from resd.reflection import (
     success_tag_messages,
 )
 from resd.schema import COUNTERS, PHASES
-from resd.teacher import Teacher
+from resd.teacher import Teacher, is_peft
 from resd.teacher_context import SolutionBuffer, TeacherTemplate
 from resd.templating import strip_thinking
 from resd.tracking import Tracker
@@ -141,7 +141,14 @@ def right_aligned_mask(lengths: list[int], width: int, device: torch.device) -> 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
-        self.dist = Distributed()
+        self.dist = Distributed(cfg.strategy)
+        if self.dist.sharded and (cfg.lora or cfg.loss_chunk_size):
+            # The chunked head runs outside the model's forward, where FSDP has resharded
+            # it; a LoRA adapter is small enough to replicate. Neither path is tested sharded.
+            field_name = "lora" if cfg.lora else "loss_chunk_size"
+            raise ConfigError(
+                f"{field_name}: not supported with strategy fsdp yet; use strategy=ddp"
+            )
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
@@ -177,15 +184,25 @@ class Trainer:
             self.model, teacher_kind, cfg.teacher_update_rate, cfg.trust_region_weight
         )
         self.reference = Teacher(self.model, "base") if cfg.kl_coef > 0 else None
+        state, optimizer_state = (
+            load_checkpoint(checkpoint, teachers=self._teachers()) if checkpoint else ({}, None)
+        )
         self.generator = self.model
         param_dtype = next(self.model.parameters()).dtype
-        if cfg.generation_dtype and DTYPES[cfg.generation_dtype] != param_dtype and not cfg.lora:
-            self.generator = copy.deepcopy(self.model).to(DTYPES[cfg.generation_dtype]).eval()
+        sample_dtype = DTYPES[cfg.generation_dtype] if cfg.generation_dtype else param_dtype
+        if cfg.generation_backend == "transformers" and (
+            self.dist.sharded or (sample_dtype != param_dtype and not cfg.lora)
+        ):  # a full copy to sample from (always under FSDP: the policy itself is in shards)
+            self.generator = copy.deepcopy(self.model).to(sample_dtype).eval()
             self.generator.requires_grad_(False)
+        for module in (self.model, self.teacher.copy, self.reference and self.reference.copy):
+            if module is not None:
+                self.dist.shard_model(module, cfg.fsdp_reshard_after_forward)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
         )
+        self.sampler = self._make_sampler()
         self.template = TeacherTemplate.from_config(cfg.teacher_template)
         self.playbook = Playbook.load(cfg.playbook_init) if cfg.playbook_init else Playbook()
         self.buffer = SolutionBuffer()
@@ -194,12 +211,38 @@ class Trainer:
         self.totals: Counter[str] = Counter()
         self.pad_id = self.tokenizer.pad_token_id
         if checkpoint:
-            self._restore(checkpoint)
+            self._restore(checkpoint, state, optimizer_state)
         # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
         self.tracker = Tracker(
             self.run_dir, cfg.report_to if self.dist.is_main else [], cfg.to_dict(),
             resume_step=self.step if checkpoint else None,
         )  # fmt: skip
+
+    def _make_sampler(self):
+        """The generation backend: HF generate on the in-process copy, or a vLLM engine."""
+        cfg = self.cfg
+        if cfg.generation_backend == "vllm":
+            from resd.vllm_backend import VLLMSampler
+
+            sampler = VLLMSampler(
+                resolve_model_path(cfg.model), self.tokenizer, dtype=cfg.generation_dtype or cfg.dtype,
+                seed=cfg.seed, max_model_len=cfg.max_teacher_prompt_tokens + cfg.max_new_tokens,
+                vllm_args=cfg.vllm_args,
+            )  # fmt: skip
+            sampler.load_weights(self._policy_weights())  # the checkpoint's, when resuming
+            return sampler
+        return TransformersSampler(
+            self.generator, self.tokenizer, batch_size=cfg.generation_batch_size, autocast=cfg.autocast,
+            cache_implementation=cfg.generation_cache, compile=cfg.generation_compile,
+        )  # fmt: skip
+
+    def _policy_weights(self):
+        """The current policy as (name, full tensor) pairs, for a sampler to load."""
+        if self.cfg.generation_backend == "vllm" and is_peft(self.model):
+            from resd.vllm_backend import merged_lora_weights
+
+            return merged_lora_weights(self.model)
+        return self.dist.full_parameters(self.model)
 
     def _load_student(self, checkpoint: Path | None):
         """The policy: a full model, or a base model with a LoRA adapter (PEFT)."""
@@ -265,7 +308,10 @@ class Trainer:
         if self.test_items and (not evals or evals[-1]["step"] != self.step):
             self._evaluate()
             evals = self._read_jsonl("eval.jsonl")
-        summary = {"steps": self.step, "run_dir": str(self.run_dir), "last": last}
+        summary = {
+            "steps": self.step, "run_dir": str(self.run_dir), "last": last,
+            "strategy": self.dist.strategy, "world_size": self.dist.world_size,
+        }  # fmt: skip
         if evals:
             summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
         if main:
@@ -275,30 +321,36 @@ class Trainer:
         return summary
 
     def save(self) -> Path:
-        """Checkpoint (rank 0 writes; every rank returns the checkpoint's path)."""
+        """Checkpoint: every rank helps gather full tensors, rank 0 writes them."""
         path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
+        # Unsharded, the model saves itself (PEFT writes just the adapter).
+        model_state = self.dist.full_state_dict(self.model) if self.dist.sharded else None
+        teacher_states = {}
+        for name, teacher in self._teachers().items():
+            if teacher.adapter:  # LoRA EMA: adapter tensors, never sharded
+                teacher_states[name] = dict(teacher.adapter)
+            elif teacher.copy is not None:
+                teacher_states[name] = self.dist.full_state_dict(teacher.copy)
+        optimizer_state = self.dist.full_optimizer_state(self.model, self.optimizer)
         if self.dist.is_main:
-            path = self._write_checkpoint()
+            self.playbook.save(self.run_dir)
+            state = {
+                "cursor": {
+                    "batch": self.step // self.cfg.inner_updates,
+                    "inner": self.step % self.cfg.inner_updates,
+                },
+                "playbook": self.playbook.to_dict(),
+                "buffer": self.buffer.solutions,
+                "totals": dict(self.totals),
+                "config": self.cfg.to_dict(),
+            }
+            path = save_checkpoint(
+                self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                model_state=model_state, teacher_states=teacher_states,
+                optimizer_state=optimizer_state, state=state, keep=self.cfg.keep_checkpoints,
+            )  # fmt: skip
         self.dist.barrier()
         return path
-
-    def _write_checkpoint(self) -> Path:
-        self.playbook.save(self.run_dir)
-        state = {
-            "cursor": {
-                "batch": self.step // self.cfg.inner_updates,
-                "inner": self.step % self.cfg.inner_updates,
-            },
-            "playbook": self.playbook.to_dict(),
-            "buffer": self.buffer.solutions,
-            "totals": dict(self.totals),
-            "config": self.cfg.to_dict(),
-        }
-        return save_checkpoint(
-            self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
-            teachers=self._teachers(), optimizer=self.optimizer, state=state,
-            keep=self.cfg.keep_checkpoints,
-        )  # fmt: skip
 
     def _teachers(self) -> dict[str, Teacher]:
         return {
@@ -306,8 +358,8 @@ class Trainer:
             **({"reference": self.reference} if self.reference else {}),
         }
 
-    def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, teachers=self._teachers(), optimizer=self.optimizer)
+    def _restore(self, path: Path, state: dict[str, Any], optimizer_state: dict) -> None:
+        self.dist.load_optimizer_state(self.model, self.optimizer, optimizer_state)
         self.step = int(state["step"])
         self.playbook = Playbook.from_dict(state["playbook"])
         self.buffer = SolutionBuffer(dict(state["buffer"]))
@@ -327,7 +379,9 @@ class Trainer:
         cfg, algo = self.cfg, self.algo
         step = self.step + 1
         self._seed(cfg.seed * 1_000_003 + step)
-        timer, counts = PhaseTimer(), Counter()
+        # `counts` holds this rank's own work (summed over ranks below); `applied` counts
+        # playbook changes, which every rank makes identically (so they are not summed).
+        timer, counts, applied = PhaseTimer(), Counter(), Counter()
         start = time.perf_counter()
         size_before = len(self.playbook)
 
@@ -367,14 +421,14 @@ class Trainer:
                 tags += [(len(flat) + i, t) for i, t in self._tag_successes(rollouts, step, counts)]
             if algo.playbook:
                 for pairs in self.dist.gather_indexed(tags):
-                    counts["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in pairs)
+                    applied["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in pairs)
         added: list[str] = []
         with timer("curate"):
             if algo.playbook:
                 for ops in self.dist.gather_indexed(self._curate(rollouts, step, counts)):
                     report = self.playbook.apply_operations(ops, step)
-                    counts["ops_applied"] += report.applied
-                    counts["ops_skipped"] += report.skipped
+                    applied["ops_applied"] += report.applied
+                    applied["ops_skipped"] += report.skipped
                     added += report.added
                 if len(self.playbook) > cfg.playbook_max_entries:
                     removed += self.playbook.concise(step, policy=cfg.playbook_policy,
@@ -391,6 +445,7 @@ class Trainer:
         self.step = step
 
         counts = Counter({k: int(self.dist.sum(counts.get(k, 0))) for k in COUNTERS})
+        counts.update(applied)
         self.totals.update(counts)
         stats = self.dist.gather_indexed(
             [(r.index, (r.distill, len(r.gen.token_ids), r.gen.finished)) for r in rollouts]
@@ -450,10 +505,13 @@ class Trainer:
         self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]
     ) -> list[Generation]:
         cfg = self.cfg
-        return generate(
-            self.generator, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, batch_size=cfg.generation_batch_size, autocast=cfg.autocast, seeds=seeds,
-        )  # fmt: skip
+        return self.sampler.generate(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seeds=seeds,
+        )
 
     def _generate_replies(
         self, prompts: list[list[int]], prefill: str, max_new_tokens: int, seeds: list[int]
@@ -640,6 +698,9 @@ class Trainer:
         }
         size = cfg.micro_batch_size
         micro_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if self.dist.sharded:  # forward/backward are collective: every rank runs as many
+            missing = self.dist.max(len(micro_batches)) - len(micro_batches)
+            micro_batches += [[self._padding_rollout()] for _ in range(missing)]
         old_logps = self._old_logprobs(micro_batches, timer) if cfg.update_epochs > 1 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         for epoch in range(cfg.update_epochs):
@@ -655,12 +716,14 @@ class Trainer:
                 totals["pg_loss"] += pg.item()
             with timer("update"):
                 self.dist.all_reduce_gradients(params)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = float(
+                    full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                )
                 for group in self.optimizer.param_groups:
                     group["lr"] = self._lr(self.step + 1)
                 self.optimizer.step()
                 self.teacher.update(self.model)
-                self._sync_generator()
+                self._sync_sampler()
         totals = {k: self.dist.sum(v) for k, v in totals.items()}
         out.update(
             totals,
@@ -695,7 +758,9 @@ class Trainer:
             [id(r) in pg_rows for r in micro], device=self.device, dtype=torch.float32
         )
 
-        want_sd = bool(sd_tokens) and bool(is_sd.any())
+        # Under FSDP a rank runs every forward the others run, even on rows it masks out.
+        want_sd = bool(sd_tokens) and (self.dist.sharded or bool(is_sd.any()))
+        want_pg = bool(pg_tokens) and (self.dist.sharded or bool(is_pg.any()))
         teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
         student_seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
         sd_loss = pg_loss = zero
@@ -706,7 +771,9 @@ class Trainer:
             old = logp.detach() if old_logp is None else old_logp
             if tok is not None:
                 tok = tok * importance_weight(logp, old, cfg.is_clip)
-                w = torch.tensor([per_sample["weight"][id(r)] for r in micro], device=self.device)
+                w = torch.tensor(
+                    [per_sample["weight"].get(id(r), 0.0) for r in micro], device=self.device
+                )
                 sd_loss = masked_token_mean(tok * w[:, None], mask * is_sd[:, None], sd_tokens)
                 if record:
                     for row, r in enumerate(micro):
@@ -714,9 +781,9 @@ class Trainer:
                             r.token_losses = (
                                 tok[row, width - lengths[row] :].detach().float().tolist()
                             )
-            if pg_tokens and bool(is_pg.any()):
+            if want_pg:
                 adv = torch.tensor(
-                    [per_sample["advantage"][id(r)] for r in micro], device=self.device
+                    [per_sample["advantage"].get(id(r), 0.0) for r in micro], device=self.device
                 )
                 ref = None
                 if self.reference is not None:
@@ -799,13 +866,20 @@ class Trainer:
         return result
 
     # ---- helpers ----------------------------------------------------------------------
+    def _padding_rollout(self) -> Rollout:
+        """A one-token row that every loss masks out, for a rank with fewer micro-batches."""
+        pad = self.pad_id if self.pad_id is not None else 0
+        return Rollout(
+            item=Item(id="<padding>", messages=[]), prompt_ids=[pad],
+            gen=Generation([pad], "", False), score=Score(0.0, 0.0, ""), index=-1, teacher_ids=[pad],
+        )  # fmt: skip
+
     @torch.no_grad()
-    def _sync_generator(self) -> None:
-        """Push the new weights to the sampling copy (spec §3 step 9)."""
-        if self.generator is self.model:
+    def _sync_sampler(self) -> None:
+        """Push the new weights to whatever samples (spec §3 step 9)."""
+        if self.generator is self.model and self.cfg.generation_backend == "transformers":
             return
-        for g, p in zip(self.generator.parameters(), self.model.parameters(), strict=True):
-            g.copy_(p)
+        self.sampler.load_weights(self._policy_weights())
 
     def _lr(self, step: int) -> float:
         if self.cfg.warmup_steps and step <= self.cfg.warmup_steps:
@@ -830,10 +904,9 @@ class Trainer:
         cfg = self.cfg
         self._seed(cfg.seed * 7919 + self.step)
         metrics, records = evaluate(
-            self.generator, self.tokenizer, self.env, self.test_items, samples=cfg.eval_samples,
+            self.sampler, self.tokenizer, self.env, self.test_items, samples=cfg.eval_samples,
             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=cfg.eval_temperature,
-            top_p=cfg.eval_top_p, batch_size=cfg.generation_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-            autocast=cfg.autocast, prompt_messages=self._student_messages,
+            top_p=cfg.eval_top_p, max_prompt_tokens=cfg.max_prompt_tokens, prompt_messages=self._student_messages,
         )  # fmt: skip
         row = {"step": self.step, **metrics}
         self._append("eval.jsonl", row)
