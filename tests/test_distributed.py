@@ -97,11 +97,12 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, one_process):
 def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
     tiny_model_dir, tmp_path, one_process
 ):
-    """Launched with the shipped accelerate FSDP config (`strategy: auto` follows it): the
-    sharded run reproduces the replicated one, and its checkpoint, holding full tensors and
-    name-keyed optimizer state, resumes in one process to the same end."""
+    """Launched with the shipped accelerate FSDP config (`strategy: auto` follows it) and the
+    chunked loss (output head applied outside the forward): the sharded run reproduces the
+    replicated full-logits one, and its checkpoint, holding full tensors and name-keyed
+    optimizer state, resumes in one process to the same end."""
     sharded = run(tmp_path, tiny_model_dir, "fsdp", 2, launch_config="configs/accelerate/fsdp.yaml",
-                  save_every=2)  # fmt: skip
+                  save_every=2, loss_chunk_size=4)  # fmt: skip
     assert_same_run(one_process, sharded)
     summary = json.loads((sharded / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"]) == ("fsdp", 2)

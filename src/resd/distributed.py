@@ -173,12 +173,25 @@ class Distributed:
             )
         for layer in layers:
             fully_shard(layer, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, reshard_after_forward=reshard_after_forward)
+        # The root (embeddings, final norm, output head) stays gathered from forward to
+        # backward: the chunked loss applies the head after the forward has returned.
+        fully_shard(model, reshard_after_forward=False)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
         return model
+
+    def reshard(self, model: nn.Module | None) -> None:
+        """Free gathered parameters a forward left behind (the root's, which backward
+        would normally release; teachers have no backward)."""
+        if not self.sharded or model is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def full_parameters(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for every parameter, gathered one at a time.

@@ -123,14 +123,24 @@ def response_logits(model, sequences: list[list[int]], width: int, pad_id: int) 
 
 
 def response_hidden(model, sequences: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
-    """Final hidden states `[B, width, H]` that predict the last `width` tokens (no output head)."""
+    """Final hidden states `[B, width, H]` that predict the last `width` tokens (no output head).
+
+    They are caught on their way out of the decoder during the whole model's forward
+    (asked for one position of logits only), rather than by calling the decoder alone:
+    under FSDP only the root module's forward gathers the embedding and final norm.
+    """
     device = next(model.parameters()).device
     ids, mask = left_pad(sequences, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(
-        input_ids=ids, attention_mask=mask, position_ids=positions
-    ).last_hidden_state
-    return hidden[:, -width - 1 : -1]
+    caught: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda _module, _args, out: caught.append(out.last_hidden_state)
+    )
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught[-1][:, -width - 1 : -1]
 
 
 def right_aligned_mask(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
@@ -142,13 +152,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
         self.dist = Distributed(cfg.strategy)
-        if self.dist.sharded and (cfg.lora or cfg.loss_chunk_size):
-            # The chunked head runs outside the model's forward, where FSDP has resharded
-            # it; a LoRA adapter is small enough to replicate. Neither path is tested sharded.
-            field_name = "lora" if cfg.lora else "loss_chunk_size"
-            raise ConfigError(
-                f"{field_name}: not supported with strategy fsdp yet; use strategy=ddp"
-            )
+        if self.dist.sharded and cfg.lora:
+            # A LoRA adapter is small enough to replicate; the sharded LoRA path is untested.
+            raise ConfigError("lora: not supported with strategy fsdp yet; use strategy=ddp")
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
@@ -722,6 +728,8 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = self._lr(self.step + 1)
                 self.optimizer.step()
+                for frozen in (self.teacher.copy, self.reference and self.reference.copy):
+                    self.dist.reshard(frozen)
                 self.teacher.update(self.model)
                 self._sync_sampler()
         totals = {k: self.dist.sum(v) for k, v in totals.items()}
