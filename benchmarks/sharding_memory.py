@@ -1,11 +1,14 @@
-"""Per-process training memory with full replicas (ddp) vs sharded parameters (fsdp).
+"""Per-process training memory: full replicas (ddp) vs FSDP2 vs DeepSpeed ZeRO-2/3.
 
 What FSDP buys is that the policy's weights, gradients and AdamW state, and the EMA
 teacher's weights, are split over the processes; what it costs is a full copy of the
 weights to sample from (in the generation dtype) and a gather after every step to
 refresh it. This counts the bytes each rank actually holds in those tensors after one
-optimizer step (local shards only), and times the step and the refresh, using the
-trainer's own pieces (`Distributed.shard_model`, `Teacher`, `Distributed.full_parameters`).
+optimizer step (local shards only; for DeepSpeed the optimizer column includes its fp32
+master partitions, and gradients live in its own buffers, so only the peak resident
+memory of the process tells the whole story), and times the step and the refresh,
+using the trainer's own pieces (`Distributed.shard_model` / `prepare` / `backward` /
+`step`, `Teacher`, `Distributed.full_parameters`).
 
 Each configuration is a fresh `torch.distributed.run` launch on this machine (gloo on
 CPU, nccl on GPU). The model is random-init with SmolLM2-135M's shape by default.
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -39,6 +44,7 @@ def _local_bytes(tensors) -> int:
         if t is None:
             continue
         local = t.to_local() if type(t).__name__ == "DTensor" else t
+        local = getattr(local, "ds_tensor", local)  # ZeRO-3: this rank's partition
         total += local.numel() * local.element_size()
     return total
 
@@ -50,7 +56,8 @@ def worker(args: argparse.Namespace) -> None:
     from resd.distributed import Distributed
     from resd.teacher import Teacher
 
-    dist = Distributed(args.strategy)
+    strategy, _, stage = args.strategy.partition("-zero")
+    dist = Distributed(strategy, int(stage) if stage else None)
     device = torch.device(f"cuda:{dist.local_rank}" if args.device == "cuda" else "cpu")
     hidden, layers, heads, kv, inter, vocab = SHAPES[args.shape]
     config = LlamaConfig(
@@ -64,36 +71,47 @@ def worker(args: argparse.Namespace) -> None:
     for module in (model, teacher.copy):
         dist.shard_model(module)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    dist.prepare(model, optimizer, 1.0)
+    policy = dist.policy(model)
+    params = list(model.parameters())
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
     def step() -> tuple[float, float]:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(input_ids=ids).logits
-        logits.float().logsumexp(-1).mean().backward()
-        dist.all_reduce_gradients(list(model.parameters()))
-        optimizer.step()
-        teacher.update(model)
+            logits = policy(input_ids=ids).logits
+        dist.backward(logits.float().logsumexp(-1).mean())
+        dist.step(optimizer, params, 1.0)
+        full = None
+        if dist.deepspeed and dist.sharded:
+            full = (t for _, t in dist.full_parameters(model))  # as the trainer: one at a time
+        teacher.update(model, full)
         mid = time.perf_counter()
         with torch.no_grad():
-            params = dict(generator.named_parameters())
+            sampling = dict(generator.named_parameters())
             for name, tensor in dist.full_parameters(model):
-                params[name].copy_(tensor)
+                sampling[name].copy_(tensor)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return mid - start, time.perf_counter() - mid
 
     step()  # warm-up: allocates optimizer state
     times = [step() for _ in range(args.repeats)]
+    inner = dist.engine.optimizer.optimizer if dist.engine is not None else optimizer
+    master = [] if inner is optimizer else [p for g in inner.param_groups for p in g["params"]]
     report = {
         "strategy": dist.strategy if dist.enabled else "single",
         "world_size": dist.world_size,
         "gib": {
             "params": _local_bytes(model.parameters()) / 2**30,
-            "grads": _local_bytes(p.grad for p in model.parameters()) / 2**30,
-            "optimizer": _local_bytes(
-                t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+            # DeepSpeed keeps gradients in its own flat buffers, not in `.grad`
+            "grads": None
+            if dist.engine is not None
+            else _local_bytes(p.grad for p in model.parameters()) / 2**30,
+            "optimizer": (
+                _local_bytes(t for s in inner.state.values() for t in s.values() if t.dim())
+                + _local_bytes(master)
             )
             / 2**30,
             "teacher": _local_bytes(teacher.copy.parameters()) / 2**30,
@@ -102,7 +120,8 @@ def worker(args: argparse.Namespace) -> None:
         "step_s": sorted(t[0] for t in times)[len(times) // 2],
         "refresh_s": sorted(t[1] for t in times)[len(times) // 2],
     }
-    report["gib"]["total"] = sum(report["gib"].values())
+    report["gib"]["total"] = sum(v for v in report["gib"].values() if v is not None)
+    report["gib"]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     reports = dist.gather(report)
     if dist.is_main:
         Path(args.out).write_text(json.dumps(reports))
@@ -150,17 +169,23 @@ def main() -> None:
         return
     if args.smoke:
         args.layers, args.batch, args.seq, args.repeats = 2, 1, 16, 1
-    runs = [launch(args, "ddp", 1)] + [launch(args, s, args.processes) for s in ("ddp", "fsdp")]
-    columns = ("params", "grads", "optimizer", "teacher", "generator", "total")
-    header = f"{'strategy':<8}{'procs':>6}" + "".join(f"{k:>11}" for k in columns)
+    strategies = ["ddp", "fsdp"]
+    if importlib.util.find_spec("deepspeed") is not None:
+        strategies += ["deepspeed-zero2", "deepspeed-zero3"]
+    runs = [launch(args, "ddp", 1)] + [launch(args, s, args.processes) for s in strategies]
+    columns = ("params", "grads", "optimizer", "teacher", "generator", "total", "peak_rss")
+    header = f"{'strategy':<16}{'procs':>6}" + "".join(f"{k:>11}" for k in columns)
     header += f"{'step s':>9}{'refresh s':>11}"
     lines = [f"per-rank GiB, {args.shape} ({args.layers or 'all'} layers), "
              f"batch {args.batch} x {args.seq}, {args.device}", header]  # fmt: skip
     for run in runs:
         r0 = run["rank0"]
         lines.append(
-            f"{run['strategy']:<8}{run['processes']:>6}"
-            + "".join(f"{r0['gib'][k]:>11.3f}" for k in columns)
+            f"{run['strategy']:<16}{run['processes']:>6}"
+            + "".join(
+                f"{r0['gib'][k]:>11.3f}" if r0["gib"][k] is not None else f"{'n/a':>11}"
+                for k in columns
+            )
             + f"{r0['step_s']:>9.2f}{r0['refresh_s']:>11.3f}"
         )
     result = {"settings": vars(args), "command": " ".join(["python", *sys.argv]), "runs": runs}

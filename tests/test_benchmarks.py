@@ -55,7 +55,8 @@ def test_step_time_smoke(tmp_path):
 
 
 def test_sharding_memory_benchmark_smoke(tmp_path):
-    """FSDP over 2 processes holds half the policy/teacher/optimizer bytes per rank."""
+    """FSDP over 2 processes holds half the policy/teacher/optimizer bytes per rank;
+    ZeRO-2 halves the optimizer state, ZeRO-3 the weights too."""
     out = tmp_path / "sharding.json"
     script = ROOT / "benchmarks" / "sharding_memory.py"
     done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
@@ -71,3 +72,14 @@ def test_sharding_memory_benchmark_smoke(tmp_path):
     assert sharded["rank0"]["gib"]["generator"] == pytest.approx(
         single["rank0"]["gib"]["generator"]
     )
+    if ("deepspeed-zero2", 2) in runs:
+        whole = single["rank0"]["gib"]
+        zero2, zero3 = (
+            runs["deepspeed-zero2", 2]["rank0"]["gib"],
+            runs["deepspeed-zero3", 2]["rank0"]["gib"],
+        )
+        assert zero2["params"] == pytest.approx(whole["params"])
+        assert zero3["params"] == pytest.approx(whole["params"] / 2, rel=0.05)
+        for zero in (zero2, zero3):
+            assert zero["optimizer"] < 0.8 * whole["optimizer"]
+            assert zero["teacher"] == pytest.approx(whole["teacher"])  # stays whole

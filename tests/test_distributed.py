@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from resd.config import ConfigError
 from resd.distributed import Distributed, resolve_strategy
 from test_trainer import PREFILLS, SEED_PLAYBOOK, TESTS, read_jsonl
 
@@ -123,10 +122,43 @@ def test_strategy_follows_the_accelerate_config(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert resolve_strategy("auto") == "fsdp"
     assert resolve_strategy("ddp") == "ddp"  # an explicit choice wins
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match=r"^strategy: DeepSpeed is not supported"):
-        resolve_strategy("auto")
+    assert resolve_strategy("auto") == "deepspeed"
+
+
+def test_zero_stage_comes_from_accelerate_or_the_resd_config(monkeypatch, tmp_path):
+    from resd.zero import zero_options
+
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    assert zero_options(None) == {"stage": 2}
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert zero_options(None) == {"stage": 3}
+    assert zero_options(1) == {"stage": 1}  # the resd config wins
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json))
+    assert zero_options(None) == {"stage": 1, "overlap_comm": True}
 
 
 def test_a_single_process_ignores_the_strategy():
     assert not Distributed("fsdp").sharded  # nothing to shard over: plain training
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process_and_its_checkpoint_resumes_unsharded(
+    tiny_model_dir, tmp_path, one_process, stage
+):
+    pytest.importorskip("deepspeed")
+    name = f"zero{stage}"
+    run(tmp_path, tiny_model_dir, name, 2, launch_config=f"configs/accelerate/deepspeed_zero{stage}.yaml",
+        save_every=2)  # fmt: skip
+    assert_same_run(one_process, tmp_path / name)
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    assert (summary["strategy"], summary["world_size"]) == ("deepspeed", 2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / name, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-000004")
+    run(tmp_path, tiny_model_dir, "resumed", 1, resume=True, save_every=2)
+    assert_same_run(one_process, resumed)

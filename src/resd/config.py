@@ -123,11 +123,12 @@ class TrainConfig:
     progress: bool = True
     # Data parallelism under `accelerate launch` / `torchrun`: "ddp" keeps a full replica
     # per process; "fsdp" shards parameters, gradients and optimizer state (FSDP2, like
-    # ZeRO-3) and samples from a full bf16 copy; "auto" follows accelerate's config.
+    # ZeRO-3); "deepspeed" hands policy and optimizer to DeepSpeed ZeRO (`zero_stage`);
+    # "auto" follows accelerate's config. See docs/scaling.md.
     strategy: str = "auto"
-    fsdp_reshard_after_forward: bool = (
-        True  # false: keep layers gathered until backward (ZeRO-2-like)
-    )
+    # fsdp: false keeps each layer gathered from forward to backward (fewer gathers)
+    fsdp_reshard_after_forward: bool = True
+    zero_stage: int | None = None  # deepspeed: 1, 2 or 3; null = accelerate's config, else 2
     # Mirror numeric metrics to experiment trackers (metrics.jsonl stays the record):
     # any of "tensorboard", "wandb"; needs `pip install resd[logging]`.
     report_to: list[str] = field(default_factory=list)
@@ -176,7 +177,8 @@ class TrainConfig:
                    "dtype": ("float32", "bfloat16", "float16"),
                    "generation_dtype": ("float32", "bfloat16", "float16", None),
                    "generation_backend": ("transformers", "vllm"), "generation_cache": (None, "static"),
-                   "strategy": ("auto", "ddp", "fsdp")}  # fmt: skip
+                   "strategy": ("auto", "ddp", "fsdp", "deepspeed"),
+                   "zero_stage": (None, 1, 2, 3)}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")

@@ -6,22 +6,26 @@ across ranks is made to agree explicitly:
 - results that change shared state (bullet tags, curator operations, new solutions)
   are gathered and applied on every rank in the order of the global rollout index, so
   the playbook is identical everywhere and identical to a one-process run;
-- gradients are summed across ranks after each backward pass (the loss on each rank is
-  already divided by the *global* token count), so every rank takes the same step.
+- gradients are summed across ranks (the loss on each rank is already divided by the
+  *global* token count), so every rank takes the same step.
 
-Two strategies for the weights:
+Three strategies for the weights:
 
 - `ddp`: every rank holds the full model and optimizer; gradients are summed by hand
   after the backward passes (one all-reduce per step, whatever the micro-batch count);
 - `fsdp`: the policy, its teacher/reference copies, gradients and optimizer state are
   sharded over ranks with FSDP2 (`fully_shard`, one unit per decoder layer), which is
-  what ZeRO-3 does. Sampling never touches the shards: each rank samples from a full
-  copy in the generation dtype, refreshed one gathered tensor at a time after every
-  optimizer step. Forward and backward passes are collective under FSDP, so every
-  rank runs the same number of them (see `Trainer._update`).
+  what ZeRO-3 does;
+- `deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 for the policy and its optimizer (see
+  `resd.zero`); teacher copies stay whole.
 
-Checkpoints hold full (unsharded) tensors either way, so a run saved under one
-strategy or world size resumes under any other.
+Sampling never touches shards: when the policy's parameters are split, each rank
+samples from a full copy in the generation dtype, refreshed one gathered tensor at a
+time after every optimizer step. Forward and backward passes are collective under
+fsdp and deepspeed, so every rank runs the same number of them (see `Trainer._update`).
+
+Checkpoints hold full (unsharded) tensors under every strategy, so a run saved under
+one strategy or world size resumes under any other.
 
 Without a launcher (no WORLD_SIZE in the environment) this is a no-op.
 """
@@ -48,17 +52,12 @@ def resolve_strategy(requested: str) -> str:
     """`auto` follows the accelerate config the run was launched with.
 
     `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports
-    ACCELERATE_USE_FSDP; a DeepSpeed config exports ACCELERATE_USE_DEEPSPEED, which
-    this trainer does not implement, and silently ignoring it would replicate a model
-    the user meant to shard.
+    ACCELERATE_USE_FSDP, a DeepSpeed config ACCELERATE_USE_DEEPSPEED.
     """
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise ConfigError(
-            "strategy: DeepSpeed is not supported; launch with configs/accelerate/fsdp.yaml "
-            "(FSDP2 full sharding, as ZeRO-3; fsdp_reshard_after_forward=false is ZeRO-2-like)"
-        )
     if requested != "auto":
         return requested
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
     return "fsdp" if _env_flag("ACCELERATE_USE_FSDP") else "ddp"
 
 
@@ -72,8 +71,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 class Distributed:
-    def __init__(self, strategy: str = "auto") -> None:
+    def __init__(self, strategy: str = "auto", zero_stage: int | None = None) -> None:
         self.strategy = resolve_strategy(strategy)
+        self.engine = None  # the DeepSpeed engine, once `prepare` made one
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -84,6 +84,12 @@ class Distributed:
             dist.init_process_group(backend=backend)
             # A process group left open at exit can abort the interpreter (gloo's threads).
             atexit.register(self.close)
+        self.zero: dict[str, Any] = {}
+        if self.enabled and self.strategy == "deepspeed":
+            from resd import zero
+
+            zero.import_deepspeed()  # fail now, with the install hint
+            self.zero = zero.zero_options(zero_stage)
 
     @property
     def enabled(self) -> bool:
@@ -91,8 +97,55 @@ class Distributed:
 
     @property
     def sharded(self) -> bool:
-        """Parameters are split over ranks: forwards/backwards are collective calls."""
-        return self.enabled and self.strategy == "fsdp"
+        """The policy's parameters are split over ranks (fsdp, ZeRO-3): no rank can
+        sample from it or save it without gathering."""
+        if not self.enabled:
+            return False
+        return self.strategy == "fsdp" or self.zero.get("stage") == 3
+
+    @property
+    def lockstep(self) -> bool:
+        """Forward and backward passes of the policy are collective calls, so every rank
+        must run as many of them."""
+        return self.enabled and self.strategy in ("fsdp", "deepspeed")
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.enabled and self.strategy == "deepspeed"
+
+    # ---- the optimizer step, whatever the strategy --------------------------------------
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
+    ) -> None:
+        """Hand the policy and its optimizer to DeepSpeed (a no-op for other strategies)."""
+        if self.deepspeed:
+            from resd import zero
+
+            self.engine = zero.make_engine(model, optimizer, self.zero, max_grad_norm)
+
+    def policy(self, model: nn.Module) -> nn.Module:
+        """What to call for the policy's forward: the DeepSpeed engine, or the model."""
+        return self.engine if self.engine is not None else model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is None:
+            loss.backward()
+            return
+        # DeepSpeed averages gradients over ranks; ours must be summed.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float
+    ) -> float:
+        """Reduce gradients over ranks, clip, update; returns the pre-clip gradient norm."""
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else 0.0
+        self.all_reduce_gradients(params)
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+        optimizer.step()
+        return grad_norm
 
     @property
     def is_main(self) -> bool:
@@ -136,7 +189,7 @@ class Distributed:
 
     def all_reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum gradients over ranks (FSDP already reduce-scatters them in backward)."""
-        if not self.enabled or self.sharded:
+        if not self.enabled or self.strategy == "fsdp":
             return
         for p in params:
             if p.grad is None:
@@ -158,7 +211,7 @@ class Distributed:
         Gradients are summed, not averaged, over ranks: each rank's loss is already
         divided by the global token count, as under `ddp`.
         """
-        if not self.sharded:
+        if not (self.enabled and self.strategy == "fsdp"):
             return model
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -185,7 +238,7 @@ class Distributed:
     def reshard(self, model: nn.Module | None) -> None:
         """Free gathered parameters a forward left behind (the root's, which backward
         would normally release; teachers have no backward)."""
-        if not self.sharded or model is None:
+        if not (self.enabled and self.strategy == "fsdp") or model is None:
             return
         from torch.distributed.fsdp import FSDPModule
 
@@ -196,8 +249,14 @@ class Distributed:
     def full_parameters(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for every parameter, gathered one at a time.
 
-        Under FSDP each gather is a collective, so every rank must drain the iterator.
+        Under FSDP and ZeRO-3 each gather is a collective, so every rank must drain the
+        iterator.
         """
+        if self.deepspeed:
+            from resd import zero
+
+            yield from zero.full_parameters(model)
+            return
         for name, param in model.named_parameters():
             yield name, full_tensor(param.detach())
 
@@ -205,6 +264,10 @@ class Distributed:
         """The model's full state dict on rank 0 (None elsewhere); collective when sharded."""
         if not self.sharded:
             return model.state_dict() if self.is_main else None
+        if self.deepspeed:
+            from resd import zero
+
+            return zero.full_state_dict(model, self.is_main)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -219,6 +282,11 @@ class Distributed:
         Names rather than positions, and full tensors rather than shards, so that any
         strategy and world size can load it; collective when sharded.
         """
+        if self.engine is not None:
+            from resd import zero
+
+            state = zero.full_optimizer_state(self.engine, model)
+            return state if self.is_main else None
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -233,6 +301,11 @@ class Distributed:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ) -> None:
         """Load a state from `full_optimizer_state` (every rank passes the same one)."""
+        if self.engine is not None:
+            from resd import zero
+
+            zero.load_optimizer_state(self.engine, model, state)
+            return
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_optimizer_state_dict,

@@ -15,7 +15,7 @@ tensors that is swapped in for the teacher's forward pass.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,8 +106,11 @@ class Teacher:
                 p.data.copy_(saved[n])
 
     @torch.no_grad()
-    def update(self, student: nn.Module) -> None:
-        """Call after every optimizer step."""
+    def update(
+        self, student: nn.Module, full_weights: Iterable[torch.Tensor] | None = None
+    ) -> None:
+        """Call after every optimizer step. `full_weights` (in parameter order) stands in
+        for the student's parameters when those are partitioned away (ZeRO-3)."""
         if self.kind != "ema":
             return
         if self.lora:
@@ -115,7 +118,8 @@ class Teacher:
                 self.adapter[n].lerp_(p.detach().to(self.adapter[n].dtype), self.update_rate)
             return
         assert self.copy is not None
-        for t, s in zip(self.copy.parameters(), student.parameters(), strict=True):
+        sources = full_weights if full_weights is not None else student.parameters()
+        for t, s in zip(self.copy.parameters(), sources, strict=True):
             t.lerp_(s.detach().to(t.dtype), self.update_rate)
 
     def load(self, path: Path) -> None:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from resd.algorithms import get_algorithm
 from resd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_jsonl
 from resd.config import ConfigError, TrainConfig
-from resd.distributed import Distributed, full_tensor
+from resd.distributed import Distributed
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.evaluation import evaluate, safe_score
@@ -151,10 +151,15 @@ def right_aligned_mask(lengths: list[int], width: int, device: torch.device) -> 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
-        self.dist = Distributed(cfg.strategy)
-        if self.dist.sharded and cfg.lora:
+        self.dist = Distributed(cfg.strategy, cfg.zero_stage)
+        if self.dist.lockstep and cfg.lora:
             # A LoRA adapter is small enough to replicate; the sharded LoRA path is untested.
-            raise ConfigError("lora: not supported with strategy fsdp yet; use strategy=ddp")
+            raise ConfigError(
+                f"lora: not supported with strategy {self.dist.strategy} yet; use ddp"
+            )
+        if self.dist.deepspeed and self.dist.sharded and cfg.loss_chunk_size:
+            # ZeRO-3 frees the output head when the forward returns; the chunks need it after.
+            raise ConfigError("loss_chunk_size: not supported with ZeRO-3; use strategy=fsdp")
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
@@ -208,6 +213,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
         )
+        self.dist.prepare(self.model, self.optimizer, cfg.max_grad_norm)
         self.sampler = self._make_sampler()
         self.template = TeacherTemplate.from_config(cfg.teacher_template)
         self.playbook = Playbook.load(cfg.playbook_init) if cfg.playbook_init else Playbook()
@@ -241,6 +247,18 @@ class Trainer:
             self.generator, self.tokenizer, batch_size=cfg.generation_batch_size, autocast=cfg.autocast,
             cache_implementation=cfg.generation_cache, compile=cfg.generation_compile,
         )  # fmt: skip
+
+    @property
+    def policy(self):
+        """The policy as called for training forwards (the DeepSpeed engine, if any)."""
+        return self.dist.policy(self.model)
+
+    def _teacher_source(self):
+        """Full student weights for the EMA teacher when the policy is partitioned by
+        ZeRO-3 (whose teacher copy stays whole); None: the teacher reads the student."""
+        if self.dist.deepspeed and self.dist.sharded and self.teacher.copy is not None:
+            return (t for _, t in self.dist.full_parameters(self.model))
+        return None
 
     def _policy_weights(self):
         """The current policy as (name, full tensor) pairs, for a sampler to load."""
@@ -704,7 +722,7 @@ class Trainer:
         }
         size = cfg.micro_batch_size
         micro_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-        if self.dist.sharded:  # forward/backward are collective: every rank runs as many
+        if self.dist.lockstep:  # forward/backward are collective: every rank runs as many
             missing = self.dist.max(len(micro_batches)) - len(micro_batches)
             micro_batches += [[self._padding_rollout()] for _ in range(missing)]
         old_logps = self._old_logprobs(micro_batches, timer) if cfg.update_epochs > 1 else None
@@ -717,20 +735,16 @@ class Trainer:
                 sd, pg = self._micro_batch_loss(micro, sd_rows, pg_rows, per_sample, old, sd_tokens, pg_tokens,
                                                 timer, record=epoch == 0)  # fmt: skip
                 with timer("update"):
-                    ((1 - lam) * pg + lam * sd).backward()
+                    self.dist.backward((1 - lam) * pg + lam * sd)
                 totals["sd_loss"] += sd.item()
                 totals["pg_loss"] += pg.item()
             with timer("update"):
-                self.dist.all_reduce_gradients(params)
-                grad_norm = float(
-                    full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                )
                 for group in self.optimizer.param_groups:
                     group["lr"] = self._lr(self.step + 1)
-                self.optimizer.step()
+                grad_norm = self.dist.step(self.optimizer, params, cfg.max_grad_norm)
                 for frozen in (self.teacher.copy, self.reference and self.reference.copy):
                     self.dist.reshard(frozen)
-                self.teacher.update(self.model)
+                self.teacher.update(self.model, self._teacher_source())
                 self._sync_sampler()
         totals = {k: self.dist.sum(v) for k, v in totals.items()}
         out.update(
@@ -766,9 +780,9 @@ class Trainer:
             [id(r) in pg_rows for r in micro], device=self.device, dtype=torch.float32
         )
 
-        # Under FSDP a rank runs every forward the others run, even on rows it masks out.
-        want_sd = bool(sd_tokens) and (self.dist.sharded or bool(is_sd.any()))
-        want_pg = bool(pg_tokens) and (self.dist.sharded or bool(is_pg.any()))
+        # In lockstep a rank runs every forward the others run, even on rows it masks out.
+        want_sd = bool(sd_tokens) and (self.dist.lockstep or bool(is_sd.any()))
+        want_pg = bool(pg_tokens) and (self.dist.lockstep or bool(is_pg.any()))
         teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
         student_seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
         sd_loss = pg_loss = zero
@@ -797,7 +811,7 @@ class Trainer:
                 if self.reference is not None:
                     with torch.no_grad(), autocast_context(self.device, cfg.autocast):
                         ref_logits = self.reference.logits(
-                            self.model,
+                            self.policy,
                             lambda m: response_logits(m, student_seqs, width, self.pad_id),
                         )
                     ref = token_logprobs(ref_logits, token_ids)
@@ -834,10 +848,10 @@ class Trainer:
             if teacher_seqs is not None:
                 with timer("teacher"), autocast_context(self.device, cfg.autocast):
                     t_hidden = self.teacher.logits(
-                        self.model, lambda m: response_hidden(m, teacher_seqs, width, self.pad_id)
+                        self.policy, lambda m: response_hidden(m, teacher_seqs, width, self.pad_id)
                     )
             with timer("update"), autocast_context(self.device, cfg.autocast):
-                s_hidden = response_hidden(self.model, student_seqs, width, self.pad_id)
+                s_hidden = response_hidden(self.policy, student_seqs, width, self.pad_id)
                 softcap = getattr(self.model.config, "final_logit_softcapping", None)
                 return chunked_token_losses(
                     s_hidden, self.model.get_output_embeddings(), token_ids, chunk_size=cfg.loss_chunk_size,
@@ -848,11 +862,11 @@ class Trainer:
         if teacher_seqs is not None:
             with timer("teacher"), autocast_context(self.device, cfg.autocast):
                 t_logits = self.teacher.logits(
-                    self.model, lambda m: response_logits(m, teacher_seqs, width, self.pad_id)
+                    self.policy, lambda m: response_logits(m, teacher_seqs, width, self.pad_id)
                 )
         with timer("update"):
             with autocast_context(self.device, cfg.autocast):
-                s_logits = response_logits(self.model, student_seqs, width, self.pad_id)
+                s_logits = response_logits(self.policy, student_seqs, width, self.pad_id)
             logp = token_logprobs(s_logits, token_ids)
             if t_logits is None:
                 return None, logp

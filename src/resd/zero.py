@@ -1,0 +1,161 @@
+"""DeepSpeed ZeRO for the policy (strategy "deepspeed"), kept to what the trainer needs.
+
+The trainer owns its loop: a step has as many micro-batches as the rollouts need, and
+there is one optimizer step at its end. DeepSpeed's unmanaged gradient accumulation
+fits that: `backward` only accumulates, `step` reduces over ranks, clips and updates.
+
+What differs from the other strategies:
+- forwards of the policy go through the engine (under ZeRO-3 a forward of the bare
+  module computes wrong gradients), so the trainer calls `Distributed.policy(model)`;
+- DeepSpeed averages gradients over ranks, while each rank's loss is already divided
+  by the global token count, so the loss is multiplied by the world size;
+- checkpoints hold full tensors and name-keyed optimizer state, the same layout as
+  ddp/fsdp checkpoints, gathered with DeepSpeed's `safe_get_full_*` helpers.
+
+The EMA teacher and the sampling copy stay whole on every rank (not partitioned).
+Runs on CPU (gloo) as well, which is how it is tested; `pip install 'resd[deepspeed]'`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resd.config import ConfigError
+
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError(
+            "strategy: deepspeed needs the deepspeed package: pip install 'resd[deepspeed]'"
+        ) from exc
+    return deepspeed
+
+
+def zero_options(stage: int | None) -> dict[str, Any]:
+    """The `zero_optimization` section: from accelerate's DeepSpeed config if there is one.
+
+    `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml` exports the
+    stage (ACCELERATE_DEEPSPEED_ZERO_STAGE) or a DeepSpeed JSON file; the resd config's
+    `zero_stage`, when set, wins.
+    """
+    options: dict[str, Any] = {}
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if path and path.lower() != "none" and Path(path).is_file():
+        options = dict(json.loads(Path(path).read_text()).get("zero_optimization", {}))
+    env_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if "stage" not in options and env_stage.isdigit():
+        options["stage"] = int(env_stage)
+    if stage is not None:
+        options["stage"] = stage
+    options.setdefault("stage", 2)
+    if options["stage"] not in (1, 2, 3):
+        raise ConfigError(f"zero_stage: expected 1, 2 or 3, got {options['stage']!r}")
+    return options
+
+
+def make_engine(
+    model: nn.Module, optimizer: torch.optim.Optimizer, zero: dict[str, Any], max_grad_norm: float
+):
+    deepspeed = import_deepspeed()
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: the trainer batches
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # `step()` is the accumulation boundary
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")  # ZeRO-3 keeps only this rank's slice
+
+
+def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) one at a time; a collective per ZeRO-3 parameter."""
+    deepspeed = import_deepspeed()
+    for name, param in model.named_parameters():
+        if not is_partitioned(param):
+            yield name, param.detach()
+            continue
+        with deepspeed.zero.GatheredParameters([param]):
+            yield name, param.detach().clone()
+
+
+def full_state_dict(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0 (None elsewhere); gathered parameter by parameter."""
+    state = {name: t.cpu().clone() for name, t in full_parameters(model)}  # every rank gathers
+    if not is_main:
+        return None
+    persistent = set(model.state_dict())  # keys only: ZeRO-3 tensors there are empty
+    for name, buffer in model.named_buffers():
+        if name in persistent:
+            state[name] = buffer.detach().cpu().clone()
+    return state
+
+
+def full_optimizer_state(engine, model: nn.Module) -> dict[str, Any]:
+    """AdamW state in the layout of `torch.distributed.checkpoint`'s full optimizer state
+    dict (keyed by parameter name), so ddp/fsdp runs can load it and vice versa."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    step = _optimizer_step(engine)
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    names = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        names.append(name)
+        shape = param.ds_shape if is_partitioned(param) else param.shape
+        entry = {"step": torch.tensor(float(step))}
+        for key in OPTIMIZER_KEYS:
+            value = safe_get_full_optimizer_state(param, key)
+            if value is None:
+                raise RuntimeError(f"deepspeed: no optimizer state {key!r} for {name}")
+            entry[key] = value.reshape(shape).cpu().clone()
+        if step:
+            state[name] = entry
+    groups = [
+        {k: v for k, v in group.items() if k != "params"} | {"params": names}
+        for group in engine.optimizer.param_groups[:1]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(engine, model: nn.Module, saved: dict[str, Any]) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    state = saved.get("state", {})
+    if state and not all(isinstance(k, str) for k in state):
+        raise ValueError("optimizer.pt: expected parameter-name keys (a checkpoint from resd)")
+    step = 0
+    for name, param in model.named_parameters():
+        if name not in state:
+            continue
+        for key in OPTIMIZER_KEYS:
+            safe_set_full_optimizer_state(param, state[name][key].to(torch.float32), key)
+        step = int(float(state[name]["step"]))
+    for per_param in engine.optimizer.optimizer.state.values():
+        if "step" in per_param:
+            per_param["step"] = torch.tensor(float(step))
+
+
+def _optimizer_step(engine) -> int:
+    """The AdamW step count (DeepSpeed's inner optimizer holds flat partitions)."""
+    for per_param in engine.optimizer.optimizer.state.values():
+        if "step" in per_param:
+            return int(float(per_param["step"]))
+    return 0
