@@ -162,3 +162,36 @@ def test_deepspeed_zero_matches_one_process_and_its_checkpoint_resumes_unsharded
     shutil.rmtree(resumed / "checkpoints/step-000004")
     run(tmp_path, tiny_model_dir, "resumed", 1, resume=True, save_every=2)
     assert_same_run(one_process, resumed)
+
+
+LORA = {"lora": {"r": 4, "alpha": 8}, "save_every": 2}
+
+
+@pytest.fixture(scope="module")
+def one_process_lora(tiny_model_dir, tmp_path_factory) -> Path:
+    return run(tmp_path_factory.mktemp("one-lora"), tiny_model_dir, "one", 1, **LORA)
+
+
+@pytest.mark.parametrize("launch_config", ["fsdp.yaml", "deepspeed_zero2.yaml"])
+def test_lora_sharded_matches_one_process_and_resumes(
+    tiny_model_dir, tmp_path, one_process_lora, launch_config
+):
+    """A LoRA policy with its EMA adapter teacher: the adapter (and, under FSDP, the frozen
+    base) sharded over 2 processes reproduces the 1-process run, and resumes in one."""
+    if launch_config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    two = run(
+        tmp_path,
+        tiny_model_dir,
+        "two",
+        2,
+        launch_config=f"configs/accelerate/{launch_config}",
+        **LORA,
+    )
+    assert_same_run(one_process_lora, two)
+    assert (two / "checkpoints/step-000004/model/adapter_config.json").exists()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-000004")
+    run(tmp_path, tiny_model_dir, "resumed", 1, resume=True, **LORA)
+    assert_same_run(one_process_lora, resumed)

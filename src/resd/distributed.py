@@ -124,8 +124,11 @@ class Distributed:
             self.engine = zero.make_engine(model, optimizer, self.zero, max_grad_norm)
 
     def policy(self, model: nn.Module) -> nn.Module:
-        """What to call for the policy's forward: the DeepSpeed engine, or the model."""
-        return self.engine if self.engine is not None else model
+        """What to call for `model`'s forward: the DeepSpeed engine if it wraps `model`
+        (teacher copies and the sampling copy are never wrapped), else `model` itself."""
+        if self.engine is not None and model is self.engine.module:
+            return self.engine
+        return model
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine is None:

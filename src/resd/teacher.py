@@ -65,6 +65,18 @@ class Teacher:
             self.copy.eval()
 
     @torch.no_grad()
+    def match_student_layout(self, student: nn.Module) -> None:
+        """After the student was sharded: hold the EMA adapter in the same shards, so the
+        swap and the EMA update stay local copies (a no-op without LoRA or sharding)."""
+        if not self.adapter:
+            return
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        for n, p in adapter_parameters(student).items():
+            if isinstance(p, DTensor) and not isinstance(self.adapter[n], DTensor):
+                self.adapter[n] = distribute_tensor(self.adapter[n], p.device_mesh, p.placements)
+
+    @torch.no_grad()
     def logits(
         self, student: nn.Module, forward: Callable[[nn.Module], torch.Tensor]
     ) -> torch.Tensor:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from resd.algorithms import get_algorithm
 from resd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_jsonl
 from resd.config import ConfigError, TrainConfig
-from resd.distributed import Distributed
+from resd.distributed import Distributed, full_tensor
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.evaluation import evaluate, safe_score
@@ -152,11 +152,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
         self.dist = Distributed(cfg.strategy, cfg.zero_stage)
-        if self.dist.lockstep and cfg.lora:
-            # A LoRA adapter is small enough to replicate; the sharded LoRA path is untested.
-            raise ConfigError(
-                f"lora: not supported with strategy {self.dist.strategy} yet; use ddp"
-            )
+        if self.dist.deepspeed and self.dist.sharded and cfg.lora:
+            # ZeRO-3 partitions the adapter too; the EMA adapter swap needs it whole.
+            raise ConfigError("lora: not supported with ZeRO-3; use strategy=fsdp or zero_stage=2")
         if self.dist.deepspeed and self.dist.sharded and cfg.loss_chunk_size:
             # ZeRO-3 frees the output head when the forward returns; the chunks need it after.
             raise ConfigError("loss_chunk_size: not supported with ZeRO-3; use strategy=fsdp")
@@ -203,12 +201,13 @@ class Trainer:
         sample_dtype = DTYPES[cfg.generation_dtype] if cfg.generation_dtype else param_dtype
         if cfg.generation_backend == "transformers" and (
             self.dist.sharded or (sample_dtype != param_dtype and not cfg.lora)
-        ):  # a full copy to sample from (always under FSDP: the policy itself is in shards)
+        ):  # a full copy to sample from (always when the policy is partitioned: fsdp, ZeRO-3)
             self.generator = copy.deepcopy(self.model).to(sample_dtype).eval()
             self.generator.requires_grad_(False)
         for module in (self.model, self.teacher.copy, self.reference and self.reference.copy):
             if module is not None:
                 self.dist.shard_model(module, cfg.fsdp_reshard_after_forward)
+        self.teacher.match_student_layout(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
@@ -220,6 +219,7 @@ class Trainer:
         self.buffer = SolutionBuffer()
         self._rendered_playbook = ("", "")  # (full text, budgeted text) cache
         self.step = 0
+        self.last_eval_step: int | None = None  # same on every rank
         self.totals: Counter[str] = Counter()
         self.pad_id = self.tokenizer.pad_token_id
         if checkpoint:
@@ -328,10 +328,10 @@ class Trainer:
             if (cfg.save_every and self.step % cfg.save_every == 0) or done:
                 self.save()
         bar.close()
-        evals = self._read_jsonl("eval.jsonl")
-        if self.test_items and (not evals or evals[-1]["step"] != self.step):
+        # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
+        if self.test_items and self.last_eval_step != self.step:
             self._evaluate()
-            evals = self._read_jsonl("eval.jsonl")
+        evals = self._read_jsonl("eval.jsonl") if main else []
         summary = {
             "steps": self.step, "run_dir": str(self.run_dir), "last": last,
             "strategy": self.dist.strategy, "world_size": self.dist.world_size,
@@ -351,8 +351,8 @@ class Trainer:
         model_state = self.dist.full_state_dict(self.model) if self.dist.sharded else None
         teacher_states = {}
         for name, teacher in self._teachers().items():
-            if teacher.adapter:  # LoRA EMA: adapter tensors, never sharded
-                teacher_states[name] = dict(teacher.adapter)
+            if teacher.adapter:  # LoRA EMA: adapter tensors (sharded like the adapter)
+                teacher_states[name] = {n: full_tensor(t) for n, t in teacher.adapter.items()}
             elif teacher.copy is not None:
                 teacher_states[name] = self.dist.full_state_dict(teacher.copy)
         optimizer_state = self.dist.full_optimizer_state(self.model, self.optimizer)
@@ -388,8 +388,12 @@ class Trainer:
         self.playbook = Playbook.from_dict(state["playbook"])
         self.buffer = SolutionBuffer(dict(state["buffer"]))
         self.totals = Counter(state.get("totals", {}))
-        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl"):
-            truncate_jsonl(self.run_dir / name, self.step)
+        if self.dist.is_main:
+            for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl"):
+                truncate_jsonl(self.run_dir / name, self.step)
+        self.dist.barrier()
+        evals = self._read_jsonl("eval.jsonl")
+        self.last_eval_step = evals[-1]["step"] if evals else None
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- one step ---------------------------------------------------------------------
@@ -811,8 +815,10 @@ class Trainer:
                 if self.reference is not None:
                     with torch.no_grad(), autocast_context(self.device, cfg.autocast):
                         ref_logits = self.reference.logits(
-                            self.policy,
-                            lambda m: response_logits(m, student_seqs, width, self.pad_id),
+                            self.model,
+                            lambda m: response_logits(
+                                self.dist.policy(m), student_seqs, width, self.pad_id
+                            ),
                         )
                     ref = token_logprobs(ref_logits, token_ids)
                 tok = policy_gradient_loss(logp, old, adv, clip_low=cfg.pg_clip_low, clip_high=cfg.pg_clip_high,
@@ -848,7 +854,10 @@ class Trainer:
             if teacher_seqs is not None:
                 with timer("teacher"), autocast_context(self.device, cfg.autocast):
                     t_hidden = self.teacher.logits(
-                        self.policy, lambda m: response_hidden(m, teacher_seqs, width, self.pad_id)
+                        self.model,
+                        lambda m: response_hidden(
+                            self.dist.policy(m), teacher_seqs, width, self.pad_id
+                        ),
                     )
             with timer("update"), autocast_context(self.device, cfg.autocast):
                 s_hidden = response_hidden(self.policy, student_seqs, width, self.pad_id)
@@ -862,7 +871,10 @@ class Trainer:
         if teacher_seqs is not None:
             with timer("teacher"), autocast_context(self.device, cfg.autocast):
                 t_logits = self.teacher.logits(
-                    self.policy, lambda m: response_logits(m, teacher_seqs, width, self.pad_id)
+                    self.model,
+                    lambda m: response_logits(
+                        self.dist.policy(m), teacher_seqs, width, self.pad_id
+                    ),
                 )
         with timer("update"):
             with autocast_context(self.device, cfg.autocast):
@@ -915,6 +927,7 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, Any] | None:
         """Evaluate on rank 0 (the others wait): the test split is small next to training."""
+        self.last_eval_step = self.step
         if not self.dist.is_main:
             self.dist.barrier()
             return None
