@@ -289,3 +289,86 @@ def test_merged_lora_weights_pass_a_plain_model_through(tiny):
     got = dict(merged_lora_weights(model))
     assert got.keys() == dict(model.named_parameters()).keys()
     assert all(torch.equal(got[n], p) for n, p in model.named_parameters())
+
+
+# --- the trainer with generation_backend: vllm ------------------------------------------------
+
+
+class _HFEngine:
+    """Stands in for `vllm.LLM` on CPU: a transformers copy of the model behind vLLM's call
+    shapes (token-id requests, per-request seeds, an in-process `load_weights`). It samples
+    with our own row-seeded sampler, so a run through it must equal a transformers run."""
+
+    def __init__(self, model: str, **kwargs) -> None:
+        self.kwargs = kwargs
+        self.hf = load_model(model, dtype="float32", device="cpu")
+        self.tok = load_tokenizer(model)
+        self.syncs = 0
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load_weights))
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
+        )
+
+    def _load_weights(self, weights) -> None:
+        params = dict(self.hf.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)  # a KeyError here is a naming bug in the sync
+        self.syncs += 1
+
+    def generate(self, requests, sampling_params=None, use_tqdm=True):
+        first = sampling_params[0]
+        seeds = None if first.seed is None else [p.seed for p in sampling_params]
+        gens = generate(self.hf, self.tok, [r["prompt_token_ids"] for r in requests],
+                        max_new_tokens=first.max_tokens, temperature=first.temperature,
+                        top_p=first.top_p, seeds=seeds, autocast=None)  # fmt: skip
+        return [
+            SimpleNamespace(outputs=[SimpleNamespace(
+                token_ids=g.token_ids, finish_reason="stop" if g.finished else "length", stop_reason=None,
+            )])
+            for g in gens
+        ]  # fmt: skip
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+def test_trainer_with_the_vllm_backend_matches_the_transformers_backend(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Wiring, end to end: the engine is built from the model path, receives the policy's
+    weights by plain HF name after every optimizer step, and every rollout, reflection,
+    curation and evaluation sample goes through it."""
+    from resd.trainer import Trainer
+    from test_trainer import config, read_jsonl
+
+    common = (
+        "device=cpu",
+        "autocast=none",
+        "generation_dtype=float32",
+        "steps=2",
+        "eval_samples=1",
+    )
+    reference = Trainer(config(tiny_model_dir, tmp_path / "hf", *common)).train()
+
+    engines: list[_HFEngine] = []
+    module = types.ModuleType("vllm")
+    module.LLM = lambda model, **kw: engines.append(_HFEngine(model, **kw)) or engines[-1]
+    module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "vllm", *common, "generation_backend=vllm"))
+    summary = trainer.train()
+
+    (engine,) = engines
+    assert engine.kwargs["dtype"] == "float32" and engine.kwargs["gpu_memory_utilization"] == 0.3
+    assert engine.syncs == 1 + 2  # at start, then after each optimizer step
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(dict(engine.hf.named_parameters())[name], param.detach()), name
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        ours, theirs = read_jsonl(tmp_path / "vllm" / name), read_jsonl(tmp_path / "hf" / name)
+        for a, b in zip(ours, theirs, strict=True):
+            for key in ("reward", "loss", "response", "reflection_reply", "curation_reply"):
+                assert a.get(key) == b.get(key), (name, key)
+    assert summary["eval_after"]["task_mean@k"] == reference["eval_after"]["task_mean@k"]
