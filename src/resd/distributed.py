@@ -101,13 +101,17 @@ class Distributed:
         sample from it or save it without gathering."""
         if not self.enabled:
             return False
-        return self.strategy == "fsdp" or self.zero.get("stage") == 3
+        return self.fsdp or self.zero.get("stage") == 3
 
     @property
     def lockstep(self) -> bool:
         """Forward and backward passes of the policy are collective calls, so every rank
         must run as many of them."""
-        return self.enabled and self.strategy in ("fsdp", "deepspeed")
+        return self.fsdp or self.deepspeed
+
+    @property
+    def fsdp(self) -> bool:
+        return self.enabled and self.strategy == "fsdp"
 
     @property
     def deepspeed(self) -> bool:
@@ -192,7 +196,7 @@ class Distributed:
 
     def all_reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum gradients over ranks (FSDP already reduce-scatters them in backward)."""
-        if not self.enabled or self.strategy == "fsdp":
+        if not self.enabled or self.fsdp:
             return
         for p in params:
             if p.grad is None:
@@ -214,7 +218,7 @@ class Distributed:
         Gradients are summed, not averaged, over ranks: each rank's loss is already
         divided by the global token count, as under `ddp`.
         """
-        if not (self.enabled and self.strategy == "fsdp"):
+        if not self.fsdp:
             return model
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -241,7 +245,7 @@ class Distributed:
     def reshard(self, model: nn.Module | None) -> None:
         """Free gathered parameters a forward left behind (the root's, which backward
         would normally release; teachers have no backward)."""
-        if not (self.enabled and self.strategy == "fsdp") or model is None:
+        if not self.fsdp or model is None:
             return
         from torch.distributed.fsdp import FSDPModule
 
