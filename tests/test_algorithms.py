@@ -125,11 +125,22 @@ def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
     assert sum(t.numel() for t in teacher.adapter.values()) < 0.2 * n_base
     student = dict(trainer.model.named_parameters())
     assert any(not torch.equal(teacher.adapter[n], student[n]) for n in teacher.adapter)
-    assert trainer.generator is trainer.model
+    # it samples from a plain bf16 copy with the adapter merged in, synced after the step
+    from resd.vllm_backend import merged_lora_weights
+
+    assert not hasattr(trainer.generator, "peft_config")
+    sampled = dict(trainer.generator.named_parameters())
+    merged = dict(merged_lora_weights(trainer.model))
+    assert sampled.keys() == merged.keys()
+    assert all(torch.equal(sampled[n], t.to(torch.bfloat16)) for n, t in merged.items())
+    from resd.models import load_model
+
+    base = dict(load_model(str(tiny_model_dir)).named_parameters())
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])  # the adapter moved  # fmt: skip
     # a LoRA run saves a loadable PEFT adapter
     ckpt = trainer.save()
     assert (ckpt / "model" / "adapter_config.json").exists()
-    from resd.models import load_model
 
     loaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(ckpt / "model"))
     ids = torch.tensor([[5, 6, 7]])

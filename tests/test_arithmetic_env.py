@@ -62,3 +62,36 @@ def test_loader_errors_name_the_field():
     assert isinstance(
         make_env("resd.envs.arithmetic:ArithmeticEnv", {"n_train": 4, "n_test": 1}), ArithmeticEnv
     )
+
+
+def test_the_last_number_on_the_answer_line_counts():
+    env = ArithmeticEnv(seed=0, n_train=30, n_test=2)
+    item = next(it for it in env.train_items() if it.meta["op"] == "+")
+    a, b, value = item.meta["a"], item.meta["b"], item.meta["value"]
+    # the bug: the first number of "Answer: a + b = value" was read as the answer
+    assert env.score(item, f"Answer: {a} + {b} = {value}").reward == 1.0
+    assert env.score(item, f"Answer: {value}.\nDone.").reward == 1.0
+    late = env.score(item, f"Answer: {value + 1}\nWait, no.\nAnswer: {value}")
+    assert late.reward == 1.0  # the last Answer line wins
+    assert env.score(item, f"Answer: {value} (not {value + 1})").reward == 0.0
+
+
+def test_thousands_separators_and_negative_answers():
+    env = ArithmeticEnv(seed=0, n_train=60, n_test=2, ops="*-", max_operand=999, mul_max_operand=999)
+    big = next(it for it in env.train_items() if it.meta["value"] >= 10_000)
+    assert env.score(big, f"Answer: {big.meta['value']:,}").reward == 1.0
+    neg = next(it for it in env.train_items() if it.meta["value"] < 0)
+    assert env.score(neg, f"Answer: {neg.meta['value']}").reward == 1.0
+
+
+def test_products_can_be_large_and_feedback_need_not_quote_the_reply():
+    env = ArithmeticEnv(seed=1, ops="*", max_operand=999, mul_max_operand=99, quote_answer=False,
+                        n_train=20, n_test=2)  # fmt: skip
+    assert max(it.meta["b"] for it in env.train_items()) > 12
+    item = env.train_items()[0]
+    wrong = item.meta["value"] + 7
+    feedback = env.score(item, f"Answer: {wrong}").feedback
+    assert str(wrong) not in feedback and f"= {item.meta['value']}" in feedback
+    assert ArithmeticEnv(seed=1, n_train=20, n_test=2).score(item, f"Answer: {wrong}").feedback.count(str(wrong)) == 1
+    with pytest.raises(ValueError, match="mul_max_operand"):
+        ArithmeticEnv(mul_max_operand=0)

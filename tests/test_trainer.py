@@ -25,6 +25,7 @@ SEED_PLAYBOOK = (
 # reflector/curator reply) lets it "answer" with a complete object, so the real parsing,
 # tagging and curation paths run; whatever the model appends is ignored by the parser.
 PREFILLS = {
+    "structured_output": "off",  # the prefill scripts the whole reply; no grammar
     "reflection_prefill": '{"error_identification": "odd length", "key_insight": "count the characters",'
     ' "bullet_tags": [{"id": "strat-00001", "tag": "helpful"}, {"id": "ghost-00009", "tag": "harmful"}]}',
     "curation_prefill": '{"operations": [{"type": "ADD", "section": "Common Mistakes to Avoid",'

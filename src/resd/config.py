@@ -97,10 +97,16 @@ class TrainConfig:
     reflection_max_new_tokens: int = 256
     curation_max_new_tokens: int = 256
     max_reflections_per_step: int | None = None  # bound the reflection cost of a step
-    # Text that opens the reflector's / curator's answer, so small models start inside
-    # the JSON object instead of chatting; "" disables (e.g. for models that must think first).
-    reflection_prefill: str = '{\n  "reasoning": "'
-    curation_prefill: str = '{\n  "operations": [\n    {"type": "'
+    # Decode reflection, tagging and curation replies under a JSON schema (live entry ids,
+    # the seven sections, one shape per operation), so every reply is valid JSON by
+    # construction: "auto" = on where the grammar library is installed (xgrammar for the
+    # transformers backend; vLLM has its own), "on" = required, "off" = free text + parsers.
+    structured_output: str | bool = "auto"  # YAML reads bare on/off as true/false
+    # Text that opens the reflector's / curator's answer. null = none under structured
+    # output, else a JSON opener so small models start inside the object instead of
+    # chatting; "" = none (e.g. for models that must think first).
+    reflection_prefill: str | None = None
+    curation_prefill: str | None = None
     # playbook (spec §4)
     playbook_init: str | None = None  # playbook.md / playbook.json to start from
     playbook_max_entries: int = 120  # M_max
@@ -171,6 +177,8 @@ class TrainConfig:
             raise ConfigError(
                 f"teacher_update_rate: must be in [0, 1], got {self.teacher_update_rate}"
             )
+        if isinstance(self.structured_output, bool):
+            self.structured_output = "on" if self.structured_output else "off"
         choices = {"teacher": ("ema", "base", "live", "trust_region"),
                    "playbook_policy": ("staleness", "prioritized"),
                    "distillation_mode": ("topk", "full", "sampled"), "pg_reward": ("reward", "score"),
@@ -178,7 +186,7 @@ class TrainConfig:
                    "generation_dtype": ("float32", "bfloat16", "float16", None),
                    "generation_backend": ("transformers", "vllm"), "generation_cache": (None, "static"),
                    "strategy": ("auto", "ddp", "fsdp", "deepspeed"),
-                   "zero_stage": (None, 1, 2, 3)}  # fmt: skip
+                   "zero_stage": (None, 1, 2, 3), "structured_output": ("auto", "on", "off")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")

@@ -292,8 +292,7 @@ class Distributed:
         if self.engine is not None:
             from resd import zero
 
-            state = zero.full_optimizer_state(self.engine, model)
-            return state if self.is_main else None
+            return zero.full_optimizer_state(self.engine, model, self.is_main)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,

@@ -7,8 +7,9 @@ spent on padding, and results come back in the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -20,6 +21,9 @@ from transformers import (
 )
 
 from resd.models import autocast_context
+
+if TYPE_CHECKING:
+    from resd.structured import JsonGrammar
 
 
 class RowSeededSampler(LogitsProcessor):
@@ -185,6 +189,9 @@ def generate(
     sort_by_length: bool = True,
     cache_implementation: str | None = None,
     compile: bool = False,
+    grammar: JsonGrammar | None = None,
+    json_schemas: Sequence[dict | None] | None = None,
+    json_prefixes: Sequence[str] | None = None,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -196,9 +203,18 @@ def generate(
     only) has transformers `torch.compile` the decode step, whose shapes the static cache
     keeps fixed. Both leave the tokens unchanged up to floating-point rounding (exactly
     equal in float32; in bf16 a near-tie can flip); see `decode_options`.
+
+    `json_schemas` (one per prompt, None for a free row) constrain replies with `grammar`;
+    `json_prefixes` is reply text already at the end of a prompt that the grammar must
+    read first (a prefill).
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("generate: need one seed per prompt")
+    if json_schemas is not None:
+        if grammar is None:
+            raise ValueError("generate: json_schemas need a grammar (structured output is off)")
+        if len(json_schemas) != len(prompts):
+            raise ValueError("generate: need one schema (or None) per prompt")
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -217,11 +233,16 @@ def generate(
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([prompts[i] for i in chunk], pad_id, device)
             row_seeded = sampling and seeds is not None
-            processors = LogitsProcessorList(
-                [RowSeededSampler([seeds[i] for i in chunk], temperature, top_p, device)]
-                if row_seeded
-                else []
-            )
+            processors = LogitsProcessorList()
+            if json_schemas is not None and grammar is not None:  # mask first, then sample
+                processors.append(grammar.processor(
+                    [json_schemas[i] for i in chunk],
+                    [json_prefixes[i] for i in chunk] if json_prefixes else None,
+                ))  # fmt: skip
+            if row_seeded:
+                processors.append(
+                    RowSeededSampler([seeds[i] for i in chunk], temperature, top_p, device)
+                )
             with autocast_context(device, autocast):
                 out = model.generate(
                     input_ids=input_ids,
@@ -274,6 +295,7 @@ class TransformersSampler:
         autocast: str | None = "auto",
         cache_implementation: str | None = None,
         compile: bool = False,
+        grammar: JsonGrammar | None = None,
     ) -> None:
         # fail at construction, not at the first rollout, on a bad cache/compile pair
         decode_options(next(model.parameters()).device, cache_implementation, compile)
@@ -283,6 +305,7 @@ class TransformersSampler:
         self.autocast = autocast
         self.cache_implementation = cache_implementation
         self.compile = compile
+        self.grammar = grammar  # xgrammar, for JSON-schema-constrained replies; None: off
 
     def generate(
         self,
@@ -292,11 +315,14 @@ class TransformersSampler:
         temperature: float,
         top_p: float,
         seeds: list[int] | None = None,
+        json_schemas: Sequence[dict | None] | None = None,
+        json_prefixes: Sequence[str] | None = None,
     ) -> list[Generation]:
         return generate(
             self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, batch_size=self.batch_size, autocast=self.autocast, seeds=seeds,
             cache_implementation=self.cache_implementation, compile=self.compile,
+            grammar=self.grammar, json_schemas=json_schemas, json_prefixes=json_prefixes,
         )  # fmt: skip
 
     @torch.no_grad()

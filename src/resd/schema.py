@@ -9,11 +9,35 @@ PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
 # Per-step counters of the reflection / curation machinery in metrics.jsonl.
 COUNTERS = (
     "reflections",
+    "reflections_parsed",  # a whole JSON object with diagnostic fields (not the fallback)
     "reflection_parse_failures",
     "reflection_loose_parses",
+    "reflection_truncated",  # cut at reflection_max_new_tokens
+    "tag_replies",
     "tag_parse_failures",
+    "curations",
+    "curations_parsed",  # a reply whose operation list could be read
     "curation_parse_failures",
+    "curation_truncated",
+    "curations_effective",  # curation replies of which at least one operation was applied
+    "reflection_tokens",  # tokens generated for reflections, success tags and curation
+    "tag_tokens",
+    "curation_tokens",
     "tags_applied",
     "ops_applied",
     "ops_skipped",
+)
+
+# Why curator operations were skipped (`ops_skipped_<reason>` in metrics.jsonl): the
+# playbook's own checks, then the content guards of `resd.guards`.
+SKIP_REASONS = (
+    "malformed",
+    "not_allowed",
+    "unknown_id",
+    "empty",
+    "duplicate",
+    "too_short",
+    "copies_task",
+    "copies_feedback",
+    "leaks_answer",
 )

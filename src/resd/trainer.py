@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ from resd.distributed import Distributed, full_tensor
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.evaluation import evaluate, safe_score
-from resd.generation import Generation, TransformersSampler, chat_prompt_ids, left_pad
+from resd.generation import (
+    Generation,
+    TransformersSampler,
+    chat_prompt_ids,
+    eos_token_ids,
+    left_pad,
+)
+from resd.guards import LessonSource, lesson_problem
 from resd.losses import (
     chunked_token_losses,
     group_advantages,
@@ -61,13 +69,24 @@ from resd.reflection import (
     reflection_messages,
     success_tag_messages,
 )
-from resd.schema import COUNTERS, PHASES
+from resd.schema import COUNTERS, PHASES, SKIP_REASONS
+from resd.structured import (
+    JsonGrammar,
+    StructuredOutputUnavailable,
+    curation_schema,
+    reflection_schema,
+    tag_schema,
+)
 from resd.teacher import Teacher, is_peft
 from resd.teacher_context import SolutionBuffer, TeacherTemplate
 from resd.templating import strip_thinking
 from resd.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+# Opens reflector and curator replies when no grammar constrains them, so a small model
+# starts inside the JSON object instead of chatting (see `structured_output`).
+JSON_OPENER = '{\n  "reasoning": "'
 
 
 @dataclass
@@ -178,6 +197,14 @@ class Trainer:
                 "or choose another output_dir"
             )
         self.tokenizer = load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
+        param_dtype, sample_dtype = DTYPES[cfg.dtype], DTYPES[cfg.generation_dtype or cfg.dtype]
+        # A LoRA policy samples from a plain copy of the base model with the adapter merged
+        # in: decoding through unmerged fp32 adapters ran 4x slower than a merged bf16 copy.
+        self.merged_sampler = (
+            bool(cfg.lora) and cfg.generation_backend == "transformers"
+            and not self.dist.sharded and sample_dtype != param_dtype
+        )  # fmt: skip
+        self._sampler_base = None  # the base model, copied before the adapter wraps it
         self.model = self._load_student(checkpoint)
         self.model.train()
         self.device = next(self.model.parameters()).device
@@ -196,14 +223,16 @@ class Trainer:
         state, optimizer_state = (
             load_checkpoint(checkpoint, teachers=self._teachers()) if checkpoint else ({}, None)
         )
+        # Sample from a full copy in the sampling dtype (always when the policy is partitioned:
+        # fsdp, ZeRO-3), synced after every optimizer step.
         self.generator = self.model
-        param_dtype = next(self.model.parameters()).dtype
-        sample_dtype = DTYPES[cfg.generation_dtype] if cfg.generation_dtype else param_dtype
         if cfg.generation_backend == "transformers" and (
-            self.dist.sharded or (sample_dtype != param_dtype and not cfg.lora)
-        ):  # a full copy to sample from (always when the policy is partitioned: fsdp, ZeRO-3)
-            self.generator = copy.deepcopy(self.model).to(sample_dtype).eval()
+            self.dist.sharded or sample_dtype != param_dtype
+        ):
+            copied = self._sampler_base if self.merged_sampler else copy.deepcopy(self.model)
+            self.generator = copied.to(sample_dtype).eval()
             self.generator.requires_grad_(False)
+            self._sampler_base = None
         for module in (self.model, self.teacher.copy, self.reference and self.reference.copy):
             if module is not None:
                 self.dist.shard_model(module, cfg.fsdp_reshard_after_forward)
@@ -213,11 +242,19 @@ class Trainer:
             params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
         )
         self.dist.prepare(self.model, self.optimizer, cfg.max_grad_norm)
+        self.grammar = self._make_grammar()
+        self.structured = self.grammar is not None or (
+            cfg.generation_backend == "vllm" and cfg.structured_output != "off"
+        )
+        self.prefills = {
+            "reflection": self._prefill("reflection_prefill", cfg.reflection_prefill),
+            "curation": self._prefill("curation_prefill", cfg.curation_prefill),
+        }
         self.sampler = self._make_sampler()
         self.template = TeacherTemplate.from_config(cfg.teacher_template)
         self.playbook = Playbook.load(cfg.playbook_init) if cfg.playbook_init else Playbook()
         self.buffer = SolutionBuffer()
-        self._rendered_playbook = ("", "")  # (full text, budgeted text) cache
+        self._rendered_playbook = ("", "", [])  # (full text, budgeted text, its ids) cache
         self.step = 0
         self.last_eval_step: int | None = None  # same on every rank
         self.totals: Counter[str] = Counter()
@@ -243,10 +280,43 @@ class Trainer:
             )  # fmt: skip
             sampler.load_weights(self._policy_weights())  # the checkpoint's, when resuming
             return sampler
-        return TransformersSampler(
+        sampler = TransformersSampler(
             self.generator, self.tokenizer, batch_size=cfg.generation_batch_size, autocast=cfg.autocast,
-            cache_implementation=cfg.generation_cache, compile=cfg.generation_compile,
+            cache_implementation=cfg.generation_cache, compile=cfg.generation_compile, grammar=self.grammar,
         )  # fmt: skip
+        if self.merged_sampler:  # the copy holds the base weights: merge a resumed adapter in
+            sampler.load_weights(self._policy_weights())
+        return sampler
+
+    def _make_grammar(self) -> JsonGrammar | None:
+        """xgrammar for JSON replies on the transformers backend (vLLM brings its own)."""
+        cfg = self.cfg
+        if cfg.structured_output == "off" or cfg.generation_backend == "vllm":
+            return None
+        try:
+            return JsonGrammar(
+                self.tokenizer,
+                self.model.config.vocab_size,
+                eos_token_ids(self.model, self.tokenizer),
+            )
+        except StructuredOutputUnavailable as exc:
+            if cfg.structured_output == "on":
+                raise ConfigError(f"structured_output: {exc}") from None
+            log.warning(
+                "structured_output: auto and xgrammar is missing; replies are parsed as free text"
+            )
+            return None
+
+    def _prefill(self, name: str, value: str | None) -> str:
+        """The text that opens a reply: none under a grammar, a JSON opener without one."""
+        if value is None:
+            return "" if self.structured else JSON_OPENER
+        if value and self.structured and self.cfg.generation_backend == "vllm":
+            raise ConfigError(
+                f"{name}: a prefill cannot be combined with vLLM's structured output; "
+                "drop it or set structured_output: off"
+            )
+        return value
 
     @property
     def policy(self):
@@ -262,7 +332,7 @@ class Trainer:
 
     def _policy_weights(self):
         """The current policy as (name, full tensor) pairs, for a sampler to load."""
-        if self.cfg.generation_backend == "vllm" and is_peft(self.model):
+        if is_peft(self.model) and (self.cfg.generation_backend == "vllm" or self.merged_sampler):
             from resd.vllm_backend import merged_lora_weights
 
             return merged_lora_weights(self.model)
@@ -277,6 +347,8 @@ class Trainer:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         base = load_model(cfg.model, dtype=cfg.dtype, device=self.dist.device(cfg.device))
+        if self.merged_sampler:  # a deep copy of the PEFT model decoded 5x slower than this
+            self._sampler_base = copy.deepcopy(base)
         if checkpoint:
             return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
         lora = LoraConfig(
@@ -453,10 +525,14 @@ class Trainer:
         added: list[str] = []
         with timer("curate"):
             if algo.playbook:
-                for ops in self.dist.gather_indexed(self._curate(rollouts, step, counts)):
-                    report = self.playbook.apply_operations(ops, step)
+                for ops, source in self.dist.gather_indexed(self._curate(rollouts, step, counts)):
+                    report = self.playbook.apply_operations(
+                        ops, step, check=partial(lesson_problem, source=source)
+                    )
                     applied["ops_applied"] += report.applied
+                    applied["curations_effective"] += report.applied > 0
                     applied["ops_skipped"] += report.skipped
+                    applied.update({f"ops_skipped_{k}": v for k, v in report.reasons.items()})
                     added += report.added
                 if len(self.playbook) > cfg.playbook_max_entries:
                     removed += self.playbook.concise(step, policy=cfg.playbook_policy,
@@ -498,6 +574,7 @@ class Trainer:
             "playbook_size_before": size_before,
             "buffer_size": len(self.buffer),
             **{k: counts.get(k, 0) for k in COUNTERS},
+            **{f"ops_skipped_{k}": counts.get(f"ops_skipped_{k}", 0) for k in SKIP_REASONS},
             **{f"time_{p}": round(s, 4) for p, s in timer.seconds.items()},
             "time_step": round(time.perf_counter() - start, 4),
         }
@@ -542,12 +619,23 @@ class Trainer:
         )
 
     def _generate_replies(
-        self, prompts: list[list[int]], prefill: str, max_new_tokens: int, seeds: list[int]
-    ) -> list[str]:
-        """Generate replies that start with `prefill`; the returned text includes it."""
+        self,
+        prompts: list[list[int]],
+        prefill: str,
+        max_new_tokens: int,
+        seeds: list[int],
+        schema: dict[str, Any] | None = None,
+    ) -> list[Generation]:
+        """Replies that start with `prefill` (the returned text includes it), decoded under
+        `schema` when structured output is on."""
         prefix = self.tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else []
-        gens = self._generate([p + prefix for p in prompts], max_new_tokens, seeds)
-        return [prefill + g.text for g in gens]
+        schemas = [schema] * len(prompts) if self.structured and schema is not None else None
+        gens = self.sampler.generate(
+            [p + prefix for p in prompts], max_new_tokens=max_new_tokens, temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p, seeds=seeds, json_schemas=schemas,
+            json_prefixes=[prefill] * len(prompts) if schemas and prefill else None,
+        )  # fmt: skip
+        return [Generation(g.token_ids, prefill + g.text, g.finished) for g in gens]
 
     def _playbook_text(self) -> str:
         """The playbook as prompts show it, under the token budget.
@@ -563,8 +651,22 @@ class Trainer:
                 count_tokens=self._count_tokens,
                 include_empty=False,
             )
-            self._rendered_playbook = (key, text)
+            self._rendered_playbook = (
+                key,
+                text,
+                [i for i in self.playbook.entries if f"[{i}]" in text],
+            )
         return self._rendered_playbook[1]
+
+    def _reply_schema(self, build, budget: int) -> dict[str, Any] | None:
+        """The JSON schema of a reflection / tag / curation reply; None without a grammar.
+
+        Its id enums hold the entries the reply's prompt shows (none without a playbook).
+        """
+        if not self.structured:
+            return None
+        ids = self._rendered_playbook[2] if self.algo.playbook and self._playbook_text() else []
+        return build(ids, budget, self._count_tokens)
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -590,19 +692,24 @@ class Trainer:
             for r in failed
         ]
         seeds = [self._row_seed(step, "reflect", r.index) for r in failed]
+        budget = self.cfg.reflection_max_new_tokens
+        schema = self._reply_schema(reflection_schema, budget)
         replies = self._generate_replies(
-            prompts, self.cfg.reflection_prefill, self.cfg.reflection_max_new_tokens, seeds
+            prompts, self.prefills["reflection"], budget, seeds, schema
         )
         tags = []
         for r, reply in zip(failed, replies, strict=True):
             counts["reflections"] += 1
-            r.reflection_reply = reply
-            r.reflection = parse_reflection(reply)
+            counts["reflection_tokens"] += len(reply.token_ids)
+            counts["reflection_truncated"] += not reply.finished
+            r.reflection_reply = reply.text
+            r.reflection = parse_reflection(reply.text)
             if r.reflection is None:
                 counts["reflection_parse_failures"] += 1
-                tags.append((r.index, extract_bullet_tags(None, reply)))  # regex fallback
+                tags.append((r.index, extract_bullet_tags(None, reply.text)))  # regex fallback
             else:
                 counts["reflection_loose_parses"] += r.reflection.loose
+                counts["reflections_parsed"] += not r.reflection.loose
                 tags.append((r.index, r.reflection.bullet_tags))
         return tags
 
@@ -618,10 +725,15 @@ class Trainer:
             for r in wins
         ]
         seeds = [self._row_seed(step, "tag", r.index) for r in wins]
+        budget = self.cfg.reflection_max_new_tokens
+        schema = self._reply_schema(tag_schema, budget)
         tags = []
-        for r, reply in zip(wins, self._generate_replies(prompts, "", self.cfg.reflection_max_new_tokens, seeds),
-                            strict=True):  # fmt: skip
-            parsed = parse_tags(reply)
+        for r, reply in zip(
+            wins, self._generate_replies(prompts, "", budget, seeds, schema), strict=True
+        ):
+            counts["tag_replies"] += 1
+            counts["tag_tokens"] += len(reply.token_ids)
+            parsed = parse_tags(reply.text)
             if parsed is None:
                 counts["tag_parse_failures"] += 1
             else:
@@ -646,17 +758,22 @@ class Trainer:
             for r, text in sources
         ]
         seeds = [self._row_seed(step, "curate", r.index) for r, _ in sources]
-        replies = self._generate_replies(
-            prompts, self.cfg.curation_prefill, self.cfg.curation_max_new_tokens, seeds
-        )
+        budget = self.cfg.curation_max_new_tokens
+        schema = self._reply_schema(curation_schema, budget)
+        replies = self._generate_replies(prompts, self.prefills["curation"], budget, seeds, schema)
         operations = []
         for (r, _), reply in zip(sources, replies, strict=True):
-            r.curation_reply = reply
-            ops = parse_operations(reply)
+            counts["curations"] += 1
+            counts["curation_tokens"] += len(reply.token_ids)
+            counts["curation_truncated"] += not reply.finished
+            r.curation_reply = reply.text
+            ops = parse_operations(reply.text)
             if ops is None:
                 counts["curation_parse_failures"] += 1
             else:
-                operations.append((r.index, ops))
+                counts["curations_parsed"] += 1
+                source = LessonSource(r.item.prompt_text, r.score.feedback, r.item.answer)
+                operations.append((r.index, (ops, source)))
         return operations
 
     def _build_teacher_prompts(self, rollouts: list[Rollout], peers: dict[str, str]) -> None:
@@ -849,40 +966,31 @@ class Trainer:
             return self_distillation_loss(s_logits, t_logits, alpha=cfg.alpha, topk=topk, add_tail=cfg.add_tail,
                                           min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)  # fmt: skip
 
+        # The teacher's side: final hidden states for the chunked head, else full logits.
+        forward = response_hidden if cfg.loss_chunk_size else response_logits
+        teacher_out = None
+        if teacher_seqs is not None:
+            with timer("teacher"), autocast_context(self.device, cfg.autocast):
+                teacher_out = self.teacher.logits(
+                    self.model,
+                    lambda m: forward(self.dist.policy(m), teacher_seqs, width, self.pad_id),
+                )
         if cfg.loss_chunk_size:
-            t_hidden = None
-            if teacher_seqs is not None:
-                with timer("teacher"), autocast_context(self.device, cfg.autocast):
-                    t_hidden = self.teacher.logits(
-                        self.model,
-                        lambda m: response_hidden(
-                            self.dist.policy(m), teacher_seqs, width, self.pad_id
-                        ),
-                    )
             with timer("update"), autocast_context(self.device, cfg.autocast):
                 s_hidden = response_hidden(self.policy, student_seqs, width, self.pad_id)
                 softcap = getattr(self.model.config, "final_logit_softcapping", None)
                 return chunked_token_losses(
                     s_hidden, self.model.get_output_embeddings(), token_ids, chunk_size=cfg.loss_chunk_size,
-                    teacher_hidden=t_hidden, teacher_head=self.teacher.head(self.model),
+                    teacher_hidden=teacher_out, teacher_head=self.teacher.head(self.model),
                     token_loss=sd_token_loss, softcap=softcap,
                 )  # fmt: skip
-        t_logits = None
-        if teacher_seqs is not None:
-            with timer("teacher"), autocast_context(self.device, cfg.autocast):
-                t_logits = self.teacher.logits(
-                    self.model,
-                    lambda m: response_logits(
-                        self.dist.policy(m), teacher_seqs, width, self.pad_id
-                    ),
-                )
         with timer("update"):
             with autocast_context(self.device, cfg.autocast):
                 s_logits = response_logits(self.policy, student_seqs, width, self.pad_id)
             logp = token_logprobs(s_logits, token_ids)
-            if t_logits is None:
+            if teacher_out is None:
                 return None, logp
-            return sd_token_loss(s_logits, t_logits, token_ids, logp), logp
+            return sd_token_loss(s_logits, teacher_out, token_ids, logp), logp
 
     def _old_logprobs(
         self, micro_batches: list[list[Rollout]], timer: PhaseTimer

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -98,15 +98,23 @@ class VLLMSampler:
         temperature: float,
         top_p: float,
         seeds: list[int] | None = None,
+        json_schemas: Sequence[dict | None] | None = None,
+        json_prefixes: Sequence[str] | None = None,
     ) -> list[Generation]:
         """One continuation per prompt; temperature 0 is greedy.
 
         With `seeds`, each request gets its own seeded generator in vLLM, so a row's
         sample depends on its prompt and seed only, as with the transformers backend
         (the two backends draw different samples for the same seed, though).
+        `json_schemas` (one per prompt, None for a free row) go to vLLM's structured
+        outputs, which start at the first generated token: no prefill can precede them.
         """
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError("generate: need one seed per prompt")
+        if json_schemas is not None and len(json_schemas) != len(prompts):
+            raise ValueError("generate: need one schema (or None) per prompt")
+        if json_prefixes and any(json_prefixes):
+            raise ValueError("generate: vLLM's structured output cannot follow a prefill")
         if not prompts:
             return []
         greedy = temperature <= 0
@@ -119,12 +127,23 @@ class VLLMSampler:
                 seed=None if seeds is None or greedy else int(seeds[i]) % (2**63),
                 stop_token_ids=self.eos,
                 detokenize=False,  # we decode ourselves, exactly as the other backend
+                **self._structured(json_schemas[i] if json_schemas else None),
             )
             for i in range(len(prompts))
         ]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]  # a TokensPrompt
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
         return [self._to_generation(out.outputs[0]) for out in outputs]
+
+    def _structured(self, schema: dict | None) -> dict[str, Any]:
+        """SamplingParams keywords for a JSON schema: `structured_outputs` (vLLM >= 0.10.2;
+        the only spelling from 0.12), else the older `guided_decoding`."""
+        if schema is None:
+            return {}
+        params = self._vllm.sampling_params
+        if hasattr(params, "StructuredOutputsParams"):
+            return {"structured_outputs": params.StructuredOutputsParams(json=schema)}
+        return {"guided_decoding": params.GuidedDecodingParams(json=schema)}
 
     def _to_generation(self, completion: Any) -> Generation:
         """vLLM completion → `Generation`, cut after the first EOS like the other backend.

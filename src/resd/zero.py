@@ -97,7 +97,10 @@ def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def full_state_dict(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
     """Full weights on rank 0 (None elsewhere); gathered parameter by parameter."""
-    state = {name: t.cpu().clone() for name, t in full_parameters(model)}  # every rank gathers
+    state = {}
+    for name, tensor in full_parameters(model):  # every rank takes part in each gather
+        if is_main:
+            state[name] = tensor.to("cpu", copy=True)
     if not is_main:
         return None
     persistent = set(model.state_dict())  # keys only: ZeRO-3 tensors there are empty
@@ -107,9 +110,10 @@ def full_state_dict(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor] 
     return state
 
 
-def full_optimizer_state(engine, model: nn.Module) -> dict[str, Any]:
+def full_optimizer_state(engine, model: nn.Module, is_main: bool) -> dict[str, Any] | None:
     """AdamW state in the layout of `torch.distributed.checkpoint`'s full optimizer state
-    dict (keyed by parameter name), so ddp/fsdp runs can load it and vice versa."""
+    dict (keyed by parameter name), so ddp/fsdp runs can load it and vice versa; on rank 0
+    (None elsewhere), though every rank takes part in the gathers."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     step = _optimizer_step(engine)
@@ -125,9 +129,11 @@ def full_optimizer_state(engine, model: nn.Module) -> dict[str, Any]:
             value = safe_get_full_optimizer_state(param, key)
             if value is None:
                 raise RuntimeError(f"deepspeed: no optimizer state {key!r} for {name}")
-            entry[key] = value.reshape(shape).cpu().clone()
-        if step:
+            entry[key] = value.reshape(shape).to("cpu", copy=True) if is_main else value
+        if step and is_main:
             state[name] = entry
+    if not is_main:
+        return None
     groups = [
         {k: v for k, v in group.items() if k != "params"} | {"params": names}
         for group in engine.optimizer.param_groups[:1]

@@ -12,8 +12,9 @@ import re
 
 from resd.envs.base import Environment, Item, Score
 
-_ANSWER = re.compile(r"answer\s*[:=]\s*\$?\s*(-?\d[\d,]*)", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"answer\s*[:=]([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -30,20 +31,29 @@ class ArithmeticEnv(Environment):
         ops: str = "+-*",
         max_operand: int = 20,
         reveal_answer: bool = True,
+        mul_max_operand: int = 12,
+        quote_answer: bool = True,
     ) -> None:
+        """`mul_max_operand` bounds both factors of a product (12: times tables; 99:
+        two-digit products, which a 0.5B model often gets wrong).
+        `quote_answer=False` says what is right without repeating the wrong number: a
+        small teacher that reads the wrong number in its context copies it."""
         bad = set(ops) - set(_OPS)
         if not ops or bad:
             raise ValueError(f"env_args.ops: use characters from '+-*', got {ops!r}")
         if max_operand < 1:
             raise ValueError("env_args.max_operand: must be >= 1")
+        if mul_max_operand < 1:
+            raise ValueError("env_args.mul_max_operand: must be >= 1")
         self.reveal_answer = reveal_answer
+        self.quote_answer = quote_answer
         rng = random.Random(seed)
         seen: set[tuple[int, str, int]] = set()
         items: list[Item] = []
         while len(items) < n_train + n_test and len(seen) < len(ops) * (max_operand + 1) ** 2:
             a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
             if op == "*":
-                a, b = a % 13, b % 13
+                a, b = a % (mul_max_operand + 1), b % (mul_max_operand + 1)
             if (a, op, b) in seen:
                 continue
             seen.add((a, op, b))
@@ -60,6 +70,7 @@ class ArithmeticEnv(Environment):
                     ],
                     meta={"a": a, "b": b, "op": op, "value": value, "question": question},
                     reference=f"{a} {op} {b} = {value}.\nAnswer: {value}",
+                    answer=str(value),
                 )
             )
         self._test, self._train = items[:n_test], items[n_test:]
@@ -72,11 +83,13 @@ class ArithmeticEnv(Environment):
 
     def score(self, item: Item, response: str) -> Score:
         value, question = item.meta["value"], item.meta["question"]
-        marked = _ANSWER.findall(response)
+        # The last number of the last "Answer:" line: "Answer: 12 + 13 = 25" means 25.
+        lines = [_NUMBER.findall(_THOUSANDS.sub("", line)) for line in _ANSWER_LINE.findall(response)]
+        marked = [numbers for numbers in lines if numbers]
         if marked:
-            given, format_ok = int(marked[-1].replace(",", "")), True
+            given, format_ok = int(marked[-1][-1]), True
         else:
-            numbers = _NUMBER.findall(response)
+            numbers = _NUMBER.findall(_THOUSANDS.sub("", response))
             given, format_ok = (int(numbers[-1]) if numbers else None), False
         value_ok = given == value
         notes = []
@@ -89,7 +102,11 @@ class ArithmeticEnv(Environment):
         elif not value_ok:
             direction = "too high" if given > value else "too low"
             fact = f"{question[8:-1]} = {value}" if self.reveal_answer else f"it is {direction}"
-            notes.append(f"The final answer {given} is wrong: {fact}.")
+            if self.quote_answer:
+                notes.append(f"The final answer {given} is wrong: {fact}.")
+            else:
+                notes.append(f"Incorrect. The correct value is {fact}." if self.reveal_answer
+                             else f"Incorrect: the final answer is {direction}.")  # fmt: skip
         reward = float(format_ok and value_ok)
         return Score(
             reward=reward, score=0.5 * format_ok + 0.5 * value_ok, feedback=" ".join(notes)

@@ -25,6 +25,9 @@ class Item:
     # A reference answer, if the task has one: used by SDFT as the demonstration and by
     # `resd env-check` to prove the verifier accepts a correct answer.
     reference: str | None = None
+    # The literal final answer, where the task has a short one (a number, a name). A
+    # playbook lesson that contains it is a leak, not a lesson, and is skipped.
+    answer: str | None = None
 
     @property
     def prompt_text(self) -> str:

@@ -170,6 +170,7 @@ class QAEnv(Environment):
             messages=[{"role": "user", "content": f"{question}\n\n{how}"}],
             meta={"answer": gold, "aliases": [str(a) for a in rec.get("aliases", [])]},
             reference=reference,
+            answer=None if is_list else gold,  # a list's items are too short to guard
         )
 
     def train_items(self) -> list[Item]:

@@ -1,0 +1,298 @@
+"""Structured output: schemas built per call, grammar-constrained replies, the vLLM request.
+
+The grammar tests use the tiny random-init model: its weights are garbage, so every
+well-formed reply it writes is the grammar's doing, not the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from resd.config import ConfigError
+from resd.generation import chat_prompt_ids, eos_token_ids, generate
+from resd.models import load_model, load_tokenizer
+from resd.playbook import SECTIONS, TAGS, Playbook
+from resd.reflection import parse_operations, parse_reflection, parse_tags
+from resd.structured import (
+    CHARS_PER_TOKEN,
+    MAX_OPERATIONS,
+    MAX_TAGS,
+    JsonGrammar,
+    curation_schema,
+    reflection_schema,
+    string_limit,
+    tag_schema,
+)
+
+pytest.importorskip("xgrammar")
+
+IDS = ["strat-00001", "err-00002", "calc-00007"]
+
+
+def _op_shapes(schema: dict) -> dict[str, dict]:
+    shapes = schema["properties"]["operations"]["items"]["anyOf"]
+    return {s["properties"]["type"]["const"]: s for s in shapes}
+
+
+def _string_chars(schema: dict) -> int:
+    """Sum of the maxLength of every string in a schema (each operation counted once)."""
+    if schema.get("type") == "string":
+        return string_limit(schema)
+    total = sum(_string_chars(v) for v in schema.get("properties", {}).values())
+    if "anyOf" in schema:
+        total += max(_string_chars(s) for s in schema["anyOf"])
+    if "items" in schema:
+        total += schema.get("maxItems", 1) * _string_chars(schema["items"])
+    return total
+
+
+# ---- the schema builders ------------------------------------------------------------------
+
+
+def test_reflection_schema_enums_follow_the_live_playbook():
+    schema = reflection_schema(IDS, 256)
+    assert list(schema["properties"]) == [
+        "reasoning",
+        "error_identification",
+        "root_cause_analysis",
+        "correct_approach",
+        "key_insight",
+        "bullet_tags",
+    ]  # fmt: skip  (the release's order: think first, then diagnose, then tag)
+    assert schema["required"] == list(schema["properties"])
+    assert schema["additionalProperties"] is False
+    tags = schema["properties"]["bullet_tags"]
+    assert tags["items"]["properties"]["id"]["enum"] == IDS
+    assert tags["items"]["properties"]["tag"]["enum"] == list(TAGS)
+    assert tags["maxItems"] == min(len(IDS), MAX_TAGS)
+    # a new entry appears in the next call's enum; a deleted one disappears
+    later = reflection_schema(["strat-00001", "misc-00009"], 256)
+    assert later["properties"]["bullet_tags"]["items"]["properties"]["id"]["enum"] == [
+        "strat-00001", "misc-00009"]  # fmt: skip
+    # no playbook: the array must stay empty (an empty enum is not valid JSON Schema)
+    empty = reflection_schema([], 256)["properties"]["bullet_tags"]
+    assert empty["maxItems"] == 0 and "enum" not in json.dumps(empty)
+
+
+def test_curation_schema_has_one_shape_per_operation_and_valid_targets():
+    schema = curation_schema(IDS, 256)
+    assert list(schema["properties"]) == ["reasoning", "operations"]
+    ops = schema["properties"]["operations"]
+    assert ops["maxItems"] == MAX_OPERATIONS and "minItems" not in ops  # an empty list is fine
+    shapes = _op_shapes(schema)
+    assert set(shapes) == {"ADD", "UPDATE", "MERGE", "DELETE"}
+    assert shapes["ADD"]["properties"]["section"]["enum"] == list(SECTIONS.values())
+    assert set(shapes["ADD"]["required"]) == {"type", "section", "content"}
+    assert set(shapes["DELETE"]["required"]) == {"type", "id"}
+    for kind in ("UPDATE", "DELETE"):
+        assert shapes[kind]["properties"]["id"]["enum"] == IDS
+    assert shapes["MERGE"]["properties"]["ids"]["items"]["enum"] == IDS
+    assert shapes["MERGE"]["properties"]["ids"]["minItems"] == 2
+    # an empty playbook leaves only ADD; a single entry cannot be merged
+    assert set(_op_shapes(curation_schema([], 256))) == {"ADD"}
+    assert set(_op_shapes(curation_schema(IDS[:1], 256))) == {"ADD", "UPDATE", "DELETE"}
+    # the release's curator only ADDs
+    assert set(_op_shapes(curation_schema(IDS, 256, operations=("ADD",)))) == {"ADD"}
+
+
+@pytest.mark.parametrize("build", [reflection_schema, tag_schema, curation_schema])
+def test_string_bounds_are_sized_from_the_token_budget(build):
+    small, large = build(IDS, 160), build(IDS, 640)
+    assert _string_chars(large) > 2 * _string_chars(small)
+    for schema, budget in ((small, 160), (large, 640)):
+        # free text at CHARS_PER_TOKEN leaves room for the structure within the budget
+        assert _string_chars(schema) / CHARS_PER_TOKEN < budget
+    # a tokenizer that finds the structure expensive leaves less room for text
+    costly = build(IDS, 640, lambda text: len(text))
+    assert _string_chars(costly) < _string_chars(large)
+
+
+# ---- decoding under the grammar ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    return model, tok, JsonGrammar(tok, model.config.vocab_size, eos_token_ids(model, tok))
+
+
+def _replies(tiny, schema, n=6, max_new_tokens=700, prefixes=None):
+    model, tok, grammar = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": f"task {i}"}]) for i in range(n)]
+    gens = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95,
+                    seeds=list(range(n)), grammar=grammar, json_schemas=[schema] * n,
+                    json_prefixes=prefixes)  # fmt: skip
+    return gens
+
+
+def test_garbage_weights_write_valid_reflections(tiny):
+    # Sized for a 160-token budget at 3 characters per token; a random model writes
+    # arbitrary bytes (up to 4 tokens a character), so it gets room to close the object.
+    gens = _replies(tiny, reflection_schema(IDS, 160))
+    for gen in gens:
+        assert gen.finished, "the grammar ends the reply with end-of-sequence"
+        obj = json.loads(gen.text, strict=False)  # raw control characters are allowed
+        reflection = parse_reflection(gen.text)
+        assert reflection is not None and not reflection.loose
+        assert all(obj[k] for k in ("error_identification", "key_insight"))
+        assert all(i in IDS and t in TAGS for i, t in reflection.bullet_tags)
+    assert len({g.text for g in gens}) == len(gens)  # sampled, not one fixed string
+
+
+def test_garbage_weights_write_valid_curation_and_tags(tiny):
+    for gen in _replies(tiny, curation_schema(IDS, 160)):
+        obj = json.loads(gen.text, strict=False)  # raw control characters are allowed
+        ops = parse_operations(gen.text)
+        assert ops == obj["operations"] and len(ops) <= MAX_OPERATIONS
+        for op in ops:
+            if op["type"] == "ADD":
+                assert op["section"] in SECTIONS.values()
+            else:
+                targets = op["ids"] if op["type"] == "MERGE" else [op["id"]]
+                assert set(targets) <= set(IDS)
+            assert not op.get("content") or 1 <= len(op["content"]) <= 300
+    for gen in _replies(tiny, tag_schema(IDS, 96)):
+        assert (
+            parse_tags(gen.text) is not None
+            and json.loads(gen.text, strict=False)["bullet_tags"] is not None
+        )
+
+
+def test_reply_cut_at_the_budget_is_reported_unfinished(tiny):
+    (gen,) = _replies(tiny, reflection_schema(IDS, 400), n=1, max_new_tokens=10)
+    assert not gen.finished and len(gen.token_ids) == 10
+
+
+def test_prefill_continues_under_the_grammar_and_a_bad_one_is_refused(tiny):
+    model, tok, grammar = tiny
+    opener = '{"reasoning":"'
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "t"}])
+    prompt += tok(opener, add_special_tokens=False)["input_ids"]
+    (gen,) = generate(model, tok, [prompt], max_new_tokens=700, temperature=1.0, seeds=[0],
+                      grammar=grammar, json_schemas=[reflection_schema(IDS, 160)],
+                      json_prefixes=[opener])  # fmt: skip
+    assert json.loads(opener + gen.text, strict=False)["key_insight"]
+    with pytest.raises(ValueError, match="prefill"):
+        generate(model, tok, [prompt], max_new_tokens=4, temperature=1.0, seeds=[0],
+                 grammar=grammar, json_schemas=[reflection_schema(IDS, 160)],
+                 json_prefixes=['{\n  "reasoning": "'])  # fmt: skip
+
+
+def test_free_rows_beside_constrained_rows_are_untouched(tiny):
+    model, tok, grammar = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": f"t{i}"}]) for i in range(2)]
+    kwargs = {"max_new_tokens": 12, "temperature": 1.0, "seeds": [5, 6]}
+    free = generate(model, tok, prompts, **kwargs)
+    mixed = generate(model, tok, prompts, grammar=grammar,
+                     json_schemas=[None, reflection_schema(IDS, 160)], **kwargs)  # fmt: skip
+    assert mixed[0].token_ids == free[0].token_ids
+    assert mixed[1].text.startswith('{"reasoning":"') and mixed[1].token_ids != free[1].token_ids
+
+
+# ---- the trainer ---------------------------------------------------------------------------
+
+
+def _trainer_config(tiny_model_dir, out, *extra):
+    from resd.config import apply_overrides, build_config
+    from test_trainer import SEED_PLAYBOOK
+
+    (out.parent / "seed.md").write_text(SEED_PLAYBOOK)
+    return build_config(apply_overrides({}, [
+        f"model={tiny_model_dir}", f"output_dir={out}", "env=toy_envs:ParityEnv", "steps=2",
+        "batch_size=4", "inner_updates=2", "max_new_tokens=8", "reflection_max_new_tokens=500",
+        "curation_max_new_tokens=500", "max_teacher_prompt_tokens=1024", "eval_samples=1", "eval_items=1", "warmup_steps=0",
+        "progress=false", f"playbook_init={out.parent / 'seed.md'}", "playbook_prune_every=100",
+        "structured_output=on", *extra,
+    ]))  # fmt: skip
+
+
+def test_trainer_step_with_structured_output_parses_every_reply(tiny_model_dir, tmp_path):
+    from resd.schema import SKIP_REASONS
+    from resd.trainer import Trainer
+
+    trainer = Trainer(_trainer_config(tiny_model_dir, tmp_path / "run"))
+    assert trainer.grammar is not None and trainer.prefills == {"reflection": "", "curation": ""}
+    trainer.train()
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m["reflections"] for m in metrics) > 0
+    for m in metrics:
+        assert m["reflections_parsed"] == m["reflections"] and m["reflection_parse_failures"] == 0
+        # (random bytes can outrun a budget sized for text; a cut reply still closes and parses)
+        assert m["curations_parsed"] == m["curations"] == m["reflections"]
+        skipped = sum(m[f"ops_skipped_{r}"] for r in SKIP_REASONS)
+        assert skipped == m["ops_skipped"]  # every skipped operation has its reason
+        assert m["ops_skipped_malformed"] == 0
+    for row in (
+        json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    ):
+        if row["reflection_reply"]:  # the raw reply opens a JSON object: no prose before it
+            assert row["reflection_reply"].startswith('{"reasoning":"')
+            assert parse_reflection(row["reflection_reply"]) is not None
+    Playbook.load(tmp_path / "run" / "playbook.json")  # still a valid playbook
+
+
+def test_structured_output_on_without_xgrammar_is_a_config_error(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    from resd.trainer import Trainer
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import now fails
+    with pytest.raises(ConfigError, match=r"structured_output: .*xgrammar"):
+        Trainer(_trainer_config(tiny_model_dir, tmp_path / "a"))
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(_trainer_config(tiny_model_dir, tmp_path / "b", "structured_output=auto"))
+    assert trainer.grammar is None and "xgrammar" in caplog.text
+    assert trainer.prefills["reflection"].startswith("{")  # the free-text opener is back
+
+
+# ---- the vLLM request ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["structured_outputs", "guided_decoding"])
+def test_vllm_requests_carry_the_schema(tiny_model_dir, monkeypatch, spelling):
+    from resd.vllm_backend import VLLMSampler
+
+    class Params:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    sampling_params = types.SimpleNamespace()
+    if spelling == "structured_outputs":
+        sampling_params.StructuredOutputsParams = Params
+    else:
+        sampling_params.GuidedDecodingParams = Params
+    seen = {}
+
+    class LLM:
+        def __init__(self, model, **kw):
+            pass
+
+        def generate(self, requests, sampling_params=None, use_tqdm=True):
+            seen["params"] = sampling_params
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5], finish_reason="length",
+                                                             stop_reason=None)]) for _ in requests]  # fmt: skip
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.sampling_params = LLM, sampling_params
+    module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    sampler = VLLMSampler(
+        str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)), max_model_len=64
+    )
+    schema = reflection_schema(IDS, 160)
+    sampler.generate([[1], [2]], max_new_tokens=4, temperature=1.0, top_p=1.0,
+                     json_schemas=[schema, None])  # fmt: skip
+    constrained, free = seen["params"]
+    assert getattr(constrained, spelling).kw == {"json": schema}
+    assert not hasattr(free, spelling)
+    with pytest.raises(ValueError, match="prefill"):
+        sampler.generate([[1]], max_new_tokens=4, temperature=1.0, top_p=1.0,
+                         json_schemas=[schema], json_prefixes=['{"'])  # fmt: skip
