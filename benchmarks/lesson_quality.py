@@ -35,7 +35,7 @@ BASE: dict[str, Any] = {
     "generation_batch_size": 8, "reflection_max_new_tokens": 256, "curation_max_new_tokens": 192,
     "max_reflections_per_step": 8, "lr": 1.0e-5, "warmup_steps": 2, "teacher_update_rate": 0.05,
     "lora": {"r": 16, "alpha": 32}, "eval_items": 4, "eval_samples": 1, "log_samples": 8,
-    "playbook_max_entries": 120, "playbook_max_tokens": 1024, "save_every": 4, "keep_checkpoints": 1,
+    "playbook_max_entries": 120, "teacher_playbook_tokens": 1024, "save_every": 4, "keep_checkpoints": 1,
     "progress": False, "seed": 0,
 }  # fmt: skip
 ENVS: dict[str, dict[str, Any]] = {

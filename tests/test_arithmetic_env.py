@@ -77,7 +77,9 @@ def test_the_last_number_on_the_answer_line_counts():
 
 
 def test_thousands_separators_and_negative_answers():
-    env = ArithmeticEnv(seed=0, n_train=60, n_test=2, ops="*-", max_operand=999, mul_max_operand=999)
+    env = ArithmeticEnv(
+        seed=0, n_train=60, n_test=2, ops="*-", max_operand=999, mul_max_operand=999
+    )
     big = next(it for it in env.train_items() if it.meta["value"] >= 10_000)
     assert env.score(big, f"Answer: {big.meta['value']:,}").reward == 1.0
     neg = next(it for it in env.train_items() if it.meta["value"] < 0)
@@ -92,6 +94,11 @@ def test_products_can_be_large_and_feedback_need_not_quote_the_reply():
     wrong = item.meta["value"] + 7
     feedback = env.score(item, f"Answer: {wrong}").feedback
     assert str(wrong) not in feedback and f"= {item.meta['value']}" in feedback
-    assert ArithmeticEnv(seed=1, n_train=20, n_test=2).score(item, f"Answer: {wrong}").feedback.count(str(wrong)) == 1
+    assert (
+        ArithmeticEnv(seed=1, n_train=20, n_test=2)
+        .score(item, f"Answer: {wrong}")
+        .feedback.count(str(wrong))
+        == 1
+    )
     with pytest.raises(ValueError, match="mul_max_operand"):
         ArithmeticEnv(mul_max_operand=0)

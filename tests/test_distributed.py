@@ -93,6 +93,20 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, one_process):
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_sequence_mean_loss_is_the_same_on_two_processes(tiny_model_dir, tmp_path):
+    """The release's loss averaging (mean over the batch's sequences of per-sequence token
+    means) holds across processes and micro-batch sizes: same loss and gradient norm.
+    SDPO leaves its successes out of the loss, and those rows still count."""
+    common = {"loss_aggregation": "seq_mean_token_mean", "algorithm": "sdpo"}
+    one = run(tmp_path, tiny_model_dir, "seq1", 1, **common)
+    two = run(tmp_path, tiny_model_dir, "seq2", 2, micro_batch_size=2, **common)
+    m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert any(0 < m["distilled"] < m["rollouts"] for m in m1)
+    for a, b in zip(m1, m2, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3, abs=1e-7)
+
+
 def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
     tiny_model_dir, tmp_path, one_process
 ):

@@ -73,11 +73,21 @@ class TrainConfig:
     success_weight_alpha: float = 1.0
     success_weight_beta: float = 1.0
     distillation_mode: str = "topk"  # topk (see topk/add_tail) | full | sampled
+    # How token losses become the batch loss. token_mean: one mean over every distilled
+    # token of the batch (long replies weigh more). seq_mean_token_mean: the mean over the
+    # batch's sequences of each sequence's own token mean, undistilled rows counting zero
+    # (what the release computes, training one sequence per micro-batch). Either is the
+    # same number at any micro-batch size and number of processes.
+    loss_aggregation: str = "token_mean"
     distillation_weight: float | None = None  # λ in (1 − λ)·PG + λ·SD; null = the algorithm's
     # Apply the output head to this many positions at a time (activation-checkpointed), so
     # full-vocabulary logits of the batch never exist at once; null = one pass.
     loss_chunk_size: int | None = None
     is_clip: float | None = 2.0  # per-token importance weight cap against the rollout policy
+    # Rollout correction: weight each token's loss by min(π_trainer / π_sampler, cap), the
+    # sampler being the bf16 copy (or vLLM) that drew it; null = off (the release: 2). The
+    # mean |log π_trainer − log π_sampler| is logged every step either way.
+    rollout_is_cap: float | None = None
     update_epochs: int = 1  # optimizer passes over one batch of rollouts
     teacher: str = "ema"  # ema | base | live | trust_region
     teacher_update_rate: float = 1e-4
@@ -93,10 +103,19 @@ class TrainConfig:
     student_playbook: bool = False  # also show the playbook in the student's own prompt
     teacher_template: str | None = None  # file path or literal template; None = generic
     max_teacher_prompt_tokens: int = 3072
+    # Task, attempt, feedback, reflection and solution are each clipped to this many tokens
+    # in reflection, curation and teacher prompts (null = never clipped).
+    slot_max_tokens: int | None = 1024
     # reflection and curation (spec §3)
     reflection_max_new_tokens: int = 256
     curation_max_new_tokens: int = 256
     max_reflections_per_step: int | None = None  # bound the reflection cost of a step
+    # An unparsable reflection: "drop" it, or hand the raw reply (thinking removed) on to
+    # the curator and the teacher, as the release does ("raw").
+    unparsed_reflection: str = "drop"
+    # Which operations the curator may propose: "all" (ADD, UPDATE, MERGE, DELETE) or
+    # "add" (the release's curator only adds).
+    curation_ops: str = "all"
     # Decode reflection, tagging and curation replies under a JSON schema (live entry ids,
     # the seven sections, one shape per operation), so every reply is valid JSON by
     # construction: "auto" = on where the grammar library is installed (xgrammar for the
@@ -112,7 +131,16 @@ class TrainConfig:
     playbook_max_entries: int = 120  # M_max
     playbook_prune_every: int = 4  # F
     playbook_policy: str = "staleness"  # staleness | prioritized
-    playbook_max_tokens: int = 1024  # budget of the copy rendered into prompts
+    # Token budgets of the playbook as each reader sees it (null = the whole playbook). Over
+    # budget, whole entries are left out, least proven first, and counted per step.
+    reflection_playbook_tokens: int | None = 2048  # the reflector and the success tagger
+    curation_playbook_tokens: int | None = 2048
+    teacher_playbook_tokens: int | None = 1024  # also the student's, with student_playbook
+    # The solution buffer keeps each prompt's "first" success, or the "latest" (the release).
+    solution_buffer_keep: str = "first"
+    # When the teacher sees a successful solution, also show it the environment's feedback
+    # (true) or not (false: the release drops the feedback then).
+    teacher_feedback_with_solution: bool = True
     # evaluation
     eval_every: int = 0  # 0 = only before and after training
     eval_samples: int = 4
@@ -153,6 +181,10 @@ class TrainConfig:
             "eval_items",
             "max_reflections_per_step",
             "eval_max_new_tokens",
+            "slot_max_tokens",
+            "reflection_playbook_tokens",
+            "curation_playbook_tokens",
+            "teacher_playbook_tokens",
         ]:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -186,7 +218,9 @@ class TrainConfig:
                    "generation_dtype": ("float32", "bfloat16", "float16", None),
                    "generation_backend": ("transformers", "vllm"), "generation_cache": (None, "static"),
                    "strategy": ("auto", "ddp", "fsdp", "deepspeed"),
-                   "zero_stage": (None, 1, 2, 3), "structured_output": ("auto", "on", "off")}  # fmt: skip
+                   "zero_stage": (None, 1, 2, 3), "structured_output": ("auto", "on", "off"),
+                   "loss_aggregation": ("token_mean", "seq_mean_token_mean"), "curation_ops": ("all", "add"),
+                   "unparsed_reflection": ("drop", "raw"), "solution_buffer_keep": ("first", "latest")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -195,7 +229,7 @@ class TrainConfig:
                 "generation_compile: needs generation_cache: static (decoding is compiled "
                 "against a pre-allocated cache)"
             )
-        for name in ["min_ratio", "max_ratio", "is_clip"]:
+        for name in ["min_ratio", "max_ratio", "is_clip", "rollout_is_cap"]:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 or null, got {value}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resd.config import TrainConfig, apply_overrides
+from resd.config import ConfigError, TrainConfig, apply_overrides, read_yaml_mapping
 from resd.envs import Environment, make_env
 from resd.envs.base import Score
 
@@ -247,25 +247,60 @@ def format_per_item(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- CLI ----------------------------------------------------------------------------------
+# Settings `resd eval --config FILE` may hold; a flag given on the command line wins.
+EVAL_OPTIONS = ("model", "env", "env_args", "base_model", "samples", "temperature", "top_p",
+             "max_new_tokens", "max_prompt_tokens", "items", "batch_size", "seed", "dtype", "device")  # fmt: skip
+
+
+def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the config file, then the flags actually given."""
+    defaults = EvalSettings.from_config(TrainConfig())
+    options: dict[str, Any] = {
+        **{k: getattr(defaults, k) for k in ("samples", "temperature", "top_p", "max_new_tokens",
+                                             "max_prompt_tokens", "items", "batch_size", "seed")},
+        "env_args": {}, "base_model": None, "dtype": "bfloat16", "device": "auto",
+    }  # fmt: skip
+    if args.config:
+        loaded = read_yaml_mapping(args.config)
+        unknown = sorted(set(loaded) - set(EVAL_OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]}: unknown key in {args.config} (known: {', '.join(EVAL_OPTIONS)})"
+            )
+        options.update(loaded)
+    options.update(
+        {
+            k: getattr(args, k)
+            for k in EVAL_OPTIONS
+            if k != "env_args" and getattr(args, k) is not None
+        }
+    )
+    options["env_args"] = apply_overrides(dict(options.get("env_args") or {}), args.env_args)
+    for key in ("model", "env"):
+        if not options.get(key):
+            raise ConfigError(f"{key}: required (--{key} or in --config)")
+    return options
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    opts = _eval_options(args)
     settings = EvalSettings(
-        samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-        items=args.items, batch_size=args.batch_size, seed=args.seed,
+        samples=opts["samples"], temperature=opts["temperature"], top_p=opts["top_p"],
+        max_new_tokens=opts["max_new_tokens"], max_prompt_tokens=opts["max_prompt_tokens"],
+        items=opts["items"], batch_size=opts["batch_size"], seed=opts["seed"],
     )  # fmt: skip
-    env_args = apply_overrides({}, args.env_args)
+    env_args = opts["env_args"]
     result = evaluate_model(
-        args.model, args.env, env_args, settings,
-        base_model=args.base_model, dtype=args.dtype, device=args.device,
+        opts["model"], opts["env"], env_args, settings,
+        base_model=opts["base_model"], dtype=opts["dtype"], device=opts["device"],
     )  # fmt: skip
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-    source = (
-        f"{args.model} (adapter on {result['base_model']})" if result["adapter"] else args.model
-    )
-    print(f"model: {source}\nenv:   {args.env} {json.dumps(env_args) if env_args else ''}")
+    model = opts["model"]
+    source = f"{model} (adapter on {result['base_model']})" if result["adapter"] else model
+    print(f"model: {source}\nenv:   {opts['env']} {json.dumps(env_args) if env_args else ''}")
     print(f"T = {settings.temperature}, top-p = {settings.top_p}, seed = {settings.seed}\n")
     print(format_metrics(result["metrics"]))
     if args.per_item:
@@ -276,29 +311,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Register `resd eval --model M --env E [key=value ...]`."""
-    defaults = EvalSettings.from_config(TrainConfig())
+    """Register `resd eval --model M --env E [key=value ...]` (or `--config FILE`)."""
     parser = subparsers.add_parser(
         "eval", help="evaluate a model or checkpoint on an environment's test split"
     )
-    parser.add_argument(
-        "--model", required=True, help="HF id, model folder, or checkpoint model/ (LoRA too)"
-    )
-    parser.add_argument("--env", required=True, help="built-in name or module:Class")
+    parser.add_argument("--config", default=None,
+                        help="YAML with any of the settings below (e.g. configs/paper/ifeval_forgetting.yaml)")  # fmt: skip
+    parser.add_argument("--model", help="HF id, model folder, or checkpoint model/ (LoRA too)")
+    parser.add_argument("--env", help="built-in name or module:Class")
     parser.add_argument("env_args", nargs="*", help="environment arguments as key=value")
+    parser.add_argument("--base-model", help="base of a LoRA adapter (default: its config's)")
+    parser.add_argument("--samples", type=int, help="k per item (default 4)")
+    parser.add_argument("--temperature", type=float, help="(default 0.6)")
+    parser.add_argument("--top-p", type=float, help="(default 0.95)")
+    parser.add_argument("--max-new-tokens", type=int, help="(default 128)")
+    parser.add_argument("--max-prompt-tokens", type=int, help="(default 1024)")
+    parser.add_argument("--items", type=int, help="first N test items (default: all)")
+    parser.add_argument("--batch-size", type=int, help="(default 16)")
+    parser.add_argument("--seed", type=int)
     parser.add_argument(
-        "--base-model", default=None, help="base of a LoRA adapter (default: its config's)"
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="(default bfloat16)"
     )
-    parser.add_argument("--samples", type=int, default=defaults.samples, help="k per item")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
-    parser.add_argument("--items", type=int, default=None, help="first N test items (default: all)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", help="(default auto)")
     parser.add_argument("--out", default=None, help="write the full result as JSON here")
     parser.add_argument("--per-item", action="store_true", help="also print every item")
     parser.set_defaults(fn=cmd_eval)

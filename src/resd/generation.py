@@ -57,6 +57,10 @@ class RowSeededSampler(LogitsProcessor):
             torch.Generator(device="cpu").manual_seed(int(s) % (2**63)) for s in seeds
         ]
         self.device = device
+        # log π(token) of each sampled token under the model's own distribution (the
+        # scores this processor receives, at temperature 1), per row, for rollout
+        # correction: the trainer compares them with its own log-probs.
+        self.logprobs: list[list[float]] = [[] for _ in seeds]
 
     def _pick(self, row: int, logp: torch.Tensor) -> int:
         """Sample one token id from a 1-D log-prob vector with the row's generator.
@@ -80,10 +84,17 @@ class RowSeededSampler(LogitsProcessor):
         return int(top_ids[scored.argmax()])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        raw = torch.log_softmax(scores.float(), dim=-1)
+        logp = (
+            raw
+            if self.temperature == 1.0
+            else torch.log_softmax(scores.float() / self.temperature, -1)
+        )
         out = torch.full_like(scores, float("-inf"))
         for row in range(scores.shape[0]):
-            out[row, self._pick(row, logp[row])] = 0.0
+            token = self._pick(row, logp[row])
+            out[row, token] = 0.0
+            self.logprobs[row].append(float(raw[row, token]))
         return out
 
 
@@ -92,6 +103,9 @@ class Generation:
     token_ids: list[int]  # sampled tokens, cut after the first EOS (the EOS is kept)
     text: str  # decoded without special tokens
     finished: bool  # True if it stopped on EOS, False if it hit max_new_tokens
+    # The sampler's log π of each token (when asked for): what rollout correction compares
+    # with the trainer's log-probs. Grammar-constrained replies record the masked scores.
+    logprobs: list[float] | None = None
 
 
 def chat_prompt_ids(
@@ -192,6 +206,7 @@ def generate(
     grammar: JsonGrammar | None = None,
     json_schemas: Sequence[dict | None] | None = None,
     json_prefixes: Sequence[str] | None = None,
+    return_logprobs: bool = False,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -206,7 +221,8 @@ def generate(
 
     `json_schemas` (one per prompt, None for a free row) constrain replies with `grammar`;
     `json_prefixes` is reply text already at the end of a prompt that the grammar must
-    read first (a prefill).
+    read first (a prefill). `return_logprobs` fills `Generation.logprobs` (seeded
+    sampling only: greedy decoding has no sampler to record them).
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("generate: need one seed per prompt")
@@ -239,10 +255,13 @@ def generate(
                     [json_schemas[i] for i in chunk],
                     [json_prefixes[i] for i in chunk] if json_prefixes else None,
                 ))  # fmt: skip
-            if row_seeded:
-                processors.append(
-                    RowSeededSampler([seeds[i] for i in chunk], temperature, top_p, device)
-                )
+            sampler = (
+                RowSeededSampler([seeds[i] for i in chunk], temperature, top_p, device)
+                if row_seeded
+                else None
+            )
+            if sampler is not None:
+                processors.append(sampler)
             with autocast_context(device, autocast):
                 out = model.generate(
                     input_ids=input_ids,
@@ -259,24 +278,34 @@ def generate(
                 )
             new_tokens = out[:, input_ids.shape[1] :].tolist()
             for row, i in enumerate(chunk):
-                results[i] = cut_at_eos(new_tokens[row], eos, tokenizer)
+                logprobs = (
+                    sampler.logprobs[row] if sampler is not None and return_logprobs else None
+                )
+                results[i] = cut_at_eos(new_tokens[row], eos, tokenizer, logprobs)
     finally:
         model.train(was_training)
     return [r for r in results if r is not None]
 
 
-def cut_at_eos(tokens: list[int], eos: list[int], tokenizer: PreTrainedTokenizerBase) -> Generation:
+def cut_at_eos(
+    tokens: list[int],
+    eos: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    logprobs: list[float] | None = None,
+) -> Generation:
     """Build a `Generation` from raw sampled tokens: cut after the first EOS, keep the EOS.
 
     Shared by every backend so they agree on the schema: a batch row keeps padding after
     its EOS, and vLLM may report extra stop tokens; both end up cut the same way.
     """
     eos_set = set(eos)
+    kept, finished = tokens, False
     for pos, tok in enumerate(tokens):
         if tok in eos_set:
-            kept = tokens[: pos + 1]
-            return Generation(kept, tokenizer.decode(kept, skip_special_tokens=True), True)
-    return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), False)
+            kept, finished = tokens[: pos + 1], True
+            break
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Generation(kept, text, finished, logprobs[: len(kept)] if logprobs is not None else None)
 
 
 class TransformersSampler:
@@ -317,12 +346,14 @@ class TransformersSampler:
         seeds: list[int] | None = None,
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
+        return_logprobs: bool = False,
     ) -> list[Generation]:
         return generate(
             self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, batch_size=self.batch_size, autocast=self.autocast, seeds=seeds,
             cache_implementation=self.cache_implementation, compile=self.compile,
             grammar=self.grammar, json_schemas=json_schemas, json_prefixes=json_prefixes,
+            return_logprobs=return_logprobs,
         )  # fmt: skip
 
     @torch.no_grad()

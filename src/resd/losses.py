@@ -102,14 +102,22 @@ def self_distillation_loss(
 
 
 def sampled_token_loss(
-    student_logp_tokens: torch.Tensor, teacher_logp_tokens: torch.Tensor
+    student_logp_tokens: torch.Tensor,
+    teacher_logp_tokens: torch.Tensor,
+    min_ratio: float | None = None,
 ) -> torch.Tensor:
     """Policy-gradient form with the teacher's per-token advantage log π_T − log π_θ.
 
     Cheapest mode: needs only the log-probs of the sampled tokens (spec §2, last
-    bullet). Its gradient matches the reverse-KL estimator on the sampled token.
+    bullet). Its gradient matches the reverse-KL estimator on the sampled token. The
+    teacher floor applies here as in the top-k loss: log π_T ≥ log π_θ + log `min_ratio`,
+    so a teacher that rules a token out cannot push its advantage below log `min_ratio`.
     """
-    advantage = (teacher_logp_tokens - student_logp_tokens).detach()
+    student = student_logp_tokens.detach()
+    teacher = teacher_logp_tokens
+    if min_ratio is not None:
+        teacher = torch.maximum(teacher, student + math.log(min_ratio))
+    advantage = (teacher - student).detach()
     return -advantage * student_logp_tokens
 
 
@@ -129,6 +137,26 @@ def success_rate_weights(
     s = success.float().mean().clamp(1.0 / n, 1.0 - 1.0 / n)
     w = torch.where(success, (1 - s) ** alpha, s**beta).float()
     return w / w.mean()
+
+
+def aggregate_loss(
+    token_loss: torch.Tensor, mask: torch.Tensor, *, mode: str, tokens: int, sequences: int
+) -> torch.Tensor:
+    """One micro-batch's share of the batch loss; the shares of all micro-batches (and all
+    processes) add up to the batch loss, so the result does not depend on how the batch
+    is split.
+
+    `token_mean`: Σ loss·mask / `tokens`, the masked tokens of the whole batch, so long
+    responses weigh more. `seq_mean_token_mean`: each row's own token mean, summed and
+    divided by `sequences`, every sequence of the batch; a row masked out entirely counts
+    as zero. This is what the release computes with one sequence per micro-batch.
+    """
+    if mode == "token_mean":
+        return masked_token_mean(token_loss, mask, tokens)
+    if mode != "seq_mean_token_mean":
+        raise ValueError(f"loss_aggregation: unknown mode {mode!r}")
+    per_row = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return per_row.sum() / max(sequences, 1)
 
 
 def masked_token_mean(

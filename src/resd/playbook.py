@@ -83,6 +83,15 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
+def prune_due(step: int, every: int) -> bool:
+    """Whether the every-F pruning runs before `step`'s context update.
+
+    As the release: after every F completed context updates, so at steps F+1, 2F+1, ...
+    (a playbook is never pruned before it has been updated F times).
+    """
+    return step > 1 and (step - 1) % every == 0
+
+
 @dataclass
 class Entry:
     id: str

@@ -24,9 +24,7 @@ from resd.parsing import (
     extract_loose_fields,
 )
 from resd.playbook import OPERATION_TYPES
-from resd.templating import clip, fill
-
-MAX_SLOT_CHARS = 4000
+from resd.templating import fill
 
 REFLECTION_PROMPT = """You are reviewing an attempt at a task that did not fully succeed. Diagnose it so the lesson can be reused on other tasks.
 
@@ -83,13 +81,16 @@ Important: when the playbook is used, no checker feedback and no answers will be
 
 Answer with one JSON object and nothing else:
 {"reasoning": "...", "operations": [ ... ]}
-where each operation is one of
-{"type": "ADD", "section": "<section name>", "content": "<a one-sentence lesson>"}
-{"type": "UPDATE", "id": "<entry id>", "content": "<improved lesson>"}
-{"type": "MERGE", "ids": ["<id>", "<id>"], "content": "<combined lesson>"}
-{"type": "DELETE", "id": "<entry id>"}
+where each operation is{operation_shapes}
 Sections: Strategies & Insights, Formulas & Calculations, Code Snippets & Templates, Common Mistakes to Avoid, Problem-Solving Heuristics, Context Clues & Indicators, Others. Do not add a lesson the playbook already has. Use an empty list if nothing should change.
 """
+
+OPERATION_SHAPES = {
+    "ADD": '{"type": "ADD", "section": "<section name>", "content": "<a one-sentence lesson>"}',
+    "UPDATE": '{"type": "UPDATE", "id": "<entry id>", "content": "<improved lesson>"}',
+    "MERGE": '{"type": "MERGE", "ids": ["<id>", "<id>"], "content": "<combined lesson>"}',
+    "DELETE": '{"type": "DELETE", "id": "<entry id>"}',
+}
 
 _REFLECTION_FIELDS = (
     ("error_identification", "Error"),
@@ -105,8 +106,15 @@ class Reflection:
     bullet_tags: list[tuple[str, str]] = field(default_factory=list)
     loose: bool = False  # read by the line-level fallback, not as a JSON object
 
+    @classmethod
+    def raw(cls, text: str) -> Reflection:
+        """A reply that did not parse, passed on as it is (the release's hand-off)."""
+        return cls({"raw": " ".join(text.split())}, loose=True)
+
     def as_text(self) -> str:
         """The reflection as the teacher and the curator read it."""
+        if "raw" in self.fields:
+            return self.fields["raw"]
         return "\n".join(
             f"{label}: {self.fields[key]}"
             for key, label in _REFLECTION_FIELDS
@@ -115,7 +123,8 @@ class Reflection:
 
 
 def _slot(text: str) -> str:
-    return clip(text.strip(), MAX_SLOT_CHARS) if text and text.strip() else "(none)"
+    """Empty slots say so. Slots arrive clipped to the run's `slot_max_tokens`."""
+    return text.strip() if text and text.strip() else "(none)"
 
 
 def reflection_messages(
@@ -136,8 +145,13 @@ def success_tag_messages(task: str, response: str, playbook: str) -> list[dict[s
 
 
 def curation_messages(
-    stats: dict[str, int], reflection: str, playbook: str, task: str
+    stats: dict[str, int],
+    reflection: str,
+    playbook: str,
+    task: str,
+    operations: tuple[str, ...] = OPERATION_TYPES,
 ) -> list[dict[str, str]]:
+    """The curator's prompt; it describes only the operation types in `operations`."""
     stats_text = (
         f"total entries: {stats['total']}; high-performing (helpful > 5, harmful < 2): "
         f"{stats['high_performing']}; problematic (harmful >= helpful, harmful > 0): "
@@ -148,6 +162,8 @@ def curation_messages(
         "reflection": _slot(reflection),
         "playbook": _slot(playbook),
         "task": _slot(task),
+        "operation_shapes": (" one of\n" if len(operations) > 1 else ":\n")
+        + "\n".join(OPERATION_SHAPES[op] for op in operations),
     }
     return [{"role": "user", "content": (fill(CURATION_PROMPT, values, strict=False))}]
 

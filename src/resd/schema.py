@@ -13,6 +13,7 @@ COUNTERS = (
     "reflection_parse_failures",
     "reflection_loose_parses",
     "reflection_truncated",  # cut at reflection_max_new_tokens
+    "reflections_raw",  # unparsed replies handed on as raw text (unparsed_reflection: raw)
     "tag_replies",
     "tag_parse_failures",
     "curations",
@@ -41,3 +42,7 @@ SKIP_REASONS = (
     "copies_feedback",
     "leaks_answer",
 )
+
+# Who reads the playbook, each under its own token budget (`<reader>_playbook_tokens`);
+# `playbook_omitted_<reader>` counts the entries left out of that reader's view.
+PLAYBOOK_READERS = ("reflection", "curation", "teacher")

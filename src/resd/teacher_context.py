@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resd.templating import clip, fill, slots
+from resd.templating import fill, slots
 
 SLOT_TITLES: dict[str, str] = {
     "prompt": "Task",
@@ -32,7 +32,6 @@ DEFAULT_TEMPLATE = """Solve the task below. Use the material that follows it: le
 {prompt}{playbook}{previous_trial}{feedback}{reflection}{successful_trial}
 Now answer the task."""
 
-MAX_SLOT_CHARS = 6000
 _OWN_TAGS = re.compile(r"<(/?)(" + "|".join(SLOT_TITLES) + r")>", re.IGNORECASE)
 
 
@@ -45,7 +44,7 @@ def _block(name: str, text: str) -> str:
     text = (text or "").strip()
     if not text:
         return ""
-    return f"\n## {SLOT_TITLES[name]}\n<{name}>\n{clip(_escape(text), MAX_SLOT_CHARS)}\n</{name}>\n"
+    return f"\n## {SLOT_TITLES[name]}\n<{name}>\n{_escape(text)}\n</{name}>\n"
 
 
 @dataclass
@@ -78,12 +77,22 @@ class TeacherTemplate:
 
 @dataclass
 class SolutionBuffer:
-    """First successful response per prompt (spec §3 step 4), keyed by item id."""
+    """A successful response per prompt (spec §3 step 4), keyed by item id.
+
+    `keep="first"` keeps the first success for good (the paper: "a success per prompt");
+    `keep="latest"` replaces it with each new one, as the release does, so the teacher
+    sees the policy's most recent way of solving the prompt.
+    """
 
     solutions: dict[str, str] = field(default_factory=dict)
+    keep: str = "first"
+
+    def __post_init__(self) -> None:
+        if self.keep not in ("first", "latest"):
+            raise ValueError(f"solution_buffer_keep: expected first or latest, got {self.keep!r}")
 
     def add(self, key: str, response: str) -> bool:
-        if key in self.solutions or not response.strip():
+        if not response.strip() or (self.keep == "first" and key in self.solutions):
             return False
         self.solutions[key] = response
         return True

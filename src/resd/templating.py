@@ -43,6 +43,21 @@ def clip(text: str, max_chars: int) -> str:
     return text[: max_chars - 20].rstrip() + "\n…[truncated]"
 
 
+def clip_tokens(text: str, max_tokens: int | None, tokenizer) -> str:
+    """Bound untrusted text to `max_tokens` tokens of `tokenizer`, marking the cut.
+
+    A cheap character cut first (no token is anywhere near 32 characters long), so that
+    a reply of megabytes is not tokenized whole just to be thrown away.
+    """
+    if max_tokens is None or not text:
+        return text
+    text = text[: 32 * max_tokens]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[: max(1, max_tokens - 8)]).rstrip() + "\n…[truncated]"
+
+
 def strip_thinking(text: str) -> str:
     """Remove `<think>…</think>` reasoning (and an unterminated trailing one).
 

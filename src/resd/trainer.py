@@ -47,10 +47,10 @@ from resd.generation import (
 )
 from resd.guards import LessonSource, lesson_problem
 from resd.losses import (
+    aggregate_loss,
     chunked_token_losses,
     group_advantages,
     importance_weight,
-    masked_token_mean,
     policy_gradient_loss,
     sampled_token_loss,
     self_distillation_loss,
@@ -59,7 +59,7 @@ from resd.losses import (
 )
 from resd.models import DTYPES, autocast_context, load_model, load_tokenizer, resolve_model_path
 from resd.parsing import extract_bullet_tags
-from resd.playbook import Playbook
+from resd.playbook import OPERATION_TYPES, Playbook, prune_due
 from resd.reflection import (
     Reflection,
     curation_messages,
@@ -69,7 +69,7 @@ from resd.reflection import (
     reflection_messages,
     success_tag_messages,
 )
-from resd.schema import COUNTERS, PHASES, SKIP_REASONS
+from resd.schema import COUNTERS, PHASES, PLAYBOOK_READERS, SKIP_REASONS
 from resd.structured import (
     JsonGrammar,
     StructuredOutputUnavailable,
@@ -79,7 +79,7 @@ from resd.structured import (
 )
 from resd.teacher import Teacher, is_peft
 from resd.teacher_context import SolutionBuffer, TeacherTemplate
-from resd.templating import strip_thinking
+from resd.templating import clip_tokens, strip_thinking
 from resd.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,24 @@ log = logging.getLogger(__name__)
 # Opens reflector and curator replies when no grammar constrains them, so a small model
 # starts inside the JSON object instead of chatting (see `structured_output`).
 JSON_OPENER = '{\n  "reasoning": "'
+
+
+@dataclass(frozen=True)
+class PlaybookView:
+    """The playbook as one reader is shown it: text, the ids in it, how many were left out."""
+
+    text: str = ""
+    ids: list[str] = field(default_factory=list)
+    omitted: int = 0
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    """Counts over the whole global batch (all ranks) that scale each micro-batch's loss."""
+
+    sd_tokens: int  # tokens of self-distilled rows
+    pg_tokens: int  # tokens of policy-gradient rows
+    sequences: int  # rollouts in the batch, distilled or not
 
 
 @dataclass
@@ -101,7 +119,13 @@ class Rollout:
     teacher_ids: list[int] = field(default_factory=list)
     reflection_reply: str = ""
     curation_reply: str = ""
-    distill: bool = False
+    distill: bool = False  # the teacher's context holds something new: self-distil this row
+    # Set by the update: which loss terms cover this row, its success-rate weight and its
+    # group-normalised advantage.
+    sd_row: bool = False
+    pg_row: bool = False
+    weight: float = 1.0
+    advantage: float = 0.0
     token_losses: list[float] = field(default_factory=list)
 
     @property
@@ -165,6 +189,15 @@ def response_hidden(model, sequences: list[list[int]], width: int, pad_id: int) 
 def right_aligned_mask(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
     cols = torch.arange(width, device=device)
     return (cols[None, :] >= width - torch.tensor(lengths, device=device)[:, None]).float()
+
+
+def right_aligned(rows: list[list[float]], width: int, device: torch.device) -> torch.Tensor:
+    """Per-token values `[B, width]` in the layout of the response window (zeros before)."""
+    out = torch.zeros(len(rows), width)
+    for row, values in enumerate(rows):
+        if values:
+            out[row, width - len(values) :] = torch.tensor(values)
+    return out.to(device)
 
 
 class Trainer:
@@ -253,8 +286,11 @@ class Trainer:
         self.sampler = self._make_sampler()
         self.template = TeacherTemplate.from_config(cfg.teacher_template)
         self.playbook = Playbook.load(cfg.playbook_init) if cfg.playbook_init else Playbook()
-        self.buffer = SolutionBuffer()
-        self._rendered_playbook = ("", "", [])  # (full text, budgeted text, its ids) cache
+        self.buffer = SolutionBuffer(keep=cfg.solution_buffer_keep)
+        self._playbook_views: dict[tuple[str, int | None], PlaybookView] = {}
+        self._omitted: dict[str, int] = {}  # entries each reader was not shown, this step
+        self._curation_ops = OPERATION_TYPES if cfg.curation_ops == "all" else ("ADD",)
+        self._clip = partial(clip_tokens, max_tokens=cfg.slot_max_tokens, tokenizer=self.tokenizer)
         self.step = 0
         self.last_eval_step: int | None = None  # same on every rank
         self.totals: Counter[str] = Counter()
@@ -458,7 +494,7 @@ class Trainer:
         self.dist.load_optimizer_state(self.model, self.optimizer, optimizer_state)
         self.step = int(state["step"])
         self.playbook = Playbook.from_dict(state["playbook"])
-        self.buffer = SolutionBuffer(dict(state["buffer"]))
+        self.buffer = SolutionBuffer(dict(state["buffer"]), keep=self.cfg.solution_buffer_keep)
         self.totals = Counter(state.get("totals", {}))
         if self.dist.is_main:
             for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl"):
@@ -482,6 +518,7 @@ class Trainer:
         # `counts` holds this rank's own work (summed over ranks below); `applied` counts
         # playbook changes, which every rank makes identically (so they are not summed).
         timer, counts, applied = PhaseTimer(), Counter(), Counter()
+        self._omitted = {}
         start = time.perf_counter()
         size_before = len(self.playbook)
 
@@ -508,7 +545,7 @@ class Trainer:
         )
 
         removed: list[str] = []
-        if algo.playbook and step % cfg.playbook_prune_every == 0:
+        if algo.playbook and prune_due(step, cfg.playbook_prune_every):
             removed += self.playbook.concise(step, policy=cfg.playbook_policy, seed=cfg.seed + step)
         with timer("reflect"):
             tags: list[tuple[int, list[tuple[str, str]]]] = []
@@ -527,7 +564,10 @@ class Trainer:
             if algo.playbook:
                 for ops, source in self.dist.gather_indexed(self._curate(rollouts, step, counts)):
                     report = self.playbook.apply_operations(
-                        ops, step, check=partial(lesson_problem, source=source)
+                        ops,
+                        step,
+                        allowed=self._curation_ops,
+                        check=partial(lesson_problem, source=source),
                     )
                     applied["ops_applied"] += report.applied
                     applied["curations_effective"] += report.applied > 0
@@ -575,6 +615,8 @@ class Trainer:
             "buffer_size": len(self.buffer),
             **{k: counts.get(k, 0) for k in COUNTERS},
             **{f"ops_skipped_{k}": counts.get(f"ops_skipped_{k}", 0) for k in SKIP_REASONS},
+            # entries each reader was not shown for lack of budget (every rank sees the same)
+            **{f"playbook_omitted_{k}": self._omitted.get(k, 0) for k in PLAYBOOK_READERS},
             **{f"time_{p}": round(s, 4) for p, s in timer.seconds.items()},
             "time_step": round(time.perf_counter() - start, 4),
         }
@@ -600,7 +642,7 @@ class Trainer:
         """
         if not (self.cfg.student_playbook and self.algo.playbook and len(self.playbook)):
             return item.messages
-        lessons = f"Lessons from earlier tasks:\n{self._playbook_text()}\n\n"
+        lessons = f"Lessons from earlier tasks:\n{self._playbook_view('teacher').text}\n\n"
         messages = [dict(m) for m in item.messages]
         last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
         messages[last_user]["content"] = lessons + messages[last_user]["content"]
@@ -609,6 +651,7 @@ class Trainer:
     def _generate(
         self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]
     ) -> list[Generation]:
+        """Rollouts, with the sampler's log-probs for rollout correction."""
         cfg = self.cfg
         return self.sampler.generate(
             prompts,
@@ -616,6 +659,7 @@ class Trainer:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             seeds=seeds,
+            return_logprobs=True,
         )
 
     def _generate_replies(
@@ -637,36 +681,39 @@ class Trainer:
         )  # fmt: skip
         return [Generation(g.token_ids, prefill + g.text, g.finished) for g in gens]
 
-    def _playbook_text(self) -> str:
-        """The playbook as prompts show it, under the token budget.
+    def _playbook_view(self, reader: str) -> PlaybookView:
+        """The playbook as `reader` (reflection, curation, teacher) is shown it.
 
-        A step asks for it several times (reflection, tagging, curation, teacher and,
-        with `student_playbook`, every student prompt); fitting the budget tokenizes each
-        entry, so the result is reused until the playbook's text changes.
+        Each reader has a token budget (`<reader>_playbook_tokens`, null = all); when the
+        playbook does not fit, whole entries are left out, least proven first, and the
+        omission is counted in the step's metrics. Views are cached until the playbook's
+        text changes: a step asks for them many times, and fitting a budget tokenizes
+        every entry.
         """
-        key = self.playbook.render()
-        if self._rendered_playbook[0] != key:
+        budget = getattr(self.cfg, f"{reader}_playbook_tokens")
+        key = (self.playbook.render(), budget)
+        view = self._playbook_views.get(key)
+        if view is None:
             text = self.playbook.render(
-                max_tokens=self.cfg.playbook_max_tokens,
-                count_tokens=self._count_tokens,
-                include_empty=False,
+                max_tokens=budget, count_tokens=self._count_tokens, include_empty=False
             )
-            self._rendered_playbook = (
-                key,
-                text,
-                [i for i in self.playbook.entries if f"[{i}]" in text],
-            )
-        return self._rendered_playbook[1]
+            shown = [i for i in self.playbook.entries if f"[{i}]" in text]
+            view = PlaybookView(text if shown else "", shown, len(self.playbook) - len(shown))
+            self._playbook_views = {k: v for k, v in self._playbook_views.items() if k[0] == key[0]}
+            self._playbook_views[key] = view
+        self._omitted[reader] = view.omitted
+        return view
 
-    def _reply_schema(self, build, budget: int) -> dict[str, Any] | None:
+    def _reply_schema(self, build, budget: int, view: PlaybookView) -> dict[str, Any] | None:
         """The JSON schema of a reflection / tag / curation reply; None without a grammar.
 
-        Its id enums hold the entries the reply's prompt shows (none without a playbook).
+        Its id enums hold the entries the reply's prompt shows.
         """
         if not self.structured:
             return None
-        ids = self._rendered_playbook[2] if self.algo.playbook and self._playbook_text() else []
-        return build(ids, budget, self._count_tokens)
+        if build is curation_schema:
+            return build(view.ids, budget, self._count_tokens, operations=self._curation_ops)
+        return build(view.ids, budget, self._count_tokens)
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -684,16 +731,19 @@ class Trainer:
         failed = [r for r in rollouts if r.index in chosen]
         if not failed:
             return []
-        playbook_text = self._playbook_text() if self.algo.playbook else ""
+        view = self._playbook_view("reflection") if self.algo.playbook else PlaybookView()
+        clip = self._clip
         prompts = [
             self._chat(
-                reflection_messages(r.item.prompt_text, r.response, r.score.feedback, playbook_text)
+                reflection_messages(
+                    clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback), view.text
+                )
             )
             for r in failed
         ]
         seeds = [self._row_seed(step, "reflect", r.index) for r in failed]
         budget = self.cfg.reflection_max_new_tokens
-        schema = self._reply_schema(reflection_schema, budget)
+        schema = self._reply_schema(reflection_schema, budget, view)
         replies = self._generate_replies(
             prompts, self.prefills["reflection"], budget, seeds, schema
         )
@@ -707,6 +757,10 @@ class Trainer:
             if r.reflection is None:
                 counts["reflection_parse_failures"] += 1
                 tags.append((r.index, extract_bullet_tags(None, reply.text)))  # regex fallback
+                if self.cfg.unparsed_reflection == "raw" and strip_thinking(reply.text):
+                    # the release hands the raw reply on to the curator and the teacher
+                    r.reflection = Reflection.raw(strip_thinking(reply.text))
+                    counts["reflections_raw"] += 1
             else:
                 counts["reflection_loose_parses"] += r.reflection.loose
                 counts["reflections_parsed"] += not r.reflection.loose
@@ -719,14 +773,18 @@ class Trainer:
         wins = [r for r in rollouts if r.success]
         if not wins:
             return []
-        playbook_text = self._playbook_text()
+        view = self._playbook_view("reflection")
         prompts = [
-            self._chat(success_tag_messages(r.item.prompt_text, r.response, playbook_text))
+            self._chat(
+                success_tag_messages(
+                    self._clip(r.item.prompt_text), self._clip(r.response), view.text
+                )
+            )
             for r in wins
         ]
         seeds = [self._row_seed(step, "tag", r.index) for r in wins]
         budget = self.cfg.reflection_max_new_tokens
-        schema = self._reply_schema(tag_schema, budget)
+        schema = self._reply_schema(tag_schema, budget, view)
         tags = []
         for r, reply in zip(
             wins, self._generate_replies(prompts, "", budget, seeds, schema), strict=True
@@ -751,15 +809,23 @@ class Trainer:
                        if not r.success and r.score.feedback]  # fmt: skip
         if not sources:
             return []
-        playbook_text = self._playbook_text()
+        view = self._playbook_view("curation")
         stats = self.playbook.stats()
         prompts = [
-            self._chat(curation_messages(stats, text, playbook_text, r.item.prompt_text))
+            self._chat(
+                curation_messages(
+                    stats,
+                    self._clip(text),
+                    view.text,
+                    self._clip(r.item.prompt_text),
+                    operations=self._curation_ops,
+                )
+            )
             for r, text in sources
         ]
         seeds = [self._row_seed(step, "curate", r.index) for r, _ in sources]
         budget = self.cfg.curation_max_new_tokens
-        schema = self._reply_schema(curation_schema, budget)
+        schema = self._reply_schema(curation_schema, budget, view)
         replies = self._generate_replies(prompts, self.prefills["curation"], budget, seeds, schema)
         operations = []
         for (r, _), reply in zip(sources, replies, strict=True):
@@ -781,8 +847,8 @@ class Trainer:
 
         `peers` maps an item id to a successful response for it from this step (any rank).
         """
-        algo = self.algo
-        playbook_text = self._playbook_text() if algo.playbook else ""
+        algo, cfg, clip = self.algo, self.cfg, self._clip
+        playbook_text = self._playbook_view("teacher").text if algo.playbook else ""
         for r in rollouts:
             solution = ""
             if algo.demonstration:
@@ -794,17 +860,19 @@ class Trainer:
             elif algo.peer_solution and self.cfg.rollouts_per_prompt > 1 and not r.success:
                 solution = peers.get(r.item.id, "")
             feedback = r.score.feedback if algo.feedback else ""
+            if solution and not cfg.teacher_feedback_with_solution:
+                feedback = ""  # the release: a solution speaks for itself
             reflection = r.reflection.as_text() if r.reflection else ""
             r.distill = bool(feedback.strip() or reflection or solution) and bool(r.gen.token_ids)
             if r.success and not algo.distill_successes:
                 r.distill = False
             r.teacher_prompt = self.template.render(
-                prompt=r.item.prompt_text,
+                prompt=clip(r.item.prompt_text),
                 playbook=playbook_text,
-                previous_trial=r.response if algo.previous_trial else "",
-                feedback=feedback,
-                reflection=reflection,
-                successful_trial=solution,
+                previous_trial=clip(r.response) if algo.previous_trial else "",
+                feedback=clip(feedback),
+                reflection=clip(reflection),
+                successful_trial=clip(solution),
             )
             system = [m for m in r.item.messages if m.get("role") == "system"]
             r.teacher_ids = self._chat([*system, {"role": "user", "content": r.teacher_prompt}])
@@ -812,22 +880,27 @@ class Trainer:
     def _update(
         self, rollouts: list[Rollout], outcomes: list[tuple[str, float, float]], timer: PhaseTimer
     ) -> dict[str, float]:
-        """Optimizer step(s) on (1 − λ)·policy-gradient + λ·self-distillation, token-mean each.
+        """Optimizer step(s) on (1 − λ)·policy-gradient + λ·self-distillation.
 
         Self-distillation covers the rollouts marked `distill`; the policy gradient (GRPO,
         or a mixed objective) covers all rollouts with group-normalised advantages.
         `outcomes` (item id, reward, score) covers the whole global batch, so batch-level
-        quantities (success-rate weights, advantages, token counts) are the same on
-        every rank and the same as in a one-process run.
+        quantities (success-rate weights, advantages, token and sequence counts) are the
+        same on every rank and the same as in a one-process run.
         """
         cfg, lam = self.cfg, self.distillation_weight
-        sd_rows = {id(r) for r in rollouts if r.distill and r.gen.token_ids} if lam > 0 else set()
-        pg_rows = {id(r) for r in rollouts if r.gen.token_ids} if lam < 1 else set()
-        rows = [r for r in rollouts if id(r) in sd_rows | pg_rows]
-        sd_tokens = int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if id(r) in sd_rows)))
-        pg_tokens = int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if id(r) in pg_rows)))
-        out = {"loss": 0.0, "sd_loss": 0.0, "pg_loss": 0.0, "tokens": sd_tokens, "grad_norm": 0.0}
-        if sd_tokens + pg_tokens == 0:
+        for r in rollouts:
+            r.sd_row = lam > 0 and r.distill and bool(r.gen.token_ids)
+            r.pg_row = lam < 1 and bool(r.gen.token_ids)
+        rows = [r for r in rollouts if r.sd_row or r.pg_row]
+        totals = BatchTotals(
+            sd_tokens=int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if r.sd_row))),
+            pg_tokens=int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if r.pg_row))),
+            sequences=len(outcomes),
+        )
+        out = {"loss": 0.0, "sd_loss": 0.0, "pg_loss": 0.0, "tokens": totals.sd_tokens, "grad_norm": 0.0,
+               "rollout_logprob_gap": 0.0}  # fmt: skip
+        if totals.sd_tokens + totals.pg_tokens == 0:
             return out
         rewards = torch.tensor([o[1] for o in outcomes])
         weights = (
@@ -837,10 +910,8 @@ class Trainer:
         )
         values = torch.tensor([o[1] if cfg.pg_reward == "reward" else o[2] for o in outcomes])
         advantages = group_advantages(values, cfg.rollouts_per_prompt, cfg.pg_scale_std)
-        per_sample = {
-            "weight": {id(r): float(weights[r.index]) for r in rollouts},
-            "advantage": {id(r): float(advantages[r.index]) for r in rollouts},
-        }
+        for r in rollouts:
+            r.weight, r.advantage = float(weights[r.index]), float(advantages[r.index])
         size = cfg.micro_batch_size
         micro_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         if self.dist.lockstep:  # forward/backward are collective: every rank runs as many
@@ -848,17 +919,19 @@ class Trainer:
             micro_batches += [[self._padding_rollout()] for _ in range(missing)]
         old_logps = self._old_logprobs(micro_batches, timer) if cfg.update_epochs > 1 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
+        gap = torch.zeros(2, dtype=torch.float64)  # Σ |log π_trainer − log π_sampler|, tokens
         for epoch in range(cfg.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            totals = {"sd_loss": 0.0, "pg_loss": 0.0}
+            losses = {"sd_loss": 0.0, "pg_loss": 0.0}
             for index, micro in enumerate(micro_batches):
                 old = old_logps[index] if old_logps is not None else None
-                sd, pg = self._micro_batch_loss(micro, sd_rows, pg_rows, per_sample, old, sd_tokens, pg_tokens,
-                                                timer, record=epoch == 0)  # fmt: skip
+                sd, pg = self._micro_batch_loss(
+                    micro, totals, old, timer, gap if epoch == 0 else None
+                )
                 with timer("update"):
                     self.dist.backward((1 - lam) * pg + lam * sd)
-                totals["sd_loss"] += sd.item()
-                totals["pg_loss"] += pg.item()
+                losses["sd_loss"] += sd.item()
+                losses["pg_loss"] += pg.item()
             with timer("update"):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self._lr(self.step + 1)
@@ -867,43 +940,42 @@ class Trainer:
                     self.dist.reshard(frozen)
                 self.teacher.update(self.model, self._teacher_source())
                 self._sync_sampler()
-        totals = {k: self.dist.sum(v) for k, v in totals.items()}
+        losses = {k: self.dist.sum(v) for k, v in losses.items()}
+        gap_sum, gap_tokens = self.dist.sum(float(gap[0])), self.dist.sum(float(gap[1]))
         out.update(
-            totals,
+            losses,
             grad_norm=grad_norm,
-            loss=(1 - lam) * totals["pg_loss"] + lam * totals["sd_loss"],
+            loss=(1 - lam) * losses["pg_loss"] + lam * losses["sd_loss"],
+            rollout_logprob_gap=gap_sum / gap_tokens if gap_tokens else 0.0,
         )
         return out
 
     def _micro_batch_loss(
         self,
         micro: list[Rollout],
-        sd_rows: set[int],
-        pg_rows: set[int],
-        per_sample: dict[str, dict[int, float]],
+        totals: BatchTotals,
         old_logp: torch.Tensor | None,
-        sd_tokens: int,
-        pg_tokens: int,
         timer: PhaseTimer,
-        record: bool,
+        gap: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed SD and PG token losses of one micro-batch, each divided by its batch token count."""
+        """This micro-batch's share of the batch's SD and PG losses (see `aggregate_loss`).
+
+        `gap`, on the first pass over the batch, accumulates the log-prob mismatch between
+        the sampler that drew the tokens and the trainer, and token losses are recorded
+        for the samples log.
+        """
         cfg = self.cfg
         lengths = [len(r.gen.token_ids) for r in micro]
         width = max(lengths)
         mask = right_aligned_mask(lengths, width, self.device)
         token_ids = left_pad([r.gen.token_ids for r in micro], 0, self.device)[0]
         zero = torch.zeros((), device=self.device)
-        is_sd = torch.tensor(
-            [id(r) in sd_rows for r in micro], device=self.device, dtype=torch.float32
-        )
-        is_pg = torch.tensor(
-            [id(r) in pg_rows for r in micro], device=self.device, dtype=torch.float32
-        )
+        is_sd = torch.tensor([r.sd_row for r in micro], device=self.device, dtype=torch.float32)
+        is_pg = torch.tensor([r.pg_row for r in micro], device=self.device, dtype=torch.float32)
 
         # In lockstep a rank runs every forward the others run, even on rows it masks out.
-        want_sd = bool(sd_tokens) and (self.dist.lockstep or bool(is_sd.any()))
-        want_pg = bool(pg_tokens) and (self.dist.lockstep or bool(is_pg.any()))
+        want_sd = bool(totals.sd_tokens) and (self.dist.lockstep or bool(is_sd.any()))
+        want_pg = bool(totals.pg_tokens) and (self.dist.lockstep or bool(is_pg.any()))
         teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
         student_seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
         sd_loss = pg_loss = zero
@@ -912,22 +984,36 @@ class Trainer:
         )
         with timer("update"):
             old = logp.detach() if old_logp is None else old_logp
+            # The sampler's log-probs; NaN where it gave none (those tokens get weight 1).
+            sampled = [
+                r.gen.logprobs or [math.nan] * n for r, n in zip(micro, lengths, strict=True)
+            ]
+            sampler_logp = right_aligned(sampled, width, self.device)
+            known = mask * ~sampler_logp.isnan()
+            sampler_logp = torch.where(known.bool(), sampler_logp, logp.detach())
+            if gap is not None:
+                gap[0] += float(((logp.detach() - sampler_logp).abs() * known).sum())
+                gap[1] += float(known.sum())
+            correction = importance_weight(logp, sampler_logp, cfg.rollout_is_cap)
+
+            def aggregate(
+                token_loss: torch.Tensor, rows: torch.Tensor, tokens: int
+            ) -> torch.Tensor:
+                return aggregate_loss(token_loss, mask * rows[:, None], mode=cfg.loss_aggregation,
+                                      tokens=tokens, sequences=totals.sequences)  # fmt: skip
+
             if tok is not None:
-                tok = tok * importance_weight(logp, old, cfg.is_clip)
-                w = torch.tensor(
-                    [per_sample["weight"].get(id(r), 0.0) for r in micro], device=self.device
-                )
-                sd_loss = masked_token_mean(tok * w[:, None], mask * is_sd[:, None], sd_tokens)
-                if record:
+                tok = tok * importance_weight(logp, old, cfg.is_clip) * correction
+                w = torch.tensor([r.weight for r in micro], device=self.device)
+                sd_loss = aggregate(tok * w[:, None], is_sd, totals.sd_tokens)
+                if gap is not None:
                     for row, r in enumerate(micro):
-                        if id(r) in sd_rows:
+                        if r.sd_row:
                             r.token_losses = (
                                 tok[row, width - lengths[row] :].detach().float().tolist()
                             )
             if want_pg:
-                adv = torch.tensor(
-                    [per_sample["advantage"].get(id(r), 0.0) for r in micro], device=self.device
-                )
+                adv = torch.tensor([r.advantage for r in micro], device=self.device)
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad(), autocast_context(self.device, cfg.autocast):
@@ -940,7 +1026,7 @@ class Trainer:
                     ref = token_logprobs(ref_logits, token_ids)
                 tok = policy_gradient_loss(logp, old, adv, clip_low=cfg.pg_clip_low, clip_high=cfg.pg_clip_high,
                                            ref_logp=ref, kl_coef=cfg.kl_coef)  # fmt: skip
-                pg_loss = masked_token_mean(tok, mask * is_pg[:, None], pg_tokens)
+                pg_loss = aggregate(tok * correction, is_pg, totals.pg_tokens)
         return sd_loss, pg_loss
 
     def _token_losses(
@@ -961,7 +1047,9 @@ class Trainer:
 
         def sd_token_loss(s_logits, t_logits, ids, s_logp):
             if cfg.distillation_mode == "sampled":
-                return sampled_token_loss(s_logp, token_logprobs(t_logits, ids))
+                return sampled_token_loss(
+                    s_logp, token_logprobs(t_logits, ids), min_ratio=cfg.min_ratio
+                )
             topk = None if cfg.distillation_mode == "full" else cfg.topk
             return self_distillation_loss(s_logits, t_logits, alpha=cfg.alpha, topk=topk, add_tail=cfg.add_tail,
                                           min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)  # fmt: skip

@@ -18,6 +18,7 @@ sends `merged_lora_weights(policy)`, since the engine holds a plain model.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -100,6 +101,7 @@ class VLLMSampler:
         seeds: list[int] | None = None,
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
+        return_logprobs: bool = False,
     ) -> list[Generation]:
         """One continuation per prompt; temperature 0 is greedy.
 
@@ -127,6 +129,7 @@ class VLLMSampler:
                 seed=None if seeds is None or greedy else int(seeds[i]) % (2**63),
                 stop_token_ids=self.eos,
                 detokenize=False,  # we decode ourselves, exactly as the other backend
+                **({"logprobs": 0} if return_logprobs else {}),  # 0: the sampled token's only
                 **self._structured(json_schemas[i] if json_schemas else None),
             )
             for i in range(len(prompts))
@@ -152,11 +155,12 @@ class VLLMSampler:
         put back from `stop_reason` so `finished` and the kept EOS agree across backends.
         """
         tokens = list(completion.token_ids)
-        gen = cut_at_eos(tokens, self.eos, self.tokenizer)
+        logprobs = _sampled_logprobs(tokens, getattr(completion, "logprobs", None))
+        gen = cut_at_eos(tokens, self.eos, self.tokenizer, logprobs)
         if not gen.finished and completion.finish_reason == "stop" and self.eos:
             stop = completion.stop_reason
             tokens.append(stop if isinstance(stop, int) else self.eos[0])
-            gen = cut_at_eos(tokens, self.eos, self.tokenizer)
+            gen = cut_at_eos(tokens, self.eos, self.tokenizer, logprobs and [*logprobs, math.nan])
         return gen
 
     @torch.no_grad()
@@ -189,6 +193,19 @@ class VLLMSampler:
         reset = getattr(self.llm, "reset_prefix_cache", None)
         if reset is not None:
             reset()
+
+
+def _sampled_logprobs(tokens: list[int], logprobs: Any) -> list[float] | None:
+    """vLLM's per-position {token id: Logprob} dicts → the sampled tokens' log-probs."""
+    if not logprobs or len(logprobs) < len(tokens):
+        return None
+    values = []
+    for token, position in zip(tokens, logprobs, strict=False):
+        entry = position.get(token) if isinstance(position, dict) else None
+        if entry is None:
+            return None
+        values.append(float(getattr(entry, "logprob", entry)))
+    return values
 
 
 def _config_eos(model_path: str) -> list[int]:

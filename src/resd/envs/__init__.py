@@ -15,6 +15,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "ifeval": "resd.envs.ifeval:IFEvalEnv",
     "code": "resd.envs.code:CodeEnv",
     "qa": "resd.envs.qa:QAEnv",
+    "house_rules": "resd.envs.house_rules:HouseRulesEnv",
 }
 
 

@@ -84,7 +84,9 @@ class ArithmeticEnv(Environment):
     def score(self, item: Item, response: str) -> Score:
         value, question = item.meta["value"], item.meta["question"]
         # The last number of the last "Answer:" line: "Answer: 12 + 13 = 25" means 25.
-        lines = [_NUMBER.findall(_THOUSANDS.sub("", line)) for line in _ANSWER_LINE.findall(response)]
+        lines = [
+            _NUMBER.findall(_THOUSANDS.sub("", line)) for line in _ANSWER_LINE.findall(response)
+        ]
         marked = [numbers for numbers in lines if numbers]
         if marked:
             given, format_ok = int(marked[-1][-1]), True

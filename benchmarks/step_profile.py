@@ -1,0 +1,139 @@
+"""One training step of the bundled 0.5B model on 2 CPU cores: phases and peak memory.
+
+Each variant runs in a process of its own, so its peak resident memory is its own: one
+warm-up step, then `--repeats` timed steps on the same batch of prompts (the K inner
+updates of one batch), and the median of every phase the trainer times. The settings
+are the ones the 0.5B experiments use: batch 8, replies of at most 128 tokens, arithmetic
+with two-digit operands and feedback that states the right value.
+
+Variants (`--variants`, comma-separated):
+
+    full          full fine-tuning: fp32 master weights, bf16 autocast, a bf16 sampling copy
+    full-chunk    the same with the chunked output head (`loss_chunk_size: 64`)
+    lora          LoRA r = 16 on every linear layer; the EMA teacher is a second adapter,
+                  sampling from a bf16 copy with the adapter merged in
+    lora-chunk    the same with the chunked output head
+    full-before   `full` without the contiguous head input (the step as it was before)
+    lora-before   `lora` sampling through the unmerged fp32 adapters, without the
+                  contiguous head input (the step as it was before)
+
+    python benchmarks/step_profile.py                                   # every variant, SDPO
+    python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora
+
+The table is printed last; the JSON (`--out`) holds every step of every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
+BASE = [
+    "model=qwen2.5-coder-0.5b", "env=arithmetic", "env_args.n_train=64", "env_args.n_test=4",
+    "env_args.max_operand=99", "env_args.mul_max_operand=99", "batch_size=8", "inner_updates=4",
+    "micro_batch_size=4", "generation_batch_size=8", "max_new_tokens=128",
+    "reflection_max_new_tokens=256", "curation_max_new_tokens=192", "lr=1e-5", "warmup_steps=0",
+    "teacher_update_rate=0.05", "progress=false", "eval_items=1", "log_samples=0",
+]  # fmt: skip
+LORA = "lora={r: 16, alpha: 32}"
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "full-chunk": ["loss_chunk_size=64"],
+    "lora": [LORA],
+    "lora-chunk": [LORA, "loss_chunk_size=64"],
+    "full-before": [],
+    "lora-before": [LORA, "generation_dtype=float32"],
+}
+
+
+def _undo_head_fix(trainer) -> None:
+    """Take the contiguous-input hook off every model the trainer holds (the 'before' step)."""
+    from resd.models import _contiguous_first
+
+    models = [trainer.model, trainer.generator, getattr(trainer.teacher, "copy", None)]
+    for model in filter(None, models):
+        head = model.get_output_embeddings()
+        for key, hook in list(head._forward_pre_hooks.items()):
+            if hook is _contiguous_first:
+                del head._forward_pre_hooks[key]
+
+
+def child(variant: str, algorithm: str, repeats: int) -> dict[str, Any]:
+    """Run in a fresh process: build the trainer, take 1 + `repeats` steps, report."""
+    from resd.config import load_config
+    from resd.trainer import Trainer
+
+    out = tempfile.mkdtemp(prefix="resd-profile-")
+    cfg = load_config(
+        None, [*BASE, *VARIANTS[variant], f"algorithm={algorithm}", f"output_dir={out}"]
+    )
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    setup = time.perf_counter() - start
+    if variant.endswith("-before"):
+        _undo_head_fix(trainer)
+    items = trainer.train_items[: cfg.batch_size]
+    steps = [trainer.train_step(items) for _ in range(1 + repeats)]
+    timed = steps[1:]
+    row = {
+        "variant": variant, "algorithm": algorithm, "setup_s": setup, "steps": timed,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "median": {p: statistics.median(s[f"time_{p}"] for s in timed) for p in (*PHASES, "step")},
+        "response_tokens": statistics.mean(s["response_tokens"] for s in timed),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }  # fmt: skip
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--algorithms", default="sdpo")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/step_profile.json")
+    parser.add_argument(
+        "--child", nargs=2, metavar=("VARIANT", "ALGORITHM"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(*args.child, args.repeats)), flush=True)
+        return 0
+    rows = []
+    for algorithm in args.algorithms.split(","):
+        for variant in args.variants.split(","):
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", variant, algorithm, "--repeats", str(args.repeats)],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if done.returncode or not lines:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{variant}/{algorithm} failed")
+            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            print(f"done: {variant} {algorithm} {rows[-1]['median']['step']:.1f} s", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": BASE, "variants": VARIANTS, "repeats": args.repeats,
+                                          "machine": platform.processor() or platform.machine(),
+                                          "rows": rows}, indent=1))  # fmt: skip
+    head = f"{'algorithm':9s} {'variant':12s} " + " ".join(f"{p:>8s}" for p in (*PHASES, "step"))
+    print(head + f" {'peak GiB':>8s} {'tokens':>6s}")
+    for r in rows:
+        cells = " ".join(f"{r['median'][p]:8.2f}" for p in (*PHASES, "step"))
+        print(
+            f"{r['algorithm']:9s} {r['variant']:12s} {cells} {r['peak_rss_gib']:8.2f} {r['response_tokens']:6.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
