@@ -3,8 +3,9 @@
 Each variant runs in a process of its own, so its peak resident memory is its own: one
 warm-up step, then `--repeats` timed steps on the same batch of prompts (the K inner
 updates of one batch), and the median of every phase the trainer times. The settings
-are the ones the 0.5B experiments use: batch 8, replies of at most 128 tokens, arithmetic
-with two-digit operands and feedback that states the right value.
+are the ones the 0.5B experiments use: batch 8, replies of at most 128 tokens; on
+arithmetic with two-digit operands the replies are short (~8 tokens), on generated
+IFEval prompts they run to the cap.
 
 Variants (`--variants`, comma-separated):
 
@@ -17,8 +18,8 @@ Variants (`--variants`, comma-separated):
     lora-before   `lora` sampling through the unmerged fp32 adapters, without the
                   contiguous head input (the step as it was before)
 
-    python benchmarks/step_profile.py                                   # every variant, SDPO
-    python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora
+    python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
+    python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
 
 The table is printed last; the JSON (`--out`) holds every step of every variant.
 """
@@ -38,9 +39,13 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
+ENVS = {  # short replies (the experiments' arithmetic) and replies that run to the 128-token cap
+    "arithmetic": ["env=arithmetic", "env_args.n_train=64", "env_args.n_test=4", "env_args.max_operand=99",
+                   "env_args.mul_max_operand=99"],
+    "ifeval": ["env=ifeval", "env_args.n_train=64", "env_args.n_test=4"],
+}  # fmt: skip
 BASE = [
-    "model=qwen2.5-coder-0.5b", "env=arithmetic", "env_args.n_train=64", "env_args.n_test=4",
-    "env_args.max_operand=99", "env_args.mul_max_operand=99", "batch_size=8", "inner_updates=4",
+    "model=qwen2.5-coder-0.5b", "batch_size=8", "inner_updates=4",
     "micro_batch_size=4", "generation_batch_size=8", "max_new_tokens=128",
     "reflection_max_new_tokens=256", "curation_max_new_tokens=192", "lr=1e-5", "warmup_steps=0",
     "teacher_update_rate=0.05", "progress=false", "eval_items=1", "log_samples=0",
@@ -68,7 +73,7 @@ def _undo_head_fix(trainer) -> None:
                 del head._forward_pre_hooks[key]
 
 
-def child(variant: str, algorithm: str, repeats: int) -> dict[str, Any]:
+def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any]:
     """Run in a fresh process: build the trainer, take 1 + `repeats` steps, report."""
     from resd.config import load_config
     from resd.trainer import Trainer
@@ -86,7 +91,7 @@ def child(variant: str, algorithm: str, repeats: int) -> dict[str, Any]:
     steps = [trainer.train_step(items) for _ in range(1 + repeats)]
     timed = steps[1:]
     row = {
-        "variant": variant, "algorithm": algorithm, "setup_s": setup, "steps": timed,
+        "variant": variant, "algorithm": algorithm, "env": env, "setup_s": setup, "steps": timed,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "median": {p: statistics.median(s[f"time_{p}"] for s in timed) for p in (*PHASES, "step")},
         "response_tokens": statistics.mean(s["response_tokens"] for s in timed),
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--algorithms", default="sdpo")
+    parser.add_argument("--envs", default="arithmetic,ifeval")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/step_profile.json")
     parser.add_argument(
@@ -109,20 +115,31 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(child(*args.child, args.repeats)), flush=True)
         return 0
     rows = []
-    for algorithm in args.algorithms.split(","):
-        for variant in args.variants.split(","):
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", variant, algorithm, "--repeats", str(args.repeats)],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode or not lines:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{variant}/{algorithm} failed")
-            rows.append(json.loads(lines[-1][len("RESULT ") :]))
-            print(f"done: {variant} {algorithm} {rows[-1]['median']['step']:.1f} s", flush=True)
+    for env in args.envs.split(","):
+        for algorithm in args.algorithms.split(","):
+            for variant in args.variants.split(","):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    algorithm,
+                    env,
+                    "--repeats",
+                    str(args.repeats),
+                ]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+                if done.returncode or not lines:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{variant}/{algorithm}/{env} failed")
+                rows.append(json.loads(lines[-1][len("RESULT ") :]))
+                print(
+                    f"done: {env} {algorithm} {variant} {rows[-1]['median']['step']:.1f} s",
+                    flush=True,
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": BASE, "variants": VARIANTS, "repeats": args.repeats,
+    Path(args.out).write_text(json.dumps({"settings": BASE, "envs": ENVS, "variants": VARIANTS, "repeats": args.repeats,
                                           "machine": platform.processor() or platform.machine(),
                                           "rows": rows}, indent=1))  # fmt: skip
     head = f"{'algorithm':9s} {'variant':12s} " + " ".join(f"{p:>8s}" for p in (*PHASES, "step"))
