@@ -132,7 +132,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
     def update():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             s_hidden = response_hidden(student, seqs, r_len, 0)
-            tok, _ = chunked_token_losses(
+            tok, _, _ = chunked_token_losses(
                 s_hidden, student.get_output_embeddings(), ids, chunk_size=args.chunk, teacher_hidden=t_hidden,
                 teacher_head=teacher.head(student),
                 token_loss=lambda s, t, _i, _l: self_distillation_loss(s, t, alpha=1.0, topk=100),

@@ -52,7 +52,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         s_logits, t_logits = head(s_h), head(t_h).detach()
         tok, logp = sd(s_logits, t_logits, ids, None), token_logprobs(s_logits, ids)
     else:
-        tok, logp = chunked_token_losses(
+        tok, logp, _ = chunked_token_losses(
             s_h,
             head,
             ids,

