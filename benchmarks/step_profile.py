@@ -43,6 +43,7 @@ ENVS = {  # short replies (the experiments' arithmetic) and replies that run to 
     "arithmetic": ["env=arithmetic", "env_args.n_train=64", "env_args.n_test=4", "env_args.max_operand=99",
                    "env_args.mul_max_operand=99"],
     "ifeval": ["env=ifeval", "env_args.n_train=64", "env_args.n_test=4"],
+    "house_rules": ["env=house_rules", "env_args.n_test=4"],  # the headline task
 }  # fmt: skip
 BASE = [
     "model=qwen2.5-coder-0.5b", "batch_size=8", "inner_updates=4",
@@ -79,9 +80,14 @@ def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any
     from resd.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="resd-profile-")
-    cfg = load_config(
-        None, [*BASE, *VARIANTS[variant], f"algorithm={algorithm}", f"output_dir={out}"]
-    )
+    overrides = [
+        *BASE,
+        *ENVS[env],
+        *VARIANTS[variant],
+        f"algorithm={algorithm}",
+        f"output_dir={out}",
+    ]
+    cfg = load_config(None, overrides)
     start = time.perf_counter()
     trainer = Trainer(cfg)
     setup = time.perf_counter() - start
@@ -105,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--algorithms", default="sdpo")
     parser.add_argument("--envs", default="arithmetic,ifeval")
+    parser.add_argument("--runs", default=None,
+                        help="explicit env/algorithm/variant triples, comma-separated (instead of the grid)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/step_profile.json")
     parser.add_argument(
@@ -114,41 +122,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("RESULT " + json.dumps(child(*args.child, args.repeats)), flush=True)
         return 0
+    plan = (
+        [tuple(run.split("/")) for run in args.runs.split(",")]
+        if args.runs
+        else [(e, a, v) for e in args.envs.split(",") for a in args.algorithms.split(",")
+              for v in args.variants.split(",")]
+    )  # fmt: skip
     rows = []
-    for env in args.envs.split(","):
-        for algorithm in args.algorithms.split(","):
-            for variant in args.variants.split(","):
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    variant,
-                    algorithm,
-                    env,
-                    "--repeats",
-                    str(args.repeats),
-                ]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-                if done.returncode or not lines:
-                    print(done.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{variant}/{algorithm}/{env} failed")
-                rows.append(json.loads(lines[-1][len("RESULT ") :]))
-                print(
-                    f"done: {env} {algorithm} {variant} {rows[-1]['median']['step']:.1f} s",
-                    flush=True,
-                )
+    for env, algorithm, variant in plan:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            algorithm,
+            env,
+            "--repeats",
+            str(args.repeats),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{env}/{algorithm}/{variant} failed")
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
+        print(f"done: {env} {algorithm} {variant} {rows[-1]['median']['step']:.1f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": BASE, "envs": ENVS, "variants": VARIANTS, "repeats": args.repeats,
                                           "machine": platform.processor() or platform.machine(),
                                           "rows": rows}, indent=1))  # fmt: skip
-    head = f"{'algorithm':9s} {'variant':12s} " + " ".join(f"{p:>8s}" for p in (*PHASES, "step"))
+    head = f"{'env':11s} {'algorithm':9s} {'variant':12s} " + " ".join(
+        f"{p:>8s}" for p in (*PHASES, "step")
+    )
     print(head + f" {'peak GiB':>8s} {'tokens':>6s}")
     for r in rows:
         cells = " ".join(f"{r['median'][p]:8.2f}" for p in (*PHASES, "step"))
-        print(
-            f"{r['algorithm']:9s} {r['variant']:12s} {cells} {r['peak_rss_gib']:8.2f} {r['response_tokens']:6.1f}"
-        )
+        print(f"{r['env']:11s} {r['algorithm']:9s} {r['variant']:12s} {cells} {r['peak_rss_gib']:8.2f} "
+              f"{r['response_tokens']:6.1f}")  # fmt: skip
     return 0
 
 

@@ -111,6 +111,32 @@ def test_trust_region_teacher_mixes_base_and_current_logits(tiny_model_dir):
     torch.testing.assert_close(mixed, 0.75 * base + 0.25 * current, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_ema_update_by_hand_at_rate_0_1(tiny_model_dir, lora):
+    """θ_T ← 0.9·θ_T + 0.1·θ: at rate 0.5 `lerp(t, s, r)` and `lerp(t, s, 1 − r)` agree, so
+    only an asymmetric rate catches a reversed update."""
+    from resd.models import load_model
+
+    student = load_model(str(tiny_model_dir))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(
+            student, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+        )
+    teacher = Teacher(student, "ema", 0.1)
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if n in names}
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if n in names:
+                p.add_(1.0)  # the student moves by exactly 1 everywhere
+    teacher.update(student)
+    now = teacher.adapter if lora else dict(teacher.copy.named_parameters())
+    for n in names if lora else names[:3]:
+        torch.testing.assert_close(now[n], before[n] + 0.1, atol=1e-6, rtol=0)
+
+
 def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -153,17 +179,25 @@ def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
 
 
 def test_kl_reference_term(tiny_model_dir, tmp_path):
-    trainer, m, _ = step(
-        tiny_model_dir, tmp_path, "kl", "algorithm=grpo", "rollouts_per_prompt=4", "kl_coef=0.1"
+    """After one step the policy has left the reference, so from step 2 on the k3 KL term
+    changes the loss and the gradient (at step 1 both are identical: KL and its gradient
+    are 0 there, so a one-step test could not fail)."""
+    common = (
+        "algorithm=grpo",
+        "rollouts_per_prompt=4",
+        "generation_dtype=float32",
+        "autocast=none",
     )
-    assert trainer.reference is not None and m["grad_norm"] > 0
-    assert json.loads(json.dumps(m))  # metrics stay JSON-serialisable
+    trainer, with_kl, _ = step(tiny_model_dir, tmp_path, "kl", *common, "kl_coef=0.5", steps=2)
+    _, without, _ = step(tiny_model_dir, tmp_path, "nokl", *common, "kl_coef=0", steps=2)
+    assert trainer.reference is not None
+    assert with_kl["reward"] == without["reward"]  # same rollouts: the first step's KL is zero
+    assert with_kl["loss"] > without["loss"]  # k3 KL is non-negative and now positive
+    assert with_kl["grad_norm"] != pytest.approx(without["grad_norm"], rel=1e-6)
+    assert json.loads(json.dumps(with_kl))  # metrics stay JSON-serialisable
 
 
 # ---- TRL's GRPO loss as the oracle ---------------------------------------------------------
-grpo_module = pytest.importorskip("trl.trainer.grpo_trainer")
-
-
 def trl_grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, low, high, beta):
     """Call TRL's own GRPOTrainer._compute_loss on given log-probs ('bnpo' = token-mean)."""
     identity = SimpleNamespace(
@@ -184,6 +218,7 @@ def trl_grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, low, high, beta
         "completion_ids": torch.zeros(batch, width, dtype=torch.long), "completion_mask": mask,
         "advantages": advantages, "old_per_token_logps": old_logp, "ref_per_token_logps": ref_logp,
     }  # fmt: skip
+    grpo_module = pytest.importorskip("trl.trainer.grpo_trainer")  # only the oracle needs trl
     return grpo_module.GRPOTrainer._compute_loss(fake, None, inputs)
 
 

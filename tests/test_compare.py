@@ -175,3 +175,35 @@ def test_launch_resumes_from_a_checkpoint_or_starts_clean(tmp_path):
     assert launch(spec, cfg, python="echo") == 0
     assert (spec.path / "train.log").read_text().rstrip().endswith("--resume")
     assert (spec.path / "metrics.jsonl").exists()  # the trainer truncates on resume
+
+
+def _run(algorithm, seed, curve, status="finished"):
+    return {"algorithm": algorithm, "seed": seed, "status": status,
+            "eval": [{"samples_drawn": n, "case_mean@k": v, "task_mean@k": v / 2} for n, v in curve]}  # fmt: skip
+
+
+def test_paired_differences_at_equal_samples_by_hand():
+    from resd.compare import bootstrap_ci, paired_differences
+
+    runs = [
+        _run("resd", 0, [(0, 0.1), (64, 0.5), (128, 0.6)]), _run("sdpo", 0, [(0, 0.1), (64, 0.3), (128, 0.4)]),
+        _run("resd", 1, [(0, 0.2), (64, 0.4), (128, 0.7)]), _run("sdpo", 1, [(0, 0.2), (64, 0.2), (128, 0.5)]),
+        # GRPO draws 8x per step: it evaluated at 64 and 512 samples; the common point is 64
+        _run("grpo", 0, [(0, 0.1), (64, 0.45), (512, 0.9)]), _run("grpo", 1, [(0, 0.2), (64, 0.5), (512, 0.9)]),
+        _run("resd", 2, [(0, 0.2), (64, 0.4)], status="failed"), _run("sdpo", 2, [(0, 0.2), (64, 0.3)]),
+    ]  # fmt: skip
+    rows = {(r["b"], r["key"]): r for r in paired_differences(runs, "resd")}
+    sdpo = rows["sdpo", "case_mean@k"]
+    assert sdpo["per_seed"] == pytest.approx({0: 0.2, 1: 0.2}) and sdpo["samples_drawn"] == {
+        0: 128,
+        1: 128,
+    }
+    assert sdpo["missing_seeds"] == [2]  # a failed run is named, not silently left out
+    assert sdpo["ci95"] == pytest.approx([0.2, 0.2]) and sdpo["distinguishable"]
+    grpo = rows["grpo", "case_mean@k"]
+    assert grpo["samples_drawn"] == {0: 64, 1: 64}
+    assert grpo["per_seed"] == pytest.approx({0: 0.05, 1: -0.1})
+    assert grpo["ci95"][0] < 0 < grpo["ci95"][1] and not grpo["distinguishable"]
+    assert rows["sdpo", "task_mean@k"]["per_seed"] == pytest.approx({0: 0.1, 1: 0.1})
+    lo, hi = bootstrap_ci([0.0, 1.0, 2.0, 3.0])
+    assert 0.0 <= lo < 1.5 < hi <= 3.0 and bootstrap_ci([0.0, 1.0, 2.0, 3.0]) == (lo, hi)  # seeded

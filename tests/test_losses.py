@@ -150,14 +150,30 @@ def test_masked_token_mean():
     assert masked_token_mean(losses, mask, denominator=9).item() == pytest.approx(1.0)
 
 
+def test_default_path_topk_tail_and_floor_by_hand():
+    """The trainer's defaults: the student's top-2 + tail bucket, the teacher floored at
+    0.2 × the student after the tail is appended, not renormalised, reverse KL."""
+    p, q = softmax(S), softmax(T)
+    top = sorted(range(4), key=lambda i: -p[i])[:2]
+    ps = [p[i] for i in top] + [1 - sum(p[i] for i in top)]
+    qs = [q[i] for i in top] + [1 - sum(q[i] for i in top)]
+    floored = [max(b, 0.2 * a) for a, b in zip(ps, qs, strict=True)]
+    assert floored != qs  # the example must actually floor something
+    expected = sum(a * math.log(a / b) for a, b in zip(ps, floored, strict=True))
+    assert loss(1.0, topk=2, add_tail=True, min_ratio=0.2) == pytest.approx(expected, rel=1e-9)
+
+
 # ---- TRL as an oracle (test-only dependency) -------------------------------------------
-trl_sdpo = pytest.importorskip("trl.experimental.sdpo.loss_utils")
+@pytest.fixture
+def trl_sdpo():
+    """Only the oracle tests need trl; the hand-computed ones above run without it."""
+    return pytest.importorskip("trl.experimental.sdpo.loss_utils")
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.3])
 @pytest.mark.parametrize("add_tail", [True, False])
 @pytest.mark.parametrize("topk", [1, 5, 100])
-def test_topk_matches_trl(alpha, add_tail, topk):
+def test_topk_matches_trl(trl_sdpo, alpha, add_tail, topk):
     # Moderate logits: where the tail is tiny, TRL's log(1 - sum) loses digits in fp32
     # (see test_tail_is_accurate_where_naive_fp32_cancels) and the oracle is the one off.
     g = torch.Generator().manual_seed(topk * 10 + int(alpha * 10) + add_tail)
@@ -171,14 +187,14 @@ def test_topk_matches_trl(alpha, add_tail, topk):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_full_vocabulary_matches_trl(alpha):
+def test_full_vocabulary_matches_trl(trl_sdpo, alpha):
     s, t = torch.randn(2, 5, 64) * 2, torch.randn(2, 5, 64) * 2
     ours = self_distillation_loss(s, t, alpha=alpha, topk=None, min_ratio=None)
     theirs = trl_sdpo.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_sampled_token_matches_trl():
+def test_sampled_token_matches_trl(trl_sdpo):
     s, t = torch.randn(2, 6, 40), torch.randn(2, 6, 40)
     ids = torch.randint(0, 40, (2, 6))
     s_tok = torch.log_softmax(s, -1).gather(-1, ids[..., None])[..., 0]
