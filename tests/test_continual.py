@@ -151,11 +151,17 @@ def test_two_stage_run(tiny_model_dir, tmp_path, shared_data_dir, capsys, one_th
         result["stages"][1]["config"]["seed"] == 3 and result["stages"][1]["config"]["steps"] == 2
     )
     lesson = "Count the characters of a reply before sending it."
-    for stage in (stage1, stage2):
-        contents = [
-            e["content"] for e in json.loads((stage / "playbook.json").read_text())["entries"]
-        ]
-        assert lesson in contents
+    first, second = (
+        {e["content"]: e for e in json.loads((stage / "playbook.json").read_text())["entries"]}
+        for stage in (stage1, stage2)
+    )
+    # Stage 2's curator proposes the same lesson again: the stage-1 entry is carried over, not
+    # re-created (same id, same creation step), so its history survives the stage boundary.
+    assert (second[lesson]["id"], second[lesson]["created_step"]) == (
+        first[lesson]["id"],
+        first[lesson]["created_step"],
+    )
+    assert sum(e == lesson for e in second) == 1
     assert json.loads((stage2 / "summary.json").read_text())["steps"] == 2
     assert (out / "evals" / "row-2-ifeval.jsonl").exists()
 

@@ -373,8 +373,21 @@ def test_real_ifeval_records_load_and_score():
             env.strict = strict
             score = env.score(item, dummy)
             assert isinstance(score, Score)
-            assert 0.0 <= score.score <= 1.0 and score.reward in (0.0, 1.0)
+            n = len(item.meta["instruction_id_list"])
+            assert round(score.score * n) == pytest.approx(
+                score.score * n
+            )  # a fraction of n checks
             assert (score.reward == 1.0) == (score.score == 1.0)
+    env.strict = True
+    # record 0 asks for 3 highlighted sections among other things; the dummy has one
+    first = test[0]
+    assert {"num_highlights": 3} in first.meta["kwargs"]
+    verdict = env.score(first, dummy)
+    assert verdict.reward == 0.0 and "highlight" in verdict.feedback.lower()
+    assert (
+        env.score(first, dummy.replace("*one highlight*", "*one* *two* *three*")).score
+        > verdict.score
+    )
     # Generated training prompts never reuse an evaluation prompt.
     real = {item.prompt_text for item in test}
     assert not real & {item.prompt_text for item in generate_items(200, seed=3)}

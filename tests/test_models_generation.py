@@ -23,13 +23,22 @@ def test_strip_thinking():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    """The tiny Llama with larger random weights: at the default init scale every position
+    decodes to the same token, and a padding or position bug would go unseen."""
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model, tok
 
 
 def test_batched_greedy_equals_one_by_one(tiny):
     model, tok = tiny
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 9, 4)]
     batched = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, batch_size=3)
+    assert len({tuple(g.token_ids) for g in batched}) == 3  # different prompts, different replies
     for prompt, got in zip(prompts, batched, strict=True):
         alone = generate(model, tok, [prompt], max_new_tokens=10, temperature=0.0)[0]
         assert got.token_ids == alone.token_ids  # left padding and positions are right
@@ -75,9 +84,9 @@ def test_response_logits_align_with_a_plain_forward(tiny):
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")
 def test_bundled_model_alias_converts_once(tmp_path, monkeypatch):
-    path = materialize_bundled(
-        "smollm2-135m"
-    )  # shared user cache: converted at most once per machine
+    monkeypatch.setenv("RESD_CACHE", str(tmp_path))  # never the user's own cache
+    path = materialize_bundled("smollm2-135m")
+    assert path == tmp_path / "models" / "smollm2-135m"
     stamp = (path / "config.json").stat().st_mtime
     assert materialize_bundled("smollm2-135m") == path
     assert (path / "config.json").stat().st_mtime == stamp
@@ -112,21 +121,6 @@ def test_row_seeded_sampling_does_not_depend_on_batching(tiny):
         model, tok, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=[1, 2, 3, 4]
     )
     assert [g.token_ids for g in other] != [g.token_ids for g in together]
-
-
-def test_row_seeded_sampler_matches_the_distribution():
-    from resd.generation import RowSeededSampler
-
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    probs = torch.softmax(logits, -1)[0]
-    counts = torch.zeros(4)
-    sampler = RowSeededSampler([0], temperature=1.0, top_p=1.0, device=torch.device("cpu"))
-    for _ in range(4000):
-        counts[sampler(None, logits).argmax()] += 1
-    torch.testing.assert_close(counts / 4000, probs, atol=0.03, rtol=0)
-    nucleus = RowSeededSampler([0], temperature=1.0, top_p=0.7, device=torch.device("cpu"))
-    picks = {int(nucleus(None, logits).argmax()) for _ in range(500)}
-    assert picks == {0, 1}  # p(0)=0.64 < 0.7, so the nucleus is {0, 1}
 
 
 def test_chunk_join_checks_the_hash_and_leaves_nothing_on_a_mismatch(tmp_path):

@@ -223,18 +223,42 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path
     for key in ("cursor", "playbook", "buffer", "step"):
         assert state_a[key] == state_b[key], key
     assert [m["step"] for m in read_jsonl(b / "metrics.jsonl")] == [1, 2, 3, 4]
-    losses_a = [m["loss"] for m in read_jsonl(a / "metrics.jsonl")]
-    losses_b = [m["loss"] for m in read_jsonl(b / "metrics.jsonl")]
-    assert losses_a == pytest.approx(losses_b, rel=1e-4)
-    wa = load_file(a / "checkpoints" / "step-000004" / "model" / "model.safetensors")
-    wb = load_file(b / "checkpoints" / "step-000004" / "model" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
-    ta = load_file(a / "checkpoints" / "step-000004" / "teacher.safetensors")
-    tb = load_file(b / "checkpoints" / "step-000004" / "teacher.safetensors")
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4)
+
+    # Exact: every logged number but the timings, every sample, every evaluation, every
+    # weight of the student and of the teacher, bit for bit.
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+    assert untimed(read_jsonl(a / "metrics.jsonl")) == untimed(read_jsonl(b / "metrics.jsonl"))
+    assert read_jsonl(a / "samples.jsonl") == read_jsonl(b / "samples.jsonl")
+    assert read_jsonl(a / "eval.jsonl") == read_jsonl(b / "eval.jsonl")
+    for name in ("model/model.safetensors", "teacher.safetensors"):
+        wa = load_file(a / "checkpoints" / "step-000004" / name)
+        wb = load_file(b / "checkpoints" / "step-000004" / name)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_resume_before_the_first_checkpoint_starts_over_without_duplicating_logs(
+    tiny_model_dir, tmp_path
+):
+    """A run killed before its first checkpoint: `--resume` has nothing to resume from, so it
+    starts again from step 0 and says so; the logs of the lost steps must not stay behind
+    (they used to, and every step then appeared twice in metrics, samples and eval)."""
+    out = tmp_path / "r" / "early"
+    out.mkdir(parents=True)
+    for name, rows in (("metrics.jsonl", [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 9.0}]),
+                       ("samples.jsonl", [{"step": 1, "response": "stale"}]),
+                       ("eval.jsonl", [{"step": 0, "task_mean@k": 9.0}])):  # fmt: skip
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resumed = _run_cli(out, tiny_model_dir, "steps=2", "save_every=0", "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "no checkpoint" in err and "from step 0" in err
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert all(m["loss"] != 9.0 for m in read_jsonl(out / "metrics.jsonl"))
+    assert "stale" not in (out / "samples.jsonl").read_text()
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2]
 
 
 @pytest.mark.parametrize(
@@ -247,12 +271,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path
     ],
 )
 def test_trainer_runs_on_every_builtin_environment(tiny_model_dir, tmp_path, env, env_args):
+    """Each built-in environment, through a step: every logged reward, score and feedback is
+    what the environment itself says of the logged response (the wiring, not just a run)."""
     cfg = config(tiny_model_dir, tmp_path / env, f"env={env}", env_args, "steps=1", "eval_items=2",
-                 "eval_samples=1", "inner_updates=1")  # fmt: skip
-    summary = Trainer(cfg).train()
+                 "eval_samples=1", "inner_updates=1", "log_samples=4")  # fmt: skip
+    trainer = Trainer(cfg)
+    summary = trainer.train()
     assert summary["steps"] == 1 and summary["eval_after"]["items"] == 2
-    sample = read_jsonl(tmp_path / env / "samples.jsonl")[0]
-    assert sample["feedback"]  # a random model's reply always earns feedback
+    items = {it.id: it for it in trainer.train_items}
+    samples = read_jsonl(tmp_path / env / "samples.jsonl")
+    assert len(samples) == 4
+    for sample in samples:
+        again = trainer.env.score(items[sample["item"]], sample["response"])
+        assert (sample["reward"], sample["score"], sample["feedback"]) == (
+            again.reward,
+            again.score,
+            again.feedback,
+        )
+        assert sample["feedback"]  # a random model's reply always earns feedback
+    metrics = read_jsonl(tmp_path / env / "metrics.jsonl")[0]
+    assert metrics["score"] == pytest.approx(sum(s["score"] for s in samples) / 4)
 
 
 def test_trainer_runs_on_qa(tiny_model_dir, tmp_path):
@@ -294,7 +332,11 @@ def test_trainer_survives_hostile_code(tiny_model_dir, tmp_path):
     assert summary["steps"] == 1
     samples = read_jsonl(tmp_path / "hostile" / "samples.jsonl")
     assert len(samples) == len(HOSTILE_PROGRAMS)
-    assert all(s["reward"] == 0.0 and s["feedback"] for s in samples)
+    assert all(s["reward"] == 0.0 and s["score"] == 0.0 for s in samples)
+    feedback = [s["feedback"] for s in samples]
+    # the attacks are reported for what they did, not as one generic failure
+    assert len(set(feedback)) >= 4
+    assert any("time" in f.lower() for f in feedback)  # the infinite loop hit the time limit
     assert not os.path.exists("/tmp/resd-hostile-was-here")
 
 

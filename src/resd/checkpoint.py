@@ -10,6 +10,7 @@ at all: a SIGKILL during saving leaves the previous one intact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -21,18 +22,31 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{6})$")
 
 
+# What a checkpoint must hold to be resumed from (teacher files are optional: a run with a
+# live teacher has none).
+REQUIRED = ("state.json", "optimizer.pt", "rng_torch.pt", "model")
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A leftover `.tmp-*` folder (a save that was
+    killed) is not one; a `step-*` folder missing a required file is skipped with a
+    warning, so a resume falls back to the newest complete one instead of failing."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and _NAME.match(p.name) and (p / "state.json").exists()
-    ]
+    found = []
+    for p in root.iterdir():
+        if not (p.is_dir() and _NAME.match(p.name)):
+            continue
+        missing = [name for name in REQUIRED if not (p / name).exists()]
+        if missing:
+            log.warning("checkpoint %s is incomplete (no %s); skipped", p, ", ".join(missing))
+            continue
+        found.append(p)
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 

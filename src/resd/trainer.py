@@ -87,6 +87,9 @@ from resd.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+# The JSON-lines logs of a run, cut back to the checkpoint's step when a run resumes.
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl")
+
 # Opens reflector and curator replies when no grammar constrains them, so a small model
 # starts inside the JSON object instead of chatting (see `structured_output`).
 JSON_OPENER = '{\n  "reasoning": "'
@@ -242,6 +245,15 @@ class Trainer:
                 f"output_dir: {self.run_dir} already holds a run; pass --resume to continue it "
                 "or choose another output_dir"
             )
+        if resume and checkpoint is None and (self.run_dir / "metrics.jsonl").exists():
+            # Killed before its first checkpoint: nothing to resume, so the run starts over,
+            # and the logs of the lost steps go (they would otherwise appear twice).
+            log.warning("resume: no checkpoint in %s; starting over from step 0 (its logs are cleared)",
+                        self.run_dir)  # fmt: skip
+            if self.dist.is_main:
+                for name in RUN_LOGS:
+                    truncate_jsonl(self.run_dir / name, -1)
+            self.dist.barrier()
         self.tokenizer = load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
         param_dtype, sample_dtype = DTYPES[cfg.dtype], DTYPES[cfg.generation_dtype or cfg.dtype]
         # A LoRA policy samples from a plain copy of the base model with the adapter merged
@@ -514,7 +526,7 @@ class Trainer:
         self.buffer = SolutionBuffer(dict(state["buffer"]), keep=self.cfg.solution_buffer_keep)
         self.totals = Counter(state.get("totals", {}))
         if self.dist.is_main:
-            for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl"):
+            for name in RUN_LOGS:
                 truncate_jsonl(self.run_dir / name, self.step)
         self.dist.barrier()
         evals = self._read_jsonl("eval.jsonl")

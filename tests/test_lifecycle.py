@@ -1,0 +1,174 @@
+"""Behaviour no other test covered: the CLI's entry points, damaged checkpoints, checkpoint
+pruning, a checker that raises, malformed lesson replies inside a step, and the schedule
+switches (warm-up, success weighting, the reflection cap)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from resd.cli import main
+from resd.playbook import Playbook
+from resd.trainer import Trainer
+from test_trainer import PREFILLS, config, read_jsonl
+from toy_envs import ParityEnv
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_cli_train_runs_and_names_bad_input(tiny_model_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        json.dumps({**PREFILLS, "model": str(tiny_model_dir), "env": "toy_envs:ParityEnv"})
+    )
+    base = ["train", "--config", str(cfg), f"output_dir={tmp_path / 'run'}", "steps=1", "batch_size=2",
+            "max_new_tokens=4", "reflection_max_new_tokens=8", "curation_max_new_tokens=8",
+            "eval_samples=1", "progress=false"]  # fmt: skip
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "(1 steps)" in out and "task_mean@k" in out
+    assert main(base) == 2  # the folder holds a run now: refused, nothing overwritten
+    assert "already holds a run" in capsys.readouterr().err
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config: file not found" in capsys.readouterr().err
+    assert main([*base, "lerning_rate=1"]) == 2
+    assert "lerning_rate: unknown config key" in capsys.readouterr().err
+    assert main([*base, "lr=fast"]) == 2
+    assert "lr: expected a number" in capsys.readouterr().err
+
+
+def test_cli_envs_env_check_and_compare_errors(capsys):
+    assert main(["envs"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("arithmetic", "manufactoria", "house_rules", "qa"))
+    assert main(["env-check", "arithmetic", "n_train=6", "n_test=2", "--samples", "1"]) == 0
+    assert "8 reference answers, 8 score 1.0" in capsys.readouterr().out
+    assert main(["env-check", "arithmetic", "bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "env_args" in err and "bogus" in err
+    assert main(["compare", "--algorithms", "resd,nonsense", "--out", "x"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+
+def test_keep_checkpoints_prunes_the_oldest(tiny_model_dir, tmp_path):
+    Trainer(config(tiny_model_dir, tmp_path / "k", "save_every=1", "keep_checkpoints=2")).train()
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == [
+        "step-000003",
+        "step-000004",
+    ]
+
+
+def test_resume_skips_a_damaged_checkpoint_and_a_leftover_temporary(
+    tiny_model_dir, tmp_path, caplog
+):
+    out = tmp_path / "d"
+    Trainer(config(tiny_model_dir, out, "save_every=1", "keep_checkpoints=5", "steps=3")).train()
+    (out / "checkpoints" / "step-000003" / "optimizer.pt").unlink()  # damaged newest
+    shutil.copytree(
+        out / "checkpoints" / "step-000002", out / "checkpoints" / ".tmp-killed"
+    )  # a killed save
+    resumed = Trainer(
+        config(tiny_model_dir, out, "save_every=1", "keep_checkpoints=5", "steps=3"), resume=True
+    )
+    assert resumed.step == 2  # the newest complete one
+    assert "step-000003 is incomplete (no optimizer.pt)" in caplog.text
+    summary = resumed.train()
+    assert summary["steps"] == 3
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+# ---- a checker that raises ----------------------------------------------------------------------
+
+
+class RaisingEnv(ParityEnv):
+    """Scores the odd-numbered items, raises on the even ones."""
+
+    def score(self, item, response):
+        if int(item.id.rsplit("/", 1)[1]) % 2 == 0:
+            raise RuntimeError("checker crashed")
+        return super().score(item, response)
+
+
+def test_an_environment_that_raises_is_a_failure_with_feedback(tiny_model_dir, tmp_path):
+    trainer = Trainer(
+        config(tiny_model_dir, tmp_path / "r", "steps=1", "log_samples=4"), env=RaisingEnv()
+    )
+    trainer.train()
+    samples = read_jsonl(tmp_path / "r" / "samples.jsonl")
+    crashed = [s for s in samples if int(s["item"].rsplit("/", 1)[1]) % 2 == 0]
+    assert crashed and len(crashed) < len(samples)
+    for s in crashed:
+        assert (s["reward"], s["score"]) == (0.0, 0.0)
+        assert s["feedback"] == "The checker failed on this response: RuntimeError: checker crashed"
+
+
+# ---- malformed lesson replies inside a step -----------------------------------------------------
+
+
+def test_malformed_curator_replies_are_counted_and_the_playbook_stays_valid(
+    tiny_model_dir, tmp_path
+):
+    broken = '{"operations": [{"type": "ADD", "section": "Others", "content": "no closing'
+    _, m = _step(tiny_model_dir, tmp_path / "m", f"curation_prefill={json.dumps('}}]] not json ' + broken)}",
+                 "reflection_prefill=not json either", "env=toy_envs:ConstantEnv")  # fmt: skip
+    assert m["reflections"] == 4 and m["reflection_parse_failures"] == 4
+    assert m["curations"] == 0  # nothing parsed, nothing to curate from
+    for garbage in ('{"operations": "DELETE everything"}', '[1, 2, {"type": "MERGE", "ids": "x"}]'):
+        _, m = _step(tiny_model_dir, tmp_path / f"g{len(garbage)}", f"curation_prefill={json.dumps(garbage)}",
+                     "env=toy_envs:ConstantEnv")  # fmt: skip
+        assert m["curations"] == 4 and m["ops_applied"] == 0
+        assert m["curation_parse_failures"] + m["ops_skipped"] >= 4
+    pb = Playbook.load(tmp_path / f"g{len(garbage)}" / "playbook.json")
+    assert [e.id for e in pb.entries.values()] == ["strat-00001"]  # the seed, untouched
+
+
+def _step(tiny_model_dir, out, *extra):
+    trainer = Trainer(config(tiny_model_dir, out, *extra))
+    m = trainer.train_step(trainer.train_items[: trainer.cfg.batch_size])
+    trainer.playbook.save(out)
+    return trainer, m
+
+
+# ---- schedule switches --------------------------------------------------------------------------
+
+
+def test_warmup_then_constant_learning_rate(tiny_model_dir, tmp_path):
+    Trainer(config(tiny_model_dir, tmp_path / "w", "warmup_steps=3", "lr=0.01")).train()
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "w" / "metrics.jsonl")]
+    assert lrs == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.01])
+
+
+def test_max_reflections_per_step_caps_the_reflector(tiny_model_dir, tmp_path):
+    _, m = _step(
+        tiny_model_dir, tmp_path / "cap", "max_reflections_per_step=2", "env=toy_envs:ConstantEnv"
+    )
+    assert m["reflections"] == 2 and m["success_rate"] == 0.0
+
+
+def test_success_weighting_reweights_rare_successes(tiny_model_dir, tmp_path):
+    common = (
+        "algorithm=sdpo_ss",
+        "generation_dtype=float32",
+        "autocast=none",
+        "batch_size=8",
+        "log_samples=8",
+    )
+    _, plain = _step(tiny_model_dir, tmp_path / "p", *common)
+    _, weighted = _step(tiny_model_dir, tmp_path / "w", *common, "success_weighting=true")
+    assert plain["reward"] == weighted["reward"] and 0 < plain["success_rate"] < 1
+    assert weighted["loss"] != pytest.approx(plain["loss"], rel=1e-6)
+    # by hand: s clamped to [1/8, 7/8]; successes weigh (1 − s), failures s, then mean 1
+    s = min(max(plain["success_rate"], 1 / 8), 7 / 8)
+    rows = read_jsonl(tmp_path / "p" / "samples.jsonl")
+    raw = [(1 - s) if r["reward"] else s for r in rows]
+    weights = [w * len(raw) / sum(raw) for w in raw]
+    means = [sum(r["token_losses"]) for r in rows]
+    tokens = sum(len(r["token_losses"]) for r in rows)
+    expected = sum(w * m for w, m in zip(weights, means, strict=True)) / tokens
+    assert weighted["loss"] == pytest.approx(expected, rel=2e-2)  # logged losses are rounded
