@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -88,7 +87,10 @@ def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> Non
     assert json.loads((two / "playbook.json").read_text())["entries"]
     samples1, samples2 = read_jsonl(one / "samples.jsonl"), read_jsonl(two / "samples.jsonl")
     assert [s["response"] for s in samples1] == [s["response"] for s in samples2]
-    # and the weights the runs end with: the student and its EMA teacher
+    # and the weights the runs end with: the student and its EMA teacher. AdamW moves every
+    # element by about lr (0.01) per step whatever its gradient's size, so summation-order
+    # noise can flip near-zero elements: a tolerance of a fraction of one step, not 1e-5.
+    # A parameter left out of the update or the sync would be off by whole steps.
     last = "checkpoints/step-000004"
     files = ["model/model.safetensors", "model/adapter_model.safetensors", "teacher.safetensors"]
     compared = 0
@@ -97,9 +99,8 @@ def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> Non
             wa, wb = load_file(one / last / name), load_file(two / last / name)
             assert wa.keys() == wb.keys(), name
             for key in wa:
-                torch.testing.assert_close(
-                    wb[key], wa[key], atol=1e-5, rtol=1e-4, msg=f"{name}:{key}"
-                )
+                diff = (wa[key].float() - wb[key].float()).abs().max().item()
+                assert diff < 2.5e-3, f"{name}:{key} differs by {diff}"
             compared += 1
     assert compared == 2  # the student (full or adapter) and the teacher
 

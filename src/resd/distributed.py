@@ -70,6 +70,18 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 class Distributed:
     def __init__(self, strategy: str = "auto", zero_stage: int | None = None) -> None:
         self.strategy = resolve_strategy(strategy)
@@ -268,18 +280,30 @@ class Distributed:
             yield name, full_tensor(param.detach())
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """The model's full state dict on rank 0 (None elsewhere); collective when sharded."""
+        """The model's full state dict on rank 0 (None elsewhere); collective when sharded.
+
+        Gathered tensors are copies, so tied weights (input and output embeddings) would be
+        saved twice; each parameter is kept under its first name, as `save_pretrained`
+        does for a whole model, and the checkpoint looks the same under every strategy.
+        """
         if not self.sharded:
             return model.state_dict() if self.is_main else None
         if self.deepspeed:
             from resd import zero
 
-            return zero.full_state_dict(model, self.is_main)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = zero.full_state_dict(model, self.is_main)
+        else:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(model, options=options)
-        return state if self.is_main else None
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(model, options=options)
+        if not self.is_main or state is None:
+            return None
+        aliases = tied_aliases(model)
+        return {name: t for name, t in state.items() if name not in aliases}
 
     def full_optimizer_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer

@@ -141,12 +141,40 @@ def full_optimizer_state(engine, model: nn.Module, is_main: bool) -> dict[str, A
     return {"state": state, "param_groups": groups}
 
 
+def _create_optimizer_state(engine) -> None:
+    """Give DeepSpeed's inner AdamW its (zero) state before its first step.
+
+    ZeRO 1/2 create the Adam moments of their flat fp32 partitions lazily, in the first
+    `step()`, and only then link each parameter to its slice of them; a checkpoint loaded
+    before that has nowhere to go. Creating the moments as AdamW would (zeros, step 0)
+    and linking them is what that first step does, minus the update.
+    """
+    zero_optimizer = engine.optimizer
+    if getattr(zero_optimizer, "_hp_optimizer_states_linked", True):
+        return
+    inner = zero_optimizer.optimizer
+    for flat in zero_optimizer.single_partition_of_fp32_groups:
+        if not inner.state[flat]:
+            inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
+    zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def load_optimizer_state(engine, model: nn.Module, saved: dict[str, Any]) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     state = saved.get("state", {})
     if state and not all(isinstance(k, str) for k in state):
         raise ValueError("optimizer.pt: expected parameter-name keys (a checkpoint from resd)")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if state and set(state) != set(trainable):
+        missing, extra = sorted(set(trainable) - set(state)), sorted(set(state) - set(trainable))
+        raise ValueError(
+            f"optimizer.pt: its parameters do not match the model's (missing {missing[:3]}, "
+            f"unknown {extra[:3]}); was it saved by a run of another model or LoRA setting?"
+        )
+    if state:
+        _create_optimizer_state(engine)
     step = 0
     for name, param in model.named_parameters():
         if name not in state:
