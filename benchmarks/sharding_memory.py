@@ -7,8 +7,8 @@ refresh it. This counts the bytes each rank actually holds in those tensors afte
 optimizer step (local shards only; for DeepSpeed the optimizer column includes its fp32
 master partitions, and gradients live in its own buffers, so only the peak resident
 memory of the process tells the whole story), and times the step and the refresh,
-using the trainer's own pieces (`Distributed.shard_model` / `prepare` / `backward` /
-`step`, `Teacher`, `Distributed.full_parameters`).
+using the trainer's own pieces (the strategy's `shard_model` / `prepare` / `backward` /
+`step` / `full_parameters`, and `Teacher`).
 
 Each configuration is a fresh `torch.distributed.run` launch on this machine (gloo on
 CPU, nccl on GPU). The model is random-init with SmolLM2-135M's shape by default.
@@ -53,11 +53,11 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from resd.distributed import Distributed
+    from resd.parallel import make_parallel
     from resd.teacher import Teacher
 
     strategy, _, stage = args.strategy.partition("-zero")
-    dist = Distributed(strategy, int(stage) if stage else None)
+    dist = make_parallel(strategy, int(stage) if stage else None)
     device = torch.device(f"cuda:{dist.local_rank}" if args.device == "cuda" else "cpu")
     hidden, layers, heads, kv, inter, vocab = SHAPES[args.shape]
     config = LlamaConfig(
@@ -83,10 +83,7 @@ def worker(args: argparse.Namespace) -> None:
             logits = policy(input_ids=ids).logits
         dist.backward(logits.float().logsumexp(-1).mean())
         dist.step(optimizer, params, 1.0)
-        full = None
-        if dist.deepspeed and dist.sharded:
-            full = (t for _, t in dist.full_parameters(model))  # as the trainer: one at a time
-        teacher.update(model, full)
+        teacher.update(model, dist.teacher_source(model))  # as the trainer: one at a time
         mid = time.perf_counter()
         with torch.no_grad():
             sampling = dict(generator.named_parameters())
@@ -98,16 +95,17 @@ def worker(args: argparse.Namespace) -> None:
 
     step()  # warm-up: allocates optimizer state
     times = [step() for _ in range(args.repeats)]
-    inner = dist.engine.optimizer.optimizer if dist.engine is not None else optimizer
+    engine = getattr(dist, "engine", None)
+    inner = engine.optimizer.optimizer if engine is not None else optimizer
     master = [] if inner is optimizer else [p for g in inner.param_groups for p in g["params"]]
     report = {
-        "strategy": dist.strategy if dist.enabled else "single",
+        "strategy": dist.name,
         "world_size": dist.world_size,
         "gib": {
             "params": _local_bytes(model.parameters()) / 2**30,
             # DeepSpeed keeps gradients in its own flat buffers, not in `.grad`
             "grads": None
-            if dist.engine is not None
+            if engine is not None
             else _local_bytes(p.grad for p in model.parameters()) / 2**30,
             "optimizer": (
                 _local_bytes(t for s in inner.state.values() for t in s.values() if t.dim())

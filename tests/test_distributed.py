@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from resd.distributed import Distributed, resolve_strategy
+from resd.parallel import make_parallel, resolve_strategy
 from test_trainer import PREFILLS, SEED_PLAYBOOK, TESTS, read_jsonl
 
 pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
@@ -176,7 +176,7 @@ def test_strategy_follows_the_accelerate_config(monkeypatch):
 
 
 def test_zero_stage_comes_from_accelerate_or_the_resd_config(monkeypatch, tmp_path):
-    from resd.zero import zero_options
+    from resd.parallel.zero import zero_options
 
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
@@ -191,7 +191,7 @@ def test_zero_stage_comes_from_accelerate_or_the_resd_config(monkeypatch, tmp_pa
 
 
 def test_a_single_process_ignores_the_strategy():
-    assert not Distributed("fsdp").sharded  # nothing to shard over: plain training
+    assert make_parallel("fsdp").name == "single"  # nothing to shard over: plain training
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg, resume=args.resume)
     summary = trainer.train()
-    if not trainer.dist.is_main:
+    if not trainer.parallel.is_main:
         return 0
     before, after = summary.get("eval_before"), summary.get("eval_after")
     print(f"\nrun directory: {summary['run_dir']}  ({summary['steps']} steps)")

@@ -36,7 +36,6 @@ from resd.algorithms import get_algorithm
 from resd.callbacks import Callback
 from resd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_jsonl
 from resd.config import ConfigError, TrainConfig
-from resd.distributed import Distributed, full_tensor
 from resd.envs import make_env
 from resd.envs.base import Environment, Item, Score
 from resd.evaluation import evaluate, safe_score
@@ -61,6 +60,7 @@ from resd.losses import (
     token_logprobs,
 )
 from resd.models import DTYPES, autocast_context, load_model, load_tokenizer, resolve_model_path
+from resd.parallel import full_tensor, make_parallel
 from resd.parsing import extract_bullet_tags
 from resd.playbook import OPERATION_TYPES, Playbook, prune_due
 from resd.reflection import (
@@ -219,13 +219,8 @@ class Trainer:
         `callbacks` are called on step end, evaluation and save (`resd.callbacks`)."""
         self.cfg = cfg
         self.callbacks = list(callbacks)
-        self.dist = Distributed(cfg.strategy, cfg.zero_stage)
-        if self.dist.deepspeed and self.dist.sharded and cfg.lora:
-            # ZeRO-3 partitions the adapter too; the EMA adapter swap needs it whole.
-            raise ConfigError("lora: not supported with ZeRO-3; use strategy=fsdp or zero_stage=2")
-        if self.dist.deepspeed and self.dist.sharded and cfg.loss_chunk_size:
-            # ZeRO-3 frees the output head when the forward returns; the chunks need it after.
-            raise ConfigError("loss_chunk_size: not supported with ZeRO-3; use strategy=fsdp")
+        self.parallel = make_parallel(cfg.strategy, cfg.zero_stage)
+        self.parallel.check(cfg)
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
@@ -250,17 +245,17 @@ class Trainer:
             # and the logs of the lost steps go (they would otherwise appear twice).
             log.warning("resume: no checkpoint in %s; starting over from step 0 (its logs are cleared)",
                         self.run_dir)  # fmt: skip
-            if self.dist.is_main:
+            if self.parallel.is_main:
                 for name in RUN_LOGS:
                     truncate_jsonl(self.run_dir / name, -1)
-            self.dist.barrier()
+            self.parallel.barrier()
         self.tokenizer = load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
         param_dtype, sample_dtype = DTYPES[cfg.dtype], DTYPES[cfg.generation_dtype or cfg.dtype]
         # A LoRA policy samples from a plain copy of the base model with the adapter merged
         # in: decoding through unmerged fp32 adapters ran 4x slower than a merged bf16 copy.
         self.merged_sampler = (
             bool(cfg.lora) and cfg.generation_backend == "transformers"
-            and not self.dist.sharded and sample_dtype != param_dtype
+            and not self.parallel.sharded and sample_dtype != param_dtype
         )  # fmt: skip
         self._sampler_base = None  # the base model, copied before the adapter wraps it
         self.model = self._load_student(checkpoint)
@@ -285,7 +280,7 @@ class Trainer:
         # fsdp, ZeRO-3), synced after every optimizer step.
         self.generator = self.model
         if cfg.generation_backend == "transformers" and (
-            self.dist.sharded or sample_dtype != param_dtype
+            self.parallel.sharded or sample_dtype != param_dtype
         ):
             copied = self._sampler_base if self.merged_sampler else copy.deepcopy(self.model)
             self.generator = copied.to(sample_dtype).eval()
@@ -293,13 +288,13 @@ class Trainer:
             self._sampler_base = None
         for module in (self.model, self.teacher.copy, self.reference and self.reference.copy):
             if module is not None:
-                self.dist.shard_model(module, cfg.fsdp_reshard_after_forward)
+                self.parallel.shard_model(module, cfg.fsdp_reshard_after_forward)
         self.teacher.match_student_layout(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
         )
-        self.dist.prepare(self.model, self.optimizer, cfg.max_grad_norm)
+        self.parallel.prepare(self.model, self.optimizer, cfg.max_grad_norm)
         self.grammar = self._make_grammar()
         self.structured = self.grammar is not None or (
             cfg.generation_backend == "vllm" and cfg.structured_output != "off"
@@ -324,7 +319,7 @@ class Trainer:
             self._restore(checkpoint, state, optimizer_state)
         # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
         self.tracker = Tracker(
-            self.run_dir, cfg.report_to if self.dist.is_main else [], cfg.to_dict(),
+            self.run_dir, cfg.report_to if self.parallel.is_main else [], cfg.to_dict(),
             resume_step=self.step if checkpoint else None,
         )  # fmt: skip
 
@@ -382,14 +377,12 @@ class Trainer:
     @property
     def policy(self):
         """The policy as called for training forwards (the DeepSpeed engine, if any)."""
-        return self.dist.policy(self.model)
+        return self.parallel.policy(self.model)
 
     def _teacher_source(self):
-        """Full student weights for the EMA teacher when the policy is partitioned by
-        ZeRO-3 (whose teacher copy stays whole); None: the teacher reads the student."""
-        if self.dist.deepspeed and self.dist.sharded and self.teacher.copy is not None:
-            return (t for _, t in self.dist.full_parameters(self.model))
-        return None
+        """Full student weights for a whole EMA teacher copy beside a partitioned policy
+        (ZeRO-3); None: the teacher reads the student."""
+        return self.parallel.teacher_source(self.model) if self.teacher.copy is not None else None
 
     def _policy_weights(self):
         """The current policy as (name, full tensor) pairs, for a sampler to load."""
@@ -397,17 +390,17 @@ class Trainer:
             from resd.vllm_backend import merged_lora_weights
 
             return merged_lora_weights(self.model)
-        return self.dist.full_parameters(self.model)
+        return self.parallel.full_parameters(self.model)
 
     def _load_student(self, checkpoint: Path | None):
         """The policy: a full model, or a base model with a LoRA adapter (PEFT)."""
         cfg = self.cfg
         if not cfg.lora:
             source = str(checkpoint / "model") if checkpoint else cfg.model
-            return load_model(source, dtype=cfg.dtype, device=self.dist.device(cfg.device))
+            return load_model(source, dtype=cfg.dtype, device=self.parallel.device(cfg.device))
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        base = load_model(cfg.model, dtype=cfg.dtype, device=self.dist.device(cfg.device))
+        base = load_model(cfg.model, dtype=cfg.dtype, device=self.parallel.device(cfg.device))
         if self.merged_sampler:  # a deep copy of the PEFT model decoded 5x slower than this
             self._sampler_base = copy.deepcopy(base)
         if checkpoint:
@@ -427,7 +420,7 @@ class Trainer:
 
         Under data parallelism only rank 0 writes files and evaluates; the others wait.
         """
-        cfg, main = self.cfg, self.dist.is_main
+        cfg, main = self.cfg, self.parallel.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(
@@ -469,29 +462,29 @@ class Trainer:
         evals = self._read_jsonl("eval.jsonl") if main else []
         summary = {
             "steps": self.step, "run_dir": str(self.run_dir), "last": last,
-            "strategy": self.dist.strategy, "world_size": self.dist.world_size,
+            "strategy": self.parallel.name, "world_size": self.parallel.world_size,
         }  # fmt: skip
         if evals:
             summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.close()
-        self.dist.barrier()
+        self.parallel.barrier()
         return summary
 
     def save(self) -> Path:
         """Checkpoint: every rank helps gather full tensors, rank 0 writes them."""
         path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
         # Unsharded, the model saves itself (PEFT writes just the adapter).
-        model_state = self.dist.full_state_dict(self.model) if self.dist.sharded else None
+        model_state = self.parallel.full_state_dict(self.model) if self.parallel.sharded else None
         teacher_states = {}
         for name, teacher in self._teachers().items():
             if teacher.adapter:  # LoRA EMA: adapter tensors (sharded like the adapter)
                 teacher_states[name] = {n: full_tensor(t) for n, t in teacher.adapter.items()}
             elif teacher.copy is not None:
-                teacher_states[name] = self.dist.full_state_dict(teacher.copy)
-        optimizer_state = self.dist.full_optimizer_state(self.model, self.optimizer)
-        if self.dist.is_main:
+                teacher_states[name] = self.parallel.full_state_dict(teacher.copy)
+        optimizer_state = self.parallel.full_optimizer_state(self.model, self.optimizer)
+        if self.parallel.is_main:
             self.playbook.save(self.run_dir)
             state = {
                 "cursor": {
@@ -508,7 +501,7 @@ class Trainer:
                 model_state=model_state, teacher_states=teacher_states,
                 optimizer_state=optimizer_state, state=state, keep=self.cfg.keep_checkpoints,
             )  # fmt: skip
-        self.dist.barrier()
+        self.parallel.barrier()
         for callback in self.callbacks:
             callback.on_save(self, path)
         return path
@@ -520,15 +513,15 @@ class Trainer:
         }
 
     def _restore(self, path: Path, state: dict[str, Any], optimizer_state: dict) -> None:
-        self.dist.load_optimizer_state(self.model, self.optimizer, optimizer_state)
+        self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state)
         self.step = int(state["step"])
         self.playbook = Playbook.from_dict(state["playbook"])
         self.buffer = SolutionBuffer(dict(state["buffer"]), keep=self.cfg.solution_buffer_keep)
         self.totals = Counter(state.get("totals", {}))
-        if self.dist.is_main:
+        if self.parallel.is_main:
             for name in RUN_LOGS:
                 truncate_jsonl(self.run_dir / name, self.step)
-        self.dist.barrier()
+        self.parallel.barrier()
         evals = self._read_jsonl("eval.jsonl")
         self.last_eval_step = evals[-1]["step"] if evals else None
         log.info("resumed from %s at step %d", path, self.step)
@@ -553,7 +546,7 @@ class Trainer:
 
         with timer("rollout"):
             flat = [it for it in items for _ in range(cfg.rollouts_per_prompt)]
-            mine = self.dist.shard(flat)
+            mine = self.parallel.shard(flat)
             prompts = {id(it): chat_prompt_ids(self.tokenizer, self._student_messages(it), cfg.max_prompt_tokens)
                        for it in items}  # fmt: skip
             gens = self._generate([prompts[id(flat[g])] for g in mine], cfg.max_new_tokens,
@@ -569,7 +562,7 @@ class Trainer:
                 )
                 for g, gen in zip(mine, gens, strict=True)
             ]
-        outcomes = self.dist.gather_indexed(
+        outcomes = self.parallel.gather_indexed(
             [(r.index, (r.item.id, r.score.reward, r.score.score)) for r in rollouts]
         )
 
@@ -586,12 +579,14 @@ class Trainer:
             if algo.playbook and len(self.playbook):
                 tags += [(len(flat) + i, t) for i, t in self._tag_successes(rollouts, step, counts)]
             if algo.playbook:
-                for pairs in self.dist.gather_indexed(tags):
+                for pairs in self.parallel.gather_indexed(tags):
                     applied["tags_applied"] += sum(self.playbook.tag(i, t, step) for i, t in pairs)
         added: list[str] = []
         with timer("curate"):
             if algo.playbook:
-                for ops, source in self.dist.gather_indexed(self._curate(rollouts, step, counts)):
+                for ops, source in self.parallel.gather_indexed(
+                    self._curate(rollouts, step, counts)
+                ):
                     report = self.playbook.apply_operations(
                         ops,
                         step,
@@ -606,7 +601,7 @@ class Trainer:
                 if len(self.playbook) > cfg.playbook_max_entries:
                     removed += self.playbook.concise(step, policy=cfg.playbook_policy,
                                                      max_entries=cfg.playbook_max_entries, seed=cfg.seed + step)  # fmt: skip
-        wins = self.dist.gather_indexed(
+        wins = self.parallel.gather_indexed(
             [(r.index, (r.item.id, r.response)) for r in rollouts if r.success]
         )
         if algo.solution_buffer:
@@ -617,10 +612,10 @@ class Trainer:
         update = self._update(rollouts, outcomes, timer)
         self.step = step
 
-        counts = Counter({k: int(self.dist.sum(counts.get(k, 0))) for k in COUNTERS})
+        counts = Counter({k: int(self.parallel.sum(counts.get(k, 0))) for k in COUNTERS})
         counts.update(applied)
         self.totals.update(counts)
-        stats = self.dist.gather_indexed(
+        stats = self.parallel.gather_indexed(
             [(r.index, (r.distill, len(r.gen.token_ids), r.gen.finished)) for r in rollouts]
         )
         n = len(outcomes)
@@ -650,7 +645,7 @@ class Trainer:
             "time_step": round(time.perf_counter() - start, 4),
         }
         self._log_samples(rollouts, step)
-        if algo.playbook and self.dist.is_main:
+        if algo.playbook and self.parallel.is_main:
             self._append(
                 "playbook_history.jsonl",
                 {"step": step, "size": len(self.playbook), "sections": self.playbook.section_counts(),
@@ -923,8 +918,8 @@ class Trainer:
             r.pg_row = lam < 1 and bool(r.gen.token_ids)
         rows = [r for r in rollouts if r.sd_row or r.pg_row]
         totals = BatchTotals(
-            sd_tokens=int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if r.sd_row))),
-            pg_tokens=int(self.dist.sum(sum(len(r.gen.token_ids) for r in rows if r.pg_row))),
+            sd_tokens=int(self.parallel.sum(sum(len(r.gen.token_ids) for r in rows if r.sd_row))),
+            pg_tokens=int(self.parallel.sum(sum(len(r.gen.token_ids) for r in rows if r.pg_row))),
             sequences=len(outcomes),
         )
         out = {"loss": 0.0, "sd_loss": 0.0, "pg_loss": 0.0, "tokens": totals.sd_tokens, "grad_norm": 0.0,
@@ -943,8 +938,8 @@ class Trainer:
             r.weight, r.advantage = float(weights[r.index]), float(advantages[r.index])
         size = cfg.micro_batch_size
         micro_batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-        if self.dist.lockstep:  # forward/backward are collective: every rank runs as many
-            missing = self.dist.max(len(micro_batches)) - len(micro_batches)
+        if self.parallel.lockstep:  # forward/backward are collective: every rank runs as many
+            missing = self.parallel.max(len(micro_batches)) - len(micro_batches)
             micro_batches += [[self._padding_rollout()] for _ in range(missing)]
         old_logps = self._old_logprobs(micro_batches, timer) if cfg.update_epochs > 1 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -960,19 +955,19 @@ class Trainer:
                     micro, totals, old, timer, gap if epoch == 0 else None
                 )
                 with timer("update"):
-                    self.dist.backward((1 - lam) * pg + lam * sd)
+                    self.parallel.backward((1 - lam) * pg + lam * sd)
                 losses["sd_loss"] += sd.item()
                 losses["pg_loss"] += pg.item()
             with timer("update"):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self._lr(self.step + 1)
-                grad_norm = self.dist.step(self.optimizer, params, cfg.max_grad_norm)
+                grad_norm = self.parallel.step(self.optimizer, params, cfg.max_grad_norm)
                 for frozen in (self.teacher.copy, self.reference and self.reference.copy):
-                    self.dist.reshard(frozen)
+                    self.parallel.reshard(frozen)
                 self.teacher.update(self.model, self._teacher_source())
                 self._sync_sampler()
-        losses = {k: self.dist.sum(v) for k, v in losses.items()}
-        gap_sum, gap_tokens, adv_sum, adv_tokens = (self.dist.sum(float(x)) for x in gap)
+        losses = {k: self.parallel.sum(v) for k, v in losses.items()}
+        gap_sum, gap_tokens, adv_sum, adv_tokens = (self.parallel.sum(float(x)) for x in gap)
         out.update(
             losses,
             grad_norm=grad_norm,
@@ -1006,8 +1001,8 @@ class Trainer:
         is_pg = torch.tensor([r.pg_row for r in micro], device=self.device, dtype=torch.float32)
 
         # In lockstep a rank runs every forward the others run, even on rows it masks out.
-        want_sd = bool(totals.sd_tokens) and (self.dist.lockstep or bool(is_sd.any()))
-        want_pg = bool(totals.pg_tokens) and (self.dist.lockstep or bool(is_pg.any()))
+        want_sd = bool(totals.sd_tokens) and (self.parallel.lockstep or bool(is_sd.any()))
+        want_pg = bool(totals.pg_tokens) and (self.parallel.lockstep or bool(is_pg.any()))
         teacher_seqs = [r.teacher_ids + r.gen.token_ids for r in micro]
         student_seqs = [r.prompt_ids + r.gen.token_ids for r in micro]
         sd_loss = pg_loss = zero
@@ -1057,7 +1052,7 @@ class Trainer:
                         ref_logits = self.reference.logits(
                             self.model,
                             lambda m: response_logits(
-                                self.dist.policy(m), student_seqs, width, self.pad_id
+                                self.parallel.policy(m), student_seqs, width, self.pad_id
                             ),
                         )
                     ref = token_logprobs(ref_logits, token_ids)
@@ -1099,7 +1094,7 @@ class Trainer:
             with timer("teacher"), autocast_context(self.device, cfg.autocast):
                 teacher_out = self.teacher.logits(
                     self.model,
-                    lambda m: forward(self.dist.policy(m), teacher_seqs, width, self.pad_id),
+                    lambda m: forward(self.parallel.policy(m), teacher_seqs, width, self.pad_id),
                 )
         if cfg.loss_chunk_size:
             with timer("update"), autocast_context(self.device, cfg.autocast):
@@ -1164,8 +1159,8 @@ class Trainer:
     def _evaluate(self) -> dict[str, Any] | None:
         """Evaluate on rank 0 (the others wait): the test split is small next to training."""
         self.last_eval_step = self.step
-        row = self._evaluate_main() if self.dist.is_main else None
-        self.dist.barrier()
+        row = self._evaluate_main() if self.parallel.is_main else None
+        self.parallel.barrier()
         for callback in self.callbacks:
             callback.on_evaluate(self, row)
         return row
@@ -1202,11 +1197,11 @@ class Trainer:
             for r in rollouts
             if r.index < self.cfg.log_samples
         ]  # fmt: skip
-        for row in self.dist.gather_indexed(rows):
+        for row in self.parallel.gather_indexed(rows):
             self._append("samples.jsonl", row)
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
-        if not self.dist.is_main:
+        if not self.parallel.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / name).open("a") as f:

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from resd.config import ConfigError
+from resd.parallel.base import tied_aliases
+from resd.parallel.ddp import ProcessGroup
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
 
@@ -193,3 +195,75 @@ def _optimizer_step(engine) -> int:
         if "step" in per_param:
             return int(float(per_param["step"]))
     return 0
+
+
+class Zero(ProcessGroup):
+    """The policy and its AdamW in a DeepSpeed engine, ZeRO stage 1, 2 or 3."""
+
+    name = "deepspeed"
+    lockstep = True  # policy forwards and backwards go through the engine: collective
+
+    def __init__(self, stage: int | None = None) -> None:
+        import_deepspeed()  # fail before the process group exists, with the install hint
+        super().__init__()
+        self.options = zero_options(stage)
+        self.sharded = self.options["stage"] == 3
+        self.engine = None  # made by `prepare`
+
+    def check(self, cfg: Any) -> None:
+        if self.sharded and cfg.lora:
+            # ZeRO-3 partitions the adapter too; the EMA adapter swap needs it whole.
+            raise ConfigError("lora: not supported with ZeRO-3; use strategy=fsdp or zero_stage=2")
+        if self.sharded and cfg.loss_chunk_size:
+            # ZeRO-3 frees the output head when the forward returns; the chunks need it after.
+            raise ConfigError("loss_chunk_size: not supported with ZeRO-3; use strategy=fsdp")
+
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
+    ) -> None:
+        self.engine = make_engine(model, optimizer, self.options, max_grad_norm)
+
+    def policy(self, model: nn.Module) -> nn.Module:
+        """The engine for the policy it wraps (teacher and sampling copies are never
+        wrapped): under ZeRO-3 a forward of the bare module computes wrong gradients."""
+        if self.engine is not None and model is self.engine.module:
+            return self.engine
+        return model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over processes; ours must be summed.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float
+    ) -> float:
+        self.engine.step()  # reduce, clip, update: the accumulation boundary
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def teacher_source(self, model: nn.Module) -> Iterator[torch.Tensor] | None:
+        if not self.sharded:
+            return None
+        return (t for _, t in full_parameters(model))
+
+    def full_parameters(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from full_parameters(model)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        if not self.sharded:
+            return super().full_state_dict(model)
+        state = full_state_dict(model, self.is_main)
+        if state is None:
+            return None
+        aliases = tied_aliases(model)
+        return {name: t for name, t in state.items() if name not in aliases}
+
+    def full_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any] | None:
+        return full_optimizer_state(self.engine, model, self.is_main)
+
+    def load_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        load_optimizer_state(self.engine, model, state)
