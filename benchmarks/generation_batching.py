@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from resd.generation import generate
+from resd.generation.hf import generate
 from resd.models import load_model, load_tokenizer
 
 

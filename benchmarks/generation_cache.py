@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from resd.generation import generate
+from resd.generation.hf import generate
 from resd.models import DTYPES
 
 SMOLLM2_135M = dict(

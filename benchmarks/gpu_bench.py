@@ -79,9 +79,9 @@ def gen_tokens_per_s(model, batch: int, prompt_len: int, new: int, device: torch
 
 
 def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
-    from resd.losses import chunked_token_losses, self_distillation_loss
-    from resd.teacher import Teacher
-    from resd.trainer import response_hidden
+    from resd.training.losses import chunked_token_losses, self_distillation_loss
+    from resd.training.teacher import Teacher
+    from resd.training.update import response_hidden
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     student = build(shape, device, dtype)

@@ -128,9 +128,9 @@ def grammar_cost(model_name: str, new_tokens: int = 96, rows: int = 8) -> dict[s
     """Decode the same reflection-like prompts with and without the JSON mask."""
     import torch
 
-    from resd.generation import chat_prompt_ids, eos_token_ids, generate
+    from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
+    from resd.generation.structured import JsonGrammar, reflection_schema
     from resd.models import load_model, load_tokenizer
-    from resd.structured import JsonGrammar, reflection_schema
 
     tok, model = load_tokenizer(model_name), load_model(model_name, dtype="bfloat16")
     grammar = JsonGrammar(tok, model.config.vocab_size, eos_token_ids(model, tok))

@@ -29,7 +29,7 @@ from pathlib import Path
 def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
-    from resd.losses import chunked_token_losses, self_distillation_loss, token_logprobs
+    from resd.training.losses import chunked_token_losses, self_distillation_loss, token_logprobs
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from resd.generation import RowSeededSampler
+from resd.generation.hf import RowSeededSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def load_old(commit: str) -> type:
 
 @torch.no_grad()
 def model_logits(name: str, rows: int) -> torch.Tensor:
-    from resd.generation import chat_prompt_ids, left_pad
+    from resd.generation.hf import chat_prompt_ids, left_pad
     from resd.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(name), load_model(name, dtype="bfloat16")

@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 
-from resd.callbacks import Callback
 from resd.config import load_config
 from resd.envs.arithmetic import ArithmeticEnv
 from resd.envs.base import Environment, Item, Score
-from resd.generation import chat_prompt_ids
+from resd.generation.hf import chat_prompt_ids
 from resd.models import autocast_context
+from resd.training.callbacks import Callback
 
 SETTINGS = [
     "model=qwen2.5-coder-0.5b", "batch_size=8", "inner_updates=4", "micro_batch_size=4",
@@ -114,7 +114,7 @@ class Probe(Callback):
             without.append(trainer.teacher.logits(
                 trainer.model, partial(answer_logprob, trainer, prompt_ids=plain, answer=item.answer)))  # fmt: skip
             if item.id in contexts:
-                ids = trainer._chat([{"role": "user", "content": contexts[item.id]}])
+                ids = trainer.lessons._chat([{"role": "user", "content": contexts[item.id]}])
                 with_fb.append(trainer.teacher.logits(
                     trainer.model, partial(answer_logprob, trainer, prompt_ids=ids, answer=item.answer)))  # fmt: skip
         return {
@@ -143,8 +143,8 @@ class Probe(Callback):
 def run(
     out: Path, algorithm: str, feedback: str, steps: int, eval_every: int, extra: list[str]
 ) -> Path:
-    from resd.checkpoint import truncate_jsonl
-    from resd.trainer import Trainer
+    from resd.rundir import truncate_jsonl
+    from resd.training.trainer import Trainer
 
     run_dir = out / f"{algorithm}-{feedback}"
     if (run_dir / "summary.json").exists():

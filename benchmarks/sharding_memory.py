@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from resd.parallel import make_parallel
-    from resd.teacher import Teacher
+    from resd.training.teacher import Teacher
 
     strategy, _, stage = args.strategy.partition("-zero")
     dist = make_parallel(strategy, int(stage) if stage else None)

@@ -66,7 +66,7 @@ def _undo_head_fix(trainer) -> None:
     """Take the contiguous-input hook off every model the trainer holds (the 'before' step)."""
     from resd.models import _contiguous_first
 
-    models = [trainer.model, trainer.generator, getattr(trainer.teacher, "copy", None)]
+    models = [trainer.model, trainer.sampler.generator, getattr(trainer.teacher, "copy", None)]
     for model in filter(None, models):
         head = model.get_output_embeddings()
         for key, hook in list(head._forward_pre_hooks.items()):
@@ -77,7 +77,7 @@ def _undo_head_fix(trainer) -> None:
 def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any]:
     """Run in a fresh process: build the trainer, take 1 + `repeats` steps, report."""
     from resd.config import load_config
-    from resd.trainer import Trainer
+    from resd.training.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="resd-profile-")
     overrides = [

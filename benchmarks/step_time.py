@@ -160,8 +160,8 @@ def median_phases(steps: list[dict[str, Any]]) -> dict[str, float]:
 # ---- our trainer -----------------------------------------------------------------------
 def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[str, Any]:
     from resd.config import load_config
-    from resd.generation import chat_prompt_ids
-    from resd.trainer import Trainer
+    from resd.generation.hf import chat_prompt_ids
+    from resd.training.trainer import Trainer
 
     n = rollouts_per_prompt(algorithm, args.grpo_n)
     cfg = load_config(
@@ -187,8 +187,8 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
     setup = time.perf_counter() - start
     counter = ForwardCounter()
     counter.watch(trainer.model, "student", split_by_grad=True)
-    if trainer.generator is not trainer.model:
-        counter.watch(trainer.generator, "sampler")
+    if trainer.sampler.generator is not trainer.model:
+        counter.watch(trainer.sampler.generator, "sampler")
     if trainer.teacher.copy is not None:
         counter.watch(trainer.teacher.copy, "teacher")
     samples = Path(cfg.output_dir) / "samples.jsonl"
@@ -248,7 +248,7 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
         del trainer
         gc.collect()
     return {
-        "implementation": "resd.trainer.Trainer.train_step",
+        "implementation": "resd.training.trainer.Trainer.train_step",
         "algorithm": algorithm,
         "n": n,
         "rollouts_per_step": args.batch_size * n,
@@ -355,9 +355,9 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from resd.analysis.evaluation import safe_score
     from resd.envs import make_env
-    from resd.evaluation import safe_score
-    from resd.generation import eos_token_ids
+    from resd.generation.hf import eos_token_ids
     from resd.models import resolve_model_path
 
     n = rollouts_per_prompt(kind, args.grpo_n)

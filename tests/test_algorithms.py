@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from resd.algorithms import ALGORITHMS
-from resd.losses import group_advantages, policy_gradient_loss
 from resd.models import load_model
-from resd.teacher import Teacher
-from resd.trainer import Trainer
+from resd.training.algorithms import ALGORITHMS
+from resd.training.losses import group_advantages, policy_gradient_loss
+from resd.training.teacher import Teacher
+from resd.training.trainer import Trainer
 from test_trainer import config, read_jsonl
 
 
@@ -102,8 +102,8 @@ def test_student_playbook_is_shown_only_when_asked(tiny_model_dir, tmp_path):
     hidden = Trainer(config(tiny_model_dir, tmp_path / "hidden"))
     shown = Trainer(config(tiny_model_dir, tmp_path / "shown", "student_playbook=true"))
     item = hidden.train_items[0]
-    assert hidden._student_messages(item) == item.messages
-    text = shown._student_messages(item)[-1]["content"]
+    assert hidden.lessons.student_messages(item) == item.messages
+    text = shown.lessons.student_messages(item)[-1]["content"]
     assert text.startswith("Lessons from earlier tasks:") and "Keep replies short." in text
     assert item.messages[-1]["content"] in text and "Lessons" not in item.messages[-1]["content"]
 
@@ -164,10 +164,10 @@ def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
     student = dict(trainer.model.named_parameters())
     assert any(not torch.equal(teacher.adapter[n], student[n]) for n in teacher.adapter)
     # it samples from a plain bf16 copy with the adapter merged in, synced after the step
-    from resd.vllm_backend import merged_lora_weights
+    from resd.generation.vllm_engine import merged_lora_weights
 
-    assert not hasattr(trainer.generator, "peft_config")
-    sampled = dict(trainer.generator.named_parameters())
+    assert not hasattr(trainer.sampler.generator, "peft_config")
+    sampled = dict(trainer.sampler.generator.named_parameters())
     merged = dict(merged_lora_weights(trainer.model))
     assert sampled.keys() == merged.keys()
     assert all(torch.equal(sampled[n], t.to(torch.bfloat16)) for n, t in merged.items())

@@ -54,7 +54,7 @@ def test_loader_errors_name_the_field():
     with pytest.raises(ValueError, match="cannot import"):
         make_env("no_such_module_xyz:Env")
     with pytest.raises(ValueError, match="not a subclass"):
-        resolve_env_class("resd.playbook:Playbook")
+        resolve_env_class("resd.training.playbook:Playbook")
     with pytest.raises(ValueError, match=r"^env_args"):
         make_env("arithmetic", {"bogus": 1})
     with pytest.raises(ValueError, match=r"env_args\.ops"):

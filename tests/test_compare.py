@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resd.compare import (
+from resd.analysis.compare import (
     RunSpec,
     cumulative_samples,
     eval_curve,
@@ -127,7 +127,7 @@ def test_compare_runs_isolates_failures_and_skips_finished_runs(
     assert summary["resd"]["finished"] == 0 and summary["resd"]["failed"] == ["resd-seed0"]
     assert json.loads((out / "comparison.json").read_text())["runs"] == data["runs"]
     if importlib.util.find_spec("matplotlib"):  # plots are optional (resd[report])
-        assert (out / "plots" / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+        assert (out / "plots" / "compare_eval.png").read_bytes().startswith(b"\x89PNG")
         assert (out / "report.html").exists()
 
     # Fairness: at a given seed both algorithms train on the same prompts in the same order.
@@ -183,7 +183,7 @@ def _run(algorithm, seed, curve, status="finished"):
 
 
 def test_paired_differences_at_equal_samples_by_hand():
-    from resd.compare import bootstrap_ci, paired_differences
+    from resd.analysis.compare import bootstrap_ci, paired_differences
 
     runs = [
         _run("resd", 0, [(0, 0.1), (64, 0.5), (128, 0.6)]), _run("sdpo", 0, [(0, 0.1), (64, 0.3), (128, 0.4)]),

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from resd.analysis.continual import backward_transfer, build_plan, forgetting, load_plan
 from resd.cli import main
 from resd.config import ConfigError
-from resd.continual import backward_transfer, build_plan, forgetting, load_plan
 
 # Reflector / curator replies a random tiny model cannot write: prefilled (see test_trainer).
 PREFILLS = {

@@ -7,10 +7,7 @@ import json
 import pytest
 import torch
 
-from resd.cli import main
-from resd.config import apply_overrides, build_config
-from resd.envs.base import Score
-from resd.eval_cli import (
+from resd.analysis.eval_cli import (
     EvalSettings,
     adapter_base_model,
     is_adapter,
@@ -18,7 +15,10 @@ from resd.eval_cli import (
     merge_adapter,
     per_item_metrics,
 )
-from resd.evaluation import aggregate
+from resd.analysis.evaluation import aggregate
+from resd.cli import main
+from resd.config import apply_overrides, build_config
+from resd.envs.base import Score
 
 # Two items, three samples each: (reward, score) per sample.
 OUTCOMES = [
@@ -110,11 +110,11 @@ def test_resd_eval_on_a_lora_checkpoint(tiny_model_dir, tmp_path, capsys):
     from peft import PeftModel
 
     from resd.models import load_model
-    from resd.trainer import Trainer
+    from resd.training.trainer import Trainer
 
     cfg = build_config(apply_overrides({}, [
         f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "env=toy_envs:ParityEnv",
-        "algorithm=sdpo", "steps=1", "batch_size=2", "inner_updates=1", "max_new_tokens=8",
+        "algorithm=sdpo_ss", "steps=1", "batch_size=2", "inner_updates=1", "max_new_tokens=8",
         "eval_samples=1", "eval_items=1", "lr=1e-1", "warmup_steps=0", "progress=false",
         "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
     ]))  # fmt: skip

@@ -15,11 +15,11 @@ import re
 import pytest
 import torch
 
-from resd.losses import aggregate_loss, importance_weight, sampled_token_loss
-from resd.playbook import Playbook, prune_due
-from resd.reflection import curation_messages
-from resd.teacher_context import SolutionBuffer
-from resd.trainer import Trainer
+from resd.training.losses import aggregate_loss, importance_weight, sampled_token_loss
+from resd.training.playbook import Playbook, prune_due
+from resd.training.reflection import curation_messages
+from resd.training.teacher_context import SolutionBuffer
+from resd.training.trainer import Trainer
 from test_trainer import config, read_jsonl
 
 ENTRY = re.compile(r"^\[[a-z]+-\d{5}\] helpful=\d+ harmful=\d+ :: .+$")
@@ -156,7 +156,7 @@ def test_the_curator_opener_no_longer_forces_an_operation(tiny_model_dir, tmp_pa
     trainer = Trainer(config(tiny_model_dir, tmp_path / "o", "structured_output=off", "curation_prefill=null",
                              "reflection_prefill=null"))  # fmt: skip
     assert (
-        trainer.prefills["curation"] == '{\n  "reasoning": "'
+        trainer.sampler.prefills["curation"] == '{\n  "reasoning": "'
     )  # the release's reasoning-first reply
 
 
@@ -185,23 +185,35 @@ def test_an_unparsed_reflection_is_dropped_or_handed_on(tiny_model_dir, tmp_path
 
 
 @pytest.mark.parametrize("keep_feedback", [True, False])
-def test_feedback_beside_a_solution_follows_the_option(tiny_model_dir, tmp_path, keep_feedback):
-    trainer = Trainer(
-        config(tiny_model_dir, tmp_path / "t", f"teacher_feedback_with_solution={keep_feedback}")
-    )
-    from resd.envs.base import Score
+def test_feedback_beside_a_solution_follows_the_option(keep_feedback):
+    """The teacher's context is a pure function of the algorithm's switches and the
+    rollout: no model is needed to test what the teacher is shown."""
+    from resd.envs.base import Item, Score
     from resd.generation import Generation
-    from resd.trainer import Rollout
+    from resd.training.algorithms import ALGORITHMS
+    from resd.training.rollout import Rollout
+    from resd.training.teacher_context import teacher_context
 
-    item = trainer.train_items[0]
-    trainer.buffer.add(item.id, "a reply that once worked")
+    item = Item("x/1", [{"role": "user", "content": "Reply."}])
+    buffer = SolutionBuffer()
+    buffer.add(item.id, "a reply that once worked")
     failed = Rollout(
         item, [1], Generation([5, 6], "xy z", True), Score(0.0, 0.5, "The reply is odd.")
     )
-    trainer._build_teacher_prompts([failed], peers={})
-    assert "<successful_trial>\na reply that once worked" in failed.teacher_prompt
-    assert ("<feedback>" in failed.teacher_prompt) is keep_feedback
-    assert failed.distill  # the solution alone is new context
+    ctx = teacher_context(ALGORITHMS["resd"], failed, playbook="", buffer=buffer, peers={},
+                          feedback_with_solution=keep_feedback)  # fmt: skip
+    assert ctx.solution == "a reply that once worked" and ctx.previous_trial == "xy z"
+    assert (ctx.feedback == "The reply is odd.") is keep_feedback
+    assert ctx.distill  # the solution alone is new context
+    # SDPO has no buffer: its teacher sees the feedback only, and no previous attempt
+    sdpo = teacher_context(ALGORITHMS["sdpo"], failed, playbook="[p]", buffer=buffer, peers={},
+                           feedback_with_solution=keep_feedback)  # fmt: skip
+    assert (sdpo.solution, sdpo.feedback, sdpo.previous_trial, sdpo.playbook) == (
+        "",
+        "The reply is odd.",
+        "",
+        "",
+    )
 
 
 # ---- 6. the solution buffer -------------------------------------------------------------------
@@ -221,7 +233,7 @@ def test_solution_buffer_keeps_the_first_or_the_latest():
 
 
 def test_the_sampler_records_the_log_prob_of_each_sampled_token(tiny_model_dir):
-    from resd.generation import chat_prompt_ids, generate
+    from resd.generation.hf import chat_prompt_ids, generate
     from resd.models import load_model, load_tokenizer
 
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))

@@ -18,17 +18,17 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-import resd.generation as generation
+import resd.generation.hf as generation
 from resd.config import ConfigError
-from resd.generation import (
+from resd.generation.hf import (
     Generation,
     TransformersSampler,
     chat_prompt_ids,
     decode_options,
     generate,
 )
+from resd.generation.vllm_engine import VLLMSampler, merged_lora_weights
 from resd.models import load_model, load_tokenizer
-from resd.vllm_backend import VLLMSampler, merged_lora_weights
 
 CPU = torch.device("cpu")
 
@@ -339,7 +339,7 @@ def test_trainer_with_the_vllm_backend_matches_the_transformers_backend(
     """Wiring, end to end: the engine is built from the model path, receives the policy's
     weights by plain HF name after every optimizer step, and every rollout, reflection,
     curation and evaluation sample goes through it."""
-    from resd.trainer import Trainer
+    from resd.training.trainer import Trainer
     from test_trainer import config, read_jsonl
 
     common = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from resd.guards import LessonSource, contains_answer, copied_fraction, lesson_problem
+from resd.training.guards import LessonSource, contains_answer, copied_fraction, lesson_problem
 
 TASK = (
     "Design a factory that accepts every tape containing the pattern red blue red and "

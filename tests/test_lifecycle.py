@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from resd.cli import main
-from resd.playbook import Playbook
-from resd.trainer import Trainer
+from resd.training.playbook import Playbook
+from resd.training.trainer import Trainer
 from test_trainer import PREFILLS, config, read_jsonl
 from toy_envs import ParityEnv
 

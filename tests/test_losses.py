@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from resd.losses import (
+from resd.training.losses import (
     masked_token_mean,
     sampled_token_loss,
     self_distillation_loss,

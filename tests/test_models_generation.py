@@ -7,10 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from resd.generation import chat_prompt_ids, generate
+from resd.generation.hf import chat_prompt_ids, generate
 from resd.models import load_model, load_tokenizer, materialize_bundled
 from resd.templating import strip_thinking
-from resd.trainer import response_logits, right_aligned_mask
+from resd.training.update import response_logits, right_aligned_mask
 
 
 def test_strip_thinking():
@@ -169,7 +169,7 @@ def test_bundled_model_without_its_packages_says_how_to_install(monkeypatch, tmp
 def test_row_seeded_sampling_draws_from_the_filtered_distribution(top_p, temperature, expected):
     """4,000 one-token draws, one seed each: frequencies match the distribution the sampler
     claims (a hashing, masking or argmax bug shows up as a skew of more than 2.5 points)."""
-    from resd.generation import RowSeededSampler
+    from resd.generation.hf import RowSeededSampler
 
     probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
     if expected is None:

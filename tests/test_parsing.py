@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from resd.parsing import extract_bullet_tags, extract_json_object, extract_loose_fields
-from resd.reflection import parse_operations, parse_reflection, parse_tags
+from resd.training.parsing import extract_bullet_tags, extract_json_object, extract_loose_fields
+from resd.training.reflection import parse_operations, parse_reflection, parse_tags
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from resd.playbook import SECTIONS, Playbook, section_slug
-from resd.reflection import parse_operations
+from resd.training.playbook import SECTIONS, Playbook, section_slug
+from resd.training.reflection import parse_operations
 
 
 def make() -> Playbook:

@@ -12,7 +12,7 @@ import pytest
 
 from resd.cli import main
 from resd.config import load_config
-from resd.trainer import Trainer
+from resd.training.trainer import Trainer
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 RELEASE = {  # the release's choices, which every training preset must carry

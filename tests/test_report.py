@@ -17,7 +17,7 @@ import yaml
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread
 
-from resd.report import (
+from resd.analysis.report import (
     LOSS_COLOURS,
     add_report_subcommand,
     build_report,
@@ -294,6 +294,6 @@ def test_missing_matplotlib_names_the_extra(run_dir: Path, monkeypatch) -> None:
 
 
 def test_importing_the_module_stays_light() -> None:
-    code = "import sys, resd.report; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, resd.analysis.report; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["False", "False"], result.stderr

@@ -1,4 +1,4 @@
-"""Adversarial tests of resd.sandbox: every attack must fail inside its limits and leave
+"""Adversarial tests of resd.envs.sandbox: every attack must fail inside its limits and leave
 the host (this test process, files outside the work dir, the process table) unharmed."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from resd.sandbox import SandboxResult, run_python
+from resd.envs.sandbox import SandboxResult, run_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox targets Linux")
 
@@ -335,7 +335,7 @@ def test_killing_the_parent_leaves_the_parent_alive():
     driver = textwrap.dedent(
         """
         import json
-        from resd.sandbox import run_python
+        from resd.envs.sandbox import run_python
         r = run_python("import os, signal\\nos.kill(os.getppid(), signal.SIGKILL)\\n",
                        timeout_s=2)
         print(json.dumps({"ok": r.ok, "stderr": r.stderr}))

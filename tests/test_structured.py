@@ -16,11 +16,8 @@ import pytest
 import torch
 
 from resd.config import ConfigError
-from resd.generation import chat_prompt_ids, eos_token_ids, generate
-from resd.models import load_model, load_tokenizer
-from resd.playbook import SECTIONS, TAGS, Playbook
-from resd.reflection import parse_operations, parse_reflection, parse_tags
-from resd.structured import (
+from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
+from resd.generation.structured import (
     CHARS_PER_TOKEN,
     MAX_OPERATIONS,
     MAX_TAGS,
@@ -30,6 +27,9 @@ from resd.structured import (
     string_limit,
     tag_schema,
 )
+from resd.models import load_model, load_tokenizer
+from resd.training.playbook import SECTIONS, TAGS, Playbook
+from resd.training.reflection import parse_operations, parse_reflection, parse_tags
 
 pytest.importorskip("xgrammar")
 
@@ -214,11 +214,14 @@ def _trainer_config(tiny_model_dir, out, *extra):
 
 
 def test_trainer_step_with_structured_output_parses_every_reply(tiny_model_dir, tmp_path):
-    from resd.schema import SKIP_REASONS
-    from resd.trainer import Trainer
+    from resd.rundir import SKIP_REASONS
+    from resd.training.trainer import Trainer
 
     trainer = Trainer(_trainer_config(tiny_model_dir, tmp_path / "run"))
-    assert trainer.grammar is not None and trainer.prefills == {"reflection": "", "curation": ""}
+    assert trainer.sampler.grammar is not None and trainer.sampler.prefills == {
+        "reflection": "",
+        "curation": "",
+    }
     trainer.train()
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(m["reflections"] for m in metrics) > 0
@@ -241,15 +244,15 @@ def test_trainer_step_with_structured_output_parses_every_reply(tiny_model_dir, 
 def test_structured_output_on_without_xgrammar_is_a_config_error(
     tiny_model_dir, tmp_path, monkeypatch, caplog
 ):
-    from resd.trainer import Trainer
+    from resd.training.trainer import Trainer
 
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # import now fails
     with pytest.raises(ConfigError, match=r"structured_output: .*xgrammar"):
         Trainer(_trainer_config(tiny_model_dir, tmp_path / "a"))
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(_trainer_config(tiny_model_dir, tmp_path / "b", "structured_output=auto"))
-    assert trainer.grammar is None and "xgrammar" in caplog.text
-    assert trainer.prefills["reflection"].startswith("{")  # the free-text opener is back
+    assert trainer.sampler.grammar is None and "xgrammar" in caplog.text
+    assert trainer.sampler.prefills["reflection"].startswith("{")  # the free-text opener is back
 
 
 # ---- the vLLM request ------------------------------------------------------------------------
@@ -257,7 +260,7 @@ def test_structured_output_on_without_xgrammar_is_a_config_error(
 
 @pytest.mark.parametrize("spelling", ["structured_outputs", "guided_decoding"])
 def test_vllm_requests_carry_the_schema(tiny_model_dir, monkeypatch, spelling):
-    from resd.vllm_backend import VLLMSampler
+    from resd.generation.vllm_engine import VLLMSampler
 
     class Params:
         def __init__(self, **kw):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from resd.teacher_context import SolutionBuffer, TeacherTemplate
 from resd.templating import fill
+from resd.training.teacher_context import SolutionBuffer, TeacherTemplate
 
 
 def test_slots_in_order_and_empty_slots_vanish():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from resd.config import ConfigError, load_config
-from resd.tracking import Tracker, numeric_items, wandb_mode
+from resd.training.tracking import Tracker, numeric_items, wandb_mode
 
 
 def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from resd.config import apply_overrides, build_config
-from resd.trainer import PHASES, Trainer
+from resd.training.trainer import PHASES, Trainer
 
 TESTS = Path(__file__).resolve().parent
 SEED_PLAYBOOK = (
@@ -348,7 +348,7 @@ def test_report_from_a_tiny_model_run(tiny_model_dir, tmp_path):
 
     from matplotlib.image import imread
 
-    from resd.report import build_report
+    from resd.analysis.report import build_report
 
     cfg = config(tiny_model_dir, tmp_path / "rep", "steps=2", "inner_updates=1", "eval_samples=1",
                  "playbook_prune_every=100")  # fmt: skip

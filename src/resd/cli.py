@@ -19,11 +19,11 @@ import dataclasses
 import logging
 import sys
 
-from resd.compare import add_compare_subcommand
+from resd.analysis.compare import add_compare_subcommand
+from resd.analysis.continual import add_continual_subcommand
+from resd.analysis.eval_cli import add_eval_subcommand
+from resd.analysis.report import add_report_subcommand
 from resd.config import ConfigError, TrainConfig, load_config
-from resd.continual import add_continual_subcommand
-from resd.eval_cli import add_eval_subcommand
-from resd.report import add_report_subcommand
 
 
 def _print_config_help() -> None:
@@ -37,7 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_config_help()
         return 0
     cfg = load_config(args.config, args.overrides)
-    from resd.trainer import Trainer  # heavy imports only once the config is known to be good
+    from resd.training.trainer import (
+        Trainer,  # heavy imports only once the config is known to be good
+    )
 
     trainer = Trainer(cfg, resume=args.resume)
     summary = trainer.train()
@@ -68,9 +70,9 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 def cmd_env_check(args: argparse.Namespace) -> int:
     """Score every reference answer (all must reach 1.0) and show a few prompts and feedback."""
+    from resd.analysis.evaluation import safe_score
     from resd.config import apply_overrides
     from resd.envs import make_env
-    from resd.evaluation import safe_score
 
     env_args = apply_overrides({}, args.overrides)
     env = make_env(args.env, env_args)

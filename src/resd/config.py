@@ -234,7 +234,7 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 or null, got {value}")
         self.report_to = _check_report_to(self.report_to)
-        from resd.algorithms import ALGORITHMS
+        from resd.training.algorithms import ALGORITHMS
 
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(

@@ -1,6 +1,6 @@
 """Python programming environment: the model writes a function, hidden tests judge it.
 
-Each answer runs once in `resd.sandbox` together with a small harness. The harness calls
+Each answer runs once in `resd.envs.sandbox` together with a small harness. The harness calls
 the function on every test case separately (each under its own time limit), so one
 crashing or looping case does not hide the others, and streams one result line per case.
 The feedback then names the failing calls with expected and actual values, or the
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
-from resd.sandbox import SandboxResult, run_python
+from resd.envs.sandbox import SandboxResult, run_python
 from resd.templating import strip_thinking
 
 __all__ = ["CodeEnv", "extract_code", "load_problems", "normalize_tests", "values_match"]

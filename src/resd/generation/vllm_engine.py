@@ -1,7 +1,7 @@
 """Optional vLLM generation backend, colocated with training on the same GPU.
 
 `VLLMSampler` has the same `generate`/`load_weights` interface and the same output schema
-as `resd.generation.TransformersSampler`, so the trainer can swap one for the other. vLLM
+as `resd.generation.hf.TransformersSampler`, so the trainer can swap one for the other. vLLM
 is imported lazily: the package works without it, and asking for this backend without
 vLLM (or without a CUDA GPU) fails at construction with a `ConfigError` that says what to
 install, not with an ImportError deep inside the first rollout.
@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from resd.config import ConfigError
-from resd.generation import Generation, cut_at_eos
+from resd.generation.base import Generation, cut_at_eos
 
 # Colocated with training: the policy, its gradients and optimizer state share the GPU,
 # so the engine only takes a modest slice for its weights and KV cache.

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from resd.playbook import OPERATION_TYPES, SECTIONS, TAGS
+from resd.training.playbook import OPERATION_TYPES, SECTIONS, TAGS
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from resd.trainer import Trainer
+    from resd.training.trainer import Trainer
 
 
 class Callback:

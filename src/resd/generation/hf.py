@@ -8,7 +8,6 @@ spent on padding, and results come back in the caller's order.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,10 +19,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from resd.generation.base import Generation, cut_at_eos
 from resd.models import autocast_context
 
 if TYPE_CHECKING:
-    from resd.structured import JsonGrammar
+    from resd.generation.structured import JsonGrammar
 
 
 def _signed64(value: int) -> int:
@@ -132,16 +132,6 @@ class RowSeededSampler(LogitsProcessor):
         for row, value in enumerate(raw.gather(-1, picked)[:, 0].tolist()):
             self.logprobs[row].append(value)
         return torch.full_like(scores, float("-inf")).scatter_(-1, picked, 0.0)
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # sampled tokens, cut after the first EOS (the EOS is kept)
-    text: str  # decoded without special tokens
-    finished: bool  # True if it stopped on EOS, False if it hit max_new_tokens
-    # The sampler's log π of each token (when asked for): what rollout correction compares
-    # with the trainer's log-probs. Grammar-constrained replies record the masked scores.
-    logprobs: list[float] | None = None
 
 
 def chat_prompt_ids(
@@ -323,32 +313,11 @@ def generate(
     return [r for r in results if r is not None]
 
 
-def cut_at_eos(
-    tokens: list[int],
-    eos: list[int],
-    tokenizer: PreTrainedTokenizerBase,
-    logprobs: list[float] | None = None,
-) -> Generation:
-    """Build a `Generation` from raw sampled tokens: cut after the first EOS, keep the EOS.
-
-    Shared by every backend so they agree on the schema: a batch row keeps padding after
-    its EOS, and vLLM may report extra stop tokens; both end up cut the same way.
-    """
-    eos_set = set(eos)
-    kept, finished = tokens, False
-    for pos, tok in enumerate(tokens):
-        if tok in eos_set:
-            kept, finished = tokens[: pos + 1], True
-            break
-    text = tokenizer.decode(kept, skip_special_tokens=True)
-    return Generation(kept, text, finished, logprobs[: len(kept)] if logprobs is not None else None)
-
-
 class TransformersSampler:
     """Sampling from a model held in this process: the policy itself or a synced copy.
 
     The trainer talks to every backend through `generate` and `load_weights`, so the
-    vLLM backend (`resd.vllm_backend`) is a drop-in replacement with the same outputs.
+    vLLM backend (`resd.generation.vllm_engine`) is a drop-in replacement with the same outputs.
     """
 
     def __init__(

@@ -55,9 +55,15 @@ from typing import Any
 
 import yaml
 
+from resd.analysis.eval_cli import (
+    EvalSettings,
+    evaluate_env,
+    is_adapter,
+    load_policy,
+    merge_adapter,
+)
 from resd.config import ConfigError, TrainConfig, apply_overrides, build_config, read_yaml_mapping
 from resd.envs import Environment, make_env
-from resd.eval_cli import EvalSettings, evaluate_env, is_adapter, load_policy, merge_adapter
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +240,7 @@ def _free_memory() -> None:
 
 
 def _last_checkpoint_model(run_dir: Path) -> Path:
-    from resd.checkpoint import latest_checkpoint
+    from resd.training.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
@@ -244,8 +250,8 @@ def _last_checkpoint_model(run_dir: Path) -> Path:
 
 def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playbook: str | None):
     """Train one stage (or reuse / resume it); returns (final full model, playbook, info)."""
-    from resd.checkpoint import latest_checkpoint
-    from resd.trainer import Trainer
+    from resd.training.checkpoint import latest_checkpoint
+    from resd.training.trainer import Trainer
 
     if stage.own_playbook:
         playbook = stage.config.playbook_init

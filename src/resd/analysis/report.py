@@ -38,15 +38,13 @@ from typing import Any
 
 import yaml
 
-from resd.config import TrainConfig
-from resd.playbook import SECTIONS
-from resd.schema import COUNTERS as RUN_COUNTERS
-from resd.schema import PHASES
+from resd.rundir import COUNTERS as RUN_COUNTERS
+from resd.rundir import EVAL_KEYS, PHASES, read_jsonl, samples_per_step
+from resd.training.playbook import SECTIONS
 
 log = logging.getLogger(__name__)
 
 COUNTERS = ("distilled", *RUN_COUNTERS)
-EVAL_KEYS = ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
 TRAIN_KEYS = ("reward", "score", "success_rate")
 CONFIG_HIGHLIGHTS = (
     "algorithm", "model", "env", "env_args", "seed", "steps", "batch_size",
@@ -62,28 +60,6 @@ PLOT_DPI = 100
 
 
 # ---- 1. reading a run directory ------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file, or [] if it does not exist.
-
-    A run still in progress may end in a half-written line; such lines are skipped with
-    a warning instead of failing the whole report.
-    """
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: not valid JSON, skipped", path, number)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -139,9 +115,7 @@ class Run:
         The x axis "samples drawn" compares algorithms at equal interaction budget.
         Missing keys fall back to TrainConfig's defaults, as the trainer would have.
         """
-        batch = self.config.get("batch_size") or TrainConfig.batch_size
-        rollouts = self.config.get("rollouts_per_prompt") or TrainConfig.rollouts_per_prompt
-        return int(batch) * int(rollouts)
+        return samples_per_step(self.config)
 
     @property
     def steps(self) -> int:
@@ -682,7 +656,7 @@ def _final_playbook(run: Run) -> str:
     if run.playbook_md is not None:
         text = run.playbook_md
     elif run.playbook:
-        from resd.playbook import Playbook
+        from resd.training.playbook import Playbook
 
         try:
             text = Playbook.from_dict(run.playbook).render()

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from resd.envs.base import Environment, Item, Score
-from resd.generation import chat_prompt_ids
+from resd.generation.hf import chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample k answers per item and score them; returns metrics and per-sample records.
 
-    `sampler` is any generation backend (`resd.generation.TransformersSampler`, vLLM).
+    `sampler` is any generation backend (`resd.generation.hf.TransformersSampler`, vLLM).
     """
     build = prompt_messages or (lambda item: item.messages)
     prompts = [chat_prompt_ids(tokenizer, build(item), max_prompt_tokens) for item in items]

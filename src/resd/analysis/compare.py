@@ -31,7 +31,7 @@ from their last checkpoint (`--resume`), and retries the others from scratch.
 
 Outputs in `<out>/`: `comparison.json` (every run: config, status, error, eval curve with
 steps and samples drawn, final metrics; every algorithm: mean / std / min / max over its
-finished seeds, and its mean curve), `plots/accuracy.png` (accuracy against steps and
+finished seeds, and its mean curve), `plots/compare_eval.png` (accuracy against steps and
 against samples drawn, mean line and min-max band over seeds) and `report.html`
 (`resd report` on the comparison directory); the plots need matplotlib.
 """
@@ -56,10 +56,10 @@ from typing import Any
 import yaml
 
 from resd.config import ConfigError, TrainConfig, load_config
+from resd.rundir import EVAL_KEYS, cumulative_samples, read_jsonl, samples_per_step
 
 log = logging.getLogger(__name__)
 
-EVAL_KEYS = ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
 # Keys that must match across algorithms for a like-for-like comparison.
 SHARED_KEYS = frozenset(
     {"model", "env", "env_args", "seed", "shuffle", "batch_size", "inner_updates", "steps",
@@ -142,49 +142,17 @@ def unshared_overrides(algorithm_args: dict[str, list[str]]) -> list[str]:
 
 
 # ---- reading a run -------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of a killed run may be cut
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def has_checkpoint(run_dir: Path) -> bool:
-    """As `resd.checkpoint.latest_checkpoint(...) is not None`, without importing torch."""
+    """As `resd.training.checkpoint.latest_checkpoint(...) is not None`, without importing torch."""
     return any(run_dir.glob("checkpoints/step-*/state.json"))
-
-
-def samples_per_step(config: dict[str, Any]) -> int:
-    """Rollouts one step draws from the config: batch_size × rollouts_per_prompt."""
-    batch = config.get("batch_size") or TrainConfig.batch_size
-    rollouts = config.get("rollouts_per_prompt") or TrainConfig.rollouts_per_prompt
-    return int(batch) * int(rollouts)
-
-
-def cumulative_samples(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[int, int]:
-    """Samples drawn up to and including each step (step 0: none)."""
-    per_step = samples_per_step(config)
-    drawn, total = {0: 0}, 0
-    for row in sorted(metrics, key=lambda m: m.get("step", 0)):
-        rollouts = row.get("rollouts")
-        total += int(rollouts) if isinstance(rollouts, int | float) else per_step
-        drawn[int(row["step"])] = total
-    return drawn
 
 
 def eval_curve(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     """Every evaluation of a run with its step and the samples drawn by then."""
-    drawn = cumulative_samples(_read_jsonl(run_dir / "metrics.jsonl"), config)
+    drawn = cumulative_samples(read_jsonl(run_dir / "metrics.jsonl"), config)
     per_step = samples_per_step(config)
     curve = []
-    for row in _read_jsonl(run_dir / "eval.jsonl"):
+    for row in read_jsonl(run_dir / "eval.jsonl"):
         step = int(row.get("step", 0))
         point = {"step": step, "samples_drawn": drawn.get(step, step * per_step)}
         point.update({k: row[k] for k in (*EVAL_KEYS, "k", "items") if k in row})
@@ -205,7 +173,7 @@ def run_record(spec: RunSpec, config: dict[str, Any] | None) -> dict[str, Any]:
     config = config or {}
     summary_path = spec.path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    metrics = _read_jsonl(spec.path / "metrics.jsonl")
+    metrics = read_jsonl(spec.path / "metrics.jsonl")
     curve = eval_curve(spec.path, config) if config else []
     drawn = cumulative_samples(metrics, config) if config else {0: 0}
     steps = int(summary.get("steps", metrics[-1]["step"] if metrics else 0))
@@ -425,54 +393,19 @@ def write_comparison(out: Path, payload: dict[str, Any], runs: list[dict[str, An
 
 
 # ---- plots ---------------------------------------------------------------------------------
-def plot_accuracy(algorithms: dict[str, dict[str, Any]], keys: tuple[str, ...] = EVAL_KEYS):
-    """PNG bytes: one row per metric; columns against step and against samples drawn.
-
-    Line: mean over seeds; band: min to max over seeds (when there are several).
-    """
-    from resd.report import _figure, _png  # matplotlib only here
-
-    keys = tuple(k for k in keys if any(p.get(k) for a in algorithms.values() for p in a["curve"]))
-    if not keys:
-        return None
-    fig, axes = _figure(len(keys), 2, 12.0, 3.4 * len(keys))
-    for row, key in enumerate(keys):
-        for col, (axis, label) in enumerate((("step", "step"), ("samples", "samples drawn"))):
-            ax = axes[row][col]
-            for i, (algorithm, info) in enumerate(algorithms.items()):
-                pts = [p for p in info["curve"] if p.get(key)]
-                if not pts:
-                    continue
-                xs = [p["step"] if axis == "step" else p["samples_drawn"]["mean"] for p in pts]
-                mean = [p[key]["mean"] for p in pts]
-                ax.plot(
-                    xs, mean, color=f"C{i}", marker="o", label=f"{algorithm} (n={info['finished']})"
-                )
-                if info["finished"] > 1:
-                    lo, hi = [p[key]["min"] for p in pts], [p[key]["max"] for p in pts]
-                    ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
-            ax.set(title=f"{key} vs {label}", xlabel=label, ylim=(-0.02, 1.02))
-            ax.legend(fontsize=8)
-    return _png(fig)
-
-
 def write_plots(out: Path, algorithms: dict[str, dict[str, Any]]) -> list[Path]:
-    """accuracy.png and the HTML report; skipped with a note when matplotlib is missing."""
+    """The HTML report of the comparison, with its plots in `plots/` (accuracy against
+    steps and samples drawn: `compare_eval.png`); skipped with a note without matplotlib."""
     try:
-        png = plot_accuracy(algorithms)
+        import matplotlib  # noqa: F401  (the report's plots need it)
+
+        from resd.analysis.report import build_report
     except ImportError as exc:
         print(f"[compare] no plots: {exc}", file=sys.stderr)
         return []
-    written = []
-    if png:
-        (out / "plots").mkdir(parents=True, exist_ok=True)
-        (out / "plots" / "accuracy.png").write_bytes(png)
-        written.append(out / "plots" / "accuracy.png")
-    from resd.report import build_report
-
     with contextlib.suppress(FileNotFoundError):  # no run produced a run directory
-        written.append(build_report(out))
-    return written
+        return [build_report(out)]
+    return []
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -503,7 +436,7 @@ def run_comparison(
     plots: bool = True,
 ) -> dict[str, Any]:
     """Run every (algorithm, seed) and write comparison.json; returns its content."""
-    from resd.algorithms import ALGORITHMS
+    from resd.training.algorithms import ALGORITHMS
 
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:  # a typo should stop the study, not become a failed run

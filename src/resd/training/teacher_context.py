@@ -15,8 +15,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from resd.templating import fill, slots
+
+if TYPE_CHECKING:
+    from resd.training.algorithms import Algorithm
+    from resd.training.rollout import Rollout
 
 SLOT_TITLES: dict[str, str] = {
     "prompt": "Task",
@@ -73,6 +78,63 @@ class TeacherTemplate:
     def render(self, **values: str) -> str:
         blocks = {name: _block(name, values.get(name, "")) for name in SLOT_TITLES}
         return fill(self.text, blocks)
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    """What the teacher is shown about one rollout, slot by slot ("" = the slot is empty)."""
+
+    playbook: str = ""
+    previous_trial: str = ""
+    feedback: str = ""
+    reflection: str = ""
+    solution: str = ""
+    distill: bool = False  # something here is new to the student: distil this rollout
+
+
+def teacher_context(
+    algo: Algorithm,
+    rollout: Rollout,
+    *,
+    playbook: str,
+    buffer: SolutionBuffer,
+    peers: dict[str, str],
+    rollouts_per_prompt: int = 1,
+    feedback_with_solution: bool = True,
+) -> TeacherContext:
+    """The teacher's context for a rollout, from the algorithm's switches alone.
+
+    The solution slot holds, in order of preference: the environment's demonstration
+    (SDFT), the rollout's own success (algorithms that distil successes), the prompt's
+    buffered success (RESD), a successful sibling rollout of this step (SDPO, N > 1).
+    A rollout is distilled when the context holds feedback, a reflection or a solution
+    (the playbook alone is not new), and never when it succeeded under an algorithm that
+    does not distil successes. `peers` maps an item id to a success of this step.
+    """
+    solution = ""
+    if algo.demonstration:
+        solution = rollout.item.reference or ""
+    elif rollout.success and algo.distill_successes:
+        solution = rollout.response
+    elif algo.solution_buffer and buffer.get(rollout.item.id):
+        solution = buffer.get(rollout.item.id) or ""
+    elif algo.peer_solution and rollouts_per_prompt > 1 and not rollout.success:
+        solution = peers.get(rollout.item.id, "")
+    feedback = rollout.score.feedback if algo.feedback else ""
+    if solution and not feedback_with_solution:
+        feedback = ""  # the release: a solution speaks for itself
+    reflection = rollout.reflection.as_text() if rollout.reflection else ""
+    distill = bool(feedback.strip() or reflection or solution) and bool(rollout.gen.token_ids)
+    if rollout.success and not algo.distill_successes:
+        distill = False
+    return TeacherContext(
+        playbook=playbook if algo.playbook else "",
+        previous_trial=rollout.response if algo.previous_trial else "",
+        feedback=feedback,
+        reflection=reflection,
+        solution=solution,
+        distill=distill,
+    )
 
 
 @dataclass

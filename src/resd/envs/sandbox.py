@@ -521,7 +521,7 @@ def run_python(
     interpreter cannot be started at all.
     """
     if os.name != "posix":
-        raise RuntimeError("resd.sandbox needs a POSIX system (Linux is fully supported)")
+        raise RuntimeError("resd.envs.sandbox needs a POSIX system (Linux is fully supported)")
     if timeout_s <= 0:
         raise ValueError("sandbox: timeout_s must be positive")
     cpu_s = math.ceil(timeout_s) + 1

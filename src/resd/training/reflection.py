@@ -17,14 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from resd.parsing import (
+from resd.templating import fill
+from resd.training.parsing import (
     extract_bullet_tags,
     extract_json_object,
     extract_json_objects_anywhere,
     extract_loose_fields,
 )
-from resd.playbook import OPERATION_TYPES
-from resd.templating import fill
+from resd.training.playbook import OPERATION_TYPES
 
 REFLECTION_PROMPT = """You are reviewing an attempt at a task that did not fully succeed. Diagnose it so the lesson can be reused on other tasks.
 

@@ -4,7 +4,7 @@
     resd eval --model runs/x/checkpoints/step-000100/model --env arithmetic n_test=64
     resd eval --model runs/lora/checkpoints/step-000100/model --base-model Qwen/Qwen3-0.6B ...
 
-The metrics are the trainer's (spec §6, `resd.evaluation`): per-task accuracy (all tests
+The metrics are the trainer's (spec §6, `resd.analysis.evaluation`): per-task accuracy (all tests
 pass) and per-test-case accuracy (fraction of tests passed), each as mean@k and best@k
 over k samples per item at the evaluation temperature, plus the same four numbers per
 item, so that one can see *which* problems a method solves.
@@ -151,7 +151,7 @@ def merge_adapter(path: str | Path, out: str | Path, *, base_model: str | None =
 # ---- evaluating ---------------------------------------------------------------------------
 def per_item_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """mean@k / best@k of each item, from `evaluate`'s per-sample records, in item order."""
-    from resd.evaluation import aggregate
+    from resd.analysis.evaluation import aggregate
 
     by_item: dict[str, list[Score]] = {}
     for rec in records:
@@ -174,8 +174,8 @@ def evaluate_env(model, tokenizer, env: Environment, settings: EvalSettings) -> 
     """Sample k answers per test item and score them: aggregate, per-item and per-sample."""
     import torch
 
-    from resd.evaluation import evaluate
-    from resd.generation import TransformersSampler
+    from resd.analysis.evaluation import evaluate
+    from resd.generation.hf import TransformersSampler
 
     items = list(env.test_items())[: settings.items]
     if not items:

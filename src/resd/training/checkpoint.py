@@ -139,17 +139,3 @@ def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, 
         }
     )
     return state, optimizer_state
-
-
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= max_step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-    path.write_text("".join(k + "\n" for k in kept))

@@ -1,0 +1,71 @@
+"""What every generation backend shares: the result of one sampled continuation, how raw
+tokens become one, and the interface the trainer samples through.
+
+The trainer talks to a backend only through `Sampler.generate` and `Sampler.load_weights`,
+so the in-process transformers sampler (`hf.TransformersSampler`) and the vLLM engine
+(`vllm_engine.VLLMSampler`) are interchangeable: chosen once, from `generation_backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # sampled tokens, cut after the first EOS (the EOS is kept)
+    text: str  # decoded without special tokens
+    finished: bool  # True if it stopped on EOS, False if it hit max_new_tokens
+    # The sampler's log π of each token (when asked for): what rollout correction compares
+    # with the trainer's log-probs. Grammar-constrained replies record the masked scores.
+    logprobs: list[float] | None = None
+
+
+def cut_at_eos(
+    tokens: list[int],
+    eos: list[int],
+    tokenizer: Any,
+    logprobs: list[float] | None = None,
+) -> Generation:
+    """Build a `Generation` from raw sampled tokens: cut after the first EOS, keep the EOS.
+
+    Shared by every backend so they agree on the schema: a batch row keeps padding after
+    its EOS, and vLLM may report extra stop tokens; both end up cut the same way.
+    """
+    eos_set = set(eos)
+    kept, finished = tokens, False
+    for pos, tok in enumerate(tokens):
+        if tok in eos_set:
+            kept, finished = tokens[: pos + 1], True
+            break
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Generation(kept, text, finished, logprobs[: len(kept)] if logprobs is not None else None)
+
+
+class Sampler(Protocol):
+    """A generation backend: samples continuations, and takes new policy weights by name."""
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seeds: list[int] | None = None,
+        json_schemas: Sequence[dict | None] | None = None,
+        json_prefixes: Sequence[str] | None = None,
+        return_logprobs: bool = False,
+    ) -> list[Generation]:
+        """One continuation per prompt. `seeds` make each row's sample depend only on its
+        prompt and seed; `json_schemas` constrain rows to JSON (structured output);
+        `return_logprobs` fills `Generation.logprobs` with the sampler's own."""
+        ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new policy weights in, by plain parameter name."""
+        ...

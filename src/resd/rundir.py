@@ -1,0 +1,138 @@
+"""A run directory: the files a run writes, the names in them, and how to read them.
+
+One module for the trainer that writes a run and the tools that read it (`resd report`,
+`resd compare`, `resd continual`), kept free of heavy imports so that reading a run
+does not need torch.
+
+    metrics.jsonl             one row per optimizer step (`PHASES`, `COUNTERS`, ...)
+    samples.jsonl             the first `log_samples` rollouts of every step
+    eval.jsonl                one row per evaluation (`EVAL_KEYS`)
+    eval-step-NNNNNN.jsonl    every evaluation sample
+    playbook_history.jsonl    the playbook's size and changes per step
+    playbook.md / .json       the playbook
+    config.yaml, summary.json the run's settings and its end
+    checkpoints/step-NNNNNN/  see `resd.training.checkpoint`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The JSON-lines logs of a run, cut back to the checkpoint's step when a run resumes.
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl")
+
+# The accuracy metrics of every evaluation: per-task and per-test-case, mean and best of k.
+EVAL_KEYS = ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
+
+# Phases timed in every step; metrics.jsonl has `time_<phase>` for each.
+PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
+
+# Per-step counters of the reflection / curation machinery in metrics.jsonl.
+COUNTERS = (
+    "reflections",
+    "reflections_parsed",  # a whole JSON object with diagnostic fields (not the fallback)
+    "reflection_parse_failures",
+    "reflection_loose_parses",
+    "reflection_truncated",  # cut at reflection_max_new_tokens
+    "reflections_raw",  # unparsed replies handed on as raw text (unparsed_reflection: raw)
+    "tag_replies",
+    "tag_parse_failures",
+    "curations",
+    "curations_parsed",  # a reply whose operation list could be read
+    "curation_parse_failures",
+    "curation_truncated",
+    "curations_effective",  # curation replies of which at least one operation was applied
+    "reflection_tokens",  # tokens generated for reflections, success tags and curation
+    "tag_tokens",
+    "curation_tokens",
+    "tags_applied",
+    "ops_applied",
+    "ops_skipped",
+)
+
+# Why curator operations were skipped (`ops_skipped_<reason>` in metrics.jsonl): the
+# playbook's own checks, then the content guards of `resd.training.guards`.
+SKIP_REASONS = (
+    "malformed",
+    "not_allowed",
+    "unknown_id",
+    "empty",
+    "duplicate",
+    "too_short",
+    "copies_task",
+    "copies_feedback",
+    "leaks_answer",
+)
+
+# Who reads the playbook, each under its own token budget (`<reader>_playbook_tokens`);
+# `playbook_omitted_<reader>` counts the entries left out of that reader's view.
+PLAYBOOK_READERS = ("reflection", "curation", "teacher")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file, or [] if it does not exist.
+
+    A run still in progress (or killed) may end in a half-written line; such lines are
+    skipped with a warning instead of failing the reader.
+    """
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: not valid JSON, skipped", path, number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop rows written after `max_step` (the checkpoint a run resumes from: those steps
+    will be redone); -1 drops every row."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def samples_per_step(config: dict[str, Any]) -> int:
+    """Rollouts one step draws: batch_size × rollouts_per_prompt (TrainConfig's defaults
+    where a key is missing, as the trainer would have used)."""
+    from resd.config import TrainConfig  # torch-free
+
+    batch = config.get("batch_size") or TrainConfig.batch_size
+    return int(batch) * int(config.get("rollouts_per_prompt") or TrainConfig.rollouts_per_prompt)
+
+
+def cumulative_samples(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[int, int]:
+    """Samples drawn up to and including each step (step 0: none), from the `rollouts`
+    each step logged (the config's count for steps that did not log it)."""
+    per_step = samples_per_step(config)
+    drawn, total = {0: 0}, 0
+    for row in sorted(metrics, key=lambda m: m.get("step", 0)):
+        rollouts = row.get("rollouts")
+        total += int(rollouts) if isinstance(rollouts, int | float) else per_step
+        drawn[int(row["step"])] = total
+    return drawn

@@ -1,0 +1,196 @@
+"""The policy being trained, and what samples from it.
+
+`load_policy` loads the student (a full model, or a base model with a LoRA adapter).
+`PolicySampler` is the generation side, chosen once from the config: which backend
+(transformers in this process, or a vLLM engine), what it samples from (the policy
+itself, a full copy in the sampling dtype, or, for LoRA, a plain copy with the adapter
+merged in), how it gets the policy's new weights after each step, and whether replies
+are constrained to JSON (structured output).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resd.config import ConfigError, TrainConfig
+from resd.generation.base import Generation, Sampler
+from resd.generation.hf import TransformersSampler, eos_token_ids
+from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
+from resd.models import DTYPES, load_model, resolve_model_path
+from resd.parallel import Parallel
+from resd.training.teacher import is_peft
+
+log = logging.getLogger(__name__)
+
+# Opens reflector and curator replies when no grammar constrains them, so a small model
+# starts inside the JSON object instead of chatting (see `structured_output`).
+JSON_OPENER = '{\n  "reasoning": "'
+
+
+def merged_sampling(cfg: TrainConfig, parallel: Parallel) -> bool:
+    """A LoRA policy samples from a plain copy of the base model with the adapter merged
+    in: decoding through unmerged fp32 adapters ran 4x slower than a merged bf16 copy."""
+    return (
+        bool(cfg.lora) and cfg.generation_backend == "transformers" and not parallel.sharded
+        and DTYPES[cfg.generation_dtype or cfg.dtype] != DTYPES[cfg.dtype]
+    )  # fmt: skip
+
+
+def load_policy(
+    cfg: TrainConfig, parallel: Parallel, checkpoint: Path | None, *, keep_base: bool = False
+) -> tuple[nn.Module, nn.Module | None]:
+    """The student (from `checkpoint` when resuming), and with `keep_base` a copy of the
+    LoRA base model taken before the adapter wraps it (a deep copy of the PEFT model
+    decoded 5x slower than this plain one)."""
+    device = parallel.device(cfg.device)
+    if not cfg.lora:
+        source = str(checkpoint / "model") if checkpoint else cfg.model
+        return load_model(source, dtype=cfg.dtype, device=device), None
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    base_copy = copy.deepcopy(base) if keep_base else None
+    if checkpoint:
+        return PeftModel.from_pretrained(
+            base, str(checkpoint / "model"), is_trainable=True
+        ), base_copy
+    lora = LoraConfig(
+        r=int(cfg.lora.get("r", 16)),
+        lora_alpha=int(cfg.lora.get("alpha", 32)),
+        lora_dropout=float(cfg.lora.get("dropout", 0.0)),
+        target_modules=cfg.lora.get("target_modules", "all-linear"),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora), base_copy
+
+
+class PolicySampler:
+    """The policy's generation backend; `sync()` after every optimizer step (spec §3 step 9).
+
+    Call it before the policy is sharded: a sharded policy is sampled through a full copy.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        tokenizer: Any,
+        parallel: Parallel,
+        base_copy: nn.Module | None = None,
+    ) -> None:
+        self.cfg, self.model, self.tokenizer, self.parallel = cfg, model, tokenizer, parallel
+        self.merged = base_copy is not None
+        sample_dtype = DTYPES[cfg.generation_dtype or cfg.dtype]
+        self.generator = model
+        if cfg.generation_backend == "transformers" and (
+            parallel.sharded or sample_dtype != DTYPES[cfg.dtype]
+        ):
+            copied = base_copy if base_copy is not None else copy.deepcopy(model)
+            self.generator = copied.to(sample_dtype).eval().requires_grad_(False)
+        self.grammar = self._grammar()
+        self.structured = self.grammar is not None or (
+            cfg.generation_backend == "vllm" and cfg.structured_output != "off"
+        )
+        self.prefills = {
+            "reflection": self._prefill("reflection_prefill", cfg.reflection_prefill),
+            "curation": self._prefill("curation_prefill", cfg.curation_prefill),
+        }
+        self.backend: Sampler = self._backend()
+        self.needs_sync = cfg.generation_backend == "vllm" or self.generator is not model
+        if cfg.generation_backend == "vllm" or self.merged:  # a resumed policy's weights
+            self.sync()
+
+    def _backend(self) -> Sampler:
+        cfg = self.cfg
+        if cfg.generation_backend == "vllm":
+            from resd.generation.vllm_engine import VLLMSampler
+
+            return VLLMSampler(
+                resolve_model_path(cfg.model), self.tokenizer, dtype=cfg.generation_dtype or cfg.dtype,
+                seed=cfg.seed, max_model_len=cfg.max_teacher_prompt_tokens + cfg.max_new_tokens,
+                vllm_args=cfg.vllm_args,
+            )  # fmt: skip
+        return TransformersSampler(
+            self.generator, self.tokenizer, batch_size=cfg.generation_batch_size, autocast=cfg.autocast,
+            cache_implementation=cfg.generation_cache, compile=cfg.generation_compile, grammar=self.grammar,
+        )  # fmt: skip
+
+    def _grammar(self) -> JsonGrammar | None:
+        """xgrammar for JSON replies on the transformers backend (vLLM brings its own)."""
+        cfg = self.cfg
+        if cfg.structured_output == "off" or cfg.generation_backend == "vllm":
+            return None
+        try:
+            return JsonGrammar(
+                self.tokenizer,
+                self.model.config.vocab_size,
+                eos_token_ids(self.model, self.tokenizer),
+            )
+        except StructuredOutputUnavailable as exc:
+            if cfg.structured_output == "on":
+                raise ConfigError(f"structured_output: {exc}") from None
+            log.warning(
+                "structured_output: auto and xgrammar is missing; replies are parsed as free text"
+            )
+            return None
+
+    def _prefill(self, name: str, value: str | None) -> str:
+        """The text that opens a reply: none under a grammar, a JSON opener without one."""
+        if value is None:
+            return "" if self.structured else JSON_OPENER
+        if value and self.structured and self.cfg.generation_backend == "vllm":
+            raise ConfigError(
+                f"{name}: a prefill cannot be combined with vLLM's structured output; "
+                "drop it or set structured_output: off"
+            )
+        return value
+
+    def weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """The current policy as (plain name, full tensor) pairs, for a sampler to load."""
+        if is_peft(self.model) and (self.cfg.generation_backend == "vllm" or self.merged):
+            from resd.generation.vllm_engine import merged_lora_weights
+
+            return merged_lora_weights(self.model)
+        return self.parallel.full_parameters(self.model)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Push the policy's new weights to whatever samples (a no-op when that is the policy)."""
+        if self.needs_sync:
+            self.backend.load_weights(self.weights())
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def rollouts(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
+        """Rollouts, with the sampler's log-probs for rollout correction."""
+        cfg = self.cfg
+        return self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, seeds=seeds, return_logprobs=True)  # fmt: skip
+
+    def replies(
+        self,
+        prompts: list[list[int]],
+        kind: str,
+        max_new_tokens: int,
+        seeds: list[int],
+        schema: dict[str, Any] | None = None,
+    ) -> list[Generation]:
+        """Reflection / tagging / curation replies: opened with the `kind`'s prefill (the
+        returned text includes it), decoded under `schema` when structured output is on."""
+        prefill = self.prefills.get(kind, "")
+        prefix = self.tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else []
+        schemas: Sequence[dict | None] | None = (
+            [schema] * len(prompts) if self.structured and schema else None
+        )
+        gens = self.backend.generate(
+            [p + prefix for p in prompts], max_new_tokens=max_new_tokens, temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p, seeds=seeds, json_schemas=schemas,
+            json_prefixes=[prefill] * len(prompts) if schemas and prefill else None,
+        )  # fmt: skip
+        return [Generation(g.token_ids, prefill + g.text, g.finished) for g in gens]

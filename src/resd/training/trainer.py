@@ -1,0 +1,404 @@
+"""The training loop: every algorithm (RESD, its ablations, SDPO, SDPO+ss, SDFT, GRPO).
+
+One step, for a batch of prompts and their fresh rollouts, in the order `train_step`
+runs it:
+
+    rollout → feedback → [prune] → reflect + tag → curate → [prune] → teacher prompts
+    → teacher and student score the responses → loss → AdamW → EMA teacher → sync sampler
+
+The algorithm (`algorithms.py`) only switches parts of this on and off. The lesson half
+lives in `lessons.py`, the update half in `update.py`, the policy and its sampler in
+`policy.py`, and how the run is spread over processes in `resd.parallel`. The stream of
+prompts is a single pass in batches; each batch is used for `inner_updates` steps, each
+with fresh on-policy rollouts. Steps are seeded from (seed, step), so a resumed run
+replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from resd.analysis.evaluation import evaluate, safe_score
+from resd.config import TrainConfig
+from resd.envs import make_env
+from resd.envs.base import Environment, Item
+from resd.generation.hf import chat_prompt_ids
+from resd.models import load_tokenizer
+from resd.parallel import full_tensor, make_parallel
+from resd.rundir import (
+    COUNTERS,
+    PHASES,
+    PLAYBOOK_READERS,
+    RUN_LOGS,
+    SKIP_REASONS,
+    append_jsonl,
+    read_jsonl,
+    truncate_jsonl,
+)
+from resd.training.algorithms import get_algorithm
+from resd.training.callbacks import Callback
+from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from resd.training.lessons import Lessons, PlaybookChanges
+from resd.training.playbook import Playbook
+from resd.training.policy import PolicySampler, load_policy, merged_sampling
+from resd.training.rollout import PhaseTimer, Rollout, RowStats, row_seed
+from resd.training.teacher import Teacher
+from resd.training.teacher_context import SolutionBuffer
+from resd.training.tracking import Tracker
+from resd.training.update import Update
+
+__all__ = ["PHASES", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        env: Environment | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        """`env` replaces the environment `cfg.env` names (for environments built in Python);
+        `callbacks` are called on step end, evaluation and save (`resd.training.callbacks`)."""
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.parallel = make_parallel(cfg.strategy, cfg.zero_stage)
+        self.parallel.check(cfg)
+        self.algo = get_algorithm(cfg.algorithm)
+        self.run_dir = Path(cfg.output_dir)
+        self._seed(cfg.seed)
+        self.env = env if env is not None else make_env(cfg.env, cfg.env_args)
+        self.train_items = list(self.env.train_items())
+        if not self.train_items:
+            raise ValueError(f"env: {getattr(self.env, 'name', cfg.env)!r} has no training items")
+        if cfg.shuffle:
+            random.Random(cfg.seed).shuffle(self.train_items)
+        self.test_items = list(self.env.test_items())[: cfg.eval_items]
+        self.n_batches = math.ceil(len(self.train_items) / cfg.batch_size)
+        self.total_steps = min(cfg.steps or 10**12, self.n_batches * cfg.inner_updates)
+        checkpoint = self._checkpoint_to_resume(resume)
+
+        # The policy, its teachers and its optimizer; the sampler is made before sharding.
+        self.tokenizer = load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
+        self.model, base_copy = load_policy(
+            cfg, self.parallel, checkpoint, keep_base=merged_sampling(cfg, self.parallel)
+        )
+        self.model.train()
+        self.device = next(self.model.parameters()).device
+        lam = (
+            self.algo.distillation_weight
+            if cfg.distillation_weight is None
+            else cfg.distillation_weight
+        )
+        # A pure policy-gradient run (grpo) never queries a teacher: no copy of the model.
+        self.teacher = Teacher(self.model, cfg.teacher if lam > 0 else "live", cfg.teacher_update_rate,
+                               cfg.trust_region_weight)  # fmt: skip
+        self.reference = Teacher(self.model, "base") if cfg.kl_coef > 0 else None
+        # A resumed run restores base/EMA/trust-region weights from the checkpoint.
+        state, optimizer_state = (
+            load_checkpoint(checkpoint, teachers=self._teachers()) if checkpoint else ({}, None)
+        )
+        self.sampler = PolicySampler(cfg, self.model, self.tokenizer, self.parallel, base_copy)
+        for module in (self.model, self.teacher.copy, self.reference and self.reference.copy):
+            if module is not None:
+                self.parallel.shard_model(module, cfg.fsdp_reshard_after_forward)
+        self.teacher.match_student_layout(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        )
+        self.parallel.prepare(self.model, self.optimizer, cfg.max_grad_norm)
+
+        # The two halves of a step.
+        self.lessons = Lessons(cfg, self.algo, self.tokenizer, self.sampler, self.parallel)
+        self.update = Update(cfg, self.model, self.optimizer, self.teacher, self.reference, self.parallel,
+                             self.tokenizer.pad_token_id, lam, after_step=self._after_step)  # fmt: skip
+        self.step = 0
+        self.last_eval_step: int | None = None  # the same on every process
+        self.totals: Counter[str] = Counter()
+        if checkpoint:
+            self._restore(checkpoint, state, optimizer_state)
+        # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
+        self.tracker = Tracker(
+            self.run_dir, cfg.report_to if self.parallel.is_main else [], cfg.to_dict(),
+            resume_step=self.step if checkpoint else None,
+        )  # fmt: skip
+
+    @property
+    def playbook(self) -> Playbook:
+        return self.lessons.playbook
+
+    @property
+    def buffer(self) -> SolutionBuffer:
+        return self.lessons.buffer
+
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"output_dir: {self.run_dir} already holds a run; pass --resume to continue it "
+                "or choose another output_dir"
+            )
+        if resume and checkpoint is None and (self.run_dir / "metrics.jsonl").exists():
+            # Killed before its first checkpoint: nothing to resume, so the run starts over,
+            # and the logs of the lost steps go (they would otherwise appear twice).
+            log.warning("resume: no checkpoint in %s; starting over from step 0 (its logs are cleared)",
+                        self.run_dir)  # fmt: skip
+            if self.parallel.is_main:
+                for name in RUN_LOGS:
+                    truncate_jsonl(self.run_dir / name, -1)
+            self.parallel.barrier()
+        return checkpoint
+
+    def _after_step(self) -> None:
+        """After each optimizer step (spec §3 step 9): the EMA teacher follows the student,
+        then whatever samples gets the new weights."""
+        source = self.parallel.teacher_source(self.model) if self.teacher.copy is not None else None
+        self.teacher.update(self.model, source)
+        self.sampler.sync()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run to the end of the stream (or `steps`), evaluating and checkpointing on schedule.
+
+        Under data parallelism only rank 0 writes files and evaluates; the others wait.
+        """
+        cfg, main = self.cfg, self.parallel.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            )
+        if self.step == 0 and self.test_items:
+            self._evaluate()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=cfg.algorithm,
+            disable=not (cfg.progress and main),
+        )
+        last: dict[str, Any] = {}
+        while self.step < self.total_steps:
+            batch = self.step // cfg.inner_updates
+            last = self.train_step(
+                self.train_items[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
+            )
+            self._append("metrics.jsonl", last)
+            self.tracker.log(last, self.step, prefix="train")
+            for callback in self.callbacks:
+                callback.on_step_end(self, last)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}", reward=f"{last['reward']:.2f}", score=f"{last['score']:.2f}",
+                playbook=last["playbook_size"], s=f"{last['time_step']:.1f}",
+            )  # fmt: skip
+            done = self.step >= self.total_steps
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not done and self.test_items:
+                self._evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                self.save()
+        bar.close()
+        # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
+        if self.test_items and self.last_eval_step != self.step:
+            self._evaluate()
+        evals = read_jsonl(self.run_dir / "eval.jsonl") if main else []
+        summary = {
+            "steps": self.step, "run_dir": str(self.run_dir), "last": last,
+            "strategy": self.parallel.name, "world_size": self.parallel.world_size,
+        }  # fmt: skip
+        if evals:
+            summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.tracker.close()
+        self.parallel.barrier()
+        return summary
+
+    def save(self) -> Path:
+        """Checkpoint: every process helps gather full tensors, rank 0 writes them."""
+        path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
+        # Unsharded, the model saves itself (PEFT writes just the adapter).
+        model_state = self.parallel.full_state_dict(self.model) if self.parallel.sharded else None
+        teacher_states = {}
+        for name, teacher in self._teachers().items():
+            if teacher.adapter:  # LoRA EMA: adapter tensors (sharded like the adapter)
+                teacher_states[name] = {n: full_tensor(t) for n, t in teacher.adapter.items()}
+            elif teacher.copy is not None:
+                teacher_states[name] = self.parallel.full_state_dict(teacher.copy)
+        optimizer_state = self.parallel.full_optimizer_state(self.model, self.optimizer)
+        if self.parallel.is_main:
+            self.playbook.save(self.run_dir)
+            state = {
+                "cursor": {"batch": self.step // self.cfg.inner_updates, "inner": self.step % self.cfg.inner_updates},
+                "playbook": self.playbook.to_dict(), "buffer": self.buffer.solutions,
+                "totals": dict(self.totals), "config": self.cfg.to_dict(),
+            }  # fmt: skip
+            path = save_checkpoint(
+                self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
+                model_state=model_state, teacher_states=teacher_states,
+                optimizer_state=optimizer_state, state=state, keep=self.cfg.keep_checkpoints,
+            )  # fmt: skip
+        self.parallel.barrier()
+        for callback in self.callbacks:
+            callback.on_save(self, path)
+        return path
+
+    def _teachers(self) -> dict[str, Teacher]:
+        return {
+            "teacher": self.teacher,
+            **({"reference": self.reference} if self.reference else {}),
+        }
+
+    def _restore(self, path: Path, state: dict[str, Any], optimizer_state: dict) -> None:
+        self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state)
+        self.step = int(state["step"])
+        self.lessons.playbook = Playbook.from_dict(state["playbook"])
+        self.lessons.buffer = SolutionBuffer(
+            dict(state["buffer"]), keep=self.cfg.solution_buffer_keep
+        )
+        self.totals = Counter(state.get("totals", {}))
+        if self.parallel.is_main:
+            for name in RUN_LOGS:
+                truncate_jsonl(self.run_dir / name, self.step)
+        self.parallel.barrier()
+        evals = read_jsonl(self.run_dir / "eval.jsonl")
+        self.last_eval_step = evals[-1]["step"] if evals else None
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def train_step(self, items: list[Item]) -> dict[str, Any]:
+        """One inner iteration on `items` (the global batch); returns the step's metrics.
+
+        Each process works on its share of the rollouts; what changes shared state is
+        gathered and applied in global order, so every process ends the step the same.
+        """
+        cfg, lessons = self.cfg, self.lessons
+        step = self.step + 1
+        self._seed(cfg.seed * 1_000_003 + step)
+        # `counts`: this process's own work (summed over processes below); `changes`: what
+        # the step did to the playbook, which every process does identically.
+        timer, counts, changes = PhaseTimer(), Counter(), PlaybookChanges()
+        lessons.omitted = {}
+        start, size_before = time.perf_counter(), len(self.playbook)
+
+        with timer("rollout"):
+            flat = [it for it in items for _ in range(cfg.rollouts_per_prompt)]
+            mine = self.parallel.shard(flat)
+            prompts = {id(it): chat_prompt_ids(self.tokenizer, lessons.student_messages(it), cfg.max_prompt_tokens)
+                       for it in items}  # fmt: skip
+            gens = self.sampler.rollouts([prompts[id(flat[g])] for g in mine],
+                                         [row_seed(cfg.seed, step, "rollout", g) for g in mine])  # fmt: skip
+        with timer("feedback"):
+            rollouts = [Rollout(flat[g], prompts[id(flat[g])], gen, safe_score(self.env, flat[g], gen.text), index=g)
+                        for g, gen in zip(mine, gens, strict=True)]  # fmt: skip
+        outcomes = self.parallel.gather_indexed([(r.index, r.outcome()) for r in rollouts])
+        lessons.prune(step, changes)
+        with timer("reflect"):
+            lessons.reflect(rollouts, outcomes, step, counts, changes)
+        with timer("curate"):
+            lessons.curate(rollouts, step, counts, changes)
+        peers = lessons.remember_solutions(rollouts)
+        lessons.teacher_prompts(rollouts, peers)
+        update = self.update(rollouts, outcomes, timer, step)  # teacher and update phases
+        self.step = step
+
+        counts = Counter({k: int(self.parallel.sum(counts.get(k, 0))) for k in COUNTERS})
+        counts.update(changes.applied)
+        self.totals.update(counts)
+        stats = self.parallel.gather_indexed(
+            [(r.index, RowStats(r.distill, len(r.gen.token_ids), r.gen.finished)) for r in rollouts]
+        )
+        n = len(outcomes)
+        metrics = {
+            "step": step, "batch": (step - 1) // cfg.inner_updates, "inner": (step - 1) % cfg.inner_updates,
+            "lr": self.update.lr(step), **update,
+            "reward": sum(o.reward for o in outcomes) / n, "score": sum(o.score for o in outcomes) / n,
+            "success_rate": sum(o.success for o in outcomes) / n, "rollouts": n,
+            "distilled": sum(s.distilled for s in stats), "response_tokens": sum(s.tokens for s in stats) / n,
+            "truncated": sum(not s.finished for s in stats) / n,
+            "playbook_size": len(self.playbook), "playbook_added": len(changes.added),
+            "playbook_removed": len(set(changes.removed)), "playbook_size_before": size_before,
+            "buffer_size": len(self.buffer),
+            **{k: counts.get(k, 0) for k in COUNTERS},
+            **{f"ops_skipped_{k}": counts.get(f"ops_skipped_{k}", 0) for k in SKIP_REASONS},
+            # entries each reader was not shown for lack of budget (every process sees the same)
+            **{f"playbook_omitted_{k}": lessons.omitted.get(k, 0) for k in PLAYBOOK_READERS},
+            **{f"time_{p}": round(s, 4) for p, s in timer.seconds.items()},
+            "time_step": round(time.perf_counter() - start, 4),
+        }  # fmt: skip
+        self._log_samples(rollouts, step)
+        if self.algo.playbook:
+            self._append("playbook_history.jsonl", {
+                "step": step, "size": len(self.playbook), "sections": self.playbook.section_counts(),
+                "added": changes.added, "removed": sorted(set(changes.removed)),
+            })  # fmt: skip
+        return metrics
+
+    # ---- evaluation and logs ------------------------------------------------------------------------
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _evaluate(self) -> dict[str, Any] | None:
+        """Evaluate on rank 0 (the others wait): the test split is small next to training."""
+        self.last_eval_step = self.step
+        row = self._evaluate_main() if self.parallel.is_main else None
+        self.parallel.barrier()
+        for callback in self.callbacks:
+            callback.on_evaluate(self, row)
+        return row
+
+    def _evaluate_main(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._seed(cfg.seed * 7919 + self.step)
+        metrics, records = evaluate(
+            self.sampler.backend, self.tokenizer, self.env, self.test_items, samples=cfg.eval_samples,
+            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p, max_prompt_tokens=cfg.max_prompt_tokens, prompt_messages=self.lessons.student_messages,
+        )  # fmt: skip
+        row = {"step": self.step, **metrics}
+        self._append("eval.jsonl", row)
+        self.tracker.log(metrics, self.step, prefix="eval")
+        with (self.run_dir / f"eval-step-{self.step:06d}.jsonl").open("w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        log.info("eval at step %d: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
+        return row
+
+    def _log_samples(self, rollouts: list[Rollout], step: int) -> None:
+        """The first `log_samples` rollouts of the global batch, with everything the report shows."""
+        rows = [
+            (r.index, {
+                "step": step, "item": r.item.id, "prompt": r.item.prompt_text, "response": r.gen.text,
+                "reward": r.score.reward, "score": r.score.score, "feedback": r.score.feedback,
+                "reflection": r.reflection.as_text() if r.reflection else None,
+                "reflection_reply": r.reflection_reply, "curation_reply": r.curation_reply,
+                "teacher_prompt": r.teacher_prompt, "distilled": r.distill,
+                "tokens": [self.tokenizer.decode([t]) for t in r.gen.token_ids],
+                "token_losses": [round(x, 5) for x in r.token_losses],
+            })
+            for r in rollouts
+            if r.index < self.cfg.log_samples
+        ]  # fmt: skip
+        for row in self.parallel.gather_indexed(rows):
+            self._append("samples.jsonl", row)
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        if self.parallel.is_main:
+            append_jsonl(self.run_dir / name, row)
