@@ -502,7 +502,6 @@ def test_reference_builder_meets_each_constraint_alone_and_respects_case():
 def test_env_registry_and_argument_checks(tmp_path):
     env = make_env("ifeval", {"seed": 1, "n_train": 3, "n_test": 2, "references": False})
     assert isinstance(env, IFEvalEnv) and env.name == "ifeval" and env.description
-    assert env.task_hint
     assert len(env.train_items()) == 3 and len(env.test_items()) == 2
     assert all(item.reference is None for item in env.train_items())
     assert all(item.messages[0]["role"] == "user" for item in env.train_items())

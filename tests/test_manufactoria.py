@@ -564,7 +564,7 @@ def test_environment_items_and_scoring():
         assert env.score(each, each.reference).reward == 1.0, each.id
     assert env.score(item, "no program here").feedback == NO_PROGRAM_MESSAGE
     assert ManufactoriaEnv.name == "manufactoria"
-    assert ManufactoriaEnv.description and ManufactoriaEnv.task_hint
+    assert ManufactoriaEnv.description
 
 
 def test_environment_split_sizes_and_registry():

@@ -1,4 +1,4 @@
-"""The playbook: text round-trip, every operation, both CONCISE policies, hostile input."""
+"""The playbook: text round-trip, every operation, both pruning policies, hostile input."""
 
 from __future__ import annotations
 
@@ -109,40 +109,40 @@ def test_stats():
     assert pb.stats() == {"total": 3, "high_performing": 1, "problematic": 1, "unused": 1}
 
 
-def test_concise_prioritized():
+def test_prune_random():
     pb = make()
     pb.tag("strat-00001", "helpful", 2)
     pb.tag("err-00002", "harmful", 2)
-    removed = pb.concise(3, policy="prioritized")
+    removed = pb.prune(3, policy="random")
     assert sorted(removed) == ["calc-00003", "err-00002"]  # harmful and unused go
     for i in range(5):
         eid = pb.add("strat", f"lesson {i}", step=3)
         pb.tag(eid, "helpful", 3)
-    removed = pb.concise(4, policy="prioritized", max_entries=3, seed=1)
+    removed = pb.prune(4, policy="random", max_entries=3, seed=1)
     assert len(pb) == 3 and len(removed) == 3
     # the random choice among helpful entries is reproducible from the seed
     a, b = make(), make()
     for pb_ in (a, b):
         for eid in list(pb_.entries):
             pb_.tag(eid, "helpful", 1)
-    assert a.concise(2, policy="prioritized", max_entries=1, seed=7) == b.concise(
-        2, policy="prioritized", max_entries=1, seed=7
+    assert a.prune(2, policy="random", max_entries=1, seed=7) == b.prune(
+        2, policy="random", max_entries=1, seed=7
     )
     assert len(a) == 1 and a == b
 
 
-def test_concise_staleness():
+def test_prune_staleness():
     pb = make()  # created at steps 1, 1, 2
     pb.tag("strat-00001", "helpful", 2)
-    assert pb.concise(3, policy="staleness") == ["err-00002"]  # unused and older than one step
+    assert pb.prune(3, policy="staleness") == ["err-00002"]  # unused and older than one step
     assert "calc-00003" in pb  # unused but only one step old
     pb.tag("calc-00003", "helpful", 9)
     for i in range(3):
         pb.tag(pb.add("strat", f"fresh {i}", step=10), "helpful", 10)
-    removed = pb.concise(10, policy="staleness", max_entries=3)
+    removed = pb.prune(10, policy="staleness", max_entries=3)
     assert removed == ["strat-00001", "calc-00003"]  # longest unused first
     with pytest.raises(ValueError, match="playbook_policy"):
-        pb.concise(1, policy="random")
+        pb.prune(1, policy="prioritized")  # the paper's name for `random`
 
 
 def test_token_budget_keeps_best_entries_whole_lines():

@@ -16,6 +16,29 @@ from typing import Any
 
 import yaml
 
+# The choices of the fields that take one: the one list, also checked by the modules that
+# receive these values from Python (the teacher, the playbook, model loading).
+TEACHER_KINDS = ("ema", "base", "live", "trust_region")
+PRUNE_POLICIES = ("staleness", "random")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+CHOICES: dict[str, tuple] = {
+    "teacher": TEACHER_KINDS,
+    "playbook_policy": PRUNE_POLICIES,
+    "distillation_mode": ("topk", "full", "sampled"),
+    "pg_reward": ("reward", "score"),
+    "dtype": DTYPE_NAMES,
+    "generation_dtype": (*DTYPE_NAMES, None),
+    "generation_backend": ("transformers", "vllm"),
+    "generation_cache": (None, "static"),
+    "strategy": ("auto", "ddp", "fsdp", "deepspeed"),
+    "zero_stage": (None, 1, 2, 3),
+    "structured_output": ("auto", "on", "off"),
+    "loss_aggregation": ("token_mean", "seq_mean_token_mean"),
+    "curation_ops": ("all", "add"),
+    "unparsed_reflection": ("drop", "raw"),
+    "solution_buffer_keep": ("first", "latest"),
+}
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message always starts with the field's name."""
@@ -32,7 +55,7 @@ class TrainConfig:
     env: str = "arithmetic"  # built-in name or "package.module:Class"
     env_args: dict[str, Any] = field(default_factory=dict)
     algorithm: str = "resd"
-    # schedule (spec §5): batches of prompts, K inner on-policy updates per batch
+    # schedule (the paper's streaming protocol): batches of prompts, K inner on-policy updates each
     steps: int | None = None  # cap on optimizer steps; None = one pass over the train items
     batch_size: int = 8
     rollouts_per_prompt: int = 1
@@ -63,7 +86,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
-    # self-distillation loss (spec §2)
+    # self-distillation loss (student vs teacher on the student's own tokens)
     alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: JSD
     topk: int | None = 100  # None = full vocabulary
     add_tail: bool = True
@@ -106,7 +129,7 @@ class TrainConfig:
     # Task, attempt, feedback, reflection and solution are each clipped to this many tokens
     # in reflection, curation and teacher prompts (null = never clipped).
     slot_max_tokens: int | None = 1024
-    # reflection and curation (spec §3)
+    # reflection and curation (the student studying its own failures)
     reflection_max_new_tokens: int = 256
     curation_max_new_tokens: int = 256
     max_reflections_per_step: int | None = None  # bound the reflection cost of a step
@@ -126,11 +149,13 @@ class TrainConfig:
     # chatting; "" = none (e.g. for models that must think first).
     reflection_prefill: str | None = None
     curation_prefill: str | None = None
-    # playbook (spec §4)
+    # playbook (the global memory of lessons)
     playbook_init: str | None = None  # playbook.md / playbook.json to start from
     playbook_max_entries: int = 120  # M_max
     playbook_prune_every: int = 4  # F
-    playbook_policy: str = "staleness"  # staleness | prioritized
+    # staleness: drop harmful and stale unused entries, then the longest unused; random: drop
+    # every unused and harmful entry, then random helpful ones (the paper's "prioritized")
+    playbook_policy: str = "staleness"
     # Token budgets of the playbook as each reader sees it (null = the whole playbook). Over
     # budget, whole entries are left out, least proven first, and counted per step.
     reflection_playbook_tokens: int | None = 2048  # the reflector and the success tagger
@@ -211,17 +236,7 @@ class TrainConfig:
             )
         if isinstance(self.structured_output, bool):
             self.structured_output = "on" if self.structured_output else "off"
-        choices = {"teacher": ("ema", "base", "live", "trust_region"),
-                   "playbook_policy": ("staleness", "prioritized"),
-                   "distillation_mode": ("topk", "full", "sampled"), "pg_reward": ("reward", "score"),
-                   "dtype": ("float32", "bfloat16", "float16"),
-                   "generation_dtype": ("float32", "bfloat16", "float16", None),
-                   "generation_backend": ("transformers", "vllm"), "generation_cache": (None, "static"),
-                   "strategy": ("auto", "ddp", "fsdp", "deepspeed"),
-                   "zero_stage": (None, 1, 2, 3), "structured_output": ("auto", "on", "off"),
-                   "loss_aggregation": ("token_mean", "seq_mean_token_mean"), "curation_ops": ("all", "add"),
-                   "unparsed_reflection": ("drop", "raw"), "solution_buffer_keep": ("first", "latest")}  # fmt: skip
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.generation_compile and self.generation_cache != "static":

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from resd.config import DTYPE_NAMES
+
 log = logging.getLogger(__name__)
 
 
@@ -69,7 +71,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
     ),
 }  # fmt: skip
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names config.py accepts
 
 
 def cache_dir() -> Path:

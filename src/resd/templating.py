@@ -62,7 +62,7 @@ def strip_thinking(text: str) -> str:
     """Remove `<think>…</think>` reasoning (and an unterminated trailing one).
 
     Reflection prompts and teacher contexts show the model's *answer*, not its
-    scratchpad (spec §3): the scratchpad is long and would crowd out the feedback.
+    scratchpad: the scratchpad is long and would crowd out the feedback.
     A lone `</think>` (templates that open the block in the prompt) cuts everything
     before it.
     """

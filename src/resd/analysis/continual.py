@@ -67,7 +67,7 @@ from resd.envs import Environment, make_env
 
 log = logging.getLogger(__name__)
 
-ACCURACY = "case_mean@k"  # the matrix entry (spec §6 reports per-test-case accuracy)
+ACCURACY = "case_mean@k"  # the matrix entry (the paper reports per-test-case accuracy)
 ALSO_KEPT = "task_mean@k"
 # Keys a held-out suite may set for its evaluation (besides name, env, env_args).
 HELDOUT_EVAL_KEYS = frozenset(

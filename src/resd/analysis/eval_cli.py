@@ -4,7 +4,7 @@
     resd eval --model runs/x/checkpoints/step-000100/model --env arithmetic n_test=64
     resd eval --model runs/lora/checkpoints/step-000100/model --base-model Qwen/Qwen3-0.6B ...
 
-The metrics are the trainer's (spec §6, `resd.analysis.evaluation`): per-task accuracy (all tests
+The metrics are the trainer's (`resd.analysis.evaluation`): per-task accuracy (all tests
 pass) and per-test-case accuracy (fraction of tests passed), each as mean@k and best@k
 over k samples per item at the evaluation temperature, plus the same four numbers per
 item, so that one can see *which* problems a method solves.
@@ -41,7 +41,7 @@ METRIC_ROWS = (("per-task", "task"), ("per-test-case", "case"))
 
 @dataclass
 class EvalSettings:
-    """How to sample for evaluation; the defaults are TrainConfig's (spec §5)."""
+    """How to sample for evaluation; the defaults are TrainConfig's (4 samples at T = 0.6)."""
 
     samples: int = 4  # k
     temperature: float = 0.6

@@ -1,4 +1,5 @@
-"""Validation metrics (spec §6): per-task and per-test-case accuracy, mean@k and best@k.
+"""Validation metrics, as the paper reports them: per-task and per-test-case accuracy,
+mean@k and best@k.
 
 per-task accuracy   : the reward (all tests pass) of a sample;
 per-test-case acc.  : the partial score (fraction of tests passed) of a sample;

@@ -21,7 +21,6 @@ _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * 
 class ArithmeticEnv(Environment):
     name = "arithmetic"
     description = "One-line integer arithmetic; the answer goes on a line 'Answer: <number>'"
-    task_hint = "integer arithmetic with a fixed answer format"
 
     def __init__(
         self,

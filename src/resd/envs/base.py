@@ -56,8 +56,6 @@ class Environment(ABC):
 
     name: ClassVar[str] = "custom"
     description: ClassVar[str] = ""
-    # What the teacher is told the task is about; used by the default teacher template.
-    task_hint: ClassVar[str] = ""
 
     @abstractmethod
     def train_items(self) -> list[Item]: ...

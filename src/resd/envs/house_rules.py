@@ -134,7 +134,6 @@ def load_tasks() -> list[dict[str, Any]]:
 class HouseRulesEnv(Environment):
     name = "house_rules"
     description = "Easy questions; replies must also obey hidden house rules named only in feedback"
-    task_hint = "short answers that follow the house's unstated style rules"
 
     seed: int = 0  # the train/test split
     rules_seed: int = 0  # which rules, with which parameters

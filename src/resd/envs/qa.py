@@ -98,10 +98,6 @@ class QAEnv(Environment):
 
     name: ClassVar[str] = "qa"
     description: ClassVar[str] = "question answering (exact match, per-position credit)"
-    task_hint: ClassVar[str] = (
-        "Question answering: give the exact answer on a final line 'Answer: ...'. For "
-        "list answers, one item per position, comma-separated, in the order asked."
-    )
 
     def __init__(
         self,

@@ -39,6 +39,16 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
+def without_tied_copies(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A gathered state dict holds copies, so tied weights would be saved twice; keep each
+    under its first name, as `save_pretrained` does for a whole model, so a checkpoint looks
+    the same under every strategy."""
+    aliases = tied_aliases(model)
+    return {name: t for name, t in state.items() if name not in aliases}
+
+
 class Parallel:
     """One process: no sharding, no collectives."""
 

@@ -8,13 +8,11 @@ after each optimizer step one gathered tensor at a time.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from resd.config import ConfigError
-from resd.parallel.base import tied_aliases
+from resd.parallel.base import without_tied_copies
 from resd.parallel.ddp import ProcessGroup
 
 
@@ -65,20 +63,10 @@ class FSDP(ProcessGroup):
     # step: the gradients were reduce-scattered in backward; clip and update (Parallel.step)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """Gathered on rank 0. Gathered tensors are copies, so tied weights would be saved
-        twice; each is kept under its first name, as `save_pretrained` does for a whole
-        model, and the checkpoint looks the same under every strategy."""
+        """Gathered on rank 0 (every process takes part), tied weights kept once."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(
             model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        if not self.is_main:
-            return None
-        aliases = tied_aliases(model)
-        return {name: t for name, t in state.items() if name not in aliases}
-
-    def full_optimizer_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> dict[str, Any] | None:
-        return super().full_optimizer_state(model, optimizer)  # every process calls in
+        return without_tied_copies(model, state) if self.is_main else None

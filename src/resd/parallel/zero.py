@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from resd.config import ConfigError
-from resd.parallel.base import tied_aliases
+from resd.parallel.base import without_tied_copies
 from resd.parallel.ddp import ProcessGroup
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
@@ -253,10 +253,7 @@ class Zero(ProcessGroup):
         if not self.sharded:
             return super().full_state_dict(model)
         state = full_state_dict(model, self.is_main)
-        if state is None:
-            return None
-        aliases = tied_aliases(model)
-        return {name: t for name, t in state.items() if name not in aliases}
+        return without_tied_copies(model, state) if state is not None else None
 
     def full_optimizer_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer

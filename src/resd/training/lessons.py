@@ -134,9 +134,9 @@ class Lessons:
 
     # ---- the phases ------------------------------------------------------------------------------
     def prune(self, step: int, changes: PlaybookChanges) -> None:
-        """CONCISE every F context updates (spec §4), before this step's reflections."""
+        """Prune the playbook every F context updates, before this step's reflections."""
         if self.algo.playbook and prune_due(step, self.cfg.playbook_prune_every):
-            changes.removed += self.playbook.concise(
+            changes.removed += self.playbook.prune(
                 step, policy=self.cfg.playbook_policy, seed=self.cfg.seed + step
             )
 
@@ -236,7 +236,7 @@ class Lessons:
             changes.applied.update({f"ops_skipped_{k}": v for k, v in report.reasons.items()})
             changes.added += report.added
         if len(self.playbook) > self.cfg.playbook_max_entries:
-            changes.removed += self.playbook.concise(step, policy=self.cfg.playbook_policy,
+            changes.removed += self.playbook.prune(step, policy=self.cfg.playbook_policy,
                                                      max_entries=self.cfg.playbook_max_entries, seed=self.cfg.seed + step)  # fmt: skip
 
     def _curate(

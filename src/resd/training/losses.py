@@ -1,4 +1,5 @@
-"""Losses: the self-distillation divergence (spec §2) and its batch-level helpers.
+"""Losses: the self-distillation divergence between student and teacher, and its
+batch-level helpers.
 
 Everything here is a pure function of tensors so it can be unit-tested against
 hand-computed values and against TRL, and reused by every algorithm configuration.
@@ -109,8 +110,7 @@ def sampled_token_loss(
 ) -> torch.Tensor:
     """Policy-gradient form with the teacher's per-token advantage log π_T − log π_θ.
 
-    Cheapest mode: needs only the log-probs of the sampled tokens (spec §2, last
-    bullet). Its gradient matches the reverse-KL estimator on the sampled token. The
+    Cheapest mode: needs only the log-probs of the sampled tokens. Its gradient matches the reverse-KL estimator on the sampled token. The
     teacher floor applies here as in the top-k loss: log π_T ≥ log π_θ + log `min_ratio`,
     so a teacher that rules a token out cannot push its advantage below log `min_ratio`.
     """
@@ -125,7 +125,8 @@ def sampled_token_loss(
 def success_rate_weights(
     rewards: torch.Tensor, alpha: float = 1.0, beta: float = 1.0
 ) -> torch.Tensor:
-    """Per-sample weights that up-weight rare successes (spec §3 step 8).
+    """Per-sample weights that up-weight rare successes (optional in RESD; the release
+    turns it on for its RESD runs).
 
     With batch success rate s clamped to [1/B, 1 − 1/B]: successes get (1 − s)^α,
     failures s^β, then the weights are normalised to mean 1. All-fail or all-succeed
@@ -216,7 +217,7 @@ def policy_gradient_loss(
 def importance_weight(
     logp: torch.Tensor, old_logp: torch.Tensor, clip: float | None
 ) -> torch.Tensor:
-    """min(π_θ / π_old, clip), detached: the off-policy correction of spec §2."""
+    """min(π_θ / π_old, clip), detached: the off-policy correction of self-distillation."""
     if clip is None:
         return torch.ones_like(logp)
     return torch.exp((logp - old_logp).detach().clamp(-20, 20)).clamp(max=clip)

@@ -1,4 +1,4 @@
-"""The global playbook: a curated list of reusable lessons (spec §4).
+"""The global playbook: a curated list of reusable lessons, shared by every prompt.
 
 Text form (what the teacher and the reflector read, and what `playbook.md` holds):
 
@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resd.config import PRUNE_POLICIES
+
 log = logging.getLogger(__name__)
 
 SECTIONS: dict[str, str] = {
@@ -48,7 +50,6 @@ _SECTION_WORDS: list[tuple[str, tuple[str, ...]]] = [
 ]
 TAGS = ("helpful", "harmful", "neutral")
 OPERATION_TYPES = ("ADD", "UPDATE", "MERGE", "DELETE")
-POLICIES = ("prioritized", "staleness")
 MAX_ENTRY_CHARS = 500
 
 _ENTRY_LINE = re.compile(
@@ -295,13 +296,20 @@ class Playbook:
             report.removed += live
         return None
 
-    def concise(
+    def prune(
         self, step: int, *, policy: str = "staleness", max_entries: int | None = None, seed: int = 0
     ) -> list[str]:
-        """Prune (spec §4). Without `max_entries` only the policy's always-drop rule runs."""
-        if policy not in POLICIES:
-            raise ValueError(f"playbook_policy: expected one of {POLICIES}, got {policy!r}")
-        if policy == "prioritized":
+        """Drop entries by `policy`; returns their ids. Without `max_entries` only the
+        policy's always-drop rule runs (the every-F trigger); with it, entries beyond the
+        budget go too (the over-budget trigger).
+
+        staleness: harmful entries, and unused ones older than one step; over budget, the
+        longest-unused first. random (the paper's "prioritized"): every unused and harmful
+        entry; over budget, helpful ones chosen at random.
+        """
+        if policy not in PRUNE_POLICIES:
+            raise ValueError(f"playbook_policy: expected one of {PRUNE_POLICIES}, got {policy!r}")
+        if policy == "random":
             drop = [e.id for e in self.entries.values() if e.category in ("unused", "harmful")]
         else:
             drop = [
@@ -314,7 +322,7 @@ class Playbook:
         excess = len(self.entries) - max_entries if max_entries is not None else 0
         if excess > 0:
             ids = list(self.entries)
-            if policy == "prioritized":
+            if policy == "random":
                 victims = random.Random(seed).sample(ids, excess)
             else:  # longest-unused first; ties broken by age (older first)
                 victims = sorted(ids, key=lambda i: -self.entries[i].staleness(step))[:excess]

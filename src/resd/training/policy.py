@@ -72,7 +72,8 @@ def load_policy(
 
 
 class PolicySampler:
-    """The policy's generation backend; `sync()` after every optimizer step (spec §3 step 9).
+    """The policy's generation backend; `sync()` after every optimizer step, so that every
+    rollout is drawn on-policy.
 
     Call it before the policy is sharded: a sharded policy is sampled through a full copy.
     """

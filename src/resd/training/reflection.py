@@ -1,6 +1,6 @@
 """Reflection, success tagging and curation: the student model studying its own work.
 
-Three prompts, all answered by the *current student* (spec §3, steps 3–5):
+Three prompts, all answered by the *current student* (not the EMA teacher):
 
 - REFLECT a failed attempt: what went wrong, why, what would work, one reusable
   insight, and a verdict on each playbook entry it relied on;

@@ -2,7 +2,7 @@
 
 - `ema`          : a slowly moving average of the student, θ_T ← (1 − r)·θ_T + r·θ after each
                    optimizer step (RESD: r = 1e-4; SDPO default 0.05; SDFT 0.01). Stable
-                   targets, but at tiny r it is almost the base model (spec §8).
+                   targets, but at tiny r it is almost the base model (the paper's runs used 1e-4).
 - `base`         : the initial weights, frozen.
 - `live`         : the current student itself under no_grad; no extra memory.
 - `trust_region` : logits (1 − w)·base + w·current: a teacher that can move, but only so far.
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-TEACHER_KINDS = ("ema", "base", "live", "trust_region")
+from resd.config import TEACHER_KINDS
 
 
 def is_peft(model: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""The teacher's privileged context (spec §3 step 7) and the solution buffer.
+"""The teacher's privileged context and the solution buffer.
 
 The teacher is the same network as the student, shown material the student never
 sees: the playbook, its own previous attempt, the environment's feedback, the
@@ -139,7 +139,7 @@ def teacher_context(
 
 @dataclass
 class SolutionBuffer:
-    """A successful response per prompt (spec §3 step 4), keyed by item id.
+    """A successful response per prompt, keyed by item id, for the teacher of later tries.
 
     `keep="first"` keeps the first success for good (the paper: "a success per prompt");
     `keep="latest"` replaces it with each new one, as the release does, so the teacher

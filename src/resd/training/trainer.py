@@ -166,7 +166,7 @@ class Trainer:
         return checkpoint
 
     def _after_step(self) -> None:
-        """After each optimizer step (spec §3 step 9): the EMA teacher follows the student,
+        """After each optimizer step: the EMA teacher follows the student,
         then whatever samples gets the new weights."""
         source = self.parallel.teacher_source(self.model) if self.teacher.copy is not None else None
         self.teacher.update(self.model, source)

@@ -127,7 +127,7 @@ class Update:
         return self.parallel.policy(self.model)
 
     def lr(self, step: int) -> float:
-        """Linear warm-up over `warmup_steps`, then constant (spec §5)."""
+        """Linear warm-up over `warmup_steps`, then constant (the paper: 10 steps, then 1e-6)."""
         if self.cfg.warmup_steps and step <= self.cfg.warmup_steps:
             return self.cfg.lr * step / self.cfg.warmup_steps
         return self.cfg.lr

@@ -1,0 +1,65 @@
+"""`build_report`, which tells a run directory from a comparison directory, and the
+`resd report` sub-command around it.
+
+The command turns the failures a user can cause (a path that holds no run, matplotlib
+not installed) into one line on stderr and exit status 2 rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from resd.analysis.report.comparison_page import comparison_report
+from resd.analysis.report.markup import PlotSink
+from resd.analysis.report.run_page import run_report
+from resd.analysis.report.runs import RUN_MARKERS, find_runs, is_run_dir, load_run
+
+
+def build_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the HTML report of a run or comparison directory; returns its path.
+
+    `path` is a run directory (it holds config.yaml, metrics.jsonl or summary.json), or
+    a comparison directory whose immediate sub-directories are run directories. The
+    report goes to `out` (default `<path>/report.html`), its PNGs to `plots/` beside it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"report: {path} is not a directory")
+    out = Path(out) if out is not None else path / "report.html"
+    sink = PlotSink(out.parent / "plots")
+    if is_run_dir(path):
+        text = run_report(load_run(path), sink)
+    else:
+        runs = find_runs(path)
+        if not runs:
+            raise FileNotFoundError(
+                f"report: {path} is neither a run directory (no {', '.join(RUN_MARKERS)}) "
+                "nor a directory of run directories"
+            )
+        text = comparison_report(path, runs, sink)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        out = build_report(args.path, args.out)
+    except (ImportError, FileNotFoundError) as exc:
+        print(f"resd: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {out}")
+    return 0
+
+
+def add_report_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register `resd report PATH [--out FILE]` on the CLI's sub-parsers."""
+    parser = subparsers.add_parser(
+        "report", help="write an HTML report of a run or a comparison directory"
+    )
+    parser.add_argument("path", help="a run directory, or a directory of run directories")
+    parser.add_argument("--out", default=None, help="HTML file (default: PATH/report.html)")
+    parser.set_defaults(fn=cmd_report)
+    return parser
