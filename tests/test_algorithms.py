@@ -178,9 +178,9 @@ def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
                            base["model.layers.0.self_attn.q_proj.weight"])  # the adapter moved  # fmt: skip
     # a LoRA run saves a loadable PEFT adapter
     ckpt = trainer.save()
-    assert (ckpt / "model" / "adapter_config.json").exists()
+    assert (ckpt / "adapter_config.json").exists()
 
-    loaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(ckpt / "model"))
+    loaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(ckpt))
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
     # and resumes with the teacher adapter intact

@@ -16,6 +16,7 @@ OURS = ["resd", "sdpo", "sdpo_ss", "grpo"]
 TRL = ["trl_sdpo", "trl_grpo"]
 
 
+@pytest.mark.slow
 def test_step_time_smoke(tmp_path):
     has_trl = importlib.util.find_spec("trl") is not None
     out = tmp_path / "step_time.json"
@@ -54,6 +55,7 @@ def test_step_time_smoke(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-1].startswith("|")
 
 
+@pytest.mark.slow
 def test_sharding_memory_benchmark_smoke(tmp_path):
     """FSDP over 2 processes holds half the policy/teacher/optimizer bytes per rank;
     ZeRO-2 halves the optimizer state, ZeRO-3 the weights too."""
@@ -85,6 +87,7 @@ def test_sharding_memory_benchmark_smoke(tmp_path):
             assert zero["teacher"] == pytest.approx(whole["teacher"])  # stays whole
 
 
+@pytest.mark.slow
 def test_sd_sanity_probes_on_the_tiny_model(tiny_model_dir, tmp_path):
     """The sanity benchmark trains on its 8 items and probes teacher and student each step:
     at step 0 the EMA teacher *is* the student (same numbers without the feedback); after

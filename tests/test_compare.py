@@ -82,6 +82,7 @@ def test_a_bad_config_is_recorded_without_launching(tmp_path):
     assert not spec.path.exists()
 
 
+@pytest.mark.slow
 def test_compare_runs_isolates_failures_and_skips_finished_runs(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -168,7 +169,7 @@ def test_launch_resumes_from_a_checkpoint_or_starts_clean(tmp_path):
     assert not list(spec.path.glob("eval-step-*.jsonl"))
     assert yaml.safe_load((spec.path / "compare-config.yaml").read_text()) == cfg.to_dict()
 
-    ckpt = spec.path / "checkpoints" / "step-000002"
+    ckpt = spec.path / "checkpoint-2"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text("{}")
     write_jsonl(spec.path / "metrics.jsonl", [{"step": 1}, {"step": 2}])

@@ -22,7 +22,10 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("override", "field"),
     [
-        ("learning_rate=1e-5", "learning_rate"),
+        ("lerning_rate=1e-5", "lerning_rate"),
+        ("learning_rate=fast", "lr"),  # a TRL alias: the error names our field
+        ("warmup_ratio=0.1", "warmup_ratio"),
+        ("lr_scheduler_type=triangle", "lr_scheduler_type"),
         ("batch_size=lots", "batch_size"),
         ("batch_size=0", "batch_size"),
         ("alpha=1.5", "alpha"),
@@ -64,3 +67,26 @@ def test_demo_config_is_valid():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     assert cfg.algorithm == "resd" and cfg.model == "smollm2-135m"
+
+
+def test_trl_names_are_aliases_saved_under_ours():
+    cfg = load_config(None, ["learning_rate=3e-5", "num_generations=8", "max_completion_length=256",
+                             "max_prompt_length=512", "max_steps=40", "save_steps=10", "save_total_limit=3",
+                             "per_device_train_batch_size=2", "beta=0.04", "num_iterations=2"])  # fmt: skip
+    assert (cfg.lr, cfg.rollouts_per_prompt, cfg.max_new_tokens, cfg.max_prompt_tokens) == (
+        3e-5,
+        8,
+        256,
+        512,
+    )
+    assert (cfg.steps, cfg.save_every, cfg.keep_checkpoints) == (40, 10, 3)
+    assert (cfg.micro_batch_size, cfg.kl_coef, cfg.update_epochs) == (2, 0.04, 2)
+    saved = cfg.to_dict()
+    assert "learning_rate" not in saved and saved["lr"] == 3e-5  # one canonical name
+    with pytest.raises(ConfigError, match=r"^learning_rate: given together with lr"):
+        load_config(None, ["learning_rate=1e-5", "lr=2e-5"])
+
+
+def test_report_to_none_means_no_tracker():
+    assert load_config(None, ["report_to=none"]).report_to == []
+    assert load_config(None, ["report_to=tensorboard"]).report_to == ["tensorboard"]

@@ -82,8 +82,8 @@ def test_plan_merges_stage_overrides_and_names_bad_fields():
         build_plan({"stages": [{}], "heldout": [{"env": "ifeval", "steps": 3}]})
     with pytest.raises(ConfigError, match=r"^stages:"):
         build_plan({"stages": []})
-    with pytest.raises(ConfigError, match=r"^learning_rate:"):
-        build_plan({"stages": [{}]}, ["learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"^lerning_rate:"):
+        build_plan({"stages": [{}]}, ["lerning_rate=1"])
 
 
 # ---- a 2-stage run with the tiny model ------------------------------------------------------
@@ -145,7 +145,7 @@ def test_two_stage_run(tiny_model_dir, tmp_path, shared_data_dir, capsys, one_th
     stage1, stage2 = (Path(s["dir"]) for s in result["stages"])
     assert stage1.name == "stage-1-parity" and stage2.name == "stage-2-arithmetic"
     assert result["stages"][0]["model_in"] == str(tiny_model_dir)
-    assert result["stages"][1]["model_in"] == str(stage1 / "checkpoints" / "step-000001" / "model")
+    assert result["stages"][1]["model_in"] == str(stage1 / "checkpoint-1")
     assert result["stages"][1]["playbook_in"] == str(stage1 / "playbook.json")
     assert (
         result["stages"][1]["config"]["seed"] == 3 and result["stages"][1]["config"]["steps"] == 2

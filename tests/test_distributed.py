@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from resd.parallel import make_parallel, resolve_strategy
 from test_trainer import PREFILLS, SEED_PLAYBOOK, TESTS, read_jsonl
 
-pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
-                                reason="accelerate launcher not installed")  # fmt: skip
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
+                                reason="accelerate launcher not installed")]  # fmt: skip
 
 
 ROOT = TESTS.parent
@@ -91,8 +91,8 @@ def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> Non
     # element by about lr (0.01) per step whatever its gradient's size, so summation-order
     # noise can flip near-zero elements: a tolerance of a fraction of one step, not 1e-5.
     # A parameter left out of the update or the sync would be off by whole steps.
-    last = "checkpoints/step-000004"
-    files = ["model/model.safetensors", "model/adapter_model.safetensors", "teacher.safetensors"]
+    last = "checkpoint-4"
+    files = ["model.safetensors", "adapter_model.safetensors", "teacher.safetensors"]
     compared = 0
     for name in files:
         if (one / last / name).exists():
@@ -111,7 +111,7 @@ def resume_elsewhere(
     """Copy a finished run, drop its last checkpoint and resume it from step 2."""
     resumed = tmp_path / name
     shutil.copytree(source, resumed)
-    shutil.rmtree(resumed / "checkpoints/step-000004")
+    shutil.rmtree(resumed / "checkpoint-4")
     return run(tmp_path, tiny_model_dir, name, processes, resume=True, save_every=2, **kw)
 
 
@@ -120,7 +120,7 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, one_process):
     assert_same_run(one_process, two)
     summary = json.loads((two / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"]) == ("ddp", 2)
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_sequence_mean_loss_is_the_same_on_two_processes(tiny_model_dir, tmp_path):
@@ -149,7 +149,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
     assert_same_run(one_process, sharded)
     summary = json.loads((sharded / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"]) == ("fsdp", 2)
-    with safe_open(str(sharded / "checkpoints/step-000004/teacher.safetensors"), "pt") as f:
+    with safe_open(str(sharded / "checkpoint-4/teacher.safetensors"), "pt") as f:
         assert f.get_tensor("model.norm.weight").shape == (32,)  # full tensors, not shards
     # Continue the sharded run from step 2 in one process, in two again, and the
     # one-process run in two sharded processes: FSDP's optimizer-state load runs in each.
@@ -242,9 +242,9 @@ def test_lora_sharded_matches_one_process_and_resumes(
         **LORA,
     )
     assert_same_run(one_process_lora, two)
-    assert (two / "checkpoints/step-000004/model/adapter_config.json").exists()
+    assert (two / "checkpoint-4/adapter_config.json").exists()
     resumed = tmp_path / "resumed"
     shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / "checkpoints/step-000004")
+    shutil.rmtree(resumed / "checkpoint-4")
     run(tmp_path, tiny_model_dir, "resumed", 1, resume=True, **LORA)
     assert_same_run(one_process_lora, resumed)

@@ -119,7 +119,7 @@ def test_resd_eval_on_a_lora_checkpoint(tiny_model_dir, tmp_path, capsys):
         "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
     ]))  # fmt: skip
     Trainer(cfg).train()
-    adapter = tmp_path / "run" / "checkpoints" / "step-000001" / "model"
+    adapter = tmp_path / "run" / "checkpoint-1"
     assert is_adapter(adapter) and not is_adapter(tiny_model_dir)
     assert adapter_base_model(adapter) == str(tiny_model_dir)
     assert adapter_base_model(adapter, "other/base") == "other/base"

@@ -3,6 +3,7 @@ on real records, and the seeded prompt generator."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from itertools import combinations
 from pathlib import Path
@@ -25,7 +26,9 @@ from resd.envs.ifeval import (
     strip_think,
 )
 from resd.envs.ifeval_checks import clean_kwargs, count_sentences, split_sentences
+from resd.envs.ifeval_text import LANGUAGE_BACKENDS, language_backend
 
+HAS_LANGDETECT = importlib.util.find_spec("langdetect") is not None
 IFEVAL_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval_100.parquet"
 needs_data = pytest.mark.skipif(
     not IFEVAL_100.exists(), reason="shared/data/ifeval_100.parquet absent"
@@ -254,7 +257,13 @@ def test_sentence_splitter():
         ("it", "I dettagli contano perché cambiano tutta la storia della città."),
         ("ru", "Большинство людей сначала видят поверхность и только потом глубину."),
         ("uk", "Ця тема заслуговує на уважний погляд з різних боків і це важливо."),
-        ("bg", "Тази тема заслужава внимателен поглед и това е много важно за нас."),
+        # langdetect reads the shorter "Тази тема заслужава внимателен поглед и това е
+        # много важно за нас." as Macedonian; this one is Bulgarian to both detectors.
+        (
+            "bg",
+            "Тази тема заслужава внимателен поглед от няколко страни. Подробностите са "
+            "важни, защото променят цялата история.",
+        ),
         ("hi", "यह विषय कई नज़रियों से देखने लायक है और इसका इतिहास लंबा है।"),
         ("mr", "हा विषय अनेक बाजूंनी पाहण्यासारखा आहे आणि तो महत्त्वाचा आहे."),
         ("ne", "यो विषय धेरै कोणबाट हेर्न लायक छ र यो महत्त्वपूर्ण पनि छ।"),
@@ -271,16 +280,53 @@ def test_sentence_splitter():
         ("vi", "Chủ đề này đáng được xem xét kỹ từ nhiều phía và rất quan trọng."),
     ],
 )
-def test_language_detection(code, text):
-    assert detect_language(text) == code
+@pytest.mark.parametrize("backend", LANGUAGE_BACKENDS)
+def test_language_detection(code, text, backend):
+    if backend == "langdetect" and not HAS_LANGDETECT:
+        pytest.skip("langdetect is not installed")
+    assert detect_language(text, backend=backend) == code
 
 
 def test_language_detection_edges():
-    assert detect_language("12345 !!!") is None
-    assert detect_language("HELLO THERE, THIS IS A TEST OF THE SYSTEM.") == "en"
-    # Uppercase Spanish is not English, so english_capital must fail on language.
-    result = explain_instruction("change_case:english_capital", {}, SPANISH.upper())
+    for backend in ("heuristic", "langdetect") if HAS_LANGDETECT else ("heuristic",):
+        assert detect_language("12345 !!!", backend=backend) is None
+        assert detect_language("HELLO THERE, THIS IS A TEST OF THE SYSTEM.", backend) == "en"
+    # Text in another language fails the English-only case checks on language; with
+    # whichever detector is installed.
+    result = explain_instruction("change_case:english_lowercase", {}, SPANISH.lower())
     assert not result.ok and "need English" in result.message
+    # The heuristic also sees through capitals; langdetect (and so the benchmark) often
+    # cannot, e.g. it reads SPANISH.upper() as English.
+    assert detect_language(SPANISH.upper(), backend="heuristic") == "es"
+    with pytest.raises(ValueError, match="backend"):
+        detect_language("text", backend="cld3")
+
+
+def test_language_backend_is_langdetect_when_installed():
+    assert language_backend() == ("langdetect" if HAS_LANGDETECT else "heuristic")
+    if not HAS_LANGDETECT:
+        with pytest.raises(ImportError, match="pip install langdetect"):
+            detect_language("Some English text.", backend="langdetect")
+
+
+@pytest.mark.skipif(not HAS_LANGDETECT, reason="langdetect is not installed")
+def test_langdetect_is_deterministic_and_falls_back_when_it_sees_nothing():
+    import langdetect
+
+    # langdetect samples at random; short text is where an unseeded run wavers.
+    short = ["hello", "ok then", "Sí", "ciao a tutti", "This is fine."]
+    first = [detect_language(text) for text in short]
+    saved = langdetect.DetectorFactory.seed
+    try:
+        langdetect.DetectorFactory.seed = 12345  # someone else's seed must not matter
+        for _ in range(3):
+            assert [detect_language(text) for text in short] == first
+    finally:
+        langdetect.DetectorFactory.seed = saved
+    # Chinese comes back as "zh", not langdetect's "zh-cn" / "zh-tw".
+    assert detect_language("这个题目值得从多个角度仔细研究。") == "zh"
+    # Nothing for langdetect in a bare URL: the heuristic answers (Latin script -> en).
+    assert detect_language("https://example.com/a-b") == "en"
 
 
 # ----------------------------------------------------------------------- loader
@@ -507,5 +553,5 @@ def test_env_registry_and_argument_checks(tmp_path):
     assert all(item.messages[0]["role"] == "user" for item in env.train_items())
     with pytest.raises(ValueError, match="max_constraints"):
         IFEvalEnv(max_constraints=4)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match=r"env_args.path: no such file: .*missing\.jsonl"):
         IFEvalEnv(path=str(tmp_path / "missing.jsonl"))

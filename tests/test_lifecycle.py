@@ -58,9 +58,9 @@ def test_cli_envs_env_check_and_compare_errors(capsys):
 
 def test_keep_checkpoints_prunes_the_oldest(tiny_model_dir, tmp_path):
     Trainer(config(tiny_model_dir, tmp_path / "k", "save_every=1", "keep_checkpoints=2")).train()
-    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == [
-        "step-000003",
-        "step-000004",
+    assert sorted(p.name for p in (tmp_path / "k").glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-4",
     ]
 
 
@@ -69,15 +69,13 @@ def test_resume_skips_a_damaged_checkpoint_and_a_leftover_temporary(
 ):
     out = tmp_path / "d"
     Trainer(config(tiny_model_dir, out, "save_every=1", "keep_checkpoints=5", "steps=3")).train()
-    (out / "checkpoints" / "step-000003" / "optimizer.pt").unlink()  # damaged newest
-    shutil.copytree(
-        out / "checkpoints" / "step-000002", out / "checkpoints" / ".tmp-killed"
-    )  # a killed save
+    (out / "checkpoint-3" / "optimizer.pt").unlink()  # damaged newest
+    shutil.copytree(out / "checkpoint-2", out / ".tmp-checkpoint-killed")  # a killed save
     resumed = Trainer(
         config(tiny_model_dir, out, "save_every=1", "keep_checkpoints=5", "steps=3"), resume=True
     )
     assert resumed.step == 2  # the newest complete one
-    assert "step-000003 is incomplete (no optimizer.pt)" in caplog.text
+    assert "checkpoint-3 is incomplete (no optimizer.pt)" in caplog.text
     summary = resumed.train()
     assert summary["steps"] == 3
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]

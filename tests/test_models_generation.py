@@ -83,6 +83,7 @@ def test_response_logits_align_with_a_plain_forward(tiny):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")
+@pytest.mark.slow
 def test_bundled_model_alias_converts_once(tmp_path, monkeypatch):
     monkeypatch.setenv("RESD_CACHE", str(tmp_path))  # never the user's own cache
     path = materialize_bundled("smollm2-135m")

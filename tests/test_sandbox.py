@@ -1,5 +1,9 @@
 """Adversarial tests of resd.envs.sandbox: every attack must fail inside its limits and leave
-the host (this test process, files outside the work dir, the process table) unharmed."""
+the host (this test process, files outside the work dir, the process table) unharmed.
+
+Where bubblewrap works, every test runs twice, with and without its filesystem layer
+(ids [plain] and [bwrap]), since runs fall back to the plain layers wherever it does not.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,32 @@ from pathlib import Path
 
 import pytest
 
-from resd.envs.sandbox import SandboxResult, run_python
+from resd.envs.sandbox import SandboxResult, bwrap_status, run_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox targets Linux")
 
 TIMEOUT = 1.5  # small limits keep the adversarial suite fast
+BWRAP = bwrap_status() if sys.platform == "linux" else None
+MODES = ["plain", "bwrap"] if BWRAP is not None and BWRAP.available else ["plain"]
+DEFAULTS: dict[str, bool] = {}
+
+
+def pytest_generate_tests(metafunc):
+    if "fs_layer" in metafunc.fixturenames:
+        layers = getattr(metafunc.function, "fs_layers", MODES)
+        metafunc.parametrize("fs_layer", layers, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def fs_layer(request, monkeypatch):
+    """Run the test with the bubblewrap layer on or off (see the module docstring)."""
+    monkeypatch.setitem(DEFAULTS, "bwrap", request.param == "bwrap")
+    return request.param
 
 
 def run(code: str, **kwargs) -> SandboxResult:
     kwargs.setdefault("timeout_s", TIMEOUT)
+    kwargs.setdefault("bwrap", DEFAULTS.get("bwrap", False))
     return run_python(textwrap.dedent(code), **kwargs)
 
 
@@ -67,6 +88,7 @@ def test_runs_a_program_and_cleans_up_its_directory():
     assert out == "hello"
     assert not os.path.exists(cwd)
     assert {"rlimits", "audit"} <= set(result.isolation)
+    assert ("bwrap" in result.isolation) == DEFAULTS["bwrap"]
     assert result.stderr == ""
 
 
@@ -332,13 +354,14 @@ def test_signalling_other_processes_is_refused(attack):
 def test_killing_the_parent_leaves_the_parent_alive():
     # The real thing, SIGKILL to the parent, from inside a throwaway parent process so
     # that a regression fails this test instead of killing the whole test session.
+    # (Under bwrap the sandboxed process's parent is bwrap's monitor, the driver one up.)
     driver = textwrap.dedent(
-        """
+        f"""
         import json
         from resd.envs.sandbox import run_python
         r = run_python("import os, signal\\nos.kill(os.getppid(), signal.SIGKILL)\\n",
-                       timeout_s=2)
-        print(json.dumps({"ok": r.ok, "stderr": r.stderr}))
+                       timeout_s=2, bwrap={DEFAULTS["bwrap"]})
+        print(json.dumps({{"ok": r.ok, "stderr": r.stderr}}))
         """
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -429,3 +452,133 @@ def test_whole_group_is_killed_on_timeout():
     result = run(code, allow_subprocess=True, timeout_s=1)
     assert result.timed_out
     assert_group_gone(result.pid)
+
+
+# -- the bubblewrap filesystem layer -------------------------------------------------------
+
+
+def once(test):
+    """Run `test` a single time: it chooses the layers itself."""
+    test.fs_layers = ["plain"]
+    return test
+
+
+def bwrap_only(test):
+    """Run `test` once, under bwrap; skip it, saying why, where bwrap does not work."""
+    test.fs_layers = ["bwrap"]
+    return pytest.mark.skipif(
+        BWRAP is None or not BWRAP.available,
+        reason=f"bubblewrap layer unavailable: {BWRAP.reason if BWRAP else 'not Linux'}",
+    )(test)
+
+
+@bwrap_only
+def test_bwrap_host_filesystem_is_read_only_even_past_the_python_guard(tmp_path):
+    # A shell is not subject to the Python guard (allow_subprocess lifts the fork and exec
+    # filters too), so only the read-only mounts stand between it and the host's files.
+    probe = Path("/tmp") / f"resd-bwrap-probe-{os.getpid()}"
+    home = Path.home() / f"resd-bwrap-probe-{os.getpid()}"
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("precious")
+    script = f"""
+    import subprocess
+    for target in ({str(probe)!r}, {str(home)!r}, {str(sentinel)!r}):
+        r = subprocess.run(['sh', '-c', 'echo pwned > "$1"', 'sh', target],
+                           capture_output=True, text=True)
+        print(target, r.returncode, r.stderr.strip())
+    r = subprocess.run(['sh', '-c', 'echo fine > inside && cat inside'],
+                       capture_output=True, text=True)
+    print('inside', r.returncode, r.stdout.strip())
+    """
+    try:
+        result = run(script, allow_subprocess=True, timeout_s=10)
+        assert result.ok, result.stderr
+        lines = result.stdout.splitlines()
+        for line in lines[:3]:
+            assert "Read-only file system" in line, line
+        assert lines[3] == "inside 0 fine"
+        assert not probe.exists() and not home.exists()
+        assert sentinel.read_text() == "precious"
+    finally:
+        for path in (probe, home):
+            if path.exists():
+                path.unlink()
+
+
+@bwrap_only
+def test_bwrap_network_is_unreachable():
+    # allow_subprocess leaves sockets to the Python guard and seccomp alone; ask a child
+    # process, which neither watches, to connect to a port listening on the host.
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        code = f"""
+        import subprocess, sys
+        child = (
+            "import socket\\n"
+            "try:\\n"
+            "    socket.create_connection(('127.0.0.1', {port}), timeout=2)\\n"
+            "    print('CONNECTED')\\n"
+            "except OSError as exc:\\n"
+            "    print('refused', type(exc).__name__)\\n"
+        )
+        r = subprocess.run([sys.executable, '-I', '-c', child], capture_output=True, text=True)
+        print(r.stdout.strip() or r.stderr.strip())
+        print(sorted(l.split(':')[0].strip() for l in open('/proc/self/net/dev').readlines()[2:]))
+        print(open('/proc/self/net/route').read().count(chr(10)))
+        """
+        result = run(code, allow_subprocess=True, timeout_s=10)
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing arrived from the sandbox
+    assert result.ok, result.stderr
+    answer, interfaces, routes = result.stdout.splitlines()
+    assert answer.startswith("refused"), answer
+    assert interfaces == "['lo']"
+    assert routes == "1"  # the header line only: no route anywhere
+    assert {"bwrap", "netns"} <= set(result.isolation)
+
+
+@once
+def test_bwrap_status_is_probed_once_and_explains_itself():
+    status = bwrap_status()
+    assert status is bwrap_status()  # cached
+    assert status.reason
+    if status.available:
+        assert status.path and "bubblewrap" in status.reason
+        assert "bwrap" in run_python("pass", bwrap=True).isolation
+    else:
+        with pytest.raises(RuntimeError, match="bwrap"):
+            run_python("pass", bwrap=True)
+    assert "bwrap" not in run_python("pass", bwrap=False).isolation
+
+
+@once
+def test_without_a_working_bwrap_runs_fall_back_and_say_why(tmp_path, monkeypatch, caplog):
+    # A stand-in bwrap that fails the way it does in a container without user namespaces.
+    fake = tmp_path / "bwrap"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --version ]; then echo "bubblewrap 0.0-fake"; exit 0; fi\n'
+        'echo "bwrap: No permissions to creating new namespace" >&2; exit 1\n'
+    )
+    fake.chmod(0o755)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+            status = bwrap_status(refresh=True)
+            assert not status.available
+            assert "No permissions to creating new namespace" in status.reason
+            assert "No permissions" in caplog.text  # logged once, as a warning
+            result = run_python("print('still sandboxed')", timeout_s=TIMEOUT)
+            assert result.ok and result.stdout == "still sandboxed\n"
+            assert "bwrap" not in result.isolation and "audit" in result.isolation
+            with pytest.raises(RuntimeError, match="No permissions"):
+                run_python("pass", bwrap=True)
+            patch.setenv("PATH", str(tmp_path / "nowhere"))
+            assert "not on PATH" in bwrap_status(refresh=True).reason
+    finally:
+        assert bwrap_status(refresh=True) == BWRAP  # leave the real answer cached

@@ -104,7 +104,7 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
     helpful = int(playbook_md.split("[strat-00001] helpful=")[1].split()[0])
     assert helpful == 2 + sum(round((1 - m["success_rate"]) * 4) for m in metrics)
     assert json.loads((run / "playbook.json").read_text())["entries"]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     changed = any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert changed
     # the EMA teacher moved toward the student but is not the student
@@ -193,6 +193,7 @@ def _run_cli(out: Path, tiny_model_dir: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     full = _run_cli(tmp_path / "a" / "full", tiny_model_dir)
     _, err = full.communicate(timeout=300)
@@ -201,14 +202,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path
     out = tmp_path / "b" / "killed"
     proc = _run_cli(out, tiny_model_dir)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000002").exists():
+    while not (out / "checkpoint-2").exists():
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() < deadline
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "checkpoints" / "step-000004").exists()
+    assert not (out / "checkpoint-4").exists()
 
     resumed = _run_cli(out, tiny_model_dir, "--resume")
     _, err = resumed.communicate(timeout=300)
@@ -218,8 +219,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path
     assert json.loads((a / "playbook.json").read_text()) == json.loads(
         (b / "playbook.json").read_text()
     )
-    state_a = json.loads((a / "checkpoints" / "step-000004" / "state.json").read_text())
-    state_b = json.loads((b / "checkpoints" / "step-000004" / "state.json").read_text())
+    state_a = json.loads((a / "checkpoint-4" / "state.json").read_text())
+    state_b = json.loads((b / "checkpoint-4" / "state.json").read_text())
     for key in ("cursor", "playbook", "buffer", "step"):
         assert state_a[key] == state_b[key], key
     assert [m["step"] for m in read_jsonl(b / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -232,13 +233,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path
     assert untimed(read_jsonl(a / "metrics.jsonl")) == untimed(read_jsonl(b / "metrics.jsonl"))
     assert read_jsonl(a / "samples.jsonl") == read_jsonl(b / "samples.jsonl")
     assert read_jsonl(a / "eval.jsonl") == read_jsonl(b / "eval.jsonl")
-    for name in ("model/model.safetensors", "teacher.safetensors"):
-        wa = load_file(a / "checkpoints" / "step-000004" / name)
-        wb = load_file(b / "checkpoints" / "step-000004" / name)
+    for name in ("model.safetensors", "teacher.safetensors"):
+        wa = load_file(a / "checkpoint-4" / name)
+        wb = load_file(b / "checkpoint-4" / name)
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
+@pytest.mark.slow
 def test_resume_before_the_first_checkpoint_starts_over_without_duplicating_logs(
     tiny_model_dir, tmp_path
 ):

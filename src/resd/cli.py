@@ -3,7 +3,7 @@
 
 resd train --config configs/demo.yaml lr=1e-5 env_args.n_train=64
 resd train --config configs/demo.yaml --resume
-resd eval --model runs/x/checkpoints/step-000040/model --env arithmetic --samples 4
+resd eval --model runs/x --env arithmetic --samples 4          # the final model (or runs/x/checkpoint-40)
 resd compare --config configs/demo.yaml --algorithms resd,sdpo --seeds 0,1 --out runs/cmp
 resd continual --config configs/continual.yaml
 resd report runs/cmp

@@ -37,6 +37,14 @@ CHOICES: dict[str, tuple] = {
     "curation_ops": ("all", "add"),
     "unparsed_reflection": ("drop", "raw"),
     "solution_buffer_keep": ("first", "latest"),
+    "lr_scheduler_type": (
+        "constant_with_warmup",
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+    ),
 }
 
 
@@ -51,6 +59,17 @@ class TrainConfig:
     dtype: str = "float32"  # weights; float32 master weights + bf16 autocast is the CPU default
     autocast: str | None = "auto"  # bf16 autocast for forwards ("none" to disable)
     device: str = "auto"
+    # Passed to `from_pretrained` for the model (and, for the keys that apply, the
+    # tokenizer): {revision: main, trust_remote_code: true, attn_implementation: sdpa, ...}.
+    model_init_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Recompute activations in the backward pass: less memory for long replies, ~30% slower.
+    gradient_checkpointing: bool = False
+    # A Jinja chat template (or a path to one) for tokenizers that have none, or to
+    # replace theirs; and extra variables every template call receives, such as
+    # {enable_thinking: false} for Qwen3. Templates that refuse a system message (Gemma)
+    # get its text at the top of the first user message instead.
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # task
     env: str = "arithmetic"  # built-in name or "package.module:Class"
     env_args: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +104,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 10
+    # transformers.get_scheduler's names: constant_with_warmup (the paper's), linear, cosine,
+    # cosine_with_restarts, polynomial, constant (no warm-up); decays run to the last step.
+    lr_scheduler_type: str = "constant_with_warmup"
     max_grad_norm: float = 1.0
     # self-distillation loss (student vs teacher on the student's own tokens)
     alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: JSD
@@ -121,7 +143,9 @@ class TrainConfig:
     pg_clip_low: float = 0.2
     pg_clip_high: float = 0.28
     kl_coef: float = 0.0  # k3 KL to the initial model
-    # parameter-efficient training: {r: 16, alpha: 32, target_modules: [q_proj, v_proj], dropout: 0.0}
+    # LoRA: any peft.LoraConfig field ({r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj],
+    # lora_dropout: 0.0, ...}; `alpha` and `dropout` are short for lora_alpha and lora_dropout).
+    # Defaults: r 16, lora_alpha 32, every linear layer. The EMA teacher is a second adapter.
     lora: dict[str, Any] | None = None
     student_playbook: bool = False  # also show the playbook in the student's own prompt
     teacher_template: str | None = None  # file path or literal template; None = generic
@@ -178,6 +202,10 @@ class TrainConfig:
     output_dir: str = "runs/resd"
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
+    # After training, push output_dir's model, tokenizer and model card to the Hub as
+    # hub_model_id (default: the folder's name); needs a token (`huggingface-cli login`).
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
     log_samples: int = 4  # rollouts per step written to samples.jsonl
     progress: bool = True
     # Data parallelism under `accelerate launch` / `torchrun`: "ddp" keeps a full replica
@@ -249,6 +277,11 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 or null, got {value}")
         self.report_to = _check_report_to(self.report_to)
+        owned = {"dtype": "dtype", "torch_dtype": "dtype", "device_map": "device / strategy",
+                 "quantization_config": "a pre-quantized checkpoint (not supported)"}  # fmt: skip
+        for key in self.model_init_kwargs:
+            if key in owned:
+                raise ConfigError(f"model_init_kwargs: {key!r} is set by {owned[key]}, not here")
         from resd.training.algorithms import ALGORITHMS
 
         if self.algorithm not in ALGORITHMS:
@@ -266,7 +299,9 @@ REPORT_TO = ("tensorboard", "wandb")
 def _check_report_to(value: Any) -> list[str]:
     """`report_to=tensorboard` and `report_to=tensorboard,wandb` on the command line are
     strings; YAML gives a list. Either way the result is a list of known tracker names."""
-    if value is None:
+    if (
+        value is None or value == "none" or value == ["none"]
+    ):  # transformers' spelling of "no tracker"
         return []
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
@@ -354,7 +389,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# TRL's names for the same settings, accepted as aliases; a saved config holds ours.
+# (TRL's per_device_train_batch_size counts sequences per forward/backward pass: our
+# micro_batch_size; our batch_size is prompts per step over all processes.)
+ALIASES = {
+    "learning_rate": "lr",
+    "num_generations": "rollouts_per_prompt",
+    "max_completion_length": "max_new_tokens",
+    "max_prompt_length": "max_prompt_tokens",
+    "max_steps": "steps",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+    "per_device_train_batch_size": "micro_batch_size",
+    "beta": "kl_coef",
+    "num_iterations": "update_epochs",
+    "warmup_ratio": None,  # not supported: say so rather than ignore it
+}
+
+
+def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Rename TRL-style keys to ours; a key given under both names is an error."""
+    out = dict(data)
+    for alias, name in ALIASES.items():
+        if alias not in out:
+            continue
+        if name is None:
+            raise ConfigError(f"{alias}: not supported; set warmup_steps instead")
+        if name in out:
+            raise ConfigError(f"{alias}: given together with {name}, which is the same setting")
+        out[name] = out.pop(alias)
+    return out
+
+
 def build_config(data: dict[str, Any]) -> TrainConfig:
+    data = canonical_keys(data)
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise ConfigError(

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -148,6 +152,11 @@ def materialize_bundled(alias: str) -> Path:
     target = cache_dir() / "models" / alias
     if (target / "config.json").exists():
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            f"model: {alias!r} is a bundled GGUF model and reading GGUF needs the `gguf` "
+            "package: pip install 'resd[demo]'"
+        )
     gguf = bundled_gguf(alias)
     log.info("converting %s to safetensors in %s (one time)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -178,7 +187,7 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str | torch.device = "auto") -> torch.device:
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -186,24 +195,78 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def load_tokenizer(name: str, max_length: int | None = None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+# The `from_pretrained` arguments a tokenizer also understands.
+TOKENIZER_INIT_KEYS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
+
+
+def load_tokenizer(
+    name: str,
+    max_length: int | None = None,
+    *,
+    init_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> PreTrainedTokenizerBase:
+    """The tokenizer, set up for training: left padding, a pad token, a finite length,
+    and the chat template and template variables every prompt is built with."""
+    kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in TOKENIZER_INIT_KEYS}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **kwargs)
+    # What training changes below, to be put back whenever the tokenizer is saved.
+    tokenizer._resd_loaded = {"padding_side": tokenizer.padding_side,
+                              "model_max_length": tokenizer.model_max_length}  # fmt: skip
     # Generation batches are left-padded so every sequence ends at the same column.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if max_length is not None or tokenizer.model_max_length > 1_000_000:
         tokenizer.model_max_length = max_length or 8192
+    if chat_template is not None:
+        path = Path(chat_template)
+        is_file = "{" not in chat_template and path.is_file()
+        tokenizer.chat_template = path.read_text() if is_file else chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"model: {name!r} has no chat template (a base model?); set chat_template to a "
+            "Jinja template or a file holding one, or train an instruct model"
+        )
+    tokenizer.resd_chat_template_kwargs = dict(chat_template_kwargs or {})
     return tokenizer
 
 
-def load_model(name: str, *, dtype: str = "float32", device: str = "auto") -> PreTrainedModel:
-    """Load a causal LM for training. Keep fp32 master weights on CPU and use autocast."""
+@contextmanager
+def as_loaded(tokenizer: PreTrainedTokenizerBase) -> Iterator[PreTrainedTokenizerBase]:
+    """The tokenizer with the padding side and maximum length it was loaded with, for as
+    long as the block runs (saving a tokenizer with training's left padding and shortened
+    length would change how others batch and truncate with it)."""
+    loaded = getattr(tokenizer, "_resd_loaded", {})
+    current = {key: getattr(tokenizer, key) for key in loaded}
+    for key, value in loaded.items():
+        setattr(tokenizer, key, value)
+    try:
+        yield tokenizer
+    finally:
+        for key, value in current.items():
+            setattr(tokenizer, key, value)
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "auto",
+    init_kwargs: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM for training. Keep fp32 master weights on CPU and use autocast.
+
+    `init_kwargs` go to `from_pretrained` as given (revision, trust_remote_code,
+    attn_implementation, ...)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], **(init_kwargs or {})
+        )
     except OSError as exc:
         raise ValueError(f"model: cannot load {name!r}: {exc}") from exc
     model.to(pick_device(device))

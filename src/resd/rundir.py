@@ -11,7 +11,8 @@ does not need torch.
     playbook_history.jsonl    the playbook's size and changes per step
     playbook.md / .json       the playbook
     config.yaml, summary.json the run's settings and its end
-    checkpoints/step-NNNNNN/  see `resd.training.checkpoint`
+    config.json, model.safetensors, tokenizer files, (adapter_*)   the final model
+    checkpoint-N/             see `resd.training.checkpoint`
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def unshared_overrides(algorithm_args: dict[str, list[str]]) -> list[str]:
 # ---- reading a run -------------------------------------------------------------------------
 def has_checkpoint(run_dir: Path) -> bool:
     """As `resd.training.checkpoint.latest_checkpoint(...) is not None`, without importing torch."""
-    return any(run_dir.glob("checkpoints/step-*/state.json"))
+    return any(run_dir.glob("checkpoint-*/state.json"))
 
 
 def eval_curve(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:

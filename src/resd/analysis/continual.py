@@ -245,7 +245,7 @@ def _last_checkpoint_model(run_dir: Path) -> Path:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"continual: {run_dir} finished without a checkpoint")
-    return checkpoint / "model"
+    return checkpoint
 
 
 def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playbook: str | None):

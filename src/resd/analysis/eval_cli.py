@@ -1,8 +1,9 @@
 """`resd eval`: accuracy of any model or checkpoint on an environment's test split.
 
     resd eval --model Qwen/Qwen3-0.6B --env manufactoria --samples 4 --out base.json
-    resd eval --model runs/x/checkpoints/step-000100/model --env arithmetic n_test=64
-    resd eval --model runs/lora/checkpoints/step-000100/model --base-model Qwen/Qwen3-0.6B ...
+    resd eval --model runs/x --env arithmetic n_test=64          # a run's final model
+    resd eval --model runs/x/checkpoint-100 --env arithmetic       # or one of its checkpoints
+    resd eval --model runs/lora/checkpoint-100 --base-model Qwen/Qwen3-0.6B ...
 
 The metrics are the trainer's (`resd.analysis.evaluation`): per-task accuracy (all tests
 pass) and per-test-case accuracy (fraction of tests passed), each as mean@k and best@k
@@ -106,6 +107,8 @@ def load_policy(
     dtype: str = "bfloat16",
     device: str = "auto",
     max_length: int | None = None,
+    init_kwargs: dict[str, Any] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ):
     """(model, tokenizer) for a model id, a full HF folder or a PEFT adapter folder.
 
@@ -119,17 +122,21 @@ def load_policy(
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     path = str(path)
+    tok_kwargs = {"init_kwargs": init_kwargs, "chat_template_kwargs": chat_template_kwargs}
     if not is_adapter(path):
-        model = load_model(path, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(path, max_length)
+        model = load_model(path, dtype=dtype, device=device, init_kwargs=init_kwargs)
+        tokenizer = load_tokenizer(path, max_length, **tok_kwargs)
     else:
         from peft import PeftModel
 
         base = adapter_base_model(path, base_model)
-        model = PeftModel.from_pretrained(load_model(base, dtype="float32", device=device), path)
+        base_model = load_model(base, dtype="float32", device=device, init_kwargs=init_kwargs)
+        model = PeftModel.from_pretrained(base_model, path)
         model = model.merge_and_unload().to(DTYPES[dtype])
         # Checkpoints save the tokenizer beside the adapter; a bare adapter may not.
-        tokenizer = load_tokenizer(path if _has_tokenizer(Path(path)) else base, max_length)
+        tokenizer = load_tokenizer(
+            path if _has_tokenizer(Path(path)) else base, max_length, **tok_kwargs
+        )
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -202,13 +209,18 @@ def evaluate_model(
     base_model: str | None = None,
     dtype: str = "bfloat16",
     device: str = "auto",
+    model_init_kwargs: dict[str, Any] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Load a model or checkpoint and evaluate it on `env`; the JSON `resd eval` writes."""
+    """Load a model or checkpoint and evaluate it on `env`; the JSON `resd eval` writes.
+    The two dicts are TrainConfig's of the same names (revision, trust_remote_code, ...;
+    the chat template's variables)."""
     settings = settings or EvalSettings()
     environment = make_env(env, env_args)  # a bad env fails before the model is loaded
     model, tokenizer = load_policy(
         model_path, base_model=base_model, dtype=dtype, device=device,
         max_length=settings.max_prompt_tokens + settings.max_new_tokens,
+        init_kwargs=model_init_kwargs, chat_template_kwargs=chat_template_kwargs,
     )  # fmt: skip
     adapter = is_adapter(model_path)
     result = evaluate_env(model, tokenizer, environment, settings)
@@ -249,7 +261,8 @@ def format_per_item(rows: list[dict[str, Any]]) -> str:
 # ---- CLI ----------------------------------------------------------------------------------
 # Settings `resd eval --config FILE` may hold; a flag given on the command line wins.
 EVAL_OPTIONS = ("model", "env", "env_args", "base_model", "samples", "temperature", "top_p",
-             "max_new_tokens", "max_prompt_tokens", "items", "batch_size", "seed", "dtype", "device")  # fmt: skip
+             "max_new_tokens", "max_prompt_tokens", "items", "batch_size", "seed", "dtype", "device",
+             "model_init_kwargs", "chat_template_kwargs")  # fmt: skip
 
 
 def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,7 +285,7 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
         {
             k: getattr(args, k)
             for k in EVAL_OPTIONS
-            if k != "env_args" and getattr(args, k) is not None
+            if k != "env_args" and getattr(args, k, None) is not None
         }
     )
     options["env_args"] = apply_overrides(dict(options.get("env_args") or {}), args.env_args)
@@ -293,6 +306,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_model(
         opts["model"], opts["env"], env_args, settings,
         base_model=opts["base_model"], dtype=opts["dtype"], device=opts["device"],
+        model_init_kwargs=opts.get("model_init_kwargs"),
+        chat_template_kwargs=opts.get("chat_template_kwargs"),
     )  # fmt: skip
     if args.out:
         out = Path(args.out)

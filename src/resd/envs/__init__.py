@@ -16,6 +16,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "code": "resd.envs.code:CodeEnv",
     "qa": "resd.envs.qa:QAEnv",
     "house_rules": "resd.envs.house_rules:HouseRulesEnv",
+    "dataset": "resd.envs.dataset:DatasetEnv",
 }
 
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
 from resd.envs.code_harness import HARNESS, decode_value, values_match
+from resd.envs.loading import Rows, load_rows
 from resd.envs.sandbox import SandboxResult, run_python
 from resd.templating import strip_thinking
 
@@ -147,40 +148,39 @@ def normalize_tests(tests: Any) -> tuple[str, list[dict[str, Any]]]:
     return "", cases
 
 
-def load_problems(path: str | Path) -> list[dict[str, Any]]:
-    """Read JSON-lines problems: one ``{"prompt", "tests", "entry_point"}`` per line.
+def _row_name(rows: Rows, i: int) -> str:
+    """A name for a problem without an id: its line in JSON lines, its row otherwise."""
+    return f"line{rows.lines[i]}" if rows.lines is not None else f"row{i}"
 
+
+def load_problems(path: str | Path) -> list[dict[str, Any]]:
+    """Read problems, one ``{"prompt", "tests", "entry_point"}`` per row.
+
+    Any file `resd.envs.loading.load_rows` reads will do (JSON lines, parquet, csv, ...).
     Optional keys: ``id``/``name``, ``difficulty``, ``reference`` (a solution, used as
-    `Item.reference`). Blank lines and lines starting with ``#`` are skipped.
+    `Item.reference`). In JSON lines, blank lines and lines starting with ``#`` are skipped.
     """
+    rows = load_rows(path, required=("prompt", "tests", "entry_point"))
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON: {exc}") from exc
-            missing = [k for k in ("prompt", "tests", "entry_point") if k not in rec]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
-            try:
-                prologue, cases = normalize_tests(rec["tests"])
-            except (ValueError, SyntaxError) as exc:
-                raise ValueError(f"{where}: {exc}") from exc
-            problems.append(
-                {
-                    "name": str(rec.get("id", rec.get("name", f"line{lineno}"))),
-                    "difficulty": rec.get("difficulty"),
-                    "prompt": rec["prompt"],
-                    "entry_point": rec["entry_point"],
-                    "solution": rec.get("reference", rec.get("solution")),
-                    "prologue": prologue,
-                    "cases": cases,
-                }
-            )
+    for i, rec in enumerate(rows.records):
+        where = rows.where(i)
+        try:
+            prologue, cases = normalize_tests(rec["tests"])
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+        name = rec.get("id") if rec.get("id") is not None else rec.get("name")
+        solution = rec.get("reference") if rec.get("reference") is not None else rec.get("solution")
+        problems.append(
+            {
+                "name": str(name if name is not None else _row_name(rows, i)),
+                "difficulty": rec.get("difficulty"),
+                "prompt": rec["prompt"],
+                "entry_point": rec["entry_point"],
+                "solution": solution,
+                "prologue": prologue,
+                "cases": cases,
+            }
+        )
     if not problems:
         raise ValueError(f"{path}: no problems found")
     return problems

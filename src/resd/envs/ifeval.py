@@ -35,6 +35,7 @@ from resd.envs.ifeval_checks import (
 )
 from resd.envs.ifeval_prompts import CONFLICTS, generate_items
 from resd.envs.ifeval_reference import build_reference
+from resd.envs.loading import load_rows
 
 __all__ = [
     "CONFLICTS",
@@ -74,24 +75,6 @@ def _maybe_json(value: Any) -> Any:
     if isinstance(value, str) and value.strip()[:1] in ("{", "["):
         return json.loads(value)
     return value
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON object: {exc}") from exc
-    return rows
 
 
 def _messages(prompt: Any) -> list[dict[str, str]]:
@@ -144,13 +127,14 @@ def _parse_record(row: Mapping[str, Any], index: int, source: Path) -> IFEvalRec
 
 
 def load_ifeval_records(path: str | Path) -> list[IFEvalRecord]:
-    """Read IFEval records from .parquet, .jsonl or a .json list.
+    """Read IFEval records from any file `resd.envs.loading.load_rows` reads (parquet,
+    JSON lines, a .json list, ...).
 
     kwargs may be dicts padded with None (as in the released data), JSON strings, or a
     JSON string holding the whole list; unknown instruction ids fail here, naming the id.
     """
     source = Path(path)
-    return [_parse_record(row, i, source) for i, row in enumerate(_read_rows(source))]
+    return [_parse_record(row, i, source) for i, row in enumerate(load_rows(source).records)]
 
 
 def _record_item(record: IFEvalRecord, source: str) -> Item:

@@ -1,6 +1,7 @@
-"""Question answering from a JSON-lines file, with FiNER-style partial credit.
+"""Question answering from a data file, with FiNER-style partial credit.
 
-Each line is ``{"question": ..., "answer": ...}``; optional keys: ``id``, ``context``
+Each line of a JSON-lines file (or row of any file `resd.envs.loading.load_rows` reads:
+csv, parquet, ...) is ``{"question": ..., "answer": ...}``; optional keys: ``id``, ``context``
 (shown before the question) and ``aliases`` (other accepted answers, for scalar
 answers). The answer is either
 
@@ -18,78 +19,21 @@ work out the fix from the question.
 
 from __future__ import annotations
 
-import json
-import re
-import string
-import unicodedata
 from pathlib import Path
 from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
+from resd.envs.loading import load_rows
+from resd.envs.scorers import extract_answer, normalize_answer
 
 __all__ = ["QAEnv", "extract_answer", "normalize_answer"]
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_ANSWER_LINE = re.compile(
-    r"^[\s*_#>-]*(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*(?:\*\*|__)?\s*[:：]"
-    r"\s*(?:\*\*|__)?\s*(.*)$",
-    re.I,
-)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def normalize_answer(text: Any) -> str:
-    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace."""
-    text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = "".join(
-        " " if (ch in string.punctuation or unicodedata.category(ch).startswith("P")) else ch
-        for ch in text
-    )
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def extract_answer(response: str) -> tuple[str, bool]:
-    """The answer part of a response, and whether it came from an explicit answer line.
-
-    Looks (after removing <think>...</think>) for the last line starting with
-    "Answer:" (also "Final answer:", markdown bold allowed), then for the last
-    \\boxed{...}, and otherwise takes the last non-empty line.
-    """
-    text = re.sub(r"<think>.*?</think>", "", response, flags=re.S)
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        m = _ANSWER_LINE.match(line)
-        if m:
-            return _clean(m.group(1)), True
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return _clean(boxed[-1]), True
-    return (_clean(lines[-1]) if lines else ""), False
-
-
-def _clean(answer: str) -> str:
-    answer = answer.strip()
-    for wrapper in ("**", "__"):  # the closing half of "**Answer: x**"
-        if answer.endswith(wrapper) and answer.count(wrapper) % 2 == 1:
-            answer = answer[: -len(wrapper)].strip()
-    for wrapper in ("**", "__", "`", "*"):
-        if (
-            answer.startswith(wrapper)
-            and answer.endswith(wrapper)
-            and len(answer) > 2 * len(wrapper)
-        ):
-            answer = answer[len(wrapper) : -len(wrapper)].strip()
-    return answer.strip()
 
 
 class QAEnv(Environment):
     """Exact-match QA with per-position partial credit for list answers.
 
     Args:
-        path: the JSON-lines data (required; `env_args.path=FILE.jsonl`).
+        path: the data (required; `env_args.path=FILE.jsonl`, or csv, parquet, ...).
         seed, test_fraction: deterministic train/test split of `path`.
         test_path: a separate test file; then all of `path` is used for training.
         reveal_answer: whether the feedback states the correct answer.
@@ -117,29 +61,25 @@ class QAEnv(Environment):
         self.separator = separator
         items = self._load(path)
         if test_path is not None:
-            self._train, self._test = items, self._load(test_path)
+            self._train, self._test = items, self._load(test_path, "env_args.test_path")
         else:
             self._train, self._test = split_items(items, test_fraction, seed)
 
     # -- data -----------------------------------------------------------------------------
 
-    def _load(self, path: str | Path) -> list[Item]:
+    def _load(self, path: str | Path, field: str = "env_args.path") -> list[Item]:
+        """Items from a data file; JSON lines are read directly, so errors name the line.
+
+        Any format `load_rows` reads works (csv, parquet, ...); the default id of a row is
+        its line number in a JSON-lines file, else its 1-based row number.
+        """
+        rows = load_rows(path, field=field, required=("question", "answer"))
+        stem = Path(str(path)).stem
         items = []
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"env_args.path: no such file: {path}")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON: {exc}") from exc
-                if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-                    raise ValueError(f'{where}: need an object with "question" and "answer"')
-                items.append(self._make_item(rec, f"qa/{path.stem}/{rec.get('id', lineno)}"))
+        for i, rec in enumerate(rows.records):
+            number = rows.lines[i] if rows.lines is not None else i + 1
+            key = rec.get("id") if rec.get("id") is not None else number
+            items.append(self._make_item(rec, f"qa/{stem}/{key}"))
         if not items:
             raise ValueError(f"{path}: no questions found")
         return items
@@ -158,13 +98,16 @@ class QAEnv(Environment):
         else:
             how = "Give your final answer on the last line in the form 'Answer: <answer>'."
             reference = f"Answer: {gold}"
+        aliases = rec.get("aliases") or []  # absent, or null in a tabular file
+        if isinstance(aliases, str):
+            aliases = [aliases]
         question = str(rec["question"]).strip()
         if rec.get("context"):
             question = f"{str(rec['context']).strip()}\n\n{question}"
         return Item(
             id=str(item_id),
             messages=[{"role": "user", "content": f"{question}\n\n{how}"}],
-            meta={"answer": gold, "aliases": [str(a) for a in rec.get("aliases", [])]},
+            meta={"answer": gold, "aliases": [str(a) for a in aliases]},
             reference=reference,
             answer=None if is_list else gold,  # a list's items are too short to guard
         )

@@ -23,11 +23,24 @@ Kernel-enforced (always, on Linux):
     * a minimal environment (PATH, HOME and TMPDIR pointing at the work dir, a UTF-8
       locale); `-I` also ignores PYTHON* variables and the user site directory.
 
-Kernel-enforced where the kernel permits it (silently skipped otherwise; the layers
-that were active are reported in `SandboxResult.isolation`):
-    * "netns": a new, empty network namespace (`unshare(CLONE_NEWNET)`; needs root or
-      unprivileged user namespaces): no interface but a down loopback, so no network
-      even for code that gets past the Python guards;
+Kernel-enforced where the kernel permits it (skipped otherwise; the layers that were
+active are reported in `SandboxResult.isolation`):
+    * "bwrap": when bubblewrap (`bwrap`) is on PATH and works here, the child runs in a
+      new mount namespace in which the whole host filesystem is mounted read-only, the
+      work dir is the one writable place (also HOME and TMPDIR), /dev is a minimal
+      private one, and the network namespace is empty (`--unshare-net`). This is the
+      kernel-level filesystem jail behind the Python guard below: a write that gets past
+      the guard (a shell started with `allow_subprocess`, native code) fails with EROFS
+      instead of changing the host. Whether bwrap works is probed once per process (it
+      needs user namespaces, or root, and containers often forbid both); when it does
+      not, the reason is kept (`bwrap_status()`, and a warning in the log) and the run
+      falls back to the layers below. Running as root, bwrap is told to drop every
+      capability, so the child cannot remount anything writable. One cost: bwrap reports
+      a child killed by signal N as exit status 128 + N, which is mapped back to -N, so a
+      program that itself exits with a status between 129 and 192 reads as killed;
+    * "netns": a new, empty network namespace (`unshare(CLONE_NEWNET)`, or bwrap's;
+      needs root or unprivileged user namespaces): no interface but a down loopback, so
+      no network even for code that gets past the Python guards;
     * "seccomp": a seccomp-bpf filter (x86-64 and aarch64) that makes fork/vfork/
       non-thread clone/execve fail with EPERM, confines kill/tgkill to the process
       itself, forbids ptrace, process_vm_*, pidfd signalling and raising rlimits, and
@@ -39,14 +52,15 @@ clear error messages but is *a guard, not a jail*: it stops naive and accidental
 while a deliberate exploit of the interpreter could get past it:
     * writes, deletions, renames, chmod/chown etc. of paths outside the work dir raise
       PermissionError (paths are resolved through symlinks; reads are allowed anywhere,
-      so the stdlib can load). There is no kernel-level filesystem jail: if the guard is
-      bypassed, the process can write wherever its user may;
+      so the stdlib can load). Without bwrap there is no kernel-level filesystem jail:
+      if the guard is bypassed, the process can write wherever its user may;
     * process creation (fork, exec, spawn, subprocess, os.system), signals to other
       processes, non-AF_UNIX sockets, DNS, ctypes, gc introspection (which could reach
       the hook list) and sub-interpreters are refused.
 
 Not covered: disk usage by many files (each file is capped by RLIMIT_FSIZE, but not
-their number), reading files the user may read, Unix-domain sockets on the filesystem
+their number; under bwrap also files in the private /dev/shm, which is memory),
+reading files the user may read, Unix-domain sockets on the filesystem
 (refused by the Python guard only), CPU contention with the host, and attacks on the
 kernel itself. Run training as an unprivileged user or in a container
 when the stakes are higher than a research box.
@@ -56,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import selectors
@@ -64,306 +79,25 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["SandboxResult", "run_python"]
+__all__ = ["BwrapStatus", "SandboxResult", "bwrap_status", "run_python"]
+
+log = logging.getLogger(__name__)
 
 # First line the child writes to stderr, before any user code runs: which isolation
 # layers are active. The parent strips it from the captured stderr.
 _ISOLATION_MARK = "\x00resd-sandbox-isolation "
 _MAIN_FILE = "main.py"
 
-# Runs inside the child, before the user's code. Kept self-contained (stdlib only) and
-# passed with `-c`, so the child never imports resd and the prelude cannot be shadowed
-# by files in the work dir. The configuration travels as JSON in argv[1].
-_BOOTSTRAP = r"""
-import json as _json, os as _os, sys as _sys
-
-def _resd_limits(rlimits):
-    import resource
-    for name, soft, hard in rlimits:
-        res = getattr(resource, name, None)
-        if res is None:
-            continue
-        try:
-            _cur_soft, cur_hard = resource.getrlimit(res)
-            if cur_hard != resource.RLIM_INFINITY:
-                hard = min(hard, cur_hard)
-            resource.setrlimit(res, (min(soft, hard), hard))
-        except (ValueError, OSError):
-            pass
-
-def _resd_libc():
-    import ctypes
-    return ctypes, ctypes.CDLL(None, use_errno=True)
-
-def _resd_unshare_net():
-    CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
-    # root can unshare directly; others need a user namespace to hold the capability.
-    flag_sets = [CLONE_NEWNET] if _os.geteuid() == 0 else [CLONE_NEWUSER | CLONE_NEWNET]
-    for flags in flag_sets:
-        try:
-            if hasattr(_os, "unshare"):
-                _os.unshare(flags)
-                return True
-            _ctypes, libc = _resd_libc()
-            if libc.unshare(flags) == 0:
-                return True
-        except (OSError, AttributeError):
-            pass
-    return False
-
-_RESD_SYSCALLS = {
-    # machine -> (audit arch, syscall numbers)
-    "x86_64": (0xC000003E, dict(fork=57, vfork=58, clone=56, clone3=435, execve=59,
-        execveat=322, kill=62, tkill=200, tgkill=234, ptrace=101, process_vm_readv=310,
-        process_vm_writev=311, pidfd_open=434, pidfd_send_signal=424, socket=41,
-        setrlimit=160, prlimit64=302)),
-    "aarch64": (0xC00000B7, dict(clone=220, clone3=435, execve=221, execveat=281,
-        kill=129, tkill=130, tgkill=131, ptrace=117, process_vm_readv=270,
-        process_vm_writev=271, pidfd_open=434, pidfd_send_signal=424, socket=198,
-        setrlimit=164, prlimit64=261)),
-}
-
-# A classic-BPF program over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
-# Instructions are (code, jump-if-true, jump-if-false, k). Each rule reads
-# "if nr == N: <block that always returns>"; every syscall without a rule is allowed,
-# so the filter only narrows what a plain Python program never needs.
-def _resd_seccomp(allow_subprocess, allow_network):
-    machine = _os.uname().machine
-    if machine not in _RESD_SYSCALLS:
-        return False
-    arch, nr = _RESD_SYSCALLS[machine]
-    LD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
-    ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
-    def arg_lo(i): return 16 + 8 * i
-    def arg_hi(i): return 20 + 8 * i
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ENOSYS), (LD, 0, 0, 0)]
-    if machine == "x86_64":  # x32 ABI numbers alias the real ones with bit 30 set
-        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]
-    def rule(name, block):
-        if name in nr:
-            prog.append((JEQ, 0, len(block), nr[name]))
-            prog.extend(block)
-    def only_if_arg0_in(values):
-        values = sorted({v & 0xFFFFFFFF for v in values})
-        block = [(LD, 0, 0, arg_lo(0))]
-        for k, value in enumerate(values):
-            block.append((JEQ, len(values) - k, 0, value))
-        return block + [(RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
-    deny = [(RET, 0, 0, EPERM)]
-    me = _os.getpid()
-    if not allow_subprocess:
-        rule("fork", deny)
-        rule("vfork", deny)
-        # threads are clone(CLONE_THREAD); anything else is a new process
-        rule("clone", [(LD, 0, 0, arg_lo(0)), (JSET, 1, 0, 0x00010000),
-                       (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)])
-        rule("clone3", [(RET, 0, 0, ENOSYS)])  # libc falls back to clone()
-        rule("execve", deny)
-        rule("execveat", deny)
-        rule("kill", only_if_arg0_in([0, me, -me]))
-        rule("tgkill", only_if_arg0_in([me]))
-        rule("tkill", deny)
-    for name in ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open",
-                 "pidfd_send_signal", "setrlimit"):
-        rule(name, deny)
-    if not allow_network:
-        rule("socket", only_if_arg0_in([1]))  # AF_UNIX only
-    # prlimit64 is also how libc *reads* limits: allow it only without a new limit
-    rule("prlimit64", [(LD, 0, 0, arg_lo(2)), (JEQ, 0, 2, 0), (LD, 0, 0, arg_hi(2)),
-                       (JEQ, 1, 0, 0), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)])
-    prog.append((RET, 0, 0, ALLOW))
-    try:
-        ctypes, libc = _resd_libc()
-        class Filter(ctypes.Structure):
-            _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte),
-                        ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-        class Prog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
-        insns = (Filter * len(prog))(*[Filter(c, t, f, k) for c, t, f, k in prog])
-        fprog = Prog(len(prog), insns)
-        ul = ctypes.c_ulong
-        if libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) != 0:  # PR_SET_NO_NEW_PRIVS
-            return False
-        ptr = ctypes.cast(ctypes.pointer(fprog), ctypes.c_void_p)
-        return libc.prctl(22, ul(2), ptr, ul(0), ul(0)) == 0  # PR_SET_SECCOMP, FILTER
-    except (OSError, AttributeError):
-        return False
-
-def _resd_guard(workdir, allow_subprocess, allow_network):
-    import stat as _stat
-    root = _os.path.realpath(workdir)
-    devices = {"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty"}
-    write_flags = (_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC | _os.O_APPEND)
-    realpath, getpid, getpgid, getpgrp = (_os.path.realpath, _os.getpid, _os.getpgid,
-                                          _os.getpgrp)
-    state = {"busy": False}
-
-    def resolve(path, dir_fd=None, follow=True):
-        if isinstance(path, int):
-            target = _os.readlink("/proc/self/fd/%d" % path)
-            return target if target.startswith("/") else None  # pipes, sockets
-        path = _os.fsdecode(path)
-        if dir_fd not in (None, -1, -100) and not path.startswith("/"):
-            path = _os.path.join(_os.readlink("/proc/self/fd/%d" % dir_fd), path)
-        if path in devices:
-            return None
-        if not follow:  # the entry itself, not what a symlink points to
-            head, tail = _os.path.split(_os.path.abspath(path))
-            return _os.path.join(realpath(head), tail)
-        return realpath(path)
-
-    def check_path(event, path, dir_fd=None, follow=True):
-        try:
-            real = resolve(path, dir_fd, follow)
-        except OSError:
-            real = "?"
-        if real is None or real == root or real.startswith(root + "/"):
-            return
-        raise PermissionError(
-            "sandbox: %s outside the work directory is not allowed: %r" % (event, path))
-
-    def deny(what):
-        raise PermissionError("sandbox: %s is not allowed" % what)
-
-    process_events = {"os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn",
-                      "os.system", "subprocess.Popen", "os.startfile", "pty.spawn"}
-    # event -> ((index of a path argument, index of its dir_fd argument or None), ...),
-    # and whether the check follows a final symlink (open does; unlink and rename act
-    # on the link itself)
-    path_events = {
-        "os.remove": (((0, 1),), False), "os.rmdir": (((0, 1),), False),
-        "os.mkdir": (((0, 2),), False), "os.rename": (((0, 2), (1, 3)), False),
-        "os.link": (((0, 2), (1, 3)), False), "os.symlink": (((1, 2),), False),
-        "os.truncate": (((0, None),), True), "os.chmod": (((0, 2),), True),
-        "os.lchmod": (((0, None),), False), "os.chown": (((0, 3),), True),
-        "os.utime": (((0, 3),), True), "os.chflags": (((0, None),), True),
-        "os.lchflags": (((0, None),), False), "os.setxattr": (((0, None),), True),
-        "os.removexattr": (((0, None),), True), "os.mkfifo": (((0, 2),), False),
-        "os.mknod": (((0, 3),), False), "shutil.rmtree": (((0, 1),), False),
-        "shutil.copyfile": (((1, None),), True), "shutil.copymode": (((1, None),), True),
-        "shutil.copystat": (((1, None),), True), "shutil.chown": (((0, None),), True),
-        "shutil.move": (((0, None), (1, None)), False),
-    }
-    denied_events = {
-        "gc.get_objects": "gc introspection", "gc.get_referrers": "gc introspection",
-        "gc.get_referents": "gc introspection", "resource.setrlimit": "changing rlimits",
-        "resource.prlimit": "changing rlimits",
-        "cpython.PyInterpreterState_New": "creating sub-interpreters",
-    }
-    if not allow_network:
-        denied_events.update({
-            "socket.getaddrinfo": "DNS", "socket.gethostbyname": "DNS",
-            "socket.gethostbyname_ex": "DNS", "socket.gethostbyaddr": "DNS",
-            "socket.getnameinfo": "DNS", "socket.connect": "network access",
-            "socket.bind": "network access", "socket.sendto": "network access",
-            "socket.sendmsg": "network access",
-        })
-    denied_modules = {"_xxsubinterpreters", "_interpreters", "_testcapi", "_testinternalcapi",
-                      "_ctypes"}
-
-    def same_group(pid):
-        if pid in (0, getpid()) or -pid == getpgrp():
-            return True
-        try:
-            return getpgid(abs(pid)) == getpgrp()
-        except OSError:
-            return False
-
-    def hook(event, args):
-        if state["busy"]:
-            return
-        state["busy"] = True
-        try:
-            if event == "open":
-                path, mode, flags = args
-                writing = bool((flags or 0) & write_flags) or (
-                    isinstance(mode, str) and any(c in mode for c in "wax+"))
-                if writing and not isinstance(path, int):
-                    check_path("writing", path)
-            elif event in path_events:
-                paths, follow = path_events[event]
-                for i, fd_i in paths:
-                    dir_fd = args[fd_i] if fd_i is not None and fd_i < len(args) else None
-                    check_path(event, args[i], dir_fd, follow)
-            elif event in process_events:
-                if not allow_subprocess:
-                    deny("starting processes (%s)" % event)
-            elif event in ("os.kill", "os.killpg"):
-                target = args[0] if event == "os.kill" else -args[0]
-                if not same_group(target):
-                    deny("signalling other processes")
-            elif event == "socket.__new__" and not allow_network:
-                if args[1] != 1:  # AF_UNIX, e.g. asyncio's self-pipe
-                    deny("network access")
-            elif event in denied_events:
-                deny(denied_events[event])
-            elif event.startswith("ctypes."):
-                deny("ctypes")
-            elif event == "import" and args[0] in denied_modules:
-                deny("importing %s" % args[0])
-        finally:
-            state["busy"] = False
-
-    _sys.addaudithook(hook)
-
-    # A few escape hatches raise no audit event; replace them.
-    def _refuse(*_a, **_k):
-        deny("this call")
-    import signal as _signal_mod, _signal
-    for mod in (_signal_mod, _signal):
-        if hasattr(mod, "pidfd_send_signal"):
-            mod.pidfd_send_signal = _refuse
-    if not allow_subprocess:
-        import _posixsubprocess
-        _posixsubprocess.fork_exec = _refuse
-
-def _resd_main():
-    cfg = _json.loads(_sys.argv[1])
-    _sys.argv[:] = [cfg["main"]]
-    _resd_limits(cfg["rlimits"])
-    active = ["rlimits"]
-    if not cfg["allow_network"] and _resd_unshare_net():
-        active.append("netns")
-    if cfg["seccomp"] and _resd_seccomp(cfg["allow_subprocess"], cfg["allow_network"]):
-        active.append("seccomp")
-    _resd_guard(cfg["workdir"], cfg["allow_subprocess"], cfg["allow_network"])
-    active.append("audit")
-    _os.write(2, (cfg["mark"] + _json.dumps(active) + "\n").encode())
-    _sys.path.insert(0, cfg["workdir"])
-
-    import builtins, linecache, traceback, types
-    with open(cfg["main"], encoding="utf-8") as f:
-        source = f.read()
-    # Register the source so tracebacks show lines even if the code changes directory.
-    linecache.cache[cfg["main"]] = (len(source), None, source.splitlines(True), cfg["main"])
-    module = types.ModuleType("__main__")
-    module.__file__ = cfg["main"]
-    module.__builtins__ = builtins
-    _sys.modules["__main__"] = module
-    try:
-        exec(compile(source, cfg["main"], "exec"), module.__dict__)
-    except SystemExit:
-        raise
-    except BaseException as exc:  # print like Python would, minus the sandbox's frames
-        report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
-        pending, seen = [report], set()
-        while pending:
-            te = pending.pop()
-            if te is None or id(te) in seen:
-                continue
-            seen.add(id(te))
-            te.stack[:] = [fr for fr in te.stack if fr.filename != "<string>"]
-            pending += [te.__cause__, te.__context__]
-        _sys.stderr.write("".join(report.format()))
-        _sys.stderr.flush()
-        _sys.exit(1)
-
-_resd_main()
-"""
+# Runs inside the child, before the user's code: `sandbox_child.py`, passed as text with
+# `-c`, so the child never imports resd and the prelude cannot be shadowed by files in
+# the work dir. The configuration travels as JSON in argv[1].
+_BOOTSTRAP = Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -382,8 +116,10 @@ class SandboxResult:
     timed_out: bool
     output_truncated: bool
     wall_s: float
-    pid: int  # of the sandboxed process (also its process-group and session id)
-    isolation: tuple[str, ...] = ()  # active layers: rlimits, netns, seccomp, audit
+    # of the process started, which leads its process group and session (under bwrap:
+    # bwrap's monitor, whose child runs the code)
+    pid: int
+    isolation: tuple[str, ...] = ()  # active layers: bwrap, rlimits, netns, seccomp, audit
 
     @property
     def ok(self) -> bool:
@@ -485,6 +221,110 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# ------------------------------------------------------------------ bubblewrap layer
+
+
+@dataclass(frozen=True)
+class BwrapStatus:
+    """Whether runs get the bubblewrap filesystem layer here, and why not if they don't."""
+
+    available: bool
+    reason: str  # what the probe found: the binary and its version, or why it failed
+    path: str | None = None
+    args: tuple[str, ...] = ()  # mount options that worked (see `_BWRAP_VARIANTS`)
+
+
+# Mount options to try, best first. Some container runtimes refuse a fresh /proc
+# (masked paths); the host's /proc, bound read-only with the rest of /, still serves
+# the guard's /proc/self/fd look-ups.
+_BWRAP_VARIANTS: tuple[tuple[str, ...], ...] = (
+    ("--dev", "/dev", "--proc", "/proc"),
+    ("--dev", "/dev"),
+)
+_bwrap_lock = threading.Lock()
+_bwrap_cache: BwrapStatus | None = None
+
+
+def _bwrap_command(
+    bwrap: str, mounts: tuple[str, ...], workdir: str, allow_network: bool
+) -> list[str]:
+    """bwrap's part of the command line: read-only host, writable work dir, no network.
+
+    No `--new-session` and no PID namespace: the sandboxed process must stay in the
+    process group that `run_python` kills as a whole.
+    """
+    command = [bwrap, "--ro-bind", "/", "/", *mounts, "--bind", workdir, workdir]
+    command += ["--chdir", workdir, "--unshare-ipc", "--die-with-parent"]
+    if not allow_network:
+        command.append("--unshare-net")
+    if os.geteuid() == 0:  # as root bwrap keeps capabilities unless told otherwise
+        command += ["--cap-drop", "ALL"]
+    return [*command, "--"]
+
+
+def _probe_bwrap() -> BwrapStatus:
+    path = shutil.which("bwrap")
+    if path is None:
+        return BwrapStatus(False, "bwrap is not on PATH (Debian: apt-get install bubblewrap)")
+    try:
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return BwrapStatus(False, f"{path} --version failed: {exc}", path)
+    failures = []
+    # Check what a run relies on: the work dir is writable, the rest is not.
+    check = (
+        "import os\n"
+        "open('probe', 'w').write('ok')\n"
+        "try:\n"
+        "    open('/resd-bwrap-probe', 'w')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "else:\n"
+        "    os.remove('/resd-bwrap-probe')\n"
+        "    raise SystemExit('the host filesystem is writable')\n"
+    )
+    for mounts in _BWRAP_VARIANTS:
+        workdir = os.path.realpath(tempfile.mkdtemp(prefix="resd-bwrap-probe-"))
+        try:
+            command = _bwrap_command(path, mounts, workdir, allow_network=False)
+            proc = subprocess.run(
+                [*command, sys.executable, "-I", "-c", check],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+            )
+            wrote = os.path.exists(os.path.join(workdir, "probe"))
+        except (OSError, subprocess.SubprocessError) as exc:
+            failures.append(f"{' '.join(mounts)}: {exc}")
+            continue
+        finally:
+            _remove_tree(workdir)
+        if proc.returncode == 0 and wrote:
+            return BwrapStatus(True, f"{path} ({version or 'unknown version'})", path, mounts)
+        detail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        failures.append(f"{' '.join(mounts)}: {detail}")
+    return BwrapStatus(False, f"{path} does not work here: " + "; ".join(failures), path)
+
+
+def bwrap_status(refresh: bool = False) -> BwrapStatus:
+    """Probe bubblewrap once per process (about 0.1 s) and remember the answer.
+
+    Logs a warning the first time bwrap is installed but unusable, since that silently
+    weakens the sandbox to the layers without it.
+    """
+    global _bwrap_cache
+    with _bwrap_lock:
+        if _bwrap_cache is None or refresh:
+            _bwrap_cache = _probe_bwrap()
+            if not _bwrap_cache.available and _bwrap_cache.path is not None:
+                log.warning("sandbox: no filesystem jail: %s", _bwrap_cache.reason)
+        return _bwrap_cache
+
+
 def run_python(
     code: str,
     *,
@@ -497,6 +337,7 @@ def run_python(
     max_processes: int = 64,
     allow_subprocess: bool = False,
     allow_network: bool = False,
+    bwrap: bool | None = None,
 ) -> SandboxResult:
     """Run `code` as a Python program in a fresh, limited child process.
 
@@ -516,6 +357,9 @@ def run_python(
             fork guards are lifted; the group is still killed at the end).
         allow_network: let the program use the network (only for trusted code: no
             network namespace, no socket guards).
+        bwrap: run inside bubblewrap's read-only view of the host (see the module
+            docstring): None uses it when `bwrap_status()` says it works, True insists
+            (RuntimeError with the reason if it does not work here), False never uses it.
 
     Never raises for anything the program does; raises only for bad arguments or if the
     interpreter cannot be started at all.
@@ -524,6 +368,10 @@ def run_python(
         raise RuntimeError("resd.envs.sandbox needs a POSIX system (Linux is fully supported)")
     if timeout_s <= 0:
         raise ValueError("sandbox: timeout_s must be positive")
+    jail = bwrap_status() if bwrap is not False else None
+    use_bwrap = jail is not None and jail.available
+    if bwrap and not use_bwrap:
+        raise RuntimeError(f"sandbox: bwrap=True, but {bwrap_status().reason}")
     cpu_s = math.ceil(timeout_s) + 1
     rlimits: list[tuple[str, int, int]] = [
         ("RLIMIT_CPU", cpu_s, cpu_s + 1),
@@ -560,6 +408,7 @@ def run_python(
             "workdir": workdir,
             "rlimits": rlimits,
             "allow_network": allow_network,
+            "netns_ready": use_bwrap and not allow_network,  # bwrap --unshare-net made it
             "seccomp": True,
             "allow_subprocess": allow_subprocess,
             "mark": _ISOLATION_MARK,
@@ -576,8 +425,12 @@ def run_python(
         # Limits are applied by the child itself, first thing, not in preexec_fn: a
         # preexec_fn runs Python between fork and exec, which can deadlock when the
         # host process has other threads (tokenizers, torch, data loaders).
+        command = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(config)]
+        if use_bwrap:
+            assert jail is not None and jail.path is not None
+            command = _bwrap_command(jail.path, jail.args, workdir, allow_network) + command
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(config)],
+            command,
             cwd=workdir,
             env=env,
             stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
@@ -635,15 +488,18 @@ def run_python(
         _remove_tree(workdir)
 
     stderr = err.text()
-    isolation: tuple[str, ...] = ()
+    isolation: tuple[str, ...] = ("bwrap",) if use_bwrap else ()
     if stderr.startswith(_ISOLATION_MARK):
         first, _, stderr = stderr.partition("\n")
         with contextlib.suppress(ValueError):
-            isolation = tuple(json.loads(first[len(_ISOLATION_MARK) :]))
+            isolation += tuple(json.loads(first[len(_ISOLATION_MARK) :]))
+    returncode = proc.returncode
+    if use_bwrap and returncode is not None and 128 < returncode <= 128 + 64:
+        returncode = 128 - returncode  # bwrap's 128 + N for "killed by signal N"
     return SandboxResult(
         stdout=out.text(),
         stderr=stderr,
-        returncode=proc.returncode,
+        returncode=returncode,
         timed_out=timed_out,
         output_truncated=out.truncated or err.truncated,
         wall_s=time.monotonic() - start,

@@ -142,13 +142,32 @@ def chat_prompt_ids(
     """Apply the chat template and tokenize; over-long prompts keep their end.
 
     Keeping the end preserves the generation prompt (the assistant header), without
-    which the model would not answer at all.
+    which the model would not answer at all. The template receives the variables the
+    run set (`chat_template_kwargs`, kept on the tokenizer by `load_tokenizer`).
     """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render_chat(tokenizer, messages)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[-max_tokens:]
     return ids
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The prompt text; a template that refuses the system role (Gemma's raises) gets the
+    system text as the opening paragraph of the first user message instead."""
+    extra = getattr(tokenizer, "resd_chat_template_kwargs", {})
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **extra
+        )
+    except Exception:  # jinja2's TemplateError, raised by the template's own check
+        if not messages or messages[0]["role"] != "system" or len(messages) < 2:
+            raise
+    system, first, *rest = messages
+    merged = {**first, "content": f"{system['content']}\n\n{first['content']}"}
+    return tokenizer.apply_chat_template(
+        [merged, *rest], add_generation_prompt=True, tokenize=False, **extra
+    )
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,9 +1,10 @@
 """Checkpoints that let a killed run continue exactly where it stopped.
 
-A checkpoint is a folder `checkpoints/step-000012/` holding the student (an ordinary
-Hugging Face folder, loadable on its own), the teacher weights, the optimizer, the
-playbook, the solution buffer, the RNG states and the data cursor. It is written to a
-temporary folder and renamed into place, so a checkpoint either exists whole or not
+A checkpoint is a folder `checkpoint-12/` in the run directory (the name every Hugging
+Face tool expects) holding the student at its top level (an ordinary model folder, or a
+PEFT adapter, that `from_pretrained` loads as it is), the teacher weights, the optimizer,
+the playbook, the solution buffer, the RNG states and the data cursor. It is written to
+a temporary folder and renamed into place, so a checkpoint either exists whole or not
 at all: a SIGKILL during saving leaves the previous one intact.
 """
 
@@ -22,27 +23,31 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from resd.models import as_loaded
+
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^step-(\d{6})$")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 # What a checkpoint must hold to be resumed from (teacher files are optional: a run with a
-# live teacher has none).
-REQUIRED = ("state.json", "optimizer.pt", "rng_torch.pt", "model")
+# live teacher has none), besides the model: its config.json, or a LoRA adapter's.
+REQUIRED = ("state.json", "optimizer.pt", "rng_torch.pt")
+MODEL_FILES = ("config.json", "adapter_config.json")
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A leftover `.tmp-*` folder (a save that was
-    killed) is not one; a `step-*` folder missing a required file is skipped with a
+    killed) is not one; a `checkpoint-*` folder missing a required file is skipped with a
     warning, so a resume falls back to the newest complete one instead of failing."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
+    if not run_dir.is_dir():
         return []
     found = []
-    for p in root.iterdir():
+    for p in run_dir.iterdir():
         if not (p.is_dir() and _NAME.match(p.name)):
             continue
         missing = [name for name in REQUIRED if not (p / name).exists()]
+        if not any((p / name).exists() for name in MODEL_FILES):
+            missing.append("config.json")
         if missing:
             log.warning("checkpoint %s is incomplete (no %s); skipped", p, ", ".join(missing))
             continue
@@ -78,6 +83,19 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(unique, str(path))
 
 
+def save_model(
+    folder: Path, model, tokenizer, model_state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The student as an ordinary Hugging Face folder (PEFT: the adapter) with its tokenizer,
+    without the settings training forced on it (left padding, a shortened length)."""
+    if model_state is None:
+        model.save_pretrained(folder)
+    else:
+        model.save_pretrained(folder, state_dict=model_state)
+    with as_loaded(tokenizer):
+        tokenizer.save_pretrained(folder)
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -96,16 +114,11 @@ def save_checkpoint(
     layout does not depend on how the run was distributed; `model_state` None means
     the model is whole and saves itself.
     """
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp-checkpoint-"))
     try:
-        if model_state is None:
-            model.save_pretrained(tmp / "model")
-        else:
-            model.save_pretrained(tmp / "model", state_dict=model_state)
-        tokenizer.save_pretrained(tmp / "model")
+        save_model(tmp, model, tokenizer, model_state)
         for name, tensors in teacher_states.items():  # teacher weights, reference model, ...
             save_tensors(tmp / f"{name}.safetensors", tensors)
         torch.save(optimizer_state, tmp / "optimizer.pt")

@@ -50,25 +50,48 @@ def load_policy(
     LoRA base model taken before the adapter wraps it (a deep copy of the PEFT model
     decoded 5x slower than this plain one)."""
     device = parallel.device(cfg.device)
+    lora = lora_config(cfg.lora) if cfg.lora and not checkpoint else None  # a bad key fails first
     if not cfg.lora:
-        source = str(checkpoint / "model") if checkpoint else cfg.model
-        return load_model(source, dtype=cfg.dtype, device=device), None
-    from peft import LoraConfig, PeftModel, get_peft_model
+        source = str(checkpoint) if checkpoint else cfg.model
+        model = load_model(
+            source, dtype=cfg.dtype, device=device, init_kwargs=cfg.model_init_kwargs
+        )
+        return _checkpointed(model, cfg), None
+    from peft import PeftModel, get_peft_model
 
-    base = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    base = load_model(cfg.model, dtype=cfg.dtype, device=device, init_kwargs=cfg.model_init_kwargs)
     base_copy = copy.deepcopy(base) if keep_base else None
+    _checkpointed(base, cfg)
     if checkpoint:
-        return PeftModel.from_pretrained(
-            base, str(checkpoint / "model"), is_trainable=True
-        ), base_copy
-    lora = LoraConfig(
-        r=int(cfg.lora.get("r", 16)),
-        lora_alpha=int(cfg.lora.get("alpha", 32)),
-        lora_dropout=float(cfg.lora.get("dropout", 0.0)),
-        target_modules=cfg.lora.get("target_modules", "all-linear"),
-        task_type="CAUSAL_LM",
-    )
+        return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True), base_copy
     return get_peft_model(base, lora), base_copy
+
+
+def _checkpointed(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Turn on activation recomputation (`gradient_checkpointing`). The non-reentrant
+    variant needs no input that requires grad, so it also works under a frozen LoRA base."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def lora_config(settings: dict[str, Any]):
+    """`peft.LoraConfig(**settings)` with our defaults; PEFT's own error names a bad key."""
+    from peft import LoraConfig
+
+    kwargs = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    for key, value in settings.items():
+        name = SHORT_LORA_KEYS.get(key, key)
+        if name in settings and name != key:
+            raise ConfigError(f"lora: {key!r} and {name!r} are the same setting; give one")
+        kwargs[name] = value
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"lora: {exc}") from None
 
 
 class PolicySampler:

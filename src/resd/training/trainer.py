@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ from resd.rundir import (
 )
 from resd.training.algorithms import get_algorithm
 from resd.training.callbacks import Callback
-from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from resd.training.hub import push_to_hub, write_model_card
 from resd.training.lessons import Lessons, PlaybookChanges
 from resd.training.playbook import Playbook
 from resd.training.policy import PolicySampler, load_policy, merged_sampling
@@ -64,16 +65,34 @@ __all__ = ["PHASES", "Trainer"]
 log = logging.getLogger(__name__)
 
 
+def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
+    """The run's environment: from the config, as given, or around an in-memory dataset."""
+    if env is None:
+        if scorer is not None:
+            raise ValueError("scorer: only used with a dataset passed as env")
+        return make_env(cfg.env, cfg.env_args)
+    if isinstance(env, Environment):
+        return env
+    if type(env).__module__.split(".")[0] == "datasets":
+        from resd.envs.dataset import DatasetEnv
+
+        return DatasetEnv.from_dataset(env, scorer=scorer or "exact_match", **cfg.env_args)
+    raise TypeError(f"env: expected an Environment or a datasets.Dataset, got {type(env).__name__}")
+
+
 class Trainer:
     def __init__(
         self,
         cfg: TrainConfig,
         *,
         resume: bool = False,
-        env: Environment | None = None,
+        env: Environment | Any | None = None,
+        scorer: str | Callable[..., Any] | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        """`env` replaces the environment `cfg.env` names (for environments built in Python);
+        """`env` replaces the environment `cfg.env` names: an `Environment` built in Python,
+        or a `datasets.Dataset`/`DatasetDict` scored by `scorer` (a built-in scorer's name
+        or a function, see `resd.envs.dataset`; columns from `cfg.env_args`).
         `callbacks` are called on step end, evaluation and save (`resd.training.callbacks`)."""
         self.cfg = cfg
         self.callbacks = list(callbacks)
@@ -82,7 +101,7 @@ class Trainer:
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
-        self.env = env if env is not None else make_env(cfg.env, cfg.env_args)
+        self.env = _environment(cfg, env, scorer)
         self.train_items = list(self.env.train_items())
         if not self.train_items:
             raise ValueError(f"env: {getattr(self.env, 'name', cfg.env)!r} has no training items")
@@ -94,7 +113,10 @@ class Trainer:
         checkpoint = self._checkpoint_to_resume(resume)
 
         # The policy, its teachers and its optimizer; the sampler is made before sharding.
-        self.tokenizer = load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens)
+        self.tokenizer = load_tokenizer(
+            cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens, init_kwargs=cfg.model_init_kwargs,
+            chat_template=cfg.chat_template, chat_template_kwargs=cfg.chat_template_kwargs,
+        )  # fmt: skip
         self.model, base_copy = load_policy(
             cfg, self.parallel, checkpoint, keep_base=merged_sampling(cfg, self.parallel)
         )
@@ -127,7 +149,7 @@ class Trainer:
         # The two halves of a step.
         self.lessons = Lessons(cfg, self.algo, self.tokenizer, self.sampler, self.parallel)
         self.update = Update(cfg, self.model, self.optimizer, self.teacher, self.reference, self.parallel,
-                             self.tokenizer.pad_token_id, lam, after_step=self._after_step)  # fmt: skip
+                             self.tokenizer.pad_token_id, lam, after_step=self._after_step, total_steps=self.total_steps)  # fmt: skip
         self.step = 0
         self.last_eval_step: int | None = None  # the same on every process
         self.totals: Counter[str] = Counter()
@@ -223,6 +245,7 @@ class Trainer:
         }  # fmt: skip
         if evals:
             summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
+        self.save_model(summary)
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.close()
@@ -231,7 +254,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint: every process helps gather full tensors, rank 0 writes them."""
-        path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
+        path = self.run_dir / f"checkpoint-{self.step}"
         # Unsharded, the model saves itself (PEFT writes just the adapter).
         model_state = self.parallel.full_state_dict(self.model) if self.parallel.sharded else None
         teacher_states = {}
@@ -257,6 +280,19 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_save(self, path)
         return path
+
+    def save_model(self, summary: dict[str, Any] | None = None) -> Path:
+        """The trained model (a LoRA run: its adapter) and its tokenizer at the top of
+        `output_dir`, where `from_pretrained`, `resd eval` and vLLM look, with a model card;
+        pushed to the Hub when `push_to_hub` is set (every process helps gather)."""
+        model_state = self.parallel.full_state_dict(self.model) if self.parallel.sharded else None
+        if self.parallel.is_main:
+            save_model(self.run_dir, self.model, self.tokenizer, model_state)
+            write_model_card(self.run_dir, self.cfg, summary or {})
+            if self.cfg.push_to_hub:
+                push_to_hub(self.run_dir, self.cfg.hub_model_id or self.run_dir.name)
+        self.parallel.barrier()
+        return self.run_dir
 
     def _teachers(self) -> dict[str, Teacher]:
         return {

@@ -109,6 +109,7 @@ class Update:
         pad_id: int | None,
         distillation_weight: float,
         after_step: Callable[[], None],
+        total_steps: int,
     ) -> None:
         self.cfg, self.model, self.optimizer, self.teacher, self.reference = (
             cfg,
@@ -119,6 +120,8 @@ class Update:
         )
         self.parallel, self.pad_id, self.distillation_weight = parallel, pad_id, distillation_weight
         self.after_step = after_step
+        self.total_steps = total_steps
+        self._schedule: Callable[[int], float] | None = None
         self.device = next(model.parameters()).device
 
     @property
@@ -127,10 +130,22 @@ class Update:
         return self.parallel.policy(self.model)
 
     def lr(self, step: int) -> float:
-        """Linear warm-up over `warmup_steps`, then constant (the paper: 10 steps, then 1e-6)."""
-        if self.cfg.warmup_steps and step <= self.cfg.warmup_steps:
-            return self.cfg.lr * step / self.cfg.warmup_steps
-        return self.cfg.lr
+        """The learning rate of optimizer step `step` (1-based) under `lr_scheduler_type`.
+
+        A pure function of the step, so a resumed run needs no scheduler state: the
+        multiplier comes from `transformers.get_scheduler`'s own schedule, evaluated at the
+        1-based step (warm-up reaches the full rate at step `warmup_steps`, as the paper's
+        10 warm-up steps do), with decays ending one step after the last.
+        """
+        if self._schedule is None:
+            from transformers import get_scheduler
+
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            self._schedule = get_scheduler(
+                self.cfg.lr_scheduler_type, dummy, num_warmup_steps=self.cfg.warmup_steps,
+                num_training_steps=self.total_steps + 1,
+            ).lr_lambdas[0]  # fmt: skip
+        return self.cfg.lr * float(self._schedule(step))
 
     def __call__(
         self, rollouts: list[Rollout], outcomes: list[Outcome], timer: PhaseTimer, step: int

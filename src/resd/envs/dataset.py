@@ -1,0 +1,373 @@
+"""Train on the rows of any dataset: a Hugging Face Hub id, a local data file, or a
+`datasets.Dataset` built in Python.
+
+A TRL user already has a dataset with a prompt column and an answer column, and often a
+reward function. `DatasetEnv` maps the columns onto RESD items (prompt or chat, optional
+reference, literal answer, extra columns kept for the scorer) and scores responses with a
+built-in scorer (`exact_match`, `numeric`, `regex`; see `resd.envs.scorers`) or the
+user's own function, TRL-style or per item.
+
+Rows come from `resd.envs.loading`, the one loader every file-reading environment uses:
+which formats, how splits are named and sliced, and how a bad row is reported.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from resd.envs.base import Environment, Item, Score, split_items
+from resd.envs.loading import DATA_SUFFIXES, Rows, first_file, load_splits, rows_from_dataset
+from resd.envs.scorers import (
+    BUILTIN_SCORERS,
+    format_number,
+    parse_gold_number,
+    resolve_scorer,
+    wrap_callable,
+)
+
+__all__ = ["DatasetEnv"]
+
+
+# -- the environment -------------------------------------------------------------------------
+
+
+class DatasetEnv(Environment):
+    """Rows of a dataset as RESD items, scored by a built-in scorer or a user function.
+
+    Args:
+        path: a Hub id, a local jsonl/json/csv/tsv/parquet/arrow file, or a directory
+            (data files or a `save_to_disk` folder). Optional when `data_files` is given.
+        split: the training split (slices allowed: ``train[:1000]``).
+        test_split: the evaluation split; without it, `test_fraction` of `split` is held
+            out with `split_items(..., seed)`.
+        name, data_files, cache_dir, load_kwargs: passed to `datasets.load_dataset`.
+        prompt_column: a string prompt (or a chat list, as in TRL's conversational format);
+            default "prompt" when present.
+        messages_column: a chat list; default "messages" when present and there is no
+            "prompt". A final assistant turn is taken off the prompt and becomes the
+            reference unless `reference_column` is set.
+        instruction: text added, after a blank line, to the last user message of every
+            prompt (say how to give the answer, e.g. "End with 'Answer: <number>'.").
+        reference_column: a correct response (SDFT's demonstration; `resd env-check`).
+        answer_column: the gold value the built-in scorers compare against; also
+            `Item.answer` (for `numeric`, the number read from it; for `regex`, none).
+        id_column: item ids (default: the row index within its split).
+        meta_columns: the columns kept in `Item.meta` for the scorer; default every column
+            but the prompt column (what TRL hands a reward function). The answer column is
+            always kept.
+        scorer: "exact_match", "numeric", "regex", a callable, or "package.module:function".
+        scorer_args: keyword arguments of a built-in scorer (numeric: rel_tol, abs_tol;
+            regex: pattern, fullmatch).
+        reveal_answer: whether a built-in scorer's feedback states the expected answer.
+        threshold: a user function's number v gives reward 1 iff v >= threshold.
+        test_fraction, seed: the held-out split when there is no `test_split`.
+        n_train, n_test: keep only the first items of each split (quick runs).
+        dataset: an in-memory `datasets.Dataset` or `DatasetDict` instead of `path`
+            (see `from_dataset`).
+    """
+
+    name: ClassVar[str] = "dataset"
+    description: ClassVar[str] = "rows of a Hugging Face dataset or data file, with a scorer"
+
+    def __init__(
+        self,
+        path: str | None = None,
+        split: str = "train",
+        test_split: str | None = None,
+        name: str | None = None,
+        data_files: str | list[str] | dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        load_kwargs: dict[str, Any] | None = None,
+        prompt_column: str | None = None,
+        messages_column: str | None = None,
+        instruction: str | None = None,
+        reference_column: str | None = None,
+        answer_column: str | None = None,
+        id_column: str | None = None,
+        meta_columns: str | list[str] | None = None,
+        scorer: str | Callable[..., Any] = "exact_match",
+        scorer_args: dict[str, Any] | None = None,
+        reveal_answer: bool = True,
+        threshold: float = 1.0,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        n_train: int | None = None,
+        n_test: int | None = None,
+        dataset: Any = None,
+    ) -> None:
+        # Cheap argument checks first, so a typo does not wait for a download.
+        if dataset is not None and (path is not None or data_files is not None):
+            raise ValueError("env_args.path: give either a path or an in-memory dataset, not both")
+        if test_split is not None and test_split == split:
+            raise ValueError("env_args.test_split: must differ from env_args.split")
+        if test_split is None and not 0.0 < float(test_fraction) < 1.0:
+            raise ValueError(f"env_args.test_fraction: must be in (0, 1), got {test_fraction}")
+        if prompt_column is not None and messages_column is not None:
+            raise ValueError("env_args.prompt_column, env_args.messages_column: set one, not both")
+        self.scorer = resolve_scorer(scorer)
+        self.scorer_args = dict(scorer_args or {})
+        self._check_scorer_args()
+        self.instruction = instruction
+        self.reveal_answer = bool(reveal_answer)
+        self.threshold = float(threshold)
+        if isinstance(meta_columns, str):
+            meta_columns = [meta_columns]
+
+        splits = [split] if test_split is None else [split, test_split]
+        fields = ["env_args.split", "env_args.test_split"][: len(splits)]
+        if dataset is not None:
+            loaded = rows_from_dataset(dataset, splits, fields)
+            self.label = "dataset"
+        else:
+            loaded = load_splits(
+                path,
+                splits,
+                name=name,
+                data_files=data_files,
+                cache_dir=cache_dir,
+                load_kwargs=load_kwargs,
+                split_fields=fields,
+            )
+            self.label = _label(path, data_files)
+        for rows, arg in zip(loaded, fields, strict=True):
+            if not rows.records:
+                raise ValueError(f"{arg}: {rows.source} [{rows.split}] has no rows")
+
+        columns = loaded[0].columns
+        if prompt_column is None and messages_column is None:
+            if "prompt" in columns:
+                prompt_column = "prompt"
+            elif "messages" in columns:
+                messages_column = "messages"
+            else:
+                raise ValueError(
+                    "env_args.prompt_column: the data has no 'prompt' or 'messages' column; "
+                    f"name the prompt column (available columns: {', '.join(columns)})"
+                )
+        self.prompt_column = prompt_column or messages_column
+        self.from_messages = messages_column is not None
+        self.reference_column = reference_column
+        self.answer_column = answer_column
+        self.id_column = id_column
+        for rows in loaded:
+            self._check_columns(rows, meta_columns)
+        if meta_columns is None:
+            meta_columns = [c for c in columns if c != self.prompt_column]
+        elif answer_column is not None and answer_column not in meta_columns:
+            meta_columns = [*meta_columns, answer_column]
+        self.meta_columns = list(meta_columns)
+
+        self.conversational = self.from_messages
+        built = [[self._item(rows, i) for i in range(len(rows))] for rows in loaded]
+        if test_split is None:
+            self._train, self._test = split_items(built[0], float(test_fraction), int(seed))
+        else:
+            self._train, self._test = built
+        self._check_ids(self._train + self._test)
+        if n_train is not None:
+            self._train = self._train[: int(n_train)]
+        if n_test is not None:
+            self._test = self._test[: int(n_test)]
+        self._score = self._make_scorer()
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Any, scorer: str | Callable[..., Any] = "exact_match", **columns: Any
+    ) -> DatasetEnv:
+        """An environment over an in-memory `datasets.Dataset` or `DatasetDict`.
+
+        `columns` are the other constructor arguments (prompt_column, answer_column,
+        split, test_split, ...). A plain Dataset is the split "train".
+        """
+        if "path" in columns or "data_files" in columns:
+            raise ValueError("from_dataset: the dataset replaces path and data_files")
+        return cls(dataset=dataset, scorer=scorer, **columns)
+
+    # -- checks --------------------------------------------------------------------------
+
+    def _check_scorer_args(self) -> None:
+        if not isinstance(self.scorer, str):
+            if self.scorer_args:
+                raise ValueError("env_args.scorer_args: only the built-in scorers take arguments")
+            return
+        allowed = {"numeric": {"rel_tol", "abs_tol"}, "regex": {"pattern", "fullmatch"}}
+        takes = allowed.get(self.scorer, set())
+        for key in self.scorer_args:
+            if key not in takes:
+                options = ", ".join(sorted(takes)) or "none"
+                hint = " (use env_args.reveal_answer)" if key == "reveal_answer" else ""
+                raise ValueError(
+                    f"env_args.scorer_args.{key}: not an argument of the {self.scorer!r} "
+                    f"scorer (it takes: {options}){hint}"
+                )
+        if self.scorer == "regex" and "pattern" in self.scorer_args:
+            try:
+                re.compile(str(self.scorer_args["pattern"]))
+            except re.error as exc:
+                raise ValueError(f"env_args.scorer_args.pattern: invalid regex: {exc}") from exc
+
+    def _check_columns(self, rows: Rows, meta_columns: list[str] | None) -> None:
+        """Every named column must exist in every split loaded; say which exist."""
+        available = ", ".join(rows.columns)
+        prompt_field = "messages_column" if self.from_messages else "prompt_column"
+        named = [
+            (prompt_field, self.prompt_column),
+            ("reference_column", self.reference_column),
+            ("answer_column", self.answer_column),
+            ("id_column", self.id_column),
+            *(("meta_columns", c) for c in meta_columns or []),
+        ]
+        for arg, column in named:
+            if column is not None and column not in rows.columns:
+                raise ValueError(
+                    f"env_args.{arg}: no column {column!r} in {rows.source} [{rows.split}]; "
+                    f"available columns: {available}"
+                )
+        needs_answer = isinstance(self.scorer, str) and not (
+            self.scorer == "regex" and "pattern" in self.scorer_args
+        )
+        if needs_answer and self.answer_column is None:
+            raise ValueError(
+                f"env_args.answer_column: the {self.scorer!r} scorer compares responses with "
+                f"an answer column; name it (available columns: {available})"
+            )
+
+    def _check_ids(self, items: list[Item]) -> None:
+        seen: set[str] = set()
+        for item in items:
+            if item.id in seen:
+                raise ValueError(f"env_args.id_column: the id {item.id!r} occurs more than once")
+            seen.add(item.id)
+
+    # -- items ---------------------------------------------------------------------------
+
+    def _item(self, rows: Rows, i: int) -> Item:
+        rec, where = rows.records[i], rows.where(i)
+        messages, trailing = self._messages(rec.get(self.prompt_column), where)
+        if self.instruction:
+            last = max(j for j, m in enumerate(messages) if m["role"] == "user")
+            text = messages[last]["content"].rstrip()
+            messages[last] = {**messages[last], "content": f"{text}\n\n{self.instruction}"}
+        reference = trailing
+        if self.reference_column is not None:
+            value = rec.get(self.reference_column)
+            reference = None if value is None else str(value)
+        key: Any = i
+        if self.id_column is not None:
+            key = rec.get(self.id_column)
+            if key is None or str(key) == "":
+                raise ValueError(
+                    f"{where}: empty id in column {self.id_column!r} (env_args.id_column)"
+                )
+        return Item(
+            id=f"{self.label}/{rows.split}/{key}",
+            messages=messages,
+            meta={c: rec.get(c) for c in self.meta_columns},
+            reference=reference,
+            answer=self._literal_answer(rec, where),
+        )
+
+    def _messages(self, value: Any, where: str) -> tuple[list[dict[str, str]], str | None]:
+        """The prompt as a chat, and a final assistant turn taken off it (if any)."""
+        column = f"{self.prompt_column!r} (env_args." + (
+            "messages_column)" if self.from_messages else "prompt_column)"
+        )
+        if isinstance(value, str) and not self.from_messages:
+            if not value.strip():
+                raise ValueError(f"{where}: empty prompt in column {column}")
+            return [{"role": "user", "content": value}], None
+        if not isinstance(value, list) or not value:
+            kind = (
+                "a string or a list of messages" if not self.from_messages else "a list of messages"
+            )
+            raise ValueError(f"{where}: column {column} holds {type(value).__name__}, not {kind}")
+        messages = []
+        for m in value:
+            if not (
+                isinstance(m, Mapping)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+            ):
+                raise ValueError(
+                    f"{where}: column {column}: each message needs a string 'role' and 'content'"
+                )
+            messages.append({"role": m["role"], "content": m["content"]})
+        self.conversational = True
+        trailing = None
+        if messages[-1]["role"] == "assistant":
+            trailing = messages.pop()["content"]
+        if not any(m["role"] == "user" for m in messages):
+            raise ValueError(f"{where}: column {column} has no user message")
+        return messages, trailing
+
+    def _literal_answer(self, rec: dict[str, Any], where: str) -> str | None:
+        """Item.answer, after checking that the scorer can use the gold value at all."""
+        if self.answer_column is None:
+            return None
+        gold = rec.get(self.answer_column)
+        column = f"column {self.answer_column!r} (env_args.answer_column)"
+        builtin = self.scorer if isinstance(self.scorer, str) else None
+        if gold is None or (isinstance(gold, (list, tuple)) and not gold):
+            if builtin is None:
+                return None
+            raise ValueError(f"{where}: no answer in {column}")
+        if builtin == "numeric":
+            golds = gold if isinstance(gold, (list, tuple)) else [gold]
+            numbers = [parse_gold_number(g) for g in golds]
+            if any(x is None for x in numbers):
+                raise ValueError(
+                    f"{where}: the numeric scorer needs a number in {column}, got {gold!r}"
+                )
+            return format_number(numbers[0] or 0.0)
+        if builtin == "regex":
+            if "pattern" not in self.scorer_args:
+                try:
+                    re.compile(str(gold))
+                except re.error as exc:
+                    raise ValueError(f"{where}: invalid regex in {column}: {exc}") from exc
+            return None  # a pattern is not a literal answer the playbook could leak
+        first = gold[0] if isinstance(gold, (list, tuple)) else gold
+        return format_number(first) if isinstance(first, float) else str(first)
+
+    def _make_scorer(self) -> Callable[[Item, str], Score]:
+        if not isinstance(self.scorer, str):
+            return wrap_callable(
+                self.scorer,
+                columns=self.meta_columns,
+                conversational=self.conversational,
+                threshold=self.threshold,
+            )
+        fn = BUILTIN_SCORERS[self.scorer]
+        kwargs = {**self.scorer_args, "reveal_answer": self.reveal_answer}
+        pattern = kwargs.pop("pattern", None)
+        column = self.answer_column or ""
+
+        def score(item: Item, response: str) -> Score:
+            gold = pattern if pattern is not None else item.meta.get(column)
+            return fn(gold, response, **kwargs)
+
+        return score
+
+    # -- the protocol --------------------------------------------------------------------
+
+    def train_items(self) -> list[Item]:
+        return list(self._train)
+
+    def test_items(self) -> list[Item]:
+        return list(self._test)
+
+    def score(self, item: Item, response: str) -> Score:
+        return self._score(item, response)
+
+
+def _label(path: str | Path | None, data_files: Any) -> str:
+    """The prefix of item ids: a file's stem, a folder's name, a Hub id's last part."""
+    if path is None or (data_files is not None and str(path) in set(DATA_SUFFIXES.values())):
+        return Path(first_file(data_files)).stem or "dataset"
+    local = Path(str(path)).expanduser()
+    if local.is_file():
+        return local.stem
+    return local.name or str(path).rstrip("/").rsplit("/", 1)[-1] or "dataset"

@@ -1,0 +1,397 @@
+"""Answer checkers shared by the file- and dataset-backed environments.
+
+Three built-in scorers compare a model response with a gold value taken from the data:
+
+* ``exact_match``: the response's final answer equals the gold answer (or one of a list
+  of accepted answers) after SQuAD-style normalisation;
+* ``numeric``: the last number of the response equals the gold number within a relative
+  tolerance;
+* ``regex``: the response matches a regular expression.
+
+Each returns a `Score` whose feedback states what was expected and what was found, since
+that sentence is all the teacher and the reflector learn from. User-written scorers are
+wrapped by `wrap_callable`, which accepts both TRL-style batched reward functions and
+per-item functions (see its docstring for the rule that tells them apart).
+
+The answer-normalisation helpers live here rather than in ``qa.py`` so that the QA
+environment and the dataset environment share them without importing each other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import string
+import unicodedata
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from resd.envs.base import Item, Score
+
+__all__ = [
+    "BUILTIN_SCORERS",
+    "exact_match",
+    "extract_answer",
+    "find_numbers",
+    "normalize_answer",
+    "numeric",
+    "parse_gold_number",
+    "regex",
+    "resolve_scorer",
+    "to_score",
+    "wrap_callable",
+]
+
+ScoreFn = Callable[[Item, str], Score]
+
+# -- answer extraction and normalisation -----------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ANSWER_LINE = re.compile(
+    r"^[\s*_#>-]*(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*(?:\*\*|__)?\s*[:：]"
+    r"\s*(?:\*\*|__)?\s*(.*)$",
+    re.I,
+)
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+# A number as people write it: optional sign, thousands separators, decimals, exponent.
+# The look-behind keeps "3-5" from yielding -5 and "x2" or "v1.2" from yielding numbers.
+_NUMBER = re.compile(
+    r"(?<![\w.])[-−]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
+)
+
+
+def normalize_answer(text: Any) -> str:
+    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    text = "".join(
+        " " if (ch in string.punctuation or unicodedata.category(ch).startswith("P")) else ch
+        for ch in text
+    )
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _strip_thinking(response: str) -> str:
+    text = re.sub(r"<think>.*?</think>", "", response, flags=re.S)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text
+
+
+def extract_answer(response: str) -> tuple[str, bool]:
+    """The answer part of a response, and whether it came from an explicit answer line.
+
+    Looks (after removing <think>...</think>) for the last line starting with
+    "Answer:" (also "Final answer:", markdown bold allowed), then for the last
+    \\boxed{...}, and otherwise takes the last non-empty line.
+    """
+    text = _strip_thinking(response)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        m = _ANSWER_LINE.match(line)
+        if m:
+            return _clean(m.group(1)), True
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return _clean(boxed[-1]), True
+    return (_clean(lines[-1]) if lines else ""), False
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip()
+    for wrapper in ("**", "__"):  # the closing half of "**Answer: x**"
+        if answer.endswith(wrapper) and answer.count(wrapper) % 2 == 1:
+            answer = answer[: -len(wrapper)].strip()
+    for wrapper in ("**", "__", "`", "*"):
+        if (
+            answer.startswith(wrapper)
+            and answer.endswith(wrapper)
+            and len(answer) > 2 * len(wrapper)
+        ):
+            answer = answer[len(wrapper) : -len(wrapper)].strip()
+    return answer.strip()
+
+
+def find_numbers(text: str) -> list[tuple[str, float]]:
+    """Every number in `text`, as written and as a float, in order of appearance."""
+    found = []
+    for m in _NUMBER.finditer(text):
+        token = m.group(0)
+        try:
+            found.append((token, float(token.replace(",", "").replace("−", "-"))))
+        except ValueError:  # pragma: no cover - the pattern only matches parsable numbers
+            continue
+    return found
+
+
+def parse_gold_number(gold: Any) -> float | None:
+    """The gold value of a numeric answer: the number itself, or the last number in a text.
+
+    Taking the last number lets a GSM8K-style answer column ("... #### 72") be used as is.
+    Returns None when there is no number (the environment reports that at load time).
+    """
+    if isinstance(gold, bool):
+        return None
+    if isinstance(gold, (int, float)):
+        return float(gold) if math.isfinite(gold) else None
+    numbers = find_numbers(str(gold))
+    return numbers[-1][1] if numbers else None
+
+
+def format_number(value: float) -> str:
+    """A float the way a person would write it: 42, not 42.0; 0.125, not 1.25e-01."""
+    if value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
+
+
+def _quote(text: str, limit: int = 120) -> str:
+    """A piece of model output, shortened, for a feedback sentence."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- the built-in scorers --------------------------------------------------------------------
+
+
+def exact_match(gold: Any, response: str, *, reveal_answer: bool = True) -> Score:
+    """Normalised exact match of the response's final answer against `gold`.
+
+    `gold` is one answer or a list of accepted answers (the first is the one the feedback
+    names). The final answer is the last "Answer:" line, else the last \\boxed{}, else the
+    last non-empty line; when no explicit answer is found the feedback says so, because a
+    model that rambles on after its answer needs to hear that, not just "wrong".
+    """
+    accepted = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
+    answer, explicit = extract_answer(response)
+    if normalize_answer(answer) in {normalize_answer(a) for a in accepted}:
+        return Score(1.0, 1.0, "")
+    note = "" if explicit else "No 'Answer:' line found; the last line was used. "
+    if not answer:
+        expected = f' The correct answer is "{accepted[0]}".' if reveal_answer else ""
+        return Score(0.0, 0.0, "The response contains no answer." + expected)
+    if not reveal_answer:
+        return Score(0.0, 0.0, note + f'Incorrect: "{_quote(answer)}" is not the expected answer.')
+    also = ""
+    if len(accepted) > 1:
+        also = " (also accepted: " + ", ".join(f'"{a}"' for a in accepted[1:4]) + ")"
+    feedback = f'Incorrect. You answered "{_quote(answer)}"; the correct answer is "{accepted[0]}"'
+    return Score(0.0, 0.0, note + feedback + also + ".")
+
+
+def numeric(
+    gold: Any,
+    response: str,
+    *,
+    rel_tol: float = 1e-6,
+    abs_tol: float = 1e-9,
+    reveal_answer: bool = True,
+) -> Score:
+    """The last number of the response against the gold number, within a relative tolerance.
+
+    The number is taken from the explicit answer ("Answer:" line or \\boxed{}) when there
+    is one, else from the whole response (thinking removed), so "Answer: 3 + 4 = 7" means
+    7 and a trailing remark with a number in it would win: the feedback then names the
+    number that was read. Thousands separators are allowed ("1,234").
+    `abs_tol` only matters when the gold value is 0, where no relative tolerance can help.
+    A list `gold` accepts any of its numbers.
+    """
+    golds = [parse_gold_number(g) for g in (gold if isinstance(gold, (list, tuple)) else [gold])]
+    values = [g for g in golds if g is not None]
+    if not values:  # the environment checks the data at load time; never raise on scoring
+        return Score(0.0, 0.0, f"The checker has no valid gold number (got {gold!r}).")
+    answer, explicit = extract_answer(response)
+    where = "your answer line" if explicit else "the response"
+    numbers = find_numbers(answer) if explicit else []
+    if not numbers:
+        where = "the response"
+        numbers = find_numbers(_strip_thinking(response))
+    expected = format_number(values[0])
+    tol = f" (relative tolerance {rel_tol:g})" if rel_tol > 0 else ""
+    if not numbers:
+        said = f"; the expected value is {expected}." if reveal_answer else "."
+        return Score(0.0, 0.0, "The response contains no number" + said)
+    token, value = numbers[-1]
+    if any(math.isclose(value, g, rel_tol=rel_tol, abs_tol=abs_tol) for g in values):
+        return Score(1.0, 1.0, "")
+    if reveal_answer:
+        feedback = f"Incorrect: the last number in {where} is {token}; expected {expected}{tol}."
+    else:
+        feedback = (
+            f"Incorrect: the last number in {where} is {token}, which is not the expected value."
+        )
+    return Score(0.0, 0.0, feedback)
+
+
+def regex(
+    pattern: Any, response: str, *, fullmatch: bool = False, reveal_answer: bool = True
+) -> Score:
+    """Whether the response matches a regular expression (`re.search`, or `re.fullmatch`).
+
+    The whole response is searched, thinking included, so format rewards of the kind TRL
+    examples use (`^<think>.*?</think>...`) work; write inline flags such as `(?s)` or
+    `(?i)` into the pattern. The feedback shows the end of the response, where a format
+    usually goes wrong.
+    """
+    compiled = re.compile(str(pattern))
+    text = response.strip() if fullmatch else response
+    hit = compiled.fullmatch(text) if fullmatch else compiled.search(text)
+    if hit:
+        return Score(1.0, 1.0, "")
+    how = "as a whole " if fullmatch else ""
+    wanted = f"the pattern {compiled.pattern!r}" if reveal_answer else "the required form"
+    if not response.strip():
+        return Score(0.0, 0.0, f"The response is empty; it must match {how}{wanted}.")
+    tail = _quote(response.strip()[-120:])
+    return Score(0.0, 0.0, f'The response does not match {how}{wanted}; it ends with "{tail}".')
+
+
+BUILTIN_SCORERS: dict[str, Callable[..., Score]] = {
+    "exact_match": exact_match,
+    "numeric": numeric,
+    "regex": regex,
+}
+
+
+def resolve_scorer(spec: str | Callable[..., Any], field: str = "env_args.scorer") -> Any:
+    """A built-in scorer's name stays a name; "package.module:function" becomes the function.
+
+    Returning the name (not the function) for built-ins lets the environment bind the
+    gold value from its answer column, which a built-in needs and a user function does not.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"{field}: expected a scorer name or a callable, got {spec!r}")
+    if spec in BUILTIN_SCORERS:
+        return spec
+    if ":" not in spec:
+        known = ", ".join(sorted(BUILTIN_SCORERS))
+        raise ValueError(
+            f"{field}: unknown scorer {spec!r}; use one of {known} or 'module:function'"
+        )
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{field}: cannot import module {module_name!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{field}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+# -- user functions ----------------------------------------------------------------------
+
+
+def to_score(value: Any, threshold: float = 1.0) -> Score:
+    """A user function's result as a Score.
+
+    A Score passes through. A number v becomes Score(reward=1 if v >= threshold else 0,
+    score=v clipped to [0, 1], feedback="The reward function gave v."): the only fact
+    there is to report. None (TRL's "not applicable") counts as a failure that says so.
+    """
+    if isinstance(value, Score):
+        return value
+    if value is None:
+        return Score(0.0, 0.0, "The reward function gave no reward (None) for this response.")
+    if isinstance(value, (bool, int, float)) or hasattr(value, "__float__"):
+        v = float(value)
+        if math.isnan(v):
+            return Score(0.0, 0.0, "The reward function gave no reward (NaN) for this response.")
+        shown = format_number(v) if math.isfinite(v) else str(v)
+        return Score(float(v >= threshold), v, f"The reward function gave {shown}.")
+    raise TypeError(f"a scorer must return a Score or a number, got {type(value).__name__}")
+
+
+_NOT_SUPPLIED = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+
+
+def wrap_callable(
+    fn: Callable[..., Any],
+    *,
+    columns: list[str],
+    conversational: bool,
+    threshold: float = 1.0,
+    field: str = "env_args.scorer",
+) -> ScoreFn:
+    """Turn a user scorer into `(item, response) -> Score`, checking its signature now.
+
+    Rule: if `fn` has a parameter named ``completions`` it is a TRL-style reward function
+    and is called as ``fn(prompts=[p], completions=[c], **{column: [value]})`` with lists
+    of one element, the columns being those kept in `Item.meta` (passed all at once if it
+    takes ``**kwargs``, else only those it names), prompts and completions in TRL's
+    conversational form (message lists) when the data is conversational, else as
+    strings; it must return a list of one number (or None). Any other callable is called
+    as ``fn(item, response)`` and returns a Score or a number. Numbers go through
+    `to_score` with `threshold`. A parameter that cannot be supplied (a missing column, or
+    TRL's ``completion_ids``, which a text-level scorer does not have) is an error here,
+    not at the first rollout.
+    """
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = None
+    if params is not None and "completions" in params:
+        return _wrap_batched(fn, name, params, columns, conversational, threshold, field)
+    if params is not None:
+        try:
+            inspect.signature(fn).bind(None, "")
+        except TypeError as exc:
+            raise ValueError(
+                f"{field}: {name} must take (item, response), or be a TRL reward function "
+                f"with a 'completions' parameter: {exc}"
+            ) from exc
+
+    def per_item(item: Item, response: str) -> Score:
+        return to_score(fn(item, response), threshold)
+
+    return per_item
+
+
+def _wrap_batched(
+    fn: Callable[..., Any],
+    name: str,
+    params: Mapping[str, inspect.Parameter],
+    columns: list[str],
+    conversational: bool,
+    threshold: float,
+    field: str,
+) -> ScoreFn:
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for pname, p in params.items():
+        if p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
+        if p.default is not inspect.Parameter.empty or pname in ("prompts", "completions"):
+            continue
+        if pname in _NOT_SUPPLIED:
+            raise ValueError(f"{field}: {name} needs {pname!r}, which RESD does not supply")
+        if pname not in columns:
+            raise ValueError(
+                f"{field}: {name} needs the column {pname!r}, which the items do not carry; "
+                f"columns available to it: {', '.join(columns) or '(none)'} "
+                "(see env_args.meta_columns)"
+            )
+    passed = [c for c in columns if takes_all or c in params]
+    pass_prompts = takes_all or "prompts" in params
+
+    def batched(item: Item, response: str) -> Score:
+        if conversational:
+            prompt: Any = item.messages
+            completion: Any = [{"role": "assistant", "content": response}]
+        else:
+            prompt, completion = item.prompt_text, response
+        kwargs = {c: [item.meta.get(c)] for c in passed}
+        if pass_prompts:
+            kwargs["prompts"] = [prompt]
+        out = fn(completions=[completion], **kwargs)
+        if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != 1:
+            raise TypeError(
+                f"{name} must return a list with one reward per completion, got {out!r}"
+            )
+        return to_score(out[0], threshold)
+
+    return batched

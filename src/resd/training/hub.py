@@ -1,0 +1,77 @@
+"""Output that goes straight to the Hub: a model card, and the push itself.
+
+The card says what produced the model (algorithm, environment, steps, final evaluation,
+the resd version) in the Hub's README format. The push uploads only what a user of the
+model needs (weights or adapter, configs, tokenizer, card), not the run's logs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import resd
+from resd.config import TrainConfig
+
+# What a model repository needs; a run directory also holds logs, checkpoints, playbooks.
+HUB_PATTERNS = (
+    "config.json", "generation_config.json", "*.safetensors", "adapter_config.json",
+    "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+    "README.md",
+)  # fmt: skip
+
+
+def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
+    after = summary.get("eval_after") or {}
+    before = summary.get("eval_before") or {}
+    rows = "\n".join(
+        f"| {key} | {before.get(key, float('nan')):.3f} | {after[key]:.3f} |"
+        for key in ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
+        if key in after
+    )
+    evaluation = (
+        f"Evaluated on {int(after.get('items', 0))} test items of `{cfg.env}`, "
+        f"{int(after.get('k', cfg.eval_samples))} samples each at temperature {cfg.eval_temperature}:\n\n"
+        f"| metric | before | after |\n|---|---|---|\n{rows}\n"
+        if rows
+        else "No evaluation was recorded.\n"
+    )
+    front = {
+        "library_name": "peft" if cfg.lora else "transformers",
+        "base_model": cfg.model,
+        "tags": ["resd", "self-distillation", cfg.algorithm],
+    }
+    header = "---\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in front.items()) + "\n---\n"
+    return (
+        f"{header}\n# {cfg.model} trained with resd ({cfg.algorithm})\n\n"
+        f"Trained with [resd](https://pypi.org/project/resd/) {resd.__version__}: algorithm "
+        f"`{cfg.algorithm}` on the environment `{cfg.env}` for {summary.get('steps', '?')} optimizer "
+        f"steps (batches of {cfg.batch_size} prompts, {cfg.rollouts_per_prompt} rollout(s) each, "
+        f"lr {cfg.lr:g}{', LoRA' if cfg.lora else ''}).\n\n## Evaluation\n\n{evaluation}\n"
+        "The run's configuration is `config.yaml` in the run folder that produced this model.\n"
+    )
+
+
+def write_model_card(folder: Path, cfg: TrainConfig, summary: dict[str, Any]) -> Path:
+    path = folder / "README.md"
+    path.write_text(model_card(cfg, summary))
+    return path
+
+
+def hub_files(folder: Path) -> list[str]:
+    """The files of `folder` a push uploads (relative names, sorted)."""
+    names = {p.name for pattern in HUB_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    return sorted(names)
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Create (if needed) and upload to `repo_id`; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), allow_patterns=hub_files(folder)
+    )
+    return str(getattr(info, "commit_url", info))

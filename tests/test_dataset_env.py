@@ -1,0 +1,597 @@
+"""DatasetEnv: local files and in-memory datasets, column mapping, splits, scorers, training.
+
+Everything is offline: data files are written to tmp_path, the `datasets` cache goes
+there too, and the one Hub-id test replaces `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from resd.envs import make_env, resolve_env_class
+from resd.envs.base import Item, Score
+from resd.envs.dataset import DatasetEnv
+from resd.envs.loading import load_rows
+from resd.envs.qa import QAEnv
+from resd.envs.scorers import exact_match, numeric, regex, to_score
+
+ROWS = [
+    {"qid": f"q{i}", "question": q, "answer": a, "difficulty": d}
+    for i, (q, a, d) in enumerate(
+        [
+            ("What is the capital of France?", "Paris", 1),
+            ("What is the capital of Italy?", "Rome", 1),
+            ("How many legs has a spider?", "8", 2),
+            ("What is 6 times 7?", "42", 2),
+            ("Which planet is the largest?", "Jupiter", 3),
+            ("What is the opposite of hot?", "cold", 1),
+            ("What is the plural of mouse?", "mice", 2),
+            ("What colour is the sky on a clear day?", "blue", 1),
+            ("What is 10 squared?", "100", 2),
+            ("Which ocean is the largest?", "the Pacific", 3),
+        ]
+    )
+]
+COLUMNS = {"prompt_column": "question", "answer_column": "answer"}
+
+
+def write(tmp_path: Path, fmt: str, rows: list[dict] = ROWS, stem: str = "data") -> str:
+    path = tmp_path / f"{stem}.{fmt}"
+    ds = datasets.Dataset.from_list(rows)
+    if fmt == "parquet":
+        ds.to_parquet(str(path))
+    elif fmt == "csv":
+        ds.to_csv(str(path), index=False)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def env_from(tmp_path: Path, fmt: str, **kwargs) -> DatasetEnv:
+    args = {**COLUMNS, "cache_dir": str(tmp_path / "cache"), **kwargs}
+    return DatasetEnv(path=write(tmp_path, fmt), **args)
+
+
+def all_items(env: DatasetEnv) -> list[Item]:
+    return env.train_items() + env.test_items()
+
+
+def by_qid(env: DatasetEnv) -> dict[str, Item]:
+    return {it.id.rsplit("/", 1)[1]: it for it in all_items(env)}
+
+
+def memory_env(rows: list[dict] = ROWS, **kwargs) -> DatasetEnv:
+    return DatasetEnv.from_dataset(datasets.Dataset.from_list(rows), **{**COLUMNS, **kwargs})
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_local_files_give_the_same_items_as_an_in_memory_dataset(tmp_path, fmt):
+    # Catches a format whose rows come out different from the same rows held in memory: a
+    # lost or renamed column, a changed value (CSV must give difficulty back as 1, not "1").
+    env = env_from(tmp_path, fmt, id_column="qid")
+    ref = memory_env(id_column="qid")
+    assert env.name == "dataset" and len(all_items(env)) == len(ROWS)
+    got, want = by_qid(env), by_qid(ref)
+    assert set(got) == {r["qid"] for r in ROWS}
+    for qid, item in got.items():
+        assert item.messages == want[qid].messages
+        assert item.answer == want[qid].answer
+        assert item.meta["difficulty"] == want[qid].meta["difficulty"]
+    spider = got["q2"]
+    assert spider.messages == [{"role": "user", "content": "How many legs has a spider?"}]
+    assert spider.answer == "8" and spider.reference is None
+    assert set(spider.meta) == {"qid", "answer", "difficulty"}  # all but the prompt column
+
+
+def test_ids_default_to_the_row_index_and_name_the_source_and_split(tmp_path):
+    env = env_from(tmp_path, "parquet")
+    ids = sorted(it.id for it in all_items(env))
+    assert ids == sorted(f"data/train/{i}" for i in range(len(ROWS)))
+
+
+def test_a_jsonl_column_may_mix_types_and_bad_lines_are_named(tmp_path):
+    # JSON lines are read directly: Arrow would refuse a column holding str, int and list.
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"q": "a", "x": "s"}\n\n{"q": "b", "x": 3}\n{"q": "c", "x": [1, 2]}\n')
+    rows = load_rows(str(path))
+    assert [r["x"] for r in rows.records] == ["s", 3, [1, 2]]
+    assert rows.lines == [1, 3, 4] and rows.where(1) == f"{path}:3"
+    path.write_text('{"q": "a"}\n{"q": oops}\n')
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:2: not valid JSON"):
+        load_rows(str(path))
+
+
+def test_missing_keys_become_none_as_in_datasets(tmp_path):
+    path = tmp_path / "sparse.jsonl"
+    path.write_text(
+        '{"question": "q1?", "answer": "a"}\n{"question": "q2?", "answer": "b", "note": 1}\n'
+    )
+    rows = load_rows(str(path))
+    assert rows.columns == ["question", "answer", "note"]
+    assert rows.records[0] == {"question": "q1?", "answer": "a", "note": None}
+
+
+def test_in_memory_dataset_dict_uses_its_splits():
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(ROWS[:7]),
+            "test": datasets.Dataset.from_list(ROWS[7:]),
+        }
+    )
+    env = DatasetEnv.from_dataset(dd, test_split="test", id_column="qid", **COLUMNS)
+    assert [it.id for it in env.train_items()] == [f"dataset/train/q{i}" for i in range(7)]
+    assert [it.id for it in env.test_items()] == [f"dataset/test/q{i}" for i in range(7, 10)]
+    with pytest.raises(ValueError, match=r"env_args\.test_split: .*no split 'valid'.*train, test"):
+        DatasetEnv.from_dataset(dd, test_split="valid", **COLUMNS)
+    with pytest.raises(ValueError, match=r"Dataset\.from_list"):
+        DatasetEnv.from_dataset(ROWS, **COLUMNS)  # a plain list is not a Dataset
+
+
+@pytest.mark.parametrize(("train", "test", "n_train"), [
+    ("train[:70%]", "train[70%:]", 7),
+    ("train[:33%]", "train[33%:]", 3),  # 3.3 rows: both readers must round the same way
+    ("train[:-3]", "train[-3:]", 7),
+])  # fmt: skip
+def test_split_slices_match_datasets_own_slicing(tmp_path, train, test, n_train):
+    # The JSON-lines file is sliced by our code, the parquet file by `datasets`: the same
+    # rows must land in each split, or the two readers disagree about what a slice means.
+    kwargs = {"split": train, "test_split": test, "id_column": "qid"}
+    direct = env_from(tmp_path, "jsonl", **kwargs)
+    via_datasets = env_from(tmp_path, "parquet", **kwargs)
+
+    def qids(items: list[Item]) -> list[str]:
+        return [it.id.rsplit("/", 1)[1] for it in items]
+
+    want_train = [f"q{i}" for i in range(n_train)]
+    want_test = [f"q{i}" for i in range(n_train, len(ROWS))]
+    assert qids(direct.train_items()) == qids(via_datasets.train_items()) == want_train
+    assert qids(direct.test_items()) == qids(via_datasets.test_items()) == want_test
+
+
+def test_data_files_dict_with_named_splits(tmp_path):
+    train = write(tmp_path, "parquet", ROWS[:6], stem="train")
+    test = write(tmp_path, "parquet", ROWS[6:], stem="test")
+    env = DatasetEnv(
+        data_files={"train": train, "test": test},
+        test_split="test",
+        cache_dir=str(tmp_path / "cache"),
+        **COLUMNS,
+    )
+    assert len(env.train_items()) == 6 and len(env.test_items()) == 4
+    assert {it.answer for it in env.test_items()} == {r["answer"] for r in ROWS[6:]}
+
+
+def test_deterministic_split():
+    def ids(env: DatasetEnv) -> tuple[list[str], list[str]]:
+        return [it.id for it in env.train_items()], [it.id for it in env.test_items()]
+
+    a, b = memory_env(seed=3, test_fraction=0.3), memory_env(seed=3, test_fraction=0.3)
+    assert ids(a) == ids(b)
+    train, test = ids(a)
+    assert len(test) == 3 and not set(train) & set(test) and len(train) + len(test) == len(ROWS)
+    assert ids(memory_env(seed=4, test_fraction=0.3)) != ids(a)  # the seed is used at all
+    capped = memory_env(seed=3, test_fraction=0.3, n_train=2, n_test=1)
+    assert ids(capped) == (train[:2], test[:1])
+
+
+def test_each_split_is_loaded_once_in_one_call(tmp_path, monkeypatch):
+    # "Nothing is loaded twice": one load_dataset call serves the train and the test split.
+    calls = []
+    real = datasets.load_dataset
+
+    def counting(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", counting)
+    env_from(tmp_path, "parquet", split="train[:5]", test_split="train[5:]")
+    assert len(calls) == 1 and calls[0][1]["split"] == ["train[:5]", "train[5:]"]
+    assert calls[0][0] == ("parquet",) and calls[0][1]["data_files"].endswith("data.parquet")
+
+
+def test_hub_id_and_options_are_passed_through(monkeypatch):
+    seen = {}
+
+    def fake_load_dataset(path, **kwargs):
+        seen.update(path=path, **kwargs)
+        return [datasets.Dataset.from_list(ROWS[:4]), datasets.Dataset.from_list(ROWS[4:])]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    env = make_env(
+        "dataset",
+        {"path": "someorg/trivia", "name": "main", "split": "train", "test_split": "test",
+         "load_kwargs": {"revision": "v1"}, **COLUMNS},
+    )  # fmt: skip
+    assert seen == {"path": "someorg/trivia", "name": "main", "split": ["train", "test"],
+                    "revision": "v1"}  # fmt: skip
+    assert isinstance(env, DatasetEnv)
+    assert env.test_items()[0].id == "trivia/test/0"
+
+
+def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(ValueError, match=r"env_args\.path: no such file"):
+        DatasetEnv(path=str(tmp_path / "nope.parquet"), **COLUMNS)
+    with pytest.raises(ValueError, match=r"env_args\.path: cannot read \.txt files"):
+        (tmp_path / "data.txt").write_text("x")
+        DatasetEnv(path=str(tmp_path / "data.txt"), **COLUMNS)
+
+
+def test_qa_reads_other_formats_through_the_shared_loader(tmp_path):
+    # Would fail if QAEnv still parsed JSON lines itself: a parquet file is not JSON.
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in ROWS]
+    env = QAEnv(path=write(tmp_path, "parquet", rows))
+    items = env.train_items() + env.test_items()
+    assert sorted(it.id for it in items) == sorted(f"qa/data/{i}" for i in range(1, 11))
+    paris = next(it for it in items if it.answer == "Paris")
+    assert env.score(paris, "Answer: paris").reward == 1.0
+
+
+def test_qa_row_with_null_answer_names_the_row(tmp_path):
+    path = tmp_path / "holes.csv"
+    path.write_text("question,answer\nq1?,a\nq2?,\n")
+    with pytest.raises(ValueError, match=r'row 1: need an object with "question" and "answer"'):
+        QAEnv(path=str(path))
+
+
+# -- prompts, references, chats --------------------------------------------------------------
+
+
+def test_chat_column_final_assistant_turn_becomes_the_reference():
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Capital of Peru?"},
+                {"role": "assistant", "content": "Lima"},
+            ],
+            "answer": "Lima",
+        }
+    ] * 2
+    env = DatasetEnv.from_dataset(
+        datasets.Dataset.from_list(rows), answer_column="answer", instruction="Answer: <city>"
+    )
+    item = all_items(env)[0]
+    assert item.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?\n\nAnswer: <city>"},
+    ]
+    assert item.reference == "Lima" and env.score(item, item.reference).reward == 1.0
+    assert env.conversational
+
+
+def test_reference_column_references_score_full_marks():
+    # What `resd env-check` checks: with the answer as reference, every reference passes.
+    env = memory_env(reference_column="answer")
+    for item in all_items(env):
+        s = env.score(item, item.reference)
+        assert (s.reward, s.score, s.feedback) == (1.0, 1.0, ""), item.id
+
+
+# -- column-mapping errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt_column": "query"}, "prompt_column"),
+        ({"answer_column": "solution"}, "answer_column"),
+        ({"reference_column": "gold"}, "reference_column"),
+        ({"id_column": "uid"}, "id_column"),
+        ({"meta_columns": ["difficulty", "topic"]}, "meta_columns"),
+        ({"prompt_column": None, "messages_column": "chat"}, "messages_column"),
+    ],
+)
+def test_bad_column_names_name_the_field_and_the_columns(kwargs, field):
+    with pytest.raises(ValueError, match=rf"env_args\.{field}: no column") as err:
+        memory_env(**kwargs)
+    assert "available columns: qid, question, answer, difficulty" in str(err.value)
+
+
+def test_other_mapping_errors():
+    with pytest.raises(ValueError, match=r"env_args\.prompt_column: .*no 'prompt' or 'messages'"):
+        memory_env(prompt_column=None)
+    with pytest.raises(ValueError, match=r"env_args\.answer_column: the 'numeric' scorer"):
+        memory_env(answer_column=None, scorer="numeric")
+    with pytest.raises(ValueError, match=r"env_args\.id_column: the id .* more than once"):
+        memory_env(id_column="difficulty")
+    with pytest.raises(ValueError, match=r"row 0: the numeric scorer needs a number"):
+        memory_env(scorer="numeric")  # "Paris" has no number in it
+    with pytest.raises(ValueError, match=r"env_args\.scorer: unknown scorer 'fuzzy'"):
+        memory_env(scorer="fuzzy")
+    with pytest.raises(ValueError, match=r"env_args\.scorer_args\.tolerance: not an argument"):
+        memory_env(scorer="numeric", scorer_args={"tolerance": 0.1})
+    with pytest.raises(ValueError, match=r"invalid regex in column 'answer'"):
+        memory_env(rows=[{**ROWS[0], "answer": "(unclosed"}] * 2, scorer="regex")
+
+
+def test_prompt_default_is_trls_prompt_column():
+    rows = [{"prompt": r["question"], "answer": r["answer"]} for r in ROWS]
+    env = DatasetEnv.from_dataset(datasets.Dataset.from_list(rows), answer_column="answer")
+    assert all_items(env)[0].prompt_text in {r["question"] for r in ROWS}
+
+
+def test_unknown_split_of_a_file_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"env_args\.test_split: .*no split 'test'"):
+        env_from(tmp_path, "jsonl", test_split="test")
+    with pytest.raises(ValueError, match=r"env_args\.test_split: .*Unknown split"):
+        env_from(tmp_path, "parquet", test_split="test")  # the error comes from `datasets`
+
+
+# -- built-in scorers ------------------------------------------------------------------------
+
+
+def test_exact_match_normalises_and_says_what_it_expected():
+    assert exact_match("the Pacific", "Answer: pacific.").reward == 1.0
+    assert exact_match(["Rome", "Roma"], "I think\nroma").reward == 1.0  # accepted alternatives
+    wrong = exact_match("Paris", "Answer: Lyon")
+    assert (wrong.reward, wrong.score) == (0.0, 0.0)
+    assert wrong.feedback == 'Incorrect. You answered "Lyon"; the correct answer is "Paris".'
+    last_line = exact_match(["Rome", "Roma"], "It is\nMilan")
+    assert last_line.feedback == (
+        "No 'Answer:' line found; the last line was used. "
+        'Incorrect. You answered "Milan"; the correct answer is "Rome" (also accepted: "Roma").'
+    )
+    hidden = exact_match("Paris", "Answer: Lyon", reveal_answer=False)
+    assert hidden.feedback == 'Incorrect: "Lyon" is not the expected answer.'
+    assert (
+        exact_match("Paris", "").feedback
+        == 'The response contains no answer. The correct answer is "Paris".'
+    )
+
+
+def test_numeric_reads_the_last_number_within_a_tolerance():
+    assert numeric("42", "6 * 7 = 42").reward == 1.0
+    assert numeric(1234, "Answer: $1,234.00").reward == 1.0
+    assert numeric("Natalia sold 48/2 = 24 clips.\n#### 72", "so 72 in all").reward == 1.0
+    assert numeric(42, "Answer: 3 + 4 = 7\nI double-checked 42").reward == 0.0  # answer line wins
+    wrong = numeric(42, "Answer: 41")
+    assert wrong.feedback == (
+        "Incorrect: the last number in your answer line is 41; expected 42 "
+        "(relative tolerance 1e-06)."
+    )
+    assert numeric(42, "It is about 40 or 41").feedback.startswith(
+        "Incorrect: the last number in the response is 41;"
+    )
+    assert numeric(42, "no idea").feedback == (
+        "The response contains no number; the expected value is 42."
+    )
+    assert numeric(42, "Answer: 42.3").reward == 0.0
+    assert numeric(42, "Answer: 42.3", rel_tol=0.01).reward == 1.0
+    assert numeric(0, "Answer: -0.0").reward == 1.0
+    assert numeric(5, "the range 3-5 and -5").reward == 0.0  # "-5" is minus five
+    assert numeric(5, "pages 3-5").reward == 1.0  # a dash between numbers is not a sign
+    assert "42" not in numeric(42, "Answer: 41", reveal_answer=False).feedback
+
+
+def test_regex_from_the_answer_column_or_a_pattern():
+    assert regex(r"^\d{3}-\d{4}$", "555-1234", fullmatch=True).reward == 1.0
+    miss = regex(r"(?i)\bparis\b", "I would say\nLyon")
+    assert miss.feedback == (
+        "The response does not match the pattern '(?i)\\\\bparis\\\\b'; it ends with "
+        '"I would say Lyon".'
+    )
+    assert regex("x", "  ").feedback == "The response is empty; it must match the pattern 'x'."
+    rows = [{"prompt": "Name a French city", "answer": r"(?i)\b(paris|lyon)\b"}] * 3
+    env = DatasetEnv.from_dataset(datasets.Dataset.from_list(rows), scorer="regex",
+                                  answer_column="answer")  # fmt: skip
+    item = all_items(env)[0]
+    assert item.answer is None  # a pattern is not a literal answer for the leak guard
+    assert env.score(item, "Lyon, of course").reward == 1.0
+    assert env.score(item, "Berlin").reward == 0.0
+    fmt = memory_env(answer_column=None, scorer="regex",
+                     scorer_args={"pattern": r"(?s)^<think>.*</think>\s*\S"})  # fmt: skip
+    it = all_items(fmt)[0]
+    assert fmt.score(it, "<think>hm</think> Paris").reward == 1.0
+    assert "does not match the pattern" in fmt.score(it, "Paris").feedback
+
+
+def test_builtin_scorers_through_the_env_use_answer_column_args_and_reveal_flag():
+    numbers = [r for r in ROWS if r["answer"].isdigit()]
+    env = memory_env(rows=numbers, scorer="numeric", id_column="qid")
+    item = by_qid(env)["q3"]
+    assert item.answer == "42" and env.score(item, "Answer: 42").reward == 1.0
+    assert env.score(item, "Answer: 24").feedback.endswith(
+        "expected 42 (relative tolerance 1e-06)."
+    )
+    tolerant = memory_env(
+        rows=numbers, scorer="numeric", scorer_args={"rel_tol": 0.05}, id_column="qid"
+    )
+    assert tolerant.score(by_qid(tolerant)["q3"], "about 41").reward == 1.0
+    hidden = memory_env(reveal_answer=False)
+    paris = next(it for it in all_items(hidden) if it.answer == "Paris")
+    assert "Paris" not in hidden.score(paris, "Answer: Lyon").feedback
+
+
+# -- user scorers ----------------------------------------------------------------------------
+
+CALLS: list[dict] = []
+
+
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """A TRL-style reward: 1.0 for a completion as long as the answer, less otherwise."""
+    CALLS.append({"prompts": prompts, "completions": completions, **kwargs})
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [
+        min(1.0, len(t) / max(1, len(str(a)))) for t, a in zip(texts, kwargs["answer"], strict=True)
+    ]
+
+
+def answer_only_reward(completions, answer) -> list[float | None]:
+    """No **kwargs: only the columns it names are passed (TRL would pass them all)."""
+    return [
+        None if c == "skip" else float(c.strip() == a)
+        for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+def judge(item: Item, response: str) -> Score | float:
+    """A per-item scorer: a Score when it has something to say, else a number."""
+    if response.strip().lower() == str(item.meta["answer"]).lower():
+        return 1.0
+    return Score(0.0, 0.1, f"Expected {item.meta['answer']}, got {response.strip()!r}.")
+
+
+def test_trl_style_reward_function_gets_batched_columns():
+    CALLS.clear()
+    env = memory_env(scorer=length_reward, id_column="qid")
+    item = by_qid(env)["q0"]  # answer "Paris"
+    s = env.score(item, "Par")
+    assert (s.reward, s.score, s.feedback) == (0.0, 0.6, "The reward function gave 0.6.")
+    call = CALLS[-1]
+    assert call["prompts"] == ["What is the capital of France?"]
+    assert call["completions"] == ["Par"]
+    assert call["answer"] == ["Paris"] and call["difficulty"] == [1] and call["qid"] == ["q0"]
+    assert "question" not in call  # the prompt column is passed as prompts, as in TRL
+    assert env.score(item, "Paris!").reward == 1.0
+
+
+def test_trl_reward_threshold_none_and_named_columns_only():
+    env = memory_env(scorer=length_reward, threshold=0.5)
+    item = next(it for it in all_items(env) if it.answer == "Paris")
+    assert env.score(item, "Par").reward == 1.0  # 0.6 >= 0.5
+    named = memory_env(scorer=answer_only_reward)
+    item = next(it for it in all_items(named) if it.answer == "Paris")
+    assert named.score(item, "Paris").reward == 1.0
+    none = named.score(item, "skip")
+    assert none.reward == 0.0 and "no reward (None)" in none.feedback
+
+
+def test_trl_reward_in_conversational_form():
+    CALLS.clear()
+    rows = [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+            for r in ROWS]  # fmt: skip
+    env = DatasetEnv.from_dataset(datasets.Dataset.from_list(rows), scorer=length_reward,
+                                  answer_column="answer")  # fmt: skip
+    item = all_items(env)[0]
+    env.score(item, "hello")
+    assert CALLS[-1]["prompts"] == [item.messages]
+    assert CALLS[-1]["completions"] == [[{"role": "assistant", "content": "hello"}]]
+
+
+def test_reward_function_needing_an_absent_column_fails_at_construction():
+    def needs_solution(completions, solution, **kwargs):
+        return [0.0]
+
+    with pytest.raises(
+        ValueError, match=r"env_args\.scorer: needs_solution needs the column 'solution'"
+    ):
+        memory_env(scorer=needs_solution)
+
+    def needs_ids(prompts, completions, completion_ids):
+        return [0.0]
+
+    with pytest.raises(ValueError, match="'completion_ids', which RESD does not supply"):
+        memory_env(scorer=needs_ids)
+
+    def three_args(a, b, c):
+        return 0.0
+
+    with pytest.raises(ValueError, match=r"must take \(item, response\)"):
+        memory_env(scorer=three_args)
+
+
+def test_reward_function_returning_the_wrong_shape_raises():
+    env = memory_env(scorer=lambda prompts, completions, **kw: [0.0, 1.0])
+    with pytest.raises(TypeError, match="one reward per completion"):
+        env.score(all_items(env)[0], "x")
+
+
+def test_per_item_function_returns_a_score_or_a_number():
+    env = memory_env(scorer=judge, id_column="qid")
+    item = by_qid(env)["q1"]
+    assert env.score(item, "rome") == Score(1.0, 1.0, "The reward function gave 1.")
+    assert env.score(item, "Milan") == Score(0.0, 0.1, "Expected Rome, got 'Milan'.")
+
+
+def test_to_score_documented_rule():
+    assert to_score(0.3) == Score(0.0, 0.3, "The reward function gave 0.3.")
+    assert to_score(1) == Score(1.0, 1.0, "The reward function gave 1.")
+    assert to_score(-2.5) == Score(0.0, 0.0, "The reward function gave -2.5.")
+    assert to_score(0.7, threshold=0.7).reward == 1.0
+    assert "NaN" in to_score(float("nan")).feedback
+    with pytest.raises(TypeError):
+        to_score("1.0")
+
+
+def test_scorer_from_an_import_path_as_in_yaml(tmp_path):
+    args = {"path": write(tmp_path, "jsonl"), **COLUMNS, "scorer": "test_dataset_env:judge"}
+    env = make_env("dataset", args)
+    item = next(it for it in all_items(env) if it.answer == "Paris")
+    assert env.score(item, "paris").reward == 1.0
+    with pytest.raises(ValueError, match=r"env_args\.scorer: module 'test_dataset_env' has no"):
+        make_env("dataset", {**args, "scorer": "test_dataset_env:nothing_here"})
+
+
+def test_registered_as_a_builtin(tmp_path):
+    assert resolve_env_class("dataset") is DatasetEnv
+    env = make_env("dataset", {"path": write(tmp_path, "jsonl"), **COLUMNS})
+    assert isinstance(env, DatasetEnv) and len(all_items(env)) == len(ROWS)
+
+
+# -- training end to end ---------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_trains_one_step_from_a_parquet_file(tiny_model_dir, tmp_path):
+    from resd.training.trainer import Trainer
+    from test_trainer import config
+
+    data = write(tmp_path, "parquet")
+    cfg = config(
+        tiny_model_dir, tmp_path / "run", "steps=1", "env=dataset", f"env_args.path={data}",
+        "env_args.prompt_column=question", "env_args.answer_column=answer",
+        f"env_args.cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.env, DatasetEnv)
+    trainer.train()
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1]
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    questions = {r["question"] for r in ROWS}
+    assert samples and all(s["prompt"] in questions for s in samples)
+    # A random tiny model never names the capital: the scorer's feedback must reach the log.
+    assert any("the correct answer is" in s["feedback"] for s in samples)
+
+
+def test_trains_one_step_from_an_in_memory_dataset(tiny_model_dir, tmp_path):
+    from resd.training.trainer import Trainer
+    from test_trainer import config
+
+    env = DatasetEnv.from_dataset(datasets.Dataset.from_list(ROWS), scorer=length_reward, **COLUMNS)
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "run", "steps=1"), env=env)
+    assert trainer.env is env
+    trainer.train()
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert samples and all(s["prompt"] in {r["question"] for r in ROWS} for s in samples)
+    assert all(s["feedback"].startswith("The reward function gave ") for s in samples)
+
+
+def test_trainer_takes_a_dataset_and_a_scorer_directly(tiny_model_dir, tmp_path):
+    from resd.training.trainer import Trainer
+    from test_trainer import config
+
+    columns = [f"env_args.{key}={value}" for key, value in COLUMNS.items()]
+    cfg = config(tiny_model_dir, tmp_path / "run", "steps=1", "env=dataset", *columns)
+    trainer = Trainer(cfg, env=datasets.Dataset.from_list(ROWS), scorer=length_reward)
+    assert (
+        isinstance(trainer.env, DatasetEnv)
+        and trainer.env.prompt_column == COLUMNS["prompt_column"]
+    )
+    trainer.train()
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert samples and all(s["feedback"].startswith("The reward function gave ") for s in samples)
+    with pytest.raises(ValueError, match=r"^scorer: only used with a dataset"):
+        Trainer(cfg, scorer=length_reward)
+    with pytest.raises(TypeError, match=r"^env: expected an Environment or a datasets.Dataset"):
+        Trainer(cfg, env=ROWS)

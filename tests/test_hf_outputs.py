@@ -1,0 +1,187 @@
+"""What a Hugging Face user gets: learning-rate schedules, LoRA settings in PEFT's own names,
+the final model in output_dir with a clean tokenizer, checkpoints named checkpoint-N, a
+model card and the files a Hub push would upload (checked offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from resd.config import ConfigError, load_config
+from resd.generation.hf import chat_prompt_ids
+from resd.models import load_model, load_tokenizer
+from resd.training.hub import hub_files, model_card
+from resd.training.policy import lora_config
+from resd.training.trainer import Trainer
+from resd.training.update import Update
+from test_trainer import config
+
+
+def _lrs(kind: str, warmup: int, total: int) -> list[float]:
+    cfg = load_config(None, [f"lr_scheduler_type={kind}", f"warmup_steps={warmup}", "lr=1.0"])
+    update = Update(
+        cfg, torch.nn.Linear(1, 1), None, None, None, None, 0, 1.0, lambda: None, total_steps=total
+    )
+    return [update.lr(step) for step in range(1, total + 1)]
+
+
+def test_learning_rate_schedules_by_hand():
+    # warm-up reaches the full rate at step `warmup_steps` (the paper's 10 steps), then:
+    assert _lrs("constant_with_warmup", 2, 5) == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0])
+    assert _lrs("linear", 2, 6) == pytest.approx(
+        [0.5, 1.0, 0.8, 0.6, 0.4, 0.2]
+    )  # ends after the last
+    cosine = _lrs("cosine", 0, 4)
+    assert cosine[0] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 1 / 5)).item()))
+    assert cosine == sorted(cosine, reverse=True) and cosine[-1] > 0
+    assert _lrs("constant", 3, 3) == [1.0, 1.0, 1.0]  # no warm-up at all
+
+
+def test_lora_settings_are_peft_settings():
+    cfg = lora_config({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_dropout": 0.1})
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, set(cfg.target_modules)) == (
+        4,
+        8,
+        0.1,
+        {"q_proj"},
+    )
+    assert lora_config({"alpha": 64}).lora_alpha == 64  # our short name still works
+    assert lora_config({}).target_modules == "all-linear" and lora_config({}).r == 16
+    assert lora_config({"use_rslora": True}).use_rslora  # any PEFT field passes through
+    with pytest.raises(ConfigError, match=r"^lora: .*lora_alfa"):
+        lora_config({"lora_alfa": 8})  # PEFT's own message names the bad key
+    with pytest.raises(ConfigError, match="same setting"):
+        lora_config({"alpha": 8, "lora_alpha": 16})
+
+
+def test_final_model_checkpoints_and_card(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(
+        config(tiny_model_dir, out, "save_every=2", "max_prompt_tokens=100", "max_new_tokens=12")
+    )
+    summary = trainer.train()
+    # checkpoints under the names HF tools expect, each loadable as it is
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert AutoModelForCausalLM.from_pretrained(out / "checkpoint-4") is not None
+    # the final model at the top of output_dir: the trained weights, not the initial ones
+    final = AutoModelForCausalLM.from_pretrained(out)
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(dict(final.named_parameters())[name], param.detach()), name
+    # the saved tokenizer carries no training-only overrides
+    saved = AutoTokenizer.from_pretrained(out)
+    original = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert saved.padding_side == original.padding_side != "left"
+    assert saved.model_max_length == original.model_max_length != 100 + 12
+    assert trainer.tokenizer.padding_side == "left"  # training's copy is untouched
+    # the model card, and what a push would upload: the model, not the run's logs
+    card = (out / "README.md").read_text()
+    assert (
+        "algorithm `resd`" in card and "toy_envs:ParityEnv" in card and "4 optimizer steps" in card
+    )
+    assert "| task_mean@k |" in card and card.startswith('---\nlibrary_name: "transformers"')
+    files = hub_files(out)
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
+    assert not any(
+        f.endswith(".jsonl") or f.startswith("checkpoint") or f == "config.yaml" for f in files
+    )
+    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"] == 4
+
+
+def test_model_card_of_a_lora_run_without_evaluation():
+    cfg = load_config(None, ["lora={r: 4}", "algorithm=sdpo", "env=house_rules"])
+    card = model_card(cfg, {"steps": 3})
+    assert (
+        'library_name: "peft"' in card
+        and "No evaluation was recorded." in card
+        and ", LoRA" in card
+    )
+
+
+# ---- model options: from_pretrained arguments, chat templates, gradient checkpointing ----
+
+GEMMA_LIKE = (  # refuses a system message, as Gemma's template does
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if not think %}<think></think>{% endif %}{% endif %}"
+)
+
+
+def test_chat_template_override_variables_and_system_fallback(tiny_model_dir, tmp_path):
+    template_file = tmp_path / "gemma.jinja"
+    template_file.write_text(GEMMA_LIKE)
+    tok = load_tokenizer(
+        str(tiny_model_dir), chat_template=str(template_file), chat_template_kwargs={"think": False}
+    )
+    messages = [{"role": "system", "content": "Rules first."}, {"role": "user", "content": "2+2?"}]
+    text = tok.decode(chat_prompt_ids(tok, messages))
+    # the system text opens the first user turn; the template variable reached the template
+    assert "<|im_start|>user\nRules first.\n\n2+2?<|im_end|>" in text and "system" not in text
+    assert text.endswith("<|im_start|>assistant\n<think></think>")
+    thinking = load_tokenizer(
+        str(tiny_model_dir), chat_template=GEMMA_LIKE, chat_template_kwargs={"think": True}
+    )
+    assert not thinking.decode(chat_prompt_ids(thinking, messages)).endswith("</think>")
+    # a template error that is not about the system role is not swallowed
+    broken = load_tokenizer(str(tiny_model_dir), chat_template="{{ raise_exception('bad') }}")
+    with pytest.raises(Exception, match="bad"):
+        chat_prompt_ids(broken, [{"role": "user", "content": "x"}])
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
+    base = tmp_path / "base-model"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    tok.save_pretrained(base)
+    with pytest.raises(ValueError, match=r"no chat template .*set chat_template"):
+        load_tokenizer(str(base))
+
+
+def test_model_init_kwargs_reach_from_pretrained(tiny_model_dir):
+    eager = load_model(str(tiny_model_dir), init_kwargs={"attn_implementation": "eager"})
+    assert eager.config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match=r"^model_init_kwargs: 'torch_dtype' is set by dtype"):
+        load_config(None, ["model_init_kwargs={torch_dtype: bfloat16}"])
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
+    def trained(*extra: str) -> dict[str, torch.Tensor]:
+        trainer = Trainer(
+            config(
+                tiny_model_dir, tmp_path / str(len(extra)), "steps=2", "max_new_tokens=12", *extra
+            )
+        )
+        trainer.train()
+        assert trainer.model.is_gradient_checkpointing == bool(extra)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    plain, recomputed = trained(), trained("gradient_checkpointing=true")
+    for name, param in plain.items():
+        torch.testing.assert_close(recomputed[name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_every_builtin_environment_works_with_a_template_that_refuses_system(
+    tiny_model_dir, tmp_path
+):
+    from resd.envs import make_env
+
+    template = GEMMA_LIKE.replace("{% if not think %}<think></think>{% endif %}", "")
+    tok = load_tokenizer(str(tiny_model_dir), chat_template=template)
+    for name in ["arithmetic", "manufactoria", "ifeval", "code", "house_rules"]:
+        item = next(iter(make_env(name).train_items()))
+        text = tok.decode(chat_prompt_ids(tok, item.messages))
+        assert (
+            text.count("<|im_start|>")
+            == len([m for m in item.messages if m["role"] != "system"]) + 1
+        ), name
+    # manufactoria's items open with a system message: one RESD step through every phase
+    # (student, reflection, curation and teacher prompts all carry it)
+    cfg = config(tiny_model_dir, tmp_path / "run", "steps=1", "env=manufactoria", "env_args.n_train=4",
+                 "env_args.n_test=1", f"chat_template={template}", "max_prompt_tokens=1024",
+                 "max_teacher_prompt_tokens=2048")  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.train()
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["reflections"] >= 1 and metrics["distilled"] >= 1
