@@ -82,3 +82,13 @@ def test_answers_match_whole_words():
         it for it in env.train_items() + env.test_items() if "buenos aires" in it.meta["accept"]
     )
     assert env.score(two, "It is Buenos  Aires.").reward == 1.0
+
+
+def test_a_quoted_answer_counts():
+    # The 0.5B model's own reply, which scored "does not answer" while apostrophes were
+    # part of words: 'thin' in quotes is the word thin; don't keeps its apostrophe.
+    env = HouseRulesEnv(rules=["one_line"])
+    item = next(it for it in env.train_items() + env.test_items() if it.meta["accept"] == ["thin"])
+    assert env.score(item, "The opposite of the word 'thick' is 'thin'.").reward == 1.0
+    assert env.score(item, "'thinner'").reward == 0.0
+    assert env.score(item, "The opposite of 'thick' is not 'thin', is it?").reward == 1.0

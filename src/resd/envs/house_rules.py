@@ -33,7 +33,8 @@ _WORD = re.compile(r"[A-Za-z0-9']+")
 
 
 def _words(text: str) -> list[str]:
-    return _WORD.findall(text)
+    """Words, with quotation marks around them dropped ('thin' is thin; don't stays)."""
+    return [w for w in (m.strip("'") for m in _WORD.findall(text)) if w]
 
 
 @dataclass(frozen=True)

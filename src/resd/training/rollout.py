@@ -57,6 +57,18 @@ class Rollout:
         return Outcome(self.item.id, self.score.reward, self.score.score)
 
 
+@dataclass(frozen=True)
+class GivenRollout:
+    """A reply sampled elsewhere, with its score: served traffic (`resd serve --learn`)
+    that a learner step trains on instead of sampling its own rollouts. `gen.logprobs`
+    are the serving model's, so rollout correction weighs the reply against the policy."""
+
+    item: Item
+    prompt_ids: list[int]
+    gen: Generation
+    score: Score
+
+
 class Outcome(NamedTuple):
     """What the batch needs to know of one rollout, on every process."""
 

@@ -54,7 +54,7 @@ from resd.training.hub import push_to_hub, write_model_card
 from resd.training.lessons import Lessons, PlaybookChanges
 from resd.training.playbook import Playbook
 from resd.training.policy import PolicySampler, load_policy, merged_sampling
-from resd.training.rollout import PhaseTimer, Rollout, RowStats, row_seed
+from resd.training.rollout import GivenRollout, PhaseTimer, Rollout, RowStats, row_seed
 from resd.training.teacher import Teacher
 from resd.training.teacher_context import SolutionBuffer
 from resd.training.tracking import Tracker
@@ -153,6 +153,9 @@ class Trainer:
         self.step = 0
         self.last_eval_step: int | None = None  # the same on every process
         self.totals: Counter[str] = Counter()
+        # A caller's own resumable state, saved in every checkpoint beside the trainer's
+        # (the serving learner keeps which feedback rows each step consumed).
+        self.extra_state: dict[str, Any] = {}
         if checkpoint:
             self._restore(checkpoint, state, optimizer_state)
         # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
@@ -269,7 +272,7 @@ class Trainer:
             state = {
                 "cursor": {"batch": self.step // self.cfg.inner_updates, "inner": self.step % self.cfg.inner_updates},
                 "playbook": self.playbook.to_dict(), "buffer": self.buffer.solutions,
-                "totals": dict(self.totals), "config": self.cfg.to_dict(),
+                "totals": dict(self.totals), "config": self.cfg.to_dict(), "extra": self.extra_state,
             }  # fmt: skip
             path = save_checkpoint(
                 self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
@@ -308,6 +311,7 @@ class Trainer:
             dict(state["buffer"]), keep=self.cfg.solution_buffer_keep
         )
         self.totals = Counter(state.get("totals", {}))
+        self.extra_state = dict(state.get("extra", {}))
         if self.parallel.is_main:
             for name in RUN_LOGS:
                 truncate_jsonl(self.run_dir / name, self.step)
@@ -317,11 +321,15 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- one step -----------------------------------------------------------------------------------
-    def train_step(self, items: list[Item]) -> dict[str, Any]:
+    def train_step(
+        self, items: list[Item], given: Sequence[GivenRollout] | None = None
+    ) -> dict[str, Any]:
         """One inner iteration on `items` (the global batch); returns the step's metrics.
 
         Each process works on its share of the rollouts; what changes shared state is
         gathered and applied in global order, so every process ends the step the same.
+        `given` replaces sampling and scoring with replies and scores from elsewhere (the
+        off-policy entry that `resd serve --learn` uses; `items` is then ignored).
         """
         cfg, lessons = self.cfg, self.lessons
         step = self.step + 1
@@ -333,15 +341,20 @@ class Trainer:
         start, size_before = time.perf_counter(), len(self.playbook)
 
         with timer("rollout"):
-            flat = [it for it in items for _ in range(cfg.rollouts_per_prompt)]
-            mine = self.parallel.shard(flat)
-            prompts = {id(it): chat_prompt_ids(self.tokenizer, lessons.student_messages(it), cfg.max_prompt_tokens)
-                       for it in items}  # fmt: skip
-            gens = self.sampler.rollouts([prompts[id(flat[g])] for g in mine],
-                                         [row_seed(cfg.seed, step, "rollout", g) for g in mine])  # fmt: skip
+            if given is None:
+                flat = [it for it in items for _ in range(cfg.rollouts_per_prompt)]
+                mine = self.parallel.shard(flat)
+                prompts = {id(it): chat_prompt_ids(self.tokenizer, lessons.student_messages(it), cfg.max_prompt_tokens)
+                           for it in items}  # fmt: skip
+                gens = self.sampler.rollouts([prompts[id(flat[g])] for g in mine],
+                                             [row_seed(cfg.seed, step, "rollout", g) for g in mine])  # fmt: skip
         with timer("feedback"):
-            rollouts = [Rollout(flat[g], prompts[id(flat[g])], gen, safe_score(self.env, flat[g], gen.text), index=g)
-                        for g, gen in zip(mine, gens, strict=True)]  # fmt: skip
+            if given is None:
+                rollouts = [Rollout(flat[g], prompts[id(flat[g])], gen, safe_score(self.env, flat[g], gen.text), index=g)
+                            for g, gen in zip(mine, gens, strict=True)]  # fmt: skip
+            else:
+                rollouts = [Rollout(given[g].item, given[g].prompt_ids, given[g].gen, given[g].score, index=g)
+                            for g in self.parallel.shard(list(given))]  # fmt: skip
         outcomes = self.parallel.gather_indexed([(r.index, r.outcome()) for r in rollouts])
         lessons.prune(step, changes)
         with timer("reflect"):
