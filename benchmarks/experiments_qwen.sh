@@ -16,8 +16,19 @@ headline() {  # $1: comma-separated seeds
     --out runs/headline_qwen
 }
 
+# An arm added on 2026-12-02 after 12 steps of resd-seed0 (nothing else had run): the
+# 0.5B curator answered "operations": [] on every call, so the playbook stayed empty and
+# RESD ran as SDPO plus reflection. This arm makes the curator commit to at least one
+# operation per reply (the schema's minItems). It adds runs; it replaces none.
+min_ops() {  # $1: comma-separated seeds
+  nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd --seeds "$1" \
+    --out runs/headline_qwen_min_ops curation_min_operations=1
+}
+
 headline 0                                     # the headline, first seed of every method
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
+min_ops 0
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
 headline 0,1,2                                 # the other seeds
+min_ops 0,1,2
 nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote,plain

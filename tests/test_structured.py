@@ -299,3 +299,13 @@ def test_vllm_requests_carry_the_schema(tiny_model_dir, monkeypatch, spelling):
     with pytest.raises(ValueError, match="prefill"):
         sampler.generate([[1]], max_new_tokens=4, temperature=1.0, top_p=1.0,
                          json_schemas=[schema], json_prefixes=['{"'])  # fmt: skip
+
+
+def test_curation_min_operations_forbids_an_empty_list(tiny):
+    # the 0.5B curator returned "operations": [] on every call of a headline run
+    free, forced = curation_schema(IDS, 160), curation_schema(IDS, 160, min_operations=1)
+    assert "minItems" not in free["properties"]["operations"]
+    assert forced["properties"]["operations"]["minItems"] == 1
+    replies = _replies(tiny, forced)
+    assert replies and all(gen.finished for gen in replies)
+    assert all(len(json.loads(gen.text, strict=False)["operations"]) >= 1 for gen in replies)

@@ -147,6 +147,10 @@ class TrainConfig:
     # lora_dropout: 0.0, ...}; `alpha` and `dropout` are short for lora_alpha and lora_dropout).
     # Defaults: r 16, lora_alpha 32, every linear layer. The EMA teacher is a second adapter.
     lora: dict[str, Any] | None = None
+    # Lessons from another model: {base_url, model, api_key_env, timeout, max_concurrency,
+    # temperature} of an OpenAI-compatible server (vLLM, `resd serve`, a hosted API) that
+    # then writes the reflections, tags and curations. None = the policy reflects itself.
+    reflector: dict[str, Any] | None = None
     student_playbook: bool = False  # also show the playbook in the student's own prompt
     teacher_template: str | None = None  # file path or literal template; None = generic
     max_teacher_prompt_tokens: int = 3072
@@ -163,6 +167,9 @@ class TrainConfig:
     # Which operations the curator may propose: "all" (ADD, UPDATE, MERGE, DELETE) or
     # "add" (the release's curator only adds).
     curation_ops: str = "all"
+    # Under structured output, the curator must propose at least this many operations
+    # (0: it may propose none, as in the release).
+    curation_min_operations: int = 0
     # Decode reflection, tagging and curation replies under a JSON schema (live entry ids,
     # the seven sections, one shape per operation), so every reply is valid JSON by
     # construction: "auto" = on where the grammar library is installed (xgrammar for the
@@ -228,6 +235,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.curation_min_operations < 0:
+            raise ConfigError(
+                f"curation_min_operations: must be >= 0, got {self.curation_min_operations}"
+            )
         for name in [
             "steps",
             "topk",
@@ -277,6 +288,12 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 or null, got {value}")
         self.report_to = _check_report_to(self.report_to)
+        if self.reflector is not None:
+            from resd.training.reflector import check_reflector
+
+            problem = check_reflector(self.reflector)
+            if problem:
+                raise ConfigError(f"reflector: {problem}")
         owned = {"dtype": "dtype", "torch_dtype": "dtype", "device_map": "device / strategy",
                  "quantization_config": "a pre-quantized checkpoint (not supported)"}  # fmt: skip
         for key in self.model_init_kwargs:

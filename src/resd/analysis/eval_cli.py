@@ -65,7 +65,7 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> EvalSettings:
-        """The settings the trainer evaluates a run with (`Trainer._evaluate`)."""
+        """The settings the trainer evaluates a run with (`Trainer.evaluate`)."""
         return cls(
             samples=cfg.eval_samples,
             temperature=cfg.eval_temperature,

@@ -157,11 +157,14 @@ def curation_schema(
     count_tokens: CountTokens | None = None,
     *,
     operations: Sequence[str] = OPERATION_TYPES,
+    min_operations: int = 0,
 ) -> dict[str, Any]:
-    """CURATE: reasoning first (as the release), then 0 to `MAX_OPERATIONS` operations.
+    """CURATE: reasoning first (as the release), then `min_operations` (default 0) to
+    `MAX_OPERATIONS` operations.
 
-    ADD is always possible; UPDATE and DELETE need a live entry, MERGE two. The list may
-    be empty: a curator that sees nothing worth adding says so.
+    ADD is always possible; UPDATE and DELETE need a live entry, MERGE two. By default
+    the list may be empty: a curator that sees nothing worth adding says so. A small
+    model says so every time; `min_operations: 1` makes it commit to a change.
     """
     heading = max(SECTIONS.values(), key=len)
     longest_id = max(entry_ids, key=len) if entry_ids else ""
@@ -175,6 +178,8 @@ def curation_schema(
     content_chars = min(sizes["op0"], MAX_LESSON_CHARS)
     shapes = _operation_shapes(entry_ids, operations, content_chars)
     ops = {"type": "array", "maxItems": MAX_OPERATIONS, "items": {"anyOf": shapes}}
+    if min_operations:
+        ops["minItems"] = min(min_operations, MAX_OPERATIONS)
     return _object({"reasoning": _string(sizes["reasoning"]), "operations": ops})
 
 

@@ -34,6 +34,7 @@ from resd.training.reflection import (
     reflection_messages,
     success_tag_messages,
 )
+from resd.training.reflector import LocalReflector, RemoteReflector
 from resd.training.rollout import Outcome, Rollout, row_seed
 from resd.training.teacher_context import SolutionBuffer, TeacherTemplate, teacher_context
 
@@ -79,6 +80,13 @@ class Lessons:
         self.clip = partial(clip_tokens, max_tokens=cfg.slot_max_tokens, tokenizer=tokenizer)
         self.omitted: dict[str, int] = {}  # entries each reader was not shown, this step
         self._views: dict[tuple[str, int | None], PlaybookView] = {}
+        # Who writes reflections, tags and curations: the policy, or `reflector:`'s server.
+        self.reflector: LocalReflector | RemoteReflector = (
+            RemoteReflector(cfg.reflector, tokenizer, structured_output=str(cfg.structured_output),
+                            temperature=cfg.temperature)
+            if cfg.reflector
+            else LocalReflector(sampler, self._chat)
+        )  # fmt: skip
 
     # ---- views and prompts ---------------------------------------------------------------------
     def view(self, reader: str) -> PlaybookView:
@@ -126,10 +134,11 @@ class Lessons:
 
     def _schema(self, build, budget: int, view: PlaybookView) -> dict[str, Any] | None:
         """The JSON schema of a reply (ids: the entries its prompt shows); None without a grammar."""
-        if not self.sampler.structured:
+        if not self.reflector.structured:
             return None
         if build is curation_schema:
-            return build(view.ids, budget, self._count_tokens, operations=self.curation_ops)
+            return build(view.ids, budget, self._count_tokens, operations=self.curation_ops,
+                         min_operations=self.cfg.curation_min_operations)  # fmt: skip
         return build(view.ids, budget, self._count_tokens)
 
     # ---- the phases ------------------------------------------------------------------------------
@@ -169,12 +178,12 @@ class Lessons:
         view = self.view("reflection") if self.algo.playbook else PlaybookView()
         clip = self.clip
         prompts = [
-            self._chat(reflection_messages(clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback), view.text))
+            reflection_messages(clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback), view.text)
             for r in failed
         ]  # fmt: skip
         budget = self.cfg.reflection_max_new_tokens
         seeds = [row_seed(self.cfg.seed, step, "reflect", r.index) for r in failed]
-        replies = self.sampler.replies(
+        replies = self.reflector.replies(
             prompts, "reflection", budget, seeds, self._schema(reflection_schema, budget, view)
         )
         tags = []
@@ -204,12 +213,12 @@ class Lessons:
         if not wins:
             return []
         view = self.view("reflection")
-        prompts = [self._chat(success_tag_messages(self.clip(r.item.prompt_text), self.clip(r.response), view.text))
+        prompts = [success_tag_messages(self.clip(r.item.prompt_text), self.clip(r.response), view.text)
                    for r in wins]  # fmt: skip
         budget = self.cfg.reflection_max_new_tokens
         seeds = [row_seed(self.cfg.seed, step, "tag", r.index) for r in wins]
         tags = []
-        for r, reply in zip(wins, self.sampler.replies(prompts, "tag", budget, seeds,
+        for r, reply in zip(wins, self.reflector.replies(prompts, "tag", budget, seeds,
                                                        self._schema(tag_schema, budget, view)), strict=True):  # fmt: skip
             counts["tag_replies"] += 1
             counts["tag_tokens"] += len(reply.token_ids)
@@ -251,11 +260,11 @@ class Lessons:
             return []
         view = self.view("curation")
         stats = self.playbook.stats()
-        prompts = [self._chat(curation_messages(stats, self.clip(text), view.text, self.clip(r.item.prompt_text),
-                                                operations=self.curation_ops)) for r, text in sources]  # fmt: skip
+        prompts = [curation_messages(stats, self.clip(text), view.text, self.clip(r.item.prompt_text),
+                                     operations=self.curation_ops) for r, text in sources]  # fmt: skip
         budget = self.cfg.curation_max_new_tokens
         seeds = [row_seed(self.cfg.seed, step, "curate", r.index) for r, _ in sources]
-        replies = self.sampler.replies(
+        replies = self.reflector.replies(
             prompts, "curation", budget, seeds, self._schema(curation_schema, budget, view)
         )
         operations = []

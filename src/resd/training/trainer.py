@@ -210,7 +210,7 @@ class Trainer:
                 yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             )
         if self.step == 0 and self.test_items:
-            self._evaluate()
+            self.evaluate()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -223,10 +223,7 @@ class Trainer:
             last = self.train_step(
                 self.train_items[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
             )
-            self._append("metrics.jsonl", last)
-            self.tracker.log(last, self.step, prefix="train")
-            for callback in self.callbacks:
-                callback.on_step_end(self, last)
+            self.log_step(last)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{last['loss']:.4f}", reward=f"{last['reward']:.2f}", score=f"{last['score']:.2f}",
@@ -234,13 +231,13 @@ class Trainer:
             )  # fmt: skip
             done = self.step >= self.total_steps
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not done and self.test_items:
-                self._evaluate()
+                self.evaluate()
             if (cfg.save_every and self.step % cfg.save_every == 0) or done:
                 self.save()
         bar.close()
         # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
         if self.test_items and self.last_eval_step != self.step:
-            self._evaluate()
+            self.evaluate()
         evals = read_jsonl(self.run_dir / "eval.jsonl") if main else []
         summary = {
             "steps": self.step, "run_dir": str(self.run_dir), "last": last,
@@ -399,12 +396,19 @@ class Trainer:
         return metrics
 
     # ---- evaluation and logs ------------------------------------------------------------------------
+    def log_step(self, metrics: dict[str, Any]) -> None:
+        """A step's metrics to metrics.jsonl and the trackers, then the step-end callbacks."""
+        self._append("metrics.jsonl", metrics)
+        self.tracker.log(metrics, self.step, prefix="train")
+        for callback in self.callbacks:
+            callback.on_step_end(self, metrics)
+
     @staticmethod
     def _seed(seed: int) -> None:
         random.seed(seed)
         torch.manual_seed(seed)
 
-    def _evaluate(self) -> dict[str, Any] | None:
+    def evaluate(self) -> dict[str, Any] | None:
         """Evaluate on rank 0 (the others wait): the test split is small next to training."""
         self.last_eval_step = self.step
         row = self._evaluate_main() if self.parallel.is_main else None

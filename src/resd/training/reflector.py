@@ -1,0 +1,125 @@
+"""Who writes the lessons: the policy itself, or a model behind an OpenAI-compatible API.
+
+RESD's reflector and curator are the policy, prompted differently ("self-reflection").
+A small policy writes weak lessons, so `reflector: {base_url, model}` in the config sends
+the reflection, tagging and curation prompts to any OpenAI-compatible server instead (a
+vLLM server, `resd serve`, a hosted API), decoded under the same JSON schemas through
+`response_format`. The student still learns only through distillation: the stronger
+model's lessons reach it through the teacher's context. The trade-off: better lessons,
+but no longer self-reflection, and every step waits on the network.
+
+Both reflectors take chat conversations and return `Generation`s, and are chosen once,
+when `Lessons` is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from resd.generation.base import Generation
+
+__all__ = ["REFLECTOR_KEYS", "LocalReflector", "RemoteReflector", "check_reflector"]
+
+Conversation = list[dict[str, str]]
+REFLECTOR_KEYS = {"base_url", "model", "api_key_env", "timeout", "max_concurrency", "temperature"}
+
+
+def check_reflector(value: dict[str, Any]) -> str | None:
+    """What is wrong with a `reflector:` mapping, or None."""
+    unknown = sorted(set(value) - REFLECTOR_KEYS)
+    if unknown:
+        return f"unknown key {unknown[0]!r}; keys: {', '.join(sorted(REFLECTOR_KEYS))}"
+    missing = [k for k in ("base_url", "model") if not value.get(k)]
+    if missing:
+        return f"needs {' and '.join(missing)}"
+    return None
+
+
+class LocalReflector:
+    """The policy writes its own lessons, through its sampler (prefills, grammar)."""
+
+    def __init__(self, sampler: Any, chat: Callable[[Conversation], list[int]]) -> None:
+        self.sampler, self.chat = sampler, chat
+        self.structured = bool(sampler.structured)
+
+    def replies(
+        self,
+        conversations: Sequence[Conversation],
+        kind: str,
+        max_new_tokens: int,
+        seeds: list[int],
+        schema: dict[str, Any] | None,
+    ) -> list[Generation]:
+        prompts = [self.chat(c) for c in conversations]
+        return self.sampler.replies(prompts, kind, max_new_tokens, seeds, schema)
+
+
+class RemoteReflector:
+    """A model behind an OpenAI-compatible chat-completions endpoint writes the lessons.
+
+    Requests go out concurrently (`max_concurrency`), so a batching server decodes them
+    together. Each carries the row's seed, so a server that honours seeds (vLLM, `resd
+    serve`) repeats its replies. `Generation.token_ids` are the reply re-tokenized with
+    the student's tokenizer: only their count is used (the step's token metrics).
+    """
+
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        tokenizer: Any,
+        *,
+        structured_output: str,
+        temperature: float,
+    ) -> None:
+        try:
+            import openai
+        except ImportError as exc:
+            raise ImportError(
+                "reflector: talking to an OpenAI-compatible server needs the 'openai' package "
+                "(pip install 'resd[serve]')"
+            ) from exc
+        key_env = settings.get("api_key_env")
+        api_key = os.environ.get(key_env, "") if key_env else ""
+        if key_env and not api_key:
+            raise ValueError(
+                f"reflector.api_key_env: the environment variable {key_env} is not set"
+            )
+        self.client = openai.OpenAI(
+            base_url=settings["base_url"], api_key=api_key or "none",
+            timeout=float(settings.get("timeout", 120)), max_retries=2,
+        )  # fmt: skip
+        self.model = str(settings["model"])
+        self.tokenizer = tokenizer
+        self.temperature = float(settings.get("temperature", temperature))
+        self.workers = int(settings.get("max_concurrency", 8))
+        self.structured = structured_output != "off"  # the server applies the schema
+
+    def replies(
+        self,
+        conversations: Sequence[Conversation],
+        kind: str,
+        max_new_tokens: int,
+        seeds: list[int],
+        schema: dict[str, Any] | None,
+    ) -> list[Generation]:
+        def one(conversation: Conversation, seed: int) -> Generation:
+            extra: dict[str, Any] = {}
+            if schema is not None:
+                extra["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": f"resd_{kind}", "schema": schema, "strict": True},
+                }
+            reply = self.client.chat.completions.create(
+                model=self.model, messages=conversation, max_tokens=max_new_tokens,
+                temperature=self.temperature, seed=seed % 2**31, **extra,
+            )  # fmt: skip
+            choice = reply.choices[0]
+            text = choice.message.content or ""
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return Generation(ids, text, choice.finish_reason == "stop")
+
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            return list(pool.map(one, conversations, seeds))
