@@ -15,7 +15,20 @@ import pytest
 
 from test_trainer import config
 
-OPTIONAL = ["matplotlib", "tensorboard", "wandb", "xgrammar", "vllm", "deepspeed", "trl", "gguf"]
+OPTIONAL = [
+    "matplotlib",
+    "tensorboard",
+    "wandb",
+    "xgrammar",
+    "vllm",
+    "deepspeed",
+    "trl",
+    "gguf",
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "openai",
+]
 
 SCRIPT = textwrap.dedent(
     """

@@ -1,50 +1,338 @@
-"""The serving learner: off-policy steps on given rollouts, the guard, the hot swap and
-exactly-once consumption of stored feedback, with the real trainer, store and holder."""
+"""The serving learner: off-policy steps on served traffic, the guard, the hot swap and
+exactly-once consumption of stored feedback, with the real trainer, server, store and holder."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
-from resd.analysis.evaluation import safe_score
-from resd.generation.hf import chat_prompt_ids
-from resd.training.rollout import GivenRollout, row_seed
-from resd.training.trainer import Trainer
-from test_trainer import config
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'resd[serve]'")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from resd.rundir import read_jsonl  # noqa: E402
+from resd.serve.engine import load_served_model  # noqa: E402
+from resd.serve.learner import Learner, LearnerSettings  # noqa: E402
+from resd.serve.store import Store  # noqa: E402
+from resd.training.checkpoint import latest_checkpoint  # noqa: E402
+from resd.training.trainer import Trainer  # noqa: E402
+from test_serve import (  # noqa: E402
+    KEY,
+    MODEL,
+    _free_port,
+    start_server,
+)
+from test_structured import _trainer_config  # noqa: E402
+from test_trainer import config  # noqa: E402
+
+# ---- against a real server, store and holder ------------------------------------------------------
 
 
-def test_given_rollouts_train_exactly_like_sampled_ones(tiny_model_dir, tmp_path):
-    """The off-policy entry is the on-policy step with its sampling moved outside: given
-    the very replies the step would have sampled, the step ends in the same place."""
-    sampled = Trainer(config(tiny_model_dir, tmp_path / "a", "rollout_is_cap=2.0"))
-    given_to = Trainer(config(tiny_model_dir, tmp_path / "b", "rollout_is_cap=2.0"))
-    items = sampled.train_items[: sampled.cfg.batch_size]
-    on_policy = sampled.train_step(items)
+PROMPTS = ["Is 'abcd' of even length?", "Is 'abc' of even length?", "Is 'ab' of even length?",
+           "Is 'a' of even length?"]  # fmt: skip
 
-    cfg = given_to.cfg
-    given_to._seed(cfg.seed * 1_000_003 + 1)  # what train_step does first at step 1
-    prompts = [
-        chat_prompt_ids(given_to.tokenizer, it.messages, cfg.max_prompt_tokens) for it in items
-    ]
-    gens = given_to.sampler.rollouts(
-        prompts, [row_seed(cfg.seed, 1, "rollout", g) for g in range(len(items))]
+
+def learn_config(tiny_model_dir: Path, tmp_path: Path, *extra: str) -> Path:
+    """A learner config on the tiny model: the parity task's test items guard each swap."""
+    cfg = config(tiny_model_dir, tmp_path / "unused", "batch_size=4", "eval_items=2", "eval_samples=1",
+                 "save_every=1", *extra)  # fmt: skip
+    data = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
+    path = tmp_path / "learn.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def serve_and_collect(running, n: int = 4, reward: float = 0.0) -> list[str]:
+    """Real traffic: n completions through the openai client, each with posted feedback."""
+    ids = []
+    for i in range(n):
+        reply = running.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            max_tokens=8, temperature=1.0, seed=i,
+        )  # fmt: skip
+        answer = running.post("/v1/feedback", {"completion_id": reply.id, "reward": reward,
+                                               "feedback": "Wrong: answer yes or no."})  # fmt: skip
+        assert answer.status_code == 201, answer.text
+        ids.append(reply.id)
+    return ids
+
+
+def consumed_steps(store) -> list[int | None]:
+    return [row["consumed_step"] for row in _feedback_rows(store)]
+
+
+def _feedback_rows(store) -> list[dict]:
+    return [f for r in store.recent(100) for f in r["feedback"]]
+
+
+@pytest.fixture
+def tiny_served(tiny_model_dir):
+    return load_served_model(str(tiny_model_dir), version="v0", name=MODEL)
+
+
+def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    path = learn_config(tiny_model_dir, tmp_path)
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
+        serve_and_collect(running)
+        learner = Learner.from_config(
+            path, store=running.store, holder=running.holder, output_dir=tmp_path
+        )
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
+        assert learner.step_once() is not None
+        assert learner.step_once() is None  # nothing left to train on
+        assert consumed_steps(running.store) == [1, 1, 1, 1]
+        served = running.holder.current()
+        assert served.version == f"{MODEL}@step1" and served.model is not tiny_served.model
+        versions = {v["id"]: v for v in running.store.versions()}
+        assert versions[served.version]["parent"] == "v0" and versions["v0"]["accuracy"] is not None
+        # the served copy is the trainer's sampling weights after the step, frozen
+        trained = dict(learner.trainer.sampler.generator.named_parameters())
+        for name, p in served.model.named_parameters():
+            torch.testing.assert_close(p, trained[name], msg=name)
+        # the next completion comes from the new version and is recorded under it
+        reply = running.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert reply.model_extra["resd_model_version"] == served.version
+        state = json.loads((latest_checkpoint(tmp_path / "learner") / "state.json").read_text())
+        assert sorted(state["extra"]["consumed"]) == sorted(
+            f["id"] for f in _feedback_rows(running.store)
+        )
+        status = learner.status()
+        assert status["steps"][0]["served"] and status["accuracy"][0]["step"] == 0
+
+
+def test_the_guard_keeps_a_worse_model_off_the_server(tiny_model_dir, tmp_path, tiny_served):
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
+        serve_and_collect(running)
+        learner = Learner.from_config(learn_config(tiny_model_dir, tmp_path), store=running.store,
+                                      holder=running.holder, output_dir=tmp_path)  # fmt: skip
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # must gain 2: never
+        record = learner.step_once()
+        assert record is not None and not record["served"]
+        assert running.holder.current() is tiny_served
+        assert [v["id"] for v in running.store.versions()] == ["v0"]
+        assert consumed_steps(running.store) == [1, 1, 1, 1]  # trained on, just not served
+
+
+def test_killed_between_checkpoint_and_database_trains_nothing_twice(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    path = learn_config(tiny_model_dir, tmp_path)
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
+        serve_and_collect(running)
+        learner = Learner.from_config(
+            path, store=running.store, holder=running.holder, output_dir=tmp_path
+        )
+
+        def killed(*args, **kwargs):
+            raise SystemExit("killed after the checkpoint, before the database write")
+
+        learner.store = type("Dying", (), {"mark_consumed": killed, "unconsumed": running.store.unconsumed,
+                                            "versions": running.store.versions})()  # fmt: skip
+        with pytest.raises(SystemExit):
+            learner.step_once()
+        assert consumed_steps(running.store) == [None] * 4  # the database never heard of it
+
+        restarted = Learner.from_config(
+            path, store=running.store, holder=running.holder, output_dir=tmp_path
+        )
+        assert restarted.trainer.step == 1  # resumed from the step's checkpoint ...
+        assert consumed_steps(running.store) == [1, 1, 1, 1]  # ... which marked its rows
+        assert restarted.step_once() is None  # so nothing is trained on again
+        assert [m["step"] for m in read_jsonl(tmp_path / "learner" / "metrics.jsonl")] == [1]
+
+
+def test_killed_before_the_checkpoint_trains_the_rows_once_after_restart(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    path = learn_config(tiny_model_dir, tmp_path)
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
+        serve_and_collect(running)
+        learner = Learner.from_config(
+            path, store=running.store, holder=running.holder, output_dir=tmp_path
+        )
+
+        def killed() -> None:
+            raise SystemExit("killed while writing the checkpoint")
+
+        learner.trainer.save = killed
+        with pytest.raises(SystemExit):
+            learner.step_once()
+        assert consumed_steps(running.store) == [None] * 4
+
+        restarted = Learner.from_config(
+            path, store=running.store, holder=running.holder, output_dir=tmp_path
+        )
+        assert restarted.trainer.step == 0  # no checkpoint: the lost step's logs are cleared
+        assert restarted.step_once()["step"] == 1
+        assert consumed_steps(running.store) == [1, 1, 1, 1]
+        assert [m["step"] for m in read_jsonl(tmp_path / "learner" / "metrics.jsonl")] == [1]
+
+
+def test_the_background_thread_learns_while_the_server_answers(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    path = learn_config(tiny_model_dir, tmp_path)
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
+        learner = Learner.from_config(
+            path, store=running.store, holder=running.holder, output_dir=tmp_path
+        )
+        learner.settings = LearnerSettings(min_rows=4, poll_seconds=0.2, guard_tolerance=1.0)
+        learner.start()
+        try:
+            serve_and_collect(running)
+            deadline = time.monotonic() + 120
+            while running.holder.current() is tiny_served and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            learner.stop(timeout=120)
+        assert learner.error is None and running.holder.current().version == f"{MODEL}@step1"
+
+
+# ---- lessons from a server --------------------------------------------------------------------------
+def test_response_format_json_schema_is_honoured(tiny_served, tmp_path):
+    from resd.generation.structured import reflection_schema
+
+    schema = reflection_schema(["strat-00001"], 160)
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=700) as running:
+        reply = running.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "reflect"}], max_tokens=700, seed=3,
+            response_format={"type": "json_schema", "json_schema": {"name": "reflection", "schema": schema}},
+        )  # fmt: skip
+        obj = json.loads(reply.choices[0].message.content, strict=False)
+        assert set(obj) <= set(schema["properties"]) and "bullet_tags" in obj
+        bad = running.post("/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        })  # fmt: skip
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+        assert running.store.counts()["interactions"] == 1  # the refused request left no row
+
+
+def test_lessons_can_come_from_another_model_behind_an_openai_api(
+    tiny_model_dir, tiny_served, tmp_path, monkeypatch
+):
+    """`reflector:` sends reflection and curation to a server: here `resd serve` with the
+    tiny model; every reply it writes is schema-valid, so every one parses."""
+    from resd.training.reflector import RemoteReflector
+
+    monkeypatch.setenv("RESD_TEST_REFLECTOR_KEY", KEY)
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=500) as running:
+        reflector = {
+            "base_url": f"{running.url}/v1",
+            "model": MODEL,
+            "api_key_env": "RESD_TEST_REFLECTOR_KEY",
+        }
+        cfg = _trainer_config(
+            tiny_model_dir, tmp_path / "run", f"reflector={json.dumps(reflector)}"
+        )
+        trainer = Trainer(cfg)
+        assert isinstance(trainer.lessons.reflector, RemoteReflector)
+        trainer.train()
+        asked = running.store.counts()["interactions"]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    total = {k: sum(m[k] for m in rows) for k in ("reflections", "reflections_parsed", "curations",
+                                                  "curations_parsed", "tag_replies")}  # fmt: skip
+    assert total["reflections"] > 0 and total["reflections_parsed"] == total["reflections"]
+    assert total["curations_parsed"] == total["curations"] == total["reflections"]
+    # every lesson call went to the server (and the eval and rollouts did not)
+    assert asked == total["reflections"] + total["curations"] + total["tag_replies"]
+
+
+def test_a_reflector_without_its_key_or_url_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    from resd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reflector: needs base_url"):
+        _trainer_config(tiny_model_dir, tmp_path / "a", "reflector={model: m}")
+    with pytest.raises(ConfigError, match="reflector: unknown key 'url'"):
+        _trainer_config(tiny_model_dir, tmp_path / "b", "reflector={url: x, model: m}")
+    monkeypatch.delenv("RESD_NO_SUCH_KEY", raising=False)
+    cfg = _trainer_config(
+        tiny_model_dir,
+        tmp_path / "c",
+        "reflector={base_url: 'http://127.0.0.1:9/v1', model: m, api_key_env: RESD_NO_SUCH_KEY}",
     )
-    given = [GivenRollout(it, p, gen, safe_score(given_to.env, it, gen.text))
-             for it, p, gen in zip(items, prompts, gens, strict=True)]  # fmt: skip
-    off_policy = given_to.train_step([], given)
+    with pytest.raises(ValueError, match="RESD_NO_SUCH_KEY is not set"):
+        Trainer(cfg)
 
-    for key in (
-        "loss",
-        "reward",
-        "score",
-        "distilled",
-        "reflections",
-        "playbook_size",
-        "grad_norm",
-    ):
-        assert off_policy[key] == pytest.approx(on_policy[key], rel=1e-6, abs=1e-9), key
-    for (name, a), b in zip(
-        sampled.model.state_dict().items(), given_to.model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # fmt: skip
-    assert sampled.playbook.render() == given_to.playbook.render()
+
+# ---- the five-command session, as processes ----------------------------------------------------------
+
+
+def _start(command: list[str], url: str) -> subprocess.Popen:
+    tests = str(Path(__file__).resolve().parent)  # the learner's env is tests/toy_envs.py
+    env = {**os.environ, "RESD_API_KEY": KEY,
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "resd serve did not come up"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_resd_serve_learn_survives_sigkill(tiny_model_dir, tmp_path):
+    """serve → ask → feedback → a learner step swaps the version → SIGKILL → restart:
+    every acknowledged feedback row is there, nothing is trained twice, and the restarted
+    server answers with the version the learner last served."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "resd", "serve", "--model", str(tiny_model_dir),
+               "--served-model-name", MODEL, "--port", str(port), "--output-dir", str(tmp_path),
+               "--max-new-tokens", "8", "--log-level", "warning",
+               "--learn", str(learn_config(tiny_model_dir, tmp_path)), "--guard-tolerance", "1"]  # fmt: skip
+    process = _start(command, url)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        acknowledged = []
+        for i in range(6):  # 4 make a step; 2 wait for the next one
+            reply = client.chat.completions.create(model=MODEL, seed=i, max_tokens=8,
+                                                   messages=[{"role": "user", "content": PROMPTS[i % 4]}])  # fmt: skip
+            note = httpx.post(f"{url}/v1/feedback", headers=headers,
+                              json={"completion_id": reply.id, "reward": 0.0, "feedback": "Answer yes or no."})  # fmt: skip
+            assert note.status_code == 201
+            acknowledged.append(reply.id)
+        deadline = time.monotonic() + 180
+        while httpx.get(f"{url}/health").json()["model_version"] == "base":
+            assert time.monotonic() < deadline, "no learner step was served"
+            time.sleep(0.5)
+        after = client.chat.completions.create(model=MODEL, messages=MESSAGES_HI, max_tokens=4)
+        assert after.system_fingerprint == f"{MODEL}@step1"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+
+    process = _start(command, url)
+    try:
+        health = httpx.get(f"{url}/health").json()
+        assert health["model_version"] == f"{MODEL}@step1"
+        assert health["learner"]["step"] == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    store = Store(str(tmp_path / "resd.db"))
+    rows = {f["completion_id"]: f for r in store.recent(100) for f in r["feedback"]}
+    assert set(acknowledged) <= set(rows)  # every acknowledged row survived the SIGKILL
+    assert sorted(f["consumed_step"] or 0 for f in rows.values()) == [0, 0, 1, 1, 1, 1]
+    store.close()
+
+
+MESSAGES_HI = [{"role": "user", "content": "hi"}]

@@ -1,5 +1,5 @@
 """Command line: `resd train`, `resd envs`, `resd env-check`, `resd eval`, `resd compare`,
-`resd continual`, `resd report`.
+`resd continual`, `resd report`, `resd serve`.
 
 resd train --config configs/demo.yaml lr=1e-5 env_args.n_train=64
 resd train --config configs/demo.yaml --resume
@@ -7,6 +7,7 @@ resd eval --model runs/x --env arithmetic --samples 4          # the final model
 resd compare --config configs/demo.yaml --algorithms resd,sdpo --seeds 0,1 --out runs/cmp
 resd continual --config configs/continual.yaml
 resd report runs/cmp
+resd serve --model runs/x --port 8000                           # OpenAI-compatible API + feedback
 
 The subcommands beyond train/envs/env-check live in their own modules, each with an
 `add_<name>_subcommand(subparsers)`; this file only registers them.
@@ -24,6 +25,7 @@ from resd.analysis.continual import add_continual_subcommand
 from resd.analysis.eval_cli import add_eval_subcommand
 from resd.analysis.report import add_report_subcommand
 from resd.config import ConfigError, TrainConfig, load_config
+from resd.serve.command import add_serve_subcommand
 
 
 def _print_config_help() -> None:
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_subcommand(sub)
     add_continual_subcommand(sub)
     add_report_subcommand(sub)
+    add_serve_subcommand(sub)
     return parser
 
 

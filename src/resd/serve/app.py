@@ -1,0 +1,601 @@
+"""The HTTP side of `resd serve`: an OpenAI-compatible API, feedback, health and a page.
+
+    POST /v1/chat/completions   OpenAI's chat schema, plain or streamed (SSE)
+    GET  /v1/models             the one served model
+    POST /v1/feedback           reward / score / text on a completion id
+    GET  /health                liveness, the served version, row counts, learner summary
+    GET  /                      the HTML page (`resd.serve.page`)
+
+Why the request bodies are read and validated by hand instead of by FastAPI's
+parameters: an OpenAI client expects OpenAI's error body (`{"error": {"message", "type",
+"param", "code"}}`) and a 400 for a malformed request, where FastAPI answers 422 in its
+own shape; and a body has to be refused *while* it is read once it passes
+`max_body_bytes` (413), before anything is parsed. Every check happens before the engine
+or the database is touched, so a rejected request leaves no row behind; a completion is
+stored before its response (or its first streamed byte) leaves, so every id a client
+receives can take feedback.
+
+Auth: with an API key, every endpoint but `/health` needs `Authorization: Bearer <key>`;
+the page also takes HTTP Basic auth with the key as the password, so a browser can open
+it. Without a key nothing is checked: `resd serve` then binds to a loopback address only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from resd.generation.structured import StructuredOutputUnavailable
+from resd.serve import missing_extra
+from resd.serve.engine import (
+    Completion,
+    EngineStopped,
+    GenerationEngine,
+    ModelHolder,
+    PromptError,
+    SchemaError,
+)
+from resd.serve.page import render_page
+from resd.serve.store import FeedbackConflict, Store
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as _exc:  # pragma: no cover - exercised only without the extra
+    raise missing_extra(getattr(_exc, "name", None) or "fastapi and uvicorn", _exc) from _exc
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiError", "BackgroundServer", "create_app"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1_000_000
+RECENT_ON_PAGE = 50
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: `{"error": {message, type, param, code}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}  # fmt: skip
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ApiError(400, f"{param or 'body'}: {first.get('msg')}{more}", param=param,
+                    code="invalid_value")  # fmt: skip
+
+
+# ---- request schemas -------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # Unknown fields are refused, as OpenAI's API does: a silently ignored option
+    # (tools, response_format, ...) would give a reply the caller did not ask for.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's structured output: plain text, any JSON object, or JSON of one schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_schema(self) -> dict[str, Any] | None:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ApiError(400, "response_format.json_schema: required with type "
+                               "json_schema", param="response_format.json_schema")  # fmt: skip
+            return self.json_schema.schema_
+        return {"type": "object"} if self.type == "json_object" else None
+
+
+class ChatRequest(_Strict):
+    """The accepted subset of OpenAI's chat-completion request."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    response_format: ResponseFormat | None = None
+
+
+class FeedbackRequest(_Strict):
+    completion_id: str = Field(min_length=1, max_length=100)
+    reward: float | None = None
+    score: float | None = None
+    feedback: str | None = ""  # null is read as no text
+    source: str = Field(default="user", min_length=1, max_length=100)
+
+
+def _unsupported(chat: ChatRequest) -> ApiError | None:
+    """Options we parse but cannot honour: refused rather than ignored."""
+    if chat.n not in (None, 1):
+        return ApiError(400, "n: only n=1 is supported", param="n", code="unsupported_value")
+    if chat.stop:
+        return ApiError(400, "stop: stop sequences are not supported (the reply ends at the "
+                        "model's end-of-turn token or max_tokens)", param="stop",
+                        code="unsupported_value")  # fmt: skip
+    if chat.logprobs:
+        return ApiError(400, "logprobs: not returned by this server (they are recorded for "
+                        "training)", param="logprobs", code="unsupported_value")  # fmt: skip
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(chat, name):
+            return ApiError(
+                400, f"{name}: only 0 is supported", param=name, code="unsupported_value"
+            )
+    return None
+
+
+def _plain_messages(chat: ChatRequest) -> list[dict[str, str]]:
+    """Messages as the chat template takes them: {role, content} strings; OpenAI's
+    'developer' role is the system role under its newer name."""
+    out = []
+    for message in chat.messages:
+        content = message.content
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        out.append({"role": "system" if message.role == "developer" else message.role,
+                    "content": text})  # fmt: skip
+    return out
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 as soon as it passes `limit` bytes, 400 if it is not JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body too large ({declared} bytes; the limit is {limit})",
+                       code="request_too_large")  # fmt: skip
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body too large (the limit is {limit} bytes)",
+                           code="request_too_large")  # fmt: skip
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(bytes(body), parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def _parse(schema: type[_Strict], payload: Any) -> Any:
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_value")
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+
+
+# ---- auth ---------------------------------------------------------------------------------------------
+def _key_matches(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _check_auth(request: Request, api_key: str | None, *, allow_basic: bool = False) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and _key_matches(value.strip(), api_key):
+        return
+    if allow_basic and scheme.lower() == "basic":
+        try:
+            _user, _, password = base64.b64decode(value.strip()).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            password = ""
+        if _key_matches(password, api_key):
+            return
+    challenge = 'Basic realm="resd serve"' if allow_basic else "Bearer"
+    message = "missing API key" if not header else "invalid API key"
+    raise ApiError(401, f"{message}: send 'Authorization: Bearer <key>'", type="authentication_error",
+                   code="invalid_api_key", headers={"WWW-Authenticate": challenge})  # fmt: skip
+
+
+# ---- responses -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Reply:
+    """What the response is built from: the completion and the names it goes out under."""
+
+    completion_id: str
+    created: int
+    model_name: str
+    completion: Completion
+
+    def head(self) -> dict[str, Any]:
+        return {"id": self.completion_id, "created": self.created, "model": self.model_name,
+                "system_fingerprint": self.completion.version,
+                "resd_model_version": self.completion.version}  # fmt: skip
+
+    def usage(self) -> dict[str, int]:
+        prompt, reply = len(self.completion.prompt_token_ids), len(self.completion.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": reply, "total_tokens": prompt + reply}
+
+    def body(self) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": self.completion.text},
+                  "logprobs": None, "finish_reason": self.completion.finish_reason}  # fmt: skip
+        return {
+            **self.head(),
+            "object": "chat.completion",
+            "choices": [choice],
+            "usage": self.usage(),
+        }
+
+    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
+        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+            return {**self.head(), "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+
+        pieces = self.completion.pieces or ([self.completion.text] if self.completion.text else [])
+        out = [chunk({"role": "assistant", "content": ""}, None)]
+        out += [chunk({"content": piece}, None) for piece in pieces]
+        out.append(chunk({}, self.completion.finish_reason))
+        if include_usage:
+            out.append({**self.head(), "object": "chat.completion.chunk", "choices": [],
+                        "usage": self.usage()})  # fmt: skip
+        return out
+
+
+async def _sse(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def _learner_summary(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """For /health: the learner's scalar fields and its last step, not the playbook."""
+    if status is None:
+        return None
+    steps = status.get("steps") or []
+    summary = {k: v for k, v in status.items() if isinstance(v, str | int | float | bool)
+               and k != "playbook_markdown"}  # fmt: skip
+    summary.update(steps=len(steps), last_step=steps[-1] if steps else None)
+    accuracy = status.get("accuracy") or []
+    summary["accuracy"] = accuracy[-1] if accuracy else None
+    return summary
+
+
+# ---- the app -------------------------------------------------------------------------------------------
+def create_app(
+    holder: ModelHolder,
+    store: Store,
+    *,
+    api_key: str | None,
+    model_name: str,
+    learner: Any = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    engine: GenerationEngine | None = None,
+    page_refresh_s: int = 10,
+) -> FastAPI:
+    """The server. `engine` defaults to a `GenerationEngine(holder)` with its defaults;
+    the app starts it on startup and stops it on shutdown either way. `learner`, if
+    given, is anything with a `status() -> dict` (see `resd.serve.page`). The version
+    being served is registered in the store if it is not there yet."""
+    if api_key is not None and not api_key:
+        raise ValueError("api_key: an empty key would accept 'Bearer ' alone; pass None for no key")
+    engine = engine or GenerationEngine(holder)
+    if engine.holder is not holder:
+        raise ValueError("engine: it must generate from the same ModelHolder the app serves")
+    known_versions: set[str] = set()
+    versions_lock = threading.Lock()
+
+    def ensure_version(version: str) -> None:
+        """A version swapped in without `Store.add_version` is registered on first use
+        (the learner's later `add_version` fills in its parent and step), so its
+        completions are still recorded rather than refused by the foreign key."""
+        with versions_lock:
+            if version in known_versions:
+                return
+            if version not in {v["id"] for v in store.versions()}:
+                log.warning("model version %s was not registered; registering it now", version)
+                store.add_version(version, parent=None, step=0, note="registered by the server")
+            known_versions.add(version)
+
+    ensure_version(holder.current().version)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="resd serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.store, app.state.holder = engine, store, holder
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return ApiError(
+            500, f"internal error: {type(exc).__name__}", type="server_error"
+        ).response()
+
+    def learner_status() -> dict[str, Any] | None:
+        return None if learner is None else learner.status()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        _check_auth(request, api_key)
+        chat = _parse(ChatRequest, await _read_json(request, max_body_bytes))
+        problem = _unsupported(chat)
+        if problem is not None:
+            raise problem
+        if chat.model != model_name:
+            raise ApiError(404, f"model {chat.model!r} is not served here (this server serves "
+                           f"{model_name!r})", param="model", code="model_not_found")  # fmt: skip
+        messages = _plain_messages(chat)
+        temperature = 1.0 if chat.temperature is None else chat.temperature
+        top_p = 1.0 if chat.top_p is None else chat.top_p
+        try:
+            future = engine.submit(
+                messages, temperature=temperature, top_p=top_p, seed=chat.seed,
+                max_tokens=chat.max_completion_tokens or chat.max_tokens, stream=bool(chat.stream),
+                json_schema=chat.response_format.to_schema() if chat.response_format else None,
+            )  # fmt: skip
+            completion = await asyncio.wrap_future(future)
+        except PromptError as exc:
+            raise ApiError(400, str(exc), param="messages", code="invalid_messages") from exc
+        except SchemaError as exc:
+            raise ApiError(400, str(exc), param="response_format", code="invalid_schema") from exc
+        except StructuredOutputUnavailable as exc:
+            raise ApiError(400, f"response_format: {exc}", param="response_format",
+                           code="unsupported_value") from exc  # fmt: skip
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), type="server_error", code="unavailable") from exc
+        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name, completion)
+        params = {"temperature": temperature, "top_p": top_p, "seed": completion.seed,
+                  "max_tokens": _max_tokens_used(chat, engine),
+                  "stream": bool(chat.stream)}  # fmt: skip
+        await run_in_threadpool(ensure_version, completion.version)
+        await run_in_threadpool(
+            store.record_interaction, completion_id=reply.completion_id,
+            model_version=completion.version, model_name=completion.model_name, messages=messages,
+            params=params, response=completion.text, prompt_token_ids=completion.prompt_token_ids,
+            response_token_ids=completion.token_ids, response_logprobs=completion.logprobs,
+            finish_reason=completion.finish_reason,
+        )  # fmt: skip
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(_sse(reply.chunks(include_usage)), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return JSONResponse(reply.body())
+
+    @app.post("/v1/feedback")
+    async def post_feedback(request: Request) -> JSONResponse:
+        _check_auth(request, api_key)
+        note = _parse(FeedbackRequest, await _read_json(request, max_body_bytes))
+        for name in ("reward", "score"):
+            value = getattr(note, name)
+            if value is not None and not math.isfinite(value):
+                raise ApiError(
+                    400, f"{name}: must be a finite number", param=name, code="invalid_value"
+                )
+        text = note.feedback or ""
+        if note.reward is None and note.score is None and not text.strip():
+            raise ApiError(
+                400, "give at least one of reward, score or feedback", code="invalid_value"
+            )
+        try:
+            row, created = await run_in_threadpool(
+                store.record_feedback, note.completion_id, source=note.source,
+                reward=note.reward, score=note.score, feedback=text,
+            )  # fmt: skip
+        except KeyError as exc:
+            raise ApiError(404, f"no completion with id {note.completion_id!r}",
+                           param="completion_id", code="completion_not_found") from exc  # fmt: skip
+        except FeedbackConflict as exc:
+            raise ApiError(409, str(exc), param="completion_id", code="feedback_consumed") from exc
+        return JSONResponse({"object": "resd.feedback", **row}, status_code=201 if created else 200)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "resd",
+                "resd_model_version": holder.current().version}  # fmt: skip
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        _check_auth(request, api_key)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> JSONResponse:
+        _check_auth(request, api_key)
+        if model_id != model_name:
+            raise ApiError(404, f"model {model_id!r} is not served here", param="model",
+                           code="model_not_found")  # fmt: skip
+        return JSONResponse(model_card())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            counts = await run_in_threadpool(store.counts)
+            status = await run_in_threadpool(learner_status)
+        except Exception as exc:  # the database is down: say so, with a 503
+            log.exception("health check failed")
+            return JSONResponse({"status": "error", "error": f"{type(exc).__name__}: {exc}"},
+                                status_code=503)  # fmt: skip
+        return JSONResponse({
+            "status": "ok", "model": model_name, "model_version": holder.current().version,
+            "counts": counts, "queue": engine.pending, "learner": _learner_summary(status),
+        })  # fmt: skip
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(request: Request, refresh: int = page_refresh_s) -> HTMLResponse:
+        _check_auth(request, api_key, allow_basic=True)
+
+        def render() -> str:
+            return render_page(
+                model_name=model_name, version=holder.current().version, counts=store.counts(),
+                versions=store.versions(), recent=store.recent(RECENT_ON_PAGE),
+                learner_status=learner_status(), refresh_s=max(0, refresh),
+            )  # fmt: skip
+
+        return HTMLResponse(await run_in_threadpool(render))
+
+    return app
+
+
+def _max_tokens_used(chat: ChatRequest, engine: GenerationEngine) -> int:
+    """The max_tokens a completion was generated with (the request's, capped by the server)."""
+    asked = chat.max_completion_tokens or chat.max_tokens
+    return engine.max_new_tokens if asked is None else min(asked, engine.max_new_tokens)
+
+
+# ---- running it in a thread (tests, notebooks) ------------------------------------------------------------
+@dataclass
+class BackgroundServer:
+    """A real uvicorn server for `app` on a free loopback port, in a daemon thread:
+
+        with BackgroundServer(app) as server:
+            OpenAI(base_url=f"{server.url}/v1", api_key=...)
+
+    The socket is bound before the thread starts, so `url` is valid at once and no other
+    process can take the port in between."""
+
+    app: Any
+    host: str = "127.0.0.1"
+    port: int = 0
+    log_level: str = "warning"
+    startup_timeout_s: float = 60.0
+    _server: Any = field(default=None, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _socket: socket.socket | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> BackgroundServer:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._socket = sock
+        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="resd-serve", daemon=True)  # fmt: skip
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the server did not start (see the log above)")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def on_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (the only place an unauthenticated server may bind)."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,160 @@
+"""`resd serve`: serve a model over an OpenAI-compatible API and record feedback on it.
+
+    RESD_API_KEY=secret resd serve --model qwen2.5-coder-0.5b --host 0.0.0.0 --port 8000
+    resd serve --model runs/x --output-dir runs/serve            # loopback only, no key
+    resd serve --model Qwen/Qwen3-0.6B --db postgresql+psycopg://u:pw@db/resd --learn learn.yaml
+
+This module holds only the argument parser and the start-up; the web and database
+packages are imported once the command runs, so `resd --help` works without them and a
+missing one is one clear error naming `pip install 'resd[serve]'`. The learner
+(`--learn`) is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from resd.config import DTYPE_NAMES
+from resd.serve import SERVE_EXTRA_HINT, missing_extra
+
+
+def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible API and record feedback"
+    )
+    serve.add_argument(
+        "--model", required=True, help="Hugging Face id, local folder or bundled alias"
+    )
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients pass as `model` (default: --model)")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind; anything but loopback needs an API key")  # fmt: skip
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--output-dir", default="runs/serve",
+                       help="where the SQLite database (resd.db) and the learner's files go")  # fmt: skip
+    serve.add_argument("--db", default=None,
+                       help="SQLAlchemy URL (default: sqlite:///<output-dir>/resd.db)")  # fmt: skip
+    serve.add_argument("--api-key-env", default="RESD_API_KEY",
+                       help="environment variable holding the API key (unset: no auth)")  # fmt: skip
+    serve.add_argument("--max-batch", type=int, default=8, help="requests per generation batch")
+    serve.add_argument("--batch-wait-ms", type=float, default=10.0,
+                       help="how long the worker waits for more requests to batch")  # fmt: skip
+    serve.add_argument("--max-new-tokens", type=int, default=256,
+                       help="the longest reply (requests asking more are capped)")  # fmt: skip
+    serve.add_argument("--max-prompt-tokens", type=int, default=2048,
+                       help="longer prompts keep their end")  # fmt: skip
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    serve.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--base-version", default="base",
+                       help="the version id the loaded weights are recorded under")  # fmt: skip
+    serve.add_argument("--learn", default=None, metavar="CONFIG",
+                       help="also run the background learner with this config")  # fmt: skip
+    serve.add_argument("--learn-min-rows", type=int, default=None, metavar="N",
+                       help="feedback rows a learner step waits for (default: the config's batch_size)")  # fmt: skip
+    serve.add_argument("--guard-metric", default="case_mean@k",
+                       help="the held-out metric that gates serving a learner step (higher is better)")  # fmt: skip
+    serve.add_argument("--guard-tolerance", type=float, default=0.0,
+                       help="serve a step whose guard metric fell by at most this much")  # fmt: skip
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
+    serve.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from resd.serve.app import create_app, on_loopback
+        from resd.serve.engine import GenerationEngine, ModelHolder, load_served_model
+        from resd.serve.store import Store, sqlite_url
+    except ImportError as exc:
+        if SERVE_EXTRA_HINT not in str(exc):  # raised by the import above, not by our modules
+            exc = missing_extra(exc.name or "its web and database packages", exc)
+        print(f"resd: error: {exc}", file=sys.stderr)
+        return 2
+
+    api_key = os.environ.get(args.api_key_env) or None
+    if api_key is None and not on_loopback(args.host):
+        raise ValueError(
+            f"--host {args.host}: a server reachable from other machines needs an API key; "
+            f"set ${args.api_key_env} (or choose the variable with --api-key-env), or bind "
+            "to 127.0.0.1"
+        )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(args.db or sqlite_url(output_dir / "resd.db"))
+    learner = None
+    try:
+        name = args.served_model_name or args.model
+        served = load_served_model(
+            args.model, version=args.base_version, name=name, dtype=args.dtype,
+            device=args.device, max_length=args.max_prompt_tokens + args.max_new_tokens,
+        )  # fmt: skip
+        if args.base_version not in {v["id"] for v in store.versions()}:  # a restart keeps its row
+            store.add_version(
+                args.base_version, parent=None, step=0, note=f"loaded from {args.model}"
+            )
+        holder = ModelHolder(served)
+        engine = GenerationEngine(
+            holder, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+            max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        )  # fmt: skip
+        if args.learn:
+            from resd.serve.learner import Learner  # only now: it is optional
+
+            learner = Learner.from_config(
+                args.learn, store=store, holder=holder, output_dir=output_dir,
+                min_rows=args.learn_min_rows, guard_metric=args.guard_metric,
+                guard_tolerance=args.guard_tolerance,
+            )  # fmt: skip
+            learner.start()
+        app = create_app(holder, store, api_key=api_key, model_name=name, learner=learner,
+                         max_body_bytes=args.max_body_bytes, engine=engine)  # fmt: skip
+        base = f"http://{args.host}:{args.port}"
+        if api_key is None:
+            print(f"resd serve: no API key (${args.api_key_env} is unset): unauthenticated, "
+                  f"so bound to {args.host} only", file=sys.stderr)  # fmt: skip
+        print(f"resd serve: model {name!r} (version {served.version}) at {base}/v1, "
+              f"page {base}/, database {store.url}"
+              + (f", learning with {args.learn}" if learner else ""), file=sys.stderr)  # fmt: skip
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+        )
+        _run_until_signalled(server)
+    finally:
+        if learner is not None:
+            learner.stop()
+        store.close()
+    return 0
+
+
+class _Signalled(Exception):
+    """SIGINT or SIGTERM after uvicorn's graceful shutdown (see `_run_until_signalled`)."""
+
+
+def _raise_signalled(signum: int, _frame: object) -> None:
+    raise _Signalled(signum)
+
+
+def _run_until_signalled(server: object) -> None:
+    """Run uvicorn; return once it has shut down on Ctrl-C or SIGTERM.
+
+    uvicorn drains open requests on a signal, then raises the signal again under the
+    handlers it found: with Python's defaults that is a KeyboardInterrupt traceback for
+    SIGINT and an abrupt exit for SIGTERM, skipping our `finally` (the learner's stop, the
+    database's close). Our own handlers turn the re-raised signal into a clean return.
+    """
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _raise_signalled) for sig in handled}
+    try:
+        server.run()  # type: ignore[attr-defined]
+    except _Signalled:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,401 @@
+"""The served model and the worker that generates with it.
+
+Two concerns, kept apart:
+
+* Which weights answer. `ModelHolder` holds one `ServedModel` (weights, tokenizer, version
+  id, name) and replaces it with one reference assignment under a lock (`swap`). A
+  request binds the model it will be answered by when it is *accepted* (`submit`), so a
+  request in flight during a swap finishes on the version it started with, reports that
+  version, and is recorded under it; every request accepted after the swap uses the new
+  one. Nothing is copied and nothing waits: the learner builds the new model on the side
+  and swaps the finished object in.
+
+* Who runs the model. One worker thread owns generation (a model on one device gains
+  nothing from two threads racing for it, and transformers' generation is not meant to
+  be re-entered). It takes the first queued request, gathers what else arrives within
+  `batch_wait_ms` (up to `max_batch` requests), groups them by model object and sampling
+  settings, and runs each group as one batch through `resd.generation.hf.generate`, the
+  same sampler training uses. Every row gets its own seed (the request's `seed`, or a
+  fresh random one that is recorded), so with row-seeded sampling a reply depends on its
+  prompt, settings and seed only, never on which other requests shared its batch; and the
+  sampler records each sampled token's log-probability, which the learner needs for
+  importance correction. Greedy decoding (temperature 0) has no sampler, so it records no
+  log-probabilities.
+
+Streaming is not token-by-token: a reply is generated whole (it has to be, to batch with
+others), then `text_pieces` cuts it at token boundaries for the server to send as chunks.
+A client sees the first chunk only when the whole reply is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
+from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
+
+__all__ = [
+    "Completion",
+    "EngineStopped",
+    "GenerationEngine",
+    "ModelHolder",
+    "PromptError",
+    "SamplingSettings",
+    "SchemaError",
+    "ServedModel",
+    "load_served_model",
+    "text_pieces",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One set of weights as served: the model, its tokenizer (loaded by
+    `resd.models.load_tokenizer`, so left-padded with a chat template), the version id it
+    is recorded under (a `model_versions.id` in the store) and its human-readable name."""
+
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    version: str
+    name: str
+
+
+class ModelHolder:
+    """The model currently served; `swap` replaces it atomically for new requests."""
+
+    def __init__(self, served: ServedModel) -> None:
+        self._lock = threading.Lock()
+        self._served = served
+
+    def current(self) -> ServedModel:
+        with self._lock:
+            return self._served
+
+    def swap(self, new: ServedModel) -> ServedModel:
+        """Serve `new` from the next accepted request on; returns the model it replaced
+        (requests already accepted keep using that one until they finish)."""
+        with self._lock:
+            old, self._served = self._served, new
+        log.info("serving model version %s (was %s)", new.version, old.version)
+        return old
+
+
+def load_served_model(
+    model: str,
+    *,
+    version: str = "base",
+    name: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    max_length: int | None = None,
+) -> ServedModel:
+    """Load any Hugging Face id, local folder or bundled alias for serving."""
+    from resd.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model, max_length)
+    weights = load_model(model, dtype=dtype, device=device)
+    weights.eval()
+    return ServedModel(model=weights, tokenizer=tokenizer, version=version, name=name or model)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What a batch must share: `generate` takes one temperature, top-p and length (and,
+    for structured output, one JSON schema, kept as its canonical JSON text)."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    json_schema: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished reply, with everything the store records about it."""
+
+    version: str  # the model version that generated it
+    model_name: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # cut after the first EOS (kept)
+    text: str
+    logprobs: list[float] | None  # the sampler's log π per token; None when greedy
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+    seed: int
+    pieces: list[str] | None = None  # the text cut at token boundaries, when streamed
+
+
+class SchemaError(ValueError):
+    """A `response_format` JSON schema that the grammar compiler cannot use."""
+
+
+class PromptError(ValueError):
+    """The messages could not be turned into a prompt (the chat template refused them)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped before the request ran."""
+
+
+@dataclass
+class _Job:
+    served: ServedModel
+    messages: list[dict[str, str]]
+    settings: SamplingSettings
+    seed: int
+    stream: bool
+    future: Future[Completion] = field(default_factory=Future)
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+def text_pieces(
+    tokenizer: Any, token_ids: list[int], text: str, max_pieces: int = 256
+) -> list[str]:
+    """`text` cut where token boundaries fall, for streaming; the pieces join to `text`.
+
+    A boundary is used only where the decoded prefix is a prefix of the whole text (a
+    byte-level token can end inside a UTF-8 character; such a boundary is skipped). At
+    most `max_pieces` prefixes are decoded, so long replies stream in multi-token pieces.
+    """
+    pieces: list[str] = []
+    done = 0
+    stride = max(1, -(-len(token_ids) // max_pieces))
+    for end in range(stride, len(token_ids) + 1, stride):
+        prefix = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+        if len(prefix) > done and text.startswith(prefix):
+            pieces.append(text[done : len(prefix)])
+            done = len(prefix)
+    if done < len(text):
+        pieces.append(text[done:])
+    return pieces
+
+
+class GenerationEngine:
+    """The single generation worker (see the module docstring).
+
+    `max_new_tokens` is the server's ceiling: a request asking for more gets this many.
+    Prompts longer than `max_prompt_tokens` keep their end (`chat_prompt_ids`).
+    """
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        *,
+        max_batch: int = 8,
+        batch_wait_ms: float = 10.0,
+        max_new_tokens: int = 256,
+        max_prompt_tokens: int = 2048,
+        autocast: str | None = "auto",
+    ) -> None:
+        if max_batch < 1 or max_new_tokens < 1 or max_prompt_tokens < 1 or batch_wait_ms < 0:
+            raise ValueError(
+                "engine: max_batch, max_new_tokens and max_prompt_tokens must be >= 1 and "
+                "batch_wait_ms >= 0"
+            )
+        self.holder = holder
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.autocast = autocast
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._resume = threading.Event()
+        self._resume.set()
+        self.batch_sizes: list[int] = []  # rows per `generate` call, newest last (last 1000)
+        self._grammars: dict[int, JsonGrammar] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker (a no-op when it runs already)."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run, name="resd-generation", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in progress, fail what is still queued, end the worker."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._resume.set()
+        self._queue.put(_STOP)
+        thread.join(timeout)
+        self._thread = None
+        self._fail_queued(EngineStopped("the server is shutting down"))
+
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not yet finished (queued or generating)."""
+        with self._lock:
+            return self._pending
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold back new batches while the block runs (e.g. while a learner needs the
+        device to itself); requests queue up and are bound to the version current when
+        they were accepted. The batch already generating finishes first."""
+        self._resume.clear()
+        try:
+            yield
+        finally:
+            self._resume.set()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def submit(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        json_schema: dict[str, Any] | None = None,
+    ) -> Future[Completion]:
+        """Accept a request: it will be answered by the model served *now*. With
+        `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
+        that shape; a schema the grammar compiler refuses raises `SchemaError` here."""
+        if self._thread is None:
+            raise EngineStopped("the generation engine is not running")
+        limit = self.max_new_tokens if max_tokens is None else min(max_tokens, self.max_new_tokens)
+        served = self.holder.current()
+        schema_text = None
+        if json_schema is not None:
+            schema_text = json.dumps(json_schema, sort_keys=True)
+            try:
+                self._grammar(served).compile(json_schema)  # cached; fails now, not mid-batch
+            except StructuredOutputUnavailable:
+                raise
+            except Exception as exc:
+                raise SchemaError(
+                    f"response_format: the JSON schema cannot be used: {exc}"
+                ) from exc
+        job = _Job(
+            served=served,
+            messages=messages,
+            settings=SamplingSettings(float(temperature), float(top_p), int(limit), schema_text),
+            seed=secrets.randbits(63) if seed is None else int(seed),
+            stream=stream,
+        )
+        with self._lock:
+            self._pending += 1
+        job.future.add_done_callback(self._finished)
+        self._queue.put(job)
+        return job.future
+
+    def _grammar(self, served: ServedModel) -> JsonGrammar:
+        """One grammar compiler per served model (a swap brings a new one); it caches
+        compiled schemas."""
+        with self._lock:
+            if self._grammars.get(id(served)) is None:
+                self._grammars = {id(served): JsonGrammar(
+                    served.tokenizer, served.model.config.vocab_size,
+                    eos_token_ids(served.model, served.tokenizer),
+                )}  # fmt: skip
+            return self._grammars[id(served)]
+
+    def _finished(self, _future: Future[Completion]) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    # ---- the worker --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            self._resume.wait()
+            jobs, stop = self._gather(first)
+            groups: dict[tuple[int, SamplingSettings], list[_Job]] = {}
+            for job in jobs:
+                if job.future.set_running_or_notify_cancel() and self._tokenize(job):
+                    groups.setdefault((id(job.served), job.settings), []).append(job)
+            for group in groups.values():
+                self._generate(group)
+            if stop:
+                return
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        """The first job and whatever else arrives within the wait, up to max_batch."""
+        jobs = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(jobs) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _tokenize(self, job: _Job) -> bool:
+        try:
+            job.prompt_ids = chat_prompt_ids(
+                job.served.tokenizer, job.messages, self.max_prompt_tokens
+            )
+        except Exception as exc:  # the template's own checks (roles, order) raise anything
+            job.future.set_exception(
+                PromptError(f"messages: the chat template refused them: {exc}")
+            )
+            return False
+        return True
+
+    def _generate(self, group: list[_Job]) -> None:
+        served, settings = group[0].served, group[0].settings
+        schema = json.loads(settings.json_schema) if settings.json_schema else None
+        try:
+            outputs = generate(
+                served.model, served.tokenizer, [job.prompt_ids for job in group],
+                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                top_p=settings.top_p, batch_size=self.max_batch, autocast=self.autocast,
+                seeds=[job.seed for job in group], return_logprobs=True,
+                grammar=self._grammar(served) if schema else None,
+                json_schemas=[schema] * len(group) if schema else None,
+            )  # fmt: skip
+        except Exception as exc:
+            log.exception("generation failed for a batch of %d", len(group))
+            for job in group:
+                job.future.set_exception(exc)
+            return
+        self.batch_sizes = [*self.batch_sizes[-999:], len(group)]
+        for job, out in zip(group, outputs, strict=True):
+            try:
+                pieces = (
+                    text_pieces(served.tokenizer, out.token_ids, out.text) if job.stream else None
+                )
+                job.future.set_result(Completion(
+                    version=served.version, model_name=served.name, prompt_token_ids=job.prompt_ids,
+                    token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
+                    finish_reason="stop" if out.finished else "length", seed=job.seed, pieces=pieces,
+                ))  # fmt: skip
+            except Exception as exc:
+                job.future.set_exception(exc)
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(exc)

@@ -1,0 +1,227 @@
+"""The background learner of `resd serve --learn CONFIG`: RESD steps on served traffic.
+
+Users and checkers post feedback on completions the server wrote; this thread turns the
+stored (prompt, reply, score, feedback) rows into training steps. Each step is an
+ordinary `Trainer.train_step` in which the rollouts are *given* (`GivenRollout`) instead
+of sampled: reflect on the failures, curate the playbook, build each teacher context
+from the stored feedback, distil. The replies were sampled by whatever version was
+served at the time, so the update weighs every token by the capped ratio between the
+policy and the serving model's recorded log-probabilities (`rollout_is_cap`, on by
+default here).
+
+After each step a guard decides whether the new weights are served: the environment's
+held-out items (`eval_items` of the config's `env`) are scored, and the new version
+replaces the served one only if `guard_metric` did not fall. The swap is a reference
+swap in the `ModelHolder`: requests in flight finish on the old version.
+
+Exactly once. A step's checkpoint records the feedback ids it consumed, and only then
+are those rows marked consumed in the database. Killed before the checkpoint, the rows
+are still unconsumed and the restarted learner (resuming from the previous checkpoint)
+trains on them once; killed between the two, the restart finds the ids in the
+checkpoint and marks them without training again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resd.config import load_config
+from resd.envs.base import Item, Score
+from resd.generation.base import Generation
+from resd.rundir import read_jsonl
+from resd.serve.engine import ModelHolder, ServedModel
+from resd.serve.store import Store, TrainingRow
+from resd.training.rollout import GivenRollout
+from resd.training.trainer import Trainer
+
+__all__ = ["Learner", "LearnerSettings", "given_rollout"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    """How the learner paces itself; everything else is the train config."""
+
+    min_rows: int  # rows with feedback needed before a step (default: the config's batch_size)
+    poll_seconds: float = 2.0
+    guard_metric: str = "case_mean@k"  # an evaluation metric; higher is better
+    guard_tolerance: float = 0.0  # serve when new >= served - tolerance
+
+
+def given_rollout(row: TrainingRow) -> GivenRollout:
+    """A stored interaction with its feedback, as the trainer's off-policy input.
+
+    Identical prompts share an item id, so the solution buffer can hold a success for a
+    prompt that users send again. A row without a reward counts as a failure unless its
+    score is perfect; a row without a score takes its reward as the score.
+    """
+    key = hashlib.sha1(json.dumps(row.messages, sort_keys=True).encode()).hexdigest()[:12]
+    item = Item(id=f"served/{key}", messages=list(row.messages))
+    reward = row.reward if row.reward is not None else float((row.score or 0.0) >= 1.0)
+    score = row.score if row.score is not None else reward
+    gen = Generation(list(row.response_token_ids), row.response, True, row.response_logprobs)
+    return GivenRollout(item, list(row.prompt_token_ids), gen, Score(reward, score, row.feedback))
+
+
+class Learner:
+    """Runs learner steps in a background thread; `step_once` is the unit (and the tests')."""
+
+    def __init__(
+        self, trainer: Trainer, store: Store, holder: ModelHolder, settings: LearnerSettings
+    ) -> None:
+        self.trainer, self.store, self.holder, self.settings = trainer, store, holder, settings
+        self.steps: list[dict[str, Any]] = list(trainer.extra_state.get("history", []))
+        self._lock = threading.Lock()  # one step at a time, and status() sees a whole step
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        self._reconcile()
+        if trainer.step == 0:
+            self._baseline()
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | Path,
+        *,
+        store: Store,
+        holder: ModelHolder,
+        output_dir: str | Path,
+        overrides: list[str] | None = None,
+        min_rows: int | None = None,
+        guard_metric: str = "case_mean@k",
+        guard_tolerance: float = 0.0,
+    ) -> Learner:
+        """Build the trainer from a train config (its run folder: `<output_dir>/learner`),
+        resuming it when that folder already holds a learner's checkpoints."""
+        run_dir = Path(output_dir) / "learner"
+        cfg = load_config(path, ["rollout_is_cap=2.0", *(overrides or []), f"output_dir={run_dir}"])
+        served = holder.current()
+        if str(cfg.model) != str(served.name):
+            log.warning("learner: the config trains %s while the server serves %s; the first "
+                        "swap replaces the served model", cfg.model, served.name)  # fmt: skip
+        trainer = Trainer(cfg, resume=(run_dir / "metrics.jsonl").exists())
+        settings = LearnerSettings(min_rows or cfg.batch_size, guard_metric=guard_metric,
+                                   guard_tolerance=guard_tolerance)  # fmt: skip
+        learner = cls(trainer, store, holder, settings)
+        last = trainer.extra_state.get("served_version")
+        if trainer.step and last:  # a restarted server serves what the learner last served
+            holder.swap(learner._snapshot(last))
+        return learner
+
+    # ---- the thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="resd-learner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.step_once() is None:
+                    self._stop.wait(self.settings.poll_seconds)
+            except Exception as exc:  # keep serving; the page and /health show the error
+                log.exception("learner step failed")
+                self.error = f"{type(exc).__name__}: {exc}"
+                self._stop.wait(self.settings.poll_seconds)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step_once(self) -> dict[str, Any] | None:
+        """Train on the oldest unconsumed feedback rows if there are enough; the step's
+        record (metrics, guard, served version), or None when there was nothing to do."""
+        with self._lock:
+            trainer = self.trainer
+            rows = self.store.unconsumed(trainer.cfg.batch_size)
+            if len(rows) < self.settings.min_rows:
+                return None
+            metrics = trainer.train_step([], [given_rollout(r) for r in rows])
+            trainer.log_step(metrics)
+            step = trainer.step
+            served = self.holder.current()
+            evaluation = trainer.evaluate() if trainer.test_items else None
+            accuracy = evaluation[self.settings.guard_metric] if evaluation else None
+            before = self._served_accuracy(served.version)
+            serve = (
+                accuracy is None
+                or before is None
+                or accuracy >= before - self.settings.guard_tolerance
+            )
+            version = f"{served.name}@step{step}" if serve else served.version
+            record = {
+                "step": step, "rows": len(rows), "reward": metrics["reward"], "score": metrics["score"],
+                "loss": metrics["loss"], "playbook_size": metrics["playbook_size"],
+                "accuracy": accuracy, "served_accuracy": before, "served": serve, "version": version,
+            }  # fmt: skip
+            self.steps.append(record)
+            ids = [r.feedback_id for r in rows]
+            trainer.extra_state = {
+                "consumed": ids, "consumed_step": step, "history": self.steps,
+                "served_version": version if serve else trainer.extra_state.get("served_version"),
+            }  # fmt: skip
+            trainer.save()  # the checkpoint knows which rows this step consumed ...
+            self.store.mark_consumed(ids, step, cursor={"step": step, "version": version})
+            if serve:  # ... then they are marked, and the new weights are served
+                self.store.add_version(version, parent=served.version, step=step, accuracy=accuracy,
+                                       note=f"trained on {len(rows)} rows")  # fmt: skip
+                self.holder.swap(self._snapshot(version))
+            log.info("learner step %d: %s", step, record)
+            return record
+
+    def _snapshot(self, version: str) -> ServedModel:
+        """A frozen copy of what the trainer samples from: later steps do not touch it."""
+        model = copy.deepcopy(self.trainer.sampler.generator).eval().requires_grad_(False)
+        return ServedModel(
+            model=model, tokenizer=self.trainer.tokenizer, version=version,
+            name=self.holder.current().name,
+        )  # fmt: skip
+
+    def _served_accuracy(self, version: str) -> float | None:
+        for v in self.store.versions():
+            if v["id"] == version:
+                return v.get("accuracy")
+        return None
+
+    def _baseline(self) -> None:
+        """Score the served starting model on the guard items once, so the first step has
+        something to beat (the trainer starts from the same weights)."""
+        served = self.holder.current()
+        evaluation = self.trainer.evaluate() if self.trainer.test_items else None
+        accuracy = evaluation[self.settings.guard_metric] if evaluation else None
+        # registered by the server already (without an accuracy) or not: this fills it in
+        self.store.add_version(served.version, parent=None, step=0, accuracy=accuracy,
+                               note="the starting model")  # fmt: skip
+
+    def _reconcile(self) -> None:
+        """Rows the last checkpoint trained on but the database never marked (a kill
+        between the two writes) are marked now, not trained on again."""
+        ids = self.trainer.extra_state.get("consumed")
+        if ids:
+            self.store.mark_consumed(list(ids), int(self.trainer.extra_state["consumed_step"]))
+
+    # ---- what the page shows ------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            run_dir = self.trainer.run_dir
+            return {
+                "step": self.trainer.step,
+                "playbook_markdown": self.trainer.playbook.render(),
+                "playbook_history": read_jsonl(run_dir / "playbook_history.jsonl"),
+                "steps": list(self.steps),
+                "accuracy": [
+                    {"step": r["step"], "accuracy": r.get(self.settings.guard_metric)}
+                    for r in read_jsonl(run_dir / "eval.jsonl")
+                ],
+                "error": self.error,
+            }

@@ -1,0 +1,555 @@
+"""`resd serve` end to end: a real uvicorn server in a thread, the tiny random-init model,
+a real SQLite database, and the real `openai` client and httpx on the other side."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'resd[serve]'")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+sa = pytest.importorskip("sqlalchemy")
+
+from resd.serve.app import BackgroundServer, create_app  # noqa: E402
+from resd.serve.engine import (  # noqa: E402
+    GenerationEngine,
+    ModelHolder,
+    ServedModel,
+    load_served_model,
+    text_pieces,
+)
+from resd.serve.store import SchemaVersionError, Store, sqlite_url  # noqa: E402
+
+KEY = "test-key-123"
+MODEL = "tiny"
+MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
+
+
+@dataclass
+class Running:
+    """A started server and the parts behind it."""
+
+    url: str
+    store: Store
+    holder: ModelHolder
+    engine: GenerationEngine
+    api_key: str | None
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.api_key or "none",
+                             max_retries=0, timeout=60)  # fmt: skip
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        key = key or self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def post(self, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
+        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=60, **kwargs)
+
+
+@contextmanager
+def start_server(
+    served: ServedModel,
+    db: Path | str,
+    *,
+    api_key: str | None = KEY,
+    learner: Any = None,
+    max_body_bytes: int = 16_384,
+    **engine_options: Any,
+) -> Iterator[Running]:
+    """A real server on a free loopback port, its own store and engine; stopped on exit."""
+    store = Store(str(db))
+    store.add_version(served.version, parent=None, step=0, note="the test model")
+    holder = ModelHolder(served)
+    engine = GenerationEngine(holder, **{"max_new_tokens": 16, "autocast": None, **engine_options})
+    app = create_app(holder, store, api_key=api_key, model_name=MODEL, learner=learner,
+                     max_body_bytes=max_body_bytes, engine=engine)  # fmt: skip
+    try:
+        with BackgroundServer(app) as server:
+            yield Running(server.url, store, holder, engine, api_key)
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path) -> ServedModel:
+    return load_served_model(str(tiny_model_dir), version="v1", name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def server(served: ServedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    with start_server(served, tmp_path_factory.mktemp("serve") / "resd.db") as running:
+        yield running
+
+
+def chat(running: Running, **kwargs: Any) -> Any:
+    args = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, **kwargs}
+    return running.client().chat.completions.create(**args)
+
+
+# ---- completions ---------------------------------------------------------------------------------
+def test_chat_completion_is_served_and_stored(server: Running) -> None:
+    response = chat(server, temperature=0.8, seed=7)
+    assert response.id.startswith("chatcmpl-")
+    assert response.object == "chat.completion" and response.model == MODEL
+    assert response.system_fingerprint == "v1"
+    assert response.model_extra["resd_model_version"] == "v1"
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+
+    row = server.store.interaction(response.id)
+    assert row is not None and row["model_version"] == "v1" and row["model_name"] == MODEL
+    assert row["messages"] == MESSAGES and row["response"] == choice.message.content
+    assert len(row["response_token_ids"]) == response.usage.completion_tokens > 0
+    assert len(row["prompt_token_ids"]) == response.usage.prompt_tokens > 0
+    assert len(row["response_logprobs"]) == len(row["response_token_ids"])
+    assert all(lp <= 0 for lp in row["response_logprobs"])
+    assert row["params"] == {"temperature": 0.8, "top_p": 1.0, "seed": 7, "max_tokens": 8,
+                             "stream": False}  # fmt: skip
+
+    # the same seed gives the same reply; no seed gets a fresh one, which is recorded
+    assert (
+        chat(server, temperature=0.8, seed=7).choices[0].message.content == choice.message.content
+    )
+    unseeded = chat(server)
+    assert isinstance(server.store.interaction(unseeded.id)["params"]["seed"], int)
+    greedy = chat(server, temperature=0)  # no sampler, so no log-probs to record
+    assert server.store.interaction(greedy.id)["response_logprobs"] is None
+    assert (
+        chat(server, temperature=0).choices[0].message.content == greedy.choices[0].message.content
+    )
+
+
+def test_stream_pieces_join_to_the_text(served: ServedModel) -> None:
+    text = "héllo wörld ✓ — What is 3 + 4? Answer: 7"
+    ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = text_pieces(served.tokenizer, ids, decoded)
+    assert "".join(pieces) == decoded and len(pieces) > 5 and all(pieces)
+    assert "".join(text_pieces(served.tokenizer, ids, decoded, max_pieces=3)) == decoded
+
+
+def test_streaming_through_openai_client(server: Running) -> None:
+    stream = chat(server, stream=True, seed=3, max_tokens=12,
+                  stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1 and all(c.system_fingerprint == "v1" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes in (["stop"], ["length"])
+    usage = chunks[-1].usage
+    row = server.store.interaction(ids.pop())
+    assert row["response"] == text and row["params"]["stream"] is True
+    assert usage.completion_tokens == len(row["response_token_ids"])
+    # the same request unstreamed gives the same text (same seed, same settings)
+    assert chat(server, seed=3, max_tokens=12).choices[0].message.content == text
+
+
+def test_models_and_health(server: Running) -> None:
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(f"{server.url}/v1/models/{MODEL}", headers=server.headers()).status_code == 200
+    health = httpx.get(f"{server.url}/health").json()  # open, no key needed
+    assert health["status"] == "ok" and health["model_version"] == "v1"
+    assert health["counts"]["interactions"] == server.store.counts()["interactions"]
+    assert health["learner"] is None
+
+
+# ---- feedback -----------------------------------------------------------------------------------------
+def test_feedback_idempotency_and_conflicts(server: Running) -> None:
+    completion = chat(server).id
+    rows_before = server.store.counts()["feedback"]
+    note = {"completion_id": completion, "reward": 1.0, "feedback": "good"}
+    first = server.post("/v1/feedback", note)
+    assert first.status_code == 201, first.text
+    row = first.json()
+    assert row["consumed_step"] is None and row["source"] == "user" and row["reward"] == 1.0
+
+    again = server.post("/v1/feedback", note)  # a retry: the same row, nothing new
+    assert again.status_code == 200 and again.json() == row
+
+    changed = server.post("/v1/feedback", {**note, "reward": 0.0, "feedback": "wrong after all"})
+    assert changed.status_code == 200
+    assert changed.json()["id"] == row["id"] and changed.json()["reward"] == 0.0
+    assert server.store.counts()["feedback"] == rows_before + 1  # replaced, not added
+
+    other = server.post("/v1/feedback", {**note, "source": "grader", "score": 0.5})
+    assert other.status_code == 201 and other.json()["id"] != row["id"]
+
+    pending = [r for r in server.store.unconsumed(1000) if r.completion_id == completion]
+    assert {r.source for r in pending} == {"user", "grader"}
+    user_row = next(r for r in pending if r.source == "user")
+    assert user_row.reward == 0.0 and user_row.feedback == "wrong after all"
+    assert len(user_row.response_logprobs) == len(user_row.response_token_ids)
+    server.store.mark_consumed(
+        [user_row.feedback_id], step=4, cursor={"feedback_id": user_row.feedback_id}
+    )
+    assert server.store.get_state("cursor") == {"feedback_id": user_row.feedback_id}
+
+    conflict = server.post("/v1/feedback", {**note, "reward": 1.0, "feedback": "changed my mind"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "feedback_consumed"
+    same = server.post("/v1/feedback", {**note, "reward": 0.0, "feedback": "wrong after all"})
+    assert same.status_code == 200 and same.json()["consumed_step"] == 4
+
+    missing = server.post("/v1/feedback", {**note, "completion_id": "chatcmpl-nope"})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "completion_id"
+
+
+# ---- rejected requests ----------------------------------------------------------------------------------
+def _counts(running: Running) -> tuple[int, int]:
+    counts = running.store.counts()
+    return counts["interactions"], counts["feedback"]
+
+
+def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Running) -> None:
+    completion = chat(server).id
+    before = _counts(server)
+    good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
+    cases: list[tuple[int, str, dict[str, Any]]] = [
+        (401, "/v1/chat/completions", {"json": good, "headers": {"Authorization": ""}}),
+        (401, "/v1/chat/completions", {"json": good, "headers": {"Authorization": "Bearer wrong"}}),
+        (401, "/v1/feedback", {"json": {"completion_id": completion, "reward": 1},
+                               "headers": {"Authorization": "Bearer wrong"}}),
+        (413, "/v1/chat/completions", {"json": {**good, "user": "x" * 40_000}}),
+        (413, "/v1/feedback", {"json": {"completion_id": completion, "feedback": "x" * 40_000}}),
+        (400, "/v1/chat/completions", {"content": b'{"model": "tiny", "messages": ['}),
+        (400, "/v1/chat/completions", {"content": b'{"model": "tiny", "temperature": NaN}'}),
+        (400, "/v1/chat/completions", {"json": [1, 2]}),
+        (400, "/v1/chat/completions", {"json": {"model": MODEL}}),
+        (400, "/v1/chat/completions", {"json": {**good, "temperature": "hot"}}),
+        (400, "/v1/chat/completions", {"json": {**good, "messages": [{"role": "robot", "content": "x"}]}}),
+        (400, "/v1/chat/completions", {"json": {**good, "tools": []}}),
+        (400, "/v1/chat/completions", {"json": {**good, "n": 2}}),
+        (400, "/v1/chat/completions", {"json": {**good, "stop": ["\n"]}}),
+        (404, "/v1/chat/completions", {"json": {**good, "model": "gpt-4o"}}),
+        (400, "/v1/feedback", {"json": {"completion_id": completion}}),
+        (400, "/v1/feedback", {"json": {"completion_id": completion, "reward": "high"}}),
+        (400, "/v1/feedback", {"content": b'{"completion_id": "x", "reward": Infinity}'}),
+        (404, "/v1/feedback", {"json": {"completion_id": "chatcmpl-unknown", "reward": 1}}),
+    ]  # fmt: skip
+    for status, path, kwargs in cases:
+        headers = {**server.headers(), **kwargs.pop("headers", {})}
+        if "content" in kwargs:
+            headers["Content-Type"] = "application/json"
+        response = httpx.post(f"{server.url}{path}", headers=headers, timeout=60, **kwargs)
+        assert response.status_code == status, (path, kwargs, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    chunked = httpx.post(f"{server.url}/v1/feedback", headers=server.headers(), timeout=60,
+                         content=iter([b'{"feedback": "', b"x" * 10_000, b"y" * 10_000]))  # fmt: skip
+    assert chunked.status_code == 413 and "content-length" not in chunked.request.headers
+    assert _counts(server) == before
+
+    # the same refusals through the openai client raise its typed errors
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").chat.completions.create(model=MODEL, messages=MESSAGES)
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError):
+        server.client().chat.completions.create(model=MODEL, messages=MESSAGES, n=3)
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert (
+        httpx.get(f"{server.url}/nowhere", headers=server.headers()).json()["error"]["code"]
+        == "not_found"
+    )
+    assert _counts(server) == before
+
+
+# ---- concurrency, batching, swapping ---------------------------------------------------------------------
+def test_concurrent_requests_all_recorded(server: Running) -> None:
+    before = server.store.counts()["interactions"]
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda i: chat(server, seed=i, max_tokens=6), range(6)))
+    ids = {r.id for r in responses}
+    assert len(ids) == 6
+    assert server.store.counts()["interactions"] == before + len(responses)
+    assert all(server.store.interaction(i) is not None for i in ids)
+
+
+def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_queued_requests_batch_and_rows_do_not_depend_on_batching(server: Running) -> None:
+    alone = [chat(server, seed=100 + i, max_tokens=6).choices[0].message.content for i in range(4)]
+    with ThreadPoolExecutor(4) as pool, server.engine.paused():
+        futures = [pool.submit(chat, server, seed=100 + i, max_tokens=6) for i in range(4)]
+        _wait_for(lambda: server.engine.pending == 4, "4 queued requests")
+    batched = [f.result().choices[0].message.content for f in futures]
+    assert server.engine.batch_sizes[-1] == 4  # one batch of four
+    assert batched == alone  # per-row seeds: the same samples as one by one
+
+
+def test_swap_while_a_request_is_in_flight(server: Running, served: ServedModel) -> None:
+    server.store.add_version("v2", parent="v1", step=1, note="test swap")
+    new = ServedModel(model=served.model, tokenizer=served.tokenizer, version="v2", name=MODEL)
+    try:
+        with ThreadPoolExecutor(1) as pool, server.engine.paused():
+            in_flight = pool.submit(chat, server)
+            _wait_for(lambda: server.engine.pending == 1, "the request to be accepted")
+            old = server.holder.swap(new)
+            assert old is served
+        first = in_flight.result()
+        second = chat(server)
+        assert first.system_fingerprint == "v1" and second.system_fingerprint == "v2"
+        assert server.store.interaction(first.id)["model_version"] == "v1"
+        assert server.store.interaction(second.id)["model_version"] == "v2"
+        assert httpx.get(f"{server.url}/health").json()["model_version"] == "v2"
+        assert [v["id"] for v in server.store.versions()][-1] == "v2"
+
+        # a version swapped in without add_version is registered on first use, not lost
+        server.holder.swap(ServedModel(served.model, served.tokenizer, version="v3", name=MODEL))
+        third = chat(server)
+        assert server.store.interaction(third.id)["model_version"] == "v3"
+        assert server.store.versions()[-1]["note"] == "registered by the server"
+    finally:
+        server.holder.swap(served)
+
+
+# ---- the database ----------------------------------------------------------------------------------------
+def _fill(store: Store) -> None:
+    store.add_version("base", parent=None, step=0, note="first")
+    store.record_interaction(
+        completion_id="chatcmpl-a", model_version="base", model_name="m", messages=MESSAGES,
+        params={"temperature": 1.0}, response="7", prompt_token_ids=[1, 2], response_token_ids=[3],
+        response_logprobs=[-0.1], finish_reason="stop",
+    )  # fmt: skip
+    store.record_feedback("chatcmpl-a", source="user", reward=1.0, score=None, feedback="right")
+
+
+def test_sqlite_store_is_wal_and_reopens_with_a_version_check(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "resd.db"
+    store = Store(sqlite_url(path))
+    assert store.journal_mode() == "wal" and store.schema_version() == 1
+    _fill(store)
+    store.close()
+
+    store = Store(str(path))  # a plain path is SQLite too
+    assert store.counts() == {"interactions": 1, "feedback": 1, "consumed": 0, "versions": 1}
+    store.add_version("base", parent=None, step=0, accuracy=0.5)  # measured later
+    store.add_version("base", parent=None, step=0)  # registered again: nothing is erased
+    assert store.versions()[0]["accuracy"] == 0.5 and store.versions()[0]["note"] == "first"
+    assert store.unconsumed(10)[0].feedback == "right"
+    store.close()
+
+    engine = sa.create_engine(sqlite_url(path))  # a newer resd wrote this database
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO schema_version VALUES (2, '2030-01-01 00:00:00')")
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match="schema version 2, newer"):
+        Store(str(path))
+
+    foreign = tmp_path / "foreign.db"  # our table names, but no schema_version
+    engine = sa.create_engine(sqlite_url(foreign))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE interactions (id TEXT)")
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match="no schema_version"):
+        Store(str(foreign))
+
+
+def test_in_memory_store_is_shared_between_threads() -> None:
+    store = Store("sqlite://")
+    _fill(store)
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(store.counts()["interactions"]))
+    thread.start()
+    thread.join()
+    assert seen == [1] and store.journal_mode() == "memory"
+
+
+def test_postgresql_store() -> None:
+    url = os.environ.get("RESD_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set RESD_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/emptydb "
+                    "(and pip install 'psycopg[binary]') to run the store against PostgreSQL")  # fmt: skip
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # start from an empty database
+        for table in (
+            "feedback",
+            "interactions",
+            "learner_state",
+            "model_versions",
+            "schema_version",
+        ):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    engine.dispose()
+    store = Store(url)
+    try:
+        assert store.schema_version() == 1 and store.journal_mode() is None
+        _fill(store)
+        row, created = store.record_feedback("chatcmpl-a", source="user", reward=1.0, score=None,
+                                             feedback="right")  # fmt: skip
+        assert not created and row["reward"] == 1.0
+        [training] = store.unconsumed(10)
+        assert training.response_token_ids == [3] and training.messages == MESSAGES
+        store.mark_consumed([training.feedback_id], step=1, cursor={"at": training.feedback_id})
+        assert store.unconsumed(10) == [] and store.get_state("cursor") == {
+            "at": training.feedback_id
+        }
+        assert store.recent(5)[0]["feedback"][0]["consumed_step"] == 1
+    finally:
+        store.close()
+    Store(url).close()  # reopens at the same version
+
+
+# ---- the page --------------------------------------------------------------------------------------------
+class PlaybookLearner:
+    """Test data shaped like the learner's `status()`: a playbook, its history, steps."""
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "running": True,
+            "playbook_markdown": "## strategy\n- Check the SUM twice <b>bold</b>",
+            "playbook_history": [{"step": 1, "playbook_markdown": "## strategy\n- first lesson"}],
+            "steps": [{"step": 1, "served": "v1", "accuracy": 0.25, "rows": 3},
+                      {"step": 2, "served": "v2", "accuracy": 0.5, "rows": 4}],
+            "accuracy": [{"step": 0, "accuracy": 0.1}, {"step": 1, "accuracy": 0.25},
+                         {"step": 2, "accuracy": 0.5}],
+        }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def page_server(served: ServedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    db = tmp_path_factory.mktemp("page") / "resd.db"
+    with start_server(served, db, api_key=None, learner=PlaybookLearner()) as running:
+        yield running
+
+
+def test_page_shows_interactions_playbook_and_curve(page_server: Running) -> None:
+    question = "Unusual question <script>alert(1)</script> 4 + 5?"
+    response = chat(page_server, messages=[{"role": "user", "content": question}])
+    page_server.post("/v1/feedback", {"completion_id": response.id, "reward": 0.0,
+                                      "feedback": "off by one & more"})  # fmt: skip
+    page = httpx.get(f"{page_server.url}/?refresh=0")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "Unusual question &lt;script&gt;alert(1)&lt;/script&gt; 4 + 5?" in html
+    assert "<script>" not in html
+    assert "Check the SUM twice &lt;b&gt;bold&lt;/b&gt;" in html and "first lesson" in html
+    assert response.id in html and "off by one &amp; more" in html
+    assert "<svg" in html and "<polyline" in html and 'http-equiv="refresh"' not in html
+    assert "refresh" in httpx.get(f"{page_server.url}/").text
+    health = httpx.get(f"{page_server.url}/health").json()
+    assert health["learner"]["steps"] == 2 and health["learner"]["running"] is True
+
+
+def test_page_without_learner_and_with_basic_auth(server: Running) -> None:
+    assert httpx.get(f"{server.url}/").status_code == 401
+    basic = base64.b64encode(f"operator:{KEY}".encode()).decode()
+    page = httpx.get(f"{server.url}/", headers={"Authorization": f"Basic {basic}"})
+    assert page.status_code == 200 and "no learner" in page.text
+
+
+def test_page_screenshot_in_headless_chromium(page_server: Running, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    chat(page_server)
+    shot = tmp_path / "page.png"
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+         "--window-size=1280,1600", f"{page_server.url}/?refresh=0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shot.is_file(), done.stderr[-2000:]
+    png = shot.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000  # a rendered page, not a blank one
+    pil = pytest.importorskip("PIL.Image")
+    with pil.open(shot) as image:
+        colours = image.convert("RGB").resize((64, 80)).getcolors(maxcolors=64 * 80)
+    assert colours is not None and len(colours) > 10
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+def test_cli_refuses_a_public_host_without_a_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from resd.cli import main
+
+    os.environ.pop("RESD_TEST_UNSET_KEY", None)
+    code = main(
+        ["serve", "--model", "unused", "--host", "0.0.0.0", "--api-key-env", "RESD_TEST_UNSET_KEY"]
+    )
+    assert code == 2 and "needs an API key" in capsys.readouterr().err
+
+
+def test_cli_without_the_serve_extra_names_it(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "for name in ('fastapi', 'uvicorn', 'sqlalchemy', 'starlette'):\n"
+        "    sys.modules[name] = None\n"
+        "import resd\n"
+        "from resd.cli import main\n"
+        "sys.exit(main(['serve', '--model', 'unused']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "pip install 'resd[serve]'" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_resd_serve_command_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`resd serve` as a process: start, answer, record, and shut down cleanly on SIGTERM
+    (what systemd and docker send; Ctrl-C's SIGINT takes the same path)."""
+    port = _free_port()
+    command = [sys.executable, "-m", "resd", "serve", "--model", str(tiny_model_dir),
+               "--served-model-name", MODEL, "--port", str(port), "--output-dir", str(tmp_path),
+               "--max-new-tokens", "8", "--log-level", "warning"]  # fmt: skip
+    env = {**os.environ, "RESD_API_KEY": KEY}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "resd serve did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=1)
+        assert reply.system_fingerprint == "base"
+        note = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"completion_id": reply.id, "score": 0.5})  # fmt: skip
+        assert note.status_code == 201
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "resd serve: model 'tiny' (version base)" in stderr
+    store = Store(str(tmp_path / "resd.db"))
+    assert store.counts() == {"interactions": 1, "feedback": 1, "consumed": 0, "versions": 1}
+    assert store.interaction(reply.id)["feedback"][0]["score"] == 0.5
+    store.close()
