@@ -110,3 +110,22 @@ def test_sd_sanity_probes_on_the_tiny_model(tiny_model_dir, tmp_path):
         p["teacher_with_feedback"] == p["teacher_with_feedback"] for s, p in probes.items() if s
     )
     assert [s["step"] for s in run["steps"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_smoke(tiny_model_dir, tmp_path):
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", ROOT / "benchmarks" / "serve_load.py"
+    )
+    serve_load = importlib.util.module_from_spec(spec)
+    sys.modules["serve_load"] = serve_load  # its dataclasses look their module up
+    spec.loader.exec_module(serve_load)
+    out = tmp_path / "result.json"
+    code = serve_load.main(["--model", str(tiny_model_dir), "--clients", "3", "--seconds", "3",
+                            "--kill-after", "3", "--max-tokens", "4", "--out", str(tmp_path / "runs"),
+                            "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert code == 0 and result["load"]["completions"] > 0
+    assert result["load"]["rows"] == result["load"]["acknowledged_completions"]
+    assert result["fault"]["acknowledged_feedback"] > 0 and result["fault"]["lost_feedback"] == 0
