@@ -29,6 +29,9 @@ headline 0                                     # the headline, first seed of eve
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
 min_ops 0
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
+# issue 10's lesson-quality table: the 0.5B cells first (its targets are on that model)
+nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes on,off
 headline 0,1,2                                 # the other seeds
 min_ops 0,1,2
 nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote,plain
+nice "$PY" benchmarks/lesson_quality.py                                # the rest of the lesson grid
