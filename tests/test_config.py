@@ -90,3 +90,17 @@ def test_trl_names_are_aliases_saved_under_ours():
 def test_report_to_none_means_no_tracker():
     assert load_config(None, ["report_to=none"]).report_to == []
     assert load_config(None, ["report_to=tensorboard"]).report_to == ["tensorboard"]
+
+
+def test_the_trl_style_example_config_means_what_it_says():
+    from pathlib import Path
+
+    from resd.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "trl_style.yaml")
+    assert (cfg.lr, cfg.batch_size, cfg.rollouts_per_prompt, cfg.inner_updates) == (1e-5, 8, 1, 4)
+    assert (cfg.max_new_tokens, cfg.max_prompt_tokens, cfg.kl_coef) == (256, 512, 0.0)
+    assert (cfg.steps, cfg.save_every, cfg.keep_checkpoints) == (200, 50, 2)
+    assert cfg.lr_scheduler_type == "cosine" and cfg.gradient_checkpointing
+    saved = cfg.to_dict()
+    assert "learning_rate" not in saved and saved["lr"] == 1e-5  # one canonical name
