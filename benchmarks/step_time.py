@@ -16,6 +16,7 @@ IS clip, EMA teacher) are taken from the same `TrainConfig` for both implementat
 
     .venv/bin/python benchmarks/step_time.py                      # the real benchmark
     .venv/bin/python benchmarks/step_time.py --smoke --repeats 1  # seconds, tiny random model
+    .venv/bin/python benchmarks/step_time.py --fixed-length       # equal work: every reply max_new_tokens long
 
 The table is printed last; the JSON (`--out`) holds every step and the settings.
 """
@@ -69,6 +70,7 @@ def base_config(args: argparse.Namespace, model: str):
             f"batch_size={args.batch_size}",
             f"micro_batch_size={args.batch_size}",
             f"max_new_tokens={args.max_new_tokens}",
+            f"min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
             "progress=false",
             "eval_items=1",
             "eval_samples=1",
@@ -407,6 +409,12 @@ def run_trl(kind: str, args, model_name: str, batches, workdir: Path, cfg) -> di
         "top_p": cfg.top_p,
         "top_k": 0,
         "use_vllm": False,
+        # equal work: every completion runs to max_completion_length, EOS held back
+        **(
+            {"generation_kwargs": {"min_new_tokens": args.max_new_tokens}}
+            if args.fixed_length
+            else {}
+        ),
     }
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -668,6 +676,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shared machine: before each step wait up to this many seconds for other "
                    "processes to go idle (never inside a timed interval); 0 = off")  # fmt: skip
     p.add_argument("--skip-trl", action="store_true", help="only our trainer")
+    p.add_argument("--fixed-length", action="store_true",
+                   help="equal work: every rollout on both sides has exactly --max-new-tokens tokens (EOS held back)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny random local model, a few seconds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.json"))
     args = p.parse_args(argv)

@@ -20,7 +20,7 @@ TRL = ["trl_sdpo", "trl_grpo"]
 def test_step_time_smoke(tmp_path):
     has_trl = importlib.util.find_spec("trl") is not None
     out = tmp_path / "step_time.json"
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--repeats", "1", "--out", str(out)]
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--repeats", "1", "--fixed-length", "--out", str(out)]
     if not has_trl:
         cmd.append("--skip-trl")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -39,6 +39,8 @@ def test_step_time_smoke(tmp_path):
         assert res["rollouts_per_step"] == res["prompts_per_step"] * res["n"], name
         for step in res["steps"]:
             assert step["forwards"]["student_grad"] >= 1, name
+            # --fixed-length: both sides decode exactly max_new_tokens per completion
+            assert step["completion_tokens_mean"] == report["settings"]["max_new_tokens"], name
     assert methods["grpo"]["n"] == report["settings"]["grpo_n"] > 1
     assert all(methods[m]["n"] == 1 for m in ["resd", "sdpo", "sdpo_ss"])
     # every method saw the same prompts: one list in the report, used by all

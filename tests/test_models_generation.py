@@ -182,3 +182,18 @@ def test_row_seeded_sampling_draws_from_the_filtered_distribution(top_p, tempera
     assert freq.tolist() == pytest.approx(expected, abs=0.025)
     # and the recorded log-prob is the token's under the unfiltered, untempered distribution
     assert sampler.logprobs[0][0] == pytest.approx(float(probs.log()[picked[0]]), abs=1e-6)
+
+
+def test_min_new_tokens_keeps_eos_out_for_equal_work(tiny_model_dir):
+    # Make EOS the token greedy decoding picks first, so a reply ends at once unless
+    # min_new_tokens holds EOS back; then every reply has exactly max_new_tokens tokens.
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": f"q{i}"}]) for i in range(3)]
+    first = generate(model, tok, prompts, max_new_tokens=1, temperature=0.0)[0].token_ids[0]
+    model.generation_config.eos_token_id = first
+    free = generate(model, tok, prompts[:1], max_new_tokens=8, temperature=0.0)
+    assert free[0].finished and len(free[0].token_ids) == 1
+    fixed = generate(model, tok, prompts, max_new_tokens=8, min_new_tokens=8, temperature=1.0,
+                     seeds=[0, 1, 2], return_logprobs=True)  # fmt: skip
+    assert all(len(g.token_ids) == 8 and first not in g.token_ids for g in fixed)
+    assert all(len(g.logprobs) == 8 for g in fixed)

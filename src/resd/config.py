@@ -96,6 +96,9 @@ class TrainConfig:
     # sampling
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 128
+    # Rollouts only: EOS is kept out of the first min_new_tokens tokens. Equal to
+    # max_new_tokens it fixes every reply's length: the step-time benchmark's equal-work mode.
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 0.95
     # optimizer
@@ -235,6 +238,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"min_new_tokens: must be in [0, max_new_tokens], got {self.min_new_tokens}"
+            )
         if self.curation_min_operations < 0:
             raise ConfigError(
                 f"curation_min_operations: must be >= 0, got {self.curation_min_operations}"

@@ -60,10 +60,12 @@ class Sampler(Protocol):
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
         return_logprobs: bool = False,
+        min_new_tokens: int = 0,
     ) -> list[Generation]:
         """One continuation per prompt. `seeds` make each row's sample depend only on its
         prompt and seed; `json_schemas` constrain rows to JSON (structured output);
-        `return_logprobs` fills `Generation.logprobs` with the sampler's own."""
+        `return_logprobs` fills `Generation.logprobs` with the sampler's own;
+        `min_new_tokens` keeps EOS out of the first that many tokens."""
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

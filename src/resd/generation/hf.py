@@ -252,6 +252,7 @@ def generate(
     json_schemas: Sequence[dict | None] | None = None,
     json_prefixes: Sequence[str] | None = None,
     return_logprobs: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -267,7 +268,9 @@ def generate(
     `json_schemas` (one per prompt, None for a free row) constrain replies with `grammar`;
     `json_prefixes` is reply text already at the end of a prompt that the grammar must
     read first (a prefill). `return_logprobs` fills `Generation.logprobs` (seeded
-    sampling only: greedy decoding has no sampler to record them).
+    sampling only: greedy decoding has no sampler to record them). `min_new_tokens` keeps
+    EOS out of the first that many tokens (= `max_new_tokens`: every reply has the same
+    length, the benchmarks' equal-work mode).
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("generate: need one seed per prompt")
@@ -312,6 +315,7 @@ def generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new_tokens or None,
                     do_sample=sampling and not row_seeded,
                     temperature=temperature if sampling and not row_seeded else None,
                     top_p=top_p if sampling and not row_seeded else None,
@@ -371,13 +375,14 @@ class TransformersSampler:
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
         return_logprobs: bool = False,
+        min_new_tokens: int = 0,
     ) -> list[Generation]:
         return generate(
             self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, batch_size=self.batch_size, autocast=self.autocast, seeds=seeds,
             cache_implementation=self.cache_implementation, compile=self.compile,
             grammar=self.grammar, json_schemas=json_schemas, json_prefixes=json_prefixes,
-            return_logprobs=return_logprobs,
+            return_logprobs=return_logprobs, min_new_tokens=min_new_tokens,
         )  # fmt: skip
 
     @torch.no_grad()

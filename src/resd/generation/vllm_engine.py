@@ -102,6 +102,7 @@ class VLLMSampler:
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
         return_logprobs: bool = False,
+        min_new_tokens: int = 0,
     ) -> list[Generation]:
         """One continuation per prompt; temperature 0 is greedy.
 
@@ -124,6 +125,7 @@ class VLLMSampler:
             self._vllm.SamplingParams(
                 n=1,
                 max_tokens=max_new_tokens,
+                min_tokens=min_new_tokens,
                 temperature=0.0 if greedy else temperature,
                 top_p=1.0 if greedy else top_p,
                 seed=None if seeds is None or greedy else int(seeds[i]) % (2**63),

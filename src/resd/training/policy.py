@@ -195,7 +195,8 @@ class PolicySampler:
         """Rollouts, with the sampler's log-probs for rollout correction."""
         cfg = self.cfg
         return self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, seeds=seeds, return_logprobs=True)  # fmt: skip
+                                     top_p=cfg.top_p, seeds=seeds, return_logprobs=True,
+                                     min_new_tokens=cfg.min_new_tokens)  # fmt: skip
 
     def replies(
         self,
