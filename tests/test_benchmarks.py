@@ -20,7 +20,7 @@ TRL = ["trl_sdpo", "trl_grpo"]
 def test_step_time_smoke(tmp_path):
     has_trl = importlib.util.find_spec("trl") is not None
     out = tmp_path / "step_time.json"
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--repeats", "1", "--fixed-length", "--out", str(out)]
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--repeats", "1", "--fixed-length", "--out", str(out)]  # fmt: skip
     if not has_trl:
         cmd.append("--skip-trl")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
