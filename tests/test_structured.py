@@ -309,3 +309,20 @@ def test_curation_min_operations_forbids_an_empty_list(tiny):
     replies = _replies(tiny, forced)
     assert replies and all(gen.finished for gen in replies)
     assert all(len(json.loads(gen.text, strict=False)["operations"]) >= 1 for gen in replies)
+
+
+def test_single_call_mode_reflects_and_curates_in_one_reply(tiny_model_dir, tmp_path):
+    from resd.training.trainer import Trainer
+
+    trainer = Trainer(_trainer_config(tiny_model_dir, tmp_path / "run", "lesson_calls=one"))
+    trainer.train()
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m["reflections"] for m in metrics) > 0
+    for m in metrics:
+        # every reflection reply is also the step's curation reply: no curator pass at all
+        assert m["curations"] == m["reflections"] == m["reflections_parsed"]
+        assert m["curation_tokens"] == 0 and m["time_curate"] < m["time_reflect"] + 1.0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    reflected = [r for r in rows if r["reflection_reply"]]
+    assert reflected and all(r["curation_reply"] == r["reflection_reply"] for r in reflected)
+    assert all("operations" in json.loads(r["reflection_reply"], strict=False) for r in reflected)

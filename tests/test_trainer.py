@@ -403,3 +403,18 @@ def test_given_rollouts_train_exactly_like_sampled_ones(tiny_model_dir, tmp_path
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # fmt: skip
     assert sampled.playbook.render() == given_to.playbook.render()
+
+
+def test_single_call_lessons_come_from_the_reflection_not_the_curator(tiny_model_dir, tmp_path):
+    one_call = '{"error_identification": "odd length", "key_insight": "count", "bullet_tags": [],' \
+        ' "operations": [{"type": "ADD", "section": "Others", "content": "A lesson written in the reflection reply."}]}'  # fmt: skip
+    cfg = config(tiny_model_dir, tmp_path / "run", "lesson_calls=one", f"reflection_prefill={one_call!r}",
+                 "steps=2", "playbook_prune_every=100")  # fmt: skip
+    trainer = Trainer(cfg)
+    metrics = [trainer.train_step(trainer.train_items[:4]) for _ in range(2)]
+    lessons = [e.content for e in trainer.playbook.entries.values()]
+    assert sum(m["reflections"] for m in metrics) > 0
+    assert "A lesson written in the reflection reply." in lessons
+    # the curator's prefilled lesson would appear had the curator been called
+    assert not any("Count the characters" in text for text in lessons)
+    assert all(m["curations"] == m["reflections"] for m in metrics)

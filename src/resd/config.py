@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple] = {
     "structured_output": ("auto", "on", "off"),
     "loss_aggregation": ("token_mean", "seq_mean_token_mean"),
     "curation_ops": ("all", "add"),
+    "lesson_calls": ("two", "one"),
     "unparsed_reflection": ("drop", "raw"),
     "solution_buffer_keep": ("first", "latest"),
     "lr_scheduler_type": (
@@ -172,6 +173,9 @@ class TrainConfig:
     curation_ops: str = "all"
     # Under structured output, the curator must propose at least this many operations
     # (0: it may propose none, as in the release).
+    # two: reflect, then curate (the release); one: the reflector's reply also holds the
+    # playbook operations, which saves the curator's generation pass.
+    lesson_calls: str = "two"
     curation_min_operations: int = 0
     # Decode reflection, tagging and curation replies under a JSON schema (live entry ids,
     # the seven sections, one shape per operation), so every reply is valid JSON by

@@ -114,13 +114,51 @@ def _tags_array(entry_ids: Sequence[str]) -> tuple[dict[str, Any], list[dict[str
 
 
 def reflection_schema(
-    entry_ids: Sequence[str], max_new_tokens: int, count_tokens: CountTokens | None = None
+    entry_ids: Sequence[str],
+    max_new_tokens: int,
+    count_tokens: CountTokens | None = None,
+    *,
+    operations: Sequence[str] | None = None,
+    min_operations: int = 0,
 ) -> dict[str, Any]:
-    """REFLECT: the diagnosis fields in the release's order, then bullet tags on visible ids."""
+    """REFLECT: the diagnosis fields in the release's order, then bullet tags on visible
+    ids; with `operations` (the single-call mode) then the curator's operation list too,
+    the budget shared between the diagnosis and the lessons."""
     tags, longest_tags = _tags_array(entry_ids)
-    skeleton = {**dict.fromkeys(REFLECTION_WEIGHTS, ""), "bullet_tags": longest_tags}
-    sizes = _split(_spare_chars(skeleton, max_new_tokens, count_tokens), REFLECTION_WEIGHTS)
-    return _object({**{k: _string(n) for k, n in sizes.items()}, "bullet_tags": tags})
+    skeleton: dict[str, Any] = {
+        **dict.fromkeys(REFLECTION_WEIGHTS, ""),
+        "bullet_tags": longest_tags,
+    }
+    weights = dict(REFLECTION_WEIGHTS)
+    if operations:
+        skeleton["operations"] = [_widest_operation(entry_ids)] * MAX_OPERATIONS
+        weights.update({f"op{i}": 1.0 for i in range(MAX_OPERATIONS)})
+    sizes = _split(_spare_chars(skeleton, max_new_tokens, count_tokens), weights)
+    properties = {k: _string(sizes[k]) for k in REFLECTION_WEIGHTS} | {"bullet_tags": tags}
+    if operations:
+        properties["operations"] = _operations_array(
+            entry_ids, operations, min(sizes["op0"], MAX_LESSON_CHARS), min_operations
+        )
+    return _object(properties)
+
+
+def _widest_operation(entry_ids: Sequence[str]) -> dict[str, Any]:
+    """The operation whose JSON structure is longest (for sizing the free text)."""
+    heading = max(SECTIONS.values(), key=len)
+    longest_id = max(entry_ids, key=len) if entry_ids else ""
+    if len(entry_ids) > 1:
+        return {"type": "MERGE", "ids": [longest_id] * 2, "content": ""}
+    return {"type": "ADD", "section": heading, "content": ""}
+
+
+def _operations_array(
+    entry_ids: Sequence[str], operations: Sequence[str], content_chars: int, min_operations: int
+) -> dict[str, Any]:
+    shapes = _operation_shapes(entry_ids, operations, content_chars)
+    array = {"type": "array", "maxItems": MAX_OPERATIONS, "items": {"anyOf": shapes}}
+    if min_operations:
+        array["minItems"] = min(min_operations, MAX_OPERATIONS)
+    return array
 
 
 def tag_schema(
@@ -166,20 +204,14 @@ def curation_schema(
     the list may be empty: a curator that sees nothing worth adding says so. A small
     model says so every time; `min_operations: 1` makes it commit to a change.
     """
-    heading = max(SECTIONS.values(), key=len)
-    longest_id = max(entry_ids, key=len) if entry_ids else ""
-    widest = {"type": "MERGE", "ids": [longest_id] * 2, "content": ""} if len(entry_ids) > 1 \
-        else {"type": "ADD", "section": heading, "content": ""}  # fmt: skip
-    skeleton = {"reasoning": "", "operations": [widest] * MAX_OPERATIONS}
+    skeleton = {"reasoning": "", "operations": [_widest_operation(entry_ids)] * MAX_OPERATIONS}
     chars = _spare_chars(skeleton, max_new_tokens, count_tokens)
     sizes = _split(
         chars, {"reasoning": 1.0, **{f"op{i}": 1.0 for i in range(MAX_OPERATIONS)}}, cap=None
     )
-    content_chars = min(sizes["op0"], MAX_LESSON_CHARS)
-    shapes = _operation_shapes(entry_ids, operations, content_chars)
-    ops = {"type": "array", "maxItems": MAX_OPERATIONS, "items": {"anyOf": shapes}}
-    if min_operations:
-        ops["minItems"] = min(min_operations, MAX_OPERATIONS)
+    ops = _operations_array(
+        entry_ids, operations, min(sizes["op0"], MAX_LESSON_CHARS), min_operations
+    )
     return _object({"reasoning": _string(sizes["reasoning"]), "operations": ops})
 
 

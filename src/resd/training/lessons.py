@@ -10,6 +10,7 @@ so their replies can be generated in one batch.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -77,6 +78,9 @@ class Lessons:
         self.playbook = Playbook.load(cfg.playbook_init) if cfg.playbook_init else Playbook()
         self.buffer = SolutionBuffer(keep=cfg.solution_buffer_keep)
         self.curation_ops = OPERATION_TYPES if cfg.curation_ops == "all" else ("ADD",)
+        # `lesson_calls: one`: the reflector's reply also holds the playbook operations, so
+        # the curator's generation pass is skipped (needs reflection and a playbook).
+        self.single_call = cfg.lesson_calls == "one" and algo.reflection and algo.playbook
         self.clip = partial(clip_tokens, max_tokens=cfg.slot_max_tokens, tokenizer=tokenizer)
         self.omitted: dict[str, int] = {}  # entries each reader was not shown, this step
         self._views: dict[tuple[str, int | None], PlaybookView] = {}
@@ -136,7 +140,7 @@ class Lessons:
         """The JSON schema of a reply (ids: the entries its prompt shows); None without a grammar."""
         if not self.reflector.structured:
             return None
-        if build is curation_schema:
+        if build is curation_schema or (build is reflection_schema and self.single_call):
             return build(view.ids, budget, self._count_tokens, operations=self.curation_ops,
                          min_operations=self.cfg.curation_min_operations)  # fmt: skip
         return build(view.ids, budget, self._count_tokens)
@@ -178,7 +182,8 @@ class Lessons:
         view = self.view("reflection") if self.algo.playbook else PlaybookView()
         clip = self.clip
         prompts = [
-            reflection_messages(clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback), view.text)
+            reflection_messages(clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback), view.text,
+                                operations=self.curation_ops if self.single_call else None)
             for r in failed
         ]  # fmt: skip
         budget = self.cfg.reflection_max_new_tokens
@@ -258,6 +263,8 @@ class Lessons:
                        if not r.success and r.score.feedback]  # fmt: skip
         if not sources:
             return []
+        if self.single_call:  # the operations came with the reflection
+            return self._operations(((r, r.reflection_reply) for r, _ in sources), counts)
         view = self.view("curation")
         stats = self.playbook.stats()
         prompts = [curation_messages(stats, self.clip(text), view.text, self.clip(r.item.prompt_text),
@@ -267,13 +274,22 @@ class Lessons:
         replies = self.reflector.replies(
             prompts, "curation", budget, seeds, self._schema(curation_schema, budget, view)
         )
-        operations = []
-        for (r, _), reply in zip(sources, replies, strict=True):
-            counts["curations"] += 1
+        for reply in replies:
             counts["curation_tokens"] += len(reply.token_ids)
             counts["curation_truncated"] += not reply.finished
-            r.curation_reply = reply.text
-            ops = parse_operations(reply.text)
+        return self._operations(
+            ((r, reply.text) for (r, _), reply in zip(sources, replies, strict=True)), counts
+        )
+
+    def _operations(
+        self, replies: Iterable[tuple[Rollout, str]], counts: Counter
+    ) -> list[tuple[int, tuple]]:
+        """The playbook operations each curation reply (or single-call reflection) holds."""
+        operations = []
+        for r, text in replies:
+            counts["curations"] += 1
+            r.curation_reply = text
+            ops = parse_operations(text)
             if ops is None:
                 counts["curation_parse_failures"] += 1
             else:

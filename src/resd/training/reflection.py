@@ -127,16 +127,40 @@ def _slot(text: str) -> str:
     return text.strip() if text and text.strip() else "(none)"
 
 
+# The single-call mode (`lesson_calls: one`): the reflector also curates, in the same reply.
+REFLECTION_OPERATIONS = """- "operations": how to change the playbook in light of this diagnosis, a list where each operation is{operation_shapes}
+Sections: Strategies & Insights, Formulas & Calculations, Code Snippets & Templates, Common Mistakes to Avoid, Problem-Solving Heuristics, Context Clues & Indicators, Others. Write general lessons that transfer to other tasks (no checker feedback and no answers will be available when the playbook is used), never the answer to this one task, and none the playbook already has. Use an empty list if nothing should change.
+"""
+
+
+def _operation_text(operations: tuple[str, ...]) -> str:
+    return (" one of\n" if len(operations) > 1 else ":\n") + "\n".join(
+        OPERATION_SHAPES[op] for op in operations
+    )
+
+
 def reflection_messages(
-    task: str, response: str, feedback: str, playbook: str
+    task: str,
+    response: str,
+    feedback: str,
+    playbook: str,
+    operations: tuple[str, ...] | None = None,
 ) -> list[dict[str, str]]:
+    """The reflector's prompt; with `operations`, it also asks for playbook operations
+    (the single-call mode, which saves the curator's generation pass)."""
     values = {
         "task": _slot(task),
         "response": _slot(response),
         "feedback": _slot(feedback),
         "playbook": _slot(playbook),
     }
-    return [{"role": "user", "content": (fill(REFLECTION_PROMPT, values, strict=False))}]
+    text = fill(REFLECTION_PROMPT, values, strict=False)
+    if operations:
+        extra = fill(
+            REFLECTION_OPERATIONS, {"operation_shapes": _operation_text(operations)}, strict=False
+        )
+        text = text.rstrip("\n") + "\n" + extra
+    return [{"role": "user", "content": text}]
 
 
 def success_tag_messages(task: str, response: str, playbook: str) -> list[dict[str, str]]:
@@ -162,8 +186,7 @@ def curation_messages(
         "reflection": _slot(reflection),
         "playbook": _slot(playbook),
         "task": _slot(task),
-        "operation_shapes": (" one of\n" if len(operations) > 1 else ":\n")
-        + "\n".join(OPERATION_SHAPES[op] for op in operations),
+        "operation_shapes": _operation_text(operations),
     }
     return [{"role": "user", "content": (fill(CURATION_PROMPT, values, strict=False))}]
 
