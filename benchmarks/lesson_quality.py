@@ -46,7 +46,14 @@ ENVS: dict[str, dict[str, Any]] = {
                      "max_teacher_prompt_tokens": 4096},
 }  # fmt: skip
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+# Structured output off / on, and on with the single-call mode (the reflector also curates:
+# `lesson_calls: one`), which is not in the default grid: ask for it with --modes on,one.
 MODES = ("off", "on")
+MODE_SETTINGS: dict[str, dict[str, Any]] = {
+    "off": {"structured_output": "off"},
+    "on": {"structured_output": "on"},
+    "one": {"structured_output": "on", "lesson_calls": "one"},
+}
 
 
 def cell_name(model: str, env: str, mode: str) -> str:
@@ -62,7 +69,7 @@ def run_cell(out: Path, model: str, env: str, mode: str) -> Path:
         **BASE,
         **ENVS[env],
         "model": model,
-        "structured_output": mode,
+        **MODE_SETTINGS[mode],
         "output_dir": str(run),
     }
     out.mkdir(parents=True, exist_ok=True)
