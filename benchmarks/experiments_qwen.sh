@@ -25,6 +25,22 @@ min_ops() {  # $1: comma-separated seeds
     --out runs/headline_qwen_min_ops curation_min_operations=1
 }
 
+# The paper's forgetting check on the base model and every finished final model: IFEval's
+# 100 shared prompts, 1 sample each at T = 0.6, up to 256 new tokens (CPU budget; the same
+# for every model, so the before/after difference is what counts).
+forgetting() {
+  mkdir -p runs/forgetting_qwen
+  local ifeval=(--config configs/paper/ifeval_forgetting.yaml --samples 1 --max-new-tokens 256
+                --max-prompt-tokens 1024 --batch-size 8)
+  [ -f runs/forgetting_qwen/base.json ] ||
+    nice "$RESD" eval "${ifeval[@]}" --model qwen2.5-coder-0.5b --out runs/forgetting_qwen/base.json
+  for run in runs/headline_qwen/*-seed* runs/headline_qwen_min_ops/*-seed*; do
+    [ -f "$run/summary.json" ] || continue
+    local out="runs/forgetting_qwen/$(basename "$(dirname "$run")")-$(basename "$run").json"
+    [ -f "$out" ] || nice "$RESD" eval "${ifeval[@]}" --model "$run" --out "$out"
+  done
+}
+
 headline 0                                     # the headline, first seed of every method
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
 min_ops 0
@@ -33,6 +49,7 @@ nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
 nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes on,off
 headline 0,1,2                                 # the other seeds
 min_ops 0,1,2
+forgetting
 nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote,plain
 nice "$PY" benchmarks/lesson_quality.py                                # the rest of the lesson grid
 # issue 16: lessons in one call against two, on the same settings as the qwen "on" cells
