@@ -17,6 +17,7 @@ Variants (`--variants`, comma-separated):
     full-before   `full` without the contiguous head input (the step as it was before)
     lora-before   `lora` sampling through the unmerged fp32 adapters, without the
                   contiguous head input (the step as it was before)
+    lora-one      `lora` with single-call lessons (`lesson_calls: one`: no curator pass)
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
@@ -59,6 +60,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora-chunk": [LORA, "loss_chunk_size=64"],
     "full-before": [],
     "lora-before": [LORA, "generation_dtype=float32"],
+    "lora-one": [LORA, "lesson_calls=one"],
 }
 
 
