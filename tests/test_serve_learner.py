@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,20 @@ def _feedback_rows(store) -> list[dict]:
     return [f for r in store.recent(100) for f in r["feedback"]]
 
 
+@contextmanager
+def learning(tiny_model_dir, tmp_path, served, *, collect: bool = True):
+    """A server on the tiny model, 4 served replies with feedback (unless `collect` is
+    off), and a learner built from its config: (running server, config path, learner)."""
+    path = learn_config(tiny_model_dir, tmp_path)
+    with start_server(served, tmp_path / "resd.db", max_new_tokens=8) as running:
+        if collect:
+            serve_and_collect(running)
+        learner = Learner.from_config(
+            path, store=running.store, holder=running.holder, output_dir=tmp_path
+        )
+        yield running, path, learner
+
+
 @pytest.fixture
 def tiny_served(tiny_model_dir):
     return load_served_model(str(tiny_model_dir), version="v0", name=MODEL)
@@ -82,12 +97,7 @@ def tiny_served(tiny_model_dir):
 def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
     tiny_model_dir, tmp_path, tiny_served
 ):
-    path = learn_config(tiny_model_dir, tmp_path)
-    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
-        serve_and_collect(running)
-        learner = Learner.from_config(
-            path, store=running.store, holder=running.holder, output_dir=tmp_path
-        )
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, _, learner):
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
         assert learner.step_once() is not None
         assert learner.step_once() is None  # nothing left to train on
@@ -114,10 +124,7 @@ def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
 
 
 def test_the_guard_keeps_a_worse_model_off_the_server(tiny_model_dir, tmp_path, tiny_served):
-    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
-        serve_and_collect(running)
-        learner = Learner.from_config(learn_config(tiny_model_dir, tmp_path), store=running.store,
-                                      holder=running.holder, output_dir=tmp_path)  # fmt: skip
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, _, learner):
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # must gain 2: never
         record = learner.step_once()
         assert record is not None and not record["served"]
@@ -129,12 +136,7 @@ def test_the_guard_keeps_a_worse_model_off_the_server(tiny_model_dir, tmp_path, 
 def test_killed_between_checkpoint_and_database_trains_nothing_twice(
     tiny_model_dir, tmp_path, tiny_served
 ):
-    path = learn_config(tiny_model_dir, tmp_path)
-    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
-        serve_and_collect(running)
-        learner = Learner.from_config(
-            path, store=running.store, holder=running.holder, output_dir=tmp_path
-        )
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
 
         def killed(*args, **kwargs):
             raise SystemExit("killed after the checkpoint, before the database write")
@@ -157,12 +159,7 @@ def test_killed_between_checkpoint_and_database_trains_nothing_twice(
 def test_killed_before_the_checkpoint_trains_the_rows_once_after_restart(
     tiny_model_dir, tmp_path, tiny_served
 ):
-    path = learn_config(tiny_model_dir, tmp_path)
-    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
-        serve_and_collect(running)
-        learner = Learner.from_config(
-            path, store=running.store, holder=running.holder, output_dir=tmp_path
-        )
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
 
         def killed() -> None:
             raise SystemExit("killed while writing the checkpoint")
@@ -184,11 +181,7 @@ def test_killed_before_the_checkpoint_trains_the_rows_once_after_restart(
 def test_the_background_thread_learns_while_the_server_answers(
     tiny_model_dir, tmp_path, tiny_served
 ):
-    path = learn_config(tiny_model_dir, tmp_path)
-    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
-        learner = Learner.from_config(
-            path, store=running.store, holder=running.holder, output_dir=tmp_path
-        )
+    with learning(tiny_model_dir, tmp_path, tiny_served, collect=False) as (running, _, learner):
         learner.settings = LearnerSettings(min_rows=4, poll_seconds=0.2, guard_tolerance=1.0)
         learner.start()
         try:
