@@ -178,6 +178,7 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
             # one sampling call for all rollouts of a step, as TRL does
             f"generation_batch_size={args.batch_size * n}",
             f"max_new_tokens={args.max_new_tokens}",
+            f"min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
             "progress=false",
             "eval_items=1",
             "eval_samples=1",
@@ -262,6 +263,8 @@ def run_ours(algorithm: str, args, model: str, batches, workdir: Path) -> dict[s
             "autocast": cfg.autocast,
             "micro_batch_size": cfg.micro_batch_size,
             "generation_batch_size": cfg.generation_batch_size,
+            "max_new_tokens": cfg.max_new_tokens,
+            "min_new_tokens": cfg.min_new_tokens,
             "reflection_max_new_tokens": cfg.reflection_max_new_tokens,
             "curation_max_new_tokens": cfg.curation_max_new_tokens,
             "max_reflections_per_step": cfg.max_reflections_per_step,

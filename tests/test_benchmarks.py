@@ -41,6 +41,8 @@ def test_step_time_smoke(tmp_path):
             assert step["forwards"]["student_grad"] >= 1, name
             # --fixed-length: both sides decode exactly max_new_tokens per completion
             assert step["completion_tokens_mean"] == report["settings"]["max_new_tokens"], name
+        if name in OURS:  # and our trainer was asked to (a tiny model may never stop early)
+            assert res["settings"]["min_new_tokens"] == res["settings"]["max_new_tokens"], name
     assert methods["grpo"]["n"] == report["settings"]["grpo_n"] > 1
     assert all(methods[m]["n"] == 1 for m in ["resd", "sdpo", "sdpo_ss"])
     # every method saw the same prompts: one list in the report, used by all
