@@ -47,7 +47,8 @@ def learn_config(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def questions(args: argparse.Namespace) -> list[Any]:
+def questions(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The environment and the questions the users ask, in their order."""
     from resd.envs.house_rules import HouseRulesEnv
 
     env = HouseRulesEnv(seed=0, rules_seed=0, n_rules=args.rules, n_test=args.test_items)

@@ -123,6 +123,17 @@ def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
         assert status["steps"][0]["served"] and status["accuracy"][0]["step"] == 0
 
 
+def test_health_answers_while_a_learner_step_runs(tiny_model_dir, tmp_path, tiny_served):
+    # a step holds the learner's lock for minutes on a real model; /health must not wait
+    with (
+        learning(tiny_model_dir, tmp_path, tiny_served, collect=False) as (_, _, learner),
+        start_server(tiny_served, tmp_path / "page.db", learner=learner) as running,
+        learner._lock,
+    ):
+        health = httpx.get(f"{running.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["learner"]["step"] == 0
+
+
 def test_the_guard_keeps_a_worse_model_off_the_server(tiny_model_dir, tmp_path, tiny_served):
     with learning(tiny_model_dir, tmp_path, tiny_served) as (running, _, learner):
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # must gain 2: never

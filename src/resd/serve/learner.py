@@ -79,13 +79,14 @@ class Learner:
     ) -> None:
         self.trainer, self.store, self.holder, self.settings = trainer, store, holder, settings
         self.steps: list[dict[str, Any]] = list(trainer.extra_state.get("history", []))
-        self._lock = threading.Lock()  # one step at a time, and status() sees a whole step
+        self._lock = threading.Lock()  # one step at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self._reconcile()
         if trainer.step == 0:
             self._baseline()
+        self._snapshot_status()
 
     @classmethod
     def from_config(
@@ -176,6 +177,7 @@ class Learner:
                 self.store.add_version(version, parent=served.version, step=step, accuracy=accuracy,
                                        note=f"trained on {len(rows)} rows")  # fmt: skip
                 self.holder.swap(self._snapshot(version))
+            self._snapshot_status()
             log.info("learner step %d: %s", step, record)
             return record
 
@@ -211,17 +213,20 @@ class Learner:
             self.store.mark_consumed(list(ids), int(self.trainer.extra_state["consumed_step"]))
 
     # ---- what the page shows ------------------------------------------------------------------
+    def _snapshot_status(self) -> None:
+        """What the page and /health show, taken once per step: `status()` must answer
+        while a step runs (minutes) without waiting for it or re-reading the logs."""
+        run_dir = self.trainer.run_dir
+        self._status = {
+            "step": self.trainer.step,
+            "playbook_markdown": self.trainer.playbook.render(),
+            "playbook_history": read_jsonl(run_dir / "playbook_history.jsonl"),
+            "steps": list(self.steps),
+            "accuracy": [
+                {"step": r["step"], "accuracy": r.get(self.settings.guard_metric)}
+                for r in read_jsonl(run_dir / "eval.jsonl")
+            ],
+        }
+
     def status(self) -> dict[str, Any]:
-        with self._lock:
-            run_dir = self.trainer.run_dir
-            return {
-                "step": self.trainer.step,
-                "playbook_markdown": self.trainer.playbook.render(),
-                "playbook_history": read_jsonl(run_dir / "playbook_history.jsonl"),
-                "steps": list(self.steps),
-                "accuracy": [
-                    {"step": r["step"], "accuracy": r.get(self.settings.guard_metric)}
-                    for r in read_jsonl(run_dir / "eval.jsonl")
-                ],
-                "error": self.error,
-            }
+        return {**self._status, "error": self.error}
