@@ -41,6 +41,12 @@ forgetting() {
   done
 }
 
+# Reordered on 2026-12-02 (order only; no run is added or dropped): issue 10's target cell
+# (0.5B, structured output on, manufactoria) runs before GRPO's first seed, since issue 10
+# comes first. The compare call with three methods resumes the same run folder.
+nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd,sdpo,sdpo_ss \
+  --seeds 0 --out runs/headline_qwen
+nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria --modes on
 headline 0                                     # the headline, first seed of every method
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
 min_ops 0
