@@ -18,6 +18,9 @@ Variants (`--variants`, comma-separated):
     lora-before   `lora` sampling through the unmerged fp32 adapters, without the
                   contiguous head input (the step as it was before)
     lora-one      `lora` with single-call lessons (`lesson_calls: one`: no curator pass)
+    lora-conv     `lora` with reflections that continue the rollout's conversation
+                  (`reflection_layout: conversation`), reusing its keys and values
+    lora-one-conv both
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
@@ -45,6 +48,7 @@ ENVS = {  # short replies (the experiments' arithmetic) and replies that run to 
                    "env_args.mul_max_operand=99"],
     "ifeval": ["env=ifeval", "env_args.n_train=64", "env_args.n_test=4"],
     "house_rules": ["env=house_rules", "env_args.n_test=4"],  # the headline task
+    "manufactoria": ["env=manufactoria", "max_prompt_tokens=2048"],  # ~1,500-token prompts
 }  # fmt: skip
 BASE = [
     "model=qwen2.5-coder-0.5b", "batch_size=8", "inner_updates=4",
@@ -61,6 +65,8 @@ VARIANTS: dict[str, list[str]] = {
     "full-before": [],
     "lora-before": [LORA, "generation_dtype=float32"],
     "lora-one": [LORA, "lesson_calls=one"],
+    "lora-conv": [LORA, "reflection_layout=conversation"],
+    "lora-one-conv": [LORA, "lesson_calls=one", "reflection_layout=conversation"],
 }
 
 
@@ -103,6 +109,9 @@ def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "median": {p: statistics.median(s[f"time_{p}"] for s in timed) for p in (*PHASES, "step")},
         "response_tokens": statistics.mean(s["response_tokens"] for s in timed),
+        "reflections": sum(s.get("reflections", 0) for s in timed),
+        "reflection_cache_hits": sum(s.get("reflection_cache_hits", 0) for s in timed),
+        "reflection_cached_tokens": sum(s.get("reflection_cached_tokens", 0) for s in timed),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }  # fmt: skip
     return row
@@ -156,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     head = f"{'env':11s} {'algorithm':9s} {'variant':12s} " + " ".join(
         f"{p:>8s}" for p in (*PHASES, "step")
     )
-    print(head + f" {'peak GiB':>8s} {'tokens':>6s}")
+    print(head + f" {'peak GiB':>8s} {'tokens':>6s} {'hits':>7s} {'cached/refl':>11s}")
     for r in rows:
         cells = " ".join(f"{r['median'][p]:8.2f}" for p in (*PHASES, "step"))
+        refl = r.get("reflections", 0)
+        hits = f"{r.get('reflection_cache_hits', 0)}/{refl}"
+        cached = r.get("reflection_cached_tokens", 0) / refl if refl else 0.0
         print(f"{r['env']:11s} {r['algorithm']:9s} {r['variant']:12s} {cells} {r['peak_rss_gib']:8.2f} "
-              f"{r['response_tokens']:6.1f}")  # fmt: skip
+              f"{r['response_tokens']:6.1f} {hits:>7s} {cached:11.1f}")  # fmt: skip
     return 0
 
 

@@ -133,3 +133,18 @@ def test_serve_load_benchmark_smoke(tiny_model_dir, tmp_path):
     assert code == 0 and result["load"]["completions"] > 0
     assert result["load"]["rows"] == result["load"]["acknowledged_completions"]
     assert result["fault"]["acknowledged_feedback"] > 0 and result["fault"]["lost_feedback"] == 0
+
+
+def test_prefix_cache_benchmark_smoke(tmp_path):
+    """The benchmark's cached arm really hits on the tiny model, and both arms decode the
+    same number of tokens (a benchmark that never hit would report a fake 0 % saving)."""
+    out = tmp_path / "prefix_cache.json"
+    script = ROOT / "benchmarks" / "prefix_cache.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--envs", "house_rules",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["env"] == "house_rules" and row["rows"] == 3
+    assert row["hit_rate"] == 1.0 and row["cached_tokens_mean"] > 0
+    assert row["reflect_s"]["cached"]["1"] > 0 and row["reflect_s"]["prefill"]["4"] > 0
+    assert done.stdout.rstrip().splitlines()[-1].startswith("house_rules")

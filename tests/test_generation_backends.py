@@ -98,7 +98,7 @@ def test_sampler_signature_and_static_cache(tiny, prompts):
     model, tok = tiny
     params = inspect.signature(TransformersSampler).parameters
     assert list(params) == ["model", "tokenizer", "batch_size", "autocast",
-                            "cache_implementation", "compile", "grammar"]  # fmt: skip
+                            "cache_implementation", "compile", "grammar", "prefix_cache"]  # fmt: skip
     assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in list(params)[2:])
     assert (params["batch_size"].default, params["autocast"].default) == (8, "auto")
     assert (params["cache_implementation"].default, params["compile"].default) == (None, False)

@@ -197,3 +197,64 @@ def test_min_new_tokens_keeps_eos_out_for_equal_work(tiny_model_dir):
                      seeds=[0, 1, 2], return_logprobs=True)  # fmt: skip
     assert all(len(g.token_ids) == 8 and first not in g.token_ids for g in fixed)
     assert all(len(g.logprobs) == 8 for g in fixed)
+
+
+def test_prefix_cache_reuses_a_rollout_and_changes_nothing(tiny):
+    """Conversation-layout prompts that extend kept rollouts decode exactly as a full
+    prefill would, in mixed batches (hits of different lengths beside a miss)."""
+    from resd.generation.hf import PrefixCache, chat_ids_after
+
+    model, tok = tiny
+    tasks = [[{"role": "user", "content": "x " * n}] for n in (2, 9, 5)]
+    prompts = [chat_prompt_ids(tok, t) for t in tasks]
+    cache = PrefixCache()
+    rollouts = generate(model, tok, prompts, max_new_tokens=8, temperature=0.0, batch_size=3,
+                        prefix_cache=cache, keep_prefixes=True)  # fmt: skip
+    assert len(cache) == 3
+    followups, heads = [], []
+    for task, prompt, gen in zip(tasks, prompts, rollouts, strict=True):
+        reply = gen.token_ids[:-1] if gen.finished else gen.token_ids
+        head = prompt + reply
+        conversation = [*task, {"role": "assistant", "content": gen.text},
+                        {"role": "user", "content": "what went wrong? " * 3}]  # fmt: skip
+        ids = chat_ids_after(tok, conversation, head)
+        assert ids[: len(head)] == head  # the sampled tokens are kept, not re-tokenized
+        followups.append(ids)
+        heads.append(head)
+    followups.append(chat_prompt_ids(tok, [{"role": "user", "content": "unrelated y y"}]))
+    cached = generate(model, tok, followups, max_new_tokens=10, temperature=0.0, batch_size=4,
+                      prefix_cache=cache)  # fmt: skip
+    plain = generate(model, tok, followups, max_new_tokens=10, temperature=0.0, batch_size=4)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
+    # a rollout that ran to its budget has its last token unfed: that one is prefilled
+    expected = [len(h) if g.finished else len(h) - 1 for h, g in zip(heads, rollouts, strict=True)]
+    assert [g.cached_tokens for g in cached] == [*expected, 0]
+    assert all(g.cached_tokens == 0 for g in plain)
+
+    # the reused keys are really read: spoil them and the replies change
+    with torch.inference_mode():  # the kept tensors are inference tensors
+        for _, layers in cache.entries:
+            for key, value in layers:
+                key.mul_(-1.0)
+                value.mul_(0.5)
+    spoiled = generate(model, tok, followups[:3], max_new_tokens=10, temperature=0.0,
+                       batch_size=3, prefix_cache=cache)  # fmt: skip
+    assert [g.token_ids for g in spoiled] != [g.token_ids for g in plain[:3]]
+    cache.clear()
+    again = generate(model, tok, followups[:3], max_new_tokens=10, temperature=0.0,
+                     batch_size=3, prefix_cache=cache)  # fmt: skip
+    assert [g.token_ids for g in again] == [g.token_ids for g in plain[:3]]
+    assert all(g.cached_tokens == 0 for g in again)
+
+
+def test_chat_ids_after_falls_back_when_the_template_rewrites_the_reply(tiny):
+    from resd.generation.hf import chat_ids_after
+
+    _, tok = tiny
+    task = [{"role": "user", "content": "x x"}]
+    prompt = chat_prompt_ids(tok, task)
+    sampled = tok("  padded reply  ", add_special_tokens=False)["input_ids"]
+    conversation = [*task, {"role": "assistant", "content": "padded reply"},
+                    {"role": "user", "content": "why?"}]  # fmt: skip
+    ids = chat_ids_after(tok, conversation, prompt + sampled)
+    assert ids == chat_prompt_ids(tok, conversation)  # no head: the rendered text differs

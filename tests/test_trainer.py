@@ -418,3 +418,25 @@ def test_single_call_lessons_come_from_the_reflection_not_the_curator(tiny_model
     # the curator's prefilled lesson would appear had the curator been called
     assert not any("Count the characters" in text for text in lessons)
     assert all(m["curations"] == m["reflections"] for m in metrics)
+
+
+def test_conversation_layout_reflects_on_the_rollouts_own_cached_tokens(tiny_model_dir, tmp_path):
+    """`reflection_layout: conversation`: reflections begin with the rollout's tokens, whose
+    keys and values the rollout kept; the weights' update empties that cache."""
+    counts = {}
+    for layout in ("prompt", "conversation"):
+        trainer = Trainer(config(tiny_model_dir, tmp_path / layout, f"reflection_layout={layout}",
+                                 "playbook_prune_every=100"))  # fmt: skip
+        items = trainer.train_items[:8]
+        prompt_tokens = min(len(chat_prompt_ids(trainer.tokenizer, i.messages)) for i in items)
+        steps = [trainer.train_step(items[i : i + 4]) for i in (0, 4, 0)]
+        reflections = sum(m["reflections"] for m in steps)
+        assert reflections > 0 and sum(m["reflection_parse_failures"] for m in steps) == 0
+        counts[layout] = sum(m["reflection_cached_tokens"] for m in steps)
+        if layout == "conversation":
+            # at least each rollout's whole prompt came from the cache
+            assert counts[layout] >= reflections * prompt_tokens
+            assert len(trainer.sampler.prefix_cache) == 0  # sync after the update cleared it
+        else:
+            assert trainer.sampler.prefix_cache is None
+    assert counts["prompt"] == 0 and counts["conversation"] > 0

@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple] = {
     "loss_aggregation": ("token_mean", "seq_mean_token_mean"),
     "curation_ops": ("all", "add"),
     "lesson_calls": ("two", "one"),
+    "reflection_layout": ("prompt", "conversation"),
     "unparsed_reflection": ("drop", "raw"),
     "solution_buffer_keep": ("first", "latest"),
     "lr_scheduler_type": (
@@ -173,10 +174,17 @@ class TrainConfig:
     curation_ops: str = "all"
     # Under structured output, the curator must propose at least this many operations
     # (0: it may propose none, as in the release).
+    curation_min_operations: int = 0
     # two: reflect, then curate (the release); one: the reflector's reply also holds the
     # playbook operations, which saves the curator's generation pass.
     lesson_calls: str = "two"
-    curation_min_operations: int = 0
+    # How the reflector is shown an attempt: "prompt" = one user message quoting the task
+    # and the attempt (the release); "conversation" = the rollout's own conversation (task,
+    # the attempt as the assistant's turn) continued by a user turn asking for the
+    # diagnosis, so the prompt begins with the rollout's tokens and the transformers
+    # backend reuses their keys and values instead of prefilling them again (vLLM's prefix
+    # cache does the same). Success tagging follows the same layout.
+    reflection_layout: str = "prompt"
     # Decode reflection, tagging and curation replies under a JSON schema (live entry ids,
     # the seven sections, one shape per operation), so every reply is valid JSON by
     # construction: "auto" = on where the grammar library is installed (xgrammar for the

@@ -51,6 +51,9 @@ COUNTERS = (
     "reflection_tokens",  # tokens generated for reflections, success tags and curation
     "tag_tokens",
     "curation_tokens",
+    "reflection_cached_tokens",  # reflection prompt tokens whose keys/values were reused
+    "reflection_cache_hits",  # reflections whose prompt began with a cached sequence
+    "tag_cached_tokens",  # (reflection_layout: conversation, or a server's prefix cache)
     "tags_applied",
     "ops_applied",
     "ops_skipped",

@@ -23,6 +23,9 @@ class Generation:
     # The sampler's log π of each token (when asked for): what rollout correction compares
     # with the trainer's log-probs. Grammar-constrained replies record the masked scores.
     logprobs: list[float] | None = None
+    # Prompt tokens whose KV came from a cache instead of a prefill (the transformers
+    # backend's prefix cache; like OpenAI's `cached_tokens`): the prefix-reuse metric.
+    cached_tokens: int = 0
 
 
 def cut_at_eos(
@@ -61,11 +64,14 @@ class Sampler(Protocol):
         json_prefixes: Sequence[str] | None = None,
         return_logprobs: bool = False,
         min_new_tokens: int = 0,
+        keep_prefixes: bool = False,
     ) -> list[Generation]:
         """One continuation per prompt. `seeds` make each row's sample depend only on its
         prompt and seed; `json_schemas` constrain rows to JSON (structured output);
         `return_logprobs` fills `Generation.logprobs` with the sampler's own;
-        `min_new_tokens` keeps EOS out of the first that many tokens."""
+        `min_new_tokens` keeps EOS out of the first that many tokens; `keep_prefixes`
+        keeps each prompt + reply for later prompts that extend it (a prefix cache; vLLM
+        caches prefixes by itself and ignores it)."""
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import (
     CompileConfig,
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.cache_utils import DynamicLayer
 
 from resd.generation.base import Generation, cut_at_eos
 from resd.models import autocast_context
@@ -152,6 +154,35 @@ def chat_prompt_ids(
     return ids
 
 
+def chat_ids_after(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    head: list[int],
+    max_tokens: int | None = None,
+) -> list[int]:
+    """`chat_prompt_ids(messages)`, but beginning with the tokens `head` when the rendered
+    conversation begins with their text.
+
+    A conversation that continues a rollout (its prompt, then its reply as the assistant's
+    turn) renders to the rollout's text followed by more; re-tokenizing the whole text
+    could split the reply differently from how it was sampled, and then no cached prefix
+    would match. So the head keeps the sampled tokens and only the rest is tokenized. When
+    the template rewrites the head (it strips or reformats the reply), the whole text is
+    tokenized as usual.
+    """
+    text = render_chat(tokenizer, messages)
+    head_text = tokenizer.decode(
+        head, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    if head and text.startswith(head_text):
+        ids = head + tokenizer(text[len(head_text) :], add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[-max_tokens:]
+    return ids
+
+
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """The prompt text; a template that refuses the system role (Gemma's raises) gets the
     system text as the opening paragraph of the first user message instead."""
@@ -189,6 +220,121 @@ def left_pad(
             ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq) :] = 1
     return ids.to(device), mask.to(device)
+
+
+class PrefixCache:
+    """Keys and values of recent sequences (a prompt and its reply), so that a later prompt
+    which extends one skips that part of its prefill.
+
+    RESD's reflection prompt can be laid out as the rollout's own conversation continued
+    (`reflection_layout: conversation`): the task, the attempt as the assistant's turn,
+    then a user turn asking for the diagnosis. Its tokens then begin with the rollout's
+    prompt and reply, whose keys and values the rollout has just computed with the same
+    weights. On a CPU, prefill costs as much as decoding (a 2,000-token manufactoria task
+    is about 2 TFLOP per row on the 0.5B model), so reusing it is the saving.
+
+    Entries are valid only for the weights that made them: the owner clears the cache
+    whenever those change. Only the last batch of kept sequences is held.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []
+
+    def clear(self) -> None:
+        self.entries = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, tokens: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep `tokens` with their keys/values, one (key, value) [heads, len, dim] per layer."""
+        if tokens:
+            self.entries.append((list(tokens), layers))
+
+    def lookup(
+        self, prompt: list[int]
+    ) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """The longest kept sequence that `prompt` extends by at least one token: its length
+        and keys/values, or (0, None). The last prompt token is always prefilled, since
+        generation needs its logits."""
+        best: tuple[int, list | None] = (0, None)
+        for tokens, layers in self.entries:
+            n = len(tokens)
+            if best[0] < n < len(prompt) and prompt[:n] == tokens:
+                best = (n, layers)
+        return best
+
+
+def _kept_layers(cache: object) -> list[DynamicLayer] | None:
+    """The cache's layers if every one holds the full sequence (a sliding-window or
+    quantized layer drops or changes positions, so nothing is kept from it)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return layers
+
+
+def _keep_prefixes(
+    store: PrefixCache,
+    cache: object,
+    prompts: list[list[int]],
+    replies: list[Generation],
+    width: int,
+) -> None:
+    """Copy each row's prompt + reply (without its EOS) out of a finished batch's KV cache.
+
+    Rows were left-padded to `width`; the cache holds every token fed to the model, that
+    is all but the last one sampled, so a reply that ran to the end loses its last token.
+    """
+    layers = _kept_layers(cache)
+    if layers is None:
+        return
+    fed = layers[0].keys.shape[2]
+    for row, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
+        content = reply.token_ids[:-1] if reply.finished else reply.token_ids
+        start = width - len(prompt)
+        length = min(len(prompt) + len(content), fed - start)
+        tokens = (prompt + content)[:length]
+        store.add(tokens, [(layer.keys[row, :, start : start + length].clone(),
+                            layer.values[row, :, start : start + length].clone()) for layer in layers])  # fmt: skip
+
+
+def _with_prefixes(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    hits: list[tuple[int, list | None]],
+    pad_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+    """Inputs and a primed KV cache for a batch where some rows extend a cached sequence.
+
+    Layout per row: [pad][cached part][pad][rest of the prompt]. The cached parts are
+    right-aligned in the first `width` columns, so the cache is a rectangle; the gap in
+    the middle is masked, and positions come from the attention mask's running count, so
+    every real token keeps the position it had when its keys were computed.
+    """
+    width = max(n for n, _ in hits)
+    rest = [prompt[n:] for prompt, (n, _) in zip(prompts, hits, strict=True)]
+    tail = max(len(r) for r in rest)
+    rows = len(prompts)
+    ids = torch.full((rows, width + tail), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width + tail), dtype=torch.long)
+    for row, (prompt, (n, _), r) in enumerate(zip(prompts, hits, rest, strict=True)):
+        ids[row, width - n : width] = torch.tensor(prompt[:n], dtype=torch.long)
+        mask[row, width - n : width] = 1
+        ids[row, width + tail - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[row, width + tail - len(r) :] = 1
+    some = next(layers for n, layers in hits if layers is not None)
+    primed = []
+    for index, (key, value) in enumerate(some):
+        keys = key.new_zeros((rows, key.shape[0], width, key.shape[2]))
+        values = value.new_zeros((rows, value.shape[0], width, value.shape[2]))
+        for row, (n, layers) in enumerate(hits):
+            if layers is not None:
+                keys[row, :, width - n :] = layers[index][0]
+                values[row, :, width - n :] = layers[index][1]
+        primed.append((keys.to(device), values.to(device)))
+    return ids.to(device), mask.to(device), DynamicCache(primed, config=model.config)
 
 
 CACHE_IMPLEMENTATIONS = (None, "static")
@@ -253,6 +399,8 @@ def generate(
     json_prefixes: Sequence[str] | None = None,
     return_logprobs: bool = False,
     min_new_tokens: int = 0,
+    prefix_cache: PrefixCache | None = None,
+    keep_prefixes: bool = False,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -271,6 +419,10 @@ def generate(
     sampling only: greedy decoding has no sampler to record them). `min_new_tokens` keeps
     EOS out of the first that many tokens (= `max_new_tokens`: every reply has the same
     length, the benchmarks' equal-work mode).
+
+    With a `prefix_cache` (dynamic KV cache only), a prompt that extends a kept sequence
+    starts from that sequence's keys and values (`Generation.cached_tokens` says how many);
+    `keep_prefixes` keeps this call's prompts and replies in it, replacing what it held.
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("generate: need one seed per prompt")
@@ -289,13 +441,26 @@ def generate(
     if sort_by_length:  # similar lengths share a batch: less padding, fewer wasted FLOPs
         order.sort(key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
+    if cache_implementation is not None:  # a static cache cannot be primed with a prefix
+        prefix_cache = None
+    if prefix_cache is not None and keep_prefixes:
+        prefix_cache.clear()
     was_training = model.training
     model.eval()
     sampling = temperature > 0
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            input_ids, attention_mask = left_pad([prompts[i] for i in chunk], pad_id, device)
+            rows = [prompts[i] for i in chunk]
+            hits = [prefix_cache.lookup(p) for p in rows] if prefix_cache else []
+            primed = {}
+            if any(n for n, _ in hits):
+                input_ids, attention_mask, cache = _with_prefixes(model, rows, hits, pad_id, device)
+                primed = {"cache": cache}
+            else:
+                hits = [(0, None)] * len(rows)
+                input_ids, attention_mask = left_pad(rows, pad_id, device)
+            keep = prefix_cache is not None and keep_prefixes
             row_seeded = sampling and seeds is not None
             processors = LogitsProcessorList()
             if json_schemas is not None and grammar is not None:  # mask first, then sample
@@ -323,14 +488,21 @@ def generate(
                     logits_processor=processors,
                     eos_token_id=eos,
                     pad_token_id=pad_id,
+                    return_dict_in_generate=keep,
+                    **primed,
                     **extra,
                 )
-            new_tokens = out[:, input_ids.shape[1] :].tolist()
+            sequences = out.sequences if keep else out
+            new_tokens = sequences[:, input_ids.shape[1] :].tolist()
             for row, i in enumerate(chunk):
                 logprobs = (
                     sampler.logprobs[row] if sampler is not None and return_logprobs else None
                 )
                 results[i] = cut_at_eos(new_tokens[row], eos, tokenizer, logprobs)
+                results[i].cached_tokens = hits[row][0]
+            if keep and not primed:
+                _keep_prefixes(prefix_cache, out.cache, rows,
+                               [results[i] for i in chunk], input_ids.shape[1])  # fmt: skip
     finally:
         model.train(was_training)
     return [r for r in results if r is not None]
@@ -353,9 +525,15 @@ class TransformersSampler:
         cache_implementation: str | None = None,
         compile: bool = False,
         grammar: JsonGrammar | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         # fail at construction, not at the first rollout, on a bad cache/compile pair
         decode_options(next(model.parameters()).device, cache_implementation, compile)
+        if prefix_cache is not None and cache_implementation is not None:
+            raise ValueError(
+                "a prefix cache needs the dynamic KV cache (cache_implementation=None)"
+            )
+        self.prefix_cache = prefix_cache
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -376,6 +554,7 @@ class TransformersSampler:
         json_prefixes: Sequence[str] | None = None,
         return_logprobs: bool = False,
         min_new_tokens: int = 0,
+        keep_prefixes: bool = False,
     ) -> list[Generation]:
         return generate(
             self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -383,11 +562,14 @@ class TransformersSampler:
             cache_implementation=self.cache_implementation, compile=self.compile,
             grammar=self.grammar, json_schemas=json_schemas, json_prefixes=json_prefixes,
             return_logprobs=return_logprobs, min_new_tokens=min_new_tokens,
+            prefix_cache=self.prefix_cache, keep_prefixes=keep_prefixes,
         )  # fmt: skip
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new policy weights in, by parameter name (the copy was made from the policy)."""
+        if self.prefix_cache is not None:  # its keys and values belong to the old weights
+            self.prefix_cache.clear()
         params = dict(self.model.named_parameters())
         for name, tensor in weights:
             params[name].copy_(tensor)

@@ -103,6 +103,7 @@ class VLLMSampler:
         json_prefixes: Sequence[str] | None = None,
         return_logprobs: bool = False,
         min_new_tokens: int = 0,
+        keep_prefixes: bool = False,  # vLLM's automatic prefix caching keeps them anyway
     ) -> list[Generation]:
         """One continuation per prompt; temperature 0 is greedy.
 
@@ -138,7 +139,10 @@ class VLLMSampler:
         ]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]  # a TokensPrompt
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return [self._to_generation(out.outputs[0]) for out in outputs]
+        gens = [self._to_generation(out.outputs[0]) for out in outputs]
+        for gen, out in zip(gens, outputs, strict=True):
+            gen.cached_tokens = int(getattr(out, "num_cached_tokens", 0) or 0)
+        return gens
 
     def _structured(self, schema: dict | None) -> dict[str, Any]:
         """SamplingParams keywords for a JSON schema: `structured_outputs` (vLLM >= 0.10.2;

@@ -17,7 +17,7 @@ from typing import Any
 
 from resd.config import TrainConfig
 from resd.envs.base import Item
-from resd.generation.hf import chat_prompt_ids
+from resd.generation.hf import chat_ids_after, chat_prompt_ids
 from resd.generation.structured import curation_schema, reflection_schema, tag_schema
 from resd.parallel import Parallel
 from resd.templating import clip_tokens, strip_thinking
@@ -32,7 +32,9 @@ from resd.training.reflection import (
     parse_operations,
     parse_reflection,
     parse_tags,
+    reflection_followup,
     reflection_messages,
+    success_tag_followup,
     success_tag_messages,
 )
 from resd.training.reflector import LocalReflector, RemoteReflector
@@ -133,8 +135,23 @@ class Lessons:
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages, self.cfg.max_teacher_prompt_tokens)
+    def _chat(self, messages: list[dict[str, str]], head: list[int] | None = None) -> list[int]:
+        limit = self.cfg.max_teacher_prompt_tokens
+        if head:
+            return chat_ids_after(self.tokenizer, messages, head, limit)
+        return chat_prompt_ids(self.tokenizer, messages, limit)
+
+    @property
+    def conversation(self) -> bool:
+        """Reflection and tagging continue the rollout's conversation (`reflection_layout`)."""
+        return self.cfg.reflection_layout == "conversation"
+
+    @staticmethod
+    def _head(r: Rollout) -> list[int]:
+        """The rollout's prompt and reply tokens (without the EOS): what a conversation-layout
+        prompt begins with, and what the sampler's prefix cache holds."""
+        reply = r.gen.token_ids[:-1] if r.gen.finished else r.gen.token_ids
+        return [*r.prompt_ids, *reply]
 
     def _schema(self, build, budget: int, view: PlaybookView) -> dict[str, Any] | None:
         """The JSON schema of a reply (ids: the entries its prompt shows); None without a grammar."""
@@ -181,20 +198,26 @@ class Lessons:
             return []
         view = self.view("reflection") if self.algo.playbook else PlaybookView()
         clip = self.clip
-        prompts = [
-            reflection_messages(clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback), view.text,
-                                operations=self.curation_ops if self.single_call else None)
-            for r in failed
-        ]  # fmt: skip
+        operations = self.curation_ops if self.single_call else None
+        if self.conversation:
+            prompts = [reflection_followup(self.student_messages(r.item), r.response, clip(r.score.feedback),
+                                           view.text, operations=operations) for r in failed]  # fmt: skip
+        else:
+            prompts = [reflection_messages(clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback),
+                                           view.text, operations=operations) for r in failed]  # fmt: skip
+        heads = [self._head(r) for r in failed] if self.conversation else None
         budget = self.cfg.reflection_max_new_tokens
         seeds = [row_seed(self.cfg.seed, step, "reflect", r.index) for r in failed]
         replies = self.reflector.replies(
-            prompts, "reflection", budget, seeds, self._schema(reflection_schema, budget, view)
-        )
+            prompts, "reflection", budget, seeds, self._schema(reflection_schema, budget, view),
+            heads=heads,
+        )  # fmt: skip
         tags = []
         for r, reply in zip(failed, replies, strict=True):
             counts["reflections"] += 1
             counts["reflection_tokens"] += len(reply.token_ids)
+            counts["reflection_cached_tokens"] += reply.cached_tokens
+            counts["reflection_cache_hits"] += reply.cached_tokens > 0
             counts["reflection_truncated"] += not reply.finished
             r.reflection_reply = reply.text
             r.reflection = parse_reflection(reply.text)
@@ -218,15 +241,22 @@ class Lessons:
         if not wins:
             return []
         view = self.view("reflection")
-        prompts = [success_tag_messages(self.clip(r.item.prompt_text), self.clip(r.response), view.text)
-                   for r in wins]  # fmt: skip
+        if self.conversation:
+            prompts = [success_tag_followup(self.student_messages(r.item), r.response, view.text)
+                       for r in wins]  # fmt: skip
+        else:
+            prompts = [success_tag_messages(self.clip(r.item.prompt_text), self.clip(r.response), view.text)
+                       for r in wins]  # fmt: skip
+        heads = [self._head(r) for r in wins] if self.conversation else None
         budget = self.cfg.reflection_max_new_tokens
         seeds = [row_seed(self.cfg.seed, step, "tag", r.index) for r in wins]
+        replies = self.reflector.replies(prompts, "tag", budget, seeds,
+                                         self._schema(tag_schema, budget, view), heads=heads)  # fmt: skip
         tags = []
-        for r, reply in zip(wins, self.reflector.replies(prompts, "tag", budget, seeds,
-                                                       self._schema(tag_schema, budget, view)), strict=True):  # fmt: skip
+        for r, reply in zip(wins, replies, strict=True):
             counts["tag_replies"] += 1
             counts["tag_tokens"] += len(reply.token_ids)
+            counts["tag_cached_tokens"] += reply.cached_tokens
             parsed = parse_tags(reply.text)
             if parsed is None:
                 counts["tag_parse_failures"] += 1

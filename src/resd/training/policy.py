@@ -21,7 +21,7 @@ from torch import nn
 
 from resd.config import ConfigError, TrainConfig
 from resd.generation.base import Generation, Sampler
-from resd.generation.hf import TransformersSampler, eos_token_ids
+from resd.generation.hf import PrefixCache, TransformersSampler, eos_token_ids
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
 from resd.models import DTYPES, load_model, resolve_model_path
 from resd.parallel import Parallel
@@ -126,6 +126,14 @@ class PolicySampler:
             "reflection": self._prefill("reflection_prefill", cfg.reflection_prefill),
             "curation": self._prefill("curation_prefill", cfg.curation_prefill),
         }
+        # Rollouts' keys and values, kept for conversation-layout reflections that begin
+        # with them (transformers backend, dynamic KV cache); cleared by every sync.
+        self.prefix_cache = (
+            PrefixCache()
+            if cfg.reflection_layout == "conversation" and cfg.generation_backend == "transformers"
+            and cfg.generation_cache is None
+            else None
+        )  # fmt: skip
         self.backend: Sampler = self._backend()
         self.needs_sync = cfg.generation_backend == "vllm" or self.generator is not model
         if cfg.generation_backend == "vllm" or self.merged:  # a resumed policy's weights
@@ -144,6 +152,7 @@ class PolicySampler:
         return TransformersSampler(
             self.generator, self.tokenizer, batch_size=cfg.generation_batch_size, autocast=cfg.autocast,
             cache_implementation=cfg.generation_cache, compile=cfg.generation_compile, grammar=self.grammar,
+            prefix_cache=self.prefix_cache,
         )  # fmt: skip
 
     def _grammar(self) -> JsonGrammar | None:
@@ -186,7 +195,10 @@ class PolicySampler:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Push the policy's new weights to whatever samples (a no-op when that is the policy)."""
+        """Push the policy's new weights to whatever samples (a no-op when that is the
+        policy), and forget prefixes computed with the old ones."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         if self.needs_sync:
             self.backend.load_weights(self.weights())
 
@@ -196,7 +208,8 @@ class PolicySampler:
         cfg = self.cfg
         return self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, seeds=seeds, return_logprobs=True,
-                                     min_new_tokens=cfg.min_new_tokens)  # fmt: skip
+                                     min_new_tokens=cfg.min_new_tokens,
+                                     keep_prefixes=self.prefix_cache is not None)  # fmt: skip
 
     def replies(
         self,
@@ -218,4 +231,5 @@ class PolicySampler:
             top_p=self.cfg.top_p, seeds=seeds, json_schemas=schemas,
             json_prefixes=[prefill] * len(prompts) if schemas and prefill else None,
         )  # fmt: skip
-        return [Generation(g.token_ids, prefill + g.text, g.finished) for g in gens]
+        return [Generation(g.token_ids, prefill + g.text, g.finished, cached_tokens=g.cached_tokens)
+                for g in gens]  # fmt: skip

@@ -49,6 +49,26 @@ Answer with one JSON object and nothing else, with these keys (one or two short 
 - "bullet_tags": a list of {"id": "<entry id>", "tag": "helpful" | "harmful" | "neutral"} for playbook entries that bear on this attempt (an empty list if none).
 """
 
+# `reflection_layout: conversation`: the attempt is the assistant's turn of the rollout's
+# own conversation, and this user turn follows it (the same questions and JSON keys).
+REFLECTION_FOLLOWUP = """Your reply above did not fully succeed. Diagnose it so the lesson can be reused on other tasks.
+
+## What the checker reported
+{feedback}
+
+## Current playbook of lessons
+{playbook}
+
+""" + REFLECTION_PROMPT[REFLECTION_PROMPT.index("Answer with one JSON object") :]
+
+SUCCESS_TAG_FOLLOWUP = """Your reply above solved the task. Decide which playbook lessons it agrees with.
+
+## Playbook
+{playbook}
+
+Answer with one JSON object and nothing else: {"bullet_tags": [{"id": "<entry id>", "tag": "helpful" | "harmful" | "neutral"}]}. Tag only entries that bear on this attempt.
+"""
+
 SUCCESS_TAG_PROMPT = """The attempt below solved its task. Decide which playbook lessons it agrees with.
 
 ## Task
@@ -163,9 +183,38 @@ def reflection_messages(
     return [{"role": "user", "content": text}]
 
 
+def reflection_followup(
+    task_messages: list[dict[str, str]],
+    response: str,
+    feedback: str,
+    playbook: str,
+    operations: tuple[str, ...] | None = None,
+) -> list[dict[str, str]]:
+    """The reflector's prompt in the conversation layout: the rollout's messages, the
+    attempt as the assistant's turn, then the request (`reflection_messages`' questions)."""
+    values = {"feedback": _slot(feedback), "playbook": _slot(playbook)}
+    text = fill(REFLECTION_FOLLOWUP, values, strict=False)
+    if operations:
+        extra = fill(
+            REFLECTION_OPERATIONS, {"operation_shapes": _operation_text(operations)}, strict=False
+        )
+        text = text.rstrip("\n") + "\n" + extra
+    return [*task_messages, {"role": "assistant", "content": response},
+            {"role": "user", "content": text}]  # fmt: skip
+
+
 def success_tag_messages(task: str, response: str, playbook: str) -> list[dict[str, str]]:
     values = {"task": _slot(task), "response": _slot(response), "playbook": _slot(playbook)}
     return [{"role": "user", "content": (fill(SUCCESS_TAG_PROMPT, values, strict=False))}]
+
+
+def success_tag_followup(
+    task_messages: list[dict[str, str]], response: str, playbook: str
+) -> list[dict[str, str]]:
+    """Success tagging in the conversation layout (see `reflection_followup`)."""
+    text = fill(SUCCESS_TAG_FOLLOWUP, {"playbook": _slot(playbook)}, strict=False)
+    return [*task_messages, {"role": "assistant", "content": response},
+            {"role": "user", "content": text}]  # fmt: skip
 
 
 def curation_messages(

@@ -41,7 +41,9 @@ def check_reflector(value: dict[str, Any]) -> str | None:
 class LocalReflector:
     """The policy writes its own lessons, through its sampler (prefills, grammar)."""
 
-    def __init__(self, sampler: Any, chat: Callable[[Conversation], list[int]]) -> None:
+    def __init__(
+        self, sampler: Any, chat: Callable[[Conversation, list[int] | None], list[int]]
+    ) -> None:
         self.sampler, self.chat = sampler, chat
         self.structured = bool(sampler.structured)
 
@@ -52,8 +54,12 @@ class LocalReflector:
         max_new_tokens: int,
         seeds: list[int],
         schema: dict[str, Any] | None,
+        heads: Sequence[list[int] | None] | None = None,
     ) -> list[Generation]:
-        prompts = [self.chat(c) for c in conversations]
+        """`heads`: per conversation, the rollout tokens it begins with (conversation
+        layout), so the prompt reuses them and the sampler's prefix cache can match."""
+        heads = heads or [None] * len(conversations)
+        prompts = [self.chat(c, h) for c, h in zip(conversations, heads, strict=True)]
         return self.sampler.replies(prompts, kind, max_new_tokens, seeds, schema)
 
 
@@ -104,6 +110,7 @@ class RemoteReflector:
         max_new_tokens: int,
         seeds: list[int],
         schema: dict[str, Any] | None,
+        heads: Sequence[list[int] | None] | None = None,  # token heads: local only
     ) -> list[Generation]:
         def one(conversation: Conversation, seed: int) -> Generation:
             extra: dict[str, Any] = {}
@@ -119,7 +126,9 @@ class RemoteReflector:
             choice = reply.choices[0]
             text = choice.message.content or ""
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return Generation(ids, text, choice.finish_reason == "stop")
+            details = getattr(getattr(reply, "usage", None), "prompt_tokens_details", None)
+            cached = int(getattr(details, "cached_tokens", 0) or 0)  # the server's prefix cache
+            return Generation(ids, text, choice.finish_reason == "stop", cached_tokens=cached)
 
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             return list(pool.map(one, conversations, seeds))
