@@ -48,6 +48,12 @@ nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd,sdpo,
   --seeds 0 --out runs/headline_qwen
 nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria --modes on
 headline 0                                     # the headline, first seed of every method
+# Added 2026-12-02: issue 12 also asks for manufactoria, the paper's task, as a short run
+# (configs/headline_qwen_manufactoria.yaml, fixed before its first run). It adds runs.
+nice "$RESD" compare --config configs/headline_qwen_manufactoria.yaml \
+  --algorithms resd,sdpo,sdpo_ss,grpo --seeds 0 --algorithm-args grpo:rollouts_per_prompt=8 \
+  --algorithm-args grpo:steps=1 --algorithm-args grpo:eval_every=1 \
+  --out runs/headline_qwen_manufactoria
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
 min_ops 0
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
