@@ -436,7 +436,7 @@ def test_conversation_layout_reflects_on_the_rollouts_own_cached_tokens(tiny_mod
         if layout == "conversation":
             # at least each rollout's whole prompt came from the cache
             assert counts[layout] >= reflections * prompt_tokens
-            assert len(trainer.sampler.prefix_cache) == 0  # sync after the update cleared it
+            assert len(trainer.sampler.prefix_cache) == 0  # dropped after the reflections
         else:
             assert trainer.sampler.prefix_cache is None
     assert counts["prompt"] == 0 and counts["conversation"] > 0

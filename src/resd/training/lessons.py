@@ -187,6 +187,7 @@ class Lessons:
             tags += self._reflect([r for r in rollouts if r.index in chosen], step, counts)
         if self.algo.playbook and len(self.playbook):
             tags += [(len(outcomes) + i, t) for i, t in self._tag_successes(rollouts, step, counts)]
+        self.sampler.forget_prefixes()  # reflections and tags were their only readers
         if self.algo.playbook:
             for pairs in self.parallel.gather_indexed(tags):
                 changes.applied["tags_applied"] += sum(

@@ -193,6 +193,12 @@ class PolicySampler:
             return merged_lora_weights(self.model)
         return self.parallel.full_parameters(self.model)
 
+    def forget_prefixes(self) -> None:
+        """Drop the rollouts' kept keys and values once nothing will read them (after the
+        reflection phase): they cost memory for every token of every rollout."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
     @torch.no_grad()
     def sync(self) -> None:
         """Push the policy's new weights to whatever samples (a no-op when that is the
