@@ -66,3 +66,5 @@ nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote,plain
 nice "$PY" benchmarks/lesson_quality.py                                # the rest of the lesson grid
 # issue 16: lessons in one call against two, on the same settings as the qwen "on" cells
 nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes one
+# issue 16: reflections laid out as the rollout's conversation (prefix reuse), same settings
+nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria --modes conv

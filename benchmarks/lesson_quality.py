@@ -47,12 +47,15 @@ ENVS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 # Structured output off / on, and on with the single-call mode (the reflector also curates:
-# `lesson_calls: one`), which is not in the default grid: ask for it with --modes on,one.
+# `lesson_calls: one`), and "conv" (`reflection_layout: conversation`) are not in the default
+# grid: ask for them with --modes on,one,conv.
 MODES = ("off", "on")
 MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "off": {"structured_output": "off"},
     "on": {"structured_output": "on"},
     "one": {"structured_output": "on", "lesson_calls": "one"},
+    # the reflector reads its attempt as its own conversation continued (the prefix cache)
+    "conv": {"structured_output": "on", "reflection_layout": "conversation"},
 }
 
 
