@@ -46,9 +46,9 @@ ENVS: dict[str, dict[str, Any]] = {
                      "max_teacher_prompt_tokens": 4096},
 }  # fmt: skip
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
-# Structured output off / on, and on with the single-call mode (the reflector also curates:
-# `lesson_calls: one`), and "conv" (`reflection_layout: conversation`) are not in the default
-# grid: ask for them with --modes on,one,conv.
+# Structured output off / on (the default grid). Two more modes, both with structured output
+# on, are asked for by name (--modes on,one,conv): "one", where the reflector also curates
+# (`lesson_calls: one`), and "conv" (`reflection_layout: conversation`).
 MODES = ("off", "on")
 MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "off": {"structured_output": "off"},
