@@ -21,6 +21,7 @@ from resd.generation.structured import (
     CHARS_PER_TOKEN,
     MAX_OPERATIONS,
     MAX_TAGS,
+    MIN_LESSON_CHARS,
     JsonGrammar,
     curation_schema,
     reflection_schema,
@@ -28,7 +29,7 @@ from resd.generation.structured import (
     tag_schema,
 )
 from resd.models import load_model, load_tokenizer
-from resd.training.playbook import SECTIONS, TAGS, Playbook
+from resd.training.playbook import OPERATION_TYPES, SECTIONS, TAGS, Playbook
 from resd.training.reflection import parse_operations, parse_reflection, parse_tags
 
 pytest.importorskip("xgrammar")
@@ -82,7 +83,7 @@ def test_reflection_schema_enums_follow_the_live_playbook():
 
 
 def test_curation_schema_has_one_shape_per_operation_and_valid_targets():
-    schema = curation_schema(IDS, 256)
+    schema = curation_schema(IDS, 640)
     assert list(schema["properties"]) == ["reasoning", "operations"]
     ops = schema["properties"]["operations"]
     assert ops["maxItems"] == MAX_OPERATIONS and "minItems" not in ops  # an empty list is fine
@@ -100,6 +101,35 @@ def test_curation_schema_has_one_shape_per_operation_and_valid_targets():
     assert set(_op_shapes(curation_schema(IDS[:1], 256))) == {"ADD", "UPDATE", "DELETE"}
     # the release's curator only ADDs
     assert set(_op_shapes(curation_schema(IDS, 256, operations=("ADD",)))) == {"ADD"}
+
+
+def _lesson_chars(schema: dict) -> list[int]:
+    return [shape["properties"]["content"]["maxLength"] for shape in _op_shapes(schema).values()
+            if "content" in shape["properties"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("single_call", [False, True])
+def test_a_small_budget_allows_fewer_lessons_not_lessons_cut_short(single_call):
+    """At the experiments' curation budget (192 tokens) three operations of ~70 characters
+    cut lessons mid-sentence; fewer, whole lessons are allowed instead."""
+
+    def build(budget: int, **kw):
+        if single_call:
+            return reflection_schema(IDS, budget, operations=OPERATION_TYPES, **kw)
+        return curation_schema(IDS, budget, **kw)
+
+    counts = []
+    for budget in (192, 256, 400, 640, 1200):
+        schema = build(budget)
+        ops = schema["properties"]["operations"]
+        counts.append(ops["maxItems"])
+        if ops["maxItems"] > 1:  # a reply may hold several only if each gets a whole lesson
+            assert min(_lesson_chars(schema)) >= MIN_LESSON_CHARS
+        assert _string_chars(schema) / CHARS_PER_TOKEN < budget  # and still closes in time
+    assert counts == sorted(counts) and counts[0] < MAX_OPERATIONS == counts[-1]
+    # min_operations is a floor the sizing never goes under
+    forced = build(192, min_operations=2)["properties"]["operations"]
+    assert forced["minItems"] == 2 and forced["maxItems"] >= 2
 
 
 @pytest.mark.parametrize("build", [reflection_schema, tag_schema, curation_schema])

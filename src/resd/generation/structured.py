@@ -44,6 +44,10 @@ MIN_STRING_CHARS = 24
 MAX_TAGS = 4  # bullet tags per reply
 MAX_OPERATIONS = 3  # curator operations per reply
 MAX_LESSON_CHARS = 300
+# A lesson shorter than this is usually cut mid-sentence by its maxLength ("Add an 'else'
+# statement to reject the input tapes unless it contains"): when the budget cannot give
+# every operation this much, fewer operations are allowed per reply, not shorter ones.
+MIN_LESSON_CHARS = 120
 
 REFLECTION_WEIGHTS = {
     "reasoning": 2.0,
@@ -129,17 +133,37 @@ def reflection_schema(
         **dict.fromkeys(REFLECTION_WEIGHTS, ""),
         "bullet_tags": longest_tags,
     }
-    weights = dict(REFLECTION_WEIGHTS)
-    if operations:
-        skeleton["operations"] = [_widest_operation(entry_ids)] * MAX_OPERATIONS
-        weights.update({f"op{i}": 1.0 for i in range(MAX_OPERATIONS)})
-    sizes = _split(_spare_chars(skeleton, max_new_tokens, count_tokens), weights)
+    budget = (max_new_tokens, count_tokens)
+    if not operations:
+        sizes = _split(_spare_chars(skeleton, *budget), REFLECTION_WEIGHTS)
+        return _object({k: _string(sizes[k]) for k in REFLECTION_WEIGHTS} | {"bullet_tags": tags})
+    n, sizes = _operation_count(skeleton, REFLECTION_WEIGHTS, entry_ids, budget, min_operations)
     properties = {k: _string(sizes[k]) for k in REFLECTION_WEIGHTS} | {"bullet_tags": tags}
-    if operations:
-        properties["operations"] = _operations_array(
-            entry_ids, operations, min(sizes["op0"], MAX_LESSON_CHARS), min_operations
-        )
+    properties["operations"] = _operations_array(
+        entry_ids, operations, min(sizes["op0"], MAX_LESSON_CHARS), min_operations, n
+    )
     return _object(properties)
+
+
+def _operation_count(
+    skeleton: dict[str, Any],
+    weights: dict[str, float],
+    entry_ids: Sequence[str],
+    budget: tuple[int, CountTokens | None],
+    min_operations: int,
+) -> tuple[int, dict[str, int]]:
+    """How many operations a reply may hold, and the string sizes that go with it: the
+    most (up to `MAX_OPERATIONS`) for which every lesson gets `MIN_LESSON_CHARS`, never
+    fewer than one or than `min_operations` asks for."""
+    floor = max(1, min(min_operations, MAX_OPERATIONS))
+    for n in range(MAX_OPERATIONS, floor - 1, -1):
+        sized = {**skeleton, "operations": [_widest_operation(entry_ids)] * n}
+        sizes = _split(
+            _spare_chars(sized, *budget), {**weights, **{f"op{i}": 1.0 for i in range(n)}}
+        )
+        if sizes["op0"] >= MIN_LESSON_CHARS:
+            break
+    return n, sizes
 
 
 def _widest_operation(entry_ids: Sequence[str]) -> dict[str, Any]:
@@ -152,12 +176,16 @@ def _widest_operation(entry_ids: Sequence[str]) -> dict[str, Any]:
 
 
 def _operations_array(
-    entry_ids: Sequence[str], operations: Sequence[str], content_chars: int, min_operations: int
+    entry_ids: Sequence[str],
+    operations: Sequence[str],
+    content_chars: int,
+    min_operations: int,
+    max_operations: int,
 ) -> dict[str, Any]:
     shapes = _operation_shapes(entry_ids, operations, content_chars)
-    array = {"type": "array", "maxItems": MAX_OPERATIONS, "items": {"anyOf": shapes}}
+    array = {"type": "array", "maxItems": max_operations, "items": {"anyOf": shapes}}
     if min_operations:
-        array["minItems"] = min(min_operations, MAX_OPERATIONS)
+        array["minItems"] = min(min_operations, max_operations)
     return array
 
 
@@ -204,13 +232,10 @@ def curation_schema(
     the list may be empty: a curator that sees nothing worth adding says so. A small
     model says so every time; `min_operations: 1` makes it commit to a change.
     """
-    skeleton = {"reasoning": "", "operations": [_widest_operation(entry_ids)] * MAX_OPERATIONS}
-    chars = _spare_chars(skeleton, max_new_tokens, count_tokens)
-    sizes = _split(
-        chars, {"reasoning": 1.0, **{f"op{i}": 1.0 for i in range(MAX_OPERATIONS)}}, cap=None
-    )
+    n, sizes = _operation_count({"reasoning": ""}, {"reasoning": 1.0}, entry_ids,
+                                (max_new_tokens, count_tokens), min_operations)  # fmt: skip
     ops = _operations_array(
-        entry_ids, operations, min(sizes["op0"], MAX_LESSON_CHARS), min_operations
+        entry_ids, operations, min(sizes["op0"], MAX_LESSON_CHARS), min_operations, n
     )
     return _object({"reasoning": _string(sizes["reasoning"]), "operations": ops})
 
