@@ -4,6 +4,16 @@
 # finished and continues what was cut short. Niced, one job at a time (2 cores).
 #
 #   make setup-qwen && nohup bash benchmarks/experiments_qwen.sh > runs/experiments_qwen.log 2>&1 &
+#
+# One code version for the whole grid. Every run so far used code that behaves as commit
+# 576d0d4; the first later change of behaviour (lessons sized whole, 2026-12-02) must not
+# enter it. So the grid runs from a worktree pinned there, writing into this checkout's runs/:
+#
+#   git worktree add ../grid 576d0d4 && ln -s "$PWD/runs" ../grid/runs && cd ../grid
+#   PYTHONPATH=$PWD/src PY=<this checkout>/.venv/bin/python RESD=<this checkout>/.venv/bin/resd \
+#     nohup bash benchmarks/experiments_qwen.sh >> runs/experiments_qwen.log 2>&1 &
+#
+# (that commit's copy of this script; steps added here later run the same way, by hand).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
