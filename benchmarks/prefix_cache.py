@@ -76,7 +76,7 @@ def measure(model, tok, env_name: str, args: argparse.Namespace) -> dict[str, An
             gens = out if arm == "keep" else gens
     followups = []
     for item, prompt, gen in zip(items, prompts, gens, strict=True):
-        reply = gen.token_ids[:-1] if gen.finished else gen.token_ids
+        reply = gen.content_ids
         feedback = env.score(item, gen.text).feedback
         messages = reflection_followup(item.messages, gen.text, feedback, "")
         followups.append(chat_ids_after(tok, messages, prompt + reply, args.max_prompt_tokens))

@@ -27,6 +27,12 @@ class Generation:
     # backend's prefix cache; like OpenAI's `cached_tokens`): the prefix-reuse metric.
     cached_tokens: int = 0
 
+    @property
+    def content_ids(self) -> list[int]:
+        """The reply's tokens without the EOS it stopped on: what a conversation that
+        continues it shows as the assistant's turn."""
+        return self.token_ids[:-1] if self.finished else self.token_ids
+
 
 def cut_at_eos(
     tokens: list[int],

@@ -291,7 +291,7 @@ def _keep_prefixes(
         return
     fed = layers[0].keys.shape[2]
     for row, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
-        content = reply.token_ids[:-1] if reply.finished else reply.token_ids
+        content = reply.content_ids
         start = width - len(prompt)
         length = min(len(prompt) + len(content), fed - start)
         tokens = (prompt + content)[:length]
@@ -443,7 +443,8 @@ def generate(
     results: list[Generation | None] = [None] * len(prompts)
     if cache_implementation is not None:  # a static cache cannot be primed with a prefix
         prefix_cache = None
-    if prefix_cache is not None and keep_prefixes:
+    keep = prefix_cache is not None and keep_prefixes
+    if keep:
         prefix_cache.clear()
     was_training = model.training
     model.eval()
@@ -452,15 +453,13 @@ def generate(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             rows = [prompts[i] for i in chunk]
-            hits = [prefix_cache.lookup(p) for p in rows] if prefix_cache else []
+            hits = [prefix_cache.lookup(p) if prefix_cache is not None else (0, None) for p in rows]
             primed = {}
             if any(n for n, _ in hits):
                 input_ids, attention_mask, cache = _with_prefixes(model, rows, hits, pad_id, device)
                 primed = {"cache": cache}
             else:
-                hits = [(0, None)] * len(rows)
                 input_ids, attention_mask = left_pad(rows, pad_id, device)
-            keep = prefix_cache is not None and keep_prefixes
             row_seeded = sampling and seeds is not None
             processors = LogitsProcessorList()
             if json_schemas is not None and grammar is not None:  # mask first, then sample

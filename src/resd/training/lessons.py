@@ -84,6 +84,11 @@ class Lessons:
         # the curator's generation pass is skipped (needs reflection and a playbook).
         self.single_call = cfg.lesson_calls == "one" and algo.reflection and algo.playbook
         self.clip = partial(clip_tokens, max_tokens=cfg.slot_max_tokens, tokenizer=tokenizer)
+        # `reflection_layout`: reflection and tagging prompts quote the task and the attempt
+        # (the release), or continue the rollout's own conversation, beginning with its tokens.
+        self.conversation = cfg.reflection_layout == "conversation"
+        self.reflection_messages = reflection_followup if self.conversation else reflection_messages
+        self.tag_messages = success_tag_followup if self.conversation else success_tag_messages
         self.omitted: dict[str, int] = {}  # entries each reader was not shown, this step
         self._views: dict[tuple[str, int | None], PlaybookView] = {}
         # Who writes reflections, tags and curations: the policy, or `reflector:`'s server.
@@ -141,17 +146,19 @@ class Lessons:
             return chat_ids_after(self.tokenizer, messages, head, limit)
         return chat_prompt_ids(self.tokenizer, messages, limit)
 
-    @property
-    def conversation(self) -> bool:
-        """Reflection and tagging continue the rollout's conversation (`reflection_layout`)."""
-        return self.cfg.reflection_layout == "conversation"
+    def _attempt(self, r: Rollout) -> tuple[str | list[dict[str, str]], str]:
+        """The task and the attempt as a reflection or tagging prompt shows them: the
+        rollout's messages and reply as they were, or clipped text."""
+        if self.conversation:
+            return self.student_messages(r.item), r.response
+        return self.clip(r.item.prompt_text), self.clip(r.response)
 
-    @staticmethod
-    def _head(r: Rollout) -> list[int]:
-        """The rollout's prompt and reply tokens (without the EOS): what a conversation-layout
-        prompt begins with, and what the sampler's prefix cache holds."""
-        reply = r.gen.token_ids[:-1] if r.gen.finished else r.gen.token_ids
-        return [*r.prompt_ids, *reply]
+    def _heads(self, rollouts: list[Rollout]) -> list[list[int]] | None:
+        """In the conversation layout, the tokens each prompt begins with: the rollout's
+        prompt and reply, which the sampler's prefix cache holds."""
+        if not self.conversation:
+            return None
+        return [[*r.prompt_ids, *r.gen.content_ids] for r in rollouts]
 
     def _schema(self, build, budget: int, view: PlaybookView) -> dict[str, Any] | None:
         """The JSON schema of a reply (ids: the entries its prompt shows); None without a grammar."""
@@ -198,20 +205,14 @@ class Lessons:
         if not failed:
             return []
         view = self.view("reflection") if self.algo.playbook else PlaybookView()
-        clip = self.clip
         operations = self.curation_ops if self.single_call else None
-        if self.conversation:
-            prompts = [reflection_followup(self.student_messages(r.item), r.response, clip(r.score.feedback),
-                                           view.text, operations=operations) for r in failed]  # fmt: skip
-        else:
-            prompts = [reflection_messages(clip(r.item.prompt_text), clip(r.response), clip(r.score.feedback),
-                                           view.text, operations=operations) for r in failed]  # fmt: skip
-        heads = [self._head(r) for r in failed] if self.conversation else None
+        prompts = [self.reflection_messages(*self._attempt(r), self.clip(r.score.feedback), view.text,
+                                            operations=operations) for r in failed]  # fmt: skip
         budget = self.cfg.reflection_max_new_tokens
         seeds = [row_seed(self.cfg.seed, step, "reflect", r.index) for r in failed]
         replies = self.reflector.replies(
             prompts, "reflection", budget, seeds, self._schema(reflection_schema, budget, view),
-            heads=heads,
+            heads=self._heads(failed),
         )  # fmt: skip
         tags = []
         for r, reply in zip(failed, replies, strict=True):
@@ -242,17 +243,11 @@ class Lessons:
         if not wins:
             return []
         view = self.view("reflection")
-        if self.conversation:
-            prompts = [success_tag_followup(self.student_messages(r.item), r.response, view.text)
-                       for r in wins]  # fmt: skip
-        else:
-            prompts = [success_tag_messages(self.clip(r.item.prompt_text), self.clip(r.response), view.text)
-                       for r in wins]  # fmt: skip
-        heads = [self._head(r) for r in wins] if self.conversation else None
+        prompts = [self.tag_messages(*self._attempt(r), view.text) for r in wins]
         budget = self.cfg.reflection_max_new_tokens
         seeds = [row_seed(self.cfg.seed, step, "tag", r.index) for r in wins]
         replies = self.reflector.replies(prompts, "tag", budget, seeds,
-                                         self._schema(tag_schema, budget, view), heads=heads)  # fmt: skip
+                                         self._schema(tag_schema, budget, view), heads=self._heads(wins))  # fmt: skip
         tags = []
         for r, reply in zip(wins, replies, strict=True):
             counts["tag_replies"] += 1

@@ -203,8 +203,7 @@ class PolicySampler:
     def sync(self) -> None:
         """Push the policy's new weights to whatever samples (a no-op when that is the
         policy), and forget prefixes computed with the old ones."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.clear()
+        self.forget_prefixes()
         if self.needs_sync:
             self.backend.load_weights(self.weights())
 

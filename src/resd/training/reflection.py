@@ -61,14 +61,6 @@ REFLECTION_FOLLOWUP = """Your reply above did not fully succeed. Diagnose it so 
 
 """ + REFLECTION_PROMPT[REFLECTION_PROMPT.index("Answer with one JSON object") :]
 
-SUCCESS_TAG_FOLLOWUP = """Your reply above solved the task. Decide which playbook lessons it agrees with.
-
-## Playbook
-{playbook}
-
-Answer with one JSON object and nothing else: {"bullet_tags": [{"id": "<entry id>", "tag": "helpful" | "harmful" | "neutral"}]}. Tag only entries that bear on this attempt.
-"""
-
 SUCCESS_TAG_PROMPT = """The attempt below solved its task. Decide which playbook lessons it agrees with.
 
 ## Task
@@ -142,6 +134,14 @@ class Reflection:
         )
 
 
+SUCCESS_TAG_FOLLOWUP = """Your reply above solved the task. Decide which playbook lessons it agrees with.
+
+## Playbook
+{playbook}
+
+""" + SUCCESS_TAG_PROMPT[SUCCESS_TAG_PROMPT.index("Answer with one JSON object") :]
+
+
 def _slot(text: str) -> str:
     """Empty slots say so. Slots arrive clipped to the run's `slot_max_tokens`."""
     return text.strip() if text and text.strip() else "(none)"
@@ -159,6 +159,23 @@ def _operation_text(operations: tuple[str, ...]) -> str:
     )
 
 
+def _asking_for(text: str, operations: tuple[str, ...] | None) -> str:
+    """A reflector's request, which in the single-call mode also asks for operations."""
+    if not operations:
+        return text
+    extra = fill(REFLECTION_OPERATIONS, {"operation_shapes": _operation_text(operations)},
+                 strict=False)  # fmt: skip
+    return text.rstrip("\n") + "\n" + extra
+
+
+def _continued(
+    task_messages: list[dict[str, str]], response: str, request: str
+) -> list[dict[str, str]]:
+    """The rollout's conversation, its attempt as the assistant's turn, then `request`."""
+    return [*task_messages, {"role": "assistant", "content": response},
+            {"role": "user", "content": request}]  # fmt: skip
+
+
 def reflection_messages(
     task: str,
     response: str,
@@ -174,12 +191,7 @@ def reflection_messages(
         "feedback": _slot(feedback),
         "playbook": _slot(playbook),
     }
-    text = fill(REFLECTION_PROMPT, values, strict=False)
-    if operations:
-        extra = fill(
-            REFLECTION_OPERATIONS, {"operation_shapes": _operation_text(operations)}, strict=False
-        )
-        text = text.rstrip("\n") + "\n" + extra
+    text = _asking_for(fill(REFLECTION_PROMPT, values, strict=False), operations)
     return [{"role": "user", "content": text}]
 
 
@@ -193,14 +205,8 @@ def reflection_followup(
     """The reflector's prompt in the conversation layout: the rollout's messages, the
     attempt as the assistant's turn, then the request (`reflection_messages`' questions)."""
     values = {"feedback": _slot(feedback), "playbook": _slot(playbook)}
-    text = fill(REFLECTION_FOLLOWUP, values, strict=False)
-    if operations:
-        extra = fill(
-            REFLECTION_OPERATIONS, {"operation_shapes": _operation_text(operations)}, strict=False
-        )
-        text = text.rstrip("\n") + "\n" + extra
-    return [*task_messages, {"role": "assistant", "content": response},
-            {"role": "user", "content": text}]  # fmt: skip
+    text = _asking_for(fill(REFLECTION_FOLLOWUP, values, strict=False), operations)
+    return _continued(task_messages, response, text)
 
 
 def success_tag_messages(task: str, response: str, playbook: str) -> list[dict[str, str]]:
@@ -213,8 +219,7 @@ def success_tag_followup(
 ) -> list[dict[str, str]]:
     """Success tagging in the conversation layout (see `reflection_followup`)."""
     text = fill(SUCCESS_TAG_FOLLOWUP, {"playbook": _slot(playbook)}, strict=False)
-    return [*task_messages, {"role": "assistant", "content": response},
-            {"role": "user", "content": text}]  # fmt: skip
+    return _continued(task_messages, response, text)
 
 
 def curation_messages(
