@@ -58,21 +58,38 @@ nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd,sdpo,
   --seeds 0 --out runs/headline_qwen
 nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria --modes on
 headline 0                                     # the headline, first seed of every method
+# Reordered on 2026-12-02, third session (order only; nothing added or dropped): the
+# sanity cell with plain feedback tests the cause that the quoted cell found; the other
+# three sanity cells (RESD with either feedback, and the last 2 steps of SDPO quoted)
+# complete that 2 x 2 table (SDPO ~25 s a step on a quiet machine, RESD ~150 s), and the
+# forgetting check of the seed-0 models takes ~30 min, so they all run before the
+# manufactoria short run; forgetting before the last RESD cell, which cannot finish within
+# the session it starts in. `forgetting` skips what is done; its later call adds the rest.
+nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
+# Added 2026-12-02, third session, after 4 steps of the RESD plain cell (stopped at its
+# step-8 checkpoint; it resumes next): its student fell as SDPO's did with quoted feedback
+# (-1.56 -> -6.86 nats on the right digits), although the feedback no longer quotes the
+# wrong number. RESD's teacher still reads the wrong number in "Your previous attempt".
+# This cell is RESD with plain feedback and a teacher template without that slot.
+nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain --out runs/sd_sanity_no_attempt \
+  --json benchmarks/results/sd_sanity_no_attempt.json \
+  teacher_template=benchmarks/templates/teacher_without_attempt.txt
+nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain
+nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
+forgetting
+nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote
 # Added 2026-12-02: issue 12 also asks for manufactoria, the paper's task, as a short run
 # (configs/headline_qwen_manufactoria.yaml, fixed before its first run). It adds runs.
 nice "$RESD" compare --config configs/headline_qwen_manufactoria.yaml \
   --algorithms resd,sdpo,sdpo_ss,grpo --seeds 0 --algorithm-args grpo:rollouts_per_prompt=8 \
   --algorithm-args grpo:steps=1 --algorithm-args grpo:eval_every=1 \
   --out runs/headline_qwen_manufactoria
-nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
 min_ops 0
-nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
 # issue 10's lesson-quality table: the 0.5B cells first (its targets are on that model)
 nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes on,off
 headline 0,1,2                                 # the other seeds
 min_ops 0,1,2
 forgetting
-nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote,plain
 nice "$PY" benchmarks/lesson_quality.py                                # the rest of the lesson grid
 # issue 16: lessons in one call against two, on the same settings as the qwen "on" cells
 nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes one

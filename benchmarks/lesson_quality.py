@@ -41,7 +41,8 @@ BASE: dict[str, Any] = {
 ENVS: dict[str, dict[str, Any]] = {
     # two-digit sums and products: both models fail often enough to have something to reflect on
     "arithmetic": {"env": "arithmetic", "env_args": {"seed": 0, "n_train": 128, "n_test": 16,
-                   "max_operand": 99, "mul_max_operand": 99}, "max_new_tokens": 96},
+                   "max_operand": 99, "mul_max_operand": 99, "quote_answer": True},  # as in the first cells
+                   "max_new_tokens": 96},
     "manufactoria": {"env": "manufactoria", "max_new_tokens": 320, "max_prompt_tokens": 2048,
                      "max_teacher_prompt_tokens": 4096},
 }  # fmt: skip

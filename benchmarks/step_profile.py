@@ -45,7 +45,7 @@ from typing import Any
 PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
 ENVS = {  # short replies (the experiments' arithmetic) and replies that run to the 128-token cap
     "arithmetic": ["env=arithmetic", "env_args.n_train=64", "env_args.n_test=4", "env_args.max_operand=99",
-                   "env_args.mul_max_operand=99"],
+                   "env_args.mul_max_operand=99", "env_args.quote_answer=true"],  # as measured
     "ifeval": ["env=ifeval", "env_args.n_train=64", "env_args.n_test=4"],
     "house_rules": ["env=house_rules", "env_args.n_test=4"],  # the headline task
     "manufactoria": ["env=manufactoria", "max_prompt_tokens=2048"],  # ~1,500-token prompts

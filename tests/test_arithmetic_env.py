@@ -22,7 +22,7 @@ def test_items_are_deterministic_and_disjoint():
 
 
 def test_scores_and_feedback():
-    env = ArithmeticEnv(seed=0, max_operand=5, n_train=20, n_test=5)
+    env = ArithmeticEnv(seed=0, max_operand=5, n_train=20, n_test=5, quote_answer=True)
     item = env.train_items()[0]
     value = item.meta["value"]
     full = env.score(item, f"Let me think.\nAnswer: {value}")
@@ -86,16 +86,16 @@ def test_thousands_separators_and_negative_answers():
     assert env.score(neg, f"Answer: {neg.meta['value']}").reward == 1.0
 
 
-def test_products_can_be_large_and_feedback_need_not_quote_the_reply():
-    env = ArithmeticEnv(seed=1, ops="*", max_operand=999, mul_max_operand=99, quote_answer=False,
-                        n_train=20, n_test=2)  # fmt: skip
+def test_products_can_be_large_and_feedback_does_not_quote_the_reply_by_default():
+    env = ArithmeticEnv(seed=1, ops="*", max_operand=999, mul_max_operand=99, n_train=20,
+                        n_test=2)  # fmt: skip
     assert max(it.meta["b"] for it in env.train_items()) > 12
     item = env.train_items()[0]
     wrong = item.meta["value"] + 7
     feedback = env.score(item, f"Answer: {wrong}").feedback
     assert str(wrong) not in feedback and f"= {item.meta['value']}" in feedback
     assert (
-        ArithmeticEnv(seed=1, n_train=20, n_test=2)
+        ArithmeticEnv(seed=1, n_train=20, n_test=2, quote_answer=True)
         .score(item, f"Answer: {wrong}")
         .feedback.count(str(wrong))
         == 1

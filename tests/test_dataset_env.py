@@ -332,11 +332,11 @@ def test_exact_match_normalises_and_says_what_it_expected():
     assert exact_match(["Rome", "Roma"], "I think\nroma").reward == 1.0  # accepted alternatives
     wrong = exact_match("Paris", "Answer: Lyon")
     assert (wrong.reward, wrong.score) == (0.0, 0.0)
-    assert wrong.feedback == 'Incorrect. You answered "Lyon"; the correct answer is "Paris".'
+    assert wrong.feedback == 'Incorrect. The correct answer is "Paris".'  # "Lyon" not repeated
     last_line = exact_match(["Rome", "Roma"], "It is\nMilan")
     assert last_line.feedback == (
         "No 'Answer:' line found; the last line was used. "
-        'Incorrect. You answered "Milan"; the correct answer is "Rome" (also accepted: "Roma").'
+        'Incorrect. The correct answer is "Rome" (also accepted: "Roma").'
     )
     hidden = exact_match("Paris", "Answer: Lyon", reveal_answer=False)
     assert hidden.feedback == 'Incorrect: "Lyon" is not the expected answer.'
@@ -353,11 +353,10 @@ def test_numeric_reads_the_last_number_within_a_tolerance():
     assert numeric(42, "Answer: 3 + 4 = 7\nI double-checked 42").reward == 0.0  # answer line wins
     wrong = numeric(42, "Answer: 41")
     assert wrong.feedback == (
-        "Incorrect: the last number in your answer line is 41; expected 42 "
-        "(relative tolerance 1e-06)."
+        "Incorrect: the last number in your answer line should be 42 (relative tolerance 1e-06)."
     )
     assert numeric(42, "It is about 40 or 41").feedback.startswith(
-        "Incorrect: the last number in the response is 41;"
+        "Incorrect: the last number in the response should be 42"
     )
     assert numeric(42, "no idea").feedback == (
         "The response contains no number; the expected value is 42."
@@ -397,9 +396,8 @@ def test_builtin_scorers_through_the_env_use_answer_column_args_and_reveal_flag(
     env = memory_env(rows=numbers, scorer="numeric", id_column="qid")
     item = by_qid(env)["q3"]
     assert item.answer == "42" and env.score(item, "Answer: 42").reward == 1.0
-    assert env.score(item, "Answer: 24").feedback.endswith(
-        "expected 42 (relative tolerance 1e-06)."
-    )
+    feedback = env.score(item, "Answer: 24").feedback
+    assert feedback.endswith("should be 42 (relative tolerance 1e-06).") and "24" not in feedback
     tolerant = memory_env(
         rows=numbers, scorer="numeric", scorer_args={"rel_tol": 0.05}, id_column="qid"
     )
@@ -561,7 +559,7 @@ def test_trains_one_step_from_a_parquet_file(tiny_model_dir, tmp_path):
     questions = {r["question"] for r in ROWS}
     assert samples and all(s["prompt"] in questions for s in samples)
     # A random tiny model never names the capital: the scorer's feedback must reach the log.
-    assert any("the correct answer is" in s["feedback"] for s in samples)
+    assert any("The correct answer is" in s["feedback"] for s in samples)
 
 
 def test_trains_one_step_from_an_in_memory_dataset(tiny_model_dir, tmp_path):

@@ -31,12 +31,14 @@ class ArithmeticEnv(Environment):
         max_operand: int = 20,
         reveal_answer: bool = True,
         mul_max_operand: int = 12,
-        quote_answer: bool = True,
+        quote_answer: bool = False,
     ) -> None:
         """`mul_max_operand` bounds both factors of a product (12: times tables; 99:
         two-digit products, which a 0.5B model often gets wrong).
-        `quote_answer=False` says what is right without repeating the wrong number: a
-        small teacher that reads the wrong number in its context copies it."""
+        `quote_answer=True` repeats the wrong number in the feedback ("The final answer
+        1770384 is wrong: ..."); the default says what is right without it, because a small
+        teacher that reads the wrong number in its context copies it (docs/results.md, the
+        sanity check: 0 of 8 items learned quoted, 8 of 8 plain)."""
         bad = set(ops) - set(_OPS)
         if not ops or bad:
             raise ValueError(f"env_args.ops: use characters from '+-*', got {ops!r}")

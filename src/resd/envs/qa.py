@@ -13,8 +13,9 @@ answers). The answer is either
   reward = 1 iff every position is right and the lengths agree.
 
 With ``reveal_answer=True`` (what the paper did on FiNER) the feedback states the
-correct answer; with False it only says which positions are wrong, so the teacher has to
-work out the fix from the question.
+correct answer, without repeating the wrong one (a small teacher copies what it reads);
+with False it only says which positions are wrong and what was answered there, so the
+teacher has to work out the fix from the question.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class QAEnv(Environment):
         if not answer:
             return Score(0.0, 0.0, note + "The response contains no answer.")
         if self.reveal_answer:
-            feedback = f'Incorrect. You answered "{answer}"; the correct answer is "{gold}".'
+            feedback = f'Incorrect. The correct answer is "{gold}".'  # no copy of the wrong one
         else:
             feedback = f'Incorrect: "{answer}" is not the expected answer.'
         return Score(0.0, 0.0, note + feedback)
@@ -152,9 +153,9 @@ class QAEnv(Environment):
         for i, ok in enumerate(right):
             if ok:
                 continue
-            got = f'"{pred[i]}"' if i < len(pred) else "nothing"
             if self.reveal_answer:
-                lines.append(f'Position {i + 1}: you answered {got}; correct is "{gold[i]}".')
+                lines.append(f'Position {i + 1} should be "{gold[i]}".')
             else:
+                got = f'"{pred[i]}"' if i < len(pred) else "nothing"
                 lines.append(f"Position {i + 1} is wrong (you answered {got}).")
         return Score(0.0, n_right / len(gold), note + "\n".join(lines))

@@ -8,8 +8,9 @@ Three built-in scorers compare a model response with a gold value taken from the
   tolerance;
 * ``regex``: the response matches a regular expression.
 
-Each returns a `Score` whose feedback states what was expected and what was found, since
-that sentence is all the teacher and the reflector learn from. User-written scorers are
+Each returns a `Score` whose feedback states what was expected (or, with the answer
+hidden, what was found), since that sentence is all the teacher and the reflector learn
+from; it does not repeat a wrong answer that it can correct. User-written scorers are
 wrapped by `wrap_callable`, which accepts both TRL-style batched reward functions and
 per-item functions (see its docstring for the rule that tells them apart).
 
@@ -177,7 +178,8 @@ def exact_match(gold: Any, response: str, *, reveal_answer: bool = True) -> Scor
     also = ""
     if len(accepted) > 1:
         also = " (also accepted: " + ", ".join(f'"{a}"' for a in accepted[1:4]) + ")"
-    feedback = f'Incorrect. You answered "{_quote(answer)}"; the correct answer is "{accepted[0]}"'
+    # The wrong answer is not repeated: a teacher that reads it in its context copies it.
+    feedback = f'Incorrect. The correct answer is "{accepted[0]}"'
     return Score(0.0, 0.0, note + feedback + also + ".")
 
 
@@ -193,8 +195,10 @@ def numeric(
 
     The number is taken from the explicit answer ("Answer:" line or \\boxed{}) when there
     is one, else from the whole response (thinking removed), so "Answer: 3 + 4 = 7" means
-    7 and a trailing remark with a number in it would win: the feedback then names the
-    number that was read. Thousands separators are allowed ("1,234").
+    7 and a trailing remark with a number in it would win: the feedback then says where
+    the number was read. It names the number only when it cannot name the expected value
+    (`reveal_answer=False`): a teacher that reads the wrong number in its context copies
+    it. Thousands separators are allowed ("1,234").
     `abs_tol` only matters when the gold value is 0, where no relative tolerance can help.
     A list `gold` accepts any of its numbers.
     """
@@ -217,7 +221,7 @@ def numeric(
     if any(math.isclose(value, g, rel_tol=rel_tol, abs_tol=abs_tol) for g in values):
         return Score(1.0, 1.0, "")
     if reveal_answer:
-        feedback = f"Incorrect: the last number in {where} is {token}; expected {expected}{tol}."
+        feedback = f"Incorrect: the last number in {where} should be {expected}{tol}."
     else:
         feedback = (
             f"Incorrect: the last number in {where} is {token}, which is not the expected value."
