@@ -66,15 +66,15 @@ headline 0                                     # the headline, first seed of eve
 # manufactoria short run; forgetting before the last RESD cell, which cannot finish within
 # the session it starts in. `forgetting` skips what is done; its later call adds the rest.
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
-# Added 2026-12-02, third session, after 4 steps of the RESD plain cell (stopped at its
-# step-8 checkpoint; it resumes next): its student fell as SDPO's did with quoted feedback
-# (-1.56 -> -6.86 nats on the right digits), although the feedback no longer quotes the
-# wrong number. RESD's teacher still reads the wrong number in "Your previous attempt".
-# This cell is RESD with plain feedback and a teacher template without that slot.
+nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain
+# Added 2026-12-02, third session, after the first steps of the RESD plain cell: its
+# student fell as SDPO's did with quoted feedback (-1.56 -> -6.86 nats on the right digits
+# in 4 steps), although the feedback no longer quotes the wrong number. RESD's teacher
+# still reads the wrong number in "Your previous attempt". This cell is RESD with plain
+# feedback and a teacher template without that slot; it adds a run and replaces none.
 nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain --out runs/sd_sanity_no_attempt \
   --json benchmarks/results/sd_sanity_no_attempt.json \
   teacher_template=benchmarks/templates/teacher_without_attempt.txt
-nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
 forgetting
 nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote
