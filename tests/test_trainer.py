@@ -18,7 +18,7 @@ from resd.analysis.evaluation import safe_score
 from resd.config import apply_overrides, build_config
 from resd.generation.hf import chat_prompt_ids
 from resd.training.rollout import GivenRollout, row_seed
-from resd.training.trainer import PHASES, Trainer
+from resd.training.trainer import PHASES, Trainer, teacher_confirms_failures
 
 TESTS = Path(__file__).resolve().parent
 SEED_PLAYBOOK = (
@@ -440,3 +440,17 @@ def test_conversation_layout_reflects_on_the_rollouts_own_cached_tokens(tiny_mod
         else:
             assert trainer.sampler.prefix_cache is None
     assert counts["prompt"] == 0 and counts["conversation"] > 0
+
+
+def test_a_teacher_that_confirms_failed_rollouts_is_reported_once(tiny_model_dir, tmp_path, caplog):
+    failing = {"success_rate": 0.0, "distilled": 8, "teacher_advantage": 0.58}
+    assert teacher_confirms_failures(failing)
+    assert not teacher_confirms_failures({**failing, "teacher_advantage": -0.79})  # disagrees
+    assert not teacher_confirms_failures({**failing, "success_rate": 0.25})  # successes agree
+    assert not teacher_confirms_failures({**failing, "distilled": 0})  # nothing distilled
+    trainer, metrics, _ = one_step(tiny_model_dir, tmp_path, "sdpo")
+    trainer.log_step({**metrics, "teacher_advantage": -0.5, "success_rate": 0.0})
+    assert "teacher_advantage" not in caplog.text
+    trainer.log_step({**metrics, **failing, "step": 2})
+    trainer.log_step({**metrics, **failing, "step": 3})
+    assert caplog.text.count("teacher_advantage is +0.58") == 1 and "step 2:" in caplog.text

@@ -80,6 +80,23 @@ def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
     raise TypeError(f"env: expected an Environment or a datasets.Dataset, got {type(env).__name__}")
 
 
+def teacher_confirms_failures(metrics: dict[str, Any]) -> bool:
+    """True when a step distilled only failed rollouts and the teacher still preferred the
+    student's tokens (mean log π_T − log π_θ over them > 0).
+
+    On a failure the teacher should disagree somewhere; a teacher that copies the attempt
+    or a quoted wrong answer from its context agrees everywhere, and the loss then sharpens
+    the mistake. Measured (docs/results.md, the sanity check): +0.72 and +0.58 at step 1 for
+    the two contexts that showed the wrong number, which never learned; −0.79 for the one
+    that did not, which learned all 8 items.
+    """
+    return (
+        metrics.get("success_rate", 1.0) == 0.0
+        and metrics.get("distilled", 0) > 0
+        and metrics.get("teacher_advantage", 0.0) > 0.0
+    )
+
+
 class Trainer:
     def __init__(
         self,
@@ -151,6 +168,7 @@ class Trainer:
         self.update = Update(cfg, self.model, self.optimizer, self.teacher, self.reference, self.parallel,
                              self.tokenizer.pad_token_id, lam, after_step=self._after_step, total_steps=self.total_steps)  # fmt: skip
         self.step = 0
+        self.warned_teacher = False  # teacher_confirms_failures is said once per run
         self.last_eval_step: int | None = None  # the same on every process
         self.totals: Counter[str] = Counter()
         # A caller's own resumable state, saved in every checkpoint beside the trainer's
@@ -400,6 +418,16 @@ class Trainer:
         """A step's metrics to metrics.jsonl and the trackers, then the step-end callbacks."""
         self._append("metrics.jsonl", metrics)
         self.tracker.log(metrics, self.step, prefix="train")
+        if not self.warned_teacher and teacher_confirms_failures(metrics):
+            self.warned_teacher = True
+            log.warning(
+                "step %d: teacher_advantage is %+.2f although every distilled rollout failed: "
+                "the teacher rates the student's own failing tokens higher than the student "
+                "does, so distillation reinforces them. A teacher copies what its context "
+                "shows (the previous attempt, feedback that repeats the wrong answer); see "
+                "'Is the teacher teaching?' in the README.",
+                metrics["step"], metrics["teacher_advantage"],
+            )  # fmt: skip
         for callback in self.callbacks:
             callback.on_step_end(self, metrics)
 
