@@ -35,6 +35,16 @@ min_ops() {  # $1: comma-separated seeds
     --out runs/headline_qwen_min_ops curation_min_operations=1
 }
 
+# An arm added on 2026-12-02, third session, before any run of it, on what the sanity cells
+# and benchmarks/teacher_context_probe.py measured at step 1: with "Your previous attempt"
+# in its context the 0.5B teacher rates the failing reply higher than the student does
+# (teacher_advantage +0.74 on house rules, -0.18 without that slot). RESD with a template
+# without the slot (configs/templates/teacher_without_attempt.txt); it adds runs.
+no_attempt() {  # $1: comma-separated seeds
+  nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd --seeds "$1" \
+    --out runs/headline_qwen_no_attempt teacher_template=configs/templates/teacher_without_attempt.txt
+}
+
 # The paper's forgetting check on the base model and every finished final model: IFEval's
 # 100 shared prompts, 1 sample each at T = 0.6, up to 256 new tokens (CPU budget; the same
 # for every model, so the before/after difference is what counts).
@@ -44,7 +54,7 @@ forgetting() {
                 --max-prompt-tokens 1024 --batch-size 8)
   [ -f runs/forgetting_qwen/base.json ] ||
     nice "$RESD" eval "${ifeval[@]}" --model qwen2.5-coder-0.5b --out runs/forgetting_qwen/base.json
-  for run in runs/headline_qwen/*-seed* runs/headline_qwen_min_ops/*-seed*; do
+  for run in runs/headline_qwen/*-seed* runs/headline_qwen_min_ops/*-seed* runs/headline_qwen_no_attempt/*-seed*; do
     [ -f "$run/summary.json" ] || continue
     local out="runs/forgetting_qwen/$(basename "$(dirname "$run")")-$(basename "$run").json"
     [ -f "$out" ] || nice "$RESD" eval "${ifeval[@]}" --model "$run" --out "$out"
@@ -74,7 +84,8 @@ nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain
 # feedback and a teacher template without that slot; it adds a run and replaces none.
 nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain --out runs/sd_sanity_no_attempt \
   --json benchmarks/results/sd_sanity_no_attempt.json \
-  teacher_template=benchmarks/templates/teacher_without_attempt.txt
+  teacher_template=configs/templates/teacher_without_attempt.txt
+no_attempt 0
 nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
 forgetting
 nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote
@@ -89,6 +100,7 @@ min_ops 0
 nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes on,off
 headline 0,1,2                                 # the other seeds
 min_ops 0,1,2
+no_attempt 0,1,2
 forgetting
 nice "$PY" benchmarks/lesson_quality.py                                # the rest of the lesson grid
 # issue 16: lessons in one call against two, on the same settings as the qwen "on" cells

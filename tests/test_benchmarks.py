@@ -116,6 +116,36 @@ def test_sd_sanity_probes_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert [s["step"] for s in run["steps"]] == [1, 2]
 
 
+def test_teacher_context_probe_takes_a_logged_prompt_apart(tiny_model_dir, tmp_path):
+    """One RESD step of the sanity benchmark, then the probe on its logged teacher prompts:
+    every prompt re-renders exactly from its slots (else the probe refuses), and leaving a
+    slot out changes what the teacher says."""
+    out, report = tmp_path / "runs", tmp_path / "probe.json"
+    common = dict(capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sd_sanity.py"), "--out", str(out), "--algorithms", "resd",
+         "--feedback", "quote", "--steps", "1", "--eval-every", "1", "--json", str(tmp_path / "sd.json"),
+         f"model={tiny_model_dir}", "lora=null", "max_new_tokens=8", "eval_samples=1",
+         "reflection_max_new_tokens=24", "curation_max_new_tokens=24"], **common,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "teacher_context_probe.py"), str(out / "resd-quote"),
+         "--json", str(report)], **common,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(report.read_text())["results"]
+    values = row["teacher_advantage"]
+    assert row["rollouts"] == 8 and row["tokens"] > 0
+    assert set(values) >= {
+        "as logged",
+        "without the previous attempt",
+        "feedback only (SDPO's context)",
+    }
+    assert len({round(v, 6) for v in values.values()}) > 1  # the variants are different prompts
+    assert "| as logged |" in done.stdout
+
+
 @pytest.mark.slow
 def test_serve_load_benchmark_smoke(tiny_model_dir, tmp_path):
     pytest.importorskip("fastapi", reason="needs the serve extra")
