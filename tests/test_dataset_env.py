@@ -593,3 +593,46 @@ def test_trainer_takes_a_dataset_and_a_scorer_directly(tiny_model_dir, tmp_path)
         Trainer(cfg, scorer=length_reward)
     with pytest.raises(TypeError, match=r"^env: expected an Environment or a datasets.Dataset"):
         Trainer(cfg, env=ROWS)
+
+
+def test_a_feedback_column_replaces_the_scorers_sentence_on_a_wrong_reply():
+    rows = [{**r, "why": f"The right answer is {r['answer']}, as any atlas says." if i % 2 else ""}
+            for i, r in enumerate(ROWS)]  # fmt: skip
+    env = memory_env(rows=rows, feedback_column="why", meta_columns=["difficulty"], id_column="qid")
+    items = by_qid(env)
+    right, wrong = items["q1"], items["q0"]  # q1 has a text, q0 an empty cell
+    assert env.score(right, "Answer: Rome").feedback == ""  # a reward keeps no feedback
+    assert (
+        env.score(right, "Answer: Milan").feedback == "The right answer is Rome, as any atlas says."
+    )
+    assert env.score(wrong, "Answer: Lyon").feedback == 'Incorrect. The correct answer is "Paris".'
+    assert "why" in right.meta  # kept although meta_columns did not name it
+    with pytest.raises(ValueError, match=r"env_args\.feedback_column: no column 'because'"):
+        memory_env(feedback_column="because")
+
+
+def test_the_demo_config_trains_on_the_items_it_tests():
+    """`make demo` (configs/demo_learn.yaml): 8 products, the same 8 in both splits, and
+    the feedback wording the sanity check measured."""
+    from resd.config import load_config
+    from resd.envs import make_env
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "demo_learn.yaml")
+    env_args = {
+        **cfg.env_args,
+        "data_files": {k: str(root / v) for k, v in cfg.env_args["data_files"].items()},
+    }
+    env = make_env(cfg.env, env_args)
+    train, test = env.train_items(), env.test_items()
+    assert len(train) == 8 and [i.messages for i in train] == [i.messages for i in test]
+    item = train[0]
+    assert item.messages[0]["content"] == (
+        "What is 964 * 60? End your reply with a line of the form 'Answer: <number>'."
+    )
+    assert env.score(item, "Answer: 57840").reward == 1.0
+    assert (
+        env.score(item, "Answer: 57760").feedback
+        == "Incorrect. The correct value is 964 * 60 = 57840."
+    )
+    assert cfg.epochs * len(train) // cfg.batch_size * cfg.inner_updates >= cfg.steps

@@ -454,3 +454,22 @@ def test_a_teacher_that_confirms_failed_rollouts_is_reported_once(tiny_model_dir
     trainer.log_step({**metrics, **failing, "step": 2})
     trainer.log_step({**metrics, **failing, "step": 3})
     assert caplog.text.count("teacher_advantage is +0.58") == 1 and "step 2:" in caplog.text
+
+
+def test_epochs_repeat_the_training_items_each_pass_in_its_own_order(tiny_model_dir, tmp_path):
+    import random
+
+    one = Trainer(config(tiny_model_dir, tmp_path / "one", "steps=null"))
+    three = Trainer(config(tiny_model_dir, tmp_path / "three", "steps=null", "num_train_epochs=3"))
+    items = list(one.env.train_items())
+    expected = list(items)
+    random.Random(one.cfg.seed).shuffle(expected)
+    assert [it.id for it in one.train_items] == [it.id for it in expected]  # one pass: as before
+    n = len(items)
+    passes = [three.train_items[i * n : (i + 1) * n] for i in range(3)]
+    assert len(three.train_items) == 3 * n and passes[0] == one.train_items
+    assert all(sorted(it.id for it in p) == sorted(it.id for it in items) for p in passes)
+    assert len({tuple(it.id for it in p) for p in passes}) > 1  # each pass shuffled anew
+    assert three.total_steps == -(-3 * n // 4) * 2  # batch_size 4, inner_updates 2
+    with pytest.raises(Exception, match="epochs: must be >= 1"):
+        config(tiny_model_dir, tmp_path / "zero", "epochs=0")

@@ -77,7 +77,10 @@ class TrainConfig:
     env_args: dict[str, Any] = field(default_factory=dict)
     algorithm: str = "resd"
     # schedule (the paper's streaming protocol): batches of prompts, K inner on-policy updates each
-    steps: int | None = None  # cap on optimizer steps; None = one pass over the train items
+    steps: int | None = None  # cap on optimizer steps; None = every pass over the train items
+    # Passes over the training items (the paper streams them once); each pass is shuffled
+    # on its own when `shuffle` is on. More than one: learning a small fixed set, as the demo does.
+    epochs: int = 1
     batch_size: int = 8
     rollouts_per_prompt: int = 1
     inner_updates: int = 4
@@ -246,7 +249,7 @@ class TrainConfig:
         positive = ["batch_size", "rollouts_per_prompt", "inner_updates", "micro_batch_size",
                     "generation_batch_size", "max_new_tokens", "max_prompt_tokens", "eval_samples",
                     "reflection_max_new_tokens", "curation_max_new_tokens", "playbook_max_entries",
-                    "playbook_prune_every", "keep_checkpoints", "update_epochs"]  # fmt: skip
+                    "playbook_prune_every", "keep_checkpoints", "update_epochs", "epochs"]  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -439,6 +442,7 @@ ALIASES = {
     "per_device_train_batch_size": "micro_batch_size",
     "beta": "kl_coef",
     "num_iterations": "update_epochs",
+    "num_train_epochs": "epochs",
     "warmup_ratio": None,  # not supported: say so rather than ignore it
 }
 

@@ -62,6 +62,9 @@ class DatasetEnv(Environment):
         scorer_args: keyword arguments of a built-in scorer (numeric: rel_tol, abs_tol;
             regex: pattern, fullmatch).
         reveal_answer: whether a built-in scorer's feedback states the expected answer.
+        feedback_column: a column whose text is the feedback on a reply that did not get
+            the reward, in place of the scorer's own sentence: a worked solution, or the
+            right value in words your teacher reads well. Empty cells keep the scorer's.
         threshold: a user function's number v gives reward 1 iff v >= threshold.
         test_fraction, seed: the held-out split when there is no `test_split`.
         n_train, n_test: keep only the first items of each split (quick runs).
@@ -91,6 +94,7 @@ class DatasetEnv(Environment):
         scorer: str | Callable[..., Any] = "exact_match",
         scorer_args: dict[str, Any] | None = None,
         reveal_answer: bool = True,
+        feedback_column: str | None = None,
         threshold: float = 1.0,
         test_fraction: float = 0.2,
         seed: int = 0,
@@ -152,12 +156,14 @@ class DatasetEnv(Environment):
         self.reference_column = reference_column
         self.answer_column = answer_column
         self.id_column = id_column
+        self.feedback_column = feedback_column
         for rows in loaded:
             self._check_columns(rows, meta_columns)
         if meta_columns is None:
             meta_columns = [c for c in columns if c != self.prompt_column]
-        elif answer_column is not None and answer_column not in meta_columns:
-            meta_columns = [*meta_columns, answer_column]
+        else:  # the scorer's own columns are always kept
+            meta_columns = [*meta_columns, *(c for c in (answer_column, feedback_column)
+                                             if c and c not in meta_columns)]  # fmt: skip
         self.meta_columns = list(meta_columns)
 
         self.conversational = self.from_messages
@@ -218,6 +224,7 @@ class DatasetEnv(Environment):
             ("reference_column", self.reference_column),
             ("answer_column", self.answer_column),
             ("id_column", self.id_column),
+            ("feedback_column", self.feedback_column),
             *(("meta_columns", c) for c in meta_columns or []),
         ]
         for arg, column in named:
@@ -360,7 +367,11 @@ class DatasetEnv(Environment):
         return list(self._test)
 
     def score(self, item: Item, response: str) -> Score:
-        return self._score(item, response)
+        result = self._score(item, response)
+        given = item.meta.get(self.feedback_column) if self.feedback_column else None
+        if result.reward < 1.0 and given is not None and str(given).strip():
+            return Score(result.reward, result.score, str(given).strip())
+        return result
 
 
 def _label(path: str | Path | None, data_files: Any) -> str:

@@ -119,11 +119,15 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
         self.env = _environment(cfg, env, scorer)
-        self.train_items = list(self.env.train_items())
-        if not self.train_items:
+        items = list(self.env.train_items())
+        if not items:
             raise ValueError(f"env: {getattr(self.env, 'name', cfg.env)!r} has no training items")
-        if cfg.shuffle:
-            random.Random(cfg.seed).shuffle(self.train_items)
+        order, self.train_items = random.Random(cfg.seed), []
+        for _ in range(cfg.epochs):  # the stream: every pass, each in its own order
+            epoch = list(items)
+            if cfg.shuffle:
+                order.shuffle(epoch)
+            self.train_items += epoch
         self.test_items = list(self.env.test_items())[: cfg.eval_items]
         self.n_batches = math.ceil(len(self.train_items) / cfg.batch_size)
         self.total_steps = min(cfg.steps or 10**12, self.n_batches * cfg.inner_updates)
