@@ -38,7 +38,7 @@ class ArithmeticEnv(Environment):
         `quote_answer=True` repeats the wrong number in the feedback ("The final answer
         1770384 is wrong: ..."); the default says what is right without it, because a small
         teacher that reads the wrong number in its context copies it (docs/results.md, the
-        sanity check: 0 of 8 items learned quoted, 8 of 8 plain)."""
+        sanity check: SDPO learned 0 of 8 items quoted, 8 of 8 plain)."""
         bad = set(ops) - set(_OPS)
         if not ops or bad:
             raise ValueError(f"env_args.ops: use characters from '+-*', got {ops!r}")
