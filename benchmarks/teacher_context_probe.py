@@ -28,6 +28,7 @@ import yaml
 from resd.envs import make_env
 from resd.generation.hf import chat_prompt_ids
 from resd.models import autocast_context, load_model, load_tokenizer
+from resd.rundir import read_jsonl
 from resd.training.teacher_context import SLOT_TITLES, TeacherTemplate
 
 VARIANTS = {  # name -> slots left out of the logged prompt
@@ -69,15 +70,12 @@ def probe(
 ) -> dict[str, Any]:
     samples = [
         s
-        for s in map(json.loads, (run / "samples.jsonl").read_text().splitlines())
+        for s in read_jsonl(run / "samples.jsonl")
         if s["step"] == step and s.get("teacher_prompt") and s["reward"] < 1
     ]
     if not samples:
         raise SystemExit(f"{run}: no failed rollout with a teacher prompt at step {step}")
-    logged = next(
-        (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-         if json.loads(x)["step"] == step), {},
-    )  # fmt: skip
+    logged = next((m for m in read_jsonl(run / "metrics.jsonl") if m["step"] == step), {})
     sums = dict.fromkeys(VARIANTS, 0.0)
     tokens = 0
     for s in samples:

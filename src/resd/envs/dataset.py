@@ -177,7 +177,7 @@ class DatasetEnv(Environment):
             self._train = self._train[: int(n_train)]
         if n_test is not None:
             self._test = self._test[: int(n_test)]
-        self._score = self._make_scorer()
+        self._score = self._with_feedback_column(self._make_scorer())
 
     @classmethod
     def from_dataset(
@@ -366,12 +366,29 @@ class DatasetEnv(Environment):
     def test_items(self) -> list[Item]:
         return list(self._test)
 
+    def _with_feedback_column(
+        self, score: Callable[[Item, str], Score]
+    ) -> Callable[[Item, str], Score]:
+        """`score`, with a failed reply's feedback taken from `feedback_column` when its cell
+        has text."""
+        column = self.feedback_column
+        if column is None:
+            return score
+
+        def scored(item: Item, response: str) -> Score:
+            result = score(item, response)
+            given = item.meta.get(column)
+            given = "" if given is None else str(given).strip()
+            return (
+                Score(result.reward, result.score, given)
+                if result.reward < 1.0 and given
+                else result
+            )
+
+        return scored
+
     def score(self, item: Item, response: str) -> Score:
-        result = self._score(item, response)
-        given = item.meta.get(self.feedback_column) if self.feedback_column else None
-        if result.reward < 1.0 and given is not None and str(given).strip():
-            return Score(result.reward, result.score, str(given).strip())
-        return result
+        return self._score(item, response)
 
 
 def _label(path: str | Path | None, data_files: Any) -> str:
