@@ -152,6 +152,12 @@ def test_compare_runs_isolates_failures_and_skips_finished_runs(
     assert runs["grpo-seed0"]["eval"] == grpo["eval"] and runs["grpo-seed0"]["status"] == "finished"
     assert [m.stat().st_mtime_ns for m in metrics] == mtimes
 
+    # `resd merge` reads the records alone: a real comparison merged on its own is unchanged
+    from resd.analysis.merge import merge_comparisons
+
+    merged = merge_comparisons([out], tmp_path / "merged", plots=False)
+    assert merged["runs"] == again["runs"] and merged["algorithms"] == again["algorithms"]
+
 
 def test_launch_resumes_from_a_checkpoint_or_starts_clean(tmp_path):
     """The command line a run is launched with; `echo` stands in for python."""

@@ -1,10 +1,11 @@
 """Command line: `resd train`, `resd envs`, `resd env-check`, `resd eval`, `resd compare`,
-`resd continual`, `resd report`, `resd serve`.
+`resd merge`, `resd continual`, `resd report`, `resd serve`.
 
 resd train --config configs/demo.yaml lr=1e-5 env_args.n_train=64
 resd train --config configs/demo.yaml --resume
 resd eval --model runs/x --env arithmetic --samples 4          # the final model (or runs/x/checkpoint-40)
 resd compare --config configs/demo.yaml --algorithms resd,sdpo --seeds 0,1 --out runs/cmp
+resd merge runs/cmp runs/cmp_node2 --out runs/cmp_all                # seeds run apart, one comparison
 resd continual --config configs/continual.yaml
 resd report runs/cmp
 resd serve --model runs/x --port 8000                           # OpenAI-compatible API + feedback
@@ -23,6 +24,7 @@ import sys
 from resd.analysis.compare import add_compare_subcommand
 from resd.analysis.continual import add_continual_subcommand
 from resd.analysis.eval_cli import add_eval_subcommand
+from resd.analysis.merge import add_merge_subcommand
 from resd.analysis.report import add_report_subcommand
 from resd.config import ConfigError, TrainConfig, load_config
 from resd.serve.command import add_serve_subcommand
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_subcommand(sub)
     add_compare_subcommand(sub)
+    add_merge_subcommand(sub)
     add_continual_subcommand(sub)
     add_report_subcommand(sub)
     add_serve_subcommand(sub)

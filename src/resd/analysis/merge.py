@@ -1,0 +1,237 @@
+"""`resd merge`: one comparison from the `comparison.json` files of several `resd compare` calls.
+
+    resd merge runs/node0/cmp runs/node1/cmp --out runs/cmp_all
+    resd merge docs/results/headline_qwen/comparison.json runs/headline_qwen --out runs/merged
+
+Why it exists: the seeds of one study rarely run in one call. They run on different
+machines (a seed per node), or across sessions where only each call's `comparison.json`
+was kept, not its run directories. Every `resd compare` call writes the record of each
+of its runs (config, status, evaluation curve in samples drawn); merging reads those
+records, never the run directories, so it works from the JSON alone.
+
+What it refuses, with a message that names the runs and keys, and without writing
+anything: two different finished records for one run name (the same seed ran twice with
+different outcomes; keep one source out), and seeds of one algorithm trained with
+different settings (everything but `seed` and `output_dir` must match; `--ignore-keys`
+accepts named keys, e.g. a setting that only changes logging). Differences between
+algorithms in a key that `resd compare` would have flagged (`SHARED_KEYS`) are listed in
+`unshared_overrides`, as `resd compare` lists them. An unfinished run is kept as such, and
+a finished record of the same run from another source replaces it.
+
+The output is a `comparison.json` like `resd compare`'s (per-algorithm summaries, paired
+differences against `--reference` at equal samples drawn, with bootstrap intervals) plus
+`sources`, and `plots/compare_eval.png` drawn from the records' evaluation curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from resd.analysis.compare import (
+    SHARED_KEYS,
+    format_paired,
+    format_table,
+    write_comparison,
+)
+from resd.rundir import EVAL_KEYS
+
+# Keys that differ between the seeds of one algorithm by construction.
+PER_RUN_KEYS = frozenset({"seed", "output_dir"})
+
+
+class MergeError(ValueError):
+    """The sources cannot be merged into one honest comparison."""
+
+
+def load_comparison(source: str | Path) -> dict[str, Any]:
+    """A `comparison.json`, given as the file or the directory that holds it."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "comparison.json"
+    if not path.is_file():
+        raise MergeError(f"{source}: no comparison.json there (run `resd compare` first)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise MergeError(f"{path}: not a comparison.json (no 'runs' list)")
+    data["_path"] = str(path)
+    return data
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str]) -> list[str]:
+    """The keys whose values differ between two run configs (a key missing on one side
+    counts: it means another code version), leaving out `ignore`."""
+    keys = (set(a) | set(b)) - ignore
+    return sorted(k for k in keys if a.get(k, "<missing>") != b.get(k, "<missing>"))
+
+
+def _union_runs(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every run once, in first-seen order; a finished record beats an unfinished one."""
+    by_name: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}
+    for data in sources:
+        for run in data["runs"]:
+            name = run["name"]
+            seen = by_name.get(name)
+            if seen is None or (seen["status"] != "finished" and run["status"] == "finished"):
+                by_name[name], origin[name] = run, data["_path"]
+            elif seen["status"] == run["status"] == "finished" and (
+                seen["eval"] != run["eval"] or seen.get("final") != run.get("final")
+            ):
+                raise MergeError(
+                    f"run {name!r} finished with different results in {origin[name]} and "
+                    f"{data['_path']}; leave one of them out of the merge"
+                )
+    return list(by_name.values())
+
+
+def _check_seeds_agree(runs: list[dict[str, Any]], ignore: frozenset[str]) -> None:
+    """Finished seeds of one algorithm must have run with the same settings."""
+    first: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if run["status"] != "finished" or not run.get("config"):
+            continue
+        ref = first.setdefault(run["algorithm"], run)
+        diff = config_differences(ref["config"], run["config"], PER_RUN_KEYS | ignore)
+        if diff:
+            shown = ", ".join(
+                f"{k}: {ref['config'].get(k, '<missing>')!r} vs {run['config'].get(k, '<missing>')!r}"
+                for k in diff[:5]
+            )
+            raise MergeError(
+                f"{ref['name']} and {run['name']} ran with different settings ({shown}); "
+                "merge only seeds of one study, or pass --ignore-keys for keys that do not matter"
+            )
+
+
+def _unshared(runs: list[dict[str, Any]], reference: str) -> list[str]:
+    """`algo:key=value` for each shared key where an algorithm differs from the reference."""
+    configs = {
+        r["algorithm"]: r["config"] for r in runs if r["status"] == "finished" and r.get("config")
+    }
+    ref = configs.get(reference)
+    if ref is None:
+        return []
+    return [
+        f"{algorithm}:{key}={config.get(key)}"
+        for algorithm, config in configs.items()
+        if algorithm != reference
+        for key in sorted(SHARED_KEYS - PER_RUN_KEYS)
+        if config.get(key) != ref.get(key)
+    ]
+
+
+def merge_comparisons(
+    sources: list[str | Path],
+    out: str | Path,
+    *,
+    reference: str | None = None,
+    ignore_keys: frozenset[str] = frozenset(),
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Merge the sources' run records into `<out>/comparison.json`; returns its content."""
+    if not sources:
+        raise MergeError("nothing to merge: name at least one comparison")
+    loaded = [load_comparison(s) for s in sources]
+    runs = _union_runs(loaded)
+    _check_seeds_agree(runs, ignore_keys)
+    algorithms = list(dict.fromkeys(
+        [a for d in loaded for a in d.get("algorithms_requested") or []] + [r["algorithm"] for r in runs]
+    ))  # fmt: skip
+    reference = reference or algorithms[0]
+    if reference not in algorithms:
+        raise MergeError(
+            f"--reference {reference!r} ran in none of the sources ({', '.join(algorithms)})"
+        )
+    algorithms = [reference] + [a for a in algorithms if a != reference]
+    payload = {
+        "sources": [d["_path"] for d in loaded],
+        "base_config": sorted({str(d.get("base_config")) for d in loaded}),
+        "algorithms_requested": algorithms,
+        "seeds": sorted({r["seed"] for r in runs}),
+        "unshared_overrides": _unshared(runs, reference),
+        "fairness": loaded[0].get("fairness"),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_comparison(out, payload, runs)
+    data = json.loads(path.read_text())
+    if plots:
+        write_curve_plot(out / "plots" / "compare_eval.png", data["algorithms"])
+    return data
+
+
+def write_curve_plot(path: Path, algorithms: dict[str, dict[str, Any]]) -> Path | None:
+    """Evaluation metrics against samples drawn: the mean over seeds and its min-max band,
+    from the records alone (the run directories may be gone). None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(
+            "[merge] no plots: matplotlib is not installed (pip install resd[report])",
+            file=sys.stderr,
+        )
+        return None
+    keys = [k for k in EVAL_KEYS if any(p.get(k) for a in algorithms.values() for p in a["curve"])]
+    if not keys:
+        return None
+    fig = Figure(figsize=(6.0, 3.2 * len(keys)), layout="constrained")
+    axes = fig.subplots(len(keys), 1, squeeze=False)
+    for row, key in enumerate(keys):
+        ax = axes[row][0]
+        for i, (algorithm, info) in enumerate(algorithms.items()):
+            points = [p for p in info["curve"] if p.get(key) and p.get("samples_drawn")]
+            if not points:
+                continue
+            x = [p["samples_drawn"]["mean"] for p in points]
+            ax.plot(x, [p[key]["mean"] for p in points], color=f"C{i}", marker="o",
+                    label=f"{algorithm} (n={info['finished']})")  # fmt: skip
+            ax.fill_between(x, [p[key]["min"] for p in points], [p[key]["max"] for p in points],
+                            color=f"C{i}", alpha=0.2)  # fmt: skip
+        ax.set(title=f"{key} vs samples drawn", xlabel="samples drawn", ylabel=key)
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    ignore = frozenset(k.strip() for k in (args.ignore_keys or "").split(",") if k.strip())
+    try:
+        data = merge_comparisons(args.sources, args.out, reference=args.reference,
+                                 ignore_keys=ignore, plots=not args.no_plots)  # fmt: skip
+    except MergeError as exc:
+        print(f"resd merge: error: {exc}", file=sys.stderr)
+        return 2
+    print("final evaluation, mean [min, max] over finished seeds:")
+    print(format_table(data["algorithms"]))
+    if data.get("paired"):
+        print("\npaired differences per seed, at equal samples drawn:")
+        print(format_paired(data["paired"]))
+    for note in data["unshared_overrides"]:
+        print(f"note: {note} differs from the reference {data['algorithms_requested'][0]}")
+    print(f"\ncomparison: {Path(args.out) / 'comparison.json'}")
+    return 0
+
+
+def add_merge_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register `resd merge SOURCE [SOURCE ...] --out DIR`."""
+    parser = subparsers.add_parser(
+        "merge", help="merge the comparison.json of several `resd compare` calls (seeds run apart)"
+    )
+    parser.add_argument("sources", nargs="+", help="comparison.json files or their directories")
+    parser.add_argument("--out", required=True, help="directory for the merged comparison.json")
+    parser.add_argument("--reference", help="algorithm the paired differences start from "
+                        "(default: the first one requested)")  # fmt: skip
+    parser.add_argument(
+        "--ignore-keys", help="comma-separated config keys allowed to differ between seeds"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip plots/compare_eval.png")
+    parser.set_defaults(fn=cmd_merge)
+    return parser
