@@ -1,109 +1,149 @@
 #!/usr/bin/env bash
-# The experiments of issue 12 on the bundled Qwen2.5-Coder-0.5B, in the order they are run.
-# Every step resumes: run the script again (in a later session too) and it skips what is
-# finished and continues what was cut short. Niced, one job at a time (2 cores).
+# The experiments of issues 10 and 12 on the bundled Qwen2.5-Coder-0.5B, as units that each
+# finish within a session and leave committable results. Niced, one unit at a time (2 cores).
 #
-#   make setup-qwen && nohup bash benchmarks/experiments_qwen.sh > runs/experiments_qwen.log 2>&1 &
+#   make setup-qwen
+#   bash benchmarks/experiments_qwen.sh list                      # every unit, done or not
+#   nohup bash benchmarks/experiments_qwen.sh next 3 >> runs/experiments_qwen.log 2>&1 &
+#   bash benchmarks/experiments_qwen.sh run:headline:sdpo:1       # or units by name
 #
-# One code version for the whole grid. Every run so far used code that behaves as commit
-# 576d0d4; the first later change of behaviour (lessons sized whole, 2026-12-02) must not
-# enter it. So the grid runs from a worktree pinned there, writing into this checkout's runs/:
+# Why units. A session's run directories do not survive it (the fourth session of
+# 2026-12-02 found runs/ empty on a new machine), so a run cut by the end of a session is
+# lost, and so is every final model not yet evaluated. Each unit therefore trains one
+# thing from scratch to its end, runs the IFEval forgetting check of its final model at
+# once, and copies its small outputs (comparison.json, metrics, evaluations, playbook,
+# benchmark JSON) into docs/results/grid/ and benchmarks/results/, which are committed.
+# A unit is done when its outputs are there; `next N` runs the first N units not done, in
+# the order below. Seeds of one method that ran in different sessions are pooled with
+# `resd merge` (each unit's comparison.json holds that unit's run only).
 #
-#   git worktree add ../grid 576d0d4 && ln -s "$PWD/runs" ../grid/runs && cd ../grid
-#   PYTHONPATH=$PWD/src PY=<this checkout>/.venv/bin/python RESD=<this checkout>/.venv/bin/resd \
-#     nohup bash benchmarks/experiments_qwen.sh >> runs/experiments_qwen.log 2>&1 &
-#
-# (that commit's copy of this script; steps added here later run the same way, by hand).
+# One code version for the whole grid. Every run of it used code that behaves as commit
+# 576d0d4; later changes of behaviour (lessons sized whole, feedback that no longer
+# quotes the answer by default) must not enter it. So every unit runs from a worktree
+# pinned there (../grid, made here if missing), with this checkout's virtualenv, writing
+# into this checkout's runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-RESD=${RESD:-.venv/bin/resd}
+ROOT=$PWD
+GRID_COMMIT=576d0d4
+GRID=${GRID:-$(dirname "$ROOT")/grid}
+PY=${PY:-$ROOT/.venv/bin/python}
+RESD=${RESD:-$ROOT/.venv/bin/resd}
+SAVE=$ROOT/docs/results/grid          # committed outputs of finished units
+BENCH=$ROOT/benchmarks/results
 
-headline() {  # $1: comma-separated seeds
-  nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd,sdpo,sdpo_ss,grpo \
-    --seeds "$1" --algorithm-args grpo:rollouts_per_prompt=8 \
-    --algorithm-args grpo:steps=6 --algorithm-args grpo:eval_every=1 \
-    --out runs/headline_qwen
+# The order of the remaining work (issue 10 first, as the brief orders the issues). Names:
+#   base_ifeval                       the base model's IFEval score (the forgetting baseline)
+#   lessons:MODEL:ENV:MODE            a lesson-quality cell (benchmarks/lesson_quality.py)
+#   sanity:ALGO:FEEDBACK              a self-distillation sanity cell (benchmarks/sd_sanity.py)
+#   run:ARM:ALGO:SEED                 one training run of an arm, then its forgetting check
+# Arms: headline (configs/headline_qwen.yaml, house rules), no_attempt (the template
+# without the previous attempt, added 2026-12-02 before any run of it), min_ops (the
+# curator commits to one operation per reply, added after 12 steps of resd-seed0), and
+# manufactoria (configs/headline_qwen_manufactoria.yaml, the short run).
+UNITS=(
+  base_ifeval
+  lessons:qwen2.5-coder-0.5b:manufactoria:off
+  lessons:qwen2.5-coder-0.5b:arithmetic:on lessons:qwen2.5-coder-0.5b:arithmetic:off
+  lessons:smollm2-135m:arithmetic:on
+  lessons:smollm2-135m:manufactoria:on lessons:smollm2-135m:manufactoria:off
+  run:headline:resd:1 run:headline:sdpo:1 run:headline:sdpo_ss:1 run:headline:grpo:1
+  run:headline:resd:2 run:headline:sdpo:2 run:headline:sdpo_ss:2 run:headline:grpo:2
+  run:no_attempt:resd:1 run:no_attempt:resd:2
+  run:manufactoria:resd:0 run:manufactoria:sdpo:0 run:manufactoria:sdpo_ss:0 run:manufactoria:grpo:0
+  run:min_ops:resd:0 run:min_ops:resd:1 run:min_ops:resd:2
+  sanity:sdpo:quote sanity:resd:quote
+  # the seed-0 models of 2026-12-02 were lost before their forgetting check; retrained here
+  run:headline:resd:0 run:headline:sdpo:0 run:headline:sdpo_ss:0 run:headline:grpo:0
+  run:no_attempt:resd:0
+  lessons:qwen2.5-coder-0.5b:manufactoria:one lessons:qwen2.5-coder-0.5b:arithmetic:one
+)
+# Finished before units existed, in the first three sessions of 2026-12-02 (their figures
+# are in docs/results.md and benchmarks/results/): the headline's seed 0 of all four
+# methods and no_attempt's seed 0 (comparison.json in docs/results/headline_qwen*/), the
+# sanity cells sdpo:plain, resd:plain and resd:plain without the attempt, sdpo:quote's
+# steps 1-30, and the lesson cells smollm2-135m:arithmetic:off and
+# qwen2.5-coder-0.5b:manufactoria:on.
+
+IFEVAL=(--config configs/paper/ifeval_forgetting.yaml --samples 1 --max-new-tokens 256
+        --max-prompt-tokens 1024 --batch-size 8)   # CPU budget; the same for every model
+
+setup_grid() {
+  [ -d "$GRID" ] || git worktree add --detach "$GRID" "$GRID_COMMIT"
+  mkdir -p runs "$GRID/configs/templates" "$SAVE" "$BENCH/forgetting_qwen"
+  [ -e "$GRID/runs" ] || ln -s "$ROOT/runs" "$GRID/runs"
+  cp configs/templates/teacher_without_attempt.txt "$GRID/configs/templates/"  # data, not code
+  export PYTHONPATH=$GRID/src
 }
 
-# An arm added on 2026-12-02 after 12 steps of resd-seed0 (nothing else had run): the
-# 0.5B curator answered "operations": [] on every call, so the playbook stayed empty and
-# RESD ran as SDPO plus reflection. This arm makes the curator commit to at least one
-# operation per reply (the schema's minItems). It adds runs; it replaces none.
-min_ops() {  # $1: comma-separated seeds
-  nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd --seeds "$1" \
-    --out runs/headline_qwen_min_ops curation_min_operations=1
+outputs() {  # the file that marks a unit done
+  IFS=: read -r kind a b c <<< "$1"
+  case $kind in
+    base_ifeval) echo "$BENCH/forgetting_qwen/base.json" ;;
+    lessons) echo "$BENCH/lesson_quality_${a}_${b}_${c}.json" ;;
+    sanity) echo "$BENCH/sd_sanity_${a}_${b}.json" ;;
+    run) echo "$SAVE/$a/$b-seed$c/comparison.json" ;;
+    *) echo "unknown unit $1 (see: $0 list)" >&2; return 2 ;;
+  esac
 }
 
-# An arm added on 2026-12-02, third session, before any run of it, on what the sanity cells
-# and benchmarks/teacher_context_probe.py measured at step 1: with "Your previous attempt"
-# in its context the 0.5B teacher rates the failing reply higher than the student does
-# (teacher_advantage +0.74 on house rules, -0.18 without that slot). RESD with a template
-# without the slot (configs/templates/teacher_without_attempt.txt); it adds runs.
-no_attempt() {  # $1: comma-separated seeds
-  nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd --seeds "$1" \
-    --out runs/headline_qwen_no_attempt teacher_template=configs/templates/teacher_without_attempt.txt
+arm_args() {  # $1 arm, $2 algorithm
+  case $1 in
+    headline) echo --config configs/headline_qwen.yaml ;;
+    no_attempt) echo --config configs/headline_qwen.yaml teacher_template=configs/templates/teacher_without_attempt.txt ;;
+    min_ops) echo --config configs/headline_qwen.yaml curation_min_operations=1 ;;
+    manufactoria) echo --config configs/headline_qwen_manufactoria.yaml ;;
+    *) echo "unknown arm $1" >&2; return 2 ;;
+  esac
+  if [ "$2" = grpo ]; then  # N = 8; the same samples drawn as the N = 1 methods, evaluated as often
+    local steps=6; [ "$1" = manufactoria ] && steps=1
+    echo --algorithm-args grpo:rollouts_per_prompt=8 --algorithm-args grpo:steps=$steps \
+      --algorithm-args grpo:eval_every=1
+  fi
 }
 
-# The paper's forgetting check on the base model and every finished final model: IFEval's
-# 100 shared prompts, 1 sample each at T = 0.6, up to 256 new tokens (CPU budget; the same
-# for every model, so the before/after difference is what counts).
-forgetting() {
-  mkdir -p runs/forgetting_qwen
-  local ifeval=(--config configs/paper/ifeval_forgetting.yaml --samples 1 --max-new-tokens 256
-                --max-prompt-tokens 1024 --batch-size 8)
-  [ -f runs/forgetting_qwen/base.json ] ||
-    nice "$RESD" eval "${ifeval[@]}" --model qwen2.5-coder-0.5b --out runs/forgetting_qwen/base.json
-  for run in runs/headline_qwen/*-seed* runs/headline_qwen_min_ops/*-seed* runs/headline_qwen_no_attempt/*-seed*; do
-    [ -f "$run/summary.json" ] || continue
-    local out="runs/forgetting_qwen/$(basename "$(dirname "$run")")-$(basename "$run").json"
-    [ -f "$out" ] || nice "$RESD" eval "${ifeval[@]}" --model "$run" --out "$out"
-  done
+run_unit() {
+  local unit=$1 done_file kind a b c
+  done_file=$(outputs "$unit")
+  if [ -f "$done_file" ]; then echo "[grid] $unit: done"; return 0; fi
+  echo "### $(date -u '+%F %T') $unit (code $GRID_COMMIT)"
+  IFS=: read -r kind a b c <<< "$unit"
+  (
+    cd "$GRID"
+    case $kind in
+      base_ifeval)
+        nice "$RESD" eval "${IFEVAL[@]}" --model qwen2.5-coder-0.5b --out "$done_file" ;;
+      lessons)
+        nice "$PY" benchmarks/lesson_quality.py --models "$a" --envs "$b" --modes "$c" \
+          --no-grammar-cost --json "$done_file" ;;
+      sanity)
+        nice "$PY" benchmarks/sd_sanity.py --algorithms "$a" --feedback "$b" --json "$done_file" ;;
+      run)
+        local out="runs/grid/$a/$b-seed$c" save="$SAVE/$a/$b-seed$c"
+        # shellcheck disable=SC2046  # arm_args is a word list by design
+        nice "$RESD" compare $(arm_args "$a" "$b") --algorithms "$b" --seeds "$c" --out "$out"
+        local run="$out/$b-seed$c"
+        [ -f "$run/summary.json" ] || { echo "[grid] $unit did not finish" >&2; exit 1; }
+        nice "$RESD" eval "${IFEVAL[@]}" --model "$run" \
+          --out "$BENCH/forgetting_qwen/$a-$b-seed$c.json"
+        mkdir -p "$save"
+        for f in metrics.jsonl eval.jsonl summary.json playbook.json compare-config.yaml; do
+          [ -f "$run/$f" ] && cp "$run/$f" "$save/"
+        done
+        cp "$out/comparison.json" "$save/comparison.json" ;;  # last: it marks the unit done
+    esac
+  )
 }
 
-# Reordered on 2026-12-02 (order only; no run is added or dropped): issue 10's target cell
-# (0.5B, structured output on, manufactoria) runs before GRPO's first seed, since issue 10
-# comes first. The compare call with three methods resumes the same run folder.
-nice "$RESD" compare --config configs/headline_qwen.yaml --algorithms resd,sdpo,sdpo_ss \
-  --seeds 0 --out runs/headline_qwen
-nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria --modes on
-headline 0                                     # the headline, first seed of every method
-# Reordered on 2026-12-02, third session (order only; nothing added or dropped): the
-# sanity cell with plain feedback tests the cause that the quoted cell found; the other
-# three sanity cells (RESD with either feedback, and the last 2 steps of SDPO quoted)
-# complete that 2 x 2 table (SDPO ~25 s a step on a quiet machine, RESD ~150 s), and the
-# forgetting check of the seed-0 models takes ~30 min, so they all run before the
-# manufactoria short run; forgetting before the last RESD cell, which cannot finish within
-# the session it starts in. `forgetting` skips what is done; its later call adds the rest.
-nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback plain   # the sanity check
-nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain
-# Added 2026-12-02, third session, after the first steps of the RESD plain cell: its
-# student fell as SDPO's did with quoted feedback (-1.56 -> -6.86 nats on the right digits
-# in 4 steps), although the feedback no longer quotes the wrong number. RESD's teacher
-# still reads the wrong number in "Your previous attempt". This cell is RESD with plain
-# feedback and a teacher template without that slot; it adds a run and replaces none.
-nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback plain --out runs/sd_sanity_no_attempt \
-  --json benchmarks/results/sd_sanity_no_attempt.json \
-  teacher_template=configs/templates/teacher_without_attempt.txt
-no_attempt 0
-nice "$PY" benchmarks/sd_sanity.py --algorithms sdpo --feedback quote
-forgetting
-nice "$PY" benchmarks/sd_sanity.py --algorithms resd --feedback quote
-# Added 2026-12-02: issue 12 also asks for manufactoria, the paper's task, as a short run
-# (configs/headline_qwen_manufactoria.yaml, fixed before its first run). It adds runs.
-nice "$RESD" compare --config configs/headline_qwen_manufactoria.yaml \
-  --algorithms resd,sdpo,sdpo_ss,grpo --seeds 0 --algorithm-args grpo:rollouts_per_prompt=8 \
-  --algorithm-args grpo:steps=1 --algorithm-args grpo:eval_every=1 \
-  --out runs/headline_qwen_manufactoria
-min_ops 0
-# issue 10's lesson-quality table: the 0.5B cells first (its targets are on that model)
-nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes on,off
-headline 0,1,2                                 # the other seeds
-min_ops 0,1,2
-no_attempt 0,1,2
-forgetting
-nice "$PY" benchmarks/lesson_quality.py                                # the rest of the lesson grid
-# issue 16: lessons in one call against two, on the same settings as the qwen "on" cells
-nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria,arithmetic --modes one
-# issue 16: reflections laid out as the rollout's conversation (prefix reuse), same settings
-nice "$PY" benchmarks/lesson_quality.py --models qwen2.5-coder-0.5b --envs manufactoria --modes conv
+setup_grid
+case ${1:-list} in
+  list) for u in "${UNITS[@]}"; do f=$(outputs "$u"); printf '%-45s %s\n' "$u" "$([ -f "$f" ] && echo done || echo -)"; done ;;
+  next)
+    n=${2:-1}
+    for u in "${UNITS[@]}"; do
+      [ "$n" -gt 0 ] || break
+      [ -f "$(outputs "$u")" ] && continue
+      run_unit "$u"; n=$((n - 1))
+    done ;;
+  *) for u in "$@"; do run_unit "$u"; done ;;
+esac
