@@ -70,6 +70,16 @@ IFEVAL=(--config configs/paper/ifeval_forgetting.yaml --samples 1 --max-new-toke
 # CPU budget, the same for every model; float32 because bfloat16 matmuls run at half speed
 # on this CPU (no avx512_bf16): a first base run in bfloat16 was stopped after 23 min.
 
+# Precision. The pinned code samples and autocasts in bf16, which an AVX2-only CPU runs
+# 6-7x slower than fp32 when prefilling (benchmarks/cpu_precision.py). On such a machine
+# every unit runs with these overrides: numerics change, the method does not. Seeds
+# pooled across machines then differ in these two keys: `resd merge --ignore-keys
+# autocast,generation_dtype`, said so beside the figures.
+PRECISION=()
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.ops.mkldnn._is_mkldnn_bf16_supported())"; then
+  PRECISION=(autocast=none generation_dtype=float32)
+fi
+
 setup_grid() {
   [ -d "$GRID" ] || git worktree add --detach "$GRID" "$GRID_COMMIT"
   mkdir -p runs "$GRID/configs/templates" "$SAVE" "$BENCH/forgetting_qwen"
@@ -89,11 +99,9 @@ outputs() {  # the file that marks a unit done
   esac
 }
 
-arm_args() {  # $1 arm, $2 algorithm
+arm_args() {  # $1 arm, $2 algorithm: options first, then key=value overrides (argparse wants them last)
   case $1 in
-    headline) echo --config configs/headline_qwen.yaml ;;
-    no_attempt) echo --config configs/headline_qwen.yaml teacher_template=configs/templates/teacher_without_attempt.txt ;;
-    min_ops) echo --config configs/headline_qwen.yaml curation_min_operations=1 ;;
+    headline|no_attempt|min_ops) echo --config configs/headline_qwen.yaml ;;
     manufactoria) echo --config configs/headline_qwen_manufactoria.yaml ;;
     *) echo "unknown arm $1" >&2; return 2 ;;
   esac
@@ -102,6 +110,10 @@ arm_args() {  # $1 arm, $2 algorithm
     echo --algorithm-args grpo:rollouts_per_prompt=8 --algorithm-args grpo:steps=$steps \
       --algorithm-args grpo:eval_every=1
   fi
+  case $1 in
+    no_attempt) echo teacher_template=configs/templates/teacher_without_attempt.txt ;;
+    min_ops) echo curation_min_operations=1 ;;
+  esac
 }
 
 run_unit() {
@@ -115,15 +127,25 @@ run_unit() {
     case $kind in
       base_ifeval)
         nice "$RESD" eval "${IFEVAL[@]}" --model qwen2.5-coder-0.5b --out "$done_file" ;;
-      lessons)
-        nice "$PY" benchmarks/lesson_quality.py --models "$a" --envs "$b" --modes "$c" \
-          --no-grammar-cost --json "$done_file" ;;
+      lessons)  # the pinned script takes no overrides: they go into its base settings
+        nice "$PY" - --models "$a" --envs "$b" --modes "$c" --no-grammar-cost --json "$done_file" \
+          "${PRECISION[@]}" <<'PYTHON'
+import sys
+sys.path.insert(0, "benchmarks")
+import lesson_quality
+args = [a for a in sys.argv[1:] if "=" not in a or a.startswith("--")]
+lesson_quality.BASE.update(dict(a.split("=", 1) for a in sys.argv[1:] if a not in args))
+sys.exit(lesson_quality.main(args))
+PYTHON
+        ;;
       sanity)
-        nice "$PY" benchmarks/sd_sanity.py --algorithms "$a" --feedback "$b" --json "$done_file" ;;
+        nice "$PY" benchmarks/sd_sanity.py --algorithms "$a" --feedback "$b" --json "$done_file" \
+          "${PRECISION[@]}" ;;
       run)
         local out="runs/grid/$a/$b-seed$c" save="$SAVE/$a/$b-seed$c"
         # shellcheck disable=SC2046  # arm_args is a word list by design
-        nice "$RESD" compare $(arm_args "$a" "$b") --algorithms "$b" --seeds "$c" --out "$out"
+        nice "$RESD" compare --algorithms "$b" --seeds "$c" --out "$out" $(arm_args "$a" "$b") \
+          "${PRECISION[@]}"
         local run="$out/$b-seed$c"
         [ -f "$run/summary.json" ] || { echo "[grid] $unit did not finish" >&2; exit 1; }
         nice "$RESD" eval "${IFEVAL[@]}" --model "$run" \

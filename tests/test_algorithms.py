@@ -154,7 +154,7 @@ def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
 
     trainer, _m, _ = step(
         tiny_model_dir, tmp_path, "lora", "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
-        "teacher=ema", "teacher_update_rate=0.5", "save_every=1",
+        "teacher=ema", "teacher_update_rate=0.5", "save_every=1", "generation_dtype=bfloat16",
     )  # fmt: skip
     teacher = trainer.teacher
     assert teacher.lora and teacher.copy is None  # no second copy of the base weights
@@ -266,3 +266,29 @@ def test_chunked_loss_matches_the_plain_path(tiny_model_dir, tmp_path, mode):
     assert chunked["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-3)
     for n in d_plain:
         torch.testing.assert_close(d_chunked[n], d_plain[n], atol=1e-6, rtol=1e-2)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_precision_follows_the_devices_bf16_kernels(
+    tiny_model_dir, tmp_path, monkeypatch, fast
+):
+    """`auto` samples and autocasts in bf16 only where bf16 is fast; elsewhere the policy
+    samples from its own fp32 weights, with no copy (an AVX2 CPU prefilled 6-7x slower in
+    bf16: benchmarks/cpu_precision.py). Whether this CPU is fast comes from oneDNN itself;
+    the other answer is forced, since no single machine has both."""
+    from resd import models
+    from resd.training.policy import sampling_dtype
+
+    cpu = torch.device("cpu")
+    assert models.fast_bfloat16(cpu) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(models, "_fast_bfloat16", lambda kind: fast)
+    trainer, m, _ = step(tiny_model_dir, tmp_path, "auto", "autocast=auto")
+    assert trainer.cfg.generation_dtype == "auto" and math.isfinite(m["loss"])
+    sampled = next(trainer.sampler.generator.parameters()).dtype
+    assert sampled == (torch.bfloat16 if fast else torch.float32)
+    assert (trainer.sampler.generator is trainer.model) == (not fast)  # no second copy
+    assert sampling_dtype(trainer.cfg, cpu) == ("bfloat16" if fast else "float32")
+    assert models.resolve_dtype("auto", cpu) == ("bfloat16" if fast else "float32")
+    assert models.resolve_dtype("float16", cpu) == "float16"  # an explicit choice stands
+    assert models.autocast_context(cpu, "auto")._enabled == fast
+    assert models.autocast_context(cpu, "bfloat16")._enabled  # explicit: on regardless

@@ -27,7 +27,7 @@ CHOICES: dict[str, tuple] = {
     "distillation_mode": ("topk", "full", "sampled"),
     "pg_reward": ("reward", "score"),
     "dtype": DTYPE_NAMES,
-    "generation_dtype": (*DTYPE_NAMES, None),
+    "generation_dtype": ("auto", *DTYPE_NAMES, None),
     "generation_backend": ("transformers", "vllm"),
     "generation_cache": (None, "static"),
     "strategy": ("auto", "ddp", "fsdp", "deepspeed"),
@@ -58,8 +58,9 @@ class ConfigError(ValueError):
 class TrainConfig:
     # model
     model: str = "smollm2-135m"  # HF id, local folder, or a bundled alias
-    dtype: str = "float32"  # weights; float32 master weights + bf16 autocast is the CPU default
-    autocast: str | None = "auto"  # bf16 autocast for forwards ("none" to disable)
+    dtype: str = "float32"  # weights: float32 master weights
+    # bf16 autocast for forwards; auto: only where bf16 is fast on the device ("none" to disable)
+    autocast: str | None = "auto"
     device: str = "auto"
     # Passed to `from_pretrained` for the model (and, for the keys that apply, the
     # tokenizer): {revision: main, trust_remote_code: true, attn_implementation: sdpa, ...}.
@@ -87,8 +88,10 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per forward/backward
     generation_batch_size: int = 16
     # Sampling runs on a copy of the policy in this dtype, synced after every optimizer
-    # step (as a vLLM engine would be); null samples from the fp32 training weights.
-    generation_dtype: str | None = "bfloat16"
+    # step (as a vLLM engine would be); null samples from the fp32 training weights. auto:
+    # bfloat16 where the device has fast bf16 kernels (GPUs, AVX-512 / AMX CPUs), else null,
+    # since an AVX2-only CPU runs bf16 slower than fp32 (`resd.models.fast_bfloat16`).
+    generation_dtype: str | None = "auto"
     # Who samples: "transformers" (HF generate on that copy) or "vllm" (`pip install
     # resd[vllm]`, GPU only; weights pushed to the engine after every optimizer step).
     generation_backend: str = "transformers"

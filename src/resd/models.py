@@ -10,6 +10,7 @@ safetensors folder under the cache and load that afterwards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -298,9 +299,42 @@ def contiguous_head_input(model: PreTrainedModel) -> None:
         head.register_forward_pre_hook(_contiguous_first)
 
 
+def fast_bfloat16(device: str | torch.device) -> bool:
+    """Whether bf16 matmuls beat fp32 on `device`.
+
+    A GPU with bf16 support, or a CPU whose oneDNN has bf16 kernels (AVX-512 and later,
+    AMX). An AVX2-only CPU emulates bf16: measured on one (benchmarks/cpu_precision.py,
+    docs/benchmarks.md), bf16 ran at about half fp32's speed when decoding and a sixth
+    when prefilling, where on a CPU with those kernels it halved matmul time.
+    """
+    return _fast_bfloat16(pick_device(device).type)  # "auto" is the device it resolves to
+
+
+@functools.cache  # asked before every forward pass; the answer never changes
+def _fast_bfloat16(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            return False
+    return False
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> str | None:
+    """`auto` becomes bfloat16 where it is fast on `device` and float32 elsewhere."""
+    if name == "auto":
+        return "bfloat16" if fast_bfloat16(device) else "float32"
+    return name
+
+
 def autocast_context(device: torch.device, autocast: str | None):
-    """bf16 autocast where it helps: on CPU it roughly halves matmul time for these models."""
-    if autocast in (None, "none", "off", False):
+    """bf16 autocast where it helps. `auto` enables it only where bf16 is fast on the
+    device (`fast_bfloat16`); an explicit dtype enables it regardless."""
+    if autocast in (None, "none", "off", False) or (
+        autocast == "auto" and not fast_bfloat16(device)
+    ):
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = DTYPES["bfloat16"] if autocast in ("auto", "bfloat16", True) else DTYPES[autocast]
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -298,7 +298,8 @@ def evaluate_row(plan: ContinualPlan, row: int, model: str) -> dict[str, dict[st
     if not todo:
         return results
     base = plan.base
-    dtype = base.generation_dtype or base.dtype  # sample as the trainer's sampling copy does
+    # sample as the trainer's sampling copy does (`auto` is resolved for the device)
+    dtype = base.dtype if base.generation_dtype is None else base.generation_dtype
     longest = max(s.settings.max_prompt_tokens + s.settings.max_new_tokens for s in todo)
     policy, tokenizer = load_policy(model, dtype=dtype, device=base.device, max_length=longest)
     for suite in todo:

@@ -15,9 +15,9 @@ PEFT adapter (it holds `adapter_config.json`). An adapter is applied to its base
 (recorded in the adapter config, or `--base-model`) in float32 and merged, and only then
 cast to the sampling dtype: merging in bfloat16 would round the small LoRA update away.
 
-Sampling runs in bfloat16 by default, like the trainer's sampling copy, so a checkpoint is
-judged at the precision it was trained to sample at (`--dtype float32` for the master
-weights). The prompts are the items' own messages: a run trained with
+Sampling runs in the trainer's default sampling precision (`--dtype auto`: bfloat16 where
+the device has fast bf16 kernels, float32 elsewhere, see `resd.models.fast_bfloat16`), so a
+checkpoint is judged at the precision it was trained to sample at; `--dtype` pins one. The prompts are the items' own messages: a run trained with
 `student_playbook=true` showed the student its playbook, which is not reproduced here.
 The loading and evaluation functions here are reused by `resd continual`.
 """
@@ -104,7 +104,7 @@ def load_policy(
     path: str | Path,
     *,
     base_model: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str = "auto",
     max_length: int | None = None,
     init_kwargs: dict[str, Any] | None = None,
@@ -117,10 +117,11 @@ def load_policy(
     (prompt + new tokens) replaces the tokenizer's saved limit: a checkpoint stores the
     training run's, which may be shorter than what an evaluation asks for.
     """
-    from resd.models import DTYPES, load_model, load_tokenizer
+    from resd.models import DTYPES, load_model, load_tokenizer, pick_device, resolve_dtype
 
+    dtype = resolve_dtype(dtype, pick_device(device))
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype: expected auto or one of {sorted(DTYPES)}, got {dtype!r}")
     path = str(path)
     tok_kwargs = {"init_kwargs": init_kwargs, "chat_template_kwargs": chat_template_kwargs}
     if not is_adapter(path):
@@ -207,7 +208,7 @@ def evaluate_model(
     settings: EvalSettings | None = None,
     *,
     base_model: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str = "auto",
     model_init_kwargs: dict[str, Any] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
@@ -215,8 +216,11 @@ def evaluate_model(
     """Load a model or checkpoint and evaluate it on `env`; the JSON `resd eval` writes.
     The two dicts are TrainConfig's of the same names (revision, trust_remote_code, ...;
     the chat template's variables)."""
+    from resd.models import pick_device, resolve_dtype
+
     settings = settings or EvalSettings()
     environment = make_env(env, env_args)  # a bad env fails before the model is loaded
+    dtype = resolve_dtype(dtype, pick_device(device))  # recorded as it ran
     model, tokenizer = load_policy(
         model_path, base_model=base_model, dtype=dtype, device=device,
         max_length=settings.max_prompt_tokens + settings.max_new_tokens,
@@ -271,7 +275,7 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {
         **{k: getattr(defaults, k) for k in ("samples", "temperature", "top_p", "max_new_tokens",
                                              "max_prompt_tokens", "items", "batch_size", "seed")},
-        "env_args": {}, "base_model": None, "dtype": "bfloat16", "device": "auto",
+        "env_args": {}, "base_model": None, "dtype": "auto", "device": "auto",
     }  # fmt: skip
     if args.config:
         loaded = read_yaml_mapping(args.config)
@@ -345,7 +349,9 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="(default 16)")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="(default bfloat16)"
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="(default auto: bfloat16 where the device runs it fast, else float32)",
     )
     parser.add_argument("--device", help="(default auto)")
     parser.add_argument("--out", default=None, help="write the full result as JSON here")
