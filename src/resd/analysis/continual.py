@@ -298,8 +298,9 @@ def evaluate_row(plan: ContinualPlan, row: int, model: str) -> dict[str, dict[st
     if not todo:
         return results
     base = plan.base
-    # sample as the trainer's sampling copy does (`auto` is resolved for the device)
-    dtype = base.dtype if base.generation_dtype is None else base.generation_dtype
+    from resd.training.policy import sampling_dtype
+
+    dtype = sampling_dtype(base, base.device)  # sample as the trainer's sampling copy does
     longest = max(s.settings.max_prompt_tokens + s.settings.max_new_tokens for s in todo)
     policy, tokenizer = load_policy(model, dtype=dtype, device=base.device, max_length=longest)
     for suite in todo:

@@ -17,8 +17,9 @@ cast to the sampling dtype: merging in bfloat16 would round the small LoRA updat
 
 Sampling runs in the trainer's default sampling precision (`--dtype auto`: bfloat16 where
 the device has fast bf16 kernels, float32 elsewhere, see `resd.models.fast_bfloat16`), so a
-checkpoint is judged at the precision it was trained to sample at; `--dtype` pins one. The prompts are the items' own messages: a run trained with
-`student_playbook=true` showed the student its playbook, which is not reproduced here.
+checkpoint is judged at the precision it was trained to sample at; `--dtype` pins one.
+The prompts are the items' own messages: a run trained with `student_playbook=true`
+showed the student its playbook, which is not reproduced here.
 The loading and evaluation functions here are reused by `resd continual`.
 """
 

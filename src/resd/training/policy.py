@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 JSON_OPENER = '{\n  "reasoning": "'
 
 
-def sampling_dtype(cfg: TrainConfig, device: torch.device) -> str:
+def sampling_dtype(cfg: TrainConfig, device: str | torch.device) -> str:
     """The dtype rollouts are sampled in. `generation_dtype: auto` is bfloat16 on a device
     with fast bf16 kernels and the training dtype elsewhere (an AVX2-only CPU ran bf16 at
     a half to a sixth of fp32's speed: `resd.models.fast_bfloat16`); null is the training
