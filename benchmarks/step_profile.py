@@ -12,7 +12,8 @@ Variants (`--variants`, comma-separated):
     full          full fine-tuning: fp32 master weights, bf16 autocast, a bf16 sampling copy
     full-chunk    the same with the chunked output head (`loss_chunk_size: 64`)
     lora          LoRA r = 16 on every linear layer; the EMA teacher is a second adapter,
-                  sampling from a bf16 copy with the adapter merged in
+                  sampling from a bf16 copy with the adapter merged in where bf16 is fast,
+                  else from the policy itself (`generation_dtype: auto`)
     lora-chunk    the same with the chunked output head
     full-before   `full` without the contiguous head input (the step as it was before)
     lora-before   `lora` sampling through the unmerged fp32 adapters, without the
@@ -21,6 +22,8 @@ Variants (`--variants`, comma-separated):
     lora-conv     `lora` with reflections that continue the rollout's conversation
                   (`reflection_layout: conversation`), reusing its keys and values
     lora-one-conv both
+    lora-int8     `lora` sampling from a merged copy with int8 decoding weights
+                  (`generation_dtype: int8`, CPU)
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
@@ -67,6 +70,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora-one": [LORA, "lesson_calls=one"],
     "lora-conv": [LORA, "reflection_layout=conversation"],
     "lora-one-conv": [LORA, "lesson_calls=one", "reflection_layout=conversation"],
+    "lora-int8": [LORA, "generation_dtype=int8"],
 }
 
 

@@ -17,7 +17,8 @@ cast to the sampling dtype: merging in bfloat16 would round the small LoRA updat
 
 Sampling runs in the trainer's default sampling precision (`--dtype auto`: bfloat16 where
 the device has fast bf16 kernels, float32 elsewhere, see `resd.models.fast_bfloat16`), so a
-checkpoint is judged at the precision it was trained to sample at; `--dtype` pins one.
+checkpoint is judged at the precision it was trained to sample at; `--dtype` pins one
+(`int8`: float32 with int8 weights for decoding, `resd.generation.int8`, on a CPU).
 The prompts are the items' own messages: a run trained with `student_playbook=true`
 showed the student its playbook, which is not reproduced here.
 The loading and evaluation functions here are reused by `resd continual`.
@@ -121,8 +122,15 @@ def load_policy(
     from resd.models import DTYPES, load_model, load_tokenizer, pick_device, resolve_dtype
 
     dtype = resolve_dtype(dtype, pick_device(device))
+    int8 = dtype == "int8"  # fp32 weights, plus int8 copies that decode steps read
+    if int8:
+        from resd.generation.int8 import int8_decoding_available
+
+        if not int8_decoding_available(pick_device(device)):
+            raise ValueError("dtype: int8 decoding needs a CPU and PyTorch's int8 matmul")
+        dtype = "float32"
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype: expected auto, int8 or one of {sorted(DTYPES)}, got {dtype!r}")
     path = str(path)
     tok_kwargs = {"init_kwargs": init_kwargs, "chat_template_kwargs": chat_template_kwargs}
     if not is_adapter(path):
@@ -141,6 +149,10 @@ def load_policy(
         )
     model.eval()
     model.requires_grad_(False)
+    if int8:
+        from resd.generation.int8 import quantize_for_decoding
+
+        quantize_for_decoding(model)
     return model, tokenizer
 
 
@@ -351,8 +363,9 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="(default auto: bfloat16 where the device runs it fast, else float32)",
+        choices=("auto", "float32", "bfloat16", "float16", "int8"),
+        help="(default auto: bfloat16 where the device runs it fast, else float32; int8: "
+        "float32 with int8 weights for decoding, a CPU's faster choice)",
     )
     parser.add_argument("--device", help="(default auto)")
     parser.add_argument("--out", default=None, help="write the full result as JSON here")

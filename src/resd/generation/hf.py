@@ -22,6 +22,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from resd.generation.base import Generation, cut_at_eos
+from resd.generation.int8 import requantize
 from resd.models import autocast_context
 
 if TYPE_CHECKING:
@@ -572,3 +573,4 @@ class TransformersSampler:
         params = dict(self.model.named_parameters())
         for name, tensor in weights:
             params[name].copy_(tensor)
+        requantize(self.model)  # int8 decoding weights, if it has them, follow the new ones

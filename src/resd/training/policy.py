@@ -22,6 +22,7 @@ from torch import nn
 from resd.config import ConfigError, TrainConfig
 from resd.generation.base import Generation, Sampler
 from resd.generation.hf import PrefixCache, TransformersSampler, eos_token_ids
+from resd.generation.int8 import int8_decoding_available, quantize_for_decoding
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
 from resd.models import DTYPES, fast_bfloat16, load_model, resolve_model_path
 from resd.parallel import Parallel
@@ -45,13 +46,19 @@ def sampling_dtype(cfg: TrainConfig, device: str | torch.device) -> str:
     return name or cfg.dtype
 
 
+def sampling_copy_needed(cfg: TrainConfig, device: str | torch.device) -> bool:
+    """Whether rollouts come from a copy of the policy rather than the policy itself:
+    another dtype, or int8 decoding weights beside the training ones."""
+    return sampling_dtype(cfg, device) != cfg.dtype
+
+
 def merged_sampling(cfg: TrainConfig, parallel: Parallel) -> bool:
     """A LoRA policy samples from a plain copy of the base model with the adapter merged
     in: decoding through unmerged fp32 adapters ran 4x slower than a merged bf16 copy."""
     device = parallel.device(cfg.device)
     return (
         bool(cfg.lora) and cfg.generation_backend == "transformers" and not parallel.sharded
-        and DTYPES[sampling_dtype(cfg, device)] != DTYPES[cfg.dtype]
+        and sampling_copy_needed(cfg, device)
     )  # fmt: skip
 
 
@@ -123,13 +130,23 @@ class PolicySampler:
     ) -> None:
         self.cfg, self.model, self.tokenizer, self.parallel = cfg, model, tokenizer, parallel
         self.merged = base_copy is not None
-        sample_dtype = DTYPES[sampling_dtype(cfg, next(model.parameters()).device)]
+        device = next(model.parameters()).device
+        sample_dtype = sampling_dtype(cfg, device)
+        self.int8 = sample_dtype == "int8"
+        if self.int8 and not int8_decoding_available(device):
+            raise ConfigError(
+                f"generation_dtype: int8 needs a CPU and PyTorch's int8 matmul (device {device}, "
+                f"torch {torch.__version__}); on a GPU use bfloat16"
+            )
         self.generator = model
         if cfg.generation_backend == "transformers" and (
-            parallel.sharded or sample_dtype != DTYPES[cfg.dtype]
+            parallel.sharded or sampling_copy_needed(cfg, device)
         ):
             copied = base_copy if base_copy is not None else copy.deepcopy(model)
-            self.generator = copied.to(sample_dtype).eval().requires_grad_(False)
+            copy_dtype = DTYPES[cfg.dtype if self.int8 else sample_dtype]
+            self.generator = copied.to(copy_dtype).eval().requires_grad_(False)
+            if self.int8:
+                quantize_for_decoding(self.generator)
         self.grammar = self._grammar()
         self.structured = self.grammar is not None or (
             cfg.generation_backend == "vllm" and cfg.structured_output != "off"

@@ -1,0 +1,122 @@
+"""Int8 decoding weights for CPU sampling (`generation_dtype: int8`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from resd.config import ConfigError, load_config
+from resd.generation.int8 import (
+    DECODE_ROWS,
+    Int8DecodeLinear,
+    int8_decoding_available,
+    quantize_for_decoding,
+    quantize_weight,
+    requantize,
+)
+from resd.models import load_model
+
+pytestmark = pytest.mark.skipif(
+    not int8_decoding_available("cpu"), reason="this PyTorch has no weight-only int8 matmul"
+)
+
+
+def test_few_rows_read_the_int8_copy_and_many_rows_or_gradients_the_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = Int8DecodeLinear.wrap(linear)
+    assert layer.weight is linear.weight and layer.bias is linear.bias  # shared, not copied
+    few, many = torch.randn(2, 3, 64), torch.randn(DECODE_ROWS + 1, 64)
+    with torch.no_grad():
+        exact = linear(few)
+        got = layer(few)
+        assert got.shape == exact.shape and got.dtype == exact.dtype
+        assert not torch.equal(got, exact)  # it did take the int8 path
+        assert (got - exact).abs().max() < 0.03 * exact.abs().max()  # bias included, scales right
+        assert torch.equal(layer(many), linear(many))  # a prompt's prefill: the weight itself
+    assert torch.equal(layer(few), linear(few))  # training: the weight, so gradients are exact
+
+
+def test_requantize_follows_new_weights():
+    torch.manual_seed(0)
+    layer = Int8DecodeLinear.wrap(nn.Linear(32, 16, bias=False))
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(-2.0)
+        assert torch.equal(layer(x), before)  # the copy is stale until requantized
+        requantize(nn.Sequential(layer))
+        torch.testing.assert_close(layer(x), -2.0 * before)
+
+
+def test_a_model_keeps_its_names_and_ties_and_decodes_close(tiny_model_dir):
+    model = load_model(str(tiny_model_dir)).eval()
+    reference = copy.deepcopy(model)
+    names = [name for name, _ in model.named_parameters()]
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert quantize_for_decoding(model) == linears
+    assert [name for name, _ in model.named_parameters()] == names  # weights still load by name
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
+    short, long = torch.tensor([[5, 6, 7, 8]]), torch.arange(5, 5 + DECODE_ROWS + 4)[None]
+    with torch.no_grad():
+        p = torch.log_softmax(reference(short).logits, -1)
+        q = torch.log_softmax(model(short).logits, -1)
+        assert not torch.equal(p, q)
+        assert (p.exp() * (p - q)).sum(-1).max() < 1e-2  # KL per position
+        assert torch.equal(model(long).logits, reference(long).logits)  # prefill in fp32
+
+
+def test_layers_the_kernel_cannot_take_stay_as_they_are():
+    model = nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 4))  # 12 is not a multiple of 8
+    assert quantize_for_decoding(model) == 1
+    assert type(model[0]) is nn.Linear and isinstance(model[1], Int8DecodeLinear)
+
+
+def test_int8_is_refused_where_it_cannot_run():
+    with pytest.raises(ConfigError, match="int8"):
+        load_config(None, ["generation_dtype=int8", "generation_backend=vllm"])
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_training_samples_from_int8_weights_synced_after_every_step(tiny_model_dir, tmp_path, lora):
+    from resd.generation.vllm_engine import merged_lora_weights
+    from resd.training.trainer import Trainer
+    from test_trainer import config
+
+    extra = ["generation_dtype=int8", "autocast=none", "lr=0.05"]
+    if lora:
+        extra.append("lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")
+    trainer = Trainer(config(tiny_model_dir, tmp_path, *extra))
+    generator = trainer.sampler.generator
+    assert generator is not trainer.model and not hasattr(generator, "peft_config")
+    layer = generator.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, Int8DecodeLinear)
+    before = layer.weight_int8.clone()
+    metrics = trainer.train_step(trainer.train_items[: trainer.cfg.batch_size])
+    assert metrics["rollout_logprob_gap"] > 0  # the sampler is not the policy: corrected
+    weights = dict(merged_lora_weights(trainer.model) if lora else trainer.model.named_parameters())
+    fresh, _ = quantize_weight(weights["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(before, fresh)  # the step moved q_proj ...
+    assert torch.equal(layer.weight_int8, fresh)  # ... and the sampler followed
+
+
+def test_resd_eval_decodes_with_int8_weights(tiny_model_dir, tmp_path):
+    from resd.analysis.eval_cli import load_policy
+    from resd.cli import main
+
+    model, _ = load_policy(tiny_model_dir, dtype="int8", device="cpu")
+    assert model.dtype == torch.float32
+    assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), Int8DecodeLinear)
+    outs = []
+    for dtype in ("float32", "int8"):
+        out = tmp_path / f"{dtype}.json"
+        args = ["eval", "--model", str(tiny_model_dir), "--env", "toy_envs:ParityEnv", "n_test=3",
+                "--dtype", dtype, "--max-new-tokens", "8", "--samples", "2", "--out", str(out)]  # fmt: skip
+        assert main(args) == 0
+        outs.append(json.loads(out.read_text()))
+    assert outs[1]["dtype"] == "int8"
+    assert len(outs[1]["samples"]) == len(outs[0]["samples"]) == 6
