@@ -10,6 +10,10 @@ where both pick the same top token are reported.
 
     python benchmarks/int8_sampling.py                      # bundled 0.5B and 135M models
     python benchmarks/int8_sampling.py --models smollm2-135m --prompt-tokens 64 --repeats 1
+    python benchmarks/int8_sampling.py --layers             # one layer, by rows: the crossover
+
+`--layers` times single linear layers of Qwen2.5-0.5B's shapes (random weights) in fp32
+and through the int8 path at 1 to 256 rows: where int8 wins, which sets `DECODE_ROWS`.
 """
 
 from __future__ import annotations
@@ -107,6 +111,40 @@ def closeness(reference, quantized, tokenizer, new_tokens: int) -> dict[str, flo
             "same_top_token": statistics.fmean(same), "positions": len(kls)}  # fmt: skip
 
 
+LAYER_SHAPES = {"mlp up (896 -> 4864)": (4864, 896), "attention out (896 -> 896)": (896, 896),
+                "head (896 -> 151936)": (151936, 896)}  # fmt: skip
+
+
+def layer_table(repeats: int) -> list[dict]:
+    """Seconds per call of one layer, fp32 against int8, by rows; the arms interleaved."""
+    torch.manual_seed(0)
+    rows = []
+    for label, (out_features, in_features) in LAYER_SHAPES.items():
+        fp32 = torch.nn.Linear(in_features, out_features, bias=False).eval()
+        int8 = Int8DecodeLinear.wrap(fp32)
+        int8.max_rows = 1 << 30  # force the int8 path at every size
+        for n in (1, 8, 16, 32, 64, 256):
+            if out_features > 100_000 and n > 16:
+                continue  # the head only ever sees the last position of each row
+            x = torch.randn(n, in_features)
+            calls = max(2, int(2e8 / (n * in_features * out_features)))
+            times = {"fp32": [], "int8": []}
+            with torch.no_grad():
+                for _ in range(repeats):
+                    for arm, layer in (("fp32", fp32), ("int8", int8)):
+                        layer(x)
+                        times[arm].append(
+                            timed(lambda la=layer, x=x, k=calls: [la(x) for _ in range(k)]) / calls
+                        )
+            f, q = statistics.median(times["fp32"]), statistics.median(times["int8"])
+            rows.append({"layer": label, "rows": n, "fp32_ms": 1000 * f, "int8_ms": 1000 * q})
+    print("| layer | rows | fp32 ms | int8 ms | int8 ÷ fp32 |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['rows']} | {r['fp32_ms']:.2f} | {r['int8_ms']:.2f} | "
+              f"{r['int8_ms'] / r['fp32_ms']:.2f} |")  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="qwen2.5-coder-0.5b,smollm2-135m")
@@ -114,13 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default="benchmarks/results/int8_sampling.json")
+    parser.add_argument("--layers", action="store_true", help="single layers by rows only")
+    parser.add_argument("--json", default=None, help="(default benchmarks/results/int8_sampling.json, "
+                        "or int8_layers.json with --layers)")  # fmt: skip
     args = parser.parse_args(argv)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}  # fmt: skip
+    if args.layers:
+        out = Path(args.json or "benchmarks/results/int8_layers.json")
+        result = {"command": "python benchmarks/int8_sampling.py " + " ".join(argv or []),
+                  "machine": machine, "repeats": args.repeats, "layers": layer_table(args.repeats)}  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        return 0
     result = {
         "command": "python benchmarks/int8_sampling.py " + " ".join(argv or []),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__},
-        "settings": vars(args), "models": {},
+        "machine": machine, "settings": vars(args), "models": {},
     }  # fmt: skip
     rows = []
     for name in args.models.split(","):
@@ -163,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         c = e["closeness"]
         print(f"| {name} | {e['int8_layers']} | {e['int8_extra_mib']:.0f} | {c['mean_kl']:.4f} | "
               f"{c['max_kl']:.3f} | {100 * c['same_top_token']:.1f} % | {c['positions']} |")  # fmt: skip
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    out = Path(args.json or "benchmarks/results/int8_sampling.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     return 0
 
 
