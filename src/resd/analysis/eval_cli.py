@@ -124,10 +124,6 @@ def load_policy(
     dtype = resolve_dtype(dtype, pick_device(device))
     int8 = dtype == "int8"  # fp32 weights, plus int8 copies that decode steps read
     if int8:
-        from resd.generation.int8 import int8_decoding_available
-
-        if not int8_decoding_available(pick_device(device)):
-            raise ValueError("dtype: int8 decoding needs a CPU and PyTorch's int8 matmul")
         dtype = "float32"
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected auto, int8 or one of {sorted(DTYPES)}, got {dtype!r}")

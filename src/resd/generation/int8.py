@@ -10,7 +10,8 @@ keeps its fp32 weight for prefill and uses the int8 copy only when it sees few r
 
 Quantization is symmetric, per output channel (scale = max |w| / 127), of the weights
 the sampler was just synced to: numerically close to the fp32 model (Qwen2.5-0.5B: mean
-KL 0.0015 nats per token, the same greedy token 99 % of the time), and the sampler's own
+KL 0.0009 nats per token, the same top token at 98.7 % of positions:
+benchmarks/int8_sampling.py), and the sampler's own
 log-probabilities go to rollout correction like any other sampler's. Activations are
 not quantized: dynamic int8 activations (PyTorch's fbgemm path) were faster still but
 broke SmolLM2 (mean KL 1.4, half the greedy tokens changed) on its activation outliers.
@@ -23,8 +24,8 @@ from torch import nn
 
 from resd.models import contiguous_head_input
 
-# Rows at or below which a layer uses its int8 weights. Measured crossover on 2 AVX2
-# cores: int8 won at 1-16 rows on an 896 x 4864 layer and lost from 64 on.
+# Rows at or below which a layer uses its int8 weights. Measured on 2 AVX2 cores
+# (`int8_sampling.py --layers`): int8 won at 8 rows on every shape and lost from 32-64 on.
 DECODE_ROWS = 16
 
 
@@ -80,6 +81,12 @@ def quantize_for_decoding(model: nn.Module) -> int:
     """Give every eligible linear layer of `model` an int8 copy for decoding, in place;
     returns how many. The kernel needs `in_features` divisible by 8 (others stay fp32:
     it crashes on the rest rather than refusing them)."""
+    device = next(model.parameters()).device
+    if not int8_decoding_available(device):
+        raise ValueError(
+            f"int8 decoding needs a CPU and PyTorch's int8 matmul (device {device}, "
+            f"torch {torch.__version__}); on a GPU use bfloat16"
+        )
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -22,7 +22,7 @@ from torch import nn
 from resd.config import ConfigError, TrainConfig
 from resd.generation.base import Generation, Sampler
 from resd.generation.hf import PrefixCache, TransformersSampler, eos_token_ids
-from resd.generation.int8 import int8_decoding_available, quantize_for_decoding
+from resd.generation.int8 import quantize_for_decoding
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
 from resd.models import DTYPES, fast_bfloat16, load_model, resolve_model_path
 from resd.parallel import Parallel
@@ -133,11 +133,6 @@ class PolicySampler:
         device = next(model.parameters()).device
         sample_dtype = sampling_dtype(cfg, device)
         self.int8 = sample_dtype == "int8"
-        if self.int8 and not int8_decoding_available(device):
-            raise ConfigError(
-                f"generation_dtype: int8 needs a CPU and PyTorch's int8 matmul (device {device}, "
-                f"torch {torch.__version__}); on a GPU use bfloat16"
-            )
         self.generator = model
         if cfg.generation_backend == "transformers" and (
             parallel.sharded or sampling_copy_needed(cfg, device)
