@@ -47,9 +47,10 @@ ENVS: dict[str, dict[str, Any]] = {
                      "max_teacher_prompt_tokens": 4096},
 }  # fmt: skip
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
-# Structured output off / on (the default grid). Two more modes, both with structured output
-# on, are asked for by name (--modes on,one,conv): "one", where the reflector also curates
-# (`lesson_calls: one`), and "conv" (`reflection_layout: conversation`).
+# Structured output off / on (the default grid). Three more modes, all with structured output
+# on, are asked for by name (--modes on,one,conv,min1): "one", where the reflector also
+# curates (`lesson_calls: one`), "conv" (`reflection_layout: conversation`) and "min1"
+# (`curation_min_operations: 1`).
 MODES = ("off", "on")
 MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "off": {"structured_output": "off"},
@@ -57,6 +58,9 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "one": {"structured_output": "on", "lesson_calls": "one"},
     # the reflector reads its attempt as its own conversation continued (the prefix cache)
     "conv": {"structured_output": "on", "reflection_layout": "conversation"},
+    # the curator must propose at least one operation (the schema's minItems): under the
+    # grammar the 0.5B curator otherwise answers with an empty list almost every time
+    "min1": {"structured_output": "on", "curation_min_operations": 1},
 }
 
 
@@ -130,6 +134,7 @@ def summarize(run: Path, quotes: int = 10) -> dict[str, Any]:
         "curation_effective_rate": total["curations_effective"] / max(1, total["curations"]),
         "playbook_size_end": len(entries),
         "playbook_size_max": max((m.get("playbook_size", 0) for m in metrics), default=0),
+        "lessons_added_distinct": len(dict.fromkeys(lessons)),
         "lesson_seconds_per_token": seconds / tokens if tokens else None,
         "lessons_quoted": list(dict.fromkeys(lessons))[:quotes],
     }

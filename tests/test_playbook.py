@@ -222,6 +222,36 @@ def test_skipped_operations_carry_their_reason():
     ]
 
 
+def test_replies_of_one_step_follow_what_earlier_replies_retired():
+    """Three replies written against one snapshot: the second names the sources the first
+    merged away, the third the entry another deleted. The shared `retired` map sends the
+    merge to the merged entry and reports the rest as retired, not as unknown ids."""
+    pb = Playbook()
+    a = pb.add("strat", "Check the empty tape before anything else.", step=1)
+    b = pb.add("strat", "Look at the empty tape first of all cases.", step=1)
+    c = pb.add("err", "Never route a red symbol to the accept node.", step=1)
+    d = pb.add("prob", "Walk the failing test through the program by hand.", step=1)
+    retired: dict[str, str | None] = {}
+    first = pb.apply_operations(
+        [{"type": "MERGE", "ids": [a, b], "content": "Handle the empty tape before all else."},
+         {"type": "DELETE", "id": d}], step=2, retired=retired)  # fmt: skip
+    merged = first.added[0]
+    assert retired == {a: merged, b: merged, d: None}
+    second = pb.apply_operations(
+        [{"type": "MERGE", "ids": [a, b], "content": "The same merge, proposed again."},
+         {"type": "MERGE", "ids": [b, c], "content": "Empty tapes and red symbols both matter."},
+         {"type": "UPDATE", "id": a, "content": "A rewrite of an entry already merged away."},
+         {"type": "DELETE", "id": d},
+         {"type": "DELETE", "id": "strat-09999"}], step=2, retired=retired)  # fmt: skip
+    assert second.reasons == {"retired": 3, "unknown_id": 1} and second.applied == 1
+    # the second MERGE went to the entry that holds b's lesson now, and took c with it
+    assert second.removed == [merged, c]
+    assert [e.content for e in pb.entries.values()] == ["Empty tapes and red symbols both matter."]
+    # without the map (replies applied as if from separate steps) the same ids are unknown
+    alone = Playbook().apply_operations([{"type": "DELETE", "id": d}])
+    assert alone.reasons == {"unknown_id": 1}
+
+
 def test_allowed_operations_restrict_the_curator():
     pb = Playbook()
     entry = pb.add("strat", "Check the empty tape before anything else.")

@@ -65,6 +65,7 @@ SKIP_REASONS = (
     "malformed",
     "not_allowed",
     "unknown_id",
+    "retired",  # merged away or deleted by an earlier reply of the same step
     "empty",
     "duplicate",
     "too_short",

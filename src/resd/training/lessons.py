@@ -267,8 +267,9 @@ class Lessons:
         apply the operations in global order; prune if the playbook is over budget."""
         if not self.algo.playbook:
             return
+        retired: dict[str, str | None] = {}  # ids this step's earlier replies merged or deleted
         for ops, source in self.parallel.gather_indexed(self._curate(rollouts, step, counts)):
-            report = self.playbook.apply_operations(ops, step, allowed=self.curation_ops,
+            report = self.playbook.apply_operations(ops, step, allowed=self.curation_ops, retired=retired,
                                                     check=partial(lesson_problem, source=source))  # fmt: skip
             changes.applied["ops_applied"] += report.applied
             changes.applied["curations_effective"] += report.applied > 0

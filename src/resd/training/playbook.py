@@ -23,6 +23,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,14 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
+def _successor(retired: dict[str, str | None], entry_id: str) -> str:
+    """The entry that now holds `entry_id`'s lesson after this step's merges (itself if
+    it was not merged away; an id that is not live if it was deleted)."""
+    while retired.get(entry_id) is not None:
+        entry_id = retired[entry_id]  # type: ignore[assignment]
+    return entry_id
+
+
 def prune_due(step: int, every: int) -> bool:
     """Whether the every-F pruning runs before `step`'s context update.
 
@@ -128,7 +137,7 @@ class OperationReport:
     skipped: int = 0
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    # Why operations were skipped: malformed, not_allowed, unknown_id, empty, duplicate,
+    # Why operations were skipped: malformed, not_allowed, unknown_id, retired, empty, duplicate,
     # or a reason returned by the caller's content check (see `guards.py`).
     reasons: Counter[str] = field(default_factory=Counter)
 
@@ -229,17 +238,27 @@ class Playbook:
         *,
         allowed: Iterable[str] = OPERATION_TYPES,
         check: Callable[[str], str | None] | None = None,
+        retired: dict[str, str | None] | None = None,
     ) -> OperationReport:
         """Apply curator operations in order; each one that cannot apply is skipped with a reason.
 
         `allowed` restricts the operation types (the release's curator only ADDs);
         `check(content)` may veto the text of an ADD, UPDATE or MERGE by returning a
         reason.
+
+        `retired` is why one step's replies do not trip over each other. They are all
+        written against one snapshot and applied one after another, so a later reply may
+        name an entry an earlier one has merged away or deleted. The caller passes one
+        dict per step; it maps each id retired so far to the entry that replaced it (None
+        when deleted). A MERGE follows it to the replacement; an UPDATE or DELETE of a
+        retired id is skipped as `retired` rather than `unknown_id`, which is kept for
+        ids that were never live.
         """
         report = OperationReport()
         if not isinstance(operations, list):
             return report
         allowed = {a.upper() for a in allowed}
+        retired = {} if retired is None else retired
         for op in operations:
             kind = (
                 str(op.get("type", op.get("op", ""))).strip().upper()
@@ -252,7 +271,7 @@ class Playbook:
             if kind not in allowed:
                 report.skip("not_allowed")
                 continue
-            reason = self._apply_one(kind, op, step, report, check)
+            reason = self._apply_one(kind, op, step, report, check, retired)
             if reason is None:
                 report.applied += 1
             else:
@@ -266,18 +285,24 @@ class Playbook:
         step: int,
         report: OperationReport,
         check: Callable[[str], str | None] | None,
+        retired: dict[str, str | None],
     ) -> str | None:
         """Apply one well-typed operation; the reason it was skipped, or None."""
         target = str(op.get("id", op.get("bullet_id", "")))
+        gone = "retired" if target in retired else "unknown_id"
         if kind == "DELETE":
             if not self.delete(target):
-                return "unknown_id"
+                return gone
+            retired[target] = None
             report.removed.append(target)
             return None
+        if kind == "UPDATE" and target not in self.entries:
+            return gone
         ids = op.get("ids", op.get("source_ids"))
-        live = list(dict.fromkeys(str(i) for i in ids if str(i) in self.entries)) if isinstance(ids, list) else []  # fmt: skip
-        if (kind == "UPDATE" and target not in self.entries) or (kind == "MERGE" and len(live) < 2):
-            return "unknown_id"
+        named = [str(i) for i in ids] if kind == "MERGE" and isinstance(ids, list) else []
+        live = list(dict.fromkeys(i for i in map(partial(_successor, retired), named) if i in self.entries))  # fmt: skip
+        if kind == "MERGE" and len(live) < 2:
+            return "retired" if any(i in retired for i in named) else "unknown_id"
         text = clean_content(op.get("content"))
         if not text:
             return "empty"
@@ -292,8 +317,10 @@ class Playbook:
         elif kind == "UPDATE":
             self.update(target, text, step)
         else:
-            report.added.append(self.merge(live, text, op.get("section"), step) or "")
+            merged = self.merge(live, text, op.get("section"), step)
+            report.added.append(merged or "")
             report.removed += live
+            retired.update(dict.fromkeys(live, merged))
         return None
 
     def prune(
