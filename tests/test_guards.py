@@ -25,6 +25,11 @@ def test_a_general_lesson_passes():
         )
         is None
     )
+    # angle brackets inside a lesson are content, not a slot
+    assert (
+        lesson_problem("Route <red> symbols to the <reject> node when the tape ends.", SOURCE)
+        is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -33,6 +38,8 @@ def test_a_general_lesson_passes():
         ("", "too_short"),
         ("Be careful.", "too_short"),
         ("ok ok ok", "too_short"),
+        ("<a one-sentence lesson>", "placeholder"),
+        (' "<the lesson you learned from this failure>". ', "placeholder"),
         ("The product 967 * 19 is 1770384, remember it.", "leaks_answer"),
         (
             "Design a factory that accepts every tape containing the pattern red blue red",

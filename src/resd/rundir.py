@@ -69,6 +69,7 @@ SKIP_REASONS = (
     "empty",
     "duplicate",
     "too_short",
+    "placeholder",
     "copies_task",
     "copies_feedback",
     "leaks_answer",

@@ -17,9 +17,12 @@ MIN_CHARS = 16
 SHINGLE = 6  # words in a shared run that counts as copied
 COPIED_FRACTION = 0.5  # a lesson is a copy when this share of its words sits in shared runs
 
-REASONS = ("too_short", "copies_task", "copies_feedback", "leaks_answer")
+REASONS = ("too_short", "placeholder", "copies_task", "copies_feedback", "leaks_answer")
 
 _WORD = re.compile(r"[a-z0-9]+")
+# A template slot echoed back, e.g. the curation prompt's "<a one-sentence lesson>"; the
+# 135M model's one surviving lesson in its free-text manufactoria cell was exactly that.
+_SLOT = re.compile(r"\W*<[^<>]+>\W*")
 
 
 def _words(text: str) -> list[str]:
@@ -67,6 +70,8 @@ def lesson_problem(content: str, source: LessonSource) -> str | None:
     text = " ".join(str(content or "").split())
     if len(text) < MIN_CHARS or len(_words(text)) < MIN_WORDS:
         return "too_short"
+    if _SLOT.fullmatch(text):
+        return "placeholder"
     if source.answer and contains_answer(text, source.answer):
         return "leaks_answer"
     if copied_fraction(text, source.task) >= COPIED_FRACTION:
