@@ -104,3 +104,11 @@ def test_the_trl_style_example_config_means_what_it_says():
     assert cfg.lr_scheduler_type == "cosine" and cfg.gradient_checkpointing
     saved = cfg.to_dict()
     assert "learning_rate" not in saved and saved["lr"] == 1e-5  # one canonical name
+
+
+def test_playbook_similarity_is_a_share_or_null():
+    assert load_config(None, ["playbook_similarity=null"]).playbook_similarity is None
+    assert load_config(None, ["playbook_similarity=1"]).playbook_similarity == 1
+    for bad in ("0", "1.5", "-0.2"):
+        with pytest.raises(ConfigError, match=r"^playbook_similarity: must be in \(0, 1\]"):
+            load_config(None, [f"playbook_similarity={bad}"])

@@ -252,6 +252,41 @@ def test_replies_of_one_step_follow_what_earlier_replies_retired():
     assert alone.reasons == {"unknown_id": 1}
 
 
+def test_paraphrases_of_an_entry_are_near_duplicates():
+    """Lessons the 0.5B curator wrote in one run (manufactoria, `min1`): rewrites of one
+    entry with a word or two changed are skipped at the default 0.6, a lesson that shares
+    the tape vocabulary but says something else is kept, and an UPDATE or MERGE is not
+    held against the entries it replaces."""
+    pb = Playbook()
+    base = pb.add("strat", "Check if a tape contains a BBRB sequence and use series of checks to "
+                           "ensure that the tape is an Y or R color.")  # fmt: skip
+    other = pb.add("err", "Reject a tape at the first red symbol after the blue ones.")
+    report = pb.apply_operations([
+        {"type": "ADD", "section": "Strategies & Insights", "content": "Check if a tape contains "
+         "a BBRB sequence and use series of checks to ensure it is an Y or R color."},
+        {"type": "ADD", "section": "Strategies & Insights", "content":
+         "To properly, it to use series of checks to ensure that the tape is an Y or R color."},
+        {"type": "ADD", "section": "Problem-Solving Heuristics", "content":
+         "Check that the tape ends with a blue symbol before sending it to the accept node."},
+        {"type": "UPDATE", "id": base, "content": "Check if a tape contains a BBRB sequence and "
+         "use a series of checks to ensure the tape is a Y or R color."},
+        {"type": "MERGE", "ids": [base, other], "content": "Check if a tape contains a BBRB "
+         "sequence and use a series of checks to ensure the tape is a Y or R color."},
+    ], similarity=0.6)  # fmt: skip
+    assert report.reasons == {"near_duplicate": 2} and report.applied == 3
+    assert len(pb) == 2  # the kept heuristic, and the merge of the base with `other`
+    # two different short rules in the same words share 0.54: both stay
+    pb.add("prob", "Check that the tape ends with B before accepting it.")
+    close = pb.apply_operations([{"type": "ADD", "section": "Others", "content":
+        "Check that the tape starts with R before rejecting it."}], similarity=0.6)  # fmt: skip
+    assert close.applied == 1
+    # without a threshold only exact copies are skipped
+    loose = Playbook()
+    loose.add("strat", "Check if a tape contains a BBRB sequence and use series of checks.")
+    assert loose.apply_operations([{"type": "ADD", "section": "Others", "content":
+        "Check if a tape contains a BBRB sequence, and use a series of checks."}]).applied == 1  # fmt: skip
+
+
 def test_allowed_operations_restrict_the_curator():
     pb = Playbook()
     entry = pb.add("strat", "Check the empty tape before anything else.")

@@ -19,7 +19,7 @@ RELEASE = {  # the release's choices, which every training preset must carry
     "loss_aggregation": "seq_mean_token_mean", "rollout_is_cap": 2.0, "unparsed_reflection": "raw",
     "curation_ops": "add", "solution_buffer_keep": "latest", "teacher_feedback_with_solution": False,
     "batch_size": 32, "inner_updates": 4, "lr": 1e-6, "teacher_update_rate": 1e-4, "topk": 100,
-    "add_tail": True, "min_ratio": 0.2, "is_clip": 2.0, "playbook_max_entries": 200, "playbook_prune_every": 4,
+    "add_tail": True, "min_ratio": 0.2, "is_clip": 2.0, "playbook_max_entries": 200, "playbook_prune_every": 4, "playbook_similarity": None,
     "teacher_playbook_tokens": None, "reflection_playbook_tokens": None, "curation_playbook_tokens": None,
 }  # fmt: skip
 SMALL = ["steps=1", "batch_size=2", "max_new_tokens=8", "reflection_max_new_tokens=24",

@@ -206,6 +206,10 @@ class TrainConfig:
     # playbook (the global memory of lessons)
     playbook_init: str | None = None  # playbook.md / playbook.json to start from
     playbook_max_entries: int = 120  # M_max
+    # Skip a lesson whose words overlap an existing entry's this much (Jaccard of word
+    # sets) as `near_duplicate`: a small curator that reads the playbook rewrites it in
+    # paraphrases (docs/results.md, section 3). null = skip exact duplicates only.
+    playbook_similarity: float | None = 0.6
     playbook_prune_every: int = 4  # F
     # staleness: drop harmful and stale unused entries, then the longest unused; random: drop
     # every unused and harmful entry, then random helpful ones (the paper's "prioritized")
@@ -261,6 +265,10 @@ class TrainConfig:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(
                 f"min_new_tokens: must be in [0, max_new_tokens], got {self.min_new_tokens}"
+            )
+        if self.playbook_similarity is not None and not 0 < self.playbook_similarity <= 1:
+            raise ConfigError(
+                f"playbook_similarity: must be in (0, 1] or null, got {self.playbook_similarity}"
             )
         if self.curation_min_operations < 0:
             raise ConfigError(

@@ -68,6 +68,7 @@ SKIP_REASONS = (
     "retired",  # merged away or deleted by an earlier reply of the same step
     "empty",
     "duplicate",
+    "near_duplicate",  # mostly the same words as another entry (playbook_similarity)
     "too_short",
     "placeholder",
     "copies_task",

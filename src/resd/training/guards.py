@@ -47,6 +47,17 @@ def copied_fraction(lesson: str, source: str, n: int = SHINGLE) -> float:
     return sum(covered) / len(words)
 
 
+def word_overlap(a: str, b: str) -> float:
+    """Jaccard overlap of two texts' word sets: 1.0 for the same words in any order.
+
+    Cheap enough to compare a lesson with every entry, and it catches what a small
+    curator produces when it rewrites the playbook it reads: the same sentence with a word
+    or two changed ("use series of checks to ensure the tape is an Y or R color").
+    """
+    x, y = set(_words(a)), set(_words(b))
+    return len(x & y) / len(x | y) if x and y else 0.0
+
+
 def contains_answer(lesson: str, answer: str) -> bool:
     """The literal answer, standing alone (not inside a longer number or word)."""
     answer = " ".join(answer.split())

@@ -270,6 +270,7 @@ class Lessons:
         retired: dict[str, str | None] = {}  # ids this step's earlier replies merged or deleted
         for ops, source in self.parallel.gather_indexed(self._curate(rollouts, step, counts)):
             report = self.playbook.apply_operations(ops, step, allowed=self.curation_ops, retired=retired,
+                                                    similarity=self.cfg.playbook_similarity,
                                                     check=partial(lesson_problem, source=source))  # fmt: skip
             changes.applied["ops_applied"] += report.applied
             changes.applied["curations_effective"] += report.applied > 0

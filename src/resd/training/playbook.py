@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from resd.config import PRUNE_POLICIES
+from resd.training.guards import word_overlap
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ class Playbook:
         allowed: Iterable[str] = OPERATION_TYPES,
         check: Callable[[str], str | None] | None = None,
         retired: dict[str, str | None] | None = None,
+        similarity: float | None = None,
     ) -> OperationReport:
         """Apply curator operations in order; each one that cannot apply is skipped with a reason.
 
@@ -253,6 +255,11 @@ class Playbook:
         when deleted). A MERGE follows it to the replacement; an UPDATE or DELETE of a
         retired id is skipped as `retired` rather than `unknown_id`, which is kept for
         ids that were never live.
+
+        `similarity` also skips, as `near_duplicate`, a lesson whose words overlap another
+        live entry's at least this much (`guards.word_overlap`); None skips exact
+        duplicates only. An UPDATE is not compared with the entry it rewrites, nor a MERGE
+        with the entries it replaces.
         """
         report = OperationReport()
         if not isinstance(operations, list):
@@ -271,7 +278,7 @@ class Playbook:
             if kind not in allowed:
                 report.skip("not_allowed")
                 continue
-            reason = self._apply_one(kind, op, step, report, check, retired)
+            reason = self._apply_one(kind, op, step, report, check, retired, similarity)
             if reason is None:
                 report.applied += 1
             else:
@@ -286,6 +293,7 @@ class Playbook:
         report: OperationReport,
         check: Callable[[str], str | None] | None,
         retired: dict[str, str | None],
+        similarity: float | None,
     ) -> str | None:
         """Apply one well-typed operation; the reason it was skipped, or None."""
         target = str(op.get("id", op.get("bullet_id", "")))
@@ -306,9 +314,12 @@ class Playbook:
         text = clean_content(op.get("content"))
         if not text:
             return "empty"
+        replaced = {target} if kind == "UPDATE" else set(live)  # what this text stands in for
         duplicate = self._find_duplicate(text)
-        if duplicate is not None and not (kind == "UPDATE" and duplicate == target):
+        if duplicate is not None and duplicate not in replaced:
             return "duplicate"
+        if similarity is not None and self._find_similar(text, similarity, replaced):
+            return "near_duplicate"
         problem = check(text) if check else None
         if problem:
             return problem
@@ -456,6 +467,12 @@ class Playbook:
         if path.suffix == ".json":
             return cls.from_dict(json.loads(path.read_text()))
         return cls.parse(path.read_text())
+
+    def _find_similar(self, text: str, threshold: float, exclude: set[str]) -> str | None:
+        for e in self.entries.values():
+            if e.id not in exclude and word_overlap(text, e.content) >= threshold:
+                return e.id
+        return None
 
     def _find_duplicate(self, text: str) -> str | None:
         key = _norm(text)
