@@ -97,6 +97,18 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _not_paraphrases(lessons: list[str], threshold: float = 0.6) -> int:
+    """How many lessons remain when each one that shares `threshold` of its words with
+    an earlier one is dropped: "distinct" in the sense of `playbook_similarity`."""
+    from resd.training.guards import word_overlap
+
+    kept: list[str] = []
+    for lesson in lessons:
+        if all(word_overlap(lesson, k) < threshold for k in kept):
+            kept.append(lesson)
+    return len(kept)
+
+
 def summarize(run: Path, quotes: int = 10) -> dict[str, Any]:
     """The cell's lesson figures from the files the run wrote."""
     metrics = _jsonl(run / "metrics.jsonl")
@@ -135,6 +147,7 @@ def summarize(run: Path, quotes: int = 10) -> dict[str, Any]:
         "playbook_size_end": len(entries),
         "playbook_size_max": max((m.get("playbook_size", 0) for m in metrics), default=0),
         "lessons_added_distinct": len(dict.fromkeys(lessons)),
+        "playbook_end_not_paraphrases": _not_paraphrases([e["content"] for e in entries]),
         "lesson_seconds_per_token": seconds / tokens if tokens else None,
         "lessons_quoted": list(dict.fromkeys(lessons))[:quotes],
     }
