@@ -97,16 +97,16 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _not_paraphrases(lessons: list[str], threshold: float = 0.6) -> int:
-    """How many lessons remain when each one that shares `threshold` of its words with
-    an earlier one is dropped: "distinct" in the sense of `playbook_similarity`."""
-    from resd.training.guards import word_overlap
+def _not_paraphrases(lessons: list[str]) -> int:
+    """How many lessons an empty playbook keeps when they are added in order under the
+    default `playbook_similarity`: "distinct" as the trainer now counts it."""
+    from resd.config import TrainConfig
+    from resd.training.playbook import Playbook
 
-    kept: list[str] = []
-    for lesson in lessons:
-        if all(word_overlap(lesson, k) < threshold for k in kept):
-            kept.append(lesson)
-    return len(kept)
+    playbook = Playbook()
+    playbook.apply_operations([{"type": "ADD", "section": "Others", "content": c} for c in lessons],
+                              similarity=TrainConfig.playbook_similarity)  # fmt: skip
+    return len(playbook)
 
 
 def summarize(run: Path, quotes: int = 10) -> dict[str, Any]:

@@ -469,14 +469,9 @@ class Playbook:
         return cls.parse(path.read_text())
 
     def _find_similar(self, text: str, threshold: float, exclude: set[str]) -> str | None:
-        for e in self.entries.values():
-            if e.id not in exclude and word_overlap(text, e.content) >= threshold:
-                return e.id
-        return None
+        return next((e.id for e in self.entries.values()
+                     if e.id not in exclude and word_overlap(text, e.content) >= threshold), None)  # fmt: skip
 
     def _find_duplicate(self, text: str) -> str | None:
         key = _norm(text)
-        for e in self.entries.values():
-            if _norm(e.content) == key:
-                return e.id
-        return None
+        return next((e.id for e in self.entries.values() if _norm(e.content) == key), None)
