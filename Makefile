@@ -53,13 +53,18 @@ demo-pipeline: $(STAMP)
 	$(BIN)/resd train --config configs/demo.yaml
 	$(BIN)/resd report runs/demo
 
+# One worker per core, one thread per worker (tests/conftest.py): most tests use one core
+# each (tiny models, subprocess start-up), so two workers finish the suite sooner on two
+# cores; work stealing keeps the long multi-process tests from ending up on one worker.
+PYTEST = $(BIN)/python -m pytest -q -n logical --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # For local work: everything but the tests marked slow (multi-process runs, conversions);
 # CI runs the whole suite with `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -14,7 +14,7 @@ Each configuration is a fresh `torch.distributed.run` launch on this machine (gl
 CPU, nccl on GPU). The model is random-init with SmolLM2-135M's shape by default.
 
     python benchmarks/sharding_memory.py                        # 1 and 2 processes, CPU
-    python benchmarks/sharding_memory.py --layers 4 --smoke     # seconds, for the tests
+    python benchmarks/sharding_memory.py --smoke                # a 2-layer toy shape, for the tests
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 SHAPES = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "smollm2-135m": (576, 30, 9, 3, 1536, 49152),
     "qwen3-0.6b": (1024, 28, 16, 8, 3072, 151936),
+    "tiny": (64, 2, 4, 2, 128, 4096),  # --smoke: what is counted, not how much
 }
 
 
@@ -166,7 +167,7 @@ def main() -> None:
         worker(args)
         return
     if args.smoke:
-        args.layers, args.batch, args.seq, args.repeats = 2, 1, 16, 1
+        args.shape, args.layers, args.batch, args.seq, args.repeats = "tiny", 2, 1, 16, 1
     strategies = ["ddp", "fsdp"]
     if importlib.util.find_spec("deepspeed") is not None:
         strategies += ["deepspeed-zero2", "deepspeed-zero3"]

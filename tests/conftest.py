@@ -6,9 +6,24 @@ lines of text, and the model is a 2-layer Llama built from a config.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores (`make test` starts one per core): with torch's default of a
+    # thread per core in each of them, their thread pools fight and the suite runs slower
+    # than on one worker. Subprocesses the tests start inherit the setting.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -38,14 +38,18 @@ def run(
         "playbook_prune_every": 100, **overrides,
     }  # fmt: skip
     (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg))
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch"]
-    if launch_config:
-        launcher += ["--config_file", str(ROOT / launch_config)]
-    elif processes > 1:
-        launcher.append("--multi_gpu")  # torchrun-style processes; gloo when there is no GPU
-    # No `--cpu`: with it, accelerate starts a single process and leaves the rest to MPI.
-    launcher += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no"]  # fmt: skip
+    # One process is a plain `resd train`, as a user resumes on one machine; the launcher
+    # would only add its own start-up (a few seconds per run, most of what these runs cost).
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher = [str(Path(sys.executable).with_name("accelerate")), "launch"]
+        if launch_config:
+            launcher += ["--config_file", str(ROOT / launch_config)]
+        else:
+            launcher.append("--multi_gpu")  # torchrun-style processes; gloo when there is no GPU
+        # No `--cpu`: with it, accelerate starts a single process and leaves the rest to MPI.
+        launcher += ["--num_processes", str(processes), "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     cmd = [*launcher, "-m", "resd", "train", "--config", str(tmp_path / f"{name}.yaml")]
     if resume:
         cmd.append("--resume")
@@ -151,13 +155,11 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
     assert (summary["strategy"], summary["world_size"]) == ("fsdp", 2)
     with safe_open(str(sharded / "checkpoint-4/teacher.safetensors"), "pt") as f:
         assert f.get_tensor("model.norm.weight").shape == (32,)  # full tensors, not shards
-    # Continue the sharded run from step 2 in one process, in two again, and the
-    # one-process run in two sharded processes: FSDP's optimizer-state load runs in each.
+    # Continue the sharded run from step 2 in one process, and the one-process run in two
+    # sharded processes: FSDP's optimizer-state load runs in each. (Two to two adds nothing:
+    # a checkpoint holds full tensors whoever wrote it, so 1to2 is the sharded load.)
     fsdp = {"launch_config": "configs/accelerate/fsdp.yaml", "loss_chunk_size": 4}
     assert_same_run(one_process, resume_elsewhere(tmp_path, tiny_model_dir, sharded, "2to1", 1))
-    assert_same_run(
-        one_process, resume_elsewhere(tmp_path, tiny_model_dir, sharded, "2to2", 2, **fsdp)
-    )
     assert_same_run(
         one_process, resume_elsewhere(tmp_path, tiny_model_dir, one_process, "1to2", 2, **fsdp)
     )
@@ -208,10 +210,8 @@ def test_deepspeed_zero_matches_one_process_and_its_checkpoint_resumes_unsharded
     assert_same_run(
         one_process, resume_elsewhere(tmp_path, tiny_model_dir, tmp_path / name, "2to1", 1)
     )
-    if stage == 2:  # ZeRO's name-keyed optimizer state loaded by two processes, from either
+    if stage == 2:  # ZeRO's name-keyed optimizer state loaded by two processes
         zero = {"launch_config": f"configs/accelerate/deepspeed_zero{stage}.yaml"}
-        two_to_two = resume_elsewhere(tmp_path, tiny_model_dir, tmp_path / name, "2to2", 2, **zero)
-        assert_same_run(one_process, two_to_two)
         assert_same_run(
             one_process, resume_elsewhere(tmp_path, tiny_model_dir, one_process, "1to2", 2, **zero)
         )
