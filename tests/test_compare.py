@@ -190,7 +190,7 @@ def _run(algorithm, seed, curve, status="finished"):
 
 
 def test_paired_differences_at_equal_samples_by_hand():
-    from resd.analysis.compare import bootstrap_ci, paired_differences
+    from resd.analysis.compare import bootstrap_ci, format_paired, paired_differences
 
     runs = [
         _run("resd", 0, [(0, 0.1), (64, 0.5), (128, 0.6)]), _run("sdpo", 0, [(0, 0.1), (64, 0.3), (128, 0.4)]),
@@ -198,19 +198,24 @@ def test_paired_differences_at_equal_samples_by_hand():
         # GRPO draws 8x per step: it evaluated at 64 and 512 samples; the common point is 64
         _run("grpo", 0, [(0, 0.1), (64, 0.45), (512, 0.9)]), _run("grpo", 1, [(0, 0.2), (64, 0.5), (512, 0.9)]),
         _run("resd", 2, [(0, 0.2), (64, 0.4)], status="failed"), _run("sdpo", 2, [(0, 0.2), (64, 0.3)]),
+        _run("resd", 3, [(0, 0.1), (64, 0.6), (128, 0.5)]), _run("sdpo", 3, [(0, 0.1), (64, 0.2), (128, 0.2)]),
+        _run("grpo", 3, [(0, 0.1), (64, 0.55), (512, 0.9)]),
     ]  # fmt: skip
     rows = {(r["b"], r["key"]): r for r in paired_differences(runs, "resd")}
     sdpo = rows["sdpo", "case_mean@k"]
-    assert sdpo["per_seed"] == pytest.approx({0: 0.2, 1: 0.2}) and sdpo["samples_drawn"] == {
-        0: 128,
-        1: 128,
-    }
+    assert sdpo["per_seed"] == pytest.approx({0: 0.2, 1: 0.2, 3: 0.3})
+    assert sdpo["samples_drawn"] == {0: 128, 1: 128, 3: 128}
     assert sdpo["missing_seeds"] == [2]  # a failed run is named, not silently left out
-    assert sdpo["ci95"] == pytest.approx([0.2, 0.2]) and sdpo["distinguishable"]
+    assert sdpo["ci95"][0] == pytest.approx(0.2) and sdpo["distinguishable"]
     grpo = rows["grpo", "case_mean@k"]
-    assert grpo["samples_drawn"] == {0: 64, 1: 64}
-    assert grpo["per_seed"] == pytest.approx({0: 0.05, 1: -0.1})
+    assert grpo["samples_drawn"] == {0: 64, 1: 64, 3: 64}
+    assert grpo["per_seed"] == pytest.approx({0: 0.05, 1: -0.1, 3: 0.05})
     assert grpo["ci95"][0] < 0 < grpo["ci95"][1] and not grpo["distinguishable"]
-    assert rows["sdpo", "task_mean@k"]["per_seed"] == pytest.approx({0: 0.1, 1: 0.1})
+    # Two seeds that agree would "resample" to one point and always read as a difference:
+    # no interval, no verdict.
+    two = paired_differences([r for r in runs if r["seed"] in (0, 1)], "resd")
+    assert all("ci95" not in r and "distinguishable" not in r for r in two)
+    assert "too few seeds" in format_paired(two)
+    assert rows["sdpo", "task_mean@k"]["per_seed"] == pytest.approx({0: 0.1, 1: 0.1, 3: 0.15})
     lo, hi = bootstrap_ci([0.0, 1.0, 2.0, 3.0])
     assert 0.0 <= lo < 1.5 < hi <= 3.0 and bootstrap_ci([0.0, 1.0, 2.0, 3.0]) == (lo, hi)  # seeded

@@ -51,7 +51,7 @@ def test_seeds_run_apart_merge_into_one_paired_comparison(tmp_path):
     assert data["paired"] == json.loads(json.dumps(paired_differences(SEED0 + SEED1, "resd")))
     case = next(r for r in data["paired"] if r["b"] == "sdpo" and r["key"] == "case_mean@k")
     assert case["per_seed"] == pytest.approx({"0": 0.15, "1": 0.2})  # JSON keys are strings
-    assert case["samples_drawn"] == {"0": 64, "1": 64} and case["distinguishable"]
+    assert case["samples_drawn"] == {"0": 64, "1": 64} and "ci95" not in case  # 2 seeds
     final = data["algorithms"]["resd"]["final"]["case_mean@k"]
     assert final["n"] == 2 and final["mean"] == pytest.approx(0.475)
     assert json.loads((tmp_path / "all" / "comparison.json").read_text())["runs"] == data["runs"]

@@ -321,6 +321,11 @@ def bootstrap_ci(
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
+# Resampling two values can only give their two values and their mean, so an "interval"
+# from two seeds that agree is a single point and would always read as a difference.
+MIN_SEEDS_FOR_INTERVAL = 3
+
+
 def paired_differences(
     runs: list[dict[str, Any]],
     reference: str,
@@ -332,6 +337,7 @@ def paired_differences(
     last such point counts (runs that share the evaluation schedule in samples drawn, as
     `eval_every` set per algorithm allows, compare at their end). A seed where either run
     is unfinished or has no common point is listed as missing, never dropped silently.
+    The bootstrap interval and its verdict need `MIN_SEEDS_FOR_INTERVAL` paired seeds.
     """
     by_algorithm: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for run in runs:
@@ -358,7 +364,7 @@ def paired_differences(
             values = list(per_seed.values())
             row = {"a": reference, "b": other, "key": key, "per_seed": per_seed, "samples_drawn": at,
                    "missing_seeds": missing, "mean": sum(values) / len(values) if values else None}  # fmt: skip
-            if len(values) >= 2:
+            if len(values) >= MIN_SEEDS_FOR_INTERVAL:
                 lo, hi = bootstrap_ci(values)
                 row.update(ci95=[lo, hi], distinguishable=lo > 0 or hi < 0)
             out.append(row)
@@ -374,7 +380,7 @@ def format_paired(rows: list[dict[str, Any]]) -> str:
         cell = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
         mean = f"{r['mean']:+.3f}" if r["mean"] is not None else "-"
         verdict = ("distinguishable from 0" if r.get("distinguishable") else "not distinguishable from 0"
-                   ) if ci else "too few seeds"  # fmt: skip
+                   ) if ci else f"too few seeds (an interval needs {MIN_SEEDS_FOR_INTERVAL})"  # fmt: skip
         lines.append(
             f"{r['a'] + ' - ' + r['b']:24s} {r['key']:12s} {len(r['per_seed']):5d} {mean:>8s} {cell:>20s}  {verdict}"
         )
