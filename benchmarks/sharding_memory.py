@@ -167,7 +167,7 @@ def main() -> None:
         worker(args)
         return
     if args.smoke:
-        args.shape, args.layers, args.batch, args.seq, args.repeats = "tiny", 2, 1, 16, 1
+        args.shape, args.batch, args.seq, args.repeats = "tiny", 1, 16, 1
     strategies = ["ddp", "fsdp"]
     if importlib.util.find_spec("deepspeed") is not None:
         strategies += ["deepspeed-zero2", "deepspeed-zero3"]

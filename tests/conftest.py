@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Workers share the cores (`make test` starts one per core): with torch's default of a
-    # thread per core in each of them, their thread pools fight and the suite runs slower
-    # than on one worker. Subprocesses the tests start inherit the setting.
-    os.environ["OMP_NUM_THREADS"] = "1"
-
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Workers share the cores (`make test` starts one per core): with torch's default of a
+    thread per core in each of them, their thread pools fight and the suite runs slower
+    than on one worker. One thread here, and in the subprocesses the tests start."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
 
 

@@ -40,8 +40,9 @@ def run(
     (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg))
     # One process is a plain `resd train`, as a user resumes on one machine; the launcher
     # would only add its own start-up (a few seconds per run, most of what these runs cost).
-    launcher = [sys.executable]
-    if processes > 1:
+    if processes == 1:
+        launcher = [sys.executable]
+    else:
         launcher = [str(Path(sys.executable).with_name("accelerate")), "launch"]
         if launch_config:
             launcher += ["--config_file", str(ROOT / launch_config)]
