@@ -9,11 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "step_time.py"
 OURS = ["resd", "sdpo", "sdpo_ss", "grpo"]
 TRL = ["trl_sdpo", "trl_grpo"]
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module, to call its `main` in this process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -146,15 +156,41 @@ def test_teacher_context_probe_takes_a_logged_prompt_apart(tiny_model_dir, tmp_p
     assert "| as logged |" in done.stdout
 
 
+def test_teacher_as_solver_answers_each_context_and_scores_it(tiny_model_dir, tmp_path, capsys):
+    """One RESD step on house rules, then the model answers every logged teacher prompt
+    itself, under each context, and the run's own environment scores the answers. A run
+    whose items its config cannot rebuild is refused by name, not scored against others."""
+    from resd.cli import main as resd
+
+    run = tmp_path / "run"
+    assert resd(["train", f"model={tiny_model_dir}", "env=house_rules", "algorithm=resd", "steps=1",
+                 "batch_size=4", "max_new_tokens=6", "reflection_max_new_tokens=24",
+                 "curation_max_new_tokens=24", "eval_samples=1", "eval_every=0", "progress=false",
+                 f"output_dir={run}"]) == 0  # fmt: skip
+    solver = load_benchmark("teacher_as_solver")
+    out = tmp_path / "solver.json"
+    assert solver.main([str(run), "--samples", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    failed = result["rollouts"]
+    assert failed > 0 and list(rows) == list(solver.VARIANTS)
+    assert all(
+        r["answers"] == 2 * failed and 0 <= r["reward"] <= r["score"] <= 1 for r in rows.values()
+    )
+    replies = {name: tuple(e["reply"] for e in r["examples"]) for name, r in rows.items()}
+    assert len(set(replies.values())) > 1  # each context reached the model as its own prompt
+    assert "| feedback only (SDPO's context) |" in capsys.readouterr().out
+
+    config = run / "config.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "env": "arithmetic"}))
+    with pytest.raises(SystemExit, match="not among the items"):
+        solver.main([str(run), "--json", str(out)])
+
+
 @pytest.mark.slow
 def test_serve_load_benchmark_smoke(tiny_model_dir, tmp_path):
     pytest.importorskip("fastapi", reason="needs the serve extra")
-    spec = importlib.util.spec_from_file_location(
-        "serve_load", ROOT / "benchmarks" / "serve_load.py"
-    )
-    serve_load = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = serve_load  # its dataclasses look their module up
-    spec.loader.exec_module(serve_load)
+    serve_load = load_benchmark("serve_load")
     out = tmp_path / "result.json"
     code = serve_load.main(["--model", str(tiny_model_dir), "--clients", "3", "--seconds", "3",
                             "--kill-after", "3", "--max-tokens", "4", "--out", str(tmp_path / "runs"),
