@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| context | answers | success rate | per-check score |\n|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['answers']} | {row['reward']:.3f} | {row['score']:.3f} |")
-    out = {"run": str(args.run), "model": cfg["model"], "dtype": str(model.dtype), "steps": [args.steps.start, args.steps.stop - 1],
-           "rollouts": len(failed), "samples": args.samples, "seconds": seconds, "rows": rows}  # fmt: skip
+    out = {"run": str(args.run), "model": cfg["model"], "dtype": str(model.dtype),
+           "steps": [args.steps.start, args.steps.stop - 1], "rollouts": len(failed),
+           "samples": args.samples, "seconds": seconds, "rows": rows}  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
