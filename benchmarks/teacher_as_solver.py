@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from teacher_context_probe import slots_of
+from teacher_context_probe import logged_slots
 
 from resd.envs import make_env
 from resd.generation.hf import chat_prompt_ids, generate
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts: list[list[int]] = []
     keys: list[tuple[str, int]] = []  # (variant, index into `failed`) of each prompt
     for index, s in enumerate(failed):
-        slots = slots_of(s["teacher_prompt"])
-        if template.render(**slots) != s["teacher_prompt"]:
-            raise SystemExit(
-                f"{args.run}: the logged teacher prompt is not this template's rendering"
-            )
+        slots = logged_slots(args.run, template, s["teacher_prompt"])
         item = items[s["item"]]
         system = [m for m in item.messages if m.get("role") == "system"]
         for name, left_out in VARIANTS.items():
@@ -100,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 text = template.render(**{k: v for k, v in slots.items() if k not in left_out})
                 messages = [*system, {"role": "user", "content": text}]
-            for _ in range(args.samples):
-                prompts.append(chat_prompt_ids(tokenizer, messages))
-                keys.append((name, index))
+            prompts += [chat_prompt_ids(tokenizer, messages)] * args.samples  # tokenised once
+            keys += [(name, index)] * args.samples
 
     start = time.perf_counter()
     replies = generate(

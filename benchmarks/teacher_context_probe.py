@@ -46,6 +46,15 @@ def slots_of(teacher_prompt: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _SLOT.finditer(teacher_prompt)}
 
 
+def logged_slots(run: Path, template: TeacherTemplate, teacher_prompt: str) -> dict[str, str]:
+    """The slots of a logged teacher prompt, refused unless they re-render it exactly (a
+    prompt taken apart wrongly would make every variant built from it wrong)."""
+    slots = slots_of(teacher_prompt)
+    if template.render(**slots) != teacher_prompt:
+        raise SystemExit(f"{run}: the logged teacher prompt is not this template's rendering")
+    return slots
+
+
 @torch.no_grad()
 def reply_logprobs(model, prompt_ids: list[int], reply_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor([prompt_ids + reply_ids])
@@ -79,9 +88,7 @@ def probe(
     sums = dict.fromkeys(VARIANTS, 0.0)
     tokens = 0
     for s in samples:
-        slots = slots_of(s["teacher_prompt"])
-        if template.render(**slots) != s["teacher_prompt"]:
-            raise SystemExit(f"{run}: the logged teacher prompt is not this template's rendering")
+        slots = logged_slots(run, template, s["teacher_prompt"])
         reply = tokenizer(s["response"], add_special_tokens=False)["input_ids"]
         if not reply:
             continue
