@@ -14,7 +14,10 @@
 # once, and copies its small outputs (comparison.json, metrics, evaluations, playbook,
 # benchmark JSON) into docs/results/grid/ and benchmarks/results/, which are committed.
 # A unit is done when its outputs are there; `next N` runs the first N units not done, in
-# the order below. Seeds of one method that ran in different sessions are pooled with
+# the order below. A training run saves its figures as soon as it finishes, before its
+# forgetting check (about an hour more), so a session that ends during the check loses
+# only the check: `list` shows such a unit as "trained", and running it again runs the
+# check alone while the run's folder is still in runs/ (or trains again if it is not). Seeds of one method that ran in different sessions are pooled with
 # `resd merge` (each unit's comparison.json holds that unit's run only).
 #
 # One code version for the whole grid. Every run of it used code that behaves as commit
@@ -94,7 +97,7 @@ outputs() {  # the file that marks a unit done
     base_ifeval) echo "$BENCH/forgetting_qwen/base.json" ;;
     lessons) echo "$BENCH/lesson_quality_${a}_${b}_${c}.json" ;;
     sanity) echo "$BENCH/sd_sanity_${a}_${b}.json" ;;
-    run) echo "$SAVE/$a/$b-seed$c/comparison.json" ;;
+    run) echo "$BENCH/forgetting_qwen/$a-$b-seed$c.json" ;;  # after the training's figures
     *) echo "unknown unit $1 (see: $0 list)" >&2; return 2 ;;
   esac
 }
@@ -148,20 +151,26 @@ PYTHON
           "${PRECISION[@]}"
         local run="$out/$b-seed$c"
         [ -f "$run/summary.json" ] || { echo "[grid] $unit did not finish" >&2; exit 1; }
-        nice "$RESD" eval "${IFEVAL[@]}" --model "$run" \
-          --out "$BENCH/forgetting_qwen/$a-$b-seed$c.json"
-        mkdir -p "$save"
+        mkdir -p "$save"  # the training's figures first: they do not wait for the check
         for f in metrics.jsonl eval.jsonl summary.json playbook.json compare-config.yaml; do
           [ -f "$run/$f" ] && cp "$run/$f" "$save/"
         done
-        cp "$out/comparison.json" "$save/comparison.json" ;;  # last: it marks the unit done
+        cp "$out/comparison.json" "$save/comparison.json"
+        nice "$RESD" eval "${IFEVAL[@]}" --model "$run" --out "$done_file" ;;  # marks it done
     esac
   )
 }
 
 setup_grid
 case ${1:-list} in
-  list) for u in "${UNITS[@]}"; do f=$(outputs "$u"); printf '%-45s %s\n' "$u" "$([ -f "$f" ] && echo done || echo -)"; done ;;
+  list)
+    for u in "${UNITS[@]}"; do
+      state=-
+      IFS=: read -r kind a b c <<< "$u"
+      [ "$kind" = run ] && [ -f "$SAVE/$a/$b-seed$c/comparison.json" ] && state=trained
+      [ -f "$(outputs "$u")" ] && state=done
+      printf '%-45s %s\n' "$u" "$state"
+    done ;;
   next)
     n=${2:-1}
     for u in "${UNITS[@]}"; do
