@@ -11,12 +11,17 @@ several times, and scores the answers with the run's own environment. The rows:
 - the student's own prompt (the task alone): how often the model succeeds unaided;
 - the teacher prompt as logged (RESD's: playbook, previous attempt, feedback, reflection);
 - without the previous attempt;
-- feedback only (SDPO's teacher context).
+- feedback only (SDPO's teacher context);
+- with `--playbook FILE` (a playbook.md as runs write it), two more: the logged prompt
+  and the feedback-only prompt, each with that playbook in the playbook slot. Given the
+  lessons a perfect curator would have written (for house rules: the hidden rules), they
+  measure the most that RESD's memory could add on this model.
 
 A context whose success rate is no higher than the student's prompt cannot teach
 success; one whose per-check score is higher can still teach the checks it raises.
 
     python benchmarks/teacher_as_solver.py runs/grid/headline/resd-seed1/resd-seed1 --steps 1-3
+    python benchmarks/teacher_as_solver.py RUN --playbook benchmarks/playbooks/house_rules_headline.md
 
 Prints a table and writes benchmarks/results/teacher_as_solver.json.
 """
@@ -39,6 +44,7 @@ from resd.envs import make_env
 from resd.generation.hf import chat_prompt_ids, generate
 from resd.models import load_model, load_tokenizer, resolve_dtype
 from resd.rundir import read_jsonl
+from resd.training.playbook import Playbook
 from resd.training.teacher_context import TeacherTemplate
 
 VARIANTS = {  # name -> slots of the logged teacher prompt left out; None: the student's prompt
@@ -46,6 +52,10 @@ VARIANTS = {  # name -> slots of the logged teacher prompt left out; None: the s
     "teacher prompt as logged": (),
     "without the previous attempt": ("previous_trial",),
     "feedback only (SDPO's context)": ("previous_trial", "reflection", "playbook"),
+}
+PLAYBOOK_VARIANTS = {  # the same, with --playbook in the playbook slot
+    "as logged, with the given playbook": (),
+    "feedback and the given playbook": ("previous_trial", "reflection"),
 }
 
 
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=step_range, default=step_range("1"), help="e.g. 1-3")
     parser.add_argument("--samples", type=int, default=4, help="answers per prompt and context")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--playbook", type=Path, help="a playbook.md for two more contexts")
     parser.add_argument("--json", default="benchmarks/results/teacher_as_solver.json")
     args = parser.parse_args(argv)
 
@@ -67,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     env = make_env(cfg["env"], cfg.get("env_args") or {})
     items = {it.id: it for it in [*env.train_items(), *env.test_items()]}
     template = TeacherTemplate.from_config(cfg.get("teacher_template"))
+    variants: dict[str, tuple[str, ...] | None] = dict(VARIANTS)
+    given_playbook = ""
+    if args.playbook:  # rendered as the trainer shows the teacher a playbook
+        given_playbook = Playbook.parse(args.playbook.read_text()).render(include_empty=False)
+        if not given_playbook.strip():
+            raise SystemExit(f"{args.playbook}: no lesson in it (lines like '[id] ... :: text')")
+        variants.update(PLAYBOOK_VARIANTS)
     failed = [s for s in read_jsonl(args.run / "samples.jsonl")
               if s["step"] in args.steps and s.get("teacher_prompt") and s["reward"] < 1]  # fmt: skip
     if not failed:
@@ -86,16 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(cfg["model"], dtype=resolve_dtype("auto", "cpu"), device="cpu")
     prompts: list[list[int]] = []
     keys: list[tuple[str, int]] = []  # (variant, index into `failed`) of each prompt
+    contexts: dict[str, str] = {}  # each variant's first prompt, as the model read it
     for index, s in enumerate(failed):
         slots = logged_slots(args.run, template, s["teacher_prompt"])
         item = items[s["item"]]
         system = [m for m in item.messages if m.get("role") == "system"]
-        for name, left_out in VARIANTS.items():
+        for name, left_out in variants.items():
             if left_out is None:
                 messages = item.messages
             else:
-                text = template.render(**{k: v for k, v in slots.items() if k not in left_out})
-                messages = [*system, {"role": "user", "content": text}]
+                shown = {k: v for k, v in slots.items() if k not in left_out}
+                if name in PLAYBOOK_VARIANTS:
+                    shown["playbook"] = given_playbook
+                messages = [*system, {"role": "user", "content": template.render(**shown)}]
+            if index == 0:
+                contexts[name] = messages[-1]["content"]
             prompts += [chat_prompt_ids(tokenizer, messages)] * args.samples  # tokenised once
             keys += [(name, index)] * args.samples
 
@@ -108,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
 
     rows: dict[str, dict[str, Any]] = {
-        name: {"answers": 0, "reward": 0.0, "score": 0.0, "examples": []} for name in VARIANTS
+        name: {"answers": 0, "reward": 0.0, "score": 0.0, "examples": [], "context": contexts[name]}
+        for name in variants
     }
     for (name, index), reply in zip(keys, replies, strict=True):
         score = env.score(items[failed[index]["item"]], reply.text)
@@ -131,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {row['answers']} | {row['reward']:.3f} | {row['score']:.3f} |")
     out = {"run": str(args.run), "model": cfg["model"], "dtype": str(model.dtype),
            "steps": [args.steps.start, args.steps.stop - 1], "rollouts": len(failed),
-           "samples": args.samples, "seconds": seconds, "rows": rows}  # fmt: skip
+           "samples": args.samples, "seconds": seconds,
+           "playbook": str(args.playbook) if args.playbook else None, "rows": rows}  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

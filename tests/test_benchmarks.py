@@ -169,17 +169,28 @@ def test_teacher_as_solver_answers_each_context_and_scores_it(tiny_model_dir, tm
                  f"output_dir={run}"]) == 0  # fmt: skip
     solver = load_benchmark("teacher_as_solver")
     out = tmp_path / "solver.json"
-    assert solver.main([str(run), "--samples", "2", "--json", str(out)]) == 0
+    lesson = "Open every reply with the word 'zebra'."
+    playbook = tmp_path / "playbook.md"
+    playbook.write_text(f"## Others\n[misc-00001] helpful=0 harmful=0 :: {lesson}\n")
+    args = [str(run), "--samples", "2", "--json", str(out), "--playbook", str(playbook)]
+    assert solver.main(args) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     failed = result["rollouts"]
-    assert failed > 0 and list(rows) == list(solver.VARIANTS)
+    assert failed > 0 and list(rows) == [*solver.VARIANTS, *solver.PLAYBOOK_VARIANTS]
+    for name, row in rows.items():  # the given playbook reaches exactly its two contexts
+        assert (lesson in row["context"]) == (name in solver.PLAYBOOK_VARIANTS), name
+    assert "<feedback>" in rows["feedback and the given playbook"]["context"]
+    assert "<previous_trial>" not in rows["feedback and the given playbook"]["context"]
     assert all(
         r["answers"] == 2 * failed and 0 <= r["reward"] <= r["score"] <= 1 for r in rows.values()
     )
     replies = {name: tuple(e["reply"] for e in r["examples"]) for name, r in rows.items()}
     assert len(set(replies.values())) > 1  # each context reached the model as its own prompt
     assert "| feedback only (SDPO's context) |" in capsys.readouterr().out
+    playbook.write_text("## Others\n")
+    with pytest.raises(SystemExit, match="no lesson in it"):
+        solver.main(args)
 
     config = run / "config.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "env": "arithmetic"}))
