@@ -17,8 +17,9 @@
 # the order below. A training run saves its figures as soon as it finishes, before its
 # forgetting check (about an hour more), so a session that ends during the check loses
 # only the check: `list` shows such a unit as "trained", and running it again runs the
-# check alone while the run's folder is still in runs/ (or trains again if it is not). Seeds of one method that ran in different sessions are pooled with
-# `resd merge` (each unit's comparison.json holds that unit's run only).
+# check alone while the run's folder is still in runs/ (or trains again if it is not).
+# Seeds of one method that ran in different sessions are pooled with `resd merge` (each
+# unit's comparison.json holds that unit's run only).
 #
 # One code version for the whole grid. Every run of it used code that behaves as commit
 # 576d0d4; later changes of behaviour (lessons sized whole, feedback that no longer

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, tuple[str, ...] | None] = dict(VARIANTS)
     given_playbook = ""
     if args.playbook:  # rendered as the trainer shows the teacher a playbook
+        if not args.playbook.is_file():
+            raise SystemExit(f"--playbook {args.playbook}: no such file")
         given_playbook = Playbook.parse(args.playbook.read_text()).render(include_empty=False)
         if not given_playbook.strip():
             raise SystemExit(f"{args.playbook}: no lesson in it (lines like '[id] ... :: text')")

@@ -191,6 +191,9 @@ def test_teacher_as_solver_answers_each_context_and_scores_it(tiny_model_dir, tm
     playbook.write_text("## Others\n")
     with pytest.raises(SystemExit, match="no lesson in it"):
         solver.main(args)
+    playbook.unlink()
+    with pytest.raises(SystemExit, match="no such file"):
+        solver.main(args)
 
     config = run / "config.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "env": "arithmetic"}))
