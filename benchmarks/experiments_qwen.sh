@@ -103,6 +103,12 @@ outputs() {  # the file that marks a unit done
   esac
 }
 
+saved_dir() {  # where a run unit's training figures are committed (run:ARM:ALGO:SEED)
+  local a b c
+  IFS=: read -r _ a b c <<< "$1"
+  echo "$SAVE/$a/$b-seed$c"
+}
+
 arm_args() {  # $1 arm, $2 algorithm: options first, then key=value overrides (argparse wants them last)
   case $1 in
     headline|no_attempt|min_ops) echo --config configs/headline_qwen.yaml ;;
@@ -146,7 +152,8 @@ PYTHON
         nice "$PY" benchmarks/sd_sanity.py --algorithms "$a" --feedback "$b" --json "$done_file" \
           "${PRECISION[@]}" ;;
       run)
-        local out="runs/grid/$a/$b-seed$c" save="$SAVE/$a/$b-seed$c"
+        local out="runs/grid/$a/$b-seed$c" save
+        save=$(saved_dir "$unit")
         # shellcheck disable=SC2046  # arm_args is a word list by design
         nice "$RESD" compare --algorithms "$b" --seeds "$c" --out "$out" $(arm_args "$a" "$b") \
           "${PRECISION[@]}"
@@ -167,8 +174,7 @@ case ${1:-list} in
   list)
     for u in "${UNITS[@]}"; do
       state=-
-      IFS=: read -r kind a b c <<< "$u"
-      [ "$kind" = run ] && [ -f "$SAVE/$a/$b-seed$c/comparison.json" ] && state=trained
+      [[ $u == run:* ]] && [ -f "$(saved_dir "$u")/comparison.json" ] && state=trained
       [ -f "$(outputs "$u")" ] && state=done
       printf '%-45s %s\n' "$u" "$state"
     done ;;
