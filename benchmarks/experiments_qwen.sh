@@ -21,6 +21,15 @@
 # Seeds of one method that ran in different sessions are pooled with `resd merge` (each
 # unit's comparison.json holds that unit's run only).
 #
+# Two exceptions to the forgetting check, decided on 2026-12-03 (twelfth session) before
+# any manufactoria unit ran and after GRPO's seeds 1-2 had trained:
+# - A run that never updated its model (every LoRA B matrix of its final adapter exactly
+#   0, so the adapter adds exactly nothing) *is* the base model; its check would measure
+#   base.json again. Its done file records that check instead of a second hour of IFEval.
+#   GRPO, which updates only on a success, never had one on house rules.
+# - The manufactoria arm is the headline's short second task (does any method get off
+#   zero?); the forgetting table is house rules'. Its units end with their figures saved.
+#
 # One code version for the whole grid. Every run of it used code that behaves as commit
 # 576d0d4; later changes of behaviour (lessons sized whole, feedback that no longer
 # quotes the answer by default) must not enter it. So every unit runs from a worktree
@@ -94,11 +103,12 @@ setup_grid() {
 
 outputs() {  # the file that marks a unit done
   IFS=: read -r kind a b c <<< "$1"
-  case $kind in
-    base_ifeval) echo "$BENCH/forgetting_qwen/base.json" ;;
-    lessons) echo "$BENCH/lesson_quality_${a}_${b}_${c}.json" ;;
-    sanity) echo "$BENCH/sd_sanity_${a}_${b}.json" ;;
-    run) echo "$BENCH/forgetting_qwen/$a-$b-seed$c.json" ;;  # after the training's figures
+  case $kind:$a in
+    base_ifeval:*) echo "$BENCH/forgetting_qwen/base.json" ;;
+    lessons:*) echo "$BENCH/lesson_quality_${a}_${b}_${c}.json" ;;
+    sanity:*) echo "$BENCH/sd_sanity_${a}_${b}.json" ;;
+    run:manufactoria) echo "$SAVE/$a/$b-seed$c/comparison.json" ;;  # no forgetting check
+    run:*) echo "$BENCH/forgetting_qwen/$a-$b-seed$c.json" ;;  # after the training's figures
     *) echo "unknown unit $1 (see: $0 list)" >&2; return 2 ;;
   esac
 }
@@ -124,6 +134,28 @@ arm_args() {  # $1 arm, $2 algorithm: options first, then key=value overrides (a
     no_attempt) echo teacher_template=configs/templates/teacher_without_attempt.txt ;;
     min_ops) echo curation_min_operations=1 ;;
   esac
+}
+
+unchanged_or_ifeval() {  # $1 a finished LoRA run, $2 the done file: its forgetting check
+  if "$PY" - "$1" "$2" <<'PYTHON'
+import json, sys
+from safetensors.torch import load_file
+run, out = sys.argv[1:]
+try:
+    tensors = load_file(f"{run}/adapter_model.safetensors")
+except FileNotFoundError:
+    sys.exit(1)  # not a LoRA run: its weights are checked by IFEval
+b = {k: t for k, t in tensors.items() if "lora_B" in k}
+if not b or any(bool(t.any()) for t in b.values()):
+    sys.exit(1)  # it changed: measure it
+json.dump({"unchanged_from_base": True, "model": run, "same_as": "base.json",
+           "checked": f"all {len(b)} lora_B tensors of adapter_model.safetensors are exactly 0, "
+                      "so the adapter adds exactly nothing and the final model is the base model"},
+          open(out, "w"), indent=1)
+PYTHON
+  then echo "[grid] $1 never updated: the base model's check stands for it ($2)"
+  else nice "$RESD" eval "${IFEVAL[@]}" --model "$1" --out "$2"
+  fi
 }
 
 run_unit() {
@@ -163,8 +195,8 @@ PYTHON
         for f in metrics.jsonl eval.jsonl summary.json playbook.json compare-config.yaml; do
           [ -f "$run/$f" ] && cp "$run/$f" "$save/"
         done
-        cp "$out/comparison.json" "$save/comparison.json"
-        nice "$RESD" eval "${IFEVAL[@]}" --model "$run" --out "$done_file" ;;  # marks it done
+        cp "$out/comparison.json" "$save/comparison.json"  # marks manufactoria's units done
+        [ "$a" = manufactoria ] || unchanged_or_ifeval "$run" "$done_file" ;;
     esac
   )
 }
