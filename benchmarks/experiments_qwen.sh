@@ -26,7 +26,9 @@
 # - A run that never updated its model (every LoRA B matrix of its final adapter exactly
 #   0, so the adapter adds exactly nothing) *is* the base model; its check would measure
 #   base.json again. Its done file records that check instead of a second hour of IFEval.
-#   GRPO, which updates only on a success, never had one on house rules.
+#   GRPO, which updates only on a success, never had one on house rules. Likewise a final
+#   adapter byte for byte equal to one already checked (SDPO+ss with no success computes
+#   SDPO exactly) takes that check: seed 1 measured both, with identical figures.
 # - The manufactoria arm is the headline's short second task (does any method get off
 #   zero?); the forgetting table is house rules'. Its units end with their figures saved.
 #
@@ -136,24 +138,44 @@ arm_args() {  # $1 arm, $2 algorithm: options first, then key=value overrides (a
   esac
 }
 
-unchanged_or_ifeval() {  # $1 a finished LoRA run, $2 the done file: its forgetting check
-  if "$PY" - "$1" "$2" <<'PYTHON'
-import json, sys
+unchanged_or_ifeval() {  # $1 a finished run, $2 its done file: its weights' forgetting check
+  if "$PY" - "$1" "$2" "$BENCH/forgetting_qwen" <<'PYTHON'
+import glob, hashlib, json, os, sys
 from safetensors.torch import load_file
-run, out = sys.argv[1:]
-try:
-    tensors = load_file(f"{run}/adapter_model.safetensors")
-except FileNotFoundError:
-    sys.exit(1)  # not a LoRA run: its weights are checked by IFEval
-b = {k: t for k, t in tensors.items() if "lora_B" in k}
-if not b or any(bool(t.any()) for t in b.values()):
-    sys.exit(1)  # it changed: measure it
-json.dump({"unchanged_from_base": True, "model": run, "same_as": "base.json",
-           "checked": f"all {len(b)} lora_B tensors of adapter_model.safetensors are exactly 0, "
-                      "so the adapter adds exactly nothing and the final model is the base model"},
-          open(out, "w"), indent=1)
+run, out, checks = sys.argv[1:]
+adapter = f"{run}/adapter_model.safetensors"
+if not os.path.exists(adapter):
+    sys.exit(1)  # not a LoRA run: IFEval checks its weights
+lora_b = [t for k, t in load_file(adapter).items() if "lora_B" in k]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+if lora_b and not any(bool(t.any()) for t in lora_b):
+    record = {"unchanged_from_base": True, "same_as": "base.json",
+              "checked": f"all {len(lora_b)} lora_B tensors of adapter_model.safetensors are "
+                         "exactly 0, so the adapter adds exactly nothing and the final model "
+                         "is the base model"}
+else:  # the same weights as a model already checked (SDPO+ss with no success is SDPO)
+    for other in sorted(glob.glob("runs/grid/*/*/*/adapter_model.safetensors")):
+        arm, unit = other.split("/")[2:4]
+        measured = f"{checks}/{arm}-{unit}.json"
+        if (other != adapter and os.path.exists(measured)
+                and "same_as" not in json.load(open(measured))
+                and digest(other) == digest(adapter)):
+            record = {"same_as": os.path.basename(measured),
+                      "checked": f"adapter_model.safetensors is byte for byte {other} (sha256 "
+                                 f"{digest(adapter)}), whose check this is; the check is a "
+                                 "function of the weights (SDPO and SDPO+ss seed 1: identical "
+                                 "adapters, each checked, identical figures)"}
+            break
+    else:
+        sys.exit(1)  # new weights: measure them
+json.dump({"model": run, **record}, open(out, "w"), indent=1)
 PYTHON
-  then echo "[grid] $1 never updated: the base model's check stands for it ($2)"
+  then echo "[grid] $1: weights already checked, see $2"
   else nice "$RESD" eval "${IFEVAL[@]}" --model "$1" --out "$2"
   fi
 }
