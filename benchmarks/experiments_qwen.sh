@@ -159,15 +159,16 @@ if lora_b and not any(bool(t.any()) for t in lora_b):
                          "exactly 0, so the adapter adds exactly nothing and the final model "
                          "is the base model"}
 else:  # the same weights as a model already checked (SDPO+ss with no success is SDPO)
+    mine = digest(adapter)
     for other in sorted(glob.glob("runs/grid/*/*/*/adapter_model.safetensors")):
         arm, unit = other.split("/")[2:4]
         measured = f"{checks}/{arm}-{unit}.json"
         if (other != adapter and os.path.exists(measured)
                 and "same_as" not in json.load(open(measured))
-                and digest(other) == digest(adapter)):
+                and digest(other) == mine):
             record = {"same_as": os.path.basename(measured),
                       "checked": f"adapter_model.safetensors is byte for byte {other} (sha256 "
-                                 f"{digest(adapter)}), whose check this is; the check is a "
+                                 f"{mine}), whose check this is; the check is a "
                                  "function of the weights (SDPO and SDPO+ss seed 1: identical "
                                  "adapters, each checked, identical figures)"}
             break
