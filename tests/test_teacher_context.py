@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from resd.templating import fill
@@ -54,3 +56,24 @@ def test_solution_buffer_keeps_first_success():
     assert not buf.add("item-1", "second")
     assert not buf.add("item-2", "   ")
     assert buf.get("item-1") == "first" and buf.get("item-2") is None and len(buf) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "left_out"),
+    [
+        ("teacher_without_attempt.txt", {"previous_trial"}),
+        ("teacher_lessons_only.txt", {"previous_trial", "feedback"}),
+    ],
+)
+def test_shipped_templates_leave_out_exactly_their_slots(name, left_out):
+    """The templates in configs/templates/ are what the README and results point users to:
+    a renamed slot would silently drop material, a leftover one would show it anyway."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "templates" / name
+    template = TeacherTemplate.from_config(str(path))
+    values = {
+        "prompt": "TASK", "playbook": "PLAYBOOK", "previous_trial": "ATTEMPT",
+        "feedback": "FEEDBACK", "reflection": "REFLECTION", "successful_trial": "SOLUTION",
+    }  # fmt: skip
+    text = template.render(**values)
+    shown = {slot for slot, marker in values.items() if marker in text}
+    assert shown == set(values) - left_out
