@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from resd.templating import fill
-from resd.training.teacher_context import SolutionBuffer, TeacherTemplate
+from resd.training.teacher_context import SLOT_TITLES, SolutionBuffer, TeacherTemplate
 
 
 def test_slots_in_order_and_empty_slots_vanish():
@@ -70,10 +70,7 @@ def test_shipped_templates_leave_out_exactly_their_slots(name, left_out):
     a renamed slot would silently drop material, a leftover one would show it anyway."""
     path = Path(__file__).resolve().parents[1] / "configs" / "templates" / name
     template = TeacherTemplate.from_config(str(path))
-    values = {
-        "prompt": "TASK", "playbook": "PLAYBOOK", "previous_trial": "ATTEMPT",
-        "feedback": "FEEDBACK", "reflection": "REFLECTION", "successful_trial": "SOLUTION",
-    }  # fmt: skip
+    values = {slot: f"<<{slot} text>>" for slot in SLOT_TITLES}
     text = template.render(**values)
     shown = {slot for slot, marker in values.items() if marker in text}
     assert shown == set(values) - left_out
