@@ -228,3 +228,25 @@ def test_prefix_cache_benchmark_smoke(tmp_path):
     assert row["hit_rate"] == 1.0 and row["cached_tokens_mean"] > 0
     assert row["reflect_s"]["cached"]["1"] > 0 and row["reflect_s"]["prefill"]["4"] > 0
     assert done.stdout.rstrip().splitlines()[-1].startswith("house_rules")
+
+
+def test_field_budget_benchmark_smoke(tmp_path):
+    """Both arms decode the same reflection prompts, and the counts separate them: random
+    text overruns the character limits' budget (nothing closes), while the token budget
+    closes every reply and reports the fields it cut (a benchmark that counted cuts the
+    same way in both arms, or fed them different prompts, would fail here)."""
+    out = tmp_path / "field_budget.json"
+    script = ROOT / "benchmarks" / "field_budget.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--envs", "house_rules",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    chars, tokens = row["characters"], row["tokens"]
+    assert row["reflections"] == chars["replies"] == tokens["replies"] == 3
+    assert tokens["parsed"] == tokens["finished"] == 3 and tokens["fields_cut"] > 0
+    assert chars["finished"] == 0 and chars["reply_tokens_max"] == 256
+    # the curator reads the same three reflections in every arm, and must write a lesson
+    assert row["curations"] == 3
+    curation = row["sentences_curation"]
+    assert curation["parsed"] == 3 and curation["lessons"] >= 3 and curation["strings_cut"] > 0
+    assert done.stdout.rstrip().splitlines()[-1].startswith("house_rules")

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import types
+from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
@@ -22,8 +23,11 @@ from resd.generation.structured import (
     MAX_OPERATIONS,
     MAX_TAGS,
     MIN_LESSON_CHARS,
+    SAFETY_TOKENS,
     JsonGrammar,
+    _JsonCursor,
     curation_schema,
+    path_tail,
     reflection_schema,
     string_limit,
     tag_schema,
@@ -144,6 +148,71 @@ def test_string_bounds_are_sized_from_the_token_budget(build):
     assert _string_chars(costly) < _string_chars(large)
 
 
+# ---- token budgets for free text --------------------------------------------------------------
+
+
+def test_json_cursor_knows_which_string_value_is_open():
+    reply = (
+        '{"reasoning":"say \\"a\\", \\u0022b","bullet_tags":[{"id":"x","tag":"helpful"}],'
+        '"operations":[{"type":"ADD","content":"one"},{"type":"DELETE","id":"x"},"two"]}'
+    )
+    text = json.loads(reply)  # valid JSON: escaped quotes inside, strings nested in arrays
+    assert text["reasoning"] == 'say "a", "b'
+    cursor, seen = _JsonCursor(), []
+    for b in reply.encode():
+        cursor.feed(bytes([b]))
+        seen.append(cursor.path)
+    opened, closed = reply.index('"say') + 1, reply.index('","bullet_tags')
+    assert set(seen[opened:closed]) == {("reasoning",)}  # the escaped quotes do not end it
+    assert seen[closed] is None
+    assert seen[reply.index('"helpful"')] == ("bullet_tags", 0, "tag")
+    assert seen[reply.index('"one"')] == ("operations", 0, "content")
+    assert seen[reply.index('"x"}')] == ("operations", 1, "id")
+    assert seen[reply.index('"two"')] == ("operations", 2)
+    assert not any(p and "type" not in p and p[-1] in ("id", "tag") and p[0] == "id" for p in seen)
+    assert seen[-1] is None and cursor.stack == []
+    # keys are never values
+    assert all(p is None for p, ch in zip(seen, reply, strict=True) if ch == ":")
+    # bytes arrive in pieces that split escapes (tokens span boundaries)
+    cursor = _JsonCursor()
+    cursor.feed(reply[: reply.index("\\u0022") + 3].encode())
+    assert cursor.field == "reasoning" and not cursor.closable()  # half an escape: no quote yet
+    cursor.feed(b"0022")
+    assert cursor.closable() and not cursor.sentence_end
+    cursor.feed(b"c. ")  # a sentence ends (spaces after it do not change that)
+    assert cursor.sentence_end
+    cursor.feed(b"3.5")  # a decimal point is not an end once its digits follow
+    assert not cursor.sentence_end
+
+
+def test_token_tails_give_every_string_at_least_its_character_share():
+    budget, count = 256, lambda text: len(text) // 2 + 1  # two structure characters a token
+    schema = reflection_schema(IDS, budget, count)
+    props = schema["properties"]
+    tails = {k: path_tail(schema, (k,), count) for k in props}
+    names = [k for k, t in tails.items() if t is not None]
+    assert names == list(props)[:5]  # the diagnosis fields; bullet tags are not free text
+    assert path_tail(schema, ("bullet_tags", 0, "id"), count) is None  # an enum
+    deadlines = [budget - SAFETY_TOKENS - tails[k] for k in names]
+    assert deadlines == sorted(deadlines)
+    # the last field still leaves room for the tags array at its longest
+    longest_tags = json.dumps({"bullet_tags": [{"id": max(IDS, key=len), "tag": "helpful"}] * 3},
+                              separators=(",", ":"))  # fmt: skip
+    assert tails[names[-1]] >= count(longest_tags)
+    # a field that writes nothing hands its tokens on: each field's own allowance (its
+    # deadline minus the previous one's) covers its character limit at CHARS_PER_TOKEN
+    for prev, name, deadline in zip([None, *names], names, deadlines, strict=False):
+        start = 0 if prev is None else budget - SAFETY_TOKENS - tails[prev]
+        assert deadline - start >= props[name]["maxLength"] / CHARS_PER_TOKEN
+    # lessons inside the operations array: each later one keeps a whole lesson's share
+    curation = curation_schema(IDS, 320, count)
+    n = curation["properties"]["operations"]["maxItems"]
+    share = _op_shapes(curation)["ADD"]["properties"]["content"]["maxLength"] / CHARS_PER_TOKEN
+    lesson = [path_tail(curation, ("operations", i, "content"), count) for i in range(n)]
+    assert n >= 2 and all(a - b >= share for a, b in pairwise(lesson))
+    assert path_tail(curation, ("reasoning",), count) >= lesson[0] + share
+
+
 # ---- decoding under the grammar ------------------------------------------------------------
 
 
@@ -200,6 +269,42 @@ def test_reply_cut_at_the_budget_is_reported_unfinished(tiny):
     assert not gen.finished and len(gen.token_ids) == 10
 
 
+def _late_text(grammar, gen, schema, budget) -> int:
+    """How many tokens of `gen` extend a free-text string past its token deadline."""
+    cursor, late = _JsonCursor(), 0
+    for t, token in enumerate(gen.token_ids):
+        piece = grammar._token_bytes[token]
+        tail = grammar.tail(schema, cursor.path) if cursor.closable() else None
+        late += tail is not None and budget - t - SAFETY_TOKENS <= tail and piece[:1] != b'"'
+        cursor.feed(piece)
+    return late
+
+
+@pytest.mark.parametrize("build", [reflection_schema, curation_schema])
+def test_token_budget_closes_strings_by_their_deadline_where_characters_overrun(tiny, build):
+    model, tok, _ = tiny
+    budget = 400
+    count = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    schema = build(IDS, budget, count)
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": f"task {i}"}]) for i in range(4)]
+    late = {}
+    for token_budget in (False, True):
+        grammar = JsonGrammar(tok, model.config.vocab_size, eos_token_ids(model, tok),
+                              token_budget=token_budget)  # fmt: skip
+        gens = generate(model, tok, prompts, max_new_tokens=budget, temperature=1.0,
+                        seeds=list(range(4)), grammar=grammar, json_schemas=[schema] * 4)  # fmt: skip
+        late[token_budget] = sum(_late_text(grammar, g, schema, budget) for g in gens)
+        if token_budget:
+            assert sum(grammar.cut.values()) == sum(g.fields_cut for g in gens) > 0
+            for g in gens:
+                assert g.finished
+                json.loads(g.text, strict=False)  # closed within the budget
+    # random bytes run at about a token a character: limits sized at 3 characters a token
+    # let the text run past the point where the rest of the object needs the budget
+    assert late[False] > 0
+    assert late[True] == 0
+
+
 def test_prefill_continues_under_the_grammar_and_a_bad_one_is_refused(tiny):
     model, tok, grammar = tiny
     opener = '{"reasoning":"'
@@ -247,7 +352,10 @@ def test_trainer_step_with_structured_output_parses_every_reply(tiny_model_dir, 
     from resd.rundir import SKIP_REASONS
     from resd.training.trainer import Trainer
 
-    trainer = Trainer(_trainer_config(tiny_model_dir, tmp_path / "run"))
+    # a reflection budget tight enough that random text meets its fields' token deadlines
+    trainer = Trainer(
+        _trainer_config(tiny_model_dir, tmp_path / "run", "reflection_max_new_tokens=280")
+    )
     assert trainer.sampler.grammar is not None and trainer.sampler.prefills == {
         "reflection": "",
         "curation": "",
@@ -257,7 +365,7 @@ def test_trainer_step_with_structured_output_parses_every_reply(tiny_model_dir, 
     assert sum(m["reflections"] for m in metrics) > 0
     for m in metrics:
         assert m["reflections_parsed"] == m["reflections"] and m["reflection_parse_failures"] == 0
-        # (random bytes can outrun a budget sized for text; a cut reply still closes and parses)
+        assert m["reflection_truncated"] == 0  # the token budget closed every object in time
         assert m["curations_parsed"] == m["curations"] == m["reflections"]
         skipped = sum(m[f"ops_skipped_{r}"] for r in SKIP_REASONS)
         assert skipped == m["ops_skipped"]  # every skipped operation has its reason
@@ -269,6 +377,12 @@ def test_trainer_step_with_structured_output_parses_every_reply(tiny_model_dir, 
             assert row["reflection_reply"].startswith('{"reasoning":"')
             assert parse_reflection(row["reflection_reply"]) is not None
     Playbook.load(tmp_path / "run" / "playbook.json")  # still a valid playbook
+    # every field the budget closed early is in the step metrics, whichever reply it was in
+    cut = sum(
+        m[f"{kind}_fields_cut"] for m in metrics for kind in ("reflection", "tag", "curation")
+    )
+    assert sum(m["reflection_fields_cut"] for m in metrics) > 0
+    assert cut == sum(trainer.sampler.grammar.cut.values())
 
 
 def test_structured_output_on_without_xgrammar_is_a_config_error(

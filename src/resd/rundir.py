@@ -40,13 +40,16 @@ COUNTERS = (
     "reflection_parse_failures",
     "reflection_loose_parses",
     "reflection_truncated",  # cut at reflection_max_new_tokens
+    "reflection_fields_cut",  # diagnosis fields the token budget closed (transformers backend)
     "reflections_raw",  # unparsed replies handed on as raw text (unparsed_reflection: raw)
     "tag_replies",
     "tag_parse_failures",
+    "tag_fields_cut",
     "curations",
     "curations_parsed",  # a reply whose operation list could be read
     "curation_parse_failures",
     "curation_truncated",
+    "curation_fields_cut",  # reasoning and lessons the token budget closed
     "curations_effective",  # curation replies of which at least one operation was applied
     "reflection_tokens",  # tokens generated for reflections, success tags and curation
     "tag_tokens",

@@ -26,6 +26,9 @@ class Generation:
     # Prompt tokens whose KV came from a cache instead of a prefill (the transformers
     # backend's prefix cache; like OpenAI's `cached_tokens`): the prefix-reuse metric.
     cached_tokens: int = 0
+    # Free-text strings of a structured reply that its token budget closed (the
+    # transformers backend's `token_budget`): how often the model was stopped, not done.
+    fields_cut: int = 0
 
     @property
     def content_ids(self) -> list[int]:

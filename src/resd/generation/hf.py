@@ -463,11 +463,14 @@ def generate(
                 input_ids, attention_mask = left_pad(rows, pad_id, device)
             row_seeded = sampling and seeds is not None
             processors = LogitsProcessorList()
+            masks = None
             if json_schemas is not None and grammar is not None:  # mask first, then sample
-                processors.append(grammar.processor(
+                masks = grammar.processor(
                     [json_schemas[i] for i in chunk],
                     [json_prefixes[i] for i in chunk] if json_prefixes else None,
-                ))  # fmt: skip
+                    max_new_tokens,
+                )
+                processors.append(masks)
             sampler = (
                 RowSeededSampler([seeds[i] for i in chunk], temperature, top_p, device)
                 if row_seeded
@@ -500,6 +503,8 @@ def generate(
                 )
                 results[i] = cut_at_eos(new_tokens[row], eos, tokenizer, logprobs)
                 results[i].cached_tokens = hits[row][0]
+                if masks is not None and masks.closer is not None:
+                    results[i].fields_cut = masks.closer.rows_cut[row]
             if keep and not primed:
                 _keep_prefixes(prefix_cache, out.cache, rows,
                                [results[i] for i in chunk], input_ids.shape[1])  # fmt: skip

@@ -14,6 +14,18 @@ the right shape by construction:
   so that the object can close before the budget ends. After the closing brace the
   grammar allows only end-of-sequence, so generation stops as soon as the object does.
 
+Characters are a poor unit for that budget: the 0.5B model's reflections run at 2.5 to
+4.4 characters per token, so a limit sized at 3 both cuts fields mid-word ("produce the
+expected 5") and, on digit-heavy text, can still overrun. The transformers backend
+therefore budgets free text in tokens instead (`token_budget=True`, its default): the
+grammar lifts the budget-derived `maxLength`s (lessons keep the playbook's 300-character
+cap), and a `FieldCloser` closes a string when what is left of the budget is what the
+rest of the object needs at its longest, each later string keeping its full share
+(`path_tail`); in the last `SENTENCE_WINDOW_TOKENS` before that point a sentence's end
+closes it too. A string that stops early hands its tokens to the ones after it, and the
+object closes within the budget whatever the text's characters per token. The vLLM
+backend and `resd serve` compile schemas as written, character limits included.
+
 Two parts. The schema builders are pure functions of (visible ids, token budget),
 torch-free and unit-tested. `JsonGrammar` compiles schemas for one tokenizer with
 xgrammar and makes a fresh logits processor for every transformers `generate` call;
@@ -24,7 +36,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from resd.training.playbook import OPERATION_TYPES, SECTIONS, TAGS
@@ -41,6 +56,9 @@ CHARS_PER_TOKEN = 3.0
 STRUCTURE_CHARS_PER_TOKEN = 2.0
 SAFETY_TOKENS = 8  # the end-of-sequence token, and slack for tokens that span a boundary
 MIN_STRING_CHARS = 24
+# The last tokens before a free-text field's token deadline: there, a sentence that ends
+# ends the field too, so that fewer fields stop mid-sentence at the deadline itself.
+SENTENCE_WINDOW_TOKENS = 16
 MAX_TAGS = 4  # bullet tags per reply
 MAX_OPERATIONS = 3  # curator operations per reply
 MAX_LESSON_CHARS = 300
@@ -240,6 +258,235 @@ def curation_schema(
     return _object({"reasoning": _string(sizes["reasoning"]), "operations": ops})
 
 
+# ---- token budgets for free text ---------------------------------------------------------------
+
+Path = tuple[str | int, ...]  # keys and array indices from the root to a string value
+
+
+def _free_string(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "string" and "maxLength" in schema
+
+
+def _longest(schema: dict[str, Any]) -> tuple[Any, int]:
+    """The instance of `schema` whose fixed structure is longest, with its free strings
+    empty, and how many free-text characters those strings may hold."""
+    if "const" in schema:
+        return schema["const"], 0
+    if "enum" in schema:
+        return max(schema["enum"], key=lambda v: len(json.dumps(v))), 0
+    if "anyOf" in schema:
+        options = [_longest(s) for s in schema["anyOf"]]
+        return max(
+            options,
+            key=lambda o: (
+                len(json.dumps(o[0])) / STRUCTURE_CHARS_PER_TOKEN + o[1] / CHARS_PER_TOKEN
+            ),
+        )
+    kind = schema.get("type")
+    if kind == "object":
+        parts = {k: _longest(v) for k, v in schema.get("properties", {}).items()}
+        return {k: v for k, (v, _) in parts.items()}, sum(c for _, c in parts.values())
+    if kind == "array":
+        item, chars = _longest(schema.get("items", {}))
+        n = schema.get("maxItems", 1)
+        return [item] * n, chars * n
+    if kind == "string":
+        return "", schema.get("maxLength", 0)
+    return None, 0
+
+
+def _container(schema: dict[str, Any], step: str | int) -> dict[str, Any] | None:
+    """The object (an `anyOf` alternative, if need be) or array that `step` goes into."""
+    if isinstance(step, int):
+        return schema if schema.get("type") == "array" else None
+    for option in [schema, *schema.get("anyOf", [])]:
+        if step in option.get("properties", {}):
+            return option
+    return None
+
+
+def path_tail(schema: dict[str, Any], path: Path, count_tokens: CountTokens) -> int | None:
+    """The tokens a reply still needs once the free-text string at `path` has closed: the
+    rest of every enclosing object and array at its longest, every later free string at
+    its full share (its `maxLength` at `CHARS_PER_TOKEN`). None if `path` is not free text.
+
+    A string may run until only that much of the budget is left: one that stops early
+    leaves its tokens to the strings after it, and none gets less than its share."""
+    levels, node = [], schema
+    for step in path:
+        container = _container(node, step)
+        if container is None:
+            return None
+        levels.append((container, step))
+        node = (
+            container.get("items", {}) if isinstance(step, int) else container["properties"][step]
+        )
+    if not path or not _free_string(node):
+        return None
+    tokens = chars = 0
+    for container, step in levels:
+        if isinstance(step, int):
+            later = max(0, container.get("maxItems", step + 1) - step - 1)
+            rest = {"type": "array", "items": container.get("items", {}), "maxItems": later}
+        else:
+            names = list(container["properties"])
+            after = names[names.index(step) + 1 :]
+            rest = {"type": "object", "properties": {k: container["properties"][k] for k in after}}
+        value, free = _longest(rest)
+        tokens += count_tokens(json.dumps(value, separators=SEPARATORS))
+        chars += free
+    return tokens + math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def _budgeted(schema: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """The schema the grammar enforces when free text is budgeted in tokens: top-level
+    free strings unbounded, nested ones (lessons) at the playbook's `MAX_LESSON_CHARS`."""
+    if _free_string(schema):
+        if depth <= 1:
+            return {k: v for k, v in schema.items() if k != "maxLength"}
+        return {**schema, "maxLength": max(schema["maxLength"], MAX_LESSON_CHARS)}
+    out = dict(schema)
+    if "properties" in schema:
+        out["properties"] = {k: _budgeted(v, depth + 1) for k, v in schema["properties"].items()}
+    if "items" in schema:
+        out["items"] = _budgeted(schema["items"], depth + 1)
+    if "anyOf" in schema:
+        out["anyOf"] = [_budgeted(v, depth) for v in schema["anyOf"]]
+    return out
+
+
+class _JsonCursor:
+    """Where a reply is in its JSON, read from its bytes as they come.
+
+    Only what a budget needs: the path of the string value being written (None
+    elsewhere), how many bytes it holds, whether its text ends a sentence, and whether
+    an escape sequence or a UTF-8 character is half written (the grammar allows no
+    closing quote there: it would be text, or break the character).
+    """
+
+    def __init__(self) -> None:
+        self.stack: list[list[Any]] = []  # ["obj", key, after_colon] or ["arr", index]
+        self.in_string = False
+        self.escape = 0  # -1 right after a backslash, else hex digits of \uXXXX still due
+        self.utf8 = 0  # continuation bytes still due for the character being written
+        self.key = bytearray()
+        self.reading_key = False
+        self.path: Path | None = None
+        self.chars = 0
+        self.sentence_end = False  # the open value's text ends with . ! or ? (and spaces)
+
+    @property
+    def field(self) -> str | None:
+        """The innermost key of the open string value."""
+        keys = [s for s in self.path or () if isinstance(s, str)]
+        return keys[-1] if keys else None
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if self.in_string:
+                self._in_string(b)
+                continue
+            top = self.stack[-1] if self.stack else None
+            if b == 0x22:  # "
+                self.in_string = True
+                if top is not None and top[0] == "obj" and not top[2]:
+                    self.reading_key, self.key = True, bytearray()
+                elif top is not None:
+                    self.path = tuple(entry[1] for entry in self.stack)
+                    self.chars, self.sentence_end = 0, False
+            elif b in b"{[":
+                self.stack.append(["obj", None, False] if b == 0x7B else ["arr", 0])
+            elif b in b"}]":
+                if self.stack:
+                    self.stack.pop()
+            elif top is not None and b == 0x3A and top[0] == "obj":  # :
+                top[2] = True
+            elif top is not None and b == 0x2C:  # ,
+                if top[0] == "obj":
+                    top[2] = False
+                else:
+                    top[1] += 1
+
+    def _in_string(self, b: int) -> None:
+        if b >= 0x80:  # a multi-byte character: its lead byte says how many follow
+            self.utf8 = max(0, self.utf8 - 1) if b < 0xC0 else 1 + (b >= 0xE0) + (b >= 0xF0)
+        if self.escape:
+            self.escape = 4 if self.escape == -1 and b == 0x75 else max(0, self.escape - 1)
+        elif b == 0x5C:  # backslash
+            self.escape = -1
+        elif b == 0x22:
+            if self.reading_key:
+                self.stack[-1][1] = self.key.decode(errors="replace")
+            self.in_string, self.reading_key, self.path = False, False, None
+            return
+        elif self.reading_key:
+            self.key.append(b)
+        if self.path is not None:
+            self.chars += 1
+            if b not in b" \t":
+                self.sentence_end = b in b".!?" and not self.escape
+
+    def closable(self) -> bool:
+        return self.path is not None and self.chars > 0 and not self.escape and not self.utf8
+
+
+class FieldCloser:
+    """Closes each row's free-text strings when its token budget says so.
+
+    Applied after the grammar's mask: it only narrows the allowed tokens to those that
+    begin with a quote, which end the string. A string is closed at its deadline (when
+    the rest of the object needs what is left, `path_tail`), or up to `sentence_window`
+    tokens before it where a sentence has just ended. Counts the strings it closed
+    (cut), by innermost key and by row.
+    """
+
+    def __init__(
+        self,
+        tails: Sequence[Callable[[Path], int | None] | None],
+        max_new_tokens: int,
+        token_bytes: Sequence[bytes],
+        quote_starts: Any,
+        prefills: Sequence[str] | None = None,
+        cut: Counter | None = None,
+        sentence_window: int = SENTENCE_WINDOW_TOKENS,
+    ) -> None:
+        self.tails = list(tails)
+        self.sentence_window = sentence_window
+        self.max_new_tokens = max_new_tokens
+        self.token_bytes = token_bytes
+        self.quote_starts = quote_starts
+        self.cursors = [_JsonCursor() if t is not None else None for t in self.tails]
+        for row, text in enumerate(prefills or []):
+            if self.cursors[row] is not None and text:
+                self.cursors[row].feed(text.encode())
+        self.cut = cut if cut is not None else Counter()
+        self.rows_cut = [0] * len(self.tails)
+
+    def accept(self, row: int, token: int) -> None:
+        cursor = self.cursors[row]
+        if cursor is not None and token < len(self.token_bytes):
+            cursor.feed(self.token_bytes[token])
+
+    def narrow(self, row: int, scores: Any, generated: int) -> None:
+        """`generated`: tokens this row has already produced in this call."""
+        cursor = self.cursors[row]
+        if cursor is None or not cursor.closable():
+            return
+        tail = self.tails[row](cursor.path)
+        if tail is None:  # an enum or unbounded string: the grammar's business
+            return
+        spare = self.max_new_tokens - generated - SAFETY_TOKENS - tail
+        if spare > 0 and not (cursor.sentence_end and spare <= self.sentence_window):
+            return
+        quotes = self.quote_starts.to(scores.device)
+        allowed = scores[row, : quotes.numel()].isfinite() & quotes
+        if allowed.any():
+            scores[row, : quotes.numel()].masked_fill_(~allowed, float("-inf"))
+            scores[row, quotes.numel() :] = float("-inf")
+            self.cut[cursor.field] += 1
+            self.rows_cut[row] += 1
+
+
 def grammar_available() -> bool:
     try:
         import xgrammar  # noqa: F401
@@ -258,14 +505,27 @@ class JsonGrammar:
     """Compiles JSON schemas for one tokenizer and constrains transformers' `generate`.
 
     Compiled grammars are cached by schema text: within a step every reflection shares
-    the same playbook snapshot, hence the same schema.
+    the same playbook snapshot, hence the same schema. With `token_budget` (the default)
+    top-level free-text fields are budgeted in tokens by a `FieldCloser` rather than cut
+    at their `maxLength` (the module's docstring says why); `cut` counts the fields it
+    closed early, by name, over the grammar's life.
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Sequence[int],
+        *,
+        token_budget: bool = True,
+        sentence_window: int = SENTENCE_WINDOW_TOKENS,
+    ) -> None:
         try:
             import xgrammar as xgr
         except ImportError as exc:
             raise StructuredOutputUnavailable(INSTALL_HINT) from exc
+        import torch
+
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
@@ -273,8 +533,19 @@ class JsonGrammar:
         self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self._cache: dict[str, Any] = {}
+        self.token_budget = token_budget
+        self.sentence_window = sentence_window
+        self._tokenizer = tokenizer
+        self._token_bytes = [
+            t if isinstance(t, bytes) else str(t).encode() for t in info.decoded_vocab
+        ]
+        self._quote_starts = torch.tensor([t.startswith(b'"') for t in self._token_bytes])
+        self._tails: dict[tuple[str, Path], int | None] = {}
+        self.cut: Counter = Counter()
 
     def compile(self, schema: dict[str, Any]) -> Any:
+        if self.token_budget:
+            schema = _budgeted(schema)
         key = json.dumps(schema)  # key order is the order the reply must follow
         if key not in self._cache:
             self._cache[key] = self._compiler.compile_json_schema(
@@ -282,12 +553,35 @@ class JsonGrammar:
             )
         return self._cache[key]
 
+    def tail(self, schema: dict[str, Any], path: Path, key: str | None = None) -> int | None:
+        """`path_tail` with this tokenizer, cached by the schema's text (`key`, if the
+        caller has it): a step's replies share their schema, and a decode step asks for
+        every row."""
+        cached = (key or json.dumps(schema), path)
+        if cached not in self._tails:
+            self._tails[cached] = path_tail(schema, path, self._count_tokens)
+        return self._tails[cached]
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def processor(
-        self, schemas: Sequence[dict[str, Any] | None], prefills: Sequence[str] | None = None
+        self,
+        schemas: Sequence[dict[str, Any] | None],
+        prefills: Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
     ) -> GrammarLogitsProcessor:
-        """A fresh processor for one batch (rows in order); a None schema leaves its row free."""
+        """A fresh processor for one batch (rows in order); a None schema leaves its row free.
+
+        `max_new_tokens` (the call's budget) turns on the token budget of free-text fields."""
         grammars = [self.compile(s) if s is not None else None for s in schemas]
-        return GrammarLogitsProcessor(self._xgr, grammars, self.vocab_size, prefills)
+        closer = None
+        if self.token_budget and max_new_tokens is not None:
+            tails = [partial(self.tail, s, key=json.dumps(s)) if s is not None else None
+                     for s in schemas]  # fmt: skip
+            closer = FieldCloser(tails, max_new_tokens, self._token_bytes, self._quote_starts,
+                                 prefills, self.cut, self.sentence_window)  # fmt: skip
+        return GrammarLogitsProcessor(self._xgr, grammars, self.vocab_size, prefills, closer)
 
 
 class GrammarLogitsProcessor:
@@ -306,8 +600,11 @@ class GrammarLogitsProcessor:
         grammars: Sequence[Any | None],
         vocab_size: int,
         prefills: Sequence[str] | None = None,
+        closer: FieldCloser | None = None,
     ) -> None:
         self._xgr = xgr
+        self.closer = closer
+        self.generated = 0
         self.matchers = [xgr.GrammarMatcher(g) if g is not None else None for g in grammars]
         for row, text in enumerate(prefills or []):
             matcher = self.matchers[row]
@@ -325,10 +622,14 @@ class GrammarLogitsProcessor:
         if self.started:
             for row in self.rows:
                 matcher = self.matchers[row]
-                if not matcher.is_terminated() and not matcher.accept_token(
-                    int(input_ids[row, -1])
-                ):
+                if matcher.is_terminated():
+                    continue
+                token = int(input_ids[row, -1])
+                if not matcher.accept_token(token):
                     raise RuntimeError("structured output: a sampled token broke its grammar")
+                if self.closer is not None:
+                    self.closer.accept(row, token)
+            self.generated += 1
         self.started = True
         live = [row for row in self.rows if not self.matchers[row].is_terminated()]
         for row in live:
@@ -339,5 +640,8 @@ class GrammarLogitsProcessor:
             self._xgr.apply_token_bitmask_inplace(
                 cpu, self.bitmask.to(cpu.device), vocab_size=self.vocab_size, indices=live
             )
+            if self.closer is not None:
+                for row in live:
+                    self.closer.narrow(row, cpu, self.generated)
             scores = cpu.to(device)
         return scores

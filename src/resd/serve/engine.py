@@ -303,12 +303,13 @@ class GenerationEngine:
 
     def _grammar(self, served: ServedModel) -> JsonGrammar:
         """One grammar compiler per served model (a swap brings a new one); it caches
-        compiled schemas."""
+        compiled schemas. A client's schema is held to the letter: its `maxLength`s stay
+        character limits (no token budget, which would lift them)."""
         with self._lock:
             if self._grammars.get(id(served)) is None:
                 self._grammars = {id(served): JsonGrammar(
                     served.tokenizer, served.model.config.vocab_size,
-                    eos_token_ids(served.model, served.tokenizer),
+                    eos_token_ids(served.model, served.tokenizer), token_budget=False,
                 )}  # fmt: skip
             return self._grammars[id(served)]
 

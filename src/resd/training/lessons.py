@@ -221,6 +221,7 @@ class Lessons:
             counts["reflection_cached_tokens"] += reply.cached_tokens
             counts["reflection_cache_hits"] += reply.cached_tokens > 0
             counts["reflection_truncated"] += not reply.finished
+            counts["reflection_fields_cut"] += reply.fields_cut
             r.reflection_reply = reply.text
             r.reflection = parse_reflection(reply.text)
             if r.reflection is None:
@@ -253,6 +254,7 @@ class Lessons:
             counts["tag_replies"] += 1
             counts["tag_tokens"] += len(reply.token_ids)
             counts["tag_cached_tokens"] += reply.cached_tokens
+            counts["tag_fields_cut"] += reply.fields_cut
             parsed = parse_tags(reply.text)
             if parsed is None:
                 counts["tag_parse_failures"] += 1
@@ -305,6 +307,7 @@ class Lessons:
         for reply in replies:
             counts["curation_tokens"] += len(reply.token_ids)
             counts["curation_truncated"] += not reply.finished
+            counts["curation_fields_cut"] += reply.fields_cut
         return self._operations(
             ((r, reply.text) for (r, _), reply in zip(sources, replies, strict=True)), counts
         )

@@ -260,5 +260,5 @@ class PolicySampler:
             top_p=self.cfg.top_p, seeds=seeds, json_schemas=schemas,
             json_prefixes=[prefill] * len(prompts) if schemas and prefill else None,
         )  # fmt: skip
-        return [Generation(g.token_ids, prefill + g.text, g.finished, cached_tokens=g.cached_tokens)
-                for g in gens]  # fmt: skip
+        return [Generation(g.token_ids, prefill + g.text, g.finished, cached_tokens=g.cached_tokens,
+                           fields_cut=g.fields_cut) for g in gens]  # fmt: skip
