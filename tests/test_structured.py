@@ -24,6 +24,7 @@ from resd.generation.structured import (
     MAX_TAGS,
     MIN_LESSON_CHARS,
     SAFETY_TOKENS,
+    FieldCloser,
     JsonGrammar,
     _JsonCursor,
     curation_schema,
@@ -267,6 +268,22 @@ def test_garbage_weights_write_valid_curation_and_tags(tiny):
 def test_reply_cut_at_the_budget_is_reported_unfinished(tiny):
     (gen,) = _replies(tiny, reflection_schema(IDS, 400), n=1, max_new_tokens=10)
     assert not gen.finished and len(gen.token_ids) == 10
+
+
+def test_forced_structure_is_written_in_the_fewest_tokens():
+    token_of = {b'"': 0, b'",': 1, b'","': 2, b"k": 3, b"ke": 4, b"x": 5}
+    closer = FieldCloser([None], 100, [b'"', b'",', b'","', b"k", b"ke", b"x"],
+                         torch.zeros(6, dtype=torch.bool), token_of=token_of)  # fmt: skip
+    scores = torch.zeros(1, 8)
+    assert closer.force_structure(0, '","key":"', scores)
+    assert torch.isfinite(scores[0]).tolist() == [False, False, True] + [False] * 5
+    scores = torch.zeros(1, 8)
+    scores[0, 2] = float("-inf")  # the grammar forbids the longest: the next longest, then
+    assert closer.force_structure(0, '","key":"', scores)
+    assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [1]
+    scores = torch.zeros(1, 8)
+    assert not closer.force_structure(0, "zzz", scores)  # no token begins it: left alone
+    assert torch.isfinite(scores).all()
 
 
 def _late_text(grammar, gen, schema, budget) -> int:
