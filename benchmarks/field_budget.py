@@ -32,14 +32,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from prefix_cache import (
+    load,
+    model_arguments,
+    tiny_model,
+    write_rows,
+)  # the benchmarks' shared plumbing
 
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
 from resd.generation.structured import (
@@ -63,13 +66,6 @@ ARMS = (  # name, token budget, sentence window
     ("sentences", True, SENTENCE_WINDOW_TOKENS),
 )
 SENTENCE_ENDS = (".", "!", "?", ".'", '."', ".)", ".`")
-
-
-def load(model: str, dtype: str):
-    from resd.models import load_model, load_tokenizer, resolve_model_path
-
-    path = resolve_model_path(model)
-    return load_model(path, dtype=dtype), load_tokenizer(path)
 
 
 def reflection_prompts(
@@ -205,36 +201,21 @@ def measure(model, tok, env_name: str, args: argparse.Namespace) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--dtype", default="bfloat16", help="the sampling copy's dtype")
-    parser.add_argument("--envs", default=",".join(ENVS))
+    model_arguments(parser, "benchmarks/results/field_budget.json")
+    parser.set_defaults(envs=",".join(ENVS))  # this script's tasks
     parser.add_argument("--items", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rollout-tokens", type=int, default=96)
     parser.add_argument("--budget", type=int, default=256, help="reflection_max_new_tokens")
     parser.add_argument("--curation-budget", type=int, default=192, help="curation_max_new_tokens")
-    parser.add_argument("--max-prompt-tokens", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few tokens")
-    parser.add_argument("--out", default="benchmarks/results/field_budget.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import build_tiny_model
-
-        args.model = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="resd-budget-"))))
+        args.model = tiny_model("resd-budget-")
         args.dtype, args.items, args.batch, args.rollout_tokens = "float32", 3, 3, 6
     model, tok = load(args.model, args.dtype)
     rows = [measure(model, tok, env, args) for env in args.envs.split(",")]
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(),
-                                          "machine": platform.processor() or platform.machine(),
-                                          "rows": rows}, indent=1))  # fmt: skip
+    write_rows(args.out, args, rows)
     print(f"{'env':12s} {'arm':10s} {'parsed':>8s} {'cut':>9s} {'mid-sentence':>12s} "
           f"{'chars/field':>11s} {'tokens':>6s} {'max':>4s} {'s':>6s}")  # fmt: skip
     for r in rows:

@@ -49,6 +49,37 @@ def load(model: str, dtype: str):
     return load_model(path, dtype=dtype), load_tokenizer(path)
 
 
+def model_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every task-on-a-model benchmark here takes (and `--out` its JSON)."""
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--dtype", default="bfloat16", help="the sampling copy's dtype")
+    parser.add_argument("--envs", default=",".join(ENVS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-prompt-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few tokens")
+    parser.add_argument("--out", default=out)
+
+
+def tiny_model(prefix: str) -> str:
+    """A tiny random model of the tests' (`--smoke` runs: seconds, no weights to fetch)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import build_tiny_model
+
+    return str(build_tiny_model(Path(tempfile.mkdtemp(prefix=prefix))))
+
+
+def write_rows(out: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The run's settings, machine and rows as JSON at `out`."""
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(),
+                                     "machine": platform.processor() or platform.machine(),
+                                     "rows": rows}, indent=1))  # fmt: skip
+
+
 def timed(fn) -> tuple[float, Any]:
     start = time.perf_counter()
     out = fn()
@@ -112,36 +143,20 @@ def measure(model, tok, env_name: str, args: argparse.Namespace) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--dtype", default="bfloat16", help="the sampling copy's dtype")
-    parser.add_argument("--envs", default=",".join(ENVS))
-    parser.add_argument("--batch", type=int, default=8)
+    model_arguments(parser, "benchmarks/results/prefix_cache.json")
     parser.add_argument("--rollout-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--max-prompt-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few tokens")
-    parser.add_argument("--out", default="benchmarks/results/prefix_cache.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import build_tiny_model
-
-        args.model = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="resd-prefix-"))))
+        args.model = tiny_model("resd-prefix-")
         args.dtype, args.batch, args.rollout_tokens, args.new_tokens = "float32", 3, 6, 4
         args.repeats = 1
     model, tok = load(args.model, args.dtype)
     rows = [measure(model, tok, env, args) for env in args.envs.split(",")]
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(),
-                                          "machine": platform.processor() or platform.machine(),
-                                          "rows": rows}, indent=1))  # fmt: skip
+    write_rows(args.out, args, rows)
     n = args.new_tokens
     print(f"{'env':13s} {'prompt':>6s} {'hits':>5s} {'cached':>6s} {'prefill s':>9s} "
           f"{'cached s':>8s} {f'{n} tok s':>9s} {'cached s':>8s} {'saving':>6s} {'keep s':>6s} {'plain s':>7s}")  # fmt: skip

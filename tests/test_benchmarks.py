@@ -215,19 +215,23 @@ def test_serve_load_benchmark_smoke(tiny_model_dir, tmp_path):
     assert result["fault"]["acknowledged_feedback"] > 0 and result["fault"]["lost_feedback"] == 0
 
 
-def test_prefix_cache_benchmark_smoke(tmp_path):
-    """The benchmark's cached arm really hits on the tiny model, and both arms decode the
-    same number of tokens (a benchmark that never hit would report a fake 0 % saving)."""
-    out = tmp_path / "prefix_cache.json"
-    script = ROOT / "benchmarks" / "prefix_cache.py"
+def _house_rules_smoke(name: str, out: Path) -> tuple[dict, str]:
+    """Run a benchmark's `--smoke` on house rules; its only row, and its last printed line."""
+    script = ROOT / "benchmarks" / f"{name}.py"
     done = subprocess.run([sys.executable, str(script), "--smoke", "--envs", "house_rules",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    row = json.loads(out.read_text())["rows"][0]
+    return json.loads(out.read_text())["rows"][0], done.stdout.rstrip().splitlines()[-1]
+
+
+def test_prefix_cache_benchmark_smoke(tmp_path):
+    """The benchmark's cached arm really hits on the tiny model, and both arms decode the
+    same number of tokens (a benchmark that never hit would report a fake 0 % saving)."""
+    row, last_line = _house_rules_smoke("prefix_cache", tmp_path / "prefix_cache.json")
     assert row["env"] == "house_rules" and row["rows"] == 3
     assert row["hit_rate"] == 1.0 and row["cached_tokens_mean"] > 0
     assert row["reflect_s"]["cached"]["1"] > 0 and row["reflect_s"]["prefill"]["4"] > 0
-    assert done.stdout.rstrip().splitlines()[-1].startswith("house_rules")
+    assert last_line.startswith("house_rules")
 
 
 def test_field_budget_benchmark_smoke(tmp_path):
@@ -235,12 +239,7 @@ def test_field_budget_benchmark_smoke(tmp_path):
     text overruns the character limits' budget (nothing closes), while the token budget
     closes every reply and reports the fields it cut (a benchmark that counted cuts the
     same way in both arms, or fed them different prompts, would fail here)."""
-    out = tmp_path / "field_budget.json"
-    script = ROOT / "benchmarks" / "field_budget.py"
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--envs", "house_rules",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    row = json.loads(out.read_text())["rows"][0]
+    row, last_line = _house_rules_smoke("field_budget", tmp_path / "field_budget.json")
     chars, tokens = row["characters"], row["tokens"]
     assert row["reflections"] == chars["replies"] == tokens["replies"] == 3
     assert tokens["parsed"] == tokens["finished"] == 3 and tokens["fields_cut"] > 0
@@ -249,4 +248,4 @@ def test_field_budget_benchmark_smoke(tmp_path):
     assert row["curations"] == 3
     curation = row["sentences_curation"]
     assert curation["parsed"] == 3 and curation["lessons"] >= 3 and curation["strings_cut"] > 0
-    assert done.stdout.rstrip().splitlines()[-1].startswith("house_rules")
+    assert last_line.startswith("house_rules")  # the tables were printed
