@@ -528,9 +528,9 @@ class JsonGrammar:
 
     Compiled grammars are cached by schema text: within a step every reflection shares
     the same playbook snapshot, hence the same schema. With `token_budget` (the default)
-    top-level free-text fields are budgeted in tokens by a `FieldCloser` rather than cut
-    at their `maxLength` (the module's docstring says why); `cut` counts the fields it
-    closed early, by name, over the grammar's life.
+    free text is budgeted in tokens by a `FieldCloser` rather than cut at its `maxLength`
+    (the module's docstring says why); `cut` counts the strings it closed, by their
+    innermost key, over the grammar's life.
     """
 
     def __init__(
