@@ -90,6 +90,15 @@ def reflection_prompts(
     return out, tasks
 
 
+def _parsed(gens) -> list[dict[str, Any]]:
+    """The replies that are whole JSON objects (raw control characters allowed)."""
+    objects = []
+    for g in gens:
+        with contextlib.suppress(json.JSONDecodeError):
+            objects.append(json.loads(g.text, strict=False))
+    return objects
+
+
 def _ends_mid_sentence(text: str) -> bool:
     return not text.rstrip().endswith(SENTENCE_ENDS)
 
@@ -102,10 +111,7 @@ def decode(model, tok, grammar: JsonGrammar, prompts, schema, args) -> dict[str,
                     seeds=list(range(len(prompts))), batch_size=args.batch, grammar=grammar,
                     json_schemas=[schema] * len(prompts))  # fmt: skip
     seconds = time.perf_counter() - start
-    objects = []
-    for g in gens:
-        with contextlib.suppress(json.JSONDecodeError):
-            objects.append(json.loads(g.text, strict=False))
+    objects = _parsed(gens)
     limits = {k: schema["properties"][k]["maxLength"] for k in FIELDS}
     lengths = {k: [len(o[k]) for o in objects] for k in FIELDS}
     if grammar.token_budget:
@@ -136,10 +142,7 @@ def curate(model, tok, grammar: JsonGrammar, prompts, schema, args) -> dict[str,
     gens = generate(model, tok, prompts, max_new_tokens=args.curation_budget, temperature=0.7,
                     seeds=list(range(len(prompts))), batch_size=args.batch, grammar=grammar,
                     json_schemas=[schema] * len(prompts))  # fmt: skip
-    objects = []
-    for g in gens:
-        with contextlib.suppress(json.JSONDecodeError):
-            objects.append(json.loads(g.text, strict=False))
+    objects = _parsed(gens)
     lessons = [op["content"] for o in objects for op in o["operations"] if "content" in op]
     limit = max((s["properties"]["content"]["maxLength"] for s in
                  schema["properties"]["operations"]["items"]["anyOf"] if "content" in s["properties"]),

@@ -500,7 +500,9 @@ class FieldCloser:
         spare = self.max_new_tokens - generated - SAFETY_TOKENS - tail
         if spare > 0 and not (cursor.sentence_end and spare <= self.sentence_window):
             return
-        quotes = self.quote_starts.to(scores.device)
+        if self.quote_starts.device != scores.device:  # once per call, not per row and step
+            self.quote_starts = self.quote_starts.to(scores.device)
+        quotes = self.quote_starts
         allowed = scores[row, : quotes.numel()].isfinite() & quotes
         if allowed.any():
             scores[row, : quotes.numel()].masked_fill_(~allowed, float("-inf"))
