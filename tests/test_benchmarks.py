@@ -136,7 +136,7 @@ def test_teacher_context_probe_takes_a_logged_prompt_apart(tiny_model_dir, tmp_p
         [sys.executable, str(ROOT / "benchmarks" / "sd_sanity.py"), "--out", str(out), "--algorithms", "resd",
          "--feedback", "quote", "--steps", "1", "--eval-every", "1", "--json", str(tmp_path / "sd.json"),
          f"model={tiny_model_dir}", "lora=null", "max_new_tokens=8", "eval_samples=1",
-         "reflection_max_new_tokens=24", "curation_max_new_tokens=24"], **common,
+         "reflection_max_new_tokens=128", "curation_max_new_tokens=24"], **common,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     done = subprocess.run(
@@ -154,6 +154,41 @@ def test_teacher_context_probe_takes_a_logged_prompt_apart(tiny_model_dir, tmp_p
     }
     assert len({round(v, 6) for v in values.values()}) > 1  # the variants are different prompts
     assert "| as logged |" in done.stdout
+    # the reflection counter reads the same run folder: every failed rollout's reflection,
+    # its parsed fields, and the sampler's deadline cuts as metrics.jsonl logged them
+    counts = load_benchmark("reflection_content").count(out / "resd-quote")
+    metrics = [
+        json.loads(line) for line in (out / "resd-quote" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert counts["replies"] == metrics[0]["reflections"] == 8
+    assert counts["reflections"] == metrics[0]["reflections_parsed"] > 0
+    assert counts["fields"] == 4 * counts["reflections"]
+    assert counts["fields_cut_at_deadline"] == metrics[0]["reflection_fields_cut"]
+
+
+def test_reflection_content_counts_whole_numbers_from_the_quoting_feedback(tmp_path):
+    """The counter finds the right product and the feedback's quoted wrong number as whole
+    numbers (5784 is not 57840; 57,760 is 57760), and a field that stops mid-word counts
+    as mid-sentence. A counter matching substrings, or taking the wrong number from the
+    reply instead of the feedback, fails here."""
+    run = tmp_path / "run"
+    run.mkdir()
+    reply = {"reasoning": "r", "error_identification": "It wrote 57,760.", "root_cause_analysis": "Carry",
+             "correct_approach": "Multiply again.", "key_insight": "Check!", "bullet_tags": []}  # fmt: skip
+    samples = [
+        {"item": "sanity/964*60", "response": "Answer: 964 * 60 = 57760", "reflection": "57,760 not 5784",
+         "feedback": "The final answer 57760 is wrong: 964 * 60 = 57840.", "reflection_reply": json.dumps(reply)},
+        {"item": "sanity/964*60", "response": "Answer: 1", "reflection": "It is 57840, not 1.",
+         "feedback": "The final answer 1 is wrong: 964 * 60 = 57840.", "reflection_reply": "{cut"},
+        {"item": "sanity/964*60", "response": "Answer: 57840", "reflection": None, "feedback": "Correct."},
+    ]  # fmt: skip
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reflection_tokens": 40}) + "\n")
+    counts = load_benchmark("reflection_content").count(run)
+    assert counts["replies"] == counts["reflections"] == 2
+    assert counts["with_right_value"] == 1 and counts["with_wrong_value"] == 2
+    assert counts["fields"] == 4 and counts["fields_mid_sentence"] == 1  # "Carry"
+    assert counts["fields_cut_at_deadline"] is None  # the run's code did not count cuts
 
 
 def test_teacher_as_solver_answers_each_context_and_scores_it(tiny_model_dir, tmp_path, capsys):
