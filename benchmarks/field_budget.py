@@ -25,6 +25,7 @@ different text after their first difference, so the counts compare arms, not rep
 
     python benchmarks/field_budget.py                       # bundled 0.5B, arithmetic and house rules
     python benchmarks/field_budget.py --smoke               # tiny random model, seconds
+    python benchmarks/field_budget.py --envs arithmetic --min-operations 0   # may the curator pass?
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def curate(model, tok, grammar: JsonGrammar, prompts, schema, args) -> dict[str,
         "replies": len(gens),
         "parsed": len(objects),
         "lessons": len(lessons),
+        "no_change": sum(not o["operations"] for o in objects),  # the curator's "nothing to add"
         "strings_cut": cut,  # lessons and reasonings
         "lessons_mid_sentence": sum(_ends_mid_sentence(x) for x in lessons),
         "lesson_chars_mean": statistics.mean(map(len, lessons)) if lessons else 0.0,
@@ -193,9 +195,11 @@ def measure(model, tok, env_name: str, args: argparse.Namespace) -> dict[str, An
     if not prompts:
         return row
     # Every arm curates the same reflections (the default arm's), so that its lessons
-    # differ by the budget alone; the curator must write at least one (min_operations 1).
+    # differ by the budget alone; by default the curator must write at least one
+    # (`--min-operations 1`); with 0 it may say "no change", and how often it does is the
+    # measure of whether the grammar's forced text leaves it that choice.
     curations = curation_prompts(tok, row[ARMS[-1][0]]["texts"], tasks, args)
-    schema = curation_schema([], args.curation_budget, count, min_operations=1)
+    schema = curation_schema([], args.curation_budget, count, min_operations=args.min_operations)
     row["curations"] = len(curations)
     for arm, grammar in grammars.items():
         row[f"{arm}_curation"] = curate(model, tok, grammar, curations, schema, args)
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout-tokens", type=int, default=96)
     parser.add_argument("--budget", type=int, default=256, help="reflection_max_new_tokens")
     parser.add_argument("--curation-budget", type=int, default=192, help="curation_max_new_tokens")
+    parser.add_argument(
+        "--min-operations", type=int, default=1, help="the curator's min_operations"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a['fields_mid_sentence']:>5d} / {a['fields']:<4d} {chars:11.0f} "
                   f"{a['reply_tokens_mean']:6.1f} {a['reply_tokens_max']:4d} {a['seconds']:6.1f}")  # fmt: skip
     print(f"\n{'env':12s} {'arm':10s} {'parsed':>8s} {'lessons':>7s} {'cut':>5s} "
-          f"{'mid-sentence':>12s} {'chars/lesson':>12s} {'reasoning':>9s}")  # fmt: skip
+          f"{'mid-sentence':>12s} {'chars/lesson':>12s} {'reasoning':>9s} {'no change':>9s}")  # fmt: skip
     for r in rows:
         for arm, _, _ in ARMS:
             c = r.get(f"{arm}_curation")
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{r['env']:12s} {arm:10s} {c['parsed']:>3d} / {c['replies']:<3d} {c['lessons']:7d} "
                   f"{c['strings_cut']:5d} {c['lessons_mid_sentence']:>5d} / {c['lessons']:<4d} "
-                  f"{c['lesson_chars_mean']:12.0f} {c['reasoning_chars_mean']:9.0f}")  # fmt: skip
+                  f"{c['lesson_chars_mean']:12.0f} {c['reasoning_chars_mean']:9.0f} {c['no_change']:9d}")  # fmt: skip
     return 0
 
 

@@ -286,6 +286,29 @@ def test_forced_structure_is_written_in_the_fewest_tokens():
     assert torch.isfinite(scores).all()
 
 
+def test_forced_structure_keeps_the_choice_after_it():
+    """The tokens that cross the forced text's end carry the model's choice: after
+    `"operations":` an empty list is `":` + `[]}` and a full one `":[{"`. Forcing the
+    longest piece `":[` alone took the empty list away (the 0.5B curator then wrote
+    operations in every reply); a closer that does so fails here."""
+    spellings = [b'"', b'":', b'":[', b'":[{"', b"[", b"[]}", b'[{"', b"x", b'"x']
+    token_of = {t: i for i, t in enumerate(spellings)}
+    closer = FieldCloser([None], 100, spellings, torch.zeros(len(spellings), dtype=torch.bool),
+                         token_of=token_of)  # fmt: skip
+
+    def allowed(forced: str, scores: torch.Tensor) -> set[bytes]:
+        assert closer.force_structure(0, forced, scores)
+        return {spellings[i] for i in torch.isfinite(scores[0]).nonzero().flatten().tolist()}
+
+    # `":` stays (one token, `[]}`, then writes the rest and the choice); `"` does not
+    # (nothing crosses `:[`): the structure is still written in few tokens
+    assert allowed('":[', torch.zeros(1, 12)) == {b'":', b'":[', b'":[{"'}
+    assert allowed("[", torch.zeros(1, 12)) == {b"[", b"[]}", b'[{"'}
+    scores = torch.zeros(1, 12)
+    scores[0, token_of[b"[]}"]] = float("-inf")  # the grammar's own mask still rules
+    assert allowed("[", scores) == {b"[", b'[{"'}
+
+
 def _late_text(grammar, gen, schema, budget) -> int:
     """How many tokens of `gen` extend a free-text string past its token deadline."""
     cursor, late = _JsonCursor(), 0

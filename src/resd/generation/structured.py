@@ -34,6 +34,7 @@ the vLLM backend hands the same schemas to vLLM's own structured outputs instead
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -439,11 +440,17 @@ class FieldCloser:
     tokens before it where a sentence has just ended. Counts the strings it closed
     (cut), by innermost key and by row.
 
-    It also writes the grammar's forced text (keys, quotes, separators) in the fewest
-    tokens: given the text no choice can change, only the longest token that begins it is
-    allowed. A small model under a grammar otherwise spells `","key":"` in pieces (the
-    135M model spent 128 tokens on a reply that re-tokenizes to 108), and the budget's
-    reserve for the structure, counted in the tokenizer's own tokens, would not hold.
+    It also writes the grammar's forced text (keys, quotes, separators) in few tokens. A
+    small model under a grammar otherwise spells `","key":"` in pieces (the 135M model
+    spent 128 tokens on a reply that re-tokenizes to 108), and the budget's reserve for
+    the structure, counted in the tokenizer's own tokens, would not hold. Forcing only
+    the longest token that begins the forced text is not enough: the model's choice
+    after the forced text lives in tokens that cross it. After `"operations":` the
+    tokenizer writes an empty list as `":` + `[]}` and a full one as `":[{"`; forced to
+    `":[`, the 0.5B curator could no longer say "no change" in its own tokens and wrote
+    operations in 256 of 256 replies against 23 of 256 before. So the allowed tokens
+    are those that begin with the whole forced text and go on past it, the pieces after
+    which one token does that, and the longest piece (`_forced_tokens`).
     """
 
     def __init__(
@@ -460,6 +467,8 @@ class FieldCloser:
         self.tails = list(tails)
         self.token_of = token_of or {}
         self.longest_token = max(map(len, self.token_of), default=0)
+        self._spellings = sorted(self.token_of)  # tokens that begin with a text are a run
+        self._forced: dict[bytes, Any] = {}  # forced text -> tensor of token ids
         self.sentence_window = sentence_window
         self.max_new_tokens = max_new_tokens
         self.token_bytes = token_bytes
@@ -476,18 +485,54 @@ class FieldCloser:
         if cursor is not None and token < len(self.token_bytes):
             cursor.feed(self.token_bytes[token])
 
+    def _crossing(self, text: bytes) -> list[int]:
+        """The tokens that begin with `text` and go on past it."""
+        start = bisect.bisect_left(self._spellings, text)
+        out = []
+        for spelling in self._spellings[start:]:
+            if not spelling.startswith(text):
+                break
+            if len(spelling) > len(text):
+                out.append(self.token_of[spelling])
+        return out
+
+    def _forced_tokens(self, text: bytes, scores: Any) -> Any:
+        """The tokens that may write forced `text`, on the scores' device (cached by the
+        text): those that cross its end into the choice after it, each piece after which
+        one token does that, the whole text if it is a token, and the longest piece."""
+        cached = self._forced.get(text)
+        if cached is None or cached.device != scores.device:
+            import torch  # the schema builders above stay torch-free
+
+            tokens = self._crossing(text)
+            pieces = [text[:n] for n in range(1, min(len(text), self.longest_token) + 1)
+                      if text[:n] in self.token_of]  # fmt: skip
+            for piece in pieces:
+                if piece in (text, pieces[-1]) or self._crossing(text[len(piece) :]):
+                    tokens.append(self.token_of[piece])
+            ids = torch.tensor(tokens, dtype=torch.long, device=scores.device)
+            self._forced[text] = cached = ids[ids < scores.shape[-1]]
+        return cached
+
     def force_structure(self, row: int, forced: str, scores: Any) -> bool:
-        """Allow only the longest token that begins `forced` (the grammar's jump-forward
-        text) where the grammar allows it; False if there is none."""
+        """Narrow the row to the tokens that may write `forced` (the grammar's
+        jump-forward text) and that the grammar allows; where the grammar allows none of
+        them, to the longest allowed token that begins it. False if there is none."""
         text = forced.encode()
-        for n in range(min(len(text), self.longest_token), 0, -1):
-            token = self.token_of.get(text[:n])
-            if token is not None and token < scores.shape[-1] and scores[row, token].isfinite():
-                keep = scores[row, token].clone()
-                scores[row].fill_(float("-inf"))
-                scores[row, token] = keep
-                return True
-        return False
+        tokens = self._forced_tokens(text, scores)
+        allowed = tokens[scores[row, tokens].isfinite()]
+        if not allowed.numel():
+            for n in range(min(len(text), self.longest_token), 0, -1):
+                token = self.token_of.get(text[:n])
+                if token is not None and token < scores.shape[-1] and scores[row, token].isfinite():
+                    allowed = tokens.new_tensor([token])
+                    break
+            else:
+                return False
+        keep = scores[row, allowed].clone()
+        scores[row].fill_(float("-inf"))
+        scores[row, allowed] = keep
+        return True
 
     def narrow(self, row: int, scores: Any, generated: int) -> None:
         """`generated`: tokens this row has already produced in this call."""
