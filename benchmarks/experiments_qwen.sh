@@ -214,11 +214,16 @@ PYTHON
           "${PRECISION[@]}"
         local run="$out/$b-seed$c"
         [ -f "$run/summary.json" ] || { echo "[grid] $unit did not finish" >&2; exit 1; }
-        mkdir -p "$save"  # the training's figures first: they do not wait for the check
-        for f in metrics.jsonl eval.jsonl summary.json playbook.json compare-config.yaml; do
-          [ -f "$run/$f" ] && cp "$run/$f" "$save/"
-        done
-        cp "$out/comparison.json" "$save/comparison.json"  # marks manufactoria's units done
+        # the training's figures first: they do not wait for the check. A unit run again
+        # for its check alone finds the run finished and `resd compare` skips it; its new
+        # comparison.json records a skip (no time, no return code): the saved one stays.
+        if [ ! -f "$save/comparison.json" ] || ! grep -q '"skipped": true' "$out/comparison.json"; then
+          mkdir -p "$save"
+          for f in metrics.jsonl eval.jsonl summary.json playbook.json compare-config.yaml; do
+            [ -f "$run/$f" ] && cp "$run/$f" "$save/"
+          done
+          cp "$out/comparison.json" "$save/comparison.json"  # marks manufactoria's units done
+        fi
         [ "$a" = manufactoria ] || unchanged_or_ifeval "$run" "$done_file" ;;
     esac
   )
