@@ -44,6 +44,7 @@ from prefix_cache import (
     tiny_model,
     write_rows,
 )  # the benchmarks' shared plumbing
+from reflection_content import ends_mid_sentence  # one notion of a sentence's end
 
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
 from resd.generation.structured import (
@@ -66,7 +67,6 @@ ARMS = (  # name, token budget, sentence window
     ("tokens", True, 0),
     ("sentences", True, SENTENCE_WINDOW_TOKENS),
 )
-SENTENCE_ENDS = (".", "!", "?", ".'", '."', ".)", ".`")
 
 
 def reflection_prompts(
@@ -100,10 +100,6 @@ def _parsed(gens) -> list[dict[str, Any]]:
     return objects
 
 
-def _ends_mid_sentence(text: str) -> bool:
-    return not text.rstrip().endswith(SENTENCE_ENDS)
-
-
 def decode(model, tok, grammar: JsonGrammar, prompts, schema, args) -> dict[str, Any]:
     """Reflections: the five diagnosis fields of every reply."""
     before = sum(grammar.cut.values())
@@ -127,7 +123,7 @@ def decode(model, tok, grammar: JsonGrammar, prompts, schema, args) -> dict[str,
         "fields": len(objects) * len(FIELDS),
         "fields_cut": cut,
         # a field whose text does not end a sentence: cut, or ended by the model itself
-        "fields_mid_sentence": sum(_ends_mid_sentence(o[k]) for o in objects for k in FIELDS),
+        "fields_mid_sentence": sum(ends_mid_sentence(o[k]) for o in objects for k in FIELDS),
         "chars_mean": {k: statistics.mean(v) if v else 0.0 for k, v in lengths.items()},
         "chars_limit": limits,
         "reply_tokens_mean": statistics.mean(tokens),
@@ -160,7 +156,7 @@ def curate(model, tok, grammar: JsonGrammar, prompts, schema, args) -> dict[str,
         "lessons": len(lessons),
         "no_change": sum(not o["operations"] for o in objects),  # the curator's "nothing to add"
         "strings_cut": cut,  # lessons and reasonings
-        "lessons_mid_sentence": sum(_ends_mid_sentence(x) for x in lessons),
+        "lessons_mid_sentence": sum(ends_mid_sentence(x) for x in lessons),
         "lesson_chars_mean": statistics.mean(map(len, lessons)) if lessons else 0.0,
         "lesson_chars_limit": limit,
         "reasoning_chars_mean": statistics.mean(len(o["reasoning"]) for o in objects)

@@ -29,6 +29,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from resd.rundir import read_jsonl
+
 FIELDS = ("error_identification", "root_cause_analysis", "correct_approach", "key_insight")
 SENTENCE_ENDS = (".", "!", "?", ".'", '."', ".)", ".`")
 ITEM = re.compile(r"(\d+)\s*\*\s*(\d+)")
@@ -40,17 +42,14 @@ def _numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in re.findall(r"\d[\d,]*\d|\d", text)}
 
 
-def _ends_mid_sentence(text: str) -> bool:
+def ends_mid_sentence(text: str) -> bool:
+    """The text stops without ending a sentence: cut, or so ended by the model."""
     return not text.rstrip().endswith(SENTENCE_ENDS)
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def count(run: Path) -> dict[str, Any]:
     """The counts above for one run folder."""
-    replies = [s for s in _jsonl(run / "samples.jsonl") if s.get("reflection_reply")]
+    replies = [s for s in read_jsonl(run / "samples.jsonl") if s.get("reflection_reply")]
     samples = [s for s in replies if s.get("reflection")]  # parsed into a reflection
     right = wrong = 0
     fields: dict[str, list[str]] = {k: [] for k in FIELDS}
@@ -67,7 +66,7 @@ def count(run: Path) -> dict[str, Any]:
         for k in FIELDS:
             if isinstance(reply.get(k), str):
                 fields[k].append(reply[k])
-    metrics = _jsonl(run / "metrics.jsonl")
+    metrics = read_jsonl(run / "metrics.jsonl")
     texts = [t for v in fields.values() for t in v]
     cut = [m["reflection_fields_cut"] for m in metrics if "reflection_fields_cut" in m]
     return {
@@ -77,7 +76,7 @@ def count(run: Path) -> dict[str, Any]:
         "with_right_value": right,
         "with_wrong_value": wrong,
         "fields": len(texts),
-        "fields_mid_sentence": sum(_ends_mid_sentence(t) for t in texts),
+        "fields_mid_sentence": sum(ends_mid_sentence(t) for t in texts),
         "fields_cut_at_deadline": sum(cut) if cut else None,
         "chars_per_field": {
             k: statistics.mean(map(len, v)) if v else 0.0 for k, v in fields.items()

@@ -25,6 +25,7 @@ from resd.generation.structured import (
     MIN_LESSON_CHARS,
     SAFETY_TOKENS,
     FieldCloser,
+    ForcedText,
     JsonGrammar,
     _JsonCursor,
     curation_schema,
@@ -273,7 +274,7 @@ def test_reply_cut_at_the_budget_is_reported_unfinished(tiny):
 def test_forced_structure_is_written_in_the_fewest_tokens():
     token_of = {b'"': 0, b'",': 1, b'","': 2, b"k": 3, b"ke": 4, b"x": 5}
     closer = FieldCloser([None], 100, [b'"', b'",', b'","', b"k", b"ke", b"x"],
-                         torch.zeros(6, dtype=torch.bool), token_of=token_of)  # fmt: skip
+                         torch.zeros(6, dtype=torch.bool), forced_text=ForcedText(token_of))  # fmt: skip
     scores = torch.zeros(1, 8)
     assert closer.force_structure(0, '","key":"', scores)
     assert torch.isfinite(scores[0]).tolist() == [False, False, True] + [False] * 5
@@ -294,7 +295,7 @@ def test_forced_structure_keeps_the_choice_after_it():
     spellings = [b'"', b'":', b'":[', b'":[{"', b"[", b"[]}", b'[{"', b"x", b'"x']
     token_of = {t: i for i, t in enumerate(spellings)}
     closer = FieldCloser([None], 100, spellings, torch.zeros(len(spellings), dtype=torch.bool),
-                         token_of=token_of)  # fmt: skip
+                         forced_text=ForcedText(token_of))  # fmt: skip
 
     def allowed(forced: str, scores: torch.Tensor) -> set[bytes]:
         assert closer.force_structure(0, forced, scores)

@@ -431,6 +431,58 @@ class _JsonCursor:
         return self.path is not None and self.chars > 0 and not self.escape and not self.utf8
 
 
+class ForcedText:
+    """Which tokens may write the grammar's forced text (keys, quotes, separators).
+
+    Built once per tokenizer (`JsonGrammar` owns one and lends it to each call's
+    `FieldCloser`): the sorted spellings and the per-text token sets are vocabulary
+    facts, not per-call state. The allowed tokens are those that cross the forced text's
+    end into the choice after it, each piece after which one token does that, the whole
+    text if it is a token, and the longest piece (`FieldCloser` says why).
+    """
+
+    def __init__(self, token_of: dict[bytes, int]) -> None:
+        self.token_of = token_of  # a spelling -> its first token id
+        self.longest = max(map(len, token_of), default=0)
+        self._spellings = sorted(token_of)  # tokens that begin with a text are a run
+        self._tokens: dict[bytes, Any] = {}  # forced text -> tensor of token ids
+
+    def _crossing(self, text: bytes) -> list[int]:
+        """The tokens that begin with `text` and go on past it."""
+        start = bisect.bisect_left(self._spellings, text)
+        out = []
+        for spelling in self._spellings[start:]:
+            if not spelling.startswith(text):
+                break
+            if len(spelling) > len(text):
+                out.append(self.token_of[spelling])
+        return out
+
+    def tokens(self, text: bytes, scores: Any) -> Any:
+        """The tokens that may write `text`, on the scores' device (cached by the text)."""
+        cached = self._tokens.get(text)
+        if cached is None or cached.device != scores.device:
+            import torch  # the schema builders above stay torch-free
+
+            tokens = self._crossing(text)
+            pieces = [text[:n] for n in range(1, min(len(text), self.longest) + 1)
+                      if text[:n] in self.token_of]  # fmt: skip
+            for piece in pieces:
+                if piece in (text, pieces[-1]) or self._crossing(text[len(piece) :]):
+                    tokens.append(self.token_of[piece])
+            ids = torch.tensor(tokens, dtype=torch.long, device=scores.device)
+            self._tokens[text] = cached = ids[ids < scores.shape[-1]]
+        return cached
+
+    def longest_piece(self, text: bytes, allowed: Any) -> int | None:
+        """The longest token that begins `text` and that `allowed(token)` accepts."""
+        for n in range(min(len(text), self.longest), 0, -1):
+            token = self.token_of.get(text[:n])
+            if token is not None and allowed(token):
+                return token
+        return None
+
+
 class FieldCloser:
     """Closes each row's free-text strings when its token budget says so.
 
@@ -450,7 +502,7 @@ class FieldCloser:
     `":[`, the 0.5B curator could no longer say "no change" in its own tokens and wrote
     operations in 256 of 256 replies against 23 of 256 before. So the allowed tokens
     are those that begin with the whole forced text and go on past it, the pieces after
-    which one token does that, and the longest piece (`_forced_tokens`).
+    which one token does that, and the longest piece (`ForcedText`).
     """
 
     def __init__(
@@ -462,13 +514,10 @@ class FieldCloser:
         prefills: Sequence[str] | None = None,
         cut: Counter | None = None,
         sentence_window: int = SENTENCE_WINDOW_TOKENS,
-        token_of: dict[bytes, int] | None = None,
+        forced_text: ForcedText | None = None,
     ) -> None:
         self.tails = list(tails)
-        self.token_of = token_of or {}
-        self.longest_token = max(map(len, self.token_of), default=0)
-        self._spellings = sorted(self.token_of)  # tokens that begin with a text are a run
-        self._forced: dict[bytes, Any] = {}  # forced text -> tensor of token ids
+        self.forced_text = forced_text or ForcedText({})
         self.sentence_window = sentence_window
         self.max_new_tokens = max_new_tokens
         self.token_bytes = token_bytes
@@ -485,50 +534,20 @@ class FieldCloser:
         if cursor is not None and token < len(self.token_bytes):
             cursor.feed(self.token_bytes[token])
 
-    def _crossing(self, text: bytes) -> list[int]:
-        """The tokens that begin with `text` and go on past it."""
-        start = bisect.bisect_left(self._spellings, text)
-        out = []
-        for spelling in self._spellings[start:]:
-            if not spelling.startswith(text):
-                break
-            if len(spelling) > len(text):
-                out.append(self.token_of[spelling])
-        return out
-
-    def _forced_tokens(self, text: bytes, scores: Any) -> Any:
-        """The tokens that may write forced `text`, on the scores' device (cached by the
-        text): those that cross its end into the choice after it, each piece after which
-        one token does that, the whole text if it is a token, and the longest piece."""
-        cached = self._forced.get(text)
-        if cached is None or cached.device != scores.device:
-            import torch  # the schema builders above stay torch-free
-
-            tokens = self._crossing(text)
-            pieces = [text[:n] for n in range(1, min(len(text), self.longest_token) + 1)
-                      if text[:n] in self.token_of]  # fmt: skip
-            for piece in pieces:
-                if piece in (text, pieces[-1]) or self._crossing(text[len(piece) :]):
-                    tokens.append(self.token_of[piece])
-            ids = torch.tensor(tokens, dtype=torch.long, device=scores.device)
-            self._forced[text] = cached = ids[ids < scores.shape[-1]]
-        return cached
-
     def force_structure(self, row: int, forced: str, scores: Any) -> bool:
         """Narrow the row to the tokens that may write `forced` (the grammar's
         jump-forward text) and that the grammar allows; where the grammar allows none of
         them, to the longest allowed token that begins it. False if there is none."""
         text = forced.encode()
-        tokens = self._forced_tokens(text, scores)
+        tokens = self.forced_text.tokens(text, scores)
         allowed = tokens[scores[row, tokens].isfinite()]
         if not allowed.numel():
-            for n in range(min(len(text), self.longest_token), 0, -1):
-                token = self.token_of.get(text[:n])
-                if token is not None and token < scores.shape[-1] and scores[row, token].isfinite():
-                    allowed = tokens.new_tensor([token])
-                    break
-            else:
+            token = self.forced_text.longest_piece(
+                text, lambda t: t < scores.shape[-1] and bool(scores[row, t].isfinite())
+            )
+            if token is None:
                 return False
+            allowed = tokens.new_tensor([token])
         keep = scores[row, allowed].clone()
         scores[row].fill_(float("-inf"))
         scores[row, allowed] = keep
@@ -610,10 +629,11 @@ class JsonGrammar:
         ]
         self._quote_starts = torch.tensor([t.startswith(b'"') for t in self._token_bytes])
         special = set(info.special_token_ids)
-        self._token_of: dict[bytes, int] = {}
+        token_of: dict[bytes, int] = {}
         for token, text in enumerate(self._token_bytes):  # the first of equal spellings
             if text and token not in special:
-                self._token_of.setdefault(text, token)
+                token_of.setdefault(text, token)
+        self._forced_text = ForcedText(token_of)
         self._tails: dict[tuple[str, Path], int | None] = {}
         self.cut: Counter = Counter()
 
@@ -654,7 +674,7 @@ class JsonGrammar:
             tails = [partial(self.tail, s, key=json.dumps(s)) if s is not None else None
                      for s in schemas]  # fmt: skip
             closer = FieldCloser(tails, max_new_tokens, self._token_bytes, self._quote_starts,
-                                 prefills, self.cut, self.sentence_window, self._token_of)  # fmt: skip
+                                 prefills, self.cut, self.sentence_window, self._forced_text)  # fmt: skip
         return GrammarLogitsProcessor(self._xgr, grammars, self.vocab_size, prefills, closer)
 
 
