@@ -310,37 +310,6 @@ def test_forced_structure_keeps_the_choice_after_it():
     assert allowed("[", scores) == {b"[", b'[{"'}
 
 
-def test_after_a_piece_of_forced_text_only_a_token_that_ends_it():
-    """A row that wrote a piece of forced text may not chain another piece: the 135M
-    model did, and spent the reply's budget on the structure. A closer that forgets the
-    piece, or that ignores the grammar's mask on what ends the text, fails here."""
-    spellings = [b"a", b"ab", b"b", b"bc", b"bcd", b"c", b"cd"]
-    token_of = {t: i for i, t in enumerate(spellings)}
-
-    def allowed(closer, forced: str, scores: torch.Tensor) -> set[bytes]:
-        assert closer.force_structure(0, forced, scores)
-        return {spellings[i] for i in torch.isfinite(scores[0]).nonzero().flatten().tolist()}
-
-    def closer():
-        return FieldCloser([None], 100, spellings, torch.zeros(len(spellings), dtype=torch.bool),
-                           forced_text=ForcedText(token_of))  # fmt: skip
-
-    fresh = closer()
-    assert allowed(fresh, "bc", torch.zeros(1, 8)) == {b"b", b"bc", b"bcd"}
-    after_piece = closer()
-    assert allowed(after_piece, "abc", torch.zeros(1, 8)) == {b"a", b"ab"}
-    after_piece.accept(0, token_of[b"a"])
-    assert allowed(after_piece, "bc", torch.zeros(1, 8)) == {b"bc", b"bcd"}
-    after_piece.accept(0, token_of[b"bcd"])  # the forced text is written: free again
-    assert allowed(after_piece, "bc", torch.zeros(1, 8)) == {b"b", b"bc", b"bcd"}
-    masked = closer()
-    masked.force_structure(0, "abc", torch.zeros(1, 8))
-    masked.accept(0, token_of[b"a"])
-    scores = torch.zeros(1, 8)
-    scores[0, [token_of[b"bc"], token_of[b"bcd"]]] = float("-inf")
-    assert allowed(masked, "bc", scores) == {b"b"}  # the grammar rules: back to any piece
-
-
 def _late_text(grammar, gen, schema, budget) -> int:
     """How many tokens of `gen` extend a free-text string past its token deadline."""
     cursor, late = _JsonCursor(), 0

@@ -438,8 +438,7 @@ class ForcedText:
     `FieldCloser`): the sorted spellings and the per-text token sets are vocabulary
     facts, not per-call state. The allowed tokens are those that cross the forced text's
     end into the choice after it, each piece after which one token does that, the whole
-    text if it is a token, and the longest piece (`FieldCloser` says why); after a
-    piece, `finishing` gives those that end the text.
+    text if it is a token, and the longest piece (`FieldCloser` says why).
     """
 
     def __init__(self, token_of: dict[bytes, int]) -> None:
@@ -447,7 +446,6 @@ class ForcedText:
         self.longest = max(map(len, token_of), default=0)
         self._spellings = sorted(token_of)  # tokens that begin with a text are a run
         self._tokens: dict[bytes, Any] = {}  # forced text -> tensor of token ids
-        self._finishing: dict[bytes, Any] = {}  # forced text -> the tokens that end it
 
     def _crossing(self, text: bytes) -> list[int]:
         """The tokens that begin with `text` and go on past it."""
@@ -474,18 +472,6 @@ class ForcedText:
                     tokens.append(self.token_of[piece])
             ids = torch.tensor(tokens, dtype=torch.long, device=scores.device)
             self._tokens[text] = cached = ids[ids < scores.shape[-1]]
-        return cached
-
-    def finishing(self, text: bytes, scores: Any) -> Any:
-        """The tokens that write all of `text` at once: the whole text, if it is a token,
-        and those that cross its end (cached by the text)."""
-        cached = self._finishing.get(text)
-        if cached is None or cached.device != scores.device:
-            import torch
-
-            tokens = self._crossing(text) + ([self.token_of[text]] if text in self.token_of else [])
-            ids = torch.tensor(tokens, dtype=torch.long, device=scores.device)
-            self._finishing[text] = cached = ids[ids < scores.shape[-1]]
         return cached
 
     def longest_piece(self, text: bytes, allowed: Any) -> int | None:
@@ -516,10 +502,7 @@ class FieldCloser:
     `":[`, the 0.5B curator could no longer say "no change" in its own tokens and wrote
     operations in 256 of 256 replies against 23 of 256 before. So the allowed tokens
     are those that begin with the whole forced text and go on past it, the pieces after
-    which one token does that, and the longest piece (`ForcedText`). Once a row has
-    written a piece, only a token that ends the forced text may follow (where the
-    grammar allows one): left free, the 135M model chained piece after piece, and its
-    replies grew by 4 to 7 tokens that the budget then took from the reflection fields.
+    which one token does that, and the longest piece (`ForcedText`).
     """
 
     def __init__(
@@ -545,30 +528,18 @@ class FieldCloser:
                 self.cursors[row].feed(text.encode())
         self.cut = cut if cut is not None else Counter()
         self.rows_cut = [0] * len(self.tails)
-        self.forcing: list[bytes | None] = [None] * len(self.tails)  # forced at the last step
-        self.in_piece = [False] * len(self.tails)  # the last token wrote part of it
 
     def accept(self, row: int, token: int) -> None:
         cursor = self.cursors[row]
         if cursor is not None and token < len(self.token_bytes):
             cursor.feed(self.token_bytes[token])
-        forced, self.forcing[row] = self.forcing[row], None
-        piece = self.token_bytes[token] if token < len(self.token_bytes) else b""
-        self.in_piece[row] = bool(forced and piece and len(piece) < len(forced)
-                                  and forced.startswith(piece))  # fmt: skip
 
     def force_structure(self, row: int, forced: str, scores: Any) -> bool:
         """Narrow the row to the tokens that may write `forced` (the grammar's
-        jump-forward text) and that the grammar allows; right after a piece of forced
-        text, to those that end it, where the grammar allows one; where the grammar
-        allows none of them, to the longest allowed token that begins it. False if there
-        is none."""
+        jump-forward text) and that the grammar allows; where the grammar allows none of
+        them, to the longest allowed token that begins it. False if there is none."""
         text = forced.encode()
         tokens = self.forced_text.tokens(text, scores)
-        if self.in_piece[row]:  # one piece per forced text, then a token that ends it
-            finishing = self.forced_text.finishing(text, scores)
-            if scores[row, finishing].isfinite().any():
-                tokens = finishing
         allowed = tokens[scores[row, tokens].isfinite()]
         if not allowed.numel():
             token = self.forced_text.longest_piece(
@@ -580,7 +551,6 @@ class FieldCloser:
         keep = scores[row, allowed].clone()
         scores[row].fill_(float("-inf"))
         scores[row, allowed] = keep
-        self.forcing[row] = text
         return True
 
     def narrow(self, row: int, scores: Any, generated: int) -> None:
