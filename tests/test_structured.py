@@ -292,7 +292,7 @@ def test_forced_structure_keeps_the_choice_after_it():
     `"operations":` an empty list is `":` + `[]}` and a full one `":[{"`. Forcing the
     longest piece `":[` alone took the empty list away (the 0.5B curator then wrote
     operations in every reply); a closer that does so fails here."""
-    spellings = [b'"', b'":', b'":[', b'":[{"', b"[", b"[]}", b'[{"', b"x", b'"x']
+    spellings = [b'"', b'":', b'":[', b'":[{"', b"[", b"[]}", b'[{"', b"x", b'"x', b"operations"]
     token_of = {t: i for i, t in enumerate(spellings)}
     closer = FieldCloser([None], 100, spellings, torch.zeros(len(spellings), dtype=torch.bool),
                          forced_text=ForcedText(token_of))  # fmt: skip
@@ -308,6 +308,12 @@ def test_forced_structure_keeps_the_choice_after_it():
     scores = torch.zeros(1, 12)
     scores[0, token_of[b"[]}"]] = float("-inf")  # the grammar's own mask still rules
     assert allowed("[", scores) == {b"[", b'[{"'}
+    # this tokenizer's own "no change" is `operations` + `":` + `[]}`: two pieces in a
+    # row. A rule that allowed, after one piece, only a token that ends the forced text
+    # (tried in the seventeenth session) took `":` away again and fails here
+    assert b"operations" in allowed('operations":[', torch.zeros(1, 12))
+    closer.accept(0, token_of[b"operations"])
+    assert b'":' in allowed('":[', torch.zeros(1, 12))
 
 
 def _late_text(grammar, gen, schema, budget) -> int:
