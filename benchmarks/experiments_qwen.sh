@@ -72,6 +72,9 @@ UNITS=(
   run:headline:resd:0 run:headline:sdpo:0 run:headline:sdpo_ss:0 run:headline:grpo:0
   run:no_attempt:resd:0
   lessons:qwen2.5-coder-0.5b:manufactoria:one lessons:qwen2.5-coder-0.5b:arithmetic:one
+  # a fourth seed of the two methods that differ (seventeenth session, queued before any
+  # of it ran): with no success SDPO+ss computes SDPO and GRPO never updates (seeds 0-2)
+  run:headline:resd:3 run:headline:sdpo:3
 )
 # Finished before units existed, in the first three sessions of 2026-12-02 (their figures
 # are in docs/results.md and benchmarks/results/): the headline's seed 0 of all four
