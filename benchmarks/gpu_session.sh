@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
-# Every GPU figure docs/benchmarks.md is missing, in one run of under 5 minutes, for a
+# Every GPU figure docs/benchmarks.md is missing, in one run of under 10 minutes, for a
 # session lent a GPU (15 minutes of device time in all: run this once, then give it back).
 #
 #   bash benchmarks/gpu_session.sh          # writes JSON + text under $OUT (or benchmarks/results/gpu)
 #
-# Needs only torch (CUDA), transformers and the resd sources (PYTHONPATH=src); each part
-# has its own time limit so one slow part cannot eat the others' time. The table of
-# timings is printed last.
+# Needs torch (CUDA), transformers, peft and the resd sources (PYTHONPATH=src); the
+# end-to-end step also needs xgrammar (the grammar of reflections) and a real tokenizer
+# folder, $GPU_TOKENIZER (default .gpu_carry/qwen-tokenizer: Qwen2.5's tokenizer files,
+# which Qwen3 shares). Each part has its own time limit so one slow part cannot eat the
+# others' time; the most needed part (the trainer's own GPU path) runs first. Six files
+# come back (the lent machine returns at most eight): session.txt (device, each part's
+# exit code and seconds), log.txt (every part's output) and one JSON per part.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
+GPU_TOKENIZER=${GPU_TOKENIZER:-.gpu_carry/qwen-tokenizer}
 mkdir -p "$OUT"
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+PY=${PYTHON:-python3}  # the lent machine has python3 only
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/session.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/session.txt"
 
 part() {  # name, seconds, command...
     local name=$1 limit=$2; shift 2
     local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "===== $name: $*" >> "$OUT/log.txt"
+    timeout "$limit" "$@" > "$OUT/$name.part" 2>&1
     local rc=$?
-    echo "$name rc=$rc $((SECONDS - start))s" >> "$OUT/parts.txt"
+    cat "$OUT/$name.part" >> "$OUT/log.txt"
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/session.txt"
 }
 
-part gpu_bench 170 python benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json"
-part loss_memory 50 python benchmarks/loss_memory.py --device cuda --batch 32 --seq 1024 --out "$OUT/loss_memory.json"
-part generation_cache 70 python benchmarks/generation_cache.py --device cuda --new-tokens 256 --out "$OUT/generation_cache.json"
+part gpu_step 270 "$PY" benchmarks/gpu_step.py --tokenizer "$GPU_TOKENIZER" --out "$OUT/gpu_step.json"
+part gpu_bench 170 "$PY" benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json"
+part loss_memory 50 "$PY" benchmarks/loss_memory.py --device cuda --batch 32 --seq 1024 --out "$OUT/loss_memory.json"
+part generation_cache 70 "$PY" benchmarks/generation_cache.py --device cuda --new-tokens 256 --out "$OUT/generation_cache.json"
 
-for name in gpu_bench loss_memory generation_cache; do
-    echo "== $name"; tail -n 25 "$OUT/$name.txt"
+for name in gpu_step gpu_bench loss_memory generation_cache; do
+    echo "== $name"; grep -v "Writing model shards" "$OUT/$name.part" | tail -n 25
+    rm -f "$OUT/$name.part"
 done
-echo "== parts"; cat "$OUT/parts.txt"
+echo "== parts"; cat "$OUT/session.txt"

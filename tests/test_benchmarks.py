@@ -284,3 +284,31 @@ def test_field_budget_benchmark_smoke(tmp_path):
     curation = row["sentences_curation"]
     assert curation["parsed"] == 3 and curation["lessons"] >= 3 and curation["strings_cut"] > 0
     assert last_line.startswith("house_rules")  # the tables were printed
+
+
+@pytest.mark.slow
+def test_gpu_step_takes_real_trainer_steps_for_both_algorithms(tiny_model_dir, tmp_path):
+    """The GPU session's end-to-end part, run on CPU with the tiny shape and the test tokenizer.
+
+    Fails if the benchmark drifts from the trainer (a renamed stat, a config key it sets
+    that no longer exists), if RESD's reflection pass stops running, or if the ratio it
+    reports is not the one of its own medians.
+    """
+    out = tmp_path / "gpu_step.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--smoke", "--device", "cpu",
+           "--tokenizer", str(tiny_model_dir), "--repeats", "1", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["algorithm"]: row for row in report["rows"]}
+    assert sorted(rows) == ["resd", "sdpo"]
+    for row in rows.values():
+        assert len(row["steps"]) == 2  # one warm-up, one timed
+        assert row["model_device"] == "cpu" and row["structured_output"] == "on"
+        assert row["median"]["rollout"] > 0 and row["median"]["update"] > 0
+        assert row["steps"][-1]["step"] == 2  # the trainer counted both steps
+    assert rows["resd"]["reflections"] > 0 and rows["resd"]["median"]["reflect"] > 0
+    assert rows["sdpo"]["reflections"] == 0 and rows["sdpo"]["median"]["reflect"] == 0
+    medians = {name: row["median"]["step"] for name, row in rows.items()}
+    assert report["resd_over_sdpo"] == pytest.approx(medians["resd"] / medians["sdpo"])
+    assert "RESD / SDPO per step" in done.stdout
