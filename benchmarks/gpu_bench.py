@@ -50,7 +50,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     kwargs = dict(SHAPES[shape])
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    with device:  # initialise where it runs: 0.6B normal_ draws on a CPU take most of a minute
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = 0
     return model
 
@@ -106,6 +107,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
     with torch.inference_mode():
         t_sec, _ = timed(lambda: response_hidden(teacher.copy, teacher_seqs, r_len, 0), device)
     row["teacher_tok_s"] = b * len(teacher_seqs[0]) / t_sec
+    print(f"{shape}: {row}", flush=True)  # so far, in case the time limit stops the rest
 
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=device.type == "cuda")
