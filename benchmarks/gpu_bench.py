@@ -40,6 +40,11 @@ SHAPES = {
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
     ),
+    # tiny with Qwen's vocabulary: the grammar's work per token at real size, on a CPU
+    "tiny-151k": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+    ),
 }  # fmt: skip
 PEAK_TFLOPS = 790.0
 

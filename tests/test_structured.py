@@ -24,10 +24,12 @@ from resd.generation.structured import (
     MAX_TAGS,
     MIN_LESSON_CHARS,
     SAFETY_TOKENS,
+    ArrayRoom,
     FieldCloser,
     ForcedText,
     JsonGrammar,
     _JsonCursor,
+    array_room,
     curation_schema,
     path_tail,
     reflection_schema,
@@ -517,3 +519,97 @@ def test_single_call_mode_reflects_and_curates_in_one_reply(tiny_model_dir, tmp_
     reflected = [r for r in rows if r["reflection_reply"]]
     assert reflected and all(r["curation_reply"] == r["reflection_reply"] for r in reflected)
     assert all("operations" in json.loads(r["reflection_reply"], strict=False) for r in reflected)
+
+
+def test_json_cursor_knows_when_an_array_may_take_another_item():
+    cursor = _JsonCursor()
+    cursor.feed(b'{"a":"x","tags":[')
+    assert cursor.array_choice and cursor.innermost_array() == 1
+    assert cursor.array_path(1) == ("tags",)
+    assert cursor.begins_item(1, b'{"') and not cursor.begins_item(1, b"]}")
+    cursor.feed(b'{"id":"e')
+    assert not cursor.array_choice and cursor.stack[1][2] == 1  # item 0 has begun
+    assert not cursor.begins_item(1, b'-1"')  # the rest of this item
+    assert cursor.begins_item(1, b'-1"},{"') and not cursor.begins_item(1, b'-1"}]}')
+    assert cursor.begins_item(1, b'-1"},')  # after the comma the grammar allows only an item
+    cursor.feed(b'-1"}')
+    assert cursor.array_choice  # another item, or the closing bracket
+    cursor.feed(b",")
+    assert not cursor.array_choice and cursor.stack[1][1:] == [1, 1]
+    cursor.feed(b'{"id":"e-2"}]')
+    assert not cursor.array_choice and cursor.innermost_array() is None
+    strings = _JsonCursor()
+    strings.feed(b'{"ids":["a"')  # an array of strings: a closed string ends an item
+    assert strings.array_choice
+
+
+def test_array_room_bounds_an_item_in_bytes_and_skips_free_text():
+    count = lambda t: len(t) // 2  # noqa: E731
+    room = array_room(reflection_schema(IDS, 256), ("bullet_tags",), count)
+    longest = max(IDS, key=len)
+    # after the list, the object's end (counted as the empty object's two braces)
+    assert room == ArrayRoom(count("{}"), len(f'{{"id":"{longest}","tag":"helpful"}}'))
+    assert array_room(reflection_schema(IDS, 256), ("reasoning",), count) is None
+    # operations hold free text: their strings are budgeted one by one instead
+    assert array_room(curation_schema(IDS, 256), ("operations",), count) is None
+    assert array_room(reflection_schema([], 256), ("bullet_tags",), count).item_bytes == 2
+
+
+def test_a_full_array_closes_and_forced_text_does_not_start_another_item():
+    spellings = [b'"', b"}", b"},", b'},{"', b"}]", b"}]}", b"]", b",", b"x"]
+    token_of = {t: i for i, t in enumerate(spellings)}
+    starts = lambda c: torch.tensor([t.startswith(c) for t in spellings])  # noqa: E731
+    room = ArrayRoom(after=1, item_bytes=20)
+
+    def closer_at(budget: int) -> FieldCloser:
+        closer = FieldCloser([lambda path: None], budget, spellings, starts(b'"'),
+                             forced_text=ForcedText(token_of), rooms=[lambda path: room],
+                             bracket_starts=starts(b"]"))  # fmt: skip
+        closer.cursors[0].feed(b'{"tags":[{"id":"a"')
+        return closer
+
+    def allowed(scores: torch.Tensor) -> set[bytes]:
+        return {spellings[i] for i in torch.isfinite(scores[0]).nonzero().flatten().tolist()}
+
+    # room for another item: the forced `}` may go on into it
+    scores = torch.zeros(1, len(spellings))
+    assert closer_at(100).force_structure(0, "}", scores, generated=10)
+    assert b'},{"' in allowed(scores)
+    # 100 - 70 - 1 - 8 - 1 = 20 spare tokens: 20 bytes still fit; one token more does not
+    scores = torch.zeros(1, len(spellings))
+    assert closer_at(100).force_structure(0, "}", scores, generated=70)
+    assert b'},{"' in allowed(scores)
+    closer = closer_at(100)
+    scores = torch.zeros(1, len(spellings))
+    assert closer.force_structure(0, "}", scores, generated=71)
+    assert allowed(scores) == {b"}", b"}]", b"}]}"}  # `},` commits to another item
+    # at the choice after the item: only the closing bracket, counted as a cut
+    closer.accept(0, token_of[b"}"])
+    scores = torch.zeros(1, len(spellings))
+    closer.narrow(0, scores, generated=72)
+    assert allowed(scores) == {b"]"} and closer.cut["tags"] == 1 and closer.rows_cut == [1]
+    scores = torch.zeros(1, len(spellings))
+    closer_with_room = closer_at(200)
+    closer_with_room.accept(0, token_of[b"}"])
+    closer_with_room.narrow(0, scores, generated=72)
+    assert torch.isfinite(scores).all()  # room left: the model chooses
+
+
+def test_garbage_weights_close_the_tag_list_within_the_budget(tiny):
+    """Four tags reserved in the tokenizer's own spelling, written in pieces by random
+    weights, ran past a 160-token budget inside the list (3 of 16 replies before the
+    array rule): every reply now closes, and some tag lists were closed early."""
+    model, tok, _ = tiny
+    grammar = JsonGrammar(tok, model.config.vocab_size, eos_token_ids(model, tok))
+    count = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    ids = [*IDS, "code-00004", "misc-00005"]
+    schema = reflection_schema(ids, 160, count)
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": f"task {i}"}]) for i in range(16)]
+    gens = generate(model, tok, prompts, max_new_tokens=160, temperature=1.0, top_p=0.95,
+                    seeds=list(range(16)), grammar=grammar, json_schemas=[schema] * 16)  # fmt: skip
+    for gen in gens:
+        assert gen.finished, gen.text[-120:]
+        reflection = parse_reflection(gen.text)
+        assert reflection is not None and not reflection.loose
+        assert all(i in ids for i, _ in reflection.bullet_tags)
+    assert grammar.cut["bullet_tags"] > 0

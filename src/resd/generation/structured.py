@@ -40,6 +40,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -306,13 +307,8 @@ def _container(schema: dict[str, Any], step: str | int) -> dict[str, Any] | None
     return None
 
 
-def path_tail(schema: dict[str, Any], path: Path, count_tokens: CountTokens) -> int | None:
-    """The tokens a reply still needs once the free-text string at `path` has closed: the
-    rest of every enclosing object and array at its longest, every later free string at
-    its full share (its `maxLength` at `CHARS_PER_TOKEN`). None if `path` is not free text.
-
-    A string may run until only that much of the budget is left: one that stops early
-    leaves its tokens to the strings after it, and none gets less than its share."""
+def _walk(schema: dict[str, Any], path: Path) -> tuple[list[tuple[dict, str | int]], dict] | None:
+    """The containers `path` passes through, each with its step, and the node it ends at."""
     levels, node = [], schema
     for step in path:
         container = _container(node, step)
@@ -322,8 +318,13 @@ def path_tail(schema: dict[str, Any], path: Path, count_tokens: CountTokens) -> 
         node = (
             container.get("items", {}) if isinstance(step, int) else container["properties"][step]
         )
-    if not path or not _free_string(node):
-        return None
+    return levels, node
+
+
+def _after(levels: list[tuple[dict, str | int]], count_tokens: CountTokens) -> int:
+    """The tokens the reply needs after the node the levels lead to: the rest of every
+    enclosing object and array at its longest, every later free string at its full share
+    (its `maxLength` at `CHARS_PER_TOKEN`)."""
     tokens = chars = 0
     for container, step in levels:
         if isinstance(step, int):
@@ -337,6 +338,48 @@ def path_tail(schema: dict[str, Any], path: Path, count_tokens: CountTokens) -> 
         tokens += count_tokens(json.dumps(value, separators=SEPARATORS))
         chars += free
     return tokens + math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def path_tail(schema: dict[str, Any], path: Path, count_tokens: CountTokens) -> int | None:
+    """The tokens a reply still needs once the free-text string at `path` has closed
+    (`_after`). None if `path` is not free text.
+
+    A string may run until only that much of the budget is left: one that stops early
+    leaves its tokens to the strings after it, and none gets less than its share."""
+    walked = _walk(schema, path)
+    if walked is None or not path or not _free_string(walked[1]):
+        return None
+    return _after(walked[0], count_tokens)
+
+
+@dataclass(frozen=True)
+class ArrayRoom:
+    """What an open array of fixed items (bullet tags: an id and a label, both enums) needs.
+
+    The budget reserves such an array in the tokenizer's own spelling of its longest
+    instance, but a model may spell an enum value in pieces: garbage weights wrote four
+    tags in more tokens than that and ran out of budget inside the array (3 of 16
+    reflections at 160 tokens with the test tokenizer; 2 of 24 on a GPU and 7 of 24 on a
+    CPU with Qwen's at 256). A token writes at least one byte, so `item_bytes` bounds what
+    one more item can cost however it is spelled; `FieldCloser` starts another item (or
+    writes the comma that commits to one) only where that fits."""
+
+    after: int  # tokens the reply needs once the array has closed (`_after`)
+    item_bytes: int  # bytes of the longest item
+
+
+def array_room(schema: dict[str, Any], path: Path, count_tokens: CountTokens) -> ArrayRoom | None:
+    """The `ArrayRoom` of the array at `path`; None unless its items are fixed (no free text:
+    those items' strings are budgeted one by one instead)."""
+    walked = _walk(schema, path)
+    if walked is None or walked[1].get("type") != "array":
+        return None
+    item, free = _longest(walked[1].get("items", {}))
+    if free:
+        return None
+    return ArrayRoom(
+        _after(walked[0], count_tokens), len(json.dumps(item, separators=SEPARATORS).encode())
+    )
 
 
 def _budgeted(schema: dict[str, Any], depth: int = 0) -> dict[str, Any]:
@@ -362,11 +405,15 @@ class _JsonCursor:
     Only what a budget needs: the path of the string value being written (None
     elsewhere), how many bytes it holds, whether its text ends a sentence, and whether
     an escape sequence or a UTF-8 character is half written (the grammar allows no
-    closing quote there: it would be text, or break the character).
+    closing quote there: it would be text, or break the character); and, for arrays,
+    how many items each open one has begun and whether the next byte decides between
+    another item and the closing bracket (`array_choice`).
     """
 
     def __init__(self) -> None:
-        self.stack: list[list[Any]] = []  # ["obj", key, after_colon] or ["arr", index]
+        # ["obj", key, after_colon] or ["arr", index, items begun]
+        self.stack: list[list[Any]] = []
+        self.array_choice = False
         self.in_string = False
         self.escape = 0  # -1 right after a backslash, else hex digits of \uXXXX still due
         self.utf8 = 0  # continuation bytes still due for the character being written
@@ -388,6 +435,9 @@ class _JsonCursor:
                 self._in_string(b)
                 continue
             top = self.stack[-1] if self.stack else None
+            self.array_choice = False
+            if top is not None and top[0] == "arr" and b not in b",]" and top[2] == top[1]:
+                top[2] += 1  # the first byte of item `index`
             if b == 0x22:  # "
                 self.in_string = True
                 if top is not None and top[0] == "obj" and not top[2]:
@@ -396,10 +446,12 @@ class _JsonCursor:
                     self.path = tuple(entry[1] for entry in self.stack)
                     self.chars, self.sentence_end = 0, False
             elif b in b"{[":
-                self.stack.append(["obj", None, False] if b == 0x7B else ["arr", 0])
+                self.stack.append(["obj", None, False] if b == 0x7B else ["arr", 0, 0])
+                self.array_choice = b == 0x5B
             elif b in b"}]":
                 if self.stack:
                     self.stack.pop()
+                self.array_choice = self._in_array()
             elif top is not None and b == 0x3A and top[0] == "obj":  # :
                 top[2] = True
             elif top is not None and b == 0x2C:  # ,
@@ -419,6 +471,7 @@ class _JsonCursor:
             if self.reading_key:
                 self.stack[-1][1] = self.key.decode(errors="replace")
             self.in_string, self.reading_key, self.path = False, False, None
+            self.array_choice = self._in_array()  # a string item has ended
             return
         elif self.reading_key:
             self.key.append(b)
@@ -429,6 +482,32 @@ class _JsonCursor:
 
     def closable(self) -> bool:
         return self.path is not None and self.chars > 0 and not self.escape and not self.utf8
+
+    def _in_array(self) -> bool:
+        return bool(self.stack) and self.stack[-1][0] == "arr"
+
+    def innermost_array(self) -> int | None:
+        """The stack depth of the innermost open array, if any."""
+        for depth in range(len(self.stack) - 1, -1, -1):
+            if self.stack[depth][0] == "arr":
+                return depth
+        return None
+
+    def array_path(self, depth: int) -> Path:
+        """The path of the array open at stack `depth`."""
+        return tuple(entry[1] for entry in self.stack[:depth])
+
+    def begins_item(self, depth: int, data: bytes) -> bool:
+        """Whether writing `data` next would begin another item of the array at `depth`, or
+        commit to one: after a comma the grammar allows only an item."""
+        trial = _JsonCursor()
+        trial.stack = [list(entry) for entry in self.stack]
+        trial.in_string, trial.escape, trial.utf8 = self.in_string, self.escape, self.utf8
+        trial.reading_key, trial.path = self.reading_key, self.path
+        trial.feed(data)
+        if len(trial.stack) <= depth:
+            return False
+        return trial.stack[depth][1:] != self.stack[depth][1:]  # a comma, or an item's first byte
 
 
 class ForcedText:
@@ -515,8 +594,12 @@ class FieldCloser:
         cut: Counter | None = None,
         sentence_window: int = SENTENCE_WINDOW_TOKENS,
         forced_text: ForcedText | None = None,
+        rooms: Sequence[Callable[[Path], ArrayRoom | None] | None] | None = None,
+        bracket_starts: Any = None,
     ) -> None:
         self.tails = list(tails)
+        self.rooms = list(rooms) if rooms is not None else [None] * len(self.tails)
+        self.bracket_starts = bracket_starts  # tokens that begin with "]"
         self.forced_text = forced_text or ForcedText({})
         self.sentence_window = sentence_window
         self.max_new_tokens = max_new_tokens
@@ -534,13 +617,21 @@ class FieldCloser:
         if cursor is not None and token < len(self.token_bytes):
             cursor.feed(self.token_bytes[token])
 
-    def force_structure(self, row: int, forced: str, scores: Any) -> bool:
+    def force_structure(self, row: int, forced: str, scores: Any, generated: int = 0) -> bool:
         """Narrow the row to the tokens that may write `forced` (the grammar's
         jump-forward text) and that the grammar allows; where the grammar allows none of
-        them, to the longest allowed token that begins it. False if there is none."""
+        them, to the longest allowed token that begins it. False if there is none.
+
+        Where an array of fixed items has no room for another item (`ArrayRoom`), the
+        tokens that end this item and go on into the next are dropped too."""
         text = forced.encode()
         tokens = self.forced_text.tokens(text, scores)
         allowed = tokens[scores[row, tokens].isfinite()]
+        depth = self._array_full(row, generated) if allowed.numel() else None
+        if depth is not None:
+            cursor = self.cursors[row]
+            keep = [not cursor.begins_item(depth, self.token_bytes[t]) for t in allowed.tolist()]
+            allowed = allowed[allowed.new_tensor(keep, dtype=bool)]
         if not allowed.numel():
             token = self.forced_text.longest_piece(
                 text, lambda t: t < scores.shape[-1] and bool(scores[row, t].isfinite())
@@ -554,9 +645,20 @@ class FieldCloser:
         return True
 
     def narrow(self, row: int, scores: Any, generated: int) -> None:
-        """`generated`: tokens this row has already produced in this call."""
+        """Close the row's open string at its deadline, or its array of fixed items where
+        another item would not fit. `generated`: tokens this row has already produced in
+        this call."""
         cursor = self.cursors[row]
-        if cursor is None or not cursor.closable():
+        if cursor is None:
+            return
+        if cursor.array_choice:  # another item, or the closing bracket
+            depth = self._array_full(row, generated)
+            if depth is not None and self._only(row, scores, "bracket_starts"):
+                keys = [k for k in cursor.array_path(depth) if isinstance(k, str)]
+                self.cut[keys[-1] if keys else None] += 1
+                self.rows_cut[row] += 1
+            return
+        if not cursor.closable():
             return
         tail = self.tails[row](cursor.path)
         if tail is None:  # an enum or unbounded string: the grammar's business
@@ -564,15 +666,38 @@ class FieldCloser:
         spare = self.max_new_tokens - generated - SAFETY_TOKENS - tail
         if spare > 0 and not (cursor.sentence_end and spare <= self.sentence_window):
             return
-        if self.quote_starts.device != scores.device:  # once per call, not per row and step
-            self.quote_starts = self.quote_starts.to(scores.device)
-        quotes = self.quote_starts
-        allowed = scores[row, : quotes.numel()].isfinite() & quotes
-        if allowed.any():
-            scores[row, : quotes.numel()].masked_fill_(~allowed, float("-inf"))
-            scores[row, quotes.numel() :] = float("-inf")
+        if self._only(row, scores, "quote_starts"):
             self.cut[cursor.field] += 1
             self.rows_cut[row] += 1
+
+    def _array_full(self, row: int, generated: int) -> int | None:
+        """The stack depth of the row's innermost open array of fixed items if the budget
+        left after this token has no room for another of its items; else None."""
+        cursor, room_of = self.cursors[row], self.rooms[row]
+        depth = cursor.innermost_array() if cursor is not None and room_of else None
+        if depth is None:
+            return None
+        room = room_of(cursor.array_path(depth))
+        if room is None:
+            return None
+        spare = self.max_new_tokens - generated - 1 - SAFETY_TOKENS - room.after
+        return depth if spare < room.item_bytes else None
+
+    def _only(self, row: int, scores: Any, starts_name: str) -> bool:
+        """Narrow the row to the allowed tokens among those of a start mask (tokens that
+        begin with a quote, or with a bracket); False, and untouched, if none is allowed."""
+        starts = getattr(self, starts_name)
+        if starts is None:
+            return False
+        if starts.device != scores.device:  # once per call, not per row and step
+            starts = starts.to(scores.device)
+            setattr(self, starts_name, starts)
+        allowed = scores[row, : starts.numel()].isfinite() & starts
+        if not allowed.any():
+            return False
+        scores[row, : starts.numel()].masked_fill_(~allowed, float("-inf"))
+        scores[row, starts.numel() :] = float("-inf")
+        return True
 
 
 def grammar_available() -> bool:
@@ -628,6 +753,7 @@ class JsonGrammar:
             t if isinstance(t, bytes) else str(t).encode() for t in info.decoded_vocab
         ]
         self._quote_starts = torch.tensor([t.startswith(b'"') for t in self._token_bytes])
+        self._bracket_starts = torch.tensor([t.startswith(b"]") for t in self._token_bytes])
         special = set(info.special_token_ids)
         token_of: dict[bytes, int] = {}
         for token, text in enumerate(self._token_bytes):  # the first of equal spellings
@@ -635,6 +761,7 @@ class JsonGrammar:
                 token_of.setdefault(text, token)
         self._forced_text = ForcedText(token_of)
         self._tails: dict[tuple[str, Path], int | None] = {}
+        self._rooms: dict[tuple[str, Path], ArrayRoom | None] = {}
         self.cut: Counter = Counter()
 
     def compile(self, schema: dict[str, Any]) -> Any:
@@ -656,6 +783,13 @@ class JsonGrammar:
             self._tails[cached] = path_tail(schema, path, self._count_tokens)
         return self._tails[cached]
 
+    def room(self, schema: dict[str, Any], path: Path, key: str | None = None) -> ArrayRoom | None:
+        """`array_room` with this tokenizer, cached like `tail`."""
+        cached = (key or json.dumps(schema), path)
+        if cached not in self._rooms:
+            self._rooms[cached] = array_room(schema, path, self._count_tokens)
+        return self._rooms[cached]
+
     def _count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -671,10 +805,14 @@ class JsonGrammar:
         grammars = [self.compile(s) if s is not None else None for s in schemas]
         closer = None
         if self.token_budget and max_new_tokens is not None:
-            tails = [partial(self.tail, s, key=json.dumps(s)) if s is not None else None
-                     for s in schemas]  # fmt: skip
+            keys = [json.dumps(s) if s is not None else None for s in schemas]
+            tails = [partial(self.tail, s, key=k) if s is not None else None
+                     for s, k in zip(schemas, keys, strict=True)]  # fmt: skip
+            rooms = [partial(self.room, s, key=k) if s is not None else None
+                     for s, k in zip(schemas, keys, strict=True)]  # fmt: skip
             closer = FieldCloser(tails, max_new_tokens, self._token_bytes, self._quote_starts,
-                                 prefills, self.cut, self.sentence_window, self._forced_text)  # fmt: skip
+                                 prefills, self.cut, self.sentence_window, self._forced_text,
+                                 rooms, self._bracket_starts)  # fmt: skip
         return GrammarLogitsProcessor(self._xgr, grammars, self.vocab_size, prefills, closer)
 
 
@@ -737,7 +875,9 @@ class GrammarLogitsProcessor:
             if self.closer is not None:
                 for row in live:
                     forced = self.matchers[row].find_jump_forward_string()
-                    if not (forced and self.closer.force_structure(row, forced, cpu)):
+                    if not (
+                        forced and self.closer.force_structure(row, forced, cpu, self.generated)
+                    ):
                         self.closer.narrow(row, cpu, self.generated)
             scores = cpu.to(device)
         return scores

@@ -75,8 +75,12 @@ def _balanced_objects(text: str, limit: int = 20, nested: bool = False) -> list[
 
 
 def _loads(candidate: str) -> Any:
-    candidate = candidate.strip().translate(_SMART_QUOTES)
-    for attempt in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
+    # Curly quotes are straightened only if the text does not parse as written: inside a
+    # valid string (`"he wrote “no”"`) straightening them ends the string early.
+    raw = candidate.strip()
+    candidate = raw.translate(_SMART_QUOTES)
+    for attempt in dict.fromkeys((raw, _TRAILING_COMMA.sub(r"\1", raw), candidate,
+                                  _TRAILING_COMMA.sub(r"\1", candidate))):  # fmt: skip
         try:  # strict=False: a raw tab or newline inside a string is still that string
             return json.loads(attempt, strict=False)
         except (json.JSONDecodeError, ValueError):
