@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # e.g. no C compiler for inductor: report, keep the rest
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         row["warmup_seconds"] = time.perf_counter() - start
+        # as it goes: a run stopped at a time limit still shows how far it got
+        print(f"warm-up: {row['variant']} {row['warmup_seconds']:.1f} s", flush=True)
     live = [r for r in rows if "error" not in r]
     reference = None
     # Round-robin repeats: a machine shared with other jobs slows all variants alike.
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             tokens = run(row)
             row["times"].append(time.perf_counter() - start)
+            print(f"timed: {row['variant']} {row['times'][-1]:.2f} s", flush=True)
             reference = tokens if reference is None else reference
             row["tokens"] = sum(len(t) for t in tokens)
             same = sum(a == b for a, b in zip(tokens, reference, strict=True))

@@ -153,6 +153,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
     update()  # warm-up (optimizer state, kernels)
     phases["update"], _ = timed(update, device)
     row.update({f"time_{k}": v for k, v in phases.items()})
+    print(f"{shape}: phases {phases}", flush=True)
     row["time_step"] = sum(phases.values())
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
