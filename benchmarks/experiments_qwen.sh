@@ -76,6 +76,7 @@ UNITS=(
   # of it ran): with no success SDPO+ss computes SDPO and GRPO never updates (seeds 0-2)
   run:headline:resd:3 run:headline:sdpo:3
   run:headline:resd:4 run:headline:sdpo:4  # a fifth, queued after the fourth had finished
+  run:headline:resd:5 run:headline:sdpo:5  # a sixth (eighteenth session), queued before it ran
 )
 # Finished before units existed, in the first three sessions of 2026-12-02 (their figures
 # are in docs/results.md and benchmarks/results/): the headline's seed 0 of all four
