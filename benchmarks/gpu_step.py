@@ -16,6 +16,8 @@ warm-up step, then `--repeats` timed steps on the same batch; the table holds me
 
     python benchmarks/gpu_step.py --tokenizer DIR                       # on the GPU, ~3 minutes
     python benchmarks/gpu_step.py --smoke --tokenizer DIR --device cpu  # tiny shape (tests)
+    python benchmarks/gpu_step.py --tokenizer DIR --device cpu --shape tiny-151k --algorithms resd
+        # 2 layers with Qwen's vocabulary: the grammar at full vocabulary, on a CPU
 """
 
 from __future__ import annotations
