@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh          # writes JSON + text under $OUT (or benchmarks/results/gpu)
 #
+# Prepare what it carries with benchmarks/gpu_prepare.sh, which gives the device call too.
 # Needs torch (CUDA), transformers, peft and the resd sources (PYTHONPATH=src); the
 # end-to-end step also needs xgrammar (the grammar of reflections) and a real tokenizer
 # folder, $GPU_TOKENIZER (default .gpu_carry/qwen-tokenizer: Qwen2.5's tokenizer files,
