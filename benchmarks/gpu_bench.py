@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+TINY = dict(
+    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
+)  # fmt: skip
 SHAPES = {
     "smollm2-135m": dict(
         model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -36,28 +40,23 @@ SHAPES = {
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
         tie_word_embeddings=True,
     ),
-    "tiny": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
-    ),
+    "tiny": TINY,
     # tiny with Qwen's vocabulary: the grammar's work per token at real size, on a CPU
-    "tiny-151k": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-    ),
+    "tiny-151k": {**TINY, "vocab_size": 151936},
 }  # fmt: skip
 PEAK_TFLOPS = 790.0
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype):
+def build(shape: str, device: torch.device, dtype: torch.dtype, **config_args):
+    """A random-init model of `shape`; `config_args` add to its config (special token ids)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(SHAPES[shape])
+    kwargs = {**SHAPES[shape], **config_args}
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(0)
     with device:  # initialise where it runs: 0.6B normal_ draws on a CPU take most of a minute
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.generation_config.pad_token_id = 0
+    model.generation_config.pad_token_id = config_args.get("pad_token_id", 0)
     return model
 
 

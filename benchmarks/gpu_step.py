@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")
+from step_profile import PHASES, phase_medians  # this script's folder is on the path
+
 HEADLINE = Path(__file__).resolve().parents[1] / "configs" / "headline_qwen.yaml"
 SETTINGS = [
     "steps=4", "eval_every=0", "eval_items=1", "log_samples=0", "save_every=0",
@@ -48,25 +49,17 @@ SMOKE = ["max_new_tokens=8", "reflection_max_new_tokens=48", "curation_max_new_t
 def build_model(shape: str, tokenizer: str, out: Path, device: str) -> Path:
     """A random-init model of `shape` (gpu_bench.SHAPES) saved beside `tokenizer`'s files."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_bench import SHAPES
+    from gpu_bench import SHAPES, build  # this script's folder is on the path
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    kwargs = dict(SHAPES[shape])
-    if len(tok) > kwargs["vocab_size"]:
+    if len(tok) > SHAPES[shape]["vocab_size"]:
         raise SystemExit(
-            f"tokenizer has {len(tok)} tokens, more than {shape}'s {kwargs['vocab_size']}"
+            f"tokenizer has {len(tok)} tokens, more than {shape}'s {SHAPES[shape]['vocab_size']}"
         )
-    config = AutoConfig.for_model(
-        kwargs.pop("model_type"), **kwargs, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise where it runs: 0.6B normal_ draws on CPU take long
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
+    ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+           "bos_token_id": tok.bos_token_id}  # fmt: skip
+    build(shape, torch.device(device), torch.bfloat16, **ids).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -98,7 +91,7 @@ def child(model_dir: str, algorithm: str, repeats: int, smoke: bool, device: str
     reflections = sum(s.get("reflections", 0) for s in timed)
     return {
         "algorithm": algorithm, "setup_s": setup, "steps": steps,
-        "median": {p: statistics.median(s.get(f"time_{p}", 0.0) for s in timed) for p in (*PHASES, "step")},
+        "median": phase_medians(timed),
         "response_tokens": statistics.mean(s["response_tokens"] for s in timed),
         "reflections": reflections,
         "reflections_parsed": sum(s.get("reflections_parsed", 0) for s in timed),

@@ -74,6 +74,11 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def phase_medians(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """The median of every phase the trainer times, and of the whole step."""
+    return {p: statistics.median(s[f"time_{p}"] for s in steps) for p in (*PHASES, "step")}
+
+
 def _undo_head_fix(trainer) -> None:
     """Take the contiguous-input hook off every model the trainer holds (the 'before' step)."""
     from resd.models import _contiguous_first
@@ -111,7 +116,7 @@ def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any
     row = {
         "variant": variant, "algorithm": algorithm, "env": env, "setup_s": setup, "steps": timed,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "median": {p: statistics.median(s[f"time_{p}"] for s in timed) for p in (*PHASES, "step")},
+        "median": phase_medians(timed),
         "response_tokens": statistics.mean(s["response_tokens"] for s in timed),
         "reflections": sum(s.get("reflections", 0) for s in timed),
         "reflection_cache_hits": sum(s.get("reflection_cache_hits", 0) for s in timed),

@@ -35,6 +35,7 @@ the vLLM backend hands the same schemas to vLLM's own structured outputs instead
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import logging
 import math
@@ -500,10 +501,8 @@ class _JsonCursor:
     def begins_item(self, depth: int, data: bytes) -> bool:
         """Whether writing `data` next would begin another item of the array at `depth`, or
         commit to one: after a comma the grammar allows only an item."""
-        trial = _JsonCursor()
-        trial.stack = [list(entry) for entry in self.stack]
-        trial.in_string, trial.escape, trial.utf8 = self.in_string, self.escape, self.utf8
-        trial.reading_key, trial.path = self.reading_key, self.path
+        trial = copy.copy(self)
+        trial.stack, trial.key = [list(entry) for entry in self.stack], bytearray(self.key)
         trial.feed(data)
         if len(trial.stack) <= depth:
             return False
@@ -599,12 +598,12 @@ class FieldCloser:
     ) -> None:
         self.tails = list(tails)
         self.rooms = list(rooms) if rooms is not None else [None] * len(self.tails)
-        self.bracket_starts = bracket_starts  # tokens that begin with "]"
+        # by the byte they begin with: the tokens that close a string, and an array
         self.forced_text = forced_text or ForcedText({})
         self.sentence_window = sentence_window
         self.max_new_tokens = max_new_tokens
         self.token_bytes = token_bytes
-        self.quote_starts = quote_starts
+        self.starts = {b'"': quote_starts, b"]": bracket_starts}
         self.cursors = [_JsonCursor() if t is not None else None for t in self.tails]
         for row, text in enumerate(prefills or []):
             if self.cursors[row] is not None and text:
@@ -653,7 +652,7 @@ class FieldCloser:
             return
         if cursor.array_choice:  # another item, or the closing bracket
             depth = self._array_full(row, generated)
-            if depth is not None and self._only(row, scores, "bracket_starts"):
+            if depth is not None and self._only(row, scores, b"]"):
                 keys = [k for k in cursor.array_path(depth) if isinstance(k, str)]
                 self.cut[keys[-1] if keys else None] += 1
                 self.rows_cut[row] += 1
@@ -666,7 +665,7 @@ class FieldCloser:
         spare = self.max_new_tokens - generated - SAFETY_TOKENS - tail
         if spare > 0 and not (cursor.sentence_end and spare <= self.sentence_window):
             return
-        if self._only(row, scores, "quote_starts"):
+        if self._only(row, scores, b'"'):
             self.cut[cursor.field] += 1
             self.rows_cut[row] += 1
 
@@ -683,15 +682,14 @@ class FieldCloser:
         spare = self.max_new_tokens - generated - 1 - SAFETY_TOKENS - room.after
         return depth if spare < room.item_bytes else None
 
-    def _only(self, row: int, scores: Any, starts_name: str) -> bool:
-        """Narrow the row to the allowed tokens among those of a start mask (tokens that
-        begin with a quote, or with a bracket); False, and untouched, if none is allowed."""
-        starts = getattr(self, starts_name)
+    def _only(self, row: int, scores: Any, first: bytes) -> bool:
+        """Narrow the row to the allowed tokens that begin with `first` (a quote, or a
+        bracket); False, and untouched, if none is allowed."""
+        starts = self.starts[first]
         if starts is None:
             return False
         if starts.device != scores.device:  # once per call, not per row and step
-            starts = starts.to(scores.device)
-            setattr(self, starts_name, starts)
+            starts = self.starts[first] = starts.to(scores.device)
         allowed = scores[row, : starts.numel()].isfinite() & starts
         if not allowed.any():
             return False
@@ -760,8 +758,7 @@ class JsonGrammar:
             if text and token not in special:
                 token_of.setdefault(text, token)
         self._forced_text = ForcedText(token_of)
-        self._tails: dict[tuple[str, Path], int | None] = {}
-        self._rooms: dict[tuple[str, Path], ArrayRoom | None] = {}
+        self._budgets: dict[tuple[str, str, Path], Any] = {}  # path_tail, array_room
         self.cut: Counter = Counter()
 
     def compile(self, schema: dict[str, Any]) -> Any:
@@ -778,17 +775,19 @@ class JsonGrammar:
         """`path_tail` with this tokenizer, cached by the schema's text (`key`, if the
         caller has it): a step's replies share their schema, and a decode step asks for
         every row."""
-        cached = (key or json.dumps(schema), path)
-        if cached not in self._tails:
-            self._tails[cached] = path_tail(schema, path, self._count_tokens)
-        return self._tails[cached]
+        return self._budget(path_tail, schema, path, key)
 
     def room(self, schema: dict[str, Any], path: Path, key: str | None = None) -> ArrayRoom | None:
         """`array_room` with this tokenizer, cached like `tail`."""
-        cached = (key or json.dumps(schema), path)
-        if cached not in self._rooms:
-            self._rooms[cached] = array_room(schema, path, self._count_tokens)
-        return self._rooms[cached]
+        return self._budget(array_room, schema, path, key)
+
+    def _budget(
+        self, measure: Callable, schema: dict[str, Any], path: Path, key: str | None
+    ) -> Any:
+        cached = (measure.__name__, key or json.dumps(schema), path)
+        if cached not in self._budgets:
+            self._budgets[cached] = measure(schema, path, self._count_tokens)
+        return self._budgets[cached]
 
     def _count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
