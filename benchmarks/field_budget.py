@@ -46,14 +46,10 @@ from prefix_cache import (
 )  # the benchmarks' shared plumbing
 from reflection_content import ends_mid_sentence  # one notion of a sentence's end
 
+from resd.generation.budget import SENTENCE_WINDOW_TOKENS
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
-from resd.generation.structured import (
-    REFLECTION_WEIGHTS,
-    SENTENCE_WINDOW_TOKENS,
-    JsonGrammar,
-    curation_schema,
-    reflection_schema,
-)
+from resd.generation.schemas import REFLECTION_WEIGHTS, curation_schema, reflection_schema
+from resd.generation.structured import JsonGrammar
 from resd.training.reflection import curation_messages, parse_reflection, reflection_messages
 
 ENVS = {  # the sanity check's quoted multiplications, and the headline's task

@@ -158,7 +158,8 @@ def grammar_cost(model_name: str, new_tokens: int = 96, rows: int = 8) -> dict[s
     import torch
 
     from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
-    from resd.generation.structured import JsonGrammar, reflection_schema
+    from resd.generation.schemas import reflection_schema
+    from resd.generation.structured import JsonGrammar
     from resd.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(model_name), load_model(model_name, dtype="bfloat16")

@@ -207,7 +207,7 @@ def test_the_background_thread_learns_while_the_server_answers(
 
 # ---- lessons from a server --------------------------------------------------------------------------
 def test_response_format_json_schema_is_honoured(tiny_served, tmp_path):
-    from resd.generation.structured import reflection_schema
+    from resd.generation.schemas import reflection_schema
 
     schema = reflection_schema(["strat-00001"], 160)
     with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=700) as running:

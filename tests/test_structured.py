@@ -17,25 +17,27 @@ import pytest
 import torch
 
 from resd.config import ConfigError
+from resd.generation.budget import (
+    ArrayRoom,
+    FieldCloser,
+    ForcedText,
+    _JsonCursor,
+    array_room,
+    path_tail,
+)
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
-from resd.generation.structured import (
+from resd.generation.schemas import (
     CHARS_PER_TOKEN,
     MAX_OPERATIONS,
     MAX_TAGS,
     MIN_LESSON_CHARS,
     SAFETY_TOKENS,
-    ArrayRoom,
-    FieldCloser,
-    ForcedText,
-    JsonGrammar,
-    _JsonCursor,
-    array_room,
     curation_schema,
-    path_tail,
     reflection_schema,
     string_limit,
     tag_schema,
 )
+from resd.generation.structured import JsonGrammar
 from resd.models import load_model, load_tokenizer
 from resd.training.playbook import OPERATION_TYPES, SECTIONS, TAGS, Playbook
 from resd.training.reflection import parse_operations, parse_reflection, parse_tags

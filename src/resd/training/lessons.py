@@ -18,7 +18,7 @@ from typing import Any
 from resd.config import TrainConfig
 from resd.envs.base import Item
 from resd.generation.hf import chat_ids_after, chat_prompt_ids
-from resd.generation.structured import curation_schema, reflection_schema, tag_schema
+from resd.generation.schemas import curation_schema, reflection_schema, tag_schema
 from resd.parallel import Parallel
 from resd.templating import clip_tokens, strip_thinking
 from resd.training.algorithms import Algorithm
