@@ -12,6 +12,10 @@ Two parts, both against a real `resd serve` process on loopback with the bundled
 
     python benchmarks/serve_load.py                          # smollm2-135m, 8 clients, 60 s
     python benchmarks/serve_load.py --model path/to/model --seconds 10 --out runs/serve_load
+    python benchmarks/serve_load.py --model qwen2.5-coder-0.5b --dtypes float32,bfloat16 --no-fault
+
+`--dtypes` runs the load part once per weight dtype (`resd serve --dtype`), one after the
+other on the same requests; the fault part runs with the first.
 
 Prints a table and writes --json.
 """
@@ -47,6 +51,7 @@ class Tally:
     completions: list[str] = field(default_factory=list)  # acknowledged completion ids
     feedback: list[str] = field(default_factory=list)  # completion ids with acknowledged feedback
     completion_s: list[float] = field(default_factory=list)
+    tokens: int = 0  # completion tokens of the acknowledged completions
     feedback_s: list[float] = field(default_factory=list)
     errors: int = 0
 
@@ -57,8 +62,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(args: argparse.Namespace, out: Path, port: int) -> subprocess.Popen:
+def start(args: argparse.Namespace, out: Path, port: int, dtype: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "resd", "serve", "--model", args.model, "--served-model-name", MODEL,
+               "--dtype", dtype,
                "--port", str(port), "--output-dir", str(out), "--max-new-tokens", str(args.max_tokens),
                "--max-batch", str(args.clients), "--log-level", "warning"]  # fmt: skip
     process = subprocess.Popen(command, env={**os.environ, "RESD_API_KEY": KEY},
@@ -93,6 +99,7 @@ def client_loop(
             with tally.lock:
                 tally.completions.append(reply.id)
                 tally.completion_s.append(t1 - t0)
+                tally.tokens += reply.usage.completion_tokens if reply.usage else 0
             note = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
                               json={"completion_id": reply.id, "reward": 0, "feedback": "Name the country too."},
                               timeout=120)  # fmt: skip
@@ -158,21 +165,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", default="runs/serve_load")
     parser.add_argument("--json", default="benchmarks/results/serve_load.json")
+    parser.add_argument("--dtypes", default="auto", help="comma-separated `resd serve --dtype`s")
+    parser.add_argument("--no-fault", action="store_true", help="skip the SIGKILL part")
     args = parser.parse_args(argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    result: dict[str, Any] = {"settings": vars(args), "machine": f"{os.cpu_count()} CPU cores"}
+    dtypes = args.dtypes.split(",")
+    result: dict[str, Any] = {"settings": vars(args), "machine": f"{os.cpu_count()} CPU cores",
+                              "load_by_dtype": {}}  # fmt: skip
+    for dtype in dtypes:
+        result["load_by_dtype"][dtype] = load_part(args, out / f"load-{dtype}", dtype)
+    load = result["load"] = result["load_by_dtype"][dtypes[0]]
+    print(f"\nresd serve, {args.model}, {args.clients} clients, max_tokens {args.max_tokens}, "
+          f"{result['machine']}")  # fmt: skip
+    for dtype, run in result["load_by_dtype"].items():
+        print(f"{'load, --dtype ' + dtype:32s} {run['seconds']:.0f} s: {run['completions']} completions, "
+              f"{run['completions_per_s']:.2f}/s, p50 {run['completion_p50_s']:.2f} s, "
+              f"p99 {run['completion_p99_s']:.2f} s, {run['tokens_per_completion']:.1f} tokens each")  # fmt: skip
+    print(
+        f"{'feedback post':32s} p50 {load['feedback_p50_s'] * 1000:.1f} ms, p99 {load['feedback_p99_s'] * 1000:.1f} ms"
+    )
+    stored_all = all(run["all_acknowledged_stored"] for run in result["load_by_dtype"].values())
+    print(f"{'rows = acknowledged':32s} {load['rows']} / {load['acknowledged_completions']} completions, "
+          f"{load['feedback_rows']} / {load['acknowledged_feedback']} feedback: {stored_all}")  # fmt: skip
+    lost = lost_feedback = set()
+    if not args.no_fault:
+        result["fault"], lost, lost_feedback = fault_part(args, out / "fault", dtypes[0])
+        fault = result["fault"]
+        print(f"{'SIGKILL after ' + str(args.kill_after) + ' s, restart':32s} acknowledged {fault['acknowledged_completions']} "
+              f"completions / {fault['acknowledged_feedback']} feedback; lost {fault['lost_completions']} / {fault['lost_feedback']}")  # fmt: skip
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0 if stored_all and not lost and not lost_feedback else 1
 
-    # -- load
+
+def load_part(args: argparse.Namespace, out: Path, dtype: str) -> dict[str, Any]:
+    """`--clients` clients against a fresh server for `--seconds`; what they saw and what
+    the database holds."""
     port = free_port()
-    server = start(args, out / "load", port)
+    server = start(args, out, port, dtype)
     try:
         tally, wall = run_load(port, args.seconds, args)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
-    ids, with_feedback = stored(out / "load")
-    result["load"] = {
+    ids, with_feedback = stored(out)
+    return {
         "seconds": round(wall, 2), "completions": len(tally.completions),
         "completions_per_s": round(len(tally.completions) / wall, 3),
         "completion_p50_s": round(pct(tally.completion_s, 0.5), 3),
@@ -182,41 +220,28 @@ def main(argv: list[str] | None = None) -> int:
         "client_errors": tally.errors, "rows": len(ids), "feedback_rows": len(with_feedback),
         "acknowledged_completions": len(tally.completions), "acknowledged_feedback": len(tally.feedback),
         "all_acknowledged_stored": set(tally.completions) <= ids and set(tally.feedback) <= with_feedback,
+        "tokens_per_completion": tally.tokens / max(1, len(tally.completions)),
     }  # fmt: skip
 
-    # -- fault: SIGKILL mid-load, then restart on the same database
+
+def fault_part(args: argparse.Namespace, out: Path, dtype: str) -> tuple[dict[str, Any], set, set]:
+    """SIGKILL mid-load, then a restart on the same database: what was acknowledged and lost."""
     port = free_port()
-    server = start(args, out / "fault", port)
+    server = start(args, out, port, dtype)
     tally, _ = run_load(port, 0, args, kill=server, kill_after=args.kill_after)
-    server = start(args, out / "fault", port)  # the restart must open the database cleanly
+    server = start(args, out, port, dtype)  # the restart must open the database cleanly
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=120)
-    ids, with_feedback = stored(out / "fault")
+    ids, with_feedback = stored(out)
     lost = set(tally.completions) - ids
     lost_feedback = set(tally.feedback) - with_feedback
-    result["fault"] = {
+    fault = {
         "killed_after_s": args.kill_after, "acknowledged_completions": len(tally.completions),
         "acknowledged_feedback": len(tally.feedback), "rows_after_restart": len(ids),
         "feedback_rows_after_restart": len(with_feedback), "lost_completions": len(lost),
         "lost_feedback": len(lost_feedback),
     }  # fmt: skip
-
-    load, fault = result["load"], result["fault"]
-    print(
-        f"\nresd serve, {args.model}, {args.clients} clients, max_tokens {args.max_tokens}, {result['machine']}"
-    )
-    print(f"{'load':32s} {load['seconds']:.0f} s: {load['completions']} completions, "
-          f"{load['completions_per_s']:.2f}/s, p50 {load['completion_p50_s']:.2f} s, p99 {load['completion_p99_s']:.2f} s")  # fmt: skip
-    print(
-        f"{'feedback post':32s} p50 {load['feedback_p50_s'] * 1000:.1f} ms, p99 {load['feedback_p99_s'] * 1000:.1f} ms"
-    )
-    print(f"{'rows = acknowledged':32s} {load['rows']} / {load['acknowledged_completions']} completions, "
-          f"{load['feedback_rows']} / {load['acknowledged_feedback']} feedback: {load['all_acknowledged_stored']}")  # fmt: skip
-    print(f"{'SIGKILL after ' + str(args.kill_after) + ' s, restart':32s} acknowledged {fault['acknowledged_completions']} "
-          f"completions / {fault['acknowledged_feedback']} feedback; lost {fault['lost_completions']} / {fault['lost_feedback']}")  # fmt: skip
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0 if load["all_acknowledged_stored"] and not lost and not lost_feedback else 1
+    return fault, lost, lost_feedback
 
 
 if __name__ == "__main__":

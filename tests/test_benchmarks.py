@@ -243,10 +243,12 @@ def test_serve_load_benchmark_smoke(tiny_model_dir, tmp_path):
     out = tmp_path / "result.json"
     code = serve_load.main(["--model", str(tiny_model_dir), "--clients", "3", "--seconds", "3",
                             "--kill-after", "3", "--max-tokens", "4", "--out", str(tmp_path / "runs"),
-                            "--json", str(out)])  # fmt: skip
+                            "--json", str(out), "--dtypes", "float32,bfloat16"])  # fmt: skip
     result = json.loads(out.read_text())
-    assert code == 0 and result["load"]["completions"] > 0
-    assert result["load"]["rows"] == result["load"]["acknowledged_completions"]
+    assert code == 0 and list(result["load_by_dtype"]) == ["float32", "bfloat16"]
+    for load in result["load_by_dtype"].values():  # each dtype had its own server and database
+        assert load["completions"] > 0 and load["tokens_per_completion"] > 0
+        assert load["rows"] == load["acknowledged_completions"]
     assert result["fault"]["acknowledged_feedback"] > 0 and result["fault"]["lost_feedback"] == 0
 
 

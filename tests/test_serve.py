@@ -90,7 +90,8 @@ def start_server(
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir: Path) -> ServedModel:
-    return load_served_model(str(tiny_model_dir), version="v1", name=MODEL)
+    # float32 on every machine: `auto` would differ between CPUs with and without bf16
+    return load_served_model(str(tiny_model_dir), version="v1", name=MODEL, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,20 @@ def chat(running: Running, **kwargs: Any) -> Any:
 
 
 # ---- completions ---------------------------------------------------------------------------------
+def test_served_dtype_auto_is_what_training_samples_in(tiny_model_dir: Path) -> None:
+    """`resd serve`'s default dtype follows the device as the trainer's sampler does:
+    bfloat16 weights where bf16 is fast, float32 elsewhere; a bad name is an error."""
+    import torch
+
+    from resd.models import fast_bfloat16
+
+    auto = load_served_model(str(tiny_model_dir), dtype="auto", device="cpu")
+    expected = torch.bfloat16 if fast_bfloat16("cpu") else torch.float32
+    assert {p.dtype for p in auto.model.parameters()} == {expected}
+    with pytest.raises(ValueError, match="dtype"):
+        load_served_model(str(tiny_model_dir), dtype="bf16", device="cpu")
+
+
 def test_chat_completion_is_served_and_stored(server: Running) -> None:
     response = chat(server, temperature=0.8, seed=7)
     assert response.id.startswith("chatcmpl-")

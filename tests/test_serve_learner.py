@@ -91,7 +91,7 @@ def learning(tiny_model_dir, tmp_path, served, *, collect: bool = True):
 
 @pytest.fixture
 def tiny_served(tiny_model_dir):
-    return load_served_model(str(tiny_model_dir), version="v0", name=MODEL)
+    return load_served_model(str(tiny_model_dir), version="v0", name=MODEL, dtype="float32")
 
 
 def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(

@@ -48,7 +48,9 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-prompt-tokens", type=int, default=2048,
                        help="longer prompts keep their end")  # fmt: skip
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    serve.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+    serve.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
+                       help="the weights' dtype; auto: bfloat16 where the device has fast bf16 "
+                       "kernels, else float32")  # fmt: skip
     serve.add_argument("--device", default="auto")
     serve.add_argument("--base-version", default="base",
                        help="the version id the loaded weights are recorded under")  # fmt: skip
