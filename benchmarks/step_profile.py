@@ -24,6 +24,9 @@ Variants (`--variants`, comma-separated):
     lora-one-conv both
     lora-int8     `lora` sampling from a merged copy with int8 decoding weights
                   (`generation_dtype: int8`, CPU)
+    lora-uncast   `lora` with the frozen linear weights put back in float32, which
+                  autocast then casts in every forward pass (the step as it was before
+                  `cast_frozen_linears`; the same numbers, since autocast rounds them)
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
@@ -71,6 +74,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora-conv": [LORA, "reflection_layout=conversation"],
     "lora-one-conv": [LORA, "lesson_calls=one", "reflection_layout=conversation"],
     "lora-int8": [LORA, "generation_dtype=int8"],
+    "lora-uncast": [LORA],
 }
 
 
@@ -89,6 +93,23 @@ def _undo_head_fix(trainer) -> None:
         for key, hook in list(head._forward_pre_hooks.items()):
             if hook is _contiguous_first:
                 del head._forward_pre_hooks[key]
+
+
+def _uncast_frozen_linears(trainer) -> int:
+    """Put the policy's frozen linear weights back in float32 (the 'uncast' step)."""
+    from torch import nn
+
+    from resd.training.policy import AutocastLinear
+
+    count = 0
+    for module in trainer.model.modules():
+        if isinstance(module, AutocastLinear):
+            module.weight.data = module.weight.data.float()
+            if module.bias is not None:
+                module.bias.data = module.bias.data.float()
+            module.__class__ = nn.Linear
+            count += 1
+    return count
 
 
 def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any]:
@@ -110,6 +131,8 @@ def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any
     setup = time.perf_counter() - start
     if variant.endswith("-before"):
         _undo_head_fix(trainer)
+    if variant == "lora-uncast" and not _uncast_frozen_linears(trainer):
+        raise SystemExit("lora-uncast: no frozen linear was cast (is autocast off here?)")
     items = trainer.train_items[: cfg.batch_size]
     steps = [trainer.train_step(items) for _ in range(1 + repeats)]
     timed = steps[1:]

@@ -182,12 +182,91 @@ def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
 
     loaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(ckpt))
     ids = torch.tensor([[5, 6, 7]])
-    torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # how the trainer computes: exactly
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits, rtol=0, atol=0
+        )
+    # in float32 too, where the policy's frozen weights were kept in autocast's bf16
+    # (`cast_frozen_linears`, on a CPU with fast bf16) only up to their rounding
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
+                               rtol=0, atol=2e-3)  # fmt: skip
     # and resumes with the teacher adapter intact
     resumed = Trainer(trainer.cfg, resume=True)
     assert resumed.step == 1
     for n, t in teacher.adapter.items():
         torch.testing.assert_close(resumed.teacher.adapter[n], t)
+
+
+def test_frozen_linears_kept_in_the_autocast_dtype_compute_exactly_as_before(tiny_model_dir):
+    """`cast_frozen_linears` stores a LoRA policy's frozen linear weights in bf16. Under
+    bf16 autocast the logits and the adapter's gradients must be bit-for-bit those of the
+    float32 model (autocast rounds those weights to bf16 anyway); the adapters, norms,
+    embeddings and the tied head stay float32; outside autocast the model still runs."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from resd.training.policy import AutocastLinear, cast_frozen_linears
+
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    plain = get_peft_model(load_model(str(tiny_model_dir)), lora)
+    cast = copy.deepcopy(plain)
+    assert cast_frozen_linears(cast, torch.bfloat16) > 0
+    for name, p in cast.named_parameters():
+        frozen_linear = not p.requires_grad and any(
+            f".{k}." in name for k in ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "base_layer")
+        )  # fmt: skip
+        assert p.dtype == (torch.bfloat16 if frozen_linear else torch.float32), name
+    assert isinstance(
+        cast.get_submodule("base_model.model.model.layers.0.mlp.up_proj"), AutocastLinear
+    )
+    assert cast.get_output_embeddings().weight is cast.get_input_embeddings().weight  # still tied
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    results = []
+    for model in (plain, cast):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        logits.float().logsumexp(-1).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+    with torch.no_grad():  # float32, no autocast: the frozen weights widen for the call
+        out = cast(input_ids=ids).logits
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, plain(input_ids=ids).logits, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("autocast", ["bfloat16", "none"])
+def test_trainer_keeps_frozen_linears_in_bf16_only_under_autocast(
+    tiny_model_dir, tmp_path, autocast
+):
+    """Under autocast a LoRA policy's frozen linears are bf16 and a step trains, syncs the
+    sampler and keeps the EMA adapter in float32; without autocast nothing is cast (a
+    bf16 weight would then change what the float32 model computes)."""
+    trainer, metrics, _ = step(
+        tiny_model_dir, tmp_path, autocast, "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+        f"autocast={autocast}", "generation_dtype=bfloat16",
+    )  # fmt: skip
+    q_base = trainer.model.get_submodule(
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer"
+    )
+    expected = torch.bfloat16 if autocast == "bfloat16" else torch.float32
+    assert q_base.weight.dtype == expected
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    assert all(t.dtype == torch.float32 for t in trainer.teacher.adapter.values())
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    from resd.generation.vllm_engine import merged_lora_weights
+
+    sampled = dict(trainer.sampler.generator.named_parameters())
+    assert all(
+        torch.equal(sampled[n], t.to(torch.bfloat16)) for n, t in merged_lora_weights(trainer.model)
+    )
 
 
 def test_kl_reference_term(tiny_model_dir, tmp_path):

@@ -329,12 +329,19 @@ def resolve_dtype(name: str | None, device: str | torch.device) -> str | None:
     return name
 
 
-def autocast_context(device: torch.device, autocast: str | None):
-    """bf16 autocast where it helps. `auto` enables it only where bf16 is fast on the
-    device (`fast_bfloat16`); an explicit dtype enables it regardless."""
+def autocast_dtype(device: torch.device, autocast: str | None) -> torch.dtype | None:
+    """The dtype `autocast_context` runs matmuls in on `device`; None where it is off."""
     if autocast in (None, "none", "off", False) or (
         autocast == "auto" and not fast_bfloat16(device)
     ):
+        return None
+    return DTYPES["bfloat16"] if autocast in ("auto", "bfloat16", True) else DTYPES[autocast]
+
+
+def autocast_context(device: torch.device, autocast: str | None):
+    """bf16 autocast where it helps. `auto` enables it only where bf16 is fast on the
+    device (`fast_bfloat16`); an explicit dtype enables it regardless."""
+    dtype = autocast_dtype(device, autocast)
+    if dtype is None:
         return torch.autocast(device_type=device.type, enabled=False)
-    dtype = DTYPES["bfloat16"] if autocast in ("auto", "bfloat16", True) else DTYPES[autocast]
     return torch.autocast(device_type=device.type, dtype=dtype)

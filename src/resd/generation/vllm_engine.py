@@ -300,7 +300,13 @@ def _merged(layer: nn.Module, attr: str) -> torch.Tensor:
                 "whose merge is not additive; sync it with merge_adapter() instead"
             )
         if attr == "weight":
-            out = out + layer.get_delta_weight(adapter).to(base.dtype)
+            delta = layer.get_delta_weight(adapter)
         elif attr == "bias" and getattr(layer, "lora_bias", {}).get(adapter, False):
-            out = out + (layer.lora_B[adapter].bias * layer.scaling[adapter]).to(base.dtype)
+            delta = layer.lora_B[adapter].bias * layer.scaling[adapter]
+        else:
+            continue
+        # in the wider of the two dtypes: a base kept in bf16 under autocast
+        # (`cast_frozen_linears`) gets its float32 delta added before any rounding
+        wide = torch.promote_types(out.dtype, delta.dtype)
+        out = out.to(wide) + delta.to(wide)
     return out
