@@ -314,3 +314,20 @@ def test_gpu_step_takes_real_trainer_steps_for_both_algorithms(tiny_model_dir, t
     medians = {name: row["median"]["step"] for name, row in rows.items()}
     assert report["resd_over_sdpo"] == pytest.approx(medians["resd"] / medians["sdpo"])
     assert "RESD / SDPO per step" in done.stdout
+
+
+def test_decode_attention_benchmark_smoke(tiny_model_dir, tmp_path):
+    """Both arms decode the same tokens on unpadded and padded batches, and every row has
+    a decode time per step (a hook that never fired would leave none)."""
+    bench = load_benchmark("decode_attention")
+    out = tmp_path / "decode_attention.json"
+    bench.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--contexts", "16", "--batches", "1,2",
+                "--new-tokens", "3", "--repeats", "1", "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["padded"]) for r in rows] == [(1, False), (2, False), (2, True)]
+    for row in rows:
+        assert row["same_tokens"]
+        assert all(
+            row[arm]["decode_ms"] > 0 for arm in ("sdpa (transformers)", "packed_sdpa (resd)")
+        )
+        assert all(len(t["steps"]) == 3 for t in row["raw"].values())  # 4 tokens: 3 decode steps

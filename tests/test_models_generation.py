@@ -258,3 +258,49 @@ def test_chat_ids_after_falls_back_when_the_template_rewrites_the_reply(tiny):
                     {"role": "user", "content": "why?"}]  # fmt: skip
     ids = chat_ids_after(tok, conversation, prompt + sampled)
     assert ids == chat_prompt_ids(tok, conversation)  # no head: the rendered text differs
+
+
+def test_packed_sdpa_is_transformers_sdpa_for_an_unpadded_decode_step():
+    """A decode step without a mask: transformers broadcasts the key/value heads in the
+    kernel (slow on a CPU), `packed_sdpa` packs each group's query heads as rows. Same
+    attention; a head put in the wrong group would not be."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from resd.generation.attention import packed_sdpa
+
+    module = SimpleNamespace(num_key_value_groups=3, training=False, is_causal=True)
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 1, 8, generator=gen)
+    key, value = torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
+    ours, _ = packed_sdpa(module, query, key, value, None, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.3)
+    assert ours.shape == theirs.shape == (2, 1, 6, 8)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_cpu_models_decode_through_packed_sdpa_and_agree_with_sdpa(tiny_model_dir):
+    """`load_model` on a CPU switches transformers' `sdpa` to `packed_sdpa` (an explicit
+    choice such as eager is kept), and an unpadded batch then decodes exactly as before."""
+    from resd.generation.attention import NAME
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir))
+    assert model.config._attn_implementation == NAME
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "x y z"}])
+    replies = {}
+    for implementation in (NAME, "sdpa"):  # 3 copies of one prompt: no padding mask
+        model.set_attn_implementation(implementation)
+        replies[implementation] = generate(model, tok, [prompt] * 3, max_new_tokens=12, temperature=0.0,
+                                           batch_size=3)  # fmt: skip
+    assert [g.token_ids for g in replies[NAME]] == [g.token_ids for g in replies["sdpa"]]
+    assert len(set(replies[NAME][0].token_ids)) > 1  # not one token repeated: attention matters
+    eager = load_model(
+        str(tiny_model_dir), device="cpu", init_kwargs={"attn_implementation": "eager"}
+    )
+    assert eager.config._attn_implementation == "eager"

@@ -275,6 +275,10 @@ def load_model(
     # silently override ours; generation.py passes every setting explicitly.
     model.generation_config.max_length = None
     contiguous_head_input(model)
+    if pick_device(device).type == "cpu":  # unpadded decode steps, up to 2.5x faster
+        from resd.generation.attention import use_packed_sdpa
+
+        use_packed_sdpa(model)
     return model
 
 
