@@ -24,6 +24,8 @@ Variants (`--variants`, comma-separated):
     lora-one-conv both
     lora-int8     `lora` sampling from a merged copy with int8 decoding weights
                   (`generation_dtype: int8`, CPU)
+    lora-sdpa     `lora` with transformers' own `sdpa` attention instead of `packed_sdpa`
+                  (the step as it was before; differs only in unpadded decode batches)
     lora-uncast   `lora` with the frozen linear weights put back in float32, which
                   autocast then casts in every forward pass (the step as it was before
                   `cast_frozen_linears`; the same numbers, since autocast rounds them)
@@ -75,6 +77,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora-one-conv": [LORA, "lesson_calls=one", "reflection_layout=conversation"],
     "lora-int8": [LORA, "generation_dtype=int8"],
     "lora-uncast": [LORA],
+    "lora-sdpa": [LORA],
 }
 
 
@@ -95,6 +98,17 @@ def _undo_head_fix(trainer) -> None:
                 del head._forward_pre_hooks[key]
 
 
+def _plain_sdpa(trainer) -> int:
+    """Put every model the trainer decodes or scores with back on transformers' `sdpa`."""
+    models = [trainer.model, trainer.sampler.generator, getattr(trainer.teacher, "copy", None)]
+    count = 0
+    for model in filter(None, models):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_attn_implementation("sdpa")
+        count += 1
+    return count
+
+
 def _uncast_frozen_linears(trainer) -> int:
     """Put the policy's frozen linear weights back in float32 (the 'uncast' step)."""
     from torch import nn
@@ -112,7 +126,9 @@ def _uncast_frozen_linears(trainer) -> int:
     return count
 
 
-def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any]:
+def child(
+    variant: str, algorithm: str, env: str, repeats: int, extra: list[str] | None = None
+) -> dict[str, Any]:
     """Run in a fresh process: build the trainer, take 1 + `repeats` steps, report."""
     from resd.config import load_config
     from resd.training.trainer import Trainer
@@ -124,6 +140,7 @@ def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any
         *VARIANTS[variant],
         f"algorithm={algorithm}",
         f"output_dir={out}",
+        *(extra or []),
     ]
     cfg = load_config(None, overrides)
     start = time.perf_counter()
@@ -131,6 +148,8 @@ def child(variant: str, algorithm: str, env: str, repeats: int) -> dict[str, Any
     setup = time.perf_counter() - start
     if variant.endswith("-before"):
         _undo_head_fix(trainer)
+    if variant == "lora-sdpa":
+        _plain_sdpa(trainer)
     if variant == "lora-uncast" and not _uncast_frozen_linears(trainer):
         raise SystemExit("lora-uncast: no frozen linear was cast (is autocast off here?)")
     items = trainer.train_items[: cfg.batch_size]
@@ -158,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="explicit env/algorithm/variant triples, comma-separated (instead of the grid)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/step_profile.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (e.g. rollouts_per_prompt=8)")  # fmt: skip
     parser.add_argument(
         "--child", nargs=3, metavar=("VARIANT", "ALGORITHM", "ENV"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(*args.child, args.repeats)), flush=True)
+        print("RESULT " + json.dumps(child(*args.child, args.repeats, args.set)), flush=True)
         return 0
     plan = (
         [tuple(run.split("/")) for run in args.runs.split(",")]
@@ -182,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             env,
             "--repeats",
             str(args.repeats),
+            *(f"--set={kv}" for kv in args.set),
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -191,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(json.loads(lines[-1][len("RESULT ") :]))
         print(f"done: {env} {algorithm} {variant} {rows[-1]['median']['step']:.1f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": BASE, "envs": ENVS, "variants": VARIANTS, "repeats": args.repeats,
+    Path(args.out).write_text(json.dumps({"settings": BASE + args.set, "envs": ENVS, "variants": VARIANTS, "repeats": args.repeats,
                                           "machine": platform.processor() or platform.machine(),
                                           "rows": rows}, indent=1))  # fmt: skip
     head = f"{'env':11s} {'algorithm':9s} {'variant':12s} " + " ".join(
