@@ -98,15 +98,12 @@ def _undo_head_fix(trainer) -> None:
                 del head._forward_pre_hooks[key]
 
 
-def _plain_sdpa(trainer) -> int:
+def _plain_sdpa(trainer) -> None:
     """Put every model the trainer decodes or scores with back on transformers' `sdpa`."""
     models = [trainer.model, trainer.sampler.generator, getattr(trainer.teacher, "copy", None)]
-    count = 0
     for model in filter(None, models):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.set_attn_implementation("sdpa")
-        count += 1
-    return count
 
 
 def _uncast_frozen_linears(trainer) -> int:

@@ -270,12 +270,13 @@ def load_model(
         )
     except OSError as exc:
         raise ValueError(f"model: cannot load {name!r}: {exc}") from exc
-    model.to(pick_device(device))
+    target = pick_device(device)
+    model.to(target)
     # Generation defaults baked into some checkpoints (max_length=20, greedy, ...) would
     # silently override ours; generation.py passes every setting explicitly.
     model.generation_config.max_length = None
     contiguous_head_input(model)
-    if pick_device(device).type == "cpu":  # unpadded decode steps, up to 2.5x faster
+    if target.type == "cpu":  # unpadded decode steps, up to 2.5x faster
         from resd.generation.attention import use_packed_sdpa
 
         use_packed_sdpa(model)
