@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from resd.training.losses import (
+    chunked_token_losses,
+    loss_chunk_positions,
     masked_token_mean,
     sampled_token_loss,
     self_distillation_loss,
     success_rate_weights,
+    token_logprobs,
 )
 
 
@@ -203,3 +206,43 @@ def test_sampled_token_matches_trl(trl_sdpo):
         s, t, ids, distillation_alpha=1.0
     )
     torch.testing.assert_close(sampled_token_loss(s_tok, t_tok), theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 20])
+def test_loss_from_logits_in_chunks_is_the_whole_batch_loss(chunk):
+    """The trainer's full-logits path computes the loss a few positions at a time: the
+    per-token loss, both models' token log-probs and the student's gradient are what the
+    whole tensor gives, whether or not the chunk divides the length (a misaligned chunk,
+    a teacher chunk paired with the wrong student chunk, or a gradient lost at the split
+    would each differ here)."""
+    g = torch.Generator().manual_seed(chunk)
+    s0 = (torch.randn(3, 7, 96, generator=g) * 3).bfloat16()
+    t = (s0.float() + torch.randn(3, 7, 96, generator=g)).bfloat16()
+    ids = torch.randint(0, 96, (3, 7), generator=g)
+    weights = torch.rand(3, 7, generator=g)
+
+    def sd(s_logits, t_logits, _ids, _logp):
+        return self_distillation_loss(s_logits, t_logits, alpha=0.5, topk=10)
+
+    whole = s0.clone().requires_grad_(True)
+    loss, logp = sd(whole, t, ids, None), token_logprobs(whole, ids)
+    ((loss + logp) * weights).sum().backward()
+    parts = s0.clone().requires_grad_(True)
+    terms = chunked_token_losses(parts, None, ids, chunk_size=chunk, teacher_hidden=t,
+                                 token_loss=sd)  # fmt: skip
+    ((terms.loss + terms.logp) * weights).sum().backward()
+    torch.testing.assert_close(terms.loss, loss)
+    torch.testing.assert_close(terms.logp, logp)
+    torch.testing.assert_close(terms.teacher_logp, token_logprobs(t, ids))
+    torch.testing.assert_close(parts.grad, whole.grad)
+    # without a teacher: the student's log-probs alone
+    alone = chunked_token_losses(s0, None, ids, chunk_size=chunk)
+    assert alone.loss is None and alone.teacher_logp is None
+    torch.testing.assert_close(alone.logp, logp.detach())
+
+
+def test_loss_chunks_are_sized_by_logits_not_positions():
+    """Wide vocabularies get few positions per chunk, small ones many; never zero."""
+    assert loss_chunk_positions(torch.empty(4, 128, 151936, device="meta")) == 6
+    assert loss_chunk_positions(torch.empty(1, 4096, 256, device="meta")) == 16384
+    assert loss_chunk_positions(torch.empty(64, 8, 2**22, device="meta")) == 1

@@ -184,6 +184,41 @@ def test_row_seeded_sampling_draws_from_the_filtered_distribution(top_p, tempera
     assert sampler.logprobs[0][0] == pytest.approx(float(probs.log()[picked[0]]), abs=1e-6)
 
 
+def test_row_seeded_sampler_sorts_only_flat_rows_still_decoding(monkeypatch):
+    """A row whose top candidates hold less than top-p is sorted in full, alone: its draw
+    and every other row's are what a sampler that sorts the whole vocabulary draws. A row
+    that has drawn a stop token (its later draws are discarded) sends nothing to the sort,
+    however flat its distribution: before, one such row sorted the whole batch at every
+    remaining step."""
+    from resd.generation.hf import RowSeededSampler
+
+    vocab, stop = 64, 5
+    g = torch.Generator().manual_seed(0)
+    seeds = [11, 12, 13, 14]
+    fast = RowSeededSampler(seeds, 1.0, 0.9, torch.device("cpu"), candidates=4, stop_ids=[stop])
+    exact = RowSeededSampler(seeds, 1.0, 0.9, torch.device("cpu"), candidates=vocab)
+    sorted_rows = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: (
+        sorted_rows.append(self.shape[0]), real_sort(self, *a, **k))[1])  # fmt: skip
+    last = torch.tensor([[1], [1], [1], [1]])
+    for step in range(6):
+        scores = torch.randn(4, vocab, generator=g) * 0.1  # flat: every row short
+        scores[0, 7] = scores[1, 9] = 20.0  # rows 0 and 1 peaked: the candidates suffice
+        sorted_rows.clear()
+        picked = fast(last, scores.clone()).argmax(-1)
+        fast_sorts = list(sorted_rows)
+        reference = exact(last, scores.clone()).argmax(-1)
+        live = [0, 1, 2] if step >= 2 else [0, 1, 2, 3]
+        assert picked[live].tolist() == reference[live].tolist()
+        assert fast_sorts == [len(live) - 2]  # rows 2 and (until it stops) 3, nothing else
+        # row 3 draws the stop token at step 1; from step 2 on it is padded
+        last = picked[:, None].clone()
+        if step >= 1:
+            last[3, 0] = stop
+    assert fast.finished.tolist() == [False, False, False, True]
+
+
 def test_min_new_tokens_keeps_eos_out_for_equal_work(tiny_model_dir):
     # Make EOS the token greedy decoding picks first, so a reply ends at once unless
     # min_new_tokens holds EOS back; then every reply has exactly max_new_tokens tokens.

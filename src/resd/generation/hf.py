@@ -81,7 +81,8 @@ class RowSeededSampler(LogitsProcessor):
 
     Cost: the nucleus is found among the top `candidates` tokens (a partial sort), and
     only those get noise; if a row's top candidates hold less than `top_p` of the mass,
-    the whole vocabulary is sorted instead, so the result is exact either way. Without a
+    that row's whole vocabulary is sorted instead, so the result is exact either way.
+    Rows that have already stopped are left out of that check: their draws are discarded. Without a
     nucleus (`top_p = 1`) a row draws one uniform number and inverts its CDF, in token-id
     order: hashing every token of a 150k vocabulary would cost more than the draw.
     """
@@ -93,6 +94,7 @@ class RowSeededSampler(LogitsProcessor):
         top_p: float,
         device: torch.device,
         candidates: int = 1024,
+        stop_ids: list[int] | None = None,
     ) -> None:
         self.temperature = temperature
         self.top_p = top_p
@@ -101,12 +103,20 @@ class RowSeededSampler(LogitsProcessor):
             [int(s) % (2**63) for s in seeds], dtype=torch.int64, device=device
         )
         self.position = 0
+        # Rows that have drawn a stop token: generation pads them from then on, so their
+        # draws are discarded, and their distributions (conditioned on padding) are often
+        # flat enough to send a whole batch to the full sort.
+        self.stop_ids = torch.tensor(stop_ids, dtype=torch.int64) if stop_ids else None
+        self.finished: torch.Tensor | None = None
         # log π(token) of each sampled token under the model's own distribution (the
         # scores this processor receives, at temperature 1), per row, for rollout
         # correction: the trainer compares them with its own log-probs.
         self.logprobs: list[list[float]] = [[] for _ in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.position and self.stop_ids is not None:  # the last token is one we drew
+            done = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+            self.finished = done if self.finished is None else self.finished | done
         raw = torch.log_softmax(scores.float(), dim=-1)
         logp = (
             raw
@@ -122,19 +132,29 @@ class RowSeededSampler(LogitsProcessor):
             picked = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp(max=vocab - 1)
         else:
             cand, ids = logp.topk(min(self.candidates, vocab), dim=-1)
-            if cand.shape[-1] < vocab and bool((cand.exp().sum(-1) < self.top_p).any()):
-                cand, ids = logp.sort(dim=-1, descending=True)  # rare: a very flat distribution
-            probs = cand.exp()
-            keep = (probs.cumsum(-1) - probs) < self.top_p  # the top token always stays
-            cand = cand.masked_fill(~keep, float("-inf"))
-            gumbel = -torch.log(-torch.log(counter_uniform(seeds, self.position, ids))).to(
-                cand.dtype
-            )
-            picked = ids.gather(-1, (cand + gumbel).argmax(-1, keepdim=True))  # [B, 1]
+            picked = self._nucleus_sample(cand, ids, seeds)
+            if cand.shape[-1] < vocab:
+                short = cand.exp().sum(-1) < self.top_p  # rare: a very flat distribution
+                if self.finished is not None:  # a finished row's draw is thrown away
+                    short &= ~self.finished[:rows]
+                if bool(short.any()):
+                    flat = short.nonzero()[:, 0]
+                    full, order = logp[flat].sort(dim=-1, descending=True)
+                    picked[flat] = self._nucleus_sample(full, order, seeds[flat])
         self.position += 1
         for row, value in enumerate(raw.gather(-1, picked)[:, 0].tolist()):
             self.logprobs[row].append(value)
         return torch.full_like(scores, float("-inf")).scatter_(-1, picked, 0.0)
+
+    def _nucleus_sample(
+        self, cand: torch.Tensor, ids: torch.Tensor, seeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Token ids `[rows, 1]` drawn from the nucleus of candidates sorted by log-prob."""
+        probs = cand.exp()
+        keep = (probs.cumsum(-1) - probs) < self.top_p  # the top token always stays
+        cand = cand.masked_fill(~keep, float("-inf"))
+        gumbel = -torch.log(-torch.log(counter_uniform(seeds, self.position, ids))).to(cand.dtype)
+        return ids.gather(-1, (cand + gumbel).argmax(-1, keepdim=True))
 
 
 def chat_prompt_ids(
@@ -472,7 +492,9 @@ def generate(
                 )
                 processors.append(masks)
             sampler = (
-                RowSeededSampler([seeds[i] for i in chunk], temperature, top_p, device)
+                RowSeededSampler(
+                    [seeds[i] for i in chunk], temperature, top_p, device, stop_ids=eos
+                )
                 if row_seeded
                 else None
             )

@@ -244,7 +244,7 @@ class TokenTerms(NamedTuple):
 
 def chunked_token_losses(
     student_hidden: torch.Tensor,
-    student_head: torch.nn.Module,
+    student_head: torch.nn.Module | None,
     token_ids: torch.Tensor,
     *,
     chunk_size: int,
@@ -254,20 +254,31 @@ def chunked_token_losses(
     | None = None,
     softcap: float | None = None,
 ) -> TokenTerms:
-    """Per-token distillation loss and sampled-token log-probs without full logits.
+    """Per-token distillation loss and sampled-token log-probs, `chunk_size` positions at a time.
 
     The naive path materialises `[B, T, V]` logits for student and teacher and then
-    several fp32 copies of them (log-softmax, top-k, mixture); for a 150k vocabulary at
-    32 × 1024 tokens that is tens of GiB. Here the output head is applied to `chunk_size`
-    positions at a time inside activation checkpointing, so at most one chunk of logits
-    exists at once, in the forward pass and again in the backward pass.
+    several fp32 copies of them (log-softmax, top-k masks, the tail's logsumexp); for a
+    150k vocabulary at 32 × 1024 tokens that is tens of GiB. Here each chunk of positions
+    is computed inside activation checkpointing, so those copies exist for one chunk at a
+    time, in the forward pass and again in the backward pass. Two uses:
+
+    - hidden states and the output head (`student_head` given): the logits themselves
+      exist for one chunk at a time, at the price of the head's matmul again in backward;
+    - logits already computed (`student_head=None`; `teacher_hidden` is then the
+      teacher's logits): only the loss's fp32 copies are chunked. On a CPU that is
+      faster as well as leaner: a chunk's temporaries are reused from the allocator's
+      free lists, where whole-batch ones are fresh pages every time
+      (`docs/benchmarks.md`, "The loss in slices").
 
     `token_loss(student_logits, teacher_logits, token_ids, student_token_logp)` gives the
-    per-token loss of one chunk; it is only called when teacher states are given.
+    per-token loss of one chunk; it is only called when teacher states are given. Every
+    position is computed independently, so the result is the unchunked one.
     """
     from torch.utils.checkpoint import checkpoint
 
-    def head(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def head(module: torch.nn.Module | None, h: torch.Tensor) -> torch.Tensor:
+        if module is None:  # already logits
+            return h
         logits = module(h)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -283,13 +294,18 @@ def chunked_token_losses(
             t_logp = token_logprobs(t_logits, ids)
         return logp, token_loss(s_logits, t_logits, ids, logp), t_logp
 
+    # `split`, not slicing in a loop: the chunks' gradients are joined by one concatenation
+    # in backward, instead of each being scattered into a zero tensor of the whole input.
+    s_parts = student_hidden.split(chunk_size, dim=1)
+    id_parts = token_ids.split(chunk_size, dim=1)
+    t_parts = (
+        teacher_hidden.split(chunk_size, dim=1)
+        if teacher_hidden is not None
+        else (None,) * len(s_parts)
+    )
     logps, losses, t_logps = [], [], []
-    for start in range(0, student_hidden.shape[1], chunk_size):
-        sl = slice(start, start + chunk_size)
-        t_h = teacher_hidden[:, sl] if teacher_hidden is not None else None
-        logp, loss, t_logp = checkpoint(
-            chunk_fn, student_hidden[:, sl], token_ids[:, sl], t_h, use_reentrant=False
-        )
+    for s_h, ids, t_h in zip(s_parts, id_parts, t_parts, strict=True):
+        logp, loss, t_logp = checkpoint(chunk_fn, s_h, ids, t_h, use_reentrant=False)
         logps.append(logp)
         losses.append(loss)
         t_logps.append(t_logp)
@@ -297,3 +313,15 @@ def chunked_token_losses(
     if teacher_hidden is None or token_loss is None:
         return TokenTerms(None, logp, None)
     return TokenTerms(torch.cat(losses, dim=1), logp, torch.cat(t_logps, dim=1))
+
+
+# Logits per chunk when the loss is computed from whole-batch logits: about 27 rows of a
+# 152k vocabulary, whose fp32 copies (16 MiB each) stay under glibc's largest mmap
+# threshold (32 MiB), so they are recycled rather than faulted in afresh.
+LOSS_CHUNK_LOGITS = 2**22
+
+
+def loss_chunk_positions(logits: torch.Tensor) -> int:
+    """Positions per chunk for `chunked_token_losses` on `[B, T, V]` logits."""
+    rows, vocab = logits.shape[0], logits.shape[-1]
+    return max(1, LOSS_CHUNK_LOGITS // (rows * vocab))

@@ -28,6 +28,7 @@ from resd.training.losses import (
     chunked_token_losses,
     group_advantages,
     importance_weight,
+    loss_chunk_positions,
     policy_gradient_loss,
     sampled_token_loss,
     self_distillation_loss,
@@ -302,7 +303,9 @@ class Update:
                                 self.parallel.policy(m), student_seqs, width, self.pad_id
                             ),
                         )
-                    ref = token_logprobs(ref_logits, token_ids)
+                    ref = chunked_token_losses(
+                        ref_logits, None, token_ids, chunk_size=loss_chunk_positions(ref_logits)
+                    ).logp
                 tok = policy_gradient_loss(logp, old, adv, clip_low=cfg.pg_clip_low, clip_high=cfg.pg_clip_high,
                                            ref_logp=ref, kl_coef=cfg.kl_coef)  # fmt: skip
                 pg_loss = aggregate(tok * correction, is_pg, totals.pg_tokens)
@@ -319,9 +322,10 @@ class Update:
         """Per-token distillation loss (None without teacher sequences), the student's
         log-probs of the response tokens, and the teacher's.
 
-        Two paths with the same result: full logits for both models (simple, fastest
-        for small vocabularies), or hidden states with the output head applied chunk by
-        chunk (`loss_chunk_size`), which keeps peak memory flat in the vocabulary size.
+        Two paths with the same result: full logits for both models, the loss computed
+        a few positions at a time (fastest at these sizes), or hidden states with the
+        output head applied chunk by chunk as well (`loss_chunk_size`), which keeps peak
+        memory flat in the vocabulary size.
         """
         cfg = self.cfg
 
@@ -355,12 +359,10 @@ class Update:
         with timer("update"):
             with autocast_context(self.device, cfg.autocast):
                 s_logits = response_logits(self.policy, student_seqs, width, self.pad_id)
-            logp = token_logprobs(s_logits, token_ids)
-            if teacher_out is None:
-                return TokenTerms(None, logp, None)
-            with torch.no_grad():
-                t_logp = token_logprobs(teacher_out, token_ids)
-            return TokenTerms(sd_token_loss(s_logits, teacher_out, token_ids, logp), logp, t_logp)
+            return chunked_token_losses(
+                s_logits, None, token_ids, chunk_size=loss_chunk_positions(s_logits),
+                teacher_hidden=teacher_out, token_loss=sd_token_loss,
+            )  # fmt: skip
 
     def _old_logprobs(
         self, micro_batches: list[list[Rollout]], timer: PhaseTimer
