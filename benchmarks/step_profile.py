@@ -29,6 +29,8 @@ Variants (`--variants`, comma-separated):
     lora-uncast   `lora` with the frozen linear weights put back in float32, which
                   autocast then casts in every forward pass (the step as it was before
                   `cast_frozen_linears`; the same numbers, since autocast rounds them)
+    lora-adapter-cast  `lora` with PEFT's cast of every adapter's input to float32 put
+                  back (the step as it was before `keep_adapter_inputs`; the same numbers)
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
@@ -78,6 +80,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora-int8": [LORA, "generation_dtype=int8"],
     "lora-uncast": [LORA],
     "lora-sdpa": [LORA],
+    "lora-adapter-cast": [LORA],
 }
 
 
@@ -123,6 +126,19 @@ def _uncast_frozen_linears(trainer) -> int:
     return count
 
 
+def _cast_adapter_inputs(trainer) -> int:
+    """Put PEFT's float32 cast of every adapter's input back (the 'adapter-cast' step)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [
+        m for m in trainer.model.modules()
+        if isinstance(m, BaseTunerLayer) and not m.cast_input_dtype_enabled
+    ]  # fmt: skip
+    for layer in layers:
+        layer.cast_input_dtype_enabled = True
+    return len(layers)
+
+
 def child(
     variant: str, algorithm: str, env: str, repeats: int, extra: list[str] | None = None
 ) -> dict[str, Any]:
@@ -149,6 +165,8 @@ def child(
         _plain_sdpa(trainer)
     if variant == "lora-uncast" and not _uncast_frozen_linears(trainer):
         raise SystemExit("lora-uncast: no frozen linear was cast (is autocast off here?)")
+    if variant == "lora-adapter-cast" and not _cast_adapter_inputs(trainer):
+        raise SystemExit("lora-adapter-cast: no adapter input was left uncast (autocast off?)")
     items = trainer.train_items[: cfg.batch_size]
     steps = [trainer.train_step(items) for _ in range(1 + repeats)]
     timed = steps[1:]

@@ -198,15 +198,17 @@ def test_lora_ema_teacher_is_a_second_adapter(tiny_model_dir, tmp_path):
 
 
 def test_frozen_linears_kept_in_the_autocast_dtype_compute_exactly_as_before(tiny_model_dir):
-    """`cast_frozen_linears` stores a LoRA policy's frozen linear weights in bf16. Under
-    bf16 autocast the logits and the adapter's gradients must be bit-for-bit those of the
-    float32 model (autocast rounds those weights to bf16 anyway); the adapters, norms,
-    embeddings and the tied head stay float32; outside autocast the model still runs."""
+    """`cast_frozen_linears` stores a LoRA policy's frozen linear weights in bf16 and
+    `keep_adapter_inputs` stops PEFT widening the adapters' inputs to float32. Under bf16
+    autocast the logits and the adapter's gradients must be bit-for-bit those of the
+    float32 model (autocast rounds those weights and inputs to bf16 anyway); the adapters,
+    norms, embeddings and the tied head stay float32; outside autocast the model still
+    runs."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
-    from resd.training.policy import AutocastLinear, cast_frozen_linears
+    from resd.training.policy import AutocastLinear, cast_frozen_linears, keep_adapter_inputs
 
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
@@ -214,6 +216,7 @@ def test_frozen_linears_kept_in_the_autocast_dtype_compute_exactly_as_before(tin
     plain = get_peft_model(load_model(str(tiny_model_dir)), lora)
     cast = copy.deepcopy(plain)
     assert cast_frozen_linears(cast, torch.bfloat16) > 0
+    assert keep_adapter_inputs(cast) > 0
     for name, p in cast.named_parameters():
         frozen_linear = not p.requires_grad and any(
             f".{k}." in name for k in ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "base_layer")
@@ -258,6 +261,8 @@ def test_trainer_keeps_frozen_linears_in_bf16_only_under_autocast(
     )
     expected = torch.bfloat16 if autocast == "bfloat16" else torch.float32
     assert q_base.weight.dtype == expected
+    q = trainer.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert q.cast_input_dtype_enabled == (autocast == "none")  # PEFT's float32 input cast
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
     assert all(t.dtype == torch.float32 for t in trainer.teacher.adapter.values())
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0

@@ -331,3 +331,36 @@ def test_decode_attention_benchmark_smoke(tiny_model_dir, tmp_path):
             row[arm]["decode_ms"] > 0 for arm in ("sdpa (transformers)", "packed_sdpa (resd)")
         )
         assert all(len(t["steps"]) == 3 for t in row["raw"].values())  # 4 tokens: 3 decode steps
+
+
+def test_loss_memory_benchmark_runs_its_three_variants_to_one_loss(tmp_path):
+    """Each way of computing the loss runs in its own process and they agree on its value
+    (a variant that dropped positions or misaligned the teacher would not)."""
+    out = tmp_path / "loss_memory.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "loss_memory.py"), "--batch", "2", "--seq", "24",
+         "--hidden", "16", "--vocab", "300", "--chunk", "5", "--repeats", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "logits", "chunked"}
+    assert rows["logits"]["loss"] == pytest.approx(rows["full"]["loss"], rel=1e-5)
+    assert rows["chunked"]["loss"] == pytest.approx(rows["full"]["loss"], rel=1e-5)
+    assert result["peak_ratio_logits_over_full"] is not None
+    assert all(r["seconds_later"] > 0 for r in rows.values())  # the second call was timed
+
+
+def test_adapter_inputs_benchmark_compares_both_arms_bit_for_bit(tiny_model_dir, tmp_path):
+    """Both arms time a forward and backward of the trainer's LoRA policy and agree bit
+    for bit (PEFT's float32 cast of an adapter input changes no number under autocast)."""
+    bench = load_benchmark("adapter_inputs")
+    out = tmp_path / "adapter_inputs.json"
+    bench.main(["--model", str(tiny_model_dir), "--rows", "2", "--tokens", "12", "--keep", "5",
+                "--repeats", "1", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["adapter_layers"] > 0
+    assert result["same_logits"] and result["same_gradients"]
+    assert [len(r["raw"]) for r in result["rows"]] == [2, 2]
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in result["rows"])
