@@ -82,9 +82,9 @@ class RowSeededSampler(LogitsProcessor):
     Cost: the nucleus is found among the top `candidates` tokens (a partial sort), and
     only those get noise; if a row's top candidates hold less than `top_p` of the mass,
     that row's whole vocabulary is sorted instead, so the result is exact either way.
-    Rows that have already stopped are left out of that check: their draws are discarded. Without a
-    nucleus (`top_p = 1`) a row draws one uniform number and inverts its CDF, in token-id
-    order: hashing every token of a 150k vocabulary would cost more than the draw.
+    Rows that have already stopped are left out of that check: their draws are discarded.
+    Without a nucleus (`top_p = 1`) a row draws one uniform number and inverts its CDF, in
+    token-id order: hashing every token of a 150k vocabulary would cost more than the draw.
     """
 
     def __init__(

@@ -320,12 +320,13 @@ def chunked_token_losses(
 # mmap threshold (32 MiB), so they are recycled rather than faulted in afresh. On an
 # accelerator the caching allocator recycles memory anyway, and fewer, bigger chunks
 # mean fewer kernel launches: 256 MiB per fp32 copy.
-LOSS_CHUNK_LOGITS = {"cpu": 2**22}
+CPU_LOSS_CHUNK_LOGITS = 2**22
 ACCELERATOR_LOSS_CHUNK_LOGITS = 2**26
 
 
 def loss_chunk_positions(logits: torch.Tensor) -> int:
     """Positions per chunk for `chunked_token_losses` on `[B, T, V]` logits."""
     rows, vocab = logits.shape[0], logits.shape[-1]
-    budget = LOSS_CHUNK_LOGITS.get(logits.device.type, ACCELERATOR_LOSS_CHUNK_LOGITS)
+    cpu = logits.device.type == "cpu"
+    budget = CPU_LOSS_CHUNK_LOGITS if cpu else ACCELERATOR_LOSS_CHUNK_LOGITS
     return max(1, budget // (rows * vocab))

@@ -143,7 +143,7 @@ def keep_adapter_inputs(model: nn.Module) -> int:
     Under autocast that copy is wasted twice over: `lora_A`'s matmul casts it straight
     back to the compute dtype, and backward pays both casts again on the gradient. With
     the input left in bf16 the values are the same, bit for bit (autocast rounds the
-    float32 copy of a bf16 tensor to itself), 0.5 s less per micro-batch of 4 × 232
+    float32 copy of a bf16 tensor to itself), 0.6 s less per micro-batch of 4 × 232
     tokens on the 0.5B model (docs/benchmarks.md). Called with `cast_frozen_linears`:
     outside autocast that model's hidden states are float32 (embeddings and norms stay
     float32, `AutocastLinear` widens), so an adapter still meets its own dtype."""
