@@ -6,7 +6,10 @@ Three ways to compute it, forward and backward:
 - `full`: on whole `[B, T, V]` logits, which materialises fp32 copies, log-softmaxes and
   masks of that size (the trainer's default path until the twentieth session);
 - `logits`: the head applied once, the loss then computed a few positions at a time under
-  activation checkpointing (`chunked_token_losses` without a head: the default path now);
+  activation checkpointing (`chunked_token_losses` without a head: the default path for
+  objectives other than top-k with the tail);
+- `fused`: the head applied once, the top-k loss with the tail through `support_logprobs`'
+  hand-written backward (`topk_distillation_terms`: the default path);
 - `chunked`: the output head applied a few positions at a time as well
   (`loss_chunk_size`), so not even the logits exist whole.
 
@@ -29,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("full", "logits", "chunked")
+VARIANTS = ("full", "logits", "fused", "chunked")
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -40,6 +43,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         loss_chunk_positions,
         self_distillation_loss,
         token_logprobs,
+        topk_distillation_terms,
     )
 
     device = torch.device(args.device)
@@ -62,6 +66,10 @@ def run_variant(args: argparse.Namespace) -> dict:
         if args.variant == "full":
             s_logits, t_logits = head(s_h), head(t_h).detach()
             tok, logp = sd(s_logits, t_logits, ids, None), token_logprobs(s_logits, ids)
+        elif args.variant == "fused":
+            s_logits, t_logits = head(s_h), head(t_h).detach()
+            tok, logp, _ = topk_distillation_terms(s_logits, t_logits, ids, topk=100, alpha=1.0,
+                                                   min_ratio=0.2)  # fmt: skip
         elif args.variant == "logits":
             s_logits, t_logits = head(s_h), head(t_h).detach()
             tok, logp, _ = chunked_token_losses(
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "peak_ratio_chunked_over_full": peak["chunked"] / peak["full"] if ok else None,
         "peak_ratio_logits_over_full": peak["logits"] / peak["full"] if ok else None,
+        "peak_ratio_fused_over_full": peak["fused"] / peak["full"] if ok else None,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if ok:
         print(f"logits / full peak memory: {result['peak_ratio_logits_over_full']:.3f}")
+        print(f"fused / full peak memory: {result['peak_ratio_fused_over_full']:.3f}")
         print(f"chunked / full peak memory: {result['peak_ratio_chunked_over_full']:.3f}")
     return 0
 

@@ -333,7 +333,7 @@ def test_decode_attention_benchmark_smoke(tiny_model_dir, tmp_path):
         assert all(len(t["steps"]) == 3 for t in row["raw"].values())  # 4 tokens: 3 decode steps
 
 
-def test_loss_memory_benchmark_runs_its_three_variants_to_one_loss(tmp_path):
+def test_loss_memory_benchmark_runs_its_four_variants_to_one_loss(tmp_path):
     """Each way of computing the loss runs in its own process and they agree on its value
     (a variant that dropped positions or misaligned the teacher would not)."""
     out = tmp_path / "loss_memory.json"
@@ -345,9 +345,9 @@ def test_loss_memory_benchmark_runs_its_three_variants_to_one_loss(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"full", "logits", "chunked"}
-    assert rows["logits"]["loss"] == pytest.approx(rows["full"]["loss"], rel=1e-5)
-    assert rows["chunked"]["loss"] == pytest.approx(rows["full"]["loss"], rel=1e-5)
+    assert set(rows) == {"full", "logits", "fused", "chunked"}
+    for variant in ("logits", "fused", "chunked"):
+        assert rows[variant]["loss"] == pytest.approx(rows["full"]["loss"], rel=1e-5)
     assert result["peak_ratio_logits_over_full"] is not None
     assert all(r["seconds_later"] > 0 for r in rows.values())  # the second call was timed
 

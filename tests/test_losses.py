@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from resd.training.losses import (
+    TAIL_FLOOR,
     chunked_token_losses,
     loss_chunk_positions,
     masked_token_mean,
     sampled_token_loss,
     self_distillation_loss,
     success_rate_weights,
+    support_logprobs,
+    tail_logprob,
     token_logprobs,
+    topk_distillation_terms,
 )
 
 
@@ -252,3 +256,78 @@ def test_loss_chunks_are_sized_by_logits_not_positions():
     assert loss_chunk_positions(logits(1, 4096, 256)) == 16384
     assert loss_chunk_positions(logits(64, 8, 2**22)) == 1
     assert loss_chunk_positions(logits(4, 128, 151936, device="meta")) == 110
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_fused_topk_terms_are_the_reference_loss_and_its_gradient(alpha, monkeypatch):
+    """`topk_distillation_terms` (the trainer's default path) against `self_distillation_loss`
+    and `token_logprobs` in float64: loss, both models' token log-probs and the student's
+    gradient. Chunks of 2 rows over 15 positions, so a chunk boundary mistake, a gradient
+    term left out of the hand-written backward (support, tail, sampled token, the
+    normaliser) or a teacher gathered at other ids would each show."""
+    from resd.training import losses
+
+    monkeypatch.setattr(losses, "CPU_LOSS_CHUNK_LOGITS", 2 * 50)  # 2 rows of 50 per chunk
+    g = torch.Generator().manual_seed(int(alpha * 10))
+    s0 = torch.randn(3, 5, 50, generator=g, dtype=torch.float64) * 3
+    t = s0 + torch.randn(3, 5, 50, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 50, (3, 5), generator=g)
+    ids[0, 0] = s0[0, 0].argmax()  # a sampled token inside the support too
+    weights = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    kw = {"alpha": alpha, "min_ratio": 0.2, "max_ratio": 5.0}
+
+    ref_s = s0.clone().requires_grad_(True)
+    ref_loss = self_distillation_loss(ref_s, t, topk=6, **kw)
+    ref_logp = token_logprobs(ref_s, ids)
+    ((ref_loss + 0.7 * ref_logp) * weights).sum().backward()
+    fused_s = s0.clone().requires_grad_(True)
+    terms = topk_distillation_terms(fused_s, t, ids, topk=6, **kw)
+    ((terms.loss + 0.7 * terms.logp) * weights).sum().backward()
+    torch.testing.assert_close(terms.loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms.logp, ref_logp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms.teacher_logp, token_logprobs(t, ids), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_s.grad, ref_s.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_support_logprobs_gradient_and_its_floor():
+    """The hand-written backward passes `gradcheck`, also where the floor clamps most of
+    the tail (a peaked row); with −inf logits outside the support the tail is finite and
+    so is the gradient, as in `tail_logprob`; bf16 logits give float32 results."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 40, generator=g, dtype=torch.float64)
+    # every token of that row but one just below the floor (distinct: top-k has no ties)
+    x[1, 2] = TAIL_FLOOR - 1.0 - 1e-3 * torch.arange(40, dtype=torch.float64)
+    x[1, 2, 5] = 0.0
+    x.requires_grad_(True)
+    ids = torch.randint(0, 40, (2, 3), generator=g)
+    support = torch.randint(0, 40, (2, 3, 4), generator=g)
+
+    def own(x):
+        terms = support_logprobs(x, ids, topk=5)
+        return terms.logp, terms.token_logp
+
+    def given(x):
+        terms = support_logprobs(x, ids, support=support)
+        return terms.logp, terms.token_logp
+
+    assert torch.autograd.gradcheck(own, (x,))
+    assert torch.autograd.gradcheck(given, (x,))
+    reference = tail_logprob(torch.log_softmax(x.detach(), -1),
+                             torch.zeros_like(x, dtype=torch.bool).scatter_(
+                                 -1, support_logprobs(x.detach(), ids, topk=5).support, True))  # fmt: skip
+    torch.testing.assert_close(support_logprobs(x.detach(), ids, topk=5).logp[..., -1:], reference)
+
+    masked = torch.randn(1, 2, 16, generator=g)
+    masked[..., 8:] = float("-inf")
+    masked.requires_grad_(True)
+    terms = support_logprobs(masked, torch.tensor([[0, 1]]), topk=4)
+    (terms.logp.sum() + terms.token_logp.sum()).backward()
+    assert torch.isfinite(terms.logp).all() and torch.isfinite(masked.grad).all()
+
+    half = support_logprobs(
+        torch.randn(2, 8, 32).bfloat16(), torch.zeros(2, 8, dtype=torch.long), topk=3
+    )
+    assert half.logp.dtype == torch.float32 and half.logp.shape == (2, 8, 4)
+    assert half.support.shape == (2, 8, 3)
+    with pytest.raises(ValueError, match="exactly one of topk and support"):
+        support_logprobs(x, ids)

@@ -34,6 +34,7 @@ from resd.training.losses import (
     self_distillation_loss,
     success_rate_weights,
     token_logprobs,
+    topk_distillation_terms,
 )
 from resd.training.rollout import Outcome, PhaseTimer, Rollout, padding_rollout
 from resd.training.teacher import Teacher
@@ -322,10 +323,11 @@ class Update:
         """Per-token distillation loss (None without teacher sequences), the student's
         log-probs of the response tokens, and the teacher's.
 
-        Two paths with the same result: full logits for both models, the loss computed
-        a few positions at a time (fastest at these sizes), or hidden states with the
-        output head applied chunk by chunk as well (`loss_chunk_size`), which keeps peak
-        memory flat in the vocabulary size.
+        Two paths with the same result: full logits for both models, or hidden states
+        with the output head applied chunk by chunk (`loss_chunk_size`), which keeps peak
+        memory flat in the vocabulary size. From full logits the default objective (top-k
+        with the tail) goes through `support_logprobs`' hand-written backward, any other
+        a few positions at a time under checkpointing.
         """
         cfg = self.cfg
 
@@ -359,6 +361,12 @@ class Update:
         with timer("update"):
             with autocast_context(self.device, cfg.autocast):
                 s_logits = response_logits(self.policy, student_seqs, width, self.pad_id)
+            topk = cfg.topk if cfg.distillation_mode == "topk" and cfg.add_tail else None
+            if teacher_out is not None and topk and topk < s_logits.shape[-1]:
+                return topk_distillation_terms(
+                    s_logits, teacher_out, token_ids, topk=topk, alpha=cfg.alpha,
+                    min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio,
+                )  # fmt: skip
             return chunked_token_losses(
                 s_logits, None, token_ids, chunk_size=loss_chunk_positions(s_logits),
                 teacher_hidden=teacher_out, token_loss=sd_token_loss,
