@@ -419,9 +419,9 @@ def support_logprobs(
     The support is `support` (the student's ids, for the teacher) or else these logits'
     own top `topk`. The same values as `self_distillation_loss`'s first half and
     `token_logprobs` (normalise in at least fp32, gather, tail = floored logsumexp outside
-    the support), computed in one pass over the vocabulary per row chunk with a
-    hand-written backward: autograd through those steps keeps several fp32 tensors of
-    vocabulary size per position, and on a CPU its passes cost more than the model's head.
+    the support), computed a chunk of rows at a time with a hand-written backward:
+    autograd through those steps keeps several fp32 tensors of vocabulary size per
+    position, and on a CPU its passes over them cost more than the model's head.
     """
     if (topk is None) == (support is None):
         raise ValueError("support_logprobs: give exactly one of topk and support")
