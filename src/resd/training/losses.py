@@ -341,12 +341,15 @@ CPU_LOSS_CHUNK_LOGITS = 2**22
 ACCELERATOR_LOSS_CHUNK_LOGITS = 2**26
 
 
+def chunk_logits(device: torch.device) -> int:
+    """How many logits the loss handles at once on `device`."""
+    return CPU_LOSS_CHUNK_LOGITS if device.type == "cpu" else ACCELERATOR_LOSS_CHUNK_LOGITS
+
+
 def loss_chunk_positions(logits: torch.Tensor) -> int:
     """Positions per chunk for `chunked_token_losses` on `[B, T, V]` logits."""
     rows, vocab = logits.shape[0], logits.shape[-1]
-    cpu = logits.device.type == "cpu"
-    budget = CPU_LOSS_CHUNK_LOGITS if cpu else ACCELERATOR_LOSS_CHUNK_LOGITS
-    return max(1, budget // (rows * vocab))
+    return max(1, chunk_logits(logits.device) // (rows * vocab))
 
 
 class SupportTerms(NamedTuple):
@@ -427,9 +430,7 @@ def support_logprobs(
         raise ValueError("support_logprobs: give exactly one of topk and support")
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
-    cpu = logits.device.type == "cpu"
-    budget = CPU_LOSS_CHUNK_LOGITS if cpu else ACCELERATOR_LOSS_CHUNK_LOGITS
-    rows = max(1, budget // logits.shape[-1])
+    rows = max(1, chunk_logits(logits.device) // logits.shape[-1])
     out, token_logp, ids = _SupportLogprobs.apply(
         flat, token_ids.reshape(-1),
         None if support is None else support.reshape(-1, support.shape[-1]), topk, rows,
