@@ -38,7 +38,7 @@ part() {  # name, seconds, command...
 part generation_cache 220 "$PY" benchmarks/generation_cache.py --device cuda --new-tokens 128 --repeats 1 --out "$OUT/generation_cache.json"
 part gpu_bench 150 "$PY" benchmarks/gpu_bench.py --models qwen3-0.6b,smollm2-135m --out "$OUT/gpu_bench.json"
 part gpu_step 170 "$PY" benchmarks/gpu_step.py --tokenizer "$GPU_TOKENIZER" --repeats 1 --out "$OUT/gpu_step.json"
-part loss_memory 30 "$PY" benchmarks/loss_memory.py --device cuda --batch 32 --seq 1024 --out "$OUT/loss_memory.json"
+part loss_memory 30 "$PY" benchmarks/loss_memory.py --device cuda --batch 32 --seq 1024 --variants full,fused,chunked --out "$OUT/loss_memory.json"
 
 for name in generation_cache gpu_bench gpu_step loss_memory; do
     echo "== $name"; grep -v "Writing model shards" "$OUT/$name.part" | tail -n 25
