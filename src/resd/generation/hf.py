@@ -106,7 +106,9 @@ class RowSeededSampler(LogitsProcessor):
         # Rows that have drawn a stop token: generation pads them from then on, so their
         # draws are discarded, and their distributions (conditioned on padding) are often
         # flat enough to send a whole batch to the full sort.
-        self.stop_ids = torch.tensor(stop_ids, dtype=torch.int64) if stop_ids else None
+        self.stop_ids = (
+            torch.tensor(stop_ids, dtype=torch.int64, device=device) if stop_ids else None
+        )
         self.finished: torch.Tensor | None = None
         # log π(token) of each sampled token under the model's own distribution (the
         # scores this processor receives, at temperature 1), per row, for rollout
@@ -115,7 +117,7 @@ class RowSeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.position and self.stop_ids is not None:  # the last token is one we drew
-            done = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+            done = torch.isin(input_ids[:, -1], self.stop_ids)
             self.finished = done if self.finished is None else self.finished | done
         raw = torch.log_softmax(scores.float(), dim=-1)
         logp = (

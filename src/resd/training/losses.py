@@ -32,7 +32,7 @@ def tail_logprob(logp: torch.Tensor, in_support: torch.Tensor) -> torch.Tensor:
     return floored.masked_fill(in_support, float("-inf")).logsumexp(dim=-1, keepdim=True)
 
 
-def _support_logprobs(
+def _restricted_to_support(
     student_logp: torch.Tensor, teacher_logp: torch.Tensor, topk: int | None, add_tail: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Restrict both full-vocabulary distributions to the student's top-k (+ tail)."""
@@ -99,7 +99,7 @@ def self_distillation_loss(
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s_logp = F.log_softmax(student_logits.to(dtype), dim=-1)
     t_logp = F.log_softmax(teacher_logits.detach().to(dtype), dim=-1)
-    s, t = _support_logprobs(s_logp, t_logp, topk, add_tail)
+    s, t = _restricted_to_support(s_logp, t_logp, topk, add_tail)
     return support_divergence(s, t, alpha=alpha, min_ratio=min_ratio, max_ratio=max_ratio)
 
 
