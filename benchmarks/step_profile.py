@@ -31,6 +31,8 @@ Variants (`--variants`, comma-separated):
                   `cast_frozen_linears`; the same numbers, since autocast rounds them)
     lora-adapter-cast  `lora` with PEFT's cast of every adapter's input to float32 put
                   back (the step as it was before `keep_adapter_inputs`; the same numbers)
+    lora-unpacked `lora` with every micro-batch padded (`pack_rows: false`), its shared
+                  prompt computed once per row (the step as it was before packing)
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
@@ -81,6 +83,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora-uncast": [LORA],
     "lora-sdpa": [LORA],
     "lora-adapter-cast": [LORA],
+    "lora-unpacked": [LORA, "pack_rows=false"],
 }
 
 

@@ -380,3 +380,36 @@ def test_adapter_inputs_benchmark_compares_both_arms_bit_for_bit(tiny_model_dir,
     assert result["same_logits"] and result["same_gradients"]
     assert [len(r["raw"]) for r in result["rows"]] == [2, 2]
     assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in result["rows"])
+
+
+def test_packed_rows_benchmark_packs_a_group_and_compares_the_arms(tiny_model_dir, tmp_path):
+    """One group of K = 4 sampled replies, padded and packed: the packed row is shorter,
+    and both arms' logits and gradients are recorded side by side."""
+    bench = load_benchmark("packed_rows")
+    out = tmp_path / "packed_rows.json"
+    bench.main(["--model", str(tiny_model_dir), "--prompts", "1", "--max-new-tokens", "6",
+                "--repeats", "1", "--out", str(out)])  # fmt: skip
+    (group,) = json.loads(out.read_text())["groups"]
+    assert group["packing_pays"] and group["prefix"] >= group["prompt"]
+    assert group["packed_positions"] < group["padded_positions"]
+    for kind in ("forward_backward", "forward"):
+        assert len(group[kind]["raw"]["padded"]) == len(group[kind]["raw"]["packed"]) == 2
+        assert group[kind]["max_logit_diff"] <= 0.05 * group[kind]["max_logit"]
+    assert group["forward_backward"]["grad_rel_diff"] < 0.05
+
+
+def test_packed_steps_benchmark_alternates_the_arms_in_one_trainer(tiny_model_dir, tmp_path):
+    """Whole RESD steps with packing on and off in turn, on equal work: each arm gets its
+    steps, draws the same replies (the script refuses to report otherwise), and the
+    update's forward and backward are timed inside its phase."""
+    bench = load_benchmark("packed_steps")
+    out = tmp_path / "steps.json"
+    bench.main(["--run", "house_rules/resd", "--steps", "2", "--out", str(out), "--set", f"model={tiny_model_dir}",
+                "--set", "max_new_tokens=6", "--set", "batch_size=2", "--set", "lora={r: 2, alpha: 4}"])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert [len(result["steps"][arm]) for arm in ("padded", "packed")] == [2, 2]
+    assert (
+        result["medians"]["padded"]["reply_tokens"] == result["medians"]["packed"]["reply_tokens"]
+    )
+    for row in result["medians"].values():
+        assert 0 < row["forward"] + row["backward"] <= row["update"] <= row["step"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("accelerate") is
 
 
 ROOT = TESTS.parent
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run(
@@ -49,7 +57,10 @@ def run(
         else:
             launcher.append("--multi_gpu")  # torchrun-style processes; gloo when there is no GPU
         # No `--cpu`: with it, accelerate starts a single process and leaves the rest to MPI.
+        # A port of its own: under pytest-xdist two launches at once would both take the
+        # default 29500, and one would fail to listen (EADDRINUSE).
         launcher += ["--num_processes", str(processes), "--num_machines", "1",
+                     "--main_process_port", str(free_port()),
                      "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     cmd = [*launcher, "-m", "resd", "train", "--config", str(tmp_path / f"{name}.yaml")]
     if resume:

@@ -47,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg, resume=args.resume)
     summary = trainer.train()
+    trainer.parallel.close()  # every rank finished: the process groups go down together
     if not trainer.parallel.is_main:
         return 0
     before, after = summary.get("eval_before"), summary.get("eval_after")

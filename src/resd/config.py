@@ -86,6 +86,9 @@ class TrainConfig:
     rollouts_per_prompt: int = 1
     inner_updates: int = 4
     micro_batch_size: int = 4  # sequences per forward/backward
+    # Run a micro-batch's rows as one row, the prompt they share computed once and no
+    # padding, where that costs fewer multiply-adds (`resd.training.packing`); same numbers.
+    pack_rows: bool = True
     generation_batch_size: int = 16
     # Sampling runs on a copy of the policy in this dtype, synced after every optimizer
     # step (as a vLLM engine would be); null samples from the fp32 training weights. auto:

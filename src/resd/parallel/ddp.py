@@ -37,7 +37,7 @@ class ProcessGroup(Parallel):
                 torch.cuda.set_device(self.local_rank)
             dist.init_process_group(backend=backend)
             # A process group left open at exit can abort the interpreter (gloo's threads).
-            atexit.register(self.close)
+            atexit.register(self._destroy)
 
     def device(self, requested: str) -> str:
         if requested == "auto" and torch.cuda.is_available():
@@ -63,6 +63,17 @@ class ProcessGroup(Parallel):
         dist.barrier()
 
     def close(self) -> None:
+        """After a run that ended well on every rank: wait for all, then take the groups down
+        together. A rank that tore its group down while another still used it ended, now and
+        then, in `terminate called without an active exception` (SIGABRT) at exit."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    @staticmethod
+    def _destroy() -> None:
+        """At exit, whatever happened before: no barrier, since a rank that failed must not
+        wait for the others."""
         if dist.is_initialized():
             dist.destroy_process_group()
 

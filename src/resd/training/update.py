@@ -36,17 +36,29 @@ from resd.training.losses import (
     token_logprobs,
     topk_distillation_terms,
 )
+from resd.training.packing import Packing
 from resd.training.rollout import Outcome, PhaseTimer, Rollout, padding_rollout
 from resd.training.teacher import Teacher
 
 
-def response_logits(model, sequences: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
+def response_logits(
+    model, sequences: list[list[int]], width: int, pad_id: int, packing: Packing | None = None
+) -> torch.Tensor:
     """Next-token logits `[B, width, V]` for the last `width` tokens of each sequence.
 
     Sequences are left-padded, so every response ends in the last column and a
-    response of length r occupies the last r positions of the returned window.
+    response of length r occupies the last r positions of the returned window. With
+    `packing`, rows that pay for it run as one packed row (`training.packing`) and the
+    logits come back in the same layout.
     """
     device = next(model.parameters()).device
+    packed = packing.plan(sequences, width, device) if packing is not None else None
+    if packed is not None:
+        out = model(
+            input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids, logits_to_keep=packed.window,
+        )  # fmt: skip
+        return out.logits.view(packed.rows, packed.width, -1)
     ids, mask = left_pad(sequences, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -55,7 +67,9 @@ def response_logits(model, sequences: list[list[int]], width: int, pad_id: int) 
     return out.logits[:, :-1]
 
 
-def response_hidden(model, sequences: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
+def response_hidden(
+    model, sequences: list[list[int]], width: int, pad_id: int, packing: Packing | None = None
+) -> torch.Tensor:
     """Final hidden states `[B, width, H]` that predict the last `width` tokens (no output head).
 
     They are caught on their way out of the decoder during the whole model's forward
@@ -63,8 +77,12 @@ def response_hidden(model, sequences: list[list[int]], width: int, pad_id: int) 
     under FSDP only the root module's forward gathers the embedding and final norm.
     """
     device = next(model.parameters()).device
-    ids, mask = left_pad(sequences, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    packed = packing.plan(sequences, width, device) if packing is not None else None
+    if packed is not None:
+        ids, mask, positions = packed.input_ids, packed.attention_mask, packed.position_ids
+    else:
+        ids, mask = left_pad(sequences, pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
     caught: list[torch.Tensor] = []
     hook = model.get_decoder().register_forward_hook(
         lambda _module, _args, out: caught.append(out.last_hidden_state)
@@ -73,6 +91,8 @@ def response_hidden(model, sequences: list[list[int]], width: int, pad_id: int) 
         model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
     finally:
         hook.remove()
+    if packed is not None:
+        return caught[-1][0, packed.window].view(packed.rows, packed.width, -1)
     return caught[-1][:, -width - 1 : -1]
 
 
@@ -125,6 +145,8 @@ class Update:
         self.total_steps = total_steps
         self._schedule: Callable[[int], float] | None = None
         self.device = next(model.parameters()).device
+        # Rows that share a prompt run as one packed row where that is cheaper.
+        self.packing = Packing.for_model(model, cfg.pack_rows)
 
     @property
     def policy(self) -> nn.Module:
@@ -301,7 +323,11 @@ class Update:
                         ref_logits = self.reference.logits(
                             self.model,
                             lambda m: response_logits(
-                                self.parallel.policy(m), student_seqs, width, self.pad_id
+                                self.parallel.policy(m),
+                                student_seqs,
+                                width,
+                                self.pad_id,
+                                self.packing,
                             ),
                         )
                     ref = chunked_token_losses(
@@ -347,11 +373,15 @@ class Update:
             with timer("teacher"), autocast_context(self.device, cfg.autocast):
                 teacher_out = self.teacher.logits(
                     self.model,
-                    lambda m: forward(self.parallel.policy(m), teacher_seqs, width, self.pad_id),
+                    lambda m: forward(
+                        self.parallel.policy(m), teacher_seqs, width, self.pad_id, self.packing
+                    ),
                 )
         if cfg.loss_chunk_size:
             with timer("update"), autocast_context(self.device, cfg.autocast):
-                s_hidden = response_hidden(self.policy, student_seqs, width, self.pad_id)
+                s_hidden = response_hidden(
+                    self.policy, student_seqs, width, self.pad_id, self.packing
+                )
                 softcap = getattr(self.model.config, "final_logit_softcapping", None)
                 return chunked_token_losses(
                     s_hidden, self.model.get_output_embeddings(), token_ids, chunk_size=cfg.loss_chunk_size,
@@ -360,7 +390,9 @@ class Update:
                 )  # fmt: skip
         with timer("update"):
             with autocast_context(self.device, cfg.autocast):
-                s_logits = response_logits(self.policy, student_seqs, width, self.pad_id)
+                s_logits = response_logits(
+                    self.policy, student_seqs, width, self.pad_id, self.packing
+                )
             topk = cfg.topk if cfg.distillation_mode == "topk" and cfg.add_tail else None
             if teacher_out is not None and topk and topk < s_logits.shape[-1]:
                 return topk_distillation_terms(
