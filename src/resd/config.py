@@ -87,7 +87,8 @@ class TrainConfig:
     inner_updates: int = 4
     micro_batch_size: int = 4  # sequences per forward/backward
     # Run a micro-batch's rows as one row, the prompt they share computed once and no
-    # padding, where that costs fewer multiply-adds (`resd.training.packing`); same numbers.
+    # padding, where that costs fewer multiply-adds (`resd.training.packing`); the same
+    # values up to rounding.
     pack_rows: bool = True
     generation_batch_size: int = 16
     # Sampling runs on a copy of the policy in this dtype, synced after every optimizer
