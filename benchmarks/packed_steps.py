@@ -1,7 +1,7 @@
 """Whole training steps with packed rows against padded ones, alternating in one process.
 
 `step_profile.py` runs each variant in a process of its own, and on this machine two
-processes running the same code differ by 1-2 s a step; packing saves about that much.
+processes doing the same work differ by up to 4 s a step; packing saves about 2 s.
 Here one trainer (the profile's settings: the bundled 0.5B model, LoRA r = 16, batch 8,
 replies <= 128 tokens) takes a warm-up step, then alternates steps with packing on and
 off (`Update.packing`) on the same prompts, and reports the median of each phase per
