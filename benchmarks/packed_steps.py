@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(load_config(None, overrides))
     clocks: dict[str, float] = {}
 
-    def timed(function: Callable, key: str) -> Callable:
+    def timed(function: Callable, key: str, only_with_grad: bool = False) -> Callable:
         def wrapper(*a, **k):
+            if only_with_grad and not torch.is_grad_enabled():
+                return function(*a, **k)
             start = time.perf_counter()
             try:
                 return function(*a, **k)
@@ -66,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return wrapper
 
-    # The update's own forwards (student, and in its timer the teacher's too) and backwards.
-    logits, hidden = update_module.response_logits, update_module.response_hidden
-    update_module.response_logits = lambda *a, **k: (timed(logits, "forward") if torch.is_grad_enabled() else logits)(*a, **k)  # fmt: skip
-    update_module.response_hidden = lambda *a, **k: (timed(hidden, "forward") if torch.is_grad_enabled() else hidden)(*a, **k)  # fmt: skip
+    # The student's forwards (those with gradients: the teacher's and the reference's run
+    # without, and are left out) and the backwards, inside the update phase.
+    update_module.response_logits = timed(update_module.response_logits, "forward", True)
+    update_module.response_hidden = timed(update_module.response_hidden, "forward", True)
     trainer.parallel.backward = timed(trainer.parallel.backward, "backward")
     packing = trainer.update.packing
     if packing is None:

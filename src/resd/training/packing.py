@@ -100,7 +100,7 @@ class Packing:
             token_cost=float(token_cost),
             pair_cost=float(2 * query),
             additive_mask=implementation in _ADDITIVE_MASK,
-            window_limit=int(window) if slides and window else (0 if slides else None),
+            window_limit=int(window or 0) if slides else None,  # 0: unknown, never pack
         )
 
     def pays(self, lengths: list[int], prefix: int) -> bool:

@@ -36,9 +36,28 @@ from resd.training.losses import (
     token_logprobs,
     topk_distillation_terms,
 )
-from resd.training.packing import Packing
+from resd.training.packing import PackedRows, Packing
 from resd.training.rollout import Outcome, PhaseTimer, Rollout, padding_rollout
 from resd.training.teacher import Teacher
+
+
+def _forward_inputs(
+    sequences: list[list[int]],
+    width: int,
+    pad_id: int,
+    device: torch.device,
+    packing: Packing | None,
+) -> tuple[dict[str, torch.Tensor], PackedRows | None]:
+    """The model's inputs for `sequences`: one packed row where `packing` pays for it,
+    else the rows left-padded (with the packed row, its window of outputs)."""
+    packed = packing.plan(sequences, width, device) if packing is not None else None
+    if packed is not None:
+        inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
+                  "position_ids": packed.position_ids}  # fmt: skip
+        return inputs, packed
+    ids, mask = left_pad(sequences, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, None
 
 
 def response_logits(
@@ -51,20 +70,13 @@ def response_logits(
     `packing`, rows that pay for it run as one packed row (`training.packing`) and the
     logits come back in the same layout.
     """
-    device = next(model.parameters()).device
-    packed = packing.plan(sequences, width, device) if packing is not None else None
-    if packed is not None:
-        out = model(
-            input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids, logits_to_keep=packed.window,
-        )  # fmt: skip
-        return out.logits.view(packed.rows, packed.width, -1)
-    ids, mask = left_pad(sequences, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1
+    inputs, packed = _forward_inputs(
+        sequences, width, pad_id, next(model.parameters()).device, packing
     )
-    return out.logits[:, :-1]
+    if packed is not None:
+        logits = model(**inputs, logits_to_keep=packed.window).logits
+        return logits.view(packed.rows, packed.width, -1)
+    return model(**inputs, logits_to_keep=width + 1).logits[:, :-1]
 
 
 def response_hidden(
@@ -76,19 +88,15 @@ def response_hidden(
     (asked for one position of logits only), rather than by calling the decoder alone:
     under FSDP only the root module's forward gathers the embedding and final norm.
     """
-    device = next(model.parameters()).device
-    packed = packing.plan(sequences, width, device) if packing is not None else None
-    if packed is not None:
-        ids, mask, positions = packed.input_ids, packed.attention_mask, packed.position_ids
-    else:
-        ids, mask = left_pad(sequences, pad_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs, packed = _forward_inputs(
+        sequences, width, pad_id, next(model.parameters()).device, packing
+    )
     caught: list[torch.Tensor] = []
     hook = model.get_decoder().register_forward_hook(
         lambda _module, _args, out: caught.append(out.last_hidden_state)
     )
     try:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        model(**inputs, logits_to_keep=1)
     finally:
         hook.remove()
     if packed is not None:
