@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from resd.analysis.compare import add_compare_subcommand
@@ -47,9 +48,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg, resume=args.resume)
     summary = trainer.train()
-    trainer.parallel.close()  # every rank finished: the process groups go down together
-    if not trainer.parallel.is_main:
-        return 0
+    parallel = trainer.parallel
+    parallel.close()  # every rank finished: the process groups go down together
+    if parallel.is_main:
+        _print_summary(summary)
+    if parallel.world_size > 1:
+        # Past this point nothing is left to write, and the interpreter's own teardown of a
+        # sharded model's process-group objects ended now and then in gloo's "terminate
+        # called without an active exception" (SIGABRT), failing a finished run.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
     before, after = summary.get("eval_before"), summary.get("eval_after")
     print(f"\nrun directory: {summary['run_dir']}  ({summary['steps']} steps)")
     if before and after:
@@ -58,7 +72,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{key:14s} {before[key]:8.3f} {after[key]:8.3f}")
         print(f"(k = {int(after['k'])} samples per item, {int(after['items'])} test items)")
     print(f"playbook: {summary['run_dir']}/playbook.md")
-    return 0
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
