@@ -64,8 +64,7 @@ class ProcessGroup(Parallel):
 
     def close(self) -> None:
         """After a run that ended well on every rank: wait for all, then take the groups down
-        together. A rank that tore its group down while another still used it ended, now and
-        then, in `terminate called without an active exception` (SIGABRT) at exit."""
+        together, so that no rank tears its group down while another still uses it."""
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
