@@ -33,6 +33,11 @@ Variants (`--variants`, comma-separated):
                   back (the step as it was before `keep_adapter_inputs`; the same numbers)
     lora-unpacked `lora` with every micro-batch padded (`pack_rows: false`), its shared
                   prompt computed once per row (the step as it was before packing)
+    lora-freeing  `lora` with glibc returning freed memory to the kernel
+                  (`keep_host_memory: false`, the step as it was before `resd.allocator`)
+
+Besides seconds, each step records the process's minor page faults and system CPU seconds
+(`getrusage`): pages the kernel had to map and zero for the step.
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
@@ -84,12 +89,37 @@ VARIANTS: dict[str, list[str]] = {
     "lora-sdpa": [LORA],
     "lora-adapter-cast": [LORA],
     "lora-unpacked": [LORA, "pack_rows=false"],
+    "lora-freeing": [LORA, "keep_host_memory=false"],
 }
 
 
 def phase_medians(steps: list[dict[str, Any]]) -> dict[str, float]:
-    """The median of every phase the trainer times, and of the whole step."""
-    return {p: statistics.median(s[f"time_{p}"] for s in steps) for p in (*PHASES, "step")}
+    """The median of every phase the trainer times, of the whole step, and of its minor
+    page faults and system seconds where `measured_step` counted them."""
+    medians = {p: statistics.median(s[f"time_{p}"] for s in steps) for p in (*PHASES, "step")}
+    for key in ("minor_faults", "system_s"):
+        if all(key in s for s in steps):
+            medians[key] = statistics.median(s[key] for s in steps)
+    return medians
+
+
+def resident_gib() -> float | None:
+    """The process's resident memory now (Linux), to see whether it creeps from step to step."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * resource.getpagesize() / 2**30
+
+
+def measured_step(trainer, items) -> dict[str, Any]:
+    """One training step's metrics, with the page faults and system time it cost and the
+    memory resident after it."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    metrics = trainer.train_step(items)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {**metrics, "minor_faults": after.ru_minflt - before.ru_minflt,
+            "system_s": after.ru_stime - before.ru_stime, "resident_gib": resident_gib()}  # fmt: skip
 
 
 def _undo_head_fix(trainer) -> None:
@@ -171,7 +201,7 @@ def child(
     if variant == "lora-adapter-cast" and not _cast_adapter_inputs(trainer):
         raise SystemExit("lora-adapter-cast: no adapter input was left uncast (autocast off?)")
     items = trainer.train_items[: cfg.batch_size]
-    steps = [trainer.train_step(items) for _ in range(1 + repeats)]
+    steps = [measured_step(trainer, items) for _ in range(1 + repeats)]
     timed = steps[1:]
     row = {
         "variant": variant, "algorithm": algorithm, "env": env, "setup_s": setup, "steps": timed,
@@ -237,13 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     head = f"{'env':11s} {'algorithm':9s} {'variant':12s} " + " ".join(
         f"{p:>8s}" for p in (*PHASES, "step")
     )
-    print(head + f" {'peak GiB':>8s} {'tokens':>6s} {'hits':>7s} {'cached/refl':>11s}")
+    print(
+        head
+        + f" {'faults k':>8s} {'sys s':>6s} {'peak GiB':>8s} {'tokens':>6s} {'hits':>7s} {'cached/refl':>11s}"
+    )
     for r in rows:
         cells = " ".join(f"{r['median'][p]:8.2f}" for p in (*PHASES, "step"))
         refl = r.get("reflections", 0)
         hits = f"{r.get('reflection_cache_hits', 0)}/{refl}"
         cached = r.get("reflection_cached_tokens", 0) / refl if refl else 0.0
-        print(f"{r['env']:11s} {r['algorithm']:9s} {r['variant']:12s} {cells} {r['peak_rss_gib']:8.2f} "
+        faults = f"{r['median']['minor_faults'] / 1000:8.1f} {r['median']['system_s']:6.2f}"
+        print(f"{r['env']:11s} {r['algorithm']:9s} {r['variant']:12s} {cells} {faults} {r['peak_rss_gib']:8.2f} "
               f"{r['response_tokens']:6.1f} {hits:>7s} {cached:11.1f}")  # fmt: skip
     return 0
 

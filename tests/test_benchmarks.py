@@ -413,3 +413,21 @@ def test_packed_steps_benchmark_alternates_the_arms_in_one_trainer(tiny_model_di
     )
     for row in result["medians"].values():
         assert 0 < row["forward"] + row["backward"] <= row["update"] <= row["step"]
+
+
+def test_step_profile_counts_page_faults_and_memory_per_step(tiny_model_dir, tmp_path):
+    """Each variant in its own process, each step with the page faults, system time and
+    resident memory it left (the figures of "Freed memory kept" in docs/benchmarks.md)."""
+    bench = load_benchmark("step_profile")
+    out = tmp_path / "profile.json"
+    bench.main(["--runs", "house_rules/sdpo/lora-freeing,house_rules/sdpo/lora", "--repeats", "2",
+                "--out", str(out), "--set", f"model={tiny_model_dir}", "--set", "max_new_tokens=6",
+                "--set", "batch_size=2", "--set", "lora={r: 2, alpha: 4}"])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["lora-freeing", "lora"]
+    for row in rows:
+        assert len(row["steps"]) == 2
+        for step in row["steps"]:
+            assert step["minor_faults"] >= 0 and step["system_s"] >= 0
+            assert 0 < step["resident_gib"] <= row["peak_rss_gib"] * 1.01
+        assert {"minor_faults", "system_s", "step"} <= row["median"].keys()

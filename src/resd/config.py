@@ -90,6 +90,10 @@ class TrainConfig:
     # padding, where that costs fewer multiply-adds (`resd.training.packing`); the same
     # values up to rounding.
     pack_rows: bool = True
+    # CPU training under glibc: memory a step frees stays in the process for the next step
+    # instead of going back to the kernel, so its pages are not faulted in afresh every step
+    # (`resd.allocator`). The process then holds on to its peak.
+    keep_host_memory: bool = True
     generation_batch_size: int = 16
     # Sampling runs on a copy of the policy in this dtype, synced after every optimizer
     # step (as a vLLM engine would be); null samples from the fp32 training weights. auto:

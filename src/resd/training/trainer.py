@@ -30,12 +30,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from resd.allocator import keep_freed_memory
 from resd.analysis.evaluation import evaluate, safe_score
 from resd.config import TrainConfig
 from resd.envs import make_env
 from resd.envs.base import Environment, Item
 from resd.generation.hf import chat_prompt_ids
-from resd.models import load_tokenizer
+from resd.models import load_tokenizer, pick_device
 from resd.parallel import full_tensor, make_parallel
 from resd.rundir import (
     COUNTERS,
@@ -132,6 +133,8 @@ class Trainer:
         self.n_batches = math.ceil(len(self.train_items) / cfg.batch_size)
         self.total_steps = min(cfg.steps or 10**12, self.n_batches * cfg.inner_updates)
         checkpoint = self._checkpoint_to_resume(resume)
+        if cfg.keep_host_memory and pick_device(self.parallel.device(cfg.device)).type == "cpu":
+            keep_freed_memory()  # before the model's weights and every step's tensors
 
         # The policy, its teachers and its optimizer; the sampler is made before sharding.
         self.tokenizer = load_tokenizer(
