@@ -1,19 +1,21 @@
 """Host memory that a training step frees is kept for the next step (glibc only).
 
 PyTorch allocates CPU tensors with `posix_memalign`, and glibc returns freed memory to
-the kernel in two ways: a block above its mmap threshold (at most 32 MiB) gets pages of
-its own and gives them back when freed, and the heap's top is trimmed whenever more than
-the trim threshold lies free there. A training step allocates and frees its activations,
-logits and gradients again and again, in sizes that change with every batch, so each
-step asks the kernel for fresh pages, and every page is faulted in and zeroed on first
-touch. On 2 CPU cores with the 0.5B model that was 210,000 to 490,000 minor page faults
-and about 1.8 s of system time a step, most of them in the update (`docs/benchmarks.md`,
-"Freed memory kept"). Told to map nothing on its own and to trim only when 2 GiB lie free at the
-top, glibc keeps what was freed in its heap and hands it out again.
+the kernel in two ways: a block above its mmap threshold (128 KiB at first, raised as
+blocks are freed, at most 32 MiB) gets pages of its own and gives them back when freed,
+and the heap's top is trimmed whenever more than the trim threshold lies free there. A
+training step allocates and frees its activations, logits and gradients again and
+again, in sizes that change with every batch, so each step asked the kernel for fresh
+pages, each faulted in and zeroed on first touch. On 2 CPU cores with the 0.5B model
+that was 210,000 to 490,000 minor page faults and about 1.8 s of system time a step,
+most of them in the update (`docs/benchmarks.md`, "Freed memory kept"). Told to map
+nothing on its own and to trim only when 2 GiB lie free at the top, glibc keeps what
+was freed in its heap and cuts later blocks from it. (A block of exactly a freed one's
+size may still not fit it: `posix_memalign` asks a little more than the block holds.)
 
-The cost is that the process holds on to its peak: memory freed after the largest step
-is not returned to the system until the process ends, as PyTorch's CUDA allocator does
-with GPU memory. Other C libraries (musl, macOS) are left as they are.
+The cost is that the process holds on to its peak, as PyTorch's CUDA allocator does
+with GPU memory: memory freed after the largest step is not returned to the system
+until the process ends. Other C libraries (musl, macOS) are left as they are.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ _kept = False
 
 def keep_freed_memory() -> bool:
     """Make glibc serve every allocation from its heap and shrink it only past 2 GiB of
-    free top; True when it did (or had already). Call it once per process, best before the large allocations."""
+    free top; True when it did (or had already). It lasts as long as the process: call
+    it before the large allocations, whose pages it then keeps."""
     global _kept
     if _kept:
         return True
