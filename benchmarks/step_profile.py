@@ -37,7 +37,8 @@ Variants (`--variants`, comma-separated):
                   (`keep_host_memory: false`, the step as it was before `resd.allocator`)
 
 Besides seconds, each step records the process's minor page faults and system CPU seconds
-(`getrusage`): pages the kernel had to map and zero for the step.
+(`getrusage`: pages the kernel had to map and zero for the step) and the memory resident
+after it (`/proc/self/statm`).
 
     python benchmarks/step_profile.py                        # every variant, SDPO, both tasks
     python benchmarks/step_profile.py --algorithms sdpo,resd --variants lora --envs arithmetic
