@@ -75,6 +75,15 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
             assert m["time_reflect"] > 0 and m["time_curate"] > 0
             assert m["reflection_parse_failures"] == 0 and m["tags_applied"] >= failures
         assert m["distilled"] >= failures and m["loss"] > 0
+    # The process's peak in GiB (not KiB, not bytes): at least what this process holds
+    # now, at most the machine's memory, and never falling.
+    peaks = [m["host_memory_peak_gib"] for m in metrics]
+    machine_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    assert peaks[0] > 0.05 and peaks == sorted(peaks) and peaks[-1] <= machine_gib
+    if Path("/proc/self/statm").exists():
+        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert resident / 2**30 <= peaks[-1] * 1.01 + 0.01
+    assert "device_memory_peak_gib" not in metrics[0]  # a CPU run
     samples = read_jsonl(run / "samples.jsonl")
     assert {
         "prompt",

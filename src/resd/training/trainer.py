@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import random
+import resource
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -96,6 +98,23 @@ def teacher_confirms_failures(metrics: dict[str, Any]) -> bool:
         and metrics.get("distilled", 0) > 0
         and metrics.get("teacher_advantage", 0.0) > 0.0
     )
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """What this process holds: its peak resident memory so far (`host_memory_peak_gib`)
+    and, on a GPU, the step's peak of allocated memory (`device_memory_peak_gib`, whose
+    counter is reset here for the next step). The host figure never falls; a run whose
+    host memory keeps climbing shows it here long before the machine runs out."""
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    metrics = {
+        "host_memory_peak_gib": round(usage / (2**30 if sys.platform == "darwin" else 2**20), 3)
+    }
+    if device.type == "cuda":
+        metrics["device_memory_peak_gib"] = round(
+            torch.cuda.max_memory_allocated(device) / 2**30, 3
+        )
+        torch.cuda.reset_peak_memory_stats(device)
+    return metrics
 
 
 class Trainer:
@@ -411,6 +430,7 @@ class Trainer:
             **{f"playbook_omitted_{k}": lessons.omitted.get(k, 0) for k in PLAYBOOK_READERS},
             **{f"time_{p}": round(s, 4) for p, s in timer.seconds.items()},
             "time_step": round(time.perf_counter() - start, 4),
+            **memory_metrics(self.device),
         }  # fmt: skip
         self._log_samples(rollouts, step)
         if self.algo.playbook:
