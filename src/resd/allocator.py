@@ -32,16 +32,11 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest, 2 GiB
 
-_kept = False
-
 
 def keep_freed_memory() -> bool:
     """Make glibc serve every allocation from its heap and shrink it only past 2 GiB of
-    free top; True when it did (or had already). It lasts as long as the process: call
-    it before the large allocations, whose pages it then keeps."""
-    global _kept
-    if _kept:
-        return True
+    free top; True when it did. It lasts as long as the process (calling it again sets
+    the same again): call it before the large allocations, whose pages it then keeps."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -53,5 +48,4 @@ def keep_freed_memory() -> bool:
     if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
         log.warning("keep_host_memory: glibc refused mallopt; freed memory goes back to the kernel")
         return False
-    _kept = True
     return True
