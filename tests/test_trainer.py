@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -75,14 +76,12 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
             assert m["time_reflect"] > 0 and m["time_curate"] > 0
             assert m["reflection_parse_failures"] == 0 and m["tags_applied"] >= failures
         assert m["distilled"] >= failures and m["loss"] > 0
-    # The process's peak in GiB (not KiB, not bytes): at least what this process holds
-    # now, at most the machine's memory, and never falling.
+    # The process's peak in GiB (not KiB, not bytes): never falling, and at most what the
+    # process has peaked at by now (the run's evaluation and saving came after its last
+    # step, so what the process holds now may be more than that step's peak).
     peaks = [m["host_memory_peak_gib"] for m in metrics]
-    machine_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    assert peaks[0] > 0.05 and peaks == sorted(peaks) and peaks[-1] <= machine_gib
-    if Path("/proc/self/statm").exists():
-        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        assert resident / 2**30 <= peaks[-1] * 1.01 + 0.01
+    peak_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    assert peaks[0] > 0.05 and peaks == sorted(peaks) and peaks[-1] <= peak_now + 0.001
     assert "device_memory_peak_gib" not in metrics[0]  # a CPU run
     samples = read_jsonl(run / "samples.jsonl")
     assert {
