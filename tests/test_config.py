@@ -87,6 +87,45 @@ def test_trl_names_are_aliases_saved_under_ours():
         load_config(None, ["learning_rate=1e-5", "lr=2e-5"])
 
 
+def test_an_override_replaces_the_files_setting_and_its_environments_arguments(tmp_path):
+    """The README's commands switch `env=` on a config written for arithmetic: the file's
+    env_args (arithmetic's) must not reach the other environment's constructor, wherever
+    the `env_args.*` overrides stand; and an override in TRL's words replaces the file's
+    setting in ours (and back) instead of clashing with it."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "env: arithmetic\nenv_args: {max_operand: 12, seed: 1}\nmax_steps: 200\nlr: 1.0e-5\n"
+    )
+    assert load_config(path, ["env=qa", "env_args.path=x.csv"]).env_args == {"path": "x.csv"}
+    assert load_config(path, ["env_args.path=x.csv", "env=qa"]).env_args == {"path": "x.csv"}
+    assert load_config(path, ["env=arithmetic", "env_args.seed=2"]).env_args == {
+        "max_operand": 12,
+        "seed": 2,
+    }
+    assert load_config(path, ["env_args.seed=2"]).env_args == {"max_operand": 12, "seed": 2}
+    assert load_config(path, ["steps=3"]).steps == 3
+    assert load_config(path, ["learning_rate=2e-5"]).lr == 2e-5
+    path.write_text("steps: 200\n")
+    assert load_config(path, ["max_steps=3"]).steps == 3
+
+
+def test_every_shipped_config_loads():
+    """configs/*.yaml are what the README and `--help` point users to."""
+    from pathlib import Path
+
+    from resd.analysis.continual import load_plan
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        if path.name == "continual.yaml":
+            plan = load_plan(path)
+            assert [s.config.env for s in plan.stages] == ["arithmetic", "house_rules"]
+            assert plan.stages[1].config.env_args == {}  # the first stage's are arithmetic's
+        else:
+            assert load_config(path).model, path.name
+
+
 def test_report_to_none_means_no_tracker():
     assert load_config(None, ["report_to=none"]).report_to == []
     assert load_config(None, ["report_to=tensorboard"]).report_to == ["tensorboard"]

@@ -573,6 +573,13 @@ def test_trains_one_step_from_an_in_memory_dataset(tiny_model_dir, tmp_path):
     samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
     assert samples and all(s["prompt"] in {r["question"] for r in ROWS} for s in samples)
     assert all(s["feedback"].startswith("The reward function gave ") for s in samples)
+    # The records name what ran, not the config's default environment (arithmetic).
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["env"] == "dataset"
+    card = (run / "README.md").read_text()
+    assert "on the environment `dataset`" in card and "arithmetic" not in card
+    saved = (run / "config.yaml").read_text()
+    assert saved.startswith("# env: dataset, given in Python")
 
 
 def test_trainer_takes_a_dataset_and_a_scorer_directly(tiny_model_dir, tmp_path):

@@ -53,6 +53,24 @@ def test_cli_envs_env_check_and_compare_errors(capsys):
     assert "nonsense" in capsys.readouterr().err
 
 
+def test_the_console_script_imports_an_environment_from_the_working_directory(tmp_path):
+    """The README's `resd train ... env=mytasks:Capitals`, run beside mytasks.py: the
+    `resd` console script's sys.path lacks the working directory (`python -m` has it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "mytasks_cwd.py").write_text(
+        "from resd.envs.arithmetic import ArithmeticEnv\n\n"
+        "class Sums(ArithmeticEnv):\n    name = 'sums'\n"
+    )
+    script = Path(sys.executable).with_name("resd")
+    done = subprocess.run([str(script), "env-check", "mytasks_cwd:Sums", "n_train=2", "n_test=1",
+                           "--samples", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "3 reference answers, 3 score 1.0" in done.stdout
+
+
 # ---- checkpoints --------------------------------------------------------------------------------
 
 

@@ -210,6 +210,15 @@ def test_config_only_run_still_yields_a_report(tmp_path: Path) -> None:
     assert "Not recorded: metrics.jsonl" in text
 
 
+def test_an_environment_given_in_python_is_the_one_the_report_names(tmp_path: Path) -> None:
+    run = tmp_path / "given"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": "resd", "env": "arithmetic"}))
+    (run / "summary.json").write_text(json.dumps({"steps": 0, "env": "mytasks:Capitals"}))
+    text = build_report(run).read_text()
+    assert "<td>env</td><td>mytasks:Capitals</td>" in text
+
+
 def colour_present(image, hex_colour: str, tol: float = 0.04) -> bool:
     rgb = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
     diff = abs(image[..., :3] - rgb).max(axis=-1)

@@ -46,7 +46,9 @@ def learn_config(tiny_model_dir: Path, tmp_path: Path, *extra: str) -> Path:
     """A learner config on the tiny model: the parity task's test items guard each swap."""
     cfg = config(tiny_model_dir, tmp_path / "unused", "batch_size=4", "eval_items=2", "eval_samples=1",
                  "save_every=1", *extra)  # fmt: skip
-    data = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
+    # rollout_is_cap only where given: a config that is silent on it gets the learner's cap
+    data = {k: v for k, v in cfg.to_dict().items()
+            if k != "output_dir" and not (k == "rollout_is_cap" and v is None)}  # fmt: skip
     path = tmp_path / "learn.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -92,6 +94,25 @@ def learning(tiny_model_dir, tmp_path, served, *, collect: bool = True):
 @pytest.fixture
 def tiny_served(tiny_model_dir):
     return load_served_model(str(tiny_model_dir), version="v0", name=MODEL, dtype="float32")
+
+
+def test_the_learner_config_is_read_as_written(tiny_model_dir, tmp_path, tiny_served, caplog):
+    """The off-policy cap is 2 only where the config is silent; a minimum of rows a step
+    can never gather is refused; a config that trains the served model says nothing."""
+    with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
+
+        def cap(*extra: str, min_rows: int | None = None) -> float | None:
+            path = learn_config(tiny_model_dir, tmp_path, *extra)
+            out = tmp_path / f"out{len(extra)}{min_rows}"
+            return Learner.from_config(path, store=running.store, holder=running.holder,
+                                       output_dir=out, min_rows=min_rows).trainer.cfg.rollout_is_cap  # fmt: skip
+
+        with caplog.at_level("WARNING", logger="resd.serve.learner"):
+            assert cap() == 2.0
+        assert "while the server serves" not in caplog.text
+        assert cap("rollout_is_cap=5.0") == 5.0
+        with pytest.raises(ValueError, match=r"^--learn-min-rows: 5 is not in 1\.\.4"):
+            cap(min_rows=5)
 
 
 def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
@@ -217,6 +238,9 @@ def test_response_format_json_schema_is_honoured(tiny_served, tmp_path):
         )  # fmt: skip
         obj = json.loads(reply.choices[0].message.content, strict=False)
         assert set(obj) <= set(schema["properties"]) and "bullet_tags" in obj
+        # stored with the schema it was decoded under, so the row can be regenerated
+        params = running.store.interaction(reply.id)["params"]
+        assert params["response_format"]["json_schema"]["schema"] == schema and params["seed"] == 3
         bad = running.post("/v1/chat/completions", {
             "model": MODEL, "messages": [{"role": "user", "content": "x"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},

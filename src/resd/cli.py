@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `env=mytasks:Capitals` (and scorers named `module:function`) import from the working
+    # directory, as under `python -m resd`; a console script's path lacks it. Appended, so
+    # that an installed package is never shadowed by a file of the same name here.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -439,12 +439,23 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`data` with the command line's `key=value` overrides applied (dotted keys reach into
+    mappings). An override replaces the file's setting under either of its names (TRL's
+    `max_steps=` replaces a file's `steps:`), and one that switches `env` to another
+    environment drops the file's `env_args`, which were written for the file's own."""
     data = dict(data)
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item}: overrides take the form key=value")
         key, _, raw = item.partition("=")
-        parts = key.strip().split(".")
+        pairs.append((key.strip(), raw))
+    for key, raw in pairs:
+        if key == "env" and data.get("env", TrainConfig.env) != _parse_scalar(raw):
+            data.pop("env_args", None)
+        data.pop(_OTHER_NAME.get(key, ""), None)
+    for key, raw in pairs:
+        parts = key.split(".")
         target = data
         for part in parts[:-1]:
             nested = target.get(part)
@@ -470,6 +481,11 @@ ALIASES = {
     "num_iterations": "update_epochs",
     "num_train_epochs": "epochs",
     "warmup_ratio": None,  # not supported: say so rather than ignore it
+}
+# A setting's one name → its other one (TRL's ↔ ours), for overrides that replace it.
+_OTHER_NAME = {
+    **{alias: name for alias, name in ALIASES.items() if name},
+    **{name: alias for alias, name in ALIASES.items() if name},
 }
 
 

@@ -18,7 +18,7 @@ chain, and so is `playbook_init` unless the stage sets it (null: start empty). A
 keys (`eval_items`, `eval_samples`, `eval_max_new_tokens`, ...).
 
 Stage k (1-based) trains in `<output_dir>/stage-<k>-<name>/` starting from stage k−1's
-final model, the `model/` folder of its last checkpoint (for a LoRA stage, the adapter
+final model, its last checkpoint folder (for a LoRA stage, the adapter
 merged into its base, since a LoRA run starts from a full model), and from its playbook
 (`playbook_init` = its `playbook.json`): what the playbook learnt is carried forward
 like the weights.

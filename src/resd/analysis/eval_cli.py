@@ -10,10 +10,11 @@ pass) and per-test-case accuracy (fraction of tests passed), each as mean@k and 
 over k samples per item at the evaluation temperature, plus the same four numbers per
 item, so that one can see *which* problems a method solves.
 
-A checkpoint's `model/` folder is either a full Hugging Face model or, for a LoRA run, a
-PEFT adapter (it holds `adapter_config.json`). An adapter is applied to its base model
-(recorded in the adapter config, or `--base-model`) in float32 and merged, and only then
-cast to the sampling dtype: merging in bfloat16 would round the small LoRA update away.
+A model folder (a run's top level or a checkpoint folder, `runs/x/checkpoint-40`) holds
+either a full Hugging Face model or, for a LoRA run, a PEFT adapter (it holds
+`adapter_config.json`). An adapter is applied to its base model (recorded in the adapter
+config, or `--base-model`) in float32 and merged, and only then cast to the sampling
+dtype: merging in bfloat16 would round the small LoRA update away.
 
 Sampling runs in the trainer's default sampling precision (`--dtype auto`: bfloat16 where
 the device has fast bf16 kernels, float32 elsewhere, see `resd.models.fast_bfloat16`), so a
@@ -83,7 +84,7 @@ class EvalSettings:
 
 # ---- loading ------------------------------------------------------------------------------
 def is_adapter(path: str | Path) -> bool:
-    """A PEFT adapter folder (what a LoRA run saves as a checkpoint's `model/`)."""
+    """A PEFT adapter folder (what a LoRA run saves in its checkpoints and at its top level)."""
     return (Path(path) / "adapter_config.json").is_file()
 
 
@@ -345,7 +346,9 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None,
                         help="YAML with any of the settings below (e.g. configs/paper/ifeval_forgetting.yaml)")  # fmt: skip
-    parser.add_argument("--model", help="HF id, model folder, or checkpoint model/ (LoRA too)")
+    parser.add_argument(
+        "--model", help="HF id, model folder, run folder or checkpoint folder (LoRA too)"
+    )
     parser.add_argument("--env", help="built-in name or module:Class")
     parser.add_argument("env_args", nargs="*", help="environment arguments as key=value")
     parser.add_argument("--base-model", help="base of a LoRA adapter (default: its config's)")

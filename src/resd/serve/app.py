@@ -107,7 +107,7 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError
 # ---- request schemas -------------------------------------------------------------------------------
 class _Strict(BaseModel):
     # Unknown fields are refused, as OpenAI's API does: a silently ignored option
-    # (tools, response_format, ...) would give a reply the caller did not ask for.
+    # (tools, logit_bias, ...) would give a reply the caller did not ask for.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -435,6 +435,10 @@ def create_app(
         params = {"temperature": temperature, "top_p": top_p, "seed": completion.seed,
                   "max_tokens": _max_tokens_used(chat, engine),
                   "stream": bool(chat.stream)}  # fmt: skip
+        if chat.response_format is not None:  # what it was decoded under, to regenerate it
+            params["response_format"] = chat.response_format.model_dump(
+                exclude_none=True, by_alias=True
+            )
         await run_in_threadpool(ensure_version, completion.version)
         await run_in_threadpool(
             store.record_interaction, completion_id=reply.completion_id,

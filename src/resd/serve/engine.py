@@ -64,12 +64,14 @@ log = logging.getLogger(__name__)
 class ServedModel:
     """One set of weights as served: the model, its tokenizer (loaded by
     `resd.models.load_tokenizer`, so left-padded with a chat template), the version id it
-    is recorded under (a `model_versions.id` in the store) and its human-readable name."""
+    is recorded under (a `model_versions.id` in the store), its human-readable name and
+    where its weights came from (a Hub id, folder or bundled alias; a learner's step)."""
 
     model: Any  # a transformers PreTrainedModel
     tokenizer: Any  # a transformers PreTrainedTokenizerBase
     version: str
     name: str
+    source: str = ""
 
 
 class ModelHolder:
@@ -112,7 +114,9 @@ def load_served_model(
     tokenizer = load_tokenizer(model, max_length)
     weights = load_model(model, dtype=resolve_dtype(dtype, pick_device(device)), device=device)
     weights.eval()
-    return ServedModel(model=weights, tokenizer=tokenizer, version=version, name=name or model)
+    return ServedModel(
+        model=weights, tokenizer=tokenizer, version=version, name=name or model, source=model
+    )
 
 
 @dataclass(frozen=True)

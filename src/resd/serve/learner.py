@@ -6,8 +6,8 @@ ordinary `Trainer.train_step` in which the rollouts are *given* (`GivenRollout`)
 of sampled: reflect on the failures, curate the playbook, build each teacher context
 from the stored feedback, distil. The replies were sampled by whatever version was
 served at the time, so the update weighs every token by the capped ratio between the
-policy and the serving model's recorded log-probabilities (`rollout_is_cap`, on by
-default here).
+policy and the serving model's recorded log-probabilities (`rollout_is_cap`: 2 here
+unless the config sets it).
 
 After each step a guard decides whether the new weights are served: the environment's
 held-out items (`eval_items` of the config's `env`) are scored, and the new version
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resd.config import load_config
+from resd.config import apply_overrides, build_config, read_yaml_mapping
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
 from resd.rundir import read_jsonl
@@ -104,11 +104,20 @@ class Learner:
         """Build the trainer from a train config (its run folder: `<output_dir>/learner`),
         resuming it when that folder already holds a learner's checkpoints."""
         run_dir = Path(output_dir) / "learner"
-        cfg = load_config(path, ["rollout_is_cap=2.0", *(overrides or []), f"output_dir={run_dir}"])
+        data = read_yaml_mapping(path)
+        # Served replies come from another copy of the weights: their ratio to the policy is
+        # capped at 2 unless the config says otherwise (null: no correction).
+        default = [] if "rollout_is_cap" in data else ["rollout_is_cap=2.0"]
+        cfg = build_config(
+            apply_overrides(data, [*default, *(overrides or []), f"output_dir={run_dir}"])
+        )
+        if min_rows is not None and not 1 <= min_rows <= cfg.batch_size:
+            raise ValueError(f"--learn-min-rows: {min_rows} is not in 1..{cfg.batch_size} "
+                             f"(a step takes at most the config's batch_size rows)")  # fmt: skip
         served = holder.current()
-        if str(cfg.model) != str(served.name):
+        if str(cfg.model) != served.source:
             log.warning("learner: the config trains %s while the server serves %s; the first "
-                        "swap replaces the served model", cfg.model, served.name)  # fmt: skip
+                        "swap replaces the served model", cfg.model, served.source)  # fmt: skip
         trainer = Trainer(cfg, resume=(run_dir / "metrics.jsonl").exists())
         settings = LearnerSettings(min_rows or cfg.batch_size, guard_metric=guard_metric,
                                    guard_tolerance=guard_tolerance)  # fmt: skip
@@ -186,7 +195,7 @@ class Learner:
         model = copy.deepcopy(self.trainer.sampler.generator).eval().requires_grad_(False)
         return ServedModel(
             model=model, tokenizer=self.trainer.tokenizer, version=version,
-            name=self.holder.current().name,
+            name=self.holder.current().name, source=f"{self.trainer.run_dir}@{version}",
         )  # fmt: skip
 
     def _served_accuracy(self, version: str) -> float | None:

@@ -23,6 +23,8 @@ HUB_PATTERNS = (
 
 
 def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
+    """The card; `summary["env"]` names an environment given in Python, which `cfg` cannot."""
+    env = summary.get("env", cfg.env)
     after = summary.get("eval_after") or {}
     before = summary.get("eval_before") or {}
     rows = "\n".join(
@@ -31,7 +33,7 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
         if key in after
     )
     evaluation = (
-        f"Evaluated on {int(after.get('items', 0))} test items of `{cfg.env}`, "
+        f"Evaluated on {int(after.get('items', 0))} test items of `{env}`, "
         f"{int(after.get('k', cfg.eval_samples))} samples each at temperature {cfg.eval_temperature}:\n\n"
         f"| metric | before | after |\n|---|---|---|\n{rows}\n"
         if rows
@@ -46,7 +48,7 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     return (
         f"{header}\n# {cfg.model} trained with resd ({cfg.algorithm})\n\n"
         f"Trained with [resd](https://pypi.org/project/resd/) {resd.__version__}: algorithm "
-        f"`{cfg.algorithm}` on the environment `{cfg.env}` for {summary.get('steps', '?')} optimizer "
+        f"`{cfg.algorithm}` on the environment `{env}` for {summary.get('steps', '?')} optimizer "
         f"steps (batches of {cfg.batch_size} prompts, {cfg.rollouts_per_prompt} rollout(s) each, "
         f"lr {cfg.lr:g}{', LoRA' if cfg.lora else ''}).\n\n## Evaluation\n\n{evaluation}\n"
         "The run's configuration is `config.yaml` in the run folder that produced this model.\n"

@@ -83,6 +83,17 @@ def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
     raise TypeError(f"env: expected an Environment or a datasets.Dataset, got {type(env).__name__}")
 
 
+def _env_name(env: Environment) -> str:
+    """An environment built in Python, named: its `name`, or its class where it kept the
+    base's placeholder."""
+    name = getattr(env, "name", "")
+    return (
+        name
+        if name and name != Environment.name
+        else f"{type(env).__module__}:{type(env).__name__}"
+    )
+
+
 def teacher_confirms_failures(metrics: dict[str, Any]) -> bool:
     """True when a step distilled only failed rollouts and the teacher still preferred the
     student's tokens (mean log π_T − log π_θ over them > 0).
@@ -139,6 +150,8 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
         self.env = _environment(cfg, env, scorer)
+        # What the run's records (summary, model card) name: `cfg.env` unless Python gave one.
+        self.env_name = cfg.env if env is None else _env_name(self.env)
         items = list(self.env.train_items())
         if not items:
             raise ValueError(f"env: {getattr(self.env, 'name', cfg.env)!r} has no training items")
@@ -250,8 +263,10 @@ class Trainer:
         cfg, main = self.cfg, self.parallel.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            given = (f"# env: {self.env_name}, given in Python; the `env` below did not run\n"
+                     if self.env_name != cfg.env else "")  # fmt: skip
             (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+                given + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             )
         if self.step == 0 and self.test_items:
             self.evaluate()
@@ -284,7 +299,7 @@ class Trainer:
             self.evaluate()
         evals = read_jsonl(self.run_dir / "eval.jsonl") if main else []
         summary = {
-            "steps": self.step, "run_dir": str(self.run_dir), "last": last,
+            "steps": self.step, "run_dir": str(self.run_dir), "env": self.env_name, "last": last,
             "strategy": self.parallel.name, "world_size": self.parallel.world_size,
         }  # fmt: skip
         if evals:

@@ -105,7 +105,9 @@ def _counter_table(run: Run) -> str:
 
 def section_summary(run: Run) -> str:
     cfg = run.config
-    rows: list[list[Any]] = [[key, cfg[key]] for key in CONFIG_HIGHLIGHTS if key in cfg]
+    # An environment given in Python is named by the summary; config.yaml's `env` did not run.
+    shown = {**cfg, "env": run.summary.get("env", cfg.get("env"))} if "env" in cfg else cfg
+    rows: list[list[Any]] = [[key, shown[key]] for key in CONFIG_HIGHLIGHTS if key in shown]
     rows += [
         ["steps run", run.steps],
         ["samples per step", run.samples_per_step],
