@@ -41,12 +41,31 @@ def test_yaml_and_overrides(tmp_path):
         ("generation_compile=true", "generation_compile"),
         ("vllm_args=0.3", "vllm_args"),
         ("lr", "lr"),
+        ("lr=.nan", "lr"),
+        ("temperature=.nan", "temperature"),
+        ("max_grad_norm=-1", "max_grad_norm"),  # clip_grad_norm_ would flip the gradient
+        ("distillation_weight=5", "distillation_weight"),  # a negative policy-gradient weight
+        ("kl_coef=-1", "kl_coef"),
+        ("adam_beta1=1.5", "adam_beta1"),
+        ("autocast=bogus", "autocast"),
+        ("device=foo", "device"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(field)
+
+
+def test_yaml_spellings_a_user_writes_mean_what_they_say(tmp_path):
+    """YAML 1.1 reads `1e-5` (no dot) as a string and a bare `off` as false."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr: 1e-5\nautocast: off\nmax_grad_norm: 0\n")
+    cfg = load_config(path)
+    assert (cfg.lr, cfg.autocast, cfg.max_grad_norm) == (1e-5, "none", 0.0)
+    path.write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match=r"^lr: expected a number, got 'fast'"):
+        load_config(path)
 
 
 def test_bad_files(tmp_path):

@@ -153,3 +153,34 @@ def test_resd_eval_on_a_lora_checkpoint(tiny_model_dir, tmp_path, capsys):
 def test_resd_eval_rejects_a_bad_environment(tiny_model_dir, capsys):
     assert main(["eval", "--model", str(tiny_model_dir), "--env", "no_such_env"]) == 2
     assert "unknown environment" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("samples: abc", "samples: expected an integer, got 'abc'"),
+     ("temperature: hot", "temperature: expected a number, got 'hot'"),
+     ("env_args: n_test", "env_args: expected a mapping")],
+)  # fmt: skip
+def test_resd_eval_checks_the_types_in_its_config_file(tmp_path, capsys, line, message):
+    """A value of the wrong type is named with its key and file, not a TypeError later."""
+    config = tmp_path / "e.yaml"
+    config.write_text(f"model: some/model\nenv: toy_envs:ParityEnv\n{line}\n")
+    assert main(["eval", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(config) in err
+
+
+def test_resd_eval_checks_out_before_evaluating(tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written fails before the evaluation, whose results it would lose."""
+    monkeypatch.setattr(
+        "resd.analysis.eval_cli.evaluate_model",
+        lambda *args, **kwargs: pytest.fail("evaluated before --out was checked"),
+    )
+    base = ["eval", "--model", "some/model", "--env", "toy_envs:ParityEnv", "--out"]
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    assert main([*base, str(tmp_path / "runs" / "a")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("kept")
+    assert main([*base, str(tmp_path / "file" / "sub" / "eval.json")]) == 2
+    assert f"{tmp_path / 'file'} is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "kept"

@@ -8,8 +8,12 @@ import json
 import shutil
 
 import pytest
+import torch
+import yaml
 
 from resd.cli import main
+from resd.parallel.base import NonFiniteGradient
+from resd.training.callbacks import Callback
 from resd.training.playbook import Playbook
 from resd.training.trainer import Trainer
 from test_trainer import PREFILLS, config, read_jsonl
@@ -97,6 +101,95 @@ def test_resume_skips_a_damaged_checkpoint_and_a_leftover_temporary(
     summary = resumed.train()
     assert summary["steps"] == 3
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_fresh_run_refuses_a_folder_whose_files_it_would_overwrite(tiny_model_dir, tmp_path):
+    """`output_dir=.` in a project, or the model's own folder: the run would replace the
+    README, the config, the weights. A config.yaml the trainer wrote there itself (an
+    attempt killed before it logged anything, as `resd compare` retries) is no obstacle."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("my notes")
+    (project / "config.yaml").write_text("my: config\n")
+    with pytest.raises(FileExistsError, match=r"holds README\.md, config\.yaml, which a run"):
+        Trainer(config(tiny_model_dir, project))
+    assert (project / "README.md").read_text() == "my notes"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    with pytest.raises(FileExistsError, match=r"config\.json.*model\.safetensors"):
+        Trainer(config(tiny_model_dir, model), resume=True)  # nothing to resume: same refusal
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError, match="is a file"):
+        Trainer(config(tiny_model_dir, tmp_path / "afile"))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    cfg = config(tiny_model_dir, killed, "steps=1")
+    (killed / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    Trainer(cfg)  # its own config.yaml: accepted
+
+
+def test_a_run_killed_during_its_first_step_is_a_run(tiny_model_dir, tmp_path):
+    """Killed after the first evaluation and before the first metrics row: eval.jsonl says
+    a run is here. A second start is refused; --resume starts over with clean logs, so
+    the step-0 evaluation is not logged twice."""
+    out = tmp_path / "k"
+    cfg = config(tiny_model_dir, out, "steps=1")
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (out / "eval.jsonl").write_text(json.dumps({"step": 0, "task_mean@k": 0.5}) + "\n")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        Trainer(cfg)
+    Trainer(cfg, resume=True).train()
+    assert [row["step"] for row in read_jsonl(out / "eval.jsonl")] == [0, 1]
+
+
+class PoisonedGradients(Callback):
+    """After step 1, every gradient of one weight turns nan: a diverged step, made
+    deterministic (the forward passes, and so the rollouts, stay finite)."""
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] == 1:
+            param = next(p for p in trainer.model.parameters() if p.requires_grad)
+            param.register_hook(lambda grad: grad * float("nan"))
+
+
+def test_a_nonfinite_gradient_stops_the_run_with_its_checkpoint_intact(tiny_model_dir, tmp_path):
+    out = tmp_path / "nan"
+    cfg = config(tiny_model_dir, out, "save_every=1", "keep_checkpoints=1", "inner_updates=1")
+    trainer = Trainer(cfg, callbacks=[PoisonedGradients()])
+    with pytest.raises(NonFiniteGradient, match=r"^grad_norm: nan .*the update was not applied"):
+        trainer.train()
+    weights = trainer.model.state_dict().values()
+    assert all(torch.isfinite(v).all() for v in weights)  # refused before AdamW stepped
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # not rotated away
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+    # Resuming: the stream's settings are the checkpoint's; the others may change.
+    with pytest.raises(ValueError, match=r"^batch_size: 2 now, 4 in checkpoint-1; a resumed run"):
+        Trainer(config(tiny_model_dir, out, "save_every=1", "inner_updates=1", "batch_size=2"),
+                resume=True)  # fmt: skip
+    resumed = Trainer(config(tiny_model_dir, out, "save_every=1", "inner_updates=1", "lr=1e-3"),
+                      resume=True)  # fmt: skip
+    assert resumed.step == 1 and resumed.train()["steps"] == 4
+
+
+def test_inputs_that_name_no_usable_file_are_refused_by_name(tiny_model_dir, tmp_path, monkeypatch):
+    cases = {
+        "model=/no/such/model": r"^model: no such folder '/no/such/model'",
+        "chat_template=templates/chat.jinja": r"^chat_template: no such file 'templates/chat\.jinja'",
+        "model_init_kwargs={revisio: main}": r"^model_init_kwargs: .*revisio",
+        f"playbook_init={tmp_path / 'missing.md'}": r"^playbook_init: no such file",
+    }
+    for override, message in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            Trainer(config(tiny_model_dir, tmp_path / f"run{len(override)}", override))
+    # `runs/x` beside an existing runs/ is a folder, not a Hub id to look up on the network
+    from resd.models import resolve_model_path
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^model: no such folder 'runs/typo'"):
+        resolve_model_path("runs/typo")
+    assert resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a Hub id, untouched
 
 
 # ---- a checker that raises ----------------------------------------------------------------------

@@ -306,3 +306,36 @@ def test_importing_the_module_stays_light() -> None:
     code = "import sys, resd.analysis.report; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+def test_an_out_that_is_a_directory_fails_before_anything_is_written(
+    tmp_path: Path, run_dir: Path, capsys
+) -> None:
+    parser = argparse.ArgumentParser(prog="resd")
+    add_report_subcommand(parser.add_subparsers(dest="command", required=True))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    args = parser.parse_args(["report", str(run_dir), "--out", str(runs)])
+    assert args.fn(args) == 2
+    assert f"{runs} is a directory" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists() and list(runs.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not a directory"):
+        build_report(run_dir, tmp_path / "file" / "r.html")
+
+
+def test_a_config_value_the_report_computes_with_is_checked_up_front(tmp_path: Path) -> None:
+    """`batch_size: large` in a foreign run is named with its file; odd values that are
+    only shown (a seed) are shown as they are."""
+    good = make_run(tmp_path / "cmp" / "good")
+    foreign = make_run(tmp_path / "cmp" / "foreign")
+    config = yaml.safe_load((foreign / "config.yaml").read_text())
+    (foreign / "config.yaml").write_text(yaml.safe_dump({**config, "batch_size": "large"}))
+    with pytest.raises(ValueError, match=re.escape(f"{foreign / 'config.yaml'}: batch_size")):
+        build_report(tmp_path / "cmp")
+    assert not (tmp_path / "cmp" / "plots").exists()
+    assert not (tmp_path / "cmp" / "report.html").exists()
+
+    (foreign / "config.yaml").write_text(yaml.safe_dump({**config, "seed": "abc"}))
+    text = build_report(tmp_path / "cmp").read_text()
+    assert "<td>abc</td>" in text and good.name in text

@@ -8,6 +8,8 @@ before anything is loaded, with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ CHOICES: dict[str, tuple] = {
     "pg_reward": ("reward", "score"),
     "dtype": DTYPE_NAMES,
     "generation_dtype": ("auto", *DTYPE_NAMES, "int8", None),
+    "autocast": ("auto", "none", *DTYPE_NAMES, None),
     "generation_backend": ("transformers", "vllm"),
     "generation_cache": (None, "static"),
     "strategy": ("auto", "ddp", "fsdp", "deepspeed"),
@@ -59,9 +62,10 @@ class TrainConfig:
     # model
     model: str = "smollm2-135m"  # HF id, local folder, or a bundled alias
     dtype: str = "float32"  # weights: float32 master weights
-    # bf16 autocast for forwards; auto: only where bf16 is fast on the device ("none" to disable)
-    autocast: str | None = "auto"
-    device: str = "auto"
+    # bf16 autocast for forwards; auto: only where bf16 is fast on the device ("none" or
+    # off to disable; YAML reads a bare off as false)
+    autocast: str | bool | None = "auto"
+    device: str = "auto"  # auto (a GPU if there is one), cpu, cuda, cuda:1, ...
     # Passed to `from_pretrained` for the model (and, for the keys that apply, the
     # tokenizer): {revision: main, trust_remote_code: true, attn_implementation: sdpa, ...}.
     model_init_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +132,7 @@ class TrainConfig:
     # transformers.get_scheduler's names: constant_with_warmup (the paper's), linear, cosine,
     # cosine_with_restarts, polynomial, constant (no warm-up); decays run to the last step.
     lr_scheduler_type: str = "constant_with_warmup"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # 0 or null: no clipping (as in transformers)
     # self-distillation loss (student vs teacher on the student's own tokens)
     alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: JSD
     topk: int | None = 100  # None = full vocabulary
@@ -318,6 +322,25 @@ class TrainConfig:
             )
         if isinstance(self.structured_output, bool):
             self.structured_output = "on" if self.structured_output else "off"
+        if isinstance(self.autocast, bool) or self.autocast == "off":
+            self.autocast = "bfloat16" if self.autocast is True else "none"
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ConfigError(
+                f"max_grad_norm: must be >= 0 (0 or null: no clipping), got {self.max_grad_norm}"
+            )
+        if self.distillation_weight is not None and not 0.0 <= self.distillation_weight <= 1.0:
+            raise ConfigError(
+                f"distillation_weight: must be in [0, 1] or null, got {self.distillation_weight}"
+            )
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef: must be >= 0, got {self.kl_coef}")
+        for name in ["adam_beta1", "adam_beta2"]:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.device != "auto" and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.device):
+            raise ConfigError(
+                f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -382,7 +405,7 @@ _HINTS = typing.get_type_hints(TrainConfig)
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def _check_type(name: str, value: Any, hint: Any) -> Any:
+def check_type(name: str, value: Any, hint: Any) -> Any:
     """Coerce what YAML gives into the field's declared type, or fail naming the field."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -394,7 +417,7 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _check_type(name, value, arg)
+                return check_type(name, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
@@ -413,8 +436,15 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if math.isnan(value):
+            raise ConfigError(f"{name}: expected a number, got nan")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -510,7 +540,7 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
         raise ConfigError(
             f"{unknown[0]}: unknown config key (known keys: see `resd train --help-config`)"
         )
-    values = {name: _check_type(name, value, _HINTS[name]) for name, value in data.items()}
+    values = {name: check_type(name, value, _HINTS[name]) for name, value in data.items()}
     return TrainConfig(**values)
 
 

@@ -182,15 +182,33 @@ def materialize_bundled(alias: str) -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map an alias to a local folder; anything else is passed to transformers as is."""
+    """Map an alias to a local folder; anything else is passed to transformers as is,
+    except a missing path that is plainly local (absolute, `./`, `~`, deeper than a Hub
+    id's `org/name`, or inside a folder that exists here, as `runs/x`), which transformers
+    would look up on the Hub and fail there with a network error."""
     if name in BUNDLED_MODELS:
         return str(materialize_bundled(name))
-    return name
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    local = local or ("/" in name and Path(name).parent.is_dir())
+    if local and not Path(name).expanduser().exists():
+        raise ValueError(f"model: no such folder {name!r}")
+    return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
+def _cannot_load(name: str, exc: Exception) -> ValueError:
+    """transformers' error for a name that is neither a folder nor a reachable Hub id,
+    with what a model name may be."""
+    bundled = ", ".join(sorted(BUNDLED_MODELS))
+    return ValueError(f"model: cannot load {name!r} (a Hub id, a local folder, or a bundled "
+                      f"model: {bundled}): {exc}")  # fmt: skip
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     if device != "auto":
-        return torch.device(device)
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {str(device)!r}, but torch sees no CUDA device here")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -211,7 +229,10 @@ def load_tokenizer(
     """The tokenizer, set up for training: left padding, a pad token, a finite length,
     and the chat template and template variables every prompt is built with."""
     kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in TOKENIZER_INIT_KEYS}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **kwargs)
+    except OSError as exc:
+        raise _cannot_load(name, exc) from exc
     # What training changes below, to be put back whenever the tokenizer is saved.
     tokenizer._resd_loaded = {"padding_side": tokenizer.padding_side,
                               "model_max_length": tokenizer.model_max_length}  # fmt: skip
@@ -222,9 +243,13 @@ def load_tokenizer(
     if max_length is not None or tokenizer.model_max_length > 1_000_000:
         tokenizer.model_max_length = max_length or 8192
     if chat_template is not None:
-        path = Path(chat_template)
-        is_file = "{" not in chat_template and path.is_file()
-        tokenizer.chat_template = path.read_text() if is_file else chat_template
+        if "{" in chat_template:  # Jinja text
+            tokenizer.chat_template = chat_template
+        elif Path(chat_template).is_file():
+            tokenizer.chat_template = Path(chat_template).read_text()
+        else:  # neither: used as is, every prompt would be this string
+            raise ValueError(f"chat_template: no such file {chat_template!r} (or give the "
+                             "Jinja template itself)")  # fmt: skip
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"model: {name!r} has no chat template (a base model?); set chat_template to a "
@@ -269,7 +294,9 @@ def load_model(
             path, dtype=DTYPES[dtype], **(init_kwargs or {})
         )
     except OSError as exc:
-        raise ValueError(f"model: cannot load {name!r}: {exc}") from exc
+        raise _cannot_load(name, exc) from exc
+    except TypeError as exc:  # a `model_init_kwargs` key the model class does not take
+        raise ValueError(f"model_init_kwargs: {exc}") from exc
     target = pick_device(device)
     model.to(target)
     # Generation defaults baked into some checkpoints (max_length=20, greedy, ...) would

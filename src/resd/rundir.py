@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# What a run writes at the top of its folder besides its logs (the final model, its card,
+# the playbook, the summary, the config): a fresh run refuses a folder that holds any.
+TOP_LEVEL_FILES = ("config.yaml", "README.md", "summary.json", "playbook.json", "playbook.md",
+                   "config.json", "*.safetensors", "adapter_config.json", "tokenizer*", "*.jinja")  # fmt: skip
 
 # The JSON-lines logs of a run, cut back to the checkpoint's step when a run resumes.
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl")
@@ -146,3 +152,23 @@ def cumulative_samples(metrics: list[dict[str, Any]], config: dict[str, Any]) ->
         total += int(rollouts) if isinstance(rollouts, int | float) else per_step
         drawn[int(row["step"])] = total
     return drawn
+
+
+def check_out_file(out: Path, what: str) -> None:
+    """Fail now if `out` cannot be written as a file, with a message that starts `what:`.
+
+    A command that finds out only when it writes would lose what it computed (an
+    evaluation) or leave files behind (a report's PNGs). Nothing is created here: the
+    nearest existing folder on the way to `out` must be one that may be written in.
+    """
+    if out.is_dir():
+        raise ValueError(f"{what}: {out} is a directory; give a file path in it")
+    folder = out.parent
+    while not folder.exists():  # ends at the root or the working directory at the latest
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what}: cannot write {out}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in {folder} (permission denied)")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{what}: cannot overwrite {out} (permission denied)")

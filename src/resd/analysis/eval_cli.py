@@ -36,9 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resd.config import ConfigError, TrainConfig, apply_overrides, read_yaml_mapping
+from resd.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    check_type,
+    read_yaml_mapping,
+)
 from resd.envs import Environment, make_env
 from resd.envs.base import Score
+from resd.rundir import check_out_file
 
 METRIC_ROWS = (("per-task", "task"), ("per-test-case", "case"))
 
@@ -273,10 +280,33 @@ def format_per_item(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- CLI ----------------------------------------------------------------------------------
-# Settings `resd eval --config FILE` may hold; a flag given on the command line wins.
-EVAL_OPTIONS = ("model", "env", "env_args", "base_model", "samples", "temperature", "top_p",
-             "max_new_tokens", "max_prompt_tokens", "items", "batch_size", "seed", "dtype", "device",
-             "model_init_kwargs", "chat_template_kwargs")  # fmt: skip
+# Settings `resd eval --config FILE` may hold, with their types (the flags' types, and
+# TrainConfig's for the two dicts); a flag given on the command line wins.
+EVAL_OPTION_TYPES: dict[str, Any] = {
+    "model": str | None, "env": str | None, "env_args": dict | None, "base_model": str | None,
+    "samples": int, "temperature": float, "top_p": float, "max_new_tokens": int,
+    "max_prompt_tokens": int, "items": int | None, "batch_size": int, "seed": int,
+    "dtype": str, "device": str, "model_init_kwargs": dict | None,
+    "chat_template_kwargs": dict | None,
+}  # fmt: skip
+EVAL_OPTIONS = tuple(EVAL_OPTION_TYPES)
+
+
+def _config_options(path: str) -> dict[str, Any]:
+    """The settings in `--config FILE`, each checked against its type (YAML's `4.0` for a
+    count becomes 4), or a ConfigError naming the key and the file: unchecked, `samples:
+    abc` would fail only inside EvalSettings, as a TypeError that names neither."""
+    loaded = read_yaml_mapping(path)
+    unknown = sorted(set(loaded) - set(EVAL_OPTIONS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {path} (known: {', '.join(EVAL_OPTIONS)})")
+    checked = {}
+    for key, value in loaded.items():
+        try:
+            checked[key] = check_type(key, value, EVAL_OPTION_TYPES[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {path})") from None
+    return checked
 
 
 def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -288,13 +318,7 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
         "env_args": {}, "base_model": None, "dtype": "auto", "device": "auto",
     }  # fmt: skip
     if args.config:
-        loaded = read_yaml_mapping(args.config)
-        unknown = sorted(set(loaded) - set(EVAL_OPTIONS))
-        if unknown:
-            raise ConfigError(
-                f"{unknown[0]}: unknown key in {args.config} (known: {', '.join(EVAL_OPTIONS)})"
-            )
-        options.update(loaded)
+        options.update(_config_options(args.config))
     options.update(
         {
             k: getattr(args, k)
@@ -311,6 +335,8 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     opts = _eval_options(args)
+    if args.out:  # now, not after an evaluation that may take hours
+        check_out_file(Path(args.out), "out")
     settings = EvalSettings(
         samples=opts["samples"], temperature=opts["temperature"], top_p=opts["top_p"],
         max_new_tokens=opts["max_new_tokens"], max_prompt_tokens=opts["max_prompt_tokens"],
@@ -323,10 +349,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_init_kwargs=opts.get("model_init_kwargs"),
         chat_template_kwargs=opts.get("chat_template_kwargs"),
     )  # fmt: skip
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
     model = opts["model"]
     source = f"{model} (adapter on {result['base_model']})" if result["adapter"] else model
     print(f"model: {source}\nenv:   {opts['env']} {json.dumps(env_args) if env_args else ''}")
@@ -334,7 +356,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_metrics(result["metrics"]))
     if args.per_item:
         print("\n" + format_per_item(result["per_item"]))
-    if args.out:
+    if args.out:  # after printing: should writing still fail, the numbers are on screen
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
         print(f"\nwritten: {args.out}")
     return 0
 

@@ -11,6 +11,7 @@ DeepSpeed ZeRO) override what they change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,31 @@ from torch import nn
 
 def is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
+
+
+class NonFiniteGradient(ValueError):
+    """The step's gradient norm is nan or inf: the update is refused before it reaches the
+    weights, so the run stops with its last checkpoint intact (a ValueError: the cause is
+    nearly always a setting, such as a learning rate far too high)."""
+
+
+def clip_gradients(params: list[nn.Parameter], max_grad_norm: float | None) -> float:
+    """Clip to `max_grad_norm` (0 or None: measure only) and return the norm before
+    clipping; raise NonFiniteGradient when it is not finite (every process sees the same
+    norm, so every process raises)."""
+    limit = max_grad_norm or math.inf
+    norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, limit)))
+    check_finite_gradient(norm)
+    return norm
+
+
+def check_finite_gradient(norm: float) -> None:
+    if not math.isfinite(norm):
+        raise NonFiniteGradient(
+            f"grad_norm: {norm} (the loss or its gradient is not finite); the update was not "
+            "applied and the run stops with its last checkpoint as it was. A lower lr or a "
+            "max_grad_norm usually helps."
+        )
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +134,7 @@ class Parallel:
         """Free gathered parameters a forward without backward left behind (fsdp)."""
 
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None
     ) -> None:
         """Hand the policy and its optimizer to an engine (DeepSpeed); a no-op otherwise."""
 
@@ -120,10 +146,13 @@ class Parallel:
         loss.backward()
 
     def step(
-        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        max_grad_norm: float | None,
     ) -> float:
         """Clip and update; returns the gradient norm before clipping."""
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+        grad_norm = clip_gradients(params, max_grad_norm)
         optimizer.step()
         return grad_norm
 

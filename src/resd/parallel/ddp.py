@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resd.parallel.base import Parallel, full_tensor
+from resd.parallel.base import Parallel, clip_gradients
 
 
 class ProcessGroup(Parallel):
@@ -84,12 +84,15 @@ class DDP(ProcessGroup):
     name = "ddp"
 
     def step(
-        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        max_grad_norm: float | None,
     ) -> float:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+        grad_norm = clip_gradients(params, max_grad_norm)
         optimizer.step()
         return grad_norm

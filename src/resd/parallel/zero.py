@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from resd.config import ConfigError
-from resd.parallel.base import without_tied_copies
+from resd.parallel.base import check_finite_gradient, without_tied_copies
 from resd.parallel.ddp import ProcessGroup
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
@@ -67,14 +67,17 @@ def zero_options(stage: int | None) -> dict[str, Any]:
 
 
 def make_engine(
-    model: nn.Module, optimizer: torch.optim.Optimizer, zero: dict[str, Any], max_grad_norm: float
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    zero: dict[str, Any],
+    max_grad_norm: float | None,
 ):
     deepspeed = import_deepspeed()
     config = {
         "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: the trainer batches
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # `step()` is the accumulation boundary
-        "gradient_clipping": max_grad_norm,
+        "gradient_clipping": max_grad_norm or 0.0,  # 0: DeepSpeed does not clip
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW
     }
@@ -219,7 +222,7 @@ class Zero(ProcessGroup):
             raise ConfigError("loss_chunk_size: not supported with ZeRO-3; use strategy=fsdp")
 
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None
     ) -> None:
         self.engine = make_engine(model, optimizer, self.options, max_grad_norm)
 
@@ -235,11 +238,16 @@ class Zero(ProcessGroup):
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(
-        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        max_grad_norm: float | None,
     ) -> float:
         self.engine.step()  # reduce, clip, update: the accumulation boundary
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        norm = float(norm) if norm is not None else 0.0
+        check_finite_gradient(norm)  # after the engine's update: stop before any save
+        return norm
 
     def teacher_source(self, model: nn.Module) -> Iterator[torch.Tensor] | None:
         if not self.sharded:

@@ -464,8 +464,15 @@ class Playbook:
     def load(cls, path: str | Path) -> Playbook:
         """Load `playbook.json`, or a hand-written `playbook.md` (to seed a run)."""
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"playbook_init: no such file {str(path)!r}")
         if path.suffix == ".json":
-            return cls.from_dict(json.loads(path.read_text()))
+            try:
+                return cls.from_dict(json.loads(path.read_text()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(
+                    f"playbook_init: {path} is not a saved playbook.json: {exc}"
+                ) from exc
         return cls.parse(path.read_text())
 
     def _find_similar(self, text: str, threshold: float, exclude: set[str]) -> str | None:

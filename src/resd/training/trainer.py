@@ -46,6 +46,7 @@ from resd.rundir import (
     PLAYBOOK_READERS,
     RUN_LOGS,
     SKIP_REASONS,
+    TOP_LEVEL_FILES,
     append_jsonl,
     read_jsonl,
     truncate_jsonl,
@@ -66,6 +67,11 @@ from resd.training.update import Update
 __all__ = ["PHASES", "Trainer"]
 
 log = logging.getLogger(__name__)
+
+# Settings a resumed run must share with its checkpoint: they decide the stream of prompts
+# (which items, in which order, how many per step) and what is trained.
+RESUME_FIXED = ("model", "algorithm", "env", "env_args", "seed", "shuffle", "epochs", "batch_size",
+                "inner_updates", "rollouts_per_prompt", "lora")  # fmt: skip
 
 
 def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
@@ -231,12 +237,28 @@ class Trainer:
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise FileExistsError(f"output_dir: {self.run_dir} is a file, not a folder")
+        logged = any((self.run_dir / name).exists() for name in RUN_LOGS)
+        if not resume and logged:
             raise FileExistsError(
                 f"output_dir: {self.run_dir} already holds a run; pass --resume to continue it "
                 "or choose another output_dir"
             )
-        if resume and checkpoint is None and (self.run_dir / "metrics.jsonl").exists():
+        if checkpoint is None and not logged:
+            others = self._files_a_run_overwrites()
+            if others:
+                raise FileExistsError(
+                    f"output_dir: {self.run_dir} holds {', '.join(others)}, which a run would "
+                    "overwrite; choose an empty or new folder"
+                )
+            if resume:
+                log.warning("resume: no run in %s; starting a new one", self.run_dir)
+        if checkpoint is not None:  # before the model loads: a refusal should come at once
+            state_file = checkpoint / "state.json"
+            saved = json.loads(state_file.read_text()) if state_file.exists() else {}
+            self._check_resumed_config(checkpoint, saved.get("config", {}))
+        if resume and checkpoint is None and logged:
             # Killed before its first checkpoint: nothing to resume, so the run starts over,
             # and the logs of the lost steps go (they would otherwise appear twice).
             log.warning("resume: no checkpoint in %s; starting over from step 0 (its logs are cleared)",
@@ -246,6 +268,22 @@ class Trainer:
                     truncate_jsonl(self.run_dir / name, -1)
             self.parallel.barrier()
         return checkpoint
+
+    def _files_a_run_overwrites(self) -> list[str]:
+        """Files in `output_dir` that a run writes at its top level and that no run of
+        this config wrote there: a model folder given as `output_dir`, a project's own
+        README.md or config.yaml. A config.yaml naming this `output_dir` is the trainer's
+        own, from an attempt killed before it logged anything."""
+        found = sorted({p.name for pattern in TOP_LEVEL_FILES for p in self.run_dir.glob(pattern)})
+        if "config.yaml" in found:
+            try:
+                saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+                ours = Path(saved["output_dir"]).resolve() == self.run_dir.resolve()
+            except (yaml.YAMLError, TypeError, KeyError, OSError):
+                ours = False
+            if ours:
+                found.remove("config.yaml")
+        return found
 
     def _after_step(self) -> None:
         """After each optimizer step: the EMA teacher follows the student,
@@ -358,6 +396,27 @@ class Trainer:
             "teacher": self.teacher,
             **({"reference": self.reference} if self.reference else {}),
         }
+
+    def _check_resumed_config(self, path: Path, saved: dict[str, Any]) -> None:
+        """A resumed run replays the stream of the run it continues: settings that change
+        which prompts a step sees, or what is trained, must be the checkpoint's. Others
+        (steps, learning rate, evaluation, saving) may change, and each change is said."""
+        now = self.cfg.to_dict()
+        changed = {
+            k: (saved[k], now[k])
+            for k in saved
+            if k in now and saved[k] != now[k] and k != "output_dir"
+        }
+        fixed = [k for k in RESUME_FIXED if k in changed]
+        if fixed:
+            was, new = changed[fixed[0]]
+            raise ValueError(
+                f"{fixed[0]}: {new!r} now, {was!r} in {path.name}; a resumed run keeps the "
+                f"settings that decide its data and method ({', '.join(RESUME_FIXED)}): "
+                "resume with the old value or start a new output_dir"
+            )
+        for key, (was, new) in changed.items():
+            log.warning("resume: %s changed since %s: %r -> %r", key, path.name, was, new)
 
     def _restore(self, path: Path, state: dict[str, Any], optimizer_state: dict) -> None:
         self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state)

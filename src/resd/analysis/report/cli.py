@@ -1,8 +1,9 @@
 """`build_report`, which tells a run directory from a comparison directory, and the
 `resd report` sub-command around it.
 
-The command turns the failures a user can cause (a path that holds no run, matplotlib
-not installed) into one line on stderr and exit status 2 rather than a traceback.
+The command turns the failures a user can cause (a path that holds no run, an --out that
+cannot be written, a config value the report cannot compute with, matplotlib not
+installed) into one line on stderr and exit status 2 rather than a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from resd.analysis.report.comparison_page import comparison_report
 from resd.analysis.report.markup import PlotSink
 from resd.analysis.report.run_page import run_report
 from resd.analysis.report.runs import RUN_MARKERS, find_runs, is_run_dir, load_run
+from resd.rundir import check_out_file
 
 
 def build_report(path: str | Path, out: str | Path | None = None) -> Path:
@@ -22,13 +24,18 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
 
     `path` is a run directory (it holds config.yaml, metrics.jsonl or summary.json), or
     a comparison directory whose immediate sub-directories are run directories. The
-    report goes to `out` (default `<path>/report.html`), its PNGs to `plots/` beside it.
+    report goes to `out` (default `<path>/report.html`), its PNGs to `plots/` beside it;
+    both are checked before anything is written.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"report: {path} is not a directory")
     out = Path(out) if out is not None else path / "report.html"
-    sink = PlotSink(out.parent / "plots")
+    check_out_file(out, "report")
+    plots = out.parent / "plots"
+    if plots.exists() and not plots.is_dir():
+        raise ValueError(f"report: {plots} (where the PNGs go) is not a directory")
+    sink = PlotSink(plots)
     if is_run_dir(path):
         text = run_report(load_run(path), sink)
     else:
@@ -47,7 +54,7 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
 def cmd_report(args: argparse.Namespace) -> int:
     try:
         out = build_report(args.path, args.out)
-    except (ImportError, FileNotFoundError) as exc:
+    except (ImportError, FileNotFoundError, ValueError) as exc:
         print(f"resd: error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {out}")

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # A directory holding any of these is a run; one holding none may hold runs below it.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json")
+# The config.yaml keys the report computes with (samples per step = their product);
+# every other value is only shown, as it is.
+COUNT_KEYS = ("batch_size", "rollouts_per_prompt")
 # The training-rollout metrics of metrics.jsonl that the learning curves and the summary
 # table show.
 TRAIN_KEYS = ("reward", "score", "success_rate")
@@ -111,12 +114,27 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_MARKERS)
 
 
+def _check_counts(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`config` if its `COUNT_KEYS` are whole numbers >= 1 (or missing), else a ValueError
+    naming the file and the key, before any of the report is written: a foreign or
+    hand-edited `batch_size: large` would otherwise fail in int() while a page is built,
+    with a message that names neither."""
+    for key in COUNT_KEYS:
+        value = config.get(key)
+        whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()
+        )
+        if value is not None and not (whole and value >= 1):
+            raise ValueError(f"report: {path}: {key}: expected a whole number >= 1, got {value!r}")
+    return config
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     md = path / "playbook.md"
     return Run(
         path=path,
-        config=_read_yaml(path / "config.yaml"),
+        config=_check_counts(_read_yaml(path / "config.yaml"), path / "config.yaml"),
         summary=_read_json(path / "summary.json") or {},
         metrics=read_jsonl(path / "metrics.jsonl"),
         evals=read_jsonl(path / "eval.jsonl"),
