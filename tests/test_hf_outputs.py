@@ -93,6 +93,8 @@ def test_final_model_checkpoints_and_card(tiny_model_dir, tmp_path):
 def test_model_card_of_a_lora_run_without_evaluation():
     cfg = load_config(None, ["lora={r: 4}", "algorithm=sdpo", "env=house_rules"])
     card = model_card(cfg, {"steps": 3})
+    resd_card = model_card(load_config(None, ["algorithm=resd"]), {"steps": 3})
+    assert 'tags: ["resd", "self-distillation"]' in resd_card  # the algorithm's tag once
     assert (
         'library_name: "peft"' in card
         and "No evaluation was recorded." in card

@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"resd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; nothing past the last checkpoint is lost
+        print("\nresd: interrupted (`resd train ... --resume` continues a run from its last "
+              "checkpoint)", file=sys.stderr)  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by the kill
-    path.write_text("".join(k + "\n" for k in kept))
+    tmp = path.with_name(path.name + ".tmp")  # replaced whole: a kill now cuts no log
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
 
 
 def samples_per_step(config: dict[str, Any]) -> int:

@@ -132,6 +132,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for killed in run_dir.glob(".tmp-checkpoint-*"):  # saves a kill cut short, never read
+        shutil.rmtree(killed, ignore_errors=True)
     return final
 
 

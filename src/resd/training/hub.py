@@ -42,7 +42,7 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     front = {
         "library_name": "peft" if cfg.lora else "transformers",
         "base_model": cfg.model,
-        "tags": ["resd", "self-distillation", cfg.algorithm],
+        "tags": list(dict.fromkeys(["resd", "self-distillation", cfg.algorithm])),
     }
     header = "---\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in front.items()) + "\n---\n"
     return (
