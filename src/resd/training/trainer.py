@@ -236,29 +236,20 @@ class Trainer:
         return self.lessons.buffer
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        """The checkpoint a resumed run continues from, or None for a run from step 0;
+        decided before the model loads, so that a refusal comes at once."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise FileExistsError(f"output_dir: {self.run_dir} is a file, not a folder")
         logged = any((self.run_dir / name).exists() for name in RUN_LOGS)
-        if not resume and logged:
+        if logged and not resume:
             raise FileExistsError(
                 f"output_dir: {self.run_dir} already holds a run; pass --resume to continue it "
                 "or choose another output_dir"
             )
-        if checkpoint is None and not logged:
-            others = self._files_a_run_overwrites()
-            if others:
-                raise FileExistsError(
-                    f"output_dir: {self.run_dir} holds {', '.join(others)}, which a run would "
-                    "overwrite; choose an empty or new folder"
-                )
-            if resume:
-                log.warning("resume: no run in %s; starting a new one", self.run_dir)
-        if checkpoint is not None:  # before the model loads: a refusal should come at once
-            state_file = checkpoint / "state.json"
-            saved = json.loads(state_file.read_text()) if state_file.exists() else {}
-            self._check_resumed_config(checkpoint, saved.get("config", {}))
-        if resume and checkpoint is None and logged:
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if checkpoint is not None:
+            self._check_resumed_config(checkpoint)
+        elif logged:
             # Killed before its first checkpoint: nothing to resume, so the run starts over,
             # and the logs of the lost steps go (they would otherwise appear twice).
             log.warning("resume: no checkpoint in %s; starting over from step 0 (its logs are cleared)",
@@ -267,6 +258,15 @@ class Trainer:
                 for name in RUN_LOGS:
                     truncate_jsonl(self.run_dir / name, -1)
             self.parallel.barrier()
+        else:
+            others = self._files_a_run_overwrites()
+            if others:
+                raise FileExistsError(
+                    f"output_dir: {self.run_dir} holds {', '.join(others)}, which a run would "
+                    "overwrite; choose an empty or new folder"
+                )
+            if resume:
+                log.warning("resume: no run in %s; starting a new one", self.run_dir)
         return checkpoint
 
     def _files_a_run_overwrites(self) -> list[str]:
@@ -397,11 +397,12 @@ class Trainer:
             **({"reference": self.reference} if self.reference else {}),
         }
 
-    def _check_resumed_config(self, path: Path, saved: dict[str, Any]) -> None:
+    def _check_resumed_config(self, path: Path) -> None:
         """A resumed run replays the stream of the run it continues: settings that change
         which prompts a step sees, or what is trained, must be the checkpoint's. Others
         (steps, learning rate, evaluation, saving) may change, and each change is said."""
-        now = self.cfg.to_dict()
+        state = json.loads((path / "state.json").read_text())  # a complete checkpoint has it
+        saved, now = state.get("config", {}), self.cfg.to_dict()
         changed = {
             k: (saved[k], now[k])
             for k in saved
