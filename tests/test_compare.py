@@ -10,18 +10,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from resd.analysis import compare
 from resd.analysis.compare import (
     RunSpec,
     cumulative_samples,
     eval_curve,
     execute,
+    format_paired,
     launch,
+    paired_differences,
     parse_algorithm_args,
     plan_runs,
     run_comparison,
     spread,
     unshared_overrides,
 )
+from resd.cli import main as cli_main
+from resd.config import ConfigError, load_config
 
 TESTS = Path(__file__).resolve().parent
 
@@ -219,3 +224,95 @@ def test_paired_differences_at_equal_samples_by_hand():
     assert rows["sdpo", "task_mean@k"]["per_seed"] == pytest.approx({0: 0.1, 1: 0.1, 3: 0.15})
     lo, hi = bootstrap_ci([0.0, 1.0, 2.0, 3.0])
     assert 0.0 <= lo < 1.5 < hi <= 3.0 and bootstrap_ci([0.0, 1.0, 2.0, 3.0]) == (lo, hi)  # seeded
+
+
+def test_the_evaluation_before_training_is_never_a_paired_point():
+    """GRPO draws twice sdpo's samples per step: at their ends (2 and 4 samples drawn) no
+    point is common, and the untrained models at 0 samples must not stand in for one."""
+    runs = [run for seed in (0, 1, 2) for run in (_run("sdpo", seed, [(0, 0.1), (2, 0.4)]),
+                                                  _run("grpo", seed, [(0, 0.1), (4, 0.2)]))]  # fmt: skip
+    rows = paired_differences(runs, "sdpo")
+    assert all(r["per_seed"] == {} and r["mean"] is None and "ci95" not in r for r in rows)
+    assert all(r["no_common_point"] == r["missing_seeds"] == [0, 1, 2] for r in rows)
+    assert "no common point after training" in format_paired(rows)
+    assert "not distinguishable" not in format_paired(rows)
+
+
+def compare_cli(*args: str) -> int:
+    return cli_main(["compare", "--algorithms", "sdpo,grpo", "--no-plots", *args])
+
+
+def test_bad_seeds_name_the_option(tmp_path, capsys):
+    assert compare_cli("--seeds", "0,a", "--out", str(tmp_path / "cmp")) == 2
+    assert "resd: error: --seeds: expected comma-separated integers, got '0,a'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "message"),
+    [
+        ("steps: [1\n", [], "is not valid YAML"),
+        ("stepz: 3\n", [], "sdpo-seed0: stepz: unknown config key"),
+        ("steps: 2\n", ["--algorithm-args", "grpo:lr=fast"], "grpo-seed0: lr: expected a number"),
+    ],
+)
+def test_a_bad_config_stops_the_study_before_any_run(
+    tmp_path, capsys, monkeypatch, config, args, message
+):
+    """Every run's resolved config is checked up front: nothing launched, nothing written,
+    rather than every run recorded as failed with a log that does not exist."""
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: pytest.fail(f"launched {spec.name}"))
+    base = tmp_path / "bad.yaml"
+    base.write_text(config)
+    out = tmp_path / "cmp"
+    assert compare_cli("--config", str(base), "--seeds", "0,1", "--out", str(out), *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resd: error: ") and message in err
+    assert not out.exists()
+
+
+def fake_run(spec: RunSpec, *, finished: bool) -> None:
+    """A run directory as an earlier `resd compare` left it: the config `launch` wrote, and
+    a summary (finished) or a checkpoint (interrupted)."""
+    cfg = load_config(None, spec.overrides)
+    spec.path.mkdir(parents=True)
+    (spec.path / "compare-config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if finished:
+        (spec.path / "summary.json").write_text(json.dumps({"steps": cfg.steps}))
+    else:
+        (spec.path / "checkpoint-1").mkdir()
+        (spec.path / "checkpoint-1" / "state.json").write_text("{}")
+
+
+def test_a_run_made_with_other_settings_is_not_reused(tmp_path, monkeypatch):
+    launched: list[str] = []
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: launched.append(spec.name) or 1)
+    out = tmp_path / "cmp"
+    grpo_args = {"grpo": ["rollouts_per_prompt=2"]}
+    sdpo, grpo = plan_runs(["sdpo", "grpo"], [0], out, ["steps=1"], grpo_args)
+    fake_run(sdpo, finished=True)
+    fake_run(grpo, finished=False)  # interrupted after its first checkpoint
+
+    # a shared key: sdpo-seed0 made 1 step, the new grpo runs would make 3
+    with pytest.raises(ConfigError, match="sdpo-seed0 was made with other settings") as exc:
+        run_comparison(None, ["sdpo", "grpo"], [0], out, ["steps=3"], grpo_args, plots=False)
+    assert "steps: 1 then, 3 now" in str(exc.value) and "another --out" in str(exc.value)
+    # the algorithm's own argument (given under TRL's name): GRPO's rollouts per prompt
+    with pytest.raises(ConfigError, match="rollouts_per_prompt: 2 then, 4 now"):
+        run_comparison(None, ["sdpo", "grpo"], [0], out, ["steps=1"],
+                       {"grpo": ["num_generations=4"]}, plots=False)  # fmt: skip
+    # any other setting the runs share, such as the learning rate
+    with pytest.raises(ConfigError, match=r"lr: 1e-06 then, 1e-05 now"):
+        run_comparison(
+            None, ["sdpo", "grpo"], [0], out, ["steps=1", "lr=1e-5"], grpo_args, plots=False
+        )
+    assert launched == [] and not (out / "comparison.json").exists()  # nothing ran or changed
+
+    # the same settings: the finished run is skipped, the interrupted one resumed
+    data = run_comparison(None, ["sdpo", "grpo"], [0], out, ["steps=1"], grpo_args, plots=False)
+    assert data["runs"][0]["skipped"] and launched == ["grpo-seed0"]
+    # an algorithm argument of the call that made the run, left out now, is still checked
+    with pytest.raises(ConfigError, match=r"grpo-seed0 .*rollouts_per_prompt: 2 then, 1 now"):
+        run_comparison(None, ["sdpo", "grpo"], [0], out, ["steps=1"], plots=False)

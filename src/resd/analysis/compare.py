@@ -27,7 +27,10 @@ Isolation and restarts. Each run is its own `python -m resd.cli train` process, 
 output in `<run>/train.log`, so an exception, an out-of-memory kill or a segfault fails
 that run only; it is recorded with its error and the others go on. Running the same
 command again skips finished runs (those with `summary.json`), resumes unfinished ones
-from their last checkpoint (`--resume`), and retries the others from scratch.
+from their last checkpoint (`--resume`), and retries the others from scratch. Before
+anything is launched, every run's resolved config is validated, and a finished or
+checkpointed run is only reused if it was made with the settings this command resolves
+for it; otherwise the command stops and names the run, the keys and both values.
 
 Outputs in `<out>/`: `comparison.json` (every run: config, status, error, eval curve with
 steps and samples drawn, final metrics; every algorithm: mean / std / min / max over its
@@ -55,7 +58,7 @@ from typing import Any
 
 import yaml
 
-from resd.config import ConfigError, TrainConfig, load_config
+from resd.config import ALIASES, ConfigError, TrainConfig, load_config
 from resd.rundir import EVAL_KEYS, cumulative_samples, read_jsonl, samples_per_step
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,15 @@ def parse_csv(text: str, what: str) -> list[str]:
     return values
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` → [0, 1, 2]; anything else is an error that names the option."""
+    values = parse_csv(text, "--seeds")
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+
+
 def parse_algorithm_args(items: list[str]) -> dict[str, list[str]]:
     """["grpo:rollouts_per_prompt=8", "grpo:lr=1e-6"] → {"grpo": [...two overrides...]}."""
     by_algorithm: dict[str, list[str]] = defaultdict(list)
@@ -130,13 +142,32 @@ def plan_runs(
     return specs
 
 
+def resolve_configs(specs: list[RunSpec], base_config: str | None) -> dict[str, TrainConfig]:
+    """Every run's config, resolved and validated before anything is launched: a bad base
+    config, override or algorithm argument stops the study here, rather than becoming a
+    failed run (with no log) for every cell of it."""
+    configs = {}
+    for spec in specs:
+        try:
+            configs[spec.name] = load_config(base_config, spec.overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{spec.name}: {exc}") from None
+    return configs
+
+
+def override_key(item: str) -> str:
+    """The config key a `key=value` override sets: `env_args.seed=3` sets `env_args`, and
+    TRL's `num_generations=8` sets `rollouts_per_prompt`."""
+    key = item.partition("=")[0].split(".")[0].strip()
+    return ALIASES.get(key) or key
+
+
 def unshared_overrides(algorithm_args: dict[str, list[str]]) -> list[str]:
     """Algorithm overrides that make that algorithm's data or evaluation differ."""
     flagged = []
     for algorithm, items in algorithm_args.items():
         for item in items:
-            key = item.partition("=")[0].split(".")[0].strip()
-            if key in SHARED_KEYS:
+            if override_key(item) in SHARED_KEYS:
                 flagged.append(f"{algorithm}:{item}")
     return flagged
 
@@ -145,6 +176,54 @@ def unshared_overrides(algorithm_args: dict[str, list[str]]) -> list[str]:
 def has_checkpoint(run_dir: Path) -> bool:
     """As `resd.training.checkpoint.latest_checkpoint(...) is not None`, without importing torch."""
     return any(run_dir.glob("checkpoint-*/state.json"))
+
+
+def stored_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config a run was made with: the one `launch` wrote, else the trainer's own copy;
+    None for a run that has none."""
+    for name in (RUN_CONFIG, "config.yaml"):
+        path = run_dir / name
+        if path.exists():
+            try:
+                loaded = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                raise ConfigError(
+                    f"{path}: cannot tell which settings this run was made with ({exc}); "
+                    "use another --out"
+                ) from None
+            return loaded if isinstance(loaded, dict) else None
+    return None
+
+
+# Settings that change nothing a comparison reads: a reused run may differ in these.
+UNCOMPARED_KEYS = {"output_dir", "progress", "report_to", "save_every", "keep_checkpoints"}
+
+
+def check_reused_runs(specs: list[RunSpec], configs: dict[str, TrainConfig]) -> None:
+    """Refuse to reuse (skip or resume) a run made with other settings than this command's.
+
+    A finished run is skipped and a checkpointed one resumed, so a run made with, say,
+    `steps=1` would otherwise sit beside new runs of `steps=3` in one comparison. The
+    stored config is the run's whole resolved config (base file, overrides, its
+    algorithm's arguments), so every setting is compared but `UNCOMPARED_KEYS`. A run
+    with neither a summary nor a checkpoint starts over: its old settings do not matter.
+    """
+    for spec in specs:
+        if not ((spec.path / "summary.json").exists() or has_checkpoint(spec.path)):
+            continue
+        old = stored_config(spec.path)
+        if old is None:
+            continue
+        new = yaml.safe_load(yaml.safe_dump(configs[spec.name].to_dict()))  # as stored
+        differ = sorted(k for k in set(old) | set(new)
+                        if k not in UNCOMPARED_KEYS and old.get(k) != new.get(k))  # fmt: skip
+        if differ:
+            shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in differ)
+            raise ConfigError(
+                f"{spec.path} was made with other settings than this command gives it "
+                f"({shown}); reusing it would compare unlike runs. Use another --out, "
+                "or the settings it was made with"
+            )
 
 
 def eval_curve(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -231,14 +310,21 @@ def launch(spec: RunSpec, cfg: TrainConfig, *, python: str = sys.executable) -> 
     return proc.returncode
 
 
-def execute(spec: RunSpec, base_config: str | None) -> dict[str, Any]:
-    """Run (or skip, or resume) one spec and describe the outcome."""
-    try:
-        cfg = load_config(base_config, spec.overrides)
-    except ConfigError as exc:  # nothing to launch: record why
-        record = run_record(spec, None)
-        record.update(status="failed", error=str(exc))
-        return record
+def execute(
+    spec: RunSpec, base_config: str | None, cfg: TrainConfig | None = None
+) -> dict[str, Any]:
+    """Run (or skip, or resume) one spec and describe the outcome.
+
+    `cfg` is the config resolved when the study started (`resolve_configs`), so that an
+    edit of the base config during a long study does not change its later runs.
+    """
+    if cfg is None:
+        try:
+            cfg = load_config(base_config, spec.overrides)
+        except ConfigError as exc:  # nothing to launch: record why
+            record = run_record(spec, None)
+            record.update(status="failed", error=str(exc))
+            return record
     if (spec.path / "summary.json").exists():
         ran = spec.path / RUN_CONFIG  # what it ran with, should the base config have changed
         config = yaml.safe_load(ran.read_text()) if ran.exists() else cfg.to_dict()
@@ -326,6 +412,11 @@ def bootstrap_ci(
 MIN_SEEDS_FOR_INTERVAL = 3
 
 
+def trained_points(run: dict[str, Any], key: str) -> dict[int, dict[str, Any]]:
+    """A run's evaluations of `key` by samples drawn, leaving out the one before training."""
+    return {p["samples_drawn"]: p for p in run["eval"] if key in p and p["samples_drawn"] > 0}
+
+
 def paired_differences(
     runs: list[dict[str, Any]],
     reference: str,
@@ -335,8 +426,11 @@ def paired_differences(
 
     For each seed both runs must have evaluated after the same number of samples; the
     last such point counts (runs that share the evaluation schedule in samples drawn, as
-    `eval_every` set per algorithm allows, compare at their end). A seed where either run
-    is unfinished or has no common point is listed as missing, never dropped silently.
+    `eval_every` set per algorithm allows, compare at their end). The evaluation before
+    training (0 samples drawn) never counts: both models are the untrained one there, so
+    it would always read as "no difference". A seed where either run is unfinished or has
+    no common point after training is listed as missing, never dropped silently; the
+    latter also in `no_common_point`.
     The bootstrap interval and its verdict need `MIN_SEEDS_FOR_INTERVAL` paired seeds.
     """
     by_algorithm: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -347,28 +441,41 @@ def paired_differences(
         if other == reference:
             continue
         for key in keys:
-            per_seed, missing, at = {}, [], {}
+            per_seed, missing, at, no_common = {}, [], {}, []
             for seed, a in sorted(by_algorithm[reference].items()):
                 b = by_algorithm[other].get(seed)
                 if b is None or a["status"] != "finished" or b["status"] != "finished":
                     missing.append(seed)
                     continue
-                points_a = {p["samples_drawn"]: p for p in a["eval"] if key in p}
-                points_b = {p["samples_drawn"]: p for p in b["eval"] if key in p}
+                points_a, points_b = trained_points(a, key), trained_points(b, key)
                 common = sorted(set(points_a) & set(points_b))
                 if not common:
                     missing.append(seed)
+                    no_common.append(seed)
                     continue
                 at[seed] = common[-1]
                 per_seed[seed] = points_a[common[-1]][key] - points_b[common[-1]][key]
             values = list(per_seed.values())
             row = {"a": reference, "b": other, "key": key, "per_seed": per_seed, "samples_drawn": at,
-                   "missing_seeds": missing, "mean": sum(values) / len(values) if values else None}  # fmt: skip
+                   "missing_seeds": missing, "no_common_point": no_common,
+                   "mean": sum(values) / len(values) if values else None}  # fmt: skip
             if len(values) >= MIN_SEEDS_FOR_INTERVAL:
                 lo, hi = bootstrap_ci(values)
                 row.update(ci95=[lo, hi], distinguishable=lo > 0 or hi < 0)
             out.append(row)
     return out
+
+
+def paired_verdict(row: dict[str, Any]) -> str:
+    """What a paired row supports; no seed with a common point after training says so,
+    rather than "too few seeds", which would suggest more seeds would help."""
+    if row.get("ci95"):
+        return (
+            "distinguishable from 0" if row.get("distinguishable") else "not distinguishable from 0"
+        )
+    if not row["per_seed"] and row.get("no_common_point"):
+        return "no common point after training (equal samples drawn)"
+    return f"too few seeds (an interval needs {MIN_SEEDS_FOR_INTERVAL})"
 
 
 def format_paired(rows: list[dict[str, Any]]) -> str:
@@ -379,8 +486,7 @@ def format_paired(rows: list[dict[str, Any]]) -> str:
         ci = r.get("ci95")
         cell = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
         mean = f"{r['mean']:+.3f}" if r["mean"] is not None else "-"
-        verdict = ("distinguishable from 0" if r.get("distinguishable") else "not distinguishable from 0"
-                   ) if ci else f"too few seeds (an interval needs {MIN_SEEDS_FOR_INTERVAL})"  # fmt: skip
+        verdict = paired_verdict(r)
         lines.append(
             f"{r['a'] + ' - ' + r['b']:24s} {r['key']:12s} {len(r['per_seed']):5d} {mean:>8s} {cell:>20s}  {verdict}"
         )
@@ -453,6 +559,8 @@ def run_comparison(
     algorithms, seeds = list(dict.fromkeys(algorithms)), list(dict.fromkeys(seeds))
     algorithm_args = algorithm_args or {}
     specs = plan_runs(algorithms, seeds, out, list(overrides or []), algorithm_args)
+    configs = resolve_configs(specs, base_config)  # nothing launched, nothing written yet
+    check_reused_runs(specs, configs)
     flagged = unshared_overrides(algorithm_args)
     for item in flagged:
         print(f"[compare] note: {item} changes data or evaluation for that algorithm only")
@@ -470,7 +578,7 @@ def run_comparison(
     runs = [run_record(spec, None) for spec in specs]
     write_comparison(out, payload, runs)
     for i, spec in enumerate(specs):
-        runs[i] = execute(spec, base_config)
+        runs[i] = execute(spec, base_config, configs[spec.name])
         write_comparison(out, payload, runs)  # progress is visible while later runs train
     data = json.loads((out / "comparison.json").read_text())
     if plots:
@@ -479,7 +587,7 @@ def run_comparison(
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    seeds = [int(s) for s in parse_csv(args.seeds, "--seeds")]
+    seeds = parse_seeds(args.seeds)
     data = run_comparison(
         args.config, parse_csv(args.algorithms, "--algorithms"), seeds, args.out, args.overrides,
         parse_algorithm_args(args.algorithm_args), plots=not args.no_plots,
