@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resd.analysis.continual import backward_transfer, build_plan, forgetting, load_plan
+from resd.analysis.continual import (
+    backward_transfer,
+    build_plan,
+    check_reused_output,
+    forgetting,
+    load_plan,
+    plan_record,
+)
 from resd.cli import main
 from resd.config import ConfigError
 
@@ -178,3 +185,32 @@ def test_load_plan_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_plan(tmp_path / "list.yaml")
+
+
+def test_a_rerun_with_other_settings_is_refused_before_anything_runs(tmp_path, capsys):
+    """A re-run reuses finished stages and cached evaluations (`evals/row-<k>.json`, keyed
+    by suite name): with a stage's steps or a held-out suite changed, the numbers it
+    would report were made by another run than it records."""
+    out = tmp_path / "cl"
+    config = {
+        "model": "unused-until-a-stage-runs", "output_dir": str(out),
+        "stages": [{"env": "arithmetic", "env_args": {"n_train": 4, "n_test": 2}, "steps": 1}],
+        "heldout": [{"name": "more", "env": "arithmetic", "env_args": {"n_test": 2}, "eval_samples": 1}],
+    }  # fmt: skip
+    out.mkdir()
+    (out / "continual-config.yaml").write_text(
+        yaml.safe_dump(plan_record(build_plan(dict(config))))
+    )
+    check_reused_output(
+        build_plan(dict(config)), plan_record(build_plan(dict(config)))
+    )  # same: fine
+    changed = {**config, "stages": [{**config["stages"][0], "steps": 3}], "progress": False}
+    path = tmp_path / "continual.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    assert main(["continual", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0].steps: 1 then, 3 now" in err and "progress" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["continual-config.yaml"]  # nothing ran
+    samples = {**config, "heldout": [{**config["heldout"][0], "eval_samples": 4}]}
+    with pytest.raises(ConfigError, match=r"heldout\[0\]\.settings\.samples: 1 then, 4 now"):
+        check_reused_output(build_plan(dict(samples)), plan_record(build_plan(dict(samples))))

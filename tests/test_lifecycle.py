@@ -55,6 +55,16 @@ def test_cli_envs_env_check_and_compare_errors(capsys):
     assert "env_args" in err and "bogus" in err
     assert main(["compare", "--algorithms", "resd,nonsense", "--out", "x"]) == 2
     assert "nonsense" in capsys.readouterr().err
+    assert main(["env-check", "toy_envs:UnreachableEnv"]) == 2  # one line, not a traceback
+    assert capsys.readouterr().err == (
+        "resd: error: env: toy_envs:UnreachableEnv could not be built: RuntimeError: the data "
+        "server did not answer\n"
+    )
+    assert main(["env-check", "arithmetic", "n_train=0", "n_test=0"]) == 1  # nothing to check
+    assert "no items" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["env-check", "arithmetic", "--samples", "-1"])  # was: every item but the last
+    assert "--samples: expected a whole number >= 0" in capsys.readouterr().err
 
 
 def test_the_console_script_imports_an_environment_from_the_working_directory(tmp_path):

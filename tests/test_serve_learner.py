@@ -364,3 +364,16 @@ def test_resd_serve_learn_survives_sigkill(tiny_model_dir, tmp_path):
 
 
 MESSAGES_HI = [{"role": "user", "content": "hi"}]
+
+
+def test_one_folder_named_two_ways_is_one_model(tmp_path, monkeypatch):
+    """`resd serve --model tiny` beside a learner config naming /abs/.../tiny: no warning
+    that the first swap replaces the served model."""
+    from resd.serve.learner import same_model
+
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert same_model(str(tmp_path / "tiny"), "tiny") and same_model(
+        "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"
+    )
+    assert not same_model(str(tmp_path / "tiny"), "other") and not same_model("a/b", "a/c")

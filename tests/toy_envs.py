@@ -64,3 +64,10 @@ class HostileCodeEnv(CodeEnv):
         program = HOSTILE_PROGRAMS[HostileCodeEnv.calls % len(HOSTILE_PROGRAMS)]
         HostileCodeEnv.calls += 1
         return super().score(item, f"```python\n{program}```")
+
+
+class UnreachableEnv(ParityEnv):
+    """An environment whose constructor fails, as one fetching its data from a server might."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("the data server did not answer")

@@ -95,6 +95,9 @@ def cmd_env_check(args: argparse.Namespace) -> int:
     env_args = apply_overrides({}, args.overrides)
     env = make_env(args.env, env_args)
     items = list(env.train_items()) + list(env.test_items())
+    if not items:
+        print(f"{args.env}: no items (check its arguments)", file=sys.stderr)
+        return 1
     with_ref = [it for it in items if it.reference is not None]
     bad = []
     for it in with_ref:
@@ -111,6 +114,17 @@ def cmd_env_check(args: argparse.Namespace) -> int:
             f"\n--- {it.id}\n{it.prompt_text[:600]}\n[feedback on a non-answer] {wrong.feedback[:600]}"
         )
     return 1 if bad else 0
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("env-check", help="score reference answers and show sample feedback")
     check.add_argument("env")
     check.add_argument("overrides", nargs="*", help="environment arguments as key=value")
-    check.add_argument("--samples", type=int, default=3)
+    check.add_argument("--samples", type=_count, default=3, help="items shown with feedback")
     check.set_defaults(fn=cmd_env_check)
 
     add_eval_subcommand(sub)

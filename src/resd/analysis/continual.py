@@ -44,6 +44,7 @@ last checkpoint, and reuses finished evaluation rows (`evals/row-<k>.json`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -379,18 +380,60 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Settings that change nothing a continual run measures: a re-run may differ in these.
+UNCOMPARED_KEYS = {"output_dir", "progress", "report_to", "save_every", "keep_checkpoints"}
+
+
+def plan_record(plan: ContinualPlan) -> dict[str, Any]:
+    """Everything that decides a continual run's numbers, as `continual-config.yaml` holds
+    it: the base config, every stage's config and every held-out suite."""
+    heldout = [{"name": s.name, "env": s.env, "env_args": s.env_args,
+                "settings": dataclasses.asdict(s.settings)} for s in plan.heldout]  # fmt: skip
+    record = {**plan.base.to_dict(), "stages": [s.config.to_dict() for s in plan.stages],
+              "heldout": heldout, "eval_all_tasks": plan.eval_all_tasks}  # fmt: skip
+    return yaml.safe_load(yaml.safe_dump(record))  # as the file will read back
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """`key: then → now` for every setting that differs, nested keys dotted."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new), key=str) if key not in UNCOMPARED_KEYS
+                for line in _differences(old.get(key), new.get(key), f"{where}{key}.")]  # fmt: skip
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [line for k, (a, b) in enumerate(zip(old, new, strict=True))
+                for line in _differences(a, b, f"{where[:-1]}[{k}].")]  # fmt: skip
+    return [] if old == new else [f"{where[:-1]}: {old!r} then, {new!r} now"]
+
+
+def check_reused_output(plan: ContinualPlan, record: dict[str, Any]) -> None:
+    """A re-run reuses finished stages and cached evaluations: only with the settings
+    that made them, else its numbers would belong to another run than it records."""
+    path = plan.out / "continual-config.yaml"
+    if not path.exists():
+        return
+    try:
+        old = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"output_dir: {path} is not valid YAML ({exc})") from None
+    differ = _differences(old, record)
+    if differ:
+        shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise ConfigError(
+            f"output_dir: {plan.out} holds a continual run made with other settings ({shown}); "
+            "re-running would reuse its stages and evaluations. Use another output_dir, or the "
+            "settings it was made with"
+        )
+
+
 def run_continual(plan: ContinualPlan) -> dict[str, Any]:
     """Train every stage in order, evaluate every row, write continual.json."""
     out = plan.out
+    record = plan_record(plan)
+    check_reused_output(plan, record)
     for suite in [stage.suite for stage in plan.stages] + plan.heldout:
         suite.environment()  # a bad env or data path fails now, not after hours of training
     out.mkdir(parents=True, exist_ok=True)
-    (out / "continual-config.yaml").write_text(
-        yaml.safe_dump(
-            {**plan.base.to_dict(), "stages": [s.config.to_dict() for s in plan.stages]},
-            sort_keys=False,
-        )
-    )
+    (out / "continual-config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     model, playbook = plan.base.model, plan.base.playbook_init
     rows = [evaluate_row(plan, 0, model)]
     stages: list[dict[str, Any]] = []

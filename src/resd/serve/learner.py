@@ -56,6 +56,12 @@ class LearnerSettings:
     guard_tolerance: float = 0.0  # serve when new >= served - tolerance
 
 
+def same_model(a: str, b: str) -> bool:
+    """Two model names for the same weights: equal, or folders that resolve alike
+    (`tiny` served from its folder, `/abs/path/tiny` in the learner's config)."""
+    return a == b or (Path(a).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def given_rollout(row: TrainingRow) -> GivenRollout:
     """A stored interaction with its feedback, as the trainer's off-policy input.
 
@@ -115,7 +121,7 @@ class Learner:
             raise ValueError(f"--learn-min-rows: {min_rows} is not in 1..{cfg.batch_size} "
                              f"(a step takes at most the config's batch_size rows)")  # fmt: skip
         served = holder.current()
-        if str(cfg.model) != served.source:
+        if not same_model(str(cfg.model), served.source):
             log.warning("learner: the config trains %s while the server serves %s; the first "
                         "swap replaces the served model", cfg.model, served.source)  # fmt: skip
         trainer = Trainer(cfg, resume=(run_dir / "metrics.jsonl").exists())
