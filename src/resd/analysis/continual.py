@@ -38,7 +38,8 @@ Forgetting ≥ 0 means accuracy lost since its best; BWT < 0 means later trainin
 
 Everything lands in `<output_dir>/continual.json` and a table is printed. Re-running the
 same command reuses finished stages (`summary.json`), resumes interrupted ones from their
-last checkpoint, and reuses finished evaluation rows (`evals/row-<k>.json`).
+last checkpoint, and reuses finished evaluation rows (`evals/row-<k>.json`); a re-run with
+other settings (`continual-config.yaml` records them all) is refused before anything runs.
 """
 
 from __future__ import annotations
