@@ -4,7 +4,9 @@ one, with the same paired statistics; runs that cannot honestly be pooled are re
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +112,71 @@ def test_cli_prints_the_tables_and_exits_2_on_a_refusal(tmp_path, capsys):
     assert (tmp_path / "all" / "plots" / "compare_eval.png").read_bytes().startswith(b"\x89PNG")
     assert cli_main(["merge", str(a), str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
     assert "no comparison.json" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_refuses_an_out_that_is_one_of_the_sources_and_leaves_it_as_it_was(tmp_path, capsys):
+    a, b = write(tmp_path / "a", SEED0), write(tmp_path / "b", SEED1)
+    kept = json.loads((a / "comparison.json").read_text())
+    kept.update(overrides=["steps=24"], algorithm_args={"resd": ["lr=5e-5"]})  # only a has them
+    (a / "comparison.json").write_text(json.dumps(kept))
+    before = (a / "comparison.json").read_bytes()
+    (tmp_path / "link").symlink_to(a)
+    for out in (a, a / "comparison.json", b / ".." / "a", tmp_path / "link"):
+        with pytest.raises(MergeError, match=r"--out .* is where the source .*a/comparison\.json"):
+            merge_comparisons([a, b], out, plots=False)
+    assert cli_main(["merge", str(a), str(b), "--out", str(a), "--no-plots"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert (a / "comparison.json").read_bytes() == before
+    assert [p.name for p in a.iterdir()] == ["comparison.json"]  # no plots, no temporary file
+
+
+def _without(key: str) -> Callable[[list[dict]], list]:
+    """The runs with `key` left out of the last one's record."""
+    return lambda runs: [*runs[:-1], {k: v for k, v in runs[-1].items() if k != key}]
+
+
+def _with(key: str, value: Any) -> Callable[[list[dict]], list]:
+    """The runs with the last one's `key` set to `value`."""
+    return lambda runs: [*runs[:-1], {**runs[-1], key: value}]
+
+
+def _null_metric(runs: list[dict]) -> list:
+    """The runs with a metric of the last one's last evaluation lost (null)."""
+    runs[-1]["eval"][-1]["case_mean@k"] = None
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [
+        (lambda runs: [], r"no runs in it"),
+        (_without("status"), r"run 2 of 2 \('sdpo-seed1'\) has no 'status'"),
+        (_with("seed", None), r"run 2 of 2 \('sdpo-seed1'\) has 'seed' None, not an integer"),
+        (lambda runs: [1, 2], r"run 1 of 2 is 1, not a run record"),
+        (_with("eval", None), r"run 2 of 2 \('sdpo-seed1'\) has 'eval' None, not a list"),
+        (_null_metric, r"run 2 of 2 \('sdpo-seed1'\) has eval point 2 without a number for 'case_mean@k'"),
+        (_without("final"), r"run 2 of 2 \('sdpo-seed1'\) is finished but has no 'final'"),
+        (_with("config", ["lr=5e-5"]), r"run 2 of 2 \('sdpo-seed1'\) has 'config' of type list"),
+    ],
+    ids=["no-runs", "no-status", "null-seed", "not-records", "null-eval", "null-metric",
+         "no-final", "config-list"],
+)  # fmt: skip
+def test_a_malformed_record_is_named_with_its_file_and_nothing_is_written(tmp_path, runs, message):
+    """Each of these used to end in a traceback, some of them after `--out` was created."""
+    a = write(tmp_path / "a", SEED0)
+    bad = write(tmp_path / "bad", runs([json.loads(json.dumps(r)) for r in SEED1]))
+    for sources in ([a, bad], [bad]):  # alone, `{"runs": []}` was an IndexError
+        with pytest.raises(MergeError, match=r"bad/comparison\.json: " + message):
+            merge_comparisons(sources, tmp_path / "out", plots=False)
+        assert not (tmp_path / "out").exists()
+
+
+def test_algorithms_requested_must_name_algorithms(tmp_path):
+    """A string there would be read letter by letter, each letter an algorithm."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "comparison.json").write_text(
+        json.dumps({"algorithms_requested": "resd", "runs": SEED0})
+    )
+    with pytest.raises(MergeError, match="'algorithms_requested' is not a list"):
+        merge_comparisons([tmp_path / "a"], tmp_path / "out", plots=False)
+    assert not (tmp_path / "out").exists()

@@ -10,10 +10,13 @@ of its runs (config, status, evaluation curve in samples drawn); merging reads t
 records, never the run directories, so it works from the JSON alone.
 
 What it refuses, with a message that names the runs and keys, and without writing
-anything: two different finished records for one run name (the same seed ran twice with
-different outcomes; keep one source out), and seeds of one algorithm trained with
-different settings (everything but `seed` and `output_dir` must match; `--ignore-keys`
-accepts named keys, e.g. a setting that only changes logging). Differences between
+anything: a source that is not a `comparison.json` of runs (a run record missing a field,
+or with a field of the wrong type, is named with its file and position), an `--out` that is
+one of the sources (it would overwrite that source and lose what only it holds, e.g. the
+`overrides` of its `resd compare` call), two different finished records for one run name
+(the same seed ran twice with different outcomes; keep one source out), and seeds of one
+algorithm trained with different settings (everything but `seed` and `output_dir` must
+match; `--ignore-keys` accepts named keys, e.g. a setting that only changes logging). Differences between
 algorithms in a key that `resd compare` would have flagged (`SHARED_KEYS`) are listed in
 `unshared_overrides`, as `resd compare` lists them. An unfinished run is kept as such, and
 a finished record of the same run from another source replaces it.
@@ -60,8 +63,88 @@ def load_comparison(source: str | Path) -> dict[str, Any]:
         raise MergeError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
         raise MergeError(f"{path}: not a comparison.json (no 'runs' list)")
+    if not data["runs"]:
+        raise MergeError(f"{path}: no runs in it, nothing to merge from it")
+    requested = data.get("algorithms_requested")
+    if requested is not None and not (
+        isinstance(requested, list) and all(isinstance(a, str) and a for a in requested)
+    ):
+        raise MergeError(f"{path}: 'algorithms_requested' is not a list of algorithm names")
+    for i, run in enumerate(data["runs"]):
+        problem = run_record_problem(run)
+        if problem:
+            name = run.get("name") if isinstance(run, dict) else None
+            named = f" ({name!r})" if isinstance(name, str) else ""
+            raise MergeError(f"{path}: run {i + 1} of {len(data['runs'])}{named} {problem}")
     data["_path"] = str(path)
     return data
+
+
+def _is_number(value: Any) -> bool:
+    """int or float; a bool is an int to Python but never a metric or a count here."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def run_record_problem(run: Any) -> str | None:
+    """What is wrong with one run record of a comparison.json, or None.
+
+    Checks every field that merging and `resd compare`'s summaries (`summarize`,
+    `paired_differences`) read, so that a hand-edited or truncated file is refused here,
+    naming the run, instead of failing later with a traceback deep in the statistics.
+    """
+    if not isinstance(run, dict):
+        return f"is {run!r}, not a run record (an object)"
+    for key in ("name", "algorithm", "status"):
+        if key not in run:
+            return f"has no {key!r}"
+        if not isinstance(run[key], str) or not run[key]:
+            return f"has {key!r} {run[key]!r}, not a non-empty string"
+    if "seed" not in run:
+        return "has no 'seed'"
+    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool):
+        return f"has 'seed' {run['seed']!r}, not an integer"
+    if run.get("config") is not None and not isinstance(run["config"], dict):
+        return f"has 'config' of type {type(run['config']).__name__}, not an object"
+    if "eval" not in run:
+        return "has no 'eval'"
+    if not isinstance(run["eval"], list):
+        return f"has 'eval' {run['eval']!r}, not a list"
+    for j, point in enumerate(run["eval"]):
+        if not isinstance(point, dict):
+            return f"has eval point {j + 1} that is not an object"
+        if not isinstance(point.get("step"), int) or isinstance(point["step"], bool):
+            return f"has eval point {j + 1} without an integer 'step'"
+        bad = [k for k in ("samples_drawn", *EVAL_KEYS) if k in point and not _is_number(point[k])]
+        if "samples_drawn" not in point or bad:
+            return f"has eval point {j + 1} without a number for {(bad or ['samples_drawn'])[0]!r}"
+    if "final" in run and run["final"] is not None:
+        if not isinstance(run["final"], dict):
+            return f"has 'final' of type {type(run['final']).__name__}, not an object"
+        bad = [k for k in EVAL_KEYS if k in run["final"] and not _is_number(run["final"][k])]
+        if bad:
+            return f"has 'final' {bad[0]!r} {run['final'][bad[0]]!r}, not a number"
+    if run["status"] == "finished":  # only finished runs enter the summaries
+        if "final" not in run:
+            return "is finished but has no 'final'"
+        if not _is_number(run.get("samples_drawn")):
+            return "is finished but has no number for 'samples_drawn'"
+    return None
+
+
+def check_out_is_not_a_source(out: Path, loaded: list[dict[str, Any]]) -> None:
+    """Refuse an `--out` that is a source's folder (or its file): writing the merge there
+    would replace that source, and what only it holds (its `overrides`, `algorithm_args`)
+    would be lost; `sources` would also list the merge itself."""
+    target = out.resolve()
+    for data in loaded:
+        path = Path(data["_path"]).resolve()
+        if target in (path, path.parent):
+            raise MergeError(
+                f"--out {out} is where the source {data['_path']} lives; merging there would "
+                "overwrite it: choose a new directory"
+            )
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"--out {out} is a file, not a directory")
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: frozenset[str]) -> list[str]:
@@ -139,6 +222,8 @@ def merge_comparisons(
     if not sources:
         raise MergeError("nothing to merge: name at least one comparison")
     loaded = [load_comparison(s) for s in sources]
+    out = Path(out)
+    check_out_is_not_a_source(out, loaded)
     runs = _union_runs(loaded)
     _check_seeds_agree(runs, ignore_keys)
     algorithms = list(dict.fromkeys(
@@ -158,7 +243,6 @@ def merge_comparisons(
         "unshared_overrides": _unshared(runs, reference),
         "fairness": loaded[0].get("fairness"),
     }
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = write_comparison(out, payload, runs)
     data = json.loads(path.read_text())
