@@ -290,6 +290,83 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
     assert _counts(server) == before
 
 
+def _raw_post(running: Running, path: str, body: bytes) -> httpx.Response:
+    headers = {**running.headers(), "Content-Type": "application/json"}
+    return httpx.post(f"{running.url}{path}", headers=headers, content=body, timeout=60)
+
+
+def test_lone_surrogates_are_a_400_naming_the_field(server: Running) -> None:
+    """`"a\ud800"` is valid JSON but no Unicode text: it was a 500 from the database (and a
+    dropped connection) in feedback, a puzzling tokenizer message in a chat message; now a
+    400 naming the field, before anything is written, and the server keeps answering."""
+    completion = chat(server).id
+    before = _counts(server)
+    cid = completion.encode()
+    feedback_cases = [
+        (b'{"completion_id": "%s", "feedback": "a\\ud800"}' % cid, "feedback"),
+        (b'{"completion_id": "%s", "reward": 1, "source": "\\udfff"}' % cid, "source"),
+        (b'{"completion_id": "chatcmpl-\\ud800", "reward": 1}', "completion_id"),
+    ]
+    chat_cases = [
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+         "messages.0.content"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+         b'"text": "ok"}, {"type": "text", "text": "\\udc00"}]}]}', "messages.0.content.1.text"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+         b'"metadata": {"k": "\\ud83d"}}', "metadata.k"),
+    ]  # fmt: skip
+    for path, cases in (("/v1/feedback", feedback_cases), ("/v1/chat/completions", chat_cases)):
+        for body, param in cases:
+            response = _raw_post(server, path, body)
+            assert response.status_code == 400, (body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and "surrogate" in error["message"], error
+    # a surrogate *pair* is one ordinary character, and is stored as such
+    paired = _raw_post(server, "/v1/feedback",
+                       b'{"completion_id": "%s", "feedback": "ok \\ud83d\\ude00"}' % cid)  # fmt: skip
+    assert paired.status_code == 201 and paired.json()["feedback"] == "ok \U0001f600"
+    deep = _raw_post(server, "/v1/feedback", b"[" * 10_000)  # deeper than json can parse
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
+    assert _counts(server) == (before[0], before[1] + 1)
+    with pytest.raises(ValueError, match="feedback: not valid Unicode text"):
+        server.store.record_feedback(completion, source="lib", reward=None, score=None,
+                                     feedback="a\ud800")  # fmt: skip
+
+
+def test_reward_score_and_max_tokens_are_strict(server: Running) -> None:
+    """reward and score are in [0, 1] (a reward of 5 counted as a success and scaled the
+    policy gradient; a score of 7 was clamped unseen), and numbers are numbers: `true` and
+    `"1"` were read as 1, `"max_tokens": "5"` as 5."""
+    completion = chat(server).id
+    before = _counts(server)
+    good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
+    refused: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/feedback", {"completion_id": completion, "reward": 5}, "reward"),
+        ("/v1/feedback", {"completion_id": completion, "reward": -0.5}, "reward"),
+        ("/v1/feedback", {"completion_id": completion, "score": 7}, "score"),
+        ("/v1/feedback", {"completion_id": completion, "score": 1.0001}, "score"),
+        ("/v1/feedback", {"completion_id": completion, "reward": True}, "reward"),
+        ("/v1/feedback", {"completion_id": completion, "reward": "1"}, "reward"),
+        ("/v1/feedback", {"completion_id": completion, "score": "0.5"}, "score"),
+        ("/v1/chat/completions", {**good, "max_tokens": "5"}, "max_tokens"),
+        ("/v1/chat/completions", {**good, "max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", {**good, "max_completion_tokens": "5"}, "max_completion_tokens"),
+        ("/v1/chat/completions", {**good, "temperature": "0.5"}, "temperature"),
+        ("/v1/chat/completions", {**good, "stream": "yes"}, "stream"),
+    ]
+    for path, body, param in refused:
+        response = server.post(path, body)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param, response.text
+    assert _counts(server) == before
+    # the ends of the range, and JSON integers for floats, are fine
+    ok = server.post("/v1/feedback", {"completion_id": completion, "reward": 1, "score": 0})
+    assert ok.status_code == 201 and (ok.json()["reward"], ok.json()["score"]) == (1.0, 0.0)
+    assert chat(server, temperature=1, max_tokens=2).usage.completion_tokens <= 2
+    with pytest.raises(ValueError, match="reward: expected a number from 0 to 1"):
+        server.store.record_feedback(completion, source="lib", reward=5, score=None, feedback="")
+
+
 # ---- concurrency, batching, swapping ---------------------------------------------------------------------
 def test_concurrent_requests_all_recorded(server: Running) -> None:
     before = server.store.counts()["interactions"]
@@ -524,6 +601,145 @@ def test_cli_without_the_serve_extra_names_it(tmp_path: Path) -> None:
                           cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "pip install 'resd[serve]'" in done.stderr
+
+
+def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make loading a model a recorded failure: what must be refused before it."""
+    import resd.serve.engine
+
+    loads: list[str] = []
+
+    def load(model: str, **_kwargs: Any) -> ServedModel:
+        loads.append(model)
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(resd.serve.engine, "load_served_model", load)
+    return loads
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--port", "70000"], "resd: error: --port: must be from 1 to 65535"),
+        (["--port", "-1"], "resd: error: --port: must be from 1 to 65535"),
+        (["--max-body-bytes", "0"], "resd: error: --max-body-bytes: must be at least 1"),
+        (["--max-body-bytes", "-1"], "resd: error: --max-body-bytes: must be at least 1"),
+        (["--served-model-name", ""], "resd: error: --served-model-name: must not be empty"),
+        (["--served-model-name", "  "], "resd: error: --served-model-name: must not be empty"),
+        (["--db", "foo://x/y"], "resd: error: --db: cannot open foo://x/y: Can't load plugin"),
+        (["--db", "://nothing"], "resd: error: --db: not a database URL"),
+    ],
+)
+def test_cli_refuses_bad_options_before_loading_the_model(
+    extra: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from resd.cli import main
+
+    loads = _no_model_load(monkeypatch)
+    code = main(["serve", "--model", "unused", "--output-dir", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert loads == [] and not (tmp_path / "out").exists()
+
+
+def test_cli_names_a_database_that_cannot_be_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not a database, and a PostgreSQL URL without its driver, are one
+    `--db:` line each (the latter with the install hint), and the file is left as it was."""
+    from resd.cli import main
+
+    loads = _no_model_load(monkeypatch)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database, but someone's notes\n" * 200)
+    text = notes.read_text()
+    assert main(["serve", "--model", "unused", "--db", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"resd: error: --db: cannot open {notes}: file is not a database" in err, err
+    assert notes.read_text() == text and sorted(tmp_path.iterdir()) == [notes]
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    url = "postgresql+psycopg://resd:secret@db.invalid/resd"
+    assert main(["serve", "--model", "unused", "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert "resd: error: --db: postgresql+psycopg://resd:***@db.invalid/resd" in err, err
+    assert "pip install 'psycopg[binary]'" in err and "secret" not in err
+    assert loads == []
+
+
+def test_cli_failed_start_removes_only_the_database_it_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from resd.cli import main
+
+    fresh = tmp_path / "new" / "serve"
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--output-dir", str(fresh)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # no empty database, no empty folders
+
+    kept = tmp_path / "kept"
+    store = Store(str(kept / "resd.db"))
+    store.add_version("old", parent=None, step=0, note="from an earlier run")
+    store.close()
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--output-dir", str(kept)]) == 2
+    store = Store(str(kept / "resd.db"))
+    assert [v["id"] for v in store.versions()] == ["old"]
+    store.close()
+
+
+def test_create_app_refuses_an_empty_name_and_a_body_limit_below_one(served: ServedModel) -> None:
+    store = Store("sqlite://")
+    try:
+        holder = ModelHolder(served)
+        with pytest.raises(ValueError, match="max_body_bytes"):
+            create_app(holder, store, api_key=None, model_name=MODEL, max_body_bytes=0)
+        with pytest.raises(ValueError, match="model_name"):
+            create_app(holder, store, api_key=None, model_name="")
+    finally:
+        store.close()
+
+
+def test_cli_startup_line_names_the_version_a_restarted_learner_serves(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A restarted learner swaps in the version it last served while it is built; the
+    start-up line said the base version even so. (The learner here is a stand-in that
+    does just that, and the server is not run.)"""
+    import dataclasses
+
+    import resd.serve.command
+    import resd.serve.learner
+    from resd.cli import main
+
+    class RestartedLearner:
+        stopped = False
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            RestartedLearner.stopped = True
+
+        def status(self) -> dict[str, Any]:
+            return {}
+
+    def from_config(_config: str, *, store: Store, holder: ModelHolder, **_kw: Any) -> Any:
+        store.add_version("tiny@step1", parent="base", step=1)
+        holder.swap(dataclasses.replace(holder.current(), version="tiny@step1"))
+        return RestartedLearner()
+
+    ran: list[Any] = []
+    monkeypatch.setattr(resd.serve.learner.Learner, "from_config", from_config)
+    monkeypatch.setattr(resd.serve.command, "_run_until_signalled", ran.append)
+    code = main(["serve", "--model", str(tiny_model_dir), "--served-model-name", MODEL,
+                 "--output-dir", str(tmp_path), "--learn", "unused.yaml", "--dtype", "float32",
+                 "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and len(ran) == 1 and RestartedLearner.stopped, err
+    assert f"resd serve: model {MODEL!r} (version tiny@step1)" in err, err
+    assert (tmp_path / "resd.db").is_file()  # a start that got to serving keeps its database
 
 
 def _free_port() -> int:

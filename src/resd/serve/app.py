@@ -28,7 +28,7 @@ import binascii
 import hmac
 import json
 import logging
-import math
+import re
 import socket
 import threading
 import time
@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from resd.generation.structured import StructuredOutputUnavailable
 from resd.serve import missing_extra
@@ -56,7 +56,15 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from pydantic import (
+        BaseModel,
+        ConfigDict,
+        Field,
+        StrictBool,
+        StrictFloat,
+        StrictInt,
+        ValidationError,
+    )
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
@@ -105,6 +113,13 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError
 
 
 # ---- request schemas -------------------------------------------------------------------------------
+# Numbers and flags are strict: `"max_tokens": "5"`, `"reward": true` or `"stream": "yes"` is a
+# client bug that pydantic's lax mode would turn into 5, 1.0 and True; it gets a 400 instead.
+# A JSON integer is still a valid float (`"temperature": 1`).
+_Unit = Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]  # reward, score: [0, 1]
+_Positive = Annotated[StrictInt, Field(ge=1)]
+
+
 class _Strict(BaseModel):
     # Unknown fields are refused, as OpenAI's API does: a silently ignored option
     # (tools, logit_bias, ...) would give a reply the caller did not ask for.
@@ -123,7 +138,7 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class JsonSchemaFormat(_Strict):
@@ -131,7 +146,7 @@ class JsonSchemaFormat(_Strict):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(_Strict):
@@ -154,28 +169,30 @@ class ChatRequest(_Strict):
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int | None = None
-    seed: int | None = None
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    max_tokens: _Positive | None = None
+    max_completion_tokens: _Positive | None = None
+    n: StrictInt | None = None
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    logprobs: StrictBool | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None
+    store: StrictBool | None = None
     response_format: ResponseFormat | None = None
 
 
 class FeedbackRequest(_Strict):
     completion_id: str = Field(min_length=1, max_length=100)
-    reward: float | None = None
-    score: float | None = None
+    # in [0, 1] as the trainer's `Score` reads them: a reward of 5 would count as a success
+    # and scale the policy gradient fivefold; a score of 7 would be clamped to 1 unseen
+    reward: _Unit | None = None
+    score: _Unit | None = None
     feedback: str | None = ""  # null is read as no text
     source: str = Field(default="user", min_length=1, max_length=100)
 
@@ -231,11 +248,44 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(bytes(body), parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:  # `[[[[…` a few thousand deep: bad input, not a 500
+        raise ApiError(400, "the body is not valid JSON: nested too deeply",
+                       code="invalid_json") from exc  # fmt: skip
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_text(payload: Any) -> None:
+    """Refuse a string holding a lone UTF-16 surrogate (`"a\\ud800"`, valid JSON escapes
+    but not Unicode text): it cannot be encoded as UTF-8, so the tokenizer would refuse it
+    with a puzzling message and the database with a 500 after the request was accepted.
+    Walks the whole body, keys included, without recursion (the body's depth is the
+    client's choice); the error names the field, never echoing the unencodable text."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(payload, ())]
+    while stack:
+        value, path = stack.pop()
+        where = ".".join(path) or None
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise ApiError(400, f"{where or 'body'}: contains a lone UTF-16 surrogate (an "
+                               "unpaired \\ud800-\\udfff escape), which is not valid Unicode "
+                               "text", param=where, code="invalid_value")  # fmt: skip
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                if _SURROGATE.search(key):
+                    raise ApiError(400, f"{where or 'body'}: a key contains a lone UTF-16 "
+                                   "surrogate, which is not valid Unicode text", param=where,
+                                   code="invalid_value")  # fmt: skip
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, str(i))) for i, item in reversed(list(enumerate(value))))
 
 
 def _parse(schema: type[_Strict], payload: Any) -> Any:
     if not isinstance(payload, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_value")
+    _check_text(payload)
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:
@@ -348,6 +398,11 @@ def create_app(
     being served is registered in the store if it is not there yet."""
     if api_key is not None and not api_key:
         raise ValueError("api_key: an empty key would accept 'Bearer ' alone; pass None for no key")
+    if not model_name.strip():
+        raise ValueError("model_name: an empty name could not be asked for by any client")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes: must be >= 1, got {max_body_bytes} (every POST "
+                         "would be refused with a 413)")  # fmt: skip
     engine = engine or GenerationEngine(holder)
     if engine.holder is not holder:
         raise ValueError("engine: it must generate from the same ModelHolder the app serves")
@@ -457,12 +512,6 @@ def create_app(
     async def post_feedback(request: Request) -> JSONResponse:
         _check_auth(request, api_key)
         note = _parse(FeedbackRequest, await _read_json(request, max_body_bytes))
-        for name in ("reward", "score"):
-            value = getattr(note, name)
-            if value is not None and not math.isfinite(value):
-                raise ApiError(
-                    400, f"{name}: must be a finite number", param=name, code="invalid_value"
-                )
         text = note.feedback or ""
         if note.reward is None and note.score is None and not text.strip():
             raise ApiError(

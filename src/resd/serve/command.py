@@ -13,13 +13,18 @@ missing one is one clear error naming `pip install 'resd[serve]'`. The learner
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from resd.config import DTYPE_NAMES
 from resd.serve import SERVE_EXTRA_HINT, missing_extra
+
+if TYPE_CHECKING:
+    from resd.serve.store import Store
 
 
 def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -68,12 +73,18 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the arguments, open the database, load the model, then serve.
+
+    The order is cheapest first, so a typo costs no model load: the arguments (host and
+    key, port, body limit, name), then the database (a bad `--db` is one error line),
+    then the model. A start that fails before serving removes the SQLite files it
+    created (never ones that were there), so a bad `--model` leaves no empty database."""
     try:
         import uvicorn
 
         from resd.serve.app import create_app, on_loopback
         from resd.serve.engine import GenerationEngine, ModelHolder, load_served_model
-        from resd.serve.store import Store, sqlite_url
+        from resd.serve.store import sqlite_url
     except ImportError as exc:
         if SERVE_EXTRA_HINT not in str(exc):  # raised by the import above, not by our modules
             exc = missing_extra(exc.name or "its web and database packages", exc)
@@ -87,11 +98,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"set ${args.api_key_env} (or choose the variable with --api-key-env), or bind "
             "to 127.0.0.1"
         )
+    _check_args(args)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(args.db or sqlite_url(output_dir / "resd.db"))
+    url = args.db or sqlite_url(output_dir / "resd.db")
+    new_files = [f for f in _sqlite_files(url) if not f.exists()]
+    made_dirs = _missing_dirs([output_dir, *(f.parent for f in new_files[:1])])
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--output-dir: cannot create {output_dir}: {exc}") from exc
+    serving = False
+    store = None
     learner = None
     try:
+        store = _open_store(url, "--db" if args.db else "--output-dir")
         name = args.served_model_name or args.model
         served = load_served_model(
             args.model, version=args.base_version, name=name, dtype=args.dtype,
@@ -121,18 +141,103 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if api_key is None:
             print(f"resd serve: no API key (${args.api_key_env} is unset): unauthenticated, "
                   f"so bound to {args.host} only", file=sys.stderr)  # fmt: skip
-        print(f"resd serve: model {name!r} (version {served.version}) at {base}/v1, "
+        # the holder's version, not the loaded one: a restarted learner has already
+        # swapped in the version it last served
+        print(f"resd serve: model {name!r} (version {holder.current().version}) at {base}/v1, "
               f"page {base}/, database {store.url}"
               + (f", learning with {args.learn}" if learner else ""), file=sys.stderr)  # fmt: skip
         server = uvicorn.Server(
             uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
         )
+        serving = True
         _run_until_signalled(server)
     finally:
         if learner is not None:
             learner.stop()
-        store.close()
+        if store is not None:
+            store.close()
+        if not serving:  # a failed start: leave the folder as it was
+            _remove_new(new_files, made_dirs)
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The options a mistake in would otherwise surface only after the model loaded (a
+    port out of range), or never (a body limit under 1 refuses every POST with a 413; an
+    empty served name falls back to --model's)."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port: must be from 1 to 65535, got {args.port}")
+    if args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes: must be at least 1, got {args.max_body_bytes} "
+                         "(every request body would be refused with a 413)")  # fmt: skip
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name: must not be empty (leave it out to serve "
+                         "under --model's name)")  # fmt: skip
+
+
+def _open_store(url: str, option: str) -> Store:
+    """The Store, or a ValueError naming `option` for a URL no driver takes, a driver
+    that is not installed or a file or server that is not a usable database: each a
+    traceback otherwise, raised by SQLAlchemy or the driver before any request."""
+    import sqlalchemy as sa
+
+    from resd.serve.store import Store
+
+    try:
+        shown = sa.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    except sa.exc.ArgumentError as exc:
+        raise ValueError(f"{option}: not a database URL ({exc})") from exc
+    try:
+        return Store(url)
+    except ModuleNotFoundError as exc:
+        hint = {"psycopg": " (pip install 'psycopg[binary]')",
+                "psycopg2": " (pip install 'psycopg[binary]' and use a postgresql+psycopg:// "
+                "URL)"}.get(exc.name or "", "")  # fmt: skip
+        raise ValueError(f"{option}: {shown}: its database driver {exc.name!r} is not "
+                         f"installed{hint}") from exc  # fmt: skip
+    except sa.exc.DBAPIError as exc:  # the driver's own words, without SQLAlchemy's footer
+        raise ValueError(f"{option}: cannot open {shown}: {exc.orig}") from exc
+    except sa.exc.SQLAlchemyError as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{option}: cannot open {shown}: {first_line}") from exc
+    except OSError as exc:
+        raise ValueError(f"{option}: cannot open {shown}: {exc}") from exc
+    except ValueError as exc:  # SchemaVersionError: written by another resd
+        raise ValueError(f"{option}: {exc}") from exc
+
+
+def _sqlite_files(url: str) -> list[Path]:
+    """The files an SQLite database at `url` consists of (none for other databases)."""
+    import sqlalchemy as sa
+
+    if "://" not in url:
+        path = Path(url)
+    else:
+        try:
+            parsed = sa.make_url(url)
+        except sa.exc.ArgumentError:
+            return []  # refused by _open_store
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return []
+        path = Path(parsed.database)
+    return [path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-journal"))]
+
+
+def _missing_dirs(folders: list[Path]) -> list[Path]:
+    """The folders (and their ancestors) that do not exist yet, deepest first: what a
+    failed start removes again if they are still empty."""
+    missing = {d for f in folders for d in (f.absolute(), *f.absolute().parents) if not d.exists()}
+    return sorted(missing, key=lambda d: len(d.parts), reverse=True)
+
+
+def _remove_new(files: list[Path], made_dirs: list[Path]) -> None:
+    """Remove the files a failed start created, then the folders it made (deepest first)
+    that are empty again."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in made_dirs:
+        with contextlib.suppress(OSError):  # something else was written there: keep it
+            folder.rmdir()
 
 
 class _Signalled(Exception):

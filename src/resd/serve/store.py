@@ -27,9 +27,9 @@ Schema (version 1; all times are naive UTC)
                      log π of each sampled token at temperature 1; NULL for greedy
                      decoding), finish_reason TEXT ("stop" or "length")
     feedback         id INT PK autoincrement, completion_id TEXT FK → interactions.id,
-                     source TEXT, reward REAL NULL, score REAL NULL, feedback TEXT,
-                     created_at, consumed_step INT NULL (the learner step that trained on
-                     it; NULL = not yet used); UNIQUE (completion_id, source)
+                     source TEXT, reward REAL NULL, score REAL NULL (both in [0, 1]),
+                     feedback TEXT, created_at, consumed_step INT NULL (the learner step
+                     that trained on it; NULL = not yet used); UNIQUE (completion_id, source)
     learner_state    key TEXT PK, value JSON (e.g. "cursor": where the learner stands)
 
 Feedback is idempotent per (completion, source), so a client may retry a post safely:
@@ -232,6 +232,27 @@ def _check_number(name: str, value: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number or None, got {value!r}")
     return float(value)
+
+
+def _check_unit(name: str, value: float | None) -> float | None:
+    """A reward or score: in [0, 1], as the trainer's `Score` reads them. A reward of 5
+    would count as a success and scale the learner's policy gradient fivefold; a score
+    of 7 would be clamped to 1 without a word. Refused here, so no row holds either."""
+    value = _check_number(name, value)
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a number from 0 to 1 or None, got {value!r}")
+    return value
+
+
+def _check_utf8(name: str, text: str) -> None:
+    """A lone UTF-16 surrogate (`"\\ud800"` from JSON) has no UTF-8 form: the driver would
+    fail with an encoding error mid-transaction; a ValueError naming the field instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name}: not valid Unicode text (a lone UTF-16 surrogate at index {exc.start})"
+        ) from exc
 
 
 class Store:
@@ -449,9 +470,12 @@ class Store:
         """Record feedback on a completion: (the row, whether it was created). The rules
         per (completion, source) are in the module docstring. Raises KeyError for an
         unknown completion and `FeedbackConflict` for a change to a consumed row."""
-        reward, score = _check_number("reward", reward), _check_number("score", score)
+        reward, score = _check_unit("reward", reward), _check_unit("score", score)
         if not source:
             raise ValueError("source: must be a non-empty string")
+        for name, text in (("completion_id", completion_id), ("source", source),
+                           ("feedback", feedback)):  # fmt: skip
+            _check_utf8(name, text)
         for _attempt in range(3):  # a concurrent first post of the same row: read it back
             try:
                 return self._record_feedback_once(completion_id, source, reward, score, feedback)
