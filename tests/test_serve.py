@@ -353,6 +353,8 @@ def test_reward_score_and_max_tokens_are_strict(server: Running) -> None:
         ("/v1/chat/completions", {**good, "max_completion_tokens": "5"}, "max_completion_tokens"),
         ("/v1/chat/completions", {**good, "temperature": "0.5"}, "temperature"),
         ("/v1/chat/completions", {**good, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {**good, "seed": -1}, "seed"),  # drew as seed 2**63 − 1
+        ("/v1/chat/completions", {**good, "seed": 2**70}, "seed"),  # drew as seed 0
     ]
     for path, body, param in refused:
         response = server.post(path, body)
@@ -686,6 +688,26 @@ def test_cli_failed_start_removes_only_the_database_it_created(
     store = Store(str(kept / "resd.db"))
     assert [v["id"] for v in store.versions()] == ["old"]
     store.close()
+
+
+def test_a_restart_with_another_model_does_not_reuse_the_base_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Replies of the new model would be filed (and learnt from) under the old one's id."""
+    from resd.cli import main
+
+    out = tmp_path / "serve"
+    store = Store(str(out / "resd.db"))
+    store.add_version("base", parent=None, step=0, note="loaded from Qwen/Qwen3-0.6B")
+    store.close()
+    args = ["serve", "--model", str(tmp_path / "other"), "--output-dir", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--base-version: 'base' is recorded in this database as loaded from Qwen/Qwen3-0.6B" in err
+    )
+    assert main([*args, "--base-version", "other-base"]) == 2  # past that check: the model
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_create_app_refuses_an_empty_name_and_a_body_limit_below_one(served: ServedModel) -> None:

@@ -174,7 +174,8 @@ class ChatRequest(_Strict):
     max_tokens: _Positive | None = None
     max_completion_tokens: _Positive | None = None
     n: StrictInt | None = None
-    seed: StrictInt | None = None
+    # the sampler reduces seeds mod 2**63: outside [0, 2**63) two seeds would draw alike
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     stop: str | list[str] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None

@@ -112,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     learner = None
     try:
         store = _open_store(url, "--db" if args.db else "--output-dir")
+        _check_base_version(store, args.base_version, args.model)
         name = args.served_model_name or args.model
         served = load_served_model(
             args.model, version=args.base_version, name=name, dtype=args.dtype,
@@ -173,6 +174,23 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: must not be empty (leave it out to serve "
                          "under --model's name)")  # fmt: skip
+
+
+def _check_base_version(store: Store, version: str, model: str) -> None:
+    """A restart on the same database records its replies under `--base-version` again:
+    only if that version was loaded from the same model, else the new model's replies
+    (and the feedback the learner trains on) would be filed under the old model's id."""
+    loaded = f"loaded from {model}"
+    for row in store.versions():
+        note = row.get("note") or ""
+        if row["id"] != version or not note.startswith("loaded from ") or note == loaded:
+            continue
+        before = note.removeprefix("loaded from ")
+        if Path(before).exists() and Path(before).resolve() == Path(model).resolve():
+            continue  # one folder, named from another working directory
+        raise ValueError(f"--base-version: {version!r} is recorded in this database as "
+                         f"{note}; this server loads {model}. Choose another --base-version "
+                         "for it, or another --output-dir / --db")  # fmt: skip
 
 
 def _open_store(url: str, option: str) -> Store:
