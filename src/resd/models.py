@@ -192,6 +192,12 @@ def resolve_model_path(name: str) -> str:
     local = local or ("/" in name and Path(name).parent.is_dir())
     if local and not Path(name).expanduser().exists():
         raise ValueError(f"model: no such folder {name!r}")
+    folder = Path(name).expanduser()
+    steps = sorted(int(p.name[11:]) for p in folder.glob("checkpoint-*") if p.name[11:].isdigit())
+    if steps and not any((folder / f).exists() for f in ("config.json", "adapter_config.json")):
+        names = ", ".join(f"checkpoint-{step}" for step in steps)
+        raise ValueError(f"model: {name!r} is a run folder without a final model (the run "
+                         f"has not finished); name one of its checkpoints: {names}")  # fmt: skip
     return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
