@@ -224,7 +224,9 @@ def test_inputs_that_name_no_usable_file_are_refused_by_name(tiny_model_dir, tmp
     assert resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a Hub id, untouched
     for step in (8, 16):  # no final model yet
         (tmp_path / "runs" / "killed" / f"checkpoint-{step}").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"without a final model .*checkpoints: checkpoint-8, checkpoint-16$"):
+    with pytest.raises(
+        ValueError, match=r"without a final model .*checkpoints: checkpoint-8, checkpoint-16$"
+    ):
         resolve_model_path("runs/killed")
 
 
