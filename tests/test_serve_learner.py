@@ -246,6 +246,8 @@ def test_response_format_json_schema_is_honoured(tiny_served, tmp_path):
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
         })  # fmt: skip
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+        assert ".cc:" not in bad.json()["error"]["message"]  # the reason, not the C++ location
+        assert "nonsense" in bad.json()["error"]["message"]
         assert running.store.counts()["interactions"] == 1  # the refused request left no row
 
 

@@ -159,7 +159,8 @@ class ResponseFormat(_Strict):
         if self.type == "json_schema":
             if self.json_schema is None:
                 raise ApiError(400, "response_format.json_schema: required with type "
-                               "json_schema", param="response_format.json_schema")  # fmt: skip
+                               "json_schema", param="response_format.json_schema",
+                               code="invalid_value")  # fmt: skip
             return self.json_schema.schema_
         return {"type": "object"} if self.type == "json_object" else None
 

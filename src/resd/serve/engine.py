@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import secrets
 import threading
 import time
@@ -293,9 +294,10 @@ class GenerationEngine:
                 self._grammar(served).compile(json_schema)  # cached; fails now, not mid-batch
             except StructuredOutputUnavailable:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the compiler's reason, without its C++ source location
+                reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()
                 raise SchemaError(
-                    f"response_format: the JSON schema cannot be used: {exc}"
+                    f"response_format: the JSON schema cannot be used: {reason}"
                 ) from exc
         job = _Job(
             served=served,
