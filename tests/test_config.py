@@ -49,12 +49,31 @@ def test_yaml_and_overrides(tmp_path):
         ("adam_beta1=1.5", "adam_beta1"),
         ("autocast=bogus", "autocast"),
         ("device=foo", "device"),
+        ("loss_chunk_size=-3", "loss_chunk_size"),  # torch.split's traceback in step 1
+        ("loss_chunk_size=0", "loss_chunk_size"),  # was read as "off"
+        ("max_teacher_prompt_tokens=-5", "max_teacher_prompt_tokens"),  # cut 5 tokens off the front
+        ("pg_clip_low=-1", "pg_clip_low"),  # clamp(2, 0.5): every ratio 0.5
+        ("success_weight_alpha=-1", "success_weight_alpha"),
+        ("seed=-1", "seed"),
+        ("dtype=float16", "dtype"),  # AdamW's eps underflows: nan weights after one step
+        ("chat_template_kwargs={tokenize: true}", "chat_template_kwargs"),
+        ("reflector={base_url: nonsense, model: x}", "reflector"),
+        ("reflector={base_url: 'http://h/v1', model: x, timeout: -1}", "reflector"),
+        ("reflector={base_url: 'http://h/v1', model: x, max_concurrency: 0.5}", "reflector"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(field)
+
+
+def test_settings_checked_against_each_other():
+    with pytest.raises(ConfigError, match=r"^max_ratio: must be >= min_ratio"):
+        load_config(None, ["min_ratio=0.5", "max_ratio=0.1"])  # the teacher floored, then capped
+    with pytest.raises(ConfigError, match=r"^hub_model_id: expected"):
+        load_config(None, ["push_to_hub=true", "hub_model_id=bad name!!"])  # found after training
+    assert load_config(None, ["push_to_hub=true", "hub_model_id=me/resd-qwen_0.5b"]).push_to_hub
 
 
 def test_yaml_spellings_a_user_writes_mean_what_they_say(tmp_path):

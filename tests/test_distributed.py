@@ -108,7 +108,7 @@ def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> Non
     # noise can flip near-zero elements: a tolerance of a fraction of one step, not 1e-5.
     # A parameter left out of the update or the sync would be off by whole steps.
     last = "checkpoint-4"
-    files = ["model.safetensors", "adapter_model.safetensors", "teacher.safetensors"]
+    files = ["model.safetensors", "adapter_model.safetensors", "teachers/teacher.safetensors"]
     compared = 0
     for name in files:
         if (one / last / name).exists():
@@ -165,7 +165,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
     assert_same_run(one_process, sharded)
     summary = json.loads((sharded / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"]) == ("fsdp", 2)
-    with safe_open(str(sharded / "checkpoint-4/teacher.safetensors"), "pt") as f:
+    with safe_open(str(sharded / "checkpoint-4/teachers/teacher.safetensors"), "pt") as f:
         assert f.get_tensor("model.norm.weight").shape == (32,)  # full tensors, not shards
     # Continue the sharded run from step 2 in one process, and the one-process run in two
     # sharded processes: FSDP's optimizer-state load runs in each. (Two to two adds nothing:

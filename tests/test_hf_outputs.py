@@ -126,10 +126,19 @@ def test_chat_template_override_variables_and_system_fallback(tiny_model_dir, tm
         str(tiny_model_dir), chat_template=GEMMA_LIKE, chat_template_kwargs={"think": True}
     )
     assert not thinking.decode(chat_prompt_ids(thinking, messages)).endswith("</think>")
-    # a template error that is not about the system role is not swallowed
-    broken = load_tokenizer(str(tiny_model_dir), chat_template="{{ raise_exception('bad') }}")
+    # a template error that is not about the system role is not swallowed: it is found
+    # when the tokenizer loads, before any model
+    with pytest.raises(ValueError, match=r"^chat_template: .*TemplateError: bad"):
+        load_tokenizer(str(tiny_model_dir), chat_template="{{ raise_exception('bad') }}")
+    picky = load_tokenizer(
+        str(tiny_model_dir),
+        chat_template=(  # refuses one prompt only
+            "{% if messages[0]['content'] == 'x' %}{{ raise_exception('bad') }}{% endif %}"
+            + GEMMA_LIKE
+        ),
+    )
     with pytest.raises(Exception, match="bad"):
-        chat_prompt_ids(broken, [{"role": "user", "content": "x"}])
+        chat_prompt_ids(picky, [{"role": "user", "content": "x"}])
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):

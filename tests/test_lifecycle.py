@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from resd.cli import main
 from resd.parallel.base import NonFiniteGradient
@@ -17,7 +18,7 @@ from resd.training.callbacks import Callback
 from resd.training.playbook import Playbook
 from resd.training.trainer import Trainer
 from test_trainer import PREFILLS, config, read_jsonl
-from toy_envs import ParityEnv
+from toy_envs import ConstantEnv, ParityEnv
 
 # ---- the command line -------------------------------------------------------------------------
 
@@ -115,6 +116,48 @@ def test_keep_checkpoints_prunes_the_oldest(tiny_model_dir, tmp_path):
         "checkpoint-3",
         "checkpoint-4",
     ]
+
+
+def test_a_checkpoint_is_a_model_folder_any_server_reads_and_resumes_strictly(
+    tiny_model_dir, tmp_path
+):
+    """Its top level holds the student alone (vLLM reads every *.safetensors there, and the
+    teacher's tensors have the student's names), readable as the run folder is; older
+    checkpoints with the teacher beside the student still resume; a resume may not change
+    the teacher, bring in a KL reference, or swap an environment given in Python."""
+    import os
+
+    out = tmp_path / "c"
+    cfg = config(tiny_model_dir, out, "save_every=2", "steps=2", "inner_updates=1")
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    ckpt = out / "checkpoint-2"
+    assert [p.name for p in ckpt.glob("*.safetensors")] == ["model.safetensors"]
+    assert (ckpt / "teachers" / "teacher.safetensors").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ckpt.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    written = (out / "summary.json").stat().st_mtime_ns
+    assert trainer.train() == summary and (out / "summary.json").stat().st_mtime_ns == written
+
+    more = config(tiny_model_dir, out, "save_every=2", "steps=3", "inner_updates=1")
+    for changed, message in [("teacher=live", r"^teacher: 'live' now, 'ema'"),
+                             ("kl_coef=0.1", r"^kl_coef: 0\.1 now, 0\.0 in checkpoint-2")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            Trainer(config(tiny_model_dir, out, "save_every=2", "steps=3", "inner_updates=1", changed),
+                    resume=True)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"^env: toy_envs:ConstantEnv now, toy_envs:ParityEnv in checkpoint-2"
+    ):
+        Trainer(more, resume=True, env=ConstantEnv())
+
+    Trainer(more, resume=True, env=ParityEnv())  # the same class given in Python: fine
+    saved = load_file(ckpt / "teachers" / "teacher.safetensors")
+    (ckpt / "teachers" / "teacher.safetensors").rename(ckpt / "teacher.safetensors")  # old layout
+    (ckpt / "teachers").rmdir()
+    resumed = Trainer(more, resume=True)
+    teacher = resumed.teacher.copy.state_dict()
+    assert all(torch.equal(teacher[k], t) for k, t in saved.items())
 
 
 def test_resume_skips_a_damaged_checkpoint_and_a_leftover_temporary(
@@ -222,12 +265,48 @@ def test_inputs_that_name_no_usable_file_are_refused_by_name(tiny_model_dir, tmp
     with pytest.raises(ValueError, match=r"^model: no such folder 'runs/typo'"):
         resolve_model_path("runs/typo")
     assert resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a Hub id, untouched
+    # a local folder by its absolute path: what a LoRA adapter records as its base
+    assert resolve_model_path("runs") == str(tmp_path.resolve() / "runs")
     for step in (8, 16):  # no final model yet
         (tmp_path / "runs" / "killed" / f"checkpoint-{step}").mkdir(parents=True)
     with pytest.raises(
         ValueError, match=r"without a final model .*checkpoints: checkpoint-8, checkpoint-16$"
     ):
         resolve_model_path("runs/killed")
+
+
+def test_what_fails_only_later_is_checked_before_the_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A tracker's missing package (was: a traceback after the model, teacher and optimizer
+    were built) and a chat template that cannot render (was: a TypeError at the first
+    evaluation)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"^report_to: wandb needs the wandb package"):
+        Trainer(config(tiny_model_dir, tmp_path / "w", "report_to=wandb"))
+    with pytest.raises(ValueError, match=r"^chat_template: the chat template cannot render"):
+        Trainer(config(tiny_model_dir, tmp_path / "t", "chat_template={{ messages[0]['content'] }"))
+    with pytest.raises(ValueError, match=r"^chat_template_kwargs: the chat template cannot render"):
+        Trainer(config(tiny_model_dir, tmp_path / "k", "chat_template_kwargs={tools: 3}"))
+    assert not any((tmp_path / name).exists() for name in ("w", "t", "k"))
+
+
+def test_a_failed_push_keeps_the_finished_run(tiny_model_dir, tmp_path, monkeypatch):
+    """The Hub cannot be reached here: the push is replaced by one that fails as an
+    offline push does. The run's summary was written before it, and the error says so."""
+    import resd.training.trainer as trainer_module
+
+    def offline(folder, repo_id):
+        raise ConnectionError("huggingface.co is unreachable")
+
+    monkeypatch.setattr(trainer_module, "push_to_hub", offline)
+    out = tmp_path / "p"
+    with pytest.raises(ValueError, match=r"^push_to_hub: the run is complete in .*ConnectionError"):
+        Trainer(config(tiny_model_dir, out, "steps=1", "push_to_hub=true")).train()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
 
 
 # ---- a checker that raises ----------------------------------------------------------------------

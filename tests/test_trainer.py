@@ -246,7 +246,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, tmp_path
     assert untimed(read_jsonl(a / "metrics.jsonl")) == untimed(read_jsonl(b / "metrics.jsonl"))
     assert read_jsonl(a / "samples.jsonl") == read_jsonl(b / "samples.jsonl")
     assert read_jsonl(a / "eval.jsonl") == read_jsonl(b / "eval.jsonl")
-    for name in ("model.safetensors", "teacher.safetensors"):
+    for name in ("model.safetensors", "teachers/teacher.safetensors"):
         wa = load_file(a / "checkpoint-4" / name)
         wb = load_file(b / "checkpoint-4" / name)
         assert wa.keys() == wb.keys()

@@ -53,6 +53,12 @@ CHOICES: dict[str, tuple] = {
 }
 
 
+# The arguments `apply_chat_template` gets from resd itself (`generation.hf.render_chat`).
+RENDER_KEYS = {"conversation", "messages", "add_generation_prompt", "tokenize", "return_dict",
+               "continue_final_message", "chat_template"}  # fmt: skip
+HUB_ID = re.compile(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message always starts with the field's name."""
 
@@ -296,6 +302,8 @@ class TrainConfig:
             "reflection_playbook_tokens",
             "curation_playbook_tokens",
             "teacher_playbook_tokens",
+            "loss_chunk_size",
+            "max_teacher_prompt_tokens",
         ]:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -358,6 +366,47 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be > 0 or null, got {value}")
+        if (
+            self.min_ratio is not None
+            and self.max_ratio is not None
+            and self.max_ratio < self.min_ratio
+        ):
+            raise ConfigError(
+                f"max_ratio: must be >= min_ratio ({self.min_ratio}), got {self.max_ratio}"
+            )
+        if not 0.0 <= self.pg_clip_low <= 1.0 or self.pg_clip_high < 0:
+            raise ConfigError(
+                f"pg_clip_low, pg_clip_high: the ratio is clipped to [1 - low, 1 + high] "
+                f"with 0 <= low <= 1 and high >= 0, got {self.pg_clip_low}, {self.pg_clip_high}"
+            )
+        if self.success_weight_alpha < 0:
+            raise ConfigError(
+                f"success_weight_alpha: must be >= 0, got {self.success_weight_alpha}"
+            )
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: must be in [0, 2**63), got {self.seed}")
+        if (
+            self.dtype == "float16"
+        ):  # AdamW's eps (1e-8) is 0 in float16: the first step divides 0 by 0
+            raise ConfigError(
+                "dtype: float16 master weights are not supported (AdamW's update "
+                "underflows to nan); keep float32, with bf16 autocast for speed"
+            )
+        reserved = sorted(set(self.chat_template_kwargs) & RENDER_KEYS)
+        if reserved:
+            raise ConfigError(
+                f"chat_template_kwargs: {reserved[0]!r} is set by resd itself when it "
+                "renders a prompt; only template variables belong here"
+            )
+        if (
+            self.push_to_hub
+            and self.hub_model_id is not None
+            and not HUB_ID.fullmatch(self.hub_model_id)
+        ):
+            raise ConfigError(
+                f"hub_model_id: expected 'name' or 'owner/name' of letters, digits, "
+                f"'-', '_' and '.', got {self.hub_model_id!r}"
+            )
         self.report_to = _check_report_to(self.report_to)
         if self.reflector is not None:
             from resd.training.reflector import check_reflector

@@ -198,7 +198,9 @@ def resolve_model_path(name: str) -> str:
         names = ", ".join(f"checkpoint-{step}" for step in steps)
         raise ValueError(f"model: {name!r} is a run folder without a final model (the run "
                          f"has not finished); name one of its checkpoints: {names}")  # fmt: skip
-    return str(Path(name).expanduser()) if name.startswith("~") else name
+    # A local folder by its absolute path: a LoRA adapter records its base model's path,
+    # which must still lead to it from another working directory.
+    return str(folder.resolve()) if folder.is_dir() else name
 
 
 def _cannot_load(name: str, exc: Exception) -> ValueError:
@@ -262,6 +264,13 @@ def load_tokenizer(
             "Jinja template or a file holding one, or train an instruct model"
         )
     tokenizer.resd_chat_template_kwargs = dict(chat_template_kwargs or {})
+    try:  # now, not at the first prompt after the model has loaded
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], add_generation_prompt=True,
+                                      tokenize=False, **tokenizer.resd_chat_template_kwargs)  # fmt: skip
+    except Exception as exc:  # jinja2's errors, or a variable of the wrong type
+        given = "chat_template_kwargs" if chat_template_kwargs else "chat_template"
+        raise ValueError(f"{given}: the chat template cannot render a one-message chat: "
+                         f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
     return tokenizer
 
 

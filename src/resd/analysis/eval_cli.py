@@ -75,7 +75,10 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> EvalSettings:
-        """The settings the trainer evaluates a run with (`Trainer.evaluate`)."""
+        """The settings the trainer evaluates a run with (`Trainer.evaluate`), but the seed:
+        the trainer's evaluation at step t draws with seed × 7919 + t (each evaluation of
+        a run its own draws), this one with the run's seed (every model the same draws).
+        `resd eval --seed <seed × 7919 + t>` repeats the trainer's step-t evaluation."""
         return cls(
             samples=cfg.eval_samples,
             temperature=cfg.eval_temperature,

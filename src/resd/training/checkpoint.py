@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoint-12/` in the run directory (the name every Hugging
 Face tool expects) holding the student at its top level (an ordinary model folder, or a
-PEFT adapter, that `from_pretrained` loads as it is), the teacher weights, the optimizer,
+PEFT adapter, that `from_pretrained` loads as it is), the teacher weights (in
+`teachers/`), the optimizer,
 the playbook, the solution buffer, the RNG states and the data cursor. It is written to
 a temporary folder and renamed into place, so a checkpoint either exists whole or not
 at all: a SIGKILL during saving leaves the previous one intact.
@@ -80,6 +81,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             continue
         seen.add(key)
         unique[name] = t.detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file(unique, str(path))
 
 
@@ -117,10 +119,13 @@ def save_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp-checkpoint-"))
+    umask = os.umask(0)  # mkdtemp makes it 0700; the checkpoint is read as the run folder is
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         save_model(tmp, model, tokenizer, model_state)
         for name, tensors in teacher_states.items():  # teacher weights, reference model, ...
-            save_tensors(tmp / f"{name}.safetensors", tensors)
+            save_tensors(teacher_file(tmp, name), tensors)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state()["torch"], tmp / "rng_torch.pt")
         payload = dict(state, step=step, python_rng=random.getstate())
@@ -137,6 +142,13 @@ def save_checkpoint(
     return final
 
 
+def teacher_file(checkpoint: Path, name: str) -> Path:
+    """Where a checkpoint keeps the weights of teacher `name` (`teacher`, `reference`): in
+    `teachers/`, not beside the student, whose folder a server such as vLLM reads whole,
+    every `*.safetensors` file in it, under the same tensor names."""
+    return checkpoint / "teachers" / f"{name}.safetensors"
+
+
 def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """Restore teachers and RNG in place; returns (run state, full optimizer state).
 
@@ -144,7 +156,8 @@ def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, 
     loaded by it too, since under FSDP that must wait until the model is sharded.
     """
     for name, teacher in teachers.items():
-        teacher.load(path / f"{name}.safetensors")
+        legacy = path / f"{name}.safetensors"  # checkpoints written before teachers/ existed
+        teacher.load(legacy if legacy.exists() else teacher_file(path, name))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     state = json.loads((path / "state.json").read_text())
     set_rng_state(

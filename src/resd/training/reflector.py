@@ -27,6 +27,14 @@ Conversation = list[dict[str, str]]
 REFLECTOR_KEYS = {"base_url", "model", "api_key_env", "timeout", "max_concurrency", "temperature"}
 
 
+# The numeric settings, checked when the config is read rather than at the first request.
+NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "timeout": (lambda v: v > 0, "a number of seconds > 0"),
+    "max_concurrency": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "temperature": (lambda v: v >= 0, "a number >= 0"),
+}
+
+
 def check_reflector(value: dict[str, Any]) -> str | None:
     """What is wrong with a `reflector:` mapping, or None."""
     unknown = sorted(set(value) - REFLECTOR_KEYS)
@@ -35,6 +43,13 @@ def check_reflector(value: dict[str, Any]) -> str | None:
     missing = [k for k in ("base_url", "model") if not value.get(k)]
     if missing:
         return f"needs {' and '.join(missing)}"
+    if not str(value["base_url"]).startswith(("http://", "https://")):
+        return f"base_url: expected an http(s):// URL, got {value['base_url']!r}"
+    for key, (ok, expected) in NUMBER_RULES.items():
+        given = value.get(key)
+        number = isinstance(given, int | float) and not isinstance(given, bool)
+        if given is not None and not (number and ok(given)):
+            return f"{key}: expected {expected}, got {given!r}"
     return None
 
 

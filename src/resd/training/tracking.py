@@ -18,6 +18,7 @@ it later) instead of prompting for a login.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -33,6 +34,14 @@ log = logging.getLogger(__name__)
 TRACKERS = ("tensorboard", "wandb")
 INSTALL_HINT = "pip install resd[logging]"
 WANDB_HOST = "api.wandb.ai"
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Fail before any model loads when a tracker's package is missing (the Tracker itself
+    is opened last, once the run's state is known)."""
+    for name in report_to:
+        if importlib.util.find_spec(name) is None:  # the packages are named as the trackers
+            raise ValueError(f"report_to: {name} needs the {name} package; {INSTALL_HINT}")
 
 
 def numeric_items(metrics: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:

@@ -61,7 +61,7 @@ from resd.training.policy import PolicySampler, load_policy, merged_sampling
 from resd.training.rollout import GivenRollout, PhaseTimer, Rollout, RowStats, row_seed
 from resd.training.teacher import Teacher
 from resd.training.teacher_context import SolutionBuffer
-from resd.training.tracking import Tracker
+from resd.training.tracking import Tracker, check_trackers
 from resd.training.update import Update
 
 __all__ = ["PHASES", "Trainer"]
@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 # Settings a resumed run must share with its checkpoint: they decide the stream of prompts
 # (which items, in which order, how many per step) and what is trained.
 RESUME_FIXED = ("model", "algorithm", "env", "env_args", "seed", "shuffle", "epochs", "batch_size",
-                "inner_updates", "rollouts_per_prompt", "lora")  # fmt: skip
+                "inner_updates", "rollouts_per_prompt", "lora", "teacher")  # fmt: skip
 
 
 def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
@@ -89,15 +89,15 @@ def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
     raise TypeError(f"env: expected an Environment or a datasets.Dataset, got {type(env).__name__}")
 
 
+def _class_path(env: Environment) -> str:
+    return f"{type(env).__module__}:{type(env).__qualname__}"
+
+
 def _env_name(env: Environment) -> str:
     """An environment built in Python, named: its `name`, or its class where it kept the
     base's placeholder."""
     name = getattr(env, "name", "")
-    return (
-        name
-        if name and name != Environment.name
-        else f"{type(env).__module__}:{type(env).__name__}"
-    )
+    return name if name and name != Environment.name else _class_path(env)
 
 
 def teacher_confirms_failures(metrics: dict[str, Any]) -> bool:
@@ -152,6 +152,11 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.parallel = make_parallel(cfg.strategy, cfg.zero_stage)
         self.parallel.check(cfg)
+        check_trackers(cfg.report_to if self.parallel.is_main else [])
+        if cfg.dtype == "bfloat16":
+            log.warning("dtype: bfloat16 master weights round away updates smaller than about "
+                        "1/256 of a weight (at lr %g most of AdamW's steps); float32 with bf16 "
+                        "autocast keeps them", cfg.lr)  # fmt: skip
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
         self._seed(cfg.seed)
@@ -219,6 +224,7 @@ class Trainer:
         # A caller's own resumable state, saved in every checkpoint beside the trainer's
         # (the serving learner keeps which feedback rows each step consumed).
         self.extra_state: dict[str, Any] = {}
+        self.summary: dict[str, Any] | None = None  # what `train` returned, once it has run
         if checkpoint:
             self._restore(checkpoint, state, optimizer_state)
         # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
@@ -298,6 +304,10 @@ class Trainer:
 
         Under data parallelism only rank 0 writes files and evaluates; the others wait.
         """
+        if self.summary is not None:  # its trackers are closed and the summary written
+            log.warning("train: this Trainer has finished; its summary is returned again "
+                        "(to train further, build a Trainer with resume=True and more steps)")  # fmt: skip
+            return self.summary
         cfg, main = self.cfg, self.parallel.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,11 +352,18 @@ class Trainer:
         }  # fmt: skip
         if evals:
             summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
-        self.save_model(summary)
+        self.save_model(summary, push=False)
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.close()
         self.parallel.barrier()
+        self.summary = summary
+        if cfg.push_to_hub and main:  # last: a failed push loses nothing of the run
+            try:
+                push_to_hub(self.run_dir, cfg.hub_model_id or self.run_dir.name)
+            except Exception as exc:
+                raise ValueError(f"push_to_hub: the run is complete in {self.run_dir}, but the "
+                                 f"push failed: {type(exc).__name__}: {exc}") from exc  # fmt: skip
         return summary
 
     def save(self) -> Path:
@@ -366,7 +383,8 @@ class Trainer:
             state = {
                 "cursor": {"batch": self.step // self.cfg.inner_updates, "inner": self.step % self.cfg.inner_updates},
                 "playbook": self.playbook.to_dict(), "buffer": self.buffer.solutions,
-                "totals": dict(self.totals), "config": self.cfg.to_dict(), "extra": self.extra_state,
+                "totals": dict(self.totals), "config": self.cfg.to_dict(), "env_class": _class_path(self.env),
+                "extra": self.extra_state,
             }  # fmt: skip
             path = save_checkpoint(
                 self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
@@ -378,15 +396,15 @@ class Trainer:
             callback.on_save(self, path)
         return path
 
-    def save_model(self, summary: dict[str, Any] | None = None) -> Path:
+    def save_model(self, summary: dict[str, Any] | None = None, *, push: bool = True) -> Path:
         """The trained model (a LoRA run: its adapter) and its tokenizer at the top of
         `output_dir`, where `from_pretrained`, `resd eval` and vLLM look, with a model card;
-        pushed to the Hub when `push_to_hub` is set (every process helps gather)."""
+        pushed to the Hub when `push_to_hub` is set and `push` (every process helps gather)."""
         model_state = self.parallel.full_state_dict(self.model) if self.parallel.sharded else None
         if self.parallel.is_main:
             save_model(self.run_dir, self.model, self.tokenizer, model_state)
             write_model_card(self.run_dir, self.cfg, summary or {})
-            if self.cfg.push_to_hub:
+            if self.cfg.push_to_hub and push:
                 push_to_hub(self.run_dir, self.cfg.hub_model_id or self.run_dir.name)
         self.parallel.barrier()
         return self.run_dir
@@ -403,6 +421,16 @@ class Trainer:
         (steps, learning rate, evaluation, saving) may change, and each change is said."""
         state = json.loads((path / "state.json").read_text())  # a complete checkpoint has it
         saved, now = state.get("config", {}), self.cfg.to_dict()
+        env_class = _class_path(self.env)  # also where `cfg.env` cannot tell (given in Python)
+        if state.get("env_class", env_class) != env_class:
+            raise ValueError(f"env: {env_class} now, {state['env_class']} in {path.name}; a "
+                             "resumed run continues on the environment it started on")  # fmt: skip
+        if (saved.get("kl_coef", 0) > 0) != (
+            now["kl_coef"] > 0
+        ):  # no reference saved, or one unused
+            raise ValueError(f"kl_coef: {now['kl_coef']} now, {saved.get('kl_coef')} in {path.name}; "
+                             "the KL reference is the initial model, which a checkpoint keeps only "
+                             "when the run started with kl_coef > 0")  # fmt: skip
         changed = {
             k: (saved[k], now[k])
             for k in saved
