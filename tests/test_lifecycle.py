@@ -398,3 +398,12 @@ def test_success_weighting_reweights_rare_successes(tiny_model_dir, tmp_path):
     tokens = sum(len(r["token_losses"]) for r in rows)
     expected = sum(w * m for w, m in zip(weights, means, strict=True)) / tokens
     assert weighted["loss"] == pytest.approx(expected, rel=2e-2)  # logged losses are rounded
+
+
+def test_a_strategy_without_a_launcher_runs_alone_and_says_so(caplog, monkeypatch):
+    from resd.parallel import make_parallel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert make_parallel("auto").name == "single" and "launcher" not in caplog.text
+    assert make_parallel("fsdp").name == "single"
+    assert "strategy: fsdp asked for, but no launcher" in caplog.text

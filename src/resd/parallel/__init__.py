@@ -17,11 +17,13 @@ so a run saved under one strategy or number of processes resumes under any other
 
 from __future__ import annotations
 
+import logging
 import os
 
 from resd.parallel.base import Parallel, full_tensor, tied_aliases
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+log = logging.getLogger(__name__)
 
 
 def _env_flag(name: str) -> bool:
@@ -44,6 +46,10 @@ def resolve_strategy(requested: str) -> str:
 def make_parallel(strategy: str = "auto", zero_stage: int | None = None) -> Parallel:
     """The strategy for this process: `single` without a launcher (no WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if strategy != "auto" or zero_stage is not None:
+            asked = strategy if strategy != "auto" else f"zero_stage {zero_stage}"
+            log.warning("strategy: %s asked for, but no launcher (accelerate launch, torchrun) "
+                        "started this process: it runs alone, unsharded", asked)  # fmt: skip
         return Parallel()
     resolved = resolve_strategy(strategy)
     if resolved == "fsdp":
