@@ -385,9 +385,8 @@ class TrainConfig:
             )
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed: must be in [0, 2**63), got {self.seed}")
-        if (
-            self.dtype == "float16"
-        ):  # AdamW's eps (1e-8) is 0 in float16: the first step divides 0 by 0
+        # AdamW's eps (1e-8) is 0 in float16: the first step divides 0 by 0
+        if self.dtype == "float16":
             raise ConfigError(
                 "dtype: float16 master weights are not supported (AdamW's update "
                 "underflows to nan); keep float32, with bf16 autocast for speed"
