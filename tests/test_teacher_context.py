@@ -41,6 +41,9 @@ def test_custom_template_from_file_and_validation(tmp_path):
     with pytest.raises(ValueError, match=r"\{prompt\}"):
         TeacherTemplate("{feedback}")
     assert TeacherTemplate.from_config(None).text == TeacherTemplate().text
+    # a file name that is not there: named so, not "must contain the {prompt} slot"
+    with pytest.raises(ValueError, match=r"^teacher_template: no such file 'nofile.txt'"):
+        TeacherTemplate.from_config("nofile.txt")
 
 
 def test_fill_is_single_pass():

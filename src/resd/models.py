@@ -310,7 +310,8 @@ def load_model(
         )
     except OSError as exc:
         raise _cannot_load(name, exc) from exc
-    except TypeError as exc:  # a `model_init_kwargs` key the model class does not take
+    except (TypeError, ImportError) as exc:  # a key the model class does not take, or an
+        # attn_implementation whose package is missing (flash_attention_2 on a CPU machine)
         raise ValueError(f"model_init_kwargs: {exc}") from exc
     target = pick_device(device)
     model.to(target)

@@ -73,6 +73,9 @@ class TeacherTemplate:
         path = Path(value)
         if len(value) < 4096 and "\n" not in value and path.is_file():
             return cls(path.read_text())
+        if "{" not in value:  # neither a template (it has slots) nor a file
+            raise ValueError(f"teacher_template: no such file {value!r} (or give the template "
+                             "itself, with its {prompt} slot)")  # fmt: skip
         return cls(value)
 
     def render(self, **values: str) -> str:
