@@ -401,6 +401,15 @@ def test_success_weighting_reweights_rare_successes(tiny_model_dir, tmp_path):
     assert weighted["loss"] == pytest.approx(expected, rel=2e-2)  # logged losses are rounded
 
 
+def test_settings_that_do_nothing_useful_are_warned_about(tiny_model_dir, tmp_path, caplog):
+    from resd.analysis.continual import build_plan
+
+    Trainer(config(tiny_model_dir, tmp_path / "w", "warmup_steps=10", "steps=4"))
+    assert "warmup_steps: 10 for a run of 4 steps" in caplog.text
+    build_plan({"stages": [{"steps": 1}]})
+    assert "stages[0]: no env, here or in the base config" in caplog.text
+
+
 def test_a_strategy_without_a_launcher_runs_alone_and_says_so(caplog, monkeypatch):
     from resd.parallel import make_parallel
 

@@ -210,6 +210,15 @@ def test_config_only_run_still_yields_a_report(tmp_path: Path) -> None:
     assert "Not recorded: metrics.jsonl" in text
 
 
+def test_an_empty_playbook_is_not_called_missing(tmp_path: Path) -> None:
+    run = tmp_path / "empty-playbook"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": "resd"}))
+    (run / "playbook.json").write_text(json.dumps({"entries": []}))
+    text = build_report(run).read_text()
+    assert "the playbook is empty" in text and "no playbook.json" not in text
+
+
 def test_an_environment_given_in_python_is_the_one_the_report_names(tmp_path: Path) -> None:
     run = tmp_path / "given"
     run.mkdir()

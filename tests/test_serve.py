@@ -645,6 +645,26 @@ def test_cli_refuses_bad_options_before_loading_the_model(
     assert loads == [] and not (tmp_path / "out").exists()
 
 
+def test_cli_names_a_port_in_use_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from resd.cli import main
+
+    loads = _no_model_load(monkeypatch)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(
+            ["serve", "--model", "unused", "--port", str(port), "--output-dir", str(tmp_path / "o")]
+        )
+    err = capsys.readouterr().err
+    assert code == 2 and f"--host/--port: cannot listen on 127.0.0.1:{port}" in err, err
+    assert loads == [] and not (tmp_path / "o").exists()  # its new database removed again
+
+
 def test_cli_names_a_database_that_cannot_be_opened(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

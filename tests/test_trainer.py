@@ -456,6 +456,7 @@ def test_a_teacher_that_confirms_failed_rollouts_is_reported_once(tiny_model_dir
     failing = {"success_rate": 0.0, "distilled": 8, "teacher_advantage": 0.58}
     assert teacher_confirms_failures(failing)
     assert not teacher_confirms_failures({**failing, "teacher_advantage": -0.79})  # disagrees
+    assert not teacher_confirms_failures({**failing, "teacher_advantage": 0.004})  # has not moved
     assert not teacher_confirms_failures({**failing, "success_rate": 0.25})  # successes agree
     assert not teacher_confirms_failures({**failing, "distilled": 0})  # nothing distilled
     trainer, metrics, _ = one_step(tiny_model_dir, tmp_path, "sdpo")

@@ -197,6 +197,9 @@ def build_plan(data: dict[str, Any], overrides: list[str] | None = None) -> Cont
     names: set[str] = set()
     stages = []
     for k, raw in enumerate(stages_raw):
+        if "env" not in raw and "env" not in base_data:
+            log.warning("stages[%d]: no env, here or in the base config: it trains on the "
+                        "default, %s", k, base.env)  # fmt: skip
         name = _unique(slug(str(raw.pop("name", None) or raw.get("env", base.env))), names)
         stage_data = {**base_data, **raw}
         if "env" in raw and "env_args" not in raw:

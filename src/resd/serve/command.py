@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +43,8 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--output-dir", default="runs/serve",
                        help="where the SQLite database (resd.db) and the learner's files go")  # fmt: skip
     serve.add_argument("--db", default=None,
-                       help="SQLAlchemy URL (default: sqlite:///<output-dir>/resd.db)")  # fmt: skip
+                       help="SQLAlchemy URL, or a path read as an SQLite file "
+                       "(default: sqlite:///<output-dir>/resd.db)")  # fmt: skip
     serve.add_argument("--api-key-env", default="RESD_API_KEY",
                        help="environment variable holding the API key (unset: no auth)")  # fmt: skip
     serve.add_argument("--max-batch", type=int, default=8, help="requests per generation batch")
@@ -113,6 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         store = _open_store(url, "--db" if args.db else "--output-dir")
         _check_base_version(store, args.base_version, args.model)
+        _check_listen(args.host, args.port)
         name = args.served_model_name or args.model
         served = load_served_model(
             args.model, version=args.base_version, name=name, dtype=args.dtype,
@@ -191,6 +194,18 @@ def _check_base_version(store: Store, version: str, model: str) -> None:
         raise ValueError(f"--base-version: {version!r} is recorded in this database as "
                          f"{note}; this server loads {model}. Choose another --base-version "
                          "for it, or another --output-dir / --db")  # fmt: skip
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind the address once and let it go: a port in use was found only after the model
+    had loaded, when uvicorn bound it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        raise ValueError(f"--host/--port: cannot listen on {host}:{port}: {exc}") from exc
 
 
 def _open_store(url: str, option: str) -> Store:

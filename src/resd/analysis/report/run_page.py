@@ -165,7 +165,8 @@ def section_timing(run: Run, sink: PlotSink) -> str:
 def _top_entries(run: Run) -> str:
     entries = [e for e in (run.playbook or {}).get("entries", []) if isinstance(e, dict)]
     if not entries:
-        return not_recorded("playbook entries (no playbook.json)")
+        why = "the playbook is empty" if run.playbook is not None else "no playbook.json"
+        return not_recorded(f"playbook entries ({why})")
     ranked = sorted(
         entries,
         key=lambda e: (-(e.get("helpful") or 0), e.get("harmful") or 0, str(e.get("id"))),
