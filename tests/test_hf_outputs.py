@@ -51,6 +51,8 @@ def test_lora_settings_are_peft_settings():
     assert lora_config({"alpha": 64}).lora_alpha == 64  # our short name still works
     assert lora_config({}).target_modules == "all-linear" and lora_config({}).r == 16
     assert lora_config({"use_rslora": True}).use_rslora  # any PEFT field passes through
+    # the base's revision (model_init_kwargs) is recorded in adapter_config.json
+    assert lora_config({}, "v1.2").revision == "v1.2" and lora_config({}).revision is None
     with pytest.raises(ConfigError, match=r"^lora: .*lora_alfa"):
         lora_config({"lora_alfa": 8})  # PEFT's own message names the bad key
     with pytest.raises(ConfigError, match="same setting"):
@@ -100,6 +102,17 @@ def test_model_card_of_a_lora_run_without_evaluation():
         and "No evaluation was recorded." in card
         and ", LoRA" in card
     )
+
+
+def test_the_cards_base_model_is_one_the_hub_knows(tmp_path):
+    """A bundled alias or a local folder as `base_model` would be refused on push."""
+
+    def base(model: str) -> str:
+        return model_card(load_config(None, [f"model={model}"]), {"steps": 1}).split("---")[1]
+
+    assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in base("smollm2-135m")
+    assert 'base_model: "Qwen/Qwen3-0.6B"' in base("Qwen/Qwen3-0.6B")
+    assert "base_model" not in base(str(tmp_path))
 
 
 # ---- model options: from_pretrained arguments, chat templates, gradient checkpointing ----

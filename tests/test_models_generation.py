@@ -339,3 +339,19 @@ def test_cpu_models_decode_through_packed_sdpa_and_agree_with_sdpa(tiny_model_di
         str(tiny_model_dir), device="cpu", init_kwargs={"attn_implementation": "eager"}
     )
     assert eager.config._attn_implementation == "eager"
+
+
+def test_a_cut_prompt_keeps_its_end_and_is_said_once(tiny_model_dir, caplog, monkeypatch):
+    """`max_prompt_tokens: 4` kept the assistant header and cut the task away, silently."""
+    import resd.generation.hf as hf
+    from resd.models import load_tokenizer
+
+    monkeypatch.setattr(hf, "_said_cut", False)
+    tok = load_tokenizer(str(tiny_model_dir))
+    messages = [{"role": "user", "content": "Name the capital of France, please."}]
+    full = chat_prompt_ids(tok, messages)
+    assert "cut" not in caplog.text
+    assert chat_prompt_ids(tok, messages, 4) == full[-4:]
+    assert chat_prompt_ids(tok, messages, 5) == full[-5:]
+    assert caplog.text.count(f"a prompt of {len(full)} tokens was cut to its last 4") == 1
+    assert caplog.text.count("was cut") == 1

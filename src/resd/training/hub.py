@@ -13,6 +13,7 @@ from typing import Any
 
 import resd
 from resd.config import TrainConfig
+from resd.models import BUNDLED_MODELS
 
 # What a model repository needs; a run directory also holds logs, checkpoints, playbooks.
 HUB_PATTERNS = (
@@ -20,6 +21,14 @@ HUB_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
     "README.md",
 )  # fmt: skip
+
+
+def hub_base_model(model: str) -> str | None:
+    """What a card's `base_model` can name, which the Hub checks against its models: a
+    bundled model's upstream id, a Hub id as given, nothing for a local folder."""
+    if model in BUNDLED_MODELS:
+        return BUNDLED_MODELS[model].hub_id or None
+    return None if Path(model).expanduser().exists() else model
 
 
 def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
@@ -41,9 +50,10 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     )
     front = {
         "library_name": "peft" if cfg.lora else "transformers",
-        "base_model": cfg.model,
+        "base_model": hub_base_model(cfg.model),
         "tags": list(dict.fromkeys(["resd", "self-distillation", cfg.algorithm])),
     }
+    front = {key: value for key, value in front.items() if value is not None}
     header = "---\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in front.items()) + "\n---\n"
     return (
         f"{header}\n# {cfg.model} trained with resd ({cfg.algorithm})\n\n"

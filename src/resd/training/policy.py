@@ -69,7 +69,10 @@ def load_policy(
     LoRA base model taken before the adapter wraps it (a deep copy of the PEFT model
     decoded 5x slower than this plain one)."""
     device = parallel.device(cfg.device)
-    lora = lora_config(cfg.lora) if cfg.lora and not checkpoint else None  # a bad key fails first
+    # a bad key fails first; the base's revision is recorded with the adapter, so that
+    # loading it later fetches the same base weights
+    revision = cfg.model_init_kwargs.get("revision")
+    lora = lora_config(cfg.lora, revision) if cfg.lora and not checkpoint else None
     if not cfg.lora:
         source = str(checkpoint) if checkpoint else cfg.model
         model = load_model(
@@ -166,11 +169,13 @@ def _checkpointed(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
-def lora_config(settings: dict[str, Any]):
-    """`peft.LoraConfig(**settings)` with our defaults; PEFT's own error names a bad key."""
+def lora_config(settings: dict[str, Any], revision: str | None = None):
+    """`peft.LoraConfig(**settings)` with our defaults (and the base model's `revision`);
+    PEFT's own error names a bad key."""
     from peft import LoraConfig
 
-    kwargs = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    kwargs = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM",
+              "revision": revision}  # fmt: skip
     for key, value in settings.items():
         name = SHORT_LORA_KEYS.get(key, key)
         if name in settings and name != key:
