@@ -102,3 +102,15 @@ def test_products_can_be_large_and_feedback_does_not_quote_the_reply_by_default(
     )
     with pytest.raises(ValueError, match="mul_max_operand"):
         ArithmeticEnv(mul_max_operand=0)
+
+
+def test_counts_the_pool_cannot_fill_are_refused():
+    """`n_train=1000000 max_operand=1` gave 0 training items (the test split took the 12
+    questions there are); a negative count sliced items away."""
+    with pytest.raises(
+        ValueError, match=r"make 12 distinct questions, fewer than n_train \+ n_test"
+    ):
+        ArithmeticEnv(n_train=1_000_000, n_test=4, max_operand=1)
+    for bad in ({"n_train": -5}, {"n_test": 2.7}, {"n_train": True}):
+        with pytest.raises(ValueError, match=r"^env_args\.n_(train|test): expected a whole number"):
+            ArithmeticEnv(**bad)

@@ -92,3 +92,18 @@ def test_a_quoted_answer_counts():
     assert env.score(item, "The opposite of the word 'thick' is 'thin'.").reward == 1.0
     assert env.score(item, "'thinner'").reward == 0.0
     assert env.score(item, "The opposite of 'thick' is not 'thin', is it?").reward == 1.0
+
+
+def test_arguments_that_read_wrongly_are_refused():
+    """`rules=lowercase` (a string) was read letter by letter ("unknown rule 'l'"); `rules=[]`
+    made a task without rules; `test_fraction=1.5` left no training items."""
+    with pytest.raises(ValueError, match=r"^env_args\.rules: expected a list"):
+        HouseRulesEnv(rules="lowercase")
+    with pytest.raises(ValueError, match=r"^env_args\.rules: expected a list"):
+        HouseRulesEnv(rules=[])
+    with pytest.raises(
+        ValueError, match=r"^env_args\.test_fraction: expected a number in \[0, 1\]"
+    ):
+        HouseRulesEnv(test_fraction=1.5)
+    with pytest.raises(ValueError, match=r"^env_args\.n_test: expected a whole number"):
+        HouseRulesEnv(n_test=-1)

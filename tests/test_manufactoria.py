@@ -578,3 +578,10 @@ def test_environment_split_sizes_and_registry():
     assert all(i.meta["family"] == "contains_substring" for i in env.train_items())
     with pytest.raises(ValueError):
         ManufactoriaEnv(families=["no_such_family"])
+
+
+def test_a_negative_count_is_refused():
+    from resd.envs.manufactoria import ManufactoriaEnv
+
+    with pytest.raises(ValueError, match=r"^env_args\.n_train: expected a whole number"):
+        ManufactoriaEnv(n_train=-1)  # was: the last training problem dropped

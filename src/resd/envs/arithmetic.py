@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 
-from resd.envs.base import Environment, Item, Score
+from resd.envs.base import Environment, Item, Score, check_sizes
 
 _ANSWER_LINE = re.compile(r"answer\s*[:=]([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+")
@@ -46,6 +46,7 @@ class ArithmeticEnv(Environment):
             raise ValueError("env_args.max_operand: must be >= 1")
         if mul_max_operand < 1:
             raise ValueError("env_args.mul_max_operand: must be >= 1")
+        check_sizes(n_train=n_train, n_test=n_test)
         self.reveal_answer = reveal_answer
         self.quote_answer = quote_answer
         rng = random.Random(seed)
@@ -74,6 +75,10 @@ class ArithmeticEnv(Environment):
                     answer=str(value),
                 )
             )
+        if len(items) < n_train + n_test:  # the test split would take what there is
+            raise ValueError(f"env_args: ops {ops!r} with operands up to {max_operand} make "
+                             f"{len(items)} distinct questions, fewer than n_train + n_test = "
+                             f"{n_train + n_test}; raise max_operand or ask for fewer")  # fmt: skip
         self._test, self._train = items[:n_test], items[n_test:]
 
     def train_items(self) -> list[Item]:

@@ -67,10 +67,28 @@ class Environment(ABC):
     def score(self, item: Item, response: str) -> Score: ...
 
 
+def check_sizes(**sizes: Any) -> None:
+    """`n_train=…, n_test=…` as an environment takes them: whole numbers >= 0, or None for
+    all. A negative count sliced a split silently (`[:-1]` drops the last item)."""
+    for name, value in sizes.items():
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise ValueError(f"env_args.{name}: expected a whole number >= 0, got {value!r}")
+
+
 def split_items(
     items: list[Item], test_fraction: float, seed: int
 ) -> tuple[list[Item], list[Item]]:
     """Deterministic shuffled train/test split, shared by generator-based environments."""
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, int | float)
+        or not 0 <= test_fraction <= 1
+    ):
+        raise ValueError(
+            f"env_args.test_fraction: expected a number in [0, 1], got {test_fraction!r}"
+        )
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_test = max(1, round(len(items) * test_fraction)) if items else 0
