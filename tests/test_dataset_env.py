@@ -643,3 +643,106 @@ def test_the_demo_config_trains_on_the_items_it_tests():
         == "Incorrect. The correct value is 964 * 60 = 57840."
     )
     assert cfg.epochs * len(train) // cfg.batch_size * cfg.inner_updates >= cfg.steps
+
+
+# -- audit fixes: no silent wrong reward, no silently wrong settings -------------------------
+
+
+@pytest.mark.parametrize("gold", ["A", "An", "?"])
+@pytest.mark.parametrize("reply", ["", "Answer: ", "Answer: The", "Answer: a an the"])
+def test_exact_match_an_empty_reply_never_matches_a_gold_that_normalises_away(gold, reply):
+    # Multiple-choice option "A" used to normalise to "", which an empty reply also was.
+    assert exact_match(gold, reply).reward == 0.0
+    assert exact_match("The", reply.replace("The", "A")).reward == 0.0
+
+
+def test_exact_match_still_accepts_option_letters_and_squad_forms():
+    assert exact_match("A", "Answer: A").reward == 1.0
+    assert exact_match("A", "Answer: (a).").reward == 1.0
+    assert exact_match("the Pacific", "Answer: Pacific").reward == 1.0
+    assert exact_match("C++", "Answer: c++.").reward == 1.0
+    assert exact_match("-5", "Answer: −5").reward == 1.0
+
+
+@pytest.mark.parametrize(
+    ("gold", "reply"),
+    [("-5", "Answer: 5"), ("C++", "Answer: C"), ("C#", "Answer: C"), ("3.5", "Answer: 3,5")],
+)
+def test_exact_match_keeps_signs_decimal_points_and_language_names(gold, reply):
+    assert exact_match(gold, reply).reward == 0.0
+
+
+@pytest.mark.parametrize("response", ["Answer: 5.0.1", "Answer: 12_000", "Answer: 2nd"])
+def test_numeric_does_not_read_versions_literals_or_ordinals_as_numbers(response):
+    gold = {"Answer: 5.0.1": 5, "Answer: 12_000": 12, "Answer: 2nd": 2}[response]
+    assert numeric(gold, response).reward == 0.0
+    assert numeric(10, "Answer: 10kg").reward == 1.0  # a unit after a number is still fine
+
+
+@pytest.mark.parametrize("cell", ["", "   "])
+def test_empty_answer_cell_is_refused_naming_the_row(tmp_path, cell):
+    rows = [{"prompt": "ok", "answer": "x"}, {"prompt": "ok", "answer": cell}]
+    path = write(tmp_path, "jsonl", rows)
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: empty answer"):
+        DatasetEnv(path=path, answer_column="answer")
+
+
+def test_float_gold_answers_score_as_the_number_item_answer_shows(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": a} for i, a in enumerate([1.0, 2.5, 3.0])]
+    env = DatasetEnv(path=write(tmp_path, "parquet", rows), answer_column="answer", n_test=0)
+    three = next(it for it in all_items(env) if it.meta["answer"] == 3.0)
+    assert three.answer == "3"
+    assert env.score(three, "Answer: 3").reward == 1.0
+    assert env.score(three, "Answer: 4").feedback == 'Incorrect. The correct answer is "3".'
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"scorer": "numeric", "scorer_args": {"rel_tol": "x"}}, "scorer_args.rel_tol"),
+        ({"scorer": "numeric", "scorer_args": {"rel_tol": -1}}, "scorer_args.rel_tol"),
+        ({"scorer": "numeric", "scorer_args": {"abs_tol": float("nan")}}, "scorer_args.abs_tol"),
+        (
+            {"scorer": "regex", "scorer_args": {"pattern": "x", "fullmatch": "no"}},
+            "scorer_args.fullmatch",
+        ),
+        ({"scorer": "regex", "scorer_args": {"pattern": ""}}, "scorer_args.pattern"),
+        ({"n_train": -1}, "n_train"),
+        ({"n_test": 2.7}, "n_test"),
+        ({"n_train": "abc"}, "n_train"),
+        ({"test_fraction": "abc"}, "test_fraction"),
+        ({"test_fraction": 1.5}, "test_fraction"),
+        ({"threshold": "high"}, "threshold"),
+        ({"split": "train", "test_split": " train "}, "test_split"),
+        ({"split": "train", "test_split": "train[:50%]"}, "test_split"),
+        ({"split": "train[:60%]", "test_split": "train[50%:]"}, "test_split"),
+    ],
+)
+def test_bad_settings_are_refused_at_construction_naming_the_argument(kwargs, field):
+    with pytest.raises(ValueError, match=rf"env_args\.{field}"):
+        memory_env(**kwargs)
+
+
+def test_whole_number_settings_still_accept_their_usual_spellings():
+    env = memory_env(n_train="3", n_test=2.0)
+    assert (len(env.train_items()), len(env.test_items())) == (3, 2)
+    assert len(memory_env(split="train[:50%]", test_split="train[50%:]").test_items()) == 5
+
+
+def _reward_two(item, response):
+    return Score(2.0, 1.0, "")
+
+
+def _reward_nan(item, response):
+    return Score(float("nan"), 0.0, "")
+
+
+def _feedback_none(item, response):
+    return Score(0.0, 0.0, None)
+
+
+@pytest.mark.parametrize("fn", [_reward_two, _reward_nan, _feedback_none])
+def test_a_user_scores_bad_score_is_refused_naming_the_function(fn):
+    env = memory_env(scorer=fn)
+    with pytest.raises((ValueError, TypeError), match=fn.__name__):
+        env.score(all_items(env)[0], "x")

@@ -175,3 +175,88 @@ def test_split_is_deterministic_and_test_path_is_honoured(tmp_path, data):
 def test_registry_builds_the_env(data):
     env = make_env("qa", {"path": data, "reveal_answer": False})
     assert isinstance(env, QAEnv) and env.name == "qa" and env.reveal_answer is False
+
+
+# -- audit fixes: rows and settings that would score wrongly are refused ---------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ("", "non-empty answer"),
+        ("  ", "non-empty answer"),
+        ([], "empty list"),
+        (["Washington, D.C.", "Paris"], "contains the separator"),
+        (["a", None], "item 2"),
+        (["a", ["b"]], "item 2"),
+    ],
+)
+def test_rows_no_reply_could_answer_are_refused_naming_the_row(tmp_path, answer, message):
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [{"question": "ok?", "answer": "yes"}, {"question": "q", "answer": answer}],
+    )
+    with pytest.raises(ValueError, match=rf"qa\.jsonl:2: .*{message}"):
+        QAEnv(path=path)
+
+
+def test_a_list_item_may_hold_the_separator_when_another_one_is_chosen(tmp_path):
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [{"id": "c", "question": "Capitals?", "answer": ["Washington, D.C.", "Paris"]}] * 1
+        + [{"question": f"q{i}", "answer": "x"} for i in range(3)],
+    )
+    env = QAEnv(path=path, separator=";")
+    item = items_by_id(env)["c"]
+    assert env.score(item, item.reference).reward == 1.0
+
+
+def test_qa_option_letter_and_float_answers_score_correctly(tmp_path):
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"id": "mc", "question": "Pick one.", "answer": "A"},
+            {"id": "f", "question": "1 + 2?", "answer": 3.0},
+            {"id": "l", "question": "Signs?", "answer": ["-1", "C#"]},
+        ],
+    )
+    env = QAEnv(path=path)
+    items = items_by_id(env)
+    assert env.score(items["mc"], "Answer: ").reward == 0.0
+    assert env.score(items["mc"], "Answer: The").reward == 0.0
+    assert env.score(items["mc"], "Answer: A").reward == 1.0
+    assert items["f"].answer == "3"
+    assert env.score(items["f"], "Answer: 3").reward == 1.0
+    assert env.score(items["l"], "Answer: 1, C").score == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"separator": ""}, "separator"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"test_fraction": -0.1}, "test_fraction"),
+        ({"test_fraction": "abc"}, "test_fraction"),
+        ({"seed": "abc"}, "seed"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_argument(data, kwargs, field):
+    with pytest.raises(ValueError, match=rf"env_args\.{field}"):
+        QAEnv(path=data, **kwargs)
+
+
+def test_test_path_must_not_be_the_training_file(data):
+    with pytest.raises(ValueError, match=r"env_args\.test_path"):
+        QAEnv(path=data, test_path=data)
+
+
+def test_duplicate_ids_are_refused_naming_both_rows(tmp_path):
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"id": "x", "question": "q1", "answer": "a"},
+            {"id": "x", "question": "q2", "answer": "b"},
+        ],
+    )
+    with pytest.raises(ValueError, match=r"qa\.jsonl:2: the id 'x' is also used at .*qa\.jsonl:1"):
+        QAEnv(path=path)

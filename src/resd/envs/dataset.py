@@ -13,16 +13,25 @@ which formats, how splits are named and sliced, and how a bad row is reported.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
-from resd.envs.loading import DATA_SUFFIXES, Rows, first_file, load_splits, rows_from_dataset
+from resd.envs.loading import (
+    DATA_SUFFIXES,
+    Rows,
+    first_file,
+    load_splits,
+    rows_from_dataset,
+    splits_overlap,
+)
 from resd.envs.scorers import (
     BUILTIN_SCORERS,
     format_number,
+    gold_text,
     parse_gold_number,
     resolve_scorer,
     wrap_callable,
@@ -105,10 +114,18 @@ class DatasetEnv(Environment):
         # Cheap argument checks first, so a typo does not wait for a download.
         if dataset is not None and (path is not None or data_files is not None):
             raise ValueError("env_args.path: give either a path or an in-memory dataset, not both")
-        if test_split is not None and test_split == split:
-            raise ValueError("env_args.test_split: must differ from env_args.split")
-        if test_split is None and not 0.0 < float(test_fraction) < 1.0:
+        if test_split is not None and splits_overlap(split, test_split):
+            raise ValueError(
+                f"env_args.test_split: {test_split!r} shares rows with env_args.split "
+                f"{split!r}; testing on training rows measures nothing"
+            )
+        test_fraction = _real(test_fraction, "env_args.test_fraction")
+        if test_split is None and not 0.0 < test_fraction < 1.0:
             raise ValueError(f"env_args.test_fraction: must be in (0, 1), got {test_fraction}")
+        n_train = _count(n_train, "env_args.n_train")
+        n_test = _count(n_test, "env_args.n_test")
+        seed = _count(seed, "env_args.seed", negative_ok=True)
+        threshold = _real(threshold, "env_args.threshold")
         if prompt_column is not None and messages_column is not None:
             raise ValueError("env_args.prompt_column, env_args.messages_column: set one, not both")
         self.scorer = resolve_scorer(scorer)
@@ -169,14 +186,14 @@ class DatasetEnv(Environment):
         self.conversational = self.from_messages
         built = [[self._item(rows, i) for i in range(len(rows))] for rows in loaded]
         if test_split is None:
-            self._train, self._test = split_items(built[0], float(test_fraction), int(seed))
+            self._train, self._test = split_items(built[0], test_fraction, seed or 0)
         else:
             self._train, self._test = built
         self._check_ids(self._train + self._test)
         if n_train is not None:
-            self._train = self._train[: int(n_train)]
+            self._train = self._train[:n_train]
         if n_test is not None:
-            self._test = self._test[: int(n_test)]
+            self._test = self._test[:n_test]
         self._score = self._with_feedback_column(self._make_scorer())
 
     @classmethod
@@ -209,6 +226,22 @@ class DatasetEnv(Environment):
                     f"env_args.scorer_args.{key}: not an argument of the {self.scorer!r} "
                     f"scorer (it takes: {options}){hint}"
                 )
+        for key in ("rel_tol", "abs_tol"):
+            if key in self.scorer_args:
+                value = _real(self.scorer_args[key], f"env_args.scorer_args.{key}")
+                if value < 0:
+                    raise ValueError(f"env_args.scorer_args.{key}: must be >= 0, got {value:g}")
+                self.scorer_args[key] = value
+        fullmatch = self.scorer_args.get("fullmatch", False)
+        if not isinstance(fullmatch, bool):
+            raise ValueError(
+                f"env_args.scorer_args.fullmatch: must be true or false, got {fullmatch!r}"
+            )
+        pattern = self.scorer_args.get("pattern")
+        if "pattern" in self.scorer_args and (not isinstance(pattern, str) or not pattern):
+            raise ValueError(
+                f"env_args.scorer_args.pattern: must be a non-empty regex string, got {pattern!r}"
+            )
         if self.scorer == "regex" and "pattern" in self.scorer_args:
             try:
                 re.compile(str(self.scorer_args["pattern"]))
@@ -321,6 +354,13 @@ class DatasetEnv(Environment):
             if builtin is None:
                 return None
             raise ValueError(f"{where}: no answer in {column}")
+        golds = gold if isinstance(gold, (list, tuple)) else [gold]
+        from_column = builtin is not None and not (
+            builtin == "regex" and "pattern" in self.scorer_args
+        )
+        # An empty gold would give the reward to an empty reply (or match everything).
+        if from_column and any(g is None or not gold_text(g).strip() for g in golds):
+            raise ValueError(f"{where}: empty answer in {column}, got {gold!r}")
         if builtin == "numeric":
             golds = gold if isinstance(gold, (list, tuple)) else [gold]
             numbers = [parse_gold_number(g) for g in golds]
@@ -336,8 +376,7 @@ class DatasetEnv(Environment):
                 except re.error as exc:
                     raise ValueError(f"{where}: invalid regex in {column}: {exc}") from exc
             return None  # a pattern is not a literal answer the playbook could leak
-        first = gold[0] if isinstance(gold, (list, tuple)) else gold
-        return format_number(first) if isinstance(first, float) else str(first)
+        return gold_text(golds[0])  # the text exact_match compares against
 
     def _make_scorer(self) -> Callable[[Item, str], Score]:
         if not isinstance(self.scorer, str):
@@ -399,3 +438,30 @@ def _label(path: str | Path | None, data_files: Any) -> str:
     if local.is_file():
         return local.stem
     return local.name or str(path).rstrip("/").rsplit("/", 1)[-1] or "dataset"
+
+
+def _real(value: Any, field: str) -> float:
+    """A finite number setting, or a ValueError naming it (not a bare float() error)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{field}: expected a finite number, got {value!r}")
+    return number
+
+
+def _count(value: Any, field: str, *, negative_ok: bool = False) -> int | None:
+    """A whole-number setting (None stays None): 2.7 is refused, not cut to 2, and so is
+    a negative count, which would silently drop items from the end."""
+    if value is None:
+        return None
+    number: Any = value
+    whole_text = isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value)
+    if whole_text or (isinstance(value, float) and value.is_integer()):
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise ValueError(f"{field}: expected a whole number, got {value!r}")
+    if number < 0 and not negative_ok:
+        raise ValueError(f"{field}: must be >= 0, got {number}")
+    return number

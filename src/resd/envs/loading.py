@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATA_SUFFIXES", "Rows", "first_file", "load_rows", "load_splits", "rows_from_dataset"]
+__all__ = [
+    "DATA_SUFFIXES",
+    "Rows",
+    "first_file",
+    "load_rows",
+    "load_splits",
+    "rows_from_dataset",
+    "splits_overlap",
+]
 
 # File suffix -> the `datasets` builder that reads it.
 DATA_SUFFIXES: dict[str, str] = {
@@ -228,6 +236,32 @@ def _check_required(rows: Rows, required: Sequence[str]) -> None:
     for i, rec in enumerate(rows.records):
         if any(rec.get(k) is None for k in required):
             raise ValueError(f"{rows.where(i)}: {_need(required)}")
+
+
+def splits_overlap(a: str, b: str) -> bool:
+    """Whether two split specs surely share rows, whatever the split's length.
+
+    True for the same split written twice (spacing aside), for a split and a slice of it
+    (``train`` and ``train[:50%]``), and for percent slices of one split whose ranges
+    meet; slices with row numbers are left alone, since whether they meet depends on the
+    length. A spec that does not parse is `_select`'s to report.
+    """
+    ma, mb = _SPLIT.match(str(a)), _SPLIT.match(str(b))
+    if not ma or not mb or ma.group(1) != mb.group(1):
+        return False
+    if "[" not in str(a) or "[" not in str(b):
+        return True
+    (lo_a, hi_a), (lo_b, hi_b) = ma.groups()[1:], mb.groups()[1:]
+    if (lo_a, hi_a) == (lo_b, hi_b):
+        return True
+    bounds = [lo_a, hi_a, lo_b, hi_b]
+    if not all(x is None or (x.endswith("%") and not x.startswith("-")) for x in bounds):
+        return False
+
+    def pct(x: str | None, default: int) -> int:
+        return default if x is None else int(x[:-1])
+
+    return max(pct(lo_a, 0), pct(lo_b, 0)) < min(pct(hi_a, 100), pct(hi_b, 100))
 
 
 def _select(available: Mapping[str, Any], spec: str, field: str, source: str) -> Any:

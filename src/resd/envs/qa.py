@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
 from resd.envs.loading import load_rows
-from resd.envs.scorers import extract_answer, normalize_answer
+from resd.envs.scorers import answers_match, extract_answer, gold_text, normalize_answer
 
 __all__ = ["QAEnv", "extract_answer", "normalize_answer"]
 
@@ -58,13 +58,28 @@ class QAEnv(Environment):
                 "QAEnv needs a data file: set env_args.path=FILE.jsonl (one "
                 '{"question": ..., "answer": ...} object per line)'
             )
+        if not isinstance(separator, str) or not separator:
+            raise ValueError(
+                f"env_args.separator: must be a non-empty string (e.g. ','), got {separator!r}"
+            )
+        fraction = _number(test_fraction, "env_args.test_fraction")
+        if test_path is None and not 0.0 <= fraction < 1.0:
+            raise ValueError(f"env_args.test_fraction: must be in [0, 1), got {test_fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"env_args.seed: must be a whole number, got {seed!r}")
+        if test_path is not None and _same_file(path, test_path):
+            raise ValueError(
+                "env_args.test_path: is the same file as env_args.path; testing on the "
+                "training questions measures nothing (leave test_path out to hold some out)"
+            )
         self.reveal_answer = bool(reveal_answer)
         self.separator = separator
+        self._where: dict[str, str] = {}  # item id -> its row, to name both of a duplicate
         items = self._load(path)
         if test_path is not None:
             self._train, self._test = items, self._load(test_path, "env_args.test_path")
         else:
-            self._train, self._test = split_items(items, test_fraction, seed)
+            self._train, self._test = split_items(items, fraction, seed)
 
     # -- data -----------------------------------------------------------------------------
 
@@ -80,15 +95,52 @@ class QAEnv(Environment):
         for i, rec in enumerate(rows.records):
             number = rows.lines[i] if rows.lines is not None else i + 1
             key = rec.get("id") if rec.get("id") is not None else number
-            items.append(self._make_item(rec, f"qa/{stem}/{key}"))
+            self._check_row(rec, rows.where(i))
+            item = self._make_item(rec, f"qa/{stem}/{key}")
+            if item.id in self._where:
+                raise ValueError(
+                    f"{rows.where(i)}: the id {key!r} is also used at {self._where[item.id]}; "
+                    "ids must be unique"
+                )
+            self._where[item.id] = rows.where(i)
+            items.append(item)
         if not items:
             raise ValueError(f"{path}: no questions found")
         return items
 
+    def _check_row(self, rec: dict[str, Any], where: str) -> None:
+        """Refuse a row whose answer no reply could be scored against correctly.
+
+        An empty answer would give the reward to an empty reply; an empty list would divide
+        by zero; a list item that holds the separator (or is null, blank or a list) could
+        never be answered, since the reply is split at the separator.
+        """
+        if not str(rec["question"]).strip():
+            raise ValueError(f"{where}: empty question")
+        answer = rec["answer"]
+        if not isinstance(answer, list):
+            if isinstance(answer, dict) or not gold_text(answer).strip():
+                raise ValueError(f"{where}: need a non-empty answer, got {answer!r}")
+            return
+        if not answer:
+            raise ValueError(f"{where}: the answer is an empty list; give at least one item")
+        for j, part in enumerate(answer):
+            if part is None or isinstance(part, (list, dict)) or not gold_text(part).strip():
+                raise ValueError(
+                    f"{where}: answer item {j + 1} is {part!r}; each item must be a "
+                    "non-empty string or number"
+                )
+            if self.separator in gold_text(part):
+                raise ValueError(
+                    f"{where}: answer item {j + 1} ({part!r}) contains the separator "
+                    f"{self.separator!r} (env_args.separator), so no reply could give it; "
+                    "choose another separator"
+                )
+
     def _make_item(self, rec: dict[str, Any], item_id: str) -> Item:
         answer = rec["answer"]
         is_list = isinstance(answer, list)
-        gold: str | list[str] = [str(a) for a in answer] if is_list else str(answer)
+        gold: str | list[str] = [gold_text(a) for a in answer] if is_list else gold_text(answer)
         if is_list:
             how = (
                 f"Answer with {len(gold)} items, in the order asked, separated by "
@@ -108,7 +160,7 @@ class QAEnv(Environment):
         return Item(
             id=str(item_id),
             messages=[{"role": "user", "content": f"{question}\n\n{how}"}],
-            meta={"answer": gold, "aliases": [str(a) for a in aliases]},
+            meta={"answer": gold, "aliases": [gold_text(a) for a in aliases]},
             reference=reference,
             answer=None if is_list else gold,  # a list's items are too short to guard
         )
@@ -128,7 +180,7 @@ class QAEnv(Environment):
         if isinstance(gold, list):
             return self._score_list(gold, answer, note)
         accepted = [gold, *item.meta.get("aliases", [])]
-        if normalize_answer(answer) in {normalize_answer(a) for a in accepted}:
+        if answers_match(answer, accepted):
             return Score(1.0, 1.0, "")
         if not answer:
             return Score(0.0, 0.0, note + "The response contains no answer.")
@@ -140,10 +192,7 @@ class QAEnv(Environment):
 
     def _score_list(self, gold: list[str], answer: str, note: str) -> Score:
         pred = [p.strip() for p in answer.split(self.separator)] if answer.strip() else []
-        right = [
-            i < len(pred) and normalize_answer(pred[i]) == normalize_answer(g)
-            for i, g in enumerate(gold)
-        ]
+        right = [i < len(pred) and answers_match(pred[i], [g]) for i, g in enumerate(gold)]
         n_right = sum(right)
         if n_right == len(gold) and len(pred) == len(gold):
             return Score(1.0, 1.0, "")
@@ -159,3 +208,22 @@ class QAEnv(Environment):
                 got = f'"{pred[i]}"' if i < len(pred) else "nothing"
                 lines.append(f"Position {i + 1} is wrong (you answered {got}).")
         return Score(0.0, n_right / len(gold), note + "\n".join(lines))
+
+
+def _number(value: Any, field: str) -> float:
+    """A numeric setting, or a ValueError naming it (not a bare float() error)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: expected a number, got {value!r}") from None
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file (or, if either is missing, the same text)."""
+    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    try:
+        return pa.samefile(pb)
+    except OSError:
+        return pa.resolve() == pb.resolve()

@@ -33,9 +33,11 @@ from resd.envs.base import Item, Score
 
 __all__ = [
     "BUILTIN_SCORERS",
+    "answers_match",
     "exact_match",
     "extract_answer",
     "find_numbers",
+    "gold_text",
     "normalize_answer",
     "numeric",
     "parse_gold_number",
@@ -49,7 +51,7 @@ ScoreFn = Callable[[Item, str], Score]
 
 # -- answer extraction and normalisation -----------------------------------------------------
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ARTICLES = re.compile(r"\b(a|an|the)\b(?![+#])")  # "A+" is a grade, not an article
 _ANSWER_LINE = re.compile(
     r"^[\s*_#>-]*(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*(?:\*\*|__)?\s*[:：]"
     r"\s*(?:\*\*|__)?\s*(.*)$",
@@ -57,21 +59,83 @@ _ANSWER_LINE = re.compile(
 )
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 # A number as people write it: optional sign, thousands separators, decimals, exponent.
-# The look-behind keeps "3-5" from yielding -5 and "x2" or "v1.2" from yielding numbers.
+# The look-behind keeps "3-5" from yielding -5 and "x2" or "v1.2" from yielding numbers; the
+# look-ahead keeps "5.0.1", "12_000" and "2nd" from reading as 5.0, 12 and 2 (a version, a
+# Python literal and an ordinal are not those numbers), while "10kg" still reads as 10.
 _NUMBER = re.compile(
     r"(?<![\w.])[-−]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
+    r"(?![\d_]|\.\d|(?i:st|nd|rd|th)\b)"
 )
+# What the punctuation stripping must keep, because it changes the answer: a sign before a
+# number ("-5" is not "5"), a decimal point inside one ("3.5" is not "3,5"), and "+" or "#"
+# closing a word ("C++" and "C#" are not "C").
+_KEPT_MARK = re.compile(r"(?<![\w.])[-−](?=\d)|(?<=\d)\.(?=\d)|(?<=\w)[+#]+")
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
+def _strip_punctuation(text: str) -> str:
+    """Punctuation becomes a space, except the marks `_KEPT_MARK` finds."""
+    kept = {i for m in _KEPT_MARK.finditer(text) for i in range(m.start(), m.end())}
+    return "".join(
+        " " if _is_punctuation(ch) and i not in kept else ch for i, ch in enumerate(text)
+    ).replace("−", "-")
 
 
 def normalize_answer(text: Any) -> str:
-    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace."""
-    text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = "".join(
-        " " if (ch in string.punctuation or unicodedata.category(ch).startswith("P")) else ch
-        for ch in text
-    )
+    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace.
+
+    SQuAD's normalisation, except that a number keeps its sign and decimal point and "C++"
+    or "C#" keeps its "+" or "#": dropping those would make different answers equal.
+    """
+    text = _strip_punctuation(unicodedata.normalize("NFKC", str(text)).lower())
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+def _answer_keys(text: Any) -> list[str]:
+    """The forms of an answer from the fullest normalisation to the lightest.
+
+    The lighter forms exist for golds that the full one empties: the multiple-choice
+    option "A" (an article) or an answer that is all punctuation must not become "", which
+    an empty reply also becomes.
+    """
+    lowered = unicodedata.normalize("NFKC", str(text)).lower()
+    return [
+        normalize_answer(lowered),
+        " ".join(_strip_punctuation(lowered).split()),
+        " ".join(lowered.split()),
+    ]
+
+
+def answers_match(answer: str, accepted: list[str]) -> bool:
+    """Whether `answer` equals one of the `accepted` answers after normalisation.
+
+    Each accepted answer is compared at the fullest normalisation that leaves it
+    non-empty (see `_answer_keys`), and an answer that is empty at that level matches
+    nothing, so an empty reply or "Answer: The" never earns the reward.
+    """
+    keys = _answer_keys(answer)
+    for gold in accepted:
+        for level, gold_key in enumerate(_answer_keys(gold)):
+            if gold_key:
+                if keys[level] and keys[level] == gold_key:
+                    return True
+                break
+    return False
+
+
+def gold_text(value: Any) -> str:
+    """A gold value as text: a float as a person writes it (3, not 3.0), anything else str().
+
+    The environments show this text as `Item.answer` and in feedback, so the scorer must
+    compare against the same text: a parquet column of floats holds 3.0 for "3".
+    """
+    if isinstance(value, float) and math.isfinite(value):
+        return format_number(value)
+    return str(value)
 
 
 def _strip_thinking(response: str) -> str:
@@ -165,9 +229,10 @@ def exact_match(gold: Any, response: str, *, reveal_answer: bool = True) -> Scor
     last non-empty line; when no explicit answer is found the feedback says so, because a
     model that rambles on after its answer needs to hear that, not just "wrong".
     """
-    accepted = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
+    golds = gold if isinstance(gold, (list, tuple)) else [gold]
+    accepted = [gold_text(g) for g in golds]
     answer, explicit = extract_answer(response)
-    if normalize_answer(answer) in {normalize_answer(a) for a in accepted}:
+    if answers_match(answer, accepted):
         return Score(1.0, 1.0, "")
     note = "" if explicit else "No 'Answer:' line found; the last line was used. "
     if not answer:
@@ -290,14 +355,25 @@ def resolve_scorer(spec: str | Callable[..., Any], field: str = "env_args.scorer
 # -- user functions ----------------------------------------------------------------------
 
 
-def to_score(value: Any, threshold: float = 1.0) -> Score:
+def to_score(value: Any, threshold: float = 1.0, name: str = "the scorer") -> Score:
     """A user function's result as a Score.
 
-    A Score passes through. A number v becomes Score(reward=1 if v >= threshold else 0,
+    A Score passes through once checked: a reward outside [0, 1] (or NaN, or infinite) or
+    a feedback that is not text is a bug in the function named `name`, and is refused
+    rather than trained on. A number v becomes Score(reward=1 if v >= threshold else 0,
     score=v clipped to [0, 1], feedback="The reward function gave v."): the only fact
     there is to report. None (TRL's "not applicable") counts as a failure that says so.
     """
     if isinstance(value, Score):
+        if not (math.isfinite(value.reward) and 0.0 <= value.reward <= 1.0):
+            raise ValueError(
+                f"{name} returned a Score with reward {value.reward!r}; it must be in [0, 1]"
+            )
+        if not isinstance(value.feedback, str):
+            raise TypeError(
+                f"{name} returned a Score whose feedback is {type(value.feedback).__name__}, "
+                'not text (use "" for no feedback)'
+            )
         return value
     if value is None:
         return Score(0.0, 0.0, "The reward function gave no reward (None) for this response.")
@@ -307,7 +383,7 @@ def to_score(value: Any, threshold: float = 1.0) -> Score:
             return Score(0.0, 0.0, "The reward function gave no reward (NaN) for this response.")
         shown = format_number(v) if math.isfinite(v) else str(v)
         return Score(float(v >= threshold), v, f"The reward function gave {shown}.")
-    raise TypeError(f"a scorer must return a Score or a number, got {type(value).__name__}")
+    raise TypeError(f"{name} must return a Score or a number, got {type(value).__name__}")
 
 
 _NOT_SUPPLIED = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
@@ -351,7 +427,7 @@ def wrap_callable(
             ) from exc
 
     def per_item(item: Item, response: str) -> Score:
-        return to_score(fn(item, response), threshold)
+        return to_score(fn(item, response), threshold, name)
 
     return per_item
 
@@ -396,6 +472,6 @@ def _wrap_batched(
             raise TypeError(
                 f"{name} must return a list with one reward per completion, got {out!r}"
             )
-        return to_score(out[0], threshold)
+        return to_score(out[0], threshold, name)
 
     return batched
