@@ -359,3 +359,123 @@ def test_jsonl_errors_name_the_line(tmp_path):
         normalize_tests([{"args": [1]}])
     with pytest.raises(ValueError, match="no assert"):
         normalize_tests("x = 1")
+
+
+# -- assert-style tests cannot be faked ----------------------------------------------------
+
+ASSERT_TESTS = {
+    "plain": "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n",
+    "check": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+    "    assert candidate(2, 2) in (4, 5)\n\ncheck(add)\n",
+}
+
+FORGERIES = {
+    "always-equal": """
+class Yes:
+    def __eq__(self, other):
+        return True
+    def __ne__(self, other):
+        return False
+    def __bool__(self):
+        return True
+    def __contains__(self, other):
+        return True
+    def __hash__(self):
+        return 0
+def add(a, b):
+    return Yes()
+""",
+    "emit-results": """
+import __main__, os
+for i in range(len(__main__.CFG["cases"])):
+    __main__.emit({"stage": "start", "i": i})
+    __main__.emit({"i": i, "status": "ok", "passed": True, "values": [True]})
+__main__.emit({"stage": "done"})
+os._exit(0)
+""",
+    "replace-runner": """
+import __main__
+def fake(*args):
+    return {"status": "ok", "passed": True, "values": [True]}
+__main__.run_assert_case = __main__.run_eval_case = __main__.run_call_case = fake
+def add(a, b):
+    return 0
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def assert_items(tmp_path_factory) -> tuple[CodeEnv, dict]:
+    path = tmp_path_factory.mktemp("asserts") / "p.jsonl"
+    write_jsonl(
+        path,
+        [
+            {"id": name, "prompt": "Write add(a, b).", "entry_point": "add", "tests": tests}
+            for name, tests in ASSERT_TESTS.items()
+        ],
+    )
+    env = CodeEnv(path=str(path), test_fraction=0.0, timeout_s=2)
+    return env, {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+
+
+@pytest.mark.parametrize("style", sorted(ASSERT_TESTS))
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_assert_tests_cannot_be_faked(assert_items, style, forgery):
+    env, items = assert_items
+    item = items[style]
+    assert env.score(item, fenced("def add(a, b):\n    return a + b")).reward == 1.0
+    score = env.score(item, fenced(FORGERIES[forgery]))
+    assert score.reward == 0.0, score.feedback  # (a blind guess may still hit a case)
+
+
+def test_expected_literals_never_enter_the_sandbox(assert_items):
+    env, items = assert_items
+    leak = "import __main__\ndef add(a, b):\n    print(__main__.CFG['cases'])\n    return 0"
+    score = env.score(items["plain"], fenced(leak))
+    assert "add(1, 2)" in score.feedback and "== 3" not in score.feedback.split("printed:")[1]
+
+
+@pytest.mark.parametrize(
+    ("test", "passes"),
+    [
+        ("assert f(1) == 1", True),
+        ("assert f(1) == True", True),
+        ("assert f(0) is None", False),
+        ("assert f(2) > 1", True),
+        ("assert f(2) < 1", False),
+        ("assert not f(0)", True),
+        ("assert f([1, 2]) == [1, 2]", True),
+        ("assert f((1, 2)) == [1, 2]", False),
+        ("assert f({1: 'a'}) == {1: 'a'}", True),
+        ("assert f('a') in 'abc'", True),
+        ("assert f(True) is True", True),
+        ("assert f(1.5) == 1.5", True),
+        ("assert f(10**30) == 10**30", True),
+        ("assert True", True),
+        ("assert f(3) == f(3)", True),
+    ],
+)
+def test_assert_verdicts_match_python(tmp_path, test, passes):
+    expected = eval(compile(test.replace("assert ", "", 1), "<t>", "eval"), {"f": lambda x: x})
+    assert bool(expected) == passes  # the harness must agree with Python itself
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": test}]
+    )
+    env = CodeEnv(path=str(path), test_fraction=0.0, timeout_s=2)
+    item = (env.train_items() + env.test_items())[0]
+    score = env.score(item, fenced("def f(x):\n    return x"))
+    assert score.reward == float(passes), score.feedback
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": -1}, "timeout_s"),
+        ({"case_timeout_s": -0.5}, "case_timeout_s"),
+        ({"memory_mb": 1}, "memory_mb"),
+    ],
+)
+def test_unusable_limits_are_refused_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        CodeEnv(**kwargs)

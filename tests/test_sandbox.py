@@ -260,8 +260,31 @@ def test_big_files_hit_the_file_size_limit():
         "os.mkdir(TARGET)",
         "open('a', 'w').close(); d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
         "os.rename('a', os.path.basename(TARGET), dst_dir_fd=d)",
+        "d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
+        "os.close(os.open(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=d))",
+        "d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
+        "open(os.path.basename(TARGET), 'w', opener=lambda n, f: os.open(n, f, dir_fd=d))",
+        "d = os.open(os.path.dirname(TARGET), os.O_RDONLY)\n"
+        "for o in [f for f in os.supports_dir_fd if 'open' in f.__name__]: "
+        "os.close(o(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=d))",
+        "import sqlite3; sqlite3.connect(TARGET).execute('create table t(x)')",
+        "import readline; readline.write_history_file(TARGET)",
     ],
-    ids=["open", "os.open", "pathlib", "shutil.copy", "symlink", "relative", "mkdir", "dir_fd"],
+    ids=[
+        "open",
+        "os.open",
+        "pathlib",
+        "shutil.copy",
+        "symlink",
+        "relative",
+        "mkdir",
+        "dir_fd",
+        "os.open-dir_fd",
+        "opener-dir_fd",
+        "supports_dir_fd",
+        "sqlite3",
+        "readline",
+    ],
 )
 def test_writes_outside_the_work_dir_are_refused(tmp_path, attack):
     target = tmp_path / "created_by_sandbox"

@@ -18,9 +18,11 @@ Two test formats are understood (for built-in problems and for JSON-lines files)
   ``"assert add(1, 2) == 3"``; every statement containing an assert is one case, other
   statements (imports, helpers) run first. A HumanEval-style ``def check(candidate)``
   is unpacked: each assert in its body is a case and ``candidate`` is the entry point.
-  Here the verdict comes from inside the sandbox: the result lines carry a random
-  marker, but a program that digs through the harness's frames could forge them, so
-  prefer call cases when training against a policy that might learn to cheat.
+  A one-line assert (``A == B``, other single comparisons, ``E``, ``not E``) is judged
+  here on the shipped operand values, and literal operands never enter the sandbox;
+  any other assert still gets its verdict from inside the sandbox, where the program
+  can forge it (see `_assert_plan` and docs/environments.md), so prefer call cases
+  when training against a policy that might learn to cheat.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from resd.envs.base import Environment, Item, Score, split_items
-from resd.envs.code_harness import HARNESS, decode_value, values_match
+from resd.envs.code_harness import (
+    HARNESS,
+    assert_compare,
+    assert_truth,
+    decode_value,
+    values_match,
+)
 from resd.envs.loading import Rows, load_rows
 from resd.envs.sandbox import SandboxResult, run_python
 from resd.templating import strip_thinking
@@ -201,6 +209,69 @@ _NO_CODE = (
 )
 
 
+def _operand(node: ast.expr) -> dict[str, Any]:
+    """A literal stays in the trainer's process; anything else is evaluated in the sandbox."""
+    try:
+        return {"const": ast.literal_eval(node)}
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return {"src": ast.unparse(node)}
+
+
+def _assert_plan(source: str) -> dict[str, Any] | None:
+    """How to judge a one-line ``assert`` outside the sandbox, or None if it cannot be.
+
+    ``assert A <op> B``, ``assert E`` and ``assert not ...`` are split into operands:
+    the sandbox only evaluates the non-literal ones and ships their values, and the
+    verdict is reached here on the decoded (plain) values. So the program cannot answer
+    with an object whose ``__eq__`` always says yes, and forging result lines needs the
+    expected values, which never enter the sandbox when they are literals.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        return None
+    test, negate = tree.body[0].test, False
+    while isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        test, negate = test.operand, not negate
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        operands = [_operand(test.left), _operand(test.comparators[0])]
+        return {"op": type(test.ops[0]).__name__, "operands": operands, "negate": negate}
+    return {"op": "truth", "operands": [_operand(test)], "negate": negate}
+
+
+def _judge_plan(plan: dict[str, Any], values: Any) -> dict[str, Any]:
+    """The verdict on an assert from the values the sandbox shipped (see `_assert_plan`)."""
+    wanted = sum("src" in o for o in plan["operands"])
+    if not isinstance(values, list) or len(values) != wanted:
+        return {"passed": False, "status": "error", "error": "malformed result"}
+    shipped = iter(values)
+    operands = [
+        o["const"] if "const" in o else decode_value(next(shipped)) for o in plan["operands"]
+    ]
+    if plan["op"] == "truth":
+        truth = assert_truth(operands[0])
+        passed = truth is not None and truth != plan["negate"]
+    else:
+        passed = assert_compare(plan["op"], *operands) != plan["negate"]
+    out: dict[str, Any] = {"passed": passed, "status": "passed" if passed else "failed"}
+    if plan["op"] == "Eq" and not plan["negate"]:
+        got, expected = operands
+        if "const" in plan["operands"][0] and "src" in plan["operands"][1]:
+            got, expected = expected, got
+        out.update(got=got, expected=expected)
+    elif not passed:
+        shown = ", ".join(_short(repr(v), 100) for v in operands)
+        out["error"] = "AssertionError" if plan["op"] == "truth" else f"AssertionError ({shown})"
+    return out
+
+
+# The interpreter plus the harness need about 24 MB of address space; the margin covers
+# other Python builds and the solution's own modules.
+_MIN_MEMORY_MB = 64
+
+
 def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
 
@@ -224,7 +295,7 @@ class CodeEnv(Environment):
         path: JSON-lines problems (see `load_problems`); None for the built-in set.
         seed, test_fraction: deterministic train/test split (`split_items`).
         timeout_s: wall-clock budget for running all tests of one answer.
-        memory_mb: memory (address-space) limit of the sandbox.
+        memory_mb: memory (address-space) limit of the sandbox; at least 64.
         difficulty: keep only these built-in difficulties ("easy", "medium", "hard";
             a string or a list).
         case_timeout_s: limit per test case (default timeout_s / 4), so that one
@@ -251,6 +322,17 @@ class CodeEnv(Environment):
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.case_timeout_s = float(case_timeout_s or self.timeout_s / 4)
+        # Checked here, not at the first score: a bad value would otherwise turn every
+        # answer into a zero reward with feedback about the harness, not the code.
+        if not self.timeout_s > 0:
+            raise ValueError(f"env_args.timeout_s must be > 0, got {timeout_s!r}")
+        if not self.case_timeout_s > 0:
+            raise ValueError(f"env_args.case_timeout_s must be > 0, got {case_timeout_s!r}")
+        if self.memory_mb < _MIN_MEMORY_MB:
+            raise ValueError(
+                f"env_args.memory_mb must be at least {_MIN_MEMORY_MB} (the interpreter and "
+                f"the test harness need that much), got {memory_mb!r}"
+            )
         self.max_feedback_cases = int(max_feedback_cases)
         self.max_feedback_chars = int(max_feedback_chars)
         if path is None:
@@ -302,12 +384,19 @@ class CodeEnv(Environment):
         the details the feedback needs.
         """
         cases = meta["tests"]
+        plans = [_assert_plan(c["assert"]) if "assert" in c else None for c in cases]
+        child_cases = [
+            {"eval": [o["src"] for o in plan["operands"] if "src" in o]}
+            if plan is not None
+            else {k: v for k, v in case.items() if k != "expected"}
+            for case, plan in zip(cases, plans, strict=True)
+        ]
         marker = f"@@resd-case-{secrets.token_hex(8)}@@"
         config = {
             "marker": marker,
             "entry_point": meta["entry_point"],
             "prologue": meta.get("prologue", ""),
-            "cases": [{k: v for k, v in c.items() if k != "expected"} for c in cases],
+            "cases": child_cases,
             "budget_s": self.timeout_s,
             "case_timeout_s": self.case_timeout_s,
         }
@@ -343,11 +432,16 @@ class CodeEnv(Environment):
                 # the case that was running when the process died
                 why = "killed" if result.timed_out else result.describe()
                 rec = {"status": "died", "reason": why}
-            outcomes.append(self._judge(case, rec, stage, result))
+            outcomes.append(self._judge(case, rec, stage, result, plans[i]))
         return outcomes, result
 
     def _judge(
-        self, case: dict, rec: dict | None, stage: dict | None, result: SandboxResult
+        self,
+        case: dict,
+        rec: dict | None,
+        stage: dict | None,
+        result: SandboxResult,
+        plan: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if rec is None:
             if stage is not None and stage.get("stage") in ("load", "prologue"):
@@ -371,6 +465,8 @@ class CodeEnv(Environment):
             return {**out, "passed": False, "status": "error", **_pick(rec, "error", "traceback")}
         if status == "failed":  # an assert statement that is not `a == b`
             return {**out, "passed": False, "status": "failed", **_pick(rec, "error")}
+        if plan is not None:
+            return {**out, **_judge_plan(plan, rec.get("values"))}
         if "assert" in case:
             passed = bool(rec.get("passed"))
             if "got" in rec:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["HARNESS", "decode_value", "values_match"]
+__all__ = ["HARNESS", "assert_compare", "assert_truth", "decode_value", "values_match"]
 
 # ---------------------------------------------------------------------------------------
 # Shared by the harness (child) and the scorer (parent): how return values travel as
@@ -238,6 +240,19 @@ def run_assert_case(ns, source):
         rec["passed"] = True
     return rec
 
+def run_eval_case(ns, sources):
+    """Evaluate an assert's operands and ship their values; the verdict is the trainer's."""
+    register("<test>", "\n".join(sources))
+    codes = []
+    for k, src in enumerate(sources):
+        tree = ast.parse(src, "<test>", mode="eval")
+        ast.increment_lineno(tree, k)
+        codes.append(compile(tree, "<test>", "eval"))
+    rec = guarded(lambda: [ship_value(eval(c, ns)) for c in codes], case_limit())
+    if "value" in rec:
+        rec["values"] = rec.pop("value")
+    return rec
+
 def main():
     loaded, rec = load()
     if loaded is None:
@@ -259,7 +274,9 @@ def main():
             emit({"stage": "budget", "i": i})
             return
         emit({"stage": "start", "i": i})
-        if "assert" in case:
+        if "eval" in case:
+            rec = run_eval_case(ns, case["eval"])
+        elif "assert" in case:
             rec = run_assert_case(ns, case["assert"])
         else:
             rec = run_call_case(entry, case)
@@ -360,3 +377,77 @@ def values_match(expected: Any, got: Any) -> bool:
         return bool(expected == got)
     except Exception:
         return False
+
+
+# ---------------------------------------------------------------------------------------
+# Assert verdicts reached in the trainer's process
+
+
+def _is_plain(v: Any) -> bool:
+    """Only builtin data: its ``==`` and ordering cannot be code the tested program wrote."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return all(map(_is_plain, v))
+    if isinstance(v, dict):
+        return all(_is_plain(k) and _is_plain(x) for k, x in v.items())
+    return False
+
+
+def _digest_of(v: Any) -> str:
+    return hashlib.sha256(_canon(_codec_ns["encode_value"](v)).encode()).hexdigest()
+
+
+def _equal(a: Any, b: Any) -> bool | None:
+    """Python's ``==`` on decoded values; None when it cannot be decided (opaque objects)."""
+    if isinstance(a, _Digest) or isinstance(b, _Digest):
+        da = a.digest if isinstance(a, _Digest) else _digest_of(a) if _is_plain(a) else None
+        db = b.digest if isinstance(b, _Digest) else _digest_of(b) if _is_plain(b) else None
+        return None if da is None or db is None else da == db
+    if not (_is_plain(a) and _is_plain(b)):
+        return None
+    return bool(a == b)
+
+
+_ORDER: dict[str, Callable[[Any, Any], Any]] = {
+    "Lt": operator.lt,
+    "LtE": operator.le,
+    "Gt": operator.gt,
+    "GtE": operator.ge,
+    "In": lambda a, b: a in b,
+    "NotIn": lambda a, b: a not in b,
+}
+
+
+def assert_compare(op: str, a: Any, b: Any) -> bool:
+    """``a <op> b`` for decoded values (`ast.cmpop` class names), as an assert means it.
+
+    The operands are plain data rebuilt here, so a returned object whose ``__eq__`` (or
+    ``__lt__``, ``__contains__``...) always says yes has become an opaque repr and fails.
+    Whatever cannot be decided fails too.
+    """
+    if op in ("Eq", "NotEq"):
+        eq = _equal(a, b)
+        return eq is not None and eq == (op == "Eq")
+    if op in ("Is", "IsNot"):
+        if not (_is_plain(a) and _is_plain(b)):
+            return False
+        if any(v is None or isinstance(v, bool) for v in (a, b)):
+            same = a is b
+        else:  # identity of other objects did not survive the trip; fail safe
+            return False
+        return same == (op == "Is")
+    if op not in _ORDER or not (_is_plain(a) and _is_plain(b)):
+        return False
+    try:
+        return bool(_ORDER[op](a, b))
+    except Exception:
+        return False
+
+
+def assert_truth(v: Any) -> bool | None:
+    """The truth value of a decoded value; None for an opaque object (whose ``__bool__``
+    was the tested program's)."""
+    if isinstance(v, _Digest):
+        return True  # only large, hence non-empty, values are shipped as a digest
+    return bool(v) if _is_plain(v) else None

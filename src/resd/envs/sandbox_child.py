@@ -307,6 +307,8 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
         "_testcapi",
         "_testinternalcapi",
         "_ctypes",
+        # write_history_file() and friends write a path the audit events never show
+        "readline",
     }
 
     def same_group(pid):
@@ -329,6 +331,12 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
                 )
                 if writing and not isinstance(path, int):
                     check_path("writing", path)
+            elif event == "sqlite3.connect":
+                database = args[0]
+                if isinstance(database, str) and database.startswith("file:"):
+                    deny("opening sqlite3 URIs")  # may name any file; plain paths suffice
+                if database not in (":memory:", "", b":memory:", b""):
+                    check_path("writing", database)
             elif event in path_events:
                 paths, follow = path_events[event]
                 for i, fd_i in paths:
@@ -358,6 +366,24 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
     # A few escape hatches raise no audit event; replace them.
     def _refuse(*_a, **_k):
         deny("this call")
+
+    # The "open" event carries no dir_fd, so the guard would check a dir_fd-relative
+    # name against the cwd instead; os.open(name, flags, dir_fd=fd) (also reached as
+    # open(..., opener=...)) is therefore refused whenever it may write.
+    import posix as _posix
+
+    _posix_open = _posix.open
+
+    def _open(path, flags, mode=0o777, *, dir_fd=None):
+        if dir_fd is not None and flags & write_flags:
+            deny("os.open for writing with dir_fd")
+        return _posix_open(path, flags, mode, dir_fd=dir_fd)
+
+    _open.__doc__, _open.__name__, _open.__qualname__ = _posix_open.__doc__, "open", "open"
+    _os.open = _posix.open = _open
+    if _posix_open in _os.supports_dir_fd:  # the original must not be found there either
+        _os.supports_dir_fd.discard(_posix_open)
+        _os.supports_dir_fd.add(_open)
 
     import _signal
     import signal as _signal_mod
