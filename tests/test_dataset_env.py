@@ -741,8 +741,18 @@ def _feedback_none(item, response):
     return Score(0.0, 0.0, None)
 
 
-@pytest.mark.parametrize("fn", [_reward_two, _reward_nan, _feedback_none])
+@pytest.mark.parametrize("fn", [_reward_two, _feedback_none])
 def test_a_user_scores_bad_score_is_refused_naming_the_function(fn):
     env = memory_env(scorer=fn)
     with pytest.raises((ValueError, TypeError), match=fn.__name__):
         env.score(all_items(env)[0], "x")
+
+
+def test_a_nan_score_is_refused_where_it_is_made():
+    """Clamping turned a nan `score` into 0.0 before any caller could see it; a nan reward
+    is refused there too (the traceback names the function that built it)."""
+    env = memory_env(scorer=_reward_nan)
+    with pytest.raises(ValueError, match=r"^Score: reward and score must be numbers, got nan"):
+        env.score(all_items(env)[0], "x")
+    with pytest.raises(ValueError, match=r"must be numbers"):
+        Score(0.0, float("nan"), "")

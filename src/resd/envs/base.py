@@ -9,6 +9,7 @@ measured facts, not just that something did.
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class Score:
 
     def __post_init__(self) -> None:
         self.reward = float(self.reward)
+        if math.isnan(self.reward) or math.isnan(float(self.score)):  # clamping made nan 0.0
+            raise ValueError(
+                f"Score: reward and score must be numbers, got {self.reward}, {self.score}"
+            )
         self.score = min(1.0, max(0.0, float(self.score)))
 
 
