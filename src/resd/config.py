@@ -607,6 +607,26 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+# Settings that change nothing a run's results depend on: a run re-used by `resd compare`
+# or `resd continual` may differ from the command's in these.
+UNCOMPARED_KEYS = frozenset(
+    {"output_dir", "progress", "report_to", "save_every", "keep_checkpoints"}
+)
+
+
+def settings_differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """`key: old then, new now` for every setting that differs between two configs (or
+    records holding configs), nested keys dotted and list items indexed, leaving out
+    `UNCOMPARED_KEYS` at every depth."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new), key=str) if key not in UNCOMPARED_KEYS
+                for line in settings_differences(old.get(key), new.get(key), f"{where}{key}.")]  # fmt: skip
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [line for k, (a, b) in enumerate(zip(old, new, strict=True))
+                for line in settings_differences(a, b, f"{where[:-1]}[{k}].")]  # fmt: skip
+    return [] if old == new else [f"{where[:-1]}: {old!r} then, {new!r} now"]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     data = read_yaml_mapping(path) if path is not None else {}
     return build_config(apply_overrides(data, overrides or []))

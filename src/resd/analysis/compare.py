@@ -58,7 +58,7 @@ from typing import Any
 
 import yaml
 
-from resd.config import ALIASES, ConfigError, TrainConfig, load_config
+from resd.config import ALIASES, ConfigError, TrainConfig, load_config, settings_differences
 from resd.rundir import EVAL_KEYS, cumulative_samples, read_jsonl, samples_per_step
 
 log = logging.getLogger(__name__)
@@ -195,17 +195,13 @@ def stored_config(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-# Settings that change nothing a comparison reads: a reused run may differ in these.
-UNCOMPARED_KEYS = {"output_dir", "progress", "report_to", "save_every", "keep_checkpoints"}
-
-
 def check_reused_runs(specs: list[RunSpec], configs: dict[str, TrainConfig]) -> None:
     """Refuse to reuse (skip or resume) a run made with other settings than this command's.
 
     A finished run is skipped and a checkpointed one resumed, so a run made with, say,
     `steps=1` would otherwise sit beside new runs of `steps=3` in one comparison. The
     stored config is the run's whole resolved config (base file, overrides, its
-    algorithm's arguments), so every setting is compared but `UNCOMPARED_KEYS`. A run
+    algorithm's arguments), so every setting is compared but `resd.config.UNCOMPARED_KEYS`. A run
     with neither a summary nor a checkpoint starts over: its old settings do not matter.
     """
     for spec in specs:
@@ -215,10 +211,9 @@ def check_reused_runs(specs: list[RunSpec], configs: dict[str, TrainConfig]) -> 
         if old is None:
             continue
         new = yaml.safe_load(yaml.safe_dump(configs[spec.name].to_dict()))  # as stored
-        differ = sorted(k for k in set(old) | set(new)
-                        if k not in UNCOMPARED_KEYS and old.get(k) != new.get(k))  # fmt: skip
+        differ = settings_differences(old, new)
         if differ:
-            shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in differ)
+            shown = "; ".join(differ)
             raise ConfigError(
                 f"{spec.path} was made with other settings than this command gives it "
                 f"({shown}); reusing it would compare unlike runs. Use another --out, "

@@ -64,7 +64,14 @@ from resd.analysis.eval_cli import (
     load_policy,
     merge_adapter,
 )
-from resd.config import ConfigError, TrainConfig, apply_overrides, build_config, read_yaml_mapping
+from resd.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    build_config,
+    read_yaml_mapping,
+    settings_differences,
+)
 from resd.envs import Environment, make_env
 
 log = logging.getLogger(__name__)
@@ -384,10 +391,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# Settings that change nothing a continual run measures: a re-run may differ in these.
-UNCOMPARED_KEYS = {"output_dir", "progress", "report_to", "save_every", "keep_checkpoints"}
-
-
 def plan_record(plan: ContinualPlan) -> dict[str, Any]:
     """Everything that decides a continual run's numbers, as `continual-config.yaml` holds
     it: the base config, every stage's config and every held-out suite."""
@@ -396,17 +399,6 @@ def plan_record(plan: ContinualPlan) -> dict[str, Any]:
     record = {**plan.base.to_dict(), "stages": [s.config.to_dict() for s in plan.stages],
               "heldout": heldout, "eval_all_tasks": plan.eval_all_tasks}  # fmt: skip
     return yaml.safe_load(yaml.safe_dump(record))  # as the file will read back
-
-
-def _differences(old: Any, new: Any, where: str = "") -> list[str]:
-    """`key: then → now` for every setting that differs, nested keys dotted."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [line for key in sorted(set(old) | set(new), key=str) if key not in UNCOMPARED_KEYS
-                for line in _differences(old.get(key), new.get(key), f"{where}{key}.")]  # fmt: skip
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [line for k, (a, b) in enumerate(zip(old, new, strict=True))
-                for line in _differences(a, b, f"{where[:-1]}[{k}].")]  # fmt: skip
-    return [] if old == new else [f"{where[:-1]}: {old!r} then, {new!r} now"]
 
 
 def check_reused_output(plan: ContinualPlan, record: dict[str, Any]) -> None:
@@ -419,7 +411,7 @@ def check_reused_output(plan: ContinualPlan, record: dict[str, Any]) -> None:
         old = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"output_dir: {path} is not valid YAML ({exc})") from None
-    differ = _differences(old, record)
+    differ = settings_differences(old, record)
     if differ:
         shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
         raise ConfigError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 
-from resd.envs.base import Environment, Item, Score, check_sizes
+from resd.envs.base import Environment, Item, Score, whole_number
 
 _ANSWER_LINE = re.compile(r"answer\s*[:=]([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+")
@@ -46,7 +46,8 @@ class ArithmeticEnv(Environment):
             raise ValueError("env_args.max_operand: must be >= 1")
         if mul_max_operand < 1:
             raise ValueError("env_args.mul_max_operand: must be >= 1")
-        check_sizes(n_train=n_train, n_test=n_test)
+        n_train = whole_number(n_train, "env_args.n_train") or 0
+        n_test = whole_number(n_test, "env_args.n_test") or 0
         self.reveal_answer = reveal_answer
         self.quote_answer = quote_answer
         rng = random.Random(seed)

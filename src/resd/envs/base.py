@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -72,14 +73,34 @@ class Environment(ABC):
     def score(self, item: Item, response: str) -> Score: ...
 
 
-def check_sizes(**sizes: Any) -> None:
-    """`n_train=…, n_test=…` as an environment takes them: whole numbers >= 0, or None for
-    all. A negative count sliced a split silently (`[:-1]` drops the last item)."""
-    for name, value in sizes.items():
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
-        ):
-            raise ValueError(f"env_args.{name}: expected a whole number >= 0, got {value!r}")
+def whole_number(value: Any, field: str, *, negative_ok: bool = False) -> int | None:
+    """An environment's whole-number setting (None stays None; "3" and 2.0 are 3 and 2),
+    or a ValueError naming it: 2.7 is refused, not cut to 2, and so is a negative count,
+    which would silently slice items off the end of a split."""
+    if value is None:
+        return None
+    number: Any = value
+    if (isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value)) or (
+        isinstance(value, float) and value.is_integer()
+    ):
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise ValueError(f"{field}: expected a whole number, got {value!r}")
+    if number < 0 and not negative_ok:
+        raise ValueError(f"{field}: expected a whole number >= 0, got {number}")
+    return number
+
+
+def real_number(value: Any, field: str) -> float:
+    """An environment's numeric setting as a finite float, or a ValueError naming it (not
+    a bare float() error)."""
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{field}: expected a finite number, got {value!r}")
+    return number
 
 
 def split_items(

@@ -355,8 +355,7 @@ def values_match(expected: Any, got: Any) -> bool:
     are interchangeable (JSON has no tuples); bools are not ints (True is not 1).
     """
     if isinstance(got, _Digest):
-        encoded = _canon(_codec_ns["encode_value"](expected)).encode()
-        return hashlib.sha256(encoded).hexdigest() == got.digest
+        return _digest_of(expected) == got.digest
     if isinstance(got, _Opaque):
         return False
     if isinstance(expected, bool) or isinstance(got, bool):
@@ -429,14 +428,11 @@ def assert_compare(op: str, a: Any, b: Any) -> bool:
     if op in ("Eq", "NotEq"):
         eq = _equal(a, b)
         return eq is not None and eq == (op == "Eq")
-    if op in ("Is", "IsNot"):
-        if not (_is_plain(a) and _is_plain(b)):
-            return False
-        if any(v is None or isinstance(v, bool) for v in (a, b)):
-            same = a is b
-        else:  # identity of other objects did not survive the trip; fail safe
-            return False
-        return same == (op == "Is")
+    if op in ("Is", "IsNot"):  # only None and the bools keep their identity over the trip
+        decidable = (
+            _is_plain(a) and _is_plain(b) and any(v is None or isinstance(v, bool) for v in (a, b))
+        )
+        return decidable and (a is b) == (op == "Is")
     if op not in _ORDER or not (_is_plain(a) and _is_plain(b)):
         return False
     try:

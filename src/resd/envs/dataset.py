@@ -13,13 +13,12 @@ which formats, how splits are named and sliced, and how a bad row is reported.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from resd.envs.base import Environment, Item, Score, split_items
+from resd.envs.base import Environment, Item, Score, real_number, split_items, whole_number
 from resd.envs.loading import (
     DATA_SUFFIXES,
     Rows,
@@ -119,13 +118,13 @@ class DatasetEnv(Environment):
                 f"env_args.test_split: {test_split!r} shares rows with env_args.split "
                 f"{split!r}; testing on training rows measures nothing"
             )
-        test_fraction = _real(test_fraction, "env_args.test_fraction")
+        test_fraction = real_number(test_fraction, "env_args.test_fraction")
         if test_split is None and not 0.0 < test_fraction < 1.0:
             raise ValueError(f"env_args.test_fraction: must be in (0, 1), got {test_fraction}")
-        n_train = _count(n_train, "env_args.n_train")
-        n_test = _count(n_test, "env_args.n_test")
-        seed = _count(seed, "env_args.seed", negative_ok=True)
-        threshold = _real(threshold, "env_args.threshold")
+        n_train = whole_number(n_train, "env_args.n_train")
+        n_test = whole_number(n_test, "env_args.n_test")
+        seed = whole_number(seed, "env_args.seed", negative_ok=True)
+        threshold = real_number(threshold, "env_args.threshold")
         if prompt_column is not None and messages_column is not None:
             raise ValueError("env_args.prompt_column, env_args.messages_column: set one, not both")
         self.scorer = resolve_scorer(scorer)
@@ -228,7 +227,7 @@ class DatasetEnv(Environment):
                 )
         for key in ("rel_tol", "abs_tol"):
             if key in self.scorer_args:
-                value = _real(self.scorer_args[key], f"env_args.scorer_args.{key}")
+                value = real_number(self.scorer_args[key], f"env_args.scorer_args.{key}")
                 if value < 0:
                     raise ValueError(f"env_args.scorer_args.{key}: must be >= 0, got {value:g}")
                 self.scorer_args[key] = value
@@ -438,30 +437,3 @@ def _label(path: str | Path | None, data_files: Any) -> str:
     if local.is_file():
         return local.stem
     return local.name or str(path).rstrip("/").rsplit("/", 1)[-1] or "dataset"
-
-
-def _real(value: Any, field: str) -> float:
-    """A finite number setting, or a ValueError naming it (not a bare float() error)."""
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise ValueError(f"{field}: expected a finite number, got {value!r}")
-    return number
-
-
-def _count(value: Any, field: str, *, negative_ok: bool = False) -> int | None:
-    """A whole-number setting (None stays None): 2.7 is refused, not cut to 2, and so is
-    a negative count, which would silently drop items from the end."""
-    if value is None:
-        return None
-    number: Any = value
-    whole_text = isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value)
-    if whole_text or (isinstance(value, float) and value.is_integer()):
-        number = int(value)
-    if isinstance(number, bool) or not isinstance(number, int):
-        raise ValueError(f"{field}: expected a whole number, got {value!r}")
-    if number < 0 and not negative_ok:
-        raise ValueError(f"{field}: must be >= 0, got {number}")
-    return number

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from resd.envs.base import Environment, Item, Score, check_sizes, split_items
+from resd.envs.base import Environment, Item, Score, split_items, whole_number
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
 
@@ -146,7 +146,8 @@ class HouseRulesEnv(Environment):
     house_rules: list[Rule] = field(init=False)
 
     def __post_init__(self) -> None:
-        check_sizes(n_train=self.n_train, n_test=self.n_test)
+        self.n_train = whole_number(self.n_train, "env_args.n_train")
+        self.n_test = whole_number(self.n_test, "env_args.n_test")
         if self.rules is not None and (isinstance(self.rules, str) or not self.rules):
             raise ValueError(f"env_args.rules: expected a list of one or more rule names "
                              f"(e.g. [lowercase]), got {self.rules!r}")  # fmt: skip

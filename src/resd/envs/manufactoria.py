@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from resd.envs.base import Environment, Item, Score, check_sizes, split_items
+from resd.envs.base import Environment, Item, Score, split_items, whole_number
 from resd.envs.loading import load_rows
 from resd.envs.manufactoria_dsl import (
     LOOP_REASON,
@@ -391,7 +391,8 @@ class ManufactoriaEnv(Environment):
         path: str | None = None,
     ) -> None:
         self.seed = seed
-        check_sizes(n_train=n_train, n_test=n_test)
+        n_train = whole_number(n_train, "env_args.n_train")
+        n_test = whole_number(n_test, "env_args.n_test")
         if path is not None:
             problems = load_problems(path)
             if families is not None:

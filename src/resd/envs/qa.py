@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from resd.envs.base import Environment, Item, Score, split_items
+from resd.envs.base import Environment, Item, Score, real_number, split_items
 from resd.envs.loading import load_rows
 from resd.envs.scorers import answers_match, extract_answer, gold_text, normalize_answer
 
@@ -62,7 +62,7 @@ class QAEnv(Environment):
             raise ValueError(
                 f"env_args.separator: must be a non-empty string (e.g. ','), got {separator!r}"
             )
-        fraction = _number(test_fraction, "env_args.test_fraction")
+        fraction = real_number(test_fraction, "env_args.test_fraction")
         if test_path is None and not 0.0 <= fraction < 1.0:
             raise ValueError(f"env_args.test_fraction: must be in [0, 1), got {test_fraction!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -208,16 +208,6 @@ class QAEnv(Environment):
                 got = f'"{pred[i]}"' if i < len(pred) else "nothing"
                 lines.append(f"Position {i + 1} is wrong (you answered {got}).")
         return Score(0.0, n_right / len(gold), note + "\n".join(lines))
-
-
-def _number(value: Any, field: str) -> float:
-    """A numeric setting, or a ValueError naming it (not a bare float() error)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{field}: expected a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{field}: expected a number, got {value!r}") from None
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:

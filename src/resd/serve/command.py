@@ -183,14 +183,14 @@ def _check_base_version(store: Store, version: str, model: str) -> None:
     """A restart on the same database records its replies under `--base-version` again:
     only if that version was loaded from the same model, else the new model's replies
     (and the feedback the learner trains on) would be filed under the old model's id."""
-    loaded = f"loaded from {model}"
+    from resd.serve.engine import same_model
+
     for row in store.versions():
         note = row.get("note") or ""
-        if row["id"] != version or not note.startswith("loaded from ") or note == loaded:
+        if row["id"] != version or not note.startswith("loaded from "):
             continue
-        before = note.removeprefix("loaded from ")
-        if Path(before).exists() and Path(before).resolve() == Path(model).resolve():
-            continue  # one folder, named from another working directory
+        if same_model(note.removeprefix("loaded from "), model):  # also one folder, two names
+            continue
         raise ValueError(f"--base-version: {version!r} is recorded in this database as "
                          f"{note}; this server loads {model}. Choose another --base-version "
                          "for it, or another --output-dir / --db")  # fmt: skip

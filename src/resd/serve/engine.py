@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
@@ -55,6 +56,7 @@ __all__ = [
     "SchemaError",
     "ServedModel",
     "load_served_model",
+    "same_model",
     "text_pieces",
 ]
 
@@ -93,6 +95,12 @@ class ModelHolder:
             old, self._served = self._served, new
         log.info("serving model version %s (was %s)", new.version, old.version)
         return old
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two model names for the same weights: equal, or folders that resolve alike
+    (`tiny` served from its folder, `/abs/path/tiny` in the learner's config)."""
+    return a == b or (Path(a).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def load_served_model(

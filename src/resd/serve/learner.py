@@ -36,7 +36,7 @@ from resd.config import apply_overrides, build_config, read_yaml_mapping
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
 from resd.rundir import read_jsonl
-from resd.serve.engine import ModelHolder, ServedModel
+from resd.serve.engine import ModelHolder, ServedModel, same_model
 from resd.serve.store import Store, TrainingRow
 from resd.training.rollout import GivenRollout
 from resd.training.trainer import Trainer
@@ -54,12 +54,6 @@ class LearnerSettings:
     poll_seconds: float = 2.0
     guard_metric: str = "case_mean@k"  # an evaluation metric; higher is better
     guard_tolerance: float = 0.0  # serve when new >= served - tolerance
-
-
-def same_model(a: str, b: str) -> bool:
-    """Two model names for the same weights: equal, or folders that resolve alike
-    (`tiny` served from its folder, `/abs/path/tiny` in the learner's config)."""
-    return a == b or (Path(a).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def given_rollout(row: TrainingRow) -> GivenRollout:

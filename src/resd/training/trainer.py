@@ -369,7 +369,7 @@ class Trainer:
         self.summary = summary
         if cfg.push_to_hub and main:  # last: a failed push loses nothing of the run
             try:
-                push_to_hub(self.run_dir, cfg.hub_model_id or self.run_dir.name)
+                self._push()
             except Exception as exc:
                 raise ValueError(f"push_to_hub: the run is complete in {self.run_dir}, but the "
                                  f"push failed: {type(exc).__name__}: {exc}") from exc  # fmt: skip
@@ -414,9 +414,12 @@ class Trainer:
             save_model(self.run_dir, self.model, self.tokenizer, model_state)
             write_model_card(self.run_dir, self.cfg, summary or {})
             if self.cfg.push_to_hub and push:
-                push_to_hub(self.run_dir, self.cfg.hub_model_id or self.run_dir.name)
+                self._push()
         self.parallel.barrier()
         return self.run_dir
+
+    def _push(self) -> str:
+        return push_to_hub(self.run_dir, self.cfg.hub_model_id or self.run_dir.name)
 
     def _teachers(self) -> dict[str, Teacher]:
         return {
@@ -434,9 +437,8 @@ class Trainer:
         if state.get("env_class", env_class) != env_class:
             raise ValueError(f"env: {env_class} now, {state['env_class']} in {path.name}; a "
                              "resumed run continues on the environment it started on")  # fmt: skip
-        if (saved.get("kl_coef", 0) > 0) != (
-            now["kl_coef"] > 0
-        ):  # no reference saved, or one unused
+        had_reference, has_reference = saved.get("kl_coef", 0) > 0, now["kl_coef"] > 0
+        if had_reference != has_reference:  # none saved to restore, or one saved for nothing
             raise ValueError(f"kl_coef: {now['kl_coef']} now, {saved.get('kl_coef')} in {path.name}; "
                              "the KL reference is the initial model, which a checkpoint keeps only "
                              "when the run started with kl_coef > 0")  # fmt: skip
