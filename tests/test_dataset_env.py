@@ -7,17 +7,20 @@ there too, and the one Hub-id test replaces `datasets.load_dataset`.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import datasets
 import pytest
 
+from resd.analysis.evaluation import safe_score
 from resd.envs import make_env, resolve_env_class
 from resd.envs.base import Item, Score
 from resd.envs.dataset import DatasetEnv
 from resd.envs.loading import load_rows
 from resd.envs.qa import QAEnv
-from resd.envs.scorers import exact_match, numeric, regex, to_score
+from resd.envs.scorers import ScorerTimeout, exact_match, numeric, regex, to_score
 
 ROWS = [
     {"qid": f"q{i}", "question": q, "answer": a, "difficulty": d}
@@ -716,6 +719,9 @@ def test_float_gold_answers_score_as_the_number_item_answer_shows(tmp_path):
         ({"split": "train", "test_split": " train "}, "test_split"),
         ({"split": "train", "test_split": "train[:50%]"}, "test_split"),
         ({"split": "train[:60%]", "test_split": "train[50%:]"}, "test_split"),
+        ({"scorer_timeout": -1}, "scorer_timeout"),
+        ({"scorer_timeout": "soon"}, "scorer_timeout"),
+        ({"scorer_timeout": float("inf")}, "scorer_timeout"),
     ],
 )
 def test_bad_settings_are_refused_at_construction_naming_the_argument(kwargs, field):
@@ -756,3 +762,195 @@ def test_a_nan_score_is_refused_where_it_is_made():
         env.score(all_items(env)[0], "x")
     with pytest.raises(ValueError, match=r"must be numbers"):
         Score(0.0, float("nan"), "")
+
+
+# -- a test split given by row numbers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["jsonl", "parquet", "memory", "save_to_disk"])
+@pytest.mark.parametrize(("train", "test", "shared"), [
+    ("train[:8]", "train[6:]", "rows 6 to 7 are"),
+    ("train[:80%]", "train[-3:]", "row 7 is"),  # 80% of 10 rows is rows 0-7
+    ("train[2:-2]", "train[5:6]", "row 5 is"),
+])  # fmt: skip
+def test_a_row_number_test_split_that_overlaps_the_training_split_is_refused(
+    tmp_path, source, train, test, shared
+):
+    """Bug: `splits_overlap` leaves row-number slices alone (their overlap depends on the
+    split's length), so train[:8] with test_split train[6:] trained on two test rows unnoticed.
+    Once the rows are loaded the length is known, and the overlap is refused, whichever
+    reader sliced the rows (ours for JSON lines and in-memory data, `datasets` for parquet)."""
+    kwargs = {**COLUMNS, "split": train, "test_split": test}
+    with pytest.raises(ValueError) as caught:
+        if source == "memory":
+            memory_env(**kwargs)
+        elif source == "save_to_disk":
+            folder = tmp_path / "saved"
+            datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(folder)
+            DatasetEnv(path=str(folder), **kwargs)
+        else:
+            env_from(tmp_path, source, split=train, test_split=test)
+    message = str(caught.value)
+    assert message.startswith(f"env_args.test_split: {test!r} shares rows with env_args.split")
+    assert f"{train!r} ({shared} in both, of the 10 rows of 'train')" in message
+    assert "measures nothing" in message
+
+
+@pytest.mark.parametrize("source", ["jsonl", "parquet", "memory"])
+def test_row_number_splits_that_do_not_meet_are_accepted(tmp_path, source):
+    """The row-range check must not refuse adjacent slices (train[:7] / train[-3:] is rows
+    0-6 and 7-9), nor slices of different splits of a DatasetDict."""
+    kwargs = {"split": "train[:7]", "test_split": "train[-3:]", "id_column": "qid"}
+    env = memory_env(**kwargs) if source == "memory" else env_from(tmp_path, source, **kwargs)
+    assert [it.id.rsplit("/", 1)[1] for it in env.test_items()] == ["q7", "q8", "q9"]
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(ROWS[:7]),
+            "test": datasets.Dataset.from_list(ROWS[7:]),
+        }
+    )
+    apart = DatasetEnv.from_dataset(dd, split="train[:5]", test_split="test[:2]", **COLUMNS)
+    assert len(apart.test_items()) == 2
+
+
+def test_a_surely_overlapping_test_split_is_still_refused_before_loading(tmp_path):
+    """The pre-load check stays: a test split equal to the training split is refused before
+    anything is read (here the file does not even exist), not after a download."""
+    with pytest.raises(ValueError, match=r"^env_args\.test_split: 'train\[:50%\]' shares rows"):
+        DatasetEnv(path=str(tmp_path / "absent.jsonl"), test_split="train[:50%]", **COLUMNS)
+
+
+# -- a scorer that hangs ---------------------------------------------------------------------
+
+
+class _Stuck:
+    """A scorer that hangs until released, and says when it has finished."""
+
+    def __init__(self) -> None:
+        self.release, self.done = threading.Event(), threading.Event()
+
+    def wait(self) -> None:
+        try:
+            self.release.wait(30)
+        finally:
+            self.done.set()
+
+    def finish(self) -> None:
+        """Leave no work behind: let the abandoned call end, and see that it did."""
+        self.release.set()
+        assert self.done.wait(5)
+
+
+def test_a_hanging_user_scorer_raises_instead_of_hanging_the_run():
+    """Bug: a user scorer that never returns hung the whole training run, silently. With
+    `scorer_timeout` the call raises an error that names the scorer, the item and the
+    limit and says what to do, and it does so after the limit, not when the scorer ends."""
+    stuck = _Stuck()
+
+    def slow_scorer(item, response):
+        stuck.wait()
+        return 1.0
+
+    env = memory_env(scorer=slow_scorer, scorer_timeout=0.2)
+    item = env.train_items()[0]
+    start = time.monotonic()
+    try:
+        with pytest.raises(ScorerTimeout) as caught:
+            env.score(item, "Paris")
+        assert time.monotonic() - start < 5
+    finally:
+        stuck.finish()
+    message = str(caught.value)
+    assert isinstance(caught.value, ValueError)  # what `resd train` reports in one line
+    assert "\n" not in message and message.startswith("env_args.scorer_timeout: ")
+    assert "slow_scorer" in message and repr(item.id) in message and "0.2 s" in message
+    assert "raise env_args.scorer_timeout" in message and "fix the scorer" in message
+
+
+def test_a_hanging_trl_reward_function_raises_too():
+    """Bug: the same hang through a TRL-style (batched) reward function, which is wrapped
+    separately from a per-item scorer."""
+    stuck = _Stuck()
+
+    def accuracy_reward(completions, answer, **kwargs):
+        stuck.wait()
+        return [1.0 for _ in completions]
+
+    env = memory_env(scorer=accuracy_reward, scorer_timeout=0.2)
+    try:
+        with pytest.raises(ScorerTimeout, match=r"accuracy_reward took longer than 0\.2 s"):
+            env.score(env.train_items()[0], "Paris")
+    finally:
+        stuck.finish()
+
+
+def test_a_catastrophically_backtracking_pattern_is_stopped_by_the_limit():
+    """Bug: the regex scorer with a user pattern that backtracks catastrophically on a long
+    reply ran for minutes (and `re` holds the GIL, so no watchdog thread could step in);
+    now the match itself is bounded by `scorer_timeout`."""
+    env = memory_env(scorer="regex", scorer_args={"pattern": r"(a|aa)+$"}, scorer_timeout=0.2)
+    item = env.train_items()[0]
+    start = time.monotonic()
+    with pytest.raises(ScorerTimeout) as caught:
+        env.score(item, "a" * 60 + "b")
+    assert time.monotonic() - start < 10
+    message = str(caught.value)
+    assert "the scorer regex took longer than 0.2 s" in message and repr(item.id) in message
+    assert "(a|aa)+$" in message and "raise env_args.scorer_timeout" in message
+    assert env.score(item, "aaaa").reward == 1.0  # an ordinary reply is scored as before
+    assert env.score(item, "aab").reward == 0.0
+
+
+@pytest.mark.parametrize("off", [0, None, "default"])
+def test_without_a_scorer_timeout_the_scorer_runs_on_the_callers_thread(off):
+    """Bug: with a limit by default, every user scorer ran in a watchdog thread, where
+    code that needs the main thread fails: math_verify's SIGALRM timeouts raise "signal
+    only works in main thread", and every reply would have scored 0. By default (and with
+    0 or null) the scorer runs in the caller's thread; only a limit moves it."""
+    import signal
+
+    threads = []
+
+    def where(item, response):
+        threads.append(threading.current_thread())
+        signal.signal(signal.SIGALRM, signal.getsignal(signal.SIGALRM))  # main thread only
+        return 1.0
+
+    env = (
+        memory_env(scorer=where)
+        if off == "default"
+        else memory_env(scorer=where, scorer_timeout=off)
+    )
+    assert env.score(env.train_items()[0], "x").reward == 1.0
+    assert threads == [threading.current_thread()]
+    limited = memory_env(scorer=where, scorer_timeout=30)  # a limit: a watchdog thread
+    score = safe_score(limited, limited.train_items()[0], "x")  # as the trainer scores
+    assert threads[-1] is not threading.current_thread()
+    assert score.reward == 0.0 and "main thread" in score.feedback  # what a limit costs
+
+
+def test_the_trainer_stops_on_a_timed_out_scorer_but_scores_other_errors_as_failures():
+    """Bug: `safe_score`, which the trainer scores every rollout through, caught every
+    exception, the time limit's included: a hanging scorer cost the whole limit on every
+    reply, left a thread behind each time, and the run went on with the error message as
+    the teacher's feedback. A scorer that raises anything else still counts as a failure."""
+    stuck = _Stuck()
+
+    def slow_scorer(item, response):
+        stuck.wait()
+        return 1.0
+
+    env = memory_env(scorer=slow_scorer, scorer_timeout=0.2)
+    try:
+        with pytest.raises(ScorerTimeout):
+            safe_score(env, env.train_items()[0], "Paris")
+    finally:
+        stuck.finish()
+
+    def broken_scorer(item, response):
+        raise KeyError("no such column")
+
+    env = memory_env(scorer=broken_scorer, scorer_timeout=0.2)
+    score = safe_score(env, env.train_items()[0], "Paris")
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert "KeyError" in score.feedback

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from resd.envs.base import Environment, Item, Score
+from resd.envs.scorers import ScorerTimeout
 from resd.generation.hf import chat_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,15 @@ def aggregate(outcomes: Sequence[Sequence[Score]]) -> dict[str, float]:
 
 
 def safe_score(env: Environment, item: Item, response: str) -> Score:
-    """An environment that raises must not kill a training run: count it as a failure."""
+    """An environment that raises must not kill a training run: count it as a failure.
+
+    Except a scorer that ran past its time limit: it would cost the whole limit, and leave
+    a thread behind, on every reply after this one, so the run stops with its message.
+    """
     try:
         return env.score(item, response)
+    except ScorerTimeout:
+        raise
     except Exception as exc:
         log.warning("environment raised while scoring %s: %r", item.id, exc)
         return Score(0.0, 0.0, f"The checker failed on this response: {type(exc).__name__}: {exc}")

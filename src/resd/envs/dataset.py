@@ -29,10 +29,12 @@ from resd.envs.loading import (
 )
 from resd.envs.scorers import (
     BUILTIN_SCORERS,
+    ScorerTimeout,
     format_number,
     gold_text,
     parse_gold_number,
     resolve_scorer,
+    timeout_message,
     wrap_callable,
 )
 
@@ -50,7 +52,10 @@ class DatasetEnv(Environment):
             (data files or a `save_to_disk` folder). Optional when `data_files` is given.
         split: the training split (slices allowed: ``train[:1000]``).
         test_split: the evaluation split; without it, `test_fraction` of `split` is held
-            out with `split_items(..., seed)`.
+            out with `split_items(..., seed)`. One that shares rows with `split` is
+            refused: at once when that is sure from the specs alone (the same split, a
+            split and a slice of it, percent slices that meet), else once the rows are
+            loaded (row-number slices such as ``train[:800]`` and ``train[700:]``).
         name, data_files, cache_dir, load_kwargs: passed to `datasets.load_dataset`.
         prompt_column: a string prompt (or a chat list, as in TRL's conversational format);
             default "prompt" when present.
@@ -74,6 +79,12 @@ class DatasetEnv(Environment):
             the reward, in place of the scorer's own sentence: a worked solution, or the
             right value in words your teacher reads well. Empty cells keep the scorer's.
         threshold: a user function's number v gives reward 1 iff v >= threshold.
+        scorer_timeout: seconds one scorer call may take (default None: no limit, as in
+            TRL; 0 also means none): a user function, either kind, or the regex scorer's
+            match. A call that takes longer raises `ScorerTimeout` naming the scorer, the
+            item and the limit, instead of hanging the run. Off by default because a
+            limited user function runs in a worker thread, where code that needs the main
+            thread (math_verify's SIGALRM timeouts, thread-bound connections) fails.
         test_fraction, seed: the held-out split when there is no `test_split`.
         n_train, n_test: keep only the first items of each split (quick runs).
         dataset: an in-memory `datasets.Dataset` or `DatasetDict` instead of `path`
@@ -104,6 +115,7 @@ class DatasetEnv(Environment):
         reveal_answer: bool = True,
         feedback_column: str | None = None,
         threshold: float = 1.0,
+        scorer_timeout: float | None = None,
         test_fraction: float = 0.2,
         seed: int = 0,
         n_train: int | None = None,
@@ -125,6 +137,14 @@ class DatasetEnv(Environment):
         n_test = whole_number(n_test, "env_args.n_test")
         seed = whole_number(seed, "env_args.seed", negative_ok=True)
         threshold = real_number(threshold, "env_args.threshold")
+        if scorer_timeout is not None:
+            scorer_timeout = real_number(scorer_timeout, "env_args.scorer_timeout")
+            if scorer_timeout < 0:
+                raise ValueError(
+                    "env_args.scorer_timeout: must be >= 0 seconds (0 or null: no limit), "
+                    f"got {scorer_timeout:g}"
+                )
+        self.scorer_timeout = scorer_timeout or None
         if prompt_column is not None and messages_column is not None:
             raise ValueError("env_args.prompt_column, env_args.messages_column: set one, not both")
         self.scorer = resolve_scorer(scorer)
@@ -155,6 +175,8 @@ class DatasetEnv(Environment):
         for rows, arg in zip(loaded, fields, strict=True):
             if not rows.records:
                 raise ValueError(f"{arg}: {rows.source} [{rows.split}] has no rows")
+        if test_split is not None:
+            _check_disjoint(loaded[0], loaded[1])
 
         columns = loaded[0].columns
         if prompt_column is None and messages_column is None:
@@ -384,15 +406,22 @@ class DatasetEnv(Environment):
                 columns=self.meta_columns,
                 conversational=self.conversational,
                 threshold=self.threshold,
+                timeout=self.scorer_timeout,
             )
         fn = BUILTIN_SCORERS[self.scorer]
         kwargs = {**self.scorer_args, "reveal_answer": self.reveal_answer}
         pattern = kwargs.pop("pattern", None)
         column = self.answer_column or ""
+        name, limit = self.scorer, self.scorer_timeout
+        if name == "regex":  # the one built-in whose time depends on the user's input
+            kwargs["timeout"] = limit
 
         def score(item: Item, response: str) -> Score:
             gold = pattern if pattern is not None else item.meta.get(column)
-            return fn(gold, response, **kwargs)
+            try:
+                return fn(gold, response, **kwargs)
+            except TimeoutError as exc:  # only with a limit: see `regex`
+                raise ScorerTimeout(timeout_message(name, item.id, limit or 0, str(exc))) from exc
 
         return score
 
@@ -427,6 +456,23 @@ class DatasetEnv(Environment):
 
     def score(self, item: Item, response: str) -> Score:
         return self._score(item, response)
+
+
+def _check_disjoint(train: Rows, test: Rows) -> None:
+    """Refuse a test split that holds training rows, now that the split's length is known
+    (``train[:800]`` and ``train[700:]`` share rows 700-799 of a 1000-row split)."""
+    if train.span is None or test.span is None:
+        return
+    shared = train.span.shared(test.span)
+    if shared:
+        rows = f"rows {shared.start} to {shared.stop - 1} are"
+        if len(shared) == 1:
+            rows = f"row {shared.start} is"
+        raise ValueError(
+            f"env_args.test_split: {test.split!r} shares rows with env_args.split "
+            f"{train.split!r} ({rows} in both, of the {train.span.total} rows of "
+            f"{train.span.split!r}); testing on training rows measures nothing"
+        )
 
 
 def _label(path: str | Path | None, data_files: Any) -> str:

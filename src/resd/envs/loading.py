@@ -22,15 +22,17 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "DATA_SUFFIXES",
     "Rows",
+    "Span",
     "first_file",
     "load_rows",
     "load_splits",
     "rows_from_dataset",
+    "split_span",
     "splits_overlap",
 ]
 
@@ -48,6 +50,23 @@ _READ_DIRECTLY = {".jsonl", ".ndjson", ".json"}
 _SPLIT = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
 
 
+class Span(NamedTuple):
+    """Which rows of which underlying split a `Rows` holds: rows `start` to `stop - 1` of
+    the split `split`, which has `total` rows (what ``train[700:]`` means once the length
+    of ``train`` is known)."""
+
+    split: str
+    start: int
+    stop: int
+    total: int
+
+    def shared(self, other: Span) -> range:
+        """The rows of the underlying split that both hold (empty for different splits)."""
+        if self.split != other.split:
+            return range(0)
+        return range(max(self.start, other.start), min(self.stop, other.stop))
+
+
 @dataclass
 class Rows:
     """The rows of one split, with what an error message needs to point at one of them."""
@@ -57,6 +76,9 @@ class Rows:
     source: str  # the file or dataset the rows came from
     split: str  # the split as asked for, slice included
     lines: list[int] | None = None  # 1-based line numbers, for JSON-lines files
+    # Which rows of the underlying split these are; None where that is not known (a split
+    # spec only `datasets` reads, such as ``train+test``).
+    span: Span | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -126,7 +148,10 @@ def load_splits(
             raise ValueError(f"{field}: no such file: {path}")
         options.update(name=name, data_files=data_files, cache_dir=cache_dir)
         loaded = _load_dataset(target, splits, split_fields, field, source, **options)
-        rows = [_to_rows(ds, source, s) for ds, s in zip(loaded, splits, strict=True)]
+        rows = [
+            _to_rows(ds, _loaded_span(ds, s), source, s)
+            for ds, s in zip(loaded, splits, strict=True)
+        ]
     for r in rows:
         _check_required(r, required)
     return rows
@@ -153,7 +178,7 @@ def rows_from_dataset(
             "(a list of dicts becomes one with datasets.Dataset.from_list(rows))"
         )
     return [
-        _to_rows(_select(available, s, f, "the dataset"), "the dataset", s)
+        _to_rows(*_select(available, s, f, "the dataset"), "the dataset", s)
         for s, f in zip(splits, split_fields, strict=True)
     ]
 
@@ -208,9 +233,9 @@ def _json_splits(
     numbered = list(zip(lines or range(len(records)), records, strict=True))
     out = []
     for spec, field in zip(splits, split_fields, strict=True):
-        chosen = _select({"train": numbered}, spec, field, source)
+        chosen, span = _select({"train": numbered}, spec, field, source)
         numbers = [n for n, _ in chosen] if lines else None
-        out.append(_filled(Rows([rec for _, rec in chosen], [], source, spec, numbers)))
+        out.append(_filled(Rows([rec for _, rec in chosen], [], source, spec, numbers, span)))
     return out
 
 
@@ -243,8 +268,9 @@ def splits_overlap(a: str, b: str) -> bool:
 
     True for the same split written twice (spacing aside), for a split and a slice of it
     (``train`` and ``train[:50%]``), and for percent slices of one split whose ranges
-    meet; slices with row numbers are left alone, since whether they meet depends on the
-    length. A spec that does not parse is `_select`'s to report.
+    meet; this is the check before anything is loaded. Slices with row numbers are left
+    to `Span.shared` once the rows are loaded (see `Rows.span`), since whether they meet
+    depends on the length. A spec that does not parse is `_select`'s to report.
     """
     ma, mb = _SPLIT.match(str(a)), _SPLIT.match(str(b))
     if not ma or not mb or ma.group(1) != mb.group(1):
@@ -264,34 +290,66 @@ def splits_overlap(a: str, b: str) -> bool:
     return max(pct(lo_a, 0), pct(lo_b, 0)) < min(pct(hi_a, 100), pct(hi_b, 100))
 
 
-def _select(available: Mapping[str, Any], spec: str, field: str, source: str) -> Any:
-    """`train`, `train[:80%]`, `test[10:-5]` from named splits (lists or Datasets)."""
+def split_span(spec: str, total: int) -> Span | None:
+    """The rows that `spec` (``train``, ``train[:80%]``, ``train[-300:]``) selects from a
+    split of `total` rows, or None for a spec that does not parse.
+
+    The one place where slice bounds become row numbers, as `datasets` reads them: a
+    percentage rounds to the nearest row, a negative bound counts from the end, and bounds
+    past either end are clipped (Python's slicing).
+    """
+    m = _SPLIT.match(str(spec))
+    if not m:
+        return None
+    split_name, lo, hi = m.groups()
+
+    def bound(text: str | None) -> int | None:
+        if text is None:
+            return None
+        return round(total * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+
+    chosen = range(total)[slice(bound(lo), bound(hi))]
+    return Span(split_name, chosen.start, chosen.stop, total)
+
+
+def _select(available: Mapping[str, Any], spec: str, field: str, source: str) -> tuple[Any, Span]:
+    """`train`, `train[:80%]`, `test[10:-5]` from named splits (lists or Datasets), and
+    which rows of the split they are."""
     m = _SPLIT.match(str(spec))
     if not m:
         raise ValueError(
             f"{field}: cannot read the split {spec!r}; write e.g. train or train[:80%]"
         )
-    split_name, lo, hi = m.groups()
+    split_name = m.group(1)
     if split_name not in available:
         raise ValueError(
             f"{field}: {source} has no split {split_name!r}; it has {', '.join(available)}"
         )
     data = available[split_name]
-    n = len(data)
-
-    def bound(text: str | None) -> int | None:
-        if text is None:
-            return None
-        return round(n * int(text[:-1]) / 100) if text.endswith("%") else int(text)
-
-    if lo is None and hi is None and "[" not in str(spec):
-        return data
-    chosen = range(n)[slice(bound(lo), bound(hi))]
-    return data[chosen.start : chosen.stop] if isinstance(data, list) else data.select(chosen)
+    span = split_span(spec, len(data))
+    assert span is not None  # the spec parsed above
+    if "[" not in str(spec):
+        return data, span
+    chosen = range(span.start, span.stop)
+    picked = data[span.start : span.stop] if isinstance(data, list) else data.select(chosen)
+    return picked, span
 
 
-def _to_rows(ds: Any, source: str, split: str) -> Rows:
-    return Rows(ds.to_list(), list(ds.column_names), source, split)
+def _loaded_span(ds: Any, spec: str) -> Span | None:
+    """Which rows of its split a Dataset that `datasets.load_dataset` sliced holds: the
+    split's length is in the dataset's info; None where it is not, or does not agree."""
+    m = _SPLIT.match(str(spec))
+    splits = getattr(getattr(ds, "info", None), "splits", None) or {}
+    info = splits.get(m.group(1)) if m else None
+    total = getattr(info, "num_examples", None)
+    if not isinstance(total, int):
+        return None
+    span = split_span(spec, total)
+    return span if span is not None and len(range(span.start, span.stop)) == len(ds) else None
+
+
+def _to_rows(ds: Any, span: Span | None, source: str, split: str) -> Rows:
+    return Rows(ds.to_list(), list(ds.column_names), source, split, span=span)
 
 
 def _from_disk(
@@ -301,7 +359,7 @@ def _from_disk(
     data = datasets.load_from_disk(str(path))
     available = dict(data) if isinstance(data, datasets.DatasetDict) else {"train": data}
     return [
-        _to_rows(_select(available, s, f, str(path)), str(path), s)
+        _to_rows(*_select(available, s, f, str(path)), str(path), s)
         for s, f in zip(splits, split_fields, strict=True)
     ]
 

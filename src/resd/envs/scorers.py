@@ -14,6 +14,10 @@ from; it does not repeat a wrong answer that it can correct. User-written scorer
 wrapped by `wrap_callable`, which accepts both TRL-style batched reward functions and
 per-item functions (see its docstring for the rule that tells them apart).
 
+A scorer call has a time limit (`time_limited`, the regex scorer's `timeout`): a user
+function that hangs, or a pattern that backtracks without end on a long reply, raises
+`ScorerTimeout` instead of hanging the run.
+
 The answer-normalisation helpers live here rather than in ``qa.py`` so that the QA
 environment and the dataset environment share them without importing each other.
 """
@@ -25,6 +29,8 @@ import inspect
 import math
 import re
 import string
+import threading
+import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +39,7 @@ from resd.envs.base import Item, Score
 
 __all__ = [
     "BUILTIN_SCORERS",
+    "ScorerTimeout",
     "answers_match",
     "exact_match",
     "extract_answer",
@@ -43,6 +50,8 @@ __all__ = [
     "parse_gold_number",
     "regex",
     "resolve_scorer",
+    "time_limited",
+    "timeout_message",
     "to_score",
     "wrap_callable",
 ]
@@ -295,7 +304,12 @@ def numeric(
 
 
 def regex(
-    pattern: Any, response: str, *, fullmatch: bool = False, reveal_answer: bool = True
+    pattern: Any,
+    response: str,
+    *,
+    fullmatch: bool = False,
+    reveal_answer: bool = True,
+    timeout: float | None = None,
 ) -> Score:
     """Whether the response matches a regular expression (`re.search`, or `re.fullmatch`).
 
@@ -303,10 +317,30 @@ def regex(
     examples use (`^<think>.*?</think>...`) work; write inline flags such as `(?s)` or
     `(?i)` into the pattern. The feedback shows the end of the response, where a format
     usually goes wrong.
+
+    `timeout` (seconds; None or 0: none) bounds the match, and a match that runs past it
+    raises `TimeoutError`. The matching is done by the `regex` package (a dependency of
+    `transformers`; `re`-compatible), because `re` cannot be stopped: it holds the GIL,
+    so not even a watchdog thread gets to run until a catastrophic backtrack ends.
     """
     compiled = re.compile(str(pattern))
     text = response.strip() if fullmatch else response
-    hit = compiled.fullmatch(text) if fullmatch else compiled.search(text)
+    engine = _interruptible(compiled.pattern)
+    if engine is None:  # no `regex` package, or a pattern only `re` reads: no time limit
+        hit = compiled.fullmatch(text) if fullmatch else compiled.search(text)
+    else:
+        limit = timeout or None
+        try:
+            hit = (
+                engine.fullmatch(text, timeout=limit)
+                if fullmatch
+                else engine.search(text, timeout=limit)
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"the pattern {compiled.pattern!r} did not finish in time on a reply of "
+                f"{len(text)} characters (catastrophic backtracking?)"
+            ) from exc
     if hit:
         return Score(1.0, 1.0, "")
     how = "as a whole " if fullmatch else ""
@@ -315,6 +349,19 @@ def regex(
         return Score(0.0, 0.0, f"The response is empty; it must match {how}{wanted}.")
     tail = _quote(response.strip()[-120:])
     return Score(0.0, 0.0, f'The response does not match {how}{wanted}; it ends with "{tail}".')
+
+
+def _interruptible(pattern: str) -> Any:
+    """`pattern` compiled by the `regex` package, whose matching takes a timeout; None
+    where that package is missing or reads the pattern differently from `re`."""
+    try:
+        import regex as regex_package
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return None
+    try:
+        return regex_package.compile(pattern)
+    except (regex_package.error, ValueError, TypeError):
+        return None
 
 
 BUILTIN_SCORERS: dict[str, Callable[..., Score]] = {
@@ -350,6 +397,69 @@ def resolve_scorer(spec: str | Callable[..., Any], field: str = "env_args.scorer
     if not callable(fn):
         raise ValueError(f"{field}: module {module_name!r} has no function {attr!r}")
     return fn
+
+
+# -- the time limit ----------------------------------------------------------------------
+
+
+class ScorerTimeout(ValueError):
+    """A scorer call ran past its time limit (`env_args.scorer_timeout`).
+
+    A ValueError, the kind of error `resd train` reports in one line. Code that turns a
+    scorer's errors into a failed score should let this one through: a scorer that hangs
+    on one reply usually hangs on the next, each such call costs the whole limit, and
+    each leaves its thread behind.
+    """
+
+
+def timeout_message(name: str, item_id: str, limit: float, what: str = "") -> str:
+    """The one-line error of a scorer call that ran past `limit` seconds."""
+    why = f": {what}" if what else ""
+    return (
+        f"env_args.scorer_timeout: the scorer {name} took longer than {limit:g} s on item "
+        f"{item_id!r}{why}; raise env_args.scorer_timeout (0 or null: no limit) if it is "
+        "just slow, or fix the scorer"
+    )
+
+
+def time_limited(score: ScoreFn, limit: float | None, name: str) -> ScoreFn:
+    """`score`, raising `ScorerTimeout` when one call takes longer than `limit` seconds
+    (None or 0: no limit, and no overhead).
+
+    Each call runs in a daemon thread that the caller waits on with `join(limit)`. Not
+    SIGALRM: a signal handler can only be set, and only runs, on the main thread, and
+    scoring also runs elsewhere (the background learner and worker threads of `resd
+    serve`). Python cannot kill a thread, so a call that hangs is left running, as a
+    daemon that does not hold up the interpreter's exit, while the caller gets the error.
+    A call stuck in C code that holds the GIL (`re` backtracking) cannot be waited out
+    either: the limit is then enforced when it returns, which is why the regex scorer
+    bounds its own matching. Starting a thread costs some 0.1 ms per call, nothing next
+    to generating the reply.
+    """
+    if not limit:
+        return score
+
+    def limited(item: Item, response: str) -> Score:
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            start = time.perf_counter()
+            try:
+                box["score"] = score(item, response)
+            except BaseException as exc:  # handed to the caller's thread below
+                box["error"] = exc
+            box["seconds"] = time.perf_counter() - start
+
+        worker = threading.Thread(target=call, name=f"resd-scorer-{name}", daemon=True)
+        worker.start()
+        worker.join(limit)
+        if worker.is_alive() or box.get("seconds", 0.0) > limit:
+            raise ScorerTimeout(timeout_message(name, item.id, limit))
+        if "error" in box:
+            raise box["error"]
+        return box["score"]
+
+    return limited
 
 
 # -- user functions ----------------------------------------------------------------------
@@ -396,6 +506,7 @@ def wrap_callable(
     conversational: bool,
     threshold: float = 1.0,
     field: str = "env_args.scorer",
+    timeout: float | None = None,
 ) -> ScoreFn:
     """Turn a user scorer into `(item, response) -> Score`, checking its signature now.
 
@@ -408,7 +519,8 @@ def wrap_callable(
     as ``fn(item, response)`` and returns a Score or a number. Numbers go through
     `to_score` with `threshold`. A parameter that cannot be supplied (a missing column, or
     TRL's ``completion_ids``, which a text-level scorer does not have) is an error here,
-    not at the first rollout.
+    not at the first rollout. Either kind of call is bounded by `timeout` seconds (see
+    `time_limited`; None or 0: no limit).
     """
     name = getattr(fn, "__name__", type(fn).__name__)
     try:
@@ -416,7 +528,8 @@ def wrap_callable(
     except (TypeError, ValueError):
         params = None
     if params is not None and "completions" in params:
-        return _wrap_batched(fn, name, params, columns, conversational, threshold, field)
+        batched = _wrap_batched(fn, name, params, columns, conversational, threshold, field)
+        return time_limited(batched, timeout, name)
     if params is not None:
         try:
             inspect.signature(fn).bind(None, "")
@@ -429,7 +542,7 @@ def wrap_callable(
     def per_item(item: Item, response: str) -> Score:
         return to_score(fn(item, response), threshold, name)
 
-    return per_item
+    return time_limited(per_item, timeout, name)
 
 
 def _wrap_batched(
