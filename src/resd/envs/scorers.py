@@ -319,14 +319,15 @@ def regex(
     usually goes wrong.
 
     `timeout` (seconds; None or 0: none) bounds the match, and a match that runs past it
-    raises `TimeoutError`. The matching is done by the `regex` package (a dependency of
-    `transformers`; `re`-compatible), because `re` cannot be stopped: it holds the GIL,
-    so not even a watchdog thread gets to run until a catastrophic backtrack ends.
+    raises `TimeoutError`. With a limit the matching is done by the `regex` package
+    (`re`-compatible), because `re` cannot be stopped: it holds the GIL, so not even a
+    watchdog thread gets to run until a catastrophic backtrack ends. Without one, `re`
+    matches, as it always did.
     """
     compiled = re.compile(str(pattern))
     text = response.strip() if fullmatch else response
-    engine = _interruptible(compiled.pattern)
-    if engine is None:  # no `regex` package, or a pattern only `re` reads: no time limit
+    engine = _interruptible(compiled.pattern) if timeout else None
+    if engine is None:  # no limit, or a pattern only `re` reads
         hit = compiled.fullmatch(text) if fullmatch else compiled.search(text)
     else:
         limit = timeout or None
