@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -298,3 +299,345 @@ def test_allowed_operations_restrict_the_curator():
         allowed=("ADD",),
     )
     assert report.reasons == {"not_allowed": 1} and report.applied == 1 and entry in pb
+
+
+def test_each_section_keeps_its_heading_and_its_entries_through_the_text_form() -> None:
+    """Catches a renamed or blanked section slug or heading: the headings are what the
+    teacher reads, and an entry filed under a slug that has no heading vanishes from the
+    rendered text (and from the playbook a reload makes of it)."""
+    pb = Playbook()
+    slugs = ["strat", "calc", "code", "err", "prob", "ctx", "misc"]
+    for slug in slugs:
+        pb.add(slug, f"A lesson filed under {slug}.")
+    text = pb.render()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## Strategies & Insights",
+        "## Formulas & Calculations",
+        "## Code Snippets & Templates",
+        "## Common Mistakes to Avoid",
+        "## Problem-Solving Heuristics",
+        "## Context Clues & Indicators",
+        "## Others",
+    ]
+    back = Playbook.parse(text)
+    assert {e.id: e.section for e in back.entries.values()} == {
+        "strat-00001": "strat",
+        "calc-00002": "calc",
+        "code-00003": "code",
+        "err-00004": "err",
+        "prob-00005": "prob",
+        "ctx-00006": "ctx",
+        "misc-00007": "misc",
+    }
+
+
+def test_a_curators_free_words_pick_the_section() -> None:
+    """Catches a blanked slug in the word table: a curator who writes "pitfalls" or
+    "key insight" instead of a heading must still land in that section, not in a slug
+    with no heading."""
+    assert section_slug("Pitfalls") == "err"
+    assert section_slug("key insight") == "strat"
+    assert section_slug("math") == "calc"
+    assert section_slug("code template") == "code"
+    assert section_slug("heuristics") == "prob"
+    assert section_slug("context clue") == "ctx"
+    assert section_slug("COMMON MISTAKES TO AVOID") == "err"
+    assert section_slug(None) == "misc" and section_slug("") == "misc"
+
+
+def test_section_counts_cover_every_section() -> None:
+    """Catches a `section_counts` that stops counting: playbook_history.jsonl logs it
+    every step, empty sections included."""
+    assert make().section_counts() == {
+        "strat": 1,
+        "calc": 1,
+        "code": 0,
+        "err": 1,
+        "prob": 0,
+        "ctx": 0,
+        "misc": 0,
+    }
+
+
+def test_a_lesson_is_cut_only_past_500_characters_and_says_so() -> None:
+    """Catches an off-by-one at the 500-character bound: a lesson of exactly 500
+    characters is kept whole; a longer one is cut to 500 ending in an ellipsis."""
+    pb = Playbook()
+    exact = pb.add("strat", "x" * 500)
+    longer = pb.add("strat", "y" * 501)
+    assert pb.entries[exact].content == "x" * 500
+    assert pb.entries[longer].content == "y" * 499 + "…"
+
+
+@pytest.mark.parametrize("policy", ["staleness", "random"])
+def test_more_helpful_than_harmful_votes_keep_an_entry(policy: str) -> None:
+    """Catches a harmful test that ignores the helpful count: d ≥ h and d > 0 is
+    harmful (pruned), so 2 helpful / 1 harmful stays and 1 / 1 goes."""
+    pb = Playbook()
+    kept = pb.add("strat", "Check the empty tape before anything else.", step=1)
+    tied = pb.add("err", "Never route a red symbol to the accept node.", step=1)
+    for tag in ("helpful", "helpful", "harmful"):
+        pb.tag(kept, tag, 2)
+    for tag in ("helpful", "harmful"):
+        pb.tag(tied, tag, 2)
+    assert pb.prune(2, policy=policy) == [tied]
+    assert list(pb.entries) == [kept]
+
+
+def test_over_budget_staleness_counts_from_the_last_use_not_the_creation() -> None:
+    """Catches staleness measured from the creation step when the entry has been used:
+    an old entry used at step 9 outlives a newer one last used at step 6."""
+    pb = Playbook()
+    old = pb.add("strat", "Old but used recently.", step=1)
+    new = pb.add("strat", "Newer but used long ago.", step=5)
+    pb.tag(old, "helpful", 9)
+    pb.tag(new, "helpful", 6)
+    assert pb.prune(10, policy="staleness", max_entries=1) == [new]
+    assert old in pb
+
+
+def test_merge_refuses_a_repeated_id_or_empty_text_and_keeps_ids_unique() -> None:
+    """Catches a merge that pops the same id twice (KeyError instead of None), merges
+    into an empty lesson, or does not advance the id counter (the next ADD would then
+    overwrite the merged entry)."""
+    pb = make()
+    assert pb.merge(["strat-00001", "strat-00001"], "One entry cannot merge with itself.") is None
+    assert pb.merge(["strat-00001", "err-00002"], "   ") is None
+    assert list(pb.entries) == ["strat-00001", "err-00002", "calc-00003"]
+    merged = pb.merge(["strat-00001", "err-00002"], "Handle the empty tape and its branch.")
+    assert merged == "strat-00004"
+    assert pb.add("strat", "A lesson added after the merge.") == "strat-00005"
+    assert pb.entries["strat-00004"].content == "Handle the empty tape and its branch."
+
+
+def test_update_refuses_empty_text_and_an_update_operation_rewrites_the_entry() -> None:
+    """Catches an UPDATE that is counted as applied but leaves the old text, and an
+    `update` that blanks an entry when the new text is empty."""
+    pb = make()
+    assert not pb.update("strat-00001", " \n ")
+    assert pb.entries["strat-00001"].content == "Check the empty tape first."
+    report = pb.apply_operations(
+        [{"type": "UPDATE", "id": "strat-00001", "content": "Check the empty tape before all."}]
+    )
+    assert report.applied == 1
+    assert pb.entries["strat-00001"].content == "Check the empty tape before all."
+
+
+def test_tag_results_sum_to_the_number_of_tags_applied() -> None:
+    """Catches `tag` returning None instead of False: the trainer sums the results into
+    `tags_applied`, and a None there raises."""
+    pb = make()
+    results = [
+        pb.tag("strat-00001", "helpful", 3),
+        pb.tag("ghost-00042", "helpful", 3),
+        pb.tag("err-00002", "amazing", 3),
+    ]
+    assert results == [True, False, False] and sum(results) == 1
+
+
+def test_operations_that_are_not_a_list_give_an_empty_report() -> None:
+    """Catches `apply_operations` returning None for an unparsed reply: the trainer reads
+    `report.applied` after every curator reply."""
+    pb = make()
+    for ops in (None, "ADD everything", {"type": "ADD", "content": "x"}):
+        report = pb.apply_operations(ops)
+        assert (report.applied, report.skipped, report.added) == (0, 0, [])
+    assert len(pb) == 3
+
+
+def test_allowed_operation_types_are_case_insensitive() -> None:
+    """Catches `allowed` compared as given: `("add",)` must allow ADD, not skip it."""
+    report = Playbook().apply_operations(
+        [{"type": "ADD", "section": "Others", "content": "A new lesson to keep."}], allowed=("add",)
+    )
+    assert report.applied == 1 and not report.reasons
+
+
+def test_playbooks_with_different_entries_are_not_equal() -> None:
+    """Catches an `==` that compares only the type (every playbook equal to every
+    other) or that raises on a non-playbook."""
+    assert make() != Playbook()
+    assert make() != "not a playbook"
+    changed = make()
+    changed.tag("strat-00001", "helpful", 1)
+    assert changed != make()
+
+
+def test_a_seed_file_puts_headless_entries_in_others_and_starts_them_at_step_0() -> None:
+    """Catches `parse` losing its default section (entries above the first heading) and
+    seed entries created after step 0: an unused seed entry is stale by step 2."""
+    text = (
+        "[strat-00007] helpful=0 harmful=0 :: Above any heading.\n"
+        "## Strategies & Insights\n"
+        "[strat-00002] helpful=1 harmful=0 :: Under its heading."
+    )
+    pb = Playbook.parse(text)
+    assert {e.id: e.section for e in pb.entries.values()} == {
+        "strat-00007": "misc",
+        "strat-00002": "strat",
+    }
+    assert pb.next_id == 8
+    assert pb.prune(2, policy="staleness") == ["strat-00007"]
+
+
+def test_save_makes_missing_folders_and_load_takes_a_string_path(tmp_path: Path) -> None:
+    """Catches `save` into a folder that does not exist yet or given as a string, and a
+    missing `playbook_init` reported without its option name."""
+    pb = make()
+    folder = tmp_path / "run" / "step_3"
+    pb.save(str(folder))
+    assert Playbook.load(str(folder / "playbook.json")) == pb
+    assert Playbook.load(str(folder / "playbook.md")).render() == pb.render()
+    with pytest.raises(FileNotFoundError, match="playbook_init: no such file"):
+        Playbook.load(str(tmp_path / "missing.md"))
+
+
+def test_stats_thresholds_the_curator_is_shown() -> None:
+    """Catches off-by-one thresholds in the curator's stats: high-performing is
+    helpful > 5 and harmful < 2, problematic harmful ≥ helpful and harmful > 0,
+    unused no votes at all."""
+    pb = Playbook()
+    votes = {"six-one": (6, 1), "five-zero": (5, 0), "six-two": (6, 2), "one-one": (1, 1),
+             "two-one": (2, 1), "none": (0, 0)}  # fmt: skip
+    for name, (helpful, harmful) in votes.items():
+        entry_id = pb.add("strat", f"Lesson {name}.")
+        for tag, n in (("helpful", helpful), ("harmful", harmful)):
+            for _ in range(n):
+                pb.tag(entry_id, tag, 1)
+    assert pb.stats() == {"total": 6, "high_performing": 1, "problematic": 1, "unused": 1}
+
+
+def test_token_budget_counts_each_line_and_its_newline_with_the_given_counter() -> None:
+    """Catches a budget that ignores `count_tokens`, forgets the newline each kept line
+    costs, or is off by one at the limit: with `len` as counter, two 46-character lines
+    need 94 tokens."""
+    pb = Playbook()
+    for name in "ABC":
+        entry_id = pb.add("strat", f"Lesson {name}.")
+        pb.tag(entry_id, "helpful", 1)
+    assert len(pb.entries["strat-00001"].line()) == 46
+
+    def kept(budget: int) -> int:
+        return pb.render(max_tokens=budget, count_tokens=len).count("\n[")
+
+    assert kept(94) == 2 and kept(93) == 1 and kept(46) == 0 and kept(47) == 1
+
+
+def test_token_budget_ranks_by_net_votes_then_latest_use_then_newest() -> None:
+    """Catches a ranking that adds harmful votes to helpful ones or ignores the last
+    use: under a one-line budget the kept entry is the best proven, then the most
+    recently used, then the newest."""
+    pb = Playbook()
+    disputed = pb.add("strat", "Disputed lesson.", step=1)
+    for tag in ("helpful",) * 3 + ("harmful",) * 3:
+        pb.tag(disputed, tag, 1)
+    proven = pb.add("strat", "Proven lesson.", step=1)
+    pb.tag(proven, "helpful", 1)
+
+    def best(book: Playbook) -> list[str]:
+        text = book.render(max_tokens=2, count_tokens=lambda s: 1)  # one line and its newline
+        return [line.split("]")[0][1:] for line in text.splitlines() if line.startswith("[")]
+
+    assert best(pb) == [proven]
+    recent = pb.add("strat", "Recently used lesson.", step=1)
+    pb.tag(recent, "helpful", 5)
+    assert best(pb) == [recent]
+    fresh = Playbook()
+    fresh.add("strat", "Old unused lesson.", step=1)
+    assert best(fresh) == ["strat-00001"]
+    fresh.add("strat", "New unused lesson.", step=4)
+    assert best(fresh) == ["strat-00002"]
+    voted = fresh.add("strat", "Lesson with one vote each way.", step=1)
+    fresh.tag(voted, "helpful", 2)
+    fresh.tag(voted, "harmful", 2)
+    assert best(fresh) == [voted]  # used at step 2 beats never used
+
+
+def test_random_over_budget_victims_follow_the_seed_not_the_staleness() -> None:
+    """Catches the random policy falling back to staleness order over budget: which
+    helpful entry goes depends on the seed, not on which was used last."""
+    victims = []
+    for seed in (0, 1):
+        pb = Playbook()
+        stale = pb.add("strat", "Stale lesson.", step=1)
+        fresh = pb.add("strat", "Fresh lesson.", step=1)
+        pb.tag(stale, "helpful", 1)
+        pb.tag(fresh, "helpful", 9)
+        victims += pb.prune(10, policy="random", max_entries=1, seed=seed)
+    assert victims == ["strat-00002", "strat-00001"]
+
+
+def test_near_duplicate_threshold_is_inclusive() -> None:
+    """Catches `>` for `>=`: a lesson whose word overlap equals `similarity` (3 of 5
+    words = 0.6) is a near duplicate."""
+    pb = Playbook()
+    pb.add("strat", "Check the red tape.")
+    report = pb.apply_operations(
+        [{"type": "ADD", "section": "strat", "content": "Check the blue tape."}], similarity=0.6
+    )
+    assert report.reasons == {"near_duplicate": 1}
+
+
+def test_operations_honour_sections_aliases_and_report_new_ids() -> None:
+    """Catches an ADD or MERGE that ignores its section, a report that lists no new id,
+    and the key spellings small curators use (`op`, `bullet_id`, `source_ids`)."""
+    pb = make()
+    report = pb.apply_operations(
+        [
+            {"type": "ADD", "section": "err", "content": "Never skip the carry."},
+            {"op": "DELETE", "bullet_id": "calc-00003"},
+            {"type": "MERGE", "source_ids": ["strat-00001", "err-00002"], "section": "prob",
+             "content": "Handle the empty tape and its branch."},
+        ]
+    )  # fmt: skip
+    assert report.applied == 3 and report.added == ["err-00004", "prob-00005"]
+    assert report.removed == ["calc-00003", "strat-00001", "err-00002"]
+    assert list(pb.entries) == ["err-00004", "prob-00005"]
+
+
+def test_malformed_add_and_merge_operations_are_skipped_not_applied() -> None:
+    """Catches an ADD without content stored as the lesson "None", a MERGE without an
+    id list that raises, an ADD carrying stray `ids` that escapes the duplicate check,
+    and a MERGE of a retired and an unknown id reported as unknown."""
+    pb = make()
+    retired: dict[str, str | None] = {"strat-00009": None}
+    report = pb.apply_operations(
+        [
+            {"type": "ADD", "section": "strat"},
+            {"type": "MERGE", "content": "A merge that names nothing."},
+            {"type": "ADD", "ids": ["strat-00001"], "content": "Check the empty tape first."},
+        ],
+        retired=retired,
+    )
+    assert report.reasons == {"empty": 1, "unknown_id": 1, "duplicate": 1}
+    mixed = [{"type": "MERGE", "ids": ["strat-00009", "ghost-00042"], "content": "Gone."}]
+    assert pb.apply_operations(mixed, retired=retired).reasons == {"retired": 1}
+    assert report.applied == 0 and len(pb) == 3
+
+
+def test_json_keeps_the_id_counter_past_deleted_entries(tmp_path: Path) -> None:
+    """Catches `next_id` lost in the JSON form: after the newest entry is deleted, a
+    resumed run must not hand its id out again."""
+    pb = make()
+    pb.delete("calc-00003")
+    pb.save(tmp_path)
+    back = Playbook.load(tmp_path / "playbook.json")
+    assert back.add("calc", "A lesson added after resuming.") == "calc-00004"
+    assert Playbook.from_dict({}).add("strat", "First lesson.") == "strat-00001"
+
+
+def test_a_seed_file_with_a_repeated_id_keeps_the_first_line() -> None:
+    """Catches `parse` letting a later line with the same id replace the first."""
+    pb = Playbook.parse(
+        "## Others\n[misc-00001] helpful=2 harmful=0 :: First.\n"
+        "[misc-00001] helpful=0 harmful=5 :: Second."
+    )
+    assert [(e.content, e.helpful, e.harmful) for e in pb.entries.values()] == [("First.", 2, 0)]
+
+
+def test_a_corrupt_playbook_json_is_refused_by_name(tmp_path: Path) -> None:
+    """Catches `load` returning None for a playbook.json that does not parse."""
+    bad = tmp_path / "playbook.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"playbook_init: .* is not a saved playbook\.json"):
+        Playbook.load(bad)
