@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from resd.config import DTYPE_NAMES
+from resd.templating import names_a_file
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def load_tokenizer(
     if chat_template is not None:
         if "{" in chat_template:  # Jinja text
             tokenizer.chat_template = chat_template
-        elif Path(chat_template).is_file():
+        elif names_a_file(chat_template):
             tokenizer.chat_template = Path(chat_template).read_text()
         else:  # neither: used as is, every prompt would be this string
             raise ValueError(f"chat_template: no such file {chat_template!r} (or give the "

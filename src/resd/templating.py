@@ -9,9 +9,25 @@ repeated `replace` calls would substitute into text inserted by an earlier slot.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 _SLOT = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+def names_a_file(value: str) -> bool:
+    """Whether a setting that takes a file or the text itself names an existing file.
+
+    Text that no path can be is not looked up: a line of 4096 characters or more
+    (PATH_MAX), or one with a newline. Linux raises "File name too long" for a component
+    over 255 bytes rather than answer False, which here means text too.
+    """
+    if len(value) >= 4096 or "\n" in value:
+        return False
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):  # a component past NAME_MAX; a NUL byte
+        return False
 
 
 def slots(template: str) -> list[str]:

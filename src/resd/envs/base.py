@@ -38,6 +38,12 @@ class Item:
         return users[-1] if users else ""
 
 
+# A reply succeeds when its reward is at least this. Environments give 0 or 1; a reward
+# in between (a served reply's feedback, a user scorer's number) counts the same
+# everywhere: the solution buffer, the teacher's context, success weighting, the report.
+SUCCESS_REWARD = 0.5
+
+
 @dataclass
 class Score:
     reward: float  # 1.0 iff the response fully solves the item, else 0.0
@@ -51,6 +57,10 @@ class Score:
                 f"Score: reward and score must be numbers, got {self.reward}, {self.score}"
             )
         self.score = min(1.0, max(0.0, float(self.score)))
+
+    @property
+    def success(self) -> bool:
+        return self.reward >= SUCCESS_REWARD
 
 
 class Environment(ABC):

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from resd.envs.base import SUCCESS_REWARD
+
 # Log-probs below this count as this in the tail bucket, so that a vocabulary of −inf
 # logits outside the support still gives a finite tail (`tail_logprob`).
 TAIL_FLOOR = -1e4
@@ -149,7 +151,7 @@ def success_rate_weights(
     failures s^β, then the weights are normalised to mean 1. All-fail or all-succeed
     batches get weight 1 everywhere: there is nothing to re-balance.
     """
-    success = rewards > 0.5
+    success = rewards >= SUCCESS_REWARD
     n = rewards.numel()
     if n == 0 or bool(success.all()) or not bool(success.any()):
         return torch.ones_like(rewards, dtype=torch.float32)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from resd.envs.base import Item, Score
+from resd.envs.base import SUCCESS_REWARD, Item, Score
 from resd.generation.base import Generation
 from resd.rundir import PHASES
 from resd.templating import strip_thinking
@@ -46,7 +46,7 @@ class Rollout:
 
     @property
     def success(self) -> bool:
-        return self.score.reward >= 0.5
+        return self.score.success
 
     @property
     def response(self) -> str:
@@ -78,7 +78,7 @@ class Outcome(NamedTuple):
 
     @property
     def success(self) -> bool:
-        return self.reward >= 0.5
+        return self.reward >= SUCCESS_REWARD
 
 
 class RowStats(NamedTuple):

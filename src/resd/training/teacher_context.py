@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resd.templating import fill, slots
+from resd.templating import fill, names_a_file, slots
 
 if TYPE_CHECKING:
     from resd.training.algorithms import Algorithm
@@ -70,9 +70,8 @@ class TeacherTemplate:
         """None -> default; an existing file path -> its contents; else the literal text."""
         if not value:
             return cls()
-        path = Path(value)
-        if len(value) < 4096 and "\n" not in value and path.is_file():
-            return cls(path.read_text())
+        if names_a_file(value):
+            return cls(Path(value).read_text())
         if "{" not in value:  # neither a template (it has slots) nor a file
             raise ValueError(f"teacher_template: no such file {value!r} (or give the template "
                              "itself, with its {prompt} slot)")  # fmt: skip

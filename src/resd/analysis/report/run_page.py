@@ -37,6 +37,7 @@ from resd.analysis.report.plots import (
     plot_step_times,
 )
 from resd.analysis.report.runs import TRAIN_KEYS, Run
+from resd.envs.base import SUCCESS_REWARD
 from resd.rundir import COUNTERS as RUN_COUNTERS
 from resd.rundir import EVAL_KEYS
 
@@ -214,8 +215,10 @@ def section_playbook(run: Run, sink: PlotSink) -> str:
 def pick_examples(samples: list[dict[str, Any]], n: int = N_EXAMPLES) -> list[dict[str, Any]]:
     """An early and a late failure with a reflection (to see whether reflections get
     better), and the latest success; topped up with the latest samples."""
-    reflected = [s for s in samples if s.get("reflection") and (s.get("reward") or 0) < 0.5]
-    successes = [s for s in samples if (s.get("reward") or 0) >= 0.5]
+    reflected = [
+        s for s in samples if s.get("reflection") and (s.get("reward") or 0) < SUCCESS_REWARD
+    ]
+    successes = [s for s in samples if (s.get("reward") or 0) >= SUCCESS_REWARD]
     candidates = [*reflected[:1], *reflected[-1:], *successes[-1:], *reversed(samples)]
     chosen: list[dict[str, Any]] = []
     for s in candidates:
