@@ -22,7 +22,10 @@ REASONS = ("too_short", "placeholder", "copies_task", "copies_feedback", "leaks_
 _WORD = re.compile(r"[a-z0-9]+")
 # A template slot echoed back, e.g. the curation prompt's "<a one-sentence lesson>"; the
 # 135M model's one surviving lesson in its free-text manufactoria cell was exactly that.
-_SLOT = re.compile(r"\W*<[^<>]+>\W*")
+# A lesson is a placeholder when the words outside its slots are too few to be a lesson
+# ("Lesson: <a one-sentence lesson>", "<lesson one> <lesson two>"), so a real lesson
+# that names a tag ("Close every <think> block before the answer") is kept.
+_SLOT = re.compile(r"<[^<>]+>")
 
 
 def _words(text: str) -> list[str]:
@@ -81,7 +84,7 @@ def lesson_problem(content: str, source: LessonSource) -> str | None:
     text = " ".join(str(content or "").split())
     if len(text) < MIN_CHARS or len(_words(text)) < MIN_WORDS:
         return "too_short"
-    if _SLOT.fullmatch(text):
+    if _SLOT.search(text) and len(_words(_SLOT.sub(" ", text))) < MIN_WORDS:
         return "placeholder"
     if source.answer and contains_answer(text, source.answer):
         return "leaks_answer"
