@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from resd.envs import make_env
-from resd.envs.house_rules import RULES, HouseRulesEnv, draw_rules, make_rule
+from resd.envs.house_rules import (
+    RULES,
+    HouseRulesEnv,
+    conforming_reply,
+    draw_rules,
+    load_tasks,
+    make_rule,
+)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +76,9 @@ def test_rule_sets_and_splits_are_seeded():
     assert len(e1.train_items()) + len(e1.test_items()) > 200
     with pytest.raises(ValueError, match="n_rules"):
         HouseRulesEnv(n_rules=0)
-    with pytest.raises(ValueError, match="unknown rule"):
+    with pytest.raises(
+        ValueError, match="unknown rule 'shout'; choose from start_word, lowercase,"
+    ):
         HouseRulesEnv(rules=["shout"])
 
 
@@ -107,3 +116,74 @@ def test_arguments_that_read_wrongly_are_refused():
         HouseRulesEnv(test_fraction=1.5)
     with pytest.raises(ValueError, match=r"^env_args\.n_test: expected a whole number"):
         HouseRulesEnv(n_test=-1)
+
+
+def test_every_catalogue_setting_is_a_real_rule():
+    """Each start word, marker and phrase of the catalogue is broken by a bare answer and
+    obeyed by the reference reply: an empty marker or phrase would hold for every reply
+    (a rule that always passes), an empty start word for none."""
+    for kind in ("start_word", "end_marker", "phrase"):
+        for param in RULES[kind]:
+            rule = make_rule(kind, param)
+            assert not rule.holds("paris"), (kind, param)
+            assert rule.holds(conforming_reply("paris", [rule])), (kind, param)
+    for limit in RULES["max_words"]:
+        rule = make_rule("max_words", limit)
+        assert rule.holds(" ".join(["w"] * limit)) and not rule.holds(" ".join(["w"] * (limit + 1)))
+
+
+def test_reference_reply_is_built_in_order():
+    """start word, phrase, answer, marker, separated by spaces; lowercased only under the
+    lowercase rule (catches a marker glued to the answer and an inverted lowercase test)."""
+    rules = [make_rule("end_marker", "(end)"), make_rule("phrase", "in short"),
+             make_rule("start_word", "indeed")]  # fmt: skip
+    assert conforming_reply("Paris", rules) == "indeed in short Paris (end)"
+    assert (
+        conforming_reply("Paris", [*rules, make_rule("lowercase")]) == "indeed in short paris (end)"
+    )
+    assert conforming_reply("Paris", []) == "Paris"
+
+
+def test_describe_shows_the_setting_only_when_there_is_one():
+    """`describe` labels a rule set in logs: kind alone, or kind(param)."""
+    assert make_rule("lowercase").describe() == "lowercase"
+    assert make_rule("max_words", 8).describe() == "max_words(8)"
+    assert make_rule("end_marker", "(end)").describe() == "end_marker('(end)')"
+
+
+def test_one_rule_is_a_valid_rule_set_and_nine_are_too_many():
+    """`1 <= n_rules <= len(RULES)`: the lower bound is inclusive (catches `1 < n_rules`)."""
+    assert len(draw_rules(1, seed=0)) == 1
+    assert len(HouseRulesEnv(n_rules=1).house_rules) == 1
+    with pytest.raises(ValueError, match="n_rules"):
+        draw_rules(len(RULES) + 1, seed=0)
+
+
+def test_feedback_notes_are_joined_with_spaces_in_rule_order():
+    """The feedback, exactly: the missing answer first, then each broken rule in the rule
+    set's (sorted) order, one space apart; the score counts held checks out of 1 + rules."""
+    env = HouseRulesEnv(rules=["one_line", "no_exclamation", "lowercase"])
+    item = next(it for it in env.train_items() + env.test_items() if it.meta["accept"] == ["paris"])
+    score = env.score(item, "lyon!\nyes")
+    assert (score.reward, score.score) == (0.0, 1 / 4)  # only lowercase holds
+    assert score.feedback == (
+        "The reply does not answer the question. No exclamation marks: keep the tone calm. "
+        "The reply must fit on a single line."
+    )
+
+
+def test_items_and_split_sizes():
+    """Items carry the task's question as the only (user) message and the accepted answers
+    in meta; n_train / n_test cut the seeded split to exactly that many."""
+    tasks = {f"house_rules/{t['id']}": t for t in load_tasks()}
+    full = HouseRulesEnv(seed=3)
+    for item in full.train_items() + full.test_items():
+        task = tasks[item.id]
+        assert item.messages == [{"role": "user", "content": task["prompt"]}]
+        assert item.meta == {"accept": task["accept"]}
+    cut = HouseRulesEnv(seed=3, n_train=5, n_test=3)
+    assert [i.id for i in cut.train_items()] == [i.id for i in full.train_items()[:5]]
+    assert [i.id for i in cut.test_items()] == [i.id for i in full.test_items()[:3]]
+    assert HouseRulesEnv.name == "house_rules"
+    with pytest.raises(ValueError, match=r"^env_args\.n_train: expected a whole number"):
+        HouseRulesEnv(n_train=-1)

@@ -17,6 +17,7 @@ from resd.envs.manufactoria import (
     ParseError,
     Problem,
     TestCase,
+    _cap,
     extract_program,
     generate_problems,
     load_problems,
@@ -186,7 +187,11 @@ def test_tapes_must_use_the_four_colours():
 # --------------------------------------------------------------------------- parse errors
 
 PARSE_ERRORS = [
-    ("START start:\n NEXT a\nPULER_RB a:\n [R] end\nEND end", 3, "unknown node type"),
+    (
+        "START start:\n NEXT a\nPULER_RB a:\n [R] end\nEND end",
+        3,
+        "unknown node type 'PULER_RB' (known: START, END, PULLER_RB, PULLER_YG, PAINTER_RED,",
+    ),
     ("START start:\n NEXT a\npuller_rb a:\n [R] end\nEND end", 3, "upper-case"),
     ("PULLER_RB a:\n [R] end\nEND end", 1, "missing START"),
     ("START start:\n NEXT a\nPULLER_RB a:\n [R] a\n", 4, "missing END"),
@@ -206,14 +211,22 @@ PARSE_ERRORS = [
     ("START start\n NEXT end\nEND end", 1, "missing ':'"),
     ("START begin:\n NEXT end\nEND end", 1, "must be 'start'"),
     ("START start:\n NEXT end\nEND finish", 3, "must be 'end'"),
-    ("START start:\n NEXT a\nPULLER_RB a:\n [Y] end\nEND end", 4, "no [Y] branch"),
+    (
+        "START start:\n NEXT a\nPULLER_RB a:\n [Y] end\nEND end",
+        4,
+        "no [Y] branch (allowed: [R], [B], [EMPTY])",
+    ),
     ("START start:\n NEXT a\nPULLER_RB a:\n [r] end\nEND end", 4, "upper-case"),
     ("START start:\n NEXT a\nPULLER_RB a:\n [R]\nEND end", 4, "needs a target"),
     ("START start:\n NEXT a\nPULLER_RB a:\n [R] end a\nEND end", 4, "bad target"),
     ("START start:\n NEXT a\nPULLER_RB a:\n R end\nEND end", 4, "unknown node type"),
     ("START start:\n NEXT a\nPULLER_RB a:\n [R end\nEND end", 4, "bad branch line"),
     ("START start:\n NEXT a\nPULLER_RB a:\n [R] end\n [R] a\nEND end", 5, "written twice"),
-    ("START start:\n NEXT a\nPULLER_RB a:\n NEXT end\nEND end", 4, "not NEXT"),
+    (
+        "START start:\n NEXT a\nPULLER_RB a:\n NEXT end\nEND end",
+        4,
+        "take branch lines [R]/[B]/[EMPTY], not NEXT",
+    ),
     ("START start:\n NEXT p\nPAINTER_RED p:\n [R] end\nEND end", 4, "not branch lines"),
     ("START start:\n NEXT end\n NEXT end\nEND end", 3, "more than one NEXT"),
     ("START start:\n NEXT: end\nEND end", 2, "NEXT takes no colon"),
@@ -223,6 +236,15 @@ PARSE_ERRORS = [
     ("START start:\n NEXT NONE\nPAINTER_RED NONE:\n NEXT end\nEND end", 3, "reserved"),
     ("START start:\n NEXT end\nPAINTER_RED end:\n NEXT end", 3, "reserved"),
     ("START start:\n NEXT a\nPAINTER_RED a-b:\n NEXT end\nEND end", 3, "bad node header"),
+    # A header with no id at all (was an IndexError, not a ParseError, if mis-split).
+    ("START start:\n NEXT a\nPULLER_RB\n [R] end\nEND end", 3, "PULLER_RB needs a node id"),
+    # Another node may not take the id 'start' (else it would become the entry point).
+    ("PAINTER_RED start:\n NEXT end\nEND end", 1, "reserved for the START node"),
+    ("START start:\n NEXT\nEND end", 2, "NEXT needs a target node id"),
+    ("START start:\n next end\nEND end", 2, "keywords are upper-case"),
+    ("START start:\n next: end\nEND end", 2, "keywords are upper-case"),
+    # Several whole-program problems: the one on the earliest line is reported.
+    ("START start:\n NEXT nowhere\nPAINTER_RED p:\nEND end", 2, "undefined node 'nowhere'"),
 ]
 
 
@@ -234,6 +256,16 @@ def test_parse_errors_carry_the_line_number(source: str, line: int, fragment: st
     assert fragment in str(info.value)
     assert str(info.value).startswith(f"line {line}:")
     assert isinstance(info.value, ValueError)
+
+
+def test_upper_case_hint_only_for_wrong_case():
+    """An unknown upper-case token ('START:' with the colon glued on) must not be told that
+    keywords are upper-case: the hint needs the case to be wrong (`and`, not `or`)."""
+    with pytest.raises(ParseError) as info:
+        parse("START: start\n NEXT end\nEND end")
+    assert info.value.line == 1
+    assert "unknown node type 'START:'" in info.value.message
+    assert "upper-case" not in info.value.message
 
 
 def test_run_raises_parse_error_for_malformed_program():
@@ -397,6 +429,83 @@ def test_feedback_is_capped_at_2000_characters():
     assert score.feedback.endswith("(feedback truncated)")
 
 
+def test_failure_feedback_is_exactly_as_documented():
+    """The whole feedback text, worked out by hand: catches a dropped "tape at rejection"
+    line, an empty "(tape empty)"/"the shortest inputs"/"Debug:" label, blocks glued
+    without a blank line, a truncation marker on short feedback, a final tape shown for an
+    acceptance test (`check_output or expected_accepted`) and a NONE appended to the trace
+    of an accepted run (`not accepted or loop_node is None`)."""
+    tests = [
+        TestCase("", True),  # rejected: [EMPTY] is not written
+        TestCase("R", True),  # passes
+        TestCase("RB", False),  # accepted, but should be rejected
+        TestCase("BRB", False),  # passes
+    ]
+    score = score_response(fenced(STARTS_WITH_R), tests)
+    assert (score.reward, score.score) == (0.0, 0.5)
+    assert score.feedback == (
+        "Passed 2/4 tests. 2 failed; showing 2 (the shortest inputs):\n"
+        "\n"
+        "Input: (empty tape)\n"
+        "  Actual:   rejected\n"
+        "  Expected: accepted\n"
+        "  Debug:\n"
+        "    last 2 of 2 visited nodes: start -> first -> NONE\n"
+        "    rejection reason: [EMPTY] branch of PULLER_RB 'first' leads to NONE"
+        " (branch not written)\n"
+        "    front tape symbol at rejection: (tape empty)\n"
+        "    tape at rejection: (empty tape)\n"
+        "\n"
+        "Input: RB\n"
+        "  Actual:   accepted\n"
+        "  Expected: rejected\n"
+        "  Debug:\n"
+        "    last 3 of 3 visited nodes: start -> first -> end"
+    )
+
+
+def test_trace_tail_boundary_at_15_nodes():
+    """A trace of exactly 15 nodes is shown whole, without "..."; one of 16 drops the first
+    node and shows exactly 15 (catches `> TRACE_TAIL` -> `>=` and an off-by-one slice)."""
+    eat = "START start:\n NEXT eat\nPULLER_RB eat:\n [R] eat\nEND end"  # [EMPTY] -> NONE
+    # "R" * n visits start once and eat n + 1 times (the last visit finds the tape empty).
+    score = score_response(fenced(eat), [TestCase("R" * 13, True), TestCase("R" * 14, True)])
+    fifteen = "start" + " -> eat" * 14 + " -> NONE"
+    sixteen = "... -> eat" + " -> eat" * 14 + " -> NONE"
+    assert f"    last 15 of 15 visited nodes: {fifteen}\n" in score.feedback
+    assert f"    last 15 of 16 visited nodes: {sixteen}\n" in score.feedback
+
+
+def test_feedback_cap_boundary():
+    """Text of exactly 2000 characters is kept whole; longer text is cut to exactly 2000
+    with the marker (catches `<=` -> `<` and a cut one character short)."""
+    assert _cap("x" * 2000) == "x" * 2000
+    marker = "\n... (feedback truncated)"
+    assert _cap("x" * 2001) == "x" * (2000 - 25) + marker
+    assert len(marker) == 25
+
+
+def test_no_test_cases_is_never_a_pass():
+    """With no tests, "all tests pass" is vacuously true: that must not become reward 1."""
+    score = score_program(STARTS_WITH_R, [])
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert score.feedback == "This problem has no test cases, so nothing could be checked."
+
+
+def test_parse_error_quotes_the_first_and_the_last_line():
+    """The offending line is quoted also when it is line 1 or the program's last line
+    (catches `1 <= line <= len(lines)` with either bound made strict)."""
+    first = score_response(fenced("START begin:\n NEXT end\nEND end"), STARTS_WITH_R_TESTS)
+    assert first.feedback.startswith(
+        "Parse error on line 1: the START node's id must be 'start', not 'begin'\n"
+        "  1 | START begin:\n"
+    )
+    last = score_response(fenced("START start:\n NEXT end\nEND end:"), STARTS_WITH_R_TESTS)
+    assert last.feedback.startswith(
+        "Parse error on line 3: END takes no colon: write 'END end'\n  3 | END end:\n"
+    )
+
+
 def test_transformation_tests_compare_the_final_tape():
     tests = [TestCase("", True, "BR", True), TestCase("R", True, "RBR", True)]
     paint_b = "START start:\n NEXT b\nPAINTER_BLUE b:\n NEXT end\nEND end"
@@ -443,6 +552,15 @@ def test_extraction_prefers_manufactoria_block_then_last_block():
     assert extract_program(fenced("A") + fenced("B")).program == "B"  # models revise
     plain = f"```\n{STARTS_WITH_R}```"
     assert score_response(plain, STARTS_WITH_R_TESTS).reward == 1.0
+
+
+def test_last_untagged_block_and_text_after_the_last_think_close():
+    """Without a ```manufactoria block the LAST block is graded (not the first); with two
+    </think> tags only the text after the last one counts (a draft between them is not
+    graded: `rsplit(..., 1)[1]`)."""
+    assert extract_program("```\nA\n```\ntext\n```text\nB\n```").program == "B"
+    twice = "<think>plan</think>\n```manufactoria\nA\n```\n</think>\n```manufactoria\nB\n```"
+    assert extract_program(twice).program == "B"
 
 
 def test_thinking_is_stripped_before_extraction():
@@ -523,6 +641,15 @@ def test_loader_reads_the_public_schema(tmp_path: Path):
             '{"name": "a", "description": "d", "test_cases": [{"input": "X", "expected_accepted": true}]}',
             "R, B, Y, G",
         ),
+        (
+            '{"name": "a", "description": "d", "test_cases": [{"input": "R"}]}',
+            "malformed test case",
+        ),
+        (
+            '{"name": "a", "description": "d", "test_cases": [{"input": "", "expected_accepted": true}]}\n'
+            '{"name": "a", "description": "e", "test_cases": [{"input": "", "expected_accepted": true}]}',
+            ":2: duplicate problem name 'a'",
+        ),
     ],
 )
 def test_loader_reports_bad_lines(tmp_path: Path, content: str, message: str):
@@ -530,6 +657,49 @@ def test_loader_reports_bad_lines(tmp_path: Path, content: str, message: str):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         load_problems(path)
+
+
+def test_loader_colours_defaults_fenced_solutions_and_family_filter(tmp_path: Path):
+    """A G-only file is four-colour (not just Y); missing family/level read as ""/0; an
+    already fenced solution is the reference as it is (not fenced twice, which would not
+    parse); with `path`, `families` keeps a problem by family or by name prefix and an
+    empty selection is refused."""
+    rows = [
+        {
+            "name": "starts_r",
+            "description": "Accept tapes starting with R.",
+            "test_cases": [t.to_dict() for t in STARTS_WITH_R_TESTS],
+            "solution": fenced(STARTS_WITH_R),
+            "family": "starts_with",
+            "level": 2,
+        },
+        {
+            "name": "ends_with_G",
+            "description": "Accept tapes ending with G.",
+            "test_cases": [
+                {"input": "G", "expected_accepted": True},
+                {"input": "", "expected_accepted": False},
+            ],
+        },
+    ]
+    path = tmp_path / "problems.jsonl"
+    _write_jsonl(path, rows)
+    problems = load_problems(path)
+    assert [p.colors for p in problems] == ["RB", "RBYG"]
+    assert [(p.family, p.level) for p in problems] == [("starts_with", 2), ("", 0)]
+
+    def ids(env: ManufactoriaEnv) -> set[str]:
+        return {i.id for i in env.train_items() + env.test_items()}
+
+    by_family = ManufactoriaEnv(path=str(path), families="starts_with", test_fraction=0.0)
+    assert ids(by_family) == {"manufactoria/starts_r"}
+    (item,) = by_family.train_items() + by_family.test_items()
+    assert item.reference == fenced(STARTS_WITH_R)
+    assert by_family.score(item, item.reference).reward == 1.0
+    by_prefix = ManufactoriaEnv(path=str(path), families=["ends_with", "nope"])
+    assert ids(by_prefix) == {"manufactoria/ends_with_G"}
+    with pytest.raises(ValueError, match="no problems"):
+        ManufactoriaEnv(path=str(path), families="contains_count")
 
 
 def test_saved_problems_load_back_unchanged(tmp_path: Path):
@@ -563,6 +733,12 @@ def test_environment_items_and_scoring():
         assert each.reference is not None
         assert env.score(each, each.reference).reward == 1.0, each.id
     assert env.score(item, "no program here").feedback == NO_PROGRAM_MESSAGE
+    problems = {p.name: p for p in generate_problems(0, n_per_level=2)}
+    for each in train + test:  # the meta names the problem, its level and its colours
+        problem = problems[each.id.removeprefix("manufactoria/")]
+        assert each.meta["name"] == problem.name
+        assert (each.meta["family"], each.meta["level"]) == (problem.family, problem.level)
+        assert each.meta["colors"] == problem.colors
     assert ManufactoriaEnv.name == "manufactoria"
     assert ManufactoriaEnv.description
 
@@ -585,3 +761,20 @@ def test_a_negative_count_is_refused():
 
     with pytest.raises(ValueError, match=r"^env_args\.n_train: expected a whole number"):
         ManufactoriaEnv(n_train=-1)  # was: the last training problem dropped
+    with pytest.raises(ValueError, match=r"^env_args\.n_test: expected a whole number"):
+        ManufactoriaEnv(n_test=-1)
+
+
+def test_default_environment_holds_the_default_generated_pool():
+    """With no size asked for, the environment holds exactly `generate_problems(seed)` (the
+    sizing path for n_train / n_test must not be taken: it would build a 1-per-level pool)."""
+    env = ManufactoriaEnv(seed=4)
+    ids = {i.id for i in env.train_items() + env.test_items()}
+    assert ids == {f"manufactoria/{p.name}" for p in generate_problems(4)}
+
+
+def test_asking_for_more_problems_than_exist_stops():
+    """starts_with at level 1 has only 6 distinct problems: asking for 12 must stop growing
+    the pool once it stops growing (the `break`), not loop for ever, and keep n_test."""
+    env = ManufactoriaEnv(families="starts_with", levels=1, n_train=10, n_test=2)
+    assert len(env.test_items()) == 2 and len(env.train_items()) == 4
