@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 
 from resd.analysis.evaluation import safe_score
@@ -20,7 +21,14 @@ from resd.envs.base import Item, Score
 from resd.envs.dataset import DatasetEnv
 from resd.envs.loading import load_rows
 from resd.envs.qa import QAEnv
-from resd.envs.scorers import ScorerTimeout, exact_match, numeric, regex, to_score
+from resd.envs.scorers import (
+    ScorerTimeout,
+    exact_match,
+    numeric,
+    regex,
+    to_score,
+    wrap_callable,
+)
 
 ROWS = [
     {"qid": f"q{i}", "question": q, "answer": a, "difficulty": d}
@@ -954,3 +962,220 @@ def test_the_trainer_stops_on_a_timed_out_scorer_but_scores_other_errors_as_fail
     score = safe_score(env, env.train_items()[0], "Paris")
     assert (score.reward, score.score) == (0.0, 0.0)
     assert "KeyError" in score.feedback
+
+
+# -- mutation-testing gaps: each test names the wrong reward it catches ----------------------
+
+
+@pytest.mark.parametrize(
+    ("response", "gold"),
+    [
+        ("Answer: 12,345", 12345),
+        ("Answer: 1,234,567", 1234567),
+        ("Answer: .25", 0.25),
+        ("Answer: 1e3", 1000),
+        ("Answer: 1e+3", 1000),
+        ("Answer: 2.5e10", 2.5e10),
+        ("Answer: −5", -5),
+        ("Answer: 12stone", 12),
+        ("Answer: __5__", 5),
+        ("**Answer:** __5__", 5),
+        ("Answer: 2**3 = 8", 8),
+    ],
+)
+def test_numeric_reads_numbers_as_people_write_them(response: str, gold: float) -> None:
+    """Bug caught: a number read in part ("12,345" as 345, "1,234,567" as 567, ".25" as
+    nothing, "1e3" or "1e+3" as 1 or 3, "2.5e10" as 2.5, "−5" as 5, "12stone" refused as
+    an ordinal), markdown bold "__5__" left on the answer so no number is read, or the
+    closing-"**" trim cutting "= 8" off "2**3 = 8": each scores a right reply 0."""
+    assert numeric(gold, response) == Score(1.0, 1.0, "")
+
+
+@pytest.mark.parametrize(
+    "response",
+    ["Answer:Paris", "The  final  answer  is: Paris", "\\boxed{3} no, \\boxed{Paris}"],
+)
+def test_exact_match_finds_the_answer_in_every_accepted_form(response: str) -> None:
+    """Bug caught: an answer line without a space after the colon, or with doubled spaces
+    between its words, not recognised (the whole line is then the answer), or the first
+    \\boxed{} taken instead of the last: a right reply scored 0."""
+    assert exact_match("Paris", response) == Score(1.0, 1.0, "")
+
+
+@pytest.mark.parametrize(
+    ("gold", "response", "reward"),
+    [
+        ("Santa Fe", "Answer: Sant Fe", 0.0),  # "a" is an article only as a whole word
+        ("C++", "Answer: C+", 0.0),  # every "+" of "C++" is kept, not just the first
+        ("A+", "Answer: An+", 0.0),  # "A+" is a grade, "An+" is not it
+        ("The A", "Answer: thea", 0.0),  # a gold of articles keeps its word breaks
+        ("? !", "Answer: ?!", 0.0),  # so does a gold of punctuation
+        ("100", "Answer: $100", 1.0),  # "$" is ASCII punctuation, though a symbol
+        ("Paris", "Answer: «Paris»", 1.0),  # "«" is punctuation, though not ASCII
+    ],
+)
+def test_exact_match_normalisation_neither_merges_nor_splits_answers(
+    gold: str, response: str, reward: float
+) -> None:
+    """Bug caught: a normalisation that drops "a" inside a word ("Sant Fe" = "Santa Fe"),
+    keeps only one "+" ("C+" = "C++"), takes "An+" for an article ("An+" = "A+"), joins
+    the words of a light-normalised gold ("thea" = "The A", "?!" = "? !"), or strips only
+    characters that are both ASCII and Unicode punctuation ("$100" != "100")."""
+    assert exact_match(gold, response).reward == reward
+
+
+@pytest.mark.parametrize(
+    ("response", "reward"),
+    [
+        ("Answer: Paris\n</think>\nI don't know.", 0.0),  # the answer is in the thinking
+        ("Answer: Lyon</think>Answer: Paris</think>I don't know.", 0.0),
+        ("<think>hmm</think>Answer: Paris\n<think>done</think>", 1.0),  # each block removed alone
+    ],
+)
+def test_an_answer_given_only_while_thinking_earns_nothing(response: str, reward: float) -> None:
+    """Bug caught: when the chat template opens <think> in the prompt the reply holds only
+    its closing tag; an "Answer:" line before the last </think> is thinking, not the
+    answer, and must not earn the reward. Two think blocks are removed one by one, not
+    with the answer between them (a greedy or one-character match)."""
+    assert exact_match("Paris", response).reward == reward
+    assert numeric(7, "I guess 7\n</think>\nno idea").reward == 0.0
+
+
+def test_every_scorer_outcome_has_the_reward_and_score_it_states() -> None:
+    """Bug caught: a wrong answer rewarded 1 when the answer is hidden, or a score (the
+    partial credit) of 1 beside a reward of 0 or of 0 beside a reward of 1, a boolean gold
+    read as the number 1, or the float gold 1e16 compared as "10000000000000000" while
+    `Item.answer` shows "1e+16": the tests looked at the reward
+    of a right reply and the feedback of a wrong one, never both numbers."""
+    assert exact_match("Paris", "Answer: Paris") == Score(1.0, 1.0, "")
+    assert exact_match("Paris", "Answer: Lyon", reveal_answer=False) == Score(
+        0.0, 0.0, 'Incorrect: "Lyon" is not the expected answer.'
+    )
+    assert exact_match("Paris", "", reveal_answer=False) == Score(
+        0.0, 0.0, "The response contains no answer."
+    )
+    assert exact_match("Paris", "Answer: Lyon") == Score(
+        0.0, 0.0, 'Incorrect. The correct answer is "Paris".'
+    )
+    assert numeric(True, "Answer: 1").reward == 0.0  # a boolean is not a gold number
+    assert exact_match(1e16, "Answer: 1e+16").reward == 1.0  # 1e16 is shown as 1e+16
+
+
+def test_exact_match_names_at_most_three_other_accepted_answers() -> None:
+    """Bug caught: the list of other accepted answers cut at the wrong place or run
+    together, so the feedback names too many, too few or an unreadable answer."""
+    wrong = exact_match(["Rome", "Roma", "Rom", "Rzym", "Roum"], "Answer: Milan")
+    assert wrong.feedback == (
+        'Incorrect. The correct answer is "Rome" (also accepted: "Roma", "Rom", "Rzym").'
+    )
+
+
+def test_numeric_outcomes_have_the_reward_score_and_feedback_they_state() -> None:
+    """Bug caught: a gold column with no number rewarded every reply (or crashed), a
+    reply with no number given a score of 1, a gold of 0 matched only by exactly 0 (the
+    absolute tolerance lost), a number outside the answer line said to be in it, and a
+    tolerance of 0 still quoted in the feedback."""
+    assert numeric("no number here", "Answer: 5") == Score(
+        0.0, 0.0, "The checker has no valid gold number (got 'no number here')."
+    )
+    assert numeric(42, "no idea", reveal_answer=False) == Score(
+        0.0, 0.0, "The response contains no number."
+    )
+    assert numeric(0, "Answer: 1e-10") == Score(1.0, 1.0, "")
+    assert numeric(0, "Answer: 1e-6").reward == 0.0
+    assert numeric(42, "Answer: about forty\nmaybe 41").feedback == (
+        "Incorrect: the last number in the response should be 42 (relative tolerance 1e-06)."
+    )
+    assert numeric(42, "Answer: 41", rel_tol=0) == Score(
+        0.0, 0.0, "Incorrect: the last number in your answer line should be 42."
+    )
+
+
+def test_regex_outcomes_have_the_reward_score_and_feedback_they_state() -> None:
+    """Bug caught: an empty reply rewarded, a score of 1 beside a failed match or 0
+    beside a hit, a full match not said to be one, a reply padded with blanks failing a
+    full match, the time-limited engine doing a full match for a search (and the other
+    way round), or the quoted end of a long reply cut at the wrong place."""
+    assert regex(r"\d+", "it is 42") == Score(1.0, 1.0, "")
+    assert regex(r"\d+", "it is 42", timeout=5) == Score(1.0, 1.0, "")
+    assert regex(r"\d+", "it is 42", fullmatch=True, timeout=5).reward == 0.0
+    assert regex(r"\d+", " 42 \n", fullmatch=True) == Score(1.0, 1.0, "")
+    assert regex("x", "  ") == Score(
+        0.0, 0.0, "The response is empty; it must match the pattern 'x'."
+    )
+    assert regex("x", "y", fullmatch=True) == Score(
+        0.0, 0.0, "The response does not match as a whole the pattern 'x'; it ends with \"y\"."
+    )
+    long = regex("x", "a" * 100 + "b" * 100)  # the last 120 characters, not shortened
+    assert long == Score(
+        0.0,
+        0.0,
+        "The response does not match the pattern 'x'; it ends with \""
+        + "a" * 20
+        + "b" * 100
+        + '".',
+    )
+
+
+def test_user_numbers_and_scores_pass_through_unchanged() -> None:
+    """Bug caught: a user's Score with reward 1 refused as out of range (the upper bound
+    off by one), None given a score of 1, NaN a reward or score of 1, a numpy number (what TRL reward functions often
+    return) refused as not a number, an error that no longer names "the scorer", and `wrap_callable`'s
+    default threshold not 1 (0.99 rewarded, or 1.0 not)."""
+    assert to_score(Score(1.0, 1.0, "ok")) == Score(1.0, 1.0, "ok")
+    assert to_score(Score(0.0, 0.0, "")) == Score(0.0, 0.0, "")
+    assert to_score(None) == Score(
+        0.0, 0.0, "The reward function gave no reward (None) for this response."
+    )
+    assert to_score(float("nan")) == Score(
+        0.0, 0.0, "The reward function gave no reward (NaN) for this response."
+    )
+    assert to_score(np.float32(0.25)) == Score(0.0, 0.25, "The reward function gave 0.25.")
+    with pytest.raises(ValueError, match=r"^the scorer returned a Score with reward 1\.5;"):
+        to_score(Score(1.5, 1.0, ""))
+    item = Item(id="i", messages=[{"role": "user", "content": "q"}])
+    for value, reward in [(0.99, 0.0), (1.0, 1.0)]:
+        scorer = wrap_callable(lambda it, resp, v=value: v, columns=[], conversational=False)
+        assert scorer(item, "x").reward == reward
+
+
+def test_a_missing_column_error_lists_the_columns_there_are() -> None:
+    """Bug caught: the columns a TRL reward function could have asked for replaced by
+    "(none)", leaving the user to guess the name of the one it should use."""
+
+    def needs_solution(completions: list, solution: list, **kwargs: object) -> list[float]:
+        return [0.0]
+
+    with pytest.raises(ValueError, match=r"columns available to it: qid, answer, difficulty \("):
+        memory_env(scorer=needs_solution)
+
+
+def test_a_trl_reward_function_naming_prompts_gets_them_without_kwargs() -> None:
+    """Bug caught: `prompts` passed only to a function that also takes **kwargs, so one
+    that names it (and nothing else) fails on every reply instead of scoring it."""
+
+    def asks_prompts(prompts: list, completions: list) -> list[float]:
+        return [float(prompts[0] == "What is the capital of France?" and completions[0] == "x")]
+
+    env = memory_env(scorer=asks_prompts, id_column="qid")
+    assert env.score(by_qid(env)["q0"], "x") == Score(1.0, 1.0, "The reward function gave 1.")
+
+
+def test_a_leading_decimal_point_is_part_of_the_answer() -> None:
+    """Bug: normalisation kept a decimal point only between digits, so ".5" became "5"
+    and "-.5" became "5": `exact_match` with gold ".5" rewarded "Answer: 5"."""
+    assert exact_match(".5", "Answer: 5").reward == 0.0
+    assert exact_match(".5", "Answer: .5").reward == 1.0
+    assert exact_match("-.5", "Answer: .5").reward == 0.0
+    assert exact_match("-.5", "Answer: -.5").reward == 1.0
+    assert exact_match("The end.", "Answer: the end").reward == 1.0  # a full stop is not
+
+
+def test_a_reply_cut_off_while_thinking_has_no_answer() -> None:
+    """Bug: the scorers removed only closed <think> blocks, so a reply cut off mid-thought
+    was scored on what it wrote while thinking: `numeric` gave 42 for
+    "<think>Answer: 42? let me chec". The training code's `strip_thinking` already
+    dropped an unterminated block; the scorers use it now."""
+    assert numeric(42, "<think>Answer: 42? let me chec").reward == 0.0
+    assert exact_match("42", "<think>so 42\nAnswer: 42").reward == 0.0
+    assert numeric(42, "<think>maybe 41</think>Answer: 42").reward == 1.0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from resd.envs import make_env
+from resd.envs.base import Score
 from resd.envs.qa import QAEnv, extract_answer, normalize_answer
 
 
@@ -260,3 +262,84 @@ def test_duplicate_ids_are_refused_naming_both_rows(tmp_path):
     )
     with pytest.raises(ValueError, match=r"qa\.jsonl:2: the id 'x' is also used at .*qa\.jsonl:1"):
         QAEnv(path=path)
+
+
+# -- mutation-testing gaps: each test names the wrong reward it catches ----------------------
+
+
+def test_a_single_alias_given_as_text_is_one_answer_not_its_letters(tmp_path: Path) -> None:
+    """Bug caught: an "aliases" cell holding one string iterated letter by letter,
+    so the reply "e" (a letter of "Tour Eiffel") was rewarded as a correct answer."""
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {
+                "id": "t",
+                "question": "Which tower?",
+                "answer": "Eiffel Tower",
+                "aliases": "Tour Eiffel",
+            }
+        ],
+    )
+    env = QAEnv(path=path)
+    item = items_by_id(env)["t"]
+    assert env.score(item, "Answer: Tour Eiffel") == Score(1.0, 1.0, "")
+    assert env.score(item, "Answer: e").reward == 0.0
+    assert env.score(item, "Answer: T").reward == 0.0
+
+
+def test_scalar_outcomes_have_the_reward_score_and_feedback_they_state(data: str) -> None:
+    """Bug caught: an empty reply given a score of 1, or told its (absent) answer is
+    wrong instead of that it gave none; the tests checked the reward alone."""
+    env = QAEnv(path=data)
+    capital = items_by_id(env)["capital"]
+    assert env.score(capital, "") == Score(
+        0.0,
+        0.0,
+        "No 'Answer:' line found; the last line was used. The response contains no answer.",
+    )
+    assert env.score(capital, "Answer: Lyon") == Score(
+        0.0, 0.0, 'Incorrect. The correct answer is "Paris".'
+    )
+
+
+def test_the_context_is_shown_before_the_question(tmp_path: Path) -> None:
+    """Bug caught: the "context" column dropped from the prompt, so the model is asked
+    about a passage it never sees and every reply it gets right is luck."""
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {
+                "id": "c",
+                "context": " Anna was born in Oslo. ",
+                "question": "Where?",
+                "answer": "Oslo",
+            }
+        ],
+    )
+    item = items_by_id(QAEnv(path=path))["c"]
+    assert item.prompt_text.startswith("Anna was born in Oslo.\n\nWhere?\n\n")
+
+
+def test_a_blank_question_is_refused_naming_the_row(tmp_path: Path) -> None:
+    """Bug caught: a row whose question is blank accepted, and trained on as a prompt
+    holding nothing but the answer format."""
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [{"question": "ok?", "answer": "yes"}, {"question": "  ", "answer": "no"}],
+    )
+    with pytest.raises(ValueError, match=r"qa\.jsonl:2: empty question"):
+        QAEnv(path=path)
+
+
+def test_hidden_list_feedback_says_nothing_was_answered_past_the_reply(data: str) -> None:
+    """Bug caught: with the answer hidden, a position past the end of a short reply was
+    read from the reply (an IndexError that stops scoring) or named as an empty answer."""
+    env = QAEnv(path=data, reveal_answer=False)
+    short = env.score(items_by_id(env)["tags"], "Answer: Revenues, NetIncomeLoss, Cash")
+    assert short == Score(
+        0.0,
+        0.75,
+        "3 of 4 positions correct.\nYou gave 3 items; 4 were expected.\n"
+        "Position 4 is wrong (you answered nothing).",
+    )

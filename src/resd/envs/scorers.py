@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from resd.envs.base import Item, Score
+from resd.templating import strip_thinking
 
 __all__ = [
     "BUILTIN_SCORERS",
@@ -76,9 +77,9 @@ _NUMBER = re.compile(
     r"(?![\d_]|\.\d|(?i:st|nd|rd|th)\b)"
 )
 # What the punctuation stripping must keep, because it changes the answer: a sign before a
-# number ("-5" is not "5"), a decimal point inside one ("3.5" is not "3,5"), and "+" or "#"
-# closing a word ("C++" and "C#" are not "C").
-_KEPT_MARK = re.compile(r"(?<![\w.])[-−](?=\d)|(?<=\d)\.(?=\d)|(?<=\w)[+#]+")
+# number ("-5" is not "5", "-.5" is not ".5"), a decimal point inside or before one ("3.5"
+# is not "3,5", ".5" is not "5"), and "+" or "#" closing a word ("C++" and "C#" are not "C").
+_KEPT_MARK = re.compile(r"(?<![\w.])[-−](?=\.?\d)|(?<=\d)\.(?=\d)|(?<![\w.])\.(?=\d)|(?<=\w)[+#]+")
 
 
 def _is_punctuation(ch: str) -> bool:
@@ -147,21 +148,14 @@ def gold_text(value: Any) -> str:
     return str(value)
 
 
-def _strip_thinking(response: str) -> str:
-    text = re.sub(r"<think>.*?</think>", "", response, flags=re.S)
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    return text
-
-
 def extract_answer(response: str) -> tuple[str, bool]:
     """The answer part of a response, and whether it came from an explicit answer line.
 
-    Looks (after removing <think>...</think>) for the last line starting with
-    "Answer:" (also "Final answer:", markdown bold allowed), then for the last
-    \\boxed{...}, and otherwise takes the last non-empty line.
+    Looks (after removing <think>...</think>, and a block the reply never closed) for the
+    last line starting with "Answer:" (also "Final answer:", markdown bold allowed), then
+    for the last \\boxed{...}, and otherwise takes the last non-empty line.
     """
-    text = _strip_thinking(response)
+    text = strip_thinking(response)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for line in reversed(lines):
         m = _ANSWER_LINE.match(line)
@@ -285,7 +279,7 @@ def numeric(
     numbers = find_numbers(answer) if explicit else []
     if not numbers:
         where = "the response"
-        numbers = find_numbers(_strip_thinking(response))
+        numbers = find_numbers(strip_thinking(response))
     expected = format_number(values[0])
     tol = f" (relative tolerance {rel_tol:g})" if rel_tol > 0 else ""
     if not numbers:
