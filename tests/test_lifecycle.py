@@ -94,7 +94,10 @@ def test_ctrl_c_ends_a_run_with_a_line_not_a_traceback(tiny_model_dir, tmp_path)
     from test_trainer import _run_cli
 
     out = tmp_path / "run"
-    proc = _run_cli(out, tiny_model_dir, "steps=40")
+    # A suite started as a background job of a non-interactive shell (`make test &`)
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: the child
+    # gets the default disposition back, as a terminal's Ctrl-C would find it.
+    proc = _run_cli(out, tiny_model_dir, "steps=40", sigint_default=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()

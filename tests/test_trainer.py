@@ -186,7 +186,9 @@ def test_solution_buffer_reaches_later_inner_steps(tiny_model_dir, tmp_path):
     assert len(trainer.buffer) >= len(solved)
 
 
-def _run_cli(out: Path, tiny_model_dir: Path, *extra: str) -> subprocess.Popen:
+def _run_cli(
+    out: Path, tiny_model_dir: Path, *extra: str, sigint_default: bool = False
+) -> subprocess.Popen:
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / "seed-playbook.md").write_text(SEED_PLAYBOOK)
     (out.parent / "prefills.yaml").write_text(json.dumps(PREFILLS))  # JSON is YAML
@@ -199,8 +201,14 @@ def _run_cli(out: Path, tiny_model_dir: Path, *extra: str) -> subprocess.Popen:
         f"playbook_init={out.parent / 'seed-playbook.md'}", *extra,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint_default else None
     return subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        args,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=restore,
     )
 
 
