@@ -53,7 +53,13 @@ class ArithmeticEnv(Environment):
         rng = random.Random(seed)
         seen: set[tuple[int, str, int]] = set()
         items: list[Item] = []
-        while len(items) < n_train + n_test and len(seen) < len(ops) * (max_operand + 1) ** 2:
+        # Distinct questions there are: a product's factors are cut to mul_max_operand, so
+        # "*" has fewer than "+" and "-" (counting them all alike drew forever).
+        pool = sum(
+            ((min(mul_max_operand, max_operand) if op == "*" else max_operand) + 1) ** 2
+            for op in set(ops)
+        )
+        while len(items) < n_train + n_test and len(seen) < pool:
             a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
             if op == "*":
                 a, b = a % (mul_max_operand + 1), b % (mul_max_operand + 1)
@@ -77,7 +83,8 @@ class ArithmeticEnv(Environment):
                 )
             )
         if len(items) < n_train + n_test:  # the test split would take what there is
-            raise ValueError(f"env_args: ops {ops!r} with operands up to {max_operand} make "
+            raise ValueError(f"env_args: ops {ops!r} with operands up to {max_operand} (factors "
+                             f"up to {mul_max_operand}) make "
                              f"{len(items)} distinct questions, fewer than n_train + n_test = "
                              f"{n_train + n_test}; raise max_operand or ask for fewer")  # fmt: skip
         self._test, self._train = items[:n_test], items[n_test:]
