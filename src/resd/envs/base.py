@@ -101,15 +101,18 @@ def whole_number(value: Any, field: str, *, negative_ok: bool = False) -> int | 
     return number
 
 
-def real_number(value: Any, field: str) -> float:
+def real_number(value: Any, field: str, *, negative_ok: bool = True) -> float:
     """An environment's numeric setting as a finite float, or a ValueError naming it (not
-    a bare float() error)."""
+    a bare float() error); with `negative_ok=False`, also one below 0 (a tolerance, a time
+    limit)."""
     try:
         number = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):
         raise ValueError(f"{field}: expected a finite number, got {value!r}")
+    if number < 0 and not negative_ok:
+        raise ValueError(f"{field}: expected a number >= 0, got {number:g}")
     return number
 
 

@@ -137,13 +137,10 @@ class DatasetEnv(Environment):
         n_test = whole_number(n_test, "env_args.n_test")
         seed = whole_number(seed, "env_args.seed", negative_ok=True)
         threshold = real_number(threshold, "env_args.threshold")
-        if scorer_timeout is not None:
-            scorer_timeout = real_number(scorer_timeout, "env_args.scorer_timeout")
-            if scorer_timeout < 0:
-                raise ValueError(
-                    "env_args.scorer_timeout: must be >= 0 seconds (0 or null: no limit), "
-                    f"got {scorer_timeout:g}"
-                )
+        if scorer_timeout is not None:  # seconds; 0 or null: no limit
+            scorer_timeout = real_number(
+                scorer_timeout, "env_args.scorer_timeout", negative_ok=False
+            )
         self.scorer_timeout = scorer_timeout or None
         if prompt_column is not None and messages_column is not None:
             raise ValueError("env_args.prompt_column, env_args.messages_column: set one, not both")
@@ -249,10 +246,8 @@ class DatasetEnv(Environment):
                 )
         for key in ("rel_tol", "abs_tol"):
             if key in self.scorer_args:
-                value = real_number(self.scorer_args[key], f"env_args.scorer_args.{key}")
-                if value < 0:
-                    raise ValueError(f"env_args.scorer_args.{key}: must be >= 0, got {value:g}")
-                self.scorer_args[key] = value
+                field = f"env_args.scorer_args.{key}"
+                self.scorer_args[key] = real_number(self.scorer_args[key], field, negative_ok=False)
         fullmatch = self.scorer_args.get("fullmatch", False)
         if not isinstance(fullmatch, bool):
             raise ValueError(

@@ -324,12 +324,11 @@ def regex(
     if engine is None:  # no limit, or a pattern only `re` reads
         hit = compiled.fullmatch(text) if fullmatch else compiled.search(text)
     else:
-        limit = timeout or None
         try:
             hit = (
-                engine.fullmatch(text, timeout=limit)
+                engine.fullmatch(text, timeout=timeout)
                 if fullmatch
-                else engine.search(text, timeout=limit)
+                else engine.search(text, timeout=timeout)
             )
         except TimeoutError as exc:
             raise TimeoutError(
@@ -348,11 +347,9 @@ def regex(
 
 def _interruptible(pattern: str) -> Any:
     """`pattern` compiled by the `regex` package, whose matching takes a timeout; None
-    where that package is missing or reads the pattern differently from `re`."""
-    try:
-        import regex as regex_package
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return None
+    where that package reads the pattern differently from `re`."""
+    import regex as regex_package
+
     try:
         return regex_package.compile(pattern)
     except (regex_package.error, ValueError, TypeError):
