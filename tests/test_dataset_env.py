@@ -690,6 +690,24 @@ def test_numeric_does_not_read_versions_literals_or_ordinals_as_numbers(response
     assert numeric(10, "Answer: 10kg").reward == 1.0  # a unit after a number is still fine
 
 
+@pytest.mark.parametrize(
+    ("response", "gold", "reward"),
+    [
+        ("So the total is __5__.", 5, 1.0),
+        ("Answer: it is __5__ apples", 5, 1.0),
+        ("The total is _-3.5_ degrees", -3.5, 1.0),
+        ("In all: ___1,234___", 1234, 1.0),
+        ("set x__5__y", 5, 0.0),  # underscores inside a word are not emphasis
+        ("pages 3 to 12_000", 12000, 0.0),  # nor inside a Python literal
+    ],
+)
+def test_numeric_reads_a_number_in_underscore_emphasis(response: str, gold: float, reward: float):
+    """Bug caught: "__5__" (markdown bold with underscores) held no number, because "_" counts
+    as part of a word, so a reply that bolded its answer that way scored "contains no number"
+    while "**5**" scored 1."""
+    assert numeric(gold, response).reward == reward
+
+
 @pytest.mark.parametrize("cell", ["", "   "])
 def test_empty_answer_cell_is_refused_naming_the_row(tmp_path, cell):
     rows = [{"prompt": "ok", "answer": "x"}, {"prompt": "ok", "answer": cell}]

@@ -103,6 +103,18 @@ def test_a_quoted_answer_counts():
     assert env.score(item, "The opposite of 'thick' is not 'thin', is it?").reward == 1.0
 
 
+def test_an_answer_with_a_possessive_or_contracted_s_counts():
+    """A reply "Rome's the capital" was scored "does not answer": the apostrophe made
+    "rome's" one word, which is not "rome". The 's goes; a longer word that starts with the
+    answer does not count, nor does an 's that turns one word into another."""
+    env = HouseRulesEnv(rules=["one_line"])
+    item = next(it for it in env.train_items() + env.test_items() if it.meta["accept"] == ["rome"])
+    assert env.score(item, "Rome's the capital of Italy.").reward == 1.0
+    assert env.score(item, "Italy's capital city is ROME'S.").reward == 1.0
+    assert env.score(item, "Romeo's the capital.").reward == 0.0
+    assert env.score(item, "Roma's the capital.").reward == 0.0
+
+
 def test_arguments_that_read_wrongly_are_refused():
     """`rules=lowercase` (a string) was read letter by letter ("unknown rule 'l'"); `rules=[]`
     made a task without rules; `test_fraction=1.5` left no training items."""

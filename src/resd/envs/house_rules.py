@@ -180,7 +180,9 @@ class HouseRulesEnv(Environment):
 
     def score(self, item: Item, response: str) -> Score:
         reply = response.strip()
-        words = {w.lower() for w in _words(reply)}
+        # "Rome's the capital" answers "Rome": a possessive or contracted 's is not part of
+        # the word (no accepted answer is a pronoun, so "it's" reading as "it" costs nothing).
+        words = {form for w in _words(reply.lower()) for form in (w, w.removesuffix("'s"))}
         text = " ".join(_words(reply.lower()))
         answered = any(
             (a in words) if " " not in a else re.search(rf"\b{re.escape(a)}\b", text)

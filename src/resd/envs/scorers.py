@@ -79,6 +79,8 @@ _NUMBER = re.compile(
 # What the punctuation stripping must keep, because it changes the answer: a sign before a
 # number ("-5" is not "5", "-.5" is not ".5"), a decimal point inside or before one ("3.5"
 # is not "3,5", ".5" is not "5"), and "+" or "#" closing a word ("C++" and "C#" are not "C").
+# Underscore emphasis around a number: "__5__", "_-3.5_", "___1,234___".
+_UNDERSCORE_EMPHASIS = re.compile(r"(?<!\w)(_{1,3})([-−]?[\d.][\d.,]*)\1(?!\w)")
 _KEPT_MARK = re.compile(r"(?<![\w.])[-−](?=\.?\d)|(?<=\d)\.(?=\d)|(?<![\w.])\.(?=\d)|(?<=\w)[+#]+")
 
 
@@ -183,7 +185,13 @@ def _clean(answer: str) -> str:
 
 
 def find_numbers(text: str) -> list[tuple[str, float]]:
-    """Every number in `text`, as written and as a float, in order of appearance."""
+    """Every number in `text`, as written and as a float, in order of appearance.
+
+    Markdown emphasis with underscores ("__5__", "_5_") is read through, as "**5**" is:
+    `_NUMBER` takes "_" for part of a word, so without this "the total is __5__" held no
+    number. An underscore inside a word or literal ("12_000", "x_1_") is not emphasis.
+    """
+    text = _UNDERSCORE_EMPHASIS.sub(lambda m: m.group(2).center(len(m.group(0))), text)
     found = []
     for m in _NUMBER.finditer(text):
         token = m.group(0)
