@@ -152,7 +152,7 @@ def teacher_file(checkpoint: Path, name: str) -> Path:
 def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """Restore teachers and RNG in place; returns (run state, full optimizer state).
 
-    The student is loaded from `path/model` by the caller, and the optimizer state is
+    The student is loaded from `path` itself by the caller, and the optimizer state is
     loaded by it too, since under FSDP that must wait until the model is sharded.
     """
     for name, teacher in teachers.items():
