@@ -60,6 +60,51 @@ def test_yaml_and_overrides(tmp_path):
         ("reflector={base_url: nonsense, model: x}", "reflector"),
         ("reflector={base_url: 'http://h/v1', model: x, timeout: -1}", "reflector"),
         ("reflector={base_url: 'http://h/v1', model: x, max_concurrency: 0.5}", "reflector"),
+        # every choice field refuses a value outside its list
+        ("distillation_mode=partial", "distillation_mode"),
+        ("pg_reward=advantage", "pg_reward"),
+        ("dtype=int8", "dtype"),
+        ("generation_dtype=fp8", "generation_dtype"),
+        ("zero_stage=4", "zero_stage"),
+        ("structured_output=maybe", "structured_output"),
+        ("loss_aggregation=sum", "loss_aggregation"),
+        ("curation_ops=delete", "curation_ops"),
+        ("lesson_calls=three", "lesson_calls"),
+        ("reflection_layout=chat", "reflection_layout"),
+        ("unparsed_reflection=keep", "unparsed_reflection"),
+        ("solution_buffer_keep=best", "solution_buffer_keep"),
+        ("report_to=mlflow", "report_to"),
+        ("report_to=3", "report_to"),  # was a TypeError from iterating an int
+        ("report_to=[1]", "report_to"),  # was an AttributeError from int.strip
+        # a wrong type, caught by the type check (not by a TypeError later)
+        ("topk=lots", "topk"),  # an int-or-null field: the union's check
+        ("lora=3", "lora"),
+        ("model=[a, b]", "model"),
+        ("steps=2.5", "steps"),
+        ("lr=true", "lr"),  # a bool is not a number (float(True) is 1.0)
+        # each bound, just outside (the values just inside are in test_values_at_the_bounds...)
+        ("min_new_tokens=-1", "min_new_tokens"),
+        ("min_new_tokens=129", "min_new_tokens"),  # more than max_new_tokens (128)
+        ("curation_min_operations=-1", "curation_min_operations"),
+        ("alpha=-0.1", "alpha"),
+        ("top_p=0", "top_p"),
+        ("top_p=1.01", "top_p"),
+        ("eval_top_p=0", "eval_top_p"),  # was reported as top_p
+        ("eval_top_p=1.5", "eval_top_p"),
+        ("temperature=-0.1", "temperature"),
+        ("eval_temperature=-0.1", "eval_temperature"),  # was reported as temperature
+        ("teacher_update_rate=-0.1", "teacher_update_rate"),
+        ("teacher_update_rate=1.5", "teacher_update_rate"),
+        ("distillation_weight=-0.1", "distillation_weight"),
+        ("distillation_weight=1.01", "distillation_weight"),
+        ("adam_beta1=1", "adam_beta1"),
+        ("adam_beta1=-0.1", "adam_beta1"),
+        ("adam_beta2=1", "adam_beta2"),  # Adam's second-moment average would never move
+        ("pg_clip_low=1.5", "pg_clip_low"),  # clip to [-0.5, ...]: a negative ratio bound
+        ("pg_clip_high=-0.1", "pg_clip_low, pg_clip_high"),  # one message names both
+        ("seed=4294967296", "seed"),  # 2**32
+        ("seed=17592186044416", "seed"),  # 2**44: step 1's seed overflowed torch.manual_seed
+        ("device=cuda:x", "device"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -71,6 +116,8 @@ def test_bad_values_name_the_field(override, field):
 def test_settings_checked_against_each_other():
     with pytest.raises(ConfigError, match=r"^max_ratio: must be >= min_ratio"):
         load_config(None, ["min_ratio=0.5", "max_ratio=0.1"])  # the teacher floored, then capped
+    with pytest.raises(ConfigError, match=r"^max_ratio: must be > 0"):
+        load_config(None, ["min_ratio=null", "max_ratio=0"])  # no floor to be under: log(0)
     with pytest.raises(ConfigError, match=r"^hub_model_id: expected"):
         load_config(None, ["push_to_hub=true", "hub_model_id=bad name!!"])  # found after training
     assert load_config(None, ["push_to_hub=true", "hub_model_id=me/resd-qwen_0.5b"]).push_to_hub
@@ -189,3 +236,324 @@ def test_playbook_similarity_is_a_share_or_null():
     for bad in ("0", "1.5", "-0.2"):
         with pytest.raises(ConfigError, match=r"^playbook_similarity: must be in \(0, 1\]"):
             load_config(None, [f"playbook_similarity={bad}"])
+
+
+# The fields checked in groups, each name written out: a name dropped from its group in
+# config.py is a field whose bad values reach the trainer unchecked.
+AT_LEAST_ONE = ["batch_size", "rollouts_per_prompt", "inner_updates", "micro_batch_size",
+                "generation_batch_size", "max_new_tokens", "max_prompt_tokens", "eval_samples",
+                "reflection_max_new_tokens", "curation_max_new_tokens", "playbook_max_entries",
+                "playbook_prune_every", "keep_checkpoints", "update_epochs", "epochs"]  # fmt: skip
+AT_LEAST_ONE_OR_NULL = ["steps", "topk", "eval_items", "max_reflections_per_step",
+                        "eval_max_new_tokens", "slot_max_tokens", "reflection_playbook_tokens",
+                        "curation_playbook_tokens", "teacher_playbook_tokens", "loss_chunk_size"]  # fmt: skip
+NOT_NEGATIVE = ["eval_every", "save_every", "warmup_steps", "log_samples", "lr", "weight_decay"]
+POSITIVE_OR_NULL = ["min_ratio", "max_ratio", "is_clip", "rollout_is_cap"]
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "bad"),
+    [*[(name, ["1"], ["0", "-1"]) for name in AT_LEAST_ONE],
+     *[(name, ["1", "null"], ["0"]) for name in AT_LEAST_ONE_OR_NULL],
+     ("max_teacher_prompt_tokens", ["1"], ["0"]),
+     *[(name, ["0"], ["-1"]) for name in NOT_NEGATIVE],
+     *[(name, ["0.5", "null"], ["0", "-0.5"]) for name in POSITIVE_OR_NULL]],
+)  # fmt: skip
+def test_grouped_bounds_hold_for_every_field_in_the_group(name: str, good: list, bad: list):
+    for value in good:
+        load_config(None, [f"{name}={value}"])
+    for value in bad:
+        with pytest.raises(ConfigError, match=f"^{name}: must be"):
+            load_config(None, [f"{name}={value}"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["min_new_tokens=0"],
+        ["min_new_tokens=128"],  # equal to max_new_tokens: the equal-work benchmark mode
+        ["curation_min_operations=0"],
+        ["curation_min_operations=2"],
+        ["alpha=0"],
+        ["alpha=0.5"],
+        ["alpha=1"],
+        ["top_p=1", "eval_top_p=1"],
+        ["top_p=0.01", "eval_top_p=0.01"],
+        ["temperature=0", "eval_temperature=0"],  # greedy
+        ["teacher_update_rate=0"],
+        ["teacher_update_rate=1"],
+        ["max_grad_norm=null"],
+        ["distillation_weight=0"],
+        ["distillation_weight=1"],
+        ["distillation_weight=null"],
+        ["adam_beta1=0", "adam_beta2=0"],
+        ["adam_beta1=0.99", "adam_beta2=0.9999"],
+        ["min_ratio=0.5", "max_ratio=0.5"],  # max_ratio may equal min_ratio
+        ["min_ratio=null", "max_ratio=0.1"],
+        ["pg_clip_low=0", "pg_clip_high=0"],
+        ["pg_clip_low=1", "pg_clip_high=5"],
+        ["success_weight_alpha=0"],
+        ["success_weight_alpha=0.5"],
+        ["seed=5"],
+        ["seed=4294967295"],  # 2**32 - 1
+        ["kl_coef=0.1"],
+        ["device=cpu"],
+        ["device=cuda:1"],
+        ["device=mps"],
+        ["generation_dtype=int8"],  # the transformers backend's CPU decoding
+        ["generation_backend=vllm"],
+        ["generation_backend=vllm", "generation_dtype=bfloat16"],
+        ["generation_cache=static", "generation_compile=true"],
+        ["playbook_similarity=0.01"],
+    ],
+)
+def test_values_at_the_bounds_and_inside_them_are_accepted(overrides: list):
+    """The other side of each bound in test_bad_values_name_the_field: a check one step too
+    strict refuses a setting the docs allow (greedy decoding, alpha 0, a cap equal to the floor)."""
+    cfg = load_config(None, overrides)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        assert getattr(cfg, key) is not None or raw == "null", item
+
+
+def test_settings_that_only_clash_together():
+    """int8 decoding is the transformers backend's; compiling needs the static cache."""
+    with pytest.raises(ConfigError, match=r"^generation_dtype: int8 is the transformers"):
+        load_config(None, ["generation_backend=vllm", "generation_dtype=int8"])
+    with pytest.raises(ConfigError, match=r"^generation_compile: needs generation_cache: static"):
+        load_config(None, ["generation_compile=true", "generation_cache=null"])
+
+
+SCHEDULERS = ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "constant"]  # fmt: skip
+# The documented choices of each choice field (the comments beside the fields, the docs).
+DOCUMENTED_CHOICES = {
+    "teacher": ["ema", "base", "live", "trust_region"],
+    "playbook_policy": ["staleness", "random"],
+    "distillation_mode": ["topk", "full", "sampled"],
+    "pg_reward": ["reward", "score"],
+    "dtype": ["float32", "bfloat16"],  # float16 master weights are refused on their own
+    "generation_dtype": ["auto", "float32", "bfloat16", "float16", "int8", "null"],
+    "autocast": ["auto", "none", "float32", "bfloat16", "float16", "null"],
+    "generation_backend": ["transformers", "vllm"],
+    "generation_cache": ["null", "static"],
+    "strategy": ["auto", "ddp", "fsdp", "deepspeed"],
+    "zero_stage": ["null", "1", "2", "3"],
+    "structured_output": ["auto", "on", "off"],
+    "loss_aggregation": ["token_mean", "seq_mean_token_mean"],
+    "curation_ops": ["all", "add"],
+    "lesson_calls": ["two", "one"],
+    "reflection_layout": ["prompt", "conversation"],
+    "unparsed_reflection": ["drop", "raw"],
+    "solution_buffer_keep": ["first", "latest"],
+    "lr_scheduler_type": SCHEDULERS,
+    "report_to": ["tensorboard", "wandb"],
+}
+
+
+@pytest.mark.parametrize(("name", "choices"), DOCUMENTED_CHOICES.items())
+def test_every_documented_choice_is_accepted(name: str, choices: list):
+    for choice in choices:
+        value = getattr(load_config(None, [f"{name}={choice}"]), name)
+        expected = {"null": None, "1": 1, "2": 2, "3": 3}.get(choice, choice)
+        assert value == ([expected] if name == "report_to" else expected), (name, choice)
+
+
+def test_template_variables_resd_sets_itself_are_refused():
+    """`chat_template_kwargs` holds template variables only: the render arguments resd
+    passes would clash with them as a duplicate keyword in `apply_chat_template`."""
+    from resd.config import RENDER_KEYS
+
+    documented = {"conversation", "messages", "add_generation_prompt", "tokenize",
+                  "return_dict", "continue_final_message", "chat_template"}  # fmt: skip
+    assert documented == RENDER_KEYS
+    for key in sorted(RENDER_KEYS):
+        with pytest.raises(ConfigError, match=f"^chat_template_kwargs: '{key}' is set by resd"):
+            load_config(None, [f"chat_template_kwargs.{key}=x"])
+    cfg = load_config(None, ["chat_template_kwargs.enable_thinking=false"])
+    assert cfg.chat_template_kwargs == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize(
+    ("key", "owner"),
+    [("dtype", "dtype"), ("torch_dtype", "dtype"), ("device_map", "device / strategy"),
+     ("quantization_config", "a pre-quantized checkpoint")],
+)  # fmt: skip
+def test_model_loading_arguments_resd_owns_are_refused_and_named(key: str, owner: str):
+    with pytest.raises(ConfigError, match=f"^model_init_kwargs: '{key}' is set by {owner}"):
+        load_config(None, [f"model_init_kwargs.{key}=x"])
+
+
+def test_other_model_loading_arguments_pass_through():
+    cfg = load_config(None, ["model_init_kwargs.revision=main",
+                             "model_init_kwargs.attn_implementation=sdpa"])  # fmt: skip
+    assert cfg.model_init_kwargs == {"revision": "main", "attn_implementation": "sdpa"}
+
+
+def test_values_are_coerced_to_the_declared_type():
+    """YAML's `2.0` for a count is 2, a number for a name is its text, an int for a float
+    is a float (saved as 1.0, as a float field reads back)."""
+    cfg = load_config(None, ["steps=2.0", "output_dir=123", "model=0.5", "lr=1",
+                             "max_grad_norm=2", "structured_output=true", "autocast=true"])  # fmt: skip
+    assert cfg.steps == 2 and type(cfg.steps) is int
+    assert (cfg.output_dir, cfg.model) == ("123", "0.5")
+    assert type(cfg.lr) is float and type(cfg.max_grad_norm) is float
+    assert (cfg.structured_output, cfg.autocast) == ("on", "bfloat16")  # YAML's bare on / true
+    cfg = load_config(None, ["structured_output=false", "autocast=false"])
+    assert (cfg.structured_output, cfg.autocast) == ("off", "none")
+    assert load_config(None, ["autocast='off'"]).autocast == "none"  # off, quoted
+    with pytest.raises(ConfigError, match=r"^topk: expected an integer, got 'lots'"):
+        load_config(None, ["topk=lots"])  # the int's message, not a generic one
+
+
+def test_check_type_takes_typing_optional_too():
+    """`check_type` is also the eval command's checker; `Optional[int]` is a typing.Union."""
+    import typing
+
+    from resd.config import check_type
+
+    assert check_type("items", None, typing.Optional[int]) is None  # noqa: UP045
+    assert check_type("items", 3.0, typing.Optional[int]) == 3  # noqa: UP045
+    with pytest.raises(ConfigError, match=r"^items: expected an integer"):
+        check_type("items", "x", typing.Optional[int])  # noqa: UP045
+
+
+def test_override_values_are_yaml_scalars_even_inside_mappings():
+    """env_args are not type-checked: the override's own parse is what the environment gets,
+    so `1e-5` (a string to YAML 1.1) must still arrive as a number."""
+    cfg = load_config(None, ["env_args.tolerance=1e-5", "env_args.scale=2.5", "env_args.n=12",
+                             "env_args.name=abc", "env_args.path=a=b.csv",
+                             "env_args.pattern=[unclosed", "env_args.label=Infinity"])  # fmt: skip
+    assert cfg.env_args == {"tolerance": 1e-5, "scale": 2.5, "n": 12, "name": "abc",
+                            "path": "a=b.csv", "pattern": "[unclosed", "label": "Infinity"}  # fmt: skip
+    assert type(cfg.env_args["n"]) is int
+    with pytest.raises(ConfigError, match=r"^lr: overrides take the form key=value"):
+        load_config(None, ["lr"])
+
+
+def test_apply_overrides_leaves_the_callers_mapping_alone():
+    """`resd serve --learn` and `resd continual` apply overrides to a file's mapping they
+    use again afterwards."""
+    from resd.config import apply_overrides
+
+    data = {"lr": 1e-6, "env_args": {"seed": 1}}
+    out = apply_overrides(data, ["lr=2e-6", "env_args.seed=2", "env=qa"])
+    assert data == {"lr": 1e-6, "env_args": {"seed": 1}}
+    assert out == {"lr": 2e-6, "env_args": {"seed": 2}, "env": "qa"}
+
+
+def test_setting_env_to_the_files_own_keeps_its_arguments(tmp_path):
+    """Only a switch to another environment drops the file's env_args."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("env: qa\nenv_args: {path: x.csv}\n")
+    assert load_config(path, ["env=qa"]).env_args == {"path": "x.csv"}
+    assert load_config(path, ["env=arithmetic"]).env_args == {}
+
+
+def test_more_trl_names_and_the_unsupported_one():
+    cfg = load_config(None, ["num_train_epochs=3"])
+    assert cfg.epochs == 3
+    with pytest.raises(ConfigError, match=r"^warmup_ratio: not supported; set warmup_steps"):
+        load_config(None, ["warmup_ratio=0.1"])
+
+
+def test_an_empty_config_file_is_the_defaults(tmp_path):
+    from resd.config import TrainConfig
+
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set yet\n")
+    assert load_config(path) == TrainConfig()
+
+
+def test_report_to_spellings():
+    """A comma list on the command line, a list in YAML, `none` either way; repeats and
+    blanks dropped, order kept."""
+    assert load_config(None, ["report_to=wandb, tensorboard,wandb,"]).report_to == [
+        "wandb",
+        "tensorboard",
+    ]
+    assert load_config(None, ["report_to=[tensorboard, wandb]"]).report_to == [
+        "tensorboard",
+        "wandb",
+    ]
+    assert load_config(None, ["report_to=[none]"]).report_to == []
+    assert load_config(None, ["report_to=null"]).report_to == []
+    with pytest.raises(ConfigError, match=r"^report_to: unknown tracker 'mlflow'"):
+        load_config(None, ["report_to=tensorboard,mlflow,comet"])  # the first unknown one
+
+
+def test_settings_differences_names_each_changed_setting():
+    """What `resd compare` / `resd continual` print when a re-used run's settings differ:
+    dotted keys, indexed list items, whole lists of another length, and none of the
+    settings that change no result, at any depth."""
+    from resd.config import UNCOMPARED_KEYS, settings_differences
+
+    unrelated = {"output_dir", "progress", "report_to", "save_every", "keep_checkpoints"}
+    assert unrelated == UNCOMPARED_KEYS
+    old = {"lr": 1e-6, "env_args": {"path": "x", "n": [1, 2]}, "lora": None, "tags": [1, 2],
+           "output_dir": "a", "progress": True, "report_to": [], "save_every": 0,
+           "keep_checkpoints": 2, "stage": {"output_dir": "a/1"}}  # fmt: skip
+    new = {"lr": 2e-6, "env_args": {"path": "x", "n": [1, 3]}, "lora": {"r": 8}, "tags": [1],
+           "output_dir": "b", "progress": False, "report_to": ["wandb"], "save_every": 5,
+           "keep_checkpoints": 1, "stage": {"output_dir": "b/1"}}  # fmt: skip
+    assert settings_differences(old, new) == [
+        "env_args.n[1]: 2 then, 3 now",
+        "lora: None then, {'r': 8} now",
+        "lr: 1e-06 then, 2e-06 now",
+        "tags: [1, 2] then, [1] now",
+    ]
+    assert settings_differences(old, dict(old)) == []
+    assert settings_differences([{"a": 1}], [{"a": 2}]) == ["[0].a: 1 then, 2 now"]
+
+
+def test_defaults_are_the_documented_ones():
+    """What a run gets for every key it leaves out (`resd train --help-config` lists these,
+    the comments in config.py say what each means): a default changed by accident changes
+    every run that relies on it, silently."""
+    from resd.config import TrainConfig
+
+    expected = {
+        "model": "smollm2-135m", "dtype": "float32", "autocast": "auto", "device": "auto",
+        "gradient_checkpointing": False, "chat_template": None, "model_init_kwargs": {},
+        "chat_template_kwargs": {}, "env": "arithmetic", "env_args": {}, "algorithm": "resd",
+        # the schedule: one pass, batches of 8 prompts, K = 4 inner updates
+        "steps": None, "epochs": 1, "batch_size": 8, "rollouts_per_prompt": 1, "inner_updates": 4,
+        "micro_batch_size": 4, "pack_rows": True, "keep_host_memory": True,
+        "generation_batch_size": 16, "generation_dtype": "auto", "generation_backend": "transformers",
+        "generation_cache": None, "generation_compile": False, "vllm_args": {}, "shuffle": True,
+        # sampling
+        "max_prompt_tokens": 1024, "max_new_tokens": 128, "min_new_tokens": 0,
+        "temperature": 1.0, "top_p": 0.95,
+        # optimizer: the paper's constant 1e-6 after 10 warm-up steps
+        "lr": 1e-6, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "warmup_steps": 10, "lr_scheduler_type": "constant_with_warmup", "max_grad_norm": 1.0,
+        # self-distillation: reverse KL on the top 100 tokens plus the tail
+        "alpha": 1.0, "topk": 100, "add_tail": True, "min_ratio": 0.2, "max_ratio": None,
+        "success_weighting": False, "success_weight_alpha": 1.0, "success_weight_beta": 1.0,
+        "distillation_mode": "topk", "loss_aggregation": "token_mean",
+        "distillation_weight": None, "loss_chunk_size": None, "is_clip": 2.0,
+        "rollout_is_cap": None, "update_epochs": 1, "teacher": "ema",
+        "teacher_update_rate": 1e-4, "trust_region_weight": 0.5,
+        # policy gradient
+        "pg_reward": "reward", "pg_scale_std": True, "pg_clip_low": 0.2, "pg_clip_high": 0.28,
+        "kl_coef": 0.0, "lora": None, "reflector": None,
+        # reflection, curation and the playbook
+        "student_playbook": False, "teacher_template": None, "max_teacher_prompt_tokens": 3072,
+        "slot_max_tokens": 1024, "reflection_max_new_tokens": 256, "curation_max_new_tokens": 256,
+        "max_reflections_per_step": None, "unparsed_reflection": "drop", "curation_ops": "all",
+        "curation_min_operations": 0, "lesson_calls": "two", "reflection_layout": "prompt",
+        "structured_output": "auto", "reflection_prefill": None, "curation_prefill": None,
+        "playbook_init": None, "playbook_max_entries": 120, "playbook_similarity": 0.6,
+        "playbook_prune_every": 4, "playbook_policy": "staleness",
+        "reflection_playbook_tokens": 2048, "curation_playbook_tokens": 2048,
+        "teacher_playbook_tokens": 1024, "solution_buffer_keep": "first",
+        "teacher_feedback_with_solution": True,
+        # evaluation and the run directory
+        "eval_every": 0, "eval_samples": 4, "eval_items": None, "eval_temperature": 0.6,
+        "eval_top_p": 0.95, "eval_max_new_tokens": None, "seed": 0, "output_dir": "runs/resd",
+        "save_every": 0, "keep_checkpoints": 2, "push_to_hub": False, "hub_model_id": None,
+        "log_samples": 4, "progress": True, "strategy": "auto", "fsdp_reshard_after_forward": True,
+        "zero_stage": None, "report_to": [],
+    }  # fmt: skip
+    assert TrainConfig().to_dict() == expected
+    assert load_config(None).to_dict() == expected

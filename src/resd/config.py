@@ -320,10 +320,12 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
-        if not 0.0 < self.top_p <= 1.0 or not 0.0 < self.eval_top_p <= 1.0:
-            raise ConfigError("top_p: must be in (0, 1]")
-        if self.temperature < 0 or self.eval_temperature < 0:
-            raise ConfigError("temperature: must be >= 0")
+        for name in ["top_p", "eval_top_p"]:
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: must be in (0, 1], got {getattr(self, name)}")
+        for name in ["temperature", "eval_temperature"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.teacher_update_rate <= 1.0:
             raise ConfigError(
                 f"teacher_update_rate: must be in [0, 1], got {self.teacher_update_rate}"
@@ -383,8 +385,9 @@ class TrainConfig:
             raise ConfigError(
                 f"success_weight_alpha: must be >= 0, got {self.success_weight_alpha}"
             )
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed: must be in [0, 2**63), got {self.seed}")
+        # Each step seeds torch with seed * 1_000_003 + step, which must fit in 64 bits
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
         # AdamW's eps (1e-8) is 0 in float16: the first step divides 0 by 0
         if self.dtype == "float16":
             raise ConfigError(
