@@ -43,6 +43,10 @@ def test_yaml_and_overrides(tmp_path):
         ("lr", "lr"),
         ("lr=.nan", "lr"),
         ("temperature=.nan", "temperature"),
+        ("lr=.inf", "lr"),  # accepted before: the first step made every weight NaN
+        ("lr=inf", "lr"),  # YAML's string "inf", which float() reads as infinity
+        ("max_grad_norm=-.inf", "max_grad_norm"),
+        ("is_clip=.inf", "is_clip"),  # "no cap" is null
         ("max_grad_norm=-1", "max_grad_norm"),  # clip_grad_norm_ would flip the gradient
         ("distillation_weight=5", "distillation_weight"),  # a negative policy-gradient weight
         ("kl_coef=-1", "kl_coef"),

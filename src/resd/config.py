@@ -494,8 +494,8 @@ def check_type(name: str, value: Any, hint: Any) -> Any:
                 raise ConfigError(f"{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
-        if math.isnan(value):
-            raise ConfigError(f"{name}: expected a number, got nan")
+        if not math.isfinite(value):  # lr: inf trains to NaN weights; null means "no limit"
+            raise ConfigError(f"{name}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
