@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from resd.analysis.compare import paired_differences
-from resd.analysis.merge import MergeError, merge_comparisons
+from resd.analysis.merge import MergeError, merge_comparisons, write_curve_plot
 from resd.cli import main as cli_main
+from resd.rundir import EVAL_KEYS
 
 CONFIG = {"model": "m", "env": "house_rules", "steps": 24, "lr": 5e-5, "eval_every": 8}
 
@@ -157,9 +158,23 @@ def _null_metric(runs: list[dict]) -> list:
         (_null_metric, r"run 2 of 2 \('sdpo-seed1'\) has eval point 2 without a number for 'case_mean@k'"),
         (_without("final"), r"run 2 of 2 \('sdpo-seed1'\) is finished but has no 'final'"),
         (_with("config", ["lr=5e-5"]), r"run 2 of 2 \('sdpo-seed1'\) has 'config' of type list"),
+        (_with("name", ""), r"run 2 of 2 \(''\) has 'name' '', not a non-empty string"),
+        (_with("algorithm", 3), r"run 2 of 2 \('sdpo-seed1'\) has 'algorithm' 3, not a non-empty string"),
+        (_without("seed"), r"run 2 of 2 \('sdpo-seed1'\) has no 'seed'"),
+        (_without("eval"), r"run 2 of 2 \('sdpo-seed1'\) has no 'eval'"),
+        (_with("eval", [1]), r"run 2 of 2 \('sdpo-seed1'\) has eval point 1 that is not an object"),
+        (_with("eval", [{"samples_drawn": 0}]), r"run 2 of 2 \('sdpo-seed1'\) has eval point 1 without an integer 'step'"),
+        (_with("eval", [{"step": True, "samples_drawn": 0}]), r"run 2 of 2 \('sdpo-seed1'\) has eval point 1 without an integer 'step'"),
+        (_with("eval", [{"step": 0}]), r"run 2 of 2 \('sdpo-seed1'\) has eval point 1 without a number for 'samples_drawn'"),
+        (_with("eval", [{"step": 0, "samples_drawn": "64"}]), r"run 2 of 2 \('sdpo-seed1'\) has eval point 1 without a number for 'samples_drawn'"),
+        (_with("final", [0.5]), r"run 2 of 2 \('sdpo-seed1'\) has 'final' of type list, not an object"),
+        (_with("final", {"case_mean@k": "high"}), r"run 2 of 2 \('sdpo-seed1'\) has 'final' 'case_mean@k' 'high', not a number"),
+        (_without("samples_drawn"), r"run 2 of 2 \('sdpo-seed1'\) is finished but has no number for 'samples_drawn'"),
     ],
     ids=["no-runs", "no-status", "null-seed", "not-records", "null-eval", "null-metric",
-         "no-final", "config-list"],
+         "no-final", "config-list", "empty-name", "int-algorithm", "no-seed", "no-eval",
+         "eval-not-object", "eval-no-step", "eval-bool-step", "eval-no-samples",
+         "eval-text-samples", "final-list", "final-text-metric", "no-samples-drawn"],
 )  # fmt: skip
 def test_a_malformed_record_is_named_with_its_file_and_nothing_is_written(tmp_path, runs, message):
     """Each of these used to end in a traceback, some of them after `--out` was created."""
@@ -180,3 +195,124 @@ def test_algorithms_requested_must_name_algorithms(tmp_path):
     with pytest.raises(MergeError, match="'algorithms_requested' is not a list"):
         merge_comparisons([tmp_path / "a"], tmp_path / "out", plots=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content", [[SEED0], {"summary": {}}, {"runs": {"resd-seed0": SEED0[0]}}], ids=str
+)
+def test_a_json_file_that_is_not_a_comparison_is_refused(tmp_path, content):
+    """Valid JSON of another shape (a list, an object without `runs`, `runs` not a list)
+    was a TypeError or a KeyError instead of a refusal that names the file."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "comparison.json").write_text(json.dumps(content))
+    with pytest.raises(MergeError, match=r"a/comparison\.json: not a comparison\.json"):
+        merge_comparisons([tmp_path / "a"], tmp_path / "out", plots=False)
+    with pytest.raises(MergeError, match="nothing to merge"):
+        merge_comparisons([], tmp_path / "out", plots=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unfinished_runs_neither_block_the_merge_nor_set_the_reference_settings(tmp_path):
+    """A run that failed (other settings, no final, no samples count) is kept as it is:
+    only finished seeds must agree, and only they say what settings an algorithm ran
+    with, so it neither refuses the merge nor shows up in `unshared_overrides`."""
+    failed = {**record("resd", 2, [(0, 0.3)], status="failed", lr=1e-4), "final": None}
+    del failed["samples_drawn"]
+    grpo = record("grpo", 0, [(0, 0.3), (64, 0.3)])
+    grpo_failed = record("grpo", 1, [(0, 0.3)], status="failed", steps=6)
+    bare = {**record("sdpo", 2, [(0, 0.3), (64, 0.3)]), "config": None}  # an older record
+    a = write(tmp_path / "a", [*SEED0, failed, grpo, grpo_failed, bare])
+    data = merge_comparisons([a], tmp_path / "all", plots=False)
+    runs = {r["name"]: r for r in data["runs"]}
+    assert runs["resd-seed2"]["status"] == "failed" and len(runs) == 6
+    assert data["unshared_overrides"] == []
+    assert data["algorithms"]["resd"]["finished"] == 1
+    # a reference whose every run failed has no settings to compare the others with
+    only_failed = write(tmp_path / "f", [grpo_failed, *SEED0], algorithms=("grpo", "resd"))
+    assert merge_comparisons([only_failed], tmp_path / "g", plots=False)["unshared_overrides"] == []
+
+
+def test_the_merge_keeps_what_the_sources_say_about_the_study(tmp_path):
+    """The reference comes first and once; the sources' base configs and the first
+    source's fairness note are carried over; an --out that exists is reused."""
+    a, b = write(tmp_path / "a", SEED0), write(tmp_path / "b", SEED1)
+    for path, base in ((a, "configs/house.yaml"), (b, "configs/house_b.yaml")):
+        data = json.loads((path / "comparison.json").read_text())
+        (path / "comparison.json").write_text(json.dumps({**data, "base_config": base}))
+    out = tmp_path / "deep" / "merged"  # parents are made
+    data = merge_comparisons([a, b], out, reference="sdpo", plots=False)
+    assert data["algorithms_requested"] == ["sdpo", "resd"]
+    assert data["base_config"] == ["configs/house.yaml", "configs/house_b.yaml"]
+    assert data["fairness"] == "same data"
+    again = merge_comparisons([a, b], out, plots=False)  # a second merge into the same --out
+    assert again["algorithms_requested"] == ["resd", "sdpo"]
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(MergeError, match=r"--out .*file is a file, not a directory"):
+        merge_comparisons([a, b], tmp_path / "file", plots=False)
+
+
+def test_plots_are_drawn_by_default_and_again_into_the_same_out(tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b = write(tmp_path / "a", SEED0), write(tmp_path / "b", SEED1)
+    plot = tmp_path / "all" / "plots" / "compare_eval.png"
+    for _ in range(2):  # the second merge finds plots/ already there
+        merge_comparisons([a, b], tmp_path / "all")
+        assert plot.read_bytes().startswith(b"\x89PNG")
+    # nothing to draw (no evaluation metric in any curve): no plot, no error
+    assert write_curve_plot(tmp_path / "none.png", {"resd": {"curve": [{"step": 0}]}}) is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_cli_notes_the_settings_an_algorithm_differs_in_and_needs_out(tmp_path, capsys):
+    a = write(tmp_path / "a", SEED0)
+    grpo = write(tmp_path / "grpo", [record("grpo", 0, [(0, 0.3), (64, 0.3)], steps=6)])
+    assert cli_main(["merge", str(a), str(grpo), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "paired differences per seed" in printed
+    assert "note: grpo:steps=6 differs from the reference resd" in printed
+    with pytest.raises(SystemExit):
+        cli_main(["merge", str(a)])  # no --out: argparse refuses
+    assert "--out" in capsys.readouterr().err
+
+
+def test_a_run_in_two_sources_is_pooled_once_and_its_final_must_agree(tmp_path):
+    """The same finished seed in two sources (a copy kept by both sessions) counts once;
+    the same curve with another final result is two outcomes of one run, refused."""
+    a, b = write(tmp_path / "a", SEED0), write(tmp_path / "b", [*SEED0, *SEED1])
+    data = merge_comparisons([a, b], tmp_path / "all", plots=False)
+    assert [r["name"] for r in data["runs"]] == [r["name"] for r in SEED0 + SEED1]
+    assert data["algorithms"]["resd"]["final"]["case_mean@k"]["n"] == 2
+    other_final = json.loads(json.dumps(SEED0))
+    other_final[0]["final"]["case_mean@k"] = 0.9
+    c = write(tmp_path / "c", other_final)
+    with pytest.raises(MergeError, match=r"'resd-seed0' finished with different results"):
+        merge_comparisons([a, c], tmp_path / "x", plots=False)
+
+
+def test_the_curve_plot_draws_each_algorithm_and_metric_from_the_records(tmp_path, monkeypatch):
+    """One panel per evaluation metric, a line per algorithm (mean over seeds against
+    samples drawn, labelled with its finished seeds) and its min-max band; an algorithm
+    with no finished evaluation is left out rather than drawn empty."""
+    matplotlib_figure = pytest.importorskip("matplotlib.figure")
+    drawn = []
+
+    class Kept(matplotlib_figure.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            drawn.append(self)
+
+    monkeypatch.setattr(matplotlib_figure, "Figure", Kept)
+    grpo = record("grpo", 0, [(0, 0.3)], status="failed")
+    a, b = write(tmp_path / "a", [*SEED0, grpo]), write(tmp_path / "b", SEED1)
+    data = merge_comparisons([a, b], tmp_path / "all")
+    (fig,) = drawn
+    keys = [k for k in EVAL_KEYS if k in ("case_mean@k", "task_mean@k")]  # the records hold two
+    assert [ax.get_title() for ax in fig.axes] == [f"{k} vs samples drawn" for k in keys]
+    for ax, key in zip(fig.axes, keys, strict=True):
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["resd (n=2)", "sdpo (n=2)"]
+        curve = data["algorithms"]["resd"]["curve"]
+        assert list(lines[0].get_xdata()) == [p["samples_drawn"]["mean"] for p in curve]
+        assert list(lines[0].get_ydata()) == [p[key]["mean"] for p in curve]
+        assert len(ax.collections) == 2  # the bands
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["resd (n=2)", "sdpo (n=2)"]

@@ -28,16 +28,22 @@ from resd.generation.budget import (
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
 from resd.generation.schemas import (
     CHARS_PER_TOKEN,
+    MAX_LESSON_CHARS,
     MAX_OPERATIONS,
     MAX_TAGS,
     MIN_LESSON_CHARS,
+    MIN_STRING_CHARS,
     SAFETY_TOKENS,
     curation_schema,
     reflection_schema,
     string_limit,
     tag_schema,
 )
-from resd.generation.structured import JsonGrammar
+from resd.generation.structured import (
+    JsonGrammar,
+    StructuredOutputUnavailable,
+    grammar_available,
+)
 from resd.models import load_model, load_tokenizer
 from resd.training.playbook import OPERATION_TYPES, SECTIONS, TAGS, Playbook
 from resd.training.reflection import parse_operations, parse_reflection, parse_tags
@@ -106,7 +112,8 @@ def test_curation_schema_has_one_shape_per_operation_and_valid_targets():
         assert shapes[kind]["properties"]["id"]["enum"] == IDS
     assert shapes["MERGE"]["properties"]["ids"]["items"]["enum"] == IDS
     assert shapes["MERGE"]["properties"]["ids"]["minItems"] == 2
-    # an empty playbook leaves only ADD; a single entry cannot be merged
+    # an empty playbook leaves only ADD; a single entry cannot be merged, two can
+    assert set(_op_shapes(curation_schema(IDS[:2], 256))) == set(OPERATION_TYPES)
     assert set(_op_shapes(curation_schema([], 256))) == {"ADD"}
     assert set(_op_shapes(curation_schema(IDS[:1], 256))) == {"ADD", "UPDATE", "DELETE"}
     # the release's curator only ADDs
@@ -152,6 +159,115 @@ def test_string_bounds_are_sized_from_the_token_budget(build):
     # a tokenizer that finds the structure expensive leaves less room for text
     costly = build(IDS, 640, lambda text: len(text))
     assert _string_chars(costly) < _string_chars(large)
+
+
+def _longest_reply(schema: dict) -> tuple[object, int]:
+    """The longest reply a schema allows: its JSON structure (every string left empty)
+    and how many characters of free text its strings may hold."""
+    if schema.get("type") == "string":
+        return "", string_limit(schema)
+    if "const" in schema:
+        return schema["const"], 0
+    if "enum" in schema:
+        return max(schema["enum"], key=lambda v: len(json.dumps(v))), 0
+    if "anyOf" in schema:  # the shape that costs most: structure at 2 and text at 3 a token
+        options = [_longest_reply(s) for s in schema["anyOf"]]
+        return max(options, key=lambda o: len(json.dumps(o[0])) / 2 + o[1] / CHARS_PER_TOKEN)
+    if schema.get("type") == "array":
+        if not schema["maxItems"]:
+            return [], 0
+        item, chars = _longest_reply(schema["items"])
+        return [item] * schema["maxItems"], chars * schema["maxItems"]
+    parts = {k: _longest_reply(v) for k, v in schema["properties"].items()}
+    return {k: v for k, (v, _) in parts.items()}, sum(c for _, c in parts.values())
+
+
+def _single_call(ids, budget, count=None, **kw):
+    return reflection_schema(ids, budget, count, operations=OPERATION_TYPES, **kw)
+
+
+@pytest.mark.parametrize("build", [reflection_schema, tag_schema, curation_schema, _single_call])
+@pytest.mark.parametrize(
+    "ids",
+    [
+        IDS,
+        ["a-1", "strat-00001", "strategy-0000000123"],
+        ["s-1"],
+        ["s" * 30],
+        ["s" * 20, "t" * 20],
+        [],
+    ],
+    ids=["three", "mixed-lengths", "one", "one-long", "two-long", "none"],
+)
+def test_the_longest_reply_leaves_the_safety_tokens_of_the_budget(build, ids):
+    """The promise behind every maxLength and maxItems: the longest reply a schema allows
+    (its structure counted like the tokenizer counts it, free text at CHARS_PER_TOKEN)
+    still leaves SAFETY_TOKENS of the budget for the end-of-sequence token. Sizing that
+    measured a shorter reply than the longest (the shortest entry id, the shortest
+    heading, or a MERGE where an ADD is wider, as `_widest_operation` did with ids under
+    twelve characters; an ADD where an UPDATE of a long id is wider) lets the object run
+    into the end of the budget; sizing that wastes it gives lessons less room."""
+    estimate = lambda text: -(-len(text) // 2)  # noqa: E731  (2 structure characters a token)
+    for count in (None, lambda text: len(text) // 3 + 1):
+        for budget in range(160, 1300, 37):
+            schema = build(ids, budget, count)
+            if min(map(string_limit, _strings(schema))) <= MIN_STRING_CHARS:
+                continue  # too small a budget: every string keeps its minimum instead
+            structure, chars = _longest_reply(schema)
+            tokens = (count or estimate)(json.dumps(structure, separators=(",", ":")))
+            spent = tokens + chars / CHARS_PER_TOKEN + SAFETY_TOKENS
+            assert spent <= budget, (budget, structure)
+            assert spent - SAFETY_TOKENS + 1 <= budget  # end-of-sequence always fits
+            lessons = _lesson_chars(schema) if "operations" in schema["properties"] else []
+            if max(lessons, default=0) < MAX_LESSON_CHARS:  # no lesson held back by its cap
+                assert spent > budget - 4, (budget, structure)  # only rounding left over
+
+
+def test_a_budget_too_small_for_the_structure_still_allows_every_field():
+    """Below what the structure needs, strings keep MIN_STRING_CHARS: each still holds
+    the one character its minLength asks for, so the schema can be met."""
+    for build in (reflection_schema, tag_schema, curation_schema, _single_call):
+        schema = build(IDS, 8)
+        assert _strings(schema)
+        for field in _strings(schema):
+            assert 1 == field["minLength"] <= field["maxLength"]
+            assert field["maxLength"] >= MIN_STRING_CHARS
+
+
+def _strings(schema: dict) -> list[dict]:
+    """Every string schema inside `schema`."""
+    if schema.get("type") == "string":
+        return [schema]
+    found = [s for v in schema.get("properties", {}).values() for s in _strings(v)]
+    found += [s for v in schema.get("anyOf", []) for s in _strings(v)]
+    return found + (_strings(schema["items"]) if "items" in schema else [])
+
+
+@pytest.mark.parametrize("build", [curation_schema, _single_call])
+def test_a_reply_holds_as_many_operations_as_get_a_whole_lesson(build):
+    """The operation count is the most for which every lesson still gets MIN_LESSON_CHARS:
+    forcing one more (`min_operations`) leaves each lesson less than that, and forcing
+    more than MAX_OPERATIONS gives MAX_OPERATIONS, all required."""
+    counts = set()
+    for budget in range(60, 900, 3):
+        ops = build(IDS, budget)["properties"]["operations"]
+        n = ops["maxItems"]
+        counts.add(n)
+        if n > 1:
+            assert min(_lesson_chars(build(IDS, budget))) >= MIN_LESSON_CHARS, budget
+        if n < MAX_OPERATIONS:
+            assert max(_lesson_chars(build(IDS, budget, min_operations=n + 1))) < MIN_LESSON_CHARS
+    assert counts == set(range(1, MAX_OPERATIONS + 1))  # one more at a time, none skipped
+    forced = build(IDS, 160, min_operations=MAX_OPERATIONS + 2)["properties"]["operations"]
+    assert forced["minItems"] == forced["maxItems"] == MAX_OPERATIONS
+    # a floor of one with room for more: at least one, still up to MAX_OPERATIONS
+    assert "minItems" not in build(IDS, 1200)["properties"]["operations"]  # by default none
+    one = build(IDS, 1200, min_operations=1)["properties"]["operations"]
+    assert one["minItems"] == 1 and one["maxItems"] == MAX_OPERATIONS
+    # lessons stop at MAX_LESSON_CHARS however large the budget; the diagnosis does not
+    roomy = build(IDS, 4000)
+    assert set(_lesson_chars(roomy)) == {MAX_LESSON_CHARS}
+    assert string_limit(roomy["properties"]["reasoning"]) > MAX_LESSON_CHARS
 
 
 # ---- token budgets for free text --------------------------------------------------------------
@@ -268,6 +384,111 @@ def test_garbage_weights_write_valid_curation_and_tags(tiny):
             parse_tags(gen.text) is not None
             and json.loads(gen.text, strict=False)["bullet_tags"] is not None
         )
+
+
+def test_the_grammar_accepts_the_replies_its_schema_allows_and_no_others(tiny):
+    """What "valid by construction" rests on: the compiled grammar takes a compact reply
+    of the schema's shape to its end, and refuses at once what the schema forbids (an
+    empty field, an id or tag or section not in the enum, a wrong operation shape, too
+    many items, a string past its maxLength, whitespace the compact separators leave out,
+    a missing or extra key). With the token budget on, top-level free text is bounded in
+    tokens instead of maxLength, but lessons still stop at MAX_LESSON_CHARS."""
+    xgr = pytest.importorskip("xgrammar")
+    model, tok, _ = tiny
+    schema = curation_schema(IDS, 1200)
+    assert schema["properties"]["operations"]["maxItems"] == 3
+    limit = string_limit(schema["properties"]["reasoning"])
+    add = {"type": "ADD", "section": next(iter(SECTIONS.values())), "content": "Check the sign."}
+    merge = {"type": "MERGE", "ids": IDS[:2], "content": "One rule."}
+    reply = {"reasoning": "r", "operations": [add, merge, {"type": "DELETE", "id": IDS[2]}]}
+
+    def text(obj: dict) -> str:
+        return json.dumps(obj, separators=(",", ":"))
+
+    def accepted(grammar: JsonGrammar, reply: str, schema: dict = schema) -> bool:
+        matcher = xgr.GrammarMatcher(grammar.compile(schema))
+        return matcher.accept_string(reply) and matcher.is_completed()
+
+    def ops(*items: dict) -> str:
+        return text({**reply, "operations": list(items)})
+
+    exact = JsonGrammar(tok, model.config.vocab_size, eos_token_ids(model, tok), token_budget=False)
+    budgeted = JsonGrammar(tok, model.config.vocab_size, eos_token_ids(model, tok))
+    for grammar in (exact, budgeted):
+        assert accepted(grammar, text(reply))
+        assert accepted(grammar, ops())  # an empty list: the curator saw nothing to add
+        assert accepted(grammar, ops({"type": "UPDATE", "id": IDS[1], "content": "New."}))
+        assert not accepted(grammar, text(reply)[:-1])  # an object that never closes
+        assert not accepted(grammar, json.dumps(reply))  # whitespace after ':' and ','
+        for bad in (
+            text({**reply, "reasoning": ""}),
+            text({"operations": reply["operations"]}),
+            text({**reply, "extra": "x"}),
+            ops(add, merge, add, add),
+            ops({**add, "section": "Misc"}),
+            ops({**add, "content": ""}),
+            ops({**merge, "ids": IDS[:1]}),
+            ops({**merge, "ids": IDS[0]}),
+            ops({**merge, "ids": [*IDS[:2], IDS[0]]}),
+            ops({"type": "DELETE", "id": "strat-99999"}),
+            ops({"type": "DELETE", "id": IDS[0], "content": "x"}),
+            ops({"type": "UPDATE", "id": IDS[0]}),
+            ops({"type": "RENAME", "id": IDS[0]}),
+            ops({**add, "content": "x" * (MAX_LESSON_CHARS + 1)}),
+        ):
+            assert not accepted(grammar, bad), bad
+    long_reasoning = text({**reply, "reasoning": "x" * (limit + 1)})
+    assert not accepted(exact, long_reasoning)
+    assert accepted(budgeted, long_reasoning)  # the FieldCloser budgets it in tokens
+    # the reflection's bullet tags: visible ids, the three tags, at most one per entry
+    reflection = reflection_schema(IDS, 640)
+    diagnosis = dict.fromkeys(list(reflection["properties"])[:5], "d")
+    tag = {"id": IDS[0], "tag": "helpful"}
+    assert accepted(exact, text({**diagnosis, "bullet_tags": [tag] * 3}), reflection)
+    for bad in ([tag] * 4, [{**tag, "tag": "useful"}], [{**tag, "id": "err-9"}]):
+        assert not accepted(exact, text({**diagnosis, "bullet_tags": bad}), reflection), bad
+
+
+def test_the_processor_masks_each_row_and_follows_the_tokens_it_sampled(tiny):
+    """One `generate` call, step by step: the constrained row may take only what its
+    grammar allows next (the reply's own next token among them), the free row is left
+    as it was, the row is left alone once its end-of-sequence is accepted, and a
+    sampled token the grammar refuses is an error, not a silently broken reply."""
+    model, tok, _ = tiny
+    eos = eos_token_ids(model, tok)
+    grammar = JsonGrammar(tok, model.config.vocab_size, eos, token_budget=False)
+    schema = tag_schema(IDS, 96)
+    reply = tok('{"reasoning":"ok","bullet_tags":[]}', add_special_tokens=False)["input_ids"]
+    tokens = [*reply, eos[0]]
+    processor = grammar.processor([schema, None])
+    prompt = [5, 6]
+    for t in range(len(tokens) + 2):
+        done = tokens[:t]
+        ids = torch.tensor([prompt + done, prompt + [7] * len(done)])
+        scores = processor(ids, torch.zeros(2, model.config.vocab_size))
+        assert processor.generated == t
+        assert torch.isfinite(scores[1]).all()  # the free row
+        if t < len(tokens):
+            assert torch.isfinite(scores[0, tokens[t]]) and not torch.isfinite(scores[0]).all()
+        else:  # closed and ended: generate pads the row from here on
+            assert torch.isfinite(scores[0]).all()
+    processor = grammar.processor([schema])
+    processor(torch.tensor([prompt]), torch.zeros(1, model.config.vocab_size))
+    wrong = tok("x", add_special_tokens=False)["input_ids"][0]  # a reply opens with '{'
+    with pytest.raises(RuntimeError, match="broke its grammar"):
+        processor(torch.tensor([[*prompt, wrong]]), torch.zeros(1, model.config.vocab_size))
+
+
+def test_token_tails_are_measured_per_schema_with_the_run_tokenizer(tiny):
+    """`tail` caches by the schema's text: two budgets (two schemas) sharing a path must
+    not share a measurement, and each is `path_tail` counted by this tokenizer."""
+    _, tok, grammar = tiny
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    small, large = reflection_schema(IDS, 160, count), reflection_schema(IDS, 640, count)
+    path = ("reasoning",)
+    assert grammar.tail(small, path) == path_tail(small, path, count)
+    assert grammar.tail(large, path) == path_tail(large, path, count)
+    assert grammar.tail(small, path) != grammar.tail(large, path)
 
 
 def test_reply_cut_at_the_budget_is_reported_unfinished(tiny):
@@ -448,6 +669,16 @@ def test_structured_output_on_without_xgrammar_is_a_config_error(
         trainer = Trainer(_trainer_config(tiny_model_dir, tmp_path / "b", "structured_output=auto"))
     assert trainer.sampler.grammar is None and "xgrammar" in caplog.text
     assert trainer.sampler.prefills["reflection"].startswith("{")  # the free-text opener is back
+
+
+def test_grammar_available_says_whether_structured_output_can_run(monkeypatch):
+    """The check a caller makes before asking for structured output, and the error it
+    gets (with the install command) when it asks anyway without xgrammar."""
+    assert grammar_available()
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import now fails
+    assert not grammar_available()
+    with pytest.raises(StructuredOutputUnavailable, match=r"pip install 'resd\[structured\]'"):
+        JsonGrammar(None, 8, [0])
 
 
 # ---- the vLLM request ------------------------------------------------------------------------

@@ -160,9 +160,14 @@ def _widest_operation(entry_ids: Sequence[str]) -> dict[str, Any]:
     """The operation whose JSON structure is longest (for sizing the free text)."""
     heading = max(SECTIONS.values(), key=len)
     longest_id = max(entry_ids, key=len) if entry_ids else ""
+    shapes = [{"type": "ADD", "section": heading, "content": ""}]
+    if entry_ids:
+        shapes.append({"type": "UPDATE", "id": longest_id, "content": ""})
     if len(entry_ids) > 1:
-        return {"type": "MERGE", "ids": [longest_id] * 2, "content": ""}
-    return {"type": "ADD", "section": heading, "content": ""}
+        shapes.append({"type": "MERGE", "ids": [longest_id] * 2, "content": ""})
+    # which one depends on the ids: a MERGE of ids under 12 characters is narrower than
+    # an ADD (whose heading is 26), an UPDATE of an id over 28 characters wider
+    return max(shapes, key=lambda op: len(json.dumps(op, separators=SEPARATORS)))
 
 
 def _operations_array(
