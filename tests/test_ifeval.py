@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from resd.envs import make_env
+from resd.envs import ifeval_text, make_env
 from resd.envs.base import Item, Score
 from resd.envs.ifeval import (
     CONFLICTS,
@@ -25,7 +25,12 @@ from resd.envs.ifeval import (
     load_ifeval_records,
     strip_think,
 )
-from resd.envs.ifeval_checks import clean_kwargs, count_sentences, split_sentences
+from resd.envs.ifeval_checks import (
+    clean_kwargs,
+    count_sentences,
+    describe_instruction,
+    split_sentences,
+)
 from resd.envs.ifeval_text import LANGUAGE_BACKENDS, language_backend
 
 HAS_LANGDETECT = importlib.util.find_spec("langdetect") is not None
@@ -555,3 +560,291 @@ def test_env_registry_and_argument_checks(tmp_path):
         IFEvalEnv(max_constraints=4)
     with pytest.raises(ValueError, match=r"env_args.path: no such file: .*missing\.jsonl"):
         IFEvalEnv(path=str(tmp_path / "missing.jsonl"))
+
+
+# --------------------------------------------- edge semantics and messages (mutation tests)
+
+
+def test_nth_paragraph_first_word_needs_the_count_and_the_paragraph():
+    iid = "length_constraints:nth_paragraph_first_word"
+    kw = {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"}
+    # The right first word does not excuse a wrong paragraph count (a dropped count check).
+    three = explain_instruction(iid, kw, "One.\n\nHowever, two.\n\nThree.")
+    assert not three.ok
+    assert "3 paragraphs separated by blank lines, need exactly 2" in three.message
+    # Too few paragraphs: the message says the asked-for one is missing.
+    third = {"num_paragraphs": 3, "nth_paragraph": 3, "first_word": "however"}
+    result = explain_instruction(iid, third, "One.\n\nHowever, two.")
+    assert not result.ok
+    assert result.message == (
+        "2 paragraphs separated by blank lines, need exactly 3; there is no paragraph 3"
+    )
+
+
+def test_first_word_is_cut_where_the_benchmark_cuts_it():
+    iid = "length_constraints:nth_paragraph_first_word"
+    kw = {"num_paragraphs": 1, "nth_paragraph": 1, "first_word": "however"}
+    # Leading quotes are dropped and the word ends at a quote or . , ? !
+    assert check_instruction(iid, kw, '"However," she said.')
+    assert check_instruction(iid, kw, '\'"However" was the word.')
+    # Bug fixed: a colon or semicolon ended the word, so "However:" passed; the benchmark
+    # reads the word "however:" and fails it.
+    for text in ("However: one thing.", "However; one thing."):
+        result = explain_instruction(iid, kw, text)
+        assert not result.ok and f"starts with '{text.split()[0].lower()}'" in result.message
+
+
+def test_postscript_markers_follow_the_benchmark_patterns():
+    iid = "detectable_content:postscript"
+    # P.S. and P.P.S allow a space after each dot; other markers are matched literally.
+    assert check_instruction(iid, {"postscript_marker": "P.S."}, "Hi.\nP. S. Bye.")
+    assert check_instruction(iid, {"postscript_marker": "P.P.S"}, "Hi.\nP. P. S. Bye.")
+    assert check_instruction(iid, {"postscript_marker": "Note:"}, "Hi.\nnote: bye")
+    assert not check_instruction(iid, {"postscript_marker": "Note:"}, "Hi. No note here.")
+
+
+@pytest.mark.parametrize("fence", ["```json", "```Json", "```JSON", "```"])
+def test_json_inside_each_fence_the_benchmark_strips_passes(fence: str):
+    assert check_instruction("detectable_format:json_format", {}, f'{fence}\n{{"a": 1}}\n```')
+
+
+def test_two_responses_dividers_at_the_ends_pass_an_empty_middle_fails():
+    iid = "combination:two_responses"
+    assert check_instruction(iid, {}, "******\nAnswer A.\n******\nAnswer B.\n******")
+    result = explain_instruction(iid, {}, "Answer A.\n******\n******\nAnswer B.")
+    assert not result.ok
+    assert "response 2 between ****** separators is empty" in result.message
+
+
+def test_a_one_letter_bold_highlight_counts():
+    kw = {"num_highlights": 1}
+    assert check_instruction("detectable_format:number_highlighted_sections", kw, "**x** marks it")
+
+
+def test_quotation_needs_an_opening_and_a_closing_mark():
+    assert not check_instruction("startend:quotation", {}, ' " ')
+    assert check_instruction("startend:quotation", {}, '""')
+    opened = explain_instruction("startend:quotation", {}, '"hello')
+    assert not opened.ok
+    assert opened.message == (
+        "starts with '\"' and ends with 'o'; the whole response must be wrapped in double "
+        'quotation marks (")'
+    )
+
+
+def test_letter_frequency_counts_the_character_named_even_a_space():
+    kw = {"letter": " ", "let_frequency": 2, "let_relation": "at least"}
+    assert check_instruction("keywords:letter_frequency", kw, "a b c")
+    assert not check_instruction("keywords:letter_frequency", kw, "abc d")
+
+
+def test_capital_words_are_counted_as_the_benchmark_tokenizes_them():
+    # Bug fixed: "DON'T" was one word and "NASA's" none; the benchmark's NLTK tokens make
+    # "DON'T" two capital words ("DO", "N'T"), "DON’T" two ("DON", "T"), "NASA’s" one.
+    iid = "change_case:capital_word_frequency"
+    kw = {"capital_frequency": 3, "capital_relation": "at least"}
+    for text in ("DON'T STOP.", "DON’T STOP.", "I'M HERE.", "NASA's CEO SAID."):
+        assert check_instruction(iid, kw, text), text
+    for text in ("NASA’s CEO.", "THE U.S.A. today.", "WELL-KNOWN FACT."):
+        assert not check_instruction(iid, kw, text), text
+
+
+def test_failure_messages_quote_what_was_seen():
+    repeat = explain_instruction(
+        "combination:repeat_prompt",
+        {"prompt_to_repeat": "Write a poem about cats and the reasons people love them so much."},
+        "Write a poem about dogs and the reasons people love them so much, please.",
+    )
+    assert repeat.message == (
+        "does not start with the request repeated word for word: it matches the first 19 "
+        "characters, then has 'dogs and the reasons people lo' where the request has "
+        "'cats and the reasons people lo'"
+    )
+    # A response that stops part-way through the request.
+    cut = explain_instruction(
+        "combination:repeat_prompt",
+        {"prompt_to_repeat": "Write a poem about cats."},
+        "Write a poem",
+    )
+    assert cut.message.endswith(
+        "it matches the first 12 characters, then has '' where the request has 'about cats.'"
+    )
+    end = explain_instruction(
+        "startend:end_checker",
+        {"end_phrase": "Any other questions?"},
+        "The harbour stays closed until the storm has passed. Is there anything else?",
+    )
+    assert end.message == (
+        "ends with '...torm has passed. Is there anything else?', "
+        "need it to end with exactly 'Any other questions?'"
+    )
+    # The quoted ending is at least 40 characters, longer for a long phrase.
+    long_end = explain_instruction(
+        "startend:end_checker",
+        {"end_phrase": "Is there anything else I can help with?"},
+        "We will open the library again in May, once the roof is repaired. Thanks for reading!",
+    )
+    assert long_end.message.startswith(
+        "ends with '...y, once the roof is repaired. Thanks for reading!', need"
+    )
+    placeholders = "detectable_content:number_placeholders"
+    four = explain_instruction(placeholders, {"num_placeholders": 5}, "[a] [b], [c] [d].")
+    assert four.message == (
+        "found 4 placeholders in [square brackets] ([a], [b], [c]), need at least 5"
+    )
+    none = explain_instruction(placeholders, {"num_placeholders": 1}, "Dear friend.")
+    assert none.message == "found 0 placeholders in [square brackets], need at least 1"
+    digits = explain_instruction("language:response_language", {"language": "es"}, "123 456")
+    assert digits.message == "response looks like no language (no letters), need Spanish (es)"
+    caps = explain_instruction("change_case:english_capital", {}, "123 456")
+    assert not caps.ok and caps.message.startswith("no capital letters at all; ")
+    capitals = explain_instruction(
+        "change_case:capital_word_frequency",
+        {"capital_frequency": 2, "capital_relation": "less than"},
+        "ONE TWO ONE THREE FOUR",
+    )
+    assert capitals.message == (
+        "5 all-capital words (e.g. 'ONE', 'TWO', 'THREE'), need fewer than 2"
+    )
+    upper = "THIS IS ALL IN CAPITALS AND IT IS ENGLISH."
+    assert explain_instruction("change_case:english_capital", {}, upper).message == (
+        "English, all capital letters"
+    )
+
+
+def test_clean_kwargs_reads_null_rejects_non_mappings_and_unwraps_numpy():
+    assert clean_kwargs("null") == {}
+    assert clean_kwargs("  ") == {}
+    with pytest.raises(ValueError, match="must be a mapping, got list"):
+        clean_kwargs('["keywords"]')
+    # Parquet records read through pandas hold numpy arrays and scalars.
+    np = pytest.importorskip("numpy")
+    cleaned = clean_kwargs({"keywords": np.array(["sea", "moon"]), "num_words": np.int64(3)})
+    assert cleaned == {"keywords": ["sea", "moon"], "num_words": 3}
+    assert type(cleaned["keywords"]) is list and type(cleaned["num_words"]) is int
+    assert clean_kwargs({"num_words": np.float64("nan")}) == {}
+
+
+def test_evaluate_instructions_without_kwargs_checks_every_id():
+    results = evaluate_instructions(["punctuation:no_comma", "startend:quotation"], None, "a, b")
+    assert [(r.instruction_id, r.ok) for r in results] == [
+        ("punctuation:no_comma", False),
+        ("startend:quotation", False),
+    ]
+
+
+def test_kwargs_are_coerced_before_checking():
+    # A single keyword stored as a string is one keyword, not a list of its letters.
+    result = explain_instruction("keywords:existence", {"keywords": "ocean"}, "The sea.")
+    assert result.message == "missing keywords: 'ocean'"
+    assert not check_instruction("keywords:forbidden_words", {"forbidden_words": "rock"}, "A rock.")
+    # Counts stored as floats or digit strings become ints; anything else is an error.
+    words = {"num_words": 2.0, "relation": "at least"}
+    assert explain_instruction("length_constraints:number_words", words, "a b c").message == (
+        "3 words, need at least 2"
+    )
+    with pytest.raises(ValueError, match="num_words must be an integer, got 'many'"):
+        check_instruction(
+            "length_constraints:number_words", {"num_words": "many", "relation": "at least"}, "a"
+        )
+    # Every relation key is normalised and validated, not only `relation`.
+    letter = {"letter": "a", "let_frequency": 2, "let_relation": " At  LEAST "}
+    assert check_instruction("keywords:letter_frequency", letter, "a banana")
+    capital = {"capital_frequency": 2, "capital_relation": "Less Than"}
+    assert check_instruction("change_case:capital_word_frequency", capital, "Only NASA here.")
+    with pytest.raises(ValueError, match="capital_relation must be one of"):
+        check_instruction(
+            "change_case:capital_word_frequency",
+            {"capital_frequency": 2, "capital_relation": "exactly"},
+            "NASA",
+        )
+
+
+@pytest.mark.parametrize(("iid", "kwargs", "good", "bad", "fact"), CASES)
+def test_counts_stored_as_digit_strings_are_read_as_numbers(iid, kwargs, good, bad, fact):
+    # Every count key is converted: one left a string would compare "3" with an int.
+    as_text = {key: str(v) if isinstance(v, int) else v for key, v in kwargs.items()}
+    assert check_instruction(iid, as_text, good)
+    assert not check_instruction(iid, as_text, bad)
+
+
+def test_loose_mode_tries_a_cut_line_and_stars_removed_together():
+    text = 'Sure:\n*"quoted"*'
+    result = explain_instruction("startend:quotation", {}, text, strict=False)
+    assert result.ok
+    assert result.message.endswith("(with the first line removed and '*' removed)")
+
+
+def test_sentence_ends_after_a_single_letter_unless_it_is_a_dot():
+    # Only '.' can end an initial ("J. Smith"); "A!" and "B?" end their sentences.
+    assert count_sentences("I got an A! Then I went home.") == 2
+    assert count_sentences("Plan B? Yes.") == 2
+    assert count_sentences("We met J. Smith today.") == 1
+    assert count_sentences("J. Smith went home.") == 1
+    assert count_sentences('The sign said "Dr." and nothing else.') == 1
+    # A CJK full stop needs no space after it, and the rest is kept whole.
+    assert split_sentences("日本語です。次の文") == ["日本語です。", "次の文"]
+    assert split_sentences("One.  Two\nthree") == ["One.", "Two three"]
+    # A stray dot on its own line neither counts nor breaks the splitter.
+    assert count_sentences("Intro line.\n.\nNext line.") == 2
+
+
+def test_languages_only_langdetect_knows_are_named():
+    described = describe_instruction("language:response_language", {"language": "ca"})
+    assert described == "answer only in Catalan (ca)"
+
+
+def test_heuristic_gives_no_language_for_a_script_it_has_no_table_for():
+    # Mongolian has a script name but no entry; Python may give Tangut ideographs no name.
+    assert detect_language("ᠮᠣᠩᠭᠣᠯ ᠪᠢᠴᠢᠭ", backend="heuristic") is None
+    assert detect_language("\U00017000\U00017001", backend="heuristic") is None
+
+
+def test_heuristic_follows_the_dominant_script():
+    # As many kana as kanji is Japanese; a Russian name in English prose stays English.
+    assert detect_language("日本です", backend="heuristic") == "ja"
+    # Two hanzi with no kana are Chinese; so is Chinese around a shorter Latin word.
+    assert detect_language("中文", backend="heuristic") == "zh"
+    assert detect_language("我喜欢用Python写程序", backend="heuristic") == "zh"
+    # Kana from 10% of the Han and kana letters up is Japanese, just under is Chinese.
+    assert detect_language("東京大学研究所日本の", backend="heuristic") == "ja"
+    assert detect_language("東京大学研究所日本語の", backend="heuristic") == "zh"
+    # Fullwidth letters belong to the script after the FULLWIDTH in their name.
+    caps = "ＴＨＥ ＷＥＡＴＨＥＲ ＷＡＳ ＮＩＣＥ ＡＮＤ ＷＥ ＷＥＮＴ ＴＯ ＴＨＥ ＰＡＲＫ"
+    assert detect_language(caps, backend="heuristic") == "en"
+    assert detect_language("ｶﾀｶﾅ", backend="heuristic") == "ja"  # halfwidth katakana
+    # Stopwords are found with the punctuation around them trimmed.
+    assert detect_language("Casa: el, la, de.", backend="heuristic") == "es"
+    # A letter typical of one language weighs as much as one stopword; ties go to the
+    # first candidate (English for Latin script).
+    assert detect_language("the łąk", backend="heuristic") == "pl"
+    assert detect_language("the łk", backend="heuristic") == "en"
+    prose = "The weather was nice and we went to the park with the children, said Жора."
+    assert detect_language(prose, backend="heuristic") == "en"
+
+
+def test_without_langdetect_the_heuristic_answers(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(ifeval_text, "_langdetect_factory", lambda: None)
+    assert language_backend() == "heuristic"
+    assert detect_language(SPANISH) == "es"
+    with pytest.raises(ImportError, match="pip install langdetect"):
+        detect_language(SPANISH, backend="langdetect")
+
+
+@pytest.mark.skipif(not HAS_LANGDETECT, reason="langdetect is not installed")
+@pytest.mark.parametrize("code", ["zh-cn", "zh-tw"])
+def test_langdetect_chinese_variants_read_as_zh(monkeypatch: pytest.MonkeyPatch, code: str):
+    # IFEval's language codes have one Chinese; langdetect tells two scripts apart.
+    class Detector:
+        def append(self, text: str) -> None:
+            pass
+
+        def detect(self) -> str:
+            return code
+
+    class Factory:
+        def create(self) -> Detector:
+            return Detector()
+
+    monkeypatch.setattr(ifeval_text, "_langdetect_factory", lambda: Factory())
+    assert detect_language("漢字", backend="langdetect") == "zh"
