@@ -491,6 +491,22 @@ def test_token_tails_are_measured_per_schema_with_the_run_tokenizer(tiny):
     assert grammar.tail(small, path) != grammar.tail(large, path)
 
 
+def test_text_the_grammar_forces_is_offered_in_its_longest_spelling(tiny):
+    """With the token budget on, structure the grammar forces (the reply opens with
+    `{"`) is written in the fewest tokens of this tokenizer: only the one-token `{"` is
+    allowed, not `{` then `"`. Without a map from spellings to tokens it is not."""
+    model, tok, _ = tiny
+    vocab = model.config.vocab_size
+    allowed = {}
+    for token_budget in (False, True):
+        grammar = JsonGrammar(tok, vocab, eos_token_ids(model, tok), token_budget=token_budget)
+        processor = grammar.processor([tag_schema(IDS, 96)], max_new_tokens=96)
+        scores = processor(torch.tensor([[5, 6]]), torch.zeros(1, vocab))
+        tokens = torch.isfinite(scores[0]).nonzero().flatten().tolist()
+        allowed[token_budget] = {tok.decode([t]) for t in tokens}
+    assert allowed == {False: {"{", '{"'}, True: {'{"'}}
+
+
 def test_reply_cut_at_the_budget_is_reported_unfinished(tiny):
     (gen,) = _replies(tiny, reflection_schema(IDS, 400), n=1, max_new_tokens=10)
     assert not gen.finished and len(gen.token_ids) == 10
