@@ -79,9 +79,9 @@ _NUMBER = re.compile(
 # What the punctuation stripping must keep, because it changes the answer: a sign before a
 # number ("-5" is not "5", "-.5" is not ".5"), a decimal point inside or before one ("3.5"
 # is not "3,5", ".5" is not "5"), and "+" or "#" closing a word ("C++" and "C#" are not "C").
-# Underscore emphasis around a number: "__5__", "_-3.5_", "___1,234___".
-_UNDERSCORE_EMPHASIS = re.compile(r"(?<!\w)(_{1,3})([-−]?[\d.][\d.,]*)\1(?!\w)")
 _KEPT_MARK = re.compile(r"(?<![\w.])[-−](?=\.?\d)|(?<=\d)\.(?=\d)|(?<![\w.])\.(?=\d)|(?<=\w)[+#]+")
+# Markdown emphasis with underscores around a number: "__5__", "_-3.5_", "___1,234___".
+_UNDERSCORE_EMPHASIS = re.compile(r"(?<!\w)(_{1,3})([-−]?[\d.][\d.,]*)\1(?!\w)")
 
 
 def _is_punctuation(ch: str) -> bool:
