@@ -431,3 +431,28 @@ def test_step_profile_counts_page_faults_and_memory_per_step(tiny_model_dir, tmp
             assert step["minor_faults"] >= 0 and step["system_s"] >= 0
             assert 0 < step["resident_gib"] <= row["peak_rss_gib"] * 1.01
         assert {"minor_faults", "system_s", "step"} <= row["median"].keys()
+
+
+def test_ifeval_rescore_scores_each_reply_again_and_counts_the_changed(tmp_path):
+    """The recorded figures come from the file, the new ones from the verifiers: a rescore
+    that read the recorded rewards back, or matched replies to the wrong item or sample,
+    would report no change here, where one recorded reward is wrong on purpose."""
+    from resd.envs.ifeval import IFEvalEnv
+
+    env_args = {"n_test": 3}
+    items = IFEvalEnv(**env_args).test_items()
+    samples = [{"item": it.id, "sample": k, "response": text} for it in items
+               for k, text in enumerate(["Hello there.", "NO. " * 40])]  # fmt: skip
+    env = IFEvalEnv(**env_args)
+    truth = [env.score(next(i for i in items if i.id == s["item"]), s["response"]) for s in samples]
+    rewards = [s.reward for s in truth]
+    rewards[3] = 1.0 - rewards[3]  # a recorded verdict the verifiers no longer give
+    per_item = [{"item": it.id, "rewards": rewards[2 * n : 2 * n + 2],
+                 "scores": [s.score for s in truth[2 * n : 2 * n + 2]]} for n, it in enumerate(items)]  # fmt: skip
+    record = {"env_args": env_args, "samples": samples, "per_item": per_item,
+              "metrics": {"task_mean@k": sum(rewards) / 6, "case_mean@k": 0.5}}  # fmt: skip
+    row = load_benchmark("ifeval_rescore").rescore(record)
+    assert row["replies"] == 6 and row["replies_changed"] == 1
+    assert row["task_now"] == sum(s.reward for s in truth) / 6
+    assert row["task_recorded"] == sum(rewards) / 6
+    assert row["case_now"] == pytest.approx(sum(s.score for s in truth) / 6)
