@@ -19,7 +19,14 @@ from resd.analysis.evaluation import safe_score
 from resd.envs import make_env, resolve_env_class
 from resd.envs.base import Item, Score
 from resd.envs.dataset import DatasetEnv
-from resd.envs.loading import load_rows
+from resd.envs.loading import (
+    Span,
+    load_rows,
+    load_splits,
+    rows_from_dataset,
+    split_span,
+    splits_overlap,
+)
 from resd.envs.qa import QAEnv
 from resd.envs.scorers import (
     ScorerTimeout,
@@ -1197,3 +1204,228 @@ def test_a_reply_cut_off_while_thinking_has_no_answer() -> None:
     assert numeric(42, "<think>Answer: 42? let me chec").reward == 0.0
     assert exact_match("42", "<think>so 42\nAnswer: 42").reward == 0.0
     assert numeric(42, "<think>maybe 41</think>Answer: 42").reward == 1.0
+
+
+# -- reading a user's files (from mutation testing loading.py) -------------------------------
+
+
+def test_a_json_file_holding_a_list_or_json_lines_is_read_and_a_bad_row_is_named(
+    tmp_path: Path,
+) -> None:
+    """Bugs caught: a pretty-printed .json list read line by line (or its rows not checked
+    to be objects), a .json file of JSON lines refused, one object spread over lines taken
+    for rows, a JSON-lines row that is a list accepted."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(ROWS[:3], indent=2))
+    (rows,) = load_splits(str(path))  # one split, "train", unless told
+    assert rows.records == ROWS[:3] and rows.lines is None
+    assert rows.where(1) == f"{path} [train] row 1"
+    path.write_text(json.dumps([ROWS[0], ["not", "a", "row"]], indent=2))
+    with pytest.raises(ValueError, match=r"data\.json \[train\] row 1: need a JSON object"):
+        load_rows(str(path))
+    with pytest.raises(ValueError, match=r'row 1: need an object with "qid", "question" and "an'):
+        load_rows(str(path), required=["qid", "question", "answer"])
+    with pytest.raises(ValueError, match=r'row 1: need an object with "question"$'):
+        load_rows(str(path), required=["question"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))  # JSON lines in a .json
+    assert load_rows(str(path)).lines == [1, 2]
+    path.write_text(json.dumps(ROWS[0]))  # one object on one line: one row of JSON lines
+    assert load_rows(str(path)).records == [ROWS[0]]
+    path.write_text('{"rows":\n' + json.dumps(ROWS[:2]) + "}")  # two lines, one object
+    with pytest.raises(ValueError, match=r"one JSON object, not rows.*load_kwargs\.field"):
+        load_rows(str(path))
+    lines = tmp_path / "data.jsonl"
+    lines.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: need a JSON object, got list"):
+        load_rows(str(lines))
+
+
+def test_the_rows_under_a_key_of_a_json_file_are_read_with_load_kwargs_field(
+    tmp_path: Path,
+) -> None:
+    """What the "one JSON object" error advises must work: with load_kwargs the file goes
+    to the `datasets` JSON reader (bug caught: .json mapped to no reader)."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"rows": ROWS[:4]}, indent=2))
+    env = DatasetEnv(
+        path=str(path), load_kwargs={"field": "rows"}, cache_dir=str(tmp_path / "c"), **COLUMNS
+    )
+    assert sorted(it.answer for it in all_items(env)) == sorted(r["answer"] for r in ROWS[:4])
+
+
+@pytest.mark.parametrize("suffix", ["ndjson", "jsonl"])
+def test_ndjson_is_read_as_json_lines_directly_or_through_datasets(
+    tmp_path: Path, suffix: str
+) -> None:
+    """.ndjson is JSON lines: read directly (a column may mix types), and with load_kwargs
+    by the `datasets` JSON reader (bugs caught: either suffix dropped from a table)."""
+    path = tmp_path / f"data.{suffix}"
+    path.write_text('{"q": "a", "x": "s"}\n\n{"q": "b", "x": 3}\n')
+    direct = load_rows(str(path))
+    assert [r["x"] for r in direct.records] == ["s", 3] and direct.lines == [1, 3]
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    rows = load_rows(str(path), load_kwargs={"keep_in_memory": True}, cache_dir=str(tmp_path))
+    assert rows.records == ROWS and rows.lines is None
+
+
+def test_a_tsv_file_is_split_at_tabs(tmp_path: Path) -> None:
+    """Bug caught: .tsv read with no reader, or as comma-separated (one column per line)."""
+    path = tmp_path / "data.tsv"
+    path.write_text("question\tanswer\nWhat is 6, times 7?\t42\nSky colour?\tblue\n")
+    rows = load_rows(str(path), cache_dir=str(tmp_path / "c"))
+    assert rows.columns == ["question", "answer"]
+    assert rows.records == [
+        {"question": "What is 6, times 7?", "answer": "42"},
+        {"question": "Sky colour?", "answer": "blue"},
+    ]
+
+
+def test_an_arrow_file_and_a_folder_of_data_files_are_read(tmp_path: Path) -> None:
+    """Bugs caught: .arrow mapped to no reader; a folder of data files (not a save_to_disk
+    folder) sent to `load_from_disk`; a saved single Dataset without its "train" split."""
+    import pyarrow as pa
+
+    table = datasets.Dataset.from_list(ROWS).data.table
+    with pa.ipc.new_stream(str(tmp_path / "data.arrow"), table.schema) as out:
+        out.write_table(table)
+    rows = load_rows(str(tmp_path / "data.arrow"), cache_dir=str(tmp_path / "c"))
+    assert rows.records == ROWS
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder, "parquet", ROWS[:6], stem="train")
+    write(folder, "parquet", ROWS[6:], stem="test")
+    train, test = load_splits(str(folder), ["train", "test"], cache_dir=str(tmp_path / "c"))
+    assert train.records == ROWS[:6] and test.records == ROWS[6:]
+    listed = load_rows(None, data_files=[str(folder / "test.parquet")], cache_dir=str(tmp_path))
+    assert listed.records == ROWS[6:]
+    datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "saved")  # one Dataset: "train"
+    assert load_rows(str(tmp_path / "saved"), "train[-2:]").records == ROWS[-2:]
+
+
+def test_a_missing_or_unreadable_dataset_argument_is_refused_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    """Bugs caught: no path and no data_files, a single file given with data_files too, data
+    files of an unknown format, an empty data_files list (an IndexError, not a message):
+    each must be a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=r"^env_args\.path: give a dataset"):
+        DatasetEnv(**COLUMNS)
+    data = write(tmp_path, "jsonl")
+    with pytest.raises(ValueError, match=r"^env_args\.data_files: not with a single file"):
+        DatasetEnv(path=data, data_files=data, **COLUMNS)
+    for files in (str(tmp_path / "rows.txt"), [], {"train": []}):
+        with pytest.raises(ValueError, match=r"^env_args\.data_files: cannot tell the format"):
+            DatasetEnv(data_files=files, **COLUMNS)
+
+
+def test_one_percent_bound_makes_both_bounds_percentages_as_in_datasets(tmp_path: Path) -> None:
+    """Bug: `datasets` reads ``train[20:70%]`` as 20% to 70% (one ``%`` makes both bounds
+    percentages: rows 2-6 of 10), our slicer read 20 as a row number. The JSON-lines file
+    then had no training rows while the parquet file had five, and for parquet the span
+    of ``train[3:50%]`` (rows 0-4 for `datasets`) was unknown, so a test split sharing
+    rows 0-2 with the training split passed the overlap check."""
+    kwargs = {"split": "train[20:70%]", "test_split": "train[70%:]", "id_column": "qid"}
+    for fmt in ("jsonl", "parquet"):
+        env = env_from(tmp_path, fmt, **kwargs)
+        assert [it.id.rsplit("/", 1)[1] for it in env.train_items()] == [
+            f"q{i}" for i in range(2, 7)
+        ]
+        assert [it.id.rsplit("/", 1)[1] for it in env.test_items()] == [
+            f"q{i}" for i in range(7, 10)
+        ]
+        with pytest.raises(ValueError, match=r"shares rows .* \(rows 0 to 2 are in both"):
+            env_from(tmp_path, fmt, split="train[:3]", test_split="train[3:50%]")
+    assert split_span("train[2:50%]", 10) == Span("train", 0, 5, 10)
+
+
+def test_overlapping_splits_are_refused_before_loading_however_they_are_spelled(
+    tmp_path: Path,
+) -> None:
+    """A whole split and a slice of it, or one slice written with other spacing, surely
+    share rows: refused before the (here absent) file is read. Bugs caught: either case
+    left to the post-load check, which never runs when the loading fails or downloads."""
+    absent = str(tmp_path / "absent.jsonl")
+    spellings = [
+        ("train", "train[:5]"),
+        ("train[:5]", " train[ :5 ] "),
+        ("train[-5:]", "train[-5:]"),
+        ("train[:5]", "train"),
+    ]
+    for train, test in spellings:
+        with pytest.raises(ValueError, match=r"^env_args\.test_split: .* shares rows"):
+            DatasetEnv(path=absent, split=train, test_split=test, **COLUMNS)
+    assert not splits_overlap("train[:50%]", "train[50%:]")
+    assert not splits_overlap("train", "test")
+    for a, b in [("train[10%:60%]", "train[50%:]"), ("train[:1%]", "train[:50%]")]:
+        assert splits_overlap(a, b) and splits_overlap(b, a)
+
+
+def test_a_split_that_does_not_parse_is_refused_naming_the_argument(tmp_path: Path) -> None:
+    """Bug caught: an unreadable split spec crashing with an AttributeError instead of
+    saying which argument is wrong and how to write it."""
+    assert split_span("train[1:2:3]", 10) is None
+    with pytest.raises(ValueError, match=r"^env_args\.test_split: cannot read the split 'tr ain'"):
+        env_from(tmp_path, "jsonl", test_split="tr ain")
+    with pytest.raises(ValueError, match=r"^env_args\.split: cannot read the split 'train\[1\]'"):
+        memory_env(split="train[1]")
+
+
+def test_a_missing_path_no_one_would_take_for_a_hub_id_is_not_sent_to_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative, absolute, home or Windows path, one with a data suffix or two slashes,
+    that does not exist is refused as a missing file; only what could be a Hub id
+    (``org/name``) goes to `datasets`. Bug caught: a typo in a local path turned into a
+    Hub download attempt and an unclear error."""
+
+    def no_hub(path: str, **kwargs: object) -> None:
+        raise AssertionError(f"sent {path} to the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    missing = ["./absent", "~/absent-folder", "/absent/folder", "data/sub/absent"]
+    for path in [*missing, "data\\absent", "absent.csv", str(tmp_path / "absent")]:
+        with pytest.raises(ValueError, match=r"^env_args\.path: no such file"):
+            DatasetEnv(path=path, **COLUMNS)
+    with pytest.raises(ValueError, match=r"cannot load 'someorg/trivia': sent someorg/trivia"):
+        DatasetEnv(path="someorg/trivia", **COLUMNS)
+
+
+def test_an_in_memory_dataset_is_one_train_split_and_a_streaming_one_is_refused() -> None:
+    """`rows_from_dataset` with no splits named reads a Dataset's one split, "train";
+    a streaming dataset (which has no length to slice or check) is refused by name."""
+    ds = datasets.Dataset.from_list(ROWS)
+    (rows,) = rows_from_dataset(ds)
+    assert rows.split == "train" and rows.records == ROWS
+    assert rows.where(3) == "the dataset [train] row 3"  # what an error about row 3 says
+    assert rows.span == Span("train", 0, len(ROWS), len(ROWS))
+    with pytest.raises(ValueError, match=r"^dataset: streaming datasets are not supported"):
+        DatasetEnv.from_dataset(ds.to_iterable_dataset(), **COLUMNS)
+
+
+def test_split_span_selects_the_rows_datasets_selects() -> None:
+    """`split_span` against `datasets`' own reading of a split spec, for percentages
+    (rounded to the nearest row, ties to even), negative and open bounds, bounds past
+    the end and a mix of row numbers and percentages. Bugs caught: any arithmetic slip
+    in turning bounds into rows (a JSON-lines file sliced differently from a parquet one)."""
+    specs = ["train", "train[:50%]", "train[33%:]", "train[-30%:]", "train[:-2]", "train[2:50%]"]
+    specs += ["train[-20:]", "train[5:3]", "train[250:]", "train[-5%:-1%]", "train[12%:88%]"]
+    for spec in [*specs, "train[:100%]", "train[-100%:]", "train[:25%]", "train[:-2%]"]:
+        for total in (0, 1, 5, 7, 10, 1000):
+            (want,) = datasets.ReadInstruction.from_spec(spec).to_absolute({"train": total})
+            assert split_span(spec, total) == Span("train", want.from_, want.to, total), spec
+
+
+def test_errors_about_a_split_name_the_split_argument_by_default(tmp_path: Path) -> None:
+    """Called without `split_fields` (as the QA, code and IFEval environments do), the
+    error about a missing split names env_args.split and the splits there are; when
+    `datasets` finds a sliced split missing, the error names the argument that asked."""
+    with pytest.raises(ValueError, match=r"^env_args\.split: .*data\.jsonl has no split 'valid'"):
+        load_rows(write(tmp_path, "jsonl"), "valid")
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)})
+    with pytest.raises(ValueError, match=r"^env_args\.split: the dataset has no split 'valid'"):
+        rows_from_dataset(dd, ["valid"])
+    with pytest.raises(ValueError, match=r"^env_args\.test_split: cannot load .*Unknown split"):
+        env_from(tmp_path, "parquet", test_split="test[:2]")  # a slice of a split there is not
+    (tmp_path / "notes.txt").write_text("a note")
+    with pytest.raises(ValueError, match=r"\.txt files; use jsonl, ndjson, json, csv, tsv, par"):
+        load_rows(str(tmp_path / "notes.txt"))

@@ -147,7 +147,7 @@ def load_splits(
         elif not local.is_dir() and _looks_local(target):
             raise ValueError(f"{field}: no such file: {path}")
         options.update(name=name, data_files=data_files, cache_dir=cache_dir)
-        loaded = _load_dataset(target, splits, split_fields, field, source, **options)
+        loaded = _load_dataset(target, splits, split_fields, field, source, options)
         rows = [
             _to_rows(ds, _loaded_span(ds, s), source, s)
             for ds, s in zip(loaded, splits, strict=True)
@@ -295,8 +295,8 @@ def split_span(spec: str, total: int) -> Span | None:
     split of `total` rows, or None for a spec that does not parse.
 
     The one place where slice bounds become row numbers, as `datasets` reads them: a
-    percentage rounds to the nearest row, a negative bound counts from the end, and bounds
-    past either end are clipped (Python's slicing).
+    percentage rounds to the nearest row (one ``%`` makes both bounds percentages), a
+    negative bound counts from the end, bounds past either end are clipped (as in Python).
     """
     m = _SPLIT.match(str(spec))
     if not m:
@@ -306,7 +306,7 @@ def split_span(spec: str, total: int) -> Span | None:
     def bound(text: str | None) -> int | None:
         if text is None:
             return None
-        return round(total * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+        return round(total * int(text.rstrip("%")) / 100) if "%" in f"{lo}{hi}" else int(text)
 
     chosen = range(total)[slice(bound(lo), bound(hi))]
     return Span(split_name, chosen.start, chosen.stop, total)
@@ -380,9 +380,9 @@ def _load_dataset(
     split_fields: Sequence[str],
     field: str,
     source: str,
-    **kwargs: Any,
+    kwargs: Mapping[str, Any],
 ) -> list[Any]:
-    """`datasets.load_dataset` for all splits at once, its errors turned into ValueErrors."""
+    """`datasets.load_dataset(path, **kwargs)` for all splits at once, errors as ValueErrors."""
     datasets = _import_datasets(field, repr(source))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
