@@ -316,3 +316,351 @@ def test_a_run_made_with_other_settings_is_not_reused(tmp_path, monkeypatch):
     # an algorithm argument of the call that made the run, left out now, is still checked
     with pytest.raises(ConfigError, match=r"grpo-seed0 .*rollouts_per_prompt: 2 then, 1 now"):
         run_comparison(None, ["sdpo", "grpo"], [0], out, ["steps=1"], plots=False)
+
+
+def test_an_empty_list_option_is_refused(tmp_path, capsys):
+    """`--seeds ,` or `--algorithms ' '` must stop with the option's name, not plan no runs."""
+    with pytest.raises(ValueError, match="--seeds: expected a comma-separated list"):
+        compare.parse_seeds(" , ")
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", "--algorithms", ",", "--out", str(out), "--no-plots"]) == 2
+    assert "--algorithms: expected a comma-separated list" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_repeated_algorithms_and_seeds_run_once(tmp_path, monkeypatch):
+    """`--algorithms sdpo,sdpo --seeds 0,0` is one run, not one run counted twice."""
+    launched: list[str] = []
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: launched.append(spec.name) or 1)
+    data = run_comparison(
+        None, ["sdpo", "sdpo"], [0, 0], tmp_path / "cmp", ["steps=1"], plots=False
+    )
+    assert launched == ["sdpo-seed0"] and [r["name"] for r in data["runs"]] == ["sdpo-seed0"]
+    assert data["algorithms_requested"] == ["sdpo"] and data["seeds"] == [0]
+    assert data["runs"][0]["skipped"] is False and data["runs"][0]["status"] == "failed"
+    assert data["algorithms"]["sdpo"]["runs"] == 1
+
+
+def test_a_rerun_skips_finished_runs_and_keeps_their_records(tmp_path, monkeypatch):
+    """Resuming a finished comparison launches nothing and reads each run from its folder."""
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: pytest.fail(f"launched {spec.name}"))
+    out = tmp_path / "cmp"
+    specs = plan_runs(["sdpo", "grpo"], [0, 1], out, ["steps=2"], {})
+    for spec, value in zip(specs, (0.5, 0.3, 0.7, 0.1), strict=True):
+        fake_run(spec, finished=True)
+        write_jsonl(spec.path / "metrics.jsonl", [{"step": 1}, {"step": 2}])
+        write_jsonl(spec.path / "eval.jsonl", [{"step": 0, "case_mean@k": 0.0},
+                                               {"step": 2, "case_mean@k": value}])  # fmt: skip
+    data = run_comparison(None, ["sdpo", "grpo"], [0, 1], out, ["steps=2"], plots=False)
+    assert [(r["name"], r["status"], r["skipped"]) for r in data["runs"]] == [
+        (s.name, "finished", True) for s in specs
+    ]
+    sdpo = data["algorithms"]["sdpo"]
+    assert (sdpo["runs"], sdpo["finished"], sdpo["seeds"]) == (2, 2, [0, 1])
+    assert sdpo["final"]["case_mean@k"]["mean"] == pytest.approx(0.6)
+    # sdpo's default batch 8 x 1 rollout, two steps
+    assert data["runs"][0]["samples_drawn"] == 16 and data["runs"][0]["final"]["step"] == 2
+    assert data["runs"][0]["final"]["samples_drawn"] == 16
+    # not launched this time: no exit code, no error; the overrides it was planned with
+    assert data["runs"][0]["returncode"] is None and data["runs"][0]["error"] is None
+    assert data["runs"][0]["overrides"] == specs[0].overrides
+    assert data["runs"][0]["dir"] == str(specs[0].path)
+    assert (data["runs"][0]["steps"], data["runs"][0]["samples_per_step"]) == (2, 8)
+    assert data["runs"][0]["log"] == str(specs[0].path / "train.log")
+    assert json.loads((out / "comparison.json").read_text())["algorithms"] == data["algorithms"]
+    paired = {r["key"]: r for r in data["paired"]}["case_mean@k"]
+    assert paired["per_seed"] == pytest.approx({"0": 0.2, "1": 0.6})  # JSON keys are strings
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_over_with_new_settings(
+    tmp_path, monkeypatch, capsys
+):
+    """Nothing of such a run is reused, so the settings it was started with do not matter."""
+    launched: list[str] = []
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: launched.append(spec.name) or 1)
+    out = tmp_path / "cmp"
+    (old,) = plan_runs(["sdpo"], [0], out, ["steps=1"], {})
+    fake_run(old, finished=False)
+    for stale in (old.path / "checkpoint-1").iterdir():
+        stale.unlink()
+    (old.path / "checkpoint-1").rmdir()
+    data = run_comparison(None, ["sdpo"], [0], out, ["steps=3"], plots=False)
+    assert launched == ["sdpo-seed0"]
+    assert "[compare] sdpo-seed0: starting" in capsys.readouterr().out
+    assert 0 <= data["runs"][0]["time_s"] < 60  # the time the run took, in seconds
+
+
+def test_a_failed_run_keeps_the_end_of_its_log(tmp_path, monkeypatch):
+    """A crash records the last 20 non-blank log lines (the traceback's end); a run whose
+    process exited 0 without a summary (killed) is failed too, not finished."""
+    spec = RunSpec("sdpo", 0, tmp_path / "sdpo-seed0", ["algorithm=sdpo"])
+
+    def crash(spec: RunSpec, cfg) -> int:
+        spec.path.mkdir(parents=True, exist_ok=True)
+        lines = [f"line {i}\n\n" for i in range(30)]
+        # a byte that is not UTF-8 (a cut multi-byte character) must not hide the error
+        (spec.path / "train.log").write_bytes(b"\xe2\x80\n" + "".join(lines).encode())
+        return 3
+
+    monkeypatch.setattr(compare, "launch", crash)
+    record = execute(spec, None)
+    assert record["status"] == "failed" and record["returncode"] == 3
+    assert record["error"] == "\n".join(f"line {i}" for i in range(10, 30))
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: 0)
+    record = execute(spec, None)
+    assert record["status"] == "failed" and record["returncode"] == 0
+    assert record["error"].endswith("line 29")
+
+
+def _record(algorithm: str, seed: int, status: str, curve: list[tuple[int, int, float]]) -> dict:
+    eval_ = [{"step": s, "samples_drawn": n, "case_mean@k": v} for s, n, v in curve]
+    final = compare.final_point(eval_)
+    return {"name": f"{algorithm}-seed{seed}", "algorithm": algorithm, "seed": seed,
+            "status": status, "eval": eval_, "final": final,
+            "samples_drawn": curve[-1][1] if curve else 0}  # fmt: skip
+
+
+def test_summarize_by_hand():
+    """Means, population std, ranges and n over finished seeds only; a step only one seed
+    evaluated has n = 1; failed and pending runs count as runs, not as results."""
+    runs = [
+        _record("sdpo", 0, "finished", [(0, 0, 0.0), (1, 8, 0.2), (2, 16, 0.4)]),
+        _record("sdpo", 1, "finished", [(0, 0, 0.0), (2, 16, 0.8)]),
+        _record("sdpo", 2, "failed", [(0, 0, 0.0), (1, 8, 0.9)]),
+        _record("sdpo", 3, "pending", []),
+        _record("grpo", 0, "failed", [(0, 0, 0.5)]),
+    ]
+    out = compare.summarize(runs)
+    sdpo = out["sdpo"]
+    assert (sdpo["runs"], sdpo["finished"], sdpo["seeds"]) == (4, 2, [0, 1])
+    assert sdpo["failed"] == ["sdpo-seed2"]
+    assert sdpo["final"]["case_mean@k"] == pytest.approx(
+        {"mean": 0.6, "std": 0.2, "min": 0.4, "max": 0.8, "n": 2}
+    )
+    assert sdpo["final"]["task_mean@k"] is None  # no seed measured it
+    assert sdpo["samples_drawn"] == {"mean": 16, "std": 0.0, "min": 16, "max": 16, "n": 2}
+    curve = {p["step"]: p for p in sdpo["curve"]}
+    assert list(curve) == [0, 1, 2]
+    assert curve[1]["case_mean@k"] == {"mean": 0.2, "std": 0.0, "min": 0.2, "max": 0.2, "n": 1}
+    assert curve[2]["case_mean@k"]["mean"] == pytest.approx(0.6)
+    assert curve[1]["samples_drawn"]["mean"] == 8
+    grpo = out["grpo"]
+    assert grpo["finished"] == 0 and grpo["final"]["case_mean@k"] is None
+    assert grpo["samples_drawn"] is None
+    assert grpo["curve"] == [] and grpo["failed"] == ["grpo-seed0"]
+    table = compare.format_table(out).splitlines()
+    assert len(table) == 3 and table[0].split()[:2] == ["algorithm", "done"]
+    assert "0.600 [0.400, 0.800]" in table[1] and " 2/4 " in table[1]
+    assert table[2].split() == ["grpo", "0/1", "-", "-", "-", "-", "-"]  # nothing finished
+
+
+@pytest.mark.parametrize(
+    ("config_file", "text", "message"),
+    [
+        (None, None, "cannot tell which settings"),  # a summary and nothing saying how
+        ("config.yaml", "", "cannot tell which settings"),  # an empty config
+        ("compare-config.yaml", "steps: [1\n", "cannot tell which settings"),  # broken YAML
+    ],
+)
+def test_a_folder_holding_a_run_of_unknown_settings_is_refused(
+    tmp_path, monkeypatch, config_file, text, message
+):
+    """A finished-looking run with no readable config was skipped as if this command had
+    made it, and its figures mixed into the comparison; now the command stops before any
+    run, naming the folder."""
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: pytest.fail(f"launched {spec.name}"))
+    out = tmp_path / "cmp"
+    run = out / "sdpo-seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 1}))
+    if config_file:
+        (run / config_file).write_text(text)
+    with pytest.raises(ConfigError, match=message) as exc:
+        run_comparison(None, ["sdpo"], [0], out, ["steps=1"], plots=False)
+    assert "sdpo-seed0" in str(exc.value) and "another --out" in str(exc.value)
+    assert not (out / "comparison.json").exists()
+
+
+def test_the_command_exits_1_and_names_each_failed_run(tmp_path, monkeypatch, capsys):
+    """A study with a failed run must not exit 0: scripts chaining `resd compare` rely on it."""
+
+    def train(spec: RunSpec, cfg) -> int:  # sdpo finishes, grpo crashes
+        spec.path.mkdir(parents=True, exist_ok=True)
+        if spec.algorithm == "sdpo":
+            (spec.path / "summary.json").write_text(json.dumps({"steps": 1}))
+            return 0
+        (spec.path / "train.log").write_text("Traceback ...\nRuntimeError: CUDA out of memory\n")
+        return 1
+
+    monkeypatch.setattr(compare, "launch", train)
+    out = tmp_path / "cmp"
+    assert compare_cli("--seeds", "0", "--out", str(out), "steps=1") == 1
+    printed = capsys.readouterr().out
+    assert "FAILED grpo-seed0: RuntimeError: CUDA out of memory" in printed
+    assert "FAILED sdpo-seed0" not in printed and str(out / "comparison.json") in printed
+    # the paired table (sdpo, the first algorithm, minus grpo) is printed, its seed missing
+    assert "paired differences per seed" in printed and "sdpo - grpo" in printed
+
+
+def test_overrides_of_shared_keys_are_flagged_under_any_spelling():
+    """`env_args.seed=3` changes env_args and TRL's `max_steps` is `steps`: both change what
+    the algorithm is compared on; GRPO's rollouts per prompt (`num_generations`) do not."""
+    args = {"grpo": ["num_generations=8", "env_args.seed=3", "max_steps=2", "lr=1e-6"]}
+    assert unshared_overrides(args) == ["grpo:env_args.seed=3", "grpo:max_steps=2"]
+
+
+def test_paired_rows_print_their_numbers():
+    rows = [
+        {"a": "resd", "b": "sdpo", "key": "case_mean@k", "per_seed": {0: 0.2, 1: 0.2, 2: 0.3},
+         "mean": 0.7 / 3, "ci95": [0.2, 0.3], "distinguishable": True},
+        {"a": "resd", "b": "grpo", "key": "task_mean@k", "per_seed": {0: -0.1},
+         "mean": -0.1, "no_common_point": [1]},
+        {"a": "resd", "b": "grpo", "key": "case_mean@k", "per_seed": {0: 0.1, 1: -0.1, 2: 0.0},
+         "mean": 0.0, "ci95": [-0.1, 0.1], "distinguishable": False},
+        {"a": "resd", "b": "ppo", "key": "case_mean@k", "per_seed": {}, "mean": None},
+    ]  # fmt: skip
+    lines = format_paired(rows).splitlines()
+    assert lines[1].split() == ["resd", "-", "sdpo", "case_mean@k", "3", "+0.233", "[+0.200,",
+                                "+0.300]", "distinguishable", "from", "0"]  # fmt: skip
+    # one seed paired, another without a common point: more seeds would help
+    assert lines[2].split()[4:7] == ["1", "-0.100", "-"] and "too few seeds" in lines[2]
+    assert lines[3].endswith("  not distinguishable from 0")
+    assert lines[4].split()[4:7] == ["0", "-", "-"]  # no seed paired: no mean, no interval
+
+
+def test_an_algorithm_override_of_any_shared_setting_is_flagged(tmp_path, monkeypatch, capsys):
+    """Changing the model, the data order or the evaluation for one algorithm only is
+    allowed but must be noted on screen and in comparison.json."""
+    shared = ["model=other", "env=toy", "seed=1", "shuffle=false", "inner_updates=2",
+              "eval_every=2", "eval_items=3", "eval_samples=2", "eval_temperature=0.5",
+              "eval_top_p=0.9", "eval_max_new_tokens=9", "batch_size=4", "steps=2",
+              "env_args.n=1"]  # fmt: skip
+    flagged = unshared_overrides({"grpo": [*shared, "lr=1e-6", "rollouts_per_prompt=4"]})
+    assert flagged == [f"grpo:{item}" for item in shared]
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: 1)
+    data = run_comparison(
+        None, ["sdpo", "grpo"], [0], tmp_path / "cmp", ["steps=1"],
+        {"grpo": ["eval_samples=2"]}, plots=False,
+    )  # fmt: skip
+    assert data["unshared_overrides"] == ["grpo:eval_samples=2"]
+    # what the study was asked, recorded beside its results
+    assert (data["base_config"], data["overrides"]) == (None, ["steps=1"])
+    assert data["algorithm_args"] == {"grpo": ["eval_samples=2"]}
+    assert "random.Random(seed)" in data["fairness"]
+    assert "note: grpo:eval_samples=2 changes data or evaluation" in capsys.readouterr().out
+
+
+def test_plots_are_made_unless_turned_off(tmp_path, monkeypatch):
+    """The report and its plots are on by default in the Python API too; plots=False (the
+    command's --no-plots) makes none."""
+    drawn: list[Path] = []
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: 1)
+    monkeypatch.setattr(compare, "write_plots", lambda out, algorithms: drawn.append(out) or [])
+    run_comparison(None, ["sdpo"], [0], tmp_path / "a", ["steps=1"])
+    assert drawn == [tmp_path / "a"]
+    run_comparison(None, ["sdpo"], [0], tmp_path / "b", ["steps=1"], plots=False)
+    assert drawn == [tmp_path / "a"]
+
+
+def test_a_run_made_by_resd_train_is_checked_against_its_own_config(tmp_path, monkeypatch):
+    """A finished run with only the trainer's config.yaml (no compare-config.yaml) is
+    compared on that config, not skipped unchecked."""
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: pytest.fail(f"launched {spec.name}"))
+    out = tmp_path / "cmp"
+    (spec,) = plan_runs(["sdpo"], [0], out, ["steps=1"], {})
+    fake_run(spec, finished=True)
+    (spec.path / "compare-config.yaml").rename(spec.path / "config.yaml")
+    with pytest.raises(ConfigError, match="steps: 1 then, 3 now"):
+        run_comparison(None, ["sdpo"], [0], out, ["steps=3"], plots=False)
+    data = run_comparison(None, ["sdpo"], [0], out, ["steps=1"], plots=False)
+    assert data["runs"][0]["skipped"] and data["runs"][0]["config"]["steps"] == 1
+
+
+def test_a_run_is_launched_as_resd_train_on_its_resolved_config(tmp_path):
+    """The child process is `python -m resd.cli train --config <run>/compare-config.yaml`;
+    `echo` stands in for python and writes the arguments it got into train.log."""
+    from resd.config import build_config
+
+    spec = RunSpec("sdpo", 0, tmp_path / "run", [])
+    cfg = build_config({"algorithm": "sdpo", "output_dir": str(spec.path)})
+    assert launch(spec, cfg, python="echo") == 0
+    echoed = (spec.path / "train.log").read_text().splitlines()[-1]
+    assert echoed == f"-m resd.cli train --config {spec.path / 'compare-config.yaml'}"
+
+
+def test_a_run_record_reads_its_folder(tmp_path):
+    """Before launching, a run is `pending` with nothing drawn; a finished run's step count
+    comes from its summary, and its samples drawn from the last step that logged any."""
+    spec = RunSpec("sdpo", 0, tmp_path / "sdpo-seed0", [])
+    spec.path.mkdir()
+    write_jsonl(spec.path / "metrics.jsonl", [{"step": 1}, {"step": 2}])
+    pending = compare.run_record(spec, None)
+    assert (pending["status"], pending["steps"], pending["samples_drawn"]) == ("pending", 2, 0)
+    assert pending["config"] is None and pending["samples_per_step"] is None
+    assert pending["eval"] == [] and pending["final"] is None
+    empty = compare.run_record(RunSpec("sdpo", 1, tmp_path / "sdpo-seed1", []), None)
+    assert (empty["status"], empty["steps"], empty["samples_drawn"]) == ("pending", 0, 0)
+    # an evaluation past the logged metrics counts the config's samples per step
+    write_jsonl(spec.path / "eval.jsonl", [{"step": 3, "case_mean@k": 0.5, "items": 5}])
+    assert eval_curve(spec.path, {"batch_size": 2, "rollouts_per_prompt": 4}) == [
+        {"step": 3, "samples_drawn": 24, "case_mean@k": 0.5, "items": 5}
+    ]
+    # the summary says 3 steps; the metrics of the last step were lost with a kill
+    (spec.path / "summary.json").write_text(json.dumps({"steps": 3}))
+    record = compare.run_record(spec, {"batch_size": 2, "rollouts_per_prompt": 4})
+    assert (record["status"], record["steps"], record["samples_drawn"]) == ("finished", 3, 16)
+
+
+def test_the_bootstrap_interval_cuts_each_end_alike():
+    """2.5% off each end: the interval of the negated differences is the negated interval
+    (the same draws, seeded), and with 40 resamples exactly one mean goes from each end."""
+    from resd.analysis.compare import bootstrap_ci
+
+    values = [0.3, -0.1, 0.05, 0.2, 0.0, 0.45, -0.2]
+    for resamples in (10_000, 40):
+        lo, hi = bootstrap_ci(values, resamples=resamples)
+        negated = bootstrap_ci([-v for v in values], resamples=resamples)
+        assert negated == pytest.approx((-hi, -lo)) and lo < hi
+    assert bootstrap_ci([0.0, 1.0], resamples=40) == (0.0, 1.0)
+
+
+def test_the_command_exits_0_when_every_run_finishes(tmp_path, monkeypatch, capsys):
+    def train(spec: RunSpec, cfg) -> int:
+        spec.path.mkdir(parents=True, exist_ok=True)
+        (spec.path / "summary.json").write_text(json.dumps({"steps": 1}))
+        return 0
+
+    drawn: list[Path] = []
+    monkeypatch.setattr(compare, "launch", train)
+    monkeypatch.setattr(compare, "write_plots", lambda out, algorithms: drawn.append(out) or [])
+    out = tmp_path / "studies" / "cmp"  # parent folders are made
+    assert compare_cli("--seeds", "0,1", "--out", str(out), "steps=1") == 0
+    assert "FAILED" not in capsys.readouterr().out
+    assert drawn == []  # --no-plots
+    assert json.loads((out / "comparison.json").read_text())["algorithms"]["sdpo"]["finished"] == 2
+
+
+def test_the_command_needs_its_algorithms_and_out(tmp_path, capsys):
+    for args in (["--out", str(tmp_path / "cmp")], ["--algorithms", "sdpo"]):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["compare", *args])
+        assert exc.value.code == 2 and "required" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_one_sample_drawn_is_already_a_trained_point():
+    """Only the evaluation before training (0 samples) is left out of the pairing: a run
+    of batch 1 × 1 rollout has evaluated a trained model after 1 sample."""
+    runs = [_run("resd", 0, [(0, 0.1), (1, 0.5)]), _run("sdpo", 0, [(0, 0.1), (1, 0.3)])]
+    row = paired_differences(runs, "resd", keys=("case_mean@k",))[0]
+    assert row["per_seed"] == pytest.approx({0: 0.2}) and row["samples_drawn"] == {0: 1}
+
+
+def test_an_interval_that_touches_0_is_not_a_difference():
+    """Three seeds with no difference and one with 0.3: the interval starts at 0 exactly,
+    which does not rule out "no difference" (and likewise below 0)."""
+    for sign in (1, -1):
+        runs = [run for seed, d in enumerate((0.0, 0.0, 0.0, 0.3 * sign))
+                for run in (_run("resd", seed, [(8, 0.5 + d)]), _run("sdpo", seed, [(8, 0.5)]))]  # fmt: skip
+        row = paired_differences(runs, "resd", keys=("case_mean@k",))[0]
+        assert 0.0 in row["ci95"] and row["distinguishable"] is False

@@ -202,14 +202,18 @@ def check_reused_runs(specs: list[RunSpec], configs: dict[str, TrainConfig]) -> 
     `steps=1` would otherwise sit beside new runs of `steps=3` in one comparison. The
     stored config is the run's whole resolved config (base file, overrides, its
     algorithm's arguments), so every setting is compared but `resd.config.UNCOMPARED_KEYS`. A run
-    with neither a summary nor a checkpoint starts over: its old settings do not matter.
+    with neither a summary nor a checkpoint starts over: its old settings do not matter. One
+    with no stored config (a folder that holds something else) is refused, not reused.
     """
     for spec in specs:
         if not ((spec.path / "summary.json").exists() or has_checkpoint(spec.path)):
             continue
         old = stored_config(spec.path)
-        if old is None:
-            continue
+        if old is None:  # not a run this command can vouch for: refuse rather than reuse it
+            raise ConfigError(
+                f"{spec.path}: cannot tell which settings this run was made with (no "
+                f"{RUN_CONFIG} or config.yaml holding a config); use another --out"
+            )
         new = yaml.safe_load(yaml.safe_dump(configs[spec.name].to_dict()))  # as stored
         differ = settings_differences(old, new)
         if differ:
