@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from resd.envs import make_env
 from resd.envs.code import CodeEnv, extract_code, load_problems, normalize_tests, values_match
+from resd.envs.code_harness import assert_compare, assert_truth, decode_value
 from resd.envs.code_problems import PROBLEMS
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox targets Linux")
@@ -51,6 +53,17 @@ def test_extract_code_fallbacks():
     assert extract_code("```python\nno = 1\n```</think>```python\nyes = 1\n```") == "yes = 1\n"
     # reasoning that never ended contains no answer
     assert extract_code("<think>```python\nx = 1\n```") is None
+
+
+def test_extract_code_language_tags_and_fences():
+    # Catches a python tag dropped from the accepted set, a bare block preferred over a
+    # tagged one, and indentation or longer fences mangled.
+    for tag in ("python", "py", "python3", "py3", "PY3"):
+        assert extract_code(f"```{tag}\nx = 1\n```") == "x = 1\n", tag
+    assert extract_code("```python\na = 1\n```\n```\nb = 2\n```") == "a = 1\n"
+    assert extract_code("```js\nlet a\n```") is None  # another language is not Python
+    assert extract_code("````python\n    indented = 1\n````") == "    indented = 1\n"
+    assert extract_code("```python\nx = 1\n```\nprose\n```python\n\n```") is None
 
 
 # -- scoring -------------------------------------------------------------------------------
@@ -213,6 +226,64 @@ def test_values_match_rules():
     assert not values_match([1, 2], [2, 1])
     assert not values_match(1.0, 1.01)
     assert not values_match("a", "A")
+
+
+def test_values_match_tolerance_is_relative_with_an_absolute_floor():
+    # Catches a tolerance that is only absolute, only relative, too loose or too strict.
+    assert values_match(1e6, 1e6 + 0.5) and not values_match(1e6, 1e6 + 5)
+    assert values_match(0.0, 1e-12) and not values_match(0.0, 1e-6)
+    assert values_match(2, 2.0000001) and not values_match(2, 3)
+    assert not values_match(float("nan"), 1.0) and not values_match(1.0, float("nan"))
+
+
+def test_values_match_compares_whole_containers():
+    # Catches containers compared only on a common prefix or on the expected keys.
+    assert not values_match([1, 2], [1]) and not values_match([1], [1, 2])
+    assert not values_match({"a": 1}, {"a": 1, "b": 2}) and not values_match({"a": 1}, {"b": 1})
+    assert not values_match({"a": 1.0}, {"a": 2.0})
+    assert values_match(False, False) and not values_match(True, False)
+    assert not values_match([1, 2], decode_value({"$t": "repr", "v": "[1, 2]"}))
+    assert not values_match(1.5, "1.5") and not values_match([1], 1)  # no TypeError either
+    assert not values_match({"a": 1}, [("a", 1)]) and not values_match([1], {0: 1})
+
+
+def test_large_shipped_values_compare_by_digest():
+    # A value too large to ship arrives as the sha256 of its canonical JSON; catches a
+    # digest compared only against another digest, or not counted as true.
+    value = list(range(3))
+    digest = hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()
+    shipped = decode_value({"$t": "digest", "v": digest, "preview": "[0,1,2]"})
+    assert values_match(value, shipped) and not values_match([0, 1], shipped)
+    assert assert_compare("Eq", shipped, value) and assert_compare("Eq", value, shipped)
+    assert assert_compare("Eq", shipped, shipped) and not assert_compare("Eq", shipped, [0, 1])
+    assert assert_compare("NotEq", [0, 1], shipped) and assert_truth(shipped) is True
+    opaque = decode_value({"$t": "repr", "v": "<Yes>"})
+    assert not assert_compare("Eq", shipped, opaque) and not assert_compare(
+        "NotEq", opaque, shipped
+    )
+
+
+def test_assert_operators_on_shipped_values():
+    # The verdict of a one-line assert, reached in the trainer's process on plain values.
+    assert assert_compare("Eq", [1, (2,)], [1, (2,)]) and not assert_compare("Eq", 1, 2)
+    assert assert_compare("NotEq", 1, 2) and not assert_compare("NotEq", 1, 1)
+    assert assert_compare("Is", None, None) and not assert_compare("Is", None, 0)
+    assert assert_compare("IsNot", None, 0) and not assert_compare("IsNot", True, True)
+    assert not assert_compare("Is", 1000, 1000)  # int identity does not survive the trip
+    assert assert_compare("In", 2, [1, 2]) and not assert_compare("In", 3, [1, 2])
+    assert assert_compare("NotIn", 3, [1, 2]) and not assert_compare("NotIn", 2, [1, 2])
+    assert assert_compare("LtE", 1, 1) and not assert_compare("Lt", 1, 1)
+    assert assert_compare("GtE", 2, 2) and not assert_compare("Gt", 2, 2)
+    assert assert_compare("Lt", 1, 2) and assert_compare("Gt", 2, 1)
+    assert not assert_compare("Lt", 1, "a")  # a comparison that raises fails
+    opaque = decode_value({"$t": "repr", "v": "<Yes>"})  # an object only its repr survives
+    for op in ("Eq", "NotEq", "Lt", "In", "NotIn", "Is", "IsNot"):
+        assert not assert_compare(op, opaque, 1) and not assert_compare(op, 1, opaque), op
+        assert not assert_compare(op, opaque, [1, 2]), op
+    assert assert_truth([0]) is True and assert_truth([]) is False
+    assert assert_truth(opaque) is None
+    garbage = decode_value({"$t": "set", "v": 1})
+    assert isinstance(garbage, type(opaque)) and repr(garbage) == "<malformed result>"
 
 
 def test_return_types_survive_the_trip(tmp_path):
@@ -479,3 +550,133 @@ def test_assert_verdicts_match_python(tmp_path, test, passes):
 def test_unusable_limits_are_refused_at_construction(kwargs, name):
     with pytest.raises(ValueError, match=name):
         CodeEnv(**kwargs)
+
+
+def test_tagged_return_values_are_decoded_at_any_depth(tmp_path):
+    # Catches a decoder that leaves tags inside lists, or loses sets, bytes, dicts with
+    # non-string keys, infinities or ints too big for JSON (each would fail a right answer).
+    values = {
+        "set": "{1, 2}",
+        "bytes": "b'ab'",
+        "dict": "{1: 'a', (2, 3): [4]}",
+        "nested": "[(1, 2), {3}, [float('inf')]]",
+        "big": "2 ** 10000 + 1",
+    }
+    tests = "\n".join(f"assert f({k!r}) == {v}" for k, v in values.items())
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "f", "prompt": "f", "entry_point": "f", "tests": tests},
+            {
+                "id": "g",
+                "prompt": "g",
+                "entry_point": "g",
+                "tests": [
+                    {"args": [], "expected": [[1, 2], [3.5]]},
+                    {"args": [1], "expected": 2**10000},
+                ],
+            },
+        ],
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    items = {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+    body = ", ".join(f"{k!r}: {v}" for k, v in values.items())
+    score = env.score(items["f"], fenced(f"def f(kind):\n    return {{{body}}}[kind]"))
+    assert score.reward == 1.0, score.feedback
+    code = "def g(n=0):\n    return 2**10000 if n else [(1, 2), (3.5,)]"
+    assert env.score(items["g"], fenced(code)).reward == 1.0
+    wrong = env.score(items["g"], fenced("def g(n=0):\n    return 2**10000 + n if n else [(1, 2)]"))
+    assert wrong.score == 0.0, wrong.feedback
+
+
+def test_assert_feedback_shows_expected_and_got_the_right_way_round(tmp_path):
+    # `assert 1 == f(2)`: the literal is what was expected, whichever side it is on;
+    # other failed asserts name the operand values.
+    tests = "assert 1 == f(2)\nassert f(2) != 2\nassert not f(2)\nassert f(0)\nassert f(1) == 1"
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2, max_feedback_cases=5)
+    (item,) = env.train_items() + env.test_items()
+    score = env.score(item, fenced("def f(x):\n    return x"))
+    assert (score.reward, score.score) == (0.0, pytest.approx(1 / 5))
+    fb = score.feedback
+    assert "Test 1: assert 1 == f(2)\n  expected: 1\n  got:      2" in fb
+    assert "Test 2: assert f(2) != 2\n  failed: AssertionError (2, 2)" in fb
+    assert "Test 3: assert not f(2)\n  failed: AssertionError\n" in fb
+    assert "Test 4: assert f(0)\n  failed: AssertionError" in fb and "Test 5" not in fb
+
+
+def test_large_values_in_asserts_are_compared_by_digest(tmp_path):
+    # Catches digests compared wrongly against the literal or shipped side, and a
+    # preview missing from the feedback.
+    tests = "assert f(50000) == list(range(50000))\nassert f(50000)"
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    (item,) = env.train_items() + env.test_items()
+    assert env.score(item, fenced("def f(n):\n    return list(range(n))")).reward == 1.0
+    wrong = env.score(item, fenced("def f(n):\n    return list(range(1, n + 1))"))
+    assert wrong.score == 0.5 and "got:      <large value [1,2,3," in wrong.feedback
+
+
+def test_a_program_that_exits_names_the_running_test_and_the_ones_not_run(tmp_path):
+    # Catches the running case misattributed, the not-run list miscounted or not cut at 20.
+    tests = [{"args": [k], "expected": k} for k in range(25)]
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    (item,) = env.train_items() + env.test_items()
+    score = env.score(
+        item, fenced("import os\ndef f(x):\n    if x == 1:\n        os._exit(3)\n    return x")
+    )
+    assert (score.reward, score.score) == (0.0, pytest.approx(1 / 25))
+    fb = score.feedback
+    assert fb.startswith(
+        "Passed 1/25 tests.\nTest 2: f(1)\n  the program ended (exited with status 3)"
+    )
+    numbers = ", ".join(str(k) for k in range(3, 23))
+    assert f"Tests {numbers} ... were not run: the program ended (exited with status 3)" in fb
+    late = env.score(
+        item, fenced("import os\ndef f(x):\n    if x == 23:\n        os._exit(3)\n    return x")
+    )
+    assert "Tests 25 were not run: the program ended (exited with status 3)" in late.feedback
+
+
+def test_an_error_while_loading_shows_the_traceback_and_what_was_printed(env, two_sum):
+    score = env.score(two_sum, fenced("print('hello')\nraise ValueError('boom')"))
+    assert (score.reward, score.score) == (0.0, 0.0)
+    fb = score.feedback
+    assert fb.startswith("Passed 0/5 tests.\nError while loading the code:\n")
+    assert 'File "solution.py", line 2' in fb and "ValueError: boom" in fb
+    assert fb.endswith("\n  printed: hello") and "Test 1" not in fb
+
+
+def test_a_returned_object_that_equals_everything_fails_call_cases(env, two_sum):
+    # Only the returned object's repr crosses back, so its `__eq__` is never asked.
+    code = "class Yes:\n    def __eq__(self, other):\n        return True\n\n"
+    score = env.score(two_sum, fenced(code + "def two_sum(nums, target):\n    return Yes()"))
+    assert (score.reward, score.score) == (0.0, 0.0)
+
+
+def test_forged_and_setup_failures_are_reported_not_raised(tmp_path):
+    # A non-object result line must not crash `score`; a failing test setup is named as
+    # such; a multi-line assert's own message reaches the feedback.
+    tests = "import json\nfor x in range(2):\n    assert f(x) == x, f'off at {x}'"
+    broken = "import no_such_module_for_resd\nassert f(1) == 1"
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "loop", "prompt": "f", "entry_point": "f", "tests": tests},
+            {"id": "broken", "prompt": "f", "entry_point": "f", "tests": broken},
+        ],
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    items = {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+    forged = "import __main__\n__main__.emit(5)\ndef f(x):\n    return x + 1"
+    score = env.score(items["loop"], fenced(forged))
+    assert score.reward == 0.0 and "failed: AssertionError: off at 0" in score.feedback
+    setup = env.score(items["broken"], fenced("def f(x):\n    return x"))
+    assert setup.reward == 0.0 and "Error while the test setup" in setup.feedback
