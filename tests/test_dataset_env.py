@@ -1370,6 +1370,20 @@ def test_a_split_that_does_not_parse_is_refused_naming_the_argument(tmp_path: Pa
         memory_env(split="train[1]")
 
 
+@pytest.mark.parametrize("split", ["train[:150%]", "train[-101%:]"])
+def test_a_percentage_past_the_whole_split_is_refused_as_datasets_refuses_it(
+    tmp_path: Path, split: str
+) -> None:
+    """Bug caught: `train[:150%]` read a JSON-lines file or an in-memory dataset whole
+    (the bound clipped), where `datasets` refuses it for the sources it loads: one config,
+    two readings."""
+    with pytest.raises(ValueError, match=r"^env_args\.split: the split .* outside -100% to 100%"):
+        env_from(tmp_path, "jsonl", split=split)
+    with pytest.raises(ValueError, match=r"^env_args\.split: the split .* outside -100% to 100%"):
+        memory_env(split=split)
+    memory_env(split="train[-100%:100%]")  # the ends themselves are allowed, as in datasets
+
+
 def test_a_missing_path_no_one_would_take_for_a_hub_id_is_not_sent_to_the_hub(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

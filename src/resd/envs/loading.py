@@ -321,6 +321,10 @@ def _select(available: Mapping[str, Any], spec: str, field: str, source: str) ->
             f"{field}: cannot read the split {spec!r}; write e.g. train or train[:80%]"
         )
     split_name = m.group(1)
+    if any(b and b.endswith("%") and abs(int(b[:-1])) > 100 for b in m.groups()[1:]):
+        raise ValueError(  # `datasets` refuses these for the sources it loads itself
+            f"{field}: the split {spec!r} has a percentage outside -100% to 100%"
+        )
     if split_name not in available:
         raise ValueError(
             f"{field}: {source} has no split {split_name!r}; it has {', '.join(available)}"
