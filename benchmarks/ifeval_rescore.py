@@ -15,6 +15,7 @@ Run from the repository root: the records' `env_args.path` (the IFEval prompts, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,17 @@ from typing import Any
 from resd.envs.ifeval import IFEvalEnv
 
 
+@functools.cache
+def _environment(env_args: str) -> tuple[IFEvalEnv, dict[str, Any]]:
+    """The IFEval environment of a record and its items by id, read once for all records
+    that share it (every forgetting check reads the same prompts)."""
+    env = IFEvalEnv(**json.loads(env_args))
+    return env, {item.id: item for item in env.test_items()}
+
+
 def rescore(record: dict[str, Any]) -> dict[str, float]:
     """The record's replies scored again: task and case mean, beside the recorded ones."""
-    env = IFEvalEnv(**record["env_args"])
-    items = {item.id: item for item in env.test_items()}
+    env, items = _environment(json.dumps(record["env_args"], sort_keys=True))
     scores = [env.score(items[s["item"]], s["response"]) for s in record["samples"]]
     n = len(scores)
     return {

@@ -129,13 +129,18 @@ def test_reasons_are_the_five_that_the_metrics_count() -> None:
 # ---- prompts --------------------------------------------------------------------------------
 
 
+def _user_text(message: dict[str, str]) -> str:
+    """A prompt's request: a user turn holding nothing but its role and content."""
+    assert set(message) == {"role", "content"} and message["role"] == "user"
+    return message["content"]
+
+
 def test_reflection_prompt_puts_each_slot_under_its_heading() -> None:
     """Catches a slot, a heading or a requested JSON key dropped from the reflection
     prompt, a value filled under the wrong slot name, or the message's role or key lost."""
     messages = reflection_messages("TASK-T", "RESP-R", "FB-F", "PB-P")
-    assert len(messages) == 1 and set(messages[0]) == {"role", "content"}
-    assert messages[0]["role"] == "user"
-    text = messages[0]["content"]
+    assert len(messages) == 1
+    text = _user_text(messages[0])
     assert text.startswith("You are reviewing an attempt at a task that did not fully succeed.")
     assert (
         "## Task\nTASK-T\n\n## The attempt\nRESP-R\n\n## What the checker reported\nFB-F\n\n"
@@ -184,9 +189,8 @@ def test_reflection_followup_continues_the_rollout_conversation() -> None:
     playbook slots dropped."""
     messages = reflection_followup(TASK_MESSAGES, "ATTEMPT", "FB-F", "PB-P")
     assert messages[:3] == [*TASK_MESSAGES, {"role": "assistant", "content": "ATTEMPT"}]
-    assert len(messages) == 4 and set(messages[3]) == {"role", "content"}
-    assert messages[3]["role"] == "user"
-    text = messages[3]["content"]
+    assert len(messages) == 4
+    text = _user_text(messages[3])
     assert text.startswith("Your reply above did not fully succeed.")
     assert (
         "## What the checker reported\nFB-F\n\n## Current playbook of lessons\nPB-P\n\n"
@@ -207,11 +211,10 @@ def test_success_tag_prompts() -> None:
         '"tag": "helpful" | "harmful" | "neutral"}]}. Tag only entries that bear on this attempt.'
     )
     messages = success_tag_messages("TASK-T", "RESP-R", "PB-P")
-    assert len(messages) == 1 and set(messages[0]) == {"role", "content"}
-    assert messages[0]["role"] == "user"
+    assert len(messages) == 1
     assert (
         "## Task\nTASK-T\n\n## The successful attempt\nRESP-R\n\n## Playbook\nPB-P\n\n" + answer
-    ) in messages[0]["content"]
+    ) in _user_text(messages[0])
     followup = success_tag_followup(TASK_MESSAGES, "ATTEMPT", "PB-P")
     assert followup[:3] == [*TASK_MESSAGES, {"role": "assistant", "content": "ATTEMPT"}]
     assert followup[3]["role"] == "user"
@@ -226,9 +229,8 @@ def test_curation_prompt_by_hand() -> None:
     from the curator's prompt, the no-answers warning lost, or its role or keys lost."""
     stats = {"total": 7, "high_performing": 2, "problematic": 1, "unused": 3}
     messages = curation_messages(stats, "REFL", "PB-P", "TASK-T")
-    assert len(messages) == 1 and set(messages[0]) == {"role", "content"}
-    assert messages[0]["role"] == "user"
-    text = messages[0]["content"]
+    assert len(messages) == 1
+    text = _user_text(messages[0])
     assert (
         "Important: when the playbook is used, no checker feedback and no answers will be "
         "available. Write general lessons that transfer to other tasks, never the answer to "

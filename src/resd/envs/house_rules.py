@@ -182,8 +182,9 @@ class HouseRulesEnv(Environment):
         reply = response.strip()
         # "Rome's the capital" answers "Rome": a possessive or contracted 's is not part of
         # the word (no accepted answer is a pronoun, so "it's" reading as "it" costs nothing).
-        words = {form for w in _words(reply.lower()) for form in (w, w.removesuffix("'s"))}
-        text = " ".join(_words(reply.lower()))
+        tokens = _words(reply.lower())
+        words = {form for w in tokens for form in (w, w.removesuffix("'s"))}
+        text = " ".join(tokens)
         answered = any(
             (a in words) if " " not in a else re.search(rf"\b{re.escape(a)}\b", text)
             for a in item.meta["accept"]
