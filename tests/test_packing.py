@@ -181,3 +181,93 @@ def test_training_with_packed_rows_gives_the_same_update(
     assert plain["grad_norm"] > 0
     for key in ("loss", "sd_loss", "pg_loss", "grad_norm", "teacher_advantage"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+
+
+def linear_weights_per_layer(config: LlamaConfig) -> int:
+    """The multiply-adds per token of one decoder layer's linear layers: their weights."""
+    from transformers import LlamaForCausalLM
+
+    layer = LlamaForCausalLM(config).model.layers[0]
+    return sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def config_of(**fields) -> object:
+    """A model whose config holds exactly `fields` (an older or non-Llama config)."""
+    return type("Model", (), {"config": type("Config", (), fields)()})()
+
+
+def test_the_cost_of_a_token_is_a_layers_linear_weights():
+    """`token_cost` counts a layer's linear multiply-adds and `pair_cost` its attention's
+    per query-key pair, from the config: grouped key/value heads, a head size that is not
+    hidden / heads, the MLP's width; where a config leaves these out, the defaults those
+    keys have (key/value heads = heads, head size = hidden / heads, MLP 4 × hidden); and the
+    text config of a model that wraps one. Catches a wrong term, which moves the line
+    between packing and the plain forward."""
+    small = {"num_hidden_layers": 1, "vocab_size": 16, "hidden_size": 32, "num_attention_heads": 4}
+    grouped = LlamaConfig(**small, num_key_value_heads=2, head_dim=16, intermediate_size=48)
+    grouped._attn_implementation = "sdpa"
+    packing = Packing.for_model(type("Model", (), {"config": grouped})())
+    assert packing.token_cost == linear_weights_per_layer(grouped) == 10752
+    assert packing.pair_cost == 2 * 4 * 16  # scores and weighted values, per head dimension
+
+    wrapped = config_of(_attn_implementation="sdpa", get_text_config=lambda self: grouped)
+    assert Packing.for_model(wrapped) == packing  # a vision-language model: its text model
+
+    bare = Packing.for_model(config_of(_attn_implementation="eager", **small))
+    default = LlamaConfig(**small, intermediate_size=4 * 32)  # 4 key/value heads, head size 8
+    assert bare.token_cost == linear_weights_per_layer(default)
+    assert (bare.pair_cost, bare.additive_mask, bare.window_limit) == (2 * 32, True, None)
+
+    assert Packing.for_model(type("NoConfig", (), {})()) is None
+    assert Packing.for_model(config_of(_attn_implementation="sdpa", hidden_size=32)) is None
+    assert Packing.for_model(config_of(_attn_implementation="sdpa", num_attention_heads=4)) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "limit"),
+    [
+        ({"sliding_window": 4096}, 4096),  # Mistral: every layer slides, no switch
+        ({"sliding_window": 4096, "use_sliding_window": False}, None),  # Qwen2 off
+        ({"sliding_window": 4096, "use_sliding_window": True}, 4096),
+        ({"sliding_window": 4096, "layer_types": ["full_attention"] * 2}, None),
+        ({"sliding_window": None, "layer_types": ["sliding_attention"]}, 0),  # size unknown
+        ({}, None),
+    ],
+)
+def test_sliding_windows_are_found_in_each_config_style(fields, limit):
+    """Catches a config style whose sliding layers are missed (a packed row longer than
+    the window would see more than the model does) or a full-attention model held back."""
+    model = config_of(_attn_implementation="sdpa", hidden_size=32, num_attention_heads=4, **fields)
+    packing = Packing.for_model(model)
+    assert packing.window_limit == limit
+    assert packing.pays([30, 30], prefix=29) == (limit is None or limit >= 31)
+
+
+def test_packing_pays_by_the_multiply_adds_of_both_forwards():
+    """The plain forward computes B rows of the longest length L (B·L·token + B·L²·pair),
+    the packed one N positions (N·token + N²·pair); packing must be strictly cheaper, and a
+    packed row may be exactly as long as a sliding window. Catches a wrong term or bound."""
+    linear_only = Packing(token_cost=1.0, pair_cost=0.0, additive_mask=False, window_limit=None)
+    assert linear_only.pays([10, 1], prefix=0)  # 11 positions against 2 × 10 padded
+    assert not linear_only.pays([2, 2], prefix=0)  # 4 against 4: nothing gained
+    attention_only = Packing(token_cost=0.0, pair_cost=1.0, additive_mask=False, window_limit=None)
+    assert not attention_only.pays([10, 10], prefix=0)  # 20² = 400 against 2 × 10² = 200
+    assert attention_only.pays([10, 10], prefix=6)  # 14² = 196 against 200
+    assert attention_only.pays([10, 9], prefix=6)  # 13² = 169 against 2 × 10² (not 2 × 9²)
+    both = Packing(token_cost=10.0, pair_cost=1.0, additive_mask=False, window_limit=None)
+    assert both.pays([10, 10, 10], prefix=8)  # 14·10 + 196 = 336 against 300 + 300
+    assert not both.pays([10, 10, 10], prefix=5)  # 20·10 + 400 = 600 against 600
+    windowed = Packing(token_cost=1.0, pair_cost=0.0, additive_mask=False, window_limit=11)
+    assert windowed.pays([10, 1], prefix=0)  # 11 positions: the window's length
+    assert not windowed.pays([10, 2], prefix=0)  # 12: past it
+
+
+def test_a_batch_packs_only_where_it_pays_and_every_row_has_tokens():
+    packing = Packing(token_cost=1.0, pair_cost=0.0, additive_mask=False, window_limit=None)
+    cpu = torch.device("cpu")
+    assert common_prefix([[1, 2, 3], [1, 2]]) == 2  # a row that is another's prefix
+    assert common_prefix([[1, 2], [1, 2, 3]]) == 2
+    packed = packing.plan([[1, 2, 3, 4], [1, 2, 5]], width=2, device=cpu)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5]] and packed.rows == 2
+    assert packing.plan([[1, 2], [3, 4]], width=1, device=cpu) is None  # nothing saved
+    assert packing.plan([[], [1, 2, 3]], width=1, device=cpu) is None  # a row without tokens
