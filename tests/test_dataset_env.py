@@ -6,6 +6,7 @@ there too, and the one Hub-id test replaces `datasets.load_dataset`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -749,6 +750,8 @@ def test_float_gold_answers_score_as_the_number_item_answer_shows(tmp_path):
         ({"test_fraction": "abc"}, "test_fraction"),
         ({"test_fraction": 1.5}, "test_fraction"),
         ({"threshold": "high"}, "threshold"),
+        ({"seed": "abc"}, "seed"),
+        ({"seed": 1.5}, "seed"),
         ({"split": "train", "test_split": " train "}, "test_split"),
         ({"split": "train", "test_split": "train[:50%]"}, "test_split"),
         ({"split": "train[:60%]", "test_split": "train[50%:]"}, "test_split"),
@@ -1443,3 +1446,278 @@ def test_errors_about_a_split_name_the_split_argument_by_default(tmp_path: Path)
     (tmp_path / "notes.txt").write_text("a note")
     with pytest.raises(ValueError, match=r"\.txt files; use jsonl, ndjson, json, csv, tsv, par"):
         load_rows(str(tmp_path / "notes.txt"))
+
+
+# -- the environment's own checks (from mutation testing dataset.py) -------------------------
+
+
+def test_ids_name_the_data_file_when_data_files_replaces_the_path(tmp_path: Path) -> None:
+    """Bug caught: with `data_files` and no path (or a builder name such as "parquet" as
+    the path) item ids began "None/" or "parquet/" instead of the data file's name."""
+    train = write(tmp_path, "parquet", ROWS, stem="trivia")
+    cache = str(tmp_path / "cache")
+    alone = DatasetEnv(data_files=train, cache_dir=cache, **COLUMNS)
+    assert sorted(it.id for it in all_items(alone)) == sorted(
+        f"trivia/train/{i}" for i in range(len(ROWS))
+    )
+    builder = DatasetEnv(path="parquet", data_files={"train": train}, cache_dir=cache, **COLUMNS)
+    assert {it.id.rsplit("/", 1)[0] for it in all_items(builder)} == {"trivia/train"}
+
+
+def test_contradictory_arguments_are_refused_before_anything_is_loaded(tmp_path: Path) -> None:
+    """Bugs caught: a path (or data_files) and an in-memory dataset together, both a prompt
+    and a messages column, or a held-out fraction of 0 or 1 (no test items, or no training
+    items) accepted, one of the two silently ignored. Each is refused by name before the
+    (here absent) file would be read."""
+    ds = datasets.Dataset.from_list(ROWS)
+    absent = str(tmp_path / "absent.jsonl")
+    for where in ({"path": absent}, {"data_files": absent}):
+        with pytest.raises(ValueError, match=r"^env_args\.path: give either a path or an in-mem"):
+            DatasetEnv(dataset=ds, **where, **COLUMNS)
+        with pytest.raises(ValueError, match=r"^from_dataset: the dataset replaces path and data"):
+            DatasetEnv.from_dataset(ds, **where, **COLUMNS)
+    with pytest.raises(ValueError, match=r"^env_args\.prompt_column, env_args\.messages_colu"):
+        DatasetEnv(path=absent, messages_column="chat", **COLUMNS)
+    for fraction in (0, 1.0):
+        with pytest.raises(ValueError, match=r"^env_args\.test_fraction: must be in \(0, 1\)"):
+            DatasetEnv(path=absent, test_fraction=fraction, **COLUMNS)
+    # With a test split the fraction is not used, so it is not checked either.
+    env = memory_env(split="train[:7]", test_split="train[7:]", test_fraction=0)
+    assert (len(env.train_items()), len(env.test_items())) == (7, 3)
+
+
+def test_meta_columns_may_name_a_single_column() -> None:
+    """Bug caught: `meta_columns: difficulty` (one name, not a list, as YAML users write
+    it) read letter by letter, refused as "no column 'd'"."""
+    env = memory_env(meta_columns="difficulty", id_column="qid")
+    spider = by_qid(env)["q2"]
+    assert spider.meta == {"difficulty": 2, "answer": "8"}  # the answer column is kept too
+
+
+def test_a_split_that_selects_no_rows_is_refused_naming_the_argument(tmp_path: Path) -> None:
+    """Bug caught: an empty training or test split (a slice past the end) built an
+    environment with nothing to train or test on, and the run failed later, or reported
+    an accuracy over no items."""
+    with pytest.raises(
+        ValueError, match=r"^env_args\.split: .*data\.jsonl \[train\[20:\]\] has no"
+    ):
+        env_from(tmp_path, "jsonl", split="train[20:]", test_split="train[:5]")
+    with pytest.raises(ValueError, match=r"^env_args\.test_split: .*data\.jsonl \[train\[10:\]\] "):
+        env_from(tmp_path, "jsonl", split="train[:10]", test_split="train[10:]")
+
+
+def test_a_test_split_only_datasets_can_read_skips_the_row_overlap_check(tmp_path: Path) -> None:
+    """A test split such as ``validation+test`` has no known row range; the overlap check
+    needs both ranges and skips it. Bug caught: the check ran with one range missing and
+    crashed with an AttributeError."""
+    files = {
+        name: write(tmp_path, "parquet", part, stem=name)
+        for name, part in (("train", ROWS[:6]), ("validation", ROWS[6:8]), ("test", ROWS[8:]))
+    }
+    env = DatasetEnv(
+        data_files=files, split="train[:4]", test_split="validation+test",
+        cache_dir=str(tmp_path / "cache"), **COLUMNS,
+    )  # fmt: skip
+    assert len(env.train_items()) == 4
+    assert {it.answer for it in env.test_items()} == {r["answer"] for r in ROWS[6:]}
+    flipped = DatasetEnv(
+        data_files=files, split="validation+test", test_split="train[:4]",
+        cache_dir=str(tmp_path / "cache"), **COLUMNS,
+    )  # fmt: skip
+    assert (len(flipped.train_items()), len(flipped.test_items())) == (4, 4)
+
+
+def test_the_held_out_split_without_a_seed_is_seed_zeros() -> None:
+    """The documented default seed is 0: a config that leaves it out holds out the same
+    items as one that says seed: 0 (bug caught: another default, so results reported with
+    the default could not be reproduced by naming it; a negative seed refused)."""
+
+    def ids(env: DatasetEnv) -> list[str]:
+        return [it.id for it in env.test_items()]
+
+    assert ids(memory_env()) == ids(memory_env(seed=0)) != ids(memory_env(seed=1))
+    assert len(ids(memory_env(seed=-1))) == 2  # any integer seeds `random.Random`
+
+
+def test_scorer_arguments_are_checked_for_the_scorer_they_go_to() -> None:
+    """Bugs caught: scorer_args given with a user function silently dropped; an invalid
+    regex pattern in scorer_args accepted until the first reply was scored; the regex
+    scorer without a pattern accepted with no answer column; an unknown argument's error
+    not saying what the scorer takes; numeric's abs_tol or regex's fullmatch refused as
+    unknown (their value checks passed for the wrong reason); a scorer that
+    is an object with settings (a dataclass instance, which cannot be hashed) crashing the
+    check meant for built-in names."""
+
+    def judge_fn(item: Item, response: str) -> float:
+        return 1.0
+
+    with pytest.raises(ValueError, match=r"^env_args\.scorer_args: only the built-in scorers"):
+        memory_env(scorer=judge_fn, scorer_args={"rel_tol": 0.1})
+    with pytest.raises(ValueError, match=r"^env_args\.scorer_args\.pattern: invalid regex"):
+        memory_env(scorer="regex", scorer_args={"pattern": "(unclosed"})
+    with pytest.raises(ValueError, match=r"^env_args\.answer_column: the 'regex' scorer"):
+        memory_env(scorer="regex", answer_column=None)  # no pattern: one per row is needed
+    with pytest.raises(
+        ValueError, match=r"exact_match' scorer \(it takes: none\) \(use env_args\.r"
+    ):
+        memory_env(scorer_args={"reveal_answer": False})
+    with pytest.raises(ValueError, match=r"'numeric' scorer \(it takes: abs_tol, rel_tol\)$"):
+        memory_env(scorer="numeric", scorer_args={"tol": 1})
+
+    @dataclasses.dataclass
+    class Contains:
+        word: str
+
+        def __call__(self, item: Item, response: str) -> float:
+            return float(self.word in response)
+
+    numbers = [r for r in ROWS if r["answer"].isdigit()]
+    near = memory_env(rows=numbers, scorer="numeric", scorer_args={"abs_tol": 1}, id_column="qid")
+    assert near.score(by_qid(near)["q3"], "Answer: 41").reward == 1.0
+    whole = memory_env(scorer="regex", answer_column=None,
+                       scorer_args={"pattern": "Paris", "fullmatch": True})  # fmt: skip
+    item = whole.train_items()[0]
+    assert (whole.score(item, "Paris").reward, whole.score(item, "Paris!").reward) == (1.0, 0.0)
+
+    env = memory_env(scorer=Contains("Paris"))
+    item = env.train_items()[0]
+    assert (env.score(item, "Paris").reward, env.score(item, "Rome").reward) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "error"),
+    [
+        ([{"q": "  ", "a": "x"}], {"prompt_column": "q"}, r"row 0: empty prompt in column 'q'"),
+        ([{"q": 7, "a": "x"}], {"prompt_column": "q"},
+         r"row 0: column 'q' \(env_args\.prompt_column\) holds int, not a string or a list of"),
+        ([{"m": "Hi", "a": "x"}], {"messages_column": "m"},
+         r"row 0: column 'm' \(env_args\.messages_column\) holds str, not a list of messages"),
+        ([{"m": [], "a": "x"}], {"messages_column": "m"}, r"holds list, not a list of messages"),
+        ([{"m": [{"role": "user"}], "a": "x"}], {"messages_column": "m"},
+         r"row 0: column 'm' .*: each message needs a string 'role' and 'content'"),
+        ([{"m": [{"role": "user", "content": 5}], "a": "x"}], {"messages_column": "m"},
+         r"each message needs a string 'role' and 'content'"),
+        ([{"m": [{"role": "system", "content": "Be brief."},
+                 {"role": "assistant", "content": "x"}], "a": "x"}], {"messages_column": "m"},
+         r"row 0: column 'm' \(env_args\.messages_column\) has no user message"),
+    ],
+)  # fmt: skip
+def test_a_prompt_the_model_cannot_be_given_is_refused_naming_the_row(
+    rows: list[dict], columns: dict, error: str
+) -> None:
+    """Bugs caught: an empty prompt, a number or a string where a chat is expected, a
+    message without a string role and content, or a chat with no user turn became an
+    item (the model prompted with nothing, or a crash deep in the chat template)."""
+    with pytest.raises(ValueError, match=error):
+        DatasetEnv.from_dataset(datasets.Dataset.from_list(rows * 2), answer_column="a", **columns)
+
+
+def test_an_empty_id_is_refused_naming_the_row() -> None:
+    """Bug caught: an empty id cell gave every such row the id "dataset/train/", so the
+    duplicate check blamed the wrong thing (or one empty id passed unnoticed)."""
+    rows = [{**ROWS[0], "qid": ""}, *ROWS[1:]]
+    with pytest.raises(ValueError, match=r"^the dataset \[train\] row 0: empty id in column 'qid'"):
+        memory_env(rows=rows, id_column="qid")
+
+
+def test_a_missing_answer_is_refused_for_a_built_in_scorer_only() -> None:
+    """Bugs caught: a null (or empty list) answer cell accepted for a built-in scorer,
+    which then compared replies with nothing; or refused for a user function, which may
+    not need the column on every row (its item just has no literal answer)."""
+    for hole in (None, []):
+        rows = [{"prompt": "q?", "answer": ["x"]}, {"prompt": "q?", "answer": hole}]
+        with pytest.raises(ValueError, match=r"^the dataset \[train\] row 1: no answer in colu"):
+            DatasetEnv.from_dataset(datasets.Dataset.from_list(rows), answer_column="answer")
+    rows = [{"prompt": "q?", "answer": "x"}, {"prompt": "r?", "answer": None}]
+    env = DatasetEnv.from_dataset(
+        datasets.Dataset.from_list(rows), scorer=judge, answer_column="answer"
+    )
+    assert {it.messages[0]["content"]: it.answer for it in all_items(env)} == {
+        "q?": "x",
+        "r?": None,
+    }
+
+
+def test_numeric_item_answer_is_the_number_read_from_the_gold() -> None:
+    """`Item.answer` for the numeric scorer is the number it compares against, not the
+    whole gold cell (bug caught: a GSM8K solution "... #### 72" kept as the answer, which
+    the playbook's leak guard then looks for verbatim; a gold of 0 shown as another number)."""
+    rows = [{"prompt": "How many?", "answer": "48/2 = 24 clips.\n#### 72"},
+            {"prompt": "How much?", "answer": "1,234.50"},
+            {"prompt": "How little?", "answer": "0"}]  # fmt: skip
+    env = memory_env(rows=rows, prompt_column="prompt", scorer="numeric")
+    assert sorted(it.answer for it in all_items(env)) == ["0", "1234.5", "72"]
+
+
+def test_the_instruction_goes_to_the_last_user_turn_of_a_chat() -> None:
+    """Bug caught: in a multi-turn chat (a few-shot prompt) the instruction was added to the
+    first user turn, an example, and not to the question the model answers. Trailing space
+    is trimmed before the blank line."""
+    chat = [
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "Answer: 4"},
+        {"role": "user", "content": "3 + 5?  "},
+    ]
+    env = DatasetEnv.from_dataset(
+        datasets.Dataset.from_list([{"messages": chat, "answer": "8"}] * 2),
+        answer_column="answer", instruction="End with 'Answer: <number>'.",
+    )  # fmt: skip
+    item = all_items(env)[0]
+    assert [m["content"] for m in item.messages] == [
+        "2 + 2?",
+        "Answer: 4",
+        "3 + 5?\n\nEnd with 'Answer: <number>'.",
+    ]
+    assert item.reference is None  # the last turn is the user's: no reference taken off
+
+
+def test_ids_of_a_hub_dataset_with_data_files_name_the_dataset(monkeypatch) -> None:
+    """With a Hub id and `data_files` (some of a repository's files), ids still begin with
+    the dataset's name (bug caught: the first data file's name taken instead, as if no
+    path had been given)."""
+
+    def fake_load_dataset(path, **kwargs):
+        return [datasets.Dataset.from_list(ROWS)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    env = DatasetEnv(path="someorg/trivia", data_files={"train": "data/part-0.parquet"},
+                     **COLUMNS)  # fmt: skip
+    assert {it.id.rsplit("/", 1)[0] for it in all_items(env)} == {"trivia/train"}
+
+
+def test_a_user_scorer_may_have_empty_answer_cells() -> None:
+    """The empty-answer check guards the built-in scorers (an empty gold would reward an
+    empty reply); a user function decides for itself what an empty cell means (bug
+    caught: the check applied to every scorer, refusing the user's dataset)."""
+    rows = [{**r, "answer": "" if i == 3 else r["answer"]} for i, r in enumerate(ROWS)]
+    env = memory_env(rows=rows, scorer=judge, id_column="qid")
+    assert by_qid(env)["q3"].answer == "" and by_qid(env)["q0"].answer == "Paris"
+    for scorer in ("exact_match", "regex"):  # an empty pattern would match every reply
+        with pytest.raises(ValueError, match=r"row 3: empty answer in column 'answer'"):
+            memory_env(rows=rows, scorer=scorer)
+
+
+def test_a_saved_dataset_given_as_the_working_directory_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`path: .` (a `save_to_disk` folder the run starts in) has an empty pathlib name;
+    its items are still built, with ids naming the split and row (bug caught: the id
+    label's fallback for a path with no name crashing)."""
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "s")
+    monkeypatch.chdir(tmp_path / "s")
+    env = DatasetEnv(path=".", **COLUMNS)
+    assert sorted(it.id.split("/", 1)[1] for it in all_items(env)) == sorted(
+        f"train/{i}" for i in range(len(ROWS))
+    )
+
+
+def test_with_a_regex_pattern_the_answer_column_is_kept_but_not_read_as_a_regex() -> None:
+    """With `scorer_args.pattern` the answer column is only kept for the scorer's meta:
+    an answer that is no valid regex ("f(x") or an empty one must not be refused (bugs
+    caught: every answer compiled as a pattern, or checked for emptiness, although none
+    is used)."""
+    rows = [{**r, "answer": "" if i == 4 else "f(x"} for i, r in enumerate(ROWS)]
+    env = memory_env(rows=rows, scorer="regex", scorer_args={"pattern": r"\bParis\b"})
+    item = env.train_items()[0]
+    assert item.meta["answer"] in {"f(x", ""} and item.answer is None
+    assert env.score(item, "Paris").reward == 1.0
