@@ -157,10 +157,14 @@ def test_in_memory_dataset_dict_uses_its_splits():
     ("train[:70%]", "train[70%:]", 7),
     ("train[:33%]", "train[33%:]", 3),  # 3.3 rows: both readers must round the same way
     ("train[:-3]", "train[-3:]", 7),
+    ("train[ :1_0%]", "train[ 1_0% : ]", 1),  # spaces and grouped digits
+    ("train [:6]", "train[ 6 : ]", 6),
 ])  # fmt: skip
 def test_split_slices_match_datasets_own_slicing(tmp_path, train, test, n_train):
     # The JSON-lines file is sliced by our code, the parquet file by `datasets`: the same
     # rows must land in each split, or the two readers disagree about what a slice means.
+    # Bug caught: `datasets` refused spaces inside a spec that the JSON reader took, and
+    # `train[1_000:]`, which `datasets` takes, was refused before it was asked.
     kwargs = {"split": train, "test_split": test, "id_column": "qid"}
     direct = env_from(tmp_path, "jsonl", **kwargs)
     via_datasets = env_from(tmp_path, "parquet", **kwargs)
@@ -1504,6 +1508,21 @@ def test_a_split_that_selects_no_rows_is_refused_naming_the_argument(tmp_path: P
         env_from(tmp_path, "jsonl", split="train[20:]", test_split="train[:5]")
     with pytest.raises(ValueError, match=r"^env_args\.test_split: .*data\.jsonl \[train\[10:\]\] "):
         env_from(tmp_path, "jsonl", split="train[:10]", test_split="train[10:]")
+    # Bug caught: on an in-memory Dataset the same slice crashed inside `datasets`
+    # (`select(range(10, 10))`: "IndexError: Index 10 out of range").
+    for env in (lambda **kw: env_from(tmp_path, "parquet", **kw), memory_env):
+        with pytest.raises(ValueError, match=r"^env_args\.test_split: .*\[train\[10:\]\] has no"):
+            env(split="train[:10]", test_split="train[10:]")
+
+
+@pytest.mark.parametrize("spec", ["train[1__0:]", "train[_1:]", "train[:33%](round)", "train+"])
+def test_a_split_no_reader_can_parse_is_refused_before_datasets_sees_it(
+    tmp_path: Path, spec: str
+) -> None:
+    """Bug caught: a malformed split of a parquet file went to `datasets`, and its
+    error ("invalid literal for int()") was reported against `env_args.path`."""
+    with pytest.raises(ValueError, match=r"^env_args\.test_split: cannot read the split"):
+        env_from(tmp_path, "parquet", split="train[:5]", test_split=spec)
 
 
 def test_a_test_split_only_datasets_can_read_skips_the_row_overlap_check(tmp_path: Path) -> None:

@@ -47,7 +47,25 @@ DATA_SUFFIXES: dict[str, str] = {
     ".arrow": "arrow",
 }
 _READ_DIRECTLY = {".jsonl", ".ndjson", ".json"}
-_SPLIT = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+# `datasets`' split grammar, spaces allowed: `load_splits` removes them before `datasets`
+# reads a spec (it refuses them), and bounds may group digits (`train[1_000:]`) as it allows.
+# Specs such as ``train[:50%]+test`` or ``train[:33%](pct1_dropremainder)`` go to `datasets`.
+_SPLIT = re.compile(
+    r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d(?:_?\d)*%?)?\s*:\s*(-?\d(?:_?\d)*%?)?\s*\])?\s*$"
+)
+_ROUNDING = re.compile(r"\((?:closest|pct1_dropremainder)\)\s*$")
+
+
+def _canonical(spec: str) -> str:
+    """`spec` as `datasets` reads it, spaces removed (``train[ 2 : 5 ] + test`` ->
+    ``train[2:5]+test``); every ``+`` part must match `_SPLIT` once its rounding is cut."""
+    parts = []
+    for part in str(spec).split("+"):
+        rounding = _ROUNDING.search(part)
+        name, lo, hi = _SPLIT.match(part[: rounding.start()] if rounding else part).groups()
+        sliced = f"[{lo or ''}:{hi or ''}]" if "[" in part else ""
+        parts.append(name + sliced + (rounding.group().strip() if rounding else ""))
+    return "+".join(parts)
 
 
 class Span(NamedTuple):
@@ -118,6 +136,12 @@ def load_splits(
     `split_fields` are the argument names that error messages cite.
     """
     split_fields = list(split_fields or ["env_args.split"] * len(splits))
+    for spec, f in zip(splits, split_fields, strict=True):
+        if not all(_SPLIT.match(_ROUNDING.sub("", part)) for part in str(spec).split("+")):
+            raise ValueError(
+                f"{f}: cannot read the split {spec!r}; write e.g. train or train[:80%]"
+            )
+    splits = [_canonical(s) for s in splits]
     options = dict(load_kwargs or {})
     if path is None and data_files is None:
         raise ValueError(f"{field}: give a dataset: a local file or directory, or a Hub id")
@@ -162,6 +186,12 @@ def rows_from_dataset(
 ) -> list[Rows]:
     """Splits of an in-memory `datasets.Dataset` (its one split is "train") or DatasetDict."""
     split_fields = list(split_fields or ["env_args.split"] * len(splits))
+    for spec, f in zip(splits, split_fields, strict=True):
+        if not all(_SPLIT.match(_ROUNDING.sub("", part)) for part in str(spec).split("+")):
+            raise ValueError(
+                f"{f}: cannot read the split {spec!r}; write e.g. train or train[:80%]"
+            )
+    splits = [_canonical(s) for s in splits]
     try:
         import datasets
     except ImportError as exc:  # nobody holds a Dataset without the package, but say so
@@ -334,9 +364,11 @@ def _select(available: Mapping[str, Any], spec: str, field: str, source: str) ->
     assert span is not None  # the spec parsed above
     if "[" not in str(spec):
         return data, span
+    if isinstance(data, list):
+        return data[span.start : span.stop], span
+    # `Dataset.select(range(n, n))` raises IndexError on a split of n rows: empty is []
     chosen = range(span.start, span.stop)
-    picked = data[span.start : span.stop] if isinstance(data, list) else data.select(chosen)
-    return picked, span
+    return data.select(chosen if chosen else []), span
 
 
 def _loaded_span(ds: Any, spec: str) -> Span | None:
@@ -392,15 +424,19 @@ def _load_dataset(
     try:
         loaded = datasets.load_dataset(path, split=list(splits), **kwargs)
     except Exception as exc:
-        m = re.search(r'Unknown split "([^"]+)"', str(exc))
+        unknown = re.search(r'Unknown split "([^"]+)"', str(exc))
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(exc))
         culprit = field
-        if m:
+        if unknown or empty:
             named = [
                 f
                 for s, f in zip(splits, split_fields, strict=True)
-                if _SPLIT.match(s) and _SPLIT.match(s).group(1) == m.group(1)
+                if (empty and s == empty.group(1))
+                or (unknown and _SPLIT.match(s) and _SPLIT.match(s).group(1) == unknown.group(1))
             ]
             culprit = named[0] if named else split_fields[0]
+        if empty:  # the message every other source gives for a slice past the end
+            raise ValueError(f"{culprit}: {source} [{empty.group(1)}] has no rows") from exc
         raise ValueError(f"{culprit}: cannot load {source!r}: {exc}") from exc
     if any(
         isinstance(ds, (datasets.IterableDataset, datasets.IterableDatasetDict)) for ds in loaded
