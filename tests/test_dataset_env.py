@@ -1740,3 +1740,18 @@ def test_with_a_regex_pattern_the_answer_column_is_kept_but_not_read_as_a_regex(
     item = env.train_items()[0]
     assert item.meta["answer"] in {"f(x", ""} and item.answer is None
     assert env.score(item, "Paris").reward == 1.0
+
+
+@pytest.mark.parametrize("path", [".", "./", "~/data"])
+def test_a_folder_of_data_files_named_by_dot_or_home_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Bugs caught: `path: .` (or `./`) for a folder of parquet files failed inside
+    `datasets` ("dataset_name should be specified but got None"), and `~/data` went to
+    `datasets` unexpanded and was refused as a malformed Hub id."""
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data", "parquet")
+    monkeypatch.chdir(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    env = DatasetEnv(path=path, cache_dir=str(tmp_path / "cache"), id_column="qid", **COLUMNS)
+    assert sorted(by_qid(env)) == sorted(r["qid"] for r in ROWS)

@@ -168,7 +168,9 @@ def load_splits(
             target, data_files = DATA_SUFFIXES[local.suffix.lower()], str(local)
             if local.suffix.lower() == ".tsv":
                 options.setdefault("sep", "\t")
-        elif not local.is_dir() and _looks_local(target):
+        elif local.is_dir():  # `datasets` names its cache after the folder, and "." has none
+            target = str(local.resolve())
+        elif _looks_local(target):
             raise ValueError(f"{field}: no such file: {path}")
         options.update(name=name, data_files=data_files, cache_dir=cache_dir)
         loaded = _load_dataset(target, splits, split_fields, field, source, options)
