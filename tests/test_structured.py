@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import types
 from itertools import pairwise
@@ -23,6 +24,7 @@ from resd.generation.budget import (
     ForcedText,
     _JsonCursor,
     array_room,
+    budgeted_schema,
     path_tail,
 )
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
@@ -862,3 +864,144 @@ def test_garbage_weights_close_the_tag_list_within_the_budget(tiny):
         assert reflection is not None and not reflection.loose
         assert all(i in ids for i, _ in reflection.bullet_tags)
     assert grammar.cut["bullet_tags"] > 0
+
+
+def test_a_string_closes_at_its_token_deadline_or_at_a_sentence_end_just_before_it():
+    """`FieldCloser.narrow` on its own: a string whose rest of the reply needs 10 tokens
+    (its tail) may run while more than that plus SAFETY_TOKENS of the budget is left;
+    at that point only the tokens that begin with a quote (and that the grammar allows)
+    are left, and the cut is counted. In the last `sentence_window` tokens before it, a
+    sentence that has just ended closes the string too. A closer that closed a token
+    late (the object then runs past the budget), closed early, closed mid-escape or
+    before the string holds a character, or narrowed where the grammar allows no quote
+    (every token masked: the row cannot go on), fails here."""
+    spellings = [b'"', b'"}', b'",', b"x", b".", b"\\"]
+    quotes = torch.tensor([t.startswith(b'"') for t in spellings])
+    tails = {("a",): 10, ("b",): None}  # "b": an enum or unbounded string
+
+    names = [*spellings, b"<6>", b"<7>"]  # the model's vocabulary: two more, not spelled
+
+    def narrowed(prefill: str, generated: int, forbid: tuple[int, ...] = ()):
+        closer = FieldCloser([lambda path: tails.get(path)], 100, spellings, quotes,
+                             prefills=[prefill], sentence_window=16)  # fmt: skip
+        scores = torch.zeros(1, len(names))
+        scores[0, list(forbid)] = float("-inf")  # the grammar's own mask
+        closer.narrow(0, scores, generated)
+        return {names[i] for i in torch.isfinite(scores[0]).nonzero().flatten().tolist()}, closer
+
+    deadline = 100 - SAFETY_TOKENS - 10  # 82 tokens generated: only the tail is left
+    everything = set(names)
+    allowed, closer = narrowed('{"a":"x', deadline - 1)
+    assert allowed == everything and not closer.cut
+    allowed, closer = narrowed('{"a":"x', deadline)
+    assert allowed == {b'"', b'"}', b'",'}  # the unspelled tokens are masked too
+    assert closer.cut == {"a": 1} and closer.rows_cut == [1]
+    allowed, closer = narrowed('{"a":"x', deadline, forbid=(1,))
+    assert allowed == {b'"', b'",'}  # the grammar's mask still rules
+    # the grammar allows no quote: left as it was, not counted (never an all -inf row)
+    allowed, closer = narrowed('{"a":"x', deadline + 5, forbid=(0, 1, 2))
+    assert allowed == everything - {b'"', b'"}', b'",'} and not closer.cut
+    # a sentence that ends within the window closes the string; before the window it does not
+    assert narrowed('{"a":"x. ', deadline - 16)[0] == {b'"', b'"}', b'",'}
+    assert narrowed('{"a":"x. ', deadline - 17)[0] == everything
+    assert narrowed('{"a":"x', deadline - 16)[0] == everything  # no sentence end: runs on
+    # nothing to close: an empty string, half an escape, a string with no tail, a key
+    for prefill in ('{"a":"', '{"a":"x\\', '{"b":"x', '{"a', '{"a":"x","'):
+        allowed, closer = narrowed(prefill, deadline + 5)
+        assert allowed == everything and not closer.cut, prefill
+    # a row with no schema (no tail at all) is never narrowed, even on its first step
+    free = FieldCloser([None], 100, spellings, quotes)
+    scores = torch.zeros(1, len(names))
+    free.narrow(0, scores, 99)
+    assert torch.isfinite(scores).all()
+    fresh = FieldCloser([lambda path: 10], 100, spellings, quotes)  # no prefill
+    fresh.narrow(0, scores, 99)
+    assert torch.isfinite(scores).all()
+
+
+def test_forced_text_falls_back_to_the_longest_piece_the_grammar_allows():
+    """Where none of the tokens `ForcedText.tokens` offers is allowed, `force_structure`
+    writes the longest token that begins the forced text and that the grammar allows:
+    the fewest tokens for the structure. A search that skipped the longest spelling, or
+    took the shortest, fails here."""
+    forced = ForcedText({b'"': 0, b'",': 1, b'","': 2, b"x": 3})
+    assert forced.longest_piece(b'","k', lambda t: True) == 2
+    assert forced.longest_piece(b'","k', lambda t: t != 2) == 1
+    assert forced.longest_piece(b'","k', lambda t: t == 0) == 0
+    assert forced.longest_piece(b"k", lambda t: True) is None
+    assert ForcedText({}).longest_piece(b'"', lambda t: True) is None
+
+
+def test_budgeted_schema_lifts_top_level_limits_and_keeps_lessons_at_the_playbook_cap():
+    """What the grammar enforces with the token budget on: top-level free text has no
+    `maxLength` (the `FieldCloser` closes it in tokens), a lesson keeps the playbook's
+    MAX_LESSON_CHARS however small the budget made it, and every other constraint (enums,
+    item counts, the object's keys) is as the schema wrote it. The schema passed in is
+    left untouched: it is also what the closer measures."""
+    schema = curation_schema(IDS, 192)
+    before = json.dumps(schema)
+    budgeted = budgeted_schema(schema)
+    assert json.dumps(schema) == before
+    assert "maxLength" not in budgeted["properties"]["reasoning"]
+    assert budgeted["properties"]["reasoning"]["minLength"] == 1
+    lessons = _lesson_chars(schema)
+    assert lessons and max(lessons) < MAX_LESSON_CHARS  # a small budget sized them below the cap
+    assert set(_lesson_chars(budgeted)) == {MAX_LESSON_CHARS}
+    ops, budgeted_ops = schema["properties"]["operations"], budgeted["properties"]["operations"]
+    assert budgeted_ops["maxItems"] == ops["maxItems"]
+    assert _op_shapes(budgeted)["ADD"]["properties"]["section"] == {"enum": list(SECTIONS.values())}
+    assert budgeted["required"] == schema["required"]
+    # a free string nested one level down (an array's items) is not top level: it keeps a cap
+    notes = {"type": "object", "properties": {"notes": {"type": "array", "maxItems": 2,
+             "items": {"type": "string", "minLength": 1, "maxLength": 40}}}}  # fmt: skip
+    item = budgeted_schema(notes)["properties"]["notes"]["items"]
+    assert item["maxLength"] == MAX_LESSON_CHARS
+
+
+def test_json_cursor_waits_for_a_whole_utf8_character_before_a_string_may_close():
+    """A token may end inside a multi-byte character; a closing quote there would break
+    it (the reply would not decode). The lead byte says how many continuation bytes are
+    due: one for é, two for अ and €, three for 😀. A cursor that miscounted them allowed
+    the quote mid-character, or never again after the first non-ASCII character."""
+    for char in ("é", "अ", "€", "😀"):
+        data = char.encode()
+        cursor = _JsonCursor()
+        cursor.feed(b'{"a":"x')
+        for n, b in enumerate(data):
+            cursor.feed(bytes([b]))
+            assert cursor.closable() == (n == len(data) - 1), (char, n)
+        cursor.feed(b"y")  # ASCII after it: still closable
+        assert cursor.closable() and cursor.chars == 2 + len(data)
+
+
+def test_path_tail_reserves_the_longest_rest_of_the_reply_exactly():
+    """`path_tail` on a schema small enough to spell out: after a string, the rest of
+    every enclosing object and array at its longest (consts and the longest enum value
+    written in full, an `anyOf` at its costliest shape with structure at two characters
+    a token and text at three, later items up to `maxItems`), plus every later string's
+    share. A measure that took a shorter rest lets the reply run out of budget before
+    its object closes; one that took a longer rest cuts text that had room."""
+    # the ADD costs 30/2 + 12/3 = 19 tokens at its longest, the DELETE 37/2 = 18.5
+    delete = {"type": {"const": "DELETE"}, "id": {"enum": ["x", "long-id-1"]}}
+    add = {"type": {"const": "ADD"}, "content": {"type": "string", "maxLength": 12}}
+    shapes = [{"type": "object", "properties": delete}, {"type": "object", "properties": add}]
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string", "maxLength": 30},
+        "kind": {"enum": ["no", "maybe"]},
+        "ops": {"type": "array", "maxItems": 2, "items": {"anyOf": shapes}},
+        "b": {"type": "string", "maxLength": 9},
+    }}  # fmt: skip
+    item = '{"type":"ADD","content":""}'  # the costlier shape, its string empty
+    rest = f'{{"kind":"maybe","ops":[{item},{item}],"b":""}}'
+    assert path_tail(schema, ("a",), len) == len(rest) + math.ceil((2 * 12 + 9) / CHARS_PER_TOKEN)
+    # inside the first lesson: its object's end, one more item, the last string
+    first = len("{}") + len(f"[{item}]") + len('{"b":""}') + math.ceil((12 + 9) / CHARS_PER_TOKEN)
+    assert path_tail(schema, ("ops", 0, "content"), len) == first
+    last = len("{}") + len("[]") + len('{"b":""}') + math.ceil(9 / CHARS_PER_TOKEN)
+    assert path_tail(schema, ("ops", 1, "content"), len) == last
+    assert path_tail(schema, ("b",), len) == len("{}")  # only the object's end is left
+    # not free text, or not in the schema: no tail
+    for path in (("kind",), ("ops", 0, "id"), ("ops",), ("nope",), ("a", "x"), ()):
+        assert path_tail(schema, path, len) is None, path
+    unbounded = {"type": "object", "properties": {"s": {"type": "string"}}}  # no maxLength
+    assert path_tail(unbounded, ("s",), len) is None
