@@ -14,6 +14,7 @@ when `Lessons` is built.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,11 @@ REFLECTOR_KEYS = {"base_url", "model", "api_key_env", "timeout", "max_concurrenc
 # The numeric settings, checked when the config is read rather than at the first request.
 NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "timeout": (lambda v: v > 0, "a number of seconds > 0"),
-    "max_concurrency": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    # finite first: int() of inf or nan raises instead of naming the setting
+    "max_concurrency": (
+        lambda v: math.isfinite(v) and v == int(v) and v >= 1,
+        "a whole number >= 1",
+    ),
     "temperature": (lambda v: v >= 0, "a number >= 0"),
 }
 
