@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -493,27 +494,50 @@ def test_check_reflector_names_what_is_wrong(value: dict, problem: str | None) -
 
 
 @pytest.mark.parametrize("endless", [float("inf"), float("nan")])
-def test_an_endless_max_concurrency_is_refused_by_name_not_a_crash(endless: float) -> None:
+@pytest.mark.parametrize("key", ["max_concurrency", "timeout", "temperature"])
+def test_an_endless_number_is_refused_by_name_not_a_crash(endless: float, key: str) -> None:
     """`max_concurrency: .inf` (or .nan) in YAML raised OverflowError (ValueError) from
-    `int()` while the config was read, a traceback instead of the setting's name."""
-    got = check_reflector({"base_url": "http://h/v1", "model": "m", "max_concurrency": endless})
-    assert got is not None and got.startswith("max_concurrency: expected a whole number >= 1")
+    `int()` while the config was read, a traceback instead of the setting's name; an
+    endless timeout or temperature was accepted and sent to the server."""
+    got = check_reflector({"base_url": "http://h/v1", "model": "m", key: endless})
+    assert got is not None and got.startswith(f"{key}: expected")
 
 
-class FakeCompletions:
-    """The part of an OpenAI client the remote reflector calls; it records each request."""
+class ChatServer:
+    """A real OpenAI-compatible chat-completions endpoint on a local port that records the
+    JSON body of each request, so the tests read what actually went over the wire."""
 
     def __init__(self, finish: str = "stop", cached: int | None = 4) -> None:
         self.requests: list[dict[str, Any]] = []
         self.finish, self.cached = finish, cached
         self.barrier: threading.Barrier | None = None
         self.in_flight, self.most_in_flight, self.lock = 0, 0, threading.Lock()
+        server = self
 
-    def create(self, **request: Any) -> Any:
-        from types import SimpleNamespace
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_reply(server.answer(body))
 
-        self.requests.append(request)
+            def send_reply(self, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
+            self.requests.append(body)
+            number = len(self.requests)
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         if self.barrier is not None:
@@ -522,38 +546,55 @@ class FakeCompletions:
             time.sleep(0.02)  # long enough for a second worker to overlap
         with self.lock:
             self.in_flight -= 1
-        usage = SimpleNamespace(prompt_tokens_details=SimpleNamespace(cached_tokens=self.cached))
-        return SimpleNamespace(
-            choices=[SimpleNamespace(message=SimpleNamespace(content=f"reply {len(self.requests)}"),
-                                     finish_reason=self.finish)],
-            usage=usage if self.cached is not None else None,  # servers without a prefix cache
-        )  # fmt: skip
+        reply: dict[str, Any] = {
+            "id": f"c{number}", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": self.finish,
+                         "message": {"role": "assistant", "content": f"reply {number}"}}],
+        }  # fmt: skip
+        if self.cached is not None:  # servers without a prefix cache send no details
+            reply["usage"] = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11,
+                              "prompt_tokens_details": {"cached_tokens": self.cached}}  # fmt: skip
+        return reply
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
 
 
-def remote(tiny_model_dir: Path, settings: dict, completions: FakeCompletions, **kw: Any):
-    from types import SimpleNamespace
+@pytest.fixture
+def chat_server() -> Any:
+    servers: list[ChatServer] = []
 
+    def start(**kwargs: Any) -> ChatServer:
+        servers.append(ChatServer(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def remote(tiny_model_dir: Path, settings: dict, server: ChatServer, **kw: Any) -> RemoteReflector:
     from transformers import AutoTokenizer
 
     pytest.importorskip("openai")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    reflector = RemoteReflector({"base_url": "http://127.0.0.1:9/v1", "model": "m", **settings},
-                                tokenizer, **{"structured_output": "auto", "temperature": 0.7, **kw})  # fmt: skip
-    reflector.openai_client = reflector.client  # what the settings built
-    reflector.client = SimpleNamespace(chat=SimpleNamespace(completions=completions))
-    return reflector
+    return RemoteReflector({"base_url": server.url, "model": "m", **settings}, tokenizer,
+                           **{"structured_output": "auto", "temperature": 0.7, **kw})  # fmt: skip
 
 
-def test_remote_reflector_sends_each_row_with_its_seed_budget_and_schema(tiny_model_dir):
-    completions = FakeCompletions()
-    reflector = remote(tiny_model_dir, {"max_concurrency": 1}, completions)
+def test_remote_reflector_sends_each_row_with_its_seed_budget_and_schema(
+    tiny_model_dir, chat_server
+):
+    server = chat_server()
+    reflector = remote(tiny_model_dir, {"max_concurrency": 1}, server)
     assert reflector.structured and reflector.temperature == 0.7 and reflector.workers == 1
     chats = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
     schema = {"type": "object"}
     gens = reflector.replies(chats, "tag", 33, [5, 2**31 + 6], schema)
     assert [g.text for g in gens] == ["reply 1", "reply 2"]
     assert all(g.finished and g.cached_tokens == 4 and g.token_ids for g in gens)
-    first, second = completions.requests
+    first, second = server.requests
     assert first["messages"] == chats[0] and first["max_tokens"] == 33 and first["model"] == "m"
     assert (first["seed"], second["seed"], first["temperature"]) == (5, 6, 0.7)
     assert first["response_format"] == {
@@ -561,35 +602,35 @@ def test_remote_reflector_sends_each_row_with_its_seed_budget_and_schema(tiny_mo
         "json_schema": {"name": "resd_tag", "schema": schema, "strict": True},
     }
     reflector.replies(chats[:1], "tag", 33, [1], None)  # no schema: free text
-    assert "response_format" not in completions.requests[-1]
+    assert "response_format" not in server.requests[-1]
 
 
-def test_remote_reflector_settings_and_a_reply_cut_short(tiny_model_dir, monkeypatch):
+def test_remote_reflector_settings_and_a_reply_cut_short(tiny_model_dir, monkeypatch, chat_server):
     monkeypatch.setenv("RESD_TEST_KEY", "secret")
-    completions = FakeCompletions(finish="length", cached=None)
+    server = chat_server(finish="length", cached=None)
     reflector = remote(tiny_model_dir, {"temperature": 0.0, "api_key_env": "RESD_TEST_KEY",
-                                        "timeout": 7}, completions, structured_output="off")  # fmt: skip
+                                        "timeout": 7}, server, structured_output="off")  # fmt: skip
     assert not reflector.structured and reflector.temperature == 0.0 and reflector.workers == 8
-    assert reflector.openai_client.timeout == 7 and reflector.openai_client.api_key == "secret"
-    assert reflector.openai_client.max_retries == 2  # a dropped request is retried, twice
-    assert remote(tiny_model_dir, {}, completions).openai_client.timeout == 120
+    assert reflector.client.timeout == 7 and reflector.client.api_key == "secret"
+    assert reflector.client.max_retries == 2  # a dropped request is retried, twice
+    assert remote(tiny_model_dir, {}, server).client.timeout == 120
     (gen,) = reflector.replies([[{"role": "user", "content": "a"}]], "reflection", 9, [3], None)
     assert not gen.finished and gen.cached_tokens == 0
-    assert completions.requests[0]["temperature"] == 0.0
+    assert server.requests[0]["temperature"] == 0.0
 
 
-def test_remote_reflector_sends_a_batch_concurrently(tiny_model_dir):
+def test_remote_reflector_sends_a_batch_concurrently(tiny_model_dir, chat_server):
     """`max_concurrency` requests are in flight together, so a batching server decodes
     them together: here each request waits for the other three (it would time out if sent
     one by one)."""
-    completions = FakeCompletions()
-    completions.barrier = threading.Barrier(4, timeout=10)
-    reflector = remote(tiny_model_dir, {"max_concurrency": 4}, completions)
+    server = chat_server()
+    server.barrier = threading.Barrier(4, timeout=10)
+    reflector = remote(tiny_model_dir, {"max_concurrency": 4}, server)
     gens = reflector.replies([[{"role": "user", "content": str(i)}] for i in range(4)], "tag", 5,
                              [1, 2, 3, 4], None)  # fmt: skip
-    assert len(gens) == 4 and len(completions.requests) == 4
+    assert len(gens) == 4 and len(server.requests) == 4
     # and never more than `max_concurrency`: a server allowed one request gets one
-    one_at_a_time = FakeCompletions()
+    one_at_a_time = chat_server()
     reflector = remote(tiny_model_dir, {"max_concurrency": 1}, one_at_a_time)
     reflector.replies([[{"role": "user", "content": str(i)}] for i in range(3)], "tag", 5,
                       [1, 2, 3], None)  # fmt: skip

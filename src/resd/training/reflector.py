@@ -31,11 +31,7 @@ REFLECTOR_KEYS = {"base_url", "model", "api_key_env", "timeout", "max_concurrenc
 # The numeric settings, checked when the config is read rather than at the first request.
 NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "timeout": (lambda v: v > 0, "a number of seconds > 0"),
-    # finite first: int() of inf or nan raises instead of naming the setting
-    "max_concurrency": (
-        lambda v: math.isfinite(v) and v == int(v) and v >= 1,
-        "a whole number >= 1",
-    ),
+    "max_concurrency": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
     "temperature": (lambda v: v >= 0, "a number >= 0"),
 }
 
@@ -52,7 +48,10 @@ def check_reflector(value: dict[str, Any]) -> str | None:
         return f"base_url: expected an http(s):// URL, got {value['base_url']!r}"
     for key, (ok, expected) in NUMBER_RULES.items():
         given = value.get(key)
+        # finite first: `.inf` or `.nan` in YAML would reach the server (or make int()
+        # raise) instead of naming the setting
         number = isinstance(given, int | float) and not isinstance(given, bool)
+        number = number and math.isfinite(given)
         if given is not None and not (number and ok(given)):
             return f"{key}: expected {expected}, got {given!r}"
     return None
