@@ -295,6 +295,10 @@ class Store:
 
     def _init_schema(self) -> None:
         with self._begin() as conn:
+            if self.dialect == "sqlite":
+                # pysqlite opens no transaction before DDL: without this, a failed migration
+                # stays half done (and two processes creating one database race)
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
             tables = set(sa.inspect(conn).get_table_names())
             if "schema_version" not in tables:
                 if tables & set(OUR_TABLES):

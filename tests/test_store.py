@@ -1,0 +1,265 @@
+"""The serving store on its own: a real SQLite database in tmp_path, called directly the way
+the server and the learner call it (feedback rules, the learner's rows, state, schema)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sa = pytest.importorskip("sqlalchemy", reason="needs the serve extra: pip install 'resd[serve]'")
+
+from resd.serve import store as store_module  # noqa: E402
+from resd.serve.store import (  # noqa: E402
+    FeedbackConflict,
+    SchemaVersionError,
+    Store,
+    TrainingRow,
+    sqlite_url,
+)
+
+MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
+
+
+def _interaction(store: Store, completion_id: str, *, version: str = "base", **extra: Any) -> None:
+    values: dict[str, Any] = dict(
+        completion_id=completion_id, model_version=version, model_name="m", messages=MESSAGES,
+        params={"temperature": 1.0}, response="7", prompt_token_ids=[1, 2, 3],
+        response_token_ids=[4, 5], response_logprobs=[-0.1, -0.2], finish_reason="stop",
+    )  # fmt: skip
+    values.update(extra)
+    store.record_interaction(**values)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(str(tmp_path / "resd.db"))
+    opened.add_version("base", parent=None, step=0)
+    yield opened
+    opened.close()
+
+
+def _post(store: Store, completion_id: str, **note: Any) -> tuple[dict[str, Any], bool]:
+    values: dict[str, Any] = {"source": "user", "reward": 1.0, "score": None, "feedback": "right"}
+    values.update(note)
+    return store.record_feedback(completion_id, **values)
+
+
+# ---- feedback --------------------------------------------------------------------------------------------
+def test_feedback_that_clears_a_reward_is_a_change_not_a_retry(store: Store) -> None:
+    """Posting reward=None over reward=0.5 (same text) must replace the row, and once the row
+    is consumed it must be a conflict: it is different content, not a retry."""
+    _interaction(store, "chatcmpl-a")
+    first, created = _post(store, "chatcmpl-a", reward=0.5, score=0.25)
+    assert created
+    cleared, created = _post(store, "chatcmpl-a", reward=None, score=0.25)
+    assert not created and cleared["id"] == first["id"] and cleared["reward"] is None
+    back, _ = _post(store, "chatcmpl-a", reward=0.5, score=None)
+    assert back["reward"] == 0.5 and back["score"] is None
+    store.mark_consumed([back["id"]], step=1)
+    with pytest.raises(FeedbackConflict) as caught:
+        _post(store, "chatcmpl-a", reward=0.5, score=0.25)
+    assert caught.value.existing["consumed_step"] == 1 and caught.value.existing["score"] is None
+    with pytest.raises(FeedbackConflict):
+        _post(store, "chatcmpl-a", reward=None, score=None)
+    with pytest.raises(FeedbackConflict):
+        _post(store, "chatcmpl-a", reward=0.5, score=None, feedback="other words")
+    same, created = _post(store, "chatcmpl-a", reward=0.5, score=None)
+    assert not created and same["consumed_step"] == 1
+
+
+def test_feedback_rejects_what_the_learner_could_not_train_on(store: Store) -> None:
+    """Out-of-range, non-finite or boolean rewards/scores, an empty source, an unknown
+    completion and lone surrogates are refused, and no row is written for any of them."""
+    _interaction(store, "chatcmpl-a")
+    for bad in (-0.01, 1.01, math.inf, math.nan, True, "1"):
+        with pytest.raises(ValueError, match="reward"):
+            _post(store, "chatcmpl-a", reward=bad)
+        with pytest.raises(ValueError, match="score"):
+            _post(store, "chatcmpl-a", reward=None, score=bad)
+    with pytest.raises(ValueError, match="source"):
+        _post(store, "chatcmpl-a", source="")
+    with pytest.raises(ValueError, match="feedback"):
+        _post(store, "chatcmpl-a", feedback="bad \ud800")
+    with pytest.raises(ValueError, match="source"):
+        _post(store, "chatcmpl-a", source="user \ud800")
+    with pytest.raises(ValueError, match="completion_id"):
+        _post(store, "chatcmpl-\ud800")
+    with pytest.raises(KeyError):
+        _post(store, "chatcmpl-nope")
+    assert store.counts()["feedback"] == 0
+    low, _ = _post(store, "chatcmpl-a", reward=0, score=1)  # the ends are allowed
+    assert low["reward"] == 0.0 and low["score"] == 1.0 and isinstance(low["reward"], float)
+
+
+# ---- the learner's rows ------------------------------------------------------------------------------
+def test_unconsumed_rows_come_oldest_first_up_to_the_limit_and_leave_once_marked(
+    store: Store,
+) -> None:
+    store.add_version("v1", parent="base", step=1)
+    _interaction(store, "chatcmpl-a")
+    _interaction(store, "chatcmpl-b", version="v1", response_logprobs=None, response="8")
+    ids = [
+        _post(store, "chatcmpl-b", source="grader", reward=None, score=0.5, feedback="")[0]["id"],
+        _post(store, "chatcmpl-a")[0]["id"],
+        _post(store, "chatcmpl-b", feedback="nice")[0]["id"],
+    ]
+    rows = store.unconsumed(10)
+    assert [r.feedback_id for r in rows] == ids
+    assert rows[0] == TrainingRow(
+        feedback_id=ids[0], completion_id="chatcmpl-b", model_version="v1", messages=MESSAGES,
+        response="8", prompt_token_ids=[1, 2, 3], response_token_ids=[4, 5],
+        response_logprobs=None, reward=None, score=0.5, feedback="", source="grader",
+    )  # fmt: skip
+    assert rows[1].response_logprobs == [-0.1, -0.2] and rows[1].model_version == "base"
+    assert [r.feedback_id for r in store.unconsumed(2)] == ids[:2]
+    assert store.unconsumed(0) == [] and store.unconsumed(-3) == []
+
+    store.mark_consumed([], step=1)  # nothing to mark, no cursor: changes nothing
+    assert len(store.unconsumed(10)) == 3 and store.get_state("cursor") is None
+    store.mark_consumed([ids[0], ids[2]], step=7, cursor={"feedback_id": ids[2]})
+    assert [r.feedback_id for r in store.unconsumed(10)] == [ids[1]]
+    assert store.get_state("cursor") == {"feedback_id": ids[2]}
+    assert store.counts() == {"interactions": 2, "feedback": 3, "consumed": 2, "versions": 2}
+    store.mark_consumed([ids[1]], step=8)  # no cursor given: the old one stays
+    assert store.get_state("cursor") == {"feedback_id": ids[2]} and store.unconsumed(10) == []
+    steps = {f["id"]: f["consumed_step"] for f in store.interaction("chatcmpl-b")["feedback"]}
+    assert steps == {ids[0]: 7, ids[2]: 7}
+
+
+def test_learner_state_is_none_until_set_and_then_replaced(store: Store) -> None:
+    assert store.get_state("cursor") is None
+    store.set_state("cursor", {"feedback_id": 3})
+    store.set_state("other", [1, 2])
+    store.set_state("cursor", {"feedback_id": 5})
+    assert store.get_state("cursor") == {"feedback_id": 5} and store.get_state("other") == [1, 2]
+    store.set_state("other", None)
+    assert store.get_state("other") is None
+
+
+# ---- reading back ------------------------------------------------------------------------------------------
+def test_interaction_and_recent_return_rows_with_their_feedback(store: Store) -> None:
+    assert store.interaction("chatcmpl-nope") is None and store.recent(5) == []
+    for name in ("chatcmpl-a", "chatcmpl-b", "chatcmpl-c"):
+        _interaction(store, name)
+    _post(store, "chatcmpl-a", source="user")
+    _post(store, "chatcmpl-a", source="grader", reward=None, score=0.5)
+    _post(store, "chatcmpl-c", source="user", reward=0.0)
+
+    one = store.interaction("chatcmpl-a")
+    assert one is not None
+    assert one["id"] == "chatcmpl-a" and one["response_token_ids"] == [4, 5]
+    assert one["params"] == {"temperature": 1.0} and one["finish_reason"] == "stop"
+    assert [f["source"] for f in one["feedback"]] == ["user", "grader"]
+    assert one["created_at"].endswith("Z") and one["feedback"][0]["created_at"].endswith("Z")
+
+    recent = store.recent(2)
+    assert [r["id"] for r in recent] == ["chatcmpl-c", "chatcmpl-b"]  # newest first
+    assert recent[0]["prompt_tokens"] == 3 and recent[0]["completion_tokens"] == 2
+    assert [f["reward"] for f in recent[0]["feedback"]] == [0.0] and recent[1]["feedback"] == []
+    assert "response_logprobs" not in recent[0] and "prompt_token_ids" not in recent[0]
+    assert recent[0]["created_at"].endswith("Z") and recent[0]["response"] == "7"
+    assert [r["id"] for r in store.recent(10)] == ["chatcmpl-c", "chatcmpl-b", "chatcmpl-a"]
+    assert store.recent(0) == [] and store.recent(-1) == []
+
+
+def test_add_version_keeps_accuracy_and_note_unless_given(store: Store) -> None:
+    store.add_version("v1", parent="base", step=1, accuracy=0.25, note="first")
+    store.add_version("v1", parent="base", step=2)
+    store.add_version("v1", parent="base", step=2, accuracy=0.75)
+    store.add_version("v1", parent="base", step=3, note="second")
+    versions = {v["id"]: v for v in store.versions()}
+    assert versions["v1"]["accuracy"] == 0.75 and versions["v1"]["note"] == "second"
+    assert versions["v1"]["step"] == 3 and versions["v1"]["parent"] == "base"
+    assert versions["base"]["accuracy"] is None and versions["base"]["note"] == ""
+    assert [v["id"] for v in store.versions()] == ["base", "v1"]  # oldest first
+    with pytest.raises(ValueError, match="accuracy"):
+        store.add_version("v2", parent="v1", step=4, accuracy=math.inf)
+
+
+# ---- opening, schema and migrations -----------------------------------------------------------------------
+def test_a_plain_path_creates_its_folder_and_an_in_memory_store_works(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "resd.db"
+    opened = Store(str(path))
+    assert path.exists() and opened.url == sqlite_url(path) and opened.dialect == "sqlite"
+    opened.close()
+    engine = sa.create_engine(sqlite_url(path))  # the tables the module docstring documents
+    assert set(sa.inspect(engine).get_table_names()) == {
+        "schema_version", "model_versions", "interactions", "feedback", "learner_state"
+    }  # fmt: skip
+    engine.dispose()
+    memory = Store("sqlite://")
+    memory.add_version("base", parent=None, step=0)
+    _interaction(memory, "chatcmpl-a")
+    assert memory.counts()["interactions"] == 1 and memory.schema_version() == 1
+    memory.close()
+
+
+def test_foreign_keys_are_enforced(store: Store) -> None:
+    """SQLite and PostgreSQL must reject the same rows: an interaction of an unknown version."""
+    with pytest.raises(sa.exc.IntegrityError):
+        _interaction(store, "chatcmpl-a", version="never-registered")
+    assert store.counts()["interactions"] == 0
+
+
+def test_an_older_database_is_migrated_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1 -> 2 runs MIGRATIONS[2] and records version 2; a failed migration leaves
+    the database at version 1; a missing migration is refused."""
+    path = tmp_path / "resd.db"
+    Store(str(path)).close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_module, "MIGRATIONS", {})
+    with pytest.raises(SchemaVersionError, match="no migration to version 2"):
+        Store(str(path))
+
+    def broken(conn: sa.engine.Connection) -> None:
+        conn.exec_driver_sql("ALTER TABLE model_versions ADD COLUMN tag TEXT")
+        raise RuntimeError("half way")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", {2: broken})
+    with pytest.raises(RuntimeError, match="half way"):
+        Store(str(path))
+    engine = sa.create_engine(sqlite_url(path))
+    with engine.begin() as conn:
+        columns = [c["name"] for c in sa.inspect(conn).get_columns("model_versions")]
+        assert "tag" not in columns
+        assert conn.exec_driver_sql("SELECT max(version) FROM schema_version").scalar() == 1
+    engine.dispose()
+
+    def add_tag(conn: sa.engine.Connection) -> None:
+        conn.exec_driver_sql("ALTER TABLE model_versions ADD COLUMN tag TEXT")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", {2: add_tag})
+    migrated = Store(str(path))
+    assert migrated.schema_version() == 2
+    migrated.close()
+    Store(str(path)).close()  # at the current version: opened as is, not migrated again
+
+
+def test_a_change_that_races_the_learner_marking_the_row_is_a_conflict(store: Store) -> None:
+    """The learner marks the row consumed after the store read it but before its UPDATE: the
+    change must be refused (FeedbackConflict naming the step), not written over trained data."""
+    _interaction(store, "chatcmpl-a")
+    row, _ = _post(store, "chatcmpl-a", reward=1.0)
+    learner = sa.create_engine(store.engine.url)
+
+    def learner_marks_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE feedback SET reward"):
+            with learner.begin() as other:
+                other.exec_driver_sql("UPDATE feedback SET consumed_step = 9")
+
+    sa.event.listen(store.engine, "before_cursor_execute", learner_marks_first)
+    try:
+        with pytest.raises(FeedbackConflict) as caught:
+            _post(store, "chatcmpl-a", reward=0.0, feedback="changed")
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", learner_marks_first)
+        learner.dispose()
+    assert caught.value.existing["consumed_step"] == 9
+    kept = store.interaction("chatcmpl-a")["feedback"]  # type: ignore[index]
+    assert [(f["id"], f["reward"], f["feedback"]) for f in kept] == [(row["id"], 1.0, "right")]
