@@ -133,6 +133,14 @@ def test_threads_and_temp_files_still_work():
     assert result.stdout == "[1] x\n"
 
 
+@pytest.mark.parametrize("timeout_s", [0, -1.0])
+def test_a_timeout_that_is_not_positive_is_refused(timeout_s: float) -> None:
+    # Catches a dropped or loosened `timeout_s <= 0` check: a zero timeout would start a
+    # child and report every program as timed out instead of naming the bad argument.
+    with pytest.raises(ValueError, match="timeout_s"):
+        run_python("print('ran')", timeout_s=timeout_s, bwrap=False)
+
+
 # -- resource exhaustion -------------------------------------------------------------------
 
 
@@ -236,6 +244,63 @@ def test_huge_stdout_is_capped_without_costing_host_memory():
     assert result.stdout.startswith("xxx") and result.stdout.endswith("END\n")
     assert "bytes omitted" in result.stdout
     assert grown_mb < 50
+
+
+def test_the_child_gets_the_documented_resource_limits():
+    # Catches a wrong limit (CPU seconds not just above the timeout, MiB mis-scaled, a
+    # limit dropped from the list): each is read back inside the sandbox itself.
+    names = ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"]
+    names.append("RLIMIT_NPROC")
+    code = f"""
+    import json, resource
+    print(json.dumps({{n: resource.getrlimit(getattr(resource, n)) for n in {names!r}}}))
+    """
+
+    def expected(name: str, soft: int, hard: int) -> list[int]:
+        # the child can only lower limits: a finite hard limit of ours caps what it asks
+        host_hard = resource.getrlimit(getattr(resource, name))[1]
+        if host_hard != resource.RLIM_INFINITY and host_hard >= 0:
+            hard = min(hard, host_hard)
+        return [min(soft, hard), hard]
+
+    limited = run(code, timeout_s=2.5, memory_mb=300, max_file_mb=3, max_processes=40)
+    assert limited.ok, limited.stderr
+    assert json.loads(limited.stdout) == {
+        "RLIMIT_CPU": expected("RLIMIT_CPU", 4, 5),  # ceil(2.5) + 1, hard one more
+        "RLIMIT_AS": expected("RLIMIT_AS", 300 * 2**20, 300 * 2**20),
+        "RLIMIT_FSIZE": expected("RLIMIT_FSIZE", 3 * 2**20, 3 * 2**20),
+        "RLIMIT_NOFILE": expected("RLIMIT_NOFILE", 256, 256),
+        "RLIMIT_CORE": [0, 0],
+        "RLIMIT_NPROC": expected("RLIMIT_NPROC", 40, 40),
+    }
+    unlimited = run(code, memory_mb=None)
+    assert json.loads(unlimited.stdout)["RLIMIT_AS"] == list(resource.getrlimit(resource.RLIMIT_AS))
+
+
+def test_output_written_just_before_exit_is_kept_whole():
+    # Catches ending the read loop too early once the program has exited: the last
+    # pipe-full of output (often the traceback or the answer) would be dropped.
+    code = """
+    import sys
+    sys.stdout.write('x' * 2**20)
+    print('END')
+    """
+    result = run(code, timeout_s=10, max_output_bytes=4 * 2**20)
+    assert result.ok and not result.output_truncated
+    assert result.stdout == "x" * 2**20 + "END\n"
+
+
+def test_output_cap_keeps_what_fits_and_counts_what_it_drops():
+    # Catches off-by-one and sign errors in the head/tail cap: output that fits is
+    # returned whole and unmarked; output that does not keeps 3/4 head and 1/4 tail,
+    # and the omitted count is exact.
+    data = "".join(f"{i:04d}," for i in range(400))  # 2000 distinct bytes
+    code = "import sys\nsys.stdout.write(sys.stdin.read())\n"
+    fits = run(code, stdin=data[:200], max_output_bytes=200)
+    assert fits.stdout == data[:200] and not fits.output_truncated
+    capped = run(code, stdin=data, max_output_bytes=200)
+    assert capped.output_truncated
+    assert capped.stdout == f"{data[:150]}\n[... 1800 bytes omitted ...]\n{data[-50:]}"
 
 
 def test_big_files_hit_the_file_size_limit():
@@ -465,6 +530,34 @@ def test_leftover_children_are_killed_when_the_program_exits():
     assert result.stdout == "spawned\n" and result.returncode == 0
     assert time.monotonic() - start < 5, "must not wait for the children"
     assert_group_gone(result.pid)
+
+
+def test_leftover_children_cannot_keep_writing_after_the_program_exits():
+    # Catches a missing group kill at the moment the main process exits: the child would
+    # live on until the pipes are abandoned a second later and its output would count.
+    code = """
+    import subprocess
+    subprocess.Popen(['sh', '-c', 'sleep 0.5; echo late'])
+    print('main done')
+    """
+    result = run(code, allow_subprocess=True, timeout_s=10)
+    assert result.ok and result.stdout == "main done\n"
+    assert_group_gone(result.pid)
+
+
+def test_a_process_that_left_the_group_does_not_hold_the_run_until_the_timeout():
+    # Catches a dropped "pipes still held a second after exit" break: a process in a new
+    # session escapes the group kill and keeps stdout open, and the run would then wait
+    # for the whole timeout and report a program that exited normally as timed out.
+    code = """
+    import subprocess
+    subprocess.Popen(['sleep', '4'], start_new_session=True)
+    print('left')
+    """
+    result = run(code, allow_subprocess=True, timeout_s=3)
+    assert not result.timed_out and result.returncode == 0
+    assert result.stdout == "left\n"
+    assert result.wall_s < 2.5
 
 
 def test_whole_group_is_killed_on_timeout():
