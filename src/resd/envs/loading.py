@@ -47,7 +47,7 @@ DATA_SUFFIXES: dict[str, str] = {
     ".arrow": "arrow",
 }
 _READ_DIRECTLY = {".jsonl", ".ndjson", ".json"}
-# `datasets`' split grammar, spaces allowed: `load_splits` removes them before `datasets`
+# `datasets`' split grammar, spaces allowed: `_canonical` removes them before `datasets`
 # reads a spec (it refuses them), and bounds may group digits (`train[1_000:]`) as it allows.
 # Specs such as ``train[:50%]+test`` or ``train[:33%](pct1_dropremainder)`` go to `datasets`.
 _SPLIT = re.compile(
@@ -56,13 +56,19 @@ _SPLIT = re.compile(
 _ROUNDING = re.compile(r"\((?:closest|pct1_dropremainder)\)\s*$")
 
 
-def _canonical(spec: str) -> str:
+def _canonical(spec: str, field: str) -> str:
     """`spec` as `datasets` reads it, spaces removed (``train[ 2 : 5 ] + test`` ->
-    ``train[2:5]+test``); every ``+`` part must match `_SPLIT` once its rounding is cut."""
+    ``train[2:5]+test``), or a ValueError naming `field` when a ``+`` part, its rounding
+    cut, does not match `_SPLIT`: checked before anything loads."""
     parts = []
     for part in str(spec).split("+"):
         rounding = _ROUNDING.search(part)
-        name, lo, hi = _SPLIT.match(part[: rounding.start()] if rounding else part).groups()
+        m = _SPLIT.match(part[: rounding.start()] if rounding else part)
+        if m is None:
+            raise ValueError(
+                f"{field}: cannot read the split {spec!r}; write e.g. train or train[:80%]"
+            )
+        name, lo, hi = m.groups()
         sliced = f"[{lo or ''}:{hi or ''}]" if "[" in part else ""
         parts.append(name + sliced + (rounding.group().strip() if rounding else ""))
     return "+".join(parts)
@@ -136,12 +142,7 @@ def load_splits(
     `split_fields` are the argument names that error messages cite.
     """
     split_fields = list(split_fields or ["env_args.split"] * len(splits))
-    for spec, f in zip(splits, split_fields, strict=True):
-        if not all(_SPLIT.match(_ROUNDING.sub("", part)) for part in str(spec).split("+")):
-            raise ValueError(
-                f"{f}: cannot read the split {spec!r}; write e.g. train or train[:80%]"
-            )
-    splits = [_canonical(s) for s in splits]
+    splits = [_canonical(s, f) for s, f in zip(splits, split_fields, strict=True)]
     options = dict(load_kwargs or {})
     if path is None and data_files is None:
         raise ValueError(f"{field}: give a dataset: a local file or directory, or a Hub id")
@@ -188,12 +189,7 @@ def rows_from_dataset(
 ) -> list[Rows]:
     """Splits of an in-memory `datasets.Dataset` (its one split is "train") or DatasetDict."""
     split_fields = list(split_fields or ["env_args.split"] * len(splits))
-    for spec, f in zip(splits, split_fields, strict=True):
-        if not all(_SPLIT.match(_ROUNDING.sub("", part)) for part in str(spec).split("+")):
-            raise ValueError(
-                f"{f}: cannot read the split {spec!r}; write e.g. train or train[:80%]"
-            )
-    splits = [_canonical(s) for s in splits]
+    splits = [_canonical(s, f) for s, f in zip(splits, split_fields, strict=True)]
     try:
         import datasets
     except ImportError as exc:  # nobody holds a Dataset without the package, but say so

@@ -50,8 +50,9 @@ def check_reflector(value: dict[str, Any]) -> str | None:
         given = value.get(key)
         # finite first: `.inf` or `.nan` in YAML would reach the server (or make int()
         # raise) instead of naming the setting
-        number = isinstance(given, int | float) and not isinstance(given, bool)
-        number = number and math.isfinite(given)
+        number = (
+            isinstance(given, int | float) and not isinstance(given, bool) and math.isfinite(given)
+        )
         if given is not None and not (number and ok(given)):
             return f"{key}: expected {expected}, got {given!r}"
     return None
