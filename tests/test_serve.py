@@ -4,6 +4,7 @@ a real SQLite database, and the real `openai` client and httpx on the other side
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -161,6 +162,19 @@ def test_stream_pieces_join_to_the_text(served: ServedModel) -> None:
     assert "".join(text_pieces(served.tokenizer, ids, decoded, max_pieces=3)) == decoded
 
 
+def test_stream_pieces_are_at_most_max_pieces(served: ServedModel) -> None:
+    """A long reply streams in multi-token pieces (one decode per piece, not per token); an
+    empty reply is no pieces."""
+    text = "What is 3 + 4? Answer: 7. The reflection says the answer was wrong."
+    ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 12
+    for most in (1, 3, 5):
+        pieces = text_pieces(served.tokenizer, ids, decoded, max_pieces=most)
+        assert "".join(pieces) == decoded and 1 <= len(pieces) <= most + 1, (most, pieces)
+    assert text_pieces(served.tokenizer, [], "") == []
+
+
 def test_streaming_through_openai_client(server: Running) -> None:
     stream = chat(server, stream=True, seed=3, max_tokens=12,
                   stream_options={"include_usage": True})  # fmt: skip
@@ -178,6 +192,25 @@ def test_streaming_through_openai_client(server: Running) -> None:
     assert usage.completion_tokens == len(row["response_token_ids"])
     # the same request unstreamed gives the same text (same seed, same settings)
     assert chat(server, seed=3, max_tokens=12).choices[0].message.content == text
+
+
+def test_a_stream_is_server_sent_events_ending_in_done(server: Running) -> None:
+    """What a client without the openai package reads: `text/event-stream` (an EventSource
+    or a proxy goes by it), the role first, the text, a finish, then `data: [DONE]`, which
+    many SSE readers wait for before they close the stream."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 6, "seed": 5, "stream": True}
+    response = server.post("/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    events = [e for e in response.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all("usage" not in c for c in chunks)  # only asked for with include_usage
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert server.store.interaction(chunks[0]["id"])["response"] == text
 
 
 def test_models_and_health(server: Running) -> None:
@@ -288,6 +321,83 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
         == "not_found"
     )
     assert _counts(server) == before
+
+
+def test_options_that_would_be_ignored_are_refused_by_name(server: Running) -> None:
+    """n, stop, logprobs and the penalties are parsed but not honoured: each is a 400 naming
+    the option (code unsupported_value) rather than a reply that ignored it; their no-op
+    values pass. An empty message list is refused too, not answered from a bare prompt."""
+    good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    before = _counts(server)
+    refused = [("n", 2), ("stop", "\n"), ("logprobs", True), ("presence_penalty", 0.5),
+               ("frequency_penalty", -1.0)]  # fmt: skip
+    for option, value in refused:
+        response = server.post("/v1/chat/completions", {**good, option: value})
+        assert response.status_code == 400, (option, response.text)
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (option, "unsupported_value"), error
+    empty = server.post("/v1/chat/completions", {**good, "messages": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
+    assert _counts(server) == before
+    no_ops = {"n": 1, "stop": [], "logprobs": False, "presence_penalty": 0.0,
+              "frequency_penalty": 0.0}  # fmt: skip
+    assert server.post("/v1/chat/completions", {**good, **no_ops}).status_code == 200
+
+
+def test_validation_errors_name_the_first_field_and_count_the_rest(server: Running) -> None:
+    """A client fixes what the error names: the first bad field as a dotted path (no
+    `body.` prefix), with how many more there are, under code invalid_value."""
+    two_bad = {"model": MODEL, "messages": MESSAGES, "temperature": 5.0, "top_p": 0.0}
+    error = server.post("/v1/chat/completions", two_bad).json()["error"]
+    assert (error["param"], error["code"]) == ("temperature", "invalid_value"), error
+    assert error["message"].startswith("temperature: ") and error["message"].endswith(
+        "(and 1 more)"
+    )
+    nested = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}, {"role": "bot"}]}
+    error = server.post("/v1/chat/completions", nested).json()["error"]
+    assert error["param"].startswith("messages.1.") and "more" in error["message"], error
+    not_object = server.post("/v1/feedback", ["chatcmpl-x"]).json()["error"]
+    assert not_object["code"] == "invalid_value" and not_object["param"] is None
+    for top_p in (0.0, 1.5):  # (0, 1]
+        refused = server.post(
+            "/v1/chat/completions", {**two_bad, "temperature": 1.0, "top_p": top_p}
+        )
+        assert refused.json()["error"]["param"] == "top_p", refused.text
+    nucleus = chat(server, top_p=0.5, temperature=2.0, max_tokens=2)
+    assert server.store.interaction(nucleus.id)["params"]["top_p"] == 0.5
+
+
+def test_response_format_options_are_checked_and_recorded(
+    served: ServedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`json_schema` without its schema is a 400 naming it; `text` is an ordinary reply,
+    recorded with the format; without the grammar package a JSON format is a 400 naming
+    the install, not a 500, and plain requests are still answered."""
+    good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    with start_server(served, tmp_path / "resd.db") as running:
+        missing = running.post(
+            "/v1/chat/completions", {**good, "response_format": {"type": "json_schema"}}
+        )
+        assert missing.status_code == 400, missing.text
+        assert missing.json()["error"]["param"] == "response_format.json_schema"
+        assert missing.json()["error"]["code"] == "invalid_value"
+        text = running.post("/v1/chat/completions", {**good, "response_format": {"type": "text"}})
+        assert text.status_code == 200, text.text
+        params = running.store.interaction(text.json()["id"])["params"]
+        assert params["response_format"] == {"type": "text"}
+
+        monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if not installed
+        refused = running.post(
+            "/v1/chat/completions", {**good, "response_format": {"type": "json_object"}}
+        )
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("response_format", "unsupported_value")
+        assert (
+            error["message"].startswith("response_format: ") and "pip install" in error["message"]
+        )
+        assert running.post("/v1/chat/completions", good).status_code == 200
+        assert _counts(running) == (2, 0)
 
 
 def _raw_post(running: Running, path: str, body: bytes) -> httpx.Response:
@@ -423,6 +533,132 @@ def test_swap_while_a_request_is_in_flight(server: Running, served: ServedModel)
         server.holder.swap(served)
 
 
+def test_max_batch_caps_each_batch_and_the_sizes_are_kept(
+    served: ServedModel, tmp_path: Path
+) -> None:
+    """Five queued requests with `max_batch=2` run as batches of 2, 2 and 1 (a larger batch
+    could exhaust the device's memory), and `batch_sizes` keeps every batch, newest last."""
+    with start_server(served, tmp_path / "resd.db", max_batch=2) as running:
+        with ThreadPoolExecutor(5) as pool, running.engine.paused():
+            futures = [pool.submit(chat, running, seed=i, max_tokens=2) for i in range(5)]
+            _wait_for(lambda: running.engine.pending == 5, "5 queued requests")
+        assert all(f.result().id for f in futures)
+        assert running.engine.batch_sizes == [2, 2, 1]
+        chat(running, max_tokens=2)
+        assert running.engine.batch_sizes == [2, 2, 1, 1]
+
+
+def test_the_server_caps_max_tokens_and_records_the_cap(server: Running) -> None:
+    """A request for more tokens than `max_new_tokens` (16 here) gets 16, and 16 is what is
+    recorded; `max_completion_tokens`, OpenAI's newer name, wins over `max_tokens`."""
+    capped = chat(server, max_tokens=1000, seed=11, temperature=1.5)
+    assert capped.usage.completion_tokens <= 16
+    assert server.store.interaction(capped.id)["params"]["max_tokens"] == 16
+    newer = chat(server, max_tokens=9, max_completion_tokens=3, seed=11)
+    assert newer.usage.completion_tokens <= 3
+    assert server.store.interaction(newer.id)["params"]["max_tokens"] == 3
+
+
+def test_engine_settings_below_one_are_refused(served: ServedModel) -> None:
+    """`--max-batch 0` would never generate, `--max-new-tokens 0` reply with nothing."""
+    holder = ModelHolder(served)
+    for bad in ({"max_batch": 0}, {"max_new_tokens": 0}, {"max_prompt_tokens": 0},
+                {"batch_wait_ms": -1.0}):  # fmt: skip
+        with pytest.raises(ValueError, match="must be >= 1"):
+            GenerationEngine(holder, **bad)
+    edge = GenerationEngine(holder, max_batch=1, max_new_tokens=1, max_prompt_tokens=1,
+                            batch_wait_ms=0.0)  # fmt: skip
+    assert (edge.max_batch, edge.max_new_tokens, edge.batch_wait_s) == (1, 1, 0.0)
+
+
+def test_a_schema_max_length_is_held_to_the_letter(served: ServedModel, tmp_path: Path) -> None:
+    """A client's `maxLength` is a character limit in every reply (the trainer's own schemas
+    budget free text in tokens instead, which would let a reply run past it)."""
+    pytest.importorskip("xgrammar", reason="structured output needs the structured extra")
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}},
+              "required": ["a"], "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "short", "schema": schema}}
+    with start_server(served, tmp_path / "resd.db", max_new_tokens=64) as running:
+        for seed in range(4):
+            reply = chat(running, response_format=fmt, max_tokens=64, seed=seed, temperature=1.5)
+            obj = json.loads(reply.choices[0].message.content, strict=False)  # raw control chars
+            assert len(obj["a"]) <= 3, obj
+
+
+def test_requests_without_a_seed_each_draw_a_fresh_one(server: Running) -> None:
+    """An unseeded request draws its own random seed (recorded, so the reply can be
+    regenerated); one fixed seed for all would give every unseeded prompt the same sample."""
+    seeds = {server.store.interaction(chat(server, max_tokens=1).id)["params"]["seed"]
+             for _ in range(3)}  # fmt: skip
+    assert len(seeds) == 3 and all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_one_worker_whose_stop_finishes_what_it_accepted(served: ServedModel) -> None:
+    """A second `start` is a no-op (two workers would race for the model and split every
+    batch). `stop` lets the batch in progress finish: a request accepted before a shutdown
+    is answered, not left waiting forever. `submit`'s defaults sample (temperature 1), so
+    the reply has the sampler's log-probabilities."""
+    engine = GenerationEngine(ModelHolder(served), max_batch=3, max_new_tokens=3,
+                              batch_wait_ms=1000.0, autocast=None)  # fmt: skip
+    engine.start()
+    engine.start()
+    with engine.paused():
+        queued = [engine.submit(MESSAGES, seed=i) for i in range(3)]
+    assert all(f.result(timeout=60).text is not None for f in queued)
+    assert engine.batch_sizes == [3]
+    accepted = engine.submit(MESSAGES)
+    engine.stop()  # arrives while the worker still gathers a batch (up to 1 s)
+    assert accepted.done() and accepted.result().logprobs is not None
+
+
+def test_stopping_an_idle_engine_ends_its_worker_quietly(
+    served: ServedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every shutdown of an idle server stops an idle engine: its worker ends without an
+    exception (which Python would print as a traceback on the way out), and a second stop,
+    or a stop before any start, is a no-op."""
+    errors: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    engine = GenerationEngine(ModelHolder(served), autocast=None)
+    engine.stop()
+    engine.start()
+    engine.stop()  # joins the worker
+    engine.stop()
+    assert errors == [] and engine.pending == 0
+
+
+def test_a_failed_batch_is_a_500_and_the_worker_keeps_serving(
+    served: ServedModel, tmp_path: Path
+) -> None:
+    """A batch whose generation fails (here: weights with a smaller vocabulary than their
+    tokenizer's, as a mismatched folder has) answers its requests with a 500 and writes
+    nothing; the worker goes on, so the next request is answered."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    mismatched = ServedModel(LlamaForCausalLM(config).eval(), served.tokenizer, "v1", MODEL)
+    with start_server(served, tmp_path / "resd.db") as running:
+        running.holder.swap(mismatched)
+        failed = running.post("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES})
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+        running.holder.swap(served)
+        assert chat(running, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+        assert _counts(running) == (1, 0)
+
+
+def test_a_request_after_the_engine_stopped_is_a_503(served: ServedModel, tmp_path: Path) -> None:
+    """While the server shuts down its engine is stopped first: a request then is a 503 (the
+    openai client retries those), not a 500, and it leaves no row."""
+    with start_server(served, tmp_path / "resd.db") as running:
+        running.engine.stop()
+        response = running.post("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES})
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "unavailable"
+        assert _counts(running) == (0, 0)
+
+
 # ---- the database ----------------------------------------------------------------------------------------
 def _fill(store: Store) -> None:
     store.add_version("base", parent=None, step=0, note="first")
@@ -551,11 +787,40 @@ def test_page_shows_interactions_playbook_and_curve(page_server: Running) -> Non
     assert health["learner"]["steps"] == 2 and health["learner"]["running"] is True
 
 
+def test_health_summarises_the_learner_without_its_playbook(page_server: Running) -> None:
+    """/health is polled by monitors: the learner's scalars, its step count, its last step
+    and latest accuracy, never the playbook text (which grows with every step)."""
+    learner = httpx.get(f"{page_server.url}/health").json()["learner"]
+    assert "playbook_markdown" not in learner and "playbook_history" not in learner
+    assert learner["last_step"] == {"step": 2, "served": "v2", "accuracy": 0.5, "rows": 4}
+    assert learner["accuracy"] == {"step": 2, "accuracy": 0.5}
+
+
 def test_page_without_learner_and_with_basic_auth(server: Running) -> None:
     assert httpx.get(f"{server.url}/").status_code == 401
     basic = base64.b64encode(f"operator:{KEY}".encode()).decode()
     page = httpx.get(f"{server.url}/", headers={"Authorization": f"Basic {basic}"})
     assert page.status_code == 200 and "no learner" in page.text
+
+
+def test_auth_challenges_name_the_scheme_and_a_garbled_basic_header_is_a_401(
+    server: Running,
+) -> None:
+    """A browser asks for a password only when the page's 401 challenges with Basic; the API
+    challenges with Bearer. A Basic header that is not base64, or not UTF-8 inside, is a
+    wrong password (a 401), not a server error."""
+    page = httpx.get(f"{server.url}/")
+    assert page.headers["www-authenticate"] == 'Basic realm="resd serve"'
+    api = httpx.get(f"{server.url}/v1/models")
+    assert api.status_code == 401 and api.headers["www-authenticate"] == "Bearer"
+    assert api.json()["error"]["message"].startswith("missing API key")
+    wrong = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.json()["error"]["message"].startswith("invalid API key")
+    not_utf8 = base64.b64encode(b"operator:\xff\xfe").decode()
+    for garbled in ("Basic !!!not-base64!!!", f"Basic {not_utf8}"):
+        response = httpx.get(f"{server.url}/", headers={"Authorization": garbled})
+        assert response.status_code == 401, (garbled, response.text)
+        assert response.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_page_screenshot_in_headless_chromium(page_server: Running, tmp_path: Path) -> None:
@@ -588,6 +853,17 @@ def test_cli_refuses_a_public_host_without_a_key(capsys: pytest.CaptureFixture[s
         ["serve", "--model", "unused", "--host", "0.0.0.0", "--api-key-env", "RESD_TEST_UNSET_KEY"]
     )
     assert code == 2 and "needs an API key" in capsys.readouterr().err
+
+
+def test_only_loopback_hosts_count_as_loopback() -> None:
+    """`resd serve` without a key binds only where no other machine can reach it:
+    `localhost` and every loopback address (IPv6 in brackets too), nothing else."""
+    from resd.serve.app import on_loopback
+
+    for host in ("localhost", "LOCALHOST", "127.0.0.1", "127.8.9.10", "::1", "[::1]"):
+        assert on_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.168.1.2", "example.com", "localhost.example.com", ""):
+        assert not on_loopback(host), host
 
 
 def test_cli_without_the_serve_extra_names_it(tmp_path: Path) -> None:
@@ -728,6 +1004,55 @@ def test_a_restart_with_another_model_does_not_reuse_the_base_version(
     )
     assert main([*args, "--base-version", "other-base"]) == 2  # past that check: the model
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_cli_a_restart_on_the_same_model_or_an_in_memory_database_passes_the_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A restart on the same model reuses the base version recorded for it, and `--db
+    sqlite://` (in memory, no files to clean up) is a database like any other: both get as
+    far as loading the model (missing here), and a failed start leaves no folders."""
+    from resd.cli import main
+
+    model, out = tmp_path / "model", tmp_path / "serve"
+    store = Store(str(out / "resd.db"))
+    store.add_version("base", parent=None, step=0, note=f"loaded from {model}")
+    store.close()
+    assert main(["serve", "--model", str(model), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "--base-version" not in err, err
+    memory = ["--db", "sqlite://", "--output-dir", str(tmp_path / "new" / "dir")]
+    assert main(["serve", "--model", str(model), *memory]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_says_when_it_serves_without_a_key_and_binds_the_port_asked(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Without a key (the variable unset or empty) the start-up says the server is
+    unauthenticated; with one it does not. The server is built for the host and port
+    asked for. (The server itself is not run.)"""
+    import resd.serve.command
+    from resd.cli import main
+
+    ran: list[Any] = []
+    monkeypatch.setattr(resd.serve.command, "_run_until_signalled", ran.append)
+    port = _free_port()
+    args = ["serve", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--port",
+            str(port), "--api-key-env", "RESD_TEST_SERVE_KEY", "--dtype", "float32",
+            "--device", "cpu"]  # fmt: skip
+    for key in (None, "", "a-key"):
+        if key is None:
+            monkeypatch.delenv("RESD_TEST_SERVE_KEY", raising=False)
+        else:
+            monkeypatch.setenv("RESD_TEST_SERVE_KEY", key)
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        unauthenticated = "resd serve: no API key ($RESD_TEST_SERVE_KEY is unset)" in err
+        assert unauthenticated == (not key), (key, err)
+        assert (ran[-1].config.host, ran[-1].config.port) == ("127.0.0.1", port)
 
 
 def test_create_app_refuses_an_empty_name_and_a_body_limit_below_one(served: ServedModel) -> None:

@@ -144,6 +144,45 @@ def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
         assert status["steps"][0]["served"] and status["accuracy"][0]["step"] == 0
 
 
+def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """`--learn-min-rows` may be the config's batch_size itself (not only less), and 0 is
+    refused; a guard that is not told otherwise serves only a step that did not fall. After
+    a step the database's cursor says which step consumed rows and what it served."""
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, _):
+        with pytest.raises(ValueError, match=r"^--learn-min-rows: 0 is not in 1\.\.4"):
+            Learner.from_config(path, store=running.store, holder=running.holder,
+                                output_dir=tmp_path / "zero", min_rows=0)  # fmt: skip
+        learner = Learner.from_config(path, store=running.store, holder=running.holder,
+                                      output_dir=tmp_path / "four", min_rows=4)  # fmt: skip
+        assert (learner.settings.min_rows, learner.settings.guard_tolerance) == (4, 0.0)
+        record = learner.step_once()
+        assert record is not None and record["rows"] == 4
+        cursor = running.store.get_state("cursor")
+        assert cursor == {"step": 1, "version": record["version"]}
+
+
+def test_a_failing_step_is_reported_and_the_server_keeps_answering(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """A step that raises (here: a guard metric the evaluation does not have) does not end
+    the learner's thread silently: `status()` (hence the page and /health) names the error,
+    nothing is consumed, and the served model stays."""
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, _, learner):
+        learner.settings = LearnerSettings(min_rows=4, poll_seconds=0.1, guard_metric="no_such")
+        learner.start()
+        try:
+            deadline = time.monotonic() + 120
+            while learner.status()["error"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            learner.stop(timeout=120)
+        assert learner.status()["error"] == "KeyError: 'no_such'"
+        assert consumed_steps(running.store) == [None] * 4
+        assert running.holder.current() is tiny_served
+
+
 def test_health_answers_while_a_learner_step_runs(tiny_model_dir, tmp_path, tiny_served):
     # a step holds the learner's lock for minutes on a real model; /health must not wait
     with (
