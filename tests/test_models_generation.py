@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from resd.generation.hf import chat_prompt_ids, generate
+from resd.generation.int8 import int8_decoding_available
 from resd.models import load_model, load_tokenizer, materialize_bundled
 from resd.templating import strip_thinking
 from resd.training.update import response_logits, right_aligned_mask
@@ -355,3 +356,428 @@ def test_a_cut_prompt_keeps_its_end_and_is_said_once(tiny_model_dir, caplog, mon
     assert chat_prompt_ids(tok, messages, 5) == full[-5:]
     assert caplog.text.count(f"a prompt of {len(full)} tokens was cut to its last 4") == 1
     assert caplog.text.count("was cut") == 1
+
+
+# ---- mutation-testing gaps of resd.generation.hf ------------------------------------------
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finaliser on Python ints (mod 2**64): the reference the sampler follows."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def test_counter_uniform_is_splitmix64_of_seed_position_and_token() -> None:
+    """The noise is SplitMix64 bit for bit, with wrapping 64-bit arithmetic. A mixer with a
+    step dropped or an operator swapped still passes the frequency tests, but draws other
+    tokens (resumed and data-parallel runs no longer match the runs made before it) from a
+    weaker hash."""
+    from resd.generation.hf import counter_uniform
+
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's published first output, seed 0
+    mask = (1 << 64) - 1
+    seeds = [0, 1, 12345, 2**62 + 7, 2**63 - 1]
+    tokens = [0, 1, 299, 151_935]
+    for position in (0, 1, 37):
+        got = counter_uniform(torch.tensor(seeds), position, torch.tensor([tokens] * len(seeds)))
+        for row, seed in enumerate(seeds):
+            key = _splitmix64((seed + position * 0x9E3779B97F4A7C15) & mask)
+            expected = [((_splitmix64(key ^ t) >> 11) + 0.5) * 2.0**-53 for t in tokens]
+            assert got[row].tolist() == expected
+
+
+def test_row_seeded_sampler_without_a_nucleus_inverts_the_cdf_one_position_per_step() -> None:
+    """top_p = 1: each row takes the first token whose cumulative probability reaches its
+    uniform for (seed, position, token 0), and the position advances by one per step. A
+    sampler that sent top_p = 1 through the nucleus path or skipped positions would draw
+    other tokens from the same distribution, which the frequency test cannot see. A seed of
+    2**63 or more is taken modulo 2**63, as the sampler's int64 seeds require."""
+    from resd.generation.hf import RowSeededSampler, counter_uniform
+
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+    seeds = list(range(300))
+    sampler = RowSeededSampler([*seeds, 2**63 + 5], 1.0, 1.0, torch.device("cpu"))
+    zeros = torch.zeros(len(seeds) + 1, 1, dtype=torch.long)
+    for position in range(3):
+        scores = probs.log().float().expand(len(seeds) + 1, 5).clone()
+        picked = sampler(None, scores).argmax(-1)
+        uniform = counter_uniform(torch.tensor([*seeds, 5]), position, zeros)[:, 0]
+        expected = torch.searchsorted(probs.cumsum(-1), uniform)
+        assert picked.tolist() == expected.tolist()
+        assert len(set(picked.tolist())) == 5  # every token drawn: the test can fail
+
+
+def test_chat_ids_after_tokenizes_the_rest_of_the_conversation(tiny) -> None:
+    """The head's tokens are kept and the text after them is tokenized: the ids decode to
+    the whole rendered conversation (a follow-up question lost after the head would go
+    unseen by a test that compares only the head)."""
+    from resd.generation.hf import chat_ids_after, render_chat
+
+    _, tok = tiny
+    task = [{"role": "user", "content": "x x"}]
+    text = "the answer is 7"  # sampled one character at a time: re-tokenizing merges them
+    reply = [t for c in text for t in tok(c, add_special_tokens=False)["input_ids"]]
+    assert reply != tok(text, add_special_tokens=False)["input_ids"]
+    head = chat_prompt_ids(tok, task) + reply
+    conversation = [*task, {"role": "assistant", "content": text},
+                    {"role": "user", "content": "why?"}]  # fmt: skip
+    ids = chat_ids_after(tok, conversation, head)
+    assert ids[: len(head)] == head and len(ids) > len(head)
+    assert tok.decode(ids) == render_chat(tok, conversation)
+    assert chat_ids_after(tok, conversation, head, max_tokens=6) == ids[-6:]
+    assert chat_ids_after(tok, conversation, []) == chat_prompt_ids(tok, conversation)
+
+
+def test_a_prompt_of_exactly_max_tokens_is_neither_cut_nor_reported(tiny, caplog, monkeypatch):
+    """Only a prompt longer than `max_tokens` loses its start and is logged as cut."""
+    import resd.generation.hf as hf
+
+    monkeypatch.setattr(hf, "_said_cut", False)
+    _, tok = tiny
+    messages = [{"role": "user", "content": "Name the capital of France, please."}]
+    full = chat_prompt_ids(tok, messages)
+    assert chat_prompt_ids(tok, messages, len(full)) == full
+    assert chat_prompt_ids(tok, messages, len(full) + 1) == full
+    assert "was cut" not in caplog.text
+
+
+def test_generate_checks_its_per_prompt_arguments(tiny) -> None:
+    """One seed (and one schema) per prompt, schemas only with a grammar; no prompts, no
+    replies. Without the checks extra seeds were silently dropped and schemas without a
+    grammar silently ignored."""
+    from resd.generation.hf import eos_token_ids
+
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": c}]) for c in ("a", "b")]
+    assert generate(model, tok, [], max_new_tokens=4) == []
+    for seeds in ([1], [1, 2, 3]):
+        with pytest.raises(ValueError, match="one seed per prompt"):
+            generate(model, tok, prompts, max_new_tokens=4, seeds=seeds)
+    with pytest.raises(ValueError, match="json_schemas need a grammar"):
+        generate(model, tok, prompts, max_new_tokens=4, json_schemas=[None, None])
+    if importlib.util.find_spec("xgrammar") is not None:
+        from resd.generation.structured import JsonGrammar
+
+        grammar = JsonGrammar(tok, model.config.vocab_size, eos_token_ids(model, tok))
+        free = generate(model, tok, prompts, max_new_tokens=4, temperature=0.0, grammar=grammar)
+        plain = generate(model, tok, prompts, max_new_tokens=4, temperature=0.0)
+        assert [g.token_ids for g in free] == [g.token_ids for g in plain]  # no schemas: free
+        for schemas in ([None], [None, None, None]):
+            with pytest.raises(ValueError, match="one schema"):
+                generate(model, tok, prompts, max_new_tokens=4, grammar=grammar,
+                         json_schemas=schemas)  # fmt: skip
+
+
+def test_generation_turns_dropout_off_and_gives_the_model_back_in_its_mode(tiny) -> None:
+    """The policy samples its rollouts while in training mode: generation decodes with
+    dropout off, then hands the model back still training (and an eval model still eval)."""
+    import copy
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # a real dropout, so train mode would show
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 6)]
+    model.eval()
+    reference = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0)
+    assert not model.training
+    model.train()
+    torch.manual_seed(0)
+    got = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0)
+    assert model.training
+    assert [g.token_ids for g in got] == [g.token_ids for g in reference]
+
+
+def test_eos_token_ids_join_the_tokenizers_and_the_generation_configs(tiny, monkeypatch):
+    """Generation stops on the tokenizer's EOS and on every EOS the model's generation
+    config names (one id or a list); either may be missing."""
+    import copy
+
+    from resd.generation.hf import eos_token_ids
+
+    model, tok = tiny
+    eos = tok.eos_token_id
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [7, eos, 3])
+    assert eos_token_ids(model, tok) == sorted({3, 7, eos})
+    monkeypatch.setattr(model.generation_config, "eos_token_id", 9)
+    assert eos_token_ids(model, tok) == sorted({9, eos})
+    monkeypatch.setattr(model.generation_config, "eos_token_id", None)
+    assert eos_token_ids(model, tok) == [eos]
+    bare = copy.deepcopy(tok)
+    bare.eos_token = None
+    assert eos_token_ids(model, bare) == []
+    monkeypatch.setattr(model.generation_config, "eos_token_id", 9)
+    assert eos_token_ids(model, bare) == [9]
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tiny) -> None:
+    """Base tokenizers often have no pad token: a batch of different lengths is padded with
+    the first EOS id instead, and decodes as it does with a pad token."""
+    import copy
+
+    model, tok = tiny
+    bare = copy.deepcopy(tok)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 7)]
+    padded = generate(model, tok, prompts, max_new_tokens=10, temperature=0.0)
+    unpadded = generate(model, bare, prompts, max_new_tokens=10, temperature=0.0)
+    assert [g.token_ids for g in unpadded] == [g.token_ids for g in padded]
+
+
+def test_decode_options_compile_without_cuda_graphs_only_off_the_gpu() -> None:
+    """Off CUDA/XPU the compiled decode step must be told to compile and must not ask for
+    CUDA graphs (`reduce-overhead`); on those accelerators transformers' defaults stay."""
+    from transformers import CompileConfig
+
+    from resd.generation.hf import decode_options
+
+    cpu = decode_options(torch.device("cpu"), "static", True)["compile_config"]
+    assert cpu.mode == "default" and cpu._compile_all_devices
+    for accelerator in ("cuda", "xpu"):
+        config = decode_options(torch.device(accelerator), "static", True)["compile_config"]
+        assert config.mode == CompileConfig().mode == "reduce-overhead"
+        assert not config._compile_all_devices
+
+
+def test_generate_defaults_sample_at_temperature_one_without_a_nucleus(tiny) -> None:
+    """`generate` without a temperature or top-p samples from the model's own distribution,
+    and fills log-probs only when asked."""
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "y " * n}]) for n in (1, 4, 8)]
+    seeds = [3, 4, 5]
+    default = generate(model, tok, prompts, max_new_tokens=8, seeds=seeds)
+    explicit = generate(model, tok, prompts, max_new_tokens=8, seeds=seeds, temperature=1.0,
+                        top_p=1.0, return_logprobs=True)  # fmt: skip
+    greedy = generate(model, tok, prompts, max_new_tokens=8, temperature=0.0)
+    assert [g.token_ids for g in default] == [g.token_ids for g in explicit]
+    assert [g.token_ids for g in default] != [g.token_ids for g in greedy]
+    assert all(g.logprobs is None for g in default)
+    assert all(len(g.logprobs) == len(g.token_ids) for g in explicit)
+
+
+def test_prefix_cache_is_used_only_when_it_can_be(tiny) -> None:
+    """A fresh prefix cache changes nothing; a static KV cache leaves the prefix cache alone
+    (it cannot be primed); `keep_prefixes` replaces what the cache held; and a sampler
+    refuses the static-cache pairing up front."""
+    from resd.generation.hf import PrefixCache, TransformersSampler
+
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (2, 5, 8)]
+    greedy = {"max_new_tokens": 6, "temperature": 0.0}
+    plain = [g.token_ids for g in generate(model, tok, prompts, **greedy)]
+    fresh = PrefixCache()
+    got = generate(model, tok, prompts, prefix_cache=fresh, **greedy)
+    assert [g.token_ids for g in got] == plain and len(fresh) == 0
+    cache = PrefixCache()
+    generate(model, tok, prompts, prefix_cache=cache, keep_prefixes=True, **greedy)
+    assert len(cache) == 3
+    followups = [p + tok(" why?", add_special_tokens=False)["input_ids"] for p in prompts]
+    static = generate(model, tok, followups, cache_implementation="static", prefix_cache=cache,
+                      keep_prefixes=True, **greedy)  # fmt: skip
+    assert all(g.cached_tokens == 0 for g in static) and len(cache) == 3
+    generate(model, tok, prompts[:1], prefix_cache=cache, keep_prefixes=True, **greedy)
+    assert len(cache) == 1
+    with pytest.raises(ValueError, match="prefix cache needs the dynamic KV cache"):
+        TransformersSampler(model, tok, cache_implementation="static", prefix_cache=PrefixCache())
+
+
+def test_sampler_load_weights_copies_the_policy_and_drops_the_prefix_cache(tiny) -> None:
+    """A sampler holding its own copy of the model takes the policy's new weights by name,
+    then decodes as the policy does; the keys and values it had kept belong to the old
+    weights and are dropped."""
+    import copy
+
+    from resd.generation.hf import PrefixCache, TransformersSampler
+
+    policy, tok = tiny
+    stale = copy.deepcopy(policy)
+    with torch.no_grad():
+        for param in stale.parameters():
+            param.mul_(-1.0)
+    cache = PrefixCache()
+    sampler = TransformersSampler(stale, tok, prefix_cache=cache)
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 6)]
+    greedy = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0}
+    wanted = [g.token_ids for g in generate(policy, tok, prompts, **greedy)]
+    before = sampler.generate(prompts, keep_prefixes=True, **greedy)
+    assert [g.token_ids for g in before] != wanted and len(cache) == 2
+    sampler.load_weights(policy.named_parameters())
+    assert len(cache) == 0
+    assert [g.token_ids for g in sampler.generate(prompts, **greedy)] == wanted
+    assert len(cache) == 0  # kept only when asked
+    TransformersSampler(stale, tok).load_weights(policy.named_parameters())  # no cache: fine
+
+
+@pytest.mark.skipif(not int8_decoding_available("cpu"), reason="no int8 matmul in this torch")
+def test_sampler_load_weights_refreshes_int8_decoding_weights(tiny) -> None:
+    """A sampler decoding with int8 copies of its weights quantizes the loaded weights
+    again: before, it kept decoding with the int8 copies of the old ones."""
+    import copy
+
+    from resd.generation.hf import TransformersSampler
+    from resd.generation.int8 import quantize_for_decoding
+
+    policy, tok = tiny
+    stale, fresh = copy.deepcopy(policy), copy.deepcopy(policy)
+    with torch.no_grad():
+        for param in stale.parameters():
+            param.mul_(-1.0)
+    assert quantize_for_decoding(stale) > 0 and quantize_for_decoding(fresh) > 0
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 6)]
+    greedy = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0}
+    sampler = TransformersSampler(stale, tok, autocast="none")
+    sampler.load_weights(policy.named_parameters())
+    wanted = [g.token_ids for g in generate(fresh, tok, prompts, autocast="none", **greedy)]
+    assert [g.token_ids for g in sampler.generate(prompts, **greedy)] == wanted
+
+
+def test_sampler_generate_defaults_are_generates(tiny, monkeypatch) -> None:
+    """`TransformersSampler.generate` without the optional arguments: no log-probs, EOS
+    allowed from the first token, nothing kept in the prefix cache."""
+    from resd.generation.hf import PrefixCache, TransformersSampler
+
+    model, tok = tiny
+    cache = PrefixCache()
+    sampler = TransformersSampler(model, tok, prefix_cache=cache)
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 6)]
+    seeded = sampler.generate(prompts, max_new_tokens=6, temperature=1.0, top_p=1.0, seeds=[1, 2])
+    assert all(g.logprobs is None for g in seeded) and len(cache) == 0
+    greedy = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0}
+    first = sampler.generate(prompts[:1], **greedy)[0].token_ids[0]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", first)
+    (stopped,) = sampler.generate(prompts[:1], **greedy)
+    assert stopped.token_ids == [first] and stopped.finished
+
+
+def test_min_new_tokens_holds_eos_back_in_greedy_decoding(tiny, monkeypatch) -> None:
+    """The equal-work mode with greedy decoding: EOS, the token greedy picks first, is held
+    back for `min_new_tokens` tokens. (The sampled check beside it passes even when the
+    setting is dropped, whenever the seeds happen not to draw EOS.)"""
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": f"q{i}"}]) for i in range(2)]
+    first = generate(model, tok, prompts, max_new_tokens=1, temperature=0.0)[0].token_ids[0]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", first)
+    assert generate(model, tok, prompts[:1], max_new_tokens=6, temperature=0.0)[0].finished
+    held = generate(model, tok, prompts, max_new_tokens=6, min_new_tokens=6, temperature=0.0)
+    assert all(len(g.token_ids) == 6 and g.token_ids[0] != first for g in held)
+
+
+def test_unseeded_sampling_follows_temperature_and_top_p_without_a_top_k(tiny) -> None:
+    """Without seeds, transformers samples: a near-zero temperature or top-p decodes
+    greedily, and at a high temperature the draws spread over much of the vocabulary (no
+    top-k cut, and no silent fall back to greedy decoding)."""
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 6)]
+    greedy = [g.token_ids for g in generate(model, tok, prompts, max_new_tokens=8, temperature=0.0)]
+    torch.manual_seed(0)
+    cold = generate(model, tok, prompts, max_new_tokens=8, temperature=1e-3)
+    narrow = generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_p=1e-6)
+    assert [g.token_ids for g in cold] == [g.token_ids for g in narrow] == greedy
+    hot = generate(model, tok, prompts[:1] * 256, max_new_tokens=1, temperature=100.0,
+                   batch_size=256)  # fmt: skip
+    assert len({g.token_ids[0] for g in hot}) > 60  # the vocabulary has 300 tokens
+
+
+def test_row_seeded_sampler_marks_rows_finished_by_the_last_token_only() -> None:
+    """A row is finished when the token it drew last (the last input column) is a stop
+    token; a stop token earlier in the row, in its prompt, does not count."""
+    from resd.generation.hf import RowSeededSampler
+
+    sampler = RowSeededSampler([1, 2], 1.0, 0.9, torch.device("cpu"), candidates=4, stop_ids=[5])
+    scores = torch.zeros(2, 16)
+    sampler(torch.tensor([[5, 1], [1, 1]]), scores.clone())  # the first step: nothing drawn yet
+    sampler(torch.tensor([[5, 1, 2], [1, 1, 5]]), scores.clone())
+    assert sampler.finished.tolist() == [False, True]
+
+
+def test_render_chat_moves_the_system_text_into_the_first_user_turn(tiny) -> None:
+    """A template that refuses the system role gets the system text as the first user
+    message's opening paragraph, in conversations of any length; a system message alone
+    has no user turn to go into, and the template's own error is raised."""
+    import copy
+
+    from jinja2.exceptions import TemplateError
+
+    from resd.generation.hf import render_chat
+
+    _, tok = tiny
+    picky = copy.deepcopy(tok)
+    picky.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        + tok.chat_template
+    )
+    conversation = [{"role": "system", "content": "Rules."}, {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]  # fmt: skip
+    merged = {"role": "user", "content": "Rules.\n\na"}
+    assert render_chat(picky, conversation) == render_chat(tok, [merged, *conversation[2:]])
+    assert render_chat(picky, conversation[:2]) == render_chat(tok, [merged])
+    with pytest.raises(TemplateError, match="no system role"):
+        render_chat(picky, conversation[:1])
+
+
+def test_prompt_ids_are_the_rendered_text_without_added_special_tokens(tiny) -> None:
+    """Chat templates write their own BOS: a tokenizer that adds one when asked must not add
+    a second (on a fresh prompt, on a continued one, or in the fallback)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from resd.generation.hf import chat_ids_after, render_chat
+
+    _, tok = tiny
+    bos = copy.deepcopy(tok)
+    bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)]
+    )
+    assert bos("x")["input_ids"][0] == tok.bos_token_id  # the copy does add a BOS
+    messages = [{"role": "user", "content": "x x"}]
+    prompt = chat_prompt_ids(bos, messages)
+    assert bos.decode(prompt) == render_chat(bos, messages)
+    conversation = [
+        *messages,
+        {"role": "assistant", "content": "y"},
+        {"role": "user", "content": "z"},
+    ]
+    for head in (prompt + bos("y", add_special_tokens=False)["input_ids"], [tok.eos_token_id]):
+        assert bos.decode(chat_ids_after(bos, conversation, head)) == render_chat(bos, conversation)
+
+
+def test_prefix_cache_keeps_replies_cut_at_eos_in_small_batches(tiny, monkeypatch) -> None:
+    """Rollouts in batches smaller than the call, some stopping at EOS before the budget
+    (their cache rows then hold padding after the reply): one entry per rollout, holding
+    only the prompt and reply, and the follow-ups decode as a full prefill would. A prompt
+    equal to a kept sequence is prefilled in full (its last token's logits are needed)."""
+    from resd.generation.hf import PrefixCache, chat_ids_after
+
+    model, tok = tiny
+    tasks = [[{"role": "user", "content": "x " * n}] for n in (2, 9, 5)]
+    prompts = [chat_prompt_ids(tok, t) for t in tasks]
+    free = generate(model, tok, prompts, max_new_tokens=8, temperature=0.0)
+    monkeypatch.setattr(model.generation_config, "eos_token_id", free[0].token_ids[2])
+    cache = PrefixCache()
+    rollouts = generate(model, tok, prompts, max_new_tokens=8, temperature=0.0, batch_size=2,
+                        prefix_cache=cache, keep_prefixes=True)  # fmt: skip
+    assert len(cache) == 3
+    assert rollouts[0].finished and len(rollouts[0].token_ids) <= 3
+    assert not all(g.finished for g in rollouts)
+    followups, heads = [], []
+    for task, prompt, gen in zip(tasks, prompts, rollouts, strict=True):
+        heads.append(prompt + gen.content_ids)
+        conversation = [*task, {"role": "assistant", "content": gen.text},
+                        {"role": "user", "content": "what went wrong?"}]  # fmt: skip
+        followups.append(chat_ids_after(tok, conversation, heads[-1]))
+    cached = generate(model, tok, followups, max_new_tokens=8, temperature=0.0, prefix_cache=cache)
+    plain = generate(model, tok, followups, max_new_tokens=8, temperature=0.0)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
+    expected = [len(h) if g.finished else len(h) - 1 for h, g in zip(heads, rollouts, strict=True)]
+    assert [g.cached_tokens for g in cached] == expected
+    kept = [tokens for tokens, _ in cache.entries]
+    again = generate(model, tok, kept, max_new_tokens=4, temperature=0.0, prefix_cache=cache)
+    assert [g.token_ids for g in again] == [
+        g.token_ids for g in generate(model, tok, kept, max_new_tokens=4, temperature=0.0)
+    ]
+    assert all(g.cached_tokens == 0 for g in again)
