@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +20,17 @@ from safetensors.torch import load_file
 
 from resd.analysis.evaluation import safe_score
 from resd.config import apply_overrides, build_config
+from resd.envs.base import Item, Score
 from resd.generation.hf import chat_prompt_ids
+from resd.rundir import COUNTERS, SKIP_REASONS
 from resd.training.rollout import GivenRollout, row_seed
-from resd.training.trainer import PHASES, Trainer, teacher_confirms_failures
+from resd.training.trainer import (
+    CONFIRMING_ADVANTAGE,
+    PHASES,
+    Trainer,
+    teacher_confirms_failures,
+)
+from toy_envs import ParityEnv
 
 TESTS = Path(__file__).resolve().parent
 SEED_PLAYBOOK = (
@@ -492,3 +503,220 @@ def test_epochs_repeat_the_training_items_each_pass_in_its_own_order(tiny_model_
     assert three.total_steps == -(-3 * n // 4) * 2  # batch_size 4, inner_updates 2
     with pytest.raises(Exception, match="epochs: must be >= 1"):
         config(tiny_model_dir, tmp_path / "zero", "epochs=0")
+
+
+class CoinFlipEnv(ParityEnv):
+    """Scores with Python's global generator, as an environment that samples its own test
+    cases or asks a judge at a temperature does."""
+
+    def score(self, item: Item, response: str) -> Score:
+        draw = random.random()
+        return Score(float(draw < 0.5), draw, "" if draw < 0.5 else "Unlucky.")
+
+
+def test_a_step_draws_its_randomness_from_the_seed_and_the_step_alone(tiny_model_dir, tmp_path):
+    """Steps are seeded from (seed, step), so a resumed run replays what the uninterrupted run
+    did: whatever used the global generators before step 1 (another trainer, a callback) leaves
+    its scores as they were. Catches a step that does not reseed before sampling and scoring."""
+    first = Trainer(config(tiny_model_dir, tmp_path / "a"), env=CoinFlipEnv())
+    assert first.env_name == "parity"  # what the summary and model card call it: its name
+    items = first.train_items[:4]
+    before = first.train_step(items)
+    second = Trainer(config(tiny_model_dir, tmp_path / "b"), env=CoinFlipEnv())
+    random.seed(12345)  # what ran in between drew numbers
+    torch.manual_seed(12345)
+    again = second.train_step(items)
+    assert (again["score"], again["reward"]) == (before["score"], before["reward"])
+
+
+def scripted(trainer: Trainer, *rewards: float) -> list[GivenRollout]:
+    """The first batch's replies (sampled once by the trainer's own model), scored `rewards`
+    in turn (the last one repeated): steps whose outcomes the test decides, through the
+    off-policy entry."""
+    cfg, items = trainer.cfg, trainer.train_items[: trainer.cfg.batch_size]
+    prompts = [
+        chat_prompt_ids(trainer.tokenizer, it.messages, cfg.max_prompt_tokens) for it in items
+    ]
+    gens = trainer.sampler.rollouts(
+        prompts, [row_seed(cfg.seed, 1, "rollout", g) for g in range(len(items))]
+    )
+    given = []
+    for g, (it, p, gen) in enumerate(zip(items, prompts, gens, strict=True)):
+        reward = rewards[min(g, len(rewards) - 1)]
+        feedback = "" if reward == 1 else "Wrong: the reply is too long."
+        given.append(GivenRollout(it, p, gen, Score(float(reward == 1), reward, feedback)))
+    return given
+
+
+def test_a_steps_metrics_describe_its_rollouts(tiny_model_dir, tmp_path):
+    """Each metrics row's figures are those of the step's own rollouts: means over the batch,
+    not sums or products, and the step's place in the stream. Catches a wrong average, a
+    missing or misnamed column, and batch/inner numbering that only holds for two inner
+    updates."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "m", "inner_updates=3"))
+    given = scripted(trainer, 1.0, 0.5, 0.0)  # rewards 1, 0, 0, 0; scores 1, 0.5, 0, 0
+    rows = [trainer.train_step([], given) for _ in range(4)]
+    placed = [(1, 0, 0), (2, 0, 1), (3, 0, 2), (4, 1, 0)]  # three inner updates a batch
+    assert [(m["step"], m["batch"], m["inner"]) for m in rows] == placed
+    tokens = [len(r.gen.token_ids) for r in given]
+    first = rows[0]
+    assert first["rollouts"] == 4 and first["lr"] == trainer.cfg.lr
+    assert (first["reward"], first["score"], first["success_rate"]) == (0.25, 0.375, 0.25)
+    assert first["response_tokens"] == pytest.approx(sum(tokens) / 4)
+    assert first["truncated"] == sum(not r.gen.finished for r in given) / 4
+    assert first["truncated"] > 0  # 12 new tokens: some replies are cut
+    assert first["playbook_size_before"] == 1 and first["playbook_size"] == 2  # seed + a lesson
+    assert rows[1]["playbook_size_before"] == 2
+    assert first["buffer_size"] == len(trainer.buffer) == 1  # the one solved item
+    assert all(m["playbook_removed"] == 0 for m in rows)  # playbook_prune_every=4: not yet
+    # the same lesson again is skipped as a duplicate: reasons add up to the skipped count
+    assert rows[1]["ops_skipped"] > 0
+    assert all(sum(m[f"ops_skipped_{k}"] for k in SKIP_REASONS) == m["ops_skipped"] for m in rows)
+
+
+def test_playbook_history_records_each_steps_additions_and_prunings(tiny_model_dir, tmp_path):
+    """playbook_history.jsonl (the report's and `resd serve`'s playbook timeline): one row a
+    step with the playbook's size, sections, and the ids added and removed. With pruning
+    every step, the lesson added at step 1 and never tagged is dropped at step 3. Catches a
+    step that skips the history, or the every-F pruning."""
+    out = tmp_path / "h"
+    trainer = Trainer(config(tiny_model_dir, out, "playbook_prune_every=1"))
+    failing = scripted(trainer, 0.0)
+    metrics = [trainer.train_step([], failing) for _ in range(3)]
+    history = read_jsonl(out / "playbook_history.jsonl")
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert [h["size"] for h in history] == [m["playbook_size"] for m in metrics]
+    assert all(sum(h["sections"].values()) == h["size"] for h in history)
+    assert history[0]["added"] == ["err-00002"] and history[0]["removed"] == []
+    assert history[2]["removed"] == ["err-00002"]  # unused for more than one step
+    assert [len(h["removed"]) for h in history] == [m["playbook_removed"] for m in metrics]
+
+
+def test_a_step_without_curation_omits_nothing_from_the_curator(tiny_model_dir, tmp_path):
+    """`playbook_omitted_<reader>` counts the entries a reader was not shown in this step: a
+    step with no failure to curate shows the curator nothing and omits nothing. Catches the
+    count of the last curated step carrying over to later steps."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "o", "curation_playbook_tokens=1"))
+    failed = trainer.train_step([], scripted(trainer, 0.0))
+    assert failed["curations"] > 0 and failed["playbook_omitted_curation"] >= 1
+    solved = trainer.train_step([], scripted(trainer, 1.0))
+    assert solved["curations"] == 0 and solved["playbook_omitted_curation"] == 0
+
+
+def test_a_checkpoint_keeps_the_runs_totals_and_a_resume_reports_what_changed(
+    tiny_model_dir, tmp_path, caplog
+):
+    """A checkpoint's `totals` are the run's per-step counters summed, carried on by a resumed
+    run; a resume refuses every setting that decides the stream or the method (and dropping
+    the KL reference the run started with), says which free settings changed, trains whole
+    batches, and does not evaluate a complete run again. Catches totals not kept or not
+    restored, a fixed setting let through, a silent change, and a duplicated evaluation."""
+    out = tmp_path / "t"
+
+    def run_config(*extra: str):
+        return config(
+            tiny_model_dir, out, "inner_updates=1", "save_every=1", "kl_coef=0.05", *extra
+        )
+
+    Trainer(run_config("steps=2")).train()
+    assert "given in Python" not in (out / "config.yaml").read_text()  # cfg.env is what ran
+    with pytest.raises(ValueError, match=r"^kl_coef: 0\.0 now, 0\.05 in checkpoint-2"):
+        Trainer(config(tiny_model_dir, out, "inner_updates=1", "save_every=1", "steps=3"),
+                resume=True)  # fmt: skip
+    shutil.copytree(tiny_model_dir, tmp_path / "same-model")
+    for changed in (f"model={tmp_path / 'same-model'}", "algorithm=sdpo", "env=toy_envs:ConstantEnv",
+                    "env_args={n_train: 8}", "seed=1", "shuffle=false", "epochs=2", "batch_size=2",
+                    "inner_updates=2", "rollouts_per_prompt=2", "lora={r: 4}", "teacher=live"):  # fmt: skip
+        key = changed.split("=")[0]
+        with pytest.raises(ValueError, match=f"^{key}: .* now, .* in checkpoint-2"):
+            Trainer(run_config("steps=3", changed), resume=True)
+    resumed = Trainer(run_config("steps=3", "lr=1e-3"), resume=True)
+    assert "resume: lr changed since checkpoint-2: 0.01 -> 0.001" in caplog.text
+    summary = resumed.train()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and summary["last"] == metrics[-1]
+    assert all(m["rollouts"] == 4 for m in metrics)  # each step: a whole batch of 4 items
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 3]
+    Trainer(run_config("steps=3", "lr=1e-3"), resume=True).train()  # complete: evaluated
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 3]
+    for step in (2, 3):
+        totals = json.loads((out / f"checkpoint-{step}" / "state.json").read_text())["totals"]
+        rows = metrics[:step]
+        assert {k: totals.get(k) for k in COUNTERS} == {
+            k: sum(m[k] for m in rows) for k in COUNTERS
+        }
+        assert sum(totals[k] for k in COUNTERS) > 0  # the reflector and curator did count
+
+
+def test_the_teacher_warning_threshold_and_rows_missing_its_figures():
+    """The warning needs an advantage above CONFIRMING_ADVANTAGE (at it, the teacher has not
+    moved) and one distilled failure is enough; a row that lacks a figure (an older log)
+    confirms nothing. Catches an off-by-one at either bound and defaults that warn."""
+    failing = {"success_rate": 0.0, "distilled": 1, "teacher_advantage": 0.58}
+    assert teacher_confirms_failures(failing)
+    assert not teacher_confirms_failures({**failing, "teacher_advantage": CONFIRMING_ADVANTAGE})
+    for key in failing:
+        assert not teacher_confirms_failures({k: v for k, v in failing.items() if k != key}), key
+
+
+def test_a_scorer_given_with_an_environment_is_refused(tiny_model_dir, tmp_path):
+    """`scorer` scores a dataset passed as `env`; an Environment scores itself. Given both,
+    the scorer was silently ignored and the run trained on the environment's own rewards."""
+    cfg = config(tiny_model_dir, tmp_path / "s")
+    for env in (ParityEnv(), None):  # given in Python, or named by the config
+        with pytest.raises(ValueError, match=r"^scorer: only used with a dataset"):
+            Trainer(cfg, env=env, scorer="exact_match")
+
+
+def test_a_run_configured_in_python_with_tuples_resumes(tiny_model_dir, tmp_path):
+    """A checkpoint keeps its config as JSON, where a tuple is a list: a run configured in
+    Python with `target_modules=("q_proj", "v_proj")` resumes as the same run. It was refused
+    ("lora: ... now, ... in checkpoint-1"), the tuple and its list compared as different.
+    (Its output_dir is in folders not made yet: the run makes them.)"""
+    lora = {"r": 4, "target_modules": ("q_proj", "v_proj")}
+    cfg = config(tiny_model_dir, tmp_path / "tuples", "steps=1", "inner_updates=1")
+    cfg = dataclasses.replace(cfg, lora=lora, output_dir=str(tmp_path / "runs" / "tuples"))
+    Trainer(cfg).train()
+    resumed = Trainer(dataclasses.replace(cfg, steps=2), resume=True)
+    assert resumed.step == 1 and resumed.train()["steps"] == 2
+
+
+def test_an_environment_without_training_items_is_refused(tiny_model_dir, tmp_path):
+    """Nothing to train on is said at once, before the model loads, not found as a run of
+    zero steps."""
+    with pytest.raises(ValueError, match=r"^env: 'parity' has no training items"):
+        Trainer(config(tiny_model_dir, tmp_path / "empty", "env_args={n_train: 0}"))
+
+
+def test_the_sampling_copy_gets_every_steps_new_weights(tiny_model_dir, tmp_path):
+    """With a bfloat16 sampling copy of the policy, each optimizer step's weights reach the
+    copy before the next rollout. Catches a step that leaves the sampler on stale weights."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "g", "generation_dtype=bfloat16"))
+    assert trainer.sampler.generator is not trainer.model
+    trainer.train_step(trainer.train_items[:4])
+    sampled = dict(trainer.sampler.generator.named_parameters())
+    for name, weight in trainer.model.named_parameters():
+        assert torch.equal(sampled[name], weight.detach().to(torch.bfloat16)), name
+
+
+def test_evaluate_returns_its_row_and_cuts_replies_at_eval_max_new_tokens(tiny_model_dir, tmp_path):
+    """`Trainer.evaluate` returns the row it logs; evaluation replies are as long as
+    `eval_max_new_tokens` allows, not the rollouts' `max_new_tokens` (12 here), and are
+    seeded by the step: evaluated again at the same step, whatever used the generators in
+    between, the replies are the same."""
+    out = tmp_path / "e"
+    trainer = Trainer(config(tiny_model_dir, out, "eval_max_new_tokens=2", "eval_items=2"))
+    row = trainer.evaluate()
+    assert row is not None and row == read_jsonl(out / "eval.jsonl")[-1] and row["step"] == 0
+    replies = [r["response"] for r in read_jsonl(out / "eval-step-000000.jsonl")]
+    assert len(replies) == 4  # 2 items, eval_samples=2
+    longer = Trainer(
+        config(tiny_model_dir, tmp_path / "e12", "eval_items=2", "eval_max_new_tokens=12")
+    )
+    longer.evaluate()  # the same seeds with 12 new tokens: the same replies, continued
+    full = [r["response"] for r in read_jsonl(tmp_path / "e12" / "eval-step-000000.jsonl")]
+    assert all(len(short) < len(long) for short, long in zip(replies, full, strict=True))
+    random.seed(12345)
+    torch.manual_seed(12345)
+    assert trainer.evaluate() == row
+    assert [r["response"] for r in read_jsonl(out / "eval-step-000000.jsonl")] == replies

@@ -76,9 +76,9 @@ RESUME_FIXED = ("model", "algorithm", "env", "env_args", "seed", "shuffle", "epo
 
 def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
     """The run's environment: from the config, as given, or around an in-memory dataset."""
+    if scorer is not None and (env is None or isinstance(env, Environment)):
+        raise ValueError("scorer: only used with a dataset passed as env")
     if env is None:
-        if scorer is not None:
-            raise ValueError("scorer: only used with a dataset passed as env")
         return make_env(cfg.env, cfg.env_args)
     if isinstance(env, Environment):
         return env
@@ -432,7 +432,8 @@ class Trainer:
         which prompts a step sees, or what is trained, must be the checkpoint's. Others
         (steps, learning rate, evaluation, saving) may change, and each change is said."""
         state = json.loads((path / "state.json").read_text())  # a complete checkpoint has it
-        saved, now = state.get("config", {}), self.cfg.to_dict()
+        # `now` as the checkpoint holds it, in JSON, where a tuple (given in Python) is a list
+        saved, now = state.get("config", {}), json.loads(json.dumps(self.cfg.to_dict()))
         env_class = _class_path(self.env)  # also where `cfg.env` cannot tell (given in Python)
         if state.get("env_class", env_class) != env_class:
             raise ValueError(f"env: {env_class} now, {state['env_class']} in {path.name}; a "
