@@ -15,6 +15,7 @@ from resd.analysis.continual import (
     forgetting,
     load_plan,
     plan_record,
+    summarize,
 )
 from resd.cli import main
 from resd.config import ConfigError
@@ -91,6 +92,49 @@ def test_plan_merges_stage_overrides_and_names_bad_fields():
         build_plan({"stages": []})
     with pytest.raises(ConfigError, match=r"^lerning_rate:"):
         build_plan({"stages": [{}]}, ["lerning_rate=1"])
+
+
+def test_stage_names_become_safe_folder_names():
+    """A stage's name names its folder (`stage-<k>-<name>`) and its column: runs of other
+    characters become one dash, none is left at either end, and a name with nothing
+    usable becomes `task`. Catches a slug that keeps the edge dashes or yields ''."""
+    plan = build_plan(
+        {"stages": [{"name": "(math) drills!", "env": "arithmetic"},
+                    {"name": "toy_envs:ParityEnv v1.0", "env": "arithmetic"},
+                    {"name": "?!", "env": "arithmetic"}]}
+    )  # fmt: skip
+    assert [s.name for s in plan.stages] == ["math-drills", "toy_envs-ParityEnv-v1.0", "task"]
+
+
+def test_summary_waits_for_every_stage_and_compares_heldout_with_before():
+    """continual.json is rewritten after every row: after the "before" row alone there is
+    no held-out change yet (catches one reported as +0.0 against itself), and the
+    metrics come from the rows after each stage once all have run."""
+    plan = build_plan(
+        {"stages": [{"name": "a", "env": "arithmetic"}, {"name": "b", "env": "arithmetic"}],
+         "heldout": [{"name": "h", "env": "arithmetic"}]}
+    )  # fmt: skip
+
+    def row(**acc: float) -> dict:
+        return {n: {"metrics": {"case_mean@k": v, "task_mean@k": v / 2}} for n, v in acc.items()}
+
+    rows = [row(a=0.2, h=0.5)]
+    first = summarize(plan, rows)
+    assert first["rows"] == ["before"] and first["accuracy"] == [[0.2, None]]
+    assert first["metrics"]["case_mean@k"] == {
+        "forgetting": None, "backward_transfer": None, "heldout_change": {}
+    }  # fmt: skip
+
+    rows += [row(a=0.8, h=0.4), row(a=0.6, b=0.9, h=0.7)]
+    result = summarize(plan, rows)
+    assert result["rows"] == ["before", "stage-1-a", "stage-2-b"]
+    assert result["accuracy"] == [[0.2, None], [0.8, None], [0.6, 0.9]]
+    assert result["heldout_accuracy"] == [[0.5], [0.4], [0.7]]
+    metrics = result["metrics"]["case_mean@k"]
+    assert metrics["forgetting"] == pytest.approx(0.2)  # task a: best 0.8 after stage 1, 0.6 now
+    assert metrics["backward_transfer"] == pytest.approx(-0.2)
+    assert metrics["heldout_change"] == {"h": pytest.approx(0.2)}  # 0.7 now against 0.5 before
+    assert result["metrics"]["task_mean@k"]["heldout_change"] == {"h": pytest.approx(0.1)}
 
 
 # ---- a 2-stage run with the tiny model ------------------------------------------------------
@@ -177,6 +221,31 @@ def test_two_stage_run(tiny_model_dir, tmp_path, shared_data_dir, capsys, one_th
     assert main(["continual", "--config", str(path), "seed=3"]) == 0
     assert [(s / "metrics.jsonl").stat().st_mtime_ns for s in (stage1, stage2)] == mtimes
     assert json.loads((out / "continual.json").read_text())["accuracy"] == acc
+
+
+def test_a_lora_stage_hands_the_next_stage_a_merged_full_model(
+    tiny_model_dir, tmp_path, one_thread
+):
+    """A LoRA run starts from a full model, so a LoRA stage's adapter is merged into its
+    base once; catches a next stage pointed at the adapter or at a merge never written."""
+    from resd.analysis.continual import train_stage
+    from resd.analysis.eval_cli import is_adapter
+    from resd.models import load_model
+
+    out = tmp_path / "cl"
+    plan = build_plan(
+        {**PREFILLS, "model": str(tiny_model_dir), "output_dir": str(out), "batch_size": 2,
+         "inner_updates": 1, "steps": 1, "max_new_tokens": 8, "reflection_max_new_tokens": 8,
+         "curation_max_new_tokens": 8, "warmup_steps": 0, "progress": False,
+         "generation_dtype": None, "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+         "stages": [{"name": "parity", "env": "toy_envs:ParityEnv",
+                     "env_args": {"n_train": 2, "n_test": 1}}]}
+    )  # fmt: skip
+    model, _, info = train_stage(plan.stages[0], 1, plan, str(tiny_model_dir), None)
+    merged = out / "stage-1-parity" / "merged-model"
+    assert model == info["model_out"] == str(merged)
+    assert is_adapter(out / "stage-1-parity" / "checkpoint-1") and not is_adapter(merged)
+    assert load_model(model, device="cpu").config.num_hidden_layers == 2
 
 
 def test_load_plan_errors(tmp_path):
