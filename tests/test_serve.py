@@ -211,6 +211,13 @@ def test_a_stream_is_server_sent_events_ending_in_done(server: Running) -> None:
     assert all("usage" not in c for c in chunks)  # only asked for with include_usage
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert server.store.interaction(chunks[0]["id"])["response"] == text
+    # with include_usage, one more chunk: no choices, the usage (as OpenAI sends it)
+    body["stream_options"] = {"include_usage": True}
+    events = [e for e in server.post("/v1/chat/completions", body).text.split("\n\n") if e]
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["choices"] == [] and last["object"] == "chat.completion.chunk"
+    usage = last["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
 
 
 def test_models_and_health(server: Running) -> None:
@@ -221,6 +228,18 @@ def test_models_and_health(server: Running) -> None:
     assert health["status"] == "ok" and health["model_version"] == "v1"
     assert health["counts"]["interactions"] == server.store.counts()["interactions"]
     assert health["learner"] is None
+
+
+def test_the_model_card_and_the_default_sampling_settings(server: Running) -> None:
+    """`GET /v1/models/<id>` answers the served model's card (clients check it before use)
+    and a 404 for another id; a request without temperature or top_p samples at OpenAI's
+    defaults, 1 and 1, and is recorded so."""
+    card = httpx.get(f"{server.url}/v1/models/{MODEL}", headers=server.headers()).json()
+    assert (card["id"], card["object"], card["resd_model_version"]) == (MODEL, "model", "v1")
+    other = httpx.get(f"{server.url}/v1/models/gpt-4o", headers=server.headers())
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    params = server.store.interaction(chat(server, max_tokens=1).id)["params"]
+    assert (params["temperature"], params["top_p"]) == (1.0, 1.0)
 
 
 # ---- feedback -----------------------------------------------------------------------------------------
@@ -595,8 +614,8 @@ def test_requests_without_a_seed_each_draw_a_fresh_one(server: Running) -> None:
 
 def test_one_worker_whose_stop_finishes_what_it_accepted(served: ServedModel) -> None:
     """A second `start` is a no-op (two workers would race for the model and split every
-    batch). `stop` lets the batch in progress finish: a request accepted before a shutdown
-    is answered, not left waiting forever. `submit`'s defaults sample (temperature 1), so
+    batch). `stop` lets the batch in progress finish, paused or not: a request accepted
+    before a shutdown is answered, not left waiting forever. `submit`'s defaults sample (temperature 1), so
     the reply has the sampler's log-probabilities."""
     engine = GenerationEngine(ModelHolder(served), max_batch=3, max_new_tokens=3,
                               batch_wait_ms=1000.0, autocast=None)  # fmt: skip
@@ -606,8 +625,9 @@ def test_one_worker_whose_stop_finishes_what_it_accepted(served: ServedModel) ->
         queued = [engine.submit(MESSAGES, seed=i) for i in range(3)]
     assert all(f.result(timeout=60).text is not None for f in queued)
     assert engine.batch_sizes == [3]
-    accepted = engine.submit(MESSAGES)
-    engine.stop()  # arrives while the worker still gathers a batch (up to 1 s)
+    with engine.paused():  # a shutdown while the engine is held paused (by a learner step)
+        accepted = engine.submit(MESSAGES)
+        engine.stop()  # arrives while the worker waits, then gathers a batch (up to 1 s)
     assert accepted.done() and accepted.result().logprobs is not None
 
 
