@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 import torch
 import yaml
 
@@ -20,6 +22,7 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'resd[
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+import resd.serve.store  # noqa: E402
 from resd.rundir import read_jsonl  # noqa: E402
 from resd.serve.engine import load_served_model  # noqa: E402
 from resd.serve.learner import Learner, LearnerSettings  # noqa: E402
@@ -224,6 +227,30 @@ def test_killed_between_checkpoint_and_database_trains_nothing_twice(
         assert restarted.trainer.step == 1  # resumed from the step's checkpoint ...
         assert consumed_steps(running.store) == [1, 1, 1, 1]  # ... which marked its rows
         assert restarted.step_once() is None  # so nothing is trained on again
+        assert [m["step"] for m in read_jsonl(tmp_path / "learner" / "metrics.jsonl")] == [1]
+
+
+def test_a_database_write_that_fails_after_the_checkpoint_trains_nothing_twice(
+    tiny_model_dir, tmp_path, tiny_served, monkeypatch
+):
+    """The database is locked by another process when a step marks its rows: the step fails,
+    the server keeps running, and the next poll must not read those rows as new and train on
+    them a second time (the checkpoint already holds them). Catches a learner that relies on
+    a restart to mark them (it did: the retry trained the same 4 rows again at step 2)."""
+    monkeypatch.setattr(resd.serve.store, "SQLITE_BUSY_TIMEOUT_MS", 200)  # fail fast when locked
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, _, learner):
+        other = sqlite3.connect(tmp_path / "resd.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock; reads still work
+        try:
+            with pytest.raises(sqlalchemy.exc.OperationalError, match="database is locked"):
+                learner.step_once()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert consumed_steps(running.store) == [None] * 4  # the write failed ...
+        assert learner.step_once() is None  # ... and the next poll marks them, trains nothing
+        assert consumed_steps(running.store) == [1, 1, 1, 1]
+        assert running.store.get_state("cursor")["step"] == 1
         assert [m["step"] for m in read_jsonl(tmp_path / "learner" / "metrics.jsonl")] == [1]
 
 

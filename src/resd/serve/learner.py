@@ -83,6 +83,9 @@ class Learner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
+        # a step whose checkpoint was saved but whose rows the database did not take:
+        # (ids, step, cursor), marked before the next step reads the unconsumed rows
+        self._unmarked: tuple[list[int], int, dict[str, Any]] | None = None
         self._reconcile()
         if trainer.step == 0:
             self._baseline()
@@ -153,6 +156,10 @@ class Learner:
         record (metrics, guard, served version), or None when there was nothing to do."""
         with self._lock:
             trainer = self.trainer
+            if self._unmarked is not None:  # else those rows would be read, and trained, again
+                ids, step, cursor = self._unmarked
+                self.store.mark_consumed(ids, step, cursor=cursor)
+                self._unmarked = None
             rows = self.store.unconsumed(trainer.cfg.batch_size)
             if len(rows) < self.settings.min_rows:
                 return None
@@ -181,7 +188,10 @@ class Learner:
                 "served_version": version if serve else trainer.extra_state.get("served_version"),
             }  # fmt: skip
             trainer.save()  # the checkpoint knows which rows this step consumed ...
-            self.store.mark_consumed(ids, step, cursor={"step": step, "version": version})
+            cursor = {"step": step, "version": version}
+            self._unmarked = (ids, step, cursor)
+            self.store.mark_consumed(ids, step, cursor=cursor)
+            self._unmarked = None
             if serve:  # ... then they are marked, and the new weights are served
                 self.store.add_version(version, parent=served.version, step=step, accuracy=accuracy,
                                        note=f"trained on {len(rows)} rows")  # fmt: skip
