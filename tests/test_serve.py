@@ -220,6 +220,22 @@ def test_a_stream_is_server_sent_events_ending_in_done(server: Running) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
 
 
+def test_a_stream_comes_in_token_pieces_each_a_chat_completion_chunk(server: Running) -> None:
+    """A streamed reply arrives cut at its token boundaries (`text_pieces`), one chunk per
+    piece, not as one lump (a mutant inverted which requests get pieces); and each SSE
+    chunk names its object `chat.completion.chunk` as OpenAI's do: clients and proxies that
+    dispatch on `object` drop anything else (a mutant sent '' there)."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "seed": 2, "stream": True}
+    events = [e for e in server.post("/v1/chat/completions", body).text.split("\n\n") if e]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    sent = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+    row = server.store.interaction(chunks[0]["id"])
+    tokenizer = server.holder.current().tokenizer
+    expected = text_pieces(tokenizer, row["response_token_ids"], row["response"])
+    assert len(expected) >= 2 and sent == expected
+
+
 def test_models_and_health(server: Running) -> None:
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -228,6 +244,14 @@ def test_models_and_health(server: Running) -> None:
     assert health["status"] == "ok" and health["model_version"] == "v1"
     assert health["counts"]["interactions"] == server.store.counts()["interactions"]
     assert health["learner"] is None
+
+
+def test_health_reports_how_many_requests_are_queued(server: Running) -> None:
+    """/health's `queue` is the engine's count of accepted, unfinished requests: 0 once
+    every reply went out (a mutant filed it under an empty key, so monitors read nothing)."""
+    chat(server, max_tokens=1)
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["queue"] == server.engine.pending == 0
 
 
 def test_the_model_card_and_the_default_sampling_settings(server: Running) -> None:
@@ -339,6 +363,20 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
         httpx.get(f"{server.url}/nowhere", headers=server.headers()).json()["error"]["code"]
         == "not_found"
     )
+    assert _counts(server) == before
+
+
+def test_a_wrong_method_and_an_empty_completion_id_are_named_errors(server: Running) -> None:
+    """A GET on a POST endpoint is a 405 with code `method_not_allowed` (a mutant blanked the
+    code), and feedback on an empty completion id is a 400 naming `completion_id`, not a
+    404 looked up in the database (a mutant let the empty id through)."""
+    wrong = httpx.get(f"{server.url}/v1/chat/completions", headers=server.headers())
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+    before = _counts(server)
+    empty = server.post("/v1/feedback", {"completion_id": "", "reward": 1.0})
+    assert empty.status_code == 400, empty.text
+    assert empty.json()["error"]["param"] == "completion_id"
     assert _counts(server) == before
 
 

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,6 +165,21 @@ def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
         assert record is not None and record["rows"] == 4
         cursor = running.store.get_state("cursor")
         assert cursor == {"step": 1, "version": record["version"]}
+
+
+def test_one_row_may_start_a_step_and_stop_waits_for_the_learner_thread(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """`--learn-min-rows 1`, the least there is, is accepted (a mutant refused it); and
+    `stop()` returns only once the learner's thread has ended, even mid-step, so the caller
+    may close the database behind it (a mutant returned without joining the thread)."""
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, _):
+        learner = Learner.from_config(path, store=running.store, holder=running.holder,
+                                      output_dir=tmp_path / "one", min_rows=1)  # fmt: skip
+        assert learner.settings.min_rows == 1
+        learner.start()  # rows are waiting: the thread steps at once
+        learner.stop(timeout=120)
+        assert not [t for t in threading.enumerate() if t.name == "resd-learner" and t.is_alive()]
 
 
 def test_a_failing_step_is_reported_and_the_server_keeps_answering(
