@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from resd.analysis.evaluation import safe_score
 from resd.config import apply_overrides, build_config
-from resd.envs.base import Item, Score
+from resd.envs.base import Environment, Item, Score
 from resd.generation.hf import chat_prompt_ids
 from resd.rundir import COUNTERS, SKIP_REASONS
 from resd.training.rollout import GivenRollout, row_seed
@@ -28,6 +28,7 @@ from resd.training.trainer import (
     CONFIRMING_ADVANTAGE,
     PHASES,
     Trainer,
+    memory_metrics,
     teacher_confirms_failures,
 )
 from toy_envs import ParityEnv
@@ -666,6 +667,73 @@ def test_a_scorer_given_with_an_environment_is_refused(tiny_model_dir, tmp_path)
     for env in (ParityEnv(), None):  # given in Python, or named by the config
         with pytest.raises(ValueError, match=r"^scorer: only used with a dataset"):
             Trainer(cfg, env=env, scorer="exact_match")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_host_memory_peak_is_the_processs_peak_resident_set_in_gib():
+    """`host_memory_peak_gib` is the process's peak resident memory in GiB, the figure the
+    kernel reports as VmHWM (in KiB). Catches a wrong unit (a KiB figure divided as if it were
+    bytes, or by 2**21), which halves or shrinks the number a user watches for a leak."""
+
+    def peak_kib() -> int:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+
+    before = peak_kib()
+    reported = memory_metrics(torch.device("cpu"))
+    after = peak_kib()
+    assert set(reported) == {"host_memory_peak_gib"}  # no device figure on the CPU
+    assert before / 2**20 - 0.001 <= reported["host_memory_peak_gib"] <= after / 2**20 + 0.001
+
+
+def test_an_ema_teacher_moves_toward_the_student_after_every_step(tiny_model_dir, tmp_path):
+    """teacher=ema with teacher_update_rate 0.5: after a step the teacher's weights are the
+    midpoint of what they were and the student's new weights. Catches a trainer that never
+    updates the teacher (it stayed the initial model, which is also "not the student")."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "ema", "teacher=ema"))
+    before = {k: v.clone() for k, v in trainer.teacher.copy.state_dict().items()}
+    trainer.train_step(trainer.train_items[:4])
+    teacher, student = trainer.teacher.copy.state_dict(), trainer.model.state_dict()
+    assert any(not torch.equal(before[k], teacher[k]) for k in before)
+    for k, v in teacher.items():
+        torch.testing.assert_close(v, before[k].lerp(student[k].to(v.dtype), 0.5))
+
+
+def test_a_grpo_run_keeps_no_copy_of_the_model_for_a_teacher(tiny_model_dir, tmp_path):
+    """grpo never queries a teacher (distillation weight 0): even with teacher=ema configured
+    it keeps no second copy of the model's weights, which would double the memory it needs."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "g", "algorithm=grpo", "teacher=ema"))
+    assert trainer.teacher.kind == "live" and trainer.teacher.copy is None
+
+
+def test_state_a_caller_keeps_in_extra_state_survives_a_resume(tiny_model_dir, tmp_path):
+    """`extra_state` (where `resd serve --learn` keeps what it consumed and served) is saved
+    in each checkpoint and restored by a resumed run. Catches it saved under the wrong key or
+    not restored: a resumed learner would train the same feedback again."""
+    out = tmp_path / "x"
+    trainer = Trainer(config(tiny_model_dir, out, "steps=1", "inner_updates=1", "save_every=1"))
+    trainer.extra_state = {"served_version": 3, "consumed": [1, 2]}
+    trainer.train()
+    resumed = Trainer(
+        config(tiny_model_dir, out, "steps=2", "inner_updates=1", "save_every=1"), resume=True
+    )
+    assert resumed.step == 1 and resumed.extra_state == {"served_version": 3, "consumed": [1, 2]}
+
+
+class PlaceholderNameEnv(ParityEnv):
+    """Keeps the base class's placeholder name, as an environment written in a hurry does."""
+
+    name = Environment.name
+
+
+def test_an_environment_that_keeps_the_placeholder_name_is_named_by_its_class(
+    tiny_model_dir, tmp_path
+):
+    """An environment given in Python is named in the summary and model card by its `name`,
+    or, where it kept the base's placeholder ("custom"), by its class path. Catches every
+    such run being recorded under the same meaningless "custom"."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "p"), env=PlaceholderNameEnv())
+    assert trainer.env_name == f"{PlaceholderNameEnv.__module__}:PlaceholderNameEnv"
 
 
 def test_a_run_configured_in_python_with_tuples_resumes(tiny_model_dir, tmp_path):
