@@ -788,3 +788,16 @@ def test_evaluate_returns_its_row_and_cuts_replies_at_eval_max_new_tokens(tiny_m
     torch.manual_seed(12345)
     assert trainer.evaluate() == row
     assert [r["response"] for r in read_jsonl(out / "eval-step-000000.jsonl")] == replies
+
+
+def test_a_lora_checkpoint_holds_the_adapter_and_not_the_base_weights(tiny_model_dir, tmp_path):
+    """A LoRA run's checkpoint is its adapter (megabytes for a 0.5B model), not the base
+    weights it was loaded from (a gigabyte, every save_every steps). Catches a save that
+    writes the wrapped base model or a merged copy. (Handing PEFT the full state dict, as a
+    sharded run does, is not such a bug: PEFT keeps the adapter's tensors of it.)"""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "lora", "lora={r: 4}"))
+    trainer.train_step(trainer.train_items[:4])
+    path = trainer.save()
+    assert not (path / "model.safetensors").exists()
+    adapter = load_file(str(path / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter), sorted(adapter)
