@@ -83,10 +83,13 @@ class Learner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
-        # a step whose checkpoint was saved but whose rows the database did not take:
-        # (ids, step, cursor), marked before the next step reads the unconsumed rows
-        self._unmarked: tuple[list[int], int, dict[str, Any]] | None = None
-        self._reconcile()
+        # (ids, step, cursor) of rows a saved checkpoint trained on that the database may not
+        # have marked (a kill, or a failed write, between the two): see `_mark_consumed`
+        consumed = trainer.extra_state.get("consumed")
+        self._unmarked: tuple[list[int], int, dict[str, Any] | None] | None = (
+            (list(consumed), int(trainer.extra_state["consumed_step"]), None) if consumed else None
+        )
+        self._mark_consumed()
         if trainer.step == 0:
             self._baseline()
         self._snapshot_status()
@@ -156,10 +159,7 @@ class Learner:
         record (metrics, guard, served version), or None when there was nothing to do."""
         with self._lock:
             trainer = self.trainer
-            if self._unmarked is not None:  # else those rows would be read, and trained, again
-                ids, step, cursor = self._unmarked
-                self.store.mark_consumed(ids, step, cursor=cursor)
-                self._unmarked = None
+            self._mark_consumed()
             rows = self.store.unconsumed(trainer.cfg.batch_size)
             if len(rows) < self.settings.min_rows:
                 return None
@@ -188,10 +188,8 @@ class Learner:
                 "served_version": version if serve else trainer.extra_state.get("served_version"),
             }  # fmt: skip
             trainer.save()  # the checkpoint knows which rows this step consumed ...
-            cursor = {"step": step, "version": version}
-            self._unmarked = (ids, step, cursor)
-            self.store.mark_consumed(ids, step, cursor=cursor)
-            self._unmarked = None
+            self._unmarked = (ids, step, {"step": step, "version": version})
+            self._mark_consumed()
             if serve:  # ... then they are marked, and the new weights are served
                 self.store.add_version(version, parent=served.version, step=step, accuracy=accuracy,
                                        note=f"trained on {len(rows)} rows")  # fmt: skip
@@ -224,12 +222,14 @@ class Learner:
         self.store.add_version(served.version, parent=None, step=0, accuracy=accuracy,
                                note="the starting model")  # fmt: skip
 
-    def _reconcile(self) -> None:
-        """Rows the last checkpoint trained on but the database never marked (a kill
-        between the two writes) are marked now, not trained on again."""
-        ids = self.trainer.extra_state.get("consumed")
-        if ids:
-            self.store.mark_consumed(list(ids), int(self.trainer.extra_state["consumed_step"]))
+    def _mark_consumed(self) -> None:
+        """Mark the rows the last saved checkpoint trained on, if the database has not yet:
+        at start-up (killed between the two writes) and before each step reads the
+        unconsumed rows (the write failed while serving), so none is trained on twice."""
+        if self._unmarked is not None:
+            ids, step, cursor = self._unmarked
+            self.store.mark_consumed(ids, step, cursor=cursor)
+            self._unmarked = None
 
     # ---- what the page shows ------------------------------------------------------------------
     def _snapshot_status(self) -> None:
