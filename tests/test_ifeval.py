@@ -29,6 +29,7 @@ from resd.envs.ifeval_checks import (
     clean_kwargs,
     count_sentences,
     describe_instruction,
+    loose_variants,
     split_sentences,
 )
 from resd.envs.ifeval_text import LANGUAGE_BACKENDS, language_backend
@@ -848,3 +849,170 @@ def test_langdetect_chinese_variants_read_as_zh(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(ifeval_text, "_langdetect_factory", lambda: Factory())
     assert detect_language("漢字", backend="langdetect") == "zh"
+
+
+# ------------------------------------- boundaries and normalisation (IFEval verifiers)
+
+
+def test_padded_text_kwargs_are_stripped_as_the_benchmark_strips_them():
+    # The benchmark strips the marker, splitter, end phrase and request it is given; a
+    # stray space in a record must not turn a followed instruction into a failure.
+    assert check_instruction(
+        "detectable_content:postscript", {"postscript_marker": " P.S. "}, "Hi.\nP. S. Bye."
+    )
+    sections = {"section_spliter": " Section ", "num_sections": 2}
+    assert check_instruction(
+        "detectable_format:multiple_sections", sections, "Section 1\nfoo\nSection 2\nbar"
+    )
+    assert check_instruction(
+        "startend:end_checker", {"end_phrase": " Any other questions? "}, "Any other questions?"
+    )
+    # The request and the response are both compared without their outer whitespace.
+    repeat = {"prompt_to_repeat": "Write a poem.\n"}
+    assert check_instruction("combination:repeat_prompt", repeat, "Write a poem. Roses.")
+    padded = "\n  Write a poem. Roses."
+    assert check_instruction(
+        "combination:repeat_prompt", {"prompt_to_repeat": "Write a poem."}, padded
+    )
+
+
+def test_word_and_language_kwargs_are_matched_in_lower_case():
+    # A capitalised first word ("However") or language code ("ES") names the same demand.
+    kw = {"num_paragraphs": 1, "nth_paragraph": 1, "first_word": "However"}
+    assert check_instruction("length_constraints:nth_paragraph_first_word", kw, "However, yes.")
+    assert check_instruction("language:response_language", {"language": "ES"}, SPANISH)
+    described = describe_instruction("language:response_language", {"language": "ES"})
+    assert described == "answer only in Spanish (es)"
+
+
+def test_json_fenced_between_blank_lines_passes():
+    # Leading and trailing blank lines around a ```json fence are not part of the JSON.
+    fenced = '\n```json\n{"a": 1}\n```\n'
+    assert check_instruction("detectable_format:json_format", {}, fenced)
+
+
+def test_blank_paragraphs_are_neither_counted_nor_allowed_between_dividers():
+    # A paragraph of spaces between two *** dividers is empty (the benchmark fails it) ...
+    result = explain_instruction(
+        "length_constraints:number_paragraphs", {"num_paragraphs": 3}, "a\n***\n \n***\nb"
+    )
+    assert not result.ok and "paragraph 2 between *** dividers is empty" in result.message
+    # ... and a blank-line paragraph of spaces is not a paragraph either.
+    kw = {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "one"}
+    assert check_instruction("length_constraints:nth_paragraph_first_word", kw, "One.\n\n \n\nTwo.")
+
+
+def test_feedback_windows_and_clips_are_marked_where_text_was_cut():
+    # The comma is shown with 25 characters either side, '...' marking each cut end.
+    text = (
+        "The first part of this reply has no commas at all but here, it does and then it goes on."
+    )
+    assert explain_instruction("punctuation:no_comma", {}, text).message == (
+        "found 1 comma (first near: '...no commas at all but here, it does and then it goe...')"
+    )
+    # A comma 26 characters in: the one character cut from the start is marked too.
+    start = explain_instruction("punctuation:no_comma", {}, "x" * 26 + ", y").message
+    assert start == "found 1 comma (first near: '...xxxxxxxxxxxxxxxxxxxxxxxxx, y')"
+    # A long request is clipped to 60 characters in the instruction's statement.
+    long = "Write a long letter to the editor of the local newspaper about the new bus timetable."
+    assert describe_instruction("combination:repeat_prompt", {"prompt_to_repeat": long}) == (
+        "first repeat the request word for word: "
+        "'Write a long letter to the editor of the local newspaper ...'"
+    )
+    lower = "this is all lowercase and it is english."
+    assert explain_instruction("change_case:english_lowercase", {}, lower).message == (
+        "English, all lowercase letters"
+    )
+
+
+def test_a_highlight_of_only_spaces_does_not_count():
+    # "* *" wraps nothing but a space: the benchmark strips it and does not count it.
+    kw = {"num_highlights": 2}
+    assert not check_instruction(
+        "detectable_format:number_highlighted_sections", kw, "*one* and * *"
+    )
+
+
+def test_padded_letters_and_quoted_endings_are_read_without_their_whitespace():
+    # The benchmark strips the letter it counts and the response before its end check.
+    letter = {"letter": " A ", "let_frequency": 4, "let_relation": "at least"}
+    assert check_instruction("keywords:letter_frequency", letter, "a banana")
+    end = {"end_phrase": "Any other questions?"}
+    assert check_instruction("startend:end_checker", end, '  "Done. Any other questions?"\n')
+
+
+def test_every_instruction_states_its_demand():
+    # Feedback names each violated instruction by this statement; an empty one says nothing.
+    for iid in INSTRUCTION_IDS:
+        kwargs = next(case[1] for case in CASES if case[0] == iid)
+        assert describe_instruction(iid, kwargs).strip(), iid
+
+
+def test_repeat_prompt_without_a_request_or_a_prompt_is_an_error():
+    # With nothing to repeat, every response would "start with" the empty request.
+    with pytest.raises(ValueError, match=r"missing keyword argument.*prompt_to_repeat"):
+        check_instruction("combination:repeat_prompt", {}, "Anything at all.")
+
+
+def test_evaluate_instructions_is_strict_unless_told_otherwise():
+    response = 'Sure, here it is:\n"the answer"'
+    (strict,) = evaluate_instructions(["startend:quotation"], None, response)
+    (loose,) = evaluate_instructions(["startend:quotation"], None, response, strict=False)
+    assert not strict.ok and loose.ok
+
+
+def test_loose_variants_are_the_benchmarks_eight_responses_with_labels():
+    # As in the benchmark, a cut response is stripped; its label names the relaxation.
+    assert loose_variants("Intro:\n  *body*  \nBye") == [
+        ("", "Intro:\n  *body*  \nBye"),
+        ("'*' removed", "Intro:\n  body  \nBye"),
+        ("the first line removed", "*body*  \nBye"),
+        ("the last line removed", "Intro:\n  *body*"),
+        ("the first and last lines removed", "*body*"),
+        ("the first line removed and '*' removed", "body  \nBye"),
+        ("the last line removed and '*' removed", "Intro:\n  body"),
+        ("the first and last lines removed and '*' removed", "body"),
+    ]
+
+
+def test_a_loose_variant_left_blank_is_not_checked():
+    # With '*' removed, "* *" is a blank response, which has no bullets; the benchmark
+    # skips blank variants, so it must not pass a request for no bullet points.
+    kw = {"num_bullets": 0}
+    assert not check_instruction("detectable_format:number_bullet_lists", kw, "* *", strict=False)
+
+
+def test_digits_of_other_scripts_are_no_language():
+    # langdetect reads Devanagari and Persian digits as Marathi and Persian; they are no
+    # letters, so no language, and an answer made only of them earns no reward.
+    for digits in ("१२३ ४५६", "۱۲۳ ۴۵۶ ۷۸۹"):
+        assert detect_language(digits) is None
+    assert not check_instruction("language:response_language", {"language": "mr"}, "१२३ ४५६")
+
+
+def test_a_sentence_can_end_in_a_number():
+    # Only a single *letter* before '.' is an initial; "to 5." ends its sentence.
+    assert split_sentences("I counted to 5. Then I stopped.") == [
+        "I counted to 5.",
+        "Then I stopped.",
+    ]
+
+
+@pytest.mark.skipif(not HAS_LANGDETECT, reason="langdetect is not installed")
+def test_langdetect_verdicts_are_those_of_seed_0_as_in_the_conformance_run():
+    # The benchmark comparison seeds langdetect with 0; ours must draw the same samples.
+    # On "hello" seeds 0 and 1 disagree (Finnish vs Dutch), so a changed seed shows here.
+    import langdetect
+
+    saved = langdetect.DetectorFactory.seed
+    try:
+        langdetect.DetectorFactory.seed = 0
+        for text in ("hello", "ok then", "ciao a tutti"):
+            assert detect_language(text) == langdetect.detect(text), text
+    finally:
+        langdetect.DetectorFactory.seed = saved
+
+
+def test_heuristic_counts_typical_letters_in_capitals_too():
+    # "ŁĄ" weigh for Polish whatever their case, as the stopwords do.
+    assert detect_language("THE ŁĄK", backend="heuristic") == "pl"
