@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,10 @@ import torch
 from resd.analysis.eval_cli import (
     EvalSettings,
     adapter_base_model,
+    evaluate_env,
+    evaluate_model,
+    format_metrics,
+    format_per_item,
     is_adapter,
     load_policy,
     merge_adapter,
@@ -17,8 +25,10 @@ from resd.analysis.eval_cli import (
 )
 from resd.analysis.evaluation import aggregate
 from resd.cli import main
-from resd.config import apply_overrides, build_config
+from resd.config import TrainConfig, apply_overrides, build_config
 from resd.envs.base import Score
+from resd.models import DTYPES, pick_device, resolve_dtype
+from toy_envs import ParityEnv
 
 # Two items, three samples each: (reward, score) per sample.
 OUTCOMES = [
@@ -184,3 +194,279 @@ def test_resd_eval_checks_out_before_evaluating(tmp_path, capsys, monkeypatch):
     assert main([*base, str(tmp_path / "file" / "sub" / "eval.json")]) == 2
     assert f"{tmp_path / 'file'} is not a directory" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "kept"
+
+
+# ---- what the mutation tests of `resd eval` found untested --------------------------------
+def test_eval_settings_default_to_the_training_configs():
+    """`EvalSettings()` (what `evaluate_model` uses without settings) samples as a run
+    evaluates by default; a changed default (k, T, top-p, lengths, batch, seed) fails here."""
+    assert dataclasses.asdict(EvalSettings()) == dataclasses.asdict(
+        EvalSettings.from_config(TrainConfig())
+    )
+
+
+def test_eval_settings_from_a_config_carry_every_sampling_setting():
+    """Each of a run's evaluation settings reaches the evaluation, not only the counts: a
+    dropped field would silently fall back to the default (equal to TrainConfig's)."""
+    cfg = build_config(apply_overrides({}, [
+        "eval_temperature=0.3", "eval_top_p=0.8", "max_prompt_tokens=300", "max_new_tokens=20",
+        "eval_max_new_tokens=12", "generation_batch_size=3", "seed=9", "autocast=bfloat16",
+    ]))  # fmt: skip
+    settings = EvalSettings.from_config(cfg)
+    assert (settings.temperature, settings.top_p, settings.max_prompt_tokens) == (0.3, 0.8, 300)
+    assert (settings.max_new_tokens, settings.batch_size, settings.seed) == (12, 3, 9)
+    assert settings.autocast == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"items": 0}, {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5},
+     {"max_new_tokens": 0}, {"max_prompt_tokens": 0}, {"batch_size": 0}],
+)  # fmt: skip
+def test_eval_settings_refuse_what_cannot_be_sampled(bad):
+    """Nonsense settings fail when made, naming the field, not deep inside sampling; the
+    edges that do make sense (greedy T = 0, top-p = 1, a single item) are accepted."""
+    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+        EvalSettings(**bad)
+    edge = EvalSettings(temperature=0.0, top_p=1.0, items=1, samples=1)
+    assert (edge.temperature, edge.top_p, edge.items) == (0.0, 1.0, 1)
+
+
+def test_the_printed_tables_and_per_item_rows():
+    """`resd eval`'s table (one row per accuracy kind, then k and the item count) and
+    `--per-item`'s (ids clipped to 32 characters); a per-item row holds its own numbers only."""
+    records = [
+        {"item": f"{'x' * 40}{n}", "sample": j, "response": "", "reward": r, "score": s}
+        for n, item in enumerate(OUTCOMES)
+        for j, (r, s) in enumerate(item)
+    ]
+    rows = per_item_metrics(records)
+    assert set(rows[0]) == {"item", "rewards", "scores", "task_mean@k", "task_best@k",
+                            "case_mean@k", "case_best@k"}  # fmt: skip
+    assert format_metrics(aggregate(scores(OUTCOMES))).splitlines() == [
+        "accuracy           mean@k   best@k",
+        "per-task           0.1667   0.5000",
+        "per-test-case      0.5000   0.8750",
+        "(k = 3 samples per item, 2 test items)",
+    ]
+    assert format_per_item(rows).splitlines() == [
+        "item                             task mean task best case mean case best",
+        f"{'x' * 32}     0.333     1.000     0.500     1.000",
+        f"{'x' * 32}     0.000     0.000     0.500     0.750",
+    ]
+
+
+def test_resd_eval_flags_reach_the_settings_it_records(tiny_model_dir, tmp_path, capsys):
+    """Every sampling flag is taken and recorded (a flag that went missing would be an
+    argparse error or a silent default); --out may name folders that do not exist yet."""
+    out = tmp_path / "new" / "deeper" / "eval.json"
+    args = ["eval", "--model", str(tiny_model_dir), "--env", "toy_envs:ParityEnv", "n_test=3",
+            "--dtype", "float32", "--device", "cpu", "--samples", "1", "--max-new-tokens", "4",
+            "--max-prompt-tokens", "64", "--temperature", "0.3", "--top-p", "0.9", "--items", "2",
+            "--batch-size", "1", "--seed", "3", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"] == {
+        "samples": 1, "temperature": 0.3, "top_p": 0.9, "max_new_tokens": 4,
+        "max_prompt_tokens": 64, "items": 2, "batch_size": 1, "seed": 3, "autocast": "auto",
+    }  # fmt: skip
+    assert (result["model"], result["env"], result["dtype"]) == (
+        str(tiny_model_dir),
+        "toy_envs:ParityEnv",
+        "float32",
+    )
+    assert len(result["per_item"]) == 2 and len(result["samples"]) == 2
+    printed = capsys.readouterr().out.splitlines()
+    assert 'env:   toy_envs:ParityEnv {"n_test": 3}' in printed
+    assert "T = 0.3, top-p = 0.9, seed = 3" in printed
+    assert "(k = 1 samples per item, 2 test items)" in printed
+    assert f"written: {out}" in printed
+
+
+def test_resd_eval_reads_a_config_file_and_its_flags_win(tiny_model_dir, tmp_path, capsys):
+    """--config gives any setting (YAML's 4.0 for a count is 4); a flag given beside it
+    wins, and environment arguments on the command line update the file's, key by key."""
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nenv: toy_envs:ParityEnv\n"
+                      "env_args: {n_test: 3, n_train: 2}\nsamples: 1\nmax_new_tokens: 4.0\n"
+                      "seed: 5\ndevice: cpu\n")  # fmt: skip
+    out = tmp_path / "eval.json"
+    assert (
+        main(["eval", "--config", str(config), "n_test=2", "--seed", "7", "--out", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["env_args"] == {"n_test": 2, "n_train": 2}
+    assert result["settings"]["max_new_tokens"] == 4 and result["settings"]["samples"] == 1
+    assert result["settings"]["seed"] == 7 and len(result["per_item"]) == 2
+    # no --dtype: the trainer's sampling precision, recorded as it ran
+    assert result["dtype"] == resolve_dtype("auto", "cpu")
+
+
+def test_resd_eval_names_a_missing_or_unknown_setting(tmp_path, capsys):
+    """A typo in the config file, or no model or environment at all, is a usage error
+    naming the key, not a crash (KeyError) or an evaluation of `None`."""
+    config = tmp_path / "e.yaml"
+    config.write_text("model: some/model\nenv: toy_envs:ParityEnv\nsample: 2\n")
+    assert main(["eval", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "sample: unknown key" in err and str(config) in err
+    assert main(["eval", "--env", "toy_envs:ParityEnv"]) == 2
+    assert "model: required" in capsys.readouterr().err
+    assert main(["eval", "--model", "some/model"]) == 2
+    assert "env: required" in capsys.readouterr().err
+
+
+def test_resd_eval_hands_template_variables_and_init_kwargs_to_the_loader(
+    tiny_model_dir, tmp_path, capsys
+):
+    """A model whose chat template needs a variable (as Qwen3's `enable_thinking`) is
+    evaluated with the config's chat_template_kwargs; model_init_kwargs reach
+    from_pretrained (a bad attention implementation is refused by name)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text(
+        "{% if not persona %}{{ raise_exception('persona is required') }}{% endif %}" + template
+    )
+    base = (f"model: {model}\nenv: toy_envs:ParityEnv\nenv_args: {{n_test: 1}}\nsamples: 1\n"
+            "max_new_tokens: 2\ndtype: float32\ndevice: cpu\n")  # fmt: skip
+    config = tmp_path / "e.yaml"
+    config.write_text(base)
+    assert main(["eval", "--config", str(config)]) == 2
+    assert "chat_template" in capsys.readouterr().err  # the template really needs it
+    config.write_text(base + "chat_template_kwargs: {persona: tutor}\n")
+    assert main(["eval", "--config", str(config)]) == 0
+    config.write_text(base + "chat_template_kwargs: {persona: tutor}\n"
+                      "model_init_kwargs: {attn_implementation: no_such_attention}\n")  # fmt: skip
+    assert main(["eval", "--config", str(config)]) == 2
+    assert "no_such_attention" in capsys.readouterr().err
+
+
+def make_adapter(base, folder):
+    """A real PEFT LoRA adapter on `base` (random, non-zero update), saved without a tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    from resd.models import load_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(load_model(str(base), device="cpu"), lora).save_pretrained(folder)
+    return folder
+
+
+def name_base(adapter, base):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": base})
+    )
+
+
+def test_an_adapter_that_names_no_base_model_or_a_bad_dtype_is_refused(tiny_model_dir, tmp_path):
+    """An adapter config without its base asks for --base-model; a dtype that does not exist
+    is refused by name for an adapter too, before any model is merged (not a KeyError)."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    name_base(adapter, None)
+    with pytest.raises(ValueError, match="--base-model"):
+        adapter_base_model(adapter)
+    name_base(adapter, str(tiny_model_dir))
+    with pytest.raises(ValueError, match="dtype: expected auto, int8 or one of"):
+        load_policy(adapter, dtype="half", device="cpu")
+
+
+def test_resd_eval_applies_an_adapter_to_the_base_model_given(tiny_model_dir, tmp_path, capsys):
+    """An adapter whose recorded base has moved is evaluated and merged on --base-model /
+    base_model=; a bare adapter takes its base's tokenizer, and model_init_kwargs reach the base."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    name_base(adapter, str(tmp_path / "moved-away"))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(adapter), "--base-model", str(tiny_model_dir),
+                 "--env", "toy_envs:ParityEnv", "n_test=1", *FAST, "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["adapter"] is True and result["base_model"] == str(tiny_model_dir)
+    assert f"{adapter} (adapter on {tiny_model_dir})" in capsys.readouterr().out
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base_model=str(tiny_model_dir))
+    assert isinstance(merged, Path) and (merged / "config.json").is_file()
+    with pytest.raises(ValueError, match="no_such_attention"):
+        load_policy(adapter, base_model=str(tiny_model_dir), dtype="float32", device="cpu",
+                    init_kwargs={"attn_implementation": "no_such_attention"})  # fmt: skip
+
+
+def test_an_adapters_own_tokenizer_wins_over_its_bases(tiny_model_dir, tmp_path):
+    """A checkpoint saves the run's tokenizer beside its adapter, and that one is used; a
+    bare adapter falls back to its base model's."""
+    from resd.models import load_tokenizer
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    _, tokenizer = load_policy(adapter, dtype="float32", device="cpu")
+    base_template = load_tokenizer(str(tiny_model_dir)).chat_template
+    assert tokenizer.chat_template == base_template
+    own = load_tokenizer(str(tiny_model_dir))
+    own.chat_template = "{# the run's own #}" + base_template
+    own.save_pretrained(adapter)
+    _, tokenizer = load_policy(adapter, dtype="float32", device="cpu")
+    assert tokenizer.chat_template.startswith("{# the run's own #}")
+
+
+def test_load_policy_samples_in_the_trainers_dtype_with_frozen_weights(tiny_model_dir):
+    """`dtype="auto"` (the default, on the default device) is resolved as the trainer
+    resolves it (not refused), an explicit dtype is applied, and the model is in eval mode
+    with no weight requiring a gradient."""
+    model, _ = load_policy(tiny_model_dir)
+    assert {p.dtype for p in model.parameters()} == {DTYPES[resolve_dtype("auto", pick_device())]}
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    for dtype in ("float32", "bfloat16"):
+        model, _ = load_policy(tiny_model_dir, dtype=dtype, device="cpu")
+        assert {p.dtype for p in model.parameters()} == {DTYPES[dtype]}
+
+
+def test_evaluate_model_records_its_defaults_and_loads_the_dtype_it_records(
+    tiny_model_dir, monkeypatch
+):
+    """Without settings, `evaluate_model` samples with EvalSettings() and says so; the dtype
+    it records is the one the model was loaded in (auto resolved; the other one when asked)."""
+    import resd.analysis.eval_cli as eval_cli
+
+    loaded = []
+    real_load_policy = eval_cli.load_policy
+
+    def recording_load_policy(*args, **kwargs):  # the real loader; notes what it returned
+        model, tokenizer = real_load_policy(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(eval_cli, "load_policy", recording_load_policy)
+    result = evaluate_model(tiny_model_dir, "toy_envs:ParityEnv", {"n_test": 1})
+    assert result["settings"] == dataclasses.asdict(EvalSettings())
+    assert len(result["samples"]) == EvalSettings().samples
+    assert result["dtype"] == resolve_dtype("auto", pick_device())
+    assert (result["model"], result["env"]) == (tiny_model_dir.as_posix(), "toy_envs:ParityEnv")
+    other = "float32" if resolve_dtype("auto", "cpu") == "bfloat16" else "bfloat16"
+    settings = EvalSettings(samples=1, max_new_tokens=2)
+    result = evaluate_model(tiny_model_dir, "toy_envs:ParityEnv", {"n_test": 1}, settings,
+                            dtype=other, device="cpu")  # fmt: skip
+    assert result["dtype"] == other and loaded[1] == DTYPES[other]
+    assert loaded[0] == DTYPES[resolve_dtype("auto", pick_device())]
+
+
+class CoinEnv(ParityEnv):
+    """Scores with Python's global `random`, as a user's environment may (say, to sample
+    test cases)."""
+
+    def score(self, item, response):
+        reward = float(random.random() < 0.5)
+        return Score(reward, reward, "")
+
+
+def test_evaluate_env_seeds_pythons_random_and_needs_test_items(tiny_model_dir):
+    """The same seed gives the same numbers for an environment that draws from `random`
+    too; an environment without test items is named, not a bare aggregate error."""
+    model, tokenizer = load_policy(tiny_model_dir, dtype="float32", device="cpu")
+    settings = EvalSettings(samples=4, max_new_tokens=2, seed=3)
+    first = evaluate_env(model, tokenizer, CoinEnv(n_test=4), settings)
+    random.random()  # the global state moves on between two evaluations
+    again = evaluate_env(model, tokenizer, CoinEnv(n_test=4), settings)
+    assert [s["reward"] for s in again["samples"]] == [s["reward"] for s in first["samples"]]
+    with pytest.raises(ValueError, match="ParityEnv has no test items"):
+        evaluate_env(model, tokenizer, ParityEnv(n_test=0), settings)
