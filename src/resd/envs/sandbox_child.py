@@ -332,10 +332,10 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
                 if writing and not isinstance(path, int):
                     check_path("writing", path)
             elif event == "sqlite3.connect":
-                database = args[0]
-                if isinstance(database, str) and database.startswith("file:"):
+                database = _os.fsdecode(args[0])  # str, bytes or a path object, as given
+                if database.startswith("file:"):
                     deny("opening sqlite3 URIs")  # may name any file; plain paths suffice
-                if database not in (":memory:", "", b":memory:", b""):
+                if database not in (":memory:", ""):
                     check_path("writing", database)
             elif event in path_events:
                 paths, follow = path_events[event]
@@ -384,6 +384,25 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
     if _posix_open in _os.supports_dir_fd:  # the original must not be found there either
         _os.supports_dir_fd.discard(_posix_open)
         _os.supports_dir_fd.add(_open)
+
+    # os.mkfifo and os.mknod raise no audit event at all: check their path here.
+    _posix_mkfifo, _posix_mknod = _posix.mkfifo, _posix.mknod
+
+    def _mkfifo(path, mode=0o666, *, dir_fd=None):
+        check_path("os.mkfifo", path, dir_fd, False)
+        return _posix_mkfifo(path, mode, dir_fd=dir_fd)
+
+    def _mknod(path, mode=0o600, device=0, *, dir_fd=None):
+        check_path("os.mknod", path, dir_fd, False)
+        return _posix_mknod(path, mode, device, dir_fd=dir_fd)
+
+    for new, original in ((_mkfifo, _posix_mkfifo), (_mknod, _posix_mknod)):
+        new.__doc__, new.__name__, new.__qualname__ = (original.__doc__,) + (original.__name__,) * 2
+        setattr(_os, original.__name__, new)
+        setattr(_posix, original.__name__, new)
+        if original in _os.supports_dir_fd:
+            _os.supports_dir_fd.discard(original)
+            _os.supports_dir_fd.add(new)
 
     import _signal
     import signal as _signal_mod
