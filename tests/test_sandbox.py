@@ -610,7 +610,7 @@ def test_a_sibling_whose_name_extends_the_work_dirs_is_outside_it():
 def test_ordinary_file_handling_inside_the_work_dir_still_works():
     # Catches guards that refuse too much: in-memory sqlite databases wherever the
     # program's cwd is, reading through a directory descriptor (os.fwalk and
-    # shutil.rmtree open with dir_fd) or with os.open's O_RDONLY (flags 0), changing the
+    # shutil.rmtree open with dir_fd) or outside it with os.open's O_RDONLY, changing the
     # work dir itself, descriptors that name no file (a pipe), chown, hard links, fifos,
     # nodes and shutil's copies inside the work dir; and os.open, which the prelude
     # replaces, keeps its default mode.
@@ -621,7 +621,7 @@ def test_ordinary_file_handling_inside_the_work_dir_still_works():
     print(sorted(name for _, _, files, _ in os.fwalk('tree') for name in files))
     d = os.open('tree/a/b', os.O_RDONLY)
     os.close(os.open('f', os.O_RDONLY, dir_fd=d))
-    os.close(os.open(os.__file__, os.O_RDONLY))  # reading outside: flags 0
+    os.close(os.open(os.__file__, os.O_RDONLY))  # reading outside the work dir
     shutil.rmtree('tree')
     os.chmod('.', 0o700)
     os.utime('.')
