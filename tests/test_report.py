@@ -19,6 +19,7 @@ from matplotlib.image import imread
 
 from resd.analysis.report import (
     LOSS_COLOURS,
+    PlotSink,
     add_report_subcommand,
     build_report,
     group_curve,
@@ -26,6 +27,12 @@ from resd.analysis.report import (
     load_run,
     loss_colour,
     moving_average,
+    plot_comparison,
+    plot_learning_curves,
+    plot_playbook,
+    plot_step_times,
+    run_report,
+    table,
     token_samples,
 )
 
@@ -348,3 +355,640 @@ def test_a_config_value_the_report_computes_with_is_checked_up_front(tmp_path: P
     (foreign / "config.yaml").write_text(yaml.safe_dump({**config, "seed": "abc"}))
     text = build_report(tmp_path / "cmp").read_text()
     assert "<td>abc</td>" in text and good.name in text
+
+
+def test_a_run_without_a_config_is_reported_with_the_trainers_defaults(tmp_path: Path) -> None:
+    """metrics.jsonl alone makes a run (config.yaml lost on the way back from the GPU
+    machine): it is reported with TrainConfig's batch shape, and its steps are the last
+    step logged, not the rows read (a damaged line in the middle is skipped). Catches a
+    missing config.yaml read without checking that it exists, or read as None."""
+    run = tmp_path / "metrics-only"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "reward": 0.5}\n{"step": 2, "rew\n{"step": 3}\n'
+    )
+    text = build_report(run).read_text()
+    assert "<title>resd report: metrics-only (unknown)</title>" in text
+    assert "Not recorded: config.yaml" in text
+    assert "<td>steps run</td><td>3</td>" in text
+    assert "<td>samples per step</td><td>8</td>" in text  # 8 prompts × 1 rollout
+    assert "<td>samples drawn</td><td>24</td>" in text
+    assert "Not recorded: phase timings." in text
+
+
+def test_an_unreadable_config_or_summary_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config.yaml or summary.json that does not parse reads as empty, so the rest of
+    the run is still reported. Catches an invalid config.yaml read as None."""
+    run = make_run(tmp_path / "broken", evals=False)
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    (run / "summary.json").write_text('{"steps": ')
+    text = build_report(run).read_text()
+    assert "Not recorded: config.yaml" in text
+    assert "<td>steps run</td><td>6</td>" in text  # from metrics.jsonl
+    assert "not valid YAML" in caplog.text and "not valid JSON" in caplog.text
+
+
+def test_files_that_are_not_utf8_are_read_with_replacement_characters(tmp_path: Path) -> None:
+    """A config, summary or playbook written in Latin-1 by some other tool is shown with
+    U+FFFD where a byte is not UTF-8, instead of failing the report."""
+    run = make_run(tmp_path / "latin1", evals=False, samples=False)
+    (run / "config.yaml").write_bytes(b"algorithm: resd\nmodel: caf\xe9\n")
+    (run / "summary.json").write_bytes(b'{"steps": 6, "note": "caf\xe9"}')
+    (run / "playbook.md").write_bytes(b"## Strategies & Insights\nna\xefve\n")
+    text = build_report(run).read_text()
+    assert "<td>model</td><td>caf\ufffd</td>" in text
+    assert "na\ufffdve" in text
+
+
+def test_a_run_with_only_its_summary_reports_its_steps_and_evaluations(tmp_path: Path) -> None:
+    """summary.json alone (metrics.jsonl and eval.jsonl not copied back) still gives the
+    steps run, the samples drawn and the evaluation before / after."""
+    run = tmp_path / "summary-only"
+    run.mkdir()
+    config = {"algorithm": "resd", "batch_size": 2, "rollouts_per_prompt": 2}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    before = {"task_mean@k": 0.25, "k": 4, "items": 8}  # no step: before training
+    after = {"step": 40, "task_mean@k": 0.5, "k": 4, "items": 8}
+    summary = {"steps": 40, "eval_before": before, "eval_after": after}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = build_report(run).read_text()
+    assert "<td>steps run</td><td>40</td>" in text
+    assert "<td>samples drawn</td><td>160</td>" in text
+    assert "<th>metric</th><th>before (step 0)</th><th>after (step 40)</th><th>change</th>" in text
+    assert "<td>task_mean@k</td><td>0.25</td><td>0.5</td><td>+0.25</td>" in text
+    assert "<p>k = 4 samples per item, 8 test items.</p>" in text
+    missing = re.findall(
+        r'<section id="(\w+)"><h2>([^<]*)</h2><p class="missing">([^<]*)</p>', text
+    )
+    assert missing == [
+        ("learning", "2. Learning curves", "Not recorded: metrics.jsonl."),
+        ("timing", "3. Step time by phase", "Not recorded: phase timings."),
+        ("playbook", "4. Playbook evolution", "Not recorded: playbook history (algorithm "
+         "&#x27;resd&#x27; keeps no playbook, or it was not logged)."),
+        ("examples", "5. Examples", "Not recorded: samples (no samples.jsonl)."),
+        ("tokens", "6. Token-level self-distillation loss",
+         "Not recorded: per-token losses of distilled samples."),
+    ]  # fmt: skip
+
+
+def test_the_last_evaluation_is_the_after_and_a_single_one_is_before_only(tmp_path: Path) -> None:
+    """Without summary.json the evaluations come from eval.jsonl: the first is "before",
+    the last "after". One evaluation (a run stopped before its second) is a "before" with
+    no "after" column: comparing it with itself would show a change of +0."""
+    run = make_run(tmp_path / "evals", summary=False)
+    text = build_report(run).read_text()
+    assert "before (step 0)" in text and "after (step 6)" in text
+    write_jsonl(run / "eval.jsonl", [{"step": 0, "task_mean@k": 0.25, "k": 4, "items": 8}])
+    text = build_report(run).read_text()
+    assert "before (step 0)" in text and "<td>task_mean@k</td><td>0.25</td></tr>" in text
+    assert "after (" not in text and "<th>change</th>" not in text
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("batch_size", 0), ("rollouts_per_prompt", 0), ("rollouts_per_prompt", 2.5)]
+)
+def test_a_count_below_one_or_fractional_is_refused(tmp_path: Path, key: str, value: float) -> None:
+    """batch_size: 0 would otherwise be replaced by the default 8 without a word, and the
+    samples-drawn axis of every plot would be wrong."""
+    run = make_run(tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, key: value}))
+    with pytest.raises(ValueError, match=re.escape(f"{key}: expected a whole number >= 1")):
+        build_report(run)
+
+
+def test_training_table_compares_the_first_and_last_tenth_of_the_steps(tmp_path: Path) -> None:
+    """Each training metric's mean over the first and the last 10% of the steps (2 of 20
+    here, at least 1); reward at step s is 0.1·s, score 0.15·s, the loss 0.5/s."""
+    text = build_report(make_run(tmp_path / "long", steps=20)).read_text()
+    assert "<th>first 2 step(s)</th><th>last 2 step(s)</th>" in text
+    assert "<td>reward</td><td>0.15</td><td>1.95</td>" in text
+    assert "<td>score</td><td>0.225</td><td>2.925</td>" in text
+    assert "<td>success_rate</td><td>0.15</td><td>1.95</td>" in text
+    assert "<td>loss</td><td>0.375</td><td>0.02566</td>" in text
+    assert "<td>time_step</td><td>6</td><td>6</td>" in text
+    short = make_run(tmp_path / "short", steps=6, playbook=False, samples=False)
+    text = build_report(short).read_text()  # under 10 steps: the first and the last step
+    assert "<th>first 1 step(s)</th><th>last 1 step(s)</th>" in text
+    assert "<td>reward</td><td>0.1</td><td>0.6</td>" in text
+
+
+def test_comparison_curves_smooth_each_run_over_about_5_percent_of_its_steps(
+    tmp_path: Path,
+) -> None:
+    """With smooth=True each run is a trailing mean over max(1, steps // 20) steps (3 of
+    60 here; reward at step s is 0.1·s); without it, and under 40 steps, the values are
+    the raw ones."""
+    long = load_run(make_run(tmp_path / "long", steps=60, playbook=False, samples=False))
+    short = load_run(make_run(tmp_path / "short", steps=10, playbook=False, samples=False))
+    smoothed = group_curve("resd", [long], "reward", smooth=True)
+    assert smoothed.mean[:3] == pytest.approx([0.1, 0.15, 0.2])  # fewer at the start
+    assert smoothed.mean[59] == pytest.approx(5.9)  # mean of steps 58, 59, 60
+    assert group_curve("resd", [long], "reward").mean[59] == pytest.approx(6.0)
+    raw = group_curve("resd", [short], "reward", smooth=True)
+    assert raw.mean == pytest.approx([0.1 * s for s in range(1, 11)])
+
+
+def test_curves_skip_rows_where_the_metric_is_missing(tmp_path: Path) -> None:
+    """A step that logged no value (or null) for a metric, and a row without a step,
+    leave no point on its curve rather than breaking the mean over seeds."""
+    run = make_run(tmp_path / "gaps", steps=4, playbook=False, samples=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    del rows[1]["reward"]
+    rows[2]["reward"] = None
+    rows.append({"reward": 0.9})
+    write_jsonl(run / "metrics.jsonl", rows)
+    band = group_curve("resd", [load_run(run)], "reward")
+    assert band.x == [1, 4] and band.mean == pytest.approx([0.1, 0.4])
+
+
+def test_step_time_table_counts_untimed_phases_as_zero_and_never_a_negative_other(
+    tmp_path: Path,
+) -> None:
+    """A phase a run never timed (GRPO has no reflection) is 0 s, not 1 s; "other" is the
+    step time not covered by the phases, 0 when the phases fill it or overrun it, and 0
+    for a step that logged no step time."""
+    run = tmp_path / "grpo"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": "grpo"}))
+    write_jsonl(
+        run / "metrics.jsonl",
+        [
+            {"step": 1, "reward": 0.5, "time_rollout": 2.0, "time_update": 1.0, "time_step": 3.0},
+            {"step": 2, "reward": 0.5, "time_rollout": 2.0, "time_update": 1.0, "time_step": 2.5},
+            {"step": 3, "reward": 0.5, "time_rollout": 0.5},
+        ],
+    )
+    text = build_report(run).read_text()
+    assert "<th>phase</th><th>mean s / step</th><th>total s</th><th>share</th>" in text
+    assert "<td>rollout</td><td>1.5</td><td>4.5</td><td>69.2%</td>" in text
+    assert "<td>reflect</td><td>0</td><td>0</td><td>0.0%</td>" in text
+    assert "<td>other</td><td>0</td><td>0</td><td>0.0%</td>" in text
+    assert "<td>step (all)</td><td>2.167</td><td>6.5</td><td>100%</td>" in text
+
+
+def test_table_cells_format_numbers_and_show_nothing_for_missing_values() -> None:
+    """Whole floats as integers (also past 4 digits), other floats to 4 significant
+    digits, a missing value as an empty cell (not "None"), dicts and lists as JSON, and
+    every cell escaped."""
+    cells = [None, True, 12345.0, 2.0, 0.123456, {"digits": 3}, ["a"], EVIL]
+    html_table = table(["h"] * len(cells), [cells])
+    found = re.findall(r"<td>(.*?)</td>", html_table)
+    assert found == ["", "True", "12345", "2", "0.1235", "{&quot;digits&quot;: 3}",
+                     "[&quot;a&quot;]", "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;"]  # fmt: skip
+
+
+def test_example_texts_and_playbook_md_are_shown_in_full(run_dir: Path) -> None:
+    """The prompt, response, feedback and reflection of an example and the final
+    playbook.md appear as (escaped) preformatted text, not just their lengths."""
+    text = build_report(run_dir).read_text()
+    evil = "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;"
+    for shown in (f"What is 1? {evil}", f"Expected 1. {evil}", f"Key insight: {evil}"):
+        assert f"<pre>{shown}</pre>" in text
+    assert (
+        f"<pre>## Strategies &amp; Insights\n[strat-00001] helpful=1 harmful=0 :: {evil}\n</pre>"
+        in text
+    )
+
+
+def test_the_plot_sink_lists_the_pngs_it_wrote(run_dir: Path) -> None:
+    """`PlotSink.written` is how a caller of `run_report` learns which files it added."""
+    sink = PlotSink(run_dir / "plots")
+    run_report(load_run(run_dir), sink)
+    assert [p.name for p in sink.written] == [
+        "learning_curves.png",
+        "step_times.png",
+        "playbook.png",
+    ]
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in sink.written)
+
+
+def test_comparison_tables_show_each_runs_evaluations_and_each_algorithms_spread(
+    tmp_path: Path,
+) -> None:
+    """Per run: eval before / after; per algorithm: mean [min, max] over its runs of the
+    final evaluation (the "before" of a run evaluated once) and of the seconds per step,
+    empty where no run recorded any."""
+    root = tmp_path / "cmp"
+    make_run(root / "resd-seed0", seed=0, offset=0.0, playbook=False, samples=False)
+    make_run(root / "resd-seed1", seed=1, offset=0.2, playbook=False, samples=False)
+    once = root / "sdpo-seed0"
+    once.mkdir()
+    (once / "config.yaml").write_text(yaml.safe_dump({"algorithm": "sdpo"}))
+    write_jsonl(once / "eval.jsonl", [{"step": 0, "task_mean@k": 0.1}])
+    text = build_report(root).read_text()
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", text)]
+    assert ["resd-seed1", "resd", "1", "6", "24", "0.2", "0.5", "0", "0.6"] in rows
+    assert ["sdpo-seed0", "sdpo", "?", "0", "0", "0.1", "", "", ""] in rows
+    assert ["resd", "2", "0.4 [0.3, 0.5]", "0.6 [0.6, 0.6]", "0.6 [0.6, 0.6]",
+            "0.9 [0.9, 0.9]", "6 [6, 6]"] in rows  # fmt: skip
+    assert ["sdpo", "1", "0.1 [0.1, 0.1]", "", "", "", ""] in rows
+
+
+def test_comparison_page_labels_its_tables_sections_and_figures(tmp_path: Path) -> None:
+    """Column headers, the sections the navigation links to, each figure's own caption,
+    and comparison.json shown (escaped, a byte that is not UTF-8 replaced) under its name."""
+    root = tmp_path / "cmp"
+    make_run(root / "resd-seed0", steps=2, playbook=False, samples=False)
+    (root / "comparison.json").write_bytes(
+        json.dumps({"note": EVIL, "by": "caf\xe9"}, ensure_ascii=False).encode("latin-1")
+    )
+    text = build_report(root).read_text()
+    assert "<title>resd comparison: cmp</title>" in text
+    heads = [re.findall(r"<th>(.*?)</th>", h) for h in re.findall(r"<thead>(.*?)</thead>", text)]
+    assert heads == [
+        ["run", "algorithm", "seed", "steps", "samples drawn", "task_mean@k before",
+         "task_mean@k after", "case_mean@k before", "case_mean@k after"],
+        ["algorithm", "runs", "final task_mean@k", "final task_best@k", "final case_mean@k",
+         "final case_best@k", "s / step"],
+    ]  # fmt: skip
+    links = re.findall(r'<a href="#(\w+)">(.*?)</a>', text)
+    assert links == [("summary", "runs"), ("learning", "learning curves"), ("meta", "metadata")]
+    assert re.findall(r"<h3>(.*?)</h3>", text) == [
+        "Runs",
+        "By algorithm: mean [min, max] over runs",
+    ]
+    sections = re.findall(r'<section id="(\w+)"><h2>(.*?)</h2>', text)
+    assert sections == [("summary", "1. Runs"), ("learning", "2. Learning curves"),
+                        ("meta", "3. Metadata")]  # fmt: skip
+    captions = re.findall(r"<figcaption>(.*?) \(also <code>plots/(.*?)</code>\)", text)
+    assert [(c.split(";")[0].split(",")[0], name) for c, name in captions] == [
+        ("Training reward and score", "compare_train.png"),
+        ("Evaluation metrics", "compare_eval.png"),
+    ]
+    assert "<summary>comparison.json</summary><pre>{&quot;note&quot;: &quot;&lt;script" in text
+    assert "&quot;by&quot;: &quot;caf\ufffd&quot;}</pre>" in text
+
+
+def test_a_comparison_without_curves_or_metadata_says_so(tmp_path: Path) -> None:
+    """Runs that logged no training metrics and no evaluation, in a directory without
+    comparison.json, give a page that names each missing part instead of empty figures."""
+    root = tmp_path / "cmp"
+    for name in ("resd-seed0", "sdpo-seed0"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.yaml").write_text(yaml.safe_dump({"algorithm": name[:4]}))
+    text = build_report(root).read_text()
+    assert embedded_pngs(text) == []
+    assert "Not recorded: training metrics." in text
+    assert "Not recorded: evaluation (no eval.jsonl in any run)." in text
+    assert "Not recorded: comparison.json." in text
+
+
+def test_comparison_plots_smoothed_training_reward_and_score_and_raw_evaluations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the two comparison figures are drawn from: the training reward and score,
+    each run smoothed, and every evaluation metric unsmoothed (evaluations are few and
+    already averages). The real plotting runs; the calls are only recorded."""
+    from resd.analysis.report import comparison_page
+
+    calls: list[tuple[tuple[str, ...], str, bool]] = []
+    real = comparison_page.plot_comparison
+
+    def recording(groups, keys, *, source, smooth):
+        calls.append((tuple(keys), source, smooth))
+        return real(groups, keys, source=source, smooth=smooth)
+
+    monkeypatch.setattr(comparison_page, "plot_comparison", recording)
+    make_run(tmp_path / "cmp" / "resd-seed0", steps=2, playbook=False, samples=False)
+    build_report(tmp_path / "cmp")
+    assert calls == [
+        (("reward", "score"), "metrics", True),
+        (("task_mean@k", "task_best@k", "case_mean@k", "case_best@k"), "evals", False),
+    ]
+
+
+def test_the_command_names_a_bad_path_or_plots_folder_and_prints_where_the_report_went(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resd report` answers a path that is a file, and a `plots` beside --out that is a
+    file, with one line naming it (exit 2, nothing written); otherwise it creates the
+    folders --out needs (even for a run with no figures) and prints the report's path."""
+    parser = argparse.ArgumentParser(prog="resd")
+    report = add_report_subcommand(parser.add_subparsers(dest="command", required=True))
+    assert report.prog == "resd report"
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(["report", *argv])
+        return args.fn(args)
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    assert run(str(a_file)) == 2
+    assert capsys.readouterr().err == f"resd: error: report: {a_file} is not a directory\n"
+
+    run_dir = tmp_path / "config-only"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"algorithm": "resd"}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "plots").write_text("")
+    assert run(str(run_dir), "--out", str(tmp_path / "out" / "r.html")) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"resd: error: report: {tmp_path / 'out' / 'plots'} (where the PNGs go) is not a directory\n"
+    )
+    assert not (tmp_path / "out" / "r.html").exists()
+    assert run(str(run_dir), "--out", str(tmp_path / "out")) == 2
+    assert capsys.readouterr().err.startswith(
+        f"resd: error: report: {tmp_path / 'out'} is a directory"
+    )
+
+    nested = tmp_path / "a" / "b" / "r.html"  # no figures: nothing else creates a/b
+    assert run(str(run_dir), "--out", str(nested)) == 0
+    assert capsys.readouterr().out == f"report: {nested}\n"
+    assert nested.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_the_configuration_table_lists_the_highlighted_settings_in_order(tmp_path: Path) -> None:
+    """The settings that tell runs apart are rows of the summary, in this order; any
+    other key is only in the collapsed config.yaml below it, which keeps the file's order."""
+    shown = ["algorithm", "model", "env", "env_args", "seed", "steps", "batch_size",
+             "rollouts_per_prompt", "inner_updates", "lr", "alpha", "topk", "teacher",
+             "teacher_update_rate", "max_new_tokens", "playbook_max_entries", "playbook_policy",
+             "eval_samples", "eval_items"]  # fmt: skip
+    config = {key: f"value-{key}" for key in reversed(shown)}
+    config |= {"batch_size": 2, "rollouts_per_prompt": 3, "micro_batch_size": 4}
+    run = tmp_path / "configured"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    text = build_report(run).read_text()
+    table_html = text[text.index("<h3>Configuration</h3>") : text.index("<details")]
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", table_html)
+    assert "<th>setting</th><th>value</th>" in table_html
+    assert [key for key, _ in rows] == [*shown, "steps run", "samples per step", "samples drawn"]
+    assert rows[0] == ("algorithm", "value-algorithm") and rows[-2] == ("samples per step", "6")
+    assert "micro_batch_size" not in table_html and "micro_batch_size: 4" in text
+    full = text[text.index("<summary>full config.yaml</summary>") :]
+    assert full.index("eval_items: value-eval_items") < full.index("algorithm: value-algorithm")
+
+
+def test_token_losses_that_are_all_nan_are_shown_uncoloured(tmp_path: Path) -> None:
+    """A sample whose token losses are all NaN (an overflow in the loss) is still shown,
+    every token white, on a scale that ends at 1."""
+    run = make_run(tmp_path / "nan", samples=False, playbook=False)
+    nan = float("nan")
+    row = {"step": 1, "prompt": "p", "distilled": True, "tokens": ["a", "b"],
+           "token_losses": [nan, nan]}  # fmt: skip
+    (run / "samples.jsonl").write_text(json.dumps(row) + "\n")
+    text = build_report(run).read_text()
+    (block,) = TOKEN_BLOCK.findall(text)
+    assert re.findall(r"background:(#[0-9a-f]{6})", block) == ["#ffffff", "#ffffff"]
+    tokens = text[text.index('<section id="tokens">') :]
+    assert "<details><summary>prompt (1 chars)</summary><pre>p</pre></details>" in tokens
+    assert "≥ 1 (hover a token for its loss)" in text
+
+
+def test_the_run_page_links_each_of_its_six_sections(run_dir: Path) -> None:
+    """The navigation bar names the six sections and each link has its section."""
+    text = build_report(run_dir).read_text()
+    links = re.findall(r'<a href="#(\w+)">(.*?)</a>', text)
+    assert links == [("summary", "summary"), ("learning", "learning curves"),
+                     ("timing", "step time"), ("playbook", "playbook"),
+                     ("examples", "examples"), ("tokens", "token losses")]  # fmt: skip
+    sections = re.findall(r'<section id="(\w+)"><h2>(.*?)</h2>', text)
+    assert sections == [("summary", "1. Run summary"), ("learning", "2. Learning curves"),
+                        ("timing", "3. Step time by phase"), ("playbook", "4. Playbook evolution"),
+                        ("examples", "5. Examples"),
+                        ("tokens", "6. Token-level self-distillation loss")]  # fmt: skip
+    assert f"<title>resd report: {run_dir.name} (resd)</title>" in text
+
+
+def test_the_final_playbook_comes_from_playbook_md_else_from_playbook_json(tmp_path: Path) -> None:
+    """playbook.md is shown (opened) as written; without it the playbook.json is rendered,
+    or named as unreadable; with neither (only the history) both the entries and the
+    final playbook say so."""
+    run = make_run(tmp_path / "pb", evals=False, samples=False)
+    (run / "playbook.md").unlink()
+    text = build_report(run).read_text()
+    assert "<details open><summary>playbook.md</summary><pre>## Strategies &amp; Insights\n" in text
+    assert "[strat-00019] helpful=19 harmful=0 :: lesson 19 &lt;script&gt;" in text
+    (run / "playbook.json").write_text(json.dumps({"entries": [{"id": "x", "bogus": 1}]}))
+    text = build_report(run).read_text()
+    assert "Not recorded: final playbook (playbook.json unreadable: " in text
+    (run / "playbook.json").unlink()
+    text = build_report(run).read_text()
+    assert "Not recorded: playbook entries (no playbook.json)." in text
+    assert "Not recorded: final playbook (no playbook.md)." in text
+    assert len(embedded_pngs(text)) == 3  # the history is still plotted
+
+
+def test_examples_are_an_early_and_a_late_reflected_failure_and_the_latest_success(
+    tmp_path: Path,
+) -> None:
+    """Three samples, in step order (a reward of 0.5 is a success, even with a reflection),
+    each with every field under its label (the response,
+    feedback and reflection opened, the rest collapsed; an empty one said to be empty),
+    and only the first example opened."""
+    run = make_run(tmp_path / "ex", samples=False, playbook=False)
+    fields = {"prompt": "P", "response": "R", "feedback": "F", "reflection_reply": "{}",
+              "curation_reply": "[]", "teacher_prompt": "T"}  # fmt: skip
+    plan = [(1, 0.0, "r1"), (2, 0.0, "r2"), (3, 1.0, None), (4, 0.0, "r4"), (5, 0.5, "r5"),
+            (6, 0.0, None)]  # fmt: skip
+    rows = [{"step": s, "item": f"i{s}", "reward": r, "score": r, "reflection": ref, **fields}
+            for s, r, ref in plan]  # fmt: skip
+    rows[3]["curation_reply"] = ""  # step 4: the curator was not asked
+    write_jsonl(run / "samples.jsonl", rows)
+    text = build_report(run).read_text()
+    examples = text[text.index('<section id="examples">') : text.index('<section id="tokens">')]
+    titles = re.findall(r"<details( open)?><summary>(step .*?)</summary>", examples)
+    assert titles == [(" open", "step 1 · item i1 · reward 0 · score 0"),
+                      ("", "step 4 · item i4 · reward 0 · score 0"),
+                      ("", "step 5 · item i5 · reward 0.5 · score 0.5")]  # fmt: skip
+    first = examples[: examples.index("step 4 · item")]
+    parts = re.findall(
+        r'<details( open)?><summary>([^<]*?)</summary><pre>|<p class="empty">(.*?)</p>', first
+    )
+    assert parts == [("", "prompt (1 chars)", ""), (" open", "response (1 chars)", ""),
+                     (" open", "environment feedback (1 chars)", ""),
+                     (" open", "reflection (parsed) (2 chars)", ""),
+                     ("", "reflector&#x27;s raw reply (2 chars)", ""),
+                     ("", "curator&#x27;s raw reply (2 chars)", ""),
+                     ("", "teacher prompt (privileged context) (1 chars)", "")]  # fmt: skip
+    second = examples[examples.index("step 4 · item") : examples.index("step 5 · item")]
+    assert '<p class="empty">curator&#x27;s raw reply: (empty)</p>' in second
+
+
+def test_token_colours_follow_the_white_yellow_orange_red_scale() -> None:
+    """The colour of a loss on a scale to `vmax`: white at 0, then the three colours at
+    1/3, 2/3 and all of it, blended in between (pinned, as a reader compares colours)."""
+    assert [loss_colour(v, 3.0) for v in (0.0, 1.0, 2.0, 3.0)] == [
+        "#ffffff", "#ffeda0", "#fd8d3c", "#e31a1c"
+    ]  # fmt: skip
+    assert loss_colour(1.5, 3.0) == "#febd6e"  # halfway from yellow to orange
+
+
+def test_an_infinite_token_loss_gets_the_full_colour_not_white(tmp_path: Path) -> None:
+    """A token whose loss overflowed to infinity is where the teacher disagrees most: it
+    gets the top of the scale (it was white, like a loss of 0). NaN stays white."""
+    assert loss_colour(float("inf"), 1.0) == "#e31a1c"
+    assert loss_colour(float("-inf"), 1.0) == loss_colour(float("nan"), 1.0) == "#ffffff"
+    run = make_run(tmp_path / "inf", samples=False, playbook=False)
+    row = {"step": 1, "prompt": "p", "distilled": True, "tokens": ["a", "b"],
+           "token_losses": [float("inf"), 1.0]}  # fmt: skip
+    (run / "samples.jsonl").write_text(json.dumps(row) + "\n")
+    (block,) = TOKEN_BLOCK.findall(build_report(run).read_text())
+    assert re.findall(r"background:(#[0-9a-f]{6})", block) == ["#e31a1c", "#e31a1c"]
+
+
+def test_the_colour_scale_ends_at_the_99th_percentile_and_never_at_zero(tmp_path: Path) -> None:
+    """One outlier among 200 tokens does not wash out the others: the scale ends at the
+    99th percentile of the losses shown (1 here), and all-zero losses get a scale to 1."""
+    run = make_run(tmp_path / "scale", samples=False, playbook=False)
+    outlier = {"step": 1, "prompt": "p", "distilled": True, "tokens": ["t"] * 201,
+               "token_losses": [1.0] * 200 + [100.0]}  # fmt: skip
+    zeros = {"step": 2, "prompt": "p", "distilled": True, "tokens": ["z"], "token_losses": [0.0]}
+    write_jsonl(run / "samples.jsonl", [outlier])
+    text = build_report(run).read_text()
+    assert "≥ 1 (hover a token for its loss)" in text
+    gradient = "linear-gradient(to right, #ffffff, #fff2b8, #febd6e, #f67034, #e31a1c)"
+    assert f'<span class="scale" style="background:{gradient}"></span>' in text
+    (block,) = TOKEN_BLOCK.findall(text)
+    assert set(re.findall(r"background:(#[0-9a-f]{6})", block)) == {"#e31a1c"}
+    write_jsonl(run / "samples.jsonl", [zeros])
+    assert "≥ 1 (hover a token for its loss)" in build_report(run).read_text()
+
+
+def test_playbook_entries_are_ranked_by_helpful_then_least_harmful(tmp_path: Path) -> None:
+    """The top-entries table: most helpful first, ties to the less harmful one, then by
+    id; a missing count ranks as 0; each row shows the section's heading and the lesson."""
+    run = make_run(tmp_path / "ranked", evals=False, samples=False)
+
+    def entry(id_: str, helpful: int | None, harmful: int) -> dict:
+        return {"id": id_, "section": id_[:-6], "content": f"lesson {id_}", "helpful": helpful,
+                "harmful": harmful, "created_step": 1, "last_used_step": 4}  # fmt: skip
+
+    entries = [entry("strat-00000", 2, 1), entry("strat-00002", 2, 0), entry("err-00004", None, 0),
+               entry("strat-00001", 2, 0), entry("err-00005", 5, 3)]  # fmt: skip
+    (run / "playbook.json").write_text(json.dumps({"entries": entries}))
+    text = build_report(run).read_text()
+    assert "<h3>Top 5 of 5 entries by helpful count</h3>" in text
+    top = text[text.index("<h3>Top 5") : text.index("<h3>Final playbook")]
+    rows = [re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(<td>.*?)</tr>", top)]
+    assert [r[0] for r in rows] == ["err-00005", "strat-00001", "strat-00002", "strat-00000",
+                                    "err-00004"]  # fmt: skip
+    assert rows[0] == [
+        "err-00005",
+        "Common Mistakes to Avoid",
+        "5",
+        "3",
+        "1",
+        "4",
+        "lesson err-00005",
+    ]
+    assert rows[1][1] == "Strategies &amp; Insights"
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The matplotlib figures the report draws, kept as they are turned into PNGs (they
+    are still drawn and encoded), so a test can read the data handed to matplotlib."""
+    from resd.analysis.report import plots
+
+    figures: list = []
+    real = plots._png
+
+    def keep(fig) -> bytes:
+        figures.append(fig)
+        return real(fig)
+
+    monkeypatch.setattr(plots, "_png", keep)
+    return figures
+
+
+def titled_axes(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
+def test_learning_curves_plot_raw_and_smoothed_rollouts_the_loss_and_evaluations(
+    tmp_path: Path, drawn: list
+) -> None:
+    """40 steps: each training metric raw and as its trailing mean over 2 steps, the loss
+    per step, and each evaluation metric at the evaluated steps, all against the step."""
+    plot_learning_curves(load_run(make_run(tmp_path / "r", steps=40, playbook=False,
+                                           samples=False)))  # fmt: skip
+    (fig,) = drawn
+    axes = titled_axes(fig)
+    assert list(axes) == ["training rollouts", "self-distillation loss", "evaluation (k = 4)"]
+    assert all(ax.get_xlabel() == "step" for ax in axes.values())
+    rates = (axes["training rollouts"], axes["evaluation (k = 4)"])
+    assert all(ax.get_ylim() == (-0.02, 1.02) for ax in rates)  # rates: the full 0..1
+    steps = [float(s) for s in range(1, 41)]
+    train = {line.get_label(): line for line in axes["training rollouts"].get_lines()}
+    assert [label for label in train if not label.startswith("_")] == [
+        "reward (avg 2)", "score (avg 2)", "success_rate (avg 2)"
+    ]  # fmt: skip
+    smooth = train["reward (avg 2)"]
+    assert list(smooth.get_xdata()) == steps
+    assert list(smooth.get_ydata()) == pytest.approx([0.1] + [0.1 * s - 0.05 for s in steps[1:]])
+    raw = [line for label, line in train.items() if label.startswith("_")]
+    assert list(raw[0].get_ydata()) == pytest.approx([0.1 * s for s in steps])
+    (loss,) = axes["self-distillation loss"].get_lines()
+    assert list(loss.get_ydata()) == pytest.approx([0.5 / s for s in steps])
+    evals = {line.get_label(): line for line in axes["evaluation (k = 4)"].get_lines()}
+    assert list(evals) == ["task_mean@k", "task_best@k", "case_mean@k", "case_best@k"]
+    assert list(evals["task_mean@k"].get_xdata()) == [0, 20, 40]
+    assert list(evals["task_mean@k"].get_ydata()) == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_step_times_are_stacked_bars_per_phase(tmp_path: Path, drawn: list) -> None:
+    """One bar series per phase and "other", each stacked on the phases before it."""
+    run = make_run(tmp_path / "r", steps=3, playbook=False, samples=False, evals=False)
+    plot_step_times(load_run(run))
+    (fig,) = drawn
+    ax = titled_axes(fig)["seconds per step, by phase"]
+    bars = {c.get_label(): c for c in ax.containers}
+    assert list(bars) == ["rollout", "feedback", "reflect", "curate", "teacher", "update", "other"]
+    assert [(p.get_y(), p.get_height()) for p in bars["rollout"]] == [(0.0, 2.0)] * 3
+    assert [p.get_x() + p.get_width() / 2 for p in bars["other"]] == [1.0, 2.0, 3.0]
+    assert [p.get_y() for p in bars["feedback"]] == [2.0, 2.0, 2.0]
+    assert [(p.get_y(), p.get_height()) for p in bars["other"]] == [(5.0, 1.0)] * 3
+
+
+def test_playbook_plot_stacks_the_used_sections_and_shows_additions_and_prunings(
+    tmp_path: Path, drawn: list
+) -> None:
+    """Sections with entries, known ones under their heading in the playbook's order and
+    one the trainer did not know under its slug; entries added up, pruned down."""
+    run = make_run(tmp_path / "r", steps=3, evals=False, samples=False)
+    rows = [json.loads(line) for line in (run / "playbook_history.jsonl").read_text().splitlines()]
+    rows[2]["sections"]["extra"] = 4
+    write_jsonl(run / "playbook_history.jsonl", rows)
+    plot_playbook(load_run(run))
+    (fig,) = drawn
+    axes = titled_axes(fig)
+    areas = axes["playbook entries per section"].collections
+    assert [a.get_label() for a in areas] == [
+        "Strategies & Insights", "Common Mistakes to Avoid", "extra"
+    ]  # fmt: skip
+    bars = {c.get_label(): c for c in axes["entries added (+) / pruned (−) per step"].containers}
+    assert [(p.get_x() + p.get_width() / 2, p.get_height()) for p in bars["added"]] == [
+        (1.0, 2), (2.0, 2), (3.0, 2)
+    ]  # fmt: skip
+    assert [p.get_height() for p in bars["pruned"]] == [-1, 0, -1]
+
+
+def test_comparison_plot_draws_each_algorithms_mean_and_a_band_over_several_seeds(
+    tmp_path: Path, drawn: list
+) -> None:
+    """Per metric, against step and against samples drawn: a line per algorithm (its
+    mean over seeds, n in the label) and a min/max band where it has several seeds."""
+    runs = [load_run(make_run(tmp_path / "a", seed=0, steps=3, playbook=False, samples=False)),
+            load_run(make_run(tmp_path / "b", seed=1, offset=0.2, steps=3, playbook=False,
+                              samples=False)),
+            load_run(make_run(tmp_path / "c", algorithm="sdpo", rollouts=1, steps=3,
+                              playbook=False, samples=False))]  # fmt: skip
+    plot_comparison(group_runs(runs), ("reward",), source="metrics", smooth=False)
+    (fig,) = drawn
+    axes = titled_axes(fig)
+    assert list(axes) == ["reward vs step", "reward vs samples drawn"]
+    for title, xs in (("reward vs step", [1, 2, 3]), ("reward vs samples drawn", [4, 8, 12])):
+        lines = {line.get_label(): line for line in axes[title].get_lines()}
+        assert list(lines) == ["resd (n=2)", "sdpo (n=1)"]
+        assert list(lines["resd (n=2)"].get_xdata()) == xs
+        assert list(lines["resd (n=2)"].get_ydata()) == pytest.approx([0.2, 0.3, 0.4])
+        (band,) = axes[title].collections  # resd only: one seed has no spread
+        ys = band.get_paths()[0].vertices[:, 1]
+        assert (ys.min(), ys.max()) == pytest.approx((0.1, 0.5))

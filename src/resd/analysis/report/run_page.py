@@ -271,8 +271,9 @@ LOSS_COLOURS = ((255, 255, 255), (255, 237, 160), (253, 141, 60), (227, 26, 28))
 
 
 def loss_colour(value: float, vmax: float) -> str:
-    """The scale's colour for `value` in [0, vmax] (clipped), as #rrggbb."""
-    t = value / vmax if vmax > 0 and math.isfinite(value) else 0.0
+    """The scale's colour for `value` in [0, vmax] (clipped, infinity too), as #rrggbb;
+    NaN is white."""
+    t = value / vmax if vmax > 0 and not math.isnan(value) else 0.0
     t = min(1.0, max(0.0, t)) * (len(LOSS_COLOURS) - 1)
     i = min(int(t), len(LOSS_COLOURS) - 2)
     frac = t - i
