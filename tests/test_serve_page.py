@@ -153,7 +153,7 @@ def test_the_header_counts_and_model_versions(store: Store) -> None:
     )
     with_learner = page(store, {"playbook_markdown": ""}, version="v2")
     for anchor in ("accuracy", "playbook", "steps", "recent", "versions"):
-        assert f'<a href="#{anchor}">{anchor}</a>' in html
+        assert f'<a href="#{anchor}">{anchor}</a>' in with_learner
         assert f'<section id="{anchor}">' in with_learner  # each link leads to its section
     assert "Model versions (2)" in html
     head = "".join(f"<th>{h}</th>" for h in ("id", "created", "parent", "step", "accuracy", "note"))
@@ -166,6 +166,18 @@ def test_the_header_counts_and_model_versions(store: Store) -> None:
         ("v2", "v1", "3", "0.75", "after step 3"),
         ("v1", "", "0", "", "the &lt;base&gt; model"),
     ]
+
+
+def test_every_link_of_the_page_leads_to_a_section_of_it(store: Store) -> None:
+    """Without a learner the playbook and steps sections do not exist (one "learner"
+    section says how to start one): the bug was links to #playbook and #steps that led
+    nowhere, and none to the section that was there."""
+    for status in (None, {"playbook_markdown": "- be brief"}):
+        html = page(store, status)
+        links = re.findall(r'<a href="#([^"]+)">', html)
+        sections = re.findall(r'<section id="([^"]+)">', html)
+        assert links and set(links) <= set(sections), (status, links, sections)
+    assert '<a href="#learner">learner</a>' in page(store, None)
 
 
 def test_the_learner_sections(store: Store) -> None:

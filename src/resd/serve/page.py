@@ -206,8 +206,10 @@ def render_page(
         + section("versions", f"Model versions ({len(versions)})", table(
             ["id", "created", "parent", "step", "accuracy", "note"], version_rows))
     )  # fmt: skip
-    nav = [("accuracy", "accuracy"), ("playbook", "playbook"), ("steps", "steps"),
-           ("recent", "recent"), ("versions", "versions")]  # fmt: skip
+    # Without a learner its three sections are one ("learner"): link what is there.
+    learner_nav = [("playbook", "playbook"), ("steps", "steps")] if learner_status is not None \
+        else [("learner", "learner")]  # fmt: skip
+    nav = [("accuracy", "accuracy"), *learner_nav, ("recent", "recent"), ("versions", "versions")]
     links = "".join(f'<a href="#{a}">{esc(label)}</a>' for a, label in nav)
     return (
         "<!DOCTYPE html>\n"
