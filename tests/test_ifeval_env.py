@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from resd.envs import ifeval_banks as banks
 from resd.envs.base import Item
-from resd.envs.ifeval import IFEvalEnv, load_ifeval_records, strip_think
+from resd.envs.ifeval import IFEvalEnv, generate_items, load_ifeval_records, strip_think
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -182,3 +183,35 @@ def test_the_prompt_is_the_last_user_turn_or_the_ground_truth_prompt(tmp_path: P
     assert (first.prompt, first.messages) == ("Now write without commas.", chat)
     assert second.prompt == "From the truth."
     assert second.messages == [{"role": "user", "content": "From the truth."}]
+
+
+def _listed(words: list[str]) -> str:
+    """English listing as a prompt should state it: "a", "b" and "c"."""
+    quoted = [f'"{word}"' for word in words]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def test_generated_prompts_list_every_required_and_forbidden_word() -> None:
+    """A generated prompt names every keyword its verifier will demand (or forbid), as an
+    English list, with "keyword" in the singular for one word; a prompt that dropped or
+    garbled one would ask for less than the check enforces."""
+    seen = 0
+    for item in generate_items(300, seed=0):
+        for iid, kw in zip(item.meta["instruction_id_list"], item.meta["kwargs"], strict=True):
+            words = kw.get("keywords") or kw.get("forbidden_words")
+            if not words:
+                continue
+            seen += 1
+            assert _listed(words) in item.prompt_text, (iid, item.prompt_text)
+            if iid == "keywords:existence" and len(words) == 1:
+                assert "keywords" not in item.prompt_text
+    assert seen > 50
+
+
+def test_the_generated_test_split_uses_every_fifth_topic() -> None:
+    """The held-out topics are exactly TOPICS[0::5], as documented; the train split never
+    draws one of them."""
+    test_topics = {item.meta["topic"] for item in generate_items(200, seed=1, split="test")}
+    train_topics = {item.meta["topic"] for item in generate_items(200, seed=1)}
+    assert test_topics <= set(banks.TOPICS[::5]) and len(test_topics) > 1
+    assert not train_topics & set(banks.TOPICS[::5])
