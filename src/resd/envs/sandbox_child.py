@@ -379,12 +379,6 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
             deny("os.open for writing with dir_fd")
         return _posix_open(path, flags, mode, dir_fd=dir_fd)
 
-    _open.__doc__, _open.__name__, _open.__qualname__ = _posix_open.__doc__, "open", "open"
-    _os.open = _posix.open = _open
-    if _posix_open in _os.supports_dir_fd:  # the original must not be found there either
-        _os.supports_dir_fd.discard(_posix_open)
-        _os.supports_dir_fd.add(_open)
-
     # os.mkfifo and os.mknod raise no audit event at all: check their path here.
     _posix_mkfifo, _posix_mknod = _posix.mkfifo, _posix.mknod
 
@@ -396,11 +390,11 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
         check_path("os.mknod", path, dir_fd, False)
         return _posix_mknod(path, mode, device, dir_fd=dir_fd)
 
-    for new, original in ((_mkfifo, _posix_mkfifo), (_mknod, _posix_mknod)):
+    for new, original in ((_open, _posix_open), (_mkfifo, _posix_mkfifo), (_mknod, _posix_mknod)):
         new.__doc__, new.__name__, new.__qualname__ = (original.__doc__,) + (original.__name__,) * 2
         setattr(_os, original.__name__, new)
         setattr(_posix, original.__name__, new)
-        if original in _os.supports_dir_fd:
+        if original in _os.supports_dir_fd:  # the original must not be found there either
             _os.supports_dir_fd.discard(original)
             _os.supports_dir_fd.add(new)
 
