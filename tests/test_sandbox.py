@@ -779,26 +779,44 @@ def test_isolation_lists_the_network_namespace_and_filter_exactly_when_in_force(
         assert ("seccomp" in result.isolation) == (filters == repr([str(int(ours[0]) + 1)]))
 
 
+# The start of the probes below, which run in throwaway processes: libc through ctypes,
+# and whether this process may install a seccomp filter at all (no_new_privs, then a
+# filter that allows everything).
+FILTER_PRELUDE = r"""
+import ctypes, os, platform
+
+libc = ctypes.CDLL(None, use_errno=True)
+ul = ctypes.c_ulong
+
+
+class Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+
+
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+
+def can_filter():
+    allow_all = (Insn * 1)(Insn(0x06, 0, 0, 0x7FFF0000))
+    return (libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) == 0
+            and libc.prctl(22, ul(2), ctypes.byref(Prog(1, allow_all)), ul(0), ul(0)) == 0)
+"""
+
+
 def test_the_kernel_layers_are_used_wherever_they_work():
     # Catches a layer silently left out: the tests that probe the network namespace and
     # the seccomp filter skip when it is not listed, so check independently, in a
     # throwaway process, whether each can be set up here, and then that it was.
-    probe = """
-import ctypes, os, platform
-libc = ctypes.CDLL(None, use_errno=True)
+    probe = (
+        FILTER_PRELUDE
+        + """
 flags = 0x40000000 if os.geteuid() == 0 else 0x50000000  # NEWNET, and NEWUSER if needed
 print(libc.unshare(flags) == 0)
-class Insn(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
-                ("k", ctypes.c_uint)]
-class Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-allow_all = (Insn * 1)(Insn(0x06, 0, 0, 0x7FFF0000))
-ul = ctypes.c_ulong
-print(platform.machine() in ("x86_64", "aarch64")
-      and libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) == 0
-      and libc.prctl(22, ul(2), ctypes.byref(Prog(1, allow_all)), ul(0), ul(0)) == 0)
+print(platform.machine() in ("x86_64", "aarch64") and can_filter())
 """
+    )
     proc = subprocess.run(
         [sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=30
     )
@@ -1098,29 +1116,16 @@ def test_without_a_working_bwrap_runs_fall_back_and_say_why(tmp_path, monkeypatc
 # Installs the prelude's own seccomp filter in a throwaway process (no Python guard in
 # front of it) and makes each system call the filter is about, raw, through ctypes.
 # Prints {call: errno, 0 for success}, or "unsupported" where no filter can be installed.
-SECCOMP_PROBE = r"""
-import ctypes, json, os, socket, sys, threading
+SECCOMP_PROBE = (
+    FILTER_PRELUDE
+    + r"""
+import json, socket, sys, threading
 
-libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
-ul = ctypes.c_ulong
 
-
-class Insn(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
-                ("k", ctypes.c_uint)]
-
-
-class Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-
-
-allow_all = (Insn * 1)(Insn(0x06, 0, 0, 0x7FFF0000))
-if libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) != 0 or libc.prctl(
-    22, ul(2), ctypes.byref(Prog(1, allow_all)), ul(0), ul(0)
-) != 0:
+if not can_filter():
     print(json.dumps("unsupported"))
     raise SystemExit
 
@@ -1209,6 +1214,7 @@ if not allow_subprocess:  # each would start or become another process if let th
     result["execveat"] = call(322, -100, ctypes.addressof(true), ctypes.addressof(argv), 0, 0)
 print(json.dumps(result))
 """
+)
 
 
 @once
