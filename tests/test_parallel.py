@@ -1,0 +1,360 @@
+"""The parallel strategies' pure parts, in one process: which strategy a launch asks for,
+the ZeRO options, the gradient clip and its non-finite check, how work is shared and
+results gathered, tied weights in checkpoints, and the collectives of a process group of
+one (a real gloo group: the multi-process runs are in test_distributed.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from resd.config import ConfigError, load_config
+from resd.parallel import STRATEGIES, Parallel, make_parallel, resolve_strategy, tied_aliases
+from resd.parallel.base import NonFiniteGradient, clip_gradients, without_tied_copies
+from resd.parallel.zero import load_optimizer_state, zero_options
+
+LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+              "ACCELERATE_DEEPSPEED_CONFIG_FILE", "WORLD_SIZE", "RANK", "LOCAL_RANK")  # fmt: skip
+
+
+@pytest.fixture
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def group_of_one(no_launcher: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """A real gloo process group of one process, as a launcher would have made it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield no_launcher
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Tied(nn.Module):
+    """An embedding and an output head sharing one weight, as tied LMs do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+# ---- which strategy ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "strategy"),
+    [
+        ({"ACCELERATE_USE_FSDP": "1"}, "fsdp"),
+        ({"ACCELERATE_USE_FSDP": " YES "}, "fsdp"),
+        ({"ACCELERATE_USE_FSDP": "false"}, "ddp"),
+        ({"ACCELERATE_USE_FSDP": "0"}, "ddp"),
+        ({"ACCELERATE_USE_DEEPSPEED": "0", "ACCELERATE_USE_FSDP": "true"}, "fsdp"),
+        ({"ACCELERATE_USE_DEEPSPEED": "1", "ACCELERATE_USE_FSDP": "1"}, "deepspeed"),
+    ],
+)
+def test_auto_reads_the_launchers_flags_as_booleans(
+    no_launcher: pytest.MonkeyPatch, env: dict[str, str], strategy: str
+) -> None:
+    """Catches a flag read as set whatever its value ("0", "false"), one whose spelling or
+    padding is not accepted, and DeepSpeed losing to fsdp when a config exports both."""
+    for name, value in env.items():
+        no_launcher.setenv(name, value)
+    assert resolve_strategy("auto") == strategy
+    assert resolve_strategy("fsdp") == "fsdp"  # an explicit strategy is never second-guessed
+
+
+def test_every_listed_strategy_is_a_setting_the_config_accepts() -> None:
+    """`resd.parallel.STRATEGIES` is what a front end offers; catches a name in it that
+    the config would refuse."""
+    assert STRATEGIES[0] == "auto"
+    for strategy in STRATEGIES:
+        assert load_config(None, [f"strategy={strategy}"]).strategy == strategy
+
+
+def test_a_single_process_runs_alone_and_warns_only_when_a_strategy_was_asked_for(
+    no_launcher: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WORLD_SIZE=1 is one process whatever the request; a zero_stage is a request too."""
+    no_launcher.setenv("WORLD_SIZE", "1")
+    with caplog.at_level(logging.WARNING, logger="resd.parallel"):
+        assert make_parallel().name == "single"  # the default is `auto`: nothing asked for
+        assert not caplog.records
+        assert type(make_parallel("auto", zero_stage=3)) is Parallel
+    assert "zero_stage 3" in caplog.text
+
+
+def test_a_launcher_with_several_processes_gets_the_strategy_it_asked_for(
+    group_of_one: pytest.MonkeyPatch,
+) -> None:
+    """Under a launcher (WORLD_SIZE > 1) `auto` follows its config and an explicit strategy
+    wins; rank and world size come from the launcher's environment."""
+    pytest.importorskip("deepspeed")
+    group_of_one.setenv("WORLD_SIZE", "2")
+    group_of_one.setenv("RANK", "1")
+    group_of_one.setenv("LOCAL_RANK", "1")
+    ddp = make_parallel("auto")
+    assert (ddp.name, ddp.world_size, ddp.rank, ddp.local_rank) == ("ddp", 2, 1, 1)
+    assert not ddp.is_main and not ddp.sharded and not ddp.lockstep
+    group_of_one.setenv("ACCELERATE_USE_FSDP", "true")
+    fsdp = make_parallel("auto")
+    assert (fsdp.name, fsdp.sharded, fsdp.lockstep) == ("fsdp", True, True)
+    assert make_parallel("ddp").name == "ddp"
+    zero3 = make_parallel("deepspeed", zero_stage=3)
+    assert (zero3.name, zero3.options["stage"], zero3.sharded) == ("deepspeed", 3, True)
+    zero2 = make_parallel("deepspeed", zero_stage=2)
+    assert (zero2.options["stage"], zero2.sharded, zero2.lockstep) == (2, False, True)
+
+
+# ---- ZeRO options -------------------------------------------------------------------------
+
+
+def test_zero_stage_precedence_file_then_environment_then_default(
+    no_launcher: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The resd config's stage beats a DeepSpeed file's, which beats the exported stage;
+    a file without a stage, a missing file or the literal "none" leave the exported stage
+    in charge. Catches any of these orders reversed."""
+    no_launcher.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    no_launcher.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    assert zero_options(None) == {"stage": 3}
+    no_launcher.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "absent.json"))
+    assert zero_options(None) == {"stage": 3}
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
+    no_launcher.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json))
+    assert zero_options(None) == {"overlap_comm": True, "stage": 3}
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert zero_options(None) == {"stage": 1}
+    assert zero_options(2) == {"stage": 2}
+    no_launcher.chdir(tmp_path)
+    (tmp_path / "none").write_text(ds_json.read_text())  # "none" is never a file name
+    no_launcher.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    assert zero_options(None) == {"stage": 3}
+    no_launcher.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "auto")  # not a number: ignored
+    no_launcher.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    assert zero_options(None) == {"stage": 2}
+
+
+@pytest.mark.parametrize("stage", [0, 4])
+def test_a_zero_stage_deepspeed_has_not_is_refused(
+    no_launcher: pytest.MonkeyPatch, stage: int
+) -> None:
+    """Stages are 1, 2 and 3; catches 0 or 4 passed on to DeepSpeed."""
+    with pytest.raises(ConfigError, match="zero_stage"):
+        zero_options(stage)
+    no_launcher.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
+    with pytest.raises(ConfigError, match="zero_stage"):
+        zero_options(None)
+    for good in (1, 3):
+        assert zero_options(good)["stage"] == good
+
+
+def test_zero_refuses_an_optimizer_state_of_another_model_before_loading_any() -> None:
+    """Position-keyed state (torch's own optimizer.state_dict) or state naming other
+    parameters is refused with what does not match, before the engine is touched."""
+    model = nn.Linear(2, 2)
+    entry = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    with pytest.raises(ValueError, match="parameter-name keys"):
+        load_optimizer_state(None, model, {"state": {0: entry, 1: entry}})
+    with pytest.raises(ValueError, match=r"missing \['bias'\].*unknown \['head'\]"):
+        load_optimizer_state(None, model, {"state": {"weight": entry, "head": entry}})
+    model.bias.requires_grad_(False)  # a frozen parameter has no optimizer state
+    with pytest.raises(ValueError, match=r"missing \[\].*unknown \['bias'\]"):
+        load_optimizer_state(None, model, {"state": {"weight": entry, "bias": entry}})
+
+
+def test_zero3_refuses_what_it_cannot_run(group_of_one: pytest.MonkeyPatch) -> None:
+    """LoRA and the chunked loss need whole weights, which ZeRO-3 partitions away; stage 2
+    keeps them whole and runs both."""
+    pytest.importorskip("deepspeed")
+    from resd.parallel.zero import Zero
+
+    lora = load_config(None, ["lora={r: 4}"])
+    chunked = load_config(None, ["loss_chunk_size=4"])
+    with pytest.raises(ConfigError, match="lora"):
+        Zero(3).check(lora)
+    with pytest.raises(ConfigError, match="loss_chunk_size"):
+        Zero(3).check(chunked)
+    Zero(3).check(load_config(None, []))
+    Zero(2).check(lora)
+    Zero(2).check(chunked)
+    model = nn.Linear(2, 2)
+    assert Zero(2).policy(model) is model  # no engine yet: the bare module
+    assert Zero(2).teacher_source(model) is None  # stage 2: the teacher reads the student
+    # ZeRO-3: the teacher is fed full weights (here nothing is partitioned: the tensors)
+    full = list(Zero(3).teacher_source(model))
+    assert [t.data_ptr() for t in full] == [p.data_ptr() for p in model.parameters()]
+
+
+# ---- clipping -----------------------------------------------------------------------------
+
+
+def linear_with_grads(weight_grad: float) -> nn.Linear:
+    model = nn.Linear(2, 1, bias=False)
+    model.weight.grad = torch.full((1, 2), weight_grad)
+    return model
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0, 0.0])
+def test_no_max_grad_norm_measures_without_clipping(max_grad_norm: float | None) -> None:
+    """0 and None mean "measure only"; catches them read as a limit of 0 (or 1)."""
+    model = linear_with_grads(3.0)
+    norm = clip_gradients(list(model.parameters()), max_grad_norm)
+    assert norm == pytest.approx(3.0 * math.sqrt(2))
+    torch.testing.assert_close(model.weight.grad, torch.full((1, 2), 3.0))
+
+
+def test_a_max_grad_norm_clips_and_reports_the_norm_before_clipping() -> None:
+    """Catches the clip skipped, or the norm reported after clipping."""
+    model = linear_with_grads(3.0)
+    before = model.weight.detach().clone()
+    norm = Parallel().step(
+        torch.optim.SGD(model.parameters(), lr=1.0), list(model.parameters()), 1.5
+    )
+    assert norm == pytest.approx(3.0 * math.sqrt(2))
+    assert float(model.weight.grad.norm()) == pytest.approx(1.5, rel=1e-4)
+    torch.testing.assert_close(model.weight.detach(), before - model.weight.grad)  # updated
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_gradient_is_refused_before_the_update(bad: float) -> None:
+    """Catches a nan/inf norm let through to the optimizer (weights must stay as they were)."""
+    model = linear_with_grads(bad)
+    before = model.weight.detach().clone()
+    with pytest.raises(NonFiniteGradient, match="grad_norm"):
+        Parallel().step(torch.optim.SGD(model.parameters(), lr=1.0), list(model.parameters()), 1.0)
+    torch.testing.assert_close(model.weight.detach(), before)
+    assert issubclass(NonFiniteGradient, ValueError)
+
+
+# ---- sharing work and results, tied weights --------------------------------------------
+
+
+def test_each_process_owns_a_strided_share_and_results_come_back_in_index_order() -> None:
+    """Every item is owned once, shares differ by at most one, and a gather puts the
+    results of all processes back in the global order."""
+    shares = []
+    for rank in range(3):
+        p = Parallel()
+        p.rank, p.world_size = rank, 3
+        shares.append(p.shard(list("abcdefg")))
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    single = Parallel()
+    assert single.shard(list("abc")) == [0, 1, 2] and single.is_main
+    assert single.gather_indexed([(2, "c"), (0, "a"), (1, "b")]) == ["a", "b", "c"]
+    assert (single.sum(2.5), single.max(3), single.gather("x")) == (2.5, 3, ["x"])
+    model = nn.Linear(2, 2)
+    assert single.shard_model(model) is model and single.policy(model) is model
+
+
+def test_tied_weights_are_saved_once_under_their_first_name() -> None:
+    """Catches a tied head saved twice (or under the alias instead of the embedding)."""
+    model = Tied()
+    assert tied_aliases(model) == {"head.weight"}
+    assert tied_aliases(nn.Linear(2, 2)) == set()
+    state = {"embed.weight": torch.zeros(1), "head.weight": torch.zeros(1)}
+    assert list(without_tied_copies(model, state)) == ["embed.weight"]
+
+
+def test_only_the_main_process_returns_full_weights_and_optimizer_state() -> None:
+    """Rank 0 writes checkpoints; other ranks get None. The state is keyed by name and
+    loads back into a fresh optimizer."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    main, other = Parallel(), Parallel()
+    other.rank = 1
+    assert other.full_state_dict(model) is None and not other.is_main
+    assert other.full_optimizer_state(model, optimizer) is None
+    assert set(main.full_state_dict(model)) == {"weight", "bias"}
+    assert [name for name, _ in main.full_parameters(model)] == ["weight", "bias"]
+    state = main.full_optimizer_state(model, optimizer)
+    assert set(state["state"]) == {"weight", "bias"}
+    model.zero_grad(set_to_none=True)  # as at a resume, before any backward
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
+    main.load_optimizer_state(model, fresh, state)
+    torch.testing.assert_close(
+        fresh.state[model.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"]
+    )
+
+
+# ---- a process group (of one) ---------------------------------------------------------
+
+
+def test_ddp_step_sums_gradients_and_gives_unused_parameters_a_zero_gradient(
+    group_of_one: pytest.MonkeyPatch,
+) -> None:
+    """A parameter no loss reached (grad None) must still take part in the all-reduce, as
+    a zero gradient, or the processes' collectives fall out of step."""
+    from resd.parallel.ddp import DDP
+
+    group_of_one.setenv("WORLD_SIZE", "1")
+    ddp = DDP()
+    used, unused = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+    used.weight.grad = torch.full((1, 2), 3.0)
+    params = [*used.parameters(), *unused.parameters()]
+    before = [p.detach().clone() for p in params]
+    norm = ddp.step(torch.optim.SGD(params, lr=1.0), params, 1.5)
+    assert norm == pytest.approx(3.0 * math.sqrt(2))
+    torch.testing.assert_close(unused.weight.grad, torch.zeros(1, 2))
+    torch.testing.assert_close(unused.weight.detach(), before[1])
+    assert float(used.weight.grad.norm()) == pytest.approx(1.5, rel=1e-4)
+    torch.testing.assert_close(used.weight.detach(), before[0] - used.weight.grad)  # updated
+    assert (ddp.sum(2.5), ddp.max(3), ddp.gather({"a": 1})) == (2.5, 3, [{"a": 1}])
+    assert ddp.device("cpu") == "cpu"
+
+
+def test_a_shard_is_read_as_the_whole_tensor(group_of_one: pytest.MonkeyPatch) -> None:
+    """FSDP parameters are DTensors: sampling copies and checkpoints need the full tensor,
+    a plain one; catches a DTensor not recognised (handed on as a shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from resd.parallel import full_tensor
+
+    whole = torch.arange(6.0).reshape(3, 2)
+    shard = distribute_tensor(whole, init_device_mesh("cpu", (1,)), [Shard(0)])
+    full = full_tensor(shard)
+    assert type(full) is torch.Tensor
+    torch.testing.assert_close(full, whole)
+    assert full_tensor(whole) is whole
+
+
+def test_closing_a_process_group_takes_it_down(group_of_one: pytest.MonkeyPatch) -> None:
+    """After a run, `close` waits for every process and destroys the group, so the next
+    run in the same interpreter (or its exit) does not find a stale one."""
+    from resd.parallel.ddp import DDP
+
+    ddp = DDP()
+    ddp.close()
+    assert not dist.is_initialized()
+    ddp.close()  # no group (any more): nothing to do
+
+
+def test_fsdp_reshard_is_a_no_op_without_a_sharded_model(group_of_one: pytest.MonkeyPatch) -> None:
+    """The trainer reshards every teacher, and there may be none (None) or an unsharded
+    one; catches either taken for an FSDP module."""
+    from resd.parallel.fsdp import FSDP
+
+    FSDP().reshard(None)
+    FSDP().reshard(nn.Linear(2, 2))
