@@ -396,6 +396,11 @@ def test_big_files_hit_the_file_size_limit():
         "os.symlink(TARGET, 'flink'); open('flink', 'w').write('pwned')",
         "os.chdir('/'); open(TARGET.lstrip('/'), 'w')",
         "os.mkdir(TARGET)",
+        "open('a', 'w').close(); os.link('a', TARGET)",
+        "open('a', 'w').close(); d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
+        "os.link('a', os.path.basename(TARGET), dst_dir_fd=d)",
+        "d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
+        "os.symlink('/', os.path.basename(TARGET), dir_fd=d)",
         "open('a', 'w').close(); d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
         "os.rename('a', os.path.basename(TARGET), dst_dir_fd=d)",
         "d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
@@ -412,6 +417,19 @@ def test_big_files_hit_the_file_size_limit():
         "d = os.open(os.path.dirname(TARGET), os.O_RDONLY)\n"
         "for o in [f for f in os.supports_dir_fd if 'open' in f.__name__]: "
         "os.close(o(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=d))",
+        # the prelude replaces os.open, os.mkfifo and os.mknod; the same functions are
+        # reachable in the posix module, and os.supports_dir_fd lists them once more (in
+        # an order of its own, so each is tried)
+        "import posix; posix.mkfifo(TARGET)",
+        "import posix; posix.mknod(TARGET)",
+        "import posix; d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
+        "posix.close(posix.open(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=d))",
+        "d, refused = os.open(os.path.dirname(TARGET), os.O_RDONLY), []\n"
+        "for o in [f for f in os.supports_dir_fd if f.__name__ in ('open', 'mkfifo', 'mknod')]:\n"
+        "    try: o(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=d)\n"
+        "    except PermissionError as exc: refused.append(exc)\n"
+        "assert len(refused) == 3, refused\n"
+        "raise refused[0]",
         "import sqlite3; sqlite3.connect(TARGET).execute('create table t(x)')",
         "import sqlite3; sqlite3.connect(f'file:{TARGET}?mode=rwc', uri=True).execute('create table t(x)')",
         # a bytes or path-object URI once slipped past the check for a str "file:" prefix
@@ -428,6 +446,9 @@ def test_big_files_hit_the_file_size_limit():
         "symlink-file",
         "relative",
         "mkdir",
+        "link",
+        "link-dst_dir_fd",
+        "symlink-dir_fd",
         "dir_fd",
         "os.open-dir_fd",
         "dir_fd-0",
@@ -436,6 +457,10 @@ def test_big_files_hit_the_file_size_limit():
         "mknod",
         "opener-dir_fd",
         "supports_dir_fd",
+        "posix.mkfifo",
+        "posix.mknod",
+        "posix.open-dir_fd",
+        "supports_dir_fd-each",
         "sqlite3",
         "sqlite3-uri",
         "sqlite3-bytes-uri",
@@ -461,13 +486,27 @@ def test_writes_outside_the_work_dir_are_refused(tmp_path, attack):
         "os.replace(SENTINEL, SENTINEL + '.moved')",
         "open(SENTINEL, 'w')",
         "os.truncate(SENTINEL, 0)",
+        "os.truncate(SENTINEL, 1)",  # 1 is also stdout's descriptor, a pipe
         "os.chmod(SENTINEL, 0)",
         "import pathlib; pathlib.Path(SENTINEL).unlink()",
         "fd = os.open(SENTINEL, os.O_RDONLY); os.fchmod(fd, 0)",
         "os.utime(SENTINEL, (0, 0))",
         "os.chown(SENTINEL, os.getuid(), os.getgid())",
+        # each relative to a descriptor of the host file's directory
+        "d = os.open(os.path.dirname(SENTINEL), os.O_RDONLY); "
+        "os.remove(os.path.basename(SENTINEL), dir_fd=d)",
+        "d = os.open(os.path.dirname(SENTINEL), os.O_RDONLY); "
+        "os.chmod(os.path.basename(SENTINEL), 0, dir_fd=d)",
+        "d = os.open(os.path.dirname(SENTINEL), os.O_RDONLY); "
+        "os.rename(os.path.basename(SENTINEL), 'stolen', src_dir_fd=d)",
+        "d = os.open(os.path.dirname(SENTINEL), os.O_RDONLY); "
+        "os.utime(os.path.basename(SENTINEL), (0, 0), dir_fd=d)",
+        "d = os.open(os.path.dirname(SENTINEL), os.O_RDONLY); "
+        "os.chown(os.path.basename(SENTINEL), os.getuid(), os.getgid(), dir_fd=d)",
         "os.symlink(SENTINEL, 'link'); os.truncate('link', 0)",
         "os.setxattr(SENTINEL, 'user.resd', b'x')",
+        "os.symlink(SENTINEL, 'link'); os.setxattr('link', 'user.resd', b'x')",
+        "os.symlink(SENTINEL, 'link'); os.chown('link', os.getuid(), os.getgid())",
         "os.removexattr(SENTINEL, 'user.resd')",
         # a hard link in the work dir is the host file itself
         "os.link(SENTINEL, 'hard'); open('hard', 'w').write('pwned')",
@@ -480,13 +519,21 @@ def test_writes_outside_the_work_dir_are_refused(tmp_path, attack):
         "replace",
         "truncate-open",
         "truncate",
+        "truncate-to-1",
         "chmod",
         "pathlib",
         "fchmod",
         "utime",
         "chown",
+        "remove-dir_fd",
+        "chmod-dir_fd",
+        "rename-src_dir_fd",
+        "utime-dir_fd",
+        "chown-dir_fd",
         "truncate-symlink",
         "setxattr",
+        "setxattr-symlink",
+        "chown-symlink",
         "removexattr",
         "hard-link",
     ],
@@ -499,6 +546,26 @@ def test_files_outside_the_work_dir_cannot_be_deleted_or_damaged(tmp_path, attac
     assert "PermissionError" in result.stderr, result.stderr
     assert sentinel.read_text() == "precious"
     assert sentinel.stat().st_mode == mode
+    assert_contained(result)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "os.rmdir(EMPTY)",
+        "d = os.open(os.path.dirname(EMPTY), os.O_RDONLY); "
+        "os.rmdir(os.path.basename(EMPTY), dir_fd=d)",
+    ],
+    ids=["rmdir", "rmdir-dir_fd"],
+)
+def test_empty_directories_outside_the_work_dir_cannot_be_removed(tmp_path, attack):
+    # Catches os.rmdir left out of the guard's path checks: shutil.rmtree raises an
+    # event of its own, so the rmtree attack above never reaches it.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run(f"import os\nEMPTY = {str(empty)!r}\n{attack}\n")
+    assert "PermissionError" in result.stderr, result.stderr
+    assert empty.is_dir()
     assert_contained(result)
 
 
@@ -528,20 +595,22 @@ def test_reading_outside_the_work_dir_is_allowed(tmp_path):
 def test_a_symlink_to_a_host_file_protects_the_file_but_not_the_link(tmp_path):
     # Catches checking the wrong end of a symlink: chmod follows a link, so a link in the
     # work dir must not reach the host file it points to; remove and rename act on the
-    # link itself, so the program may tidy up its own links whatever they point to.
+    # link itself, so the program may tidy up its own links whatever they point to
+    # (shutil.move as well: a check that followed the link would refuse it).
     sentinel = tmp_path / "sentinel.txt"
     sentinel.write_text("precious")
     mode = sentinel.stat().st_mode
     code = f"""
-    import os
+    import os, shutil
     os.symlink({str(sentinel)!r}, 'link')
     try:
         os.chmod('link', 0)
     except PermissionError as exc:
         print('chmod refused:', exc)
     os.rename('link', 'moved')
-    os.remove('moved')
-    print('link gone:', not os.path.lexists('moved'))
+    shutil.move('moved', 'moved again')
+    os.remove('moved again')
+    print('link gone:', not os.path.lexists('moved again'))
     """
     result = run(code)
     assert result.ok, result.stderr
@@ -650,6 +719,44 @@ def test_ordinary_file_handling_inside_the_work_dir_still_works():
     result = run(code)
     assert result.ok, result.stderr
     assert result.stdout.splitlines() == ["['f']", "True", "['main.py']"]
+
+
+def test_the_replaced_os_functions_keep_their_defaults_names_and_dir_fd_support():
+    # Catches replacements of os.open, os.mkfifo and os.mknod that differ from the
+    # originals where no attack shows it: another default mode for a new fifo or node,
+    # a check that follows a symlink the call itself never follows (an existing name is
+    # FileExistsError, whatever it points to), the wrapper's own name and missing
+    # docstring, or a replacement left out of (or an original left in)
+    # os.supports_dir_fd, which shutil and os.fwalk consult.
+    code = """
+    import os, stat
+    umask = os.umask(0)
+    os.umask(umask)
+    os.mkfifo('fifo')
+    os.mknod('node')
+    print(os.lstat('fifo').st_mode == stat.S_IFIFO | 0o666 & ~umask)
+    print(os.lstat('node').st_mode == stat.S_IFREG | 0o600 & ~umask)
+    os.symlink('/outside', 'link')
+    for make in (os.mkfifo, os.mknod):
+        try:
+            make('link')
+        except FileExistsError:
+            print('exists')
+    for f in (os.open, os.mkfifo, os.mknod):
+        listed = [g for g in os.supports_dir_fd if g.__name__ == f.__name__]
+        print(f.__name__, f.__qualname__, bool(f.__doc__), listed == [f])
+    """
+    result = run(code)
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == [
+        "True",
+        "True",
+        "exists",
+        "exists",
+        "open open True True",
+        "mkfifo mkfifo True True",
+        "mknod mknod True True",
+    ]
 
 
 def test_a_program_allowed_subprocesses_may_stop_its_own_children():
@@ -777,6 +884,17 @@ def test_isolation_lists_the_network_namespace_and_filter_exactly_when_in_force(
     ours = [line.split()[1] for line in status if line.startswith("Seccomp_filters:")]
     if ours:  # Linux 5.9 and later
         assert ("seccomp" in result.isolation) == (filters == repr([str(int(ours[0]) + 1)]))
+
+
+def test_a_filtered_program_cannot_gain_privileges_by_running_another():
+    # Catches the seccomp layer installed without no_new_privs, which root may skip: a
+    # program allowed subprocesses could then exec a setuid binary and gain privileges.
+    code = "print([l.split()[1] for l in open('/proc/self/status') if 'NoNewPrivs' in l])"
+    result = run(code, allow_subprocess=True)
+    assert result.ok, result.stderr
+    if "seccomp" not in result.isolation:
+        pytest.skip("no seccomp filter here")
+    assert result.stdout == "['1']\n"
 
 
 # The start of the probes below, which run in throwaway processes: libc through ctypes,
