@@ -27,12 +27,14 @@ from resd.analysis.report import (
     load_run,
     loss_colour,
     moving_average,
+    pick_examples,
     plot_comparison,
     plot_learning_curves,
     plot_playbook,
     plot_step_times,
     run_report,
     table,
+    token_html,
     token_samples,
 )
 
@@ -446,6 +448,19 @@ def test_the_last_evaluation_is_the_after_and_a_single_one_is_before_only(tmp_pa
     assert "after (" not in text and "<th>change</th>" not in text
 
 
+def test_a_metric_missing_from_one_evaluation_leaves_its_change_blank(tmp_path: Path) -> None:
+    """case_mean@k was evaluated before training but not after: its row shows the value
+    it has and no change, instead of failing on None - 0.5."""
+    run = make_run(tmp_path / "evals", summary=False)
+    write_jsonl(run / "eval.jsonl", [
+        {"step": 0, "task_mean@k": 0.25, "case_mean@k": 0.5, "k": 4, "items": 8},
+        {"step": 6, "task_mean@k": 0.5, "k": 4, "items": 8},
+    ])  # fmt: skip
+    text = build_report(run).read_text()
+    assert "<tr><td>task_mean@k</td><td>0.25</td><td>0.5</td><td>+0.25</td></tr>" in text
+    assert "<tr><td>case_mean@k</td><td>0.5</td><td></td><td></td></tr>" in text
+
+
 @pytest.mark.parametrize(
     ("key", "value"), [("batch_size", 0), ("rollouts_per_prompt", 0), ("rollouts_per_prompt", 2.5)]
 )
@@ -473,6 +488,55 @@ def test_training_table_compares_the_first_and_last_tenth_of_the_steps(tmp_path:
     text = build_report(short).read_text()  # under 10 steps: the first and the last step
     assert "<th>first 1 step(s)</th><th>last 1 step(s)</th>" in text
     assert "<td>reward</td><td>0.1</td><td>0.6</td>" in text
+
+
+def test_a_metric_logged_only_in_the_last_steps_still_gets_its_training_row(
+    tmp_path: Path,
+) -> None:
+    """No loss in the first 2 of 20 steps (nothing distilled yet): the loss row stays,
+    its "first" cell blank and its "last" the mean of the last 2 steps."""
+    run = make_run(tmp_path / "late", steps=20, playbook=False, samples=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[:2]:
+        del row["loss"]
+    write_jsonl(run / "metrics.jsonl", rows)
+    assert "<td>loss</td><td></td><td>0.02566</td>" in build_report(run).read_text()
+
+
+def test_the_counter_table_sums_each_counter_and_a_step_without_it_adds_nothing(
+    tmp_path: Path,
+) -> None:
+    """Totals over 6 steps, in the trainer's counter order; step 1 did not log
+    "reflections" (3 a step), so it sums to 15, and a counter that is always 0 stays 0."""
+    run = make_run(tmp_path / "counted", playbook=False, samples=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    del rows[0]["reflections"]
+    write_jsonl(run / "metrics.jsonl", rows)
+    text = build_report(run).read_text()
+    counters = text[text.index("<th>counter</th>") :]
+    counters = counters[: counters.index("</table>")]
+    assert re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", counters) == [
+        ("distilled", "24"), ("reflections", "15"), ("reflection_parse_failures", "6"),
+        ("curation_parse_failures", "0"), ("ops_applied", "12"),
+    ]  # fmt: skip
+
+
+def test_the_training_table_shows_the_response_length_when_it_was_logged(
+    tmp_path: Path,
+) -> None:
+    """response_tokens (10 tokens a step more each step) gets its own row, between the loss
+    and the step time; a run without metrics.jsonl says its training table is missing."""
+    run = make_run(tmp_path / "lengths", playbook=False, samples=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    write_jsonl(run / "metrics.jsonl", [{**r, "response_tokens": 10 * r["step"]} for r in rows])
+    text = build_report(run).read_text()
+    training = text[text.index("<h3>Training rollouts</h3>") : text.index("<th>counter</th>")]
+    keys = re.findall(r"<tr><td>(\w+)</td>", training)
+    assert keys == ["reward", "score", "success_rate", "loss", "response_tokens", "time_step"]
+    assert "<td>response_tokens</td><td>10</td><td>60</td>" in training
+    (run / "metrics.jsonl").unlink()
+    text = build_report(run).read_text()
+    assert "Not recorded: training metrics (no metrics.jsonl)." in text
 
 
 def test_comparison_curves_smooth_each_run_over_about_5_percent_of_its_steps(
@@ -725,6 +789,15 @@ def test_the_configuration_table_lists_the_highlighted_settings_in_order(tmp_pat
     assert full.index("eval_items: value-eval_items") < full.index("algorithm: value-algorithm")
 
 
+def test_the_configuration_shows_the_env_of_config_yaml_when_the_summary_names_none(
+    tmp_path: Path,
+) -> None:
+    """config.yaml's env is shown while summary.json names none (the summary's own env
+    replacing it is tested above, with a run from Python)."""
+    run = make_run(tmp_path / "envs", playbook=False, samples=False)
+    assert "<tr><td>env</td><td>arithmetic</td></tr>" in build_report(run).read_text()
+
+
 def test_token_losses_that_are_all_nan_are_shown_uncoloured(tmp_path: Path) -> None:
     """A sample whose token losses are all NaN (an overflow in the loss) is still shown,
     every token white, on a scale that ends at 1."""
@@ -756,6 +829,32 @@ def test_the_run_page_links_each_of_its_six_sections(run_dir: Path) -> None:
     assert f"<title>resd report: {run_dir.name} (resd)</title>" in text
 
 
+def test_the_run_page_labels_its_tables_and_subsections(run_dir: Path) -> None:
+    """The column headers of every table, the sub-headings and the figure captions, top to
+    bottom, as the reader sees them. Catches a header or heading left empty (e.g. the "id" column of
+    the top entries, the "Training rollouts" heading)."""
+    text = build_report(run_dir).read_text()
+    heads = [re.findall(r"<th>(.*?)</th>", h) for h in re.findall(r"<thead>(.*?)</thead>", text)]
+    assert heads == [
+        ["setting", "value"],
+        ["metric", "before (step 0)", "after (step 6)", "change"],
+        ["metric", "first 1 step(s)", "last 1 step(s)"],
+        ["counter", "total over the run"],
+        ["phase", "mean s / step", "total s", "share"],
+        ["id", "section", "helpful", "harmful", "created", "last used", "content"],
+    ]
+    h3 = re.findall(r"<h3>(.*?)</h3>", text)
+    assert h3[:5] == ["Configuration", "Evaluation before / after", "Training rollouts",
+                      "Top 15 of 19 entries by helpful count", "Final playbook"]  # fmt: skip
+    assert [h.split(" · ")[0] for h in h3[5:]] == ["step 1", "step 2", "step 3"]  # token samples
+    captions = re.findall(r"<figcaption>(.*?) \(also <code>plots/(.*?)</code>\)", text)
+    assert [(c.split(",")[0], name) for c, name in captions] == [
+        ("Training rollouts per step (faint: raw; solid: moving average)", "learning_curves.png"),
+        ("Seconds per step", "step_times.png"),
+        ("Playbook entries per section; entries added / pruned.", "playbook.png"),
+    ]
+
+
 def test_the_final_playbook_comes_from_playbook_md_else_from_playbook_json(tmp_path: Path) -> None:
     """playbook.md is shown (opened) as written; without it the playbook.json is rendered,
     or named as unreadable; with neither (only the history) both the entries and the
@@ -773,6 +872,15 @@ def test_the_final_playbook_comes_from_playbook_md_else_from_playbook_json(tmp_p
     assert "Not recorded: playbook entries (no playbook.json)." in text
     assert "Not recorded: final playbook (no playbook.md)." in text
     assert len(embedded_pngs(text)) == 3  # the history is still plotted
+
+
+def test_examples_are_shown_in_step_order_even_when_the_success_came_first() -> None:
+    """The latest success (step 2) is picked after the late reflected failure (step 3),
+    yet shown before it: the examples read in step order. Catches a sort key that
+    no longer is the step."""
+    samples = [{"step": 1, "reward": 0.0, "reflection": "r1"}, {"step": 2, "reward": 1.0},
+               {"step": 3, "reward": 0.0, "reflection": "r3"}, {"step": 4, "reward": 0.0}]  # fmt: skip
+    assert [s["step"] for s in pick_examples(samples)] == [1, 2, 3]
 
 
 def test_examples_are_an_early_and_a_late_reflected_failure_and_the_latest_success(
@@ -849,6 +957,61 @@ def test_the_colour_scale_ends_at_the_99th_percentile_and_never_at_zero(tmp_path
     assert set(re.findall(r"background:(#[0-9a-f]{6})", block)) == {"#e31a1c"}
     write_jsonl(run / "samples.jsonl", [zeros])
     assert "≥ 1 (hover a token for its loss)" in build_report(run).read_text()
+
+
+def test_token_losses_below_one_get_a_scale_ending_at_their_99th_percentile(
+    tmp_path: Path,
+) -> None:
+    """Losses under 1 (the usual case) are not drawn pale against a fixed scale to 1: the
+    scale ends at their 99th percentile (0.4 of 0.1, 0.2, 0.4), so the worst is full red."""
+    run = make_run(tmp_path / "low", samples=False, playbook=False)
+    sample = {"step": 1, "prompt": "p", "distilled": True, "tokens": ["a", "b", "c"],
+              "token_losses": [0.1, 0.2, 0.4]}  # fmt: skip
+    write_jsonl(run / "samples.jsonl", [sample])
+    text = build_report(run).read_text()
+    assert "≥ 0.4 (hover a token for its loss)" in text
+    (block,) = TOKEN_BLOCK.findall(text)
+    assert re.findall(r"background:(#[0-9a-f]{6})", block)[-1] == "#e31a1c"
+
+
+def test_a_zero_scale_colours_white_and_tokens_must_match_their_losses() -> None:
+    """A scale that ends at 0 colours every loss white instead of dividing by zero; one
+    loss per token, a missing one is an error rather than a silently dropped token."""
+    assert loss_colour(0.5, 0.0) == loss_colour(0.0, 0.0) == "#ffffff"
+    assert token_html(["a", "b"], [0.0, 1.0], 1.0).count('<span class="tok"') == 2
+    with pytest.raises(ValueError):
+        token_html(["a", "b"], [0.0], 1.0)
+
+
+def test_the_token_section_shows_the_three_samples_of_highest_mean_loss(
+    tmp_path: Path,
+) -> None:
+    """Four distilled samples with token losses: the page shows three, highest mean loss
+    first, and leaves out the lowest (step 3)."""
+    run = make_run(tmp_path / "four", samples=False, playbook=False)
+    means = {1: 0.9, 2: 0.5, 3: 0.1, 4: 0.3}
+    write_jsonl(run / "samples.jsonl", [
+        {"step": s, "prompt": "p", "distilled": True, "tokens": ["t"], "token_losses": [m]}
+        for s, m in means.items()
+    ])  # fmt: skip
+    text = build_report(run).read_text()
+    tokens = text[text.index('<section id="tokens">') :]
+    heads = re.findall(r"<h3>step (\d) · .*? · mean token loss (.*?)</h3>", tokens)
+    assert heads == [("1", "0.9000"), ("2", "0.5000"), ("4", "0.3000")]
+    assert len(TOKEN_BLOCK.findall(tokens)) == 3
+
+
+def test_an_entry_without_a_helpful_count_ranks_as_helpful_0(tmp_path: Path) -> None:
+    """Entry a has no helpful count: it ranks below b (helpful 1) and ties with c (helpful
+    0, equally harmless), the tie going to the id. Catches a missing count taken as 1."""
+    run = make_run(tmp_path / "counts", evals=False, samples=False)
+    entries = [{"id": "c", "section": "strat", "content": "C", "helpful": 0, "harmful": 0},
+               {"id": "a", "section": "strat", "content": "A", "harmful": 0},
+               {"id": "b", "section": "strat", "content": "B", "helpful": 1, "harmful": 0}]  # fmt: skip
+    (run / "playbook.json").write_text(json.dumps({"entries": entries}))
+    text = build_report(run).read_text()
+    top = text[text.index("<h3>Top 3") : text.index("<h3>Final playbook")]
+    assert re.findall(r"<tr><td>(\w)</td>", top) == ["b", "a", "c"]
 
 
 def test_playbook_entries_are_ranked_by_helpful_then_least_harmful(tmp_path: Path) -> None:
@@ -931,6 +1094,24 @@ def test_learning_curves_plot_raw_and_smoothed_rollouts_the_loss_and_evaluations
     assert list(evals) == ["task_mean@k", "task_best@k", "case_mean@k", "case_best@k"]
     assert list(evals["task_mean@k"].get_xdata()) == [0, 20, 40]
     assert list(evals["task_mean@k"].get_ydata()) == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_each_learning_curve_has_a_top_axis_of_the_samples_drawn(
+    tmp_path: Path, drawn: list
+) -> None:
+    """Above each panel a second x axis, "samples drawn", spans the panel's steps times
+    the samples per step (2 prompts × 2 rollouts = 4). Catches a top axis that is
+    missing, unlabelled, or that adds the samples per step instead of multiplying."""
+    run = load_run(make_run(tmp_path / "r", steps=6, playbook=False, samples=False))
+    plot_learning_curves(run)
+    (fig,) = drawn
+    panels = titled_axes(fig)
+    assert len(panels) == 3
+    for ax in panels.values():
+        (top,) = ax.child_axes
+        assert top.get_xlabel() == "samples drawn"
+        low, high = ax.get_xlim()
+        assert top.get_xlim() == pytest.approx((4 * low, 4 * high))
 
 
 def test_step_times_are_stacked_bars_per_phase(tmp_path: Path, drawn: list) -> None:

@@ -77,7 +77,8 @@ def _eval_table(run: Run) -> str:
 
 
 def _train_table(run: Run) -> str:
-    """Means over the first and the last 10% of steps: single steps are too noisy."""
+    """Means over the first and the last 10% of steps: single steps are too noisy. A
+    metric not logged in one of them gets a blank cell there (not "nan")."""
     n = len(run.metrics)
     if not n:
         return not_recorded("training metrics (no metrics.jsonl)")
@@ -88,7 +89,7 @@ def _train_table(run: Run) -> str:
         a = [v for v in (_number(m.get(key)) for m in first) if v is not None]
         b = [v for v in (_number(m.get(key)) for m in last) if v is not None]
         if a or b:
-            rows.append([key, _mean(a), _mean(b)])
+            rows.append([key, _mean(a) if a else None, _mean(b) if b else None])
     headers = ["metric", f"first {span} step(s)", f"last {span} step(s)"]
     return table(headers, rows)
 
