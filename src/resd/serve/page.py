@@ -206,11 +206,9 @@ def render_page(
         + section("versions", f"Model versions ({len(versions)})", table(
             ["id", "created", "parent", "step", "accuracy", "note"], version_rows))
     )  # fmt: skip
-    # Without a learner its three sections are one ("learner"): link what is there.
-    learner_nav = [("playbook", "playbook"), ("steps", "steps")] if learner_status is not None \
-        else [("learner", "learner")]  # fmt: skip
-    nav = [("accuracy", "accuracy"), *learner_nav, ("recent", "recent"), ("versions", "versions")]
-    links = "".join(f'<a href="#{a}">{esc(label)}</a>' for a, label in nav)
+    # Each link is named by its section's id; without a learner its sections are one.
+    learner = ["playbook", "steps"] if learner_status is not None else ["learner"]
+    links = "".join(f'<a href="#{a}">{a}</a>' for a in ["accuracy", *learner, "recent", "versions"])
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8">{refresh}<title>resd serve: {esc(model_name)}</title>'
