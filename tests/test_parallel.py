@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from resd.config import ConfigError, load_config
 from resd.parallel import STRATEGIES, Parallel, make_parallel, resolve_strategy, tied_aliases
 from resd.parallel.base import NonFiniteGradient, clip_gradients, without_tied_copies
 from resd.parallel.zero import load_optimizer_state, zero_options
+from test_distributed import free_port
 
 LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
               "ACCELERATE_DEEPSPEED_CONFIG_FILE", "WORLD_SIZE", "RANK", "LOCAL_RANK")  # fmt: skip
@@ -36,10 +36,8 @@ def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 @pytest.fixture
 def group_of_one(no_launcher: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """A real gloo process group of one process, as a launcher would have made it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init = f"tcp://127.0.0.1:{free_port()}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
     try:
         yield no_launcher
     finally:
