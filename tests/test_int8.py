@@ -120,3 +120,75 @@ def test_resd_eval_decodes_with_int8_weights(tiny_model_dir, tmp_path):
         outs.append(json.loads(out.read_text()))
     assert outs[1]["dtype"] == "int8"
     assert len(outs[1]["samples"]) == len(outs[0]["samples"]) == 6
+
+
+def test_quantize_weight_is_symmetric_per_row_with_the_row_maximum_at_127():
+    """Each row's scale is its largest |weight| / 127 and each int8 value the weight over
+    that scale, rounded to nearest: a scale of max / 128, or truncation instead of
+    rounding, cost up to a whole step of error on every weight. A row of zeros (a pruned
+    channel, a padded vocabulary row) stays zero instead of dividing by zero; bf16
+    weights give the copy their float32 values give."""
+    torch.manual_seed(0)
+    weight = torch.randn(5, 32) * torch.tensor([1.0, 100.0, 1e-4, 0.0, 3.0])[:, None]
+    q, scale = quantize_weight(weight)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (5,)
+    rows = weight.abs().amax(dim=1)
+    live = rows > 0
+    torch.testing.assert_close(scale[live].float(), rows[live] / 127, rtol=1e-2, atol=0)
+    exact = weight[live] / (rows[live, None] / 127)
+    assert (q[live].float() - exact).abs().max() <= 0.5 + 1e-4
+    assert q[live].abs().amax(dim=1).tolist() == [127] * int(live.sum())
+    assert torch.equal(q[~live], torch.zeros_like(q[~live])) and torch.isfinite(scale).all()
+    layer = Int8DecodeLinear.wrap(nn.Linear(32, 5, bias=False))
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.requantize()
+        out = layer(torch.randn(2, 32))
+    assert torch.isfinite(out).all() and torch.equal(out[:, 3], torch.zeros(2))
+    half = weight.bfloat16()
+    for got, want in zip(quantize_weight(half), quantize_weight(half.float()), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_batch_of_exactly_decode_rows_rows_reads_the_int8_copy():
+    """`DECODE_ROWS` is the largest batch that decodes with int8 weights (the sampler's
+    batch of 16 must get them); one row more reads the weight."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    layer = Int8DecodeLinear.wrap(linear)
+    at, over = torch.randn(DECODE_ROWS, 32), torch.randn(DECODE_ROWS + 1, 32)
+    with torch.no_grad():
+        assert not torch.equal(layer(at), linear(at))
+        assert torch.equal(layer(over), linear(over))
+
+
+def test_quantizing_adds_nothing_to_the_state_dict_and_keeps_the_heads_contiguous_input(
+    tiny_model_dir,
+):
+    """The int8 copies are not state: a quantized model's state dict has the keys and
+    values of the model it came from (saving or loading by name is unchanged). The
+    wrapped output head gets its contiguous-input hook back, so a sliced prefill does
+    not expand the vocabulary-sized weight per row."""
+    model = load_model(str(tiny_model_dir)).eval()
+    before = model.state_dict()
+    quantize_for_decoding(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert quantize_for_decoding(model) == 0  # nothing is wrapped twice
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    head = model.get_output_embeddings()
+    assert isinstance(head, Int8DecodeLinear)
+    seen = []
+    head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(torch.arange(5, 5 + DECODE_ROWS).repeat(2, 1), logits_to_keep=DECODE_ROWS - 1)
+    assert seen == [True]
+
+
+def test_int8_decoding_is_refused_for_a_model_off_the_cpu():
+    """A GPU samples in bf16: `quantize_for_decoding` refuses a model on any other device
+    (here the meta device) instead of wrapping layers the kernel cannot run."""
+    model = nn.Sequential(nn.Linear(16, 8, device="meta"))
+    with pytest.raises(ValueError, match="needs a CPU"):
+        quantize_for_decoding(model)
+    assert type(model[0]) is nn.Linear

@@ -10,7 +10,7 @@ import torch
 from resd.generation.hf import chat_prompt_ids, generate
 from resd.generation.int8 import int8_decoding_available
 from resd.models import load_model, load_tokenizer, materialize_bundled
-from resd.templating import strip_thinking
+from resd.templating import clip, clip_tokens, fill, names_a_file, strip_thinking
 from resd.training.update import response_logits, right_aligned_mask
 
 
@@ -20,6 +20,79 @@ def test_strip_thinking():
     assert strip_thinking("<think>never closed") == ""
     assert strip_thinking("template opened it</think> final") == "final"
     assert strip_thinking("no thinking") == "no thinking"
+
+
+def test_strip_thinking_spans_lines_and_keeps_only_what_follows_the_last_lone_close() -> None:
+    """Reasoning runs over many lines (a regex without DOTALL left it in the reply), and
+    when the template opened the block the reasoning may itself write `</think>`: the
+    answer is what follows the last one, not the middle of the scratchpad."""
+    assert strip_thinking("Sure.<think>step 1\nstep 2</think>\nAnswer: 3") == "Sure.\nAnswer: 3"
+    assert strip_thinking("<think>step 1\nstep 2, cut by the token limit") == ""
+    assert strip_thinking("plan, not </think> yet\nmore</think> Answer: 4") == "Answer: 4"
+    assert strip_thinking("a</think>b</think>c</think> d") == "d"
+
+
+def test_fill_slots_are_lowercase_names_and_unknown_ones_stay_when_not_strict() -> None:
+    """The reflection and curation prompts are filled with `strict=False`: a slot without
+    a value stays as written. A slot name may hold digits after its first letter;
+    `{0}`, `{Name}` or `{ a }` (format strings, code in a prompt) are not slots and need
+    no value."""
+    assert fill("{a} and {b}", {"a": "x"}, strict=False) == "x and {b}"
+    assert fill("{step2}: {_x}", {"step2": "y", "_x": "z"}) == "y: z"
+    assert fill("print('{0}', {Name}) { a } {a}", {"a": "x"}) == "print('{0}', {Name}) { a } x"
+
+
+def test_text_with_a_newline_is_never_a_file_name(tmp_path) -> None:
+    """A setting that takes a file or the text itself (a template, a chat template): text
+    of more than one line is the text, even where a file of that name exists."""
+    template = tmp_path / "{prompt}\nAnswer:"
+    template.write_text("from the file")
+    one_line = tmp_path / "template.txt"
+    one_line.write_text("from the file")
+    assert names_a_file(str(one_line)) is True
+    assert names_a_file(str(template)) is False
+    assert names_a_file(str(tmp_path)) is False  # a folder is not a file
+
+
+def test_clip_keeps_text_within_the_limit_and_marks_the_cut() -> None:
+    """Text up to `max_chars` is kept whole; longer text is cut to fit with the mark
+    after the cut. Bug: a limit under 20 sliced from the end (`text[:-n]`) and kept
+    nearly all of the text it was meant to bound."""
+    assert clip("x" * 30, 30) == "x" * 30
+    long = "words " * 60
+    assert clip(long, 100) == long[:80] + "\n…[truncated]"  # 20 characters kept for the mark
+    assert clip(long, 104) == long[:83] + "\n…[truncated]"  # no blank before the mark
+    assert len(clip(long, 100)) <= 100
+    assert clip(long, 10) == "\n…[truncated]"
+
+
+def test_clip_tokens_keeps_text_within_the_budget_and_cuts_the_rest_with_a_mark(tiny) -> None:
+    """A slot bounded to `max_tokens` tokens: text within it (or no budget) is kept whole;
+    longer text keeps its first `max_tokens - 8` tokens (at least one), the rest of the
+    budget left for the mark. Counted without the special tokens a tokenizer adds
+    (a BOS would be counted, and decoded into the slot). Text far longer than the
+    budget is cut by characters first, still with the mark."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    _, tok = tiny
+    bos = copy.deepcopy(tok)  # a tokenizer that adds a BOS when asked (Llama's do)
+    bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)]
+    )
+    mark = "\n…[truncated]"
+    text = "  hello world " * 100  # indented, as code is: the cut keeps the indent
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 300
+    assert clip_tokens(text, None, bos) == text
+    assert clip_tokens("", 4, bos) == ""
+    short = "hello world"
+    assert clip_tokens(short, len(tok(short, add_special_tokens=False)["input_ids"]), bos) == short
+    for budget in (20, 200):
+        assert clip_tokens(text, budget, bos) == tok.decode(ids[: budget - 8]).rstrip() + mark
+    first = tok(text.lstrip(), add_special_tokens=False)["input_ids"][0]
+    assert clip_tokens(text.lstrip(), 3, bos) == tok.decode([first]) + mark  # one token at least
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +415,80 @@ def test_cpu_models_decode_through_packed_sdpa_and_agree_with_sdpa(tiny_model_di
     assert eager.config._attn_implementation == "eager"
 
 
+def test_unpadded_cpu_decode_steps_hand_the_kernel_packed_heads(tiny_model_dir, monkeypatch):
+    """What `packed_sdpa` is for is the kernel call it makes: each decode step of an
+    unpadded batch on a CPU gives the kernel a group's query heads as the rows of one
+    matrix against their shared key/value head, never a one-row query with the kernel's
+    own (slow) key/value broadcast. A check that sent these steps back to transformers,
+    or a mask function that built a mask where none is needed, decoded the same tokens
+    without the speed."""
+    from types import SimpleNamespace
+
+    from resd.generation.attention import NAME, packed_sdpa, use_packed_sdpa
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def spy(query, key, value, *args, **kwargs):  # the real kernel, its calls recorded
+        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False), kwargs.get("attn_mask")))
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model, tok = load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir))
+    config = model.config
+    assert config._attn_implementation == NAME
+    groups = config.num_attention_heads // config.num_key_value_heads
+    assert groups > 1
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "x y z"}])
+    generate(model, tok, [prompt] * 2, max_new_tokens=4, temperature=0.0, batch_size=2)
+    packed = (2, config.num_key_value_heads, groups, config.head_dim)  # kv heads, rows: a group
+    decode = [call for call in calls if call[0][2] != len(prompt)]
+    assert decode  # the steps after the prefill
+    assert all(shape == packed and not gqa and mask is None for shape, gqa, mask in decode)
+    module = SimpleNamespace(num_key_value_groups=3, training=False, is_causal=True)
+    query, key = torch.empty(2, 6, 1, 8, device="meta"), torch.empty(2, 2, 5, 8, device="meta")
+    packed_sdpa(module, query, key, key, None)  # off the CPU (a GPU): transformers' call
+    assert calls[-1][0] == (2, 6, 1, 8)
+    model.set_attn_implementation("sdpa")
+    assert use_packed_sdpa(model) is True and config._attn_implementation == NAME
+    eager = load_model(
+        str(tiny_model_dir), device="cpu", init_kwargs={"attn_implementation": "eager"}
+    )
+    assert use_packed_sdpa(eager) is False and eager.config._attn_implementation == "eager"
+
+
+def test_packed_sdpa_leaves_prefill_masks_biases_and_ungrouped_heads_to_transformers() -> None:
+    """Only an unpadded one-position step of grouped heads is packed: a prefill, a padding
+    mask, a position bias or a module without grouped heads gets transformers' own
+    function, with every argument it was given (the scale too)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from resd.generation.attention import packed_sdpa
+
+    gqa = SimpleNamespace(num_key_value_groups=3, training=False, is_causal=True)
+    plain = SimpleNamespace(training=False, is_causal=True)  # no num_key_value_groups
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    key, value = randn(2, 2, 5, 8), randn(2, 2, 5, 8)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True]])[:, None, None, :]
+    bias = randn(2, 6, 1, 5)
+    cases = [
+        (gqa, randn(2, 6, 5, 8), key, value, None, {}),  # a prefill
+        (gqa, randn(2, 6, 1, 8), key, value, mask, {}),  # a padded batch's decode step
+        (gqa, randn(2, 6, 1, 8), key, value, None, {"position_bias": bias}),
+        (plain, randn(2, 2, 1, 8), key, value, None, {}),
+    ]
+    for module, query, k, v, attention_mask, extra in cases:
+        ours, _ = packed_sdpa(module, query, k, v, attention_mask, 0.0, 0.3, **extra)
+        theirs, _ = sdpa_attention_forward(module, query, k, v, attention_mask, 0.0, 0.3, **extra)
+        assert torch.equal(ours, theirs)
+
+
 def test_a_cut_prompt_keeps_its_end_and_is_said_once(tiny_model_dir, caplog, monkeypatch):
     """`max_prompt_tokens: 4` kept the assistant header and cut the task away, silently."""
     import resd.generation.hf as hf
@@ -610,6 +757,15 @@ def test_sampler_load_weights_copies_the_policy_and_drops_the_prefix_cache(tiny)
     assert [g.token_ids for g in sampler.generate(prompts, **greedy)] == wanted
     assert len(cache) == 0  # kept only when asked
     TransformersSampler(stale, tok).load_weights(policy.named_parameters())  # no cache: fine
+
+
+def test_int8_decoding_is_available_on_a_cpu_exactly_when_torch_has_the_kernel() -> None:
+    """tests/test_int8.py skips itself where int8 decoding is unavailable, so an answer of
+    "never" would pass it unseen: on a CPU the answer is whether PyTorch has its int8
+    matmul, and off the CPU it is no."""
+    assert int8_decoding_available("cpu") is hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    assert int8_decoding_available(torch.device("cpu")) is int8_decoding_available("cpu")
+    assert int8_decoding_available("cuda") is False and int8_decoding_available("meta") is False
 
 
 @pytest.mark.skipif(not int8_decoding_available("cpu"), reason="no int8 matmul in this torch")

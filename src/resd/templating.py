@@ -56,7 +56,7 @@ def clip(text: str, max_chars: int) -> str:
     """Bound untrusted text (huge outputs must not blow up a prompt), marking the cut."""
     if len(text) <= max_chars:
         return text
-    return text[: max_chars - 20].rstrip() + "\n…[truncated]"
+    return text[: max(0, max_chars - 20)].rstrip() + "\n…[truncated]"
 
 
 def clip_tokens(text: str, max_tokens: int | None, tokenizer) -> str:
