@@ -10,7 +10,7 @@ import torch
 from resd.generation.hf import chat_prompt_ids, generate
 from resd.generation.int8 import int8_decoding_available
 from resd.models import load_model, load_tokenizer, materialize_bundled
-from resd.templating import clip, clip_tokens, fill, names_a_file, strip_thinking
+from resd.templating import clip_tokens, fill, names_a_file, strip_thinking
 from resd.training.update import response_logits, right_aligned_mask
 
 
@@ -52,18 +52,6 @@ def test_text_with_a_newline_is_never_a_file_name(tmp_path) -> None:
     assert names_a_file(str(one_line)) is True
     assert names_a_file(str(template)) is False
     assert names_a_file(str(tmp_path)) is False  # a folder is not a file
-
-
-def test_clip_keeps_text_within_the_limit_and_marks_the_cut() -> None:
-    """Text up to `max_chars` is kept whole; longer text is cut to fit with the mark
-    after the cut. Bug: a limit under 20 sliced from the end (`text[:-n]`) and kept
-    nearly all of the text it was meant to bound."""
-    assert clip("x" * 30, 30) == "x" * 30
-    long = "words " * 60
-    assert clip(long, 100) == long[:80] + "\n…[truncated]"  # 20 characters kept for the mark
-    assert clip(long, 104) == long[:83] + "\n…[truncated]"  # no blank before the mark
-    assert len(clip(long, 100)) <= 100
-    assert clip(long, 10) == "\n…[truncated]"
 
 
 def test_clip_tokens_keeps_text_within_the_budget_and_cuts_the_rest_with_a_mark(tiny) -> None:

@@ -52,13 +52,6 @@ def fill(template: str, values: dict[str, str], *, strict: bool = True) -> str:
     return _SLOT.sub(sub, template)
 
 
-def clip(text: str, max_chars: int) -> str:
-    """Bound untrusted text (huge outputs must not blow up a prompt), marking the cut."""
-    if len(text) <= max_chars:
-        return text
-    return text[: max(0, max_chars - 20)].rstrip() + "\n…[truncated]"
-
-
 def clip_tokens(text: str, max_tokens: int | None, tokenizer) -> str:
     """Bound untrusted text to `max_tokens` tokens of `tokenizer`, marking the cut.
 
