@@ -8,12 +8,14 @@ import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import resd
 from resd.config import ConfigError, load_config
 from resd.generation.hf import chat_prompt_ids
 from resd.models import load_model, load_tokenizer
-from resd.training.hub import hub_files, model_card
+from resd.training.hub import hub_base_model, hub_files, model_card, write_model_card
 from resd.training.policy import lora_config
 from resd.training.trainer import Trainer
 from resd.training.update import Update
@@ -113,6 +115,79 @@ def test_the_cards_base_model_is_one_the_hub_knows(tmp_path):
     assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in base("smollm2-135m")
     assert 'base_model: "Qwen/Qwen3-0.6B"' in base("Qwen/Qwen3-0.6B")
     assert "base_model" not in base(str(tmp_path))
+
+
+def test_the_card_states_the_runs_own_numbers(tmp_path):
+    """Every number on the card is the run's: the before/after columns in that order, the
+    items, samples and temperature of the evaluation, the steps, the batch shape, the
+    version (a card that swapped or dropped any of them passed every other test)."""
+    cfg = load_config(None, ["model=Qwen/Qwen3-0.6B", "batch_size=2", "rollouts_per_prompt=3",
+                             "lr=2e-6", "eval_samples=9", "eval_temperature=0.7",
+                             "temperature=1.1"])  # fmt: skip
+    summary = {
+        "steps": 7, "env": "my_env",
+        "eval_before": {"task_mean@k": 0.25, "task_best@k": 0.5, "case_mean@k": 0.125},
+        "eval_after": {"task_mean@k": 0.5, "task_best@k": 0.75, "case_mean@k": 0.375,
+                       "case_best@k": 1.0, "items": 12, "k": 3, "reward": 0.9},
+    }  # fmt: skip
+    card = model_card(cfg, summary)
+    # the front matter the Hub reads is YAML, one key a line
+    front = card.split("---\n")[1]
+    assert yaml.safe_load(front) == {
+        "library_name": "transformers", "base_model": "Qwen/Qwen3-0.6B",
+        "tags": ["resd", "self-distillation"],
+    }  # fmt: skip
+    assert "\n# Qwen/Qwen3-0.6B trained with resd (resd)\n" in card
+    assert (
+        f"[resd](https://pypi.org/project/resd/) {resd.__version__}: algorithm `resd` on the "
+        "environment `my_env` for 7 optimizer steps (batches of 2 prompts, 3 rollout(s) each, "
+        "lr 2e-06).\n"
+    ) in card
+    # the four headline metrics, before then after; one not measured before shows nan
+    assert (
+        "Evaluated on 12 test items of `my_env`, 3 samples each at temperature 0.7:\n\n"
+        "| metric | before | after |\n|---|---|---|\n| task_mean@k | 0.250 | 0.500 |\n"
+        "| task_best@k | 0.500 | 0.750 |\n| case_mean@k | 0.125 | 0.375 |\n"
+        "| case_best@k | nan | 1.000 |\n\n"
+    ) in card
+    # only the rows the run measured; no evaluation before training: the column is nan
+    fewer = model_card(cfg, {"steps": 7, "eval_after": {"task_mean@k": 0.5, "items": 12, "k": 3}})
+    assert "|---|\n| task_mean@k | nan | 0.500 |\n\n" in fewer
+    # the card the trainer writes is this one, as README.md
+    path = write_model_card(tmp_path, cfg, summary)
+    assert path == tmp_path / "README.md" and path.read_text() == card
+
+
+def test_a_push_uploads_the_model_files_and_nothing_else(tmp_path):
+    """hub_files: each kind of model file by its pattern, sorted; never the run's logs, a
+    checkpoint's files, or a folder whose name matches a pattern."""
+    model = ["README.md", "adapter_config.json", "adapter_model.safetensors",
+             "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
+             "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+             "tokenizer_config.json", "vocab.json"]  # fmt: skip
+    logs = ["config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json", "wandb-id.txt"]
+    for name in reversed(model + logs):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_text("x")
+    (tmp_path / "tokenizer_files").mkdir()
+    assert hub_files(tmp_path) == model
+
+
+def test_a_local_folder_under_home_is_no_base_model(tmp_path, monkeypatch):
+    """`~/models/mine` is a local folder when it exists, not a Hub id to name on the card."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    assert hub_base_model("~/models/mine") is None
+
+
+def test_a_bundled_model_without_an_upstream_names_no_base_model(monkeypatch):
+    """A bundled model whose upstream is unknown (hub_id "") gets no `base_model: ""`."""
+    from resd.models import BUNDLED_MODELS, BundledModel
+
+    monkeypatch.setitem(BUNDLED_MODELS, "local-gguf", BundledModel(("pkg",), ("m.gguf",), 2048))
+    assert hub_base_model("local-gguf") is None
+    assert hub_base_model("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 # ---- model options: from_pretrained arguments, chat templates, gradient checkpointing ----
