@@ -10,9 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from resd.envs.base import Score
+from resd.generation.base import Generation
+from resd.generation.hf import chat_prompt_ids
 from resd.models import load_model
 from resd.training.algorithms import ALGORITHMS
 from resd.training.losses import group_advantages, policy_gradient_loss
+from resd.training.rollout import GivenRollout
 from resd.training.teacher import Teacher
 from resd.training.trainer import Trainer
 from test_trainer import config, read_jsonl
@@ -50,6 +54,78 @@ def test_sdft_teacher_sees_the_demonstration(tiny_model_dir, tmp_path):
     for s in samples:
         assert "<successful_trial>\nab\n</successful_trial>" in s["teacher_prompt"]
         assert "<feedback>" not in s["teacher_prompt"] and "<playbook>" not in s["teacher_prompt"]
+
+
+def test_sdpo_with_self_success_keeps_sdpos_successful_sibling(tiny_model_dir, tmp_path):
+    """SDPO + self-success is SDPO that also distils its own successes (the method's §7): with
+    N = 2 a failure whose sibling succeeded is shown that sibling, and the success its own
+    reply. Catches `sdpo_ss` losing SDPO's peer solution (then the failure sees feedback only)."""
+    _, m, samples = step(
+        tiny_model_dir, tmp_path, "sdpo_ss", "algorithm=sdpo_ss", "rollouts_per_prompt=2",
+        "log_samples=8", "max_new_tokens=9",
+    )  # fmt: skip
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        groups[s["item"]].append(s)
+    mixed = [g for g in groups.values() if {s["reward"] for s in g} == {0.0, 1.0}]
+    assert mixed, "the toy task should give a prompt with one success and one failure"
+    for group in mixed:
+        fail = next(s for s in group if s["reward"] == 0)
+        win = next(s for s in group if s["reward"] == 1)
+        solution = f"<successful_trial>\n{win['response'].strip()}\n</successful_trial>"
+        assert solution in fail["teacher_prompt"] and solution in win["teacher_prompt"]
+    assert m["distilled"] == 8 and m["reflections"] == 0
+
+
+def test_resd_without_the_buffer_shows_a_failure_no_earlier_success(tiny_model_dir, tmp_path):
+    """The `resd_no_buffer` ablation (the method's §3, §7): a success is distilled on its own
+    reply, but nothing carries it to a later inner step, so no failure sees a successful
+    trial. Catches the ablation keeping RESD's solution buffer (then it is RESD itself)."""
+    _, m, samples = step(
+        tiny_model_dir, tmp_path, "nobuf", "algorithm=resd_no_buffer", "log_samples=8",
+        "batch_size=8", steps=2,
+    )  # fmt: skip
+    solved = {s["item"] for s in samples if s["step"] == 1 and s["reward"] == 1}
+    again = [s for s in samples if s["step"] == 2 and s["item"] in solved and s["reward"] == 0]
+    assert again, "the toy task should fail at step 2 on a prompt solved at step 1"
+    for s in samples:
+        assert ("<successful_trial>" in s["teacher_prompt"]) == (s["reward"] == 1)
+    assert m["buffer_size"] == 0
+
+
+def test_resds_teacher_and_buffer_see_the_answer_not_the_reasoning(tiny_model_dir, tmp_path):
+    """RESD's teacher is shown the previous trial with its `<think>` block removed (the
+    method's §3, step 7: "thinking removed"), and a success enters the solution buffer the
+    same way. Given replies stand in for a thinking model's. Catches `Rollout.response`
+    keeping the reasoning."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "think", "log_samples=2"))
+    items = trainer.train_items[:2]
+    replies = [("<think>two letters</think>ab", Score(1.0, 1.0, "")),
+               ("<think>three letters</think>abc", Score(0.0, 0.5, "The reply is odd."))]  # fmt: skip
+    limit = trainer.cfg.max_prompt_tokens
+    given = [
+        GivenRollout(item, chat_prompt_ids(trainer.tokenizer, item.messages, limit),
+                     Generation(trainer.tokenizer.encode(text), text, True), score)
+        for item, (text, score) in zip(items, replies, strict=True)
+    ]  # fmt: skip
+    trainer.train_step([], given)
+    samples = read_jsonl(tmp_path / "think" / "samples.jsonl")
+    failed = next(s["teacher_prompt"] for s in samples if s["reward"] == 0)
+    assert "<previous_trial>\nabc\n</previous_trial>" in failed and "letters" not in failed
+    assert trainer.buffer.solutions[items[0].id] == "ab"
+
+
+def test_an_algorithm_name_set_after_the_config_is_checked_is_still_refused(
+    tiny_model_dir, tmp_path
+):
+    """A config edited in Python after it was checked (`cfg.algorithm = ...`) reaches
+    `Trainer` unchecked: an unknown name must stop it, naming the choices, not train some
+    other method or fail later for want of one. Catches `get_algorithm` returning None or a
+    default algorithm for a name it does not know."""
+    cfg = config(tiny_model_dir, tmp_path / "run")
+    cfg.algorithm = "ppo"
+    with pytest.raises(ValueError, match="algorithm: unknown 'ppo'; choose from resd, "):
+        Trainer(cfg)
 
 
 def test_grpo_equal_rewards_give_zero_advantage_and_no_update(tiny_model_dir, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -13,9 +14,12 @@ import yaml
 from safetensors.torch import load_file
 
 from resd.cli import main
+from resd.envs.base import SUCCESS_REWARD, Score
 from resd.parallel.base import NonFiniteGradient
+from resd.rundir import PHASES
 from resd.training.callbacks import Callback
 from resd.training.playbook import Playbook
+from resd.training.rollout import PhaseTimer, row_seed
 from resd.training.trainer import Trainer
 from test_trainer import PREFILLS, config, read_jsonl
 from toy_envs import ConstantEnv, ParityEnv
@@ -248,6 +252,91 @@ def test_a_nonfinite_gradient_stops_the_run_with_its_checkpoint_intact(tiny_mode
     resumed = Trainer(config(tiny_model_dir, out, "save_every=1", "inner_updates=1", "lr=1e-3"),
                       resume=True)  # fmt: skip
     assert resumed.step == 1 and resumed.train()["steps"] == 4
+
+
+class CheckpointWatcher(Callback):
+    """Overrides `on_save` alone: the hooks it leaves to `Callback` must do nothing."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, bool]] = []
+
+    def on_save(self, trainer, path):
+        self.saved.append((path.name, (path / "config.json").exists()))
+
+
+def test_a_callback_may_override_one_hook_and_sees_its_files_written(tiny_model_dir, tmp_path):
+    """The hook API (`resd.training.callbacks`): a subclass overriding only `on_save` sees a
+    whole run through (the base class's `on_step_end` and `on_evaluate` do nothing), once
+    per checkpoint, after the checkpoint's files are written. Catches a base hook that is
+    not a no-op."""
+    watcher = CheckpointWatcher()
+    cfg = config(tiny_model_dir, tmp_path / "run", "steps=2", "save_every=1")
+    assert Trainer(cfg, callbacks=[watcher]).train()["steps"] == 2
+    assert watcher.saved == [("checkpoint-1", True), ("checkpoint-2", True)]
+
+
+def test_row_seeds_tell_apart_every_run_step_phase_and_row():
+    """Every (run seed, step, phase, global row) samples from its own seed, the same on every
+    call (a resumed or multi-process run draws what a one-process run draws), and one that
+    seeds a torch generator (at most 64 bits). Catches a key that drops or runs together its
+    parts: seed 1 at step 23 and seed 12 at step 3 must not share their rollouts."""
+    keys = [(seed, step, phase, row) for seed in (0, 1, 12) for step in (1, 2, 3, 23)
+            for phase in ("rollout", "reflect", "tag", "curate") for row in (0, 1, 3, 23)]  # fmt: skip
+    seeds = [row_seed(*key) for key in keys]
+    assert len(set(seeds)) == len(keys)
+    assert seeds == [row_seed(*key) for key in keys]
+    assert all(0 <= seed < 2**63 for seed in seeds)
+    torch.Generator().manual_seed(max(seeds))
+
+
+class PartialCreditEnv(ParityEnv):
+    """A user scorer's partial credit: an even-length reply earns exactly `SUCCESS_REWARD`
+    ("good enough"), an odd one a reward below it but above zero."""
+
+    def score(self, item, response):
+        if len(response) % 2 == 0:
+            return Score(SUCCESS_REWARD, SUCCESS_REWARD, "")
+        return Score(0.25, 0.25, "The reply has an odd number of characters.")
+
+
+def test_a_reward_at_the_success_threshold_is_a_success_and_one_below_is_not(
+    tiny_model_dir, tmp_path
+):
+    """A reward counts as a success iff it is at least `SUCCESS_REWARD`, the same everywhere
+    (`resd.envs.base`): SDPO distils exactly the failures, and the step's success rate counts
+    the successes. Catches `Outcome.success` comparing with > (the success rate misses the
+    rewards of exactly 0.5) and a rollout's success read as reward > 0 (SDPO skips 0.25)."""
+    cfg = config(tiny_model_dir, tmp_path / "run", "algorithm=sdpo", "rollouts_per_prompt=2",
+                 "log_samples=8", "max_new_tokens=9")  # fmt: skip
+    trainer = Trainer(cfg, env=PartialCreditEnv())
+    metrics = trainer.train_step(trainer.train_items[:4])
+    rewards = [s["reward"] for s in read_jsonl(tmp_path / "run" / "samples.jsonl")]
+    wins = rewards.count(SUCCESS_REWARD)
+    assert len(rewards) == 8 and 0 < wins < 8 and set(rewards) == {0.25, SUCCESS_REWARD}
+    assert (metrics["success_rate"], metrics["distilled"]) == (wins / 8, 8 - wins)
+
+
+def test_each_phase_of_a_step_takes_part_of_the_steps_time(tiny_model_dir, tmp_path):
+    """The phase table's `time_<phase>` (metrics.jsonl, the report) are seconds spent inside
+    the step: each between 0 and the whole step's `time_step`, and the phases that ran
+    took some. Catches a phase timer that adds the clock's reading instead of the
+    elapsed time, or drops it."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "run"))
+    metrics = trainer.train_step(trainer.train_items[:4])
+    times = {p: metrics[f"time_{p}"] for p in PHASES}
+    assert all(0 <= t <= metrics["time_step"] for t in times.values()), times
+    assert times["rollout"] > 0 and times["teacher"] > 0 and times["update"] > 0
+
+
+def test_a_phase_entered_several_times_in_a_step_adds_up():
+    """A phase runs once per micro-batch (teacher, update): its time is the sum of all its
+    runs, not the last one's. `sleep` waits at least as long as asked, so the bound holds
+    on any machine. Catches a timer that keeps only the last run."""
+    timer = PhaseTimer()
+    for _ in range(3):
+        with timer("teacher"):
+            time.sleep(0.02)
+    assert timer.seconds["teacher"] >= 0.06 and timer.seconds["update"] == 0.0
 
 
 def test_inputs_that_name_no_usable_file_are_refused_by_name(tiny_model_dir, tmp_path, monkeypatch):
