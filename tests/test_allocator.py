@@ -10,6 +10,7 @@ process.
 
 from __future__ import annotations
 
+import logging
 import platform
 import subprocess
 import sys
@@ -61,3 +62,39 @@ def test_the_trainer_keeps_freed_memory_on_cpu_unless_told_not_to(tiny_model_dir
     """
     faults = refaults(trainer, tmp_path)
     assert (faults < PAGES // 20) if keep else (faults > PAGES // 2)
+
+
+# The cases below run in the test process itself: at most they set what any trainer test
+# on the CPU in this process sets already (no mmap), and glibc refuses or is never asked
+# the rest.
+
+
+def test_a_setting_glibc_refuses_is_reported_not_claimed(monkeypatch, caplog):
+    """Catches `keep_freed_memory` answering True (or nothing) and staying silent when glibc
+    refuses a setting: mallopt parameter 1 (M_MXFAST) takes at most 160 bytes, not 2 GiB."""
+    from resd import allocator
+
+    monkeypatch.setattr(allocator, "M_TRIM_THRESHOLD", 1)
+    with caplog.at_level(logging.WARNING, logger="resd.allocator"):
+        assert allocator.keep_freed_memory() is False
+    assert "glibc refused mallopt" in caplog.text
+
+
+def test_a_c_library_that_cannot_be_loaded_is_left_as_it_is(monkeypatch):
+    """Catches `keep_freed_memory` raising (and so failing the trainer) when the C library
+    it finds will not load, instead of answering False."""
+    import ctypes.util
+
+    from resd import allocator
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "/nonexistent/libc.so.6")
+    assert allocator.keep_freed_memory() is False
+
+
+def test_a_system_without_glibc_is_left_as_it_is(monkeypatch):
+    """Catches `keep_freed_memory` going on to glibc's settings (or answering anything but
+    False) where Python finds another C library: musl reports no glibc version."""
+    from resd import allocator
+
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.keep_freed_memory() is False

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from resd.analysis.eval_cli import (
     EvalSettings,
@@ -23,10 +25,11 @@ from resd.analysis.eval_cli import (
     merge_adapter,
     per_item_metrics,
 )
-from resd.analysis.evaluation import aggregate
+from resd.analysis.evaluation import aggregate, evaluate, safe_score
 from resd.cli import main
 from resd.config import TrainConfig, apply_overrides, build_config
 from resd.envs.base import Score
+from resd.generation.base import Generation
 from resd.models import DTYPES, pick_device, resolve_dtype
 from toy_envs import ParityEnv
 
@@ -470,3 +473,65 @@ def test_evaluate_env_seeds_pythons_random_and_needs_test_items(tiny_model_dir):
     assert [s["reward"] for s in again["samples"]] == [s["reward"] for s in first["samples"]]
     with pytest.raises(ValueError, match="ParityEnv has no test items"):
         evaluate_env(model, tokenizer, ParityEnv(n_test=0), settings)
+
+
+class EchoSampler:
+    """A generation backend whose reply is its prompt's text and the reply's place in the
+    batch: which prompt each score belongs to shows in the record."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, **sampling):
+        return [
+            Generation([], f"{self.tokenizer.decode(p)} #{n}", True) for n, p in enumerate(prompts)
+        ]
+
+
+def test_evaluate_scores_each_reply_against_its_own_item_in_the_prompt_it_was_given(
+    tiny_model_dir,
+):
+    """Catches `evaluate` pairing item i's sample j with another reply than its own (the
+    batch holds each item's k samples in turn) and ignoring `prompt_messages`, with which
+    the trainer puts the student's playbook into the evaluation prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    env = ParityEnv(n_test=3)
+
+    def with_playbook(item):
+        return [{"role": "system", "content": "PLAYBOOK"}, *item.messages]
+
+    metrics, records = evaluate(EchoSampler(tokenizer), tokenizer, env, env.test_items(),
+                                samples=2, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                max_prompt_tokens=256, prompt_messages=with_playbook)  # fmt: skip
+    assert [(r["item"], r["sample"]) for r in records] == [
+        (item.id, j) for item in env.test_items() for j in range(2)
+    ]
+    each_sample = [item for item in env.test_items() for _ in range(2)]
+    for n, (record, item) in enumerate(zip(records, each_sample, strict=True)):
+        assert record["response"].startswith("<|im_start|>system\nPLAYBOOK")
+        assert item.prompt_text in record["response"] and record["response"].endswith(f" #{n}")
+        assert record["reward"] == float(len(record["response"]) % 2 == 0)
+    rewards = [r["reward"] for r in records]
+    assert metrics["task_mean@k"] == pytest.approx(sum(rewards) / 6)
+    assert (metrics["k"], metrics["items"]) == (2, 3)
+
+
+def test_a_checker_that_raises_is_a_failure_and_a_warning(caplog):
+    """Catches `safe_score` swallowing a verifier's crash without a word in the log: the
+    run goes on (the reply scores 0 and the teacher reads the error), and the log says
+    which item's checker failed."""
+
+    class Broken(ParityEnv):
+        def score(self, item, response):
+            raise ZeroDivisionError("division by zero")
+
+    env = Broken(n_test=1)
+    item = env.test_items()[0]
+    with caplog.at_level(logging.WARNING, logger="resd.analysis.evaluation"):
+        score = safe_score(env, item, "42")
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert (
+        score.feedback == "The checker failed on this response: ZeroDivisionError: division by zero"
+    )
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert item.id in caplog.text and "ZeroDivisionError" in caplog.text

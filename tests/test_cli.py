@@ -1,0 +1,228 @@
+"""The `resd` command beyond `train`'s runs: `--help-config`, `envs`, `env-check`'s report
+of the references that fail and of its samples, `--samples`, Ctrl-C and the exit codes.
+
+The environments here are this module's own (`test_cli:Name`, as a user names theirs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers.utils import logging as hf_logging
+
+from resd.cli import _print_summary, main
+from resd.config import TrainConfig
+from resd.envs.base import Environment, Item, Score
+
+# (reward, score) each reference answer gets; item i's reference is "ref<i>".
+REFERENCE_SCORES = [(1.0, 1.0), (0.0, 1.0), (1.0, 0.5), (1.0, 1.0), *[(0.0, 0.0)] * 11]
+LONG = "x" * 700  # longer than anything `env-check` shows of a prompt or a feedback
+
+
+class GradedEnv(Environment):
+    """Items whose reference answers score as REFERENCE_SCORES says; the feedback quotes
+    the reply and runs past what `env-check` shows of it."""
+
+    name = "graded"
+    description = "test-only: references scored as the test says"
+
+    def __init__(self) -> None:
+        items = [
+            Item(
+                f"graded/{i}",
+                [{"role": "user", "content": f"Task {i}: {LONG}"}],
+                reference=f"ref{i}",
+            )
+            for i in range(len(REFERENCE_SCORES))
+        ]
+        self._train, self._test = items[:12], [*items[12:], Item("graded/noref", [])]
+
+    def train_items(self) -> list[Item]:
+        return self._train
+
+    def test_items(self) -> list[Item]:
+        return self._test
+
+    def score(self, item: Item, response: str) -> Score:
+        reward, score = (0.0, 0.0)
+        if response.startswith("ref"):
+            reward, score = REFERENCE_SCORES[int(response[3:])]
+        return Score(reward, score, f"You said {response!r}. {LONG}")
+
+
+class InterruptedEnv(GradedEnv):
+    """Ctrl-C pressed while the environment loads (its data, say)."""
+
+    def __init__(self) -> None:
+        raise KeyboardInterrupt
+
+
+def test_help_config_lists_every_key_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches `resd train --help-config` printing nothing, a key without its default, a
+    default taken from the wrong place (the factory of a key that has a plain default) or
+    a failing exit code; it needs no --config and starts no run."""
+    assert main(["train", "--help-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert [line.split()[0] for line in lines] == names
+    shown = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines}
+    assert shown["lr"] == "1e-06" and shown["env"] == "'arithmetic'" and shown["steps"] == "None"
+    assert shown["env_args"] == "{}" and shown["report_to"] == "[]"  # the factories' defaults
+
+
+def test_envs_names_an_environment_that_cannot_be_loaded(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches `resd envs` failing, or showing the previous environment's description, when
+    one built-in cannot be imported (an optional package missing): the rest are listed."""
+    monkeypatch.setitem(sys.modules, "resd.envs.ifeval", None)  # its import now fails
+    assert main(["envs"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "(unavailable: env: cannot import module 'resd.envs.ifeval'" in rows["ifeval"]
+    assert "unavailable" not in rows["arithmetic"] and "unavailable" not in rows["code"]
+
+
+def test_env_check_reports_each_reference_below_full_marks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Catches `env-check` passing a reference whose reward or score (either one) is below
+    1.0, a wrong count of those that pass, more or fewer than the first ten failures shown,
+    or their feedback cut at other than 200 characters; any failure exits 1."""
+    assert main(["env-check", "test_cli:GradedEnv", "--samples", "0"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        out[0] == "test_cli:GradedEnv: 12 train / 4 test items; 15 reference answers, 2 score 1.0"
+    )
+    fails = [line for line in out if line.startswith("  FAIL ")]
+    assert [line.split()[1] for line in fails] == [f"graded/{i}:" for i in (1, 2, *range(4, 12))]
+    assert fails[0].startswith("  FAIL graded/1: reward=0.0 score=1.0 feedback=")
+    assert fails[1].startswith("  FAIL graded/2: reward=1.0 score=0.5 feedback=")
+    feedback = f"You said 'ref1'. {LONG}"[:200]
+    assert fails[0].endswith(f"feedback={feedback!r}")
+
+
+def test_env_check_shows_the_first_items_with_feedback_on_a_non_answer(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Catches `env-check` showing more or fewer items than `--samples` (3 by default, 0
+    allowed), cutting a prompt or a feedback at other than 600 characters, or showing the
+    feedback on some other reply than a non-answer."""
+    main(["env-check", "test_cli:GradedEnv", "--samples", "2"])
+    out = capsys.readouterr().out
+    blocks = out.split("\n--- ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ["graded/0", "graded/1"]
+    prompt, feedback = blocks[0].splitlines()[1:3]
+    assert prompt == f"Task 0: {LONG}"[:600]
+    assert feedback == "[feedback on a non-answer] " + f"You said 'I am not sure.'. {LONG}"[:600]
+    main(["env-check", "test_cli:GradedEnv"])
+    assert capsys.readouterr().out.count("\n--- ") == 3
+    main(["env-check", "test_cli:GradedEnv", "--samples", "0"])
+    assert "\n--- " not in capsys.readouterr().out
+
+
+def test_samples_must_be_a_whole_number(capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches `--samples abc` taken as 0, or failing with a traceback instead of argparse's
+    usage error (exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["env-check", "arithmetic", "--samples", "abc"])
+    assert exited.value.code == 2
+    assert "--samples: expected a whole number >= 0, got 'abc'" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_a_command_with_a_line_and_exit_code_130(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Catches Ctrl-C (KeyboardInterrupt) escaping as a traceback, a wrong exit code (130 is
+    the shell's for SIGINT) or the message printed to stdout instead of stderr."""
+    assert main(["env-check", "test_cli:InterruptedEnv"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("\nresd: interrupted (`resd train ... --resume` continues")
+
+
+def test_the_progress_bar_of_transformers_is_off_unless_verbose() -> None:
+    """Catches `resd` leaving transformers' download/loading progress bars on (they break up
+    our own progress bar), or turning them off under `-v` as well."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        assert main(["envs"]) == 0
+        assert not hf_logging.is_progress_bar_enabled()
+        hf_logging.enable_progress_bar()
+        assert main(["-v", "envs"]) == 0
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches `resd` without a subcommand failing with a traceback (no function to run) or
+    an error that does not say what is missing."""
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: the following arguments are required: command\n"
+    )
+
+
+def test_verbose_shows_info_logs(tmp_path: Path) -> None:
+    """Catches `-v` not lowering the log level to INFO (or swapping the levels, INFO by
+    default and WARNING under -v): an environment's INFO line shows under `resd -v`. A
+    process of its own: under pytest the root logger has handlers already, and
+    `logging.basicConfig` does nothing there. Started as `python -m resd.cli`, the way
+    `resd compare` starts each of its runs, it catches that entry point doing nothing."""
+    (tmp_path / "chatty_env.py").write_text(
+        "import logging\nfrom resd.envs.arithmetic import ArithmeticEnv\n\n"
+        "class Chatty(ArithmeticEnv):\n    def __init__(self, **kw):\n"
+        "        logging.getLogger('chatty').info('loading the items')\n"
+        "        super().__init__(**kw)\n"
+    )
+    command = [sys.executable, "-m", "resd.cli", "-v", "env-check", "chatty_env:Chatty", "n_train=1",
+               "n_test=1", "--samples", "0"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "INFO chatty: loading the items" in done.stderr
+
+
+def test_the_summary_a_run_ends_with(capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches `resd train`'s closing summary leaving out a metric, its before/after values,
+    k and the item count, or the playbook's path, and showing a table for a run that made
+    no evaluation (an environment without test items): the trainer sets both or neither."""
+    before = {"task_mean@k": 0.25, "task_best@k": 0.5, "case_mean@k": 0.375, "case_best@k": 0.625,
+              "k": 4.0, "items": 8.0}  # fmt: skip
+    after = {**{key: value + 0.125 for key, value in before.items()}, "k": 4.0, "items": 8.0}
+    _print_summary({"run_dir": "runs/x", "steps": 40, "eval_before": before, "eval_after": after})
+    assert capsys.readouterr().out.splitlines() == [
+        "",
+        "run directory: runs/x  (40 steps)",
+        "metric           before    after",
+        "task_mean@k       0.250    0.375",
+        "task_best@k       0.500    0.625",
+        "case_mean@k       0.375    0.500",
+        "case_best@k       0.625    0.750",
+        "(k = 4 samples per item, 8 test items)",
+        "playbook: runs/x/playbook.md",
+    ]
+    _print_summary({"run_dir": "runs/x", "steps": 40})
+    assert capsys.readouterr().out.splitlines() == [
+        "",
+        "run directory: runs/x  (40 steps)",
+        "playbook: runs/x/playbook.md",
+    ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["train", "envs", "env-check", "eval", "compare", "merge", "continual", "report", "serve"],
+)
+def test_every_subcommand_is_offered(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches a subcommand left unregistered (`resd report` was, under a mutant, and no
+    test noticed: the report's own tests build a parser of their own)."""
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: resd {command} ")
