@@ -299,7 +299,7 @@ def test_min_new_tokens_keeps_eos_out_for_equal_work(tiny_model_dir):
 def test_prefix_cache_reuses_a_rollout_and_changes_nothing(tiny):
     """Conversation-layout prompts that extend kept rollouts decode exactly as a full
     prefill would, in mixed batches (hits of different lengths beside a miss)."""
-    from resd.generation.hf import PrefixCache, chat_ids_after
+    from resd.generation.hf import PrefixCache, chat_ids_after, shared_prefix
 
     model, tok = tiny
     tasks = [[{"role": "user", "content": "x " * n}] for n in (2, 9, 5)]
@@ -325,7 +325,9 @@ def test_prefix_cache_reuses_a_rollout_and_changes_nothing(tiny):
     assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
     # a rollout that ran to its budget has its last token unfed: that one is prefilled
     expected = [len(h) if g.finished else len(h) - 1 for h, g in zip(heads, rollouts, strict=True)]
-    assert [g.cached_tokens for g in cached] == [*expected, 0]
+    # the unrelated prompt shares only the chat template's opening with the rollouts
+    opening = max(shared_prefix(tokens, followups[-1]) for tokens, _ in cache.entries)
+    assert [g.cached_tokens for g in cached] == [*expected, opening] and 0 < opening < 8
     assert all(g.cached_tokens == 0 for g in plain)
 
     # the reused keys are really read: spoil them and the replies change
@@ -342,6 +344,53 @@ def test_prefix_cache_reuses_a_rollout_and_changes_nothing(tiny):
                      batch_size=3, prefix_cache=cache)  # fmt: skip
     assert [g.token_ids for g in again] == [g.token_ids for g in plain[:3]]
     assert all(g.cached_tokens == 0 for g in again)
+
+
+def test_a_conversation_whose_template_rewrites_the_reply_still_reuses_the_rollouts_prompt(
+    tiny,
+) -> None:
+    """Where the rendered conversation does not begin with the rollout's tokens (the
+    template rewrites the attempt: Llama 3 trims it, Qwen3 drops its reasoning), the keys
+    and values of the part they share are still reused, and the replies are a full
+    prefill's. Bug: the cache matched only a whole kept sequence, so such a prompt
+    prefilled the rollout's prompt again, thousands of tokens on a long task."""
+    from resd.generation.hf import PrefixCache
+
+    model, tok = tiny
+    tasks = [[{"role": "user", "content": "x " * n}] for n in (3, 7)]
+    prompts = [chat_prompt_ids(tok, t) for t in tasks]
+    cache = PrefixCache()
+    rollouts = generate(model, tok, prompts, max_new_tokens=8, temperature=0.0, batch_size=2,
+                        prefix_cache=cache, keep_prefixes=True)  # fmt: skip
+    rewritten = [
+        [*task, {"role": "assistant", "content": "Rewritten: " + gen.text},
+         {"role": "user", "content": "why?"}]
+        for task, gen in zip(tasks, rollouts, strict=True)
+    ]  # fmt: skip
+    followups = [chat_prompt_ids(tok, conversation) for conversation in rewritten]
+    greedy = {"max_new_tokens": 10, "temperature": 0.0, "batch_size": 1}  # no padding's rounding
+    cached = generate(model, tok, followups, prefix_cache=cache, **greedy)
+    plain = generate(model, tok, followups, **greedy)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
+    for prompt, followup, gen in zip(prompts, followups, cached, strict=True):
+        assert followup[: len(prompt)] == prompt  # the rollout's prompt, then the rewrite
+        assert len(prompt) <= gen.cached_tokens < len(prompt) + 3
+
+
+def test_shared_prefix_counts_the_tokens_two_sequences_begin_with() -> None:
+    """The bisection agrees with a token-by-token count, at every place two sequences can
+    first differ, and where one ends inside the other."""
+    import random
+
+    from resd.generation.hf import shared_prefix
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(6))]
+        pairs = enumerate(zip(a, b, strict=False))
+        naive = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+        assert shared_prefix(a, b) == shared_prefix(b, a) == naive
 
 
 def test_chat_ids_after_falls_back_when_the_template_rewrites_the_reply(tiny):
@@ -894,7 +943,7 @@ def test_prefix_cache_keeps_replies_cut_at_eos_in_small_batches(tiny, monkeypatc
     """Rollouts in batches smaller than the call, some stopping at EOS before the budget
     (their cache rows then hold padding after the reply): one entry per rollout, holding
     only the prompt and reply, and the follow-ups decode as a full prefill would. A prompt
-    equal to a kept sequence is prefilled in full (its last token's logits are needed)."""
+    equal to a kept sequence has its last token prefilled (its logits are needed)."""
     from resd.generation.hf import PrefixCache, chat_ids_after
 
     model, tok = tiny
@@ -924,4 +973,4 @@ def test_prefix_cache_keeps_replies_cut_at_eos_in_small_batches(tiny, monkeypatc
     assert [g.token_ids for g in again] == [
         g.token_ids for g in generate(model, tok, kept, max_new_tokens=4, temperature=0.0)
     ]
-    assert all(g.cached_tokens == 0 for g in again)
+    assert [g.cached_tokens for g in again] == [len(tokens) - 1 for tokens in kept]

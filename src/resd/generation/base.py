@@ -79,7 +79,7 @@ class Sampler(Protocol):
         prompt and seed; `json_schemas` constrain rows to JSON (structured output);
         `return_logprobs` fills `Generation.logprobs` with the sampler's own;
         `min_new_tokens` keeps EOS out of the first that many tokens; `keep_prefixes`
-        keeps each prompt + reply for later prompts that extend it (a prefix cache; vLLM
+        keeps each prompt + reply for later prompts that begin as it does (a prefix cache; vLLM
         caches prefixes by itself and ignores it)."""
         ...
 

@@ -188,10 +188,11 @@ def chat_ids_after(
 
     A conversation that continues a rollout (its prompt, then its reply as the assistant's
     turn) renders to the rollout's text followed by more; re-tokenizing the whole text
-    could split the reply differently from how it was sampled, and then no cached prefix
-    would match. So the head keeps the sampled tokens and only the rest is tokenized. When
-    the template rewrites the head (it strips or reformats the reply), the whole text is
-    tokenized as usual.
+    could split the reply differently from how it was sampled, and then the cached prefix
+    would end where the split differs. So the head keeps the sampled tokens and only the
+    rest is tokenized. When the template rewrites the head (it strips or reformats the
+    reply), the whole text is tokenized as usual, and the cache still covers the part
+    before the rewrite.
     """
     text = render_chat(tokenizer, messages)
     head_text = tokenizer.decode(
@@ -263,7 +264,7 @@ def left_pad(
 
 class PrefixCache:
     """Keys and values of recent sequences (a prompt and its reply), so that a later prompt
-    which extends one skips that part of its prefill.
+    which begins as one does skips that part of its prefill.
 
     RESD's reflection prompt can be laid out as the rollout's own conversation continued
     (`reflection_layout: conversation`): the task, the attempt as the assistant's turn,
@@ -293,15 +294,36 @@ class PrefixCache:
     def lookup(
         self, prompt: list[int]
     ) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
-        """The longest kept sequence that `prompt` extends by at least one token: its length
-        and keys/values, or (0, None). The last prompt token is always prefilled, since
-        generation needs its logits."""
-        best: tuple[int, list | None] = (0, None)
+        """The longest beginning `prompt` shares with a kept sequence: its length and the
+        keys/values of those positions, or (0, None). A key depends only on the tokens up
+        to its own, so the shared part is reusable even where the two then differ: a chat
+        template that strips or rewrites the attempt (Qwen3 drops its reasoning, Llama 3
+        trims it) still leaves the rollout's whole prompt shared. The last prompt token is
+        always prefilled, since generation needs its logits."""
+        best, kept = 0, None
         for tokens, layers in self.entries:
-            n = len(tokens)
-            if best[0] < n < len(prompt) and prompt[:n] == tokens:
-                best = (n, layers)
-        return best
+            n = min(shared_prefix(tokens, prompt), len(prompt) - 1)
+            if n > best:
+                best, kept = n, layers
+        if kept is None:
+            return 0, None
+        return best, [(key[:, :best], value[:, :best]) for key, value in kept]
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens `a` and `b` begin with in common (list slices compare in C, so a
+    bisection beats a token-by-token loop on prompts of thousands of tokens)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    same, differs = 0, n  # a[:same] == b[:same], a[:differs] != b[:differs]
+    while differs - same > 1:
+        mid = (same + differs) // 2
+        if a[:mid] == b[:mid]:
+            same = mid
+        else:
+            differs = mid
+    return same
 
 
 def _kept_layers(cache: object) -> list[DynamicLayer] | None:
@@ -345,7 +367,7 @@ def _with_prefixes(
     pad_id: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
-    """Inputs and a primed KV cache for a batch where some rows extend a cached sequence.
+    """Inputs and a primed KV cache for a batch where some rows begin as a cached sequence does.
 
     Layout per row: [pad][cached part][pad][rest of the prompt]. The cached parts are
     right-aligned in the first `width` columns, so the cache is a rectangle; the gap in
@@ -459,8 +481,9 @@ def generate(
     EOS out of the first that many tokens (= `max_new_tokens`: every reply has the same
     length, the benchmarks' equal-work mode).
 
-    With a `prefix_cache` (dynamic KV cache only), a prompt that extends a kept sequence
-    starts from that sequence's keys and values (`Generation.cached_tokens` says how many);
+    With a `prefix_cache` (dynamic KV cache only), a prompt that begins as a kept sequence
+    does starts from the keys and values of that shared beginning
+    (`Generation.cached_tokens` says how many);
     `keep_prefixes` keeps this call's prompts and replies in it, replacing what it held.
     """
     if seeds is not None and len(seeds) != len(prompts):
@@ -492,7 +515,10 @@ def generate(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             rows = [prompts[i] for i in chunk]
-            hits = [prefix_cache.lookup(p) if prefix_cache is not None else (0, None) for p in rows]
+            # a keeping call starts from an empty cache: a hit there could only be one of its
+            # own earlier batches, and a primed batch is not kept
+            reads = prefix_cache is not None and not keep
+            hits = [prefix_cache.lookup(p) if reads else (0, None) for p in rows]
             primed = {}
             if any(n for n, _ in hits):
                 input_ids, attention_mask, cache = _with_prefixes(model, rows, hits, pad_id, device)
