@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from resd.generation.hf import PrefixCache, chat_ids_after, chat_prompt_ids, generate
+from resd.templating import strip_thinking
 from resd.training.reflection import reflection_followup
 
 ENVS = {  # the step profile's tasks: short prompts, and ~400-token manufactoria prompts
@@ -109,8 +110,14 @@ def measure(model, tok, env_name: str, args: argparse.Namespace) -> dict[str, An
     for item, prompt, gen in zip(items, prompts, gens, strict=True):
         reply = gen.content_ids
         feedback = env.score(item, gen.text).feedback
-        messages = reflection_followup(item.messages, gen.text, feedback, "")
+        # the attempt as the trainer shows it (`Rollout.response`: reasoning and outer
+        # whitespace removed), so a reply that is rewritten here is rewritten in training
+        messages = reflection_followup(item.messages, strip_thinking(gen.text), feedback, "")
         followups.append(chat_ids_after(tok, messages, prompt + reply, args.max_prompt_tokens))
+    # rows that begin with a whole kept sequence (the only hits before partial matches)
+    whole = sum(
+        any(len(t) < len(f) and f[: len(t)] == t for t, _ in cache.entries) for f in followups
+    )
     arms: dict[str, dict[str, list[float]]] = {"cached": {}, "prefill": {}}
     hits = []
     for budget in (1, args.new_tokens):
@@ -131,6 +138,7 @@ def measure(model, tok, env_name: str, args: argparse.Namespace) -> dict[str, An
         "rows": len(followups),
         "prompt_tokens_mean": prompt_tokens / len(followups),
         "hit_rate": sum(h > 0 for h in hits) / len(hits),
+        "whole_match_rate": whole / len(followups),
         "cached_tokens_mean": sum(hits) / len(hits),
         "cached_fraction": sum(hits) / prompt_tokens,
         "rollout_tokens_mean": statistics.mean(len(g.token_ids) for g in gens),
@@ -158,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(model, tok, env, args) for env in args.envs.split(",")]
     write_rows(args.out, args, rows)
     n = args.new_tokens
-    print(f"{'env':13s} {'prompt':>6s} {'hits':>5s} {'cached':>6s} {'prefill s':>9s} "
+    print(f"{'env':13s} {'prompt':>6s} {'hits':>5s} {'whole':>5s} {'cached':>6s} {'prefill s':>9s} "
           f"{'cached s':>8s} {f'{n} tok s':>9s} {'cached s':>8s} {'saving':>6s} {'keep s':>6s} {'plain s':>7s}")  # fmt: skip
     for r in rows:
         pre, cac = r["reflect_s"]["prefill"], r["reflect_s"]["cached"]
         saving = 1 - cac[str(n)] / pre[str(n)]
-        print(f"{r['env']:13s} {r['prompt_tokens_mean']:6.0f} {r['hit_rate']:5.2f} "
+        print(f"{r['env']:13s} {r['prompt_tokens_mean']:6.0f} {r['hit_rate']:5.2f} {r['whole_match_rate']:5.2f} "
               f"{r['cached_tokens_mean']:6.0f} {pre['1']:9.2f} {cac['1']:8.2f} {pre[str(n)]:9.2f} "
               f"{cac[str(n)]:8.2f} {saving:6.1%} {r['rollout_s']['keep']:6.2f} {r['rollout_s']['plain']:7.2f}")  # fmt: skip
     return 0

@@ -267,6 +267,7 @@ def test_prefix_cache_benchmark_smoke(tmp_path):
     row, last_line = _house_rules_smoke("prefix_cache", tmp_path / "prefix_cache.json")
     assert row["env"] == "house_rules" and row["rows"] == 3
     assert row["hit_rate"] == 1.0 and row["cached_tokens_mean"] > 0
+    assert 0 <= row["whole_match_rate"] <= row["hit_rate"]  # a whole match is a hit
     assert row["reflect_s"]["cached"]["1"] > 0 and row["reflect_s"]["prefill"]["4"] > 0
     assert last_line.startswith("house_rules")
 
