@@ -60,6 +60,21 @@ class InterruptedEnv(GradedEnv):
         raise KeyboardInterrupt
 
 
+class LateInterruptedEnv(GradedEnv):
+    """Ctrl-C pressed while a class is defined (a module imported late): Python 3.11 reports
+    the KeyboardInterrupt as the cause of a RuntimeError ("Error calling __set_name__")."""
+
+    def __init__(self) -> None:
+        class Interrupts:
+            def __set_name__(self, owner: type, name: str) -> None:
+                raise KeyboardInterrupt
+
+        try:
+            type("Late", (), {"field": Interrupts()})  # 3.11 raises the RuntimeError itself
+        except KeyboardInterrupt as exc:  # 3.12+ lets it through: wrap it as a library would
+            raise RuntimeError("interrupted while importing") from exc
+
+
 def test_help_config_lists_every_key_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
     """Catches `resd train --help-config` printing nothing, a key without its default, a
     default taken from the wrong place (the factory of a key that has a plain default) or
@@ -141,6 +156,23 @@ def test_ctrl_c_ends_a_command_with_a_line_and_exit_code_130(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("\nresd: interrupted (`resd train ... --resume` continues")
+
+
+def test_ctrl_c_wrapped_in_another_exception_still_ends_with_exit_code_130(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Catches a Ctrl-C that lands inside a late import (the first checkpoint imports
+    torch.distributed's) ending the run with a traceback and exit 1: Python wraps it in a
+    RuntimeError. An error with no Ctrl-C behind it is still an error."""
+    assert main(["env-check", "test_cli:LateInterruptedEnv"]) == 130
+    assert capsys.readouterr().err.startswith("\nresd: interrupted")
+    assert main(["env-check", "test_cli:BrokenEnv"]) == 2
+    assert "could not be built: RuntimeError: boom" in capsys.readouterr().err
+
+
+class BrokenEnv(GradedEnv):
+    def __init__(self) -> None:
+        raise RuntimeError("boom")
 
 
 def test_the_progress_bar_of_transformers_is_off_unless_verbose() -> None:
