@@ -182,27 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # keep our own progress bar readable
     try:
         return args.fn(args)
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; nothing past the last checkpoint is lost
-        return _interrupted()
-    except Exception as exc:
-        if _caused_by_ctrl_c(exc):  # a Ctrl-C that something wrapped is still a Ctrl-C
-            return _interrupted()
+    except (KeyboardInterrupt, Exception) as exc:
+        if _caused_by_ctrl_c(exc):  # no traceback; nothing past the last checkpoint is lost
+            print("\nresd: interrupted (`resd train ... --resume` continues a run from its "
+                  "last checkpoint)", file=sys.stderr)  # fmt: skip
+            return 130
         if not isinstance(exc, (ConfigError, ValueError, FileExistsError, FileNotFoundError)):
             raise
         print(f"resd: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _interrupted() -> int:
-    print("\nresd: interrupted (`resd train ... --resume` continues a run from its last "
-          "checkpoint)", file=sys.stderr)  # fmt: skip
-    return 130
-
-
 def _caused_by_ctrl_c(exc: BaseException) -> bool:
-    """Whether a Ctrl-C lies behind `exc`. Python and libraries can wrap it: on 3.11 one
-    that lands while a dataclass is being defined (a module imported late, as the first
-    checkpoint imports torch.distributed's) surfaces as a RuntimeError it caused."""
+    """Whether `exc` is a Ctrl-C or one lies behind it. Python and libraries can wrap it:
+    on 3.11 one that lands while a dataclass is being defined (a module imported late, as
+    the first checkpoint imports torch.distributed's) surfaces as a RuntimeError it caused."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):

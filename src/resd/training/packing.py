@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from resd.generation.hf import shared_prefix
+
 # Attention implementations that read a 4-D mask, and how: sdpa takes a boolean mask
 # (True = attend), eager adds the mask to its scores.
 _BOOLEAN_MASK = ("sdpa", "resd_packed_sdpa")
@@ -35,10 +37,7 @@ def common_prefix(sequences: list[list[int]]) -> int:
     """The number of leading tokens that every sequence shares."""
     first, n = sequences[0], min(len(s) for s in sequences)
     for seq in sequences[1:]:
-        i = 0
-        while i < n and seq[i] == first[i]:
-            i += 1
-        n = i
+        n = shared_prefix(first[:n], seq)
     return n
 
 
