@@ -680,3 +680,341 @@ def test_forged_and_setup_failures_are_reported_not_raised(tmp_path):
     assert score.reward == 0.0 and "failed: AssertionError: off at 0" in score.feedback
     setup = env.score(items["broken"], fenced("def f(x):\n    return x"))
     assert setup.reward == 0.0 and "Error while the test setup" in setup.feedback
+
+
+# -- gaps found by mutation testing --------------------------------------------------------
+
+
+def test_a_truth_assert_cannot_be_passed_by_an_object_that_says_true(tmp_path):
+    # `assert f(x)` is judged here on the shipped value: an object whose `__bool__` says
+    # yes crosses back as an opaque repr and fails. Catches truth asserts sent back to
+    # the sandbox for a verdict the program controls.
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": "f", "prompt": "f", "entry_point": "f", "tests": "assert f(0)\nassert not f(1)"}],
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    (item,) = env.train_items() + env.test_items()
+    assert env.score(item, fenced("def f(x):\n    return x == 0")).reward == 1.0
+    liar = "class Yes:\n    def __bool__(self):\n        return True\n\n"
+    liar += "class No:\n    def __bool__(self):\n        return False\n\n"
+    score = env.score(item, fenced(liar + "def f(x):\n    return No() if x else Yes()"))
+    assert (score.reward, score.score) == (0.0, 0.0), score.feedback
+
+
+def test_a_forged_result_with_the_wrong_number_of_values_is_an_error(assert_items):
+    # The harness ships one value per non-literal operand; a replaced runner that ships
+    # none must fail the case with a clear error, not pass it or crash `score`.
+    env, items = assert_items
+    forged = (
+        "import __main__\n"
+        "def fake(*args):\n"
+        "    return {'status': 'ok', 'passed': True, 'values': []}\n"
+        "__main__.run_eval_case = fake\n"
+        "def add(a, b):\n"
+        "    return a + b\n"
+    )
+    score = env.score(items["plain"], fenced(forged))
+    assert (score.reward, score.score) == (0.0, 0.0)
+    assert "Test 1: assert add(1, 2) == 3\n  raised malformed result" in score.feedback
+    outcomes, _ = env.run_tests(extract_code(fenced(forged)), items["plain"].meta)
+    assert [o["status"] for o in outcomes] == ["error", "error"]
+
+
+def test_run_tests_reports_each_cases_status(tmp_path):
+    # `run_tests` is what callers read for per-case results; catches "passed"/"failed"
+    # swapped or blanked, for asserts judged here and for call cases.
+    tests = "assert f(1) == 1\nassert f(2) == 3\nassert f(0)\nassert f(3) > 2"
+    calls = [{"args": [1], "expected": 1}, {"args": [2], "expected": 3}]
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "a", "prompt": "f", "entry_point": "f", "tests": tests},
+            {"id": "c", "prompt": "f", "entry_point": "f", "tests": calls},
+        ],
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    items = {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+    outcomes, result = env.run_tests("def f(x):\n    return x\n", items["a"].meta)
+    assert [(o["passed"], o["status"]) for o in outcomes] == [
+        (True, "passed"),
+        (False, "failed"),
+        (False, "failed"),
+        (True, "passed"),
+    ]
+    assert all(isinstance(o["time_s"], float) and o["time_s"] >= 0 for o in outcomes)
+    assert result.ok
+    outcomes, _ = env.run_tests("def f(x):\n    return x\n", items["c"].meta)
+    assert [(o["passed"], o["status"], o["got"]) for o in outcomes] == [
+        (True, "passed", 1),
+        (False, "failed", 2),
+    ]
+
+
+def test_a_result_line_with_a_guessed_marker_of_the_right_length_is_ignored(tmp_path):
+    # Result lines must carry the exact random marker; catches lines that are only
+    # sliced at the marker's length. A multi-line assert case trusts the harness's
+    # "passed", so a forged line accepted here would pass it.
+    tests = "for x in range(2):\n    assert f(x) == x + 1"
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    (item,) = env.train_items() + env.test_items()
+    guesses = ["@@resd-case-" + "0" * 16 + "@@", "@@resd-case-@@"]  # a nonce is needed
+    forged = (
+        "import json, os, sys\n"
+        f"for mark in {guesses!r}:\n"
+        "    for rec in ({'stage': 'start', 'i': 0}, {'i': 0, 'status': 'ok', 'passed': True}):\n"
+        "        sys.__stdout__.write(mark + ' ' + json.dumps(rec) + '\\n')\n"
+        "sys.__stdout__.flush()\n"
+        "os._exit(0)\n"
+    )
+    score = env.score(item, fenced(forged))
+    assert (score.reward, score.score) == (0.0, 0.0), score.feedback
+
+
+def test_tests_past_the_total_time_budget_are_not_run_and_say_why(tmp_path):
+    # Each case is within its own limit, but together they use up `timeout_s`: the
+    # remaining ones are reported as not run because of the budget (catches that
+    # branch crashing or blamed on the program).
+    tests = [{"args": [k], "expected": k} for k in range(8)]
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=1, case_timeout_s=1)
+    (item,) = env.train_items() + env.test_items()
+    slow = "import time\ndef f(x):\n    time.sleep(0.3)\n    return x"
+    score = env.score(item, fenced(slow))
+    assert 0.0 < score.score < 1.0, score.feedback
+    assert "were not run: the time budget of 1 s for all tests was used up" in score.feedback
+
+
+def test_a_program_that_exits_while_loading_runs_no_test_and_shows_its_stderr(env, two_sum):
+    # Catches the first test blamed for an exit before any test started, and stderr
+    # left out (or a dangling ":" added when there is none); stderr is cut to its end.
+    code = "import os\nos.write(2, b'x' * 700 + b'bye')\nos._exit(3)"
+    score = env.score(two_sum, fenced(code))
+    assert (score.reward, score.score) == (0.0, 0.0)
+    head = "Passed 0/5 tests.\nTests 1, 2, 3, 4, 5 were not run: the program ended "
+    assert score.feedback == head + "(exited with status 3) before reaching them:\n" + (
+        "x" * 597 + "bye"
+    )
+    quiet = env.score(two_sum, fenced("import os\nos._exit(3)"))
+    assert quiet.feedback == head + "(exited with status 3) before reaching them"
+
+
+def test_feedback_details_at_most_max_feedback_cases_with_indented_tracebacks(env, two_sum):
+    # Catches one case too many detailed, and tracebacks not indented under their test.
+    code = "def two_sum(nums, target):\n    return nums[99]"
+    fb = env.score(two_sum, fenced(code)).feedback
+    assert "Test 3:" in fb and "Test 4:" not in fb and "... and 2 more failing tests." in fb
+    assert "  raised IndexError: list index out of range\n    Traceback" in fb
+    assert '\n      File "solution.py", line 2, in two_sum\n' in fb
+    assert "memory limit" not in fb  # only a MemoryError mentions the memory limit
+    # exactly as many failing tests as are detailed: no "... and 0 more"
+    fb = env.score(two_sum, fenced("def two_sum(nums, target):\n    return [0, 1]")).feedback
+    assert fb.count("\nTest ") == 3 and "more failing" not in fb
+
+
+def test_a_missing_entry_point_lists_what_was_defined(env, two_sum):
+    # Catches the defined names run together, or "none" lost when nothing was defined.
+    both = "def helper():\n    pass\n\ndef twosum(nums, target):\n    return [0, 1]"
+    fb = env.score(two_sum, fenced(both)).feedback
+    assert "(functions defined: helper, twosum)." in fb
+    fb = env.score(two_sum, fenced("x = 1")).feedback
+    assert "does not define a function named `two_sum` (functions defined: none)." in fb
+
+
+def test_assert_tests_keep_every_setup_statement(tmp_path):
+    # Statements around the asserts (imports, helpers; top-level ones next to a
+    # HumanEval `check`) run before the cases, in order and each on its own line.
+    flat = "import math\nimport json\nassert f(2) == math.sqrt(4)\n"
+    flat += "assert f(3) == len(json.dumps([1]))"
+    check = (
+        "import math\nSCALE = 2\n\ndef check(candidate):\n"
+        "    assert math.isclose(candidate(2), 2 * SCALE / 2)\n\ncheck(f)\n"
+    )
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "flat", "prompt": "f", "entry_point": "f", "tests": flat},
+            {"id": "check", "prompt": "f", "entry_point": "f", "tests": check},
+        ],
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    items = {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+    assert items["flat"].meta["prologue"] == "import math\nimport json"
+    assert items["check"].meta["prologue"] == "import math\nSCALE = 2\ncandidate = __resd_entry__"
+    for name, item in items.items():
+        score = env.score(item, fenced("def f(x):\n    return float(x)"))
+        assert score.reward == 1.0, (name, score.feedback)
+        assert env.score(item, fenced("def f(x):\n    return x + 1")).reward == 0.0, name
+
+
+def test_a_bad_tests_field_in_a_file_names_its_row(tmp_path):
+    # Catches the error of an unusable "tests" value losing the file and line it is on.
+    good = {"prompt": "p", "entry_point": "f", "tests": [{"args": [], "expected": 1}]}
+    bad = {"prompt": "p", "entry_point": "f", "tests": "x = 1"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, bad])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: tests: the assert code contains no"):
+        load_problems(path)
+
+
+def test_a_single_case_not_wrapped_in_a_list_is_refused_as_such():
+    # A dict (one case without its list) or an empty list gets the message about the
+    # list, not one about assert code (catches the two checks joined with `and`).
+    with pytest.raises(ValueError, match="non-empty list"):
+        normalize_tests({"args": [1], "expected": 2})
+    with pytest.raises(ValueError, match="non-empty list"):
+        normalize_tests([])
+
+
+@pytest.mark.parametrize("case", [{"args": 5}, {"args": "ab"}, {"args": [], "kwargs": [1]}])
+def test_call_cases_need_a_list_of_args_and_a_dict_of_kwargs(case):
+    # Catches either check dropped (then a string's letters became the arguments).
+    with pytest.raises(ValueError, match="'args' must be a list and 'kwargs' a dict"):
+        normalize_tests([{**case, "expected": 1}])
+
+
+def test_problems_without_an_id_are_named_by_their_line(tmp_path):
+    # Catches JSON-lines problems named by row number (blank and comment lines shift it).
+    rec = {"prompt": "p", "entry_point": "f", "tests": [{"args": [], "expected": 1}]}
+    path = tmp_path / "p.jsonl"
+    path.write_text("# two problems\n\n" + json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
+    assert [p["name"] for p in load_problems(path)] == ["line3", "line4"]
+    path.write_text(json.dumps({**rec, "name": "named"}) + "\n")
+    assert [p["name"] for p in load_problems(path)] == ["named"]  # "name" stands for "id"
+
+
+def test_a_files_difficulties_are_kept_and_filter_its_problems(tmp_path):
+    # Catches the "difficulty" column dropped: `difficulty=` must work for files too.
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": k, "difficulty": d, "prompt": "p", "entry_point": "f", "tests": "assert f()"}
+            for k, d in (("a", "easy"), ("b", "hard"), ("c", "easy"))
+        ],
+    )
+    env = CodeEnv(path=path, difficulty="easy", test_fraction=0.0)
+    items = env.train_items() + env.test_items()
+    assert sorted((it.id, it.meta["difficulty"]) for it in items) == [
+        ("code/a", "easy"),
+        ("code/c", "easy"),
+    ]
+
+
+def test_long_values_in_feedback_are_cut_to_300_characters_with_their_length(env, two_sum):
+    # Catches the cut one character off, so a capped value is longer than its limit.
+    fb = env.score(two_sum, fenced("def two_sum(nums, target):\n    return 'x' * 500")).feedback
+    got = next(line for line in fb.splitlines() if line.startswith("  got:"))
+    shown = got[len("  got:      ") :]
+    assert len(shown) == 300 and shown.endswith("... (502 chars)")
+    fb = env.score(two_sum, fenced("def two_sum(nums, target):\n    return 'x' * 298")).feedback
+    assert f"  got:      '{'x' * 298}'\n" in fb + "\n"  # exactly 300: shown whole
+
+
+def test_documented_limits_and_defaults():
+    # The memory floor is 64 MB inclusive; a test case gets a quarter of the budget
+    # unless told otherwise; the default budget is 5 s.
+    assert CodeEnv(memory_mb=64, difficulty="easy").memory_mb == 64
+    with pytest.raises(ValueError, match="memory_mb"):
+        CodeEnv(memory_mb=63)
+    env = CodeEnv(difficulty="easy")
+    assert (env.timeout_s, env.case_timeout_s) == (5.0, 1.25)
+    assert (env.max_feedback_cases, env.max_feedback_chars, env.memory_mb) == (3, 2500, 512)
+    # a budget of 0 is refused even when the per-case limit is usable
+    with pytest.raises(ValueError, match=r"env_args\.timeout_s must be > 0"):
+        CodeEnv(timeout_s=0, case_timeout_s=1)
+    assert CodeEnv(timeout_s=2, case_timeout_s=1.5, difficulty="easy").case_timeout_s == 1.5
+    # the default split is the one of seed 0
+    assert [i.id for i in CodeEnv().test_items()] == [i.id for i in CodeEnv(seed=0).test_items()]
+    assert [i.id for i in CodeEnv().test_items()] != [i.id for i in CodeEnv(seed=1).test_items()]
+
+
+def test_not_run_tests_are_listed_up_to_twenty(tmp_path):
+    # Exactly 20 not-run tests are all listed; from 21 on, 20 are listed and " ...".
+    # Keyword arguments are part of each test's call text.
+    for n_cases, more in ((21, ""), (22, " ...")):
+        tests = [{"args": [k], "kwargs": {"flag": True}, "expected": k} for k in range(n_cases)]
+        path = write_jsonl(
+            tmp_path / f"p{n_cases}.jsonl",
+            [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}],
+        )
+        env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+        (item,) = env.train_items() + env.test_items()
+        score = env.score(item, fenced("import os\ndef f(x, flag):\n    os._exit(3)"))
+        numbers = ", ".join(str(k) for k in range(2, 22))
+        assert f"Tests {numbers}{more} were not run:" in score.feedback
+        assert "Test 1: f(0, flag=True)\n  the program ended" in score.feedback
+        assert "\nTest 2:" not in score.feedback  # not-run tests are listed, not detailed
+
+
+def test_extracted_code_loses_surrounding_blank_lines_only():
+    # Catches blank lines around the block kept (or inner newlines lost).
+    assert extract_code("```python\n\n\nx = 1\n\ny = 2\n\n```") == "x = 1\n\ny = 2\n"
+
+
+def test_feedback_at_its_cap_is_kept_whole(env, two_sum):
+    # Feedback exactly as long as `max_feedback_chars` is not truncated; one more is.
+    answer = fenced("def two_sum(nums, target):\n    return [0, 1]")
+    full = env.score(two_sum, answer).feedback
+    at_cap = CodeEnv(timeout_s=2, max_feedback_chars=len(full), difficulty="easy")
+    assert at_cap.score(two_sum, answer).feedback == full
+    below = CodeEnv(timeout_s=2, max_feedback_chars=len(full) - 1, difficulty="easy")
+    assert below.score(two_sum, answer).feedback.endswith("\n... (truncated)")
+
+
+def test_a_file_without_problems_is_refused(tmp_path):
+    # Catches an empty problem list accepted (every later step would have nothing to do).
+    path = tmp_path / "empty.jsonl"
+    path.write_text("# nothing yet\n\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no problems found"):
+        load_problems(path)
+
+
+def test_assert_tests_may_be_a_list_of_strings():
+    # Each string is its own statement (catches the strings run together).
+    prologue, cases = normalize_tests(["import math", "assert f(1) == 1", "assert f(4) == 2"])
+    assert prologue == "import math"
+    assert cases == [{"assert": "assert f(1) == 1"}, {"assert": "assert f(4) == 2"}]
+
+
+def test_a_solution_column_is_the_items_reference(tmp_path):
+    # "solution" stands for "reference" (catches it ignored: no reference answer).
+    rec = {"prompt": "p", "entry_point": "f", "tests": [{"args": [], "expected": 1}]}
+    path = write_jsonl(tmp_path / "p.jsonl", [{**rec, "solution": "def f():\n    return 1\n"}])
+    env = CodeEnv(path=path, test_fraction=0.0)
+    (item,) = env.train_items() + env.test_items()
+    assert item.reference == "```python\ndef f():\n    return 1\n```"
+    assert env.score(item, item.reference).reward == 1.0
+
+
+def test_expected_values_of_call_cases_never_enter_the_sandbox(env, two_sum):
+    # The program sees the arguments only; catches "expected" shipped with the cases.
+    leak = "import __main__\ndef two_sum(nums, target):\n    print(__main__.CFG['cases'])\n"
+    fb = env.score(two_sum, fenced(leak + "    return [0, 1]")).feedback
+    printed = fb.split("printed: ", 1)[1].split("\n", 1)[0]
+    assert "'args'" in printed and "expected" not in printed
+
+
+def test_long_printed_output_is_cut_to_300_characters(env, two_sum):
+    # Catches the printed-output cap off by one, in a failing test and while loading.
+    noisy = "def two_sum(nums, target):\n    print('p' * 500)\n    return None"
+    for code in (noisy, "print('p' * 500)\nraise ValueError"):
+        fb = env.score(two_sum, fenced(code)).feedback
+        printed = next(ln for ln in fb.splitlines() if ln.startswith("  printed: "))
+        assert printed == "  printed: " + "p" * 285 + "... (500 chars)"
+
+
+def test_failed_assert_operands_are_cut_to_100_characters(tmp_path):
+    # Catches the operand cap in "AssertionError (a, b)" off by one.
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": "f", "prompt": "f", "entry_point": "f", "tests": "assert f(1) != 'y' * 200"}],
+    )
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
+    (item,) = env.train_items() + env.test_items()
+    fb = env.score(item, fenced("def f(x):\n    return 'y' * 200")).feedback
+    shown = "'" + "y" * 84 + "... (202 chars)"
+    assert f"  failed: AssertionError ({shown}, {shown})" in fb

@@ -7,6 +7,8 @@ Where bubblewrap works, every test runs twice, with and without its filesystem l
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import os
 import resource
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1410,3 +1413,169 @@ def test_kernel_filter_by_itself_refuses_each_dangerous_system_call(
             }
         )
     assert result == expected
+
+
+# -- gaps found by mutation testing ------------------------------------------------------
+
+
+@once
+def test_describe_names_each_way_a_run_can_end():
+    # Catches a wrong or missing phrase for signals, limits, exit statuses and timeouts,
+    # `ok` true for anything but a clean exit, and results that can be changed afterwards.
+    def result(returncode: int | None, timed_out: bool = False) -> SandboxResult:
+        return SandboxResult("", "", returncode, timed_out, False, 1.25, 1)
+
+    assert result(None, timed_out=True).describe() == "timed out (killed after 1.2 s)"
+    assert result(None).describe() == "did not finish"
+    assert result(0).describe() == "exited with status 0"
+    assert result(3).describe() == "exited with status 3"
+    assert result(-24).describe() == "killed by SIGXCPU (CPU time limit exceeded)"
+    assert result(-9).describe() == "killed by SIGKILL (likely a resource limit)"
+    assert result(-11).describe() == (
+        "killed by SIGSEGV (segmentation fault, possibly memory exhaustion)"
+    )
+    assert result(-25).describe() == "killed by SIGXFSZ (file size limit exceeded)"
+    assert result(-15).describe() == "killed by SIGTERM"
+    assert result(-200).describe() == "killed by signal 200"
+    assert result(0).ok
+    assert not result(0, timed_out=True).ok and not result(1).ok and not result(None).ok
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result(0).returncode = 1  # type: ignore[misc]
+
+
+def test_the_pipes_to_the_child_are_closed():
+    # Catches the parent's ends of stdout/stderr left to the garbage collector: thousands
+    # of runs would exhaust the trainer's file descriptors.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert run("print('hi')").ok
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
+def test_a_program_that_deletes_its_own_work_dir_does_not_break_the_run():
+    # The work dir is the program's to change; catches cleanup that raises when it is
+    # already gone (run_python must never raise for what the program does).
+    code = """
+    import os
+    here = os.getcwd()
+    for name in os.listdir(here):
+        os.remove(name)
+    os.rmdir(here)
+    print('gone')
+    """
+    result = run(code)
+    assert result.ok and result.stdout == "gone\n"
+
+
+def test_output_that_is_not_utf8_is_replaced_not_fatal():
+    # Catches a decoder that raises on bytes that are not UTF-8, in the head and the tail.
+    code = "import os\nos.write(1, b'a\\xffb')\nos.write(2, b'c\\xfed')\n"
+    result = run(code)
+    assert result.ok and (result.stdout, result.stderr) == ("a\ufffdb", "c\ufffdd")
+    capped = run("import os\nos.write(1, b'abcdefgh\\xffz')\n", max_output_bytes=8)
+    assert capped.stdout == "abcdef\n[... 2 bytes omitted ...]\n\ufffdz"
+
+
+def test_the_child_gets_a_utf8_locale_and_the_system_path():
+    # Catches the documented environment values blanked (not only the names present).
+    result = run("import json, os; print(json.dumps(dict(os.environ)))")
+    env = json.loads(result.stdout)
+    assert (env["LANG"], env["LC_ALL"]) == ("C.UTF-8", "C.UTF-8")
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+
+
+def test_the_default_output_cap_is_a_million_bytes():
+    # Catches the default of max_output_bytes changed.
+    fits = run("import sys\nsys.stdout.write('x' * 1_000_000)")
+    assert fits.ok and not fits.output_truncated and len(fits.stdout) == 1_000_000
+    over = run("import sys\nsys.stdout.write('x' * 1_000_001)")
+    assert over.output_truncated and "[... 1 bytes omitted ...]" in over.stdout
+
+
+def test_the_default_limits_are_the_documented_ones():
+    # Catches a changed default: 5 s (so 6 CPU seconds), 512 MiB, 16 MiB files, 64
+    # processes (each capped by a finite hard limit of ours, which the child cannot raise).
+    names = ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NPROC"]
+    code = (
+        "import json, resource\n"
+        f"print(json.dumps({{n: resource.getrlimit(getattr(resource, n)) for n in {names!r}}}))"
+    )
+    result = run_python(code, bwrap=DEFAULTS.get("bwrap", False))
+    assert result.ok, result.stderr
+
+    def expected(name: str, soft: int, hard: int) -> list[int]:
+        host_hard = resource.getrlimit(getattr(resource, name))[1]
+        if host_hard != resource.RLIM_INFINITY and host_hard >= 0:
+            hard = min(hard, host_hard)
+        return [min(soft, hard), hard]
+
+    assert json.loads(result.stdout) == {
+        "RLIMIT_CPU": expected("RLIMIT_CPU", 6, 7),
+        "RLIMIT_AS": expected("RLIMIT_AS", 512 * 2**20, 512 * 2**20),
+        "RLIMIT_FSIZE": expected("RLIMIT_FSIZE", 16 * 2**20, 16 * 2**20),
+        "RLIMIT_NPROC": expected("RLIMIT_NPROC", 64, 64),
+    }
+
+
+def test_extra_files_must_stay_inside_the_work_dir(tmp_path):
+    # Catches the name check dropped or weakened: an absolute or climbing name would
+    # write outside the work dir, "." or ".." would fail later with an unclear OSError.
+    outside = tmp_path / "outside.txt"
+    for name in (str(outside), "..", "../up", "a/../../up", ".", "a/.."):
+        with pytest.raises(ValueError, match="must be relative and inside the work dir"):
+            run("pass", files={name: "x"})
+    assert not outside.exists()
+
+
+def test_extra_files_may_go_in_subdirectories():
+    result = run("print(open('pkg/data.txt').read())", files={"pkg/./data.txt": "inside"})
+    assert result.ok and result.stdout == "inside\n"
+
+
+def test_output_between_the_head_and_the_cap_is_returned_whole():
+    # Catches a byte counted twice when a chunk fills the head and spills into the tail.
+    data = "".join(f"{i:03d}," for i in range(45))  # 180 distinct bytes; head 150, cap 200
+    result = run("import os\nos.write(1, input().encode())", stdin=data, max_output_bytes=200)
+    assert result.stdout == data and not result.output_truncated
+
+
+@once
+def test_no_warning_when_bwrap_is_simply_not_installed(tmp_path, monkeypatch, caplog):
+    # The warning is for a bwrap that is installed but unusable; catches it logged for
+    # every machine without bubblewrap.
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("PATH", str(tmp_path / "nowhere"))
+            with caplog.at_level("WARNING", logger="resd.envs.sandbox"):
+                status = bwrap_status(refresh=True)
+            assert not status.available and "not on PATH" in status.reason
+            assert caplog.records == []
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                status.available = True  # type: ignore[misc]  # the cached answer is shared
+    finally:
+        assert bwrap_status(refresh=True) == BWRAP  # leave the real answer cached
+
+
+def test_the_child_cannot_use_the_trainers_inheritable_descriptors():
+    # Catches descriptors of the host leaking into the child: one marked inheritable (as
+    # some libraries do) must not be writable from the sandbox.
+    read_end, write_end = os.pipe()
+    code = f"""
+    import os
+    try:
+        os.write({write_end}, b'leak')
+        print('wrote')
+    except OSError as exc:
+        print('refused', exc.errno)
+    """
+    try:
+        os.set_inheritable(write_end, True)
+        result = run(code)
+    finally:
+        os.close(write_end)
+    try:
+        assert result.stdout == "refused 9\n"  # EBADF: not open in the child
+        assert os.read(read_end, 10) == b""
+    finally:
+        os.close(read_end)
