@@ -13,6 +13,7 @@ from resd.analysis.continual import (
     build_plan,
     check_reused_output,
     forgetting,
+    format_table,
     load_plan,
     plan_record,
     summarize,
@@ -61,6 +62,21 @@ def test_metrics_without_earlier_tasks_or_numbers():
     no_forgetting = [[0.5, None], [0.9, 0.4]]
     assert forgetting(no_forgetting) == pytest.approx(-0.4)  # it got better: negative
     assert backward_transfer(no_forgetting) == pytest.approx(0.4)
+
+
+def test_a_task_missing_from_the_last_row_counts_in_neither_metric():
+    """A task with no final number (not evaluated after the last stage) is left out of
+    forgetting and BWT, not an error. Catches the `final is not None` / `acc[T][i] is
+    not None` checks dropped (None − x raised TypeError)."""
+    acc = [
+        [0.5, None, None],
+        [0.4, 0.8, None],
+        [None, 0.6, 0.9],  # task 0 was not evaluated after the last stage
+    ]
+    assert forgetting(acc) == pytest.approx(0.2)  # task 1 alone: 0.8 − 0.6
+    assert backward_transfer(acc) == pytest.approx(-0.2)
+    assert forgetting([[0.5, None], [None, 0.4]]) is None
+    assert backward_transfer([[0.5, None], [None, 0.4]]) is None
 
 
 # ---- config validation ----------------------------------------------------------------------
@@ -135,6 +151,199 @@ def test_summary_waits_for_every_stage_and_compares_heldout_with_before():
     assert metrics["backward_transfer"] == pytest.approx(-0.2)
     assert metrics["heldout_change"] == {"h": pytest.approx(0.2)}  # 0.7 now against 0.5 before
     assert result["metrics"]["task_mean@k"]["heldout_change"] == {"h": pytest.approx(0.1)}
+
+
+def test_the_printed_table_has_a_row_per_stage_and_the_heldout_after_a_bar():
+    """What `resd continual` prints at the end: the task columns, the held-out suites
+    after a bar, one line per evaluation row, the two metrics and each held-out change.
+    Catches a row, a bar, a metric line or a held-out line left out, and columns that
+    do not line up (a width or label of the wrong size)."""
+    plan = build_plan(
+        {"stages": [{"name": "a", "env": "arithmetic"}, {"name": "b", "env": "arithmetic"}],
+         "heldout": [{"name": "h", "env": "arithmetic"}, {"name": "g", "env": "arithmetic"}]}
+    )  # fmt: skip
+
+    def row(**acc: float) -> dict:
+        return {n: {"metrics": {"case_mean@k": v, "task_mean@k": v / 2}} for n, v in acc.items()}
+
+    rows = [row(a=0.2, h=0.5, g=0.1), row(a=0.8, h=0.4, g=0.3), row(a=0.6, b=0.9, h=0.7, g=0.05)]
+    assert format_table(summarize(plan, rows)).splitlines() == [
+        "accuracy = case_mean@k (rows: after each stage)",
+        "                   a          b |          h          g",
+        "before        0.2000          - |     0.5000     0.1000",
+        "stage-1-a     0.8000          - |     0.4000     0.3000",
+        "stage-2-b     0.6000     0.9000 |     0.7000     0.0500",
+        "forgetting: +0.2000",
+        "backward transfer: -0.2000",
+        "held-out h: +0.2000 from before to the last stage",
+        "held-out g: -0.0500 from before to the last stage",
+    ]
+    # One task, no held-out suite: no bar, and no metric to compute. A long name widens
+    # its column and the row labels.
+    long = "a-very-long-task-name"
+    plan = build_plan({"stages": [{"name": long, "env": "arithmetic"}]})
+    rows = [{long: {"metrics": {"case_mean@k": v, "task_mean@k": v}}} for v in (0.25, 0.5)]
+    assert format_table(summarize(plan, rows)).splitlines() == [
+        "accuracy = case_mean@k (rows: after each stage)",
+        f"{'':29s} {long}",
+        f"before{'':23s} {0.25:21.4f}",
+        f"stage-1-{long} {0.5:21.4f}",
+        "forgetting: n/a (one task)",
+        "backward transfer: n/a (one task)",
+    ]
+
+
+def test_a_one_stage_run_reports_its_heldout_change():
+    """With one stage there are two rows, before and after it: the held-out change is
+    their difference, and there is no earlier task to forget. Catches a change reported
+    only from a third row on (`len(rows) > 2`)."""
+    plan = build_plan(
+        {
+            "stages": [{"name": "a", "env": "arithmetic"}],
+            "heldout": [{"name": "h", "env": "arithmetic"}],
+        }
+    )
+    rows = [
+        {n: {"metrics": {"case_mean@k": v, "task_mean@k": v}} for n, v in row.items()}
+        for row in ({"a": 0.1, "h": 0.6}, {"a": 0.7, "h": 0.45})
+    ]
+    metrics = summarize(plan, rows)["metrics"]["case_mean@k"]
+    assert metrics["heldout_change"] == {"h": pytest.approx(-0.15)}
+    assert metrics["forgetting"] is None and metrics["backward_transfer"] is None
+
+
+def test_a_plan_leaves_the_callers_mapping_alone_and_checks_eval_all_tasks():
+    """build_plan takes a parsed YAML mapping that a caller may use again (a second plan
+    from the same mapping is the same plan), and `eval_all_tasks` must be a boolean.
+    Catches the mapping's `stages` / `eval_all_tasks` popped from the caller's own dict
+    and a non-boolean `eval_all_tasks` taken as true."""
+    config = {
+        "eval_all_tasks": True,
+        "stages": [{"name": "a", "env": "arithmetic"}, {"env": "arithmetic"}],
+    }
+    first, again = build_plan(config), build_plan(config)
+    assert config == {
+        "eval_all_tasks": True,
+        "stages": [{"name": "a", "env": "arithmetic"}, {"env": "arithmetic"}],
+    }
+    assert [s.name for s in again.stages] == [s.name for s in first.stages] == ["a", "arithmetic"]
+    assert again.eval_all_tasks and [s.name for s in again.row_suites(0)] == ["a", "arithmetic"]
+    assert plan_record(again)["eval_all_tasks"] is True  # recorded, so a re-run compares it
+    with pytest.raises(ConfigError, match=r"^eval_all_tasks: expected true/false, got 'yes'"):
+        build_plan({"stages": [{"env": "arithmetic"}], "eval_all_tasks": "yes"})
+
+
+def test_a_heldout_suite_without_env_or_with_env_args_not_a_mapping_is_refused():
+    """A held-out suite names its environment and gives `env_args` as a mapping; else the
+    config error names the field. Catches either check dropped (a KeyError, or a list
+    handed to the environment as its arguments)."""
+    stages = [{"env": "arithmetic"}]
+    with pytest.raises(ConfigError, match=r"^heldout\[0\]\.env: missing"):
+        build_plan({"stages": stages, "heldout": [{"name": "h"}]})
+    with pytest.raises(ConfigError, match=r"^heldout\[1\]\.env_args: expected a mapping"):
+        build_plan(
+            {
+                "stages": stages,
+                "heldout": [{"env": "arithmetic"}, {"env": "arithmetic", "env_args": [1]}],
+            }
+        )
+
+
+def test_bad_heldout_settings_and_an_unreadable_record_are_config_errors(tmp_path):
+    """A held-out suite's evaluation setting is checked like any config value and named
+    under `heldout[k]`; a `continual-config.yaml` that is not YAML is refused by name.
+    Catches either error swallowed (the suite then evaluated with the previous stage's
+    settings, or a NameError)."""
+    with pytest.raises(ConfigError, match=r"^heldout\[0\]\.eval_samples:"):
+        build_plan({"stages": [{"env": "arithmetic"}],
+                    "heldout": [{"env": "arithmetic", "eval_samples": "many"}]})  # fmt: skip
+    plan = build_plan({"output_dir": str(tmp_path), "stages": [{"env": "arithmetic"}]})
+    (tmp_path / "continual-config.yaml").write_text("stages: [unclosed\n")
+    with pytest.raises(
+        ConfigError, match=r"^output_dir: .*continual-config.yaml is not valid YAML"
+    ):
+        check_reused_output(plan, plan_record(plan))
+
+
+def test_a_heldout_suite_sets_every_evaluation_key_of_its_own():
+    """Each evaluation key a held-out suite may set reaches its settings, and only its
+    own: the stages keep the base's. Catches a key missing from the allowed set (refused
+    as unknown) or not passed on."""
+    plan = build_plan(
+        {"eval_samples": 2,
+         "stages": [{"env": "arithmetic"}],
+         "heldout": [{"name": "h", "env": "arithmetic", "eval_items": 3, "eval_samples": 5,
+                      "eval_temperature": 0.3, "eval_top_p": 0.5, "max_new_tokens": 40,
+                      "max_prompt_tokens": 70},
+                     {"name": "g", "env": "arithmetic", "env_args": {"n_test": 2},
+                      "eval_max_new_tokens": 20}]}
+    )  # fmt: skip
+    h, g = (s.settings for s in plan.heldout)
+    assert (h.items, h.samples, h.temperature, h.top_p) == (3, 5, 0.3, 0.5)
+    assert (h.max_new_tokens, h.max_prompt_tokens) == (40, 70)
+    assert g.max_new_tokens == 20 and g.samples == 2
+    assert plan.heldout[0].env_args == {} and plan.heldout[1].env_args == {"n_test": 2}
+    stage = plan.stages[0].suite.settings
+    assert stage.samples == 2 and (stage.temperature, stage.items) != (0.3, 3)
+
+
+def test_stages_must_be_a_list_of_mappings_and_the_command_needs_a_config(capsys):
+    """`stages` is required and holds mappings; `resd continual` without `--config` is a
+    usage error. Catches a missing `stages` read as an empty plan, stage entries that are
+    not mappings passed on (a ValueError), and `--config` made optional."""
+    for bad in ({}, {"stages": ["arithmetic"]}, {"stages": [{"env": "arithmetic"}, 3]}):
+        with pytest.raises(ConfigError, match=r"^stages: expected a non-empty list of mappings"):
+            build_plan(bad)
+    with pytest.raises(SystemExit) as exc:
+        main(["continual"])
+    assert exc.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+def test_a_stage_without_env_anywhere_is_warned_about_and_only_then(caplog):
+    """A stage trains on the default environment only when neither it nor the base config
+    names one: that alone is warned about. Catches the warning given when either names
+    an environment."""
+    build_plan({"stages": [{"env": "arithmetic"}]})
+    build_plan({"env": "arithmetic", "stages": [{"steps": 1}]})
+    assert "no env" not in caplog.text
+    build_plan({"stages": [{"env": "arithmetic"}, {"steps": 1}]})
+    assert "stages[1]: no env, here or in the base config" in caplog.text
+    # a stage without a name is named after its environment, not the base config's
+    assert build_plan({"stages": [{"env": "toy_envs:ParityEnv"}]}).stages[0].name == (
+        "toy_envs-ParityEnv"
+    )
+
+
+def test_the_record_holds_each_heldout_suite_and_a_refusal_names_three_differences(tmp_path):
+    """`continual-config.yaml` records every held-out suite by name, environment,
+    arguments and settings; a re-run refused for more than three differences names the
+    first three and counts the rest. Catches a suite recorded under the wrong keys, and
+    the rest counted at the wrong number of differences or joined without a separator."""
+    config = {"output_dir": str(tmp_path),
+              "stages": [{"env": "arithmetic", "steps": 1}],
+              "heldout": [{"name": "h", "env": "arithmetic", "env_args": {"n_test": 2}}]}  # fmt: skip
+    record = plan_record(build_plan(dict(config)))
+    (suite,) = record["heldout"]
+    assert sorted(suite) == ["env", "env_args", "name", "settings"]
+    assert (suite["name"], suite["env"], suite["env_args"]) == ("h", "arithmetic", {"n_test": 2})
+    (tmp_path / "continual-config.yaml").write_text(yaml.safe_dump(record))
+
+    def refusal(stage: dict, heldout: dict) -> str:
+        plan = build_plan({**config, "stages": [stage], "heldout": [heldout]})
+        with pytest.raises(ConfigError) as exc:
+            check_reused_output(plan, plan_record(plan))
+        return str(exc.value)
+
+    three = refusal(
+        {"env": "arithmetic", "steps": 2},
+        {"name": "g", "env": "arithmetic", "env_args": {"n_test": 3}},
+    )
+    assert three.count(" then, ") == 3 and "more" not in three
+    four = refusal({"env": "arithmetic", "steps": 2, "lr": 1e-4},
+                   {"name": "g", "env": "arithmetic", "env_args": {"n_test": 3}})  # fmt: skip
+    shown = four.split("other settings (", 1)[1].split("); re-running", 1)[0]
+    assert len(shown.split("; ")) == 4 and shown.endswith("; and 1 more")
+    assert shown.count(" then, ") == 3
 
 
 # ---- a 2-stage run with the tiny model ------------------------------------------------------
@@ -246,6 +455,52 @@ def test_a_lora_stage_hands_the_next_stage_a_merged_full_model(
     assert model == info["model_out"] == str(merged)
     assert is_adapter(out / "stage-1-parity" / "checkpoint-1") and not is_adapter(merged)
     assert load_model(model, device="cpu").config.num_hidden_layers == 2
+
+
+def test_a_stage_that_sets_its_own_playbook_does_not_carry_the_last_one_on(
+    tiny_model_dir, tmp_path, one_thread
+):
+    """`playbook_init` set on a stage (null: start empty) replaces the playbook the
+    previous stage handed on, and a stage interrupted after a checkpoint resumes from it.
+    Catches the stage's own setting ignored (the carried-on playbook, here a file that
+    does not exist, used instead) and the resume flag inverted."""
+    from resd.analysis.continual import train_stage
+
+    plan = build_plan(
+        {**PREFILLS, "model": str(tiny_model_dir), "output_dir": str(tmp_path / "cl"),
+         "batch_size": 2, "inner_updates": 1, "steps": 1, "max_new_tokens": 8,
+         "reflection_max_new_tokens": 8, "curation_max_new_tokens": 8, "warmup_steps": 0,
+         "progress": False, "generation_dtype": None,
+         "stages": [{"name": "fresh", "env": "toy_envs:ParityEnv", "playbook_init": None,
+                     "env_args": {"n_train": 2, "n_test": 1}}]}
+    )  # fmt: skip
+    carried = str(tmp_path / "missing-playbook.json")
+    _, playbook, info = train_stage(plan.stages[0], 1, plan, str(tiny_model_dir), carried)
+    assert info["playbook_in"] is None and info["config"]["playbook_init"] is None
+    assert (info["name"], info["env"]) == ("fresh", "toy_envs:ParityEnv")
+    assert playbook == str(tmp_path / "cl" / "stage-1-fresh" / "playbook.json")
+    # killed after its last checkpoint, before its summary: a re-run resumes the stage
+    # (a fresh start would refuse to overwrite the folder's files)
+    (tmp_path / "cl" / "stage-1-fresh" / "summary.json").unlink()
+    model, _, info = train_stage(plan.stages[0], 1, plan, str(tiny_model_dir), carried)
+    assert model == str(tmp_path / "cl" / "stage-1-fresh" / "checkpoint-1")
+    assert info["summary"]["steps"] == 1
+
+
+def test_a_row_already_evaluated_is_read_back_without_loading_the_model(tmp_path):
+    """A re-run reuses `evals/row-<k>.json`: with every suite of the row in it, nothing is
+    evaluated and no model is loaded (here the model does not exist). Catches the cache
+    looked for elsewhere or its suites evaluated again."""
+    from resd.analysis.continual import evaluate_row
+
+    plan = build_plan(
+        {"output_dir": str(tmp_path), "stages": [{"name": "a", "env": "arithmetic"}],
+         "heldout": [{"name": "h", "env": "arithmetic"}]}
+    )  # fmt: skip
+    cached = {n: {"metrics": {"case_mean@k": 0.5}, "per_item": {}} for n in ("a", "h")}
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "row-1.json").write_text(json.dumps(cached))
+    assert evaluate_row(plan, 1, str(tmp_path / "no-such-model")) == cached
 
 
 def test_load_plan_errors(tmp_path):

@@ -97,6 +97,8 @@ def make_update(
     lr: float = 0.0,
     teacher_kind: str = "base",
     after_step: Callable[[], None] = lambda: None,
+    parallel: Parallel | None = None,
+    with_reference: bool = False,
 ) -> tuple[Update, Bigram, Teacher]:
     student_table, teacher_table = tables()
     student = Bigram(student_table)
@@ -110,7 +112,11 @@ def make_update(
         "pg_scale_std=false", "micro_batch_size=2", f"lr={lr}", *overrides,
     ])  # fmt: skip
     optimizer = torch.optim.SGD(student.parameters(), lr=lr)
-    update = Update(cfg, student, optimizer, teacher, None, Parallel(), 0, lam,
+    reference = Teacher(student, "base") if with_reference else None
+    if reference is not None:  # the reference holds the teacher's table
+        with torch.no_grad():
+            reference.copy.table.copy_(teacher_table)
+    update = Update(cfg, student, optimizer, teacher, reference, parallel or Parallel(), 0, lam,
                     after_step=after_step, total_steps=4)  # fmt: skip
     return update, student, teacher
 
@@ -254,6 +260,18 @@ def test_full_mode_distils_over_the_whole_vocabulary() -> None:
     assert out["sd_loss"] == pytest.approx(total / 3, rel=1e-5)
 
 
+def test_a_topk_wider_than_the_vocabulary_distils_over_all_of_it() -> None:
+    """Top-k with the tail at k = 8 over a vocabulary of 5: every token is in the top k
+    and the tail is empty, so the loss is full mode's. Catches the top-k path taken with
+    a k the logits do not have."""
+    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(3)]
+    losses = []
+    for mode in (["distillation_mode=topk", "topk=8", "add_tail=true"], ["distillation_mode=full"]):
+        update, _, _ = make_update(*mode, "alpha=1.0", lam=1.0)
+        losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["sd_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[1] > 0
+
+
 def test_two_epochs_step_at_the_scheduled_rate_with_fresh_gradients() -> None:
     """Two optimizer passes over one batch, plain SGD, warm-up of 2 steps at lr 0.5: step 1
     runs at 0.25 (the optimizer was built at 0.5). The second pass weighs each token by
@@ -292,6 +310,81 @@ def test_two_epochs_step_at_the_scheduled_rate_with_fresh_gradients() -> None:
     advantage = sum((t - s).sum().item() for s, t in first) / 3
     assert out["teacher_advantage"] == pytest.approx(advantage, rel=1e-5)
     assert update.lr(1) == pytest.approx(0.25) and update.lr(2) == pytest.approx(0.5)
+
+
+def test_success_weighting_scales_each_distilled_row_by_its_rollouts_weight() -> None:
+    """`success_weighting`: one success in three (s = 1/3) weighs the success by 1 − s and
+    the failures by s, normalised to mean 1 (1.5 and 0.75 here), each distilled row's
+    tokens by its own rollout's weight. Catches the weights not computed from the
+    batch's rewards or applied to the wrong rows."""
+    update, _, _ = make_update("success_weighting=true", lam=1.0)
+    outcomes = [Outcome(f"item-{i}", r, r) for i, r in enumerate([0.0, 1.0, 0.0])]
+    out = update(rollouts(), outcomes, PhaseTimer(), step=1)
+    (sa, ta), (sb, tb) = sd_terms(*tables())
+    expected = (0.75 * sampled_losses(sa, ta).sum() + 1.5 * sampled_losses(sb, tb).sum()) / 3
+    assert out["sd_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_batch_without_a_reply_token_takes_no_step() -> None:
+    """Every reply empty (a generation that ended at once): there is no token to learn
+    from, so no forward, no optimizer step and no `after_step`, and the metrics are zero.
+    Catches the early return dropped (a step taken on an empty batch)."""
+    calls: list[int] = []
+    update, student, _ = make_update(lam=0.5, lr=0.5, after_step=lambda: calls.append(1))
+    empty = [rollout(i, [1], [], teacher_ids=[4], distill=True) for i in range(3)]
+    outcomes = [Outcome(f"item-{i}", r, r) for i, r in enumerate([0.0, 1.0, 0.0])]
+    out = update(empty, outcomes, PhaseTimer(), step=1)
+    assert calls == [] and student.forwards == 0 and student.table.grad is None
+    assert out == {"loss": 0.0, "sd_loss": 0.0, "pg_loss": 0.0, "tokens": 0, "grad_norm": 0.0,
+                   "rollout_logprob_gap": 0.0, "teacher_advantage": 0.0}  # fmt: skip
+
+
+def test_the_kl_term_to_a_reference_model_by_hand() -> None:
+    """`kl_coef` adds k3 = e^δ − δ − 1, δ = log π_ref − log π_θ, to each policy-gradient
+    token, the reference scoring the student's own prompt and reply. Catches the
+    reference's log-probs not computed (no KL term) or taken from the wrong sequences."""
+    update, _, _ = make_update("kl_coef=0.5", lam=0.0, with_reference=True)
+    outcomes = [Outcome(f"item-{i}", r, r) for i, r in enumerate([0.0, 1.0, 0.0])]
+    out = update(rollouts(), outcomes, PhaseTimer(), step=1)
+    student_table, reference_table = tables()
+    k3 = 0.0
+    for prompt, reply, _, _ in ROWS:
+        delta = logps(reference_table, prompt, reply) - logps(student_table, prompt, reply)
+        k3 += float((torch.exp(delta) - delta - 1).sum())
+    assert k3 > 0.01
+    assert out["pg_loss"] == pytest.approx(1 / 6 + 0.5 * k3 / 6, rel=1e-5)  # −A: 1/6
+
+
+class Lockstep(Parallel):
+    """This process as one rank of a sharded group (fsdp, ZeRO) whose busiest rank has one
+    micro-batch more: forward and backward are collective there, so every rank runs as
+    many, padding where it has none of its own."""
+
+    lockstep = True
+
+    def max(self, value: int) -> int:
+        return value + 1
+
+
+def test_a_rank_with_fewer_micro_batches_pads_and_its_update_is_unchanged() -> None:
+    """In lockstep a rank runs one padding micro-batch for each the busiest rank has more,
+    and a teacher forward for every micro-batch, distilled rows or not; the padding
+    changes no loss, metric or gradient. Catches the padding left out, counted wrong or
+    run outside lockstep, and a teacher forward skipped in lockstep."""
+    outcomes = [Outcome(f"item-{i}", r, r) for i, r in enumerate([0.0, 1.0, 0.0])]
+    plain, plain_student, plain_teacher = make_update(lam=0.25)
+    expected = plain(rollouts(), outcomes, PhaseTimer(), step=1)
+    update, student, teacher = make_update(lam=0.25, parallel=Lockstep())
+    out = update(rollouts(), outcomes, PhaseTimer(), step=1)
+    assert out == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(student.table.grad, plain_student.table.grad, rtol=0, atol=0)
+    # 3 rows in micro-batches of 2, and one of padding
+    assert (plain_student.forwards, plain_teacher.copy.forwards) == (2, 1)
+    assert (student.forwards, teacher.copy.forwards) == (3, 3)
+    # with nothing to distil anywhere in the batch, no rank runs the teacher
+    update, _, teacher = make_update(lam=0.0, parallel=Lockstep())
+    update(rollouts(), outcomes, PhaseTimer(), step=1)
+    assert teacher.copy.forwards == 0
 
 
 # ---- the teachers ---------------------------------------------------------------------------
