@@ -29,6 +29,7 @@ sa = pytest.importorskip("sqlalchemy")
 
 from resd.serve.app import BackgroundServer, create_app  # noqa: E402
 from resd.serve.engine import (  # noqa: E402
+    EngineStopped,
     GenerationEngine,
     ModelHolder,
     ServedModel,
@@ -175,6 +176,23 @@ def test_stream_pieces_are_at_most_max_pieces(served: ServedModel) -> None:
     assert text_pieces(served.tokenizer, [], "") == []
 
 
+def test_a_reply_of_at_most_max_pieces_tokens_streams_one_piece_per_token(
+    served: ServedModel,
+) -> None:
+    """Up to `max_pieces` tokens every token is its own piece (each its own SSE chunk); one
+    token more and pieces hold two tokens. Catches pieces that always held two or more
+    tokens, so a short reply streamed in half as many chunks as it has tokens."""
+    text = "What is 3 + 4? Answer: 7"
+    ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
+    each = [served.tokenizer.decode([token], skip_special_tokens=True) for token in ids]
+    assert len(ids) > 4 and "".join(each) == decoded  # ASCII: every token ends on a character
+    assert text_pieces(served.tokenizer, ids, decoded) == each
+    assert text_pieces(served.tokenizer, ids, decoded, max_pieces=len(ids)) == each
+    pairs = text_pieces(served.tokenizer, ids, decoded, max_pieces=len(ids) - 1)
+    assert pairs[0] == each[0] + each[1] and len(pairs) == -(-len(ids) // 2)
+
+
 def test_streaming_through_openai_client(server: Running) -> None:
     stream = chat(server, stream=True, seed=3, max_tokens=12,
                   stream_options={"include_usage": True})  # fmt: skip
@@ -264,6 +282,43 @@ def test_the_model_card_and_the_default_sampling_settings(server: Running) -> No
     assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
     params = server.store.interaction(chat(server, max_tokens=1).id)["params"]
     assert (params["temperature"], params["top_p"]) == (1.0, 1.0)
+
+
+def test_the_model_list_is_an_openai_list_object(server: Running) -> None:
+    """`GET /v1/models` as OpenAI answers it: `{"object": "list", "data": [card]}`; clients
+    without the openai package dispatch on `object`. Catches another `object` value."""
+    listed = httpx.get(f"{server.url}/v1/models", headers=server.headers()).json()
+    card = httpx.get(f"{server.url}/v1/models/{MODEL}", headers=server.headers()).json()
+    assert listed == {"object": "list", "data": [card]} and card["owned_by"] == "resd"
+
+
+def test_feedback_from_an_empty_source_is_a_400_naming_it(server: Running) -> None:
+    """`source` names who judged a reply (the idempotency key with the completion): an empty
+    one is a 400 naming the field, not a 500 from the store's own check, and no row."""
+    completion = chat(server, max_tokens=1).id
+    before = _counts(server)
+    response = server.post(
+        "/v1/feedback", {"completion_id": completion, "reward": 1.0, "source": ""}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "source" and _counts(server) == before
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(server: Running) -> None:
+    """A request whose `Content-Length` is over `max_body_bytes` gets its 413 at once, from
+    the header alone: the server does not wait to read a body it will refuse. Catches a
+    server that ignored the declared length (it waited for a gigabyte that never came)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (f"POST /v1/feedback HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n")  # fmt: skip
+    raw = b""
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head.encode())
+        while b"bytes" not in raw and (data := sock.recv(65536)):  # until the body is in
+            raw += data
+    answer = raw.decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert "request body too large (1000000000 bytes" in answer
 
 
 # ---- feedback -----------------------------------------------------------------------------------------
@@ -536,6 +591,19 @@ def test_reward_score_and_max_tokens_are_strict(server: Running) -> None:
         server.store.record_feedback(completion, source="lib", reward=5, score=None, feedback="")
 
 
+def test_a_max_tokens_of_zero_is_refused_not_read_as_unset(server: Running) -> None:
+    """`max_tokens: 0` (or `max_completion_tokens: 0`) asks for an empty reply, which the
+    server cannot give: a 400 naming the field, and no row. Catches 0 accepted, where
+    `or` then read it as unset and the reply ran to the server's cap."""
+    before = _counts(server)
+    for field in ("max_tokens", "max_completion_tokens"):
+        body = {"model": MODEL, "messages": MESSAGES, field: 0}
+        response = server.post("/v1/chat/completions", body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == field
+    assert _counts(server) == before
+
+
 # ---- concurrency, batching, swapping ---------------------------------------------------------------------
 def test_concurrent_requests_all_recorded(server: Running) -> None:
     before = server.store.counts()["interactions"]
@@ -605,6 +673,43 @@ def test_max_batch_caps_each_batch_and_the_sizes_are_kept(
         assert running.engine.batch_sizes == [2, 2, 1, 1]
 
 
+def test_a_request_arriving_within_the_batch_wait_joins_the_batch(served: ServedModel) -> None:
+    """After the first request the worker waits up to `batch_wait_ms` for others to batch
+    with it: one sent half a second later (within a 10 s wait) shares its batch, and a full
+    batch starts at once. Catches a worker that batched only what was queued already."""
+    engine = GenerationEngine(ModelHolder(served), max_batch=2, max_new_tokens=2,
+                              batch_wait_ms=10_000.0, autocast=None)  # fmt: skip
+    engine.start()
+    try:
+        first = engine.submit(MESSAGES, seed=0)
+        time.sleep(0.5)  # the worker has taken the first request and waits for more
+        second = engine.submit(MESSAGES, seed=1)
+        assert first.result(timeout=60).token_ids and second.result(timeout=60).token_ids
+        assert engine.batch_sizes == [2]
+    finally:
+        engine.stop()
+
+
+def test_finish_reason_says_whether_the_model_ended_the_reply(server: Running) -> None:
+    """OpenAI's `finish_reason`, answered and stored: "stop" when the reply ends in the
+    model's end-of-turn token, "length" when it was cut at max_tokens. Catches the two
+    swapped (a client then reads a cut reply as complete)."""
+    from resd.generation.hf import eos_token_ids
+
+    served = server.holder.current()
+    eos = set(eos_token_ids(served.model, served.tokenizer))
+    reasons = []
+    for seed in range(3):
+        reply = chat(server, seed=seed, max_tokens=3)
+        tokens = server.store.interaction(reply.id)["response_token_ids"]
+        expected = "stop" if tokens[-1] in eos else "length"
+        assert reply.choices[0].finish_reason == expected, (seed, tokens)
+        assert server.store.interaction(reply.id)["finish_reason"] == expected
+        assert expected == "stop" or len(tokens) == 3
+        reasons.append(expected)
+    assert "length" in reasons
+
+
 def test_the_server_caps_max_tokens_and_records_the_cap(server: Running) -> None:
     """A request for more tokens than `max_new_tokens` (16 here) gets 16, and 16 is what is
     recorded; `max_completion_tokens`, OpenAI's newer name, wins over `max_tokens`."""
@@ -667,6 +772,40 @@ def test_one_worker_whose_stop_finishes_what_it_accepted(served: ServedModel) ->
         accepted = engine.submit(MESSAGES)
         engine.stop()  # arrives while the worker waits, then gathers a batch (up to 1 s)
     assert accepted.done() and accepted.result().logprobs is not None
+
+
+def test_a_stop_that_gives_up_on_the_worker_fails_the_queued_requests(
+    served: ServedModel,
+) -> None:
+    """`stop` waits `timeout` seconds for the batch in progress; a request still queued
+    behind it then fails with EngineStopped (the server answers a 503) instead of waiting
+    for a worker that will never take it. Catches queued requests left pending forever."""
+    engine = GenerationEngine(ModelHolder(served), max_batch=1, max_new_tokens=64,
+                              batch_wait_ms=0.0, autocast=None)  # fmt: skip
+    engine.start()
+    long = engine.submit(MESSAGES, seed=0)  # seed 0 runs to the 64-token cap
+    _wait_for(long.running, "the worker taking the first request", timeout=60)
+    queued = engine.submit(MESSAGES, seed=1)  # behind a batch of 64 tokens
+    engine.stop(timeout=0.0)
+    assert queued.done()
+    with pytest.raises(EngineStopped, match="shutting down"):
+        queued.result()
+    assert len(long.result(timeout=120).token_ids) == 64  # the batch in progress finishes
+
+
+def test_a_script_that_never_stops_its_engine_still_exits(tmp_path: Path) -> None:
+    """A notebook or script that starts an engine (or a server) and ends without `stop`
+    must still exit: the idle worker, waiting for requests, must not keep the process
+    alive. Catches a worker thread that is not a daemon (the script hung)."""
+    script = (
+        "from resd.serve.engine import GenerationEngine, ModelHolder, ServedModel\n"
+        "engine = GenerationEngine(ModelHolder(ServedModel(None, None, 'v0', 'm')))\n"
+        "engine.start()\n"
+        "print('started', engine.pending)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "started 0\n", done.stderr[-2000:]
 
 
 def test_stopping_an_idle_engine_ends_its_worker_quietly(
@@ -881,6 +1020,22 @@ def test_auth_challenges_name_the_scheme_and_a_garbled_basic_header_is_a_401(
         assert response.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_basic_auth_opens_the_page_only(server: Running) -> None:
+    """HTTP Basic with the key as password is for a browser on the page; the API takes the
+    key as `Bearer` only (as the module docstring says and OpenAI clients send it), and no
+    other scheme carrying a Basic credential opens the page. Catches Basic accepted by the
+    API, and any scheme parsed as Basic on the page."""
+    basic = base64.b64encode(f"operator:{KEY}".encode()).decode()
+    for path in ("/v1/models", f"/v1/models/{MODEL}"):
+        api = httpx.get(f"{server.url}{path}", headers={"Authorization": f"Basic {basic}"})
+        assert api.status_code == 401 and api.headers["www-authenticate"] == "Bearer", path
+    note = httpx.post(f"{server.url}/v1/feedback", json={"completion_id": "chatcmpl-x", "reward": 1.0},
+                      headers={"Authorization": f"Basic {basic}"})  # fmt: skip
+    assert note.status_code == 401 and note.json()["error"]["code"] == "invalid_api_key"
+    page = httpx.get(f"{server.url}/", headers={"Authorization": f"Token {basic}"})
+    assert page.status_code == 401
+
+
 def test_page_screenshot_in_headless_chromium(page_server: Running, tmp_path: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -1022,6 +1177,53 @@ def test_cli_names_a_database_that_cannot_be_opened(
     assert "resd: error: --db: postgresql+psycopg://resd:***@db.invalid/resd" in err, err
     assert "pip install 'psycopg[binary]'" in err and "secret" not in err
     assert loads == []
+
+
+def test_cli_names_the_psycopg_url_for_a_psycopg2_url_and_takes_a_body_limit_of_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `postgresql+psycopg2://` URL without psycopg2 is told to install psycopg and use a
+    `postgresql+psycopg://` URL (a mutant dropped that hint); `--max-body-bytes 1`, the
+    least there is, passes the checks (a mutant refused it)."""
+    from resd.cli import main
+
+    loads = _no_model_load(monkeypatch)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # as if not installed
+    out = ["--output-dir", str(tmp_path / "out"), "--port", str(_free_port())]
+    assert main(["serve", "--model", "unused", "--db", "postgresql+psycopg2://u@db.invalid/r",
+                 *out]) == 2  # fmt: skip
+    assert "and use a postgresql+psycopg:// URL" in capsys.readouterr().err
+    assert loads == []
+    args = ["serve", "--model", "m", "--db", "sqlite://", "--max-body-bytes", "1", *out]
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(args)
+    assert loads == ["m"]
+
+
+def test_cli_records_the_base_version_with_the_model_it_was_loaded_from(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A first start files its base version as `loaded from <model>`, what a restart with
+    another model is checked against. Catches a start that left the row to the server's
+    fallback registration, so a restart with another model went unchecked. (The server
+    itself is not run.)"""
+    import resd.serve.command
+    from resd.cli import main
+
+    monkeypatch.setattr(resd.serve.command, "_run_until_signalled", lambda _server: None)
+    args = ["serve", "--output-dir", str(tmp_path), "--port", str(_free_port()),
+            "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--model", str(tiny_model_dir)]) == 0
+    store = Store(str(tmp_path / "resd.db"))
+    try:
+        [base] = store.versions()
+    finally:
+        store.close()
+    assert (base["id"], base["note"]) == ("base", f"loaded from {tiny_model_dir}")
+    capsys.readouterr()
+    assert main([*args, "--model", str(tmp_path / "other")]) == 2
+    assert "--base-version: 'base' is recorded in this database" in capsys.readouterr().err
 
 
 def test_cli_failed_start_removes_only_the_database_it_created(

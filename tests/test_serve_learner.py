@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,9 @@ openai = pytest.importorskip("openai")
 
 import resd.serve.store  # noqa: E402
 from resd.rundir import read_jsonl  # noqa: E402
-from resd.serve.engine import load_served_model  # noqa: E402
-from resd.serve.learner import Learner, LearnerSettings  # noqa: E402
-from resd.serve.store import Store  # noqa: E402
+from resd.serve.engine import ModelHolder, load_served_model  # noqa: E402
+from resd.serve.learner import Learner, LearnerSettings, given_rollout  # noqa: E402
+from resd.serve.store import Store, TrainingRow  # noqa: E402
 from resd.training.checkpoint import latest_checkpoint  # noqa: E402
 from resd.training.trainer import Trainer  # noqa: E402
 from test_serve import (  # noqa: E402
@@ -42,6 +43,7 @@ from test_trainer import config  # noqa: E402
 # ---- against a real server, store and holder ------------------------------------------------------
 
 
+PROMPT_MESSAGES = [{"role": "user", "content": "Is 'abc' of even length?"}]
 PROMPTS = ["Is 'abcd' of even length?", "Is 'abc' of even length?", "Is 'ab' of even length?",
            "Is 'a' of even length?"]  # fmt: skip
 
@@ -93,6 +95,28 @@ def learning(tiny_model_dir, tmp_path, served, *, collect: bool = True):
             path, store=running.store, holder=running.holder, output_dir=tmp_path
         )
         yield running, path, learner
+
+
+def test_a_row_without_reward_or_score_counts_as_a_failure() -> None:
+    """How stored feedback becomes the trainer's Score: words alone are a failure (reward
+    0, score 0), a perfect score alone a success, a partial score alone a failure with that
+    partial credit, and a reward alone is also the score. Catches a row with neither
+    reward nor score trained on as a success."""
+    row = TrainingRow(
+        feedback_id=1, completion_id="chatcmpl-a", model_version="v0", messages=PROMPT_MESSAGES,
+        response="yes", prompt_token_ids=[1, 2], response_token_ids=[3], response_logprobs=None,
+        reward=None, score=None, feedback="Wrong: it has odd length.", source="user",
+    )  # fmt: skip
+    given = given_rollout(row)
+    assert (given.score.reward, given.score.score) == (0.0, 0.0)
+    assert given.score.feedback == "Wrong: it has odd length."
+    assert (given.prompt_ids, given.gen.token_ids) == ([1, 2], [3])
+    for reward, score, expected in [(None, 1.0, (1.0, 1.0)), (None, 0.5, (0.0, 0.5)),
+                                    (0.0, None, (0.0, 0.0)), (1.0, 0.25, (1.0, 0.25))]:  # fmt: skip
+        scored = given_rollout(replace(row, reward=reward, score=score)).score
+        assert (scored.reward, scored.score) == expected, (reward, score)
+    again = given_rollout(replace(row, feedback_id=2, response="no"))
+    assert again.item.id == given.item.id  # one prompt, one item: the solution buffer's key
 
 
 @pytest.fixture
@@ -290,6 +314,68 @@ def test_killed_before_the_checkpoint_trains_the_rows_once_after_restart(
         assert restarted.step_once()["step"] == 1
         assert consumed_steps(running.store) == [1, 1, 1, 1]
         assert [m["step"] for m in read_jsonl(tmp_path / "learner" / "metrics.jsonl")] == [1]
+
+
+def test_a_restarted_learner_serves_the_version_it_last_served(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """Step 1 is served, step 2 is kept off by the guard: a server restarted on the same
+    folder serves step 1's weights again, not the base model and not step 2's. Catches a
+    restart that skips the swap, and a step kept off the server that forgets which version
+    was served. The starting model's row keeps step 0 when the learner scores it, and the
+    status the page draws from holds each evaluation's guard metric and the playbook's
+    timeline."""
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
+        base = {v["id"]: v for v in running.store.versions()}["v0"]
+        assert (base["step"], base["parent"]) == (0, None) and base["accuracy"] is not None
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
+        assert learner.step_once()["version"] == f"{MODEL}@step1"
+        serve_and_collect(running)
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # must gain 2: never
+        assert not learner.step_once()["served"]
+        assert learner.trainer.extra_state["served_version"] == f"{MODEL}@step1"
+
+        holder = ModelHolder(tiny_served)  # the restarted server loads the base model again
+        restarted = Learner.from_config(path, store=running.store, holder=holder,
+                                        output_dir=tmp_path)  # fmt: skip
+        assert restarted.trainer.step == 2 and holder.current().version == f"{MODEL}@step1"
+        assert holder.current().model is not tiny_served.model
+        # the page's accuracy curve: the guard metric of each evaluation, the baseline's first
+        evaluations = read_jsonl(tmp_path / "learner" / "eval.jsonl")
+        assert restarted.status()["accuracy"] == [
+            {"step": e["step"], "accuracy": e["case_mean@k"]} for e in evaluations
+        ]
+        assert [e["step"] for e in evaluations] == [0, 1, 2]
+        # and its playbook timeline, as the run folder holds it
+        history = read_jsonl(tmp_path / "learner" / "playbook_history.jsonl")
+        assert restarted.status()["playbook_history"] == history
+
+
+def test_a_learning_server_restarted_with_another_model_is_refused(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`resd serve --learn` files its base version as `loaded from <model>` like a plain
+    start, so a restart on the same folder with another `--model` is refused as for any
+    server. The learner's first scoring of the base model used to overwrite that note
+    with "the starting model", and the restart check, which reads it, then let any model
+    file its replies under the old model's version. (The server itself is not run.)"""
+    import resd.serve.command
+    from resd.cli import main
+
+    monkeypatch.setattr(resd.serve.command, "_run_until_signalled", lambda _server: None)
+    args = ["serve", "--output-dir", str(tmp_path), "--port", str(_free_port()),
+            "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    learn = ["--learn", str(learn_config(tiny_model_dir, tmp_path))]
+    assert main([*args, "--model", str(tiny_model_dir), *learn]) == 0
+    store = Store(str(tmp_path / "resd.db"))
+    try:
+        [base] = store.versions()
+    finally:
+        store.close()
+    assert base["note"] == f"loaded from {tiny_model_dir}" and base["accuracy"] is not None
+    capsys.readouterr()
+    assert main([*args, "--model", str(tmp_path / "other"), *learn]) == 2
+    assert "--base-version: 'base' is recorded in this database" in capsys.readouterr().err
 
 
 def test_the_background_thread_learns_while_the_server_answers(

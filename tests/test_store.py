@@ -198,6 +198,54 @@ def test_a_plain_path_creates_its_folder_and_an_in_memory_store_works(tmp_path: 
     memory.close()
 
 
+def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -> None:
+    """The database is read by more than this module (a learner in another process, the
+    page, a user's own SQL, PostgreSQL): the module docstring's shape is its contract. Only
+    the columns documented as NULL may be NULL (a row without its step, time or source is
+    refused by the database itself), the keys are as documented, and the string lengths
+    hold what the API accepts (completion ids and sources of up to 100 characters, which
+    PostgreSQL enforces). Catches a column made nullable, a length or a key changed."""
+    path = tmp_path / "resd.db"
+    Store(str(path)).close()
+    engine = sa.create_engine(sqlite_url(path))
+    inspector = sa.inspect(engine)
+    shape = {
+        table: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
+            inspector.get_pk_constraint(table)["constrained_columns"],
+            [
+                (f["constrained_columns"], f["referred_table"], f["referred_columns"])
+                for f in inspector.get_foreign_keys(table)
+            ],
+            [u["column_names"] for u in inspector.get_unique_constraints(table)],
+        )
+        for table in inspector.get_table_names()
+    }
+    engine.dispose()
+    text, when = "VARCHAR(200)", "DATETIME"
+    assert shape == {
+        "schema_version": ([("version", "INTEGER", False), ("applied_at", when, False)],
+                           ["version"], [], []),
+        "model_versions": ([("id", text, False), ("created_at", when, False), ("parent", text, True),
+                            ("step", "INTEGER", False), ("accuracy", "FLOAT", True),
+                            ("note", "TEXT", False)], ["id"], [], []),
+        "interactions": ([("id", "VARCHAR(100)", False), ("created_at", when, False),
+                          ("model_version", text, False), ("model_name", "VARCHAR(500)", False),
+                          ("messages", "JSON", False), ("params", "JSON", False),
+                          ("response", "TEXT", False), ("prompt_token_ids", "JSON", False),
+                          ("response_token_ids", "JSON", False), ("response_logprobs", "JSON", True),
+                          ("finish_reason", "VARCHAR(32)", False)],
+                         ["id"], [(["model_version"], "model_versions", ["id"])], []),
+        "feedback": ([("id", "INTEGER", False), ("completion_id", "VARCHAR(100)", False),
+                      ("source", "VARCHAR(100)", False), ("reward", "FLOAT", True),
+                      ("score", "FLOAT", True), ("feedback", "TEXT", False),
+                      ("created_at", when, False), ("consumed_step", "INTEGER", True)],
+                     ["id"], [(["completion_id"], "interactions", ["id"])],
+                     [["completion_id", "source"]]),
+        "learner_state": ([("key", text, False), ("value", "JSON", True)], ["key"], [], []),
+    }  # fmt: skip
+
+
 def test_foreign_keys_are_enforced(store: Store) -> None:
     """SQLite and PostgreSQL must reject the same rows: an interaction of an unknown version."""
     with pytest.raises(sa.exc.IntegrityError):

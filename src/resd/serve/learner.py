@@ -218,9 +218,11 @@ class Learner:
         served = self.holder.current()
         evaluation = self.trainer.evaluate() if self.trainer.test_items else None
         accuracy = evaluation[self.settings.guard_metric] if evaluation else None
-        # registered by the server already (without an accuracy) or not: this fills it in
+        # registered by the server already (without an accuracy; its note, "loaded from
+        # <model>", is what a restart is checked against, so it stays) or not: this fills it in
+        known = any(v["id"] == served.version for v in self.store.versions())
         self.store.add_version(served.version, parent=None, step=0, accuracy=accuracy,
-                               note="the starting model")  # fmt: skip
+                               note="" if known else "the starting model")  # fmt: skip
 
     def _mark_consumed(self) -> None:
         """Mark the rows the last saved checkpoint trained on, if the database has not yet:
