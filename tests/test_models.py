@@ -15,6 +15,7 @@ from resd.models import (
     autocast_context,
     autocast_dtype,
     bundled_gguf,
+    cache_dir,
     join_chunks,
     load_model,
     load_tokenizer,
@@ -130,3 +131,16 @@ def test_a_model_folder_without_weights_is_refused_with_what_a_name_may_be(
         ValueError, match=rf"^model: cannot load '.*no-weights' \(a Hub id, .*{bundled}"
     ):
         load_model(str(tmp_path / "no-weights"))
+
+
+def test_converted_models_are_cached_under_home_unless_resd_cache_moves_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README promises `~/.cache/resd` and `RESD_CACHE` to move it: catches a cache
+    that lands elsewhere (a user's disk fills where they do not look) or ignores the
+    variable."""
+    monkeypatch.delenv("RESD_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "resd"
+    monkeypatch.setenv("RESD_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
