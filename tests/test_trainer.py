@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -23,6 +24,7 @@ from resd.config import apply_overrides, build_config
 from resd.envs.base import Environment, Item, Score
 from resd.generation.hf import chat_prompt_ids
 from resd.rundir import COUNTERS, SKIP_REASONS
+from resd.training.callbacks import Callback
 from resd.training.rollout import GivenRollout, row_seed
 from resd.training.trainer import (
     CONFIRMING_ADVANTAGE,
@@ -801,3 +803,142 @@ def test_a_lora_checkpoint_holds_the_adapter_and_not_the_base_weights(tiny_model
     assert not (path / "model.safetensors").exists()
     adapter = load_file(str(path / "adapter_model.safetensors"))
     assert adapter and all("lora_" in name for name in adapter), sorted(adapter)
+
+
+def test_star_import_gives_the_trainer_and_its_phases():
+    """`from resd.training.trainer import *` gives the names in `__all__`. Catches a name in
+    `__all__` that the module does not define: the star import then raises."""
+    namespace: dict[str, object] = {}
+    exec("from resd.training.trainer import *", namespace)
+    assert namespace["Trainer"] is Trainer and namespace["PHASES"] is PHASES
+
+
+class Recorder(Callback):
+    """Keeps what each hook was given."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.evals: list[dict | None] = []
+        self.saves: list[str] = []
+
+    def on_step_end(self, trainer, metrics):
+        self.steps.append(metrics)
+
+    def on_evaluate(self, trainer, row):
+        self.evals.append(row)
+
+    def on_save(self, trainer, path):
+        self.saves.append(path.name)
+
+
+def test_a_run_evaluates_and_checkpoints_on_schedule_and_always_at_its_last_step(
+    tiny_model_dir, tmp_path, capsys
+):
+    """eval_every and save_every count steps, and the last step is evaluated and checkpointed
+    once even where neither divides the run's length (3 steps, every 2); the callbacks see
+    each step's metrics row, each eval row and each checkpoint as logged; the progress bar
+    counts the steps and shows the loss; summary.json is the summary `train` returns. Catches
+    a last step that is not saved, a save or evaluation at every step, callbacks that are
+    not called, and a bar that does not count."""
+    out, recorder = tmp_path / "sched", Recorder()
+    cfg = config(tiny_model_dir, out, "steps=3", "inner_updates=1", "eval_every=2",
+                 "save_every=2", "keep_checkpoints=5", "eval_items=1", "progress=true")  # fmt: skip
+    summary = Trainer(cfg, callbacks=[recorder]).train()
+    evals, metrics = read_jsonl(out / "eval.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 3] and recorder.evals == evals
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert recorder.saves == ["checkpoint-2", "checkpoint-3"]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and recorder.steps == metrics
+    assert (summary["strategy"], summary["world_size"]) == ("single", 1)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    lines = re.split(r"[\r\n]", capsys.readouterr().err)  # other bars load and write the model
+    assert any(line.startswith("resd:") and "3/3" in line and "loss=" in line for line in lines)
+
+
+def test_a_run_without_test_items_never_evaluates(tiny_model_dir, tmp_path, capsys):
+    """An environment with no test split trains without evaluating: no eval.jsonl and no
+    eval rows in the summary. With progress=false no bar is drawn. Catches an evaluation
+    of nothing before or after training and a bar that ignores `progress`."""
+    out = tmp_path / "no-eval"
+    summary = Trainer(config(tiny_model_dir, out, "steps=1", "inner_updates=1",
+                             "env_args={n_test: 0}")).train()  # fmt: skip
+    assert summary["steps"] == 1 and "eval_before" not in summary
+    assert not (out / "eval.jsonl").exists()
+    assert "loss=" not in capsys.readouterr().err  # the run's bar shows the loss
+
+
+def test_a_resumed_run_continues_with_the_checkpoints_playbook_and_solution_buffer(
+    tiny_model_dir, tmp_path
+):
+    """A resumed run's playbook and solution buffer are the checkpoint's, not the seed
+    playbook and an empty buffer. Catches a restore that skips either: the resumed run would
+    show its teacher and student other lessons and solutions than the uninterrupted run,
+    and a checkpoint whose data cursor does not say where in the stream it stopped."""
+    cfg = config(tiny_model_dir, tmp_path / "r", "inner_updates=3")
+    trainer = Trainer(cfg)
+    trainer.train_step([], scripted(trainer, 1.0, 0.0))  # one solved item, a lesson learned
+    path = trainer.save()
+    assert len(trainer.playbook) == 2 and len(trainer.buffer) == 1
+    # the data cursor: step 1 of 3 on the first batch
+    assert json.loads((path / "state.json").read_text())["cursor"] == {"batch": 0, "inner": 1}
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.step == 1
+    assert resumed.playbook.to_dict() == trainer.playbook.to_dict()
+    assert resumed.buffer.solutions == trainer.buffer.solutions
+
+
+def test_resume_says_when_there_is_no_run_to_continue(tiny_model_dir, tmp_path, caplog):
+    """`--resume` on a folder with no run starts a new one and says so; a run not asked to
+    resume says nothing. Catches the warning given the wrong way round."""
+    cfg = config(tiny_model_dir, tmp_path / "new")
+    Trainer(cfg)
+    assert "resume:" not in caplog.text
+    Trainer(cfg, resume=True)
+    assert "resume: no run in" in caplog.text
+
+
+def test_a_dataset_given_without_a_scorer_is_scored_by_exact_match(tiny_model_dir, tmp_path):
+    """A `datasets.Dataset` passed as `env` with no `scorer` is scored by the built-in exact
+    match: the answer scores 1, anything else 0. Catches a default the environment does not
+    know or scores otherwise."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    env = datasets.Dataset.from_list(rows)
+    trainer = Trainer(
+        config(tiny_model_dir, tmp_path / "d", "env_args={answer_column: answer}"), env=env
+    )
+    answers = {r["prompt"]: r["answer"] for r in rows}
+    item = trainer.train_items[0]
+    assert trainer.env.score(item, answers[item.prompt_text]).reward == 1.0
+    assert trainer.env.score(item, "It is a number.").reward == 0.0
+
+
+def test_samples_hold_the_first_log_samples_rollouts_of_each_step(tiny_model_dir, tmp_path):
+    """samples.jsonl (what the report shows) holds the first `log_samples` rollouts of the
+    batch, no more, each with its step and the reflector's and curator's raw replies.
+    Catches an off-by-one that logs a row more, and rows missing their step or a reply."""
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "s", "log_samples=2"))
+    trainer.train_step([], scripted(trainer, 0.0))
+    rows = read_jsonl(tmp_path / "s" / "samples.jsonl")
+    assert len(rows) == 2 and all(r["step"] == 1 for r in rows)
+    assert all({"reflection_reply", "curation_reply"} <= set(r) for r in rows)
+
+
+def test_a_run_without_steps_trains_its_whole_stream(tiny_model_dir, tmp_path):
+    """steps=null: the run is as long as its stream of batches, however long that is.
+    Catches a cap that cut long runs short."""
+    cfg = config(tiny_model_dir, tmp_path / "long", "steps=null", "env_args={n_train: 1000}")
+    assert Trainer(cfg).total_steps == 1000 // 4 * 2  # batch_size 4, inner_updates 2
+
+
+def test_a_lora_adapter_starts_from_the_runs_seed(tiny_model_dir, tmp_path):
+    """A LoRA adapter's random initial weights come from the run's seed, not from whatever
+    used the global generator before: the same config starts from the same weights.
+    Catches a trainer that does not seed before the model loads."""
+    weights = []
+    for other in (1, 2):
+        torch.manual_seed(other)
+        trainer = Trainer(config(tiny_model_dir, tmp_path / f"l{other}", "lora={r: 4}"))
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
