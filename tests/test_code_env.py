@@ -782,12 +782,13 @@ def test_tests_past_the_total_time_budget_are_not_run_and_say_why(tmp_path):
     path = write_jsonl(
         tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
     )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=1, case_timeout_s=1)
+    # 8 cases of 0.5 s need 4 s; the first passes unless the child takes 1.5 s to start.
+    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2, case_timeout_s=1)
     (item,) = env.train_items() + env.test_items()
-    slow = "import time\ndef f(x):\n    time.sleep(0.3)\n    return x"
+    slow = "import time\ndef f(x):\n    time.sleep(0.5)\n    return x"
     score = env.score(item, fenced(slow))
     assert 0.0 < score.score < 1.0, score.feedback
-    assert "were not run: the time budget of 1 s for all tests was used up" in score.feedback
+    assert "were not run: the time budget of 2 s for all tests was used up" in score.feedback
 
 
 def test_a_program_that_exits_while_loading_runs_no_test_and_shows_its_stderr(env, two_sum):
