@@ -913,6 +913,11 @@ def test_long_values_in_feedback_are_cut_to_300_characters_with_their_length(env
     assert len(shown) == 300 and shown.endswith("... (502 chars)")
     fb = env.score(two_sum, fenced("def two_sum(nums, target):\n    return 'x' * 298")).feedback
     assert f"  got:      '{'x' * 298}'\n" in fb + "\n"  # exactly 300: shown whole
+    # a length of four digits or more still fits the limit (it ran 1-4 characters over)
+    fb = env.score(two_sum, fenced("def two_sum(nums, target):\n    return 'x' * 5000")).feedback
+    got = next(line for line in fb.splitlines() if line.startswith("  got:"))
+    shown = got[len("  got:      ") :]
+    assert len(shown) == 300 and shown.endswith("... (5002 chars)")
 
 
 def test_documented_limits_and_defaults():

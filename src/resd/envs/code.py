@@ -273,7 +273,12 @@ _MIN_MEMORY_MB = 64
 
 
 def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
+    """`text`, or its head and its length in at most `limit` characters: the suffix is
+    sized first, since a length of four digits or more needs more room than three."""
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(text)} chars)"
+    return text[: limit - len(suffix)] + suffix
 
 
 def _call_text(entry: str, case: dict[str, Any]) -> str:
