@@ -424,6 +424,11 @@ def test_two_stage_run(tiny_model_dir, tmp_path, shared_data_dir, capsys, one_th
     assert sum(e == lesson for e in second) == 1
     assert json.loads((stage2 / "summary.json").read_text())["steps"] == 2
     assert (out / "evals" / "row-2-ifeval.jsonl").exists()
+    # Each row is cached under its own index (a shifted index would hand a later row the
+    # base model's numbers), and the settings a re-run is checked against are recorded.
+    for k, row in enumerate(result["evaluations"]):
+        assert json.loads((out / "evals" / f"row-{k}.json").read_text()) == row
+    assert yaml.safe_load((out / "continual-config.yaml").read_text())["stages"][1]["steps"] == 2
 
     # Re-running reuses the finished stages and evaluations.
     mtimes = [(s / "metrics.jsonl").stat().st_mtime_ns for s in (stage1, stage2)]
