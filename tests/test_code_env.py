@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from resd.envs import make_env
+from resd.envs.base import Item
 from resd.envs.code import CodeEnv, extract_code, load_problems, normalize_tests, values_match
 from resd.envs.code_harness import assert_compare, assert_truth, decode_value
 from resd.envs.code_problems import PROBLEMS
@@ -369,6 +370,16 @@ def write_jsonl(path, records):
     return str(path)
 
 
+def one_problem(tmp_path, tests, name: str = "p", **env_args) -> tuple[CodeEnv, Item]:
+    """A code environment of one problem, `f` with these tests, all of it for training
+    (a 2 s budget unless `env_args` says otherwise), and that problem's item."""
+    record = {"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}
+    path = write_jsonl(tmp_path / f"{name}.jsonl", [record])
+    env = CodeEnv(path=path, test_fraction=0.0, **{"timeout_s": 2, **env_args})
+    (item,) = env.train_items() + env.test_items()
+    return env, item
+
+
 def test_jsonl_call_and_assert_formats(tmp_path):
     path = write_jsonl(
         tmp_path / "p.jsonl",
@@ -529,11 +540,7 @@ def test_expected_literals_never_enter_the_sandbox(assert_items):
 def test_assert_verdicts_match_python(tmp_path, test, passes):
     expected = eval(compile(test.replace("assert ", "", 1), "<t>", "eval"), {"f": lambda x: x})
     assert bool(expected) == passes  # the harness must agree with Python itself
-    path = write_jsonl(
-        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": test}]
-    )
-    env = CodeEnv(path=str(path), test_fraction=0.0, timeout_s=2)
-    item = (env.train_items() + env.test_items())[0]
+    env, item = one_problem(tmp_path, test)
     score = env.score(item, fenced("def f(x):\n    return x"))
     assert score.reward == float(passes), score.feedback
 
@@ -593,11 +600,7 @@ def test_assert_feedback_shows_expected_and_got_the_right_way_round(tmp_path):
     # `assert 1 == f(2)`: the literal is what was expected, whichever side it is on;
     # other failed asserts name the operand values.
     tests = "assert 1 == f(2)\nassert f(2) != 2\nassert not f(2)\nassert f(0)\nassert f(1) == 1"
-    path = write_jsonl(
-        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2, max_feedback_cases=5)
-    (item,) = env.train_items() + env.test_items()
+    env, item = one_problem(tmp_path, tests, max_feedback_cases=5)
     score = env.score(item, fenced("def f(x):\n    return x"))
     assert (score.reward, score.score) == (0.0, pytest.approx(1 / 5))
     fb = score.feedback
@@ -611,11 +614,7 @@ def test_large_values_in_asserts_are_compared_by_digest(tmp_path):
     # Catches digests compared wrongly against the literal or shipped side, and a
     # preview missing from the feedback.
     tests = "assert f(50000) == list(range(50000))\nassert f(50000)"
-    path = write_jsonl(
-        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    (item,) = env.train_items() + env.test_items()
+    env, item = one_problem(tmp_path, tests)
     assert env.score(item, fenced("def f(n):\n    return list(range(n))")).reward == 1.0
     wrong = env.score(item, fenced("def f(n):\n    return list(range(1, n + 1))"))
     assert wrong.score == 0.5 and "got:      <large value [1,2,3," in wrong.feedback
@@ -624,11 +623,7 @@ def test_large_values_in_asserts_are_compared_by_digest(tmp_path):
 def test_a_program_that_exits_names_the_running_test_and_the_ones_not_run(tmp_path):
     # Catches the running case misattributed, the not-run list miscounted or not cut at 20.
     tests = [{"args": [k], "expected": k} for k in range(25)]
-    path = write_jsonl(
-        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    (item,) = env.train_items() + env.test_items()
+    env, item = one_problem(tmp_path, tests)
     score = env.score(
         item, fenced("import os\ndef f(x):\n    if x == 1:\n        os._exit(3)\n    return x")
     )
@@ -689,12 +684,7 @@ def test_a_truth_assert_cannot_be_passed_by_an_object_that_says_true(tmp_path):
     # `assert f(x)` is judged here on the shipped value: an object whose `__bool__` says
     # yes crosses back as an opaque repr and fails. Catches truth asserts sent back to
     # the sandbox for a verdict the program controls.
-    path = write_jsonl(
-        tmp_path / "p.jsonl",
-        [{"id": "f", "prompt": "f", "entry_point": "f", "tests": "assert f(0)\nassert not f(1)"}],
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    (item,) = env.train_items() + env.test_items()
+    env, item = one_problem(tmp_path, "assert f(0)\nassert not f(1)")
     assert env.score(item, fenced("def f(x):\n    return x == 0")).reward == 1.0
     liar = "class Yes:\n    def __bool__(self):\n        return True\n\n"
     liar += "class No:\n    def __bool__(self):\n        return False\n\n"
@@ -756,11 +746,7 @@ def test_a_result_line_with_a_guessed_marker_of_the_right_length_is_ignored(tmp_
     # sliced at the marker's length. A multi-line assert case trusts the harness's
     # "passed", so a forged line accepted here would pass it.
     tests = "for x in range(2):\n    assert f(x) == x + 1"
-    path = write_jsonl(
-        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    (item,) = env.train_items() + env.test_items()
+    env, item = one_problem(tmp_path, tests)
     guesses = ["@@resd-case-" + "0" * 16 + "@@", "@@resd-case-@@"]  # a nonce is needed
     forged = (
         "import json, os, sys\n"
@@ -779,12 +765,8 @@ def test_tests_past_the_total_time_budget_are_not_run_and_say_why(tmp_path):
     # remaining ones are reported as not run because of the budget (catches that
     # branch crashing or blamed on the program).
     tests = [{"args": [k], "expected": k} for k in range(8)]
-    path = write_jsonl(
-        tmp_path / "p.jsonl", [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}]
-    )
     # 8 cases of 0.5 s need 4 s; the first passes unless the child takes 1.5 s to start.
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2, case_timeout_s=1)
-    (item,) = env.train_items() + env.test_items()
+    env, item = one_problem(tmp_path, tests, case_timeout_s=1)
     slow = "import time\ndef f(x):\n    time.sleep(0.5)\n    return x"
     score = env.score(item, fenced(slow))
     assert 0.0 < score.score < 1.0, score.feedback
@@ -943,12 +925,7 @@ def test_not_run_tests_are_listed_up_to_twenty(tmp_path):
     # Keyword arguments are part of each test's call text.
     for n_cases, more in ((21, ""), (22, " ...")):
         tests = [{"args": [k], "kwargs": {"flag": True}, "expected": k} for k in range(n_cases)]
-        path = write_jsonl(
-            tmp_path / f"p{n_cases}.jsonl",
-            [{"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}],
-        )
-        env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-        (item,) = env.train_items() + env.test_items()
+        env, item = one_problem(tmp_path, tests, name=f"p{n_cases}")
         score = env.score(item, fenced("import os\ndef f(x, flag):\n    os._exit(3)"))
         numbers = ", ".join(str(k) for k in range(2, 22))
         assert f"Tests {numbers}{more} were not run:" in score.feedback
@@ -1015,12 +992,7 @@ def test_long_printed_output_is_cut_to_300_characters(env, two_sum):
 
 def test_failed_assert_operands_are_cut_to_100_characters(tmp_path):
     # Catches the operand cap in "AssertionError (a, b)" off by one.
-    path = write_jsonl(
-        tmp_path / "p.jsonl",
-        [{"id": "f", "prompt": "f", "entry_point": "f", "tests": "assert f(1) != 'y' * 200"}],
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    (item,) = env.train_items() + env.test_items()
+    env, item = one_problem(tmp_path, "assert f(1) != 'y' * 200")
     fb = env.score(item, fenced("def f(x):\n    return 'y' * 200")).feedback
     shown = "'" + "y" * 84 + "... (202 chars)"
     assert f"  failed: AssertionError ({shown}, {shown})" in fb
