@@ -363,3 +363,49 @@ def test_a_sync_drops_the_rollouts_kept_prefixes_even_with_no_copy_to_refresh(
         assert reply.cached_tokens > 0
         forget()
         assert len(sampler.prefix_cache) == 0
+
+
+def test_a_reply_under_the_grammar_continues_its_prefill_as_one_json_object(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With structured output on and a reflection prefill, the reply is decoded under its
+    schema from where the prefill left off: prefill and reply together are one object of
+    the schema, and a call without a schema decodes free text; with structured output off
+    a schema is ignored. Catches the schema or the prefill not handed to the grammar (it
+    would then open a second object after the prefill, or constrain nothing), a grammar
+    applied to a call that gave no schema, and a schema handed on with no grammar to hold
+    it (`generate` refuses that)."""
+    import dataclasses
+    import json
+
+    import yaml
+
+    from resd.generation.schemas import reflection_schema
+
+    opener = '{"reasoning":"'
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"reflection_prefill": opener}))
+    cfg = load_config(
+        path,
+        [f"model={tiny_model_dir}", "device=cpu", "generation_dtype=null", "temperature=1.0",
+         "structured_output=on"],
+    )  # fmt: skip
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    sampler = PolicySampler(
+        cfg, load_model(str(tiny_model_dir), device="cpu"), tokenizer, Parallel()
+    )
+    assert sampler.structured and sampler.prefills["reflection"] == opener
+    schema = reflection_schema(["strat-00001"], 160)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    for reply in sampler.replies(prompts, "reflection", 700, seeds=[0, 1], schema=schema):
+        assert reply.text.startswith(opener) and reply.finished
+        assert json.loads(reply.text, strict=False).keys() == schema["properties"].keys()
+    free = sampler.replies(prompts, "reflection", 8, seeds=[0, 1])
+    constrained = sampler.replies(prompts, "reflection", 8, seeds=[0, 1], schema=schema)
+    assert [r.token_ids for r in free] != [r.token_ids for r in constrained]
+    # structured output off: a schema is ignored (no grammar to hold it), not an error
+    cfg = dataclasses.replace(cfg, structured_output="off")
+    plain = PolicySampler(cfg, sampler.model, tokenizer, Parallel())
+    assert plain.grammar is None and not plain.structured
+    ignored = plain.replies(prompts, "reflection", 8, seeds=[0, 1], schema=schema)
+    assert [r.token_ids for r in ignored] == [r.token_ids for r in free]
