@@ -533,3 +533,59 @@ def test_loading_a_teacher_copy_accepts_one_name_of_tied_weights_and_refuses_mis
     save_file({**saved, "extra": torch.zeros(1)}, str(tmp_path / "long.safetensors"))
     with pytest.raises(ValueError, match="unexpected \\['extra'\\]"):
         teacher.load(tmp_path / "long.safetensors")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["distillation_mode=full", "min_ratio=0.5", "max_ratio=1.1"],
+        ["distillation_mode=topk", "topk=2", "add_tail=false", "max_ratio=1.1"],
+        ["distillation_mode=topk", "topk=2", "add_tail=true", "min_ratio=0.5", "max_ratio=1.1"],
+    ],
+)
+def test_the_update_hands_every_distillation_setting_to_the_loss(settings: list[str]) -> None:
+    """The logit-level modes distil what `self_distillation_loss` (tested on its own in
+    test_losses.py) computes from the same logits with the run's settings: α, the support
+    (top-k, with or without the tail bucket) and the ratio clip. Catches a setting the
+    update does not pass on (the clip's upper bound binds on these tables), and top-k
+    without the tail taken down the path that adds it."""
+    from resd.training.losses import self_distillation_loss
+
+    update, _, _ = make_update(*settings, "alpha=0.5", lam=1.0)
+    cfg = update.cfg
+    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(3)]
+    out = update(rollouts(), outcomes, PhaseTimer(), step=1)
+    student_table, teacher_table = tables()
+
+    def expected(max_ratio: float | None) -> float:
+        total = 0.0
+        for prompt, reply, context, distill in ROWS:
+            if distill:
+                s = student_table[torch.tensor(prompt[-1:] + reply[:-1])]
+                t = teacher_table[torch.tensor(context[-1:] + reply[:-1])]
+                total += float(self_distillation_loss(
+                    s, t, alpha=cfg.alpha, add_tail=cfg.add_tail, min_ratio=cfg.min_ratio,
+                    topk=cfg.topk if cfg.distillation_mode == "topk" else None, max_ratio=max_ratio,
+                ).sum())  # fmt: skip
+        return total / 3
+
+    assert out["sd_loss"] == pytest.approx(expected(cfg.max_ratio), rel=1e-5)
+    assert expected(cfg.max_ratio) != pytest.approx(expected(None), rel=1e-3)  # it binds
+
+
+def test_the_policy_gradients_ratio_clip_uses_the_configured_upper_bound() -> None:
+    """On a second pass over a batch the PPO ratio has moved from 1, and a positive
+    advantage's ratio is capped at 1 + `pg_clip_high`: the second pass's loss depends on
+    the bound. Catches the bound not passed on (every run would clip at the default)."""
+    outcomes = [
+        Outcome("item-0", 1.0, 1.0),
+        Outcome("item-1", 0.0, 0.0),
+        Outcome("item-2", 0.5, 0.5),
+    ]
+    losses = []
+    for high in ("0.0", "100.0"):
+        update, _, _ = make_update(
+            "update_epochs=2", f"pg_clip_high={high}", "pg_clip_low=1.0", lam=0.0, lr=2.0
+        )
+        losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["pg_loss"])
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3), losses
