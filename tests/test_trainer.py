@@ -942,3 +942,36 @@ def test_a_lora_adapter_starts_from_the_runs_seed(tiny_model_dir, tmp_path):
         weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_bfloat16_master_weights_are_warned_about_and_float32_is_not(
+    tiny_model_dir, tmp_path, caplog
+):
+    """bfloat16 master weights silently lose most small updates: a run asking for them is
+    told so, once, before it costs anything; the default float32 run is not.
+    Catches the warning given for the wrong dtype, or never given (trainer mutant 373)."""
+    Trainer(config(tiny_model_dir, tmp_path / "f32"))
+    assert "dtype: bfloat16 master weights" not in caplog.text
+    Trainer(config(tiny_model_dir, tmp_path / "bf16", "dtype=bfloat16"))
+    assert caplog.text.count("dtype: bfloat16 master weights round away updates") == 1
+
+
+def test_a_push_goes_to_hub_model_id_or_else_to_the_run_folders_name(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The Hub cannot be reached here: the upload itself is replaced by one that records
+    where it was sent. Without `hub_model_id` the model goes to a repo named as the run's
+    folder; with it, there. Catches a push sent to no name (trainer mutant 418)."""
+    import resd.training.trainer as trainer_module
+
+    sent: list[tuple[Path, str]] = []
+    monkeypatch.setattr(
+        trainer_module, "push_to_hub", lambda folder, repo_id: sent.append((folder, repo_id))
+    )
+    out = tmp_path / "parity-run"
+    trainer = Trainer(config(tiny_model_dir, out, "push_to_hub=true"))
+    trainer.save_model()
+    trainer.save_model(push=False)  # a save that is not a push (every checkpoint's kind)
+    trainer.cfg.hub_model_id = "me/parity"
+    trainer.save_model()
+    assert sent == [(out, "parity-run"), (out, "me/parity")]
