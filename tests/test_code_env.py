@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from typing import Any
 
 import pytest
 
@@ -370,13 +371,21 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def one_problem(tmp_path, tests, name: str = "p", **env_args) -> tuple[CodeEnv, Item]:
-    """A code environment of one problem, `f` with these tests, all of it for training
-    (a 2 s budget unless `env_args` says otherwise), and that problem's item."""
-    record = {"id": "f", "prompt": "f", "entry_point": "f", "tests": tests}
-    path = write_jsonl(tmp_path / f"{name}.jsonl", [record])
+def f_problems(
+    tmp_path, tests: dict[str, Any], name: str = "p", **env_args
+) -> tuple[CodeEnv, dict[str, Item]]:
+    """A code environment whose problems all ask for `f`, one per id with its tests, all of
+    them for training (a 2 s budget unless `env_args` says otherwise), and its items by id."""
+    records = [{"id": k, "prompt": "f", "entry_point": "f", "tests": t} for k, t in tests.items()]
+    path = write_jsonl(tmp_path / f"{name}.jsonl", records)
     env = CodeEnv(path=path, test_fraction=0.0, **{"timeout_s": 2, **env_args})
-    (item,) = env.train_items() + env.test_items()
+    return env, {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+
+
+def one_problem(tmp_path, tests, name: str = "p", **env_args) -> tuple[CodeEnv, Item]:
+    """`f_problems` with one problem, and that problem's item."""
+    env, items = f_problems(tmp_path, {"f": tests}, name, **env_args)
+    (item,) = items.values()
     return env, item
 
 
@@ -661,15 +670,7 @@ def test_forged_and_setup_failures_are_reported_not_raised(tmp_path):
     # such; a multi-line assert's own message reaches the feedback.
     tests = "import json\nfor x in range(2):\n    assert f(x) == x, f'off at {x}'"
     broken = "import no_such_module_for_resd\nassert f(1) == 1"
-    path = write_jsonl(
-        tmp_path / "p.jsonl",
-        [
-            {"id": "loop", "prompt": "f", "entry_point": "f", "tests": tests},
-            {"id": "broken", "prompt": "f", "entry_point": "f", "tests": broken},
-        ],
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    items = {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+    env, items = f_problems(tmp_path, {"loop": tests, "broken": broken})
     forged = "import __main__\n__main__.emit(5)\ndef f(x):\n    return x + 1"
     score = env.score(items["loop"], fenced(forged))
     assert score.reward == 0.0 and "failed: AssertionError: off at 0" in score.feedback
@@ -716,15 +717,7 @@ def test_run_tests_reports_each_cases_status(tmp_path):
     # swapped or blanked, for asserts judged here and for call cases.
     tests = "assert f(1) == 1\nassert f(2) == 3\nassert f(0)\nassert f(3) > 2"
     calls = [{"args": [1], "expected": 1}, {"args": [2], "expected": 3}]
-    path = write_jsonl(
-        tmp_path / "p.jsonl",
-        [
-            {"id": "a", "prompt": "f", "entry_point": "f", "tests": tests},
-            {"id": "c", "prompt": "f", "entry_point": "f", "tests": calls},
-        ],
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    items = {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+    env, items = f_problems(tmp_path, {"a": tests, "c": calls})
     outcomes, result = env.run_tests("def f(x):\n    return x\n", items["a"].meta)
     assert [(o["passed"], o["status"]) for o in outcomes] == [
         (True, "passed"),
@@ -818,15 +811,7 @@ def test_assert_tests_keep_every_setup_statement(tmp_path):
         "import math\nSCALE = 2\n\ndef check(candidate):\n"
         "    assert math.isclose(candidate(2), 2 * SCALE / 2)\n\ncheck(f)\n"
     )
-    path = write_jsonl(
-        tmp_path / "p.jsonl",
-        [
-            {"id": "flat", "prompt": "f", "entry_point": "f", "tests": flat},
-            {"id": "check", "prompt": "f", "entry_point": "f", "tests": check},
-        ],
-    )
-    env = CodeEnv(path=path, test_fraction=0.0, timeout_s=2)
-    items = {it.meta["name"]: it for it in env.train_items() + env.test_items()}
+    env, items = f_problems(tmp_path, {"flat": flat, "check": check})
     assert items["flat"].meta["prologue"] == "import math\nimport json"
     assert items["check"].meta["prologue"] == "import math\nSCALE = 2\ncandidate = __resd_entry__"
     for name, item in items.items():
