@@ -619,3 +619,164 @@ def test_the_chunked_head_soft_caps_logits_as_the_models_own_forward_does() -> N
                         after_step=lambda: None, total_steps=4)  # fmt: skip
         losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["sd_loss"])
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_the_polynomial_schedule_ends_at_transformers_lr_end() -> None:
+    """`polynomial` is transformers' schedule for an optimizer at the run's rate: it decays
+    linearly from `lr` to its `lr_end` (1e-7) over the run, so at lr = 1e-6 each step runs
+    at (lr − 1e-7)·(1 − t/5) + 1e-7 (4 steps, decays ending one step after the last).
+    Catches the multiplier taken from an optimizer at another rate (it was built at 1.0,
+    which decayed to lr·1e-7 instead: 2e-7 in place of 2.8e-7 at the last step here)."""
+    update, _, _ = make_update("lr_scheduler_type=polynomial", lam=1.0, lr=1e-6)
+    expected = [(1e-6 - 1e-7) * (1 - t / 5) + 1e-7 for t in range(1, 5)]
+    assert [update.lr(t) for t in range(1, 5)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_policy_gradients_ratio_clip_uses_the_configured_lower_bound() -> None:
+    """On a second pass a negative advantage's ratio has fallen below 1, and it is floored
+    at 1 − `pg_clip_low`: at 0 the floor binds, at 1 it never does. Catches the bound not
+    passed on (every run would clip at the default 0.2)."""
+    outcomes = [
+        Outcome("item-0", 1.0, 1.0),
+        Outcome("item-1", 0.0, 0.0),
+        Outcome("item-2", 0.5, 0.5),
+    ]
+    losses = []
+    for low in ("0.0", "1.0"):
+        update, _, _ = make_update(
+            "update_epochs=2", f"pg_clip_low={low}", "pg_clip_high=100.0", lam=0.0, lr=2.0
+        )
+        losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["pg_loss"])
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3), losses
+
+
+def test_the_sampled_mode_floors_the_teachers_log_probs_at_min_ratio() -> None:
+    """`distillation_mode=sampled` with `min_ratio` m: the teacher's log-prob of each token
+    is raised to at least log π_θ + log m before the advantage is taken, as in the logit
+    modes. Catches `min_ratio` not handed to the sampled loss (the floor binds here)."""
+    update, _, _ = make_update("min_ratio=0.9", lam=1.0)
+    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(3)]
+    out = update(rollouts(), outcomes, PhaseTimer(), step=1)
+    terms = sd_terms(*tables())
+    floored = [(s, torch.maximum(t, s + torch.log(torch.tensor(0.9)))) for s, t in terms]
+    expected = sum(sampled_losses(s, t).sum() for s, t in floored) / 3
+    unfloored = sum(sampled_losses(s, t).sum() for s, t in terms) / 3
+    assert out["sd_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() != pytest.approx(unfloored.item(), rel=1e-3)  # the floor binds
+
+
+def test_without_the_samplers_log_probs_the_logged_gap_is_zero() -> None:
+    """A sampler that returned no log-probs leaves no token to measure the trainer's
+    log-prob gap on: the metric is 0, not a made-up value. Catches another default."""
+    update, _, _ = make_update(lam=0.5)
+    outcomes = [Outcome(f"item-{i}", r, r) for i, r in enumerate([0.0, 1.0, 0.0])]
+    out = update(rollouts(), outcomes, PhaseTimer(), step=1)
+    assert out["rollout_logprob_gap"] == 0.0 and out["sd_loss"] != 0.0
+
+
+def test_in_lockstep_pure_distillation_runs_no_reference_forward() -> None:
+    """At λ = 1 there is no policy-gradient token anywhere in the batch, so even a rank in
+    lockstep skips the reference model (its KL term belongs to the policy gradient), and
+    the loss is the plain run's. Catches the lockstep rank running the PG side, and the
+    reference's forward with it, on a batch without PG tokens."""
+    outcomes = [Outcome(f"item-{i}", r, r) for i, r in enumerate([0.0, 1.0, 0.0])]
+    plain, _, _ = make_update("kl_coef=0.5", lam=1.0, with_reference=True)
+    expected = plain(rollouts(), outcomes, PhaseTimer(), step=1)
+    update, _, _ = make_update("kl_coef=0.5", lam=1.0, with_reference=True, parallel=Lockstep())
+    out = update(rollouts(), outcomes, PhaseTimer(), step=1)
+    assert update.reference.copy.forwards == 0
+    assert out == pytest.approx(expected, rel=1e-6)
+
+
+class Twin(Parallel):
+    """This process as one of two ranks that hold the same three rollouts (the global batch
+    is six): every sum over ranks is twice this rank's value."""
+
+    def sum(self, value: float) -> float:
+        return 2 * value
+
+
+def test_a_rank_of_two_reports_the_whole_batchs_losses() -> None:
+    """Each rank's loss is its share of the batch loss (half, here), and the logged losses
+    are the shares summed over the ranks: the one-process values of the same rows, with
+    the token count of the whole batch. Catches the losses logged as this rank's share."""
+    outcomes = [Outcome(f"item-{i}", r, r) for i, r in enumerate([0.0, 1.0, 0.0])]
+    plain, _, _ = make_update(lam=0.25)
+    expected = plain(rollouts({0: [-1.0, -2.0]}), outcomes, PhaseTimer(), step=1)
+    update, _, _ = make_update(lam=0.25, parallel=Twin())
+    out = update(rollouts({0: [-1.0, -2.0]}), outcomes * 2, PhaseTimer(), step=1)
+    for key in ("loss", "sd_loss", "pg_loss", "rollout_logprob_gap", "teacher_advantage"):
+        assert out[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert (out["tokens"], expected["tokens"]) == (6, 3)
+
+
+def test_left_padded_rows_get_the_logits_of_their_own_unpadded_forward() -> None:
+    """`response_logits` left-pads rows of different lengths into one batch; each row's
+    window must be the logits the model gives that row alone. On a model with learned
+    absolute position embeddings (a tiny random GPT-2) that needs every row's positions
+    to start at 0 at its first real token. Catches positions counted from 1 (or across
+    the padding), which rotary models (Llama, Qwen) cannot show."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from resd.training.update import response_logits
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()  # eval: no dropout
+    rows = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    with torch.no_grad():
+        got = response_logits(model, rows, 2, 0)
+        for row, ids in enumerate(rows):
+            own = model(input_ids=torch.tensor([ids])).logits[0, -3:-1]
+            torch.testing.assert_close(got[row], own, rtol=1e-5, atol=1e-5)
+
+
+def test_the_chunked_head_scores_the_teacher_with_the_teachers_own_output_layer() -> None:
+    """With `loss_chunk_size` the update turns hidden states into logits itself: the
+    student's with the student's output layer, the teacher's with the teacher's. After
+    the student moved (its output layer here), a base teacher still has the starting
+    one, and the loss must be the one from both models' own logits. Catches the
+    teacher's hidden states put through the student's output layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(3)]
+    losses = []
+    for chunk in ("null", "4"):
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+        teacher = Teacher(model, "base")
+        with torch.no_grad():  # the student has moved since the teacher was copied
+            model.lm_head.weight.mul_(-2.0)
+        cfg = load_config(None, [
+            "warmup_steps=0", "max_grad_norm=0", "distillation_mode=full", "alpha=1.0",
+            "pack_rows=false", "autocast=none", "rollouts_per_prompt=3", "micro_batch_size=2",
+            "lr=0", f"loss_chunk_size={chunk}",
+        ])  # fmt: skip
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        update = Update(cfg, model, optimizer, teacher, None, Parallel(), 0, 1.0,
+                        after_step=lambda: None, total_steps=4)  # fmt: skip
+        losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["sd_loss"])
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_a_topk_as_wide_as_the_vocabulary_distils_over_all_of_it_at_any_batch_size() -> None:
+    """Top-k with the tail at k = 5, the whole vocabulary: the tail is empty, so the loss
+    is full mode's, in a micro-batch of 6 distilled rows with a 6-token reply (more rows
+    and more positions than k). Catches the fast top-k path chosen by comparing k with the
+    batch's rows or positions instead of the vocabulary: with an empty tail its gradient
+    is NaN and the step stops."""
+    rows = [
+        rollout(i, p, [2, 3, 4, 1, 2, 3] if i == 0 else y, teacher_ids=t, distill=True)
+        for i, (p, y, t, _) in enumerate(ROWS * 2)
+    ]
+    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(6)]
+    losses = []
+    for mode in (["distillation_mode=topk", "topk=5", "add_tail=true"], ["distillation_mode=full"]):
+        update, _, _ = make_update(*mode, "alpha=1.0", "micro_batch_size=6", lam=1.0)
+        losses.append(update(rows, outcomes, PhaseTimer(), step=1)["sd_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[1] > 0

@@ -172,7 +172,8 @@ class Update:
         if self._schedule is None:
             from transformers import get_scheduler
 
-            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            # at the run's rate: `polynomial`'s multiplier depends on it (it ends at lr_end)
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.cfg.lr)
             self._schedule = get_scheduler(
                 self.cfg.lr_scheduler_type, dummy, num_warmup_steps=self.cfg.warmup_steps,
                 num_training_steps=self.total_steps + 1,
