@@ -125,6 +125,10 @@ def test_settings_checked_against_each_other():
     with pytest.raises(ConfigError, match=r"^hub_model_id: expected"):
         load_config(None, ["push_to_hub=true", "hub_model_id=bad name!!"])  # found after training
     assert load_config(None, ["push_to_hub=true", "hub_model_id=me/resd-qwen_0.5b"]).push_to_hub
+    with pytest.raises(ConfigError, match=r"^lr_scheduler_type: polynomial .* lr > 1e-7"):
+        load_config(None, ["lr_scheduler_type=polynomial", "lr=1e-8"])  # failed in step 1
+    assert load_config(None, ["lr_scheduler_type=polynomial", "lr=2e-7"]).lr == 2e-7
+    assert load_config(None, ["lr_scheduler_type=linear", "lr=0"]).lr == 0.0
 
 
 def test_yaml_spellings_a_user_writes_mean_what_they_say(tmp_path):

@@ -354,6 +354,11 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.lr_scheduler_type == "polynomial" and self.lr <= 1e-7:
+            raise ConfigError(  # transformers refuses it too, but only at the first step
+                "lr_scheduler_type: polynomial decays to transformers' lr_end of 1e-7, so it "
+                f"needs lr > 1e-7, got lr={self.lr}"
+            )
         if self.generation_compile and self.generation_cache != "static":
             raise ConfigError(
                 "generation_compile: needs generation_cache: static (decoding is compiled "
