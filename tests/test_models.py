@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import shutil
 import sys
 import tempfile
@@ -20,10 +21,12 @@ from resd.models import (
     autocast_dtype,
     bundled_gguf,
     cache_dir,
+    fast_bfloat16,
     join_chunks,
     load_model,
     load_tokenizer,
     pick_device,
+    resolve_dtype,
     resolve_model_path,
 )
 
@@ -332,3 +335,153 @@ def test_a_bundled_model_without_the_gguf_package_says_how_to_get_it(
     with pytest.raises(ModuleNotFoundError, match=r"needs the `gguf` package: pip install"):
         resolve_model_path("smollm2-135m")
     assert not (tmp_path / "cache" / "models").exists()
+
+
+def _write_gguf(model_dir: Path, path: Path) -> None:
+    """The tiny model as an F32 GGUF with its BPE tokenizer and chat template, in the
+    layout llama.cpp writes a Llama in (the shape of the bundled SmolLM2)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config, bpe = model.config, json.loads((model_dir / "tokenizer.json").read_text())["model"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<") and t.endswith(">") else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_chat_template(AutoTokenizer.from_pretrained(model_dir).chat_template)
+    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    for key, tensor in model.model.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "layers":
+            name = f"blk.{parts[1]}.{layer['.'.join(parts[2:-1])]}.weight"
+        else:
+            name = {"embed_tokens": "token_embd", "norm": "output_norm"}[parts[0]] + ".weight"
+        writer.add_tensor(name, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_chunked_bundled_gguf_is_converted_once_into_a_plain_model_folder(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundled model's first use, on the tiny model shipped as a GGUF in two chunks of an
+    installed package. Catches a converted folder that keeps the GGUF quantisation config,
+    one whose tokenizer keeps the GGUF's 1e30 length, a conversion that fails after its
+    rename, the joined GGUF left in the cache, a temporary folder made in TMPDIR (which is
+    not renamed into the cache from another filesystem), and an empty folder left by an
+    interrupted copy taken for the converted model."""
+    pytest.importorskip("gguf")
+    _write_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    site = tmp_path / "site"
+    (site / "resd_test_chunks").mkdir(parents=True)
+    (site / "resd_test_chunks" / "part01.bin").write_bytes(data[: len(data) // 2])
+    (site / "resd_test_chunks" / "part02.bin").write_bytes(data[len(data) // 2 :])
+    info = site / "resd_test_chunks-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: resd-test-chunks\nVersion: 1.0\n")
+    (info / "RECORD").write_text("resd_test_chunks/part01.bin,,\nresd_test_chunks/part02.bin,,\n")
+    monkeypatch.syspath_prepend(str(site))
+    spec = BundledModel(("resd-test-chunks",) * 2, ("part01.bin", "part02.bin"), 4096,
+                        sha256=hashlib.sha256(data).hexdigest(), size=len(data))  # fmt: skip
+    monkeypatch.setitem(BUNDLED_MODELS, "tiny-gguf", spec)
+    monkeypatch.setenv("RESD_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "cache" / "models" / "tiny-gguf"
+    target.mkdir(parents=True)  # empty, as an interrupted copy leaves it
+
+    shm = Path("/dev/shm")  # TMPDIR on another filesystem, where this machine has one
+    other = shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev
+    tmpdir = Path(tempfile.mkdtemp(dir=shm if other else tmp_path))
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(tempfile, "tempdir", str(tmpdir))
+            assert resolve_model_path("tiny-gguf") == str(target)
+        assert list(tmpdir.iterdir()) == []
+    finally:
+        shutil.rmtree(tmpdir)
+    assert (target / "config.json").is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["tiny-gguf"]  # no temporary folder
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # the joined GGUF is gone
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    model = load_model("tiny-gguf", device="cpu")
+    original = load_model(str(tiny_model_dir), device="cpu")
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    tok = load_tokenizer("tiny-gguf")
+    assert tok.model_max_length == 4096
+    assert tok.get_vocab() == load_tokenizer(str(tiny_model_dir)).get_vocab()
+
+
+def test_a_template_that_fails_only_in_its_generation_prompt_is_refused_at_load(
+    tiny_model_dir: Path,
+) -> None:
+    """Every prompt is rendered with the generation prompt, so the check at load renders
+    one too: catches a check without it, which passes such a template and leaves the
+    error to the first prompt, after the model has loaded."""
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}{{ raise_exception('no turn') }}{% endif %}"
+    )
+    with pytest.raises(ValueError, match=r"^chat_template: the chat template cannot render"):
+        load_tokenizer(str(tiny_model_dir), chat_template=template)
+
+
+def test_a_missing_folder_in_the_home_directory_is_refused_as_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~/name` is a folder in the user's home, never a Hub id: catches a missing one handed
+    to the Hub (a network error there) instead of said to be missing."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^model: no such folder '~/mine'"):
+        resolve_model_path("~/mine")
+    (tmp_path / "home" / "mine").mkdir(parents=True)
+    assert resolve_model_path("~/mine") == str((tmp_path / "home" / "mine").resolve())
+
+
+def test_a_checkpoints_own_generation_length_is_dropped_on_load(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Some checkpoints ship `max_length: 20` in generation_config.json; resd passes
+    `max_new_tokens` to every generate call, which then warns at each call that both are
+    set: catches a loaded model that keeps the checkpoint's length."""
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    generation = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    generation["max_length"] = 20
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps(generation))
+    assert load_model(str(tmp_path / "model"), device="cpu").generation_config.max_length is None
+
+
+def test_auto_precision_is_float32_on_a_device_kind_without_known_bf16_kernels() -> None:
+    """Only a CUDA GPU or a CPU with oneDNN's bf16 kernels is known to run bf16 fast:
+    catches `auto` choosing bf16 weights and autocast on any other kind of device."""
+    meta = torch.device("meta")
+    assert fast_bfloat16(meta) is False
+    assert resolve_dtype("auto", meta) == "float32"
+    assert autocast_dtype(meta, "auto") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_cuda_is_used_as_named_and_auto_precision_follows_the_card() -> None:
+    """Catches a named CUDA device refused where there is one, and a GPU's bf16 support
+    not asked (`auto` would then train in float32 on a card with bf16 kernels)."""
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    assert fast_bfloat16("cuda") is torch.cuda.is_bf16_supported()
+    expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    assert resolve_dtype("auto", "cuda") == expected
