@@ -119,6 +119,31 @@ def test_a_row_without_reward_or_score_counts_as_a_failure() -> None:
     assert again.item.id == given.item.id  # one prompt, one item: the solution buffer's key
 
 
+def test_a_reply_cut_at_max_tokens_is_given_to_the_trainer_unfinished(tmp_path) -> None:
+    """A served reply that hit max_tokens (finish_reason "length") reaches the trainer as an
+    unfinished generation, one that ended on EOS as finished: the step's `truncated` metric
+    counts the cut replies, and a conversation-layout reflection shows a cut reply whole
+    (an ended one without its EOS). Catches every stored reply given as finished (it was:
+    the learner's `truncated` read 0 and a cut reply lost its last token)."""
+    store = Store(str(tmp_path / "resd.db"))
+    try:
+        store.add_version("v0", parent=None, step=0)
+        for completion_id, reason in (("chatcmpl-cut", "length"), ("chatcmpl-ended", "stop")):
+            store.record_interaction(
+                completion_id=completion_id, model_version="v0", model_name=MODEL,
+                messages=PROMPT_MESSAGES, params={}, response="yes", prompt_token_ids=[1, 2],
+                response_token_ids=[3, 4], response_logprobs=None, finish_reason=reason,
+            )  # fmt: skip
+            store.record_feedback(completion_id, source="user", reward=0.0, score=None,
+                                  feedback="Wrong: it has odd length.")  # fmt: skip
+        given = {row.completion_id: given_rollout(row) for row in store.unconsumed(10)}
+    finally:
+        store.close()
+    cut, ended = given["chatcmpl-cut"].gen, given["chatcmpl-ended"].gen
+    assert (cut.finished, cut.content_ids) == (False, [3, 4])
+    assert (ended.finished, ended.content_ids) == (True, [3])
+
+
 @pytest.fixture
 def tiny_served(tiny_model_dir):
     return load_served_model(str(tiny_model_dir), version="v0", name=MODEL, dtype="float32")
@@ -176,17 +201,22 @@ def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
     tiny_model_dir, tmp_path, tiny_served
 ):
     """`--learn-min-rows` may be the config's batch_size itself (not only less), and 0 is
-    refused; a guard that is not told otherwise serves only a step that did not fall. After
-    a step the database's cursor says which step consumed rows and what it served."""
+    refused; a guard that is not told otherwise serves only a step that did not fall, so
+    one that holds level is served (here the guard metric is `items`, the number of
+    held-out items: the same at every evaluation; a guard that served only a rise kept it
+    off), and the step's record holds the served version's score it was held against.
+    After a step the database's cursor says which step consumed rows and what it served."""
     with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, _):
         with pytest.raises(ValueError, match=r"^--learn-min-rows: 0 is not in 1\.\.4"):
             Learner.from_config(path, store=running.store, holder=running.holder,
                                 output_dir=tmp_path / "zero", min_rows=0)  # fmt: skip
         learner = Learner.from_config(path, store=running.store, holder=running.holder,
-                                      output_dir=tmp_path / "four", min_rows=4)  # fmt: skip
+                                      output_dir=tmp_path / "four", min_rows=4,
+                                      guard_metric="items")  # fmt: skip
         assert (learner.settings.min_rows, learner.settings.guard_tolerance) == (4, 0.0)
         record = learner.step_once()
         assert record is not None and record["rows"] == 4
+        assert (record["accuracy"], record["served_accuracy"], record["served"]) == (2.0, 2.0, True)
         cursor = running.store.get_state("cursor")
         assert cursor == {"step": 1, "version": record["version"]}
 

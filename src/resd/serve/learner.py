@@ -61,13 +61,15 @@ def given_rollout(row: TrainingRow) -> GivenRollout:
 
     Identical prompts share an item id, so the solution buffer can hold a success for a
     prompt that users send again. A row without a reward counts as a failure unless its
-    score is perfect; a row without a score takes its reward as the score.
+    score is perfect; a row without a score takes its reward as the score. A reply the
+    server cut at max_tokens (finish_reason "length") is an unfinished generation.
     """
     key = hashlib.sha1(json.dumps(row.messages, sort_keys=True).encode()).hexdigest()[:12]
     item = Item(id=f"served/{key}", messages=list(row.messages))
     reward = row.reward if row.reward is not None else float((row.score or 0.0) >= 1.0)
     score = row.score if row.score is not None else reward
-    gen = Generation(list(row.response_token_ids), row.response, True, row.response_logprobs)
+    finished = row.finish_reason == "stop"
+    gen = Generation(list(row.response_token_ids), row.response, finished, row.response_logprobs)
     return GivenRollout(item, list(row.prompt_token_ids), gen, Score(reward, score, row.feedback))
 
 

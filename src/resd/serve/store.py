@@ -134,6 +134,7 @@ class TrainingRow:
     score: float | None
     feedback: str
     source: str
+    finish_reason: str = "stop"  # "length": the reply was cut at max_tokens, not ended by EOS
 
 
 _JSON = sa.JSON(none_as_null=True)  # None is SQL NULL, not the JSON text 'null'
@@ -542,6 +543,7 @@ class Store:
                 response_token_ids=it[interactions.c.response_token_ids],
                 response_logprobs=it[interactions.c.response_logprobs], reward=fb[feedback.c.reward],
                 score=fb[feedback.c.score], feedback=fb[feedback.c.feedback], source=fb[feedback.c.source],
+                finish_reason=it[interactions.c.finish_reason],
             ))  # fmt: skip
         return out
 
