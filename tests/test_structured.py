@@ -19,6 +19,7 @@ import torch
 
 from resd.config import ConfigError
 from resd.generation.budget import (
+    SENTENCE_WINDOW_TOKENS,
     ArrayRoom,
     FieldCloser,
     ForcedText,
@@ -1005,3 +1006,164 @@ def test_path_tail_reserves_the_longest_rest_of_the_reply_exactly():
         assert path_tail(schema, path, len) is None, path
     unbounded = {"type": "object", "properties": {"s": {"type": "string"}}}  # no maxLength
     assert path_tail(unbounded, ("s",), len) is None
+
+
+def test_forced_text_keeps_the_longest_piece_and_only_pieces_a_token_crosses_after():
+    """`":[` where the only token that goes on past it opens an item (`":[{"`): the
+    longest piece `":` stays allowed, so `[` and `]}` (an empty list) can still be
+    written after it; `"` does not, since no token crosses the end after it (`:[` is a
+    token, but one that ends exactly there chooses nothing). A rule without the longest
+    piece left only the item (the empty list gone, as when `":[` alone was forced); one
+    that took a token ending at the text's end for one that crosses it let `"` in."""
+    spellings = [b'"', b'":', b":[", b'":[{"', b"[", b"]}"]
+    token_of = {t: i for i, t in enumerate(spellings)}
+    closer = FieldCloser([None], 100, spellings, torch.zeros(len(spellings), dtype=torch.bool),
+                         forced_text=ForcedText(token_of))  # fmt: skip
+    scores = torch.zeros(1, len(spellings))
+    assert closer.force_structure(0, '":[', scores)
+    allowed = {spellings[i] for i in torch.isfinite(scores[0]).nonzero().flatten().tolist()}
+    assert allowed == {b'":', b'":[{"'}
+
+
+def test_forced_text_never_offers_a_token_past_the_models_logits():
+    """A spelling whose token id is the scores' width (a token the model has no logit
+    for) is never offered, by the forced-text token sets nor by the fallback to the
+    longest piece: indexing it would raise. The token sets are built once per text and
+    device, not once per step; a sampled token with no spelling is skipped."""
+    forced = ForcedText({b'"': 0, b'",x': 3, b'",': 4, b"y": 1})
+    closer = FieldCloser([lambda path: None], 100, [b'"', b"y", b"z"],
+                         torch.zeros(3, dtype=torch.bool), forced_text=forced)  # fmt: skip
+    scores = torch.zeros(1, 3)  # logits for tokens 0..2 only
+    assert forced.tokens(b'",x', scores).tolist() == []  # `",x` and `",` lie past the logits
+    assert forced.tokens(b'",x', scores) is forced.tokens(b'",x', scores)  # cached
+    assert closer.force_structure(0, '",x', scores)  # the fallback: the longest piece in range
+    assert torch.isfinite(scores[0]).tolist() == [True, False, False]
+    closer.accept(0, 3)  # a token past the spelled vocabulary moves the cursor nowhere
+    assert closer.cursors[0].stack == [] and closer.cursors[0].path is None
+
+
+def test_only_text_that_ends_a_sentence_closes_a_string_before_its_deadline():
+    """With the default `sentence_window` (SENTENCE_WINDOW_TOKENS), a string whose text
+    has just ended a sentence closes one token before its deadline. A string holding only
+    a space has ended no sentence, and a string just opened starts afresh: the sentence
+    the previous string ended and its characters do not carry over (an empty string may
+    not close at all). A row without a schema may have a prefill beside one with a
+    schema. A closer with no window, or one that carried a string's state into the next,
+    or that began a string as a sentence end, fails here; so does one that, built
+    without array rooms or forced text (both optional), raised."""
+    spellings = [b"x", b".", b'"', b'"}', b'",']  # the last spelled token closes a string
+    quotes = torch.tensor([t.startswith(b'"') for t in spellings])
+    tails = {("a",): 10, ("c",): 10}
+    deadline = 100 - SAFETY_TOKENS - 10
+    closing = {b'"', b'"}', b'",'}
+
+    def narrowed(prefill: str, generated: int) -> set[bytes]:
+        closer = FieldCloser([None, lambda path: tails.get(path)], 100, spellings, quotes,
+                             prefills=["Lessons: ", prefill])  # fmt: skip
+        scores = torch.zeros(2, len(spellings))
+        closer.narrow(0, scores, generated)
+        closer.narrow(1, scores, generated)
+        assert torch.isfinite(scores[0]).all()  # the free row is never narrowed
+        return {spellings[i] for i in torch.isfinite(scores[1]).nonzero().flatten().tolist()}
+
+    assert narrowed('{"a":"x. ', deadline - 1) == closing
+    assert narrowed('{"a":"x. ', deadline - SENTENCE_WINDOW_TOKENS) == closing
+    assert narrowed('{"a":"x. ', deadline - SENTENCE_WINDOW_TOKENS - 1) == set(spellings)
+    assert narrowed('{"a":" ', deadline - 1) == set(spellings)  # a space ends no sentence
+    assert narrowed('{"a":"x. ","c":" ', deadline - 1) == set(spellings)
+    assert narrowed('{"a":"x. ","c":"', deadline + 5) == set(spellings)  # empty: stays open
+    # built without array rooms or forced text, it leaves arrays and structure to the grammar
+    assert narrowed('{"a":"x","l":[', deadline + 5) == set(spellings)
+    bare = FieldCloser([lambda path: 10], 100, spellings, quotes)
+    scores = torch.zeros(1, len(spellings))
+    assert not bare.force_structure(0, '","', scores) and torch.isfinite(scores).all()
+
+
+def test_json_cursor_holds_a_string_open_to_the_last_byte_of_an_escape():
+    """A closing quote may follow an escape only once it is whole: `\\n` after its second
+    byte, `\\u00e9` after its sixth. A cursor that counted the four hex digits two at a
+    time allowed the quote inside `\\u00e9`; one that read every escape as `\\u` held the
+    string open four bytes after a `\\n`."""
+    for escape, whole_after in ((b"\\n", 2), (b"\\u00e9", 6), (b'\\"', 2)):
+        cursor = _JsonCursor()
+        cursor.feed(b'{"a":"x')
+        closable = []
+        for b in escape:
+            cursor.feed(bytes([b]))
+            closable.append(cursor.closable())
+        assert closable == [n + 1 == whole_after for n in range(len(escape))], escape
+        assert cursor.path == ("a",)
+
+
+def test_json_cursor_counts_the_items_of_an_array_of_numbers():
+    """In an array of numbers (fixed items, like tags) an item is begun by its first
+    digit and the next one only after a comma: the digits after the first neither begin
+    an item nor count as one. A cursor that counted every byte, or took every byte in an
+    array for a comma, would let a full array's number run on as another item."""
+    cursor = _JsonCursor()
+    cursor.feed(b'{"n":[12')
+    assert cursor.stack[1][1:] == [0, 1]  # item 0 has begun
+    assert not cursor.begins_item(1, b"3") and not cursor.begins_item(1, b"]}")
+    assert cursor.begins_item(1, b",") and cursor.begins_item(1, b",4")
+    cursor.feed(b",345")
+    assert cursor.stack[1][1:] == [1, 2] and cursor.array_path(1) == ("n",)
+    assert cursor.path is None and cursor.field is None  # no string is open
+    cursor.feed(b'],"s":"x')
+    assert cursor.path == ("s",) and cursor.field == "s" and cursor.closable()
+    root = _JsonCursor()  # a reply that is itself an array
+    root.feed(b"[1,")
+    assert root.innermost_array() == 0 and root.array_path(0) == ()
+    assert root.begins_item(0, b"2") and not root.begins_item(0, b"]")
+
+
+def test_path_tail_reserves_an_anyof_at_its_costliest_shape_structure_or_text():
+    """Of an `anyOf`'s shapes the reserve takes the costliest, structure at two
+    characters a token and text at three: a 32-character constant shape (16 tokens)
+    outweighs a 19-character shape with 6 characters of text (11.5), and is reserved
+    as written. A measure that weighed text at three tokens a character reserved the
+    smaller shape, and one that misspelled the constant reserved the wrong length."""
+    long = {"type": "object", "properties": {"type": {"const": "A-LONG-CONSTANT-NAME"}}}
+    short = {"type": "object", "properties": {"t": {"const": "B"},
+             "s": {"type": "string", "maxLength": 6}}}  # fmt: skip
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string", "maxLength": 3}, "x": {"anyOf": [short, long]}}}  # fmt: skip
+    assert path_tail(schema, ("a",), len) == len('{"x":{"type":"A-LONG-CONSTANT-NAME"}}')
+
+
+def test_a_cut_inside_an_operation_counts_under_its_innermost_key():
+    """A lesson closed at its deadline counts as a cut of `content`, and a MERGE's `ids`
+    (fixed items inside an operation) closed for want of room as one of `ids`: the
+    innermost key, not `operations` around them."""
+    spellings = [b'"', b"]", b",", b"x"]
+    starts = lambda c: torch.tensor([t.startswith(c) for t in spellings])  # noqa: E731
+    room = ArrayRoom(after=1, item_bytes=20)
+    closer = FieldCloser([lambda path: None], 40, spellings, starts(b'"'),
+                         rooms=[lambda path: room if path[-1] == "ids" else None],
+                         bracket_starts=starts(b"]"))  # fmt: skip
+    closer.cursors[0].feed(b'{"operations":[{"type":"MERGE","ids":["a"')
+    assert closer.cursors[0].array_choice
+    scores = torch.zeros(1, len(spellings))
+    closer.narrow(0, scores, generated=20)
+    assert torch.isfinite(scores[0]).tolist() == [False, True, False, False]
+    assert closer.cut == {"ids": 1} and closer.rows_cut == [1]
+    # given no bracket tokens it cannot close the array: left to the grammar, not counted
+    blind = FieldCloser([lambda path: None], 40, spellings, starts(b'"'),
+                        rooms=[lambda path: room if path[-1] == "ids" else None])  # fmt: skip
+    blind.cursors[0].feed(b'{"operations":[{"type":"MERGE","ids":["a"')
+    scores = torch.zeros(1, len(spellings))
+    blind.narrow(0, scores, generated=20)
+    assert torch.isfinite(scores).all() and not blind.cut and blind.rows_cut == [0]
+    lesson = FieldCloser([lambda path: 10], 40, spellings, starts(b'"'),
+                         prefills=['{"operations":[{"type":"ADD","content":"x'])  # fmt: skip
+    scores = torch.zeros(1, len(spellings))
+    lesson.narrow(0, scores, generated=30)
+    assert torch.isfinite(scores[0]).tolist() == [True, False, False, False]
+    assert lesson.cut == {"content": 1}
+
+
+def test_array_room_is_none_for_a_path_off_the_schema():
+    """`array_room`, like `path_tail`, answers None for a path the schema does not hold
+    (a key it does not have, an index into an object) rather than raising."""
+    schema = reflection_schema(IDS, 256)
+    for path in (("nope",), ("reasoning", 0), ("bullet_tags", "id")):
+        assert array_room(schema, path, len) is None, path
