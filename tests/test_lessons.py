@@ -292,6 +292,38 @@ def test_structured_replies_are_asked_under_each_calls_schema(tiny_model_dir, tm
     assert lessons._schema(reflection_schema, 10, PlaybookView()) is None
 
 
+def test_the_conversation_layout_begins_each_prompt_with_the_rollouts_own_tokens(
+    tiny_model_dir, tmp_path
+):
+    """`reflection_layout: conversation`: the reflection and tagging prompts begin with the
+    rollout's prompt and reply tokens as they were sampled (here "hehe" as four letters,
+    which re-tokenizes as two tokens), so the sampler's prefix cache matches them. The
+    prompt layout quotes the task and the attempt in a fresh prompt instead.
+    Catches: heads not passed (the reply re-tokenized: the cache misses), the layout ignored,
+    the task left out of the quoted prompt."""
+    from resd.generation.hf import chat_prompt_ids
+
+    for layout in ("conversation", "prompt"):
+        lessons, sampler = make_lessons(tiny_model_dir, tmp_path / layout,
+                                        f"reflection_layout={layout}",
+                                        script={"reflection": [reflection()], "tag": [HELPFUL_TAG]})  # fmt: skip
+        tokenizer = lessons.tokenizer
+        rollouts = [rollout(0, feedback="odd"), rollout(1, reward=1.0)]
+        for r in rollouts:
+            r.prompt_ids = chat_prompt_ids(tokenizer, r.item.messages)
+            r.gen = Generation([*tokenizer.convert_tokens_to_ids(list("hehe")), 3], "hehe", True)
+        assert tokenizer("hehe", add_special_tokens=False)["input_ids"] != r.gen.content_ids
+        counts, _ = reflect(lessons, rollouts)
+        assert counts["reflections"] == 1 and counts["tag_replies"] == 1
+        for kind, r in (("reflection", rollouts[0]), ("tag", rollouts[1])):
+            (prompt,) = sampler.asked(kind)[0]["prompts"]
+            head = [*r.prompt_ids, *r.gen.content_ids]
+            text = tokenizer.decode(prompt)
+            assert (prompt[: len(head)] == head) == (layout == "conversation"), kind
+            assert f"Task {r.item.id}: reply with an even length." in text and "hehe" in text
+            assert text.count("Task task/") == 1  # the task is shown once, either way
+
+
 # ---- curate -----------------------------------------------------------------------------------
 def curate(lessons: Lessons, rollouts: list[Rollout], step: int = 1):
     counts, changes = reflect(lessons, rollouts, step)
@@ -388,6 +420,69 @@ def test_the_playbook_is_pruned_only_when_over_its_budget(tiny_model_dir, tmp_pa
     assert len(lessons.playbook) == 2 and len(changes.removed) == 1
 
 
+def test_a_playbook_at_its_budget_keeps_even_a_harmful_entry(tiny_model_dir, tmp_path):
+    """The over-budget prune runs only over the budget: at exactly `playbook_max_entries` a
+    harmful entry waits for the every-F prune. Catches `>` read as `>=` (a full playbook
+    pruned on every step)."""
+    lessons, _ = make_lessons(tiny_model_dir, tmp_path, "playbook_max_entries=2",
+                              script={"reflection": [reflection()], "curation": [add()]})  # fmt: skip
+    lessons.playbook.entries["strat-00001"].harmful = 5
+    _, changes = curate(lessons, [rollout(0)], step=3)
+    assert len(lessons.playbook) == 2 and changes.removed == []
+    assert lessons.playbook.entries["strat-00001"].category == "harmful"
+
+
+def test_pruning_follows_the_playbook_policy_and_draws_from_the_runs_seed(tiny_model_dir, tmp_path):
+    """`playbook_policy` reaches both prunes: every F updates, `random` drops even a fresh
+    unused entry that `staleness` keeps one more step; over the budget, `random` picks the
+    helpful entries to drop from the run's seed, so two seeds drop different ones and one
+    seed drops the same. Catches the policy or the seed not passed to `Playbook.prune`."""
+    for policy in ("staleness", "random"):
+        lessons, _ = make_lessons(tiny_model_dir, tmp_path / policy, "playbook_prune_every=1",
+                                  f"playbook_policy={policy}")  # fmt: skip
+        fresh = lessons.playbook.add("Others", "A fresh lesson about the length of replies.", 2)
+        changes = PlaybookChanges()
+        lessons.prune(2, changes)
+        assert changes.removed == ([fresh] if policy == "random" else [])
+    dropped = {}
+    for run, seed in (("a", 1), ("b", 2), ("c", 1)):
+        lessons, _ = make_lessons(tiny_model_dir, tmp_path / run, "playbook_policy=random",
+                                  "playbook_max_entries=4", f"seed={seed}")  # fmt: skip
+        for n in range(8):
+            lessons.playbook.add("Others", f"Lesson number {n}: check the length of replies.")
+        for entry in lessons.playbook.entries.values():
+            entry.helpful = 1
+        changes = PlaybookChanges()
+        lessons.curate([], 3, Counter(), changes)
+        assert len(lessons.playbook) == 4 and len(changes.removed) == 5
+        dropped[run] = changes.removed
+    assert dropped["a"] == dropped["c"] and dropped["a"] != dropped["b"]
+
+
+def test_an_algorithm_without_a_playbook_never_prunes_one(tiny_model_dir, tmp_path):
+    """SDPO loads no lessons into any prompt, so the every-F prune leaves `playbook_init`
+    alone and reports no removals. Catches the prune's `algo.playbook` check dropped."""
+    lessons, _ = make_lessons(tiny_model_dir, tmp_path, "playbook_prune_every=1",
+                              "playbook_policy=random", algorithm="sdpo")  # fmt: skip
+    lessons.playbook.add("Others", "A fresh lesson about the length of replies.", 2)
+    changes = PlaybookChanges()
+    lessons.prune(2, changes)
+    assert changes.removed == [] and len(lessons.playbook) == 2
+
+
+def test_a_near_duplicate_lesson_is_skipped_unless_similarity_is_off(tiny_model_dir, tmp_path):
+    """`playbook_similarity` (0.6 by default) skips a lesson that rewords one already in
+    the playbook; `null` lets it in. Catches the setting not reaching the playbook."""
+    reworded = "Count the characters of the reply before you send it."
+    for similarity, added in (("0.6", 1), ("null", 2)):
+        lessons, _ = make_lessons(tiny_model_dir, tmp_path / similarity,
+                                  f"playbook_similarity={similarity}", script={
+            "reflection": [reflection()] * 2, "curation": [add(), add(reworded)]})  # fmt: skip
+        _, changes = curate(lessons, [rollout(0), rollout(1)])
+        assert len(changes.added) == added
+        assert changes.applied["ops_skipped_near_duplicate"] == 2 - added
+
+
 def test_without_reflection_the_curator_reads_the_failures_feedback(tiny_model_dir, tmp_path):
     """The no-reflection ablation curates from each failure's feedback; a failure with
     no feedback, and a success, give the curator nothing."""
@@ -419,6 +514,22 @@ def test_single_call_lessons_skip_the_curator(tiny_model_dir, tmp_path):
     assert counts["curation_parse_failures"] == 1 and rollouts[0].curation_reply == json.dumps(one)
 
 
+def test_single_call_needs_both_a_reflection_and_a_playbook(tiny_model_dir, tmp_path):
+    """`lesson_calls: one` folds curation into the reflection only where both exist:
+    without reflection the curator still writes lessons from the feedback, and without a
+    playbook the reflector is not asked for operations that nothing would apply.
+    Catches `single_call` dropping either condition."""
+    lessons, sampler = make_lessons(tiny_model_dir, tmp_path / "norefl", "lesson_calls=one",
+                                    algorithm="resd_no_reflection", script={"curation": [add()]})  # fmt: skip
+    _, changes = curate(lessons, [rollout(0, feedback="too long by one")])
+    assert [c["kind"] for c in sampler.calls] == ["curation"] and changes.added == ["err-00002"]
+    lessons, sampler = make_lessons(tiny_model_dir, tmp_path / "nopb", "lesson_calls=one",
+                                    algorithm="resd_no_playbook", script={"reflection": [reflection()]})  # fmt: skip
+    counts, _ = curate(lessons, [rollout(0, feedback="odd")])
+    assert [c["kind"] for c in sampler.calls] == ["reflection"] and counts["curations"] == 0
+    assert '"operations"' not in lessons.tokenizer.decode(sampler.calls[0]["prompts"][0])
+
+
 # ---- solutions and the teacher ------------------------------------------------------------------
 def test_the_first_success_per_item_is_remembered_and_returned(tiny_model_dir, tmp_path):
     """By global order, not this process's list order; only RESD keeps a buffer."""
@@ -430,6 +541,21 @@ def test_the_first_success_per_item_is_remembered_and_returned(tiny_model_dir, t
     sdpo, _ = make_lessons(tiny_model_dir, tmp_path / "sdpo", algorithm="sdpo")
     assert sdpo.remember_solutions(rollouts) == {"a": "first", "c": "c!"}
     assert len(sdpo.buffer) == 0
+
+
+def test_solution_buffer_keep_latest_replaces_an_items_solution_with_its_newest(
+    tiny_model_dir, tmp_path
+):
+    """`solution_buffer_keep: latest` (the release's buffer) holds each item's newest
+    success; the default `first` keeps the first for good. Catches the setting not reaching
+    the buffer (every run kept the first)."""
+    for keep, expected in (("latest", "newer"), ("first", "older")):
+        lessons, _ = make_lessons(tiny_model_dir, tmp_path / keep, f"solution_buffer_keep={keep}")
+        lessons.remember_solutions([rollout(0, reward=1.0, item="a", text="older")])
+        assert lessons.remember_solutions([rollout(0, reward=1.0, item="a", text="newer")]) == {
+            "a": "newer"
+        }
+        assert lessons.buffer.get("a") == expected
 
 
 def test_teacher_prompts_hold_the_playbook_and_keep_the_system_message(tiny_model_dir, tmp_path):
@@ -450,6 +576,30 @@ def test_teacher_prompts_hold_the_playbook_and_keep_the_system_message(tiny_mode
     peer = rollout(2, item="task/0", feedback="odd length")
     sdpo.teacher_prompts([peer], {"task/0": "abcd"})
     assert "Keep replies short." not in peer.teacher_prompt and "abcd" in peer.teacher_prompt
+
+
+def test_the_teacher_is_shown_the_task_the_attempt_its_reflection_and_a_solution(
+    tiny_model_dir, tmp_path
+):
+    """RESD's teacher prompt holds every slot of the failed rollout, each in its own block:
+    the task, the attempt, the feedback, the reflection and the buffered success; with
+    `teacher_feedback_with_solution: false` the feedback gives way to the solution.
+    Catches a slot not passed to the template, and the setting not reaching the context."""
+    for with_feedback in (True, False):
+        lessons, _ = make_lessons(tiny_model_dir, tmp_path / str(with_feedback),
+                                  f"teacher_feedback_with_solution={str(with_feedback).lower()}",
+                                  script={"reflection": [reflection()], "tag": [HELPFUL_TAG]})  # fmt: skip
+        lessons.remember_solutions([rollout(5, reward=1.0, item="task/0", text="abcd")])
+        failed = rollout(0, feedback="odd length")
+        reflect(lessons, [failed])
+        lessons.teacher_prompts([failed], {})
+        shown = failed.teacher_prompt
+        for slot, text in (("prompt", "Task task/0: reply with an even length."),
+                           ("previous_trial", "abc"),
+                           ("reflection", "Error: odd length\nKey insight: count the characters"),
+                           ("successful_trial", "abcd")):  # fmt: skip
+            assert f"<{slot}>\n{text}" in shown, slot
+        assert ("<feedback>\nodd length" in shown) == with_feedback
 
 
 # ---- the reflector settings --------------------------------------------------------------------
@@ -511,6 +661,7 @@ class ChatServer:
         self.requests: list[dict[str, Any]] = []
         self.finish, self.cached = finish, cached
         self.barrier: threading.Barrier | None = None
+        self.nulls = False  # send null for the reply's text and its cached-token count
         self.in_flight, self.most_in_flight, self.lock = 0, 0, threading.Lock()
         server = self
 
@@ -554,6 +705,12 @@ class ChatServer:
         if self.cached is not None:  # servers without a prefix cache send no details
             reply["usage"] = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11,
                               "prompt_tokens_details": {"cached_tokens": self.cached}}  # fmt: skip
+        if self.nulls:
+            reply["choices"][0]["message"]["content"] = None
+            reply.setdefault(
+                "usage", {"prompt_tokens": 9, "completion_tokens": 0, "total_tokens": 9}
+            )
+            reply["usage"]["prompt_tokens_details"] = {"cached_tokens": None}
         return reply
 
     def close(self) -> None:
@@ -619,6 +776,16 @@ def test_remote_reflector_settings_and_a_reply_cut_short(tiny_model_dir, monkeyp
     assert server.requests[0]["temperature"] == 0.0
 
 
+def test_a_reflector_setting_left_null_takes_its_default(tiny_model_dir, chat_server):
+    """`timeout:`, `temperature:` or `max_concurrency:` left empty in YAML (null) passes
+    check_reflector as unset, so it takes its default; the reflector raised TypeError from
+    float(None) when the run built its lessons. The bug this test was written for."""
+    settings = {"timeout": None, "temperature": None, "max_concurrency": None, "api_key_env": None}
+    assert check_reflector({"base_url": "http://h/v1", "model": "m", **settings}) is None
+    reflector = remote(tiny_model_dir, settings, chat_server())
+    assert (reflector.client.timeout, reflector.temperature, reflector.workers) == (120, 0.7, 8)
+
+
 def test_remote_reflector_sends_a_batch_concurrently(tiny_model_dir, chat_server):
     """`max_concurrency` requests are in flight together, so a batching server decodes
     them together: here each request waits for the other three (it would time out if sent
@@ -648,3 +815,59 @@ def test_local_reflector_prompts_begin_with_each_rows_head(tiny_model_dir, tmp_p
     assert seen == [[3], [4]] and sampler.calls[0]["prompts"] == [[1, 2], [1, 2]]
     local.replies([[{"role": "user", "content": "a"}]] * 2, "reflection", 4, [1, 2], None)
     assert seen[2:] == [None, None]
+
+
+def test_remote_reflector_reads_a_null_reply_and_cached_count_as_empty_and_zero(
+    tiny_model_dir, chat_server
+):
+    """OpenAI-compatible servers may send `content: null` (an empty or refused reply) and
+    `cached_tokens: null`; the row reads as an empty reply (a parse failure the step
+    counts), not a crash of the whole step. Catches `content or ""` and `or 0` dropped."""
+    server = chat_server()
+    server.nulls = True
+    reflector = remote(tiny_model_dir, {}, server)
+    (gen,) = reflector.replies([[{"role": "user", "content": "a"}]], "reflection", 9, [3], None)
+    assert (gen.text, gen.token_ids, gen.cached_tokens, gen.finished) == ("", [], 0, True)
+
+
+def test_a_remote_reflector_without_the_openai_package_names_what_to_install(
+    tiny_model_dir, monkeypatch
+):
+    """Without `openai` installed, asking for a `reflector:` server says which extra to
+    install instead of failing later with a NameError. Catches the re-raise dropped."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'resd\[serve\]'"):
+        RemoteReflector({"base_url": "http://127.0.0.1:9/v1", "model": "m"}, None,
+                        structured_output="auto", temperature=0.0)  # fmt: skip
+
+
+def test_a_tokenizer_that_adds_a_bos_token_does_not_have_it_counted(
+    tiny_model_dir, tmp_path, chat_server
+):
+    """Llama-style tokenizers put a BOS token before any text they encode by default. A
+    playbook entry's cost under a reader's budget, and the tokens of a remote reply (the
+    step's token metrics), are the text's own tokens: the BOS is not counted. Catches
+    `add_special_tokens=False` dropped (a budget that fits the playbook exactly would lose
+    an entry; every remote reply would count one token too many)."""
+    from tokenizers.processors import TemplateProcessing
+
+    lessons, _ = make_lessons(tiny_model_dir, tmp_path, "teacher_playbook_tokens=1")
+    tokenizer = lessons.tokenizer
+    bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    assert tokenizer("abc")["input_ids"][0] == bos  # a BOS by default, as Llama's tokenizers
+    entry = lessons.playbook.entries["strat-00001"]
+    lessons.cfg.teacher_playbook_tokens = (
+        len(tokenizer(entry.line(), add_special_tokens=False)["input_ids"]) + 1
+    )  # the entry's line and its newline: exactly the budget
+    assert lessons.view("teacher").ids == ["strat-00001"]
+    server = chat_server()
+    reflector = remote(tiny_model_dir, {}, server)
+    reflector.tokenizer = tokenizer
+    (gen,) = reflector.replies([[{"role": "user", "content": "a"}]], "tag", 9, [3], None)
+    assert gen.token_ids == tokenizer("reply 1", add_special_tokens=False)["input_ids"]
+    assert bos not in gen.token_ids

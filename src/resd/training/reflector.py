@@ -107,6 +107,9 @@ class RemoteReflector:
                 "reflector: talking to an OpenAI-compatible server needs the 'openai' package "
                 "(pip install 'resd[serve]')"
             ) from exc
+        # a setting left null (`timeout:` with no value) takes its default, as
+        # check_reflector reads it; float(None) would raise here
+        settings = {k: v for k, v in settings.items() if v is not None}
         key_env = settings.get("api_key_env")
         api_key = os.environ.get(key_env, "") if key_env else ""
         if key_env and not api_key:
