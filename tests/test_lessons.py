@@ -250,7 +250,8 @@ def test_a_reader_over_its_budget_is_shown_the_best_entries_and_the_rest_counted
 
 def test_student_playbook_goes_before_the_last_user_turn_only(tiny_model_dir, tmp_path):
     """`student_playbook`: the lessons open the last user message; the item's own messages
-    are left as they were, and an empty playbook or an algorithm without one adds nothing."""
+    are left as they were, and an empty playbook, one whose entries all exceed the teacher's
+    budget, or an algorithm without one adds nothing."""
     item = Item("chat", [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
                          {"role": "user", "content": "second"}])  # fmt: skip
     lessons, _ = make_lessons(tiny_model_dir, tmp_path / "resd", "student_playbook=true")
@@ -259,6 +260,9 @@ def test_student_playbook_goes_before_the_last_user_turn_only(tiny_model_dir, tm
     assert shown[2]["content"].startswith("Lessons from earlier tasks:\n## Strategies")
     assert shown[2]["content"].endswith("Keep replies short.\n\nsecond")
     assert item.messages[2]["content"] == "second"
+    lessons.cfg.teacher_playbook_tokens = 1  # no entry fits: no empty "Lessons" header either
+    assert lessons.student_messages(item) == item.messages
+    lessons.cfg.teacher_playbook_tokens = None
     lessons.playbook = Playbook()
     assert lessons.student_messages(item) == item.messages
     sdpo, _ = make_lessons(

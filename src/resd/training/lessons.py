@@ -131,7 +131,10 @@ class Lessons:
         """
         if not (self.cfg.student_playbook and self.algo.playbook and len(self.playbook)):
             return item.messages
-        lessons = f"Lessons from earlier tasks:\n{self.view('teacher').text}\n\n"
+        view = self.view("teacher")
+        if not view.text:  # no entry fits the budget: no header with nothing under it
+            return item.messages
+        lessons = f"Lessons from earlier tasks:\n{view.text}\n\n"
         messages = [dict(m) for m in item.messages]
         last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
         messages[last_user]["content"] = lessons + messages[last_user]["content"]
