@@ -511,6 +511,25 @@ def test_fused_terms_with_more_positions_than_vocabulary(monkeypatch):
     torch.testing.assert_close(fused_s.grad, ref_s.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_fused_terms_with_topk_as_wide_as_the_vocabulary_are_the_full_loss():
+    """`topk` ≥ the vocabulary means every token, as in `self_distillation_loss`. The fused
+    path gave the right loss at k = V but a NaN gradient (its tail bucket was empty: 0·∞ in
+    the backward), and an index error for k > V."""
+    g = torch.Generator().manual_seed(2)
+    s0 = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    t = s0 + torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 9, (2, 4), generator=g)
+    ref_s = s0.clone().requires_grad_(True)
+    self_distillation_loss(ref_s, t, alpha=0.5, topk=None, min_ratio=0.2).sum().backward()
+    for k in (9, 12):
+        fused_s = s0.clone().requires_grad_(True)
+        terms = topk_distillation_terms(fused_s, t, ids, topk=k, alpha=0.5, min_ratio=0.2)
+        terms.loss.sum().backward()
+        ref = self_distillation_loss(s0, t, alpha=0.5, topk=None, min_ratio=0.2)
+        torch.testing.assert_close(terms.loss, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused_s.grad, ref_s.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_support_logprobs_gradient_and_its_floor():
     """The hand-written backward passes `gradcheck`, also where the floor clamps most of
     the tail (a peaked row); with −inf logits outside the support the tail is finite and

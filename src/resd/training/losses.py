@@ -430,6 +430,8 @@ def support_logprobs(
     """
     if (topk is None) == (support is None):
         raise ValueError("support_logprobs: give exactly one of topk and support")
+    if topk is not None:  # k ≥ V: the whole vocabulary, as the top V − 1 and a tail of one
+        topk = min(topk, logits.shape[-1] - 1)  # (an empty tail's gradient is 0·∞)
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
     rows = max(1, chunk_logits(logits.device) // logits.shape[-1])
