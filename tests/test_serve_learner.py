@@ -204,8 +204,10 @@ def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
     refused; a guard that is not told otherwise serves only a step that did not fall, so
     one that holds level is served (here the guard metric is `items`, the number of
     held-out items: the same at every evaluation; a guard that served only a rise kept it
-    off), and the step's record holds the served version's score it was held against.
-    After a step the database's cursor says which step consumed rows and what it served."""
+    off). The step's record (the page's table of steps, /health's last step) holds the
+    step's logged metrics, its guard score and the served version's score it was held
+    against, under those names. After a step the database's cursor says which step
+    consumed rows and what it served."""
     with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, _):
         with pytest.raises(ValueError, match=r"^--learn-min-rows: 0 is not in 1\.\.4"):
             Learner.from_config(path, store=running.store, holder=running.holder,
@@ -216,7 +218,12 @@ def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
         assert (learner.settings.min_rows, learner.settings.guard_tolerance) == (4, 0.0)
         record = learner.step_once()
         assert record is not None and record["rows"] == 4
-        assert (record["accuracy"], record["served_accuracy"], record["served"]) == (2.0, 2.0, True)
+        [logged] = read_jsonl(tmp_path / "four" / "learner" / "metrics.jsonl")
+        assert record == {
+            "step": 1, "rows": 4, "reward": logged["reward"], "score": logged["score"],
+            "loss": logged["loss"], "playbook_size": logged["playbook_size"], "accuracy": 2.0,
+            "served_accuracy": 2.0, "served": True, "version": f"{MODEL}@step1",
+        }  # fmt: skip
         cursor = running.store.get_state("cursor")
         assert cursor == {"step": 1, "version": record["version"]}
 
@@ -406,6 +413,65 @@ def test_a_learning_server_restarted_with_another_model_is_refused(
     capsys.readouterr()
     assert main([*args, "--model", str(tmp_path / "other"), *learn]) == 2
     assert "--base-version: 'base' is recorded in this database" in capsys.readouterr().err
+
+
+def test_a_learning_server_restarted_before_its_first_step_starts_its_learner_again(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """No feedback came before the server stopped, so the learner's folder holds only the
+    starting model's evaluation: a restart on the same folder starts the learner over
+    from step 0 (scoring the starting model again, once). It was refused ("already holds
+    a run; pass --resume"): such a server could not be restarted without deleting its
+    learner folder by hand."""
+    with learning(tiny_model_dir, tmp_path, tiny_served, collect=False) as (running, path, first):
+        assert first.trainer.step == 0
+        assert [e["step"] for e in read_jsonl(tmp_path / "learner" / "eval.jsonl")] == [0]
+        restarted = Learner.from_config(path, store=running.store, holder=running.holder,
+                                        output_dir=tmp_path)  # fmt: skip
+        assert restarted.trainer.step == 0 and running.holder.current() is tiny_served
+        assert [e["step"] for e in read_jsonl(tmp_path / "learner" / "eval.jsonl")] == [0]
+
+
+def test_a_restart_after_steps_the_guard_kept_off_serves_the_base_model(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """Every step so far was kept off the server by the guard: a server restarted on the
+    same folder serves the base model it loaded, as before the restart. Catches a restart
+    that swapped in the learner's weights (under no version) once any step was taken."""
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # must gain 2: never
+        assert not learner.step_once()["served"]
+        holder = ModelHolder(tiny_served)  # the restarted server loads the base model again
+        restarted = Learner.from_config(path, store=running.store, holder=holder,
+                                        output_dir=tmp_path)  # fmt: skip
+        assert restarted.trainer.step == 1 and holder.current() is tiny_served
+
+
+def test_an_idle_learner_waits_between_polls(tiny_model_dir, tmp_path, tiny_served):
+    """With no feedback to train on, the learner's thread looks again only after
+    `poll_seconds` (2 s unless set): a second after its first look it has read the
+    waiting rows once or twice, not again and again. Catches a default poll of 0 s and a
+    loop that did not wait after an idle poll (both read the database without pause and
+    kept a core busy). The bound is loose: a busy loop reads hundreds of times."""
+    with learning(tiny_model_dir, tmp_path, tiny_served, collect=False) as (running, _, learner):
+        reads: list[str] = []
+
+        def count(_conn, _cursor, statement: str, *_args) -> None:
+            if "FROM feedback" in statement:
+                reads.append(statement)
+
+        sqlalchemy.event.listen(running.store.engine, "before_cursor_execute", count)
+        try:
+            learner.start()
+            deadline = time.monotonic() + 60
+            while not reads and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)
+            polls = len(reads)
+        finally:
+            learner.stop(timeout=120)
+            sqlalchemy.event.remove(running.store.engine, "before_cursor_execute", count)
+        assert 1 <= polls <= 3, polls
 
 
 def test_the_background_thread_learns_while_the_server_answers(

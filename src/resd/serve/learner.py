@@ -35,7 +35,7 @@ from typing import Any
 from resd.config import apply_overrides, build_config, read_yaml_mapping
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
-from resd.rundir import read_jsonl
+from resd.rundir import RUN_LOGS, read_jsonl
 from resd.serve.engine import ModelHolder, ServedModel, same_model
 from resd.serve.store import Store, TrainingRow
 from resd.training.rollout import GivenRollout
@@ -110,7 +110,7 @@ class Learner:
         guard_tolerance: float = 0.0,
     ) -> Learner:
         """Build the trainer from a train config (its run folder: `<output_dir>/learner`),
-        resuming it when that folder already holds a learner's checkpoints."""
+        resuming it when that folder already holds a learner's run."""
         run_dir = Path(output_dir) / "learner"
         data = read_yaml_mapping(path)
         # Served replies come from another copy of the weights: their ratio to the policy is
@@ -126,7 +126,9 @@ class Learner:
         if not same_model(str(cfg.model), served.source):
             log.warning("learner: the config trains %s while the server serves %s; the first "
                         "swap replaces the served model", cfg.model, served.source)  # fmt: skip
-        trainer = Trainer(cfg, resume=(run_dir / "metrics.jsonl").exists())
+        # resumed whenever the folder holds a run's logs: a server stopped before its
+        # first step leaves only the starting model's evaluation, and starts over from it
+        trainer = Trainer(cfg, resume=any((run_dir / name).exists() for name in RUN_LOGS))
         settings = LearnerSettings(min_rows or cfg.batch_size, guard_metric=guard_metric,
                                    guard_tolerance=guard_tolerance)  # fmt: skip
         learner = cls(trainer, store, holder, settings)
