@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from resd.serve.engine import (  # noqa: E402
     EngineStopped,
     GenerationEngine,
     ModelHolder,
+    PromptError,
     ServedModel,
     load_served_model,
     text_pieces,
@@ -191,6 +192,19 @@ def test_a_reply_of_at_most_max_pieces_tokens_streams_one_piece_per_token(
     assert text_pieces(served.tokenizer, ids, decoded, max_pieces=len(ids)) == each
     pairs = text_pieces(served.tokenizer, ids, decoded, max_pieces=len(ids) - 1)
     assert pairs[0] == each[0] + each[1] and len(pairs) == -(-len(ids) // 2)
+
+
+def test_a_long_reply_streams_in_at_most_256_pieces(served: ServedModel) -> None:
+    """By default a reply streams in at most 256 pieces (SSE chunks, one prefix decode
+    each): 256 tokens are one piece per token, 257 are pieces of two tokens. Catches a
+    default cap one higher, under which a 257-token reply took a decode and a chunk per
+    token."""
+    [word] = served.tokenizer("a", add_special_tokens=False)["input_ids"]  # one byte, one token
+    for n, expected in ((256, 256), (257, 129)):
+        ids = [word] * n
+        decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
+        pieces = text_pieces(served.tokenizer, ids, decoded)
+        assert len(pieces) == expected and "".join(pieces) == decoded, n
 
 
 def test_streaming_through_openai_client(server: Running) -> None:
@@ -359,6 +373,7 @@ def test_feedback_idempotency_and_conflicts(server: Running) -> None:
 
     missing = server.post("/v1/feedback", {**note, "completion_id": "chatcmpl-nope"})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "completion_id"
+    assert missing.json()["error"]["code"] == "completion_not_found"  # what a client branches on
 
 
 # ---- rejected requests ----------------------------------------------------------------------------------
@@ -510,6 +525,37 @@ def test_response_format_options_are_checked_and_recorded(
         )
         assert running.post("/v1/chat/completions", good).status_code == 200
         assert _counts(running) == (2, 0)
+
+
+def test_a_json_object_reply_opens_a_json_object(server: Running) -> None:
+    """`response_format: {"type": "json_object"}` decodes under the schema of any JSON
+    object: every reply opens one (the tiny model's replies are cut at max_tokens before
+    they close it). Catches json_object decoded under a schema that names no type, which
+    lets any JSON value through (a number, a string, a list)."""
+    pytest.importorskip("xgrammar")
+    for seed in range(6):
+        reply = chat(server, seed=seed, max_tokens=3, response_format={"type": "json_object"})
+        content = reply.choices[0].message.content
+        assert content.lstrip().startswith("{"), (seed, content)
+
+
+def test_a_background_server_restarts_at_once_on_the_port_it_used(
+    served: ServedModel, tmp_path: Path
+) -> None:
+    """A notebook stops its server and starts another on the same port straight away: the
+    stopped server's closed connections (left waiting on that port) do not block the new
+    one, as with uvicorn's own binding. Catches the socket bound without SO_REUSEADDR."""
+    store = Store(str(tmp_path / "resd.db"))
+    try:
+        app = create_app(ModelHolder(served), store, api_key=None, model_name=MODEL)
+        with BackgroundServer(app) as first, httpx.Client() as client:
+            assert client.get(f"{first.url}/health").status_code == 200
+            port = first.port
+            first.stop()  # the server closes the open connection: the port's side waits
+        with BackgroundServer(app, port=port) as again:
+            assert httpx.get(f"{again.url}/health", timeout=30).status_code == 200
+    finally:
+        store.close()
 
 
 def _raw_post(running: Running, path: str, body: bytes) -> httpx.Response:
@@ -686,6 +732,33 @@ def test_a_request_arriving_within_the_batch_wait_joins_the_batch(served: Served
         second = engine.submit(MESSAGES, seed=1)
         assert first.result(timeout=60).token_ids and second.result(timeout=60).token_ids
         assert engine.batch_sizes == [2]
+    finally:
+        engine.stop()
+
+
+def test_messages_the_chat_template_refuses_fail_alone_and_are_not_generated(
+    served: ServedModel, tiny_model_dir: Path
+) -> None:
+    """Many chat templates raise on messages they do not take (roles out of order): that
+    request fails with a PromptError giving the template's reason, no batch runs for it,
+    and the worker goes on serving. Catches a refused request still handed to the model
+    (with an empty prompt, its future already failed)."""
+    from resd.models import load_tokenizer
+
+    refuse = ("{% if messages[0]['role'] == 'assistant' %}"
+              "{{ raise_exception('a conversation opens with the user') }}{% endif %}")  # fmt: skip
+    picky = load_tokenizer(
+        str(tiny_model_dir), chat_template=refuse + served.tokenizer.chat_template
+    )
+    engine = GenerationEngine(ModelHolder(replace(served, tokenizer=picky)), max_new_tokens=2,
+                              autocast=None)  # fmt: skip
+    engine.start()
+    try:
+        refused = engine.submit([{"role": "assistant", "content": "hi"}], seed=0)
+        with pytest.raises(PromptError, match="refused them: a conversation opens with the user"):
+            refused.result(timeout=30)
+        assert engine.submit(MESSAGES, seed=1).result(timeout=30).token_ids
+        assert engine.batch_sizes == [1]
     finally:
         engine.stop()
 
@@ -979,7 +1052,8 @@ def test_page_shows_interactions_playbook_and_curve(page_server: Running) -> Non
     assert "Check the SUM twice &lt;b&gt;bold&lt;/b&gt;" in html and "first lesson" in html
     assert response.id in html and "off by one &amp; more" in html
     assert "<svg" in html and "<polyline" in html and 'http-equiv="refresh"' not in html
-    assert "refresh" in httpx.get(f"{page_server.url}/").text
+    # unless asked otherwise the page reloads itself every 10 s (a mutant made it 11)
+    assert '<meta http-equiv="refresh" content="10">' in httpx.get(f"{page_server.url}/").text
     health = httpx.get(f"{page_server.url}/health").json()
     assert health["learner"]["steps"] == 2 and health["learner"]["running"] is True
 
@@ -1134,6 +1208,28 @@ def test_cli_refuses_bad_options_before_loading_the_model(
     assert loads == [] and not (tmp_path / "out").exists()
 
 
+def test_cli_takes_the_ports_at_the_ends_of_the_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ports 1 and 65535 pass the range check and go on to be listened on (here the model
+    load after it fails with a message). Catches a range check that refused port 1."""
+    import resd.serve.engine
+    from resd.cli import main
+
+    def load(model: str, **_kwargs: Any) -> ServedModel:
+        raise ValueError(f"the model load was reached for {model}")
+
+    monkeypatch.setattr(resd.serve.engine, "load_served_model", load)
+    for port in (1, 65535):
+        code = main(["serve", "--model", "unused", "--output-dir", str(tmp_path / "out"),
+                     "--port", str(port)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "--port: must be" not in err, err
+        # bound and let go, then the model load; or (without the rights) named as such
+        assert ("the model load was reached for unused" in err
+                or f"cannot listen on 127.0.0.1:{port}" in err), err  # fmt: skip
+
+
 def test_cli_names_a_port_in_use_before_loading_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1176,6 +1272,13 @@ def test_cli_names_a_database_that_cannot_be_opened(
     err = capsys.readouterr().err
     assert "resd: error: --db: postgresql+psycopg://resd:***@db.invalid/resd" in err, err
     assert "pip install 'psycopg[binary]'" in err and "secret" not in err
+
+    # without --db the database is <output-dir>/resd.db, and its error names that option
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "resd.db").write_text(text)
+    assert main(["serve", "--model", "unused", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "resd: error: --output-dir: cannot open " in err and "file is not a database" in err, err
     assert loads == []
 
 

@@ -3,7 +3,11 @@ the server and the learner call it (feedback rules, the learner's rows, state, s
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,21 @@ def test_feedback_rejects_what_the_learner_could_not_train_on(store: Store) -> N
     assert low["reward"] == 0.0 and low["score"] == 1.0 and isinstance(low["reward"], float)
 
 
+def test_feedback_that_keeps_colliding_is_an_error_naming_it(store: Store) -> None:
+    """A first post that collides with another one (the database refuses the insert) is
+    read back and retried; one that never gets through is a RuntimeError naming the
+    completion and the source, not a silent None. Catches the error dropped after the
+    last try. (A trigger makes the database refuse every insert.)"""
+    _interaction(store, "chatcmpl-a")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON feedback BEGIN SELECT RAISE(ABORT, 'taken'); END"
+        )
+    with pytest.raises(RuntimeError, match=r"^feedback on chatcmpl-a from 'user': kept colliding"):
+        _post(store, "chatcmpl-a")
+    assert store.counts()["feedback"] == 0
+
+
 # ---- the learner's rows ------------------------------------------------------------------------------
 def test_unconsumed_rows_come_oldest_first_up_to_the_limit_and_leave_once_marked(
     store: Store,
@@ -128,6 +147,17 @@ def test_unconsumed_rows_come_oldest_first_up_to_the_limit_and_leave_once_marked
     assert store.get_state("cursor") == {"feedback_id": ids[2]} and store.unconsumed(10) == []
     steps = {f["id"]: f["consumed_step"] for f in store.interaction("chatcmpl-b")["feedback"]}
     assert steps == {ids[0]: 7, ids[2]: 7}
+
+
+def test_the_learners_rows_are_values_it_cannot_change(store: Store) -> None:
+    """A TrainingRow is what the database held when the learner read it: read-only, so no
+    step can rewrite the reward it trains on. Catches the dataclass made mutable."""
+    _interaction(store, "chatcmpl-a")
+    _post(store, "chatcmpl-a")
+    [row] = store.unconsumed(10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.reward = 0.0  # type: ignore[misc]
+    assert row.reward == 1.0
 
 
 def test_learner_state_is_none_until_set_and_then_replaced(store: Store) -> None:
@@ -181,6 +211,20 @@ def test_add_version_keeps_accuracy_and_note_unless_given(store: Store) -> None:
 
 
 # ---- opening, schema and migrations -----------------------------------------------------------------------
+def test_without_sqlalchemy_the_store_names_the_serve_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An install with the web packages but not SQLAlchemy: importing the store says which
+    package is missing and how to install the extra. Catches the import error swallowed
+    (the module then failed later with a NameError about `sa`)."""
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # what Python does for a missing one
+    monkeypatch.delitem(sys.modules, "resd.serve.store")  # put back after the test
+    with pytest.raises(
+        ImportError, match=r"needs sqlalchemy; install it with: pip install 'resd\[serve\]'"
+    ):
+        importlib.import_module("resd.serve.store")
+
+
 def test_a_plain_path_creates_its_folder_and_an_in_memory_store_works(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "resd.db"
     opened = Store(str(path))
@@ -196,6 +240,28 @@ def test_a_plain_path_creates_its_folder_and_an_in_memory_store_works(tmp_path: 
     _interaction(memory, "chatcmpl-a")
     assert memory.counts()["interactions"] == 1 and memory.schema_version() == 1
     memory.close()
+
+
+def test_sqlite_memory_spelled_out_is_one_database_for_every_thread() -> None:
+    """`sqlite:///:memory:` is the same in-memory database as `sqlite://`: one connection
+    shared by the server's request threads and the learner's. Catches the long spelling
+    taken as a file database, where each thread opened its own empty database (no tables)."""
+    memory = Store("sqlite:///:memory:")
+    memory.add_version("base", parent=None, step=0)
+    _interaction(memory, "chatcmpl-a")
+    seen: list[Any] = []
+
+    def count() -> None:
+        try:
+            seen.append(memory.counts()["interactions"])
+        except Exception as exc:  # an empty database of its own: no such table
+            seen.append(exc)
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    thread.join()
+    memory.close()
+    assert seen == [1]
 
 
 def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -> None:
@@ -246,11 +312,67 @@ def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -
     }  # fmt: skip
 
 
+def test_the_columns_the_page_and_the_learner_search_by_are_indexed(tmp_path: Path) -> None:
+    """The page reads the newest completions (by `created_at`) and the learner the feedback
+    no step has used (`consumed_step` NULL) on every poll: both are indexed, so neither
+    scans a table of a long-running server. Catches an index left out of the schema."""
+    path = tmp_path / "resd.db"
+    Store(str(path)).close()
+    engine = sa.create_engine(sqlite_url(path))
+    inspector = sa.inspect(engine)
+    indexed = {
+        table: [i["column_names"] for i in inspector.get_indexes(table)]
+        for table in ("interactions", "feedback")
+    }
+    engine.dispose()
+    assert indexed == {"interactions": [["created_at"]], "feedback": [["consumed_step"]]}
+
+
+def test_a_server_database_url_makes_no_folder_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an SQLite file gets its folder made: the database path of a PostgreSQL URL
+    names no local folder (here nothing listens, so opening it fails). Catches a store
+    that made `sub/` in the working folder for `postgresql+psycopg://.../sub/db`."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ModuleNotFoundError, sa.exc.OperationalError)):  # no driver, or no server
+        Store("postgresql+psycopg://user@127.0.0.1:1/sub/db")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_foreign_keys_are_enforced(store: Store) -> None:
     """SQLite and PostgreSQL must reject the same rows: an interaction of an unknown version."""
     with pytest.raises(sa.exc.IntegrityError):
         _interaction(store, "chatcmpl-a", version="never-registered")
     assert store.counts()["interactions"] == 0
+
+
+def test_a_database_holding_any_of_our_tables_but_no_version_is_refused(tmp_path: Path) -> None:
+    """Any one of our table names in a database without `schema_version` means a database
+    this code did not write: refused, not filled in around a table of another shape.
+    Catches a table left out of the names checked (a lone `feedback` table was taken)."""
+    for table in ("model_versions", "interactions", "feedback", "learner_state"):
+        path = tmp_path / f"{table}.db"
+        engine = sa.create_engine(sqlite_url(path))
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE TABLE {table} (id TEXT)")
+        engine.dispose()
+        with pytest.raises(SchemaVersionError, match="no schema_version"):
+            Store(str(path))
+
+
+def test_an_empty_schema_version_table_is_not_taken_for_a_version(tmp_path: Path) -> None:
+    """A `schema_version` table with no row says nothing about the database's shape: it is
+    refused (no migration leads to version 1), not used as if it were at version 1.
+    Catches an empty table read as version 1."""
+    path = tmp_path / "resd.db"
+    Store(str(path)).close()
+    engine = sa.create_engine(sqlite_url(path))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM schema_version")
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match="schema version 0; no migration to version 1"):
+        Store(str(path))
 
 
 def test_an_older_database_is_migrated_in_one_transaction(
