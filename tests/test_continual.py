@@ -382,6 +382,11 @@ def test_two_stage_run(tiny_model_dir, tmp_path, shared_data_dir, capsys, one_th
     assert main(["continual", "--config", str(path), "seed=3"]) == 0
     printed = capsys.readouterr().out
     assert "forgetting:" in printed and "backward transfer:" in printed and "ifeval" in printed
+    # progress lines and where the result went (catches each print dropped, and a stage
+    # trained from scratch announced as resuming)
+    assert "[continual] stage 1 (parity): training" in printed
+    assert "[continual] row 2: evaluating ifeval" in printed
+    assert printed.rstrip().endswith(f"continual: {out / 'continual.json'}")
 
     result = json.loads((out / "continual.json").read_text())
     assert result["rows"] == ["before", "stage-1-parity", "stage-2-arithmetic"]
@@ -423,7 +428,10 @@ def test_two_stage_run(tiny_model_dir, tmp_path, shared_data_dir, capsys, one_th
     )
     assert sum(e == lesson for e in second) == 1
     assert json.loads((stage2 / "summary.json").read_text())["steps"] == 2
-    assert (out / "evals" / "row-2-ifeval.jsonl").exists()
+    # the samples file holds one JSON record a line; a row keeps each suite's per-item scores
+    samples = (out / "evals" / "row-2-ifeval.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and all(isinstance(json.loads(line), dict) for line in samples)
+    assert set(result["evaluations"][2]["ifeval"]) == {"metrics", "per_item"}
     # Each row is cached under its own index (a shifted index would hand a later row the
     # base model's numbers), and the settings a re-run is checked against are recorded.
     for k, row in enumerate(result["evaluations"]):
@@ -463,7 +471,7 @@ def test_a_lora_stage_hands_the_next_stage_a_merged_full_model(
 
 
 def test_a_stage_that_sets_its_own_playbook_does_not_carry_the_last_one_on(
-    tiny_model_dir, tmp_path, one_thread
+    tiny_model_dir, tmp_path, capsys, one_thread
 ):
     """`playbook_init` set on a stage (null: start empty) replaces the playbook the
     previous stage handed on, and a stage interrupted after a checkpoint resumes from it.
@@ -483,13 +491,44 @@ def test_a_stage_that_sets_its_own_playbook_does_not_carry_the_last_one_on(
     _, playbook, info = train_stage(plan.stages[0], 1, plan, str(tiny_model_dir), carried)
     assert info["playbook_in"] is None and info["config"]["playbook_init"] is None
     assert (info["name"], info["env"]) == ("fresh", "toy_envs:ParityEnv")
+    assert info["env_args"] == {"n_train": 2, "n_test": 1}
+    assert "[continual] stage 1 (fresh): training" in capsys.readouterr().out
     assert playbook == str(tmp_path / "cl" / "stage-1-fresh" / "playbook.json")
     # killed after its last checkpoint, before its summary: a re-run resumes the stage
     # (a fresh start would refuse to overwrite the folder's files)
     (tmp_path / "cl" / "stage-1-fresh" / "summary.json").unlink()
     model, _, info = train_stage(plan.stages[0], 1, plan, str(tiny_model_dir), carried)
     assert model == str(tmp_path / "cl" / "stage-1-fresh" / "checkpoint-1")
+    assert "[continual] stage 1 (fresh): resuming" in capsys.readouterr().out
     assert info["summary"]["steps"] == 1
+
+
+def test_a_run_that_fails_in_a_later_stage_keeps_the_rows_before_it(
+    tiny_model_dir, tmp_path, one_thread
+):
+    """continual.json is rewritten after each stage's row, so a run that fails in its
+    second stage (here a LoRA target the model lacks) keeps the first stage's row and
+    record; the output folder may sit in folders not made yet. Catches the per-stage write
+    dropped (only the row before training kept) and the folder made without its parents."""
+    from resd.analysis.continual import run_continual
+
+    out = tmp_path / "runs" / "cl"
+    parity = {"env": "toy_envs:ParityEnv", "env_args": {"n_train": 2, "n_test": 1}}
+    plan = build_plan(
+        {**PREFILLS, "model": str(tiny_model_dir), "output_dir": str(out), "batch_size": 2,
+         "inner_updates": 1, "steps": 1, "max_new_tokens": 8, "reflection_max_new_tokens": 8,
+         "curation_max_new_tokens": 8, "warmup_steps": 0, "progress": False,
+         "generation_dtype": None, "eval_samples": 1,
+         "stages": [{"name": "first", **parity},
+                    {"name": "second", **parity,
+                     "lora": {"r": 2, "alpha": 4, "target_modules": ["no_such_proj"]}}]}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no_such_proj"):
+        run_continual(plan)
+    result = json.loads((out / "continual.json").read_text())
+    assert result["rows"] == ["before", "stage-1-first"]
+    assert [s["name"] for s in result["stages"]] == ["first"]
+    assert result["accuracy"][1][0] is not None
 
 
 def test_a_row_already_evaluated_is_read_back_without_loading_the_model(tmp_path):
@@ -506,6 +545,58 @@ def test_a_row_already_evaluated_is_read_back_without_loading_the_model(tmp_path
     (tmp_path / "evals").mkdir()
     (tmp_path / "evals" / "row-1.json").write_text(json.dumps(cached))
     assert evaluate_row(plan, 1, str(tmp_path / "no-such-model")) == cached
+
+
+def test_a_stage_folder_with_a_summary_but_no_checkpoint_is_an_error(tmp_path):
+    """A stage folder holding summary.json counts as finished and is not trained again;
+    with no checkpoint in it there is no model to hand on: an error naming the folder.
+    Catches the missing-checkpoint check dropped (a model path of None handed on)."""
+    from resd.analysis.continual import train_stage
+
+    plan = build_plan({"output_dir": str(tmp_path), "stages": [{"name": "a", "env": "arithmetic"}]})
+    (tmp_path / "stage-1-a").mkdir()
+    (tmp_path / "stage-1-a" / "summary.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"stage-1-a finished without a checkpoint"):
+        train_stage(plan.stages[0], 1, plan, str(tmp_path / "no-such-model"), None)
+
+
+def test_a_bad_heldout_env_fails_the_run_before_anything_is_written(tmp_path):
+    """Every stage's and held-out suite's environment is built before the first row is
+    evaluated, so a missing data file fails the run at once, with nothing written. Catches
+    that check dropped (the run would load the model and fail only after the training)."""
+    from resd.analysis.continual import run_continual
+
+    out = tmp_path / "cl"
+    plan = build_plan(
+        {"model": str(tmp_path / "no-such-model"), "output_dir": str(out),
+         "stages": [{"name": "a", "env": "arithmetic"}],
+         "heldout": [{"name": "h", "env": "ifeval",
+                      "env_args": {"path": str(tmp_path / "missing.parquet")}}]}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"env_args\.path: no such file"):
+        run_continual(plan)
+    assert not out.exists()
+
+
+def test_a_run_whose_first_stage_fails_keeps_the_row_before_it(tmp_path):
+    """continual.json is written once the row before any training is evaluated, so a run
+    that fails in its first stage still reports that row (here read back from the row's
+    cache; the model to train does not exist). Catches that first write dropped."""
+    from resd.analysis.continual import run_continual
+
+    out = tmp_path / "cl"
+    plan = build_plan(
+        {"model": str(tmp_path / "no-such-model"), "output_dir": str(out),
+         "stages": [{"name": "a", "env": "arithmetic", "env_args": {"n_train": 2, "n_test": 1}}]}
+    )  # fmt: skip
+    before = {"a": {"metrics": {"case_mean@k": 0.25, "task_mean@k": 0.5}, "per_item": {}}}
+    (out / "evals").mkdir(parents=True)
+    (out / "evals" / "row-0.json").write_text(json.dumps(before))
+    with pytest.raises(ValueError, match="model: no such folder"):
+        run_continual(plan)
+    result = json.loads((out / "continual.json").read_text())
+    assert result["rows"] == ["before"] and result["stages"] == []
+    assert result["accuracy"] == [[0.25]] and result["evaluations"] == [before]
 
 
 def test_load_plan_errors(tmp_path):
