@@ -344,6 +344,7 @@ def test_feedback_idempotency_and_conflicts(server: Running) -> None:
     assert first.status_code == 201, first.text
     row = first.json()
     assert row["consumed_step"] is None and row["source"] == "user" and row["reward"] == 1.0
+    assert row["object"] == "resd.feedback"  # the body names its kind, as OpenAI's objects do
 
     again = server.post("/v1/feedback", note)  # a retry: the same row, nothing new
     assert again.status_code == 200 and again.json() == row
@@ -554,6 +555,31 @@ def test_a_background_server_restarts_at_once_on_the_port_it_used(
             first.stop()  # the server closes the open connection: the port's side waits
         with BackgroundServer(app, port=port) as again:
             assert httpx.get(f"{again.url}/health", timeout=30).status_code == 200
+    finally:
+        store.close()
+
+
+def test_a_page_query_of_the_wrong_type_is_an_openai_400(server: Running) -> None:
+    """`/?refresh=soon` fails the page's own parameter check: answered as every other
+    refused request, a 400 in OpenAI's error shape naming the parameter, not FastAPI's
+    422. Catches the handler of FastAPI's validation errors answering nothing (a 500)."""
+    page = httpx.get(f"{server.url}/?refresh=soon", headers=server.headers(), timeout=30)
+    assert page.status_code == 400, page.text
+    error = page.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (
+        "query.refresh", "invalid_value", "invalid_request_error"
+    )  # fmt: skip
+
+
+def test_the_app_holds_its_engine_store_and_holder(served: ServedModel, tmp_path: Path) -> None:
+    """A notebook holding only the app reaches what it serves through `app.state` (its
+    engine, store and model holder). Catches them left off."""
+    store = Store(str(tmp_path / "resd.db"))
+    try:
+        holder = ModelHolder(served)
+        engine = GenerationEngine(holder)
+        app = create_app(holder, store, api_key=None, model_name=MODEL, engine=engine)
+        assert (app.state.engine, app.state.store, app.state.holder) == (engine, store, holder)
     finally:
         store.close()
 
@@ -1248,6 +1274,23 @@ def test_cli_names_a_port_in_use_before_loading_the_model(
     err = capsys.readouterr().err
     assert code == 2 and f"--host/--port: cannot listen on 127.0.0.1:{port}" in err, err
     assert loads == [] and not (tmp_path / "o").exists()  # its new database removed again
+
+
+def test_cli_names_an_output_dir_it_cannot_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --output-dir under a file cannot be made: one error line saying so, before the
+    model loads. Catches the failure passed over (it surfaced later as a database that
+    could not be opened)."""
+    from resd.cli import main
+
+    loads = _no_model_load(monkeypatch)
+    (tmp_path / "notes.txt").write_text("a file, not a folder\n")
+    out = tmp_path / "notes.txt" / "serve"
+    assert main(["serve", "--model", "unused", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"resd: error: --output-dir: cannot create {out}" in err, err
+    assert loads == []
 
 
 def test_cli_names_a_database_that_cannot_be_opened(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -117,6 +118,21 @@ def test_a_row_without_reward_or_score_counts_as_a_failure() -> None:
         assert (scored.reward, scored.score) == expected, (reward, score)
     again = given_rollout(replace(row, feedback_id=2, response="no"))
     assert again.item.id == given.item.id  # one prompt, one item: the solution buffer's key
+
+
+def test_different_prompts_are_different_items_with_stable_ids() -> None:
+    """Each prompt is its own item for the solution buffer, under an id made from the
+    messages alone ("served/" and 12 hex digits of their hash), the same after a restart,
+    since a resumed learner's buffer is keyed by it. Catches every served row filed under
+    one item (a success on one prompt then stood in for all) and a shortened id."""
+    row = TrainingRow(
+        feedback_id=1, completion_id="chatcmpl-a", model_version="v0", messages=PROMPT_MESSAGES,
+        response="yes", prompt_token_ids=[1, 2], response_token_ids=[3], response_logprobs=None,
+        reward=1.0, score=None, feedback="", source="user",
+    )  # fmt: skip
+    other = replace(row, messages=[{"role": "user", "content": "Is 'ab' of even length?"}])
+    ids = [given_rollout(r).item.id for r in (row, other)]
+    assert ids[0] != ids[1] and all(re.fullmatch(r"served/[0-9a-f]{12}", i) for i in ids), ids
 
 
 def test_a_reply_cut_at_max_tokens_is_given_to_the_trainer_unfinished(tmp_path) -> None:
@@ -426,6 +442,7 @@ def test_a_learning_server_restarted_before_its_first_step_starts_its_learner_ag
     with learning(tiny_model_dir, tmp_path, tiny_served, collect=False) as (running, path, first):
         assert first.trainer.step == 0
         assert [e["step"] for e in read_jsonl(tmp_path / "learner" / "eval.jsonl")] == [0]
+        first.stop()  # never started: stopping it is a no-op (the server's shutdown may do it)
         restarted = Learner.from_config(path, store=running.store, holder=running.holder,
                                         output_dir=tmp_path)  # fmt: skip
         assert restarted.trainer.step == 0 and running.holder.current() is tiny_served

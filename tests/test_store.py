@@ -210,6 +210,14 @@ def test_add_version_keeps_accuracy_and_note_unless_given(store: Store) -> None:
         store.add_version("v2", parent="v1", step=4, accuracy=math.inf)
 
 
+def test_versions_give_their_creation_time_as_iso_utc(store: Store) -> None:
+    """Times leave the store as ISO-8601 UTC text (JSON-ready, as the page shows them), for
+    versions as for completions. Catches a version's time left as a datetime."""
+    [base] = store.versions()
+    assert isinstance(base["created_at"], str) and base["created_at"].endswith("Z")
+    assert set(base) == {"id", "created_at", "parent", "step", "accuracy", "note"}
+
+
 # ---- opening, schema and migrations -----------------------------------------------------------------------
 def test_without_sqlalchemy_the_store_names_the_serve_extra(
     monkeypatch: pytest.MonkeyPatch,
@@ -230,6 +238,9 @@ def test_a_plain_path_creates_its_folder_and_an_in_memory_store_works(tmp_path: 
     opened = Store(str(path))
     assert path.exists() and opened.url == sqlite_url(path) and opened.dialect == "sqlite"
     opened.close()
+    deeper = tmp_path / "c" / "d" / "resd.db"  # an sqlite:/// URL gets its folders made too
+    Store(sqlite_url(deeper)).close()
+    assert deeper.exists()
     engine = sa.create_engine(sqlite_url(path))  # the tables the module docstring documents
     assert set(sa.inspect(engine).get_table_names()) == {
         "schema_version", "model_versions", "interactions", "feedback", "learner_state"
@@ -262,6 +273,15 @@ def test_sqlite_memory_spelled_out_is_one_database_for_every_thread() -> None:
     thread.join()
     memory.close()
     assert seen == [1]
+
+
+def test_a_writer_waits_ten_seconds_for_the_lock(store: Store) -> None:
+    """Every SQLite connection waits up to SQLITE_BUSY_TIMEOUT_MS (10 s) for another
+    writer's lock (the learner's, another process's) instead of failing at once, and
+    enforces foreign keys. Catches the wait left to the driver's own 5 s, or changed."""
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10_000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
 def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -> None:
@@ -359,6 +379,19 @@ def test_a_database_holding_any_of_our_tables_but_no_version_is_refused(tmp_path
         engine.dispose()
         with pytest.raises(SchemaVersionError, match="no schema_version"):
             Store(str(path))
+
+
+def test_a_new_database_records_the_versions_1_to_current(tmp_path: Path) -> None:
+    """A new database records schema versions 1..SCHEMA_VERSION, one row each, as the
+    module docstring says (a tool reading the table sees which steps it holds). Catches a
+    version 0 recorded besides them."""
+    path = tmp_path / "resd.db"
+    Store(str(path)).close()
+    engine = sa.create_engine(sqlite_url(path))
+    with engine.begin() as conn:
+        versions = [v for (v,) in conn.exec_driver_sql("SELECT version FROM schema_version")]
+    engine.dispose()
+    assert versions == list(range(1, store_module.SCHEMA_VERSION + 1))
 
 
 def test_an_empty_schema_version_table_is_not_taken_for_a_version(tmp_path: Path) -> None:
