@@ -513,6 +513,13 @@ def test_writes_outside_the_work_dir_are_refused(tmp_path, attack):
         "os.removexattr(SENTINEL, 'user.resd')",
         # a hard link in the work dir is the host file itself
         "os.link(SENTINEL, 'hard'); open('hard', 'w').write('pwned')",
+        # each follows a symlink in the work dir to the host file: utime and removexattr
+        # by default, link with a dir_fd (linkat with AT_SYMLINK_FOLLOW), which once made
+        # the host file a plain-looking file in the work dir
+        "os.symlink(SENTINEL, 'link'); os.utime('link', (0, 0))",
+        "os.symlink(SENTINEL, 'link'); os.removexattr('link', 'user.resd')",
+        "os.symlink(SENTINEL, 'link'); d = os.open('.', os.O_RDONLY); "
+        "os.link('link', 'hard', src_dir_fd=d); open('hard', 'w').write('pwned')",
     ],
     ids=[
         "remove",
@@ -539,6 +546,9 @@ def test_writes_outside_the_work_dir_are_refused(tmp_path, attack):
         "chown-symlink",
         "removexattr",
         "hard-link",
+        "utime-symlink",
+        "removexattr-symlink",
+        "hard-link-symlink-src_dir_fd",
     ],
 )
 def test_files_outside_the_work_dir_cannot_be_deleted_or_damaged(tmp_path, attack):
@@ -1579,3 +1589,57 @@ def test_the_child_cannot_use_the_trainers_inheritable_descriptors():
         assert os.read(read_end, 10) == b""
     finally:
         os.close(read_end)
+
+
+def test_mkdir_over_a_linked_host_directory_says_it_exists(tmp_path):
+    # os.mkdir creates the entry itself and never follows a final symlink, so a program
+    # that links a host folder into its work dir and then creates it "if missing" (the
+    # FileExistsError idiom) must run; catches mkdir judged by where the link points,
+    # which turned the system's FileExistsError into the sandbox's PermissionError.
+    host_dir = tmp_path / "data"
+    host_dir.mkdir()
+    code = f"""
+    import os
+    os.symlink({str(host_dir)!r}, 'data')
+    try:
+        os.mkdir('data')
+    except FileExistsError:
+        pass
+    print(sorted(os.listdir('data')))
+    """
+    result = run(code)
+    assert result.ok, result.stderr
+    assert result.stdout == "[]\n"
+
+
+def test_the_terminal_device_is_left_to_the_system():
+    # /dev/tty is one of the devices a program may write to (the run has no terminal, so
+    # the system refuses it); catches it missing from the guard's devices, which turns
+    # the system's answer into the sandbox's PermissionError.
+    code = """
+    try:
+        open('/dev/tty', 'w').close()
+        print('opened')
+    except OSError as exc:
+        print(type(exc).__name__, exc.errno)
+    """
+    result = run(code)
+    assert result.ok, result.stderr
+    assert result.stdout in ("opened\n", "OSError 6\n", "FileNotFoundError 2\n"), result.stdout
+
+
+def test_a_host_file_copied_in_keeps_its_metadata_and_may_change_group(tmp_path):
+    # Reading outside the work dir is allowed, so copy2 from a host file into it and
+    # shutil.chown of the copy must work; catches copystat judged by its source and
+    # shutil.chown judged by its user argument instead of its path.
+    host_file = tmp_path / "data.txt"
+    host_file.write_text("shared input")
+    code = f"""
+    import os, shutil
+    shutil.copy2({str(host_file)!r}, 'local.txt')
+    shutil.chown('local.txt', group=os.getgid())
+    print(open('local.txt').read())
+    """
+    result = run(code)
+    assert result.ok, result.stderr
+    assert result.stdout == "shared input\n"

@@ -253,13 +253,13 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
     }
     # event -> ((index of a path argument, index of its dir_fd argument or None), ...),
     # and whether the check follows a final symlink (open does; unlink and rename act
-    # on the link itself)
+    # on the link itself; link may follow its source, and the event does not say)
     path_events = {
         "os.remove": (((0, 1),), False),
         "os.rmdir": (((0, 1),), False),
         "os.mkdir": (((0, 2),), False),
         "os.rename": (((0, 2), (1, 3)), False),
-        "os.link": (((0, 2), (1, 3)), False),
+        "os.link": (((0, 2), (1, 3)), True),
         "os.symlink": (((1, 2),), False),
         "os.truncate": (((0, None),), True),
         "os.chmod": (((0, 2),), True),
