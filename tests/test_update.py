@@ -574,20 +574,29 @@ def test_the_update_hands_every_distillation_setting_to_the_loss(settings: list[
     assert expected(cfg.max_ratio) != pytest.approx(expected(None), rel=1e-3)  # it binds
 
 
-def test_the_policy_gradients_ratio_clip_uses_the_configured_upper_bound() -> None:
-    """On a second pass over a batch the PPO ratio has moved from 1, and a positive
-    advantage's ratio is capped at 1 + `pg_clip_high`: the second pass's loss depends on
-    the bound. Catches the bound not passed on (every run would clip at the default)."""
+@pytest.mark.parametrize(
+    ("bound", "values", "other"),
+    [
+        ("pg_clip_high", ("0.0", "100.0"), "pg_clip_low=1.0"),
+        ("pg_clip_low", ("0.0", "1.0"), "pg_clip_high=100.0"),
+    ],
+)
+def test_the_policy_gradients_ratio_clip_uses_the_configured_bounds(
+    bound: str, values: tuple[str, str], other: str
+) -> None:
+    """On a second pass over a batch the PPO ratio has moved from 1: a positive
+    advantage's ratio is capped at 1 + `pg_clip_high`, a negative one's floored at
+    1 − `pg_clip_low` (at 0 a bound binds; at 100, or a floor of 1, it never does), so the
+    second pass's loss depends on each bound. Catches a bound not passed on (every run
+    would clip at the default 0.2)."""
     outcomes = [
         Outcome("item-0", 1.0, 1.0),
         Outcome("item-1", 0.0, 0.0),
         Outcome("item-2", 0.5, 0.5),
     ]
     losses = []
-    for high in ("0.0", "100.0"):
-        update, _, _ = make_update(
-            "update_epochs=2", f"pg_clip_high={high}", "pg_clip_low=1.0", lam=0.0, lr=2.0
-        )
+    for value in values:
+        update, _, _ = make_update("update_epochs=2", f"{bound}={value}", other, lam=0.0, lr=2.0)
         losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["pg_loss"])
     assert losses[0] != pytest.approx(losses[1], rel=1e-3), losses
 
@@ -630,24 +639,6 @@ def test_the_polynomial_schedule_ends_at_transformers_lr_end() -> None:
     update, _, _ = make_update("lr_scheduler_type=polynomial", lam=1.0, lr=1e-6)
     expected = [(1e-6 - 1e-7) * (1 - t / 5) + 1e-7 for t in range(1, 5)]
     assert [update.lr(t) for t in range(1, 5)] == pytest.approx(expected, rel=1e-6)
-
-
-def test_the_policy_gradients_ratio_clip_uses_the_configured_lower_bound() -> None:
-    """On a second pass a negative advantage's ratio has fallen below 1, and it is floored
-    at 1 − `pg_clip_low`: at 0 the floor binds, at 1 it never does. Catches the bound not
-    passed on (every run would clip at the default 0.2)."""
-    outcomes = [
-        Outcome("item-0", 1.0, 1.0),
-        Outcome("item-1", 0.0, 0.0),
-        Outcome("item-2", 0.5, 0.5),
-    ]
-    losses = []
-    for low in ("0.0", "1.0"):
-        update, _, _ = make_update(
-            "update_epochs=2", f"pg_clip_low={low}", "pg_clip_high=100.0", lam=0.0, lr=2.0
-        )
-        losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["pg_loss"])
-    assert losses[0] != pytest.approx(losses[1], rel=1e-3), losses
 
 
 def test_the_sampled_mode_floors_the_teachers_log_probs_at_min_ratio() -> None:
