@@ -122,6 +122,21 @@ def make_update(
     return update, student, teacher
 
 
+def full_sd_loss(model: torch.nn.Module, teacher: Teacher, chunk: str) -> float:
+    """One zero-rate step of full-vocabulary distillation of a real (tiny) model on
+    `rollouts()`, with `loss_chunk_size` = `chunk` ("null": the model's own logits)."""
+    cfg = load_config(None, [
+        "warmup_steps=0", "max_grad_norm=0", "distillation_mode=full", "alpha=1.0",
+        "pack_rows=false", "autocast=none", "rollouts_per_prompt=3", "micro_batch_size=2",
+        "lr=0", f"loss_chunk_size={chunk}",
+    ])  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    update = Update(cfg, model, optimizer, teacher, None, Parallel(), 0, 1.0,
+                    after_step=lambda: None, total_steps=4)  # fmt: skip
+    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(3)]
+    return update(rollouts(), outcomes, PhaseTimer(), step=1)["sd_loss"]
+
+
 def sd_terms(
     student_table: torch.Tensor, teacher_table: torch.Tensor, rows: list[Row] = ROWS
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -608,7 +623,6 @@ def test_the_chunked_head_soft_caps_logits_as_the_models_own_forward_does() -> N
     own logits. Catches the cap left out (3 % off at c = 0.5 on this model)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(3)]
     losses = []
     for chunk in ("null", "4"):
         torch.manual_seed(0)
@@ -618,15 +632,7 @@ def test_the_chunked_head_soft_caps_logits_as_the_models_own_forward_does() -> N
             final_logit_softcapping=0.5, attn_implementation="eager",
         )  # fmt: skip
         model = Gemma2ForCausalLM(config)
-        cfg = load_config(None, [
-            "warmup_steps=0", "max_grad_norm=0", "distillation_mode=full", "alpha=1.0",
-            "pack_rows=false", "autocast=none", "rollouts_per_prompt=3", "micro_batch_size=2",
-            "lr=0", f"loss_chunk_size={chunk}",
-        ])  # fmt: skip
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        update = Update(cfg, model, optimizer, Teacher(model, "base"), None, Parallel(), 0, 1.0,
-                        after_step=lambda: None, total_steps=4)  # fmt: skip
-        losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["sd_loss"])
+        losses.append(full_sd_loss(model, Teacher(model, "base"), chunk))
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
@@ -731,7 +737,6 @@ def test_the_chunked_head_scores_the_teacher_with_the_teachers_own_output_layer(
     teacher's hidden states put through the student's output layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    outcomes = [Outcome(f"item-{i}", 0.0, 0.0) for i in range(3)]
     losses = []
     for chunk in ("null", "4"):
         torch.manual_seed(0)
@@ -743,24 +748,15 @@ def test_the_chunked_head_scores_the_teacher_with_the_teachers_own_output_layer(
         teacher = Teacher(model, "base")
         with torch.no_grad():  # the student has moved since the teacher was copied
             model.lm_head.weight.mul_(-2.0)
-        cfg = load_config(None, [
-            "warmup_steps=0", "max_grad_norm=0", "distillation_mode=full", "alpha=1.0",
-            "pack_rows=false", "autocast=none", "rollouts_per_prompt=3", "micro_batch_size=2",
-            "lr=0", f"loss_chunk_size={chunk}",
-        ])  # fmt: skip
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        update = Update(cfg, model, optimizer, teacher, None, Parallel(), 0, 1.0,
-                        after_step=lambda: None, total_steps=4)  # fmt: skip
-        losses.append(update(rollouts(), outcomes, PhaseTimer(), step=1)["sd_loss"])
+        losses.append(full_sd_loss(model, teacher, chunk))
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_a_topk_as_wide_as_the_vocabulary_distils_over_all_of_it_at_any_batch_size() -> None:
     """Top-k with the tail at k = 5, the whole vocabulary: the tail is empty, so the loss
     is full mode's, in a micro-batch of 6 distilled rows with a 6-token reply (more rows
-    and more positions than k). Catches the fast top-k path chosen by comparing k with the
-    batch's rows or positions instead of the vocabulary: with an empty tail its gradient
-    is NaN and the step stops."""
+    and more positions than k). Catches the fast top-k path taking k as given when it
+    reaches the vocabulary: with an empty tail its gradient is NaN and the step stops."""
     rows = [
         rollout(i, p, [2, 3, 4, 1, 2, 3] if i == 0 else y, teacher_ids=t, distill=True)
         for i, (p, y, t, _) in enumerate(ROWS * 2)

@@ -403,7 +403,7 @@ class Update:
                     self.policy, student_seqs, width, self.pad_id, self.packing
                 )
             topk = cfg.topk if cfg.distillation_mode == "topk" and cfg.add_tail else None
-            if teacher_out is not None and topk and topk < s_logits.shape[-1]:
+            if teacher_out is not None and topk:  # k ≥ V: every token (support_logprobs)
                 return topk_distillation_terms(
                     s_logits, teacher_out, token_ids, topk=topk, alpha=cfg.alpha,
                     min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio,
