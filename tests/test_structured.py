@@ -899,6 +899,10 @@ def test_a_string_closes_at_its_token_deadline_or_at_a_sentence_end_just_before_
     assert closer.cut == {"a": 1} and closer.rows_cut == [1]
     allowed, closer = narrowed('{"a":"x', deadline, forbid=(1,))
     assert allowed == {b'"', b'",'}  # the grammar's mask still rules
+    # the grammar allows nothing but a quote (a lesson at its character cap): the schema
+    # closed the string, not the budget, so it is not counted as a cut
+    allowed, closer = narrowed('{"a":"x', deadline, forbid=(3, 4, 5, 6, 7))
+    assert allowed == {b'"', b'"}', b'",'} and not closer.cut and closer.rows_cut == [0]
     # the grammar allows no quote: left as it was, not counted (never an all -inf row)
     allowed, closer = narrowed('{"a":"x', deadline + 5, forbid=(0, 1, 2))
     assert allowed == everything - {b'"', b'"}', b'",'} and not closer.cut
@@ -1146,6 +1150,14 @@ def test_a_cut_inside_an_operation_counts_under_its_innermost_key():
     closer.narrow(0, scores, generated=20)
     assert torch.isfinite(scores[0]).tolist() == [False, True, False, False]
     assert closer.cut == {"ids": 1} and closer.rows_cut == [1]
+    # the grammar allows only the bracket (the list at its maxItems): not the budget's cut
+    capped = FieldCloser([lambda path: None], 40, spellings, starts(b'"'),
+                         rooms=[lambda path: room], bracket_starts=starts(b"]"))  # fmt: skip
+    capped.cursors[0].feed(b'{"operations":[{"type":"MERGE","ids":["a"')
+    scores = torch.tensor([[float("-inf"), 0.0, float("-inf"), float("-inf")]])
+    capped.narrow(0, scores, generated=20)
+    assert torch.isfinite(scores[0]).tolist() == [False, True, False, False]
+    assert not capped.cut and capped.rows_cut == [0]
     # given no bracket tokens it cannot close the array: left to the grammar, not counted
     blind = FieldCloser([lambda path: None], 40, spellings, starts(b'"'),
                         rooms=[lambda path: room if path[-1] == "ids" else None])  # fmt: skip

@@ -349,7 +349,8 @@ class FieldCloser:
     begin with a quote, which end the string. A string is closed at its deadline (when
     the rest of the object needs what is left, `path_tail`), or up to `sentence_window`
     tokens before it where a sentence has just ended. Counts the strings it closed
-    (cut), by innermost key and by row.
+    (cut), by innermost key and by row: only where it took away a token the grammar
+    allowed, so a string or list the schema itself ended is not counted.
 
     It also writes the grammar's forced text (keys, quotes, separators) in few tokens. A
     small model under a grammar otherwise spells `","key":"` in pieces (the 135M model
@@ -465,15 +466,21 @@ class FieldCloser:
 
     def _only(self, row: int, scores: Any, first: bytes) -> bool:
         """Narrow the row to the allowed tokens that begin with `first` (a quote, or a
-        bracket); False, and untouched, if none is allowed."""
+        bracket). True if that took away a token the grammar allowed: the budget closed
+        the string or array. False where the grammar itself allowed only such tokens (a
+        lesson at its character cap, a list at its `maxItems`: the schema closed it), and
+        False, untouched, where it allows none of them."""
         starts = self.starts[first]
         if starts is None:
             return False
         if starts.device != scores.device:  # once per call, not per row and step
             starts = self.starts[first] = starts.to(scores.device)
-        allowed = scores[row, : starts.numel()].isfinite() & starts
+        finite = scores[row].isfinite()
+        allowed = finite[: starts.numel()] & starts
         if not allowed.any():
             return False
+        if int(allowed.sum()) == int(finite.sum()):
+            return False  # nothing else was allowed: no cut of ours
         scores[row, : starts.numel()].masked_fill_(~allowed, float("-inf"))
         scores[row, starts.numel() :] = float("-inf")
         return True
