@@ -43,17 +43,26 @@ active are reported in `SandboxResult.isolation`):
       no network even for code that gets past the Python guards;
     * "seccomp": a seccomp-bpf filter (x86-64 and aarch64) that makes fork/vfork/
       non-thread clone/execve fail with EPERM, confines kill/tgkill to the process
-      itself, forbids ptrace, process_vm_*, pidfd signalling and raising rlimits, and
-      only allows AF_UNIX sockets. This is what stops a fork bomb when running as root,
-      where RLIMIT_NPROC does nothing.
+      itself and its own group, forbids ptrace, process_vm_*, pidfd signalling and
+      raising rlimits, and only allows AF_UNIX sockets. This is what stops a fork bomb
+      when running as root, where RLIMIT_NPROC does nothing;
+    * "landlock": Landlock rules (Linux 5.13 and later, no privileges needed) under
+      which the process and everything it starts may write (create, change, truncate,
+      remove, rename, link) only beneath the work dir, and to /dev/null and /dev/tty;
+      elsewhere the kernel answers EACCES. Reads and execution stay free. This is the
+      filesystem jail where bubblewrap cannot run, and the one thing behind the Python
+      guard there; `run_python(..., landlock=False)` turns it off. On kernels before
+      5.19 (Landlock ABI 1) a rename or link across two directories of the work dir is
+      refused too; before 6.2 (ABI 3) truncate(2) outside it is not covered.
 
 Python-level guard (an audit hook, PEP 578, plus a few patched functions), which gives
 clear error messages but is *a guard, not a jail*: it stops naive and accidental harm,
 while a deliberate exploit of the interpreter could get past it:
     * writes, deletions, renames, chmod/chown etc. of paths outside the work dir raise
       PermissionError (paths are resolved through symlinks; reads are allowed anywhere,
-      so the stdlib can load). Without bwrap there is no kernel-level filesystem jail:
-      if the guard is bypassed, the process can write wherever its user may;
+      so the stdlib can load). With neither bwrap nor Landlock there is no
+      kernel-level filesystem jail: if the guard is bypassed, the process can write
+      wherever its user may;
     * process creation (fork, exec, spawn, subprocess, os.system), signals to other
       processes, non-AF_UNIX sockets, DNS, ctypes, gc introspection (which could reach
       the hook list) and sub-interpreters are refused.
@@ -119,7 +128,7 @@ class SandboxResult:
     # of the process started, which leads its process group and session (under bwrap:
     # bwrap's monitor, whose child runs the code)
     pid: int
-    isolation: tuple[str, ...] = ()  # active layers: bwrap, rlimits, netns, seccomp, audit
+    isolation: tuple[str, ...] = ()  # active: bwrap, rlimits, netns, seccomp, landlock, audit
 
     @property
     def ok(self) -> bool:
@@ -338,6 +347,7 @@ def run_python(
     allow_subprocess: bool = False,
     allow_network: bool = False,
     bwrap: bool | None = None,
+    landlock: bool = True,
 ) -> SandboxResult:
     """Run `code` as a Python program in a fresh, limited child process.
 
@@ -360,6 +370,9 @@ def run_python(
         bwrap: run inside bubblewrap's read-only view of the host (see the module
             docstring): None uses it when `bwrap_status()` says it works, True insists
             (RuntimeError with the reason if it does not work here), False never uses it.
+        landlock: confine the program's writes to the work dir in the kernel where
+            Landlock works (see the module docstring); False turns it off, for trusted
+            code that must write elsewhere (the Python guard still refuses such writes).
 
     Never raises for anything the program does; raises only for bad arguments or if the
     interpreter cannot be started at all.
@@ -410,6 +423,7 @@ def run_python(
             "allow_network": allow_network,
             "netns_ready": use_bwrap and not allow_network,  # bwrap --unshare-net made it
             "seccomp": True,
+            "landlock": landlock,
             "allow_subprocess": allow_subprocess,
             "mark": _ISOLATION_MARK,
         }

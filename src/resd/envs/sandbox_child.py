@@ -4,8 +4,8 @@
 its configuration as JSON in argv[1]. It is self-contained (standard library only), so
 the child never imports resd and files in the work folder cannot shadow it. It is never
 imported by the trainer. It sets the resource limits, unshares the network, installs the
-seccomp filter and the Python audit-hook guard, reports which layers are active on the
-first line of stderr, then runs the user's file as ``__main__``.
+seccomp filter, the Landlock rules and the Python audit-hook guard, reports which layers
+are active on the first line of stderr, then runs the user's file as ``__main__``.
 """
 
 # ruff: noqa: UP031, RUF005, RUF012  (kept as it ran for years inside a string: %-formatting and class-level lists)
@@ -153,7 +153,8 @@ def _resd_seccomp(allow_subprocess, allow_network):
         rule("clone3", [(RET, 0, 0, ENOSYS)])  # libc falls back to clone()
         rule("execve", deny)
         rule("execveat", deny)
-        rule("kill", only_if_arg0_in([0, me, -me]))
+        # itself, and its own group (under bwrap led by bwrap's monitor, not by it)
+        rule("kill", only_if_arg0_in([0, me, -me, -_os.getpgrp()]))
         rule("tgkill", only_if_arg0_in([me]))
         rule("tkill", deny)
     for name in (
@@ -201,6 +202,71 @@ def _resd_seccomp(allow_subprocess, allow_network):
             return False
         ptr = ctypes.cast(ctypes.pointer(fprog), ctypes.c_void_p)
         return libc.prctl(22, ul(2), ptr, ul(0), ul(0)) == 0  # PR_SET_SECCOMP, FILTER
+    except (OSError, AttributeError):
+        return False
+
+
+# Landlock (Linux 5.13+, unprivileged): the filesystem jail where bubblewrap cannot run.
+# Rights a write of any kind needs, by ABI version; reads and execution are not handled,
+# so they stay free (the stdlib must load), as the Python guard leaves them.
+_RESD_LANDLOCK_WRITES = (
+    (1, (1 << 1) | (0x1FF << 4)),  # WRITE_FILE; REMOVE_DIR/FILE, MAKE_CHAR ... MAKE_SYM
+    (2, 1 << 13),  # REFER: link and rename across directories (denied outright in ABI 1)
+    (3, 1 << 14),  # TRUNCATE: truncate(2), and open with O_TRUNC
+)
+_RESD_LANDLOCK_WRITE_FILE = 1 << 1  # for a device: O_TRUNC does not apply to one
+_RESD_LANDLOCK_DEVICES = ("/dev/null", "/dev/tty")  # the guard's writable devices
+
+
+def _resd_landlock(workdir):
+    """Confine every write, of this process and of all it starts, to the work dir (and
+    /dev/null, /dev/tty) in the kernel, whatever happens to the Python guard. False
+    where the kernel has no Landlock (or it is turned off), leaving the guard alone."""
+    try:
+        ctypes, libc = _resd_libc()
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+        abi = syscall(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+        if abi < 1:  # ENOSYS, or EOPNOTSUPP where the kernel has it turned off
+            return False
+        handled = 0
+        for version, rights in _RESD_LANDLOCK_WRITES:
+            if abi >= version:
+                handled |= rights
+
+        class PathBeneath(ctypes.Structure):
+            _pack_ = 1
+            _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+        ruleset_attr = ctypes.c_uint64(handled)  # struct landlock_ruleset_attr, ABI 1 size
+        ruleset = syscall(ctypes.c_long(444), ctypes.byref(ruleset_attr), ctypes.c_size_t(8),
+                          ctypes.c_uint32(0))  # fmt: skip
+        if ruleset < 0:
+            return False
+        try:
+            rules = [(workdir, handled)]
+            rules += [(d, _RESD_LANDLOCK_WRITE_FILE) for d in _RESD_LANDLOCK_DEVICES]
+            for path, allowed in rules:
+                try:
+                    fd = _os.open(path, _os.O_PATH | _os.O_CLOEXEC)
+                except OSError:
+                    if path == workdir:
+                        return False
+                    continue  # a device this host lacks
+                try:
+                    rule = PathBeneath(allowed, fd)
+                    added = syscall(ctypes.c_long(445), ctypes.c_int(ruleset), ctypes.c_int(1),
+                                    ctypes.byref(rule), ctypes.c_uint32(0))  # fmt: skip
+                finally:
+                    _os.close(fd)
+                if added != 0 and path == workdir:
+                    return False
+            ul = ctypes.c_ulong
+            if libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) != 0:  # PR_SET_NO_NEW_PRIVS
+                return False
+            return syscall(ctypes.c_long(446), ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0
+        finally:
+            _os.close(ruleset)
     except (OSError, AttributeError):
         return False
 
@@ -312,10 +378,15 @@ def _resd_guard(workdir, allow_subprocess, allow_network):
     }
 
     def same_group(pid):
-        if pid in (0, getpid()) or -pid == getpgrp():
+        """The program itself, its process group, or a process in that group other than
+        the group's leader: under bwrap the leader is bwrap's monitor, not the program."""
+        group = getpgrp()
+        if pid in (0, getpid()) or pid == -group:
             return True
+        if pid < 0 or pid == group:
+            return False
         try:
-            return getpgid(abs(pid)) == getpgrp()
+            return getpgid(pid) == group
         except OSError:
             return False
 
@@ -420,6 +491,8 @@ def _resd_main():
         active.append("netns")
     if cfg["seccomp"] and _resd_seccomp(cfg["allow_subprocess"], cfg["allow_network"]):
         active.append("seccomp")
+    if cfg["landlock"] and _resd_landlock(cfg["workdir"]):
+        active.append("landlock")
     _resd_guard(cfg["workdir"], cfg["allow_subprocess"], cfg["allow_network"])
     active.append("audit")
     _os.write(2, (cfg["mark"] + _json.dumps(active) + "\n").encode())
