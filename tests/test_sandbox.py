@@ -1552,6 +1552,46 @@ def test_kernel_filter_by_itself_refuses_each_dangerous_system_call(
 # -- gaps found by mutation testing ------------------------------------------------------
 
 
+# Where the kernel's headers give each machine's system-call numbers (Debian's
+# linux-libc-dev): aarch64 uses the generic table, x86-64 its own; the audit arch is the
+# ELF machine with the 64-bit and little-endian flags.
+SYSCALL_HEADERS = {
+    "x86_64": ("/usr/include/x86_64-linux-gnu/asm/unistd_64.h", "EM_X86_64"),
+    "aarch64": ("/usr/include/asm-generic/unistd.h", "EM_AARCH64"),
+}
+
+
+@once
+@pytest.mark.parametrize("machine", sorted(SYSCALL_HEADERS))
+def test_the_filters_system_call_numbers_are_the_kernels(machine):
+    # Catches a wrong number in either machine's table (a rule that then guards some
+    # other call and lets, say, clone through): both tables are read here, on any
+    # machine, against the kernel's own headers, since only one of them can run.
+    import re
+
+    import resd.envs.sandbox
+
+    header, em = SYSCALL_HEADERS[machine]
+    needed = [header, "/usr/include/linux/elf-em.h"]
+    if not all(Path(path).exists() for path in needed):
+        pytest.skip(f"no kernel headers here ({', '.join(needed)})")
+    define = re.compile(r"#define\s+__NR(?:3264)?_(\w+)\s+(\d+)\b")
+    numbers = {name: int(nr) for name, nr in define.findall(Path(header).read_text())}
+    elf = Path("/usr/include/linux/elf-em.h").read_text()
+    machine_id = int(re.search(rf"#define\s+{em}\s+(\d+)", elf).group(1))
+    prelude = {"__name__": "sandbox_child"}
+    source = Path(resd.envs.sandbox.__file__).with_name("sandbox_child.py").read_text()
+    exec(compile(source, "sandbox_child.py", "exec"), prelude)
+    arch, table = prelude["_RESD_SYSCALLS"][machine]
+    assert arch == machine_id | 0x80000000 | 0x40000000  # __AUDIT_ARCH_64BIT | _LE
+    assert table == {name: numbers[name] for name in table}
+    # every call the filter means to rule on is in the table where the machine has it
+    wanted = {"fork", "vfork", "clone", "clone3", "execve", "execveat", "kill", "tkill",
+              "tgkill", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open",
+              "pidfd_send_signal", "socket", "setrlimit", "prlimit64"}  # fmt: skip
+    assert set(table) == wanted & set(numbers)
+
+
 @once
 def test_describe_names_each_way_a_run_can_end():
     # Catches a wrong or missing phrase for signals, limits, exit statuses and timeouts,
