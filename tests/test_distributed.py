@@ -82,20 +82,25 @@ def one_process(tiny_model_dir, tmp_path_factory) -> Path:
     return run(tmp_path_factory.mktemp("one"), tiny_model_dir, "one", 1, save_every=2)
 
 
-def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> None:
+def assert_same_run(
+    one: Path, two: Path, steps: list[int] | None = None, later_rel: float = 1e-3
+) -> None:
+    """`later_rel`: the relative tolerance of loss and gradient norm after the first
+    step compared, where the two runs' float rounding may have compounded."""
     m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     assert [m["step"] for m in m2] == (steps or [1, 2, 3, 4])  # written once, by rank 0
     m1 = [m for m in m1 if m["step"] in [m["step"] for m in m2]]
-    for a, b in zip(m1, m2, strict=True):
+    for i, (a, b) in enumerate(zip(m1, m2, strict=True)):
+        rel = 1e-3 if i == 0 else later_rel
         assert (a["reward"], a["distilled"], a["playbook_size"]) == (
             b["reward"],
             b["distilled"],
             b["playbook_size"],
         )
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel, abs=1e-6)
         # AdamW and clipping hide a constant gradient scale (a sum where a mean belongs, a
         # stray × world_size) from the loss and the samples; the gradient norm shows it.
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel, abs=1e-7)
         assert b["reflections"] == a["reflections"] and b["tags_applied"] == a["tags_applied"]
     assert json.loads((one / "playbook.json").read_text()) == json.loads(
         (two / "playbook.json").read_text()
@@ -105,8 +110,11 @@ def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> Non
     assert [s["response"] for s in samples1] == [s["response"] for s in samples2]
     # and the weights the runs end with: the student and its EMA teacher. AdamW moves every
     # element by about lr (0.01) per step whatever its gradient's size, so summation-order
-    # noise can flip near-zero elements: a tolerance of a fraction of one step, not 1e-5.
-    # A parameter left out of the update or the sync would be off by whole steps.
+    # noise can flip a near-zero gradient's sign and move that element the other way: a
+    # few elements may differ by most of a step (4 of 9,600 of the embedding after the
+    # chunked-head FSDP run, on an Intel AVX-512 host), the rest by a fraction of one. A
+    # parameter left out of the update, or a shard left out of the sync, moves every
+    # element of it, or half of them, by whole steps.
     last = "checkpoint-4"
     files = ["model.safetensors", "adapter_model.safetensors", "teachers/teacher.safetensors"]
     compared = 0
@@ -115,8 +123,9 @@ def assert_same_run(one: Path, two: Path, steps: list[int] | None = None) -> Non
             wa, wb = load_file(one / last / name), load_file(two / last / name)
             assert wa.keys() == wb.keys(), name
             for key in wa:
-                diff = (wa[key].float() - wb[key].float()).abs().max().item()
-                assert diff < 2.5e-3, f"{name}:{key} differs by {diff}"
+                diff = (wa[key].float() - wb[key].float()).abs()
+                off = (diff > 2.5e-3).float().mean().item()
+                assert off < 0.01, f"{name}:{key}: {off:.1%} of it differs, by up to {diff.max()}"
             compared += 1
     assert compared == 2  # the student (full or adapter) and the teacher
 
@@ -162,7 +171,12 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
     optimizer state, resumes in one process to the same end."""
     sharded = run(tmp_path, tiny_model_dir, "fsdp", 2, launch_config="configs/accelerate/fsdp.yaml",
                   save_every=2, loss_chunk_size=4)  # fmt: skip
-    assert_same_run(one_process, sharded)
+    # The chunked head's matmuls round differently from the full one, and the difference
+    # grows through AdamW at lr 0.01: 0.2 % in loss and 0.3 % in gradient norm by step 4
+    # on an Intel AVX-512 host (step 1 equal to the last digit). A gradient scaled by the
+    # world size or left unsummed is off by half or twice.
+    drift = 1e-2
+    assert_same_run(one_process, sharded, later_rel=drift)
     summary = json.loads((sharded / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"]) == ("fsdp", 2)
     with safe_open(str(sharded / "checkpoint-4/teachers/teacher.safetensors"), "pt") as f:
@@ -171,10 +185,10 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(
     # sharded processes: FSDP's optimizer-state load runs in each. (Two to two adds nothing:
     # a checkpoint holds full tensors whoever wrote it, so 1to2 is the sharded load.)
     fsdp = {"launch_config": "configs/accelerate/fsdp.yaml", "loss_chunk_size": 4}
-    assert_same_run(one_process, resume_elsewhere(tmp_path, tiny_model_dir, sharded, "2to1", 1))
-    assert_same_run(
-        one_process, resume_elsewhere(tmp_path, tiny_model_dir, one_process, "1to2", 2, **fsdp)
-    )
+    resumed = resume_elsewhere(tmp_path, tiny_model_dir, sharded, "2to1", 1)
+    assert_same_run(one_process, resumed, later_rel=drift)
+    resumed = resume_elsewhere(tmp_path, tiny_model_dir, one_process, "1to2", 2, **fsdp)
+    assert_same_run(one_process, resumed, later_rel=drift)
 
 
 def test_strategy_follows_the_accelerate_config(monkeypatch):
