@@ -38,8 +38,8 @@ setup-qwen: $(STAMP)
 	$(BIN)/python -c "from resd.models import materialize_bundled as m; print(m('qwen2.5-coder-0.5b'))"
 
 # The demo: self-distillation teaches the bundled 0.5B model 8 products it gets wrong, from
-# feedback alone (configs/demo_learn.yaml; 4 min on 2 cores with fast bf16 kernels,
-# 40 min on an AVX2-only CPU, once the model is set up).
+# feedback alone (configs/demo_learn.yaml; 4 min on 2 cores with bf16 instructions,
+# 6 min on AVX-512 without them, 40 min on an AVX2-only CPU, once the model is set up).
 # A fresh run each time (a finished run directory refuses a second `resd train`), then its report.
 demo: setup-qwen
 	rm -rf runs/demo_learn

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import platform
 import shutil
 import sys
 import tempfile
@@ -466,6 +467,24 @@ def test_a_checkpoints_own_generation_length_is_dropped_on_load(
     generation["max_length"] = 20
     (tmp_path / "model" / "generation_config.json").write_text(json.dumps(generation))
     assert load_model(str(tmp_path / "model"), device="cpu").generation_config.max_length is None
+
+
+def test_a_cpu_counts_as_fast_in_bf16_only_with_bf16_instructions() -> None:
+    """On x86-64, bf16 instructions (AVX512-BF16, AMX) as /proc/cpuinfo lists them, not
+    oneDNN's answer: oneDNN reports bf16 support on an AVX-512 CPU without them, where it
+    emulates bf16 and prefilled 4.3-4.7x slower than fp32 (docs/benchmarks.md). Other
+    machines keep oneDNN's answer. Catches `auto` picking bf16 on such a CPU (on one,
+    the two answers differ and both branches are told apart)."""
+    from resd.models import _cpu_has_bf16
+
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert _cpu_has_bf16("aarch64") is onednn
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        pytest.skip("the instruction flags are read from x86-64 Linux's /proc/cpuinfo")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    native = bool({"avx512_bf16", "amx_tile"} & set(flags.split(":", 1)[1].split()))
+    assert _cpu_has_bf16("x86_64") is native
 
 
 def test_auto_precision_is_float32_on_a_device_kind_without_known_bf16_kernels() -> None:

@@ -107,8 +107,9 @@ class TrainConfig:
     generation_batch_size: int = 16
     # Sampling runs on a copy of the policy in this dtype, synced after every optimizer
     # step (as a vLLM engine would be); null samples from the fp32 training weights. auto:
-    # bfloat16 where the device has fast bf16 kernels (GPUs, AVX-512 / AMX CPUs), else null,
-    # since an AVX2-only CPU runs bf16 slower than fp32 (`resd.models.fast_bfloat16`).
+    # bfloat16 where the device has fast bf16 kernels (GPUs, CPUs with AVX512-BF16 or AMX),
+    # else null, since a CPU that emulates bf16 runs it slower than fp32
+    # (`resd.models.fast_bfloat16`).
     # int8 (CPU, transformers backend): the copy keeps the training dtype and adds int8
     # weights that decode steps read, 2-3x faster there (`resd.generation.int8`).
     generation_dtype: str | None = "auto"

@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -354,10 +355,12 @@ def contiguous_head_input(model: PreTrainedModel) -> None:
 def fast_bfloat16(device: str | torch.device) -> bool:
     """Whether bf16 matmuls beat fp32 on `device`.
 
-    A GPU with bf16 support, or a CPU whose oneDNN has bf16 kernels (AVX-512 and later,
-    AMX). An AVX2-only CPU emulates bf16: measured on one (benchmarks/cpu_precision.py,
-    docs/benchmarks.md), bf16 ran at about half fp32's speed when decoding and a sixth
-    when prefilling, where on a CPU with those kernels it halved matmul time.
+    A GPU with bf16 support, or a CPU with bf16 instructions: on x86-64, AVX512-BF16 or
+    AMX; elsewhere, where oneDNN says it has bf16 kernels. oneDNN also says so on an
+    x86-64 CPU that has AVX-512 but no bf16 instructions, and emulates them there. Measured
+    with benchmarks/cpu_precision.py (docs/benchmarks.md): on an AVX2-only CPU bf16
+    prefilled 6-7x slower than fp32, on an AVX-512 CPU without bf16 4.3-4.7x slower, and
+    decoded 1.0-1.4x slower on both; on an AMX CPU it halved matmul time.
     """
     return _fast_bfloat16(pick_device(device).type)  # "auto" is the device it resolves to
 
@@ -367,11 +370,21 @@ def _fast_bfloat16(kind: str) -> bool:
     if kind == "cuda":
         return torch.cuda.is_bf16_supported()
     if kind == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
+        return _cpu_has_bf16(platform.machine())
     return False
+
+
+def _cpu_has_bf16(machine: str) -> bool:
+    """bf16 instructions on this CPU (see `fast_bfloat16`)."""
+    if machine.lower() in ("x86_64", "amd64"):
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        found = [getattr(torch.cpu, name, None) for name in checks]
+        if all(found):  # torch 2.1 and later
+            return any(check() for check in found)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def resolve_dtype(name: str | None, device: str | torch.device) -> str | None:
