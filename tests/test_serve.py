@@ -580,6 +580,9 @@ def test_the_app_holds_its_engine_store_and_holder(served: ServedModel, tmp_path
         engine = GenerationEngine(holder)
         app = create_app(holder, store, api_key=None, model_name=MODEL, engine=engine)
         assert (app.state.engine, app.state.store, app.state.holder) == (engine, store, holder)
+        # the served version is registered when the app is made, before any request, so the
+        # page and the learner see it at once (catches registering it only on first use)
+        assert [v["id"] for v in store.versions()] == [served.version]
     finally:
         store.close()
 
@@ -704,15 +707,20 @@ def test_queued_requests_batch_and_rows_do_not_depend_on_batching(server: Runnin
     assert batched == alone  # per-row seeds: the same samples as one by one
 
 
-def test_swap_while_a_request_is_in_flight(server: Running, served: ServedModel) -> None:
+def test_swap_while_a_request_is_in_flight(
+    server: Running, served: ServedModel, caplog: pytest.LogCaptureFixture
+) -> None:
     server.store.add_version("v2", parent="v1", step=1, note="test swap")
     new = ServedModel(model=served.model, tokenizer=served.tokenizer, version="v2", name=MODEL)
     try:
         with ThreadPoolExecutor(1) as pool, server.engine.paused():
             in_flight = pool.submit(chat, server)
             _wait_for(lambda: server.engine.pending == 1, "the request to be accepted")
-            old = server.holder.swap(new)
+            with caplog.at_level("INFO", logger="resd.serve.engine"):
+                old = server.holder.swap(new)
             assert old is served
+        # the operator's log says which version now answers (a swap without it is silent)
+        assert "serving model version v2 (was v1)" in caplog.text
         first = in_flight.result()
         second = chat(server)
         assert first.system_fingerprint == "v1" and second.system_fingerprint == "v2"
@@ -725,7 +733,11 @@ def test_swap_while_a_request_is_in_flight(server: Running, served: ServedModel)
         server.holder.swap(ServedModel(served.model, served.tokenizer, version="v3", name=MODEL))
         third = chat(server)
         assert server.store.interaction(third.id)["model_version"] == "v3"
-        assert server.store.versions()[-1]["note"] == "registered by the server"
+        registered = server.store.versions()[-1]
+        assert registered["note"] == "registered by the server"
+        # a placeholder: no parent and step 0 until the learner's add_version fills them in
+        # (catches a placeholder that claimed a training step it never had)
+        assert registered["parent"] is None and registered["step"] == 0
     finally:
         server.holder.swap(served)
 
@@ -832,6 +844,23 @@ def test_engine_settings_below_one_are_refused(served: ServedModel) -> None:
     assert (edge.max_batch, edge.max_new_tokens, edge.batch_wait_s) == (1, 1, 0.0)
 
 
+def test_an_engine_built_without_options_has_the_cli_defaults(served: ServedModel) -> None:
+    """A library user's `GenerationEngine(holder)` batches, waits and caps as `resd serve`
+    does with no options (catches an engine default drifting from the documented one)."""
+    import argparse
+
+    from resd.serve.command import add_serve_subcommand
+
+    parser = argparse.ArgumentParser()
+    add_serve_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", "tiny"])
+    engine = GenerationEngine(ModelHolder(served))
+    assert engine.max_batch == args.max_batch
+    assert engine.batch_wait_s == args.batch_wait_ms / 1000.0
+    assert engine.max_new_tokens == args.max_new_tokens
+    assert engine.max_prompt_tokens == args.max_prompt_tokens
+
+
 def test_a_schema_max_length_is_held_to_the_letter(served: ServedModel, tmp_path: Path) -> None:
     """A client's `maxLength` is a character limit in every reply (the trainer's own schemas
     budget free text in tokens instead, which would let a reply run past it)."""
@@ -862,15 +891,23 @@ def test_one_worker_whose_stop_finishes_what_it_accepted(served: ServedModel) ->
     engine = GenerationEngine(ModelHolder(served), max_batch=3, max_new_tokens=3,
                               batch_wait_ms=1000.0, autocast=None)  # fmt: skip
     engine.start()
+    worker = engine._thread
+    assert worker is not None
     engine.start()
+    assert engine._thread is worker  # catches a second start that started a second worker
     with engine.paused():
         queued = [engine.submit(MESSAGES, seed=i) for i in range(3)]
     assert all(f.result(timeout=60).text is not None for f in queued)
+    # not streamed unless asked: no text pieces cut (catches `submit` streaming by default)
+    assert all(f.result().pieces is None for f in queued)
     assert engine.batch_sizes == [3]
     with engine.paused():  # a shutdown while the engine is held paused (by a learner step)
         accepted = engine.submit(MESSAGES)
         engine.stop()  # arrives while the worker waits, then gathers a batch (up to 1 s)
     assert accepted.done() and accepted.result().logprobs is not None
+    # the stop that arrived while the worker gathered ends it (catches a worker that took the
+    # stop as "no more requests" and went back to wait: stop gave up on it after 30 s)
+    assert not worker.is_alive()
 
 
 def test_a_stop_that_gives_up_on_the_worker_fails_the_queued_requests(
@@ -953,6 +990,16 @@ def test_a_request_after_the_engine_stopped_is_a_503(served: ServedModel, tmp_pa
         error = response.json()["error"]
         assert error["type"] == "server_error" and error["code"] == "unavailable"
         assert _counts(running) == (0, 0)
+
+
+def test_a_server_that_shuts_down_stops_its_engine(served: ServedModel, tmp_path: Path) -> None:
+    """The app's shutdown stops the generation worker it started: a server stopped in a
+    script or a test leaves no worker behind holding the model (catches a lifespan that
+    never stopped the engine), and the engine then refuses new work."""
+    with start_server(served, tmp_path / "resd.db") as running:
+        assert chat(running, max_tokens=2).id
+    with pytest.raises(EngineStopped, match="not running"):
+        running.engine.submit(MESSAGES)
 
 
 # ---- the database ----------------------------------------------------------------------------------------
@@ -1212,6 +1259,9 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ("extra", "expected"),
     [
         (["--port", "70000"], "resd: error: --port: must be from 1 to 65535"),
+        # one past each end of the range (catches a range check off by one)
+        (["--port", "65536"], "resd: error: --port: must be from 1 to 65535"),
+        (["--port", "0"], "resd: error: --port: must be from 1 to 65535"),
         (["--port", "-1"], "resd: error: --port: must be from 1 to 65535"),
         (["--max-body-bytes", "0"], "resd: error: --max-body-bytes: must be at least 1"),
         (["--max-body-bytes", "-1"], "resd: error: --max-body-bytes: must be at least 1"),
@@ -1322,6 +1372,19 @@ def test_cli_names_a_database_that_cannot_be_opened(
     assert main(["serve", "--model", "unused", "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "resd: error: --output-dir: cannot open " in err and "file is not a database" in err, err
+
+    # a database a newer resd wrote is one `--db:` line too (catches the schema error being
+    # swallowed, which left the CLI to fail later with a traceback)
+    newer = tmp_path / "newer.db"
+    Store(str(newer)).close()
+    engine = sa.create_engine(sqlite_url(newer))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO schema_version VALUES (2, '2030-01-01 00:00:00')")
+    engine.dispose()
+    assert main(["serve", "--model", "unused", "--db", str(newer)]) == 2
+    err = capsys.readouterr().err
+    assert "resd: error: --db: database " in err and "schema version 2, newer" in err, err
+    assert "Traceback" not in err
     assert loads == []
 
 
@@ -1381,6 +1444,14 @@ def test_cli_failed_start_removes_only_the_database_it_created(
     assert main(["serve", "--model", str(tmp_path / "no-model"), "--output-dir", str(fresh)]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # no empty database, no empty folders
+
+    # a --db apart from --output-dir: its new folders go too (catches removing only the
+    # output dir's)
+    elsewhere = tmp_path / "elsewhere" / "db" / "resd.db"
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--output-dir", str(fresh),
+                 "--db", str(elsewhere)]) == 2  # fmt: skip
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "elsewhere").exists()
 
     kept = tmp_path / "kept"
     store = Store(str(kept / "resd.db"))

@@ -133,6 +133,10 @@ def test_different_prompts_are_different_items_with_stable_ids() -> None:
     other = replace(row, messages=[{"role": "user", "content": "Is 'ab' of even length?"}])
     ids = [given_rollout(r).item.id for r in (row, other)]
     assert ids[0] != ids[1] and all(re.fullmatch(r"served/[0-9a-f]{12}", i) for i in ids), ids
+    # the same prompt from a client that writes "content" before "role" is the same item
+    # (catches an id hashed from the JSON's key order, not from the messages)
+    reordered = [{"content": m["content"], "role": m["role"]} for m in PROMPT_MESSAGES]
+    assert given_rollout(replace(row, messages=reordered)).item.id == ids[0]
 
 
 def test_a_reply_cut_at_max_tokens_is_given_to_the_trainer_unfinished(tmp_path) -> None:
@@ -200,6 +204,8 @@ def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
         trained = dict(learner.trainer.sampler.generator.named_parameters())
         for name, p in served.model.named_parameters():
             torch.testing.assert_close(p, trained[name], msg=name)
+            # frozen: a served copy that required grad would build autograd state per request
+            assert not p.requires_grad, name
         # the next completion comes from the new version and is recorded under it
         reply = running.client().chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
