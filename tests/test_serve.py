@@ -1003,6 +1003,17 @@ def test_a_server_that_shuts_down_stops_its_engine(served: ServedModel, tmp_path
 
 
 # ---- the database ----------------------------------------------------------------------------------------
+NEWER_SCHEMA = "INSERT INTO schema_version VALUES (2, '2030-01-01 00:00:00')"  # as a newer resd
+
+
+def _execute(path: Path, sql: str) -> None:
+    """Change a database behind the store's back, as another program would."""
+    engine = sa.create_engine(sqlite_url(path))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(sql)
+    engine.dispose()
+
+
 def _fill(store: Store) -> None:
     store.add_version("base", parent=None, step=0, note="first")
     store.record_interaction(
@@ -1028,18 +1039,12 @@ def test_sqlite_store_is_wal_and_reopens_with_a_version_check(tmp_path: Path) ->
     assert store.unconsumed(10)[0].feedback == "right"
     store.close()
 
-    engine = sa.create_engine(sqlite_url(path))  # a newer resd wrote this database
-    with engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO schema_version VALUES (2, '2030-01-01 00:00:00')")
-    engine.dispose()
+    _execute(path, NEWER_SCHEMA)  # a newer resd wrote this database
     with pytest.raises(SchemaVersionError, match="schema version 2, newer"):
         Store(str(path))
 
     foreign = tmp_path / "foreign.db"  # our table names, but no schema_version
-    engine = sa.create_engine(sqlite_url(foreign))
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE interactions (id TEXT)")
-    engine.dispose()
+    _execute(foreign, "CREATE TABLE interactions (id TEXT)")
     with pytest.raises(SchemaVersionError, match="no schema_version"):
         Store(str(foreign))
 
@@ -1377,10 +1382,7 @@ def test_cli_names_a_database_that_cannot_be_opened(
     # swallowed, which left the CLI to fail later with a traceback)
     newer = tmp_path / "newer.db"
     Store(str(newer)).close()
-    engine = sa.create_engine(sqlite_url(newer))
-    with engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO schema_version VALUES (2, '2030-01-01 00:00:00')")
-    engine.dispose()
+    _execute(newer, NEWER_SCHEMA)
     assert main(["serve", "--model", "unused", "--db", str(newer)]) == 2
     err = capsys.readouterr().err
     assert "resd: error: --db: database " in err and "schema version 2, newer" in err, err
