@@ -1124,12 +1124,21 @@ def test_whole_group_is_killed_on_timeout():
 
 # -- the Landlock filesystem layer ---------------------------------------------------------
 
-# In a throwaway process: the Landlock ABI this kernel offers (0: none, or turned off).
+# In a throwaway process: the Landlock ABI this kernel offers, if the process may also
+# restrict itself with it (0: no Landlock, turned off, or refused here, say by a
+# container's own seccomp filter).
 LANDLOCK_PROBE = """
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
-print(max(libc.syscall(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint32(1)), 0))
+abi = libc.syscall(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+write_file = ctypes.c_uint64(1 << 1)
+ruleset = libc.syscall(ctypes.c_long(444), ctypes.byref(write_file), ctypes.c_size_t(8),
+                       ctypes.c_uint32(0)) if abi > 0 else -1
+ul = ctypes.c_ulong
+works = (ruleset >= 0 and libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) == 0
+         and libc.syscall(ctypes.c_long(446), ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0)
+print(abi if works else 0)
 """
 
 
