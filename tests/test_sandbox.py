@@ -8,6 +8,7 @@ Where bubblewrap works, every test runs twice, with and without its filesystem l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -1142,6 +1143,7 @@ print(abi if works else 0)
 """
 
 
+@functools.cache  # one throwaway process per test process
 def landlock_abi() -> int:
     proc = subprocess.run(
         [sys.executable, "-I", "-c", LANDLOCK_PROBE], capture_output=True, text=True, timeout=30
@@ -1578,7 +1580,7 @@ def test_the_filters_system_call_numbers_are_the_kernels(machine):
     # machine, against the kernel's own headers, since only one of them can run.
     import re
 
-    import resd.envs.sandbox
+    from resd.envs.sandbox_child import _RESD_SYSCALLS
 
     header, em = SYSCALL_HEADERS[machine]
     needed = [header, "/usr/include/linux/elf-em.h"]
@@ -1588,10 +1590,7 @@ def test_the_filters_system_call_numbers_are_the_kernels(machine):
     numbers = {name: int(nr) for name, nr in define.findall(Path(header).read_text())}
     elf = Path("/usr/include/linux/elf-em.h").read_text()
     machine_id = int(re.search(rf"#define\s+{em}\s+(\d+)", elf).group(1))
-    prelude = {"__name__": "sandbox_child"}
-    source = Path(resd.envs.sandbox.__file__).with_name("sandbox_child.py").read_text()
-    exec(compile(source, "sandbox_child.py", "exec"), prelude)
-    arch, table = prelude["_RESD_SYSCALLS"][machine]
+    arch, table = _RESD_SYSCALLS[machine]
     assert arch == machine_id | 0x80000000 | 0x40000000  # __AUDIT_ARCH_64BIT | _LE
     assert table == {name: numbers[name] for name in table}
     # every call the filter means to rule on is in the table where the machine has it

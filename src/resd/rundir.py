@@ -90,6 +90,11 @@ SKIP_REASONS = (
 PLAYBOOK_READERS = ("reflection", "curation", "teacher")
 
 
+def holds_run_logs(run_dir: Path) -> bool:
+    """Whether a run has written to `run_dir` (any of `RUN_LOGS`), checkpoint or not."""
+    return any((run_dir / name).exists() for name in RUN_LOGS)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file, or [] if it does not exist.
 

@@ -229,14 +229,23 @@ def _resd_landlock(workdir):
         abi = syscall(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
         if abi < 1:  # ENOSYS, or EOPNOTSUPP where the kernel has it turned off
             return False
-        handled = 0
-        for version, rights in _RESD_LANDLOCK_WRITES:
-            if abi >= version:
-                handled |= rights
+        handled = sum(rights for version, rights in _RESD_LANDLOCK_WRITES if abi >= version)
 
         class PathBeneath(ctypes.Structure):
             _pack_ = 1
             _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+        def add_rule(ruleset, path, allowed):
+            try:
+                fd = _os.open(path, _os.O_PATH | _os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                rule = PathBeneath(allowed, fd)
+                return syscall(ctypes.c_long(445), ctypes.c_int(ruleset), ctypes.c_int(1),
+                               ctypes.byref(rule), ctypes.c_uint32(0)) == 0  # fmt: skip
+            finally:
+                _os.close(fd)
 
         ruleset_attr = ctypes.c_uint64(handled)  # struct landlock_ruleset_attr, ABI 1 size
         ruleset = syscall(ctypes.c_long(444), ctypes.byref(ruleset_attr), ctypes.c_size_t(8),
@@ -244,23 +253,10 @@ def _resd_landlock(workdir):
         if ruleset < 0:
             return False
         try:
-            rules = [(workdir, handled)]
-            rules += [(d, _RESD_LANDLOCK_WRITE_FILE) for d in _RESD_LANDLOCK_DEVICES]
-            for path, allowed in rules:
-                try:
-                    fd = _os.open(path, _os.O_PATH | _os.O_CLOEXEC)
-                except OSError:
-                    if path == workdir:
-                        return False
-                    continue  # a device this host lacks
-                try:
-                    rule = PathBeneath(allowed, fd)
-                    added = syscall(ctypes.c_long(445), ctypes.c_int(ruleset), ctypes.c_int(1),
-                                    ctypes.byref(rule), ctypes.c_uint32(0))  # fmt: skip
-                finally:
-                    _os.close(fd)
-                if added != 0 and path == workdir:
-                    return False
+            if not add_rule(ruleset, workdir, handled):
+                return False
+            for device in _RESD_LANDLOCK_DEVICES:  # one this host lacks is skipped
+                add_rule(ruleset, device, _RESD_LANDLOCK_WRITE_FILE)
             ul = ctypes.c_ulong
             if libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) != 0:  # PR_SET_NO_NEW_PRIVS
                 return False

@@ -35,7 +35,7 @@ from typing import Any
 from resd.config import apply_overrides, build_config, read_yaml_mapping
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
-from resd.rundir import RUN_LOGS, read_jsonl
+from resd.rundir import holds_run_logs, read_jsonl
 from resd.serve.engine import ModelHolder, ServedModel, same_model
 from resd.serve.store import Store, TrainingRow
 from resd.training.rollout import GivenRollout
@@ -128,7 +128,7 @@ class Learner:
                         "swap replaces the served model", cfg.model, served.source)  # fmt: skip
         # resumed whenever the folder holds a run's logs: a server stopped before its
         # first step leaves only the starting model's evaluation, and starts over from it
-        trainer = Trainer(cfg, resume=any((run_dir / name).exists() for name in RUN_LOGS))
+        trainer = Trainer(cfg, resume=holds_run_logs(run_dir))
         settings = LearnerSettings(min_rows or cfg.batch_size, guard_metric=guard_metric,
                                    guard_tolerance=guard_tolerance)  # fmt: skip
         learner = cls(trainer, store, holder, settings)

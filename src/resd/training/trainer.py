@@ -48,6 +48,7 @@ from resd.rundir import (
     SKIP_REASONS,
     TOP_LEVEL_FILES,
     append_jsonl,
+    holds_run_logs,
     read_jsonl,
     truncate_jsonl,
 )
@@ -255,7 +256,7 @@ class Trainer:
         decided before the model loads, so that a refusal comes at once."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise FileExistsError(f"output_dir: {self.run_dir} is a file, not a folder")
-        logged = any((self.run_dir / name).exists() for name in RUN_LOGS)
+        logged = holds_run_logs(self.run_dir)
         if logged and not resume:
             raise FileExistsError(
                 f"output_dir: {self.run_dir} already holds a run; pass --resume to continue it "
