@@ -13,9 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -286,6 +286,40 @@ def test_health_reports_how_many_requests_are_queued(server: Running) -> None:
     assert health["queue"] == server.engine.pending == 0
 
 
+def test_health_is_a_503_naming_the_error_when_the_database_fails(
+    served: ServedModel, tmp_path: Path
+) -> None:
+    """/health is what a monitor polls: with the database unreadable (a table dropped
+    behind the store's back) it answers 503 with the error's name, not a 500 or a 200
+    (a mutant answered 504, which monitors read as a proxy timeout)."""
+    with start_server(served, tmp_path / "resd.db") as running:
+        _execute(tmp_path / "resd.db", "DROP TABLE feedback")
+        response = httpx.get(f"{running.url}/health")
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["status"] == "error" and body["error"].startswith("OperationalError: ")
+    assert "feedback" in body["error"]
+
+
+def test_a_request_does_not_read_the_versions_table_again(server: Running) -> None:
+    """The served version is checked against the store once, then remembered: a
+    completion reads no `model_versions` rows (a mutant that forgot it read the whole
+    table on every request, a cost that grows with every learner step)."""
+    chat(server, max_tokens=1)  # the served version is known from here on
+    reads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "FROM model_versions" in statement:
+            reads.append(statement)
+
+    sa.event.listen(server.store.engine, "before_cursor_execute", count)
+    try:
+        assert server.store.interaction(chat(server, max_tokens=1).id) is not None
+    finally:
+        sa.event.remove(server.store.engine, "before_cursor_execute", count)
+    assert reads == []
+
+
 def test_the_model_card_and_the_default_sampling_settings(server: Running) -> None:
     """`GET /v1/models/<id>` answers the served model's card (clients check it before use)
     and a 404 for another id; a request without temperature or top_p samples at OpenAI's
@@ -491,6 +525,8 @@ def test_validation_errors_name_the_first_field_and_count_the_rest(server: Runni
             "/v1/chat/completions", {**two_bad, "temperature": 1.0, "top_p": top_p}
         )
         assert refused.json()["error"]["param"] == "top_p", refused.text
+        # one bad field is named alone (a mutant added "(and 0 more)")
+        assert "more" not in refused.json()["error"]["message"], refused.text
     nucleus = chat(server, top_p=0.5, temperature=2.0, max_tokens=2)
     assert server.store.interaction(nucleus.id)["params"]["top_p"] == 0.5
 
@@ -557,6 +593,27 @@ def test_a_background_server_restarts_at_once_on_the_port_it_used(
             assert httpx.get(f"{again.url}/health", timeout=30).status_code == 200
     finally:
         store.close()
+
+
+# uvicorn ends its thread with SystemExit(3) on a failed startup: Python ignores that in a
+# thread, pytest reports it
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_background_server_that_fails_to_start_gives_its_port_back() -> None:
+    """An app whose startup fails (its lifespan raises, as a model that will not load
+    would) makes `start` raise, and the port it had bound is free again for a second try.
+    Catches a stop that left the socket open: uvicorn closes it only after serving."""
+    from fastapi import FastAPI
+
+    @asynccontextmanager
+    async def failing(_app: FastAPI) -> AsyncIterator[None]:
+        raise RuntimeError("the model would not load")
+        yield
+
+    server = BackgroundServer(FastAPI(lifespan=failing), log_level="critical")
+    with pytest.raises(RuntimeError, match="did not start"):
+        server.start()
+    with socket.socket() as probe:  # without SO_REUSEADDR: a socket still bound there refuses
+        probe.bind((server.host, server.port))
 
 
 def test_a_page_query_of_the_wrong_type_is_an_openai_400(server: Running) -> None:
@@ -774,6 +831,24 @@ def test_a_request_arriving_within_the_batch_wait_joins_the_batch(served: Served
         engine.stop()
 
 
+def test_one_schema_with_its_keys_in_another_order_shares_a_batch(served: ServedModel) -> None:
+    """Requests batch only under the same sampling settings, a JSON schema among them: the
+    schema is compared as canonical JSON, so two clients sending one schema with its keys
+    in another order share a batch (a mutant kept each client's key order: two batches)."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    reordered = {"required": ["a"], "properties": {"a": {"type": "integer"}}, "type": "object"}
+    engine = GenerationEngine(ModelHolder(served), max_new_tokens=2, autocast=None)
+    engine.start()
+    try:
+        with engine.paused():  # both queued before the worker gathers a batch
+            futures = [engine.submit(MESSAGES, seed=0, json_schema=schema),
+                       engine.submit(MESSAGES, seed=1, json_schema=reordered)]  # fmt: skip
+        assert all(f.result(timeout=60).token_ids for f in futures)
+        assert engine.batch_sizes == [2]
+    finally:
+        engine.stop()
+
+
 def test_messages_the_chat_template_refuses_fail_alone_and_are_not_generated(
     served: ServedModel, tiny_model_dir: Path
 ) -> None:
@@ -859,6 +934,29 @@ def test_an_engine_built_without_options_has_the_cli_defaults(served: ServedMode
     assert engine.batch_wait_s == args.batch_wait_ms / 1000.0
     assert engine.max_new_tokens == args.max_new_tokens
     assert engine.max_prompt_tokens == args.max_prompt_tokens
+    # a plain `resd serve` listens at 127.0.0.1:8000, as docs/serving.md says (a mutant: 8001)
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+
+
+def test_the_cli_guards_a_learner_as_a_learner_built_in_code_does() -> None:
+    """`resd serve --learn` without guard options serves a step only if its guard metric
+    did not fall, as `Learner.from_config` and `LearnerSettings` do by default (catches a
+    CLI default tolerance of 1, which served any step however far its metric fell)."""
+    import argparse
+    import inspect
+
+    from resd.serve.command import add_serve_subcommand
+    from resd.serve.learner import Learner, LearnerSettings
+
+    parser = argparse.ArgumentParser()
+    add_serve_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", "tiny", "--learn", "learn.yaml"])
+    library = inspect.signature(Learner.from_config).parameters
+    assert args.guard_tolerance == library["guard_tolerance"].default == 0.0
+    assert args.guard_metric == library["guard_metric"].default
+    assert args.learn_min_rows is library["min_rows"].default is None  # the config's batch_size
+    settings = LearnerSettings(min_rows=1)
+    assert (settings.guard_metric, settings.guard_tolerance) == (args.guard_metric, 0.0)
 
 
 def test_a_schema_max_length_is_held_to_the_letter(served: ServedModel, tmp_path: Path) -> None:
@@ -1542,6 +1640,9 @@ def test_create_app_refuses_an_empty_name_and_a_body_limit_below_one(served: Ser
             create_app(holder, store, api_key=None, model_name=MODEL, max_body_bytes=0)
         with pytest.raises(ValueError, match="model_name"):
             create_app(holder, store, api_key=None, model_name="")
+        # an empty key would let in anyone sending "Authorization: Bearer " (a mutant did)
+        with pytest.raises(ValueError, match=r"^api_key: an empty key"):
+            create_app(holder, store, api_key="", model_name=MODEL)
     finally:
         store.close()
 
@@ -1626,6 +1727,9 @@ def test_resd_serve_command_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> 
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
     assert "resd serve: model 'tiny' (version base)" in stderr
+    # it closed its database on the way out: SQLite folds the write-ahead log back into the
+    # file and removes it at the last close (a mutant that skipped the close left it behind)
+    assert not (tmp_path / "resd.db-wal").exists()
     store = Store(str(tmp_path / "resd.db"))
     assert store.counts() == {"interactions": 1, "feedback": 1, "consumed": 0, "versions": 1}
     assert store.interaction(reply.id)["feedback"][0]["score"] == 0.5

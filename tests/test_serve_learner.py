@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import pytest
@@ -171,7 +171,9 @@ def tiny_served(tiny_model_dir):
 
 def test_the_learner_config_is_read_as_written(tiny_model_dir, tmp_path, tiny_served, caplog):
     """The off-policy cap is 2 only where the config is silent; a minimum of rows a step
-    can never gather is refused; a config that trains the served model says nothing."""
+    can never gather is refused; a config that trains the served model says nothing, and
+    one that trains another model warns that the first swap replaces the served one (a
+    mutant said nothing)."""
     with start_server(tiny_served, tmp_path / "resd.db", max_new_tokens=8) as running:
 
         def cap(*extra: str, min_rows: int | None = None) -> float | None:
@@ -186,6 +188,11 @@ def test_the_learner_config_is_read_as_written(tiny_model_dir, tmp_path, tiny_se
         assert cap("rollout_is_cap=5.0") == 5.0
         with pytest.raises(ValueError, match=r"^--learn-min-rows: 5 is not in 1\.\.4"):
             cap(min_rows=5)
+        other = ModelHolder(replace(tiny_served, source="Qwen/Qwen3-0.6B"))
+        with caplog.at_level("WARNING", logger="resd.serve.learner"):
+            Learner.from_config(learn_config(tiny_model_dir, tmp_path), store=running.store,
+                                holder=other, output_dir=tmp_path / "other")  # fmt: skip
+        assert "while the server serves Qwen/Qwen3-0.6B; the first swap replaces" in caplog.text
 
 
 def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
@@ -238,6 +245,11 @@ def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
                                       output_dir=tmp_path / "four", min_rows=4,
                                       guard_metric="items")  # fmt: skip
         assert (learner.settings.min_rows, learner.settings.guard_tolerance) == (4, 0.0)
+        # the class's own defaults are the command's: settings built in code guard alike (a
+        # mutant's default tolerance of 1 served any step however far its metric fell)
+        assert LearnerSettings(min_rows=4, guard_metric="items") == learner.settings
+        with pytest.raises(FrozenInstanceError):  # swapped whole, never edited under the thread
+            learner.settings.guard_tolerance = 1.0  # type: ignore[misc]
         record = learner.step_once()
         assert record is not None and record["rows"] == 4
         [logged] = read_jsonl(tmp_path / "four" / "learner" / "metrics.jsonl")
@@ -253,15 +265,22 @@ def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
 def test_one_row_may_start_a_step_and_stop_waits_for_the_learner_thread(
     tiny_model_dir, tmp_path, tiny_served
 ):
-    """`--learn-min-rows 1`, the least there is, is accepted (a mutant refused it); and
-    `stop()` returns only once the learner's thread has ended, even mid-step, so the caller
-    may close the database behind it (a mutant returned without joining the thread)."""
+    """`--learn-min-rows 1`, the least there is, is accepted (a mutant refused it); the
+    learner's thread is a daemon, as the engine's worker is, so a script or notebook that
+    never calls `stop()` still exits (a mutant's thread kept polling and held the
+    interpreter open); and `stop()` returns only once the learner's thread has ended, even
+    mid-step, so the caller may close the database behind it (a mutant returned without
+    joining the thread)."""
     with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, _):
         learner = Learner.from_config(path, store=running.store, holder=running.holder,
                                       output_dir=tmp_path / "one", min_rows=1)  # fmt: skip
         assert learner.settings.min_rows == 1
         learner.start()  # rows are waiting: the thread steps at once
-        learner.stop(timeout=120)
+        try:
+            daemons = [t.daemon for t in threading.enumerate() if t.name == "resd-learner"]
+        finally:
+            learner.stop(timeout=120)
+        assert daemons == [True]
         assert not [t for t in threading.enumerate() if t.name == "resd-learner" and t.is_alive()]
 
 
@@ -270,17 +289,29 @@ def test_a_failing_step_is_reported_and_the_server_keeps_answering(
 ):
     """A step that raises (here: a guard metric the evaluation does not have) does not end
     the learner's thread silently: `status()` (hence the page and /health) names the error,
-    nothing is consumed, and the served model stays."""
+    nothing is consumed, and the served model stays. After a failed step the thread waits
+    `poll_seconds` before it tries again: it read the rows once, not again and again (a
+    mutant retried at once, retraining on the same rows in a loop that kept a core busy)."""
     with learning(tiny_model_dir, tmp_path, tiny_served) as (running, _, learner):
-        learner.settings = LearnerSettings(min_rows=4, poll_seconds=0.1, guard_metric="no_such")
+        learner.settings = LearnerSettings(min_rows=4, poll_seconds=60, guard_metric="no_such")
+        reads: list[str] = []
+
+        def count(_conn, _cursor, statement: str, *_args) -> None:
+            if "FROM feedback" in statement:
+                reads.append(statement)
+
+        sqlalchemy.event.listen(running.store.engine, "before_cursor_execute", count)
         learner.start()
         try:
             deadline = time.monotonic() + 120
             while learner.status()["error"] is None and time.monotonic() < deadline:
                 time.sleep(0.1)
+            time.sleep(1.0)  # a retry would read the rows again at once
         finally:
-            learner.stop(timeout=120)
+            learner.stop(timeout=120)  # ends the 60 s wait at once
+            sqlalchemy.event.remove(running.store.engine, "before_cursor_execute", count)
         assert learner.status()["error"] == "KeyError: 'no_such'"
+        assert len(reads) == 1, reads
         assert consumed_steps(running.store) == [None] * 4
         assert running.holder.current() is tiny_served
 
@@ -477,6 +508,9 @@ def test_an_idle_learner_waits_between_polls(tiny_model_dir, tmp_path, tiny_serv
     loop that did not wait after an idle poll (both read the database without pause and
     kept a core busy). The bound is loose: a busy loop reads hundreds of times."""
     with learning(tiny_model_dir, tmp_path, tiny_served, collect=False) as (running, _, learner):
+        # what `resd serve --learn` polls at (it has no option for it): 2 s, not longer (a
+        # mutant's 4 s left new feedback waiting twice as long for its step)
+        assert learner.settings.poll_seconds == 2.0
         reads: list[str] = []
 
         def count(_conn, _cursor, statement: str, *_args) -> None:

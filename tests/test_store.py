@@ -8,6 +8,7 @@ import importlib
 import math
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,34 @@ def test_sqlite_memory_spelled_out_is_one_database_for_every_thread() -> None:
     thread.join()
     memory.close()
     assert seen == [1]
+
+
+def test_an_in_memory_store_runs_one_threads_transaction_at_a_time() -> None:
+    """`sqlite://` is one connection shared by every thread, so the store's lock runs one
+    transaction at a time: a read that starts while another thread's write is mid-way
+    waits for it and sees its row. Catches an in-memory store without its lock (the read
+    ran on the shared connection in the middle of the writer's transaction and saw
+    nothing)."""
+    memory = Store("sqlite://")
+    memory.add_version("base", parent=None, step=0)
+    inside = threading.Event()
+
+    def slow_insert(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO interactions"):
+            inside.set()
+            time.sleep(0.5)  # the writer is in its transaction, its row not yet written
+
+    sa.event.listen(memory.engine, "before_cursor_execute", slow_insert)
+    writer = threading.Thread(target=_interaction, args=(memory, "chatcmpl-a"))
+    writer.start()
+    try:
+        assert inside.wait(10)
+        seen = memory.counts()["interactions"]
+    finally:
+        writer.join()
+        sa.event.remove(memory.engine, "before_cursor_execute", slow_insert)
+        memory.close()
+    assert seen == 1
 
 
 def test_a_writer_waits_ten_seconds_for_the_lock(store: Store) -> None:
