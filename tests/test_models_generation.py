@@ -974,3 +974,87 @@ def test_prefix_cache_keeps_replies_cut_at_eos_in_small_batches(tiny, monkeypatc
         g.token_ids for g in generate(model, tok, kept, max_new_tokens=4, temperature=0.0)
     ]
     assert [g.cached_tokens for g in again] == [len(tokens) - 1 for tokens in kept]
+
+
+def _first_new(text: str, length: int, skip: int = 2) -> str:
+    """A piece of `text` that first occurs at or after `skip` characters in."""
+    for start in range(skip, len(text) - length):
+        piece = text[start : start + length]
+        if text.find(piece) == start:
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_a_stop_string_ends_its_row_before_it_and_keeps_the_tokens_that_made_it(tiny) -> None:
+    """OpenAI's `stop`: the text ends where the stop begins; the tokens (and log-probs) are
+    the ones sampled, through the first token that completes the stop, and no further;
+    the row that never writes it is untouched. Of several stops, the one completed first
+    wins. Catches a cut that keeps the stop in the text, drops or adds tokens, misaligns
+    log-probs, stops the wrong row, or never stops."""
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": c}]) for c in ("ab", "cd")]
+    kwargs = dict(max_new_tokens=24, temperature=1.0, seeds=[3, 4], return_logprobs=True)
+    plain = generate(model, tok, prompts, **kwargs)
+    text = plain[0].text
+    stop = _first_new(text, 3, skip=6)
+    later = _first_new(text[text.find(stop) + 3 :], 2)  # completed after `stop`
+    assert stop not in plain[1].text and later not in plain[1].text
+    cut = generate(model, tok, prompts, **kwargs, stop_strings=["never-written", later, stop])
+    at = text.find(stop)
+    assert cut[0].text == text[:at] and cut[0].stop == stop and cut[0].finished
+    n = len(cut[0].token_ids)
+    assert cut[0].token_ids == plain[0].token_ids[:n]
+    assert stop in tok.decode(cut[0].token_ids) and stop not in tok.decode(cut[0].token_ids[:-1])
+    assert cut[0].logprobs == plain[0].logprobs[:n]
+    assert cut[0].content_ids == cut[0].token_ids  # no EOS to take off
+    assert cut[1] == plain[1] and cut[1].stop is None
+
+
+def test_a_stop_string_counts_only_in_the_reply_and_greedy_replies_stop_too(tiny) -> None:
+    """A stop that the prompt's end and the reply's first character make together ends
+    nothing (transformers' own `stop_strings` would end the reply at its first token);
+    greedy decoding, which has no sampler, stops as sampling does, and stops decoding
+    there (a cut after the fact would pass every other check)."""
+    model, tok = tiny
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "ab"}])
+    plain = generate(model, tok, [prompt], max_new_tokens=24, temperature=0.0)[0]
+    prompt_text = tok.decode(prompt, skip_special_tokens=True)
+    across = prompt_text[-1] + plain.text[0]
+    assert across not in plain.text
+    assert generate(model, tok, [prompt], max_new_tokens=24, temperature=0.0,
+                    stop_strings=[across])[0] == plain  # fmt: skip
+    stop = _first_new(plain.text, 2, skip=4)
+    passes = []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        cut = generate(model, tok, [prompt], max_new_tokens=24, temperature=0.0,
+                       stop_strings=[stop])  # fmt: skip
+    finally:
+        hook.remove()
+    assert cut[0].text == plain.text[: plain.text.find(stop)] and cut[0].logprobs is None
+    assert cut[0].token_ids == plain.token_ids[: len(cut[0].token_ids)]
+    # decoding ended at the stop, not at max_new_tokens with the rest thrown away
+    assert len(plain.token_ids) == 24 and len(passes) == len(cut[0].token_ids) < 24
+
+
+def test_stop_strings_must_be_non_empty_and_not_under_a_schema(tiny) -> None:
+    model, tok = tiny
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "ab"}])
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, tok, [prompt], max_new_tokens=4, stop_strings=["x", ""])
+    with pytest.raises(ValueError, match="json_schemas"):
+        generate(model, tok, [prompt], max_new_tokens=4, stop_strings=["x"], json_schemas=[None])
+
+
+def test_of_two_stops_ending_at_once_the_longer_one_is_cut_away(tiny) -> None:
+    """`cut_at_stop` on its own: of stops completed by the same character, the one that
+    began first is cut, so no part of a stop is left in the text."""
+    from resd.generation import Generation, cut_at_stop
+
+    _, tok = tiny
+    ids = tok("hello world", add_special_tokens=False)["input_ids"]
+    gen = Generation(ids, tok.decode(ids), False, [0.0] * len(ids))
+    cut = cut_at_stop(gen, ["d", "orld", "zzz"], tok)
+    assert (cut.text, cut.stop, cut.finished) == ("hello w", "orld", True)
+    assert tok.decode(cut.token_ids) == "hello world" and len(cut.logprobs) == len(ids)
+    assert cut_at_stop(gen, ["zzz"], tok) is gen

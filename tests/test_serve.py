@@ -436,7 +436,9 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
         (400, "/v1/chat/completions", {"json": {**good, "messages": [{"role": "robot", "content": "x"}]}}),
         (400, "/v1/chat/completions", {"json": {**good, "tools": []}}),
         (400, "/v1/chat/completions", {"json": {**good, "n": 2}}),
-        (400, "/v1/chat/completions", {"json": {**good, "stop": ["\n"]}}),
+        (400, "/v1/chat/completions", {"json": {**good, "stop": ["a", "b", "c", "d", "e"]}}),
+        (400, "/v1/chat/completions", {"json": {**good, "stop": ["a", ""]}}),
+        (400, "/v1/chat/completions", {"json": {**good, "stop": 7}}),
         (404, "/v1/chat/completions", {"json": {**good, "model": "gpt-4o"}}),
         (400, "/v1/feedback", {"json": {"completion_id": completion}}),
         (400, "/v1/feedback", {"json": {"completion_id": completion, "reward": "high"}}),
@@ -486,12 +488,12 @@ def test_a_wrong_method_and_an_empty_completion_id_are_named_errors(server: Runn
 
 
 def test_options_that_would_be_ignored_are_refused_by_name(server: Running) -> None:
-    """n, stop, logprobs and the penalties are parsed but not honoured: each is a 400 naming
+    """n, logprobs and the penalties are parsed but not honoured: each is a 400 naming
     the option (code unsupported_value) rather than a reply that ignored it; their no-op
     values pass. An empty message list is refused too, not answered from a bare prompt."""
     good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
     before = _counts(server)
-    refused = [("n", 2), ("stop", "\n"), ("logprobs", True), ("presence_penalty", 0.5),
+    refused = [("n", 2), ("logprobs", True), ("presence_penalty", 0.5),
                ("frequency_penalty", -1.0)]  # fmt: skip
     for option, value in refused:
         response = server.post("/v1/chat/completions", {**good, option: value})
@@ -894,6 +896,45 @@ def test_finish_reason_says_whether_the_model_ended_the_reply(server: Running) -
         assert expected == "stop" or len(tokens) == 3
         reasons.append(expected)
     assert "length" in reasons
+
+
+def test_a_stop_sequence_ends_the_reply_before_it_and_is_recorded(server: Running) -> None:
+    """OpenAI's `stop`: the reply is the seeded reply without a stop up to where the stop
+    begins, `finish_reason` is "stop", and the store keeps the stop among the params, the
+    text the client saw, and the sampled tokens through the one that completed the stop
+    (`usage` counts them). Streamed, the pieces join to the same cut text. "" is no stop;
+    a stop under a JSON `response_format` is a 400 naming `stop`, and writes nothing."""
+    plain = chat(server, seed=5, max_tokens=16)
+    text = plain.choices[0].message.content
+    start = next(i for i in range(3, len(text) - 2) if text.find(text[i : i + 2]) == i)
+    stop = text[start : start + 2]
+    cut = chat(server, seed=5, max_tokens=16, stop=[stop, "never-written"])
+    assert cut.choices[0].message.content == text[:start]
+    assert cut.choices[0].finish_reason == "stop"
+    row = server.store.interaction(cut.id)
+    assert row["params"]["stop"] == [stop, "never-written"] and row["response"] == text[:start]
+    tokens = server.store.interaction(plain.id)["response_token_ids"]
+    assert row["response_token_ids"] == tokens[: len(row["response_token_ids"])]
+    assert stop in server.holder.current().tokenizer.decode(row["response_token_ids"])
+    assert cut.usage.completion_tokens == len(row["response_token_ids"]) < len(tokens)
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=16, seed=5, stop=stop, stream=True
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == text[:start]
+    assert chunks[-1].finish_reason == "stop"
+    none = chat(server, seed=5, max_tokens=16, stop="")
+    assert none.choices[0].message.content == text
+    assert "stop" not in server.store.interaction(none.id)["params"]
+    before = _counts(server)
+    json_stop = server.post("/v1/chat/completions", {
+        "model": MODEL, "messages": MESSAGES, "stop": "}", "response_format": {"type": "json_object"},
+    })  # fmt: skip
+    assert json_stop.status_code == 400, json_stop.text
+    assert (json_stop.json()["error"]["param"], json_stop.json()["error"]["code"]) == (
+        "stop", "unsupported_value",
+    )  # fmt: skip
+    assert _counts(server) == before
 
 
 def test_the_server_caps_max_tokens_and_records_the_cap(server: Running) -> None:

@@ -2,6 +2,6 @@
 constrained replies (structured output). `base.Sampler` is the interface both backends
 implement."""
 
-from resd.generation.base import Generation, Sampler, cut_at_eos
+from resd.generation.base import Generation, Sampler, cut_at_eos, cut_at_stop
 
-__all__ = ["Generation", "Sampler", "cut_at_eos"]
+__all__ = ["Generation", "Sampler", "cut_at_eos", "cut_at_stop"]

@@ -19,7 +19,7 @@ import torch
 class Generation:
     token_ids: list[int]  # sampled tokens, cut after the first EOS (the EOS is kept)
     text: str  # decoded without special tokens
-    finished: bool  # True if it stopped on EOS, False if it hit max_new_tokens
+    finished: bool  # True if it stopped on EOS or a stop string, False if it hit max_new_tokens
     # The sampler's log π of each token (when asked for): what rollout correction compares
     # with the trainer's log-probs. Grammar-constrained replies record the masked scores.
     logprobs: list[float] | None = None
@@ -29,12 +29,15 @@ class Generation:
     # Free-text strings of a structured reply that its token budget closed (the
     # transformers backend's `token_budget`): how often the model was stopped, not done.
     fields_cut: int = 0
+    # The stop string that ended the reply (`generate(stop_strings=...)`), as OpenAI's
+    # `stop`: `text` ends before it, `token_ids` run through the token that completed it.
+    stop: str | None = None
 
     @property
     def content_ids(self) -> list[int]:
         """The reply's tokens without the EOS it stopped on: what a conversation that
         continues it shows as the assistant's turn."""
-        return self.token_ids[:-1] if self.finished else self.token_ids
+        return self.token_ids[:-1] if self.finished and self.stop is None else self.token_ids
 
 
 def cut_at_eos(
@@ -56,6 +59,32 @@ def cut_at_eos(
             break
     text = tokenizer.decode(kept, skip_special_tokens=True)
     return Generation(kept, text, finished, logprobs[: len(kept)] if logprobs is not None else None)
+
+
+def cut_at_stop(gen: Generation, stops: Sequence[str], tokenizer: Any) -> Generation:
+    """`gen` ended at the first of `stops` its text holds, as OpenAI's `stop` ends a reply.
+
+    The first stop is the one completed first (the earliest end; on a tie, the earliest
+    start). The text ends before it; the tokens run through the first token whose text
+    completes it, so they and their log-probs are what was sampled, the stop included
+    (vLLM's way). Without a stop in the text, `gen` is returned as it is.
+    """
+    found = [(i + len(s), i, s) for s in stops if (i := gen.text.find(s)) >= 0]
+    if not found:
+        return gen
+    end, start, stop = min(found)
+    head = gen.text[:end]
+    content = gen.token_ids[:-1] if gen.finished else gen.token_ids
+    lo, hi = 1, len(content)  # the shortest prefix that decodes to `head` and more
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(content[:mid], skip_special_tokens=True).startswith(head):
+            hi = mid
+        else:
+            lo = mid + 1
+    logprobs = gen.logprobs[:lo] if gen.logprobs is not None else None
+    return Generation(content[:lo], gen.text[:start], True, logprobs, gen.cached_tokens,
+                      gen.fields_cut, stop)  # fmt: skip
 
 
 class Sampler(Protocol):

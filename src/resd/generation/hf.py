@@ -19,10 +19,12 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 from transformers.cache_utils import DynamicLayer
 
-from resd.generation.base import Generation, cut_at_eos
+from resd.generation.base import Generation, cut_at_eos, cut_at_stop
 from resd.generation.int8 import requantize
 from resd.models import autocast_context
 
@@ -160,6 +162,33 @@ class RowSeededSampler(LogitsProcessor):
         cand = cand.masked_fill(~keep, float("-inf"))
         gumbel = -torch.log(-torch.log(counter_uniform(seeds, self.position, ids))).to(cand.dtype)
         return ids.gather(-1, (cand + gumbel).argmax(-1, keepdim=True))
+
+
+class StopStrings(StoppingCriteria):
+    """Ends a row once its reply's text holds one of `stops` (OpenAI's `stop`).
+
+    Only the reply counts: transformers' own `stop_strings` also match text that the
+    prompt's end and the reply's start make together, which would end a reply before its
+    first token. Each step decodes only the tail of each reply, long enough to hold the
+    longest stop (a character is at most 4 byte-level tokens); `cut_at_stop` then cuts
+    the finished reply where the stop began.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], start: int
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.start = start  # the first reply column of the batch's input ids
+        self.window = 4 * max(len(s) for s in self.stops) + 4
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
+    ) -> torch.BoolTensor:
+        tails = input_ids[:, max(self.start, input_ids.shape[1] - self.window) :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        hit = [any(stop in text for stop in self.stops) for text in texts]
+        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
 
 
 def chat_prompt_ids(
@@ -462,6 +491,7 @@ def generate(
     min_new_tokens: int = 0,
     prefix_cache: PrefixCache | None = None,
     keep_prefixes: bool = False,
+    stop_strings: Sequence[str] = (),
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -485,9 +515,15 @@ def generate(
     does starts from the keys and values of that shared beginning
     (`Generation.cached_tokens` says how many);
     `keep_prefixes` keeps this call's prompts and replies in it, replacing what it held.
+
+    `stop_strings` end a reply as OpenAI's `stop` does (`cut_at_stop`; `Generation.stop`
+    names the one that ended it). Not with `json_schemas`: a reply stopped inside its JSON
+    would break the grammar that the schema holds it to.
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("generate: need one seed per prompt")
+    if stop_strings and (json_schemas is not None or not all(stop_strings)):
+        raise ValueError("generate: stop strings must be non-empty, and not with json_schemas")
     if json_schemas is not None:
         if grammar is None:
             raise ValueError("generate: json_schemas need a grammar (structured output is off)")
@@ -544,6 +580,9 @@ def generate(
             )
             if sampler is not None:
                 processors.append(sampler)
+            stopping = StoppingCriteriaList(
+                [StopStrings(tokenizer, stop_strings, input_ids.shape[1])] if stop_strings else []
+            )
             with autocast_context(device, autocast):
                 out = model.generate(
                     input_ids=input_ids,
@@ -555,6 +594,7 @@ def generate(
                     top_p=top_p if sampling and not row_seeded else None,
                     top_k=0 if sampling and not row_seeded else None,
                     logits_processor=processors,
+                    stopping_criteria=stopping,
                     eos_token_id=eos,
                     pad_token_id=pad_id,
                     return_dict_in_generate=keep,
@@ -568,6 +608,8 @@ def generate(
                     sampler.logprobs[row] if sampler is not None and return_logprobs else None
                 )
                 results[i] = cut_at_eos(new_tokens[row], eos, tokenizer, logprobs)
+                if stop_strings:
+                    results[i] = cut_at_stop(results[i], stop_strings, tokenizer)
                 results[i].cached_tokens = hits[row][0]
                 if masks is not None and masks.closer is not None:
                     results[i].fields_cut = masks.closer.rows_cut[row]

@@ -203,10 +203,6 @@ def _unsupported(chat: ChatRequest) -> ApiError | None:
     """Options we parse but cannot honour: refused rather than ignored."""
     if chat.n not in (None, 1):
         return ApiError(400, "n: only n=1 is supported", param="n", code="unsupported_value")
-    if chat.stop:
-        return ApiError(400, "stop: stop sequences are not supported (the reply ends at the "
-                        "model's end-of-turn token or max_tokens)", param="stop",
-                        code="unsupported_value")  # fmt: skip
     if chat.logprobs:
         return ApiError(400, "logprobs: not returned by this server (they are recorded for "
                         "training)", param="logprobs", code="unsupported_value")  # fmt: skip
@@ -216,6 +212,27 @@ def _unsupported(chat: ChatRequest) -> ApiError | None:
                 400, f"{name}: only 0 is supported", param=name, code="unsupported_value"
             )
     return None
+
+
+def _stops(chat: ChatRequest) -> tuple[str, ...]:
+    """OpenAI's `stop`: a string or up to 4; "" and [] mean none. An empty string in a
+    list would end every reply at once, and a stop inside a JSON reply would cut what
+    `response_format` promises to be whole: both are a 400."""
+    if isinstance(chat.stop, str):
+        stops = [chat.stop] if chat.stop else []
+    else:
+        stops = list(chat.stop or [])
+    if len(stops) > 4:
+        raise ApiError(400, f"stop: at most 4 sequences, got {len(stops)}", param="stop",
+                       code="invalid_value")  # fmt: skip
+    if not all(stops):
+        raise ApiError(400, "stop: a stop sequence must not be empty", param="stop",
+                       code="invalid_value")  # fmt: skip
+    if stops and chat.response_format is not None and chat.response_format.to_schema():
+        raise ApiError(400, "stop: not with a JSON response_format (a stop would cut the "
+                       "JSON the schema holds whole)", param="stop",
+                       code="unsupported_value")  # fmt: skip
+    return tuple(stops)
 
 
 def _plain_messages(chat: ChatRequest) -> list[dict[str, str]]:
@@ -470,6 +487,7 @@ def create_app(
             raise ApiError(404, f"model {chat.model!r} is not served here (this server serves "
                            f"{model_name!r})", param="model", code="model_not_found")  # fmt: skip
         messages = _plain_messages(chat)
+        stop = _stops(chat)
         temperature = 1.0 if chat.temperature is None else chat.temperature
         top_p = 1.0 if chat.top_p is None else chat.top_p
         try:
@@ -477,6 +495,7 @@ def create_app(
                 messages, temperature=temperature, top_p=top_p, seed=chat.seed,
                 max_tokens=chat.max_completion_tokens or chat.max_tokens, stream=bool(chat.stream),
                 json_schema=chat.response_format.to_schema() if chat.response_format else None,
+                stop=stop,
             )  # fmt: skip
             completion = await asyncio.wrap_future(future)
         except PromptError as exc:
@@ -492,6 +511,8 @@ def create_app(
         params = {"temperature": temperature, "top_p": top_p, "seed": completion.seed,
                   "max_tokens": _max_tokens_used(chat, engine),
                   "stream": bool(chat.stream)}  # fmt: skip
+        if stop:
+            params["stop"] = list(stop)
         if chat.response_format is not None:  # what it was decoded under, to regenerate it
             params["response_format"] = chat.response_format.model_dump(
                 exclude_none=True, by_alias=True

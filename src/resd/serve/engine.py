@@ -36,7 +36,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -131,12 +131,14 @@ def load_served_model(
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a batch must share: `generate` takes one temperature, top-p and length (and,
-    for structured output, one JSON schema, kept as its canonical JSON text)."""
+    for structured output, one JSON schema, kept as its canonical JSON text; and one set
+    of stop strings)."""
 
     temperature: float
     top_p: float
     max_new_tokens: int
     json_schema: str | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class Completion:
     token_ids: list[int]  # cut after the first EOS (kept)
     text: str
     logprobs: list[float] | None  # the sampler's log π per token; None when greedy
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     seed: int
     pieces: list[str] | None = None  # the text cut at token boundaries, when streamed
 
@@ -287,12 +289,16 @@ class GenerationEngine:
         seed: int | None = None,
         stream: bool = False,
         json_schema: dict[str, Any] | None = None,
+        stop: Sequence[str] = (),
     ) -> Future[Completion]:
         """Accept a request: it will be answered by the model served *now*. With
         `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
-        that shape; a schema the grammar compiler refuses raises `SchemaError` here."""
+        that shape; a schema the grammar compiler refuses raises `SchemaError` here.
+        `stop` strings end the reply as OpenAI's `stop` does (not with a schema)."""
         if self._thread is None:
             raise EngineStopped("the generation engine is not running")
+        if stop and (json_schema is not None or not all(stop)):
+            raise ValueError("stop strings must be non-empty, and not with a JSON schema")
         limit = self.max_new_tokens if max_tokens is None else min(max_tokens, self.max_new_tokens)
         served = self.holder.current()
         schema_text = None
@@ -310,7 +316,9 @@ class GenerationEngine:
         job = _Job(
             served=served,
             messages=messages,
-            settings=SamplingSettings(float(temperature), float(top_p), int(limit), schema_text),
+            settings=SamplingSettings(
+                float(temperature), float(top_p), int(limit), schema_text, tuple(stop)
+            ),
             seed=secrets.randbits(63) if seed is None else int(seed),
             stream=stream,
         )
@@ -390,7 +398,7 @@ class GenerationEngine:
                 top_p=settings.top_p, batch_size=self.max_batch, autocast=self.autocast,
                 seeds=[job.seed for job in group], return_logprobs=True,
                 grammar=self._grammar(served) if schema else None,
-                json_schemas=[schema] * len(group) if schema else None,
+                json_schemas=[schema] * len(group) if schema else None, stop_strings=settings.stop,
             )  # fmt: skip
         except Exception as exc:
             log.exception("generation failed for a batch of %d", len(group))
