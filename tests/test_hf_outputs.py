@@ -4,6 +4,7 @@ model card and the files a Hub push would upload (checked offline)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -140,7 +141,7 @@ def test_the_card_states_the_runs_own_numbers(tmp_path):
     assert "\n# Qwen/Qwen3-0.6B trained with resd (resd)\n" in card
     assert (
         f"[resd](https://pypi.org/project/resd/) {resd.__version__}: algorithm `resd` on the "
-        "environment `my_env` for 7 optimizer steps (batches of 2 prompts, 3 rollout(s) each, "
+        "environment `my_env` for 7 optimizer steps (batches of 2 prompts, 3 rollouts each, "
         "lr 2e-06).\n"
     ) in card
     # the four headline metrics, before then after; one not measured before shows nan
@@ -153,6 +154,12 @@ def test_the_card_states_the_runs_own_numbers(tmp_path):
     # only the rows the run measured; no evaluation before training: the column is nan
     fewer = model_card(cfg, {"steps": 7, "eval_after": {"task_mean@k": 0.5, "items": 12, "k": 3}})
     assert "|---|\n| task_mean@k | nan | 0.500 |\n\n" in fewer
+    # one of a kind reads as one ("1 samples each" before)
+    one = model_card(dataclasses.replace(cfg, batch_size=1, rollouts_per_prompt=1),
+                     {"steps": 1, "env": "my_env",
+                      "eval_after": {"task_mean@k": 1.0, "items": 1, "k": 1}})  # fmt: skip
+    assert "for 1 optimizer step (batches of 1 prompt, 1 rollout each," in one
+    assert "Evaluated on 1 test item of `my_env`, 1 sample each at temperature" in one
     # the card the trainer writes is this one, as README.md
     path = write_model_card(tmp_path, cfg, summary)
     assert path == tmp_path / "README.md" and path.read_text() == card

@@ -31,6 +31,10 @@ def hub_base_model(model: str) -> str | None:
     return None if Path(model).expanduser().exists() else model
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     """The card; `summary["env"]` names an environment given in Python, which `cfg` cannot."""
     env = summary.get("env", cfg.env)
@@ -42,8 +46,9 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
         if key in after
     )
     evaluation = (
-        f"Evaluated on {int(after.get('items', 0))} test items of `{env}`, "
-        f"{int(after.get('k', cfg.eval_samples))} samples each at temperature {cfg.eval_temperature}:\n\n"
+        f"Evaluated on {_count(int(after.get('items', 0)), 'test item')} of `{env}`, "
+        f"{_count(int(after.get('k', cfg.eval_samples)), 'sample')} each at temperature "
+        f"{cfg.eval_temperature}:\n\n"
         f"| metric | before | after |\n|---|---|---|\n{rows}\n"
         if rows
         else "No evaluation was recorded.\n"
@@ -55,11 +60,14 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     }
     front = {key: value for key, value in front.items() if value is not None}
     header = "---\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in front.items()) + "\n---\n"
+    steps = summary.get("steps")
+    steps = _count(steps, "optimizer step") if isinstance(steps, int) else "? optimizer steps"
     return (
         f"{header}\n# {cfg.model} trained with resd ({cfg.algorithm})\n\n"
         f"Trained with [resd](https://pypi.org/project/resd/) {resd.__version__}: algorithm "
-        f"`{cfg.algorithm}` on the environment `{env}` for {summary.get('steps', '?')} optimizer "
-        f"steps (batches of {cfg.batch_size} prompts, {cfg.rollouts_per_prompt} rollout(s) each, "
+        f"`{cfg.algorithm}` on the environment `{env}` for {steps} "
+        f"(batches of {_count(cfg.batch_size, 'prompt')}, "
+        f"{_count(cfg.rollouts_per_prompt, 'rollout')} each, "
         f"lr {cfg.lr:g}{', LoRA' if cfg.lora else ''}).\n\n## Evaluation\n\n{evaluation}\n"
         "The run's configuration is `config.yaml` in the run folder that produced this model.\n"
     )
