@@ -439,6 +439,8 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
         (400, "/v1/chat/completions", {"json": {**good, "stop": ["a", "b", "c", "d", "e"]}}),
         (400, "/v1/chat/completions", {"json": {**good, "stop": ["a", ""]}}),
         (400, "/v1/chat/completions", {"json": {**good, "stop": 7}}),
+        (400, "/v1/chat/completions", {"json": {**good, "top_logprobs": 2}}),
+        (400, "/v1/chat/completions", {"json": {**good, "logprobs": True, "top_logprobs": 21}}),
         (404, "/v1/chat/completions", {"json": {**good, "model": "gpt-4o"}}),
         (400, "/v1/feedback", {"json": {"completion_id": completion}}),
         (400, "/v1/feedback", {"json": {"completion_id": completion, "reward": "high"}}),
@@ -488,13 +490,12 @@ def test_a_wrong_method_and_an_empty_completion_id_are_named_errors(server: Runn
 
 
 def test_options_that_would_be_ignored_are_refused_by_name(server: Running) -> None:
-    """n, logprobs and the penalties are parsed but not honoured: each is a 400 naming
-    the option (code unsupported_value) rather than a reply that ignored it; their no-op
-    values pass. An empty message list is refused too, not answered from a bare prompt."""
+    """n and the penalties are parsed but not honoured: each is a 400 naming the option
+    (code unsupported_value) rather than a reply that ignored it; their no-op values pass.
+    An empty message list is refused too, not answered from a bare prompt."""
     good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
     before = _counts(server)
-    refused = [("n", 2), ("logprobs", True), ("presence_penalty", 0.5),
-               ("frequency_penalty", -1.0)]  # fmt: skip
+    refused = [("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1.0)]
     for option, value in refused:
         response = server.post("/v1/chat/completions", {**good, option: value})
         assert response.status_code == 400, (option, response.text)
@@ -935,6 +936,88 @@ def test_a_stop_sequence_ends_the_reply_before_it_and_is_recorded(server: Runnin
         "stop", "unsupported_value",
     )  # fmt: skip
     assert _counts(server) == before
+
+
+def test_logprobs_are_the_models_own_and_spell_the_reply(server: Running) -> None:
+    """OpenAI's `logprobs` / `top_logprobs`: one entry per reply token (the EOS left out),
+    each the log-probability the sampler drew it with, the alternatives most likely first,
+    and the tokens' bytes joining to the reply. A greedy reply, which has no sampler,
+    picks its top alternative every time. Streamed, the chunks carry the same entries.
+    Catches scores shifted by a position, another row's or a tempered distribution,
+    alternatives out of order, and an EOS reported as a token."""
+    from resd.generation.hf import eos_token_ids
+
+    served = server.holder.current()
+    eos = set(eos_token_ids(served.model, served.tokenizer))
+    contents = {}
+    for seed in (5, 6, 20):  # seed 20's reply ends on EOS (found by trying seeds)
+        reply = chat(
+            server, seed=seed, max_tokens=12, temperature=1.3, logprobs=True, top_logprobs=3
+        )
+        row = server.store.interaction(reply.id)
+        tokens, drawn = row["response_token_ids"], row["response_logprobs"]
+        content = contents[seed] = reply.choices[0].logprobs.content
+        assert len(content) == len(tokens) - (tokens[-1] in eos)
+        assert [c.logprob for c in content] == pytest.approx(drawn[: len(content)], abs=1e-4)
+        for entry in content:
+            assert len(entry.top_logprobs) == 3 and entry.logprob <= entry.top_logprobs[0].logprob
+            assert [a.logprob for a in entry.top_logprobs] == sorted(
+                (a.logprob for a in entry.top_logprobs), reverse=True
+            )
+        spelled = b"".join(bytes(entry.bytes) for entry in content)
+        assert spelled.decode("utf-8", errors="replace") == reply.choices[0].message.content
+        assert row["params"]["logprobs"] is True and row["params"]["top_logprobs"] == 3
+    assert reply.choices[0].finish_reason == "stop" and len(content) == len(tokens) - 1
+    greedy = chat(server, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)
+    for entry in greedy.choices[0].logprobs.content:
+        assert (entry.token, entry.logprob) == (
+            entry.top_logprobs[0].token,
+            entry.top_logprobs[0].logprob,
+        )
+    bare = chat(server, seed=5, max_tokens=12, temperature=1.3, logprobs=True)
+    assert [c.logprob for c in bare.choices[0].logprobs.content] == [c.logprob for c in contents[5]]
+    assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+    assert chat(server, seed=5, max_tokens=12).choices[0].logprobs is None
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, seed=6, temperature=1.3, logprobs=True,
+        top_logprobs=3, stream=True,
+    )  # fmt: skip
+    streamed = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in contents[6]]
+
+
+def test_token_bytes_spell_byte_level_and_sentencepiece_vocabularies(served: ServedModel) -> None:
+    """A token's bytes, for `logprobs`: byte-level vocabularies (the tiny model's, Qwen's)
+    spell bytes in their own alphabet, so "é" is two tokens' worth of one character;
+    SentencePiece ones write a space as "▁" and an unknown byte as "<0xNN>". Either way
+    the bytes of a text's tokens join to the text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from resd.serve.engine import token_bytes
+
+    text = "héllo wörld ✓ — 3 + 4"
+    tok = served.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(token_bytes(tok, i) for i in ids) == text.encode()
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = normalizers.Replace(" ", "\u2581")
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # fmt: skip
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    sp.train_from_iterator(["hello world 3 + 4"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "</s>", *byte_tokens]))  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", eos_token="</s>")
+    ids = fast(text, add_special_tokens=False)["input_ids"]
+    assert any(fast.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte fallback used
+    assert b"".join(token_bytes(fast, i) for i in ids) == b" " + text.encode()
 
 
 def test_the_server_caps_max_tokens_and_records_the_cap(server: Running) -> None:

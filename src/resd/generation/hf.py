@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -619,6 +620,47 @@ def generate(
     finally:
         model.train(was_training)
     return [r for r in results if r is not None]
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """A reply's tokens as the model scores them: each token's log-probability and, per
+    position, the `top_k` most likely tokens with theirs (most likely first)."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+@torch.no_grad()
+def score_reply(
+    model: PreTrainedModel,
+    prompt_ids: list[int],
+    reply_ids: list[int],
+    *,
+    top_k: int = 0,
+    autocast: str | None = "auto",
+) -> TokenScores:
+    """The log-probabilities of `reply_ids` after `prompt_ids` under the model's own
+    distribution (temperature 1, no grammar): one forward pass, whatever sampled the reply.
+
+    For OpenAI's `logprobs`/`top_logprobs`, and for greedy replies, which have no sampler
+    to record them. Only the reply's positions go through the output head
+    (`logits_to_keep`), so a long prompt costs its forward pass, not a vocabulary-wide
+    row per token.
+    """
+    if not reply_ids:
+        return TokenScores([], [])
+    device = next(model.parameters()).device
+    ids = torch.tensor([[*prompt_ids, *reply_ids]], device=device)
+    with autocast_context(device, autocast):
+        logits = model(input_ids=ids, logits_to_keep=len(reply_ids) + 1).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, torch.tensor(reply_ids, device=device)[:, None])[:, 0]
+    values, tokens = logp.topk(top_k, dim=-1) if top_k else (logp[:, :0], logp[:, :0].long())
+    top = [
+        list(zip(t, v, strict=True)) for t, v in zip(tokens.tolist(), values.tolist(), strict=True)
+    ]
+    return TokenScores(picked.tolist(), top)
 
 
 class TransformersSampler:

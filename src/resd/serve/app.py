@@ -181,6 +181,7 @@ class ChatRequest(_Strict):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
     user: str | None = None
@@ -203,9 +204,9 @@ def _unsupported(chat: ChatRequest) -> ApiError | None:
     """Options we parse but cannot honour: refused rather than ignored."""
     if chat.n not in (None, 1):
         return ApiError(400, "n: only n=1 is supported", param="n", code="unsupported_value")
-    if chat.logprobs:
-        return ApiError(400, "logprobs: not returned by this server (they are recorded for "
-                        "training)", param="logprobs", code="unsupported_value")  # fmt: skip
+    if chat.top_logprobs is not None and not chat.logprobs:
+        return ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs",
+                        code="invalid_value")  # fmt: skip
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(chat, name):
             return ApiError(
@@ -355,9 +356,22 @@ class _Reply:
         prompt, reply = len(self.completion.prompt_token_ids), len(self.completion.token_ids)
         return {"prompt_tokens": prompt, "completion_tokens": reply, "total_tokens": prompt + reply}
 
+    def logprobs(self) -> dict[str, Any] | None:
+        """OpenAI's `choices[].logprobs`, when they were asked for."""
+        scored = self.completion.token_logprobs
+        if scored is None:
+            return None
+
+        def entry(token: str, raw: bytes, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(raw)}
+
+        content = [{**entry(t.token, t.bytes, t.logprob), "top_logprobs": [entry(*a) for a in t.top]}
+                   for t in scored]  # fmt: skip
+        return {"content": content, "refusal": None}
+
     def body(self) -> dict[str, Any]:
         choice = {"index": 0, "message": {"role": "assistant", "content": self.completion.text},
-                  "logprobs": None, "finish_reason": self.completion.finish_reason}  # fmt: skip
+                  "logprobs": self.logprobs(), "finish_reason": self.completion.finish_reason}  # fmt: skip
         return {
             **self.head(),
             "object": "chat.completion",
@@ -366,14 +380,19 @@ class _Reply:
         }
 
     def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
-        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        """The stream's chunks. Log-probs, when asked for, come whole on the finishing
+        chunk: a client that joins the chunks' `logprobs.content` gets every token's."""
+
+        def chunk(
+            delta: dict[str, str], finish: str | None, logprobs: Any = None
+        ) -> dict[str, Any]:
             return {**self.head(), "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
 
         pieces = self.completion.pieces or ([self.completion.text] if self.completion.text else [])
         out = [chunk({"role": "assistant", "content": ""}, None)]
         out += [chunk({"content": piece}, None) for piece in pieces]
-        out.append(chunk({}, self.completion.finish_reason))
+        out.append(chunk({}, self.completion.finish_reason, self.logprobs()))
         if include_usage:
             out.append({**self.head(), "object": "chat.completion.chunk", "choices": [],
                         "usage": self.usage()})  # fmt: skip
@@ -495,7 +514,7 @@ def create_app(
                 messages, temperature=temperature, top_p=top_p, seed=chat.seed,
                 max_tokens=chat.max_completion_tokens or chat.max_tokens, stream=bool(chat.stream),
                 json_schema=chat.response_format.to_schema() if chat.response_format else None,
-                stop=stop,
+                stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
             )  # fmt: skip
             completion = await asyncio.wrap_future(future)
         except PromptError as exc:
@@ -513,6 +532,8 @@ def create_app(
                   "stream": bool(chat.stream)}  # fmt: skip
         if stop:
             params["stop"] = list(stop)
+        if chat.logprobs:
+            params["logprobs"], params["top_logprobs"] = True, chat.top_logprobs or 0
         if chat.response_format is not None:  # what it was decoded under, to regenerate it
             params["response_format"] = chat.response_format.model_dump(
                 exclude_none=True, by_alias=True

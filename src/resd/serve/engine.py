@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate
+from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate, score_reply
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
 
 __all__ = [
@@ -55,9 +55,11 @@ __all__ = [
     "SamplingSettings",
     "SchemaError",
     "ServedModel",
+    "TokenLogprob",
     "load_served_model",
     "same_model",
     "text_pieces",
+    "token_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,65 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     seed: int
     pieces: list[str] | None = None  # the text cut at token boundaries, when streamed
+    # OpenAI's `logprobs`, when asked for: one per reply token (the EOS it ended on left out)
+    token_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One reply token as OpenAI's `logprobs` reports it: its text, its bytes (a token may
+    hold part of a UTF-8 character), its log-probability, and the most likely tokens at
+    its position as (text, bytes, log-probability), most likely first."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]]
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of bytes (GPT-2's): printable bytes stand for themselves,
+    the other 68 for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_OF = _byte_alphabet()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes a token stands for: byte-level vocabularies (GPT-2, Llama 3, Qwen, SmolLM)
+    spell them in `_BYTE_OF`'s alphabet, SentencePiece ones write a space as "▁" and an
+    unknown byte as "<0xNN>"; a special token is its own text."""
+    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
+    if token_id in tokenizer.all_special_ids:
+        return piece.encode()
+    if match := _BYTE_TOKEN.fullmatch(piece):
+        return bytes([int(match[1], 16)])
+    decoder = tokenizer.backend_tokenizer.decoder
+    byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+    if byte_level and all(ch in _BYTE_OF for ch in piece):
+        return bytes(_BYTE_OF[ch] for ch in piece)
+    return piece.replace("\u2581", " ").encode()
+
+
+def reply_logprobs(served: ServedModel, prompt_ids: list[int], content_ids: list[int],
+                   top_k: int, autocast: str | None) -> list[TokenLogprob]:  # fmt: skip
+    """OpenAI's `logprobs` of a reply, scored by the model that wrote it (`score_reply`)."""
+    scores = score_reply(served.model, prompt_ids, content_ids, top_k=top_k, autocast=autocast)
+    tok = served.tokenizer
+
+    def spelled(token_id: int) -> tuple[str, bytes]:
+        raw = token_bytes(tok, token_id)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    out = []
+    for token_id, logprob, top in zip(content_ids, scores.logprobs, scores.top, strict=True):
+        text, raw = spelled(token_id)
+        out.append(TokenLogprob(text, raw, logprob, [(*spelled(t), lp) for t, lp in top]))
+    return out
 
 
 class SchemaError(ValueError):
@@ -175,6 +236,7 @@ class _Job:
     settings: SamplingSettings
     seed: int
     stream: bool
+    top_logprobs: int | None = None  # None: no logprobs asked for
     future: Future[Completion] = field(default_factory=Future)
     prompt_ids: list[int] = field(default_factory=list)
 
@@ -290,11 +352,14 @@ class GenerationEngine:
         stream: bool = False,
         json_schema: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
+        top_logprobs: int | None = None,
     ) -> Future[Completion]:
         """Accept a request: it will be answered by the model served *now*. With
         `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
         that shape; a schema the grammar compiler refuses raises `SchemaError` here.
-        `stop` strings end the reply as OpenAI's `stop` does (not with a schema)."""
+        `stop` strings end the reply as OpenAI's `stop` does (not with a schema).
+        `top_logprobs` (0 or more) asks for OpenAI's `logprobs`, with that many
+        alternatives per token; None asks for none."""
         if self._thread is None:
             raise EngineStopped("the generation engine is not running")
         if stop and (json_schema is not None or not all(stop)):
@@ -321,6 +386,7 @@ class GenerationEngine:
             ),
             seed=secrets.randbits(63) if seed is None else int(seed),
             stream=stream,
+            top_logprobs=top_logprobs,
         )
         with self._lock:
             self._pending += 1
@@ -411,10 +477,17 @@ class GenerationEngine:
                 pieces = (
                     text_pieces(served.tokenizer, out.token_ids, out.text) if job.stream else None
                 )
+                asked = job.top_logprobs
+                scored = (
+                    reply_logprobs(served, job.prompt_ids, out.content_ids, asked, self.autocast)
+                    if asked is not None
+                    else None
+                )
                 job.future.set_result(Completion(
                     version=served.version, model_name=served.name, prompt_token_ids=job.prompt_ids,
                     token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
                     finish_reason="stop" if out.finished else "length", seed=job.seed, pieces=pieces,
+                    token_logprobs=scored,
                 ))  # fmt: skip
             except Exception as exc:
                 job.future.set_exception(exc)
