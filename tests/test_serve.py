@@ -27,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 sa = pytest.importorskip("sqlalchemy")
 
+from resd.generation.hf import chat_prompt_ids  # noqa: E402
 from resd.serve.app import BackgroundServer, create_app  # noqa: E402
 from resd.serve.engine import (  # noqa: E402
     EngineStopped,
@@ -34,8 +35,8 @@ from resd.serve.engine import (  # noqa: E402
     ModelHolder,
     PromptError,
     ServedModel,
+    StreamedCompletion,
     load_served_model,
-    text_pieces,
 )
 from resd.serve.store import SchemaVersionError, Store, sqlite_url  # noqa: E402
 
@@ -155,56 +156,66 @@ def test_chat_completion_is_served_and_stored(server: Running) -> None:
     )
 
 
-def test_stream_pieces_join_to_the_text(served: ServedModel) -> None:
-    text = "héllo wörld ✓ — What is 3 + 4? Answer: 7"
-    ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
-    decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
-    pieces = text_pieces(served.tokenizer, ids, decoded)
-    assert "".join(pieces) == decoded and len(pieces) > 5 and all(pieces)
-    assert "".join(text_pieces(served.tokenizer, ids, decoded, max_pieces=3)) == decoded
+def test_a_streamed_reply_comes_token_by_token_while_it_is_generated(served: ServedModel) -> None:
+    """The engine's side of streaming: the first token is handed out while the batch is
+    still decoding (a reply generated whole, then cut, would be done by then), the pieces
+    come about a token each (partial UTF-8 characters wait for the rest) and join to the
+    completion's text; under a stop, no piece ever holds any of the stop."""
+    holder = ModelHolder(served)
+    engine = GenerationEngine(holder, max_new_tokens=300, autocast=None)
+    engine.start()
+    try:
+        future = engine.submit(MESSAGES, temperature=1.3, seed=3, max_tokens=300, stream=True)
+        assert future.next_piece(timeout=60) is StreamedCompletion.STARTED
+        assert not future.done()  # 300 tokens to go: the first came before the last
+        pieces = list(iter(lambda: future.next_piece(timeout=60), None))
+        completion = future.result()
+        assert "".join(pieces) == completion.text and all(pieces)
+        assert len(completion.token_ids) // 3 < len(pieces) <= len(completion.token_ids)
+        # a stop across a token boundary whose first character was whole before the second
+        # came: streamed at once, it would be sent before the stop was known
+        plain = engine.submit(MESSAGES, temperature=1.3, seed=3, max_tokens=40).result()
+        decode = served.tokenizer.decode
+        start = next(
+            len(left) - 1
+            for k in range(2, len(plain.token_ids))
+            if (left := decode(plain.token_ids[:k])) and plain.text.startswith(left)
+            and "\ufffd" not in left[-1] and len(left) < len(plain.text)
+            and plain.text.find(plain.text[len(left) - 1 : len(left) + 1]) == len(left) - 1
+        )  # fmt: skip
+        stop = plain.text[start : start + 2]
+        cut = engine.submit(MESSAGES, temperature=1.3, seed=3, max_tokens=40, stream=True,
+                            stop=["never-written", stop])  # fmt: skip
+        pieces = [p for p in iter(lambda: cut.next_piece(timeout=60), None)
+                  if p is not StreamedCompletion.STARTED]  # fmt: skip
+        assert "".join(pieces) == cut.result().text == plain.text[:start]
+    finally:
+        engine.stop()
 
 
-def test_stream_pieces_are_at_most_max_pieces(served: ServedModel) -> None:
-    """A long reply streams in multi-token pieces (one decode per piece, not per token); an
-    empty reply is no pieces."""
-    text = "What is 3 + 4? Answer: 7. The reflection says the answer was wrong."
-    ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
-    decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
-    assert len(ids) > 12
-    for most in (1, 3, 5):
-        pieces = text_pieces(served.tokenizer, ids, decoded, max_pieces=most)
-        assert "".join(pieces) == decoded and 1 <= len(pieces) <= most + 1, (most, pieces)
-    assert text_pieces(served.tokenizer, [], "") == []
+def test_a_stream_reader_that_fails_does_not_fail_its_batch(served: ServedModel) -> None:
+    """`listen` hands pieces to a callback on the worker's thread; one that raises (a
+    reader whose event loop went away) is dropped, and the batch it shared, its own
+    completion included, finishes. Catches the error escaping into `generate`."""
+    engine = GenerationEngine(ModelHolder(served), max_new_tokens=8, batch_wait_ms=500.0,
+                              autocast=None)  # fmt: skip
+    engine.start()
+    try:
+        with engine.paused():  # both in one batch
+            broken = engine.submit(MESSAGES, seed=1, stream=True)
+            other = engine.submit(MESSAGES, seed=2, stream=True)
 
+            def fail(_item: object) -> None:
+                raise RuntimeError("Event loop is closed")
 
-def test_a_reply_of_at_most_max_pieces_tokens_streams_one_piece_per_token(
-    served: ServedModel,
-) -> None:
-    """Up to `max_pieces` tokens every token is its own piece (each its own SSE chunk); one
-    token more and pieces hold two tokens. Catches pieces that always held two or more
-    tokens, so a short reply streamed in half as many chunks as it has tokens."""
-    text = "What is 3 + 4? Answer: 7"
-    ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
-    decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
-    each = [served.tokenizer.decode([token], skip_special_tokens=True) for token in ids]
-    assert len(ids) > 4 and "".join(each) == decoded  # ASCII: every token ends on a character
-    assert text_pieces(served.tokenizer, ids, decoded) == each
-    assert text_pieces(served.tokenizer, ids, decoded, max_pieces=len(ids)) == each
-    pairs = text_pieces(served.tokenizer, ids, decoded, max_pieces=len(ids) - 1)
-    assert pairs[0] == each[0] + each[1] and len(pairs) == -(-len(ids) // 2)
-
-
-def test_a_long_reply_streams_in_at_most_256_pieces(served: ServedModel) -> None:
-    """By default a reply streams in at most 256 pieces (SSE chunks, one prefix decode
-    each): 256 tokens are one piece per token, 257 are pieces of two tokens. Catches a
-    default cap one higher, under which a 257-token reply took a decode and a chunk per
-    token."""
-    [word] = served.tokenizer("a", add_special_tokens=False)["input_ids"]  # one byte, one token
-    for n, expected in ((256, 256), (257, 129)):
-        ids = [word] * n
-        decoded = served.tokenizer.decode(ids, skip_special_tokens=True)
-        pieces = text_pieces(served.tokenizer, ids, decoded)
-        assert len(pieces) == expected and "".join(pieces) == decoded, n
+            broken.listen(fail)
+        pieces = list(iter(lambda: other.next_piece(timeout=60), None))
+        assert (
+            "".join(p for p in pieces if p is not StreamedCompletion.STARTED) == other.result().text
+        )
+        assert broken.result(timeout=60).text is not None and engine.batch_sizes == [2]
+    finally:
+        engine.stop()
 
 
 def test_streaming_through_openai_client(server: Running) -> None:
@@ -253,19 +264,37 @@ def test_a_stream_is_server_sent_events_ending_in_done(server: Running) -> None:
 
 
 def test_a_stream_comes_in_token_pieces_each_a_chat_completion_chunk(server: Running) -> None:
-    """A streamed reply arrives cut at its token boundaries (`text_pieces`), one chunk per
-    piece, not as one lump (a mutant inverted which requests get pieces); and each SSE
-    chunk names its object `chat.completion.chunk` as OpenAI's do: clients and proxies that
-    dispatch on `object` drop anything else (a mutant sent '' there)."""
+    """A streamed reply arrives in pieces of about a token, one chunk each, not as one lump,
+    joining to the stored reply; and each SSE chunk names its object
+    `chat.completion.chunk` as OpenAI's do: clients and proxies that dispatch on `object`
+    drop anything else (a mutant sent '' there)."""
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "seed": 2, "stream": True}
     events = [e for e in server.post("/v1/chat/completions", body).text.split("\n\n") if e]
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     sent = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
     row = server.store.interaction(chunks[0]["id"])
-    tokenizer = server.holder.current().tokenizer
-    expected = text_pieces(tokenizer, row["response_token_ids"], row["response"])
-    assert len(expected) >= 2 and sent == expected
+    assert "".join(sent) == row["response"] and all(sent)
+    assert len(row["response_token_ids"]) // 3 < len(sent) <= len(row["response_token_ids"])
+
+
+def test_a_client_that_leaves_mid_stream_still_leaves_its_completion_recorded(
+    served: ServedModel, tmp_path: Path
+) -> None:
+    """The completion is stored when it is done, whoever still listens: a client that
+    closes the stream after the first piece (a long reply still decoding) leaves a row
+    that takes feedback. Catches storing inside the stream, which a disconnect cancels."""
+    with start_server(served, tmp_path / "resd.db", max_new_tokens=300) as running:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 300, "seed": 3,
+                "temperature": 1.3, "stream": True}  # fmt: skip
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body,
+                          headers=running.headers(), timeout=60) as response:  # fmt: skip
+            lines = response.iter_lines()
+            first = json.loads(next(line for line in lines if line).removeprefix("data: "))
+        _wait_for(lambda: running.store.interaction(first["id"]) is not None, "the row")
+        assert len(running.store.interaction(first["id"])["response_token_ids"]) > 100
+        posted = running.post("/v1/feedback", {"completion_id": first["id"], "reward": 0.0})
+        assert posted.status_code == 201, posted.text
 
 
 def test_models_and_health(server: Running) -> None:
@@ -1120,8 +1149,8 @@ def test_one_worker_whose_stop_finishes_what_it_accepted(served: ServedModel) ->
     with engine.paused():
         queued = [engine.submit(MESSAGES, seed=i) for i in range(3)]
     assert all(f.result(timeout=60).text is not None for f in queued)
-    # not streamed unless asked: no text pieces cut (catches `submit` streaming by default)
-    assert all(f.result().pieces is None for f in queued)
+    # not streamed unless asked (catches `submit` streaming by default)
+    assert not any(isinstance(f, StreamedCompletion) for f in queued)
     assert engine.batch_sizes == [3]
     with engine.paused():  # a shutdown while the engine is held paused (by a learner step)
         accepted = engine.submit(MESSAGES)
@@ -1197,6 +1226,34 @@ def test_a_failed_batch_is_a_500_and_the_worker_keeps_serving(
         running.holder.swap(mismatched)
         failed = running.post("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES})
         assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+        streamed = running.post("/v1/chat/completions",
+                                {"model": MODEL, "messages": MESSAGES, "stream": True})  # fmt: skip
+        assert streamed.status_code == 500, streamed.text  # it failed before its first token
+        running.holder.swap(served)
+        assert chat(running, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+        assert _counts(running) == (1, 0)
+
+
+def test_a_stream_that_fails_after_its_first_token_ends_in_an_error_event(
+    served: ServedModel, tmp_path: Path
+) -> None:
+    """Once a stream has begun its status is sent: a failure later (here: weights with
+    learned positions for only 3 tokens past the prompt) ends it with an `error` event,
+    not `[DONE]` and not a finish, and records nothing; the worker goes on serving."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    prompt = len(chat_prompt_ids(served.tokenizer, MESSAGES))
+    config = GPT2Config(vocab_size=len(served.tokenizer), n_positions=prompt + 3, n_embd=16,
+                        n_layer=1, n_head=2)  # fmt: skip
+    short = ServedModel(GPT2LMHeadModel(config).eval(), served.tokenizer, "v1", MODEL)
+    with start_server(served, tmp_path / "resd.db") as running:
+        running.holder.swap(short)
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "seed": 1, "stream": True}
+        response = running.post("/v1/chat/completions", body)
+        assert response.status_code == 200
+        events = [json.loads(e.removeprefix("data: ")) for e in response.text.split("\n\n") if e]
+        assert events[-1]["error"]["type"] == "server_error"
+        assert not any(e.get("choices") and e["choices"][0]["finish_reason"] for e in events[:-1])
         running.holder.swap(served)
         assert chat(running, max_tokens=2).choices[0].finish_reason in ("stop", "length")
         assert _counts(running) == (1, 0)

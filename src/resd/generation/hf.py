@@ -8,7 +8,7 @@ spent on padding, and results come back in the caller's order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.streamers import BaseStreamer
 
 from resd.generation.base import Generation, cut_at_eos, cut_at_stop
 from resd.generation.int8 import requantize
@@ -190,6 +191,28 @@ class StopStrings(StoppingCriteria):
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         hit = [any(stop in text for stop in self.stops) for text in texts]
         return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+
+
+class _StepTokens(BaseStreamer):
+    """Hands each decoding step's tokens to `callback(indices, tokens)`, with the batch's
+    rows named by their index in the caller's prompt list. transformers puts the prompt
+    first, then one token per row per step (padding for rows that have ended)."""
+
+    def __init__(
+        self, indices: list[int], callback: Callable[[list[int], list[int]], None]
+    ) -> None:
+        self.indices = indices
+        self.callback = callback
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.callback(self.indices, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
 
 
 def chat_prompt_ids(
@@ -493,6 +516,7 @@ def generate(
     prefix_cache: PrefixCache | None = None,
     keep_prefixes: bool = False,
     stop_strings: Sequence[str] = (),
+    on_tokens: Callable[[list[int], list[int]], None] | None = None,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -520,6 +544,10 @@ def generate(
     `stop_strings` end a reply as OpenAI's `stop` does (`cut_at_stop`; `Generation.stop`
     names the one that ended it). Not with `json_schemas`: a reply stopped inside its JSON
     would break the grammar that the schema holds it to.
+
+    `on_tokens(indices, tokens)` is called after every decoding step with the token each
+    row of the batch drew, the rows named by their index in `prompts` (rows that have
+    ended draw padding): what `resd serve` streams from.
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("generate: need one seed per prompt")
@@ -596,6 +624,7 @@ def generate(
                     top_k=0 if sampling and not row_seeded else None,
                     logits_processor=processors,
                     stopping_criteria=stopping,
+                    streamer=_StepTokens(chunk, on_tokens) if on_tokens is not None else None,
                     eos_token_id=eos,
                     pad_token_id=pad_id,
                     return_dict_in_generate=keep,

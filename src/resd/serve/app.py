@@ -12,8 +12,9 @@ parameters: an OpenAI client expects OpenAI's error body (`{"error": {"message",
 own shape; and a body has to be refused *while* it is read once it passes
 `max_body_bytes` (413), before anything is parsed. Every check happens before the engine
 or the database is touched, so a rejected request leaves no row behind; a completion is
-stored before its response (or its first streamed byte) leaves, so every id a client
-receives can take feedback.
+stored before its response (or a stream's finishing chunk) leaves, so an id can take
+feedback by the time its client has the whole reply, and a stream's completion is stored
+even if its client leaves early.
 
 Auth: with an API key, every endpoint but `/health` needs `Authorization: Bearer <key>`;
 the page also takes HTTP Basic auth with the key as the password, so a browser can open
@@ -47,6 +48,7 @@ from resd.serve.engine import (
     ModelHolder,
     PromptError,
     SchemaError,
+    StreamedCompletion,
 )
 from resd.serve.page import render_page
 from resd.serve.store import FeedbackConflict, Store
@@ -340,25 +342,27 @@ def _check_auth(request: Request, api_key: str | None, *, allow_basic: bool = Fa
 # ---- responses -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Reply:
-    """What the response is built from: the completion and the names it goes out under."""
+    """The names a response goes out under; its chunks and body are built from them and
+    the completion (a stream's first chunks leave before the completion exists)."""
 
     completion_id: str
     created: int
     model_name: str
-    completion: Completion
+    version: str  # the model version answering, bound when the request was accepted
 
     def head(self) -> dict[str, Any]:
         return {"id": self.completion_id, "created": self.created, "model": self.model_name,
-                "system_fingerprint": self.completion.version,
-                "resd_model_version": self.completion.version}  # fmt: skip
+                "system_fingerprint": self.version, "resd_model_version": self.version}  # fmt: skip
 
-    def usage(self) -> dict[str, int]:
-        prompt, reply = len(self.completion.prompt_token_ids), len(self.completion.token_ids)
+    @staticmethod
+    def usage(completion: Completion) -> dict[str, int]:
+        prompt, reply = len(completion.prompt_token_ids), len(completion.token_ids)
         return {"prompt_tokens": prompt, "completion_tokens": reply, "total_tokens": prompt + reply}
 
-    def logprobs(self) -> dict[str, Any] | None:
+    @staticmethod
+    def logprobs(completion: Completion) -> dict[str, Any] | None:
         """OpenAI's `choices[].logprobs`, when they were asked for."""
-        scored = self.completion.token_logprobs
+        scored = completion.token_logprobs
         if scored is None:
             return None
 
@@ -369,40 +373,77 @@ class _Reply:
                    for t in scored]  # fmt: skip
         return {"content": content, "refusal": None}
 
-    def body(self) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": self.completion.text},
-                  "logprobs": self.logprobs(), "finish_reason": self.completion.finish_reason}  # fmt: skip
+    def body(self, completion: Completion) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
+                  "logprobs": self.logprobs(completion), "finish_reason": completion.finish_reason}  # fmt: skip
         return {
             **self.head(),
             "object": "chat.completion",
             "choices": [choice],
-            "usage": self.usage(),
+            "usage": self.usage(completion),
         }
 
-    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
-        """The stream's chunks. Log-probs, when asked for, come whole on the finishing
-        chunk: a client that joins the chunks' `logprobs.content` gets every token's."""
+    def chunk(
+        self, delta: dict[str, str], finish: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        return {**self.head(), "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
 
-        def chunk(
-            delta: dict[str, str], finish: str | None, logprobs: Any = None
-        ) -> dict[str, Any]:
-            return {**self.head(), "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
-
-        pieces = self.completion.pieces or ([self.completion.text] if self.completion.text else [])
-        out = [chunk({"role": "assistant", "content": ""}, None)]
-        out += [chunk({"content": piece}, None) for piece in pieces]
-        out.append(chunk({}, self.completion.finish_reason, self.logprobs()))
+    def closing(self, completion: Completion, include_usage: bool) -> list[dict[str, Any]]:
+        """A stream's last chunks: the finish (with the log-probs, whole, when asked for: a
+        client that joins the chunks' `logprobs.content` gets every token's), then the
+        usage if `include_usage`."""
+        out = [self.chunk({}, completion.finish_reason, self.logprobs(completion))]
         if include_usage:
             out.append({**self.head(), "object": "chat.completion.chunk", "choices": [],
-                        "usage": self.usage()})  # fmt: skip
+                        "usage": self.usage(completion)})  # fmt: skip
         return out
 
 
-async def _sse(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
+def _event(chunk: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+def _pieces(future: StreamedCompletion) -> asyncio.Queue[Any]:
+    """The stream's items on this event loop, put there from the worker's thread."""
+    loop, items = asyncio.get_running_loop(), asyncio.Queue()
+
+    def put(item: Any) -> None:
+        if not loop.is_closed():  # else the server has stopped: nobody reads
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+    future.listen(put)
+    return items
+
+
+async def _stream(
+    reply: _Reply,
+    future: StreamedCompletion,
+    pieces: asyncio.Queue[Any],
+    recorded: asyncio.Future[None],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """Server-sent events as the worker decodes: the role, the text piece by piece, then,
+    once the completion is stored (so its id takes feedback), the finish and `[DONE]`. A
+    failure after the first token can no longer be an HTTP status: it is an `error` event."""
+    yield _event(reply.chunk({"role": "assistant", "content": ""}))
+    while (piece := await pieces.get()) is not None:
+        if isinstance(piece, BaseException):
+            log.error("a streamed reply failed: %r", piece)
+            yield _event({"error": {"message": f"generation failed: {type(piece).__name__}",
+                                    "type": "server_error", "param": None, "code": None}})  # fmt: skip
+            return
+        if piece is not StreamedCompletion.STARTED:
+            yield _event(reply.chunk({"content": piece}))
+    await asyncio.shield(recorded)
+    for chunk in reply.closing(future.result(), include_usage):
+        yield _event(chunk)
     yield b"data: [DONE]\n\n"
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a streamed completion could not be recorded", exc_info=task.exception())
 
 
 def _learner_summary(status: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -516,7 +557,13 @@ def create_app(
                 json_schema=chat.response_format.to_schema() if chat.response_format else None,
                 stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
             )  # fmt: skip
-            completion = await asyncio.wrap_future(future)
+            if chat.stream:  # wait for the first token: until then a failure is an HTTP error
+                pieces = _pieces(future)
+                first = await pieces.get()
+                if isinstance(first, BaseException):
+                    raise first
+            else:
+                await asyncio.wrap_future(future)
         except PromptError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_messages") from exc
         except SchemaError as exc:
@@ -526,8 +573,8 @@ def create_app(
                            code="unsupported_value") from exc  # fmt: skip
         except EngineStopped as exc:
             raise ApiError(503, str(exc), type="server_error", code="unavailable") from exc
-        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name, completion)
-        params = {"temperature": temperature, "top_p": top_p, "seed": completion.seed,
+        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name, future.version)
+        params = {"temperature": temperature, "top_p": top_p, "seed": future.seed,
                   "max_tokens": _max_tokens_used(chat, engine),
                   "stream": bool(chat.stream)}  # fmt: skip
         if stop:
@@ -538,19 +585,27 @@ def create_app(
             params["response_format"] = chat.response_format.model_dump(
                 exclude_none=True, by_alias=True
             )
-        await run_in_threadpool(ensure_version, completion.version)
-        await run_in_threadpool(
-            store.record_interaction, completion_id=reply.completion_id,
-            model_version=completion.version, model_name=completion.model_name, messages=messages,
-            params=params, response=completion.text, prompt_token_ids=completion.prompt_token_ids,
-            response_token_ids=completion.token_ids, response_logprobs=completion.logprobs,
-            finish_reason=completion.finish_reason,
-        )  # fmt: skip
-        if chat.stream:
+
+        async def record() -> None:
+            completion = await asyncio.wrap_future(future)
+            await run_in_threadpool(ensure_version, completion.version)
+            await run_in_threadpool(
+                store.record_interaction, completion_id=reply.completion_id,
+                model_version=completion.version, model_name=completion.model_name, messages=messages,
+                params=params, response=completion.text, prompt_token_ids=completion.prompt_token_ids,
+                response_token_ids=completion.token_ids, response_logprobs=completion.logprobs,
+                finish_reason=completion.finish_reason,
+            )  # fmt: skip
+
+        if chat.stream:  # recorded even if the client leaves mid-stream
+            recorded = asyncio.ensure_future(record())
+            recorded.add_done_callback(_log_failure)
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_sse(reply.chunks(include_usage)), media_type="text/event-stream",
+            return StreamingResponse(_stream(reply, future, pieces, recorded, include_usage),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return JSONResponse(reply.body())
+        await record()
+        return JSONResponse(reply.body(future.result()))
 
     @app.post("/v1/feedback")
     async def post_feedback(request: Request) -> JSONResponse:

@@ -22,9 +22,11 @@ Two concerns, kept apart:
   importance correction. Greedy decoding (temperature 0) has no sampler, so it records no
   log-probabilities.
 
-Streaming is not token-by-token: a reply is generated whole (it has to be, to batch with
-others), then `text_pieces` cuts it at token boundaries for the server to send as chunks.
-A client sees the first chunk only when the whole reply is ready.
+Streaming is token by token, from inside the batch: `generate` hands every decoding
+step's tokens to the worker, which decodes each streamed row's new text
+(`StreamedCompletion.push`) for the server to send while the batch goes on. Text that may
+still change is held back: a partial UTF-8 character, and the last characters that could
+be the start of a stop sequence, so nothing streamed is ever taken back.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate, score_r
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
 
 __all__ = [
+    "Accepted",
     "Completion",
     "EngineStopped",
     "GenerationEngine",
@@ -55,10 +58,10 @@ __all__ = [
     "SamplingSettings",
     "SchemaError",
     "ServedModel",
+    "StreamedCompletion",
     "TokenLogprob",
     "load_served_model",
     "same_model",
-    "text_pieces",
     "token_bytes",
 ]
 
@@ -155,7 +158,6 @@ class Completion:
     logprobs: list[float] | None  # the sampler's log π per token; None when greedy
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     seed: int
-    pieces: list[str] | None = None  # the text cut at token boundaries, when streamed
     # OpenAI's `logprobs`, when asked for: one per reply token (the EOS it ended on left out)
     token_logprobs: list[TokenLogprob] | None = None
 
@@ -236,34 +238,122 @@ class _Job:
     settings: SamplingSettings
     seed: int
     stream: bool
+    future: Accepted  # a StreamedCompletion if `stream`
     top_logprobs: int | None = None  # None: no logprobs asked for
-    future: Future[Completion] = field(default_factory=Future)
     prompt_ids: list[int] = field(default_factory=list)
 
 
 _STOP = object()
 
 
-def text_pieces(
-    tokenizer: Any, token_ids: list[int], text: str, max_pieces: int = 256
-) -> list[str]:
-    """`text` cut where token boundaries fall, for streaming; the pieces join to `text`.
+_STARTED = object()  # a streamed row drew its first token: the response can begin
 
-    A boundary is used only where the decoded prefix is a prefix of the whole text (a
-    byte-level token can end inside a UTF-8 character; such a boundary is skipped). At
-    most `max_pieces` prefixes are decoded, so long replies stream in multi-token pieces.
+
+class Accepted(Future):
+    """The future of an accepted request, with what was bound when it was accepted: the
+    model version that will answer it and its seed (a stream's first chunk names the
+    version before the completion exists)."""
+
+    def __init__(self, version: str, seed: int) -> None:
+        super().__init__()
+        self.version = version
+        self.seed = seed
+
+
+class StreamedCompletion(Accepted):
+    """The future of a streamed request, and its text as it is decoded.
+
+    The worker `push`es each token the row draws; the reader gets, in order: `STARTED`
+    once the row has drawn its first token (until then a failure can still be an HTTP
+    error), then pieces of text, then None when the completion is set, or the exception
+    it failed with. A thread reads them with `next_piece`; an event loop with `listen`,
+    which hands each to a callback instead of parking a thread per stream. The pieces join to the
+    completion's text: a partial UTF-8 character and the last `len(longest stop) - 1`
+    characters wait for the tokens after them, and a stop ends the pieces before it.
     """
-    pieces: list[str] = []
-    done = 0
-    stride = max(1, -(-len(token_ids) // max_pieces))
-    for end in range(stride, len(token_ids) + 1, stride):
-        prefix = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
-        if len(prefix) > done and text.startswith(prefix):
-            pieces.append(text[done : len(prefix)])
-            done = len(prefix)
-    if done < len(text):
-        pieces.append(text[done:])
-    return pieces
+
+    STARTED = _STARTED
+
+    def __init__(
+        self, version: str, seed: int, tokenizer: Any, stops: Sequence[str], eos: Sequence[int]
+    ) -> None:
+        super().__init__(version, seed)
+        self._tokenizer = tokenizer
+        self._stops = list(stops)
+        self._hold = max((len(stop) for stop in stops), default=1) - 1
+        self._eos = set(eos)
+        self._tokens: list[int] = []
+        self._prefix = self._read = 0  # the incremental decoder's token offsets
+        self._text = ""  # decoded so far, whole characters only
+        self._sent = 0  # characters handed out
+        self._ended = False
+        self._pieces: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._listener: Callable[[Any], None] | None = None
+        self.add_done_callback(self._close)
+
+    def _emit(self, item: Any) -> None:
+        with self._lock:
+            if self._listener is None:
+                self._pieces.put(item)
+                return
+            try:
+                self._listener(item)
+            except Exception:  # a reader gone wrong must not fail the batch it rides in
+                log.exception("a stream's listener failed; its reader gets nothing more")
+                self._listener = lambda _item: None
+
+    def listen(self, callback: Callable[[Any], None]) -> None:
+        """Hand every item to `callback` (called on the worker's thread), those already
+        produced first, in order."""
+        with self._lock:
+            while not self._pieces.empty():
+                callback(self._pieces.get_nowait())
+            self._listener = callback
+
+    def push(self, token: int) -> None:
+        """One more token of the row (the worker's thread)."""
+        if not self._tokens and not self._ended:
+            self._emit(_STARTED)
+        if self._ended or token in self._eos:
+            self._ended = True
+            return
+        self._tokens.append(token)
+        decode = self._tokenizer.decode
+        before = decode(self._tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(self._tokens[self._prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return  # nothing new yet, or a character still incomplete
+        self._text += after[len(before) :]
+        self._prefix, self._read = self._read, len(self._tokens)
+        ready = len(self._text) - self._hold
+        window = max(0, self._sent - self._hold)
+        found = [i for stop in self._stops if (i := self._text.find(stop, window)) >= 0]
+        if found:
+            ready, self._ended = min(found), True
+        if ready > self._sent:
+            self._emit(self._text[self._sent : ready])
+            self._sent = ready
+
+    def next_piece(self, timeout: float | None = None) -> Any:
+        """`STARTED`, a piece of text, None at the end, or the exception it failed with
+        (for a reader that is not `listen`ing)."""
+        return self._pieces.get(timeout=timeout)
+
+    def _close(self, future: Future[Completion]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self._emit(exc)
+            return
+        text, sent = future.result().text, self._text[: self._sent]
+        if not self._tokens and not self._ended:
+            self._emit(_STARTED)  # a reply of no tokens but its EOS
+        if text.startswith(sent):
+            if len(text) > len(sent):
+                self._emit(text[len(sent) :])
+        else:  # a tokenizer whose clean-up rewrote text already sent: the record wins
+            log.warning("a streamed reply's pieces differ from its recorded text")
+        self._emit(None)
 
 
 class GenerationEngine:
@@ -353,7 +443,7 @@ class GenerationEngine:
         json_schema: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
         top_logprobs: int | None = None,
-    ) -> Future[Completion]:
+    ) -> Accepted:
         """Accept a request: it will be answered by the model served *now*. With
         `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
         that shape; a schema the grammar compiler refuses raises `SchemaError` here.
@@ -378,14 +468,21 @@ class GenerationEngine:
                 raise SchemaError(
                     f"response_format: the JSON schema cannot be used: {reason}"
                 ) from exc
+        seed = secrets.randbits(63) if seed is None else int(seed)
+        if stream:
+            eos = eos_token_ids(served.model, served.tokenizer)
+            future: Accepted = StreamedCompletion(served.version, seed, served.tokenizer, stop, eos)
+        else:
+            future = Accepted(served.version, seed)
         job = _Job(
             served=served,
             messages=messages,
             settings=SamplingSettings(
                 float(temperature), float(top_p), int(limit), schema_text, tuple(stop)
             ),
-            seed=secrets.randbits(63) if seed is None else int(seed),
+            seed=seed,
             stream=stream,
+            future=future,
             top_logprobs=top_logprobs,
         )
         with self._lock:
@@ -465,6 +562,7 @@ class GenerationEngine:
                 seeds=[job.seed for job in group], return_logprobs=True,
                 grammar=self._grammar(served) if schema else None,
                 json_schemas=[schema] * len(group) if schema else None, stop_strings=settings.stop,
+                on_tokens=self._streamer(group),
             )  # fmt: skip
         except Exception as exc:
             log.exception("generation failed for a batch of %d", len(group))
@@ -474,9 +572,6 @@ class GenerationEngine:
         self.batch_sizes = [*self.batch_sizes[-999:], len(group)]
         for job, out in zip(group, outputs, strict=True):
             try:
-                pieces = (
-                    text_pieces(served.tokenizer, out.token_ids, out.text) if job.stream else None
-                )
                 asked = job.top_logprobs
                 scored = (
                     reply_logprobs(served, job.prompt_ids, out.content_ids, asked, self.autocast)
@@ -486,11 +581,25 @@ class GenerationEngine:
                 job.future.set_result(Completion(
                     version=served.version, model_name=served.name, prompt_token_ids=job.prompt_ids,
                     token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
-                    finish_reason="stop" if out.finished else "length", seed=job.seed, pieces=pieces,
+                    finish_reason="stop" if out.finished else "length", seed=job.seed,
                     token_logprobs=scored,
                 ))  # fmt: skip
             except Exception as exc:
                 job.future.set_exception(exc)
+
+    @staticmethod
+    def _streamer(group: list[_Job]) -> Callable[[list[int], list[int]], None] | None:
+        """`generate`'s step callback, feeding the group's streamed rows; None if none is."""
+        streamed = {i: job.future for i, job in enumerate(group) if job.stream}
+        if not streamed:
+            return None
+
+        def on_tokens(indices: list[int], tokens: list[int]) -> None:
+            for index, token in zip(indices, tokens, strict=True):
+                if index in streamed:
+                    streamed[index].push(token)
+
+        return on_tokens
 
     def _fail_queued(self, exc: Exception) -> None:
         while True:
