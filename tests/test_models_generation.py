@@ -1058,3 +1058,37 @@ def test_of_two_stops_ending_at_once_the_longer_one_is_cut_away(tiny) -> None:
     assert (cut.text, cut.stop, cut.finished) == ("hello w", "orld", True)
     assert tok.decode(cut.token_ids) == "hello world" and len(cut.logprobs) == len(ids)
     assert cut_at_stop(gen, ["zzz"], tok) is gen
+
+
+def test_penalties_take_the_replys_counts_off_the_logits() -> None:
+    """OpenAI's formula: logit − frequency × count − presence × [count > 0], counted over
+    the reply only (the prompt's tokens, before `start`, are not penalised)."""
+    from resd.generation.hf import Penalties
+
+    input_ids = torch.tensor([[5, 6, 1, 2, 1], [5, 5, 3, 3, 3]])
+    scores = torch.zeros(2, 8)
+    out = Penalties(presence=0.5, frequency=0.25, start=2)(input_ids, scores)
+    expected = torch.zeros(2, 8)
+    expected[0, 1], expected[0, 2] = -(0.25 * 2 + 0.5), -(0.25 + 0.5)
+    expected[1, 3] = -(0.25 * 3 + 0.5)
+    assert torch.equal(out, expected)
+
+
+def test_penalties_steer_a_reply_away_from_what_it_wrote(tiny_model_dir) -> None:
+    """At its default init the tiny model repeats one token; a presence penalty of 2
+    outweighs its logits' spread, so no token comes twice; a small one lets the
+    repeats back once every token is penalised alike, where the same frequency penalty,
+    growing with each repeat, does not; a negative one changes nothing here."""
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "What is 3 + 4?"}])
+
+    def reply(**penalties: float) -> list[int]:
+        return generate(model, tok, [prompt], max_new_tokens=16, temperature=0.0,
+                        **penalties)[0].token_ids  # fmt: skip
+
+    plain = reply()
+    assert len(set(plain)) == 1
+    assert len(set(reply(presence_penalty=2.0))) == 16
+    assert reply(presence_penalty=-2.0) == plain
+    small_presence, small_frequency = reply(presence_penalty=0.5), reply(frequency_penalty=0.5)
+    assert small_presence[-1] == small_presence[-2] and small_presence != small_frequency

@@ -469,6 +469,8 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
         (400, "/v1/chat/completions", {"json": {**good, "stop": ["a", ""]}}),
         (400, "/v1/chat/completions", {"json": {**good, "stop": 7}}),
         (400, "/v1/chat/completions", {"json": {**good, "top_logprobs": 2}}),
+        (400, "/v1/chat/completions", {"json": {**good, "presence_penalty": 2.5}}),
+        (400, "/v1/chat/completions", {"json": {**good, "frequency_penalty": -2.01}}),
         (400, "/v1/chat/completions", {"json": {**good, "logprobs": True, "top_logprobs": 21}}),
         (404, "/v1/chat/completions", {"json": {**good, "model": "gpt-4o"}}),
         (400, "/v1/feedback", {"json": {"completion_id": completion}}),
@@ -519,12 +521,12 @@ def test_a_wrong_method_and_an_empty_completion_id_are_named_errors(server: Runn
 
 
 def test_options_that_would_be_ignored_are_refused_by_name(server: Running) -> None:
-    """n and the penalties are parsed but not honoured: each is a 400 naming the option
-    (code unsupported_value) rather than a reply that ignored it; their no-op values pass.
-    An empty message list is refused too, not answered from a bare prompt."""
+    """n is parsed but not honoured: more than one choice is a 400 naming the option (code
+    unsupported_value) rather than a reply that ignored it; the no-op values of every
+    option pass. An empty message list is refused too, not answered from a bare prompt."""
     good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
     before = _counts(server)
-    refused = [("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1.0)]
+    refused = [("n", 2)]
     for option, value in refused:
         response = server.post("/v1/chat/completions", {**good, option: value})
         assert response.status_code == 400, (option, response.text)
@@ -1047,6 +1049,22 @@ def test_token_bytes_spell_byte_level_and_sentencepiece_vocabularies(served: Ser
     ids = fast(text, add_special_tokens=False)["input_ids"]
     assert any(fast.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte fallback used
     assert b"".join(token_bytes(fast, i) for i in ids) == b" " + text.encode()
+
+
+def test_penalties_reach_the_sampler_and_are_recorded(server: Running) -> None:
+    """OpenAI's presence and frequency penalties: the tiny model at its default init
+    repeats one token when greedy; with a presence or a frequency penalty of 2 no token
+    comes twice (either outweighs the logits' spread). Each is recorded, so the reply can
+    be regenerated; a request without them records neither."""
+    plain = chat(server, temperature=0, max_tokens=12)
+    row = server.store.interaction(plain.id)
+    assert len(set(row["response_token_ids"])) == 1 and "presence_penalty" not in row["params"]
+    for name in ("presence_penalty", "frequency_penalty"):
+        steered = chat(server, temperature=0, max_tokens=12, **{name: 2.0})
+        row = server.store.interaction(steered.id)
+        tokens = row["response_token_ids"]
+        assert len(set(tokens)) == len(tokens) == 12, name
+        assert row["params"][name] == 2.0
 
 
 def test_the_server_caps_max_tokens_and_records_the_cap(server: Running) -> None:

@@ -166,6 +166,25 @@ class RowSeededSampler(LogitsProcessor):
         return ids.gather(-1, (cand + gumbel).argmax(-1, keepdim=True))
 
 
+class Penalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties: a token's logit less `frequency` times
+    how often the reply has drawn it so far, and less `presence` once it has. Only the
+    reply counts (columns from `start` on), and the sampler after it draws from, and
+    records the log-probabilities of, the penalised distribution it really samples."""
+
+    def __init__(self, presence: float, frequency: float, start: int) -> None:
+        self.presence = presence
+        self.frequency = frequency
+        self.start = start  # the first reply column of the batch's input ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        reply = input_ids[:, self.start :]
+        counts = torch.zeros_like(scores).scatter_add_(
+            -1, reply, torch.ones_like(reply, dtype=scores.dtype)
+        )
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
 class StopStrings(StoppingCriteria):
     """Ends a row once its reply's text holds one of `stops` (OpenAI's `stop`).
 
@@ -517,6 +536,8 @@ def generate(
     keep_prefixes: bool = False,
     stop_strings: Sequence[str] = (),
     on_tokens: Callable[[list[int], list[int]], None] | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -544,6 +565,8 @@ def generate(
     `stop_strings` end a reply as OpenAI's `stop` does (`cut_at_stop`; `Generation.stop`
     names the one that ended it). Not with `json_schemas`: a reply stopped inside its JSON
     would break the grammar that the schema holds it to.
+
+    `presence_penalty` and `frequency_penalty` are OpenAI's (`Penalties`).
 
     `on_tokens(indices, tokens)` is called after every decoding step with the token each
     row of the batch drew, the rows named by their index in `prompts` (rows that have
@@ -592,6 +615,10 @@ def generate(
                 input_ids, attention_mask = left_pad(rows, pad_id, device)
             row_seeded = sampling and seeds is not None
             processors = LogitsProcessorList()
+            if presence_penalty or frequency_penalty:  # penalise first, then mask, then sample
+                processors.append(
+                    Penalties(presence_penalty, frequency_penalty, input_ids.shape[1])
+                )
             masks = None
             if json_schemas is not None and grammar is not None:  # mask first, then sample
                 masks = grammar.processor(

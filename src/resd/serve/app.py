@@ -184,8 +184,8 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    presence_penalty: StrictFloat | None = None
-    frequency_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: StrictBool | None = None
@@ -209,11 +209,6 @@ def _unsupported(chat: ChatRequest) -> ApiError | None:
     if chat.top_logprobs is not None and not chat.logprobs:
         return ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs",
                         code="invalid_value")  # fmt: skip
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(chat, name):
-            return ApiError(
-                400, f"{name}: only 0 is supported", param=name, code="unsupported_value"
-            )
     return None
 
 
@@ -556,6 +551,8 @@ def create_app(
                 max_tokens=chat.max_completion_tokens or chat.max_tokens, stream=bool(chat.stream),
                 json_schema=chat.response_format.to_schema() if chat.response_format else None,
                 stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
+                presence_penalty=chat.presence_penalty or 0.0,
+                frequency_penalty=chat.frequency_penalty or 0.0,
             )  # fmt: skip
             if chat.stream:  # wait for the first token: until then a failure is an HTTP error
                 pieces = _pieces(future)
@@ -581,6 +578,9 @@ def create_app(
             params["stop"] = list(stop)
         if chat.logprobs:
             params["logprobs"], params["top_logprobs"] = True, chat.top_logprobs or 0
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(chat, name):
+                params[name] = getattr(chat, name)
         if chat.response_format is not None:  # what it was decoded under, to regenerate it
             params["response_format"] = chat.response_format.model_dump(
                 exclude_none=True, by_alias=True

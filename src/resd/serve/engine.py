@@ -136,14 +136,16 @@ def load_served_model(
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a batch must share: `generate` takes one temperature, top-p and length (and,
-    for structured output, one JSON schema, kept as its canonical JSON text; and one set
-    of stop strings)."""
+    for structured output, one JSON schema, kept as its canonical JSON text; one set of
+    stop strings; one pair of penalties)."""
 
     temperature: float
     top_p: float
     max_new_tokens: int
     json_schema: str | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -443,13 +445,16 @@ class GenerationEngine:
         json_schema: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
         top_logprobs: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> Accepted:
         """Accept a request: it will be answered by the model served *now*. With
         `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
         that shape; a schema the grammar compiler refuses raises `SchemaError` here.
         `stop` strings end the reply as OpenAI's `stop` does (not with a schema).
         `top_logprobs` (0 or more) asks for OpenAI's `logprobs`, with that many
-        alternatives per token; None asks for none."""
+        alternatives per token; None asks for none. The penalties are OpenAI's
+        (`resd.generation.hf.Penalties`)."""
         if self._thread is None:
             raise EngineStopped("the generation engine is not running")
         if stop and (json_schema is not None or not all(stop)):
@@ -478,7 +483,13 @@ class GenerationEngine:
             served=served,
             messages=messages,
             settings=SamplingSettings(
-                float(temperature), float(top_p), int(limit), schema_text, tuple(stop)
+                temperature=float(temperature),
+                top_p=float(top_p),
+                max_new_tokens=int(limit),
+                json_schema=schema_text,
+                stop=tuple(stop),
+                presence_penalty=float(presence_penalty),
+                frequency_penalty=float(frequency_penalty),
             ),
             seed=seed,
             stream=stream,
@@ -562,7 +573,8 @@ class GenerationEngine:
                 seeds=[job.seed for job in group], return_logprobs=True,
                 grammar=self._grammar(served) if schema else None,
                 json_schemas=[schema] * len(group) if schema else None, stop_strings=settings.stop,
-                on_tokens=self._streamer(group),
+                on_tokens=self._streamer(group), presence_penalty=settings.presence_penalty,
+                frequency_penalty=settings.frequency_penalty,
             )  # fmt: skip
         except Exception as exc:
             log.exception("generation failed for a batch of %d", len(group))
