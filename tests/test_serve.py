@@ -464,7 +464,8 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
         (400, "/v1/chat/completions", {"json": {**good, "temperature": "hot"}}),
         (400, "/v1/chat/completions", {"json": {**good, "messages": [{"role": "robot", "content": "x"}]}}),
         (400, "/v1/chat/completions", {"json": {**good, "tools": []}}),
-        (400, "/v1/chat/completions", {"json": {**good, "n": 2}}),
+        (400, "/v1/chat/completions", {"json": {**good, "n": 17}}),
+        (400, "/v1/chat/completions", {"json": {**good, "n": 0}}),
         (400, "/v1/chat/completions", {"json": {**good, "stop": ["a", "b", "c", "d", "e"]}}),
         (400, "/v1/chat/completions", {"json": {**good, "stop": ["a", ""]}}),
         (400, "/v1/chat/completions", {"json": {**good, "stop": 7}}),
@@ -497,7 +498,7 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
     with pytest.raises(openai.NotFoundError):
         server.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError):
-        server.client().chat.completions.create(model=MODEL, messages=MESSAGES, n=3)
+        server.client().chat.completions.create(model=MODEL, messages=MESSAGES, n=30)
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
     assert (
         httpx.get(f"{server.url}/nowhere", headers=server.headers()).json()["error"]["code"]
@@ -520,18 +521,21 @@ def test_a_wrong_method_and_an_empty_completion_id_are_named_errors(server: Runn
     assert _counts(server) == before
 
 
-def test_options_that_would_be_ignored_are_refused_by_name(server: Running) -> None:
-    """n is parsed but not honoured: more than one choice is a 400 naming the option (code
-    unsupported_value) rather than a reply that ignored it; the no-op values of every
-    option pass. An empty message list is refused too, not answered from a bare prompt."""
+def test_options_that_make_no_sense_together_are_refused_by_name(server: Running) -> None:
+    """Options that cannot be honoured together are a 400 naming the option rather than
+    a reply that ignored one: `top_logprobs` without `logprobs`, a stop under a JSON
+    format. An empty message list is refused too, not answered from a bare prompt. The
+    no-op values of every option pass."""
     good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
     before = _counts(server)
-    refused = [("n", 2)]
-    for option, value in refused:
-        response = server.post("/v1/chat/completions", {**good, option: value})
-        assert response.status_code == 400, (option, response.text)
+    refused = [({"top_logprobs": 2}, ("top_logprobs", "invalid_value")),
+               ({"stop": "}", "response_format": {"type": "json_object"}},
+                ("stop", "unsupported_value"))]  # fmt: skip
+    for options, named in refused:
+        response = server.post("/v1/chat/completions", {**good, **options})
+        assert response.status_code == 400, (options, response.text)
         error = response.json()["error"]
-        assert (error["param"], error["code"]) == (option, "unsupported_value"), error
+        assert (error["param"], error["code"]) == named, error
     empty = server.post("/v1/chat/completions", {**good, "messages": []})
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
     assert _counts(server) == before
@@ -934,8 +938,8 @@ def test_a_stop_sequence_ends_the_reply_before_it_and_is_recorded(server: Runnin
     """OpenAI's `stop`: the reply is the seeded reply without a stop up to where the stop
     begins, `finish_reason` is "stop", and the store keeps the stop among the params, the
     text the client saw, and the sampled tokens through the one that completed the stop
-    (`usage` counts them). Streamed, the pieces join to the same cut text. "" is no stop;
-    a stop under a JSON `response_format` is a 400 naming `stop`, and writes nothing."""
+    (`usage` counts them). Streamed, the pieces join to the same cut text. "" is no stop
+    (a stop under a JSON format: `test_options_that_make_no_sense_together_...`)."""
     plain = chat(server, seed=5, max_tokens=16)
     text = plain.choices[0].message.content
     start = next(i for i in range(3, len(text) - 2) if text.find(text[i : i + 2]) == i)
@@ -958,15 +962,6 @@ def test_a_stop_sequence_ends_the_reply_before_it_and_is_recorded(server: Runnin
     none = chat(server, seed=5, max_tokens=16, stop="")
     assert none.choices[0].message.content == text
     assert "stop" not in server.store.interaction(none.id)["params"]
-    before = _counts(server)
-    json_stop = server.post("/v1/chat/completions", {
-        "model": MODEL, "messages": MESSAGES, "stop": "}", "response_format": {"type": "json_object"},
-    })  # fmt: skip
-    assert json_stop.status_code == 400, json_stop.text
-    assert (json_stop.json()["error"]["param"], json_stop.json()["error"]["code"]) == (
-        "stop", "unsupported_value",
-    )  # fmt: skip
-    assert _counts(server) == before
 
 
 def test_logprobs_are_the_models_own_and_spell_the_reply(server: Running) -> None:
@@ -1065,6 +1060,46 @@ def test_penalties_reach_the_sampler_and_are_recorded(server: Running) -> None:
         tokens = row["response_token_ids"]
         assert len(set(tokens)) == len(tokens) == 12, name
         assert row["params"][name] == 2.0
+
+
+def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Running) -> None:
+    """`n`: choice i of a request with seed s is the reply seed s + i gives alone, the n
+    rows are decoded as one batch, and each is stored under its own id (the response's
+    for the first, `-i` after it for the others, in `resd_completion_id`), which takes
+    feedback; usage counts the prompt once. Streamed, each choice's pieces carry its
+    index and join to the same texts, the last ones too (they come after the first
+    choice has ended)."""
+    reply = chat(server, n=3, seed=7, max_tokens=8, temperature=1.3)
+    assert server.engine.batch_sizes[-1] == 3
+    ids = [choice.model_extra["resd_completion_id"] for choice in reply.choices]
+    assert ids == [reply.id, f"{reply.id}-1", f"{reply.id}-2"]
+    assert [choice.index for choice in reply.choices] == [0, 1, 2]
+    texts = [choice.message.content for choice in reply.choices]
+    assert texts == [chat(server, seed=7 + i, max_tokens=8, temperature=1.3).choices[0].message.content
+                     for i in range(3)]  # fmt: skip
+    rows = [server.store.interaction(cid) for cid in ids]
+    assert [r["response"] for r in rows] == texts
+    assert [(r["params"]["seed"], r["params"]["choice"], r["params"]["n"]) for r in rows] == [
+        (7, 0, 3), (8, 1, 3), (9, 2, 3),
+    ]  # fmt: skip
+    assert reply.usage.completion_tokens == sum(len(r["response_token_ids"]) for r in rows)
+    assert reply.usage.prompt_tokens == len(rows[0]["prompt_token_ids"])
+    assert server.post("/v1/feedback", {"completion_id": ids[2], "reward": 1.0}).status_code == 201
+    # a long stop that never comes holds each choice's last characters back to its end
+    stream = chat(server, n=3, seed=7, max_tokens=8, temperature=1.3, stream=True,
+                  stop="a stop never written")  # fmt: skip
+    streamed = {0: "", 1: "", 2: ""}
+    finishes = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(3)] == texts and sorted(finishes) == [0, 1, 2]
+    unseeded = chat(server, n=2, max_tokens=2)
+    seeds = {server.store.interaction(c.model_extra["resd_completion_id"])["params"]["seed"]
+             for c in unseeded.choices}  # fmt: skip
+    assert len(seeds) == 2
 
 
 def test_the_server_caps_max_tokens_and_records_the_cap(server: Running) -> None:

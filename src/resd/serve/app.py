@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal
 from resd.generation.structured import StructuredOutputUnavailable
 from resd.serve import missing_extra
 from resd.serve.engine import (
+    Accepted,
     Completion,
     EngineStopped,
     GenerationEngine,
@@ -176,7 +177,7 @@ class ChatRequest(_Strict):
     top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
     max_tokens: _Positive | None = None
     max_completion_tokens: _Positive | None = None
-    n: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
     # the sampler reduces seeds mod 2**63: outside [0, 2**63) two seeds would draw alike
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     stop: str | list[str] | None = None
@@ -204,8 +205,6 @@ class FeedbackRequest(_Strict):
 
 def _unsupported(chat: ChatRequest) -> ApiError | None:
     """Options we parse but cannot honour: refused rather than ignored."""
-    if chat.n not in (None, 1):
-        return ApiError(400, "n: only n=1 is supported", param="n", code="unsupported_value")
     if chat.top_logprobs is not None and not chat.logprobs:
         return ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs",
                         code="invalid_value")  # fmt: skip
@@ -338,20 +337,29 @@ def _check_auth(request: Request, api_key: str | None, *, allow_basic: bool = Fa
 @dataclass(frozen=True)
 class _Reply:
     """The names a response goes out under; its chunks and body are built from them and
-    the completion (a stream's first chunks leave before the completion exists)."""
+    the completions (a stream's first chunks leave before the completions exist). Choice
+    `i` of `n` is stored under `choice_ids[i]`: the response id for the first, the id
+    with `-i` after it for the others, each a key for feedback."""
 
     completion_id: str
     created: int
     model_name: str
     version: str  # the model version answering, bound when the request was accepted
+    n: int = 1
+
+    @property
+    def choice_ids(self) -> list[str]:
+        return [self.completion_id] + [f"{self.completion_id}-{i}" for i in range(1, self.n)]
 
     def head(self) -> dict[str, Any]:
         return {"id": self.completion_id, "created": self.created, "model": self.model_name,
                 "system_fingerprint": self.version, "resd_model_version": self.version}  # fmt: skip
 
     @staticmethod
-    def usage(completion: Completion) -> dict[str, int]:
-        prompt, reply = len(completion.prompt_token_ids), len(completion.token_ids)
+    def usage(completions: list[Completion]) -> dict[str, int]:
+        """The prompt counted once (the choices share it), every choice's reply tokens."""
+        prompt = len(completions[0].prompt_token_ids)
+        reply = sum(len(completion.token_ids) for completion in completions)
         return {"prompt_tokens": prompt, "completion_tokens": reply, "total_tokens": prompt + reply}
 
     @staticmethod
@@ -368,30 +376,42 @@ class _Reply:
                    for t in scored]  # fmt: skip
         return {"content": content, "refusal": None}
 
-    def body(self, completion: Completion) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
-                  "logprobs": self.logprobs(completion), "finish_reason": completion.finish_reason}  # fmt: skip
+    def body(self, completions: list[Completion]) -> dict[str, Any]:
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": completion.text},
+             "logprobs": self.logprobs(completion), "finish_reason": completion.finish_reason,
+             "resd_completion_id": self.choice_ids[i]}
+            for i, completion in enumerate(completions)
+        ]  # fmt: skip
         return {
             **self.head(),
             "object": "chat.completion",
-            "choices": [choice],
-            "usage": self.usage(completion),
+            "choices": choices,
+            "usage": self.usage(completions),
         }
 
     def chunk(
-        self, delta: dict[str, str], finish: str | None = None, logprobs: Any = None
+        self, index: int, delta: dict[str, str], finish: str | None = None, logprobs: Any = None
     ) -> dict[str, Any]:
         return {**self.head(), "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
 
-    def closing(self, completion: Completion, include_usage: bool) -> list[dict[str, Any]]:
-        """A stream's last chunks: the finish (with the log-probs, whole, when asked for: a
-        client that joins the chunks' `logprobs.content` gets every token's), then the
-        usage if `include_usage`."""
-        out = [self.chunk({}, completion.finish_reason, self.logprobs(completion))]
+    def opening(self) -> list[dict[str, Any]]:
+        """A stream's first chunks: each choice's role, and the id its feedback goes to."""
+        chunks = [self.chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n)]
+        for chunk, choice_id in zip(chunks, self.choice_ids, strict=True):
+            chunk["choices"][0]["resd_completion_id"] = choice_id
+        return chunks
+
+    def closing(self, completions: list[Completion], include_usage: bool) -> list[dict[str, Any]]:
+        """A stream's last chunks: each choice's finish (with its log-probs, whole, when
+        asked for: a client that joins the chunks' `logprobs.content` gets every token's),
+        then the usage if `include_usage`."""
+        out = [self.chunk(i, {}, completion.finish_reason, self.logprobs(completion))
+               for i, completion in enumerate(completions)]  # fmt: skip
         if include_usage:
             out.append({**self.head(), "object": "chat.completion.chunk", "choices": [],
-                        "usage": self.usage(completion)})  # fmt: skip
+                        "usage": self.usage(completions)})  # fmt: skip
         return out
 
 
@@ -399,39 +419,68 @@ def _event(chunk: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
-def _pieces(future: StreamedCompletion) -> asyncio.Queue[Any]:
-    """The stream's items on this event loop, put there from the worker's thread."""
+def _pieces(futures: list[StreamedCompletion]) -> asyncio.Queue[tuple[int, Any]]:
+    """The streams' items, as (choice, item), on this event loop, put there from the
+    worker's thread."""
     loop, items = asyncio.get_running_loop(), asyncio.Queue()
 
-    def put(item: Any) -> None:
-        if not loop.is_closed():  # else the server has stopped: nobody reads
-            loop.call_soon_threadsafe(items.put_nowait, item)
+    def listener(index: int) -> Callable[[Any], None]:
+        def put(item: Any) -> None:
+            if not loop.is_closed():  # else the server has stopped: nobody reads
+                loop.call_soon_threadsafe(items.put_nowait, (index, item))
 
-    future.listen(put)
+        return put
+
+    for index, future in enumerate(futures):
+        future.listen(listener(index))
     return items
+
+
+async def _started(pieces: asyncio.Queue[tuple[int, Any]], n: int) -> None:
+    """Wait until every choice has drawn its first token; raise what one failed with
+    before (a failure then is still an HTTP error). Pieces that came meanwhile are put
+    back, in order."""
+    early: list[tuple[int, Any]] = []
+    started: set[int] = set()
+    while len(started) < n:
+        index, item = await pieces.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is StreamedCompletion.STARTED:
+            started.add(index)
+        else:
+            early.append((index, item))
+    for entry in early:
+        pieces.put_nowait(entry)
 
 
 async def _stream(
     reply: _Reply,
-    future: StreamedCompletion,
-    pieces: asyncio.Queue[Any],
+    futures: list[StreamedCompletion],
+    pieces: asyncio.Queue[tuple[int, Any]],
     recorded: asyncio.Future[None],
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events as the worker decodes: the role, the text piece by piece, then,
-    once the completion is stored (so its id takes feedback), the finish and `[DONE]`. A
-    failure after the first token can no longer be an HTTP status: it is an `error` event."""
-    yield _event(reply.chunk({"role": "assistant", "content": ""}))
-    while (piece := await pieces.get()) is not None:
-        if isinstance(piece, BaseException):
+    """Server-sent events as the worker decodes: each choice's role, the text piece by
+    piece, then, once the completions are stored (so their ids take feedback), the
+    finishes and `[DONE]`. A failure after the first token can no longer be an HTTP
+    status: it is an `error` event."""
+    for chunk in reply.opening():
+        yield _event(chunk)
+    ended = 0
+    while ended < len(futures):
+        index, piece = await pieces.get()
+        if piece is None:
+            ended += 1
+        elif isinstance(piece, BaseException):
             log.error("a streamed reply failed: %r", piece)
             yield _event({"error": {"message": f"generation failed: {type(piece).__name__}",
                                     "type": "server_error", "param": None, "code": None}})  # fmt: skip
             return
-        if piece is not StreamedCompletion.STARTED:
-            yield _event(reply.chunk({"content": piece}))
+        elif piece is not StreamedCompletion.STARTED:
+            yield _event(reply.chunk(index, {"content": piece}))
     await asyncio.shield(recorded)
-    for chunk in reply.closing(future.result(), include_usage):
+    for chunk in reply.closing([future.result() for future in futures], include_usage):
         yield _event(chunk)
     yield b"data: [DONE]\n\n"
 
@@ -545,22 +594,23 @@ def create_app(
         stop = _stops(chat)
         temperature = 1.0 if chat.temperature is None else chat.temperature
         top_p = 1.0 if chat.top_p is None else chat.top_p
+        n = chat.n or 1
+        # choice i of a seeded request draws from seed + i: each reply can be regenerated
+        seeds = [None if chat.seed is None else (chat.seed + i) % 2**63 for i in range(n)]
         try:
-            future = engine.submit(
-                messages, temperature=temperature, top_p=top_p, seed=chat.seed,
+            futures = [engine.submit(
+                messages, temperature=temperature, top_p=top_p, seed=seed,
                 max_tokens=chat.max_completion_tokens or chat.max_tokens, stream=bool(chat.stream),
                 json_schema=chat.response_format.to_schema() if chat.response_format else None,
                 stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
                 presence_penalty=chat.presence_penalty or 0.0,
                 frequency_penalty=chat.frequency_penalty or 0.0,
-            )  # fmt: skip
-            if chat.stream:  # wait for the first token: until then a failure is an HTTP error
-                pieces = _pieces(future)
-                first = await pieces.get()
-                if isinstance(first, BaseException):
-                    raise first
+            ) for seed in seeds]  # fmt: skip
+            if chat.stream:  # wait for the first tokens: until then a failure is an HTTP error
+                pieces = _pieces(futures)
+                await _started(pieces, n)
             else:
-                await asyncio.wrap_future(future)
+                await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
         except PromptError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_messages") from exc
         except SchemaError as exc:
@@ -570,8 +620,9 @@ def create_app(
                            code="unsupported_value") from exc  # fmt: skip
         except EngineStopped as exc:
             raise ApiError(503, str(exc), type="server_error", code="unavailable") from exc
-        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name, future.version)
-        params = {"temperature": temperature, "top_p": top_p, "seed": future.seed,
+        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name,
+                       futures[0].version, n)  # fmt: skip
+        params = {"temperature": temperature, "top_p": top_p,
                   "max_tokens": _max_tokens_used(chat, engine),
                   "stream": bool(chat.stream)}  # fmt: skip
         if stop:
@@ -585,27 +636,40 @@ def create_app(
             params["response_format"] = chat.response_format.model_dump(
                 exclude_none=True, by_alias=True
             )
+        if n > 1:  # which of the request's choices a row is
+            params["n"] = n
 
-        async def record() -> None:
+        async def record(future: Accepted, completion_id: str, index: int) -> None:
             completion = await asyncio.wrap_future(future)
             await run_in_threadpool(ensure_version, completion.version)
+            choice = {"choice": index} if n > 1 else {}
             await run_in_threadpool(
-                store.record_interaction, completion_id=reply.completion_id,
+                store.record_interaction, completion_id=completion_id,
                 model_version=completion.version, model_name=completion.model_name, messages=messages,
-                params=params, response=completion.text, prompt_token_ids=completion.prompt_token_ids,
-                response_token_ids=completion.token_ids, response_logprobs=completion.logprobs,
-                finish_reason=completion.finish_reason,
+                params={**params, "seed": completion.seed, **choice}, response=completion.text,
+                prompt_token_ids=completion.prompt_token_ids, response_token_ids=completion.token_ids,
+                response_logprobs=completion.logprobs, finish_reason=completion.finish_reason,
             )  # fmt: skip
 
+        async def record_all() -> None:
+            pairs = zip(futures, reply.choice_ids, strict=True)
+            results = await asyncio.gather(
+                *(record(future, cid, i) for i, (future, cid) in enumerate(pairs)),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
         if chat.stream:  # recorded even if the client leaves mid-stream
-            recorded = asyncio.ensure_future(record())
+            recorded = asyncio.ensure_future(record_all())
             recorded.add_done_callback(_log_failure)
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_stream(reply, future, pieces, recorded, include_usage),
+            return StreamingResponse(_stream(reply, futures, pieces, recorded, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
-        await record()
-        return JSONResponse(reply.body(future.result()))
+        await record_all()
+        return JSONResponse(reply.body([future.result() for future in futures]))
 
     @app.post("/v1/feedback")
     async def post_feedback(request: Request) -> JSONResponse:
