@@ -13,6 +13,7 @@ Two parts, both against a real `resd serve` process on loopback with the bundled
     python benchmarks/serve_load.py                          # smollm2-135m, 8 clients, 60 s
     python benchmarks/serve_load.py --model path/to/model --seconds 10 --out runs/serve_load
     python benchmarks/serve_load.py --model qwen2.5-coder-0.5b --dtypes float32,bfloat16 --no-fault
+    python benchmarks/serve_load.py --stream --no-fault       # streaming clients: time to first piece
 
 `--dtypes` runs the load part once per weight dtype (`resd serve --dtype`), one after the
 other on the same requests; the fault part runs with the first.
@@ -51,6 +52,7 @@ class Tally:
     completions: list[str] = field(default_factory=list)  # acknowledged completion ids
     feedback: list[str] = field(default_factory=list)  # completion ids with acknowledged feedback
     completion_s: list[float] = field(default_factory=list)
+    first_piece_s: list[float] = field(default_factory=list)  # streamed: until the first text
     tokens: int = 0  # completion tokens of the acknowledged completions
     feedback_s: list[float] = field(default_factory=list)
     errors: int = 0
@@ -82,7 +84,7 @@ def start(args: argparse.Namespace, out: Path, port: int, dtype: str) -> subproc
 
 
 def client_loop(
-    port: int, stop: threading.Event, tally: Tally, max_tokens: int, worker: int
+    port: int, stop: threading.Event, tally: Tally, max_tokens: int, worker: int, stream: bool
 ) -> None:
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -91,21 +93,34 @@ def client_loop(
         i += 1
         try:
             t0 = time.perf_counter()
-            reply = client.chat.completions.create(
+            request = dict(
                 model=MODEL, max_tokens=max_tokens, temperature=1.0, seed=worker * 100_000 + i,
                 messages=[{"role": "user", "content": f"Name a city (request {worker}-{i})."}],
             )  # fmt: skip
+            first = None
+            if stream:
+                reply_id, usage = None, None
+                for chunk in client.chat.completions.create(
+                    **request, stream=True, stream_options={"include_usage": True}
+                ):
+                    reply_id, usage = chunk.id, chunk.usage or usage
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter()
+            else:
+                reply = client.chat.completions.create(**request)
+                reply_id, usage = reply.id, reply.usage
             t1 = time.perf_counter()
             with tally.lock:
-                tally.completions.append(reply.id)
+                tally.completions.append(reply_id)
                 tally.completion_s.append(t1 - t0)
-                tally.tokens += reply.usage.completion_tokens if reply.usage else 0
+                tally.first_piece_s.append((first or t1) - t0)
+                tally.tokens += usage.completion_tokens if usage else 0
             note = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
-                              json={"completion_id": reply.id, "reward": 0, "feedback": "Name the country too."},
+                              json={"completion_id": reply_id, "reward": 0, "feedback": "Name the country too."},
                               timeout=120)  # fmt: skip
             if note.status_code in (200, 201):
                 with tally.lock:
-                    tally.feedback.append(reply.id)
+                    tally.feedback.append(reply_id)
                     tally.feedback_s.append(time.perf_counter() - t1)
             else:
                 tally.errors += 1
@@ -118,7 +133,8 @@ def client_loop(
 def run_load(port: int, seconds: float, args: argparse.Namespace, kill: subprocess.Popen | None = None,
              kill_after: float = 0.0) -> tuple[Tally, float]:  # fmt: skip
     tally, stop = Tally(), threading.Event()
-    threads = [threading.Thread(target=client_loop, args=(port, stop, tally, args.max_tokens, w))
+    threads = [threading.Thread(target=client_loop,
+                                args=(port, stop, tally, args.max_tokens, w, args.stream))
                for w in range(args.clients)]  # fmt: skip
     start_t = time.perf_counter()
     for t in threads:
@@ -167,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/serve_load.json")
     parser.add_argument("--dtypes", default="auto", help="comma-separated `resd serve --dtype`s")
     parser.add_argument("--no-fault", action="store_true", help="skip the SIGKILL part")
+    parser.add_argument("--stream", action="store_true",
+                        help="clients stream, and the time to the first text piece is reported")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -181,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, run in result["load_by_dtype"].items():
         print(f"{'load, --dtype ' + dtype:32s} {run['seconds']:.0f} s: {run['completions']} completions, "
               f"{run['completions_per_s']:.2f}/s, p50 {run['completion_p50_s']:.2f} s, "
-              f"p99 {run['completion_p99_s']:.2f} s, {run['tokens_per_completion']:.1f} tokens each")  # fmt: skip
+              f"p99 {run['completion_p99_s']:.2f} s, {run['tokens_per_completion']:.1f} tokens each"
+              + (f"; first piece p50 {run['first_piece_p50_s']:.2f} s, p99 {run['first_piece_p99_s']:.2f} s"
+                 if args.stream else ""))  # fmt: skip
     print(
         f"{'feedback post':32s} p50 {load['feedback_p50_s'] * 1000:.1f} ms, p99 {load['feedback_p99_s'] * 1000:.1f} ms"
     )
@@ -215,6 +235,8 @@ def load_part(args: argparse.Namespace, out: Path, dtype: str) -> dict[str, Any]
         "completions_per_s": round(len(tally.completions) / wall, 3),
         "completion_p50_s": round(pct(tally.completion_s, 0.5), 3),
         "completion_p99_s": round(pct(tally.completion_s, 0.99), 3),
+        "first_piece_p50_s": round(pct(tally.first_piece_s, 0.5), 3),
+        "first_piece_p99_s": round(pct(tally.first_piece_s, 0.99), 3),
         "feedback_p50_s": round(pct(tally.feedback_s, 0.5), 4),
         "feedback_p99_s": round(pct(tally.feedback_s, 0.99), 4),
         "client_errors": tally.errors, "rows": len(ids), "feedback_rows": len(with_feedback),

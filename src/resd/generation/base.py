@@ -66,8 +66,8 @@ def cut_at_stop(gen: Generation, stops: Sequence[str], tokenizer: Any) -> Genera
 
     The first stop is the one completed first (the earliest end; on a tie, the earliest
     start). The text ends before it; the tokens run through the first token whose text
-    completes it, so they and their log-probs are what was sampled, the stop included
-    (vLLM's way). Without a stop in the text, `gen` is returned as it is.
+    completes it, so they and their log-probs are what was sampled, the stop included.
+    Without a stop in the text, `gen` is returned as it is.
     """
     found = [(i + len(s), i, s) for s in stops if (i := gen.text.find(s)) >= 0]
     if not found:

@@ -203,8 +203,9 @@ class FeedbackRequest(_Strict):
     source: str = Field(default="user", min_length=1, max_length=100)
 
 
-def _unsupported(chat: ChatRequest) -> ApiError | None:
-    """Options we parse but cannot honour: refused rather than ignored."""
+def _incompatible(chat: ChatRequest) -> ApiError | None:
+    """Options that cannot be honoured together: refused rather than one ignored (a stop
+    under a JSON format is `_stops`')."""
     if chat.top_logprobs is not None and not chat.logprobs:
         return ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs",
                         code="invalid_value")  # fmt: skip
@@ -584,7 +585,7 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         _check_auth(request, api_key)
         chat = _parse(ChatRequest, await _read_json(request, max_body_bytes))
-        problem = _unsupported(chat)
+        problem = _incompatible(chat)
         if problem is not None:
             raise problem
         if chat.model != model_name:

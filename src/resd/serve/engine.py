@@ -204,8 +204,13 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     return piece.replace("\u2581", " ").encode()
 
 
-def reply_logprobs(served: ServedModel, prompt_ids: list[int], content_ids: list[int],
-                   top_k: int, autocast: str | None) -> list[TokenLogprob]:  # fmt: skip
+def reply_logprobs(
+    served: ServedModel,
+    prompt_ids: list[int],
+    content_ids: list[int],
+    top_k: int,
+    autocast: str | None,
+) -> list[TokenLogprob]:
     """OpenAI's `logprobs` of a reply, scored by the model that wrote it (`score_reply`)."""
     scores = score_reply(served.model, prompt_ids, content_ids, top_k=top_k, autocast=autocast)
     tok = served.tokenizer
@@ -269,9 +274,10 @@ class StreamedCompletion(Accepted):
     once the row has drawn its first token (until then a failure can still be an HTTP
     error), then pieces of text, then None when the completion is set, or the exception
     it failed with. A thread reads them with `next_piece`; an event loop with `listen`,
-    which hands each to a callback instead of parking a thread per stream. The pieces join to the
-    completion's text: a partial UTF-8 character and the last `len(longest stop) - 1`
-    characters wait for the tokens after them, and a stop ends the pieces before it.
+    which hands each to a callback instead of parking a thread per stream. The pieces
+    join to the completion's text: a partial UTF-8 character and the last
+    `len(longest stop) - 1` characters wait for the tokens after them, and a stop ends
+    the pieces before it.
     """
 
     STARTED = _STARTED
