@@ -1092,3 +1092,31 @@ def test_penalties_steer_a_reply_away_from_what_it_wrote(tiny_model_dir) -> None
     assert reply(presence_penalty=-2.0) == plain
     small_presence, small_frequency = reply(presence_penalty=0.5), reply(frequency_penalty=0.5)
     assert small_presence[-1] == small_presence[-2] and small_presence != small_frequency
+
+
+def test_score_reply_is_the_samplers_record_with_or_without_logits_to_keep(tiny) -> None:
+    """`score_reply` (OpenAI's `logprobs` in `resd serve`) gives each reply token the
+    log-probability the sampler drew it with, alternatives most likely first; a model whose
+    forward takes no `logits_to_keep` (remote code) is scored from its full logits, alike."""
+    from resd.generation.hf import score_reply
+
+    model, tok = tiny
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "ab"}])
+    gen = generate(model, tok, [prompt], max_new_tokens=10, temperature=1.0, seeds=[4],
+                   return_logprobs=True)[0]  # fmt: skip
+    scored = score_reply(model, prompt, gen.content_ids, top_k=3, autocast=None)
+    assert scored.logprobs == pytest.approx(gen.logprobs[: len(gen.content_ids)], abs=1e-4)
+    assert all([lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+               for top in scored.top)  # fmt: skip
+
+    class NoLogitsToKeep(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor) -> object:
+            return self.inner(input_ids=input_ids)
+
+    plain = score_reply(NoLogitsToKeep(model), prompt, gen.content_ids, top_k=3, autocast=None)
+    assert plain.logprobs == pytest.approx(scored.logprobs, abs=1e-5)
+    assert [[t for t, _ in top] for top in plain.top] == [[t for t, _ in top] for top in scored.top]

@@ -708,8 +708,12 @@ def score_reply(
         return TokenScores([], [])
     device = next(model.parameters()).device
     ids = torch.tensor([[*prompt_ids, *reply_ids]], device=device)
+    keep = len(reply_ids) + 1
     with autocast_context(device, autocast):
-        logits = model(input_ids=ids, logits_to_keep=len(reply_ids) + 1).logits[0, :-1]
+        try:
+            logits = model(input_ids=ids, logits_to_keep=keep).logits[0, -keep:-1]
+        except TypeError:  # a model whose forward has no `logits_to_keep` (remote code)
+            logits = model(input_ids=ids).logits[0, -keep:-1]
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, torch.tensor(reply_ids, device=device)[:, None])[:, 0]
     values, tokens = logp.topk(top_k, dim=-1) if top_k else (logp[:, :0], logp[:, :0].long())
