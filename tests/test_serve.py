@@ -218,6 +218,22 @@ def test_a_stream_reader_that_fails_does_not_fail_its_batch(served: ServedModel)
         engine.stop()
 
 
+def test_a_streamed_request_cancelled_in_the_queue_tells_its_reader(served: ServedModel) -> None:
+    """A stream whose future is cancelled before it ran (its waiter went away at a
+    shutdown) hands its reader an `EngineStopped`, not nothing: a reader left waiting
+    would hold its connection open for ever. The worker skips it and goes on."""
+    engine = GenerationEngine(ModelHolder(served), max_new_tokens=4, autocast=None)
+    engine.start()
+    try:
+        with engine.paused():
+            cancelled = engine.submit(MESSAGES, seed=1, stream=True)
+            assert cancelled.cancel()
+        assert isinstance(cancelled.next_piece(timeout=10), EngineStopped)
+        assert engine.submit(MESSAGES, seed=2).result(timeout=60).text is not None
+    finally:
+        engine.stop()
+
+
 def test_streaming_through_openai_client(server: Running) -> None:
     stream = chat(server, stream=True, seed=3, max_tokens=12,
                   stream_options={"include_usage": True})  # fmt: skip

@@ -349,6 +349,9 @@ class StreamedCompletion(Accepted):
         return self._pieces.get(timeout=timeout)
 
     def _close(self, future: Future[Completion]) -> None:
+        if future.cancelled():  # its waiter went away (a server shutting down)
+            self._emit(EngineStopped("the request was cancelled"))
+            return
         exc = future.exception()
         if exc is not None:
             self._emit(exc)
