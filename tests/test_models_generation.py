@@ -1120,3 +1120,23 @@ def test_score_reply_is_the_samplers_record_with_or_without_logits_to_keep(tiny)
     plain = score_reply(NoLogitsToKeep(model), prompt, gen.content_ids, top_k=3, autocast=None)
     assert plain.logprobs == pytest.approx(scored.logprobs, abs=1e-5)
     assert [[t for t, _ in top] for top in plain.top] == [[t for t, _ in top] for top in scored.top]
+
+
+def test_logit_bias_adds_to_the_chosen_tokens_at_every_step(tiny_model_dir) -> None:
+    """OpenAI's `logit_bias`: +100 on a token makes greedy decoding write only it, −100 on
+    the token the model repeats bans it; the bias is added, not set (a unit check)."""
+    from resd.generation.hf import LogitBias
+
+    scores = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    biased = LogitBias({0: 5.0, 2: -1.5})(torch.zeros(2, 1, dtype=torch.long), scores)
+    assert torch.equal(biased, torch.tensor([[6.0, 2.0, 1.5], [5.0, 0.0, -1.5]]))
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": "What is 3 + 4?"}])
+    [plain] = generate(model, tok, [prompt], max_new_tokens=8, temperature=0.0)
+    repeated = plain.token_ids[0]
+    [forced] = generate(model, tok, [prompt], max_new_tokens=8, temperature=0.0,
+                        logit_bias={42: 100.0})  # fmt: skip
+    [banned] = generate(model, tok, [prompt], max_new_tokens=8, temperature=0.0,
+                        logit_bias={repeated: -100.0})  # fmt: skip
+    assert forced.token_ids == [42] * 8 and repeated not in banned.token_ids

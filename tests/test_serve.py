@@ -1118,6 +1118,23 @@ def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Run
     assert len(seeds) == 2
 
 
+def test_a_logit_bias_reaches_the_sampler_and_names_bad_token_ids(server: Running) -> None:
+    """OpenAI's `logit_bias`: +100 on a token makes a greedy reply that token only, and
+    the bias is recorded; a key that is not a token id of the model, or a bias outside
+    [-100, 100], is a 400 naming `logit_bias` and writes nothing."""
+    reply = chat(server, temperature=0, max_tokens=6, logit_bias={"42": 100})
+    row = server.store.interaction(reply.id)
+    assert row["response_token_ids"] == [42] * 6 and row["params"]["logit_bias"] == {"42": 100}
+    before = _counts(server)
+    vocab = server.holder.current().model.config.vocab_size
+    for bias in ({"x": 1}, {"-1": 1}, {str(vocab): 1}, {"42": 101}):
+        refused = server.post("/v1/chat/completions",
+                              {"model": MODEL, "messages": MESSAGES, "logit_bias": bias})  # fmt: skip
+        assert refused.status_code == 400, (bias, refused.text)
+        assert refused.json()["error"]["param"].startswith("logit_bias"), refused.text
+    assert _counts(server) == before
+
+
 def test_the_server_caps_max_tokens_and_records_the_cap(server: Running) -> None:
     """A request for more tokens than `max_new_tokens` (16 here) gets 16, and 16 is what is
     recorded; `max_completion_tokens`, OpenAI's newer name, wins over `max_tokens`."""

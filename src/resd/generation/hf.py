@@ -185,6 +185,19 @@ class Penalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+class LogitBias(LogitsProcessor):
+    """OpenAI's `logit_bias`: a fixed number added to chosen tokens' logits at every step
+    (−100 bans a token in practice, 100 all but forces it)."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids, values = self.ids.to(scores.device), self.values.to(scores.device, scores.dtype)
+        return scores.index_add(-1, ids, values.expand(scores.shape[0], -1))
+
+
 class StopStrings(StoppingCriteria):
     """Ends a row once its reply's text holds one of `stops` (OpenAI's `stop`).
 
@@ -538,6 +551,7 @@ def generate(
     on_tokens: Callable[[list[int], list[int]], None] | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
 ) -> list[Generation]:
     """Sample one continuation per prompt.
 
@@ -566,7 +580,8 @@ def generate(
     names the one that ended it). Not with `json_schemas`: a reply stopped inside its JSON
     would break the grammar that the schema holds it to.
 
-    `presence_penalty` and `frequency_penalty` are OpenAI's (`Penalties`).
+    `presence_penalty`, `frequency_penalty` (`Penalties`) and `logit_bias` (`LogitBias`)
+    are OpenAI's; they change the distribution the sampler draws from and records.
 
     `on_tokens(indices, tokens)` is called after every decoding step with the token each
     row of the batch drew, the rows named by their index in `prompts` (rows that have
@@ -615,10 +630,12 @@ def generate(
                 input_ids, attention_mask = left_pad(rows, pad_id, device)
             row_seeded = sampling and seeds is not None
             processors = LogitsProcessorList()
-            if presence_penalty or frequency_penalty:  # penalise first, then mask, then sample
+            if presence_penalty or frequency_penalty:  # penalise and bias, mask, then sample
                 processors.append(
                     Penalties(presence_penalty, frequency_penalty, input_ids.shape[1])
                 )
+            if logit_bias:
+                processors.append(LogitBias(logit_bias))
             masks = None
             if json_schemas is not None and grammar is not None:  # mask first, then sample
                 masks = grammar.processor(

@@ -187,6 +187,7 @@ class ChatRequest(_Strict):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: StrictBool | None = None
@@ -231,6 +232,19 @@ def _stops(chat: ChatRequest) -> tuple[str, ...]:
                        "JSON the schema holds whole)", param="stop",
                        code="unsupported_value")  # fmt: skip
     return tuple(stops)
+
+
+def _logit_bias(chat: ChatRequest, vocab_size: int) -> dict[int, float]:
+    """OpenAI's `logit_bias`: token ids (JSON keys, so strings) of the served model's
+    vocabulary, each with a bias in [-100, 100]."""
+    bias = {}
+    for key, value in (chat.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model "
+                           f"(0 to {vocab_size - 1})", param="logit_bias",
+                           code="invalid_value")  # fmt: skip
+        bias[int(key)] = value
+    return bias
 
 
 def _plain_messages(chat: ChatRequest) -> list[dict[str, str]]:
@@ -593,6 +607,7 @@ def create_app(
                            f"{model_name!r})", param="model", code="model_not_found")  # fmt: skip
         messages = _plain_messages(chat)
         stop = _stops(chat)
+        bias = _logit_bias(chat, holder.current().model.config.vocab_size)
         temperature = 1.0 if chat.temperature is None else chat.temperature
         top_p = 1.0 if chat.top_p is None else chat.top_p
         n = chat.n or 1
@@ -605,7 +620,7 @@ def create_app(
                 json_schema=chat.response_format.to_schema() if chat.response_format else None,
                 stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
                 presence_penalty=chat.presence_penalty or 0.0,
-                frequency_penalty=chat.frequency_penalty or 0.0,
+                frequency_penalty=chat.frequency_penalty or 0.0, logit_bias=bias,
             ) for seed in seeds]  # fmt: skip
             if chat.stream:  # wait for the first tokens: until then a failure is an HTTP error
                 pieces = _pieces(futures)
@@ -630,7 +645,7 @@ def create_app(
             params["stop"] = list(stop)
         if chat.logprobs:
             params["logprobs"], params["top_logprobs"] = True, chat.top_logprobs or 0
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
             if getattr(chat, name):
                 params[name] = getattr(chat, name)
         if chat.response_format is not None:  # what it was decoded under, to regenerate it

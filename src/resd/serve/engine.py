@@ -137,7 +137,7 @@ def load_served_model(
 class SamplingSettings:
     """What a batch must share: `generate` takes one temperature, top-p and length (and,
     for structured output, one JSON schema, kept as its canonical JSON text; one set of
-    stop strings; one pair of penalties)."""
+    stop strings; one pair of penalties; one logit bias)."""
 
     temperature: float
     top_p: float
@@ -146,6 +146,7 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # sorted (token id, bias) pairs
 
 
 @dataclass(frozen=True)
@@ -456,20 +457,25 @@ class GenerationEngine:
         top_logprobs: int | None = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ) -> Accepted:
         """Accept a request: it will be answered by the model served *now*. With
         `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
         that shape; a schema the grammar compiler refuses raises `SchemaError` here.
         `stop` strings end the reply as OpenAI's `stop` does (not with a schema).
         `top_logprobs` (0 or more) asks for OpenAI's `logprobs`, with that many
-        alternatives per token; None asks for none. The penalties are OpenAI's
-        (`resd.generation.hf.Penalties`)."""
+        alternatives per token; None asks for none. The penalties and `logit_bias` are
+        OpenAI's (`resd.generation.hf.Penalties`, `LogitBias`); a bias names token ids of
+        the served model's vocabulary (else ValueError)."""
         if self._thread is None:
             raise EngineStopped("the generation engine is not running")
         if stop and (json_schema is not None or not all(stop)):
             raise ValueError("stop strings must be non-empty, and not with a JSON schema")
         limit = self.max_new_tokens if max_tokens is None else min(max_tokens, self.max_new_tokens)
         served = self.holder.current()
+        vocab = served.model.config.vocab_size
+        if logit_bias and not all(0 <= int(token) < vocab for token in logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
         schema_text = None
         if json_schema is not None:
             schema_text = json.dumps(json_schema, sort_keys=True)
@@ -499,6 +505,7 @@ class GenerationEngine:
                 stop=tuple(stop),
                 presence_penalty=float(presence_penalty),
                 frequency_penalty=float(frequency_penalty),
+                logit_bias=tuple(sorted((int(t), float(b)) for t, b in (logit_bias or {}).items())),
             ),
             seed=seed,
             stream=stream,
@@ -583,7 +590,7 @@ class GenerationEngine:
                 grammar=self._grammar(served) if schema else None,
                 json_schemas=[schema] * len(group) if schema else None, stop_strings=settings.stop,
                 on_tokens=self._streamer(group), presence_penalty=settings.presence_penalty,
-                frequency_penalty=settings.frequency_penalty,
+                frequency_penalty=settings.frequency_penalty, logit_bias=dict(settings.logit_bias),
             )  # fmt: skip
         except Exception as exc:
             log.exception("generation failed for a batch of %d", len(group))

@@ -23,8 +23,8 @@ Schema (version 1; all times are naive UTC)
                      model_version TEXT FK → model_versions.id, model_name TEXT,
                      messages JSON ([{role, content}]), params JSON (temperature, top_p,
                      max_tokens, seed, stream; response_format, stop, logprobs,
-                     top_logprobs and the penalties when given), response TEXT,
-                     prompt_token_ids JSON,
+                     top_logprobs, the penalties, logit_bias, n and choice when given),
+                     response TEXT, prompt_token_ids JSON,
                      response_token_ids JSON, response_logprobs JSON NULL (the sampler's
                      log π of each sampled token at temperature 1; NULL for greedy
                      decoding), finish_reason TEXT ("stop" or "length")
