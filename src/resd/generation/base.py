@@ -61,18 +61,26 @@ def cut_at_eos(
     return Generation(kept, text, finished, logprobs[: len(kept)] if logprobs is not None else None)
 
 
-def cut_at_stop(gen: Generation, stops: Sequence[str], tokenizer: Any) -> Generation:
-    """`gen` ended at the first of `stops` its text holds, as OpenAI's `stop` ends a reply.
+def first_stop(text: str, stops: Sequence[str], since: int = 0) -> tuple[int, int, str] | None:
+    """(end, start, stop) of the stop that `text` completes first, looking from `since`:
+    the earliest end, on a tie the earliest start (so none of a longer stop is left
+    before the cut). None if the text holds none."""
+    found = [(i + len(s), i, s) for s in stops if (i := text.find(s, since)) >= 0]
+    return min(found) if found else None
 
-    The first stop is the one completed first (the earliest end; on a tie, the earliest
-    start). The text ends before it; the tokens run through the first token whose text
+
+def cut_at_stop(gen: Generation, stops: Sequence[str], tokenizer: Any) -> Generation:
+    """`gen` ended at the first of `stops` its text holds (`first_stop`), as OpenAI's
+    `stop` ends a reply.
+
+    The text ends before it; the tokens run through the first token whose text
     completes it, so they and their log-probs are what was sampled, the stop included.
     Without a stop in the text, `gen` is returned as it is.
     """
-    found = [(i + len(s), i, s) for s in stops if (i := gen.text.find(s)) >= 0]
-    if not found:
+    first = first_stop(gen.text, stops)
+    if first is None:
         return gen
-    end, start, stop = min(found)
+    end, start, stop = first
     head = gen.text[:end]
     content = gen.token_ids[:-1] if gen.finished else gen.token_ids
     lo, hi = 1, len(content)  # the shortest prefix that decodes to `head` and more

@@ -31,6 +31,7 @@ be the start of a stop sequence, so nothing streamed is ever taken back.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resd.generation.base import first_stop
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate, score_reply
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
 
@@ -189,17 +191,25 @@ _BYTE_OF = _byte_alphabet()
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
+@functools.lru_cache(maxsize=8)
+def _vocabulary_kind(tokenizer: Any) -> tuple[bool, frozenset[int]]:
+    """Whether the vocabulary is byte-level, and its special token ids: once per
+    tokenizer, not once per token of every reply that asks for log-probs."""
+    decoder = tokenizer.backend_tokenizer.decoder
+    byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+    return byte_level, frozenset(tokenizer.all_special_ids)
+
+
 def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     """The bytes a token stands for: byte-level vocabularies (GPT-2, Llama 3, Qwen, SmolLM)
     spell them in `_BYTE_OF`'s alphabet, SentencePiece ones write a space as "▁" and an
     unknown byte as "<0xNN>"; a special token is its own text."""
     piece = tokenizer.convert_ids_to_tokens(token_id) or ""
-    if token_id in tokenizer.all_special_ids:
+    byte_level, special = _vocabulary_kind(tokenizer)
+    if token_id in special:
         return piece.encode()
     if match := _BYTE_TOKEN.fullmatch(piece):
         return bytes([int(match[1], 16)])
-    decoder = tokenizer.backend_tokenizer.decoder
-    byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
     if byte_level and all(ch in _BYTE_OF for ch in piece):
         return bytes(_BYTE_OF[ch] for ch in piece)
     return piece.replace("\u2581", " ").encode()
@@ -244,9 +254,7 @@ class _Job:
     served: ServedModel
     messages: list[dict[str, str]]
     settings: SamplingSettings
-    seed: int
-    stream: bool
-    future: Accepted  # a StreamedCompletion if `stream`
+    future: Accepted  # its seed and version; a StreamedCompletion if streamed
     top_logprobs: int | None = None  # None: no logprobs asked for
     prompt_ids: list[int] = field(default_factory=list)
 
@@ -336,10 +344,9 @@ class StreamedCompletion(Accepted):
         self._text += after[len(before) :]
         self._prefix, self._read = self._read, len(self._tokens)
         ready = len(self._text) - self._hold
-        window = max(0, self._sent - self._hold)
-        found = [i for stop in self._stops if (i := self._text.find(stop, window)) >= 0]
-        if found:
-            ready, self._ended = min(found), True
+        first = first_stop(self._text, self._stops, max(0, self._sent - self._hold))
+        if first is not None:  # the same stop `cut_at_stop` cuts the record at
+            ready, self._ended = first[1], True
         if ready > self._sent:
             self._emit(self._text[self._sent : ready])
             self._sent = ready
@@ -507,8 +514,6 @@ class GenerationEngine:
                 frequency_penalty=float(frequency_penalty),
                 logit_bias=tuple(sorted((int(t), float(b)) for t, b in (logit_bias or {}).items())),
             ),
-            seed=seed,
-            stream=stream,
             future=future,
             top_logprobs=top_logprobs,
         )
@@ -586,7 +591,7 @@ class GenerationEngine:
                 served.model, served.tokenizer, [job.prompt_ids for job in group],
                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p, batch_size=self.max_batch, autocast=self.autocast,
-                seeds=[job.seed for job in group], return_logprobs=True,
+                seeds=[job.future.seed for job in group], return_logprobs=True,
                 grammar=self._grammar(served) if schema else None,
                 json_schemas=[schema] * len(group) if schema else None, stop_strings=settings.stop,
                 on_tokens=self._streamer(group), presence_penalty=settings.presence_penalty,
@@ -609,7 +614,7 @@ class GenerationEngine:
                 job.future.set_result(Completion(
                     version=served.version, model_name=served.name, prompt_token_ids=job.prompt_ids,
                     token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
-                    finish_reason="stop" if out.finished else "length", seed=job.seed,
+                    finish_reason="stop" if out.finished else "length", seed=job.future.seed,
                     token_logprobs=scored,
                 ))  # fmt: skip
             except Exception as exc:
@@ -618,7 +623,11 @@ class GenerationEngine:
     @staticmethod
     def _streamer(group: list[_Job]) -> Callable[[list[int], list[int]], None] | None:
         """`generate`'s step callback, feeding the group's streamed rows; None if none is."""
-        streamed = {i: job.future for i, job in enumerate(group) if job.stream}
+        streamed = {
+            i: job.future
+            for i, job in enumerate(group)
+            if isinstance(job.future, StreamedCompletion)
+        }
         if not streamed:
             return None
 
