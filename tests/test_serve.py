@@ -569,7 +569,10 @@ def test_validation_errors_name_the_first_field_and_count_the_rest(server: Runni
     assert error["message"].startswith("temperature: ") and error["message"].endswith(
         "(and 1 more)"
     )
-    nested = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}, {"role": "bot"}]}
+    nested = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": 5}],
+    }
     error = server.post("/v1/chat/completions", nested).json()["error"]
     assert error["param"].startswith("messages.1.") and "more" in error["message"], error
     not_object = server.post("/v1/feedback", ["chatcmpl-x"]).json()["error"]
@@ -1210,6 +1213,33 @@ def test_a_schema_max_length_is_held_to_the_letter(served: ServedModel, tmp_path
             reply = chat(running, response_format=fmt, max_tokens=64, seed=seed, temperature=1.5)
             obj = json.loads(reply.choices[0].message.content, strict=False)  # raw control chars
             assert len(obj["a"]) <= 3, obj
+
+
+def test_a_json_reply_writes_its_keys_in_the_schemas_order(served: ServedModel) -> None:
+    """A schema's key order is the order the reply writes them in, a client's way to have
+    the model reason before it answers; requests whose schemas differ only in that order
+    still share a batch. Catches each row decoded under the batch's canonical (sorted)
+    schema, which wrote `answer` before `reasoning`."""
+    pytest.importorskip("xgrammar", reason="structured output needs the structured extra")
+    reasoning_first = {"type": "object", "required": ["reasoning", "answer"],
+                       "properties": {"reasoning": {"type": "string", "maxLength": 4},
+                                      "answer": {"type": "integer", "maximum": 9}}}  # fmt: skip
+    answer_first = {
+        **reasoning_first,
+        "properties": dict(reversed(reasoning_first["properties"].items())),
+    }
+    engine = GenerationEngine(ModelHolder(served), max_new_tokens=40, autocast=None)
+    engine.start()
+    try:
+        with engine.paused():
+            futures = [engine.submit(MESSAGES, seed=seed, json_schema=schema)
+                       for seed in range(3) for schema in (reasoning_first, answer_first)]  # fmt: skip
+        texts = [future.result(timeout=60).text for future in futures]
+        assert engine.batch_sizes == [6]
+    finally:
+        engine.stop()
+    for text, first in zip(texts, ["reasoning", "answer"] * 3, strict=True):
+        assert text.startswith(f'{{"{first}":'), text
 
 
 def test_requests_without_a_seed_each_draw_a_fresh_one(server: Running) -> None:

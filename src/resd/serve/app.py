@@ -53,6 +53,7 @@ from resd.serve.engine import (
 )
 from resd.serve.page import render_page
 from resd.serve.store import FeedbackConflict, Store
+from resd.serve.tools import ToolError, ToolUse, call_schema, plain_messages, tools_text
 
 try:
     import uvicorn
@@ -125,7 +126,7 @@ _Positive = Annotated[StrictInt, Field(ge=1)]
 
 class _Strict(BaseModel):
     # Unknown fields are refused, as OpenAI's API does: a silently ignored option
-    # (tools, logit_bias, ...) would give a reply the caller did not ask for.
+    # (audio, modalities, ...) would give a reply the caller did not ask for.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -134,10 +135,44 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON, as OpenAI writes it
+
+
+class ToolCallMessage(_Strict):
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant turn of calls only
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class ChosenFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class StreamOptions(_Strict):
@@ -192,6 +227,9 @@ class ChatRequest(_Strict):
     metadata: dict[str, str] | None = None
     store: StrictBool | None = None
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(default=None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 class FeedbackRequest(_Strict):
@@ -213,10 +251,10 @@ def _incompatible(chat: ChatRequest) -> ApiError | None:
     return None
 
 
-def _stops(chat: ChatRequest) -> tuple[str, ...]:
+def _stops(chat: ChatRequest, conversation: _Conversation) -> tuple[str, ...]:
     """OpenAI's `stop`: a string or up to 4; "" and [] mean none. An empty string in a
     list would end every reply at once, and a stop inside a JSON reply would cut what
-    `response_format` promises to be whole: both are a 400."""
+    `response_format` or a required tool call promises to be whole: both are a 400."""
     if isinstance(chat.stop, str):
         stops = [chat.stop] if chat.stop else []
     else:
@@ -231,6 +269,9 @@ def _stops(chat: ChatRequest) -> tuple[str, ...]:
         raise ApiError(400, "stop: not with a JSON response_format (a stop would cut the "
                        "JSON the schema holds whole)", param="stop",
                        code="unsupported_value")  # fmt: skip
+    if stops and conversation.tools is not None and conversation.tools.forced:
+        raise ApiError(400, "stop: not with a required tool call (a stop would cut the call)",
+                       param="stop", code="unsupported_value")  # fmt: skip
     return tuple(stops)
 
 
@@ -247,16 +288,51 @@ def _logit_bias(chat: ChatRequest, vocab_size: int) -> dict[int, float]:
     return bias
 
 
-def _plain_messages(chat: ChatRequest) -> list[dict[str, str]]:
-    """Messages as the chat template takes them: {role, content} strings; OpenAI's
-    'developer' role is the system role under its newer name."""
-    out = []
-    for message in chat.messages:
-        content = message.content
-        text = content if isinstance(content, str) else "".join(part.text for part in content)
-        out.append({"role": "system" if message.role == "developer" else message.role,
-                    "content": text})  # fmt: skip
-    return out
+@dataclass(frozen=True)
+class _Conversation:
+    """A request as the engine takes it: the messages as the model reads them (and the
+    store records them), how its replies are read for tool calls (None: they are not), and
+    the JSON schema a reply is decoded under (`response_format`'s, or a forced call's)."""
+
+    messages: list[dict[str, str]]
+    tools: ToolUse | None
+    json_schema: dict[str, Any] | None
+
+
+def _conversation(chat: ChatRequest) -> _Conversation:
+    """The messages as plain text turns, with the tools offered in the system message
+    (`resd.serve.tools` says why, and how each `tool_choice` reads a reply)."""
+    functions = [tool.function.model_dump(exclude_none=True) for tool in chat.tools or []]
+    for param in ("tool_choice", "parallel_tool_calls"):
+        if not functions and getattr(chat, param) is not None:
+            raise ApiError(400, f"{param}: only with tools", param=param, code="invalid_value")
+    names = [function["name"] for function in functions]
+    if len(set(names)) < len(names):
+        raise ApiError(400, "tools: two functions share a name", param="tools",
+                       code="invalid_value")  # fmt: skip
+    choice = chat.tool_choice or ("auto" if functions else "none")
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if named is not None and named not in names:
+        raise ApiError(400, f"tool_choice: {named!r} is not one of the tools", param="tool_choice",
+                       code="invalid_value")  # fmt: skip
+    schema = chat.response_format.to_schema() if chat.response_format else None
+    use, note = None, None
+    if choice != "none":
+        if schema is not None:
+            raise ApiError(400, "tools: not with a JSON response_format (a reply is either "
+                           "calls or the JSON of the format)", param="tools",
+                           code="unsupported_value")  # fmt: skip
+        use = ToolUse(
+            tuple(names), forced=choice != "auto", parallel=chat.parallel_tool_calls is not False
+        )
+        note = tools_text(functions, parallel=use.parallel)
+        if use.forced:
+            schema = call_schema(functions, named)
+    try:
+        messages = plain_messages([m.model_dump(exclude_none=True) for m in chat.messages], note)
+    except ToolError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from exc
+    return _Conversation(messages, use, schema)
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -391,11 +467,23 @@ class _Reply:
                    for t in scored]  # fmt: skip
         return {"content": content, "refusal": None}
 
+    @staticmethod
+    def message(completion: Completion) -> dict[str, Any]:
+        message = {"role": "assistant", "content": completion.content}
+        if completion.tool_calls:
+            message["tool_calls"] = [call.openai() for call in completion.tool_calls]
+        return message
+
+    @staticmethod
+    def finish_reason(completion: Completion) -> str:
+        """OpenAI's: `tool_calls` when the reply is calls; the store keeps the engine's
+        (`stop` or `length`), which says whether the model ended its turn."""
+        return "tool_calls" if completion.tool_calls else completion.finish_reason
+
     def body(self, completions: list[Completion]) -> dict[str, Any]:
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": completion.text},
-             "logprobs": self.logprobs(completion), "finish_reason": completion.finish_reason,
-             "resd_completion_id": self.choice_ids[i]}
+            {"index": i, "message": self.message(completion), "logprobs": self.logprobs(completion),
+             "finish_reason": self.finish_reason(completion), "resd_completion_id": self.choice_ids[i]}
             for i, completion in enumerate(completions)
         ]  # fmt: skip
         return {
@@ -406,7 +494,7 @@ class _Reply:
         }
 
     def chunk(
-        self, index: int, delta: dict[str, str], finish: str | None = None, logprobs: Any = None
+        self, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
     ) -> dict[str, Any]:
         return {**self.head(), "object": "chat.completion.chunk",
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}  # fmt: skip
@@ -419,11 +507,17 @@ class _Reply:
         return chunks
 
     def closing(self, completions: list[Completion], include_usage: bool) -> list[dict[str, Any]]:
-        """A stream's last chunks: each choice's finish (with its log-probs, whole, when
-        asked for: a client that joins the chunks' `logprobs.content` gets every token's),
-        then the usage if `include_usage`."""
-        out = [self.chunk(i, {}, completion.finish_reason, self.logprobs(completion))
-               for i, completion in enumerate(completions)]  # fmt: skip
+        """A stream's last chunks: each choice's tool calls, whole, if it made any, and its
+        finish (with its log-probs, whole, when asked for: a client that joins the chunks'
+        `logprobs.content` gets every token's), then the usage if `include_usage`."""
+        out = []
+        for i, completion in enumerate(completions):
+            if completion.tool_calls:
+                calls = [
+                    {"index": j, **call.openai()} for j, call in enumerate(completion.tool_calls)
+                ]
+                out.append(self.chunk(i, {"tool_calls": calls}))
+            out.append(self.chunk(i, {}, self.finish_reason(completion), self.logprobs(completion)))
         if include_usage:
             out.append({**self.head(), "object": "chat.completion.chunk", "choices": [],
                         "usage": self.usage(completions)})  # fmt: skip
@@ -605,8 +699,9 @@ def create_app(
         if chat.model != model_name:
             raise ApiError(404, f"model {chat.model!r} is not served here (this server serves "
                            f"{model_name!r})", param="model", code="model_not_found")  # fmt: skip
-        messages = _plain_messages(chat)
-        stop = _stops(chat)
+        conversation = _conversation(chat)
+        messages = conversation.messages
+        stop = _stops(chat, conversation)
         bias = _logit_bias(chat, holder.current().model.config.vocab_size)
         temperature = 1.0 if chat.temperature is None else chat.temperature
         top_p = 1.0 if chat.top_p is None else chat.top_p
@@ -617,8 +712,7 @@ def create_app(
             futures = [engine.submit(
                 messages, temperature=temperature, top_p=top_p, seed=seed,
                 max_tokens=chat.max_completion_tokens or chat.max_tokens, stream=bool(chat.stream),
-                json_schema=chat.response_format.to_schema() if chat.response_format else None,
-                stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
+                json_schema=conversation.json_schema, tools=conversation.tools, stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
                 presence_penalty=chat.presence_penalty or 0.0,
                 frequency_penalty=chat.frequency_penalty or 0.0, logit_bias=bias,
             ) for seed in seeds]  # fmt: skip
@@ -629,10 +723,12 @@ def create_app(
                 await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
         except PromptError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_messages") from exc
-        except SchemaError as exc:
-            raise ApiError(400, str(exc), param="response_format", code="invalid_schema") from exc
+        except SchemaError as exc:  # a forced call's schema is built from the tools'
+            param = "tools" if conversation.tools is not None else "response_format"
+            raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_schema") from exc
         except StructuredOutputUnavailable as exc:
-            raise ApiError(400, f"response_format: {exc}", param="response_format",
+            param = "tool_choice" if conversation.tools is not None else "response_format"
+            raise ApiError(400, f"{param}: {exc}", param=param,
                            code="unsupported_value") from exc  # fmt: skip
         except EngineStopped as exc:
             raise ApiError(503, str(exc), type="server_error", code="unavailable") from exc
@@ -652,6 +748,11 @@ def create_app(
             params["response_format"] = chat.response_format.model_dump(
                 exclude_none=True, by_alias=True
             )
+        if conversation.tools is not None:  # the tools themselves are in the messages
+            params["tool_choice"] = (chat.tool_choice.model_dump()
+                                     if isinstance(chat.tool_choice, NamedToolChoice)
+                                     else chat.tool_choice or "auto")  # fmt: skip
+            params["parallel_tool_calls"] = conversation.tools.parallel
         if n > 1:  # which of the request's choices a row is
             params["n"] = n
 

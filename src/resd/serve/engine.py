@@ -49,6 +49,7 @@ from typing import Any
 from resd.generation.base import first_stop
 from resd.generation.hf import chat_prompt_ids, eos_token_ids, generate, score_reply
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
+from resd.serve.tools import CALL_OPEN, ParsedReply, ToolCall, ToolUse
 
 __all__ = [
     "Accepted",
@@ -138,8 +139,9 @@ def load_served_model(
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a batch must share: `generate` takes one temperature, top-p and length (and,
-    for structured output, one JSON schema, kept as its canonical JSON text; one set of
-    stop strings; one pair of penalties; one logit bias)."""
+    for structured output, one JSON schema, compared as canonical JSON text, so one schema
+    with its keys in another order shares the batch while each row keeps its own order;
+    one set of stop strings; one pair of penalties; one logit bias)."""
 
     temperature: float
     top_p: float
@@ -159,12 +161,14 @@ class Completion:
     model_name: str
     prompt_token_ids: list[int]
     token_ids: list[int]  # cut after the first EOS (kept)
-    text: str
+    text: str  # the reply as the model wrote it (and the store records it)
+    content: str | None  # the reply as the client reads it: the text, less any tool calls
     logprobs: list[float] | None  # the sampler's log π per token; None when greedy
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     seed: int
     # OpenAI's `logprobs`, when asked for: one per reply token (the EOS it ended on left out)
     token_logprobs: list[TokenLogprob] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # read from the reply, with a request's `tools`
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,9 @@ class _Job:
     settings: SamplingSettings
     future: Accepted  # its seed and version; a StreamedCompletion if streamed
     top_logprobs: int | None = None  # None: no logprobs asked for
+    tools: ToolUse | None = None  # how the reply is read for tool calls; None: it is not
+    # as the client wrote it: its key order is the order the reply writes the keys in
+    json_schema: dict[str, Any] | None = None
     prompt_ids: list[int] = field(default_factory=list)
 
 
@@ -284,20 +291,30 @@ class StreamedCompletion(Accepted):
     error), then pieces of text, then None when the completion is set, or the exception
     it failed with. A thread reads them with `next_piece`; an event loop with `listen`,
     which hands each to a callback instead of parking a thread per stream. The pieces
-    join to the completion's text: a partial UTF-8 character and the last
+    join to the completion's content: a partial UTF-8 character and the last
     `len(longest stop) - 1` characters wait for the tokens after them, and a stop ends
-    the pieces before it.
+    the pieces before it. With `tools`, text from `tools.held_from` on waits (a call is
+    not text), and so does trailing whitespace (text before a call may be no content at
+    all); the completion's content, known at the end, says what of the rest is text.
     """
 
     STARTED = _STARTED
 
     def __init__(
-        self, version: str, seed: int, tokenizer: Any, stops: Sequence[str], eos: Sequence[int]
+        self,
+        version: str,
+        seed: int,
+        tokenizer: Any,
+        stops: Sequence[str],
+        eos: Sequence[int],
+        tools: ToolUse | None = None,
     ) -> None:
         super().__init__(version, seed)
         self._tokenizer = tokenizer
         self._stops = list(stops)
-        self._hold = max((len(stop) for stop in stops), default=1) - 1
+        self._tools = tools
+        marks = [*stops, *([CALL_OPEN] if tools is not None else [])]
+        self._hold = max(0, max((len(mark) for mark in marks), default=0) - 1)
         self._eos = set(eos)
         self._tokens: list[int] = []
         self._prefix = self._read = 0  # the incremental decoder's token offsets
@@ -347,6 +364,9 @@ class StreamedCompletion(Accepted):
         first = first_stop(self._text, self._stops, max(0, self._sent - self._hold))
         if first is not None:  # the same stop `cut_at_stop` cuts the record at
             ready, self._ended = first[1], True
+        if self._tools is not None:  # text up to a call, less whitespace that may end it
+            held = self._tools.held_from(self._text)
+            ready = len(self._text[: max(0, ready if held is None else min(ready, held))].rstrip())
         if ready > self._sent:
             self._emit(self._text[self._sent : ready])
             self._sent = ready
@@ -364,7 +384,7 @@ class StreamedCompletion(Accepted):
         if exc is not None:
             self._emit(exc)
             return
-        text, sent = future.result().text, self._text[: self._sent]
+        text, sent = future.result().content or "", self._text[: self._sent]
         if not self._tokens and not self._ended:
             self._emit(_STARTED)  # a reply of no tokens but its EOS
         if text.startswith(sent):
@@ -465,6 +485,7 @@ class GenerationEngine:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         logit_bias: dict[int, float] | None = None,
+        tools: ToolUse | None = None,
     ) -> Accepted:
         """Accept a request: it will be answered by the model served *now*. With
         `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
@@ -473,7 +494,9 @@ class GenerationEngine:
         `top_logprobs` (0 or more) asks for OpenAI's `logprobs`, with that many
         alternatives per token; None asks for none. The penalties and `logit_bias` are
         OpenAI's (`resd.generation.hf.Penalties`, `LogitBias`); a bias names token ids of
-        the served model's vocabulary (else ValueError)."""
+        the served model's vocabulary (else ValueError). With `tools` the reply is read
+        for tool calls (`ToolUse.read`: the completion's `content` and `tool_calls`); a
+        forced call comes with its `call_schema` as `json_schema`."""
         if self._thread is None:
             raise EngineStopped("the generation engine is not running")
         if stop and (json_schema is not None or not all(stop)):
@@ -492,13 +515,13 @@ class GenerationEngine:
                 raise
             except Exception as exc:  # the compiler's reason, without its C++ source location
                 reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()
-                raise SchemaError(
-                    f"response_format: the JSON schema cannot be used: {reason}"
-                ) from exc
+                raise SchemaError(f"the JSON schema cannot be used: {reason}") from exc
         seed = secrets.randbits(63) if seed is None else int(seed)
         if stream:
             eos = eos_token_ids(served.model, served.tokenizer)
-            future: Accepted = StreamedCompletion(served.version, seed, served.tokenizer, stop, eos)
+            future: Accepted = StreamedCompletion(
+                served.version, seed, served.tokenizer, stop, eos, tools
+            )
         else:
             future = Accepted(served.version, seed)
         job = _Job(
@@ -516,6 +539,8 @@ class GenerationEngine:
             ),
             future=future,
             top_logprobs=top_logprobs,
+            tools=tools,
+            json_schema=json_schema,
         )
         with self._lock:
             self._pending += 1
@@ -585,15 +610,16 @@ class GenerationEngine:
 
     def _generate(self, group: list[_Job]) -> None:
         served, settings = group[0].served, group[0].settings
-        schema = json.loads(settings.json_schema) if settings.json_schema else None
+        # one schema, canonically, for the batch; each row decodes under its own key order
+        schemas = [job.json_schema for job in group] if settings.json_schema else None
         try:
             outputs = generate(
                 served.model, served.tokenizer, [job.prompt_ids for job in group],
                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p, batch_size=self.max_batch, autocast=self.autocast,
                 seeds=[job.future.seed for job in group], return_logprobs=True,
-                grammar=self._grammar(served) if schema else None,
-                json_schemas=[schema] * len(group) if schema else None, stop_strings=settings.stop,
+                grammar=self._grammar(served) if schemas else None,
+                json_schemas=schemas, stop_strings=settings.stop,
                 on_tokens=self._streamer(group), presence_penalty=settings.presence_penalty,
                 frequency_penalty=settings.frequency_penalty, logit_bias=dict(settings.logit_bias),
             )  # fmt: skip
@@ -611,11 +637,12 @@ class GenerationEngine:
                     if asked is not None
                     else None
                 )
+                reply = job.tools.read(out.text) if job.tools is not None else ParsedReply(out.text)
                 job.future.set_result(Completion(
                     version=served.version, model_name=served.name, prompt_token_ids=job.prompt_ids,
-                    token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
-                    finish_reason="stop" if out.finished else "length", seed=job.future.seed,
-                    token_logprobs=scored,
+                    token_ids=out.token_ids, text=out.text, content=reply.content,
+                    logprobs=out.logprobs, finish_reason="stop" if out.finished else "length",
+                    seed=job.future.seed, token_logprobs=scored, tool_calls=reply.calls,
                 ))  # fmt: skip
             except Exception as exc:
                 job.future.set_exception(exc)
