@@ -8,9 +8,10 @@ reads every reply with the server's own parser (`ToolUse.read`):
 
 - requests that need a call: is the reply a call of the right function, and are its
   arguments the expected ones?
-- requests that need none: is the reply text?
-- a request, its call and the call's result: is the next reply text (an answer), or
-  another call?
+- requests that need none, and a request with its call and the call's result: is the
+  reply an answer, text with no call in it? Not a call `ToolUse.read` takes, and nothing
+  shaped like one anywhere (`writes_a_call`): a model that calls a function it made up,
+  or writes the call again and then a result of its own making, has not answered.
 
 A template that ignores `tools=` (it renders the same text with and without them) has no
 row of its own. `--smoke` runs the tiny random model: it proves the script runs, nothing
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from typing import Any
 
@@ -73,6 +75,15 @@ RESULTS = {  # what each function returns, for the turn after the call
 
 def result_of(name: str, arguments: dict[str, Any]) -> str:
     return RESULTS[name] % (arguments["a"] + arguments["b"]) if name == "add" else RESULTS[name]
+
+
+_CALL_SHAPED = re.compile(r'"name"\s*:\s*"[^"]*"\s*,\s*"(arguments|parameters)"\s*:')
+
+
+def writes_a_call(text: str) -> bool:
+    """Whether the text holds something shaped like a call, `{"name": …, "arguments": …`,
+    of any function, offered or made up, whether the server reads it as a call or not."""
+    return _CALL_SHAPED.search(text) is not None
 
 
 def conversations() -> list[tuple[str, list[dict[str, Any]]]]:
@@ -143,14 +154,14 @@ def measure(served: Any, layout: str, args: argparse.Namespace) -> dict[str, Any
             counts["call"][0] += bool(right)
             counts["call"][1] += any(c.arguments == arguments for c in right)
         else:
-            counts[kind] += not calls
+            counts[kind] += not calls and not writes_a_call(out.text)
         replies.append({"kind": kind, "ask": messages[0]["content"], "reply": out.text,
                         "calls": [[c.name, c.arguments] for c in calls]})  # fmt: skip
     return {
         "layout": layout, "model": args.model,
         "right_function": counts["call"][0], "right_arguments": counts["call"][1],
-        "needs_a_call": len(NEEDS_A_CALL), "text_when_none_needed": counts["none"],
-        "needs_none": len(NEEDS_NONE), "text_after_a_result": counts["result"],
+        "needs_a_call": len(NEEDS_A_CALL), "answers_when_none_needed": counts["none"],
+        "needs_none": len(NEEDS_NONE), "answers_after_a_result": counts["result"],
         "results": len(NEEDS_A_CALL), "prompt_tokens": sum(map(len, prompts)),
         "reply_tokens": sum(len(o.token_ids) for o in outs), "seconds": round(seconds, 1),
         "replies": replies,
@@ -176,13 +187,13 @@ def main() -> None:
     rows = [measure(served, layout, args) for layout in layouts]
     print(f"\n{args.model}, greedy, replies <= {args.max_new_tokens} tokens\n")
     print(
-        "| layout | right function | right arguments | text when none needed | text after a result | reply tokens | s |"
+        "| layout | right function | right arguments | answers when none needed | answers after a result | reply tokens | s |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["needs_a_call"]
         print(f"| {r['layout']} | {r['right_function']}/{n} | {r['right_arguments']}/{n} | "
-              f"{r['text_when_none_needed']}/{r['needs_none']} | {r['text_after_a_result']}/{r['results']} | "
+              f"{r['answers_when_none_needed']}/{r['needs_none']} | {r['answers_after_a_result']}/{r['results']} | "
               f"{r['reply_tokens']} | {r['seconds']} |")  # fmt: skip
     if len(layouts) == 1:
         print("(the chat template ignores `tools=`: no native row)")

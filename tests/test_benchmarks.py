@@ -457,3 +457,24 @@ def test_ifeval_rescore_scores_each_reply_again_and_counts_the_changed(tmp_path)
     assert row["task_now"] == sum(s.reward for s in truth) / 6
     assert row["task_recorded"] == sum(rewards) / 6
     assert row["case_now"] == pytest.approx(sum(s.score for s in truth) / 6)
+
+
+def test_tool_calls_benchmark_reads_every_reply_with_the_servers_parser(tmp_path, monkeypatch):
+    """`benchmarks/tool_calls.py --smoke`: every request is sent and read, and a reply that
+    writes something shaped like a call, which the server does not take, is not counted as
+    an answer."""
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its shared plumbing
+    tool_calls = load_benchmark("tool_calls")
+    out = tmp_path / "tool_calls.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tool_calls.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]  # the tiny template ignores tools=: one row
+    kinds = [reply["kind"] for reply in row["replies"]]
+    assert (kinds.count("call"), kinds.count("none"), kinds.count("result")) == (8, 4, 8)
+    assert row["layout"] == "ours" and row["prompt_tokens"] > 0 and "| ours |" in done.stdout
+    called_again = '{"name": "add", "arguments": {"a": 1, "b": 2}}\n{"sum": 3}'
+    assert tool_calls.writes_a_call(called_again)
+    assert tool_calls.writes_a_call('```json\n{\n  "name": "say_hello",\n  "parameters": {}\n}')
+    assert not tool_calls.writes_a_call('The "name" of the sum is "add", its "arguments" two.')
