@@ -403,6 +403,8 @@ def test_tool_requests_that_cannot_be_honoured_are_refused_by_name(caller: Runni
         ({"tools": TOOLS, "messages": [{"role": "tool", "tool_call_id": "x", "content": "r"}]},
          "messages.0.tool_call_id"),
         ({"tools": broken_schema, "tool_choice": "required"}, "tools"),
+        ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "string"}}}]}, "tools.1.function.parameters"),
     ]  # fmt: skip
     for extra, param in cases:
         response = caller.post("/v1/chat/completions", {**good, **extra})

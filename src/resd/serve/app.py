@@ -306,6 +306,11 @@ def _conversation(chat: ChatRequest) -> _Conversation:
     for param in ("tool_choice", "parallel_tool_calls"):
         if not functions and getattr(chat, param) is not None:
             raise ApiError(400, f"{param}: only with tools", param=param, code="invalid_value")
+    for i, function in enumerate(functions):  # a call's arguments are a JSON object
+        if function.get("parameters", {}).get("type", "object") != "object":
+            raise ApiError(400, f"tools.{i}.function.parameters: must describe a JSON object "
+                           '({"type": "object", ...})', param=f"tools.{i}.function.parameters",
+                           code="invalid_value")  # fmt: skip
     names = [function["name"] for function in functions]
     if len(set(names)) < len(names):
         raise ApiError(400, "tools: two functions share a name", param="tools",
