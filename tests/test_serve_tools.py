@@ -25,6 +25,7 @@ openai = pytest.importorskip("openai")
 from conftest import build_tiny_model  # noqa: E402
 from resd.generation.hf import chat_prompt_ids  # noqa: E402
 from resd.serve.engine import Completion, StreamedCompletion, load_served_model  # noqa: E402
+from resd.serve.learner import given_rollout  # noqa: E402
 from resd.serve.tools import (  # noqa: E402
     CALL_OPEN,
     ToolError,
@@ -307,6 +308,15 @@ def test_a_call_the_model_writes_comes_back_as_a_tool_call_and_its_result_is_ans
     assert row["response"] == CALL_TEXT and row["finish_reason"] == "stop"
     assert row["messages"] == plain_messages(ASK, tools_text([WEATHER, ADD]))
     assert row["params"]["tool_choice"] == "auto" and row["params"]["parallel_tool_calls"] is True
+    # the learner's input is what the model read: the recorded messages render to its prompt
+    caller.post("/v1/feedback", {"completion_id": reply.id, "reward": 1.0, "feedback": "good call"})
+    rows = caller.store.unconsumed(100)
+    rollout = given_rollout(next(r for r in rows if r.completion_id == reply.id))
+    tok = caller.holder.current().tokenizer
+    assert (
+        chat_prompt_ids(tok, rollout.item.messages) == rollout.prompt_ids == row["prompt_token_ids"]
+    )
+    assert rollout.gen.text == CALL_TEXT and rollout.score.reward == 1.0
 
     history = [*ASK, choice.message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
