@@ -582,6 +582,33 @@ def test_teacher_prompts_hold_the_playbook_and_keep_the_system_message(tiny_mode
     assert "Keep replies short." not in peer.teacher_prompt and "abcd" in peer.teacher_prompt
 
 
+def test_the_teacher_reads_the_conversation_the_student_read(tiny_model_dir, tmp_path):
+    """A task that is a longer conversation (a served chat; a tool's call and its result)
+    keeps its earlier turns in the teacher's context, with the teacher's prompt in place
+    of the last user message only. Catches the teacher shown the last user message alone,
+    without the question the conversation began with."""
+    lessons, _ = make_lessons(tiny_model_dir, tmp_path)
+    failed = rollout(0, feedback="you called it again", system="Tools: get_weather.")
+    failed.item.messages[1:] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": '<tool_call>{"name": "get_weather"}</tool_call>'},
+        {"role": "user", "content": "<tool_response>sunny</tool_response>"},
+    ]
+    lessons.teacher_prompts([failed], {})
+    text = lessons.tokenizer.decode(failed.teacher_ids)
+    turns = ["<|im_start|>system\nTools: get_weather.<|im_end|>",
+             "<|im_start|>user\nWeather in Paris?<|im_end|>",
+             '<|im_start|>assistant\n<tool_call>{"name": "get_weather"}</tool_call><|im_end|>',
+             f"<|im_start|>user\n{failed.teacher_prompt}<|im_end|>"]  # fmt: skip
+    assert text.startswith("\n".join(turns)), text
+    assert "<prompt>\n<tool_response>sunny</tool_response>" in failed.teacher_prompt
+    assert "Weather in Paris?" not in failed.teacher_prompt  # a turn of its own, not the task
+    assert failed.item.history == failed.item.messages[:3]
+    assert (
+        rollout(1).item.history == [] and rollout(2, system="s").item.history[0]["content"] == "s"
+    )
+
+
 def test_the_teacher_is_shown_the_task_the_attempt_its_reflection_and_a_solution(
     tiny_model_dir, tmp_path
 ):

@@ -37,6 +37,14 @@ class Item:
         users = [m["content"] for m in self.messages if m.get("role") == "user"]
         return users[-1] if users else ""
 
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """The messages before the last user message: a system message, and in a longer
+        conversation (a served chat, a tool's call and result) its earlier turns. The
+        teacher's context keeps them, with its prompt in place of that last message."""
+        users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+        return self.messages[: users[-1]] if users else list(self.messages)
+
 
 # A reply succeeds when its reward is at least this. Environments give 0 or 1; a reward
 # in between (a served reply's feedback, a user scorer's number) counts the same

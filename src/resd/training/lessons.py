@@ -360,5 +360,8 @@ class Lessons:
                 prompt=clip(r.item.prompt_text), playbook=ctx.playbook, previous_trial=clip(ctx.previous_trial),
                 feedback=clip(ctx.feedback), reflection=clip(ctx.reflection), successful_trial=clip(ctx.solution),
             )  # fmt: skip
-            system = [m for m in r.item.messages if m.get("role") == "system"]
-            r.teacher_ids = self._chat([*system, {"role": "user", "content": r.teacher_prompt}])
+            # the turns before the task's last user turn stay as they were (a served chat, a
+            # tool's call and result): the teacher reads the history the student read
+            r.teacher_ids = self._chat(
+                [*r.item.history, {"role": "user", "content": r.teacher_prompt}]
+            )
