@@ -478,3 +478,28 @@ def test_tool_calls_benchmark_reads_every_reply_with_the_servers_parser(tmp_path
     assert tool_calls.writes_a_call(called_again)
     assert tool_calls.writes_a_call('```json\n{\n  "name": "say_hello",\n  "parameters": {}\n}')
     assert not tool_calls.writes_a_call('The "name" of the sum is "add", its "arguments" two.')
+
+
+def test_the_tool_answers_probe_scores_answers_not_calls(monkeypatch):
+    """`benchmarks/tool_answers.py`: an item is the served layout of a request, its call
+    and its result; a reply succeeds when it calls nothing and states every fact of the
+    result, and the feedback of a failure says the result in words. Catches a repeated call (bare
+    or tagged) scored as an answer, and a fact matched inside a longer number."""
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    env = load_benchmark("tool_answers").ToolAnswersEnv(seed=3, n_train=6, n_test=3)
+    again = load_benchmark("tool_answers").ToolAnswersEnv(seed=3, n_train=6, n_test=3)
+    assert [i.messages for i in env.test_items()] == [i.messages for i in again.test_items()]
+    assert len(env.train_items()) == 6 and len(env.test_items()) == 3
+    item = next(i for i in env.train_items() if i.meta["function"] == "add")
+    assert item.messages[0]["role"] == "system" and "<tools>" in item.messages[0]["content"]
+    assert item.messages[-1]["content"].startswith('<tool_response>\n{"sum": ')
+    total = item.meta["facts"][0]
+    for call in ['{"name": "add", "arguments": {"a": 1, "b": 2}}',
+                 '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+                 f'{{"name": "add", "arguments": {{"a": 1, "b": 2}}}}\nThe sum is {total}.']:  # fmt: skip
+        score = env.score(item, call)
+        assert (score.reward, score.score) == (0.0, 0.0) and f"the sum is {total}" in score.feedback
+    assert env.score(item, f"The sum is 1{total}.").score == 0.5  # not the fact: a longer number
+    assert env.score(item, item.meta["result"]).reward == 0.0  # the result echoed is no answer
+    assert env.score(item, f"The sum is {total}.").reward == 1.0
