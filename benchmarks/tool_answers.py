@@ -15,14 +15,18 @@ and states the result's facts. It is a user environment
 (`module:Class`), run with this folder on the path:
 
     PYTHONPATH=benchmarks resd train --config configs/tool_answers_qwen.yaml
+    python benchmarks/tool_answers.py runs/tool_answers/sdpo     # its evaluations, by kind of reply
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tool_calls import FUNCTIONS, writes_a_call  # one set of tools, one notion of a call
@@ -127,3 +131,38 @@ class ToolAnswersEnv(Environment):
             return Score(0.0, 0.5, f"Your answer leaves out what the tool returned ({said}): "
                          f"it should state {' and '.join(missing)}.")  # fmt: skip
         return Score(1.0, 1.0, "")
+
+
+def kind(score: Score) -> str:
+    """What a reply was, read off its score (the feedback names it)."""
+    if score.success:
+        return "answered"
+    if score.feedback.startswith("You called"):
+        return "called again"
+    return "JSON" if score.feedback.startswith("You wrote JSON") else "text, facts missing"
+
+
+def main() -> None:
+    """Each evaluation of a run, its replies scored again and counted by kind."""
+    parser = argparse.ArgumentParser(
+        description="a tool_answers run's evaluations, by kind of reply"
+    )
+    parser.add_argument("run", type=Path)
+    args = parser.parse_args()
+    env_args = json.loads(
+        json.dumps(__import__("yaml").safe_load((args.run / "config.yaml").read_text())["env_args"])
+    )
+    env = ToolAnswersEnv(**env_args)
+    items = {item.id: item for item in env.train_items() + env.test_items()}
+    kinds = ["answered", "called again", "JSON", "text, facts missing"]
+    print(f"| {args.run} step | " + " | ".join(kinds) + " |")
+    print("|---" * (len(kinds) + 1) + "|")
+    for path in sorted(args.run.glob("eval-step-*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        counts = Counter(kind(env.score(items[r["item"]], r["response"])) for r in rows)
+        step = int(path.stem.rsplit("-", 1)[1])
+        print(f"| {step} | " + " | ".join(f"{counts[k]}/{len(rows)}" for k in kinds) + " |")
+
+
+if __name__ == "__main__":
+    main()
