@@ -487,6 +487,32 @@ def test_a_cpu_counts_as_fast_in_bf16_only_with_bf16_instructions() -> None:
     assert _cpu_has_bf16("x86_64") is native
 
 
+def test_a_cpu_without_onednn_counts_as_slow_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch built without oneDNN has no answer to give (its op raises, or is missing):
+    such a CPU is not fast in bf16, whatever the machine."""
+    from resd.models import _cpu_has_bf16
+
+    def no_onednn() -> bool:
+        raise RuntimeError("mkldnn is not available")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", no_onednn)
+    assert _cpu_has_bf16("aarch64") is False
+
+
+def test_a_cpu_is_fast_in_bf16_as_its_instructions_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fast_bfloat16("cpu")` is `_cpu_has_bf16` of this machine, whichever way it answers
+    (this CPU may have none, so both answers are made here)."""
+    import resd.models as models
+
+    for answer in (True, False):
+        monkeypatch.setattr(models, "_cpu_has_bf16", lambda machine, a=answer: a)
+        models._fast_bfloat16.cache_clear()
+        try:
+            assert models.fast_bfloat16("cpu") is answer
+        finally:
+            models._fast_bfloat16.cache_clear()
+
+
 def test_auto_precision_is_float32_on_a_device_kind_without_known_bf16_kernels() -> None:
     """Only a CUDA GPU or a CPU with oneDNN's bf16 kernels is known to run bf16 fast:
     catches `auto` choosing bf16 weights and autocast on any other kind of device."""

@@ -1014,7 +1014,8 @@ def test_a_stop_string_counts_only_in_the_reply_and_greedy_replies_stop_too(tiny
     """A stop that the prompt's end and the reply's first character make together ends
     nothing (transformers' own `stop_strings` would end the reply at its first token);
     greedy decoding, which has no sampler, stops as sampling does, and stops decoding
-    there (a cut after the fact would pass every other check)."""
+    there (a cut after the fact would pass every other check). Only the reply's text
+    counts, so a special token's name ends nothing."""
     model, tok = tiny
     prompt = chat_prompt_ids(tok, [{"role": "user", "content": "ab"}])
     plain = generate(model, tok, [prompt], max_new_tokens=24, temperature=0.0)[0]
@@ -1035,6 +1036,11 @@ def test_a_stop_string_counts_only_in_the_reply_and_greedy_replies_stop_too(tiny
     assert cut[0].token_ids == plain.token_ids[: len(cut[0].token_ids)]
     # decoding ended at the stop, not at max_new_tokens with the rest thrown away
     assert len(plain.token_ids) == 24 and len(passes) == len(cut[0].token_ids) < 24
+    # a special token's name is not text: a reply of them (forced by a bias) writes no stop
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    forced = generate(model, tok, [prompt], max_new_tokens=4, temperature=0.0,
+                      logit_bias={start: 100.0}, stop_strings=["<|"])[0]  # fmt: skip
+    assert (forced.token_ids, forced.text, forced.stop) == ([start] * 4, "", None)
 
 
 def test_stop_strings_must_be_non_empty_and_not_under_a_schema(tiny) -> None:
@@ -1048,7 +1054,9 @@ def test_stop_strings_must_be_non_empty_and_not_under_a_schema(tiny) -> None:
 
 def test_of_two_stops_ending_at_once_the_longer_one_is_cut_away(tiny) -> None:
     """`cut_at_stop` on its own: of stops completed by the same character, the one that
-    began first is cut, so no part of a stop is left in the text."""
+    began first is cut, so no part of a stop is left in the text. A stop may open the
+    reply or end it just before its EOS, and a special token before it does not move
+    the cut."""
     from resd.generation import Generation, cut_at_stop
 
     _, tok = tiny
@@ -1058,6 +1066,25 @@ def test_of_two_stops_ending_at_once_the_longer_one_is_cut_away(tiny) -> None:
     assert (cut.text, cut.stop, cut.finished) == ("hello w", "orld", True)
     assert tok.decode(cut.token_ids) == "hello world" and len(cut.logprobs) == len(ids)
     assert cut_at_stop(gen, ["zzz"], tok) is gen
+    # a stop the reply opens with leaves no text, and its first token when that token
+    # completes it (mutants looked for stops from the second character on, and kept two)
+    first = tok.decode(ids[:1])
+    opening = cut_at_stop(gen, [first], tok)
+    assert (opening.text, opening.stop, opening.token_ids) == ("", first, ids[:1])
+    # a reply that ended on its EOS: the stop its last token completed keeps that token
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ended = Generation([*ids, eos], tok.decode(ids), True, [0.0] * (len(ids) + 1))
+    cut = cut_at_stop(ended, ["world"], tok)
+    assert (cut.text, cut.token_ids, cut.logprobs) == ("hello ", ids, [0.0] * len(ids))
+    # a special token inside the reply has no text: the cut is found in the text as the
+    # reply's was decoded, without special tokens (a mutant kept every token)
+    hello, rest = (tok(t, add_special_tokens=False)["input_ids"] for t in ("hello", " world 3 + 4"))
+    ids = [*hello, tok.convert_tokens_to_ids("<|im_start|>"), *rest]
+    gen = Generation(ids, tok.decode(ids, skip_special_tokens=True), False, None)
+    cut = cut_at_stop(gen, ["wor"], tok)
+    assert cut.text == "hello " and cut.token_ids == ids[: len(cut.token_ids)]
+    kept = [tok.decode(cut.token_ids[:n], skip_special_tokens=True) for n in (-1, None)]
+    assert "wor" not in kept[0] and "wor" in kept[1]
 
 
 def test_penalties_take_the_replys_counts_off_the_logits() -> None:
@@ -1098,7 +1125,7 @@ def test_score_reply_is_the_samplers_record_with_or_without_logits_to_keep(tiny)
     """`score_reply` (OpenAI's `logprobs` in `resd serve`) gives each reply token the
     log-probability the sampler drew it with, alternatives most likely first; a model whose
     forward takes no `logits_to_keep` (remote code) is scored from its full logits, alike."""
-    from resd.generation.hf import score_reply
+    from resd.generation.hf import TokenScores, score_reply
 
     model, tok = tiny
     prompt = chat_prompt_ids(tok, [{"role": "user", "content": "ab"}])
@@ -1117,6 +1144,14 @@ def test_score_reply_is_the_samplers_record_with_or_without_logits_to_keep(tiny)
         def forward(self, input_ids: torch.Tensor) -> object:
             return self.inner(input_ids=input_ids)
 
+    # a reply of no tokens (only its EOS) has nothing to score: no entries, no forward pass
+    passes = []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        assert score_reply(model, prompt, [], top_k=3, autocast=None) == TokenScores([], [])
+    finally:
+        hook.remove()
+    assert passes == []
     plain = score_reply(NoLogitsToKeep(model), prompt, gen.content_ids, top_k=3, autocast=None)
     assert plain.logprobs == pytest.approx(scored.logprobs, abs=1e-5)
     assert [[t for t, _ in top] for top in plain.top] == [[t for t, _ in top] for top in scored.top]

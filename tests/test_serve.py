@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ sa = pytest.importorskip("sqlalchemy")
 from resd.generation.hf import chat_prompt_ids  # noqa: E402
 from resd.serve.app import BackgroundServer, create_app  # noqa: E402
 from resd.serve.engine import (  # noqa: E402
+    Completion,
     EngineStopped,
     GenerationEngine,
     ModelHolder,
@@ -218,16 +220,121 @@ def test_a_stream_reader_that_fails_does_not_fail_its_batch(served: ServedModel)
         engine.stop()
 
 
-def test_a_streamed_request_cancelled_in_the_queue_tells_its_reader(served: ServedModel) -> None:
+def test_a_stream_holds_back_only_what_a_stop_could_still_begin(served: ServedModel) -> None:
+    """`StreamedCompletion.push` on its own: without a stop, each token's text is handed out
+    once it is whole; under stops, the last `len(longest) - 1` characters wait (they may
+    begin a stop) until the completion is set. Tokens after the EOS (the padding a batch
+    draws for a row that has ended) add nothing. Catches a longer hold, padding streamed
+    as text, and a reader's timeout dropped."""
+    tok = served.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok("What is 3 + 4? Answer: 7", add_special_tokens=False)["input_ids"]
+    text = tok.decode(ids)
+
+    def drain(stream: StreamedCompletion) -> list[Any]:
+        items = []
+        while not stream._pieces.empty():
+            items.append(stream.next_piece(timeout=1))
+        return items
+
+    def completion(text: str) -> Completion:
+        return Completion(version="v1", model_name=MODEL, prompt_token_ids=[], token_ids=[],
+                          text=text, logprobs=None, finish_reason="stop", seed=0)  # fmt: skip
+
+    for stops, held in (((), 0), (("never", "xy"), 4)):
+        stream = StreamedCompletion("v1", 0, tok, stops, [eos])
+        with pytest.raises(queue.Empty):  # nothing yet: a reader's timeout is kept
+            stream.next_piece(timeout=0.01)
+        for token in ids:
+            stream.push(token)
+        first = drain(stream)
+        assert first[0] is StreamedCompletion.STARTED
+        assert "".join(first[1:]) == text[: len(text) - held], stops
+        for token in (eos, ids[0], ids[1]):
+            stream.push(token)
+        assert drain(stream) == []
+        stream.set_result(completion(text))
+        assert drain(stream) == ([text[len(text) - held :]] if held else []) + [None]
+    # a stop the reply opens with: nothing of it is streamed
+    stream = StreamedCompletion("v1", 0, tok, (text[:2],), [eos])
+    for token in ids:
+        stream.push(token)
+    stream.set_result(completion(""))
+    assert drain(stream) == [StreamedCompletion.STARTED, None]
+    # a completion set before any token was pushed still starts its reader first
+    stream = StreamedCompletion("v1", 0, tok, (), [eos])
+    stream.set_result(completion(text))
+    assert drain(stream) == [StreamedCompletion.STARTED, text, None]
+
+
+def test_the_engine_refuses_stops_and_biases_it_cannot_honour_when_they_are_submitted(
+    server: Running,
+) -> None:
+    """`submit` raises at once for an empty stop, a stop under a JSON schema and a bias on
+    a token id outside the vocabulary: queued, each would fail `generate` for the whole
+    batch it shared."""
+    vocab = server.holder.current().model.config.vocab_size
+    refused = [{"stop": ["x", ""]}, {"stop": ["x"], "json_schema": {"type": "object"}},
+               {"logit_bias": {vocab: 1.0}}, {"logit_bias": {-1: 1.0}}]  # fmt: skip
+    for options in refused:
+        with pytest.raises(ValueError, match=r"^(stop|logit_bias)"):
+            server.engine.submit(MESSAGES, max_tokens=1, **options)
+
+
+def test_a_streamed_completion_that_cannot_be_stored_is_logged(
+    server: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream's completion is stored in a task of its own (a client that leaves cannot
+    cancel it); nothing else waits for that task to its end, so a failure to store is
+    logged, with its traceback, not lost. A cancelled task (a server shutting down) is
+    no failure. Unstreamed, a failure to store is a 500."""
+    import asyncio
+
+    from resd.serve.app import _log_failure
+
+    def fail(**_: Any) -> None:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(server.store, "record_interaction", fail)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "seed": 1}
+    # unstreamed, the failure is the response's: no reply whose id takes no feedback
+    assert server.post("/v1/chat/completions", body).status_code == 500
+    body["stream"] = True
+    with caplog.at_level("ERROR", logger="resd.serve.app"), suppress(httpx.HTTPError):
+        server.post("/v1/chat/completions", body)  # the stream breaks off: nothing stored
+    message = "a streamed completion could not be recorded"
+    logged = [record for record in caplog.records if record.getMessage() == message]
+    assert [str(record.exc_info[1]) for record in logged] == ["database is locked"]
+
+    caplog.clear()
+    loop = asyncio.new_event_loop()
+    try:
+        failed, cancelled = loop.create_future(), loop.create_future()
+        failed.set_exception(RuntimeError("disk full"))
+        cancelled.cancel()
+        with caplog.at_level("ERROR", logger="resd.serve.app"):
+            _log_failure(cancelled)
+            _log_failure(failed)
+    finally:
+        loop.close()
+    assert [record.exc_info[1] for record in caplog.records] == [failed.exception()]
+
+
+def test_a_streamed_request_cancelled_in_the_queue_tells_its_reader(
+    served: ServedModel, caplog: pytest.LogCaptureFixture
+) -> None:
     """A stream whose future is cancelled before it ran (its waiter went away at a
     shutdown) hands its reader an `EngineStopped`, not nothing: a reader left waiting
-    would hold its connection open for ever. The worker skips it and goes on."""
+    would hold its connection open for ever. The worker skips it and goes on. Telling
+    the reader is all the cancellation does (a mutant's callback went on and raised)."""
     engine = GenerationEngine(ModelHolder(served), max_new_tokens=4, autocast=None)
     engine.start()
     try:
         with engine.paused():
             cancelled = engine.submit(MESSAGES, seed=1, stream=True)
-            assert cancelled.cancel()
+            with caplog.at_level("ERROR"):
+                assert cancelled.cancel()
+            assert caplog.records == []
         assert isinstance(cancelled.next_piece(timeout=10), EngineStopped)
         assert engine.submit(MESSAGES, seed=2).result(timeout=60).text is not None
     finally:
@@ -540,13 +647,15 @@ def test_a_wrong_method_and_an_empty_completion_id_are_named_errors(server: Runn
 def test_options_that_make_no_sense_together_are_refused_by_name(server: Running) -> None:
     """Options that cannot be honoured together are a 400 naming the option rather than
     a reply that ignored one: `top_logprobs` without `logprobs`, a stop under a JSON
-    format. An empty message list is refused too, not answered from a bare prompt. The
-    no-op values of every option pass."""
+    format; so are an empty stop in a list and more than 4 stops. An empty message list is
+    refused too, not answered from a bare prompt. The no-op values of every option pass."""
     good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
     before = _counts(server)
     refused = [({"top_logprobs": 2}, ("top_logprobs", "invalid_value")),
                ({"stop": "}", "response_format": {"type": "json_object"}},
-                ("stop", "unsupported_value"))]  # fmt: skip
+                ("stop", "unsupported_value")),
+               ({"stop": ["x", ""]}, ("stop", "invalid_value")),
+               ({"stop": ["a", "b", "c", "d", "e"]}, ("stop", "invalid_value"))]  # fmt: skip
     for options, named in refused:
         response = server.post("/v1/chat/completions", {**good, **options})
         assert response.status_code == 400, (options, response.text)
@@ -586,6 +695,10 @@ def test_validation_errors_name_the_first_field_and_count_the_rest(server: Runni
         assert "more" not in refused.json()["error"]["message"], refused.text
     nucleus = chat(server, top_p=0.5, temperature=2.0, max_tokens=2)
     assert server.store.interaction(nucleus.id)["params"]["top_p"] == 0.5
+    # and top_p reaches the sampler: a nucleus of only the top token draws the greedy reply
+    greedy = chat(server, temperature=0, max_tokens=6).choices[0].message.content
+    narrow = chat(server, top_p=1e-9, temperature=2.0, seed=1, max_tokens=6)
+    assert narrow.choices[0].message.content == greedy
 
 
 def test_response_format_options_are_checked_and_recorded(
@@ -1039,8 +1152,9 @@ def test_logprobs_are_the_models_own_and_spell_the_reply(server: Running) -> Non
 def test_token_bytes_spell_byte_level_and_sentencepiece_vocabularies(served: ServedModel) -> None:
     """A token's bytes, for `logprobs`: byte-level vocabularies (the tiny model's, Qwen's)
     spell bytes in their own alphabet, so "é" is two tokens' worth of one character;
-    SentencePiece ones write a space as "▁" and an unknown byte as "<0xNN>". Either way
-    the bytes of a text's tokens join to the text."""
+    SentencePiece ones write a space as "▁" and an unknown byte as "<0xNN>", and their "é"
+    is the character's UTF-8, not byte 0xE9 of the byte-level alphabet. Either way the
+    bytes of a text's tokens join to the text."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -1050,6 +1164,18 @@ def test_token_bytes_spell_byte_level_and_sentencepiece_vocabularies(served: Ser
     tok = served.tokenizer
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert b"".join(token_bytes(tok, i) for i in ids) == text.encode()
+    # every byte a UTF-8 text holds (the tiny vocabulary, trained on ASCII, spells these
+    # characters byte by byte), and the bytes no UTF-8 text holds by the alphabet's rule:
+    # a printable byte is its own character, the others the characters from U+0100 on.
+    # Catches an alphabet whose printable ranges are off by one at either end.
+    points = [*range(1, 0x100), *range(0x100, 0x800, 0x40), 0x800, *range(0x1000, 0x10000, 0x1000),
+              0x10000, 0x40000, 0x80000, 0xC0000, 0x100000]  # fmt: skip
+    every = "".join(map(chr, points))
+    assert len(set(every.encode())) == 256 - len({0, 0xC0, 0xC1, *range(0xF5, 0x100)})
+    ids = tok(every, add_special_tokens=False)["input_ids"]
+    assert b"".join(token_bytes(tok, i) for i in ids) == every.encode()
+    for char, byte in (("\u0100", 0), ("\u00c0", 0xC0), ("\u00c1", 0xC1), ("\u00ff", 0xFF)):
+        assert token_bytes(tok, tok.convert_tokens_to_ids(char)) == bytes([byte]), char
 
     sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     sp.normalizer = normalizers.Replace(" ", "\u2581")
@@ -1057,12 +1183,16 @@ def test_token_bytes_spell_byte_level_and_sentencepiece_vocabularies(served: Ser
     sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # fmt: skip
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    sp.train_from_iterator(["hello world 3 + 4"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "</s>", *byte_tokens]))  # fmt: skip
-    fast = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", eos_token="</s>")
+    sp.train_from_iterator(["héllo wörld 3 + 4"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "</s>", "<|end\u2581turn|>", *byte_tokens]))  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", eos_token="</s>",
+                                   additional_special_tokens=["<|end\u2581turn|>"])  # fmt: skip
     ids = fast(text, add_special_tokens=False)["input_ids"]
     assert any(fast.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte fallback used
     assert b"".join(token_bytes(fast, i) for i in ids) == b" " + text.encode()
+    # a special token (a top alternative may be one) is its own text, "\u2581" and all
+    special = fast.convert_tokens_to_ids("<|end\u2581turn|>")
+    assert token_bytes(fast, special) == "<|end\u2581turn|>".encode()
 
 
 def test_penalties_reach_the_sampler_and_are_recorded(server: Running) -> None:
@@ -1115,10 +1245,23 @@ def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Run
             if choice.finish_reason:
                 finishes[choice.index] = choice.finish_reason
     assert [streamed[i] for i in range(3)] == texts and sorted(finishes) == [0, 1, 2]
+    # without a stop, a choice's first piece can come before the other choices have
+    # started: it is kept for after their first chunks, not dropped
+    stream = chat(server, n=3, seed=7, max_tokens=8, temperature=1.3, stream=True)
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [streamed[i] for i in range(3)] == texts
     unseeded = chat(server, n=2, max_tokens=2)
     seeds = {server.store.interaction(c.model_extra["resd_completion_id"])["params"]["seed"]
              for c in unseeded.choices}  # fmt: skip
     assert len(seeds) == 2
+    # choice i's seed wraps at 2**63, the seeds a request may name (a mutant wrapped at 2**64)
+    last = chat(server, n=2, seed=2**63 - 1, max_tokens=1)
+    seeds = [server.store.interaction(c.model_extra["resd_completion_id"])["params"]["seed"]
+             for c in last.choices]  # fmt: skip
+    assert seeds == [2**63 - 1, 0]
 
 
 def test_a_logit_bias_reaches_the_sampler_and_names_bad_token_ids(server: Running) -> None:
