@@ -239,7 +239,7 @@ def test_a_stream_holds_back_only_what_a_stop_could_still_begin(served: ServedMo
 
     def completion(text: str) -> Completion:
         return Completion(version="v1", model_name=MODEL, prompt_token_ids=[], token_ids=[],
-                          text=text, logprobs=None, finish_reason="stop", seed=0)  # fmt: skip
+                          text=text, content=text, logprobs=None, finish_reason="stop", seed=0)  # fmt: skip
 
     for stops, held in (((), 0), (("never", "xy"), 4)):
         stream = StreamedCompletion("v1", 0, tok, stops, [eos])
