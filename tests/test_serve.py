@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -286,8 +286,9 @@ def test_a_streamed_completion_that_cannot_be_stored_is_logged(
 ) -> None:
     """A stream's completion is stored in a task of its own (a client that leaves cannot
     cancel it); nothing else waits for that task to its end, so a failure to store is
-    logged, with its traceback, not lost. A cancelled task (a server shutting down) is
-    no failure. Unstreamed, a failure to store is a 500."""
+    logged, with its traceback, not lost, and the stream ends with an `error` event, not
+    `[DONE]`. A cancelled task (a server shutting down) is no failure. Unstreamed, a
+    failure to store is a 500."""
     import asyncio
 
     from resd.serve.app import _log_failure
@@ -300,8 +301,10 @@ def test_a_streamed_completion_that_cannot_be_stored_is_logged(
     # unstreamed, the failure is the response's: no reply whose id takes no feedback
     assert server.post("/v1/chat/completions", body).status_code == 500
     body["stream"] = True
-    with caplog.at_level("ERROR", logger="resd.serve.app"), suppress(httpx.HTTPError):
-        server.post("/v1/chat/completions", body)  # the stream breaks off: nothing stored
+    with caplog.at_level("ERROR", logger="resd.serve.app"):
+        streamed = server.post("/v1/chat/completions", body)  # nothing stored: it says so
+    events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert "could not be stored: RuntimeError" in events[-1] and "[DONE]" not in streamed.text
     message = "a streamed completion could not be recorded"
     logged = [record for record in caplog.records if record.getMessage() == message]
     assert [str(record.exc_info[1]) for record in logged] == ["database is locked"]

@@ -577,8 +577,8 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """Server-sent events as the worker decodes: each choice's role, the text piece by
     piece, then, once the completions are stored (so their ids take feedback), the
-    finishes and `[DONE]`. A failure after the first token can no longer be an HTTP
-    status: it is an `error` event."""
+    finishes and `[DONE]`. A failure after the first token (to generate, or to store the
+    completion) can no longer be an HTTP status: it is an `error` event."""
     for chunk in reply.opening():
         yield _event(chunk)
     ended = 0
@@ -593,7 +593,13 @@ async def _stream(
             return
         elif piece is not StreamedCompletion.STARTED:
             yield _event(reply.chunk(index, {"content": piece}))
-    await asyncio.shield(recorded)
+    try:
+        await asyncio.shield(recorded)
+    except Exception as exc:  # logged by `_log_failure`; the client is told, not cut off
+        yield _event({"error": {"message": f"the completion could not be stored: "
+                                f"{type(exc).__name__}", "type": "server_error", "param": None,
+                                "code": None}})  # fmt: skip
+        return
     for chunk in reply.closing([future.result() for future in futures], include_usage):
         yield _event(chunk)
     yield b"data: [DONE]\n\n"
