@@ -96,7 +96,7 @@ def _may_be_one_call(text: str) -> bool:
         return True
     if head.startswith("```"):
         language, newline, body = head[3:].partition("\n")
-        if not language.isascii() or not (language.isalpha() or not language):
+        if language and not (language.isascii() and language.isalpha()):  # ```json, or ```
             return False
         return not newline or not body.lstrip() or body.lstrip().startswith("{")
     return head.startswith("{")
