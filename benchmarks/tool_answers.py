@@ -16,6 +16,7 @@ and states the result's facts. It is a user environment
 
     PYTHONPATH=benchmarks resd train --config configs/tool_answers_qwen.yaml
     python benchmarks/tool_answers.py runs/tool_answers/sdpo     # its evaluations, by kind of reply
+    bash benchmarks/tool_answers_runs.sh list                     # every run of the probe
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tool_calls import FUNCTIONS, writes_a_call  # one set of tools, one notion of a call
 
 from resd.envs import Environment, Item, Score
@@ -142,26 +144,42 @@ def kind(score: Score) -> str:
     return "JSON" if score.feedback.startswith("You wrote JSON") else "text, facts missing"
 
 
+def evaluations(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(label, replies) of a run folder's evaluations (`eval-step-*.jsonl`, labelled by
+    step) or of one `resd eval --out` file (labelled by its name)."""
+    if path.is_file():
+        return [(path.stem, json.loads(path.read_text())["samples"])]
+    return [
+        (str(int(each.stem.rsplit("-", 1)[1])),
+         [json.loads(line) for line in each.read_text().splitlines()])
+        for each in sorted(path.glob("eval-step-*.jsonl"))
+    ]  # fmt: skip
+
+
 def main() -> None:
     """Each evaluation of a run, its replies scored again and counted by kind."""
     parser = argparse.ArgumentParser(
         description="a tool_answers run's evaluations, by kind of reply"
     )
-    parser.add_argument("run", type=Path)
+    parser.add_argument("run", type=Path, nargs="+", help="run folders or `resd eval --out` files")
+    parser.add_argument("--env-args", type=json.loads, default={},
+                        help="the environment's arguments, as JSON, where a run folder's "
+                        "config.yaml does not give them (default: none, the environment's defaults)")  # fmt: skip
     args = parser.parse_args()
-    env_args = json.loads(
-        json.dumps(__import__("yaml").safe_load((args.run / "config.yaml").read_text())["env_args"])
-    )
-    env = ToolAnswersEnv(**env_args)
-    items = {item.id: item for item in env.train_items() + env.test_items()}
     kinds = ["answered", "called again", "JSON", "text, facts missing"]
-    print(f"| {args.run} step | " + " | ".join(kinds) + " |")
+    print("| evaluation | " + " | ".join(kinds) + " |")
     print("|---" * (len(kinds) + 1) + "|")
-    for path in sorted(args.run.glob("eval-step-*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        counts = Counter(kind(env.score(items[r["item"]], r["response"])) for r in rows)
-        step = int(path.stem.rsplit("-", 1)[1])
-        print(f"| {step} | " + " | ".join(f"{counts[k]}/{len(rows)}" for k in kinds) + " |")
+    for run in args.run:
+        config = run / "config.yaml"
+        env_args = args.env_args
+        if config.exists():
+            env_args = yaml.safe_load(config.read_text())["env_args"]
+        env = ToolAnswersEnv(**env_args)
+        items = {item.id: item for item in env.train_items() + env.test_items()}
+        for label, rows in evaluations(run):
+            counts = Counter(kind(env.score(items[r["item"]], r["response"])) for r in rows)
+            name = f"{run} step {label}" if run.is_dir() else str(run)
+            print(f"| {name} | " + " | ".join(f"{counts[k]}/{len(rows)}" for k in kinds) + " |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -503,3 +504,37 @@ def test_the_tool_answers_probe_scores_answers_not_calls(monkeypatch):
     assert env.score(item, f"The sum is 1{total}.").score == 0.5  # not the fact: a longer number
     assert env.score(item, item.meta["result"]).reward == 0.0  # the result echoed is no answer
     assert env.score(item, f"The sum is {total}.").reward == 1.0
+
+
+def test_the_tool_answers_table_reads_a_run_and_an_eval_file_alike(tmp_path):
+    """`python benchmarks/tool_answers.py RUN FILE`: a run folder's evaluations are labelled
+    by step, a `resd eval --out` file by its name, and each reply is counted by the kind its
+    score names. Catches an eval file's replies read from the wrong key, a step mislabelled,
+    or one source's environment arguments used for the other."""
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        env = load_benchmark("tool_answers").ToolAnswersEnv(seed=5, n_train=2, n_test=2)
+        other = load_benchmark("tool_answers").ToolAnswersEnv(seed=6, n_train=2, n_test=2)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    first, second = env.test_items()
+    third, fourth = other.test_items()  # the same ids, other facts
+    answer = " and ".join(first.meta["facts"])  # states every fact: an answer
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("env_args: {seed: 5, n_train: 2, n_test: 2}\n")
+    (run / "eval-step-000007.jsonl").write_text("\n".join(json.dumps(row) for row in [
+        {"item": first.id, "response": answer}, {"item": second.id, "response": "{}"}]))  # fmt: skip
+    out = tmp_path / "long.json"
+    out.write_text(json.dumps({"samples": [{"item": third.id, "response": " and ".join(third.meta["facts"])},
+                                           {"item": fourth.id, "response": "I cannot say."}]}))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tool_answers.py"), str(run), str(out),
+         "--env-args", '{"seed": 6, "n_train": 2, "n_test": 2}'],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert f"| {run} step 7 | 1/2 | 0/2 | 1/2 | 0/2 |" in lines
+    assert f"| {out} | 1/2 | 0/2 | 0/2 | 1/2 |" in lines

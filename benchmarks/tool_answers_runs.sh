@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Every run of the tool-answers probe (benchmarks/tool_answers.py, docs/results.md section 4)
+# after its first session, as units run one at a time, niced (2 cores), each leaving its
+# small outputs in docs/results/tool_answers/, which is committed:
+#
+#   bash benchmarks/tool_answers_runs.sh list          # every unit, done or not
+#   nohup bash benchmarks/tool_answers_runs.sh next 3 >> runs/tool_answers/units.log 2>&1 &
+#   bash benchmarks/tool_answers_runs.sh train:resd-no-attempt:0    # or units by name
+#
+# Units, in the order they were decided (thirty-fifth session, before any of them ran):
+#   train:ARM:SEED   12 steps of configs/tool_answers_qwen.yaml with the arm's settings and
+#                    the training seed SEED (the conversations stay env seed 0's).
+#                    Arms: sdpo and resd (the first session's runs, seed 0 done there),
+#                    resd-no-attempt (the teacher's template without the previous attempt,
+#                    configs/templates/teacher_without_attempt.txt: in section 1 that slot
+#                    was what kept RESD from learning).
+#   long:RUN         the final model of a run (or `base`), evaluated again greedy on the same
+#                    24 test conversations with replies up to 128 tokens instead of 48: are
+#                    the facts in SDPO's explanations, only cut off?
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESD=${RESD:-$PWD/.venv/bin/resd}
+RUNS=runs/tool_answers
+SAVE=docs/results/tool_answers
+export PYTHONPATH=$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
+
+UNITS=(
+  train:resd-no-attempt:0
+  long:base long:sdpo long:resd long:resd-no-attempt
+  train:sdpo:1 train:resd-no-attempt:1 train:resd:1
+)
+
+name() {  # a training unit's run folder: seed 0 keeps the first session's names
+  local arm=$1 seed=$2
+  if [[ $seed == 0 ]]; then echo "$arm"; else echo "$arm-seed$seed"; fi
+}
+
+done_file() {
+  case $1 in
+    train:*) IFS=: read -r _ arm seed <<<"$1"; echo "$SAVE/$(name "$arm" "$seed")/eval-step-000012.jsonl" ;;
+    long:*) echo "$SAVE/long/${1#long:}.json" ;;
+  esac
+}
+
+save() {  # a finished run's small outputs, into the committed folder
+  local dir=$1 f
+  mkdir -p "$SAVE/$dir"
+  for f in "$RUNS/$dir"/{config.yaml,eval.jsonl,metrics.jsonl,samples.jsonl,playbook.md,playbook_history.jsonl} \
+           "$RUNS/$dir"/eval-step-*.jsonl; do
+    if [[ -f $f ]]; then cp "$f" "$SAVE/$dir/"; fi
+  done
+}
+
+run_unit() {
+  local unit=$1
+  case $unit in
+    train:*)
+      IFS=: read -r _ arm seed <<<"$unit"
+      local dir algo extra=()
+      dir=$(name "$arm" "$seed")
+      case $arm in
+        sdpo) algo=sdpo ;;
+        resd) algo=resd ;;
+        resd-no-attempt) algo=resd; extra=(teacher_template=configs/templates/teacher_without_attempt.txt) ;;
+        *) echo "unknown arm: $arm" >&2; return 2 ;;
+      esac
+      rm -rf "${RUNS:?}/$dir"
+      nice -n 5 "$RESD" train --config configs/tool_answers_qwen.yaml algorithm=$algo seed="$seed" \
+        "${extra[@]}" output_dir="$RUNS/$dir" > "$RUNS/$dir.log" 2>&1
+      save "$dir"
+      ;;
+    long:*)
+      local run=${unit#long:} model
+      if [[ $run == base ]]; then model=qwen2.5-coder-0.5b; else model=$RUNS/$run; fi
+      if [[ $run != base && ! -f $model/adapter_model.safetensors ]]; then
+        echo "$unit: no final model in $model (train it first)" >&2; return 2
+      fi
+      mkdir -p "$SAVE/long"
+      nice -n 5 "$RESD" eval --model "$model" --env tool_answers:ToolAnswersEnv --samples 1 \
+        --temperature 0 --max-new-tokens 128 --batch-size 8 --seed 0 \
+        --out "$SAVE/long/$run.json" seed=0 n_train=48 n_test=24
+      ;;
+    *) echo "unknown unit: $unit (see: $0 list)" >&2; return 2 ;;
+  esac
+}
+
+case ${1:-list} in
+  list)
+    for unit in "${UNITS[@]}"; do
+      if [[ -f $(done_file "$unit") ]]; then echo "done  $unit"; else echo "todo  $unit"; fi
+    done
+    ;;
+  next)
+    left=${2:-1}
+    for unit in "${UNITS[@]}"; do
+      [[ $left -gt 0 ]] || break
+      [[ -f $(done_file "$unit") ]] && continue
+      echo "== $(date -u +%FT%TZ) $unit"
+      run_unit "$unit"
+      left=$((left - 1))
+    done
+    ;;
+  save) save "$2" ;;  # a run started by hand with a unit's command
+  *)
+    for unit in "$@"; do echo "== $(date -u +%FT%TZ) $unit"; run_unit "$unit"; done ;;
+esac
