@@ -7,6 +7,9 @@
 #   nohup bash benchmarks/tool_answers_runs.sh next 3 >> runs/tool_answers/units.log 2>&1 &
 #   bash benchmarks/tool_answers_runs.sh train:resd-no-attempt:0    # or units by name
 #
+# While units run, change this file only by writing a new one and renaming it over this
+# one: bash reads a script as it goes, so an edit in place reaches the running loop.
+#
 # Units, in the order they were decided (thirty-fifth session, before any of them ran):
 #   train:ARM:SEED   12 steps of configs/tool_answers_qwen.yaml with the arm's settings and
 #                    the training seed SEED (the conversations stay env seed 0's).
@@ -17,6 +20,9 @@
 #   long:RUN         the final model of a run (or `base`), evaluated again greedy on the same
 #                    24 test conversations with replies up to 128 tokens instead of 48: are
 #                    the facts in SDPO's explanations, only cut off?
+# Added after resd-no-attempt's seed 0 had run (5/24 answered, against SDPO's 1/24): a third
+# seed of the two arms that moved (train:sdpo:2, train:resd-no-attempt:2), so that the
+# difference, if it holds, rests on three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESD=${RESD:-$PWD/.venv/bin/resd}
@@ -28,6 +34,7 @@ UNITS=(
   train:resd-no-attempt:0
   long:base long:sdpo long:resd long:resd-no-attempt
   train:sdpo:1 train:resd-no-attempt:1 train:resd:1
+  train:sdpo:2 train:resd-no-attempt:2
 )
 
 name() {  # a training unit's run folder: seed 0 keeps the first session's names
