@@ -135,10 +135,12 @@ class ToolAnswersEnv(Environment):
         return Score(1.0, 1.0, "")
 
 
-def kind(score: Score) -> str:
-    """What a reply was, read off its score (the feedback names it)."""
+def kind(score: Score, response: str) -> str:
+    """What a reply was, read off its score (the feedback names it). An answer inside a
+    code block ("When you run this code, it will output: 15711") passes the verifier but
+    is no plain answer: it is counted apart."""
     if score.success:
-        return "answered"
+        return "answered in code" if "```" in response else "answered"
     if score.feedback.startswith("You called"):
         return "called again"
     return "JSON" if score.feedback.startswith("You wrote JSON") else "text, facts missing"
@@ -166,7 +168,7 @@ def main() -> None:
                         help="the environment's arguments, as JSON, where a run folder's "
                         "config.yaml does not give them (default: none, the environment's defaults)")  # fmt: skip
     args = parser.parse_args()
-    kinds = ["answered", "called again", "JSON", "text, facts missing"]
+    kinds = ["answered", "answered in code", "called again", "JSON", "text, facts missing"]
     print("| evaluation | " + " | ".join(kinds) + " |")
     print("|---" * (len(kinds) + 1) + "|")
     for run in args.run:
@@ -177,7 +179,9 @@ def main() -> None:
         env = ToolAnswersEnv(**env_args)
         items = {item.id: item for item in env.train_items() + env.test_items()}
         for label, rows in evaluations(run):
-            counts = Counter(kind(env.score(items[r["item"]], r["response"])) for r in rows)
+            counts = Counter(
+                kind(env.score(items[r["item"]], r["response"]), r["response"]) for r in rows
+            )
             name = f"{run} step {label}" if run.is_dir() else str(run)
             print(f"| {name} | " + " | ".join(f"{counts[k]}/{len(rows)}" for k in kinds) + " |")
 

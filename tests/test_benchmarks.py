@@ -509,8 +509,9 @@ def test_the_tool_answers_probe_scores_answers_not_calls(monkeypatch):
 def test_the_tool_answers_table_reads_a_run_and_an_eval_file_alike(tmp_path):
     """`python benchmarks/tool_answers.py RUN FILE`: a run folder's evaluations are labelled
     by step, a `resd eval --out` file by its name, and each reply is counted by the kind its
-    score names. Catches an eval file's replies read from the wrong key, a step mislabelled,
-    or one source's environment arguments used for the other."""
+    score names, an answer inside a code block apart. Catches an eval file's replies read
+    from the wrong key, a step mislabelled, one source's environment arguments used for the
+    other, or an answer in code counted as a plain one."""
     pytest.importorskip("fastapi", reason="needs the serve extra")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -527,7 +528,8 @@ def test_the_tool_answers_table_reads_a_run_and_an_eval_file_alike(tmp_path):
     (run / "eval-step-000007.jsonl").write_text("\n".join(json.dumps(row) for row in [
         {"item": first.id, "response": answer}, {"item": second.id, "response": "{}"}]))  # fmt: skip
     out = tmp_path / "long.json"
-    out.write_text(json.dumps({"samples": [{"item": third.id, "response": " and ".join(third.meta["facts"])},
+    in_code = "```python\nprint(x)\n```\nIt prints " + " and ".join(third.meta["facts"])
+    out.write_text(json.dumps({"samples": [{"item": third.id, "response": in_code},
                                            {"item": fourth.id, "response": "I cannot say."}]}))  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "tool_answers.py"), str(run), str(out),
@@ -536,5 +538,5 @@ def test_the_tool_answers_table_reads_a_run_and_an_eval_file_alike(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert f"| {run} step 7 | 1/2 | 0/2 | 1/2 | 0/2 |" in lines
-    assert f"| {out} | 1/2 | 0/2 | 0/2 | 1/2 |" in lines
+    assert f"| {run} step 7 | 1/2 | 0/2 | 0/2 | 1/2 | 0/2 |" in lines
+    assert f"| {out} | 0/2 | 1/2 | 0/2 | 0/2 | 1/2 |" in lines
