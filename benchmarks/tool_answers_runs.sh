@@ -22,7 +22,8 @@
 #                    the facts in SDPO's explanations, only cut off?
 # Added after resd-no-attempt's seed 0 had run (5/24 answered, against SDPO's 1/24): a third
 # seed of the two arms that moved (train:sdpo:2, train:resd-no-attempt:2), so that the
-# difference, if it holds, rests on three.
+# difference, if it holds, rests on three. Every final model of seeds 1 and 2 also gets
+# its long evaluation (added once seed 0's had shown what the 48-token cap hid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESD=${RESD:-$PWD/.venv/bin/resd}
@@ -34,7 +35,9 @@ UNITS=(
   train:resd-no-attempt:0
   long:base long:sdpo long:resd long:resd-no-attempt
   train:sdpo:1 train:resd-no-attempt:1 train:resd:1
+  long:sdpo-seed1 long:resd-no-attempt-seed1 long:resd-seed1
   train:sdpo:2 train:resd-no-attempt:2
+  long:sdpo-seed2 long:resd-no-attempt-seed2
 )
 
 name() {  # a training unit's run folder: seed 0 keeps the first session's names
