@@ -506,19 +506,16 @@ def test_the_tool_answers_probe_scores_answers_not_calls(monkeypatch):
     assert env.score(item, f"The sum is {total}.").reward == 1.0
 
 
-def test_the_tool_answers_table_reads_a_run_and_an_eval_file_alike(tmp_path):
+def test_the_tool_answers_table_reads_a_run_and_an_eval_file_alike(tmp_path, monkeypatch):
     """`python benchmarks/tool_answers.py RUN FILE`: a run folder's evaluations are labelled
     by step, a `resd eval --out` file by its name, and each reply is counted by the kind its
     score names, an answer inside a code block apart. Catches an eval file's replies read
     from the wrong key, a step mislabelled, one source's environment arguments used for the
     other, or an answer in code counted as a plain one."""
     pytest.importorskip("fastapi", reason="needs the serve extra")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        env = load_benchmark("tool_answers").ToolAnswersEnv(seed=5, n_train=2, n_test=2)
-        other = load_benchmark("tool_answers").ToolAnswersEnv(seed=6, n_train=2, n_test=2)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    env = load_benchmark("tool_answers").ToolAnswersEnv(seed=5, n_train=2, n_test=2)
+    other = load_benchmark("tool_answers").ToolAnswersEnv(seed=6, n_train=2, n_test=2)
     first, second = env.test_items()
     third, fourth = other.test_items()  # the same ids, other facts
     answer = " and ".join(first.meta["facts"])  # states every fact: an answer

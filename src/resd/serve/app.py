@@ -100,10 +100,13 @@ class ApiError(Exception):
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+    def body(self) -> dict[str, Any]:
+        """The error object, also what a stream sends as its `error` event."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}  # fmt: skip
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
@@ -588,21 +591,23 @@ async def _stream(
             ended += 1
         elif isinstance(piece, BaseException):
             log.error("a streamed reply failed: %r", piece)
-            yield _event({"error": {"message": f"generation failed: {type(piece).__name__}",
-                                    "type": "server_error", "param": None, "code": None}})  # fmt: skip
+            yield _event(_server_error(f"generation failed: {type(piece).__name__}"))
             return
         elif piece is not StreamedCompletion.STARTED:
             yield _event(reply.chunk(index, {"content": piece}))
     try:
         await asyncio.shield(recorded)
     except Exception as exc:  # logged by `_log_failure`; the client is told, not cut off
-        yield _event({"error": {"message": f"the completion could not be stored: "
-                                f"{type(exc).__name__}", "type": "server_error", "param": None,
-                                "code": None}})  # fmt: skip
+        yield _event(_server_error(f"the completion could not be stored: {type(exc).__name__}"))
         return
     for chunk in reply.closing([future.result() for future in futures], include_usage):
         yield _event(chunk)
     yield b"data: [DONE]\n\n"
+
+
+def _server_error(message: str) -> dict[str, Any]:
+    """A stream's `error` event: the body an HTTP 500 would have had."""
+    return ApiError(500, message, type="server_error").body()
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
