@@ -24,6 +24,13 @@
 # seed of the two arms that moved (train:sdpo:2, train:resd-no-attempt:2), so that the
 # difference, if it holds, rests on three. Every final model of seeds 1 and 2 also gets
 # its long evaluation (added once seed 0's had shown what the 48-token cap hid).
+# Added in the thirty-sixth session, before either ran: which of RESD-without-the-attempt's
+# two extra slots does the work? Its teacher saw, beside SDPO's feedback, a reflection and,
+# for 13-37 of 96 prompts, a remembered successful attempt. Two arms, seed 0 each, take one
+# away: resd-no-attempt-no-success (configs/templates/teacher_without_attempt_or_success.txt)
+# and resd-no-attempt-no-reflection (teacher_without_attempt_or_reflection.txt; reflections
+# are still written, for the curator). One seed each: they can show a slot that matters
+# a lot, not decide a small difference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESD=${RESD:-$PWD/.venv/bin/resd}
@@ -38,6 +45,8 @@ UNITS=(
   long:sdpo-seed1 long:resd-no-attempt-seed1 long:resd-seed1
   train:sdpo:2 train:resd-no-attempt:2
   long:sdpo-seed2 long:resd-no-attempt-seed2
+  train:resd-no-attempt-no-success:0 long:resd-no-attempt-no-success
+  train:resd-no-attempt-no-reflection:0 long:resd-no-attempt-no-reflection
 )
 
 name() {  # a training unit's run folder: seed 0 keeps the first session's names
@@ -72,6 +81,8 @@ run_unit() {
         sdpo) algo=sdpo ;;
         resd) algo=resd ;;
         resd-no-attempt) algo=resd; extra=(teacher_template=configs/templates/teacher_without_attempt.txt) ;;
+        resd-no-attempt-no-success) algo=resd; extra=(teacher_template=configs/templates/teacher_without_attempt_or_success.txt) ;;
+        resd-no-attempt-no-reflection) algo=resd; extra=(teacher_template=configs/templates/teacher_without_attempt_or_reflection.txt) ;;
         *) echo "unknown arm: $arm" >&2; return 2 ;;
       esac
       rm -rf "${RUNS:?}/$dir"

@@ -94,6 +94,8 @@ def test_solution_buffer_keeps_first_success():
     [
         ("teacher_without_attempt.txt", {"previous_trial"}),
         ("teacher_lessons_only.txt", {"previous_trial", "feedback"}),
+        ("teacher_without_attempt_or_success.txt", {"previous_trial", "successful_trial"}),
+        ("teacher_without_attempt_or_reflection.txt", {"previous_trial", "reflection"}),
     ],
 )
 def test_shipped_templates_leave_out_exactly_their_slots(name, left_out):
