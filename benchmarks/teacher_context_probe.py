@@ -19,23 +19,25 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from resd.envs import make_env
+from resd.envs import Item, make_env
 from resd.generation.hf import chat_prompt_ids
 from resd.models import autocast_context, load_model, load_tokenizer
 from resd.rundir import read_jsonl
-from resd.training.teacher_context import SLOT_TITLES, TeacherTemplate
+from resd.training.teacher_context import SLOT_TITLES, TeacherTemplate, teacher_chat
 
 VARIANTS = {  # name -> slots left out of the logged prompt
     "as logged": (),
     "without the previous attempt": ("previous_trial",),
     "without the reflection": ("reflection",),
     "without the playbook": ("playbook",),
+    "without the successful attempt": ("successful_trial",),
     "feedback only (SDPO's context)": ("previous_trial", "reflection", "playbook"),
 }
 _SLOT = re.compile(r"<(" + "|".join(SLOT_TITLES) + r")>\n(.*?)\n</\1>", re.DOTALL)
@@ -63,19 +65,46 @@ def reply_logprobs(model, prompt_ids: list[int], reply_ids: list[int]) -> torch.
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply_ids)[:, None])[:, 0]
 
 
-def system_messages(cfg: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    """Each item's system messages (a task's fixed instructions, which samples.jsonl does
-    not repeat), from the run's environment; none for one that is not built in."""
+def items_of(cfg: dict[str, Any]) -> dict[str, Item]:
+    """The run's items by id, from its environment: samples.jsonl logs only the last user
+    message, not a task's system message or, in a longer conversation, its earlier turns
+    (a tool's call and result). None for an environment that cannot be built here."""
     try:
         env = make_env(cfg["env"], cfg.get("env_args") or {})
     except (ValueError, KeyError):
         return {}
-    return {it.id: [m for m in it.messages if m.get("role") == "system"]
-            for it in [*env.train_items(), *env.test_items()]}  # fmt: skip
+    return {it.id: it for it in [*env.train_items(), *env.test_items()]}
+
+
+@dataclass
+class Chats:
+    student: list[dict[str, str]]  # the conversation the student answered
+    teacher: dict[str, list[dict[str, str]]]  # per variant, the teacher's conversation
+
+
+def sample_chats(
+    run: Path, template: TeacherTemplate, items: dict[str, Item], sample: dict[str, Any]
+) -> Chats:
+    """A logged rollout's student chat and its teacher chats, one per variant, built as the
+    trainer builds them: the teacher reads the turns before the task's last user message
+    (a system message; a tool's call and result), then its prompt in that message's place.
+    Without the run's items, the logged last user message stands alone."""
+    slots = logged_slots(run, template, sample["teacher_prompt"])
+    alone = Item(sample["item"], [{"role": "user", "content": sample["prompt"]}])
+    item = items.get(sample["item"], alone)
+    if item.prompt_text != sample["prompt"]:
+        raise SystemExit(f"{run}: item {sample['item']} is not the one it logged (other env_args?)")
+    teacher = {
+        name: teacher_chat(
+            item, template.render(**{k: v for k, v in slots.items() if k not in out})
+        )
+        for name, out in VARIANTS.items()
+    }
+    return Chats(student=list(item.messages), teacher=teacher)
 
 
 def probe(
-    run: Path, step: int, model, tokenizer, template: TeacherTemplate, system: dict[str, list]
+    run: Path, step: int, model, tokenizer, template: TeacherTemplate, items: dict[str, Item]
 ) -> dict[str, Any]:
     samples = [
         s
@@ -88,21 +117,13 @@ def probe(
     sums = dict.fromkeys(VARIANTS, 0.0)
     tokens = 0
     for s in samples:
-        slots = logged_slots(run, template, s["teacher_prompt"])
         reply = tokenizer(s["response"], add_special_tokens=False)["input_ids"]
         if not reply:
             continue
-        head = system.get(s["item"], [])  # the trainer shows both the item's system messages
-        student = reply_logprobs(
-            model,
-            chat_prompt_ids(tokenizer, [*head, {"role": "user", "content": s["prompt"]}]),
-            reply,
-        )
-        for name, left_out in VARIANTS.items():
-            text = template.render(**{k: v for k, v in slots.items() if k not in left_out})
-            teacher = reply_logprobs(
-                model, chat_prompt_ids(tokenizer, [*head, {"role": "user", "content": text}]), reply
-            )
+        chats = sample_chats(run, template, items, s)
+        student = reply_logprobs(model, chat_prompt_ids(tokenizer, chats.student), reply)
+        for name, chat in chats.teacher.items():
+            teacher = reply_logprobs(model, chat_prompt_ids(tokenizer, chat), reply)
             sums[name] += float((teacher - student).sum())
         tokens += len(reply)
     return {
@@ -130,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for run, cfg in zip(args.runs, configs, strict=True):
         template = TeacherTemplate.from_config(cfg.get("teacher_template"))
-        row = probe(run, args.step, model, tokenizer, template, system_messages(cfg))
+        row = probe(run, args.step, model, tokenizer, template, items_of(cfg))
         results.append(row)
         print(f"\n{run} (step {row['step']}, {row['rollouts']} failed rollouts, {row['tokens']} reply tokens; "
               f"logged teacher_advantage {row['logged_teacher_advantage']:+.2f})")  # fmt: skip

@@ -506,6 +506,50 @@ def test_the_tool_answers_probe_scores_answers_not_calls(monkeypatch):
     assert env.score(item, f"The sum is {total}.").reward == 1.0
 
 
+def test_the_teacher_context_probe_builds_the_chats_the_trainer_built(monkeypatch):
+    """`benchmarks/teacher_context_probe.py` on a conversation (a tool's call and result):
+    the student reads every turn, and each variant's teacher reads the turns before the
+    last user message, then the logged prompt less that variant's slots. Catches a probe
+    that shows the teacher (or the student) the last user message alone, as it did, a
+    variant that leaves out the wrong slot, and items from another run's env_args taken
+    for the logged ones."""
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from resd.training.teacher_context import TeacherTemplate
+
+    probe = load_benchmark("teacher_context_probe")
+    env = load_benchmark("tool_answers").ToolAnswersEnv(seed=0, n_train=4, n_test=1)
+    items = {it.id: it for it in env.train_items()}
+    item = next(iter(items.values()))
+    template = TeacherTemplate()
+    values = {"prompt": item.prompt_text, "previous_trial": "CALLED AGAIN",
+              "feedback": "FEEDBACK", "reflection": "REFLECTION", "successful_trial": "SUCCESS"}  # fmt: skip
+    sample = {
+        "item": item.id,
+        "prompt": item.prompt_text,
+        "teacher_prompt": template.render(**values),
+    }
+    chats = probe.sample_chats(Path("run"), template, items, sample)
+    assert [m["role"] for m in item.messages] == ["system", "user", "assistant", "user"]
+    assert chats.student == item.messages
+    for chat in chats.teacher.values():
+        assert chat[:-1] == item.messages[:-1] and chat[-1]["role"] == "user"
+    shown = {name: {v for v in values.values() if v in chat[-1]["content"]}
+             for name, chat in chats.teacher.items()}  # fmt: skip
+    everything = set(values.values())
+    assert shown["as logged"] == everything
+    assert shown["without the reflection"] == everything - {"REFLECTION"}
+    assert shown["without the successful attempt"] == everything - {"SUCCESS"}
+    assert shown["feedback only (SDPO's context)"] == {item.prompt_text, "FEEDBACK", "SUCCESS"}
+    # an env that cannot be built here: the logged last message alone, on both sides
+    alone = probe.sample_chats(Path("run"), template, {}, sample)
+    assert alone.student == [{"role": "user", "content": item.prompt_text}]
+    assert alone.teacher["as logged"] == [{"role": "user", "content": sample["teacher_prompt"]}]
+    other = load_benchmark("tool_answers").ToolAnswersEnv(seed=1, n_train=4, n_test=1)
+    with pytest.raises(SystemExit, match="is not the one it logged"):
+        probe.sample_chats(Path("run"), template, {item.id: other.train_items()[0]}, sample)
+
+
 def test_the_tool_answers_table_reads_a_run_and_an_eval_file_alike(tmp_path, monkeypatch):
     """`python benchmarks/tool_answers.py RUN FILE`: a run folder's evaluations are labelled
     by step, a `resd eval --out` file by its name, and each reply is counted by the kind its

@@ -39,7 +39,12 @@ from resd.training.reflection import (
 )
 from resd.training.reflector import LocalReflector, RemoteReflector
 from resd.training.rollout import Outcome, Rollout, row_seed
-from resd.training.teacher_context import SolutionBuffer, TeacherTemplate, teacher_context
+from resd.training.teacher_context import (
+    SolutionBuffer,
+    TeacherTemplate,
+    teacher_chat,
+    teacher_context,
+)
 
 
 @dataclass(frozen=True)
@@ -360,8 +365,4 @@ class Lessons:
                 prompt=clip(r.item.prompt_text), playbook=ctx.playbook, previous_trial=clip(ctx.previous_trial),
                 feedback=clip(ctx.feedback), reflection=clip(ctx.reflection), successful_trial=clip(ctx.solution),
             )  # fmt: skip
-            # the turns before the task's last user turn stay as they were (a served chat, a
-            # tool's call and result): the teacher reads the history the student read
-            r.teacher_ids = self._chat(
-                [*r.item.history, {"role": "user", "content": r.teacher_prompt}]
-            )
+            r.teacher_ids = self._chat(teacher_chat(r.item, r.teacher_prompt))

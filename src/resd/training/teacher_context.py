@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from resd.templating import fill, names_a_file, slots
 
 if TYPE_CHECKING:
+    from resd.envs.base import Item
     from resd.training.algorithms import Algorithm
     from resd.training.rollout import Rollout
 
@@ -137,6 +138,13 @@ def teacher_context(
         solution=solution,
         distill=distill,
     )
+
+
+def teacher_chat(item: Item, teacher_prompt: str) -> list[dict[str, str]]:
+    """The teacher's chat: the turns the student read before the task's last user message
+    (a system message; in a longer conversation, a tool's call and result), then the
+    teacher's prompt in that message's place."""
+    return [*item.history, {"role": "user", "content": teacher_prompt}]
 
 
 @dataclass
