@@ -31,6 +31,9 @@
 # and resd-no-attempt-no-reflection (teacher_without_attempt_or_reflection.txt; reflections
 # are still written, for the curator). One seed each: they can show a slot that matters
 # a lot, not decide a small difference.
+# Added at the end of the thirty-sixth session, once both had run (without the successful
+# attempt it learned, without the reflection it did not, one seed each): seeds 1 and 2 of
+# both arms, so that the difference, if it holds, rests on three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESD=${RESD:-$PWD/.venv/bin/resd}
@@ -47,6 +50,10 @@ UNITS=(
   long:sdpo-seed2 long:resd-no-attempt-seed2
   train:resd-no-attempt-no-success:0 long:resd-no-attempt-no-success
   train:resd-no-attempt-no-reflection:0 long:resd-no-attempt-no-reflection
+  train:resd-no-attempt-no-reflection:1 long:resd-no-attempt-no-reflection-seed1
+  train:resd-no-attempt-no-success:1 long:resd-no-attempt-no-success-seed1
+  train:resd-no-attempt-no-reflection:2 long:resd-no-attempt-no-reflection-seed2
+  train:resd-no-attempt-no-success:2 long:resd-no-attempt-no-success-seed2
 )
 
 name() {  # a training unit's run folder: seed 0 keeps the first session's names
