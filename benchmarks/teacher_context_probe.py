@@ -38,7 +38,13 @@ VARIANTS = {  # name -> slots left out of the logged prompt
     "without the reflection": ("reflection",),
     "without the playbook": ("playbook",),
     "without the successful attempt": ("successful_trial",),
-    "feedback only (SDPO's context)": ("previous_trial", "reflection", "playbook"),
+    # with one rollout per prompt, SDPO has no successful peer to show
+    "feedback only (SDPO's context)": (
+        "previous_trial",
+        "reflection",
+        "playbook",
+        "successful_trial",
+    ),
 }
 _SLOT = re.compile(r"<(" + "|".join(SLOT_TITLES) + r")>\n(.*?)\n</\1>", re.DOTALL)
 

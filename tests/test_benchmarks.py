@@ -540,7 +540,7 @@ def test_the_teacher_context_probe_builds_the_chats_the_trainer_built(monkeypatc
     assert shown["as logged"] == everything
     assert shown["without the reflection"] == everything - {"REFLECTION"}
     assert shown["without the successful attempt"] == everything - {"SUCCESS"}
-    assert shown["feedback only (SDPO's context)"] == {item.prompt_text, "FEEDBACK", "SUCCESS"}
+    assert shown["feedback only (SDPO's context)"] == {item.prompt_text, "FEEDBACK"}
     # an env that cannot be built here: the logged last message alone, on both sides
     alone = probe.sample_chats(Path("run"), template, {}, sample)
     assert alone.student == [{"role": "user", "content": item.prompt_text}]
