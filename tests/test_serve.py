@@ -1267,6 +1267,28 @@ def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Run
     assert seeds == [2**63 - 1, 0]
 
 
+def test_pieces_that_come_before_every_choice_started_keep_their_place() -> None:
+    """A streamed request with n choices waits for every choice's first token before its
+    200 (a failure until then is an HTTP error); a choice's pieces that come meanwhile go
+    back into the queue ahead of the ones behind the last start. Catches them put back
+    behind those: a choice's text then arrives out of order, which the server test above
+    saw only when the worker happened to run ahead."""
+    import asyncio
+
+    from resd.serve.app import _started
+
+    started = StreamedCompletion.STARTED
+
+    async def order() -> list[tuple[int, Any]]:
+        pieces: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        for entry in [(0, started), (0, "a"), (1, started), (0, "b"), (1, "c"), (0, None)]:
+            pieces.put_nowait(entry)
+        await _started(pieces, 2)
+        return [pieces.get_nowait() for _ in range(pieces.qsize())]
+
+    assert asyncio.run(order()) == [(0, "a"), (0, "b"), (1, "c"), (0, None)]
+
+
 def test_a_logit_bias_reaches_the_sampler_and_names_bad_token_ids(server: Running) -> None:
     """OpenAI's `logit_bias`: +100 on a token makes a greedy reply that token only, and
     the bias is recorded; a key that is not a token id of the model, or a bias outside

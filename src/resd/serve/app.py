@@ -556,7 +556,7 @@ def _pieces(futures: list[StreamedCompletion]) -> asyncio.Queue[tuple[int, Any]]
 async def _started(pieces: asyncio.Queue[tuple[int, Any]], n: int) -> None:
     """Wait until every choice has drawn its first token; raise what one failed with
     before (a failure then is still an HTTP error). Pieces that came meanwhile are put
-    back, in order."""
+    back, in order, ahead of those that came after the last start (already queued)."""
     early: list[tuple[int, Any]] = []
     started: set[int] = set()
     while len(started) < n:
@@ -567,6 +567,10 @@ async def _started(pieces: asyncio.Queue[tuple[int, Any]], n: int) -> None:
             started.add(index)
         else:
             early.append((index, item))
+    # no await from here on: the worker's items reach the queue through this event loop,
+    # so none can arrive between taking the queue's contents and putting them back
+    while not pieces.empty():
+        early.append(pieces.get_nowait())
     for entry in early:
         pieces.put_nowait(entry)
 
