@@ -3,6 +3,7 @@ a real SQLite database, and the real `openai` client and httpx on the other side
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -29,7 +30,7 @@ openai = pytest.importorskip("openai")
 sa = pytest.importorskip("sqlalchemy")
 
 from resd.generation.hf import chat_prompt_ids  # noqa: E402
-from resd.serve.app import BackgroundServer, create_app  # noqa: E402
+from resd.serve.app import BackgroundServer, _started, create_app  # noqa: E402
 from resd.serve.engine import (  # noqa: E402
     Completion,
     EngineStopped,
@@ -1273,10 +1274,6 @@ def test_pieces_that_come_before_every_choice_started_keep_their_place() -> None
     back into the queue ahead of the ones behind the last start. Catches them put back
     behind those: a choice's text then arrives out of order, which the server test above
     saw only when the worker happened to run ahead."""
-    import asyncio
-
-    from resd.serve.app import _started
-
     started = StreamedCompletion.STARTED
 
     async def order() -> list[tuple[int, Any]]:
