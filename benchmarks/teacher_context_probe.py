@@ -96,8 +96,9 @@ def sample_chats(
     (a system message; a tool's call and result), then its prompt in that message's place.
     Without the run's items, the logged last user message stands alone."""
     slots = logged_slots(run, template, sample["teacher_prompt"])
-    alone = Item(sample["item"], [{"role": "user", "content": sample["prompt"]}])
-    item = items.get(sample["item"], alone)
+    item = items.get(sample["item"]) or Item(
+        sample["item"], [{"role": "user", "content": sample["prompt"]}]
+    )
     if item.prompt_text != sample["prompt"]:
         raise SystemExit(f"{run}: item {sample['item']} is not the one it logged (other env_args?)")
     teacher = {

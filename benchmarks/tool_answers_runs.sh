@@ -26,7 +26,8 @@
 # its long evaluation (added once seed 0's had shown what the 48-token cap hid).
 # Added in the thirty-sixth session, before either ran: which of RESD-without-the-attempt's
 # two extra slots does the work? Its teacher saw, beside SDPO's feedback, a reflection and,
-# for 13-37 of 96 prompts, a remembered successful attempt. Two arms, seed 0 each, take one
+# for 13-37 of 96 prompts, a remembered successful attempt (7-16 of them failed rollouts'
+# prompts, counted later: the 13-37 included the successes' own). Two arms, seed 0 each, take one
 # away: resd-no-attempt-no-success (configs/templates/teacher_without_attempt_or_success.txt)
 # and resd-no-attempt-no-reflection (teacher_without_attempt_or_reflection.txt; reflections
 # are still written, for the curator). One seed each: they can show a slot that matters
