@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from resd.generation.hf import chat_prompt_ids, generate
+from resd.generation.hf import StopStrings, chat_prompt_ids, generate
 from resd.generation.int8 import int8_decoding_available
 from resd.models import load_model, load_tokenizer, materialize_bundled
 from resd.templating import clip_tokens, fill, names_a_file, strip_thinking
@@ -1043,6 +1043,21 @@ def test_a_stop_string_counts_only_in_the_reply_and_greedy_replies_stop_too(tiny
     assert (forced.token_ids, forced.text, forced.stop) == ([start] * 4, "", None)
 
 
+def test_a_stop_of_characters_four_tokens_long_is_seen_whole(tiny) -> None:
+    """`StopStrings` decodes only each reply's last tokens, a window sized for the longest
+    stop; a byte-level character can take 4 tokens, so the window holds 4 per character.
+    Catches a window of 3 per character: five emoji, 20 tokens, were then read from their
+    second byte on and never matched."""
+    _, tok = tiny
+    stop = "\U0001f642" * 5
+    ids = tok.encode(stop, add_special_tokens=False)
+    assert len(ids) == 20  # no merges: a byte a token
+    prompt = tok.encode("ab", add_special_tokens=False)
+    ended = StopStrings(tok, [stop], start=len(prompt))
+    rows = torch.tensor([[*prompt, *ids], [*prompt, *ids[:-1], ids[0]]])
+    assert ended(rows, torch.zeros(2, len(tok))).tolist() == [True, False]
+
+
 def test_stop_strings_must_be_non_empty_and_not_under_a_schema(tiny) -> None:
     model, tok = tiny
     prompt = chat_prompt_ids(tok, [{"role": "user", "content": "ab"}])
@@ -1109,8 +1124,8 @@ def test_penalties_steer_a_reply_away_from_what_it_wrote(tiny_model_dir) -> None
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     prompt = chat_prompt_ids(tok, [{"role": "user", "content": "What is 3 + 4?"}])
 
-    def reply(**penalties: float) -> list[int]:
-        return generate(model, tok, [prompt], max_new_tokens=16, temperature=0.0,
+    def reply(asked: list[int] = prompt, **penalties: float) -> list[int]:
+        return generate(model, tok, [asked], max_new_tokens=16, temperature=0.0,
                         **penalties)[0].token_ids  # fmt: skip
 
     plain = reply()
@@ -1119,6 +1134,13 @@ def test_penalties_steer_a_reply_away_from_what_it_wrote(tiny_model_dir) -> None
     assert reply(presence_penalty=-2.0) == plain
     small_presence, small_frequency = reply(presence_penalty=0.5), reply(frequency_penalty=0.5)
     assert small_presence[-1] == small_presence[-2] and small_presence != small_frequency
+    # the prompt is not counted: one that holds the token the model repeats leaves the
+    # reply's first token as it was (catches the reply's start taken from the batch size)
+    echo = chat_prompt_ids(
+        tok, [{"role": "user", "content": "What is 3 + 4? " + tok.decode(plain[:1])}]
+    )
+    first = reply(echo)[0]
+    assert first in echo[1:] and reply(echo, presence_penalty=2.0)[0] == first
 
 
 def test_score_reply_is_the_samplers_record_with_or_without_logits_to_keep(tiny) -> None:
@@ -1135,6 +1157,9 @@ def test_score_reply_is_the_samplers_record_with_or_without_logits_to_keep(tiny)
     assert scored.logprobs == pytest.approx(gen.logprobs[: len(gen.content_ids)], abs=1e-4)
     assert all([lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
                for top in scored.top)  # fmt: skip
+    assert [len(top) for top in scored.top] == [3] * len(gen.content_ids)
+    alone = score_reply(model, prompt, gen.content_ids, autocast=None)  # no alternatives asked
+    assert alone.logprobs == scored.logprobs and alone.top == [[]] * len(gen.content_ids)
 
     class NoLogitsToKeep(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import queue
 import shutil
@@ -196,10 +197,38 @@ def test_a_streamed_reply_comes_token_by_token_while_it_is_generated(served: Ser
         engine.stop()
 
 
-def test_a_stream_reader_that_fails_does_not_fail_its_batch(served: ServedModel) -> None:
+def test_an_engine_request_that_names_no_option_is_the_models_own_reply(
+    served: ServedModel,
+) -> None:
+    """`submit`'s defaults are no penalty and no bias: a greedy request that names nothing
+    else is the reply `generate` gives with no processors. The server always names every
+    option, so only a direct caller of the engine (a script, a benchmark) would see a
+    default that steered sampling."""
+    import torch
+
+    engine = GenerationEngine(ModelHolder(served), max_new_tokens=12, autocast=None)
+    engine.start()
+    try:
+        reply = engine.submit(MESSAGES, temperature=0).result(timeout=60)
+    finally:
+        engine.stop()
+    prompt = chat_prompt_ids(served.tokenizer, MESSAGES)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = served.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=12)  # fmt: skip
+    assert reply.prompt_token_ids == prompt
+    assert reply.token_ids == out[0, len(prompt) :].tolist()[: len(reply.token_ids)]
+    assert len(reply.token_ids) == 12 or reply.finish_reason == "stop"
+
+
+def test_a_stream_reader_that_fails_does_not_fail_its_batch(
+    served: ServedModel, caplog: pytest.LogCaptureFixture
+) -> None:
     """`listen` hands pieces to a callback on the worker's thread; one that raises (a
-    reader whose event loop went away) is dropped, and the batch it shared, its own
-    completion included, finishes. Catches the error escaping into `generate`."""
+    reader whose event loop went away) is dropped (not called again), and the batch it
+    shared, its own completion included, finishes. Catches the error escaping into
+    `generate`."""
     engine = GenerationEngine(ModelHolder(served), max_new_tokens=8, batch_wait_ms=500.0,
                               autocast=None)  # fmt: skip
     engine.start()
@@ -208,7 +237,10 @@ def test_a_stream_reader_that_fails_does_not_fail_its_batch(served: ServedModel)
             broken = engine.submit(MESSAGES, seed=1, stream=True)
             other = engine.submit(MESSAGES, seed=2, stream=True)
 
-            def fail(_item: object) -> None:
+            calls = []
+
+            def fail(item: object) -> None:
+                calls.append(item)
                 raise RuntimeError("Event loop is closed")
 
             broken.listen(fail)
@@ -217,11 +249,15 @@ def test_a_stream_reader_that_fails_does_not_fail_its_batch(served: ServedModel)
             "".join(p for p in pieces if p is not StreamedCompletion.STARTED) == other.result().text
         )
         assert broken.result(timeout=60).text is not None and engine.batch_sizes == [2]
+        assert calls == [StreamedCompletion.STARTED]  # dropped after its first failure
+        assert "a stream's listener failed" in caplog.text  # with its traceback
     finally:
         engine.stop()
 
 
-def test_a_stream_holds_back_only_what_a_stop_could_still_begin(served: ServedModel) -> None:
+def test_a_stream_holds_back_only_what_a_stop_could_still_begin(
+    served: ServedModel, caplog: pytest.LogCaptureFixture
+) -> None:
     """`StreamedCompletion.push` on its own: without a stop, each token's text is handed out
     once it is whole; under stops, the last `len(longest) - 1` characters wait (they may
     begin a stop) until the completion is set. Tokens after the EOS (the padding a batch
@@ -266,6 +302,28 @@ def test_a_stream_holds_back_only_what_a_stop_could_still_begin(served: ServedMo
     stream = StreamedCompletion("v1", 0, tok, (), [eos])
     stream.set_result(completion(text))
     assert drain(stream) == [StreamedCompletion.STARTED, text, None]
+    # a reader that listens late hears what came before first, in order, then the rest
+    stream = StreamedCompletion("v1", 0, tok, (), [eos])
+    for token in ids[:3]:
+        stream.push(token)
+    heard: list[Any] = []
+    stream.listen(heard.append)
+    for token in ids[3:]:
+        stream.push(token)
+    stream.set_result(completion(text))
+    assert heard[0] is StreamedCompletion.STARTED and heard[-1] is None
+    assert "".join(heard[1:-1]) == text and stream._pieces.empty()
+    # a record that is not what was streamed (a tokenizer's clean-up rewrote the text):
+    # nothing is sent after the fact, and the log says so
+    stream = StreamedCompletion("v1", 0, tok, (), [eos])
+    for token in ids:
+        stream.push(token)
+    with caplog.at_level(logging.WARNING, logger="resd.serve.engine"):
+        stream.set_result(completion("rewritten: " + text))
+    items = drain(stream)
+    assert items[0] is StreamedCompletion.STARTED and items[-1] is None
+    assert "".join(items[1:-1]) == text
+    assert "pieces differ from its recorded text" in caplog.text
 
 
 def test_the_engine_refuses_stops_and_biases_it_cannot_honour_when_they_are_submitted(
@@ -273,13 +331,18 @@ def test_the_engine_refuses_stops_and_biases_it_cannot_honour_when_they_are_subm
 ) -> None:
     """`submit` raises at once for an empty stop, a stop under a JSON schema and a bias on
     a token id outside the vocabulary: queued, each would fail `generate` for the whole
-    batch it shared."""
+    batch it shared. The vocabulary's first and last ids are in it."""
     vocab = server.holder.current().model.config.vocab_size
     refused = [{"stop": ["x", ""]}, {"stop": ["x"], "json_schema": {"type": "object"}},
                {"logit_bias": {vocab: 1.0}}, {"logit_bias": {-1: 1.0}}]  # fmt: skip
     for options in refused:
         with pytest.raises(ValueError, match=r"^(stop|logit_bias)"):
             server.engine.submit(MESSAGES, max_tokens=1, **options)
+    for edge in (0, vocab - 1):  # the vocabulary's first and last ids are biased
+        accepted = server.engine.submit(
+            MESSAGES, max_tokens=2, temperature=0, logit_bias={edge: 100.0}
+        )
+        assert accepted.result(timeout=60).token_ids[0] == edge
 
 
 def test_a_streamed_completion_that_cannot_be_stored_is_logged(
@@ -599,6 +662,8 @@ def test_rejected_requests_answer_openai_errors_and_write_nothing(server: Runnin
         (400, "/v1/chat/completions", {"json": {**good, "top_logprobs": 2}}),
         (400, "/v1/chat/completions", {"json": {**good, "presence_penalty": 2.5}}),
         (400, "/v1/chat/completions", {"json": {**good, "frequency_penalty": -2.01}}),
+        (400, "/v1/chat/completions", {"json": {**good, "presence_penalty": -2.01}}),
+        (400, "/v1/chat/completions", {"json": {**good, "frequency_penalty": 2.01}}),
         (400, "/v1/chat/completions", {"json": {**good, "logprobs": True, "top_logprobs": 21}}),
         (404, "/v1/chat/completions", {"json": {**good, "model": "gpt-4o"}}),
         (400, "/v1/feedback", {"json": {"completion_id": completion}}),
@@ -671,6 +736,8 @@ def test_options_that_make_no_sense_together_are_refused_by_name(server: Running
     no_ops = {"n": 1, "stop": [], "logprobs": False, "presence_penalty": 0.0,
               "frequency_penalty": 0.0}  # fmt: skip
     assert server.post("/v1/chat/completions", {**good, **no_ops}).status_code == 200
+    four = server.post("/v1/chat/completions", {**good, "stop": ["never", "nor", "this", "one"]})
+    assert four.status_code == 200, four.text  # 4 stops are OpenAI's most, and allowed
 
 
 def test_validation_errors_name_the_first_field_and_count_the_rest(server: Running) -> None:
@@ -734,6 +801,14 @@ def test_response_format_options_are_checked_and_recorded(
         assert (
             error["message"].startswith("response_format: ") and "pip install" in error["message"]
         )
+        # a forced tool call is decoded under its schema too: without xgrammar, the request's
+        # tool_choice is what cannot be honoured
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        forced = running.post("/v1/chat/completions",
+                              {**good, "tools": tools, "tool_choice": "required"})  # fmt: skip
+        assert forced.status_code == 400, forced.text
+        error = forced.json()["error"]
+        assert (error["param"], error["code"]) == ("tool_choice", "unsupported_value")
         assert running.post("/v1/chat/completions", good).status_code == 200
         assert _counts(running) == (2, 0)
 
@@ -1024,7 +1099,7 @@ def test_one_schema_with_its_keys_in_another_order_shares_a_batch(served: Served
 
 
 def test_messages_the_chat_template_refuses_fail_alone_and_are_not_generated(
-    served: ServedModel, tiny_model_dir: Path
+    served: ServedModel, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Many chat templates raise on messages they do not take (roles out of order): that
     request fails with a PromptError giving the template's reason, no batch runs for it,
@@ -1048,6 +1123,19 @@ def test_messages_the_chat_template_refuses_fail_alone_and_are_not_generated(
         assert engine.batch_sizes == [1]
     finally:
         engine.stop()
+    # over HTTP the refusal is the client's error (a 400 naming the messages), streamed or
+    # not, and nothing is stored; catches an unstreamed request that does not wait for its
+    # replies inside the error handling (the refusal then surfaced as a 500)
+    with start_server(replace(served, tokenizer=picky), tmp_path / "resd.db") as running:
+        for stream in (False, True):
+            opening = [{"role": "assistant", "content": "hi"}]
+            response = running.post("/v1/chat/completions",
+                                    {"model": MODEL, "messages": opening, "stream": stream})  # fmt: skip
+            assert response.status_code == 400, (stream, response.text)
+            error = response.json()["error"]
+            assert (error["param"], error["code"]) == ("messages", "invalid_messages"), error
+            assert "a conversation opens with the user" in error["message"]
+        assert _counts(running) == (0, 0)
 
 
 def test_finish_reason_says_whether_the_model_ended_the_reply(server: Running) -> None:
@@ -1139,6 +1227,7 @@ def test_logprobs_are_the_models_own_and_spell_the_reply(server: Running) -> Non
     bare = chat(server, seed=5, max_tokens=12, temperature=1.3, logprobs=True)
     assert [c.logprob for c in bare.choices[0].logprobs.content] == [c.logprob for c in contents[5]]
     assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+    assert server.store.interaction(bare.id)["params"]["top_logprobs"] == 0
     assert chat(server, seed=5, max_tokens=12).choices[0].logprobs is None
     stream = server.client().chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=12, seed=6, temperature=1.3, logprobs=True,
@@ -1242,13 +1331,16 @@ def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Run
     stream = chat(server, n=3, seed=7, max_tokens=8, temperature=1.3, stream=True,
                   stop="a stop never written")  # fmt: skip
     streamed = {0: "", 1: "", 2: ""}
-    finishes = {}
+    finishes, opened = {}, {}
     for chunk in stream:
         for choice in chunk.choices:
             streamed[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
                 finishes[choice.index] = choice.finish_reason
+            if "resd_completion_id" in (choice.model_extra or {}):  # where feedback goes
+                opened.setdefault(choice.index, choice.model_extra["resd_completion_id"])
     assert [streamed[i] for i in range(3)] == texts and sorted(finishes) == [0, 1, 2]
+    assert opened == {0: chunk.id, 1: f"{chunk.id}-1", 2: f"{chunk.id}-2"}
     # without a stop, a choice's first piece can come before the other choices have
     # started: it is kept for after their first chunks, not dropped
     stream = chat(server, n=3, seed=7, max_tokens=8, temperature=1.3, stream=True)
@@ -1258,9 +1350,10 @@ def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Run
             streamed[choice.index] += choice.delta.content or ""
     assert [streamed[i] for i in range(3)] == texts
     unseeded = chat(server, n=2, max_tokens=2)
-    seeds = {server.store.interaction(c.model_extra["resd_completion_id"])["params"]["seed"]
-             for c in unseeded.choices}  # fmt: skip
-    assert len(seeds) == 2
+    params = [server.store.interaction(c.model_extra["resd_completion_id"])["params"]
+              for c in unseeded.choices]  # fmt: skip
+    assert len({p["seed"] for p in params}) == 2
+    assert [(p["choice"], p["n"]) for p in params] == [(0, 2), (1, 2)]  # n = 2 is several too
     # choice i's seed wraps at 2**63, the seeds a request may name (a mutant wrapped at 2**64)
     last = chat(server, n=2, seed=2**63 - 1, max_tokens=1)
     seeds = [server.store.interaction(c.model_extra["resd_completion_id"])["params"]["seed"]
@@ -1300,6 +1393,7 @@ def test_a_logit_bias_reaches_the_sampler_and_names_bad_token_ids(server: Runnin
                               {"model": MODEL, "messages": MESSAGES, "logit_bias": bias})  # fmt: skip
         assert refused.status_code == 400, (bias, refused.text)
         assert refused.json()["error"]["param"].startswith("logit_bias"), refused.text
+        assert refused.json()["error"]["code"] == "invalid_value", refused.text
     assert _counts(server) == before
 
 
@@ -1516,11 +1610,12 @@ def test_a_failed_batch_is_a_500_and_the_worker_keeps_serving(
 
 
 def test_a_stream_that_fails_after_its_first_token_ends_in_an_error_event(
-    served: ServedModel, tmp_path: Path
+    served: ServedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Once a stream has begun its status is sent: a failure later (here: weights with
     learned positions for only 3 tokens past the prompt) ends it with an `error` event,
-    not `[DONE]` and not a finish, and records nothing; the worker goes on serving."""
+    not `[DONE]` and not a finish, and records nothing, and the server's log says what
+    failed (the client is told only its type); the worker goes on serving."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     prompt = len(chat_prompt_ids(served.tokenizer, MESSAGES))
@@ -1535,6 +1630,7 @@ def test_a_stream_that_fails_after_its_first_token_ends_in_an_error_event(
         events = [json.loads(e.removeprefix("data: ")) for e in response.text.split("\n\n") if e]
         assert events[-1]["error"]["type"] == "server_error"
         assert not any(e.get("choices") and e["choices"][0]["finish_reason"] for e in events[:-1])
+        assert "a streamed reply failed: IndexError" in caplog.text
         running.holder.swap(served)
         assert chat(running, max_tokens=2).choices[0].finish_reason in ("stop", "length")
         assert _counts(running) == (1, 0)

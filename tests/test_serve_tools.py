@@ -308,6 +308,10 @@ def test_a_call_the_model_writes_comes_back_as_a_tool_call_and_its_result_is_ans
     assert row["response"] == CALL_TEXT and row["finish_reason"] == "stop"
     assert row["messages"] == plain_messages(ASK, tools_text([WEATHER, ADD]))
     assert row["params"]["tool_choice"] == "auto" and row["params"]["parallel_tool_calls"] is True
+    single = _create(caller, parallel_tool_calls=False, max_tokens=4)  # asks for one call at most
+    one = caller.store.interaction(single.id)
+    assert one["messages"] == plain_messages(ASK, tools_text([WEATHER, ADD], parallel=False))
+    assert one["messages"] != row["messages"] and one["params"]["parallel_tool_calls"] is False
     # the learner's input is what the model read: the recorded messages render to its prompt
     caller.post("/v1/feedback", {"completion_id": reply.id, "reward": 1.0, "feedback": "good call"})
     rows = caller.store.unconsumed(100)
@@ -395,32 +399,46 @@ def test_a_required_call_is_decoded_under_its_functions_schema(caller: Running) 
 
 
 def test_tool_requests_that_cannot_be_honoured_are_refused_by_name(caller: Running) -> None:
-    """Each a 400 naming the field, and nothing recorded."""
+    """Each a 400 naming the field, with OpenAI's code for what is wrong (a value, options
+    this server does not take together, a schema the grammar compiler refuses), and
+    nothing recorded."""
     before = _counts(caller)
     good = {"model": MODEL, "messages": ASK, "max_tokens": 4}
     broken_schema = [
         {"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}
     ]
-    cases = [
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
-        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools.0.function.name"),
-        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "tools"),
-        ({"tools": TOOLS, "tool_choice": "required", "stop": "}"}, "stop"),
-        ({"tools": TOOLS, "messages": [*ASK, CALLED]}, "messages"),
+    cases = [  # (extra fields, the param named, OpenAI's code)
+        ({"tool_choice": "auto"}, "tool_choice", "invalid_value"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls", "invalid_value"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+         "invalid_value"),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "invalid_value"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools.0.function.name",
+         "invalid_value"),
+        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "tools", "unsupported_value"),
+        ({"tools": TOOLS, "tool_choice": "required", "stop": "}"}, "stop", "unsupported_value"),
+        ({"tools": TOOLS, "messages": [*ASK, CALLED]}, "messages", "invalid_value"),
         ({"tools": TOOLS, "messages": [{"role": "tool", "tool_call_id": "x", "content": "r"}]},
-         "messages.0.tool_call_id"),
-        ({"tools": broken_schema, "tool_choice": "required"}, "tools"),
+         "messages.0.tool_call_id", "invalid_value"),
+        ({"tools": broken_schema, "tool_choice": "required"}, "tools", "invalid_schema"),
         ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {
-            "type": "string"}}}]}, "tools.1.function.parameters"),
+            "type": "string"}}}]}, "tools.1.function.parameters", "invalid_value"),
+        ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools",
+         "invalid_value"),  # OpenAI's limit is 128 functions
     ]  # fmt: skip
-    for extra, param in cases:
+    for extra, param, code in cases:
         response = caller.post("/v1/chat/completions", {**good, **extra})
         assert response.status_code == 400, (extra, response.text)
-        assert response.json()["error"]["param"] == param, (extra, response.json())
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), (extra, error)
     # a JSON format with tool_choice "none" is fine: the tools are not in play
     fine = caller.post("/v1/chat/completions", {**good, "tools": TOOLS, "tool_choice": "none"})
     assert fine.status_code == 200, fine.text
-    assert _counts(caller) == (before[0] + 1, before[1])
+    most = caller.post("/v1/chat/completions", {**good, "tools": cases[-1][0]["tools"][:128],
+                                                "tool_choice": "none"})  # fmt: skip
+    assert most.status_code == 200, most.text
+    short_id = [*ASK, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "id": "c"}]},
+                {"role": "tool", "tool_call_id": "c", "content": "sunny"}]  # fmt: skip
+    answered = caller.post("/v1/chat/completions", {**good, "tools": TOOLS, "messages": short_id})
+    assert answered.status_code == 200, answered.text  # a call's id may be one character
+    assert _counts(caller) == (before[0] + 3, before[1])
