@@ -222,6 +222,27 @@ def test_an_engine_request_that_names_no_option_is_the_models_own_reply(
     assert len(reply.token_ids) == 12 or reply.finish_reason == "stop"
 
 
+def test_logprobs_are_scored_under_the_engines_autocast(served: ServedModel) -> None:
+    """A reply's `logprobs` come from one forward pass under the engine's autocast, the
+    precision the sampler drew in: an engine told to run in bf16 scores in bf16, not in
+    `score_reply`'s default (`auto`, which is float32 on a CPU without fast bf16)."""
+    from resd.generation.hf import score_reply
+
+    engine = GenerationEngine(ModelHolder(served), max_new_tokens=6, autocast="bfloat16")
+    engine.start()
+    try:
+        reply = engine.submit(MESSAGES, seed=3, top_logprobs=0).result(timeout=60)
+    finally:
+        engine.stop()
+    given = [entry.logprob for entry in reply.token_logprobs]
+    ids = reply.token_ids[: len(given)]
+
+    def scored(autocast: str | None) -> list[float]:
+        return score_reply(served.model, reply.prompt_token_ids, ids, autocast=autocast).logprobs
+
+    assert given and given == scored("bfloat16") != scored(None)
+
+
 def test_a_stream_reader_that_fails_does_not_fail_its_batch(
     served: ServedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -738,6 +759,9 @@ def test_options_that_make_no_sense_together_are_refused_by_name(server: Running
     assert server.post("/v1/chat/completions", {**good, **no_ops}).status_code == 200
     four = server.post("/v1/chat/completions", {**good, "stop": ["never", "nor", "this", "one"]})
     assert four.status_code == 200, four.text  # 4 stops are OpenAI's most, and allowed
+    for bound in (-2.0, 2.0):  # the penalties' range is closed
+        edge = {"presence_penalty": bound, "frequency_penalty": bound}
+        assert server.post("/v1/chat/completions", {**good, **edge}).status_code == 200, bound
 
 
 def test_validation_errors_name_the_first_field_and_count_the_rest(server: Running) -> None:

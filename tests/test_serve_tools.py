@@ -418,6 +418,8 @@ def test_tool_requests_that_cannot_be_honoured_are_refused_by_name(caller: Runni
         ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "tools", "unsupported_value"),
         ({"tools": TOOLS, "tool_choice": "required", "stop": "}"}, "stop", "unsupported_value"),
         ({"tools": TOOLS, "messages": [*ASK, CALLED]}, "messages", "invalid_value"),
+        ({"tools": TOOLS, "messages": [*ASK, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "id": ""}]}]},
+         "messages.1.tool_calls.0.id", "invalid_value"),
         ({"tools": TOOLS, "messages": [{"role": "tool", "tool_call_id": "x", "content": "r"}]},
          "messages.0.tool_call_id", "invalid_value"),
         ({"tools": broken_schema, "tool_choice": "required"}, "tools", "invalid_schema"),
