@@ -28,6 +28,7 @@ from resd.serve.engine import Completion, StreamedCompletion, load_served_model 
 from resd.serve.learner import given_rollout  # noqa: E402
 from resd.serve.tools import (  # noqa: E402
     CALL_OPEN,
+    ToolCall,
     ToolError,
     ToolUse,
     call_schema,
@@ -61,7 +62,8 @@ ANSWER_TEXT = "It is sunny."
 def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -> None:
     """Catches the tools dropped or put in a second system message, an earlier call's
     arguments written as an escaped string (the model would learn to write strings), and
-    the results of one turn split into two user turns or put out of order."""
+    the results of one turn split into two user turns or put out of order, and text
+    outside ASCII written as escapes."""
     note = tools_text([WEATHER, ADD])
     assert json.dumps(WEATHER["parameters"]) in note and '"name": "add"' in note
     two_calls = {"role": "assistant", "content": "Two things.", "tool_calls": [
@@ -96,6 +98,8 @@ def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -
     assert plain_messages(calls_only)[1]["content"] == CALL_TEXT.removeprefix("Let me check.\n")
     assert "at most one call" in tools_text([WEATHER], parallel=False)
     assert "at most one call" not in note
+    # the functions as JSON the model reads as text: a description's accents, not \u escapes
+    assert "Météo à Paris" in tools_text([{**WEATHER, "description": "Météo à Paris"}])
 
 
 @pytest.mark.parametrize(
@@ -104,6 +108,8 @@ def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -
         ([{"role": "tool", "tool_call_id": "call_1", "content": "x"}], "messages.0.tool_call_id"),
         ([*ASK, CALLED, {"role": "tool", "tool_call_id": "call_9", "content": "x"}], "messages.2.tool_call_id"),
         ([*ASK, CALLED, {"role": "user", "content": "and?"}], "messages.2"),
+        ([*ASK, CALLED, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "id": "call_2"}]}], "messages.2"),
+        ([*ASK, {"role": "assistant", "content": None}], "messages.1.content"),
         ([*ASK, CALLED], "messages"),
         ([*ANSWERED, {"role": "tool", "tool_call_id": "call_1", "content": "again"}], "messages.3.tool_call_id"),
         ([{"role": "user", "content": None}], "messages.0.content"),
@@ -128,12 +134,14 @@ def test_tool_messages_must_answer_the_calls_just_before_them(
     with pytest.raises(ToolError) as caught:
         plain_messages(messages)
     assert caught.value.param == param, str(caught.value)
+    assert str(caught.value).startswith(param), str(caught.value)  # its text names it first
 
 
 def test_a_reply_is_calls_only_when_every_block_is_a_call_of_an_offered_function() -> None:
     """Catches a malformed or unknown call taken (or silently dropped while the others are
-    taken), the text before the calls lost, an unclosed last block missed, and
-    `parallel_tool_calls: false` ignored."""
+    taken), the text before the calls lost, an unclosed last block missed, a reply that
+    opens with its block read as text, `parallel_tool_calls: false` ignored, and the
+    arguments sent back with their accents escaped."""
     use = ToolUse(("get_weather", "add"))
     second = '<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>'
     read = use.read(f"{CALL_TEXT}\n{second}")
@@ -152,6 +160,9 @@ def test_a_reply_is_calls_only_when_every_block_is_a_call_of_an_offered_function
     # a call only, its block unclosed (the model ended its turn instead): no content
     only = use.read('\n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}')
     assert only.content is None and only.calls[0].arguments == {"a": 1, "b": 2}
+    assert use.read(CALL_TEXT.removeprefix("Let me check.\n")).calls[0].name == "get_weather"
+    # arguments go back to the client as JSON text, accents and all
+    assert '"Zürich"' in ToolCall("c", "f", {"city": "Zürich"}).openai()["function"]["arguments"]
     for text in [
         "No call here.",
         CALL_TEXT.replace("get_weather", "get_news"),  # not offered
@@ -186,7 +197,8 @@ def test_a_reply_that_is_one_call_without_the_tags_is_that_call() -> None:
         assert use.read(text).content == text, text
     for text, held in [("", 0), ("  {", 0), ("``", 0), ("```json", 0), ("```json\n", 0),
                        ("```json\n {", 0), ("```python\nprint", None), ("`x`", None),
-                       ("Hello", None), (f"Hi {CALL_OPEN}", 3), ("``` \n{", None)]:  # fmt: skip
+                       ("Hello", None), (f"Hi {CALL_OPEN}", 3), ("``` \n{", None),
+                       (f"{CALL_OPEN}\n{{", 0)]:  # fmt: skip
         assert use.held_from(text) == held, text
     assert ToolUse(("add",), forced=True).held_from("Hello") == 0
 
