@@ -92,6 +92,11 @@ def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -
     # without a system message the note becomes one; without a note nothing is added
     assert plain_messages(ASK, note) == [{"role": "system", "content": note}, *ASK]
     assert plain_messages(ASK) == ASK
+    chat = [*ASK, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]
+    assert plain_messages(chat) == chat  # a turn without calls is left as it is
+    zurich = {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": '{"city": "Zürich"}'}}]}  # fmt: skip
+    assert '"Zürich"' in plain_messages([*ASK, zurich, ANSWERED[2]])[1]["content"]
     # an earlier turn is written as the model wrote it: a reply read as calls round-trips
     assert plain_messages(ANSWERED)[1]["content"] == CALL_TEXT
     calls_only = [ASK[0], {**CALLED, "content": None}, ANSWERED[2]]
