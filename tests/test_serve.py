@@ -283,7 +283,9 @@ def test_a_stream_holds_back_only_what_a_stop_could_still_begin(
     once it is whole; under stops, the last `len(longest) - 1` characters wait (they may
     begin a stop) until the completion is set. Tokens after the EOS (the padding a batch
     draws for a row that has ended) add nothing. Catches a longer hold, padding streamed
-    as text, and a reader's timeout dropped."""
+    as text, and a reader's timeout dropped. A reader that listens late hears what came
+    before first; a record the stream's text does not begin (a tokenizer's clean-up) is
+    logged, not patched into the stream."""
     tok = served.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ids = tok("What is 3 + 4? Answer: 7", add_special_tokens=False)["input_ids"]
