@@ -135,6 +135,13 @@ def test_unconsumed_rows_come_oldest_first_up_to_the_limit_and_leave_once_marked
         response_logprobs=None, reward=None, score=0.5, feedback="", source="grader",
     )  # fmt: skip
     assert rows[1].response_logprobs == [-0.1, -0.2] and rows[1].model_version == "base"
+    # a greedy reply's missing log-probs are SQL NULL, not the JSON text 'null': a user's
+    # own SQL (`WHERE response_logprobs IS NULL`) finds them
+    with store.engine.begin() as conn:
+        nulls = conn.exec_driver_sql(
+            "SELECT id FROM interactions WHERE response_logprobs IS NULL"
+        ).scalars().all()  # fmt: skip
+    assert nulls == ["chatcmpl-b"]
     assert [r.feedback_id for r in store.unconsumed(2)] == ids[:2]
     assert store.unconsumed(0) == [] and store.unconsumed(-3) == []
 
