@@ -68,6 +68,8 @@ def test_feedback_that_clears_a_reward_is_a_change_not_a_retry(store: Store) -> 
     with pytest.raises(FeedbackConflict) as caught:
         _post(store, "chatcmpl-a", reward=0.5, score=0.25)
     assert caught.value.existing["consumed_step"] == 1 and caught.value.existing["score"] is None
+    assert str(caught.value) == ("feedback from 'user' on chatcmpl-a was already used for training "
+                                 "at step 1; it cannot be changed (post under another source)")  # fmt: skip
     with pytest.raises(FeedbackConflict):
         _post(store, "chatcmpl-a", reward=None, score=None)
     with pytest.raises(FeedbackConflict):
