@@ -1153,8 +1153,8 @@ def test_messages_the_chat_template_refuses_fail_alone_and_are_not_generated(
     # not, and nothing is stored; catches an unstreamed request that does not wait for its
     # replies inside the error handling (the refusal then surfaced as a 500)
     with start_server(replace(served, tokenizer=picky), tmp_path / "resd.db") as running:
+        opening = [{"role": "assistant", "content": "hi"}]
         for stream in (False, True):
-            opening = [{"role": "assistant", "content": "hi"}]
             response = running.post("/v1/chat/completions",
                                     {"model": MODEL, "messages": opening, "stream": stream})  # fmt: skip
             assert response.status_code == 400, (stream, response.text)
@@ -1375,16 +1375,17 @@ def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Run
         for choice in chunk.choices:
             streamed[choice.index] += choice.delta.content or ""
     assert [streamed[i] for i in range(3)] == texts
-    unseeded = chat(server, n=2, max_tokens=2)
-    params = [server.store.interaction(c.model_extra["resd_completion_id"])["params"]
-              for c in unseeded.choices]  # fmt: skip
+
+    def stored_params(reply: Any) -> list[dict[str, Any]]:
+        return [server.store.interaction(c.model_extra["resd_completion_id"])["params"]
+                for c in reply.choices]  # fmt: skip
+
+    params = stored_params(chat(server, n=2, max_tokens=2))
     assert len({p["seed"] for p in params}) == 2
     assert [(p["choice"], p["n"]) for p in params] == [(0, 2), (1, 2)]  # n = 2 is several too
     # choice i's seed wraps at 2**63, the seeds a request may name (a mutant wrapped at 2**64)
-    last = chat(server, n=2, seed=2**63 - 1, max_tokens=1)
-    seeds = [server.store.interaction(c.model_extra["resd_completion_id"])["params"]["seed"]
-             for c in last.choices]  # fmt: skip
-    assert seeds == [2**63 - 1, 0]
+    last = stored_params(chat(server, n=2, seed=2**63 - 1, max_tokens=1))
+    assert [p["seed"] for p in last] == [2**63 - 1, 0]
 
 
 def test_pieces_that_come_before_every_choice_started_keep_their_place() -> None:

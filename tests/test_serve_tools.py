@@ -58,6 +58,15 @@ ANSWERED = [*ASK, CALLED, {"role": "tool", "tool_call_id": "call_1", "content": 
 ANSWER_TEXT = "It is sunny."
 
 
+def _called_with(**changes: Any) -> dict[str, Any]:
+    """`CALLED` with its one call changed: another id, or other arguments."""
+    return {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], **changes}]}
+
+
+def _weather_with(arguments: str) -> dict[str, Any]:
+    return {"name": "get_weather", "arguments": arguments}
+
+
 # ---- the pure parts ------------------------------------------------------------------------------
 def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -> None:
     """Catches the tools dropped or put in a second system message, an earlier call's
@@ -94,8 +103,7 @@ def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -
     assert plain_messages(ASK) == ASK
     chat = [*ASK, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]
     assert plain_messages(chat) == chat  # a turn without calls is left as it is
-    zurich = {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "function": {
-        "name": "get_weather", "arguments": '{"city": "Zürich"}'}}]}  # fmt: skip
+    zurich = _called_with(function=_weather_with('{"city": "Zürich"}'))
     assert '"Zürich"' in plain_messages([*ASK, zurich, ANSWERED[2]])[1]["content"]
     # an earlier turn is written as the model wrote it: a reply read as calls round-trips
     assert plain_messages(ANSWERED)[1]["content"] == CALL_TEXT
@@ -113,7 +121,7 @@ def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -
         ([{"role": "tool", "tool_call_id": "call_1", "content": "x"}], "messages.0.tool_call_id"),
         ([*ASK, CALLED, {"role": "tool", "tool_call_id": "call_9", "content": "x"}], "messages.2.tool_call_id"),
         ([*ASK, CALLED, {"role": "user", "content": "and?"}], "messages.2"),
-        ([*ASK, CALLED, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "id": "call_2"}]}], "messages.2"),
+        ([*ASK, CALLED, _called_with(id="call_2")], "messages.2"),
         ([*ASK, {"role": "assistant", "content": None}], "messages.1.content"),
         ([*ASK, CALLED], "messages"),
         ([*ANSWERED, {"role": "tool", "tool_call_id": "call_1", "content": "again"}], "messages.3.tool_call_id"),
@@ -122,10 +130,8 @@ def test_tools_go_into_the_system_message_and_earlier_calls_into_their_turns() -
         ([{"role": "tool", "content": "x"}], "messages.0.tool_call_id"),
         ([{"role": "user", "content": "x", "tool_calls": CALLED["tool_calls"]}], "messages.0.tool_calls"),
         ([*ASK, {**CALLED, "tool_calls": CALLED["tool_calls"] * 2}], "messages.1.tool_calls"),
-        ([*ASK, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "function": {
-            "name": "get_weather", "arguments": '["Paris"]'}}]}], "messages.1.tool_calls.0.function.arguments"),
-        ([*ASK, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "function": {
-            "name": "get_weather", "arguments": "city=Paris"}}]}], "messages.1.tool_calls.0.function.arguments"),
+        ([*ASK, _called_with(function=_weather_with('["Paris"]'))], "messages.1.tool_calls.0.function.arguments"),
+        ([*ASK, _called_with(function=_weather_with("city=Paris"))], "messages.1.tool_calls.0.function.arguments"),
     ],
 )  # fmt: skip
 def test_tool_messages_must_answer_the_calls_just_before_them(
@@ -436,8 +442,7 @@ def test_tool_requests_that_cannot_be_honoured_are_refused_by_name(caller: Runni
         ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "tools", "unsupported_value"),
         ({"tools": TOOLS, "tool_choice": "required", "stop": "}"}, "stop", "unsupported_value"),
         ({"tools": TOOLS, "messages": [*ASK, CALLED]}, "messages", "invalid_value"),
-        ({"tools": TOOLS, "messages": [*ASK, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "id": ""}]}]},
-         "messages.1.tool_calls.0.id", "invalid_value"),
+        ({"tools": TOOLS, "messages": [*ASK, _called_with(id="")]}, "messages.1.tool_calls.0.id", "invalid_value"),
         ({"tools": TOOLS, "messages": [{"role": "tool", "tool_call_id": "x", "content": "r"}]},
          "messages.0.tool_call_id", "invalid_value"),
         ({"tools": broken_schema, "tool_choice": "required"}, "tools", "invalid_schema"),
@@ -455,8 +460,11 @@ def test_tool_requests_that_cannot_be_honoured_are_refused_by_name(caller: Runni
     assert fine.status_code == 200, fine.text
     most = caller.post("/v1/chat/completions", {**good, "tools": many[:128], "tool_choice": "none"})
     assert most.status_code == 200, most.text
-    short_id = [*ASK, {**CALLED, "tool_calls": [{**CALLED["tool_calls"][0], "id": "c"}]},
-                {"role": "tool", "tool_call_id": "c", "content": "sunny"}]  # fmt: skip
+    short_id = [
+        *ASK,
+        _called_with(id="c"),
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"},
+    ]
     answered = caller.post("/v1/chat/completions", {**good, "tools": TOOLS, "messages": short_id})
     assert answered.status_code == 200, answered.text  # a call's id may be one character
     assert _counts(caller) == (before[0] + 3, before[1])
