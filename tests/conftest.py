@@ -7,6 +7,8 @@ lines of text, and the model is a 2-layer Llama built from a config.
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,41 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ---- PostgreSQL, for the serving store ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The URL of a real PostgreSQL database the store's tests may fill: the one named by
+    RESD_TEST_POSTGRES_URL (`postgresql+psycopg://user:pw@host/db`), else a server started
+    from the `pgserver` wheel (PostgreSQL's own binaries; `make test` installs it) in a
+    temporary folder, one per test worker, stopped and deleted when the session ends."""
+    url = os.environ.get("RESD_TEST_POSTGRES_URL")
+    if url:
+        return url
+    pytest.importorskip("psycopg", reason="needs psycopg: pip install 'psycopg[binary]'")
+    pgserver = pytest.importorskip(
+        "pgserver", reason="set RESD_TEST_POSTGRES_URL, or pip install pgserver"
+    )
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="delete")
+    return server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """An empty PostgreSQL schema of its own for one test, as a URL whose connections see
+    only it (`search_path`): tests and workers sharing one database never meet, and only
+    the right to create a schema is needed. Dropped, with what the test made, afterwards."""
+    import sqlalchemy as sa
+
+    schema = f"resd_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_server)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = sa.make_url(postgres_server).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()

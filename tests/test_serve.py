@@ -1742,24 +1742,12 @@ def test_in_memory_store_is_shared_between_threads() -> None:
     assert seen == [1] and store.journal_mode() == "memory"
 
 
-def test_postgresql_store() -> None:
-    url = os.environ.get("RESD_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("set RESD_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/emptydb "
-                    "(and pip install 'psycopg[binary]') to run the store against PostgreSQL")  # fmt: skip
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:  # start from an empty database
-        for table in (
-            "feedback",
-            "interactions",
-            "learner_state",
-            "model_versions",
-            "schema_version",
-        ):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
-    engine.dispose()
-    store = Store(url)
+def test_postgresql_store(postgres_url: str) -> None:
+    """The store on a real PostgreSQL server (tests/conftest.py): a new database at the
+    current version, rows in and out, the learner's marks, and a reopen."""
+    store = Store(postgres_url)
     try:
+        assert store.dialect == "postgresql"
         assert store.schema_version() == 1 and store.journal_mode() is None
         _fill(store)
         row, created = store.record_feedback("chatcmpl-a", source="user", reward=1.0, score=None,
@@ -1774,7 +1762,54 @@ def test_postgresql_store() -> None:
         assert store.recent(5)[0]["feedback"][0]["consumed_step"] == 1
     finally:
         store.close()
-    Store(url).close()  # reopens at the same version
+    Store(postgres_url).close()  # reopens at the same version
+
+
+def test_the_server_on_postgresql_keeps_a_reply_holding_a_nul(
+    served: ServedModel, postgres_url: str
+) -> None:
+    """`resd serve --db postgresql+psycopg://…` end to end. PostgreSQL's text cannot hold a
+    NUL character, which a byte-level model can decode (`logit_bias` forces one here):
+    such a reply was a 500 after generation, the completion lost, and feedback carrying
+    one a 500 from the driver. Now the client gets the reply as decoded and the row keeps
+    it (the NUL stored as U+FFFD, the token ids exact), streamed or not; feedback with a
+    NUL is a 400 naming the field, writing nothing; the page reads the rows back."""
+    nul = served.tokenizer.convert_tokens_to_ids("\u0100")  # byte-level BPE's name for byte 0
+    assert served.tokenizer.decode([nul]) == "\x00"
+    messages = [{"role": "user", "content": "a NUL \x00 in the prompt"}]
+    forced = {
+        "temperature": 0,
+        "max_tokens": 3,
+        "logit_bias": {str(nul): 100},
+        "messages": messages,
+    }
+    with start_server(served, postgres_url) as running:
+        reply = chat(running, **forced)
+        assert reply.choices[0].message.content == "\x00" * 3
+        stream = list(chat(running, stream=True, **forced))
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == "\x00" * 3
+        for completion_id in (reply.id, stream[0].id):
+            row = running.store.interaction(completion_id)
+            assert row is not None and row["response"] == "\ufffd" * 3, completion_id
+            assert row["response_token_ids"] == [nul] * 3 and row["messages"] == messages
+        for field, extra in (("feedback", {"feedback": "a\x00b"}), ("source", {"source": "u\x00"}),
+                             ("completion_id", {"completion_id": "chatcmpl-\x00"})):  # fmt: skip
+            refused = running.post(
+                "/v1/feedback", {"completion_id": reply.id, "reward": 1.0, **extra}
+            )
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == field and "NUL character" in error["message"], error
+        assert running.store.counts()["feedback"] == 0
+        noted = running.post("/v1/feedback", {"completion_id": reply.id, "reward": 1.0})
+        assert noted.status_code == 201, noted.text
+        [row] = running.store.unconsumed(10)
+        assert row.completion_id == reply.id and row.response == "\ufffd" * 3
+        page = httpx.get(f"{running.url}/?refresh=0", headers=running.headers())
+        assert page.status_code == 200 and reply.id in page.text and stream[0].id in page.text
+        health = httpx.get(f"{running.url}/health").json()
+        assert health["counts"] == {"interactions": 2, "feedback": 1, "consumed": 0, "versions": 1}
 
 
 # ---- the page --------------------------------------------------------------------------------------------

@@ -639,16 +639,23 @@ def _start(command: list[str], url: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_resd_serve_learn_survives_sigkill(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_resd_serve_learn_survives_sigkill(tiny_model_dir, tmp_path, database, request):
     """serve → ask → feedback → a learner step swaps the version → SIGKILL → restart:
     every acknowledged feedback row is there, nothing is trained twice, and the restarted
-    server answers with the version the learner last served."""
+    server answers with the version the learner last served. On the default SQLite file
+    beside the run, and on a PostgreSQL server named by `--db`."""
+    db = str(tmp_path / "resd.db")
+    if database == "postgresql":
+        db = request.getfixturevalue("postgres_url")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "resd", "serve", "--model", str(tiny_model_dir),
                "--served-model-name", MODEL, "--port", str(port), "--output-dir", str(tmp_path),
                "--max-new-tokens", "8", "--log-level", "warning",
                "--learn", str(learn_config(tiny_model_dir, tmp_path)), "--guard-tolerance", "1"]  # fmt: skip
+    if database == "postgresql":
+        command += ["--db", db]
     process = _start(command, url)
     headers = {"Authorization": f"Bearer {KEY}"}
     try:
@@ -679,7 +686,7 @@ def test_resd_serve_learn_survives_sigkill(tiny_model_dir, tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=120)
-    store = Store(str(tmp_path / "resd.db"))
+    store = Store(db)
     rows = {f["completion_id"]: f for r in store.recent(100) for f in r["feedback"]}
     assert set(acknowledged) <= set(rows)  # every acknowledged row survived the SIGKILL
     assert sorted(f["consumed_step"] or 0 for f in rows.values()) == [0, 0, 1, 1, 1, 1]

@@ -1,5 +1,6 @@
-"""The serving store on its own: a real SQLite database in tmp_path, called directly the way
-the server and the learner call it (feedback rules, the learner's rows, state, schema)."""
+"""The serving store on its own: a real SQLite database in tmp_path and a real PostgreSQL
+server (tests/conftest.py), called directly the way the server and the learner call it
+(feedback rules, the learner's rows, state, schema)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,23 @@ def _interaction(store: Store, completion_id: str, *, version: str = "base", **e
     store.record_interaction(**values)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store test runs on both databases the store supports: an SQLite file and a real
+    PostgreSQL server (tests/conftest.py), which must accept and refuse the same rows."""
+    if request.param == "sqlite":
+        return str(tmp_path / "resd.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def _engine(database_url: str) -> sa.engine.Engine:
+    """A second connection to the test's database, as a user's own SQL would open one."""
+    return sa.create_engine(database_url if "://" in database_url else sqlite_url(database_url))
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(str(tmp_path / "resd.db"))
+def store(database_url: str) -> Iterator[Store]:
+    opened = Store(database_url)
     opened.add_version("base", parent=None, step=0)
     yield opened
     opened.close()
@@ -102,6 +117,31 @@ def test_feedback_rejects_what_the_learner_could_not_train_on(store: Store) -> N
     assert low["reward"] == 0.0 and low["score"] == 1.0 and isinstance(low["reward"], float)
 
 
+def test_text_postgresql_cannot_hold_is_refused_or_replaced_on_both_databases(store: Store) -> None:
+    """PostgreSQL's text cannot hold a NUL character: feedback carrying one was a driver
+    error mid-transaction there (a 500) and stored on SQLite. Now it is a ValueError
+    naming the field on both, writing nothing. A reply the model decoded with a NUL in
+    it is kept, the NUL stored as U+FFFD and its token ids exact, rather than the
+    completion lost; in the messages (JSON) a NUL is stored as sent."""
+    _interaction(store, "chatcmpl-a")
+    for field, note in (("feedback", {"feedback": "a\x00b"}), ("source", {"source": "us\x00er"}),
+                        ("completion_id", {})):  # fmt: skip
+        completion = "chatcmpl-\x00" if field == "completion_id" else "chatcmpl-a"
+        with pytest.raises(
+            ValueError, match=rf"^{field}: contains a NUL character \(at index \d+\)"
+        ):
+            _post(store, completion, **note)
+    assert store.counts()["feedback"] == 0
+    messages = [{"role": "user", "content": "nul \x00 inside"}]
+    _interaction(store, "chatcmpl-b", response="7\x00 8", messages=messages)
+    stored = store.interaction("chatcmpl-b")
+    assert stored is not None and stored["response"] == "7\ufffd 8"
+    assert stored["messages"] == messages and stored["response_token_ids"] == [4, 5]
+    assert [row.response for row in store.unconsumed(5)] == []  # no feedback yet
+    _post(store, "chatcmpl-b")
+    assert [row.response for row in store.unconsumed(5)] == ["7\ufffd 8"]
+
+
 def test_feedback_that_keeps_colliding_is_an_error_naming_it(store: Store) -> None:
     """A first post that collides with another one (the database refuses the insert) is
     read back and retried; one that never gets through is a RuntimeError naming the
@@ -109,9 +149,14 @@ def test_feedback_that_keeps_colliding_is_an_error_naming_it(store: Store) -> No
     last try. (A trigger makes the database refuse every insert.)"""
     _interaction(store, "chatcmpl-a")
     with store.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TRIGGER refuse BEFORE INSERT ON feedback BEGIN SELECT RAISE(ABORT, 'taken'); END"
-        )
+        if store.dialect == "sqlite":
+            conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON feedback "
+                                 "BEGIN SELECT RAISE(ABORT, 'taken'); END")  # fmt: skip
+        else:  # PostgreSQL: a unique violation, as a concurrent first post would raise
+            conn.exec_driver_sql("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                                 "$$ BEGIN RAISE unique_violation USING MESSAGE = 'taken'; END $$")  # fmt: skip
+            conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON feedback "
+                                 "FOR EACH ROW EXECUTE FUNCTION refuse()")  # fmt: skip
     with pytest.raises(RuntimeError, match=r"^feedback on chatcmpl-a from 'user': kept colliding"):
         _post(store, "chatcmpl-a")
     assert store.counts()["feedback"] == 0
@@ -313,25 +358,26 @@ def test_an_in_memory_store_runs_one_threads_transaction_at_a_time() -> None:
     assert seen == 1
 
 
-def test_a_writer_waits_ten_seconds_for_the_lock(store: Store) -> None:
+def test_a_writer_waits_ten_seconds_for_the_lock(tmp_path: Path) -> None:
     """Every SQLite connection waits up to SQLITE_BUSY_TIMEOUT_MS (10 s) for another
     writer's lock (the learner's, another process's) instead of failing at once, and
     enforces foreign keys. Catches the wait left to the driver's own 5 s, or changed."""
+    store = Store(str(tmp_path / "resd.db"))
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10_000
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    store.close()
 
 
-def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -> None:
+def test_the_tables_have_the_documented_columns_nulls_and_keys(database_url: str) -> None:
     """The database is read by more than this module (a learner in another process, the
     page, a user's own SQL, PostgreSQL): the module docstring's shape is its contract. Only
     the columns documented as NULL may be NULL (a row without its step, time or source is
     refused by the database itself), the keys are as documented, and the string lengths
     hold what the API accepts (completion ids and sources of up to 100 characters, which
     PostgreSQL enforces). Catches a column made nullable, a length or a key changed."""
-    path = tmp_path / "resd.db"
-    Store(str(path)).close()
-    engine = sa.create_engine(sqlite_url(path))
+    Store(database_url).close()
+    engine = _engine(database_url)
     inspector = sa.inspect(engine)
     shape = {
         table: (
@@ -346,12 +392,15 @@ def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -
         for table in inspector.get_table_names()
     }
     engine.dispose()
-    text, when = "VARCHAR(200)", "DATETIME"
+    text = "VARCHAR(200)"  # the same type names on both, but for times and reals
+    when, real = (
+        ("DATETIME", "FLOAT") if "://" not in database_url else ("TIMESTAMP", "DOUBLE PRECISION")
+    )
     assert shape == {
         "schema_version": ([("version", "INTEGER", False), ("applied_at", when, False)],
                            ["version"], [], []),
         "model_versions": ([("id", text, False), ("created_at", when, False), ("parent", text, True),
-                            ("step", "INTEGER", False), ("accuracy", "FLOAT", True),
+                            ("step", "INTEGER", False), ("accuracy", real, True),
                             ("note", "TEXT", False)], ["id"], [], []),
         "interactions": ([("id", "VARCHAR(100)", False), ("created_at", when, False),
                           ("model_version", text, False), ("model_name", "VARCHAR(500)", False),
@@ -361,8 +410,8 @@ def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -
                           ("finish_reason", "VARCHAR(32)", False)],
                          ["id"], [(["model_version"], "model_versions", ["id"])], []),
         "feedback": ([("id", "INTEGER", False), ("completion_id", "VARCHAR(100)", False),
-                      ("source", "VARCHAR(100)", False), ("reward", "FLOAT", True),
-                      ("score", "FLOAT", True), ("feedback", "TEXT", False),
+                      ("source", "VARCHAR(100)", False), ("reward", real, True),
+                      ("score", real, True), ("feedback", "TEXT", False),
                       ("created_at", when, False), ("consumed_step", "INTEGER", True)],
                      ["id"], [(["completion_id"], "interactions", ["id"])],
                      [["completion_id", "source"]]),
@@ -370,16 +419,20 @@ def test_the_tables_have_the_documented_columns_nulls_and_keys(tmp_path: Path) -
     }  # fmt: skip
 
 
-def test_the_columns_the_page_and_the_learner_search_by_are_indexed(tmp_path: Path) -> None:
+def test_the_columns_the_page_and_the_learner_search_by_are_indexed(database_url: str) -> None:
     """The page reads the newest completions (by `created_at`) and the learner the feedback
     no step has used (`consumed_step` NULL) on every poll: both are indexed, so neither
     scans a table of a long-running server. Catches an index left out of the schema."""
-    path = tmp_path / "resd.db"
-    Store(str(path)).close()
-    engine = sa.create_engine(sqlite_url(path))
+    Store(database_url).close()
+    engine = _engine(database_url)
     inspector = sa.inspect(engine)
     indexed = {
-        table: [i["column_names"] for i in inspector.get_indexes(table)]
+        # PostgreSQL also lists the index behind the UNIQUE constraint, which SQLite hides
+        table: [
+            i["column_names"]
+            for i in inspector.get_indexes(table)
+            if "duplicates_constraint" not in i
+        ]
         for table in ("interactions", "feedback")
     }
     engine.dispose()
@@ -405,58 +458,58 @@ def test_foreign_keys_are_enforced(store: Store) -> None:
     assert store.counts()["interactions"] == 0
 
 
-def test_a_database_holding_any_of_our_tables_but_no_version_is_refused(tmp_path: Path) -> None:
+def test_a_database_holding_any_of_our_tables_but_no_version_is_refused(database_url: str) -> None:
     """Any one of our table names in a database without `schema_version` means a database
     this code did not write: refused, not filled in around a table of another shape.
     Catches a table left out of the names checked (a lone `feedback` table was taken)."""
+    engine = _engine(database_url)
     for table in ("model_versions", "interactions", "feedback", "learner_state"):
-        path = tmp_path / f"{table}.db"
-        engine = sa.create_engine(sqlite_url(path))
         with engine.begin() as conn:
             conn.exec_driver_sql(f"CREATE TABLE {table} (id TEXT)")
-        engine.dispose()
         with pytest.raises(SchemaVersionError, match="no schema_version"):
-            Store(str(path))
+            Store(database_url)
+        with engine.begin() as conn:
+            assert sa.inspect(conn).get_table_names() == [table]  # nothing made beside it
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+    engine.dispose()
 
 
-def test_a_new_database_records_the_versions_1_to_current(tmp_path: Path) -> None:
+def test_a_new_database_records_the_versions_1_to_current(database_url: str) -> None:
     """A new database records schema versions 1..SCHEMA_VERSION, one row each, as the
     module docstring says (a tool reading the table sees which steps it holds). Catches a
     version 0 recorded besides them."""
-    path = tmp_path / "resd.db"
-    Store(str(path)).close()
-    engine = sa.create_engine(sqlite_url(path))
+    Store(database_url).close()
+    engine = _engine(database_url)
     with engine.begin() as conn:
         versions = [v for (v,) in conn.exec_driver_sql("SELECT version FROM schema_version")]
     engine.dispose()
     assert versions == list(range(1, store_module.SCHEMA_VERSION + 1))
 
 
-def test_an_empty_schema_version_table_is_not_taken_for_a_version(tmp_path: Path) -> None:
+def test_an_empty_schema_version_table_is_not_taken_for_a_version(database_url: str) -> None:
     """A `schema_version` table with no row says nothing about the database's shape: it is
     refused (no migration leads to version 1), not used as if it were at version 1.
     Catches an empty table read as version 1."""
-    path = tmp_path / "resd.db"
-    Store(str(path)).close()
-    engine = sa.create_engine(sqlite_url(path))
+    Store(database_url).close()
+    engine = _engine(database_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM schema_version")
     engine.dispose()
     with pytest.raises(SchemaVersionError, match="schema version 0; no migration to version 1"):
-        Store(str(path))
+        Store(database_url)
 
 
 def test_an_older_database_is_migrated_in_one_transaction(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Version 1 -> 2 runs MIGRATIONS[2] and records version 2; a failed migration leaves
-    the database at version 1; a missing migration is refused."""
-    path = tmp_path / "resd.db"
-    Store(str(path)).close()
+    the database at version 1 (its DDL undone too, on both databases); a missing
+    migration is refused."""
+    Store(database_url).close()
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(store_module, "MIGRATIONS", {})
     with pytest.raises(SchemaVersionError, match="no migration to version 2"):
-        Store(str(path))
+        Store(database_url)
 
     def broken(conn: sa.engine.Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE model_versions ADD COLUMN tag TEXT")
@@ -464,8 +517,8 @@ def test_an_older_database_is_migrated_in_one_transaction(
 
     monkeypatch.setattr(store_module, "MIGRATIONS", {2: broken})
     with pytest.raises(RuntimeError, match="half way"):
-        Store(str(path))
-    engine = sa.create_engine(sqlite_url(path))
+        Store(database_url)
+    engine = _engine(database_url)
     with engine.begin() as conn:
         columns = [c["name"] for c in sa.inspect(conn).get_columns("model_versions")]
         assert "tag" not in columns
@@ -476,10 +529,10 @@ def test_an_older_database_is_migrated_in_one_transaction(
         conn.exec_driver_sql("ALTER TABLE model_versions ADD COLUMN tag TEXT")
 
     monkeypatch.setattr(store_module, "MIGRATIONS", {2: add_tag})
-    migrated = Store(str(path))
+    migrated = Store(database_url)
     assert migrated.schema_version() == 2
     migrated.close()
-    Store(str(path)).close()  # at the current version: opened as is, not migrated again
+    Store(database_url).close()  # at the current version: opened as is, not migrated again
 
 
 def test_a_change_that_races_the_learner_marking_the_row_is_a_conflict(store: Store) -> None:

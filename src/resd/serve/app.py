@@ -813,6 +813,11 @@ def create_app(
         _check_auth(request, api_key)
         note = _parse(FeedbackRequest, await _read_json(request, max_body_bytes))
         text = note.feedback or ""
+        for name, value in (("completion_id", note.completion_id), ("source", note.source),
+                            ("feedback", text)):  # fmt: skip
+            if "\x00" in value:  # PostgreSQL's text cannot hold it; refused on every database
+                raise ApiError(400, f"{name}: contains a NUL character (\\u0000), which the "
+                               "database's text cannot hold", param=name, code="invalid_value")  # fmt: skip
         if note.reward is None and note.score is None and not text.strip():
             raise ApiError(
                 400, "give at least one of reward, score or feedback", code="invalid_value"

@@ -24,7 +24,9 @@ Schema (version 1; all times are naive UTC)
                      messages JSON ([{role, content}]), params JSON (temperature, top_p,
                      max_tokens, seed, stream; response_format, stop, logprobs,
                      top_logprobs, the penalties, logit_bias, n and choice when given),
-                     response TEXT, prompt_token_ids JSON,
+                     response TEXT (a NUL character in it, which PostgreSQL's text
+                     cannot hold, is stored as U+FFFD; the token ids are exact),
+                     prompt_token_ids JSON,
                      response_token_ids JSON, response_logprobs JSON NULL (the sampler's
                      log π of each sampled token at temperature 1; NULL for greedy
                      decoding), finish_reason TEXT ("stop" or "length")
@@ -247,15 +249,22 @@ def _check_unit(name: str, value: float | None) -> float | None:
     return value
 
 
-def _check_utf8(name: str, text: str) -> None:
-    """A lone UTF-16 surrogate (`"\\ud800"` from JSON) has no UTF-8 form: the driver would
-    fail with an encoding error mid-transaction; a ValueError naming the field instead."""
+def _check_text(name: str, text: str) -> None:
+    """Text a TEXT column can hold on every database, else a ValueError naming the field
+    (the driver would fail mid-transaction): a lone UTF-16 surrogate (`"\\ud800"` from
+    JSON) has no UTF-8 form, and PostgreSQL's text cannot hold a NUL character (refused
+    on SQLite too, so both databases take the same rows)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(
             f"{name}: not valid Unicode text (a lone UTF-16 surrogate at index {exc.start})"
         ) from exc
+    at = text.find("\x00")
+    if at >= 0:
+        raise ValueError(
+            f"{name}: contains a NUL character (at index {at}), which PostgreSQL's text cannot hold"
+        )
 
 
 class Store:
@@ -403,7 +412,8 @@ class Store:
             conn.execute(
                 interactions.insert().values(
                     id=completion_id, created_at=_now(), model_version=model_version,
-                    model_name=model_name, messages=messages, params=params, response=response,
+                    model_name=model_name, messages=messages, params=params,
+                    response=response.replace("\x00", "\ufffd"),  # see the module docstring
                     prompt_token_ids=list(prompt_token_ids), response_token_ids=list(response_token_ids),
                     response_logprobs=None if response_logprobs is None else list(response_logprobs),
                     finish_reason=finish_reason,
@@ -482,7 +492,7 @@ class Store:
             raise ValueError("source: must be a non-empty string")
         for name, text in (("completion_id", completion_id), ("source", source),
                            ("feedback", feedback)):  # fmt: skip
-            _check_utf8(name, text)
+            _check_text(name, text)
         for _attempt in range(3):  # a concurrent first post of the same row: read it back
             try:
                 return self._record_feedback_once(completion_id, source, reward, score, feedback)
