@@ -1151,8 +1151,9 @@ def test_score_reply_is_the_samplers_record_with_or_without_logits_to_keep(tiny)
 
     model, tok = tiny
     prompt = chat_prompt_ids(tok, [{"role": "user", "content": "ab"}])
+    # both in float32: `generate`'s default autocast is bf16 on a CPU with bf16 instructions
     gen = generate(model, tok, [prompt], max_new_tokens=10, temperature=1.0, seeds=[4],
-                   return_logprobs=True)[0]  # fmt: skip
+                   return_logprobs=True, autocast=None)[0]  # fmt: skip
     scored = score_reply(model, prompt, gen.content_ids, top_k=3, autocast=None)
     assert scored.logprobs == pytest.approx(gen.logprobs[: len(gen.content_ids)], abs=1e-4)
     assert all([lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
