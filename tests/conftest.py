@@ -7,6 +7,7 @@ lines of text, and the model is a 2-layer Llama built from a config.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,20 +81,25 @@ def shared_data_dir() -> Path:
 
 # ---- PostgreSQL, for the serving store ---------------------------------------------------------
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+def postgres_server() -> Iterator[str]:
     """The URL of a real PostgreSQL database the store's tests may fill: the one named by
     RESD_TEST_POSTGRES_URL (`postgresql+psycopg://user:pw@host/db`), else a server started
-    from the `pgserver` wheel (PostgreSQL's own binaries; `make test` installs it) in a
-    temporary folder, one per test worker, stopped and deleted when the session ends."""
+    from the `pgserver` wheel (PostgreSQL's own binaries; `make test` installs it), one per
+    test worker, stopped and deleted when the session ends. Its folder is a fresh one in
+    the system's temporary folder, not pytest's: run as root, the server runs as a user of
+    its own that must reach the folder, and another pytest run resets the permissions of
+    pytest's folders to the owner's alone."""
     url = os.environ.get("RESD_TEST_POSTGRES_URL")
     if url:
-        return url
+        yield url
+        return
     pytest.importorskip("psycopg", reason="needs psycopg: pip install 'psycopg[binary]'")
     pgserver = pytest.importorskip(
         "pgserver", reason="set RESD_TEST_POSTGRES_URL, or pip install pgserver"
     )
-    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="delete")
-    return server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    folder = tempfile.mkdtemp(prefix="resd-test-postgres-")
+    with pgserver.get_server(folder, cleanup_mode="delete") as server:
+        yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 @pytest.fixture
