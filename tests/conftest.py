@@ -118,5 +118,7 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
         yield url.render_as_string(hide_password=False)
     finally:
         with admin.begin() as conn:
+            # a store the test left in a transaction would hold its locks: an error, not a hang
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '30s'")
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
