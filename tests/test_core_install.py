@@ -74,3 +74,51 @@ def test_core_install_trains_without_optional_packages(tiny_model_dir, tmp_path)
     # plots need matplotlib: one clear error naming the extra, the run itself untouched
     assert result["report_exit"] == 2 and "resd[report]" in done.stderr
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def _module_names(body: list) -> set[str]:
+    """Names a module's top level binds, through its `if` and `try` blocks."""
+    import ast
+
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.If):
+            names |= _module_names(node.body) | _module_names(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                names |= _module_names(block)
+    return names
+
+
+def test_every_name_a_module_exports_is_defined_there() -> None:
+    """`from resd.<module> import *` takes the names in `__all__`: one the module does not
+    define (a function renamed, a name misspelt) makes the star import raise, and one
+    listed twice is a slip. Read from the source, so modules of extras not installed
+    here are checked too. Catches a name in `__all__` that no longer exists."""
+    import ast
+
+    checked = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "src" / "resd").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        exported = [
+            node.value
+            for statement in tree.body
+            if isinstance(statement, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__all__" for t in statement.targets)
+            for node in ast.walk(statement.value)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        ]
+        if not exported:
+            continue
+        checked += 1
+        missing = sorted(set(exported) - _module_names(tree.body))
+        assert missing == [], f"{path.name}: __all__ names what it does not define: {missing}"
+        assert len(exported) == len(set(exported)), f"{path.name}: a name listed twice in __all__"
+    assert checked >= 20  # the walk found the package's modules
