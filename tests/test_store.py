@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import re
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +100,11 @@ def test_feedback_rejects_what_the_learner_could_not_train_on(store: Store) -> N
     completion and lone surrogates are refused, and no row is written for any of them."""
     _interaction(store, "chatcmpl-a")
     for bad in (-0.01, 1.01, math.inf, math.nan, True, "1"):
-        with pytest.raises(ValueError, match="reward"):
+        with pytest.raises(ValueError, match=r"^reward: expected a"):  # the field named first
             _post(store, "chatcmpl-a", reward=bad)
-        with pytest.raises(ValueError, match="score"):
+        with pytest.raises(ValueError, match=r"^score: expected a"):
             _post(store, "chatcmpl-a", reward=None, score=bad)
-    with pytest.raises(ValueError, match="source"):
+    with pytest.raises(ValueError, match=r"^source: must be a non-empty string$"):
         _post(store, "chatcmpl-a", source="")
     with pytest.raises(ValueError, match="feedback"):
         _post(store, "chatcmpl-a", feedback="bad \ud800")
@@ -125,7 +127,7 @@ def test_text_postgresql_cannot_hold_is_refused_or_replaced_on_both_databases(st
     completion lost; in the messages (JSON) a NUL is stored as sent."""
     _interaction(store, "chatcmpl-a")
     for field, note in (("feedback", {"feedback": "a\x00b"}), ("source", {"source": "us\x00er"}),
-                        ("completion_id", {})):  # fmt: skip
+                        ("feedback", {"feedback": "\x00 first"}), ("completion_id", {})):  # fmt: skip
         completion = "chatcmpl-\x00" if field == "completion_id" else "chatcmpl-a"
         with pytest.raises(
             ValueError, match=rf"^{field}: contains a NUL character \(at index \d+\)"
@@ -269,7 +271,9 @@ def test_versions_give_their_creation_time_as_iso_utc(store: Store) -> None:
     """Times leave the store as ISO-8601 UTC text (JSON-ready, as the page shows them), for
     versions as for completions. Catches a version's time left as a datetime."""
     [base] = store.versions()
-    assert isinstance(base["created_at"], str) and base["created_at"].endswith("Z")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", base["created_at"]), base
+    written = datetime.fromisoformat(base["created_at"].removesuffix("Z"))
+    assert abs(datetime.now(timezone.utc).replace(tzinfo=None) - written) < timedelta(minutes=5)
     assert set(base) == {"id", "created_at", "parent", "step", "accuracy", "note"}
 
 
@@ -472,6 +476,28 @@ def test_a_database_holding_any_of_our_tables_but_no_version_is_refused(database
             assert sa.inspect(conn).get_table_names() == [table]  # nothing made beside it
             conn.exec_driver_sql(f"DROP TABLE {table}")
     engine.dispose()
+
+
+def test_a_refused_database_is_left_with_no_connection_open(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a database the store refuses closes what it opened: a caller that keeps the
+    error (a traceback holds the half-made store) would otherwise keep a connection, on
+    PostgreSQL one of its `max_connections`. Catches the engine left open when the
+    schema check raises."""
+    engine = _engine(database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE feedback (id TEXT)")
+    engine.dispose()
+    opened: list[sa.engine.Engine] = []
+    create = sa.create_engine
+    monkeypatch.setattr(
+        sa, "create_engine", lambda *a, **k: opened.append(create(*a, **k)) or opened[-1]
+    )
+    with pytest.raises(SchemaVersionError) as caught:
+        Store(database_url)
+    assert caught.traceback  # the error and its frames are still held here
+    assert [e.pool.checkedin() + e.pool.checkedout() for e in opened] == [0]
 
 
 def test_a_new_database_records_the_versions_1_to_current(database_url: str) -> None:

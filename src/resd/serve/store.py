@@ -276,8 +276,7 @@ class Store:
     """
 
     def __init__(self, url: str) -> None:
-        if "://" not in url:
-            Path(url).parent.mkdir(parents=True, exist_ok=True)
+        if "://" not in url:  # a plain path: its folder is made below, as for an sqlite:/// URL
             url = sqlite_url(url)
         parsed = sa.make_url(url)
         self.url = parsed.render_as_string(hide_password=True)
