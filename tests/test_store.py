@@ -263,7 +263,7 @@ def test_add_version_keeps_accuracy_and_note_unless_given(store: Store) -> None:
     assert versions["v1"]["step"] == 3 and versions["v1"]["parent"] == "base"
     assert versions["base"]["accuracy"] is None and versions["base"]["note"] == ""
     assert [v["id"] for v in store.versions()] == ["base", "v1"]  # oldest first
-    with pytest.raises(ValueError, match="accuracy"):
+    with pytest.raises(ValueError, match=r"^accuracy: expected a finite number"):
         store.add_version("v2", parent="v1", step=4, accuracy=math.inf)
 
 
@@ -498,6 +498,23 @@ def test_a_refused_database_is_left_with_no_connection_open(
         Store(database_url)
     assert caught.traceback  # the error and its frames are still held here
     assert [e.pool.checkedin() + e.pool.checkedout() for e in opened] == [0]
+
+
+def test_a_server_databases_password_stays_out_of_the_url_and_its_errors(postgres_url: str) -> None:
+    """`Store.url` is what errors, logs and the page show: a PostgreSQL URL's password is
+    masked there, in the error refusing the database too. Catches the URL rendered with
+    its password. (The test server trusts local connections, so any password opens it.)"""
+    url = sa.make_url(postgres_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    opened = Store(url)
+    assert "s3cret-pw" not in opened.url and "***" in opened.url
+    opened.close()
+    engine = _engine(postgres_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE schema_version SET version = 99")
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match=r"schema version 99, newer") as caught:
+        Store(url)
+    assert "s3cret-pw" not in str(caught.value) and "***" in str(caught.value)
 
 
 def test_a_new_database_records_the_versions_1_to_current(database_url: str) -> None:
