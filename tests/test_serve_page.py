@@ -126,7 +126,10 @@ def test_an_empty_server_without_a_learner(store: Store) -> None:
                            learner_status=None)  # fmt: skip
     assert '<meta http-equiv="refresh" content="10">' in defaults  # every 10 s unless told
     assert '<p class="counts"><span>interactions: <b>0</b></span><span>feedback: <b>0</b>' in html
-    assert "No completions yet." in html and "Recent completions (0)" in html
+    # each placeholder is the whole of its section, nothing written beside it
+    assert (
+        '<h2>Recent completions (0)</h2><p class="empty">No completions yet.</p></section>' in html
+    )
     assert (
         '<section id="accuracy"><h2>Accuracy</h2><p class="empty">No accuracy measured yet.' in html
     )
@@ -233,9 +236,10 @@ def test_a_learner_with_nothing_yet(store: Store) -> None:
     """A learner that has not stepped: an empty playbook, no history, no steps, each said
     in words (a playbook of whitespace is empty too); no field table without fields."""
     html = page(store, {"playbook_markdown": "  \n", "playbook_history": [], "steps": []})
-    assert "The playbook is empty." in html and "<pre>" not in html
-    assert "No changes yet." in html and "Playbook history (0)" in html
-    assert "No learner steps yet." in html and "Learner steps (0)" in html
+    assert '<h2>Playbook</h2><p class="empty">The playbook is empty.</p></section>' in html
+    assert "<pre>" not in html  # each placeholder below is the whole of its section
+    assert '<h2>Playbook history (0)</h2><p class="empty">No changes yet.</p></section>' in html
+    assert '<h2>Learner steps (0)</h2><p class="empty">No learner steps yet.</p></section>' in html
     assert "<th>field</th>" not in html and "no learner" not in html
 
 
@@ -269,6 +273,7 @@ def test_the_accuracy_curve(store: Store) -> None:
     )
     svg = ElementTree.fromstring(re.search(r"<svg .*?</svg>", html).group(0))  # well-formed
     assert len(svg.findall("{http://www.w3.org/2000/svg}circle")) == 3
+    assert [e.tail for e in svg.iter() if (e.tail or "").strip()] == []  # no stray text drawn
     five = page(store, {"accuracy": [{"step": s, "accuracy": 0.5} for s in range(5)]})
     assert re.findall(r'y="224" text-anchor="middle">([^<]*)<', five) == ["0", "2", "4"]
 
