@@ -196,17 +196,20 @@ def test_the_learner_config_is_read_as_written(tiny_model_dir, tmp_path, tiny_se
 
 
 def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
-    tiny_model_dir, tmp_path, tiny_served
+    tiny_model_dir, tmp_path, tiny_served, caplog
 ):
     with learning(tiny_model_dir, tmp_path, tiny_served) as (running, _, learner):
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
-        assert learner.step_once() is not None
+        with caplog.at_level("INFO", logger="resd.serve.learner"):
+            record = learner.step_once()
+        assert record is not None and f"learner step 1: {record}" in caplog.text  # the server's log
         assert learner.step_once() is None  # nothing left to train on
         assert consumed_steps(running.store) == [1, 1, 1, 1]
         served = running.holder.current()
         assert served.version == f"{MODEL}@step1" and served.model is not tiny_served.model
         versions = {v["id"]: v for v in running.store.versions()}
         assert versions[served.version]["parent"] == "v0" and versions["v0"]["accuracy"] is not None
+        assert versions[served.version]["note"] == "trained on 4 rows"
         # the served copy is the trainer's sampling weights after the step, frozen
         trained = dict(learner.trainer.sampler.generator.named_parameters())
         for name, p in served.model.named_parameters():
@@ -285,7 +288,7 @@ def test_one_row_may_start_a_step_and_stop_waits_for_the_learner_thread(
 
 
 def test_a_failing_step_is_reported_and_the_server_keeps_answering(
-    tiny_model_dir, tmp_path, tiny_served
+    tiny_model_dir, tmp_path, tiny_served, caplog
 ):
     """A step that raises (here: a guard metric the evaluation does not have) does not end
     the learner's thread silently: `status()` (hence the page and /health) names the error,
@@ -301,6 +304,7 @@ def test_a_failing_step_is_reported_and_the_server_keeps_answering(
                 reads.append(statement)
 
         sqlalchemy.event.listen(running.store.engine, "before_cursor_execute", count)
+        caplog.set_level("ERROR", logger="resd.serve.learner")
         learner.start()
         try:
             deadline = time.monotonic() + 120
@@ -311,6 +315,9 @@ def test_a_failing_step_is_reported_and_the_server_keeps_answering(
             learner.stop(timeout=120)  # ends the 60 s wait at once
             sqlalchemy.event.remove(running.store.engine, "before_cursor_execute", count)
         assert learner.status()["error"] == "KeyError: 'no_such'"
+        # the server's log has the traceback, which the page's one line does not
+        [logged] = [r for r in caplog.records if r.name == "resd.serve.learner"]
+        assert logged.getMessage() == "learner step failed" and logged.exc_info[0] is KeyError
         assert len(reads) == 1, reads
         assert consumed_steps(running.store) == [None] * 4
         assert running.holder.current() is tiny_served
@@ -439,6 +446,31 @@ def test_a_restarted_learner_serves_the_version_it_last_served(
         # and its playbook timeline, as the run folder holds it
         history = read_jsonl(tmp_path / "learner" / "playbook_history.jsonl")
         assert restarted.status()["playbook_history"] == history
+        # and the steps table: both steps, from the checkpoint (a mutant restarted it empty)
+        assert restarted.status()["steps"] == learner.status()["steps"]
+        assert [(r["step"], r["served"]) for r in restarted.status()["steps"]] == [
+            (1, True),
+            (2, False),
+        ]
+
+
+def test_a_learner_on_a_store_without_its_model_files_it_as_the_starting_model(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """A learner used from code, on a store its model was never registered in (no server
+    did), files the served version itself: step 0, no parent, the baseline's accuracy and
+    the note "the starting model", so the first step has a parent row and a score to
+    beat. Catches the note lost or changed for such a store."""
+    store = Store(str(tmp_path / "resd.db"))
+    try:
+        learner = Learner.from_config(learn_config(tiny_model_dir, tmp_path), store=store,
+                                      holder=ModelHolder(tiny_served), output_dir=tmp_path)  # fmt: skip
+        [row] = store.versions()
+        assert (row["id"], row["parent"], row["step"]) == (tiny_served.version, None, 0)
+        assert row["note"] == "the starting model"
+        assert row["accuracy"] == learner.status()["accuracy"][0]["accuracy"] is not None
+    finally:
+        store.close()
 
 
 def test_a_learning_server_restarted_with_another_model_is_refused(
