@@ -202,7 +202,9 @@ def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
         with caplog.at_level("INFO", logger="resd.serve.learner"):
             record = learner.step_once()
-        assert record is not None and f"learner step 1: {record}" in caplog.text  # the server's log
+        assert record is not None  # and the server's log says so, in one line
+        logged = [r.getMessage() for r in caplog.records if r.name == "resd.serve.learner"]
+        assert logged == [f"learner step 1: {record}"]
         assert learner.step_once() is None  # nothing left to train on
         assert consumed_steps(running.store) == [1, 1, 1, 1]
         served = running.holder.current()
@@ -227,6 +229,9 @@ def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
         )
         status = learner.status()
         assert status["steps"][0]["served"] and status["accuracy"][0]["step"] == 0
+        assert status["playbook_markdown"] == learner.trainer.playbook.render()  # the page's
+        # where the served weights came from (the learner's warning compares the next start's)
+        assert served.source == f"{learner.trainer.run_dir}@{served.version}"
 
 
 def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(
