@@ -31,7 +31,12 @@ openai = pytest.importorskip("openai")
 sa = pytest.importorskip("sqlalchemy")
 
 from resd.generation.hf import chat_prompt_ids  # noqa: E402
-from resd.serve.app import BackgroundServer, _started, create_app  # noqa: E402
+from resd.serve.app import (  # noqa: E402
+    DEFAULT_MAX_BODY_BYTES,
+    BackgroundServer,
+    _started,
+    create_app,
+)
 from resd.serve.engine import (  # noqa: E402
     Completion,
     EngineStopped,
@@ -1464,6 +1469,8 @@ def test_an_engine_built_without_options_has_the_cli_defaults(served: ServedMode
     assert engine.max_prompt_tokens == args.max_prompt_tokens
     # a plain `resd serve` listens at 127.0.0.1:8000, as docs/serving.md says (a mutant: 8001)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+    # and takes bodies up to 1,000,000 bytes, as the docs' table and `create_app` do
+    assert args.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 1_000_000
 
 
 def test_the_cli_guards_a_learner_as_a_learner_built_in_code_does() -> None:
