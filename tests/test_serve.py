@@ -1471,6 +1471,8 @@ def test_an_engine_built_without_options_has_the_cli_defaults(served: ServedMode
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     # and takes bodies up to 1,000,000 bytes, as the docs' table and `create_app` do
     assert args.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 1_000_000
+    for level in ("critical", "error", "warning", "info", "debug"):  # uvicorn's levels, all taken
+        assert parser.parse_args(["serve", "--model", "m", "--log-level", level]).log_level == level
 
 
 def test_the_cli_guards_a_learner_as_a_learner_built_in_code_does() -> None:
@@ -2094,7 +2096,8 @@ def test_cli_names_a_database_that_cannot_be_opened(
     assert main(["serve", "--model", "unused", "--db", url]) == 2
     err = capsys.readouterr().err
     assert "resd: error: --db: postgresql+psycopg://resd:***@db.invalid/resd" in err, err
-    assert "pip install 'psycopg[binary]'" in err and "secret" not in err
+    assert "its database driver 'psycopg' is not installed (pip install 'psycopg[binary]')\n" in err
+    assert "secret" not in err
 
     # without --db the database is <output-dir>/resd.db, and its error names that option
     (tmp_path / "out").mkdir()
@@ -2284,6 +2287,7 @@ def test_cli_startup_line_names_the_version_a_restarted_learner_serves(
     import dataclasses
 
     import resd.serve.command
+    import resd.serve.engine
     import resd.serve.learner
     from resd.cli import main
 
@@ -2305,14 +2309,23 @@ def test_cli_startup_line_names_the_version_a_restarted_learner_serves(
         return RestartedLearner()
 
     ran: list[Any] = []
+    loaded: list[ServedModel] = []
+    load = resd.serve.engine.load_served_model  # imported by the command when it runs
     monkeypatch.setattr(resd.serve.learner.Learner, "from_config", from_config)
     monkeypatch.setattr(resd.serve.command, "_run_until_signalled", ran.append)
+    monkeypatch.setattr(resd.serve.engine, "load_served_model",
+                        lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])  # fmt: skip
     code = main(["serve", "--model", str(tiny_model_dir), "--served-model-name", MODEL,
                  "--output-dir", str(tmp_path), "--learn", "unused.yaml", "--dtype", "float32",
-                 "--device", "cpu"])  # fmt: skip
+                 "--device", "cpu", "--max-prompt-tokens", "300", "--max-new-tokens", "20"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 0 and len(ran) == 1 and RestartedLearner.stopped, err
     assert f"resd serve: model {MODEL!r} (version tiny@step1)" in err, err
+    # the line ends naming the database and the learner's config
+    database = sqlite_url(tmp_path / "resd.db")
+    assert f", page http://127.0.0.1:8000/, database {database}, learning with unused.yaml\n" in err
+    # the tokenizer holds a whole request: the longest prompt and the longest reply
+    assert loaded[0].tokenizer.model_max_length == 320
     assert (tmp_path / "resd.db").is_file()  # a start that got to serving keeps its database
 
 
