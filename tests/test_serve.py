@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -1473,6 +1474,12 @@ def test_an_engine_built_without_options_has_the_cli_defaults(served: ServedMode
     assert args.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 1_000_000
     for level in ("critical", "error", "warning", "info", "debug"):  # uvicorn's levels, all taken
         assert parser.parse_args(["serve", "--model", "m", "--log-level", level]).log_level == level
+    assert (
+        parser.parse_args(["serve", "--model", "m", "--dtype", "auto"]).dtype
+        == args.dtype
+        == "auto"
+    )
+    assert args.api_key_env == "RESD_API_KEY"  # the variable docs/serving.md tells users to set
 
 
 def test_the_cli_guards_a_learner_as_a_learner_built_in_code_does() -> None:
@@ -2075,6 +2082,27 @@ def test_cli_names_an_output_dir_it_cannot_create(
     assert loads == []
 
 
+def test_the_signal_handlers_are_given_back_when_the_server_returns() -> None:
+    """`resd serve` turns SIGINT and SIGTERM into a clean return while uvicorn runs, and
+    puts back the handlers it found once it has: a program that calls `main` (or a test)
+    keeps its own Ctrl-C afterwards. Catches the handlers left installed."""
+    from resd.serve.command import _run_until_signalled
+
+    def mine(_signum: int, _frame: object) -> None:  # pragma: no cover - never signalled
+        pass
+
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen: list[Any] = []
+    try:
+        server = SimpleNamespace(run=lambda: seen.append(signal.getsignal(signal.SIGTERM)))
+        _run_until_signalled(server)
+        assert seen and seen[0] is not mine  # its own handler while serving
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_cli_names_a_database_that_cannot_be_opened(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -2089,6 +2117,12 @@ def test_cli_names_a_database_that_cannot_be_opened(
     assert main(["serve", "--model", "unused", "--db", str(notes)]) == 2
     err = capsys.readouterr().err
     assert f"resd: error: --db: cannot open {notes}: file is not a database" in err, err
+    assert notes.read_text() == text and sorted(tmp_path.iterdir()) == [notes]
+    # a database whose folder cannot be made (a file stands where it would be): the OS's words
+    inside = notes / "resd.db"
+    assert main(["serve", "--model", "unused", "--db", str(inside)]) == 2
+    err = capsys.readouterr().err
+    assert f"resd: error: --db: cannot open {inside}: [Errno" in err, err
     assert notes.read_text() == text and sorted(tmp_path.iterdir()) == [notes]
 
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed

@@ -265,9 +265,11 @@ def _missing_dirs(folders: list[Path]) -> list[Path]:
 
 def _remove_new(files: list[Path], made_dirs: list[Path]) -> None:
     """Remove the files a failed start created, then the folders it made (deepest first)
-    that are empty again."""
+    that are empty again. Never raises: the start's own error is the one to report (a
+    `--db` under a file, say, has no file to remove and cannot be looked for)."""
     for path in files:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
     for folder in made_dirs:
         with contextlib.suppress(OSError):  # something else was written there: keep it
             folder.rmdir()
