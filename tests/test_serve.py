@@ -1480,6 +1480,8 @@ def test_an_engine_built_without_options_has_the_cli_defaults(served: ServedMode
         == "auto"
     )
     assert args.api_key_env == "RESD_API_KEY"  # the variable docs/serving.md tells users to set
+    with pytest.raises(SystemExit):  # a server of no model: argparse's own error
+        parser.parse_args(["serve"])
 
 
 def test_the_cli_guards_a_learner_as_a_learner_built_in_code_does() -> None:
@@ -1977,7 +1979,11 @@ def test_cli_without_the_serve_extra_names_it(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "pip install 'resd[serve]'" in done.stderr
+    # the first missing package by name (`resd.serve.command` imports uvicorn first)
+    assert (
+        "resd: error: resd serve needs uvicorn; install it with: pip install 'resd[serve]'"
+        in done.stderr
+    )
 
 
 def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
