@@ -52,7 +52,7 @@ from resd.serve.engine import (
     StreamedCompletion,
 )
 from resd.serve.page import render_page
-from resd.serve.store import FeedbackConflict, Store
+from resd.serve.store import FeedbackConflict, InvalidField, Store
 from resd.serve.tools import ToolError, ToolUse, call_schema, plain_messages, tools_text
 
 try:
@@ -813,11 +813,6 @@ def create_app(
         _check_auth(request, api_key)
         note = _parse(FeedbackRequest, await _read_json(request, max_body_bytes))
         text = note.feedback or ""
-        for name, value in (("completion_id", note.completion_id), ("source", note.source),
-                            ("feedback", text)):  # fmt: skip
-            if "\x00" in value:  # PostgreSQL's text cannot hold it; refused on every database
-                raise ApiError(400, f"{name}: contains a NUL character (\\u0000), which the "
-                               "database's text cannot hold", param=name, code="invalid_value")  # fmt: skip
         if note.reward is None and note.score is None and not text.strip():
             raise ApiError(
                 400, "give at least one of reward, score or feedback", code="invalid_value"
@@ -832,6 +827,8 @@ def create_app(
                            param="completion_id", code="completion_not_found") from exc  # fmt: skip
         except FeedbackConflict as exc:
             raise ApiError(409, str(exc), param="completion_id", code="feedback_consumed") from exc
+        except InvalidField as exc:  # text no database column can hold (a NUL), say
+            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
         return JSONResponse({"object": "resd.feedback", **row}, status_code=201 if created else 200)
 
     def model_card() -> dict[str, Any]:

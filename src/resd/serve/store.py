@@ -93,6 +93,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "FeedbackConflict",
+    "InvalidField",
     "SchemaVersionError",
     "Store",
     "TrainingRow",
@@ -108,6 +109,16 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 class SchemaVersionError(ValueError):
     """The database was written by another (newer, or unversioned) schema."""
+
+
+class InvalidField(ValueError):
+    """A value the store refuses, its field named first in the message and kept as
+    `field`: the server answers it as a 400 whose `param` is that field, so a check made
+    here is not repeated there."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
 
 
 class FeedbackConflict(Exception):
@@ -235,7 +246,7 @@ def _check_number(name: str, value: float | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number or None, got {value!r}")
+        raise InvalidField(name, f"expected a finite number or None, got {value!r}")
     return float(value)
 
 
@@ -245,25 +256,25 @@ def _check_unit(name: str, value: float | None) -> float | None:
     of 7 would be clamped to 1 without a word. Refused here, so no row holds either."""
     value = _check_number(name, value)
     if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: expected a number from 0 to 1 or None, got {value!r}")
+        raise InvalidField(name, f"expected a number from 0 to 1 or None, got {value!r}")
     return value
 
 
 def _check_text(name: str, text: str) -> None:
-    """Text a TEXT column can hold on every database, else a ValueError naming the field
-    (the driver would fail mid-transaction): a lone UTF-16 surrogate (`"\\ud800"` from
+    """Text a TEXT column can hold on every database, else an `InvalidField` (the driver
+    would fail mid-transaction): a lone UTF-16 surrogate (`"\\ud800"` from
     JSON) has no UTF-8 form, and PostgreSQL's text cannot hold a NUL character (refused
     on SQLite too, so both databases take the same rows)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"{name}: not valid Unicode text (a lone UTF-16 surrogate at index {exc.start})"
+        raise InvalidField(
+            name, f"not valid Unicode text (a lone UTF-16 surrogate at index {exc.start})"
         ) from exc
     at = text.find("\x00")
     if at >= 0:
-        raise ValueError(
-            f"{name}: contains a NUL character (at index {at}), which PostgreSQL's text cannot hold"
+        raise InvalidField(
+            name, f"contains a NUL character (at index {at}), which PostgreSQL's text cannot hold"
         )
 
 
@@ -485,10 +496,11 @@ class Store:
     ) -> tuple[dict[str, Any], bool]:
         """Record feedback on a completion: (the row, whether it was created). The rules
         per (completion, source) are in the module docstring. Raises KeyError for an
-        unknown completion and `FeedbackConflict` for a change to a consumed row."""
+        unknown completion, `InvalidField` for a value no row may hold and
+        `FeedbackConflict` for a change to a consumed row."""
         reward, score = _check_unit("reward", reward), _check_unit("score", score)
         if not source:
-            raise ValueError("source: must be a non-empty string")
+            raise InvalidField("source", "must be a non-empty string")
         for name, text in (("completion_id", completion_id), ("source", source),
                            ("feedback", feedback)):  # fmt: skip
             _check_text(name, text)
