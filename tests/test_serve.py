@@ -1480,6 +1480,7 @@ def test_an_engine_built_without_options_has_the_cli_defaults(served: ServedMode
         == "auto"
     )
     assert args.api_key_env == "RESD_API_KEY"  # the variable docs/serving.md tells users to set
+    assert args.output_dir == "runs/serve"  # docs/serving.md's table: where resd.db goes
     with pytest.raises(SystemExit):  # a server of no model: argparse's own error
         parser.parse_args(["serve"])
 
@@ -2200,6 +2201,9 @@ def test_cli_records_the_base_version_with_the_model_it_was_loaded_from(
     finally:
         store.close()
     assert (base["id"], base["note"]) == ("base", f"loaded from {tiny_model_dir}")
+    # the model before any learning: step 0 and no parent, where the page's accuracy curve
+    # starts (catches a base version filed at step 1)
+    assert (base["step"], base["parent"]) == (0, None)
     capsys.readouterr()
     assert main([*args, "--model", str(tmp_path / "other")]) == 2
     assert "--base-version: 'base' is recorded in this database" in capsys.readouterr().err
