@@ -236,11 +236,12 @@ def test_deepspeed_zero_matches_one_process_and_its_checkpoint_resumes_unsharded
     assert_same_run(
         one_process, resume_elsewhere(tmp_path, tiny_model_dir, tmp_path / name, "2to1", 1)
     )
-    if stage == 2:  # ZeRO's name-keyed optimizer state loaded by two processes
-        zero = {"launch_config": f"configs/accelerate/deepspeed_zero{stage}.yaml"}
-        assert_same_run(
-            one_process, resume_elsewhere(tmp_path, tiny_model_dir, one_process, "1to2", 2, **zero)
-        )
+    # ZeRO's name-keyed optimizer state loaded by two processes, into an engine that has
+    # not stepped yet (catches the ZeRO-3 resume that raised KeyError: 'exp_avg')
+    zero = {"launch_config": f"configs/accelerate/deepspeed_zero{stage}.yaml"}
+    assert_same_run(
+        one_process, resume_elsewhere(tmp_path, tiny_model_dir, one_process, "1to2", 2, **zero)
+    )
 
 
 LORA = {"lora": {"r": 4, "alpha": 8}, "save_every": 2}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,6 +204,131 @@ def test_zero3_refuses_what_it_cannot_run(group_of_one: pytest.MonkeyPatch) -> N
     assert [t.data_ptr() for t in full] == [p.data_ptr() for p in model.parameters()]
 
 
+class Small(nn.Module):
+    """Two layers with what a checkpoint must treat apart: a frozen parameter (no optimizer
+    state), a persistent buffer (saved) and a non-persistent one (not saved)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Linear(4, 3)
+        self.out = nn.Linear(3, 2)
+        self.out.bias.requires_grad_(False)
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.register_buffer("cache", torch.zeros(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inner(x))) * self.scale
+
+
+def adamw(model: nn.Module) -> torch.optim.AdamW:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=0.1, weight_decay=0.01)
+
+
+def take_steps(strategy: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer,
+               count: int) -> list[float]:  # fmt: skip
+    """`count` optimizer steps as the trainer takes them: zero, backward, step (clip 1.0)."""
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for _ in range(count):
+        optimizer.zero_grad(set_to_none=True)
+        strategy.backward(strategy.policy(model)(x).pow(2).sum())
+        norms.append(strategy.step(optimizer, params, 1.0))
+    return norms
+
+
+def test_zero_steps_saves_and_loads_as_one_plain_process_does(
+    group_of_one: pytest.MonkeyPatch,
+) -> None:
+    """A real DeepSpeed engine in a group of one against torch's AdamW in one plain
+    process: the same norms and weights after clipped steps, and checkpoints in one
+    layout (full tensors, optimizer state keyed by name) that each loads from the other
+    and continues identically. Catches an optimizer state left out, mis-shaped, keyed
+    by position, saved for a frozen parameter or without its step; a state loaded into an
+    engine before its first step that goes nowhere, or with the wrong step count; a
+    ZeRO-3 checkpoint without its buffers or with the non-persistent ones; the norm not
+    returned; a saved state that the engine's later steps change under it; and a save
+    before the first update, which DeepSpeed refuses with a TypeError (a run whose first
+    step had nothing to learn, saved then, crashed). Both stages in one process group:
+    DeepSpeed keeps the first group it sees."""
+    pytest.importorskip("deepspeed")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        group_of_one.setenv(name, value)  # what a launcher sets, and DeepSpeed requires
+    for stage in (2, 3):
+        check_zero_against_one_plain_process(stage)
+
+
+def check_zero_against_one_plain_process(stage: int) -> None:
+    from resd.parallel.zero import Zero
+
+    plain, reference = Parallel(), Small()
+    reference_optimizer = adamw(reference)
+    zero, model = Zero(stage), Small()
+    optimizer = adamw(model)
+    zero.prepare(model, optimizer, 1.0)
+    assert zero.policy(model) is zero.engine and zero.policy(reference) is reference
+    assert zero.full_optimizer_state(model, optimizer)["state"] == {}  # no step yet
+
+    norms = take_steps(zero, model, optimizer, 2)
+    assert norms == pytest.approx(take_steps(plain, reference, reference_optimizer, 2), rel=1e-5)
+    assert min(norms) > 1.0  # the clip acted
+    weights = {name: t.clone() for name, t in zero.full_state_dict(model).items()}
+    expected = plain.full_state_dict(reference)
+    names = {"inner.weight", "inner.bias", "out.weight", "out.bias", "scale"}  # no "cache"
+    assert set(weights) == set(expected) == names
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], rtol=1e-5, atol=1e-6)
+    gathered = dict(zero.full_parameters(model))
+    assert list(gathered) == ["inner.weight", "inner.bias", "out.weight", "out.bias"]
+    for name, tensor in gathered.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
+    teacher = zero.teacher_source(model)  # ZeRO-3 only: the student's weights are partitioned
+    if stage == 3:
+        for tensor, param in zip(teacher, reference.parameters(), strict=True):
+            torch.testing.assert_close(tensor, param.detach(), rtol=1e-5, atol=1e-6)
+    else:
+        assert teacher is None
+
+    saved = zero.full_optimizer_state(model, optimizer)
+    torch_saved = plain.full_optimizer_state(reference, reference_optimizer)
+    assert list(saved["state"]) == list(torch_saved["state"]) == ["inner.weight", "inner.bias",
+                                                                  "out.weight"]  # fmt: skip
+    assert saved["param_groups"][0]["params"] == torch_saved["param_groups"][0]["params"]
+    assert saved["param_groups"][0]["lr"] == 0.1
+    for name, entry in torch_saved["state"].items():
+        assert float(saved["state"][name]["step"]) == float(entry["step"]) == 2.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(saved["state"][name][key], entry[key], rtol=1e-5, atol=1e-7)
+    kept = {name: entry["exp_avg"].clone() for name, entry in saved["state"].items()}
+    take_steps(zero, model, optimizer, 1)  # the engine that saved goes on; its checkpoint stays
+    for name, exp_avg in kept.items():
+        torch.testing.assert_close(saved["state"][name]["exp_avg"], exp_avg, rtol=0, atol=0)
+
+    # ZeRO resumes from the plain process's checkpoint, the plain process from ZeRO's
+    resumed_zero, zero_model = Zero(stage), Small()
+    zero_model.load_state_dict(expected)
+    zero_optimizer = adamw(zero_model)
+    resumed_zero.prepare(zero_model, zero_optimizer, 1.0)
+    resumed_zero.load_optimizer_state(zero_model, zero_optimizer, torch_saved)
+    plain_model = Small()
+    plain_model.load_state_dict(weights)
+    plain_optimizer = adamw(plain_model)
+    plain.load_optimizer_state(plain_model, plain_optimizer, saved)
+    followed = take_steps(plain, reference, reference_optimizer, 1)
+    assert take_steps(resumed_zero, zero_model, zero_optimizer, 1) == pytest.approx(
+        followed, rel=1e-5
+    )
+    assert take_steps(plain, plain_model, plain_optimizer, 1) == pytest.approx(followed, rel=1e-5)
+    after = plain.full_state_dict(reference)
+    for state in (resumed_zero.full_state_dict(zero_model), plain.full_state_dict(plain_model)):
+        for name in after:
+            torch.testing.assert_close(state[name], after[name], rtol=1e-5, atol=1e-6)
+    assert float(resumed_zero.full_optimizer_state(zero_model, zero_optimizer)["state"]
+                 ["inner.weight"]["step"]) == 3.0  # fmt: skip
+
+
 # ---- clipping -----------------------------------------------------------------------------
 
 
@@ -258,10 +384,14 @@ def test_each_process_owns_a_strided_share_and_results_come_back_in_index_order(
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]
     single = Parallel()
     assert single.shard(list("abc")) == [0, 1, 2] and single.is_main
-    assert single.gather_indexed([(2, "c"), (0, "a"), (1, "b")]) == ["a", "b", "c"]
+    # by index, not by value (catches a sort on the results themselves)
+    assert single.gather_indexed([(2, "a"), (0, "c"), (1, "b")]) == ["c", "b", "a"]
     assert (single.sum(2.5), single.max(3), single.gather("x")) == (2.5, 3, ["x"])
     model = nn.Linear(2, 2)
     assert single.shard_model(model) is model and single.policy(model) is model
+    # rank 0 of 1, on the device asked for (catches a local rank that would pick cuda:1)
+    assert (single.world_size, single.rank, single.local_rank) == (1, 0, 0)
+    assert (single.device("cpu"), single.device("auto")) == ("cpu", "auto")
 
 
 def test_tied_weights_are_saved_once_under_their_first_name() -> None:
@@ -347,6 +477,33 @@ def test_closing_a_process_group_takes_it_down(group_of_one: pytest.MonkeyPatch)
     ddp.close()
     assert not dist.is_initialized()
     ddp.close()  # no group (any more): nothing to do
+
+
+def test_fsdp_refuses_a_model_that_names_no_decoder_layer(
+    group_of_one: pytest.MonkeyPatch,
+) -> None:
+    """FSDP shards one unit per decoder layer, found by `_no_split_modules`; a model that
+    declares none is a config error naming its class, not a run with one huge unit."""
+    from resd.parallel.fsdp import FSDP
+
+    with pytest.raises(ConfigError, match=r"fsdp needs .* which Linear does not declare"):
+        FSDP().shard_model(nn.Linear(2, 2))
+
+
+def test_a_missing_deepspeed_is_named_before_the_process_group_is_made(
+    no_launcher: pytest.MonkeyPatch,
+) -> None:
+    """Under a launcher of 2 processes, `deepspeed` without the package installed is a
+    config error with the install hint, raised before the process group, which would wait
+    for the other rank (catches the import left to the first engine)."""
+    no_launcher.setitem(sys.modules, "deepspeed", None)  # import deepspeed: ImportError
+    no_launcher.setenv("WORLD_SIZE", "2")
+    no_launcher.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # a group made by mistake fails at once
+        no_launcher.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'resd\[deepspeed\]'"):
+        make_parallel("auto")
+    assert not dist.is_initialized()
 
 
 def test_fsdp_reshard_is_a_no_op_without_a_sharded_model(group_of_one: pytest.MonkeyPatch) -> None:

@@ -118,7 +118,8 @@ def full_state_dict(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor] 
 def full_optimizer_state(engine, model: nn.Module, is_main: bool) -> dict[str, Any] | None:
     """AdamW state in the layout of `torch.distributed.checkpoint`'s full optimizer state
     dict (keyed by parameter name), so ddp/fsdp runs can load it and vice versa; on rank 0
-    (None elsewhere), though every rank takes part in the gathers."""
+    (None elsewhere), though every rank takes part in the gathers. Before the first
+    update the state is empty, as torch's is (DeepSpeed raises if asked for it then)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     step = _optimizer_step(engine)
@@ -128,6 +129,8 @@ def full_optimizer_state(engine, model: nn.Module, is_main: bool) -> dict[str, A
         if not param.requires_grad:
             continue
         names.append(name)
+        if not step:  # no update yet: no state to save, and DeepSpeed has none to gather
+            continue
         shape = param.ds_shape if is_partitioned(param) else param.shape
         entry = {"step": torch.tensor(float(step))}
         for key in OPTIMIZER_KEYS:
@@ -135,7 +138,7 @@ def full_optimizer_state(engine, model: nn.Module, is_main: bool) -> dict[str, A
             if value is None:
                 raise RuntimeError(f"deepspeed: no optimizer state {key!r} for {name}")
             entry[key] = value.reshape(shape).to("cpu", copy=True) if is_main else value
-        if step and is_main:
+        if is_main:
             state[name] = entry
     if not is_main:
         return None
@@ -149,20 +152,23 @@ def full_optimizer_state(engine, model: nn.Module, is_main: bool) -> dict[str, A
 def _create_optimizer_state(engine) -> None:
     """Give DeepSpeed's inner AdamW its (zero) state before its first step.
 
-    ZeRO 1/2 create the Adam moments of their flat fp32 partitions lazily, in the first
-    `step()`, and only then link each parameter to its slice of them; a checkpoint loaded
-    before that has nowhere to go. Creating the moments as AdamW would (zeros, step 0)
-    and linking them is what that first step does, minus the update.
+    ZeRO creates the Adam moments of its flat fp32 partitions lazily, in the first
+    `step()` (stages 1 and 2 only then link each parameter to its slice of them), so a
+    checkpoint loaded before that has nowhere to go: a `--resume` under ZeRO-3 raised
+    KeyError. Creating the moments as AdamW would (zeros, step 0), and linking them, is
+    what that first step does, minus the update.
     """
     zero_optimizer = engine.optimizer
-    if getattr(zero_optimizer, "_hp_optimizer_states_linked", True):
-        return
     inner = zero_optimizer.optimizer
-    for flat in zero_optimizer.single_partition_of_fp32_groups:
+    flats = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)  # stages 1-2
+    if flats is None:
+        flats = zero_optimizer.fp32_partitioned_groups_flat  # stage 3
+    for flat in flats:
         if not inner.state[flat]:
             inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
                                  "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
-    zero_optimizer._lazy_init_hp_params_optimizer_state()
+    if not getattr(zero_optimizer, "_hp_optimizer_states_linked", True):
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def load_optimizer_state(engine, model: nn.Module, saved: dict[str, Any]) -> None:
