@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,13 +93,16 @@ def test_every_listed_strategy_is_a_setting_the_config_accepts() -> None:
 def test_a_single_process_runs_alone_and_warns_only_when_a_strategy_was_asked_for(
     no_launcher: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """WORLD_SIZE=1 is one process whatever the request; a zero_stage is a request too."""
+    """WORLD_SIZE=1 is one process whatever the request; a zero_stage is a request too;
+    and so is no WORLD_SIZE at all, a plain `resd train`."""
     no_launcher.setenv("WORLD_SIZE", "1")
     with caplog.at_level(logging.WARNING, logger="resd.parallel"):
         assert make_parallel().name == "single"  # the default is `auto`: nothing asked for
         assert not caplog.records
         assert type(make_parallel("auto", zero_stage=3)) is Parallel
     assert "zero_stage 3" in caplog.text
+    no_launcher.delenv("WORLD_SIZE")
+    assert make_parallel("auto").name == "single"
 
 
 def test_a_launcher_with_several_processes_gets_the_strategy_it_asked_for(
@@ -251,12 +255,12 @@ def test_zero_steps_saves_and_loads_as_one_plain_process_does(
     ZeRO-3 checkpoint without its buffers or with the non-persistent ones; the norm not
     returned; a saved state that the engine's later steps change under it; and a save
     before the first update, which DeepSpeed refuses with a TypeError (a run whose first
-    step had nothing to learn, saved then, crashed). Both stages in one process group:
+    step had nothing to learn, saved then, crashed). All stages in one process group:
     DeepSpeed keeps the first group it sees."""
     pytest.importorskip("deepspeed")
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         group_of_one.setenv(name, value)  # what a launcher sets, and DeepSpeed requires
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         check_zero_against_one_plain_process(stage)
 
 
@@ -466,6 +470,52 @@ def test_a_shard_is_read_as_the_whole_tensor(group_of_one: pytest.MonkeyPatch) -
     assert type(full) is torch.Tensor
     torch.testing.assert_close(full, whole)
     assert full_tensor(whole) is whole
+
+
+def collectives_of_rank(rank: int, port: int, out: str) -> None:
+    """One of two processes (torch.multiprocessing.spawn): what each collective returns
+    here, written to `out`/<rank>.json."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    from resd.parallel.ddp import DDP
+
+    ddp = DDP()
+    owned = ddp.shard(list("abcde"))
+    used, unused = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+    used.weight.grad = torch.full((1, 2), float(rank + 1))
+    params = [*used.parameters(), *unused.parameters()]
+    norm = ddp.step(torch.optim.SGD(params, lr=0.0), params, None)
+    results = {
+        "rank": (ddp.rank, ddp.world_size, ddp.local_rank, ddp.is_main),
+        "sum": ddp.sum(rank + 0.5),
+        "max": ddp.max(10 * rank + 3),
+        "gather": ddp.gather({"rank": rank}),
+        "indexed": ddp.gather_indexed([(i, f"{i} from {rank}") for i in owned]),
+        "grad": used.weight.grad.tolist(),
+        "unused_grad": unused.weight.grad.tolist(),
+        "norm": norm,
+    }
+    ddp.close()
+    results["closed"] = not dist.is_initialized()
+    Path(out, f"{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_every_collective(tmp_path: Path) -> None:
+    """Two real processes over gloo: sums, maxima and gathers combine both ranks' values
+    and every rank gets the same answer; a ddp step sums the gradients (a parameter no loss
+    reached takes part as zeros); `close` takes the group down on both. Catches a
+    collective left out (each rank would keep its own value and the ranks diverge)."""
+    torch.multiprocessing.spawn(collectives_of_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    first, second = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert first["rank"] == [0, 2, 0, True] and second["rank"] == [1, 2, 1, False]
+    for results in (first, second):
+        assert results["sum"] == 2.0 and results["max"] == 13
+        assert results["gather"] == [{"rank": 0}, {"rank": 1}]
+        assert results["indexed"] == ["0 from 0", "1 from 1", "2 from 0", "3 from 1", "4 from 0"]
+        assert results["grad"] == [[3.0, 3.0]] and results["unused_grad"] == [[0.0, 0.0]]
+        assert results["norm"] == pytest.approx(3.0 * math.sqrt(2))
+        assert results["closed"]
 
 
 def test_closing_a_process_group_takes_it_down(group_of_one: pytest.MonkeyPatch) -> None:
