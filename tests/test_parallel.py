@@ -333,6 +333,96 @@ def check_zero_against_one_plain_process(stage: int) -> None:
                  ["inner.weight"]["step"]) == 3.0  # fmt: skip
 
 
+def tiny_llama() -> nn.Module:
+    """A two-layer Llama with tied embeddings, as small as FSDP's units allow."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def lm_steps(strategy: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer,
+             count: int) -> list[float]:  # fmt: skip
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    norms = []
+    for _ in range(count):
+        optimizer.zero_grad(set_to_none=True)
+        strategy.backward(model(input_ids=ids, labels=ids).loss)
+        norms.append(strategy.step(optimizer, list(model.parameters()), 1.0))
+    return norms
+
+
+def test_fsdp_steps_saves_and_loads_as_one_plain_process_does(
+    group_of_one: pytest.MonkeyPatch,
+) -> None:
+    """FSDP2 in a real group of one against the same model in one plain process: one unit
+    per decoder layer plus the root; a forward without backward leaves the root gathered
+    (the chunked loss applies its head after the forward) and the layers sharded, until
+    `reshard`; the same gradient norms and weights after clipped steps; a checkpoint of
+    full tensors with the tied head once, and name-keyed optimizer state that each side
+    loads from the other. Catches a layer left out of the units, a root resharded after
+    its forward or never, a gradient divided by a factor, and a checkpoint of shards."""
+    import copy
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from resd.parallel.base import is_dtensor
+    from resd.parallel.fsdp import FSDP
+
+    fsdp, plain = FSDP(), Parallel()
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    assert fsdp.shard_model(model) is model
+    units = {id(m) for m in model.modules() if isinstance(m, FSDPModule)}
+    assert units == {id(model), *(id(layer) for layer in model.model.layers)}
+    with torch.no_grad():  # a teacher's forward
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    assert not is_dtensor(model.model.norm.weight)  # the root stays gathered
+    assert is_dtensor(model.model.layers[0].mlp.up_proj.weight)  # a layer is sharded again
+    fsdp.reshard(model)
+    assert is_dtensor(model.model.norm.weight)
+
+    optimizer, reference_optimizer = adamw(model), adamw(reference)
+    norms = lm_steps(fsdp, model, optimizer, 2)
+    assert norms == pytest.approx(lm_steps(plain, reference, reference_optimizer, 2), rel=1e-5)
+    assert min(norms) > 1.0  # the clip acted
+    weights = fsdp.full_state_dict(model)
+    expected = without_tied_copies(reference, plain.full_state_dict(reference))
+    assert set(weights) == set(expected) and "lm_head.weight" not in weights
+    for name, tensor in expected.items():
+        assert type(weights[name]) is torch.Tensor
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+    saved = fsdp.full_optimizer_state(model, optimizer)
+    torch_saved = plain.full_optimizer_state(reference, reference_optimizer)
+    assert set(saved["state"]) == set(torch_saved["state"]) == set(expected)
+    for name, entry in torch_saved["state"].items():
+        assert float(saved["state"][name]["step"]) == 2.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert type(saved["state"][name][key]) is torch.Tensor
+            torch.testing.assert_close(saved["state"][name][key], entry[key], rtol=1e-5, atol=1e-7)
+
+    # FSDP resumes from the plain process's checkpoint, the plain process from FSDP's
+    resumed = tiny_llama()
+    resumed.load_state_dict(plain.full_state_dict(reference))
+    fsdp.shard_model(resumed)
+    resumed_optimizer = adamw(resumed)
+    fsdp.load_optimizer_state(resumed, resumed_optimizer, copy.deepcopy(torch_saved))
+    plain_model = tiny_llama()
+    plain_model.load_state_dict(weights, strict=False)  # the tied head follows the embedding
+    plain_optimizer = adamw(plain_model)
+    plain.load_optimizer_state(plain_model, plain_optimizer, copy.deepcopy(saved))
+    followed = lm_steps(plain, reference, reference_optimizer, 1)
+    assert lm_steps(fsdp, resumed, resumed_optimizer, 1) == pytest.approx(followed, rel=1e-5)
+    assert lm_steps(plain, plain_model, plain_optimizer, 1) == pytest.approx(followed, rel=1e-5)
+    after = plain.full_state_dict(reference)
+    for state in (fsdp.full_state_dict(resumed), plain.full_state_dict(plain_model)):
+        for name, tensor in state.items():
+            torch.testing.assert_close(tensor, after[name], rtol=1e-5, atol=1e-6)
+
+
 # ---- clipping -----------------------------------------------------------------------------
 
 
