@@ -231,15 +231,15 @@ def adamw(model: nn.Module) -> torch.optim.AdamW:
 
 
 def take_steps(strategy: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer,
-               count: int) -> list[float]:  # fmt: skip
-    """`count` optimizer steps as the trainer takes them: zero, backward, step (clip 1.0)."""
+               count: int, max_grad_norm: float | None = 1.0) -> list[float]:  # fmt: skip
+    """`count` optimizer steps as the trainer takes them: zero, backward, step."""
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     params = [p for p in model.parameters() if p.requires_grad]
     norms = []
     for _ in range(count):
         optimizer.zero_grad(set_to_none=True)
         strategy.backward(strategy.policy(model)(x).pow(2).sum())
-        norms.append(strategy.step(optimizer, params, 1.0))
+        norms.append(strategy.step(optimizer, params, max_grad_norm))
     return norms
 
 
@@ -314,23 +314,29 @@ def check_zero_against_one_plain_process(stage: int) -> None:
     resumed_zero, zero_model = Zero(stage), Small()
     zero_model.load_state_dict(expected)
     zero_optimizer = adamw(zero_model)
-    resumed_zero.prepare(zero_model, zero_optimizer, 1.0)
+    resumed_zero.prepare(zero_model, zero_optimizer, None)  # unclipped from here on
     resumed_zero.load_optimizer_state(zero_model, zero_optimizer, torch_saved)
     plain_model = Small()
     plain_model.load_state_dict(weights)
     plain_optimizer = adamw(plain_model)
     plain.load_optimizer_state(plain_model, plain_optimizer, saved)
-    followed = take_steps(plain, reference, reference_optimizer, 1)
-    assert take_steps(resumed_zero, zero_model, zero_optimizer, 1) == pytest.approx(
+    followed = take_steps(plain, reference, reference_optimizer, 1, None)
+    assert followed[0] > 1.0  # a norm a clip at 1 would have cut
+    assert take_steps(resumed_zero, zero_model, zero_optimizer, 1, None) == pytest.approx(
         followed, rel=1e-5
     )
-    assert take_steps(plain, plain_model, plain_optimizer, 1) == pytest.approx(followed, rel=1e-5)
+    resumed_norm = take_steps(plain, plain_model, plain_optimizer, 1, None)
+    assert resumed_norm == pytest.approx(followed, rel=1e-5)
     after = plain.full_state_dict(reference)
     for state in (resumed_zero.full_state_dict(zero_model), plain.full_state_dict(plain_model)):
         for name in after:
             torch.testing.assert_close(state[name], after[name], rtol=1e-5, atol=1e-6)
     assert float(resumed_zero.full_optimizer_state(zero_model, zero_optimizer)["state"]
                  ["inner.weight"]["step"]) == 3.0  # fmt: skip
+    with pytest.raises(NonFiniteGradient):  # a nan gradient stops the run under ZeRO too
+        zero_optimizer.zero_grad(set_to_none=True)
+        resumed_zero.backward(resumed_zero.policy(zero_model)(torch.ones(1, 4)).sum() * math.nan)
+        resumed_zero.step(zero_optimizer, [], None)
 
 
 def tiny_llama() -> nn.Module:
