@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -581,6 +582,12 @@ def collectives_of_rank(rank: int, port: int, out: str) -> None:
     used.weight.grad = torch.full((1, 2), float(rank + 1))
     params = [*used.parameters(), *unused.parameters()]
     norm = ddp.step(torch.optim.SGD(params, lr=0.0), params, None)
+    arrived = Path(out, "rank 1 arrived")  # written by rank 1 late, just before each barrier
+    if rank == 1:
+        time.sleep(0.5)
+        arrived.write_text("barrier")
+    ddp.barrier()
+    waited = {"barrier": arrived.exists()}
     results = {
         "rank": (ddp.rank, ddp.world_size, ddp.local_rank, ddp.is_main),
         "sum": ddp.sum(rank + 0.5),
@@ -591,8 +598,12 @@ def collectives_of_rank(rank: int, port: int, out: str) -> None:
         "unused_grad": unused.weight.grad.tolist(),
         "norm": norm,
     }
+    if rank == 1:
+        time.sleep(0.5)
+        arrived.write_text("close")
     ddp.close()
-    results["closed"] = not dist.is_initialized()
+    waited["close"] = arrived.read_text() == "close"
+    results["closed"], results["waited"] = not dist.is_initialized(), waited
     Path(out, f"{rank}.json").write_text(json.dumps(results))
 
 
@@ -600,7 +611,8 @@ def collectives_of_rank(rank: int, port: int, out: str) -> None:
 def test_two_processes_agree_on_every_collective(tmp_path: Path) -> None:
     """Two real processes over gloo: sums, maxima and gathers combine both ranks' values
     and every rank gets the same answer; a ddp step sums the gradients (a parameter no loss
-    reached takes part as zeros); `close` takes the group down on both. Catches a
+    reached takes part as zeros); `barrier` and `close` wait for the late rank, and `close`
+    takes the group down on both. Catches a
     collective left out (each rank would keep its own value and the ranks diverge)."""
     torch.multiprocessing.spawn(collectives_of_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     first, second = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
@@ -612,6 +624,8 @@ def test_two_processes_agree_on_every_collective(tmp_path: Path) -> None:
         assert results["grad"] == [[3.0, 3.0]] and results["unused_grad"] == [[0.0, 0.0]]
         assert results["norm"] == pytest.approx(3.0 * math.sqrt(2))
         assert results["closed"]
+        # rank 0 passed each barrier only once rank 1 was there (it arrives 0.5 s late)
+        assert results["waited"] == {"barrier": True, "close": True}
 
 
 def test_closing_a_process_group_takes_it_down(group_of_one: pytest.MonkeyPatch) -> None:
