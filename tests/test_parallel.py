@@ -643,11 +643,20 @@ def test_fsdp_refuses_a_model_that_names_no_decoder_layer(
     group_of_one: pytest.MonkeyPatch,
 ) -> None:
     """FSDP shards one unit per decoder layer, found by `_no_split_modules`; a model that
-    declares none is a config error naming its class, not a run with one huge unit."""
+    declares none is a config error naming its class, not a run with one huge unit. A
+    PEFT model is sharded by its base model's layers."""
     from resd.parallel.fsdp import FSDP
 
     with pytest.raises(ConfigError, match=r"fsdp needs .* which Linear does not declare"):
         FSDP().shard_model(nn.Linear(2, 2))
+    # a LoRA model declares nothing itself; its base model's layers are found through it
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    FSDP().shard_model(lora)
+    layers = lora.get_base_model().model.layers
+    assert all(isinstance(layer, FSDPModule) for layer in layers)
 
 
 def test_a_missing_deepspeed_is_named_before_the_process_group_is_made(

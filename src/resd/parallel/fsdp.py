@@ -29,9 +29,8 @@ class FSDP(ProcessGroup):
         """
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        # a PEFT model answers for its base model: attribute lookups fall through to it
         layer_types = set(getattr(model, "_no_split_modules", None) or [])
-        base = getattr(model, "get_base_model", lambda: model)()
-        layer_types |= set(getattr(base, "_no_split_modules", None) or [])
         layers = [m for m in model.modules() if type(m).__name__ in layer_types]
         if not layers:
             raise ConfigError(
