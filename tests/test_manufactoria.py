@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from resd.envs.manufactoria import (
     score_program,
     score_response,
 )
-from resd.envs.manufactoria_problems import FAMILIES, LEVELS
+from resd.envs.manufactoria_problems import ACCEPTANCE_TESTS, FAMILIES, LEVELS, TRANSFORM_TESTS
 
 STARTS_WITH_R = """\
 START start:
@@ -330,6 +333,150 @@ def test_generation_is_deterministic_and_independent_of_the_selection():
     assert first != other
     only = [p.to_dict() for p in generate_problems(5, families=["ends_with"], n_per_level=3)]
     assert only == [p for p in first if p["family"] == "ends_with"]
+
+
+def parameters(problem: Problem) -> str:
+    """What a generated problem's name encodes between its family and its colour count."""
+    head, tail = f"{problem.family}_", f"_{len(problem.colors)}c"
+    assert problem.name.startswith(head) and problem.name.endswith(tail), problem.name
+    return problem.name[len(head) : -len(tail)]
+
+
+TASK_SENTENCE = {
+    "starts_with": "Accept the tape if it starts with {p}; otherwise reject it.",
+    "ends_with": "Accept the tape if it ends with {p}; otherwise reject it.",
+    "exact_sequence": "Accept the tape only if it is exactly {p}, with nothing before or after",
+    "contains_substring": "Accept the tape if it contains {p} as a contiguous sequence anywhere",
+    "contains_ordered": "Accept the tape if it contains the colours {shown} in this order",
+    "append_sequence": "Append {p} to the end of the tape",
+    "prepend_sequence": "Put {p} in front of the tape",
+}
+
+
+def test_each_problem_says_what_its_name_and_tests_hold():
+    """The model reads only the description, and SDFT shows it the reference solution:
+    both must state the problem's own parameters, its colours, and examples that its
+    tests agree with. Catches a description or title that lost its rule, pattern,
+    colours or an example, an example given the wrong verdict, a family built as another
+    (a starts_with problem that checks `contains`), and a name that no longer encodes
+    the parameters (names dedupe the pool)."""
+    colour_words = {"RB": "R and B", "RBYG": "R, B, Y and G"}
+    for problem in generate_problems(0, n_per_level=4):
+        p, family = parameters(problem), problem.family
+        text, first_line = problem.description, problem.solution.splitlines()[0]
+        if family == "contains_count":
+            mode, k, colour = re.fullmatch(r"(exactly|atleast)(\d)([RBYG])", p).groups()
+            rule = f"{'exactly' if mode == 'exactly' else 'at least'} {k}"
+            assert text.startswith(f"Accept the tape if it contains {rule} {colour} symbols")
+            assert first_line == f"# accept iff the tape holds {rule} {colour}"
+        else:
+            assert text.startswith(TASK_SENTENCE[family].format(p=p, shown=", ".join(p)))
+            assert first_line.startswith("# ") and p in first_line.replace(", ", "")
+        if family == "prepend_sequence":
+            assert "Input tapes contain only the colours R and B;" in text
+        else:
+            assert f"Input tapes contain only the colours {colour_words[problem.colors]}." in text
+        verdicts = {t.input: t for t in problem.test_cases}
+        if family in ("append_sequence", "prepend_sequence"):
+            before, after = re.search(r"For example, (\w+) must become (\w+)\.", text).groups()
+            assert verdicts[before].expected_output == after
+        else:
+            yes, no = re.search(
+                r"For example, (\w+) is accepted and (\w+) is rejected\.", text
+            ).groups()
+            assert verdicts[yes].expected_accepted and not verdicts[no].expected_accepted
+        assert text.endswith(".") and "None" not in text
+
+
+def test_each_family_tests_its_edge_cases():
+    """Tests begin with the empty tape and the family's edge cases (the pattern, a near
+    miss of one changed symbol, the pattern cut short at either end, the pattern doubled
+    or with one more symbol, counts either side of the limit), then random tapes up to the
+    quota. Catches an edge case dropped or miscut, and random tapes that never arrive."""
+    for problem in generate_problems(0, n_per_level=4):
+        p, family = parameters(problem), problem.family
+        inputs = [t.input for t in problem.test_cases]
+        assert inputs[0] == ""
+        if family in ("append_sequence", "prepend_sequence"):
+            assert len(inputs) == TRANSFORM_TESTS
+            assert ("RB" * 3 if family == "prepend_sequence" else p) in inputs
+            continue
+        assert len(inputs) == ACCEPTANCE_TESTS
+        if family == "contains_count":
+            _, k, colour = re.fullmatch(r"(exactly|atleast)(\d)([RBYG])", p).groups()
+            others = "".join(c for c in problem.colors if c != colour)
+            for count in (int(k) - 1, int(k), int(k) + 1):
+                assert colour * count in inputs, problem.name
+            assert others * 2 in inputs
+            continue
+        assert inputs[1] == p and p[:-1] in inputs, problem.name
+        if family == "contains_ordered":
+            assert p[::-1] in inputs
+            continue
+        assert p[1:] in inputs, problem.name
+        near = inputs[2]
+        assert len(near) == len(p) and sum(a != b for a, b in zip(near, p, strict=True)) == 1, (
+            problem.name
+        )
+        longer = [t for t in inputs if len(t) > len(p)]
+        if family == "starts_with":
+            assert any(t.startswith(p) for t in longer)
+        elif family == "ends_with":
+            assert p + p in inputs and any(t.endswith(p) and t != p + p for t in longer)
+        elif family == "exact_sequence":
+            assert p + p in inputs
+            assert any(p + c in inputs for c in problem.colors)
+            assert any(c + p in inputs for c in problem.colors)
+        else:  # contains_substring: a partial match that breaks off, then the real one
+            traps = {p[:k] + p for k in range(1, len(p))}
+            assert len(p) == 1 or traps & set(inputs), problem.name
+            assert any(p in t[1:-1] for t in longer)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every consumer
+        problem.test_cases[0].input = "R"
+
+
+def test_levels_are_the_documented_table_and_each_gets_what_was_asked():
+    """The module's table of levels, patterns drawn within their level's lengths, and
+    `n_per_level` problems for every (family, level) that has that many."""
+    assert {n: (v.colors, v.min_len, v.max_len) for n, v in LEVELS.items()} == {
+        1: ("RB", 1, 2), 2: ("RB", 3, 5), 3: ("RBYG", 1, 2), 4: ("RBYG", 3, 5),
+    }  # fmt: skip
+    counts: dict[tuple[str, int], int] = defaultdict(int)
+    for problem in generate_problems(1, n_per_level=3):
+        counts[(problem.family, problem.level)] += 1
+        if problem.family != "contains_count":
+            level = LEVELS[problem.level]
+            assert level.min_len <= len(parameters(problem)) <= level.max_len, problem.name
+    assert counts == {(f, level): 3 for f in FAMILIES for level in LEVELS}
+
+
+def test_reference_solutions_explain_their_states():
+    """The reference programs are SDFT's demonstrations: every state of an automaton
+    carries a comment saying what it has seen, and the prepend program says where it
+    writes the prefix. Catches a note lost or attached to the wrong block."""
+    for problem in generate_problems(2, n_per_level=2):
+        for block in problem.solution.split("\n\n"):
+            nodes = [line for line in block.splitlines() if not line.startswith("#")]
+            if not nodes:  # the title
+                continue
+            node = nodes[0].split()[1].rstrip(":")
+            if re.fullmatch(r"s\d+", node):
+                assert block.startswith(f"# {node}: "), (problem.name, block)
+            elif node == "prefix0":
+                assert block.startswith("# write the new prefix behind the marker\n")
+            elif node.startswith("prefix"):
+                assert not block.startswith("#"), (problem.name, block)
+
+
+def test_the_generated_pool_is_the_one_runs_were_made_on():
+    """Seed 0's first problems of every family and level, with their descriptions, tests
+    and reference solutions, byte for byte as the generator has made them since 537402e
+    (the code of every recorded manufactoria run). Catches a change to the generator that would silently give a seed other problems,
+    so that runs before and after it are no longer comparable; a deliberate change
+    updates this digest and says so in docs/results.md."""
+    pool = json.dumps([p.to_dict() for p in generate_problems(0, n_per_level=3)], sort_keys=True)
+    digest = hashlib.sha256(pool.encode()).hexdigest()
+    assert digest == "2bad85f653c260e9dbecb1125e0d03784881b3878e31f610fdebe695618559f9"
 
 
 def test_small_levels_run_out_of_distinct_patterns():
