@@ -245,7 +245,7 @@ def take_steps(strategy: Parallel, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def test_zero_steps_saves_and_loads_as_one_plain_process_does(
-    group_of_one: pytest.MonkeyPatch,
+    group_of_one: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A real DeepSpeed engine in a group of one against torch's AdamW in one plain
     process: the same norms and weights after clipped steps, and checkpoints in one
@@ -261,12 +261,17 @@ def test_zero_steps_saves_and_loads_as_one_plain_process_does(
     pytest.importorskip("deepspeed")
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         group_of_one.setenv(name, value)  # what a launcher sets, and DeepSpeed requires
+    # ZeRO-3 keeps parameters under 100,000 elements whole (all of a tiny model's): a
+    # threshold of 0 partitions every one, so the gathers are what is tested
+    config = tmp_path / "deepspeed.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    group_of_one.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
     for stage in (1, 2, 3):
         check_zero_against_one_plain_process(stage)
 
 
 def check_zero_against_one_plain_process(stage: int) -> None:
-    from resd.parallel.zero import Zero
+    from resd.parallel.zero import Zero, is_partitioned
 
     plain, reference = Parallel(), Small()
     reference_optimizer = adamw(reference)
@@ -274,6 +279,8 @@ def check_zero_against_one_plain_process(stage: int) -> None:
     optimizer = adamw(model)
     zero.prepare(model, optimizer, 1.0)
     assert zero.policy(model) is zero.engine and zero.policy(reference) is reference
+    partitioned = [is_partitioned(p) and p.numel() == 0 for p in model.parameters()]
+    assert all(partitioned) if stage == 3 else not any(partitioned)
     assert zero.full_optimizer_state(model, optimizer)["state"] == {}  # no step yet
 
     norms = take_steps(zero, model, optimizer, 2)
