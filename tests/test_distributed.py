@@ -34,7 +34,8 @@ def free_port() -> int:
 
 def run(
     tmp_path: Path, tiny_model_dir: Path, name: str, processes: int, *,
-    launch_config: str | None = None, resume: bool = False, **overrides,
+    launch_config: str | None = None, resume: bool = False, launch_args: tuple[str, ...] = (),
+    **overrides,
 ) -> Path:  # fmt: skip
     (tmp_path / "seed.md").write_text(SEED_PLAYBOOK)
     cfg = {
@@ -53,7 +54,7 @@ def run(
     else:
         launcher = [str(Path(sys.executable).with_name("accelerate")), "launch"]
         if launch_config:
-            launcher += ["--config_file", str(ROOT / launch_config)]
+            launcher += ["--config_file", str(ROOT / launch_config), *launch_args]
         else:
             launcher.append("--multi_gpu")  # torchrun-style processes; gloo when there is no GPU
         # No `--cpu`: with it, accelerate starts a single process and leaves the rest to MPI.
@@ -228,8 +229,15 @@ def test_deepspeed_zero_matches_one_process_and_its_checkpoint_resumes_unsharded
 ):
     pytest.importorskip("deepspeed")
     name = f"zero{stage}"
-    run(tmp_path, tiny_model_dir, name, 2, launch_config=f"configs/accelerate/deepspeed_zero{stage}.yaml",
-        save_every=2)  # fmt: skip
+    # ZeRO-3 keeps parameters under 100,000 elements whole, all of the tiny model's: a
+    # threshold of 0 partitions them, so the runs gather across the two processes
+    partition_all = tmp_path / "deepspeed.json"
+    partition_all.write_text(
+        json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    )
+    zero = {"launch_config": f"configs/accelerate/deepspeed_zero{stage}.yaml",
+            "launch_args": ("--deepspeed_config_file", str(partition_all))}  # fmt: skip
+    run(tmp_path, tiny_model_dir, name, 2, save_every=2, **zero)
     assert_same_run(one_process, tmp_path / name)
     summary = json.loads((tmp_path / name / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"]) == ("deepspeed", 2)
@@ -238,7 +246,6 @@ def test_deepspeed_zero_matches_one_process_and_its_checkpoint_resumes_unsharded
     )
     # ZeRO's name-keyed optimizer state loaded by two processes, into an engine that has
     # not stepped yet (catches the ZeRO-3 resume that raised KeyError: 'exp_avg')
-    zero = {"launch_config": f"configs/accelerate/deepspeed_zero{stage}.yaml"}
     assert_same_run(
         one_process, resume_elsewhere(tmp_path, tiny_model_dir, one_process, "1to2", 2, **zero)
     )
