@@ -327,6 +327,8 @@ def test_tests_tell_problems_of_one_family_apart():
 
 def test_generation_is_deterministic_and_independent_of_the_selection():
     first = [p.to_dict() for p in generate_problems(5, n_per_level=3)]
+    # seed 0 by default, the pool the environment draws when no seed is given
+    assert generate_problems(n_per_level=1) == generate_problems(0, n_per_level=1)
     again = [p.to_dict() for p in generate_problems(5, n_per_level=3)]
     assert first == again
     other = [p.to_dict() for p in generate_problems(6, n_per_level=3)]
@@ -763,6 +765,14 @@ def test_loader_reads_the_public_schema(tmp_path: Path):
     assert problems[0].test_cases == STARTS_WITH_R_TESTS
     assert problems[0].colors == "RB" and problems[1].colors == "RBYG"
     assert problems[1].solution is None
+    # the public rows need only input and verdict: no output check, no family or level
+    # (catches a missing check_output read as true, which would compare final tapes)
+    bare_path = tmp_path / "bare.jsonl"
+    bare_path.write_text(json.dumps({"name": "bare", "description": "Accept R.",
+                                     "test_cases": [{"input": "R", "expected_accepted": True}]}))  # fmt: skip
+    [bare] = load_problems(bare_path)
+    assert bare.test_cases == [TestCase("R", True, "", check_output=False)]
+    assert (bare.family, bare.level) == ("", 0)
     assert problems[1].test_cases == [TestCase("R", True, "RY", True)]
 
     env = ManufactoriaEnv(path=str(path), test_fraction=0.5)
