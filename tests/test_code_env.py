@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from typing import Any
 
@@ -325,6 +326,25 @@ def test_builtin_problem_set_is_well_formed():
         assert len(p.tests) >= 4, p.name
         assert f"`{p.entry_point}(" in p.prompt, p.name
         json.dumps(p.tests)  # plain JSON, so items can be logged and exported
+
+
+@pytest.mark.parametrize(
+    ("record", "named"),
+    [({"name": "sum_two", "difficulty": "trivial"}, "sum_two"), ({"difficulty": None}, "?")],
+)
+def test_a_malformed_builtin_record_is_refused_naming_the_file_and_problem(
+    record: dict, named: str
+) -> None:
+    """The shipped data file is read at import: a record with a difficulty outside
+    easy/medium/hard (or none) fails there, naming the file and the problem (or `?`),
+    instead of a problem the difficulty split would silently leave out."""
+    from resd.envs.code_problems import _problem
+
+    expected = (
+        f"data/code_problems.json: {named}: difficulty must be one of ('easy', 'medium', 'hard')"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        _problem(record)
 
 
 def test_every_builtin_reference_passes_all_its_tests():
