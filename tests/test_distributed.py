@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("accelerate") is
 
 
 ROOT = TESTS.parent
+# DeepSpeed's ZeRO-3 keeps parameters under 100,000 elements whole, which is all of a tiny
+# model's: with this zero_optimization setting every one is partitioned and gathered
+PARTITION_EVERY_PARAMETER = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 
 def free_port() -> int:
@@ -229,12 +232,9 @@ def test_deepspeed_zero_matches_one_process_and_its_checkpoint_resumes_unsharded
 ):
     pytest.importorskip("deepspeed")
     name = f"zero{stage}"
-    # ZeRO-3 keeps parameters under 100,000 elements whole, all of the tiny model's: a
-    # threshold of 0 partitions them, so the runs gather across the two processes
+    # the runs gather across the two processes (see PARTITION_EVERY_PARAMETER)
     partition_all = tmp_path / "deepspeed.json"
-    partition_all.write_text(
-        json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    )
+    partition_all.write_text(json.dumps(PARTITION_EVERY_PARAMETER))
     zero = {"launch_config": f"configs/accelerate/deepspeed_zero{stage}.yaml",
             "launch_args": ("--deepspeed_config_file", str(partition_all))}  # fmt: skip
     run(tmp_path, tiny_model_dir, name, 2, save_every=2, **zero)

@@ -344,6 +344,12 @@ def parameters(problem: Problem) -> str:
     return problem.name[len(head) : -len(tail)]
 
 
+def count_rule(p: str) -> tuple[str, int, str]:
+    """A contains_count problem's parameters: `exactly` or `atleast`, the count, the colour."""
+    mode, k, colour = re.fullmatch(r"(exactly|atleast)(\d)([RBYG])", p).groups()
+    return mode, int(k), colour
+
+
 TASK_SENTENCE = {
     "starts_with": "Accept the tape if it starts with {p}; otherwise reject it.",
     "ends_with": "Accept the tape if it ends with {p}; otherwise reject it.",
@@ -367,7 +373,7 @@ def test_each_problem_says_what_its_name_and_tests_hold():
         p, family = parameters(problem), problem.family
         text, first_line = problem.description, problem.solution.splitlines()[0]
         if family == "contains_count":
-            mode, k, colour = re.fullmatch(r"(exactly|atleast)(\d)([RBYG])", p).groups()
+            mode, k, colour = count_rule(p)
             rule = f"{'exactly' if mode == 'exactly' else 'at least'} {k}"
             assert text.startswith(f"Accept the tape if it contains {rule} {colour} symbols")
             assert first_line == f"# accept iff the tape holds {rule} {colour}"
@@ -405,9 +411,9 @@ def test_each_family_tests_its_edge_cases():
             continue
         assert len(inputs) == ACCEPTANCE_TESTS
         if family == "contains_count":
-            _, k, colour = re.fullmatch(r"(exactly|atleast)(\d)([RBYG])", p).groups()
+            _, k, colour = count_rule(p)
             others = "".join(c for c in problem.colors if c != colour)
-            for count in (int(k) - 1, int(k), int(k) + 1):
+            for count in (k - 1, k, k + 1):
                 assert colour * count in inputs, problem.name
             assert others * 2 in inputs
             continue
@@ -473,9 +479,10 @@ def test_reference_solutions_explain_their_states():
 def test_the_generated_pool_is_the_one_runs_were_made_on():
     """Seed 0's first problems of every family and level, with their descriptions, tests
     and reference solutions, byte for byte as the generator has made them since 537402e
-    (the code of every recorded manufactoria run). Catches a change to the generator that would silently give a seed other problems,
-    so that runs before and after it are no longer comparable; a deliberate change
-    updates this digest and says so in docs/results.md."""
+    (the code of every recorded manufactoria run). Catches a change to the generator
+    that would silently give a seed other problems, so that runs before and after it are
+    no longer comparable; a deliberate change updates this digest and says so in
+    docs/results.md."""
     pool = json.dumps([p.to_dict() for p in generate_problems(0, n_per_level=3)], sort_keys=True)
     digest = hashlib.sha256(pool.encode()).hexdigest()
     assert digest == "2bad85f653c260e9dbecb1125e0d03784881b3878e31f610fdebe695618559f9"

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from resd.config import ConfigError, load_config
 from resd.parallel import STRATEGIES, Parallel, make_parallel, resolve_strategy, tied_aliases
 from resd.parallel.base import NonFiniteGradient, clip_gradients, without_tied_copies
 from resd.parallel.zero import load_optimizer_state, zero_options
-from test_distributed import free_port
+from test_distributed import PARTITION_EVERY_PARAMETER, free_port
 
 LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
               "ACCELERATE_DEEPSPEED_CONFIG_FILE", "WORLD_SIZE", "RANK", "LOCAL_RANK")  # fmt: skip
@@ -231,15 +231,24 @@ def adamw(model: nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(trainable, lr=0.1, weight_decay=0.01)
 
 
+def small_loss(policy: nn.Module) -> torch.Tensor:
+    return policy(torch.randn(5, 4, generator=torch.Generator().manual_seed(1))).pow(2).sum()
+
+
+def lm_loss(policy: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return policy(input_ids=ids, labels=ids).loss
+
+
 def take_steps(strategy: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer,
-               count: int, max_grad_norm: float | None = 1.0) -> list[float]:  # fmt: skip
+               count: int, max_grad_norm: float | None = 1.0,
+               loss: Callable[[nn.Module], torch.Tensor] = small_loss) -> list[float]:  # fmt: skip
     """`count` optimizer steps as the trainer takes them: zero, backward, step."""
-    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     params = [p for p in model.parameters() if p.requires_grad]
     norms = []
     for _ in range(count):
         optimizer.zero_grad(set_to_none=True)
-        strategy.backward(strategy.policy(model)(x).pow(2).sum())
+        strategy.backward(loss(strategy.policy(model)))
         norms.append(strategy.step(optimizer, params, max_grad_norm))
     return norms
 
@@ -264,7 +273,7 @@ def test_zero_steps_saves_and_loads_as_one_plain_process_does(
     # ZeRO-3 keeps parameters under 100,000 elements whole (all of a tiny model's): a
     # threshold of 0 partitions every one, so the gathers are what is tested
     config = tmp_path / "deepspeed.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    config.write_text(json.dumps(PARTITION_EVERY_PARAMETER))
     group_of_one.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
     for stage in (1, 2, 3):
         check_zero_against_one_plain_process(stage)
@@ -357,17 +366,6 @@ def tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def lm_steps(strategy: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer,
-             count: int) -> list[float]:  # fmt: skip
-    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
-    norms = []
-    for _ in range(count):
-        optimizer.zero_grad(set_to_none=True)
-        strategy.backward(model(input_ids=ids, labels=ids).loss)
-        norms.append(strategy.step(optimizer, list(model.parameters()), 1.0))
-    return norms
-
-
 def test_fsdp_steps_saves_and_loads_as_one_plain_process_does(
     group_of_one: pytest.MonkeyPatch,
 ) -> None:
@@ -399,8 +397,10 @@ def test_fsdp_steps_saves_and_loads_as_one_plain_process_does(
     assert is_dtensor(model.model.norm.weight)
 
     optimizer, reference_optimizer = adamw(model), adamw(reference)
-    norms = lm_steps(fsdp, model, optimizer, 2)
-    assert norms == pytest.approx(lm_steps(plain, reference, reference_optimizer, 2), rel=1e-5)
+    norms = take_steps(fsdp, model, optimizer, 2, loss=lm_loss)
+    assert norms == pytest.approx(
+        take_steps(plain, reference, reference_optimizer, 2, loss=lm_loss), rel=1e-5
+    )
     assert min(norms) > 1.0  # the clip acted
     weights = fsdp.full_state_dict(model)
     expected = without_tied_copies(reference, plain.full_state_dict(reference))
@@ -428,9 +428,13 @@ def test_fsdp_steps_saves_and_loads_as_one_plain_process_does(
     plain_model.load_state_dict(weights, strict=False)  # the tied head follows the embedding
     plain_optimizer = adamw(plain_model)
     plain.load_optimizer_state(plain_model, plain_optimizer, copy.deepcopy(saved))
-    followed = lm_steps(plain, reference, reference_optimizer, 1)
-    assert lm_steps(fsdp, resumed, resumed_optimizer, 1) == pytest.approx(followed, rel=1e-5)
-    assert lm_steps(plain, plain_model, plain_optimizer, 1) == pytest.approx(followed, rel=1e-5)
+    followed = take_steps(plain, reference, reference_optimizer, 1, loss=lm_loss)
+    assert take_steps(fsdp, resumed, resumed_optimizer, 1, loss=lm_loss) == pytest.approx(
+        followed, rel=1e-5
+    )
+    assert take_steps(plain, plain_model, plain_optimizer, 1, loss=lm_loss) == pytest.approx(
+        followed, rel=1e-5
+    )
     after = plain.full_state_dict(reference)
     for state in (fsdp.full_state_dict(resumed), plain.full_state_dict(plain_model)):
         for name, tensor in state.items():
@@ -619,8 +623,8 @@ def test_two_processes_agree_on_every_collective(tmp_path: Path) -> None:
     """Two real processes over gloo: sums, maxima and gathers combine both ranks' values
     and every rank gets the same answer; a ddp step sums the gradients (a parameter no loss
     reached takes part as zeros); `barrier` and `close` wait for the late rank, and `close`
-    takes the group down on both. Catches a
-    collective left out (each rank would keep its own value and the ranks diverge)."""
+    takes the group down on both. Catches a collective left out (each rank would keep its
+    own value and the ranks diverge)."""
     torch.multiprocessing.spawn(collectives_of_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     first, second = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
     assert first["rank"] == [0, 2, 0, True] and second["rank"] == [1, 2, 1, False]
