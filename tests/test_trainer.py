@@ -51,10 +51,11 @@ PREFILLS = {
 }
 
 
-def config(tiny_model_dir: Path, out: Path, *extra: str):
-    (out.parent / "seed-playbook.md").write_text(SEED_PLAYBOOK)
+def config(tiny_model_dir: Path, out: Path, *extra: str, prefills: dict[str, str] = PREFILLS,
+           seed_playbook: str = SEED_PLAYBOOK):  # fmt: skip
+    (out.parent / "seed-playbook.md").write_text(seed_playbook)
     return build_config(apply_overrides(
-        PREFILLS,
+        prefills,
         [
             f"model={tiny_model_dir}", f"output_dir={out}", "env=toy_envs:ParityEnv", "steps=4",
             "batch_size=4", "inner_updates=2", "max_new_tokens=12", "reflection_max_new_tokens=12",
@@ -593,6 +594,34 @@ def test_playbook_history_records_each_steps_additions_and_prunings(tiny_model_d
     assert history[0]["added"] == ["err-00002"] and history[0]["removed"] == []
     assert history[2]["removed"] == ["err-00002"]  # unused for more than one step
     assert [len(h["removed"]) for h in history] == [m["playbook_removed"] for m in metrics]
+
+
+@pytest.mark.parametrize(
+    ("operation", "removed", "added"),
+    [
+        ({"type": "DELETE", "id": "strat-00001"}, ["strat-00001"], []),
+        ({"type": "MERGE", "ids": ["strat-00001", "strat-00002"],
+          "content": "Keep replies short and of even length."}, ["strat-00001", "strat-00002"], ["strat-00003"]),
+    ],
+    ids=["delete", "merge"],
+)  # fmt: skip
+def test_the_curators_deletions_and_merges_count_as_removed(
+    tiny_model_dir, tmp_path, operation, removed, added
+):
+    """A curator's DELETE or MERGE takes entries out of the playbook: `playbook_removed` and
+    the history's `removed` name them, as they name the entries pruning drops. Catches the
+    step that counted only pruning, so a playbook shrank by a deletion with nothing
+    removed in its metrics or its timeline (found on a SmolLM2 run: size 2 → 1, removed 0)."""
+    seed = SEED_PLAYBOOK + "[strat-00002] helpful=1 harmful=0 :: Count the characters first.\n"
+    prefills = {**PREFILLS, "curation_prefill": json.dumps({"operations": [operation]})}
+    out = tmp_path / "r"
+    trainer = Trainer(config(tiny_model_dir, out, prefills=prefills, seed_playbook=seed))
+    metrics = trainer.train_step([], scripted(trainer, 0.0))
+    (history,) = read_jsonl(out / "playbook_history.jsonl")
+    assert metrics["ops_applied"] == 1  # the other curators name entries already gone
+    assert history["removed"] == removed and metrics["playbook_removed"] == len(removed)
+    assert history["added"] == added and metrics["playbook_added"] == len(added)
+    assert metrics["playbook_size"] == 2 - len(removed) + len(added) == len(trainer.playbook)
 
 
 def test_a_step_without_curation_omits_nothing_from_the_curator(tiny_model_dir, tmp_path):

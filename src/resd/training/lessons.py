@@ -287,6 +287,7 @@ class Lessons:
             changes.applied["ops_skipped"] += report.skipped
             changes.applied.update({f"ops_skipped_{k}": v for k, v in report.reasons.items()})
             changes.added += report.added
+            changes.removed += report.removed  # DELETE and MERGE
         if len(self.playbook) > self.cfg.playbook_max_entries:
             changes.removed += self.playbook.prune(step, policy=self.cfg.playbook_policy,
                                                      max_entries=self.cfg.playbook_max_entries, seed=self.cfg.seed + step)  # fmt: skip
