@@ -113,6 +113,28 @@ def test_a_resumed_lora_policy_samples_with_its_trained_adapter_from_the_first_s
     torch.testing.assert_close(sampled.float(), merged, rtol=1e-2, atol=2e-3)  # bf16 rounding
 
 
+def test_wrapping_a_model_in_an_adapter_prints_no_futurewarning(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a
+    model. Catches the FutureWarning that then printed on every LoRA run (a new adapter
+    and a resumed one) and on every `resd eval` of an adapter, and a silencing that
+    outlives the wrapping."""
+    import warnings
+
+    from resd.analysis import eval_cli
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", "device=cpu", "lora={r: 2}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model, _ = load_policy(cfg, Parallel(), None)
+        model.save_pretrained(tmp_path / "adapter")
+        load_policy(cfg, Parallel(), tmp_path / "adapter")
+        eval_cli.load_policy(tmp_path / "adapter", device="cpu")
+        with pytest.raises(FutureWarning, match="is_gradient_checkpointing"):
+            model.base_model.model.is_gradient_checkpointing  # noqa: B018 (still deprecated)
+
+
 def tiny_qwen2() -> torch.nn.Module:
     """A one-layer Qwen2 with random weights: like the bundled 0.5B model, its q/k/v
     projections carry biases (the tiny Llama's layers have none)."""

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -329,6 +330,19 @@ def load_model(
 
         use_packed_sdpa(model)
     return model
+
+
+@contextmanager
+def quiet_peft_wrapping() -> Iterator[None]:
+    """Wrap a model in a peft adapter without the FutureWarning peft causes. peft reads
+    transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, so
+    every LoRA run and every `resd eval` of an adapter printed a warning the user can
+    neither act on nor silence; any other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def _contiguous_first(_module: torch.nn.Module, args: tuple) -> tuple:

@@ -130,7 +130,14 @@ def load_policy(
     (prompt + new tokens) replaces the tokenizer's saved limit: a checkpoint stores the
     training run's, which may be shorter than what an evaluation asks for.
     """
-    from resd.models import DTYPES, load_model, load_tokenizer, pick_device, resolve_dtype
+    from resd.models import (
+        DTYPES,
+        load_model,
+        load_tokenizer,
+        pick_device,
+        quiet_peft_wrapping,
+        resolve_dtype,
+    )
 
     dtype = resolve_dtype(dtype, pick_device(device))
     int8 = dtype == "int8"  # fp32 weights, plus int8 copies that decode steps read
@@ -148,7 +155,8 @@ def load_policy(
 
         base = adapter_base_model(path, base_model)
         base_model = load_model(base, dtype="float32", device=device, init_kwargs=init_kwargs)
-        model = PeftModel.from_pretrained(base_model, path)
+        with quiet_peft_wrapping():
+            model = PeftModel.from_pretrained(base_model, path)
         model = model.merge_and_unload().to(DTYPES[dtype])
         # Checkpoints save the tokenizer beside the adapter; a bare adapter may not.
         tokenizer = load_tokenizer(

@@ -24,7 +24,14 @@ from resd.generation.base import Generation, Sampler
 from resd.generation.hf import PrefixCache, TransformersSampler, eos_token_ids
 from resd.generation.int8 import quantize_for_decoding
 from resd.generation.structured import JsonGrammar, StructuredOutputUnavailable
-from resd.models import DTYPES, autocast_dtype, fast_bfloat16, load_model, resolve_model_path
+from resd.models import (
+    DTYPES,
+    autocast_dtype,
+    fast_bfloat16,
+    load_model,
+    quiet_peft_wrapping,
+    resolve_model_path,
+)
 from resd.parallel import Parallel
 from resd.training.teacher import is_peft
 
@@ -84,10 +91,11 @@ def load_policy(
     base = load_model(cfg.model, dtype=cfg.dtype, device=device, init_kwargs=cfg.model_init_kwargs)
     base_copy = copy.deepcopy(base) if keep_base else None
     _checkpointed(base, cfg)
-    if checkpoint:
-        model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
-    else:
-        model = get_peft_model(base, lora)
+    with quiet_peft_wrapping():
+        if checkpoint:
+            model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+        else:
+            model = get_peft_model(base, lora)
     compute = autocast_dtype(device, cfg.autocast)
     if compute is not None and not parallel.sharded:  # FSDP / ZeRO shard one dtype
         cast_frozen_linears(model, compute)
