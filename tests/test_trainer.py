@@ -91,6 +91,10 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
             assert m["time_reflect"] > 0 and m["time_curate"] > 0
             assert m["reflection_parse_failures"] == 0 and m["tags_applied"] >= failures
         assert m["distilled"] >= failures and m["loss"] > 0
+        # every entry that came or went is named: the sizes add up
+        assert m["playbook_size"] == (
+            m["playbook_size_before"] + m["playbook_added"] - m["playbook_removed"]
+        )
     # The process's peak in GiB (not KiB, not bytes): never falling, and at most what the
     # process has peaked at by now (the run's evaluation and saving came after its last
     # step, so what the process holds now may be more than that step's peak).
@@ -597,31 +601,38 @@ def test_playbook_history_records_each_steps_additions_and_prunings(tiny_model_d
 
 
 @pytest.mark.parametrize(
-    ("operation", "removed", "added"),
+    ("operation", "removed", "added", "updated"),
     [
-        ({"type": "DELETE", "id": "strat-00001"}, ["strat-00001"], []),
+        ({"type": "DELETE", "id": "strat-00001"}, ["strat-00001"], [], []),
         ({"type": "MERGE", "ids": ["strat-00001", "strat-00002"],
-          "content": "Keep replies short and of even length."}, ["strat-00001", "strat-00002"], ["strat-00003"]),
+          "content": "Keep replies short and of even length."}, ["strat-00001", "strat-00002"], ["strat-00003"], []),
+        ({"type": "UPDATE", "id": "strat-00002", "content": "Count the characters of a reply first."},
+         [], [], ["strat-00002"]),
     ],
-    ids=["delete", "merge"],
+    ids=["delete", "merge", "update"],
 )  # fmt: skip
-def test_the_curators_deletions_and_merges_count_as_removed(
-    tiny_model_dir, tmp_path, operation, removed, added
+def test_the_curators_deletions_merges_and_updates_reach_the_playbooks_timeline(
+    tiny_model_dir, tmp_path, operation, removed, added, updated
 ):
-    """A curator's DELETE or MERGE takes entries out of the playbook: `playbook_removed` and
-    the history's `removed` name them, as they name the entries pruning drops. Catches the
-    step that counted only pruning, so a playbook shrank by a deletion with nothing
-    removed in its metrics or its timeline (found on a SmolLM2 run: size 2 → 1, removed 0)."""
+    """A curator's DELETE or MERGE takes entries out of the playbook and an UPDATE rewrites
+    one: `playbook_removed` / `playbook_updated` and the history's `removed` / `updated`
+    name them, as they name the entries pruning drops. Catches the step that counted only
+    pruning, so a playbook shrank by a deletion with nothing removed in its metrics or its
+    timeline (found on a SmolLM2 run: size 2 → 1, removed 0), and a rewritten lesson
+    that left no trace there."""
     seed = SEED_PLAYBOOK + "[strat-00002] helpful=1 harmful=0 :: Count the characters first.\n"
     prefills = {**PREFILLS, "curation_prefill": json.dumps({"operations": [operation]})}
     out = tmp_path / "r"
     trainer = Trainer(config(tiny_model_dir, out, prefills=prefills, seed_playbook=seed))
     metrics = trainer.train_step([], scripted(trainer, 0.0))
     (history,) = read_jsonl(out / "playbook_history.jsonl")
-    assert metrics["ops_applied"] == 1  # the other curators name entries already gone
+    assert metrics["ops_applied"] >= 1
     assert history["removed"] == removed and metrics["playbook_removed"] == len(removed)
     assert history["added"] == added and metrics["playbook_added"] == len(added)
+    assert history["updated"] == updated and metrics["playbook_updated"] == len(updated)
     assert metrics["playbook_size"] == 2 - len(removed) + len(added) == len(trainer.playbook)
+    if updated:
+        assert trainer.playbook.entries["strat-00002"].content == operation["content"]
 
 
 def test_a_step_without_curation_omits_nothing_from_the_curator(tiny_model_dir, tmp_path):

@@ -62,6 +62,7 @@ class PlaybookChanges:
 
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
     applied: Counter = field(default_factory=Counter)  # tags_applied, ops_applied, ... (not summed)
 
 
@@ -288,6 +289,7 @@ class Lessons:
             changes.applied.update({f"ops_skipped_{k}": v for k, v in report.reasons.items()})
             changes.added += report.added
             changes.removed += report.removed  # DELETE and MERGE
+            changes.updated += report.updated
         if len(self.playbook) > self.cfg.playbook_max_entries:
             changes.removed += self.playbook.prune(step, policy=self.cfg.playbook_policy,
                                                      max_entries=self.cfg.playbook_max_entries, seed=self.cfg.seed + step)  # fmt: skip

@@ -138,6 +138,7 @@ class OperationReport:
     skipped: int = 0
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)  # entries whose text an UPDATE replaced
     # Why operations were skipped: malformed, not_allowed, unknown_id, retired, empty, duplicate,
     # or a reason returned by the caller's content check (see `guards.py`).
     reasons: Counter[str] = field(default_factory=Counter)
@@ -327,6 +328,7 @@ class Playbook:
             report.added.append(self.add(op.get("section"), text, step) or "")
         elif kind == "UPDATE":
             self.update(target, text, step)
+            report.updated.append(target)
         else:
             merged = self.merge(live, text, op.get("section"), step)
             report.added.append(merged or "")

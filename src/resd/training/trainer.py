@@ -538,7 +538,8 @@ class Trainer:
             "distilled": sum(s.distilled for s in stats), "response_tokens": sum(s.tokens for s in stats) / n,
             "truncated": sum(not s.finished for s in stats) / n,
             "playbook_size": len(self.playbook), "playbook_added": len(changes.added),
-            "playbook_removed": len(set(changes.removed)), "playbook_size_before": size_before,
+            "playbook_removed": len(set(changes.removed)), "playbook_updated": len(set(changes.updated)),
+            "playbook_size_before": size_before,
             "buffer_size": len(self.buffer),
             **{k: counts.get(k, 0) for k in COUNTERS},
             **{f"ops_skipped_{k}": counts.get(f"ops_skipped_{k}", 0) for k in SKIP_REASONS},
@@ -553,6 +554,7 @@ class Trainer:
             self._append("playbook_history.jsonl", {
                 "step": step, "size": len(self.playbook), "sections": self.playbook.section_counts(),
                 "added": changes.added, "removed": sorted(set(changes.removed)),
+                "updated": sorted(set(changes.updated)),
             })  # fmt: skip
         return metrics
 
