@@ -160,6 +160,25 @@ def test_reflection_is_capped_to_the_first_failures_in_global_order(tiny_model_d
     assert sorted(r.index for r in rollouts if r.reflection is not None) == [0, 2]
 
 
+def test_a_capped_reflection_takes_each_tasks_first_failure_before_any_second(
+    tiny_model_dir, tmp_path
+):
+    """With several rollouts per prompt, the cap goes round the tasks: each task's first
+    failure (in global order) before any task's second. Catches the cap that took the
+    lowest indices, so with 4 rollouts per prompt a step's reflections (and lessons) all
+    came from its first task."""
+    lessons, _ = make_lessons(tiny_model_dir, tmp_path, "max_reflections_per_step=3",
+                              script={"reflection": [reflection()] * 3, "tag": [HELPFUL_TAG] * 4})  # fmt: skip
+    tasks = ["a", "a", "a", "a", "b", "b", "b", "b", "c", "c"]
+    rewards = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    rollouts = [
+        rollout(g, item=t, reward=w) for g, (t, w) in enumerate(zip(tasks, rewards, strict=True))
+    ]
+    counts, _ = reflect(lessons, rollouts)
+    assert counts["reflections"] == 3
+    assert sorted(r.index for r in rollouts if r.reflection is not None) == [0, 1, 6]
+
+
 def test_nothing_is_asked_when_nothing_failed_or_nothing_is_in_the_playbook(
     tiny_model_dir, tmp_path
 ):

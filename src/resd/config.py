@@ -192,7 +192,9 @@ class TrainConfig:
     # reflection and curation (the student studying its own failures)
     reflection_max_new_tokens: int = 256
     curation_max_new_tokens: int = 256
-    max_reflections_per_step: int | None = None  # bound the reflection cost of a step
+    # Bound a step's reflection cost: that many failures, each task's first before any
+    # task's second (null = every failure).
+    max_reflections_per_step: int | None = None
     # An unparsable reflection: "drop" it, or hand the raw reply (thinking removed) on to
     # the curator and the teacher, as the release does ("raw").
     unparsed_reflection: str = "drop"

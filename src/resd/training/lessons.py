@@ -66,6 +66,22 @@ class PlaybookChanges:
     applied: Counter = field(default_factory=Counter)  # tags_applied, ops_applied, ... (not summed)
 
 
+def reflection_choice(outcomes: list[Outcome], cap: int | None) -> set[int]:
+    """The global indices of the failures to reflect on (partial credit is a failure).
+
+    Under a cap, every task's first failure comes before any task's second, in global
+    order: with several rollouts per prompt, the first failures in plain index order would
+    all be the first prompt's, and a step's lessons would come from one task.
+    """
+    earlier: Counter[str] = Counter()
+    ranked = []
+    for g, o in enumerate(outcomes):
+        if o.score < 1.0:
+            ranked.append((earlier[o.item_id], g))
+            earlier[o.item_id] += 1
+    return {g for _, g in sorted(ranked)[:cap]}
+
+
 class Lessons:
     def __init__(
         self,
@@ -198,8 +214,7 @@ class Lessons:
         TAG successes, each in one batched call; the tags are applied in global order."""
         tags: list[tuple[int, list[tuple[str, str]]]] = []
         if self.algo.reflection:
-            failed = {g for g, o in enumerate(outcomes) if o.score < 1.0}
-            chosen = set(sorted(failed)[: self.cfg.max_reflections_per_step])
+            chosen = reflection_choice(outcomes, self.cfg.max_reflections_per_step)
             tags += self._reflect([r for r in rollouts if r.index in chosen], step, counts)
         if self.algo.playbook and len(self.playbook):
             tags += [(len(outcomes) + i, t) for i, t in self._tag_successes(rollouts, step, counts)]
