@@ -6,15 +6,17 @@ The environments here are this module's own (`test_cli:Name`, as a user names th
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from transformers.utils import logging as hf_logging
 
 from resd.cli import _print_summary, main
-from resd.config import TrainConfig
+from resd.config import TrainConfig, load_config
 from resd.envs.base import Environment, Item, Score
 
 # (reward, score) each reference answer gets; item i's reference is "ref<i>".
@@ -75,17 +77,42 @@ class LateInterruptedEnv(GradedEnv):
             raise RuntimeError("interrupted while importing") from exc
 
 
-def test_help_config_lists_every_key_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
-    """Catches `resd train --help-config` printing nothing, a key without its default, a
-    default taken from the wrong place (the factory of a key that has a plain default) or
-    a failing exit code; it needs no --config and starts no run."""
+def test_help_config_is_a_commented_yaml_of_every_default(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`resd train --help-config` prints every key with its default as a config file, each
+    key with the comments its field has in the source. Catches a key left out or out of
+    order, a default taken from the wrong place (the factory of a key with a plain
+    default), output that a config cannot be read back from, a comment lost or put
+    beside the wrong key, a formatter directive shown as help, and a failing exit code;
+    it needs no --config and starts no run."""
     assert main(["train", "--help-config"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert [line.split()[0] for line in lines] == names
-    shown = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines}
-    assert shown["lr"] == "1e-06" and shown["env"] == "'arithmetic'" and shown["steps"] == "None"
-    assert shown["env_args"] == "{}" and shown["report_to"] == "[]"  # the factories' defaults
+    out = capsys.readouterr().out
+    assert list(yaml.safe_load(out)) == [f.name for f in dataclasses.fields(TrainConfig)]
+    (tmp_path / "all.yaml").write_text(out)
+    assert load_config(tmp_path / "all.yaml") == TrainConfig()  # every default, read back
+    lines = out.splitlines()
+    assert "model: smollm2-135m  # HF id, local folder, or a bundled alias" in lines
+    assert "lr: 1.0e-06" in lines and "steps: null  # cap on optimizer steps; null = every" in out
+    assert "env_args: {}" in lines and "report_to: []" in lines  # the factories' defaults
+    autocast = lines.index("autocast: auto")  # its two comment lines are right above it
+    assert lines[autocast - 2].startswith("# bf16 autocast for forwards")
+    assert lines[autocast - 1] == "# off to disable; YAML reads a bare off as false)"
+    assert "fmt:" not in out
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`resd train --help-config | head -3` closes the pipe before resd is done writing.
+    Catches the BrokenPipeError traceback that then ended the command: it exits as a
+    program killed by SIGPIPE would, with nothing on stderr."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        done = subprocess.run([sys.executable, "-m", "resd", "train", "--help-config"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_envs_names_an_environment_that_cannot_be_loaded(

@@ -17,7 +17,6 @@ The subcommands beyond train/envs/env-check live in their own modules, each with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -27,14 +26,12 @@ from resd.analysis.continual import add_continual_subcommand
 from resd.analysis.eval_cli import add_eval_subcommand
 from resd.analysis.merge import add_merge_subcommand
 from resd.analysis.report import add_report_subcommand
-from resd.config import ConfigError, TrainConfig, load_config
+from resd.config import ConfigError, defaults_yaml, load_config
 from resd.serve.command import add_serve_subcommand
 
 
 def _print_config_help() -> None:
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        print(f"{f.name:28s} {default!r}")
+    print(defaults_yaml(), end="")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -182,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # keep our own progress bar readable
     try:
         return args.fn(args)
+    except BrokenPipeError:
+        # whoever read our output stopped (`resd train --help-config | head`): no traceback,
+        # and nothing left for the interpreter to flush into the closed pipe at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a program killed by it
     except (KeyboardInterrupt, Exception) as exc:
         if _caused_by_ctrl_c(exc):  # no traceback; nothing past the last checkpoint is lost
             print("\nresd: interrupted (`resd train ... --resume` continues a run from its "

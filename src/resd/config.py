@@ -88,7 +88,7 @@ class TrainConfig:
     env_args: dict[str, Any] = field(default_factory=dict)
     algorithm: str = "resd"
     # schedule (the paper's streaming protocol): batches of prompts, K inner on-policy updates each
-    steps: int | None = None  # cap on optimizer steps; None = every pass over the train items
+    steps: int | None = None  # cap on optimizer steps; null = every pass over the train items
     # Passes over the training items (the paper streams them once); each pass is shuffled
     # on its own when `shuffle` is on. More than one: learning a small fixed set, as the demo does.
     epochs: int = 1
@@ -142,7 +142,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # 0 or null: no clipping (as in transformers)
     # self-distillation loss (student vs teacher on the student's own tokens)
     alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: JSD
-    topk: int | None = 100  # None = full vocabulary
+    topk: int | None = 100  # null = full vocabulary
     add_tail: bool = True
     min_ratio: float | None = 0.2
     max_ratio: float | None = None
@@ -181,10 +181,10 @@ class TrainConfig:
     lora: dict[str, Any] | None = None
     # Lessons from another model: {base_url, model, api_key_env, timeout, max_concurrency,
     # temperature} of an OpenAI-compatible server (vLLM, `resd serve`, a hosted API) that
-    # then writes the reflections, tags and curations. None = the policy reflects itself.
+    # then writes the reflections, tags and curations. null = the policy reflects itself.
     reflector: dict[str, Any] | None = None
     student_playbook: bool = False  # also show the playbook in the student's own prompt
-    teacher_template: str | None = None  # file path or literal template; None = generic
+    teacher_template: str | None = None  # file path or literal template; null = generic
     max_teacher_prompt_tokens: int = 3072
     # Task, attempt, feedback, reflection and solution are each clipped to this many tokens
     # in reflection, curation and teacher prompts (null = never clipped).
@@ -248,10 +248,10 @@ class TrainConfig:
     # evaluation
     eval_every: int = 0  # 0 = only before and after training
     eval_samples: int = 4
-    eval_items: int | None = None  # None = whole test split
+    eval_items: int | None = None  # null = whole test split
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
-    eval_max_new_tokens: int | None = None  # None = max_new_tokens
+    eval_max_new_tokens: int | None = None  # null = max_new_tokens
     # run directory
     seed: int = 0
     output_dir: str = "runs/resd"
@@ -641,3 +641,45 @@ def settings_differences(old: Any, new: Any, where: str = "") -> list[str]:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     data = read_yaml_mapping(path) if path is not None else {}
     return build_config(apply_overrides(data, overrides or []))
+
+
+def defaults_yaml() -> str:
+    """Every key with its default as a YAML config, with the comments `TrainConfig`'s
+    source writes beside and above its fields: what `resd train --help-config` prints, so
+    the help a key has is the one comment that documents it in the code, and the output
+    is a config file to start from (`resd train --help-config > my.yaml`). Without the
+    source (a zipped install), the keys and defaults alone."""
+    import ast
+    import io
+    import tokenize
+
+    defaults = TrainConfig().to_dict()
+    try:
+        source = Path(__file__).read_text()
+    except OSError:
+        source = ""
+    nodes = [
+        n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig"
+    ]
+    if not nodes:
+        return yaml.safe_dump(defaults, sort_keys=False, width=1_000)
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}  # fmt: skip
+    out: list[str] = []
+    done = nodes[0].lineno
+    for node in nodes[0].body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        name = node.target.id
+        above = range(done + 1, node.lineno)
+        out += [
+            comments[n] for n in above if n in comments and lines[n - 1].lstrip().startswith("#")
+        ]
+        entry = yaml.safe_dump({name: defaults[name]}, sort_keys=False, width=1_000).rstrip("\n")
+        beside = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        beside = [c for c in beside if c != "# fmt: skip"]
+        first, *rest = entry.split("\n")
+        out += [f"{first}  {' '.join(beside)}" if beside else first, *rest]
+        done = node.end_lineno or node.lineno
+    return "\n".join(out) + "\n"
