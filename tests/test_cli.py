@@ -202,6 +202,25 @@ class BrokenEnv(GradedEnv):
         raise RuntimeError("boom")
 
 
+class MissingDataEnv(GradedEnv):
+    """The README's own-task example with its data file missing."""
+
+    def __init__(self, path: str = "no-such-capitals.tsv") -> None:
+        Path(path).read_text()
+
+
+def test_a_user_environment_missing_its_data_file_is_named(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A user's environment that opens a missing file raises a bare FileNotFoundError.
+    Catches the one line that then said only "[Errno 2] No such file or directory" without
+    naming the environment that looked for it."""
+    assert main(["env-check", "test_cli:MissingDataEnv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resd: error: env: test_cli:MissingDataEnv could not be built: ")
+    assert "FileNotFoundError" in err and "no-such-capitals.tsv" in err
+
+
 def test_the_progress_bar_of_transformers_is_off_unless_verbose() -> None:
     """Catches `resd` leaving transformers' download/loading progress bars on (they break up
     our own progress bar), or turning them off under `-v` as well."""

@@ -46,8 +46,8 @@ def make_env(spec: str, env_args: dict[str, Any] | None = None) -> Environment:
         return cls(**(env_args or {}))
     except TypeError as exc:
         raise ValueError(f"env_args: {exc}") from exc
-    except (ValueError, FileNotFoundError):
-        raise  # already say what is wrong
+    except ValueError:
+        raise  # ours, and a user's checks: they already say what is wrong
     except Exception as exc:  # a user's constructor failing: one line that names it
         raise ValueError(f"env: {spec} could not be built: {type(exc).__name__}: {exc}") from exc
 
