@@ -135,6 +135,11 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
     assert helpful == 2 + sum(round((1 - m["success_rate"]) * 4) for m in metrics)
     assert json.loads((run / "playbook.json").read_text())["entries"]
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # each checkpoint has its own card; an evaluation only where one was of its weights
+    # (checkpoint-4 is written before the run's final evaluation)
+    cards = {n: (run / f"checkpoint-{n}" / "README.md").read_text() for n in (2, 4)}
+    assert "for 2 optimizer steps" in cards[2] and f"| {evals[1]['task_mean@k']:.3f} |" in cards[2]
+    assert "for 4 optimizer steps" in cards[4] and "No evaluation was recorded." in cards[4]
     changed = any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert changed
     # the EMA teacher moved toward the student but is not the student
@@ -142,6 +147,16 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
     assert any(not torch.equal(t[k], s[k]) for k in s)
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(cfg)
+
+
+def test_a_lora_checkpoint_carries_the_runs_card_not_pefts_blank_template(tiny_model_dir, tmp_path):
+    """peft writes a template card ("[More Information Needed]") beside every adapter it
+    saves. Catches a LoRA checkpoint left with it, where the final model has ours."""
+    run = tmp_path / "lora"
+    Trainer(config(tiny_model_dir, run, "lora={r: 2}", "steps=1", "eval_samples=1")).train()
+    card = (run / "checkpoint-1" / "README.md").read_text()
+    assert card.startswith('---\nlibrary_name: "peft"') and "More Information Needed" not in card
+    assert "for 1 optimizer step " in card and "LoRA" in card
 
 
 def one_step(tiny_model_dir, tmp_path, algorithm, *extra):

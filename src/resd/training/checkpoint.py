@@ -109,8 +109,10 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int = 2,
+    card: str | None = None,
 ) -> Path:
-    """Write everything needed to resume; `state` must be JSON-serialisable.
+    """Write everything needed to resume; `state` must be JSON-serialisable. `card` is
+    the checkpoint's model card (README.md), in place of peft's blank template.
 
     Tensors come in as full (unsharded) state dicts, gathered by the caller, so the
     layout does not depend on how the run was distributed; `model_state` None means
@@ -124,6 +126,8 @@ def save_checkpoint(
     tmp.chmod(0o777 & ~umask)
     try:
         save_model(tmp, model, tokenizer, model_state)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         for name, tensors in teacher_states.items():  # teacher weights, reference model, ...
             save_tensors(teacher_file(tmp, name), tensors)
         torch.save(optimizer_state, tmp / "optimizer.pt")

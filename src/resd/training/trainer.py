@@ -55,7 +55,7 @@ from resd.rundir import (
 from resd.training.algorithms import get_algorithm
 from resd.training.callbacks import Callback
 from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from resd.training.hub import push_to_hub, write_model_card
+from resd.training.hub import model_card, push_to_hub, write_model_card
 from resd.training.lessons import Lessons, PlaybookChanges
 from resd.training.playbook import Playbook
 from resd.training.policy import PolicySampler, load_policy, merged_sampling
@@ -400,11 +400,21 @@ class Trainer:
                 self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
                 model_state=model_state, teacher_states=teacher_states,
                 optimizer_state=optimizer_state, state=state, keep=self.cfg.keep_checkpoints,
+                card=model_card(self.cfg, self._checkpoint_summary()),
             )  # fmt: skip
         self.parallel.barrier()
         for callback in self.callbacks:
             callback.on_save(self, path)
         return path
+
+    def _checkpoint_summary(self) -> dict[str, Any]:
+        """What a checkpoint's card can say: its steps, and an evaluation only of these
+        weights (the last checkpoint is written before the run's final evaluation)."""
+        summary: dict[str, Any] = {"steps": self.step, "env": self.env_name}
+        evals = read_jsonl(self.run_dir / "eval.jsonl")
+        if evals and evals[-1].get("step") == self.step:
+            summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
+        return summary
 
     def save_model(self, summary: dict[str, Any] | None = None, *, push: bool = True) -> Path:
         """The trained model (a LoRA run: its adapter) and its tokenizer at the top of
