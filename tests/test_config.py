@@ -24,7 +24,8 @@ def test_yaml_and_overrides(tmp_path):
     [
         ("lerning_rate=1e-5", "lerning_rate"),
         ("learning_rate=fast", "lr"),  # a TRL alias: the error names our field
-        ("warmup_ratio=0.1", "warmup_ratio"),
+        ("warmup_ratio=1.5", "warmup_ratio"),  # a fraction of the run is below 1
+        ("warmup_steps=10.5", "warmup_steps"),  # neither a whole count nor a fraction
         ("lr_scheduler_type=triangle", "lr_scheduler_type"),
         ("batch_size=lots", "batch_size"),
         ("batch_size=0", "batch_size"),
@@ -458,11 +459,22 @@ def test_setting_env_to_the_files_own_keeps_its_arguments(tmp_path):
     assert load_config(path, ["env=arithmetic"]).env_args == {}
 
 
-def test_more_trl_names_and_the_unsupported_one():
+def test_more_trl_names_and_a_warmup_given_as_a_fraction():
+    """transformers 5 and TRL read `warmup_steps` below 1 as a fraction of the run, and
+    older configs write it as `warmup_ratio`. Catches either refused (the fraction was an
+    error), a fraction rounded down, or a whole number read as a fraction."""
     cfg = load_config(None, ["num_train_epochs=3"])
     assert cfg.epochs == 3
-    with pytest.raises(ConfigError, match=r"^warmup_ratio: not supported; set warmup_steps"):
-        load_config(None, ["warmup_ratio=0.1"])
+    for given in ("warmup_ratio=0.3", "warmup_steps=0.3"):
+        cfg = load_config(None, [given])
+        assert cfg.warmup_steps == 0.3 and cfg.warmup_step_count(5) == 2  # 1.5, rounded up
+    assert load_config(None, ["warmup_steps=2.0"]).warmup_step_count(5) == 2  # a count
+    assert load_config(None, ["warmup_steps=1"]).warmup_step_count(50) == 1
+    assert load_config(None, ["warmup_ratio=0"]).warmup_step_count(50) == 0
+    with pytest.raises(ConfigError, match=r"^warmup_ratio: expected a fraction of the run"):
+        load_config(None, ["warmup_ratio=1"])
+    with pytest.raises(ConfigError, match=r"^warmup_ratio: given together with warmup_steps"):
+        load_config(None, ["warmup_ratio=0.1", "warmup_steps=0.2"])
 
 
 def test_an_empty_config_file_is_the_defaults(tmp_path):

@@ -23,7 +23,7 @@ from resd.training.update import Update
 from test_trainer import config
 
 
-def _lrs(kind: str, warmup: int, total: int) -> list[float]:
+def _lrs(kind: str, warmup: float, total: int) -> list[float]:
     cfg = load_config(None, [f"lr_scheduler_type={kind}", f"warmup_steps={warmup}", "lr=1.0"])
     update = Update(
         cfg, torch.nn.Linear(1, 1), None, None, None, None, 0, 1.0, lambda: None, total_steps=total
@@ -41,6 +41,9 @@ def test_learning_rate_schedules_by_hand():
     assert cosine[0] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 1 / 5)).item()))
     assert cosine == sorted(cosine, reverse=True) and cosine[-1] > 0
     assert _lrs("constant", 3, 3) == [1.0, 1.0, 1.0]  # no warm-up at all
+    # a fraction of the run: 0.3 of 5 steps is 2 (1.5 rounded up, as transformers does)
+    assert _lrs("linear", 0.3, 6) == _lrs("linear", 2, 6)
+    assert _lrs("constant_with_warmup", 0.3, 5) == _lrs("constant_with_warmup", 2, 5)
 
 
 def test_lora_settings_are_peft_settings():

@@ -498,6 +498,8 @@ def test_settings_that_do_nothing_useful_are_warned_about(tiny_model_dir, tmp_pa
 
     Trainer(config(tiny_model_dir, tmp_path / "w", "warmup_steps=10", "steps=4"))
     assert "warmup_steps: 10 for a run of 4 steps" in caplog.text
+    Trainer(config(tiny_model_dir, tmp_path / "f", "warmup_steps=0.9", "steps=4"))
+    assert "warmup_steps: 4 for a run of 4 steps" in caplog.text  # 3.6 steps, rounded up
     build_plan({"stages": [{"steps": 1}]})
     assert "stages[0]: no env, here or in the base config" in caplog.text
 

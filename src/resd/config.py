@@ -135,7 +135,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 10
+    # Steps of linear warm-up; a number below 1 is a fraction of the run's steps, rounded
+    # up (as transformers' and TRL's warmup_steps: 0.1; warmup_ratio is read the same way).
+    warmup_steps: int | float = 10
     # transformers.get_scheduler's names: constant_with_warmup (the paper's), linear, cosine,
     # cosine_with_restarts, polynomial, constant (no warm-up); decays run to the last step.
     lr_scheduler_type: str = "constant_with_warmup"
@@ -321,6 +323,11 @@ class TrainConfig:
         ]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.warmup_steps, float) and self.warmup_steps >= 1:
+            raise ConfigError(
+                f"warmup_steps: a number of steps is whole, a fraction of the run is below 1; "
+                f"got {self.warmup_steps}"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
         for name in ["top_p", "eval_top_p"]:
@@ -435,6 +442,12 @@ class TrainConfig:
             raise ConfigError(
                 f"algorithm: unknown {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}"
             )
+
+    def warmup_step_count(self, total_steps: int) -> int:
+        """`warmup_steps` as a number of steps in a run of `total_steps`."""
+        if isinstance(self.warmup_steps, float):  # below 1: a fraction (__post_init__)
+            return math.ceil(total_steps * self.warmup_steps)
+        return self.warmup_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -569,7 +582,7 @@ ALIASES = {
     "beta": "kl_coef",
     "num_iterations": "update_epochs",
     "num_train_epochs": "epochs",
-    "warmup_ratio": None,  # not supported: say so rather than ignore it
+    "warmup_ratio": "warmup_steps",  # a fraction below 1 (checked in canonical_keys)
 }
 # A setting's one name → its other one (TRL's ↔ ours), for overrides that replace it.
 _OTHER_NAME = {
@@ -578,14 +591,19 @@ _OTHER_NAME = {
 }
 
 
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+
+
 def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
     """Rename TRL-style keys to ours; a key given under both names is an error."""
     out = dict(data)
     for alias, name in ALIASES.items():
         if alias not in out:
             continue
-        if name is None:
-            raise ConfigError(f"{alias}: not supported; set warmup_steps instead")
+        if alias == "warmup_ratio" and not _is_fraction(out[alias]):
+            raise ConfigError(f"warmup_ratio: expected a fraction of the run in [0, 1), got "
+                              f"{out[alias]!r} (a number of steps is warmup_steps)")  # fmt: skip
         if name in out:
             raise ConfigError(f"{alias}: given together with {name}, which is the same setting")
         out[name] = out.pop(alias)

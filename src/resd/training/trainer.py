@@ -182,9 +182,10 @@ class Trainer:
         self.test_items = list(self.env.test_items())[: cfg.eval_items]
         self.n_batches = math.ceil(len(self.train_items) / cfg.batch_size)
         self.total_steps = min(cfg.steps or 10**12, self.n_batches * cfg.inner_updates)
-        if cfg.warmup_steps >= self.total_steps and cfg.lr_scheduler_type != "constant":
+        warmup = cfg.warmup_step_count(self.total_steps)
+        if warmup >= self.total_steps and cfg.lr_scheduler_type != "constant":
             log.warning("warmup_steps: %d for a run of %d steps: the learning rate never reaches "
-                        "lr (%g)", cfg.warmup_steps, self.total_steps, cfg.lr)  # fmt: skip
+                        "lr (%g)", warmup, self.total_steps, cfg.lr)  # fmt: skip
         checkpoint = self._checkpoint_to_resume(resume)
         if cfg.keep_host_memory and pick_device(self.parallel.device(cfg.device)).type == "cpu":
             keep_freed_memory()  # before the model's weights and every step's tensors

@@ -175,7 +175,7 @@ class Update:
             # at the run's rate: `polynomial`'s multiplier depends on it (it ends at lr_end)
             dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.cfg.lr)
             self._schedule = get_scheduler(
-                self.cfg.lr_scheduler_type, dummy, num_warmup_steps=self.cfg.warmup_steps,
+                self.cfg.lr_scheduler_type, dummy, num_warmup_steps=self.cfg.warmup_step_count(self.total_steps),
                 num_training_steps=self.total_steps + 1,
             ).lr_lambdas[0]  # fmt: skip
         return self.cfg.lr * float(self._schedule(step))
