@@ -181,6 +181,19 @@ def test_trl_names_are_aliases_saved_under_ours():
         load_config(None, ["learning_rate=1e-5", "lr=2e-5"])
 
 
+def test_trls_clip_range_and_evaluation_interval_names():
+    """GRPOConfig's `epsilon` / `epsilon_high` are our policy-gradient clip bounds, and
+    without `epsilon_high` TRL clips symmetrically. Catches the names refused, the upper
+    bound left at our 0.28 when TRL's user gave only `epsilon`, and an explicit upper
+    bound overwritten by it."""
+    cfg = load_config(None, ["epsilon=0.1", "eval_steps=5"])
+    assert (cfg.pg_clip_low, cfg.pg_clip_high, cfg.eval_every) == (0.1, 0.1, 5)
+    for upper in ("epsilon_high=0.3", "pg_clip_high=0.3"):
+        cfg = load_config(None, ["epsilon=0.1", upper])
+        assert (cfg.pg_clip_low, cfg.pg_clip_high) == (0.1, 0.3)
+    assert load_config(None, ["epsilon_high=0.4"]).pg_clip_low == 0.2  # ours, untouched
+
+
 def test_an_override_replaces_the_files_setting_and_its_environments_arguments(tmp_path):
     """The README's commands switch `env=` on a config written for arithmetic: the file's
     env_args (arithmetic's) must not reach the other environment's constructor, wherever

@@ -583,6 +583,9 @@ ALIASES = {
     "num_iterations": "update_epochs",
     "num_train_epochs": "epochs",
     "warmup_ratio": "warmup_steps",  # a fraction below 1 (checked in canonical_keys)
+    "epsilon": "pg_clip_low",  # without epsilon_high, also the upper bound (as in TRL)
+    "epsilon_high": "pg_clip_high",
+    "eval_steps": "eval_every",
 }
 # A setting's one name → its other one (TRL's ↔ ours), for overrides that replace it.
 _OTHER_NAME = {
@@ -598,6 +601,8 @@ def _is_fraction(value: Any) -> bool:
 def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
     """Rename TRL-style keys to ours; a key given under both names is an error."""
     out = dict(data)
+    if "epsilon" in out and not {"epsilon_high", "pg_clip_high"} & set(out):
+        out["epsilon_high"] = out["epsilon"]  # TRL's upper clip defaults to its lower one
     for alias, name in ALIASES.items():
         if alias not in out:
             continue
