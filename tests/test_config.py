@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from resd.config import ConfigError, load_config
@@ -179,6 +181,21 @@ def test_trl_names_are_aliases_saved_under_ours():
     assert "learning_rate" not in saved and saved["lr"] == 3e-5  # one canonical name
     with pytest.raises(ConfigError, match=r"^learning_rate: given together with lr"):
         load_config(None, ["learning_rate=1e-5", "lr=2e-5"])
+
+
+@pytest.mark.parametrize(
+    ("given", "pointer"),
+    [("bf16=true", "`autocast`"), ("use_vllm=true", "generation_backend: vllm"),
+     ("logging_steps=10", "metrics.jsonl"), ("gradient_accumulation_steps=4", "micro_batch_size")],
+)  # fmt: skip
+def test_a_trl_setting_without_a_key_here_says_what_does_its_job(given, pointer):
+    """A config brought over from TRL: catches one of its settings with no key here
+    stopping at a bare "unknown config key", or passing silently."""
+    key = given.split("=")[0]
+    with pytest.raises(
+        ConfigError, match=rf"^{key}: TRL's setting has no key here; .*{re.escape(pointer)}"
+    ):
+        load_config(None, [given])
 
 
 def test_trls_clip_range_and_evaluation_interval_names():

@@ -594,6 +594,29 @@ _OTHER_NAME = {
 }
 
 
+# TRL / transformers settings with no key of their own here: what does their job instead,
+# so a config brought over from TRL stops with a pointer, not just "unknown".
+TRL_INSTEAD = {
+    **dict.fromkeys(("bf16", "fp16", "tf32"), "precision is `dtype` (master weights) and "
+                    "`autocast` (auto: bf16 wherever the device runs it fast)"),
+    "logging_steps": "every step is logged, to metrics.jsonl and the `report_to` trackers",
+    "gradient_accumulation_steps": "one optimizer step takes the whole batch (`batch_size` "
+                                   "prompts × `rollouts_per_prompt`), `micro_batch_size` rows at a time",
+    "use_vllm": "set `generation_backend: vllm`",
+    **dict.fromkeys(("vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size"),
+                    "vLLM's own arguments go in `vllm_args`"),
+    "scale_rewards": "`pg_scale_std`: true divides by the group's std, false does not",
+    "loss_type": "`loss_aggregation`: token_mean or seq_mean_token_mean",
+    **dict.fromkeys(("eval_strategy", "save_strategy"), "`eval_every` / `save_every` count "
+                    "steps (0: only at the end)"),
+    "logging_dir": "TensorBoard writes into `output_dir`/tensorboard",
+    "run_name": "`output_dir` names the run",
+    **dict.fromkeys(("log_completions", "num_completions_to_print"),
+                    "`log_samples` rollouts a step go to samples.jsonl"),
+    "reward_weights": "the environment's score is the one reward; combine rewards in its scorer",
+}  # fmt: skip
+
+
 def _is_fraction(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
 
@@ -619,9 +642,10 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
     data = canonical_keys(data)
     unknown = sorted(set(data) - FIELDS)
     if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: unknown config key (known keys: see `resd train --help-config`)"
-        )
+        key = unknown[0]
+        if key in TRL_INSTEAD:
+            raise ConfigError(f"{key}: TRL's setting has no key here; {TRL_INSTEAD[key]}")
+        raise ConfigError(f"{key}: unknown config key (known keys: see `resd train --help-config`)")
     values = {name: check_type(name, value, _HINTS[name]) for name, value in data.items()}
     return TrainConfig(**values)
 
