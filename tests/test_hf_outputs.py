@@ -263,7 +263,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
             )
         )
         trainer.train()
-        assert trainer.model.is_gradient_checkpointing == bool(extra)
+        assert trainer.model.is_activation_checkpointing == bool(extra)
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
     plain, recomputed = trained(), trained("gradient_checkpointing=true")

@@ -67,14 +67,19 @@ def test_a_lora_policys_base_recomputes_activations_exactly_when_asked(
     """Activation recomputation trades compute for memory only when asked; under LoRA it
     is the base model, wrapped by the adapter, that must recompute. Catches a LoRA base
     that ignores `gradient_checkpointing` or turns it on regardless (the full model's
-    case is `test_hf_outputs.py::test_gradient_checkpointing_gives_the_same_update`)."""
+    case is `test_hf_outputs.py::test_gradient_checkpointing_gives_the_same_update`), and
+    turning it on by the name transformers 5 deprecated (a FutureWarning every run)."""
+    import warnings
+
     for asked in (True, False):
         cfg = load_config(
             None,
             [f"model={tiny_model_dir}", "device=cpu", "lora={r: 2}",
              f"gradient_checkpointing={str(asked).lower()}"],
         )  # fmt: skip
-        model, _ = load_policy(cfg, Parallel(), None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            model, _ = load_policy(cfg, Parallel(), None)
         assert model.is_activation_checkpointing is asked
 
 

@@ -170,7 +170,14 @@ def _checkpointed(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Turn on activation recomputation (`gradient_checkpointing`). The non-reentrant
     variant needs no input that requires grad, so it also works under a frozen LoRA base."""
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed it (the old name warns); early 5.x releases have only that
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is None:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
