@@ -1102,6 +1102,28 @@ def test_of_two_stops_ending_at_once_the_longer_one_is_cut_away(tiny) -> None:
     assert "wor" not in kept[0] and "wor" in kept[1]
 
 
+def test_cut_at_eos_keeps_the_first_eos_and_records_nothing_cached_cut_or_stopped(tiny) -> None:
+    """`cut_at_eos` on its own: the tokens and log-probs run through the first token of
+    any EOS id (kept; what a batch row pads after it is dropped), the text is decoded
+    without it, and a reply built this way had no cached prompt tokens, no field cut by a
+    token budget and no stop string. Without an EOS the row is whole and unfinished.
+    Catches a default of 1 for `cached_tokens` or `fields_cut` (every reply would count
+    as a prefix-cache hit or a cut field)."""
+    from resd.generation import cut_at_eos
+
+    _, tok = tiny
+    ids = tok("hello world", add_special_tokens=False)["input_ids"]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    logprobs = [-0.5] * (len(ids) + 3)
+    gen = cut_at_eos([*ids, eos, ids[0], eos], [eos + 1, eos], tok, logprobs)
+    assert (gen.token_ids, gen.text, gen.finished) == ([*ids, eos], "hello world", True)
+    assert gen.logprobs == [-0.5] * (len(ids) + 1) and gen.content_ids == ids
+    assert (gen.cached_tokens, gen.fields_cut, gen.stop) == (0, 0, None)
+    whole = cut_at_eos(ids, [eos], tok)
+    assert (whole.token_ids, whole.finished, whole.logprobs) == (ids, False, None)
+    assert whole.content_ids == ids and (whole.cached_tokens, whole.fields_cut) == (0, 0)
+
+
 def test_penalties_take_the_replys_counts_off_the_logits() -> None:
     """OpenAI's formula: logit − frequency × count − presence × [count > 0], counted over
     the reply only (the prompt's tokens, before `start`, are not penalised)."""

@@ -205,6 +205,8 @@ def test_missing_optional_files_are_reported_as_not_recorded(tmp_path: Path) -> 
         f.write('{"step": 7, "loss": 0.')  # a run still writing its last line
     text = build_report(run).read_text()
     assert text.count("Not recorded") >= 5  # eval table, eval curves, playbook, examples, tokens
+    assert "Not recorded: evaluation (no eval.jsonl / summary.json with eval metrics)." in text
+    assert "Not recorded: evaluation during training (no eval.jsonl)." in text  # under the curves
     assert "keeps no playbook" in text
     assert "<td>steps run</td><td>6</td>" in text
     assert len(embedded_pngs(text)) == 2  # learning curves and step times still drawn
@@ -226,6 +228,7 @@ def test_an_empty_playbook_is_not_called_missing(tmp_path: Path) -> None:
     (run / "playbook.json").write_text(json.dumps({"entries": []}))
     text = build_report(run).read_text()
     assert "the playbook is empty" in text and "no playbook.json" not in text
+    assert "Not recorded: playbook entries (the playbook is empty)." in text  # the whole note
 
 
 def test_an_environment_given_in_python_is_the_one_the_report_names(tmp_path: Path) -> None:
@@ -316,8 +319,11 @@ def test_cli_subcommand_and_errors(tmp_path: Path, run_dir: Path, capsys) -> Non
 
 def test_missing_matplotlib_names_the_extra(run_dir: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    with pytest.raises(ImportError, match=re.escape("pip install resd[report]")):
+    with pytest.raises(ImportError, match=re.escape("pip install resd[report]")) as raised:
         build_report(run_dir)
+    assert str(raised.value) == (
+        "resd report needs matplotlib; install it with: pip install resd[report]"
+    )
 
 
 def test_importing_the_module_stays_light() -> None:
@@ -855,6 +861,30 @@ def test_the_run_page_labels_its_tables_and_subsections(run_dir: Path) -> None:
     ]
 
 
+TEXT_ELEMENT = re.compile(
+    r"<(style|title|h1|h2|h3|p|pre|td|th|summary|figcaption|a|span)\b[^>]*>.*?</\1>", re.DOTALL
+)
+
+
+def stray_text(html: str) -> str:
+    """What a reader sees of `html` outside its headings, paragraphs, table cells,
+    summaries, captions, links, token spans and preformatted blocks: nothing, on a
+    well-built page."""
+    return re.sub(r"<[^>]+>", "", TEXT_ELEMENT.sub("", html)).strip()
+
+
+def test_the_run_page_shows_no_text_outside_its_blocks_and_names_the_run_directory(
+    run_dir: Path,
+) -> None:
+    """Every word on the page is in a heading, paragraph, table, summary, caption or
+    <pre>, and the page opens with the run directory. Catches a stray string glued to
+    the markup (mutants put one before the "Evaluation before / after" heading and the
+    "Final playbook" heading) and a lost run-directory line."""
+    text = build_report(run_dir).read_text()
+    assert stray_text(text) == ""
+    assert f"</nav><p>Run directory: <code>{run_dir}</code></p><section " in text
+
+
 def test_the_final_playbook_comes_from_playbook_md_else_from_playbook_json(tmp_path: Path) -> None:
     """playbook.md is shown (opened) as written; without it the playbook.json is rendered,
     or named as unreadable; with neither (only the history) both the entries and the
@@ -874,12 +904,46 @@ def test_the_final_playbook_comes_from_playbook_md_else_from_playbook_json(tmp_p
     assert len(embedded_pngs(text)) == 3  # the history is still plotted
 
 
+def test_a_playbook_without_its_history_says_so_and_still_lists_its_entries(
+    tmp_path: Path,
+) -> None:
+    """playbook.json and playbook.md without playbook_history.jsonl: no figure, a note
+    naming the missing file, and the entries and final playbook shown below it."""
+    run = make_run(tmp_path / "no-history", evals=False, samples=False)
+    (run / "playbook_history.jsonl").unlink()
+    text = build_report(run).read_text()
+    playbook = text[text.index('<section id="playbook">') : text.index('<section id="examples">')]
+    assert playbook.startswith(
+        '<section id="playbook"><h2>4. Playbook evolution</h2><p class="missing">Not recorded: '
+        "playbook history (no playbook_history.jsonl).</p><h3>Top 15 of 19 entries"
+    )
+    assert "<h3>Final playbook</h3>" in playbook and "<figure>" not in playbook
+
+
 def test_examples_are_shown_in_step_order_even_when_the_success_came_first() -> None:
     """The latest success (step 2) is picked after the late reflected failure (step 3),
     yet shown before it: the examples read in step order. Catches a sort key that
     no longer is the step."""
     samples = [{"step": 1, "reward": 0.0, "reflection": "r1"}, {"step": 2, "reward": 1.0},
                {"step": 3, "reward": 0.0, "reflection": "r3"}, {"step": 4, "reward": 0.0}]  # fmt: skip
+    assert [s["step"] for s in pick_examples(samples)] == [1, 2, 3]
+
+
+def test_an_example_that_logged_no_step_is_shown_as_step_0_first() -> None:
+    """A sample without a step (a hand-written or older log) sorts as step 0, before the
+    step-1 failure that was picked ahead of it. Catches a missing step taken as step 1,
+    which kept the pick order instead."""
+    failure = {"step": 1, "reward": 0.0, "reflection": "r1"}
+    success = {"reward": 1.0}
+    assert pick_examples([failure, success]) == [success, failure]
+
+
+def test_a_failure_with_some_reward_is_not_the_latest_success() -> None:
+    """Partial credit below SUCCESS_REWARD (0.25 here) is a failure: the latest success
+    is step 2, not the partly rewarded step 4. Catches a success test that took any
+    non-zero reward as a success."""
+    samples = [{"step": 1, "reward": 0.25, "reflection": "r1"}, {"step": 2, "reward": 1.0},
+               {"step": 3, "reward": 0.25, "reflection": "r3"}, {"step": 4, "reward": 0.25}]  # fmt: skip
     assert [s["step"] for s in pick_examples(samples)] == [1, 2, 3]
 
 
@@ -1168,8 +1232,139 @@ def test_comparison_plot_draws_each_algorithms_mean_and_a_band_over_several_seed
     for title, xs in (("reward vs step", [1, 2, 3]), ("reward vs samples drawn", [4, 8, 12])):
         lines = {line.get_label(): line for line in axes[title].get_lines()}
         assert list(lines) == ["resd (n=2)", "sdpo (n=1)"]
+        assert [t.get_text() for t in axes[title].get_legend().get_texts()] == list(lines)
         assert list(lines["resd (n=2)"].get_xdata()) == xs
         assert list(lines["resd (n=2)"].get_ydata()) == pytest.approx([0.2, 0.3, 0.4])
         (band,) = axes[title].collections  # resd only: one seed has no spread
         ys = band.get_paths()[0].vertices[:, 1]
         assert (ys.min(), ys.max()) == pytest.approx((0.1, 0.5))
+
+
+def test_a_short_run_marks_each_training_point_without_smoothing(
+    tmp_path: Path, drawn: list
+) -> None:
+    """Under 40 steps there is nothing to smooth: each training metric is one line of its
+    raw values, a dot at each step, under its plain name. The loss is dotted under 50
+    steps only. Catches those lines not drawn (the panel was left empty for any run
+    shorter than 40 steps) and dots on a loss of 50 steps."""
+    run = load_run(make_run(tmp_path / "r", steps=3, playbook=False, samples=False))
+    plot_learning_curves(run)
+    plot_learning_curves(load_run(make_run(tmp_path / "50", steps=50, playbook=False,
+                                           samples=False)))  # fmt: skip
+    short, long = (titled_axes(fig) for fig in drawn)
+    lines = short["training rollouts"].get_lines()
+    assert [line.get_label() for line in lines] == ["reward", "score", "success_rate"]
+    assert all(line.get_marker() == "." for line in lines)
+    assert list(lines[0].get_xdata()) == [1.0, 2.0, 3.0]
+    assert list(lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    (loss,) = short["self-distillation loss"].get_lines()
+    (long_loss,) = long["self-distillation loss"].get_lines()
+    assert (loss.get_marker(), long_loss.get_marker()) == (".", "None")
+
+
+def test_each_figure_has_its_size_panels_axis_labels_and_legends(
+    tmp_path: Path, drawn: list
+) -> None:
+    """The size (inches), the panels and what each axis is labelled, per figure: a panel
+    each, 5 in wide, for the learning curves (the evaluation panel only with eval.jsonl);
+    one wide panel of step times; two panels for the playbook; two per metric compared.
+    The PNGs are rendered at 100 dpi whatever the local matplotlib settings. Catches
+    extra empty panels, a changed figure size or DPI, a wrong axis label and a legend
+    left out."""
+    full = load_run(make_run(tmp_path / "full", steps=3))
+    no_evals = load_run(make_run(tmp_path / "no-evals", steps=3, evals=False, samples=False))
+    plot_learning_curves(full)
+    plot_learning_curves(no_evals)
+    step_times = plot_step_times(full)
+    plot_playbook(full)
+    plot_comparison(group_runs([full]), ("reward", "score"), source="metrics", smooth=False)
+    shapes = [(tuple(fig.get_size_inches()), len(fig.axes)) for fig in drawn]
+    assert shapes == [((15.0, 4.0), 3), ((10.0, 4.0), 2), ((10.0, 4.0), 1), ((12.0, 4.0), 2),
+                      ((12.0, 6.8), 4)]  # fmt: skip
+    assert imread(io.BytesIO(step_times), format="png").shape[:2] == (400, 1000)  # 100 dpi
+    labels = [
+        {title: (ax.get_xlabel(), ax.get_ylabel()) for title, ax in titled_axes(fig).items()}
+        for fig in drawn
+    ]
+    assert labels[0] == {"training rollouts": ("step", ""), "self-distillation loss": ("step", ""),
+                         "evaluation (k = 4)": ("step", "")}  # fmt: skip
+    assert labels[2] == {"seconds per step, by phase": ("step", "seconds")}
+    assert labels[3] == {"playbook entries per section": ("step", "entries"),
+                         "entries added (+) / pruned (−) per step": ("step", "")}  # fmt: skip
+    assert labels[4] == {"reward vs step": ("step", ""),
+                         "reward vs samples drawn": ("samples drawn", ""),
+                         "score vs step": ("step", ""),
+                         "score vs samples drawn": ("samples drawn", "")}  # fmt: skip
+    legends = [
+        {title: [t.get_text() for t in ax.get_legend().get_texts()]
+         for title, ax in titled_axes(fig).items() if ax.get_legend()}
+        for fig in drawn[:4]
+    ]  # fmt: skip
+    assert legends[0] == {"training rollouts": ["reward", "score", "success_rate"],
+                          "evaluation (k = 4)": ["task_mean@k", "task_best@k", "case_mean@k",
+                                                 "case_best@k"]}  # fmt: skip
+    assert legends[2] == {"seconds per step, by phase": ["rollout", "feedback", "reflect", "curate",
+                                                         "teacher", "update", "other"]}  # fmt: skip
+    assert legends[3] == {"playbook entries per section": ["Strategies & Insights",
+                                                           "Common Mistakes to Avoid"],
+                          "entries added (+) / pruned (−) per step": ["added", "pruned"]}  # fmt: skip
+
+
+def test_bars_are_one_step_wide_without_edges_at_the_logged_steps(
+    tmp_path: Path, drawn: list
+) -> None:
+    """Step-time and playbook bars sit at the step each row logged (a resumed run starts at
+    step 11; a metrics row without a step stands at its row number, a history row without
+    one at 0), one step wide and without edges, so neighbours touch and do not overlap;
+    prunings hang below a black line at 0. Catches bars placed by row number instead of
+    the logged step, wider bars, drawn edges, a lost zero line, and a one-step run whose
+    timings were looked for in a second row."""
+    run = make_run(tmp_path / "r", steps=3, evals=False, samples=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [{**r, "step": r["step"] + 10} for r in rows]
+    del rows[2]["step"]  # a row that logged no step stands at its row number
+    write_jsonl(run / "metrics.jsonl", rows)
+    history = [
+        json.loads(line) for line in (run / "playbook_history.jsonl").read_text().splitlines()
+    ]
+    del history[0]["step"]
+    write_jsonl(run / "playbook_history.jsonl", history)
+    loaded = load_run(run)
+    plot_step_times(loaded)
+    plot_playbook(loaded)
+    times, playbook = (titled_axes(fig) for fig in drawn)
+    patches = [p for ax in (*times.values(), *playbook.values()) for c in ax.containers for p in c]
+    assert all(p.get_width() == 1.0 and p.get_linewidth() == 0 for p in patches)
+    (rollout, *_) = times["seconds per step, by phase"].containers
+    assert [p.get_x() + p.get_width() / 2 for p in rollout] == [11.0, 12.0, 3.0]
+    changes = playbook["entries added (+) / pruned (−) per step"]
+    assert [p.get_x() + p.get_width() / 2 for p in changes.containers[0]] == [0.0, 2.0, 3.0]
+    (zero,) = changes.get_lines()
+    assert list(zero.get_ydata()) == [0, 0] and zero.get_color() == "black"
+    one_step = make_run(tmp_path / "one", steps=1, playbook=False, evals=False, samples=False)
+    assert plot_step_times(load_run(one_step)) is not None  # timed from its only row
+
+
+def test_comparison_marks_each_evaluation_but_not_each_training_step(
+    tmp_path: Path, drawn: list
+) -> None:
+    """Evaluations are few points: each gets a circle; training curves have a point per
+    step and get none. Catches the markers swapped."""
+    runs = group_runs([load_run(make_run(tmp_path / "r", steps=3, playbook=False, samples=False))])
+    plot_comparison(runs, ("reward",), source="metrics", smooth=False)
+    plot_comparison(runs, ("task_mean@k",), source="evals", smooth=False)
+    markers = [{line.get_marker() for ax in fig.axes for line in ax.get_lines()} for fig in drawn]
+    assert markers == [{"None"}, {"o"}]
+
+
+def test_an_evaluation_that_logged_no_k_is_titled_with_a_question_mark(
+    tmp_path: Path, drawn: list
+) -> None:
+    """eval.jsonl rows without "k" (samples per item): the evaluation panel says k = ?."""
+    run = make_run(tmp_path / "r", steps=3, playbook=False, samples=False)
+    write_jsonl(
+        run / "eval.jsonl", [{"step": 0, "task_mean@k": 0.25}, {"step": 3, "task_mean@k": 0.5}]
+    )
+    plot_learning_curves(load_run(run))
+    (fig,) = drawn
+    assert "evaluation (k = ?)" in titled_axes(fig)
