@@ -857,7 +857,10 @@ def test_the_run_page_labels_its_tables_and_subsections(run_dir: Path) -> None:
     assert [(c.split(",")[0], name) for c, name in captions] == [
         ("Training rollouts per step (faint: raw; solid: moving average)", "learning_curves.png"),
         ("Seconds per step", "step_times.png"),
-        ("Playbook entries per section; entries added / pruned.", "playbook.png"),
+        (
+            "Playbook entries per section; entries added and rewritten (+) or removed (−).",
+            "playbook.png",
+        ),
     ]
 
 
@@ -1192,14 +1195,17 @@ def test_step_times_are_stacked_bars_per_phase(tmp_path: Path, drawn: list) -> N
     assert [(p.get_y(), p.get_height()) for p in bars["other"]] == [(5.0, 1.0)] * 3
 
 
-def test_playbook_plot_stacks_the_used_sections_and_shows_additions_and_prunings(
+def test_playbook_plot_stacks_the_used_sections_and_shows_additions_rewrites_and_removals(
     tmp_path: Path, drawn: list
 ) -> None:
     """Sections with entries, known ones under their heading in the playbook's order and
-    one the trainer did not know under its slug; entries added up, pruned down."""
+    one the trainer did not know under its slug; entries added up, those rewritten
+    stacked on them, removed ones down. Catches a history's rewritten entries not drawn,
+    or drawn over the added ones instead of on top of them."""
     run = make_run(tmp_path / "r", steps=3, evals=False, samples=False)
     rows = [json.loads(line) for line in (run / "playbook_history.jsonl").read_text().splitlines()]
     rows[2]["sections"]["extra"] = 4
+    rows[1]["updated"] = ["strat-00001", "err-00001", "err-00002"]
     write_jsonl(run / "playbook_history.jsonl", rows)
     plot_playbook(load_run(run))
     (fig,) = drawn
@@ -1208,11 +1214,12 @@ def test_playbook_plot_stacks_the_used_sections_and_shows_additions_and_prunings
     assert [a.get_label() for a in areas] == [
         "Strategies & Insights", "Common Mistakes to Avoid", "extra"
     ]  # fmt: skip
-    bars = {c.get_label(): c for c in axes["entries added (+) / pruned (−) per step"].containers}
+    bars = {c.get_label(): c for c in axes["entries added (+) / removed (−) per step"].containers}
     assert [(p.get_x() + p.get_width() / 2, p.get_height()) for p in bars["added"]] == [
         (1.0, 2), (2.0, 2), (3.0, 2)
     ]  # fmt: skip
-    assert [p.get_height() for p in bars["pruned"]] == [-1, 0, -1]
+    assert [p.get_height() for p in bars["removed"]] == [-1, 0, -1]
+    assert [(p.get_y(), p.get_height()) for p in bars["rewritten"]] == [(2, 0), (2, 3), (2, 0)]
 
 
 def test_comparison_plot_draws_each_algorithms_mean_and_a_band_over_several_seeds(
@@ -1290,7 +1297,7 @@ def test_each_figure_has_its_size_panels_axis_labels_and_legends(
                          "evaluation (k = 4)": ("step", "")}  # fmt: skip
     assert labels[2] == {"seconds per step, by phase": ("step", "seconds")}
     assert labels[3] == {"playbook entries per section": ("step", "entries"),
-                         "entries added (+) / pruned (−) per step": ("step", "")}  # fmt: skip
+                         "entries added (+) / removed (−) per step": ("step", "")}  # fmt: skip
     assert labels[4] == {"reward vs step": ("step", ""),
                          "reward vs samples drawn": ("samples drawn", ""),
                          "score vs step": ("step", ""),
@@ -1307,7 +1314,7 @@ def test_each_figure_has_its_size_panels_axis_labels_and_legends(
                                                          "teacher", "update", "other"]}  # fmt: skip
     assert legends[3] == {"playbook entries per section": ["Strategies & Insights",
                                                            "Common Mistakes to Avoid"],
-                          "entries added (+) / pruned (−) per step": ["added", "pruned"]}  # fmt: skip
+                          "entries added (+) / removed (−) per step": ["added", "removed"]}  # fmt: skip
 
 
 def test_bars_are_one_step_wide_without_edges_at_the_logged_steps(
@@ -1337,7 +1344,7 @@ def test_bars_are_one_step_wide_without_edges_at_the_logged_steps(
     assert all(p.get_width() == 1.0 and p.get_linewidth() == 0 for p in patches)
     (rollout, *_) = times["seconds per step, by phase"].containers
     assert [p.get_x() + p.get_width() / 2 for p in rollout] == [11.0, 12.0, 3.0]
-    changes = playbook["entries added (+) / pruned (−) per step"]
+    changes = playbook["entries added (+) / removed (−) per step"]
     assert [p.get_x() + p.get_width() / 2 for p in changes.containers[0]] == [0.0, 2.0, 3.0]
     (zero,) = changes.get_lines()
     assert list(zero.get_ydata()) == [0, 0] and zero.get_color() == "black"

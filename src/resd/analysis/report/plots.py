@@ -117,7 +117,8 @@ def _section_heading(slug: str) -> str:
 
 
 def plot_playbook(run: Run) -> bytes | None:
-    """Entries per section over time (stacked area) and entries added / pruned per step."""
+    """Entries per section over time (stacked area) and, per step, entries added (with
+    those rewritten stacked on them) and removed (pruned, deleted or merged away)."""
     history = run.playbook_history
     if not history:
         return None
@@ -143,10 +144,13 @@ def plot_playbook(run: Run) -> bytes | None:
     ax = axes[0][1]
     added = [len(row.get("added") or []) for row in history]
     removed = [-len(row.get("removed") or []) for row in history]
+    updated = [len(row.get("updated") or []) for row in history]  # logged since 2026-12-07
     ax.bar(steps, added, width=1.0, color="C2", label="added", linewidth=0)
-    ax.bar(steps, removed, width=1.0, color="C3", label="pruned", linewidth=0)
+    if any(updated):
+        ax.bar(steps, updated, bottom=added, width=1.0, color="C0", label="rewritten", linewidth=0)
+    ax.bar(steps, removed, width=1.0, color="C3", label="removed", linewidth=0)
     ax.axhline(0, color="black", linewidth=0.5)
-    ax.set(title="entries added (+) / pruned (−) per step", xlabel="step")
+    ax.set(title="entries added (+) / removed (−) per step", xlabel="step")
     ax.legend(fontsize=8)
     return _png(fig)
 

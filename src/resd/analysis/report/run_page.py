@@ -205,7 +205,11 @@ def section_playbook(run: Run, sink: PlotSink) -> str:
         why = f"algorithm {run.algorithm!r} keeps no playbook, or it was not logged"
         return section("playbook", title, not_recorded(f"playbook history ({why})"))
     body = (
-        sink.embed("playbook", png, "Playbook entries per section; entries added / pruned.")
+        sink.embed(
+            "playbook",
+            png,
+            "Playbook entries per section; entries added and rewritten (+) or removed (−).",
+        )
         if png
         else not_recorded("playbook history (no playbook_history.jsonl)")
     )
