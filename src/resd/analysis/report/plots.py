@@ -144,7 +144,7 @@ def plot_playbook(run: Run) -> bytes | None:
     ax = axes[0][1]
     added = [len(row.get("added") or []) for row in history]
     removed = [-len(row.get("removed") or []) for row in history]
-    updated = [len(row.get("updated") or []) for row in history]  # logged since 2026-12-07
+    updated = [len(row.get("updated") or []) for row in history]  # older histories: none
     ax.bar(steps, added, width=1.0, color="C2", label="added", linewidth=0)
     if any(updated):
         ax.bar(steps, updated, bottom=added, width=1.0, color="C0", label="rewritten", linewidth=0)
