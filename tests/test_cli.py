@@ -83,9 +83,9 @@ def test_help_config_is_a_commented_yaml_of_every_default(
     """`resd train --help-config` prints every key with its default as a config file, each
     key with the comments its field has in the source. Catches a key left out or out of
     order, a default taken from the wrong place (the factory of a key with a plain
-    default), output that a config cannot be read back from, a comment lost or put
-    beside the wrong key, a formatter directive shown as help, and a failing exit code;
-    it needs no --config and starts no run."""
+    default), output that a config cannot be read back from, a comment lost, repeated or
+    put beside the wrong key, and a failing exit code; it needs no --config and starts
+    no run."""
     assert main(["train", "--help-config"]) == 0
     out = capsys.readouterr().out
     assert list(yaml.safe_load(out)) == [f.name for f in dataclasses.fields(TrainConfig)]
@@ -98,7 +98,23 @@ def test_help_config_is_a_commented_yaml_of_every_default(
     autocast = lines.index("autocast: auto")  # its two comment lines are right above it
     assert lines[autocast - 2].startswith("# bf16 autocast for forwards")
     assert lines[autocast - 1] == "# off to disable; YAML reads a bare off as false)"
-    assert "fmt:" not in out
+    assert len(set(lines)) == len(lines)  # each comment once, above its own key only
+
+
+def test_help_config_without_the_source_still_lists_every_default(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An install without config.py's source (a zipped one) has no comments to show.
+    Catches the help failing there, or printing the keys out of order."""
+    import resd.config
+
+    monkeypatch.setattr(resd.config, "__file__", str(tmp_path / "absent" / "config.py"))
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "#" not in out
+    assert list(yaml.safe_load(out)) == [f.name for f in dataclasses.fields(TrainConfig)]
+    (tmp_path / "all.yaml").write_text(out)
+    assert load_config(tmp_path / "all.yaml") == TrainConfig()
 
 
 def test_output_into_a_closed_pipe_ends_quietly() -> None:

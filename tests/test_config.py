@@ -28,6 +28,7 @@ def test_yaml_and_overrides(tmp_path):
         ("learning_rate=fast", "lr"),  # a TRL alias: the error names our field
         ("warmup_ratio=1.5", "warmup_ratio"),  # a fraction of the run is below 1
         ("warmup_steps=10.5", "warmup_steps"),  # neither a whole count nor a fraction
+        ("warmup_steps=1.5", "warmup_steps"),
         ("lr_scheduler_type=triangle", "lr_scheduler_type"),
         ("batch_size=lots", "batch_size"),
         ("batch_size=0", "batch_size"),
@@ -196,6 +197,29 @@ def test_a_trl_setting_without_a_key_here_says_what_does_its_job(given, pointer)
         ConfigError, match=rf"^{key}: TRL's setting has no key here; .*{re.escape(pointer)}"
     ):
         load_config(None, [given])
+
+
+def test_every_trl_name_read_or_pointed_from_is_trls_and_points_at_our_keys():
+    """TRL's GRPOConfig (trl is pinned in the dev extra) is the oracle: each alias and
+    each setting with a pointer is a field of it, but for the names older TRL and
+    transformers releases had; each pointer names keys that exist here. Catches a
+    misspelt TRL name, which no TRL config would ever reach, and a pointer to a key that
+    does not exist."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from resd.config import ALIASES, FIELDS, TRL_INSTEAD
+
+    trl = {f.name for f in dataclasses.fields(GRPOConfig)}
+    older = {"max_prompt_length", "warmup_ratio", "logging_dir"}
+    assert set(ALIASES) | set(TRL_INSTEAD) <= trl | older
+    assert set(ALIASES.values()) <= FIELDS and not set(TRL_INSTEAD) & (FIELDS | set(ALIASES))
+    for key, pointer in TRL_INSTEAD.items():
+        named = re.findall(r"`([a-z_]+)[`:/]", pointer)
+        assert set(named) <= FIELDS, key
+        with pytest.raises(ConfigError, match=rf"^{key}: TRL's setting has no key here; "):
+            load_config(None, [f"{key}=1"])
 
 
 def test_trls_clip_range_and_evaluation_interval_names():

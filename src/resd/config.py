@@ -725,7 +725,6 @@ def defaults_yaml() -> str:
         ]
         entry = yaml.safe_dump({name: defaults[name]}, sort_keys=False, width=1_000).rstrip("\n")
         beside = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-        beside = [c for c in beside if c != "# fmt: skip"]
         first, *rest = entry.split("\n")
         out += [f"{first}  {' '.join(beside)}" if beside else first, *rest]
         done = node.end_lineno or node.lineno
