@@ -138,7 +138,11 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
     # each checkpoint has its own card; an evaluation only where one was of its weights
     # (checkpoint-4 is written before the run's final evaluation)
     cards = {n: (run / f"checkpoint-{n}" / "README.md").read_text() for n in (2, 4)}
-    assert "for 2 optimizer steps" in cards[2] and f"| {evals[1]['task_mean@k']:.3f} |" in cards[2]
+    assert "for 2 optimizer steps" in cards[2]
+    assert (
+        f"| case_mean@k | {evals[0]['case_mean@k']:.3f} | {evals[1]['case_mean@k']:.3f} |"
+        in cards[2]
+    )
     assert "for 4 optimizer steps" in cards[4] and "No evaluation was recorded." in cards[4]
     changed = any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert changed
@@ -153,10 +157,12 @@ def test_a_lora_checkpoint_carries_the_runs_card_not_pefts_blank_template(tiny_m
     """peft writes a template card ("[More Information Needed]") beside every adapter it
     saves. Catches a LoRA checkpoint left with it, where the final model has ours."""
     run = tmp_path / "lora"
-    Trainer(config(tiny_model_dir, run, "lora={r: 2}", "steps=1", "eval_samples=1")).train()
+    cfg = config(tiny_model_dir, run, "lora={r: 2}", "steps=1", "eval_samples=1")
+    Trainer(cfg, env=ParityEnv()).train()  # given in Python: the card names it, not cfg.env
     card = (run / "checkpoint-1" / "README.md").read_text()
     assert card.startswith('---\nlibrary_name: "peft"') and "More Information Needed" not in card
     assert "for 1 optimizer step " in card and "LoRA" in card
+    assert "on the environment `parity`" in card
 
 
 def one_step(tiny_model_dir, tmp_path, algorithm, *extra):
