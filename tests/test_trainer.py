@@ -122,6 +122,11 @@ def test_resd_runs_every_phase(tiny_model_dir, tmp_path):
 
     evals = read_jsonl(run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 4]
+    # every column the run wrote has its line in docs/metrics.md
+    documented = set(re.findall(r"`([\w@]+)`", (TESTS.parent / "docs" / "metrics.md").read_text()))
+    history = read_jsonl(run / "playbook_history.jsonl")
+    for rows in (metrics, samples, evals, history):
+        assert set(rows[0]) <= documented, sorted(set(rows[0]) - documented)
     assert {"task_mean@k", "task_best@k", "case_mean@k", "case_best@k"} <= set(evals[0])
     assert summary["eval_before"]["step"] == 0 and summary["eval_after"]["step"] == 4
     assert (run / "playbook.md").read_text().startswith("## Strategies")
