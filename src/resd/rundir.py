@@ -2,7 +2,7 @@
 
 One module for the trainer that writes a run and the tools that read it (`resd report`,
 `resd compare`, `resd continual`), kept free of heavy imports so that reading a run
-does not need torch.
+does not need torch. `docs/metrics.md` says what each column of the logs means.
 
     metrics.jsonl             one row per optimizer step (`PHASES`, `COUNTERS`, ...)
     samples.jsonl             the first `log_samples` rollouts of every step
