@@ -77,6 +77,14 @@ class LateInterruptedEnv(GradedEnv):
             raise RuntimeError("interrupted while importing") from exc
 
 
+def assert_every_default_in_order(out: str, tmp_path: Path) -> None:
+    """`out` is a YAML config of every key in the dataclass's order, and it reads back to
+    the defaults."""
+    assert list(yaml.safe_load(out)) == [f.name for f in dataclasses.fields(TrainConfig)]
+    (tmp_path / "all.yaml").write_text(out)
+    assert load_config(tmp_path / "all.yaml") == TrainConfig()  # every default, read back
+
+
 def test_help_config_is_a_commented_yaml_of_every_default(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -88,9 +96,7 @@ def test_help_config_is_a_commented_yaml_of_every_default(
     no run."""
     assert main(["train", "--help-config"]) == 0
     out = capsys.readouterr().out
-    assert list(yaml.safe_load(out)) == [f.name for f in dataclasses.fields(TrainConfig)]
-    (tmp_path / "all.yaml").write_text(out)
-    assert load_config(tmp_path / "all.yaml") == TrainConfig()  # every default, read back
+    assert_every_default_in_order(out, tmp_path)
     lines = out.splitlines()
     assert "model: smollm2-135m  # HF id, local folder, or a bundled alias" in lines
     assert "lr: 1.0e-06" in lines and "steps: null  # cap on optimizer steps; null = every" in out
@@ -112,9 +118,7 @@ def test_help_config_without_the_source_still_lists_every_default(
     assert main(["train", "--help-config"]) == 0
     out = capsys.readouterr().out
     assert "#" not in out
-    assert list(yaml.safe_load(out)) == [f.name for f in dataclasses.fields(TrainConfig)]
-    (tmp_path / "all.yaml").write_text(out)
-    assert load_config(tmp_path / "all.yaml") == TrainConfig()
+    assert_every_default_in_order(out, tmp_path)
 
 
 def test_output_into_a_closed_pipe_ends_quietly() -> None:
