@@ -222,13 +222,13 @@ def test_every_trl_name_read_or_pointed_from_is_trls_and_points_at_our_keys():
             load_config(None, [f"{key}=1"])
 
 
-def test_trls_clip_range_and_evaluation_interval_names():
+def test_trls_clip_range_evaluation_interval_and_shuffle_names():
     """GRPOConfig's `epsilon` / `epsilon_high` are our policy-gradient clip bounds, and
     without `epsilon_high` TRL clips symmetrically. Catches the names refused, the upper
     bound left at our 0.28 when TRL's user gave only `epsilon`, and an explicit upper
     bound overwritten by it."""
-    cfg = load_config(None, ["epsilon=0.1", "eval_steps=5"])
-    assert (cfg.pg_clip_low, cfg.pg_clip_high, cfg.eval_every) == (0.1, 0.1, 5)
+    cfg = load_config(None, ["epsilon=0.1", "eval_steps=5", "shuffle_dataset=false"])
+    assert (cfg.pg_clip_low, cfg.pg_clip_high, cfg.eval_every, cfg.shuffle) == (0.1, 0.1, 5, False)
     for upper in ("epsilon_high=0.3", "pg_clip_high=0.3"):
         cfg = load_config(None, ["epsilon=0.1", upper])
         assert (cfg.pg_clip_low, cfg.pg_clip_high) == (0.1, 0.3)

@@ -586,6 +586,7 @@ ALIASES = {
     "epsilon": "pg_clip_low",  # without epsilon_high, also the upper bound (as in TRL)
     "epsilon_high": "pg_clip_high",
     "eval_steps": "eval_every",
+    "shuffle_dataset": "shuffle",
 }
 # A setting's one name → its other one (TRL's ↔ ours), for overrides that replace it.
 _OTHER_NAME = {
