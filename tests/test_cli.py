@@ -311,6 +311,8 @@ def test_the_summary_a_run_ends_with(capsys: pytest.CaptureFixture[str]) -> None
         "run directory: runs/x  (40 steps)",
         "playbook: runs/x/playbook.md",
     ]
+    _print_summary({"run_dir": "runs/x", "steps": 1})
+    assert "run directory: runs/x  (1 step)" in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,24 @@ def test_packed_logits_equal_each_row_alone(model):
             assert_near(packed[row, width - r :], alone(model, row), f"row {row}")
 
 
+def test_scoring_forwards_keep_no_kv_cache(model):
+    """Nothing decodes after a scoring forward, packed or padded, for logits or hidden
+    states. Catches one that built a KV cache only to drop it (and that, under activation
+    recomputation, made transformers warn it was turning the cache off)."""
+    asked: list[object] = []
+    hook = model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: asked.append(kwargs.get("use_cache")), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            for packing in (packing_for(model), None):
+                response_logits(model, SEQS, 6, pad_id=1, packing=packing)
+                response_hidden(model, SEQS, 6, pad_id=1, packing=packing)
+    finally:
+        hook.remove()
+    assert asked == [False] * 4
+
+
 def test_packed_hidden_states_equal_each_row_alone(model):
     width = max(REPLY_LENGTHS)
     with torch.no_grad():

@@ -62,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict) -> None:
     before, after = summary.get("eval_before"), summary.get("eval_after")
-    print(f"\nrun directory: {summary['run_dir']}  ({summary['steps']} steps)")
+    steps = summary["steps"]
+    print(f"\nrun directory: {summary['run_dir']}  ({steps} step{'' if steps == 1 else 's'})")
     if before and after:
         print(f"{'metric':14s} {'before':>8s} {'after':>8s}")
         for key in ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k"):

@@ -49,15 +49,22 @@ def _forward_inputs(
     packing: Packing | None,
 ) -> tuple[dict[str, torch.Tensor], PackedRows | None]:
     """The model's inputs for `sequences`: one packed row where `packing` pays for it,
-    else the rows left-padded (with the packed row, its window of outputs)."""
+    else the rows left-padded (with the packed row, its window of outputs). A scoring
+    forward keeps no KV cache: nothing decodes after it (and under activation
+    recomputation transformers would turn the cache off with a warning)."""
     packed = packing.plan(sequences, width, device) if packing is not None else None
     if packed is not None:
         inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
-                  "position_ids": packed.position_ids}  # fmt: skip
+                  "position_ids": packed.position_ids, "use_cache": False}  # fmt: skip
         return inputs, packed
     ids, mask = left_pad(sequences, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, None
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions,
+        "use_cache": False,
+    }, None
 
 
 def response_logits(
