@@ -37,7 +37,7 @@ def test_cli_train_runs_and_names_bad_input(tiny_model_dir, tmp_path, capsys):
             "eval_samples=1", "progress=false"]  # fmt: skip
     assert main(base) == 0
     out = capsys.readouterr().out
-    assert "(1 steps)" in out and "task_mean@k" in out
+    assert "(1 step)" in out and "task_mean@k" in out
     assert main(base) == 2  # the folder holds a run now: refused, nothing overwritten
     assert "already holds a run" in capsys.readouterr().err
     assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]

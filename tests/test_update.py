@@ -46,6 +46,7 @@ class Bigram(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        use_cache: bool = True,  # as a transformers model takes it; it has no cache
     ) -> SimpleNamespace:
         self.forwards += 1
         logits = self.table[input_ids]
