@@ -590,8 +590,8 @@ ALIASES = {
 }
 # A setting's one name → its other one (TRL's ↔ ours), for overrides that replace it.
 _OTHER_NAME = {
-    **{alias: name for alias, name in ALIASES.items() if name},
-    **{name: alias for alias, name in ALIASES.items() if name},
+    **ALIASES,
+    **{name: alias for alias, name in ALIASES.items()},
 }
 
 
@@ -711,22 +711,22 @@ def defaults_yaml() -> str:
     ]
     if not nodes:
         return yaml.safe_dump(defaults, sort_keys=False, width=1_000)
-    lines = source.splitlines()
-    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
-                if t.type == tokenize.COMMENT}  # fmt: skip
+    own_line: dict[int, str] = {}  # comments on a line of their own, by line number
+    after_code: dict[int, str] = {}  # comments at the end of a line of code
+    for t in tokenize.generate_tokens(io.StringIO(source).readline):
+        if t.type == tokenize.COMMENT:
+            own = t.line.lstrip().startswith("#")
+            (own_line if own else after_code)[t.start[0]] = t.string
     out: list[str] = []
     done = nodes[0].lineno
     for node in nodes[0].body:
         if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
-        name = node.target.id
-        above = range(done + 1, node.lineno)
-        out += [
-            comments[n] for n in above if n in comments and lines[n - 1].lstrip().startswith("#")
-        ]
+        name, end = node.target.id, node.end_lineno or node.lineno
+        out += [own_line[n] for n in range(done + 1, node.lineno) if n in own_line]
         entry = yaml.safe_dump({name: defaults[name]}, sort_keys=False, width=1_000).rstrip("\n")
-        beside = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        beside = [after_code[n] for n in range(node.lineno, end + 1) if n in after_code]
         first, *rest = entry.split("\n")
         out += [f"{first}  {' '.join(beside)}" if beside else first, *rest]
-        done = node.end_lineno or node.lineno
+        done = end
     return "\n".join(out) + "\n"

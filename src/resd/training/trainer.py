@@ -356,13 +356,11 @@ class Trainer:
         # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
         if self.test_items and self.last_eval_step != self.step:
             self.evaluate()
-        evals = read_jsonl(self.run_dir / "eval.jsonl") if main else []
         summary = {
             "steps": self.step, "run_dir": str(self.run_dir), "env": self.env_name, "last": last,
             "strategy": self.parallel.name, "world_size": self.parallel.world_size,
+            **(self._evaluations() if main else {}),
         }  # fmt: skip
-        if evals:
-            summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
         self.save_model(summary, push=False)
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -401,21 +399,22 @@ class Trainer:
                 self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer,
                 model_state=model_state, teacher_states=teacher_states,
                 optimizer_state=optimizer_state, state=state, keep=self.cfg.keep_checkpoints,
-                card=model_card(self.cfg, self._checkpoint_summary()),
+                card=model_card(self.cfg, {"steps": self.step, "env": self.env_name,
+                                           **self._evaluations(of_step=self.step)}),
             )  # fmt: skip
         self.parallel.barrier()
         for callback in self.callbacks:
             callback.on_save(self, path)
         return path
 
-    def _checkpoint_summary(self) -> dict[str, Any]:
-        """What a checkpoint's card can say: its steps, and an evaluation only of these
-        weights (the last checkpoint is written before the run's final evaluation)."""
-        summary: dict[str, Any] = {"steps": self.step, "env": self.env_name}
+    def _evaluations(self, of_step: int | None = None) -> dict[str, Any]:
+        """eval.jsonl's first and last rows as a summary's `eval_before` / `eval_after`;
+        with `of_step`, only if the last evaluation was of that step's weights (a run's
+        last checkpoint is written before its final evaluation)."""
         evals = read_jsonl(self.run_dir / "eval.jsonl")
-        if evals and evals[-1].get("step") == self.step:
-            summary["eval_before"], summary["eval_after"] = evals[0], evals[-1]
-        return summary
+        if not evals or (of_step is not None and evals[-1].get("step") != of_step):
+            return {}
+        return {"eval_before": evals[0], "eval_after": evals[-1]}
 
     def save_model(self, summary: dict[str, Any] | None = None, *, push: bool = True) -> Path:
         """The trained model (a LoRA run: its adapter) and its tokenizer at the top of

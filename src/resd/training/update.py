@@ -54,17 +54,17 @@ def _forward_inputs(
     recomputation transformers would turn the cache off with a warning)."""
     packed = packing.plan(sequences, width, device) if packing is not None else None
     if packed is not None:
-        inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
-                  "position_ids": packed.position_ids, "use_cache": False}  # fmt: skip
-        return inputs, packed
-    ids, mask = left_pad(sequences, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {
+        ids, mask, positions = packed.input_ids, packed.attention_mask, packed.position_ids
+    else:
+        ids, mask = left_pad(sequences, pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": positions,
         "use_cache": False,
-    }, None
+    }
+    return inputs, packed
 
 
 def response_logits(
