@@ -99,6 +99,12 @@ def test_yaml_and_overrides(tmp_path):
         ("top_p=1.01", "top_p"),
         ("eval_top_p=0", "eval_top_p"),  # was reported as top_p
         ("eval_top_p=1.5", "eval_top_p"),
+        ("top_k=-1", "top_k"),
+        ("top_k=0.5", "top_k"),  # a count
+        ("min_p=-0.1", "min_p"),
+        ("min_p=1.01", "min_p"),
+        ("eval_top_k=-1", "eval_top_k"),  # not reported as top_k
+        ("eval_min_p=1.5", "eval_min_p"),
         ("temperature=-0.1", "temperature"),
         ("eval_temperature=-0.1", "eval_temperature"),  # was reported as temperature
         ("teacher_update_rate=-0.1", "teacher_update_rate"),
@@ -342,6 +348,8 @@ def test_grouped_bounds_hold_for_every_field_in_the_group(name: str, good: list,
         ["alpha=1"],
         ["top_p=1", "eval_top_p=1"],
         ["top_p=0.01", "eval_top_p=0.01"],
+        ["top_k=0", "min_p=0"],  # off
+        ["top_k=1", "min_p=1"],  # the top token alone
         ["temperature=0", "eval_temperature=0"],  # greedy
         ["teacher_update_rate=0"],
         ["teacher_update_rate=1"],
@@ -597,7 +605,7 @@ def test_defaults_are_the_documented_ones():
         "generation_cache": None, "generation_compile": False, "vllm_args": {}, "shuffle": True,
         # sampling
         "max_prompt_tokens": 1024, "max_new_tokens": 128, "min_new_tokens": 0,
-        "temperature": 1.0, "top_p": 0.95,
+        "temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.0,
         # optimizer: the paper's constant 1e-6 after 10 warm-up steps
         "lr": 1e-6, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.999,
         "warmup_steps": 10, "lr_scheduler_type": "constant_with_warmup", "max_grad_norm": 1.0,
@@ -624,7 +632,7 @@ def test_defaults_are_the_documented_ones():
         "teacher_feedback_with_solution": True,
         # evaluation and the run directory
         "eval_every": 0, "eval_samples": 4, "eval_items": None, "eval_temperature": 0.6,
-        "eval_top_p": 0.95, "eval_max_new_tokens": None, "seed": 0, "output_dir": "runs/resd",
+        "eval_top_p": 0.95, "eval_top_k": 0, "eval_min_p": 0.0, "eval_max_new_tokens": None, "seed": 0, "output_dir": "runs/resd",
         "save_every": 0, "keep_checkpoints": 2, "push_to_hub": False, "hub_model_id": None,
         "log_samples": 4, "progress": True, "strategy": "auto", "fsdp_reshard_after_forward": True,
         "zero_stage": None, "report_to": [],

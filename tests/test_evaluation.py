@@ -214,9 +214,11 @@ def test_eval_settings_from_a_config_carry_every_sampling_setting():
     cfg = build_config(apply_overrides({}, [
         "eval_temperature=0.3", "eval_top_p=0.8", "max_prompt_tokens=300", "max_new_tokens=20",
         "eval_max_new_tokens=12", "generation_batch_size=3", "seed=9", "autocast=bfloat16",
+        "eval_top_k=7", "eval_min_p=0.1", "top_k=3", "min_p=0.2",
     ]))  # fmt: skip
     settings = EvalSettings.from_config(cfg)
     assert (settings.temperature, settings.top_p, settings.max_prompt_tokens) == (0.3, 0.8, 300)
+    assert (settings.top_k, settings.min_p) == (7, 0.1)  # evaluation's own, not the rollouts'
     assert (settings.max_new_tokens, settings.batch_size, settings.seed) == (12, 3, 9)
     assert settings.autocast == "bfloat16"
 
@@ -224,15 +226,17 @@ def test_eval_settings_from_a_config_carry_every_sampling_setting():
 @pytest.mark.parametrize(
     "bad",
     [{"items": 0}, {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5},
-     {"max_new_tokens": 0}, {"max_prompt_tokens": 0}, {"batch_size": 0}],
+     {"max_new_tokens": 0}, {"max_prompt_tokens": 0}, {"batch_size": 0}, {"top_k": -1},
+     {"min_p": -0.1}, {"min_p": 1.5}],
 )  # fmt: skip
 def test_eval_settings_refuse_what_cannot_be_sampled(bad):
     """Nonsense settings fail when made, naming the field, not deep inside sampling; the
     edges that do make sense (greedy T = 0, top-p = 1, a single item) are accepted."""
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         EvalSettings(**bad)
-    edge = EvalSettings(temperature=0.0, top_p=1.0, items=1, samples=1)
+    edge = EvalSettings(temperature=0.0, top_p=1.0, items=1, samples=1, top_k=1, min_p=1.0)
     assert (edge.temperature, edge.top_p, edge.items) == (0.0, 1.0, 1)
+    assert EvalSettings(top_k=0, min_p=0.0).top_k == 0  # off
 
 
 def test_the_printed_tables_and_per_item_rows():
@@ -266,12 +270,14 @@ def test_resd_eval_flags_reach_the_settings_it_records(tiny_model_dir, tmp_path,
     args = ["eval", "--model", str(tiny_model_dir), "--env", "toy_envs:ParityEnv", "n_test=3",
             "--dtype", "float32", "--device", "cpu", "--samples", "1", "--max-new-tokens", "4",
             "--max-prompt-tokens", "64", "--temperature", "0.3", "--top-p", "0.9", "--items", "2",
-            "--batch-size", "1", "--seed", "3", "--out", str(out)]  # fmt: skip
+            "--batch-size", "1", "--seed", "3", "--top-k", "5", "--min-p", "0.05",
+            "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result["settings"] == {
-        "samples": 1, "temperature": 0.3, "top_p": 0.9, "max_new_tokens": 4,
-        "max_prompt_tokens": 64, "items": 2, "batch_size": 1, "seed": 3, "autocast": "auto",
+        "samples": 1, "temperature": 0.3, "top_p": 0.9, "top_k": 5, "min_p": 0.05,
+        "max_new_tokens": 4, "max_prompt_tokens": 64, "items": 2, "batch_size": 1, "seed": 3,
+        "autocast": "auto",
     }  # fmt: skip
     assert (result["model"], result["env"], result["dtype"]) == (
         str(tiny_model_dir),
@@ -281,7 +287,7 @@ def test_resd_eval_flags_reach_the_settings_it_records(tiny_model_dir, tmp_path,
     assert len(result["per_item"]) == 2 and len(result["samples"]) == 2
     printed = capsys.readouterr().out.splitlines()
     assert 'env:   toy_envs:ParityEnv {"n_test": 3}' in printed
-    assert "T = 0.3, top-p = 0.9, seed = 3" in printed
+    assert "T = 0.3, top-p = 0.9, top-k = 5, min-p = 0.05, seed = 3" in printed
     assert "(k = 1 samples per item, 2 test items)" in printed
     assert f"written: {out}" in printed
 
@@ -451,6 +457,22 @@ def test_evaluate_model_records_its_defaults_and_loads_the_dtype_it_records(
                             dtype=other, device="cpu")  # fmt: skip
     assert result["dtype"] == other and loaded[1] == DTYPES[other]
     assert loaded[0] == DTYPES[resolve_dtype("auto", pick_device())]
+
+
+def test_evaluate_env_samples_with_top_k_and_min_p(tiny_model_dir):
+    """`top_k = 1` (or `min_p = 1`) leaves the top token alone: replies at temperature 1.5
+    are then greedy decoding's. Catches `resd eval` sampling without the two settings."""
+    model, tokenizer = load_policy(tiny_model_dir, dtype="float32", device="cpu")
+
+    def replies(**sampling):
+        settings = EvalSettings(samples=2, max_new_tokens=6, items=2, **sampling)
+        result = evaluate_env(model, tokenizer, ParityEnv(n_test=2), settings)
+        return [r["response"] for r in result["samples"]]
+
+    greedy = replies(temperature=0.0)
+    assert replies(temperature=1.5, top_k=1) == greedy
+    assert replies(temperature=1.5, min_p=1.0) == greedy
+    assert replies(temperature=1.5) != greedy
 
 
 class CoinEnv(ParityEnv):

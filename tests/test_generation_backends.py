@@ -210,6 +210,7 @@ def test_vllm_sampler_requests_and_output_schema(tiny_model_dir, tiny, fake_vllm
     assert [p.seed for p in llm.params] == [1, 2, 3]
     assert all(p.max_tokens == 4 and p.temperature == 0.7 and p.top_p == 0.9 for p in llm.params)
     assert all(p.stop_token_ids == sampler.eos and p.n == 1 for p in llm.params)
+    assert not any(hasattr(p, "top_k") or hasattr(p, "min_p") for p in llm.params)  # vLLM's off
     assert [(g.token_ids, g.finished) for g in gens] == [
         ([5, 6, eos], True), ([8, 9], False), ([10, eos], True)]  # fmt: skip
     assert gens[0].text == tok.decode([5, 6, eos], skip_special_tokens=True)
@@ -217,6 +218,9 @@ def test_vllm_sampler_requests_and_output_schema(tiny_model_dir, tiny, fake_vllm
     llm.scripted = [SimpleNamespace(token_ids=[5], finish_reason="length", stop_reason=None)]
     sampler.generate([[1]], max_new_tokens=1, temperature=0.0, top_p=0.9, seeds=[4])
     assert (llm.params[0].temperature, llm.params[0].top_p, llm.params[0].seed) == (0.0, 1.0, None)
+    llm.scripted = [SimpleNamespace(token_ids=[5], finish_reason="length", stop_reason=None)]
+    sampler.generate([[1]], max_new_tokens=1, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05)
+    assert (llm.params[0].top_k, llm.params[0].min_p) == (20, 0.05)  # filters reach vLLM
 
 
 def test_vllm_sampler_load_weights_paths(tiny_model_dir, tiny, fake_vllm):

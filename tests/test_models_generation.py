@@ -246,6 +246,62 @@ def test_row_seeded_sampling_draws_from_the_filtered_distribution(top_p, tempera
     assert sampler.logprobs[0][0] == pytest.approx(float(probs.log()[picked[0]]), abs=1e-6)
 
 
+@pytest.mark.parametrize(("temperature", "top_k", "top_p", "min_p"), [
+    (1.0, 3, 1.0, 0.0),  # top-k alone: the inverse-CDF path
+    (1.0, 0, 1.0, 0.32),  # min-p alone: tokens below 0.32 × the top one's go
+    (1.0, 4, 0.8, 0.0),  # top-p over the top 4 renormalised keeps 3 (unrenormalised: 4)
+    (1.0, 0, 0.7, 0.32),  # min-p after top-p keeps 4 (before it: 3)
+    (2.0, 5, 0.9, 0.58),  # all four: top-k 5, top-p keeps them, min-p drops the fifth
+])  # fmt: skip
+def test_top_k_and_min_p_draw_what_transformers_samplers_keep(temperature, top_k, top_p, min_p):
+    """transformers' own warpers, chained in its order, are the oracle: 4,000 one-token
+    draws never leave the distribution they keep and match its probabilities. Catches a
+    filter that is ignored, top-p measured on the mass before top-k's renormalisation,
+    and min-p applied before top-p instead of after it."""
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from resd.generation.hf import RowSeededSampler
+
+    probs = torch.tensor([0.3, 0.2, 0.15, 0.11, 0.09, 0.08, 0.07])  # no ties
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p else []
+    expected = warpers(None, probs.log()[None].clone()).softmax(-1)[0]
+    seeds = list(range(4000))
+    sampler = RowSeededSampler(seeds, temperature, top_p, torch.device("cpu"),
+                               top_k=top_k, min_p=min_p)  # fmt: skip
+    picked = sampler(None, probs.log().expand(len(seeds), 7).clone()).argmax(-1)
+    freq = torch.bincount(picked, minlength=7).float() / len(seeds)
+    assert (freq > 0).tolist() == (expected > 0).tolist()
+    assert freq.tolist() == pytest.approx(expected.tolist(), abs=0.025)
+    # the recorded log-prob stays the token's under the unfiltered model distribution
+    assert sampler.logprobs[0][0] == pytest.approx(float(probs.log()[picked[0]]), abs=1e-6)
+
+
+def test_top_k_one_and_min_p_one_decode_greedily(tiny):
+    """top_k = 1, or min_p = 1 (only the top token is as likely as itself), leaves one
+    token to draw: seeded rows and transformers' unseeded sampler both decode as greedy
+    does. Catches `generate` dropping either setting on either path."""
+    model, tok = tiny
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (2, 7)]
+    greedy = [g.token_ids for g in generate(model, tok, prompts, max_new_tokens=8, temperature=0.0)]
+    for setting in ({"top_k": 1}, {"min_p": 1.0}):
+        for seeds in ([3, 4], None):
+            got = generate(model, tok, prompts, max_new_tokens=8, temperature=1.5, top_p=1.0,
+                           seeds=seeds, **setting)  # fmt: skip
+            assert [g.token_ids for g in got] == greedy, (setting, seeds)
+    sampled = generate(model, tok, prompts, max_new_tokens=8, temperature=1.5, top_p=1.0,
+                       seeds=[3, 4])  # fmt: skip
+    assert [g.token_ids for g in sampled] != greedy  # at this temperature, unfiltered differs
+
+
 def test_row_seeded_sampler_sorts_only_flat_rows_still_decoding(monkeypatch):
     """A row whose top candidates hold less than top-p is sorted in full, alone: its draw
     and every other row's are what a sampler that sorts the whole vocabulary draws. A row

@@ -324,6 +324,29 @@ def test_rollouts_hold_eos_back_for_min_new_tokens(tiny_model_dir: Path) -> None
     assert all(r.token_ids[0] != first for r, first in zip(rollouts, firsts, strict=True))
 
 
+@pytest.mark.parametrize("setting", ["top_k=1", "min_p=1"])
+def test_rollouts_and_replies_sample_with_top_k_and_min_p(tiny_model_dir: Path, setting) -> None:
+    """`top_k: 1` (or `min_p: 1`) leaves the top token alone: rollouts and lesson replies
+    at temperature 1.5 are then greedy decoding's. Catches the policy dropping the setting
+    on its way to the sampler, on either pass (unfiltered, they sample something else)."""
+    common = [f"model={tiny_model_dir}", "device=cpu", "generation_dtype=null",
+              "structured_output=off", "max_new_tokens=6"]  # fmt: skip
+    model = load_model(str(tiny_model_dir), device="cpu")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+
+    def passes(*overrides: str) -> list[list[int]]:
+        sampler = PolicySampler(load_config(None, [*common, *overrides]), model, tokenizer,
+                                Parallel())  # fmt: skip
+        rollouts = sampler.rollouts(prompts, seeds=[1, 2])
+        replies = sampler.replies(prompts, "reflection", 6, seeds=[1, 2])
+        return [g.token_ids for g in rollouts + replies]
+
+    greedy = passes("temperature=0")
+    assert passes("temperature=1.5", setting) == greedy
+    assert passes("temperature=1.5") != greedy
+
+
 def test_a_reply_continues_its_prefill_and_its_seed_fixes_it(tiny_model_dir: Path) -> None:
     """A reflection reply is decoded after its prefill's tokens (the returned text opens
     with the prefill), and drawn with its seed: catches a reply decoded from the bare

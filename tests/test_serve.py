@@ -1336,6 +1336,28 @@ def test_penalties_reach_the_sampler_and_are_recorded(server: Running) -> None:
         assert row["params"][name] == 2.0
 
 
+def test_vllms_top_k_and_min_p_reach_the_sampler_and_are_recorded(server: Running) -> None:
+    """vLLM's `top_k` and `min_p` (the openai client sends them in `extra_body`): either
+    at its tightest leaves the top token alone, so a reply at temperature 1.5 is the greedy
+    one, and each is recorded for regenerating it; -1 is vLLM's "off" for top_k, and values
+    out of range are a 400 naming the field. Catches the settings ignored, or refused as
+    unknown fields (a client written for vLLM got a 400)."""
+    greedy = chat(server, temperature=0, max_tokens=10).choices[0].message.content
+    sampled = chat(server, temperature=1.5, max_tokens=10, seed=9)
+    assert sampled.choices[0].message.content != greedy  # unfiltered, it samples
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        reply = chat(server, temperature=1.5, max_tokens=10, seed=9, extra_body=extra)
+        assert reply.choices[0].message.content == greedy, extra
+        assert server.store.interaction(reply.id)["params"].items() >= extra.items()
+    off = chat(server, temperature=1.5, max_tokens=10, seed=9, extra_body={"top_k": -1})
+    assert off.choices[0].message.content == sampled.choices[0].message.content
+    good = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    for bad in ({"top_k": -2}, {"top_k": 1.5}, {"min_p": 1.5}, {"min_p": -0.1}):
+        refused = server.post("/v1/chat/completions", {**good, **bad})
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["param"] == next(iter(bad)), refused.text
+
+
 def test_n_choices_share_a_batch_and_each_is_stored_under_its_own_id(server: Running) -> None:
     """`n`: choice i of a request with seed s is the reply seed s + i gives alone, the n
     rows are decoded as one batch, and each is stored under its own id (the response's

@@ -858,6 +858,23 @@ def test_evaluate_returns_its_row_and_cuts_replies_at_eval_max_new_tokens(tiny_m
     assert [r["response"] for r in read_jsonl(out / "eval-step-000000.jsonl")] == replies
 
 
+def test_evaluation_samples_with_its_own_top_k_and_min_p(tiny_model_dir, tmp_path):
+    """`eval_top_k: 1` (or `eval_min_p: 1`) leaves the top token alone: the evaluation's
+    replies at `eval_temperature` 1.5 are then greedy evaluation's. Catches the trainer
+    evaluating without them, or with the rollouts' `top_k` / `min_p` instead."""
+
+    def replies(name: str, *overrides: str) -> list[str]:
+        trainer = Trainer(config(tiny_model_dir, tmp_path / name, "eval_items=2",
+                                 "eval_max_new_tokens=6", *overrides))  # fmt: skip
+        trainer.evaluate()
+        return [r["response"] for r in read_jsonl(tmp_path / name / "eval-step-000000.jsonl")]
+
+    greedy = replies("greedy", "eval_temperature=0")
+    assert replies("k", "eval_temperature=1.5", "eval_top_k=1") == greedy
+    assert replies("p", "eval_temperature=1.5", "eval_min_p=1") == greedy
+    assert replies("rollouts", "eval_temperature=1.5", "top_k=1", "min_p=1") != greedy
+
+
 def test_a_lora_checkpoint_holds_the_adapter_and_not_the_base_weights(tiny_model_dir, tmp_path):
     """A LoRA run's checkpoint is its adapter (megabytes for a 0.5B model), not the base
     weights it was loaded from (a gigabyte, every save_every steps). Catches a save that

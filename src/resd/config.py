@@ -130,6 +130,11 @@ class TrainConfig:
     min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 0.95
+    # 0 = off. Rollouts and the lesson passes apply them in transformers' order: temperature,
+    # top_k, top_p, then min_p (a token stays if its probability is at least min_p × the top
+    # token's). Evaluation has its own: eval_temperature, eval_top_p, eval_top_k, eval_min_p.
+    top_k: int = 0
+    min_p: float = 0.0
     # optimizer
     lr: float = 1e-6
     weight_decay: float = 0.01
@@ -253,6 +258,8 @@ class TrainConfig:
     eval_items: int | None = None  # null = whole test split
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
+    eval_top_k: int = 0  # 0 = off, as top_k
+    eval_min_p: float = 0.0  # 0 = off, as min_p
     eval_max_new_tokens: int | None = None  # null = max_new_tokens
     # run directory
     seed: int = 0
@@ -333,6 +340,12 @@ class TrainConfig:
         for name in ["top_p", "eval_top_p"]:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}: must be in (0, 1], got {getattr(self, name)}")
+        for name in ["min_p", "eval_min_p"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1] (0: off), got {getattr(self, name)}")
+        for name in ["top_k", "eval_top_k"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
         for name in ["temperature", "eval_temperature"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -615,6 +628,10 @@ TRL_INSTEAD = {
     **dict.fromkeys(("log_completions", "num_completions_to_print"),
                     "`log_samples` rollouts a step go to samples.jsonl"),
     "reward_weights": "the environment's score is the one reward; combine rewards in its scorer",
+    "repetition_penalty": "rollouts sample with `temperature`, `top_p`, `top_k` and `min_p` alone",
+    "generation_kwargs": "sampling is set by `temperature`, `top_p`, `top_k`, `min_p`, "
+                         "`max_new_tokens` and `min_new_tokens`",
+    "cache_implementation": "`generation_cache: static` pre-allocates the KV cache",
 }  # fmt: skip
 
 

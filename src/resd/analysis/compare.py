@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 SHARED_KEYS = frozenset(
     {"model", "env", "env_args", "seed", "shuffle", "batch_size", "inner_updates", "steps",
      "eval_every", "eval_items", "eval_samples", "eval_temperature", "eval_top_p",
-     "eval_max_new_tokens"}
+     "eval_top_k", "eval_min_p", "eval_max_new_tokens"}
 )  # fmt: skip
 # What the trainer leaves in a run directory that a fresh start must not append to.
 TRAINER_LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl", "playbook_history.jsonl")

@@ -80,8 +80,8 @@ ACCURACY = "case_mean@k"  # the matrix entry (the paper reports per-test-case ac
 ALSO_KEPT = "task_mean@k"
 # Keys a held-out suite may set for its evaluation (besides name, env, env_args).
 HELDOUT_EVAL_KEYS = frozenset(
-    {"eval_items", "eval_samples", "eval_temperature", "eval_top_p", "eval_max_new_tokens",
-     "max_new_tokens", "max_prompt_tokens"}
+    {"eval_items", "eval_samples", "eval_temperature", "eval_top_p", "eval_top_k", "eval_min_p",
+     "eval_max_new_tokens", "max_new_tokens", "max_prompt_tokens"}
 )  # fmt: skip
 Matrix = Sequence[Sequence[float | None]]
 

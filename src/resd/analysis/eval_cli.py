@@ -57,6 +57,8 @@ class EvalSettings:
     samples: int = 4  # k
     temperature: float = 0.6
     top_p: float = 0.95
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     max_new_tokens: int = 128
     max_prompt_tokens: int = 1024
     items: int | None = None  # the first N test items; None = the whole test split
@@ -72,6 +74,10 @@ class EvalSettings:
             raise ValueError(f"items: must be >= 1 or unset, got {self.items}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p: must be in [0, 1] (0: off), got {self.min_p}")
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> EvalSettings:
@@ -83,6 +89,8 @@ class EvalSettings:
             samples=cfg.eval_samples,
             temperature=cfg.eval_temperature,
             top_p=cfg.eval_top_p,
+            top_k=cfg.eval_top_k,
+            min_p=cfg.eval_min_p,
             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
             max_prompt_tokens=cfg.max_prompt_tokens,
             items=cfg.eval_items,
@@ -225,6 +233,7 @@ def evaluate_env(model, tokenizer, env: Environment, settings: EvalSettings) -> 
         sampler, tokenizer, env, items, samples=settings.samples,
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
         top_p=settings.top_p, max_prompt_tokens=settings.max_prompt_tokens,
+        top_k=settings.top_k, min_p=settings.min_p,
     )  # fmt: skip
     return {"metrics": metrics, "per_item": per_item_metrics(records), "samples": records}
 
@@ -295,7 +304,8 @@ def format_per_item(rows: list[dict[str, Any]]) -> str:
 # TrainConfig's for the two dicts); a flag given on the command line wins.
 EVAL_OPTION_TYPES: dict[str, Any] = {
     "model": str | None, "env": str | None, "env_args": dict | None, "base_model": str | None,
-    "samples": int, "temperature": float, "top_p": float, "max_new_tokens": int,
+    "samples": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+    "max_new_tokens": int,
     "max_prompt_tokens": int, "items": int | None, "batch_size": int, "seed": int,
     "dtype": str, "device": str, "model_init_kwargs": dict | None,
     "chat_template_kwargs": dict | None,
@@ -324,8 +334,9 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the config file, then the flags actually given."""
     defaults = EvalSettings.from_config(TrainConfig())
     options: dict[str, Any] = {
-        **{k: getattr(defaults, k) for k in ("samples", "temperature", "top_p", "max_new_tokens",
-                                             "max_prompt_tokens", "items", "batch_size", "seed")},
+        **{k: getattr(defaults, k) for k in ("samples", "temperature", "top_p", "top_k", "min_p",
+                                             "max_new_tokens", "max_prompt_tokens", "items",
+                                             "batch_size", "seed")},
         "env_args": {}, "base_model": None, "dtype": "auto", "device": "auto",
     }  # fmt: skip
     if args.config:
@@ -350,8 +361,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_out_file(Path(args.out), "out")
     settings = EvalSettings(
         samples=opts["samples"], temperature=opts["temperature"], top_p=opts["top_p"],
-        max_new_tokens=opts["max_new_tokens"], max_prompt_tokens=opts["max_prompt_tokens"],
-        items=opts["items"], batch_size=opts["batch_size"], seed=opts["seed"],
+        top_k=opts["top_k"], min_p=opts["min_p"], max_new_tokens=opts["max_new_tokens"],
+        max_prompt_tokens=opts["max_prompt_tokens"], items=opts["items"],
+        batch_size=opts["batch_size"], seed=opts["seed"],
     )  # fmt: skip
     env_args = opts["env_args"]
     result = evaluate_model(
@@ -363,7 +375,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = opts["model"]
     source = f"{model} (adapter on {result['base_model']})" if result["adapter"] else model
     print(f"model: {source}\nenv:   {opts['env']} {json.dumps(env_args) if env_args else ''}")
-    print(f"T = {settings.temperature}, top-p = {settings.top_p}, seed = {settings.seed}\n")
+    filters = "".join(f", {name} = {value}" for name, value in
+                      (("top-k", settings.top_k), ("min-p", settings.min_p)) if value)  # fmt: skip
+    print(
+        f"T = {settings.temperature}, top-p = {settings.top_p}{filters}, seed = {settings.seed}\n"
+    )
     print(format_metrics(result["metrics"]))
     if args.per_item:
         print("\n" + format_per_item(result["per_item"]))
@@ -391,6 +407,8 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, help="k per item (default 4)")
     parser.add_argument("--temperature", type=float, help="(default 0.6)")
     parser.add_argument("--top-p", type=float, help="(default 0.95)")
+    parser.add_argument("--top-k", type=int, help="(default 0: off)")
+    parser.add_argument("--min-p", type=float, help="(default 0: off)")
     parser.add_argument("--max-new-tokens", type=int, help="(default 128)")
     parser.add_argument("--max-prompt-tokens", type=int, help="(default 1024)")
     parser.add_argument("--items", type=int, help="first N test items (default: all)")

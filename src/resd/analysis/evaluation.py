@@ -64,6 +64,8 @@ def evaluate(
     temperature: float,
     top_p: float,
     max_prompt_tokens: int,
+    top_k: int = 0,
+    min_p: float = 0.0,
     prompt_messages: Callable[[Item], list[dict[str, str]]] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample k answers per item and score them; returns metrics and per-sample records.
@@ -73,9 +75,8 @@ def evaluate(
     build = prompt_messages or (lambda item: item.messages)
     prompts = [chat_prompt_ids(tokenizer, build(item), max_prompt_tokens) for item in items]
     flat = [p for p in prompts for _ in range(samples)]
-    gens = sampler.generate(
-        flat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
-    )
+    gens = sampler.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, min_p=min_p)  # fmt: skip
     outcomes: list[list[Score]] = []
     records: list[dict] = []
     for i, item in enumerate(items):

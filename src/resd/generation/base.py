@@ -105,6 +105,8 @@ class Sampler(Protocol):
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        top_k: int = 0,
+        min_p: float = 0.0,
         seeds: list[int] | None = None,
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
@@ -112,8 +114,10 @@ class Sampler(Protocol):
         min_new_tokens: int = 0,
         keep_prefixes: bool = False,
     ) -> list[Generation]:
-        """One continuation per prompt. `seeds` make each row's sample depend only on its
-        prompt and seed; `json_schemas` constrain rows to JSON (structured output);
+        """One continuation per prompt, sampled at `temperature` (0: greedy) from what
+        top-k, top-p and min-p keep (`top_k` and `min_p` 0: off). `seeds` make each row's
+        sample depend only on its prompt and seed; `json_schemas` constrain rows to JSON
+        (structured output);
         `return_logprobs` fills `Generation.logprobs` with the sampler's own;
         `min_new_tokens` keeps EOS out of the first that many tokens; `keep_prefixes`
         keeps each prompt + reply for later prompts that begin as it does (a prefix cache; vLLM

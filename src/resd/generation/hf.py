@@ -8,6 +8,7 @@ spent on padding, and results come back in the caller's order.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -71,7 +72,9 @@ def counter_uniform(seeds: torch.Tensor, position: int, token_ids: torch.Tensor)
 
 
 class RowSeededSampler(LogitsProcessor):
-    """Temperature + top-p sampling where each row draws from its own seeded stream.
+    """Temperature, top-k, top-p and min-p sampling where each row draws from its own
+    seeded stream. The filters apply in transformers' order (temperature, top-k, top-p,
+    min-p), each on what the one before kept, so a setting means what it means there.
 
     HF's sampler draws every row from one global RNG, so a row's sample depends on
     which other rows share its batch. That breaks two things we want: a data-parallel
@@ -102,9 +105,16 @@ class RowSeededSampler(LogitsProcessor):
         device: torch.device,
         candidates: int = 1024,
         stop_ids: list[int] | None = None,
+        *,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> None:
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k  # 0: off
+        # min-p keeps a token whose probability is at least min_p × the top token's: as a
+        # log-probability margin below the top one (0: off)
+        self.min_p_margin = math.log(min_p) if min_p > 0 else None
         self.candidates = candidates
         self.seeds = torch.tensor(
             [int(s) % (2**63) for s in seeds], dtype=torch.int64, device=device
@@ -134,7 +144,13 @@ class RowSeededSampler(LogitsProcessor):
         )
         rows, vocab = logp.shape
         seeds = self.seeds[:rows].to(logp.device)
+        if 0 < self.top_k < vocab:  # ties with the k-th token stay, as in transformers
+            kth = logp.topk(self.top_k, dim=-1).values[:, -1:]
+            logp = torch.log_softmax(logp.masked_fill(logp < kth, float("-inf")), -1)
         if self.top_p >= 1.0:  # no nucleus: inverse CDF, one uniform per row, in token-id order
+            if self.min_p_margin is not None:  # a dropped token adds nothing to the CDF
+                floor = logp.max(-1, keepdim=True).values + self.min_p_margin
+                logp = logp.masked_fill(logp < floor, float("-inf"))
             ids = torch.zeros(rows, 1, dtype=torch.int64, device=logp.device)
             uniform = counter_uniform(seeds, self.position, ids).to(logp.dtype)
             cdf = logp.exp().cumsum(-1)
@@ -161,6 +177,8 @@ class RowSeededSampler(LogitsProcessor):
         """Token ids `[rows, 1]` drawn from the nucleus of candidates sorted by log-prob."""
         probs = cand.exp()
         keep = (probs.cumsum(-1) - probs) < self.top_p  # the top token always stays
+        if self.min_p_margin is not None:  # of the nucleus, relative to its top token
+            keep &= cand >= cand[:, :1] + self.min_p_margin
         cand = cand.masked_fill(~keep, float("-inf"))
         gumbel = -torch.log(-torch.log(counter_uniform(seeds, self.position, ids))).to(cand.dtype)
         return ids.gather(-1, (cand + gumbel).argmax(-1, keepdim=True))
@@ -534,6 +552,8 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     batch_size: int = 8,
     autocast: str | None = "auto",
     seeds: list[int] | None = None,
@@ -579,6 +599,9 @@ def generate(
     `stop_strings` end a reply as OpenAI's `stop` does (`cut_at_stop`; `Generation.stop`
     names the one that ended it). Not with `json_schemas`: a reply stopped inside its JSON
     would break the grammar that the schema holds it to.
+
+    `top_k` (0: off) and `min_p` (0: off) filter as transformers' samplers do
+    (`RowSeededSampler`).
 
     `presence_penalty`, `frequency_penalty` (`Penalties`) and `logit_bias` (`LogitBias`)
     are OpenAI's; they change the distribution the sampler draws from and records.
@@ -644,14 +667,11 @@ def generate(
                     max_new_tokens,
                 )
                 processors.append(masks)
-            sampler = (
-                RowSeededSampler(
-                    [seeds[i] for i in chunk], temperature, top_p, device, stop_ids=eos
-                )
-                if row_seeded
-                else None
-            )
-            if sampler is not None:
+            sampler = None
+            if row_seeded:
+                row_seeds = [seeds[i] for i in chunk]
+                sampler = RowSeededSampler(row_seeds, temperature, top_p, device, stop_ids=eos,
+                                           top_k=top_k, min_p=min_p)  # fmt: skip
                 processors.append(sampler)
             stopping = StoppingCriteriaList(
                 [StopStrings(tokenizer, stop_strings, input_ids.shape[1])] if stop_strings else []
@@ -665,7 +685,8 @@ def generate(
                     do_sample=sampling and not row_seeded,
                     temperature=temperature if sampling and not row_seeded else None,
                     top_p=top_p if sampling and not row_seeded else None,
-                    top_k=0 if sampling and not row_seeded else None,
+                    top_k=top_k if sampling and not row_seeded else None,
+                    min_p=(min_p or None) if sampling and not row_seeded else None,
                     logits_processor=processors,
                     stopping_criteria=stopping,
                     streamer=_StepTokens(chunk, on_tokens) if on_tokens is not None else None,
@@ -781,6 +802,8 @@ class TransformersSampler:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        top_k: int = 0,
+        min_p: float = 0.0,
         seeds: list[int] | None = None,
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
@@ -790,7 +813,7 @@ class TransformersSampler:
     ) -> list[Generation]:
         return generate(
             self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, batch_size=self.batch_size, autocast=self.autocast, seeds=seeds,
+            top_p=top_p, top_k=top_k, min_p=min_p, batch_size=self.batch_size, autocast=self.autocast, seeds=seeds,
             cache_implementation=self.cache_implementation, compile=self.compile,
             grammar=self.grammar, json_schemas=json_schemas, json_prefixes=json_prefixes,
             return_logprobs=return_logprobs, min_new_tokens=min_new_tokens,

@@ -98,6 +98,8 @@ class VLLMSampler:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        top_k: int = 0,
+        min_p: float = 0.0,
         seeds: list[int] | None = None,
         json_schemas: Sequence[dict | None] | None = None,
         json_prefixes: Sequence[str] | None = None,
@@ -129,6 +131,9 @@ class VLLMSampler:
                 min_tokens=min_new_tokens,
                 temperature=0.0 if greedy else temperature,
                 top_p=1.0 if greedy else top_p,
+                # off unless set (vLLM's "off" for top_k was -1 in older releases, 0 later)
+                **({"top_k": top_k} if top_k and not greedy else {}),
+                **({"min_p": min_p} if min_p and not greedy else {}),
                 seed=None if seeds is None or greedy else int(seeds[i]) % (2**63),
                 stop_token_ids=self.eos,
                 detokenize=False,  # we decode ourselves, exactly as the other backend

@@ -213,6 +213,9 @@ class ChatRequest(_Strict):
     model: str
     temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
     top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    # vLLM's extensions (the openai client sends them in extra_body); top_k -1 or 0 is off
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    min_p: StrictFloat | None = Field(default=None, ge=0, le=1)
     max_tokens: _Positive | None = None
     max_completion_tokens: _Positive | None = None
     n: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
@@ -731,6 +734,7 @@ def create_app(
         try:
             futures = [engine.submit(
                 messages, temperature=temperature, top_p=top_p, seed=seed,
+                top_k=max(chat.top_k or 0, 0), min_p=chat.min_p or 0.0,
                 max_tokens=chat.max_completion_tokens or chat.max_tokens, stream=bool(chat.stream),
                 json_schema=conversation.json_schema, tools=conversation.tools, stop=stop, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
                 presence_penalty=chat.presence_penalty or 0.0,
@@ -761,7 +765,7 @@ def create_app(
             params["stop"] = list(stop)
         if chat.logprobs:
             params["logprobs"], params["top_logprobs"] = True, chat.top_logprobs or 0
-        for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
+        for name in ("top_k", "min_p", "presence_penalty", "frequency_penalty", "logit_bias"):
             if getattr(chat, name):
                 params[name] = getattr(chat, name)
         if chat.response_format is not None:  # what it was decoded under, to regenerate it

@@ -138,14 +138,16 @@ def load_served_model(
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """What a batch must share: `generate` takes one temperature, top-p and length (and,
-    for structured output, one JSON schema, compared as canonical JSON text, so one schema
-    with its keys in another order shares the batch while each row keeps its own order;
-    one set of stop strings; one pair of penalties; one logit bias)."""
+    """What a batch must share: `generate` takes one temperature, top-p, top-k, min-p and
+    length (and, for structured output, one JSON schema, compared as canonical JSON text,
+    so one schema with its keys in another order shares the batch while each row keeps
+    its own order; one set of stop strings; one pair of penalties; one logit bias)."""
 
     temperature: float
     top_p: float
     max_new_tokens: int
+    top_k: int = 0
+    min_p: float = 0.0
     json_schema: str | None = None
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
@@ -476,6 +478,8 @@ class GenerationEngine:
         *,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
         max_tokens: int | None = None,
         seed: int | None = None,
         stream: bool = False,
@@ -490,6 +494,7 @@ class GenerationEngine:
         """Accept a request: it will be answered by the model served *now*. With
         `json_schema` the reply is decoded under it (xgrammar), so it is valid JSON of
         that shape; a schema the grammar compiler refuses raises `SchemaError` here.
+        `top_k` and `min_p` (0: off) filter as vLLM's extensions of the API do.
         `stop` strings end the reply as OpenAI's `stop` does (not with a schema).
         `top_logprobs` (0 or more) asks for OpenAI's `logprobs`, with that many
         alternatives per token; None asks for none. The penalties and `logit_bias` are
@@ -531,6 +536,8 @@ class GenerationEngine:
                 temperature=float(temperature),
                 top_p=float(top_p),
                 max_new_tokens=int(limit),
+                top_k=int(top_k),
+                min_p=float(min_p),
                 json_schema=schema_text,
                 stop=tuple(stop),
                 presence_penalty=float(presence_penalty),
@@ -616,7 +623,8 @@ class GenerationEngine:
             outputs = generate(
                 served.model, served.tokenizer, [job.prompt_ids for job in group],
                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                top_p=settings.top_p, batch_size=self.max_batch, autocast=self.autocast,
+                top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p,
+                batch_size=self.max_batch, autocast=self.autocast,
                 seeds=[job.future.seed for job in group], return_logprobs=True,
                 grammar=self._grammar(served) if schemas else None,
                 json_schemas=schemas, stop_strings=settings.stop,

@@ -325,7 +325,8 @@ class PolicySampler:
         """Rollouts, with the sampler's log-probs for rollout correction."""
         cfg = self.cfg
         return self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, seeds=seeds, return_logprobs=True,
+                                     top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                                     seeds=seeds, return_logprobs=True,
                                      min_new_tokens=cfg.min_new_tokens,
                                      keep_prefixes=self.prefix_cache is not None)  # fmt: skip
 
@@ -346,7 +347,8 @@ class PolicySampler:
         )
         gens = self.backend.generate(
             [p + prefix for p in prompts], max_new_tokens=max_new_tokens, temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p, seeds=seeds, json_schemas=schemas,
+            top_p=self.cfg.top_p, top_k=self.cfg.top_k, min_p=self.cfg.min_p, seeds=seeds,
+            json_schemas=schemas,
             json_prefixes=[prefill] * len(prompts) if schemas and prefill else None,
         )  # fmt: skip
         return [Generation(g.token_ids, prefill + g.text, g.finished, cached_tokens=g.cached_tokens,

@@ -606,7 +606,8 @@ class Trainer:
         metrics, records = evaluate(
             self.sampler.backend, self.tokenizer, self.env, self.test_items, samples=cfg.eval_samples,
             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, temperature=cfg.eval_temperature,
-            top_p=cfg.eval_top_p, max_prompt_tokens=cfg.max_prompt_tokens, prompt_messages=self.lessons.student_messages,
+            top_p=cfg.eval_top_p, top_k=cfg.eval_top_k, min_p=cfg.eval_min_p,
+            max_prompt_tokens=cfg.max_prompt_tokens, prompt_messages=self.lessons.student_messages,
         )  # fmt: skip
         row = {"step": self.step, **metrics}
         self._append("eval.jsonl", row)
