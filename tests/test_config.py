@@ -263,21 +263,30 @@ def test_an_override_replaces_the_files_setting_and_its_environments_arguments(t
     assert load_config(path, ["max_steps=3"]).steps == 3
 
 
-def test_every_shipped_config_loads():
-    """configs/*.yaml are what the README and `--help` point users to."""
+def test_every_shipped_config_loads_and_ends_its_warm_up():
+    """configs/*.yaml are what the README and `--help` point users to. A run of a fixed
+    length must get past its warm-up, or the learning rate never reaches `lr` and the
+    trainer warns: configs/continual.yaml's 4-step stages kept the default 10 warm-up
+    steps, a warning in every stage of the shipped example."""
     from pathlib import Path
 
     from resd.analysis.continual import load_plan
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(configs) >= 8
+    runs = []
     for path in configs:
         if path.name == "continual.yaml":
             plan = load_plan(path)
             assert [s.config.env for s in plan.stages] == ["arithmetic", "house_rules"]
             assert plan.stages[1].config.env_args == {}  # the first stage's are arithmetic's
+            runs += [(f"{path.name} {s.name}", s.config) for s in plan.stages]
         else:
             assert load_config(path).model, path.name
+            runs.append((path.name, load_config(path)))
+    for name, cfg in runs:
+        if cfg.steps and cfg.lr_scheduler_type != "constant":
+            assert cfg.warmup_step_count(cfg.steps) < cfg.steps, name
 
 
 def test_report_to_none_means_no_tracker():

@@ -530,3 +530,30 @@ def test_on_a_gpu_cuda_is_used_as_named_and_auto_precision_follows_the_card() ->
     assert fast_bfloat16("cuda") is torch.cuda.is_bf16_supported()
     expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     assert resolve_dtype("auto", "cuda") == expected
+
+
+def test_saving_a_model_on_cpu_prints_no_deepspeed_note(tiny_model_dir, tmp_path):
+    """With DeepSpeed installed, transformers' `save_pretrained` has accelerate import it,
+    and on a machine without a GPU DeepSpeed printed "Setting accelerator to CPU ..." on
+    stdout: a line in every CPU run's output. Catches the filter gone; DeepSpeed's other
+    warnings must still print (a filter that swallowed its logger would hide real ones)."""
+    import subprocess
+
+    pytest.importorskip("deepspeed")
+    save = (
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})"
+        f".save_pretrained({str(tmp_path / 'saved')!r})\n"
+        "from deepspeed.utils import logger\n"
+        "logger.warning('another DeepSpeed warning')\n"
+    )
+
+    def stdout(prelude: str) -> str:
+        done = subprocess.run([sys.executable, "-c", prelude + save], capture_output=True,
+                              text=True, timeout=300, check=True)  # fmt: skip
+        return done.stdout
+
+    ours = stdout("import resd.models\n")
+    assert "another DeepSpeed warning" in ours and "Setting accelerator" not in ours
+    if not torch.cuda.is_available():  # the note is DeepSpeed's on a machine without a GPU
+        assert "Setting accelerator to CPU" in stdout("")

@@ -40,6 +40,20 @@ from resd.templating import names_a_file
 log = logging.getLogger(__name__)
 
 
+class _NoDeepSpeedCpuNote(logging.Filter):
+    """Where DeepSpeed is installed, accelerate imports it whenever transformers saves a
+    model (to unwrap a DeepSpeed engine, if it is one), and DeepSpeed then prints on
+    stdout, as a warning, that it found no GPU: a line in the output of every CPU run that
+    saves, about a library the run may not use, mixed into what `resd train` prints.
+    DeepSpeed's other messages still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+logging.getLogger("DeepSpeed").addFilter(_NoDeepSpeedCpuNote())
+
+
 @dataclass(frozen=True)
 class BundledModel:
     """A model shipped on the package index as a GGUF: one file, or chunks to join in order.
