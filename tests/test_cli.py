@@ -6,6 +6,7 @@ The environments here are this module's own (`test_cli:Name`, as a user names th
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -166,6 +167,30 @@ def test_env_check_reports_each_reference_below_full_marks(
     assert fails[0].endswith(f"feedback={feedback!r}")
 
 
+def test_env_check_says_when_it_had_no_reference_to_score(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dataset whose answer column holds the gold values has no reference answers unless
+    `reference_column` names one: env-check then scored nothing and printed "0 reference
+    answers, 0 score 1.0" with exit 0, read as a scorer that works. Catches that silence,
+    and the hint shown where references exist (then they are scored)."""
+    rows = [{"question": f"{a} times 3?", "answer": str(3 * a)} for a in range(1, 9)]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["env-check", "--samples", "0", "dataset", f"path={path}", "prompt_column=question",
+              "answer_column=answer", "scorer=exact_match"]  # fmt: skip
+    assert main(common) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("0 reference answers, 0 score 1.0")
+    assert out[1] == ("  no item has a reference answer: the scorer was not tried on a right one "
+                      "(a dataset's come from env_args.reference_column: a column of correct "
+                      "responses)")  # fmt: skip
+    assert main([*common, "reference_column=answer"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("8 reference answers, 8 score 1.0")
+    assert main(["env-check", "arithmetic", "--samples", "0"]) == 0  # it has references
+    assert "no item has a reference" not in capsys.readouterr().out
+
+
 def test_env_check_shows_the_first_items_with_feedback_on_a_non_answer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -183,6 +208,31 @@ def test_env_check_shows_the_first_items_with_feedback_on_a_non_answer(
     assert capsys.readouterr().out.count("\n--- ") == 3
     main(["env-check", "test_cli:GradedEnv", "--samples", "0"])
     assert "\n--- " not in capsys.readouterr().out
+
+
+def test_key_value_words_may_follow_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse gives a `*` positional only the words before the first flag: `resd
+    env-check arithmetic --samples 0 n_train=5` was refused ("unrecognized arguments"),
+    as were `resd eval ... --samples 1 n_test=3` and `resd train --config F --resume
+    lr=1` for a word after the flag. Catches those refused or dropped, the order of
+    overrides lost (the later one wins), and a word that is no key=value, an unknown flag,
+    or key=value for a command without overrides getting through."""
+    from resd.cli import parse_args
+
+    assert main(["env-check", "arithmetic", "--samples", "0", "n_train=5"]) == 0
+    assert capsys.readouterr().out.startswith("arithmetic: 5 train / ")
+    args = parse_args(["train", "n_train=1", "--resume", "steps=2", "--config", "x", "steps=3"])
+    assert (args.overrides, args.resume, args.config) == (["n_train=1", "steps=2", "steps=3"],
+                                                          True, "x")  # fmt: skip
+    args = parse_args(["eval", "--model", "m", "--env", "arithmetic", "--samples", "1", "n_test=3"])
+    assert args.env_args == ["n_test=3"] and args.samples == 1
+    for refused in (["env-check", "arithmetic", "--samples", "0", "oops"],
+                    ["env-check", "arithmetic", "--sampels", "0"],
+                    ["report", "runs/x", "lr=1"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exited:
+            parse_args(refused)
+        assert exited.value.code == 2
+        assert "unrecognized arguments: " in capsys.readouterr().err
 
 
 def test_samples_must_be_a_whole_number(capsys: pytest.CaptureFixture[str]) -> None:

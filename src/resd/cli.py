@@ -104,6 +104,10 @@ def cmd_env_check(args: argparse.Namespace) -> int:
             bad.append((it.id, s))
     print(f"{args.env}: {len(env.train_items())} train / {len(env.test_items())} test items; "
           f"{len(with_ref)} reference answers, {len(with_ref) - len(bad)} score 1.0")  # fmt: skip
+    if not with_ref:  # say so: a check of nothing would pass as a scorer that works
+        hint = (" (a dataset's come from env_args.reference_column: a column of correct "
+                "responses)" if type(env).__name__ == "DatasetEnv" else "")  # fmt: skip
+        print(f"  no item has a reference answer: the scorer was not tried on a right one{hint}")
     for item_id, s in bad[:10]:
         print(f"  FAIL {item_id}: reward={s.reward} score={s.score} feedback={s.feedback[:200]!r}")
     for it in items[: args.samples]:
@@ -163,8 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with key=value words wherever they stand. argparse hands a `*`
+    positional (a command's overrides, `resd eval`'s environment arguments) only the words
+    before the first flag and refuses the rest, so `resd env-check arithmetic --samples 0
+    seed=1` was an error while the same words in another order were not."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        pairs = next((getattr(args, name) for name in ("overrides", "env_args")
+                      if isinstance(getattr(args, name, None), list)), None)  # fmt: skip
+        if pairs is None or any(word.startswith("-") or "=" not in word for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        pairs.extend(extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # `env=mytasks:Capitals` (and scorers named `module:function`) import from the working
     # directory, as under `python -m resd`; a console script's path lacks it. Appended, so
     # that an installed package is never shadowed by a file of the same name here.
