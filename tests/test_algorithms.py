@@ -56,6 +56,31 @@ def test_sdft_teacher_sees_the_demonstration(tiny_model_dir, tmp_path):
         assert "<feedback>" not in s["teacher_prompt"] and "<playbook>" not in s["teacher_prompt"]
 
 
+def test_sdft_without_demonstrations_is_refused_or_warned(tiny_model_dir, tmp_path, caplog):
+    """SDFT's teacher reads each item's reference; a dataset without `reference_column`
+    has none, and such a run distilled nothing in every step (loss 0, `distilled` 0)
+    while looking like it trained. Catches that run starting, and items without a
+    reference going unmentioned when only some have one."""
+    import logging
+
+    from toy_envs import ParityEnv
+
+    env = ParityEnv(n_train=8)
+    for item in env.train_items():
+        item.reference = None
+    with pytest.raises(ValueError, match=r"^algorithm: sdft distils .* no training item of "
+                       r"env 'parity' has one .*env_args.reference_column"):  # fmt: skip
+        Trainer(config(tiny_model_dir, tmp_path / "none", "algorithm=sdft"), env=env)
+    env.train_items()[3].reference = "ab"
+    with caplog.at_level(logging.WARNING, logger="resd.training.trainer"):
+        Trainer(config(tiny_model_dir, tmp_path / "some", "algorithm=sdft"), env=env)
+    assert "7 of 8 training items of env 'parity' have none" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="resd.training.trainer"):
+        Trainer(config(tiny_model_dir, tmp_path / "sdpo", "algorithm=sdpo"), env=env)
+    assert "demonstrations" not in caplog.text  # only SDFT reads them
+
+
 def test_sdpo_with_self_success_keeps_sdpos_successful_sibling(tiny_model_dir, tmp_path):
     """SDPO + self-success is SDPO that also distils its own successes (the method's §7): with
     N = 2 a failure whose sibling succeeded is shown that sibling, and the success its own

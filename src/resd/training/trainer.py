@@ -75,6 +75,22 @@ RESUME_FIXED = ("model", "algorithm", "env", "env_args", "seed", "shuffle", "epo
                 "inner_updates", "rollouts_per_prompt", "lora", "teacher")  # fmt: skip
 
 
+def _check_demonstrations(items: list[Item], algorithm: str, env_name: str) -> None:
+    """An algorithm whose teacher reads the item's reference demonstration (SDFT) has
+    nothing to distil on an item without one: with none at all, the run would train
+    nothing while looking like it ran; with some missing, those items say so."""
+    missing = sum(not item.reference for item in items)
+    where = " (a dataset's come from env_args.reference_column)"
+    if missing == len(items):
+        raise ValueError(f"algorithm: {algorithm} distils from each item's reference "
+                         f"demonstration, and no training item of env {env_name!r} has one"
+                         f"{where}")  # fmt: skip
+    if missing:
+        log.warning("algorithm: %s distils from reference demonstrations; %d of %d training "
+                    "items of env %r have none and are never distilled%s",
+                    algorithm, missing, len(items), env_name, where)  # fmt: skip
+
+
 def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
     """The run's environment: from the config, as given, or around an in-memory dataset."""
     if scorer is not None and (env is None or isinstance(env, Environment)):
@@ -173,6 +189,8 @@ class Trainer:
         items = list(self.env.train_items())
         if not items:
             raise ValueError(f"env: {getattr(self.env, 'name', cfg.env)!r} has no training items")
+        if self.algo.demonstration:
+            _check_demonstrations(items, cfg.algorithm, getattr(self.env, "name", cfg.env))
         order, self.train_items = random.Random(cfg.seed), []
         for _ in range(cfg.epochs):  # the stream: every pass, each in its own order
             epoch = list(items)
