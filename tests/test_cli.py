@@ -363,6 +363,9 @@ def test_the_summary_a_run_ends_with(capsys: pytest.CaptureFixture[str]) -> None
     ]
     _print_summary({"run_dir": "runs/x", "steps": 1})
     assert "run directory: runs/x  (1 step)" in capsys.readouterr().out.splitlines()
+    _print_summary({"run_dir": "runs/x", "steps": 6, "stopped_early": "case_mean@k reached 1"})
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "stopped early: case_mean@k reached 1", "playbook: runs/x/playbook.md"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -641,7 +641,8 @@ def test_defaults_are_the_documented_ones():
         "teacher_feedback_with_solution": True,
         # evaluation and the run directory
         "eval_every": 0, "eval_samples": 4, "eval_items": None, "eval_temperature": 0.6,
-        "eval_top_p": 0.95, "eval_top_k": 0, "eval_min_p": 0.0, "eval_max_new_tokens": None, "seed": 0, "output_dir": "runs/resd",
+        "eval_top_p": 0.95, "eval_top_k": 0, "eval_min_p": 0.0, "eval_max_new_tokens": None,
+        "early_stopping": None, "seed": 0, "output_dir": "runs/resd",
         "save_every": 0, "keep_checkpoints": 2, "push_to_hub": False, "hub_model_id": None,
         "log_samples": 4, "progress": True, "strategy": "auto", "fsdp_reshard_after_forward": True,
         "zero_stage": None, "report_to": [],

@@ -152,6 +152,20 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, one_process):
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_an_early_stop_decided_on_rank_0_ends_both_processes_at_one_step(tiny_model_dir, tmp_path):
+    """Only rank 0 evaluates, so only it can judge `early_stopping`; the other rank must
+    stop at the same step, or it waits forever in the next step's collectives. With a
+    gain of more than 1 needed, the evaluation at step 2 ends a 4-step run there. Catches
+    the decision kept to rank 0 (the launch hangs until its timeout)."""
+    two = run(tmp_path, tiny_model_dir, "stop2", 2, eval_every=2,
+              early_stopping={"patience": 1, "min_delta": 1.0})  # fmt: skip
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 2
+    assert summary["stopped_early"].startswith("case_mean@k has not improved on ")
+    assert [row["step"] for row in read_jsonl(two / "eval.jsonl")] == [0, 2]
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_sequence_mean_loss_is_the_same_on_two_processes(tiny_model_dir, tmp_path):
     """The release's loss averaging (mean over the batch's sequences of per-sequence token
     means) holds across processes and micro-batch sizes: same loss and gradient norm.

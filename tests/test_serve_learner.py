@@ -188,6 +188,8 @@ def test_the_learner_config_is_read_as_written(tiny_model_dir, tmp_path, tiny_se
         assert cap("rollout_is_cap=5.0") == 5.0
         with pytest.raises(ValueError, match=r"^--learn-min-rows: 5 is not in 1\.\.4"):
             cap(min_rows=5)
+        with pytest.raises(ValueError, match=r"^early_stopping: a learner trains for as long"):
+            cap("eval_every=1", "early_stopping={patience: 2}")  # it never calls train()
         other = ModelHolder(replace(tiny_served, source="Qwen/Qwen3-0.6B"))
         with caplog.at_level("WARNING", logger="resd.serve.learner"):
             Learner.from_config(learn_config(tiny_model_dir, tmp_path), store=running.store,

@@ -18,6 +18,7 @@ _EXPORTS = {
     "TrainConfig": "resd.config",
     "load_config": "resd.config",
     "Callback": "resd.training.callbacks",
+    "EarlyStopping": "resd.training.callbacks",
     "Environment": "resd.envs.base",
     "Item": "resd.envs.base",
     "Score": "resd.envs.base",

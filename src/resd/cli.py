@@ -69,6 +69,8 @@ def _print_summary(summary: dict) -> None:
         for key in ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k"):
             print(f"{key:14s} {before[key]:8.3f} {after[key]:8.3f}")
         print(f"(k = {int(after['k'])} samples per item, {int(after['items'])} test items)")
+    if summary.get("stopped_early"):
+        print(f"stopped early: {summary['stopped_early']}")
     print(f"playbook: {summary['run_dir']}/playbook.md")
 
 

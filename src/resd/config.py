@@ -261,6 +261,10 @@ class TrainConfig:
     eval_top_k: int = 0  # 0 = off, as top_k
     eval_min_p: float = 0.0  # 0 = off, as min_p
     eval_max_new_tokens: int | None = None  # null = max_new_tokens
+    # End the run early on its evaluations (eval_every > 0): {metric: case_mean@k,
+    # patience: 3, min_delta: 0.0, target: null} stops after `patience` evaluations without
+    # a gain above min_delta, or once the metric reaches `target`. null = run to the end.
+    early_stopping: dict[str, Any] | None = None
     # run directory
     seed: int = 0
     output_dir: str = "runs/resd"
@@ -438,6 +442,14 @@ class TrainConfig:
                 f"'-', '_' and '.', got {self.hub_model_id!r}"
             )
         self.report_to = _check_report_to(self.report_to)
+        if self.early_stopping is not None:
+            from resd.training.callbacks import check_early_stopping
+
+            problem = check_early_stopping(self.early_stopping)
+            if problem is None and self.eval_every == 0:
+                problem = "needs eval_every > 0: it reads the evaluations made during the run"
+            if problem:
+                raise ConfigError(f"early_stopping: {problem}")
         if self.reflector is not None:
             from resd.training.reflector import check_reflector
 

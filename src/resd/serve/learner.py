@@ -119,6 +119,9 @@ class Learner:
         cfg = build_config(
             apply_overrides(data, [*default, *(overrides or []), f"output_dir={run_dir}"])
         )
+        if cfg.early_stopping is not None:
+            raise ValueError("early_stopping: a learner trains for as long as feedback comes; "
+                             "its guard (--guard-metric) decides which steps are served")  # fmt: skip
         if min_rows is not None and not 1 <= min_rows <= cfg.batch_size:
             raise ValueError(f"--learn-min-rows: {min_rows} is not in 1..{cfg.batch_size} "
                              f"(a step takes at most the config's batch_size rows)")  # fmt: skip

@@ -23,3 +23,76 @@ class Callback:
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
         """After each checkpoint is written to `path`."""
+
+
+EARLY_STOPPING_KEYS = ("metric", "patience", "min_delta", "target")
+
+
+def check_early_stopping(settings: dict[str, Any]) -> str | None:
+    """What is wrong with an `early_stopping` mapping, or None: checked when the config is
+    read, not at the first evaluation hours into the run."""
+    from resd.rundir import EVAL_KEYS
+
+    unknown = sorted(set(settings) - set(EARLY_STOPPING_KEYS))
+    if unknown:
+        return f"unknown key {unknown[0]!r} (known: {', '.join(EARLY_STOPPING_KEYS)})"
+    metric = settings.get("metric", "case_mean@k")
+    if metric not in EVAL_KEYS:
+        return f"metric: {metric!r} is not an evaluation metric ({', '.join(EVAL_KEYS)})"
+    patience, target = settings.get("patience", 3), settings.get("target")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
+                                 or patience < 1):  # fmt: skip
+        return f"patience: a number of evaluations >= 1, or null; got {patience!r}"
+    for name in ("min_delta", "target"):
+        value = settings.get(name, 0.0 if name == "min_delta" else None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"{name}: a number, got {value!r}"
+    if settings.get("min_delta", 0.0) < 0:
+        return f"min_delta: must be >= 0, got {settings['min_delta']}"
+    if patience is None and target is None:
+        return "patience and target are both null: nothing would ever stop the run"
+    return None
+
+
+class EarlyStopping(Callback):
+    """Ends the run when an evaluation metric stops improving, as transformers'
+    EarlyStoppingCallback does: after `patience` evaluations in a row that beat the best
+    so far by no more than `min_delta`, or as soon as the metric reaches `target`. The
+    evaluation before training counts as the first. Reads the rows `Trainer.evaluate`
+    writes (rank 0 decides; `Trainer.stop` takes every rank along) and keeps its count in
+    the checkpoint, so a resumed run goes on counting where it stopped.
+
+    `early_stopping: {metric: case_mean@k, patience: 3}` in a config adds one."""
+
+    def __init__(
+        self,
+        metric: str = "case_mean@k",
+        patience: int | None = 3,
+        min_delta: float = 0.0,
+        target: float | None = None,
+    ) -> None:
+        settings = {"metric": metric, "patience": patience, "min_delta": min_delta,
+                    "target": target}  # fmt: skip
+        problem = check_early_stopping(settings)
+        if problem:
+            raise ValueError(f"early_stopping: {problem}")
+        self.metric, self.patience, self.min_delta, self.target = (
+            metric, patience, float(min_delta), target
+        )  # fmt: skip
+
+    def on_evaluate(self, trainer: Trainer, row: dict[str, Any] | None) -> None:
+        if row is None:  # not rank 0
+            return
+        state = trainer.extra_state.setdefault("early_stopping", {"best": None, "waited": 0})
+        value = float(row[self.metric])
+        if self.target is not None and value >= self.target:
+            trainer.stop(f"{self.metric} reached {value:.4g} (target {self.target:g}) "
+                         f"at step {row['step']}")  # fmt: skip
+            return
+        if state["best"] is None or value > state["best"] + self.min_delta:
+            state["best"], state["waited"] = value, 0
+            return
+        state["waited"] += 1
+        if self.patience is not None and state["waited"] >= self.patience:
+            trainer.stop(f"{self.metric} has not improved on {state['best']:.4g} "
+                         f"for {state['waited']} evaluations (step {row['step']})")  # fmt: skip

@@ -53,7 +53,7 @@ from resd.rundir import (
     truncate_jsonl,
 )
 from resd.training.algorithms import get_algorithm
-from resd.training.callbacks import Callback
+from resd.training.callbacks import Callback, EarlyStopping
 from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from resd.training.hub import model_card, push_to_hub, write_model_card
 from resd.training.lessons import Lessons, PlaybookChanges
@@ -173,6 +173,8 @@ class Trainer:
         `callbacks` are called on step end, evaluation and save (`resd.training.callbacks`)."""
         self.cfg = cfg
         self.callbacks = list(callbacks)
+        if cfg.early_stopping is not None:
+            self.callbacks.append(EarlyStopping(**cfg.early_stopping))
         self.parallel = make_parallel(cfg.strategy, cfg.zero_stage)
         self.parallel.check(cfg)
         check_trackers(cfg.report_to if self.parallel.is_main else [])
@@ -254,6 +256,7 @@ class Trainer:
         # (the serving learner keeps which feedback rows each step consumed).
         self.extra_state: dict[str, Any] = {}
         self.summary: dict[str, Any] | None = None  # what `train` returned, once it has run
+        self.stop_reason: str | None = None  # set by `stop`: the run ends after this step
         if checkpoint:
             self._restore(checkpoint, state, optimizer_state)
         # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
@@ -347,6 +350,7 @@ class Trainer:
             )
         if self.step == 0 and self.test_items:
             self.evaluate()
+        stopped = self._stop_agreed()  # a callback may end the run at its first evaluation
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -354,7 +358,7 @@ class Trainer:
             disable=not (cfg.progress and main),
         )
         last: dict[str, Any] = {}
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not stopped:
             batch = self.step // cfg.inner_updates
             last = self.train_step(
                 self.train_items[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
@@ -368,7 +372,8 @@ class Trainer:
             done = self.step >= self.total_steps
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not done and self.test_items:
                 self.evaluate()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+            stopped = not done and self._stop_agreed()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or done or stopped:
                 self.save()
         bar.close()
         # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
@@ -377,6 +382,7 @@ class Trainer:
         summary = {
             "steps": self.step, "run_dir": str(self.run_dir), "env": self.env_name, "last": last,
             "strategy": self.parallel.name, "world_size": self.parallel.world_size,
+            "stopped_early": self.stop_reason,
             **(self._evaluations() if main else {}),
         }  # fmt: skip
         self.save_model(summary, push=False)
@@ -392,6 +398,22 @@ class Trainer:
                 raise ValueError(f"push_to_hub: the run is complete in {self.run_dir}, but the "
                                  f"push failed: {type(exc).__name__}: {exc}") from exc  # fmt: skip
         return summary
+
+    def stop(self, reason: str) -> None:
+        """End the run after the current step, as `control.should_training_stop` does in
+        transformers: the run checkpoints, evaluates (unless it just did) and writes its
+        summary as at the end of the stream, with `stopped_early` set to `reason`. For a
+        callback; one rank asking is enough, and every rank stops at the same step
+        (`--resume` continues the run from there, towards its `steps`)."""
+        self.stop_reason = reason
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank asked to stop: one collective, so all of them leave the loop
+        together (a rank alone would leave the others waiting in the next step's)."""
+        if self.parallel.max(int(self.stop_reason is not None)) == 0:
+            return False
+        self.stop_reason = self.stop_reason or "another process asked to stop"
+        return True
 
     def save(self) -> Path:
         """Checkpoint: every process helps gather full tensors, rank 0 writes them."""
