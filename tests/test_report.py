@@ -427,6 +427,11 @@ def test_a_run_with_only_its_summary_reports_its_steps_and_evaluations(tmp_path:
     assert "<th>metric</th><th>before (step 0)</th><th>after (step 40)</th><th>change</th>" in text
     assert "<td>task_mean@k</td><td>0.25</td><td>0.5</td><td>+0.25</td>" in text
     assert "<p>k = 4 samples per item, 8 test items.</p>" in text
+    assert "stopped early" not in text  # it ran to the end
+    summary["stopped_early"] = "case_mean@k reached 1 (target 1) at step 40"
+    (run / "summary.json").write_text(json.dumps(summary))
+    shorter = build_report(run).read_text()  # a run ended by `Trainer.stop` says why
+    assert "<td>stopped early</td><td>case_mean@k reached 1 (target 1) at step 40</td>" in shorter
     missing = re.findall(
         r'<section id="(\w+)"><h2>([^<]*)</h2><p class="missing">([^<]*)</p>', text
     )

@@ -115,6 +115,8 @@ def section_summary(run: Run) -> str:
         ["samples per step", run.samples_per_step],
         ["samples drawn", run.steps * run.samples_per_step],
     ]
+    if run.summary.get("stopped_early"):  # `Trainer.stop`: why the run is shorter than set
+        rows.append(["stopped early", run.summary["stopped_early"]])
     full = (
         details("full config.yaml", pre(yaml.safe_dump(cfg, sort_keys=False)))
         if cfg
