@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,6 +338,34 @@ def test_a_phase_entered_several_times_in_a_step_adds_up():
         with timer("teacher"):
             time.sleep(0.02)
     assert timer.seconds["teacher"] >= 0.06 and timer.seconds["update"] == 0.0
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A config's paths are read from the working directory, not from the config file's
+    folder: `resd eval --config configs/paper/ifeval_forgetting.yaml` run from another
+    folder said only "no such file: ../shared/data/ifeval_100.parquet". Each setting that
+    reads a file now names the folder it looked in; an absolute path needs no such note."""
+    import re
+
+    from resd.envs.dataset import DatasetEnv
+
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(f" (relative to the working directory {Path.cwd()})")
+    cases = {
+        "chat_template=templates/chat.jinja": r"^chat_template: no such file 'templates/chat\.jinja'",
+        "playbook_init=seeds/p.md": r"^playbook_init: no such file 'seeds/p\.md'",
+        "teacher_template=teacher.txt": r"^teacher_template: no such file 'teacher\.txt'",
+    }
+    for override, message in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message + where):
+            Trainer(config(tiny_model_dir, tmp_path / f"run{len(override)}", override))
+    with pytest.raises(ValueError, match=r"^env_args\.path: no such file: data/x\.jsonl" + where):
+        DatasetEnv(path="data/x.jsonl", prompt_column="q", answer_column="a")
+    with pytest.raises(FileNotFoundError) as absolute:
+        Trainer(config(tiny_model_dir, tmp_path / "abs", f"playbook_init={tmp_path / 'no.md'}"))
+    assert "relative to" not in str(absolute.value)
 
 
 def test_inputs_that_name_no_usable_file_are_refused_by_name(tiny_model_dir, tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from resd.config import DTYPE_NAMES
-from resd.templating import names_a_file
+from resd.templating import from_where, names_a_file
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,8 @@ def load_tokenizer(
         elif names_a_file(chat_template):
             tokenizer.chat_template = Path(chat_template).read_text()
         else:  # neither: used as is, every prompt would be this string
-            raise ValueError(f"chat_template: no such file {chat_template!r} (or give the "
-                             "Jinja template itself)")  # fmt: skip
+            raise ValueError(f"chat_template: no such file {chat_template!r}"
+                             f"{from_where(chat_template)} (or give the Jinja template itself)")  # fmt: skip
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"model: {name!r} has no chat template (a base model?); set chat_template to a "

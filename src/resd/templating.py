@@ -30,6 +30,13 @@ def names_a_file(value: str) -> bool:
         return False
 
 
+def from_where(path: str | Path) -> str:
+    """The words " (relative to the working directory D)" for a relative path, else "": a config's
+    paths are read from where the command runs, not from the config file's folder, and a
+    missing file's error says where it was looked for."""
+    return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
 def slots(template: str) -> list[str]:
     return _SLOT.findall(template)
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from resd.templating import from_where
+
 __all__ = [
     "DATA_SUFFIXES",
     "Rows",
@@ -172,7 +174,7 @@ def load_splits(
         elif local.is_dir():  # `datasets` names its cache after the folder, and "." has none
             target = str(local.resolve())
         elif _looks_local(target):
-            raise ValueError(f"{field}: no such file: {path}")
+            raise ValueError(f"{field}: no such file: {path}{from_where(path)}")
         options.update(name=name, data_files=data_files, cache_dir=cache_dir)
         loaded = _load_dataset(target, splits, split_fields, field, source, options)
         rows = [

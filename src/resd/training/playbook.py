@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from resd.config import PRUNE_POLICIES
+from resd.templating import from_where
 from resd.training.guards import word_overlap
 
 log = logging.getLogger(__name__)
@@ -467,7 +468,7 @@ class Playbook:
         """Load `playbook.json`, or a hand-written `playbook.md` (to seed a run)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"playbook_init: no such file {str(path)!r}")
+            raise FileNotFoundError(f"playbook_init: no such file {str(path)!r}{from_where(path)}")
         if path.suffix == ".json":
             try:
                 return cls.from_dict(json.loads(path.read_text()))

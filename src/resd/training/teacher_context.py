@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resd.templating import fill, names_a_file, slots
+from resd.templating import fill, from_where, names_a_file, slots
 
 if TYPE_CHECKING:
     from resd.envs.base import Item
@@ -74,8 +74,8 @@ class TeacherTemplate:
         if names_a_file(value):
             return cls(Path(value).read_text())
         if "{" not in value:  # neither a template (it has slots) nor a file
-            raise ValueError(f"teacher_template: no such file {value!r} (or give the template "
-                             "itself, with its {prompt} slot)")  # fmt: skip
+            raise ValueError(f"teacher_template: no such file {value!r}{from_where(value)} (or "
+                             "give the template itself, with its {prompt} slot)")  # fmt: skip
         return cls(value)
 
     def render(self, **values: str) -> str:
