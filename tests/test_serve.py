@@ -360,12 +360,15 @@ def test_the_engine_refuses_stops_and_biases_it_cannot_honour_when_they_are_subm
 ) -> None:
     """`submit` raises at once for an empty stop, a stop under a JSON schema and a bias on
     a token id outside the vocabulary: queued, each would fail `generate` for the whole
-    batch it shared. The vocabulary's first and last ids are in it."""
+    batch it shared. The vocabulary's first and last ids are in it. A negative top-k or a
+    min-p above 1 is refused too (min-p 1.5 keeps no token: at top-p 1 every draw was
+    token 0)."""
     vocab = server.holder.current().model.config.vocab_size
     refused = [{"stop": ["x", ""]}, {"stop": ["x"], "json_schema": {"type": "object"}},
-               {"logit_bias": {vocab: 1.0}}, {"logit_bias": {-1: 1.0}}]  # fmt: skip
+               {"logit_bias": {vocab: 1.0}}, {"logit_bias": {-1: 1.0}}, {"top_k": -1},
+               {"min_p": 1.5}, {"min_p": -0.5}]  # fmt: skip
     for options in refused:
-        with pytest.raises(ValueError, match=r"^(stop|logit_bias)"):
+        with pytest.raises(ValueError, match=r"^(stop|logit_bias|top_k)"):
             server.engine.submit(MESSAGES, max_tokens=1, **options)
     for edge in (0, vocab - 1):  # the vocabulary's first and last ids are biased
         accepted = server.engine.submit(

@@ -506,6 +506,9 @@ class GenerationEngine:
             raise EngineStopped("the generation engine is not running")
         if stop and (json_schema is not None or not all(stop)):
             raise ValueError("stop strings must be non-empty, and not with a JSON schema")
+        if top_k < 0 or not 0 <= min_p <= 1:
+            raise ValueError(f"top_k must be >= 0 and min_p in [0, 1] (0 turns either off); "
+                             f"got {top_k} and {min_p}")  # fmt: skip
         limit = self.max_new_tokens if max_tokens is None else min(max_tokens, self.max_new_tokens)
         served = self.holder.current()
         vocab = served.model.config.vocab_size
