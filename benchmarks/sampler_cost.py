@@ -4,7 +4,8 @@
 implementation drew each row's Gumbel noise from its own `torch.Generator`, a
 vocabulary's worth of numbers per row per token, in a Python loop over rows; the current
 one hashes (seed, position, token id) for the top candidates of every row at once.
-Both are loaded here, the old one from git history, and timed on the same logits.
+Both are loaded here, the old one from git history, and timed on the same logits; the
+current one also with top-k and min-p (what the two filters add to a step).
 
     python benchmarks/sampler_cost.py                        # against commit f3a2eb3
     python benchmarks/sampler_cost.py --model smollm2-135m --rows 16
@@ -53,9 +54,11 @@ def model_logits(name: str, rows: int) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
 
 
-def time_sampler(cls: type, logits: torch.Tensor, steps: int, top_p: float) -> list[float]:
+def time_sampler(
+    cls: type, logits: torch.Tensor, steps: int, top_p: float, **filters: float
+) -> list[float]:
     rows = logits.shape[0]
-    sampler = cls(list(range(rows)), 1.0, top_p, logits.device)
+    sampler = cls(list(range(rows)), 1.0, top_p, logits.device, **filters)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -81,17 +84,22 @@ def main(argv: list[str] | None = None) -> int:
             ("counter hash, batched (new)", RowSeededSampler),
         ):
             times = time_sampler(cls, logits, args.steps, top_p)
-            result["rows"].append(
-                {"sampler": name, "top_p": top_p, "ms_median": 1000 * statistics.median(times)}
-            )
+            result["rows"].append({"sampler": name, "top_p": top_p, "top_k": 0, "min_p": 0.0,
+                                   "ms_median": 1000 * statistics.median(times)})  # fmt: skip
+    for top_p, top_k, min_p in ((0.95, 20, 0.0), (1.0, 0, 0.05), (0.95, 20, 0.05)):
+        times = time_sampler(RowSeededSampler, logits, args.steps, top_p, top_k=top_k, min_p=min_p)
+        result["rows"].append({"sampler": "counter hash, batched (new)", "top_p": top_p,
+                               "top_k": top_k, "min_p": min_p,
+                               "ms_median": 1000 * statistics.median(times)})  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
         f"{args.rows} rows x {logits.shape[1]} vocabulary ({args.model}), median of {args.steps} decode steps"
     )
-    print(f"{'sampler':30s} {'top_p':>5s} {'ms/step':>8s}")
+    print(f"{'sampler':30s} {'top_p':>5s} {'top_k':>5s} {'min_p':>5s} {'ms/step':>8s}")
     for r in result["rows"]:
-        print(f"{r['sampler']:30s} {r['top_p']:5.2f} {r['ms_median']:8.2f}")
+        print(f"{r['sampler']:30s} {r['top_p']:5.2f} {r['top_k']:5d} {r['min_p']:5.2f} "
+              f"{r['ms_median']:8.2f}")  # fmt: skip
     return 0
 
 
