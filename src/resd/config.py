@@ -644,6 +644,13 @@ TRL_INSTEAD = {
     "generation_kwargs": "sampling is set by `temperature`, `top_p`, `top_k`, `min_p`, "
                          "`max_new_tokens` and `min_new_tokens`",
     "cache_implementation": "`generation_cache: static` pre-allocates the KV cache",
+    "metric_for_best_model": "`early_stopping: {metric: ...}` names the evaluation metric "
+                             "that may end a run",
+    "greater_is_better": "every evaluation metric here is an accuracy: higher is better "
+                         "(`early_stopping`)",
+    "load_best_model_at_end": "a run keeps its last model; `early_stopping` ends it when "
+                              "evaluations stop improving, and each checkpoint "
+                              "(`save_every`, `keep_checkpoints`) loads as a model",
 }  # fmt: skip
 
 
