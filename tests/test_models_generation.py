@@ -285,6 +285,33 @@ def test_top_k_and_min_p_draw_what_transformers_samplers_keep(temperature, top_k
     assert sampler.logprobs[0][0] == pytest.approx(float(probs.log()[picked[0]]), abs=1e-6)
 
 
+@pytest.mark.parametrize("filters", [
+    {"top_p": 1.0, "min_p": 0.02},  # min-p's floor below the 4th candidate: a full sort
+    {"top_p": 0.9, "min_p": 0.5},
+    {"top_p": 0.9, "top_k": 40},  # top-k past the candidates: the vocabulary masked
+    {"top_p": 1.0, "top_k": 3},  # within them: drawn among the top 3
+])  # fmt: skip
+def test_filtered_draws_do_not_depend_on_how_many_candidates_are_scored(filters):
+    """With 4 candidates the filters must draw what a sampler that scores the whole
+    vocabulary draws, row for row, on flat and peaked rows alike: a row whose candidates
+    cannot hold all that the filters keep is sorted in full. Catches a min-p floor cut at
+    the candidates, and top-k beyond them drawn from the candidates alone."""
+    from resd.generation.hf import RowSeededSampler
+
+    vocab = 64
+    g = torch.Generator().manual_seed(1)
+    seeds = list(range(200))
+    top_p = filters.pop("top_p")
+    fast = RowSeededSampler(seeds, 1.0, top_p, torch.device("cpu"), candidates=4, **filters)
+    exact = RowSeededSampler(seeds, 1.0, top_p, torch.device("cpu"), candidates=vocab, **filters)
+    for _ in range(3):
+        scores = torch.randn(len(seeds), vocab, generator=g) * 0.5  # flat rows
+        scores[::2, 7] += 6.0  # and peaked ones
+        assert torch.equal(
+            fast(None, scores.clone()).argmax(-1), exact(None, scores.clone()).argmax(-1)
+        )
+
+
 def test_top_k_one_and_min_p_one_decode_greedily(tiny):
     """top_k = 1, or min_p = 1 (only the top token is as likely as itself), leaves one
     token to draw: seeded rows and transformers' unseeded sampler both decode as greedy

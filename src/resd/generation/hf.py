@@ -93,8 +93,11 @@ class RowSeededSampler(LogitsProcessor):
     only those get noise; if a row's top candidates hold less than `top_p` of the mass,
     that row's whole vocabulary is sorted instead, so the result is exact either way.
     Rows that have already stopped are left out of that check: their draws are discarded.
-    Without a nucleus (`top_p = 1`) a row draws one uniform number and inverts its CDF, in
-    token-id order: hashing every token of a 150k vocabulary would cost more than the draw.
+    Min-p without a nucleus is drawn among the candidates too, and a row whose floor lies
+    below its last candidate is sorted in full; top-k (up to `candidates`) draws among the
+    top k alone. Without any filter (`top_p = 1`) a row draws one uniform number and
+    inverts its CDF, in token-id order: hashing every token of a 150k vocabulary would
+    cost more than the draw.
     """
 
     def __init__(
@@ -144,13 +147,16 @@ class RowSeededSampler(LogitsProcessor):
         )
         rows, vocab = logp.shape
         seeds = self.seeds[:rows].to(logp.device)
-        if 0 < self.top_k < vocab:  # ties with the k-th token stay, as in transformers
+        if self.candidates < self.top_k < vocab:  # rare: mask the vocabulary (ties stay)
             kth = logp.topk(self.top_k, dim=-1).values[:, -1:]
             logp = torch.log_softmax(logp.masked_fill(logp < kth, float("-inf")), -1)
-        if self.top_p >= 1.0:  # no nucleus: inverse CDF, one uniform per row, in token-id order
-            if self.min_p_margin is not None:  # a dropped token adds nothing to the CDF
-                floor = logp.max(-1, keepdim=True).values + self.min_p_margin
-                logp = logp.masked_fill(logp < floor, float("-inf"))
+        if 0 < self.top_k <= self.candidates and self.top_k < vocab:
+            # everything the filters can keep is among the top k: draw there, renormalised
+            # (a tie at the k-th place keeps k tokens, where transformers keeps the tie)
+            cand, ids = logp.topk(self.top_k, dim=-1)
+            picked = self._nucleus_sample(torch.log_softmax(cand, -1), ids, seeds)
+        elif self.top_p >= 1.0 and self.min_p_margin is None:
+            # no filter: inverse CDF, one uniform per row, in token-id order
             ids = torch.zeros(rows, 1, dtype=torch.int64, device=logp.device)
             uniform = counter_uniform(seeds, self.position, ids).to(logp.dtype)
             cdf = logp.exp().cumsum(-1)
@@ -159,7 +165,12 @@ class RowSeededSampler(LogitsProcessor):
             cand, ids = logp.topk(min(self.candidates, vocab), dim=-1)
             picked = self._nucleus_sample(cand, ids, seeds)
             if cand.shape[-1] < vocab:
-                short = cand.exp().sum(-1) < self.top_p  # rare: a very flat distribution
+                # rare: the candidates may not hold all that top-p (a very flat distribution)
+                # or min-p (its floor below the last candidate) keeps
+                if self.top_p < 1.0:
+                    short = cand.exp().sum(-1) < self.top_p
+                else:
+                    short = cand[:, -1] >= cand[:, 0] + self.min_p_margin
                 if self.finished is not None:  # a finished row's draw is thrown away
                     short &= ~self.finished[:rows]
                 if bool(short.any()):
@@ -175,8 +186,11 @@ class RowSeededSampler(LogitsProcessor):
         self, cand: torch.Tensor, ids: torch.Tensor, seeds: torch.Tensor
     ) -> torch.Tensor:
         """Token ids `[rows, 1]` drawn from the nucleus of candidates sorted by log-prob."""
-        probs = cand.exp()
-        keep = (probs.cumsum(-1) - probs) < self.top_p  # the top token always stays
+        if self.top_p < 1.0:
+            probs = cand.exp()
+            keep = (probs.cumsum(-1) - probs) < self.top_p  # the top token always stays
+        else:  # no nucleus (a cumulative sum that rounds to 1 would cut the tail)
+            keep = torch.ones_like(cand, dtype=torch.bool)
         if self.min_p_margin is not None:  # of the nucleus, relative to its top token
             keep &= cand >= cand[:, :1] + self.min_p_margin
         cand = cand.masked_fill(~keep, float("-inf"))
