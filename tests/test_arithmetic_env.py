@@ -64,6 +64,30 @@ def test_loader_errors_name_the_field():
     )
 
 
+class Open(ArithmeticEnv):
+    """Takes any argument and hands the rest on: its constructor decides, not the loader."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{k: v for k, v in kwargs.items() if k != "label"})
+
+
+def test_a_misspelt_environment_or_argument_names_the_closest_and_the_rest():
+    """Python's TypeError named neither the argument meant nor the ones there are, and an
+    unknown environment only listed them all. Catches those messages back, a suggestion
+    made for a name close to nothing, and a constructor taking **kwargs refused."""
+    with pytest.raises(ValueError, match=r"^env: unknown environment 'arithmatic' \(did you "
+                       r"mean 'arithmetic'\?\); use one of "):  # fmt: skip
+        make_env("arithmatic")
+    with pytest.raises(ValueError) as typo:
+        make_env("arithmetic", {"n_trian": 3})
+    assert str(typo.value).startswith("env_args: arithmetic takes no argument 'n_trian' (did "
+                                      "you mean 'n_train'?) (its arguments: seed, n_train, ")  # fmt: skip
+    with pytest.raises(ValueError) as far:
+        make_env("arithmetic", {"zzz": 3})
+    assert "did you mean" not in str(far.value) and "(its arguments: seed," in str(far.value)
+    assert isinstance(make_env("test_arithmetic_env:Open", {"label": "x", "n_train": 2}), Open)
+
+
 def test_the_last_number_on_the_answer_line_counts():
     env = ArithmeticEnv(seed=0, n_train=30, n_test=2)
     item = next(it for it in env.train_items() if it.meta["op"] == "+")

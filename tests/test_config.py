@@ -205,6 +205,20 @@ def test_a_trl_setting_without_a_key_here_says_what_does_its_job(given, pointer)
         load_config(None, [given])
 
 
+def test_a_misspelt_key_names_the_closest_known_one():
+    """A typo got the bare "unknown config key": the message now names the closest key,
+    ours or TRL's, with a dash read as an underscore; a name close to none gets no guess."""
+    for given, close in [("learnig_rate=1", "learning_rate"), ("top-k=3", "top_k"),
+                         ("eval_top=3", "eval_top_p"), ("early_stoping={}", "early_stopping")]:  # fmt: skip
+        key = given.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: unknown config key \(did "
+                           rf"you mean '{close}'\?\) \(known keys: "):  # fmt: skip
+            load_config(None, [given])
+    with pytest.raises(ConfigError) as far:
+        load_config(None, ["zzzz=1"])
+    assert "did you mean" not in str(far.value)
+
+
 def test_every_trl_name_read_or_pointed_from_is_trls_and_points_at_our_keys():
     """TRL's GRPOConfig (trl is pinned in the dev extra) is the oracle: each alias and
     each setting with a pointer is a field of it, but for the names older TRL and

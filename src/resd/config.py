@@ -8,10 +8,12 @@ before anything is loaded, with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -675,6 +677,13 @@ def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the known name closest to a misspelt one (a dash read as
+    an underscore), or "" when none is close."""
+    close = difflib.get_close_matches(name.replace("-", "_"), list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def build_config(data: dict[str, Any]) -> TrainConfig:
     data = canonical_keys(data)
     unknown = sorted(set(data) - FIELDS)
@@ -682,7 +691,9 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
         key = unknown[0]
         if key in TRL_INSTEAD:
             raise ConfigError(f"{key}: TRL's setting has no key here; {TRL_INSTEAD[key]}")
-        raise ConfigError(f"{key}: unknown config key (known keys: see `resd train --help-config`)")
+        hint = did_you_mean(key, [*FIELDS, *ALIASES, *TRL_INSTEAD])
+        raise ConfigError(f"{key}: unknown config key{hint} (known keys: see `resd train "
+                          f"--help-config`)")  # fmt: skip
     values = {name: check_type(name, value, _HINTS[name]) for name, value in data.items()}
     return TrainConfig(**values)
 

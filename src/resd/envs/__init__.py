@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
+from resd.config import did_you_mean
 from resd.envs.base import Environment, Item, Score
 
 # Built-ins are imported lazily so that `import resd` stays cheap and one broken
@@ -25,7 +27,8 @@ def resolve_env_class(spec: str) -> type[Environment]:
     target = BUILTIN_ENVS.get(spec, spec)
     if ":" not in target:
         known = ", ".join(sorted(BUILTIN_ENVS))
-        raise ValueError(f"env: unknown environment {spec!r}; use one of {known} or 'module:Class'")
+        raise ValueError(f"env: unknown environment {spec!r}{did_you_mean(spec, BUILTIN_ENVS)}; "
+                         f"use one of {known} or 'module:Class'")  # fmt: skip
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -42,6 +45,7 @@ def resolve_env_class(spec: str) -> type[Environment]:
 
 def make_env(spec: str, env_args: dict[str, Any] | None = None) -> Environment:
     cls = resolve_env_class(spec)
+    _check_arguments(spec, cls, env_args or {})
     try:
         return cls(**(env_args or {}))
     except TypeError as exc:
@@ -50,6 +54,24 @@ def make_env(spec: str, env_args: dict[str, Any] | None = None) -> Environment:
         raise  # ours, and a user's checks: they already say what is wrong
     except Exception as exc:  # a user's constructor failing: one line that names it
         raise ValueError(f"env: {spec} could not be built: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_arguments(spec: str, cls: type, env_args: dict[str, Any]) -> None:
+    """An argument the environment's constructor does not take, named with the ones it
+    does: Python's own TypeError names neither the closest nor the rest."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: the constructor will say
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [name for name, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
+    for name in env_args:
+        if name not in takes:
+            raise ValueError(f"env_args: {spec} takes no argument {name!r}"
+                             f"{did_you_mean(name, takes)} (its arguments: "
+                             f"{', '.join(takes) or 'none'})")  # fmt: skip
 
 
 __all__ = ["BUILTIN_ENVS", "Environment", "Item", "Score", "make_env", "resolve_env_class"]
