@@ -59,8 +59,12 @@ def test_lora_settings_are_peft_settings():
     assert lora_config({"use_rslora": True}).use_rslora  # any PEFT field passes through
     # the base's revision (model_init_kwargs) is recorded in adapter_config.json
     assert lora_config({}, "v1.2").revision == "v1.2" and lora_config({}).revision is None
-    with pytest.raises(ConfigError, match=r"^lora: .*lora_alfa"):
-        lora_config({"lora_alfa": 8})  # PEFT's own message names the bad key
+    with pytest.raises(ConfigError, match=r"^lora: unknown key 'lora_alfa' \(did you mean "
+                       r"'lora_alpha'\?\) \(a peft\.LoraConfig field, or alpha, "):  # fmt: skip
+        lora_config({"lora_alfa": 8})  # the closest of PEFT's fields and ours
+    with pytest.raises(ConfigError, match=r"^lora: unknown key 'alpah' \(did you mean 'alpha'"):
+        lora_config({"alpah": 8})
+    assert lora_config({"rank": 4}).r == lora_config({"lora_rank": 4}).r == 4  # torchtune's
     with pytest.raises(ConfigError, match="same setting"):
         lora_config({"alpha": 8, "lora_alpha": 16})
 

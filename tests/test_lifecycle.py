@@ -372,7 +372,7 @@ def test_inputs_that_name_no_usable_file_are_refused_by_name(tiny_model_dir, tmp
     cases = {
         "model=/no/such/model": r"^model: no such folder '/no/such/model'",
         "chat_template=templates/chat.jinja": r"^chat_template: no such file 'templates/chat\.jinja'",
-        "model_init_kwargs={revisio: main}": r"^model_init_kwargs: .*revisio",
+        "model_init_kwargs={revisio: main}": r"^model_init_kwargs: .*'revisio' \(did you mean 'revision'\?\)",
         "model_init_kwargs={attn_implementation: flash_attention_2}": r"^model_init_kwargs: FlashAttention2",
         f"playbook_init={tmp_path / 'missing.md'}": r"^playbook_init: no such file",
     }

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import warnings
@@ -34,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from resd.config import DTYPE_NAMES
+from resd.config import DTYPE_NAMES, did_you_mean
 from resd.templating import from_where, names_a_file
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,9 @@ def load_model(
         raise _cannot_load(name, exc) from exc
     except (TypeError, ImportError) as exc:  # a key the model class does not take, or an
         # attn_implementation whose package is missing (flash_attention_2 on a CPU machine)
-        raise ValueError(f"model_init_kwargs: {exc}") from exc
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        hint = did_you_mean(unknown.group(1), FROM_PRETRAINED_KEYS) if unknown else ""
+        raise ValueError(f"model_init_kwargs: {exc}{hint}") from exc
     target = pick_device(device)
     model.to(target)
     # Generation defaults baked into some checkpoints (max_length=20, greedy, ...) would
@@ -344,6 +347,13 @@ def load_model(
 
         use_packed_sdpa(model)
     return model
+
+
+# `from_pretrained` arguments a config is likely to mean, for a misspelt one's suggestion
+# (the model class's own error names only what it did not take).
+FROM_PRETRAINED_KEYS = ("revision", "trust_remote_code", "attn_implementation", "subfolder",
+                        "cache_dir", "token", "local_files_only", "force_download", "variant",
+                        "use_safetensors", "code_revision", "low_cpu_mem_usage")  # fmt: skip
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resd.config import ConfigError, TrainConfig
+from resd.config import ConfigError, TrainConfig, did_you_mean
 from resd.generation.base import Generation, Sampler
 from resd.generation.hf import PrefixCache, TransformersSampler, eos_token_ids
 from resd.generation.int8 import quantize_for_decoding
@@ -181,12 +181,15 @@ def _checkpointed(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+# Short names beside PEFT's own (torchtune's `lora_rank` too).
+SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r", "lora_rank": "r"}
 
 
 def lora_config(settings: dict[str, Any], revision: str | None = None):
     """`peft.LoraConfig(**settings)` with our defaults (and the base model's `revision`);
-    PEFT's own error names a bad key."""
+    a key it does not take is named with the closest field, PEFT's own error a bad value."""
+    import dataclasses
+
     from peft import LoraConfig
 
     kwargs = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM",
@@ -196,6 +199,12 @@ def lora_config(settings: dict[str, Any], revision: str | None = None):
         if name in settings and name != key:
             raise ConfigError(f"lora: {key!r} and {name!r} are the same setting; give one")
         kwargs[name] = value
+    fields = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
+    for name in settings:
+        if SHORT_LORA_KEYS.get(name, name) not in fields:
+            hint = did_you_mean(name, [*fields, *SHORT_LORA_KEYS])
+            raise ConfigError(f"lora: unknown key {name!r}{hint} (a peft.LoraConfig field, "
+                              f"or {', '.join(SHORT_LORA_KEYS)})")  # fmt: skip
     try:
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as exc:
