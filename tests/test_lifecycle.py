@@ -529,6 +529,8 @@ def test_settings_that_do_nothing_useful_are_warned_about(tiny_model_dir, tmp_pa
     assert "warmup_steps: 10 for a run of 4 steps" in caplog.text
     Trainer(config(tiny_model_dir, tmp_path / "f", "warmup_steps=0.9", "steps=4"))
     assert "warmup_steps: 4 for a run of 4 steps" in caplog.text  # 3.6 steps, rounded up
+    Trainer(config(tiny_model_dir, tmp_path / "one", "warmup_steps=2", "steps=1"))
+    assert "warmup_steps: 2 for a run of 1 step: " in caplog.text  # not "1 steps"
     build_plan({"stages": [{"steps": 1}]})
     assert "stages[0]: no env, here or in the base config" in caplog.text
 

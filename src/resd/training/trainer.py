@@ -204,8 +204,9 @@ class Trainer:
         self.total_steps = min(cfg.steps or 10**12, self.n_batches * cfg.inner_updates)
         warmup = cfg.warmup_step_count(self.total_steps)
         if warmup >= self.total_steps and cfg.lr_scheduler_type != "constant":
-            log.warning("warmup_steps: %d for a run of %d steps: the learning rate never reaches "
-                        "lr (%g)", warmup, self.total_steps, cfg.lr)  # fmt: skip
+            log.warning("warmup_steps: %d for a run of %d step%s: the learning rate never "
+                        "reaches lr (%g)", warmup, self.total_steps,
+                        "" if self.total_steps == 1 else "s", cfg.lr)  # fmt: skip
         checkpoint = self._checkpoint_to_resume(resume)
         if cfg.keep_host_memory and pick_device(self.parallel.device(cfg.device)).type == "cpu":
             keep_freed_memory()  # before the model's weights and every step's tensors
