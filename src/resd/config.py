@@ -678,8 +678,8 @@ def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """ " (did you mean 'x'?)" for the known name closest to a misspelt one (a dash read as
-    an underscore), or "" when none is close."""
+    """The words " (did you mean 'x'?)" for the known name closest to a misspelt one (a
+    dash read as an underscore), or "" when none is close."""
     close = difflib.get_close_matches(name.replace("-", "_"), list(known), n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

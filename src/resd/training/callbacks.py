@@ -25,7 +25,7 @@ class Callback:
         """After each checkpoint is written to `path`."""
 
 
-EARLY_STOPPING_KEYS = ("metric", "patience", "min_delta", "target")
+EARLY_STOPPING_DEFAULTS = {"metric": "case_mean@k", "patience": 3, "min_delta": 0.0, "target": None}
 
 
 def check_early_stopping(settings: dict[str, Any]) -> str | None:
@@ -33,22 +33,22 @@ def check_early_stopping(settings: dict[str, Any]) -> str | None:
     read, not at the first evaluation hours into the run."""
     from resd.rundir import EVAL_KEYS
 
-    unknown = sorted(set(settings) - set(EARLY_STOPPING_KEYS))
+    unknown = sorted(set(settings) - set(EARLY_STOPPING_DEFAULTS))
     if unknown:
-        return f"unknown key {unknown[0]!r} (known: {', '.join(EARLY_STOPPING_KEYS)})"
-    metric = settings.get("metric", "case_mean@k")
-    if metric not in EVAL_KEYS:
-        return f"metric: {metric!r} is not an evaluation metric ({', '.join(EVAL_KEYS)})"
-    patience, target = settings.get("patience", 3), settings.get("target")
+        return f"unknown key {unknown[0]!r} (known: {', '.join(EARLY_STOPPING_DEFAULTS)})"
+    given = {**EARLY_STOPPING_DEFAULTS, **settings}
+    if given["metric"] not in EVAL_KEYS:
+        return f"metric: {given['metric']!r} is not an evaluation metric ({', '.join(EVAL_KEYS)})"
+    patience, target = given["patience"], given["target"]
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
                                  or patience < 1):  # fmt: skip
         return f"patience: a number of evaluations >= 1, or null; got {patience!r}"
     for name in ("min_delta", "target"):
-        value = settings.get(name, 0.0 if name == "min_delta" else None)
+        value = given[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             return f"{name}: a number, got {value!r}"
-    if settings.get("min_delta", 0.0) < 0:
-        return f"min_delta: must be >= 0, got {settings['min_delta']}"
+    if given["min_delta"] is None or given["min_delta"] < 0:
+        return f"min_delta: must be >= 0, got {given['min_delta']}"
     if patience is None and target is None:
         return "patience and target are both null: nothing would ever stop the run"
     return None
