@@ -153,7 +153,8 @@ def test_the_card_states_the_runs_own_numbers(tmp_path):
     ) in card
     # the four headline metrics, before then after; one not measured before shows nan
     assert (
-        "Evaluated on 12 test items of `my_env`, 3 samples each at temperature 0.7:\n\n"
+        "Evaluated on 12 test items of `my_env`, 3 samples each at temperature 0.7, top-p "
+        "0.95:\n\n"
         "| metric | before | after |\n|---|---|---|\n| task_mean@k | 0.250 | 0.500 |\n"
         "| task_best@k | 0.500 | 0.750 |\n| case_mean@k | 0.125 | 0.375 |\n"
         "| case_best@k | nan | 1.000 |\n\n"
@@ -167,6 +168,15 @@ def test_the_card_states_the_runs_own_numbers(tmp_path):
                       "eval_after": {"task_mean@k": 1.0, "items": 1, "k": 1}})  # fmt: skip
     assert "for 1 optimizer step (batches of 1 prompt, 1 rollout each," in one
     assert "Evaluated on 1 test item of `my_env`, 1 sample each at temperature" in one
+    assert "stopped early" not in card  # it ran to the end
+    # evaluation's top-k and min-p where set, and a run ended by `Trainer.stop` says why
+    filtered = model_card(dataclasses.replace(cfg, eval_top_k=20, eval_min_p=0.05),
+                          {**summary, "stopped_early": "case_mean@k reached 1 at step 7"})  # fmt: skip
+    assert (
+        "lr 2e-06).\n\nIt stopped early: case_mean@k reached 1 at step 7.\n\n## Evaluation"
+        in filtered
+    )
+    assert "3 samples each at temperature 0.7, top-p 0.95, top-k 20, min-p 0.05:\n" in filtered
     # the card the trainer writes is this one, as README.md
     path = write_model_card(tmp_path, cfg, summary)
     assert path == tmp_path / "README.md" and path.read_text() == card

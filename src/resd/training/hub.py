@@ -35,6 +35,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def _eval_sampling(cfg: TrainConfig) -> str:
+    """How evaluation sampled: temperature and top-p, and top-k / min-p where set."""
+    filters = [("temperature", cfg.eval_temperature), ("top-p", cfg.eval_top_p),
+               ("top-k", cfg.eval_top_k), ("min-p", cfg.eval_min_p)]  # fmt: skip
+    return ", ".join(f"{name} {value}" for name, value in filters if value or name == "temperature")
+
+
 def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     """The card; `summary["env"]` names an environment given in Python, which `cfg` cannot."""
     env = summary.get("env", cfg.env)
@@ -47,8 +54,8 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     )
     evaluation = (
         f"Evaluated on {_count(int(after.get('items', 0)), 'test item')} of `{env}`, "
-        f"{_count(int(after.get('k', cfg.eval_samples)), 'sample')} each at temperature "
-        f"{cfg.eval_temperature}:\n\n"
+        f"{_count(int(after.get('k', cfg.eval_samples)), 'sample')} each at "
+        f"{_eval_sampling(cfg)}:\n\n"
         f"| metric | before | after |\n|---|---|---|\n{rows}\n"
         if rows
         else "No evaluation was recorded.\n"
@@ -60,6 +67,9 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
     }
     front = {key: value for key, value in front.items() if value is not None}
     header = "---\n" + "\n".join(f"{k}: {json.dumps(v)}" for k, v in front.items()) + "\n---\n"
+    stopped = (
+        f"It stopped early: {summary['stopped_early']}.\n\n" if summary.get("stopped_early") else ""
+    )
     steps = summary.get("steps")
     steps = _count(steps, "optimizer step") if isinstance(steps, int) else "? optimizer steps"
     return (
@@ -68,7 +78,8 @@ def model_card(cfg: TrainConfig, summary: dict[str, Any]) -> str:
         f"`{cfg.algorithm}` on the environment `{env}` for {steps} "
         f"(batches of {_count(cfg.batch_size, 'prompt')}, "
         f"{_count(cfg.rollouts_per_prompt, 'rollout')} each, "
-        f"lr {cfg.lr:g}{', LoRA' if cfg.lora else ''}).\n\n## Evaluation\n\n{evaluation}\n"
+        f"lr {cfg.lr:g}{', LoRA' if cfg.lora else ''}).\n\n"
+        f"{stopped}## Evaluation\n\n{evaluation}\n"
         "The run's configuration is `config.yaml` in the run folder that produced this model.\n"
     )
 
