@@ -148,6 +148,27 @@ def test_envs_names_an_environment_that_cannot_be_loaded(
     assert "unavailable" not in rows["arithmetic"] and "unavailable" not in rows["code"]
 
 
+def test_envs_with_a_name_shows_the_arguments_it_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    """`resd envs NAME` lists the environment's env_args with their types and defaults,
+    then its own docstrings (not one it inherits, nor a dataclass's made-up signature).
+    Catches an argument left out or shown with another default, and a user's
+    environment (module:Class) refused."""
+    assert main(["envs", "arithmetic"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("arithmetic: One-line integer arithmetic")
+    assert out[2:6] == ["env_args (name: type = default):", "  seed: int = 0",
+                        "  n_train: int = 256", "  n_test: int = 64"]  # fmt: skip
+    assert "  ops: str = '+-*'" in out and any("`quote_answer=True` repeats" in x for x in out)
+    assert main(["envs", "house_rules"]) == 0  # a dataclass: its signature is not a docstring
+    out = capsys.readouterr().out
+    assert "  rules: list[str] | None = None" in out and "HouseRulesEnv(" not in out
+    assert "Initialize self" not in out  # object.__init__'s
+    assert main(["envs", "test_cli:GradedEnv"]) == 0
+    assert capsys.readouterr().out.startswith("test_cli:GradedEnv: ")
+    assert main(["envs", "arithmatic"]) == 2
+    assert "did you mean 'arithmetic'" in capsys.readouterr().err
+
+
 def test_env_check_reports_each_reference_below_full_marks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -17,6 +17,7 @@ The subcommands beyond train/envs/env-check live in their own modules, each with
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -77,6 +78,19 @@ def _print_summary(summary: dict) -> None:
 def cmd_envs(args: argparse.Namespace) -> int:
     from resd.envs import BUILTIN_ENVS, resolve_env_class
 
+    if args.env:  # one environment: what it is and the env_args it takes
+        cls = resolve_env_class(args.env)
+        print(f"{args.env}: {cls.description}\n\nenv_args (name: type = default):")
+        for param in list(inspect.signature(cls).parameters.values()):
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                kind = "" if param.annotation is param.empty else f": {param.annotation}"
+                default = "" if param.default is param.empty else f" = {param.default!r}"
+                print(f"  {param.name}{kind}{default}")
+        init = vars(cls).get("__init__")
+        for doc in (vars(cls).get("__doc__"), getattr(init, "__doc__", None)):  # its own only
+            if doc and not doc.startswith(f"{cls.__name__}("):  # a dataclass's made-up one
+                print("\n" + inspect.cleandoc(doc))
+        return 0
     for name in BUILTIN_ENVS:
         try:
             description = resolve_env_class(name).description
@@ -151,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(fn=cmd_train)
 
-    envs = sub.add_parser("envs", help="list built-in environments")
+    envs = sub.add_parser("envs", help="list built-in environments, or show one's env_args")
+    envs.add_argument("env", nargs="?", help="a built-in name or module:Class: its env_args")
     envs.set_defaults(fn=cmd_envs)
 
     check = sub.add_parser("env-check", help="score reference answers and show sample feedback")
