@@ -400,3 +400,41 @@ def test_every_subcommand_is_offered(command: str, capsys: pytest.CaptureFixture
         main([command, "--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: resd {command} ")
+
+
+def test_a_dry_run_prints_the_trainers_schedule_and_writes_nothing(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resd train --dry-run` builds what the trainer would (config, environment, model
+    config, tokenizer), prints the run's schedule and stops: no folder is made. The steps,
+    evaluations and checkpoints it names are those a run takes (a run's logs here are
+    the check), and the state of output_dir says what `--resume` would do. Catches a
+    schedule of its own arithmetic drifting from the trainer's, a dry run that writes, and
+    a bad model passing it."""
+    from resd.training.trainer import Trainer
+    from test_trainer import config, read_jsonl
+
+    out = tmp_path / "run"
+    cfg = config(tiny_model_dir, out, "steps=3", "eval_every=2", "save_every=2")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not out.exists()
+    assert lines[0] == f"model       {tiny_model_dir} (LlamaForCausalLM)"
+    assert lines[2] == "env         toy_envs:ParityEnv: 16 training items, 4 test items"
+    assert lines[3] == ("steps       3 optimizer steps on 2 batches of 4 prompts, 2 a batch "
+                        "(`steps: 3` ends it; 1 epoch would give 4 batches)")  # fmt: skip
+    assert lines[6] == "evaluation  4 test items × 2 samples at steps 0, 2, 3"
+    assert lines[7] == "checkpoints at steps 2, 3, the last 2 kept"
+    assert lines[8] == f"output_dir  {out} (new)"
+    Trainer(cfg).train()  # what a run does: the same steps, evaluations and checkpoints
+    assert [row["step"] for row in read_jsonl(out / "eval.jsonl")] == [0, 2, 3]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.endswith(f"{out} (holds a run: refused unless --resume)\n")
+    assert main(["train", "--config", str(path), "--dry-run", "--resume", "steps=5"]) == 0
+    assert capsys.readouterr().out.endswith(f"{out} (resumes from checkpoint-3)\n")
+    assert main(["train", "--config", str(path), "--dry-run", f"model={tmp_path / 'none'}"]) == 2
+    assert f"model: no such folder '{tmp_path / 'none'}'" in capsys.readouterr().err

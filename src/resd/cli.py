@@ -40,6 +40,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_config_help()
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from resd.training.plan import describe_run
+
+        print("\n".join(describe_run(cfg, resume=args.resume)))
+        return 0
     from resd.training.trainer import (
         Trainer,  # heavy imports only once the config is known to be good
     )
@@ -159,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--help-config", action="store_true", help="list every config key and its default"
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, environment, model and "
+        "tokenizer, print the run's schedule, and stop (nothing is loaded to train or written)",
     )
     train.add_argument(
         "overrides", nargs="*", help="key=value overrides (nested: env_args.path=...)"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import resource
 import sys
@@ -57,6 +56,7 @@ from resd.training.callbacks import Callback, EarlyStopping
 from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from resd.training.hub import model_card, push_to_hub, write_model_card
 from resd.training.lessons import Lessons, PlaybookChanges
+from resd.training.plan import Schedule
 from resd.training.playbook import Playbook
 from resd.training.policy import PolicySampler, load_policy, merged_sampling
 from resd.training.rollout import GivenRollout, PhaseTimer, Rollout, RowStats, row_seed
@@ -200,9 +200,8 @@ class Trainer:
                 order.shuffle(epoch)
             self.train_items += epoch
         self.test_items = list(self.env.test_items())[: cfg.eval_items]
-        self.n_batches = math.ceil(len(self.train_items) / cfg.batch_size)
-        self.total_steps = min(cfg.steps or 10**12, self.n_batches * cfg.inner_updates)
-        warmup = cfg.warmup_step_count(self.total_steps)
+        plan = Schedule.of(cfg, len(items))
+        self.n_batches, self.total_steps, warmup = plan.batches, plan.steps, plan.warmup
         if warmup >= self.total_steps and cfg.lr_scheduler_type != "constant":
             log.warning("warmup_steps: %d for a run of %d step%s: the learning rate never "
                         "reaches lr (%g)", warmup, self.total_steps,
