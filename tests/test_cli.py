@@ -438,3 +438,16 @@ def test_a_dry_run_prints_the_trainers_schedule_and_writes_nothing(
     assert capsys.readouterr().out.endswith(f"{out} (resumes from checkpoint-3)\n")
     assert main(["train", "--config", str(path), "--dry-run", f"model={tmp_path / 'none'}"]) == 2
     assert f"model: no such folder '{tmp_path / 'none'}'" in capsys.readouterr().err
+
+
+def test_the_dry_runs_list_of_steps() -> None:
+    """Every `every` steps and at the last one (which may fall on a multiple), with step 0
+    for evaluations; a long list shortened to its first five and its last. Catches a last
+    step listed twice, a step 0 where none is, and a list cut without its end."""
+    from resd.training.plan import _steps_at
+
+    assert _steps_at(3, 7, None) == "3, 6, 7"
+    assert _steps_at(2, 6, 0) == "0, 2, 4, 6"
+    assert _steps_at(0, 7, None) == "7" and _steps_at(0, 7, 0) == "0, 7"
+    assert _steps_at(2, 20, 0) == "0, 2, 4, 6, 8, ..., 20"
+    assert _steps_at(1, 6, None) == "1, 2, 3, 4, 5, 6"  # six fit whole
