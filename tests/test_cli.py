@@ -438,6 +438,9 @@ def test_a_dry_run_prints_the_trainers_schedule_and_writes_nothing(
     assert capsys.readouterr().out.endswith(f"{out} (resumes from checkpoint-3)\n")
     assert main(["train", "--config", str(path), "--dry-run", f"model={tmp_path / 'none'}"]) == 2
     assert f"model: no such folder '{tmp_path / 'none'}'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # a folder without a model: the config cannot be read
+    assert main(["train", "--config", str(path), "--dry-run", f"model={tmp_path / 'empty'}"]) == 2
+    assert f"model: the folder '{tmp_path / 'empty'}' holds no model" in capsys.readouterr().err
 
 
 def test_the_dry_runs_list_of_steps() -> None:

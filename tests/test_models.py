@@ -557,3 +557,13 @@ def test_saving_a_model_on_cpu_prints_no_deepspeed_note(tiny_model_dir, tmp_path
     assert "another DeepSpeed warning" in ours and "Setting accelerator" not in ours
     if not torch.cuda.is_available():  # the note is DeepSpeed's on a machine without a GPU
         assert "Setting accelerator to CPU" in stdout("")
+
+
+def test_a_model_config_that_cannot_be_read_names_the_model(tmp_path) -> None:
+    """`resd train --dry-run` reads the model's config alone; a config.json that is not
+    JSON is the trainer's "model: cannot load", not an OSError's traceback."""
+    from resd.models import load_model_config
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^model: cannot load '.*' \(a Hub id, a local folder"):
+        load_model_config(str(tmp_path))

@@ -219,6 +219,12 @@ def resolve_model_path(name: str) -> str:
         names = ", ".join(f"checkpoint-{step}" for step in steps)
         raise ValueError(f"model: {name!r} is a run folder without a final model (the run "
                          f"has not finished); name one of its checkpoints: {names}")  # fmt: skip
+    if folder.is_dir() and not any(
+        (folder / f).exists() for f in ("config.json", "adapter_config.json")
+    ) and not any(folder.glob("*.gguf")):  # fmt: skip
+        # else transformers' tokenizer says it "couldn't instantiate the backend tokenizer"
+        raise ValueError(f"model: the folder {name!r} holds no model (no config.json, "
+                         "adapter_config.json or .gguf file)")  # fmt: skip
     # A local folder by its absolute path: a LoRA adapter records its base model's path,
     # which must still lead to it from another working directory.
     return str(folder.resolve()) if folder.is_dir() else name
@@ -230,6 +236,18 @@ def _cannot_load(name: str, exc: Exception) -> ValueError:
     bundled = ", ".join(sorted(BUNDLED_MODELS))
     return ValueError(f"model: cannot load {name!r} (a Hub id, a local folder, or a bundled "
                       f"model: {bundled}): {exc}")  # fmt: skip
+
+
+def load_model_config(name: str, init_kwargs: dict[str, Any] | None = None) -> Any:
+    """The model's config alone (no weights): what `resd train --dry-run` checks a model
+    by. Only the `from_pretrained` arguments that pick the files reach it."""
+    from transformers import AutoConfig
+
+    picks = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name), **picks)
+    except OSError as exc:
+        raise _cannot_load(name, exc) from exc
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

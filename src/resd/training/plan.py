@@ -52,9 +52,7 @@ def _steps_at(every: int, last: int, first: int | None) -> str:
 def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     """The lines `resd train --dry-run` prints; raises as the trainer would on a config,
     environment, model or tokenizer it could not use."""
-    from transformers import AutoConfig
-
-    from resd.models import load_tokenizer, resolve_model_path
+    from resd.models import load_model_config, load_tokenizer
     from resd.training.algorithms import get_algorithm
     from resd.training.checkpoint import latest_checkpoint
     from resd.training.trainer import _check_demonstrations, _environment
@@ -67,14 +65,10 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     if algo.demonstration:
         _check_demonstrations(train, cfg.algorithm, cfg.env)
     plan = Schedule.of(cfg, len(train))
-    path = resolve_model_path(cfg.model)
-    init = {
-        k: v for k, v in cfg.model_init_kwargs.items() if k in ("revision", "trust_remote_code")
-    }
-    model_config = AutoConfig.from_pretrained(path, **init)
     load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens,
                    init_kwargs=cfg.model_init_kwargs, chat_template=cfg.chat_template,
                    chat_template_kwargs=cfg.chat_template_kwargs)  # fmt: skip
+    model_config = load_model_config(cfg.model, cfg.model_init_kwargs)
     architecture = ", ".join(model_config.architectures or [model_config.model_type])
     rollouts = cfg.batch_size * cfg.rollouts_per_prompt
     run_dir = Path(cfg.output_dir)
