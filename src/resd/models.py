@@ -219,15 +219,20 @@ def resolve_model_path(name: str) -> str:
         names = ", ".join(f"checkpoint-{step}" for step in steps)
         raise ValueError(f"model: {name!r} is a run folder without a final model (the run "
                          f"has not finished); name one of its checkpoints: {names}")  # fmt: skip
-    if folder.is_dir() and not any(
-        (folder / f).exists() for f in ("config.json", "adapter_config.json")
-    ) and not any(folder.glob("*.gguf")):  # fmt: skip
-        # else transformers' tokenizer says it "couldn't instantiate the backend tokenizer"
-        raise ValueError(f"model: the folder {name!r} holds no model (no config.json, "
-                         "adapter_config.json or .gguf file)")  # fmt: skip
     # A local folder by its absolute path: a LoRA adapter records its base model's path,
     # which must still lead to it from another working directory.
     return str(folder.resolve()) if folder.is_dir() else name
+
+
+def _check_holds_a_model(name: str, path: str) -> None:
+    """A local folder given as a model that holds none of a model's files is named as
+    such: transformers' tokenizer said it "couldn't instantiate the backend tokenizer"."""
+    folder = Path(path)
+    marks = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json")
+    found = any((folder / f).exists() for f in marks) or any(folder.glob("*.gguf"))
+    if folder.is_dir() and not found:
+        raise ValueError(f"model: the folder {name!r} holds no model (no config.json, "
+                         "adapter_config.json, tokenizer files or .gguf file)")  # fmt: skip
 
 
 def _cannot_load(name: str, exc: Exception) -> ValueError:
@@ -244,8 +249,10 @@ def load_model_config(name: str, init_kwargs: dict[str, Any] | None = None) -> A
     from transformers import AutoConfig
 
     picks = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
+    path = resolve_model_path(name)
+    _check_holds_a_model(name, path)
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(name), **picks)
+        return AutoConfig.from_pretrained(path, **picks)
     except OSError as exc:
         raise _cannot_load(name, exc) from exc
 
@@ -276,8 +283,10 @@ def load_tokenizer(
     """The tokenizer, set up for training: left padding, a pad token, a finite length,
     and the chat template and template variables every prompt is built with."""
     kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in TOKENIZER_INIT_KEYS}
+    path = resolve_model_path(name)
+    _check_holds_a_model(name, path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise _cannot_load(name, exc) from exc
     # What training changes below, to be put back whenever the tokenizer is saved.
