@@ -428,6 +428,13 @@ def test_a_dry_run_prints_the_trainers_schedule_and_writes_nothing(
     assert lines[6] == "evaluation  4 test items × 2 samples at steps 0, 2, 3"
     assert lines[7] == "checkpoints at steps 2, 3, the last 2 kept"
     assert lines[8] == f"output_dir  {out} (new)"
+    out.mkdir()
+    (out / "README.md").write_text("a project's own")  # as the trainer, refused: it would go
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.endswith(
+        f"{out} (holds README.md, which a run would overwrite: refused)\n"
+    )
+    (out / "README.md").unlink()
     Trainer(cfg).train()  # what a run does: the same steps, evaluations and checkpoints
     assert [row["step"] for row in read_jsonl(out / "eval.jsonl")] == [0, 2, 3]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]

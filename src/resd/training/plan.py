@@ -55,7 +55,11 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     from resd.models import load_model_config, load_tokenizer
     from resd.training.algorithms import get_algorithm
     from resd.training.checkpoint import latest_checkpoint
-    from resd.training.trainer import _check_demonstrations, _environment
+    from resd.training.trainer import (
+        _check_demonstrations,
+        _environment,
+        files_a_run_overwrites,
+    )
 
     algo = get_algorithm(cfg.algorithm)
     env = _environment(cfg, None, None)
@@ -73,10 +77,14 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     rollouts = cfg.batch_size * cfg.rollouts_per_prompt
     run_dir = Path(cfg.output_dir)
     checkpoint = latest_checkpoint(run_dir) if resume and run_dir.is_dir() else None
-    if checkpoint is not None:
+    if run_dir.exists() and not run_dir.is_dir():
+        where = "a file, not a folder: refused"
+    elif checkpoint is not None:
         where = f"resumes from {checkpoint.name}"
     elif holds_run_logs(run_dir):
         where = "holds a run: refused unless --resume" if not resume else "starts over"
+    elif run_dir.is_dir() and (others := files_a_run_overwrites(run_dir)):
+        where = f"holds {', '.join(others)}, which a run would overwrite: refused"
     else:
         where = "new" if not run_dir.exists() else "exists, holds no run"
     evaluations = (

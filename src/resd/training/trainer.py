@@ -91,6 +91,23 @@ def _check_demonstrations(items: list[Item], algorithm: str, env_name: str) -> N
                     algorithm, missing, len(items), env_name, where)  # fmt: skip
 
 
+def files_a_run_overwrites(run_dir: Path) -> list[str]:
+    """Files in `run_dir` that a run writes at its top level and that no run of this
+    config wrote there: a model folder given as `output_dir`, a project's own README.md or
+    config.yaml. A config.yaml naming this `output_dir` is the trainer's own, from an
+    attempt killed before it logged anything."""
+    found = sorted({p.name for pattern in TOP_LEVEL_FILES for p in run_dir.glob(pattern)})
+    if "config.yaml" in found:
+        try:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            ours = Path(saved["output_dir"]).resolve() == run_dir.resolve()
+        except (yaml.YAMLError, TypeError, KeyError, OSError):
+            ours = False
+        if ours:
+            found.remove("config.yaml")
+    return found
+
+
 def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
     """The run's environment: from the config, as given, or around an in-memory dataset."""
     if scorer is not None and (env is None or isinstance(env, Environment)):
@@ -297,7 +314,7 @@ class Trainer:
                     truncate_jsonl(self.run_dir / name, -1)
             self.parallel.barrier()
         else:
-            others = self._files_a_run_overwrites()
+            others = files_a_run_overwrites(self.run_dir)
             if others:
                 raise FileExistsError(
                     f"output_dir: {self.run_dir} holds {', '.join(others)}, which a run would "
@@ -306,22 +323,6 @@ class Trainer:
             if resume:
                 log.warning("resume: no run in %s; starting a new one", self.run_dir)
         return checkpoint
-
-    def _files_a_run_overwrites(self) -> list[str]:
-        """Files in `output_dir` that a run writes at its top level and that no run of
-        this config wrote there: a model folder given as `output_dir`, a project's own
-        README.md or config.yaml. A config.yaml naming this `output_dir` is the trainer's
-        own, from an attempt killed before it logged anything."""
-        found = sorted({p.name for pattern in TOP_LEVEL_FILES for p in self.run_dir.glob(pattern)})
-        if "config.yaml" in found:
-            try:
-                saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
-                ours = Path(saved["output_dir"]).resolve() == self.run_dir.resolve()
-            except (yaml.YAMLError, TypeError, KeyError, OSError):
-                ours = False
-            if ours:
-                found.remove("config.yaml")
-        return found
 
     def _after_step(self) -> None:
         """After each optimizer step: the EMA teacher follows the student,
