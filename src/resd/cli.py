@@ -110,6 +110,7 @@ def cmd_env_check(args: argparse.Namespace) -> int:
     from resd.analysis.evaluation import safe_score
     from resd.config import apply_overrides
     from resd.envs import make_env
+    from resd.envs.base import REFERENCES_FROM
 
     env_args = apply_overrides({}, args.overrides)
     env = make_env(args.env, env_args)
@@ -126,8 +127,7 @@ def cmd_env_check(args: argparse.Namespace) -> int:
     print(f"{args.env}: {len(env.train_items())} train / {len(env.test_items())} test items; "
           f"{len(with_ref)} reference answers, {len(with_ref) - len(bad)} score 1.0")  # fmt: skip
     if not with_ref:  # say so: a check of nothing would pass as a scorer that works
-        hint = (" (a dataset's come from env_args.reference_column: a column of correct "
-                "responses)" if type(env).__name__ == "DatasetEnv" else "")  # fmt: skip
+        hint = f" ({REFERENCES_FROM})" if type(env).__name__ == "DatasetEnv" else ""
         print(f"  no item has a reference answer: the scorer was not tried on a right one{hint}")
     for item_id, s in bad[:10]:
         print(f"  FAIL {item_id}: reward={s.reward} score={s.score} feedback={s.feedback[:200]!r}")

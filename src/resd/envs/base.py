@@ -16,6 +16,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+# Where a dataset's reference answers come from, for messages about their absence.
+REFERENCES_FROM = "a dataset's come from env_args.reference_column: a column of correct responses"
+
 
 @dataclass
 class Item:

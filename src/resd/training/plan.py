@@ -56,18 +56,16 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     from resd.training.algorithms import get_algorithm
     from resd.training.checkpoint import latest_checkpoint
     from resd.training.trainer import (
-        _check_demonstrations,
         _environment,
         files_a_run_overwrites,
+        training_items,
     )
 
     algo = get_algorithm(cfg.algorithm)
     env = _environment(cfg, None, None)
-    train, test = list(env.train_items()), list(env.test_items())[: cfg.eval_items]
-    if not train:
-        raise ValueError(f"env: {cfg.env!r} has no training items")
-    if algo.demonstration:
-        _check_demonstrations(train, cfg.algorithm, cfg.env)
+    train = training_items(env, algo, getattr(env, "name", cfg.env))
+    tests = list(env.test_items())
+    test = tests[: cfg.eval_items]
     plan = Schedule.of(cfg, len(train))
     load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens,
                    init_kwargs=cfg.model_init_kwargs, chat_template=cfg.chat_template,
@@ -105,7 +103,7 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
         f"model       {cfg.model} ({architecture}){', LoRA ' + str(cfg.lora) if cfg.lora else ''}",
         f"algorithm   {cfg.algorithm}: {algo.description}",
         f"env         {cfg.env}: {_count(len(train), 'training item')}, "
-        f"{_count(len(env.test_items()), 'test item')}",
+        f"{_count(len(tests), 'test item')}",
         f"steps       {plan.steps} optimizer steps on {_count(used, 'batch', 'batches')} of "
         f"{_count(cfg.batch_size, 'prompt')}, {cfg.inner_updates} a batch{capped}",
         f"rollouts    {rollouts} a step ({_count(cfg.batch_size, 'prompt')} × "

@@ -194,17 +194,16 @@ def lora_config(settings: dict[str, Any], revision: str | None = None):
 
     kwargs = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM",
               "revision": revision}  # fmt: skip
+    fields = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
     for key, value in settings.items():
         name = SHORT_LORA_KEYS.get(key, key)
+        if name not in fields:
+            hint = did_you_mean(key, [*fields, *SHORT_LORA_KEYS])
+            raise ConfigError(f"lora: unknown key {key!r}{hint} (a peft.LoraConfig field, "
+                              f"or {', '.join(SHORT_LORA_KEYS)})")  # fmt: skip
         if name in settings and name != key:
             raise ConfigError(f"lora: {key!r} and {name!r} are the same setting; give one")
         kwargs[name] = value
-    fields = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
-    for name in settings:
-        if SHORT_LORA_KEYS.get(name, name) not in fields:
-            hint = did_you_mean(name, [*fields, *SHORT_LORA_KEYS])
-            raise ConfigError(f"lora: unknown key {name!r}{hint} (a peft.LoraConfig field, "
-                              f"or {', '.join(SHORT_LORA_KEYS)})")  # fmt: skip
     try:
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -35,7 +35,7 @@ from resd.allocator import keep_freed_memory
 from resd.analysis.evaluation import evaluate, safe_score
 from resd.config import TrainConfig
 from resd.envs import make_env
-from resd.envs.base import Environment, Item
+from resd.envs.base import REFERENCES_FROM, Environment, Item
 from resd.generation.hf import chat_prompt_ids
 from resd.models import load_tokenizer, pick_device
 from resd.parallel import full_tensor, make_parallel
@@ -51,7 +51,7 @@ from resd.rundir import (
     read_jsonl,
     truncate_jsonl,
 )
-from resd.training.algorithms import get_algorithm
+from resd.training.algorithms import Algorithm, get_algorithm
 from resd.training.callbacks import Callback, EarlyStopping
 from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from resd.training.hub import model_card, push_to_hub, write_model_card
@@ -75,12 +75,18 @@ RESUME_FIXED = ("model", "algorithm", "env", "env_args", "seed", "shuffle", "epo
                 "inner_updates", "rollouts_per_prompt", "lora", "teacher")  # fmt: skip
 
 
-def _check_demonstrations(items: list[Item], algorithm: str, env_name: str) -> None:
-    """An algorithm whose teacher reads the item's reference demonstration (SDFT) has
-    nothing to distil on an item without one: with none at all, the run would train
-    nothing while looking like it ran; with some missing, those items say so."""
-    missing = sum(not item.reference for item in items)
-    where = " (a dataset's come from env_args.reference_column)"
+def training_items(env: Environment, algo: Algorithm, env_name: str) -> list[Item]:
+    """The environment's training items, refused when there are none. An algorithm whose
+    teacher reads the item's reference demonstration (SDFT) has nothing to distil on an
+    item without one: with none at all, the run would train nothing while looking like it
+    ran; with some missing, those items are counted in a warning."""
+    items = list(env.train_items())
+    if not items:
+        raise ValueError(f"env: {env_name!r} has no training items")
+    if not algo.demonstration:
+        return items
+    missing, algorithm = sum(not item.reference for item in items), algo.name
+    where = f" ({REFERENCES_FROM})"
     if missing == len(items):
         raise ValueError(f"algorithm: {algorithm} distils from each item's reference "
                          f"demonstration, and no training item of env {env_name!r} has one"
@@ -89,6 +95,7 @@ def _check_demonstrations(items: list[Item], algorithm: str, env_name: str) -> N
         log.warning("algorithm: %s distils from reference demonstrations; %d of %d training "
                     "items of env %r have none and are never distilled%s",
                     algorithm, missing, len(items), env_name, where)  # fmt: skip
+    return items
 
 
 def files_a_run_overwrites(run_dir: Path) -> list[str]:
@@ -205,11 +212,7 @@ class Trainer:
         self.env = _environment(cfg, env, scorer)
         # What the run's records (summary, model card) name: `cfg.env` unless Python gave one.
         self.env_name = cfg.env if env is None else _env_name(self.env)
-        items = list(self.env.train_items())
-        if not items:
-            raise ValueError(f"env: {getattr(self.env, 'name', cfg.env)!r} has no training items")
-        if self.algo.demonstration:
-            _check_demonstrations(items, cfg.algorithm, getattr(self.env, "name", cfg.env))
+        items = training_items(self.env, self.algo, getattr(self.env, "name", cfg.env))
         order, self.train_items = random.Random(cfg.seed), []
         for _ in range(cfg.epochs):  # the stream: every pass, each in its own order
             epoch = list(items)
