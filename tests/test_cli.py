@@ -212,6 +212,92 @@ def test_env_check_says_when_it_had_no_reference_to_score(
     assert "no item has a reference" not in capsys.readouterr().out
 
 
+class FloatEnv(GradedEnv):
+    """A `score` that returns a number, as a TRL reward function does."""
+
+    def score(self, item: Item, response: str) -> float:  # type: ignore[override]
+        return float(response.startswith("ref"))
+
+
+def test_a_score_that_returns_a_number_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`env-check`, made to check an environment, showed a traceback (`'float' object has
+    no attribute 'reward'`) for a `score` that returns a number; `resd train` found it
+    after the model had loaded, at the first rollout. Both now say what to return, and the
+    trainer (its dry run here) before it reads the model: the model named does not exist,
+    and the error is the environment's."""
+    said = "resd: error: env: FloatEnv.score returned float (1.0), not a Score: return "
+    assert main(["env-check", "test_cli:FloatEnv", "--samples", "0"]) == 2
+    assert capsys.readouterr().err.startswith(said)
+    argv = ["train", "--dry-run", "env=test_cli:FloatEnv", f"model={tmp_path / 'none'}"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(said)
+
+
+class OneIdEnv(GradedEnv):
+    """Two different tasks under one id, as a data file with a repeated key column makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train = [Item("graded/0", [{"role": "user", "content": "Task 0"}]),
+                       Item("graded/0", [{"role": "user", "content": "Task 1"}])]  # fmt: skip
+
+
+class RepeatsEnv(GradedEnv):
+    """The same tasks again in the stream, as `benchmarks/sd_sanity.py` repeats its items."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train = self._train * 2
+
+
+def test_one_id_on_two_different_items_is_refused_and_a_repeated_item_is_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two different items with one id shared a solution buffer, a history of lessons and
+    a row of per-item evaluation without a word. Catches env-check and the trainer (its
+    dry run, before the model is read) letting them through, and a check so strict that
+    it refuses the same item listed twice."""
+    said = ("resd: error: env: training item id 'graded/0' names two different items "
+            "(prompts 'Task 0' and 'Task 1'); ids must be unique")  # fmt: skip
+    assert main(["env-check", "test_cli:OneIdEnv", "--samples", "0"]) == 2
+    assert capsys.readouterr().err.strip() == said
+    assert main(["train", "--dry-run", "env=test_cli:OneIdEnv", f"model={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == said
+    assert main(["env-check", "test_cli:RepeatsEnv", "--samples", "0"]) == 1  # GradedEnv's FAILs
+    assert capsys.readouterr().out.startswith("test_cli:RepeatsEnv: 24 train / 4 test items")
+
+
+def test_an_item_takes_a_prompt_string_and_refuses_what_is_not_a_chat() -> None:
+    """`Item(id, "a prompt")` failed later, in the trainer or env-check, with `'str' object
+    has no attribute 'get'`; a message without a role rendered as an empty prompt. A
+    string is now one user turn, and anything else that is not a chat is refused with the
+    item's id."""
+    assert Item("a", "What is 2+2?").messages == [{"role": "user", "content": "What is 2+2?"}]
+    assert Item("a", "What is 2+2?").prompt_text == "What is 2+2?"
+    with pytest.raises(ValueError, match=r"^Item 'b': message 0 is not a chat message"):
+        Item("b", [{"content": "no role"}])
+    with pytest.raises(ValueError, match=r"^Item 'c': message 1 is not a chat message"):
+        Item("c", [{"role": "user", "content": "hi"}, "a second turn as a string"])
+    with pytest.raises(ValueError, match=r"^Item 'd': messages must be a list .* got dict"):
+        Item("d", {"role": "user", "content": "one message, not a list"})
+
+
+def test_env_check_takes_env_args_as_resd_train_writes_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resd env-check dataset env_args.path=...`, copied from a `resd train` line, was
+    refused ("dataset takes no argument 'env_args'"); the prefix is now the same argument."""
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps({"q": f"{a}+1?", "a": str(a + 1)}) + "\n"
+                            for a in range(5)))  # fmt: skip
+    argv = ["env-check", "--samples", "0", "dataset", f"env_args.path={path}",
+            "env_args.prompt_column=q", "reference_column=a", "answer_column=a"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("5 reference answers, 5 score 1.0")
+
+
 def test_env_check_shows_the_first_items_with_feedback_on_a_non_answer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

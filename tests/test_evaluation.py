@@ -28,7 +28,7 @@ from resd.analysis.eval_cli import (
 from resd.analysis.evaluation import aggregate, evaluate, safe_score
 from resd.cli import main
 from resd.config import TrainConfig, apply_overrides, build_config
-from resd.envs.base import Score
+from resd.envs.base import NotAScoreError, Score
 from resd.generation.base import Generation
 from resd.models import DTYPES, pick_device, resolve_dtype
 from toy_envs import ParityEnv
@@ -557,3 +557,47 @@ def test_a_checker_that_raises_is_a_failure_and_a_warning(caplog):
     )
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert item.id in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+def test_a_score_that_is_not_a_Score_stops_with_what_to_return():
+    """An environment whose `score` returns a float (a TRL reward function's habit) or a
+    tuple failed far from its cause, with `AttributeError: 'float' object has no attribute
+    'reward'`, after the model had loaded. Catches `safe_score` passing such a value on,
+    or counting it as a failed reply (every reply would fail, and the run go on): it stops
+    with the class's name, what came back and what to return."""
+
+    class Floats(ParityEnv):
+        def score(self, item, response):
+            return 1.0
+
+    env = Floats(n_test=1)
+    with pytest.raises(NotAScoreError, match=r"^env: Floats\.score returned float \(1\.0\), "
+                                             r"not a Score: return resd\.envs\.Score\("):  # fmt: skip
+        safe_score(env, env.test_items()[0], "42")
+
+
+def test_a_score_whose_feedback_is_not_text_stops_naming_the_environment():
+    """`Score(0, 0, None)` from an environment's `score` crashed env-check (slicing None)
+    and reached the teacher's context as the word None. Catches `safe_score` letting it
+    through, or counting it as a failed reply: it stops, as a dataset's scorer does."""
+
+    class NoFeedback(ParityEnv):
+        def score(self, item, response):
+            return Score(0.0, 0.0, None)
+
+    env = NoFeedback(n_test=1)
+    with pytest.raises(NotAScoreError, match=r'^env: NoFeedback\.score returned a Score whose '
+                                             r'feedback is NoneType, not text \(use "" for'):  # fmt: skip
+        safe_score(env, env.test_items()[0], "42")
+
+
+def test_resd_eval_takes_env_args_as_resd_train_writes_them():
+    """`resd eval ... env_args.n_test=2` (as `resd train` takes it) reached the environment
+    as an argument named `env_args`, refused; it now means `n_test=2`, and updates the
+    config file's env_args key by key like the bare form."""
+    from resd.analysis.eval_cli import _eval_options
+    from resd.cli import parse_args
+
+    args = parse_args(["eval", "--model", "m", "--env", "arithmetic", "env_args.n_test=2",
+                       "seed=3", "env_args.load_kwargs.a=1"])  # fmt: skip
+    assert _eval_options(args)["env_args"] == {"n_test": 2, "seed": 3, "load_kwargs": {"a": 1}}

@@ -28,6 +28,7 @@ from resd.analysis.eval_cli import add_eval_subcommand
 from resd.analysis.merge import add_merge_subcommand
 from resd.analysis.report import add_report_subcommand
 from resd.config import ConfigError, defaults_yaml, load_config
+from resd.envs.base import NotAScoreError
 from resd.serve.command import add_serve_subcommand
 
 
@@ -108,16 +109,18 @@ def cmd_envs(args: argparse.Namespace) -> int:
 def cmd_env_check(args: argparse.Namespace) -> int:
     """Score every reference answer (all must reach 1.0) and show a few prompts and feedback."""
     from resd.analysis.evaluation import safe_score
-    from resd.config import apply_overrides
+    from resd.config import env_arg_overrides
     from resd.envs import make_env
-    from resd.envs.base import REFERENCES_FROM
+    from resd.envs.base import REFERENCES_FROM, check_item_ids
 
-    env_args = apply_overrides({}, args.overrides)
+    env_args = env_arg_overrides({}, args.overrides)
     env = make_env(args.env, env_args)
     items = list(env.train_items()) + list(env.test_items())
     if not items:
         print(f"{args.env}: no items (check its arguments)", file=sys.stderr)
         return 1
+    check_item_ids(env.train_items(), "training")
+    check_item_ids(env.test_items(), "test")
     with_ref = [it for it in items if it.reference is not None]
     bad = []
     for it in with_ref:
@@ -211,6 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What bad input raises: said in one line, without a traceback. Anything else is our bug.
+USER_ERRORS = (ConfigError, ValueError, FileExistsError, FileNotFoundError, NotAScoreError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # `env=mytasks:Capitals` (and scorers named `module:function`) import from the working
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\nresd: interrupted (`resd train ... --resume` continues a run from its "
                   "last checkpoint)", file=sys.stderr)  # fmt: skip
             return 130
-        if not isinstance(exc, (ConfigError, ValueError, FileExistsError, FileNotFoundError)):
+        if not isinstance(exc, USER_ERRORS):
             raise
         print(f"resd: error: {exc}", file=sys.stderr)
         return 2

@@ -594,6 +594,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def env_arg_overrides(env_args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`env_args` with an environment's `key=value` arguments applied, as `resd env-check`
+    and `resd eval` take them; `env_args.key=value`, as `resd train` takes the same
+    argument, means the same."""
+    return apply_overrides(env_args, [item.removeprefix("env_args.") for item in overrides])
+
+
 # TRL's names for the same settings, accepted as aliases; a saved config holds ours.
 # (TRL's per_device_train_batch_size counts sequences per forward/backward pass: our
 # micro_batch_size; our batch_size is prompts per step over all processes.)

@@ -39,8 +39,8 @@ from typing import Any
 from resd.config import (
     ConfigError,
     TrainConfig,
-    apply_overrides,
     check_type,
+    env_arg_overrides,
     read_yaml_mapping,
 )
 from resd.envs import Environment, make_env
@@ -348,7 +348,7 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
             if k != "env_args" and getattr(args, k, None) is not None
         }
     )
-    options["env_args"] = apply_overrides(dict(options.get("env_args") or {}), args.env_args)
+    options["env_args"] = env_arg_overrides(dict(options.get("env_args") or {}), args.env_args)
     for key in ("model", "env"):
         if not options.get(key):
             raise ConfigError(f"{key}: required (--{key} or in --config)")

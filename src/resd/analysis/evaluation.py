@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from resd.envs.base import Environment, Item, Score
+from resd.envs.base import Environment, Item, NotAScoreError, Score
 from resd.envs.scorers import ScorerTimeout
 from resd.generation.hf import chat_prompt_ids
 
@@ -43,14 +43,30 @@ def safe_score(env: Environment, item: Item, response: str) -> Score:
 
     Except a scorer that ran past its time limit: it would cost the whole limit, and leave
     a thread behind, on every reply after this one, so the run stops with its message.
+    And a `score` that returns something other than a `Score` (a float, a tuple), or one
+    whose feedback is not text: that is the environment's bug on every reply, so it stops
+    the run with what to return.
     """
     try:
-        return env.score(item, response)
+        result = env.score(item, response)
     except ScorerTimeout:
         raise
     except Exception as exc:
         log.warning("environment raised while scoring %s: %r", item.id, exc)
         return Score(0.0, 0.0, f"The checker failed on this response: {type(exc).__name__}: {exc}")
+    # A bug in the environment, not a failed reply: stop, saying what to return.
+    name = f"env: {type(env).__name__}.score"
+    if not isinstance(result, Score):
+        raise NotAScoreError(
+            f"{name} returned {type(result).__name__} ({result!r:.60}), not a Score: return "
+            f"resd.envs.Score(reward=..., score=..., feedback='what went wrong'); the "
+            f"feedback is what the teacher reads"
+        )
+    if not isinstance(result.feedback, str):
+        raise NotAScoreError(f"{name} returned a Score whose feedback is "
+                             f"{type(result.feedback).__name__}, not text (use \"\" for no "
+                             f"feedback)")  # fmt: skip
+    return result
 
 
 def evaluate(

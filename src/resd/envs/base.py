@@ -34,6 +34,20 @@ class Item:
     # playbook lesson that contains it is a leak, not a lesson, and is skipped.
     answer: str | None = None
 
+    def __post_init__(self) -> None:
+        # A bare prompt is one user turn, as TRL's "prompt" column may be; anything else
+        # must be a chat, or the chat template fails far from the environment that made it.
+        if isinstance(self.messages, str):
+            self.messages = [{"role": "user", "content": self.messages}]
+        if not isinstance(self.messages, (list, tuple)):
+            raise ValueError(f"Item {self.id!r}: messages must be a list of chat messages "
+                             f"({{'role': 'user', 'content': ...}}) or a prompt string, got "
+                             f"{type(self.messages).__name__}")  # fmt: skip
+        for i, message in enumerate(self.messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ValueError(f"Item {self.id!r}: message {i} is not a chat message "
+                                 f"({{'role': ..., 'content': ...}}): {message!r:.80}")  # fmt: skip
+
     @property
     def prompt_text(self) -> str:
         """The user-visible task text (last user message), used in reflection prompts."""
@@ -49,10 +63,29 @@ class Item:
         return self.messages[: users[-1]] if users else list(self.messages)
 
 
+def check_item_ids(items: list[Item], split: str) -> None:
+    """Refuse one id on two different items: the solution buffer, the logs, resumption and
+    per-item evaluation know an item by its id. The same item listed again (a task
+    repeated in the stream) is fine."""
+    seen: dict[str, Item] = {}
+    for item in items:
+        first = seen.setdefault(item.id, item)
+        if first is not item and first != item:
+            raise ValueError(f"env: {split} item id {item.id!r} names two different items "
+                             f"(prompts {first.prompt_text[:40]!r} and "
+                             f"{item.prompt_text[:40]!r}); ids must be unique")  # fmt: skip
+
+
 # A reply succeeds when its reward is at least this. Environments give 0 or 1; a reward
 # in between (a served reply's feedback, a user scorer's number) counts the same
 # everywhere: the solution buffer, the teacher's context, success weighting, the report.
 SUCCESS_REWARD = 0.5
+
+
+class NotAScoreError(TypeError):
+    """An environment's `score` returned something other than a `Score` (a float, a tuple),
+    or one whose feedback is not text: its bug on every reply, which stops a run with what
+    to return instead."""
 
 
 @dataclass

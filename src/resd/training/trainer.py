@@ -35,7 +35,7 @@ from resd.allocator import keep_freed_memory
 from resd.analysis.evaluation import evaluate, safe_score
 from resd.config import TrainConfig
 from resd.envs import make_env
-from resd.envs.base import REFERENCES_FROM, Environment, Item
+from resd.envs.base import REFERENCES_FROM, Environment, Item, check_item_ids
 from resd.generation.hf import chat_prompt_ids
 from resd.models import load_tokenizer, pick_device
 from resd.parallel import full_tensor, make_parallel
@@ -79,10 +79,14 @@ def training_items(env: Environment, algo: Algorithm, env_name: str) -> list[Ite
     """The environment's training items, refused when there are none. An algorithm whose
     teacher reads the item's reference demonstration (SDFT) has nothing to distil on an
     item without one: with none at all, the run would train nothing while looking like it
-    ran; with some missing, those items are counted in a warning."""
+    ran; with some missing, those items are counted in a warning. One id on two different
+    items is refused, and the first item is scored once, so a `score` that returns no
+    `Score` stops the run before the model loads."""
     items = list(env.train_items())
     if not items:
         raise ValueError(f"env: {env_name!r} has no training items")
+    check_item_ids(items, "training")
+    safe_score(env, items[0], items[0].reference or "")
     if not algo.demonstration:
         return items
     missing, algorithm = sum(not item.reference for item in items), algo.name
