@@ -289,6 +289,27 @@ def test_chat_column_final_assistant_turn_becomes_the_reference():
     assert env.conversational
 
 
+def test_a_conversational_completion_column_is_the_reference_reply():
+    """TRL's conversational format keeps the reply in `completion` as assistant messages.
+    As `reference_column` its Python repr ("[{'role': 'assistant', ...}]") became the
+    reference, and no reference scored; the messages' text is the reply. Catches that, and
+    a list of other things taken silently."""
+    rows = [{"prompt": [{"role": "user", "content": f"{a} + 1?"}],
+             "completion": [{"role": "assistant", "content": f"Answer: {a + 1}"}],
+             "solution": str(a + 1)} for a in range(4)]  # fmt: skip
+    env = DatasetEnv.from_dataset(datasets.Dataset.from_list(rows), reference_column="completion",
+                                  answer_column="solution", scorer="numeric", test_fraction=0.5)  # fmt: skip
+    items = all_items(env)
+    assert sorted(item.reference for item in items) == [f"Answer: {a + 1}" for a in range(4)]
+    assert all(env.score(item, item.reference).reward == 1.0 for item in items)
+    for row in rows:  # a list of strings (one column's rows share one type)
+        row["completion"] = [row["solution"]]
+    with pytest.raises(ValueError, match=r"row 0: column 'completion' \(env_args.reference_column\) "
+                                         r"holds a list that is not assistant messages"):  # fmt: skip
+        DatasetEnv.from_dataset(datasets.Dataset.from_list(rows), reference_column="completion",
+                                answer_column="solution", scorer="numeric")  # fmt: skip
+
+
 def test_reference_column_references_score_full_marks():
     # What `resd env-check` checks: with the answer as reference, every reference passes.
     env = memory_env(reference_column="answer")

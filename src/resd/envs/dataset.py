@@ -64,7 +64,8 @@ class DatasetEnv(Environment):
             reference unless `reference_column` is set.
         instruction: text added, after a blank line, to the last user message of every
             prompt (say how to give the answer, e.g. "End with 'Answer: <number>'.").
-        reference_column: a correct response (SDFT's demonstration; `resd env-check`).
+        reference_column: a correct response (SDFT's demonstration; `resd env-check`):
+            a string, or assistant messages (TRL's conversational "completion").
         answer_column: the gold value the built-in scorers compare against; also
             `Item.answer` (for `numeric`, the number read from it; for `regex`, none).
         id_column: item ids (default: the row index within its split).
@@ -309,8 +310,7 @@ class DatasetEnv(Environment):
             messages[last] = {**messages[last], "content": f"{text}\n\n{self.instruction}"}
         reference = trailing
         if self.reference_column is not None:
-            value = rec.get(self.reference_column)
-            reference = None if value is None else str(value)
+            reference = self._reference(rec.get(self.reference_column), where)
         key: Any = i
         if self.id_column is not None:
             key = rec.get(self.id_column)
@@ -358,6 +358,22 @@ class DatasetEnv(Environment):
         if not any(m["role"] == "user" for m in messages):
             raise ValueError(f"{where}: column {column} has no user message")
         return messages, trailing
+
+    def _reference(self, value: Any, where: str) -> str | None:
+        """The reference reply's text. TRL's conversational "completion" column holds it as
+        assistant messages; their text is the reply (its Python repr was taken instead,
+        and no reference scored)."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, (list, tuple)):
+            return str(value)  # a number: the reply that states it
+        if not all(isinstance(m, Mapping) and m.get("role") == "assistant"
+                   and isinstance(m.get("content"), str) for m in value):  # fmt: skip
+            raise ValueError(f"{where}: column {self.reference_column!r} "
+                             f"(env_args.reference_column) holds a list that is not assistant "
+                             f"messages ({{'role': 'assistant', 'content': ...}}): "
+                             f"{value!r:.80}")  # fmt: skip
+        return "\n".join(m["content"] for m in value) if value else None
 
     def _literal_answer(self, rec: dict[str, Any], where: str) -> str | None:
         """Item.answer, after checking that the scorer can use the gold value at all."""
