@@ -22,7 +22,7 @@ from torch import nn
 from resd.config import ConfigError, load_config
 from resd.parallel import STRATEGIES, Parallel, make_parallel, resolve_strategy, tied_aliases
 from resd.parallel.base import NonFiniteGradient, clip_gradients, without_tied_copies
-from resd.parallel.zero import load_optimizer_state, zero_options
+from resd.parallel.zero import STALE_LOCK_S, load_optimizer_state, stale_build_locks, zero_options
 from test_distributed import PARTITION_EVERY_PARAMETER, free_port
 
 LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
@@ -693,3 +693,22 @@ def test_fsdp_reshard_is_a_no_op_without_a_sharded_model(group_of_one: pytest.Mo
 
     FSDP().reshard(None)
     FSDP().reshard(nn.Linear(2, 2))
+
+
+def test_a_lock_a_killed_extension_build_left_is_found(tmp_path, monkeypatch):
+    """A DeepSpeed start killed while it held a torch extension's lock (a test run stopped
+    with SIGTERM did it here) made every later DeepSpeed start wait forever without a word.
+    Catches the lock going unfound, in the folder layout of TORCH_EXTENSIONS_DIR and of
+    torch's default root (one level deeper), and a fresh lock, a build under way now,
+    being called stale."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, deeper, fresh = (tmp_path / "shm_comm" / "lock", tmp_path / "py311_cpu" / "op" / "lock",
+                          tmp_path / "cpu_adam" / "lock")  # fmt: skip
+    for lock in (old, deeper, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    now = time.time()
+    for lock in (old, deeper):
+        os.utime(lock, (now - STALE_LOCK_S - 5, now - STALE_LOCK_S - 5))
+    assert stale_build_locks(now) == sorted([old, deeper])
+    assert stale_build_locks(now - 10) == []  # ten seconds earlier, none was stale yet

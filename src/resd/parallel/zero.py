@@ -19,7 +19,9 @@ Runs on CPU (gloo) as well, which is how it is tested; `pip install 'resd[deepsp
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from torch import nn
 from resd.config import ConfigError
 from resd.parallel.base import check_finite_gradient, without_tied_copies
 from resd.parallel.ddp import ProcessGroup
+
+log = logging.getLogger(__name__)
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
 
@@ -66,6 +70,23 @@ def zero_options(stage: int | None) -> dict[str, Any]:
     return options
 
 
+# A build of a torch extension holds its folder's `lock` for a minute or two at most.
+STALE_LOCK_S = 600
+
+
+def stale_build_locks(now: float | None = None) -> list[Path]:
+    """Locks in torch's extension folders that a killed build left behind. DeepSpeed loads
+    its ops (on CPU, the shared-memory collective) as torch extensions, each start under a
+    file lock; a process killed while it held one (SIGTERM, SIGKILL: no `finally` runs)
+    leaves the file, and every later start waits for it forever, without a word."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]  # the default root has py311_cpu/
+    return sorted(p for p in locks if now - p.stat().st_mtime > STALE_LOCK_S)
+
+
 def make_engine(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -73,6 +94,10 @@ def make_engine(
     max_grad_norm: float | None,
 ):
     deepspeed = import_deepspeed()
+    for lock in stale_build_locks():
+        log.warning("DeepSpeed will wait forever for %s, a lock over %d minutes old: a build "
+                    "killed while it held it leaves it behind. If no other run is starting, "
+                    "delete it.", lock, STALE_LOCK_S // 60)  # fmt: skip
     config = {
         "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: the trainer batches
         "gradient_accumulation_steps": 1,
