@@ -897,21 +897,35 @@ def test_star_import_gives_the_trainer_and_its_phases():
 
 
 class Recorder(Callback):
-    """Keeps what each hook was given."""
+    """Keeps what each hook was given, and the order of the hooks."""
 
     def __init__(self) -> None:
         self.steps: list[dict] = []
         self.evals: list[dict | None] = []
         self.saves: list[str] = []
+        self.order: list[str] = []
+        self.summary: dict | None = None
+
+    def on_train_begin(self, trainer):
+        self.order.append(f"begin@{trainer.step}")
+        self.config_written = (trainer.run_dir / "config.yaml").exists()
 
     def on_step_end(self, trainer, metrics):
         self.steps.append(metrics)
+        self.order.append(f"step{metrics['step']}")
 
     def on_evaluate(self, trainer, row):
         self.evals.append(row)
+        self.order.append(f"eval{row['step']}")
 
     def on_save(self, trainer, path):
         self.saves.append(path.name)
+        self.order.append(path.name)
+
+    def on_train_end(self, trainer, summary):
+        self.order.append("end")
+        self.summary = summary
+        self.summary_written = (trainer.run_dir / "summary.json").exists()
 
 
 def test_a_run_evaluates_and_checkpoints_on_schedule_and_always_at_its_last_step(
@@ -922,7 +936,8 @@ def test_a_run_evaluates_and_checkpoints_on_schedule_and_always_at_its_last_step
     each step's metrics row, each eval row and each checkpoint as logged; the progress bar
     counts the steps and shows the loss; summary.json is the summary `train` returns. Catches
     a last step that is not saved, a save or evaluation at every step, callbacks that are
-    not called, and a bar that does not count."""
+    not called (or out of order: the run's begin before its first evaluation, its end
+    after summary.json, with the summary), and a bar that does not count."""
     out, recorder = tmp_path / "sched", Recorder()
     cfg = config(tiny_model_dir, out, "steps=3", "inner_updates=1", "eval_every=2",
                  "save_every=2", "keep_checkpoints=5", "eval_items=1", "progress=true")  # fmt: skip
@@ -932,10 +947,16 @@ def test_a_run_evaluates_and_checkpoints_on_schedule_and_always_at_its_last_step
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert recorder.saves == ["checkpoint-2", "checkpoint-3"]
     assert [m["step"] for m in metrics] == [1, 2, 3] and recorder.steps == metrics
+    assert recorder.order == ["begin@0", "eval0", "step1", "step2", "eval2", "checkpoint-2",
+                              "step3", "checkpoint-3", "eval3", "end"]  # fmt: skip
+    assert recorder.config_written and recorder.summary_written and recorder.summary == summary
     assert (summary["strategy"], summary["world_size"]) == ("single", 1)
     assert json.loads((out / "summary.json").read_text()) == summary
     lines = re.split(r"[\r\n]", capsys.readouterr().err)  # other bars load and write the model
     assert any(line.startswith("resd:") and "3/3" in line and "loss=" in line for line in lines)
+    resumed = Recorder()  # a resumed run begins at its checkpoint's step
+    Trainer(dataclasses.replace(cfg, steps=4), resume=True, callbacks=[resumed]).train()
+    assert resumed.order == ["begin@3", "step4", "checkpoint-4", "eval4", "end"]
 
 
 def test_a_run_without_test_items_never_evaluates(tiny_model_dir, tmp_path, capsys):

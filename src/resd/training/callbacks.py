@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 
 
 class Callback:
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """When `train()` starts (a resumed run: at its checkpoint's step), after
+        config.yaml is written and before the evaluation of the untrained model."""
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         """After each optimizer step; `metrics` is the row written to metrics.jsonl."""
 
@@ -23,6 +27,11 @@ class Callback:
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
         """After each checkpoint is written to `path`."""
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """When the run has ended (at `steps`, or stopped early), after the final model,
+        summary.json and the trackers are written and before `push_to_hub`'s upload:
+        `summary` is what `train()` returns."""
 
 
 EARLY_STOPPING_DEFAULTS = {"metric": "case_mean@k", "patience": 3, "min_delta": 0.0, "target": None}

@@ -198,7 +198,8 @@ class Trainer:
         """`env` replaces the environment `cfg.env` names: an `Environment` built in Python,
         or a `datasets.Dataset`/`DatasetDict` scored by `scorer` (a built-in scorer's name
         or a function, see `resd.envs.dataset`; columns from `cfg.env_args`).
-        `callbacks` are called on step end, evaluation and save (`resd.training.callbacks`)."""
+        `callbacks` are called as training begins and ends, on step end, evaluation and
+        save (`resd.training.callbacks`)."""
         self.cfg = cfg
         self.callbacks = list(callbacks)
         if cfg.early_stopping is not None:
@@ -356,6 +357,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(
                 given + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             )
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
         if self.step == 0 and self.test_items:
             self.evaluate()
         stopped = self._stop_agreed()  # a callback may end the run at its first evaluation
@@ -399,6 +402,8 @@ class Trainer:
         self.tracker.close()
         self.parallel.barrier()
         self.summary = summary
+        for callback in self.callbacks:
+            callback.on_train_end(self, summary)
         if cfg.push_to_hub and main:  # last: a failed push loses nothing of the run
             try:
                 self._push()
