@@ -609,6 +609,9 @@ def test_a_run_record_reads_its_folder(tmp_path):
     (spec.path / "summary.json").write_text(json.dumps({"steps": 3}))
     record = compare.run_record(spec, {"batch_size": 2, "rollouts_per_prompt": 4})
     assert (record["status"], record["steps"], record["samples_drawn"]) == ("finished", 3, 16)
+    assert record["stopped_early"] is None
+    (spec.path / "summary.json").write_text(json.dumps({"steps": 3, "stopped_early": "why"}))
+    assert compare.run_record(spec, {"batch_size": 2})["stopped_early"] == "why"
 
 
 def test_the_bootstrap_interval_cuts_each_end_alike():
@@ -638,6 +641,33 @@ def test_the_command_exits_0_when_every_run_finishes(tmp_path, monkeypatch, caps
     assert "FAILED" not in capsys.readouterr().out
     assert drawn == []  # --no-plots
     assert json.loads((out / "comparison.json").read_text())["algorithms"]["sdpo"]["finished"] == 2
+
+
+def test_the_command_names_each_run_that_stopped_early(tmp_path, monkeypatch, capsys):
+    """A run ended by `early_stopping` finished with fewer steps than its peers, and the
+    table showed it as done like the others. Catches the record, the summary or the
+    printed lines losing which run stopped, at which step and why."""
+
+    def train(spec: RunSpec, cfg) -> int:
+        spec.path.mkdir(parents=True, exist_ok=True)
+        stopped = "case_mean@k has not improved on 0.5 for 1 evaluation (step 2)"
+        early = (spec.algorithm, spec.seed) == ("sdpo", 1)
+        summary = {"steps": 2, "stopped_early": stopped} if early else {"steps": 4}
+        (spec.path / "summary.json").write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(compare, "launch", train)
+    out = tmp_path / "cmp"
+    assert compare_cli("--seeds", "0,1", "--out", str(out), "steps=4") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("stopped early")] == [
+        "stopped early: sdpo-seed1 at step 2 (case_mean@k has not improved on 0.5 for 1 "
+        "evaluation (step 2))"
+    ]
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["algorithms"]["sdpo"]["stopped_early"] == ["sdpo-seed1"]
+    assert data["algorithms"]["grpo"]["stopped_early"] == []
+    assert [r["name"] for r in data["runs"] if r["stopped_early"]] == ["sdpo-seed1"]
 
 
 def test_the_command_needs_its_algorithms_and_out(tmp_path, capsys):

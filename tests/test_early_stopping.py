@@ -72,6 +72,11 @@ def test_early_stopping_counts_evaluations_without_a_gain(tiny_model_dir, tmp_pa
     target.on_evaluate(trainer, {"step": 6, "task_best@k": 0.75})
     assert trainer.stop_reason == "task_best@k reached 0.75 (target 0.75) at step 6"
 
+    trainer.stop_reason, trainer.extra_state = None, {}  # one evaluation: no plural
+    for step in (7, 8):
+        EarlyStopping(patience=1).on_evaluate(trainer, {"step": step, "case_mean@k": 0.5})
+    assert trainer.stop_reason == "case_mean@k has not improved on 0.5 for 1 evaluation (step 8)"
+
 
 def test_early_stopping_from_the_config_can_end_a_run_at_its_first_evaluation(
     tiny_model_dir, tmp_path

@@ -643,20 +643,25 @@ def test_the_plot_sink_lists_the_pngs_it_wrote(run_dir: Path) -> None:
 def test_comparison_tables_show_each_runs_evaluations_and_each_algorithms_spread(
     tmp_path: Path,
 ) -> None:
-    """Per run: eval before / after; per algorithm: mean [min, max] over its runs of the
-    final evaluation (the "before" of a run evaluated once) and of the seconds per step,
-    empty where no run recorded any."""
+    """Per run: eval before / after, and why it stopped early if it did; per algorithm:
+    mean [min, max] over its runs of the final evaluation (the "before" of a run evaluated
+    once) and of the seconds per step, empty where no run recorded any."""
     root = tmp_path / "cmp"
     make_run(root / "resd-seed0", seed=0, offset=0.0, playbook=False, samples=False)
     make_run(root / "resd-seed1", seed=1, offset=0.2, playbook=False, samples=False)
+    summary = json.loads((root / "resd-seed1" / "summary.json").read_text())
+    summary["stopped_early"] = "case_mean@k reached 0.6 (target 0.6) at step 6"
+    (root / "resd-seed1" / "summary.json").write_text(json.dumps(summary))
     once = root / "sdpo-seed0"
     once.mkdir()
     (once / "config.yaml").write_text(yaml.safe_dump({"algorithm": "sdpo"}))
     write_jsonl(once / "eval.jsonl", [{"step": 0, "task_mean@k": 0.1}])
     text = build_report(root).read_text()
     rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", text)]
-    assert ["resd-seed1", "resd", "1", "6", "24", "0.2", "0.5", "0", "0.6"] in rows
-    assert ["sdpo-seed0", "sdpo", "?", "0", "0", "0.1", "", "", ""] in rows
+    assert ["resd-seed1", "resd", "1", "6", "24", "0.2", "0.5", "0", "0.6",
+            "case_mean@k reached 0.6 (target 0.6) at step 6"] in rows  # fmt: skip
+    assert rows[1][0] == "resd-seed0" and rows[1][-1] == ""  # not stopped: an empty cell
+    assert ["sdpo-seed0", "sdpo", "?", "0", "0", "0.1", "", "", "", ""] in rows
     assert ["resd", "2", "0.4 [0.3, 0.5]", "0.6 [0.6, 0.6]", "0.6 [0.6, 0.6]",
             "0.9 [0.9, 0.9]", "6 [6, 6]"] in rows  # fmt: skip
     assert ["sdpo", "1", "0.1 [0.1, 0.1]", "", "", "", ""] in rows
@@ -675,7 +680,7 @@ def test_comparison_page_labels_its_tables_sections_and_figures(tmp_path: Path) 
     heads = [re.findall(r"<th>(.*?)</th>", h) for h in re.findall(r"<thead>(.*?)</thead>", text)]
     assert heads == [
         ["run", "algorithm", "seed", "steps", "samples drawn", "task_mean@k before",
-         "task_mean@k after", "case_mean@k before", "case_mean@k after"],
+         "task_mean@k after", "case_mean@k before", "case_mean@k after", "stopped early"],
         ["algorithm", "runs", "final task_mean@k", "final task_best@k", "final case_mean@k",
          "final case_best@k", "s / step"],
     ]  # fmt: skip

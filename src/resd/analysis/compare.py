@@ -270,6 +270,8 @@ def run_record(spec: RunSpec, config: dict[str, Any] | None) -> dict[str, Any]:
         "samples_per_step": samples_per_step(config) if config else None,
         "steps": steps,
         "samples_drawn": drawn.get(steps, max(drawn.values())),
+        # `early_stopping` or a callback ended it before `steps`: its final point is earlier
+        "stopped_early": summary.get("stopped_early"),
         "eval": curve,
         "final": final_point(curve),
     }
@@ -384,6 +386,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "runs": len(members),
             "finished": len(done),
             "failed": [r["name"] for r in members if r["status"] == "failed"],
+            "stopped_early": [r["name"] for r in done if r.get("stopped_early")],
             "seeds": [r["seed"] for r in done],
             "final": final,
             "samples_drawn": spread([r["samples_drawn"] for r in done]),
@@ -536,6 +539,13 @@ def format_table(algorithms: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stopped_early_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """A line per run that ended before its `steps`: its final point is earlier than its
+    peers', which the table alone does not say."""
+    return [f"stopped early: {r['name']} at step {r['steps']} ({r['stopped_early']})"
+            for r in runs if r.get("stopped_early")]  # fmt: skip
+
+
 def run_comparison(
     base_config: str | None,
     algorithms: list[str],
@@ -593,6 +603,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print("\nfinal evaluation, mean [min, max] over finished seeds:")
     print(format_table(data["algorithms"]))
+    for line in stopped_early_lines(data["runs"]):
+        print(line)
     if data.get("paired"):
         print("\npaired differences per seed, at equal samples drawn:")
         print(format_paired(data["paired"]))

@@ -38,6 +38,7 @@ from resd.analysis.compare import (
     SHARED_KEYS,
     format_paired,
     format_table,
+    stopped_early_lines,
     write_comparison,
 )
 from resd.rundir import EVAL_KEYS
@@ -295,6 +296,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 2
     print("final evaluation, mean [min, max] over finished seeds:")
     print(format_table(data["algorithms"]))
+    for line in stopped_early_lines(data["runs"]):
+        print(line)
     if data.get("paired"):
         print("\npaired differences per seed, at equal samples drawn:")
         print(format_paired(data["paired"]))

@@ -104,4 +104,5 @@ class EarlyStopping(Callback):
         state["waited"] += 1
         if self.patience is not None and state["waited"] >= self.patience:
             trainer.stop(f"{self.metric} has not improved on {state['best']:.4g} "
-                         f"for {state['waited']} evaluations (step {row['step']})")  # fmt: skip
+                         f"for {state['waited']} evaluation{'s' * (state['waited'] != 1)} "
+                         f"(step {row['step']})")  # fmt: skip

@@ -50,11 +50,12 @@ def comparison_tables(groups: dict[str, list[Run]]) -> str:
             run_rows.append(
                 [run.name, algorithm, run.seed, run.steps, run.steps * run.samples_per_step,
                  _number(before.get("task_mean@k")), _number(after.get("task_mean@k")),
-                 _number(before.get("case_mean@k")), _number(after.get("case_mean@k"))]
+                 _number(before.get("case_mean@k")), _number(after.get("case_mean@k")),
+                 run.summary.get("stopped_early") or ""]
             )  # fmt: skip
     run_headers = ["run", "algorithm", "seed", "steps", "samples drawn",
                    "task_mean@k before", "task_mean@k after",
-                   "case_mean@k before", "case_mean@k after"]  # fmt: skip
+                   "case_mean@k before", "case_mean@k after", "stopped early"]  # fmt: skip
     group_rows = []
     for algorithm, runs in groups.items():
         cells: list[Any] = [algorithm, len(runs)]
