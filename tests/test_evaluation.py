@@ -601,3 +601,37 @@ def test_resd_eval_takes_env_args_as_resd_train_writes_them():
     args = parse_args(["eval", "--model", "m", "--env", "arithmetic", "env_args.n_test=2",
                        "seed=3", "env_args.load_kwargs.a=1"])  # fmt: skip
     assert _eval_options(args)["env_args"] == {"n_test": 2, "seed": 3, "load_kwargs": {"a": 1}}
+
+
+def test_resd_eval_takes_a_training_config_and_evaluates_as_its_run_did(tmp_path):
+    """`resd eval --config runs/x/config.yaml --model runs/x` was refused at the first
+    training key ("adam_beta1: unknown key"). A training config now gives the environment
+    and the run's evaluation settings (eval_samples, eval_temperature, ...; TRL's names
+    too), a flag still wins, and its `model`, the one the run started from, is never taken
+    silently for the one to evaluate. A run whose environment was built in Python (its
+    config.yaml says so in its first line) gives no environment. Catches each of these,
+    and a file of neither kind let through."""
+    from resd.analysis.eval_cli import _eval_options
+    from resd.cli import parse_args
+    from resd.config import ConfigError
+
+    path = tmp_path / "config.yaml"
+    path.write_text("model: base-model\nenv: arithmetic\nenv_args: {n_test: 3}\nalgorithm: sdpo\n"
+                    "eval_samples: 3\neval_temperature: 0.2\neval_items: 2\nmax_new_tokens: 12\n"
+                    "seed: 4\nlearning_rate: 1.0e-5\n")  # fmt: skip
+    opts = _eval_options(parse_args(["eval", "--config", str(path), "--model", "runs/x",
+                                     "--samples", "5"]))  # fmt: skip
+    assert (opts["model"], opts["env"], opts["env_args"]) == ("runs/x", "arithmetic", {"n_test": 3})
+    assert (opts["samples"], opts["temperature"], opts["items"], opts["max_new_tokens"],
+            opts["seed"]) == (5, 0.2, 2, 12, 4)  # fmt: skip
+    assert "trained from" not in opts
+    with pytest.raises(ConfigError, match=r"^model: --config .* is a training config, whose "
+                                          r"model \(base-model\) is the one its run started"):  # fmt: skip
+        _eval_options(parse_args(["eval", "--config", str(path)]))
+    path.write_text("# env: mytasks:Caps, given in Python; the `env` below did not run\n"
+                    + path.read_text())  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^env: required"):
+        _eval_options(parse_args(["eval", "--config", str(path), "--model", "runs/x"]))
+    path.write_text("model: m\nenv: arithmetic\nalgorithm: sdpo\nsamplez: 3\n")
+    with pytest.raises(ConfigError, match=r"^samplez: unknown"):  # checked as a training key
+        _eval_options(parse_args(["eval", "--config", str(path)]))

@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from resd.config import (
+    ALIASES,
     ConfigError,
     TrainConfig,
     check_type,
     env_arg_overrides,
+    load_config,
     read_yaml_mapping,
 )
 from resd.envs import Environment, make_env
@@ -313,12 +315,42 @@ EVAL_OPTION_TYPES: dict[str, Any] = {
 EVAL_OPTIONS = tuple(EVAL_OPTION_TYPES)
 
 
+# The keys of a training config (`resd train`'s YAML, a run's config.yaml), TRL's included.
+TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} | set(ALIASES)
+
+
+def _training_config_options(path: str) -> dict[str, Any]:
+    """From a training config, what evaluating as its run evaluates takes: the environment
+    and the run's evaluation settings (`eval_samples`, `eval_temperature`, ...). Not its
+    `model`, which is the model the run started from: `--model` names the one to
+    evaluate, the run's folder or the base."""
+    cfg = load_config(path)
+    settings = EvalSettings.from_config(cfg)
+    # A run whose environment was built in Python says so above its config: its `env` did
+    # not run, and --env must name the environment.
+    from_python = Path(path).read_text().startswith("# env: ")
+    return {
+        **{key: getattr(settings, key) for key in ("samples", "temperature", "top_p", "top_k",
+                                                   "min_p", "max_new_tokens", "max_prompt_tokens",
+                                                   "items", "batch_size", "seed")},
+        **({} if from_python else {"env": cfg.env, "env_args": cfg.env_args}),
+        "device": cfg.device,
+        "model_init_kwargs": cfg.model_init_kwargs, "chat_template_kwargs": cfg.chat_template_kwargs,
+        TRAINED_FROM: cfg.model,
+    }  # fmt: skip
+
+
+TRAINED_FROM = "trained from"  # not an option: said when --model is missing
+
+
 def _config_options(path: str) -> dict[str, Any]:
     """The settings in `--config FILE`, each checked against its type (YAML's `4.0` for a
     count becomes 4), or a ConfigError naming the key and the file: unchecked, `samples:
     abc` would fail only inside EvalSettings, as a TypeError that names neither."""
     loaded = read_yaml_mapping(path)
     unknown = sorted(set(loaded) - set(EVAL_OPTIONS))
+    if any(key in TRAINING_KEYS for key in unknown):  # its other keys are checked as such
+        return _training_config_options(path)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key in {path} (known: {', '.join(EVAL_OPTIONS)})")
     checked = {}
@@ -349,6 +381,12 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     options["env_args"] = env_arg_overrides(dict(options.get("env_args") or {}), args.env_args)
+    trained_from = options.pop(TRAINED_FROM, None)
+    if not options.get("model") and trained_from:
+        raise ConfigError(f"model: --config {args.config} is a training config, whose model "
+                          f"({trained_from}) is the one its run started from: name the model "
+                          f"to evaluate with --model (the run's folder, a checkpoint, or "
+                          f"{trained_from} itself)")  # fmt: skip
     for key in ("model", "env"):
         if not options.get(key):
             raise ConfigError(f"{key}: required (--{key} or in --config)")
@@ -397,7 +435,9 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
         "eval", help="evaluate a model or checkpoint on an environment's test split"
     )
     parser.add_argument("--config", default=None,
-                        help="YAML with any of the settings below (e.g. configs/paper/ifeval_forgetting.yaml)")  # fmt: skip
+                        help="YAML with any of the settings below (e.g. configs/paper/ifeval_forgetting.yaml), "
+                             "or a training config (a run's config.yaml): its environment and "
+                             "evaluation settings, with --model naming the model")  # fmt: skip
     parser.add_argument(
         "--model", help="HF id, model folder, run folder or checkpoint folder (LoRA too)"
     )
