@@ -635,3 +635,22 @@ def test_resd_eval_takes_a_training_config_and_evaluates_as_its_run_did(tmp_path
     path.write_text("model: m\nenv: arithmetic\nalgorithm: sdpo\nsamplez: 3\n")
     with pytest.raises(ConfigError, match=r"^samplez: unknown"):  # checked as a training key
         _eval_options(parse_args(["eval", "--config", str(path)]))
+
+
+def test_an_adapter_on_a_bundled_model_finds_it_on_another_machine(tmp_path):
+    """A LoRA run on a bundled model records the folder the model was converted into on
+    the machine that trained it. Copied to another machine (or read under another user)
+    that folder is not there, and `resd eval` of the run failed on it. Catches the alias
+    not taking its place, and a recorded folder that exists, or is no bundled model's,
+    being replaced."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    name_base(adapter, "/home/someone-else/.cache/resd/models/smollm2-135m")
+    assert adapter_base_model(adapter) == "smollm2-135m"
+    here = tmp_path / "cache" / "models" / "smollm2-135m"  # the folder is here: it is the base
+    here.mkdir(parents=True)
+    name_base(adapter, str(here))
+    assert adapter_base_model(adapter) == str(here)
+    name_base(adapter, "/elsewhere/models/my-own-model")  # not bundled: its error is its own
+    assert adapter_base_model(adapter) == "/elsewhere/models/my-own-model"

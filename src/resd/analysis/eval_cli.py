@@ -109,13 +109,22 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def adapter_base_model(path: str | Path, base_model: str | None = None) -> str:
-    """The model an adapter was trained on: `base_model` if given, else its config's."""
+    """The model an adapter was trained on: `base_model` if given, else its config's.
+
+    A run on a bundled model records the folder that model was converted into on the
+    machine that trained it (`~/.cache/resd/models/<alias>`); where that folder is not,
+    as on another machine or under another user, the alias finds this machine's copy."""
     if base_model:
         return base_model
     config = json.loads((Path(path) / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"model: adapter {path} does not name its base model; pass --base-model")
+    from resd.models import BUNDLED_MODELS
+
+    folder = Path(base)
+    if folder.name in BUNDLED_MODELS and folder.parent.name == "models" and not folder.exists():
+        return folder.name
     return str(base)
 
 
