@@ -284,6 +284,19 @@ def test_an_item_takes_a_prompt_string_and_refuses_what_is_not_a_chat() -> None:
         Item("d", {"role": "user", "content": "one message, not a list"})
 
 
+def test_an_items_numbers_are_text_and_its_id_is_never_empty() -> None:
+    """An int id keyed the solution buffer, which a checkpoint stores in JSON: the resumed
+    run's keys came back as strings, and its lookups by the int missed every solution. A
+    numeric reference or answer reached a chat (SDFT's demonstration) as a number. Catches
+    either kept as a number, and an id that is None or empty let through."""
+    item = Item(7, "2 * 21?", reference=42, answer=42.0)  # type: ignore[arg-type]
+    assert (item.id, item.reference, item.answer) == ("7", "42", "42.0")
+    assert json.loads(json.dumps({item.id: "a solution"})).get(item.id) == "a solution"
+    for bad in (None, "", True):
+        with pytest.raises(ValueError, match=r"^Item: id must be a non-empty string"):
+            Item(bad, "a prompt")  # type: ignore[arg-type]
+
+
 def test_env_check_takes_env_args_as_resd_train_writes_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,6 +35,17 @@ class Item:
     answer: str | None = None
 
     def __post_init__(self) -> None:
+        # A number is text here: an id keys the solution buffer, which a checkpoint keeps in
+        # JSON (an int key came back a string, and the resumed run's lookups missed), and a
+        # reference or answer goes into a chat as text.
+        if isinstance(self.id, int) and not isinstance(self.id, bool):
+            self.id = str(self.id)
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"Item: id must be a non-empty string, got {self.id!r}")
+        for name in ("reference", "answer"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(self, name, str(value))
         # A bare prompt is one user turn, as TRL's "prompt" column may be; anything else
         # must be a chat, or the chat template fails far from the environment that made it.
         if isinstance(self.messages, str):
