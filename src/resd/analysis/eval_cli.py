@@ -326,6 +326,7 @@ EVAL_OPTIONS = tuple(EVAL_OPTION_TYPES)
 
 # The keys of a training config (`resd train`'s YAML, a run's config.yaml), TRL's included.
 TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} | set(ALIASES)
+TRAINED_FROM = "trained from"  # not an option: what to say when --model is missing
 
 
 def _training_config_options(path: str) -> dict[str, Any]:
@@ -335,9 +336,9 @@ def _training_config_options(path: str) -> dict[str, Any]:
     evaluate, the run's folder or the base."""
     cfg = load_config(path)
     settings = EvalSettings.from_config(cfg)
-    # A run whose environment was built in Python says so above its config: its `env` did
-    # not run, and --env must name the environment.
-    from_python = Path(path).read_text().startswith("# env: ")
+    # A run whose environment was built in Python says so in its config's first line
+    # (`Trainer.train`): the `env` below it did not run, and --env must name the one that did.
+    from_python = "given in Python" in Path(path).read_text().partition("\n")[0]
     return {
         **{key: getattr(settings, key) for key in ("samples", "temperature", "top_p", "top_k",
                                                    "min_p", "max_new_tokens", "max_prompt_tokens",
@@ -347,9 +348,6 @@ def _training_config_options(path: str) -> dict[str, Any]:
         "model_init_kwargs": cfg.model_init_kwargs, "chat_template_kwargs": cfg.chat_template_kwargs,
         TRAINED_FROM: cfg.model,
     }  # fmt: skip
-
-
-TRAINED_FROM = "trained from"  # not an option: said when --model is missing
 
 
 def _config_options(path: str) -> dict[str, Any]:
