@@ -269,6 +269,38 @@ def test_one_id_on_two_different_items_is_refused_and_a_repeated_item_is_not(
     assert capsys.readouterr().out.startswith("test_cli:RepeatsEnv: 24 train / 4 test items")
 
 
+class SharedTestIdEnv(GradedEnv):
+    """Two different test items under one id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._test = [Item("graded/t", "Test 0"), Item("graded/t", "Test 1")]
+
+
+class NoTestsEnv(GradedEnv):
+    def __init__(self) -> None:
+        super().__init__()
+        self._test = []
+
+
+def test_test_items_are_checked_before_a_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per-item evaluation is keyed by id: two different test items under one id were
+    merged into one row. And `resd eval` of an environment without test items loaded the
+    model first. Both are now said before any model is read (the model named here does
+    not exist, and the error is the environment's), by `resd eval` and the trainer."""
+    said = ("resd: error: env: test item id 'graded/t' names two different items "
+            "(prompts 'Test 0' and 'Test 1'); ids must be unique")  # fmt: skip
+    missing = str(tmp_path / "none")
+    assert main(["eval", "--model", missing, "--env", "test_cli:SharedTestIdEnv"]) == 2
+    assert capsys.readouterr().err.strip() == said
+    assert main(["train", "--dry-run", "env=test_cli:SharedTestIdEnv", f"model={missing}"]) == 2
+    assert capsys.readouterr().err.strip() == said
+    assert main(["eval", "--model", missing, "--env", "test_cli:NoTestsEnv"]) == 2
+    assert capsys.readouterr().err.strip() == "resd: error: env: NoTestsEnv has no test items"
+
+
 def test_an_item_takes_a_prompt_string_and_refuses_what_is_not_a_chat() -> None:
     """`Item(id, "a prompt")` failed later, in the trainer or env-check, with `'str' object
     has no attribute 'get'`; a message without a role rendered as an empty prompt. A

@@ -46,7 +46,7 @@ from resd.config import (
     read_yaml_mapping,
 )
 from resd.envs import Environment, make_env
-from resd.envs.base import Score
+from resd.envs.base import Item, Score, check_item_ids
 from resd.rundir import check_out_file
 
 METRIC_ROWS = (("per-task", "task"), ("per-test-case", "case"))
@@ -225,6 +225,16 @@ def per_item_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def test_items(env: Environment, limit: int | None) -> list[Item]:
+    """The first `limit` test items, refused when there are none or when two different
+    ones share an id (the per-item results are keyed by it)."""
+    items = list(env.test_items())
+    check_item_ids(items, "test")
+    if not items[:limit]:
+        raise ValueError(f"env: {type(env).__name__} has no test items")
+    return items[:limit]
+
+
 def evaluate_env(model, tokenizer, env: Environment, settings: EvalSettings) -> dict[str, Any]:
     """Sample k answers per test item and score them: aggregate, per-item and per-sample."""
     import torch
@@ -232,9 +242,7 @@ def evaluate_env(model, tokenizer, env: Environment, settings: EvalSettings) -> 
     from resd.analysis.evaluation import evaluate
     from resd.generation.hf import TransformersSampler
 
-    items = list(env.test_items())[: settings.items]
-    if not items:
-        raise ValueError(f"env: {type(env).__name__} has no test items")
+    items = test_items(env, settings.items)
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     sampler = TransformersSampler(
@@ -268,6 +276,7 @@ def evaluate_model(
 
     settings = settings or EvalSettings()
     environment = make_env(env, env_args)  # a bad env fails before the model is loaded
+    test_items(environment, settings.items)  # as does one with nothing to evaluate
     dtype = resolve_dtype(dtype, pick_device(device))  # recorded as it ran
     model, tokenizer = load_policy(
         model_path, base_model=base_model, dtype=dtype, device=device,

@@ -224,7 +224,9 @@ class Trainer:
             if cfg.shuffle:
                 order.shuffle(epoch)
             self.train_items += epoch
-        self.test_items = list(self.env.test_items())[: cfg.eval_items]
+        tests = list(self.env.test_items())
+        check_item_ids(tests, "test")  # per-item evaluation is keyed by id
+        self.test_items = tests[: cfg.eval_items]
         plan = Schedule.of(cfg, len(items))
         self.n_batches, self.total_steps, warmup = plan.batches, plan.steps, plan.warmup
         if warmup >= self.total_steps and cfg.lr_scheduler_type != "constant":
