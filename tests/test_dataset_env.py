@@ -644,6 +644,10 @@ def test_trainer_takes_a_dataset_and_a_scorer_directly(tiny_model_dir, tmp_path)
         Trainer(cfg, scorer=length_reward)
     with pytest.raises(TypeError, match=r"^env: expected an Environment or a datasets.Dataset"):
         Trainer(cfg, env=ROWS)
+    # the class for an instance, as `Trainer(cfg, env=Capitals)`: say which was meant
+    with pytest.raises(TypeError, match=r"^env: got the class DatasetEnv, not an environment: "
+                                        r"pass an instance, DatasetEnv\(\.\.\.\)"):  # fmt: skip
+        Trainer(cfg, env=DatasetEnv)
 
 
 def test_a_feedback_column_replaces_the_scorers_sentence_on_a_wrong_reply():

@@ -131,6 +131,9 @@ def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
         from resd.envs.dataset import DatasetEnv
 
         return DatasetEnv.from_dataset(env, scorer=scorer or "exact_match", **cfg.env_args)
+    if isinstance(env, type) and issubclass(env, Environment):
+        raise TypeError(f"env: got the class {env.__name__}, not an environment: pass an "
+                        f"instance, {env.__name__}(...)")  # fmt: skip
     raise TypeError(f"env: expected an Environment or a datasets.Dataset, got {type(env).__name__}")
 
 
