@@ -1780,3 +1780,52 @@ def test_a_folder_of_data_files_named_by_dot_or_home_is_read(
     monkeypatch.setenv("HOME", str(tmp_path))
     env = DatasetEnv(path=path, cache_dir=str(tmp_path / "cache"), id_column="qid", **COLUMNS)
     assert sorted(by_qid(env)) == sorted(r["qid"] for r in ROWS)
+
+
+# -- several reward functions, as TRL's reward_funcs -------------------------------------------
+
+
+def _says_answer(completions, **kwargs):
+    return [1.0 if c.startswith("Answer:") else 0.0 for c in completions]
+
+
+def _is_right(completions, answer, **kwargs):
+    return [
+        1.0 if a.lower() in c.lower() else 0.0 for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+def test_a_list_of_reward_functions_succeeds_when_each_does_and_names_each_that_did_not():
+    """TRL's `reward_funcs=[format, accuracy]` with `reward_weights`: a list was refused
+    ("expected a scorer name or a callable"). Each function is called as TRL calls it; the
+    reply succeeds only when every one gives the reward, its score is the weighted mean
+    (weights 1 and 3 here), and the feedback names the ones that did not, with what each
+    said. Catches a sum taken for success (one of two would pass), an unweighted mean, and
+    feedback that blames a function that gave its reward."""
+    env = memory_env(scorer=[_says_answer, _is_right], scorer_weights=[1, 3])
+    item = next(i for i in all_items(env) if i.meta["answer"] == "Paris")
+    both, form, right, neither = (env.score(item, reply) for reply in
+                                  ("Answer: Paris", "Answer: Rome", "Paris", "Rome"))  # fmt: skip
+    assert (both.reward, both.score, both.feedback) == (1.0, 1.0, "")
+    assert (form.reward, form.score) == (0.0, 0.25)
+    assert form.feedback == "_is_right: The reward function gave 0."
+    assert (right.reward, right.score) == (0.0, 0.75)
+    assert right.feedback == "_says_answer: The reward function gave 0."
+    assert (neither.score, neither.feedback) == (0.0, "_says_answer: The reward function "
+                                                 "gave 0. _is_right: The reward function gave 0.")  # fmt: skip
+    assert memory_env(scorer=[_says_answer, _is_right]).score(item, "Answer: Rome").score == 0.5
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"scorer": []}, r"^env_args.scorer: an empty list"),
+    ({"scorer": [_says_answer, "exact_match"]}, r"built-in scorer 'exact_match' goes alone"),
+    ({"scorer": [_says_answer, "nope"]}, r"^env_args.scorer\[1\]: unknown scorer 'nope'"),
+    ({"scorer": [_says_answer, _is_right], "scorer_weights": [1]}, r"one weight per reward"),
+    ({"scorer": [_says_answer, _is_right], "scorer_weights": [1, -1]},
+     r"^env_args.scorer_weights\[1\]"),
+    ({"scorer": [_says_answer, _is_right], "scorer_weights": [0, 0]}, r"a weight above 0"),
+    ({"scorer": _says_answer, "scorer_weights": [1]}, r"weights go with a list"),
+])  # fmt: skip
+def test_a_bad_list_of_reward_functions_or_weights_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        memory_env(**kwargs)

@@ -30,9 +30,11 @@ from resd.envs.loading import (
 from resd.envs.scorers import (
     BUILTIN_SCORERS,
     ScorerTimeout,
+    combine_scores,
     format_number,
     gold_text,
     parse_gold_number,
+    resolve_reward_functions,
     resolve_scorer,
     timeout_message,
     wrap_callable,
@@ -72,7 +74,11 @@ class DatasetEnv(Environment):
         meta_columns: the columns kept in `Item.meta` for the scorer; default every column
             but the prompt column (what TRL hands a reward function). The answer column is
             always kept.
-        scorer: "exact_match", "numeric", "regex", a callable, or "package.module:function".
+        scorer: "exact_match", "numeric", "regex", a callable, or "package.module:function";
+            or a list of the last two, as TRL's `reward_funcs`: a reply succeeds when each
+            gives the reward, its score is their weighted mean, and the feedback names each
+            that did not.
+        scorer_weights: the list's weights (TRL's `reward_weights`; default 1 each).
         scorer_args: keyword arguments of a built-in scorer (numeric: rel_tol, abs_tol;
             regex: pattern, fullmatch).
         reveal_answer: whether a built-in scorer's feedback states the expected answer.
@@ -111,7 +117,8 @@ class DatasetEnv(Environment):
         answer_column: str | None = None,
         id_column: str | None = None,
         meta_columns: str | list[str] | None = None,
-        scorer: str | Callable[..., Any] = "exact_match",
+        scorer: str | Callable[..., Any] | list[str | Callable[..., Any]] = "exact_match",
+        scorer_weights: list[float] | None = None,
         scorer_args: dict[str, Any] | None = None,
         reveal_answer: bool = True,
         feedback_column: str | None = None,
@@ -145,7 +152,15 @@ class DatasetEnv(Environment):
         self.scorer_timeout = scorer_timeout or None
         if prompt_column is not None and messages_column is not None:
             raise ValueError("env_args.prompt_column, env_args.messages_column: set one, not both")
-        self.scorer = resolve_scorer(scorer)
+        if isinstance(scorer, (list, tuple)):  # TRL's reward_funcs, with its reward_weights
+            self.scorer, self.scorer_weights = resolve_reward_functions(
+                list(scorer), scorer_weights
+            )
+        elif scorer_weights is not None:
+            raise ValueError("env_args.scorer_weights: weights go with a list of reward "
+                             "functions as env_args.scorer")  # fmt: skip
+        else:
+            self.scorer, self.scorer_weights = resolve_scorer(scorer), None
         self.scorer_args = dict(scorer_args or {})
         self._check_scorer_args()
         self.instruction = instruction
@@ -411,14 +426,12 @@ class DatasetEnv(Environment):
         return gold_text(golds[0])  # the text exact_match compares against
 
     def _make_scorer(self) -> Callable[[Item, str], Score]:
+        if isinstance(self.scorer, list):
+            parts = [self._wrap(fn, f"env_args.scorer[{i}]") for i, fn in enumerate(self.scorer)]
+            names = [getattr(fn, "__name__", type(fn).__name__) for fn in self.scorer]
+            return combine_scores(parts, names, self.scorer_weights or [])
         if not isinstance(self.scorer, str):
-            return wrap_callable(
-                self.scorer,
-                columns=self.meta_columns,
-                conversational=self.conversational,
-                threshold=self.threshold,
-                timeout=self.scorer_timeout,
-            )
+            return self._wrap(self.scorer, "env_args.scorer")
         fn = BUILTIN_SCORERS[self.scorer]
         kwargs = {**self.scorer_args, "reveal_answer": self.reveal_answer}
         pattern = kwargs.pop("pattern", None)
@@ -443,6 +456,11 @@ class DatasetEnv(Environment):
 
     def test_items(self) -> list[Item]:
         return list(self._test)
+
+    def _wrap(self, fn: Callable[..., Any], field: str) -> Callable[[Item, str], Score]:
+        return wrap_callable(fn, columns=self.meta_columns, conversational=self.conversational,
+                             threshold=self.threshold, field=field,
+                             timeout=self.scorer_timeout)  # fmt: skip
 
     def _with_feedback_column(
         self, score: Callable[[Item, str], Score]

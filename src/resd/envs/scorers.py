@@ -35,7 +35,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from resd.envs.base import Item, Score
+from resd.envs.base import Item, Score, real_number
 from resd.templating import strip_thinking
 
 __all__ = [
@@ -497,6 +497,51 @@ def to_score(value: Any, threshold: float = 1.0, name: str = "the scorer") -> Sc
 
 
 _NOT_SUPPLIED = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+
+
+def resolve_reward_functions(
+    spec: list[Any], weights: list[Any] | None, field: str = "env_args.scorer"
+) -> tuple[list[Callable[..., Any]], list[float]]:
+    """A list of user scorers, as TRL's `reward_funcs`, with their `scorer_weights` (TRL's
+    `reward_weights`; default 1 each), each checked now."""
+    if not spec:
+        raise ValueError(f"{field}: an empty list of reward functions")
+    fns = [resolve_scorer(one, f"{field}[{i}]") for i, one in enumerate(spec)]
+    builtin = next((fn for fn in fns if isinstance(fn, str)), None)
+    if builtin is not None:
+        raise ValueError(f"{field}: the built-in scorer {builtin!r} goes alone, not in a list "
+                         "(a list holds your reward functions)")  # fmt: skip
+    if weights is None:
+        return fns, [1.0] * len(fns)
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(fns):
+        raise ValueError(f"env_args.scorer_weights: one weight per reward function "
+                         f"({len(fns)}), got {weights!r}")  # fmt: skip
+    checked = [real_number(w, f"env_args.scorer_weights[{i}]", negative_ok=False)
+               for i, w in enumerate(weights)]  # fmt: skip
+    if not sum(checked) > 0:
+        raise ValueError(f"env_args.scorer_weights: need a weight above 0, got {weights!r}")
+    return fns, checked
+
+
+def combine_scores(parts: list[ScoreFn], names: list[str], weights: list[float]) -> ScoreFn:
+    """Several reward functions as one scorer. The reply succeeds when every function's
+    reward does (a format check AND the answer); its partial score is the weighted mean of
+    their scores (TRL sums `reward_weights` × rewards for GRPO's advantage: GRPO here with
+    `pg_reward: score` follows that, up to its scale); the feedback names each function
+    that did not give the reward, with what it said."""
+    total = sum(weights)
+
+    def combined(item: Item, response: str) -> Score:
+        scores = [part(item, response) for part in parts]
+        failed = [f"{name}: {s.feedback}".rstrip(": ") for name, s in zip(names, scores, strict=True)
+                  if not s.success]  # fmt: skip
+        return Score(
+            reward=float(not failed),
+            score=sum(w * s.score for w, s in zip(weights, scores, strict=True)) / total,
+            feedback=" ".join(failed),
+        )
+
+    return combined
 
 
 def wrap_callable(
