@@ -193,7 +193,8 @@ def test_trl_names_are_aliases_saved_under_ours():
 @pytest.mark.parametrize(
     ("given", "pointer"),
     [("bf16=true", "`autocast`"), ("use_vllm=true", "generation_backend: vllm"),
-     ("logging_steps=10", "metrics.jsonl"), ("gradient_accumulation_steps=4", "micro_batch_size")],
+     ("logging_steps=10", "metrics.jsonl"), ("gradient_accumulation_steps=4", "micro_batch_size"),
+     ("reward_weights=[1,2]", "`env_args.scorer_weights`")],
 )  # fmt: skip
 def test_a_trl_setting_without_a_key_here_says_what_does_its_job(given, pointer):
     """A config brought over from TRL: catches one of its settings with no key here

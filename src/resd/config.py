@@ -648,7 +648,8 @@ TRL_INSTEAD = {
     "run_name": "`output_dir` names the run",
     **dict.fromkeys(("log_completions", "num_completions_to_print"),
                     "`log_samples` rollouts a step go to samples.jsonl"),
-    "reward_weights": "the environment's score is the one reward; combine rewards in its scorer",
+    "reward_weights": "a dataset's reward functions are a list in `env_args.scorer`, their "
+                      "weights `env_args.scorer_weights`",
     "repetition_penalty": "rollouts sample with `temperature`, `top_p`, `top_k` and `min_p` alone",
     "generation_kwargs": "sampling is set by `temperature`, `top_p`, `top_k`, `min_p`, "
                          "`max_new_tokens` and `min_new_tokens`",
