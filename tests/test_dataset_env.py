@@ -1829,3 +1829,35 @@ def test_a_list_of_reward_functions_succeeds_when_each_does_and_names_each_that_
 def test_a_bad_list_of_reward_functions_or_weights_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         memory_env(**kwargs)
+
+
+def _long(completions, **kwargs):
+    return [float(len(c) > 13) for c in completions]
+
+
+def _vowels(completions, **kwargs):
+    return [min(1.0, sum(ch in "aeiou" for ch in c) / 4) for c in completions]
+
+
+def test_each_reward_functions_mean_is_logged_as_trl_logs_it(tiny_model_dir, tmp_path):
+    """TRL logs `rewards/<name>/mean` per reward function; with a list of them, a step's
+    row has `rewards/<name>`: the mean of that function over the step's rollouts, here
+    recomputed from the replies samples.jsonl logged (all of them). Catches a part lost on
+    the way (a feedback column's Score rebuilt without it, an outcome that drops it) and a
+    mean over the wrong rollouts. The unit check: the feedback column keeps the parts."""
+    from resd.training.trainer import Trainer
+    from test_trainer import config, read_jsonl
+
+    cfg = config(tiny_model_dir, tmp_path / "run", "steps=1", "algorithm=sdpo", "log_samples=32",
+                 "env=dataset", "env_args.prompt_column=question", "env_args.answer_column=answer",
+                 "env_args.feedback_column=why")  # fmt: skip
+    rows = [{**row, "why": "Say more."} for row in ROWS]
+    Trainer(cfg, env=datasets.Dataset.from_list(rows), scorer=[_long, _vowels]).train()
+    (metrics,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    replies = [s["response"] for s in read_jsonl(tmp_path / "run" / "samples.jsonl")]
+    assert len(replies) == metrics["rollouts"]
+    for fn in (_long, _vowels):
+        assert metrics[f"rewards/{fn.__name__}"] == pytest.approx(sum(fn(replies)) / len(replies))
+    env = memory_env(rows, scorer=[_long, _vowels], feedback_column="why")
+    scored = env.score(all_items(env)[0], "an")
+    assert scored.feedback == "Say more." and scored.parts == {"_long": 0.0, "_vowels": 0.25}

@@ -104,6 +104,9 @@ class Score:
     reward: float  # 1.0 iff the response fully solves the item, else 0.0
     score: float  # partial credit in [0, 1] (e.g. fraction of tests passed)
     feedback: str  # rich text for the teacher and the reflector; "" when nothing to say
+    # Where several reward functions make this score (a dataset's list of them): each
+    # one's score by its name, logged per step as `rewards/<name>` as TRL logs them.
+    parts: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.reward = float(self.reward)

@@ -13,6 +13,7 @@ which formats, how splits are named and sliced, and how a bad row is reported.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -476,7 +477,7 @@ class DatasetEnv(Environment):
             given = item.meta.get(column)
             given = "" if given is None else str(given).strip()
             return (
-                Score(result.reward, result.score, given)
+                dataclasses.replace(result, feedback=given)
                 if result.reward < 1.0 and given
                 else result
             )

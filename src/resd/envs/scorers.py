@@ -539,6 +539,7 @@ def combine_scores(parts: list[ScoreFn], names: list[str], weights: list[float])
             reward=float(not failed),
             score=sum(w * s.score for w, s in zip(weights, scores, strict=True)) / total,
             feedback=" ".join(failed),
+            parts={name: s.score for name, s in zip(names, scores, strict=True)},
         )
 
     return combined

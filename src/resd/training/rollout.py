@@ -54,7 +54,8 @@ class Rollout:
         return strip_thinking(self.gen.text)
 
     def outcome(self) -> Outcome:
-        return Outcome(self.item.id, self.score.reward, self.score.score)
+        return Outcome(self.item.id, self.score.reward, self.score.score,
+                       tuple(self.score.parts.items()))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Outcome(NamedTuple):
     item_id: str
     reward: float
     score: float
+    parts: tuple[tuple[str, float], ...] = ()  # each reward function's score (`Score.parts`)
 
     @property
     def success(self) -> bool:
