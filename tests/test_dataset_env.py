@@ -1814,6 +1814,10 @@ def test_a_list_of_reward_functions_succeeds_when_each_does_and_names_each_that_
     assert (neither.score, neither.feedback) == (0.0, "_says_answer: The reward function "
                                                  "gave 0. _is_right: The reward function gave 0.")  # fmt: skip
     assert memory_env(scorer=[_says_answer, _is_right]).score(item, "Answer: Rome").score == 0.5
+    # two functions of one name (lambdas) keep a part and a line of feedback each
+    twins = memory_env(scorer=[lambda completions, **kw: [0.0], lambda completions, **kw: [1.0]])
+    assert twins.score(item, "x").parts == {"<lambda>[0]": 0.0, "<lambda>[1]": 1.0}
+    assert twins.score(item, "x").feedback == "<lambda>[0]: The reward function gave 0."
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -430,6 +430,8 @@ class DatasetEnv(Environment):
         if isinstance(self.scorer, list):
             parts = [self._wrap(fn, f"env_args.scorer[{i}]") for i, fn in enumerate(self.scorer)]
             names = [getattr(fn, "__name__", type(fn).__name__) for fn in self.scorer]
+            # two of one name (two lambdas) would share a part and a line of feedback
+            names = [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
             return combine_scores(parts, names, self.scorer_weights or [])
         if not isinstance(self.scorer, str):
             return self._wrap(self.scorer, "env_args.scorer")

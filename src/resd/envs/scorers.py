@@ -533,8 +533,8 @@ def combine_scores(parts: list[ScoreFn], names: list[str], weights: list[float])
 
     def combined(item: Item, response: str) -> Score:
         scores = [part(item, response) for part in parts]
-        failed = [f"{name}: {s.feedback}".rstrip(": ") for name, s in zip(names, scores, strict=True)
-                  if not s.success]  # fmt: skip
+        failed = [f"{name}: {s.feedback}" if s.feedback else name
+                  for name, s in zip(names, scores, strict=True) if not s.success]  # fmt: skip
         return Score(
             reward=float(not failed),
             score=sum(w * s.score for w, s in zip(weights, scores, strict=True)) / total,
