@@ -111,23 +111,24 @@ def cmd_env_check(args: argparse.Namespace) -> int:
     from resd.analysis.evaluation import safe_score
     from resd.config import env_arg_overrides
     from resd.envs import make_env
-    from resd.envs.base import REFERENCES_FROM, check_item_ids
+    from resd.envs.base import REFERENCES_FROM, check_item_ids, checked_test_items
 
     env_args = env_arg_overrides({}, args.overrides)
     env = make_env(args.env, env_args)
-    items = list(env.train_items()) + list(env.test_items())
+    train = list(env.train_items())
+    check_item_ids(train, "training")
+    test = checked_test_items(env)
+    items = train + test
     if not items:
         print(f"{args.env}: no items (check its arguments)", file=sys.stderr)
         return 1
-    check_item_ids(env.train_items(), "training")
-    check_item_ids(env.test_items(), "test")
     with_ref = [it for it in items if it.reference is not None]
     bad = []
     for it in with_ref:
         s = safe_score(env, it, it.reference or "")
         if s.reward < 1.0 or s.score < 1.0:
             bad.append((it.id, s))
-    print(f"{args.env}: {len(env.train_items())} train / {len(env.test_items())} test items; "
+    print(f"{args.env}: {len(train)} train / {len(test)} test items; "
           f"{len(with_ref)} reference answers, {len(with_ref) - len(bad)} score 1.0")  # fmt: skip
     if not with_ref:  # say so: a check of nothing would pass as a scorer that works
         hint = f" ({REFERENCES_FROM})" if type(env).__name__ == "DatasetEnv" else ""

@@ -224,15 +224,17 @@ def resolve_model_path(name: str) -> str:
     return str(folder.resolve()) if folder.is_dir() else name
 
 
-def _check_holds_a_model(name: str, path: str) -> None:
-    """A local folder given as a model that holds none of a model's files is named as
-    such: transformers' tokenizer said it "couldn't instantiate the backend tokenizer"."""
+def _model_path(name: str) -> str:
+    """`resolve_model_path`, and a local folder that holds none of a model's files named
+    as such: transformers' tokenizer said it "couldn't instantiate the backend tokenizer"."""
+    path = resolve_model_path(name)
     folder = Path(path)
     marks = ("config.json", "adapter_config.json", "tokenizer_config.json", "tokenizer.json")
     found = any((folder / f).exists() for f in marks) or any(folder.glob("*.gguf"))
     if folder.is_dir() and not found:
         raise ValueError(f"model: the folder {name!r} holds no model (no config.json, "
                          "adapter_config.json, tokenizer files or .gguf file)")  # fmt: skip
+    return path
 
 
 def _cannot_load(name: str, exc: Exception) -> ValueError:
@@ -249,8 +251,7 @@ def load_model_config(name: str, init_kwargs: dict[str, Any] | None = None) -> A
     from transformers import AutoConfig
 
     picks = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
-    path = resolve_model_path(name)
-    _check_holds_a_model(name, path)
+    path = _model_path(name)
     try:
         return AutoConfig.from_pretrained(path, **picks)
     except OSError as exc:
@@ -283,8 +284,7 @@ def load_tokenizer(
     """The tokenizer, set up for training: left padding, a pad token, a finite length,
     and the chat template and template variables every prompt is built with."""
     kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in TOKENIZER_INIT_KEYS}
-    path = resolve_model_path(name)
-    _check_holds_a_model(name, path)
+    path = _model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -338,6 +338,13 @@ def as_loaded(tokenizer: PreTrainedTokenizerBase) -> Iterator[PreTrainedTokenize
             setattr(tokenizer, key, value)
 
 
+# `from_pretrained` arguments a config is likely to mean, for a misspelt one's suggestion
+# (the model class's own error names only what it did not take).
+FROM_PRETRAINED_KEYS = ("revision", "trust_remote_code", "attn_implementation", "subfolder",
+                        "cache_dir", "token", "local_files_only", "force_download", "variant",
+                        "use_safetensors", "code_revision", "low_cpu_mem_usage")  # fmt: skip
+
+
 def load_model(
     name: str,
     *,
@@ -374,13 +381,6 @@ def load_model(
 
         use_packed_sdpa(model)
     return model
-
-
-# `from_pretrained` arguments a config is likely to mean, for a misspelt one's suggestion
-# (the model class's own error names only what it did not take).
-FROM_PRETRAINED_KEYS = ("revision", "trust_remote_code", "attn_implementation", "subfolder",
-                        "cache_dir", "token", "local_files_only", "force_download", "variant",
-                        "use_safetensors", "code_revision", "low_cpu_mem_usage")  # fmt: skip
 
 
 @contextmanager

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 TOP_LEVEL_FILES = ("config.yaml", "README.md", "summary.json", "playbook.json", "playbook.md",
                    "config.json", "*.safetensors", "adapter_config.json", "tokenizer*", "*.jinja")  # fmt: skip
 
+# config.yaml's first line when the run's environment was built in Python: its `env` key
+# names the config's default, which did not run (`resd eval --config` reads it).
+GIVEN_IN_PYTHON = "given in Python; the `env` below did not run"
+
 # The JSON-lines logs of a run, cut back to the checkpoint's step when a run resumes.
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl")
 

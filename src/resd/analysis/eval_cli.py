@@ -46,8 +46,8 @@ from resd.config import (
     read_yaml_mapping,
 )
 from resd.envs import Environment, make_env
-from resd.envs.base import Item, Score, check_item_ids
-from resd.rundir import check_out_file
+from resd.envs.base import Item, Score, checked_test_items
+from resd.rundir import GIVEN_IN_PYTHON, check_out_file
 
 METRIC_ROWS = (("per-task", "task"), ("per-test-case", "case"))
 
@@ -228,8 +228,7 @@ def per_item_metrics(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_items(env: Environment, limit: int | None) -> list[Item]:
     """The first `limit` test items, refused when there are none or when two different
     ones share an id (the per-item results are keyed by it)."""
-    items = list(env.test_items())
-    check_item_ids(items, "test")
+    items = checked_test_items(env)
     if not items[:limit]:
         raise ValueError(f"env: {type(env).__name__} has no test items")
     return items[:limit]
@@ -333,6 +332,8 @@ EVAL_OPTION_TYPES: dict[str, Any] = {
 EVAL_OPTIONS = tuple(EVAL_OPTION_TYPES)
 
 
+# The sampling settings `resd eval` takes as options (its flags, a --config's keys).
+SETTING_OPTIONS = tuple(f.name for f in dataclasses.fields(EvalSettings) if f.name != "autocast")
 # The keys of a training config (`resd train`'s YAML, a run's config.yaml), TRL's included.
 TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} | set(ALIASES)
 TRAINED_FROM = "trained from"  # not an option: what to say when --model is missing
@@ -347,11 +348,9 @@ def _training_config_options(path: str) -> dict[str, Any]:
     settings = EvalSettings.from_config(cfg)
     # A run whose environment was built in Python says so in its config's first line
     # (`Trainer.train`): the `env` below it did not run, and --env must name the one that did.
-    from_python = "given in Python" in Path(path).read_text().partition("\n")[0]
+    from_python = GIVEN_IN_PYTHON in Path(path).read_text().partition("\n")[0]
     return {
-        **{key: getattr(settings, key) for key in ("samples", "temperature", "top_p", "top_k",
-                                                   "min_p", "max_new_tokens", "max_prompt_tokens",
-                                                   "items", "batch_size", "seed")},
+        **{key: getattr(settings, key) for key in SETTING_OPTIONS},
         **({} if from_python else {"env": cfg.env, "env_args": cfg.env_args}),
         "device": cfg.device,
         "model_init_kwargs": cfg.model_init_kwargs, "chat_template_kwargs": cfg.chat_template_kwargs,
@@ -382,9 +381,7 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the config file, then the flags actually given."""
     defaults = EvalSettings.from_config(TrainConfig())
     options: dict[str, Any] = {
-        **{k: getattr(defaults, k) for k in ("samples", "temperature", "top_p", "top_k", "min_p",
-                                             "max_new_tokens", "max_prompt_tokens", "items",
-                                             "batch_size", "seed")},
+        **{k: getattr(defaults, k) for k in SETTING_OPTIONS},
         "env_args": {}, "base_model": None, "dtype": "auto", "device": "auto",
     }  # fmt: skip
     if args.config:
@@ -413,12 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = _eval_options(args)
     if args.out:  # now, not after an evaluation that may take hours
         check_out_file(Path(args.out), "out")
-    settings = EvalSettings(
-        samples=opts["samples"], temperature=opts["temperature"], top_p=opts["top_p"],
-        top_k=opts["top_k"], min_p=opts["min_p"], max_new_tokens=opts["max_new_tokens"],
-        max_prompt_tokens=opts["max_prompt_tokens"], items=opts["items"],
-        batch_size=opts["batch_size"], seed=opts["seed"],
-    )  # fmt: skip
+    settings = EvalSettings(**{key: opts[key] for key in SETTING_OPTIONS})
     env_args = opts["env_args"]
     result = evaluate_model(
         opts["model"], opts["env"], env_args, settings,

@@ -87,6 +87,14 @@ def check_item_ids(items: list[Item], split: str) -> None:
                              f"{item.prompt_text[:40]!r}); ids must be unique")  # fmt: skip
 
 
+def checked_test_items(env: Environment) -> list[Item]:
+    """The environment's test items, refused when two different ones share an id: per-item
+    evaluation is keyed by it."""
+    items = list(env.test_items())
+    check_item_ids(items, "test")
+    return items
+
+
 # A reply succeeds when its reward is at least this. Environments give 0 or 1; a reward
 # in between (a served reply's feedback, a user scorer's number) counts the same
 # everywhere: the solution buffer, the teacher's context, success weighting, the report.

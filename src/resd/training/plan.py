@@ -52,7 +52,7 @@ def _steps_at(every: int, last: int, first: int | None) -> str:
 def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     """The lines `resd train --dry-run` prints; raises as the trainer would on a config,
     environment, model or tokenizer it could not use."""
-    from resd.envs.base import check_item_ids
+    from resd.envs.base import checked_test_items
     from resd.models import load_model_config, load_tokenizer
     from resd.training.algorithms import get_algorithm
     from resd.training.checkpoint import latest_checkpoint
@@ -65,8 +65,7 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     algo = get_algorithm(cfg.algorithm)
     env = _environment(cfg, None, None)
     train = training_items(env, algo, getattr(env, "name", cfg.env))
-    tests = list(env.test_items())
-    check_item_ids(tests, "test")
+    tests = checked_test_items(env)
     test = tests[: cfg.eval_items]
     plan = Schedule.of(cfg, len(train))
     load_tokenizer(cfg.model, cfg.max_prompt_tokens + cfg.max_new_tokens,

@@ -35,12 +35,19 @@ from resd.allocator import keep_freed_memory
 from resd.analysis.evaluation import evaluate, safe_score
 from resd.config import TrainConfig
 from resd.envs import make_env
-from resd.envs.base import REFERENCES_FROM, Environment, Item, check_item_ids
+from resd.envs.base import (
+    REFERENCES_FROM,
+    Environment,
+    Item,
+    check_item_ids,
+    checked_test_items,
+)
 from resd.generation.hf import chat_prompt_ids
 from resd.models import load_tokenizer, pick_device
 from resd.parallel import full_tensor, make_parallel
 from resd.rundir import (
     COUNTERS,
+    GIVEN_IN_PYTHON,
     PHASES,
     PLAYBOOK_READERS,
     RUN_LOGS,
@@ -237,9 +244,7 @@ class Trainer:
             if cfg.shuffle:
                 order.shuffle(epoch)
             self.train_items += epoch
-        tests = list(self.env.test_items())
-        check_item_ids(tests, "test")  # per-item evaluation is keyed by id
-        self.test_items = tests[: cfg.eval_items]
+        self.test_items = checked_test_items(self.env)[: cfg.eval_items]
         plan = Schedule.of(cfg, len(items))
         self.n_batches, self.total_steps, warmup = plan.batches, plan.steps, plan.warmup
         if warmup >= self.total_steps and cfg.lr_scheduler_type != "constant":
@@ -367,8 +372,9 @@ class Trainer:
         cfg, main = self.cfg, self.parallel.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            given = (f"# env: {self.env_name}, given in Python; the `env` below did not run\n"
-                     if self.env_name != cfg.env else "")  # fmt: skip
+            given = (
+                f"# env: {self.env_name}, {GIVEN_IN_PYTHON}\n" if self.env_name != cfg.env else ""
+            )
             (self.run_dir / "config.yaml").write_text(
                 given + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             )
