@@ -454,6 +454,59 @@ def test_summarize_by_hand():
     assert table[2].split() == ["grpo", "0/1", "-", "-", "-", "-", "-"]  # nothing finished
 
 
+def test_each_reward_functions_final_mean_is_summarized_and_printed_below(tmp_path):
+    """Runs whose replies a list of reward functions scored have `rewards/<name>` in each
+    evaluation; the comparison carries them from eval.jsonl to each run's curve and final
+    point, summarizes them over seeds and prints a second table of them under the
+    accuracies. Catches a column dropped on the way (eval.jsonl to curve, curve to final,
+    final to summary) and a table that shows another function's number."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 0, "case_mean@k": 0.1, "rewards/fmt": 0.2, "k": 2, "items": 4},
+            {"step": 2, "case_mean@k": 0.3, "rewards/fmt": 0.6, "rewards/len": 0.125}]  # fmt: skip
+    write_jsonl(run / "eval.jsonl", rows)
+    curve = compare.eval_curve(run, {"batch_size": 4, "rollouts_per_prompt": 1})
+    assert [p["rewards/fmt"] for p in curve] == [0.2, 0.6] and "rewards/len" not in curve[0]
+    final = compare.final_point(curve)
+    assert (final["rewards/fmt"], final["rewards/len"]) == (0.6, 0.125)
+    runs = [{**_record("sdpo", seed, "finished", [(2, 8, 0.3)]),
+             "final": {**final, "rewards/fmt": 0.6 - seed / 10}} for seed in (0, 1)]  # fmt: skip
+    runs.append(_record("grpo", 0, "finished", [(2, 8, 0.3)]))  # scored in one piece
+    out = compare.summarize(runs)
+    assert out["sdpo"]["final"]["rewards/fmt"]["mean"] == pytest.approx(0.55)
+    assert (
+        out["sdpo"]["final"]["rewards/len"]["n"] == 2 and "rewards/fmt" not in out["grpo"]["final"]
+    )
+    table = compare.format_table(out).splitlines()
+    assert table[3:] == [
+        "",
+        f"{'algorithm':18s} {'rewards/fmt':>21s} {'rewards/len':>21s}",
+        f"{'sdpo':18s} {'0.550 [0.500, 0.600]':>21s} {'0.125 [0.125, 0.125]':>21s}",
+        f"{'grpo':18s} {'-':>21s} {'-':>21s}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["--algorithms", "sdpo", "grpo"], r"^--algorithms: one comma-separated list, without "
+         r"spaces \(--algorithms sdpo,grpo\); 'grpo' was read as a key=value override$"),
+        (["--algorithms", "sdpo,grpo", "--seeds", "0", "1,"], r"^--seeds: .* \(--seeds 0,1\); "
+         r"'1,' was read"),
+    ],
+)  # fmt: skip
+def test_a_list_typed_with_spaces_is_named_before_any_run(tmp_path, words, message):
+    """`--algorithms sdpo grpo`, typed as `--seeds 0 1` might be, left `grpo` among the
+    key=value overrides: "sdpo-seed0: grpo: overrides take the form key=value", naming
+    neither the option nor the fix. Catches the stray word taken for an override again."""
+    from resd.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--out", str(tmp_path / "out"), *words, "lr=1"])
+    with pytest.raises(ValueError, match=message):
+        compare.cmd_compare(args)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("config_file", "text", "message"),
     [

@@ -1843,12 +1843,14 @@ def _vowels(completions, **kwargs):
     return [min(1.0, sum(ch in "aeiou" for ch in c) / 4) for c in completions]
 
 
-def test_each_reward_functions_mean_is_logged_as_trl_logs_it(tiny_model_dir, tmp_path):
+def test_each_reward_functions_mean_is_logged_as_trl_logs_it(tiny_model_dir, tmp_path, capsys):
     """TRL logs `rewards/<name>/mean` per reward function; with a list of them, a step's
     row has `rewards/<name>`: the mean of that function over the step's rollouts, here
-    recomputed from the replies samples.jsonl logged (all of them). Catches a part lost on
-    the way (a feedback column's Score rebuilt without it, an outcome that drops it) and a
-    mean over the wrong rollouts. The unit check: the feedback column keeps the parts."""
+    recomputed from the replies samples.jsonl logged (all of them); each evaluation's row
+    has them over its samples, which keep their parts. Catches a part lost on the way (a
+    feedback column's Score rebuilt without it, an outcome that drops it), a mean over the
+    wrong rollouts, and an evaluation, printed summary or report without them. The unit
+    check: the feedback column keeps the parts."""
     from resd.training.trainer import Trainer
     from test_trainer import config, read_jsonl
 
@@ -1856,12 +1858,38 @@ def test_each_reward_functions_mean_is_logged_as_trl_logs_it(tiny_model_dir, tmp
                  "env=dataset", "env_args.prompt_column=question", "env_args.answer_column=answer",
                  "env_args.feedback_column=why")  # fmt: skip
     rows = [{**row, "why": "Say more."} for row in ROWS]
-    Trainer(cfg, env=datasets.Dataset.from_list(rows), scorer=[_long, _vowels]).train()
-    (metrics,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    replies = [s["response"] for s in read_jsonl(tmp_path / "run" / "samples.jsonl")]
+    summary = Trainer(cfg, env=datasets.Dataset.from_list(rows), scorer=[_long, _vowels]).train()
+    run = tmp_path / "run"
+    (metrics,) = read_jsonl(run / "metrics.jsonl")
+    replies = [s["response"] for s in read_jsonl(run / "samples.jsonl")]
     assert len(replies) == metrics["rollouts"]
     for fn in (_long, _vowels):
         assert metrics[f"rewards/{fn.__name__}"] == pytest.approx(sum(fn(replies)) / len(replies))
+    # Each evaluation too, before and after: its samples keep their parts, and its row has
+    # their means; the run's summary, the printed table and the report show them.
+    evaluations = read_jsonl(run / "eval.jsonl")
+    assert [row["step"] for row in evaluations] == [0, 1]
+    for row in evaluations:
+        records = read_jsonl(run / f"eval-step-{row['step']:06d}.jsonl")
+        answers = [r["response"] for r in records]
+        for fn in (_long, _vowels):
+            assert [r["parts"][fn.__name__] for r in records] == fn(answers)
+            assert row[f"rewards/{fn.__name__}"] == pytest.approx(sum(fn(answers)) / len(answers))
+    assert (summary["eval_before"], summary["eval_after"]) == tuple(evaluations)
+    from resd.analysis.report import build_report
+    from resd.cli import _print_summary
+
+    capsys.readouterr()
+    _print_summary(summary)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[3:9:5] == [
+        "task_mean@k     {:8.3f} {:8.3f}".format(*(e["task_mean@k"] for e in evaluations)),
+        "rewards/_vowels {:8.3f} {:8.3f}".format(*(e["rewards/_vowels"] for e in evaluations)),
+    ]
+    page = build_report(run).read_text()
+    # a row in the training table (first and last step: the one step) and in the evaluation's
+    assert page.count("<tr><td>rewards/_long</td>") == 2
+    assert page.count("<tr><td>rewards/_vowels</td>") == 2
     env = memory_env(rows, scorer=[_long, _vowels], feedback_column="why")
     scored = env.score(all_items(env)[0], "an")
     assert scored.feedback == "Say more." and scored.parts == {"_long": 0.0, "_vowels": 0.25}

@@ -106,6 +106,7 @@ def test_early_stopping_from_the_config_can_end_a_run_at_its_first_evaluation(
         ("{target: high}", "target: a number"),
         ("{patience: null}", "nothing would ever stop the run"),
         ("{patiense: 2}", "unknown key 'patiense'"),
+        ("{metric: rewards/}", "metric: 'rewards/' is not an evaluation metric"),
     ],
 )
 def test_bad_early_stopping_settings_are_refused_when_the_config_is_read(settings, message):
@@ -115,3 +116,26 @@ def test_bad_early_stopping_settings_are_refused_when_the_config_is_read(setting
         overrides.append("eval_every=1")
     with pytest.raises(ConfigError, match=rf"^early_stopping: .*{message}"):
         load_config(None, overrides)
+
+
+def test_early_stopping_watches_one_reward_function_and_names_a_missing_one(
+    tiny_model_dir, tmp_path
+):
+    """With a list of reward functions an evaluation has each one's mean as
+    `rewards/<name>`, and `early_stopping.metric` may be one of them: their names are
+    known only once a reply is scored, so the config accepts any, and an evaluation that
+    lacks it stops the run with the metrics it has. Catches the prefix refused when the
+    config is read, another metric watched in its place, and a bare KeyError."""
+    assert load_config(None, ["eval_every=1", "early_stopping={metric: rewards/fmt}"])
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "run", "eval_every=1"))
+    stopper = EarlyStopping(metric="rewards/fmt", patience=1)
+    row = {"step": 0, "case_mean@k": 0.5, "rewards/fmt": 0.25, "rewards/len": 1.0, "k": 2.0}
+    stopper.on_evaluate(trainer, row)
+    stopper.on_evaluate(trainer, {**row, "step": 1, "case_mean@k": 0.9, "rewards/fmt": 0.25})
+    assert trainer.stop_reason == "rewards/fmt has not improved on 0.25 for 1 evaluation (step 1)"
+    with pytest.raises(
+        ValueError,
+        match=r"^early_stopping.metric: the evaluation has no metric "
+        r"'rewards/fnt' \(it has case_mean@k, rewards/fmt, rewards/len\)$",
+    ):
+        EarlyStopping(metric="rewards/fnt").on_evaluate(trainer, row)

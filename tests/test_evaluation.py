@@ -67,6 +67,31 @@ def test_mean_and_best_at_k_on_hand_made_outcomes():
     assert single["case_mean@k"] == single["case_best@k"] == pytest.approx(0.625)
 
 
+def test_each_reward_functions_mean_is_taken_over_every_sample_that_has_it():
+    """Where a list of reward functions scores the replies, an evaluation has each one's
+    mean as `rewards/<name>` (TRL's `eval_rewards/<name>/mean`), over every sample of
+    every item; a sample without a part (an environment that names it only on failure)
+    does not count as a 0; an environment that scores in one piece adds no column. `resd
+    eval` prints them under the accuracies. Catches a mean per item then over items (the
+    items here have 3 and 1 parts: 0.25 against 0.375), a missing part read as 0, and a
+    column added for no function."""
+    parted = [
+        [Score(1, 1.0, "", {"fmt": 1.0, "len": 0.0}), Score(0, 0.5, "", {"fmt": 0.0}),
+         Score(0, 0.0, "", {"fmt": 0.5})],
+        [Score(0, 0.25, "", {"fmt": 0.0}), Score(0, 0.75, "", {}), Score(0, 0.5, "", {})],
+    ]  # fmt: skip
+    m = aggregate(parted)
+    assert m["rewards/fmt"] == pytest.approx(1.5 / 4) and m["rewards/len"] == 0.0
+    assert [k for k in m if k.startswith("rewards/")] == ["rewards/fmt", "rewards/len"]
+    assert m["case_mean@k"] == pytest.approx(0.5)  # the accuracies are unchanged by parts
+    assert not [k for k in aggregate(scores(OUTCOMES)) if k.startswith("rewards/")]
+    assert format_metrics(m).splitlines()[-3:] == [
+        "reward function      mean",
+        "rewards/fmt        0.3750",
+        "rewards/len        0.0000",
+    ]
+
+
 def test_aggregate_needs_samples():
     with pytest.raises(ValueError, match="at least one sample"):
         aggregate([])

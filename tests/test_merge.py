@@ -169,12 +169,15 @@ def _null_metric(runs: list[dict]) -> list:
         (_with("eval", [{"step": 0, "samples_drawn": "64"}]), r"run 2 of 2 \('sdpo-seed1'\) has eval point 1 without a number for 'samples_drawn'"),
         (_with("final", [0.5]), r"run 2 of 2 \('sdpo-seed1'\) has 'final' of type list, not an object"),
         (_with("final", {"case_mean@k": "high"}), r"run 2 of 2 \('sdpo-seed1'\) has 'final' 'case_mean@k' 'high', not a number"),
+        # a reward function's mean (`rewards/<name>`) is summarized as the accuracies are
+        (_with("final", {"rewards/fmt": None}), r"run 2 of 2 \('sdpo-seed1'\) has 'final' 'rewards/fmt' None, not a number"),
         (_without("samples_drawn"), r"run 2 of 2 \('sdpo-seed1'\) is finished but has no number for 'samples_drawn'"),
     ],
     ids=["no-runs", "no-status", "null-seed", "not-records", "null-eval", "null-metric",
          "no-final", "config-list", "empty-name", "int-algorithm", "no-seed", "no-eval",
          "eval-not-object", "eval-no-step", "eval-bool-step", "eval-no-samples",
-         "eval-text-samples", "final-list", "final-text-metric", "no-samples-drawn"],
+         "eval-text-samples", "final-list", "final-text-metric", "final-null-reward",
+         "no-samples-drawn"],
 )  # fmt: skip
 def test_a_malformed_record_is_named_with_its_file_and_nothing_is_written(tmp_path, runs, message):
     """Each of these used to end in a traceback, some of them after `--out` was created."""

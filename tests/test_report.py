@@ -645,7 +645,8 @@ def test_comparison_tables_show_each_runs_evaluations_and_each_algorithms_spread
 ) -> None:
     """Per run: eval before / after, and why it stopped early if it did; per algorithm:
     mean [min, max] over its runs of the final evaluation (the "before" of a run evaluated
-    once) and of the seconds per step, empty where no run recorded any."""
+    once), each reward function's among them, and of the seconds per step, empty where no
+    run recorded any."""
     root = tmp_path / "cmp"
     make_run(root / "resd-seed0", seed=0, offset=0.0, playbook=False, samples=False)
     make_run(root / "resd-seed1", seed=1, offset=0.2, playbook=False, samples=False)
@@ -655,7 +656,8 @@ def test_comparison_tables_show_each_runs_evaluations_and_each_algorithms_spread
     once = root / "sdpo-seed0"
     once.mkdir()
     (once / "config.yaml").write_text(yaml.safe_dump({"algorithm": "sdpo"}))
-    write_jsonl(once / "eval.jsonl", [{"step": 0, "task_mean@k": 0.1}])
+    # ... scored by a list of reward functions: their means get columns of their own
+    write_jsonl(once / "eval.jsonl", [{"step": 0, "task_mean@k": 0.1, "rewards/fmt": 0.25}])
     text = build_report(root).read_text()
     rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", text)]
     assert ["resd-seed1", "resd", "1", "6", "24", "0.2", "0.5", "0", "0.6",
@@ -663,8 +665,9 @@ def test_comparison_tables_show_each_runs_evaluations_and_each_algorithms_spread
     assert rows[1][0] == "resd-seed0" and rows[1][-1] == ""  # not stopped: an empty cell
     assert ["sdpo-seed0", "sdpo", "?", "0", "0", "0.1", "", "", "", ""] in rows
     assert ["resd", "2", "0.4 [0.3, 0.5]", "0.6 [0.6, 0.6]", "0.6 [0.6, 0.6]",
-            "0.9 [0.9, 0.9]", "6 [6, 6]"] in rows  # fmt: skip
-    assert ["sdpo", "1", "0.1 [0.1, 0.1]", "", "", "", ""] in rows
+            "0.9 [0.9, 0.9]", "", "6 [6, 6]"] in rows  # fmt: skip
+    assert ["sdpo", "1", "0.1 [0.1, 0.1]", "", "", "", "0.25 [0.25, 0.25]", ""] in rows
+    assert "<th>final rewards/fmt</th>" in text
 
 
 def test_comparison_page_labels_its_tables_sections_and_figures(tmp_path: Path) -> None:

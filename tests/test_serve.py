@@ -2040,6 +2040,15 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         (["--served-model-name", "  "], "resd: error: --served-model-name: must not be empty"),
         (["--db", "foo://x/y"], "resd: error: --db: cannot open foo://x/y: Can't load plugin"),
         (["--db", "://nothing"], "resd: error: --db: not a database URL"),
+        # a metric no evaluation has was a KeyError traceback after the model and the
+        # learner's baseline evaluation (a `rewards/<name>` only an evaluation can tell)
+        (
+            ["--guard-metric", "accuracy"],
+            "resd: error: --guard-metric: 'accuracy' is not an "
+            "evaluation metric (one of task_mean@k, task_best@k, case_mean@k, case_best@k, or "
+            "rewards/<name> of a reward function)",
+        ),
+        (["--guard-metric", "rewards/"], "resd: error: --guard-metric: 'rewards/' is not"),
     ],
 )
 def test_cli_refuses_bad_options_before_loading_the_model(

@@ -321,10 +321,13 @@ def test_a_failing_step_is_reported_and_the_server_keeps_answering(
         finally:
             learner.stop(timeout=120)  # ends the 60 s wait at once
             sqlalchemy.event.remove(running.store.engine, "before_cursor_execute", count)
-        assert learner.status()["error"] == "KeyError: 'no_such'"
+        assert learner.status()["error"] == (
+            "ValueError: --guard-metric: the evaluation has no metric 'no_such' (it has "
+            "task_mean@k, task_best@k, case_mean@k, case_best@k)"
+        )
         # the server's log has the traceback, which the page's one line does not
         [logged] = [r for r in caplog.records if r.name == "resd.serve.learner"]
-        assert logged.getMessage() == "learner step failed" and logged.exc_info[0] is KeyError
+        assert logged.getMessage() == "learner step failed" and logged.exc_info[0] is ValueError
         assert len(reads) == 1, reads
         assert consumed_steps(running.store) == [None] * 4
         assert running.holder.current() is tiny_served

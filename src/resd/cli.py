@@ -29,6 +29,7 @@ from resd.analysis.merge import add_merge_subcommand
 from resd.analysis.report import add_report_subcommand
 from resd.config import ConfigError, defaults_yaml, load_config
 from resd.envs.base import NotAScoreError
+from resd.rundir import EVAL_KEYS, REWARD_PREFIX
 from resd.serve.command import add_serve_subcommand
 
 
@@ -72,9 +73,12 @@ def _print_summary(summary: dict) -> None:
     steps = summary["steps"]
     print(f"\nrun directory: {summary['run_dir']}  ({steps} step{'' if steps == 1 else 's'})")
     if before and after:
-        print(f"{'metric':14s} {'before':>8s} {'after':>8s}")
-        for key in ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k"):
-            print(f"{key:14s} {before[key]:8.3f} {after[key]:8.3f}")
+        # the accuracies, then each reward function's mean where a list of them scores
+        parts = [key for key in after if key.startswith(REWARD_PREFIX) and key in before]
+        width = max(14, *(len(key) for key in parts)) if parts else 14
+        print(f"{'metric':{width}s} {'before':>8s} {'after':>8s}")
+        for key in (*EVAL_KEYS, *parts):
+            print(f"{key:{width}s} {before[key]:8.3f} {after[key]:8.3f}")
         print(f"(k = {int(after['k'])} samples per item, {int(after['items'])} test items)")
     if summary.get("stopped_early"):
         print(f"stopped early: {summary['stopped_early']}")

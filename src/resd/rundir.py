@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,38 @@ RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.js
 
 # The accuracy metrics of every evaluation: per-task and per-test-case, mean and best of k.
 EVAL_KEYS = ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
+# ... and, where a list of reward functions scores the replies, each one's mean under this
+# prefix (`rewards/<name>`): their names are known only once a reply is scored.
+REWARD_PREFIX = "rewards/"
+
+
+def metric_keys(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The evaluation metrics in `rows`: `EVAL_KEYS` (all four, as every evaluation has
+    them), then each `rewards/<name>` in the order first seen."""
+    parts = [key for row in rows for key in row if key.startswith(REWARD_PREFIX)]
+    return [*EVAL_KEYS, *dict.fromkeys(parts)]
+
+
+def eval_metric_problem(name: object) -> str | None:
+    """What makes `name` no evaluation metric, or None: one of `EVAL_KEYS` is, and so is a
+    reward function's `rewards/<name>`, whose presence only an evaluation can tell."""
+    if name in EVAL_KEYS or (isinstance(name, str) and name.startswith(REWARD_PREFIX)
+                             and name.removeprefix(REWARD_PREFIX)):  # fmt: skip
+        return None
+    return (f"{name!r} is not an evaluation metric (one of {', '.join(EVAL_KEYS)}, or "
+            f"{REWARD_PREFIX}<name> of a reward function)")  # fmt: skip
+
+
+def eval_metric(row: dict[str, Any], name: str, option: str) -> float:
+    """`row[name]` of an evaluation row, or an error that names `option` and the metrics
+    the evaluation has: a `rewards/<name>` that the environment's scores do not carry
+    (a typo, or an environment that scores in one piece)."""
+    if name not in row:
+        known = [key for key in row if key in EVAL_KEYS or key.startswith(REWARD_PREFIX)]
+        raise ValueError(f"{option}: the evaluation has no metric {name!r} (it has "
+                         f"{', '.join(known)})")  # fmt: skip
+    return float(row[name])
+
 
 # Phases timed in every step; metrics.jsonl has `time_<phase>` for each.
 PHASES = ("rollout", "feedback", "reflect", "curate", "teacher", "update")

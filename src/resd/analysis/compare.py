@@ -59,7 +59,7 @@ from typing import Any
 import yaml
 
 from resd.config import ALIASES, ConfigError, TrainConfig, load_config, settings_differences
-from resd.rundir import EVAL_KEYS, cumulative_samples, read_jsonl, samples_per_step
+from resd.rundir import EVAL_KEYS, cumulative_samples, metric_keys, read_jsonl, samples_per_step
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,21 @@ def parse_seeds(text: str) -> list[int]:
         return [int(v) for v in values]
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+
+
+def check_list_spelling(args: argparse.Namespace) -> None:
+    """`--algorithms sdpo grpo` (spaces, as `--seeds 0 1` might be typed) leaves `grpo` among
+    the overrides, where it reads as a malformed one: say which option it belongs to."""
+    from resd.training.algorithms import ALGORITHMS
+
+    for word in (o for o in args.overrides if "=" not in o):
+        option = ("--algorithms" if word.strip(",") in ALGORITHMS
+                  else "--seeds" if word.strip(",").isdigit() else None)  # fmt: skip
+        if option:
+            given = args.algorithms if option == "--algorithms" else args.seeds
+            raise ValueError(f"{option}: one comma-separated list, without spaces "
+                             f"({option} {given.strip(',')},{word.strip(',')}); {word!r} was "
+                             f"read as a key=value override")  # fmt: skip
 
 
 def parse_algorithm_args(items: list[str]) -> dict[str, list[str]]:
@@ -233,7 +248,7 @@ def eval_curve(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     for row in read_jsonl(run_dir / "eval.jsonl"):
         step = int(row.get("step", 0))
         point = {"step": step, "samples_drawn": drawn.get(step, step * per_step)}
-        point.update({k: row[k] for k in (*EVAL_KEYS, "k", "items") if k in row})
+        point.update({k: row[k] for k in (*metric_keys([row]), "k", "items") if k in row})
         curve.append(point)
     return curve
 
@@ -281,7 +296,8 @@ def final_point(curve: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The last evaluation (for a finished run: the one after training), or None."""
     if not curve:
         return None
-    return {k: curve[-1][k] for k in (*EVAL_KEYS, "step", "samples_drawn") if k in curve[-1]}
+    last = curve[-1]
+    return {k: last[k] for k in (*metric_keys([last]), "step", "samples_drawn") if k in last}
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -366,9 +382,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {}
     for algorithm, members in groups.items():
         done = [r for r in members if r["status"] == "finished"]
+        keys = metric_keys(r["final"] for r in done if r["final"])
         final = {
             key: spread([r["final"][key] for r in done if r["final"] and key in r["final"]])
-            for key in EVAL_KEYS
+            for key in keys
         }
         points: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for run in done:
@@ -378,7 +395,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             {
                 "step": step,
                 "samples_drawn": spread([p["samples_drawn"] for p in pts]),
-                **{k: spread([p[k] for p in pts if k in p]) for k in EVAL_KEYS},
+                **{k: spread([p[k] for p in pts if k in p]) for k in metric_keys(pts)},
             }
             for step, pts in sorted(points.items())
         ]
@@ -536,6 +553,21 @@ def format_table(algorithms: dict[str, dict[str, Any]]) -> str:
             + " ".join(f"{cell(info['final'][k]):>21s}" for k in EVAL_KEYS)
             + f" {drawn:>14s}"
         )
+    parts = list(dict.fromkeys(k for info in algorithms.values() for k in info["final"]
+                               if k not in EVAL_KEYS))  # fmt: skip
+    if parts:  # a list of reward functions scored the replies: each one's final mean
+        widths = [max(21, len(k)) for k in parts]
+        lines += [
+            "",
+            f"{'algorithm':18s} "
+            + " ".join(f"{k:>{w}s}" for k, w in zip(parts, widths, strict=True)),
+        ]
+        for algorithm, info in algorithms.items():
+            cells = (cell(info["final"].get(k)) for k in parts)
+            lines.append(
+                f"{algorithm:18s} "
+                + " ".join(f"{c:>{w}s}" for c, w in zip(cells, widths, strict=True))
+            )
     return "\n".join(lines)
 
 
@@ -596,6 +628,7 @@ def run_comparison(
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    check_list_spelling(args)
     seeds = parse_seeds(args.seeds)
     data = run_comparison(
         args.config, parse_csv(args.algorithms, "--algorithms"), seeds, args.out, args.overrides,

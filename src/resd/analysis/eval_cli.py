@@ -297,12 +297,18 @@ def evaluate_model(
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """The four numbers as a small table: accuracy kind × (mean@k, best@k)."""
+    """The four numbers as a small table: accuracy kind × (mean@k, best@k); then each
+    reward function's mean, where a list of them scores the replies."""
     lines = [f"{'accuracy':16s} {'mean@k':>8s} {'best@k':>8s}"]
     for label, prefix in METRIC_ROWS:
         mean, best = metrics[f"{prefix}_mean@k"], metrics[f"{prefix}_best@k"]
         lines.append(f"{label:16s} {mean:8.4f} {best:8.4f}")
     lines.append(f"(k = {int(metrics['k'])} samples per item, {int(metrics['items'])} test items)")
+    parts = {key: value for key, value in metrics.items() if key.startswith("rewards/")}
+    if parts:  # a list of reward functions: each one's mean over every sample
+        width = max(16, *(len(key) for key in parts))
+        lines += ["", f"{'reward function':{width}s} {'mean':>8s}"]
+        lines += [f"{key:{width}s} {value:8.4f}" for key, value in parts.items()]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ mean@k / best@k     : over k samples per item, the mean / the best, averaged ove
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from resd.envs.base import Environment, Item, NotAScoreError, Score
 from resd.envs.scorers import ScorerTimeout
@@ -35,7 +35,20 @@ def aggregate(outcomes: Sequence[Sequence[Score]]) -> dict[str, float]:
         "case_best@k": over_items(lambda o: max(s.score for s in o)),
         "k": float(k),
         "items": float(n),
+        **reward_means(s.parts.items() for o in outcomes for s in o),
     }
+
+
+def reward_means(parts: Iterable[Iterable[tuple[str, float]]]) -> dict[str, float]:
+    """Each reward function's mean over the replies whose `parts` (`Score.parts` items) are
+    given, as `rewards/<name>` (TRL's `rewards/<name>/mean`), where a list of them scores
+    the replies (a dataset's `scorer`): which of them a run improves, or gives up, is hidden
+    in the one combined score. Empty for an environment that scores in one piece."""
+    values: dict[str, list[float]] = {}
+    for reply in parts:
+        for name, value in reply:
+            values.setdefault(name, []).append(value)
+    return {f"rewards/{name}": sum(v) / len(v) for name, v in values.items()}
 
 
 def safe_score(env: Environment, item: Item, response: str) -> Score:
@@ -108,6 +121,7 @@ def evaluate(
                     "response": gen.text,
                     "reward": s.reward,
                     "score": s.score,
+                    **({"parts": s.parts} if s.parts else {}),
                 }
             )
         outcomes.append(scores)

@@ -41,7 +41,7 @@ from resd.analysis.compare import (
     stopped_early_lines,
     write_comparison,
 )
-from resd.rundir import EVAL_KEYS
+from resd.rundir import EVAL_KEYS, metric_keys
 
 # Keys that differ between the seeds of one algorithm by construction.
 PER_RUN_KEYS = frozenset({"seed", "output_dir"})
@@ -115,13 +115,21 @@ def run_record_problem(run: Any) -> str | None:
             return f"has eval point {j + 1} that is not an object"
         if not isinstance(point.get("step"), int) or isinstance(point["step"], bool):
             return f"has eval point {j + 1} without an integer 'step'"
-        bad = [k for k in ("samples_drawn", *EVAL_KEYS) if k in point and not _is_number(point[k])]
+        bad = [
+            k
+            for k in ("samples_drawn", *metric_keys([point]))
+            if k in point and not _is_number(point[k])
+        ]
         if "samples_drawn" not in point or bad:
             return f"has eval point {j + 1} without a number for {(bad or ['samples_drawn'])[0]!r}"
     if "final" in run and run["final"] is not None:
         if not isinstance(run["final"], dict):
             return f"has 'final' of type {type(run['final']).__name__}, not an object"
-        bad = [k for k in EVAL_KEYS if k in run["final"] and not _is_number(run["final"][k])]
+        bad = [
+            k
+            for k in metric_keys([run["final"]])
+            if k in run["final"] and not _is_number(run["final"][k])
+        ]
         if bad:
             return f"has 'final' {bad[0]!r} {run['final'][bad[0]]!r}, not a number"
     if run["status"] == "finished":  # only finished runs enter the summaries

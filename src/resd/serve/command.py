@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resd.config import DTYPE_NAMES
+from resd.rundir import eval_metric_problem
 from resd.serve import SERVE_EXTRA_HINT, missing_extra
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--learn-min-rows", type=int, default=None, metavar="N",
                        help="feedback rows a learner step waits for (default: the config's batch_size)")  # fmt: skip
     serve.add_argument("--guard-metric", default="case_mean@k",
-                       help="the held-out metric that gates serving a learner step (higher is better)")  # fmt: skip
+                       help="the held-out metric that gates serving a learner step (higher is better): "
+                            "an accuracy such as case_mean@k, or rewards/<name> of a reward function")  # fmt: skip
     serve.add_argument("--guard-tolerance", type=float, default=0.0,
                        help="serve a step whose guard metric fell by at most this much")  # fmt: skip
     serve.add_argument("--log-level", default="info",
@@ -167,13 +169,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     """The options a mistake in would otherwise surface only after the model loaded (a
-    port out of range), or never (a body limit under 1 refuses every POST with a 413; an
+    port out of range, a guard metric no evaluation has), or never (a body limit under 1 refuses every POST with a 413; an
     empty served name falls back to --model's)."""
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port: must be from 1 to 65535, got {args.port}")
     if args.max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes: must be at least 1, got {args.max_body_bytes} "
                          "(every request body would be refused with a 413)")  # fmt: skip
+    guard_problem = eval_metric_problem(args.guard_metric)
+    if guard_problem:
+        raise ValueError(f"--guard-metric: {guard_problem}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: must not be empty (leave it out to serve "
                          "under --model's name)")  # fmt: skip

@@ -35,7 +35,7 @@ from typing import Any
 from resd.config import apply_overrides, build_config, read_yaml_mapping
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
-from resd.rundir import holds_run_logs, read_jsonl
+from resd.rundir import eval_metric, holds_run_logs, read_jsonl
 from resd.serve.engine import ModelHolder, ServedModel, same_model
 from resd.serve.store import Store, TrainingRow
 from resd.training.rollout import GivenRollout
@@ -175,7 +175,7 @@ class Learner:
             step = trainer.step
             served = self.holder.current()
             evaluation = trainer.evaluate() if trainer.test_items else None
-            accuracy = evaluation[self.settings.guard_metric] if evaluation else None
+            accuracy = self._guard(evaluation)
             before = self._served_accuracy(served.version)
             serve = (
                 accuracy is None
@@ -219,12 +219,19 @@ class Learner:
                 return v.get("accuracy")
         return None
 
+    def _guard(self, evaluation: dict[str, Any] | None) -> float | None:
+        """The guard metric of an evaluation (None: no held-out items), or an error naming
+        the metrics it has: a `rewards/<name>` the environment's scores do not carry."""
+        if evaluation is None:
+            return None
+        return eval_metric(evaluation, self.settings.guard_metric, "--guard-metric")
+
     def _baseline(self) -> None:
         """Score the served starting model on the guard items once, so the first step has
         something to beat (the trainer starts from the same weights)."""
         served = self.holder.current()
         evaluation = self.trainer.evaluate() if self.trainer.test_items else None
-        accuracy = evaluation[self.settings.guard_metric] if evaluation else None
+        accuracy = self._guard(evaluation)
         # registered by the server already (without an accuracy; its note, "loaded from
         # <model>", is what a restart is checked against, so it stays) or not: this fills it in
         known = any(v["id"] == served.version for v in self.store.versions())

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from resd.rundir import eval_metric, eval_metric_problem
+
 if TYPE_CHECKING:
     from resd.training.trainer import Trainer
 
@@ -40,14 +42,13 @@ EARLY_STOPPING_DEFAULTS = {"metric": "case_mean@k", "patience": 3, "min_delta": 
 def check_early_stopping(settings: dict[str, Any]) -> str | None:
     """What is wrong with an `early_stopping` mapping, or None: checked when the config is
     read, not at the first evaluation hours into the run."""
-    from resd.rundir import EVAL_KEYS
-
     unknown = sorted(set(settings) - set(EARLY_STOPPING_DEFAULTS))
     if unknown:
         return f"unknown key {unknown[0]!r} (known: {', '.join(EARLY_STOPPING_DEFAULTS)})"
     given = {**EARLY_STOPPING_DEFAULTS, **settings}
-    if given["metric"] not in EVAL_KEYS:
-        return f"metric: {given['metric']!r} is not an evaluation metric ({', '.join(EVAL_KEYS)})"
+    metric_problem = eval_metric_problem(given["metric"])
+    if metric_problem:
+        return f"metric: {metric_problem}"
     patience, target = given["patience"], given["target"]
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
                                  or patience < 1):  # fmt: skip
@@ -93,7 +94,7 @@ class EarlyStopping(Callback):
         if row is None:  # not rank 0
             return
         state = trainer.extra_state.setdefault("early_stopping", {"best": None, "waited": 0})
-        value = float(row[self.metric])
+        value = eval_metric(row, self.metric, "early_stopping.metric")
         if self.target is not None and value >= self.target:
             trainer.stop(f"{self.metric} reached {value:.4g} (target {self.target:g}) "
                          f"at step {row['step']}")  # fmt: skip

@@ -32,7 +32,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from resd.allocator import keep_freed_memory
-from resd.analysis.evaluation import evaluate, safe_score
+from resd.analysis.evaluation import evaluate, reward_means, safe_score
 from resd.config import TrainConfig
 from resd.envs import make_env
 from resd.envs.base import (
@@ -66,7 +66,7 @@ from resd.training.lessons import Lessons, PlaybookChanges
 from resd.training.plan import Schedule
 from resd.training.playbook import Playbook
 from resd.training.policy import PolicySampler, load_policy, merged_sampling
-from resd.training.rollout import GivenRollout, Outcome, PhaseTimer, Rollout, RowStats, row_seed
+from resd.training.rollout import GivenRollout, PhaseTimer, Rollout, RowStats, row_seed
 from resd.training.teacher import Teacher
 from resd.training.teacher_context import SolutionBuffer
 from resd.training.tracking import Tracker, check_trackers
@@ -107,16 +107,6 @@ def training_items(env: Environment, algo: Algorithm, env_name: str) -> list[Ite
                     "items of env %r have none and are never distilled%s",
                     algorithm, missing, len(items), env_name, where)  # fmt: skip
     return items
-
-
-def reward_parts(outcomes: Sequence[Outcome]) -> dict[str, float]:
-    """Each reward function's mean score over the batch, as `rewards/<name>` (TRL's
-    `rewards/<name>/mean`), where a list of them scores the rollouts."""
-    parts: dict[str, list[float]] = {}
-    for outcome in outcomes:
-        for name, value in outcome.parts:
-            parts.setdefault(name, []).append(value)
-    return {f"rewards/{name}": sum(values) / len(values) for name, values in parts.items()}
 
 
 def files_a_run_overwrites(run_dir: Path) -> list[str]:
@@ -618,7 +608,7 @@ class Trainer:
             "step": step, "batch": (step - 1) // cfg.inner_updates, "inner": (step - 1) % cfg.inner_updates,
             "lr": self.update.lr(step), **update,
             "reward": sum(o.reward for o in outcomes) / n, "score": sum(o.score for o in outcomes) / n,
-            **reward_parts(outcomes),
+            **reward_means(o.parts for o in outcomes),
             "success_rate": sum(o.success for o in outcomes) / n, "rollouts": n,
             "distilled": sum(s.distilled for s in stats), "response_tokens": sum(s.tokens for s in stats) / n,
             "truncated": sum(not s.finished for s in stats) / n,

@@ -24,7 +24,7 @@ from resd.analysis.report.markup import (
 )
 from resd.analysis.report.plots import plot_comparison
 from resd.analysis.report.runs import Run, group_runs
-from resd.rundir import EVAL_KEYS
+from resd.rundir import EVAL_KEYS, metric_keys
 
 
 def _final_eval(run: Run, key: str) -> float | None:
@@ -56,15 +56,17 @@ def comparison_tables(groups: dict[str, list[Run]]) -> str:
     run_headers = ["run", "algorithm", "seed", "steps", "samples drawn",
                    "task_mean@k before", "task_mean@k after",
                    "case_mean@k before", "case_mean@k after", "stopped early"]  # fmt: skip
+    # the accuracies, then each reward function's final mean where a list of them scored
+    keys = metric_keys(r.eval_after or r.eval_before or {} for rs in groups.values() for r in rs)
     group_rows = []
     for algorithm, runs in groups.items():
         cells: list[Any] = [algorithm, len(runs)]
-        for key in EVAL_KEYS:
+        for key in keys:
             cells.append(_spread([v for r in runs if (v := _final_eval(r, key)) is not None]))
         step_means = [_mean(phase_total) for r in runs if (phase_total := _step_times(r))]
         cells.append(_spread(step_means))
         group_rows.append(cells)
-    group_headers = ["algorithm", "runs", *(f"final {k}" for k in EVAL_KEYS), "s / step"]
+    group_headers = ["algorithm", "runs", *(f"final {k}" for k in keys), "s / step"]
     return (
         "<h3>Runs</h3>"
         + table(run_headers, run_rows)

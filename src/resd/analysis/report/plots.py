@@ -74,6 +74,14 @@ def plot_learning_curves(run: Run) -> bytes | None:
             ax.plot(xs, moving_average(ys, window), color=colour, label=f"{key} (avg {window})")
         else:
             ax.plot(xs, ys, color=colour, marker=".", label=key)
+    start = len(TRAIN_KEYS) + 1  # dashed, in colours of their own: one function's part
+    for i, key in enumerate(run.reward_keys, start=start):
+        xs, ys = series(run.metrics, key)
+        if xs:
+            window = smoothing_window(len(ys))
+            smooth = moving_average(ys, window) if window > 1 else ys
+            label = key if window == 1 else f"{key} (avg {window})"
+            ax.plot(xs, smooth, color=f"C{i % 10}", linestyle="--", label=label)
     ax.set(title="training rollouts", xlabel="step", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8)
     _samples_axis(ax, run.samples_per_step)

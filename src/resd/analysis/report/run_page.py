@@ -64,7 +64,7 @@ def _eval_table(run: Run) -> str:
     if after:
         headers += [f"after (step {_fmt(after.get('step', '?'))})", "change"]
     rows = []
-    for key in EVAL_KEYS:
+    for key in (*EVAL_KEYS, *(k for k in run.reward_keys if k in before)):
         b = _number(before.get(key))
         row: list[Any] = [key, b]
         if after:
@@ -85,7 +85,7 @@ def _train_table(run: Run) -> str:
     span = max(1, n // 10)
     first, last = run.metrics[:span], run.metrics[-span:]
     rows = []
-    for key in (*TRAIN_KEYS, "loss", "response_tokens", "time_step"):
+    for key in (*TRAIN_KEYS, *run.reward_keys, "loss", "response_tokens", "time_step"):
         a = [v for v in (_number(m.get(key)) for m in first) if v is not None]
         b = [v for v in (_number(m.get(key)) for m in last) if v is not None]
         if a or b:
