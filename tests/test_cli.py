@@ -169,6 +169,26 @@ def test_envs_with_a_name_shows_the_arguments_it_takes(capsys: pytest.CaptureFix
     assert "did you mean 'arithmetic'" in capsys.readouterr().err
 
 
+def test_envs_spells_the_types_of_an_environment_written_without_future_annotations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's own example (no `from __future__ import annotations`) holds the
+    classes themselves, which `resd envs` printed as `path: <class 'str'> = ...`."""
+    (tmp_path / "plain_env.py").write_text(
+        "import typing\nfrom resd.envs import Environment\n\n"
+        "class Plain(Environment):\n"
+        "    def __init__(self, path: str = 'x.tsv', n: int | None = None,\n"
+        "                 tags: list[str] | None = None, k: typing.Optional[float] = None):\n"
+        "        pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["envs", "plain_env:Plain"]) == 0
+    assert capsys.readouterr().out.splitlines()[3:7] == [
+        "  path: str = 'x.tsv'", "  n: int | None = None", "  tags: list[str] | None = None",
+        "  k: Optional[float] = None",
+    ]  # fmt: skip
+
+
 def test_env_check_reports_each_reference_below_full_marks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -85,6 +85,14 @@ def _print_summary(summary: dict) -> None:
     print(f"playbook: {summary['run_dir']}/playbook.md")
 
 
+def _type_text(annotation: object) -> str:
+    """An argument's type as its source spells it: `str`, not `<class 'str'>` (a module
+    without `from __future__ import annotations` holds the classes themselves)."""
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def cmd_envs(args: argparse.Namespace) -> int:
     from resd.envs import BUILTIN_ENVS, resolve_env_class
 
@@ -93,7 +101,8 @@ def cmd_envs(args: argparse.Namespace) -> int:
         print(f"{args.env}: {cls.description}\n\nenv_args (name: type = default):")
         for param in list(inspect.signature(cls).parameters.values()):
             if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
-                kind = "" if param.annotation is param.empty else f": {param.annotation}"
+                given = param.annotation is not param.empty
+                kind = f": {_type_text(param.annotation)}" if given else ""
                 default = "" if param.default is param.empty else f" = {param.default!r}"
                 print(f"  {param.name}{kind}{default}")
         init = vars(cls).get("__init__")
