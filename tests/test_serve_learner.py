@@ -234,6 +234,13 @@ def test_a_learner_step_consumes_feedback_once_and_swaps_the_served_model(
         assert status["playbook_markdown"] == learner.trainer.playbook.render()  # the page's
         # where the served weights came from (the learner's warning compares the next start's)
         assert served.source == f"{learner.trainer.run_dir}@{served.version}"
+        # its run folder holds the resolved config as any run's does (it never calls train(),
+        # which writes it): `resd report` named its algorithm "unknown", `resd eval --config` failed
+        from resd.analysis.report import load_run
+        from resd.config import load_config
+
+        assert load_config(tmp_path / "learner" / "config.yaml") == learner.trainer.cfg
+        assert load_run(tmp_path / "learner").algorithm == learner.trainer.cfg.algorithm
 
 
 def test_a_step_may_wait_for_a_whole_batch_and_records_how_far_it_got(

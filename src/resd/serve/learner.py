@@ -92,6 +92,7 @@ class Learner:
             (list(consumed), int(trainer.extra_state["consumed_step"]), None) if consumed else None
         )
         self._mark_consumed()
+        trainer.write_config()  # its run folder reads as any run's (`resd report`, `resd eval`)
         if trainer.step == 0:
             self._baseline()
         self._snapshot_status()

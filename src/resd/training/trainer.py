@@ -350,6 +350,18 @@ class Trainer:
         self.sampler.sync()
 
     # ---- lifecycle --------------------------------------------------------------------------------
+    def write_config(self) -> None:
+        """The resolved config as config.yaml in the run folder: what `resd eval --config`,
+        `resd report` and `--resume` read back. By `train()`, and by a caller that drives
+        the steps itself (`resd serve --learn`)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        given = (
+            f"# env: {self.env_name}, {GIVEN_IN_PYTHON}\n" if self.env_name != self.cfg.env else ""
+        )
+        (self.run_dir / "config.yaml").write_text(
+            given + yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        )
+
     def train(self) -> dict[str, Any]:
         """Run to the end of the stream (or `steps`), evaluating and checkpointing on schedule.
 
@@ -361,13 +373,7 @@ class Trainer:
             return self.summary
         cfg, main = self.cfg, self.parallel.is_main
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            given = (
-                f"# env: {self.env_name}, {GIVEN_IN_PYTHON}\n" if self.env_name != cfg.env else ""
-            )
-            (self.run_dir / "config.yaml").write_text(
-                given + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-            )
+            self.write_config()
         for callback in self.callbacks:
             callback.on_train_begin(self)
         if self.step == 0 and self.test_items:
