@@ -37,6 +37,7 @@ from resd.analysis.report import (
     token_html,
     token_samples,
 )
+from resd.cli import main as cli_main
 
 EVIL = "<script>alert('pwned')</script>"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -703,6 +704,101 @@ def test_comparison_page_labels_its_tables_sections_and_figures(tmp_path: Path) 
     ]
     assert "<summary>comparison.json</summary><pre>{&quot;note&quot;: &quot;&lt;script" in text
     assert "&quot;by&quot;: &quot;caf\ufffd&quot;}</pre>" in text
+
+
+def continual_folder(root: Path, *, done: int = 2) -> Path:
+    """A `resd continual` folder as the command leaves it after `done` of its 2 stages:
+    continual.json (in the command's format) and one run folder per finished stage."""
+    rows = ["before", "stage-1-arith", "stage-2-rules"][: done + 1]
+    acc = [[0.25, None], [0.75, None], [0.5, 0.625]][: done + 1]
+    task = [[0.0, None], [0.5, None], [0.25, 0.5]][: done + 1]
+    held = [[0.4], [0.375], [0.3]][: done + 1]
+    stages = []
+    for k, (name, env) in enumerate((("arith", "arithmetic"), ("rules", "house_rules"))[:done]):
+        run = make_run(root / f"stage-{k + 1}-{name}", steps=4, offset=0.1 * k, samples=False)
+        summary = json.loads((run / "summary.json").read_text())
+        # the recorded folder is relative to where the command ran, not to the report
+        stages.append({"name": name, "env": env, "dir": f"elsewhere/stage-{k + 1}-{name}",
+                       "model_in": "base-model" if k == 0 else "stage-1/checkpoint-4",
+                       "summary": summary})  # fmt: skip
+    forgetting = 0.25 if done == 2 else None
+    result = {
+        "stages": stages, "accuracy_key": "case_mean@k", "rows": rows,
+        "tasks": ["arith", "rules"], "heldout": ["ifeval"],
+        "metrics": {
+            "case_mean@k": {"forgetting": forgetting, "backward_transfer": -forgetting if done == 2 else None,
+                            "heldout_change": {"ifeval": held[-1][0] - held[0][0]}},
+            "task_mean@k": {"forgetting": None, "backward_transfer": None, "heldout_change": {}},
+        },
+        "accuracy": acc, "heldout_accuracy": held, "accuracy_task": task,
+        "heldout_accuracy_task": held, "evaluations": [],
+    }  # fmt: skip
+    (root / "continual.json").write_text(json.dumps(result))
+    (root / "continual-config.yaml").write_text("model: base-model\nstages: []\n")
+    return root
+
+
+def test_a_continual_folder_gets_its_matrix_forgetting_and_stages(tmp_path: Path) -> None:
+    """`resd report` on a `resd continual` folder drew the comparison page, whose "by
+    algorithm" row averaged stage 1 (one task) with stage 2 (another) as if they were
+    seeds. Its page shows the accuracy matrix (rows: before and after each stage; a task
+    not yet trained has an empty cell), forgetting, backward transfer and the held-out
+    change, each stage's run (found beside continual.json, wherever the command ran), the
+    figure, and the files. Catches a matrix cell put in another row or column, a metric
+    shown under the other matrix, and a stage read from the folder recorded elsewhere."""
+    root = continual_folder(tmp_path / "cont")
+    text = build_report(root).read_text()
+    assert "<title>resd continual: cont</title>" in text and "By algorithm" not in text
+    assert "2 of 2 stages done" in text
+    rows = [
+        r
+        for row in re.findall(r"<tr>(.*?)</tr>", text)
+        if (r := re.findall(r"<td>(.*?)</td>", row))
+    ]
+    heads = [re.findall(r"<th>(.*?)</th>", h) for h in re.findall(r"<thead>(.*?)</thead>", text)]
+    assert heads[0] == ["after", "arith", "rules", "held-out: ifeval"] == heads[1]
+    assert rows[:3] == [["before", "0.25", "", "0.4"], ["stage-1-arith", "0.75", "", "0.375"],
+                        ["stage-2-rules", "0.5", "0.625", "0.3"]]  # fmt: skip
+    assert rows[3:6] == [["before", "0", "", "0.4"], ["stage-1-arith", "0.5", "", "0.375"],
+                         ["stage-2-rules", "0.25", "0.5", "0.3"]]  # fmt: skip
+    assert heads[2] == ["metric", "case_mean@k", "task_mean@k"]
+    assert rows[6:9] == [["forgetting", "+0.2500", "n/a"], ["backward transfer", "-0.2500", "n/a"],
+                         ["held-out ifeval: last row − before", "-0.1000", "n/a"]]  # fmt: skip
+    # each stage's own run: reward at its first and last step (0.1·s + offset), its eval
+    stage_rows = rows[9:]
+    assert [r[:4] for r in stage_rows] == [["arith", "arithmetic", "4", "base-model"],
+                                           ["rules", "house_rules", "4", "stage-1/checkpoint-4"]]  # fmt: skip
+    assert [r[4:8] for r in stage_rows] == [["0.1", "0.4", "0", "0.4"],
+                                            ["0.2", "0.5", "0", "0.4"]]  # fmt: skip
+    assert len(embedded_pngs(text)) == 1 and (root / "plots" / "continual_accuracy.png").is_file()
+    assert "<summary>continual-config.yaml</summary><pre>model: base-model" in text
+
+
+def test_a_continual_run_in_progress_or_a_broken_record_is_said_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After its first stage a continual run has one row and no forgetting yet: the page
+    says how far it got and n/a, not a number. A continual.json that is cut off, or not
+    the command's, is one error line and exit status 2, and no page is written."""
+    root = continual_folder(tmp_path / "cont", done=1)
+    text = build_report(root).read_text()
+    assert "1 of 2 stages done" in text
+    rows = [
+        r
+        for row in re.findall(r"<tr>(.*?)</tr>", text)
+        if (r := re.findall(r"<td>(.*?)</td>", row))
+    ]
+    assert ["forgetting", "n/a", "n/a"] in rows and ["stage-2-rules"] not in [r[:1] for r in rows]
+    for content, message in (
+        ('{"rows": [', "is not valid JSON"),
+        ('{"runs": []}', "has no 'rows'"),
+    ):
+        (root / "continual.json").write_text(content)
+        (root / "report.html").unlink(missing_ok=True)
+        assert cli_main(["report", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("resd: error: report: ") and message in err, err
+        assert not (root / "report.html").exists()
 
 
 def test_a_comparison_without_curves_or_metadata_says_so(tmp_path: Path) -> None:

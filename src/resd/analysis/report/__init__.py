@@ -1,4 +1,5 @@
-"""`resd report DIR`: one self-contained HTML report of a training run or a comparison.
+"""`resd report DIR`: one self-contained HTML report of a training run, a comparison or a
+continual run.
 
 Why a single static file: runs happen on remote GPU machines, and the report has to be
 copied back and opened anywhere (a browser, a mail attachment, a CI artifact). So the
@@ -19,6 +20,7 @@ The modules, in the order the data flows through them:
   markup           HTML helpers that escape all text, and the page around the sections
   run_page         the sections of a single-run report
   comparison_page  the report of a directory of runs
+  continual_page   the report of a `resd continual` folder (its continual.json)
   cli              `build_report` and the `resd report` sub-command
 
 The names below are re-exported so that code importing them from
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from resd.analysis.report.cli import add_report_subcommand, build_report, cmd_report
 from resd.analysis.report.comparison_page import comparison_report, comparison_tables
+from resd.analysis.report.continual_page import continual_report, read_continual
 from resd.analysis.report.curves import (
     Band,
     group_curve,
@@ -54,6 +57,7 @@ from resd.analysis.report.plots import (
     _figure,
     _png,
     plot_comparison,
+    plot_continual,
     plot_learning_curves,
     plot_playbook,
     plot_step_times,
@@ -113,6 +117,7 @@ __all__ = [
     "cmd_report",
     "comparison_report",
     "comparison_tables",
+    "continual_report",
     "details",
     "esc",
     "find_runs",
@@ -127,10 +132,12 @@ __all__ = [
     "phase_times",
     "pick_examples",
     "plot_comparison",
+    "plot_continual",
     "plot_learning_curves",
     "plot_playbook",
     "plot_step_times",
     "pre",
+    "read_continual",
     "run_report",
     "section",
     "section_examples",

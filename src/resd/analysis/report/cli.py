@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from resd.analysis.report.comparison_page import comparison_report
+from resd.analysis.report.continual_page import CONTINUAL_FILE, continual_report
 from resd.analysis.report.markup import PlotSink
 from resd.analysis.report.run_page import run_report
 from resd.analysis.report.runs import RUN_MARKERS, find_runs, is_run_dir, load_run
@@ -20,10 +21,11 @@ from resd.rundir import check_out_file
 
 
 def build_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the HTML report of a run or comparison directory; returns its path.
+    """Write the HTML report of a run, comparison or continual directory; returns its path.
 
-    `path` is a run directory (it holds config.yaml, metrics.jsonl or summary.json), or
-    a comparison directory whose immediate sub-directories are run directories. The
+    `path` is a `resd continual` folder (it holds continual.json), a run directory (it
+    holds config.yaml, metrics.jsonl or summary.json), or a comparison directory whose
+    immediate sub-directories are run directories. The
     report goes to `out` (default `<path>/report.html`), its PNGs to `plots/` beside it;
     both are checked before anything is written.
     """
@@ -36,7 +38,9 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
     if plots.exists() and not plots.is_dir():
         raise ValueError(f"report: {plots} (where the PNGs go) is not a directory")
     sink = PlotSink(plots)
-    if is_run_dir(path):
+    if (path / CONTINUAL_FILE).is_file():  # stages of one model in turn, not seeds to average
+        text = continual_report(path, sink)
+    elif is_run_dir(path):
         text = run_report(load_run(path), sink)
     else:
         runs = find_runs(path)
@@ -64,9 +68,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_report_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register `resd report PATH [--out FILE]` on the CLI's sub-parsers."""
     parser = subparsers.add_parser(
-        "report", help="write an HTML report of a run or a comparison directory"
+        "report", help="write an HTML report of a run, a comparison or a continual directory"
     )
-    parser.add_argument("path", help="a run directory, or a directory of run directories")
+    parser.add_argument(
+        "path",
+        help="a run directory, a directory of run directories (resd compare), or a resd continual folder",
+    )
     parser.add_argument("--out", default=None, help="HTML file (default: PATH/report.html)")
     parser.set_defaults(fn=cmd_report)
     return parser

@@ -197,3 +197,33 @@ def plot_comparison(
             ax.set(title=f"{key} vs {xlabel}", xlabel=xlabel)
             ax.legend(fontsize=8)
     return _png(fig)
+
+
+def plot_continual(result: dict[str, Any]) -> bytes | None:
+    """Each task's accuracy (and each held-out suite's, dashed) after every stage of a
+    `resd continual` run; a panel per matrix it kept (per test case, per task)."""
+    panels = [(key, tasks, held) for key, tasks, held in (
+        (result.get("accuracy_key", "case_mean@k"), "accuracy", "heldout_accuracy"),
+        ("task_mean@k", "accuracy_task", "heldout_accuracy_task"),
+    ) if result.get(tasks)]  # fmt: skip
+    if not panels or len(result["rows"]) < 1:
+        return None
+    labels = ["before", *(f"after {k}" for k in range(1, len(result["rows"])))]
+    fig, axes = _figure(1, len(panels), 6.0 * len(panels), 4.0)
+    for col, (key, tasks_key, held_key) in enumerate(panels):
+        ax = axes[0][col]
+        lines = [(name, i, tasks_key, "-") for i, name in enumerate(result["tasks"])]
+        lines += [(name, i, held_key, "--") for i, name in enumerate(result["heldout"])]
+        for n, (name, i, source, style) in enumerate(lines):
+            matrix = result.get(source) or []
+            points = [
+                (r, row[i]) for r, row in enumerate(matrix) if i < len(row) and row[i] is not None
+            ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, color=f"C{n % 10}", linestyle=style, marker="o",
+                        label=name if style == "-" else f"{name} (held out)")  # fmt: skip
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set(title=f"{key} after each stage", xlabel="row", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=8)
+    return _png(fig)
