@@ -210,6 +210,14 @@ def test_a_hub_model_is_found_offline_in_the_cache_dir_given(
     # one not downloaded: transformers' OSError, with what a model name may be
     with pytest.raises(ValueError, match=r"^model: cannot load 'resd-test/absent' \(a Hub id"):
         load_tokenizer("resd-test/absent", init_kwargs=init)
+    # the Hub id of a bundled model, out of reach: the alias that needs no Hub is named
+    # (a user of this machine typed SmolLM2's id and was told only to check the network)
+    with pytest.raises(ValueError, match=r"The bundled model 'smollm2-135m' is a quantised "
+                       r"copy of it that needs no Hub access: model=smollm2-135m$"):  # fmt: skip
+        load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct", init_kwargs=init)
+    with pytest.raises(ValueError) as absent:
+        load_tokenizer("resd-test/absent", init_kwargs=init)
+    assert "bundled model '" not in str(absent.value)
 
 
 def test_a_converted_bundled_model_is_loaded_from_the_cache_without_converting_again(

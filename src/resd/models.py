@@ -241,8 +241,13 @@ def _cannot_load(name: str, exc: Exception) -> ValueError:
     """transformers' error for a name that is neither a folder nor a reachable Hub id,
     with what a model name may be."""
     bundled = ", ".join(sorted(BUNDLED_MODELS))
+    # the Hub id of a model bundled here, on a machine without the Hub: name the alias
+    copy = next((alias for alias, spec in BUNDLED_MODELS.items()
+                 if spec.hub_id.lower() == name.strip().lower()), None)  # fmt: skip
+    hint = (f". The bundled model {copy!r} is a quantised copy of it that needs no Hub "
+            f"access: model={copy}" if copy else "")  # fmt: skip
     return ValueError(f"model: cannot load {name!r} (a Hub id, a local folder, or a bundled "
-                      f"model: {bundled}): {exc}")  # fmt: skip
+                      f"model: {bundled}): {exc}{hint}")  # fmt: skip
 
 
 def load_model_config(name: str, init_kwargs: dict[str, Any] | None = None) -> Any:
