@@ -20,6 +20,7 @@ import argparse
 import inspect
 import logging
 import os
+import signal
 import sys
 
 from resd.analysis.compare import add_compare_subcommand
@@ -47,12 +48,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print("\n".join(describe_run(cfg, resume=args.resume)))
         return 0
-    from resd.training.trainer import (
-        Trainer,  # heavy imports only once the config is known to be good
-    )
+    # heavy imports only once the config is known to be good
+    from resd.training.interrupts import checkpoint_on_signals
+    from resd.training.trainer import Interrupted, Trainer
 
     trainer = Trainer(cfg, resume=args.resume)
-    summary = trainer.train()
+    with checkpoint_on_signals(trainer) as received:
+        try:
+            summary = trainer.train()
+        except Interrupted as exc:
+            where = (f"{exc.checkpoint} saved" if exc.checkpoint
+                     else "no step taken, nothing to save")  # fmt: skip
+            print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; "
+                  f"`resd train ... --resume` continues the run", file=sys.stderr)  # fmt: skip
+            return 128 + (received[0] if received else signal.SIGINT)
     parallel = trainer.parallel
     parallel.close()  # every rank finished: the process groups go down together
     if parallel.is_main:
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Exception) as exc:
         if _caused_by_ctrl_c(exc):  # no traceback; nothing past the last checkpoint is lost
             print("\nresd: interrupted (`resd train ... --resume` continues a run from its "
-                  "last checkpoint)", file=sys.stderr)  # fmt: skip
+                  "last checkpoint, as the same `resd compare` or `resd continual` command "
+                  "does)", file=sys.stderr)  # fmt: skip
             return 130
         if not isinstance(exc, USER_ERRORS):
             raise

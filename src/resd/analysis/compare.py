@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -323,8 +324,27 @@ def launch(spec: RunSpec, cfg: TrainConfig, *, python: str = sys.executable) -> 
     with (spec.path / "train.log").open("a") as log_file:
         log_file.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(command)}\n")
         log_file.flush()
-        proc = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    return proc.returncode
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        return _wait_for_run(proc, spec.name)
+
+
+def _wait_for_run(proc: subprocess.Popen, name: str) -> int:
+    """The run's exit status. On Ctrl-C, give the run the time to checkpoint after its step
+    (it got the terminal's Ctrl-C, or gets it now; `resd train` takes the two as one) and
+    then stop too; a second Ctrl-C stops it at once. `subprocess.run` would kill it a
+    quarter of a second later, losing every step since its last checkpoint."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        print(f"\n[compare] waiting for {name} to checkpoint after its step (Ctrl-C again "
+              "to stop it at once)", file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def execute(

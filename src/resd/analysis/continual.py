@@ -50,6 +50,7 @@ import gc
 import json
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +264,7 @@ def _last_checkpoint_model(run_dir: Path) -> Path:
 def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playbook: str | None):
     """Train one stage (or reuse / resume it); returns (final full model, playbook, info)."""
     from resd.training.checkpoint import latest_checkpoint
+    from resd.training.interrupts import checkpoint_on_signals
     from resd.training.trainer import Trainer
 
     if stage.own_playbook:
@@ -278,7 +280,8 @@ def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playb
         resume = latest_checkpoint(run_dir) is not None
         print(f"[continual] stage {index} ({stage.name}): {'resuming' if resume else 'training'}")
         trainer = Trainer(cfg, resume=resume)
-        trainer.train()
+        with checkpoint_on_signals(trainer):  # Ctrl-C: this stage checkpoints after its step
+            trainer.train()
         del trainer
         _free_memory()
     final = _last_checkpoint_model(run_dir)
@@ -449,8 +452,16 @@ def run_continual(plan: ContinualPlan) -> dict[str, Any]:
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
+    from resd.training.trainer import Interrupted
+
     plan = load_plan(args.config, args.overrides)
-    result = run_continual(plan)
+    try:
+        result = run_continual(plan)
+    except Interrupted as exc:
+        where = f"{exc.checkpoint} saved" if exc.checkpoint else "no step taken in this stage"
+        print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; the same "
+              f"`resd continual` command continues from there", file=sys.stderr)  # fmt: skip
+        return 130
     print("\n" + format_table(result))
     print(f"\ncontinual: {plan.out / 'continual.json'}")
     return 0

@@ -195,6 +195,16 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return metrics
 
 
+class Interrupted(KeyboardInterrupt):
+    """`Trainer.interrupt` ended the run after a step (Ctrl-C, SIGTERM): it is checkpointed
+    there (`checkpoint`; None when it had taken no step) and has no summary, so it reads as
+    unfinished, and `--resume` (or `resd compare` run again) continues it."""
+
+    def __init__(self, reason: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(reason)
+        self.reason, self.step, self.checkpoint = reason, step, checkpoint
+
+
 class Trainer:
     def __init__(
         self,
@@ -292,6 +302,7 @@ class Trainer:
         self.extra_state: dict[str, Any] = {}
         self.summary: dict[str, Any] | None = None  # what `train` returned, once it has run
         self.stop_reason: str | None = None  # set by `stop`: the run ends after this step
+        self.interrupt_reason: str | None = None  # set by `interrupt`: ... and stays unfinished
         if checkpoint:
             self._restore(checkpoint, state, optimizer_state)
         # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
@@ -404,6 +415,11 @@ class Trainer:
             if (cfg.save_every and self.step % cfg.save_every == 0) or done or stopped:
                 self.save()
         bar.close()
+        if self.interrupt_reason is not None and stopped:  # checkpointed above; no summary
+            self.tracker.close()
+            self.parallel.barrier()
+            saved = self.run_dir / f"checkpoint-{self.step}" if self.step else None
+            raise Interrupted(self.interrupt_reason, self.step, saved)
         # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
         if self.test_items and self.last_eval_step != self.step:
             self.evaluate()
@@ -437,12 +453,25 @@ class Trainer:
         (`--resume` continues the run from there, towards its `steps`)."""
         self.stop_reason = reason
 
+    def interrupt(self, reason: str) -> None:
+        """End the run after the current step with a checkpoint and no summary: unlike
+        `stop`, the run is unfinished, and `--resume` continues it. What Ctrl-C and SIGTERM
+        do under `resd train` (a preempted machine, a queue's time limit); `train()` then
+        raises `Interrupted`. Safe to call from a signal handler: it only sets a flag."""
+        self.interrupt_reason = reason
+
     def _stop_agreed(self) -> bool:
-        """Whether any rank asked to stop: one collective, so all of them leave the loop
-        together (a rank alone would leave the others waiting in the next step's)."""
-        if self.parallel.max(int(self.stop_reason is not None)) == 0:
+        """Whether any rank asked to stop or was interrupted: one collective, so all of them
+        leave the loop together (a rank alone would leave the others waiting in the next
+        step's), and an interruption on one rank interrupts them all."""
+        asked = 2 if self.interrupt_reason is not None else int(self.stop_reason is not None)
+        agreed = self.parallel.max(asked)
+        if agreed == 0:
             return False
-        self.stop_reason = self.stop_reason or "another process asked to stop"
+        if agreed == 2:
+            self.interrupt_reason = self.interrupt_reason or "another process was interrupted"
+        else:
+            self.stop_reason = self.stop_reason or "another process asked to stop"
         return True
 
     def save(self) -> Path:
