@@ -25,7 +25,7 @@ from resd.analysis.report.markup import (
     table,
 )
 from resd.analysis.report.plots import plot_continual
-from resd.analysis.report.runs import TRAIN_KEYS, is_run_dir, load_run
+from resd.analysis.report.runs import is_run_dir, load_run
 
 CONTINUAL_FILE = "continual.json"
 # The two matrices `resd continual` keeps: the accuracy key's (case_mean@k), and the
@@ -106,25 +106,23 @@ def section_stages(path: Path, result: dict[str, Any]) -> str:
     stages = result.get("stages") or []
     if not stages:
         return section("stages", "2. Stages", not_recorded("a finished stage"))
+    key = result.get("accuracy_key", "case_mean@k")
     rows = []
     for stage in stages:
         # the folder beside continual.json: the recorded `dir` is relative to where the
         # command ran, and the folder may have been moved since
         run_dir = path / Path(str(stage.get("dir", ""))).name
-        run = load_run(run_dir) if is_run_dir(run_dir) else None
+        metrics = load_run(run_dir).metrics if is_run_dir(run_dir) else []
         summary = stage.get("summary") or {}
         before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
-        first = _number(run.metrics[0].get(TRAIN_KEYS[0])) if run and run.metrics else None
-        last = _number(run.metrics[-1].get(TRAIN_KEYS[0])) if run and run.metrics else None
-        times = [t for t in (_number(m.get("time_step")) for m in run.metrics)
-                 if t is not None] if run else []  # fmt: skip
+        times = [t for t in (_number(m.get("time_step")) for m in metrics) if t is not None]
         rows.append([
             stage.get("name"), stage.get("env"), summary.get("steps"), stage.get("model_in"),
-            first, last, _number(before.get(result.get("accuracy_key", "case_mean@k"))),
-            _number(after.get(result.get("accuracy_key", "case_mean@k"))),
+            _number(metrics[0].get("reward")) if metrics else None,
+            _number(metrics[-1].get("reward")) if metrics else None,
+            _number(before.get(key)), _number(after.get(key)),
             _mean(times) if times else None, summary.get("stopped_early") or "",
         ])  # fmt: skip
-    key = result.get("accuracy_key", "case_mean@k")
     headers = ["stage", "env", "steps", "started from", "reward, first step",
                "reward, last step", f"{key} before", f"{key} after", "s / step",
                "stopped early"]  # fmt: skip
