@@ -550,6 +550,35 @@ def test_a_restart_after_steps_the_guard_kept_off_serves_the_base_model(
         assert restarted.trainer.step == 1 and holder.current() is tiny_served
 
 
+def test_a_restart_serves_the_weights_of_the_version_it_last_served(
+    tiny_model_dir, tmp_path, tiny_served
+):
+    """Step 1 was served, step 2 kept off by the guard, then the server restarted: it
+    must serve step 1's weights under step 1's name. It served the trainer's latest
+    weights (step 2's, the ones the guard refused) named as step 1, and it must still do
+    so once `keep_checkpoints` has pruned step 1's checkpoint (here: after steps 2 and 3
+    both were kept off)."""
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
+        assert learner.step_once()["served"]
+        step1 = {n: p.detach().clone() for n, p in running.holder.current().model.named_parameters()}
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # must gain 2: never
+        for _ in range(2):
+            serve_and_collect(running)
+            assert not learner.step_once()["served"]
+        assert not (tmp_path / "learner" / "checkpoint-1").exists()  # pruned (keep 2)
+        latest = dict(learner.trainer.sampler.generator.named_parameters())
+        assert any(not torch.equal(latest[n], p) for n, p in step1.items())  # steps 2-3 moved it
+        holder = ModelHolder(tiny_served)  # the restarted server loads the base model again
+        restarted = Learner.from_config(path, store=running.store, holder=holder,
+                                        output_dir=tmp_path)  # fmt: skip
+        served = holder.current()
+        assert restarted.trainer.step == 3 and served.version == f"{MODEL}@step1"
+        for name, param in served.model.named_parameters():
+            torch.testing.assert_close(param, step1[name], msg=name)
+            assert not param.requires_grad, name
+
+
 def test_an_idle_learner_waits_between_polls(tiny_model_dir, tmp_path, tiny_served):
     """With no feedback to train on, the learner's thread looks again only after
     `poll_seconds` (2 s unless set): a second after its first look it has read the

@@ -19,10 +19,16 @@ are those rows marked consumed in the database. Killed before the checkpoint, th
 are still unconsumed and the restarted learner (resuming from the previous checkpoint)
 trains on them once; killed between the two, the restart finds the ids in the
 checkpoint and marks them without training again.
+
+A restart serves what was served. The checkpoints hold the trainer's latest weights, which
+the guard may have kept off the server (and `keep_checkpoints` may have pruned the served
+step's); so each served version's weights are also written to `served.safetensors` in the
+learner's folder, and a restart loads them from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -32,12 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from resd.config import apply_overrides, build_config, read_yaml_mapping
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
 from resd.rundir import eval_metric, holds_run_logs, read_jsonl
 from resd.serve.engine import ModelHolder, ServedModel, same_model
 from resd.serve.store import Store, TrainingRow
+from resd.training.checkpoint import save_tensors
 from resd.training.rollout import GivenRollout
 from resd.training.trainer import Trainer
 
@@ -71,6 +81,10 @@ def given_rollout(row: TrainingRow) -> GivenRollout:
     finished = row.finish_reason == "stop"
     gen = Generation(list(row.response_token_ids), row.response, finished, row.response_logprobs)
     return GivenRollout(item, list(row.prompt_token_ids), gen, Score(reward, score, row.feedback))
+
+
+# The served version's weights in the learner's folder, for a restart (module docstring).
+SERVED_WEIGHTS = "served.safetensors"
 
 
 class Learner:
@@ -138,7 +152,9 @@ class Learner:
         learner = cls(trainer, store, holder, settings)
         last = trainer.extra_state.get("served_version")
         if trainer.step and last:  # a restarted server serves what the learner last served
-            holder.swap(learner._snapshot(last))
+            restored = learner._restore_served(last, trainer.extra_state.get("served_step"))
+            if restored is not None:
+                holder.swap(restored)
         return learner
 
     # ---- the thread ---------------------------------------------------------------------------
@@ -191,9 +207,11 @@ class Learner:
             }  # fmt: skip
             self.steps.append(record)
             ids = [r.feedback_id for r in rows]
+            kept = trainer.extra_state
             trainer.extra_state = {
                 "consumed": ids, "consumed_step": step, "history": self.steps,
-                "served_version": version if serve else trainer.extra_state.get("served_version"),
+                "served_version": version if serve else kept.get("served_version"),
+                "served_step": step if serve else kept.get("served_step"),
             }  # fmt: skip
             trainer.save()  # the checkpoint knows which rows this step consumed ...
             self._unmarked = (ids, step, {"step": step, "version": version})
@@ -201,7 +219,9 @@ class Learner:
             if serve:  # ... then they are marked, and the new weights are served
                 self.store.add_version(version, parent=served.version, step=step, accuracy=accuracy,
                                        note=f"trained on {len(rows)} rows")  # fmt: skip
-                self.holder.swap(self._snapshot(version))
+                snapshot = self._snapshot(version)
+                self.holder.swap(snapshot)
+                self._keep_served(snapshot)  # for a restart after steps the guard refuses
             self._snapshot_status()
             log.info("learner step %d: %s", step, record)
             return record
@@ -213,6 +233,34 @@ class Learner:
             model=model, tokenizer=self.trainer.tokenizer, version=version,
             name=self.holder.current().name, source=f"{self.trainer.run_dir}@{version}",
         )  # fmt: skip
+
+    def _keep_served(self, served: ServedModel) -> None:
+        """The served weights, under their version, where a restart finds them (written
+        whole, then renamed: a kill leaves the previous version's file)."""
+        path = self.trainer.run_dir / SERVED_WEIGHTS
+        partial = path.with_name(f".tmp-{SERVED_WEIGHTS}")
+        save_tensors(partial, served.model.state_dict(), metadata={"version": served.version})
+        partial.replace(path)
+
+    def _restore_served(self, version: str, step: int | None) -> ServedModel | None:
+        """After a restart: `version`, the one last served, as it was. Its step is the
+        trainer's own when the last step was served (killed before `_keep_served` or not);
+        else its weights are in `served.safetensors`. None (the loaded model stays) when
+        neither holds them: a run from before the file was written."""
+        served = self._snapshot(version)
+        if step == self.trainer.step:
+            return served
+        path = self.trainer.run_dir / SERVED_WEIGHTS
+        with contextlib.suppress(FileNotFoundError):
+            with safe_open(str(path), framework="pt") as f:
+                kept = (f.metadata() or {}).get("version")
+            if kept == version:
+                _, unexpected = served.model.load_state_dict(load_file(str(path)), strict=False)
+                if not unexpected:
+                    return served
+        log.warning("learner: the weights of %s, the version last served, are not in %s; "
+                    "serving the model loaded until a step is served", version, path)  # fmt: skip
+        return None
 
     def _served_accuracy(self, version: str) -> float | None:
         for v in self.store.versions():

@@ -71,7 +71,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """safetensors refuses tensors that share memory (tied embeddings): keep one name each."""
     seen: set[tuple[int, int]] = set()
     unique = {}
@@ -82,7 +84,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         seen.add(key)
         unique[name] = t.detach().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(unique, str(path))
+    save_file(unique, str(path), metadata=metadata)
 
 
 def save_model(
