@@ -599,6 +599,23 @@ def test_a_dry_run_prints_the_trainers_schedule_and_writes_nothing(
     (tmp_path / "empty").mkdir()  # a folder without a model: the config cannot be read
     assert main(["train", "--config", str(path), "--dry-run", f"model={tmp_path / 'empty'}"]) == 2
     assert f"model: the folder '{tmp_path / 'empty'}' holds no model" in capsys.readouterr().err
+    # LoRA: its settings, and its target modules against the model's skeleton (no weights)
+    # are what the run would refuse after loading the model; a file where the folder goes
+    for lora, message in (("{r: 0}", "lora: `r` should be a positive integer"),
+                          ("{target_modules: [qkv]}", "lora: Target modules {'qkv'} not found")):  # fmt: skip
+        assert main(["train", "--config", str(path), "--dry-run", f"lora={lora}"]) == 2
+        assert message in capsys.readouterr().err
+    assert (
+        main(["train", "--config", str(path), "--dry-run", "lora={target_modules: [q_proj]}"]) == 0
+    )
+    assert capsys.readouterr().out.startswith(
+        f"model       {tiny_model_dir} (LlamaForCausalLM), LoRA"
+    )
+    (tmp_path / "afile").write_text("")
+    below = tmp_path / "afile" / "run"
+    assert main(["train", "--config", str(path), "--dry-run", f"output_dir={below}"]) == 0
+    assert capsys.readouterr().out.endswith(f"(refused: {tmp_path / 'afile'} is a file, not a "
+                                            f"folder, so {below} cannot be made)\n")  # fmt: skip
 
 
 def test_the_dry_runs_list_of_steps() -> None:

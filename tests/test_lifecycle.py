@@ -4,7 +4,9 @@ switches (warm-up, success weighting, the reflection cap)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -204,6 +206,18 @@ def test_a_fresh_run_refuses_a_folder_whose_files_it_would_overwrite(tiny_model_
     (tmp_path / "afile").write_text("")
     with pytest.raises(FileExistsError, match="is a file"):
         Trainer(config(tiny_model_dir, tmp_path / "afile"))
+    # a file above the folder, or a folder it may not write in: said before the model
+    # loads (a NotADirectoryError traceback at the first write, after the load)
+    with pytest.raises(FileExistsError, match=rf"^output_dir: {tmp_path / 'afile'} is a file, "
+                       rf"not a folder, so {tmp_path / 'afile' / 'run'} cannot be made$"):  # fmt: skip
+        Trainer(dataclasses.replace(config(tiny_model_dir, project),
+                                    output_dir=str(tmp_path / "afile" / "run")))  # fmt: skip
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(FileExistsError, match=rf"^output_dir: cannot write in {locked}$"):
+            Trainer(dataclasses.replace(config(tiny_model_dir, project),
+                                        output_dir=str(locked / "run")))  # fmt: skip
     killed = tmp_path / "killed"
     killed.mkdir()
     cfg = config(tiny_model_dir, killed, "steps=1")

@@ -561,7 +561,9 @@ def test_a_restart_serves_the_weights_of_the_version_it_last_served(
     with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
         assert learner.step_once()["served"]
-        step1 = {n: p.detach().clone() for n, p in running.holder.current().model.named_parameters()}
+        step1 = {
+            n: p.detach().clone() for n, p in running.holder.current().model.named_parameters()
+        }
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # must gain 2: never
         for _ in range(2):
             serve_and_collect(running)

@@ -127,6 +127,21 @@ SKIP_REASONS = (
 PLAYBOOK_READERS = ("reflection", "curation", "teacher")
 
 
+def output_dir_problem(run_dir: Path) -> str | None:
+    """Why a run could not make or write `run_dir`, or None: a file where the folder (or
+    one above it) would be, or a folder it may not write in. Checked before a model loads:
+    found at the first write, it cost the load and ended in a traceback."""
+    folder = Path(run_dir).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if existing == folder and not folder.is_dir():
+        return f"{run_dir} is a file, not a folder"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder, so {run_dir} cannot be made"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing}"
+    return None
+
+
 def holds_run_logs(run_dir: Path) -> bool:
     """Whether a run has written to `run_dir` (any of `RUN_LOGS`), checkpoint or not."""
     return any((run_dir / name).exists() for name in RUN_LOGS)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resd.config import TrainConfig
-from resd.rundir import holds_run_logs
+from resd.rundir import holds_run_logs, output_dir_problem
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     from resd.models import load_model_config, load_tokenizer
     from resd.training.algorithms import get_algorithm
     from resd.training.checkpoint import latest_checkpoint
+    from resd.training.policy import check_lora_targets, lora_config
     from resd.training.trainer import (
         _environment,
         files_a_run_overwrites,
@@ -72,12 +73,16 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
                    init_kwargs=cfg.model_init_kwargs, chat_template=cfg.chat_template,
                    chat_template_kwargs=cfg.chat_template_kwargs)  # fmt: skip
     model_config = load_model_config(cfg.model, cfg.model_init_kwargs)
+    if cfg.lora and not (resume and latest_checkpoint(Path(cfg.output_dir))):
+        # a resumed LoRA run loads its adapter, with the settings it was made with
+        revision = cfg.model_init_kwargs.get("revision")
+        check_lora_targets(model_config, lora_config(cfg.lora, revision))
     architecture = ", ".join(model_config.architectures or [model_config.model_type])
     rollouts = cfg.batch_size * cfg.rollouts_per_prompt
     run_dir = Path(cfg.output_dir)
     checkpoint = latest_checkpoint(run_dir) if resume and run_dir.is_dir() else None
-    if run_dir.exists() and not run_dir.is_dir():
-        where = "a file, not a folder: refused"
+    if problem := output_dir_problem(run_dir):
+        where = f"refused: {problem}"
     elif checkpoint is not None:
         where = f"resumes from {checkpoint.name}"
     elif holds_run_logs(run_dir):

@@ -210,6 +210,22 @@ def lora_config(settings: dict[str, Any], revision: str | None = None):
         raise ConfigError(f"lora: {exc}") from None
 
 
+def check_lora_targets(model_config: Any, lora: Any) -> None:
+    """Wrap the model's skeleton (its config on the meta device: no weights, no memory) in
+    the adapter, as the run will wrap the model: `resd train --dry-run` names a
+    `target_modules` entry the model lacks without loading a weight."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    try:
+        with quiet_peft_wrapping():
+            get_peft_model(skeleton, lora)
+    except ValueError as exc:
+        raise ConfigError(f"lora: {exc}") from None
+
+
 class PolicySampler:
     """The policy's generation backend; `sync()` after every optimizer step, so that every
     rollout is drawn on-policy.

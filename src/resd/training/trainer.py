@@ -55,6 +55,7 @@ from resd.rundir import (
     TOP_LEVEL_FILES,
     append_jsonl,
     holds_run_logs,
+    output_dir_problem,
     read_jsonl,
     truncate_jsonl,
 )
@@ -322,8 +323,9 @@ class Trainer:
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         """The checkpoint a resumed run continues from, or None for a run from step 0;
         decided before the model loads, so that a refusal comes at once."""
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise FileExistsError(f"output_dir: {self.run_dir} is a file, not a folder")
+        problem = output_dir_problem(self.run_dir)
+        if problem:
+            raise FileExistsError(f"output_dir: {problem}")
         logged = holds_run_logs(self.run_dir)
         if logged and not resume:
             raise FileExistsError(
