@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,20 @@ def run(
     launch_config: str | None = None, resume: bool = False, launch_args: tuple[str, ...] = (),
     **overrides,
 ) -> Path:  # fmt: skip
+    cmd, env = launch(tmp_path, tiny_model_dir, name, processes, launch_config=launch_config,
+                      resume=resume, launch_args=launch_args, **overrides)  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / f"{name}.log").write_text(done.stderr)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / name
+
+
+def launch(
+    tmp_path: Path, tiny_model_dir: Path, name: str, processes: int, *,
+    launch_config: str | None = None, resume: bool = False, launch_args: tuple[str, ...] = (),
+    **overrides,
+) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """The command and environment of a `resd train` run on `processes` processes."""
     (tmp_path / "seed.md").write_text(SEED_PLAYBOOK)
     cfg = {
         **PREFILLS, "model": str(tiny_model_dir), "env": "toy_envs:ParityEnv", "steps": 4, "batch_size": 4,
@@ -74,10 +90,7 @@ def run(
         PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         OMP_NUM_THREADS="1",
     )
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    (tmp_path / f"{name}.log").write_text(done.stderr)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp_path / name
+    return cmd, env
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +177,38 @@ def test_an_early_stop_decided_on_rank_0_ends_both_processes_at_one_step(tiny_mo
     assert summary["stopped_early"].startswith("case_mean@k has not improved on ")
     assert [row["step"] for row in read_jsonl(two / "eval.jsonl")] == [0, 2]
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_sigterm_to_both_processes_ends_them_at_one_step_with_one_checkpoint(
+    tiny_model_dir, tmp_path
+):
+    """A preempted machine's SIGTERM reaches every rank (and the launcher, which passes it
+    on). Each rank finishes its step, they agree on the step in one collective, save one
+    checkpoint and leave, without a summary; `--resume` on one process goes on from it.
+    Catches ranks that stop at different steps (one waits in the other's next collective
+    until the launcher kills it, and no checkpoint is written)."""
+    cmd, env = launch(tmp_path, tiny_model_dir, "term", 2, steps=400, save_every=1000)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not metrics.exists() or not metrics.read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler signals the job's processes
+    _, err = proc.communicate(timeout=300)
+    steps = [row["step"] for row in read_jsonl(metrics)]
+    last = steps[-1]
+    assert steps == list(range(1, last + 1)) and last < 400, err[-3000:]
+    assert sorted(p.name for p in (tmp_path / "term").glob("checkpoint-*")) == [
+        f"checkpoint-{last}"
+    ]
+    assert not (tmp_path / "term" / "summary.json").exists()
+    assert err.count(f"resd: interrupted (SIGTERM during step {last}) after step {last}") == 1, err[
+        -3000:
+    ]
+    resumed = run(tmp_path, tiny_model_dir, "term", 1, resume=True, steps=last + 1, save_every=1000)
+    assert [row["step"] for row in read_jsonl(resumed / "metrics.jsonl")] == [*steps, last + 1]
 
 
 def test_sequence_mean_loss_is_the_same_on_two_processes(tiny_model_dir, tmp_path):

@@ -53,18 +53,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from resd.training.trainer import Interrupted, Trainer
 
     trainer = Trainer(cfg, resume=args.resume)
+    parallel = trainer.parallel
+    code = 0
     with checkpoint_on_signals(trainer) as received:
         try:
             summary = trainer.train()
-        except Interrupted as exc:
-            where = (f"{exc.checkpoint} saved" if exc.checkpoint
-                     else "no step taken, nothing to save")  # fmt: skip
-            print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; "
-                  f"`resd train ... --resume` continues the run", file=sys.stderr)  # fmt: skip
-            return 128 + (received[0] if received else signal.SIGINT)
-    parallel = trainer.parallel
-    parallel.close()  # every rank finished: the process groups go down together
-    if parallel.is_main:
+        except Interrupted as exc:  # checkpointed after its step, on every rank
+            if parallel.is_main:
+                where = (f"{exc.checkpoint} saved" if exc.checkpoint
+                         else "no step taken, nothing to save")  # fmt: skip
+                print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; "
+                      f"`resd train ... --resume` continues the run", file=sys.stderr)  # fmt: skip
+            code = 128 + (received[0] if received else signal.SIGINT)
+    parallel.close()  # every rank ended at the same step: the process groups go down together
+    if not code and parallel.is_main:
         _print_summary(summary)
     if parallel.world_size > 1:
         # Past this point nothing is left to write, and the interpreter's own teardown of a
@@ -73,8 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
 
 
 def _print_summary(summary: dict) -> None:
