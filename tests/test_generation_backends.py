@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import sys
 import types
@@ -153,6 +154,36 @@ def test_vllm_sampler_without_cuda_is_a_config_error(tiny_model_dir, tiny, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"^generation_backend: .*CUDA GPU"):
         VLLMSampler(str(tiny_model_dir), tiny[1], max_model_len=256)
+
+
+def test_the_vllm_backend_without_vllm_or_a_gpu_is_refused_before_anything_loads(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`generation_backend: vllm` on a machine without vLLM, or without a GPU: said by
+    `--dry-run` (which passed it) and by the trainer before the model loads. The trainer
+    said "device: 'cuda', but torch sees no CUDA device here", for a device the user never
+    set, after loading the tokenizer and the model."""
+    from resd.cli import main
+    from resd.training.trainer import Trainer
+    from test_trainer import config
+
+    cfg = config(tiny_model_dir, tmp_path / "run", "generation_backend=vllm")
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg.to_dict()))
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main(["train", "--config", str(path), "--dry-run"]) == 2
+    assert "generation_backend: 'vllm' needs the vllm package" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import resd.training.trainer as trainer_module
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the tokenizer was loaded before the backend was checked")
+
+    monkeypatch.setattr(trainer_module, "load_tokenizer", no_load)
+    with pytest.raises(ConfigError, match=r"^generation_backend: 'vllm' needs a CUDA GPU"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 class _FakeLLM:

@@ -41,12 +41,19 @@ _INSTALL_HINT = (
 )
 
 
-def _import_vllm() -> Any:
-    """Import vllm or raise the user-facing ConfigError (vllm is an optional extra)."""
+def import_vllm() -> Any:
+    """Import vllm or raise the user-facing ConfigError (vllm is an optional extra), and
+    refuse a machine without a CUDA GPU. Called before anything is loaded (by the trainer
+    and `--dry-run`) as well as by the sampler."""
     try:
         import vllm
     except ImportError as exc:
         raise ConfigError(_INSTALL_HINT) from exc
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "generation_backend: 'vllm' needs a CUDA GPU and none is visible; "
+            "use generation_backend: transformers on this machine"
+        )
     return vllm
 
 
@@ -68,12 +75,7 @@ class VLLMSampler:
         max_model_len: int,
         vllm_args: dict[str, Any] | None = None,
     ) -> None:
-        vllm = _import_vllm()
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "generation_backend: 'vllm' needs a CUDA GPU and none is visible; "
-                "use generation_backend: transformers on this machine"
-            )
+        vllm = import_vllm()
         # Must be set before the engine is built; a user's explicit setting wins.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         args: dict[str, Any] = {

@@ -64,6 +64,10 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     )
 
     algo = get_algorithm(cfg.algorithm)
+    if cfg.generation_backend == "vllm":
+        from resd.generation.vllm_engine import import_vllm
+
+        import_vllm()
     env = _environment(cfg, None, None)
     train = training_items(env, algo, getattr(env, "name", cfg.env))
     tests = checked_test_items(env)

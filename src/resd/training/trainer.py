@@ -228,6 +228,10 @@ class Trainer:
         self.parallel = make_parallel(cfg.strategy, cfg.zero_stage)
         self.parallel.check(cfg)
         check_trackers(cfg.report_to if self.parallel.is_main else [])
+        if cfg.generation_backend == "vllm":  # the package and a GPU, before any load
+            from resd.generation.vllm_engine import import_vllm
+
+            import_vllm()
         if cfg.dtype == "bfloat16":
             log.warning("dtype: bfloat16 master weights round away updates smaller than about "
                         "1/256 of a weight (at lr %g most of AdamW's steps); float32 with bf16 "
