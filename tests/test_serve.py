@@ -2064,6 +2064,33 @@ def test_cli_refuses_bad_options_before_loading_the_model(
     assert loads == [] and not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_a_bad_learner_config_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--learn` with a config the learner cannot run (a missing file, an environment that
+    does not import, early stopping, more rows than a batch) was read only after the served
+    model had loaded: minutes for a large model. Each is one error line before the load,
+    and the output folder is left as it was."""
+    from resd.cli import main
+
+    loads = _no_model_load(monkeypatch)
+    (tmp_path / "badenv.yaml").write_text("env: toy_envs:NoSuchEnv\n")
+    (tmp_path / "stops.yaml").write_text("eval_every: 1\nearly_stopping: {patience: 2}\n")
+    (tmp_path / "ok.yaml").write_text("batch_size: 4\n")
+    for extra, expected in [
+        (["--learn", str(tmp_path / "none.yaml")], "resd: error: config: file not found"),
+        (["--learn", str(tmp_path / "badenv.yaml")], "resd: error: env: module 'toy_envs' has no "
+         "attribute 'NoSuchEnv'"),
+        (["--learn", str(tmp_path / "stops.yaml")], "resd: error: early_stopping: a learner trains"),
+        (["--learn", str(tmp_path / "ok.yaml"), "--learn-min-rows", "5"],
+         "resd: error: --learn-min-rows: 5 is not in 1..4"),
+    ]:  # fmt: skip
+        code = main(["serve", "--model", "unused", "--output-dir", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "Traceback" not in err, err
+        assert loads == [] and not (tmp_path / "out").exists()
+
+
 def test_cli_takes_the_ports_at_the_ends_of_the_range(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -2393,15 +2420,19 @@ def test_cli_startup_line_names_the_version_a_restarted_learner_serves(
     monkeypatch.setattr(resd.serve.command, "_run_until_signalled", ran.append)
     monkeypatch.setattr(resd.serve.engine, "load_served_model",
                         lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])  # fmt: skip
+    (tmp_path / "learn.yaml").write_text("batch_size: 4\n")  # read before the model loads
     code = main(["serve", "--model", str(tiny_model_dir), "--served-model-name", MODEL,
-                 "--output-dir", str(tmp_path), "--learn", "unused.yaml", "--dtype", "float32",
+                 "--output-dir", str(tmp_path), "--learn", str(tmp_path / "learn.yaml"), "--dtype", "float32",
                  "--device", "cpu", "--max-prompt-tokens", "300", "--max-new-tokens", "20"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 0 and len(ran) == 1 and RestartedLearner.stopped, err
     assert f"resd serve: model {MODEL!r} (version tiny@step1)" in err, err
     # the line ends naming the database and the learner's config
     database = sqlite_url(tmp_path / "resd.db")
-    assert f", page http://127.0.0.1:8000/, database {database}, learning with unused.yaml\n" in err
+    assert (
+        f", page http://127.0.0.1:8000/, database {database}, learning with "
+        f"{tmp_path / 'learn.yaml'}\n"
+    ) in err
     # the tokenizer holds a whole request: the longest prompt and the longest reply
     assert loaded[0].tokenizer.model_max_length == 320
     assert (tmp_path / "resd.db").is_file()  # a start that got to serving keeps its database

@@ -118,6 +118,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store = _open_store(url, "--db" if args.db else "--output-dir")
         _check_base_version(store, args.base_version, args.model)
         _check_listen(args.host, args.port)
+        if args.learn:  # its config and environment, before the served model loads
+            from resd.serve.learner import learner_config
+
+            learner_config(args.learn, output_dir=output_dir, min_rows=args.learn_min_rows,
+                           check_env=True)  # fmt: skip
         name = args.served_model_name or args.model
         served = load_served_model(
             args.model, version=args.base_version, name=name, dtype=args.dtype,

@@ -41,7 +41,8 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from resd.config import apply_overrides, build_config, read_yaml_mapping
+from resd.config import TrainConfig, apply_overrides, build_config, read_yaml_mapping
+from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
 from resd.rundir import eval_metric, holds_run_logs, read_jsonl
@@ -81,6 +82,32 @@ def given_rollout(row: TrainingRow) -> GivenRollout:
     finished = row.finish_reason == "stop"
     gen = Generation(list(row.response_token_ids), row.response, finished, row.response_logprobs)
     return GivenRollout(item, list(row.prompt_token_ids), gen, Score(reward, score, row.feedback))
+
+
+def learner_config(
+    path: str | Path, *, output_dir: str | Path, overrides: list[str] | None = None,
+    min_rows: int | None = None, check_env: bool = False,
+) -> TrainConfig:  # fmt: skip
+    """The learner's train config (its run folder: `<output_dir>/learner`), refused where a
+    learner cannot run it; with `check_env`, its environment is built too. `resd serve`
+    calls it before the served model loads, so a bad config costs no load."""
+    data = read_yaml_mapping(path)
+    # Served replies come from another copy of the weights: their ratio to the policy is
+    # capped at 2 unless the config says otherwise (null: no correction).
+    default = [] if "rollout_is_cap" in data else ["rollout_is_cap=2.0"]
+    run_dir = Path(output_dir) / "learner"
+    cfg = build_config(
+        apply_overrides(data, [*default, *(overrides or []), f"output_dir={run_dir}"])
+    )
+    if cfg.early_stopping is not None:
+        raise ValueError("early_stopping: a learner trains for as long as feedback comes; "
+                         "its guard (--guard-metric) decides which steps are served")  # fmt: skip
+    if min_rows is not None and not 1 <= min_rows <= cfg.batch_size:
+        raise ValueError(f"--learn-min-rows: {min_rows} is not in 1..{cfg.batch_size} "
+                         f"(a step takes at most the config's batch_size rows)")  # fmt: skip
+    if check_env:
+        make_env(cfg.env, cfg.env_args)
+    return cfg
 
 
 # The served version's weights in the learner's folder, for a restart (module docstring).
@@ -126,20 +153,8 @@ class Learner:
     ) -> Learner:
         """Build the trainer from a train config (its run folder: `<output_dir>/learner`),
         resuming it when that folder already holds a learner's run."""
-        run_dir = Path(output_dir) / "learner"
-        data = read_yaml_mapping(path)
-        # Served replies come from another copy of the weights: their ratio to the policy is
-        # capped at 2 unless the config says otherwise (null: no correction).
-        default = [] if "rollout_is_cap" in data else ["rollout_is_cap=2.0"]
-        cfg = build_config(
-            apply_overrides(data, [*default, *(overrides or []), f"output_dir={run_dir}"])
-        )
-        if cfg.early_stopping is not None:
-            raise ValueError("early_stopping: a learner trains for as long as feedback comes; "
-                             "its guard (--guard-metric) decides which steps are served")  # fmt: skip
-        if min_rows is not None and not 1 <= min_rows <= cfg.batch_size:
-            raise ValueError(f"--learn-min-rows: {min_rows} is not in 1..{cfg.batch_size} "
-                             f"(a step takes at most the config's batch_size rows)")  # fmt: skip
+        cfg = learner_config(path, output_dir=output_dir, overrides=overrides, min_rows=min_rows)
+        run_dir = Path(cfg.output_dir)
         served = holder.current()
         if not same_model(str(cfg.model), served.source):
             log.warning("learner: the config trains %s while the server serves %s; the first "
