@@ -48,9 +48,10 @@ def checkpoint_on_signals(trainer: Trainer) -> Iterator[list[int]]:
             first.append(now)
             name = signal.Signals(signum).name
             trainer.interrupt(f"{name} during step {trainer.step + 1}")
-            print(f"\nresd: {name}: finishing step {trainer.step + 1}, then saving a checkpoint "
-                  "(press Ctrl-C again to stop at once, losing that step)", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            if trainer.parallel.is_main:  # one line, not one per rank
+                print(f"\nresd: {name}: finishing step {trainer.step + 1}, then saving a checkpoint "
+                      "(press Ctrl-C again to stop at once, losing that step)", file=sys.stderr,
+                      flush=True)  # fmt: skip
         elif now - first[0] > SAME_PRESS_S:
             raise KeyboardInterrupt
 
