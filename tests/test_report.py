@@ -801,6 +801,53 @@ def test_a_continual_run_in_progress_or_a_broken_record_is_said_so(
         assert not (root / "report.html").exists()
 
 
+def test_a_serve_folder_gets_its_versions_counts_and_learner_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resd report` on a `resd serve --output-dir` drew a comparison page of one run named
+    "learner", and said nothing of what was served. Its page starts with the database's
+    counts and every version registered (the starting model, each step the guard let
+    through, with the guard metric it was served at), then the learner's run report.
+    Catches a count or a version's cells read from another column, and a folder whose
+    resd.db is not a database ending in a traceback."""
+    pytest.importorskip("sqlalchemy")
+    from resd.serve.store import Store, sqlite_url
+
+    root = tmp_path / "serve"
+    make_run(root / "learner", steps=2, samples=False)
+    store = Store(sqlite_url(root / "resd.db"))
+    store.add_version("base", parent=None, step=0, accuracy=0.25, note="loaded from tiny")
+    store.add_version("tiny@step2", parent="base", step=2, accuracy=0.5, note="trained on 4 rows")
+    for i in range(3):
+        store.record_interaction(
+            completion_id=f"chatcmpl-{i}", model_version="base", model_name="tiny",
+            messages=[{"role": "user", "content": "hi"}], params={}, response="yes",
+            prompt_token_ids=[1], response_token_ids=[2], response_logprobs=None,
+            finish_reason="stop",
+        )  # fmt: skip
+    store.record_feedback("chatcmpl-0", source="user", reward=0.0, score=None, feedback="no")
+    store.mark_consumed([1], 2)
+    store.close()
+    text = build_report(root).read_text()
+    assert "<title>resd serve: serve</title>" in text and "By algorithm" not in text
+    rows = [
+        r
+        for row in re.findall(r"<tr>(.*?)</tr>", text)
+        if (r := re.findall(r"<td>(.*?)</td>", row))
+    ]
+    assert rows[:4] == [["completions served", "3"], ["feedback rows", "1"],
+                        ["feedback rows trained on", "1"], ["versions registered", "2"]]  # fmt: skip
+    assert [r[:5] for r in rows[4:6]] == [["base", "", "0", "0.25", "loaded from tiny"],
+                                          ["tiny@step2", "base", "2", "0.5", "trained on 4 rows"]]  # fmt: skip
+    assert re.findall(r"<h2>(.*?)</h2>", text)[:2] == ["Serving", "1. Run summary"]
+    (root / "resd.db").write_text("not a database")
+    (root / "report.html").unlink()
+    assert cli_main(["report", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"resd: error: report: {root / 'resd.db'} is not a resd serve database")
+    assert not (root / "report.html").exists()
+
+
 def test_a_comparison_without_curves_or_metadata_says_so(tmp_path: Path) -> None:
     """Runs that logged no training metrics and no evaluation, in a directory without
     comparison.json, give a page that names each missing part instead of empty figures."""

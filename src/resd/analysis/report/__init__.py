@@ -1,5 +1,5 @@
-"""`resd report DIR`: one self-contained HTML report of a training run, a comparison or a
-continual run.
+"""`resd report DIR`: one self-contained HTML report of a training run, a comparison, a
+continual run or a serving folder.
 
 Why a single static file: runs happen on remote GPU machines, and the report has to be
 copied back and opened anywhere (a browser, a mail attachment, a CI artifact). So the
@@ -21,6 +21,7 @@ The modules, in the order the data flows through them:
   run_page         the sections of a single-run report
   comparison_page  the report of a directory of runs
   continual_page   the report of a `resd continual` folder (its continual.json)
+  serving_page     the report of a `resd serve` folder (its database and learner run)
   cli              `build_report` and the `resd report` sub-command
 
 The names below are re-exported so that code importing them from

@@ -17,15 +17,17 @@ from resd.analysis.report.continual_page import CONTINUAL_FILE, continual_report
 from resd.analysis.report.markup import PlotSink
 from resd.analysis.report.run_page import run_report
 from resd.analysis.report.runs import RUN_MARKERS, find_runs, is_run_dir, load_run
+from resd.analysis.report.serving_page import SERVE_DB, serving_report
 from resd.rundir import check_out_file
 
 
 def build_report(path: str | Path, out: str | Path | None = None) -> Path:
     """Write the HTML report of a run, comparison or continual directory; returns its path.
 
-    `path` is a `resd continual` folder (it holds continual.json), a run directory (it
-    holds config.yaml, metrics.jsonl or summary.json), or a comparison directory whose
-    immediate sub-directories are run directories. The
+    `path` is a `resd continual` folder (it holds continual.json), a `resd serve` folder
+    (it holds resd.db, and the learner's run), a run directory (it holds config.yaml,
+    metrics.jsonl or summary.json), or a comparison directory whose immediate
+    sub-directories are run directories. The
     report goes to `out` (default `<path>/report.html`), its PNGs to `plots/` beside it;
     both are checked before anything is written.
     """
@@ -40,6 +42,8 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
     sink = PlotSink(plots)
     if (path / CONTINUAL_FILE).is_file():  # stages of one model in turn, not seeds to average
         text = continual_report(path, sink)
+    elif (path / SERVE_DB).is_file():  # `resd serve`'s folder: its database and learner run
+        text = serving_report(path, sink)
     elif is_run_dir(path):
         text = run_report(load_run(path), sink)
     else:
@@ -68,11 +72,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_report_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register `resd report PATH [--out FILE]` on the CLI's sub-parsers."""
     parser = subparsers.add_parser(
-        "report", help="write an HTML report of a run, a comparison or a continual directory"
+        "report",
+        help="write an HTML report of a run, a comparison, a continual or a serve directory",
     )
     parser.add_argument(
         "path",
-        help="a run directory, a directory of run directories (resd compare), or a resd continual folder",
+        help="a run directory, a directory of run directories (resd compare), a resd "
+        "continual folder, or a resd serve --output-dir",
     )
     parser.add_argument("--out", default=None, help="HTML file (default: PATH/report.html)")
     parser.set_defaults(fn=cmd_report)
