@@ -85,10 +85,13 @@ def _feedback_rows(store) -> list[dict]:
 
 
 @contextmanager
-def learning(tiny_model_dir, tmp_path, served, *, collect: bool = True):
+def learning(
+    tiny_model_dir, tmp_path, served, *, collect: bool = True, extra: tuple[str, ...] = ()
+):
     """A server on the tiny model, 4 served replies with feedback (unless `collect` is
-    off), and a learner built from its config: (running server, config path, learner)."""
-    path = learn_config(tiny_model_dir, tmp_path)
+    off), and a learner built from its config (with `extra` overrides): (running server,
+    config path, learner)."""
+    path = learn_config(tiny_model_dir, tmp_path, *extra)
     with start_server(served, tmp_path / "resd.db", max_new_tokens=8) as running:
         if collect:
             serve_and_collect(running)
@@ -550,15 +553,16 @@ def test_a_restart_after_steps_the_guard_kept_off_serves_the_base_model(
         assert restarted.trainer.step == 1 and holder.current() is tiny_served
 
 
+@pytest.mark.parametrize("extra", [(), ("lora={r: 4}",)], ids=["full", "lora"])
 def test_a_restart_serves_the_weights_of_the_version_it_last_served(
-    tiny_model_dir, tmp_path, tiny_served
+    tiny_model_dir, tmp_path, tiny_served, extra
 ):
     """Step 1 was served, step 2 kept off by the guard, then the server restarted: it
     must serve step 1's weights under step 1's name. It served the trainer's latest
     weights (step 2's, the ones the guard refused) named as step 1, and it must still do
     so once `keep_checkpoints` has pruned step 1's checkpoint (here: after steps 2 and 3
-    both were kept off)."""
-    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
+    both were kept off). A LoRA learner serves its policy with the adapter: the same."""
+    with learning(tiny_model_dir, tmp_path, tiny_served, extra=extra) as (running, path, learner):
         learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
         assert learner.step_once()["served"]
         step1 = {
