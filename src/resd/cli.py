@@ -20,7 +20,6 @@ import argparse
 import inspect
 import logging
 import os
-import signal
 import sys
 
 from resd.analysis.compare import add_compare_subcommand
@@ -55,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, resume=args.resume)
     parallel = trainer.parallel
     code = 0
-    with checkpoint_on_signals(trainer) as received:
+    with checkpoint_on_signals(trainer):
         try:
             summary = trainer.train()
         except Interrupted as exc:  # checkpointed after its step, on every rank
@@ -64,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          else "no step taken, nothing to save")  # fmt: skip
                 print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; "
                       f"`resd train ... --resume` continues the run", file=sys.stderr)  # fmt: skip
-            code = 128 + (received[0] if received else signal.SIGINT)
+            code = exc.exit_status
     parallel.close()  # every rank ended at the same step: the process groups go down together
     if not code and parallel.is_main:
         _print_summary(summary)

@@ -461,7 +461,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
         where = f"{exc.checkpoint} saved" if exc.checkpoint else "no step taken in this stage"
         print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; the same "
               f"`resd continual` command continues from there", file=sys.stderr)  # fmt: skip
-        return 130
+        return exc.exit_status
     print("\n" + format_table(result))
     print(f"\ncontinual: {plan.out / 'continual.json'}")
     return 0

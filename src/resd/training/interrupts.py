@@ -29,25 +29,22 @@ SAME_PRESS_S = 1.0
 
 
 @contextlib.contextmanager
-def checkpoint_on_signals(trainer: Trainer) -> Iterator[list[int]]:
+def checkpoint_on_signals(trainer: Trainer) -> Iterator[None]:
     """While the block runs, the first SIGINT or SIGTERM interrupts `trainer` after its
     step; the next (a second later or more) raises KeyboardInterrupt at once. A signal the
     process was started ignoring (`nohup`, a background job's SIGINT) stays ignored.
-    Outside the main thread, where Python cannot install handlers, it does nothing.
-    Yields the list of signals received (the exit status is 128 + the first)."""
-    received: list[int] = []
+    Outside the main thread, where Python cannot install handlers, it does nothing."""
     if threading.current_thread() is not threading.main_thread():
-        yield received
+        yield
         return
     first: list[float] = []
 
     def handle(signum: int, _frame: object) -> None:
         now = time.monotonic()
-        received.append(signum)
         if not first:
             first.append(now)
             name = signal.Signals(signum).name
-            trainer.interrupt(f"{name} during step {trainer.step + 1}")
+            trainer.interrupt(f"{name} during step {trainer.step + 1}", signum=signum)
             if trainer.parallel.is_main:  # one line, not one per rank
                 print(f"\nresd: {name}: finishing step {trainer.step + 1}, then saving a checkpoint "
                       "(press Ctrl-C again to stop at once, losing that step)", file=sys.stderr,
@@ -60,7 +57,7 @@ def checkpoint_on_signals(trainer: Trainer) -> Iterator[list[int]]:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             previous[signum] = signal.signal(signum, handle)
     try:
-        yield received
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import resource
+import signal
 import sys
 import time
 from collections import Counter
@@ -201,9 +202,17 @@ class Interrupted(KeyboardInterrupt):
     there (`checkpoint`; None when it had taken no step) and has no summary, so it reads as
     unfinished, and `--resume` (or `resd compare` run again) continues it."""
 
-    def __init__(self, reason: str, step: int, checkpoint: Path | None) -> None:
+    def __init__(
+        self, reason: str, step: int, checkpoint: Path | None, signum: int | None = None
+    ) -> None:
         super().__init__(reason)
-        self.reason, self.step, self.checkpoint = reason, step, checkpoint
+        self.reason, self.step, self.checkpoint, self.signum = reason, step, checkpoint, signum
+
+    @property
+    def exit_status(self) -> int:
+        """What a shell reports for a process its signal ended: 128 + the signal (SIGINT's
+        130 where no signal is known: an interruption asked for in Python)."""
+        return 128 + (self.signum or signal.SIGINT)
 
 
 class Trainer:
@@ -308,6 +317,7 @@ class Trainer:
         self.summary: dict[str, Any] | None = None  # what `train` returned, once it has run
         self.stop_reason: str | None = None  # set by `stop`: the run ends after this step
         self.interrupt_reason: str | None = None  # set by `interrupt`: ... and stays unfinished
+        self.interrupt_signal: int | None = None  # the signal behind it, if one
         if checkpoint:
             self._restore(checkpoint, state, optimizer_state)
         # TensorBoard / W&B mirror the JSON-lines logs (which stay the source of truth).
@@ -425,7 +435,7 @@ class Trainer:
             self.tracker.close()
             self.parallel.barrier()
             saved = self.run_dir / f"checkpoint-{self.step}" if self.step else None
-            raise Interrupted(self.interrupt_reason, self.step, saved)
+            raise Interrupted(self.interrupt_reason, self.step, saved, self.interrupt_signal)
         # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
         if self.test_items and self.last_eval_step != self.step:
             self.evaluate()
@@ -459,12 +469,12 @@ class Trainer:
         (`--resume` continues the run from there, towards its `steps`)."""
         self.stop_reason = reason
 
-    def interrupt(self, reason: str) -> None:
+    def interrupt(self, reason: str, *, signum: int | None = None) -> None:
         """End the run after the current step with a checkpoint and no summary: unlike
         `stop`, the run is unfinished, and `--resume` continues it. What Ctrl-C and SIGTERM
         do under `resd train` (a preempted machine, a queue's time limit); `train()` then
         raises `Interrupted`. Safe to call from a signal handler: it only sets a flag."""
-        self.interrupt_reason = reason
+        self.interrupt_reason, self.interrupt_signal = reason, signum
 
     def _stop_agreed(self) -> bool:
         """Whether any rank asked to stop or was interrupted: one collective, so all of them
