@@ -848,6 +848,23 @@ def test_a_serve_folder_gets_its_versions_counts_and_learner_run(
     assert not (root / "report.html").exists()
 
 
+def test_a_comparisons_curves_show_each_reward_function(tmp_path: Path) -> None:
+    """Runs scored by a list of reward functions log `rewards/<name>` per step and per
+    evaluation: the comparison's figures get a row for each (3.4 inches, 340 pixels, a
+    row), beside reward and score and the four accuracies. Catches them left out."""
+    root = tmp_path / "cmp"
+    for seed in (0, 1):
+        run = make_run(root / f"sdpo-seed{seed}", algorithm="sdpo", seed=seed, steps=4,
+                       playbook=False, samples=False)  # fmt: skip
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
+            write_jsonl(run / name, [{**row, "rewards/fmt": 0.5} for row in rows])
+    build_report(root)
+    heights = {name: imread(root / "plots" / f"{name}.png").shape[0]
+               for name in ("compare_train", "compare_eval")}  # fmt: skip
+    assert heights == {"compare_train": 3 * 340, "compare_eval": 5 * 340}
+
+
 def test_a_comparison_without_curves_or_metadata_says_so(tmp_path: Path) -> None:
     """Runs that logged no training metrics and no evaluation, in a directory without
     comparison.json, give a page that names each missing part instead of empty figures."""

@@ -80,16 +80,19 @@ def comparison_report(path: Path, runs: list[Run], sink: PlotSink) -> str:
     summary = section("summary", "1. Runs", comparison_tables(groups))
 
     curves = []
-    train = plot_comparison(groups, ("reward", "score"), source="metrics", smooth=True)
+    # each reward function's mean too (`rewards/<name>`), where a list of them scored
+    parts = tuple(dict.fromkeys(k for r in runs for k in r.reward_keys))
+    train = plot_comparison(groups, ("reward", "score", *parts), source="metrics", smooth=True)
     if train:
         caption = (
-            "Training reward and score, each run smoothed by a moving average of ~5% of its "
-            "steps; line: mean over seeds, band: min/max over seeds."
+            "Training reward and score, and each reward function's where a list of them "
+            "scored; each run smoothed by a moving average of ~5% of its steps; line: mean "
+            "over seeds, band: min/max over seeds."
         )
         curves.append(sink.embed("compare_train", train, caption))
     else:
         curves.append(not_recorded("training metrics"))
-    evals = plot_comparison(groups, EVAL_KEYS, source="evals", smooth=False)
+    evals = plot_comparison(groups, (*EVAL_KEYS, *parts), source="evals", smooth=False)
     if evals:
         caption = "Evaluation metrics; line: mean over seeds, band: min/max over seeds."
         curves.append(sink.embed("compare_eval", evals, caption))
