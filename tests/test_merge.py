@@ -319,3 +319,30 @@ def test_the_curve_plot_draws_each_algorithm_and_metric_from_the_records(tmp_pat
         assert list(lines[0].get_ydata()) == [p[key]["mean"] for p in curve]
         assert len(ax.collections) == 2  # the bands
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["resd (n=2)", "sdpo (n=2)"]
+
+
+def test_merging_keeps_each_reward_functions_mean_and_plots_it(tmp_path, monkeypatch):
+    """Records whose evaluations have `rewards/<name>` (a list of reward functions scored
+    the replies): the merged summary has each one's final mean over every seed, and the
+    curve plot a panel for it after the accuracies. Catches the columns dropped when the
+    seeds are pooled, or left out of the figure."""
+    matplotlib_figure = pytest.importorskip("matplotlib.figure")
+    drawn = []
+
+    class Kept(matplotlib_figure.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            drawn.append(self)
+
+    monkeypatch.setattr(matplotlib_figure, "Figure", Kept)
+
+    def with_fmt(run: dict, value: float) -> dict:
+        evals = [{**point, "rewards/fmt": value} for point in run["eval"]]
+        return {**run, "eval": evals, "final": {**run["final"], "rewards/fmt": value}}
+
+    a = write(tmp_path / "a", [with_fmt(r, 0.25) for r in SEED0])
+    b = write(tmp_path / "b", [with_fmt(r, 0.75) for r in SEED1])
+    data = merge_comparisons([a, b], tmp_path / "all")
+    assert data["algorithms"]["resd"]["final"]["rewards/fmt"]["mean"] == pytest.approx(0.5)
+    (fig,) = drawn
+    assert [ax.get_title() for ax in fig.axes][-1] == "rewards/fmt vs samples drawn"

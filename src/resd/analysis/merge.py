@@ -41,7 +41,7 @@ from resd.analysis.compare import (
     stopped_early_lines,
     write_comparison,
 )
-from resd.rundir import EVAL_KEYS, metric_keys
+from resd.rundir import metric_keys
 
 # Keys that differ between the seeds of one algorithm by construction.
 PER_RUN_KEYS = frozenset({"seed", "output_dir"})
@@ -271,7 +271,8 @@ def write_curve_plot(path: Path, algorithms: dict[str, dict[str, Any]]) -> Path 
             file=sys.stderr,
         )
         return None
-    keys = [k for k in EVAL_KEYS if any(p.get(k) for a in algorithms.values() for p in a["curve"])]
+    points = [p for a in algorithms.values() for p in a["curve"]]
+    keys = [k for k in metric_keys(points) if any(p.get(k) for p in points)]  # and each reward's
     if not keys:
         return None
     fig = Figure(figsize=(6.0, 3.2 * len(keys)), layout="constrained")
