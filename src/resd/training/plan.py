@@ -80,7 +80,8 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
     if cfg.lora and not (resume and latest_checkpoint(Path(cfg.output_dir))):
         # a resumed LoRA run loads its adapter, with the settings it was made with
         revision = cfg.model_init_kwargs.get("revision")
-        check_lora_targets(model_config, lora_config(cfg.lora, revision))
+        remote = bool(cfg.model_init_kwargs.get("trust_remote_code"))
+        check_lora_targets(model_config, lora_config(cfg.lora, revision), trust_remote_code=remote)
     architecture = ", ".join(model_config.architectures or [model_config.model_type])
     rollouts = cfg.batch_size * cfg.rollouts_per_prompt
     run_dir = Path(cfg.output_dir)

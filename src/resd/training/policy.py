@@ -210,15 +210,23 @@ def lora_config(settings: dict[str, Any], revision: str | None = None):
         raise ConfigError(f"lora: {exc}") from None
 
 
-def check_lora_targets(model_config: Any, lora: Any) -> None:
+def check_lora_targets(model_config: Any, lora: Any, *, trust_remote_code: bool = False) -> None:
     """Wrap the model's skeleton (its config on the meta device: no weights, no memory) in
     the adapter, as the run will wrap the model: `resd train --dry-run` names a
-    `target_modules` entry the model lacks without loading a weight."""
+    `target_modules` entry the model lacks without loading a weight. A model whose
+    skeleton cannot be built from its config alone is not checked here (the run checks)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                model_config, trust_remote_code=trust_remote_code
+            )
+    except Exception as exc:  # an architecture transformers builds only from its weights
+        log.info("lora: target_modules not checked (no skeleton of %s: %s)",
+                 type(model_config).__name__, exc)  # fmt: skip
+        return
     try:
         with quiet_peft_wrapping():
             get_peft_model(skeleton, lora)
