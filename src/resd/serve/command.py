@@ -174,8 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     """The options a mistake in would otherwise surface only after the model loaded (a
-    port out of range, a guard metric no evaluation has), or never (a body limit under 1 refuses every POST with a 413; an
-    empty served name falls back to --model's)."""
+    port out of range, a guard metric no evaluation has), or never (a body limit under 1
+    refuses every POST with a 413; an empty served name falls back to --model's)."""
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port: must be from 1 to 65535, got {args.port}")
     if args.max_body_bytes < 1:
