@@ -148,6 +148,16 @@ def test_envs_names_an_environment_that_cannot_be_loaded(
     assert "unavailable" not in rows["arithmetic"] and "unavailable" not in rows["code"]
 
 
+def test_version_prints_the_installed_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    """`resd --version` was an argparse error (a sub-command is required)."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0
+    assert capsys.readouterr().out == f"resd {version('resd')}\n"
+
+
 def test_envs_with_a_name_shows_the_arguments_it_takes(capsys: pytest.CaptureFixture[str]) -> None:
     """`resd envs NAME` lists the environment's env_args with their types and defaults,
     then its own docstrings (not one it inherits, nor a dataclass's made-up signature).

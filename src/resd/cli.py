@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 
+from resd import __version__
 from resd.analysis.compare import add_compare_subcommand
 from resd.analysis.continual import add_continual_subcommand
 from resd.analysis.eval_cli import add_eval_subcommand
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="resd", description="Reflection-Enhanced Self-Distillation"
     )
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"resd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (RESD or a baseline)")
