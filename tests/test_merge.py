@@ -292,10 +292,8 @@ def test_a_run_in_two_sources_is_pooled_once_and_its_final_must_agree(tmp_path):
         merge_comparisons([a, c], tmp_path / "x", plots=False)
 
 
-def test_the_curve_plot_draws_each_algorithm_and_metric_from_the_records(tmp_path, monkeypatch):
-    """One panel per evaluation metric, a line per algorithm (mean over seeds against
-    samples drawn, labelled with its finished seeds) and its min-max band; an algorithm
-    with no finished evaluation is left out rather than drawn empty."""
+def figures_drawn(monkeypatch) -> list:
+    """Every matplotlib Figure made from now on, kept for the test to read."""
     matplotlib_figure = pytest.importorskip("matplotlib.figure")
     drawn = []
 
@@ -305,6 +303,14 @@ def test_the_curve_plot_draws_each_algorithm_and_metric_from_the_records(tmp_pat
             drawn.append(self)
 
     monkeypatch.setattr(matplotlib_figure, "Figure", Kept)
+    return drawn
+
+
+def test_the_curve_plot_draws_each_algorithm_and_metric_from_the_records(tmp_path, monkeypatch):
+    """One panel per evaluation metric, a line per algorithm (mean over seeds against
+    samples drawn, labelled with its finished seeds) and its min-max band; an algorithm
+    with no finished evaluation is left out rather than drawn empty."""
+    drawn = figures_drawn(monkeypatch)
     grpo = record("grpo", 0, [(0, 0.3)], status="failed")
     a, b = write(tmp_path / "a", [*SEED0, grpo]), write(tmp_path / "b", SEED1)
     data = merge_comparisons([a, b], tmp_path / "all")
@@ -326,15 +332,7 @@ def test_merging_keeps_each_reward_functions_mean_and_plots_it(tmp_path, monkeyp
     the replies): the merged summary has each one's final mean over every seed, and the
     curve plot a panel for it after the accuracies. Catches the columns dropped when the
     seeds are pooled, or left out of the figure."""
-    matplotlib_figure = pytest.importorskip("matplotlib.figure")
-    drawn = []
-
-    class Kept(matplotlib_figure.Figure):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            drawn.append(self)
-
-    monkeypatch.setattr(matplotlib_figure, "Figure", Kept)
+    drawn = figures_drawn(monkeypatch)
 
     def with_fmt(run: dict, value: float) -> dict:
         evals = [{**point, "rewards/fmt": value} for point in run["eval"]]
