@@ -13,10 +13,10 @@ import time
 
 import pytest
 
+from resd import Interrupted, checkpoint_on_signals  # as a script imports them
 from resd.training import interrupts
 from resd.training.callbacks import Callback
-from resd.training.interrupts import checkpoint_on_signals
-from resd.training.trainer import Interrupted, Trainer
+from resd.training.trainer import Trainer
 from test_trainer import _run_cli, config, read_jsonl
 
 

@@ -23,6 +23,8 @@ _EXPORTS = {
     "Item": "resd.envs.base",
     "Score": "resd.envs.base",
     "DatasetEnv": "resd.envs.dataset",
+    "Interrupted": "resd.training.trainer",
+    "checkpoint_on_signals": "resd.training.interrupts",
 }
 
 
