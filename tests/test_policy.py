@@ -212,6 +212,25 @@ def test_lora_dropout_has_a_short_name_and_peft_value_errors_are_config_errors()
         lora_config({"layers_to_transform": [0]})  # the default target_modules is a string
 
 
+def test_lora_targets_are_checked_on_the_models_skeleton_without_its_weights(
+    tiny_model_dir: Path,
+) -> None:
+    """`--dry-run`'s check: the adapter wraps the model built from its config on the meta
+    device, so a `target_modules` entry the model lacks is a config error; a model whose
+    skeleton transformers cannot build from a config (no causal-LM class for it) is left
+    to the run. Catches a check that loads weights (the meta device refuses nothing),
+    and one that fails the dry run on an architecture it cannot build."""
+    from transformers import AutoConfig, ViTConfig
+
+    from resd.training.policy import check_lora_targets, lora_config
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    check_lora_targets(config, lora_config({"target_modules": ["q_proj", "v_proj"]}))
+    with pytest.raises(ConfigError, match=r"^lora: Target modules \{'qkv'\} not found"):
+        check_lora_targets(config, lora_config({"target_modules": ["qkv"]}))
+    check_lora_targets(ViTConfig(), lora_config({"target_modules": ["qkv"]}))  # not built
+
+
 class RecordingEngine:
     """Stands in for `VLLMSampler` (vLLM needs CUDA): records how the sampler is built
     and every set of weights pushed to it."""
