@@ -218,8 +218,8 @@ def test_lora_targets_are_checked_on_the_models_skeleton_without_its_weights(
     """`--dry-run`'s check: the adapter wraps the model built from its config on the meta
     device, so a `target_modules` entry the model lacks is a config error; a model whose
     skeleton transformers cannot build from a config (no causal-LM class for it) is left
-    to the run. Catches a check that loads weights (the meta device refuses nothing),
-    and one that fails the dry run on an architecture it cannot build."""
+    to the run. Catches a missing target passed over, and a dry run failed on an
+    architecture the check cannot build."""
     from transformers import AutoConfig, ViTConfig
 
     from resd.training.policy import check_lora_targets, lora_config
