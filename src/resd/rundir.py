@@ -45,11 +45,15 @@ EVAL_KEYS = ("task_mean@k", "task_best@k", "case_mean@k", "case_best@k")
 REWARD_PREFIX = "rewards/"
 
 
+def reward_keys(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The `rewards/<name>` columns of `rows`, in the order first seen."""
+    return list(dict.fromkeys(k for row in rows for k in row if k.startswith(REWARD_PREFIX)))
+
+
 def metric_keys(rows: Iterable[dict[str, Any]]) -> list[str]:
     """The evaluation metrics in `rows`: `EVAL_KEYS` (all four, as every evaluation has
     them), then each `rewards/<name>` in the order first seen."""
-    parts = [key for row in rows for key in row if key.startswith(REWARD_PREFIX)]
-    return [*EVAL_KEYS, *dict.fromkeys(parts)]
+    return [*EVAL_KEYS, *reward_keys(rows)]
 
 
 def eval_metric_problem(name: object) -> str | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from resd.envs.base import Environment, Item, NotAScoreError, Score
 from resd.envs.scorers import ScorerTimeout
 from resd.generation.hf import chat_prompt_ids
+from resd.rundir import REWARD_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def reward_means(parts: Iterable[Iterable[tuple[str, float]]]) -> dict[str, floa
     for reply in parts:
         for name, value in reply:
             values.setdefault(name, []).append(value)
-    return {f"rewards/{name}": sum(v) / len(v) for name, v in values.items()}
+    return {f"{REWARD_PREFIX}{name}": sum(v) / len(v) for name, v in values.items()}
 
 
 def safe_score(env: Environment, item: Item, response: str) -> Score:

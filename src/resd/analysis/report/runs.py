@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from resd.rundir import REWARD_PREFIX, read_jsonl, samples_per_step
+from resd.rundir import read_jsonl, reward_keys, samples_per_step
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,7 @@ class Run:
     def reward_keys(self) -> list[str]:
         """The `rewards/<name>` columns of its training steps and evaluations, in the order
         first logged: where a list of reward functions scores the replies, each one's mean."""
-        keys = [
-            k for row in (*self.metrics, *self.evals) for k in row if k.startswith(REWARD_PREFIX)
-        ]
-        return list(dict.fromkeys(keys))
+        return reward_keys([*self.metrics, *self.evals])
 
     @property
     def eval_before(self) -> dict[str, Any] | None:
