@@ -344,3 +344,43 @@ def test_merging_keeps_each_reward_functions_mean_and_plots_it(tmp_path, monkeyp
     assert data["algorithms"]["resd"]["final"]["rewards/fmt"]["mean"] == pytest.approx(0.5)
     (fig,) = drawn
     assert [ax.get_title() for ax in fig.axes][-1] == "rewards/fmt vs samples drawn"
+
+
+def test_a_merged_comparison_without_run_folders_gets_a_report_from_its_records(tmp_path, capsys):
+    """`resd merge`'s output holds comparison.json and no run folders, and `resd report`
+    refused it ("neither a run directory nor a directory of run directories"). Its page
+    comes from the records: the final evaluation per algorithm over the merged seeds, the
+    paired differences, every run, and the evaluation curves. Catches a summary taken over
+    one source's seeds only, and a malformed record ending in a traceback."""
+    pytest.importorskip("matplotlib")
+    import re
+
+    from resd.analysis.report import build_report
+    from resd.cli import main
+
+    a, b = write(tmp_path / "a", SEED0), write(tmp_path / "b", SEED1)
+    out = tmp_path / "all"
+    merge_comparisons([a, b], out, plots=False)
+    text = build_report(out).read_text()
+    assert "<title>resd comparison: all (records)</title>" in text
+    rows = [
+        r
+        for row in re.findall(r"<tr>(.*?)</tr>", text)
+        if (r := re.findall(r"<td>(.*?)</td>", row))
+    ]
+    # resd's final case_mean@k over seeds 0 and 1 (0.5 and 0.45), task_mean@k half of it
+    assert rows[:2] == [
+        ["resd", "2", "2", "0.2375 [0.225, 0.25]", "", "0.475 [0.45, 0.5]", "", "64 [64, 64]"],
+        ["sdpo", "2", "2", "0.15 [0.125, 0.175]", "", "0.3 [0.25, 0.35]", "", "64 [64, 64]"],
+    ]
+    assert rows[3] == ["resd − sdpo", "case_mean@k", "2", "+0.1750", "",
+                       "too few seeds (an interval needs 3)"]  # fmt: skip
+    assert [r[:2] + r[6:8] for r in rows[4:]] == [
+        ["resd-seed0", "resd", "0.25", "0.5"], ["sdpo-seed0", "sdpo", "0.175", "0.35"],
+        ["resd-seed1", "resd", "0.225", "0.45"], ["sdpo-seed1", "sdpo", "0.125", "0.25"],
+    ]  # fmt: skip
+    assert (out / "plots" / "compare_eval.png").is_file()
+    (out / "comparison.json").write_text('{"runs": [{"name": "x"}]}')
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 2
+    assert "resd: error: " in capsys.readouterr().err and not (out / "report.html").exists()

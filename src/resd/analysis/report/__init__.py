@@ -22,6 +22,7 @@ The modules, in the order the data flows through them:
   comparison_page  the report of a directory of runs
   continual_page   the report of a `resd continual` folder (its continual.json)
   serving_page     the report of a `resd serve` folder (its database and learner run)
+  records_page     the report of a comparison from its records alone (`resd merge`'s)
   cli              `build_report` and the `resd report` sub-command
 
 The names below are re-exported so that code importing them from

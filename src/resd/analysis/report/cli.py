@@ -15,6 +15,7 @@ from pathlib import Path
 from resd.analysis.report.comparison_page import comparison_report
 from resd.analysis.report.continual_page import CONTINUAL_FILE, continual_report
 from resd.analysis.report.markup import PlotSink
+from resd.analysis.report.records_page import RECORDS_FILE, records_report
 from resd.analysis.report.run_page import run_report
 from resd.analysis.report.runs import RUN_MARKERS, find_runs, is_run_dir, load_run
 from resd.analysis.report.serving_page import SERVE_DB, serving_report
@@ -26,8 +27,9 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
 
     `path` is a `resd continual` folder (it holds continual.json), a `resd serve` folder
     (it holds resd.db, and the learner's run), a run directory (it holds config.yaml,
-    metrics.jsonl or summary.json), or a comparison directory whose immediate
-    sub-directories are run directories. The
+    metrics.jsonl or summary.json), a comparison directory whose immediate
+    sub-directories are run directories, or one that holds only their records
+    (comparison.json, as `resd merge` writes it). The
     report goes to `out` (default `<path>/report.html`), its PNGs to `plots/` beside it;
     both are checked before anything is written.
     """
@@ -46,8 +48,9 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
         text = serving_report(path, sink)
     elif is_run_dir(path):
         text = run_report(load_run(path), sink)
+    elif not (runs := find_runs(path)) and (path / RECORDS_FILE).is_file():
+        text = records_report(path, sink)  # `resd merge`'s output: the records, no run folders
     else:
-        runs = find_runs(path)
         if not runs:
             raise FileNotFoundError(
                 f"report: {path} is neither a run directory (no {', '.join(RUN_MARKERS)}) "
