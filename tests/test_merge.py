@@ -261,6 +261,7 @@ def test_plots_are_drawn_by_default_and_again_into_the_same_out(tmp_path):
     for _ in range(2):  # the second merge finds plots/ already there
         merge_comparisons([a, b], tmp_path / "all")
         assert plot.read_bytes().startswith(b"\x89PNG")
+        assert "compare_eval.png" in (tmp_path / "all" / "report.html").read_text()  # its page
     # nothing to draw (no evaluation metric in any curve): no plot, no error
     assert write_curve_plot(tmp_path / "none.png", {"resd": {"curve": [{"step": 0}]}}) is None
     assert not (tmp_path / "none.png").exists()

@@ -255,8 +255,10 @@ def merge_comparisons(
     out.mkdir(parents=True, exist_ok=True)
     path = write_comparison(out, payload, runs)
     data = json.loads(path.read_text())
-    if plots:
-        write_curve_plot(out / "plots" / "compare_eval.png", data["algorithms"])
+    if plots:  # the records' page, with plots/compare_eval.png (`write_curve_plot`)
+        from resd.analysis.report import build_report
+
+        build_report(out)
     return data
 
 
@@ -313,6 +315,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for note in data["unshared_overrides"]:
         print(f"note: {note} differs from the reference {data['algorithms_requested'][0]}")
     print(f"\ncomparison: {Path(args.out) / 'comparison.json'}")
+    if not args.no_plots:
+        print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -328,6 +332,8 @@ def add_merge_subcommand(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ignore-keys", help="comma-separated config keys allowed to differ between seeds"
     )
-    parser.add_argument("--no-plots", action="store_true", help="skip plots/compare_eval.png")
+    parser.add_argument(
+        "--no-plots", action="store_true", help="skip report.html and its plots/compare_eval.png"
+    )
     parser.set_defaults(fn=cmd_merge)
     return parser
