@@ -30,7 +30,7 @@ from resd.analysis.merge import add_merge_subcommand
 from resd.analysis.report import add_report_subcommand
 from resd.config import ConfigError, defaults_yaml, load_config
 from resd.envs.base import NotAScoreError
-from resd.rundir import EVAL_KEYS, REWARD_PREFIX
+from resd.rundir import EVAL_KEYS, reward_keys
 from resd.serve.command import add_serve_subcommand
 
 
@@ -60,10 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = trainer.train()
         except Interrupted as exc:  # checkpointed after its step, on every rank
             if parallel.is_main:
-                where = (f"{exc.checkpoint} saved" if exc.checkpoint
-                         else "no step taken, nothing to save")  # fmt: skip
-                print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; "
-                      f"`resd train ... --resume` continues the run", file=sys.stderr)  # fmt: skip
+                print(f"resd: {exc.saved}; `resd train ... --resume` continues the run",
+                      file=sys.stderr)  # fmt: skip
             code = exc.exit_status
     parallel.close()  # every rank ended at the same step: the process groups go down together
     if not code and parallel.is_main:
@@ -85,7 +83,7 @@ def _print_summary(summary: dict) -> None:
     print(f"\nrun directory: {summary['run_dir']}  ({steps} step{'' if steps == 1 else 's'})")
     if before and after:
         # the accuracies, then each reward function's mean where a list of them scores
-        parts = [key for key in after if key.startswith(REWARD_PREFIX) and key in before]
+        parts = [key for key in reward_keys([after]) if key in before]
         width = max(14, *(len(key) for key in parts)) if parts else 14
         print(f"{'metric':{width}s} {'before':>8s} {'after':>8s}")
         for key in (*EVAL_KEYS, *parts):

@@ -60,7 +60,14 @@ from typing import Any
 import yaml
 
 from resd.config import ALIASES, ConfigError, TrainConfig, load_config, settings_differences
-from resd.rundir import EVAL_KEYS, cumulative_samples, metric_keys, read_jsonl, samples_per_step
+from resd.rundir import (
+    EVAL_KEYS,
+    cumulative_samples,
+    metric_keys,
+    read_jsonl,
+    reward_keys,
+    samples_per_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -573,8 +580,7 @@ def format_table(algorithms: dict[str, dict[str, Any]]) -> str:
             + " ".join(f"{cell(info['final'][k]):>21s}" for k in EVAL_KEYS)
             + f" {drawn:>14s}"
         )
-    parts = list(dict.fromkeys(k for info in algorithms.values() for k in info["final"]
-                               if k not in EVAL_KEYS))  # fmt: skip
+    parts = reward_keys(info["final"] for info in algorithms.values())
     if parts:  # a list of reward functions scored the replies: each one's final mean
         widths = [max(21, len(k)) for k in parts]
         lines += [

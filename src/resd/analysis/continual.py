@@ -458,9 +458,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
     try:
         result = run_continual(plan)
     except Interrupted as exc:
-        where = f"{exc.checkpoint} saved" if exc.checkpoint else "no step taken in this stage"
-        print(f"resd: interrupted ({exc.reason}) after step {exc.step}: {where}; the same "
-              f"`resd continual` command continues from there", file=sys.stderr)  # fmt: skip
+        print(f"resd: {exc.saved}; the same `resd continual` command continues from there",
+              file=sys.stderr)  # fmt: skip
         return exc.exit_status
     print("\n" + format_table(result))
     print(f"\ncontinual: {plan.out / 'continual.json'}")

@@ -47,7 +47,7 @@ from resd.config import (
 )
 from resd.envs import Environment, make_env
 from resd.envs.base import Item, Score, checked_test_items
-from resd.rundir import GIVEN_IN_PYTHON, REWARD_PREFIX, check_out_file
+from resd.rundir import GIVEN_IN_PYTHON, check_out_file, reward_keys
 
 METRIC_ROWS = (("per-task", "task"), ("per-test-case", "case"))
 
@@ -304,7 +304,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
         mean, best = metrics[f"{prefix}_mean@k"], metrics[f"{prefix}_best@k"]
         lines.append(f"{label:16s} {mean:8.4f} {best:8.4f}")
     lines.append(f"(k = {int(metrics['k'])} samples per item, {int(metrics['items'])} test items)")
-    parts = {key: value for key, value in metrics.items() if key.startswith(REWARD_PREFIX)}
+    parts = {key: metrics[key] for key in reward_keys([metrics])}
     if parts:  # a list of reward functions: each one's mean over every sample
         width = max(16, *(len(key) for key in parts))
         lines += ["", f"{'reward function':{width}s} {'mean':>8s}"]

@@ -77,15 +77,15 @@ def describe_run(cfg: TrainConfig, *, resume: bool = False) -> list[str]:
                    init_kwargs=cfg.model_init_kwargs, chat_template=cfg.chat_template,
                    chat_template_kwargs=cfg.chat_template_kwargs)  # fmt: skip
     model_config = load_model_config(cfg.model, cfg.model_init_kwargs)
-    if cfg.lora and not (resume and latest_checkpoint(Path(cfg.output_dir))):
+    run_dir = Path(cfg.output_dir)
+    checkpoint = latest_checkpoint(run_dir) if resume and run_dir.is_dir() else None
+    if cfg.lora and checkpoint is None:
         # a resumed LoRA run loads its adapter, with the settings it was made with
         revision = cfg.model_init_kwargs.get("revision")
         remote = bool(cfg.model_init_kwargs.get("trust_remote_code"))
         check_lora_targets(model_config, lora_config(cfg.lora, revision), trust_remote_code=remote)
     architecture = ", ".join(model_config.architectures or [model_config.model_type])
     rollouts = cfg.batch_size * cfg.rollouts_per_prompt
-    run_dir = Path(cfg.output_dir)
-    checkpoint = latest_checkpoint(run_dir) if resume and run_dir.is_dir() else None
     if problem := output_dir_problem(run_dir):
         where = f"refused: {problem}"
     elif checkpoint is not None:

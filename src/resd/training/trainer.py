@@ -209,6 +209,12 @@ class Interrupted(KeyboardInterrupt):
         self.reason, self.step, self.checkpoint, self.signum = reason, step, checkpoint, signum
 
     @property
+    def saved(self) -> str:
+        """Where the run stands, for the line a command prints."""
+        where = f"{self.checkpoint} saved" if self.checkpoint else "no step taken, nothing to save"
+        return f"interrupted ({self.reason}) after step {self.step}: {where}"
+
+    @property
     def exit_status(self) -> int:
         """What a shell reports for a process its signal ended: 128 + the signal (SIGINT's
         130 where no signal is known: an interruption asked for in Python)."""
