@@ -23,12 +23,11 @@ checkpoint and marks them without training again.
 A restart serves what was served. The checkpoints hold the trainer's latest weights, which
 the guard may have kept off the server (and `keep_checkpoints` may have pruned the served
 step's); so each served version's weights are also written to `served.safetensors` in the
-learner's folder, and a restart loads them from there.
+learner's folder (once a version, when a later step is refused), and a restart loads them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -112,6 +111,14 @@ def learner_config(
 
 # The served version's weights in the learner's folder, for a restart (module docstring).
 SERVED_WEIGHTS = "served.safetensors"
+
+
+def _file_version(path: Path) -> str | None:
+    """The version whose weights `served.safetensors` holds, or None without the file."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("version")
 
 
 class Learner:
@@ -223,6 +230,11 @@ class Learner:
             self.steps.append(record)
             ids = [r.feedback_id for r in rows]
             kept = trainer.extra_state
+            if not serve and served.version == kept.get("served_version"):
+                # the trainer moves on from the served weights: keep them for a restart
+                # (before the checkpoint that records this step: a kill between the two
+                # must not leave a checkpoint whose served weights are nowhere)
+                self._keep_served(served)
             trainer.extra_state = {
                 "consumed": ids, "consumed_step": step, "history": self.steps,
                 "served_version": version if serve else kept.get("served_version"),
@@ -234,9 +246,7 @@ class Learner:
             if serve:  # ... then they are marked, and the new weights are served
                 self.store.add_version(version, parent=served.version, step=step, accuracy=accuracy,
                                        note=f"trained on {len(rows)} rows")  # fmt: skip
-                snapshot = self._snapshot(version)
-                self.holder.swap(snapshot)
-                self._keep_served(snapshot)  # for a restart after steps the guard refuses
+                self.holder.swap(self._snapshot(version))
             self._snapshot_status()
             log.info("learner step %d: %s", step, record)
             return record
@@ -251,8 +261,12 @@ class Learner:
 
     def _keep_served(self, served: ServedModel) -> None:
         """The served weights, under their version, where a restart finds them (written
-        whole, then renamed: a kill leaves the previous version's file)."""
+        whole, then renamed: a kill leaves the previous version's file). Written once a
+        version, at the first step the guard refuses after it: while the served version is
+        the trainer's latest step, its checkpoint holds them."""
         path = self.trainer.run_dir / SERVED_WEIGHTS
+        if _file_version(path) == served.version:
+            return
         partial = path.with_name(f".tmp-{SERVED_WEIGHTS}")
         save_tensors(partial, served.model.state_dict(), metadata={"version": served.version})
         partial.replace(path)
@@ -266,13 +280,10 @@ class Learner:
         if step == self.trainer.step:
             return served
         path = self.trainer.run_dir / SERVED_WEIGHTS
-        with contextlib.suppress(FileNotFoundError):
-            with safe_open(str(path), framework="pt") as f:
-                kept = (f.metadata() or {}).get("version")
-            if kept == version:
-                _, unexpected = served.model.load_state_dict(load_file(str(path)), strict=False)
-                if not unexpected:
-                    return served
+        if _file_version(path) == version:
+            _, unexpected = served.model.load_state_dict(load_file(str(path)), strict=False)
+            if not unexpected:
+                return served
         log.warning("learner: the weights of %s, the version last served, are not in %s; "
                     "serving the model loaded until a step is served", version, path)  # fmt: skip
         return None
