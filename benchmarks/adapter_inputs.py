@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_profile import scratch_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from resd.training.trainer import Trainer
 
     cfg = load_config(None, [f"model={args.model}", "lora={r: 16, alpha: 32}", "env=arithmetic",
-                             "progress=false", f"output_dir={tempfile.mkdtemp(prefix='resd-adapter-')}"])  # fmt: skip
+                             "progress=false", f"output_dir={scratch_dir('resd-adapter-')}"])  # fmt: skip
     trainer = Trainer(cfg)
     model, device = trainer.model, trainer.device
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

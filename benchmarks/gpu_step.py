@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from step_profile import PHASES, phase_medians  # this script's folder is on the path
+from step_profile import PHASES, phase_medians, scratch_dir  # this script's folder is on the path
 
 HEADLINE = Path(__file__).resolve().parents[1] / "configs" / "headline_qwen.yaml"
 SETTINGS = [
@@ -71,7 +71,7 @@ def child(model_dir: str, algorithm: str, repeats: int, smoke: bool, device: str
     from resd.config import load_config
     from resd.training.trainer import Trainer
 
-    out = tempfile.mkdtemp(prefix="resd-gpu-step-")
+    out = scratch_dir("resd-gpu-step-")
     overrides = [*SETTINGS, *(SMOKE if smoke else []), f"model={model_dir}", f"device={device}",
                  f"algorithm={algorithm}", f"output_dir={out}"]  # fmt: skip
     cfg = load_config(str(HEADLINE), overrides)

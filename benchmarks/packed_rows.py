@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_profile import scratch_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(None, [f"model={args.model}", "lora={r: 16, alpha: 32}", f"env={args.env}",
                              "env_args.n_train=16", "env_args.n_test=2", "progress=false",
-                             f"output_dir={tempfile.mkdtemp(prefix='resd-packed-')}"])  # fmt: skip
+                             f"output_dir={scratch_dir('resd-packed-')}"])  # fmt: skip
     trainer = Trainer(cfg)
     model, device, tok = trainer.model, trainer.device, trainer.tokenizer
     packing = Packing.for_model(model)

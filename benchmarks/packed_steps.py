@@ -24,14 +24,13 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_profile import BASE, ENVS, LORA
+from step_profile import BASE, ENVS, LORA, scratch_dir
 
 PARTS = ("rollout", "reflect", "curate", "teacher", "update", "forward", "backward", "step")
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from resd.training.trainer import Trainer
 
     overrides = [*BASE, *ENVS[env], LORA, f"algorithm={algorithm}",
-                 f"output_dir={tempfile.mkdtemp(prefix='resd-packed-steps-')}", *args.set]  # fmt: skip
+                 f"output_dir={scratch_dir('resd-packed-steps-')}", *args.set]  # fmt: skip
     trainer = Trainer(load_config(None, overrides))
     clocks: dict[str, float] = {}
 

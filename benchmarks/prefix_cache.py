@@ -26,12 +26,12 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from step_profile import scratch_dir  # this script's folder is on the path
 
 from resd.generation.hf import PrefixCache, chat_ids_after, chat_prompt_ids, generate
 from resd.templating import strip_thinking
@@ -69,7 +69,7 @@ def tiny_model(prefix: str) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import build_tiny_model
 
-    return str(build_tiny_model(Path(tempfile.mkdtemp(prefix=prefix))))
+    return str(build_tiny_model(Path(scratch_dir(prefix))))
 
 
 def write_rows(out: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

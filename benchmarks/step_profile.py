@@ -49,9 +49,11 @@ The table is printed last; the JSON (`--out`) holds every step of every variant.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,6 +94,15 @@ VARIANTS: dict[str, list[str]] = {
     "lora-unpacked": [LORA, "pack_rows=false"],
     "lora-freeing": [LORA, "keep_host_memory=false"],
 }
+
+
+def scratch_dir(prefix: str) -> str:
+    """A fresh folder under the system's temporary directory for a benchmark's own run or
+    tiny model, removed when the process exits: the figures go to `--out`, and a folder
+    left behind by every call (each smoke test of the suite made several) fills /tmp."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def phase_medians(steps: list[dict[str, Any]]) -> dict[str, float]:
@@ -180,7 +191,7 @@ def child(
     from resd.config import load_config
     from resd.training.trainer import Trainer
 
-    out = tempfile.mkdtemp(prefix="resd-profile-")
+    out = scratch_dir("resd-profile-")
     overrides = [
         *BASE,
         *ENVS[env],

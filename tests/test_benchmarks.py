@@ -254,11 +254,19 @@ def test_serve_load_benchmark_smoke(tiny_model_dir, tmp_path):
 
 
 def _house_rules_smoke(name: str, out: Path) -> tuple[dict, str]:
-    """Run a benchmark's `--smoke` on house rules; its only row, and its last printed line."""
+    """Run a benchmark's `--smoke` on house rules; its only row, and its last printed line.
+
+    Its temporary folder must be empty afterwards: the tiny model it builds is scratch, and
+    every smoke run used to leave one behind in /tmp."""
     script = ROOT / "benchmarks" / f"{name}.py"
+    scratch = out.parent / f"{name}-tmp"
+    scratch.mkdir()
     done = subprocess.run([sys.executable, str(script), "--smoke", "--envs", "house_rules",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(scratch)})  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # its own folders are gone (torch's caches may stay)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("resd-")] == []
     return json.loads(out.read_text())["rows"][0], done.stdout.rstrip().splitlines()[-1]
 
 
@@ -301,8 +309,13 @@ def test_gpu_step_takes_real_trainer_steps_for_both_algorithms(tiny_model_dir, t
     out = tmp_path / "gpu_step.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--smoke", "--device", "cpu",
            "--tokenizer", str(tiny_model_dir), "--repeats", "1", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    scratch = tmp_path / "tmp"  # its model and each algorithm's run folder: removed at exit
+    scratch.mkdir()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "TMPDIR": str(scratch)})  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # its own folders are gone (torch's caches may stay)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("resd-")] == []
     report = json.loads(out.read_text())
     rows = {row["algorithm"]: row for row in report["rows"]}
     assert sorted(rows) == ["resd", "sdpo"]
