@@ -637,6 +637,34 @@ def test_the_chunked_head_soft_caps_logits_as_the_models_own_forward_does() -> N
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_trust_region_teacher_mixes_logits_after_the_soft_cap(dtype: torch.dtype) -> None:
+    """The trust-region teacher's logits are (1 − w)·base + w·current. With
+    `loss_chunk_size` its two models give hidden states, which must be mixed as logits,
+    after the output layer and Gemma 2's soft cap (not linear): the loss is then the one
+    from the two models' own logits. Catches the hidden states mixed before the head (0.15 %
+    off here), and, in bf16 weights without autocast, mixed in fp32 and handed to a bf16
+    output layer ("expected m1 and m2 to have the same dtype")."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    losses = []
+    for chunk in ("null", "4"):
+        torch.manual_seed(0)
+        config = Gemma2Config(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            final_logit_softcapping=0.5, attn_implementation="eager",
+        )  # fmt: skip
+        model = Gemma2ForCausalLM(config).to(dtype)
+        teacher = Teacher(model, "trust_region", mix_weight=0.5)  # its base: the weights now
+        with torch.no_grad():  # the student moves away from the base
+            for param in model.model.layers.parameters():
+                param.add_(torch.randn_like(param), alpha=0.5)
+        losses.append(full_sd_loss(model, teacher, chunk))
+    assert losses[0] > 0
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4 if dtype == torch.float32 else 2e-2)
+
+
 def test_the_polynomial_schedule_ends_at_transformers_lr_end() -> None:
     """`polynomial` is transformers' schedule for an optimizer at the run's rate: it decays
     linearly from `lr` to its `lr_end` (1e-7) over the run, so at lr = 1e-6 each step runs

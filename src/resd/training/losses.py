@@ -267,11 +267,12 @@ def chunked_token_losses(
     token_ids: torch.Tensor,
     *,
     chunk_size: int,
-    teacher_hidden: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | list[torch.Tensor] | None = None,
     teacher_head: torch.nn.Module | None = None,
     token_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     | None = None,
     softcap: float | None = None,
+    teacher_mix: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> TokenTerms:
     """Per-token distillation loss and sampled-token log-probs, `chunk_size` positions at a time.
 
@@ -292,6 +293,10 @@ def chunked_token_losses(
     `token_loss(student_logits, teacher_logits, token_ids, student_token_logp)` gives the
     per-token loss of one chunk; it is only called when teacher states are given. Every
     position is computed independently, so the result is the unchunked one.
+
+    `teacher_hidden` may be a list of several models' states (the trust-region teacher's
+    base and current model, `Teacher.outputs`): each chunk's are turned into logits
+    apart and joined by `teacher_mix` (`Teacher.mix`).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -303,13 +308,14 @@ def chunked_token_losses(
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
-    def chunk_fn(s_h: torch.Tensor, ids: torch.Tensor, t_h: torch.Tensor | None):
+    def chunk_fn(s_h: torch.Tensor, ids: torch.Tensor, *t_hs: torch.Tensor):
         s_logits = head(student_head, s_h)
         logp = token_logprobs(s_logits, ids)
-        if t_h is None or token_loss is None:
+        if not t_hs or token_loss is None:
             return logp, logp.new_zeros(()), logp.new_zeros(())
         with torch.no_grad():
-            t_logits = head(teacher_head or student_head, t_h)
+            t_logits = [head(teacher_head or student_head, t_h) for t_h in t_hs]
+            t_logits = teacher_mix(t_logits) if teacher_mix else t_logits[0]
             t_logp = token_logprobs(t_logits, ids)
         return logp, token_loss(s_logits, t_logits, ids, logp), t_logp
 
@@ -317,14 +323,13 @@ def chunked_token_losses(
     # in backward, instead of each being scattered into a zero tensor of the whole input.
     s_parts = student_hidden.split(chunk_size, dim=1)
     id_parts = token_ids.split(chunk_size, dim=1)
-    t_parts = (
-        teacher_hidden.split(chunk_size, dim=1)
-        if teacher_hidden is not None
-        else (None,) * len(s_parts)
-    )
+    sources = [teacher_hidden] if isinstance(teacher_hidden, torch.Tensor) else teacher_hidden or []
+    t_parts = [()] * len(s_parts)  # per chunk, each source's part of it
+    if sources:
+        t_parts = list(zip(*(h.split(chunk_size, dim=1) for h in sources), strict=True))
     logps, losses, t_logps = [], [], []
-    for s_h, ids, t_h in zip(s_parts, id_parts, t_parts, strict=True):
-        logp, loss, t_logp = checkpoint(chunk_fn, s_h, ids, t_h, use_reentrant=False)
+    for s_h, ids, t_hs in zip(s_parts, id_parts, t_parts, strict=True):
+        logp, loss, t_logp = checkpoint(chunk_fn, s_h, ids, *t_hs, use_reentrant=False)
         logps.append(logp)
         losses.append(loss)
         t_logps.append(t_logp)

@@ -81,11 +81,36 @@ class Teacher:
         self, student: nn.Module, forward: Callable[[nn.Module], torch.Tensor]
     ) -> torch.Tensor:
         """Run `forward(model)` with the teacher's weights and return its logits."""
+        return self.mix(self.outputs(student, forward))
+
+    @torch.no_grad()
+    def outputs(
+        self, student: nn.Module, forward: Callable[[nn.Module], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """`forward(model)` under the teacher's weights: one output, or the trust-region
+        teacher's two (the base model's, the current one's), for `mix` to join.
+
+        Apart, because where `forward` gives final hidden states (the chunked loss) they
+        must be joined as logits, after the output layer: its soft cap (Gemma 2) is not
+        linear, and without autocast the layer takes only its own dtype."""
+        if self.kind == "trust_region":
+            return [self._base_logits(student, forward), forward(student)]
+        return [self._one_output(student, forward)]
+
+    def mix(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """The teacher's logits from `outputs`' logits: (1 − w)·base + w·current in fp32
+        for the trust-region teacher, the one output for any other."""
+        if self.kind != "trust_region":
+            (only,) = logits
+            return only
+        base, current = logits
+        return torch.lerp(base.float(), current.float(), self.mix_weight)
+
+    def _one_output(
+        self, student: nn.Module, forward: Callable[[nn.Module], torch.Tensor]
+    ) -> torch.Tensor:
         if self.kind == "live":
             return forward(student)
-        if self.kind == "trust_region":
-            base = self._base_logits(student, forward)
-            return torch.lerp(base.float(), forward(student).float(), self.mix_weight)
         if self.kind == "base":
             return self._base_logits(student, forward)
         if self.lora:

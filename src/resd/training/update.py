@@ -382,12 +382,13 @@ class Update:
             return self_distillation_loss(s_logits, t_logits, alpha=cfg.alpha, topk=topk, add_tail=cfg.add_tail,
                                           min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)  # fmt: skip
 
-        # The teacher's side: final hidden states for the chunked head, else full logits.
+        # The teacher's side: final hidden states for the chunked head, else full logits
+        # (the trust-region teacher's two models' apart, joined as logits by `Teacher.mix`).
         forward = response_hidden if cfg.loss_chunk_size else response_logits
         teacher_out = None
         if teacher_seqs is not None:
             with timer("teacher"), autocast_context(self.device, cfg.autocast):
-                teacher_out = self.teacher.logits(
+                teacher_out = self.teacher.outputs(
                     self.model,
                     lambda m: forward(
                         self.parallel.policy(m), teacher_seqs, width, self.pad_id, self.packing
@@ -402,22 +403,24 @@ class Update:
                 return chunked_token_losses(
                     s_hidden, self.model.get_output_embeddings(), token_ids, chunk_size=cfg.loss_chunk_size,
                     teacher_hidden=teacher_out, teacher_head=self.teacher.head(self.model),
-                    token_loss=sd_token_loss, softcap=softcap,
+                    token_loss=sd_token_loss, softcap=softcap, teacher_mix=self.teacher.mix,
                 )  # fmt: skip
+        teacher_logits = self.teacher.mix(teacher_out) if teacher_out is not None else None
+        del teacher_out  # the trust-region teacher's two logits, not held through the update
         with timer("update"):
             with autocast_context(self.device, cfg.autocast):
                 s_logits = response_logits(
                     self.policy, student_seqs, width, self.pad_id, self.packing
                 )
             topk = cfg.topk if cfg.distillation_mode == "topk" and cfg.add_tail else None
-            if teacher_out is not None and topk:  # k ≥ V: every token (support_logprobs)
+            if teacher_logits is not None and topk:  # k ≥ V: every token (support_logprobs)
                 return topk_distillation_terms(
-                    s_logits, teacher_out, token_ids, topk=topk, alpha=cfg.alpha,
+                    s_logits, teacher_logits, token_ids, topk=topk, alpha=cfg.alpha,
                     min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio,
                 )  # fmt: skip
             return chunked_token_losses(
                 s_logits, None, token_ids, chunk_size=loss_chunk_positions(s_logits),
-                teacher_hidden=teacher_out, token_loss=sd_token_loss,
+                teacher_hidden=teacher_logits, token_loss=sd_token_loss,
             )  # fmt: skip
 
     def _old_logprobs(
