@@ -41,6 +41,42 @@ def test_few_rows_read_the_int8_copy_and_many_rows_or_gradients_the_weight():
     assert torch.equal(layer(few), linear(few))  # training: the weight, so gradients are exact
 
 
+def test_under_autocast_the_int8_path_returns_what_nn_linear_would():
+    """Under bf16 autocast nn.Linear returns bf16, bias included; so must the int8 path, as
+    decode steps append its keys and values to the prefill's (made by nn.Linear) in the
+    KV cache. Catches the input's fp32 kept, which a static cache refused ("index_copy_():
+    self and source expected to have the same dtype")."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = Int8DecodeLinear.wrap(linear)
+    x = torch.randn(2, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        exact, got = linear(x), layer(x)
+    assert exact.dtype == got.dtype == torch.bfloat16
+    assert not torch.equal(got, exact)  # it did take the int8 path
+    assert (got.float() - exact.float()).abs().max() < 0.03 * exact.float().abs().max()
+
+
+def test_a_static_cache_decodes_under_autocast(tiny_model_dir):
+    """`generation_dtype: int8` with `generation_cache: static` under bf16 autocast: the
+    cache takes the dtype of the prefill's keys and values (bf16: more rows than
+    `DECODE_ROWS` go through nn.Linear), and the int8 decode steps' must fit it."""
+    from resd.generation.hf import generate
+    from resd.models import load_tokenizer
+
+    model = load_model(str(tiny_model_dir)).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir), 64)
+    quantize_for_decoding(model)
+    prompts = [list(range(5, 5 + DECODE_ROWS))] * 2
+    replies = [
+        generate(model, tokenizer, prompts, max_new_tokens=5, temperature=0.0,
+                 autocast="bfloat16", cache_implementation=cache)
+        for cache in (None, "static")
+    ]  # fmt: skip
+    dynamic, static = ([g.token_ids for g in out] for out in replies)
+    assert static == dynamic and all(static)  # the same greedy tokens, whichever cache
+
+
 def test_requantize_follows_new_weights():
     torch.manual_seed(0)
     layer = Int8DecodeLinear.wrap(nn.Linear(32, 16, bias=False))

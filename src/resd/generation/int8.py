@@ -73,8 +73,12 @@ class Int8DecodeLinear(nn.Linear):
             return super().forward(x)
         flat = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()
         y = torch._weight_int8pack_mm(flat, self.weight_int8, self.weight_scale)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        # In the dtype nn.Linear gives: autocast's where it is on. The prefill's keys and
+        # values came from nn.Linear, and a static KV cache holds one dtype.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(dtype)
 
 
 def quantize_for_decoding(model: nn.Module) -> int:
