@@ -165,6 +165,18 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, one_process):
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_fsdp_with_two_passes_over_each_batch_matches_one_process(tiny_model_dir, tmp_path):
+    """`update_epochs: 2` first computes the rollout policy's log-probs with forwards that
+    have no backward. Under FSDP those left the root (embeddings, tied head, final norm)
+    gathered, and the passes' backwards then gave it no gradient: it never trained (the
+    first step's gradient norm 21 % low here). Catches that, in the gradient norm and in
+    the root's weights at the end."""
+    one = run(tmp_path, tiny_model_dir, "one", 1, update_epochs=2, save_every=2)
+    two = run(tmp_path, tiny_model_dir, "two", 2, launch_config="configs/accelerate/fsdp.yaml",
+              update_epochs=2, save_every=2)  # fmt: skip
+    assert_same_run(one, two)
+
+
 def test_an_early_stop_decided_on_rank_0_ends_both_processes_at_one_step(tiny_model_dir, tmp_path):
     """Only rank 0 evaluates, so only it can judge `early_stopping`; the other rank must
     stop at the same step, or it waits forever in the next step's collectives. With a

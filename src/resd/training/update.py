@@ -426,7 +426,12 @@ class Update:
     def _old_logprobs(
         self, micro_batches: list[list[Rollout]], timer: PhaseTimer
     ) -> list[torch.Tensor]:
-        """Log-probs of the rollout policy, needed once several updates reuse one batch."""
+        """Log-probs of the rollout policy, needed once several updates reuse one batch.
+
+        Forwards without a backward: under FSDP they leave the root's parameters (the
+        embeddings, the final norm, a tied head) gathered, and the next forward's backward
+        then gave those no gradient at all, so they never trained. Resharding them here
+        makes that forward gather them afresh."""
         result = []
         with torch.no_grad():
             for micro in micro_batches:
@@ -436,4 +441,5 @@ class Update:
                 result.append(
                     self._token_losses(seqs, None, token_ids, max(lengths), PhaseTimer()).logp
                 )
+        self.parallel.reshard(self.model)
         return result
