@@ -417,6 +417,29 @@ def test_key_value_words_may_follow_a_flag(capsys: pytest.CaptureFixture[str]) -
         assert "unrecognized arguments: " in capsys.readouterr().err
 
 
+def test_env_check_takes_its_environment_as_resd_eval_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`resd eval --env NAME` is how a user has just named the environment, so `resd
+    env-check --env NAME` works too, with key=value words before or after it. Catches the
+    flag refused ("unrecognized arguments: --env", with the top-level usage), a key=value
+    taken for the name when the flag names it, and none or two names getting through."""
+    from resd.cli import parse_args
+
+    for words in (["--env", "arithmetic", "n_train=5", "seed=1"],
+                  ["n_train=5", "--env", "arithmetic", "seed=1"],
+                  ["arithmetic", "n_train=5", "seed=1"]):  # fmt: skip
+        args = parse_args(["env-check", *words])
+        assert (args.env, args.overrides) == ("arithmetic", ["n_train=5", "seed=1"]), words
+    assert main(["env-check", "--env", "arithmetic", "n_train=5", "--samples", "0"]) == 0
+    assert capsys.readouterr().out.startswith("arithmetic: 5 train / ")
+    for refused in (["env-check"], ["env-check", "arithmetic", "--env", "qa"]):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(refused)
+        assert exited.value.code == 2
+        assert "env-check: name one environment" in capsys.readouterr().err
+
+
 def test_samples_must_be_a_whole_number(capsys: pytest.CaptureFixture[str]) -> None:
     """Catches `--samples abc` taken as 0, or failing with a traceback instead of argparse's
     usage error (exit 2)."""

@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     envs.set_defaults(fn=cmd_envs)
 
     check = sub.add_parser("env-check", help="score reference answers and show sample feedback")
-    check.add_argument("env")
+    check.add_argument("env", nargs="?", help="built-in name or module:Class")
+    # `resd eval` takes its environment as --env: the same words work here
+    check.add_argument("--env", dest="env_option", metavar="ENV", help="the same, as a flag")
     check.add_argument("overrides", nargs="*", help="environment arguments as key=value")
     check.add_argument("--samples", type=_count, default=3, help="items shown with feedback")
     check.set_defaults(fn=cmd_env_check)
@@ -235,6 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if pairs is None or any(word.startswith("-") or "=" not in word for word in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         pairs.extend(extra)
+    if args.command == "env-check":
+        if args.env_option and args.env and "=" in args.env:  # a key=value, not a name
+            args.overrides.insert(0, args.env)
+            args.env = None
+        if (args.env is None) == (args.env_option is None):
+            parser.error("env-check: name one environment (resd env-check NAME, or --env NAME)")
+        args.env = args.env or args.env_option
     return args
 
 
