@@ -1,0 +1,278 @@
+"""Random combinations of training settings on the tests' tiny model: what no single test
+tries. Not part of the suite (minutes to hours); run it after a change that touches how
+settings meet, and turn each failure it finds into a test of its own.
+
+    python tests/fuzz_combinations.py single 0 400 --out /tmp/fuzz   # 3 steps each, 1 process
+    python tests/fuzz_combinations.py dist 0 30 --out /tmp/fuzz      # 1 process against 2
+
+`single`: each combination trains 3 steps (a checkpoint at step 2, evaluations), and
+one in three resumes for a fourth; a crash other than a refused setting (`ConfigError`,
+a clear `ValueError`) is a finding. `dist`: each combination trains 4 steps in one
+process, resumes that run from step 2 (it must replay the same steps), and trains again
+in two processes under ddp, FSDP, ZeRO-2 or ZeRO-3 (the same run up to float rounding:
+metrics, playbook, samples and final weights). Each combination is seeded by its index,
+so `single 17 1` reruns the 17th. One line of JSON per combination goes to
+`OUT/<mode>_<start>.jsonl`, and a summary line per combination to the terminal.
+
+Findings so far, each now a test: the trust-region teacher under `loss_chunk_size` with
+bf16 weights and no autocast; int8 decoding with a static KV cache under autocast; FSDP
+with `update_epochs: 2` leaving the root without gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+# Each key's values; the first is the default or a common choice.
+SINGLE: dict[str, list[Any]] = {
+    "algorithm": ["resd", "resd_no_reflection", "resd_no_playbook", "resd_no_buffer", "sdpo",
+                  "sdpo_ss", "sdft", "grpo"],
+    "env": ["arithmetic", "house_rules", "ifeval", "qa", "code", "manufactoria"],
+    "lora": [None, "{r: 4, alpha: 8}"],
+    "teacher": ["ema", "base", "live", "trust_region"],
+    "distillation_mode": ["topk", "full", "sampled"],
+    "topk": [5, None, 100],
+    "add_tail": [True, False],
+    "alpha": [1.0, 0.0, 0.5],
+    "min_ratio": [0.2, 1.0],
+    "max_ratio": [None, 1.5],
+    "loss_aggregation": ["token_mean", "seq_mean_token_mean"],
+    "distillation_weight": [None, 0.5, 0.0, 1.0],
+    "rollouts_per_prompt": [1, 2, 3],
+    "batch_size": [2, 3, 4],
+    "micro_batch_size": [1, 3, 4],
+    "generation_batch_size": [1, 5, 16],
+    "pack_rows": [True, False],
+    "gradient_checkpointing": [False, True],
+    "dtype": ["float32", "bfloat16"],
+    "autocast": ["auto", "none", "bfloat16"],
+    "generation_dtype": ["auto", "float32", "int8", "bfloat16"],
+    "generation_cache": [None, "static"],
+    "lesson_calls": ["two", "one"],
+    "reflection_layout": ["prompt", "conversation"],
+    "student_playbook": [False, True],
+    "structured_output": ["auto", "off"],
+    "unparsed_reflection": ["drop", "raw"],
+    "curation_ops": ["all", "add"],
+    "curation_min_operations": [0, 1],
+    "max_reflections_per_step": [None, 1],
+    "solution_buffer_keep": ["first", "latest"],
+    "teacher_feedback_with_solution": [True, False],
+    "playbook_max_entries": [120, 1],
+    "playbook_prune_every": [4, 1],
+    "teacher_playbook_tokens": [1024, 3],
+    "max_teacher_prompt_tokens": [3072, 40],
+    "slot_max_tokens": [1024, 5],
+    "max_prompt_tokens": [256, 20],
+    "success_weighting": [False, True],
+    "loss_chunk_size": [None, 3],
+    "update_epochs": [1, 2],
+    "kl_coef": [0.0, 0.1],
+    "rollout_is_cap": [None, 2.0],
+    "pg_reward": ["reward", "score"],
+    "pg_scale_std": [True, False],
+    "min_new_tokens": [0, 3],
+    "temperature": [1.0, 0.3],
+    "top_k": [0, 7],
+    "min_p": [0.0, 0.1],
+    "eval_temperature": [0.6, 0.0],
+    "eval_max_new_tokens": [None, 4],
+    "epochs": [1, 2],
+    "shuffle": [True, False],
+    "warmup_steps": [1, 0, 0.5],
+    "lr_scheduler_type": ["constant_with_warmup", "cosine", "linear"],
+    "max_grad_norm": [1.0, 0],
+    "keep_host_memory": [True, False],
+    "log_samples": [2, 0],
+    "early_stopping": [None, "{metric: case_mean@k, patience: 1}"],
+}  # fmt: skip
+SINGLE_ENV_ARGS = {
+    "arithmetic": ["env_args.n_train=16", "env_args.n_test=2"],
+    "house_rules": ["env_args.n_test=2"],
+    "ifeval": ["env_args.n_train=16", "env_args.n_test=2"],
+    "code": [],
+    "manufactoria": [],
+}
+DIST: dict[str, list[Any]] = {
+    "algorithm": ["resd", "sdpo", "grpo", "resd_no_buffer", "sdpo_ss", "resd_no_playbook"],
+    "lora": [None, {"r": 4, "alpha": 8}],
+    "teacher": ["ema", "base", "trust_region", "live"],
+    "loss_chunk_size": [None, 4],
+    "pack_rows": [True, False],
+    "gradient_checkpointing": [False, True],
+    "distillation_mode": ["topk", "full", "sampled"],
+    "topk": [5, 100],
+    "distillation_weight": [None, 0.5],
+    "kl_coef": [0.0, 0.1],
+    "update_epochs": [1, 2],
+    "success_weighting": [False, True],
+    "lesson_calls": ["two", "one"],
+    "rollouts_per_prompt": [1, 2],
+    "micro_batch_size": [1, 2],
+    "loss_aggregation": ["token_mean", "seq_mean_token_mean"],
+}
+LAUNCHES = [None, "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"]
+
+
+def yaml_word(value: Any) -> str:
+    return {None: "null", True: "true", False: "false"}.get(value, str(value))
+
+
+def single(index: int, out: Path, model: Path) -> dict[str, Any]:
+    from resd.config import ConfigError, load_config
+    from resd.training.trainer import Trainer
+
+    rng = random.Random(index)
+    pick = {key: rng.choice(values) for key, values in SINGLE.items()}
+    run_dir = out / f"single{index}"
+    words = [f"model={model}", "progress=false", "max_new_tokens=12", "reflection_max_new_tokens=48",
+             "curation_max_new_tokens=48", "eval_samples=1", "eval_items=2", "inner_updates=2",
+             "steps=3", f"output_dir={run_dir}", "save_every=2", "eval_every=2",
+             "teacher_update_rate=0.1", "lr=1e-3", *(f"{k}={yaml_word(v)}" for k, v in pick.items()),
+             *SINGLE_ENV_ARGS[pick["env"]]]  # fmt: skip
+    record: dict[str, Any] = {"index": index, "pick": pick, "ok": True}
+    try:
+        summary = Trainer(load_config(None, words)).train()
+        record["steps"] = summary["steps"]
+        if not math.isfinite(summary["last"].get("loss", 0.0)):
+            record.update(ok=False, error="loss not finite")
+        if rng.random() < 1 / 3:
+            again = load_config(
+                None, [*(w for w in words if not w.startswith("steps=")), "steps=4"]
+            )
+            record["resumed_to"] = Trainer(again, resume=True).train()["steps"]
+    except (ConfigError, ValueError) as exc:  # a setting refused with its reason
+        record.update(refused=f"{type(exc).__name__}: {exc}"[:300])
+    except Exception as exc:
+        record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500],
+                      traceback=traceback.format_exc()[-3000:])  # fmt: skip
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+def differences(one: Path, two: Path, later_rel: float) -> list[str]:
+    """Where two runs that should be one differ: metrics, playbook, samples, final weights."""
+    from safetensors.torch import load_file
+
+    from test_trainer import read_jsonl
+
+    found = []
+    m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    if [m["step"] for m in m2] != [1, 2, 3, 4]:
+        found.append(f"steps {[m['step'] for m in m2]}")
+    for i, (a, b) in enumerate(zip(m1, m2, strict=False)):
+        for key in ("reward", "distilled", "playbook_size", "reflections", "tags_applied"):
+            if a[key] != b[key]:
+                found.append(f"step {a['step']} {key}: {a[key]} vs {b[key]}")
+        for key, floor in (("loss", 1e-6), ("grad_norm", 1e-7)):
+            if not math.isclose(
+                a[key], b[key], rel_tol=1e-3 if i == 0 else later_rel, abs_tol=floor
+            ):
+                found.append(f"step {a['step']} {key}: {a[key]} vs {b[key]}")
+    books = [d / "playbook.json" for d in (one, two)]
+    if [b.exists() for b in books] != [True, True] and any(b.exists() for b in books):
+        found.append("a playbook on one side only")
+    elif books[0].exists() and json.loads(books[0].read_text()) != json.loads(books[1].read_text()):
+        found.append("playbooks differ")
+    responses = [[s["response"] for s in read_jsonl(d / "samples.jsonl")] for d in (one, two)]
+    if responses[0] != responses[1]:
+        found.append("samples differ")
+    for name in ("model.safetensors", "adapter_model.safetensors", "teachers/teacher.safetensors"):
+        a, b = one / "checkpoint-4" / name, two / "checkpoint-4" / name
+        if a.exists() != b.exists():
+            found.append(f"{name} on one side only")
+        elif a.exists():
+            wa, wb = load_file(a), load_file(b)
+            for key in wa.keys() | wb.keys():
+                if key not in wa or key not in wb:
+                    found.append(f"{name}:{key} on one side only")
+                    continue
+                # AdamW moves each element by about lr whatever its gradient: rounding may
+                # flip a few near-zero gradients (see test_distributed.assert_same_run)
+                off = ((wa[key].float() - wb[key].float()).abs() > 2.5e-3).float().mean().item()
+                if off >= 0.01:
+                    found.append(f"{name}:{key}: {off:.1%} of it differs")
+    return found
+
+
+def dist(index: int, out: Path, model: Path) -> dict[str, Any]:
+    import test_distributed as td
+
+    rng = random.Random(1000 + index)
+    pick = {key: rng.choice(values) for key, values in DIST.items()}
+    launch = rng.choice(LAUNCHES)
+    if launch == "deepspeed_zero3.yaml":  # refused with ZeRO-3, by design
+        pick.update(loss_chunk_size=None, lora=None)
+    settings = {k: v for k, v in pick.items() if v is not None}
+    work = out / f"dist{index}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    record: dict[str, Any] = {"index": index, "pick": pick, "launch": launch, "ok": True}
+    try:
+        one = td.run(work, model, "one", 1, save_every=2, **settings)
+        resumed = td.resume_elsewhere(work, model, one, "resumed", 1, **settings)
+        if found := differences(one, resumed, later_rel=1e-3):
+            record.update(ok=False, resume=found)
+        launcher: dict[str, Any] = {}
+        if launch:
+            launcher["launch_config"] = f"configs/accelerate/{launch}"
+        if launch == "deepspeed_zero3.yaml":
+            (work / "ds.json").write_text(json.dumps(td.PARTITION_EVERY_PARAMETER))
+            launcher["launch_args"] = ("--deepspeed_config_file", str(work / "ds.json"))
+        two = td.run(work, model, "two", 2, save_every=2, **launcher, **settings)
+        if found := differences(one, two, later_rel=2e-2):
+            record.update(ok=False, two_processes=found)
+    except Exception as exc:
+        record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[-1500:])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["single", "dist"])
+    parser.add_argument("start", type=int)
+    parser.add_argument("count", type=int)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/resd-fuzz"))
+    args = parser.parse_args()
+    from conftest import build_tiny_model
+
+    logging.disable(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.out / "tiny-model"
+    if not model.exists():
+        build_tiny_model(model)
+    if args.mode == "single":
+        data = args.out / "qa.jsonl"  # the qa environment needs a file of its own
+        data.write_text("".join(json.dumps({"question": f"Capital of country {i}?",
+                                            "answer": f"City{i}"}) + "\n" for i in range(20)))  # fmt: skip
+        SINGLE_ENV_ARGS["qa"] = [f"env_args.path={data}"]
+    log = args.out / f"{args.mode}_{args.start}.jsonl"
+    for index in range(args.start, args.start + args.count):
+        start = time.perf_counter()
+        record = (single if args.mode == "single" else dist)(index, args.out, model)
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        with log.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        said = record.get("error") or record.get("resume") or record.get("two_processes") or ""
+        print(index, "ok" if record["ok"] else "FAIL", str(said)[:300], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
