@@ -10,9 +10,10 @@ one in three resumes for a fourth; a crash other than a refused setting (`Config
 a clear `ValueError`) is a finding. `dist`: each combination trains 4 steps in one
 process, resumes that run from step 2 (it must replay the same steps), and trains again
 in two processes under ddp, FSDP, ZeRO-2 or ZeRO-3 (the same run up to float rounding:
-metrics, playbook, samples and final weights). Each combination is seeded by its index,
-so `single 17 1` reruns the 17th. One line of JSON per combination goes to
-`OUT/<mode>_<start>.jsonl`, and a summary line per combination to the terminal.
+metrics, playbook, samples and final weights), whose checkpoint at step 2 one process then
+continues (the same run again). Each combination is seeded by its index, so `single 17 1`
+reruns the 17th. One line of JSON per combination goes to `OUT/<mode>_<start>.jsonl`, and
+a summary line per combination to the terminal.
 
 Findings so far, each now a test: the trust-region teacher under `loss_chunk_size` with
 bf16 weights and no autocast; int8 decoding with a static KV cache under autocast; FSDP
@@ -236,6 +237,10 @@ def dist(index: int, out: Path, model: Path) -> dict[str, Any]:
         two = td.run(work, model, "two", 2, save_every=2, **launcher, **settings)
         if found := differences(one, two, later_rel=2e-2):
             record.update(ok=False, two_processes=found)
+        # the two processes' checkpoint at step 2, continued in one process
+        moved = td.resume_elsewhere(work, model, two, "moved", 1, **settings)
+        if found := differences(one, moved, later_rel=2e-2):
+            record.update(ok=False, moved=found)
     except Exception as exc:
         record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[-1500:])
     finally:
@@ -269,7 +274,9 @@ def main() -> int:
         record["seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:
             f.write(json.dumps(record, default=str) + "\n")
-        said = record.get("error") or record.get("resume") or record.get("two_processes") or ""
+        said = [
+            record.get(k) for k in ("error", "resume", "two_processes", "moved") if record.get(k)
+        ]
         print(index, "ok" if record["ok"] else "FAIL", str(said)[:300], flush=True)
     return 0
 
