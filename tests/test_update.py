@@ -617,22 +617,27 @@ def test_the_policy_gradients_ratio_clip_uses_the_configured_bounds(
     assert losses[0] != pytest.approx(losses[1], rel=1e-3), losses
 
 
+def soft_capped_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny Gemma 2, seeded: it soft-caps its logits at c = 0.5 inside its forward."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        final_logit_softcapping=0.5, attn_implementation="eager",
+    )  # fmt: skip
+    return Gemma2ForCausalLM(config).to(dtype)
+
+
 def test_the_chunked_head_soft_caps_logits_as_the_models_own_forward_does() -> None:
     """Gemma 2 soft-caps its logits (tanh(z / c)·c) inside its forward. With
     `loss_chunk_size` the update applies the output layer itself, chunk by chunk, so it
     must apply the model's cap too: the loss is then the one computed from the model's
     own logits. Catches the cap left out (3 % off at c = 0.5 on this model)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     losses = []
     for chunk in ("null", "4"):
-        torch.manual_seed(0)
-        config = Gemma2Config(
-            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-            final_logit_softcapping=0.5, attn_implementation="eager",
-        )  # fmt: skip
-        model = Gemma2ForCausalLM(config)
+        model = soft_capped_model()
         losses.append(full_sd_loss(model, Teacher(model, "base"), chunk))
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
@@ -645,17 +650,9 @@ def test_the_trust_region_teacher_mixes_logits_after_the_soft_cap(dtype: torch.d
     from the two models' own logits. Catches the hidden states mixed before the head (0.15 %
     off here), and, in bf16 weights without autocast, mixed in fp32 and handed to a bf16
     output layer ("expected m1 and m2 to have the same dtype")."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     losses = []
     for chunk in ("null", "4"):
-        torch.manual_seed(0)
-        config = Gemma2Config(
-            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-            final_logit_softcapping=0.5, attn_implementation="eager",
-        )  # fmt: skip
-        model = Gemma2ForCausalLM(config).to(dtype)
+        model = soft_capped_model(dtype)
         teacher = Teacher(model, "trust_region", mix_weight=0.5)  # its base: the weights now
         with torch.no_grad():  # the student moves away from the base
             for param in model.model.layers.parameters():
