@@ -129,7 +129,13 @@ LAUNCHES = [None, "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"]
 
 
 def yaml_word(value: Any) -> str:
-    return {None: "null", True: "true", False: "false"}.get(value, str(value))
+    """A value as a key=value word: YAML's null, true and false (not a dict lookup, where
+    1.0 == True would write alpha=1.0 as alpha=true)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def single(index: int, out: Path, model: Path) -> dict[str, Any]:
@@ -277,7 +283,8 @@ def main() -> int:
         said = [
             record.get(k) for k in ("error", "resume", "two_processes", "moved") if record.get(k)
         ]
-        print(index, "ok" if record["ok"] else "FAIL", str(said)[:300], flush=True)
+        verdict = "FAIL" if not record["ok"] else "refused" if record.get("refused") else "ok"
+        print(index, verdict, str(said or record.get("refused", ""))[:300], flush=True)
     return 0
 
 
