@@ -89,6 +89,8 @@ def launch(
         os.environ,
         PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         OMP_NUM_THREADS="1",
+        # the launcher's own scratch (torchelastic_*) stays behind when a run is killed
+        TMPDIR=str(tmp_path),
     )
     return cmd, env
 
