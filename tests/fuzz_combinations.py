@@ -99,6 +99,15 @@ SINGLE: dict[str, list[Any]] = {
     "keep_host_memory": [True, False],
     "log_samples": [2, 0],
     "early_stopping": [None, "{metric: case_mean@k, patience: 1}"],
+    "teacher_template": [None, str(TESTS.parent / "configs/templates/teacher_without_attempt.txt"),
+                         str(TESTS.parent / "configs/templates/teacher_lessons_only.txt")],
+    "playbook_similarity": [0.6, 0.3, 1.0],
+    "reflection_playbook_tokens": [2048, 3],
+    "is_clip": [2.0, 1.0],
+    "top_p": [0.95, 1.0],
+    "weight_decay": [0.01, 0.0],
+    "keep_checkpoints": [2, 1],
+    "report_to": ["[]", "[tensorboard]"],
 }  # fmt: skip
 SINGLE_ENV_ARGS = {
     "arithmetic": ["env_args.n_train=16", "env_args.n_test=2"],
