@@ -35,6 +35,11 @@ TOP_LEVEL_FILES = ("config.yaml", "README.md", "summary.json", "playbook.json", 
 # names the config's default, which did not run (`resd eval --config` reads it).
 GIVEN_IN_PYTHON = "given in Python; the `env` below did not run"
 
+# A `resd serve --output-dir`: the server's SQLite database (unless --db names another),
+# and, with --learn, the learner's run folder.
+SERVE_DB = "resd.db"
+LEARNER_DIR = "learner"
+
 # The JSON-lines logs of a run, cut back to the checkpoint's step when a run resumes.
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "playbook_history.jsonl")
 

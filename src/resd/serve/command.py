@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resd.config import DTYPE_NAMES
-from resd.rundir import eval_metric_problem
+from resd.rundir import SERVE_DB, eval_metric_problem
 from resd.serve import SERVE_EXTRA_HINT, missing_extra
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     _check_args(args)
     output_dir = Path(args.output_dir)
-    url = args.db or sqlite_url(output_dir / "resd.db")
+    url = args.db or sqlite_url(output_dir / SERVE_DB)
     new_files = [f for f in _sqlite_files(url) if not f.exists()]
     made_dirs = _missing_dirs([output_dir, *(f.parent for f in new_files[:1])])
     try:

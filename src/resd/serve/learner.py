@@ -44,7 +44,7 @@ from resd.config import TrainConfig, apply_overrides, build_config, read_yaml_ma
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
-from resd.rundir import eval_metric, holds_run_logs, read_jsonl
+from resd.rundir import LEARNER_DIR, eval_metric, holds_run_logs, read_jsonl
 from resd.serve.engine import ModelHolder, ServedModel, same_model
 from resd.serve.store import Store, TrainingRow
 from resd.training.checkpoint import save_tensors
@@ -94,7 +94,7 @@ def learner_config(
     # Served replies come from another copy of the weights: their ratio to the policy is
     # capped at 2 unless the config says otherwise (null: no correction).
     default = [] if "rollout_is_cap" in data else ["rollout_is_cap=2.0"]
-    run_dir = Path(output_dir) / "learner"
+    run_dir = Path(output_dir) / LEARNER_DIR
     cfg = build_config(
         apply_overrides(data, [*default, *(overrides or []), f"output_dir={run_dir}"])
     )

@@ -18,8 +18,8 @@ from resd.analysis.report.markup import PlotSink
 from resd.analysis.report.records_page import RECORDS_FILE, records_report
 from resd.analysis.report.run_page import run_report
 from resd.analysis.report.runs import RUN_MARKERS, find_runs, is_run_dir, load_run
-from resd.analysis.report.serving_page import SERVE_DB, serving_report
-from resd.rundir import check_out_file
+from resd.analysis.report.serving_page import serving_report
+from resd.rundir import SERVE_DB, check_out_file
 
 
 def build_report(path: str | Path, out: str | Path | None = None) -> Path:

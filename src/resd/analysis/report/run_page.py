@@ -352,10 +352,10 @@ SINGLE_NAV = [
 ]
 
 
-def run_report(run: Run, sink: PlotSink) -> str:
-    body = "".join(
+def run_sections(run: Run, sink: PlotSink) -> str:
+    """A run's sections, in `SINGLE_NAV`'s order (also the learner's on a serve page)."""
+    return "".join(
         [
-            f"<p>Run directory: <code>{esc(run.path)}</code></p>",
             section_summary(run),
             section_learning(run, sink),
             section_timing(run, sink),
@@ -364,4 +364,8 @@ def run_report(run: Run, sink: PlotSink) -> str:
             section_tokens(run),
         ]
     )
+
+
+def run_report(run: Run, sink: PlotSink) -> str:
+    body = f"<p>Run directory: <code>{esc(run.path)}</code></p>" + run_sections(run, sink)
     return page(f"resd report: {run.name} ({run.algorithm})", SINGLE_NAV, body)

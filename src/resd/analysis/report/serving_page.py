@@ -12,19 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from resd.analysis.report.markup import PlotSink, esc, not_recorded, page, section, table
-from resd.analysis.report.run_page import (
-    SINGLE_NAV,
-    section_examples,
-    section_learning,
-    section_playbook,
-    section_summary,
-    section_timing,
-    section_tokens,
-)
+from resd.analysis.report.run_page import SINGLE_NAV, run_sections
 from resd.analysis.report.runs import is_run_dir, load_run
-
-SERVE_DB = "resd.db"
-LEARNER_DIR = "learner"
+from resd.rundir import LEARNER_DIR, SERVE_DB
 
 
 def section_serving(path: Path) -> str:
@@ -67,11 +57,7 @@ def serving_report(path: Path, sink: PlotSink) -> str:
     body = f"<p>Serving folder: <code>{esc(path)}</code></p>" + section_serving(path)
     nav = [("serving", "serving")]
     if is_run_dir(learner):
-        run = load_run(learner)
-        body += "".join([
-            section_summary(run), section_learning(run, sink), section_timing(run, sink),
-            section_playbook(run, sink), section_examples(run), section_tokens(run),
-        ])  # fmt: skip
+        body += run_sections(load_run(learner), sink)
         nav += SINGLE_NAV
     else:
         body += not_recorded("a learner run (the server ran without --learn)")
