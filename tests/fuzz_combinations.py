@@ -4,6 +4,7 @@ settings meet, and turn each failure it finds into a test of its own.
 
     python tests/fuzz_combinations.py single 0 400 --out /tmp/fuzz   # 3 steps each, 1 process
     python tests/fuzz_combinations.py dist 0 30 --out /tmp/fuzz      # 1 process against 2
+    python tests/fuzz_combinations.py edge 0 788 --out /tmp/fuzz     # one setting at an edge
 
 `single`: each combination trains 3 steps (a checkpoint at step 2, evaluations), and
 one in three resumes for a fourth; a crash other than a refused setting (`ConfigError`,
@@ -11,13 +12,21 @@ a clear `ValueError`) is a finding. `dist`: each combination trains 4 steps in o
 process, resumes that run from step 2 (it must replay the same steps), and trains again
 in two processes under ddp, FSDP, ZeRO-2 or ZeRO-3 (the same run up to float rounding:
 metrics, playbook, samples and final weights), whose checkpoint at step 2 one process then
-continues (the same run again). Each combination is seeded by its index, so `single 17 1`
-reruns the 17th. One line of JSON per combination goes to `OUT/<mode>_<start>.jsonl`, and
+continues (the same run again). `edge`: one setting, or one environment argument, at an
+edge of its type (-1, 0, 1000, an empty string, a wrong type, an unknown key), the rest at a
+small base; refused when the config is read is best, refused with its reason later is
+fine, a crash or a non-finite loss is a finding, and a run still going after a minute
+(1000 rollouts per prompt) is slow, not wrong. Each combination is seeded by its index, so
+`single 17 1` reruns the 17th. One line of JSON per combination goes to `OUT/<mode>_<start>.jsonl`, and
 a summary line per combination to the terminal.
 
 Findings so far, each now a test: the trust-region teacher under `loss_chunk_size` with
 bf16 weights and no autocast; int8 decoding with a static KV cache under autocast; FSDP
-with `update_epochs: 2` leaving the root without gradients.
+with `update_epochs: 2` leaving the root without gradients. From `edge`: a string LoRA rank
+or an int `target_modules` crashing inside PEFT; code's negative feedback limits and a
+per-case timeout of 0 read as the default; Manufactoria's `n_per_level: 0` read as 10; the
+dataset environment's `scorer_args`/`load_kwargs` given as a string, and an empty
+`prompt_column`.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -136,6 +146,141 @@ DIST: dict[str, list[Any]] = {
 }
 LAUNCHES = [None, "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"]
 
+# `edge`: one setting at a time at the edge of its type, every other at the `single` base.
+EDGE_BY_TYPE: dict[str, list[Any]] = {
+    "int": [-1, 0, 1, 2, 1000],
+    "float": [-1.0, 0.0, 1e-9, 1.0, 1000.0],
+    "str": ["", "nonsense", "1"],
+}
+EDGE_MAPPINGS: dict[str, list[Any]] = {
+    "model_init_kwargs": [{}, {"attn_implementation": "nonsense"}, {"torch_dtype": "banana"},
+                          {"nonsense": 1}, {"device_map": 5}],
+    "chat_template_kwargs": [{"enable_thinking": False}, {"nonsense": [1]}],
+    "env_args": [{"nonsense": 1}, {"n_train": 0}, {"n_train": -1}, {"n_test": 0},
+                 {"n_train": "many"}, {"seed": "x"}],
+    "lora": [{}, {"r": 0}, {"r": -1}, {"r": "big"}, {"target_modules": 5},
+             {"target_modules": ["nonsense"]}, {"nonsense": 1}, {"alpha": 0}, {"dropout": 2.0}],
+    "reflector": [{}, {"model": "/nonexistent"}, {"nonsense": 1}, {"temperature": -1}],
+    "early_stopping": [{}, {"metric": "nonsense"}, {"metric": "case_mean@k", "patience": 0},
+                       {"metric": "case_mean@k", "patience": -1}, {"patience": 1},
+                       {"metric": "case_mean@k", "mode": "sideways"}],
+    "vllm_args": [{"nonsense": 1}],
+    "report_to": [[], ["nonsense"], "tensorboard,tensorboard"],
+}  # fmt: skip
+EDGE_SECONDS = 60
+EDGE_SKIP = {"model", "output_dir", "progress", "device", "push_to_hub", "hub_model_id"}
+# Each environment's arguments at an edge, the others at these (`env_args` above tries
+# arithmetic's); qa and dataset read a file of questions the tool writes.
+EDGE_ENV_BASE: dict[str, dict[str, Any]] = {
+    "arithmetic": {"n_train": 16, "n_test": 2},
+    "house_rules": {"n_test": 2},
+    "ifeval": {"n_train": 16, "n_test": 2},
+    "qa": {"path": "{qa}"},
+    "code": {},
+    "manufactoria": {},
+    "dataset": {"path": "{qa}", "prompt_column": "question", "answer_column": "answer"},
+}
+EDGE_ENV_SKIP = {"dataset": {"dataset"}}  # an in-memory dataset object, for Python callers
+EDGE_BY_WORD = {"list": [[], ["nonsense"], [1]], "dict": [{}, {"nonsense": 1}],
+                "Callable": ["nonsense:function"]}  # fmt: skip
+
+
+def edge_values(words: str) -> list[Any]:
+    """Edge values for a type hint written as text, each once (1, 1.0 and True are equal
+    keys, so not dict.fromkeys or a set)."""
+    values: list[Any] = [None] if "None" in words else []
+    for kind in ("int", "float", "str"):
+        if kind in words:
+            values += EDGE_BY_TYPE[kind]
+    for kind, more in EDGE_BY_WORD.items():
+        if kind in words:
+            values += more
+    if "bool" in words:
+        values.append(True)
+    return [v for i, v in enumerate(values)
+            if not any(type(v) is type(w) and v == w for w in values[:i])]  # fmt: skip
+
+
+def edge_cases() -> list[tuple[str, Any, str]]:
+    """Every (setting, value, environment) the `edge` mode tries, in a fixed order: the
+    training settings on arithmetic, then each environment's own arguments."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from resd.config import TrainConfig
+    from resd.envs import BUILTIN_ENVS, resolve_env_class
+
+    hints = typing.get_type_hints(TrainConfig)
+    cases: list[tuple[str, Any, str]] = []
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        if name in EDGE_MAPPINGS:
+            cases += [(name, v, "arithmetic") for v in EDGE_MAPPINGS[name]]
+        elif name not in EDGE_SKIP:
+            cases += [(name, v, "arithmetic") for v in edge_values(str(hints[name]))]
+    for env in BUILTIN_ENVS:
+        params = inspect.signature(resolve_env_class(env)).parameters.values()
+        for param in params:
+            if param.name not in EDGE_ENV_SKIP.get(env, ()):
+                words = str(param.annotation)
+                cases += [(f"env_args.{param.name}", v, env) for v in edge_values(words)]
+    return cases
+
+
+def edge(index: int, out: Path, model: Path) -> dict[str, Any]:
+    """One setting at an edge value: refused when it is read (best), refused later with
+    its reason, or trained; anything else (a crash, a non-finite loss) is a finding."""
+    from resd.cli import USER_ERRORS
+    from resd.config import ConfigError, apply_overrides, build_config
+    from resd.training.trainer import Trainer
+
+    name, value, env = edge_cases()[index]
+    run_dir = out / f"edge{index}"
+    words = [f"model={model}", "progress=false", "max_new_tokens=12", "reflection_max_new_tokens=48",
+             "curation_max_new_tokens=48", "eval_samples=1", "eval_items=2", "inner_updates=2",
+             "steps=2", f"output_dir={run_dir}", "save_every=2", "eval_every=2", "batch_size=2",
+             "rollouts_per_prompt=2", "teacher_update_rate=0.1", "lr=1e-3"]  # fmt: skip
+    base = {k: str(v).format(qa=out / "qa.jsonl") if isinstance(v, str) else v
+            for k, v in EDGE_ENV_BASE[env].items()}  # fmt: skip
+    data = {**apply_overrides({}, words), "env": env, "env_args": base}
+    if name.startswith("env_args."):
+        data["env_args"] = {**base, name.removeprefix("env_args."): value}
+    elif isinstance(value, dict) and isinstance(data.get(name), dict):
+        data[name] = {**data[name], **value}
+    else:
+        data[name] = value
+    record: dict[str, Any] = {"index": index, "setting": name, "value": value, "env": env,
+                              "ok": True}  # fmt: skip
+    try:
+        config = build_config(data)
+    except ConfigError as exc:
+        record.update(refused=f"read: {exc}"[:300])
+        return record
+
+    def too_long(*_: Any) -> None:
+        raise TimeoutError
+
+    signal.signal(signal.SIGALRM, too_long)  # 1000 rollouts per prompt is slow, not wrong
+    signal.alarm(EDGE_SECONDS)
+    try:
+        summary = Trainer(config).train()
+        record["steps"] = summary["steps"]
+        if not math.isfinite(summary["last"].get("loss", 0.0)):
+            record.update(ok=False, error="loss not finite")
+    except TimeoutError:
+        record.update(slow=f"still training after {EDGE_SECONDS} s")
+    except USER_ERRORS as exc:  # what `resd` prints as "resd: error: ..."
+        record.update(refused=f"later, {type(exc).__name__}: {exc}"[:300],
+                      traceback=traceback.format_exc()[-1500:])  # fmt: skip
+    except Exception as exc:
+        record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500],
+                      traceback=traceback.format_exc()[-3000:])  # fmt: skip
+    finally:
+        signal.alarm(0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
 
 def yaml_word(value: Any) -> str:
     """A value as a key=value word: YAML's null, true and false (not a dict lookup, where
@@ -148,7 +293,8 @@ def yaml_word(value: Any) -> str:
 
 
 def single(index: int, out: Path, model: Path) -> dict[str, Any]:
-    from resd.config import ConfigError, load_config
+    from resd.cli import USER_ERRORS
+    from resd.config import load_config
     from resd.training.trainer import Trainer
 
     rng = random.Random(index)
@@ -170,7 +316,7 @@ def single(index: int, out: Path, model: Path) -> dict[str, Any]:
                 None, [*(w for w in words if not w.startswith("steps=")), "steps=4"]
             )
             record["resumed_to"] = Trainer(again, resume=True).train()["steps"]
-    except (ConfigError, ValueError) as exc:  # a setting refused with its reason
+    except USER_ERRORS as exc:  # a setting refused with its reason
         record.update(refused=f"{type(exc).__name__}: {exc}"[:300])
     except Exception as exc:
         record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500],
@@ -265,7 +411,7 @@ def dist(index: int, out: Path, model: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["single", "dist"])
+    parser.add_argument("mode", choices=["single", "dist", "edge"])
     parser.add_argument("start", type=int)
     parser.add_argument("count", type=int)
     parser.add_argument("--out", type=Path, default=Path("/tmp/resd-fuzz"))
@@ -277,7 +423,7 @@ def main() -> int:
     model = args.out / "tiny-model"
     if not model.exists():
         build_tiny_model(model)
-    if args.mode == "single":
+    if args.mode in ("single", "edge"):
         data = args.out / "qa.jsonl"  # the qa environment needs a file of its own
         data.write_text("".join(json.dumps({"question": f"Capital of country {i}?",
                                             "answer": f"City{i}"}) + "\n" for i in range(20)))  # fmt: skip
@@ -285,14 +431,15 @@ def main() -> int:
     log = args.out / f"{args.mode}_{args.start}.jsonl"
     for index in range(args.start, args.start + args.count):
         start = time.perf_counter()
-        record = (single if args.mode == "single" else dist)(index, args.out, model)
+        record = {"single": single, "dist": dist, "edge": edge}[args.mode](index, args.out, model)
         record["seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:
             f.write(json.dumps(record, default=str) + "\n")
         said = [
             record.get(k) for k in ("error", "resume", "two_processes", "moved") if record.get(k)
         ]
-        verdict = "FAIL" if not record["ok"] else "refused" if record.get("refused") else "ok"
+        kind = next((k for k in ("refused", "slow") if record.get(k)), "ok")
+        verdict = "FAIL" if not record["ok"] else kind
         print(index, verdict, str(said or record.get("refused", ""))[:300], flush=True)
     return 0
 
