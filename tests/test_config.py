@@ -62,6 +62,21 @@ def test_yaml_and_overrides(tmp_path):
         ("max_teacher_prompt_tokens=-5", "max_teacher_prompt_tokens"),  # cut 5 tokens off the front
         ("pg_clip_low=-1", "pg_clip_low"),  # clamp(2, 0.5): every ratio 0.5
         ("success_weight_alpha=-1", "success_weight_alpha"),
+        ("success_weight_beta=-1", "success_weight_beta"),  # was accepted: failures up-weighted
+        ("trust_region_weight=1.5", "trust_region_weight"),  # refused only once the model loaded
+        ("trust_region_weight=-0.1", "trust_region_weight"),
+        # the adapter's common values, refused when read (PEFT checks them as it wraps the
+        # loaded model; a string rank and an int target_modules crashed there)
+        ("lora={r: big}", "lora.r"),
+        ("lora={rank: 0}", "lora.rank"),
+        ("lora={r: 4.5}", "lora.r"),
+        ("lora={alpha: 0}", "lora.alpha"),  # scales the adapter to nothing: trains in vain
+        ("lora={lora_alpha: -8}", "lora.lora_alpha"),
+        ("lora={dropout: 1}", "lora.dropout"),
+        ("lora={lora_dropout: -0.1}", "lora.lora_dropout"),
+        ("lora={target_modules: 5}", "lora.target_modules"),
+        ("lora={target_modules: []}", "lora.target_modules"),
+        ("lora={target_modules: [q_proj, 3]}", "lora.target_modules"),
         ("seed=-1", "seed"),
         ("dtype=float16", "dtype"),  # AdamW's eps underflows: nan weights after one step
         ("chat_template_kwargs={tokenize: true}", "chat_template_kwargs"),
@@ -389,6 +404,12 @@ def test_grouped_bounds_hold_for_every_field_in_the_group(name: str, good: list,
         ["pg_clip_low=1", "pg_clip_high=5"],
         ["success_weight_alpha=0"],
         ["success_weight_alpha=0.5"],
+        ["success_weight_beta=0"],
+        ["trust_region_weight=0"],
+        ["trust_region_weight=1"],
+        ["lora={r: 1, alpha: 0.5, dropout: 0, target_modules: q_proj}"],
+        ["lora={rank: 8, lora_dropout: 0.99, target_modules: [q_proj, v_proj]}"],
+        ["lora={target_modules: null}"],  # PEFT's default modules for the architecture
         ["seed=5"],
         ["seed=4294967295"],  # 2**32 - 1
         ["kl_coef=0.1"],

@@ -231,6 +231,26 @@ def test_lora_targets_are_checked_on_the_models_skeleton_without_its_weights(
     check_lora_targets(ViTConfig(), lora_config({"target_modules": ["qkv"]}))  # not built
 
 
+def test_a_run_names_lora_targets_the_model_lacks_and_bad_values_given_by_hand(
+    tiny_model_dir: Path,
+) -> None:
+    """The run's own wrapping (not `--dry-run`'s): PEFT's error for a target the model
+    lacks is a config error under `lora:`, and a hand-built config (never read by
+    `load_config`) has its values checked too. Catches PEFT's bare
+    NoMatchingPeftModuleError, and the TypeError a string rank raised deep in PEFT."""
+    from resd.config import TrainConfig
+    from resd.training.policy import lora_config
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", "device=cpu",
+                             "lora={target_modules: [qkv]}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^lora: Target modules \{'qkv'\} not found"):
+        load_policy(cfg, Parallel(), None)
+    with pytest.raises(ConfigError, match=r"^lora.r: expected a whole number >= 1, got 'big'"):
+        lora_config({"r": "big"})
+    with pytest.raises(ConfigError, match=r"^lora.target_modules: expected"):
+        TrainConfig(lora={"target_modules": 5})
+
+
 class RecordingEngine:
     """Stands in for `VLLMSampler` (vLLM needs CUDA): records how the sampler is built
     and every set of weights pushed to it."""

@@ -13,7 +13,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,10 +355,9 @@ class TrainConfig:
         for name in ["temperature", "eval_temperature"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.teacher_update_rate <= 1.0:
-            raise ConfigError(
-                f"teacher_update_rate: must be in [0, 1], got {self.teacher_update_rate}"
-            )
+        for name in ["teacher_update_rate", "trust_region_weight"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
         if isinstance(self.structured_output, bool):
             self.structured_output = "on" if self.structured_output else "off"
         if isinstance(self.autocast, bool) or self.autocast == "off":
@@ -415,10 +414,9 @@ class TrainConfig:
                 f"pg_clip_low, pg_clip_high: the ratio is clipped to [1 - low, 1 + high] "
                 f"with 0 <= low <= 1 and high >= 0, got {self.pg_clip_low}, {self.pg_clip_high}"
             )
-        if self.success_weight_alpha < 0:
-            raise ConfigError(
-                f"success_weight_alpha: must be >= 0, got {self.success_weight_alpha}"
-            )
+        for name in ["success_weight_alpha", "success_weight_beta"]:
+            if getattr(self, name) < 0:  # below 0 the rarer outcome would weigh less
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         # Each step seeds torch with seed * 1_000_003 + step, which must fit in 64 bits
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
@@ -452,6 +450,8 @@ class TrainConfig:
                 problem = "needs eval_every > 0: it reads the evaluations made during the run"
             if problem:
                 raise ConfigError(f"early_stopping: {problem}")
+        if self.lora is not None and (problem := check_lora(self.lora)):
+            raise ConfigError(f"lora.{problem}")
         if self.reflector is not None:
             from resd.training.reflector import check_reflector
 
@@ -683,6 +683,42 @@ def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{alias}: given together with {name}, which is the same setting")
         out[name] = out.pop(alias)
     return out
+
+
+# Short names beside PEFT's own (torchtune's `lora_rank` too).
+SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r", "lora_rank": "r"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The adapter settings most runs give, checked when the config is read: PEFT checks them
+# only as it wraps the loaded model, and a string rank crashed there with a TypeError.
+LORA_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+          "a whole number >= 1"),
+    # an alpha of 0 scales the adapter's output to nothing: the run would train in vain
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    # null: PEFT's default modules for the architecture
+    "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, list)
+                       and bool(v) and all(isinstance(m, str) for m in v)),
+                       "'all-linear', a module name pattern or a list of module names"),
+}  # fmt: skip
+
+
+def check_lora(settings: dict[str, Any]) -> str | None:
+    """What is wrong with a `lora:` mapping's common values, or None. Unknown keys are
+    named when the adapter is built (`policy.lora_config`): PEFT's field list needs PEFT,
+    whose import takes seconds."""
+    for key, value in settings.items():
+        name = SHORT_LORA_KEYS.get(key, key)
+        if name in LORA_VALUE_RULES:
+            ok, expected = LORA_VALUE_RULES[name]
+            if not ok(value):
+                return f"{key}: expected {expected}, got {value!r}"
+    return None
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

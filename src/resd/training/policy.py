@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resd.config import ConfigError, TrainConfig, did_you_mean
+from resd.config import SHORT_LORA_KEYS, ConfigError, TrainConfig, check_lora, did_you_mean
 from resd.generation.base import Generation, Sampler
 from resd.generation.hf import PrefixCache, TransformersSampler, eos_token_ids
 from resd.generation.int8 import quantize_for_decoding
@@ -95,7 +95,10 @@ def load_policy(
         if checkpoint:
             model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
         else:
-            model = get_peft_model(base, lora)
+            try:
+                model = get_peft_model(base, lora)
+            except (TypeError, ValueError) as exc:  # e.g. no module matches target_modules
+                raise ConfigError(f"lora: {exc}") from None
     compute = autocast_dtype(device, cfg.autocast)
     if compute is not None and not parallel.sharded:  # FSDP / ZeRO shard one dtype
         cast_frozen_linears(model, compute)
@@ -181,10 +184,6 @@ def _checkpointed(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-# Short names beside PEFT's own (torchtune's `lora_rank` too).
-SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r", "lora_rank": "r"}
-
-
 def lora_config(settings: dict[str, Any], revision: str | None = None):
     """`peft.LoraConfig(**settings)` with our defaults (and the base model's `revision`);
     a key it does not take is named with the closest field, PEFT's own error a bad value."""
@@ -204,6 +203,8 @@ def lora_config(settings: dict[str, Any], revision: str | None = None):
         if name in settings and name != key:
             raise ConfigError(f"lora: {key!r} and {name!r} are the same setting; give one")
         kwargs[name] = value
+    if problem := check_lora(settings):  # a config built by hand was never read
+        raise ConfigError(f"lora.{problem}")
     try:
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as exc:
