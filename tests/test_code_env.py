@@ -951,6 +951,22 @@ def test_feedback_at_its_cap_is_kept_whole(env, two_sum):
     assert at_cap.score(two_sum, answer).feedback == full
     below = CodeEnv(timeout_s=2, max_feedback_chars=len(full) - 1, difficulty="easy")
     assert below.score(two_sum, answer).feedback.endswith("\n... (truncated)")
+    assert len(below.score(two_sum, answer).feedback) == len(full) - 1
+    # a cap shorter than the marker keeps the first characters (a cap of 1 was 19 short of
+    # the whole text: a negative slice), and 0 leaves none
+    for cap in (0, 1, 16):
+        tiny = CodeEnv(timeout_s=2, max_feedback_chars=cap, difficulty="easy")
+        assert tiny.score(two_sum, answer).feedback == full[:cap]
+
+
+def test_feedback_limits_below_zero_are_refused_and_zero_is_zero():
+    """-1 cases sliced the last failing case off and counted one too many in "... and N
+    more"; a per-case limit of 0 was read as "the default" (`or`)."""
+    for name in ("max_feedback_cases", "max_feedback_chars"):
+        with pytest.raises(ValueError, match=rf"^env_args\.{name}: expected a whole number >= 0"):
+            CodeEnv(difficulty="easy", **{name: -1})
+    with pytest.raises(ValueError, match=r"env_args\.case_timeout_s must be > 0, got 0"):
+        CodeEnv(difficulty="easy", case_timeout_s=0)
 
 
 def test_a_file_without_problems_is_refused(tmp_path):

@@ -330,6 +330,7 @@ def test_reference_column_references_score_full_marks():
         ({"id_column": "uid"}, "id_column"),
         ({"meta_columns": ["difficulty", "topic"]}, "meta_columns"),
         ({"prompt_column": None, "messages_column": "chat"}, "messages_column"),
+        ({"prompt_column": ""}, "prompt_column"),  # was "column None ... holds NoneType"
     ],
 )
 def test_bad_column_names_name_the_field_and_the_columns(kwargs, field):
@@ -787,6 +788,11 @@ def test_float_gold_answers_score_as_the_number_item_answer_shows(tmp_path):
         ({"scorer_timeout": -1}, "scorer_timeout"),
         ({"scorer_timeout": "soon"}, "scorer_timeout"),
         ({"scorer_timeout": float("inf")}, "scorer_timeout"),
+        # a string failed in dict() ("dictionary update sequence element #0 ..."), or,
+        # empty, was taken for no arguments
+        ({"scorer": "numeric", "scorer_args": "abs_tol"}, "scorer_args"),
+        ({"scorer_args": ""}, "scorer_args"),
+        ({"load_kwargs": "streaming"}, "load_kwargs"),
     ],
 )
 def test_bad_settings_are_refused_at_construction_naming_the_argument(kwargs, field):

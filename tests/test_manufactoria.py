@@ -927,6 +927,16 @@ def test_a_negative_count_is_refused():
         ManufactoriaEnv(n_train=-1)  # was: the last training problem dropped
     with pytest.raises(ValueError, match=r"^env_args\.n_test: expected a whole number"):
         ManufactoriaEnv(n_test=-1)
+    # each generator argument named under env_args: n_per_level 0 was read as the default
+    # (10 per level), -1 as "no problems", and a level that is not a number failed in int()
+    at_least_one = "n_per_level: expected a whole number >= 1 or null"
+    for args, named in [({"n_per_level": 0}, at_least_one), ({"n_per_level": -1}, at_least_one),
+                        ({"n_per_level": "many"}, "n_per_level: "), ({"levels": [0]}, "levels: "),
+                        ({"levels": "high"}, "levels: "), ({"families": ""}, "families: ")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^env_args\.{named}"):
+            ManufactoriaEnv(**args)
+    one_each = ManufactoriaEnv(n_per_level=1, levels=1, test_fraction=0.0).train_items()
+    assert one_each and len({i.meta["family"] for i in one_each}) == len(one_each)
 
 
 def test_default_environment_holds_the_default_generated_pool():

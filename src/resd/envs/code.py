@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from resd.envs.base import Environment, Item, Score, split_items
+from resd.envs.base import Environment, Item, Score, split_items, whole_number
 from resd.envs.code_harness import (
     HARNESS,
     assert_compare,
@@ -326,7 +326,10 @@ class CodeEnv(Environment):
     ) -> None:
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
-        self.case_timeout_s = float(case_timeout_s or self.timeout_s / 4)
+        # `is None`, not `or`: a limit of 0 was read as the default
+        self.case_timeout_s = float(
+            self.timeout_s / 4 if case_timeout_s is None else case_timeout_s
+        )
         # Checked here, not at the first score: a bad value would otherwise turn every
         # answer into a zero reward with feedback about the harness, not the code.
         if not self.timeout_s > 0:
@@ -338,8 +341,9 @@ class CodeEnv(Environment):
                 f"env_args.memory_mb must be at least {_MIN_MEMORY_MB} (the interpreter and "
                 f"the test harness need that much), got {memory_mb!r}"
             )
-        self.max_feedback_cases = int(max_feedback_cases)
-        self.max_feedback_chars = int(max_feedback_chars)
+        # -1 sliced the last failing case off the feedback (and counted one case too many)
+        self.max_feedback_cases = whole_number(max_feedback_cases, "env_args.max_feedback_cases")
+        self.max_feedback_chars = whole_number(max_feedback_chars, "env_args.max_feedback_chars")
         if path is None:
             from resd.envs.code_problems import builtin_problems
 
@@ -573,8 +577,12 @@ class CodeEnv(Environment):
         return text
 
     def _cap(self, text: str) -> str:
-        limit = self.max_feedback_chars
-        return text if len(text) <= limit else text[: limit - 20] + "\n... (truncated)"
+        limit, marker = self.max_feedback_chars, "\n... (truncated)"
+        if len(text) <= limit:
+            return text
+        if limit <= len(marker):  # no room for the marker: the text's first `limit` characters
+            return text[:limit]
+        return text[: limit - len(marker)] + marker
 
 
 def _pick(rec: dict, *keys: str) -> dict:

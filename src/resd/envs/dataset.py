@@ -153,6 +153,11 @@ class DatasetEnv(Environment):
         self.scorer_timeout = scorer_timeout or None
         if prompt_column is not None and messages_column is not None:
             raise ValueError("env_args.prompt_column, env_args.messages_column: set one, not both")
+        # a string here failed inside dict() with a message that named neither argument
+        for arg, given in (("load_kwargs", load_kwargs), ("scorer_args", scorer_args)):
+            if given is not None and not isinstance(given, dict):
+                raise ValueError(f"env_args.{arg}: expected a mapping of names to values, "
+                                 f"got {given!r}")  # fmt: skip
         if isinstance(scorer, (list, tuple)):  # TRL's reward_funcs, with its reward_weights
             self.scorer, self.scorer_weights = resolve_reward_functions(
                 list(scorer), scorer_weights
@@ -203,7 +208,8 @@ class DatasetEnv(Environment):
                     "env_args.prompt_column: the data has no 'prompt' or 'messages' column; "
                     f"name the prompt column (available columns: {', '.join(columns)})"
                 )
-        self.prompt_column = prompt_column or messages_column
+        # `is not None`: an empty prompt_column is a column name the check below refuses
+        self.prompt_column = prompt_column if prompt_column is not None else messages_column
         self.from_messages = messages_column is not None
         self.reference_column = reference_column
         self.answer_column = answer_column

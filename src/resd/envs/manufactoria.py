@@ -393,13 +393,21 @@ class ManufactoriaEnv(Environment):
         self.seed = seed
         n_train = whole_number(n_train, "env_args.n_train")
         n_test = whole_number(n_test, "env_args.n_test")
+        n_per_level = whole_number(n_per_level, "env_args.n_per_level", negative_ok=True)
+        if n_per_level is not None and n_per_level < 1:  # 0 was read as the default, 10
+            raise ValueError(
+                f"env_args.n_per_level: expected a whole number >= 1 or null, got {n_per_level}"
+            )
         if path is not None:
             problems = load_problems(path)
             if families is not None:
                 wanted = [families] if isinstance(families, str) else list(families)
                 problems = [p for p in problems if _matches_family(p, wanted)]
         else:
-            problems = self._generate(seed, families, levels, n_per_level, n_train, n_test)
+            try:
+                problems = self._generate(seed, families, levels, n_per_level, n_train, n_test)
+            except ValueError as exc:  # generate_problems names its argument
+                raise ValueError(f"env_args.{exc}") from None
         if not problems:
             raise ValueError("manufactoria: no problems (check families, levels and path)")
         items = [problem_to_item(p) for p in problems]
@@ -419,7 +427,7 @@ class ManufactoriaEnv(Environment):
         n_test: int | None,
     ) -> list[Problem]:
         if n_per_level is not None or (n_train is None and n_test is None):
-            return generate_problems(seed, families, levels, n_per_level or 10)
+            return generate_problems(seed, families, levels, n_per_level or 10)  # None: 10
         # Size the pool from the requested split; low levels run out of distinct
         # patterns, so keep doubling until the pool is big enough or stops growing.
         target = (n_train or 0) + (n_test or 0)

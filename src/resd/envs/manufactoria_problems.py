@@ -585,11 +585,16 @@ def generate_problems(
     chosen = _as_list(families, list(FAMILIES))
     unknown = [f for f in chosen if f not in FAMILIES]
     if unknown:
-        raise ValueError(f"unknown Manufactoria families {unknown}; known: {sorted(FAMILIES)}")
-    wanted_levels = [int(x) for x in _as_list(levels, list(LEVELS))]
+        raise ValueError(f"families: unknown {unknown}; known: {sorted(FAMILIES)}")
+    try:
+        wanted_levels = [int(x) for x in _as_list(levels, list(LEVELS))]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"levels: expected numbers from {sorted(LEVELS)}, got {levels!r}"
+        ) from None
     bad = [x for x in wanted_levels if x not in LEVELS]
     if bad:
-        raise ValueError(f"unknown Manufactoria levels {bad}; known: {sorted(LEVELS)}")
+        raise ValueError(f"levels: unknown {bad}; known: {sorted(LEVELS)}")
     problems: list[Problem] = []
     seen: set[str] = set()
     for family in chosen:
