@@ -634,7 +634,7 @@ def test_a_dry_run_prints_the_trainers_schedule_and_writes_nothing(
     assert f"model: the folder '{tmp_path / 'empty'}' holds no model" in capsys.readouterr().err
     # LoRA: its settings, and its target modules against the model's skeleton (no weights)
     # are what the run would refuse after loading the model; a file where the folder goes
-    for lora, message in (("{r: 0}", "lora: `r` should be a positive integer"),
+    for lora, message in (("{r: 0}", "lora.r: expected a whole number >= 1, got 0"),
                           ("{target_modules: [qkv]}", "lora: Target modules {'qkv'} not found")):  # fmt: skip
         assert main(["train", "--config", str(path), "--dry-run", f"lora={lora}"]) == 2
         assert message in capsys.readouterr().err

@@ -410,6 +410,7 @@ def test_grouped_bounds_hold_for_every_field_in_the_group(name: str, good: list,
         ["lora={r: 1, alpha: 0.5, dropout: 0, target_modules: q_proj}"],
         ["lora={rank: 8, lora_dropout: 0.99, target_modules: [q_proj, v_proj]}"],
         ["lora={target_modules: null}"],  # PEFT's default modules for the architecture
+        ["lora={target_modules: !!set {q_proj: null}}"],  # PEFT takes a set (and a tuple)
         ["seed=5"],
         ["seed=4294967295"],  # 2**32 - 1
         ["kl_coef=0.1"],

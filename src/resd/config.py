@@ -702,8 +702,9 @@ LORA_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
     # null: PEFT's default modules for the architecture
-    "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, list)
-                       and bool(v) and all(isinstance(m, str) for m in v)),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or (
+                       isinstance(v, list | tuple | set) and bool(v)
+                       and all(isinstance(m, str) for m in v)),
                        "'all-linear', a module name pattern or a list of module names"),
 }  # fmt: skip
 
