@@ -32,6 +32,7 @@ dataset environment's `scorer_args`/`load_kwargs` given as a string, and an empt
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -185,6 +186,15 @@ EDGE_BY_WORD = {"list": [[], ["nonsense"], [1]], "dict": [{}, {"nonsense": 1}],
                 "Callable": ["nonsense:function"]}  # fmt: skip
 
 
+def small_run(model: Path, run_dir: Path, steps: int) -> list[str]:
+    """The settings `single` and `edge` draw from or leave alone: a few short steps on the
+    tiny model, a checkpoint and an evaluation at step 2."""
+    return [f"model={model}", "progress=false", "max_new_tokens=12", "reflection_max_new_tokens=48",
+            "curation_max_new_tokens=48", "eval_samples=1", "eval_items=2", "inner_updates=2",
+            f"steps={steps}", f"output_dir={run_dir}", "save_every=2", "eval_every=2",
+            "teacher_update_rate=0.1", "lr=1e-3"]  # fmt: skip
+
+
 def edge_values(words: str) -> list[Any]:
     """Edge values for a type hint written as text, each once (1, 1.0 and True are equal
     keys, so not dict.fromkeys or a set)."""
@@ -201,6 +211,7 @@ def edge_values(words: str) -> list[Any]:
             if not any(type(v) is type(w) and v == w for w in values[:i])]  # fmt: skip
 
 
+@functools.cache  # read once, not once per case
 def edge_cases() -> list[tuple[str, Any, str]]:
     """Every (setting, value, environment) the `edge` mode tries, in a fixed order: the
     training settings on arithmetic, then each environment's own arguments."""
@@ -237,10 +248,7 @@ def edge(index: int, out: Path, model: Path) -> dict[str, Any]:
 
     name, value, env = edge_cases()[index]
     run_dir = out / f"edge{index}"
-    words = [f"model={model}", "progress=false", "max_new_tokens=12", "reflection_max_new_tokens=48",
-             "curation_max_new_tokens=48", "eval_samples=1", "eval_items=2", "inner_updates=2",
-             "steps=2", f"output_dir={run_dir}", "save_every=2", "eval_every=2", "batch_size=2",
-             "rollouts_per_prompt=2", "teacher_update_rate=0.1", "lr=1e-3"]  # fmt: skip
+    words = [*small_run(model, run_dir, steps=2), "batch_size=2", "rollouts_per_prompt=2"]
     base = {k: str(v).format(qa=out / "qa.jsonl") if isinstance(v, str) else v
             for k, v in EDGE_ENV_BASE[env].items()}  # fmt: skip
     data = {**apply_overrides({}, words), "env": env, "env_args": base}
@@ -300,10 +308,7 @@ def single(index: int, out: Path, model: Path) -> dict[str, Any]:
     rng = random.Random(index)
     pick = {key: rng.choice(values) for key, values in SINGLE.items()}
     run_dir = out / f"single{index}"
-    words = [f"model={model}", "progress=false", "max_new_tokens=12", "reflection_max_new_tokens=48",
-             "curation_max_new_tokens=48", "eval_samples=1", "eval_items=2", "inner_updates=2",
-             "steps=3", f"output_dir={run_dir}", "save_every=2", "eval_every=2",
-             "teacher_update_rate=0.1", "lr=1e-3", *(f"{k}={yaml_word(v)}" for k, v in pick.items()),
+    words = [*small_run(model, run_dir, steps=3), *(f"{k}={yaml_word(v)}" for k, v in pick.items()),
              *SINGLE_ENV_ARGS[pick["env"]]]  # fmt: skip
     record: dict[str, Any] = {"index": index, "pick": pick, "ok": True}
     try:

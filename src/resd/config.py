@@ -689,7 +689,9 @@ def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
 SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r", "lora_rank": "r"}
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """An int or float that is finite; not a bool (YAML's `true` is not a number), not
+    `.inf` or `.nan`."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -699,8 +701,8 @@ LORA_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
           "a whole number >= 1"),
     # an alpha of 0 scales the adapter's output to nothing: the run would train in vain
-    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    "lora_alpha": (lambda v: is_finite_number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: is_finite_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
     # null: PEFT's default modules for the architecture
     "target_modules": (lambda v: v is None or isinstance(v, str) or (
                        isinstance(v, list | tuple | set) and bool(v)

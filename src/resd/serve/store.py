@@ -70,7 +70,6 @@ the change in this docstring, and add a test that opens a database of the old ve
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -79,6 +78,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from resd.config import is_finite_number
 from resd.serve import missing_extra
 
 try:
@@ -245,7 +245,7 @@ def _same(a: float | None, b: float | None) -> bool:
 def _check_number(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise InvalidField(name, f"expected a finite number or None, got {value!r}")
     return float(value)
 

@@ -14,12 +14,12 @@ when `Lessons` is built.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from resd.config import is_finite_number
 from resd.generation.base import Generation
 
 __all__ = ["REFLECTOR_KEYS", "LocalReflector", "RemoteReflector", "check_reflector"]
@@ -50,10 +50,7 @@ def check_reflector(value: dict[str, Any]) -> str | None:
         given = value.get(key)
         # finite first: `.inf` or `.nan` in YAML would reach the server (or make int()
         # raise) instead of naming the setting
-        number = (
-            isinstance(given, int | float) and not isinstance(given, bool) and math.isfinite(given)
-        )
-        if given is not None and not (number and ok(given)):
+        if given is not None and not (is_finite_number(given) and ok(given)):
             return f"{key}: expected {expected}, got {given!r}"
     return None
 
