@@ -5,6 +5,7 @@ settings meet, and turn each failure it finds into a test of its own.
     python tests/fuzz_combinations.py single 0 400 --out /tmp/fuzz   # 3 steps each, 1 process
     python tests/fuzz_combinations.py dist 0 30 --out /tmp/fuzz      # 1 process against 2
     python tests/fuzz_combinations.py edge 0 788 --out /tmp/fuzz     # one setting at an edge
+    python tests/fuzz_combinations.py options 0 97 --out /tmp/fuzz  # eval's and serve's options
 
 `single`: each combination trains 3 steps (a checkpoint at step 2, evaluations), and
 one in three resumes for a fourth; a crash other than a refused setting (`ConfigError`,
@@ -16,7 +17,10 @@ continues (the same run again). `edge`: one setting, or one environment argument
 edge of its type (-1, 0, 1000, an empty string, a wrong type, an unknown key), the rest at a
 small base; refused when the config is read is best, refused with its reason later is
 fine, a crash or a non-finite loss is a finding, and a run still going after a minute
-(1000 rollouts per prompt) is slow, not wrong. Each combination is seeded by its index, so
+(1000 rollouts per prompt) is slow, not wrong. `options`: each option of `resd eval` and
+`resd serve`, read off the parser, at an edge of its type (-1, 0, a million, nan, inf, an
+empty or blank string, a word that names nothing); a one-line refusal or a run (a server
+that starts) is fine, a traceback is a finding. Each combination is seeded by its index, so
 `single 17 1` reruns the 17th. One line of JSON per combination goes to `OUT/<mode>_<start>.jsonl`, and
 a summary line per combination to the terminal.
 
@@ -290,6 +294,117 @@ def edge(index: int, out: Path, model: Path) -> dict[str, Any]:
     return record
 
 
+# `options`: each option of `resd eval` and `resd serve` at an edge of its argparse type.
+OPTION_EDGES = {int: ["-1", "0", "1000000"], float: ["-1", "0", "nan", "inf"]}
+OPTION_TEXT_EDGES = ["", " ", "nonsense"]
+OPTION_SKIP = {"help", "config", "learn", "env", "host", "log_level"}  # read as files, or
+# covered elsewhere (a config's keys are `edge`'s; a non-loopback host needs a key)
+OPTION_COMMANDS = ("eval", "serve")
+SERVE_START_SECONDS = 90
+
+
+@functools.cache
+def option_cases() -> list[tuple[str, str, str]]:
+    """Every (command, option, value) the `options` mode tries, read off the parser itself,
+    so that an option added later is tried too."""
+    from resd.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for command in OPTION_COMMANDS:
+        for action in commands.choices[command]._actions:
+            if not action.option_strings or action.nargs == 0 or action.dest in OPTION_SKIP:
+                continue
+            values = (["nonsense"] if action.choices
+                      else OPTION_EDGES.get(action.type, OPTION_TEXT_EDGES))  # fmt: skip
+            cases += [(command, action.option_strings[-1], value) for value in values]
+    return cases
+
+
+def options(index: int, out: Path, model: Path) -> dict[str, Any]:
+    """One option of `resd eval` or `resd serve` at an edge: refused in one line (status 2,
+    no traceback), or run (eval) or started (serve); a traceback is a finding."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+
+    command, option, value = option_cases()[index]
+    record: dict[str, Any] = {"index": index, "command": command, "option": option,
+                              "value": value, "ok": True}  # fmt: skip
+    where = out / f"options{index}"  # the working directory: a relative --out lands here
+    where.mkdir(parents=True, exist_ok=True)
+    if command == "eval":
+        from resd.cli import main as resd_main
+
+        argv = ["eval", "--model", str(model), "--env", "arithmetic", "--items", "2",
+                "--samples", "1", "--max-new-tokens", "6", option, value]  # fmt: skip
+        err = io.StringIO()
+        here = os.getcwd()
+        os.chdir(where)
+
+        def too_long(*_: Any) -> None:
+            raise TimeoutError
+
+        signal.signal(signal.SIGALRM, too_long)  # a million samples is slow, not wrong
+        signal.alarm(EDGE_SECONDS)
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = resd_main(argv)
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
+        except TimeoutError:
+            code = None
+            record["slow"] = f"still evaluating after {EDGE_SECONDS} s"
+        except Exception as exc:
+            code = None
+            record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500],
+                          traceback=traceback.format_exc()[-3000:])  # fmt: skip
+        finally:
+            signal.alarm(0)
+            os.chdir(here)
+        said = err.getvalue().strip().splitlines()
+    else:
+        import socket
+
+        with socket.socket() as sock:  # a free port, unless the case is about --port
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        argv = [sys.executable, "-m", "resd.cli", "serve", "--model", str(model), "--port", port,
+                "--output-dir", str(where / "serve"), option, value]  # fmt: skip
+        started, said = False, []
+        with subprocess.Popen(argv, cwd=where, stderr=subprocess.PIPE, text=True,
+                              stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"}) as proc:  # fmt: skip
+            deadline = time.monotonic() + SERVE_START_SECONDS
+            for line in proc.stderr:
+                said.append(line.rstrip())
+                if line.startswith("resd serve: model"):
+                    started = True
+                    break
+                if time.monotonic() > deadline:
+                    break
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            said += proc.stderr.read().splitlines()
+            code = 0 if started else proc.returncode
+        record["started"] = started
+    shutil.rmtree(where, ignore_errors=True)
+    if any("Traceback" in line for line in said):
+        record.update(
+            ok=False, error=(said[-1] if said else "")[:500], traceback="\n".join(said)[-3000:]
+        )
+    elif code == 2:
+        record["refused"] = next((x for x in said if "error" in x), said[-1] if said else "")[:300]
+    elif code not in (0, None):
+        record.update(ok=False, error=f"exit status {code}: " + " | ".join(said[-3:])[:400])
+    return record
+
+
 def yaml_word(value: Any) -> str:
     """A value as a key=value word: YAML's null, true and false (not a dict lookup, where
     1.0 == True would write alpha=1.0 as alpha=true)."""
@@ -416,7 +531,7 @@ def dist(index: int, out: Path, model: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["single", "dist", "edge"])
+    parser.add_argument("mode", choices=["single", "dist", "edge", "options"])
     parser.add_argument("start", type=int)
     parser.add_argument("count", type=int)
     parser.add_argument("--out", type=Path, default=Path("/tmp/resd-fuzz"))
@@ -436,7 +551,8 @@ def main() -> int:
     log = args.out / f"{args.mode}_{args.start}.jsonl"
     for index in range(args.start, args.start + args.count):
         start = time.perf_counter()
-        record = {"single": single, "dist": dist, "edge": edge}[args.mode](index, args.out, model)
+        modes = {"single": single, "dist": dist, "edge": edge, "options": options}
+        record = modes[args.mode](index, args.out, model)
         record["seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:
             f.write(json.dumps(record, default=str) + "\n")

@@ -662,3 +662,31 @@ def test_the_dry_runs_list_of_steps() -> None:
     assert _steps_at(0, 7, None) == "7" and _steps_at(0, 7, 0) == "0, 7"
     assert _steps_at(2, 20, 0) == "0, 2, 4, 6, 8, ..., 20"
     assert _steps_at(1, 6, None) == "1, 2, 3, 4, 5, 6"  # six fit whole
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [(["train", "--config", ""], "--config"),
+     (["compare", "--algorithms", "sdpo", "--out", ""], "--out"),
+     (["compare", "--algorithms", "sdpo", "--out", "o", "--config", " "], "--config"),
+     (["continual", "--config", ""], "--config"),
+     (["merge", "a.json", "", "--out", "m"], "sources"),
+     (["merge", "a.json", "--out", ""], "--out"),
+     (["report", ""], "path"),
+     (["report", "runs/x", "--out", ""], "--out")],
+)  # fmt: skip
+def test_an_empty_path_is_refused_before_anything_is_written(
+    argv, option, tmp_path, monkeypatch, capsys
+):
+    """`Path("")` is the working directory: `resd compare --out ""` (an unset shell
+    variable) trained its runs among the user's files, `resd report ""` reported on them,
+    and `resd train --config ""` trained with the defaults."""
+    import resd.analysis.compare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resd.analysis.compare, "launch", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"argument {option}: must not be empty" in err, err
+    assert list(tmp_path.iterdir()) == []

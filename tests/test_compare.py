@@ -581,6 +581,24 @@ def test_paired_rows_print_their_numbers():
     assert lines[4].split()[4:7] == ["0", "-", "-"]  # no seed paired: no mean, no interval
 
 
+@pytest.mark.parametrize(
+    ("overrides", "algorithm_args", "message"),
+    [(["seed=5"], {}, "seed=5: compare sets seed in each run's config, from --seeds"),
+     (["steps=1", "output_dir=x"], {}, "output_dir=x: compare sets output_dir in each run's "
+                                       "config, from --out"),
+     ([], {"grpo": ["lr=1e-6", "seed=3"]}, "grpo:seed=3: compare sets seed"),
+     ([], {"sdpo": ["algorithm=grpo"]}, "sdpo:algorithm=grpo: compare sets algorithm in each "
+                                        "run's config, from --algorithms")],
+)  # fmt: skip
+def test_an_override_of_what_compare_sets_per_run_is_refused(overrides, algorithm_args, message):
+    """Each run's algorithm, seed and folder are compare's to set, last: `seed=5` (or
+    `grpo:seed=3`) lost to them without a word, so the study ran seed 0 as asked for by
+    nobody."""
+    with pytest.raises(ValueError) as refused:
+        plan_runs(["sdpo", "grpo"], [0], Path("out"), overrides, algorithm_args)
+    assert str(refused.value).startswith(message)
+
+
 def test_an_algorithm_override_of_any_shared_setting_is_flagged(tmp_path, monkeypatch, capsys):
     """Changing the model, the data order or the evaluation for one algorithm only is
     allowed but must be noted on screen and in comparison.json."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -224,6 +225,33 @@ def test_resd_eval_checks_out_before_evaluating(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "file").read_text() == "kept"
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [  # torch.device's own RuntimeError, a traceback, after the environment was built
+     (["--device", ""], "resd: error: device: expected auto, cpu, cuda, cuda:N, mps or xpu, got ''"),
+     (["--device", "gpu"], "resd: error: device: expected auto, cpu, cuda, cuda:N, mps or xpu, got 'gpu'"),
+     # `meta` loaded and failed in the first sampling step
+     (["--device", "meta"], "got 'meta'"),
+     # ignored without a word: the model was not an adapter, so it was evaluated alone
+     (["--base-model", "some/base"], "resd: error: base_model: some/model is not a LoRA adapter"),
+     # read as "no file", so the evaluation ran and its JSON was never written
+     (["--out", ""], "resd eval: error: argument --out: must not be empty"),
+     (["--config", " "], "resd eval: error: argument --config: must not be empty")],
+)  # fmt: skip
+def test_resd_eval_refuses_a_bad_device_base_or_path_before_evaluating(
+    extra, message, capsys, monkeypatch
+):
+    monkeypatch.setattr(
+        "resd.analysis.eval_cli.evaluate_model",
+        lambda *args, **kwargs: pytest.fail("evaluated before the options were checked"),
+    )
+    with contextlib.suppress(SystemExit):  # argparse's own refusals exit with status 2
+        code = main(["eval", "--model", "some/model", "--env", "toy_envs:ParityEnv", *extra])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
 # ---- what the mutation tests of `resd eval` found untested --------------------------------
 def test_eval_settings_default_to_the_training_configs():
     """`EvalSettings()` (what `evaluate_model` uses without settings) samples as a run
@@ -252,7 +280,11 @@ def test_eval_settings_from_a_config_carry_every_sampling_setting():
     "bad",
     [{"items": 0}, {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5},
      {"max_new_tokens": 0}, {"max_prompt_tokens": 0}, {"batch_size": 0}, {"top_k": -1},
-     {"min_p": -0.1}, {"min_p": 1.5}],
+     {"min_p": -0.1}, {"min_p": 1.5},
+     # nan passed `temperature < 0` and sampled from nan logits; inf sampled uniformly
+     {"temperature": float("nan")}, {"temperature": float("inf")},
+     # -1 was seeded as torch's own; 2**64 failed with "Overflow when unpacking long long"
+     {"seed": -1}, {"seed": 2**32}],
 )  # fmt: skip
 def test_eval_settings_refuse_what_cannot_be_sampled(bad):
     """Nonsense settings fail when made, naming the field, not deep inside sampling; the

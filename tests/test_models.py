@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resd.config import ConfigError
 from resd.models import (
     BUNDLED_MODELS,
     BundledModel,
@@ -70,8 +71,17 @@ def test_cuda_asked_for_on_a_machine_without_it_is_refused_by_name() -> None:
 def test_an_explicit_device_is_used_as_named() -> None:
     """Catches a named device that falls through to the `auto` choice (the GPU where there
     is one): a run told to stay off the GPU, or on another device, must stay there."""
-    assert pick_device("meta") == torch.device("meta")
-    assert pick_device(torch.device("cpu", 0)) == torch.device("cpu", 0)
+    assert pick_device("cpu:0") == torch.device("cpu", 0)
+    assert pick_device(torch.device("meta")) == torch.device("meta")  # a Python caller's own
+
+
+@pytest.mark.parametrize("device", ["", "gpu", "meta", "cuda:", "cpu:x", "auto:0"])
+def test_a_device_name_nothing_trains_on_is_refused_by_name(device: str) -> None:
+    """An empty name or a typo failed inside torch.device with a RuntimeError that named
+    no option (a traceback from `resd eval` and `resd serve`); `meta` loaded, and failed at
+    the first sampling step."""
+    with pytest.raises(ConfigError, match=r"^device: expected auto, cpu, cuda, cuda:N, mps or"):
+        pick_device(device)
 
 
 def test_auto_device_is_the_gpu_where_there_is_one_and_the_cpu_elsewhere() -> None:

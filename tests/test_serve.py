@@ -2049,6 +2049,28 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             "rewards/<name> of a reward function)",
         ),
         (["--guard-metric", "rewards/"], "resd: error: --guard-metric: 'rewards/' is not"),
+        # the engine's limits were refused only after the model loaded, four in one sentence
+        (["--max-batch", "0"], "resd: error: --max-batch: must be at least 1, got 0"),
+        (["--max-new-tokens", "0"], "resd: error: --max-new-tokens: must be at least 1"),
+        (["--max-prompt-tokens", "-1"], "resd: error: --max-prompt-tokens: must be at least 1"),
+        (["--batch-wait-ms", "-1"], "resd: error: --batch-wait-ms: must be a finite number"),
+        # inf: a lone request waited for a full batch for ever; nan slipped past `< 0`
+        (["--batch-wait-ms", "inf"], "resd: error: --batch-wait-ms: must be a finite number"),
+        (["--batch-wait-ms", "nan"], "resd: error: --batch-wait-ms: must be a finite number"),
+        # nan: the guard refused every learner step; inf: the guard was off, unannounced
+        (["--guard-tolerance", "nan"], "resd: error: --guard-tolerance: must be a finite"),
+        (["--guard-tolerance", "inf"], "resd: error: --guard-tolerance: must be a finite"),
+        (["--learn-min-rows", "0"], "resd: error: --learn-min-rows: must be at least 1, got 0"),
+        # torch.device's RuntimeError, a traceback; meta loaded and failed at the first reply
+        (["--device", "gpu"], "resd: error: --device: expected auto, cpu, cuda, cuda:N, mps"),
+        (["--device", "meta"], "resd: error: --device: expected auto, cpu, cuda, cuda:N, mps"),
+        # replies recorded under a blank version id; an unnamed key variable: no auth
+        (["--base-version", " "], "resd: error: --base-version: must not be empty"),
+        (["--api-key-env", ""], "resd: error: --api-key-env: must not be empty"),
+        # `Path("")` is the working directory: the database went among the user's files
+        (["--output-dir", ""], "resd serve: error: argument --output-dir: must not be empty"),
+        (["--db", ""], "resd serve: error: argument --db: must not be empty"),
+        (["--learn", ""], "resd serve: error: argument --learn: must not be empty"),
     ],
 )
 def test_cli_refuses_bad_options_before_loading_the_model(
@@ -2058,10 +2080,14 @@ def test_cli_refuses_bad_options_before_loading_the_model(
     from resd.cli import main
 
     loads = _no_model_load(monkeypatch)
-    code = main(["serve", "--model", "unused", "--output-dir", str(tmp_path / "out"), *extra])
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["serve", "--model", "unused", "--output-dir", str(tmp_path / "out"), *extra])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and expected in err and "Traceback" not in err, err
-    assert loads == [] and not (tmp_path / "out").exists()
+    assert loads == [] and list(tmp_path.iterdir()) == []
 
 
 def test_cli_refuses_a_bad_learner_config_before_loading_the_model(

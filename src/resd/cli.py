@@ -30,7 +30,7 @@ from resd.analysis.merge import add_merge_subcommand
 from resd.analysis.report import add_report_subcommand
 from resd.config import ConfigError, defaults_yaml, load_config
 from resd.envs.base import NotAScoreError
-from resd.rundir import EVAL_KEYS, reward_keys
+from resd.rundir import EVAL_KEYS, path_option, reward_keys
 from resd.serve.command import add_serve_subcommand
 
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (RESD or a baseline)")
-    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--config", type=path_option, help="YAML config file")
     train.add_argument(
         "--resume", action="store_true", help="continue from the run's last checkpoint"
     )

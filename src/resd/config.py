@@ -375,10 +375,7 @@ class TrainConfig:
         for name in ["adam_beta1", "adam_beta2"]:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.device != "auto" and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.device):
-            raise ConfigError(
-                f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
-            )
+        check_device(self.device)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -687,6 +684,14 @@ def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 # Short names beside PEFT's own (torchtune's `lora_rank` too).
 SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r", "lora_rank": "r"}
+
+
+def check_device(device: str, what: str = "device") -> None:
+    """`auto` or a device that training and sampling run on. torch.device alone takes more
+    (`meta`, `vulkan`, ...), on which the first sampling step fails far from the setting,
+    and it refuses an empty string or a typo with a RuntimeError that names no option."""
+    if device != "auto" and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", str(device)):
+        raise ConfigError(f"{what}: expected auto, cpu, cuda, cuda:N, mps or xpu, got {device!r}")
 
 
 def is_finite_number(value: Any) -> bool:

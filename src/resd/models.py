@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from resd.config import DTYPE_NAMES, did_you_mean
+from resd.config import DTYPE_NAMES, check_device, did_you_mean
 from resd.templating import from_where, names_a_file
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,8 @@ def load_model_config(name: str, init_kwargs: dict[str, Any] | None = None) -> A
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, str):
+        check_device(device)
     if device != "auto":
         chosen = torch.device(device)
         if chosen.type == "cuda" and not torch.cuda.is_available():

@@ -222,6 +222,17 @@ def cumulative_samples(metrics: list[dict[str, Any]], config: dict[str, Any]) ->
     return drawn
 
 
+def path_option(text: str) -> str:
+    """An argparse `type` for a path option: an empty one is refused. `Path("")` is the
+    working directory, so `--out ""` (an unset shell variable) wrote a comparison's run
+    folders, or a server's database, among the user's own files."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def check_out_file(out: Path, what: str) -> None:
     """Fail now if `out` cannot be written as a file, with a message that starts `what:`.
 

@@ -64,6 +64,7 @@ from resd.rundir import (
     EVAL_KEYS,
     cumulative_samples,
     metric_keys,
+    path_option,
     read_jsonl,
     reward_keys,
     samples_per_step,
@@ -140,6 +141,10 @@ def parse_algorithm_args(items: list[str]) -> dict[str, list[str]]:
     return dict(by_algorithm)
 
 
+# What compare sets in each run's config itself, and from which option.
+SET_PER_RUN = {"algorithm": "--algorithms", "seed": "--seeds", "output_dir": "--out"}
+
+
 def plan_runs(
     algorithms: list[str],
     seeds: list[int],
@@ -152,6 +157,12 @@ def plan_runs(
     stray = sorted(set(algorithm_args) - set(algorithms))
     if stray:
         raise ValueError(f"--algorithm-args: {stray[0]!r} is not in --algorithms")
+    given = [("", o) for o in overrides]
+    given += [(f"{a}:", o) for a, items in algorithm_args.items() for o in items]
+    for where, item in given:  # each run's own: an override of it lost without a word
+        if option := SET_PER_RUN.get(override_key(item)):
+            raise ValueError(f"{where}{item}: compare sets {override_key(item)} in each run's "
+                             f"config, from {option}")  # fmt: skip
     specs = []
     for seed in seeds:
         for algorithm in algorithms:
@@ -680,10 +691,10 @@ def add_compare_subcommand(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "compare", help="train several algorithms over several seeds and compare them"
     )
-    parser.add_argument("--config", help="base YAML config shared by every run")
+    parser.add_argument("--config", type=path_option, help="base YAML config shared by every run")
     parser.add_argument("--algorithms", required=True, help="comma-separated, e.g. resd,sdpo")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    parser.add_argument("--out", required=True, help="comparison directory")
+    parser.add_argument("--out", type=path_option, required=True, help="comparison directory")
     parser.add_argument(
         "--algorithm-args", action="append", default=[], metavar="ALGO:KEY=VALUE",
         help="an override for one algorithm only (repeatable)",

@@ -74,6 +74,7 @@ from resd.config import (
     settings_differences,
 )
 from resd.envs import Environment, make_env
+from resd.rundir import path_option
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,9 @@ def add_continual_subcommand(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "continual", help="train on a sequence of tasks; report forgetting and transfer"
     )
-    parser.add_argument("--config", required=True, help="YAML: a training config + stages")
+    parser.add_argument(
+        "--config", type=path_option, required=True, help="YAML: a training config + stages"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     parser.set_defaults(fn=cmd_continual)
     return parser

@@ -40,14 +40,16 @@ from resd.config import (
     ALIASES,
     ConfigError,
     TrainConfig,
+    check_device,
     check_type,
     env_arg_overrides,
+    is_finite_number,
     load_config,
     read_yaml_mapping,
 )
 from resd.envs import Environment, make_env
 from resd.envs.base import Item, Score, checked_test_items
-from resd.rundir import GIVEN_IN_PYTHON, check_out_file, reward_keys
+from resd.rundir import GIVEN_IN_PYTHON, check_out_file, path_option, reward_keys
 
 METRIC_ROWS = (("per-task", "task"), ("per-test-case", "case"))
 
@@ -74,12 +76,17 @@ class EvalSettings:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.items is not None and self.items < 1:
             raise ValueError(f"items: must be >= 1 or unset, got {self.items}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        # nan passes `< 0` and sampled with nan logits; inf sampled uniformly, unnoticed
+        if not (is_finite_number(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0 (0: off), got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p: must be in [0, 1] (0: off), got {self.min_p}")
+        if not 0 <= self.seed < 2**32:  # as training's; torch refuses 2**64 in its own words
+            raise ValueError(f"seed: must be in [0, 2**32), got {self.seed}")
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> EvalSettings:
@@ -409,6 +416,10 @@ def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("model", "env"):
         if not options.get(key):
             raise ConfigError(f"{key}: required (--{key} or in --config)")
+    check_device(options["device"])  # before the model loads, in the option's name
+    if options["base_model"] and not is_adapter(options["model"]):  # it would go unused
+        raise ConfigError(f"base_model: {options['model']} is not a LoRA adapter folder (no "
+                          "adapter_config.json); --base-model names an adapter's base model")  # fmt: skip
     return options
 
 
@@ -448,7 +459,7 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval", help="evaluate a model or checkpoint on an environment's test split"
     )
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", type=path_option, default=None,
                         help="YAML with any of the settings below (e.g. configs/paper/ifeval_forgetting.yaml), "
                              "or a training config (a run's config.yaml): its environment and "
                              "evaluation settings, with --model naming the model")  # fmt: skip
@@ -457,7 +468,9 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--env", help="built-in name or module:Class")
     parser.add_argument("env_args", nargs="*", help="environment arguments as key=value")
-    parser.add_argument("--base-model", help="base of a LoRA adapter (default: its config's)")
+    parser.add_argument(
+        "--base-model", type=path_option, help="base of a LoRA adapter (default: its config's)"
+    )
     parser.add_argument("--samples", type=int, help="k per item (default 4)")
     parser.add_argument("--temperature", type=float, help="(default 0.6)")
     parser.add_argument("--top-p", type=float, help="(default 0.95)")
@@ -475,7 +488,9 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
         "float32 with int8 weights for decoding, a CPU's faster choice)",
     )
     parser.add_argument("--device", help="(default auto)")
-    parser.add_argument("--out", default=None, help="write the full result as JSON here")
+    parser.add_argument(
+        "--out", type=path_option, default=None, help="write the full result as JSON here"
+    )
     parser.add_argument("--per-item", action="store_true", help="also print every item")
     parser.set_defaults(fn=cmd_eval)
     return parser

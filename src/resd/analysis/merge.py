@@ -41,7 +41,7 @@ from resd.analysis.compare import (
     stopped_early_lines,
     write_comparison,
 )
-from resd.rundir import metric_keys
+from resd.rundir import metric_keys, path_option
 
 # Keys that differ between the seeds of one algorithm by construction.
 PER_RUN_KEYS = frozenset({"seed", "output_dir"})
@@ -325,8 +325,12 @@ def add_merge_subcommand(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "merge", help="merge the comparison.json of several `resd compare` calls (seeds run apart)"
     )
-    parser.add_argument("sources", nargs="+", help="comparison.json files or their directories")
-    parser.add_argument("--out", required=True, help="directory for the merged comparison.json")
+    parser.add_argument(
+        "sources", nargs="+", type=path_option, help="comparison.json files or their directories"
+    )
+    parser.add_argument(
+        "--out", type=path_option, required=True, help="directory for the merged comparison.json"
+    )
     parser.add_argument("--reference", help="algorithm the paired differences start from "
                         "(default: the first one requested)")  # fmt: skip
     parser.add_argument(

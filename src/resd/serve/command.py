@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -21,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resd.config import DTYPE_NAMES
-from resd.rundir import SERVE_DB, eval_metric_problem
+from resd.config import DTYPE_NAMES, check_device
+from resd.rundir import SERVE_DB, eval_metric_problem, path_option
 from resd.serve import SERVE_EXTRA_HINT, missing_extra
 
 if TYPE_CHECKING:
@@ -41,9 +42,9 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind; anything but loopback needs an API key")  # fmt: skip
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--output-dir", default="runs/serve",
+    serve.add_argument("--output-dir", type=path_option, default="runs/serve",
                        help="where the SQLite database (resd.db) and the learner's files go")  # fmt: skip
-    serve.add_argument("--db", default=None,
+    serve.add_argument("--db", type=path_option, default=None,
                        help="SQLAlchemy URL, or a path read as an SQLite file "
                        "(default: sqlite:///<output-dir>/resd.db)")  # fmt: skip
     serve.add_argument("--api-key-env", default="RESD_API_KEY",
@@ -62,7 +63,7 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--base-version", default="base",
                        help="the version id the loaded weights are recorded under")  # fmt: skip
-    serve.add_argument("--learn", default=None, metavar="CONFIG",
+    serve.add_argument("--learn", type=path_option, default=None, metavar="CONFIG",
                        help="also run the background learner with this config")  # fmt: skip
     serve.add_argument("--learn-min-rows", type=int, default=None, metavar="N",
                        help="feedback rows a learner step waits for (default: the config's batch_size)")  # fmt: skip
@@ -79,8 +80,8 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the arguments, open the database, load the model, then serve.
 
-    The order is cheapest first, so a typo costs no model load: the arguments (host and
-    key, port, body limit, name), then the database (a bad `--db` is one error line),
+    The order is cheapest first, so a typo costs no model load: the arguments (limits,
+    names, device, then host and key), then the database (a bad `--db` is one error line),
     then the model. A start that fails before serving removes the SQLite files it
     created (never ones that were there), so a bad `--model` leaves no empty database."""
     try:
@@ -95,6 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"resd: error: {exc}", file=sys.stderr)
         return 2
 
+    _check_args(args)
     api_key = os.environ.get(args.api_key_env) or None
     if api_key is None and not on_loopback(args.host):
         raise ValueError(
@@ -102,7 +104,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"set ${args.api_key_env} (or choose the variable with --api-key-env), or bind "
             "to 127.0.0.1"
         )
-    _check_args(args)
     output_dir = Path(args.output_dir)
     url = args.db or sqlite_url(output_dir / SERVE_DB)
     new_files = [f for f in _sqlite_files(url) if not f.exists()]
@@ -187,6 +188,24 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: must not be empty (leave it out to serve "
                          "under --model's name)")  # fmt: skip
+    # the engine's limits, here and one by one: the engine would refuse them only once
+    # the model had loaded, all four in one sentence
+    for option in ("max_batch", "max_new_tokens", "max_prompt_tokens"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')}: must be at least 1, "
+                             f"got {getattr(args, option)}")  # fmt: skip
+    # inf made a lone request wait for a full batch forever; nan compares false everywhere
+    if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
+        raise ValueError(f"--batch-wait-ms: must be a finite number >= 0, got {args.batch_wait_ms}")
+    # nan made the guard refuse every learner step; inf turned it off unannounced
+    if not math.isfinite(args.guard_tolerance):
+        raise ValueError(f"--guard-tolerance: must be a finite number, got {args.guard_tolerance}")
+    if args.learn_min_rows is not None and args.learn_min_rows < 1:
+        raise ValueError(f"--learn-min-rows: must be at least 1, got {args.learn_min_rows}")
+    for option in ("base_version", "api_key_env"):  # a version id, a variable's name
+        if not getattr(args, option).strip():
+            raise ValueError(f"--{option.replace('_', '-')}: must not be empty")
+    check_device(args.device, "--device")
 
 
 def _check_base_version(store: Store, version: str, model: str) -> None:

@@ -19,7 +19,7 @@ from resd.analysis.report.records_page import RECORDS_FILE, records_report
 from resd.analysis.report.run_page import run_report
 from resd.analysis.report.runs import RUN_MARKERS, find_runs, is_run_dir, load_run
 from resd.analysis.report.serving_page import serving_report
-from resd.rundir import SERVE_DB, check_out_file
+from resd.rundir import SERVE_DB, check_out_file, path_option
 
 
 def build_report(path: str | Path, out: str | Path | None = None) -> Path:
@@ -80,9 +80,12 @@ def add_report_subcommand(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "path",
+        type=path_option,
         help="a run directory, a directory of run directories (resd compare), a resd "
         "continual folder, or a resd serve --output-dir",
     )
-    parser.add_argument("--out", default=None, help="HTML file (default: PATH/report.html)")
+    parser.add_argument(
+        "--out", type=path_option, default=None, help="HTML file (default: PATH/report.html)"
+    )
     parser.set_defaults(fn=cmd_report)
     return parser
