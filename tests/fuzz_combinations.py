@@ -6,6 +6,7 @@ settings meet, and turn each failure it finds into a test of its own.
     python tests/fuzz_combinations.py dist 0 30 --out /tmp/fuzz      # 1 process against 2
     python tests/fuzz_combinations.py edge 0 788 --out /tmp/fuzz     # one setting at an edge
     python tests/fuzz_combinations.py options 0 97 --out /tmp/fuzz  # eval's and serve's options
+    python tests/fuzz_combinations.py corrupt 0 150 --out /tmp/fuzz  # a run's file damaged
 
 `single`: each combination trains 3 steps (a checkpoint at step 2, evaluations), and
 one in three resumes for a fourth; a crash other than a refused setting (`ConfigError`,
@@ -20,7 +21,11 @@ fine, a crash or a non-finite loss is a finding, and a run still going after a m
 (1000 rollouts per prompt) is slow, not wrong. `options`: each option of `resd eval` and
 `resd serve`, read off the parser, at an edge of its type (-1, 0, a million, nan, inf, an
 empty or blank string, a word that names nothing); a one-line refusal or a run (a server
-that starts) is fine, a traceback is a finding. Each combination is seeded by its index, so
+that starts) is fine, a traceback is a finding. `corrupt`: one file of a finished run
+deleted, emptied, cut in half, overwritten or replaced by JSON of another shape, then
+`resd report`, `resd eval` and `resd train --resume` on it; each must work or refuse in
+one line, and a refusal (or a report) must leave the run's files as they were. Each
+combination is seeded by its index, so
 `single 17 1` reruns the 17th. One line of JSON per combination goes to `OUT/<mode>_<start>.jsonl`, and
 a summary line per combination to the terminal.
 
@@ -399,9 +404,106 @@ def options(index: int, out: Path, model: Path) -> dict[str, Any]:
             ok=False, error=(said[-1] if said else "")[:500], traceback="\n".join(said)[-3000:]
         )
     elif code == 2:
-        record["refused"] = next((x for x in said if "error" in x), said[-1] if said else "")[:300]
+        record["refused"] = next((x for x in said if "error:" in x), said[-1] if said else "")[:300]
     elif code not in (0, None):
         record.update(ok=False, error=f"exit status {code}: " + " | ".join(said[-3:])[:400])
+    return record
+
+
+# `corrupt`: one file of a finished run damaged in one way, then the commands that read it.
+CORRUPTIONS = ("delete", "empty", "half", "garbage", "other_json")
+CORRUPT_RUN = ["batch_size=2", "rollouts_per_prompt=2", "eval_every=1", "save_every=1",
+               "eval_items=2", "keep_checkpoints=2"]  # fmt: skip
+
+
+def corrupt_base(out: Path, model: Path) -> Path:
+    """The finished run every case damages a copy of: 2 steps, a checkpoint after each."""
+    from resd.config import load_config
+    from resd.training.trainer import Trainer
+
+    base = out / "corrupt-base"
+    if not (base / "summary.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        Trainer(load_config(None, [*small_run(model, base, steps=2), *CORRUPT_RUN])).train()
+    return base
+
+
+def corrupt_cases(base: Path) -> list[tuple[str, str]]:
+    """(file, damage) pairs in a fixed order; `other_json` (valid JSON of another shape)
+    only for the JSON files."""
+    files = sorted(str(f.relative_to(base)) for f in base.rglob("*") if f.is_file())
+    return [(name, damage) for name in files for damage in CORRUPTIONS
+            if damage != "other_json" or name.endswith((".json", ".jsonl"))]  # fmt: skip
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "delete":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "half":  # a write cut short
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(bytes(random.Random(len(data)).randrange(256) for _ in range(64)))
+    else:
+        path.write_text('["not", "what", "was", "here"]\n')
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
+            if f.is_file()}  # fmt: skip
+
+
+def corrupt(index: int, out: Path, model: Path) -> dict[str, Any]:
+    """One file of a finished run damaged (deleted, emptied, cut in half, overwritten, or
+    valid JSON of another shape); then `resd report`, `resd eval` and `resd train --resume`
+    read it. Each must work or refuse in one line (status 2); a traceback is a finding, and
+    so is a command that refused yet changed the run's files, or a report or evaluation
+    that changed them at all."""
+    import contextlib
+    import io
+
+    from resd.cli import main as resd_main
+
+    base = corrupt_base(out, model)
+    name, how = corrupt_cases(base)[index]
+    run = out / f"corrupt{index}"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(base, run)
+    damage(run / name, how)
+    record: dict[str, Any] = {"index": index, "file": name, "damage": how, "ok": True}
+    commands = {
+        "report": ["report", str(run), "--out", str(out / f"report{index}" / "r.html")],
+        "eval": ["eval", "--model", str(run), "--env", "arithmetic", "--items", "1",
+                 "--samples", "1", "--max-new-tokens", "4"],
+        "resume": ["train", "--resume", "--config", str(run / "config.yaml"),
+                   f"output_dir={run}", "steps=3", "progress=false"],
+    }  # fmt: skip
+    for command, argv in commands.items():
+        before = folder_state(run)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = resd_main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        except Exception as exc:
+            record.update(ok=False, error=f"{command}: {type(exc).__name__}: {exc}"[:500],
+                          traceback=traceback.format_exc()[-3000:])  # fmt: skip
+            break
+        said = err.getvalue().strip().splitlines()
+        record[command] = "ran" if code == 0 else (said[-1] if said else f"status {code}")[:300]
+        after = folder_state(run)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        if code not in (0, 2):
+            record.update(ok=False, error=f"{command}: exit status {code}: {said[-1:]}")
+        elif changed and (code != 0 or command != "resume"):
+            record.update(ok=False, error=f"{command} (status {code}) changed {changed[:5]}")
+        if not record["ok"]:
+            break
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(out / f"report{index}", ignore_errors=True)
     return record
 
 
@@ -531,7 +633,7 @@ def dist(index: int, out: Path, model: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["single", "dist", "edge", "options"])
+    parser.add_argument("mode", choices=["single", "dist", "edge", "options", "corrupt"])
     parser.add_argument("start", type=int)
     parser.add_argument("count", type=int)
     parser.add_argument("--out", type=Path, default=Path("/tmp/resd-fuzz"))
@@ -551,7 +653,8 @@ def main() -> int:
     log = args.out / f"{args.mode}_{args.start}.jsonl"
     for index in range(args.start, args.start + args.count):
         start = time.perf_counter()
-        modes = {"single": single, "dist": dist, "edge": edge, "options": options}
+        modes = {"single": single, "dist": dist, "edge": edge, "options": options,
+                 "corrupt": corrupt}  # fmt: skip
         record = modes[args.mode](index, args.out, model)
         record["seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:

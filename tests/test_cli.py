@@ -433,7 +433,9 @@ def test_env_check_takes_its_environment_as_resd_eval_does(
         assert (args.env, args.overrides) == ("arithmetic", ["n_train=5", "seed=1"]), words
     assert main(["env-check", "--env", "arithmetic", "n_train=5", "--samples", "0"]) == 0
     assert capsys.readouterr().out.startswith("arithmetic: 5 train / ")
-    for refused in (["env-check"], ["env-check", "arithmetic", "--env", "qa"]):
+    # a blank name ("$ENV" unset) went on as no name, to a TypeError traceback
+    for refused in (["env-check"], ["env-check", "arithmetic", "--env", "qa"],
+                    ["env-check", ""], ["env-check", "--env", " "]):  # fmt: skip
         with pytest.raises(SystemExit) as exited:
             parse_args(refused)
         assert exited.value.code == 2

@@ -548,6 +548,15 @@ def test_override_values_are_yaml_scalars_even_inside_mappings():
         load_config(None, ["lr"])
 
 
+@pytest.mark.parametrize("word", ["=5", "env_args.=1", "env_args..n=1", ".steps=1", " =1"])
+def test_an_override_key_with_an_empty_part_is_refused_as_such(word):
+    """`env_args.=1` set an environment argument named "" (an unknown argument, if the
+    environment checked at all), and `=5` was refused as ": unknown config key"."""
+    with pytest.raises(ConfigError, match=r"overrides take the form key=value, a dotted key "):
+        load_config(None, [word])
+    assert load_config(None, ["env_args. n=1"]).env_args == {"n": 1}  # spaces around a part
+
+
 def test_apply_overrides_leaves_the_callers_mapping_alone():
     """`resd serve --learn` and `resd continual` apply overrides to a file's mapping they
     use again afterwards."""

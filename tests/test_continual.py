@@ -110,6 +110,15 @@ def test_plan_merges_stage_overrides_and_names_bad_fields():
         build_plan({"stages": [{}]}, ["lerning_rate=1"])
 
 
+@pytest.mark.parametrize("key", ["model", "output_dir"])
+def test_a_stage_that_names_what_the_chain_sets_is_refused(key):
+    """A stage's `model` (or `output_dir`) lost to the chain without a word: the stage
+    trained from the one before it, not from the model its config named."""
+    with pytest.raises(ConfigError, match=rf"^stages\[1\]\.{key}: set by the chain"):
+        build_plan({"stages": [{"env": "arithmetic"}, {"env": "arithmetic", key: "other"}]})
+    assert build_plan({key: "top", "stages": [{}]}).base.to_dict()[key] == "top"
+
+
 def test_stage_names_become_safe_folder_names():
     """A stage's name names its folder (`stage-<k>-<name>`) and its column: runs of other
     characters become one dash, none is left at either end, and a name with nothing

@@ -241,9 +241,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.env_option and args.env and "=" in args.env:  # a key=value, not a name
             args.overrides.insert(0, args.env)
             args.env = None
-        if (args.env is None) == (args.env_option is None):
+        given = [name for name in (args.env, args.env_option) if name is not None]
+        # a blank name ("$ENV" unset) was no name: a TypeError traceback further on
+        if len(given) != 1 or not given[0].strip():
             parser.error("env-check: name one environment (resd env-check NAME, or --env NAME)")
-        args.env = args.env or args.env_option
+        args.env = given[0]
     return args
 
 

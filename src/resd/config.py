@@ -575,13 +575,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"{item}: overrides take the form key=value")
         key, _, raw = item.partition("=")
+        # `=5` and `env_args.=1` set a key named "", which surfaced later, if at all, as
+        # ": unknown config key" or as an environment argument nobody could have meant
+        if any(not part.strip() for part in key.split(".")):
+            raise ConfigError(f"{item}: overrides take the form key=value, a dotted key "
+                              "without empty parts (env_args.n_train=8)")  # fmt: skip
         pairs.append((key.strip(), raw))
     for key, raw in pairs:
         if key == "env" and data.get("env", TrainConfig.env) != _parse_scalar(raw):
             data.pop("env_args", None)
         data.pop(_OTHER_NAME.get(key, ""), None)
     for key, raw in pairs:
-        parts = key.split(".")
+        parts = [part.strip() for part in key.split(".")]  # `env_args. n=1` sets n
         target = data
         for part in parts[:-1]:
             nested = target.get(part)

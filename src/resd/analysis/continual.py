@@ -190,6 +190,15 @@ def _prefixed(prefix: str, exc: ConfigError) -> ConfigError:
     return ConfigError(f"{prefix}.{exc}")
 
 
+# What the chain sets in each stage's config, whatever the stage says.
+CHAINED_KEYS = {
+    "model": "set by the chain (stage 1 starts from the base config's model, each later "
+    "stage from the one before): give the first model as the top-level `model`",
+    "output_dir": "set by the chain (<output_dir>/stage-<k>-<name>/): give the top-level "
+    "`output_dir`",
+}
+
+
 def build_plan(data: dict[str, Any], overrides: list[str] | None = None) -> ContinualPlan:
     """Validate a continual config (a parsed YAML mapping) into stages and suites."""
     data = dict(data)
@@ -209,6 +218,9 @@ def build_plan(data: dict[str, Any], overrides: list[str] | None = None) -> Cont
         if "env" not in raw and "env" not in base_data:
             log.warning("stages[%d]: no env, here or in the base config: it trains on the "
                         "default, %s", k, base.env)  # fmt: skip
+        for key in CHAINED_KEYS:  # lost to the chain without a word
+            if key in raw:
+                raise ConfigError(f"stages[{k}].{key}: {CHAINED_KEYS[key]}")
         name = _unique(slug(str(raw.pop("name", None) or raw.get("env", base.env))), names)
         stage_data = {**base_data, **raw}
         if "env" in raw and "env_args" not in raw:
