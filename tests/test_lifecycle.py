@@ -188,6 +188,41 @@ def test_resume_skips_a_damaged_checkpoint_and_a_leftover_temporary(
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def test_a_checkpoint_damaged_after_it_was_written_is_named_and_nothing_is_changed(
+    tiny_model_dir, tmp_path, capsys
+):
+    """Found by `fuzz_combinations.py corrupt`: a checkpoint's file emptied, cut short or
+    overwritten failed the resume with the reader's own traceback (EOFError, safetensors'
+    "header too small", "pop from empty list", a list where state.json holds an object).
+    Each is now one line naming the file and the way on, and the run's files stay as
+    they were; with the damaged checkpoint moved away, the one before it resumes."""
+    out = tmp_path / "run"
+    words = ["save_every=1", "steps=2"]
+    Trainer(config(tiny_model_dir, out, *words)).train()
+    intact = _files(out)
+    damages = {"optimizer.pt": b"", "rng_torch.pt": b"\x80garbage", "state.json": b"[1, 2]",
+               "teachers/teacher.safetensors": intact["checkpoint-2/teachers/teacher.safetensors"][:99]}  # fmt: skip
+    argv = ["train", "--resume", "--config", str(out / "config.yaml"), "steps=3"]
+    for name, damaged in damages.items():
+        (out / "checkpoint-2" / name).write_bytes(damaged)
+        before = _files(out)
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"resd: error: resume: cannot read {out / 'checkpoint-2' / name} (")
+        assert (
+            "checkpoint checkpoint-2 is damaged: move it out of" in err and "Traceback" not in err
+        )
+        assert _files(out) == before, name
+        (out / "checkpoint-2" / name).write_bytes(intact[f"checkpoint-2/{name}"])
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
+    (out / "checkpoint-2").rename(tmp_path / "set-aside")
+    assert Trainer(config(tiny_model_dir, out, "save_every=1", "steps=3"), resume=True).step == 1
+
+
 def test_a_fresh_run_refuses_a_folder_whose_files_it_would_overwrite(tiny_model_dir, tmp_path):
     """`output_dir=.` in a project, or the model's own folder: the run would replace the
     README, the config, the weights. A config.yaml the trainer wrote there itself (an

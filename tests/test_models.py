@@ -577,6 +577,28 @@ def test_saving_a_model_on_cpu_prints_no_deepspeed_note(tiny_model_dir, tmp_path
         assert "Setting accelerator to CPU" in stdout("")
 
 
+@pytest.mark.parametrize(
+    ("name", "damaged"),
+    [("model.safetensors", b""), ("model.safetensors", b"\x10" * 64),  # "header too small/large"
+     ("tokenizer.json", b"7"), ("tokenizer.json", b'["x"]'),  # AttributeError, TypeError
+     ("tokenizer_config.json", b"[]")],  # "'list' object has no attribute 'get'"
+    ids=["weights-empty", "weights-garbage", "tokenizer-number", "tokenizer-list", "config-list"],
+)  # fmt: skip
+def test_a_model_folder_with_a_damaged_file_is_named_in_one_line(
+    name: str, damaged: bytes, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Found by `fuzz_combinations.py corrupt`: weights cut short or a tokenizer file
+    overwritten failed `resd eval` (and a resume) with a traceback from deep inside
+    safetensors or transformers; now one line names the folder and what failed."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / name).write_bytes(damaged)
+    with pytest.raises(ValueError, match=rf"^model: cannot read the folder '{folder}': one of "
+                       r"its files is damaged or not what transformers expects \("):  # fmt: skip
+        load_model(str(folder))  # damaged weights fail here; a damaged tokenizer file
+        load_tokenizer(str(folder))  # loads the weights and fails here
+
+
 def test_a_model_config_that_cannot_be_read_names_the_model(tmp_path) -> None:
     """`resd train --dry-run` reads the model's config alone; a config.json that is not
     JSON is the trainer's "model: cannot load", not an OSError's traceback."""

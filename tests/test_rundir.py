@@ -72,6 +72,17 @@ def test_truncating_a_log_keeps_the_steps_up_to_the_checkpoint(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval.jsonl"]  # no temporary left
 
 
+def test_truncating_keeps_a_line_of_another_shape_as_found(tmp_path: Path):
+    """A line that is JSON but no row (`[1, 2]`, `7`: an edit, another tool's append) made
+    every resume fail with "'list' object has no attribute 'get'" (`fuzz_combinations.py
+    corrupt`). Readers skip it; truncating keeps it where it was, and drops our rows."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n[1, 2]\n7\n{"step": 3}\n')
+    truncate_jsonl(log, 2)
+    assert log.read_text() == '{"step": 1}\n[1, 2]\n7\n'
+    assert read_jsonl(log) == [{"step": 1}]
+
+
 def test_a_kill_while_truncating_leaves_the_log_whole(tmp_path: Path, monkeypatch):
     """The cut log is written beside the old one and then renamed over it: a resume killed
     halfway through writing loses no row. Catches a log rewritten in place."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -250,6 +251,15 @@ def _cannot_load(name: str, exc: Exception) -> ValueError:
                       f"model: {bundled}): {exc}{hint}")  # fmt: skip
 
 
+def _unreadable(name: str, exc: Exception) -> ValueError:
+    """A local folder transformers found but could not read: weights cut short (safetensors'
+    "header too small"), a tokenizer file overwritten (an AttributeError deep inside
+    transformers). Said as one line that names the folder, not as a traceback."""
+    said = next(iter(str(exc).strip().splitlines()), "")
+    return ValueError(f"model: cannot read the folder {name!r}: one of its files is damaged "
+                      f"or not what transformers expects ({type(exc).__name__}: {said})")  # fmt: skip
+
+
 def load_model_config(name: str, init_kwargs: dict[str, Any] | None = None) -> Any:
     """The model's config alone (no weights): what `resd train --dry-run` checks a model
     by. Only the `from_pretrained` arguments that pick the files reach it."""
@@ -296,6 +306,10 @@ def load_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise _cannot_load(name, exc) from exc
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        if Path(path).is_dir():  # its own files, not a setting, failed to parse
+            raise _unreadable(name, exc) from exc
+        raise
     # What training changes below, to be put back whenever the tokenizer is saved.
     tokenizer._resd_loaded = {"padding_side": tokenizer.padding_side,
                               "model_max_length": tokenizer.model_max_length}  # fmt: skip
@@ -372,6 +386,8 @@ def load_model(
         )
     except OSError as exc:
         raise _cannot_load(name, exc) from exc
+    except SafetensorError as exc:
+        raise _unreadable(name, exc) from exc
     except (TypeError, ImportError) as exc:  # a key the model class does not take, or an
         # attn_implementation whose package is missing (flash_attention_2 on a CPU machine)
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))

@@ -192,10 +192,12 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= max_step:
-                kept.append(line)
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by the kill
+        # a line of another shape is none of our rows (readers skip it): kept, as found
+        if not isinstance(row, dict) or row.get("step", 0) <= max_step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")  # replaced whole: a kill now cuts no log
     tmp.write_text("".join(k + "\n" for k in kept))
     os.replace(tmp, path)

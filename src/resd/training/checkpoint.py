@@ -18,6 +18,8 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,36 @@ def teacher_file(checkpoint: Path, name: str) -> Path:
     return checkpoint / "teachers" / f"{name}.safetensors"
 
 
+@contextmanager
+def reading(file: Path) -> Iterator[None]:
+    """Read a checkpoint's file, or fail with a ValueError that names it and the way on.
+
+    A checkpoint is written whole or not at all (`save_checkpoint`), so a file of one that
+    cannot be read was damaged later: a disk error, a copy cut short, an edit. Each reader
+    (safetensors, torch.load, json) said so in its own words, as a traceback: EOFError,
+    "header too small", "pop from empty list"."""
+    try:
+        yield
+    except Exception as exc:
+        folder = next((p for p in file.parents if _NAME.match(p.name)), file.parent)
+        said = next(iter(str(exc).strip().splitlines()), "")  # torch.load's run to a page
+        raise ValueError(
+            f"resume: cannot read {file} ({type(exc).__name__}: {said}); checkpoint "
+            f"{folder.name} is damaged: move it out of {folder.parent} to resume from the "
+            "checkpoint before it, if the run has one"
+        ) from exc
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json: the run's cursor, buffers and settings."""
+    file = path / "state.json"
+    with reading(file):
+        state = json.loads(file.read_text())
+        if not isinstance(state, dict):
+            raise TypeError(f"a JSON object was written, this is a {type(state).__name__}")
+    return state
+
+
 def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """Restore teachers and RNG in place; returns (run state, full optimizer state).
 
@@ -163,13 +195,16 @@ def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, 
     """
     for name, teacher in teachers.items():
         legacy = path / f"{name}.safetensors"  # checkpoints written before teachers/ existed
-        teacher.load(legacy if legacy.exists() else teacher_file(path, name))
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    state = json.loads((path / "state.json").read_text())
-    set_rng_state(
-        {
-            "python": state.pop("python_rng"),
-            "torch": torch.load(path / "rng_torch.pt", weights_only=True),
-        }
-    )
+        file = legacy if legacy.exists() else teacher_file(path, name)
+        with reading(file):
+            teacher.load(file)
+    with reading(path / "optimizer.pt"):
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    state = read_state(path)
+    with reading(path / "state.json"):
+        python_rng = state.pop("python_rng")
+    with reading(path / "rng_torch.pt"):
+        set_rng_state(
+            {"python": python_rng, "torch": torch.load(path / "rng_torch.pt", weights_only=True)}
+        )
     return state, optimizer_state

@@ -62,7 +62,13 @@ from resd.rundir import (
 )
 from resd.training.algorithms import Algorithm, get_algorithm
 from resd.training.callbacks import Callback, EarlyStopping
-from resd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from resd.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    save_model,
+)
 from resd.training.hub import model_card, push_to_hub, write_model_card
 from resd.training.lessons import Lessons, PlaybookChanges
 from resd.training.plan import Schedule
@@ -563,7 +569,7 @@ class Trainer:
         """A resumed run replays the stream of the run it continues: settings that change
         which prompts a step sees, or what is trained, must be the checkpoint's. Others
         (steps, learning rate, evaluation, saving) may change, and each change is said."""
-        state = json.loads((path / "state.json").read_text())  # a complete checkpoint has it
+        state = read_state(path)  # a complete checkpoint has it
         # `now` as the checkpoint holds it, in JSON, where a tuple (given in Python) is a list
         saved, now = state.get("config", {}), json.loads(json.dumps(self.cfg.to_dict()))
         env_class = _class_path(self.env)  # also where `cfg.env` cannot tell (given in Python)
