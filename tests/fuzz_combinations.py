@@ -35,7 +35,11 @@ with `update_epochs: 2` leaving the root without gradients. From `edge`: a strin
 or an int `target_modules` crashing inside PEFT; code's negative feedback limits and a
 per-case timeout of 0 read as the default; Manufactoria's `n_per_level: 0` read as 10; the
 dataset environment's `scorer_args`/`load_kwargs` given as a string, and an empty
-`prompt_column`.
+`prompt_column`. From `options`: a device torch would not train on (a traceback), eval's
+nan temperature, serve's infinite `--batch-wait-ms`, limits refused only after the model
+loaded, empty paths read as the working directory. From `corrupt`: a damaged checkpoint
+file, model weights or tokenizer file (tracebacks from torch.load, safetensors and
+transformers), and a log line of another shape that failed every resume.
 """
 
 from __future__ import annotations

@@ -845,6 +845,8 @@ def test_a_serve_folder_gets_its_versions_counts_and_learner_run(
     assert cli_main(["report", str(root)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"resd: error: report: {root / 'resd.db'} is not a resd serve database")
+    # one line: SQLAlchemy's "(Background on this error at: ...)" came on a second
+    assert err.count("\n") == 1 and "(DatabaseError: file is not a database)" in err, err
     assert not (root / "report.html").exists()
 
 

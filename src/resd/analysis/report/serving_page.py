@@ -28,8 +28,11 @@ def section_serving(path: Path) -> str:
     try:
         store = Store(sqlite_url(path / SERVE_DB))
     except Exception as exc:  # not a database, or another program's: one line, no traceback
+        # SQLAlchemy's message ends in a second line ("Background on this error at: ...");
+        # the driver's own words are the ones that say what is wrong with the file
+        said = next(iter(str(getattr(exc, "orig", None) or exc).strip().splitlines()), "")
         raise ValueError(f"report: {path / SERVE_DB} is not a resd serve database "
-                         f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+                         f"({type(exc).__name__}: {said})") from None  # fmt: skip
     try:
         counts, versions = store.counts(), store.versions()
     finally:
