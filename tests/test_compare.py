@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,23 @@ def test_compare_runs_isolates_failures_and_skips_finished_runs(
 
     merged = merge_comparisons([out], tmp_path / "merged", plots=False)
     assert merged["runs"] == again["runs"] and merged["algorithms"] == again["algorithms"]
+
+    # A finished run's summary damaged (found by probing with the fuzz tool's damages):
+    # json's "Expecting value" alone, or a traceback for a list; now the file and the way
+    # on, and nothing written. Followed, the way on works: the run resumes and finishes.
+    summary = out / "sdpo-seed0" / "summary.json"
+    written = (out / "comparison.json").read_bytes()
+    for damaged in (b"", b"\x80 not text", b"[1, 2]"):
+        summary.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(summary))}: cannot be read \(.+\); "
+                           "delete it and run the same command again"):  # fmt: skip
+            run_comparison(str(base), ["sdpo"], [0], out, ["steps=2"], plots=False)
+        assert (out / "comparison.json").read_bytes() == written
+    summary.unlink()
+    redone = run_comparison(str(base), ["sdpo"], [0], out, ["steps=2"], plots=False)
+    assert (
+        redone["runs"][0]["status"] == "finished" and json.loads(summary.read_text())["steps"] == 2
+    )
 
 
 def test_launch_resumes_from_a_checkpoint_or_starts_clean(tmp_path):

@@ -178,6 +178,26 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A finished run's summary.json ({} where there is none), or a ValueError that names
+    it and the way on. `resd compare` and `resd continual` reuse a finished run by it; a
+    damaged one failed them with json's words alone ("Expecting value: line 1 column 1")
+    or, as a list, with a traceback."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError(f"a JSON object was written, this is a {type(summary).__name__}")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError among them
+        raise ValueError(
+            f"{path}: cannot be read ({exc}); delete it and run the same command again: the "
+            "run resumes from its last checkpoint and writes it anew"
+        ) from None
+    return summary
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:

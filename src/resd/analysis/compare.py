@@ -66,6 +66,7 @@ from resd.rundir import (
     metric_keys,
     path_option,
     read_jsonl,
+    read_summary,
     reward_keys,
     samples_per_step,
 )
@@ -220,7 +221,7 @@ def stored_config(run_dir: Path) -> dict[str, Any] | None:
         if path.exists():
             try:
                 loaded = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as exc:
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:  # damaged: bytes, not text
                 raise ConfigError(
                     f"{path}: cannot tell which settings this run was made with ({exc}); "
                     "use another --out"
@@ -283,8 +284,7 @@ def error_tail(log_path: Path, lines: int = ERROR_LINES) -> str:
 def run_record(spec: RunSpec, config: dict[str, Any] | None) -> dict[str, Any]:
     """What comparison.json says about one run, read from its directory."""
     config = config or {}
-    summary_path = spec.path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_summary(spec.path)
     metrics = read_jsonl(spec.path / "metrics.jsonl")
     curve = eval_curve(spec.path, config) if config else []
     drawn = cumulative_samples(metrics, config) if config else {0: 0}

@@ -74,7 +74,7 @@ from resd.config import (
     settings_differences,
 )
 from resd.envs import Environment, make_env
-from resd.rundir import path_option
+from resd.rundir import path_option, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playb
         "model_out": str(final),
         "playbook_in": playbook,
         "config": cfg.to_dict(),
-        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "summary": read_summary(run_dir),
     }
     return str(final), str(new_playbook) if new_playbook.exists() else playbook, info
 
