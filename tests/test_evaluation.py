@@ -441,6 +441,30 @@ def test_an_adapter_that_names_no_base_model_or_a_bad_dtype_is_refused(tiny_mode
         load_policy(adapter, dtype="half", device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("name", "damaged", "said"),
+    [("adapter_model.safetensors", b"", "SafetensorError: "),  # safetensors' traceback
+     ("adapter_config.json", b'{"r": 4', "JSONDecodeError: "),  # json's words alone
+     ("adapter_config.json", b"[1, 2]", "adapter_config.json holds a list")],  # a traceback
+    ids=["weights-empty", "config-cut", "config-list"],
+)  # fmt: skip
+def test_an_adapter_with_a_damaged_file_is_named_in_one_line(
+    name, damaged, said, tiny_model_dir, tmp_path, capsys
+):
+    """Found by damaging a LoRA run's files by hand: `resd eval` of the adapter (and a
+    resume of its checkpoint, `training.policy`, through the same `load_adapter`) failed
+    with safetensors' traceback or json's words without a file; now one line names the
+    folder, and says what failed."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    name_base(adapter, str(tiny_model_dir))
+    (adapter / name).write_bytes(damaged)
+    code = main(["eval", "--model", str(adapter), "--env", "toy_envs:ParityEnv", "n_test=1", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"resd: error: model: cannot read the folder '{adapter}': one of its "
+                          "files is damaged or not what transformers expects (") and said in err  # fmt: skip
+
+
 def test_resd_eval_applies_an_adapter_to_the_base_model_given(tiny_model_dir, tmp_path, capsys):
     """An adapter whose recorded base has moved is evaluated and merged on --base-model /
     base_model=; a bare adapter takes its base's tokenizer, and model_init_kwargs reach the base."""

@@ -419,6 +419,34 @@ def quiet_peft_wrapping() -> Iterator[None]:
         yield
 
 
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """A PEFT adapter folder's adapter_config.json, or one line naming the folder: a damaged
+    one failed `resd eval` with json's words alone, or with a traceback for a list."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+        if not isinstance(config, dict):
+            raise TypeError(f"adapter_config.json holds a {type(config).__name__}, not an object")
+    except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError among them
+        raise _unreadable(str(folder), exc) from exc
+    return config
+
+
+def load_adapter(base: PreTrainedModel, folder: str | Path, *, is_trainable: bool = False) -> Any:
+    """`base` with the PEFT adapter in `folder` applied. The adapter's files are checked
+    here, as the model's are in `load_model`: damaged weights or config (a copy cut
+    short, an edit) failed a resume or an evaluation with safetensors' or peft's traceback."""
+    from peft import PeftModel
+
+    read_adapter_config(folder)
+    try:
+        with quiet_peft_wrapping():
+            return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
+    except (SafetensorError, TypeError, AttributeError, KeyError) as exc:
+        raise _unreadable(str(folder), exc) from exc
+
+
 def _contiguous_first(_module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 

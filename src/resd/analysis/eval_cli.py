@@ -123,7 +123,9 @@ def adapter_base_model(path: str | Path, base_model: str | None = None) -> str:
     as on another machine or under another user, the alias finds this machine's copy."""
     if base_model:
         return base_model
-    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    from resd.models import read_adapter_config
+
+    config = read_adapter_config(path)
     base = config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"model: adapter {path} does not name its base model; pass --base-model")
@@ -158,10 +160,10 @@ def load_policy(
     """
     from resd.models import (
         DTYPES,
+        load_adapter,
         load_model,
         load_tokenizer,
         pick_device,
-        quiet_peft_wrapping,
         resolve_dtype,
     )
 
@@ -177,12 +179,9 @@ def load_policy(
         model = load_model(path, dtype=dtype, device=device, init_kwargs=init_kwargs)
         tokenizer = load_tokenizer(path, max_length, **tok_kwargs)
     else:
-        from peft import PeftModel
-
         base = adapter_base_model(path, base_model)
         base_model = load_model(base, dtype="float32", device=device, init_kwargs=init_kwargs)
-        with quiet_peft_wrapping():
-            model = PeftModel.from_pretrained(base_model, path)
+        model = load_adapter(base_model, path)
         model = model.merge_and_unload().to(DTYPES[dtype])
         # Checkpoints save the tokenizer beside the adapter; a bare adapter may not.
         tokenizer = load_tokenizer(

@@ -28,6 +28,7 @@ from resd.models import (
     DTYPES,
     autocast_dtype,
     fast_bfloat16,
+    load_adapter,
     load_model,
     quiet_peft_wrapping,
     resolve_model_path,
@@ -86,15 +87,15 @@ def load_policy(
             source, dtype=cfg.dtype, device=device, init_kwargs=cfg.model_init_kwargs
         )
         return _checkpointed(model, cfg), None
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     base = load_model(cfg.model, dtype=cfg.dtype, device=device, init_kwargs=cfg.model_init_kwargs)
     base_copy = copy.deepcopy(base) if keep_base else None
     _checkpointed(base, cfg)
-    with quiet_peft_wrapping():
-        if checkpoint:
-            model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
-        else:
+    if checkpoint:
+        model = load_adapter(base, checkpoint, is_trainable=True)
+    else:
+        with quiet_peft_wrapping():
             try:
                 model = get_peft_model(base, lora)
             except (TypeError, ValueError) as exc:  # e.g. no module matches target_modules
