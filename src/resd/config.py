@@ -691,6 +691,12 @@ def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
 SHORT_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r", "lora_rank": "r"}
 
 
+def first_line(message: object) -> str:
+    """The first line of an error's message, for ours, which are one line: some libraries'
+    run to a page (torch.load's UnpicklingError) or end in a footer (SQLAlchemy's)."""
+    return next(iter(str(message).strip().splitlines()), "")
+
+
 def check_device(device: str, what: str = "device") -> None:
     """`auto` or a device that training and sampling run on. torch.device alone takes more
     (`meta`, `vulkan`, ...), on which the first sampling step fails far from the setting,

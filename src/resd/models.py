@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from resd.config import DTYPE_NAMES, check_device, did_you_mean
+from resd.config import DTYPE_NAMES, check_device, did_you_mean, first_line
 from resd.templating import from_where, names_a_file
 
 log = logging.getLogger(__name__)
@@ -255,9 +255,9 @@ def _unreadable(name: str, exc: Exception) -> ValueError:
     """A local folder transformers found but could not read: weights cut short (safetensors'
     "header too small"), a tokenizer file overwritten (an AttributeError deep inside
     transformers). Said as one line that names the folder, not as a traceback."""
-    said = next(iter(str(exc).strip().splitlines()), "")
     return ValueError(f"model: cannot read the folder {name!r}: one of its files is damaged "
-                      f"or not what transformers expects ({type(exc).__name__}: {said})")  # fmt: skip
+                      f"or not what transformers expects ({type(exc).__name__}: "
+                      f"{first_line(exc)})")  # fmt: skip
 
 
 def load_model_config(name: str, init_kwargs: dict[str, Any] | None = None) -> Any:

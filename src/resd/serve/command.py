@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resd.config import DTYPE_NAMES, check_device
+from resd.config import DTYPE_NAMES, check_device, first_line
 from resd.rundir import SERVE_DB, eval_metric_problem, path_option
 from resd.serve import SERVE_EXTRA_HINT, missing_extra
 
@@ -260,8 +260,9 @@ def _open_store(url: str, option: str) -> Store:
     except sa.exc.DBAPIError as exc:  # the driver's own words, without SQLAlchemy's footer
         raise ValueError(f"{option}: cannot open {shown}: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{option}: cannot open {shown}: {first_line}") from exc
+        raise ValueError(
+            f"{option}: cannot open {shown}: {first_line(exc) or type(exc).__name__}"
+        ) from exc
     except OSError as exc:
         raise ValueError(f"{option}: cannot open {shown}: {exc}") from exc
     except ValueError as exc:  # SchemaVersionError: written by another resd

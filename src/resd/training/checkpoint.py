@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from resd.config import first_line
 from resd.models import as_loaded
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,8 @@ def reading(file: Path) -> Iterator[None]:
         yield
     except Exception as exc:
         folder = next((p for p in file.parents if _NAME.match(p.name)), file.parent)
-        said = next(iter(str(exc).strip().splitlines()), "")  # torch.load's run to a page
         raise ValueError(
-            f"resume: cannot read {file} ({type(exc).__name__}: {said}); checkpoint "
+            f"resume: cannot read {file} ({type(exc).__name__}: {first_line(exc)}); checkpoint "
             f"{folder.name} is damaged: move it out of {folder.parent} to resume from the "
             "checkpoint before it, if the run has one"
         ) from exc

@@ -14,6 +14,7 @@ from pathlib import Path
 from resd.analysis.report.markup import PlotSink, esc, not_recorded, page, section, table
 from resd.analysis.report.run_page import SINGLE_NAV, run_sections
 from resd.analysis.report.runs import is_run_dir, load_run
+from resd.config import first_line
 from resd.rundir import LEARNER_DIR, SERVE_DB
 
 
@@ -30,7 +31,7 @@ def section_serving(path: Path) -> str:
     except Exception as exc:  # not a database, or another program's: one line, no traceback
         # SQLAlchemy's message ends in a second line ("Background on this error at: ...");
         # the driver's own words are the ones that say what is wrong with the file
-        said = next(iter(str(getattr(exc, "orig", None) or exc).strip().splitlines()), "")
+        said = first_line(getattr(exc, "orig", None) or exc)
         raise ValueError(f"report: {path / SERVE_DB} is not a resd serve database "
                          f"({type(exc).__name__}: {said})") from None  # fmt: skip
     try:
