@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -267,11 +268,14 @@ def test_bad_heldout_settings_and_an_unreadable_record_are_config_errors(tmp_pat
         build_plan({"stages": [{"env": "arithmetic"}],
                     "heldout": [{"env": "arithmetic", "eval_samples": "many"}]})  # fmt: skip
     plan = build_plan({"output_dir": str(tmp_path), "stages": [{"env": "arithmetic"}]})
-    (tmp_path / "continual-config.yaml").write_text("stages: [unclosed\n")
-    with pytest.raises(
-        ConfigError, match=r"^output_dir: .*continual-config.yaml is not valid YAML"
-    ):
-        check_reused_output(plan, plan_record(plan))
+    # not YAML; emptied or a list (read as settings, every key was "changed", the whole
+    # config printed); not text (UnicodeDecodeError's words alone, naming no file)
+    for damaged in (b"stages: [unclosed\n", b"", b"[1, 2]\n", b"\x80 not text"):
+        (tmp_path / "continual-config.yaml").write_bytes(damaged)
+        with pytest.raises(ConfigError, match=r"^output_dir: .*continual-config.yaml cannot be "
+                           r"read \(.+\), so the stages and evaluations in .* cannot be "
+                           r"vouched for; use another output_dir$"):  # fmt: skip
+            check_reused_output(plan, plan_record(plan))
 
 
 def test_a_heldout_suite_sets_every_evaluation_key_of_its_own():
@@ -554,6 +558,27 @@ def test_a_row_already_evaluated_is_read_back_without_loading_the_model(tmp_path
     (tmp_path / "evals").mkdir()
     (tmp_path / "evals" / "row-1.json").write_text(json.dumps(cached))
     assert evaluate_row(plan, 1, str(tmp_path / "no-such-model")) == cached
+
+
+def test_a_damaged_row_cache_is_evaluated_again(tiny_model_dir, tmp_path, caplog):
+    """`evals/row-<k>.json` emptied, cut or holding a list failed the re-run with json's
+    words or a traceback; it is a cache, so its row is evaluated again and written anew."""
+    from resd.analysis.continual import evaluate_row
+
+    plan = build_plan(
+        {"output_dir": str(tmp_path), "eval_items": 1, "eval_samples": 1,
+         "eval_max_new_tokens": 2, "stages": [{"name": "a", "env": "arithmetic"}]}
+    )  # fmt: skip
+    (tmp_path / "evals").mkdir()
+    cache = tmp_path / "evals" / "row-1.json"
+    for damaged in (b"", b'{"a": {"metr', b"[1, 2]", b'{"a": 3}'):
+        cache.write_bytes(damaged)
+        with caplog.at_level(logging.WARNING, logger="resd.analysis.continual"):
+            results = evaluate_row(plan, 1, str(tiny_model_dir))
+        assert list(results) == ["a"] and "case_mean@k" in results["a"]["metrics"]
+        assert json.loads(cache.read_text()) == results
+        assert f"{cache} cannot be read; its evaluations are made again" in caplog.text
+        caplog.clear()
 
 
 def test_a_stage_folder_with_a_summary_but_no_checkpoint_is_an_error(tmp_path):

@@ -70,6 +70,7 @@ from resd.config import (
     TrainConfig,
     apply_overrides,
     build_config,
+    first_line,
     read_yaml_mapping,
     settings_differences,
 )
@@ -318,10 +319,26 @@ def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playb
     return str(final), str(new_playbook) if new_playbook.exists() else playbook, info
 
 
+def _cached_row(cache: Path) -> dict[str, dict[str, Any]]:
+    """A row's cached evaluations ({} where there are none). A damaged cache (a copy cut
+    short, an edit) failed the re-run with json's words, or a traceback for a list; what
+    it held is evaluated again, at the same seed, and written anew."""
+    if not cache.exists():
+        return {}
+    try:
+        results = json.loads(cache.read_text())
+        if isinstance(results, dict) and all(isinstance(v, dict) for v in results.values()):
+            return results
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        pass
+    log.warning("%s cannot be read; its evaluations are made again", cache)
+    return {}
+
+
 def evaluate_row(plan: ContinualPlan, row: int, model: str) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on the row's suites; cached in `evals/row-<k>.json`."""
     cache = plan.out / "evals" / f"row-{row}.json"
-    results: dict[str, dict[str, Any]] = json.loads(cache.read_text()) if cache.exists() else {}
+    results = _cached_row(cache)
     todo = [s for s in plan.row_suites(row) if s.name not in results]
     if not todo:
         return results
@@ -425,8 +442,13 @@ def check_reused_output(plan: ContinualPlan, record: dict[str, Any]) -> None:
         return
     try:
         old = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"output_dir: {path} is not valid YAML ({exc})") from None
+        if not isinstance(old, dict):  # compared as settings, it listed every key as changed
+            held = "nothing" if old is None else f"a {type(old).__name__}"
+            raise ValueError(f"it holds {held}, not the settings")
+    except (yaml.YAMLError, ValueError) as exc:  # UnicodeDecodeError among them
+        raise ConfigError(f"output_dir: {path} cannot be read ({first_line(exc)}), so the "
+                          f"stages and evaluations in {plan.out} cannot be vouched for; use "
+                          "another output_dir") from None  # fmt: skip
     differ = settings_differences(old, record)
     if differ:
         shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
