@@ -692,3 +692,27 @@ def test_an_empty_path_is_refused_before_anything_is_written(
     err = capsys.readouterr().err
     assert exited.value.code == 2 and f"argument {option}: must not be empty" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("words", "setting"),
+    [(["--config", "{bad}"], "config"),
+     (["chat_template={bad}"], "chat_template"),
+     (["env=qa", "env_args.path={bad}"], "env_args.path"),
+     (["env=ifeval", "env_args.path={bad}"], "env_args.path")],
+)  # fmt: skip
+def test_a_file_that_is_not_text_is_named_with_its_setting(
+    words, setting, tiny_model_dir, tmp_path, capsys
+):
+    """A binary file (or text in another encoding) given for a config, a chat template or
+    an environment's data raised Python's UnicodeDecodeError, printed as "'utf-8' codec
+    can't decode byte 0x80 in position 1": no file, no setting."""
+    bad = tmp_path / "data.json"
+    bad.write_bytes(b"\x10\x80\xff not text")
+    words = [w.format(bad=bad) for w in words]
+    assert main(["train", "--dry-run", f"model={tiny_model_dir}", *words]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"resd: error: {setting}: {bad} is not UTF-8 text (byte 1 cannot be read: "
+        "invalid start byte)\n"
+    ), err

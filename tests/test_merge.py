@@ -94,10 +94,14 @@ def test_refuses_to_pool_what_is_not_one_study(tmp_path):
     for bad, message in (
         (tmp_path / "none", "no comparison.json"),
         (tmp_path / "junk", "not valid JSON"),
+        # bytes, not text: UnicodeDecodeError's words alone, naming no file
+        (tmp_path / "bytes", r"bytes.comparison\.json: not valid JSON \('utf-8' codec"),
     ):
         bad.mkdir()
         if bad.name == "junk":
             (bad / "comparison.json").write_text("{cut")
+        if bad.name == "bytes":
+            (bad / "comparison.json").write_bytes(b"\x10\x80 damaged")
         with pytest.raises(MergeError, match=message):
             merge_comparisons([a, bad], tmp_path / "x")
     with pytest.raises(MergeError, match="--reference 'ppo'"):

@@ -480,6 +480,15 @@ def test_a_seed_file_puts_headless_entries_in_others_and_starts_them_at_step_0()
     assert pb.prune(2, policy="staleness") == ["strat-00007"]
 
 
+@pytest.mark.parametrize("name", ["playbook.json", "playbook.md"])
+def test_a_playbook_file_that_is_not_text_is_named(tmp_path: Path, name: str) -> None:
+    """`playbook_init` naming a binary file failed the run with UnicodeDecodeError's words
+    alone (which name no file), after the model had loaded."""
+    (tmp_path / name).write_bytes(b"\x80\x81 not text")
+    with pytest.raises(ValueError, match=rf"^playbook_init: .*{name} is not UTF-8 text \(byte 0"):
+        Playbook.load(tmp_path / name)
+
+
 def test_save_makes_missing_folders_and_load_takes_a_string_path(tmp_path: Path) -> None:
     """Catches `save` into a folder that does not exist yet or given as a string, and a
     missing `playbook_init` reported without its option name."""

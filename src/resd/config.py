@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from resd.templating import read_text_file
+
 # The choices of the fields that take one: the one list, also checked by the modules that
 # receive these values from Python (the teacher, the playbook, model loading).
 TEACHER_KINDS = ("ema", "base", "live", "trust_region")
@@ -764,11 +766,13 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file that must hold a mapping (an empty file is an empty mapping)."""
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = yaml.safe_load(read_text_file(path, "config"))
     except FileNotFoundError:
         raise ConfigError(f"config: file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    except ValueError as exc:  # not UTF-8 text (read_text_file): said as a config error
+        raise ConfigError(str(exc)) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from resd.config import DTYPE_NAMES, check_device, did_you_mean, first_line
-from resd.templating import from_where, names_a_file
+from resd.templating import from_where, names_a_file, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def load_tokenizer(
         if "{" in chat_template:  # Jinja text
             tokenizer.chat_template = chat_template
         elif names_a_file(chat_template):
-            tokenizer.chat_template = Path(chat_template).read_text()
+            tokenizer.chat_template = read_text_file(chat_template, "chat_template")
         else:  # neither: used as is, every prompt would be this string
             raise ValueError(f"chat_template: no such file {chat_template!r}"
                              f"{from_where(chat_template)} (or give the Jinja template itself)")  # fmt: skip

@@ -37,6 +37,18 @@ def from_where(path: str | Path) -> str:
     return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """A file the user named for `what`, as UTF-8 text. A binary file, or text in another
+    encoding, raised Python's UnicodeDecodeError, whose words ("'utf-8' codec can't decode
+    byte 0x80 in position 1") name neither the file nor the setting."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{what}: {path} is not UTF-8 text (byte {exc.start} cannot be read: {exc.reason})"
+        ) from None
+
+
 def slots(template: str) -> list[str]:
     return _SLOT.findall(template)
 

@@ -60,7 +60,7 @@ def load_comparison(source: str | Path) -> dict[str, Any]:
         raise MergeError(f"{source}: no comparison.json there (run `resd compare` first)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes not text
         raise MergeError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
         raise MergeError(f"{path}: not a comparison.json (no 'runs' list)")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from resd.templating import from_where
+from resd.templating import from_where, read_text_file
 
 __all__ = [
     "DATA_SUFFIXES",
@@ -217,7 +217,7 @@ def _read_json(
     path: Path, required: Sequence[str] = ()
 ) -> tuple[list[dict[str, Any]], list[int] | None]:
     """Rows of a JSON-lines file (with line numbers), or of a .json file holding a list."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "env_args.path")
     if path.suffix.lower() == ".json":
         try:
             whole = json.loads(text)

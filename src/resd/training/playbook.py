@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from resd.config import PRUNE_POLICIES
-from resd.templating import from_where
+from resd.templating import from_where, read_text_file
 from resd.training.guards import word_overlap
 
 log = logging.getLogger(__name__)
@@ -471,12 +471,12 @@ class Playbook:
             raise FileNotFoundError(f"playbook_init: no such file {str(path)!r}{from_where(path)}")
         if path.suffix == ".json":
             try:
-                return cls.from_dict(json.loads(path.read_text()))
+                return cls.from_dict(json.loads(read_text_file(path, "playbook_init")))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(
                     f"playbook_init: {path} is not a saved playbook.json: {exc}"
                 ) from exc
-        return cls.parse(path.read_text())
+        return cls.parse(read_text_file(path, "playbook_init"))
 
     def _find_similar(self, text: str, threshold: float, exclude: set[str]) -> str | None:
         return next((e.id for e in self.entries.values()
