@@ -263,6 +263,23 @@ def test_qa_row_with_null_answer_names_the_row(tmp_path):
         QAEnv(path=str(path))
 
 
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [(b'question,answer\n"unclosed,a\n', "(ParserError: Error tokenizing data. C error: EOF "
+                                           "inside string starting at row 1)"),
+     (b"\x10\x80 not text", "(UnicodeDecodeError: 'utf-8' codec can't decode byte 0x80")],
+)  # fmt: skip
+def test_a_csv_that_cannot_be_parsed_names_the_parsers_reason(tmp_path, text, cause):
+    """datasets wraps a parser's error in "An error occurred while generating the dataset",
+    which was all the user saw: found by giving the environments damaged data files."""
+    path = tmp_path / "cut.csv"
+    path.write_bytes(text)
+    with pytest.raises(ValueError, match=r"^env_args\.path: cannot load '.*cut\.csv': An error "
+                       r"occurred while generating the dataset ") as refused:  # fmt: skip
+        QAEnv(path=str(path))
+    assert cause in str(refused.value)
+
+
 # -- prompts, references, chats --------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from resd.config import first_line
 from resd.templating import from_where, read_text_file
 
 __all__ = [
@@ -437,7 +438,11 @@ def _load_dataset(
             culprit = named[0] if named else split_fields[0]
         if empty:  # the message every other source gives for a slice past the end
             raise ValueError(f"{culprit}: {source} [{empty.group(1)}] has no rows") from exc
-        raise ValueError(f"{culprit}: cannot load {source!r}: {exc}") from exc
+        # datasets wraps a parser's error in "An error occurred while generating the
+        # dataset": the cause (pandas' "EOF inside string starting at row 1") says what
+        cause = exc.__cause__
+        cause = f" ({type(cause).__name__}: {first_line(cause)})" if cause else ""
+        raise ValueError(f"{culprit}: cannot load {source!r}: {exc}{cause}") from exc
     if any(
         isinstance(ds, (datasets.IterableDataset, datasets.IterableDatasetDict)) for ds in loaded
     ):
