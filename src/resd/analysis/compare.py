@@ -6,7 +6,8 @@
 Every run is `resd train` on the base config plus the command line's `key=value`
 overrides, then the algorithm's own overrides (`--algorithm-args ALGO:key=value`,
 repeatable), and finally `algorithm=`, `seed=` and `output_dir=<out>/<algo>-seed<k>`,
-which nothing can override.
+which nothing can override: an override of one of these three is refused, since it would
+lose without a word (a base config's own are simply replaced).
 
 Fairness. For a given seed index every algorithm sees the same prompts in the same
 order: the trainer shuffles the training items with `random.Random(cfg.seed)` and cuts

@@ -14,8 +14,9 @@ apply to it) plus:
 
 A stage's keys override the base config for that stage only; its `env_args` replace the
 base's (they belong to another environment); `model` and `output_dir` are set by the
-chain, and so is `playbook_init` unless the stage sets it (null: start empty). A held-out suite may also set evaluation
-keys (`eval_items`, `eval_samples`, `eval_max_new_tokens`, ...).
+chain (a stage that names either is refused), and so is `playbook_init` unless the stage
+sets it (null: start empty). A held-out suite may also set evaluation keys
+(`eval_items`, `eval_samples`, `eval_max_new_tokens`, ...).
 
 Stage k (1-based) trains in `<output_dir>/stage-<k>-<name>/` starting from stage k−1's
 final model, its last checkpoint folder (for a LoRA stage, the adapter
