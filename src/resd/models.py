@@ -14,6 +14,7 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -306,7 +307,9 @@ def load_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise _cannot_load(name, exc) from exc
-    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+    # A damaged file's errors; not every ValueError (transformers' own, such as the one that
+    # asks for trust_remote_code, run to several lines that say what to do)
+    except (AttributeError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         if Path(path).is_dir():  # its own files, not a setting, failed to parse
             raise _unreadable(name, exc) from exc
         raise
@@ -422,8 +425,6 @@ def quiet_peft_wrapping() -> Iterator[None]:
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     """A PEFT adapter folder's adapter_config.json, or one line naming the folder: a damaged
     one failed `resd eval` with json's words alone, or with a traceback for a list."""
-    import json
-
     try:
         config = json.loads((Path(folder) / "adapter_config.json").read_text())
         if not isinstance(config, dict):
