@@ -599,6 +599,20 @@ def test_a_model_folder_with_a_damaged_file_is_named_in_one_line(
         load_tokenizer(str(folder))  # loads the weights and fails here
 
 
+def test_a_model_folder_without_its_tokenizer_file_says_so(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A folder whose tokenizer.json went missing was refused in transformers' words alone,
+    "You need to have sentencepiece or tiktoken installed", naming neither the folder nor
+    the file (found by `fuzz_combinations.py corrupt`)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=rf"^model: cannot load the tokenizer in '{folder}', "
+                       r"which holds no tokenizer\.json \(.+\)$"):  # fmt: skip
+        load_tokenizer(str(folder))
+
+
 def test_a_model_config_that_cannot_be_read_names_the_model(tmp_path) -> None:
     """`resd train --dry-run` reads the model's config alone; a config.json that is not
     JSON is the trainer's "model: cannot load", not an OSError's traceback."""

@@ -313,6 +313,11 @@ def load_tokenizer(
         if Path(path).is_dir():  # its own files, not a setting, failed to parse
             raise _unreadable(name, exc) from exc
         raise
+    except ValueError as exc:  # without tokenizer.json, transformers asks for sentencepiece
+        if Path(path).is_dir() and not (Path(path) / "tokenizer.json").exists():
+            raise ValueError(f"model: cannot load the tokenizer in {name!r}, which holds no "
+                             f"tokenizer.json ({first_line(exc)})") from exc  # fmt: skip
+        raise
     # What training changes below, to be put back whenever the tokenizer is saved.
     tokenizer._resd_loaded = {"padding_side": tokenizer.padding_side,
                               "model_max_length": tokenizer.model_max_length}  # fmt: skip
