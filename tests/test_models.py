@@ -609,7 +609,7 @@ def test_a_model_folder_without_its_tokenizer_file_says_so(
     shutil.copytree(tiny_model_dir, folder)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=rf"^model: cannot load the tokenizer in '{folder}', "
-                       r"which holds no tokenizer\.json \(.+\)$"):  # fmt: skip
+                       r"which holds no tokenizer\.json$"):  # fmt: skip
         load_tokenizer(str(folder))
 
 

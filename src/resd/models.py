@@ -316,7 +316,7 @@ def load_tokenizer(
     except ValueError as exc:  # without tokenizer.json, transformers asks for sentencepiece
         if Path(path).is_dir() and not (Path(path) / "tokenizer.json").exists():
             raise ValueError(f"model: cannot load the tokenizer in {name!r}, which holds no "
-                             f"tokenizer.json ({first_line(exc)})") from exc  # fmt: skip
+                             "tokenizer.json") from exc  # fmt: skip
         raise
     # What training changes below, to be put back whenever the tokenizer is saved.
     tokenizer._resd_loaded = {"padding_side": tokenizer.padding_side,
