@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from resd.config import DTYPE_NAMES, check_device, did_you_mean, first_line
+from resd.rundir import read_json_object
 from resd.templating import from_where, names_a_file, read_text_file
 
 log = logging.getLogger(__name__)
@@ -431,12 +432,9 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     """A PEFT adapter folder's adapter_config.json, or one line naming the folder: a damaged
     one failed `resd eval` with json's words alone, or with a traceback for a list."""
     try:
-        config = json.loads((Path(folder) / "adapter_config.json").read_text())
-        if not isinstance(config, dict):
-            raise TypeError(f"adapter_config.json holds a {type(config).__name__}, not an object")
-    except (ValueError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError among them
+        return read_json_object(Path(folder) / "adapter_config.json")
+    except ValueError as exc:
         raise _unreadable(str(folder), exc) from exc
-    return config
 
 
 def load_adapter(base: PreTrainedModel, folder: str | Path, *, is_trainable: bool = False) -> Any:

@@ -178,6 +178,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a summary, a checkpoint's state, an adapter's
+    config), or a ValueError that says why not: json's for a file cut short, Python's
+    UnicodeDecodeError for bytes that are not text, ours for JSON of another shape. Each
+    caller says which file it was and the way on."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """A finished run's summary.json ({} where there is none), or a ValueError that names
     it and the way on. `resd compare` and `resd continual` reuse a finished run by it; a
@@ -187,15 +198,12 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        summary = json.loads(path.read_text())
-        if not isinstance(summary, dict):
-            raise ValueError(f"a JSON object was written, this is a {type(summary).__name__}")
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError among them
+        return read_json_object(path)
+    except ValueError as exc:
         raise ValueError(
             f"{path}: cannot be read ({exc}); delete it and run the same command again: the "
             "run resumes from its last checkpoint and writes it anew"
         ) from None
-    return summary
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -76,7 +76,7 @@ from resd.config import (
     settings_differences,
 )
 from resd.envs import Environment, make_env
-from resd.rundir import path_option, read_summary
+from resd.rundir import path_option, read_json_object, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -327,10 +327,10 @@ def _cached_row(cache: Path) -> dict[str, dict[str, Any]]:
     if not cache.exists():
         return {}
     try:
-        results = json.loads(cache.read_text())
-        if isinstance(results, dict) and all(isinstance(v, dict) for v in results.values()):
+        results = read_json_object(cache)
+        if all(isinstance(v, dict) for v in results.values()):
             return results
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+    except ValueError:
         pass
     log.warning("%s cannot be read; its evaluations are made again", cache)
     return {}

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from resd.config import first_line
 from resd.models import as_loaded
+from resd.rundir import read_json_object
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -181,10 +182,7 @@ def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json: the run's cursor, buffers and settings."""
     file = path / "state.json"
     with reading(file):
-        state = json.loads(file.read_text())
-        if not isinstance(state, dict):
-            raise TypeError(f"a JSON object was written, this is a {type(state).__name__}")
-    return state
+        return read_json_object(file)
 
 
 def load_checkpoint(path: Path, *, teachers: dict[str, Any]) -> tuple[dict[str, Any], dict]:
