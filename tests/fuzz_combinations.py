@@ -420,24 +420,34 @@ CORRUPT_RUN = ["batch_size=2", "rollouts_per_prompt=2", "eval_every=1", "save_ev
                "eval_items=2", "keep_checkpoints=2"]  # fmt: skip
 
 
-def corrupt_base(out: Path, model: Path) -> Path:
-    """The finished run every case damages a copy of: 2 steps, a checkpoint after each."""
+# the two finished runs the cases damage: full weights, then a LoRA adapter (its teacher an
+# adapter too); a LoRA run's cases come after every full run's, so old indices stay
+CORRUPT_BASES = {"corrupt-base": [], "corrupt-lora-base": ["lora={r: 4, alpha: 8}"]}
+
+
+def corrupt_base(out: Path, model: Path, name: str = "corrupt-base") -> Path:
+    """A finished run the cases damage a copy of: 2 steps, a checkpoint after each."""
     from resd.config import load_config
     from resd.training.trainer import Trainer
 
-    base = out / "corrupt-base"
+    base = out / name
     if not (base / "summary.json").exists():
         shutil.rmtree(base, ignore_errors=True)
-        Trainer(load_config(None, [*small_run(model, base, steps=2), *CORRUPT_RUN])).train()
+        settings = [*small_run(model, base, steps=2), *CORRUPT_RUN, *CORRUPT_BASES[name]]
+        Trainer(load_config(None, settings)).train()
     return base
 
 
-def corrupt_cases(base: Path) -> list[tuple[str, str]]:
-    """(file, damage) pairs in a fixed order; `other_json` (valid JSON of another shape)
-    only for the JSON files."""
-    files = sorted(str(f.relative_to(base)) for f in base.rglob("*") if f.is_file())
-    return [(name, damage) for name in files for damage in CORRUPTIONS
-            if damage != "other_json" or name.endswith((".json", ".jsonl"))]  # fmt: skip
+def corrupt_cases(out: Path, model: Path) -> list[tuple[Path, str, str]]:
+    """(base run, file, damage) triples in a fixed order; `other_json` (valid JSON of
+    another shape) only for the JSON files."""
+    cases = []
+    for name in CORRUPT_BASES:
+        base = corrupt_base(out, model, name)
+        files = sorted(str(f.relative_to(base)) for f in base.rglob("*") if f.is_file())
+        cases += [(base, file, how) for file in files for how in CORRUPTIONS
+                  if how != "other_json" or file.endswith((".json", ".jsonl"))]  # fmt: skip
+    return cases
 
 
 def damage(path: Path, how: str) -> None:
@@ -470,13 +480,13 @@ def corrupt(index: int, out: Path, model: Path) -> dict[str, Any]:
 
     from resd.cli import main as resd_main
 
-    base = corrupt_base(out, model)
-    name, how = corrupt_cases(base)[index]
+    base, name, how = corrupt_cases(out, model)[index]
     run = out / f"corrupt{index}"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(base, run)
     damage(run / name, how)
-    record: dict[str, Any] = {"index": index, "file": name, "damage": how, "ok": True}
+    record: dict[str, Any] = {"index": index, "run": base.name, "file": name, "damage": how,
+                              "ok": True}  # fmt: skip
     commands = {
         "report": ["report", str(run), "--out", str(out / f"report{index}" / "r.html")],
         "eval": ["eval", "--model", str(run), "--env", "arithmetic", "--items", "1",
@@ -508,6 +518,174 @@ def corrupt(index: int, out: Path, model: Path) -> dict[str, Any]:
             break
     shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(out / f"report{index}", ignore_errors=True)
+    return record
+
+
+# `serve`: a learning server's folder (`resd serve --learn`) damaged the same ways. The
+# base: one learner step served, then one the guard kept off, so the folder holds the
+# database, the learner's run with two checkpoints, and the served version's weights.
+SERVE_LEARN = ["batch_size=2", "rollouts_per_prompt=1", "eval_items=2", "save_every=1",
+               "keep_checkpoints=2"]  # fmt: skip
+
+
+def _serve(folder: Path, model: Path, learn: Path, *extra: str) -> tuple[Any, str, list[str]]:
+    """`resd serve --learn` on `folder` as a process: (process, its URL, what it said up to
+    the line that says it serves); the process has exited when that line never came."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "resd.cli", "serve", "--model", str(model), "--port", str(port),
+            "--output-dir", str(folder), "--learn", str(learn), "--max-new-tokens", "8",
+            "--log-level", "warning", *extra]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RESD_API_KEY", None)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=env)  # fmt: skip
+    said = []
+    for line in proc.stderr:
+        said.append(line.rstrip())
+        if line.startswith("resd serve: model"):
+            break
+    else:
+        proc.wait()
+    return proc, f"http://127.0.0.1:{port}", said
+
+
+def _stop(proc: Any, said: list[str]) -> int:
+    """SIGTERM, then what it said on the way out; its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, rest = proc.communicate(timeout=120)
+    except Exception:
+        proc.kill()
+        _, rest = proc.communicate()
+    said += rest.splitlines()
+    return proc.returncode
+
+
+def _learn_from(url: str, model: Path, rows: int, step: int) -> None:
+    """`rows` served replies with feedback, then wait for the learner's step `step`."""
+    import httpx
+
+    for i in range(rows):
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": str(model), "max_tokens": 6, "temperature": 1.0, "seed": i,
+            "messages": [{"role": "user", "content": f"What is {i} + {i}?"}]}).json()  # fmt: skip
+        httpx.post(f"{url}/v1/feedback", timeout=30, json={
+            "completion_id": reply["id"], "reward": 0.0,
+            "feedback": f"Wrong: {i} + {i} is {2 * i}."}).raise_for_status()  # fmt: skip
+    deadline = time.monotonic() + 300
+    while (httpx.get(f"{url}/health", timeout=30).json().get("learner") or {}).get("step") != step:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the learner did not reach step {step}")
+        time.sleep(0.5)
+
+
+def serve_base(out: Path, model: Path) -> tuple[Path, Path]:
+    """The learning server's folder every case damages a copy of, and its learner config
+    (kept outside the folder): step 1 served (any guard result passes), step 2 kept off
+    (the guard asks for a gain of 2), so `learner/served.safetensors` holds step 1."""
+    from resd.config import load_config
+
+    base, learn = out / "serve-base", out / "serve-learn.yaml"
+    if (base / "built").exists():
+        return base, learn
+    shutil.rmtree(base, ignore_errors=True)
+    cfg = load_config(None, [*small_run(model, base / "unused", steps=1), *SERVE_LEARN])
+    import yaml
+
+    learn.write_text(yaml.safe_dump(
+        {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "steps")}))  # fmt: skip
+    for step, tolerance in ((1, "1"), (2, "-2")):
+        proc, url, said = _serve(base, model, learn, "--guard-tolerance", tolerance)
+        if proc.poll() is not None:
+            raise RuntimeError("\n".join(said[-20:]))
+        try:
+            _learn_from(url, model, rows=2, step=step)
+        finally:
+            _stop(proc, said)
+    (base / "built").write_text("")
+    return base, learn
+
+
+def serve_cases(base: Path) -> list[tuple[str, str]]:
+    files = sorted(str(f.relative_to(base)) for f in base.rglob("*")
+                   if f.is_file() and f.name != "built")  # fmt: skip
+    return [(name, how) for name in files for how in CORRUPTIONS
+            if how != "other_json" or name.endswith((".json", ".jsonl"))]  # fmt: skip
+
+
+def serve(index: int, out: Path, model: Path) -> dict[str, Any]:
+    """One file of a learning server's folder damaged; then `resd report` on the folder and
+    `resd serve --learn` restarted on it. The report works or refuses in one line without
+    changing a file; the server starts (and answers /health and a completion), or refuses
+    in one line (status 2) and leaves the folder as it was. A traceback is a finding."""
+    import contextlib
+    import io
+
+    import httpx
+
+    from resd.cli import main as resd_main
+
+    base, learn = serve_base(out, model)
+    name, how = serve_cases(base)[index]
+    folder = out / f"serve{index}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(base, folder)
+    damage(folder / name, how)
+    record: dict[str, Any] = {"index": index, "file": name, "damage": how, "ok": True}
+    before = folder_state(folder)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = resd_main(["report", str(folder), "--out", str(out / f"sreport{index}" / "r.html")])
+    except SystemExit as exc:
+        code = exc.code
+    except Exception as exc:
+        code = None
+        record.update(ok=False, error=f"report: {type(exc).__name__}: {exc}"[:500],
+                      traceback=traceback.format_exc()[-3000:])  # fmt: skip
+    said = err.getvalue().strip().splitlines()
+    record["report"] = "ran" if code == 0 else (said[-1] if said else f"status {code}")[:300]
+    if record["ok"] and code not in (0, 2):
+        record.update(ok=False, error=f"report: exit status {code}: {said[-1:]}")
+    elif record["ok"] and folder_state(folder) != before:
+        record.update(ok=False, error="report changed the folder")
+    if record["ok"]:
+        proc, url, said = _serve(folder, model, learn)
+        if proc.poll() is None:
+            try:
+                health = httpx.get(f"{url}/health", timeout=60).json()
+                reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+                    "model": str(model), "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+                record["serve"] = f"started: {health.get('model_version')}, step " + str(
+                    (health.get("learner") or {}).get("step"))
+                if reply.status_code != 200:
+                    record.update(ok=False, error=f"a completion: {reply.status_code} {reply.text[:200]}")
+            except Exception as exc:
+                record.update(ok=False, error=f"serve: {type(exc).__name__}: {exc}"[:500])
+            code = _stop(proc, said)
+            if code != 0:
+                record.update(ok=False, error=f"serve stopped with status {code}: {said[-1:]}")
+        else:
+            code = proc.returncode
+            record["serve"] = (said[-1] if said else f"status {code}")[:300]
+            after = folder_state(folder)
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            if code != 2:
+                record.update(ok=False, error=f"serve: exit status {code}: {said[-1:]}")
+            elif changed:
+                record.update(ok=False, error=f"a refused start changed {changed[:5]}")
+        if any("Traceback" in line for line in said):
+            record.update(ok=False, error=record.get("error") or "a traceback",
+                          traceback="\n".join(said)[-3000:])  # fmt: skip
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out / f"sreport{index}", ignore_errors=True)
     return record
 
 
@@ -637,7 +815,7 @@ def dist(index: int, out: Path, model: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["single", "dist", "edge", "options", "corrupt"])
+    parser.add_argument("mode", choices=["single", "dist", "edge", "options", "corrupt", "serve"])
     parser.add_argument("start", type=int)
     parser.add_argument("count", type=int)
     parser.add_argument("--out", type=Path, default=Path("/tmp/resd-fuzz"))
@@ -658,7 +836,7 @@ def main() -> int:
     for index in range(args.start, args.start + args.count):
         start = time.perf_counter()
         modes = {"single": single, "dist": dist, "edge": edge, "options": options,
-                 "corrupt": corrupt}  # fmt: skip
+                 "corrupt": corrupt, "serve": serve}  # fmt: skip
         record = modes[args.mode](index, args.out, model)
         record["seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:

@@ -16,6 +16,7 @@ import resd
 from resd.config import ConfigError, load_config
 from resd.generation.hf import chat_prompt_ids
 from resd.models import load_model, load_tokenizer
+from resd.training.checkpoint import save_model
 from resd.training.hub import hub_base_model, hub_files, model_card, write_model_card
 from resd.training.policy import lora_config
 from resd.training.trainer import Trainer
@@ -308,3 +309,16 @@ def test_every_builtin_environment_works_with_a_template_that_refuses_system(
     trainer.train()
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["reflections"] >= 1 and metrics["distilled"] >= 1
+
+
+def test_an_adapter_saves_over_a_model_card_it_cannot_read(tiny_model_dir, tmp_path):
+    """A run folder whose README.md was damaged (binary bytes): the final save of a
+    resumed LoRA run failed after training with "'utf-8' codec can't decode byte", since
+    peft reads the card it finds to update it. The save writes its own card instead."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_model(str(tiny_model_dir)), lora_config({"r": 2}))
+    (tmp_path / "README.md").write_bytes(bytes(range(128, 192)))
+    save_model(tmp_path, model, load_tokenizer(str(tiny_model_dir)))
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert "peft" in (tmp_path / "README.md").read_text()

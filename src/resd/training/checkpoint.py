@@ -95,7 +95,12 @@ def save_model(
     folder: Path, model, tokenizer, model_state: dict[str, torch.Tensor] | None = None
 ) -> None:
     """The student as an ordinary Hugging Face folder (PEFT: the adapter) with its tokenizer,
-    without the settings training forced on it (left padding, a shortened length)."""
+    without the settings training forced on it (left padding, a shortened length).
+
+    A model card already in `folder` goes first: each caller writes its own, and peft
+    would read the old one to update it, failing at the end of a resumed run on one it
+    cannot read (a damaged or binary README.md)."""
+    (folder / "README.md").unlink(missing_ok=True)
     if model_state is None:
         model.save_pretrained(folder)
     else:
