@@ -642,7 +642,9 @@ def serve(index: int, out: Path, model: Path) -> dict[str, Any]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = resd_main(["report", str(folder), "--out", str(out / f"sreport{index}" / "r.html")])
+            code = resd_main(
+                ["report", str(folder), "--out", str(out / f"sreport{index}" / "r.html")]
+            )
     except SystemExit as exc:
         code = exc.code
     except Exception as exc:
@@ -664,9 +666,12 @@ def serve(index: int, out: Path, model: Path) -> dict[str, Any]:
                     "model": str(model), "max_tokens": 4,
                     "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
                 record["serve"] = f"started: {health.get('model_version')}, step " + str(
-                    (health.get("learner") or {}).get("step"))
+                    (health.get("learner") or {}).get("step")
+                )
                 if reply.status_code != 200:
-                    record.update(ok=False, error=f"a completion: {reply.status_code} {reply.text[:200]}")
+                    record.update(
+                        ok=False, error=f"a completion: {reply.status_code} {reply.text[:200]}"
+                    )
             except Exception as exc:
                 record.update(ok=False, error=f"serve: {type(exc).__name__}: {exc}"[:500])
             code = _stop(proc, said)
