@@ -694,6 +694,108 @@ def serve(index: int, out: Path, model: Path) -> dict[str, Any]:
     return record
 
 
+# `folders`: a `resd compare` folder (two algorithms, one seed) and a `resd continual`
+# folder (two stages, a held-out suite) damaged the same ways, then the same command run
+# again on it (it must finish what it can or refuse in one line) and `resd report`.
+FOLDER_RUN = ["batch_size=2", "rollouts_per_prompt=1", "eval_items=2", "save_every=1", "steps=2",
+              "eval_every=1"]  # fmt: skip
+
+
+def folder_command(kind: str, folder: Path, model: Path, out: Path) -> list[str]:
+    """The command that made (and, run again, resumes) a `folders` base."""
+    run = [*small_run(model, folder, steps=2), *FOLDER_RUN]
+    if kind == "compare":
+        run = [x for x in run if not x.startswith("output_dir=")]
+        return ["compare", "--algorithms", "resd,sdpo", "--seeds", "0", "--out", str(folder),
+                "--no-plots", *run]  # fmt: skip
+    import yaml
+
+    config = out / "continual.yaml"
+    if not config.exists():
+        config.write_text(yaml.safe_dump({
+            "stages": [{"env": "arithmetic", "env_args": {"n_train": 8, "n_test": 2}},
+                       {"name": "again", "env": "arithmetic", "env_args": {"n_train": 8, "n_test": 2,
+                                                                           "max_operand": 20}}],
+            "heldout": [{"name": "held", "env": "arithmetic", "env_args": {"n_train": 2, "n_test": 2,
+                                                                         "max_operand": 5}}]}))  # fmt: skip
+    return ["continual", "--config", str(config), *run]
+
+
+def _resd(argv: list[str]) -> tuple[int | None, list[str], str | None]:
+    """`resd ARGV` in this process: (exit status, what it said, a traceback or None)."""
+    import contextlib
+    import io
+
+    from resd.cli import main as resd_main
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = resd_main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except Exception:
+        return None, err.getvalue().strip().splitlines(), traceback.format_exc()[-3000:]
+    return code, err.getvalue().strip().splitlines(), None
+
+
+def folder_base(kind: str, out: Path, model: Path) -> Path:
+    base = out / f"{kind}-base"
+    if not (base / "built").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        code, said, crash = _resd(folder_command(kind, base, model, out))
+        if code != 0:
+            raise RuntimeError(crash or "\n".join(said[-10:]))
+        (base / "built").write_text("")
+    return base
+
+
+def folder_cases(out: Path, model: Path) -> list[tuple[str, str, str]]:
+    cases = []
+    for kind in ("compare", "continual"):
+        base = folder_base(kind, out, model)
+        # a checkpoint's files are `corrupt`'s: here, what the command itself reads
+        files = sorted(str(f.relative_to(base)) for f in base.rglob("*") if f.is_file()
+                       and f.name != "built" and not any(p.startswith("checkpoint-")
+                                                         for p in f.relative_to(base).parts))  # fmt: skip
+        cases += [(kind, file, how) for file in files for how in CORRUPTIONS
+                  if how != "other_json" or file.endswith((".json", ".jsonl"))]  # fmt: skip
+    return cases
+
+
+def folders(index: int, out: Path, model: Path) -> dict[str, Any]:
+    """One file of a `resd compare` or `resd continual` folder damaged; then `resd report`
+    on it and the command that made it, run again. Each works or refuses in one line
+    (status 2); a refusal, or a report, leaves the folder as it was."""
+    kind, name, how = folder_cases(out, model)[index]
+    folder = out / f"{kind}{index}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(folder_base(kind, out, model), folder)
+    damage(folder / name, how)
+    record: dict[str, Any] = {"index": index, "kind": kind, "file": name, "damage": how, "ok": True}
+    commands = {"report": ["report", str(folder), "--out", str(out / f"freport{index}" / "r.html")],
+                "again": folder_command(kind, folder, model, out)}  # fmt: skip
+    for command, argv in commands.items():
+        before = folder_state(folder)
+        code, said, crash = _resd(argv)
+        if crash:
+            record.update(ok=False, error=f"{command}: {crash.splitlines()[-1]}"[:500],
+                          traceback=crash)  # fmt: skip
+            break
+        record[command] = "ran" if code == 0 else (said[-1] if said else f"status {code}")[:300]
+        after = folder_state(folder)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        if code not in (0, 2):
+            record.update(ok=False, error=f"{command}: exit status {code}: {said[-1:]}")
+        elif changed and (code != 0 or command == "report"):
+            record.update(ok=False, error=f"{command} (status {code}) changed {changed[:5]}")
+        if not record["ok"]:
+            break
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out / f"freport{index}", ignore_errors=True)
+    return record
+
+
 def yaml_word(value: Any) -> str:
     """A value as a key=value word: YAML's null, true and false (not a dict lookup, where
     1.0 == True would write alpha=1.0 as alpha=true)."""
@@ -820,7 +922,9 @@ def dist(index: int, out: Path, model: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["single", "dist", "edge", "options", "corrupt", "serve"])
+    parser.add_argument(
+        "mode", choices=["single", "dist", "edge", "options", "corrupt", "serve", "folders"]
+    )
     parser.add_argument("start", type=int)
     parser.add_argument("count", type=int)
     parser.add_argument("--out", type=Path, default=Path("/tmp/resd-fuzz"))
@@ -841,7 +945,7 @@ def main() -> int:
     for index in range(args.start, args.start + args.count):
         start = time.perf_counter()
         modes = {"single": single, "dist": dist, "edge": edge, "options": options,
-                 "corrupt": corrupt, "serve": serve}  # fmt: skip
+                 "corrupt": corrupt, "serve": serve, "folders": folders}  # fmt: skip
         record = modes[args.mode](index, args.out, model)
         record["seconds"] = round(time.perf_counter() - start, 1)
         with log.open("a") as f:

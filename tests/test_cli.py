@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ class GradedEnv(Environment):
             )
             for i in range(len(REFERENCE_SCORES))
         ]
-        self._train, self._test = items[:12], [*items[12:], Item("graded/noref", [])]
+        self._train, self._test = (
+            items[:12],
+            [*items[12:], Item("graded/noref", "A task without a reference.")],
+        )
 
     def train_items(self) -> list[Item]:
         return self._train
@@ -344,6 +348,58 @@ def test_an_item_takes_a_prompt_string_and_refuses_what_is_not_a_chat() -> None:
         Item("c", [{"role": "user", "content": "hi"}, "a second turn as a string"])
     with pytest.raises(ValueError, match=r"^Item 'd': messages must be a list .* got dict"):
         Item("d", {"role": "user", "content": "one message, not a list"})
+
+
+def test_an_items_content_is_text_and_its_reference_text_or_none() -> None:
+    """A message whose content was None reached the chat template, which wrote the word
+    "None" as the prompt; a list of content parts failed inside the tokenizer ("text
+    input must be of type `str`"); a list as the reference reached SDFT's demonstration.
+    Each is now refused where the item is made, with its id."""
+    for content, kind in ((None, "NoneType"), ([{"type": "text", "text": "hi"}], "list")):
+        with pytest.raises(ValueError, match=rf"^Item 'x': message 0's content must be text, "
+                                             rf"got {kind}"):  # fmt: skip
+            Item("x", [{"role": "user", "content": content}])
+    with pytest.raises(ValueError, match=r"^Item 'y': reference must be text or None, got list"):
+        Item("y", "a prompt", reference=["an answer"])  # type: ignore[arg-type]
+    assert Item("z", "a prompt", reference=None).reference is None
+
+
+class ReturnsNothing(GradedEnv):
+    def train_items(self):  # a forgotten return
+        self._train.sort(key=lambda item: item.id)
+
+
+class ReturnsPrompts(GradedEnv):
+    def train_items(self):
+        return ["What is 2 + 2?", "What is 3 + 3?"]
+
+
+class ReturnsAnEmptyItem(GradedEnv):
+    def test_items(self):
+        return [Item("graded/empty", [])]
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ("ReturnsNothing", r"ReturnsNothing\.train_items\(\) returned NoneType, not a list of resd\.Item"),
+    ("ReturnsPrompts", r"ReturnsPrompts\.train_items\(\): item 0 is str \('What is 2 \+ 2\?'\), "
+                       r"not a resd\.Item\(id=\.\.\., messages="),
+    ("ReturnsAnEmptyItem", r"ReturnsAnEmptyItem\.test_items\(\): item 'graded/empty' has no "
+                           r"messages: give it the prompt as messages="),
+])  # fmt: skip
+def test_items_that_are_not_items_are_refused_naming_the_method(
+    env: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An environment's `train_items` that forgot its return failed as "TypeError:
+    'NoneType' object is not iterable", one returning prompt strings as "AttributeError:
+    'str' object has no attribute 'id'", and an item without messages inside the
+    tokenizer's chat template ("Cannot apply chat template to an empty conversation"),
+    each a traceback. Now one line naming the environment's method, from `resd train`
+    before the model loads (the model named here does not exist) and from env-check."""
+    missing = str(tmp_path / "none")
+    assert main(["train", "--dry-run", f"env=test_cli:{env}", f"model={missing}"]) == 2
+    assert re.fullmatch(rf"resd: error: env: {said}.*", capsys.readouterr().err.strip())
+    assert main(["env-check", f"test_cli:{env}"]) == 2
+    assert re.fullmatch(rf"resd: error: env: {said}.*", capsys.readouterr().err.strip())
 
 
 def test_an_items_numbers_are_text_and_its_id_is_never_empty() -> None:

@@ -846,9 +846,11 @@ def test_a_nan_score_is_refused_where_it_is_made():
     """Clamping turned a nan `score` into 0.0 before any caller could see it; a nan reward
     is refused there too (the traceback names the function that built it)."""
     env = memory_env(scorer=_reward_nan)
-    with pytest.raises(ValueError, match=r"^Score: reward and score must be numbers, got nan"):
+    with pytest.raises(
+        ValueError, match=r"^Score: reward and score must be finite numbers, got nan"
+    ):
         env.score(all_items(env)[0], "x")
-    with pytest.raises(ValueError, match=r"must be numbers"):
+    with pytest.raises(ValueError, match=r"must be finite numbers"):
         Score(0.0, float("nan"), "")
 
 

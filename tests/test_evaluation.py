@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import shutil
 from pathlib import Path
@@ -735,3 +736,30 @@ def test_an_adapter_on_a_bundled_model_finds_it_on_another_machine(tmp_path):
     assert adapter_base_model(adapter) == str(here)
     name_base(adapter, "/elsewhere/models/my-own-model")  # not bundled: its error is its own
     assert adapter_base_model(adapter) == "/elsewhere/models/my-own-model"
+
+
+def test_a_score_with_an_infinite_reward_or_a_part_that_is_not_a_number_is_refused():
+    """`Score(inf, ...)` passed (only nan was refused), and GRPO's group mean of an
+    infinite reward made every advantage nan; a part given as text ("high") failed mid-run
+    in the per-step mean of each reward function, with "unsupported operand type(s) for
+    +". Both are refused where the Score is made, so an environment's `score` that builds
+    one counts that reply as a failure, with the reason in its feedback and the log."""
+    for reward, score in ((math.inf, 0.0), (-math.inf, 0.0), (0.0, math.inf)):
+        with pytest.raises(ValueError, match=r"^Score: reward and score must be finite"):
+            Score(reward, score, "")
+    with pytest.raises(
+        ValueError, match=r"^Score: parts\['a'\] must be a finite number, got 'high'"
+    ):
+        Score(0.0, 0.0, "", parts={"a": "high"})
+    with pytest.raises(ValueError, match=r"^Score: parts must map each reward function's name"):
+        Score(0.0, 0.0, "", parts=[0.5])  # type: ignore[arg-type]
+    assert Score(1.0, 1.0, "", parts={"a": 1, "b": 0.5}).parts == {"a": 1, "b": 0.5}
+
+    class Infinite(ParityEnv):
+        def score(self, item, response):
+            return Score(math.inf, 0.0, "")
+
+    env = Infinite(n_test=1)
+    failed = safe_score(env, env.test_items()[0], "42")
+    assert (failed.reward, failed.success) == (0.0, False)
+    assert "must be finite numbers, got inf" in failed.feedback

@@ -133,11 +133,16 @@ def cmd_env_check(args: argparse.Namespace) -> int:
     from resd.analysis.evaluation import safe_score
     from resd.config import env_arg_overrides
     from resd.envs import make_env
-    from resd.envs.base import REFERENCES_FROM, check_item_ids, checked_test_items
+    from resd.envs.base import (
+        REFERENCES_FROM,
+        check_item_ids,
+        checked_test_items,
+        listed_items,
+    )
 
     env_args = env_arg_overrides({}, args.overrides)
     env = make_env(args.env, env_args)
-    train = list(env.train_items())
+    train = listed_items(env, "training")
     check_item_ids(train, "training")
     test = checked_test_items(env)
     items = train + test

@@ -58,6 +58,17 @@ class Item:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise ValueError(f"Item {self.id!r}: message {i} is not a chat message "
                                  f"({{'role': ..., 'content': ...}}): {message!r:.80}")  # fmt: skip
+            # the chat template wrote None as the word "None", and a list of parts failed
+            # inside the tokenizer, both far from the environment that made the message
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"Item {self.id!r}: message {i}'s content must be text, got "
+                                 f"{type(message.get('content')).__name__} "
+                                 f"({message.get('content')!r:.60})")  # fmt: skip
+        for name in ("reference", "answer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"Item {self.id!r}: {name} must be text or None, got "
+                                 f"{type(value).__name__} ({value!r:.60})")  # fmt: skip
 
     @property
     def prompt_text(self) -> str:
@@ -72,6 +83,32 @@ class Item:
         teacher's context keeps them, with its prompt in place of that last message."""
         users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
         return self.messages[: users[-1]] if users else list(self.messages)
+
+
+def listed_items(env: Environment, split: str) -> list[Item]:
+    """What `env.train_items()` or `env.test_items()` returned, as a list, refused in the
+    environment's own terms when it is not a collection of `Item`s with a prompt each:
+    returning None failed as "'NoneType' object is not iterable", a list of prompt strings
+    as "'str' object has no attribute 'id'", and an item with no messages inside the
+    tokenizer's chat template."""
+    method = f"env: {type(env).__name__}.{'train' if split == 'training' else split}_items()"
+    returned = env.train_items() if split == "training" else env.test_items()
+    if returned is None or isinstance(returned, (str, bytes, dict)):
+        raise ValueError(f"{method} returned {type(returned).__name__}, not a list of "
+                         "resd.Item")  # fmt: skip
+    try:
+        items = list(returned)
+    except TypeError:
+        raise ValueError(f"{method} returned {type(returned).__name__}, not a list of "
+                         "resd.Item") from None  # fmt: skip
+    for i, item in enumerate(items):
+        if not isinstance(item, Item):
+            raise ValueError(f"{method}: item {i} is {type(item).__name__} ({item!r:.60}), not "
+                             "a resd.Item(id=..., messages=[{'role': 'user', 'content': ...}])")  # fmt: skip
+        if not item.messages:
+            raise ValueError(f"{method}: item {item.id!r} has no messages: give it the prompt "
+                             "as messages=[{'role': 'user', 'content': ...}]")  # fmt: skip
+    return items
 
 
 def check_item_ids(items: list[Item], split: str) -> None:
@@ -90,7 +127,7 @@ def check_item_ids(items: list[Item], split: str) -> None:
 def checked_test_items(env: Environment) -> list[Item]:
     """The environment's test items, refused when two different ones share an id: per-item
     evaluation is keyed by it."""
-    items = list(env.test_items())
+    items = listed_items(env, "test")
     check_item_ids(items, "test")
     return items
 
@@ -118,11 +155,24 @@ class Score:
 
     def __post_init__(self) -> None:
         self.reward = float(self.reward)
-        if math.isnan(self.reward) or math.isnan(float(self.score)):  # clamping made nan 0.0
+        # clamping made nan 0.0; an infinite reward made GRPO's advantages nan
+        if not (math.isfinite(self.reward) and math.isfinite(float(self.score))):
             raise ValueError(
-                f"Score: reward and score must be numbers, got {self.reward}, {self.score}"
+                f"Score: reward and score must be finite numbers, got {self.reward}, {self.score}"
             )
         self.score = min(1.0, max(0.0, float(self.score)))
+        if not isinstance(self.parts, dict):
+            raise ValueError(f"Score: parts must map each reward function's name to its "
+                             f"score, got {type(self.parts).__name__}")  # fmt: skip
+        for name, value in self.parts.items():  # averaged per step, where text failed
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ValueError(
+                    f"Score: parts[{name!r}] must be a finite number, got {value!r:.40}"
+                )
 
     @property
     def success(self) -> bool:

@@ -42,6 +42,7 @@ from resd.envs.base import (
     Item,
     check_item_ids,
     checked_test_items,
+    listed_items,
 )
 from resd.generation.hf import chat_prompt_ids
 from resd.models import load_tokenizer, pick_device
@@ -97,7 +98,7 @@ def training_items(env: Environment, algo: Algorithm, env_name: str) -> list[Ite
     ran; with some missing, those items are counted in a warning. One id on two different
     items is refused, and the first item is scored once, so a `score` that returns no
     `Score` stops the run before the model loads."""
-    items = list(env.train_items())
+    items = listed_items(env, "training")
     if not items:
         raise ValueError(f"env: {env_name!r} has no training items")
     check_item_ids(items, "training")
