@@ -6,7 +6,9 @@ settings meet, and turn each failure it finds into a test of its own.
     python tests/fuzz_combinations.py dist 0 30 --out /tmp/fuzz      # 1 process against 2
     python tests/fuzz_combinations.py edge 0 788 --out /tmp/fuzz     # one setting at an edge
     python tests/fuzz_combinations.py options 0 97 --out /tmp/fuzz  # eval's and serve's options
-    python tests/fuzz_combinations.py corrupt 0 150 --out /tmp/fuzz  # a run's file damaged
+    python tests/fuzz_combinations.py corrupt 0 351 --out /tmp/fuzz  # a run's file damaged
+    python tests/fuzz_combinations.py serve 0 154 --out /tmp/fuzz    # a learning server's
+    python tests/fuzz_combinations.py folders 0 415 --out /tmp/fuzz  # compare's, continual's
 
 `single`: each combination trains 3 steps (a checkpoint at step 2, evaluations), and
 one in three resumes for a fourth; a crash other than a refused setting (`ConfigError`,
@@ -24,7 +26,13 @@ empty or blank string, a word that names nothing); a one-line refusal or a run (
 that starts) is fine, a traceback is a finding. `corrupt`: one file of a finished run
 deleted, emptied, cut in half, overwritten or replaced by JSON of another shape, then
 `resd report`, `resd eval` and `resd train --resume` on it; each must work or refuse in
-one line, and a refusal (or a report) must leave the run's files as they were. Each
+one line, and a refusal (or a report) must leave the run's files as they were; the
+full run's 183 cases come first, then a LoRA run's. `serve`: one file of a learning
+server's folder (its database, the learner's run, the served version's weights) damaged,
+then `resd report` and `resd serve --learn` restarted on it: the server starts (and
+answers) or refuses in one line, leaving the folder as it was. `folders`: one file of a
+`resd compare` or `resd continual` folder (its checkpoints apart, which are `corrupt`'s)
+damaged, then `resd report` and the command that made it, run again. Each
 combination is seeded by its index, so
 `single 17 1` reruns the 17th. One line of JSON per combination goes to `OUT/<mode>_<start>.jsonl`, and
 a summary line per combination to the terminal.
@@ -39,7 +47,8 @@ dataset environment's `scorer_args`/`load_kwargs` given as a string, and an empt
 nan temperature, serve's infinite `--batch-wait-ms`, limits refused only after the model
 loaded, empty paths read as the working directory. From `corrupt`: a damaged checkpoint
 file, model weights or tokenizer file (tracebacks from torch.load, safetensors and
-transformers), and a log line of another shape that failed every resume.
+transformers), a log line of another shape that failed every resume, and a LoRA run's
+damaged README.md, which failed the resumed run's final save (peft reads the card).
 """
 
 from __future__ import annotations

@@ -593,3 +593,56 @@ def test_a_strategy_without_a_launcher_runs_alone_and_says_so(caplog, monkeypatc
     assert make_parallel("auto").name == "single" and "launcher" not in caplog.text
     assert make_parallel("fsdp").name == "single"
     assert "strategy: fsdp asked for, but no launcher" in caplog.text
+
+
+def test_a_run_compare_or_continual_another_process_is_writing_is_refused(
+    tiny_model_dir, tmp_path, capsys
+):
+    """`resd train --resume` started while the run still trained elsewhere (a grid resumed
+    in a second terminal) appended to the same logs and overwrote its checkpoints; a second
+    `resd compare` or `resd continual` on one folder did the same to every run in it. Each
+    is now refused in one line before the model loads, and the folder is left as it was;
+    once the other process has ended, the same command resumes the run."""
+    from test_rundir import hold_elsewhere
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({**PREFILLS, "model": str(tiny_model_dir), "env": "toy_envs:ParityEnv",
+                               "batch_size": 2, "max_new_tokens": 4, "reflection_max_new_tokens": 8,
+                               "curation_max_new_tokens": 8, "eval_samples": 1, "progress": False}))  # fmt: skip
+    run = tmp_path / "run"
+    base = ["train", "--config", str(cfg), f"output_dir={run}", "steps=1", "save_every=1"]
+    assert main(base) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = hold_elsewhere(run)
+    try:
+        assert main([*base, "--resume", "steps=2"]) == 2
+        said = capsys.readouterr().err.strip()
+        assert said == (f"resd: error: output_dir: another process is writing to {run} (a run, "
+                        "`resd compare` or `resd continual` still going); wait for it to end, "
+                        "or choose another output_dir")  # fmt: skip
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        out = tmp_path / "cmp"
+        out.mkdir()
+        held_cmp = hold_elsewhere(out)
+        try:
+            compare = ["compare", "--algorithms", "sdpo", "--out", str(out), "--no-plots",
+                       f"model={tiny_model_dir}"]  # fmt: skip
+            assert main(compare) == 2
+            assert "resd: error: --out: another process is writing to" in capsys.readouterr().err
+            assert list(out.iterdir()) == []
+            stages = tmp_path / "continual.yaml"
+            stages.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "output_dir": str(out),
+                                              "stages": [{"env": "toy_envs:ParityEnv"}]}))  # fmt: skip
+            assert main(["continual", "--config", str(stages)]) == 2
+            said = capsys.readouterr().err
+            assert "resd: error: output_dir: another process is writing to" in said
+            assert list(out.iterdir()) == []
+        finally:
+            held_cmp.kill()
+            held_cmp.wait()
+    finally:
+        other.kill()
+        other.wait()
+    assert main([*base, "--resume", "steps=2"]) == 0  # the other process has ended
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2]

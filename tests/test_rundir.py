@@ -148,3 +148,72 @@ def test_an_output_file_where_writing_is_denied_is_refused(tmp_path: Path, monke
     with pytest.raises(ValueError, match=re.escape(f"out: cannot overwrite {readonly} (perm")):
         check_out_file(readonly, "out")
     check_out_file(tmp_path / "other.json", "out")
+
+
+# ---- one writer per folder ------------------------------------------------------------------
+HOLDER = """
+import sys, time
+from pathlib import Path
+from resd.rundir import hold_folder
+assert hold_folder(Path(sys.argv[1]), "output_dir") is not None
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_elsewhere(folder: Path):
+    """A second process that holds `folder` until it is killed."""
+    import subprocess
+    import sys
+
+    src = str(Path(rundir.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], env=env,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_folder_another_process_writes_is_refused_until_that_process_ends(tmp_path: Path):
+    """Two processes wrote one run folder and nothing said so. Catches a lock that is not
+    taken, one that a killed holder leaves behind (a lock file would), and one that this
+    process's second holder (a Trainer built again to resume) is refused by: within a
+    process the folder is held until its last holder lets go."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    other = hold_elsewhere(folder)
+    try:
+        with pytest.raises(FileExistsError, match=re.escape(
+            f"output_dir: another process is writing to {folder} (a run, `resd compare` or "
+            "`resd continual` still going); wait for it to end, or choose another output_dir")):  # fmt: skip
+            rundir.hold_folder(folder, "output_dir")
+    finally:
+        other.kill()  # SIGKILL: the kernel lets go of its lock
+        other.wait()
+    first = rundir.hold_folder(folder, "output_dir")
+    second = rundir.hold_folder(folder, "output_dir")  # this process again: shared
+    assert first is not None and second is not None
+    first()
+    first()  # letting go twice counts once
+    with pytest.raises(FileExistsError):  # `second` still holds it for this process
+        _held_by_child(folder)
+    second()
+    assert _held_by_child(folder) is None
+    assert rundir.hold_folder(tmp_path / "missing", "output_dir") is None  # nothing to hold
+    assert sorted(p.name for p in folder.iterdir()) == []  # no lock file
+
+
+def _held_by_child(folder: Path) -> None:
+    """Whether a new process can take `folder`: None if it could, else its refusal raised."""
+    import subprocess
+    import sys
+
+    src = str(Path(rundir.__file__).resolve().parents[1])
+    code = ("import sys; from pathlib import Path; from resd.rundir import hold_folder\n"
+            "try:\n    hold_folder(Path(sys.argv[1]), 'output_dir')\n"
+            "except FileExistsError:\n    sys.exit(3)")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, check=False)
+    if done.returncode == 3:
+        raise FileExistsError(folder)
+    assert done.returncode == 0

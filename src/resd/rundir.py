@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,77 @@ def check_out_file(out: Path, what: str) -> None:
         raise ValueError(f"{what}: cannot write in {folder} (permission denied)")
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"{what}: cannot overwrite {out} (permission denied)")
+
+
+# ---- one writer per folder ------------------------------------------------------------------
+# The folders this process writes, by (device, inode): [descriptor, holders]. A lock is an
+# advisory `flock` on the folder's own descriptor, so there is no lock file to go stale:
+# the kernel lets go when the process ends, killed or not.
+_HELD: dict[tuple[int, int], list[int]] = {}
+
+
+def hold_folder(folder: Path, what: str) -> Callable[[], None] | None:
+    """Refuse `folder` if another process is writing to it, else hold it; returns the call
+    that lets it go (the process's end does too), or None where nothing is held.
+
+    Two processes writing one run folder (a `resd train --resume` started twice, a second
+    `resd compare` on the same --out while the first still runs) interleave their logs and
+    overwrite each other's checkpoints, and nothing said so. Within this process a folder
+    may be held more than once (a Trainer built again to resume, in a notebook); a folder
+    that does not exist, a system without `fcntl` or a filesystem without locks (some
+    network mounts) is not guarded, as before."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    key = (info.st_dev, info.st_ino)
+    held = _HELD.get(key)
+    if held is not None and os.fstat(held[0]).st_nlink == 0:  # a removed folder's inode, reused
+        del _HELD[key]
+        held = None
+    if held is not None:
+        os.close(fd)
+        held[1] += 1
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FileExistsError(
+                f"{what}: another process is writing to {folder} (a run, `resd compare` or "
+                f"`resd continual` still going); wait for it to end, or choose another {what}"
+            ) from None
+        except OSError:
+            os.close(fd)
+            return None
+        _HELD[key] = held = [fd, 1]
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        held[1] -= 1
+        if held[1] == 0:
+            if _HELD.get(key) is held:
+                del _HELD[key]
+            os.close(held[0])  # closing the descriptor lets go of the lock
+
+    return release
+
+
+@contextmanager
+def holding(folder: Path, what: str) -> Iterator[None]:
+    """`hold_folder` for the length of a `with` block."""
+    release = hold_folder(folder, what)
+    try:
+        yield
+    finally:
+        if release is not None:
+            release()

@@ -64,6 +64,7 @@ from resd.config import ALIASES, ConfigError, TrainConfig, load_config, settings
 from resd.rundir import (
     EVAL_KEYS,
     cumulative_samples,
+    holding,
     metric_keys,
     path_option,
     read_jsonl,
@@ -654,14 +655,15 @@ def run_comparison(
         "fairness": "for a seed index, every algorithm shuffles the training items with "
         "random.Random(seed) and shares env_args, model and evaluation settings",
     }
-    runs = [run_record(spec, None) for spec in specs]
-    write_comparison(out, payload, runs)
-    for i, spec in enumerate(specs):
-        runs[i] = execute(spec, base_config, configs[spec.name])
-        write_comparison(out, payload, runs)  # progress is visible while later runs train
-    data = json.loads((out / "comparison.json").read_text())
-    if plots:
-        write_plots(out, data["algorithms"])
+    with holding(out, "--out"):  # a second `resd compare` on it, while this one runs: refused
+        runs = [run_record(spec, None) for spec in specs]
+        write_comparison(out, payload, runs)
+        for i, spec in enumerate(specs):
+            runs[i] = execute(spec, base_config, configs[spec.name])
+            write_comparison(out, payload, runs)  # progress is visible while later runs train
+        data = json.loads((out / "comparison.json").read_text())
+        if plots:
+            write_plots(out, data["algorithms"])
     return data
 
 

@@ -76,7 +76,7 @@ from resd.config import (
     settings_differences,
 )
 from resd.envs import Environment, make_env
-from resd.rundir import path_option, read_json_object, read_summary
+from resd.rundir import holding, path_option, read_json_object, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -468,23 +468,24 @@ def run_continual(plan: ContinualPlan) -> dict[str, Any]:
     for suite in [stage.suite for stage in plan.stages] + plan.heldout:
         suite.environment()  # a bad env or data path fails now, not after hours of training
     out.mkdir(parents=True, exist_ok=True)
-    (out / "continual-config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-    model, playbook = plan.base.model, plan.base.playbook_init
-    rows = [evaluate_row(plan, 0, model)]
-    stages: list[dict[str, Any]] = []
+    with holding(out, "output_dir"):  # a second `resd continual` on it, while this one runs
+        (out / "continual-config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        model, playbook = plan.base.model, plan.base.playbook_init
+        rows = [evaluate_row(plan, 0, model)]
+        stages: list[dict[str, Any]] = []
 
-    def write() -> dict[str, Any]:
-        result = {"stages": stages, **summarize(plan, rows), "evaluations": rows}
-        (out / "continual.json").write_text(json.dumps(result, indent=1))
-        return result
+        def write() -> dict[str, Any]:
+            result = {"stages": stages, **summarize(plan, rows), "evaluations": rows}
+            (out / "continual.json").write_text(json.dumps(result, indent=1))
+            return result
 
-    write()
-    for k, stage in enumerate(plan.stages, 1):
-        model, playbook, info = train_stage(stage, k, plan, model, playbook)
-        stages.append(info)
-        rows.append(evaluate_row(plan, k, model))
         write()
-    return write()
+        for k, stage in enumerate(plan.stages, 1):
+            model, playbook, info = train_stage(stage, k, plan, model, playbook)
+            stages.append(info)
+            rows.append(evaluate_row(plan, k, model))
+            write()
+        return write()
 
 
 def cmd_continual(args: argparse.Namespace) -> int:

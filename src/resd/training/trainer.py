@@ -23,6 +23,7 @@ import resource
 import signal
 import sys
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +57,7 @@ from resd.rundir import (
     SKIP_REASONS,
     TOP_LEVEL_FILES,
     append_jsonl,
+    hold_folder,
     holds_run_logs,
     output_dir_problem,
     read_jsonl,
@@ -260,6 +262,7 @@ class Trainer:
                         "autocast keeps them", cfg.lr)  # fmt: skip
         self.algo = get_algorithm(cfg.algorithm)
         self.run_dir = Path(cfg.output_dir)
+        self._let_go_of_run_dir: Callable[[], None] | None = None  # see _hold_run_dir
         self._seed(cfg.seed)
         self.env = _environment(cfg, env, scorer)
         # What the run's records (summary, model card) name: `cfg.env` unless Python gave one.
@@ -353,6 +356,7 @@ class Trainer:
         problem = output_dir_problem(self.run_dir)
         if problem:
             raise FileExistsError(f"output_dir: {problem}")
+        self._hold_run_dir()  # before anything in it is read as this run's, or cut
         logged = holds_run_logs(self.run_dir)
         if logged and not resume:
             raise FileExistsError(
@@ -395,12 +399,28 @@ class Trainer:
         `resd report` and `--resume` read back. By `train()`, and by a caller that drives
         the steps itself (`resd serve --learn`)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_run_dir()  # a new folder: held from its first file
         given = (
             f"# env: {self.env_name}, {GIVEN_IN_PYTHON}\n" if self.env_name != self.cfg.env else ""
         )
         (self.run_dir / "config.yaml").write_text(
             given + yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         )
+
+    def _hold_run_dir(self) -> None:
+        """One process writes a run folder (`resd.rundir.hold_folder`): the main process
+        holds it from its first look at it (or its making) to the end of `train()`, or
+        for as long as this Trainer lives where nothing calls `train()`."""
+        if self.parallel.is_main and self._let_go_of_run_dir is None:
+            self._let_go_of_run_dir = hold_folder(self.run_dir, "output_dir")
+            if self._let_go_of_run_dir is not None:
+                weakref.finalize(self, self._let_go_of_run_dir)
+
+    def _let_go(self) -> None:
+        """The run folder, for another process to resume or read as finished."""
+        if self._let_go_of_run_dir is not None:
+            self._let_go_of_run_dir()
+            self._let_go_of_run_dir = None
 
     def train(self) -> dict[str, Any]:
         """Run to the end of the stream (or `steps`), evaluating and checkpointing on schedule.
@@ -448,6 +468,7 @@ class Trainer:
             self.tracker.close()
             self.parallel.barrier()
             saved = self.run_dir / f"checkpoint-{self.step}" if self.step else None
+            self._let_go()
             raise Interrupted(self.interrupt_reason, self.step, saved, self.interrupt_signal)
         # Decided from memory, not from eval.jsonl: rank 0 may already be appending to it.
         if self.test_items and self.last_eval_step != self.step:
@@ -466,6 +487,7 @@ class Trainer:
         self.summary = summary
         for callback in self.callbacks:
             callback.on_train_end(self, summary)
+        self._let_go()
         if cfg.push_to_hub and main:  # last: a failed push loses nothing of the run
             try:
                 self._push()
