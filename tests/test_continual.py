@@ -668,3 +668,27 @@ def test_a_rerun_with_other_settings_is_refused_before_anything_runs(tmp_path, c
     samples = {**config, "heldout": [{**config["heldout"][0], "eval_samples": 4}]}
     with pytest.raises(ConfigError, match=r"heldout\[0\]\.settings\.samples: 1 then, 4 now"):
         check_reused_output(build_plan(dict(samples)), plan_record(build_plan(dict(samples))))
+
+
+def test_a_finished_stages_damaged_summary_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A re-run found a finished stage's damaged summary.json only when it reached that
+    stage: by then it had rewritten continual-config.yaml and continual.json, which lost
+    the rows and stages it had held. The summaries are read before anything is written
+    (the model named here does not exist: nothing loads either)."""
+    out = tmp_path / "cl"
+    config = {"model": str(tmp_path / "no-such-model"), "output_dir": str(out),
+              "stages": [{"name": "a", "env": "arithmetic", "env_args": {"n_train": 2, "n_test": 1}}]}  # fmt: skip
+    out.mkdir()
+    (out / "continual-config.yaml").write_text(
+        yaml.safe_dump(plan_record(build_plan(dict(config))))
+    )
+    (out / "continual.json").write_text('{"stages": ["what the first run reported"]}')
+    (out / "stage-1-a").mkdir()
+    (out / "stage-1-a" / "summary.json").write_text('{"steps": 4, "eval_af')  # a copy cut short
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    path = tmp_path / "continual.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["continual", "--config", str(path)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"resd: error: {out / 'stage-1-a' / 'summary.json'}: cannot be read")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -284,7 +284,7 @@ def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playb
 
     if stage.own_playbook:
         playbook = stage.config.playbook_init
-    run_dir = plan.out / f"stage-{index}-{stage.name}"
+    run_dir = stage_dir(plan, index, stage)
     data = stage.config.to_dict() | {
         "model": model,
         "playbook_init": playbook,
@@ -318,6 +318,11 @@ def train_stage(stage: Stage, index: int, plan: ContinualPlan, model: str, playb
         "summary": read_summary(run_dir),
     }
     return str(final), str(new_playbook) if new_playbook.exists() else playbook, info
+
+
+def stage_dir(plan: ContinualPlan, index: int, stage: Stage) -> Path:
+    """Stage `index`'s run folder (counted from 1)."""
+    return plan.out / f"stage-{index}-{stage.name}"
 
 
 def _cached_row(cache: Path) -> dict[str, dict[str, Any]]:
@@ -467,6 +472,9 @@ def run_continual(plan: ContinualPlan) -> dict[str, Any]:
     check_reused_output(plan, record)
     for suite in [stage.suite for stage in plan.stages] + plan.heldout:
         suite.environment()  # a bad env or data path fails now, not after hours of training
+    for k, stage in enumerate(plan.stages, 1):  # and a finished stage's damaged summary, before
+        if (stage_dir(plan, k, stage) / "summary.json").exists():  # continual.json is rewritten
+            read_summary(stage_dir(plan, k, stage))
     out.mkdir(parents=True, exist_ok=True)
     with holding(out, "output_dir"):  # a second `resd continual` on it, while this one runs
         (out / "continual-config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
