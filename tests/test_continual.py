@@ -274,8 +274,14 @@ def test_bad_heldout_settings_and_an_unreadable_record_are_config_errors(tmp_pat
         (tmp_path / "continual-config.yaml").write_bytes(damaged)
         with pytest.raises(ConfigError, match=r"^output_dir: .*continual-config.yaml cannot be "
                            r"read \(.+\), so the stages and evaluations in .* cannot be "
-                           r"vouched for; use another output_dir$"):  # fmt: skip
+                           r"vouched for; use another output_dir$") as exc:  # fmt: skip
             check_reused_output(plan, plan_record(plan))
+        assert "\n" not in str(exc.value)
+    # the YAML problem and where, not its context ("while parsing a flow sequence")
+    (tmp_path / "continual-config.yaml").write_bytes(b"stages: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"\(expected ',' or '\]', but got '<stream end>' at "
+                                          r"line 2, column 1\)"):  # fmt: skip
+        check_reused_output(plan, plan_record(plan))
 
 
 def test_a_heldout_suite_sets_every_evaluation_key_of_its_own():

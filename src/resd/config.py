@@ -699,6 +699,17 @@ def first_line(message: object) -> str:
     return next(iter(str(message).strip().splitlines()), "")
 
 
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: its problem and where ("could not find expected ':' at
+    line 5, column 1"). Its message runs to five lines with a snippet and a caret, of which
+    the first is the context ("while scanning a simple key"), not the problem."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem:
+        return first_line(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def check_device(device: str, what: str = "device") -> None:
     """`auto` or a device that training and sampling run on. torch.device alone takes more
     (`meta`, `vulkan`, ...), on which the first sampling step fails far from the setting,

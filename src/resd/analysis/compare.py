@@ -60,7 +60,14 @@ from typing import Any
 
 import yaml
 
-from resd.config import ALIASES, ConfigError, TrainConfig, load_config, settings_differences
+from resd.config import (
+    ALIASES,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    settings_differences,
+    yaml_problem,
+)
 from resd.rundir import (
     EVAL_KEYS,
     cumulative_samples,
@@ -225,8 +232,8 @@ def stored_config(run_dir: Path) -> dict[str, Any] | None:
                 loaded = yaml.safe_load(path.read_text())
             except (yaml.YAMLError, UnicodeDecodeError) as exc:  # damaged: bytes, not text
                 raise ConfigError(
-                    f"{path}: cannot tell which settings this run was made with ({exc}); "
-                    "use another --out"
+                    f"{path}: cannot tell which settings this run was made with "
+                    f"({yaml_problem(exc)}); use another --out"
                 ) from None
             return loaded if isinstance(loaded, dict) else None
     return None

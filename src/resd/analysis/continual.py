@@ -71,9 +71,9 @@ from resd.config import (
     TrainConfig,
     apply_overrides,
     build_config,
-    first_line,
     read_yaml_mapping,
     settings_differences,
+    yaml_problem,
 )
 from resd.envs import Environment, make_env
 from resd.rundir import holding, path_option, read_json_object, read_summary
@@ -452,7 +452,7 @@ def check_reused_output(plan: ContinualPlan, record: dict[str, Any]) -> None:
             held = "nothing" if old is None else f"a {type(old).__name__}"
             raise ValueError(f"it holds {held}, not the settings")
     except (yaml.YAMLError, ValueError) as exc:  # UnicodeDecodeError among them
-        raise ConfigError(f"output_dir: {path} cannot be read ({first_line(exc)}), so the "
+        raise ConfigError(f"output_dir: {path} cannot be read ({yaml_problem(exc)}), so the "
                           f"stages and evaluations in {plan.out} cannot be vouched for; use "
                           "another output_dir") from None  # fmt: skip
     differ = settings_differences(old, record)
