@@ -749,12 +749,18 @@ def _resd(argv: list[str]) -> tuple[int | None, list[str], str | None]:
 
 
 def folder_base(kind: str, out: Path, model: Path) -> Path:
+    """The folder a `folders` case damages a copy of. Built where every case runs
+    (`<kind>-work`) and kept aside: a continual stage's model is the previous stage's
+    checkpoint by its path, which a copy elsewhere would change."""
     base = out / f"{kind}-base"
     if not (base / "built").exists():
+        work = out / f"{kind}-work"
+        shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
-        code, said, crash = _resd(folder_command(kind, base, model, out))
+        code, said, crash = _resd(folder_command(kind, work, model, out))
         if code != 0:
             raise RuntimeError(crash or "\n".join(said[-10:]))
+        shutil.copytree(work, base)
         (base / "built").write_text("")
     return base
 
@@ -777,9 +783,10 @@ def folders(index: int, out: Path, model: Path) -> dict[str, Any]:
     on it and the command that made it, run again. Each works or refuses in one line
     (status 2); a refusal, or a report, leaves the folder as it was."""
     kind, name, how = folder_cases(out, model)[index]
-    folder = out / f"{kind}{index}"
+    folder = out / f"{kind}-work"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(folder_base(kind, out, model), folder)
+    (folder / "built").unlink()
     damage(folder / name, how)
     record: dict[str, Any] = {"index": index, "kind": kind, "file": name, "damage": how, "ok": True}
     commands = {"report": ["report", str(folder), "--out", str(out / f"freport{index}" / "r.html")],
