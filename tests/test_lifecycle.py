@@ -619,8 +619,8 @@ def test_a_run_compare_or_continual_another_process_is_writing_is_refused(
         assert main([*base, "--resume", "steps=2"]) == 2
         said = capsys.readouterr().err.strip()
         assert said == (f"resd: error: output_dir: another process is writing to {run} (a run, "
-                        "`resd compare` or `resd continual` still going); wait for it to end, "
-                        "or choose another output_dir")  # fmt: skip
+                        "`resd compare`, `resd continual` or `resd serve --learn` still going); "
+                        "wait for it to end, or choose another output_dir")  # fmt: skip
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
         out = tmp_path / "cmp"
         out.mkdir()

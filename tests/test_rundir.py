@@ -184,8 +184,9 @@ def test_a_folder_another_process_writes_is_refused_until_that_process_ends(tmp_
     other = hold_elsewhere(folder)
     try:
         with pytest.raises(FileExistsError, match=re.escape(
-            f"output_dir: another process is writing to {folder} (a run, `resd compare` or "
-            "`resd continual` still going); wait for it to end, or choose another output_dir")):  # fmt: skip
+            f"output_dir: another process is writing to {folder} (a run, `resd compare`, "
+            "`resd continual` or `resd serve --learn` still going); wait for it to end, or choose "
+            "another output_dir")):  # fmt: skip
             rundir.hold_folder(folder, "output_dir")
     finally:
         other.kill()  # SIGKILL: the kernel lets go of its lock

@@ -791,3 +791,31 @@ def test_one_folder_named_two_ways_is_one_model(tmp_path, monkeypatch):
         "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"
     )
     assert not same_model(str(tmp_path / "tiny"), "other") and not same_model("a/b", "a/c")
+
+
+def test_a_second_learning_server_on_one_folder_is_refused_before_its_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """Two `resd serve --learn` on one --output-dir each ran a learner on the same rows
+    and the same run folder: both trained every row, and each overwrote the other's
+    checkpoints. The second is refused in one line before any model loads (the model
+    named here does not exist), and leaves the folder as it found it."""
+    import resd.serve.command
+    from resd.cli import main
+    from test_rundir import hold_elsewhere
+
+    monkeypatch.setattr(resd.serve.command, "_run_until_signalled", lambda _server: None)
+    other = hold_elsewhere(tmp_path)  # the first server's process
+    try:
+        assert main(["serve", "--output-dir", str(tmp_path), "--port", str(_free_port()),
+                     "--model", str(tmp_path / "no-such-model"),
+                     "--learn", str(learn_config(tiny_model_dir, tmp_path))]) == 2  # fmt: skip
+    finally:
+        other.kill()
+        other.wait()
+    assert capsys.readouterr().err.strip() == (
+        f"resd: error: --output-dir: another process is writing to {tmp_path} (a run, `resd "
+        "compare`, `resd continual` or `resd serve --learn` still going); wait for it to end, "
+        "or choose another --output-dir"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learn.yaml", "seed-playbook.md"]

@@ -324,8 +324,9 @@ def hold_folder(folder: Path, what: str) -> Callable[[], None] | None:
         except BlockingIOError:
             os.close(fd)
             raise FileExistsError(
-                f"{what}: another process is writing to {folder} (a run, `resd compare` or "
-                f"`resd continual` still going); wait for it to end, or choose another {what}"
+                f"{what}: another process is writing to {folder} (a run, `resd compare`, "
+                f"`resd continual` or `resd serve --learn` still going); wait for it to end, "
+                f"or choose another {what}"
             ) from None
         except OSError:
             os.close(fd)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resd.config import DTYPE_NAMES, check_device, first_line
-from resd.rundir import SERVE_DB, eval_metric_problem, path_option
+from resd.rundir import SERVE_DB, eval_metric_problem, hold_folder, path_option
 from resd.serve import SERVE_EXTRA_HINT, missing_extra
 
 if TYPE_CHECKING:
@@ -115,7 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serving = False
     store = None
     learner = None
+    let_go = None
     try:
+        if args.learn:  # one learner per folder: a second would train on the same rows
+            let_go = hold_folder(output_dir, "--output-dir")
         store = _open_store(url, "--db" if args.db else "--output-dir")
         _check_base_version(store, args.base_version, args.model)
         _check_listen(args.host, args.port)
@@ -170,6 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             store.close()
         if not serving:  # a failed start: leave the folder as it was
             _remove_new(new_files, made_dirs)
+        if let_go is not None:
+            let_go()
     return 0
 
 
