@@ -695,3 +695,21 @@ def test_defaults_are_the_documented_ones():
     }  # fmt: skip
     assert TrainConfig().to_dict() == expected
     assert load_config(None).to_dict() == expected
+
+
+def test_a_config_built_in_python_gets_the_type_checks_a_yaml_file_gets():
+    """`TrainConfig(lr="fast")` failed as "'<' not supported between instances of 'str'
+    and 'int'", and `TrainConfig(env_args=[1])` passed, to fail much later: a YAML file's
+    values were checked (`build_config`), a Python caller's were not. Now both are, and
+    converted alike ("1e-5" is a number, 8.0 a whole 8)."""
+    from resd.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^lr: expected a number, got 'fast'$"):
+        TrainConfig(lr="fast")
+    with pytest.raises(ConfigError, match=r"^env_args: expected a mapping, got \[1\]$"):
+        TrainConfig(env_args=[1])
+    with pytest.raises(ConfigError, match=r"^shuffle: expected true/false, got 'yes'$"):
+        TrainConfig(shuffle="yes")
+    cfg = TrainConfig(lr="1e-5", batch_size=8.0)
+    assert (cfg.lr, cfg.batch_size, type(cfg.batch_size)) == (1e-5, 8, int)
+    assert TrainConfig() == load_config(None)  # the defaults pass as they are

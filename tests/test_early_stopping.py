@@ -139,3 +139,40 @@ def test_early_stopping_watches_one_reward_function_and_names_a_missing_one(
         r"'rewards/fnt' \(it has case_mean@k, rewards/fmt, rewards/len\)$",
     ):
         EarlyStopping(metric="rewards/fnt").on_evaluate(trainer, row)
+
+
+def test_a_trainer_refuses_a_config_or_callbacks_of_the_wrong_kind_before_any_load(tmp_path):
+    """`Trainer({"model": ...})` or `Trainer("cfg.yaml")` failed with "'dict' object has no
+    attribute 'early_stopping'"; `callbacks=MyCallback` (the class), a lone callback or an
+    object without the hooks (another library's callback) failed at the first hook, after
+    the model had loaded. Each is now a TypeError saying what to pass, before anything
+    loads (the model named here does not exist)."""
+    from resd import Callback, Trainer
+    from resd.config import TrainConfig
+
+    for given, kind in (({"model": "x"}, "dict"), ("cfg.yaml", "str"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=rf"^Trainer: cfg must be a resd\.TrainConfig, got "
+                                            rf"{kind} \(from a YAML file: resd\.load_config"):  # fmt: skip
+            Trainer(given)
+    cfg = TrainConfig(model=str(tmp_path / "no-such-model"), output_dir=str(tmp_path / "run"))
+
+    class Printer(Callback):
+        def on_step_end(self, trainer, metrics):
+            print(metrics)
+
+    class TheirCallback:  # another library's: other hook names
+        def on_log(self, args, state, control, logs=None):
+            pass
+
+    for callbacks, said in (
+        (Printer, r"a list of resd\.Callback objects, got Printer \(pass \[Printer\(\)\]"),
+        (Printer(), r"a list of resd\.Callback objects, got Printer"),
+        ([Printer], r"item 0 is the class Printer, not an object of it: pass Printer\(\)"),
+        ([Printer(), TheirCallback()], r"item 1 \(TheirCallback\) has no on_train_begin\(\); "
+                                       r"subclass resd\.Callback"),
+    ):  # fmt: skip
+        with pytest.raises(TypeError, match=rf"^callbacks: {said}"):
+            Trainer(cfg, callbacks=callbacks)
+    with pytest.raises(ValueError, match=r"^model: no such folder"):  # a list of them is fine
+        Trainer(cfg, callbacks=(Printer(), Callback()))
+    assert not (tmp_path / "run").exists()

@@ -293,6 +293,11 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # Built in Python, a config meets none of the type checks a YAML file's values get
+        # (`build_config`): `TrainConfig(lr="fast")` failed as "'<' not supported between
+        # instances of 'str' and 'int'" just below, a wrong type elsewhere much later.
+        for name, hint in _HINTS.items():
+            setattr(self, name, check_type(name, getattr(self, name), hint))
         positive = ["batch_size", "rollouts_per_prompt", "inner_updates", "micro_batch_size",
                     "generation_batch_size", "max_new_tokens", "max_prompt_tokens", "eval_samples",
                     "reflection_max_new_tokens", "curation_max_new_tokens", "playbook_max_entries",

@@ -36,6 +36,30 @@ class Callback:
         `summary` is what `train()` returns."""
 
 
+HOOKS = ("on_train_begin", "on_step_end", "on_evaluate", "on_save", "on_train_end")
+
+
+def checked_callbacks(callbacks: Any) -> list[Callback]:
+    """The Trainer's `callbacks` as a list, each an object with every hook (a `Callback`
+    subclass has them all). A class passed for an instance, a lone callback or an object
+    of another library's kind failed at the first hook, after the model had loaded."""
+    if isinstance(callbacks, (Callback, type)) or not hasattr(callbacks, "__iter__"):
+        shown = callbacks.__name__ if isinstance(callbacks, type) else type(callbacks).__name__
+        raise TypeError(f"callbacks: a list of resd.Callback objects, got {shown} (pass "
+                        f"[{shown}()] or [your_callback])")  # fmt: skip
+    listed = list(callbacks)
+    for i, callback in enumerate(listed):
+        if isinstance(callback, type):
+            raise TypeError(f"callbacks: item {i} is the class {callback.__name__}, not an "
+                            f"object of it: pass {callback.__name__}()")  # fmt: skip
+        missing = [hook for hook in HOOKS if not callable(getattr(callback, hook, None))]
+        if missing:
+            raise TypeError(f"callbacks: item {i} ({type(callback).__name__}) has no "
+                            f"{missing[0]}(); subclass resd.Callback and override the hooks "
+                            "you need")  # fmt: skip
+    return listed
+
+
 EARLY_STOPPING_DEFAULTS = {"metric": "case_mean@k", "patience": 3, "min_delta": 0.0, "target": None}
 
 

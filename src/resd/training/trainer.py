@@ -64,7 +64,7 @@ from resd.rundir import (
     truncate_jsonl,
 )
 from resd.training.algorithms import Algorithm, get_algorithm
-from resd.training.callbacks import Callback, EarlyStopping
+from resd.training.callbacks import Callback, EarlyStopping, checked_callbacks
 from resd.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -245,8 +245,12 @@ class Trainer:
         or a function, see `resd.envs.dataset`; columns from `cfg.env_args`).
         `callbacks` are called as training begins and ends, on step end, evaluation and
         save (`resd.training.callbacks`)."""
+        if not isinstance(cfg, TrainConfig):  # not an AttributeError on its first field
+            raise TypeError(f"Trainer: cfg must be a resd.TrainConfig, got {type(cfg).__name__} "
+                            "(from a YAML file: resd.load_config(path); from a mapping: "
+                            "resd.TrainConfig(**mapping))")  # fmt: skip
         self.cfg = cfg
-        self.callbacks = list(callbacks)
+        self.callbacks = checked_callbacks(callbacks)
         if cfg.early_stopping is not None:
             self.callbacks.append(EarlyStopping(**cfg.early_stopping))
         self.parallel = make_parallel(cfg.strategy, cfg.zero_stage)
