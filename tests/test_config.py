@@ -713,3 +713,16 @@ def test_a_config_built_in_python_gets_the_type_checks_a_yaml_file_gets():
     cfg = TrainConfig(lr="1e-5", batch_size=8.0)
     assert (cfg.lr, cfg.batch_size, type(cfg.batch_size)) == (1e-5, 8, int)
     assert TrainConfig() == load_config(None)  # the defaults pass as they are
+
+
+def test_load_config_names_a_mapping_or_a_string_given_where_it_takes_a_path_or_a_list():
+    """`load_config({"lr": 1})` failed in pathlib ("expected str, bytes or os.PathLike
+    object, not dict"), and `load_config(None, "lr=1")` read the string a character at a
+    time ("l: overrides take the form key=value"). Each now says what to pass."""
+    with pytest.raises(TypeError, match=r"^load_config: path is a YAML file's path or None, "
+                                        r"got dict \(a mapping: resd\.TrainConfig\(\*\*mapping\)\)"):  # fmt: skip
+        load_config({"lr": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^load_config: overrides is a list of 'key=value' "
+                                        r"strings, got the string 'lr=1' \(pass \['lr=1'\]\)"):  # fmt: skip
+        load_config(None, "lr=1")  # type: ignore[arg-type]
+    assert load_config(None, ("lr=1",)).lr == 1.0  # any sequence of them

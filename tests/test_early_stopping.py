@@ -146,7 +146,8 @@ def test_a_trainer_refuses_a_config_or_callbacks_of_the_wrong_kind_before_any_lo
     attribute 'early_stopping'"; `callbacks=MyCallback` (the class), a lone callback or an
     object without the hooks (another library's callback) failed at the first hook, after
     the model had loaded. Each is now a TypeError saying what to pass, before anything
-    loads (the model named here does not exist)."""
+    loads (the model named here does not exist). So is an environment's name passed as
+    `env=`, where an Environment object goes."""
     from resd import Callback, Trainer
     from resd.config import TrainConfig
 
@@ -173,6 +174,10 @@ def test_a_trainer_refuses_a_config_or_callbacks_of_the_wrong_kind_before_any_lo
     ):  # fmt: skip
         with pytest.raises(TypeError, match=rf"^callbacks: {said}"):
             Trainer(cfg, callbacks=callbacks)
+    with pytest.raises(TypeError, match=r"^env: expected an Environment or a datasets\.Dataset, "
+                                        r"got the string 'arithmetic'; an environment by name "
+                                        r"goes in the config: TrainConfig\(env='arithmetic', "):  # fmt: skip
+        Trainer(cfg, env="arithmetic")
     with pytest.raises(ValueError, match=r"^model: no such folder"):  # a list of them is fine
         Trainer(cfg, callbacks=(Printer(), Callback()))
     assert not (tmp_path / "run").exists()

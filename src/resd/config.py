@@ -817,6 +817,14 @@ def settings_differences(old: Any, new: Any, where: str = "") -> list[str]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML file's config (the defaults where `path` is None), with `key=value`
+    overrides applied over it."""
+    if path is not None and not isinstance(path, (str, Path)):  # pathlib's TypeError named neither
+        raise TypeError(f"load_config: path is a YAML file's path or None, got "
+                        f"{type(path).__name__} (a mapping: resd.TrainConfig(**mapping))")  # fmt: skip
+    if isinstance(overrides, str):  # read a character at a time: "l: overrides take the form ..."
+        raise TypeError(f"load_config: overrides is a list of 'key=value' strings, got the "
+                        f"string {overrides!r} (pass [{overrides!r}])")  # fmt: skip
     data = read_yaml_mapping(path) if path is not None else {}
     return build_config(apply_overrides(data, overrides or []))
 

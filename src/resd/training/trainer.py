@@ -152,6 +152,10 @@ def _environment(cfg: TrainConfig, env: Any, scorer: Any) -> Environment:
     if isinstance(env, type) and issubclass(env, Environment):
         raise TypeError(f"env: got the class {env.__name__}, not an environment: pass an "
                         f"instance, {env.__name__}(...)")  # fmt: skip
+    if isinstance(env, str):  # a name or an import path: the config's field
+        raise TypeError(f"env: expected an Environment or a datasets.Dataset, got the string "
+                        f"{env!r}; an environment by name goes in the config: "
+                        f"TrainConfig(env={env!r}, ...)")  # fmt: skip
     raise TypeError(f"env: expected an Environment or a datasets.Dataset, got {type(env).__name__}")
 
 
