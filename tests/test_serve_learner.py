@@ -585,6 +585,35 @@ def test_a_restart_serves_the_weights_of_the_version_it_last_served(
             assert not param.requires_grad, name
 
 
+def test_a_restart_with_the_served_weights_damaged_serves_the_loaded_model_and_says_why(
+    tiny_model_dir, tmp_path, tiny_served, caplog
+):
+    """`learner/served.safetensors` cut short or overwritten (a copy, a full disk): the
+    restart failed with safetensors' traceback ("header too small"), and the server did
+    not start. It now starts on the model it loaded, as without the file, with a warning
+    that names the file and what is wrong with it."""
+    with learning(tiny_model_dir, tmp_path, tiny_served) as (running, path, learner):
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=1.0)  # always serve
+        assert learner.step_once()["served"]
+        serve_and_collect(running)
+        learner.settings = LearnerSettings(min_rows=4, guard_tolerance=-2.0)  # never
+        assert not learner.step_once()["served"]
+        weights = tmp_path / "learner" / "served.safetensors"
+        for damaged, said in ((b"", "header too small"), (weights.read_bytes()[:100], "")):
+            weights.write_bytes(damaged)
+            holder = ModelHolder(tiny_served)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="resd.serve.learner"):
+                Learner.from_config(path, store=running.store, holder=holder, output_dir=tmp_path)
+            assert holder.current().version == "v0"  # the loaded model, under its own name
+            assert (
+                f"the weights of {MODEL}@step1, the version last served, are not in {weights} "
+                f"(cannot be read: "
+                in caplog.text
+                and said in caplog.text
+            )
+
+
 def test_an_idle_learner_waits_between_polls(tiny_model_dir, tmp_path, tiny_served):
     """With no feedback to train on, the learner's thread looks again only after
     `poll_seconds` (2 s unless set): a second after its first look it has read the

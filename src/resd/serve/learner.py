@@ -40,7 +40,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from resd.config import TrainConfig, apply_overrides, build_config, read_yaml_mapping
+from resd.config import TrainConfig, apply_overrides, build_config, first_line, read_yaml_mapping
 from resd.envs import make_env
 from resd.envs.base import Item, Score
 from resd.generation.base import Generation
@@ -280,12 +280,17 @@ class Learner:
         if step == self.trainer.step:
             return served
         path = self.trainer.run_dir / SERVED_WEIGHTS
-        if _file_version(path) == version:
-            _, unexpected = served.model.load_state_dict(load_file(str(path)), strict=False)
-            if not unexpected:
-                return served
-        log.warning("learner: the weights of %s, the version last served, are not in %s; "
-                    "serving the model loaded until a step is served", version, path)  # fmt: skip
+        why = "no such file" if not path.is_file() else "another version's"
+        try:
+            if _file_version(path) == version:
+                _, unexpected = served.model.load_state_dict(load_file(str(path)), strict=False)
+                if not unexpected:
+                    return served
+                why = "other weights"
+        except Exception as exc:  # damaged (SafetensorError): a copy cut short, an edit
+            why = f"cannot be read: {first_line(exc)}"
+        log.warning("learner: the weights of %s, the version last served, are not in %s (%s); "
+                    "serving the model loaded until a step is served", version, path, why)  # fmt: skip
         return None
 
     def _served_accuracy(self, version: str) -> float | None:
