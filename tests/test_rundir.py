@@ -83,6 +83,17 @@ def test_truncating_keeps_a_line_of_another_shape_as_found(tmp_path: Path):
     assert read_jsonl(log) == [{"step": 1}]
 
 
+def test_truncating_a_log_with_bytes_that_are_not_text_drops_them(tmp_path: Path):
+    """A log overwritten with bytes that are not UTF-8 (a damaged disk, a binary copied
+    over it) failed every resume with "'utf-8' codec can't decode byte 0xa3", naming no
+    file (`fuzz_combinations.py serve`, a learning server's eval.jsonl). They are no row:
+    dropped, as a line cut by a kill is, and the rows around them kept."""
+    log = tmp_path / "eval.jsonl"
+    log.write_bytes(b'{"step": 0}\n\xa3\x80\xff garbage\n{"step": 1}\n{"step": 5}\n')
+    truncate_jsonl(log, 2)
+    assert log.read_text() == '{"step": 0}\n{"step": 1}\n'
+
+
 def test_a_kill_while_truncating_leaves_the_log_whole(tmp_path: Path, monkeypatch):
     """The cut log is written beside the old one and then renamed over it: a resume killed
     halfway through writing loses no row. Catches a log rewritten in place."""

@@ -219,11 +219,13 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    # bytes that are not UTF-8 (a damaged log) failed every resume with Python's decode
+    # error, naming no file; they are no row either, as for `read_jsonl`
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by the kill
+            continue  # a line cut by the kill, or damaged
         # a line of another shape is none of our rows (readers skip it): kept, as found
         if not isinstance(row, dict) or row.get("step", 0) <= max_step:
             kept.append(line)
