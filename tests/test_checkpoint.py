@@ -182,7 +182,7 @@ def test_only_complete_checkpoint_folders_count(
     with caplog.at_level(logging.WARNING, logger="resd.training.checkpoint"):
         caplog.clear()
         assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
-    assert "(no state.json, optimizer.pt, rng_torch.pt, config.json)" in caplog.text
+    assert "(no state.json, optimizer.pt, rng_torch.pt, config.json, model weights)" in caplog.text
 
 
 def test_a_checkpoint_folder_is_readable_as_the_run_folder_is(

@@ -207,7 +207,11 @@ def test_a_checkpoint_damaged_after_it_was_written_is_named_and_nothing_is_chang
     Trainer(config(tiny_model_dir, out, *words)).train()
     intact = _files(out)
     damages = {"optimizer.pt": b"", "rng_torch.pt": b"\x80garbage", "state.json": b"[1, 2]",
-               "teachers/teacher.safetensors": intact["checkpoint-2/teachers/teacher.safetensors"][:99]}  # fmt: skip
+               "teachers/teacher.safetensors": intact["checkpoint-2/teachers/teacher.safetensors"][:99],
+               # `fuzz_combinations.py serve`: said as "model_init_kwargs: 'list' object is not a
+               # mapping", as transformers' guess, and as "model: cannot read the folder"
+               "generation_config.json": b'["a list"]', "config.json": intact["checkpoint-2/config.json"][:40],
+               "model.safetensors": intact["checkpoint-2/model.safetensors"][:99]}  # fmt: skip
     argv = ["train", "--resume", "--config", str(out / "config.yaml"), "steps=3"]
     for name, damaged in damages.items():
         (out / "checkpoint-2" / name).write_bytes(damaged)
@@ -223,6 +227,20 @@ def test_a_checkpoint_damaged_after_it_was_written_is_named_and_nothing_is_chang
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
     (out / "checkpoint-2").rename(tmp_path / "set-aside")
     assert Trainer(config(tiny_model_dir, out, "save_every=1", "steps=3"), resume=True).step == 1
+
+
+def test_a_checkpoint_without_its_weights_is_skipped_as_incomplete(
+    tiny_model_dir, tmp_path, caplog
+):
+    """A checkpoint whose model.safetensors is gone counted as complete, and the resume
+    failed in transformers ("no file named model.safetensors"); it is skipped with a
+    warning, as one without its optimizer is, and the one before it resumes."""
+    out = tmp_path / "run"
+    Trainer(config(tiny_model_dir, out, "save_every=1", "steps=2")).train()
+    (out / "checkpoint-2" / "model.safetensors").unlink()
+    resumed = Trainer(config(tiny_model_dir, out, "save_every=1", "steps=3"), resume=True)
+    assert resumed.step == 1
+    assert "checkpoint-2 is incomplete (no model weights); skipped" in caplog.text
 
 
 def test_a_fresh_run_refuses_a_folder_whose_files_it_would_overwrite(tiny_model_dir, tmp_path):

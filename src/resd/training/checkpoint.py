@@ -38,6 +38,9 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # live teacher has none), besides the model: its config.json, or a LoRA adapter's.
 REQUIRED = ("state.json", "optimizer.pt", "rng_torch.pt")
 MODEL_FILES = ("config.json", "adapter_config.json")
+# ... and its weights, whole or sharded, or the adapter's
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")  # fmt: skip
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -53,6 +56,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
         missing = [name for name in REQUIRED if not (p / name).exists()]
         if not any((p / name).exists() for name in MODEL_FILES):
             missing.append("config.json")
+        if not any((p / name).exists() for name in WEIGHT_FILES):
+            missing.append("model weights")
         if missing:
             log.warning("checkpoint %s is incomplete (no %s); skipped", p, ", ".join(missing))
             continue
@@ -181,6 +186,22 @@ def reading(file: Path) -> Iterator[None]:
             f"{folder.name} is damaged: move it out of {folder.parent} to resume from the "
             "checkpoint before it, if the run has one"
         ) from exc
+
+
+def check_readable(path: Path) -> None:
+    """Every JSON file of checkpoint `path` holds an object and every safetensors file's
+    header reads, or the ValueError of `reading`: the file, and the way on. The model
+    loader said it in its own words, naming a setting for a damaged generation_config.json
+    ("model_init_kwargs: 'list' object is not a mapping") or transformers' guess for a
+    damaged config.json ("It looks like the config file ... is not a valid JSON file")."""
+    from safetensors import safe_open
+
+    for file in sorted(path.rglob("*.json")):
+        with reading(file):
+            read_json_object(file)
+    for file in sorted(path.rglob("*.safetensors")):
+        with reading(file), safe_open(str(file), framework="pt"):
+            pass
 
 
 def read_state(path: Path) -> dict[str, Any]:

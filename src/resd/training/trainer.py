@@ -66,6 +66,7 @@ from resd.rundir import (
 from resd.training.algorithms import Algorithm, get_algorithm
 from resd.training.callbacks import Callback, EarlyStopping, checked_callbacks
 from resd.training.checkpoint import (
+    check_readable,
     latest_checkpoint,
     load_checkpoint,
     read_state,
@@ -373,6 +374,7 @@ class Trainer:
             )
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
+            check_readable(checkpoint)
             self._check_resumed_config(checkpoint)
         elif logged:
             # Killed before its first checkpoint: nothing to resume, so the run starts over,
