@@ -560,6 +560,33 @@ def test_a_folder_holding_a_run_of_unknown_settings_is_refused(
     assert not (out / "comparison.json").exists()
 
 
+@pytest.mark.parametrize(("damaged", "held"), [(b"", "nothing"), (b"q7 garbage", "a str")])
+def test_a_damaged_run_config_is_named_with_the_way_on(tmp_path, monkeypatch, damaged, held):
+    """An emptied or overwritten compare-config.yaml was said to be missing ("no
+    compare-config.yaml or config.yaml holding a config"), and the emptied one hid the
+    trainer's intact config.yaml. It is named, with what it holds, and the way on: delete
+    it, and the run is judged by its config.yaml, which this command's settings match."""
+    monkeypatch.setattr(compare, "launch", lambda spec, cfg: pytest.fail(f"launched {spec.name}"))
+    out = tmp_path / "cmp"
+    run = out / "sdpo-seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 1}))
+    [spec] = compare.plan_runs(["sdpo"], [0], out, ["steps=1"], {})
+    intact = yaml.safe_dump(compare.resolve_configs([spec], None)[spec.name].to_dict())
+    (run / "config.yaml").write_text(intact)
+    (run / "compare-config.yaml").write_bytes(damaged)
+    with pytest.raises(ConfigError, match=re.escape(
+        f"{run / 'compare-config.yaml'}: cannot tell which settings this run was made with (it "
+        f"holds {held}, not the settings); delete it to judge the run by its config.yaml, or use "
+        "another --out")):  # fmt: skip
+        run_comparison(None, ["sdpo"], [0], out, ["steps=1"], plots=False)
+    (run / "compare-config.yaml").unlink()
+    assert (
+        run_comparison(None, ["sdpo"], [0], out, ["steps=1"], plots=False)["runs"][0]["name"]
+        == "sdpo-seed0"
+    )
+
+
 def test_the_command_exits_1_and_names_each_failed_run(tmp_path, monkeypatch, capsys):
     """A study with a failed run must not exit 0: scripts chaining `resd compare` rely on it."""
 

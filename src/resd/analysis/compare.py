@@ -224,18 +224,25 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 def stored_config(run_dir: Path) -> dict[str, Any] | None:
     """The config a run was made with: the one `launch` wrote, else the trainer's own copy;
-    None for a run that has none."""
+    None for a run that has neither. One that is there but damaged (emptied, cut short,
+    overwritten) is refused by name: it was said to be missing ("no compare-config.yaml
+    or config.yaml holding a config"), and an emptied one hid the trainer's intact copy."""
     for name in (RUN_CONFIG, "config.yaml"):
         path = run_dir / name
         if path.exists():
             try:
                 loaded = yaml.safe_load(path.read_text())
-            except (yaml.YAMLError, UnicodeDecodeError) as exc:  # damaged: bytes, not text
+                if not isinstance(loaded, dict):
+                    held = "nothing" if loaded is None else f"a {type(loaded).__name__}"
+                    raise ValueError(f"it holds {held}, not the settings")
+            except (yaml.YAMLError, ValueError) as exc:  # UnicodeDecodeError among them
+                copy = name == RUN_CONFIG and (run_dir / "config.yaml").exists()
+                way = "delete it to judge the run by its config.yaml, or use another --out"
                 raise ConfigError(
                     f"{path}: cannot tell which settings this run was made with "
-                    f"({yaml_problem(exc)}); use another --out"
+                    f"({yaml_problem(exc)}); {way if copy else 'use another --out'}"
                 ) from None
-            return loaded if isinstance(loaded, dict) else None
+            return loaded
     return None
 
 
