@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from resd.config import ConfigError, load_config
 
@@ -713,6 +715,11 @@ def test_a_config_built_in_python_gets_the_type_checks_a_yaml_file_gets():
     cfg = TrainConfig(lr="1e-5", batch_size=8.0)
     assert (cfg.lr, cfg.batch_size, type(cfg.batch_size)) == (1e-5, 8, int)
     assert TrainConfig() == load_config(None)  # the defaults pass as they are
+    # a path given as a Path is text, as from YAML: as a Path, config.yaml could not be
+    # written (yaml cannot represent a PosixPath), after the model had loaded
+    cfg = TrainConfig(model=Path("models/tiny"), output_dir=Path("runs") / "x")
+    assert (cfg.model, cfg.output_dir) == ("models/tiny", "runs/x")
+    assert yaml.safe_load(yaml.safe_dump(cfg.to_dict()))["output_dir"] == "runs/x"
 
 
 def test_load_config_names_a_mapping_or_a_string_given_where_it_takes_a_path_or_a_list():

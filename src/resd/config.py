@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -550,6 +551,8 @@ def check_type(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
+        if isinstance(value, os.PathLike):  # a Path from Python; YAML-dumped as text
+            return os.fspath(value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
