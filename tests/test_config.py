@@ -733,3 +733,35 @@ def test_load_config_names_a_mapping_or_a_string_given_where_it_takes_a_path_or_
                                         r"strings, got the string 'lr=1' \(pass \['lr=1'\]\)"):  # fmt: skip
         load_config(None, "lr=1")  # type: ignore[arg-type]
     assert load_config(None, ("lr=1",)).lr == 1.0  # any sequence of them
+
+
+def _a_module_level_scorer(item, response):
+    return 0.0
+
+
+def test_a_config_from_python_holds_only_what_its_records_can_hold():
+    """config.yaml and each checkpoint's state.json record the config. From Python,
+    `env_args={"path": Path(...)}` or a scorer function in env_args trained until the first
+    write of config.yaml, then failed with yaml's "cannot represent an object", after the
+    model had loaded; a set of LoRA target modules failed at the first checkpoint (JSON).
+    A Path is its text, a tuple or a set a list, a module-level function its import path
+    (which the scorer setting takes back), and what no record can hold is refused at once."""
+    from resd.config import TrainConfig
+
+    cfg = TrainConfig(
+        env_args={"path": Path("data") / "qa.jsonl", "scorer": _a_module_level_scorer,
+                  "columns": ("a", "b")},
+        lora={"r": 4, "target_modules": {"v_proj", "q_proj"}},
+    )  # fmt: skip
+    assert cfg.env_args == {"path": "data/qa.jsonl", "columns": ["a", "b"],
+                            "scorer": "test_config:_a_module_level_scorer"}  # fmt: skip
+    assert cfg.lora == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    assert yaml.safe_load(yaml.safe_dump(cfg.to_dict())) == cfg.to_dict()
+    from resd.envs.scorers import resolve_scorer
+
+    assert resolve_scorer(cfg.env_args["scorer"]) is _a_module_level_scorer
+    with pytest.raises(ConfigError, match=r"^env_args\.scorer: function <function test_a_config.* "
+                                          r"cannot be recorded in the run's config\.yaml"):  # fmt: skip
+        TrainConfig(env_args={"scorer": lambda item, response: 0.0})
+    with pytest.raises(ConfigError, match=r"^env_args\.data\[0\]: object "):
+        TrainConfig(env_args={"data": [object()]})

@@ -298,7 +298,7 @@ class TrainConfig:
         # (`build_config`): `TrainConfig(lr="fast")` failed as "'<' not supported between
         # instances of 'str' and 'int'" just below, a wrong type elsewhere much later.
         for name, hint in _HINTS.items():
-            setattr(self, name, check_type(name, getattr(self, name), hint))
+            setattr(self, name, recordable(check_type(name, getattr(self, name), hint), name))
         positive = ["batch_size", "rollouts_per_prompt", "inner_updates", "micro_batch_size",
                     "generation_batch_size", "max_new_tokens", "max_prompt_tokens", "eval_samples",
                     "reflection_max_new_tokens", "curation_max_new_tokens", "playbook_max_entries",
@@ -557,6 +557,45 @@ def check_type(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def recordable(value: Any, where: str) -> Any:
+    """`value` as config.yaml and a checkpoint's state.json record it: YAML's and JSON's
+    own types. From Python, a Path is its text, a tuple or a set a list, a module-level
+    function its import path ("module:function", which a scorer setting takes back); anything else is
+    refused here, where it was a RepresenterError from the first write of config.yaml,
+    after the model had loaded."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {key: recordable(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, (set, frozenset)):  # peft's target_modules, say: in a fixed order
+        value = sorted(value, key=str)
+    if isinstance(value, (list, tuple)):
+        return [recordable(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if callable(value) and _imports_back(value):
+        return f"{value.__module__}:{value.__qualname__}"
+    raise ConfigError(
+        f"{where}: {type(value).__name__} {value!r:.60} cannot be recorded in the run's "
+        "config.yaml (text, numbers, lists, mappings and a module-level function, as "
+        "'module:function', can); an environment that needs it can be built in Python and "
+        "passed as Trainer(cfg, env=...)"
+    )
+
+
+def _imports_back(function: Any) -> bool:
+    """Whether `module:qualname` names `function` itself (not a lambda or a nested one)."""
+    import importlib
+
+    try:
+        found: Any = importlib.import_module(function.__module__)
+        for part in function.__qualname__.split("."):
+            found = getattr(found, part)
+    except (AttributeError, ImportError, TypeError, ValueError):
+        return False
+    return found is function
 
 
 def _parse_scalar(text: str) -> Any:
