@@ -478,16 +478,54 @@ def folder_state(folder: Path) -> dict[str, bytes]:
             if f.is_file()}  # fmt: skip
 
 
+def _resd(argv: list[str]) -> tuple[int | None, list[str], str | None]:
+    """`resd ARGV` in this process: (exit status, what it said, a traceback or None)."""
+    import contextlib
+    import io
+
+    from resd.cli import main as resd_main
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = resd_main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except Exception:
+        return None, err.getvalue().strip().splitlines(), traceback.format_exc()[-3000:]
+    return code, err.getvalue().strip().splitlines(), None
+
+
+def run_commands(
+    record: dict[str, Any], folder: Path, commands: dict[str, list[str]], may_change: set[str]
+) -> None:
+    """Each `resd` command in turn on a damaged `folder`, into `record`: it must work or
+    refuse in one line (status 2); a refusal, or a command not in `may_change`, must leave
+    the folder as it was. Stops at the first finding."""
+    for command, argv in commands.items():
+        before = folder_state(folder)
+        code, said, crash = _resd(argv)
+        if crash:
+            record.update(ok=False, error=f"{command}: {crash.splitlines()[-1]}"[:500],
+                          traceback=crash)  # fmt: skip
+            return
+        record[command] = "ran" if code == 0 else (said[-1] if said else f"status {code}")[:300]
+        after = folder_state(folder)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        if code not in (0, 2):
+            record.update(ok=False, error=f"{command}: exit status {code}: {said[-1:]}")
+        elif changed and (code != 0 or command not in may_change):
+            record.update(ok=False, error=f"{command} (status {code}) changed {changed[:5]}")
+        if not record["ok"]:
+            return
+
+
 def corrupt(index: int, out: Path, model: Path) -> dict[str, Any]:
     """One file of a finished run damaged (deleted, emptied, cut in half, overwritten, or
     valid JSON of another shape); then `resd report`, `resd eval` and `resd train --resume`
     read it. Each must work or refuse in one line (status 2); a traceback is a finding, and
     so is a command that refused yet changed the run's files, or a report or evaluation
     that changed them at all."""
-    import contextlib
-    import io
-
-    from resd.cli import main as resd_main
 
     base, name, how = corrupt_cases(out, model)[index]
     run = out / f"corrupt{index}"
@@ -503,28 +541,7 @@ def corrupt(index: int, out: Path, model: Path) -> dict[str, Any]:
         "resume": ["train", "--resume", "--config", str(run / "config.yaml"),
                    f"output_dir={run}", "steps=3", "progress=false"],
     }  # fmt: skip
-    for command, argv in commands.items():
-        before = folder_state(run)
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                code = resd_main(argv)
-        except SystemExit as exc:
-            code = exc.code
-        except Exception as exc:
-            record.update(ok=False, error=f"{command}: {type(exc).__name__}: {exc}"[:500],
-                          traceback=traceback.format_exc()[-3000:])  # fmt: skip
-            break
-        said = err.getvalue().strip().splitlines()
-        record[command] = "ran" if code == 0 else (said[-1] if said else f"status {code}")[:300]
-        after = folder_state(run)
-        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        if code not in (0, 2):
-            record.update(ok=False, error=f"{command}: exit status {code}: {said[-1:]}")
-        elif changed and (code != 0 or command != "resume"):
-            record.update(ok=False, error=f"{command} (status {code}) changed {changed[:5]}")
-        if not record["ok"]:
-            break
+    run_commands(record, run, commands, may_change={"resume"})
     shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(out / f"report{index}", ignore_errors=True)
     return record
@@ -633,12 +650,7 @@ def serve(index: int, out: Path, model: Path) -> dict[str, Any]:
     `resd serve --learn` restarted on it. The report works or refuses in one line without
     changing a file; the server starts (and answers /health and a completion), or refuses
     in one line (status 2) and leaves the folder as it was. A traceback is a finding."""
-    import contextlib
-    import io
-
     import httpx
-
-    from resd.cli import main as resd_main
 
     base, learn = serve_base(out, model)
     name, how = serve_cases(base)[index]
@@ -647,25 +659,9 @@ def serve(index: int, out: Path, model: Path) -> dict[str, Any]:
     shutil.copytree(base, folder)
     damage(folder / name, how)
     record: dict[str, Any] = {"index": index, "file": name, "damage": how, "ok": True}
+    report = ["report", str(folder), "--out", str(out / f"sreport{index}" / "r.html")]
+    run_commands(record, folder, {"report": report}, may_change=set())
     before = folder_state(folder)
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = resd_main(
-                ["report", str(folder), "--out", str(out / f"sreport{index}" / "r.html")]
-            )
-    except SystemExit as exc:
-        code = exc.code
-    except Exception as exc:
-        code = None
-        record.update(ok=False, error=f"report: {type(exc).__name__}: {exc}"[:500],
-                      traceback=traceback.format_exc()[-3000:])  # fmt: skip
-    said = err.getvalue().strip().splitlines()
-    record["report"] = "ran" if code == 0 else (said[-1] if said else f"status {code}")[:300]
-    if record["ok"] and code not in (0, 2):
-        record.update(ok=False, error=f"report: exit status {code}: {said[-1:]}")
-    elif record["ok"] and folder_state(folder) != before:
-        record.update(ok=False, error="report changed the folder")
     if record["ok"]:
         proc, url, said = _serve(folder, model, learn)
         if proc.poll() is None:
@@ -730,24 +726,6 @@ def folder_command(kind: str, folder: Path, model: Path, out: Path) -> list[str]
     return ["continual", "--config", str(config), *run]
 
 
-def _resd(argv: list[str]) -> tuple[int | None, list[str], str | None]:
-    """`resd ARGV` in this process: (exit status, what it said, a traceback or None)."""
-    import contextlib
-    import io
-
-    from resd.cli import main as resd_main
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = resd_main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    except Exception:
-        return None, err.getvalue().strip().splitlines(), traceback.format_exc()[-3000:]
-    return code, err.getvalue().strip().splitlines(), None
-
-
 def folder_base(kind: str, out: Path, model: Path) -> Path:
     """The folder a `folders` case damages a copy of. Built where every case runs
     (`<kind>-work`) and kept aside: a continual stage's model is the previous stage's
@@ -791,22 +769,7 @@ def folders(index: int, out: Path, model: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"index": index, "kind": kind, "file": name, "damage": how, "ok": True}
     commands = {"report": ["report", str(folder), "--out", str(out / f"freport{index}" / "r.html")],
                 "again": folder_command(kind, folder, model, out)}  # fmt: skip
-    for command, argv in commands.items():
-        before = folder_state(folder)
-        code, said, crash = _resd(argv)
-        if crash:
-            record.update(ok=False, error=f"{command}: {crash.splitlines()[-1]}"[:500],
-                          traceback=crash)  # fmt: skip
-            break
-        record[command] = "ran" if code == 0 else (said[-1] if said else f"status {code}")[:300]
-        after = folder_state(folder)
-        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        if code not in (0, 2):
-            record.update(ok=False, error=f"{command}: exit status {code}: {said[-1:]}")
-        elif changed and (code != 0 or command == "report"):
-            record.update(ok=False, error=f"{command} (status {code}) changed {changed[:5]}")
-        if not record["ok"]:
-            break
+    run_commands(record, folder, commands, may_change={"again"})
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(out / f"freport{index}", ignore_errors=True)
     return record
