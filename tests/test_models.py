@@ -162,6 +162,24 @@ def test_a_model_folder_without_weights_is_refused_with_what_a_name_may_be(
         load_model(str(tmp_path / "no-weights"))
 
 
+def test_a_folder_without_a_config_is_refused_as_holding_no_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`resd eval --model FOLDER` of a folder with a tokenizer and no config.json (or with
+    nothing of a model at all) said transformers' "Unrecognized model in ... Should have a
+    `model_type` key in its config.json", of a config.json that is not there."""
+    (tmp_path / "tokenizer-only").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / "tokenizer-only")
+    with pytest.raises(ValueError, match=r"^model: the folder '.*tokenizer-only' holds no "
+                                         r"config\.json, so no model to load"):  # fmt: skip
+        load_model(str(tmp_path / "tokenizer-only"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"^model: the folder '.*notes' holds no model"):
+        load_model(str(tmp_path / "notes"))
+
+
 def test_converted_models_are_cached_under_home_unless_resd_cache_moves_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

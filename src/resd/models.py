@@ -388,7 +388,13 @@ def load_model(
     attn_implementation, ...)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    path = resolve_model_path(name)
+    path = _model_path(name)
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").exists() and not any(folder.glob("*.gguf")):
+        # transformers said "Unrecognized model ... Should have a `model_type` key in its
+        # config.json" of a folder that holds no config.json at all
+        raise ValueError(f"model: the folder {name!r} holds no config.json, so no model to "
+                         "load (a tokenizer or an adapter alone is not one)")  # fmt: skip
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], **(init_kwargs or {})
