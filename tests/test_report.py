@@ -923,6 +923,11 @@ def test_the_command_names_a_bad_path_or_plots_folder_and_prints_where_the_repor
     a_file.write_text("")
     assert run(str(a_file)) == 2
     assert capsys.readouterr().err == f"resd: error: report: {a_file} is not a directory\n"
+    assert run(str(tmp_path / "no-such-run")) == 2  # a typo: was "is not a directory" too
+    assert (
+        capsys.readouterr().err
+        == f"resd: error: report: no such folder {tmp_path / 'no-such-run'}\n"
+    )
 
     run_dir = tmp_path / "config-only"
     run_dir.mkdir()

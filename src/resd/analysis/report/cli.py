@@ -34,6 +34,8 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
     both are checked before anything is written.
     """
     path = Path(path)
+    if not path.exists():  # a typo: "is not a directory" read as a file given by mistake
+        raise FileNotFoundError(f"report: no such folder {path}")
     if not path.is_dir():
         raise FileNotFoundError(f"report: {path} is not a directory")
     out = Path(out) if out is not None else path / "report.html"
