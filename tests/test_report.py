@@ -848,6 +848,23 @@ def test_a_serve_folder_gets_its_versions_counts_and_learner_run(
     # one line: SQLAlchemy's "(Background on this error at: ...)" came on a second
     assert err.count("\n") == 1 and "(DatabaseError: file is not a database)" in err, err
     assert not (root / "report.html").exists()
+    # an emptied database, or another program's: the report wrote resd's tables into it
+    # (`fuzz_combinations.py serve`); it reads, and refuses what holds none of them
+    import sqlite3
+
+    (root / "resd.db").write_bytes(b"")
+    assert cli_main(["report", str(root)]) == 2
+    assert "holds no resd serve tables" in capsys.readouterr().err
+    assert (root / "resd.db").read_bytes() == b""
+    (root / "resd.db").unlink()
+    with sqlite3.connect(root / "resd.db") as theirs:
+        theirs.execute("CREATE TABLE notes (text TEXT)")
+    theirs.close()
+    before = (root / "resd.db").read_bytes()
+    assert cli_main(["report", str(root)]) == 2
+    assert "holds no resd serve tables" in capsys.readouterr().err
+    assert (root / "resd.db").read_bytes() == before
+    assert sorted(p.name for p in root.glob("resd.db*")) == ["resd.db"]
 
 
 def test_a_comparisons_curves_show_each_reward_function(tmp_path: Path) -> None:

@@ -227,6 +227,15 @@ def _is_memory_sqlite(url: sa.URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+def _sqlite_reading(dbapi_connection: Any, _record: Any) -> None:
+    """A reader's connection: waits for a writer's lock, and sets nothing in the file."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Run on every new SQLite connection: WAL, wait for locks, enforce foreign keys."""
     cursor = dbapi_connection.cursor()
@@ -286,7 +295,10 @@ class Store:
     operations are serialised by a lock; use a file for anything but quick experiments.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        """`read_only` (what `resd report` opens): no schema is made or migrated and no
+        journal mode set, so a file that is not a resd database (emptied, another
+        program's) is refused as it is; opened to write, it was given resd's tables."""
         if "://" not in url:  # a plain path: its folder is made below, as for an sqlite:/// URL
             url = sqlite_url(url)
         parsed = sa.make_url(url)
@@ -297,13 +309,15 @@ class Store:
         if _is_memory_sqlite(parsed):
             options = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
             self._lock = threading.Lock()
-        elif self.dialect == "sqlite" and parsed.database:
+        elif self.dialect == "sqlite" and parsed.database and not read_only:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = sa.create_engine(parsed, **options)
         if self.dialect == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(
+                self.engine, "connect", _sqlite_pragmas if not read_only else _sqlite_reading
+            )
         try:
-            self._init_schema()
+            self._check_schema() if read_only else self._init_schema()
         except Exception:
             self.engine.dispose()
             raise
@@ -349,6 +363,20 @@ class Store:
                     )
                 MIGRATIONS[version](conn)
                 conn.execute(schema_version.insert().values(version=version, applied_at=_now()))
+
+    def _check_schema(self) -> None:
+        """A database to read as it is: resd's tables, at this resd's schema version."""
+        with self._begin() as conn:
+            if "schema_version" not in set(sa.inspect(conn).get_table_names()):
+                raise SchemaVersionError(f"database {self.url} holds no resd serve tables")
+            found = int(
+                conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+            )
+        if found != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database {self.url} has schema version {found}, not the {SCHEMA_VERSION} this "
+                "resd reads; `resd serve` on it upgrades an older one"
+            )
 
     def schema_version(self) -> int:
         """The schema version recorded in the database."""

@@ -27,7 +27,7 @@ def section_serving(path: Path) -> str:
             f"{SERVE_DB} (its reader needs the serve extra: pip install 'resd[serve]')"
         ))  # fmt: skip
     try:
-        store = Store(sqlite_url(path / SERVE_DB))
+        store = Store(sqlite_url(path / SERVE_DB), read_only=True)  # a report changes nothing
     except Exception as exc:  # not a database, or another program's: one line, no traceback
         # SQLAlchemy's message ends in a second line ("Background on this error at: ...");
         # the driver's own words are the ones that say what is wrong with the file
