@@ -205,6 +205,7 @@ def test_a_checkpoint_damaged_after_it_was_written_is_named_and_nothing_is_chang
     out = tmp_path / "run"
     words = ["save_every=1", "steps=2"]
     Trainer(config(tiny_model_dir, out, *words)).train()
+    capsys.readouterr()  # its loading bars, on a worker where no `resd` command turned them off
     intact = _files(out)
     damages = {"optimizer.pt": b"", "rng_torch.pt": b"\x80garbage", "state.json": b"[1, 2]",
                "teachers/teacher.safetensors": intact["checkpoint-2/teachers/teacher.safetensors"][:99],
@@ -227,6 +228,17 @@ def test_a_checkpoint_damaged_after_it_was_written_is_named_and_nothing_is_chang
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
     (out / "checkpoint-2").rename(tmp_path / "set-aside")
     assert Trainer(config(tiny_model_dir, out, "save_every=1", "steps=3"), resume=True).step == 1
+
+
+def test_a_damaged_tokenizer_file_in_a_checkpoint_does_not_stop_its_resume(
+    tiny_model_dir, tmp_path
+):
+    """A resume reads the run's tokenizer from `model`, not from the checkpoint: a check
+    that read every JSON file of it refused a resume over a file it never reads."""
+    out = tmp_path / "run"
+    Trainer(config(tiny_model_dir, out, "save_every=1", "steps=2")).train()
+    (out / "checkpoint-2" / "tokenizer.json").write_bytes(b"")
+    assert Trainer(config(tiny_model_dir, out, "save_every=1", "steps=3"), resume=True).step == 2
 
 
 def test_a_checkpoint_without_its_weights_is_skipped_as_incomplete(

@@ -188,17 +188,25 @@ def reading(file: Path) -> Iterator[None]:
         ) from exc
 
 
+# The JSON files of a checkpoint that resuming reads (its tokenizer's are not: the run's
+# tokenizer comes from `model`, so a damaged one there does not stop a resume).
+RESUME_READS = ("config.json", "generation_config.json", "adapter_config.json", "state.json",
+                "model.safetensors.index.json")  # fmt: skip
+
+
 def check_readable(path: Path) -> None:
-    """Every JSON file of checkpoint `path` holds an object and every safetensors file's
-    header reads, or the ValueError of `reading`: the file, and the way on. The model
-    loader said it in its own words, naming a setting for a damaged generation_config.json
-    ("model_init_kwargs: 'list' object is not a mapping") or transformers' guess for a
-    damaged config.json ("It looks like the config file ... is not a valid JSON file")."""
+    """Each JSON file of checkpoint `path` that a resume reads holds an object, and each
+    safetensors file's header reads, or the ValueError of `reading`: the file, and the way
+    on. The model loader said it in its own words, naming a setting for a damaged
+    generation_config.json ("model_init_kwargs: 'list' object is not a mapping") or
+    transformers' guess for a damaged config.json ("It looks like the config file ... is
+    not a valid JSON file")."""
     from safetensors import safe_open
 
-    for file in sorted(path.rglob("*.json")):
-        with reading(file):
-            read_json_object(file)
+    for file in (path / name for name in RESUME_READS):
+        if file.exists():
+            with reading(file):
+                read_json_object(file)
     for file in sorted(path.rglob("*.safetensors")):
         with reading(file), safe_open(str(file), framework="pt"):
             pass
