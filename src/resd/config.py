@@ -838,6 +838,17 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def recorded_settings(path: Path) -> dict[str, Any]:
+    """Settings a command wrote to `path` (a run's config, a continual run's record), read
+    back; yaml's error, or a ValueError, where the file is damaged: not text, not YAML, or
+    not a mapping (emptied, overwritten). Each caller names the file and the way on."""
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict):
+        held = "nothing" if loaded is None else f"a {type(loaded).__name__}"
+        raise ValueError(f"it holds {held}, not the settings")
+    return loaded
+
+
 # Settings that change nothing a run's results depend on: a run re-used by `resd compare`
 # or `resd continual` may differ from the command's in these.
 UNCOMPARED_KEYS = frozenset(

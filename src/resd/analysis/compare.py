@@ -65,6 +65,7 @@ from resd.config import (
     ConfigError,
     TrainConfig,
     load_config,
+    recorded_settings,
     settings_differences,
     yaml_problem,
 )
@@ -231,10 +232,7 @@ def stored_config(run_dir: Path) -> dict[str, Any] | None:
         path = run_dir / name
         if path.exists():
             try:
-                loaded = yaml.safe_load(path.read_text())
-                if not isinstance(loaded, dict):
-                    held = "nothing" if loaded is None else f"a {type(loaded).__name__}"
-                    raise ValueError(f"it holds {held}, not the settings")
+                return recorded_settings(path)
             except (yaml.YAMLError, ValueError) as exc:  # UnicodeDecodeError among them
                 copy = name == RUN_CONFIG and (run_dir / "config.yaml").exists()
                 way = "delete it to judge the run by its config.yaml, or use another --out"
@@ -242,7 +240,6 @@ def stored_config(run_dir: Path) -> dict[str, Any] | None:
                     f"{path}: cannot tell which settings this run was made with "
                     f"({yaml_problem(exc)}); {way if copy else 'use another --out'}"
                 ) from None
-            return loaded
     return None
 
 

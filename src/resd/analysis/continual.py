@@ -72,6 +72,7 @@ from resd.config import (
     apply_overrides,
     build_config,
     read_yaml_mapping,
+    recorded_settings,
     settings_differences,
     yaml_problem,
 )
@@ -446,11 +447,8 @@ def check_reused_output(plan: ContinualPlan, record: dict[str, Any]) -> None:
     path = plan.out / "continual-config.yaml"
     if not path.exists():
         return
-    try:
-        old = yaml.safe_load(path.read_text())
-        if not isinstance(old, dict):  # compared as settings, it listed every key as changed
-            held = "nothing" if old is None else f"a {type(old).__name__}"
-            raise ValueError(f"it holds {held}, not the settings")
+    try:  # not a mapping: compared as settings, it listed every key as changed
+        old = recorded_settings(path)
     except (yaml.YAMLError, ValueError) as exc:  # UnicodeDecodeError among them
         raise ConfigError(f"output_dir: {path} cannot be read ({yaml_problem(exc)}), so the "
                           f"stages and evaluations in {plan.out} cannot be vouched for; use "
@@ -472,9 +470,8 @@ def run_continual(plan: ContinualPlan) -> dict[str, Any]:
     check_reused_output(plan, record)
     for suite in [stage.suite for stage in plan.stages] + plan.heldout:
         suite.environment()  # a bad env or data path fails now, not after hours of training
-    for k, stage in enumerate(plan.stages, 1):  # and a finished stage's damaged summary, before
-        if (stage_dir(plan, k, stage) / "summary.json").exists():  # continual.json is rewritten
-            read_summary(stage_dir(plan, k, stage))
+    for k, stage in enumerate(plan.stages, 1):  # and a finished stage's damaged summary,
+        read_summary(stage_dir(plan, k, stage))  # before continual.json is rewritten
     out.mkdir(parents=True, exist_ok=True)
     with holding(out, "output_dir"):  # a second `resd continual` on it, while this one runs
         (out / "continual-config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))

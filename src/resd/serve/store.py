@@ -227,6 +227,11 @@ def _is_memory_sqlite(url: sa.URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+def _recorded_version(conn: Connection) -> int:
+    """The newest schema version the database records (0: none)."""
+    return int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0)
+
+
 def _sqlite_reading(dbapi_connection: Any, _record: Any) -> None:
     """A reader's connection: waits for a writer's lock, and sets nothing in the file."""
     cursor = dbapi_connection.cursor()
@@ -348,8 +353,7 @@ class Store:
                     [{"version": v, "applied_at": _now()} for v in range(1, SCHEMA_VERSION + 1)],
                 )
                 return
-            found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
-            found = int(found or 0)
+            found = _recorded_version(conn)
             if found > SCHEMA_VERSION:
                 raise SchemaVersionError(
                     f"database {self.url} has schema version {found}, newer than the {SCHEMA_VERSION} "
@@ -369,9 +373,7 @@ class Store:
         with self._begin() as conn:
             if "schema_version" not in set(sa.inspect(conn).get_table_names()):
                 raise SchemaVersionError(f"database {self.url} holds no resd serve tables")
-            found = int(
-                conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
-            )
+            found = _recorded_version(conn)
         if found != SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"database {self.url} has schema version {found}, not the {SCHEMA_VERSION} this "

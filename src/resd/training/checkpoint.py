@@ -188,9 +188,10 @@ def reading(file: Path) -> Iterator[None]:
         ) from exc
 
 
-# The JSON files of a checkpoint that resuming reads (its tokenizer's are not: the run's
-# tokenizer comes from `model`, so a damaged one there does not stop a resume).
-RESUME_READS = ("config.json", "generation_config.json", "adapter_config.json", "state.json",
+# The JSON files of a checkpoint that resuming reads through the model loader (its
+# tokenizer's are not: the run's tokenizer comes from `model`, so a damaged one there does
+# not stop a resume; state.json is `read_state`'s, under the same `reading`).
+RESUME_READS = ("config.json", "generation_config.json", "adapter_config.json",
                 "model.safetensors.index.json")  # fmt: skip
 
 
